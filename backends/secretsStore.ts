@@ -1,0 +1,72 @@
+import type { Address, Hex } from 'viem'
+import { parsePrivateKey } from './privateKey.js'
+import { PrivateKeySigning } from './privateKeySigner.js'
+import { healthOf, SignerError, type Signer, type SignerDescription } from './signer.js'
+
+/** The shape of a Cloudflare Secrets Store binding (`[[secrets_store_secrets]]`). */
+export type SecretsStoreSecret = { get(): Promise<string> }
+
+export type SecretsStoreSignerOptions = {
+  name: string
+  bindingName: string
+  binding: SecretsStoreSecret | undefined
+  /** After a failed read, how long to answer with that failure before reading again. */
+  retryAfterMs?: number
+  now?: () => number
+}
+
+/**
+ * A key held in Cloudflare Secrets Store. The secret is read once per isolate;
+ * a failed read is remembered briefly (so a missing secret costs one read per
+ * `retryAfterMs`, not one per request) and then tried again, so an operator
+ * who fixes the secret does not have to redeploy.
+ */
+export class SecretsStoreSigner implements Signer {
+  private loaded: Promise<PrivateKeySigning> | undefined
+  private failedAt = 0
+
+  constructor(private readonly options: SecretsStoreSignerOptions) {}
+
+  private signing(): Promise<PrivateKeySigning> {
+    const now = (this.options.now ?? Date.now)()
+    if (this.loaded && this.failedAt && now - this.failedAt >= (this.options.retryAfterMs ?? 30_000)) {
+      this.loaded = undefined
+    }
+    this.loaded ??= this.read().catch((error: unknown) => {
+      this.failedAt = now
+      throw error
+    })
+    return this.loaded
+  }
+
+  private async read(): Promise<PrivateKeySigning> {
+    const { binding, bindingName } = this.options
+    if (!binding || typeof binding.get !== 'function') {
+      throw new SignerError(`Secrets Store binding ${bindingName} is not bound to this Worker`)
+    }
+    let value: string
+    try {
+      value = await binding.get()
+    } catch {
+      throw new SignerError(`Secrets Store secret behind binding ${bindingName} could not be read (missing, or no access)`)
+    }
+    this.failedAt = 0
+    return new PrivateKeySigning(parsePrivateKey(value, `Secrets Store secret behind binding ${bindingName}`))
+  }
+
+  async address(): Promise<Address> {
+    return (await this.signing()).address
+  }
+
+  async signDigest(digest: Hex): Promise<Hex> {
+    return (await this.signing()).signDigest(digest)
+  }
+
+  health() {
+    return healthOf(this)
+  }
+
+  describe(): SignerDescription {
+    return { kind: 'secrets-store', name: this.options.name, securityLevel: 'edge-secret' }
+  }
+}

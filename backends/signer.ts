@@ -1,0 +1,42 @@
+import type { Address, Hex } from 'viem'
+
+/**
+ * The contract every key backend keeps. Backends sign a 32-byte digest and
+ * nothing else; EIP-191 prefixing happens once, in the sponsor domain.
+ */
+export interface Signer {
+  address(): Promise<Address>
+  /** A canonical 65-byte Ethereum signature (r ‖ s ‖ v, low-s, v ∈ {27, 28}). */
+  signDigest(digest: Hex): Promise<Hex>
+  health(): Promise<SignerHealth>
+  describe(): SignerDescription
+}
+
+/** How well the key is protected, from weakest to strongest. */
+export type SecurityLevel = 'ephemeral' | 'software' | 'edge-secret' | 'hsm' | 'enclave'
+
+export type SignerDescription = { kind: string; name: string; securityLevel: SecurityLevel }
+
+export type SignerHealth = { ok: true; address: Address } | { ok: false; error: string }
+
+/**
+ * A backend could not sign. The message is safe to show a caller: it names the
+ * backend and what is wrong, never the key or the secret's value.
+ */
+export class SignerError extends Error {
+  constructor(
+    message: string,
+    readonly options: { retryable: boolean } = { retryable: false },
+  ) {
+    super(message)
+  }
+}
+
+/** Runs `check` and reports its outcome as health, so `/health` never throws. */
+export async function healthOf(signer: Pick<Signer, 'address'>): Promise<SignerHealth> {
+  try {
+    return { ok: true, address: await signer.address() }
+  } catch (error) {
+    return { ok: false, error: error instanceof SignerError ? error.message : 'signer failed' }
+  }
+}

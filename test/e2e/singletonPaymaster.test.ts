@@ -1,0 +1,169 @@
+import { afterAll, beforeAll, describe, expect, it } from 'vitest'
+import { getAddress, hashMessage, recoverAddress, type Address } from 'viem'
+import { getUserOperationHash, toPackedUserOperation, type UserOperation } from 'viem/account-abstraction'
+import { privateKeyToAddress } from 'viem/accounts'
+import type { EntryPointVersion } from '../../config/schema.js'
+import { pimlicoSingletonV6, pimlicoSingletonV7, pimlicoSingletonV8 } from '../../worker/sponsor/adapters/pimlicoSingleton.js'
+import { canonicalEntryPoints } from '../../worker/sponsor/entryPoints.js'
+import { anvilWellKnownKeys } from '../support/anvilKeys.js'
+import { startAnvil, type Anvil } from '../support/anvil.js'
+import { clientsFor, deployDevnet, devnetChainConfig, entryPointVersions, type Devnet } from '../support/devnet.js'
+import { entryPointAbis } from '../support/simpleAccount.js'
+import { observedNonce, prepareSponsored, rejectionOf, signAndSubmit, toRpcUserOperation } from '../support/e2eFlow.js'
+import { loadConfig } from '../../config/load.js'
+import { LocalSigner } from '../../backends/local.js'
+import { sponsor, type SponsorDeps } from '../../worker/sponsor/sponsor.js'
+import { generatePrivateKey } from 'viem/accounts'
+import { startWorker, type RunningWorker } from '../support/wranglerDev.js'
+
+/**
+ * Pimlico SingletonPaymaster V6/V7/V8 on a real anvil chain, sponsored through
+ * the Worker running under wrangler dev with the well-known anvil key #1 as
+ * its local signer (authorised on the paymasters by the devnet deploy).
+ */
+
+let anvil: Anvil
+let devnet: Devnet
+let worker: RunningWorker
+
+beforeAll(async () => {
+  anvil = await startAnvil({ port: 18545 })
+  devnet = await deployDevnet({ rpcUrl: anvil.rpcUrl, paymasterSigner: privateKeyToAddress(anvilWellKnownKeys.paymasterSigner) })
+  worker = await startWorker({
+    port: 18787,
+    vars: {
+      PAYMASTER_PRIVATE_KEY: anvilWellKnownKeys.paymasterSigner,
+      PAYMASTER_CONFIG: JSON.stringify({ chains: [devnetChainConfig(devnet, 'pimlico-singleton')] }),
+    },
+  })
+})
+
+afterAll(async () => {
+  await worker?.stop()
+  await anvil?.stop()
+})
+
+const getHashAbi = {
+  '0.6': [
+    {
+      type: 'function',
+      name: 'getHash',
+      stateMutability: 'view',
+      inputs: [
+        { name: 'mode', type: 'uint8' },
+        {
+          name: 'userOp',
+          type: 'tuple',
+          components: entryPointAbis['0.6'].find((item) => item.type === 'function' && item.name === 'getUserOpHash')!.inputs[0]!.components,
+        },
+      ],
+      outputs: [{ type: 'bytes32' }],
+    },
+  ],
+  packed: [
+    {
+      type: 'function',
+      name: 'getHash',
+      stateMutability: 'view',
+      inputs: [
+        { name: 'mode', type: 'uint8' },
+        {
+          name: 'userOp',
+          type: 'tuple',
+          components: entryPointAbis['0.7'].find((item) => item.type === 'function' && item.name === 'getUserOpHash')!.inputs[0]!.components,
+        },
+      ],
+      outputs: [{ type: 'bytes32' }],
+    },
+  ],
+} as const
+
+const adapters = { '0.6': pimlicoSingletonV6, '0.7': pimlicoSingletonV7, '0.8': pimlicoSingletonV8 }
+
+describe.each(entryPointVersions)('Pimlico SingletonPaymaster on EntryPoint v%s', (version: EntryPointVersion) => {
+  it('sponsors a 0-ETH SimpleAccount that is created and executes a call, driven by viem clients', async () => {
+    const { publicClient } = clientsFor(devnet.rpcUrl)
+    const paymaster = devnet.singletonPaymasters[version]
+    const depositBefore = await publicClient.getBalance({ address: canonicalEntryPoints[version] })
+    const { account, prepared } = await prepareSponsored({ devnet, workerUrl: worker.url, version })
+    expect(await publicClient.getBalance({ address: account.address })).toBe(0n)
+    expect(await publicClient.getCode({ address: account.address })).toBeUndefined()
+
+    // Our off-chain hash is the contract's getHash, and the userOpHash is the EntryPoint's.
+    const packed = version === '0.6' ? prepared : toPackedUserOperation(prepared)
+    const onChainUserOpHash = await publicClient.readContract({
+      address: canonicalEntryPoints[version],
+      abi: entryPointAbis[version] as typeof entryPointAbis['0.7'],
+      functionName: 'getUserOpHash',
+      args: [packed as never],
+    })
+    expect(getUserOperationHash({ userOperation: prepared, chainId: devnet.chainId, entryPointAddress: canonicalEntryPoints[version], entryPointVersion: version })).toBe(onChainUserOpHash)
+
+    const { event, receipt } = await signAndSubmit({ devnet, version, account, userOperation: prepared })
+    expect(receipt.status).toBe('success')
+    expect(event.args).toMatchObject({ sender: account.address, paymaster: getAddress(paymaster), success: true, userOpHash: onChainUserOpHash })
+    expect(await observedNonce(publicClient, version, account.address)).toBe(1n)
+    expect(await publicClient.getBalance({ address: account.address })).toBe(0n)
+    // The paymaster's EntryPoint deposit paid for it.
+    expect(await publicClient.getBalance({ address: canonicalEntryPoints[version] })).toBeLessThan(depositBefore)
+  })
+
+  it('computes off-chain exactly the hash the deployed contract computes, and the Worker signs it', async () => {
+    const { publicClient } = clientsFor(devnet.rpcUrl)
+    const { prepared } = await prepareSponsored({ devnet, workerUrl: worker.url, version })
+    const isV6 = version === '0.6'
+    const unsigned = isV6
+      ? { ...prepared, paymasterAndData: prepared.paymasterAndData!.slice(0, 2 + 2 * 33) }
+      : { ...prepared, paymasterData: prepared.paymasterData!.slice(0, 2 + 2 * 13) }
+    const onChain = await publicClient.readContract({
+      address: devnet.singletonPaymasters[version],
+      abi: isV6 ? getHashAbi['0.6'] : getHashAbi.packed,
+      functionName: 'getHash',
+      args: [0, (isV6 ? unsigned : toPackedUserOperation(unsigned as UserOperation)) as never],
+    })
+    const data = isV6 ? prepared.paymasterAndData! : prepared.paymasterData!
+    const configStart = isV6 ? 20 : 0
+    const window = {
+      validUntil: Number(BigInt(`0x${data.slice(2 + 2 * (configStart + 1), 2 + 2 * (configStart + 7))}`)),
+      validAfter: Number(BigInt(`0x${data.slice(2 + 2 * (configStart + 7), 2 + 2 * (configStart + 13))}`)),
+    }
+    const offChain = adapters[version].hash({ op: unsigned as never, chainId: devnet.chainId, paymaster: devnet.singletonPaymasters[version], window })
+    expect(offChain).toBe(onChain)
+    const signature = `0x${data.slice(2 + 2 * (configStart + 13))}` as const
+    expect(await recoverAddress({ hash: hashMessage({ raw: onChain }), signature })).toBe(devnet.paymasterSigner)
+  })
+
+  /** The Worker's sponsor flow, run here with a signer and clock of the test's choosing. */
+  async function sponsorWith(options: { privateKey: `0x${string}`; now: number }) {
+    const config = loadConfig({ PROFILE: 'development', PAYMASTER_CONFIG: { chains: [devnetChainConfig(devnet, 'pimlico-singleton')] } })
+    const signer = new LocalSigner({ name: 'test', privateKey: options.privateKey, secretName: 'TEST', allowEphemeral: false })
+    const deps: SponsorDeps = { config, signerFor: () => signer, now: () => options.now }
+    const { account, prepared } = await prepareSponsored({ devnet, workerUrl: worker.url, version })
+    const { paymasterAndData, paymaster, paymasterData, ...unsponsored } = prepared
+    const sponsorship = await sponsor(deps, {
+      chainId: devnet.chainId,
+      entryPoint: canonicalEntryPoints[version],
+      userOperation: toRpcUserOperation(unsponsored as UserOperation),
+    })
+    return { account, userOperation: sponsorship.userOperation as UserOperation }
+  }
+
+  it('a signature from a key the paymaster does not authorise is rejected by the contract (AA34)', async () => {
+    const { account, userOperation } = await sponsorWith({ privateKey: generatePrivateKey(), now: Math.floor(Date.now() / 1000) })
+    expect(await rejectionOf(signAndSubmit({ devnet, version, account, userOperation }))).toContain('AA34')
+  })
+
+  it('a sponsorship whose validity window has passed is rejected by the contract (AA32)', async () => {
+    const twoHoursAgo = Math.floor(Date.now() / 1000) - 7_200
+    const { account, userOperation } = await sponsorWith({ privateKey: anvilWellKnownKeys.paymasterSigner, now: twoHoursAgo })
+    expect(await rejectionOf(signAndSubmit({ devnet, version, account, userOperation }))).toContain('AA32')
+  })
+
+  it('a tampered gas field after sponsorship is rejected by the contract (AA34)', async () => {
+    const { account, prepared } = await prepareSponsored({ devnet, workerUrl: worker.url, version })
+    const tampered = { ...prepared, callGasLimit: prepared.callGasLimit + 1n }
+    expect(await rejectionOf(signAndSubmit({ devnet, version, account, userOperation: tampered }))).toContain('AA34')
+  })
+})
+
+export type { Address }

@@ -1,0 +1,40 @@
+import { cloudflareTest } from '@cloudflare/vitest-pool-workers'
+import { defineConfig } from 'vitest/config'
+
+/**
+ * Three projects: `unit` (Node, pure domain and backends), `worker` (inside
+ * workerd via vitest-pool-workers, the testing environment of wrangler.toml),
+ * and `e2e` (Node, a real anvil chain and the Worker under `wrangler dev`).
+ */
+export default defineConfig({
+  test: {
+    projects: [
+      {
+        test: { name: 'unit', include: ['test/unit/**/*.test.ts'], environment: 'node' },
+      },
+      {
+        plugins: [
+          cloudflareTest({
+            wrangler: { configPath: './wrangler.toml', environment: 'testing' },
+            miniflare: {
+              bindings: { API_KEYS: 'test-key-1, test-key-2' },
+              // A binding whose secret is never created: the missing-secret path.
+              secretsStoreSecrets: { NEVER_CREATED_KEY: { store_id: 'local-test-store', secret_name: 'never-created' } },
+            },
+          }),
+        ],
+        test: { name: 'worker', include: ['test/worker/**/*.test.ts'], testTimeout: 30_000 },
+      },
+      {
+        test: {
+          name: 'e2e',
+          include: ['test/e2e/**/*.test.ts'],
+          environment: 'node',
+          testTimeout: 120_000,
+          hookTimeout: 180_000,
+          fileParallelism: false,
+        },
+      },
+    ],
+  },
+})

@@ -1,0 +1,77 @@
+/**
+ * Every failure the service reports is one of these types. `errorCodes` is the
+ * single place that maps a failure kind to its JSON-RPC code and HTTP status;
+ * transports never invent codes of their own. Messages are written for the
+ * caller: they say what was wrong and never carry stack traces or key material.
+ */
+
+export const errorCodes = {
+  parse_error: { rpc: -32700, http: 400 },
+  invalid_request: { rpc: -32600, http: 400 },
+  method_not_found: { rpc: -32601, http: 404 },
+  invalid_params: { rpc: -32602, http: 400 },
+  unsupported: { rpc: -32602, http: 400 },
+  unauthorized: { rpc: -32001, http: 401 },
+  declined: { rpc: -32002, http: 403 },
+  payload_too_large: { rpc: -32600, http: 413 },
+  signer_unavailable: { rpc: -32003, http: 503 },
+  internal: { rpc: -32603, http: 500 },
+} as const
+
+export type ErrorKind = keyof typeof errorCodes
+
+export type ErrorData = { reason: string } & Record<string, unknown>
+
+export abstract class ServiceError extends Error {
+  abstract readonly kind: ErrorKind
+  constructor(
+    message: string,
+    readonly data?: ErrorData,
+  ) {
+    super(message)
+  }
+}
+
+export class ParseError extends ServiceError {
+  readonly kind = 'parse_error'
+}
+export class InvalidRequestError extends ServiceError {
+  readonly kind = 'invalid_request'
+}
+export class MethodNotFoundError extends ServiceError {
+  readonly kind = 'method_not_found'
+}
+/** A parameter is malformed; the message names the field. */
+export class InvalidParamsError extends ServiceError {
+  readonly kind = 'invalid_params'
+}
+/** The chain, entry point or paymaster the caller named is not one we serve. */
+export class UnsupportedError extends ServiceError {
+  readonly kind = 'unsupported'
+}
+export class UnauthorizedError extends ServiceError {
+  readonly kind = 'unauthorized'
+}
+/** Policy declined to sponsor; `data.reason` is machine-readable. Nothing was signed. */
+export class SponsorshipDeclinedError extends ServiceError {
+  readonly kind = 'declined'
+  constructor(message: string, data: ErrorData) {
+    super(message, data)
+  }
+}
+export class PayloadTooLargeError extends ServiceError {
+  readonly kind = 'payload_too_large'
+}
+/** The signer backend could not produce a signature (misconfigured, down, or unreadable key). */
+export class SignerUnavailableError extends ServiceError {
+  readonly kind = 'signer_unavailable'
+}
+export class InternalError extends ServiceError {
+  readonly kind = 'internal'
+}
+
+/** Whatever was thrown, the form we may show a caller: unknown errors become a bare internal error. */
+export function toServiceError(error: unknown): ServiceError {
+  if (error instanceof ServiceError) return error
+  return new InternalError('internal error')
+}

@@ -1,0 +1,6 @@
+import { app } from './app.js'
+import type { Env } from './services.js'
+
+export default {
+  fetch: (request: Request, env: Env, ctx: ExecutionContext) => app.fetch(request, env, ctx),
+} satisfies ExportedHandler<Env>

@@ -1,0 +1,69 @@
+import { ConfigError, loadConfig } from '../config/load.js'
+import type { ChainConfig, Config } from '../config/schema.js'
+import { createSigner } from '../backends/factory.js'
+import type { Signer } from '../backends/signer.js'
+import { ApiKeys } from './apiKeys.js'
+import type { SponsorDeps } from './sponsor/sponsor.js'
+
+/** The Worker's bindings as this code sees them: vars, secrets and bindings by name. */
+export type Env = Record<string, unknown> & { PROFILE?: string; PAYMASTER_CONFIG?: unknown }
+
+/** Everything a request needs, built once per isolate from the env. */
+export type Services = {
+  config: Config
+  signers: ReadonlyMap<string, Signer>
+  /** Undefined when the profile's policy does not require API keys. */
+  apiKeys: ApiKeys | undefined
+  sponsor: SponsorDeps
+}
+
+const built = new WeakMap<object, Services | ConfigError>()
+
+/**
+ * The services for this env, built on first use. A bad configuration is
+ * remembered too, so every request gets the same clear error rather than a
+ * re-parse or a crash.
+ */
+export function servicesFor(env: Env): Services {
+  let entry = built.get(env)
+  if (!entry) {
+    try {
+      entry = buildServices(env)
+    } catch (error) {
+      if (!(error instanceof ConfigError)) throw error
+      console.error(JSON.stringify({ level: 'error', event: 'config_invalid', message: error.message }))
+      entry = error
+    }
+    built.set(env, entry)
+  }
+  if (entry instanceof ConfigError) throw entry
+  return entry
+}
+
+function buildServices(env: Env): Services {
+  const config = loadConfig(env)
+  const signers = new Map(
+    Object.entries(config.signers).map(([name, signerConfig]) => [name, createSigner({ name, config: signerConfig, env })]),
+  )
+  let apiKeys: ApiKeys | undefined
+  if (config.policy.apiKeys.required) {
+    const secretName = config.policy.apiKeys.secret
+    const keys = ApiKeys.parse(typeof env[secretName] === 'string' ? (env[secretName] as string) : undefined)
+    if (keys.length === 0) {
+      throw new ConfigError(
+        `configuration invalid: policy.apiKeys.required is true but secret ${secretName} holds no keys (set it, or set policy.apiKeys.required to false)`,
+      )
+    }
+    apiKeys = new ApiKeys(keys)
+  }
+  return {
+    config,
+    signers,
+    apiKeys,
+    sponsor: {
+      config,
+      signerFor: (chain: ChainConfig) => signers.get(chain.signer)!,
+      now: () => Math.floor(Date.now() / 1000),
+    },
+  }
+}

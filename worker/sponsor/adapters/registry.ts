@@ -1,0 +1,20 @@
+import type { EntryPointVersion, PaymasterContract } from '../../../config/schema.js'
+import { UnsupportedError } from '../../errors.js'
+import type { PaymasterAdapter } from './paymasterAdapter.js'
+import { pimlicoSingletonV6, pimlicoSingletonV7, pimlicoSingletonV8 } from './pimlicoSingleton.js'
+import { verifyingPaymasterV07 } from './verifyingPaymasterV07.js'
+
+const adapters: ReadonlyArray<PaymasterAdapter<never>> = [
+  pimlicoSingletonV6,
+  pimlicoSingletonV7,
+  pimlicoSingletonV8,
+  verifyingPaymasterV07,
+]
+
+export function adapterFor(contract: PaymasterContract, version: EntryPointVersion): PaymasterAdapter<never> {
+  const adapter = adapters.find((a) => a.contract === contract && a.entryPointVersion === version)
+  if (!adapter) {
+    throw new UnsupportedError(`no adapter for ${contract} at EntryPoint v${version}`, { reason: 'unsupported_paymaster' })
+  }
+  return adapter
+}

@@ -1,0 +1,185 @@
+import { hashMessage, type Address, type Hex } from 'viem'
+import type { ChainConfig, Config } from '../../config/schema.js'
+import { SignerError, type Signer } from '../../backends/signer.js'
+import { InvalidParamsError, SignerUnavailableError, UnsupportedError } from '../errors.js'
+import { describeZodError } from '../validation.js'
+import { adapterFor } from './adapters/registry.js'
+import { stubSignature, type PaymasterAdapter } from './adapters/paymasterAdapter.js'
+import { resolveEntryPoint, type EntryPoint } from './entryPoints.js'
+import { operationModels, type OperationModel, type PaymasterFields } from './operationModels.js'
+import { checkGas, checkSender, maxCostWei, validityWindow, type ValidityWindow } from './policy.js'
+import type { UserOperationV06, UserOperationV07 } from './userOperation.js'
+
+/**
+ * The sponsorship flow, the same for every transport: find the chain and
+ * entry point, parse the UserOperation for that version, apply policy, then
+ * hash off-chain, have the chain's signer sign the EIP-191 digest, and encode.
+ */
+
+type Operation = UserOperationV06 | UserOperationV07
+
+export type SponsorDeps = {
+  config: Config
+  signerFor(chain: ChainConfig): Signer
+  /** Unix seconds. */
+  now(): number
+}
+
+export type SponsorRequest = {
+  chainId: number
+  entryPoint: Address
+  /** Raw, as the caller sent it: it is parsed here, once the version is known. */
+  userOperation: unknown
+}
+
+export type Stub = {
+  entryPoint: EntryPoint
+  fields: PaymasterFields
+  window: ValidityWindow
+}
+
+export type Sponsorship = Stub & {
+  /** The UserOperation with its paymaster fields filled in, ready for the account to sign. */
+  userOperation: Operation
+  userOpHash: Hex
+  signer: Address
+}
+
+export type Evaluation = Stub & {
+  userOperation: Operation
+  userOpHash: Hex
+  /** The contract hash the signer would sign (before EIP-191). */
+  paymasterHash: Hex
+  maxCostWei: bigint
+}
+
+type Prepared = {
+  chain: ChainConfig
+  entryPoint: EntryPoint
+  adapter: PaymasterAdapter<Operation>
+  model: OperationModel<Operation>
+  op: Operation
+  paymaster: Address
+  gasLimits: Pick<PaymasterFields, 'paymasterVerificationGasLimit' | 'paymasterPostOpGasLimit'>
+  window: ValidityWindow
+}
+
+export function findChain(config: Config, chainId: number): ChainConfig {
+  const chain = config.chains.find((c) => c.chainId === chainId)
+  if (!chain) {
+    throw new UnsupportedError(
+      `chain ${chainId} is not supported; supported chains: ${config.chains.map((c) => c.chainId).join(', ')}`,
+      { reason: 'unsupported_chain', supported: config.chains.map((c) => c.chainId) },
+    )
+  }
+  return chain
+}
+
+/**
+ * Everything that does not need the signer. `forSigning` insists on the gas
+ * fields the signature covers and applies the gas caps; stub requests come
+ * before gas estimation, so for them only the sender is checked.
+ */
+function prepare(deps: SponsorDeps, request: SponsorRequest, forSigning: boolean): Prepared {
+  const chain = findChain(deps.config, request.chainId)
+  const entryPoint = resolveEntryPoint(chain, request.entryPoint)
+  const paymasterConfig = chain.paymasters.find((p) => p.entryPointVersion === entryPoint.version)!
+  const adapter = adapterFor(paymasterConfig.contract, entryPoint.version) as PaymasterAdapter<Operation>
+  const model = operationModels[entryPoint.version] as OperationModel<Operation>
+
+  const parsed = model.schema.safeParse(request.userOperation)
+  if (!parsed.success) {
+    throw new InvalidParamsError(`invalid userOperation for EntryPoint v${entryPoint.version}: ${describeZodError(parsed.error, { prefix: 'userOperation' })}`)
+  }
+  if (forSigning) {
+    const missing = model.missingField(parsed.data as never)
+    if (missing) {
+      throw new InvalidParamsError(`userOperation.${missing} is required: the paymaster signature covers it`)
+    }
+  }
+  const op = model.fromInput(parsed.data as never)
+  checkSender(deps.config.policy, op.sender)
+
+  const requested = model.requestedPaymasterGas(op)
+  const gasLimits = {
+    paymasterVerificationGasLimit:
+      requested.verificationGasLimit ?? paymasterConfig.verificationGasLimit ?? adapter.defaultGas.verificationGasLimit,
+    paymasterPostOpGasLimit: requested.postOpGasLimit ?? paymasterConfig.postOpGasLimit ?? adapter.defaultGas.postOpGasLimit,
+  }
+  if (forSigning) checkGas(deps.config.policy, entryPoint.version, model.gas(op, gasLimits))
+
+  return {
+    chain,
+    entryPoint,
+    adapter,
+    model,
+    op,
+    paymaster: paymasterConfig.address,
+    gasLimits,
+    window: validityWindow(deps.config.policy, deps.now()),
+  }
+}
+
+function fieldsOf(prepared: Prepared, signature: Hex): PaymasterFields {
+  return {
+    paymaster: prepared.paymaster,
+    paymasterData: prepared.adapter.paymasterData({ window: prepared.window, signature }),
+    ...prepared.gasLimits,
+  }
+}
+
+function paymasterHash(prepared: Prepared): Hex {
+  const { adapter, model, op, window, paymaster, chain } = prepared
+  // The hash covers the paymaster address and gas limits as they will be sent.
+  const withPaymaster = model.withPaymaster(op, fieldsOf(prepared, '0x'))
+  return adapter.hash({ op: withPaymaster, chainId: chain.chainId, paymaster, window })
+}
+
+/** ERC-7677 stub data: the final layout with a stand-in signature, for gas estimation. */
+export function stubFor(deps: SponsorDeps, request: SponsorRequest): Stub {
+  const prepared = prepare(deps, request, false)
+  return { entryPoint: prepared.entryPoint, fields: fieldsOf(prepared, stubSignature), window: prepared.window }
+}
+
+/** Policy, hashes and the would-be paymaster data, without signing (the REST `process` dry run). */
+export function evaluate(deps: SponsorDeps, request: SponsorRequest): Evaluation {
+  const prepared = prepare(deps, request, true)
+  const fields = fieldsOf(prepared, stubSignature)
+  const userOperation = prepared.model.withPaymaster(prepared.op, fields)
+  return {
+    entryPoint: prepared.entryPoint,
+    fields,
+    window: prepared.window,
+    userOperation,
+    userOpHash: prepared.model.userOpHash({ op: userOperation, chainId: prepared.chain.chainId, entryPoint: prepared.entryPoint.address }),
+    paymasterHash: paymasterHash(prepared),
+    maxCostWei: maxCostWei(prepared.entryPoint.version, prepared.model.gas(prepared.op, prepared.gasLimits)),
+  }
+}
+
+/** Signs a sponsorship the paymaster contract accepts. A declined request never reaches the signer. */
+export async function sponsor(deps: SponsorDeps, request: SponsorRequest): Promise<Sponsorship> {
+  const prepared = prepare(deps, request, true)
+  const digest = hashMessage({ raw: paymasterHash(prepared) })
+  const signer = deps.signerFor(prepared.chain)
+  let signature: Hex
+  let signerAddress: Address
+  try {
+    ;[signature, signerAddress] = await Promise.all([signer.signDigest(digest), signer.address()])
+  } catch (error) {
+    throw new SignerUnavailableError(
+      error instanceof SignerError ? `signer unavailable: ${error.message}` : 'signer unavailable',
+      { reason: 'signer_unavailable', signer: signer.describe().name },
+    )
+  }
+  const fields = fieldsOf(prepared, signature)
+  const userOperation = prepared.model.withPaymaster(prepared.op, fields)
+  return {
+    entryPoint: prepared.entryPoint,
+    fields,
+    window: prepared.window,
+    userOperation,
+    userOpHash: prepared.model.userOpHash({ op: userOperation, chainId: prepared.chain.chainId, entryPoint: prepared.entryPoint.address }),
+    signer: signerAddress,
+  }
+}
