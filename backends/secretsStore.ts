@@ -23,14 +23,16 @@ export type SecretsStoreSignerOptions = {
  */
 export class SecretsStoreSigner implements Signer {
   private loaded: Promise<PrivateKeySigning> | undefined
-  private failedAt = 0
+  /** When the cached read failed; undefined while it has not. */
+  private failedAt: number | undefined
 
   constructor(private readonly options: SecretsStoreSignerOptions) {}
 
   private signing(): Promise<PrivateKeySigning> {
     const now = (this.options.now ?? Date.now)()
-    if (this.loaded && this.failedAt && now - this.failedAt >= (this.options.retryAfterMs ?? 30_000)) {
+    if (this.failedAt !== undefined && now - this.failedAt >= (this.options.retryAfterMs ?? 30_000)) {
       this.loaded = undefined
+      this.failedAt = undefined
     }
     this.loaded ??= this.read().catch((error: unknown) => {
       this.failedAt = now
@@ -50,7 +52,6 @@ export class SecretsStoreSigner implements Signer {
     } catch {
       throw new SignerError(`Secrets Store secret behind binding ${bindingName} could not be read (missing, or no access)`)
     }
-    this.failedAt = 0
     return new PrivateKeySigning(parsePrivateKey(value, `Secrets Store secret behind binding ${bindingName}`))
   }
 
