@@ -1,20 +1,19 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
-import { getAddress, hashMessage, recoverAddress, type Address } from 'viem'
+import { getAddress, hashMessage, recoverAddress } from 'viem'
 import { getUserOperationHash, toPackedUserOperation, type UserOperation } from 'viem/account-abstraction'
-import { privateKeyToAddress } from 'viem/accounts'
 import type { EntryPointVersion } from '../../config/schema.js'
 import { pimlicoSingletonV6, pimlicoSingletonV7, pimlicoSingletonV8 } from '../../worker/sponsor/adapters/pimlicoSingleton.js'
 import { canonicalEntryPoints } from '../../worker/sponsor/entryPoints.js'
 import { anvilWellKnownKeys } from '../support/anvilKeys.js'
-import { startAnvil, type Anvil } from '../support/anvil.js'
-import { clientsFor, deployDevnet, devnetChainConfig, entryPointVersions, type Devnet } from '../support/devnet.js'
+import { clientsFor, devnetChainConfig, entryPointVersions, type Devnet } from '../support/devnet.js'
 import { entryPointAbis } from '../support/simpleAccount.js'
-import { observedNonce, prepareSponsored, rejectionOf, signAndSubmit, toRpcUserOperation } from '../support/e2eFlow.js'
+import { observedNonce, prepareSponsored, rejectionOf, signAndSubmit, startDevnetAndWorker, toRpcUserOperation } from '../support/e2eFlow.js'
+import { singletonGetHashAbi } from '../support/hashVectors.js'
 import { loadConfig } from '../../config/load.js'
 import { LocalSigner } from '../../backends/local.js'
 import { sponsor, type SponsorDeps } from '../../worker/sponsor/sponsor.js'
 import { generatePrivateKey } from 'viem/accounts'
-import { startWorker, type RunningWorker } from '../support/wranglerDev.js'
+import type { RunningWorker } from '../support/wranglerDev.js'
 
 /**
  * Pimlico SingletonPaymaster V6/V7/V8 on a real anvil chain, sponsored through
@@ -22,61 +21,17 @@ import { startWorker, type RunningWorker } from '../support/wranglerDev.js'
  * its local signer (authorised on the paymasters by the devnet deploy).
  */
 
-let anvil: Anvil
 let devnet: Devnet
 let worker: RunningWorker
+let stop: () => Promise<void>
 
 beforeAll(async () => {
-  anvil = await startAnvil({ port: 18545 })
-  devnet = await deployDevnet({ rpcUrl: anvil.rpcUrl, paymasterSigner: privateKeyToAddress(anvilWellKnownKeys.paymasterSigner) })
-  worker = await startWorker({
-    port: 18787,
-    vars: {
-      PAYMASTER_PRIVATE_KEY: anvilWellKnownKeys.paymasterSigner,
-      PAYMASTER_CONFIG: JSON.stringify({ chains: [devnetChainConfig(devnet, 'pimlico-singleton')] }),
-    },
-  })
+  ;({ devnet, worker, stop } = await startDevnetAndWorker({ anvilPort: 18545, workerPort: 18787, family: 'pimlico-singleton' }))
 })
 
 afterAll(async () => {
-  await worker?.stop()
-  await anvil?.stop()
+  await stop?.()
 })
-
-const getHashAbi = {
-  '0.6': [
-    {
-      type: 'function',
-      name: 'getHash',
-      stateMutability: 'view',
-      inputs: [
-        { name: 'mode', type: 'uint8' },
-        {
-          name: 'userOp',
-          type: 'tuple',
-          components: entryPointAbis['0.6'].find((item) => item.type === 'function' && item.name === 'getUserOpHash')!.inputs[0]!.components,
-        },
-      ],
-      outputs: [{ type: 'bytes32' }],
-    },
-  ],
-  packed: [
-    {
-      type: 'function',
-      name: 'getHash',
-      stateMutability: 'view',
-      inputs: [
-        { name: 'mode', type: 'uint8' },
-        {
-          name: 'userOp',
-          type: 'tuple',
-          components: entryPointAbis['0.7'].find((item) => item.type === 'function' && item.name === 'getUserOpHash')!.inputs[0]!.components,
-        },
-      ],
-      outputs: [{ type: 'bytes32' }],
-    },
-  ],
-} as const
 
 const adapters = { '0.6': pimlicoSingletonV6, '0.7': pimlicoSingletonV7, '0.8': pimlicoSingletonV8 }
 
@@ -115,12 +70,12 @@ describe.each(entryPointVersions)('Pimlico SingletonPaymaster on EntryPoint v%s'
     const unsigned = isV6
       ? { ...prepared, paymasterAndData: prepared.paymasterAndData!.slice(0, 2 + 2 * 33) }
       : { ...prepared, paymasterData: prepared.paymasterData!.slice(0, 2 + 2 * 13) }
-    const onChain = await publicClient.readContract({
+    const onChain = (await publicClient.readContract({
       address: devnet.singletonPaymasters[version],
-      abi: isV6 ? getHashAbi['0.6'] : getHashAbi.packed,
+      abi: singletonGetHashAbi(version),
       functionName: 'getHash',
       args: [0, (isV6 ? unsigned : toPackedUserOperation(unsigned as UserOperation)) as never],
-    })
+    } as never)) as `0x${string}`
     const data = isV6 ? prepared.paymasterAndData! : prepared.paymasterData!
     const configStart = isV6 ? 20 : 0
     const window = {
@@ -166,4 +121,3 @@ describe.each(entryPointVersions)('Pimlico SingletonPaymaster on EntryPoint v%s'
   })
 })
 
-export type { Address }

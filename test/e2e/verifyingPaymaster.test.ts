@@ -1,36 +1,24 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import { getAddress, hashMessage, recoverAddress, slice, hexToNumber } from 'viem'
 import { toPackedUserOperation } from 'viem/account-abstraction'
-import { privateKeyToAddress } from 'viem/accounts'
 import { verifyingPaymasterV07 } from '../../worker/sponsor/adapters/verifyingPaymasterV07.js'
-import { anvilWellKnownKeys } from '../support/anvilKeys.js'
-import { startAnvil, type Anvil } from '../support/anvil.js'
 import { artifact } from '../support/artifacts.js'
-import { clientsFor, deployDevnet, devnetChainConfig, type Devnet } from '../support/devnet.js'
-import { observedNonce, prepareSponsored, rejectionOf, signAndSubmit } from '../support/e2eFlow.js'
-import { startWorker, type RunningWorker } from '../support/wranglerDev.js'
+import { clientsFor, type Devnet } from '../support/devnet.js'
+import { observedNonce, prepareSponsored, rejectionOf, signAndSubmit, startDevnetAndWorker } from '../support/e2eFlow.js'
+import type { RunningWorker } from '../support/wranglerDev.js'
 
 /** eth-infinitism VerifyingPaymaster (v0.7 artifact) on anvil, sponsored through the Worker under wrangler dev. */
 
-let anvil: Anvil
 let devnet: Devnet
 let worker: RunningWorker
+let stop: () => Promise<void>
 
 beforeAll(async () => {
-  anvil = await startAnvil({ port: 18546 })
-  devnet = await deployDevnet({ rpcUrl: anvil.rpcUrl, paymasterSigner: privateKeyToAddress(anvilWellKnownKeys.paymasterSigner) })
-  worker = await startWorker({
-    port: 18797,
-    vars: {
-      PAYMASTER_PRIVATE_KEY: anvilWellKnownKeys.paymasterSigner,
-      PAYMASTER_CONFIG: JSON.stringify({ chains: [devnetChainConfig(devnet, 'eth-infinitism-verifying')] }),
-    },
-  })
+  ;({ devnet, worker, stop } = await startDevnetAndWorker({ anvilPort: 18546, workerPort: 18797, family: 'eth-infinitism-verifying' }))
 })
 
 afterAll(async () => {
-  await worker?.stop()
-  await anvil?.stop()
+  await stop?.()
 })
 
 describe('eth-infinitism VerifyingPaymaster on EntryPoint v0.7', () => {

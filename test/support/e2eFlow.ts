@@ -18,7 +18,11 @@ import {
 import { generatePrivateKey, privateKeyToAccount } from 'viem/accounts'
 import type { EntryPointVersion } from '../../config/schema.js'
 import { canonicalEntryPoints } from '../../worker/sponsor/entryPoints.js'
-import { clientsFor, type Devnet } from './devnet.js'
+import { privateKeyToAddress } from 'viem/accounts'
+import { anvilWellKnownKeys } from './anvilKeys.js'
+import { startAnvil } from './anvil.js'
+import { clientsFor, deployDevnet, devnetChainConfig, type Devnet } from './devnet.js'
+import { startWorker } from './wranglerDev.js'
 import { entryPointAbis, toSimpleAccount } from './simpleAccount.js'
 
 /**
@@ -123,4 +127,37 @@ export async function observedNonce(publicClient: PublicClient, version: EntryPo
 /** A UserOperation in the JSON-RPC form a wallet sends (hex quantities). */
 export function toRpcUserOperation(userOperation: UserOperation): Record<string, unknown> {
   return formatUserOperationRequest(userOperation) as Record<string, unknown>
+}
+
+/**
+ * A fresh anvil devnet and the Worker under wrangler dev, signing with the
+ * well-known anvil key #1 that the devnet authorises, for one paymaster family.
+ */
+export async function startDevnetAndWorker(options: {
+  anvilPort: number
+  workerPort: number
+  family: 'pimlico-singleton' | 'eth-infinitism-verifying'
+}) {
+  const anvil = await startAnvil({ port: options.anvilPort })
+  try {
+    const devnet = await deployDevnet({ rpcUrl: anvil.rpcUrl, paymasterSigner: privateKeyToAddress(anvilWellKnownKeys.paymasterSigner) })
+    const worker = await startWorker({
+      port: options.workerPort,
+      vars: {
+        PAYMASTER_PRIVATE_KEY: anvilWellKnownKeys.paymasterSigner,
+        PAYMASTER_CONFIG: JSON.stringify({ chains: [devnetChainConfig(devnet, options.family)] }),
+      },
+    })
+    return {
+      devnet,
+      worker,
+      stop: async () => {
+        await worker.stop()
+        await anvil.stop()
+      },
+    }
+  } catch (error) {
+    await anvil.stop()
+    throw error
+  }
 }

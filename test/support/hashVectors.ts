@@ -100,7 +100,8 @@ export async function readHashVectors(devnet: Devnet): Promise<HashVector[]> {
   return vectors
 }
 
-function singletonGetHashAbi(version: EntryPointVersion) {
+/** Pimlico's getHash(uint8 mode, userOp) with the userOp tuple of the EntryPoint version. */
+export function singletonGetHashAbi(version: EntryPointVersion) {
   const userOpType = (entryPointAbis[version] as readonly { type: string; name?: string; inputs?: readonly { components?: unknown }[] }[]).find(
     (item) => item.type === 'function' && item.name === 'getUserOpHash',
   )!.inputs![0]!

@@ -1,25 +1,14 @@
 import { Hono } from 'hono'
-import { concat, numberToHex } from 'viem'
 import { InvalidParamsError, SponsorshipDeclinedError } from '../errors.js'
 import { readJsonBody } from '../http/readJsonBody.js'
 import type { Services } from '../services.js'
-import { evaluate, findChain, sponsor, type SponsorRequest, type Stub } from '../sponsor/sponsor.js'
+import { evaluate, findChain, sponsor, type SponsorRequest } from '../sponsor/sponsor.js'
 import { describeZodError } from '../validation.js'
+import { paymasterFieldsJson } from '../paymasterFieldsJson.js'
 import { openApiDocument } from './openapi.js'
 import { sponsorRequestSchema } from './schemas.js'
 
 export type RestVariables = { services: Services }
-
-/** Paymaster fields as JSON: v0.6 as paymasterAndData, v0.7+ as separate fields. */
-function paymasterJson({ fields, entryPoint }: Stub) {
-  if (entryPoint.version === '0.6') return { paymasterAndData: concat([fields.paymaster, fields.paymasterData]) }
-  return {
-    paymaster: fields.paymaster,
-    paymasterData: fields.paymasterData,
-    paymasterVerificationGasLimit: numberToHex(fields.paymasterVerificationGasLimit),
-    paymasterPostOpGasLimit: numberToHex(fields.paymasterPostOpGasLimit),
-  }
-}
 
 async function sponsorRequest(request: Request, services: Services): Promise<SponsorRequest> {
   const body = sponsorRequestSchema.safeParse(await readJsonBody(request, services.config.limits.maxBodyBytes))
@@ -37,7 +26,7 @@ export const restRoutes = new Hono<{ Variables: RestVariables }>()
       chainId: request.chainId,
       entryPoint: result.entryPoint.address,
       entryPointVersion: result.entryPoint.version,
-      ...paymasterJson(result),
+      ...paymasterFieldsJson(result),
       userOpHash: result.userOpHash,
       validUntil: result.window.validUntil,
       validAfter: result.window.validAfter,
@@ -54,7 +43,7 @@ export const restRoutes = new Hono<{ Variables: RestVariables }>()
         chainId: request.chainId,
         entryPoint: result.entryPoint.address,
         entryPointVersion: result.entryPoint.version,
-        ...paymasterJson(result),
+        ...paymasterFieldsJson(result),
         userOpHash: result.userOpHash,
         paymasterHash: result.paymasterHash,
         maxCostWei: result.maxCostWei.toString(),

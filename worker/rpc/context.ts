@@ -1,9 +1,7 @@
 import { z } from 'zod'
-import { numberToHex, concat, type Hex } from 'viem'
 import type { Services } from '../services.js'
 import { InvalidParamsError } from '../errors.js'
 import { addressSchema, chainIdSchema } from '../sponsor/hexSchemas.js'
-import type { Stub } from '../sponsor/sponsor.js'
 
 export type RpcContext = {
   services: Services
@@ -42,16 +40,4 @@ export function chainOf(context: RpcContext, paramChainId?: number): number {
     `several chains are configured (${chains.map((c) => c.chainId).join(', ')}); call /rpc/<chainId> to pick one`,
     { reason: 'chain_required' },
   )
-}
-
-/** Paymaster fields in the form each EntryPoint version's RPC uses. */
-export function formatPaymasterFields(stub: Stub): Record<string, Hex> {
-  const { fields, entryPoint } = stub
-  if (entryPoint.version === '0.6') return { paymasterAndData: concat([fields.paymaster, fields.paymasterData]) }
-  return {
-    paymaster: fields.paymaster,
-    paymasterData: fields.paymasterData,
-    paymasterVerificationGasLimit: numberToHex(fields.paymasterVerificationGasLimit),
-    paymasterPostOpGasLimit: numberToHex(fields.paymasterPostOpGasLimit),
-  }
 }

@@ -1,6 +1,7 @@
 import type { z } from 'zod'
 import { stubFor } from '../sponsor/sponsor.js'
-import { chainOf, erc7677ParamNames, erc7677Params, formatPaymasterFields, type RpcContext } from './context.js'
+import { chainOf, erc7677ParamNames, erc7677Params, type RpcContext } from './context.js'
+import { paymasterFieldsJson } from '../paymasterFieldsJson.js'
 import type { RpcMethod } from './jsonRpc.js'
 
 /**
@@ -14,6 +15,6 @@ export const pm_getPaymasterStubData: RpcMethod<RpcContext> = {
   params: erc7677Params,
   handler: async ([userOperation, entryPoint, chainId]: z.infer<typeof erc7677Params>, context: RpcContext) => {
     const stub = stubFor(context.services.sponsor, { chainId: chainOf(context, chainId), entryPoint, userOperation })
-    return { ...formatPaymasterFields(stub), sponsor: context.services.config.sponsor, isFinal: false }
+    return { ...paymasterFieldsJson(stub), sponsor: context.services.config.sponsor, isFinal: false }
   },
 }

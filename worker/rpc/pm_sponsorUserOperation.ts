@@ -2,7 +2,8 @@ import { z } from 'zod'
 import { numberToHex } from 'viem'
 import { sponsor } from '../sponsor/sponsor.js'
 import { addressSchema } from '../sponsor/hexSchemas.js'
-import { chainOf, formatPaymasterFields, type RpcContext } from './context.js'
+import { chainOf, type RpcContext } from './context.js'
+import { paymasterFieldsJson } from '../paymasterFieldsJson.js'
 import type { RpcMethod } from './jsonRpc.js'
 
 const params = z.tuple([
@@ -24,7 +25,7 @@ export const pm_sponsorUserOperation: RpcMethod<RpcContext> = {
     const sponsorship = await sponsor(context.services.sponsor, { chainId: chainOf(context), entryPoint, userOperation })
     const op = sponsorship.userOperation
     return {
-      ...formatPaymasterFields(sponsorship),
+      ...paymasterFieldsJson(sponsorship),
       preVerificationGas: numberToHex(op.preVerificationGas),
       verificationGasLimit: numberToHex(op.verificationGasLimit),
       callGasLimit: numberToHex(op.callGasLimit),

@@ -135,6 +135,13 @@ function paymasterHash(prepared: Prepared): Hex {
   return adapter.hash({ op: withPaymaster, chainId: chain.chainId, paymaster, window })
 }
 
+/** The UserOperation with its paymaster fields, and the EntryPoint's hash of it. */
+function finalize(prepared: Prepared, fields: PaymasterFields) {
+  const userOperation = prepared.model.withPaymaster(prepared.op, fields)
+  const userOpHash = prepared.model.userOpHash({ op: userOperation, chainId: prepared.chain.chainId, entryPoint: prepared.entryPoint.address })
+  return { entryPoint: prepared.entryPoint, window: prepared.window, fields, userOperation, userOpHash }
+}
+
 /** ERC-7677 stub data: the final layout with a stand-in signature, for gas estimation. */
 export function stubFor(deps: SponsorDeps, request: SponsorRequest): Stub {
   const prepared = prepare(deps, request, false)
@@ -144,14 +151,8 @@ export function stubFor(deps: SponsorDeps, request: SponsorRequest): Stub {
 /** Policy, hashes and the would-be paymaster data, without signing (the REST `process` dry run). */
 export function evaluate(deps: SponsorDeps, request: SponsorRequest): Evaluation {
   const prepared = prepare(deps, request, true)
-  const fields = fieldsOf(prepared, stubSignature)
-  const userOperation = prepared.model.withPaymaster(prepared.op, fields)
   return {
-    entryPoint: prepared.entryPoint,
-    fields,
-    window: prepared.window,
-    userOperation,
-    userOpHash: prepared.model.userOpHash({ op: userOperation, chainId: prepared.chain.chainId, entryPoint: prepared.entryPoint.address }),
+    ...finalize(prepared, fieldsOf(prepared, stubSignature)),
     paymasterHash: paymasterHash(prepared),
     maxCostWei: maxCostWei(prepared.entryPoint.version, prepared.model.gas(prepared.op, prepared.gasLimits)),
   }
@@ -172,14 +173,5 @@ export async function sponsor(deps: SponsorDeps, request: SponsorRequest): Promi
       { reason: 'signer_unavailable', signer: signer.describe().name },
     )
   }
-  const fields = fieldsOf(prepared, signature)
-  const userOperation = prepared.model.withPaymaster(prepared.op, fields)
-  return {
-    entryPoint: prepared.entryPoint,
-    fields,
-    window: prepared.window,
-    userOperation,
-    userOpHash: prepared.model.userOpHash({ op: userOperation, chainId: prepared.chain.chainId, entryPoint: prepared.entryPoint.address }),
-    signer: signerAddress,
-  }
+  return { ...finalize(prepared, fieldsOf(prepared, signature)), signer: signerAddress }
 }

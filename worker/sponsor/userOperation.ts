@@ -124,15 +124,13 @@ export function missingSignedField(op: Partial<Record<SignedGasField, bigint>>):
   return signedGasFields.find((field) => op[field] === undefined)
 }
 
+/** Gas fields a stub request left out count as 0 (nothing is signed over them then). */
+function gasOrZero(op: Partial<Record<SignedGasField, bigint>>): Record<SignedGasField, bigint> {
+  return Object.fromEntries(signedGasFields.map((field) => [field, op[field] ?? 0n])) as Record<SignedGasField, bigint>
+}
+
 export function toUserOperationV06(input: UserOperationV06Input): UserOperationV06 {
-  return {
-    ...input,
-    callGasLimit: input.callGasLimit ?? 0n,
-    verificationGasLimit: input.verificationGasLimit ?? 0n,
-    preVerificationGas: input.preVerificationGas ?? 0n,
-    maxFeePerGas: input.maxFeePerGas ?? 0n,
-    maxPriorityFeePerGas: input.maxPriorityFeePerGas ?? 0n,
-  }
+  return { ...input, ...gasOrZero(input) }
 }
 
 export function toUserOperationV07(input: UserOperationV07Input): UserOperationV07 {
@@ -145,11 +143,7 @@ export function toUserOperationV07(input: UserOperationV07Input): UserOperationV
     paymasterData: paymasterData ?? undefined,
     paymasterVerificationGasLimit: input.paymasterVerificationGasLimit ?? undefined,
     paymasterPostOpGasLimit: input.paymasterPostOpGasLimit ?? undefined,
-    callGasLimit: input.callGasLimit ?? 0n,
-    verificationGasLimit: input.verificationGasLimit ?? 0n,
-    preVerificationGas: input.preVerificationGas ?? 0n,
-    maxFeePerGas: input.maxFeePerGas ?? 0n,
-    maxPriorityFeePerGas: input.maxPriorityFeePerGas ?? 0n,
+    ...gasOrZero(input),
     authorization: eip7702Auth
       ? {
           address: eip7702Auth.address,
