@@ -38,23 +38,22 @@ export async function startWorker(options: { port: number; vars: Record<string, 
   child.stderr!.on('data', (chunk) => (output += chunk))
   const url = `http://127.0.0.1:${options.port}`
 
+  /** Signals the whole process group and returns once every process in it (wrangler, workerd) is gone. */
   const stop = async () => {
-    if (child.exitCode === null && child.signalCode === null) {
-      const exited = new Promise((resolve) => child.once('exit', resolve))
+    const signalGroup = (signal: NodeJS.Signals | 0) => {
       try {
-        process.kill(-child.pid!, 'SIGTERM')
+        process.kill(-child.pid!, signal)
+        return true
       } catch {
-        // already gone
+        return false // ESRCH: nothing left in the group
       }
-      const timer = setTimeout(() => {
-        try {
-          process.kill(-child.pid!, 'SIGKILL')
-        } catch {
-          // already gone
-        }
-      }, 5_000)
-      await exited
-      clearTimeout(timer)
+    }
+    signalGroup('SIGTERM')
+    const killAt = Date.now() + 5_000
+    const giveUpAt = Date.now() + 15_000
+    while (signalGroup(0) && Date.now() < giveUpAt) {
+      if (Date.now() > killAt) signalGroup('SIGKILL')
+      await new Promise((resolve) => setTimeout(resolve, 100))
     }
     rmSync(dir, { recursive: true, force: true })
   }

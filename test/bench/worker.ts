@@ -1,0 +1,317 @@
+/**
+ * Closed-loop load benchmark of `pm_getPaymasterData` (EntryPoint v0.7, chain
+ * 31337) against the Worker under real `wrangler dev` with the local signer
+ * (well-known anvil key #1; signing is off-chain, no chain is needed).
+ *
+ * For each concurrency C in [16, 64], C loops each send a request, await the
+ * full response and repeat, for BENCH_SECONDS (default 10). Every request uses
+ * a new nonce, so each one signs a different hash. It prints requests/s,
+ * p50/p90/p99/max latency, errors, and CPU time per request: of the Worker
+ * (wrangler's node process and all its descendants, read from /proc; workerd
+ * is the one that signs) and of this load generator, which shares the cores.
+ * Host-wide busy CPU (/proc/stat) is reported too: anything beyond the Worker
+ * and the generator is other load on the machine, which disturbs the figures.
+ *
+ * Run: npm run bench:worker            (BENCH_SECONDS=30 npm run bench:worker)
+ * Optional: BENCH_PORT (18900-18998; the next port is wrangler's inspector).
+ * Linux only (/proc). Output: an aligned table, then one JSON line.
+ */
+import { execFileSync } from 'node:child_process'
+import { readdirSync, readFileSync } from 'node:fs'
+import { createServer } from 'node:net'
+import os from 'node:os'
+import { performance } from 'node:perf_hooks'
+import { anvilWellKnownKeys } from '../support/anvilKeys.js'
+import { rpcUserOperationV07 } from '../support/userOperations.js'
+import { startWorker, type RunningWorker } from '../support/wranglerDev.js'
+
+const entryPointV07 = '0x0000000071727De22E5E9d8BAf0edAc6f37da032'
+const chainIdHex = '0x7a69' // 31337
+const concurrencies = [16, 64]
+const warmUpRequests = 200
+const warmUpConcurrency = 8
+const requestTimeoutMs = 10_000
+
+const seconds = Number(process.env.BENCH_SECONDS ?? '10')
+const port = Number(process.env.BENCH_PORT ?? '18931')
+if (!(seconds > 0 && seconds <= 600)) throw new Error(`BENCH_SECONDS must be in (0, 600], got ${process.env.BENCH_SECONDS}`)
+if (!(Number.isInteger(port) && port >= 18900 && port <= 18998)) throw new Error(`BENCH_PORT must be in 18900-18998, got ${process.env.BENCH_PORT}`)
+
+// ---------------------------------------------------------------- /proc CPU
+
+const clockTicksPerSecond = (() => {
+  try {
+    const ticks = Number(execFileSync('getconf', ['CLK_TCK'], { encoding: 'utf8', timeout: 5_000 }).trim())
+    return ticks > 0 ? ticks : 100
+  } catch {
+    return 100
+  }
+})()
+
+type ProcStat = { pid: number; ppid: number; comm: string; ticks: number }
+
+/** utime+stime of one process from /proc/<pid>/stat, or undefined if it is gone. */
+function readStat(pid: number): ProcStat | undefined {
+  let text: string
+  try {
+    text = readFileSync(`/proc/${pid}/stat`, 'utf8')
+  } catch {
+    return undefined
+  }
+  // "pid (comm) state ppid ...": comm may hold spaces and parentheses, so split after the last ')'.
+  const close = text.lastIndexOf(')')
+  const comm = text.slice(text.indexOf('(') + 1, close)
+  const fields = text.slice(close + 2).split(' ') // fields[0] is field 3 (state)
+  const field = (n: number) => Number(fields[n - 3])
+  return { pid, ppid: field(4), comm, ticks: field(14) + field(15) }
+}
+
+/** The process `root` and all its descendants, found through the ppid links in /proc. */
+function processTree(root: number): ProcStat[] {
+  const all = readdirSync('/proc')
+    .filter((name) => /^\d+$/.test(name))
+    .map((name) => readStat(Number(name)))
+    .filter((stat): stat is ProcStat => stat !== undefined)
+  const tree: ProcStat[] = []
+  const queue = [root]
+  while (queue.length > 0) {
+    const pid = queue.shift()!
+    const stat = all.find((s) => s.pid === pid)
+    if (!stat) continue
+    tree.push(stat)
+    queue.push(...all.filter((s) => s.ppid === pid).map((s) => s.pid))
+  }
+  return tree
+}
+
+/** CPU ms used by each process of the tree between two snapshots, summed by command name. */
+function cpuMsByCommand(before: ProcStat[], after: ProcStat[]): Record<string, number> {
+  const start = new Map(before.map((s) => [s.pid, s.ticks]))
+  const byCommand: Record<string, number> = {}
+  for (const stat of after) {
+    const ms = ((stat.ticks - (start.get(stat.pid) ?? 0)) * 1_000) / clockTicksPerSecond
+    byCommand[stat.comm] = (byCommand[stat.comm] ?? 0) + ms
+  }
+  return byCommand
+}
+
+/** Busy ticks of the whole host (all cores) from the first line of /proc/stat. */
+function hostBusyTicks(): number {
+  // cpu user nice system idle iowait irq softirq steal guest guest_nice (guest is already in user)
+  const [user, nice, system, , , irq, softirq, steal] = readFileSync('/proc/stat', 'utf8').split('\n')[0]!.trim().split(/\s+/).slice(1).map(Number)
+  return [user, nice, system, irq, softirq, steal].reduce((a: number, b) => a + (b ?? 0), 0)
+}
+
+// ---------------------------------------------------------------- load
+
+let nonce = 0
+
+type Outcome = { ok: true; ms: number } | { ok: false; error: string }
+
+async function sendOne(url: string): Promise<Outcome> {
+  const body = JSON.stringify({
+    jsonrpc: '2.0',
+    id: ++nonce,
+    method: 'pm_getPaymasterData',
+    params: [rpcUserOperationV07({ nonce: `0x${nonce.toString(16)}` }), entryPointV07, chainIdHex, {}],
+  })
+  const start = performance.now()
+  try {
+    // Node's fetch (undici) keeps connections alive by default: C loops reuse C connections.
+    const response = await fetch(`${url}/rpc`, {
+      method: 'POST',
+      headers: { 'content-type': 'application/json' },
+      body,
+      signal: AbortSignal.timeout(requestTimeoutMs),
+    })
+    const text = await response.text()
+    const ms = performance.now() - start
+    const data = (() => {
+      try {
+        return JSON.parse(text) as { result?: { paymasterData?: unknown } }
+      } catch {
+        return undefined
+      }
+    })()
+    if (response.status === 200 && typeof data?.result?.paymasterData === 'string') return { ok: true, ms }
+    return { ok: false, error: `HTTP ${response.status}: ${text.slice(0, 300)}` }
+  } catch (error) {
+    return { ok: false, error: String(error) }
+  }
+}
+
+type Tally = { latencies: number[]; errors: number; firstError?: string }
+
+/** `concurrency` loops, each sending one request at a time while `more()` holds. */
+async function closedLoop(url: string, concurrency: number, more: () => boolean): Promise<Tally> {
+  const tally: Tally = { latencies: [], errors: 0 }
+  const loop = async () => {
+    while (more()) {
+      const outcome = await sendOne(url)
+      if (outcome.ok) tally.latencies.push(outcome.ms)
+      else {
+        tally.errors++
+        tally.firstError ??= outcome.error
+      }
+    }
+  }
+  await Promise.all(Array.from({ length: concurrency }, loop))
+  return tally
+}
+
+function percentile(sorted: number[], q: number): number {
+  if (sorted.length === 0) return NaN
+  return sorted[Math.min(sorted.length - 1, Math.max(0, Math.ceil(q * sorted.length) - 1))]!
+}
+
+type RunResult = {
+  concurrency: number
+  seconds: number
+  requests: number
+  errors: number
+  errorRate: number
+  requestsPerSecond: number
+  latencyMs: { p50: number; p90: number; p99: number; max: number }
+  workerCpuMsPerRequest: number
+  workerdCpuMsPerRequest: number
+  workerCpuByProcessMs: Record<string, number>
+  generatorCpuMsPerRequest: number
+  benchBusyCores: number
+  hostBusyCores: number
+  otherBusyCores: number
+  firstError?: string
+}
+
+async function run(worker: RunningWorker, concurrency: number): Promise<RunResult> {
+  const treeBefore = processTree(worker.pid)
+  const hostBefore = hostBusyTicks()
+  const generatorBefore = process.cpuUsage()
+  const start = performance.now()
+  const deadline = start + seconds * 1_000
+  const tally = await closedLoop(worker.url, concurrency, () => performance.now() < deadline)
+  const elapsedMs = performance.now() - start // includes the responses still in flight at the deadline
+  const generator = process.cpuUsage(generatorBefore)
+  const hostMs = ((hostBusyTicks() - hostBefore) * 1_000) / clockTicksPerSecond
+  const workerCpu = cpuMsByCommand(treeBefore, processTree(worker.pid))
+
+  const completed = tally.latencies.length + tally.errors
+  const sorted = [...tally.latencies].sort((a, b) => a - b)
+  const workerMs = Object.values(workerCpu).reduce((a, b) => a + b, 0)
+  const generatorMs = (generator.user + generator.system) / 1_000
+  const round = (n: number, digits = 2) => Number(n.toFixed(digits))
+  return {
+    concurrency,
+    seconds: round(elapsedMs / 1_000, 3),
+    requests: tally.latencies.length,
+    errors: tally.errors,
+    errorRate: round(completed ? tally.errors / completed : 0, 4),
+    requestsPerSecond: round(tally.latencies.length / (elapsedMs / 1_000), 1),
+    latencyMs: {
+      p50: round(percentile(sorted, 0.5)),
+      p90: round(percentile(sorted, 0.9)),
+      p99: round(percentile(sorted, 0.99)),
+      max: round(sorted.at(-1) ?? NaN),
+    },
+    // CPU is divided by every completed request (errors included); with no errors that is the request count.
+    workerCpuMsPerRequest: round(workerMs / completed, 3),
+    workerdCpuMsPerRequest: round((workerCpu['workerd'] ?? 0) / completed, 3),
+    workerCpuByProcessMs: Object.fromEntries(Object.entries(workerCpu).map(([comm, ms]) => [comm, round(ms, 0)])),
+    generatorCpuMsPerRequest: round(generatorMs / completed, 3),
+    // Cores kept busy on average: by the Worker and generator, by the whole host, and by everything else.
+    benchBusyCores: round((workerMs + generatorMs) / elapsedMs),
+    hostBusyCores: round(hostMs / elapsedMs),
+    otherBusyCores: round(Math.max(0, hostMs - workerMs - generatorMs) / elapsedMs),
+    ...(tally.firstError ? { firstError: tally.firstError } : {}),
+  }
+}
+
+// ---------------------------------------------------------------- report
+
+function table(results: RunResult[]): string {
+  const header = ['conc', 'requests', 'errors', 'req/s', 'p50 ms', 'p90 ms', 'p99 ms', 'max ms', 'worker CPU ms/req', 'workerd ms/req', 'generator CPU ms/req', 'bench cores', 'host cores']
+  const rows = results.map((r) => [
+    r.concurrency,
+    r.requests,
+    `${r.errors} (${(r.errorRate * 100).toFixed(2)}%)`,
+    r.requestsPerSecond.toFixed(1),
+    r.latencyMs.p50.toFixed(2),
+    r.latencyMs.p90.toFixed(2),
+    r.latencyMs.p99.toFixed(2),
+    r.latencyMs.max.toFixed(2),
+    r.workerCpuMsPerRequest.toFixed(3),
+    r.workerdCpuMsPerRequest.toFixed(3),
+    r.generatorCpuMsPerRequest.toFixed(3),
+    r.benchBusyCores.toFixed(2),
+    r.hostBusyCores.toFixed(2),
+  ].map(String))
+  const widths = header.map((h, i) => Math.max(h.length, ...rows.map((row) => row[i]!.length)))
+  const line = (cells: string[]) => cells.map((cell, i) => cell.padStart(widths[i]!)).join('  ')
+  return [line(header), line(widths.map((w) => '-'.repeat(w))), ...rows.map(line)].join('\n')
+}
+
+function portIsFree(candidate: number): Promise<boolean> {
+  return new Promise((resolve) => {
+    const server = createServer()
+    server.once('error', () => resolve(false))
+    server.listen(candidate, '127.0.0.1', () => server.close(() => resolve(true)))
+  })
+}
+
+async function main(): Promise<void> {
+  const cpus = os.cpus()
+  const machine = { cpus: cpus.length, model: cpus[0]?.model ?? 'unknown', node: process.version, platform: `${os.platform()} ${os.release()}`, clockTicksPerSecond }
+  console.log(`machine: ${machine.cpus} × ${machine.model}, Node ${machine.node}, ${machine.platform}, CLK_TCK ${clockTicksPerSecond}`)
+  console.log(`load:    pm_getPaymasterData (v0.7, chain 31337, local signer), closed loop, ${seconds} s per concurrency, warm-up ${warmUpRequests} requests`)
+
+  for (const candidate of [port, port + 1]) {
+    if (!(await portIsFree(candidate))) throw new Error(`127.0.0.1:${candidate} is in use; pick another BENCH_PORT`)
+  }
+
+  let worker: RunningWorker | undefined
+  let workerTree: ProcStat[] = []
+  // Bound the whole run: start-up (60 s) + warm-up + each run + slack.
+  const budgetMs = 60_000 + 60_000 + concurrencies.length * (seconds * 1_000 + requestTimeoutMs + 10_000)
+  const watchdog = setTimeout(() => {
+    console.error(`benchmark exceeded ${budgetMs / 1_000} s; stopping`)
+    void (worker?.stop() ?? Promise.resolve()).finally(() => process.exit(2))
+  }, budgetMs)
+  // wrangler runs in its own process group, so Ctrl-C does not reach it: stop it here.
+  const onSignal = () => void (worker?.stop() ?? Promise.resolve()).finally(() => process.exit(130))
+  process.once('SIGINT', onSignal)
+  process.once('SIGTERM', onSignal)
+
+  try {
+    worker = await startWorker({ port, vars: { PAYMASTER_PRIVATE_KEY: anvilWellKnownKeys.paymasterSigner } })
+    workerTree = processTree(worker.pid)
+    console.log(`worker:  ${worker.url} (wrangler pid ${worker.pid}; tree: ${workerTree.map((s) => `${s.comm}:${s.pid}`).join(' ')})`)
+
+    let sent = 0
+    const warmUp = await closedLoop(worker.url, warmUpConcurrency, () => sent++ < warmUpRequests)
+    if (warmUp.latencies.length === 0) throw new Error(`every warm-up request failed; first error: ${warmUp.firstError}`)
+    if (warmUp.errors > 0) console.log(`warm-up: ${warmUp.errors} errors; first: ${warmUp.firstError}`)
+
+    const results: RunResult[] = []
+    for (const concurrency of concurrencies) results.push(await run(worker, concurrency))
+
+    console.log()
+    console.log(table(results))
+    for (const r of results) {
+      const byProcess = Object.entries(r.workerCpuByProcessMs).map(([comm, ms]) => `${comm} ${ms} ms`).join(', ')
+      console.log(`c=${r.concurrency}: ${r.seconds} s wall; Worker CPU by process: ${byProcess}`)
+      if (r.otherBusyCores > 0.2) console.log(`c=${r.concurrency}: warning: other processes kept ${r.otherBusyCores} cores busy during this run; figures are disturbed`)
+      if (r.firstError) console.log(`c=${r.concurrency}: first error: ${r.firstError}`)
+    }
+    console.log()
+    console.log(JSON.stringify({ bench: 'worker pm_getPaymasterData', machine, seconds, warmUpRequests, results }))
+  } finally {
+    await worker?.stop()
+    clearTimeout(watchdog)
+    process.off('SIGINT', onSignal)
+    process.off('SIGTERM', onSignal)
+  }
+}
+
+main().catch((error: unknown) => {
+  console.error(error)
+  process.exitCode = 1
+})
