@@ -11,16 +11,22 @@ export const canonicalEntryPoints: Record<EntryPointVersion, Address> = {
 
 export type EntryPoint = { address: Address; version: EntryPointVersion }
 
-/** The entry points we sponsor for on a chain: those whose version has a paymaster configured. */
+const supportedByChain = new WeakMap<ChainConfig, EntryPoint[]>()
+
+/** The entry points we sponsor for on a chain: those whose version has a paymaster configured. Computed once per chain config. */
 export function supportedEntryPoints(chain: ChainConfig): EntryPoint[] {
-  const versions = new Set(chain.paymasters.map((p) => p.entryPointVersion))
-  const canonical = Object.entries(canonicalEntryPoints).map(([version, address]) => ({
-    address,
-    version: version as EntryPointVersion,
-  }))
-  const all = [...canonical, ...chain.entryPoints]
-  const unique = new Map(all.filter((ep) => versions.has(ep.version)).map((ep) => [ep.address, ep]))
-  return [...unique.values()]
+  let supported = supportedByChain.get(chain)
+  if (!supported) {
+    const versions = new Set(chain.paymasters.map((p) => p.entryPointVersion))
+    const canonical = Object.entries(canonicalEntryPoints).map(([version, address]) => ({
+      address,
+      version: version as EntryPointVersion,
+    }))
+    const unique = new Map([...canonical, ...chain.entryPoints].filter((ep) => versions.has(ep.version)).map((ep) => [ep.address, ep]))
+    supported = [...unique.values()]
+    supportedByChain.set(chain, supported)
+  }
+  return supported
 }
 
 /** Detects the EntryPoint version by address, or says which entry points this chain does support. */
