@@ -23,7 +23,13 @@ export default defineConfig({
             },
           }),
         ],
-        test: { name: 'worker', include: ['test/worker/**/*.test.ts'], testTimeout: 30_000 },
+        test: {
+          name: 'worker',
+          include: ['test/worker/**/*.test.ts'],
+          testTimeout: 30_000,
+          // Local KMS, Vault and HTTP key servers for the signer backend tests.
+          globalSetup: ['test/support/backendServers.globalSetup.ts'],
+        },
       },
       {
         test: {

@@ -1,26 +1,88 @@
-import type { SignerConfig } from '../config/schema.js'
+import { singleSignerContracts, type Config, type SignerConfig } from '../config/schema.js'
+import { AwsKmsSigner } from './awsKms.js'
+import { FallbackSigner } from './fallback.js'
+import { HttpSigner } from './httpSigner.js'
 import { LocalSigner } from './local.js'
 import { SecretsStoreSigner, type SecretsStoreSecret } from './secretsStore.js'
 import type { Signer } from './signer.js'
+import type { SignerMetrics } from './signerMetrics.js'
+import { VaultSigner } from './vault.js'
 
-/** Builds the backend a signer entry names, reading secrets and bindings from the Worker env. */
-export function createSigner(options: { name: string; config: SignerConfig; env: Record<string, unknown> }): Signer {
-  const { name, config, env } = options
-  switch (config.kind) {
-    case 'local': {
-      const value = env[config.secret]
-      return new LocalSigner({
-        name,
-        privateKey: typeof value === 'string' && value !== '' ? value : undefined,
-        secretName: config.secret,
-        allowEphemeral: config.allowEphemeral,
-      })
-    }
-    case 'secrets-store':
-      return new SecretsStoreSigner({
-        name,
-        bindingName: config.binding,
-        binding: env[config.binding] as SecretsStoreSecret | undefined,
-      })
+/**
+ * Builds every configured signer, reading secrets and bindings from the
+ * Worker env by the names the config gives. Fallback chains refer to other
+ * signers by name; a chain whose paymaster accepts a single signer makes its
+ * fallback insist that every member has the same address.
+ */
+export function createSigners(options: { config: Config; env: Record<string, unknown>; metrics: SignerMetrics }): Map<string, Signer> {
+  const { config, env, metrics } = options
+  const secret = (name: string | undefined) => {
+    const value = name === undefined ? undefined : env[name]
+    return typeof value === 'string' && value !== '' ? value : undefined
   }
+  const singleSigner = new Set(
+    config.chains.filter((chain) => chain.paymasters.some((p) => singleSignerContracts.includes(p.contract))).map((chain) => chain.signer),
+  )
+
+  const leaf = (name: string, signer: Exclude<SignerConfig, { kind: 'fallback' }>): Signer => {
+    switch (signer.kind) {
+      case 'local':
+        return new LocalSigner({ name, privateKey: secret(signer.secret), secretName: signer.secret, allowEphemeral: signer.allowEphemeral })
+      case 'secrets-store':
+        return new SecretsStoreSigner({ name, bindingName: signer.binding, binding: env[signer.binding] as SecretsStoreSecret | undefined })
+      case 'aws-kms':
+        return new AwsKmsSigner({
+          name,
+          keyId: signer.keyId,
+          region: signer.region,
+          endpoint: signer.endpoint,
+          credentials: {
+            accessKeyId: secret(signer.accessKeyIdSecret),
+            secretAccessKey: secret(signer.secretAccessKeySecret),
+            sessionToken: secret(signer.sessionTokenSecret),
+          },
+          deadlineMs: signer.deadlineMs,
+          maxAttempts: signer.maxAttempts,
+        })
+      case 'vault':
+        return new VaultSigner({
+          name,
+          address: signer.url,
+          auth:
+            signer.auth.method === 'token'
+              ? { method: 'token', token: secret(signer.auth.tokenSecret) }
+              : { method: 'approle', roleId: secret(signer.auth.roleIdSecret), secretId: secret(signer.auth.secretIdSecret), mount: signer.auth.mount },
+          kvMount: signer.kvMount,
+          path: signer.path,
+          field: signer.field,
+          namespace: signer.namespace,
+          cacheTtlMs: signer.cacheTtlSeconds * 1_000,
+          requestTimeoutMs: signer.timeoutMs,
+        })
+      case 'http':
+        return new HttpSigner({ name, url: signer.url, keyId: signer.keyId, token: secret(signer.tokenSecret), address: signer.address, timeoutMs: signer.timeoutMs })
+    }
+  }
+
+  const signers = new Map<string, Signer>()
+  for (const [name, signer] of Object.entries(config.signers)) {
+    if (signer.kind !== 'fallback') signers.set(name, leaf(name, signer))
+  }
+  for (const [name, signer] of Object.entries(config.signers)) {
+    if (signer.kind !== 'fallback') continue
+    signers.set(
+      name,
+      new FallbackSigner({
+        name,
+        members: signer.members.map((member) => signers.get(member)!),
+        timeoutMs: signer.timeoutMs,
+        failureThreshold: signer.failureThreshold,
+        coolDownMs: signer.coolDownSeconds * 1_000,
+        hedgeAfterMs: signer.hedgeAfterMs,
+        requireSameAddress: singleSigner.has(name),
+        metrics,
+      }),
+    )
+  }
+  return signers
 }

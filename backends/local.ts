@@ -2,7 +2,7 @@ import type { Address, Hex } from 'viem'
 import { generatePrivateKey } from 'viem/accounts'
 import { parsePrivateKey } from './privateKey.js'
 import { PrivateKeySigning } from './privateKeySigner.js'
-import { healthOf, SignerError, type Signer, type SignerDescription } from './signer.js'
+import { healthOf, SignerError, type SignedDigest, type Signer, type SignerDescription } from './signer.js'
 
 export type LocalSignerOptions = {
   name: string
@@ -47,8 +47,9 @@ export class LocalSigner implements Signer {
     return this.ready().address
   }
 
-  async signDigest(digest: Hex): Promise<Hex> {
-    return this.ready().signDigest(digest)
+  async signDigest(digest: Hex): Promise<SignedDigest> {
+    const signing = this.ready()
+    return { signature: await signing.signDigest(digest), signedBy: this.options.name, address: signing.address }
   }
 
   health() {

@@ -1,7 +1,7 @@
 import type { Address, Hex } from 'viem'
 import { parsePrivateKey } from './privateKey.js'
 import { PrivateKeySigning } from './privateKeySigner.js'
-import { healthOf, SignerError, type Signer, type SignerDescription } from './signer.js'
+import { healthOf, SignerError, type SignedDigest, type Signer, type SignerDescription } from './signer.js'
 
 /** The shape of a Cloudflare Secrets Store binding (`[[secrets_store_secrets]]`). */
 export type SecretsStoreSecret = { get(): Promise<string> }
@@ -59,8 +59,9 @@ export class SecretsStoreSigner implements Signer {
     return (await this.signing()).address
   }
 
-  async signDigest(digest: Hex): Promise<Hex> {
-    return (await this.signing()).signDigest(digest)
+  async signDigest(digest: Hex): Promise<SignedDigest> {
+    const signing = await this.signing()
+    return { signature: await signing.signDigest(digest), signedBy: this.options.name, address: signing.address }
   }
 
   health() {

@@ -6,18 +6,26 @@ import type { Address, Hex } from 'viem'
  */
 export interface Signer {
   address(): Promise<Address>
-  /** A canonical 65-byte Ethereum signature (r ‖ s ‖ v, low-s, v ∈ {27, 28}). */
-  signDigest(digest: Hex): Promise<Hex>
+  /**
+   * A canonical 65-byte Ethereum signature (r ‖ s ‖ v, low-s, v ∈ {27, 28})
+   * over the digest, and the name of the backend that made it (a fallback
+   * chain names the member that answered).
+   */
+  signDigest(digest: Hex): Promise<SignedDigest>
   health(): Promise<SignerHealth>
   describe(): SignerDescription
 }
+
+/** A signature, the backend that made it, and the address it recovers to. */
+export type SignedDigest = { signature: Hex; signedBy: string; address: Address }
 
 /** How well the key is protected, from weakest to strongest. */
 export type SecurityLevel = 'ephemeral' | 'software' | 'edge-secret' | 'hsm' | 'enclave'
 
 export type SignerDescription = { kind: string; name: string; securityLevel: SecurityLevel }
 
-export type SignerHealth = { ok: true; address: Address } | { ok: false; error: string }
+/** `members` is set by signers made of other signers (fallback), one entry per member. */
+export type SignerHealth = ({ ok: true; address: Address } | { ok: false; error: string }) & { members?: unknown[] }
 
 /**
  * A backend could not sign. The message is safe to show a caller: it names the

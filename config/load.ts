@@ -39,11 +39,15 @@ function parseOverrides(value: unknown): Record<string, unknown> {
   return parsed
 }
 
-/** Objects merge key by key; arrays and scalars from `override` replace. */
+/** Objects merge key by key; arrays and scalars from `override` replace; null removes a preset's entry. */
 export function mergeConfig(base: Record<string, unknown>, override: Record<string, unknown>): Record<string, unknown> {
   const merged: Record<string, unknown> = { ...base }
   for (const [key, value] of Object.entries(override)) {
     if (value === undefined) continue
+    if (value === null) {
+      delete merged[key]
+      continue
+    }
     const current = merged[key]
     merged[key] = isPlainObject(current) && isPlainObject(value) ? mergeConfig(current, value) : value
   }

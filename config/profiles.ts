@@ -2,10 +2,19 @@ import type { ProfileName } from './schema.js'
 
 /**
  * Presets per environment. A Worker's PAYMASTER_CONFIG is merged over its
- * profile's preset (objects merge, arrays and scalars replace), so an operator
- * writes only what differs. Chains are never preset outside development:
- * which contracts to sign for is a deliberate choice.
+ * profile's preset (objects merge, arrays and scalars replace, null removes an
+ * entry), so an operator writes only what differs: the chains, and for the
+ * KMS and Vault backends their key id, region, URL and path. Chains are never
+ * preset outside development: which contracts to sign for is a deliberate choice.
  */
+
+/** Production shape: KMS signs; if it is slow or down, the key in Secrets Store does, clients never noticing. */
+const kmsWithEdgeBackup = {
+  primary: { kind: 'fallback', members: ['kms', 'edge'] },
+  kms: { kind: 'aws-kms' },
+  edge: { kind: 'secrets-store', binding: 'PAYMASTER_KEY' },
+}
+
 export const profilePresets: Record<ProfileName, Record<string, unknown>> = {
   // No accounts, no internet: an ephemeral key unless PAYMASTER_PRIVATE_KEY is set,
   // no API key, and the local anvil chain that `npm run devnet` deploys.
@@ -16,19 +25,17 @@ export const profilePresets: Record<ProfileName, Record<string, unknown>> = {
   testing: {
     signers: { primary: { kind: 'secrets-store', binding: 'PAYMASTER_KEY' } },
   },
-  staging: {
-    signers: { primary: { kind: 'secrets-store', binding: 'PAYMASTER_KEY' } },
-  },
-  production: {
-    signers: { primary: { kind: 'secrets-store', binding: 'PAYMASTER_KEY' } },
-  },
-  // The enclave origin (keyless) and KMS backends arrive with their issues; until
-  // then these presets keep the key in Secrets Store, never in a plain secret.
-  enterprise: {
-    signers: { primary: { kind: 'secrets-store', binding: 'PAYMASTER_KEY' } },
-  },
+  staging: { signers: kmsWithEdgeBackup },
+  production: { signers: kmsWithEdgeBackup },
+  // The enclave origin (keyless) becomes the primary when it exists; until then KMS with the edge backup.
+  enterprise: { signers: kmsWithEdgeBackup },
+  // No key in the Worker's own secrets: KMS, with Vault as the backup.
   'high-security': {
-    signers: { primary: { kind: 'secrets-store', binding: 'PAYMASTER_KEY' } },
+    signers: {
+      primary: { kind: 'fallback', members: ['kms', 'vault'] },
+      kms: { kind: 'aws-kms' },
+      vault: { kind: 'vault', auth: { method: 'approle' } },
+    },
     policy: { validity: { validForSeconds: 120, validAfterSkewSeconds: 30 } },
   },
 }

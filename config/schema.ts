@@ -15,6 +15,8 @@ export type EntryPointVersion = (typeof entryPointVersions)[number]
 
 export const paymasterContracts = ['pimlico-singleton', 'eth-infinitism-verifying'] as const
 export type PaymasterContract = (typeof paymasterContracts)[number]
+/** Contracts that accept one signer address (the others keep a set of signers). */
+export const singleSignerContracts: readonly PaymasterContract[] = ['eth-infinitism-verifying']
 
 /** Gas and wei amounts: JSON has no bigint, so decimal strings or safe integers. */
 const amountSchema = z
@@ -23,8 +25,17 @@ const amountSchema = z
 
 const secretNameSchema = z.string().regex(/^[A-Za-z_][A-Za-z0-9_]*$/, 'expected a Worker secret or binding name')
 
+/**
+ * Every key backend may declare the address its key has. It is optional, and
+ * lets the config check a single-signer paymaster's fallback chain before
+ * deployment (the chain also checks at run time).
+ */
+const expectedAddress = { address: addressSchema.optional() }
+const milliseconds = (min: number, max: number, fallback: number) => z.number().int().min(min).max(max).default(fallback)
+
 const localSignerSchema = z.object({
   kind: z.literal('local'),
+  ...expectedAddress,
   /** The Worker secret holding the hex private key. */
   secret: secretNameSchema.default('PAYMASTER_PRIVATE_KEY'),
   /** Development only: with the secret unset, sign with an ephemeral key. */
@@ -33,11 +44,77 @@ const localSignerSchema = z.object({
 
 const secretsStoreSignerSchema = z.object({
   kind: z.literal('secrets-store'),
+  ...expectedAddress,
   /** The `[[secrets_store_secrets]]` binding name. */
   binding: secretNameSchema,
 })
 
-export const signerConfigSchema = z.discriminatedUnion('kind', [localSignerSchema, secretsStoreSignerSchema])
+const awsKmsSignerSchema = z.object({
+  kind: z.literal('aws-kms'),
+  ...expectedAddress,
+  keyId: z.string().min(1, 'the KMS key id, ARN or alias'),
+  region: z.string().regex(/^[a-z]{2}(-[a-z]+)+-\d$/, 'expected an AWS region such as us-east-1'),
+  /** A VPC endpoint, or a local server in tests. */
+  endpoint: z.url().optional(),
+  accessKeyIdSecret: secretNameSchema.default('AWS_ACCESS_KEY_ID'),
+  secretAccessKeySecret: secretNameSchema.default('AWS_SECRET_ACCESS_KEY'),
+  sessionTokenSecret: secretNameSchema.optional(),
+  deadlineMs: milliseconds(100, 30_000, 3_000),
+  maxAttempts: z.number().int().min(1).max(10).default(3),
+})
+
+const vaultSignerSchema = z.object({
+  kind: z.literal('vault'),
+  ...expectedAddress,
+  url: z.url(),
+  auth: z
+    .discriminatedUnion('method', [
+      z.object({ method: z.literal('token'), tokenSecret: secretNameSchema.default('VAULT_TOKEN') }),
+      z.object({
+        method: z.literal('approle'),
+        roleIdSecret: secretNameSchema.default('VAULT_ROLE_ID'),
+        secretIdSecret: secretNameSchema.default('VAULT_SECRET_ID'),
+        mount: z.string().default('approle'),
+      }),
+    ])
+    .default({ method: 'token', tokenSecret: 'VAULT_TOKEN' }),
+  kvMount: z.string().min(1).default('secret'),
+  path: z.string().min(1, 'the KV v2 path of the key, e.g. paymaster/signer'),
+  field: z.string().min(1).default('private_key'),
+  namespace: z.string().optional(),
+  cacheTtlSeconds: z.number().int().min(1).max(86_400).default(300),
+  timeoutMs: milliseconds(100, 30_000, 5_000),
+})
+
+const httpSignerSchema = z.object({
+  kind: z.literal('http'),
+  url: z.url(),
+  keyId: z.string().min(1),
+  tokenSecret: secretNameSchema.default('SIGNER_TOKEN'),
+  /** Required: every signature the key server returns is checked against it. */
+  address: addressSchema,
+  timeoutMs: milliseconds(50, 30_000, 2_000),
+})
+
+const fallbackSignerSchema = z.object({
+  kind: z.literal('fallback'),
+  /** Names of other signers, primary first. */
+  members: z.array(z.string()).min(1),
+  timeoutMs: milliseconds(50, 30_000, 2_000),
+  failureThreshold: z.number().int().min(1).max(100).default(3),
+  coolDownSeconds: z.number().int().min(1).max(3_600).default(30),
+  /** Ask the next member as well when one is slower than this. */
+  hedgeAfterMs: z.number().int().min(1).max(30_000).optional(),
+})
+
+export const signerConfigSchema = z.discriminatedUnion('kind', [
+  localSignerSchema,
+  secretsStoreSignerSchema,
+  awsKmsSignerSchema,
+  vaultSignerSchema,
+  httpSignerSchema,
+  fallbackSignerSchema,
+])
 export type SignerConfig = z.infer<typeof signerConfigSchema>
 
 const paymasterSchema = z
@@ -63,6 +140,8 @@ const chainSchema = z
     paymasters: z.array(paymasterSchema).min(1, 'each chain needs at least one paymaster'),
     /** Which entry of `signers` signs for this chain. */
     signer: z.string().default('primary'),
+    /** Optional chain RPC, used only by /health to check that each signer is authorised on the paymaster. */
+    rpcUrl: z.url().optional(),
   })
   .refine((c) => new Set(c.paymasters.map((p) => p.entryPointVersion)).size === c.paymasters.length, {
     message: 'at most one paymaster per entry point version',
@@ -117,6 +196,8 @@ export const configSchema = z
     policy: policySchema.prefault({}),
     /** Shown to wallets as ERC-7677 `sponsor`. */
     sponsor: z.object({ name: z.string().min(1), icon: z.string().optional() }).default({ name: 'Edge Paymaster' }),
+    /** Workers Analytics Engine dataset binding for signer outcomes, when bound. */
+    analyticsEngineBinding: secretNameSchema.optional(),
     limits: z
       .object({
         maxBodyBytes: z.number().int().min(1_024).max(4_194_304).default(262_144),
@@ -135,15 +216,38 @@ export const configSchema = z
         ctx.addIssue({ code: 'custom', path: ['chains', index, 'signer'], message: `no signer named "${chain.signer}" in signers` })
       }
     })
+    config.chains.forEach((chain, index) => {
+      const signer = config.signers[chain.signer]
+      if (signer?.kind !== 'fallback' || !chain.paymasters.some((p) => singleSignerContracts.includes(p.contract))) return
+      const declared = new Set(
+        signer.members.map((m) => config.signers[m]).flatMap((member) => (member && 'address' in member && member.address ? [member.address] : [])),
+      )
+      if (declared.size > 1) {
+        ctx.addIssue({
+          code: 'custom',
+          path: ['chains', index, 'signer'],
+          message: `the paymaster on chain ${chain.chainId} accepts a single signer, but the members of "${chain.signer}" declare different addresses`,
+        })
+      }
+    })
     if (config.defaultChainId !== undefined && !seen.has(config.defaultChainId)) {
       ctx.addIssue({ code: 'custom', path: ['defaultChainId'], message: `chain ${config.defaultChainId} is not configured` })
     }
     for (const [name, signer] of Object.entries(config.signers)) {
+      if (signer.kind === 'fallback') {
+        signer.members.forEach((member, index) => {
+          const target = config.signers[member]
+          if (!target) ctx.addIssue({ code: 'custom', path: ['signers', name, 'members', index], message: `no signer named "${member}"` })
+          else if (target.kind === 'fallback') {
+            ctx.addIssue({ code: 'custom', path: ['signers', name, 'members', index], message: 'a fallback member cannot itself be a fallback' })
+          }
+        })
+      }
       if (signer.kind === 'local' && signer.allowEphemeral && config.profile !== 'development') {
         ctx.addIssue({ code: 'custom', path: ['signers', name, 'allowEphemeral'], message: 'ephemeral keys are for the development profile only' })
       }
-      if (signer.kind === 'local' && config.profile === 'high-security') {
-        ctx.addIssue({ code: 'custom', path: ['signers', name, 'kind'], message: 'the high-security profile does not allow a local key' })
+      if ((signer.kind === 'local' || signer.kind === 'secrets-store') && config.profile === 'high-security') {
+        ctx.addIssue({ code: 'custom', path: ['signers', name, 'kind'], message: 'the high-security profile keeps no key in the Worker (use aws-kms or vault)' })
       }
     }
   })

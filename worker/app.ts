@@ -51,8 +51,12 @@ app.notFound((c) => errorJson(c, new MethodNotFoundError(`no route ${c.req.metho
 
 app.get('/health', async (c) => {
   const report = await healthReport(c.env)
-  return c.json(report, report.status === 'ok' ? 200 : 503)
+  return c.json(report, report.status === 'ok' || report.status === 'degraded' ? 200 : 503)
 })
+
+app.get('/metrics', authenticate('rest'), (c) =>
+  c.text(c.get('services').metrics.toPrometheus(), 200, { 'content-type': 'text/plain; version=0.0.4' }),
+)
 
 // Authenticated routes: JSON-RPC and the paymaster REST API.
 app.use('/', authenticate('rpc'))

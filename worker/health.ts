@@ -1,8 +1,18 @@
+import { createPublicClient, http, type Address } from 'viem'
 import { ConfigError } from '../config/load.js'
+import type { ChainConfig } from '../config/schema.js'
+import type { MemberHealth } from '../backends/fallback.js'
+import type { SignerHealth } from '../backends/signer.js'
 import { supportedEntryPoints } from './sponsor/entryPoints.js'
 import { servicesFor, type Env } from './services.js'
 
-/** What `/health` reports: configuration state and each signer's health, never a secret. */
+/**
+ * What `/health` reports, never a secret:
+ * - `ok`: every chain's signer can sign and every backend is healthy;
+ * - `degraded`: every chain can still be served, but a backend (say a fallback's backup) is down, or a
+ *   Pimlico paymaster does not list one of our addresses as a signer;
+ * - `unavailable`: some chain's signer cannot sign; `misconfigured`: the configuration is invalid.
+ */
 export async function healthReport(env: Env) {
   let services
   try {
@@ -14,15 +24,55 @@ export async function healthReport(env: Env) {
   const signers = await Promise.all(
     [...services.signers].map(async ([, signer]) => ({ ...signer.describe(), ...(await signer.health()) })),
   )
-  return {
-    status: signers.every((s) => s.ok) ? ('ok' as const) : ('degraded' as const),
-    profile: services.config.profile,
-    signers,
-    chains: services.config.chains.map((chain) => ({
+  const healthOf = (name: string) => signers.find((s) => s.name === name)!
+  const chains = await Promise.all(
+    services.config.chains.map(async (chain) => ({
       chainId: chain.chainId,
       signer: chain.signer,
       entryPoints: supportedEntryPoints(chain),
       paymasters: chain.paymasters.map((p) => ({ entryPointVersion: p.entryPointVersion, contract: p.contract, address: p.address })),
+      ...(chain.rpcUrl ? { signerAuthorisation: await signerAuthorisation(chain, healthOf(chain.signer)) } : {}),
     })),
+  )
+  const chainSignersOk = services.config.chains.every((chain) => healthOf(chain.signer).ok)
+  const everythingOk =
+    signers.every((s) => s.ok && (s.members ?? []).every((m) => (m as MemberHealth).ok && (m as MemberHealth).state === 'closed')) &&
+    chains.every((c) => (c.signerAuthorisation ?? []).every((a) => a.authorised === true))
+  return {
+    status: !chainSignersOk ? ('unavailable' as const) : everythingOk ? ('ok' as const) : ('degraded' as const),
+    profile: services.config.profile,
+    signers,
+    chains,
   }
+}
+
+const signersAbi = [
+  { type: 'function', name: 'signers', stateMutability: 'view', inputs: [{ name: 'account', type: 'address' }], outputs: [{ type: 'bool' }] },
+] as const
+
+/**
+ * A Pimlico SingletonPaymaster keeps a set of signers: each backend's address
+ * must be in it, or the backend's signatures fail on chain (AA34). Read over
+ * the chain's RPC; only /health pays for it, never a sponsorship.
+ */
+async function signerAuthorisation(chain: ChainConfig, health: SignerHealth) {
+  const members = (health.members as Array<{ name: string; address?: Address }> | undefined) ?? [
+    { name: chain.signer, address: health.ok ? health.address : undefined },
+  ]
+  const client = createPublicClient({ transport: http(chain.rpcUrl, { timeout: 3_000, retryCount: 0 }) })
+  const singletons = chain.paymasters.filter((p) => p.contract === 'pimlico-singleton')
+  return Promise.all(
+    singletons.flatMap((paymaster) =>
+      members.map(async (member) => {
+        const base = { paymaster: paymaster.address, backend: member.name, address: member.address ?? null }
+        if (!member.address) return { ...base, authorised: null, error: 'backend address unknown' }
+        try {
+          const authorised = await client.readContract({ address: paymaster.address, abi: signersAbi, functionName: 'signers', args: [member.address] })
+          return { ...base, authorised }
+        } catch {
+          return { ...base, authorised: null, error: 'could not read signers() over the chain RPC' }
+        }
+      }),
+    ),
+  )
 }

@@ -1,8 +1,10 @@
 import { ConfigError, loadConfig } from '../config/load.js'
 import type { ChainConfig, Config } from '../config/schema.js'
-import { createSigner } from '../backends/factory.js'
+import { createSigners } from '../backends/factory.js'
+import { SignerMetrics, type AnalyticsEngineDataset } from '../backends/signerMetrics.js'
 import type { Signer } from '../backends/signer.js'
 import { ApiKeys } from './apiKeys.js'
+import { logEvent } from './log.js'
 import type { SponsorDeps } from './sponsor/sponsor.js'
 
 /** The Worker's bindings as this code sees them: vars, secrets and bindings by name. */
@@ -12,6 +14,7 @@ export type Env = Record<string, unknown> & { PROFILE?: string; PAYMASTER_CONFIG
 export type Services = {
   config: Config
   signers: ReadonlyMap<string, Signer>
+  metrics: SignerMetrics
   /** Undefined when the profile's policy does not require API keys. */
   apiKeys: ApiKeys | undefined
   sponsor: SponsorDeps
@@ -42,9 +45,9 @@ export function servicesFor(env: Env): Services {
 
 function buildServices(env: Env): Services {
   const config = loadConfig(env)
-  const signers = new Map(
-    Object.entries(config.signers).map(([name, signerConfig]) => [name, createSigner({ name, config: signerConfig, env })]),
-  )
+  const analytics = config.analyticsEngineBinding ? (env[config.analyticsEngineBinding] as AnalyticsEngineDataset | undefined) : undefined
+  const metrics = new SignerMetrics(analytics)
+  const signers = createSigners({ config, env, metrics })
   let apiKeys: ApiKeys | undefined
   if (config.policy.apiKeys.required) {
     const secretName = config.policy.apiKeys.secret
@@ -59,11 +62,13 @@ function buildServices(env: Env): Services {
   return {
     config,
     signers,
+    metrics,
     apiKeys,
     sponsor: {
       config,
       signerFor: (chain: ChainConfig) => signers.get(chain.signer)!,
       now: () => Math.floor(Date.now() / 1000),
+      log: logEvent,
     },
   }
 }

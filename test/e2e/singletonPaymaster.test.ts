@@ -92,7 +92,7 @@ describe.each(entryPointVersions)('Pimlico SingletonPaymaster on EntryPoint v%s'
   async function sponsorWith(options: { privateKey: `0x${string}`; now: number }) {
     const config = loadConfig({ PROFILE: 'development', PAYMASTER_CONFIG: { chains: [devnetChainConfig(devnet, 'pimlico-singleton')] } })
     const signer = new LocalSigner({ name: 'test', privateKey: options.privateKey, secretName: 'TEST', allowEphemeral: false })
-    const deps: SponsorDeps = { config, signerFor: () => signer, now: () => options.now }
+    const deps: SponsorDeps = { config, signerFor: () => signer, now: () => options.now, log: () => {} }
     const { account, prepared } = await prepareSponsored({ devnet, workerUrl: worker.url, version })
     const { paymasterAndData, paymaster, paymasterData, ...unsponsored } = prepared
     const sponsorship = await sponsor(deps, {

@@ -19,13 +19,46 @@ function configError(vars: Record<string, unknown>): string {
 
 describe('configuration', () => {
   it('merges PAYMASTER_CONFIG over the profile preset and fills defaults', () => {
-    const config = loadConfig({ PROFILE: 'production', PAYMASTER_CONFIG: JSON.stringify({ chains: [chain], policy: { validity: { validForSeconds: 300 } } }) })
+    const config = loadConfig({
+      PROFILE: 'production',
+      PAYMASTER_CONFIG: JSON.stringify({
+        chains: [chain],
+        signers: { kms: { keyId: 'alias/paymaster', region: 'us-east-1' } },
+        policy: { validity: { validForSeconds: 300 } },
+      }),
+    })
     expect(config.profile).toBe('production')
-    expect(config.signers.primary).toEqual({ kind: 'secrets-store', binding: 'PAYMASTER_KEY' })
+    expect(config.signers.primary).toMatchObject({ kind: 'fallback', members: ['kms', 'edge'], timeoutMs: 2_000, failureThreshold: 3, coolDownSeconds: 30 })
+    expect(config.signers.kms).toMatchObject({ kind: 'aws-kms', keyId: 'alias/paymaster', accessKeyIdSecret: 'AWS_ACCESS_KEY_ID', deadlineMs: 3_000, maxAttempts: 3 })
+    expect(config.signers.edge).toEqual({ kind: 'secrets-store', binding: 'PAYMASTER_KEY' })
     expect(config.policy.validity).toEqual({ validForSeconds: 300, validAfterSkewSeconds: 60 })
     expect(config.policy.apiKeys.required).toBe(true)
     expect(config.chains[0]!.paymasters[0]!.address).toBe('0xd8A5406E24dcDc93656c1eF20E491a1FcF43b558')
     expect(config.limits).toEqual({ maxBodyBytes: 262_144, maxBatchSize: 32 })
+  })
+
+  it('the production preset insists on naming its KMS key, and null removes a preset entry', () => {
+    expect(configError({ PROFILE: 'production', PAYMASTER_CONFIG: { chains: [chain] } })).toContain('signers.kms.keyId')
+    const edgeOnly = { chains: [chain], signers: { primary: { kind: 'secrets-store', binding: 'KEY' }, kms: null, edge: null } }
+    expect(Object.keys(loadConfig({ PROFILE: 'production', PAYMASTER_CONFIG: edgeOnly }).signers)).toEqual(['primary'])
+  })
+
+  it('checks fallback members: they exist, are not fallbacks, and for a single-signer paymaster declare one address', () => {
+    const withSigners = (signers: Record<string, unknown>, paymaster = chain.paymasters[0]) => ({
+      PAYMASTER_CONFIG: { chains: [{ ...chain, paymasters: [paymaster] }], signers },
+    })
+    expect(configError(withSigners({ primary: { kind: 'fallback', members: ['missing'] } }))).toContain('signers.primary.members.0: no signer named "missing"')
+    expect(configError(withSigners({ primary: { kind: 'fallback', members: ['inner'] }, inner: { kind: 'fallback', members: ['primary'] } }))).toContain(
+      'cannot itself be a fallback',
+    )
+    const differing = {
+      primary: { kind: 'fallback', members: ['a', 'b'] },
+      a: { kind: 'local', address: '0x1111111111111111111111111111111111111111' },
+      b: { kind: 'local', address: '0x2222222222222222222222222222222222222222' },
+    }
+    const verifying = { entryPointVersion: '0.7', contract: 'eth-infinitism-verifying', address: chain.paymasters[0]!.address }
+    expect(configError(withSigners(differing, verifying))).toContain('accepts a single signer')
+    expect(loadConfig(withSigners(differing)).signers.a).toMatchObject({ kind: 'local' })
   })
 
   it('accepts PAYMASTER_CONFIG as an object, as wrangler passes TOML tables', () => {
@@ -56,12 +89,23 @@ describe('configuration', () => {
     expect(configError({ PAYMASTER_CONFIG: { chains: [verifyingOnV08] } })).toContain('supported for EntryPoint 0.7 only')
   })
 
-  it('allows ephemeral keys in development only, and no local key at all in high-security', () => {
-    const ephemeral = { chains: [chain], signers: { primary: { kind: 'local', allowEphemeral: true } } }
+  it('allows ephemeral keys in development only, and no key in the Worker at all in high-security', () => {
+    const ephemeral = { chains: [chain], signers: { primary: { kind: 'local', allowEphemeral: true }, kms: null, edge: null } }
     expect(configError({ PROFILE: 'staging', PAYMASTER_CONFIG: ephemeral })).toContain('signers.primary.allowEphemeral')
-    const local = { chains: [chain], signers: { primary: { kind: 'local' } } }
-    expect(configError({ PROFILE: 'high-security', PAYMASTER_CONFIG: local })).toContain('signers.primary.kind')
-    expect(loadConfig({ PROFILE: 'production', PAYMASTER_CONFIG: local }).signers.primary).toMatchObject({ kind: 'local', secret: 'PAYMASTER_PRIVATE_KEY' })
+    for (const kind of ['local', 'secrets-store']) {
+      const inWorker = { chains: [chain], signers: { primary: { kind, binding: 'KEY' }, kms: null, vault: null } }
+      expect(configError({ PROFILE: 'high-security', PAYMASTER_CONFIG: inWorker })).toContain('signers.primary.kind: the high-security profile keeps no key in the Worker')
+    }
+    const highSecurity = {
+      chains: [chain],
+      signers: { kms: { keyId: 'k', region: 'eu-west-1' }, vault: { url: 'https://vault.internal:8200', path: 'paymaster/signer' } },
+    }
+    expect(loadConfig({ PROFILE: 'high-security', PAYMASTER_CONFIG: highSecurity }).signers.vault).toMatchObject({
+      kind: 'vault',
+      auth: { method: 'approle', roleIdSecret: 'VAULT_ROLE_ID', secretIdSecret: 'VAULT_SECRET_ID', mount: 'approle' },
+      kvMount: 'secret',
+      field: 'private_key',
+    })
   })
 
   it('every profile in wrangler.toml that names its chains loads', () => {

@@ -15,7 +15,8 @@ describe('local signer', () => {
     const signer = new LocalSigner({ name: 'primary', privateKey: key, secretName: 'PAYMASTER_PRIVATE_KEY', allowEphemeral: false })
     for (let i = 0; i < 20; i++) {
       const message = keccak256(toHex(`digest ${i}`))
-      const signature = await signer.signDigest(message)
+      const { signature, signedBy, address } = await signer.signDigest(message)
+      expect({ signedBy, address }).toEqual({ signedBy: 'primary', address: privateKeyToAddress(key) })
       expect(signature).toMatch(/^0x[0-9a-f]{130}$/)
       expect(hexToBigInt(slice(signature, 32, 64))).toBeLessThanOrEqual(halfOrder)
       expect([27, 28]).toContain(Number(hexToBigInt(slice(signature, 64))))

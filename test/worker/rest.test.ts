@@ -124,7 +124,7 @@ describe('configuration and secrets failures', () => {
     const health = await fetchWith(overrides)
     expect(health.status).toBe(503)
     expect(await health.json()).toMatchObject({
-      status: 'degraded',
+      status: 'unavailable',
       signers: [{ ok: false, error: 'Secrets Store secret behind binding PAYMASTER_KEY could not be read (missing, or no access)' }],
     })
     const sponsorResponse = await fetchWith(overrides, '/rpc', {

@@ -69,7 +69,7 @@ export const signerResponseSchema = z.object({
 })
 
 export const healthResponseSchema = z.object({
-  status: z.enum(['ok', 'degraded', 'misconfigured']),
+  status: z.enum(['ok', 'degraded', 'unavailable', 'misconfigured']),
   profile: z.string().optional(),
   error: z.string().optional(),
   signers: z

@@ -1,6 +1,6 @@
 import { hashMessage, type Address, type Hex } from 'viem'
 import type { ChainConfig, Config } from '../../config/schema.js'
-import { SignerError, type Signer } from '../../backends/signer.js'
+import { SignerError, type SignedDigest, type Signer } from '../../backends/signer.js'
 import { InvalidParamsError, SignerUnavailableError, UnsupportedError } from '../errors.js'
 import { describeZodError } from '../validation.js'
 import { adapterFor } from './adapters/registry.js'
@@ -23,6 +23,8 @@ export type SponsorDeps = {
   signerFor(chain: ChainConfig): Signer
   /** Unix seconds. */
   now(): number
+  /** One structured line per signed sponsorship. */
+  log(fields: Record<string, unknown>): void
 }
 
 export type SponsorRequest = {
@@ -42,6 +44,7 @@ export type Sponsorship = Stub & {
   /** The UserOperation with its paymaster fields filled in, ready for the account to sign. */
   userOperation: Operation
   userOpHash: Hex
+  /** The address the paymaster signature recovers to. */
   signer: Address
 }
 
@@ -163,15 +166,25 @@ export async function sponsor(deps: SponsorDeps, request: SponsorRequest): Promi
   const prepared = prepare(deps, request, true)
   const digest = hashMessage({ raw: paymasterHash(prepared) })
   const signer = deps.signerFor(prepared.chain)
-  let signature: Hex
-  let signerAddress: Address
+  const started = Date.now()
+  let signed: SignedDigest
   try {
-    ;[signature, signerAddress] = await Promise.all([signer.signDigest(digest), signer.address()])
+    signed = await signer.signDigest(digest)
   } catch (error) {
     throw new SignerUnavailableError(
       error instanceof SignerError ? `signer unavailable: ${error.message}` : 'signer unavailable',
       { reason: 'signer_unavailable', signer: signer.describe().name },
     )
   }
-  return { ...finalize(prepared, fieldsOf(prepared, signature)), signer: signerAddress }
+  const sponsorship = { ...finalize(prepared, fieldsOf(prepared, signed.signature)), signer: signed.address }
+  deps.log({
+    event: 'sponsorship',
+    chainId: prepared.chain.chainId,
+    entryPointVersion: prepared.entryPoint.version,
+    sender: prepared.op.sender,
+    userOpHash: sponsorship.userOpHash,
+    signedBy: signed.signedBy,
+    signMs: Date.now() - started,
+  })
+  return sponsorship
 }

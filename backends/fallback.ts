@@ -1,0 +1,183 @@
+import type { Address, Hex } from 'viem'
+import { CircuitBreaker, type BreakerState } from './circuitBreaker.js'
+import type { SignerMetrics } from './signerMetrics.js'
+import { SignerError, type SignedDigest, type Signer, type SignerDescription, type SignerHealth } from './signer.js'
+
+export type FallbackSignerOptions = {
+  name: string
+  /** Primary first, then backups in order. */
+  members: Signer[]
+  /** How long one member may take before the next is asked. */
+  timeoutMs: number
+  failureThreshold: number
+  coolDownMs: number
+  /** Ask the next member too when the current one is slower than this (it keeps running; the first answer wins). */
+  hedgeAfterMs?: number
+  /** Single-signer paymasters accept one address: every member must have it. */
+  requireSameAddress: boolean
+  metrics: SignerMetrics
+  now?: () => number
+}
+
+/** A member that did not answer in time. */
+class AttemptTimeoutError extends SignerError {}
+
+export type MemberHealth = { name: string; kind: string; state: BreakerState; ok: boolean; address?: Address; error?: string; lastError?: string }
+
+/**
+ * An ordered chain of signers that clients never see fail over. Each member
+ * has a circuit breaker, so a dead primary costs its timeout only until the
+ * breaker opens, not on every request; a member whose breaker is open is
+ * skipped at no cost. Each attempt is bounded by `timeoutMs`, so when every
+ * member fails the caller gets an error, never a hang.
+ */
+export class FallbackSigner implements Signer {
+  private readonly breakers: CircuitBreaker[]
+  private readonly lastErrors: Array<string | undefined>
+  /** With requireSameAddress: the one address every member must sign as, once known. */
+  private agreedAddress: Address | undefined
+
+  constructor(private readonly options: FallbackSignerOptions) {
+    const now = options.now ?? Date.now
+    this.breakers = options.members.map(() => new CircuitBreaker({ failureThreshold: options.failureThreshold, coolDownMs: options.coolDownMs, now }))
+    this.lastErrors = options.members.map(() => undefined)
+  }
+
+  async address(): Promise<Address> {
+    if (!this.options.requireSameAddress) return this.firstAvailable((member) => member.address())
+    const addresses = await Promise.all(this.options.members.map((member) => member.address().catch(() => undefined)))
+    const distinct = [...new Set(addresses.filter((a): a is Address => a !== undefined))]
+    if (distinct.length > 1) {
+      throw new SignerError(
+        `${this.options.name}: backends resolve to different addresses (${this.options.members.map((m, i) => `${m.describe().name}=${addresses[i] ?? 'unavailable'}`).join(', ')}) but this chain's paymaster accepts a single signer`,
+      )
+    }
+    if (distinct.length === 0) return this.firstAvailable((member) => member.address())
+    this.agreedAddress ??= distinct[0]
+    return distinct[0]!
+  }
+
+  private async firstAvailable<T>(use: (member: Signer) => Promise<T>): Promise<T> {
+    let lastError: unknown
+    for (const member of this.options.members) {
+      try {
+        return await use(member)
+      } catch (error) {
+        lastError = error
+      }
+    }
+    throw lastError instanceof SignerError ? lastError : new SignerError(`${this.options.name}: no backend is available`)
+  }
+
+  async signDigest(digest: Hex): Promise<SignedDigest> {
+    const candidates = this.options.members.map((_, index) => index).filter((index) => this.breakers[index]!.tryAcquire())
+    for (const [index, member] of this.options.members.entries()) {
+      if (!candidates.includes(index)) this.options.metrics.record(member.describe().name, 'skipped', 0)
+    }
+    if (candidates.length === 0) {
+      throw new SignerError(`${this.options.name}: every signer backend is unavailable (circuits open); retry shortly`, { retryable: true })
+    }
+    return new Promise<SignedDigest>((resolve, reject) => {
+      let next = 0
+      let running = 0
+      let settled = false
+      const failures: string[] = []
+      const launch = (): boolean => {
+        if (settled || next >= candidates.length) return false
+        const index = candidates[next++]!
+        running++
+        const hedge = this.options.hedgeAfterMs === undefined ? undefined : setTimeout(launch, this.options.hedgeAfterMs)
+        void this.attempt(index, digest).then(
+          (signed) => {
+            clearTimeout(hedge)
+            running--
+            if (!settled) {
+              settled = true
+              resolve(signed)
+            }
+          },
+          (error: unknown) => {
+            clearTimeout(hedge)
+            running--
+            failures.push(error instanceof SignerError ? error.message : 'signer failed')
+            if (!settled && !launch() && running === 0) {
+              settled = true
+              reject(new SignerError(`${this.options.name}: every signer backend failed: ${failures.join('; ')}`, { retryable: true }))
+            }
+          },
+        )
+        return true
+      }
+      launch()
+    })
+  }
+
+  /** One member, bounded by the timeout, with its breaker and counters updated. */
+  private async attempt(index: number, digest: Hex): Promise<SignedDigest> {
+    const member = this.options.members[index]!
+    const name = member.describe().name
+    const started = Date.now()
+    let timer: ReturnType<typeof setTimeout> | undefined
+    const timeout = new Promise<never>((_, reject) => {
+      timer = setTimeout(
+        () => reject(new AttemptTimeoutError(`${name}: no signature within ${this.options.timeoutMs} ms`, { retryable: true })),
+        this.options.timeoutMs,
+      )
+    })
+    try {
+      const signing = member.signDigest(digest)
+      // If the timeout wins, this attempt may still fail later: nobody is waiting for it then.
+      signing.catch(() => {})
+      const signed = await Promise.race([signing, timeout])
+      if (this.options.requireSameAddress) {
+        this.agreedAddress ??= signed.address
+        if (signed.address !== this.agreedAddress) {
+          throw new SignerError(`${name} signs as ${signed.address}, but this chain's paymaster accepts only ${this.agreedAddress}`)
+        }
+      }
+      this.breakers[index]!.success()
+      this.options.metrics.record(name, 'success', Date.now() - started)
+      return signed
+    } catch (error) {
+      const timedOut = error instanceof AttemptTimeoutError
+      this.breakers[index]!.failure()
+      this.lastErrors[index] = error instanceof SignerError ? error.message : 'signer failed'
+      this.options.metrics.record(name, timedOut ? 'timeout' : 'failure', Date.now() - started)
+      throw error
+    } finally {
+      clearTimeout(timer)
+    }
+  }
+
+  async health(): Promise<SignerHealth> {
+    const members = await this.members()
+    let address: Address | undefined
+    try {
+      address = await this.address()
+    } catch (error) {
+      return { ok: false, error: error instanceof SignerError ? error.message : 'signer failed', members }
+    }
+    const healthy = members.some((m) => m.ok && m.state !== 'open')
+    return healthy ? { ok: true, address, members } : { ok: false, error: `${this.options.name}: no healthy backend`, members }
+  }
+
+  private members(): Promise<MemberHealth[]> {
+    return Promise.all(
+      this.options.members.map(async (member, index) => {
+        const health = await member.health()
+        return {
+          name: member.describe().name,
+          kind: member.describe().kind,
+          state: this.breakers[index]!.state,
+          ...health,
+          ...(this.lastErrors[index] ? { lastError: this.lastErrors[index] } : {}),
+        }
+      }),
+    )
+  }
+
+  describe(): SignerDescription {
+    const primary = this.options.members[0]!.describe()
+    return { kind: 'fallback', name: this.options.name, securityLevel: primary.securityLevel }
+  }
+}

@@ -1,0 +1,99 @@
+import { base64ToBytes, bytesToBase64 } from './base64.js'
+import { getAddress, hexToBigInt, hexToBytes, isHex, size, slice, type Address, type Hex } from 'viem'
+import { parseDerSignature, toEthereumSignature } from './ecdsa.js'
+import { SignerError, type SignedDigest, type Signer, type SignerDescription, type SignerHealth } from './signer.js'
+
+export type HttpSignerOptions = {
+  name: string
+  /** Base URL of the key server: we call `${url}/sign` and `${url}/health`. */
+  url: string
+  keyId: string
+  /** Bearer token from a Worker secret. */
+  token: string | undefined
+  /** The address the key server's key has; every signature is checked against it. */
+  address: Address
+  timeoutMs: number
+  fetch?: typeof fetch
+}
+
+/**
+ * A team's own key server behind a Keyless-style JSON contract:
+ *
+ *   POST {url}/sign    {key_id, algorithm: "ecdsa-secp256k1", data: base64(digest)}
+ *                      → {signature, key_id}; signature is 0x-hex r‖s or r‖s‖v, or base64 DER
+ *   POST {url}/health  → 2xx when the key can sign
+ *
+ * with `Authorization: Bearer <token>`. Whatever form the signature takes, it
+ * is normalised to low-s and must recover to the configured address.
+ */
+export class HttpSigner implements Signer {
+  constructor(private readonly options: HttpSignerOptions) {}
+
+  async address(): Promise<Address> {
+    return getAddress(this.options.address)
+  }
+
+  private async post(path: string, body: unknown): Promise<unknown> {
+    const { url, token, timeoutMs, name } = this.options
+    if (!token) throw new SignerError(`HTTP signer ${name}: its bearer token secret is not set`)
+    let response: Response
+    try {
+      response = await (this.options.fetch ?? fetch)(`${url}${path}`, {
+        method: 'POST',
+        headers: { authorization: `Bearer ${token}`, 'content-type': 'application/json' },
+        body: JSON.stringify(body),
+        signal: AbortSignal.timeout(timeoutMs),
+      })
+    } catch (error) {
+      const timedOut = (error as { name?: string }).name === 'TimeoutError'
+      throw new SignerError(`HTTP signer ${name}: ${timedOut ? `no answer within ${timeoutMs} ms` : 'key server unreachable'}`, { retryable: true })
+    }
+    if (!response.ok) {
+      await response.body?.cancel()
+      const denied = response.status === 401 || response.status === 403
+      throw new SignerError(`HTTP signer ${name}: key server answered ${response.status}${denied ? ' (check the bearer token)' : ''}`, {
+        retryable: response.status >= 500 || response.status === 429,
+      })
+    }
+    try {
+      return await response.json()
+    } catch {
+      throw new SignerError(`HTTP signer ${name}: key server answered something other than JSON`)
+    }
+  }
+
+  async signDigest(digest: Hex): Promise<SignedDigest> {
+    const { keyId, name } = this.options
+    const answer = (await this.post('/sign', { key_id: keyId, algorithm: 'ecdsa-secp256k1', data: bytesToBase64(hexToBytes(digest)) })) as {
+      signature?: unknown
+    }
+    if (typeof answer?.signature !== 'string') throw new SignerError(`HTTP signer ${name}: answer has no signature`)
+    const { r, s } = parseSignature(answer.signature, name)
+    const address = await this.address()
+    return { signature: await toEthereumSignature({ r, s, digest, address }), signedBy: name, address }
+  }
+
+  async health(): Promise<SignerHealth> {
+    try {
+      await this.post('/health', { key_id: this.options.keyId })
+      return { ok: true, address: await this.address() }
+    } catch (error) {
+      return { ok: false, error: error instanceof SignerError ? error.message : 'signer failed' }
+    }
+  }
+
+  describe(): SignerDescription {
+    return { kind: 'http', name: this.options.name, securityLevel: 'software' }
+  }
+}
+
+function parseSignature(value: string, name: string): { r: bigint; s: bigint } {
+  if (isHex(value) && (size(value) === 64 || size(value) === 65)) {
+    return { r: hexToBigInt(slice(value, 0, 32)), s: hexToBigInt(slice(value, 32, 64)) }
+  }
+  try {
+    return parseDerSignature(base64ToBytes(value))
+  } catch {
+    throw new SignerError(`HTTP signer ${name}: signature is neither 64/65-byte hex nor base64 DER`)
+  }
+}

@@ -1,0 +1,134 @@
+import { describe, expect, it } from 'vitest'
+import { keccak256, recoverAddress, toHex, type Hex } from 'viem'
+import { generatePrivateKey, privateKeyToAddress } from 'viem/accounts'
+import { FallbackSigner } from '../../backends/fallback.js'
+import { LocalSigner } from '../../backends/local.js'
+import { SignerMetrics } from '../../backends/signerMetrics.js'
+import { SignerError, type SignedDigest, type Signer } from '../../backends/signer.js'
+
+/** A real local signer whose availability the test scripts: the member, not the fallback under test. */
+class ScriptedMember implements Signer {
+  mode: 'up' | 'down' | 'hang' = 'up'
+  calls = 0
+  readonly inner: LocalSigner
+  constructor(
+    readonly name: string,
+    key: Hex,
+  ) {
+    this.inner = new LocalSigner({ name, privateKey: key, secretName: name, allowEphemeral: false })
+  }
+  address() {
+    return this.inner.address()
+  }
+  async signDigest(digest: Hex): Promise<SignedDigest> {
+    this.calls++
+    if (this.mode === 'down') throw new SignerError(`${this.name} is down`, { retryable: true })
+    if (this.mode === 'hang') await new Promise(() => {})
+    return this.inner.signDigest(digest)
+  }
+  health() {
+    return this.mode === 'up' ? this.inner.health() : Promise.resolve({ ok: false as const, error: `${this.name} is ${this.mode}` })
+  }
+  describe() {
+    return { ...this.inner.describe(), name: this.name }
+  }
+}
+
+const digest = keccak256(toHex('fallback'))
+const sharedKey = generatePrivateKey()
+
+function chain(options: { hedgeAfterMs?: number; requireSameAddress?: boolean; keys?: [Hex, Hex]; clock?: { now: number } } = {}) {
+  const [primaryKey, backupKey] = options.keys ?? [sharedKey, sharedKey]
+  const primary = new ScriptedMember('kms', primaryKey)
+  const backup = new ScriptedMember('edge', backupKey)
+  const metrics = new SignerMetrics()
+  const clock = options.clock ?? { now: 0 }
+  const signer = new FallbackSigner({
+    name: 'primary',
+    members: [primary, backup],
+    timeoutMs: 50,
+    failureThreshold: 2,
+    coolDownMs: 1_000,
+    hedgeAfterMs: options.hedgeAfterMs,
+    requireSameAddress: options.requireSameAddress ?? true,
+    metrics,
+    now: () => clock.now,
+  })
+  return { signer, primary, backup, metrics, clock }
+}
+
+describe('fallback signer', () => {
+  it('signs with the primary while it is up', async () => {
+    const { signer, backup } = chain()
+    const signed = await signer.signDigest(digest)
+    expect(signed.signedBy).toBe('kms')
+    expect(await recoverAddress({ hash: digest, signature: signed.signature })).toBe(privateKeyToAddress(sharedKey))
+    expect(backup.calls).toBe(0)
+  })
+
+  it('a dead primary: the backup signs, the breaker opens, and later requests skip the primary at no cost', async () => {
+    const { signer, primary, metrics } = chain()
+    primary.mode = 'down'
+    for (let i = 0; i < 5; i++) expect((await signer.signDigest(digest)).signedBy).toBe('edge')
+    expect(primary.calls).toBe(2)
+    expect(metrics.count('kms', 'skipped')).toBe(3)
+    expect(metrics.count('edge', 'success')).toBe(5)
+    expect(await signer.health()).toMatchObject({ ok: true, members: [{ name: 'kms', state: 'open', ok: false, lastError: 'kms is down' }, { name: 'edge', state: 'closed', ok: true }] })
+  })
+
+  it('a hanging primary costs its timeout only until the breaker opens', async () => {
+    const { signer, primary } = chain()
+    primary.mode = 'hang'
+    const durations: number[] = []
+    for (let i = 0; i < 4; i++) {
+      const started = Date.now()
+      expect((await signer.signDigest(digest)).signedBy).toBe('edge')
+      durations.push(Date.now() - started)
+    }
+    expect(primary.calls).toBe(2)
+    expect(durations[0]).toBeGreaterThanOrEqual(45)
+    expect(durations[3]).toBeLessThan(45)
+  })
+
+  it('after the cool-down one probe goes to the primary, and its success closes the breaker', async () => {
+    const { signer, primary, clock } = chain()
+    primary.mode = 'down'
+    await signer.signDigest(digest)
+    await signer.signDigest(digest)
+    primary.mode = 'up'
+    expect((await signer.signDigest(digest)).signedBy).toBe('edge')
+    clock.now = 1_000
+    expect((await signer.signDigest(digest)).signedBy).toBe('kms')
+    expect((await signer.health()).members).toMatchObject([{ name: 'kms', state: 'closed' }, { state: 'closed' }])
+  })
+
+  it('hedging asks the backup when the primary is slower than the budget, and the first answer wins', async () => {
+    const { signer, primary } = chain({ hedgeAfterMs: 5 })
+    primary.mode = 'hang'
+    const started = Date.now()
+    expect((await signer.signDigest(digest)).signedBy).toBe('edge')
+    expect(Date.now() - started).toBeLessThan(45)
+  })
+
+  it('when every backend fails the caller gets a clear error promptly, not a hang', async () => {
+    const { signer, primary, backup } = chain()
+    primary.mode = 'hang'
+    backup.mode = 'down'
+    await expect(signer.signDigest(digest)).rejects.toThrow(/every signer backend failed: kms: no signature within 50 ms; edge is down/)
+    await signer.signDigest(digest).catch(() => {})
+    await expect(signer.signDigest(digest)).rejects.toThrow('circuits open')
+  })
+
+  it('for a single-signer paymaster, members with different addresses are refused', async () => {
+    const { signer } = chain({ keys: [generatePrivateKey(), generatePrivateKey()] })
+    await expect(signer.address()).rejects.toThrow('backends resolve to different addresses')
+    expect((await signer.health()).ok).toBe(false)
+  })
+
+  it('for a multi-signer paymaster, members may differ and the signer says which signed', async () => {
+    const keys: [Hex, Hex] = [generatePrivateKey(), generatePrivateKey()]
+    const { signer, primary } = chain({ keys, requireSameAddress: false })
+    primary.mode = 'down'
+    expect(await signer.signDigest(digest)).toMatchObject({ signedBy: 'edge', address: privateKeyToAddress(keys[1]) })
+  })
+})

@@ -1,0 +1,175 @@
+import { env } from 'cloudflare:workers'
+import { afterEach, describe, expect, inject, it, vi } from 'vitest'
+import { app } from '../../worker/app.js'
+import { rpcUserOperationV07 } from '../support/userOperations.js'
+import { apiKey, entryPoints } from './helpers.js'
+
+/**
+ * The KMS, Vault and HTTP backends and the fallback chain, inside workerd, with
+ * the real @aws-sdk/client-kms and fetch against local servers that speak the
+ * services' wire protocols with real cryptography (test/support/*Server.ts).
+ */
+
+const servers = inject('backendServers')
+const secrets = {
+  AWS_ACCESS_KEY_ID: servers.kms.accessKeyId,
+  AWS_SECRET_ACCESS_KEY: servers.kms.secretAccessKey,
+  VAULT_TOKEN: servers.vault.token,
+  SIGNER_TOKEN: servers.http.token,
+}
+const backends = {
+  kms: { kind: 'aws-kms', keyId: servers.kms.keyId, region: servers.kms.region, endpoint: servers.kms.url, maxAttempts: 1, deadlineMs: 2_000 },
+  vault: { kind: 'vault', url: servers.vault.url, path: 'paymaster/signer' },
+  http: { kind: 'http', url: servers.http.url, keyId: servers.http.keyId, address: servers.address },
+}
+
+/** An env whose configuration uses these signers; each env object gets its own isolate-level services. */
+function envWith(signers: Record<string, unknown>, extra: Record<string, unknown> = {}) {
+  const base = JSON.parse((env as unknown as { PAYMASTER_CONFIG: string }).PAYMASTER_CONFIG) as Record<string, unknown>
+  return { ...env, ...secrets, ...extra, PAYMASTER_CONFIG: JSON.stringify({ ...base, signers }) }
+}
+
+async function sponsorThrough(workerEnv: object) {
+  const response = await app.fetch(
+    new Request('http://paymaster.test/rpc', {
+      method: 'POST',
+      headers: { 'x-api-key': apiKey, 'content-type': 'application/json' },
+      body: JSON.stringify({ jsonrpc: '2.0', id: 1, method: 'pm_getPaymasterData', params: [rpcUserOperationV07(), entryPoints['0.7'], '0x7a69'] }),
+    }),
+    workerEnv,
+  )
+  return (await response.json()) as { result?: { paymasterData: string }; error?: { code: number; message: string; data?: { reason: string } } }
+}
+
+async function get(path: string, workerEnv: object) {
+  const response = await app.fetch(new Request(`http://paymaster.test${path}`, { headers: { 'x-api-key': apiKey } }), workerEnv)
+  return { status: response.status, text: await response.text() }
+}
+
+const control = (path: string, body: Record<string, string> = {}) =>
+  fetch(`${servers.controlUrl}${path}`, { method: 'POST', body: JSON.stringify(body) }).then((r) => r.json() as Promise<Record<string, string>>)
+
+/** The backend named in the sponsorship log line of the last sponsorship. */
+function signedByIn(log: { mock: { calls: unknown[][] } }): string | undefined {
+  const lines = log.mock.calls
+    .map(([line]) => JSON.parse(String(line)) as Record<string, unknown>)
+    .filter((entry) => entry.event === 'sponsorship')
+  return lines.at(-1)?.signedBy as string | undefined
+}
+
+afterEach(async () => {
+  vi.restoreAllMocks()
+  await control('/reset')
+})
+
+describe('each backend signs sponsorships with the same key', () => {
+  it.each(['kms', 'vault', 'http'])('%s', async (name) => {
+    const workerEnv = envWith({ primary: (backends as Record<string, unknown>)[name] })
+    const { text } = await get(`/api/v1/paymaster/signer`, workerEnv)
+    expect(JSON.parse(text).signers[0]).toMatchObject({ kind: name === 'kms' ? 'aws-kms' : name, address: servers.address })
+    const answer = await sponsorThrough(workerEnv)
+    expect(answer.error).toBeUndefined()
+    expect(answer.result!.paymasterData).toMatch(/^0x01[0-9a-f]{24}[0-9a-f]{130}$/)
+  })
+
+  it('the HTTP signer accepts r‖s and base64 DER with a high s, and normalises both', async () => {
+    const workerEnv = envWith({ primary: backends.http })
+    const signatures = new Set<string>()
+    for (const format of ['hex65', 'hex64', 'der']) {
+      await control('/http/format', { format })
+      const answer = await sponsorThrough(workerEnv)
+      expect(answer.error).toBeUndefined()
+      signatures.add(answer.result!.paymasterData.slice(-130, -2))
+    }
+    // Same digest within one second, same deterministic signature whatever the wire form.
+    expect(signatures.size).toBeLessThanOrEqual(2)
+  })
+})
+
+describe('clear configuration errors from KMS', () => {
+  it('a key with the wrong key spec', async () => {
+    const { keyId } = await control('/kms/keys', { keySpec: 'ECC_NIST_P256' })
+    const answer = await sponsorThrough(envWith({ primary: { ...backends.kms, keyId } }))
+    expect(answer.error).toMatchObject({ code: -32003, message: expect.stringContaining('has key spec ECC_NIST_P256; Ethereum needs ECC_SECG_P256K1') })
+  })
+
+  it('access denied', async () => {
+    await control('/kms/fault', { fault: 'access-denied' })
+    const answer = await sponsorThrough(envWith({ primary: backends.kms }))
+    expect(answer.error!.message).toContain('AWS KMS denied access to key')
+  })
+
+  it('wrong credentials', async () => {
+    const answer = await sponsorThrough(envWith({ primary: backends.kms }, { AWS_SECRET_ACCESS_KEY: 'not-the-secret' }))
+    expect(answer.error!.message).toContain('rejected the request signature')
+  })
+})
+
+describe('fallback: the client never notices a failing primary', () => {
+  const chainOf = (overrides: Record<string, unknown> = {}) =>
+    envWith({
+      primary: { kind: 'fallback', members: ['kms', 'http'], timeoutMs: 400, failureThreshold: 2, coolDownSeconds: 1, ...overrides },
+      kms: backends.kms,
+      http: backends.http,
+    })
+
+  it.each([
+    ['down', 'internal-error'],
+    ['throttling', 'throttle'],
+    ['returning a signature from the wrong key', 'wrong-key'],
+  ])('primary %s: the backup signs, the breaker opens, and later closes', async (_, fault) => {
+    const log = vi.spyOn(console, 'log')
+    const workerEnv = chainOf()
+    expect((await sponsorThrough(workerEnv)).error).toBeUndefined()
+    expect(signedByIn(log)).toBe('kms')
+    await control('/kms/fault', { fault })
+    for (let i = 0; i < 3; i++) {
+      expect((await sponsorThrough(workerEnv)).error).toBeUndefined()
+      expect(signedByIn(log)).toBe('http')
+    }
+    const health = JSON.parse((await get('/health', workerEnv)).text)
+    expect(health.status).toBe('degraded')
+    expect(health.signers.find((s: { name: string }) => s.name === 'primary').members[0]).toMatchObject({ name: 'kms', state: 'open' })
+    const metrics = (await get('/metrics', workerEnv)).text
+    expect(metrics).toContain('paymaster_signer_requests_total{backend="kms",outcome="skipped"} 1')
+    expect(metrics).toContain('paymaster_signer_requests_total{backend="http",outcome="success"} 3')
+
+    await control('/kms/fault', { fault: 'none' })
+    await new Promise((resolve) => setTimeout(resolve, 1_100))
+    expect((await sponsorThrough(workerEnv)).error).toBeUndefined()
+    expect(signedByIn(log)).toBe('kms')
+  })
+
+  it('a hanging primary costs its timeout only until its breaker opens', async () => {
+    const workerEnv = chainOf()
+    await sponsorThrough(workerEnv)
+    await control('/kms/fault', { fault: 'hang' })
+    const durations: number[] = []
+    for (let i = 0; i < 4; i++) {
+      const started = Date.now()
+      expect((await sponsorThrough(workerEnv)).error).toBeUndefined()
+      durations.push(Date.now() - started)
+    }
+    expect(durations[0]).toBeGreaterThanOrEqual(400)
+    expect(durations[3]).toBeLessThan(400)
+  })
+
+  it('with hedging, a slow primary does not make the client wait for its timeout', async () => {
+    const workerEnv = chainOf({ hedgeAfterMs: 50, failureThreshold: 100 })
+    await sponsorThrough(workerEnv)
+    await control('/kms/fault', { fault: 'hang' })
+    const started = Date.now()
+    expect((await sponsorThrough(workerEnv)).error).toBeUndefined()
+    expect(Date.now() - started).toBeLessThan(400)
+  })
+
+  it('when every backend fails, a clear error, not a hang', async () => {
+    await control('/kms/fault', { fault: 'hang' })
+    await control('/http/fault', { fault: 'down' })
+    const started = Date.now()
+    const answer = await sponsorThrough(chainOf())
+    expect(Date.now() - started).toBeLessThan(2_000)
+    expect(answer.error).toMatchObject({ code: -32003, message: expect.stringContaining('every signer backend failed') })
+    expect(answer.error!.message).toContain('key server answered 503')
+  })
+})
