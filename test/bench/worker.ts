@@ -23,11 +23,21 @@ import os from 'node:os'
 import { performance } from 'node:perf_hooks'
 import { anvilWellKnownKeys } from '../support/anvilKeys.js'
 import { rpcUserOperationV07 } from '../support/userOperations.js'
+import { startLocalKms, type LocalKms } from '../support/kmsServer.js'
 import { startWorker, type RunningWorker } from '../support/wranglerDev.js'
+import { wranglerProfileConfigs } from '../support/wranglerProfiles.js'
 
 const entryPointV07 = '0x0000000071727De22E5E9d8BAf0edAc6f37da032'
 const chainIdHex = '0x7a69' // 31337
-const concurrencies = [16, 64]
+/**
+ * Each scenario runs the Worker with its own signer configuration:
+ * - the local signer alone, at concurrency 16 and 64;
+ * - a fallback whose primary (AWS KMS, against the local KMS server) hangs: once its
+ *   breaker has opened (during warm-up) the local backup signs, so the difference
+ *   from the first scenario is what a dead primary costs per request.
+ */
+type Scenario = { name: string; concurrencies: number[]; vars: Record<string, string> }
+const kmsPort = 18960
 const warmUpRequests = 200
 const warmUpConcurrency = 8
 const requestTimeoutMs = 10_000
@@ -165,6 +175,7 @@ function percentile(sorted: number[], q: number): number {
 }
 
 type RunResult = {
+  scenario: string
   concurrency: number
   seconds: number
   requests: number
@@ -182,7 +193,7 @@ type RunResult = {
   firstError?: string
 }
 
-async function run(worker: RunningWorker, concurrency: number): Promise<RunResult> {
+async function run(worker: RunningWorker, scenario: string, concurrency: number): Promise<RunResult> {
   const treeBefore = processTree(worker.pid)
   const hostBefore = hostBusyTicks()
   const generatorBefore = process.cpuUsage()
@@ -200,6 +211,7 @@ async function run(worker: RunningWorker, concurrency: number): Promise<RunResul
   const generatorMs = (generator.user + generator.system) / 1_000
   const round = (n: number, digits = 2) => Number(n.toFixed(digits))
   return {
+    scenario,
     concurrency,
     seconds: round(elapsedMs / 1_000, 3),
     requests: tally.latencies.length,
@@ -228,8 +240,9 @@ async function run(worker: RunningWorker, concurrency: number): Promise<RunResul
 // ---------------------------------------------------------------- report
 
 function table(results: RunResult[]): string {
-  const header = ['conc', 'requests', 'errors', 'req/s', 'p50 ms', 'p90 ms', 'p99 ms', 'max ms', 'worker CPU ms/req', 'workerd ms/req', 'generator CPU ms/req', 'bench cores', 'host cores']
+  const header = ['scenario', 'conc', 'requests', 'errors', 'req/s', 'p50 ms', 'p90 ms', 'p99 ms', 'max ms', 'worker CPU ms/req', 'workerd ms/req', 'generator CPU ms/req', 'bench cores', 'host cores']
   const rows = results.map((r) => [
+    r.scenario,
     r.concurrency,
     r.requests,
     `${r.errors} (${(r.errorRate * 100).toFixed(2)}%)`,
@@ -245,7 +258,7 @@ function table(results: RunResult[]): string {
     r.hostBusyCores.toFixed(2),
   ].map(String))
   const widths = header.map((h, i) => Math.max(h.length, ...rows.map((row) => row[i]!.length)))
-  const line = (cells: string[]) => cells.map((cell, i) => cell.padStart(widths[i]!)).join('  ')
+  const line = (cells: string[]) => cells.map((cell, i) => (i === 0 ? cell.padEnd(widths[i]!) : cell.padStart(widths[i]!))).join('  ')
   return [line(header), line(widths.map((w) => '-'.repeat(w))), ...rows.map(line)].join('\n')
 }
 
@@ -257,54 +270,92 @@ function portIsFree(candidate: number): Promise<boolean> {
   })
 }
 
+function scenarios(kms: LocalKms, kmsKeyId: string): Scenario[] {
+  const development = wranglerProfileConfigs()[0]!
+  const chains = (JSON.parse(development.config) as { chains: unknown[] }).chains
+  const deadPrimary = {
+    chains,
+    signers: {
+      primary: { kind: 'fallback', members: ['kms', 'edge'], timeoutMs: 500, failureThreshold: 3, coolDownSeconds: 3_600 },
+      kms: { kind: 'aws-kms', keyId: kmsKeyId, region: kms.credentials.region, endpoint: kms.url, maxAttempts: 1 },
+      edge: { kind: 'local' },
+    },
+  }
+  return [
+    { name: 'local signer', concurrencies: [16, 64], vars: { PAYMASTER_PRIVATE_KEY: anvilWellKnownKeys.paymasterSigner } },
+    {
+      name: 'fallback, KMS primary dead',
+      concurrencies: [16],
+      vars: {
+        PAYMASTER_PRIVATE_KEY: anvilWellKnownKeys.paymasterSigner,
+        AWS_ACCESS_KEY_ID: kms.credentials.accessKeyId,
+        AWS_SECRET_ACCESS_KEY: kms.credentials.secretAccessKey,
+        PAYMASTER_CONFIG: JSON.stringify(deadPrimary),
+      },
+    },
+  ]
+}
+
 async function main(): Promise<void> {
   const cpus = os.cpus()
   const machine = { cpus: cpus.length, model: cpus[0]?.model ?? 'unknown', node: process.version, platform: `${os.platform()} ${os.release()}`, clockTicksPerSecond }
   console.log(`machine: ${machine.cpus} × ${machine.model}, Node ${machine.node}, ${machine.platform}, CLK_TCK ${clockTicksPerSecond}`)
-  console.log(`load:    pm_getPaymasterData (v0.7, chain 31337, local signer), closed loop, ${seconds} s per concurrency, warm-up ${warmUpRequests} requests`)
+  console.log(`load:    pm_getPaymasterData (v0.7, chain 31337), closed loop, ${seconds} s per concurrency, warm-up ${warmUpRequests} requests per scenario`)
 
   for (const candidate of [port, port + 1]) {
     if (!(await portIsFree(candidate))) throw new Error(`127.0.0.1:${candidate} is in use; pick another BENCH_PORT`)
   }
 
+  const kms = await startLocalKms({ port: kmsPort })
+  const kmsKeyId = kms.createKey({ privateKey: anvilWellKnownKeys.paymasterSigner })
+  kms.setFault('hang') // the dead primary of the fallback scenario
+  const plan = scenarios(kms, kmsKeyId)
   let worker: RunningWorker | undefined
-  let workerTree: ProcStat[] = []
-  // Bound the whole run: start-up (60 s) + warm-up + each run + slack.
-  const budgetMs = 60_000 + 60_000 + concurrencies.length * (seconds * 1_000 + requestTimeoutMs + 10_000)
+  // Bound the whole run: per scenario start-up (60 s) + warm-up (60 s) + each run + slack.
+  const budgetMs = plan.reduce((ms, s) => ms + 120_000 + s.concurrencies.length * (seconds * 1_000 + requestTimeoutMs + 10_000), 0)
   const watchdog = setTimeout(() => {
     console.error(`benchmark exceeded ${budgetMs / 1_000} s; stopping`)
-    void (worker?.stop() ?? Promise.resolve()).finally(() => process.exit(2))
+    void Promise.all([worker?.stop(), kms.stop()]).finally(() => process.exit(2))
   }, budgetMs)
   // wrangler runs in its own process group, so Ctrl-C does not reach it: stop it here.
-  const onSignal = () => void (worker?.stop() ?? Promise.resolve()).finally(() => process.exit(130))
+  const onSignal = () => void Promise.all([worker?.stop(), kms.stop()]).finally(() => process.exit(130))
   process.once('SIGINT', onSignal)
   process.once('SIGTERM', onSignal)
 
   try {
-    worker = await startWorker({ port, vars: { PAYMASTER_PRIVATE_KEY: anvilWellKnownKeys.paymasterSigner } })
-    workerTree = processTree(worker.pid)
-    console.log(`worker:  ${worker.url} (wrangler pid ${worker.pid}; tree: ${workerTree.map((s) => `${s.comm}:${s.pid}`).join(' ')})`)
-
-    let sent = 0
-    const warmUp = await closedLoop(worker.url, warmUpConcurrency, () => sent++ < warmUpRequests)
-    if (warmUp.latencies.length === 0) throw new Error(`every warm-up request failed; first error: ${warmUp.firstError}`)
-    if (warmUp.errors > 0) console.log(`warm-up: ${warmUp.errors} errors; first: ${warmUp.firstError}`)
-
     const results: RunResult[] = []
-    for (const concurrency of concurrencies) results.push(await run(worker, concurrency))
+    for (const scenario of plan) {
+      worker = await startWorker({ port, vars: scenario.vars })
+      const workerTree = processTree(worker.pid)
+      console.log(`worker:  ${scenario.name}: ${worker.url} (wrangler pid ${worker.pid}; tree: ${workerTree.map((s) => `${s.comm}:${s.pid}`).join(' ')})`)
+      let sent = 0
+      const warmUp = await closedLoop(worker.url, warmUpConcurrency, () => sent++ < warmUpRequests)
+      if (warmUp.latencies.length === 0) throw new Error(`every warm-up request failed; first error: ${warmUp.firstError}`)
+      if (warmUp.errors > 0) console.log(`warm-up: ${warmUp.errors} errors; first: ${warmUp.firstError}`)
+      for (const concurrency of scenario.concurrencies) results.push(await run(worker, scenario.name, concurrency))
+      await worker.stop()
+      worker = undefined
+    }
 
     console.log()
     console.log(table(results))
     for (const r of results) {
       const byProcess = Object.entries(r.workerCpuByProcessMs).map(([comm, ms]) => `${comm} ${ms} ms`).join(', ')
-      console.log(`c=${r.concurrency}: ${r.seconds} s wall; Worker CPU by process: ${byProcess}`)
-      if (r.otherBusyCores > 0.2) console.log(`c=${r.concurrency}: warning: other processes kept ${r.otherBusyCores} cores busy during this run; figures are disturbed`)
-      if (r.firstError) console.log(`c=${r.concurrency}: first error: ${r.firstError}`)
+      console.log(`${r.scenario}, c=${r.concurrency}: ${r.seconds} s wall; Worker CPU by process: ${byProcess}`)
+      if (r.otherBusyCores > 0.2) console.log(`${r.scenario}, c=${r.concurrency}: warning: other processes kept ${r.otherBusyCores} cores busy; figures are disturbed`)
+      if (r.firstError) console.log(`${r.scenario}, c=${r.concurrency}: first error: ${r.firstError}`)
+    }
+    const [baseline, deadPrimary] = [results.find((r) => r.scenario === plan[0]!.name && r.concurrency === 16), results.find((r) => r.scenario === plan[1]!.name)]
+    if (baseline && deadPrimary) {
+      console.log(
+        `\nadded by a dead primary with its breaker open (c=16): p50 ${(deadPrimary.latencyMs.p50 - baseline.latencyMs.p50).toFixed(2)} ms, p99 ${(deadPrimary.latencyMs.p99 - baseline.latencyMs.p99).toFixed(2)} ms, KMS Sign calls ${kms.calls.Sign ?? 0}`,
+      )
     }
     console.log()
     console.log(JSON.stringify({ bench: 'worker pm_getPaymasterData', machine, seconds, warmUpRequests, results }))
   } finally {
     await worker?.stop()
+    await kms.stop()
     clearTimeout(watchdog)
     process.off('SIGINT', onSignal)
     process.off('SIGTERM', onSignal)

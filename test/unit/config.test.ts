@@ -1,4 +1,4 @@
-import { readFileSync } from 'node:fs'
+import { wranglerProfileConfigs } from '../support/wranglerProfiles.js'
 import { describe, expect, it } from 'vitest'
 import { ConfigError, loadConfig } from '../../config/load.js'
 
@@ -109,11 +109,10 @@ describe('configuration', () => {
   })
 
   it('every profile in wrangler.toml that names its chains loads', () => {
-    const toml = readFileSync('wrangler.toml', 'utf8')
-    const configs = [...toml.matchAll(/PROFILE = "([a-z-]+)"\nPAYMASTER_CONFIG = '''([\s\S]*?)'''/g)]
-    expect(configs.map(([, profile]) => profile)).toEqual(['development', 'testing'])
-    for (const [, profile, json] of configs) {
-      expect(loadConfig({ PROFILE: profile, PAYMASTER_CONFIG: json }).chains[0]!.chainId).toBe(31337)
+    const configs = wranglerProfileConfigs()
+    expect(configs.map(({ profile }) => profile)).toEqual(['development', 'testing'])
+    for (const { profile, config } of configs) {
+      expect(loadConfig({ PROFILE: profile, PAYMASTER_CONFIG: config }).chains[0]!.chainId).toBe(31337)
     }
   })
 })
