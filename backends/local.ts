@@ -1,8 +1,8 @@
-import type { Address, Hex } from 'viem'
+import type { Hex } from 'viem'
 import { generatePrivateKey } from 'viem/accounts'
 import { parsePrivateKey } from './privateKey.js'
-import { PrivateKeySigning } from './privateKeySigner.js'
-import { healthOf, SignerError, type SignedDigest, type Signer, type SignerDescription } from './signer.js'
+import { KeyHoldingSigner, PrivateKeySigning } from './privateKeySigner.js'
+import { SignerError, type SignerDescription } from './signer.js'
 
 export type LocalSignerOptions = {
   name: string
@@ -16,44 +16,32 @@ export type LocalSignerOptions = {
 }
 
 /** A key from a Worker secret; in development, optionally an ephemeral key. */
-export class LocalSigner implements Signer {
-  private readonly signing: PrivateKeySigning | undefined
+export class LocalSigner extends KeyHoldingSigner {
+  private readonly signingKey: PrivateKeySigning | undefined
   private readonly error: SignerError | undefined
   private readonly ephemeral: boolean
 
   constructor(private readonly options: LocalSignerOptions) {
+    super()
     this.ephemeral = options.privateKey === undefined && options.allowEphemeral
     try {
       const key: Hex = this.ephemeral
         ? generatePrivateKey()
         : parsePrivateKey(requireValue(options), `secret ${options.secretName}`)
-      this.signing = new PrivateKeySigning(key)
+      this.signingKey = new PrivateKeySigning(key)
     } catch (error) {
       this.error = error instanceof SignerError ? error : new SignerError(`secret ${options.secretName} is unusable`)
     }
-    if (this.ephemeral && this.signing) {
+    if (this.ephemeral && this.signingKey) {
       ;(options.log ?? console.warn)(
-        `[signer ${options.name}] DEVELOPMENT ONLY: secret ${options.secretName} is not set, so this isolate signs with an ephemeral key ${this.signing.address} that is lost on restart. Set the secret for anything but local development.`,
+        `[signer ${options.name}] DEVELOPMENT ONLY: secret ${options.secretName} is not set, so this isolate signs with an ephemeral key ${this.signingKey.address} that is lost on restart. Set the secret for anything but local development.`,
       )
     }
   }
 
-  private ready(): PrivateKeySigning {
-    if (!this.signing) throw this.error ?? new SignerError(`secret ${this.options.secretName} is unusable`)
-    return this.signing
-  }
-
-  async address(): Promise<Address> {
-    return this.ready().address
-  }
-
-  async signDigest(digest: Hex): Promise<SignedDigest> {
-    const signing = this.ready()
-    return { signature: await signing.signDigest(digest), signedBy: this.options.name, address: signing.address }
-  }
-
-  health() {
-    return healthOf(this)
+  protected async signing(): Promise<PrivateKeySigning> {
+    if (!this.signingKey) throw this.error ?? new SignerError(`secret ${this.options.secretName} is unusable`)
+    return this.signingKey
   }
 
   describe(): SignerDescription {

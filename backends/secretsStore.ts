@@ -1,7 +1,6 @@
-import type { Address, Hex } from 'viem'
 import { parsePrivateKey } from './privateKey.js'
-import { PrivateKeySigning } from './privateKeySigner.js'
-import { healthOf, SignerError, type SignedDigest, type Signer, type SignerDescription } from './signer.js'
+import { KeyHoldingSigner, PrivateKeySigning } from './privateKeySigner.js'
+import { SignerError, type SignerDescription } from './signer.js'
 
 /** The shape of a Cloudflare Secrets Store binding (`[[secrets_store_secrets]]`). */
 export type SecretsStoreSecret = { get(): Promise<string> }
@@ -21,14 +20,16 @@ export type SecretsStoreSignerOptions = {
  * `retryAfterMs`, not one per request) and then tried again, so an operator
  * who fixes the secret does not have to redeploy.
  */
-export class SecretsStoreSigner implements Signer {
+export class SecretsStoreSigner extends KeyHoldingSigner {
   private loaded: Promise<PrivateKeySigning> | undefined
   /** When the cached read failed; undefined while it has not. */
   private failedAt: number | undefined
 
-  constructor(private readonly options: SecretsStoreSignerOptions) {}
+  constructor(private readonly options: SecretsStoreSignerOptions) {
+    super()
+  }
 
-  private signing(): Promise<PrivateKeySigning> {
+  protected signing(): Promise<PrivateKeySigning> {
     const now = (this.options.now ?? Date.now)()
     if (this.failedAt !== undefined && now - this.failedAt >= (this.options.retryAfterMs ?? 30_000)) {
       this.loaded = undefined
@@ -55,18 +56,8 @@ export class SecretsStoreSigner implements Signer {
     return new PrivateKeySigning(parsePrivateKey(value, `Secrets Store secret behind binding ${bindingName}`))
   }
 
-  async address(): Promise<Address> {
-    return (await this.signing()).address
-  }
 
-  async signDigest(digest: Hex): Promise<SignedDigest> {
-    const signing = await this.signing()
-    return { signature: await signing.signDigest(digest), signedBy: this.options.name, address: signing.address }
-  }
 
-  health() {
-    return healthOf(this)
-  }
 
   describe(): SignerDescription {
     return { kind: 'secrets-store', name: this.options.name, securityLevel: 'edge-secret' }

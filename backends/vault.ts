@@ -1,7 +1,6 @@
-import type { Address, Hex } from 'viem'
 import { parsePrivateKey } from './privateKey.js'
-import { PrivateKeySigning } from './privateKeySigner.js'
-import { healthOf, SignerError, type SignedDigest, type Signer, type SignerDescription } from './signer.js'
+import { KeyHoldingSigner, PrivateKeySigning } from './privateKeySigner.js'
+import { SignerError, type SignerDescription } from './signer.js'
 
 export type VaultAuth =
   | { method: 'token'; token: string | undefined }
@@ -46,7 +45,7 @@ const renewAtFraction = 2 / 3
  * needs one: Workers have no background timers, and a read happens at most
  * once per `cacheTtlMs` anyway.
  */
-export class VaultSigner implements Signer {
+export class VaultSigner extends KeyHoldingSigner {
   private cached: { signing: PrivateKeySigning; readAt: number } | undefined
   private reading: Promise<PrivateKeySigning> | undefined
   private session: Session | undefined
@@ -55,6 +54,7 @@ export class VaultSigner implements Signer {
   private readonly path: string
 
   constructor(private readonly options: VaultSignerOptions) {
+    super()
     this.baseUrl = options.address.replace(/\/+$/, '')
     this.kvMount = trimSlashes(options.kvMount)
     this.path = trimSlashes(options.path)
@@ -64,7 +64,7 @@ export class VaultSigner implements Signer {
     return (this.options.now ?? Date.now)()
   }
 
-  private signing(): Promise<PrivateKeySigning> {
+  protected signing(): Promise<PrivateKeySigning> {
     const startedAt = this.now()
     if (this.cached && startedAt - this.cached.readAt < (this.options.cacheTtlMs ?? 300_000)) {
       return Promise.resolve(this.cached.signing)
@@ -189,18 +189,8 @@ export class VaultSigner implements Signer {
     return new SignerError(`Vault at ${this.baseUrl} answered HTTP ${status}`, { retryable: status >= 500 || status === 429 })
   }
 
-  async address(): Promise<Address> {
-    return (await this.signing()).address
-  }
 
-  async signDigest(digest: Hex): Promise<SignedDigest> {
-    const signing = await this.signing()
-    return { signature: await signing.signDigest(digest), signedBy: this.options.name, address: signing.address }
-  }
 
-  health() {
-    return healthOf(this)
-  }
 
   describe(): SignerDescription {
     // Vault guards the key at rest, but signing happens with the key in this
