@@ -2,6 +2,7 @@ import { singleSignerContracts, type Config, type SignerConfig } from '../config
 import { AwsKmsSigner } from './awsKms.js'
 import { FallbackSigner } from './fallback.js'
 import { HttpSigner } from './httpSigner.js'
+import { KeylessSigner } from './keyless.js'
 import { LocalSigner } from './local.js'
 import { SecretsStoreSigner, type SecretsStoreSecret } from './secretsStore.js'
 import type { Signer } from './signer.js'
@@ -61,6 +62,15 @@ export function createSigners(options: { config: Config; env: Record<string, unk
         })
       case 'http':
         return new HttpSigner({ name, url: signer.url, keyId: signer.keyId, token: secret(signer.tokenSecret), address: signer.address, timeoutMs: signer.timeoutMs })
+      case 'keyless':
+        return new KeylessSigner({
+          name,
+          url: signer.url,
+          keyId: signer.keyId,
+          hmacKeyId: signer.hmacKeyId,
+          hmacSecret: secret(signer.hmacSecret),
+          deadlineMs: signer.deadlineMs,
+        })
     }
   }
 

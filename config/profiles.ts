@@ -27,8 +27,14 @@ export const profilePresets: Record<ProfileName, Record<string, unknown>> = {
   },
   staging: { signers: kmsWithEdgeBackup },
   production: { signers: kmsWithEdgeBackup },
-  // The enclave origin (keyless) becomes the primary when it exists; until then KMS with the edge backup.
-  enterprise: { signers: kmsWithEdgeBackup },
+  // The enclave origin signs (sub-10 ms from its sealed cache); KMS is the backup.
+  enterprise: {
+    signers: {
+      primary: { kind: 'fallback', members: ['origin', 'kms'] },
+      origin: { kind: 'keyless' },
+      kms: { kind: 'aws-kms' },
+    },
+  },
   // No key in the Worker's own secrets: KMS, with Vault as the backup.
   'high-security': {
     signers: {

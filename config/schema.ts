@@ -96,6 +96,20 @@ const httpSignerSchema = z.object({
   timeoutMs: milliseconds(50, 30_000, 2_000),
 })
 
+const keylessSignerSchema = z.object({
+  kind: z.literal('keyless'),
+  ...expectedAddress,
+  /** The enclave origin parent's HTTPS API. */
+  url: z.url(),
+  /** The origin key that signs. */
+  keyId: z.string().min(1),
+  /** The HMAC key id the parent knows this Worker by, and the Worker secret holding its secret. */
+  hmacKeyId: z.string().min(1).default('worker'),
+  hmacSecret: secretNameSchema.default('ORIGIN_HMAC_SECRET'),
+  /** Everything one signature may take, including waits for an enclave unlock (Retry-After). */
+  deadlineMs: milliseconds(50, 30_000, 1_000),
+})
+
 const fallbackSignerSchema = z.object({
   kind: z.literal('fallback'),
   /** Names of other signers, primary first. */
@@ -113,6 +127,7 @@ export const signerConfigSchema = z.discriminatedUnion('kind', [
   awsKmsSignerSchema,
   vaultSignerSchema,
   httpSignerSchema,
+  keylessSignerSchema,
   fallbackSignerSchema,
 ])
 export type SignerConfig = z.infer<typeof signerConfigSchema>

@@ -1,0 +1,102 @@
+import { getAddress, hexToBigInt, isHex, size, slice, type Address, type Hex } from 'viem'
+import { signRequest } from '../enclave-origin/protocol/requestSigning.js'
+import { toEthereumSignature } from './ecdsa.js'
+import { healthOf, SignerError, type SignedDigest, type Signer, type SignerDescription } from './signer.js'
+
+export type KeylessSignerOptions = {
+  name: string
+  /** The parent's HTTPS API, e.g. https://origin.internal:8443 */
+  url: string
+  /** The origin key that signs for this paymaster. */
+  keyId: string
+  /** HMAC credentials the parent knows this Worker by; the secret comes from a Worker secret. */
+  hmacKeyId: string
+  hmacSecret: string | undefined
+  /** Everything one signature may take, waits for an unlock included. */
+  deadlineMs: number
+  fetch?: typeof fetch
+}
+
+/**
+ * The enclave origin as a signer: HMAC-signed requests to the parent, which
+ * forwards them to the enclave holding the key. When the enclave must first
+ * unlock the key (503 with Retry-After), the backend waits and asks again
+ * while its deadline allows; past that it fails, so a fallback chain moves on.
+ */
+export class KeylessSigner implements Signer {
+  private addressLookup: Promise<Address> | undefined
+
+  constructor(private readonly options: KeylessSignerOptions) {}
+
+  private async request(method: 'GET' | 'POST', path: string, body: unknown, deadline: number): Promise<Record<string, unknown>> {
+    const { url, name, hmacKeyId, hmacSecret } = this.options
+    if (!hmacSecret) throw new SignerError(`keyless signer ${name}: its HMAC secret is not set`)
+    const payload = new TextEncoder().encode(body === undefined ? '' : JSON.stringify(body))
+    for (;;) {
+      const remaining = deadline - Date.now()
+      if (remaining <= 0) throw new SignerError(`keyless signer ${name}: no signature within ${this.options.deadlineMs} ms`, { retryable: true })
+      const headers = await signRequest({ keyId: hmacKeyId, secret: hmacSecret, method, path, body: payload })
+      let response: Response
+      try {
+        response = await (this.options.fetch ?? fetch)(`${url}${path}`, {
+          method,
+          headers: { ...headers, 'content-type': 'application/json' },
+          body: method === 'POST' ? payload : undefined,
+          signal: AbortSignal.timeout(remaining),
+        })
+      } catch {
+        throw new SignerError(`keyless signer ${name}: the origin is unreachable or did not answer in time`, { retryable: true })
+      }
+      const retryAfterMs = Number(response.headers.get('retry-after-ms') ?? NaN)
+      if (response.status === 503 && Number.isFinite(retryAfterMs) && Date.now() + retryAfterMs < deadline) {
+        await response.body?.cancel()
+        await new Promise((resolve) => setTimeout(resolve, retryAfterMs))
+        continue
+      }
+      const answer = (await response.json().catch(() => ({}))) as Record<string, unknown>
+      if (response.ok) return answer
+      const reason = typeof answer.error === 'string' ? answer.error : `HTTP ${response.status}`
+      throw new SignerError(`keyless signer ${name}: the origin answered ${response.status} (${reason})`, {
+        retryable: response.status >= 500 || response.status === 429,
+      })
+    }
+  }
+
+  private path(suffix = ''): string {
+    return `/v1/keys/${encodeURIComponent(this.options.keyId)}${suffix}`
+  }
+
+  async address(): Promise<Address> {
+    this.addressLookup ??= this.request('GET', this.path(), undefined, Date.now() + this.options.deadlineMs)
+      .then((key) => {
+        if (typeof key.address !== 'string') throw new SignerError(`keyless signer ${this.options.name}: the origin returned no address`)
+        return getAddress(key.address)
+      })
+      .catch((error: unknown) => {
+        this.addressLookup = undefined
+        throw error
+      })
+    return this.addressLookup
+  }
+
+  async signDigest(digest: Hex): Promise<SignedDigest> {
+    const deadline = Date.now() + this.options.deadlineMs
+    const address = await this.address()
+    const answer = await this.request('POST', this.path('/sign'), { digest }, deadline)
+    const signature = answer.signature
+    if (typeof signature !== 'string' || !isHex(signature) || size(signature) !== 64) {
+      throw new SignerError(`keyless signer ${this.options.name}: the origin returned a malformed signature`)
+    }
+    const r = hexToBigInt(slice(signature, 0, 32))
+    const s = hexToBigInt(slice(signature, 32, 64))
+    return { signature: await toEthereumSignature({ r, s, digest, address }), signedBy: this.options.name, address }
+  }
+
+  health() {
+    return healthOf(this)
+  }
+
+  describe(): SignerDescription {
+    return { kind: 'keyless', name: this.options.name, securityLevel: 'enclave' }
+  }
+}

@@ -1,0 +1,79 @@
+/**
+ * Operators' command line for the enclave origin:
+ *
+ *   origin enclave                 start the enclave process (settings: enclave/main.ts)
+ *   origin parent                  start the parent process (settings: parent/main.ts)
+ *   origin create-keys --count N   create keys in bulk through the parent, with a progress bar;
+ *                                  prints one JSON line {keyId, address} per key
+ *   origin unlock                  have every enclave unwrap the data key again
+ *   origin status                  the parent's /healthz
+ *
+ * The client commands use ORIGIN_URL, ORIGIN_HMAC_KEY_ID and ORIGIN_HMAC_SECRET.
+ */
+import { setting } from './config.js'
+import { runEnclave } from './enclave/main.js'
+import { runParent } from './parent/main.js'
+import { signRequest } from './protocol/requestSigning.js'
+
+async function call(method: 'GET' | 'POST', path: string): Promise<Record<string, unknown>> {
+  const body = new Uint8Array()
+  const headers = await signRequest({ keyId: setting('ORIGIN_HMAC_KEY_ID', 'operator'), secret: setting('ORIGIN_HMAC_SECRET'), method, path, body })
+  const response = await fetch(`${setting('ORIGIN_URL', 'http://127.0.0.1:8443')}${path}`, { method, headers, body: method === 'POST' ? body : undefined })
+  const answer = (await response.json()) as Record<string, unknown>
+  if (!response.ok) throw new Error(`${method} ${path}: ${response.status} ${JSON.stringify(answer)}`)
+  return answer
+}
+
+function progress(done: number, total: number, startedAt: number): void {
+  const width = 30
+  const filled = Math.round((done / total) * width)
+  const rate = done / Math.max((Date.now() - startedAt) / 1_000, 0.001)
+  process.stderr.write(`\r[${'#'.repeat(filled)}${'.'.repeat(width - filled)}] ${done}/${total} keys, ${rate.toFixed(0)}/s`)
+  if (done === total) process.stderr.write('\n')
+}
+
+async function createKeys(count: number, concurrency = 64): Promise<void> {
+  let next = 0
+  let done = 0
+  const startedAt = Date.now()
+  const worker = async () => {
+    while (next < count) {
+      next++
+      const key = await call('POST', '/v1/keys')
+      console.log(JSON.stringify({ keyId: key.keyId, address: key.address }))
+      progress(++done, count, startedAt)
+    }
+  }
+  await Promise.all(Array.from({ length: Math.min(concurrency, count) }, worker))
+}
+
+async function serve(start: () => Promise<() => Promise<void>>): Promise<void> {
+  const stop = await start()
+  const shutdown = () => void stop().then(() => process.exit(0))
+  process.once('SIGTERM', shutdown)
+  process.once('SIGINT', shutdown)
+}
+
+const [command, ...args] = process.argv.slice(2)
+const option = (name: string) => {
+  const index = args.indexOf(`--${name}`)
+  return index >= 0 ? args[index + 1] : undefined
+}
+
+const commands: Record<string, () => Promise<unknown>> = {
+  enclave: () => serve(runEnclave),
+  parent: () => serve(runParent),
+  'create-keys': () => createKeys(Number(option('count') ?? 1), Number(option('concurrency') ?? 64)),
+  unlock: async () => console.log(JSON.stringify(await call('POST', '/v1/unlock'))),
+  status: async () => console.log(JSON.stringify(await (await fetch(`${setting('ORIGIN_URL', 'http://127.0.0.1:8443')}/healthz`)).json(), null, 2)),
+}
+
+const run = command ? commands[command] : undefined
+if (!run) {
+  console.error(`usage: origin <${Object.keys(commands).join('|')}> (see enclave-origin/cli.ts)`)
+  process.exit(2)
+}
+run().catch((error: unknown) => {
+  console.error(error instanceof Error ? error.message : error)
+  process.exit(1)
+})

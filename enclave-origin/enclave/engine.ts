@@ -1,0 +1,347 @@
+/**
+ * SignEngine: secp256k1 signing off the event loop, on a pool of worker
+ * threads that each keep one libsecp256k1 context (the native binding holds
+ * one per thread). Requests are micro-batched so that under load one
+ * postMessage carries up to `maxBatch` signs, while a pool with an idle
+ * thread signs at once: a request only waits for company when every thread
+ * already has work.
+ */
+import { createRequire } from 'node:module'
+import { availableParallelism } from 'node:os'
+import { performance } from 'node:perf_hooks'
+import { Worker } from 'node:worker_threads'
+import type { RawSignature } from '../types.js'
+
+export type SignEngineOptions = {
+  /** Worker threads; default `os.availableParallelism()`. */
+  threads?: number
+  /** Most requests per worker message; default 32. */
+  maxBatch?: number
+  /** How long a batch waits for company after its first request; default 1 ms. */
+  maxWaitMs?: number
+  /** `false` sends every request on its own (the benchmark's A/B switch); default true. */
+  batching?: boolean
+}
+
+export type SignRequest = {
+  /** 32 bytes. The engine copies it and never writes to the caller's array: the key cache owns it. */
+  privateKey: Uint8Array
+  digest: Uint8Array
+  /** Skip the batching wait: sent on its own to the least-loaded thread. */
+  urgent?: boolean
+}
+
+export type SignEngineStats = {
+  threads: number
+  /** Requests a worker holds and has not answered. */
+  inflight: number
+  /** Requests waiting in the open batch. */
+  queued: number
+  /** Worker messages sent so far. */
+  batches: number
+  meanBatchSize: number
+}
+
+/**
+ * One slot per request in a batch's buffer. In: key ‖ digest. Out: the worker
+ * zeroes both and writes signature(64) ‖ recid ‖ status over them. The worker
+ * receives this object as workerData, so this is the layout's one definition.
+ */
+const slotLayout = {
+  slotBytes: 66,
+  keyAt: 0,
+  digestAt: 32,
+  recidAt: 64,
+  statusAt: 65,
+  statusSigned: 1,
+  statusRefused: 2,
+} as const
+
+type Pending = { resolve: (signature: RawSignature) => void; reject: (error: Error) => void }
+
+/** Requests packed into one transferable buffer, not yet sent. */
+type Batch = { buffer: ArrayBuffer; bytes: Uint8Array; requests: Pending[]; timer?: NodeJS.Timeout }
+
+type WorkerSlot = {
+  worker: Worker
+  /** Batches sent and not yet answered, by batchId. */
+  inflight: Map<number, Pending[]>
+  inflightRequests: number
+  ready: boolean
+  /** Set when the engine asks it to close, so its exit is not taken for a crash. */
+  retiring: boolean
+  exited: Promise<number>
+  lastError?: Error
+}
+
+type State = 'new' | 'starting' | 'running' | 'stopping' | 'stopped'
+
+export class SignEngine {
+  private readonly threads: number
+  private readonly maxBatch: number
+  private readonly maxWaitMs: number
+  private readonly batching: boolean
+  private state: State = 'new'
+  private slots: WorkerSlot[] = []
+  private open: Batch | undefined
+  private nextBatchId = 0
+  private nextSlot = 0
+  private batchesSent = 0
+  private requestsSent = 0
+  private starting: Promise<void> | undefined
+  private stopping: Promise<void> | undefined
+  private onDrained: (() => void) | undefined
+
+  constructor(options: SignEngineOptions = {}) {
+    this.threads = positiveInteger('threads', options.threads ?? availableParallelism())
+    this.maxBatch = positiveInteger('maxBatch', options.maxBatch ?? 32)
+    this.maxWaitMs = options.maxWaitMs ?? 1
+    if (!(this.maxWaitMs >= 0)) throw new RangeError(`maxWaitMs must be >= 0, got ${this.maxWaitMs}`)
+    this.batching = options.batching ?? true
+  }
+
+  /** Spawns the threads and resolves once each has loaded the native binding (so a missing build fails here). */
+  start(): Promise<void> {
+    if (this.state === 'stopping' || this.state === 'stopped') {
+      return Promise.reject(new Error('SignEngine was stopped; create a new one'))
+    }
+    this.starting ??= this.spawnAll()
+    return this.starting
+  }
+
+  /** Lets in-flight and queued requests finish, then ends the threads. New sign() calls reject from the moment it is called. */
+  stop(): Promise<void> {
+    this.stopping ??= this.drainAndClose()
+    return this.stopping
+  }
+
+  sign(request: SignRequest): Promise<RawSignature> {
+    if (this.state !== 'running') {
+      return Promise.reject(new Error(`SignEngine is ${this.state === 'new' || this.state === 'starting' ? 'not started' : 'stopped'}; sign() refused`))
+    }
+    const { privateKey, digest } = request
+    if (!(privateKey instanceof Uint8Array) || privateKey.length !== 32) {
+      return Promise.reject(new TypeError('privateKey must be a 32-byte Uint8Array'))
+    }
+    if (!(digest instanceof Uint8Array) || digest.length !== 32) {
+      return Promise.reject(new TypeError('digest must be a 32-byte Uint8Array'))
+    }
+    return new Promise((resolve, reject) => this.enqueue({ privateKey, digest, urgent: request.urgent ?? false, pending: { resolve, reject } }))
+  }
+
+  stats(): SignEngineStats {
+    let inflight = 0
+    for (const slot of this.slots) inflight += slot.inflightRequests
+    return {
+      threads: this.slots.length,
+      inflight,
+      queued: this.open?.requests.length ?? 0,
+      batches: this.batchesSent,
+      meanBatchSize: this.batchesSent === 0 ? 0 : this.requestsSent / this.batchesSent,
+    }
+  }
+
+  private enqueue(request: { privateKey: Uint8Array; digest: Uint8Array; urgent: boolean; pending: Pending }): void {
+    const idle = this.open === undefined ? this.slots.find((slot) => slot.inflightRequests === 0) : undefined
+    if (!this.batching || request.urgent || idle !== undefined) {
+      const alone = newBatch(1)
+      pack({ batch: alone, ...request })
+      this.send(alone, idle)
+      return
+    }
+    this.open ??= newBatch(this.maxBatch)
+    const batch = this.open
+    pack({ batch, ...request })
+    if (batch.requests.length === this.maxBatch) this.flushOpen()
+    else if (batch.requests.length === 1) batch.timer = setTimeout(() => this.flushOpen(), this.maxWaitMs)
+  }
+
+  private flushOpen(): void {
+    const batch = this.open
+    if (batch === undefined) return
+    this.open = undefined
+    clearTimeout(batch.timer)
+    this.send(batch)
+  }
+
+  /** Hands the batch's buffer over (transferred, so this thread keeps no copy of the keys). */
+  private send(batch: Batch, to: WorkerSlot | undefined = this.leastLoaded()): void {
+    if (to === undefined) {
+      batch.bytes.fill(0)
+      for (const pending of batch.requests) pending.reject(new Error('SignEngine has no live signing thread'))
+      return
+    }
+    const batchId = this.nextBatchId++
+    to.inflight.set(batchId, batch.requests)
+    to.inflightRequests += batch.requests.length
+    this.batchesSent += 1
+    this.requestsSent += batch.requests.length
+    to.worker.postMessage({ batchId, count: batch.requests.length, buffer: batch.buffer }, [batch.buffer])
+  }
+
+  /** Fewest requests in flight; ties go round-robin so equal threads share the work. */
+  private leastLoaded(): WorkerSlot | undefined {
+    let best: WorkerSlot | undefined
+    for (let i = 0; i < this.slots.length; i++) {
+      const slot = this.slots[(this.nextSlot + i) % this.slots.length]!
+      if (best === undefined || slot.inflightRequests < best.inflightRequests) best = slot
+    }
+    this.nextSlot = (this.nextSlot + 1) % Math.max(this.slots.length, 1)
+    return best
+  }
+
+  private answer(slot: WorkerSlot, reply: { batchId: number; buffer: ArrayBuffer }): void {
+    const requests = slot.inflight.get(reply.batchId)
+    if (requests === undefined) return
+    slot.inflight.delete(reply.batchId)
+    slot.inflightRequests -= requests.length
+    const bytes = new Uint8Array(reply.buffer)
+    requests.forEach((pending, i) => settle(pending, bytes, i * slotLayout.slotBytes))
+    // A thread that just went idle takes the open batch now rather than after maxWaitMs.
+    if (slot.inflightRequests === 0 && this.open !== undefined) this.flushOpen()
+    this.checkDrained()
+  }
+
+  private async spawnAll(): Promise<void> {
+    this.state = 'starting'
+    const readies = Array.from({ length: this.threads }, () => this.spawn())
+    try {
+      await Promise.all(readies)
+    } catch (error) {
+      this.state = 'stopped'
+      await Promise.all(this.slots.map((slot) => retire(slot)))
+      this.slots = []
+      throw error
+    }
+    this.state = 'running'
+  }
+
+  /** Starts one thread; resolves when it has loaded the binding, rejects if it exits first. */
+  private spawn(): Promise<void> {
+    const worker = new Worker(new URL('./signWorker.mjs', import.meta.url), { workerData: slotLayout })
+    const exited = new Promise<number>((resolve) => worker.once('exit', resolve))
+    const slot: WorkerSlot = { worker, inflight: new Map(), inflightRequests: 0, ready: false, retiring: false, exited }
+    this.slots.push(slot)
+    return new Promise((resolve, reject) => {
+      worker.on('message', (message: { ready: true } | { batchId: number; buffer: ArrayBuffer }) => {
+        if ('ready' in message) {
+          slot.ready = true
+          resolve()
+        } else this.answer(slot, message)
+      })
+      worker.on('error', (error) => {
+        slot.lastError = error
+      })
+      worker.on('exit', (code) => {
+        if (!slot.ready) reject(new Error(`signing thread failed to start (exit ${code})`, { cause: slot.lastError }))
+        if (!slot.retiring) this.died(slot, code)
+      })
+    })
+  }
+
+  /** A thread that exits on its own takes its in-flight requests with it; it is replaced if it had ever worked. */
+  private died(slot: WorkerSlot, code: number): void {
+    this.slots = this.slots.filter((live) => live !== slot)
+    const reason = `signing thread exited (code ${code})${slot.lastError ? `: ${slot.lastError.message}` : ''}`
+    for (const requests of slot.inflight.values()) {
+      for (const pending of requests) pending.reject(new Error(reason, { cause: slot.lastError }))
+    }
+    slot.inflight.clear()
+    slot.inflightRequests = 0
+    // A thread that never became ready would fail again the same way; replacing it would loop.
+    if (this.state === 'running' && slot.ready) {
+      this.spawn().catch(() => undefined)
+    }
+    this.checkDrained()
+  }
+
+  private async drainAndClose(): Promise<void> {
+    if (this.state === 'new') {
+      this.state = 'stopped'
+      return
+    }
+    await this.starting?.catch(() => undefined)
+    this.state = 'stopping'
+    this.flushOpen()
+    if (this.stats().inflight > 0) await new Promise<void>((resolve) => (this.onDrained = resolve))
+    await Promise.all(this.slots.map((slot) => retire(slot)))
+    this.slots = []
+    this.state = 'stopped'
+  }
+
+  private checkDrained(): void {
+    if (this.onDrained !== undefined && this.stats().inflight === 0) {
+      this.onDrained()
+      this.onDrained = undefined
+    }
+  }
+}
+
+function newBatch(capacity: number): Batch {
+  const buffer = new ArrayBuffer(capacity * slotLayout.slotBytes)
+  return { buffer, bytes: new Uint8Array(buffer), requests: [] }
+}
+
+/** Copies the key and digest into the batch's next slot. */
+function pack(args: { batch: Batch; privateKey: Uint8Array; digest: Uint8Array; pending: Pending }): void {
+  const { batch, privateKey, digest, pending } = args
+  const at = batch.requests.length * slotLayout.slotBytes
+  batch.bytes.set(privateKey, at + slotLayout.keyAt)
+  batch.bytes.set(digest, at + slotLayout.digestAt)
+  batch.requests.push(pending)
+}
+
+function settle(pending: Pending, bytes: Uint8Array, at: number): void {
+  const status = bytes[at + slotLayout.statusAt]
+  if (status === slotLayout.statusSigned) {
+    // slice, not subarray: each caller gets its own bytes, not a window onto the batch.
+    pending.resolve({ signature: bytes.slice(at, at + 64), recoveryId: bytes[at + slotLayout.recidAt]! })
+  } else if (status === slotLayout.statusRefused) {
+    pending.reject(new Error('libsecp256k1 refused to sign: invalid private key (zero or not below the curve order)'))
+  } else {
+    pending.reject(new Error(`signing thread returned unknown slot status ${status}`))
+  }
+}
+
+/**
+ * Asks the thread to close after what it already holds, and waits for it.
+ * Never `worker.terminate()`: interrupting a thread inside the native binding
+ * aborts the whole process (node-addon-api throws a C++ exception nobody catches).
+ */
+async function retire(slot: WorkerSlot): Promise<void> {
+  slot.retiring = true
+  slot.worker.postMessage({ close: true })
+  await slot.exited
+}
+
+function positiveInteger(name: string, value: number): number {
+  if (!Number.isInteger(value) || value < 1) throw new RangeError(`${name} must be a positive integer, got ${value}`)
+  return value
+}
+
+/**
+ * Signatures per second of the native binding in a tight loop on this thread:
+ * the hardware limit the benchmark compares the engine against. Blocks the
+ * event loop for `seconds`.
+ */
+export function measureRawSignRate({ seconds }: { seconds: number }): number {
+  // The native binding on purpose: `secp256k1` alone would silently fall back to JS elliptic.
+  const native = createRequire(import.meta.url)('secp256k1/bindings') as typeof import('secp256k1')
+  const privateKey = new Uint8Array(32).fill(7)
+  const digest = new Uint8Array(32)
+  const signature = new Uint8Array(64)
+  const view = new DataView(digest.buffer)
+  const started = performance.now()
+  const deadline = started + seconds * 1000
+  let signed = 0
+  let now = started
+  while (now < deadline) {
+    // Checking the clock every 256 signs keeps it out of the measurement.
+    for (let i = 0; i < 256; i++) {
+      view.setUint32(0, signed++)
+      native.ecdsaSign(digest, privateKey, {}, signature)
+    }
+    now = performance.now()
+  }
+  return signed / ((now - started) / 1000)
+}

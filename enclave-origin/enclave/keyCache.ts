@@ -1,0 +1,521 @@
+import { setImmediate as nextTurn } from 'node:timers/promises'
+import type { CacheState, KeyState, SealedKeyRecord } from '../types.js'
+import { sealPrivateKey, unsealPrivateKey, zero } from './sealing.js'
+
+/**
+ * The enclave's key cache: the hot path never waits on KMS.
+ *
+ * Each key always has its sealed record; when WARM it also has its plaintext
+ * private key, valid until a hard TTL or until its use budget runs out. The
+ * DEK that opens the sealed records is cached too, with its own TTL. A key
+ * whose plaintext has lapsed is COOL while the DEK is valid (re-derived inline,
+ * microseconds) and INVALID once the DEK has lapsed as well: the caller gets
+ * `needs-unlock` at once and one `unlock()` runs in the background.
+ *
+ * Buffers handed to the cache (`setDek`, `addWarm`, what `unlock` returns) become
+ * the cache's: it zeroes them when it drops them. A private key returned by
+ * `acquire` is the cache's buffer, not a copy: use it synchronously (sign, then
+ * let go) and never hold it across an await, since a background refresh zeroes
+ * the buffer it replaces.
+ */
+
+export type KeyCacheAuditEvent =
+  | { type: 'grace-signature'; keyId: string; version: number; graceLeft: number; at: number }
+  | { type: 'refresh-failed'; keyId: string; version: number; reason: string; at: number }
+
+export type KeyCacheOptions = {
+  /** Wall clock in ms: TTLs are measured on it (tests move it by hand). */
+  now: () => number
+  /** Uniform in [0, 1): jitter for retry-after and pre-warm timing. */
+  random?: () => number
+  /** Monotonic ms clock that times inline refreshes against their budget. */
+  monotonicNow?: () => number
+  /** Fetches the plaintext DEK (in production, KMS Decrypt bound to attestation). */
+  unlock: () => Promise<Uint8Array>
+  /** Called synchronously; if it throws for a grace signature, the signature is not given. */
+  audit?: (event: KeyCacheAuditEvent) => void
+  keySoftTtlMs?: number
+  keyHardTtlMs?: number
+  keyUseBudget?: number
+  /** A WARM key with fewer uses left than this is refreshed in the background. */
+  keyLowWaterMark?: number
+  dekSoftTtlMs?: number
+  dekHardTtlMs?: number
+  inlineRefreshBudgetMs?: number
+  retryAfterMs?: { min: number; max: number }
+  /** The pre-warmer refreshes up to this fraction of the soft TTL early (uniformly jittered). */
+  prewarmJitter?: number
+  /** Signatures allowed with lapsed plaintext while INVALID, across all keys, until a DEK is installed again. */
+  graceSignatures?: number
+}
+
+export type KeyCacheConfig = Required<Omit<KeyCacheOptions, 'now' | 'random' | 'monotonicNow' | 'unlock' | 'audit'>>
+
+export const keyCacheDefaults: KeyCacheConfig = {
+  keySoftTtlMs: 15 * 60_000,
+  keyHardTtlMs: 16 * 60_000,
+  keyUseBudget: 1_000_000,
+  keyLowWaterMark: 50_000,
+  dekSoftTtlMs: 55 * 60_000,
+  dekHardTtlMs: 60 * 60_000,
+  inlineRefreshBudgetMs: 4,
+  retryAfterMs: { min: 50, max: 200 },
+  prewarmJitter: 0.1,
+  graceSignatures: 0,
+}
+
+export type AcquireResult =
+  | { kind: 'ok'; privateKey: Uint8Array; grace: boolean }
+  | { kind: 'needs-unlock'; retryAfterMs: number }
+  | { kind: 'not-found' }
+  | { kind: 'not-active'; state: Exclude<KeyState, 'active'> }
+
+export type KeyCacheStats = {
+  keys: Record<CacheState, number>
+  /** Re-derivations of plaintext from a sealed record, inline and in the background. */
+  refreshes: number
+  refreshFailures: number
+  unlocks: number
+  unlockFailures: number
+  needsUnlock: number
+  graceSignatures: number
+  inlineRefreshOverBudget: number
+  /** Latency of inline refreshes (the rehydrate on the request path), as histogram sum/count/max. */
+  inlineRefreshMs: { count: number; sum: number; max: number }
+}
+
+type KeyEntry = {
+  record: SealedKeyRecord
+  plaintext?: Uint8Array
+  softExpiresAt: number
+  hardExpiresAt: number
+  /** Soft expiry brought forward by a random lead, so keys warmed together are not re-warmed together. */
+  prewarmAt: number
+  usesLeft: number
+  lastUsedAt?: number
+}
+
+type CachedDek = { bytes: Uint8Array; softExpiresAt: number; hardExpiresAt: number; renewAt: number }
+
+type Counters = Omit<KeyCacheStats, 'keys' | 'inlineRefreshMs'>
+
+export class KeyCache {
+  readonly config: KeyCacheConfig
+  private readonly now: () => number
+  private readonly random: () => number
+  private readonly monotonicNow: () => number
+  private readonly unlock: () => Promise<Uint8Array>
+  private readonly audit: (event: KeyCacheAuditEvent) => void
+
+  private readonly entries = new Map<string, KeyEntry>()
+  private dek: CachedDek | undefined
+  private graceLeft: number
+  /** Bumped by `clear()`, so an unlock that was in flight cannot bring a DEK back. */
+  private generation = 0
+  private unlockInFlight: Promise<boolean> | undefined
+  private readonly refreshesInFlight = new Map<string, Promise<void>>()
+  /** Keys turned away with needs-unlock: warmed as soon as the unlock lands, so the retry finds them WARM. */
+  private readonly keysAwaitingUnlock = new Set<string>()
+  private readonly backgroundWork = new Set<Promise<unknown>>()
+  private readonly counters: Counters = {
+    refreshes: 0,
+    refreshFailures: 0,
+    unlocks: 0,
+    unlockFailures: 0,
+    needsUnlock: 0,
+    graceSignatures: 0,
+    inlineRefreshOverBudget: 0,
+  }
+  private readonly inlineRefreshMs = { count: 0, sum: 0, max: 0 }
+
+  constructor(options: KeyCacheOptions) {
+    const { now, random, monotonicNow, unlock, audit, ...overrides } = options
+    this.config = validated({ ...keyCacheDefaults, ...withoutUndefined(overrides) })
+    this.now = now
+    this.random = random ?? Math.random
+    this.monotonicNow = monotonicNow ?? (() => performance.now())
+    this.unlock = unlock
+    this.audit = audit ?? (() => {})
+    this.graceLeft = this.config.graceSignatures
+  }
+
+  /** Installs a plaintext DEK (after an explicit UNLOCK, or what `unlock` returned); zeroes the one it replaces. */
+  setDek(dek: Uint8Array): void {
+    if (dek.length !== 32) throw new RangeError(`DEK must be 32 bytes, got ${dek.length}`)
+    const now = this.now()
+    if (this.dek && this.dek.bytes !== dek) zero(this.dek.bytes)
+    const { dekSoftTtlMs, dekHardTtlMs, prewarmJitter } = this.config
+    this.dek = {
+      bytes: dek,
+      softExpiresAt: now + dekSoftTtlMs,
+      hardExpiresAt: now + dekHardTtlMs,
+      renewAt: now + dekSoftTtlMs - this.random() * prewarmJitter * dekSoftTtlMs,
+    }
+    // A valid DEK ends the INVALID spell: the next one gets a full grace allowance.
+    this.graceLeft = this.config.graceSignatures
+  }
+
+  /**
+   * Adds or replaces a key's record. A record that seals the same bytes at the
+   * same version as the one held keeps its plaintext (a re-sync from the parent
+   * is not a reason to go cold); any other replacement drops it.
+   */
+  load(record: SealedKeyRecord): void {
+    const held = this.entries.get(record.keyId)
+    if (held && sealsSameKey(held.record, record)) {
+      held.record = record
+      if (record.state !== 'active') this.dropPlaintext(held)
+      return
+    }
+    if (held) this.dropPlaintext(held)
+    this.entries.set(record.keyId, coolEntry(record))
+  }
+
+  /** A key just generated inside the enclave: WARM at once, no unseal needed. Takes ownership of `privateKey`. */
+  addWarm({ record, privateKey }: { record: SealedKeyRecord; privateKey: Uint8Array }): void {
+    if (privateKey.length !== 32) throw new RangeError(`private key must be 32 bytes, got ${privateKey.length}`)
+    this.load(record)
+    const entry = this.entries.get(record.keyId)!
+    if (record.state !== 'active') {
+      zero(privateKey)
+      return
+    }
+    this.installPlaintext(entry, privateKey, this.now())
+  }
+
+  /**
+   * Seals a key generated inside the enclave under the current DEK and keeps it
+   * WARM. With no valid DEK there is nothing to seal with: needs-unlock, and an
+   * unlock starts. Takes ownership of `privateKey`.
+   */
+  createKey({ keyId, publicKey, privateKey }: { keyId: string; publicKey: Uint8Array; privateKey: Uint8Array }):
+    | { kind: 'ok'; record: SealedKeyRecord }
+    | { kind: 'needs-unlock'; retryAfterMs: number } {
+    const dek = this.validDek(this.now())
+    if (!dek) {
+      zero(privateKey)
+      void this.startUnlock()
+      this.counters.needsUnlock += 1
+      return { kind: 'needs-unlock', retryAfterMs: this.retryAfterMs() }
+    }
+    const version = 1
+    const record: SealedKeyRecord = { keyId, version, state: 'active', publicKey, sealed: sealPrivateKey({ privateKey, dek: dek.bytes, keyId, version }) }
+    this.addWarm({ record, privateKey })
+    return { kind: 'ok', record }
+  }
+
+  /** Changes a key's lifecycle state; a key that stops being active loses its plaintext at once. False if unknown. */
+  setState(keyId: string, state: KeyState): boolean {
+    const entry = this.entries.get(keyId)
+    if (!entry) return false
+    entry.record = { ...entry.record, state }
+    if (state !== 'active') {
+      this.dropPlaintext(entry)
+      this.keysAwaitingUnlock.delete(keyId)
+    }
+    return true
+  }
+
+  get(keyId: string): { record: SealedKeyRecord; cacheState: CacheState } | undefined {
+    const entry = this.entries.get(keyId)
+    return entry && { record: entry.record, cacheState: this.stateOf(entry, this.now()) }
+  }
+
+  cacheState(keyId: string): CacheState | undefined {
+    const entry = this.entries.get(keyId)
+    return entry && this.stateOf(entry, this.now())
+  }
+
+  /** The private key to sign with now, or why not. Synchronous: it never waits on KMS. */
+  acquire(keyId: string): AcquireResult {
+    const entry = this.entries.get(keyId)
+    if (!entry) return { kind: 'not-found' }
+    const { state } = entry.record
+    if (state !== 'active') return { kind: 'not-active', state }
+    const now = this.now()
+    if (isWarm(entry, now)) return this.useWarm(entry, now)
+    const dek = this.validDek(now)
+    if (dek) return this.useAfterInlineRefresh({ entry, dek, now })
+    return this.answerWithoutDek(entry, now)
+  }
+
+  /**
+   * One pass of the pre-warmer (a timer calls it in production): refreshes hot
+   * keys shortly before their soft TTL, evicts lapsed plaintext nobody uses,
+   * and renews the DEK before its soft TTL (or fetches one if keys need it).
+   */
+  tickPrewarm(): void {
+    const now = this.now()
+    const dek = this.validDek(now)
+    if ((!dek || now >= dek.renewAt) && this.hasActiveKeys()) void this.startUnlock()
+    for (const [keyId, entry] of this.entries) {
+      if (!entry.plaintext) continue
+      if (this.isHot(entry, now) && isDueForRefresh({ entry, now, lowWaterMark: this.config.keyLowWaterMark })) {
+        this.scheduleRefresh(keyId)
+      } else if (!isWarm(entry, now) && !this.keepsLapsedPlaintextForGrace(now)) {
+        this.dropPlaintext(entry)
+      }
+    }
+  }
+
+  /** Drops every plaintext key, the DEK and all records. Work still in flight lands nowhere. */
+  clear(): void {
+    this.generation += 1
+    for (const entry of this.entries.values()) this.dropPlaintext(entry)
+    this.entries.clear()
+    this.keysAwaitingUnlock.clear()
+    if (this.dek) zero(this.dek.bytes)
+    this.dek = undefined
+  }
+
+  stats(): KeyCacheStats {
+    const now = this.now()
+    const keys: Record<CacheState, number> = { WARM: 0, COOL: 0, INVALID: 0 }
+    for (const entry of this.entries.values()) keys[this.stateOf(entry, now)] += 1
+    return { keys, ...this.counters, inlineRefreshMs: { ...this.inlineRefreshMs } }
+  }
+
+  /** Resolves once no refresh or unlock is in flight (tests, and draining before shutdown). */
+  async idle(): Promise<void> {
+    while (this.backgroundWork.size > 0) await Promise.allSettled([...this.backgroundWork])
+  }
+
+  private useWarm(entry: KeyEntry, now: number): AcquireResult {
+    entry.usesLeft -= 1
+    entry.lastUsedAt = now
+    if (now >= entry.softExpiresAt || entry.usesLeft < this.config.keyLowWaterMark) {
+      this.scheduleRefresh(entry.record.keyId)
+    }
+    return { kind: 'ok', privateKey: entry.plaintext!, grace: false }
+  }
+
+  /** COOL, past hard TTL or out of budget: re-derive now. Throws SealingError if the record will not open. */
+  private useAfterInlineRefresh({ entry, dek, now }: { entry: KeyEntry; dek: CachedDek; now: number }): AcquireResult {
+    const started = this.monotonicNow()
+    const privateKey = this.rederive({ entry, dek, now })
+    const elapsedMs = this.monotonicNow() - started
+    this.inlineRefreshMs.count += 1
+    this.inlineRefreshMs.sum += elapsedMs
+    this.inlineRefreshMs.max = Math.max(this.inlineRefreshMs.max, elapsedMs)
+    if (elapsedMs > this.config.inlineRefreshBudgetMs) this.counters.inlineRefreshOverBudget += 1
+    entry.usesLeft -= 1
+    entry.lastUsedAt = now
+    return { kind: 'ok', privateKey, grace: false }
+  }
+
+  /** INVALID: never wait for KMS here. Start the unlock, then sign on grace or send the caller back shortly. */
+  private answerWithoutDek(entry: KeyEntry, now: number): AcquireResult {
+    void this.startUnlock()
+    const { keyId, version } = entry.record
+    this.keysAwaitingUnlock.add(keyId)
+    if (entry.plaintext && this.graceLeft > 0) {
+      // Audit before counting: a grace signature nobody can account for is not given.
+      this.audit({ type: 'grace-signature', keyId, version, graceLeft: this.graceLeft - 1, at: now })
+      this.graceLeft -= 1
+      this.counters.graceSignatures += 1
+      entry.lastUsedAt = now
+      return { kind: 'ok', privateKey: entry.plaintext, grace: true }
+    }
+    this.dropPlaintext(entry)
+    this.counters.needsUnlock += 1
+    return { kind: 'needs-unlock', retryAfterMs: this.retryAfterMs() }
+  }
+
+  /** Opens the sealed record with the DEK and makes it the key's plaintext, with fresh TTLs and budget. */
+  private rederive({ entry, dek, now }: { entry: KeyEntry; dek: CachedDek; now: number }): Uint8Array {
+    const { keyId, version, sealed } = entry.record
+    let privateKey: Uint8Array
+    try {
+      privateKey = unsealPrivateKey({ sealed, dek: dek.bytes, keyId, version })
+    } catch (error) {
+      this.counters.refreshFailures += 1
+      this.audit({ type: 'refresh-failed', keyId, version, reason: messageOf(error), at: now })
+      throw error
+    }
+    this.installPlaintext(entry, privateKey, now)
+    this.counters.refreshes += 1
+    if (now >= dek.softExpiresAt) void this.startUnlock()
+    return privateKey
+  }
+
+  /** Single-flight per key: a key already being refreshed is not refreshed twice. */
+  private scheduleRefresh(keyId: string): void {
+    if (this.refreshesInFlight.has(keyId)) return
+    const refresh = this.refreshInBackground(keyId)
+      .catch(() => {}) // counted and audited in rederive; a background refresh has no caller to tell
+      .finally(() => this.refreshesInFlight.delete(keyId))
+    this.refreshesInFlight.set(keyId, refresh)
+    this.track(refresh)
+  }
+
+  private async refreshInBackground(keyId: string): Promise<void> {
+    // Yield first: the acquire that asked for this refresh returns (and its caller signs) before anything changes.
+    await nextTurn()
+    const generation = this.generation
+    let dek = this.validDek(this.now())
+    if (!dek) {
+      await this.startUnlock()
+      dek = this.validDek(this.now())
+    }
+    const entry = this.entries.get(keyId)
+    if (generation !== this.generation || !entry || entry.record.state !== 'active') return
+    if (!dek) {
+      this.counters.refreshFailures += 1
+      return
+    }
+    this.rederive({ entry, dek, now: this.now() })
+  }
+
+  /** Single-flight: every caller while an unlock is running shares it. Resolves to whether a DEK was installed. */
+  private startUnlock(): Promise<boolean> {
+    if (this.unlockInFlight) return this.unlockInFlight
+    const generation = this.generation
+    // Deferred by a microtask so even an `unlock` that throws synchronously settles through `finally`.
+    const attempt = Promise.resolve()
+      .then(() => this.unlock())
+      .then(
+        (dek) => this.installUnlockedDek(dek, generation),
+        () => {
+          this.counters.unlockFailures += 1
+          return false
+        },
+      )
+      .finally(() => {
+        this.unlockInFlight = undefined
+      })
+    this.unlockInFlight = attempt
+    this.track(attempt)
+    return attempt
+  }
+
+  private installUnlockedDek(dek: Uint8Array, generation: number): boolean {
+    if (generation !== this.generation) {
+      zero(dek)
+      return false
+    }
+    try {
+      this.setDek(dek)
+    } catch {
+      zero(dek)
+      this.counters.unlockFailures += 1
+      return false
+    }
+    this.counters.unlocks += 1
+    this.warmKeysAwaitingUnlock()
+    return true
+  }
+
+  private warmKeysAwaitingUnlock(): void {
+    const now = this.now()
+    const dek = this.validDek(now)
+    if (!dek) return
+    for (const keyId of this.keysAwaitingUnlock) {
+      const entry = this.entries.get(keyId)
+      if (!entry || entry.record.state !== 'active' || isWarm(entry, now)) continue
+      try {
+        this.rederive({ entry, dek, now })
+      } catch {
+        // counted and audited in rederive; the key stays COOL and the next acquire reports the error
+      }
+    }
+    this.keysAwaitingUnlock.clear()
+  }
+
+  /** The DEK if still before its hard TTL; a lapsed one is zeroed and dropped here. */
+  private validDek(now: number): CachedDek | undefined {
+    if (this.dek && now >= this.dek.hardExpiresAt) {
+      zero(this.dek.bytes)
+      this.dek = undefined
+    }
+    return this.dek
+  }
+
+  private installPlaintext(entry: KeyEntry, privateKey: Uint8Array, now: number): void {
+    if (entry.plaintext && entry.plaintext !== privateKey) zero(entry.plaintext)
+    const { keySoftTtlMs, keyHardTtlMs, keyUseBudget, prewarmJitter } = this.config
+    entry.plaintext = privateKey
+    entry.softExpiresAt = now + keySoftTtlMs
+    entry.hardExpiresAt = now + keyHardTtlMs
+    entry.prewarmAt = entry.softExpiresAt - this.random() * prewarmJitter * keySoftTtlMs
+    entry.usesLeft = keyUseBudget
+  }
+
+  private dropPlaintext(entry: KeyEntry): void {
+    if (!entry.plaintext) return
+    zero(entry.plaintext)
+    entry.plaintext = undefined
+  }
+
+  private stateOf(entry: KeyEntry, now: number): CacheState {
+    if (isWarm(entry, now)) return 'WARM'
+    return this.dek && now < this.dek.hardExpiresAt ? 'COOL' : 'INVALID'
+  }
+
+  /** Used within the last soft-TTL window: worth keeping warm. */
+  private isHot(entry: KeyEntry, now: number): boolean {
+    return entry.lastUsedAt !== undefined && now - entry.lastUsedAt < this.config.keySoftTtlMs
+  }
+
+  /** Lapsed plaintext is only worth keeping while it may still be spent on grace signatures. */
+  private keepsLapsedPlaintextForGrace(now: number): boolean {
+    return this.graceLeft > 0 && !this.validDek(now)
+  }
+
+  private hasActiveKeys(): boolean {
+    for (const entry of this.entries.values()) if (entry.record.state === 'active') return true
+    return false
+  }
+
+  private retryAfterMs(): number {
+    const { min, max } = this.config.retryAfterMs
+    return Math.round(min + this.random() * (max - min))
+  }
+
+  private track(work: Promise<unknown>): void {
+    this.backgroundWork.add(work)
+    void work.finally(() => this.backgroundWork.delete(work))
+  }
+}
+
+function isWarm(entry: KeyEntry, now: number): boolean {
+  return entry.plaintext !== undefined && now < entry.hardExpiresAt && entry.usesLeft > 0
+}
+
+function isDueForRefresh({ entry, now, lowWaterMark }: { entry: KeyEntry; now: number; lowWaterMark: number }): boolean {
+  return now >= entry.prewarmAt || entry.usesLeft < lowWaterMark
+}
+
+function coolEntry(record: SealedKeyRecord): KeyEntry {
+  return { record, softExpiresAt: 0, hardExpiresAt: 0, prewarmAt: 0, usesLeft: 0 }
+}
+
+function sealsSameKey(held: SealedKeyRecord, incoming: SealedKeyRecord): boolean {
+  return held.version === incoming.version && bytesEqual(held.sealed, incoming.sealed)
+}
+
+function bytesEqual(a: Uint8Array, b: Uint8Array): boolean {
+  return a.length === b.length && a.every((byte, index) => byte === b[index])
+}
+
+function messageOf(error: unknown): string {
+  return error instanceof Error ? error.message : String(error)
+}
+
+function withoutUndefined<T extends object>(values: T): Partial<T> {
+  return Object.fromEntries(Object.entries(values).filter(([, value]) => value !== undefined)) as Partial<T>
+}
+
+function validated(config: KeyCacheConfig): KeyCacheConfig {
+  const fail = (what: string) => {
+    throw new RangeError(`KeyCache: ${what}`)
+  }
+  if (!(config.keySoftTtlMs > 0 && config.keySoftTtlMs <= config.keyHardTtlMs)) fail('need 0 < keySoftTtlMs <= keyHardTtlMs')
+  if (!(config.dekSoftTtlMs > 0 && config.dekSoftTtlMs <= config.dekHardTtlMs)) fail('need 0 < dekSoftTtlMs <= dekHardTtlMs')
+  if (!(Number.isInteger(config.keyUseBudget) && config.keyUseBudget > 0)) fail('keyUseBudget must be a positive integer')
+  if (!(config.keyLowWaterMark >= 0 && config.keyLowWaterMark < config.keyUseBudget)) fail('need 0 <= keyLowWaterMark < keyUseBudget')
+  if (!(config.retryAfterMs.min >= 0 && config.retryAfterMs.min <= config.retryAfterMs.max)) fail('need 0 <= retryAfterMs.min <= max')
+  if (!(config.prewarmJitter >= 0 && config.prewarmJitter < 1)) fail('prewarmJitter must be in [0, 1)')
+  if (!(Number.isInteger(config.graceSignatures) && config.graceSignatures >= 0)) fail('graceSignatures must be a whole number')
+  if (!(config.inlineRefreshBudgetMs >= 0)) fail('inlineRefreshBudgetMs must be >= 0')
+  return config
+}

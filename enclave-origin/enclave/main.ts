@@ -1,0 +1,50 @@
+import { KMSClient } from '@aws-sdk/client-kms'
+import { listenAddress, logLine, numberSetting, setting } from '../config.js'
+import { developmentAttestation, KmsDataKeys } from './dataKey.js'
+import { SignEngine } from './engine.js'
+import { KeyCache } from './keyCache.js'
+import { EnclaveService, serveEnclave } from './server.js'
+import { checkStartup, type EnclaveProfile } from './startupChecks.js'
+
+/**
+ * The enclave process. Settings: ORIGIN_PROFILE (development|production),
+ * ENCLAVE_LISTEN (host:port or socket path), KMS_KEY_ID, KMS_REGION,
+ * KMS_ENDPOINT (optional), AWS credentials from the usual AWS_* variables,
+ * ENGINE_THREADS, ENGINE_BATCHING (1|0), GRACE_SIGNATURES.
+ */
+export async function runEnclave(): Promise<() => Promise<void>> {
+  const profile = setting('ORIGIN_PROFILE', 'development') as EnclaveProfile
+  await checkStartup({ profile, attestation: developmentAttestation, warn: (message) => logLine({ level: 'warn', event: 'startup', message }) })
+  const kmsKeyId = setting('KMS_KEY_ID')
+  const client = new KMSClient({
+    region: setting('KMS_REGION', 'us-east-1'),
+    endpoint: process.env.KMS_ENDPOINT || undefined,
+    credentials: { accessKeyId: setting('AWS_ACCESS_KEY_ID'), secretAccessKey: setting('AWS_SECRET_ACCESS_KEY') },
+  })
+  const dataKeys = new KmsDataKeys({ client, kmsKeyId, attestation: developmentAttestation })
+  const engine = new SignEngine({
+    threads: process.env.ENGINE_THREADS ? numberSetting('ENGINE_THREADS', 2) : undefined,
+    batching: setting('ENGINE_BATCHING', '1') !== '0',
+  })
+  await engine.start()
+  let service: EnclaveService | undefined
+  const cache = new KeyCache({
+    now: Date.now,
+    unlock: () => service!.unwrapLastDek(),
+    graceSignatures: numberSetting('GRACE_SIGNATURES', 0),
+    audit: (event) => logLine({ level: 'warn', event: 'key_cache_audit', ...event }),
+  })
+  service = new EnclaveService({ cache, engine, dataKeys, kmsKeyId })
+  const prewarm = setInterval(() => cache.tickPrewarm(), 5_000)
+  prewarm.unref()
+  const { server, close } = serveEnclave({ service, log: logLine })
+  const address = listenAddress(setting('ENCLAVE_LISTEN', '127.0.0.1:7000'))
+  await new Promise<void>((resolve) => server.listen(address, resolve))
+  logLine({ event: 'enclave_listening', address, profile, engine: engine.stats() })
+  return async () => {
+    clearInterval(prewarm)
+    await close()
+    await engine.stop()
+    cache.clear()
+  }
+}

@@ -1,0 +1,162 @@
+import { randomBytes } from 'node:crypto'
+import { createServer, type Server, type Socket } from 'node:net'
+import secp256k1 from 'secp256k1'
+import { encodeFrame, FrameDecoder, FrameError, isOpcode, opcodes, statuses, type Frame, type Status } from '../protocol/frames.js'
+import {
+  decodeCreateRequest,
+  decodeGetRequest,
+  decodeLoadRequest,
+  decodeSetStateRequest,
+  decodeSignRequest,
+  decodeUnlockRequest,
+  emptyPayload,
+  encodeCreateResponse,
+  encodeErrorMessage,
+  encodeGetResponse,
+  encodeHealthResponse,
+  encodeNeedsUnlock,
+  encodeSignResponse,
+} from '../protocol/messages.js'
+import type { WrappedDek } from '../types.js'
+import type { KmsDataKeys } from './dataKey.js'
+import type { SignEngine } from './engine.js'
+import type { KeyCache } from './keyCache.js'
+import { zero } from './sealing.js'
+
+type Answer = { status: Status; payload: Uint8Array }
+
+const fail = (status: Status, message: string): Answer => ({ status, payload: encodeErrorMessage(message) })
+
+/**
+ * The enclave's request handling: one opcode each, answering from the key
+ * cache and the signing engine. The hot path (SIGN) never waits on KMS: a
+ * key that cannot be used now gets NEEDS_UNLOCK with a retry-after at once.
+ */
+export class EnclaveService {
+  /** The wrapped DEK from the last UNLOCK: what a background unlock unwraps again. */
+  private wrappedDek: WrappedDek | undefined
+
+  constructor(
+    private readonly options: { cache: KeyCache; engine: SignEngine; dataKeys: KmsDataKeys; kmsKeyId: string },
+  ) {}
+
+  /** For the key cache's `unlock` option: unwrap the DEK the parent last handed over. */
+  unwrapLastDek = async (): Promise<Uint8Array> => {
+    if (!this.wrappedDek) throw new Error('no data key handed over yet; the parent must send UNLOCK')
+    return this.options.dataKeys.unwrap(this.wrappedDek)
+  }
+
+  async handle(frame: Frame): Promise<Answer> {
+    const { cache, engine } = this.options
+    switch (frame.opcode) {
+      case opcodes.SIGN: {
+        const { keyId, digest } = decodeSignRequest(frame.payload)
+        const key = cache.acquire(keyId)
+        if (key.kind === 'needs-unlock') return { status: statuses.NEEDS_UNLOCK, payload: encodeNeedsUnlock(key) }
+        if (key.kind === 'not-found') return fail(statuses.NOT_FOUND, `no key ${keyId}`)
+        if (key.kind === 'not-active') return fail(statuses.NOT_ACTIVE, `key ${keyId} is ${key.state}`)
+        // The engine copies the key synchronously, as the cache requires.
+        return { status: statuses.OK, payload: encodeSignResponse(await engine.sign({ privateKey: key.privateKey, digest })) }
+      }
+      case opcodes.CREATE: {
+        const { keyId } = decodeCreateRequest(frame.payload)
+        if (cache.get(keyId)) return fail(statuses.BAD_REQUEST, `key ${keyId} exists`)
+        const privateKey = generatePrivateKey()
+        const publicKey = secp256k1.publicKeyCreate(privateKey, false)
+        const created = cache.createKey({ keyId, publicKey, privateKey })
+        if (created.kind === 'needs-unlock') return { status: statuses.NEEDS_UNLOCK, payload: encodeNeedsUnlock(created) }
+        const { record } = created
+        return { status: statuses.OK, payload: encodeCreateResponse({ publicKey: record.publicKey, sealed: record.sealed, version: record.version }) }
+      }
+      case opcodes.LOAD:
+        cache.load(decodeLoadRequest(frame.payload))
+        return { status: statuses.OK, payload: emptyPayload }
+      case opcodes.GET: {
+        const { keyId } = decodeGetRequest(frame.payload)
+        const key = cache.get(keyId)
+        if (!key) return fail(statuses.NOT_FOUND, `no key ${keyId}`)
+        return { status: statuses.OK, payload: encodeGetResponse({ state: key.record.state, cacheState: key.cacheState, publicKey: key.record.publicKey }) }
+      }
+      case opcodes.SET_STATE: {
+        const { keyId, state } = decodeSetStateRequest(frame.payload)
+        return cache.setState(keyId, state) ? { status: statuses.OK, payload: emptyPayload } : fail(statuses.NOT_FOUND, `no key ${keyId}`)
+      }
+      case opcodes.UNLOCK: {
+        const { wrappedDek } = decodeUnlockRequest(frame.payload)
+        if (wrappedDek.length === 0) {
+          // Bootstrap: have KMS generate the data key; the parent stores only its wrapped form.
+          const { dek, wrapped } = await this.options.dataKeys.generate()
+          this.wrappedDek = wrapped
+          cache.setDek(dek)
+          return { status: statuses.OK, payload: wrapped.ciphertext }
+        }
+        this.wrappedDek = { keyId: this.options.kmsKeyId, ciphertext: wrappedDek }
+        cache.setDek(await this.options.dataKeys.unwrap(this.wrappedDek))
+        return { status: statuses.OK, payload: emptyPayload }
+      }
+      case opcodes.HEALTH: {
+        const stats = cache.stats()
+        return {
+          status: statuses.OK,
+          payload: encodeHealthResponse({ cacheStates: stats.keys, cache: { ...stats, keys: undefined }, engine: engine.stats() }),
+        }
+      }
+      default:
+        return fail(statuses.BAD_REQUEST, `unknown opcode ${frame.opcode}`)
+    }
+  }
+}
+
+/** 32 random bytes that are a valid secp256k1 key (from the kernel RNG, checked at start-up in production). */
+function generatePrivateKey(): Uint8Array {
+  for (;;) {
+    const candidate = new Uint8Array(randomBytes(32))
+    if (secp256k1.privateKeyVerify(candidate)) return candidate
+    zero(candidate)
+  }
+}
+
+/**
+ * Serves the protocol on a stream listener (TCP or a Unix socket here; vsock in
+ * an enclave). Requests on one connection run concurrently and answer in any
+ * order; a malformed frame closes that connection only.
+ */
+export function serveEnclave(options: { service: EnclaveService; log: (fields: Record<string, unknown>) => void }): {
+  server: Server
+  close(): Promise<void>
+} {
+  const sockets = new Set<Socket>()
+  const server = createServer((socket) => {
+    sockets.add(socket)
+    socket.setNoDelay(true)
+    const decoder = new FrameDecoder()
+    socket.on('data', (chunk: Uint8Array) => {
+      let frames: Frame[]
+      try {
+        frames = decoder.push(chunk)
+      } catch (error) {
+        options.log({ level: 'warn', event: 'connection_closed', reason: error instanceof FrameError ? error.message : 'bad frame' })
+        socket.destroy()
+        return
+      }
+      for (const frame of frames) {
+        const answer = isOpcode(frame.opcode)
+          ? options.service.handle(frame).catch((error: unknown) =>
+              error instanceof FrameError ? fail(statuses.BAD_REQUEST, error.message) : fail(statuses.INTERNAL, (error as Error).message),
+            )
+          : Promise.resolve(fail(statuses.BAD_REQUEST, `unknown opcode ${frame.opcode}`))
+        void answer.then(({ status, payload }) => {
+          if (!socket.destroyed) socket.write(encodeFrame({ requestId: frame.requestId, opcode: frame.opcode, status, payload }))
+        })
+      }
+    })
+    socket.on('error', () => {})
+    socket.on('close', () => sockets.delete(socket))
+  })
+  const close = () =>
+    new Promise<void>((resolve) => {
+      server.close(() => resolve())
+      for (const socket of sockets) socket.destroy()
+    })
+  return { server, close }
+}

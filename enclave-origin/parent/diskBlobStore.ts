@@ -1,0 +1,571 @@
+import { open } from 'node:fs/promises'
+import { join } from 'node:path'
+import type { KeyState, SealedKeyRecord, WrappedDek } from '../types.js'
+import type { BlobStore } from './blobStore.js'
+
+/**
+ * The embedded BlobStore: one append-only log file in `directory`, replayed
+ * into memory on open. Each write is a frame
+ *
+ *   u32le payloadLength ‖ u32le crc32(payloadLength ‖ payload) ‖ payload
+ *
+ * after a 16-byte magic header. A crash can only tear frames that were never
+ * acknowledged (those after the last fsync), so on open everything from the
+ * first frame that does not check out is truncated away.
+ *
+ * Writes are group-committed: one write and one fsync for every record queued
+ * within `groupCommitMs` (or `maxGroup` records, whichever comes first).
+ */
+
+export type DiskBlobStoreOptions = {
+  /** An existing directory the store owns; one process at a time may open it. */
+  directory: string
+  /** How long the first queued write waits for company before the group is flushed. */
+  groupCommitMs?: number
+  /** A group this large is flushed at once, without waiting. */
+  maxGroup?: number
+  /** Tests inject failures here; defaults to node:fs/promises. */
+  fileSystem?: BlobStoreFileSystem
+}
+
+/** Counted since open, including the writes and fsyncs open itself makes. */
+export type DiskBlobStoreStats = { writes: number; fsyncs: number; groups: number; records: number }
+
+export type DiskBlobStore = BlobStore & { stats(): DiskBlobStoreStats }
+
+/** The slice of a node FileHandle the store uses. */
+export type LogFile = {
+  read(buffer: Uint8Array, offset: number, length: number, position: number): Promise<{ bytesRead: number }>
+  write(buffer: Uint8Array, offset: number, length: number): Promise<{ bytesWritten: number }>
+  sync(): Promise<void>
+  truncate(length: number): Promise<void>
+  stat(): Promise<{ size: number }>
+  close(): Promise<void>
+}
+
+/** `ax+` creates the log, `a+` opens it, `r` opens the directory to fsync it. */
+export type BlobStoreFileSystem = { open(path: string, flags: 'ax+' | 'a+' | 'r'): Promise<LogFile> }
+
+export const LOG_FILE_NAME = 'records.log'
+
+const nodeFileSystem: BlobStoreFileSystem = { open: (path, flags) => open(path, flags) }
+
+export async function openDiskBlobStore(options: DiskBlobStoreOptions): Promise<DiskBlobStore> {
+  const { directory, groupCommitMs = 2, maxGroup = 1024, fileSystem = nodeFileSystem } = options
+  if (!Number.isFinite(groupCommitMs) || groupCommitMs < 0) throw new RangeError('groupCommitMs must be a finite number ≥ 0')
+  if (!Number.isInteger(maxGroup) || maxGroup < 1) throw new RangeError('maxGroup must be an integer ≥ 1')
+
+  const counters: DiskBlobStoreStats = { writes: 0, fsyncs: 0, groups: 0, records: 0 }
+  const path = join(directory, LOG_FILE_NAME)
+  const { file: rawFile, created } = await openOrCreateLog(fileSystem, path)
+  const file = countingFile(rawFile, counters)
+  try {
+    const recovered = await recoverIndex({ file, path, created })
+    // A new log's directory entry is not durable until the directory is fsynced, however often the file is.
+    if (recovered.headerWritten) await syncDirectory(fileSystem, directory)
+    return new GroupCommitStore({ file, index: recovered.records, counters, groupCommitMs, maxGroup })
+  } catch (error) {
+    await file.close().catch(() => {})
+    throw error
+  }
+}
+
+// ---------------------------------------------------------------- the store
+
+type LogEntry =
+  | { kind: 'put'; record: SealedKeyRecord }
+  | { kind: 'state'; keyId: string; state: KeyState }
+  | { kind: 'dek'; dek: WrappedDek }
+
+type QueuedWrite = { entry: LogEntry; frame: Buffer; resolve: () => void; reject: (error: Error) => void }
+
+class GroupCommitStore implements DiskBlobStore {
+  private readonly file: LogFile
+  private readonly index: RecordIndex
+  private readonly counters: DiskBlobStoreStats
+  private readonly groupCommitMs: number
+  private readonly maxGroup: number
+  /** Versions of every key accepted so far, queued or durable: what `put` and `setState` validate against. */
+  private readonly acceptedVersions: Map<string, number>
+  private readonly queue: QueuedWrite[] = []
+  private timer: ReturnType<typeof setTimeout> | undefined
+  /** The one flush in progress, if any. */
+  private flushing: Promise<void> | undefined
+  private flushAgain = false
+  /** Set by the first failed write or fsync; after it the file's contents are unknown, so nothing more is written. */
+  private failure: Error | undefined
+  private closing: Promise<void> | undefined
+
+  constructor(parts: { file: LogFile; index: RecordIndex; counters: DiskBlobStoreStats; groupCommitMs: number; maxGroup: number }) {
+    this.file = parts.file
+    this.index = parts.index
+    this.counters = parts.counters
+    this.groupCommitMs = parts.groupCommitMs
+    this.maxGroup = parts.maxGroup
+    this.acceptedVersions = this.index.versions()
+  }
+
+  async put(record: SealedKeyRecord): Promise<void> {
+    validateRecord(record)
+    const accepted = this.acceptedVersions.get(record.keyId)
+    if (accepted !== undefined && record.version < accepted) {
+      throw new Error(`key ${record.keyId}: version ${record.version} is older than the stored version ${accepted}`)
+    }
+    const durable = this.enqueue({ kind: 'put', record: copyRecord(record) })
+    this.acceptedVersions.set(record.keyId, record.version)
+    return durable
+  }
+
+  async get(keyId: string): Promise<SealedKeyRecord | undefined> {
+    this.assertOpen()
+    const record = this.index.get(keyId)
+    return record && copyRecord(record)
+  }
+
+  async *list(): AsyncIterable<SealedKeyRecord> {
+    this.assertOpen()
+    for (const record of this.index.all()) yield copyRecord(record)
+  }
+
+  async setState(keyId: string, state: KeyState): Promise<void> {
+    stateCode(state)
+    if (!this.acceptedVersions.has(keyId)) throw new Error(`key ${keyId} is not stored`)
+    return this.enqueue({ kind: 'state', keyId, state })
+  }
+
+  async putWrappedDek(dek: WrappedDek): Promise<void> {
+    validateKeyId(dek.keyId)
+    return this.enqueue({ kind: 'dek', dek: { keyId: dek.keyId, ciphertext: new Uint8Array(dek.ciphertext) } })
+  }
+
+  async getWrappedDek(): Promise<WrappedDek | undefined> {
+    this.assertOpen()
+    const dek = this.index.wrappedDek()
+    return dek && { keyId: dek.keyId, ciphertext: new Uint8Array(dek.ciphertext) }
+  }
+
+  stats(): DiskBlobStoreStats {
+    return { ...this.counters }
+  }
+
+  close(): Promise<void> {
+    this.closing ??= this.shutdown()
+    return this.closing
+  }
+
+  private async shutdown(): Promise<void> {
+    // Writes queued before close still become durable; new ones are refused (closing is set).
+    while (this.queue.length > 0 || this.flushing) {
+      if (!this.flushing) this.requestFlush()
+      await this.flushing
+    }
+    clearTimeout(this.timer)
+    await this.file.close()
+  }
+
+  private assertOpen(): void {
+    if (this.closing) throw new Error('blob store is closed')
+  }
+
+  /** Throws (before queueing anything) if the store cannot take writes; otherwise resolves once the entry is durable. */
+  private enqueue(entry: LogEntry): Promise<void> {
+    this.assertOpen()
+    if (this.failure) throw this.failure
+    const frame = encodeFrame(entry)
+    return new Promise<void>((resolve, reject) => {
+      this.queue.push({ entry, frame, resolve, reject })
+      if (this.queue.length >= this.maxGroup) this.requestFlush()
+      else this.timer ??= setTimeout(() => this.requestFlush(), this.groupCommitMs)
+    })
+  }
+
+  private requestFlush(): void {
+    clearTimeout(this.timer)
+    this.timer = undefined
+    // At most one flush at a time: a request during one is served right after it.
+    if (this.flushing) this.flushAgain = true
+    else this.flushing = this.flushQueued()
+  }
+
+  private async flushQueued(): Promise<void> {
+    try {
+      do {
+        this.flushAgain = false
+        await this.commitGroup(this.queue.splice(0, this.maxGroup))
+      } while (this.flushAgain || this.queue.length >= this.maxGroup)
+    } finally {
+      this.flushing = undefined
+    }
+    // Writes queued during the last flush started a timer when they arrived; this only guards against a lost one.
+    if (this.queue.length > 0) this.timer ??= setTimeout(() => this.requestFlush(), this.groupCommitMs)
+  }
+
+  /** Never throws: the outcome goes to each write's promise. */
+  private async commitGroup(group: QueuedWrite[]): Promise<void> {
+    if (group.length === 0) return
+    if (this.failure) return rejectAll(group, this.failure)
+    this.counters.groups++
+    try {
+      await writeFully(this.file, Buffer.concat(group.map((write) => write.frame)))
+      await this.file.sync()
+    } catch (error) {
+      this.failure = new Error(`blob store write failed, reopen it to recover: ${errorMessage(error)}`, { cause: error })
+      rejectAll(group, this.failure)
+      rejectAll(this.queue.splice(0), this.failure)
+      return
+    }
+    for (const write of group) this.index.apply(write.entry)
+    this.counters.records += group.length
+    for (const write of group) write.resolve()
+  }
+}
+
+function rejectAll(writes: QueuedWrite[], error: Error): void {
+  for (const write of writes) write.reject(error)
+}
+
+/** Latest record per key and the latest wrapped DEK, as the log's entries leave them in order. */
+class RecordIndex {
+  private readonly records = new Map<string, SealedKeyRecord>()
+  private dek: WrappedDek | undefined
+
+  apply(entry: LogEntry): void {
+    if (entry.kind === 'put') this.records.set(entry.record.keyId, entry.record)
+    else if (entry.kind === 'dek') this.dek = entry.dek
+    else {
+      const record = this.records.get(entry.keyId)
+      // The store refuses state changes for unknown keys, so the log never holds one; ignore rather than fail open.
+      if (record) this.records.set(entry.keyId, { ...record, state: entry.state })
+    }
+  }
+
+  get(keyId: string): SealedKeyRecord | undefined {
+    return this.records.get(keyId)
+  }
+
+  all(): SealedKeyRecord[] {
+    return [...this.records.values()]
+  }
+
+  wrappedDek(): WrappedDek | undefined {
+    return this.dek
+  }
+
+  versions(): Map<string, number> {
+    return new Map([...this.records].map(([keyId, record]) => [keyId, record.version]))
+  }
+}
+
+// ---------------------------------------------------------------- opening and recovery
+
+/** Readable in a hex dump; the trailing version byte lets a later format refuse to misread this one. */
+const LOG_MAGIC = Buffer.from('sealed-blobs\x00v1\n', 'latin1')
+const FRAME_HEADER_BYTES = 8
+/** Records are a few hundred bytes; a length beyond this is a torn or corrupt frame, not a record. */
+const MAX_PAYLOAD_BYTES = 16 * 1024 * 1024
+
+async function openOrCreateLog(fileSystem: BlobStoreFileSystem, path: string): Promise<{ file: LogFile; created: boolean }> {
+  try {
+    return { file: await fileSystem.open(path, 'ax+'), created: true }
+  } catch (error) {
+    if ((error as NodeJS.ErrnoException).code !== 'EEXIST') throw error
+    return { file: await fileSystem.open(path, 'a+'), created: false }
+  }
+}
+
+/** Replays the log into an index, truncating a torn tail and writing the header of a new (or torn-at-birth) log. */
+async function recoverIndex({ file, path, created }: { file: LogFile; path: string; created: boolean }): Promise<{ records: RecordIndex; headerWritten: boolean }> {
+  const records = new RecordIndex()
+  const bytes = await readWholeFile(file)
+  // A crash while creating the log can leave it empty or with part of the header: nothing was ever stored.
+  if (created || isPrefixOfMagic(bytes)) {
+    if (bytes.length > 0) await file.truncate(0)
+    await writeFully(file, LOG_MAGIC)
+    await file.sync()
+    return { records, headerWritten: true }
+  }
+  if (!bytes.subarray(0, LOG_MAGIC.length).equals(LOG_MAGIC)) {
+    // Truncating a file we do not recognise would destroy it; refuse instead.
+    throw new Error(`${path} is not a sealed-blob log (bad header)`)
+  }
+  const { entries, validLength } = scanFrames(bytes)
+  for (const entry of entries) records.apply(entry)
+  if (validLength < bytes.length) {
+    await file.truncate(validLength)
+    // Made durable before anything is appended, so new frames never sit behind old garbage after a crash.
+    await file.sync()
+  }
+  return { records, headerWritten: false }
+}
+
+function isPrefixOfMagic(bytes: Buffer): boolean {
+  return bytes.length < LOG_MAGIC.length && LOG_MAGIC.subarray(0, bytes.length).equals(bytes)
+}
+
+/** Decodes frames up to the first one that is cut short or fails its CRC. */
+function scanFrames(bytes: Buffer): { entries: LogEntry[]; validLength: number } {
+  const entries: LogEntry[] = []
+  let offset = LOG_MAGIC.length
+  while (bytes.length - offset >= FRAME_HEADER_BYTES) {
+    const length = bytes.readUInt32LE(offset)
+    const checksum = bytes.readUInt32LE(offset + 4)
+    const end = offset + FRAME_HEADER_BYTES + length
+    // Zero length is never written: it is what a zero-filled tail (a crash after the size grew, before the data) looks like.
+    if (length === 0 || length > MAX_PAYLOAD_BYTES || end > bytes.length) break
+    const payload = bytes.subarray(offset + FRAME_HEADER_BYTES, end)
+    if (frameChecksum(payload) !== checksum) break
+    // A frame that checks out but does not decode was written on purpose (by a newer version?); do not truncate it away.
+    entries.push(decodeEntry(payload, offset))
+    offset = end
+  }
+  return { entries, validLength: offset }
+}
+
+async function readWholeFile(file: LogFile): Promise<Buffer> {
+  const { size } = await file.stat()
+  const bytes = Buffer.alloc(size)
+  let read = 0
+  while (read < size) {
+    const { bytesRead } = await file.read(bytes, read, size - read, read)
+    if (bytesRead === 0) break
+    read += bytesRead
+  }
+  return bytes.subarray(0, read)
+}
+
+async function writeFully(file: LogFile, bytes: Buffer): Promise<void> {
+  let written = 0
+  while (written < bytes.length) {
+    const { bytesWritten } = await file.write(bytes, written, bytes.length - written)
+    written += bytesWritten
+  }
+}
+
+/** Makes the log's directory entry durable: fsyncing the file alone does not. */
+async function syncDirectory(fileSystem: BlobStoreFileSystem, directory: string): Promise<void> {
+  const handle = await fileSystem.open(directory, 'r')
+  try {
+    await handle.sync()
+  } finally {
+    await handle.close()
+  }
+}
+
+function countingFile(file: LogFile, counters: DiskBlobStoreStats): LogFile {
+  return {
+    read: (buffer, offset, length, position) => file.read(buffer, offset, length, position),
+    write: (buffer, offset, length) => {
+      counters.writes++
+      return file.write(buffer, offset, length)
+    },
+    sync: () => {
+      counters.fsyncs++
+      return file.sync()
+    },
+    truncate: (length) => file.truncate(length),
+    stat: () => file.stat(),
+    close: () => file.close(),
+  }
+}
+
+function errorMessage(error: unknown): string {
+  return error instanceof Error ? error.message : String(error)
+}
+
+// ---------------------------------------------------------------- frame codec
+
+const ENTRY_KIND = { put: 1, state: 2, dek: 3 } as const
+/** Position is the on-disk code: append new states, never reorder. */
+const KEY_STATES: readonly KeyState[] = ['active', 'frozen', 'archived']
+
+function encodeFrame(entry: LogEntry): Buffer {
+  const payload = encodeEntry(entry)
+  if (payload.length > MAX_PAYLOAD_BYTES) throw new RangeError(`record of ${payload.length} bytes exceeds ${MAX_PAYLOAD_BYTES}`)
+  const header = Buffer.alloc(FRAME_HEADER_BYTES)
+  header.writeUInt32LE(payload.length, 0)
+  header.writeUInt32LE(frameChecksum(payload), 4)
+  return Buffer.concat([header, payload])
+}
+
+/** Covers the length too, so a zeroed or shifted header cannot pass with a matching payload. */
+function frameChecksum(payload: Uint8Array): number {
+  const length = Buffer.alloc(4)
+  length.writeUInt32LE(payload.length, 0)
+  return crc32(payload, crc32(length))
+}
+
+function encodeEntry(entry: LogEntry): Buffer {
+  const fields = new FieldWriter()
+  fields.u8(ENTRY_KIND[entry.kind])
+  if (entry.kind === 'put') {
+    const { keyId, version, state, publicKey, sealed } = entry.record
+    fields.string(keyId)
+    fields.u32(version)
+    fields.u8(stateCode(state))
+    fields.bytes(publicKey)
+    fields.bytes(sealed)
+  } else if (entry.kind === 'state') {
+    fields.string(entry.keyId)
+    fields.u8(stateCode(entry.state))
+  } else {
+    fields.string(entry.dek.keyId)
+    fields.bytes(entry.dek.ciphertext)
+  }
+  return fields.finish()
+}
+
+function decodeEntry(payload: Buffer, offset: number): LogEntry {
+  const fields = new FieldReader(payload, offset)
+  const kind = fields.u8()
+  let entry: LogEntry
+  if (kind === ENTRY_KIND.put) {
+    const keyId = fields.string()
+    const version = fields.u32()
+    const state = fields.state()
+    entry = { kind: 'put', record: { keyId, version, state, publicKey: fields.bytes(), sealed: fields.bytes() } }
+  } else if (kind === ENTRY_KIND.state) {
+    entry = { kind: 'state', keyId: fields.string(), state: fields.state() }
+  } else if (kind === ENTRY_KIND.dek) {
+    entry = { kind: 'dek', dek: { keyId: fields.string(), ciphertext: fields.bytes() } }
+  } else {
+    throw fields.unreadable(`unknown entry kind ${kind}`)
+  }
+  fields.end()
+  return entry
+}
+
+class FieldWriter {
+  private readonly parts: Buffer[] = []
+
+  u8(value: number): void {
+    this.parts.push(Buffer.of(value))
+  }
+
+  u32(value: number): void {
+    const part = Buffer.alloc(4)
+    part.writeUInt32LE(value, 0)
+    this.parts.push(part)
+  }
+
+  /** u16 length ‖ UTF-8. */
+  string(value: string): void {
+    const part = Buffer.from(value, 'utf8')
+    const length = Buffer.alloc(2)
+    length.writeUInt16LE(part.length, 0)
+    this.parts.push(length, part)
+  }
+
+  /** u32 length ‖ bytes. */
+  bytes(value: Uint8Array): void {
+    this.u32(value.length)
+    this.parts.push(Buffer.from(value))
+  }
+
+  finish(): Buffer {
+    return Buffer.concat(this.parts)
+  }
+}
+
+class FieldReader {
+  private position = 0
+
+  constructor(
+    private readonly payload: Buffer,
+    /** Where the frame starts in the log, for error messages. */
+    private readonly frameOffset: number,
+  ) {}
+
+  u8(): number {
+    return this.take(1)[0]!
+  }
+
+  u32(): number {
+    return this.take(4).readUInt32LE(0)
+  }
+
+  string(): string {
+    return this.take(this.take(2).readUInt16LE(0)).toString('utf8')
+  }
+
+  /** Copied out, so the index does not pin the whole file's buffer. */
+  bytes(): Uint8Array {
+    return new Uint8Array(this.take(this.u32()))
+  }
+
+  state(): KeyState {
+    const code = this.u8()
+    const state = KEY_STATES[code]
+    if (state === undefined) throw this.unreadable(`unknown key state code ${code}`)
+    return state
+  }
+
+  end(): void {
+    if (this.position !== this.payload.length) throw this.unreadable('trailing bytes')
+  }
+
+  unreadable(reason: string): Error {
+    return new Error(`sealed-blob log: frame at byte ${this.frameOffset} passes its checksum but cannot be read (${reason})`)
+  }
+
+  private take(length: number): Buffer {
+    if (this.position + length > this.payload.length) throw this.unreadable('too short')
+    const part = this.payload.subarray(this.position, this.position + length)
+    this.position += length
+    return part
+  }
+}
+
+// ---------------------------------------------------------------- validation and copies
+
+function validateKeyId(keyId: string): void {
+  if (typeof keyId !== 'string' || keyId.length === 0) throw new TypeError('keyId must be a non-empty string')
+  if (Buffer.byteLength(keyId, 'utf8') > 0xffff) throw new RangeError('keyId is longer than 65535 bytes')
+}
+
+function validateRecord(record: SealedKeyRecord): void {
+  validateKeyId(record.keyId)
+  if (!Number.isInteger(record.version) || record.version < 0 || record.version > 0xffffffff) {
+    throw new RangeError(`key ${record.keyId}: version must be an integer in [0, 2^32)`)
+  }
+  stateCode(record.state)
+  if (!(record.publicKey instanceof Uint8Array) || !(record.sealed instanceof Uint8Array)) {
+    throw new TypeError(`key ${record.keyId}: publicKey and sealed must be Uint8Arrays`)
+  }
+}
+
+function stateCode(state: KeyState): number {
+  const code = KEY_STATES.indexOf(state)
+  if (code < 0) throw new TypeError(`unknown key state ${String(state)}`)
+  return code
+}
+
+/** Callers get and give copies, so mutating a record never changes what the store holds. */
+function copyRecord(record: SealedKeyRecord): SealedKeyRecord {
+  return {
+    keyId: record.keyId,
+    version: record.version,
+    state: record.state,
+    publicKey: new Uint8Array(record.publicKey),
+    sealed: new Uint8Array(record.sealed),
+  }
+}
+
+// ---------------------------------------------------------------- CRC-32
+
+/** IEEE 802.3 (zlib's) CRC-32 table; node:zlib only gains crc32 in Node 22. */
+const CRC_TABLE = (() => {
+  const table = new Uint32Array(256)
+  for (let n = 0; n < 256; n++) {
+    let c = n
+    for (let k = 0; k < 8; k++) c = c & 1 ? 0xedb88320 ^ (c >>> 1) : c >>> 1
+    table[n] = c >>> 0
+  }
+  return table
+})()
+
+/** zlib-compatible: `crc32(b, crc32(a))` equals `crc32(a ‖ b)`. */
+export function crc32(bytes: Uint8Array, previous = 0): number {
+  let c = (previous ^ 0xffffffff) >>> 0
+  for (let i = 0; i < bytes.length; i++) c = CRC_TABLE[(c ^ bytes[i]!) & 0xff]! ^ (c >>> 8)
+  return (c ^ 0xffffffff) >>> 0
+}

@@ -1,0 +1,136 @@
+import { connect, type Socket } from 'node:net'
+import { encodeFrame, FrameDecoder, type Frame, type Opcode } from '../protocol/frames.js'
+
+/** Where an enclave listens: vsock in production (via a socket path or proxy), TCP or a Unix socket here. */
+export type EnclaveAddress = { host: string; port: number } | { path: string }
+
+type Pending = { resolve: (frame: Frame) => void; reject: (error: Error) => void; timer: ReturnType<typeof setTimeout> }
+
+/** The enclave did not answer, or the connection to it broke. */
+export class EnclaveUnavailableError extends Error {}
+
+/** One long-lived connection carrying many requests at once, matched to answers by request id. */
+class EnclaveConnection {
+  private readonly pending = new Map<number, Pending>()
+  private readonly decoder = new FrameDecoder()
+  private nextId = 1
+  closed = false
+
+  constructor(
+    private readonly socket: Socket,
+    onClose: () => void,
+  ) {
+    socket.setNoDelay(true)
+    socket.on('data', (chunk: Uint8Array) => {
+      let frames: Frame[]
+      try {
+        frames = this.decoder.push(chunk)
+      } catch {
+        socket.destroy()
+        return
+      }
+      for (const frame of frames) {
+        const waiting = this.pending.get(frame.requestId)
+        if (!waiting) continue
+        this.pending.delete(frame.requestId)
+        clearTimeout(waiting.timer)
+        waiting.resolve(frame)
+      }
+    })
+    socket.on('error', () => {})
+    socket.on('close', () => {
+      this.closed = true
+      for (const waiting of this.pending.values()) {
+        clearTimeout(waiting.timer)
+        waiting.reject(new EnclaveUnavailableError('connection to the enclave closed'))
+      }
+      this.pending.clear()
+      onClose()
+    })
+  }
+
+  get inflight(): number {
+    return this.pending.size
+  }
+
+  close(): void {
+    this.socket.destroy()
+  }
+
+  request(options: { opcode: Opcode; payload: Uint8Array; timeoutMs: number }): Promise<Frame> {
+    const requestId = this.nextId
+    this.nextId = this.nextId === 0xffffffff ? 1 : this.nextId + 1
+    return new Promise<Frame>((resolve, reject) => {
+      const timer = setTimeout(() => {
+        this.pending.delete(requestId)
+        reject(new EnclaveUnavailableError(`the enclave did not answer within ${options.timeoutMs} ms`))
+      }, options.timeoutMs)
+      this.pending.set(requestId, { resolve, reject, timer })
+      this.socket.write(encodeFrame({ requestId, opcode: options.opcode, status: 0, payload: options.payload }))
+    })
+  }
+}
+
+/**
+ * A small pool (16–32) of long-lived connections to one enclave. Each request
+ * goes to the connection with the fewest in flight; a broken connection is
+ * replaced, and its in-flight requests fail at once rather than hang.
+ */
+export class EnclavePool {
+  private readonly connections: Array<EnclaveConnection | undefined>
+  private opening: Array<Promise<EnclaveConnection> | undefined>
+  private stopped = false
+
+  constructor(private readonly options: { address: EnclaveAddress; size: number; connectTimeoutMs?: number }) {
+    this.connections = Array.from({ length: options.size }, () => undefined)
+    this.opening = Array.from({ length: options.size }, () => undefined)
+  }
+
+  private open(slot: number): Promise<EnclaveConnection> {
+    this.opening[slot] ??= new Promise<EnclaveConnection>((resolve, reject) => {
+      const socket = connect(this.options.address as never)
+      const timer = setTimeout(() => socket.destroy(new Error('connect timeout')), this.options.connectTimeoutMs ?? 2_000)
+      socket.once('connect', () => {
+        clearTimeout(timer)
+        const connection = new EnclaveConnection(socket, () => {
+          if (this.connections[slot] === connection) this.connections[slot] = undefined
+        })
+        this.connections[slot] = connection
+        resolve(connection)
+      })
+      socket.once('error', (error) => {
+        clearTimeout(timer)
+        reject(new EnclaveUnavailableError(`cannot connect to the enclave: ${error.message}`))
+      })
+    }).finally(() => {
+      this.opening[slot] = undefined
+    })
+    return this.opening[slot]!
+  }
+
+  /** Opens every connection (call at start, so the first requests do not pay for it). */
+  async connect(): Promise<void> {
+    await Promise.all(this.connections.map((_, slot) => this.open(slot)))
+  }
+
+  async request(options: { opcode: Opcode; payload: Uint8Array; timeoutMs: number }): Promise<Frame> {
+    if (this.stopped) throw new EnclaveUnavailableError('the pool is stopped')
+    let best: EnclaveConnection | undefined
+    let emptySlot = -1
+    this.connections.forEach((connection, slot) => {
+      if (!connection || connection.closed) emptySlot = slot
+      else if (!best || connection.inflight < best.inflight) best = connection
+    })
+    if (!best || (best.inflight > 0 && emptySlot >= 0)) best = emptySlot >= 0 ? await this.open(emptySlot) : best
+    return best!.request(options)
+  }
+
+  get inflight(): number {
+    return this.connections.reduce((sum, c) => sum + (c?.inflight ?? 0), 0)
+  }
+
+  close(): void {
+    this.stopped = true
+    for (const connection of this.connections) connection?.close()
+  }
+}

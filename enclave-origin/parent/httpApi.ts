@@ -1,0 +1,140 @@
+import { createServer as createHttpServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http'
+import { createServer as createHttpsServer } from 'node:https'
+import { hexToBytes, isHex, size } from 'viem'
+import type { RequestVerifier } from '../protocol/requestSigning.js'
+import type { KeyState } from '../types.js'
+import { originMetrics } from './metrics.js'
+import { NeedsUnlockError, OriginRequestError, type OriginParent } from './origin.js'
+
+export type ParentApiOptions = {
+  parent: OriginParent
+  verifier: RequestVerifier
+  log: (fields: Record<string, unknown>) => void
+  /** TLS, optionally requiring client certificates; plain HTTP on loopback otherwise. */
+  tls?: { cert: string; key: string; ca?: string; requireClientCertificate?: boolean }
+  random?: () => number
+}
+
+const maxBodyBytes = 16 * 1024
+
+/**
+ * The parent's HTTP(S) API for the Worker: create, sign, get, freeze /
+ * unfreeze / archive, unlock, /healthz and /metrics. Every route but the two
+ * probes needs an HMAC-signed request (stale or replayed ones are refused).
+ */
+export function createParentApi(options: ParentApiOptions): Server {
+  const metrics = originMetrics(() => options.parent)
+  const random = options.random ?? Math.random
+
+  const send = (response: ServerResponse, status: number, body: unknown, headers: Record<string, string> = {}) => {
+    response.writeHead(status, { 'content-type': 'application/json', ...headers }).end(JSON.stringify(body))
+  }
+
+  const handle = async (request: IncomingMessage, response: ServerResponse, route: { name: string }) => {
+    const url = new URL(request.url ?? '/', 'http://origin')
+    const path = url.pathname
+    if (request.method === 'GET' && path === '/healthz') {
+      route.name = 'healthz'
+      const enclaves = await options.parent.health()
+      return send(response, enclaves.every((e) => e.ok) ? 200 : 503, { ok: enclaves.every((e) => e.ok), enclaves })
+    }
+    if (request.method === 'GET' && path === '/metrics') {
+      route.name = 'metrics'
+      response.writeHead(200, { 'content-type': metrics.registry.contentType }).end(await metrics.registry.metrics())
+      return
+    }
+
+    const body = await readBody(request)
+    if (body === undefined) return send(response, 413, { error: 'body too large' })
+    const failure = await options.verifier.verify({ method: request.method ?? 'GET', path, headers: (name) => header(request, name), body })
+    if (failure) return send(response, 401, { error: `request authentication failed: ${failure}` })
+
+    const keyRoute = /^\/v1\/keys\/([^/]+)(?:\/(sign|freeze|unfreeze|archive))?$/.exec(path)
+    if (request.method === 'POST' && path === '/v1/keys') {
+      route.name = 'create'
+      return send(response, 201, await options.parent.createKey())
+    }
+    if (request.method === 'POST' && path === '/v1/unlock') {
+      route.name = 'unlock'
+      await options.parent.unlock()
+      return send(response, 200, { ok: true })
+    }
+    if (keyRoute) {
+      const keyId = decodeURIComponent(keyRoute[1]!)
+      const action = keyRoute[2]
+      if (request.method === 'GET' && !action) {
+        route.name = 'get'
+        return send(response, 200, await options.parent.getKey(keyId))
+      }
+      if (request.method === 'POST' && action === 'sign') {
+        route.name = 'sign'
+        const digest = parseDigest(body)
+        if (!digest) return send(response, 400, { error: 'body must be {"digest": "0x" + 32 bytes hex}' })
+        const started = performance.now()
+        const signed = await options.parent.sign(keyId, digest)
+        metrics.signLatency.observe({ phase: 'total' }, (performance.now() - started) / 1_000)
+        return send(response, 200, signed)
+      }
+      const states: Record<string, KeyState> = { freeze: 'frozen', unfreeze: 'active', archive: 'archived' }
+      if (request.method === 'POST' && action && states[action]) {
+        route.name = action
+        await options.parent.setState(keyId, states[action]!)
+        return send(response, 200, { keyId, state: states[action] })
+      }
+    }
+    route.name = 'unknown'
+    return send(response, 404, { error: 'no such route' })
+  }
+
+  const listener = (request: IncomingMessage, response: ServerResponse) => {
+    const route = { name: 'unknown' }
+    handle(request, response, route)
+      .catch((error: unknown) => {
+        if (error instanceof NeedsUnlockError) {
+          metrics.needsUnlock.inc()
+          // Jittered so a burst of callers does not come back at the same instant.
+          const retryAfterMs = Math.round(error.retryAfterMs * (0.75 + random() / 2))
+          return send(response, 503, { error: 'needs_unlock', retryAfterMs }, { 'retry-after': '1', 'retry-after-ms': String(retryAfterMs) })
+        }
+        if (error instanceof OriginRequestError) {
+          return send(response, { 'not-found': 404, 'not-active': 409, 'bad-request': 400 }[error.kind], { error: error.message })
+        }
+        options.log({ level: 'error', event: 'origin_request_failed', route: route.name, error: (error as Error).message })
+        return send(response, 503, { error: 'origin unavailable' })
+      })
+      .finally(() => metrics.requests.inc({ route: route.name, status: String(response.statusCode) }))
+  }
+  const server = options.tls
+    ? createHttpsServer(
+        { cert: options.tls.cert, key: options.tls.key, ca: options.tls.ca, requestCert: options.tls.requireClientCertificate, rejectUnauthorized: options.tls.requireClientCertificate },
+        listener,
+      )
+    : createHttpServer(listener)
+  server.keepAliveTimeout = 60_000
+  return server
+}
+
+function header(request: IncomingMessage, name: string): string | undefined {
+  const value = request.headers[name]
+  return Array.isArray(value) ? value[0] : value
+}
+
+async function readBody(request: IncomingMessage): Promise<Uint8Array | undefined> {
+  const chunks: Buffer[] = []
+  let total = 0
+  for await (const chunk of request) {
+    total += (chunk as Buffer).length
+    if (total > maxBodyBytes) return undefined
+    chunks.push(chunk as Buffer)
+  }
+  return new Uint8Array(Buffer.concat(chunks))
+}
+
+function parseDigest(body: Uint8Array): Uint8Array | undefined {
+  try {
+    const { digest } = JSON.parse(new TextDecoder().decode(body)) as { digest?: unknown }
+    return typeof digest === 'string' && isHex(digest) && size(digest) === 32 ? hexToBytes(digest) : undefined
+  } catch {
+    return undefined
+  }
+}

@@ -1,0 +1,49 @@
+import { readFileSync } from 'node:fs'
+import { listenAddress, logLine, numberSetting, setting } from '../config.js'
+import { RequestVerifier } from '../protocol/requestSigning.js'
+import { openDiskBlobStore } from './diskBlobStore.js'
+import { createParentApi } from './httpApi.js'
+import { OriginParent } from './origin.js'
+
+/**
+ * The parent process. Settings: PARENT_LISTEN (host:port), ENCLAVES
+ * ("id=host:port,id2=/path/to.sock"), STORE_DIR, ORIGIN_HMAC_KEYS
+ * ("keyId:secret,…"), POOL_SIZE (16), REQUEST_TIMEOUT_MS, and for TLS
+ * TLS_CERT_FILE, TLS_KEY_FILE, TLS_CA_FILE, TLS_REQUIRE_CLIENT_CERT=1.
+ */
+export async function runParent(): Promise<() => Promise<void>> {
+  const enclaves = setting('ENCLAVES', 'enclave-1=127.0.0.1:7000')
+    .split(',')
+    .map((entry) => {
+      const [id, address] = entry.split('=')
+      if (!id || !address) throw new Error(`ENCLAVES entry "${entry}" is not id=address`)
+      return { id, address: listenAddress(address) }
+    })
+  const store = await openDiskBlobStore({ directory: setting('STORE_DIR') })
+  const parent = new OriginParent({ enclaves, poolSize: numberSetting('POOL_SIZE', 16), store, requestTimeoutMs: numberSetting('REQUEST_TIMEOUT_MS', 2_000) })
+  await parent.start()
+  const secrets = Object.fromEntries(
+    setting('ORIGIN_HMAC_KEYS').split(',').map((pair) => {
+      const separator = pair.indexOf(':')
+      return [pair.slice(0, separator), pair.slice(separator + 1)]
+    }),
+  )
+  const tls = process.env.TLS_CERT_FILE
+    ? {
+        cert: readFileSync(setting('TLS_CERT_FILE'), 'utf8'),
+        key: readFileSync(setting('TLS_KEY_FILE'), 'utf8'),
+        ca: process.env.TLS_CA_FILE ? readFileSync(process.env.TLS_CA_FILE, 'utf8') : undefined,
+        requireClientCertificate: process.env.TLS_REQUIRE_CLIENT_CERT === '1',
+      }
+    : undefined
+  const server = createParentApi({ parent, verifier: new RequestVerifier({ secrets }), log: logLine, tls })
+  const address = listenAddress(setting('PARENT_LISTEN', '127.0.0.1:8443'))
+  await new Promise<void>((resolve) => server.listen(address, resolve))
+  logLine({ event: 'parent_listening', address, enclaves: enclaves.map((e) => e.id), tls: Boolean(tls) })
+  return async () => {
+    server.closeAllConnections()
+    await new Promise((resolve) => server.close(resolve))
+    parent.close()
+    await store.close()
+  }
+}

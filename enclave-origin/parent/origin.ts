@@ -1,0 +1,195 @@
+import { randomUUID } from 'node:crypto'
+import { publicKeyToAddress } from 'viem/accounts'
+import { bytesToHex, type Address, type Hex } from 'viem'
+import { opcodes, statuses, type Frame, type Opcode } from '../protocol/frames.js'
+import {
+  decodeCreateResponse,
+  decodeErrorMessage,
+  decodeGetResponse,
+  decodeHealthResponse,
+  decodeNeedsUnlock,
+  decodeSignResponse,
+  emptyPayload,
+  encodeCreateRequest,
+  encodeGetRequest,
+  encodeLoadRequest,
+  encodeSetStateRequest,
+  encodeSignRequest,
+  encodeUnlockRequest,
+} from '../protocol/messages.js'
+import type { CacheState, KeyState } from '../types.js'
+import type { BlobStore } from './blobStore.js'
+import { EnclavePool, type EnclaveAddress } from './enclavePool.js'
+import { HashRing } from './hashRing.js'
+
+/** The key must be unlocked first; ask again after `retryAfterMs`. */
+export class NeedsUnlockError extends Error {
+  constructor(readonly retryAfterMs: number) {
+    super('the key needs an unlock; retry shortly')
+  }
+}
+/** An answer from the enclave that is the caller's to act on (unknown key, frozen key, bad request). */
+export class OriginRequestError extends Error {
+  constructor(
+    readonly kind: 'not-found' | 'not-active' | 'bad-request',
+    message: string,
+  ) {
+    super(message)
+  }
+}
+
+type Enclave = { id: string; pool: EnclavePool; unlocking: Promise<void> | undefined }
+
+export type KeyInfo = { keyId: string; publicKey: Hex; address: Address; state: KeyState; cacheState?: CacheState }
+
+/**
+ * The parent's core: routes each key id to one enclave (consistent hashing),
+ * keeps sealed records durable before anything is acknowledged, and brokers
+ * unlocks. It never sees a plaintext key.
+ */
+export class OriginParent {
+  private readonly enclaves: Enclave[]
+  private readonly ring: HashRing<Enclave>
+
+  constructor(
+    private readonly options: {
+      enclaves: Array<{ id: string; address: EnclaveAddress }>
+      poolSize: number
+      store: BlobStore
+      requestTimeoutMs: number
+      /** Observes each enclave round trip, for metrics. */
+      onRoundTrip?: (opcode: Opcode, milliseconds: number, status: number) => void
+    },
+  ) {
+    this.enclaves = options.enclaves.map(({ id, address }) => ({ id, pool: new EnclavePool({ address, size: options.poolSize }), unlocking: undefined }))
+    this.ring = new HashRing(this.enclaves.map((enclave) => ({ id: enclave.id, node: enclave })))
+  }
+
+  private async call(enclave: Enclave, opcode: Opcode, payload: Uint8Array): Promise<Frame> {
+    const started = performance.now()
+    const frame = await enclave.pool.request({ opcode, payload, timeoutMs: this.options.requestTimeoutMs })
+    this.options.onRoundTrip?.(opcode, performance.now() - started, frame.status)
+    return frame
+  }
+
+  /** Non-OK statuses as errors; NEEDS_UNLOCK also starts that enclave's unlock at once. */
+  private check(enclave: Enclave, frame: Frame): Frame {
+    switch (frame.status) {
+      case statuses.OK:
+        return frame
+      case statuses.NEEDS_UNLOCK:
+        void this.unlock(enclave).catch(() => {})
+        throw new NeedsUnlockError(decodeNeedsUnlock(frame.payload).retryAfterMs)
+      case statuses.NOT_FOUND:
+        throw new OriginRequestError('not-found', decodeErrorMessage(frame.payload))
+      case statuses.NOT_ACTIVE:
+        throw new OriginRequestError('not-active', decodeErrorMessage(frame.payload))
+      case statuses.BAD_REQUEST:
+        throw new OriginRequestError('bad-request', decodeErrorMessage(frame.payload))
+      default:
+        throw new Error(`enclave error: ${decodeErrorMessage(frame.payload)}`)
+    }
+  }
+
+  /**
+   * Connects, makes sure a data key exists (the first enclave has KMS generate
+   * one; only its wrapped form is stored), unlocks every enclave and loads
+   * each stored key into the enclave that owns it.
+   */
+  async start(): Promise<void> {
+    await Promise.all(this.enclaves.map((enclave) => enclave.pool.connect()))
+    if (!(await this.options.store.getWrappedDek())) {
+      const first = this.enclaves[0]!
+      const frame = this.check(first, await this.call(first, opcodes.UNLOCK, encodeUnlockRequest({ wrappedDek: new Uint8Array() })))
+      await this.options.store.putWrappedDek({ keyId: 'enclave-data-key', ciphertext: frame.payload })
+    }
+    await Promise.all(this.enclaves.map((enclave) => this.unlock(enclave)))
+    const loads: Promise<unknown>[] = []
+    for await (const record of this.options.store.list()) {
+      const enclave = this.ring.nodeFor(record.keyId)
+      loads.push(this.call(enclave, opcodes.LOAD, encodeLoadRequest(record)).then((frame) => this.check(enclave, frame)))
+      if (loads.length >= 256) await Promise.all(loads.splice(0))
+    }
+    await Promise.all(loads)
+  }
+
+  /** One unlock per enclave at a time: the enclave unwraps the stored DEK through KMS. */
+  unlock(enclave?: Enclave): Promise<void> {
+    if (!enclave) return Promise.all(this.enclaves.map((e) => this.unlock(e))).then(() => undefined)
+    enclave.unlocking ??= (async () => {
+      const wrapped = await this.options.store.getWrappedDek()
+      if (!wrapped) throw new Error('no data key stored yet')
+      this.check(enclave, await this.call(enclave, opcodes.UNLOCK, encodeUnlockRequest({ wrappedDek: wrapped.ciphertext })))
+    })().finally(() => {
+      enclave.unlocking = undefined
+    })
+    return enclave.unlocking
+  }
+
+  /** Creates a key inside its enclave; answers only once the sealed record is durable. */
+  async createKey(): Promise<KeyInfo> {
+    const keyId = randomUUID()
+    const enclave = this.ring.nodeFor(keyId)
+    const created = decodeCreateResponse(this.check(enclave, await this.call(enclave, opcodes.CREATE, encodeCreateRequest({ keyId }))).payload)
+    await this.options.store.put({ keyId, version: created.version, state: 'active', publicKey: created.publicKey, sealed: created.sealed })
+    return { keyId, publicKey: bytesToHex(created.publicKey), address: publicKeyToAddress(bytesToHex(created.publicKey)), state: 'active' }
+  }
+
+  async sign(keyId: string, digest: Uint8Array): Promise<{ signature: Hex; recoveryId: number }> {
+    const enclave = this.ring.nodeFor(keyId)
+    let frame = await this.call(enclave, opcodes.SIGN, encodeSignRequest({ keyId, digest }))
+    if (frame.status === statuses.NOT_FOUND && (await this.reload(enclave, keyId))) {
+      frame = await this.call(enclave, opcodes.SIGN, encodeSignRequest({ keyId, digest }))
+    }
+    const { signature, recoveryId } = decodeSignResponse(this.check(enclave, frame).payload)
+    return { signature: bytesToHex(signature), recoveryId }
+  }
+
+  /** An enclave that restarted has lost its records: hand it the stored one. */
+  private async reload(enclave: Enclave, keyId: string): Promise<boolean> {
+    const record = await this.options.store.get(keyId)
+    if (!record) return false
+    this.check(enclave, await this.call(enclave, opcodes.LOAD, encodeLoadRequest(record)))
+    return true
+  }
+
+  async getKey(keyId: string): Promise<KeyInfo> {
+    const enclave = this.ring.nodeFor(keyId)
+    let frame = await this.call(enclave, opcodes.GET, encodeGetRequest({ keyId }))
+    if (frame.status === statuses.NOT_FOUND && (await this.reload(enclave, keyId))) frame = await this.call(enclave, opcodes.GET, encodeGetRequest({ keyId }))
+    const key = decodeGetResponse(this.check(enclave, frame).payload)
+    const publicKey = bytesToHex(key.publicKey)
+    return { keyId, publicKey, address: publicKeyToAddress(publicKey), state: key.state, cacheState: key.cacheState }
+  }
+
+  /** Durable first, then the enclave: a frozen key stays frozen across restarts. */
+  async setState(keyId: string, state: KeyState): Promise<void> {
+    if (!(await this.options.store.get(keyId))) throw new OriginRequestError('not-found', `no key ${keyId}`)
+    await this.options.store.setState(keyId, state)
+    const enclave = this.ring.nodeFor(keyId)
+    const frame = await this.call(enclave, opcodes.SET_STATE, encodeSetStateRequest({ keyId, state }))
+    if (frame.status === statuses.NOT_FOUND) await this.reload(enclave, keyId)
+    else this.check(enclave, frame)
+  }
+
+  async health(): Promise<Array<{ id: string; ok: boolean; inflight: number; stats?: Record<string, unknown>; error?: string }>> {
+    return Promise.all(
+      this.enclaves.map(async (enclave) => {
+        try {
+          const frame = this.check(enclave, await this.call(enclave, opcodes.HEALTH, emptyPayload))
+          return { id: enclave.id, ok: true, inflight: enclave.pool.inflight, stats: decodeHealthResponse(frame.payload) }
+        } catch (error) {
+          return { id: enclave.id, ok: false, inflight: enclave.pool.inflight, error: (error as Error).message }
+        }
+      }),
+    )
+  }
+
+  get inflight(): number {
+    return this.enclaves.reduce((sum, e) => sum + e.pool.inflight, 0)
+  }
+
+  close(): void {
+    for (const enclave of this.enclaves) enclave.pool.close()
+  }
+}

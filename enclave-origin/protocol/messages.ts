@@ -1,0 +1,444 @@
+/**
+ * Payload codecs, one pair per opcode and direction. Each message carries only
+ * what its operation needs (SIGN is a key id and a digest, never a key). Every
+ * decoder checks lengths, enums, UTF-8 and trailing bytes, and throws
+ * `FrameError`; encoders throw it too for values the wire cannot carry, so the
+ * mistake surfaces at the sender.
+ *
+ * Wire pieces: key id = u8 length ‖ UTF-8 (1..128 bytes); integers big-endian;
+ * variable byte strings = u32 length ‖ bytes.
+ */
+import type { CacheState, KeyState, RawSignature, SealedKeyRecord } from '../types.js'
+import { FrameError } from './frames.js'
+
+export type SignRequest = { keyId: string; digest: Uint8Array }
+export type SignResponse = RawSignature
+export type CreateRequest = { keyId: string }
+export type CreateResponse = { publicKey: Uint8Array; sealed: Uint8Array; version: number }
+export type LoadRequest = SealedKeyRecord
+export type GetRequest = { keyId: string }
+export type GetResponse = { state: KeyState; cacheState: CacheState; publicKey: Uint8Array }
+export type SetStateRequest = { keyId: string; state: KeyState }
+/** `preloadIdentity` absent and empty are the same on the wire (length 0). */
+export type UnlockRequest = { wrappedDek: Uint8Array; preloadIdentity?: string }
+export type HealthResponse = Record<string, unknown>
+export type NeedsUnlockResponse = { retryAfterMs: number }
+
+export const maxKeyIdBytes = 128
+export const maxErrorMessageBytes = 512
+const digestBytes = 32
+const signatureBytes = 64
+const publicKeyBytes = 65
+
+const utf8Encoder = new TextEncoder()
+/** Rejects invalid UTF-8 instead of substituting U+FFFD; keeps a leading BOM, which is part of an id. */
+const strictUtf8 = new TextDecoder('utf-8', { fatal: true, ignoreBOM: true })
+
+/** The index is the wire value. */
+const keyStates = ['active', 'frozen', 'archived'] as const satisfies readonly KeyState[]
+const cacheStates = ['WARM', 'COOL', 'INVALID'] as const satisfies readonly CacheState[]
+
+/** Payload of HEALTH requests and of OK answers to LOAD, SET_STATE and UNLOCK. */
+export const emptyPayload: Uint8Array = new Uint8Array(0)
+
+export function decodeEmptyPayload(payload: Uint8Array, message: string): void {
+  new PayloadReader(payload, message).end()
+}
+
+// SIGN
+
+export function encodeSignRequest(request: SignRequest): Uint8Array {
+  const keyId = keyIdBytes(request.keyId)
+  checkLength({ bytes: request.digest, expected: digestBytes, field: 'SIGN digest' })
+  return new PayloadWriter(1 + keyId.length + digestBytes).keyId(keyId).bytes(request.digest).done()
+}
+
+export function decodeSignRequest(payload: Uint8Array): SignRequest {
+  const reader = new PayloadReader(payload, 'SIGN request')
+  const request = { keyId: reader.keyId(), digest: reader.bytes(digestBytes, 'digest') }
+  reader.end()
+  return request
+}
+
+export function encodeSignResponse(response: SignResponse): Uint8Array {
+  checkLength({ bytes: response.signature, expected: signatureBytes, field: 'SIGN signature' })
+  if (response.recoveryId !== 0 && response.recoveryId !== 1) {
+    throw new FrameError(`SIGN recoveryId ${response.recoveryId} is not 0 or 1`)
+  }
+  return new PayloadWriter(signatureBytes + 1).bytes(response.signature).u8(response.recoveryId).done()
+}
+
+export function decodeSignResponse(payload: Uint8Array): SignResponse {
+  const reader = new PayloadReader(payload, 'SIGN response')
+  const signature = reader.bytes(signatureBytes, 'signature')
+  const recoveryId = reader.u8('recoveryId')
+  if (recoveryId > 1) throw new FrameError(`SIGN response: recoveryId ${recoveryId} is not 0 or 1`)
+  reader.end()
+  return { signature, recoveryId }
+}
+
+// CREATE
+
+export function encodeCreateRequest(request: CreateRequest): Uint8Array {
+  return encodeKeyIdOnly(request.keyId)
+}
+
+export function decodeCreateRequest(payload: Uint8Array): CreateRequest {
+  return decodeKeyIdOnly(payload, 'CREATE request')
+}
+
+export function encodeCreateResponse(response: CreateResponse): Uint8Array {
+  checkLength({ bytes: response.publicKey, expected: publicKeyBytes, field: 'CREATE publicKey' })
+  checkUint32(response.version, 'CREATE version')
+  return new PayloadWriter(publicKeyBytes + 4 + response.sealed.length + 4)
+    .bytes(response.publicKey)
+    .u32Bytes(response.sealed)
+    .u32(response.version)
+    .done()
+}
+
+export function decodeCreateResponse(payload: Uint8Array): CreateResponse {
+  const reader = new PayloadReader(payload, 'CREATE response')
+  const response = { publicKey: reader.bytes(publicKeyBytes, 'publicKey'), sealed: reader.u32Bytes('sealed'), version: reader.u32('version') }
+  reader.end()
+  return response
+}
+
+// LOAD (the OK answer is empty)
+
+export function encodeLoadRequest(record: LoadRequest): Uint8Array {
+  const keyId = keyIdBytes(record.keyId)
+  checkUint32(record.version, 'LOAD version')
+  checkLength({ bytes: record.publicKey, expected: publicKeyBytes, field: 'LOAD publicKey' })
+  return new PayloadWriter(1 + keyId.length + 4 + 1 + publicKeyBytes + 4 + record.sealed.length)
+    .keyId(keyId)
+    .u32(record.version)
+    .u8(keyStateCode(record.state))
+    .bytes(record.publicKey)
+    .u32Bytes(record.sealed)
+    .done()
+}
+
+export function decodeLoadRequest(payload: Uint8Array): LoadRequest {
+  const reader = new PayloadReader(payload, 'LOAD request')
+  const record = {
+    keyId: reader.keyId(),
+    version: reader.u32('version'),
+    state: reader.keyState(),
+    publicKey: reader.bytes(publicKeyBytes, 'publicKey'),
+    sealed: reader.u32Bytes('sealed'),
+  }
+  reader.end()
+  return record
+}
+
+// GET
+
+export function encodeGetRequest(request: GetRequest): Uint8Array {
+  return encodeKeyIdOnly(request.keyId)
+}
+
+export function decodeGetRequest(payload: Uint8Array): GetRequest {
+  return decodeKeyIdOnly(payload, 'GET request')
+}
+
+export function encodeGetResponse(response: GetResponse): Uint8Array {
+  checkLength({ bytes: response.publicKey, expected: publicKeyBytes, field: 'GET publicKey' })
+  return new PayloadWriter(2 + publicKeyBytes)
+    .u8(keyStateCode(response.state))
+    .u8(cacheStateCode(response.cacheState))
+    .bytes(response.publicKey)
+    .done()
+}
+
+export function decodeGetResponse(payload: Uint8Array): GetResponse {
+  const reader = new PayloadReader(payload, 'GET response')
+  const response = { state: reader.keyState(), cacheState: reader.cacheState(), publicKey: reader.bytes(publicKeyBytes, 'publicKey') }
+  reader.end()
+  return response
+}
+
+// SET_STATE (the OK answer is empty)
+
+export function encodeSetStateRequest(request: SetStateRequest): Uint8Array {
+  const keyId = keyIdBytes(request.keyId)
+  return new PayloadWriter(1 + keyId.length + 1).keyId(keyId).u8(keyStateCode(request.state)).done()
+}
+
+export function decodeSetStateRequest(payload: Uint8Array): SetStateRequest {
+  const reader = new PayloadReader(payload, 'SET_STATE request')
+  const request = { keyId: reader.keyId(), state: reader.keyState() }
+  reader.end()
+  return request
+}
+
+// UNLOCK (the OK answer is empty)
+
+export function encodeUnlockRequest(request: UnlockRequest): Uint8Array {
+  const identity = wellFormedUtf8(request.preloadIdentity ?? '', 'UNLOCK preloadIdentity')
+  if (identity.length > 0xffff) throw new FrameError(`UNLOCK preloadIdentity is ${identity.length} bytes, more than a u16 length allows`)
+  return new PayloadWriter(4 + request.wrappedDek.length + 2 + identity.length)
+    .u32Bytes(request.wrappedDek)
+    .u16(identity.length)
+    .bytes(identity)
+    .done()
+}
+
+export function decodeUnlockRequest(payload: Uint8Array): UnlockRequest {
+  const reader = new PayloadReader(payload, 'UNLOCK request')
+  const wrappedDek = reader.u32Bytes('wrappedDek')
+  const preloadIdentity = reader.utf8(reader.u16('preloadIdentity length'), 'preloadIdentity')
+  reader.end()
+  return preloadIdentity === '' ? { wrappedDek } : { wrappedDek, preloadIdentity }
+}
+
+// HEALTH (the request is empty)
+
+export function encodeHealthResponse(health: HealthResponse): Uint8Array {
+  return utf8Encoder.encode(JSON.stringify(health))
+}
+
+export function decodeHealthResponse(payload: Uint8Array): HealthResponse {
+  const reader = new PayloadReader(payload, 'HEALTH response')
+  const text = reader.utf8(payload.length, 'body')
+  let health: unknown
+  try {
+    health = JSON.parse(text)
+  } catch {
+    throw new FrameError('HEALTH response: body is not JSON')
+  }
+  if (typeof health !== 'object' || health === null || Array.isArray(health)) {
+    throw new FrameError('HEALTH response: body is not a JSON object')
+  }
+  return health as HealthResponse
+}
+
+// Failure answers, for any opcode
+
+/** Payload of a NEEDS_UNLOCK answer: when the parent may retry (the HTTP Retry-After). */
+export function encodeNeedsUnlock(response: NeedsUnlockResponse): Uint8Array {
+  checkUint32(response.retryAfterMs, 'NEEDS_UNLOCK retryAfterMs')
+  return new PayloadWriter(4).u32(response.retryAfterMs).done()
+}
+
+export function decodeNeedsUnlock(payload: Uint8Array): NeedsUnlockResponse {
+  const reader = new PayloadReader(payload, 'NEEDS_UNLOCK response')
+  const response = { retryAfterMs: reader.u32('retryAfterMs') }
+  reader.end()
+  return response
+}
+
+/**
+ * Payload of NOT_FOUND, NOT_ACTIVE, BAD_REQUEST, INTERNAL and UNAVAILABLE
+ * answers. Truncated (at a character boundary) rather than refused: an error
+ * path must always be able to answer.
+ */
+export function encodeErrorMessage(message: string): Uint8Array {
+  const bytes = utf8Encoder.encode(message)
+  if (bytes.length <= maxErrorMessageBytes) return bytes
+  let end = maxErrorMessageBytes
+  // Back up over continuation bytes (10xxxxxx) to the start of the cut character.
+  while (end > 0 && ((bytes[end] ?? 0) & 0xc0) === 0x80) end--
+  return bytes.slice(0, end)
+}
+
+export function decodeErrorMessage(payload: Uint8Array): string {
+  if (payload.length > maxErrorMessageBytes) {
+    throw new FrameError(`error message is ${payload.length} bytes, more than ${maxErrorMessageBytes}`)
+  }
+  return new PayloadReader(payload, 'error response').utf8(payload.length, 'message')
+}
+
+// Shared pieces
+
+function encodeKeyIdOnly(keyId: string): Uint8Array {
+  const bytes = keyIdBytes(keyId)
+  return new PayloadWriter(1 + bytes.length).keyId(bytes).done()
+}
+
+function decodeKeyIdOnly(payload: Uint8Array, message: string): { keyId: string } {
+  const reader = new PayloadReader(payload, message)
+  const keyId = reader.keyId()
+  reader.end()
+  return { keyId }
+}
+
+function keyIdBytes(keyId: string): Uint8Array {
+  // byteLength first: a huge string is refused without being encoded.
+  const length = Buffer.byteLength(keyId, 'utf8')
+  if (length < 1 || length > maxKeyIdBytes) {
+    throw new FrameError(`key id is ${length} bytes, expected 1..${maxKeyIdBytes}`)
+  }
+  return wellFormedUtf8(keyId, 'key id')
+}
+
+/** UTF-8 bytes of `text`, refusing lone surrogates: they would arrive as U+FFFD, a different id. */
+function wellFormedUtf8(text: string, field: string): Uint8Array {
+  const bytes = utf8Encoder.encode(text)
+  if (strictUtf8.decode(bytes) !== text) throw new FrameError(`${field} is not well-formed Unicode`)
+  return bytes
+}
+
+function keyStateCode(state: KeyState): number {
+  const code = keyStates.indexOf(state)
+  if (code < 0) throw new FrameError(`unknown key state ${String(state)}`)
+  return code
+}
+
+function cacheStateCode(cacheState: CacheState): number {
+  const code = cacheStates.indexOf(cacheState)
+  if (code < 0) throw new FrameError(`unknown cache state ${String(cacheState)}`)
+  return code
+}
+
+function checkLength({ bytes, expected, field }: { bytes: Uint8Array; expected: number; field: string }): void {
+  if (bytes.length !== expected) throw new FrameError(`${field} is ${bytes.length} bytes, expected ${expected}`)
+}
+
+function checkUint32(value: number, field: string): void {
+  if (!Number.isInteger(value) || value < 0 || value > 0xffffffff) throw new FrameError(`${field} ${value} is not a u32`)
+}
+
+/**
+ * Writes into a buffer sized up front by the encoder; `done` checks the size
+ * was right. Plain Uint8Array rather than Buffer, so encoded and decoded
+ * values are the same type.
+ */
+class PayloadWriter {
+  private readonly buffer: Uint8Array
+  private readonly view: DataView
+  private offset = 0
+
+  constructor(size: number) {
+    this.buffer = new Uint8Array(size)
+    this.view = new DataView(this.buffer.buffer)
+  }
+
+  u8(value: number): this {
+    this.view.setUint8(this.offset, value)
+    this.offset += 1
+    return this
+  }
+
+  u16(value: number): this {
+    this.view.setUint16(this.offset, value)
+    this.offset += 2
+    return this
+  }
+
+  u32(value: number): this {
+    this.view.setUint32(this.offset, value)
+    this.offset += 4
+    return this
+  }
+
+  bytes(value: Uint8Array): this {
+    this.buffer.set(value, this.offset)
+    this.offset += value.length
+    return this
+  }
+
+  u32Bytes(value: Uint8Array): this {
+    return this.u32(value.length).bytes(value)
+  }
+
+  keyId(utf8: Uint8Array): this {
+    return this.u8(utf8.length).bytes(utf8)
+  }
+
+  done(): Uint8Array {
+    if (this.offset !== this.buffer.length) throw new Error(`payload writer filled ${this.offset} of ${this.buffer.length} bytes`)
+    return this.buffer
+  }
+}
+
+
+/**
+ * Reads one payload front to back; every failure names the message and field.
+ * Byte fields are views into the payload, which the frame decoder already copied.
+ */
+class PayloadReader {
+  private readonly view: DataView
+  private offset = 0
+
+  constructor(
+    private readonly payload: Uint8Array,
+    private readonly message: string,
+  ) {
+    this.view = new DataView(payload.buffer, payload.byteOffset, payload.byteLength)
+  }
+
+  u8(field: string): number {
+    this.need(1, field)
+    return this.view.getUint8(this.offset++)
+  }
+
+  u16(field: string): number {
+    this.need(2, field)
+    const value = this.view.getUint16(this.offset)
+    this.offset += 2
+    return value
+  }
+
+  u32(field: string): number {
+    this.need(4, field)
+    const value = this.view.getUint32(this.offset)
+    this.offset += 4
+    return value
+  }
+
+  bytes(length: number, field: string): Uint8Array {
+    this.need(length, field)
+    const bytes = this.payload.subarray(this.offset, this.offset + length)
+    this.offset += length
+    return bytes
+  }
+
+  u32Bytes(field: string): Uint8Array {
+    return this.bytes(this.u32(`${field} length`), field)
+  }
+
+  utf8(length: number, field: string): string {
+    const bytes = this.bytes(length, field)
+    try {
+      return strictUtf8.decode(bytes)
+    } catch {
+      throw this.error(`${field} is not valid UTF-8`)
+    }
+  }
+
+  keyId(): string {
+    const length = this.u8('key id length')
+    if (length < 1 || length > maxKeyIdBytes) throw this.error(`key id is ${length} bytes, expected 1..${maxKeyIdBytes}`)
+    return this.utf8(length, 'key id')
+  }
+
+  keyState(): KeyState {
+    const code = this.u8('key state')
+    const state = keyStates[code]
+    if (state === undefined) throw this.error(`key state ${code} is not one of 0..${keyStates.length - 1}`)
+    return state
+  }
+
+  cacheState(): CacheState {
+    const code = this.u8('cache state')
+    const state = cacheStates[code]
+    if (state === undefined) throw this.error(`cache state ${code} is not one of 0..${cacheStates.length - 1}`)
+    return state
+  }
+
+  /** Trailing bytes mean the peer speaks another version of the message: refuse, never ignore. */
+  end(): void {
+    const left = this.payload.length - this.offset
+    if (left > 0) throw this.error(`${left} trailing bytes`)
+  }
+
+  private need(length: number, field: string): void {
+    const left = this.payload.length - this.offset
+    if (left < length) throw this.error(`${field} needs ${length} bytes, ${left} left`)
+  }
+
+  private error(detail: string): FrameError {
+    return new FrameError(`${this.message}: ${detail}`)
+  }
+}

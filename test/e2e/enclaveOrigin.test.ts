@@ -1,0 +1,148 @@
+import { mkdtempSync, rmSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import path from 'node:path'
+import { afterAll, beforeAll, describe, expect, it } from 'vitest'
+import { getAddress, keccak256, recoverAddress, toHex, type Address, type Hex } from 'viem'
+import { startAnvil, type Anvil } from '../support/anvil.js'
+import { deployDevnet, devnetChainConfig, type Devnet } from '../support/devnet.js'
+import { prepareSponsored, signAndSubmit } from '../support/e2eFlow.js'
+import { startLocalKms, type LocalKms } from '../support/kmsServer.js'
+import { originHmac, startOrigin, symmetricKmsKey, type Origin } from '../support/origin.js'
+import { startWorker } from '../support/wranglerDev.js'
+
+/**
+ * The enclave origin end to end: enclave and parent as real processes over
+ * TCP, the data key from the local KMS server, the Worker's keyless backend
+ * signing through the parent, and the sponsorship accepted on anvil.
+ */
+
+let kms: LocalKms
+let kmsKeyId: string
+let origin: Origin
+let storeDir: string
+let anvil: Anvil
+
+beforeAll(async () => {
+  kms = await startLocalKms({ port: 18651 })
+  kmsKeyId = await symmetricKmsKey(kms)
+  storeDir = mkdtempSync(path.join(tmpdir(), 'origin-store-'))
+  origin = await startOrigin({ kms, kmsKeyId, enclavePort: 18652, parentPort: 18653, storeDir })
+  anvil = await startAnvil({ port: 18549 })
+})
+
+afterAll(async () => {
+  await origin?.stop()
+  await anvil?.stop()
+  await kms?.stop()
+  rmSync(storeDir, { recursive: true, force: true })
+})
+
+async function signWithOrigin(keyId: string, digest: Hex) {
+  return origin.request('POST', `/v1/keys/${keyId}/sign`, { digest })
+}
+
+async function recovered(digest: Hex, answer: { signature: unknown; recoveryId: unknown }): Promise<Address> {
+  return recoverAddress({ hash: digest, signature: `${answer.signature as Hex}${(27 + Number(answer.recoveryId)).toString(16)}` as Hex })
+}
+
+describe('the enclave origin API', () => {
+  it('creates a key inside the enclave and signs with it; the signature recovers to the returned address', async () => {
+    const created = await origin.request('POST', '/v1/keys')
+    expect(created.status).toBe(201)
+    const digest = keccak256(toHex('origin'))
+    const signed = await signWithOrigin(created.body.keyId as string, digest)
+    expect(signed.status).toBe(200)
+    expect(await recovered(digest, signed.body as never)).toBe(created.body.address)
+    expect((await origin.request('GET', `/v1/keys/${created.body.keyId}`)).body).toMatchObject({ state: 'active', cacheState: 'WARM', address: created.body.address })
+  })
+
+  it('a frozen or archived key never signs; unfreezing restores it', async () => {
+    const { body } = await origin.request('POST', '/v1/keys')
+    const keyId = body.keyId as string
+    const digest = keccak256(toHex('frozen'))
+    expect((await origin.request('POST', `/v1/keys/${keyId}/freeze`)).status).toBe(200)
+    expect((await signWithOrigin(keyId, digest)).status).toBe(409)
+    expect((await origin.request('POST', `/v1/keys/${keyId}/unfreeze`)).status).toBe(200)
+    expect((await signWithOrigin(keyId, digest)).status).toBe(200)
+    expect((await origin.request('POST', `/v1/keys/${keyId}/archive`)).status).toBe(200)
+    expect((await signWithOrigin(keyId, digest)).status).toBe(409)
+  })
+
+  it('refuses unsigned, wrongly signed and replayed requests', async () => {
+    const unsigned = await fetch(`${origin.url}/v1/keys`, { method: 'POST' })
+    expect(unsigned.status).toBe(401)
+    const { body } = await origin.request('POST', '/v1/keys')
+    const digest = keccak256(toHex('replay'))
+    const payload = new TextEncoder().encode(JSON.stringify({ digest }))
+    const { signRequest } = await import('../../enclave-origin/protocol/requestSigning.js')
+    const headers = await signRequest({ ...originHmac, method: 'POST', path: `/v1/keys/${body.keyId}/sign`, body: payload })
+    const first = await fetch(`${origin.url}/v1/keys/${body.keyId}/sign`, { method: 'POST', headers, body: payload })
+    const replay = await fetch(`${origin.url}/v1/keys/${body.keyId}/sign`, { method: 'POST', headers, body: payload })
+    expect([first.status, replay.status]).toEqual([200, 401])
+  })
+
+  it('/metrics exposes sign latency, requests and the enclave cache state', async () => {
+    const text = await (await fetch(`${origin.url}/metrics`)).text()
+    expect(text).toContain('origin_sign_latency_seconds_bucket{le="0.01",phase="total"}')
+    expect(text).toMatch(/origin_enclave_cache_keys\{enclave="enclave-1",kind="WARM"\} \d+/)
+    expect(text).toContain('origin_enclave_engine{enclave="enclave-1",kind="meanBatchSize"}')
+  })
+})
+
+describe('the Worker signs through the origin, and the chain accepts it', () => {
+  let devnet: Devnet
+  let keyId: string
+
+  beforeAll(async () => {
+    const { body } = await origin.request('POST', '/v1/keys')
+    keyId = body.keyId as string
+    devnet = await deployDevnet({ rpcUrl: anvil.rpcUrl, paymasterSigner: getAddress(body.address as string) })
+  })
+
+  it('keyless backend → parent → enclave over TCP: handleOps accepts the sponsorship', async () => {
+    const config = {
+      chains: [devnetChainConfig(devnet, 'pimlico-singleton')],
+      signers: { primary: { kind: 'keyless', url: origin.url, keyId, hmacKeyId: originHmac.keyId } },
+    }
+    const worker = await startWorker({ port: 18861, vars: { ORIGIN_HMAC_SECRET: originHmac.secret, PAYMASTER_CONFIG: JSON.stringify(config) } })
+    try {
+      for (const version of ['0.7', '0.8'] as const) {
+        const { account, prepared } = await prepareSponsored({ devnet, workerUrl: worker.url, version })
+        const { event } = await signAndSubmit({ devnet, version, account, userOperation: prepared })
+        expect(event.args).toMatchObject({ success: true, paymaster: getAddress(devnet.singletonPaymasters[version]) })
+      }
+    } finally {
+      await worker.stop()
+    }
+  })
+})
+
+describe('crash safety', () => {
+  it('after kill -9 of the enclave and the parent during a stream of creates, every acknowledged key signs as its address', async () => {
+    const acknowledged: Array<{ keyId: string; address: Address }> = []
+    let stop = false
+    const creator = async () => {
+      while (!stop) {
+        const answer = await origin.request('POST', '/v1/keys').catch(() => undefined)
+        if (answer?.status === 201) acknowledged.push({ keyId: answer.body.keyId as string, address: answer.body.address as Address })
+        else if (!answer) return
+      }
+    }
+    const creators = Array.from({ length: 16 }, creator)
+    await new Promise((resolve) => setTimeout(resolve, 600))
+    origin.kill('enclave')
+    origin.kill('parent')
+    stop = true
+    await Promise.all(creators)
+    expect(acknowledged.length).toBeGreaterThan(20)
+
+    await origin.startEnclave()
+    await origin.startParent()
+    const digest = keccak256(toHex('after the crash'))
+    for (const key of acknowledged) {
+      const signed = await signWithOrigin(key.keyId, digest)
+      expect(signed.status).toBe(200)
+      expect(await recovered(digest, signed.body as never)).toBe(key.address)
+    }
+  })
+})

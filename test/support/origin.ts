@@ -1,0 +1,110 @@
+import { spawn, type ChildProcess } from 'node:child_process'
+import { connect } from 'node:net'
+import { CreateKeyCommand, KMSClient } from '@aws-sdk/client-kms'
+import { signRequest } from '../../enclave-origin/protocol/requestSigning.js'
+import { stopProcess } from './anvil.js'
+import type { LocalKms } from './kmsServer.js'
+
+/**
+ * The enclave origin as operators run it: the enclave and the parent as two
+ * child processes (`npm run origin enclave|parent`), on 127.0.0.1, the
+ * enclave's data key from the local KMS server. Each can be killed (-9) and
+ * started again on the same store.
+ */
+
+export const originHmac = { keyId: 'worker', secret: 'hmac-secret-made-for-tests' }
+
+export async function symmetricKmsKey(kms: LocalKms): Promise<string> {
+  const client = new KMSClient({ region: kms.credentials.region, endpoint: kms.url, credentials: kms.credentials })
+  const { KeyMetadata } = await client.send(new CreateKeyCommand({ KeySpec: 'SYMMETRIC_DEFAULT', KeyUsage: 'ENCRYPT_DECRYPT' }))
+  return KeyMetadata!.KeyId!
+}
+
+function cli(command: string, env: Record<string, string>): ChildProcess {
+  return spawn(process.execPath, ['--import', 'tsx', 'enclave-origin/cli.ts', command], {
+    env: { ...process.env, ...env },
+    stdio: ['ignore', 'pipe', 'pipe'],
+  })
+}
+
+async function until(check: () => Promise<boolean>, what: string, child: ChildProcess, output: () => string): Promise<void> {
+  const deadline = Date.now() + 30_000
+  while (Date.now() < deadline) {
+    if (child.exitCode !== null) break
+    if (await check().catch(() => false)) return
+    await new Promise((resolve) => setTimeout(resolve, 100))
+  }
+  throw new Error(`${what} did not start:\n${output().slice(-2_000)}`)
+}
+
+function acceptsConnections(port: number): Promise<boolean> {
+  return new Promise((resolve) => {
+    const socket = connect(port, '127.0.0.1')
+    socket.once('connect', () => {
+      socket.destroy()
+      resolve(true)
+    })
+    socket.once('error', () => resolve(false))
+  })
+}
+
+export type Origin = {
+  url: string
+  startEnclave(): Promise<void>
+  startParent(): Promise<void>
+  kill(which: 'enclave' | 'parent'): void
+  stop(): Promise<void>
+  request(method: 'GET' | 'POST', path: string, body?: unknown): Promise<{ status: number; body: Record<string, unknown>; headers: Headers }>
+}
+
+export async function startOrigin(options: { kms: LocalKms; kmsKeyId: string; enclavePort: number; parentPort: number; storeDir: string; extraEnv?: Record<string, string> }): Promise<Origin> {
+  const env = {
+    ORIGIN_PROFILE: 'development',
+    ENCLAVE_LISTEN: `127.0.0.1:${options.enclavePort}`,
+    KMS_KEY_ID: options.kmsKeyId,
+    KMS_REGION: options.kms.credentials.region,
+    KMS_ENDPOINT: options.kms.url,
+    AWS_ACCESS_KEY_ID: options.kms.credentials.accessKeyId,
+    AWS_SECRET_ACCESS_KEY: options.kms.credentials.secretAccessKey,
+    PARENT_LISTEN: `127.0.0.1:${options.parentPort}`,
+    ENCLAVES: `enclave-1=127.0.0.1:${options.enclavePort}`,
+    STORE_DIR: options.storeDir,
+    ORIGIN_HMAC_KEYS: `${originHmac.keyId}:${originHmac.secret}`,
+    ...options.extraEnv,
+  }
+  const url = `http://127.0.0.1:${options.parentPort}`
+  const children: Partial<Record<'enclave' | 'parent', ChildProcess>> = {}
+  const outputs: Record<string, string> = { enclave: '', parent: '' }
+  const start = (which: 'enclave' | 'parent') => {
+    const child = cli(which, env)
+    outputs[which] = ''
+    child.stdout!.on('data', (chunk) => (outputs[which] += chunk))
+    child.stderr!.on('data', (chunk) => (outputs[which] += chunk))
+    children[which] = child
+    return child
+  }
+  const origin: Origin = {
+    url,
+    startEnclave: async () => {
+      const child = start('enclave')
+      await until(() => acceptsConnections(options.enclavePort), 'the enclave', child, () => outputs.enclave!)
+    },
+    startParent: async () => {
+      const child = start('parent')
+      await until(async () => (await fetch(`${url}/healthz`)).ok, 'the parent', child, () => outputs.parent!)
+    },
+    kill: (which) => children[which]?.kill('SIGKILL'),
+    stop: async () => {
+      await Promise.all(Object.values(children).map((child) => child && stopProcess(child)))
+    },
+    request: async (method, path, body) => {
+      const payload = new TextEncoder().encode(body === undefined ? '' : JSON.stringify(body))
+      const headers = await signRequest({ ...originHmac, method, path, body: payload })
+      const response = await fetch(`${url}${path}`, { method, headers, body: method === 'POST' ? payload : undefined })
+      return { status: response.status, body: (await response.json()) as Record<string, unknown>, headers: response.headers }
+    },
+  }
+  await origin.startEnclave()
+  await origin.startParent()
+  return origin
+}

@@ -1,0 +1,319 @@
+import { spawn } from 'node:child_process'
+import { appendFile, mkdir, mkdtemp, open, readFile, rm, stat, truncate, writeFile } from 'node:fs/promises'
+import { tmpdir } from 'node:os'
+import { join, resolve } from 'node:path'
+import { pathToFileURL } from 'node:url'
+import { afterEach, beforeEach, describe, expect, it } from 'vitest'
+import {
+  crc32,
+  LOG_FILE_NAME,
+  openDiskBlobStore,
+  type BlobStoreFileSystem,
+  type DiskBlobStore,
+  type LogFile,
+} from '../../enclave-origin/parent/diskBlobStore.js'
+import type { SealedKeyRecord } from '../../enclave-origin/types.js'
+
+const projectRoot = resolve(import.meta.dirname, '../..')
+const storeModule = join(projectRoot, 'enclave-origin/parent/diskBlobStore.ts')
+
+let directory: string
+/** Every store a test opens, closed afterwards even when the test fails. */
+let opened: DiskBlobStore[]
+
+beforeEach(async () => {
+  directory = await mkdtemp(join(tmpdir(), 'disk-blob-store-'))
+  opened = []
+})
+
+afterEach(async () => {
+  await Promise.allSettled(opened.map((store) => store.close()))
+  await rm(directory, { recursive: true, force: true })
+})
+
+async function openStore(options: { fileSystem?: BlobStoreFileSystem; groupCommitMs?: number } = {}): Promise<DiskBlobStore> {
+  const store = await openDiskBlobStore({ directory, ...options })
+  opened.push(store)
+  return store
+}
+
+async function reopen(store: DiskBlobStore): Promise<DiskBlobStore> {
+  await store.close()
+  return openStore()
+}
+
+function sealedRecord(index: number, version = 1): SealedKeyRecord {
+  const publicKey = new Uint8Array(65).fill(index % 251)
+  publicKey[0] = 4
+  return { keyId: `key-${index}`, version, state: 'active', publicKey, sealed: new Uint8Array(60).fill((index + version) % 256) }
+}
+
+async function listAll(store: DiskBlobStore): Promise<SealedKeyRecord[]> {
+  const records: SealedKeyRecord[] = []
+  for await (const record of store.list()) records.push(record)
+  return records
+}
+
+const logPath = () => join(directory, LOG_FILE_NAME)
+
+describe('crc32', () => {
+  it('matches the standard check value, so other tools can verify the log', () => {
+    expect(crc32(Buffer.from('123456789'))).toBe(0xcbf43926)
+    expect(crc32(Buffer.from('6789'), crc32(Buffer.from('12345')))).toBe(0xcbf43926)
+  })
+})
+
+describe('round trips across close and reopen', () => {
+  it('keeps records, the latest version, state changes and the wrapped DEK', async () => {
+    let store = await openStore()
+    await store.put(sealedRecord(1))
+    await store.put(sealedRecord(2))
+    await store.put(sealedRecord(2, 3))
+    await store.setState('key-1', 'frozen')
+    await store.putWrappedDek({ keyId: 'alias/dek', ciphertext: Uint8Array.of(1, 2, 3) })
+    await store.putWrappedDek({ keyId: 'alias/dek', ciphertext: Uint8Array.of(9, 9) })
+
+    for (let round = 0; round < 2; round++) {
+      expect(await store.get('key-1')).toEqual({ ...sealedRecord(1), state: 'frozen' })
+      expect(await store.get('key-2')).toEqual(sealedRecord(2, 3))
+      expect(await store.get('key-3')).toBeUndefined()
+      expect(await store.getWrappedDek()).toEqual({ keyId: 'alias/dek', ciphertext: Uint8Array.of(9, 9) })
+      const listed = await listAll(store)
+      expect(listed.map((record) => record.keyId).sort()).toEqual(['key-1', 'key-2'])
+      store = await reopen(store)
+    }
+  })
+
+  it('starts empty, with no wrapped DEK', async () => {
+    const store = await openStore()
+    expect(await listAll(store)).toEqual([])
+    expect(await store.getWrappedDek()).toBeUndefined()
+  })
+
+  it('hands out copies, so a caller mutating a record does not change the store', async () => {
+    const store = await openStore()
+    const record = sealedRecord(1)
+    const durable = store.put(record)
+    record.sealed.fill(0)
+    await durable
+    const stored = await store.get('key-1')
+    stored!.publicKey.fill(0)
+    expect(await store.get('key-1')).toEqual(sealedRecord(1))
+  })
+
+  it('refuses a state change for an unknown key and a version older than the stored one', async () => {
+    const store = await openStore()
+    await expect(store.setState('missing', 'archived')).rejects.toThrow(/not stored/)
+    await store.put(sealedRecord(1, 5))
+    await expect(store.put(sealedRecord(1, 4))).rejects.toThrow(/older/)
+    await expect(store.put({ ...sealedRecord(2), state: 'lost' as never })).rejects.toThrow(/unknown key state/)
+  })
+
+  it('makes writes queued before close durable, and refuses writes after it', async () => {
+    const store = await openStore({ groupCommitMs: 1_000 })
+    const durable = store.put(sealedRecord(1))
+    await store.close()
+    await durable
+    await expect(store.put(sealedRecord(2))).rejects.toThrow(/closed/)
+    expect(await (await openStore()).get('key-1')).toEqual(sealedRecord(1))
+  })
+})
+
+describe('group commit', () => {
+  it('resolves 5,000 concurrent puts with far fewer fsyncs than puts, all there after reopen', async () => {
+    let store = await openStore()
+    const count = 5_000
+    await Promise.all(Array.from({ length: count }, (_, index) => store.put(sealedRecord(index))))
+    const stats = store.stats()
+    expect(stats.records).toBe(count)
+    expect(stats.groups).toBeGreaterThanOrEqual(Math.ceil(count / 1024))
+    expect(stats.fsyncs).toBeLessThan(count / 100)
+    expect(stats.writes).toBeLessThan(count / 100)
+
+    store = await reopen(store)
+    const listed = await listAll(store)
+    expect(listed).toHaveLength(count)
+    expect(await store.get('key-4321')).toEqual(sealedRecord(4321))
+  })
+
+  it('flushes at once when maxGroup is reached, without waiting for the timer', async () => {
+    const store = await openDiskBlobStore({ directory, groupCommitMs: 60_000, maxGroup: 10 })
+    opened.push(store)
+    await Promise.all(Array.from({ length: 30 }, (_, index) => store.put(sealedRecord(index))))
+    expect(store.stats().groups).toBe(3)
+  })
+})
+
+describe('torn and corrupt tails', () => {
+  async function storeThreeRecords(): Promise<number[]> {
+    const store = await openStore()
+    const sizes: number[] = []
+    for (const index of [1, 2, 3]) {
+      await store.put(sealedRecord(index))
+      sizes.push((await stat(logPath())).size)
+    }
+    await store.close()
+    return sizes
+  }
+
+  it('truncates appended garbage, keeps every earlier record, and appends after it', async () => {
+    const [, , sizeAfterThird] = await storeThreeRecords()
+    await appendFile(logPath(), Buffer.from('\x07\x00\x00\x00garbage that never checks out'))
+
+    let store = await openStore()
+    expect((await listAll(store)).map((record) => record.keyId).sort()).toEqual(['key-1', 'key-2', 'key-3'])
+    expect((await stat(logPath())).size).toBe(sizeAfterThird)
+    await store.put(sealedRecord(4))
+    store = await reopen(store)
+    expect(await listAll(store)).toHaveLength(4)
+  })
+
+  it('drops a record cut off mid-write and keeps the ones before it', async () => {
+    const [, sizeAfterSecond, sizeAfterThird] = await storeThreeRecords()
+    await truncate(logPath(), sizeAfterThird! - 5)
+
+    const store = await openStore()
+    expect((await listAll(store)).map((record) => record.keyId).sort()).toEqual(['key-1', 'key-2'])
+    expect((await stat(logPath())).size).toBe(sizeAfterSecond)
+  })
+
+  it('drops a last record whose bytes were corrupted (CRC mismatch)', async () => {
+    const [, sizeAfterSecond, sizeAfterThird] = await storeThreeRecords()
+    const bytes = await readFile(logPath())
+    bytes[sizeAfterThird! - 1]! ^= 0xff
+    await writeFile(logPath(), bytes)
+
+    const store = await openStore()
+    expect(await store.get('key-3')).toBeUndefined()
+    expect(await store.get('key-2')).toEqual(sealedRecord(2))
+    expect((await stat(logPath())).size).toBe(sizeAfterSecond)
+  })
+
+  it('treats a zero-filled tail (size grew, data never landed) as torn', async () => {
+    const [, , sizeAfterThird] = await storeThreeRecords()
+    await appendFile(logPath(), Buffer.alloc(4096))
+    const store = await openStore()
+    expect(await listAll(store)).toHaveLength(3)
+    expect((await stat(logPath())).size).toBe(sizeAfterThird)
+  })
+
+  it('re-creates a log whose header was torn at birth, and refuses a file that is not a log', async () => {
+    await writeFile(logPath(), Buffer.from('seal'))
+    const store = await openStore()
+    await store.put(sealedRecord(1))
+    expect(await (await reopen(store)).get('key-1')).toEqual(sealedRecord(1))
+
+    await rm(logPath())
+    await writeFile(logPath(), 'someone else’s file, long enough to have a header')
+    await expect(openDiskBlobStore({ directory })).rejects.toThrow(/not a sealed-blob log/)
+    expect(await readFile(logPath(), 'utf8')).toBe('someone else’s file, long enough to have a header')
+  })
+})
+
+describe('failed writes', () => {
+  /** The real file system, except that the log's sync or write fails once `failing` says so. */
+  function faultyFileSystem(failing: { sync: boolean; write: boolean }): BlobStoreFileSystem {
+    return {
+      async open(path, flags) {
+        const handle = await open(path, flags)
+        const file: LogFile = {
+          read: (buffer, offset, length, position) => handle.read(buffer, offset, length, position),
+          write: async (buffer, offset, length) => {
+            if (failing.write) throw Object.assign(new Error('ENOSPC: no space left on device'), { code: 'ENOSPC' })
+            return handle.write(buffer, offset, length)
+          },
+          sync: async () => {
+            if (failing.sync) throw Object.assign(new Error('EIO: i/o error, fsync'), { code: 'EIO' })
+            return handle.sync()
+          },
+          truncate: (length) => handle.truncate(length),
+          stat: () => handle.stat(),
+          close: () => handle.close(),
+        }
+        return file
+      },
+    }
+  }
+
+  it('rejects every put waiting on a failed fsync, and every write after it', async () => {
+    const failing = { sync: false, write: false }
+    const store = await openStore({ fileSystem: faultyFileSystem(failing) })
+    await store.put(sealedRecord(0))
+    failing.sync = true
+
+    const outcomes = await Promise.allSettled(Array.from({ length: 50 }, (_, index) => store.put(sealedRecord(index + 1))))
+    expect(outcomes.every((outcome) => outcome.status === 'rejected')).toBe(true)
+    expect(String((outcomes[0] as PromiseRejectedResult).reason)).toMatch(/EIO/)
+    // Nothing written after a failed fsync can be trusted, even if a retry would succeed.
+    failing.sync = false
+    await expect(store.put(sealedRecord(99))).rejects.toThrow(/reopen/)
+    await expect(store.setState('key-0', 'frozen')).rejects.toThrow(/reopen/)
+    // The acknowledged record was never in doubt.
+    await store.close()
+    expect(await (await openStore()).get('key-0')).toEqual(sealedRecord(0))
+  })
+
+  it('rejects the puts of a group whose write fails', async () => {
+    const failing = { sync: false, write: false }
+    const store = await openStore({ fileSystem: faultyFileSystem(failing) })
+    failing.write = true
+    const outcomes = await Promise.allSettled([store.put(sealedRecord(1)), store.putWrappedDek({ keyId: 'k', ciphertext: Uint8Array.of(1) })])
+    expect(outcomes.map((outcome) => outcome.status)).toEqual(['rejected', 'rejected'])
+    expect(await store.get('key-1')).toBeUndefined()
+  })
+})
+
+describe('crash', () => {
+  it('keeps every put that resolved before kill -9', { timeout: 60_000 }, async () => {
+    const script = join(directory, 'writer.mjs')
+    const storeDirectory = join(directory, 'store')
+    await mkdir(storeDirectory)
+    await writeFile(
+      script,
+      `import { openDiskBlobStore } from ${JSON.stringify(pathToFileURL(storeModule).href)}
+const store = await openDiskBlobStore({ directory: process.argv[2] })
+process.stdout.write('ready\\n')
+let next = 0
+async function writer() {
+  for (;;) {
+    const keyId = 'key-' + next++
+    await store.put({ keyId, version: 1, state: 'active', publicKey: new Uint8Array(65).fill(4), sealed: new Uint8Array(60).fill(next % 256) })
+    process.stdout.write(keyId + '\\n')
+  }
+}
+await Promise.all(Array.from({ length: 32 }, writer))
+`,
+    )
+
+    const child = spawn(process.execPath, ['--import', 'tsx', script, storeDirectory], { cwd: projectRoot, stdio: ['ignore', 'pipe', 'pipe'] })
+    let stdout = ''
+    let stderr = ''
+    child.stdout.setEncoding('utf8').on('data', (chunk: string) => (stdout += chunk))
+    child.stderr.setEncoding('utf8').on('data', (chunk: string) => (stderr += chunk))
+    const exited = new Promise<NodeJS.Signals | null>((resolveExit) => child.once('exit', (_code, signal) => resolveExit(signal)))
+
+    // The 300 ms of writing start once the store is open, not when tsx starts compiling.
+    await new Promise<void>((ready, failed) => {
+      const onData = () => {
+        if (stdout.startsWith('ready\n')) child.stdout.off('data', onData), ready()
+      }
+      child.stdout.on('data', onData)
+      child.once('exit', () => failed(new Error(`writer exited before it was ready: ${stderr}`)))
+    })
+    await new Promise((wait) => setTimeout(wait, 300))
+    child.kill('SIGKILL')
+    expect(await exited).toBe('SIGKILL')
+
+    // Only whole lines: a line cut short by the kill was never fully printed.
+    const printed = stdout.split('\n').slice(1, -1)
+    expect(printed.length).toBeGreaterThan(100)
+
+    const store = await openDiskBlobStore({ directory: storeDirectory })
+    opened.push(store)
+    const stored = new Set<string>()
+    for await (const record of store.list()) stored.add(record.keyId)
+    const missing = printed.filter((keyId) => !stored.has(keyId))
+    expect(missing).toEqual([])
+    expect(stored.size).toBeGreaterThanOrEqual(printed.length)
+  })
+})

@@ -1,0 +1,560 @@
+import { randomBytes } from 'node:crypto'
+import { describe, expect, it } from 'vitest'
+import { KeyCache, type AcquireResult, type KeyCacheAuditEvent, type KeyCacheOptions } from '../../enclave-origin/enclave/keyCache.js'
+import { SealingError, sealPrivateKey } from '../../enclave-origin/enclave/sealing.js'
+import type { KeyState, SealedKeyRecord } from '../../enclave-origin/types.js'
+
+const minute = 60_000
+const zeros = new Uint8Array(32)
+
+function randomSecret(): Uint8Array {
+  return new Uint8Array(randomBytes(32))
+}
+
+/** `unlock` as KMS would answer it, held at a gate the test opens, and able to fail on demand. */
+function controlledUnlock(dek: Uint8Array) {
+  let calls = 0
+  let failures = 0
+  let openGate: () => void = () => {}
+  let gate = new Promise<void>((resolve) => (openGate = resolve))
+  return {
+    unlock: async (): Promise<Uint8Array> => {
+      calls += 1
+      await gate
+      if (failures > 0) {
+        failures -= 1
+        throw new Error('KMS Decrypt failed')
+      }
+      return new Uint8Array(dek) // a copy: the cache owns (and zeroes) what it is given
+    },
+    calls: () => calls,
+    open: () => openGate(),
+    close: () => {
+      gate = new Promise<void>((resolve) => (openGate = resolve))
+    },
+    failNext: (count: number) => {
+      failures = count
+    },
+  }
+}
+
+/** A cache on a hand-moved clock, its DEK, its unlock, what it audited, and keys sealed under that DEK. */
+function harness(options: Partial<KeyCacheOptions> & { unlockGate?: 'open' | 'closed' } = {}) {
+  const { unlockGate = 'open', ...cacheOptions } = options
+  let time = 1_700_000_000_000
+  const dek = randomSecret()
+  const unlock = controlledUnlock(dek)
+  if (unlockGate === 'open') unlock.open()
+  const audits: KeyCacheAuditEvent[] = []
+  const cache = new KeyCache({
+    now: () => time,
+    random: () => 0.5,
+    unlock: unlock.unlock,
+    audit: (event) => audits.push(event),
+    ...cacheOptions,
+  })
+  return {
+    cache,
+    unlock,
+    audits,
+    advance: (ms: number) => {
+      time += ms
+    },
+    /** A copy of the DEK, as an explicit UNLOCK would install it. */
+    dekCopy: () => new Uint8Array(dek),
+    /** A fresh key sealed under the DEK; `privateKey` is what the cache should hand back. */
+    key: ({ keyId = 'key-1', version = 1, state = 'active' as KeyState, sealingDek = dek } = {}) => {
+      const privateKey = randomSecret()
+      const record: SealedKeyRecord = {
+        keyId,
+        version,
+        state,
+        publicKey: new Uint8Array(65),
+        sealed: sealPrivateKey({ privateKey, dek: sealingDek, keyId, version }),
+      }
+      return { record, privateKey }
+    },
+  }
+}
+
+/** Lets queued background work (setImmediate turns and microtasks) run. */
+async function settle(): Promise<void> {
+  for (let turn = 0; turn < 3; turn++) await new Promise((resolve) => setImmediate(resolve))
+}
+
+function signingKey(result: AcquireResult): Uint8Array {
+  if (result.kind !== 'ok') throw new Error(`expected a key, got ${JSON.stringify(result)}`)
+  return result.privateKey
+}
+
+function withKeyCopied(result: AcquireResult): AcquireResult {
+  return result.kind === 'ok' ? { ...result, privateKey: new Uint8Array(result.privateKey) } : result
+}
+
+describe('KeyCache transitions', () => {
+  it('re-derives a COOL key from its sealed record on first use, which makes it WARM', () => {
+    const { cache, key, dekCopy } = harness()
+    const { record, privateKey } = key()
+    cache.setDek(dekCopy())
+    cache.load(record)
+    expect(cache.cacheState('key-1')).toBe('COOL')
+
+    const result = cache.acquire('key-1')
+
+    expect(result).toEqual({ kind: 'ok', privateKey, grace: false })
+    expect(cache.cacheState('key-1')).toBe('WARM')
+    expect(cache.stats()).toMatchObject({ refreshes: 1, inlineRefreshMs: { count: 1 } })
+  })
+
+  it('signs a WARM key at once and refreshes it in the background once past its soft TTL, resetting the TTLs', async () => {
+    const { cache, key, dekCopy, advance } = harness()
+    const { record, privateKey } = key()
+    cache.setDek(dekCopy())
+    const held = new Uint8Array(privateKey)
+    cache.addWarm({ record, privateKey: held })
+
+    advance(15 * minute - 1)
+    expect(signingKey(cache.acquire('key-1'))).toBe(held)
+    await cache.idle()
+    expect(cache.stats().refreshes).toBe(0)
+
+    advance(1)
+    expect(signingKey(cache.acquire('key-1'))).toBe(held)
+    expect(cache.stats().refreshes).toBe(0) // not on the request path
+    await cache.idle()
+    expect(cache.stats().refreshes).toBe(1)
+    expect(held).toEqual(zeros) // the replaced plaintext is wiped
+    expect(cache.cacheState('key-1')).toBe('WARM')
+
+    advance(15 * minute - 1)
+    expect(signingKey(cache.acquire('key-1'))).toEqual(privateKey)
+    await cache.idle()
+    expect(cache.stats().refreshes).toBe(1) // the refresh restarted the soft TTL
+  })
+
+  it('refreshes inline once a key is past its hard TTL, on the request that finds it so', () => {
+    const { cache, key, dekCopy, advance } = harness()
+    const { record, privateKey } = key()
+    cache.setDek(dekCopy())
+    const held = new Uint8Array(privateKey)
+    cache.addWarm({ record, privateKey: held })
+
+    advance(16 * minute)
+    expect(cache.cacheState('key-1')).toBe('COOL')
+    const refreshed = signingKey(cache.acquire('key-1'))
+
+    expect(refreshed).toEqual(privateKey)
+    expect(refreshed).not.toBe(held)
+    expect(held).toEqual(zeros)
+    expect(cache.stats()).toMatchObject({ refreshes: 1, inlineRefreshMs: { count: 1 } })
+    expect(cache.cacheState('key-1')).toBe('WARM')
+  })
+
+  it('counts an inline refresh that takes longer than its budget, and times each one', () => {
+    let tick = 0
+    const slow = harness({ monotonicNow: () => (tick += 5) })
+    slow.cache.setDek(slow.dekCopy())
+    slow.cache.load(slow.key().record)
+    slow.cache.acquire('key-1')
+    expect(slow.cache.stats()).toMatchObject({ inlineRefreshOverBudget: 1, inlineRefreshMs: { count: 1, sum: 5, max: 5 } })
+
+    const fast = harness({ monotonicNow: () => (tick += 1) })
+    fast.cache.setDek(fast.dekCopy())
+    fast.cache.load(fast.key().record)
+    fast.cache.acquire('key-1')
+    expect(fast.cache.stats()).toMatchObject({ inlineRefreshOverBudget: 0, inlineRefreshMs: { count: 1, sum: 1 } })
+  })
+
+  it('refreshes inline when the use budget is spent', async () => {
+    const { cache, key, dekCopy } = harness({ keyUseBudget: 3, keyLowWaterMark: 0 })
+    const { record, privateKey } = key()
+    cache.setDek(dekCopy())
+    const held = new Uint8Array(privateKey)
+    cache.addWarm({ record, privateKey: held })
+
+    for (let use = 0; use < 3; use++) expect(signingKey(cache.acquire('key-1'))).toBe(held)
+    await cache.idle()
+    expect(cache.stats().refreshes).toBe(0)
+    expect(cache.cacheState('key-1')).toBe('COOL')
+
+    expect(signingKey(cache.acquire('key-1'))).toEqual(privateKey)
+    expect(cache.stats().refreshes).toBe(1)
+    expect(held).toEqual(zeros)
+  })
+
+  it('refreshes in the background once the uses left fall below the low-water mark, restoring the budget', async () => {
+    const { cache, key, dekCopy } = harness({ keyUseBudget: 10, keyLowWaterMark: 3 })
+    const { record, privateKey } = key()
+    cache.setDek(dekCopy())
+    cache.addWarm({ record, privateKey: new Uint8Array(privateKey) })
+
+    for (let use = 0; use < 7; use++) cache.acquire('key-1') // 3 left: at the mark, not below it
+    await cache.idle()
+    expect(cache.stats().refreshes).toBe(0)
+
+    cache.acquire('key-1')
+    await cache.idle()
+    expect(cache.stats().refreshes).toBe(1)
+
+    for (let use = 0; use < 7; use++) expect(signingKey(cache.acquire('key-1'))).toEqual(privateKey)
+    await cache.idle()
+    expect(cache.stats().refreshes).toBe(1)
+  })
+
+  it('answers needs-unlock once both the key and the DEK have lapsed, unlocks in the background, and the retry finds the key WARM', async () => {
+    const { cache, key, dekCopy, advance, unlock } = harness({ unlockGate: 'closed' })
+    const { record, privateKey } = key()
+    cache.setDek(dekCopy())
+    cache.load(record)
+    cache.acquire('key-1')
+
+    advance(60 * minute)
+    expect(cache.cacheState('key-1')).toBe('INVALID')
+    const answer = cache.acquire('key-1')
+
+    expect(answer.kind).toBe('needs-unlock')
+    const { retryAfterMs } = answer as Extract<AcquireResult, { kind: 'needs-unlock' }>
+    expect(retryAfterMs).toBeGreaterThanOrEqual(50)
+    expect(retryAfterMs).toBeLessThanOrEqual(200)
+    expect(cache.stats()).toMatchObject({ needsUnlock: 1, keys: { INVALID: 1 } })
+
+    unlock.open()
+    await cache.idle()
+    expect(unlock.calls()).toBe(1)
+    expect(cache.stats()).toMatchObject({ unlocks: 1, keys: { WARM: 1, COOL: 0, INVALID: 0 } })
+    expect(cache.acquire('key-1')).toEqual({ kind: 'ok', privateKey, grace: false })
+  })
+
+  it('jitters retry-after uniformly across 50–200 ms', () => {
+    const draws = [0, 0.5, 0.999_999]
+    const { cache, key } = harness({ unlockGate: 'closed', random: () => draws.shift() ?? 0 })
+    cache.load(key().record)
+
+    const retries = [0, 1, 2].map(() => (cache.acquire('key-1') as { retryAfterMs: number }).retryAfterMs)
+
+    expect(retries).toEqual([50, 125, 200])
+  })
+
+  it('renews the DEK in the background when a refresh finds it past its soft TTL', async () => {
+    const { cache, key, dekCopy, advance, unlock } = harness()
+    cache.setDek(dekCopy())
+    advance(41 * minute)
+    cache.addWarm({ record: key().record, privateKey: randomSecret() }) // its soft TTL lands after the DEK's
+
+    advance(15 * minute) // key past soft TTL; DEK past its soft (55 min), before its hard (60 min) TTL
+    cache.acquire('key-1')
+    await cache.idle()
+
+    expect(unlock.calls()).toBe(1)
+    expect(cache.stats()).toMatchObject({ refreshes: 1, unlocks: 1 })
+    advance(17 * minute) // past the first DEK's hard TTL and the key's: only a renewed DEK leaves it COOL
+    expect(cache.cacheState('key-1')).toBe('COOL')
+  })
+
+  it('starts a DEK renewal from an inline refresh too, when the DEK is past its soft TTL', async () => {
+    const { cache, key, dekCopy, advance, unlock } = harness()
+    cache.setDek(dekCopy())
+    advance(56 * minute)
+    cache.load(key().record)
+
+    cache.acquire('key-1')
+    await cache.idle()
+
+    expect(unlock.calls()).toBe(1)
+    expect(cache.stats().unlocks).toBe(1)
+  })
+
+  it('counts a failed unlock, and lets the next acquire start another', async () => {
+    const { cache, key, unlock } = harness()
+    unlock.failNext(1)
+    cache.load(key().record)
+
+    expect(cache.acquire('key-1').kind).toBe('needs-unlock')
+    await cache.idle()
+    expect(cache.stats()).toMatchObject({ unlocks: 0, unlockFailures: 1 })
+    expect(cache.cacheState('key-1')).toBe('INVALID')
+
+    expect(cache.acquire('key-1').kind).toBe('needs-unlock')
+    await cache.idle()
+    expect(unlock.calls()).toBe(2)
+    expect(cache.stats()).toMatchObject({ unlocks: 1, unlockFailures: 1 })
+    expect(cache.cacheState('key-1')).toBe('WARM')
+  })
+
+  it('throws SealingError, counted and audited, when a record will not open under the DEK', () => {
+    const { cache, key, dekCopy, audits } = harness()
+    cache.setDek(dekCopy())
+    cache.load(key({ sealingDek: randomSecret() }).record)
+
+    expect(() => cache.acquire('key-1')).toThrow(SealingError)
+    expect(cache.stats().refreshFailures).toBe(1)
+    expect(audits).toEqual([expect.objectContaining({ type: 'refresh-failed', keyId: 'key-1', version: 1 })])
+  })
+})
+
+describe('KeyCache single-flight', () => {
+  it('makes exactly one unlock() call for 1,000 concurrent acquires of a cold key with no DEK', async () => {
+    const { cache, key, unlock } = harness({ unlockGate: 'closed' })
+    const { record, privateKey } = key()
+    cache.load(record)
+
+    const answers = await Promise.all(Array.from({ length: 1000 }, async () => cache.acquire('key-1')))
+    await settle()
+
+    expect(answers.every((answer) => answer.kind === 'needs-unlock')).toBe(true)
+    expect(unlock.calls()).toBe(1)
+    unlock.open()
+    await cache.idle()
+    expect(unlock.calls()).toBe(1)
+    expect(cache.stats()).toMatchObject({ needsUnlock: 1000, unlocks: 1, refreshes: 1 })
+    expect(cache.acquire('key-1')).toEqual({ kind: 'ok', privateKey, grace: false })
+  })
+
+  it('runs one background refresh of a key at a time, however many acquires ask for it', async () => {
+    // The DEK has lapsed, so the refresh waits on an unlock the test holds back: it stays in flight.
+    const { cache, key, dekCopy, advance, unlock } = harness({ unlockGate: 'closed' })
+    cache.setDek(dekCopy())
+    advance(50 * minute)
+    cache.addWarm({ record: key().record, privateKey: randomSecret() })
+    advance(15.5 * minute) // key past soft TTL, before hard; DEK past hard
+
+    for (let use = 0; use < 100; use++) expect(cache.acquire('key-1')).toMatchObject({ kind: 'ok', grace: false })
+    await settle()
+    for (let use = 0; use < 100; use++) cache.acquire('key-1')
+    expect(unlock.calls()).toBe(1)
+
+    unlock.open()
+    await cache.idle()
+    expect(cache.stats()).toMatchObject({ refreshes: 1, unlocks: 1 })
+  })
+})
+
+describe('KeyCache grace signatures', () => {
+  it('gives exactly the configured number of grace signatures while INVALID, each audited, then needs-unlock', async () => {
+    const { cache, key, dekCopy, advance, audits, unlock } = harness({ graceSignatures: 3, unlockGate: 'closed' })
+    const { record, privateKey } = key()
+    cache.setDek(dekCopy())
+    const held = new Uint8Array(privateKey)
+    cache.addWarm({ record, privateKey: held })
+    advance(61 * minute) // the key's hard TTL and the DEK's have both passed
+
+    // Copied as they come: the last acquire wipes the lapsed buffer they share.
+    const graced = [0, 1, 2].map(() => withKeyCopied(cache.acquire('key-1')))
+    const after = cache.acquire('key-1')
+
+    expect(graced).toEqual(Array(3).fill({ kind: 'ok', privateKey, grace: true }))
+    expect(after.kind).toBe('needs-unlock')
+    expect(audits.map(({ type, keyId }) => ({ type, keyId }))).toEqual(Array(3).fill({ type: 'grace-signature', keyId: 'key-1' }))
+    expect(audits.map((event) => (event as { graceLeft: number }).graceLeft)).toEqual([2, 1, 0])
+    expect(cache.stats()).toMatchObject({ graceSignatures: 3, needsUnlock: 1 })
+    expect(held).toEqual(zeros) // lapsed plaintext goes once no grace is left for it
+    await settle()
+    expect(unlock.calls()).toBe(1)
+
+    unlock.open()
+    await cache.idle()
+    expect(cache.acquire('key-1')).toEqual({ kind: 'ok', privateKey, grace: false })
+  })
+
+  it('counts grace signatures across all keys, not per key', () => {
+    const { cache, key, dekCopy, advance } = harness({ graceSignatures: 3, unlockGate: 'closed' })
+    cache.setDek(dekCopy())
+    cache.addWarm({ record: key({ keyId: 'a' }).record, privateKey: randomSecret() })
+    cache.addWarm({ record: key({ keyId: 'b' }).record, privateKey: randomSecret() })
+    advance(61 * minute)
+
+    const answers = ['a', 'a', 'b', 'b'].map((keyId) => cache.acquire(keyId).kind)
+
+    expect(answers).toEqual(['ok', 'ok', 'ok', 'needs-unlock'])
+  })
+
+  it('gives none by default: lapsed plaintext is wiped and the caller told to retry', () => {
+    const { cache, key, dekCopy, advance, audits } = harness({ unlockGate: 'closed' })
+    cache.setDek(dekCopy())
+    const held = randomSecret()
+    cache.addWarm({ record: key().record, privateKey: held })
+    advance(61 * minute)
+
+    expect(cache.acquire('key-1').kind).toBe('needs-unlock')
+    expect(held).toEqual(zeros)
+    expect(audits).toEqual([])
+  })
+})
+
+describe('KeyCache key lifecycle', () => {
+  it.each(['frozen', 'archived'] as const)('never signs with a %s key, and wipes its plaintext', (state) => {
+    const { cache, key, dekCopy } = harness()
+    cache.setDek(dekCopy())
+    const held = randomSecret()
+    cache.addWarm({ record: key().record, privateKey: held })
+
+    expect(cache.setState('key-1', state)).toBe(true)
+
+    expect(cache.acquire('key-1')).toEqual({ kind: 'not-active', state })
+    expect(held).toEqual(zeros)
+    expect(cache.get('key-1')?.record.state).toBe(state)
+  })
+
+  it.each(['frozen', 'archived'] as const)('never opens a %s record loaded from the parent', (state) => {
+    const { cache, key, dekCopy } = harness()
+    cache.setDek(dekCopy())
+    cache.load(key({ state }).record)
+
+    expect(cache.acquire('key-1')).toEqual({ kind: 'not-active', state })
+    expect(cache.stats().refreshes).toBe(0)
+  })
+
+  it('signs again from the sealed record once a frozen key is made active', () => {
+    const { cache, key, dekCopy } = harness()
+    const { record, privateKey } = key()
+    cache.setDek(dekCopy())
+    cache.addWarm({ record, privateKey: new Uint8Array(privateKey) })
+    cache.setState('key-1', 'frozen')
+
+    cache.setState('key-1', 'active')
+
+    expect(cache.acquire('key-1')).toEqual({ kind: 'ok', privateKey, grace: false })
+  })
+
+  it('answers not-found for a key it does not hold', () => {
+    const { cache } = harness()
+    expect(cache.acquire('missing')).toEqual({ kind: 'not-found' })
+    expect(cache.get('missing')).toBeUndefined()
+    expect(cache.cacheState('missing')).toBeUndefined()
+    expect(cache.setState('missing', 'frozen')).toBe(false)
+  })
+
+  it('reports each record with its cache state, and counts keys per state', () => {
+    const { cache, key, dekCopy, advance } = harness()
+    cache.setDek(dekCopy())
+    cache.addWarm({ record: key({ keyId: 'warm' }).record, privateKey: randomSecret() })
+    const cool = key({ keyId: 'cool' }).record
+    cache.load(cool)
+
+    expect(cache.get('cool')).toEqual({ record: cool, cacheState: 'COOL' })
+    expect(cache.stats().keys).toEqual({ WARM: 1, COOL: 1, INVALID: 0 })
+    advance(60 * minute)
+    expect(cache.stats().keys).toEqual({ WARM: 0, COOL: 0, INVALID: 2 })
+  })
+})
+
+describe('KeyCache wipes plaintext it drops', () => {
+  it('when a record is replaced by a new version, and not when the parent re-sends the same one', () => {
+    const { cache, key, dekCopy } = harness()
+    cache.setDek(dekCopy())
+    const { record } = key()
+    const held = randomSecret()
+    cache.addWarm({ record, privateKey: held })
+
+    cache.load({ ...record })
+    expect(cache.cacheState('key-1')).toBe('WARM')
+    expect(held).not.toEqual(zeros)
+
+    cache.load(key({ version: 2 }).record)
+    expect(cache.cacheState('key-1')).toBe('COOL')
+    expect(held).toEqual(zeros)
+  })
+
+  it('when the pre-warmer evicts a key past its hard TTL that nobody used', () => {
+    const { cache, key, dekCopy, advance } = harness()
+    cache.setDek(dekCopy())
+    const held = randomSecret()
+    cache.addWarm({ record: key().record, privateKey: held })
+
+    advance(16 * minute)
+    cache.tickPrewarm()
+
+    expect(held).toEqual(zeros)
+    expect(cache.cacheState('key-1')).toBe('COOL')
+  })
+
+  it('when a DEK is replaced or passes its hard TTL', () => {
+    const { cache, dekCopy, advance } = harness()
+    const first = dekCopy()
+    const second = dekCopy()
+    cache.setDek(first)
+    cache.setDek(second)
+    expect(first).toEqual(zeros)
+    expect(second).not.toEqual(zeros)
+
+    advance(60 * minute)
+    cache.tickPrewarm()
+    expect(second).toEqual(zeros)
+  })
+
+  it('on clear(): every key and the DEK', async () => {
+    const { cache, key, dekCopy, unlock } = harness({ unlockGate: 'closed' })
+    const dek = dekCopy()
+    cache.setDek(dek)
+    const held = [randomSecret(), randomSecret()]
+    cache.addWarm({ record: key({ keyId: 'a' }).record, privateKey: held[0]! })
+    cache.addWarm({ record: key({ keyId: 'b' }).record, privateKey: held[1]! })
+
+    cache.clear()
+
+    expect(held).toEqual([zeros, zeros])
+    expect(dek).toEqual(zeros)
+    expect(cache.stats().keys).toEqual({ WARM: 0, COOL: 0, INVALID: 0 })
+    unlock.open()
+    await cache.idle()
+  })
+})
+
+describe('KeyCache pre-warmer', () => {
+  // random() is 0.5 and the jitter 10%: keys re-warm 45 s before their 15-minute soft TTL.
+  it('refreshes a hot key shortly before its soft TTL, and leaves a key nobody used alone', async () => {
+    const { cache, key, dekCopy, advance, unlock } = harness()
+    cache.setDek(dekCopy())
+    cache.addWarm({ record: key({ keyId: 'hot' }).record, privateKey: randomSecret() })
+    cache.addWarm({ record: key({ keyId: 'idle' }).record, privateKey: randomSecret() })
+    cache.acquire('hot')
+
+    advance(14 * minute)
+    cache.tickPrewarm()
+    await cache.idle()
+    expect(cache.stats().refreshes).toBe(0)
+
+    advance(16_000)
+    cache.tickPrewarm()
+    await cache.idle()
+    expect(cache.stats().refreshes).toBe(1)
+    advance(2 * minute) // past the idle key's hard TTL...
+    expect(cache.stats().keys).toEqual({ WARM: 1, COOL: 1, INVALID: 0 }) // ...only the hot one was kept warm
+    expect(unlock.calls()).toBe(0)
+  })
+
+  it('renews the DEK in the background before its soft TTL', async () => {
+    // 55-minute soft TTL, renewed 5% (2 min 45 s) early.
+    const { cache, key, dekCopy, advance, unlock } = harness()
+    cache.setDek(dekCopy())
+    cache.load(key().record)
+
+    advance(52 * minute)
+    cache.tickPrewarm()
+    await cache.idle()
+    expect(unlock.calls()).toBe(0)
+
+    advance(30_000)
+    cache.tickPrewarm()
+    await cache.idle()
+    expect(unlock.calls()).toBe(1)
+    expect(cache.stats().unlocks).toBe(1)
+
+    advance(10 * minute) // past the first DEK's hard TTL
+    expect(cache.cacheState('key-1')).toBe('COOL')
+  })
+
+  it('fetches a DEK before any request when keys are loaded and none is held, and not for an empty cache', async () => {
+    const empty = harness()
+    empty.cache.tickPrewarm()
+    await empty.cache.idle()
+    expect(empty.unlock.calls()).toBe(0)
+
+    const { cache, key, unlock } = harness()
+    cache.load(key().record)
+    cache.tickPrewarm()
+    await cache.idle()
+    expect(unlock.calls()).toBe(1)
+    expect(cache.cacheState('key-1')).toBe('COOL')
+  })
+})

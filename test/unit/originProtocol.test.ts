@@ -1,0 +1,318 @@
+import { describe, expect, it } from 'vitest'
+import { encodeFrame, FrameDecoder, FrameError, maxFrameBytes, opcodes, statuses, type Frame } from '../../enclave-origin/protocol/frames.js'
+import {
+  decodeCreateRequest,
+  decodeCreateResponse,
+  decodeEmptyPayload,
+  decodeErrorMessage,
+  decodeGetRequest,
+  decodeGetResponse,
+  decodeHealthResponse,
+  decodeLoadRequest,
+  decodeNeedsUnlock,
+  decodeSetStateRequest,
+  decodeSignRequest,
+  decodeSignResponse,
+  decodeUnlockRequest,
+  emptyPayload,
+  encodeCreateRequest,
+  encodeCreateResponse,
+  encodeErrorMessage,
+  encodeGetRequest,
+  encodeGetResponse,
+  encodeHealthResponse,
+  encodeLoadRequest,
+  encodeNeedsUnlock,
+  encodeSetStateRequest,
+  encodeSignRequest,
+  encodeSignResponse,
+  encodeUnlockRequest,
+  maxErrorMessageBytes,
+} from '../../enclave-origin/protocol/messages.js'
+
+/** Deterministic pseudo-random numbers (mulberry32), so a failing chunking can be replayed. */
+function seededRandom(seed: number): () => number {
+  let state = seed >>> 0
+  return () => {
+    state = (state + 0x6d2b79f5) >>> 0
+    let t = state
+    t = Math.imul(t ^ (t >>> 15), t | 1)
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61)
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296
+  }
+}
+
+function filled(length: number, byte: number): Uint8Array {
+  return new Uint8Array(length).fill(byte)
+}
+
+const digest = filled(32, 0xab)
+const publicKey = new Uint8Array(65).map((_, i) => (i === 0 ? 4 : i))
+const sealed = new Uint8Array(60).map((_, i) => 255 - i)
+
+/** A frame's declared-length header followed by `rest`, for hand-made malformed frames. */
+function rawFrame(declaredLength: number, rest: Uint8Array = new Uint8Array(0)): Uint8Array {
+  const bytes = Buffer.alloc(4 + rest.length)
+  bytes.writeUInt32BE(declaredLength, 0)
+  bytes.set(rest, 4)
+  return bytes
+}
+
+describe('every message survives encode then decode unchanged', () => {
+  it('SIGN request and response', () => {
+    expect(decodeSignRequest(encodeSignRequest({ keyId: 'paymaster-7', digest }))).toEqual({ keyId: 'paymaster-7', digest })
+    for (const recoveryId of [0, 1]) {
+      const response = { signature: filled(64, 0x11), recoveryId }
+      expect(decodeSignResponse(encodeSignResponse(response))).toEqual(response)
+    }
+  })
+
+  it('SIGN request with a multi-byte UTF-8 key id of exactly 128 bytes', () => {
+    const keyId = 'é'.repeat(64)
+    expect(Buffer.byteLength(keyId)).toBe(128)
+    expect(decodeSignRequest(encodeSignRequest({ keyId, digest })).keyId).toBe(keyId)
+  })
+
+  it('a key id keeps a leading byte-order mark: it is part of the id', () => {
+    expect(decodeGetRequest(encodeGetRequest({ keyId: '\ufeffk' })).keyId).toBe('\ufeffk')
+  })
+
+  it('SIGN request is the key id and the digest, nothing else', () => {
+    expect(encodeSignRequest({ keyId: 'k', digest })).toEqual(new Uint8Array([1, 0x6b, ...digest]))
+  })
+
+  it('CREATE request and response', () => {
+    expect(decodeCreateRequest(encodeCreateRequest({ keyId: 'new-key' }))).toEqual({ keyId: 'new-key' })
+    const response = { publicKey, sealed, version: 0xfffffffe }
+    expect(decodeCreateResponse(encodeCreateResponse(response))).toEqual(response)
+  })
+
+  it('LOAD request carries the whole sealed record, in every key state', () => {
+    for (const state of ['active', 'frozen', 'archived'] as const) {
+      const record = { keyId: 'restored', version: 3, state, publicKey, sealed }
+      expect(decodeLoadRequest(encodeLoadRequest(record))).toEqual(record)
+    }
+  })
+
+  it('GET request and response, in every cache state', () => {
+    expect(decodeGetRequest(encodeGetRequest({ keyId: 'g' }))).toEqual({ keyId: 'g' })
+    for (const cacheState of ['WARM', 'COOL', 'INVALID'] as const) {
+      const response = { state: 'frozen' as const, cacheState, publicKey }
+      expect(decodeGetResponse(encodeGetResponse(response))).toEqual(response)
+    }
+  })
+
+  it('SET_STATE request', () => {
+    for (const state of ['active', 'frozen', 'archived'] as const) {
+      expect(decodeSetStateRequest(encodeSetStateRequest({ keyId: 'k1', state }))).toEqual({ keyId: 'k1', state })
+    }
+  })
+
+  it('UNLOCK request with and without a preload identity', () => {
+    const wrappedDek = new Uint8Array(184).map((_, i) => i)
+    expect(decodeUnlockRequest(encodeUnlockRequest({ wrappedDek }))).toEqual({ wrappedDek })
+    expect(decodeUnlockRequest(encodeUnlockRequest({ wrappedDek, preloadIdentity: 'age1…identity' }))).toEqual({
+      wrappedDek,
+      preloadIdentity: 'age1…identity',
+    })
+  })
+
+  it('an absent preload identity is a zero length on the wire', () => {
+    const wrappedDek = filled(2, 9)
+    expect(encodeUnlockRequest({ wrappedDek })).toEqual(new Uint8Array([0, 0, 0, 2, 9, 9, 0, 0]))
+  })
+
+  it('HEALTH response is a JSON object', () => {
+    const health = { ok: true, keys: 12, dek: { cached: true, ttlMs: 1000 } }
+    expect(decodeHealthResponse(encodeHealthResponse(health))).toEqual(health)
+  })
+
+  it('empty payloads (HEALTH request; LOAD, SET_STATE and UNLOCK answers)', () => {
+    expect(emptyPayload.length).toBe(0)
+    expect(() => decodeEmptyPayload(emptyPayload, 'LOAD response')).not.toThrow()
+    expect(() => decodeEmptyPayload(new Uint8Array([0]), 'LOAD response')).toThrow(FrameError)
+  })
+
+  it('NEEDS_UNLOCK carries the retry delay', () => {
+    expect(decodeNeedsUnlock(encodeNeedsUnlock({ retryAfterMs: 250 }))).toEqual({ retryAfterMs: 250 })
+  })
+
+  it('error statuses carry a UTF-8 message', () => {
+    expect(decodeErrorMessage(encodeErrorMessage('key nope not found'))).toBe('key nope not found')
+  })
+
+  it('a long error message is truncated to 512 bytes without splitting a character', () => {
+    const message = 'x' + '€'.repeat(300) // 1 + 900 bytes; 512 falls inside a 3-byte character
+    const encoded = encodeErrorMessage(message)
+    expect(encoded.length).toBe(511)
+    expect(decodeErrorMessage(encoded)).toBe(message.slice(0, 1 + 170))
+    expect(encodeErrorMessage('y'.repeat(600)).length).toBe(maxErrorMessageBytes)
+  })
+
+  it('a frame keeps request id, opcode, status and payload', () => {
+    const frame = { requestId: 0xffffffff, opcode: opcodes.SIGN, status: statuses.NEEDS_UNLOCK, payload: encodeNeedsUnlock({ retryAfterMs: 5 }) }
+    expect(new FrameDecoder().push(encodeFrame(frame))).toEqual([frame])
+  })
+})
+
+describe('the frame decoder is independent of how the stream is chunked', () => {
+  function sampleFrames(count: number, random: () => number): Frame[] {
+    const opcodeValues = Object.values(opcodes)
+    const statusValues = Object.values(statuses)
+    return Array.from({ length: count }, (_, i) => ({
+      requestId: (i * 2654435761) >>> 0,
+      opcode: opcodeValues[i % opcodeValues.length]!,
+      status: statusValues[i % statusValues.length]!,
+      // Mostly small, some empty, some larger than a typical chunk.
+      payload: new Uint8Array(i % 97 === 0 ? 3000 : Math.floor(random() * 80)).map(() => Math.floor(random() * 256)),
+    }))
+  }
+
+  it('1,000 frames fed in random chunks of 1 byte up to several frames decode identically', () => {
+    const random = seededRandom(0x5eed)
+    const frames = sampleFrames(1000, random)
+    const stream = Buffer.concat(frames.map((frame) => encodeFrame(frame)))
+    const decoder = new FrameDecoder({ maxFrameBytes })
+    const decoded: Frame[] = []
+    for (let offset = 0; offset < stream.length; ) {
+      const size = random() < 0.3 ? 1 + Math.floor(random() * 4) : 1 + Math.floor(random() * 400)
+      decoded.push(...decoder.push(stream.subarray(offset, offset + size)))
+      offset += size
+    }
+    expect(decoded).toEqual(frames)
+    expect(decoder.bufferedBytes).toBe(0)
+  })
+
+  it('the same stream one byte at a time', () => {
+    const frames = sampleFrames(50, seededRandom(7))
+    const stream = Buffer.concat(frames.map((frame) => encodeFrame(frame)))
+    const decoder = new FrameDecoder()
+    const decoded = Array.from(stream).flatMap((byte) => decoder.push(new Uint8Array([byte])))
+    expect(decoded).toEqual(frames)
+  })
+
+  it('decoded payloads are copies: reusing the chunk buffer does not change them', () => {
+    const chunk = Buffer.from(encodeFrame({ requestId: 1, opcode: opcodes.GET, status: 0, payload: encodeGetRequest({ keyId: 'a' }) }))
+    const [frame] = new FrameDecoder().push(chunk)
+    chunk.fill(0)
+    expect(decodeGetRequest(frame!.payload)).toEqual({ keyId: 'a' })
+  })
+
+  it('a partial frame is held until the rest arrives', () => {
+    const bytes = encodeFrame({ requestId: 9, opcode: opcodes.HEALTH, status: 0, payload: emptyPayload })
+    const decoder = new FrameDecoder()
+    expect(decoder.push(bytes.subarray(0, 7))).toEqual([])
+    expect(decoder.bufferedBytes).toBe(7)
+    expect(decoder.push(bytes.subarray(7))).toEqual([{ requestId: 9, opcode: opcodes.HEALTH, status: 0, payload: new Uint8Array(0) }])
+  })
+
+  it('100k SIGN frames pushed as one buffer all decode', () => {
+    const frames = Array.from({ length: 100_000 }, (_, i) =>
+      encodeFrame({ requestId: i, opcode: opcodes.SIGN, status: 0, payload: encodeSignRequest({ keyId: `k${i}`, digest }) }),
+    )
+    const stream = Buffer.concat(frames)
+    expect(stream.length).toBeGreaterThan(4 * 1024 * 1024)
+    const decoded = new FrameDecoder().push(stream)
+    expect(decoded.length).toBe(100_000)
+    expect(decodeSignRequest(decoded[99_999]!.payload)).toEqual({ keyId: 'k99999', digest })
+  })
+})
+
+describe('bad frame lengths throw FrameError and poison the decoder', () => {
+  it('a declared length above the limit throws as soon as the length arrives', () => {
+    const decoder = new FrameDecoder({ maxFrameBytes: 1024 })
+    expect(() => decoder.push(rawFrame(1025))).toThrow(FrameError)
+  })
+
+  it('a length split across chunks is checked once complete', () => {
+    const decoder = new FrameDecoder()
+    const header = rawFrame(maxFrameBytes + 1)
+    expect(decoder.push(header.subarray(0, 2))).toEqual([])
+    expect(() => decoder.push(header.subarray(2))).toThrow(/more than the 65536-byte limit/)
+  })
+
+  it('a frame of exactly the limit is accepted', () => {
+    const payload = filled(1024 - 6, 1)
+    const [frame] = new FrameDecoder({ maxFrameBytes: 1024 }).push(encodeFrame({ requestId: 1, opcode: 1, status: 0, payload, maxFrameBytes: 1024 }))
+    expect(frame!.payload).toEqual(payload)
+  })
+
+  it('a declared length shorter than the 6-byte header throws', () => {
+    expect(() => new FrameDecoder().push(rawFrame(5, filled(5, 0)))).toThrow(/shorter than the 6-byte header/)
+    expect(() => new FrameDecoder().push(rawFrame(0))).toThrow(FrameError)
+  })
+
+  it('after a bad frame the decoder refuses further input', () => {
+    const decoder = new FrameDecoder()
+    expect(() => decoder.push(rawFrame(2))).toThrow(FrameError)
+    const good = encodeFrame({ requestId: 1, opcode: opcodes.HEALTH, status: 0, payload: emptyPayload })
+    expect(() => decoder.push(good)).toThrow(FrameError)
+  })
+
+  it('a bad frame after good ones in the same chunk still throws', () => {
+    const good = encodeFrame({ requestId: 1, opcode: opcodes.HEALTH, status: 0, payload: emptyPayload })
+    expect(() => new FrameDecoder().push(Buffer.concat([good, rawFrame(3)]))).toThrow(FrameError)
+  })
+
+  it('encodeFrame refuses what a decoder would reject', () => {
+    expect(() => encodeFrame({ requestId: 1, opcode: 1, status: 0, payload: filled(maxFrameBytes - 5, 0) })).toThrow(FrameError)
+    expect(() => encodeFrame({ requestId: 2 ** 32, opcode: 1, status: 0, payload: emptyPayload })).toThrow(FrameError)
+    expect(() => encodeFrame({ requestId: 1, opcode: 256, status: 0, payload: emptyPayload })).toThrow(FrameError)
+    expect(() => encodeFrame({ requestId: 1, opcode: 1, status: -1, payload: emptyPayload })).toThrow(FrameError)
+  })
+})
+
+describe('malformed payloads throw FrameError', () => {
+  const validSign = encodeSignRequest({ keyId: 'k', digest })
+
+  it('a 31-byte digest', () => {
+    expect(() => decodeSignRequest(validSign.subarray(0, validSign.length - 1))).toThrow(/SIGN request: digest needs 32 bytes, 31 left/)
+    expect(() => encodeSignRequest({ keyId: 'k', digest: filled(31, 0) })).toThrow(FrameError)
+  })
+
+  it('a key id of 0 bytes', () => {
+    expect(() => decodeSignRequest(new Uint8Array([0, ...digest]))).toThrow(/key id is 0 bytes/)
+    expect(() => encodeSignRequest({ keyId: '', digest })).toThrow(FrameError)
+  })
+
+  it('a key id of 129 bytes', () => {
+    expect(() => decodeGetRequest(new Uint8Array([129, ...filled(129, 0x61)]))).toThrow(/key id is 129 bytes/)
+    expect(() => encodeGetRequest({ keyId: 'a'.repeat(129) })).toThrow(FrameError)
+  })
+
+  it('a key id that is not valid UTF-8, or not well-formed Unicode', () => {
+    expect(() => decodeGetRequest(new Uint8Array([2, 0xc3, 0x28]))).toThrow(/not valid UTF-8/)
+    expect(() => encodeGetRequest({ keyId: 'lone \ud800' })).toThrow(FrameError)
+  })
+
+  it('trailing bytes', () => {
+    expect(() => decodeSignRequest(new Uint8Array([...validSign, 0]))).toThrow(/1 trailing bytes/)
+    expect(() => decodeNeedsUnlock(new Uint8Array(5))).toThrow(FrameError)
+    expect(() => decodeSignResponse(new Uint8Array(66))).toThrow(FrameError)
+    const create = encodeCreateResponse({ publicKey, sealed, version: 1 })
+    expect(() => decodeCreateResponse(new Uint8Array([...create, 1, 2]))).toThrow(FrameError)
+  })
+
+  it('a sealed blob whose length runs past the payload', () => {
+    const load = Buffer.from(encodeLoadRequest({ keyId: 'r', version: 1, state: 'active', publicKey, sealed }))
+    load.writeUInt32BE(sealed.length + 1, load.length - sealed.length - 4)
+    expect(() => decodeLoadRequest(load)).toThrow(/sealed needs 61 bytes, 60 left/)
+  })
+
+  it('a bad enum value', () => {
+    expect(() => decodeSetStateRequest(new Uint8Array([1, 0x6b, 3]))).toThrow(/key state 3/)
+    const get = encodeGetResponse({ state: 'active', cacheState: 'WARM', publicKey })
+    expect(() => decodeGetResponse(new Uint8Array([0, 3, ...get.subarray(2)]))).toThrow(/cache state 3/)
+    expect(() => decodeSignResponse(new Uint8Array([...filled(64, 1), 2]))).toThrow(/recoveryId 2/)
+    expect(() => encodeSetStateRequest({ keyId: 'k', state: 'deleted' as never })).toThrow(FrameError)
+  })
+
+  it('a health body that is not a JSON object', () => {
+    expect(() => decodeHealthResponse(Buffer.from('{"ok":'))).toThrow(/not JSON/)
+    expect(() => decodeHealthResponse(Buffer.from('[1]'))).toThrow(/not a JSON object/)
+  })
+
+  it('an error message longer than 512 bytes', () => {
+    expect(() => decodeErrorMessage(filled(513, 0x61))).toThrow(FrameError)
+  })
+})

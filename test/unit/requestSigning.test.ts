@@ -1,0 +1,36 @@
+import { describe, expect, it } from 'vitest'
+import { RequestVerifier, signRequest, signatureHeaders } from '../../enclave-origin/protocol/requestSigning.js'
+
+const body = new TextEncoder().encode('{"digest":"0x01"}')
+
+function verifierAt(clock: { now: number }) {
+  return new RequestVerifier({ secrets: { worker: 'shared-secret-for-tests' }, maxSkewMs: 30_000, now: () => clock.now })
+}
+
+async function signed(overrides: Partial<Parameters<typeof signRequest>[0]> = {}) {
+  return signRequest({ keyId: 'worker', secret: 'shared-secret-for-tests', method: 'POST', path: '/v1/keys/k/sign', body, now: 1_000_000, ...overrides })
+}
+
+const check = (verifier: RequestVerifier, headers: Record<string, string>, change: { path?: string; body?: Uint8Array } = {}) =>
+  verifier.verify({ method: 'POST', path: change.path ?? '/v1/keys/k/sign', headers: (name) => headers[name], body: change.body ?? body })
+
+describe('HMAC request signing between the Worker and the parent', () => {
+  it('accepts a fresh, correctly signed request once, and rejects its replay', async () => {
+    const verifier = verifierAt({ now: 1_000_500 })
+    const headers = await signed()
+    expect(await check(verifier, headers)).toBeUndefined()
+    expect(await check(verifier, headers)).toBe('replayed')
+  })
+
+  it('rejects stale timestamps, unknown keys, missing headers, and any change to path, body or signature', async () => {
+    const verifier = verifierAt({ now: 1_000_000 + 31_000 })
+    expect(await check(verifier, await signed())).toBe('stale')
+    const fresh = verifierAt({ now: 1_000_000 })
+    expect(await check(fresh, await signed({ keyId: 'someone' }))).toBe('unknown-key')
+    const headers = await signed()
+    expect(await check(fresh, { ...headers, [signatureHeaders.signature]: '' })).toBe('missing')
+    expect(await check(fresh, headers, { path: '/v1/keys/other/sign' })).toBe('bad-signature')
+    expect(await check(fresh, headers, { body: new TextEncoder().encode('{"digest":"0x02"}') })).toBe('bad-signature')
+    expect(await check(fresh, await signed({ secret: 'wrong' }))).toBe('bad-signature')
+  })
+})
