@@ -70,6 +70,9 @@ export type AcquireResult =
   | { kind: 'not-found' }
   | { kind: 'not-active'; state: Exclude<KeyState, 'active'> }
 
+/** Upper bounds (ms) of the rehydrate latency histogram. */
+export const rehydrateBucketsMs = [0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10]
+
 export type KeyCacheStats = {
   keys: Record<CacheState, number>
   /** Re-derivations of plaintext from a sealed record, inline and in the background. */
@@ -81,7 +84,8 @@ export type KeyCacheStats = {
   graceSignatures: number
   inlineRefreshOverBudget: number
   /** Latency of inline refreshes (the rehydrate on the request path), as histogram sum/count/max. */
-  inlineRefreshMs: { count: number; sum: number; max: number }
+  /** Inline refresh (rehydrate) latency: totals, and counts per bucket of `rehydrateBucketsMs` (the last counts everything above). */
+  inlineRefreshMs: { count: number; sum: number; max: number; buckets: number[] }
 }
 
 type KeyEntry = {
@@ -126,7 +130,7 @@ export class KeyCache {
     graceSignatures: 0,
     inlineRefreshOverBudget: 0,
   }
-  private readonly inlineRefreshMs = { count: 0, sum: 0, max: 0 }
+  private readonly inlineRefreshMs = { count: 0, sum: 0, max: 0, buckets: new Array<number>(rehydrateBucketsMs.length + 1).fill(0) }
 
   constructor(options: KeyCacheOptions) {
     const { now, random, monotonicNow, unlock, audit, ...overrides } = options
@@ -272,7 +276,7 @@ export class KeyCache {
     const now = this.now()
     const keys: Record<CacheState, number> = { WARM: 0, COOL: 0, INVALID: 0 }
     for (const entry of this.entries.values()) keys[this.stateOf(entry, now)] += 1
-    return { keys, ...this.counters, inlineRefreshMs: { ...this.inlineRefreshMs } }
+    return { keys, ...this.counters, inlineRefreshMs: { ...this.inlineRefreshMs, buckets: [...this.inlineRefreshMs.buckets] } }
   }
 
   /** Resolves once no refresh or unlock is in flight (tests, and draining before shutdown). */
@@ -297,6 +301,8 @@ export class KeyCache {
     this.inlineRefreshMs.count += 1
     this.inlineRefreshMs.sum += elapsedMs
     this.inlineRefreshMs.max = Math.max(this.inlineRefreshMs.max, elapsedMs)
+    const bucket = rehydrateBucketsMs.findIndex((upper) => elapsedMs <= upper)
+    this.inlineRefreshMs.buckets[bucket === -1 ? rehydrateBucketsMs.length : bucket]! += 1
     if (elapsedMs > this.config.inlineRefreshBudgetMs) this.counters.inlineRefreshOverBudget += 1
     entry.usesLeft -= 1
     entry.lastUsedAt = now

@@ -57,8 +57,6 @@ export class OriginParent {
       poolSize: number
       store: BlobStore
       requestTimeoutMs: number
-      /** Observes each enclave round trip, for metrics. */
-      onRoundTrip?: (opcode: Opcode, milliseconds: number, status: number) => void
     },
   ) {
     this.enclaves = options.enclaves.map(({ id, address }) => ({ id, pool: new EnclavePool({ address, size: options.poolSize }), unlocking: undefined }))
@@ -66,10 +64,7 @@ export class OriginParent {
   }
 
   private async call(enclave: Enclave, opcode: Opcode, payload: Uint8Array): Promise<Frame> {
-    const started = performance.now()
-    const frame = await enclave.pool.request({ opcode, payload, timeoutMs: this.options.requestTimeoutMs })
-    this.options.onRoundTrip?.(opcode, performance.now() - started, frame.status)
-    return frame
+    return enclave.pool.request({ opcode, payload, timeoutMs: this.options.requestTimeoutMs })
   }
 
   /** Non-OK statuses as errors; NEEDS_UNLOCK also starts that enclave's unlock at once. */
@@ -135,14 +130,17 @@ export class OriginParent {
     return { keyId, publicKey: bytesToHex(created.publicKey), address: publicKeyToAddress(bytesToHex(created.publicKey)), state: 'active' }
   }
 
-  async sign(keyId: string, digest: Uint8Array): Promise<{ signature: Hex; recoveryId: number }> {
+  /** Signs a digest; `rpcMs` is the parent↔enclave round trip (enclave work included). */
+  async sign(keyId: string, digest: Uint8Array): Promise<{ signature: Hex; recoveryId: number; rpcMs: number }> {
     const enclave = this.ring.nodeFor(keyId)
+    const started = performance.now()
     let frame = await this.call(enclave, opcodes.SIGN, encodeSignRequest({ keyId, digest }))
     if (frame.status === statuses.NOT_FOUND && (await this.reload(enclave, keyId))) {
       frame = await this.call(enclave, opcodes.SIGN, encodeSignRequest({ keyId, digest }))
     }
+    const rpcMs = performance.now() - started
     const { signature, recoveryId } = decodeSignResponse(this.check(enclave, frame).payload)
-    return { signature: bytesToHex(signature), recoveryId }
+    return { signature: bytesToHex(signature), recoveryId, rpcMs }
   }
 
   /** An enclave that restarted has lost its records: hand it the stored one. */

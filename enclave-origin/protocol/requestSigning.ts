@@ -1,7 +1,13 @@
+import { hmac } from '@noble/hashes/hmac'
+import { sha256 } from '@noble/hashes/sha2'
+import { bytesToHex, hexToBytes, randomBytes } from '@noble/hashes/utils'
+
 /**
  * HMAC-SHA256 request signing between the Worker (keyless backend) and the
- * parent's HTTPS API. Runtime-neutral (Web Crypto only): the same code signs
- * in workerd and verifies in Node.
+ * parent's HTTPS API. Runtime-neutral and synchronous (@noble/hashes): the
+ * same code signs in workerd and verifies in Node, and no request waits on
+ * Node's small Web Crypto thread pool, which is what limits the parent at
+ * hundreds of requests in flight.
  *
  * Signed string: METHOD \n path \n timestamp (unix ms) \n nonce \n hex(SHA-256(body)).
  * Headers: x-origin-key-id, x-origin-timestamp, x-origin-nonce, x-origin-signature (hex).
@@ -16,17 +22,9 @@ export const signatureHeaders = {
 
 const encoder = new TextEncoder()
 
-function hex(bytes: ArrayBuffer | Uint8Array): string {
-  return [...new Uint8Array(bytes)].map((b) => b.toString(16).padStart(2, '0')).join('')
-}
-
-async function hmacKey(secret: string): Promise<CryptoKey> {
-  return crypto.subtle.importKey('raw', encoder.encode(secret), { name: 'HMAC', hash: 'SHA-256' }, false, ['sign', 'verify'])
-}
-
-async function stringToSign(options: { method: string; path: string; timestamp: string; nonce: string; body: Uint8Array }): Promise<Uint8Array> {
-  const bodyHash = hex(await crypto.subtle.digest('SHA-256', options.body))
-  return encoder.encode([options.method.toUpperCase(), options.path, options.timestamp, options.nonce, bodyHash].join('\n'))
+function mac(options: { secret: Uint8Array; method: string; path: string; timestamp: string; nonce: string; body: Uint8Array }): Uint8Array {
+  const signed = [options.method.toUpperCase(), options.path, options.timestamp, options.nonce, bytesToHex(sha256(options.body))].join('\n')
+  return hmac(sha256, options.secret, encoder.encode(signed))
 }
 
 /** The headers that authenticate one request. */
@@ -39,13 +37,12 @@ export async function signRequest(options: {
   now?: number
 }): Promise<Record<string, string>> {
   const timestamp = String(options.now ?? Date.now())
-  const nonce = hex(crypto.getRandomValues(new Uint8Array(16)))
-  const mac = await crypto.subtle.sign('HMAC', await hmacKey(options.secret), await stringToSign({ ...options, timestamp, nonce }))
+  const nonce = bytesToHex(randomBytes(16))
   return {
     [signatureHeaders.keyId]: options.keyId,
     [signatureHeaders.timestamp]: timestamp,
     [signatureHeaders.nonce]: nonce,
-    [signatureHeaders.signature]: hex(mac),
+    [signatureHeaders.signature]: bytesToHex(mac({ ...options, secret: encoder.encode(options.secret), timestamp, nonce })),
   }
 }
 
@@ -53,18 +50,15 @@ export type VerificationFailure = 'missing' | 'unknown-key' | 'stale' | 'replaye
 
 /**
  * Verifies signed requests: known key id, timestamp within `maxSkewMs` of now,
- * a nonce not seen within that window, and the MAC (compared in constant time
- * by crypto.subtle.verify). Nonces are remembered only as long as a timestamp
- * could still be accepted.
+ * a nonce not seen within that window, and the MAC, compared in constant time.
+ * Nonces are remembered only as long as a timestamp could still be accepted.
  */
 export class RequestVerifier {
-  private readonly keys = new Map<string, Promise<CryptoKey>>()
+  private readonly secrets: Map<string, Uint8Array>
   private readonly seen = new Map<string, number>()
 
-  constructor(
-    private readonly options: { secrets: Record<string, string>; maxSkewMs?: number; now?: () => number },
-  ) {
-    for (const [keyId, secret] of Object.entries(options.secrets)) this.keys.set(keyId, hmacKey(secret))
+  constructor(private readonly options: { secrets: Record<string, string>; maxSkewMs?: number; now?: () => number }) {
+    this.secrets = new Map(Object.entries(options.secrets).map(([keyId, secret]) => [keyId, encoder.encode(secret)]))
   }
 
   async verify(options: { method: string; path: string; headers: (name: string) => string | undefined; body: Uint8Array }): Promise<VerificationFailure | undefined> {
@@ -73,17 +67,15 @@ export class RequestVerifier {
     const nonce = options.headers(signatureHeaders.nonce)
     const signature = options.headers(signatureHeaders.signature)
     if (!keyId || !timestamp || !nonce || !signature || !/^[0-9a-f]{64}$/.test(signature) || !/^[0-9a-f]{16,64}$/.test(nonce)) return 'missing'
-    const key = this.keys.get(keyId)
-    if (!key) return 'unknown-key'
+    const secret = this.secrets.get(keyId)
+    if (!secret) return 'unknown-key'
     const now = (this.options.now ?? Date.now)()
     const window = this.options.maxSkewMs ?? 30_000
     if (!/^\d{1,15}$/.test(timestamp) || Math.abs(now - Number(timestamp)) > window) return 'stale'
     this.forgetOldNonces(now, window)
     const nonceKey = `${keyId}:${nonce}`
     if (this.seen.has(nonceKey)) return 'replayed'
-    const mac = Uint8Array.from(signature.match(/../g)!.map((byte) => parseInt(byte, 16)))
-    const valid = await crypto.subtle.verify('HMAC', await key, mac, await stringToSign({ ...options, timestamp, nonce }))
-    if (!valid) return 'bad-signature'
+    if (!equalInConstantTime(hexToBytes(signature), mac({ ...options, secret, timestamp, nonce }))) return 'bad-signature'
     this.seen.set(nonceKey, now)
     return undefined
   }
@@ -95,4 +87,10 @@ export class RequestVerifier {
       this.seen.delete(nonce)
     }
   }
+}
+
+function equalInConstantTime(a: Uint8Array, b: Uint8Array): boolean {
+  let difference = a.length ^ b.length
+  for (let i = 0; i < a.length; i++) difference |= a[i]! ^ (b[i] ?? 0)
+  return difference === 0
 }

@@ -53,6 +53,7 @@ export type Origin = {
   startEnclave(): Promise<void>
   startParent(): Promise<void>
   kill(which: 'enclave' | 'parent'): void
+  pids(): { enclave?: number; parent?: number }
   stop(): Promise<void>
   request(method: 'GET' | 'POST', path: string, body?: unknown): Promise<{ status: number; body: Record<string, unknown>; headers: Headers }>
 }
@@ -94,6 +95,7 @@ export async function startOrigin(options: { kms: LocalKms; kmsKeyId: string; en
       await until(async () => (await fetch(`${url}/healthz`)).ok, 'the parent', child, () => outputs.parent!)
     },
     kill: (which) => children[which]?.kill('SIGKILL'),
+    pids: () => ({ enclave: children.enclave?.pid, parent: children.parent?.pid }),
     stop: async () => {
       await Promise.all(Object.values(children).map((child) => child && stopProcess(child)))
     },
