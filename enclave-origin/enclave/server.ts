@@ -1,6 +1,7 @@
 import { randomBytes } from 'node:crypto'
 import { createServer, type Server, type Socket } from 'node:net'
 import secp256k1 from 'secp256k1'
+import { CoalescingWriter } from '../protocol/coalescingWriter.js'
 import { encodeFrame, FrameDecoder, FrameError, isOpcode, opcodes, statuses, type Frame, type Status } from '../protocol/frames.js'
 import {
   decodeCreateRequest,
@@ -130,6 +131,7 @@ export function serveEnclave(options: { service: EnclaveService; log: (fields: R
     sockets.add(socket)
     socket.setNoDelay(true)
     const decoder = new FrameDecoder()
+    const writer = new CoalescingWriter(socket)
     socket.on('data', (chunk: Uint8Array) => {
       let frames: Frame[]
       try {
@@ -145,9 +147,7 @@ export function serveEnclave(options: { service: EnclaveService; log: (fields: R
               error instanceof FrameError ? fail(statuses.BAD_REQUEST, error.message) : fail(statuses.INTERNAL, (error as Error).message),
             )
           : Promise.resolve(fail(statuses.BAD_REQUEST, `unknown opcode ${frame.opcode}`))
-        void answer.then(({ status, payload }) => {
-          if (!socket.destroyed) socket.write(encodeFrame({ requestId: frame.requestId, opcode: frame.opcode, status, payload }))
-        })
+        void answer.then(({ status, payload }) => writer.write(encodeFrame({ requestId: frame.requestId, opcode: frame.opcode, status, payload })))
       }
     })
     socket.on('error', () => {})

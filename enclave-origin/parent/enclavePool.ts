@@ -1,4 +1,5 @@
 import { connect, type Socket } from 'node:net'
+import { CoalescingWriter } from '../protocol/coalescingWriter.js'
 import { encodeFrame, FrameDecoder, type Frame, type Opcode } from '../protocol/frames.js'
 
 /** Where an enclave listens: vsock in production (via a socket path or proxy), TCP or a Unix socket here. */
@@ -13,6 +14,7 @@ export class EnclaveUnavailableError extends Error {}
 class EnclaveConnection {
   private readonly pending = new Map<number, Pending>()
   private readonly decoder = new FrameDecoder()
+  private readonly writer: CoalescingWriter
   private nextId = 1
   closed = false
 
@@ -21,6 +23,7 @@ class EnclaveConnection {
     onClose: () => void,
   ) {
     socket.setNoDelay(true)
+    this.writer = new CoalescingWriter(socket)
     socket.on('data', (chunk: Uint8Array) => {
       let frames: Frame[]
       try {
@@ -66,7 +69,7 @@ class EnclaveConnection {
         reject(new EnclaveUnavailableError(`the enclave did not answer within ${options.timeoutMs} ms`))
       }, options.timeoutMs)
       this.pending.set(requestId, { resolve, reject, timer })
-      this.socket.write(encodeFrame({ requestId, opcode: options.opcode, status: 0, payload: options.payload }))
+      this.writer.write(encodeFrame({ requestId, opcode: options.opcode, status: 0, payload: options.payload }))
     })
   }
 }
