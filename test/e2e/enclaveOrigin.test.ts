@@ -81,6 +81,26 @@ describe('the enclave origin API', () => {
     expect([first.status, replay.status]).toEqual([200, 401])
   })
 
+  it('an enclave restarted alone has lost keys and data key: the parent reloads the key, answers 503 with a Retry-After while it unlocks, then signs', async () => {
+    const { body } = await origin.request('POST', '/v1/keys')
+    await origin.kill('enclave')
+    await origin.startEnclave()
+    const digest = keccak256(toHex('after an enclave restart'))
+    const first = await signWithOrigin(body.keyId as string, digest)
+    expect(first.status).toBe(503)
+    const retryAfterMs = Number(first.headers.get('retry-after-ms'))
+    expect(retryAfterMs).toBeGreaterThanOrEqual(37)
+    expect(retryAfterMs).toBeLessThanOrEqual(250)
+    let answer = first
+    for (let attempt = 0; attempt < 20 && answer.status === 503; attempt++) {
+      await new Promise((resolve) => setTimeout(resolve, Number(answer.headers.get('retry-after-ms') ?? 100)))
+      answer = await signWithOrigin(body.keyId as string, digest)
+    }
+    expect(answer.status).toBe(200)
+    expect(await recovered(digest, answer.body as never)).toBe(body.address)
+    expect(await (await fetch(`${origin.url}/metrics`)).text()).toMatch(/origin_needs_unlock_total [1-9]/)
+  })
+
   it('/metrics exposes sign latency, requests and the enclave cache state', async () => {
     const text = await (await fetch(`${origin.url}/metrics`)).text()
     expect(text).toContain('origin_sign_latency_seconds_bucket{le="0.01",phase="total"}')
@@ -130,8 +150,7 @@ describe('crash safety', () => {
     }
     const creators = Array.from({ length: 16 }, creator)
     await new Promise((resolve) => setTimeout(resolve, 600))
-    origin.kill('enclave')
-    origin.kill('parent')
+    await Promise.all([origin.kill('enclave'), origin.kill('parent')])
     stop = true
     await Promise.all(creators)
     expect(acknowledged.length).toBeGreaterThan(20)

@@ -1,5 +1,4 @@
 import { spawn, type ChildProcess } from 'node:child_process'
-import { connect } from 'node:net'
 import { CreateKeyCommand, KMSClient } from '@aws-sdk/client-kms'
 import { signRequest } from '../../enclave-origin/protocol/requestSigning.js'
 import { stopProcess } from './anvil.js'
@@ -37,23 +36,15 @@ async function until(check: () => Promise<boolean>, what: string, child: ChildPr
   throw new Error(`${what} did not start:\n${output().slice(-2_000)}`)
 }
 
-function acceptsConnections(port: number): Promise<boolean> {
-  return new Promise((resolve) => {
-    const socket = connect(port, '127.0.0.1')
-    socket.once('connect', () => {
-      socket.destroy()
-      resolve(true)
-    })
-    socket.once('error', () => resolve(false))
-  })
-}
-
 export type Origin = {
   url: string
   startEnclave(): Promise<void>
   startParent(): Promise<void>
-  kill(which: 'enclave' | 'parent'): void
+  /** SIGKILL, resolved once the process is gone. */
+  kill(which: 'enclave' | 'parent'): Promise<void>
   pids(): { enclave?: number; parent?: number }
+  /** What each process printed since it last started (for diagnosing a failure). */
+  logs(): Record<string, string>
   stop(): Promise<void>
   request(method: 'GET' | 'POST', path: string, body?: unknown): Promise<{ status: number; body: Record<string, unknown>; headers: Headers }>
 }
@@ -88,14 +79,22 @@ export async function startOrigin(options: { kms: LocalKms; kmsKeyId: string; en
     url,
     startEnclave: async () => {
       const child = start('enclave')
-      await until(() => acceptsConnections(options.enclavePort), 'the enclave', child, () => outputs.enclave!)
+      // The process says so once it listens; a port check could reach a predecessor still dying.
+      await until(async () => outputs.enclave!.includes('"enclave_listening"'), 'the enclave', child, () => outputs.enclave!)
     },
     startParent: async () => {
       const child = start('parent')
       await until(async () => (await fetch(`${url}/healthz`)).ok, 'the parent', child, () => outputs.parent!)
     },
-    kill: (which) => children[which]?.kill('SIGKILL'),
+    kill: (which) =>
+      new Promise<void>((resolve) => {
+        const child = children[which]
+        if (!child || child.exitCode !== null || child.signalCode !== null) return resolve()
+        child.once('exit', () => resolve())
+        child.kill('SIGKILL')
+      }),
     pids: () => ({ enclave: children.enclave?.pid, parent: children.parent?.pid }),
+    logs: () => ({ ...outputs }),
     stop: async () => {
       await Promise.all(Object.values(children).map((child) => child && stopProcess(child)))
     },
