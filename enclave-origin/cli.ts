@@ -5,18 +5,25 @@
  *   origin parent                  start the parent process (settings: parent/main.ts)
  *   origin create-keys --count N   create keys in bulk through the parent, with a progress bar;
  *                                  prints one JSON line {keyId, address} per key
- *   origin unlock                  have every enclave unwrap the data key again
+ *   origin unlock [--preload-identity-file F]
+ *                                  have every enclave unwrap the data key again (and, in preload
+ *                                  mode, load its share file with the age identity in F)
+ *   origin preload-identity        a new age identity for a share file: prints {identity, recipient}
+ *   origin seal-shares --in F --recipient R --out G
+ *                                  age-encrypt a [{account_id, share}] JSON file for preload mode
  *   origin status                  the parent's /healthz
  *
  * The client commands use ORIGIN_URL, ORIGIN_HMAC_KEY_ID and ORIGIN_HMAC_SECRET.
  */
+import { readFileSync, writeFileSync } from 'node:fs'
 import { setting } from './config.js'
+import { generatePreloadIdentity, sealShareFile, type ShareFileEntry } from './preloadFiles.js'
 import { runEnclave } from './enclave/main.js'
 import { runParent } from './parent/main.js'
 import { signRequest } from './protocol/requestSigning.js'
 
-async function call(method: 'GET' | 'POST', path: string): Promise<Record<string, unknown>> {
-  const body = new Uint8Array()
+async function call(method: 'GET' | 'POST', path: string, json?: unknown): Promise<Record<string, unknown>> {
+  const body = new TextEncoder().encode(json === undefined ? '' : JSON.stringify(json))
   const headers = await signRequest({ keyId: setting('ORIGIN_HMAC_KEY_ID', 'operator'), secret: setting('ORIGIN_HMAC_SECRET'), method, path, body })
   const response = await fetch(`${setting('ORIGIN_URL', 'http://127.0.0.1:8443')}${path}`, { method, headers, body: method === 'POST' ? body : undefined })
   const answer = (await response.json()) as Record<string, unknown>
@@ -64,7 +71,17 @@ const commands: Record<string, () => Promise<unknown>> = {
   enclave: () => serve(runEnclave),
   parent: () => serve(runParent),
   'create-keys': () => createKeys(Number(option('count') ?? 1), Number(option('concurrency') ?? 64)),
-  unlock: async () => console.log(JSON.stringify(await call('POST', '/v1/unlock'))),
+  unlock: async () => {
+    const identityFile = option('preload-identity-file')
+    const preloadIdentity = identityFile ? readFileSync(identityFile, 'utf8').trim() : undefined
+    console.log(JSON.stringify(await call('POST', '/v1/unlock', preloadIdentity ? { preloadIdentity } : undefined)))
+  },
+  'preload-identity': async () => console.log(JSON.stringify(await generatePreloadIdentity())),
+  'seal-shares': async () => {
+    const entries = JSON.parse(readFileSync(option('in') ?? '', 'utf8')) as ShareFileEntry[]
+    writeFileSync(option('out') ?? '', await sealShareFile({ entries, recipient: option('recipient') ?? '' }))
+    console.error(`sealed ${entries.length} entries`)
+  },
   status: async () => console.log(JSON.stringify(await (await fetch(`${setting('ORIGIN_URL', 'http://127.0.0.1:8443')}/healthz`)).json(), null, 2)),
 }
 

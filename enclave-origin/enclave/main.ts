@@ -10,7 +10,9 @@ import { checkStartup, type EnclaveProfile } from './startupChecks.js'
  * The enclave process. Settings: ORIGIN_PROFILE (development|production),
  * ENCLAVE_LISTEN (host:port or socket path), KMS_KEY_ID, KMS_REGION,
  * KMS_ENDPOINT (optional), AWS credentials from the usual AWS_* variables,
- * ENGINE_THREADS, ENGINE_BATCHING (1|0), GRACE_SIGNATURES.
+ * ENGINE_THREADS, ENGINE_BATCHING (1|0), GRACE_SIGNATURES, and PRELOAD_FILE for
+ * preload mode (an age-encrypted [{account_id, share}] file whose identity an
+ * unlock delivers).
  */
 export async function runEnclave(): Promise<() => Promise<void>> {
   const profile = setting('ORIGIN_PROFILE', 'development') as EnclaveProfile
@@ -34,7 +36,7 @@ export async function runEnclave(): Promise<() => Promise<void>> {
     graceSignatures: numberSetting('GRACE_SIGNATURES', 0),
     audit: (event) => logLine({ level: 'warn', event: 'key_cache_audit', ...event }),
   })
-  service = new EnclaveService({ cache, engine, dataKeys, kmsKeyId })
+  service = new EnclaveService({ cache, engine, dataKeys, kmsKeyId, preloadFile: process.env.PRELOAD_FILE || undefined, log: logLine })
   const prewarm = setInterval(() => cache.tickPrewarm(), 5_000)
   prewarm.unref()
   const { server, close } = serveEnclave({ service, log: logLine })

@@ -22,6 +22,7 @@ import type { WrappedDek } from '../types.js'
 import type { KmsDataKeys } from './dataKey.js'
 import type { SignEngine } from './engine.js'
 import type { KeyCache } from './keyCache.js'
+import { loadPreloadFile, PreloadedKeys, PreloadError } from './preload.js'
 import { zero } from './sealing.js'
 
 type Answer = { status: Status; payload: Uint8Array }
@@ -36,10 +37,39 @@ const fail = (status: Status, message: string): Answer => ({ status, payload: en
 export class EnclaveService {
   /** The wrapped DEK from the last UNLOCK: what a background unlock unwraps again. */
   private wrappedDek: WrappedDek | undefined
+  /** Preload mode: account keys from the age-encrypted file, once an UNLOCK delivers its identity. */
+  private preloaded: PreloadedKeys | undefined
+  /** Why preloaded accounts cannot be served yet (preload mode only). */
+  private preloadRefusal: string | undefined
 
   constructor(
-    private readonly options: { cache: KeyCache; engine: SignEngine; dataKeys: KmsDataKeys; kmsKeyId: string },
-  ) {}
+    private readonly options: {
+      cache: KeyCache
+      engine: SignEngine
+      dataKeys: KmsDataKeys
+      kmsKeyId: string
+      /** Preload mode: the age-encrypted share file to load when UNLOCK delivers the identity. */
+      preloadFile?: string
+      log?: (fields: Record<string, unknown>) => void
+    },
+  ) {
+    if (options.preloadFile) this.preloadRefusal = 'the preload file is not loaded yet: UNLOCK with its age identity'
+  }
+
+  /** Loads the preload file; on any failure nothing preloaded is served, and the reason is kept for callers. */
+  private async preload(identity: string): Promise<void> {
+    try {
+      const loaded = await loadPreloadFile({ path: this.options.preloadFile!, identity, log: this.options.log ?? (() => {}) })
+      this.preloaded?.clear()
+      this.preloaded = new PreloadedKeys(loaded.keys)
+      this.preloadRefusal = undefined
+    } catch (error) {
+      this.preloaded?.clear()
+      this.preloaded = undefined
+      this.preloadRefusal = `preload failed: ${error instanceof PreloadError ? error.message : 'unexpected error'}`
+      throw new Error(this.preloadRefusal)
+    }
+  }
 
   /** For the key cache's `unlock` option: unwrap the DEK the parent last handed over. */
   unwrapLastDek = async (): Promise<Uint8Array> => {
@@ -54,7 +84,12 @@ export class EnclaveService {
         const { keyId, digest } = decodeSignRequest(frame.payload)
         const key = cache.acquire(keyId)
         if (key.kind === 'needs-unlock') return { status: statuses.NEEDS_UNLOCK, payload: encodeNeedsUnlock(key) }
-        if (key.kind === 'not-found') return fail(statuses.NOT_FOUND, `no key ${keyId}`)
+        if (key.kind === 'not-found') {
+          const account = this.preloaded?.get(keyId)
+          if (account) return { status: statuses.OK, payload: encodeSignResponse(await engine.sign({ privateKey: account, digest })) }
+          if (this.preloadRefusal) return fail(statuses.UNAVAILABLE, this.preloadRefusal)
+          return fail(statuses.NOT_FOUND, `no key ${keyId}`)
+        }
         if (key.kind === 'not-active') return fail(statuses.NOT_ACTIVE, `key ${keyId} is ${key.state}`)
         // The engine copies the key synchronously, as the cache requires.
         return { status: statuses.OK, payload: encodeSignResponse(await engine.sign({ privateKey: key.privateKey, digest })) }
@@ -83,7 +118,13 @@ export class EnclaveService {
         return cache.setState(keyId, state) ? { status: statuses.OK, payload: emptyPayload } : fail(statuses.NOT_FOUND, `no key ${keyId}`)
       }
       case opcodes.UNLOCK: {
-        const { wrappedDek } = decodeUnlockRequest(frame.payload)
+        const { wrappedDek, preloadIdentity } = decodeUnlockRequest(frame.payload)
+        if (preloadIdentity) {
+          if (!this.options.preloadFile) return fail(statuses.BAD_REQUEST, 'this enclave has no preload file')
+          await this.preload(preloadIdentity).catch(() => undefined)
+          if (this.preloadRefusal) return fail(statuses.BAD_REQUEST, this.preloadRefusal)
+          if (wrappedDek.length === 0) return { status: statuses.OK, payload: emptyPayload }
+        }
         if (wrappedDek.length === 0) {
           // Bootstrap: have KMS generate the data key; the parent stores only its wrapped form.
           const { dek, wrapped } = await this.options.dataKeys.generate()
@@ -99,7 +140,12 @@ export class EnclaveService {
         const stats = cache.stats()
         return {
           status: statuses.OK,
-          payload: encodeHealthResponse({ cacheStates: stats.keys, cache: { ...stats, keys: undefined }, engine: engine.stats() }),
+          payload: encodeHealthResponse({
+            cacheStates: stats.keys,
+            cache: { ...stats, keys: undefined },
+            engine: engine.stats(),
+            ...(this.options.preloadFile ? { preload: { accounts: this.preloaded?.size ?? 0, refusal: this.preloadRefusal ?? null } } : {}),
+          }),
         }
       }
       default:

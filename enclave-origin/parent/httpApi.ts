@@ -56,7 +56,8 @@ export function createParentApi(options: ParentApiOptions): Server {
     }
     if (request.method === 'POST' && path === '/v1/unlock') {
       route.name = 'unlock'
-      await options.parent.unlock()
+      const identity = preloadIdentityOf(body)
+      await (identity ? options.parent.unlockWithPreloadIdentity(identity) : options.parent.unlock())
       return send(response, 200, { ok: true })
     }
     if (keyRoute) {
@@ -101,7 +102,7 @@ export function createParentApi(options: ParentApiOptions): Server {
           return send(response, 503, { error: 'needs_unlock', retryAfterMs }, { 'retry-after': '1', 'retry-after-ms': String(retryAfterMs) })
         }
         if (error instanceof OriginRequestError) {
-          return send(response, { 'not-found': 404, 'not-active': 409, 'bad-request': 400 }[error.kind], { error: error.message })
+          return send(response, { 'not-found': 404, 'not-active': 409, 'bad-request': 400, unavailable: 503 }[error.kind], { error: error.message })
         }
         options.log({ level: 'error', event: 'origin_request_failed', route: route.name, error: (error as Error).message })
         return send(response, 503, { error: 'origin unavailable' })
@@ -132,6 +133,17 @@ async function readBody(request: IncomingMessage): Promise<Uint8Array | undefine
     chunks.push(chunk as Buffer)
   }
   return new Uint8Array(Buffer.concat(chunks))
+}
+
+/** `{"preloadIdentity": "AGE-SECRET-KEY-1…"}` in an unlock body, if any. */
+function preloadIdentityOf(body: Uint8Array): string | undefined {
+  if (body.length === 0) return undefined
+  try {
+    const { preloadIdentity } = JSON.parse(new TextDecoder().decode(body)) as { preloadIdentity?: unknown }
+    return typeof preloadIdentity === 'string' && preloadIdentity !== '' ? preloadIdentity : undefined
+  } catch {
+    return undefined
+  }
 }
 
 function parseDigest(body: Uint8Array): Uint8Array | undefined {

@@ -1,13 +1,16 @@
 import { readFileSync } from 'node:fs'
 import { listenAddress, logLine, numberSetting, setting } from '../config.js'
 import { RequestVerifier } from '../protocol/requestSigning.js'
+import { S3Client } from '@aws-sdk/client-s3'
 import { openDiskBlobStore } from './diskBlobStore.js'
+import { openS3BlobStore } from './s3BlobStore.js'
 import { createParentApi } from './httpApi.js'
 import { OriginParent } from './origin.js'
 
 /**
  * The parent process. Settings: PARENT_LISTEN (host:port), ENCLAVES
- * ("id=host:port,id2=/path/to.sock"), STORE_DIR, ORIGIN_HMAC_KEYS
+ * ("id=host:port,id2=/path/to.sock"), STORE (disk|s3) with STORE_DIR, or
+ * S3_BUCKET, S3_PREFIX, S3_REGION, S3_ENDPOINT and AWS_* credentials, ORIGIN_HMAC_KEYS
  * ("keyId:secret,…"), POOL_SIZE (16), REQUEST_TIMEOUT_MS, and for TLS
  * TLS_CERT_FILE, TLS_KEY_FILE, TLS_CA_FILE, TLS_REQUIRE_CLIENT_CERT=1.
  */
@@ -19,7 +22,18 @@ export async function runParent(): Promise<() => Promise<void>> {
       if (!id || !address) throw new Error(`ENCLAVES entry "${entry}" is not id=address`)
       return { id, address: listenAddress(address) }
     })
-  const store = await openDiskBlobStore({ directory: setting('STORE_DIR') })
+  const store =
+    setting('STORE', 'disk') === 's3'
+      ? await openS3BlobStore({
+          client: new S3Client({
+            region: setting('S3_REGION', 'us-east-1'),
+            endpoint: process.env.S3_ENDPOINT || undefined,
+            forcePathStyle: Boolean(process.env.S3_ENDPOINT),
+          }),
+          bucket: setting('S3_BUCKET'),
+          prefix: process.env.S3_PREFIX ?? '',
+        })
+      : await openDiskBlobStore({ directory: setting('STORE_DIR') })
   const parent = new OriginParent({ enclaves, poolSize: numberSetting('POOL_SIZE', 16), store, requestTimeoutMs: numberSetting('REQUEST_TIMEOUT_MS', 2_000) })
   await parent.start()
   const secrets = Object.fromEntries(

@@ -31,7 +31,7 @@ export class NeedsUnlockError extends Error {
 /** An answer from the enclave that is the caller's to act on (unknown key, frozen key, bad request). */
 export class OriginRequestError extends Error {
   constructor(
-    readonly kind: 'not-found' | 'not-active' | 'bad-request',
+    readonly kind: 'not-found' | 'not-active' | 'bad-request' | 'unavailable',
     message: string,
   ) {
     super(message)
@@ -81,6 +81,8 @@ export class OriginParent {
         throw new OriginRequestError('not-active', decodeErrorMessage(frame.payload))
       case statuses.BAD_REQUEST:
         throw new OriginRequestError('bad-request', decodeErrorMessage(frame.payload))
+      case statuses.UNAVAILABLE:
+        throw new OriginRequestError('unavailable', decodeErrorMessage(frame.payload))
       default:
         throw new Error(`enclave error: ${decodeErrorMessage(frame.payload)}`)
     }
@@ -106,6 +108,16 @@ export class OriginParent {
       if (loads.length >= 256) await Promise.all(loads.splice(0))
     }
     await Promise.all(loads)
+  }
+
+  /** Delivers the preload file's age identity to every enclave (preload mode), with the data key. */
+  async unlockWithPreloadIdentity(preloadIdentity: string): Promise<void> {
+    const wrapped = await this.options.store.getWrappedDek()
+    await Promise.all(
+      this.enclaves.map(async (enclave) =>
+        this.check(enclave, await this.call(enclave, opcodes.UNLOCK, encodeUnlockRequest({ wrappedDek: wrapped?.ciphertext ?? new Uint8Array(), preloadIdentity }))),
+      ),
+    )
   }
 
   /** One unlock per enclave at a time: the enclave unwraps the stored DEK through KMS. */

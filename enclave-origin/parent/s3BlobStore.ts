@@ -1,0 +1,493 @@
+import { GetObjectCommand, ListObjectsV2Command, PutObjectCommand, type S3Client } from '@aws-sdk/client-s3'
+import type { KeyState, SealedKeyRecord, WrappedDek } from '../types.js'
+import type { BlobStore } from './blobStore.js'
+
+/**
+ * A BlobStore in an S3 bucket, for parents that should not keep the only copy
+ * of the sealed keys on their own disk. One object per key,
+ *
+ *   <prefix>keys/<encodeURIComponent(keyId)>.json   the SealedKeyRecord (binary fields base64)
+ *   <prefix>dek.json                               the wrapped DEK
+ *
+ * S3 answers a PutObject only once the object is stored durably, so `put`,
+ * `setState` and `putWrappedDek` resolve when their PutObject does. A
+ * rejected write has an unknown outcome (the request may have reached S3 and
+ * only the answer was lost), so the store forgets what it cached for that
+ * key and reads it from S3 again next time.
+ *
+ * Operations on one key run one after another, in call order, so the version
+ * check of `put` and the read-modify-write of `setState` see every earlier
+ * write of this process. Like the disk store, one process at a time may use a
+ * bucket and prefix: two writers are not fenced against each other.
+ *
+ * The credentials need s3:ListBucket (also so that reading a missing object
+ * answers 404 rather than 403), s3:GetObject and s3:PutObject.
+ */
+
+export type S3BlobStoreOptions = {
+  /** The caller owns the client: `close` does not destroy it. */
+  client: S3Client
+  /** An existing bucket. */
+  bucket: string
+  /** Put before every object name, e.g. `origin-1/`; empty by default. */
+  prefix?: string
+  /** GetObject requests `list` keeps in flight at once. */
+  listConcurrency?: number
+  /** MaxKeys of each ListObjectsV2 page `list` reads (S3 caps it at 1000). */
+  listPageSize?: number
+}
+
+/** Counted since open, including the probe open itself makes. */
+export type S3BlobStoreStats = {
+  /** GetObject requests sent (each SDK call once, whatever its retries). */
+  gets: number
+  /** PutObject requests sent. */
+  puts: number
+  /** ListObjectsV2 pages requested. */
+  lists: number
+  /** Requests of any kind that failed (a GetObject of a missing object is not a failure). */
+  failures: number
+  /** Writes (records, state changes, DEKs) acknowledged as durable. */
+  records: number
+}
+
+export type S3BlobStore = BlobStore & { stats(): S3BlobStoreStats }
+
+export const S3_KEYS_FOLDER = 'keys/'
+export const S3_DEK_OBJECT = 'dek.json'
+/** S3 refuses object names longer than this many UTF-8 bytes. */
+const MAX_OBJECT_NAME_BYTES = 1024
+
+export async function openS3BlobStore(options: S3BlobStoreOptions): Promise<S3BlobStore> {
+  const { client, bucket, prefix = '', listConcurrency = 16, listPageSize = 1000 } = options
+  if (typeof bucket !== 'string' || bucket.length === 0) throw new TypeError('bucket must be a non-empty string')
+  if (typeof prefix !== 'string') throw new TypeError('prefix must be a string')
+  if (!Number.isInteger(listConcurrency) || listConcurrency < 1) throw new RangeError('listConcurrency must be an integer ≥ 1')
+  if (!Number.isInteger(listPageSize) || listPageSize < 1 || listPageSize > 1000) throw new RangeError('listPageSize must be an integer in [1, 1000]')
+
+  const store = new S3Store({ client, bucket, prefix, listConcurrency, listPageSize })
+  // Fails fast, with a clear message, on a missing bucket or credentials that cannot list it.
+  await store.probe()
+  return store
+}
+
+// ---------------------------------------------------------------- the store
+
+type StoreParts = { client: S3Client; bucket: string; prefix: string; listConcurrency: number; listPageSize: number }
+
+class S3Store implements S3BlobStore {
+  private readonly client: S3Client
+  private readonly bucket: string
+  private readonly prefix: string
+  private readonly listConcurrency: number
+  private readonly listPageSize: number
+  private readonly counters: S3BlobStoreStats = { gets: 0, puts: 0, lists: 0, failures: 0, records: 0 }
+  /** What this process last wrote or read per key; a key missing here is read from S3. Only durable values are cached. */
+  private readonly records = new Map<string, SealedKeyRecord>()
+  private dek: WrappedDek | undefined
+  /** The last operation queued per key (`key:<id>`) and for the DEK (`dek`); each runs after the one before it. */
+  private readonly chains = new Map<string, Promise<unknown>>()
+  /** Writes not settled yet, for `close`. */
+  private readonly pendingWrites = new Set<Promise<unknown>>()
+  private closing: Promise<void> | undefined
+
+  constructor(parts: StoreParts) {
+    this.client = parts.client
+    this.bucket = parts.bucket
+    this.prefix = parts.prefix
+    this.listConcurrency = parts.listConcurrency
+    this.listPageSize = parts.listPageSize
+  }
+
+  async probe(): Promise<void> {
+    await this.listPage(undefined, 1)
+  }
+
+  async put(record: SealedKeyRecord): Promise<void> {
+    this.assertOpen()
+    validateRecord(record)
+    const copy = copyRecord(record)
+    const body = encodeRecord(copy)
+    const objectName = this.keyObjectName(record.keyId)
+    return this.write(`key:${record.keyId}`, async () => {
+      const stored = await this.loadRecord(copy.keyId)
+      if (stored !== undefined && copy.version < stored.version) {
+        throw new Error(`key ${copy.keyId}: version ${copy.version} is older than the stored version ${stored.version}`)
+      }
+      await this.writeRecord(objectName, copy, body)
+    })
+  }
+
+  async get(keyId: string): Promise<SealedKeyRecord | undefined> {
+    this.assertOpen()
+    validateKeyId(keyId)
+    const cached = this.records.get(keyId)
+    if (cached) return copyRecord(cached)
+    // Queued behind this key's writes, so a read never caches a value older than one written meanwhile.
+    const record = await this.serialize(`key:${keyId}`, () => this.loadRecord(keyId))
+    return record && copyRecord(record)
+  }
+
+  async *list(): AsyncIterable<SealedKeyRecord> {
+    this.assertOpen()
+    // A window of GETs in flight, yielded in listing order; the next one starts as the oldest is taken.
+    const inFlight: Promise<SealedKeyRecord | undefined>[] = []
+    for await (const keyId of this.listKeyIds()) {
+      const loading = this.serialize(`key:${keyId}`, () => this.loadRecord(keyId))
+      // Marked handled so a failure is not reported as unhandled before its turn (or after the caller stops early).
+      loading.catch(() => {})
+      inFlight.push(loading)
+      if (inFlight.length >= this.listConcurrency) {
+        const record = await inFlight.shift()!
+        if (record) yield copyRecord(record)
+      }
+    }
+    while (inFlight.length > 0) {
+      const record = await inFlight.shift()!
+      if (record) yield copyRecord(record)
+    }
+  }
+
+  async setState(keyId: string, state: KeyState): Promise<void> {
+    this.assertOpen()
+    validateKeyId(keyId)
+    validateState(state)
+    const objectName = this.keyObjectName(keyId)
+    return this.write(`key:${keyId}`, async () => {
+      const stored = await this.loadRecord(keyId)
+      if (stored === undefined) throw new Error(`key ${keyId} is not stored`)
+      // What is cached is durable already: nothing to write.
+      if (stored.state === state) return
+      const updated = { ...copyRecord(stored), state }
+      await this.writeRecord(objectName, updated, encodeRecord(updated))
+    })
+  }
+
+  async putWrappedDek(dek: WrappedDek): Promise<void> {
+    this.assertOpen()
+    validateKeyId(dek.keyId)
+    if (!(dek.ciphertext instanceof Uint8Array)) throw new TypeError('ciphertext must be a Uint8Array')
+    const copy = { keyId: dek.keyId, ciphertext: new Uint8Array(dek.ciphertext) }
+    const body = JSON.stringify({ format: FORMAT, keyId: copy.keyId, ciphertext: toBase64(copy.ciphertext) })
+    const objectName = this.prefix + S3_DEK_OBJECT
+    return this.write('dek', async () => {
+      this.dek = undefined
+      await this.putObject(objectName, body)
+      this.dek = copy
+      this.counters.records++
+    })
+  }
+
+  async getWrappedDek(): Promise<WrappedDek | undefined> {
+    this.assertOpen()
+    const dek = this.dek ?? (await this.serialize('dek', () => this.loadDek()))
+    return dek && { keyId: dek.keyId, ciphertext: new Uint8Array(dek.ciphertext) }
+  }
+
+  stats(): S3BlobStoreStats {
+    return { ...this.counters }
+  }
+
+  close(): Promise<void> {
+    this.closing ??= this.shutdown()
+    return this.closing
+  }
+
+  private async shutdown(): Promise<void> {
+    // Writes queued before close still run to the end; new ones are refused (closing is set).
+    while (this.pendingWrites.size > 0) await Promise.allSettled([...this.pendingWrites])
+  }
+
+  private assertOpen(): void {
+    if (this.closing) throw new Error('blob store is closed')
+  }
+
+  // ------------------------------------------------ ordering
+
+  /** Runs `operation` after every operation queued before it on `chain`, whatever their outcome. */
+  private serialize<T>(chain: string, operation: () => Promise<T>): Promise<T> {
+    const previous = this.chains.get(chain) ?? Promise.resolve()
+    const result = previous.then(operation, operation)
+    const settled = result.then(
+      () => {},
+      () => {},
+    )
+    this.chains.set(chain, settled)
+    void settled.then(() => {
+      if (this.chains.get(chain) === settled) this.chains.delete(chain)
+    })
+    return result
+  }
+
+  private write(chain: string, operation: () => Promise<void>): Promise<void> {
+    const result = this.serialize(chain, operation)
+    this.pendingWrites.add(result)
+    const forget = () => {
+      this.pendingWrites.delete(result)
+    }
+    result.then(forget, forget)
+    return result
+  }
+
+  // ------------------------------------------------ records
+
+  private keyObjectName(keyId: string): string {
+    const name = `${this.prefix}${S3_KEYS_FOLDER}${encodeURIComponent(keyId)}.json`
+    if (Buffer.byteLength(name, 'utf8') > MAX_OBJECT_NAME_BYTES) {
+      throw new RangeError(`key ${keyId}: object name is longer than ${MAX_OBJECT_NAME_BYTES} bytes`)
+    }
+    return name
+  }
+
+  /** The key's record as cached, else as S3 has it (and then cached). Call only from the key's chain. */
+  private async loadRecord(keyId: string): Promise<SealedKeyRecord | undefined> {
+    const cached = this.records.get(keyId)
+    if (cached) return cached
+    const objectName = this.keyObjectName(keyId)
+    const body = await this.getObject(objectName)
+    if (body === undefined) return undefined
+    const record = decodeRecord(body, `s3://${this.bucket}/${objectName}`)
+    if (record.keyId !== keyId) {
+      throw new Error(`S3 blob store: s3://${this.bucket}/${objectName} holds key ${record.keyId}, not ${keyId}`)
+    }
+    this.records.set(keyId, record)
+    return record
+  }
+
+  /** Call only from the key's chain. */
+  private async writeRecord(objectName: string, record: SealedKeyRecord, body: string): Promise<void> {
+    // Until S3 answers, what it holds is unknown: forget the cached value so the next read asks S3.
+    this.records.delete(record.keyId)
+    await this.putObject(objectName, body)
+    this.records.set(record.keyId, record)
+    this.counters.records++
+  }
+
+  private async loadDek(): Promise<WrappedDek | undefined> {
+    if (this.dek) return this.dek
+    const objectName = this.prefix + S3_DEK_OBJECT
+    const body = await this.getObject(objectName)
+    if (body === undefined) return undefined
+    const where = `s3://${this.bucket}/${objectName}`
+    const fields = parseObject(body, where)
+    if (fields.format !== FORMAT) throw unreadable(where, `unknown format ${String(fields.format)}`)
+    if (typeof fields.keyId !== 'string' || fields.keyId.length === 0) throw unreadable(where, 'keyId is not a non-empty string')
+    this.dek = { keyId: fields.keyId, ciphertext: fromBase64(fields.ciphertext, where, 'ciphertext') }
+    return this.dek
+  }
+
+  /** Object names under `keys/`, page by page, decoded back to key ids. */
+  private async *listKeyIds(): AsyncIterable<string> {
+    const folder = this.prefix + S3_KEYS_FOLDER
+    let continuationToken: string | undefined
+    do {
+      const page = await this.listPage(continuationToken, this.listPageSize)
+      for (const object of page.Contents ?? []) {
+        if (object.Key !== undefined) yield this.keyIdOf(object.Key, folder)
+      }
+      continuationToken = page.IsTruncated ? page.NextContinuationToken : undefined
+      if (page.IsTruncated && continuationToken === undefined) {
+        throw new Error(`S3 blob store: listing s3://${this.bucket}/${folder} was truncated without a continuation token`)
+      }
+    } while (continuationToken !== undefined)
+  }
+
+  /** The prefix is the store's own: an object there that it did not write is refused rather than skipped. */
+  private keyIdOf(objectName: string, folder: string): string {
+    const where = `s3://${this.bucket}/${objectName}`
+    const encoded = objectName.slice(folder.length)
+    if (!objectName.startsWith(folder) || !encoded.endsWith('.json')) throw new Error(`S3 blob store: unexpected object ${where}`)
+    let keyId: string
+    try {
+      keyId = decodeURIComponent(encoded.slice(0, -'.json'.length))
+    } catch {
+      throw new Error(`S3 blob store: unexpected object ${where} (its name does not decode to a key id)`)
+    }
+    if (keyId.length === 0 || `${folder}${encodeURIComponent(keyId)}.json` !== objectName) {
+      throw new Error(`S3 blob store: unexpected object ${where} (not a name this store writes)`)
+    }
+    return keyId
+  }
+
+  // ------------------------------------------------ S3 requests
+
+  private async listPage(continuationToken: string | undefined, maxKeys: number) {
+    const folder = this.prefix + S3_KEYS_FOLDER
+    this.counters.lists++
+    try {
+      return await this.client.send(
+        new ListObjectsV2Command({ Bucket: this.bucket, Prefix: folder, MaxKeys: maxKeys, ContinuationToken: continuationToken }),
+      )
+    } catch (error) {
+      this.counters.failures++
+      throw describeS3Error(error, { operation: 'ListObjectsV2', bucket: this.bucket, objectName: folder, write: false })
+    }
+  }
+
+  /** The object's body, or undefined if S3 says there is no such object. */
+  private async getObject(objectName: string): Promise<string | undefined> {
+    this.counters.gets++
+    try {
+      const response = await this.client.send(new GetObjectCommand({ Bucket: this.bucket, Key: objectName }))
+      if (!response.Body) throw new Error('the response has no body')
+      return await response.Body.transformToString('utf8')
+    } catch (error) {
+      if (errorName(error) === 'NoSuchKey') return undefined
+      this.counters.failures++
+      throw describeS3Error(error, { operation: 'GetObject', bucket: this.bucket, objectName, write: false })
+    }
+  }
+
+  /** Resolves once S3 acknowledged the object, which it does only once it is durable. */
+  private async putObject(objectName: string, body: string): Promise<void> {
+    this.counters.puts++
+    try {
+      await this.client.send(new PutObjectCommand({ Bucket: this.bucket, Key: objectName, Body: body, ContentType: 'application/json' }))
+    } catch (error) {
+      this.counters.failures++
+      throw describeS3Error(error, { operation: 'PutObject', bucket: this.bucket, objectName, write: true })
+    }
+  }
+}
+
+// ---------------------------------------------------------------- errors
+
+const ACCESS_DENIED_NAMES = new Set([
+  'AccessDenied',
+  'Forbidden',
+  'InvalidAccessKeyId',
+  'SignatureDoesNotMatch',
+  'ExpiredToken',
+  'InvalidToken',
+  'AllAccessDisabled',
+  'AccountProblem',
+])
+
+function errorName(error: unknown): string | undefined {
+  if (typeof error !== 'object' || error === null) return undefined
+  const { name, Code } = error as { name?: unknown; Code?: unknown }
+  if (typeof Code === 'string') return Code
+  return typeof name === 'string' ? name : undefined
+}
+
+function httpStatus(error: unknown): number | undefined {
+  if (typeof error !== 'object' || error === null) return undefined
+  const status = (error as { $metadata?: { httpStatusCode?: unknown } }).$metadata?.httpStatusCode
+  return typeof status === 'number' ? status : undefined
+}
+
+/** One message naming the request, the object and what went wrong; the SDK's error is the cause. */
+function describeS3Error(
+  error: unknown,
+  { operation, bucket, objectName, write }: { operation: string; bucket: string; objectName: string; write: boolean },
+): Error {
+  const name = errorName(error) ?? 'Error'
+  const status = httpStatus(error)
+  const detail = error instanceof Error ? error.message : String(error)
+  const target = `s3://${bucket}/${objectName}`
+  let reason: string
+  if (name === 'NoSuchBucket' || (operation === 'ListObjectsV2' && status === 404)) {
+    reason = `bucket "${bucket}" does not exist (${name})`
+  } else if (ACCESS_DENIED_NAMES.has(name) || status === 403) {
+    reason = `access denied (${name}: ${detail}); the credentials need s3:ListBucket on the bucket and s3:GetObject and s3:PutObject on its objects`
+  } else {
+    reason = `${name}${status !== undefined ? ` (HTTP ${status})` : ''}: ${detail}`
+  }
+  const outcome = write ? '; the write may or may not be stored' : ''
+  return new Error(`S3 blob store: ${operation} ${target} failed: ${reason}${outcome}`, { cause: error })
+}
+
+// ---------------------------------------------------------------- object codec
+
+/** Written into every object, so a later layout can refuse to misread this one. */
+const FORMAT = 'sealed-blob-store/v1'
+const KEY_STATES: readonly KeyState[] = ['active', 'frozen', 'archived']
+
+function encodeRecord(record: SealedKeyRecord): string {
+  return JSON.stringify({
+    format: FORMAT,
+    keyId: record.keyId,
+    version: record.version,
+    state: record.state,
+    publicKey: toBase64(record.publicKey),
+    sealed: toBase64(record.sealed),
+  })
+}
+
+function decodeRecord(body: string, where: string): SealedKeyRecord {
+  const fields = parseObject(body, where)
+  if (fields.format !== FORMAT) throw unreadable(where, `unknown format ${String(fields.format)}`)
+  const { keyId, version, state } = fields
+  if (typeof keyId !== 'string' || keyId.length === 0) throw unreadable(where, 'keyId is not a non-empty string')
+  if (typeof version !== 'number' || !isValidVersion(version)) throw unreadable(where, 'version is not an integer in [0, 2^32)')
+  if (!KEY_STATES.includes(state as KeyState)) throw unreadable(where, `unknown key state ${String(state)}`)
+  return {
+    keyId,
+    version,
+    state: state as KeyState,
+    publicKey: fromBase64(fields.publicKey, where, 'publicKey'),
+    sealed: fromBase64(fields.sealed, where, 'sealed'),
+  }
+}
+
+function parseObject(body: string, where: string): Record<string, unknown> {
+  let value: unknown
+  try {
+    value = JSON.parse(body)
+  } catch (error) {
+    throw unreadable(where, `not JSON: ${error instanceof Error ? error.message : String(error)}`)
+  }
+  if (typeof value !== 'object' || value === null || Array.isArray(value)) throw unreadable(where, 'not a JSON object')
+  return value as Record<string, unknown>
+}
+
+const BASE64 = /^[A-Za-z0-9+/]*={0,2}$/
+
+function toBase64(bytes: Uint8Array): string {
+  return Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength).toString('base64')
+}
+
+function fromBase64(value: unknown, where: string, field: string): Uint8Array {
+  if (typeof value !== 'string' || value.length % 4 !== 0 || !BASE64.test(value)) throw unreadable(where, `${field} is not base64`)
+  return new Uint8Array(Buffer.from(value, 'base64'))
+}
+
+function unreadable(where: string, reason: string): Error {
+  return new Error(`S3 blob store: ${where} cannot be read (${reason})`)
+}
+
+// ---------------------------------------------------------------- validation and copies
+
+function validateKeyId(keyId: string): void {
+  if (typeof keyId !== 'string' || keyId.length === 0) throw new TypeError('keyId must be a non-empty string')
+  // The disk store's limit, so records move between the stores unchanged (S3's own limit is checked on the object name).
+  if (Buffer.byteLength(keyId, 'utf8') > 0xffff) throw new RangeError('keyId is longer than 65535 bytes')
+}
+
+function isValidVersion(version: number): boolean {
+  return Number.isInteger(version) && version >= 0 && version <= 0xffffffff
+}
+
+function validateState(state: KeyState): void {
+  if (!KEY_STATES.includes(state)) throw new TypeError(`unknown key state ${String(state)}`)
+}
+
+function validateRecord(record: SealedKeyRecord): void {
+  validateKeyId(record.keyId)
+  if (!isValidVersion(record.version)) throw new RangeError(`key ${record.keyId}: version must be an integer in [0, 2^32)`)
+  validateState(record.state)
+  if (!(record.publicKey instanceof Uint8Array) || !(record.sealed instanceof Uint8Array)) {
+    throw new TypeError(`key ${record.keyId}: publicKey and sealed must be Uint8Arrays`)
+  }
+}
+
+/** Callers get and give copies, so mutating a record never changes what the store holds. */
+function copyRecord(record: SealedKeyRecord): SealedKeyRecord {
+  return {
+    keyId: record.keyId,
+    version: record.version,
+    state: record.state,
+    publicKey: new Uint8Array(record.publicKey),
+    sealed: new Uint8Array(record.sealed),
+  }
+}

@@ -1,0 +1,62 @@
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import path from 'node:path'
+import { afterAll, beforeAll, expect, it } from 'vitest'
+import { keccak256, recoverAddress, toHex, type Hex } from 'viem'
+import { generatePrivateKey, privateKeyToAddress } from 'viem/accounts'
+import { generatePreloadIdentity, sealShareFile } from '../../enclave-origin/preloadFiles.js'
+import { startLocalKms, type LocalKms } from '../support/kmsServer.js'
+import { startOrigin, symmetricKmsKey, type Origin } from '../support/origin.js'
+
+/** Preload mode: the enclave serves custodial account keys from an age-encrypted file, once an unlock delivers the identity. */
+
+let kms: LocalKms
+let origin: Origin
+let dir: string
+const accounts = Array.from({ length: 50 }, (_, i) => ({ account_id: `account-${i}`, share: generatePrivateKey() }))
+
+beforeAll(async () => {
+  kms = await startLocalKms({ port: 18656 })
+  dir = mkdtempSync(path.join(tmpdir(), 'origin-preload-'))
+  const { identity, recipient } = await generatePreloadIdentity()
+  writeFileSync(path.join(dir, 'identity.txt'), identity)
+  writeFileSync(path.join(dir, 'shares.age'), await sealShareFile({ entries: accounts, recipient }))
+  origin = await startOrigin({
+    kms,
+    kmsKeyId: await symmetricKmsKey(kms),
+    enclavePort: 18657,
+    parentPort: 18658,
+    storeDir: dir,
+    extraEnv: { PRELOAD_FILE: path.join(dir, 'shares.age') },
+  })
+})
+
+afterAll(async () => {
+  await origin?.stop()
+  await kms?.stop()
+  rmSync(dir, { recursive: true, force: true })
+})
+
+const digest = keccak256(toHex('custodial'))
+const sign = (accountId: string) => origin.request('POST', `/v1/keys/${accountId}/sign`, { digest })
+
+it('refuses preloaded accounts until unlocked, then signs each with its own key', async () => {
+  const before = await sign('account-3')
+  expect(before.status).toBe(503)
+  expect(before.body.error).toContain('preload file is not loaded yet')
+
+  const wrong = await origin.request('POST', '/v1/unlock', { preloadIdentity: (await generatePreloadIdentity()).identity })
+  expect(wrong.status).toBe(400)
+  expect(wrong.body.error).toContain('preload failed')
+  expect((await sign('account-3')).body.error).toContain('preload failed')
+
+  const unlocked = await origin.request('POST', '/v1/unlock', { preloadIdentity: readFileSync(path.join(dir, 'identity.txt'), 'utf8') })
+  expect(unlocked.status).toBe(200)
+  for (const account of [accounts[0]!, accounts[3]!, accounts[49]!]) {
+    const signed = await sign(account.account_id)
+    expect(signed.status).toBe(200)
+    const signature = `${signed.body.signature as Hex}${(27 + Number(signed.body.recoveryId)).toString(16)}` as Hex
+    expect(await recoverAddress({ hash: digest, signature })).toBe(privateKeyToAddress(account.share))
+  }
+  expect((await sign('account-50')).status).toBe(404)
+})

@@ -1,0 +1,283 @@
+import { createHash } from 'node:crypto'
+import { mkdtemp, rm, writeFile } from 'node:fs/promises'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import { armor, Decrypter, Encrypter } from 'age-encryption'
+import { generatePrivateKey } from 'viem/accounts'
+import { hexToBytes } from 'viem'
+import { afterAll, beforeAll, describe, expect, it } from 'vitest'
+import { loadPreloadFile, maxAccountIdBytes, PreloadedKeys, PreloadError } from '../../enclave-origin/enclave/preload.js'
+import { generatePreloadIdentity, sealShareFile, type ShareFileEntry } from '../../enclave-origin/preloadFiles.js'
+
+/** The secp256k1 group order n: a share equal to it is 32 bytes of hex but not a private key. */
+const curveOrderHex = 'fffffffffffffffffffffffffffffffebaaedce6af48a03bbfd25e8cd0364141'
+
+type Logged = Record<string, unknown>
+
+let identity: string
+let recipient: string
+let otherIdentity: string
+
+beforeAll(async () => {
+  ;({ identity, recipient } = await generatePreloadIdentity())
+  ;({ identity: otherIdentity } = await generatePreloadIdentity())
+})
+
+/** `count` custodial accounts; every other share is written without its 0x, as both forms are accepted. */
+function generatedEntries(count: number): ShareFileEntry[] {
+  return Array.from({ length: count }, (_, index) => {
+    const key = generatePrivateKey()
+    return { account_id: `account-${index}`, share: index % 2 === 0 ? key : key.slice(2) }
+  })
+}
+
+/** Seals arbitrary text, bypassing sealShareFile's checks, to build the files the loader must refuse. */
+async function sealText(text: string): Promise<Uint8Array> {
+  const encrypter = new Encrypter()
+  encrypter.addRecipient(recipient)
+  return encrypter.encrypt(text)
+}
+
+function collectingLog(): { log: (fields: Logged) => void; lines: Logged[] } {
+  const lines: Logged[] = []
+  return { log: (fields) => lines.push(fields), lines }
+}
+
+/** Loads and expects a refusal; returns it so each test can pin what it says. */
+async function refusal(bytes: Uint8Array, options: { identity?: string; memoryLimitBytes?: number } = {}): Promise<PreloadError> {
+  const error = await loadPreloadFile({ bytes, identity: options.identity ?? identity, memoryLimitBytes: options.memoryLimitBytes, log: () => {} }).catch(
+    (caught: unknown) => caught,
+  )
+  expect(error).toBeInstanceOf(PreloadError)
+  return error as PreloadError
+}
+
+describe('loadPreloadFile: a sealed share file round trip', () => {
+  const entries = generatedEntries(1_000)
+  let file: Uint8Array
+
+  beforeAll(async () => {
+    file = await sealShareFile({ entries, recipient })
+  })
+
+  it('loads every account with its exact private key, with or without 0x', async () => {
+    const { log } = collectingLog()
+    const { keys, count } = await loadPreloadFile({ bytes: file, identity, log })
+    expect(count).toBe(1_000)
+    expect(keys.size).toBe(1_000)
+    for (const { account_id, share } of entries) {
+      const expected = hexToBytes(share.startsWith('0x') ? (share as `0x${string}`) : `0x${share}`)
+      expect(keys.get(account_id)).toEqual(expected)
+    }
+  })
+
+  it('fingerprints the encrypted file with SHA-256 and logs the fingerprint, count and load time, with no warning', async () => {
+    const { log, lines } = collectingLog()
+    let clock = 1_000
+    const { fingerprint, loadMs } = await loadPreloadFile({ bytes: file, identity, log, now: () => (clock += 7) })
+    expect(fingerprint).toBe(createHash('sha256').update(file).digest('hex'))
+    expect(loadMs).toBe(7)
+    expect(lines).toEqual([{ event: 'preload_loaded', fingerprint, count: 1_000, loadMs: 7 }])
+  })
+
+  it('never writes a share into the log', async () => {
+    const { log, lines } = collectingLog()
+    await loadPreloadFile({ bytes: file, identity, log })
+    const logged = JSON.stringify(lines).toLowerCase()
+    for (const { share } of entries.slice(0, 50)) expect(logged).not.toContain(share.replace(/^0x/, '').toLowerCase())
+  })
+
+  describe('from disk', () => {
+    let directory: string
+
+    beforeAll(async () => {
+      directory = await mkdtemp(join(tmpdir(), 'preload-'))
+    })
+    afterAll(() => rm(directory, { recursive: true, force: true }))
+
+    it('reads the file at a path and fingerprints the bytes on disk', async () => {
+      const path = join(directory, 'shares.age')
+      await writeFile(path, file)
+      const { count, fingerprint } = await loadPreloadFile({ path, identity, log: () => {} })
+      expect(count).toBe(1_000)
+      expect(fingerprint).toBe(createHash('sha256').update(file).digest('hex'))
+    })
+
+    it('refuses a path that cannot be read, saying so', async () => {
+      const error = await loadPreloadFile({ path: join(directory, 'missing.age'), identity, log: () => {} }).catch((caught: unknown) => caught)
+      expect(error).toBeInstanceOf(PreloadError)
+      expect((error as Error).message).toMatch(/cannot read.*ENOENT/)
+    })
+  })
+
+  it('accepts an ASCII-armored file (age -a)', async () => {
+    const armored = new TextEncoder().encode(armor.encode(file))
+    const { count } = await loadPreloadFile({ bytes: armored, identity, log: () => {} })
+    expect(count).toBe(1_000)
+  })
+
+  it('accepts the identity as an age-keygen identity file, comments and all', async () => {
+    const keygenFile = `# created: 2025-01-01T00:00:00Z\n# public key: ${recipient}\n${identity}\n`
+    const { count } = await loadPreloadFile({ bytes: file, identity: keygenFile, log: () => {} })
+    expect(count).toBe(1_000)
+  })
+})
+
+describe('loadPreloadFile refuses to serve, and says why', () => {
+  it('refuses a file sealed for another identity, naming the identity as the cause', async () => {
+    const file = await sealShareFile({ entries: generatedEntries(3), recipient })
+    const error = await refusal(file, { identity: otherIdentity })
+    expect(error.message).toMatch(/identity does not match/)
+  })
+
+  it('refuses an identity that is not an age secret key, without quoting it', async () => {
+    const file = await sealShareFile({ entries: generatedEntries(3), recipient })
+    const notAnIdentity = 'AGE-SECRET-KEY-1NOTAREALKEYATALL'
+    const error = await refusal(file, { identity: notAnIdentity })
+    expect(error.message).toMatch(/not an age secret key/)
+    expect(error.message).not.toContain(notAnIdentity)
+  })
+
+  it('refuses a file that is not age at all', async () => {
+    const plainJson = new TextEncoder().encode(JSON.stringify(generatedEntries(3)))
+    expect((await refusal(plainJson)).message).toMatch(/not an age file/)
+  })
+
+  it('refuses an age file whose payload was tampered with', async () => {
+    const file = await sealShareFile({ entries: generatedEntries(3), recipient })
+    const tampered = file.slice()
+    tampered[tampered.length - 1]! ^= 0x01
+    expect((await refusal(tampered)).message).toMatch(/payload does not decrypt/)
+  })
+
+  it('refuses bad JSON inside, giving at most its position', async () => {
+    const error = await refusal(await sealText('[{"account_id":"a" "share":"00"}]'))
+    expect(error.message).toBe('the decrypted preload file is not valid JSON (at position 19)')
+  })
+
+  it('refuses bad JSON without quoting the text around the error, which could be a share', async () => {
+    const share = generatePrivateKey().slice(2)
+    // V8 quotes the text around an unexpected token in its own message.
+    const error = await refusal(await sealText(`[{"account_id":"a","share":"${share}"}, x${share}]`))
+    expect(error.message).toMatch(/not valid JSON/)
+    expect(error.message).not.toContain(share.slice(0, 6))
+  })
+
+  it('refuses JSON that is not an array of entries', async () => {
+    expect((await refusal(await sealText('{"account_id":"a"}'))).message).toMatch(/JSON array/)
+  })
+
+  it('refuses an empty array rather than serving no keys', async () => {
+    expect((await refusal(await sealText('[]'))).message).toMatch(/no entries/)
+  })
+
+  it('refuses an entry whose share is not a secp256k1 private key, naming its index and not the share', async () => {
+    const entries = generatedEntries(4)
+    entries[2]!.share = curveOrderHex
+    const error = await refusal(await sealText(JSON.stringify(entries)))
+    expect(error.message).toMatch(/index 2: share is not a valid secp256k1 private key/)
+    expect(error.message).not.toContain(curveOrderHex)
+  })
+
+  it('refuses a share that is not 32 bytes of hex, naming its index', async () => {
+    const entries = generatedEntries(4)
+    entries[3]!.share = entries[3]!.share.slice(0, -2)
+    expect((await refusal(await sealText(JSON.stringify(entries)))).message).toMatch(/index 3: share is not a 32-byte private key in hex/)
+  })
+
+  it('refuses an entry without an account_id, naming its index', async () => {
+    const entries: unknown[] = generatedEntries(3)
+    entries[1] = { share: generatePrivateKey() }
+    expect((await refusal(await sealText(JSON.stringify(entries)))).message).toMatch(/index 1: account_id is missing/)
+  })
+
+  it(`refuses an account_id over ${maxAccountIdBytes} UTF-8 bytes, and accepts one of exactly ${maxAccountIdBytes}`, async () => {
+    const entries = generatedEntries(2)
+    entries[0]!.account_id = 'a'.repeat(maxAccountIdBytes)
+    entries[1]!.account_id = 'é'.repeat(maxAccountIdBytes / 2 + 1)
+    expect((await refusal(await sealText(JSON.stringify(entries)))).message).toMatch(/index 1: account_id is 130 bytes/)
+    const { count } = await loadPreloadFile({ bytes: await sealText(JSON.stringify(entries.slice(0, 1))), identity, log: () => {} })
+    expect(count).toBe(1)
+  })
+
+  it('refuses a duplicate account_id, naming both indexes', async () => {
+    const entries = generatedEntries(5)
+    entries[3]!.account_id = entries[1]!.account_id
+    expect((await refusal(await sealText(JSON.stringify(entries)))).message).toMatch(/index 3: duplicate account_id \(first at index 1\)/)
+  })
+})
+
+describe('loadPreloadFile against its memory limit', () => {
+  let file: Uint8Array
+
+  beforeAll(async () => {
+    file = await sealShareFile({ entries: generatedEntries(100), recipient })
+  })
+
+  it('refuses when the process already uses more than the limit (measured for real)', async () => {
+    const error = await refusal(file, { memoryLimitBytes: 1024 })
+    expect(error.message).toMatch(/not enough memory.*memory limit/)
+  })
+
+  it('loads but warns when memory in use passes 70% of the limit (limit at 1.2× usage)', async () => {
+    const { log, lines } = collectingLog()
+    const inUseBytes = 400 * 2 ** 20
+    const memoryLimitBytes = Math.round(inUseBytes * 1.2)
+    const { count } = await loadPreloadFile({ bytes: file, identity, log, memoryLimitBytes, memoryInUse: () => inUseBytes })
+    expect(count).toBe(100)
+    expect(lines[0]).toEqual({ level: 'warn', event: 'preload_memory_high', inUseBytes, limitBytes: memoryLimitBytes, percent: 83 })
+    expect(lines[1]).toMatchObject({ event: 'preload_loaded', count: 100 })
+  })
+
+  it('stays quiet below 70% of the limit', async () => {
+    const { log, lines } = collectingLog()
+    await loadPreloadFile({ bytes: file, identity, log, memoryLimitBytes: 1_000, memoryInUse: () => 699 })
+    expect(lines.map((line) => line.event)).toEqual(['preload_loaded'])
+  })
+})
+
+describe('PreloadedKeys', () => {
+  it('serves each account its key and clear() zeroes every buffer it handed out', async () => {
+    const entries = generatedEntries(20)
+    const { keys } = await loadPreloadFile({ bytes: await sealShareFile({ entries, recipient }), identity, log: () => {} })
+    const preloaded = new PreloadedKeys(keys)
+    expect(preloaded.size).toBe(20)
+    expect(preloaded.get('nobody')).toBeUndefined()
+    const handedOut = entries.map(({ account_id }) => preloaded.get(account_id)!)
+    expect(handedOut.every((key) => key.some((byte) => byte !== 0))).toBe(true)
+
+    preloaded.clear()
+
+    expect(handedOut.every((key) => key.length === 32 && key.every((byte) => byte === 0))).toBe(true)
+    expect(preloaded.size).toBe(0)
+    expect(preloaded.get(entries[0]!.account_id)).toBeUndefined()
+  })
+})
+
+describe('operator tooling', () => {
+  it('generates an X25519 age identity and its matching recipient', async () => {
+    const generated = await generatePreloadIdentity()
+    expect(generated.identity).toMatch(/^AGE-SECRET-KEY-1[0-9A-Z]+$/)
+    expect(generated.recipient).toMatch(/^age1[0-9a-z]+$/)
+    expect(generated.identity).not.toBe(identity)
+  })
+
+  it('seals a standard age file holding exactly the entries as JSON', async () => {
+    const entries = generatedEntries(3)
+    const file = await sealShareFile({ entries: entries.map((entry) => ({ ...entry, note: 'dropped' })), recipient })
+    expect(new TextDecoder().decode(file.subarray(0, 22))).toBe('age-encryption.org/v1\n')
+    const decrypter = new Decrypter()
+    decrypter.addIdentity(identity)
+    expect(JSON.parse(await decrypter.decrypt(file, 'text'))).toEqual(entries)
+  })
+
+  it('refuses to seal what the enclave would refuse, naming the entry', async () => {
+    const entries = generatedEntries(3)
+    entries[2]!.share = '0x' + '00'.repeat(32)
+    await expect(sealShareFile({ entries, recipient })).rejects.toThrow(/index 2: share is not a valid secp256k1 private key/)
+  })
+
+  it('refuses a recipient that is not an age recipient', async () => {
+    await expect(sealShareFile({ entries: generatedEntries(1), recipient: 'ssh-ed25519 AAAA' })).rejects.toThrow(/not an age recipient/)
+  })
+})

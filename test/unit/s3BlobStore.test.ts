@@ -1,0 +1,377 @@
+import { CreateBucketCommand, DeleteBucketCommand, GetObjectCommand, PutObjectCommand, S3Client } from '@aws-sdk/client-s3'
+import { spawn, type ChildProcessByStdio } from 'node:child_process'
+import { mkdtemp, rm } from 'node:fs/promises'
+import { tmpdir } from 'node:os'
+import { join, resolve } from 'node:path'
+import type { Readable, Writable } from 'node:stream'
+import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, it } from 'vitest'
+import { openS3BlobStore, type S3BlobStore, type S3BlobStoreOptions } from '../../enclave-origin/parent/s3BlobStore.js'
+import type { SealedKeyRecord } from '../../enclave-origin/types.js'
+
+const PORT = 18681
+const ENDPOINT = `http://127.0.0.1:${PORT}`
+const BUCKET = 'sealed-keys'
+const projectRoot = resolve(import.meta.dirname, '../..')
+
+/**
+ * s3rver, in a child process of its own: it encrypts ListObjectsV2
+ * continuation tokens with single DES, which Node 20's OpenSSL 3 only offers
+ * with the legacy provider, so any truncated listing (paging, MaxKeys) would
+ * fail in this process. It stops when its stdin closes, so it never outlives
+ * the tests.
+ */
+const S3RVER_PROCESS = `
+const S3rver = require('s3rver')
+const server = new S3rver({
+  port: Number(process.env.S3RVER_PORT),
+  address: '127.0.0.1',
+  silent: true,
+  directory: process.env.S3RVER_DIRECTORY,
+  configureBuckets: [{ name: process.env.S3RVER_BUCKET }],
+})
+server.run().then(
+  () => process.stdout.write('ready\\n'),
+  (error) => { console.error(error); process.exit(1) },
+)
+process.stdin.on('end', () => server.close().finally(() => process.exit(0)))
+process.stdin.resume()
+`
+
+let directory: string
+let server: ChildProcessByStdio<Writable, Readable, Readable> | undefined
+/** Every store and client a test opens, closed afterwards even when the test fails. */
+let opened: S3BlobStore[] = []
+let clients: S3Client[] = []
+/** Each test writes under its own prefix, so tests never see each other's objects. */
+let prefix: string
+let testNumber = 0
+
+async function startS3rver(): Promise<ChildProcessByStdio<Writable, Readable, Readable>> {
+  const child = spawn(process.execPath, ['--openssl-legacy-provider', '-e', S3RVER_PROCESS], {
+    cwd: projectRoot,
+    env: { ...process.env, S3RVER_PORT: String(PORT), S3RVER_DIRECTORY: directory, S3RVER_BUCKET: BUCKET },
+    stdio: ['pipe', 'pipe', 'pipe'],
+  })
+  let stderr = ''
+  child.stderr.on('data', (chunk: Buffer) => (stderr += chunk.toString('utf8')))
+  await new Promise<void>((resolveReady, rejectReady) => {
+    let stdout = ''
+    child.stdout.on('data', (chunk: Buffer) => {
+      stdout += chunk.toString('utf8')
+      if (stdout.includes('ready\n')) resolveReady()
+    })
+    child.once('exit', (code) => rejectReady(new Error(`s3rver exited with code ${code} before it was ready: ${stderr}`)))
+    child.once('error', rejectReady)
+  })
+  return child
+}
+
+async function stopS3rver(child: ChildProcessByStdio<Writable, Readable, Readable>): Promise<void> {
+  if (child.exitCode !== null || child.signalCode !== null) return
+  const exited = new Promise<void>((resolveExit) => child.once('exit', () => resolveExit()))
+  child.stdin.end()
+  const timer = setTimeout(() => child.kill('SIGKILL'), 5_000)
+  await exited
+  clearTimeout(timer)
+}
+
+beforeAll(async () => {
+  directory = await mkdtemp(join(tmpdir(), 's3-blob-store-'))
+  server = await startS3rver()
+}, 30_000)
+
+afterAll(async () => {
+  if (server) await stopS3rver(server)
+  await rm(directory, { recursive: true, force: true })
+})
+
+beforeEach(() => {
+  prefix = `test-${++testNumber}/`
+})
+
+afterEach(async () => {
+  await Promise.allSettled(opened.map((store) => store.close()))
+  for (const client of clients) client.destroy()
+  opened = []
+  clients = []
+})
+
+function newClient(credentials = { accessKeyId: 'S3RVER', secretAccessKey: 'S3RVER' }): S3Client {
+  const client = new S3Client({ endpoint: ENDPOINT, forcePathStyle: true, region: 'us-east-1', credentials, maxAttempts: 1 })
+  clients.push(client)
+  return client
+}
+
+/** A fresh instance on the bucket and prefix, with its own client: what a restarted parent sees. */
+async function openStore(options: Partial<S3BlobStoreOptions> = {}): Promise<S3BlobStore> {
+  const store = await openS3BlobStore({ client: newClient(), bucket: BUCKET, prefix, ...options })
+  opened.push(store)
+  return store
+}
+
+async function reopen(store: S3BlobStore, options: Partial<S3BlobStoreOptions> = {}): Promise<S3BlobStore> {
+  await store.close()
+  return openStore(options)
+}
+
+function sealedRecord(index: number, version = 1): SealedKeyRecord {
+  const publicKey = new Uint8Array(65).fill(index % 251)
+  publicKey[0] = 4
+  return { keyId: `key-${index}`, version, state: 'active', publicKey, sealed: new Uint8Array(60).fill((index + version) % 256) }
+}
+
+async function listAll(store: S3BlobStore): Promise<SealedKeyRecord[]> {
+  const records: SealedKeyRecord[] = []
+  for await (const record of store.list()) records.push(record)
+  return records
+}
+
+function byKeyId(records: SealedKeyRecord[]): SealedKeyRecord[] {
+  return [...records].sort((a, b) => (a.keyId < b.keyId ? -1 : a.keyId > b.keyId ? 1 : 0))
+}
+
+async function readObject(name: string): Promise<string> {
+  const response = await newClient().send(new GetObjectCommand({ Bucket: BUCKET, Key: name }))
+  return response.Body!.transformToString('utf8')
+}
+
+describe('openS3BlobStore', () => {
+  it('round-trips records, state changes and the wrapped DEK across a fresh instance', async () => {
+    const store = await openStore()
+    expect(await store.get('key-1')).toBeUndefined()
+    expect(await store.getWrappedDek()).toBeUndefined()
+    expect(await listAll(store)).toEqual([])
+
+    const first = sealedRecord(1)
+    const second = sealedRecord(2, 7)
+    await store.put(first)
+    await store.put(second)
+    await store.setState('key-1', 'frozen')
+    await store.putWrappedDek({ keyId: 'arn:aws:kms:us-east-1:111122223333:key/one', ciphertext: new Uint8Array([1, 2, 3]) })
+    await store.putWrappedDek({ keyId: 'arn:aws:kms:us-east-1:111122223333:key/two', ciphertext: new Uint8Array([9, 8, 7, 6]) })
+
+    const frozen = { ...first, state: 'frozen' as const }
+    expect(await store.get('key-1')).toEqual(frozen)
+    expect(await store.get('key-2')).toEqual(second)
+
+    const fresh = await reopen(store)
+    expect(await fresh.get('key-1')).toEqual(frozen)
+    expect(await fresh.get('key-2')).toEqual(second)
+    expect(await fresh.get('key-3')).toBeUndefined()
+    expect(byKeyId(await listAll(fresh))).toEqual([frozen, second])
+    expect(await fresh.getWrappedDek()).toEqual({ keyId: 'arn:aws:kms:us-east-1:111122223333:key/two', ciphertext: new Uint8Array([9, 8, 7, 6]) })
+
+    // setState on a fresh instance reads the stored object and keeps the rest of it.
+    await fresh.setState('key-2', 'archived')
+    const again = await reopen(fresh)
+    expect(await again.get('key-2')).toEqual({ ...second, state: 'archived' })
+  })
+
+  it('stores one JSON object per key under <prefix>keys/ with base64 binary fields, and the DEK in <prefix>dek.json', async () => {
+    const store = await openStore()
+    const record = { ...sealedRecord(5), keyId: 'tenant/a b?#%é' }
+    await store.put(record)
+    await store.putWrappedDek({ keyId: 'kms-key', ciphertext: new Uint8Array([0xff, 0x00]) })
+
+    const stored = JSON.parse(await readObject(`${prefix}keys/${encodeURIComponent(record.keyId)}.json`))
+    expect(stored).toMatchObject({
+      keyId: record.keyId,
+      version: 1,
+      state: 'active',
+      publicKey: Buffer.from(record.publicKey).toString('base64'),
+      sealed: Buffer.from(record.sealed).toString('base64'),
+    })
+    expect(JSON.parse(await readObject(`${prefix}dek.json`))).toMatchObject({ keyId: 'kms-key', ciphertext: '/wA=' })
+
+    const fresh = await reopen(store)
+    expect(await listAll(fresh)).toEqual([record])
+    expect(await fresh.get(record.keyId)).toEqual(record)
+  })
+
+  it('copies records in and out, so callers cannot change what it holds', async () => {
+    const store = await openStore()
+    const record = sealedRecord(1)
+    await store.put(record)
+    record.sealed.fill(0)
+    record.publicKey[1] = 0
+    const got = (await store.get('key-1'))!
+    expect(got).toEqual(sealedRecord(1))
+    got.sealed.fill(1)
+    expect(await store.get('key-1')).toEqual(sealedRecord(1))
+    const [listed] = await listAll(store)
+    listed!.publicKey.fill(2)
+    expect(await store.get('key-1')).toEqual(sealedRecord(1))
+
+    const dek = { keyId: 'kms', ciphertext: new Uint8Array([1, 2]) }
+    await store.putWrappedDek(dek)
+    dek.ciphertext.fill(0)
+    const gotDek = (await store.getWrappedDek())!
+    gotDek.ciphertext.fill(5)
+    expect(await store.getWrappedDek()).toEqual({ keyId: 'kms', ciphertext: new Uint8Array([1, 2]) })
+  })
+
+  it('lists every one of 200 concurrent puts, paging and keeping at most listConcurrency GETs in flight', async () => {
+    const store = await openStore()
+    const records = Array.from({ length: 200 }, (_, index) => sealedRecord(index))
+    await Promise.all(records.map((record) => store.put(record)))
+    expect(store.stats().records).toBe(200)
+    expect(byKeyId(await listAll(store))).toEqual(byKeyId(records))
+
+    const fresh = await reopen(store, { listPageSize: 37, listConcurrency: 16 })
+    const client = clients.at(-1)!
+    let inFlight = 0
+    let maxInFlight = 0
+    client.middlewareStack.add(
+      (next, context) => async (args) => {
+        if (context.commandName !== 'GetObjectCommand') return next(args)
+        maxInFlight = Math.max(maxInFlight, ++inFlight)
+        try {
+          return await next(args)
+        } finally {
+          inFlight--
+        }
+      },
+      { step: 'initialize', name: 'countInFlightGets' },
+    )
+    const listed = await listAll(fresh)
+    expect(byKeyId(listed)).toEqual(byKeyId(records))
+    expect(fresh.stats()).toMatchObject({ gets: 200, lists: 1 + Math.ceil(200 / 37), failures: 0 })
+    expect(maxInFlight).toBeGreaterThan(1)
+    expect(maxInFlight).toBeLessThanOrEqual(16)
+  })
+
+  it('keeps versions monotonic: an older version than stored is refused, also by a fresh instance', async () => {
+    const store = await openStore()
+    await store.put(sealedRecord(1, 1))
+    await store.put(sealedRecord(1, 3))
+    await expect(store.put(sealedRecord(1, 2))).rejects.toThrow(/version 2 is older than the stored version 3/)
+    // The same version again is a re-put, not a rollback.
+    await store.put(sealedRecord(1, 3))
+
+    const fresh = await reopen(store)
+    await expect(fresh.put(sealedRecord(1, 1))).rejects.toThrow(/version 1 is older than the stored version 3/)
+    expect(await fresh.get('key-1')).toEqual(sealedRecord(1, 3))
+
+    // Queued puts are checked in call order against the ones before them.
+    const results = await Promise.allSettled([fresh.put(sealedRecord(1, 5)), fresh.put(sealedRecord(1, 4)), fresh.put(sealedRecord(1, 6))])
+    expect(results.map((result) => result.status)).toEqual(['fulfilled', 'rejected', 'fulfilled'])
+
+    const last = await reopen(fresh)
+    expect(await last.get('key-1')).toEqual(sealedRecord(1, 6))
+    expect(await listAll(last)).toEqual([sealedRecord(1, 6)])
+  })
+
+  it('rejects setState for a key that was never put, and writes nothing', async () => {
+    const store = await openStore()
+    await expect(store.setState('never-put', 'frozen')).rejects.toThrow(/key never-put is not stored/)
+    await store.put(sealedRecord(1))
+    await expect(store.setState('key-2', 'archived')).rejects.toThrow(/key key-2 is not stored/)
+
+    const fresh = await reopen(store)
+    await expect(fresh.setState('never-put', 'frozen')).rejects.toThrow(/is not stored/)
+    expect(await listAll(fresh)).toEqual([sealedRecord(1)])
+    expect(fresh.stats().puts).toBe(0)
+  })
+
+  it('validates records, states and key ids before sending anything', async () => {
+    const store = await openStore()
+    await expect(store.put({ ...sealedRecord(1), keyId: '' })).rejects.toThrow(TypeError)
+    await expect(store.put({ ...sealedRecord(1), version: -1 })).rejects.toThrow(RangeError)
+    await expect(store.put({ ...sealedRecord(1), version: 1.5 })).rejects.toThrow(RangeError)
+    await expect(store.put({ ...sealedRecord(1), state: 'deleted' as never })).rejects.toThrow(/unknown key state/)
+    await expect(store.put({ ...sealedRecord(1), sealed: [1, 2] as never })).rejects.toThrow(TypeError)
+    await expect(store.put({ ...sealedRecord(1), keyId: 'x'.repeat(1100) })).rejects.toThrow(/longer than 1024 bytes/)
+    await expect(store.setState('key-1', 'gone' as never)).rejects.toThrow(/unknown key state/)
+    expect(store.stats()).toMatchObject({ puts: 0, gets: 0 })
+  })
+
+  it('refuses a stored object it cannot read, with a message naming it', async () => {
+    const store = await openStore()
+    await newClient().send(new PutObjectCommand({ Bucket: BUCKET, Key: `${prefix}keys/key-9.json`, Body: '{"format":"sealed-blob-store/v1","keyId":"key-9"' }))
+    await expect(store.get('key-9')).rejects.toThrow(new RegExp(`s3://${BUCKET}/${prefix}keys/key-9.json cannot be read \\(not JSON`))
+    await expect(listAll(store)).rejects.toThrow(/key-9.json cannot be read/)
+  })
+
+  it('waits in close for writes in flight, and refuses work after it', async () => {
+    const store = await openStore()
+    const writes = Array.from({ length: 20 }, (_, index) => store.put(sealedRecord(index)))
+    const dek = store.putWrappedDek({ keyId: 'kms', ciphertext: new Uint8Array([1]) })
+    let settled = 0
+    for (const write of [...writes, dek]) void write.then(() => settled++)
+    await store.close()
+    expect(settled).toBe(21)
+    await expect(store.put(sealedRecord(99))).rejects.toThrow(/closed/)
+    await expect(store.get('key-1')).rejects.toThrow(/closed/)
+    await expect(store.setState('key-1', 'frozen')).rejects.toThrow(/closed/)
+    await expect(store.putWrappedDek({ keyId: 'kms', ciphertext: new Uint8Array([2]) })).rejects.toThrow(/closed/)
+    expect(await store.close()).toBeUndefined()
+
+    const fresh = await openStore()
+    expect(await listAll(fresh)).toHaveLength(20)
+    expect(await fresh.getWrappedDek()).toEqual({ keyId: 'kms', ciphertext: new Uint8Array([1]) })
+  })
+
+  it('rejects a write whose answer was lost, then reads what S3 really holds', async () => {
+    const store = await openStore()
+    await store.put(sealedRecord(1, 1))
+    const client = clients.at(-1)!
+    let failPut: 'before-sending' | 'after-sending' | undefined
+    client.middlewareStack.add(
+      (next, context) => async (args) => {
+        if (context.commandName !== 'PutObjectCommand' || !failPut) return next(args)
+        if (failPut === 'before-sending') throw Object.assign(new Error('connect ECONNRESET'), { name: 'TimeoutError' })
+        await next(args)
+        throw Object.assign(new Error('socket hang up'), { name: 'TimeoutError' })
+      },
+      { step: 'initialize', name: 'failPuts' },
+    )
+
+    failPut = 'after-sending'
+    await expect(store.put(sealedRecord(1, 2))).rejects.toThrow(/PutObject .* failed: .*the write may or may not be stored/)
+    failPut = undefined
+    // The request did reach S3: the store must not keep claiming version 1.
+    expect(await store.get('key-1')).toEqual(sealedRecord(1, 2))
+
+    failPut = 'before-sending'
+    await expect(store.setState('key-1', 'frozen')).rejects.toThrow(/may or may not be stored/)
+    failPut = undefined
+    expect(await store.get('key-1')).toEqual(sealedRecord(1, 2))
+    expect(store.stats().failures).toBe(2)
+  })
+})
+
+describe('S3 errors', () => {
+  it('gives a clear error for a bucket that does not exist', async () => {
+    await expect(openS3BlobStore({ client: newClient(), bucket: 'no-such-bucket', prefix })).rejects.toThrow(
+      /S3 blob store: ListObjectsV2 s3:\/\/no-such-bucket\/.* failed: bucket "no-such-bucket" does not exist \(NoSuchBucket\)/,
+    )
+  })
+
+  it('gives a clear error for credentials S3 refuses', async () => {
+    const client = newClient({ accessKeyId: 'NOT-A-KEY', secretAccessKey: 'nope' })
+    await expect(openS3BlobStore({ client, bucket: BUCKET, prefix })).rejects.toThrow(/access denied \(InvalidAccessKeyId/)
+  })
+
+  it('rejects writes, without claiming them durable, once the bucket is gone', async () => {
+    const client = newClient()
+    const bucket = 'short-lived'
+    await client.send(new CreateBucketCommand({ Bucket: bucket }))
+    const store = await openS3BlobStore({ client, bucket, prefix })
+    opened.push(store)
+    await client.send(new DeleteBucketCommand({ Bucket: bucket }))
+
+    await expect(store.put(sealedRecord(1))).rejects.toThrow(/bucket "short-lived" does not exist/)
+    await expect(store.putWrappedDek({ keyId: 'kms', ciphertext: new Uint8Array([1]) })).rejects.toThrow(
+      /PutObject s3:\/\/short-lived\/.*dek.json failed: bucket "short-lived" does not exist \(NoSuchBucket\); the write may or may not be stored/,
+    )
+    await expect(store.get('key-1')).rejects.toThrow(/bucket "short-lived" does not exist/)
+    await expect(listAll(store)).rejects.toThrow(/bucket "short-lived" does not exist/)
+    expect(store.stats().records).toBe(0)
+  })
+
+  it('rejects bad options at open', async () => {
+    await expect(openS3BlobStore({ client: newClient(), bucket: '' })).rejects.toThrow(TypeError)
+    await expect(openS3BlobStore({ client: newClient(), bucket: BUCKET, listConcurrency: 0 })).rejects.toThrow(RangeError)
+    await expect(openS3BlobStore({ client: newClient(), bucket: BUCKET, listPageSize: 1001 })).rejects.toThrow(RangeError)
+  })
+})
