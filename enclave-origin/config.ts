@@ -1,3 +1,5 @@
+import { parseVsockAddress } from './protocol/vsock.js'
+
 /** Settings for the origin's processes, from the environment (12-factor), with the reason when one is wrong. */
 
 export function setting(name: string, fallback?: string): string {
@@ -12,8 +14,12 @@ export function numberSetting(name: string, fallback: number): number {
   return value
 }
 
-/** "host:port" or a Unix socket path. */
-export function listenAddress(value: string): { host: string; port: number } | { path: string } {
+export type StreamAddress = { host: string; port: number } | { path: string } | { vsock: { cid: number; port: number } }
+
+/** "vsock:CID:PORT" (in an enclave), "host:port", or a Unix socket path. */
+export function listenAddress(value: string): StreamAddress {
+  const vsock = parseVsockAddress(value)
+  if (vsock) return { vsock }
   const match = /^(.+):(\d+)$/.exec(value)
   return match ? { host: match[1]!, port: Number(match[2]) } : { path: value }
 }

@@ -8,7 +8,7 @@ import { checkStartup, type EnclaveProfile } from './startupChecks.js'
 
 /**
  * The enclave process. Settings: ORIGIN_PROFILE (development|production),
- * ENCLAVE_LISTEN (host:port or socket path), KMS_KEY_ID, KMS_REGION,
+ * ENCLAVE_LISTEN (vsock:CID:PORT in an enclave, host:port, or a socket path), KMS_KEY_ID, KMS_REGION,
  * KMS_ENDPOINT (optional), AWS credentials from the usual AWS_* variables,
  * ENGINE_THREADS, ENGINE_BATCHING (1|0), GRACE_SIGNATURES, and PRELOAD_FILE for
  * preload mode (an age-encrypted [{account_id, share}] file whose identity an
@@ -39,9 +39,8 @@ export async function runEnclave(): Promise<() => Promise<void>> {
   service = new EnclaveService({ cache, engine, dataKeys, kmsKeyId, preloadFile: process.env.PRELOAD_FILE || undefined, log: logLine })
   const prewarm = setInterval(() => cache.tickPrewarm(), 5_000)
   prewarm.unref()
-  const { server, close } = serveEnclave({ service, log: logLine })
   const address = listenAddress(setting('ENCLAVE_LISTEN', '127.0.0.1:7000'))
-  await new Promise<void>((resolve) => server.listen(address, resolve))
+  const { close } = await serveEnclave({ service, address, log: logLine })
   logLine({ event: 'enclave_listening', address, profile, engine: engine.stats() })
   return async () => {
     clearInterval(prewarm)

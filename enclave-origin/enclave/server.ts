@@ -1,7 +1,9 @@
 import { randomBytes } from 'node:crypto'
 import { createServer, type Server, type Socket } from 'node:net'
 import secp256k1 from 'secp256k1'
+import type { StreamAddress } from '../config.js'
 import { CoalescingWriter } from '../protocol/coalescingWriter.js'
+import { listenVsock } from '../protocol/vsock.js'
 import { encodeFrame, FrameDecoder, FrameError, isOpcode, opcodes, statuses, type Frame, type Status } from '../protocol/frames.js'
 import {
   decodeCreateRequest,
@@ -168,12 +170,13 @@ function generatePrivateKey(): Uint8Array {
  * an enclave). Requests on one connection run concurrently and answer in any
  * order; a malformed frame closes that connection only.
  */
-export function serveEnclave(options: { service: EnclaveService; log: (fields: Record<string, unknown>) => void }): {
-  server: Server
-  close(): Promise<void>
-} {
+export async function serveEnclave(options: {
+  service: EnclaveService
+  address: StreamAddress
+  log: (fields: Record<string, unknown>) => void
+}): Promise<{ close(): Promise<void> }> {
   const sockets = new Set<Socket>()
-  const server = createServer((socket) => {
+  const onConnection = (socket: Socket) => {
     sockets.add(socket)
     socket.setNoDelay(true)
     const decoder = new FrameDecoder()
@@ -198,11 +201,21 @@ export function serveEnclave(options: { service: EnclaveService; log: (fields: R
     })
     socket.on('error', () => {})
     socket.on('close', () => sockets.delete(socket))
-  })
-  const close = () =>
-    new Promise<void>((resolve) => {
-      server.close(() => resolve())
-      for (const socket of sockets) socket.destroy()
-    })
-  return { server, close }
+  }
+  const destroyAll = () => {
+    for (const socket of sockets) socket.destroy()
+  }
+  if ('vsock' in options.address) {
+    const listener = await listenVsock({ port: options.address.vsock.port, cid: options.address.vsock.cid, onConnection })
+    return { close: () => Promise.all([listener.close(), destroyAll()]).then(() => undefined) }
+  }
+  const server: Server = createServer(onConnection)
+  await new Promise<void>((resolve) => server.listen(options.address as never, resolve))
+  return {
+    close: () =>
+      new Promise<void>((resolve) => {
+        server.close(() => resolve())
+        destroyAll()
+      }),
+  }
 }

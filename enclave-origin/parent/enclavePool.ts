@@ -1,9 +1,11 @@
 import { connect, type Socket } from 'node:net'
+import type { StreamAddress } from '../config.js'
 import { CoalescingWriter } from '../protocol/coalescingWriter.js'
+import { connectVsock } from '../protocol/vsock.js'
 import { encodeFrame, FrameDecoder, type Frame, type Opcode } from '../protocol/frames.js'
 
-/** Where an enclave listens: vsock in production (via a socket path or proxy), TCP or a Unix socket here. */
-export type EnclaveAddress = { host: string; port: number } | { path: string }
+/** Where an enclave listens: vsock in production, TCP or a Unix socket elsewhere. */
+export type EnclaveAddress = StreamAddress
 
 type Pending = { resolve: (frame: Frame) => void; reject: (error: Error) => void; timer: ReturnType<typeof setTimeout> }
 
@@ -90,16 +92,24 @@ export class EnclavePool {
   }
 
   private open(slot: number): Promise<EnclaveConnection> {
+    const address = this.options.address
+    if ('vsock' in address) {
+      this.opening[slot] ??= connectVsock({ ...address.vsock, timeoutMs: this.options.connectTimeoutMs ?? 2_000 })
+        .then((socket) => this.adopt(slot, socket))
+        .catch((error: Error) => {
+          throw new EnclaveUnavailableError(`cannot connect to the enclave: ${error.message}`)
+        })
+        .finally(() => {
+          this.opening[slot] = undefined
+        })
+      return this.opening[slot]!
+    }
     this.opening[slot] ??= new Promise<EnclaveConnection>((resolve, reject) => {
       const socket = connect(this.options.address as never)
       const timer = setTimeout(() => socket.destroy(new Error('connect timeout')), this.options.connectTimeoutMs ?? 2_000)
       socket.once('connect', () => {
         clearTimeout(timer)
-        const connection = new EnclaveConnection(socket, () => {
-          if (this.connections[slot] === connection) this.connections[slot] = undefined
-        })
-        this.connections[slot] = connection
-        resolve(connection)
+        resolve(this.adopt(slot, socket))
       })
       socket.once('error', (error) => {
         clearTimeout(timer)
@@ -109,6 +119,14 @@ export class EnclavePool {
       this.opening[slot] = undefined
     })
     return this.opening[slot]!
+  }
+
+  private adopt(slot: number, socket: Socket): EnclaveConnection {
+    const connection = new EnclaveConnection(socket, () => {
+      if (this.connections[slot] === connection) this.connections[slot] = undefined
+    })
+    this.connections[slot] = connection
+    return connection
   }
 
   /** Opens every connection (call at start, so the first requests do not pay for it). */
