@@ -1,0 +1,86 @@
+import { connect, type Socket } from 'node:net'
+import { afterAll, beforeAll, expect, it } from 'vitest'
+import { keccak256, toHex } from 'viem'
+import type { KmsDataKeys } from '../../enclave-origin/enclave/dataKey.js'
+import { SignEngine } from '../../enclave-origin/enclave/engine.js'
+import { KeyCache } from '../../enclave-origin/enclave/keyCache.js'
+import { EnclaveService, serveEnclave } from '../../enclave-origin/enclave/server.js'
+import { encodeFrame, FrameDecoder, opcodes, statuses, type Frame } from '../../enclave-origin/protocol/frames.js'
+import { decodeCreateResponse, encodeCreateRequest, encodeSignRequest } from '../../enclave-origin/protocol/messages.js'
+
+/** The enclave's server over TCP: one bad connection is closed and harms no other. */
+
+const dek = crypto.getRandomValues(new Uint8Array(32))
+// Data keys come from KMS in production; this service has its DEK set directly, so KMS is never asked.
+const noKms = { generate: () => Promise.reject(new Error('no KMS here')), unwrap: () => Promise.reject(new Error('no KMS here')) } as unknown as KmsDataKeys
+
+let engine: SignEngine
+let close: () => Promise<void>
+const port = 18671
+
+beforeAll(async () => {
+  engine = new SignEngine({ threads: 1 })
+  await engine.start()
+  const cache = new KeyCache({ now: Date.now, unlock: () => Promise.reject(new Error('no unlock in this test')) })
+  cache.setDek(new Uint8Array(dek))
+  const service = new EnclaveService({ cache, engine, dataKeys: noKms, kmsKeyId: 'test' })
+  ;({ close } = await serveEnclave({ service, address: { host: '127.0.0.1', port }, log: () => {} }))
+})
+
+afterAll(async () => {
+  await close()
+  await engine.stop()
+})
+
+function client() {
+  const socket = connect(port, '127.0.0.1')
+  const decoder = new FrameDecoder()
+  const frames: Frame[] = []
+  socket.on('data', (chunk: Uint8Array) => frames.push(...decoder.push(chunk)))
+  const closed = new Promise<void>((resolve) => socket.once('close', () => resolve()))
+  const request = async (frame: Omit<Frame, 'status'>) => {
+    socket.write(encodeFrame({ ...frame, status: 0 }))
+    for (let i = 0; i < 200 && !frames.some((f) => f.requestId === frame.requestId); i++) await new Promise((r) => setTimeout(r, 5))
+    return frames.find((f) => f.requestId === frame.requestId)
+  }
+  return { socket: socket as Socket, closed, request }
+}
+
+it('an oversized frame closes that connection only; others keep being served', async () => {
+  const good = client()
+  const bad = client()
+  const created = await good.request({ requestId: 1, opcode: opcodes.CREATE, payload: encodeCreateRequest({ keyId: 'k1' }) })
+  expect(created?.status).toBe(statuses.OK)
+  expect(decodeCreateResponse(created!.payload).publicKey).toHaveLength(65)
+
+  const oversized = new Uint8Array(8)
+  new DataView(oversized.buffer).setUint32(0, 10 * 1024 * 1024)
+  bad.socket.write(oversized)
+  await bad.closed
+
+  const signed = await good.request({ requestId: 2, opcode: opcodes.SIGN, payload: encodeSignRequest({ keyId: 'k1', digest: new Uint8Array(32).fill(7) }) })
+  expect(signed?.status).toBe(statuses.OK)
+  good.socket.destroy()
+})
+
+it('a malformed payload is answered BAD_REQUEST on a connection that stays open; an unknown key NOT_FOUND', async () => {
+  const { socket, request } = client()
+  const malformed = await request({ requestId: 10, opcode: opcodes.SIGN, payload: new Uint8Array([3, 1, 2]) })
+  expect(malformed?.status).toBe(statuses.BAD_REQUEST)
+  const unknown = await request({ requestId: 11, opcode: opcodes.SIGN, payload: encodeSignRequest({ keyId: 'nobody', digest: new Uint8Array(32) }) })
+  expect(unknown?.status).toBe(statuses.NOT_FOUND)
+  const unknownOpcode = await request({ requestId: 12, opcode: 99, payload: new Uint8Array() })
+  expect(unknownOpcode?.status).toBe(statuses.BAD_REQUEST)
+  socket.destroy()
+})
+
+it('pipelines many requests on one connection and answers each by its request id', async () => {
+  const { socket, request } = client()
+  await request({ requestId: 20, opcode: opcodes.CREATE, payload: encodeCreateRequest({ keyId: 'k2' }) })
+  const digests = Array.from({ length: 200 }, (_, i) => keccak256(toHex(`pipelined ${i}`)))
+  const answers = await Promise.all(
+    digests.map((digest, i) => request({ requestId: 100 + i, opcode: opcodes.SIGN, payload: encodeSignRequest({ keyId: 'k2', digest: Uint8Array.from(Buffer.from(digest.slice(2), 'hex')) }) })),
+  )
+  expect(answers.every((answer) => answer?.status === statuses.OK)).toBe(true)
+  socket.destroy()
+})
