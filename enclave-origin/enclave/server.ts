@@ -20,7 +20,7 @@ import {
   encodeNeedsUnlock,
   encodeSignResponse,
 } from '../protocol/messages.js'
-import type { WrappedDek } from '../types.js'
+import type { RawSignature, WrappedDek } from '../types.js'
 import type { KmsDataKeys } from './dataKey.js'
 import type { SignEngine } from './engine.js'
 import type { KeyCache } from './keyCache.js'
@@ -83,18 +83,21 @@ export class EnclaveService {
     const { cache, engine } = this.options
     switch (frame.opcode) {
       case opcodes.SIGN: {
+        const started = performance.now()
         const { keyId, digest } = decodeSignRequest(frame.payload)
+        const signed = (signature: RawSignature) =>
+          ({ status: statuses.OK, payload: encodeSignResponse({ ...signature, enclaveMicros: Math.round((performance.now() - started) * 1_000) }) }) as Answer
         const key = cache.acquire(keyId)
         if (key.kind === 'needs-unlock') return { status: statuses.NEEDS_UNLOCK, payload: encodeNeedsUnlock(key) }
         if (key.kind === 'not-found') {
           const account = this.preloaded?.get(keyId)
-          if (account) return { status: statuses.OK, payload: encodeSignResponse(await engine.sign({ privateKey: account, digest })) }
+          if (account) return signed(await engine.sign({ privateKey: account, digest }))
           if (this.preloadRefusal) return fail(statuses.UNAVAILABLE, this.preloadRefusal)
           return fail(statuses.NOT_FOUND, `no key ${keyId}`)
         }
         if (key.kind === 'not-active') return fail(statuses.NOT_ACTIVE, `key ${keyId} is ${key.state}`)
         // The engine copies the key synchronously, as the cache requires.
-        return { status: statuses.OK, payload: encodeSignResponse(await engine.sign({ privateKey: key.privateKey, digest })) }
+        return signed(await engine.sign({ privateKey: key.privateKey, digest }))
       }
       case opcodes.CREATE: {
         const { keyId } = decodeCreateRequest(frame.payload)

@@ -10,7 +10,7 @@ export function originMetrics(parent: () => OriginParent | undefined) {
   const registry = new Registry()
   const signLatency = new Histogram({
     name: 'origin_sign_latency_seconds',
-    help: 'Sign latency by phase: rpc (parent to enclave and back, enclave queue and signing included), parent (the rest of the parent), total (request to answer).',
+    help: 'Sign latency by phase: enclave (decode to signature, engine queue included), queue (the rest of the round trip: wire and connection queues), rpc (parent to enclave and back), total (request to answer).',
     labelNames: ['phase'],
     buckets: [0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1],
     registers: [registry],

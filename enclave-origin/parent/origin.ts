@@ -142,8 +142,8 @@ export class OriginParent {
     return { keyId, publicKey: bytesToHex(created.publicKey), address: publicKeyToAddress(bytesToHex(created.publicKey)), state: 'active' }
   }
 
-  /** Signs a digest; `rpcMs` is the parent↔enclave round trip (enclave work included). */
-  async sign(keyId: string, digest: Uint8Array): Promise<{ signature: Hex; recoveryId: number; rpcMs: number }> {
+  /** Signs a digest; `rpcMs` is the parent↔enclave round trip, `enclaveMs` the enclave's own part of it. */
+  async sign(keyId: string, digest: Uint8Array): Promise<{ signature: Hex; recoveryId: number; rpcMs: number; enclaveMs: number }> {
     const enclave = this.ring.nodeFor(keyId)
     const started = performance.now()
     let frame = await this.call(enclave, opcodes.SIGN, encodeSignRequest({ keyId, digest }))
@@ -151,8 +151,8 @@ export class OriginParent {
       frame = await this.call(enclave, opcodes.SIGN, encodeSignRequest({ keyId, digest }))
     }
     const rpcMs = performance.now() - started
-    const { signature, recoveryId } = decodeSignResponse(this.check(enclave, frame).payload)
-    return { signature: bytesToHex(signature), recoveryId, rpcMs }
+    const { signature, recoveryId, enclaveMicros } = decodeSignResponse(this.check(enclave, frame).payload)
+    return { signature: bytesToHex(signature), recoveryId, rpcMs, enclaveMs: enclaveMicros / 1_000 }
   }
 
   /** An enclave that restarted has lost its records: hand it the stored one. */

@@ -12,7 +12,8 @@ import type { CacheState, KeyState, RawSignature, SealedKeyRecord } from '../typ
 import { FrameError } from './frames.js'
 
 export type SignRequest = { keyId: string; digest: Uint8Array }
-export type SignResponse = RawSignature
+/** The signature, and how long the enclave took from decoding the request to signing (queue in the engine included), in µs. */
+export type SignResponse = RawSignature & { enclaveMicros: number }
 export type CreateRequest = { keyId: string }
 export type CreateResponse = { publicKey: Uint8Array; sealed: Uint8Array; version: number }
 export type LoadRequest = SealedKeyRecord
@@ -65,7 +66,7 @@ export function encodeSignResponse(response: SignResponse): Uint8Array {
   if (response.recoveryId !== 0 && response.recoveryId !== 1) {
     throw new FrameError(`SIGN recoveryId ${response.recoveryId} is not 0 or 1`)
   }
-  return new PayloadWriter(signatureBytes + 1).bytes(response.signature).u8(response.recoveryId).done()
+  return new PayloadWriter(signatureBytes + 5).bytes(response.signature).u8(response.recoveryId).u32(Math.min(response.enclaveMicros, 0xffffffff)).done()
 }
 
 export function decodeSignResponse(payload: Uint8Array): SignResponse {
@@ -73,8 +74,9 @@ export function decodeSignResponse(payload: Uint8Array): SignResponse {
   const signature = reader.bytes(signatureBytes, 'signature')
   const recoveryId = reader.u8('recoveryId')
   if (recoveryId > 1) throw new FrameError(`SIGN response: recoveryId ${recoveryId} is not 0 or 1`)
+  const enclaveMicros = reader.u32('enclaveMicros')
   reader.end()
-  return { signature, recoveryId }
+  return { signature, recoveryId, enclaveMicros }
 }
 
 // CREATE

@@ -27,7 +27,7 @@ import { Agent, setGlobalDispatcher } from 'undici'
 import { measureRawSignRate } from '../../enclave-origin/enclave/engine.js'
 import { rehydrateBucketsMs } from '../../enclave-origin/enclave/keyCache.js'
 import { opcodes, statuses } from '../../enclave-origin/protocol/frames.js'
-import { encodeSignRequest } from '../../enclave-origin/protocol/messages.js'
+import { decodeSignResponse, encodeSignRequest } from '../../enclave-origin/protocol/messages.js'
 import { signRequest } from '../../enclave-origin/protocol/requestSigning.js'
 import { EnclavePool } from '../../enclave-origin/parent/enclavePool.js'
 import { startLocalKms } from '../support/kmsServer.js'
@@ -48,7 +48,7 @@ const scenarios = [
 // Enough sockets for every concurrent request, kept alive.
 setGlobalDispatcher(new Agent({ connections: connections + 16, keepAliveTimeout: 60_000, pipelining: 1 }))
 
-type Sample = { ok: boolean; needsUnlock: boolean; clientMs: number; rpcMs?: number; parentMs?: number }
+type Sample = { ok: boolean; needsUnlock: boolean; clientMs: number; rpcMs?: number; parentMs?: number; enclaveMs?: number }
 
 async function signOnce(url: string, keyIds: string[], scheduledAt?: number): Promise<Sample> {
   const keyId = keyIds[Math.floor(Math.random() * keyIds.length)]!
@@ -62,9 +62,9 @@ async function signOnce(url: string, keyIds: string[], scheduledAt?: number): Pr
     await response.arrayBuffer()
     const clientMs = performance.now() - started
     const timing = response.headers.get('server-timing') ?? ''
-    const rpcMs = Number(/rpc;dur=([\d.]+)/.exec(timing)?.[1])
-    const totalMs = Number(/total;dur=([\d.]+)/.exec(timing)?.[1])
-    return { ok: response.status === 200, needsUnlock: response.status === 503, clientMs, rpcMs, parentMs: totalMs - rpcMs }
+    const phase = (name: string) => Number(new RegExp(`${name};dur=([\\d.]+)`).exec(timing)?.[1])
+    const rpcMs = phase('rpc')
+    return { ok: response.status === 200, needsUnlock: response.status === 503, clientMs, rpcMs, parentMs: phase('total') - rpcMs, enclaveMs: phase('enclave') }
   } catch {
     return { ok: false, needsUnlock: false, clientMs: performance.now() - started }
   }
@@ -86,6 +86,7 @@ function summarise(samples: Sample[], elapsedMs: number) {
       client: quantiles(ok.map((s) => s.clientMs)),
       parent: quantiles(ok.map((s) => s.parentMs ?? NaN)),
       rpc: quantiles(ok.map((s) => s.rpcMs ?? NaN)),
+      enclave: quantiles(ok.map((s) => s.enclaveMs ?? NaN)),
     },
   }
 }
@@ -138,7 +139,9 @@ async function viaEnclave(keyIds: string[]): Promise<{ send: Send; close(): void
     const payload = encodeSignRequest({ keyId, digest: crypto.getRandomValues(new Uint8Array(32)) })
     const frame = await pool.request({ opcode: opcodes.SIGN, payload, timeoutMs: 10_000 }).catch(() => undefined)
     const ms = performance.now() - started
-    return { ok: frame?.status === statuses.OK, needsUnlock: frame?.status === statuses.NEEDS_UNLOCK, clientMs: ms, rpcMs: ms, parentMs: 0 }
+    const ok = frame?.status === statuses.OK
+    const enclaveMs = ok ? decodeSignResponse(frame.payload).enclaveMicros / 1_000 : NaN
+    return { ok, needsUnlock: frame?.status === statuses.NEEDS_UNLOCK, clientMs: ms, rpcMs: ms, parentMs: 0, enclaveMs }
   }
   return { send, close: () => pool.close() }
 }
@@ -238,25 +241,27 @@ async function main() {
 
     const throughParent = results.filter((r) => r.scenario.startsWith('closed loop'))
     const best = Math.max(...throughParent.map((r) => r.throughput as number))
-    const bestScenario = scenarios[throughParent.findIndex((r) => r.throughput === best)]!
-    await origin.stop()
-    origin = await startOrigin({ kms, kmsKeyId, enclavePort: ports.enclave, parentPort: ports.parent, storeDir, extraEnv: bestScenario.env })
-    const open = await openLoop(origin, viaParent(origin, keyIds), Math.round(best * offeredFraction))
-    results.push({ scenario: `open loop at ${Math.round(offeredFraction * 100)}% of ${best}/s via parent`, ...open })
-    console.log(JSON.stringify(results.at(-1)))
     const bestDirect = Math.max(...results.filter((r) => r.scenario.startsWith('enclave direct')).map((r) => r.throughput as number))
-    const enclave = await viaEnclave(keyIds)
-    const openDirect = await openLoop(origin, enclave.send, Math.round(bestDirect * offeredFraction))
-    enclave.close()
-    results.push({ scenario: `open loop at ${Math.round(offeredFraction * 100)}% of ${bestDirect}/s enclave direct`, ...openDirect })
-    console.log(JSON.stringify(results.at(-1)))
+    // Open loop at the same offered rates, with batching on and off.
+    for (const scenario of scenarios.slice(0, 2)) {
+      await origin.stop()
+      origin = await startOrigin({ kms, kmsKeyId, enclavePort: ports.enclave, parentPort: ports.parent, storeDir, extraEnv: scenario.env })
+      const open = await openLoop(origin, viaParent(origin, keyIds), Math.round(best * offeredFraction))
+      results.push({ scenario: `open loop ${Math.round(offeredFraction * 100)}% of ${best}/s via parent, ${scenario.name}`, ...open })
+      console.log(JSON.stringify(results.at(-1)))
+      const enclave = await viaEnclave(keyIds)
+      const openDirect = await openLoop(origin, enclave.send, Math.round(bestDirect * offeredFraction))
+      enclave.close()
+      results.push({ scenario: `open loop ${Math.round(offeredFraction * 100)}% of ${bestDirect}/s direct, ${scenario.name}`, ...openDirect })
+      console.log(JSON.stringify(results.at(-1)))
+    }
 
-    console.log('\nscenario                                                req/s   err%   503%  client p50/p99/p99.9 ms       rpc p99  parent p99  cores enclave/parent/gen/host')
+    console.log('\nscenario                                                                 req/s   err%   503%  client p50/p99/p99.9 ms       rpc p99  enclave p99  parent p99  cores enclave/parent/gen/host')
     for (const r of results) {
       const latency = r.latencyMs as Record<string, Record<string, number>>
       const cpu = (r.cpu as { cores: Record<string, number> }).cores
       console.log(
-        `${r.scenario.padEnd(55)} ${String(r.throughput).padStart(6)} ${((r.errorRate as number) * 100).toFixed(2).padStart(6)} ${((r.needsUnlockRate as number) * 100).toFixed(2).padStart(6)}  ${`${latency.client!.p50}/${latency.client!.p99}/${latency.client!.p999}`.padEnd(26)} ${String(latency.rpc!.p99).padStart(8)} ${String(latency.parent!.p99).padStart(10)}  ${cpu.enclave}/${cpu.parent}/${cpu.generator}/${cpu.host}`,
+        `${r.scenario.padEnd(72)} ${String(r.throughput).padStart(6)} ${((r.errorRate as number) * 100).toFixed(2).padStart(6)} ${((r.needsUnlockRate as number) * 100).toFixed(2).padStart(6)}  ${`${latency.client!.p50}/${latency.client!.p99}/${latency.client!.p999}`.padEnd(26)} ${String(latency.rpc!.p99).padStart(8)} ${String(latency.enclave!.p99).padStart(12)} ${String(latency.parent!.p99).padStart(10)}  ${cpu.enclave}/${cpu.parent}/${cpu.generator}/${cpu.host}`,
       )
     }
     console.log(

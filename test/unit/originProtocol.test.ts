@@ -62,7 +62,7 @@ describe('every message survives encode then decode unchanged', () => {
   it('SIGN request and response', () => {
     expect(decodeSignRequest(encodeSignRequest({ keyId: 'paymaster-7', digest }))).toEqual({ keyId: 'paymaster-7', digest })
     for (const recoveryId of [0, 1]) {
-      const response = { signature: filled(64, 0x11), recoveryId }
+      const response = { signature: filled(64, 0x11), recoveryId, enclaveMicros: 73 }
       expect(decodeSignResponse(encodeSignResponse(response))).toEqual(response)
     }
   })
@@ -288,7 +288,7 @@ describe('malformed payloads throw FrameError', () => {
   it('trailing bytes', () => {
     expect(() => decodeSignRequest(new Uint8Array([...validSign, 0]))).toThrow(/1 trailing bytes/)
     expect(() => decodeNeedsUnlock(new Uint8Array(5))).toThrow(FrameError)
-    expect(() => decodeSignResponse(new Uint8Array(66))).toThrow(FrameError)
+    expect(() => decodeSignResponse(new Uint8Array(70))).toThrow(FrameError)
     const create = encodeCreateResponse({ publicKey, sealed, version: 1 })
     expect(() => decodeCreateResponse(new Uint8Array([...create, 1, 2]))).toThrow(FrameError)
   })
@@ -303,7 +303,7 @@ describe('malformed payloads throw FrameError', () => {
     expect(() => decodeSetStateRequest(new Uint8Array([1, 0x6b, 3]))).toThrow(/key state 3/)
     const get = encodeGetResponse({ state: 'active', cacheState: 'WARM', publicKey })
     expect(() => decodeGetResponse(new Uint8Array([0, 3, ...get.subarray(2)]))).toThrow(/cache state 3/)
-    expect(() => decodeSignResponse(new Uint8Array([...filled(64, 1), 2]))).toThrow(/recoveryId 2/)
+    expect(() => decodeSignResponse(new Uint8Array([...filled(64, 1), 2, 0, 0, 0, 0]))).toThrow(/recoveryId 2/)
     expect(() => encodeSetStateRequest({ keyId: 'k', state: 'deleted' as never })).toThrow(FrameError)
   })
 
