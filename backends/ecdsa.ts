@@ -49,10 +49,20 @@ export function addressFromSpki(spki: Uint8Array): Address {
  * address the key is known to have. A signature that recovers to neither is
  * from another key, and refused.
  */
-export async function toEthereumSignature(options: { r: bigint; s: bigint; digest: Hex; address: Address }): Promise<Hex> {
-  const s = options.s > halfOrder ? secp256k1Order - options.s : options.s
+export async function toEthereumSignature(options: {
+  r: bigint
+  s: bigint
+  digest: Hex
+  address: Address
+  /** The recovery id the signer reported for (r, s), tried first: one recovery instead of up to two. */
+  recoveryIdHint?: number
+}): Promise<Hex> {
+  const folded = options.s > halfOrder
+  const s = folded ? secp256k1Order - options.s : options.s
   const rs = concat([numberToHex(options.r, { size: 32 }), numberToHex(s, { size: 32 })])
-  for (const v of [27, 28]) {
+  // Folding s to the lower half flips the recovery id.
+  const first = 27 + (((options.recoveryIdHint ?? 0) & 1) ^ (folded ? 1 : 0))
+  for (const v of [first, first === 27 ? 28 : 27]) {
     const signature = concat([rs, numberToHex(v, { size: 1 })])
     if ((await recoverAddress({ hash: options.digest, signature })) === options.address) return signature
   }

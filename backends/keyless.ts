@@ -89,7 +89,8 @@ export class KeylessSigner implements Signer {
     }
     const r = hexToBigInt(slice(signature, 0, 32))
     const s = hexToBigInt(slice(signature, 32, 64))
-    return { signature: await toEthereumSignature({ r, s, digest, address }), signedBy: this.options.name, address }
+    const recoveryIdHint = typeof answer.recoveryId === 'number' ? answer.recoveryId : undefined
+    return { signature: await toEthereumSignature({ r, s, digest, address, recoveryIdHint }), signedBy: this.options.name, address }
   }
 
   health() {

@@ -70,6 +70,17 @@ describe('DER signatures from KMS become canonical Ethereum signatures', () => {
     }
   })
 
+  it('a recovery id hint, right or wrong, still gives the canonical signature (high s included)', async () => {
+    for (const highS of [false, true]) {
+      const digest = keccak256(toHex(`hint ${highS}`))
+      const { der, recovery } = kmsStyle(digest, { highS })
+      const { r, s } = parseDerSignature(der)
+      for (const recoveryIdHint of [recovery, 1 - recovery]) {
+        expect(await toEthereumSignature({ r, s, digest, address, recoveryIdHint })).toBe(await canonical(digest))
+      }
+    }
+  })
+
   it('refuses a signature from another key', async () => {
     const digest = keccak256(toHex('wrong key'))
     const { r, s } = parseDerSignature(kmsStyle(digest).der)
