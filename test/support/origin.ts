@@ -20,9 +20,7 @@ export async function symmetricKmsKey(kms: LocalKms): Promise<string> {
 }
 
 function cli(command: string, env: Record<string, string>): ChildProcess {
-  // As `npm run origin` does: larger young-generation semi-spaces mean fewer scavenges on the
-  // signing path (measured in bench:origin: open-loop p99 about a third lower).
-  return spawn(process.execPath, ['--max-semi-space-size=64', '--import', 'tsx', 'enclave-origin/cli.ts', command], {
+  return spawn(process.execPath, ['--import', 'tsx', 'enclave-origin/cli.ts', command], {
     env: { ...process.env, ...env },
     stdio: ['ignore', 'pipe', 'pipe'],
   })
