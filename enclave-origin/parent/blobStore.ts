@@ -23,3 +23,46 @@ export interface BlobStore {
   /** Waits for queued writes to become durable, then releases the store. */
   close(): Promise<void>
 }
+
+
+// ---------------------------------------------------------------- rules every store keeps
+
+export const keyStates: readonly KeyState[] = ['active', 'frozen', 'archived']
+
+export function validateKeyId(keyId: string): void {
+  if (typeof keyId !== 'string' || keyId.length === 0) throw new TypeError('keyId must be a non-empty string')
+  // The disk log's limit; every store keeps it, so records move between stores unchanged.
+  if (Buffer.byteLength(keyId, 'utf8') > 0xffff) throw new RangeError('keyId is longer than 65535 bytes')
+}
+
+export function isValidVersion(version: number): boolean {
+  return Number.isInteger(version) && version >= 0 && version <= 0xffffffff
+}
+
+export function validateState(state: KeyState): void {
+  if (!keyStates.includes(state)) throw new TypeError(`unknown key state ${String(state)}`)
+}
+
+export function validateRecord(record: SealedKeyRecord): void {
+  validateKeyId(record.keyId)
+  if (!isValidVersion(record.version)) throw new RangeError(`key ${record.keyId}: version must be an integer in [0, 2^32)`)
+  validateState(record.state)
+  if (!(record.publicKey instanceof Uint8Array) || !(record.sealed instanceof Uint8Array)) {
+    throw new TypeError(`key ${record.keyId}: publicKey and sealed must be Uint8Arrays`)
+  }
+}
+
+/** Callers get and give copies, so mutating a record never changes what the store holds. */
+export function copyRecord(record: SealedKeyRecord): SealedKeyRecord {
+  return {
+    keyId: record.keyId,
+    version: record.version,
+    state: record.state,
+    publicKey: new Uint8Array(record.publicKey),
+    sealed: new Uint8Array(record.sealed),
+  }
+}
+
+export function copyDek(dek: WrappedDek): WrappedDek {
+  return { keyId: dek.keyId, ciphertext: new Uint8Array(dek.ciphertext) }
+}

@@ -1,7 +1,7 @@
 import { open } from 'node:fs/promises'
 import { join } from 'node:path'
 import type { KeyState, SealedKeyRecord, WrappedDek } from '../types.js'
-import type { BlobStore } from './blobStore.js'
+import { copyDek, copyRecord, keyStates, validateKeyId, validateRecord, type BlobStore } from './blobStore.js'
 
 /**
  * The embedded BlobStore: one append-only log file in `directory`, replayed
@@ -135,13 +135,13 @@ class GroupCommitStore implements DiskBlobStore {
 
   async putWrappedDek(dek: WrappedDek): Promise<void> {
     validateKeyId(dek.keyId)
-    return this.enqueue({ kind: 'dek', dek: { keyId: dek.keyId, ciphertext: new Uint8Array(dek.ciphertext) } })
+    return this.enqueue({ kind: 'dek', dek: copyDek(dek) })
   }
 
   async getWrappedDek(): Promise<WrappedDek | undefined> {
     this.assertOpen()
     const dek = this.index.wrappedDek()
-    return dek && { keyId: dek.keyId, ciphertext: new Uint8Array(dek.ciphertext) }
+    return dek && copyDek(dek)
   }
 
   stats(): DiskBlobStoreStats {
@@ -376,7 +376,6 @@ function errorMessage(error: unknown): string {
 
 const ENTRY_KIND = { put: 1, state: 2, dek: 3 } as const
 /** Position is the on-disk code: append new states, never reorder. */
-const KEY_STATES: readonly KeyState[] = ['active', 'frozen', 'archived']
 
 function encodeFrame(entry: LogEntry): Buffer {
   const payload = encodeEntry(entry)
@@ -494,7 +493,7 @@ class FieldReader {
 
   state(): KeyState {
     const code = this.u8()
-    const state = KEY_STATES[code]
+    const state = keyStates[code]
     if (state === undefined) throw this.unreadable(`unknown key state code ${code}`)
     return state
   }
@@ -517,37 +516,10 @@ class FieldReader {
 
 // ---------------------------------------------------------------- validation and copies
 
-function validateKeyId(keyId: string): void {
-  if (typeof keyId !== 'string' || keyId.length === 0) throw new TypeError('keyId must be a non-empty string')
-  if (Buffer.byteLength(keyId, 'utf8') > 0xffff) throw new RangeError('keyId is longer than 65535 bytes')
-}
-
-function validateRecord(record: SealedKeyRecord): void {
-  validateKeyId(record.keyId)
-  if (!Number.isInteger(record.version) || record.version < 0 || record.version > 0xffffffff) {
-    throw new RangeError(`key ${record.keyId}: version must be an integer in [0, 2^32)`)
-  }
-  stateCode(record.state)
-  if (!(record.publicKey instanceof Uint8Array) || !(record.sealed instanceof Uint8Array)) {
-    throw new TypeError(`key ${record.keyId}: publicKey and sealed must be Uint8Arrays`)
-  }
-}
-
 function stateCode(state: KeyState): number {
-  const code = KEY_STATES.indexOf(state)
+  const code = keyStates.indexOf(state)
   if (code < 0) throw new TypeError(`unknown key state ${String(state)}`)
   return code
-}
-
-/** Callers get and give copies, so mutating a record never changes what the store holds. */
-function copyRecord(record: SealedKeyRecord): SealedKeyRecord {
-  return {
-    keyId: record.keyId,
-    version: record.version,
-    state: record.state,
-    publicKey: new Uint8Array(record.publicKey),
-    sealed: new Uint8Array(record.sealed),
-  }
 }
 
 // ---------------------------------------------------------------- CRC-32

@@ -1,6 +1,6 @@
 import { GetObjectCommand, ListObjectsV2Command, PutObjectCommand, type S3Client } from '@aws-sdk/client-s3'
 import type { KeyState, SealedKeyRecord, WrappedDek } from '../types.js'
-import type { BlobStore } from './blobStore.js'
+import { copyDek, copyRecord, isValidVersion, keyStates, validateKeyId, validateRecord, validateState, type BlobStore } from './blobStore.js'
 
 /**
  * A BlobStore in an S3 bucket, for parents that should not keep the only copy
@@ -167,7 +167,7 @@ class S3Store implements S3BlobStore {
     this.assertOpen()
     validateKeyId(dek.keyId)
     if (!(dek.ciphertext instanceof Uint8Array)) throw new TypeError('ciphertext must be a Uint8Array')
-    const copy = { keyId: dek.keyId, ciphertext: new Uint8Array(dek.ciphertext) }
+    const copy = copyDek(dek)
     const body = JSON.stringify({ format: FORMAT, keyId: copy.keyId, ciphertext: toBase64(copy.ciphertext) })
     const objectName = this.prefix + S3_DEK_OBJECT
     return this.write('dek', async () => {
@@ -181,7 +181,7 @@ class S3Store implements S3BlobStore {
   async getWrappedDek(): Promise<WrappedDek | undefined> {
     this.assertOpen()
     const dek = this.dek ?? (await this.serialize('dek', () => this.loadDek()))
-    return dek && { keyId: dek.keyId, ciphertext: new Uint8Array(dek.ciphertext) }
+    return dek && copyDek(dek)
   }
 
   stats(): S3BlobStoreStats {
@@ -401,7 +401,6 @@ function describeS3Error(
 
 /** Written into every object, so a later layout can refuse to misread this one. */
 const FORMAT = 'sealed-blob-store/v1'
-const KEY_STATES: readonly KeyState[] = ['active', 'frozen', 'archived']
 
 function encodeRecord(record: SealedKeyRecord): string {
   return JSON.stringify({
@@ -420,7 +419,7 @@ function decodeRecord(body: string, where: string): SealedKeyRecord {
   const { keyId, version, state } = fields
   if (typeof keyId !== 'string' || keyId.length === 0) throw unreadable(where, 'keyId is not a non-empty string')
   if (typeof version !== 'number' || !isValidVersion(version)) throw unreadable(where, 'version is not an integer in [0, 2^32)')
-  if (!KEY_STATES.includes(state as KeyState)) throw unreadable(where, `unknown key state ${String(state)}`)
+  if (!keyStates.includes(state as KeyState)) throw unreadable(where, `unknown key state ${String(state)}`)
   return {
     keyId,
     version,
@@ -458,36 +457,3 @@ function unreadable(where: string, reason: string): Error {
 
 // ---------------------------------------------------------------- validation and copies
 
-function validateKeyId(keyId: string): void {
-  if (typeof keyId !== 'string' || keyId.length === 0) throw new TypeError('keyId must be a non-empty string')
-  // The disk store's limit, so records move between the stores unchanged (S3's own limit is checked on the object name).
-  if (Buffer.byteLength(keyId, 'utf8') > 0xffff) throw new RangeError('keyId is longer than 65535 bytes')
-}
-
-function isValidVersion(version: number): boolean {
-  return Number.isInteger(version) && version >= 0 && version <= 0xffffffff
-}
-
-function validateState(state: KeyState): void {
-  if (!KEY_STATES.includes(state)) throw new TypeError(`unknown key state ${String(state)}`)
-}
-
-function validateRecord(record: SealedKeyRecord): void {
-  validateKeyId(record.keyId)
-  if (!isValidVersion(record.version)) throw new RangeError(`key ${record.keyId}: version must be an integer in [0, 2^32)`)
-  validateState(record.state)
-  if (!(record.publicKey instanceof Uint8Array) || !(record.sealed instanceof Uint8Array)) {
-    throw new TypeError(`key ${record.keyId}: publicKey and sealed must be Uint8Arrays`)
-  }
-}
-
-/** Callers get and give copies, so mutating a record never changes what the store holds. */
-function copyRecord(record: SealedKeyRecord): SealedKeyRecord {
-  return {
-    keyId: record.keyId,
-    version: record.version,
-    state: record.state,
-    publicKey: new Uint8Array(record.publicKey),
-    sealed: new Uint8Array(record.sealed),
-  }
-}
