@@ -25,6 +25,13 @@ export function originMetrics(parent: () => OriginParent | undefined) {
       this.set(parent()?.inflight ?? 0)
     },
   })
+  // One HEALTH round trip per enclave per scrape, shared by the gauges below (each collects on its own).
+  let snapshot: { at: number; health: ReturnType<OriginParent['health']> } | undefined
+  const enclaveHealth = () => {
+    const now = Date.now()
+    if (!snapshot || now - snapshot.at > 1_000) snapshot = { at: now, health: parent()?.health() ?? Promise.resolve([]) }
+    return snapshot.health
+  }
   const enclaveGauge = (name: string, help: string, pick: (stats: Record<string, unknown>) => Record<string, number>) =>
     new Gauge({
       name,
@@ -33,7 +40,7 @@ export function originMetrics(parent: () => OriginParent | undefined) {
       registers: [registry],
       async collect() {
         this.reset()
-        for (const enclave of (await parent()?.health()) ?? []) {
+        for (const enclave of await enclaveHealth()) {
           if (!enclave.stats) continue
           for (const [kind, value] of Object.entries(pick(enclave.stats))) this.set({ enclave: enclave.id, kind }, value)
         }
