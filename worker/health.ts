@@ -21,8 +21,13 @@ export async function healthReport(env: Env) {
     if (error instanceof ConfigError) return { status: 'misconfigured' as const, error: error.message }
     throw error
   }
+  // Fallback members are reported inside their fallback, which probes them once, unless a chain uses one directly.
+  const chainSigners = new Set(services.config.chains.map((chain) => chain.signer))
+  const members = new Set(Object.values(services.config.signers).flatMap((signer) => (signer.kind === 'fallback' ? signer.members : [])))
   const signers = await Promise.all(
-    [...services.signers].map(async ([, signer]) => ({ ...signer.describe(), ...(await signer.health()) })),
+    [...services.signers]
+      .filter(([name]) => chainSigners.has(name) || !members.has(name))
+      .map(async ([, signer]) => ({ ...signer.describe(), ...(await signer.health()) })),
   )
   const healthOf = (name: string) => signers.find((s) => s.name === name)!
   const chains = await Promise.all(
