@@ -1,5 +1,5 @@
-import { open } from 'node:fs/promises'
-import { join } from 'node:path'
+import { mkdir, open } from 'node:fs/promises'
+import { dirname, join } from 'node:path'
 import type { KeyState, SealedKeyRecord, WrappedDek } from '../types.js'
 import { copyDek, copyRecord, keyStates, validateKeyId, validateRecord, type BlobStore } from './blobStore.js'
 
@@ -18,7 +18,7 @@ import { copyDek, copyRecord, keyStates, validateKeyId, validateRecord, type Blo
  */
 
 export type DiskBlobStoreOptions = {
-  /** An existing directory the store owns; one process at a time may open it. */
+  /** The directory the store owns (created, owner-only, if missing); one process at a time may open it. */
   directory: string
   /** How long the first queued write waits for company before the group is flushed. */
   groupCommitMs?: number
@@ -56,6 +56,9 @@ export async function openDiskBlobStore(options: DiskBlobStoreOptions): Promise<
   if (!Number.isInteger(maxGroup) || maxGroup < 1) throw new RangeError('maxGroup must be an integer ≥ 1')
 
   const counters: DiskBlobStoreStats = { writes: 0, fsyncs: 0, groups: 0, records: 0 }
+  const firstCreated = await mkdir(directory, { recursive: true, mode: 0o700 })
+  // A new directory's own entry is durable only once its parent is fsynced.
+  if (firstCreated !== undefined) await syncDirectory(fileSystem, dirname(firstCreated))
   const path = join(directory, LOG_FILE_NAME)
   const { file: rawFile, created } = await openOrCreateLog(fileSystem, path)
   const file = countingFile(rawFile, counters)

@@ -24,15 +24,21 @@ const maxBodyBytes = 16 * 1024
  */
 export function createParentApi(options: ParentApiOptions): Server {
   const metrics = originMetrics(() => options.parent)
+  // Bound once: observing a labelled child skips hashing the labels on every sign.
+  const phaseLatency = Object.fromEntries((['enclave', 'queue', 'rpc', 'total'] as const).map((phase) => [phase, metrics.signLatency.labels(phase)]))
   const random = options.random ?? Math.random
 
   const send = (response: ServerResponse, status: number, body: unknown, headers: Record<string, string> = {}) => {
-    response.writeHead(status, { 'content-type': 'application/json', ...headers }).end(JSON.stringify(body))
+    const json = JSON.stringify(body)
+    // An explicit length: writeHead would otherwise commit to chunked encoding, an extra frame per answer.
+    response.writeHead(status, { 'content-type': 'application/json', 'content-length': String(Buffer.byteLength(json)), ...headers }).end(json)
   }
 
   const handle = async (request: IncomingMessage, response: ServerResponse, route: { name: string }) => {
-    const url = new URL(request.url ?? '/', 'http://origin')
-    const path = url.pathname
+    // The path is all a route needs; no query string means anything here.
+    const target = request.url ?? '/'
+    const query = target.indexOf('?')
+    const path = query === -1 ? target : target.slice(0, query)
     if (request.method === 'GET' && path === '/healthz') {
       route.name = 'healthz'
       const enclaves = await options.parent.health()
@@ -45,7 +51,7 @@ export function createParentApi(options: ParentApiOptions): Server {
     }
 
     const body = await readBody(request)
-    if (body === undefined) return send(response, 413, { error: 'body too large' })
+    if (body === undefined) return send(response, 413, { error: `body too large (limit ${maxBodyBytes} bytes)` }, { connection: 'close' })
     const failure = await options.verifier.verify({ method: request.method ?? 'GET', path, headers: (name) => header(request, name), body })
     if (failure) return send(response, 401, { error: `request authentication failed: ${failure}` })
 
@@ -75,7 +81,7 @@ export function createParentApi(options: ParentApiOptions): Server {
         const { rpcMs, enclaveMs, ...signed } = await options.parent.sign(keyId, digest)
         const totalMs = performance.now() - started
         const phases = { enclave: enclaveMs, queue: Math.max(0, rpcMs - enclaveMs), rpc: rpcMs, total: totalMs }
-        for (const [phase, ms] of Object.entries(phases)) metrics.signLatency.observe({ phase }, ms / 1_000)
+        for (const [phase, ms] of Object.entries(phases)) phaseLatency[phase]!.observe(ms / 1_000)
         // Server-Timing lets a caller (and the benchmark) split its latency by phase.
         const timing = Object.entries(phases).map(([phase, ms]) => `${phase};dur=${ms.toFixed(3)}`).join(', ')
         return send(response, 200, signed, { 'server-timing': timing })
@@ -124,15 +130,20 @@ function header(request: IncomingMessage, name: string): string | undefined {
   return Array.isArray(value) ? value[0] : value
 }
 
-async function readBody(request: IncomingMessage): Promise<Uint8Array | undefined> {
-  const chunks: Buffer[] = []
-  let total = 0
-  for await (const chunk of request) {
-    total += (chunk as Buffer).length
-    if (total > maxBodyBytes) return undefined
-    chunks.push(chunk as Buffer)
-  }
-  return new Uint8Array(Buffer.concat(chunks))
+/** The whole body, or undefined past maxBodyBytes (the rest is not read: the 413 closes the connection). */
+function readBody(request: IncomingMessage): Promise<Uint8Array | undefined> {
+  return new Promise((resolve, reject) => {
+    const chunks: Buffer[] = []
+    let total = 0
+    const onData = (chunk: Buffer) => {
+      total += chunk.length
+      if (total <= maxBodyBytes) return void chunks.push(chunk)
+      request.off('data', onData).off('end', onEnd).pause()
+      resolve(undefined)
+    }
+    const onEnd = () => resolve(chunks.length === 1 ? chunks[0]! : Buffer.concat(chunks))
+    request.on('data', onData).on('end', onEnd).once('error', reject)
+  })
 }
 
 /** `{"preloadIdentity": "AGE-SECRET-KEY-1…"}` in an unlock body, if any. */

@@ -1,5 +1,6 @@
 import { readFileSync } from 'node:fs'
 import { listenAddress, logLine, numberSetting, setting } from '../config.js'
+import { nodeHashing } from '../protocol/nodeHashing.js'
 import { RequestVerifier } from '../protocol/requestSigning.js'
 import { S3Client } from '@aws-sdk/client-s3'
 import { openDiskBlobStore } from './diskBlobStore.js'
@@ -50,7 +51,7 @@ export async function runParent(): Promise<() => Promise<void>> {
         requireClientCertificate: process.env.TLS_REQUIRE_CLIENT_CERT === '1',
       }
     : undefined
-  const server = createParentApi({ parent, verifier: new RequestVerifier({ secrets }), log: logLine, tls })
+  const server = createParentApi({ parent, verifier: new RequestVerifier({ secrets, hashing: nodeHashing }), log: logLine, tls })
   const address = listenAddress(setting('PARENT_LISTEN', '127.0.0.1:8443'))
   await new Promise<void>((resolve) => server.listen(address, resolve))
   logLine({ event: 'parent_listening', address, enclaves: enclaves.map((e) => e.id), tls: Boolean(tls) })

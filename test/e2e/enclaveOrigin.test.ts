@@ -81,6 +81,21 @@ describe('the enclave origin API', () => {
     expect([first.status, replay.status]).toEqual([200, 401])
   })
 
+  it('answers malformed requests with a status and a message that say what was wrong', async () => {
+    const { body } = await origin.request('POST', '/v1/keys')
+    const badDigest = await origin.request('POST', `/v1/keys/${body.keyId}/sign`, { digest: '0x1234' })
+    expect(badDigest).toMatchObject({ status: 400, body: { error: expect.stringMatching(/digest.*32 bytes/) } })
+    const notJson = await origin.request('POST', `/v1/keys/${body.keyId}/sign`, 'not json')
+    expect(notJson.status).toBe(400)
+    expect((await origin.request('POST', '/v1/keys/no-such-key/sign', { digest: keccak256(toHex('x')) })).status).toBe(404)
+    expect((await origin.request('GET', '/v1/nothing')).status).toBe(404)
+    // Over the 16 KiB limit: refused before authentication or parsing, and the parent keeps serving.
+    const large = await fetch(`${origin.url}/v1/keys`, { method: 'POST', body: 'x'.repeat(64 * 1024) })
+    expect(large.status).toBe(413)
+    expect(await large.json()).toEqual({ error: 'body too large (limit 16384 bytes)' })
+    expect((await origin.request('GET', `/v1/keys/${body.keyId}`)).status).toBe(200)
+  })
+
   it('an enclave restarted alone has lost keys and data key: the parent reloads the key, answers 503 with a Retry-After while it unlocks, then signs', async () => {
     const { body } = await origin.request('POST', '/v1/keys')
     await origin.kill('enclave')

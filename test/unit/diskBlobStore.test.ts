@@ -64,6 +64,27 @@ describe('crc32', () => {
 })
 
 describe('round trips across close and reopen', () => {
+  it('creates a missing store directory, owner-only, and fsyncs the parent that gained it', async () => {
+    const nested = join(directory, 'not', 'yet')
+    const synced: string[] = []
+    const fileSystem: BlobStoreFileSystem = {
+      open: async (path, flags) => {
+        if (flags === 'r') synced.push(path)
+        return (await open(path, flags)) as unknown as LogFile
+      },
+    }
+    const store = await openDiskBlobStore({ directory: nested, fileSystem })
+    opened.push(store)
+    await store.put(sealedRecord(1))
+    expect((await stat(nested)).mode & 0o777).toBe(0o700)
+    // The parent of the first directory created, then the store directory for its new log.
+    expect(synced).toEqual([directory, nested])
+    await store.close()
+    const again = await openDiskBlobStore({ directory: nested })
+    opened.push(again)
+    expect(await again.get('key-1')).toEqual(sealedRecord(1))
+  })
+
   it('keeps records, the latest version, state changes and the wrapped DEK', async () => {
     let store = await openStore()
     await store.put(sealedRecord(1))

@@ -1,5 +1,6 @@
 import { describe, expect, it } from 'vitest'
-import { RequestVerifier, signRequest, signatureHeaders } from '../../enclave-origin/protocol/requestSigning.js'
+import { nodeHashing } from '../../enclave-origin/protocol/nodeHashing.js'
+import { nobleHashing, RequestVerifier, signRequest, signatureHeaders } from '../../enclave-origin/protocol/requestSigning.js'
 
 const body = new TextEncoder().encode('{"digest":"0x01"}')
 
@@ -32,5 +33,17 @@ describe('HMAC request signing between the Worker and the parent', () => {
     expect(await check(fresh, headers, { path: '/v1/keys/other/sign' })).toBe('bad-signature')
     expect(await check(fresh, headers, { body: new TextEncoder().encode('{"digest":"0x02"}') })).toBe('bad-signature')
     expect(await check(fresh, await signed({ secret: 'wrong' }))).toBe('bad-signature')
+  })
+
+  it('signs the same bytes with Node\u2019s native hashing as with the portable one, in both directions', async () => {
+    for (const [signer, verifier] of [
+      [nodeHashing, nobleHashing],
+      [nobleHashing, nodeHashing],
+    ]) {
+      const headers = await signed({ hashing: signer })
+      const verifying = new RequestVerifier({ secrets: { worker: 'shared-secret-for-tests' }, now: () => 1_000_000, hashing: verifier })
+      expect(await check(verifying, headers)).toBeUndefined()
+      expect(await check(verifying, await signed({ hashing: signer }), { body: new TextEncoder().encode('{}') })).toBe('bad-signature')
+    }
   })
 })
