@@ -10,8 +10,19 @@
  *    key ids and 32-byte digests, BENCH_SECONDS (60) each, as A/B runs of the
  *    enclave's signing threads and batching (each run restarts the enclave and
  *    parent, so keys start COOL and are rehydrated on first use).
- * 4. Open loop at a fixed offered rate, ORIGIN_OFFERED_FRACTION (0.6) of the best
- *    closed-loop capacity, latency measured from each request's scheduled time.
+ * 4. Open loop at fixed offered rates, ORIGIN_OFFERED_FRACTIONS (default 0.6; a
+ *    list such as 0.3,0.45,0.6 sweeps) of the best closed-loop capacity, latency
+ *    measured from each request's scheduled time, with the 500 connections
+ *    held open. A request that would be the 501st in flight is not queued but
+ *    counted as skipped, and skipped requests count as errors.
+ * 5. The floor: the same open loops against a no-op server that speaks the
+ *    enclave protocol (frameEcho.ts), which is what the machine, the sockets
+ *    and this generator cost without any signing.
+ *
+ * The HTTP client is httpLoadClient.ts over 500 pre-opened keep-alive
+ * connections; digests come from a fast PRNG and request HMACs from Node's
+ * native hashing, so that the generator spends as little of the shared CPU as
+ * it can.
  *
  * Prints throughput; p50/p90/p99/p99.9 per phase (client = end to end, parent =
  * the parent's handling, rpc = parent↔enclave incl. signing, from Server-Timing);
@@ -19,58 +30,56 @@
  * process. Closed loop at 500 in flight, latency is bounded below by
  * 500 / throughput: read the open-loop figures for latency below saturation.
  */
+import { spawn } from 'node:child_process'
 import { mkdtempSync, rmSync } from 'node:fs'
 import os from 'node:os'
 import path from 'node:path'
 import { performance } from 'node:perf_hooks'
-import { Agent, setGlobalDispatcher } from 'undici'
 import { measureRawSignRate } from '../../enclave-origin/enclave/engine.js'
 import { rehydrateBucketsMs } from '../../enclave-origin/enclave/keyCache.js'
 import { opcodes, statuses } from '../../enclave-origin/protocol/frames.js'
 import { decodeSignResponse, encodeSignRequest } from '../../enclave-origin/protocol/messages.js'
+import { nodeHashing } from '../../enclave-origin/protocol/nodeHashing.js'
 import { signRequest } from '../../enclave-origin/protocol/requestSigning.js'
 import { EnclavePool } from '../../enclave-origin/parent/enclavePool.js'
+import { stopProcess } from '../support/anvil.js'
 import { startLocalKms } from '../support/kmsServer.js'
 import { originHmac, startOrigin, symmetricKmsKey, type Origin } from '../support/origin.js'
+import { LeanHttpConnection } from './httpLoadClient.js'
 import { clockTicksPerSecond, cpuMsByCommand, hostBusyTicks, percentile, processTree, type ProcStat } from './procStats.js'
 
 const seconds = Number(process.env.BENCH_SECONDS ?? 60)
 const keyCount = Number(process.env.ORIGIN_KEYS ?? 50_000)
 const connections = Number(process.env.ORIGIN_CONNECTIONS ?? 500)
-const offeredFraction = Number(process.env.ORIGIN_OFFERED_FRACTION ?? 0.6)
-const ports = { kms: 18971, enclave: 18972, parent: 18973 }
+const offeredFractions = (process.env.ORIGIN_OFFERED_FRACTIONS ?? '0.6').split(',').map(Number)
+if (!offeredFractions.every((f) => f > 0 && f <= 1)) throw new Error(`ORIGIN_OFFERED_FRACTIONS must be fractions in (0, 1], got ${process.env.ORIGIN_OFFERED_FRACTIONS}`)
+const ports = { kms: 18971, enclave: 18972, parent: 18973, echo: 18974 }
 const scenarios = [
   { name: '2 threads, batching', env: { ENGINE_THREADS: '2', ENGINE_BATCHING: '1' } },
   { name: '2 threads, no batching', env: { ENGINE_THREADS: '2', ENGINE_BATCHING: '0' } },
   { name: '1 thread, batching', env: { ENGINE_THREADS: '1', ENGINE_BATCHING: '1' } },
 ]
 
-// Enough sockets for every concurrent request, kept alive.
-setGlobalDispatcher(new Agent({ connections: connections + 16, keepAliveTimeout: 60_000, pipelining: 1 }))
-
 type Sample = { ok: boolean; needsUnlock: boolean; clientMs: number; rpcMs?: number; parentMs?: number; enclaveMs?: number }
 
-async function signOnce(url: string, keyIds: string[], scheduledAt?: number): Promise<Sample> {
-  const keyId = keyIds[Math.floor(Math.random() * keyIds.length)]!
-  const digest = `0x${Buffer.from(crypto.getRandomValues(new Uint8Array(32))).toString('hex')}`
-  const requestPath = `/v1/keys/${keyId}/sign`
-  const body = new TextEncoder().encode(JSON.stringify({ digest }))
-  const started = scheduledAt ?? performance.now()
-  try {
-    const headers = await signRequest({ ...originHmac, method: 'POST', path: requestPath, body })
-    const response = await fetch(`${url}${requestPath}`, { method: 'POST', headers, body })
-    await response.arrayBuffer()
-    const clientMs = performance.now() - started
-    const timing = response.headers.get('server-timing') ?? ''
-    const phase = (name: string) => Number(new RegExp(`${name};dur=([\\d.]+)`).exec(timing)?.[1])
-    const rpcMs = phase('rpc')
-    return { ok: response.status === 200, needsUnlock: response.status === 503, clientMs, rpcMs, parentMs: phase('total') - rpcMs, enclaveMs: phase('enclave') }
-  } catch {
-    return { ok: false, needsUnlock: false, clientMs: performance.now() - started }
+/** xorshift32: digests only need to differ, and crypto.getRandomValues costs the shared CPU several µs each. */
+let prngState = 0x9e3779b9
+function randomDigest(): Uint8Array {
+  const digest = new Uint8Array(32)
+  const words = new Uint32Array(digest.buffer)
+  for (let i = 0; i < words.length; i++) {
+    prngState ^= prngState << 13
+    prngState ^= prngState >>> 17
+    prngState ^= prngState << 5
+    words[i] = prngState >>> 0
   }
+  return digest
 }
 
-function summarise(samples: Sample[], elapsedMs: number) {
+const randomKeyId = (keyIds: string[]) => keyIds[Math.floor(Math.random() * keyIds.length)]!
+
+/** `skipped`: requests the open loop could not send (all connections busy), counted as errors. */
+function summarise(samples: Sample[], elapsedMs: number, skipped = 0) {
   const ok = samples.filter((s) => s.ok)
   const quantiles = (values: number[]) => {
     const sorted = values.filter((v) => Number.isFinite(v)).sort((a, b) => a - b)
@@ -80,7 +89,7 @@ function summarise(samples: Sample[], elapsedMs: number) {
   return {
     requests: samples.length,
     throughput: Number((ok.length / (elapsedMs / 1_000)).toFixed(0)),
-    errorRate: Number(((samples.length - ok.length) / Math.max(samples.length, 1)).toFixed(5)),
+    errorRate: Number(((samples.length - ok.length + skipped) / Math.max(samples.length + skipped, 1)).toFixed(5)),
     needsUnlockRate: Number((samples.filter((s) => s.needsUnlock).length / Math.max(samples.length, 1)).toFixed(5)),
     latencyMs: {
       client: quantiles(ok.map((s) => s.clientMs)),
@@ -104,14 +113,17 @@ async function rehydrateP95(origin: Origin): Promise<string> {
   return 'n/a'
 }
 
-function cpuOf(origin: Origin) {
-  const { enclave, parent } = origin.pids()
+/** The processes whose CPU a run reports: the origin's, or the frame echo's (in the enclave column). */
+type Pids = () => { enclave?: number; parent?: number }
+
+function cpuOf(pids: Pids) {
+  const { enclave, parent } = pids()
   const trees = { enclave: enclave ? processTree(enclave) : [], parent: parent ? processTree(parent) : [] }
   return { trees, host: hostBusyTicks(), generator: process.cpuUsage() }
 }
 
-function cpuSince(origin: Origin, before: ReturnType<typeof cpuOf>, elapsedMs: number, requests: number) {
-  const after = cpuOf(origin)
+function cpuSince(pids: Pids, before: ReturnType<typeof cpuOf>, elapsedMs: number, requests: number) {
+  const after = cpuOf(pids)
   const total = (a: ProcStat[], b: ProcStat[]) => Object.values(cpuMsByCommand(a, b)).reduce((x, y) => x + y, 0)
   const enclaveMs = total(before.trees.enclave, after.trees.enclave)
   const parentMs = total(before.trees.parent, after.trees.parent)
@@ -126,17 +138,45 @@ function cpuSince(origin: Origin, before: ReturnType<typeof cpuOf>, elapsedMs: n
 
 type Send = (scheduledAt?: number) => Promise<Sample>
 
-/** Signs through the parent's HTTP API, as the Worker does. */
-const viaParent = (origin: Origin, keyIds: string[]): Send => (scheduledAt) => signOnce(origin.url, keyIds, scheduledAt)
+/**
+ * Signs through the parent's HTTP API, as the Worker does, over `connections`
+ * pre-opened keep-alive connections (each request takes a free one; the loops
+ * never have more than `connections` in flight).
+ */
+async function viaParent(origin: Origin, keyIds: string[]): Promise<{ send: Send; close(): void }> {
+  const { hostname, port } = new URL(origin.url)
+  const all = await Promise.all(Array.from({ length: connections }, () => LeanHttpConnection.open({ host: hostname, port: Number(port), keepHeaders: ['server-timing'] })))
+  const free = [...all]
+  const send: Send = async (scheduledAt) => {
+    const requestPath = `/v1/keys/${randomKeyId(keyIds)}/sign`
+    const body = Buffer.from(JSON.stringify({ digest: `0x${Buffer.from(randomDigest()).toString('hex')}` }))
+    const started = scheduledAt ?? performance.now()
+    const connection = free.pop()!
+    try {
+      const headers = await signRequest({ ...originHmac, method: 'POST', path: requestPath, body, hashing: nodeHashing })
+      const response = await connection.request({ method: 'POST', path: requestPath, headers, body })
+      free.push(connection)
+      const clientMs = performance.now() - started
+      const timing = response.headers['server-timing'] ?? ''
+      const phase = (name: string) => Number(new RegExp(`${name};dur=([\\d.]+)`).exec(timing)?.[1])
+      const rpcMs = phase('rpc')
+      return { ok: response.status === 200, needsUnlock: response.status === 503, clientMs, rpcMs, parentMs: phase('total') - rpcMs, enclaveMs: phase('enclave') }
+    } catch {
+      // A broken connection is not put back: the run goes on with one fewer.
+      return { ok: false, needsUnlock: false, clientMs: performance.now() - started }
+    }
+  }
+  return { send, close: () => all.forEach((connection) => connection.close()) }
+}
 
 /** Signs on the enclave over the binary protocol, as the parent does: the enclave's capacity without the HTTP layer. */
-async function viaEnclave(keyIds: string[]): Promise<{ send: Send; close(): void }> {
-  const pool = new EnclavePool({ address: { host: '127.0.0.1', port: ports.enclave }, size: 16 })
+async function viaEnclave(keyIds: string[], port = ports.enclave): Promise<{ send: Send; close(): void }> {
+  const pool = new EnclavePool({ address: { host: '127.0.0.1', port }, size: 16 })
   await pool.connect()
   const send: Send = async (scheduledAt) => {
-    const keyId = keyIds[Math.floor(Math.random() * keyIds.length)]!
+    const keyId = randomKeyId(keyIds)
     const started = scheduledAt ?? performance.now()
-    const payload = encodeSignRequest({ keyId, digest: crypto.getRandomValues(new Uint8Array(32)) })
+    const payload = encodeSignRequest({ keyId, digest: randomDigest() })
     const frame = await pool.request({ opcode: opcodes.SIGN, payload, timeoutMs: 10_000 }).catch(() => undefined)
     const ms = performance.now() - started
     const ok = frame?.status === statuses.OK
@@ -146,26 +186,26 @@ async function viaEnclave(keyIds: string[]): Promise<{ send: Send; close(): void
   return { send, close: () => pool.close() }
 }
 
-async function closedLoop(origin: Origin, send: Send) {
+async function closedLoop(pids: Pids, send: Send) {
   const samples: Sample[] = []
   const deadline = performance.now() + seconds * 1_000
   const started = performance.now()
-  const before = cpuOf(origin)
+  const before = cpuOf(pids)
   await Promise.all(
     Array.from({ length: connections }, async () => {
       while (performance.now() < deadline) samples.push(await send())
     }),
   )
   const elapsedMs = performance.now() - started
-  return { ...summarise(samples, elapsedMs), cpu: cpuSince(origin, before, elapsedMs, samples.length) }
+  return { ...summarise(samples, elapsedMs), cpu: cpuSince(pids, before, elapsedMs, samples.length) }
 }
 
-async function openLoop(origin: Origin, send: Send, rate: number) {
+async function openLoop(pids: Pids, send: Send, rate: number) {
   const samples: Sample[] = []
   const pending = new Set<Promise<void>>()
   let skipped = 0
   const started = performance.now()
-  const before = cpuOf(origin)
+  const before = cpuOf(pids)
   let sent = 0
   await new Promise<void>((resolve) => {
     const timer = setInterval(() => {
@@ -193,7 +233,17 @@ async function openLoop(origin: Origin, send: Send, rate: number) {
   })
   await Promise.all(pending)
   const elapsedMs = performance.now() - started
-  return { offeredRate: rate, skipped, ...summarise(samples, elapsedMs), cpu: cpuSince(origin, before, elapsedMs, samples.length) }
+  return { offeredRate: rate, skipped, ...summarise(samples, elapsedMs, skipped), cpu: cpuSince(pids, before, elapsedMs, samples.length) }
+}
+
+/** The no-op protocol server (frameEcho.ts) as a child process, for the floor runs. */
+async function startFrameEcho(): Promise<{ pid: number; stop(): Promise<void> }> {
+  const child = spawn(process.execPath, ['--import', 'tsx', 'test/bench/frameEcho.ts', String(ports.echo)], { stdio: ['ignore', 'pipe', 'inherit'] })
+  await new Promise<void>((resolve, reject) => {
+    child.stdout!.once('data', () => resolve())
+    child.once('exit', (code) => reject(new Error(`frame echo exited (${code})`)))
+  })
+  return { pid: child.pid!, stop: () => stopProcess(child) }
 }
 
 async function main() {
@@ -227,36 +277,58 @@ async function main() {
     console.log(`raw native sign rate, one thread: ${rawRate.toFixed(0)}/s`)
 
     const results: Array<{ scenario: string } & Record<string, unknown>> = []
+    const record = (scenario: string, result: Record<string, unknown>) => {
+      results.push({ scenario, ...result })
+      console.log(JSON.stringify(results.at(-1)))
+    }
+    const restart = async (env: Record<string, string>) => {
+      await origin!.stop()
+      origin = await startOrigin({ kms, kmsKeyId, enclavePort: ports.enclave, parentPort: ports.parent, storeDir, extraEnv: env })
+      return origin
+    }
+    const pidsOfOrigin: Pids = () => origin!.pids()
     for (const scenario of scenarios) {
-      await origin.stop()
-      origin = await startOrigin({ kms, kmsKeyId, enclavePort: ports.enclave, parentPort: ports.parent, storeDir, extraEnv: scenario.env })
-      const result = await closedLoop(origin, viaParent(origin, keyIds))
-      results.push({ scenario: `closed loop, ${scenario.name}`, ...result, rehydrateP95: await rehydrateP95(origin) })
-      console.log(JSON.stringify(results.at(-1)))
+      const running = await restart(scenario.env)
+      const http = await viaParent(running, keyIds)
+      record(`closed loop, ${scenario.name}`, { ...(await closedLoop(pidsOfOrigin, http.send)), rehydrateP95: await rehydrateP95(running) })
+      http.close()
       const enclave = await viaEnclave(keyIds)
-      results.push({ scenario: `enclave direct (binary), ${scenario.name}`, ...(await closedLoop(origin, enclave.send)) })
+      record(`enclave direct (binary), ${scenario.name}`, await closedLoop(pidsOfOrigin, enclave.send))
       enclave.close()
-      console.log(JSON.stringify(results.at(-1)))
     }
 
-    const throughParent = results.filter((r) => r.scenario.startsWith('closed loop'))
-    const best = Math.max(...throughParent.map((r) => r.throughput as number))
+    const best = Math.max(...results.filter((r) => r.scenario.startsWith('closed loop')).map((r) => r.throughput as number))
     const bestDirect = Math.max(...results.filter((r) => r.scenario.startsWith('enclave direct')).map((r) => r.throughput as number))
-    // Open loop at the same offered rates, with batching on and off.
-    for (const scenario of scenarios.slice(0, 2)) {
-      await origin.stop()
-      origin = await startOrigin({ kms, kmsKeyId, enclavePort: ports.enclave, parentPort: ports.parent, storeDir, extraEnv: scenario.env })
-      const open = await openLoop(origin, viaParent(origin, keyIds), Math.round(best * offeredFraction))
-      results.push({ scenario: `open loop ${Math.round(offeredFraction * 100)}% of ${best}/s via parent, ${scenario.name}`, ...open })
-      console.log(JSON.stringify(results.at(-1)))
+    // Open loop at each offered fraction with batching; at the highest, also without (the A/B).
+    const highest = Math.max(...offeredFractions)
+    const openRuns = [
+      ...offeredFractions.map((fraction) => ({ fraction, scenario: scenarios[0]! })),
+      { fraction: highest, scenario: scenarios[1]! },
+    ]
+    for (const { fraction, scenario } of openRuns) {
+      const running = await restart(scenario.env)
+      const percent = Math.round(fraction * 100)
+      const http = await viaParent(running, keyIds)
+      record(`open loop ${percent}% of ${best}/s via parent, ${scenario.name}`, await openLoop(pidsOfOrigin, http.send, Math.round(best * fraction)))
+      http.close()
       const enclave = await viaEnclave(keyIds)
-      const openDirect = await openLoop(origin, enclave.send, Math.round(bestDirect * offeredFraction))
+      record(`open loop ${percent}% of ${bestDirect}/s direct, ${scenario.name}`, await openLoop(pidsOfOrigin, enclave.send, Math.round(bestDirect * fraction)))
       enclave.close()
-      results.push({ scenario: `open loop ${Math.round(offeredFraction * 100)}% of ${bestDirect}/s direct, ${scenario.name}`, ...openDirect })
-      console.log(JSON.stringify(results.at(-1)))
+    }
+    // The floor: the same direct open loops against a server that signs nothing.
+    await origin.stop()
+    const echo = await startFrameEcho()
+    try {
+      for (const fraction of offeredFractions) {
+        const client = await viaEnclave(keyIds, ports.echo)
+        record(`floor: no-op frame echo at ${Math.round(bestDirect * fraction)}/s`, await openLoop(() => ({ enclave: echo.pid }), client.send, Math.round(bestDirect * fraction)))
+        client.close()
+      }
+    } finally {
+      await echo.stop()
     }
 
-    console.log('\nscenario                                                                 req/s   err%   503%  client p50/p99/p99.9 ms       rpc p99  enclave p99  parent p99  cores enclave/parent/gen/host')
+    console.log(`\n${'scenario (in floor rows the enclave column is the echo server)'.padEnd(72)}  req/s   err%   503%  client p50/p99/p99.9 ms       rpc p99  enclave p99  parent p99  cores enclave/parent/gen/host`)
     for (const r of results) {
       const latency = r.latencyMs as Record<string, Record<string, number>>
       const cpu = (r.cpu as { cores: Record<string, number> }).cores

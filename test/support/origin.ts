@@ -19,9 +19,12 @@ export async function symmetricKmsKey(kms: LocalKms): Promise<string> {
   return KeyMetadata!.KeyId!
 }
 
-function cli(command: string, env: Record<string, string>): ChildProcess {
-  return spawn(process.execPath, ['--import', 'tsx', 'enclave-origin/cli.ts', command], {
-    env: { ...process.env, ...env },
+/** ORIGIN_NODE_FLAGS (space-separated) go to node for both processes, e.g. `--cpu-prof` or `--trace-gc` when profiling a benchmark. */
+function cli(command: string, extraEnv: Record<string, string>): ChildProcess {
+  const env = { ...process.env, ...extraEnv }
+  const nodeFlags = env.ORIGIN_NODE_FLAGS ? env.ORIGIN_NODE_FLAGS.split(' ').filter(Boolean) : []
+  return spawn(process.execPath, [...nodeFlags, '--import', 'tsx', 'enclave-origin/cli.ts', command], {
+    env,
     stdio: ['ignore', 'pipe', 'pipe'],
   })
 }
