@@ -14,7 +14,8 @@
  *    list such as 0.3,0.45,0.6 sweeps) of the best closed-loop capacity, latency
  *    measured from each request's scheduled time, with the 500 connections
  *    held open. A request that would be the 501st in flight is not queued but
- *    counted as skipped, and skipped requests count as errors.
+ *    counted as skipped, and skipped requests count as errors. Each open loop
+ *    starts with every key WARM (one signature each): the steady state.
  * 5. The floor: the same open loops against a no-op server that speaks the
  *    enclave protocol (frameEcho.ts), which is what the machine, the sockets
  *    and this generator cost without any signing.
@@ -236,6 +237,29 @@ async function openLoop(pids: Pids, send: Send, rate: number) {
   return { offeredRate: rate, skipped, ...summarise(samples, elapsedMs, skipped), cpu: cpuSince(pids, before, elapsedMs, samples.length) }
 }
 
+/**
+ * One signature per key, so that an open loop measures the steady state (keys
+ * WARM, as the pre-warmer keeps used keys in production) rather than the
+ * rehydration of a freshly restarted enclave, which the closed loops report.
+ */
+async function warmEveryKey(keyIds: string[]): Promise<void> {
+  const pool = new EnclavePool({ address: { host: '127.0.0.1', port: ports.enclave }, size: 16 })
+  await pool.connect()
+  let next = 0
+  let failed = 0
+  await Promise.all(
+    Array.from({ length: connections }, async () => {
+      while (next < keyIds.length) {
+        const payload = encodeSignRequest({ keyId: keyIds[next++]!, digest: randomDigest() })
+        const frame = await pool.request({ opcode: opcodes.SIGN, payload, timeoutMs: 10_000 }).catch(() => undefined)
+        if (frame?.status !== statuses.OK) failed++
+      }
+    }),
+  )
+  pool.close()
+  if (failed > 0) throw new Error(`warm-up: ${failed} of ${keyIds.length} signatures failed`)
+}
+
 /** The no-op protocol server (frameEcho.ts) as a child process, for the floor runs. */
 async function startFrameEcho(): Promise<{ pid: number; stop(): Promise<void> }> {
   const child = spawn(process.execPath, ['--import', 'tsx', 'test/bench/frameEcho.ts', String(ports.echo)], { stdio: ['ignore', 'pipe', 'inherit'] })
@@ -307,6 +331,7 @@ async function main() {
     ]
     for (const { fraction, scenario } of openRuns) {
       const running = await restart(scenario.env)
+      await warmEveryKey(keyIds)
       const percent = Math.round(fraction * 100)
       const http = await viaParent(running, keyIds)
       record(`open loop ${percent}% of ${best}/s via parent, ${scenario.name}`, await openLoop(pidsOfOrigin, http.send, Math.round(best * fraction)))
