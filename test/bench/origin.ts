@@ -16,7 +16,7 @@
  *    held open. A request that would be the 501st in flight is not queued but
  *    counted as skipped, and skipped requests count as errors. Each open loop
  *    starts with every key WARM (one signature each): the steady state.
- * 5. The floor: the same open loops against a no-op server that speaks the
+ * 5. The floor: the same direct open loops against a no-op server that speaks the
  *    enclave protocol (frameEcho.ts), which is what the machine, the sockets
  *    and this generator cost without any signing.
  *
