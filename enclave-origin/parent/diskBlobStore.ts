@@ -1,4 +1,4 @@
-import { mkdir, open } from 'node:fs/promises'
+import { mkdir, open, rename, rm } from 'node:fs/promises'
 import { dirname, join } from 'node:path'
 import type { KeyState, SealedKeyRecord, WrappedDek } from '../types.js'
 import { copyDek, copyRecord, keyStates, validateKeyId, validateRecord, type BlobStore } from './blobStore.js'
@@ -15,6 +15,11 @@ import { copyDek, copyRecord, keyStates, validateKeyId, validateRecord, type Blo
  *
  * Writes are group-committed: one write and one fsync for every record queued
  * within `groupCommitMs` (or `maxGroup` records, whichever comes first).
+ *
+ * The log is compacted when it is opened, if most of its frames have been
+ * superseded (replaced records, state changes, old DEKs): the live entries are
+ * written to a new log, fsynced, and renamed over the old one, so a crash at
+ * any point leaves one complete log.
  */
 
 export type DiskBlobStoreOptions = {
@@ -26,10 +31,12 @@ export type DiskBlobStoreOptions = {
   maxGroup?: number
   /** Tests inject failures here; defaults to node:fs/promises. */
   fileSystem?: BlobStoreFileSystem
+  /** Compact on open when the log holds at least this many frames and more than twice as many as are live; default 10,000. */
+  compactAfterFrames?: number
 }
 
-/** Counted since open, including the writes and fsyncs open itself makes. */
-export type DiskBlobStoreStats = { writes: number; fsyncs: number; groups: number; records: number }
+/** Counted since open, including the writes and fsyncs open itself makes; `compactedFrames` is what compaction on open dropped. */
+export type DiskBlobStoreStats = { writes: number; fsyncs: number; groups: number; records: number; compactedFrames: number }
 
 export type DiskBlobStore = BlobStore & { stats(): DiskBlobStoreStats }
 
@@ -47,30 +54,56 @@ export type LogFile = {
 export type BlobStoreFileSystem = { open(path: string, flags: 'ax+' | 'a+' | 'r'): Promise<LogFile> }
 
 export const LOG_FILE_NAME = 'records.log'
+/** The new log while compaction writes it; only a rename makes it the log. */
+export const COMPACTING_FILE_NAME = 'records.log.compacting'
 
 const nodeFileSystem: BlobStoreFileSystem = { open: (path, flags) => open(path, flags) }
 
 export async function openDiskBlobStore(options: DiskBlobStoreOptions): Promise<DiskBlobStore> {
-  const { directory, groupCommitMs = 2, maxGroup = 1024, fileSystem = nodeFileSystem } = options
+  const { directory, groupCommitMs = 2, maxGroup = 1024, fileSystem = nodeFileSystem, compactAfterFrames = 10_000 } = options
   if (!Number.isFinite(groupCommitMs) || groupCommitMs < 0) throw new RangeError('groupCommitMs must be a finite number ≥ 0')
   if (!Number.isInteger(maxGroup) || maxGroup < 1) throw new RangeError('maxGroup must be an integer ≥ 1')
 
-  const counters: DiskBlobStoreStats = { writes: 0, fsyncs: 0, groups: 0, records: 0 }
+  const counters: DiskBlobStoreStats = { writes: 0, fsyncs: 0, groups: 0, records: 0, compactedFrames: 0 }
   const firstCreated = await mkdir(directory, { recursive: true, mode: 0o700 })
   // A new directory's own entry is durable only once its parent is fsynced.
   if (firstCreated !== undefined) await syncDirectory(fileSystem, dirname(firstCreated))
   const path = join(directory, LOG_FILE_NAME)
+  // What a compaction interrupted by a crash left behind; the log itself is intact.
+  await rm(join(directory, COMPACTING_FILE_NAME), { force: true })
   const { file: rawFile, created } = await openOrCreateLog(fileSystem, path)
-  const file = countingFile(rawFile, counters)
+  let file = countingFile(rawFile, counters)
   try {
     const recovered = await recoverIndex({ file, path, created })
     // A new log's directory entry is not durable until the directory is fsynced, however often the file is.
     if (recovered.headerWritten) await syncDirectory(fileSystem, directory)
+    const live = recovered.records.liveEntries()
+    if (recovered.frames >= compactAfterFrames && recovered.frames > 2 * live.length) {
+      await file.close()
+      file = countingFile(await compact({ fileSystem, directory, live }), counters)
+      counters.compactedFrames = recovered.frames - live.length
+    }
     return new GroupCommitStore({ file, index: recovered.records, counters, groupCommitMs, maxGroup })
   } catch (error) {
     await file.close().catch(() => {})
     throw error
   }
+}
+
+/** Writes `live` as a new log, fsyncs it, renames it over the old one, fsyncs the directory, and opens it for appending. */
+async function compact(options: { fileSystem: BlobStoreFileSystem; directory: string; live: LogEntry[] }): Promise<LogFile> {
+  const { fileSystem, directory, live } = options
+  const compacting = join(directory, COMPACTING_FILE_NAME)
+  const next = await fileSystem.open(compacting, 'ax+')
+  try {
+    await writeFully(next, Buffer.concat([LOG_MAGIC, ...live.map(encodeFrame)]))
+    await next.sync()
+  } finally {
+    await next.close()
+  }
+  await rename(compacting, join(directory, LOG_FILE_NAME))
+  await syncDirectory(fileSystem, directory)
+  return fileSystem.open(join(directory, LOG_FILE_NAME), 'a+')
 }
 
 // ---------------------------------------------------------------- the store
@@ -254,6 +287,13 @@ class RecordIndex {
     return this.dek
   }
 
+  /** The fewest entries that rebuild this index: one put per key (with its current state) and the DEK. */
+  liveEntries(): LogEntry[] {
+    const entries: LogEntry[] = [...this.records.values()].map((record) => ({ kind: 'put', record }))
+    if (this.dek) entries.push({ kind: 'dek', dek: this.dek })
+    return entries
+  }
+
   versions(): Map<string, number> {
     return new Map([...this.records].map(([keyId, record]) => [keyId, record.version]))
   }
@@ -277,7 +317,7 @@ async function openOrCreateLog(fileSystem: BlobStoreFileSystem, path: string): P
 }
 
 /** Replays the log into an index, truncating a torn tail and writing the header of a new (or torn-at-birth) log. */
-async function recoverIndex({ file, path, created }: { file: LogFile; path: string; created: boolean }): Promise<{ records: RecordIndex; headerWritten: boolean }> {
+async function recoverIndex({ file, path, created }: { file: LogFile; path: string; created: boolean }): Promise<{ records: RecordIndex; headerWritten: boolean; frames: number }> {
   const records = new RecordIndex()
   const bytes = await readWholeFile(file)
   // A crash while creating the log can leave it empty or with part of the header: nothing was ever stored.
@@ -285,7 +325,7 @@ async function recoverIndex({ file, path, created }: { file: LogFile; path: stri
     if (bytes.length > 0) await file.truncate(0)
     await writeFully(file, LOG_MAGIC)
     await file.sync()
-    return { records, headerWritten: true }
+    return { records, headerWritten: true, frames: 0 }
   }
   if (!bytes.subarray(0, LOG_MAGIC.length).equals(LOG_MAGIC)) {
     // Truncating a file we do not recognise would destroy it; refuse instead.
@@ -298,7 +338,7 @@ async function recoverIndex({ file, path, created }: { file: LogFile; path: stri
     // Made durable before anything is appended, so new frames never sit behind old garbage after a crash.
     await file.sync()
   }
-  return { records, headerWritten: false }
+  return { records, headerWritten: false, frames: entries.length }
 }
 
 function isPrefixOfMagic(bytes: Buffer): boolean {

@@ -5,6 +5,7 @@ import { join, resolve } from 'node:path'
 import { pathToFileURL } from 'node:url'
 import { afterEach, beforeEach, describe, expect, it } from 'vitest'
 import {
+  COMPACTING_FILE_NAME,
   crc32,
   LOG_FILE_NAME,
   openDiskBlobStore,
@@ -162,6 +163,64 @@ describe('group commit', () => {
     opened.push(store)
     await Promise.all(Array.from({ length: 30 }, (_, index) => store.put(sealedRecord(index))))
     expect(store.stats().groups).toBe(3)
+  })
+})
+
+describe('compaction on open', () => {
+  it('rewrites a log that is mostly superseded frames to its live entries, keeping every record, state and the DEK', async () => {
+    let store = await openStore()
+    for (let index = 0; index < 50; index++) await store.put(sealedRecord(index))
+    // 400 superseded frames: state toggles and newer versions of the same keys, and DEK replacements.
+    for (let round = 0; round < 4; round++) {
+      await Promise.all(Array.from({ length: 50 }, (_, index) => store.setState(`key-${index}`, round % 2 === 0 ? 'frozen' : 'active')))
+      await Promise.all(Array.from({ length: 50 }, (_, index) => store.put({ ...sealedRecord(index, round + 2), state: round % 2 === 0 ? 'frozen' : 'active' })))
+      await store.putWrappedDek({ keyId: 'alias/dek', ciphertext: Uint8Array.of(round) })
+    }
+    await store.setState('key-7', 'archived')
+    const before = await listAll(store)
+    const sizeBefore = (await stat(logPath())).size
+    await store.close()
+
+    store = await openDiskBlobStore({ directory, compactAfterFrames: 100 })
+    opened.push(store)
+    // 50 puts + 400 replacements + 4 DEKs + 1 state change in; 50 puts + 1 DEK out.
+    expect(store.stats().compactedFrames).toBe(455 - 51)
+    expect((await stat(logPath())).size).toBeLessThan(sizeBefore / 5)
+    expect(await listAll(store)).toEqual(before)
+    expect((await store.get('key-7'))?.state).toBe('archived')
+    expect(await store.getWrappedDek()).toEqual({ keyId: 'alias/dek', ciphertext: Uint8Array.of(3) })
+    // The compacted log takes appends and survives another reopen unchanged.
+    await store.put(sealedRecord(99))
+    store = await reopen(store)
+    expect(store.stats().compactedFrames).toBe(0)
+    expect(await listAll(store)).toEqual([...before, sealedRecord(99)])
+  })
+
+  it('leaves a log alone below the frame threshold or when most frames are live', async () => {
+    let store = await openStore()
+    for (let index = 0; index < 20; index++) await store.put(sealedRecord(index))
+    for (let index = 0; index < 20; index++) await store.setState(`key-${index}`, 'frozen')
+    await store.close()
+    const size = (await stat(logPath())).size
+    store = await openDiskBlobStore({ directory, compactAfterFrames: 1_000 })
+    opened.push(store)
+    expect(store.stats().compactedFrames).toBe(0)
+    await store.close()
+    // 40 frames for 20 live entries is not more than twice as many.
+    store = await openDiskBlobStore({ directory, compactAfterFrames: 10 })
+    opened.push(store)
+    expect(store.stats().compactedFrames).toBe(0)
+    expect((await stat(logPath())).size).toBe(size)
+  })
+
+  it('ignores and removes a half-written compaction left by a crash', async () => {
+    let store = await openStore()
+    await store.put(sealedRecord(1))
+    await store.close()
+    await writeFile(join(directory, COMPACTING_FILE_NAME), 'a compaction cut short')
+    store = await openStore()
+    expect(await listAll(store)).toEqual([sealedRecord(1)])
+    await expect(stat(join(directory, COMPACTING_FILE_NAME))).rejects.toThrow(/ENOENT/)
   })
 })
 
