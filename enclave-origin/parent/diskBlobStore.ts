@@ -80,8 +80,14 @@ export async function openDiskBlobStore(options: DiskBlobStoreOptions): Promise<
     const live = recovered.records.liveEntries()
     if (recovered.frames >= compactAfterFrames && recovered.frames > 2 * live.length) {
       await file.close()
-      file = countingFile(await compact({ fileSystem, directory, live }), counters)
-      counters.compactedFrames = recovered.frames - live.length
+      try {
+        file = countingFile(await compact({ fileSystem, directory, live }), counters)
+        counters.compactedFrames = recovered.frames - live.length
+      } catch {
+        // Compaction is an optimisation: if it fails (a full disk, say), the old log is intact and still serves.
+        await rm(join(directory, COMPACTING_FILE_NAME), { force: true }).catch(() => {})
+        file = countingFile(await fileSystem.open(path, 'a+'), counters)
+      }
     }
     return new GroupCommitStore({ file, index: recovered.records, counters, groupCommitMs, maxGroup })
   } catch (error) {

@@ -213,6 +213,27 @@ describe('compaction on open', () => {
     expect((await stat(logPath())).size).toBe(size)
   })
 
+  it('keeps serving from the old log when compaction fails', async () => {
+    let store = await openStore()
+    for (let round = 0; round < 30; round++) await store.put(sealedRecord(1, round + 1))
+    await store.close()
+    const fileSystem: BlobStoreFileSystem = {
+      open: async (path, flags) => {
+        const file = (await open(path, flags)) as unknown as LogFile
+        if (!path.endsWith(COMPACTING_FILE_NAME)) return file
+        return { ...file, write: async () => Promise.reject(Object.assign(new Error('no space left on device'), { code: 'ENOSPC' })), close: () => file.close() } as LogFile
+      },
+    }
+    store = await openDiskBlobStore({ directory, compactAfterFrames: 10, fileSystem })
+    opened.push(store)
+    expect(store.stats().compactedFrames).toBe(0)
+    expect(await store.get('key-1')).toEqual(sealedRecord(1, 30))
+    await store.put(sealedRecord(2))
+    store = await reopen(store)
+    expect(await listAll(store)).toEqual([sealedRecord(1, 30), sealedRecord(2)])
+    await expect(stat(join(directory, COMPACTING_FILE_NAME))).rejects.toThrow(/ENOENT/)
+  })
+
   it('ignores and removes a half-written compaction left by a crash', async () => {
     let store = await openStore()
     await store.put(sealedRecord(1))
