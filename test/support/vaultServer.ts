@@ -61,6 +61,11 @@ export async function startLocalVault(options: { port: number; now?: () => numbe
     return issued.readablePaths.some((allowed) => (allowed.endsWith('*') ? apiPath.startsWith(allowed.slice(0, -1)) : apiPath === allowed))
   }
 
+  /** Vault's common response envelope around a secret's `data` or a login's `auth`. */
+  function ok(fields: { data: unknown; auth: unknown }): Reply {
+    return { status: 200, body: { request_id: randomUUID(), lease_id: '', renewable: false, lease_duration: 0, wrap_info: null, warnings: null, ...fields } }
+  }
+
   function login(body: unknown): Reply {
     const { role_id: roleId, secret_id: secretId } = (body ?? {}) as Record<string, unknown>
     const role = typeof roleId === 'string' ? roles.get(roleId) : undefined
@@ -74,30 +79,21 @@ export async function startLocalVault(options: { port: number; now?: () => numbe
       expiresAt: now() + role.leaseSeconds * 1000,
       accessor,
     })
-    return {
-      status: 200,
-      body: {
-        request_id: randomUUID(),
-        lease_id: '',
-        renewable: false,
-        lease_duration: 0,
-        data: null,
-        wrap_info: null,
-        warnings: null,
-        auth: {
-          client_token: token,
-          accessor,
-          policies: ['default', role.policy],
-          token_policies: ['default', role.policy],
-          metadata: null,
-          lease_duration: role.leaseSeconds,
-          renewable: role.renewable,
-          entity_id: '',
-          token_type: 'service',
-          orphan: true,
-        },
+    return ok({
+      data: null,
+      auth: {
+        client_token: token,
+        accessor,
+        policies: ['default', role.policy],
+        token_policies: ['default', role.policy],
+        metadata: null,
+        lease_duration: role.leaseSeconds,
+        renewable: role.renewable,
+        entity_id: '',
+        token_type: 'service',
+        orphan: true,
       },
-    }
+    })
   }
 
   function lookupSelf(request: IncomingMessage): Reply {
@@ -141,22 +137,13 @@ export async function startLocalVault(options: { port: number; now?: () => numbe
     if (!caller || !mayRead(caller.issued, `${mount}/data/${path}`)) return permissionDenied
     const secret = secrets.get(`${mount}/${path}`)
     if (!secret) return { status: 404, body: { errors: [] } }
-    return {
-      status: 200,
-      body: {
-        request_id: randomUUID(),
-        lease_id: '',
-        renewable: false,
-        lease_duration: 0,
-        data: {
-          data: secret.data,
-          metadata: { created_time: secret.createdTime, custom_metadata: null, deletion_time: '', destroyed: false, version: secret.version },
-        },
-        wrap_info: null,
-        warnings: null,
-        auth: null,
+    return ok({
+      data: {
+        data: secret.data,
+        metadata: { created_time: secret.createdTime, custom_metadata: null, deletion_time: '', destroyed: false, version: secret.version },
       },
-    }
+      auth: null,
+    })
   }
 
   async function reply(request: IncomingMessage): Promise<Reply> {

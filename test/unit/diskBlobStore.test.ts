@@ -13,7 +13,7 @@ import {
   type DiskBlobStore,
   type LogFile,
 } from '../../enclave-origin/parent/diskBlobStore.js'
-import type { SealedKeyRecord } from '../../enclave-origin/types.js'
+import { listAll, sealedRecord } from '../support/sealedRecords.js'
 
 const projectRoot = resolve(import.meta.dirname, '../..')
 const storeModule = join(projectRoot, 'enclave-origin/parent/diskBlobStore.ts')
@@ -41,18 +41,6 @@ async function openStore(options: { fileSystem?: BlobStoreFileSystem; groupCommi
 async function reopen(store: DiskBlobStore): Promise<DiskBlobStore> {
   await store.close()
   return openStore()
-}
-
-function sealedRecord(index: number, version = 1): SealedKeyRecord {
-  const publicKey = new Uint8Array(65).fill(index % 251)
-  publicKey[0] = 4
-  return { keyId: `key-${index}`, version, state: 'active', publicKey, sealed: new Uint8Array(60).fill((index + version) % 256) }
-}
-
-async function listAll(store: DiskBlobStore): Promise<SealedKeyRecord[]> {
-  const records: SealedKeyRecord[] = []
-  for await (const record of store.list()) records.push(record)
-  return records
 }
 
 const logPath = () => join(directory, LOG_FILE_NAME)

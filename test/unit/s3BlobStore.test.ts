@@ -7,6 +7,7 @@ import type { Readable, Writable } from 'node:stream'
 import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, it } from 'vitest'
 import { openS3BlobStore, type S3BlobStore, type S3BlobStoreOptions } from '../../enclave-origin/parent/s3BlobStore.js'
 import type { SealedKeyRecord } from '../../enclave-origin/types.js'
+import { listAll, sealedRecord } from '../support/sealedRecords.js'
 
 const PORT = 18681
 const ENDPOINT = `http://127.0.0.1:${PORT}`
@@ -112,18 +113,6 @@ async function openStore(options: Partial<S3BlobStoreOptions> = {}): Promise<S3B
 async function reopen(store: S3BlobStore, options: Partial<S3BlobStoreOptions> = {}): Promise<S3BlobStore> {
   await store.close()
   return openStore(options)
-}
-
-function sealedRecord(index: number, version = 1): SealedKeyRecord {
-  const publicKey = new Uint8Array(65).fill(index % 251)
-  publicKey[0] = 4
-  return { keyId: `key-${index}`, version, state: 'active', publicKey, sealed: new Uint8Array(60).fill((index + version) % 256) }
-}
-
-async function listAll(store: S3BlobStore): Promise<SealedKeyRecord[]> {
-  const records: SealedKeyRecord[] = []
-  for await (const record of store.list()) records.push(record)
-  return records
 }
 
 function byKeyId(records: SealedKeyRecord[]): SealedKeyRecord[] {
