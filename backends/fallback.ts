@@ -1,7 +1,7 @@
 import type { Address, Hex } from 'viem'
 import { CircuitBreaker, type BreakerState } from './circuitBreaker.js'
 import type { SignerMetrics } from './signerMetrics.js'
-import { SignerError, type SignedDigest, type Signer, type SignerDescription, type SignerHealth } from './signer.js'
+import { SignerError, signerErrorMessage, type SignedDigest, type Signer, type SignerDescription, type SignerHealth } from './signer.js'
 
 export type FallbackSignerOptions = {
   name: string
@@ -70,45 +70,50 @@ export class FallbackSigner implements Signer {
   }
 
   async signDigest(digest: Hex): Promise<SignedDigest> {
-    const candidates = this.options.members.map((_, index) => index).filter((index) => this.breakers[index]!.tryAcquire())
-    for (const [index, member] of this.options.members.entries()) {
-      if (!candidates.includes(index)) this.options.metrics.record(member.describe().name, 'skipped', 0)
-    }
-    if (candidates.length === 0) {
-      throw new SignerError(`${this.options.name}: every signer backend is unavailable (circuits open); retry shortly`, { retryable: true })
-    }
+    const { members, metrics } = this.options
     return new Promise<SignedDigest>((resolve, reject) => {
       let next = 0
       let running = 0
       let settled = false
       const failures: string[] = []
+      // Starts the next member whose breaker lets a call through. Breakers are asked only when a member
+      // is needed: a half-open probe slot taken for a member that never runs would never be given back.
       const launch = (): boolean => {
-        if (settled || next >= candidates.length) return false
-        const index = candidates[next++]!
-        running++
-        const hedge = this.options.hedgeAfterMs === undefined ? undefined : setTimeout(launch, this.options.hedgeAfterMs)
-        void this.attempt(index, digest).then(
-          (signed) => {
-            clearTimeout(hedge)
-            running--
-            if (!settled) {
-              settled = true
-              resolve(signed)
-            }
-          },
-          (error: unknown) => {
-            clearTimeout(hedge)
-            running--
-            failures.push(error instanceof SignerError ? error.message : 'signer failed')
-            if (!settled && !launch() && running === 0) {
-              settled = true
-              reject(new SignerError(`${this.options.name}: every signer backend failed: ${failures.join('; ')}`, { retryable: true }))
-            }
-          },
-        )
-        return true
+        while (!settled && next < members.length) {
+          const index = next++
+          if (!this.breakers[index]!.tryAcquire()) {
+            metrics.record(members[index]!.describe().name, 'skipped', 0)
+            continue
+          }
+          running++
+          const hedge = this.options.hedgeAfterMs === undefined ? undefined : setTimeout(launch, this.options.hedgeAfterMs)
+          void this.attempt(index, digest).then(
+            (signed) => {
+              clearTimeout(hedge)
+              running--
+              if (!settled) {
+                settled = true
+                resolve(signed)
+              }
+            },
+            (error: unknown) => {
+              clearTimeout(hedge)
+              running--
+              failures.push(signerErrorMessage(error))
+              if (!settled && !launch() && running === 0) {
+                settled = true
+                reject(new SignerError(`${this.options.name}: every signer backend failed: ${failures.join('; ')}`, { retryable: true }))
+              }
+            },
+          )
+          return true
+        }
+        return false
       }
-      launch()
+      if (!launch()) {
+        settled = true
+        reject(new SignerError(`${this.options.name}: every signer backend is unavailable (circuits open); retry shortly`, { retryable: true }))
+      }
     })
   }
 
@@ -141,7 +146,7 @@ export class FallbackSigner implements Signer {
     } catch (error) {
       const timedOut = error instanceof AttemptTimeoutError
       this.breakers[index]!.failure()
-      this.lastErrors[index] = error instanceof SignerError ? error.message : 'signer failed'
+      this.lastErrors[index] = signerErrorMessage(error)
       this.options.metrics.record(name, timedOut ? 'timeout' : 'failure', Date.now() - started)
       throw error
     } finally {
@@ -155,7 +160,7 @@ export class FallbackSigner implements Signer {
     try {
       address = await this.address()
     } catch (error) {
-      return { ok: false, error: error instanceof SignerError ? error.message : 'signer failed', members }
+      return { ok: false, error: signerErrorMessage(error), members }
     }
     const healthy = members.some((m) => m.ok && m.state !== 'open')
     return healthy ? { ok: true, address, members } : { ok: false, error: `${this.options.name}: no healthy backend`, members }

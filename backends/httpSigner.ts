@@ -1,7 +1,7 @@
 import { base64ToBytes, bytesToBase64 } from './base64.js'
 import { getAddress, hexToBigInt, hexToBytes, isHex, size, slice, type Address, type Hex } from 'viem'
 import { parseDerSignature, toEthereumSignature } from './ecdsa.js'
-import { SignerError, type SignedDigest, type Signer, type SignerDescription, type SignerHealth } from './signer.js'
+import { healthOf, SignerError, type SignedDigest, type Signer, type SignerDescription, type SignerHealth } from './signer.js'
 
 export type HttpSignerOptions = {
   name: string
@@ -27,10 +27,15 @@ export type HttpSignerOptions = {
  * is normalised to low-s and must recover to the configured address.
  */
 export class HttpSigner implements Signer {
-  constructor(private readonly options: HttpSignerOptions) {}
+
+  private readonly checksummed: Address
+
+  constructor(private readonly options: HttpSignerOptions) {
+    this.checksummed = getAddress(options.address)
+  }
 
   async address(): Promise<Address> {
-    return getAddress(this.options.address)
+    return this.checksummed
   }
 
   private async post(path: string, body: unknown): Promise<unknown> {
@@ -73,13 +78,9 @@ export class HttpSigner implements Signer {
     return { signature: await toEthereumSignature({ r, s, digest, address }), signedBy: name, address }
   }
 
-  async health(): Promise<SignerHealth> {
-    try {
-      await this.post('/health', { key_id: this.options.keyId })
-      return { ok: true, address: await this.address() }
-    } catch (error) {
-      return { ok: false, error: error instanceof SignerError ? error.message : 'signer failed' }
-    }
+  health(): Promise<SignerHealth> {
+    // Healthy means the key server answers for this key; the address itself is configured.
+    return healthOf({ address: () => this.post('/health', { key_id: this.options.keyId }).then(() => this.address()) })
   }
 
   describe(): SignerDescription {

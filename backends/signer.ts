@@ -40,11 +40,16 @@ export class SignerError extends Error {
   }
 }
 
+/** What may be shown of a failure: a SignerError's message, never another error's (it could hold anything). */
+export function signerErrorMessage(error: unknown): string {
+  return error instanceof SignerError ? error.message : 'signer failed'
+}
+
 /** Runs `check` and reports its outcome as health, so `/health` never throws. */
 export async function healthOf(signer: Pick<Signer, 'address'>): Promise<SignerHealth> {
   try {
     return { ok: true, address: await signer.address() }
   } catch (error) {
-    return { ok: false, error: error instanceof SignerError ? error.message : 'signer failed' }
+    return { ok: false, error: signerErrorMessage(error) }
   }
 }

@@ -102,6 +102,21 @@ describe('fallback signer', () => {
     expect((await signer.health()).members).toMatchObject([{ name: 'kms', state: 'closed' }, { state: 'closed' }])
   })
 
+  it('a backup whose breaker is half-open is not held by a request the primary answers', async () => {
+    const { signer, primary, backup, clock } = chain()
+    primary.mode = 'down'
+    backup.mode = 'down'
+    for (let i = 0; i < 2; i++) await signer.signDigest(digest).catch(() => {})
+    clock.now = 1_000
+    primary.mode = 'up'
+    backup.mode = 'up'
+    expect((await signer.signDigest(digest)).signedBy).toBe('kms')
+    // The backup's probe slot was never taken, so it is there when the primary fails again.
+    primary.mode = 'down'
+    expect((await signer.signDigest(digest)).signedBy).toBe('edge')
+    expect((await signer.health()).members).toMatchObject([{ name: 'kms' }, { name: 'edge', state: 'closed' }])
+  })
+
   it('hedging asks the backup when the primary is slower than the budget, and the first answer wins', async () => {
     const { signer, primary } = chain({ hedgeAfterMs: 5 })
     primary.mode = 'hang'
