@@ -1,7 +1,7 @@
 import { GetPublicKeyCommand, KMSClient, SignCommand } from '@aws-sdk/client-kms'
 import { hexToBytes, type Address, type Hex } from 'viem'
 import { addressFromSpki, parseDerSignature, toEthereumSignature } from './ecdsa.js'
-import { healthOf, SignerError, type SignedDigest, type Signer, type SignerDescription } from './signer.js'
+import { cachedUntilFailure, healthOf, SignerError, type SignedDigest, type Signer, type SignerDescription } from './signer.js'
 
 export type AwsKmsSignerOptions = {
   name: string
@@ -27,7 +27,7 @@ export type AwsKmsSignerOptions = {
 export class AwsKmsSigner implements Signer {
   private readonly client: KMSClient | undefined
   private readonly setupError: SignerError | undefined
-  private addressLookup: Promise<Address> | undefined
+  private readonly cachedAddress = cachedUntilFailure(() => this.lookUpAddress())
 
   constructor(private readonly options: AwsKmsSignerOptions) {
     const { accessKeyId, secretAccessKey, sessionToken } = options.credentials
@@ -44,11 +44,7 @@ export class AwsKmsSigner implements Signer {
   }
 
   async address(): Promise<Address> {
-    this.addressLookup ??= this.lookUpAddress().catch((error: unknown) => {
-      this.addressLookup = undefined // a failed lookup is retried by the next caller
-      throw error
-    })
-    return this.addressLookup
+    return this.cachedAddress()
   }
 
   private async lookUpAddress(): Promise<Address> {

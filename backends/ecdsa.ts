@@ -1,4 +1,4 @@
-import { bytesToHex, concat, numberToHex, recoverAddress, type Address, type Hex } from 'viem'
+import { bytesToHex, concat, hexToBigInt, hexToNumber, numberToHex, recoverAddress, size, slice, type Address, type Hex } from 'viem'
 import { publicKeyToAddress } from 'viem/accounts'
 import { SignerError } from './signer.js'
 
@@ -24,11 +24,26 @@ export function parseDerSignature(der: Uint8Array): { r: bigint; s: bigint } {
   return { r, s }
 }
 
+/**
+ * Hex r ‖ s, or r ‖ s ‖ v. A v of 0/1 or 27/28 becomes a recovery id hint; any other v is ignored,
+ * since toEthereumSignature finds v by recovery anyway.
+ */
+export function parseCompactSignature(hex: Hex): { r: bigint; s: bigint; recoveryIdHint?: number } {
+  const length = size(hex)
+  if (length !== 64 && length !== 65) throw new SignerError('compact signature is not 64 or 65 bytes')
+  const r = hexToBigInt(slice(hex, 0, 32))
+  const s = hexToBigInt(slice(hex, 32, 64))
+  if (length === 64) return { r, s }
+  const v = hexToNumber(slice(hex, 64, 65))
+  const recoveryIdHint = v >= 27 ? v - 27 : v
+  return recoveryIdHint === 0 || recoveryIdHint === 1 ? { r, s, recoveryIdHint } : { r, s }
+}
+
 /** OID 1.3.132.0.10 (secp256k1) as DER content bytes. */
 const secp256k1Oid = '2b8104000a'
 
 /** The uncompressed public key (0x04 ‖ x ‖ y) inside an SPKI DER document, which must be for secp256k1. */
-export function publicKeyFromSpki(spki: Uint8Array): Hex {
+function publicKeyFromSpki(spki: Uint8Array): Hex {
   const outer = new DerReader(new DerReader(spki).element(0x30))
   const algorithm = new DerReader(outer.element(0x30))
   algorithm.element(0x06) // id-ecPublicKey

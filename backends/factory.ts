@@ -1,4 +1,4 @@
-import { singleSignerContracts, type Config, type SignerConfig } from '../config/schema.js'
+import { acceptsSingleSigner, type Config, type SignerConfig } from '../config/schema.js'
 import { AwsKmsSigner } from './awsKms.js'
 import { FallbackSigner } from './fallback.js'
 import { HttpSigner } from './httpSigner.js'
@@ -21,9 +21,7 @@ export function createSigners(options: { config: Config; env: Record<string, unk
     const value = name === undefined ? undefined : env[name]
     return typeof value === 'string' && value !== '' ? value : undefined
   }
-  const singleSigner = new Set(
-    config.chains.filter((chain) => chain.paymasters.some((p) => singleSignerContracts.includes(p.contract))).map((chain) => chain.signer),
-  )
+  const singleSigner = new Set(config.chains.filter(acceptsSingleSigner).map((chain) => chain.signer))
 
   const leaf = (name: string, signer: Exclude<SignerConfig, { kind: 'fallback' }>): Signer => {
     switch (signer.kind) {

@@ -1,7 +1,7 @@
 import type { Address, Hex } from 'viem'
-import { CircuitBreaker, type BreakerState } from './circuitBreaker.js'
+import { CircuitBreaker } from './circuitBreaker.js'
 import type { SignerMetrics } from './signerMetrics.js'
-import { SignerError, signerErrorMessage, type SignedDigest, type Signer, type SignerDescription, type SignerHealth } from './signer.js'
+import { SignerError, signerErrorMessage, type MemberHealth, type SignedDigest, type Signer, type SignerDescription, type SignerHealth } from './signer.js'
 
 export type FallbackSignerOptions = {
   name: string
@@ -21,8 +21,6 @@ export type FallbackSignerOptions = {
 
 /** A member that did not answer in time. */
 class AttemptTimeoutError extends SignerError {}
-
-export type MemberHealth = { name: string; kind: string; state: BreakerState; ok: boolean; address?: Address; error?: string; lastError?: string }
 
 /**
  * An ordered chain of signers that clients never see fail over. Each member
@@ -45,16 +43,31 @@ export class FallbackSigner implements Signer {
 
   async address(): Promise<Address> {
     if (!this.options.requireSameAddress) return this.firstAvailable((member) => member.address())
-    const addresses = await Promise.all(this.options.members.map((member) => member.address().catch(() => undefined)))
+    const answers = await Promise.allSettled(this.options.members.map((member) => member.address()))
+    const address = this.agreedOn(answers.map((answer) => (answer.status === 'fulfilled' ? answer.value : undefined)))
+    if (address !== undefined) return address
+    const last = answers.at(-1)
+    throw this.noneAvailable(last?.status === 'rejected' ? last.reason : undefined)
+  }
+
+  /**
+   * The one address the members resolve to (one entry per member, undefined where it did not answer),
+   * undefined when none did. Members that differ are refused: the paymaster would reject some signatures.
+   */
+  private agreedOn(addresses: Array<Address | undefined>): Address | undefined {
     const distinct = [...new Set(addresses.filter((a): a is Address => a !== undefined))]
     if (distinct.length > 1) {
       throw new SignerError(
         `${this.options.name}: backends resolve to different addresses (${this.options.members.map((m, i) => `${m.describe().name}=${addresses[i] ?? 'unavailable'}`).join(', ')}) but this chain's paymaster accepts a single signer`,
       )
     }
-    if (distinct.length === 0) return this.firstAvailable((member) => member.address())
-    this.agreedAddress ??= distinct[0]
-    return distinct[0]!
+    if (distinct.length === 1) this.agreedAddress ??= distinct[0]
+    return distinct[0]
+  }
+
+  /** When no member answered: the last member's error if it is safe to show, else a generic one. */
+  private noneAvailable(lastError: unknown): SignerError {
+    return lastError instanceof SignerError ? lastError : new SignerError(`${this.options.name}: no backend is available`)
   }
 
   private async firstAvailable<T>(use: (member: Signer) => Promise<T>): Promise<T> {
@@ -66,7 +79,7 @@ export class FallbackSigner implements Signer {
         lastError = error
       }
     }
-    throw lastError instanceof SignerError ? lastError : new SignerError(`${this.options.name}: no backend is available`)
+    throw this.noneAvailable(lastError)
   }
 
   async signDigest(digest: Hex): Promise<SignedDigest> {
@@ -155,13 +168,17 @@ export class FallbackSigner implements Signer {
   }
 
   async health(): Promise<SignerHealth> {
+    // The address comes from the members' health, so each member is probed once.
     const members = await this.members()
+    const addresses = members.map((m) => m.address)
     let address: Address | undefined
     try {
-      address = await this.address()
+      address = this.options.requireSameAddress ? this.agreedOn(addresses) : addresses.find((a) => a !== undefined)
     } catch (error) {
       return { ok: false, error: signerErrorMessage(error), members }
     }
+    // As address() would report it: the last member's error.
+    if (address === undefined) return { ok: false, error: members.at(-1)?.error ?? this.noneAvailable(undefined).message, members }
     const healthy = members.some((m) => m.ok && m.state !== 'open')
     return healthy ? { ok: true, address, members } : { ok: false, error: `${this.options.name}: no healthy backend`, members }
   }

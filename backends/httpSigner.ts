@@ -1,6 +1,6 @@
 import { base64ToBytes, bytesToBase64 } from './base64.js'
-import { getAddress, hexToBigInt, hexToBytes, isHex, size, slice, type Address, type Hex } from 'viem'
-import { parseDerSignature, toEthereumSignature } from './ecdsa.js'
+import { getAddress, hexToBytes, isHex, size, type Address, type Hex } from 'viem'
+import { parseCompactSignature, parseDerSignature, toEthereumSignature } from './ecdsa.js'
 import { healthOf, SignerError, type SignedDigest, type Signer, type SignerDescription, type SignerHealth } from './signer.js'
 
 export type HttpSignerOptions = {
@@ -73,9 +73,9 @@ export class HttpSigner implements Signer {
       signature?: unknown
     }
     if (typeof answer?.signature !== 'string') throw new SignerError(`HTTP signer ${name}: answer has no signature`)
-    const { r, s } = parseSignature(answer.signature, name)
+    const { r, s, recoveryIdHint } = parseSignature(answer.signature, name)
     const address = await this.address()
-    return { signature: await toEthereumSignature({ r, s, digest, address }), signedBy: name, address }
+    return { signature: await toEthereumSignature({ r, s, digest, address, recoveryIdHint }), signedBy: name, address }
   }
 
   health(): Promise<SignerHealth> {
@@ -88,10 +88,8 @@ export class HttpSigner implements Signer {
   }
 }
 
-function parseSignature(value: string, name: string): { r: bigint; s: bigint } {
-  if (isHex(value) && (size(value) === 64 || size(value) === 65)) {
-    return { r: hexToBigInt(slice(value, 0, 32)), s: hexToBigInt(slice(value, 32, 64)) }
-  }
+function parseSignature(value: string, name: string): { r: bigint; s: bigint; recoveryIdHint?: number } {
+  if (isHex(value) && (size(value) === 64 || size(value) === 65)) return parseCompactSignature(value)
   try {
     return parseDerSignature(base64ToBytes(value))
   } catch {

@@ -1,7 +1,7 @@
-import { getAddress, hexToBigInt, isHex, size, slice, type Address, type Hex } from 'viem'
+import { getAddress, isHex, size, type Address, type Hex } from 'viem'
 import { signRequest } from '../enclave-origin/protocol/requestSigning.js'
-import { toEthereumSignature } from './ecdsa.js'
-import { healthOf, SignerError, type SignedDigest, type Signer, type SignerDescription } from './signer.js'
+import { parseCompactSignature, toEthereumSignature } from './ecdsa.js'
+import { cachedUntilFailure, healthOf, SignerError, type SignedDigest, type Signer, type SignerDescription } from './signer.js'
 
 export type KeylessSignerOptions = {
   name: string
@@ -24,7 +24,7 @@ export type KeylessSignerOptions = {
  * while its deadline allows; past that it fails, so a fallback chain moves on.
  */
 export class KeylessSigner implements Signer {
-  private addressLookup: Promise<Address> | undefined
+  private readonly cachedAddress = cachedUntilFailure(() => this.lookUpAddress())
 
   constructor(private readonly options: KeylessSignerOptions) {}
 
@@ -67,16 +67,13 @@ export class KeylessSigner implements Signer {
   }
 
   async address(): Promise<Address> {
-    this.addressLookup ??= this.request('GET', this.path(), undefined, Date.now() + this.options.deadlineMs)
-      .then((key) => {
-        if (typeof key.address !== 'string') throw new SignerError(`keyless signer ${this.options.name}: the origin returned no address`)
-        return getAddress(key.address)
-      })
-      .catch((error: unknown) => {
-        this.addressLookup = undefined
-        throw error
-      })
-    return this.addressLookup
+    return this.cachedAddress()
+  }
+
+  private async lookUpAddress(): Promise<Address> {
+    const key = await this.request('GET', this.path(), undefined, Date.now() + this.options.deadlineMs)
+    if (typeof key.address !== 'string') throw new SignerError(`keyless signer ${this.options.name}: the origin returned no address`)
+    return getAddress(key.address)
   }
 
   async signDigest(digest: Hex): Promise<SignedDigest> {
@@ -87,8 +84,7 @@ export class KeylessSigner implements Signer {
     if (typeof signature !== 'string' || !isHex(signature) || size(signature) !== 64) {
       throw new SignerError(`keyless signer ${this.options.name}: the origin returned a malformed signature`)
     }
-    const r = hexToBigInt(slice(signature, 0, 32))
-    const s = hexToBigInt(slice(signature, 32, 64))
+    const { r, s } = parseCompactSignature(signature)
     const recoveryIdHint = typeof answer.recoveryId === 'number' ? answer.recoveryId : undefined
     return { signature: await toEthereumSignature({ r, s, digest, address, recoveryIdHint }), signedBy: this.options.name, address }
   }

@@ -1,7 +1,6 @@
 import type { Hex } from 'viem'
+import { secp256k1Order } from './ecdsa.js'
 import { SignerError } from './signer.js'
-
-const secp256k1Order = 0xfffffffffffffffffffffffffffffffebaaedce6af48a03bbfd25e8cd0364141n
 
 /**
  * Parses a secp256k1 private key as operators store it (64 hex digits, with or

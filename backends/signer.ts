@@ -1,4 +1,5 @@
 import type { Address, Hex } from 'viem'
+import type { BreakerState } from './circuitBreaker.js'
 
 /**
  * The contract every key backend keeps. Backends sign a 32-byte digest and
@@ -25,7 +26,10 @@ export type SecurityLevel = 'ephemeral' | 'software' | 'edge-secret' | 'hsm' | '
 export type SignerDescription = { kind: string; name: string; securityLevel: SecurityLevel }
 
 /** `members` is set by signers made of other signers (fallback), one entry per member. */
-export type SignerHealth = ({ ok: true; address: Address } | { ok: false; error: string }) & { members?: unknown[] }
+export type SignerHealth = ({ ok: true; address: Address } | { ok: false; error: string }) & { members?: MemberHealth[] }
+
+/** One member of a fallback chain: its own health, its breaker's state, and its last signing error. */
+export type MemberHealth = { name: string; kind: string; state: BreakerState; ok: boolean; address?: Address; error?: string; lastError?: string }
 
 /**
  * A backend could not sign. The message is safe to show a caller: it names the
@@ -52,4 +56,17 @@ export async function healthOf(signer: Pick<Signer, 'address'>): Promise<SignerH
   } catch (error) {
     return { ok: false, error: signerErrorMessage(error) }
   }
+}
+
+/**
+ * `load` run once and its promise shared, so concurrent callers make one request; a failure is
+ * forgotten, so the next caller tries again rather than getting the same error for ever.
+ */
+export function cachedUntilFailure<T>(load: () => Promise<T>): () => Promise<T> {
+  let cached: Promise<T> | undefined
+  return () =>
+    (cached ??= load().catch((error: unknown) => {
+      cached = undefined
+      throw error
+    }))
 }

@@ -16,7 +16,12 @@ export type EntryPointVersion = (typeof entryPointVersions)[number]
 export const paymasterContracts = ['pimlico-singleton', 'eth-infinitism-verifying'] as const
 export type PaymasterContract = (typeof paymasterContracts)[number]
 /** Contracts that accept one signer address (the others keep a set of signers). */
-export const singleSignerContracts: readonly PaymasterContract[] = ['eth-infinitism-verifying']
+const singleSignerContracts: readonly PaymasterContract[] = ['eth-infinitism-verifying']
+
+/** Whether one of the chain's paymasters accepts a single signer, so every backend of its signer must share one address. */
+export function acceptsSingleSigner(chain: { paymasters: ReadonlyArray<{ contract: PaymasterContract }> }): boolean {
+  return chain.paymasters.some((p) => singleSignerContracts.includes(p.contract))
+}
 
 /** Gas and wei amounts: JSON has no bigint, so decimal strings or safe integers. */
 const amountSchema = z
@@ -233,7 +238,7 @@ export const configSchema = z
     })
     config.chains.forEach((chain, index) => {
       const signer = config.signers[chain.signer]
-      if (signer?.kind !== 'fallback' || !chain.paymasters.some((p) => singleSignerContracts.includes(p.contract))) return
+      if (signer?.kind !== 'fallback' || !acceptsSingleSigner(chain)) return
       const declared = new Set(
         signer.members.map((m) => config.signers[m]).flatMap((member) => (member && 'address' in member && member.address ? [member.address] : [])),
       )

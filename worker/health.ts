@@ -1,7 +1,6 @@
 import { createPublicClient, http, type Address } from 'viem'
 import { ConfigError } from '../config/load.js'
 import type { ChainConfig } from '../config/schema.js'
-import type { MemberHealth } from '../backends/fallback.js'
 import type { SignerHealth } from '../backends/signer.js'
 import { supportedEntryPoints } from './sponsor/entryPoints.js'
 import { servicesFor, type Env } from './services.js'
@@ -41,7 +40,7 @@ export async function healthReport(env: Env) {
   )
   const chainSignersOk = services.config.chains.every((chain) => healthOf(chain.signer).ok)
   const everythingOk =
-    signers.every((s) => s.ok && (s.members ?? []).every((m) => (m as MemberHealth).ok && (m as MemberHealth).state === 'closed')) &&
+    signers.every((s) => s.ok && (s.members ?? []).every((m) => m.ok && m.state === 'closed')) &&
     chains.every((c) => (c.signerAuthorisation ?? []).every((a) => a.authorised === true))
   return {
     status: !chainSignersOk ? ('unavailable' as const) : everythingOk ? ('ok' as const) : ('degraded' as const),
@@ -61,9 +60,7 @@ const signersAbi = [
  * the chain's RPC; only /health pays for it, never a sponsorship.
  */
 async function signerAuthorisation(chain: ChainConfig, health: SignerHealth) {
-  const members = (health.members as Array<{ name: string; address?: Address }> | undefined) ?? [
-    { name: chain.signer, address: health.ok ? health.address : undefined },
-  ]
+  const members: Array<{ name: string; address?: Address }> = health.members ?? [{ name: chain.signer, address: health.ok ? health.address : undefined }]
   const client = createPublicClient({ transport: http(chain.rpcUrl, { timeout: 3_000, retryCount: 0 }) })
   const singletons = chain.paymasters.filter((p) => p.contract === 'pimlico-singleton')
   return Promise.all(
