@@ -8,8 +8,11 @@ export function setting(name: string, fallback?: string): string {
   return value
 }
 
-export function numberSetting(name: string, fallback: number): number {
-  const value = Number(process.env[name] ?? fallback)
+/** Without a fallback, an unset name is an error, as with `setting`. */
+export function numberSetting(name: string, fallback?: number): number {
+  const raw = process.env[name] ?? fallback
+  if (raw === undefined) throw new Error(`${name} is not set`)
+  const value = Number(raw)
   if (!Number.isFinite(value)) throw new Error(`${name} must be a number`)
   return value
 }
@@ -27,7 +30,7 @@ export function listenAddress(value: string): StreamAddress {
 /** One JSON line per event; callers pass nothing secret, and values that look like secrets are redacted anyway. */
 export function logLine(fields: Record<string, unknown>): void {
   const redacted = Object.fromEntries(
-    Object.entries(fields).map(([key, value]) => [key, /secret|token|key$|password|dek/i.test(key) && key !== 'keyId' ? '[redacted]' : value]),
+    Object.entries(fields).map(([key, value]) => [key, /secret|token|key$|password|dek/i.test(key) ? '[redacted]' : value]),
   )
   console.log(JSON.stringify({ time: new Date().toISOString(), ...redacted }))
 }

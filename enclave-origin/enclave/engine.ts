@@ -6,9 +6,7 @@
  * thread signs at once: a request only waits for company when every thread
  * already has work.
  */
-import { createRequire } from 'node:module'
 import { availableParallelism } from 'node:os'
-import { performance } from 'node:perf_hooks'
 import { Worker } from 'node:worker_threads'
 import type { RawSignature } from '../types.js'
 
@@ -317,31 +315,4 @@ async function retire(slot: WorkerSlot): Promise<void> {
 function positiveInteger(name: string, value: number): number {
   if (!Number.isInteger(value) || value < 1) throw new RangeError(`${name} must be a positive integer, got ${value}`)
   return value
-}
-
-/**
- * Signatures per second of the native binding in a tight loop on this thread:
- * the hardware limit the benchmark compares the engine against. Blocks the
- * event loop for `seconds`.
- */
-export function measureRawSignRate({ seconds }: { seconds: number }): number {
-  // The native binding on purpose: `secp256k1` alone would silently fall back to JS elliptic.
-  const native = createRequire(import.meta.url)('secp256k1/bindings') as typeof import('secp256k1')
-  const privateKey = new Uint8Array(32).fill(7)
-  const digest = new Uint8Array(32)
-  const signature = new Uint8Array(64)
-  const view = new DataView(digest.buffer)
-  const started = performance.now()
-  const deadline = started + seconds * 1000
-  let signed = 0
-  let now = started
-  while (now < deadline) {
-    // Checking the clock every 256 signs keeps it out of the measurement.
-    for (let i = 0; i < 256; i++) {
-      view.setUint32(0, signed++)
-      native.ecdsaSign(digest, privateKey, {}, signature)
-    }
-    now = performance.now()
-  }
-  return signed / ((now - started) / 1000)
 }

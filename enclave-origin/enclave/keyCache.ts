@@ -1,4 +1,5 @@
 import { setImmediate as nextTurn } from 'node:timers/promises'
+import { messageOf } from '../errors.js'
 import type { CacheState, KeyState, SealedKeyRecord } from '../types.js'
 import { sealPrivateKey, unsealPrivateKey, zero } from './sealing.js'
 
@@ -83,7 +84,6 @@ export type KeyCacheStats = {
   needsUnlock: number
   graceSignatures: number
   inlineRefreshOverBudget: number
-  /** Latency of inline refreshes (the rehydrate on the request path), as histogram sum/count/max. */
   /** Inline refresh (rehydrate) latency: totals, and counts per bucket of `rehydrateBucketsMs` (the last counts everything above). */
   inlineRefreshMs: { count: number; sum: number; max: number; buckets: number[] }
 }
@@ -223,11 +223,6 @@ export class KeyCache {
   get(keyId: string): { record: SealedKeyRecord; cacheState: CacheState } | undefined {
     const entry = this.entries.get(keyId)
     return entry && { record: entry.record, cacheState: this.stateOf(entry, this.now()) }
-  }
-
-  cacheState(keyId: string): CacheState | undefined {
-    const entry = this.entries.get(keyId)
-    return entry && this.stateOf(entry, this.now())
   }
 
   /** The private key to sign with now, or why not. Synchronous: it never waits on KMS. */
@@ -501,10 +496,6 @@ function sealsSameKey(held: SealedKeyRecord, incoming: SealedKeyRecord): boolean
 
 function bytesEqual(a: Uint8Array, b: Uint8Array): boolean {
   return a.length === b.length && a.every((byte, index) => byte === b[index])
-}
-
-function messageOf(error: unknown): string {
-  return error instanceof Error ? error.message : String(error)
 }
 
 function withoutUndefined<T extends object>(values: T): Partial<T> {

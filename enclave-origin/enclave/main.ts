@@ -25,7 +25,8 @@ export async function runEnclave(): Promise<() => Promise<void>> {
   })
   const dataKeys = new KmsDataKeys({ client, kmsKeyId, attestation: developmentAttestation })
   const engine = new SignEngine({
-    threads: process.env.ENGINE_THREADS ? numberSetting('ENGINE_THREADS', 2) : undefined,
+    // Unset: the engine's own default, one thread per core.
+    threads: process.env.ENGINE_THREADS ? numberSetting('ENGINE_THREADS') : undefined,
     batching: setting('ENGINE_BATCHING', '1') !== '0',
   })
   await engine.start()

@@ -13,17 +13,16 @@
  */
 import { createHash } from 'node:crypto'
 import { readFile } from 'node:fs/promises'
-import { createRequire } from 'node:module'
 import { performance } from 'node:perf_hooks'
 import { getHeapStatistics } from 'node:v8'
 import { armor, Decrypter, type ReadableStreamWithSize } from 'age-encryption'
+import { messageOf } from '../errors.js'
+import { maxKeyIdBytes } from '../protocol/messages.js'
+import { secp256k1 } from './nativeSecp256k1.js'
 import { zero } from './sealing.js'
 
-// The native binding on purpose: `secp256k1` alone would silently fall back to JS elliptic.
-const secp256k1 = createRequire(import.meta.url)('secp256k1/bindings') as typeof import('secp256k1')
-
-/** Longest account id accepted, in UTF-8 bytes. */
-export const maxAccountIdBytes = 128
+/** Longest account id accepted, in UTF-8 bytes: the wire's key-id limit, since an account id is the keyId a SIGN carries. */
+export const maxAccountIdBytes = maxKeyIdBytes
 /** Above this share of the memory limit the load succeeds but logs a warning. */
 export const memoryWarnRatio = 0.7
 
@@ -290,8 +289,4 @@ function streamOf(bytes: Uint8Array): ReadableStream<Uint8Array> {
       controller.close()
     },
   })
-}
-
-function messageOf(error: unknown): string {
-  return error instanceof Error ? error.message : String(error)
 }

@@ -14,6 +14,7 @@ const tagLength = 16
 const secretLength = 32
 const sealedLength = ivLength + secretLength + tagLength
 const maxVersion = 0xffff_ffff
+const utf8 = new TextEncoder()
 
 /** A blob did not open (wrong DEK, keyId or version, or altered bytes), or the inputs were malformed. */
 export class SealingError extends Error {
@@ -73,7 +74,7 @@ function associatedData(keyId: string, version: number): Uint8Array {
   if (!Number.isInteger(version) || version < 0 || version > maxVersion) {
     throw new SealingError(`key version must be a u32, got ${version}`)
   }
-  const id = new TextEncoder().encode(keyId)
+  const id = utf8.encode(keyId)
   const aad = new Uint8Array(id.length + 5)
   aad.set(id, 0)
   new DataView(aad.buffer).setUint32(id.length + 1, version, false)

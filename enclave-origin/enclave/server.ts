@@ -1,10 +1,9 @@
 import { randomBytes } from 'node:crypto'
 import { createServer, type Server, type Socket } from 'node:net'
-import secp256k1 from 'secp256k1'
 import type { StreamAddress } from '../config.js'
 import { CoalescingWriter } from '../protocol/coalescingWriter.js'
 import { listenVsock } from '../protocol/vsock.js'
-import { encodeFrame, FrameDecoder, FrameError, isOpcode, opcodes, statuses, type Frame, type Status } from '../protocol/frames.js'
+import { encodeFrame, FrameDecoder, FrameError, opcodes, statuses, type Frame, type Status } from '../protocol/frames.js'
 import {
   decodeCreateRequest,
   decodeGetRequest,
@@ -24,6 +23,7 @@ import type { RawSignature, WrappedDek } from '../types.js'
 import type { KmsDataKeys } from './dataKey.js'
 import type { SignEngine } from './engine.js'
 import type { KeyCache } from './keyCache.js'
+import { secp256k1 } from './nativeSecp256k1.js'
 import { loadPreloadFile, PreloadedKeys, PreloadError } from './preload.js'
 import { zero } from './sealing.js'
 
@@ -58,7 +58,7 @@ export class EnclaveService {
     if (options.preloadFile) this.preloadRefusal = 'the preload file is not loaded yet: UNLOCK with its age identity'
   }
 
-  /** Loads the preload file; on any failure nothing preloaded is served, and the reason is kept for callers. */
+  /** Loads the preload file; on any failure nothing preloaded is served, and `preloadRefusal` says why. */
   private async preload(identity: string): Promise<void> {
     try {
       const loaded = await loadPreloadFile({ path: this.options.preloadFile!, identity, log: this.options.log ?? (() => {}) })
@@ -69,7 +69,6 @@ export class EnclaveService {
       this.preloaded?.clear()
       this.preloaded = undefined
       this.preloadRefusal = `preload failed: ${error instanceof PreloadError ? error.message : 'unexpected error'}`
-      throw new Error(this.preloadRefusal)
     }
   }
 
@@ -126,7 +125,7 @@ export class EnclaveService {
         const { wrappedDek, preloadIdentity } = decodeUnlockRequest(frame.payload)
         if (preloadIdentity) {
           if (!this.options.preloadFile) return fail(statuses.BAD_REQUEST, 'this enclave has no preload file')
-          await this.preload(preloadIdentity).catch(() => undefined)
+          await this.preload(preloadIdentity)
           if (this.preloadRefusal) return fail(statuses.BAD_REQUEST, this.preloadRefusal)
           if (wrappedDek.length === 0) return { status: statuses.OK, payload: emptyPayload }
         }
@@ -194,11 +193,10 @@ export async function serveEnclave(options: {
         return
       }
       for (const frame of frames) {
-        const answer = isOpcode(frame.opcode)
-          ? options.service.handle(frame).catch((error: unknown) =>
-              error instanceof FrameError ? fail(statuses.BAD_REQUEST, error.message) : fail(statuses.INTERNAL, (error as Error).message),
-            )
-          : Promise.resolve(fail(statuses.BAD_REQUEST, `unknown opcode ${frame.opcode}`))
+        // handle() answers an unknown opcode itself (BAD_REQUEST), so every frame goes through it.
+        const answer = options.service.handle(frame).catch((error: unknown) =>
+          error instanceof FrameError ? fail(statuses.BAD_REQUEST, error.message) : fail(statuses.INTERNAL, (error as Error).message),
+        )
         void answer.then(({ status, payload }) => writer.write(encodeFrame({ requestId: frame.requestId, opcode: frame.opcode, status, payload })))
       }
     })

@@ -36,7 +36,7 @@ export type Status = (typeof statuses)[keyof typeof statuses]
 /**
  * Opcode and status stay plain numbers here: the framing layer cannot reject
  * an unknown opcode without losing the request id the answer must carry, so
- * the dispatcher checks them with `isOpcode` / `isStatus`.
+ * the dispatcher answers it (EnclaveService.handle's default branch).
  */
 export type Frame = { requestId: number; opcode: number; status: number; payload: Uint8Array }
 
@@ -53,17 +53,6 @@ const headerBytes = 6
  */
 export class FrameError extends Error {
   override name = 'FrameError'
-}
-
-const opcodeValues: ReadonlySet<number> = new Set(Object.values(opcodes))
-const statusValues: ReadonlySet<number> = new Set(Object.values(statuses))
-
-export function isOpcode(value: number): value is Opcode {
-  return opcodeValues.has(value)
-}
-
-export function isStatus(value: number): value is Status {
-  return statusValues.has(value)
 }
 
 /**
@@ -92,7 +81,8 @@ export function encodeFrame(frame: Frame & { maxFrameBytes?: number }): Uint8Arr
   return bytes
 }
 
-function checkUint({ value, bits, field }: { value: number; bits: 8 | 32; field: string }): void {
+/** Throws `FrameError` unless `value` fits the wire's u8 / u32; messages.ts checks its fields with it too. */
+export function checkUint({ value, bits, field }: { value: number; bits: 8 | 32; field: string }): void {
   if (!Number.isInteger(value) || value < 0 || value >= 2 ** bits) {
     throw new FrameError(`${field} ${value} is not a u${bits}`)
   }

@@ -9,7 +9,7 @@
  * variable byte strings = u32 length ‖ bytes.
  */
 import type { CacheState, KeyState, RawSignature, SealedKeyRecord } from '../types.js'
-import { FrameError } from './frames.js'
+import { checkUint, FrameError } from './frames.js'
 
 export type SignRequest = { keyId: string; digest: Uint8Array }
 /** The signature, and how long the enclave took from decoding the request to signing (queue in the engine included), in µs. */
@@ -91,7 +91,7 @@ export function decodeCreateRequest(payload: Uint8Array): CreateRequest {
 
 export function encodeCreateResponse(response: CreateResponse): Uint8Array {
   checkLength({ bytes: response.publicKey, expected: publicKeyBytes, field: 'CREATE publicKey' })
-  checkUint32(response.version, 'CREATE version')
+  checkUint({ value: response.version, bits: 32, field: 'CREATE version' })
   return new PayloadWriter(publicKeyBytes + 4 + response.sealed.length + 4)
     .bytes(response.publicKey)
     .u32Bytes(response.sealed)
@@ -110,7 +110,7 @@ export function decodeCreateResponse(payload: Uint8Array): CreateResponse {
 
 export function encodeLoadRequest(record: LoadRequest): Uint8Array {
   const keyId = keyIdBytes(record.keyId)
-  checkUint32(record.version, 'LOAD version')
+  checkUint({ value: record.version, bits: 32, field: 'LOAD version' })
   checkLength({ bytes: record.publicKey, expected: publicKeyBytes, field: 'LOAD publicKey' })
   return new PayloadWriter(1 + keyId.length + 4 + 1 + publicKeyBytes + 4 + record.sealed.length)
     .keyId(keyId)
@@ -219,7 +219,7 @@ export function decodeHealthResponse(payload: Uint8Array): HealthResponse {
 
 /** Payload of a NEEDS_UNLOCK answer: when the parent may retry (the HTTP Retry-After). */
 export function encodeNeedsUnlock(response: NeedsUnlockResponse): Uint8Array {
-  checkUint32(response.retryAfterMs, 'NEEDS_UNLOCK retryAfterMs')
+  checkUint({ value: response.retryAfterMs, bits: 32, field: 'NEEDS_UNLOCK retryAfterMs' })
   return new PayloadWriter(4).u32(response.retryAfterMs).done()
 }
 
@@ -295,10 +295,6 @@ function cacheStateCode(cacheState: CacheState): number {
 
 function checkLength({ bytes, expected, field }: { bytes: Uint8Array; expected: number; field: string }): void {
   if (bytes.length !== expected) throw new FrameError(`${field} is ${bytes.length} bytes, expected ${expected}`)
-}
-
-function checkUint32(value: number, field: string): void {
-  if (!Number.isInteger(value) || value < 0 || value > 0xffffffff) throw new FrameError(`${field} ${value} is not a u32`)
 }
 
 /**

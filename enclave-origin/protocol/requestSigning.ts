@@ -42,7 +42,7 @@ function mac(options: { hashing: RequestHashing; secret: Uint8Array; method: str
 }
 
 /** The headers that authenticate one request. */
-export async function signRequest(options: {
+export function signRequest(options: {
   keyId: string
   secret: string
   method: string
@@ -50,7 +50,7 @@ export async function signRequest(options: {
   body: Uint8Array
   now?: number
   hashing?: RequestHashing
-}): Promise<Record<string, string>> {
+}): Record<string, string> {
   const timestamp = String(options.now ?? Date.now())
   const nonce = bytesToHex(randomBytes(16))
   return {
@@ -70,13 +70,19 @@ export type VerificationFailure = 'missing' | 'unknown-key' | 'stale' | 'replaye
  */
 export class RequestVerifier {
   private readonly secrets: Map<string, Uint8Array>
+  private readonly maxSkewMs: number
+  private readonly now: () => number
+  private readonly hashing: RequestHashing
   private readonly seen = new Map<string, number>()
 
-  constructor(private readonly options: { secrets: Record<string, string>; maxSkewMs?: number; now?: () => number; hashing?: RequestHashing }) {
+  constructor(options: { secrets: Record<string, string>; maxSkewMs?: number; now?: () => number; hashing?: RequestHashing }) {
     this.secrets = new Map(Object.entries(options.secrets).map(([keyId, secret]) => [keyId, encoder.encode(secret)]))
+    this.maxSkewMs = options.maxSkewMs ?? 30_000
+    this.now = options.now ?? Date.now
+    this.hashing = options.hashing ?? nobleHashing
   }
 
-  async verify(options: { method: string; path: string; headers: (name: string) => string | undefined; body: Uint8Array }): Promise<VerificationFailure | undefined> {
+  verify(options: { method: string; path: string; headers: (name: string) => string | undefined; body: Uint8Array }): VerificationFailure | undefined {
     const keyId = options.headers(signatureHeaders.keyId)
     const timestamp = options.headers(signatureHeaders.timestamp)
     const nonce = options.headers(signatureHeaders.nonce)
@@ -84,22 +90,21 @@ export class RequestVerifier {
     if (!keyId || !timestamp || !nonce || !signature || !/^[0-9a-f]{64}$/.test(signature) || !/^[0-9a-f]{16,64}$/.test(nonce)) return 'missing'
     const secret = this.secrets.get(keyId)
     if (!secret) return 'unknown-key'
-    const now = (this.options.now ?? Date.now)()
-    const window = this.options.maxSkewMs ?? 30_000
-    if (!/^\d{1,15}$/.test(timestamp) || Math.abs(now - Number(timestamp)) > window) return 'stale'
-    this.forgetOldNonces(now, window)
+    const now = this.now()
+    if (!/^\d{1,15}$/.test(timestamp) || Math.abs(now - Number(timestamp)) > this.maxSkewMs) return 'stale'
+    this.forgetOldNonces(now)
     const nonceKey = `${keyId}:${nonce}`
     if (this.seen.has(nonceKey)) return 'replayed'
-    const expected = mac({ ...options, hashing: this.options.hashing ?? nobleHashing, secret, timestamp, nonce })
+    const expected = mac({ ...options, hashing: this.hashing, secret, timestamp, nonce })
     if (!equalInConstantTime(hexToBytes(signature), expected)) return 'bad-signature'
     this.seen.set(nonceKey, now)
     return undefined
   }
 
-  private forgetOldNonces(now: number, window: number): void {
+  private forgetOldNonces(now: number): void {
     // Map iteration is insertion order, and nonces are inserted in time order.
     for (const [nonce, at] of this.seen) {
-      if (now - at <= 2 * window) break
+      if (now - at <= 2 * this.maxSkewMs) break
       this.seen.delete(nonce)
     }
   }

@@ -49,6 +49,7 @@
 import { readdirSync, readlinkSync } from 'node:fs'
 import { createRequire } from 'node:module'
 import { Socket, type SocketConstructorOpts } from 'node:net'
+import { messageOf } from '../errors.js'
 
 /** Any address (listen side). */
 export const VMADDR_CID_ANY = 0xffffffff
@@ -164,12 +165,10 @@ function decodeEvent(args: unknown[]): { name: string; value: unknown } {
   return { name: typeof second === 'string' ? second : '', value: third }
 }
 
-function errnoName(message: string): string | undefined {
-  return /\b(E[A-Z0-9]{2,})\b/.exec(message)?.[1]
-}
-
-function messageOf(value: unknown): string {
-  return value instanceof Error ? value.message : String(value)
+/** `prefix: <cause's message>`, coded with the errno name in that message: the addon reports errno only as text. */
+function vsockError(prefix: string, cause: unknown): VsockError {
+  const message = messageOf(cause)
+  return new VsockError(`${prefix}: ${message}`, /\b(E[A-Z0-9]{2,})\b/.exec(message)?.[1])
 }
 
 /** Hands a connected vsock fd to libuv: from here on the returned socket owns (and closes) it. */
@@ -229,8 +228,7 @@ function createAddonSocket(emit: Emit): { socket: AddonSocket; fd: number } {
     try {
       socket = new VsockSocket(emit)
     } catch (error) {
-      const message = messageOf(error)
-      throw new VsockError(`cannot create an AF_VSOCK socket: ${message}`, errnoName(message))
+      throw vsockError('cannot create an AF_VSOCK socket', error)
     }
     const created = [...socketFds()].filter(([fd, link]) => before.get(fd) !== link)
     if (created.length === 1) return { socket, fd: created[0]![0] }
@@ -296,8 +294,7 @@ export function connectVsock(options: { cid: number; port: number; timeoutMs?: n
       const { socket: addonSocket, fd } = created
       if (name === '_error') {
         closeQuietly(addonSocket)
-        const message = messageOf(value)
-        settle(() => reject(new VsockError(`vsock connect to ${target} failed: ${message}`, errnoName(message))))
+        settle(() => reject(vsockError(`vsock connect to ${target} failed`, value)))
         return
       }
       if (settled) {
@@ -322,8 +319,7 @@ export function connectVsock(options: { cid: number; port: number; timeoutMs?: n
       created.socket.connect(cid, port)
     } catch (error) {
       closeQuietly(created.socket)
-      const message = messageOf(error)
-      throw new VsockError(`vsock connect to ${target} failed: ${message}`, errnoName(message))
+      throw vsockError(`vsock connect to ${target} failed`, error)
     }
     if (timeoutMs !== undefined) {
       timer = setTimeout(() => {
@@ -369,8 +365,7 @@ function onAcceptorEvent(port: number, args: unknown[]): void {
     })
     active.onConnection(socket)
   } else if (name === '_error') {
-    const message = messageOf(value)
-    active?.onError?.(new VsockError(`vsock port ${port}: ${message}`, errnoName(message)))
+    active?.onError?.(vsockError(`vsock port ${port}`, value))
   }
 }
 
@@ -400,15 +395,13 @@ export async function listenVsock(options: {
     try {
       socket = new VsockSocket((...args) => onAcceptorEvent(port, args))
     } catch (error) {
-      const message = messageOf(error)
-      throw new VsockError(`cannot create an AF_VSOCK socket: ${message}`, errnoName(message))
+      throw vsockError('cannot create an AF_VSOCK socket', error)
     }
     try {
       socket.listen(port)
     } catch (error) {
       closeQuietly(socket)
-      const message = messageOf(error)
-      throw new VsockError(`cannot listen on vsock port ${port}: ${message}`, errnoName(message))
+      throw vsockError(`cannot listen on vsock port ${port}`, error)
     }
     acceptor = { socket, active: undefined }
     acceptors.set(port, acceptor)

@@ -97,12 +97,12 @@ describe('KeyCache transitions', () => {
     const { record, privateKey } = key()
     cache.setDek(dekCopy())
     cache.load(record)
-    expect(cache.cacheState('key-1')).toBe('COOL')
+    expect(cache.get('key-1')?.cacheState).toBe('COOL')
 
     const result = cache.acquire('key-1')
 
     expect(result).toEqual({ kind: 'ok', privateKey, grace: false })
-    expect(cache.cacheState('key-1')).toBe('WARM')
+    expect(cache.get('key-1')?.cacheState).toBe('WARM')
     expect(cache.stats()).toMatchObject({ refreshes: 1, inlineRefreshMs: { count: 1 } })
   })
 
@@ -124,7 +124,7 @@ describe('KeyCache transitions', () => {
     await cache.idle()
     expect(cache.stats().refreshes).toBe(1)
     expect(held).toEqual(zeros) // the replaced plaintext is wiped
-    expect(cache.cacheState('key-1')).toBe('WARM')
+    expect(cache.get('key-1')?.cacheState).toBe('WARM')
 
     advance(15 * minute - 1)
     expect(signingKey(cache.acquire('key-1'))).toEqual(privateKey)
@@ -140,14 +140,14 @@ describe('KeyCache transitions', () => {
     cache.addWarm({ record, privateKey: held })
 
     advance(16 * minute)
-    expect(cache.cacheState('key-1')).toBe('COOL')
+    expect(cache.get('key-1')?.cacheState).toBe('COOL')
     const refreshed = signingKey(cache.acquire('key-1'))
 
     expect(refreshed).toEqual(privateKey)
     expect(refreshed).not.toBe(held)
     expect(held).toEqual(zeros)
     expect(cache.stats()).toMatchObject({ refreshes: 1, inlineRefreshMs: { count: 1 } })
-    expect(cache.cacheState('key-1')).toBe('WARM')
+    expect(cache.get('key-1')?.cacheState).toBe('WARM')
   })
 
   it('counts an inline refresh that takes longer than its budget, and times each one', () => {
@@ -175,7 +175,7 @@ describe('KeyCache transitions', () => {
     for (let use = 0; use < 3; use++) expect(signingKey(cache.acquire('key-1'))).toBe(held)
     await cache.idle()
     expect(cache.stats().refreshes).toBe(0)
-    expect(cache.cacheState('key-1')).toBe('COOL')
+    expect(cache.get('key-1')?.cacheState).toBe('COOL')
 
     expect(signingKey(cache.acquire('key-1'))).toEqual(privateKey)
     expect(cache.stats().refreshes).toBe(1)
@@ -209,7 +209,7 @@ describe('KeyCache transitions', () => {
     cache.acquire('key-1')
 
     advance(60 * minute)
-    expect(cache.cacheState('key-1')).toBe('INVALID')
+    expect(cache.get('key-1')?.cacheState).toBe('INVALID')
     const answer = cache.acquire('key-1')
 
     expect(answer.kind).toBe('needs-unlock')
@@ -248,7 +248,7 @@ describe('KeyCache transitions', () => {
     expect(unlock.calls()).toBe(1)
     expect(cache.stats()).toMatchObject({ refreshes: 1, unlocks: 1 })
     advance(17 * minute) // past the first DEK's hard TTL and the key's: only a renewed DEK leaves it COOL
-    expect(cache.cacheState('key-1')).toBe('COOL')
+    expect(cache.get('key-1')?.cacheState).toBe('COOL')
   })
 
   it('starts a DEK renewal from an inline refresh too, when the DEK is past its soft TTL', async () => {
@@ -272,13 +272,13 @@ describe('KeyCache transitions', () => {
     expect(cache.acquire('key-1').kind).toBe('needs-unlock')
     await cache.idle()
     expect(cache.stats()).toMatchObject({ unlocks: 0, unlockFailures: 1 })
-    expect(cache.cacheState('key-1')).toBe('INVALID')
+    expect(cache.get('key-1')?.cacheState).toBe('INVALID')
 
     expect(cache.acquire('key-1').kind).toBe('needs-unlock')
     await cache.idle()
     expect(unlock.calls()).toBe(2)
     expect(cache.stats()).toMatchObject({ unlocks: 1, unlockFailures: 1 })
-    expect(cache.cacheState('key-1')).toBe('WARM')
+    expect(cache.get('key-1')?.cacheState).toBe('WARM')
   })
 
   it('throws SealingError, counted and audited, when a record will not open under the DEK', () => {
@@ -420,7 +420,7 @@ describe('KeyCache key lifecycle', () => {
     const { cache } = harness()
     expect(cache.acquire('missing')).toEqual({ kind: 'not-found' })
     expect(cache.get('missing')).toBeUndefined()
-    expect(cache.cacheState('missing')).toBeUndefined()
+    expect(cache.get('missing')?.cacheState).toBeUndefined()
     expect(cache.setState('missing', 'frozen')).toBe(false)
   })
 
@@ -447,11 +447,11 @@ describe('KeyCache wipes plaintext it drops', () => {
     cache.addWarm({ record, privateKey: held })
 
     cache.load({ ...record })
-    expect(cache.cacheState('key-1')).toBe('WARM')
+    expect(cache.get('key-1')?.cacheState).toBe('WARM')
     expect(held).not.toEqual(zeros)
 
     cache.load(key({ version: 2 }).record)
-    expect(cache.cacheState('key-1')).toBe('COOL')
+    expect(cache.get('key-1')?.cacheState).toBe('COOL')
     expect(held).toEqual(zeros)
   })
 
@@ -465,7 +465,7 @@ describe('KeyCache wipes plaintext it drops', () => {
     cache.tickPrewarm()
 
     expect(held).toEqual(zeros)
-    expect(cache.cacheState('key-1')).toBe('COOL')
+    expect(cache.get('key-1')?.cacheState).toBe('COOL')
   })
 
   it('when a DEK is replaced or passes its hard TTL', () => {
@@ -541,7 +541,7 @@ describe('KeyCache pre-warmer', () => {
     expect(cache.stats().unlocks).toBe(1)
 
     advance(10 * minute) // past the first DEK's hard TTL
-    expect(cache.cacheState('key-1')).toBe('COOL')
+    expect(cache.get('key-1')?.cacheState).toBe('COOL')
   })
 
   it('fetches a DEK before any request when keys are loaded and none is held, and not for an empty cache', async () => {
@@ -555,6 +555,6 @@ describe('KeyCache pre-warmer', () => {
     cache.tickPrewarm()
     await cache.idle()
     expect(unlock.calls()).toBe(1)
-    expect(cache.cacheState('key-1')).toBe('COOL')
+    expect(cache.get('key-1')?.cacheState).toBe('COOL')
   })
 })
