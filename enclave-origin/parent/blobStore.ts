@@ -27,7 +27,15 @@ export interface BlobStore {
 
 // ---------------------------------------------------------------- rules every store keeps
 
+/** Position is the disk log's code for a state: append new states, never reorder. */
 export const keyStates: readonly KeyState[] = ['active', 'frozen', 'archived']
+
+/** A state change or lookup for a key that was never put. */
+export class KeyNotStoredError extends Error {
+  constructor(keyId: string) {
+    super(`key ${keyId} is not stored`)
+  }
+}
 
 export function validateKeyId(keyId: string): void {
   if (typeof keyId !== 'string' || keyId.length === 0) throw new TypeError('keyId must be a non-empty string')
@@ -50,6 +58,18 @@ export function validateRecord(record: SealedKeyRecord): void {
   if (!(record.publicKey instanceof Uint8Array) || !(record.sealed instanceof Uint8Array)) {
     throw new TypeError(`key ${record.keyId}: publicKey and sealed must be Uint8Arrays`)
   }
+}
+
+/** A record may replace a stored one of the same or an older version, never a newer one. */
+export function assertNotOlder(record: SealedKeyRecord, storedVersion: number | undefined): void {
+  if (storedVersion !== undefined && record.version < storedVersion) {
+    throw new Error(`key ${record.keyId}: version ${record.version} is older than the stored version ${storedVersion}`)
+  }
+}
+
+export function validateDek(dek: WrappedDek): void {
+  validateKeyId(dek.keyId)
+  if (!(dek.ciphertext instanceof Uint8Array)) throw new TypeError('ciphertext must be a Uint8Array')
 }
 
 /** Callers get and give copies, so mutating a record never changes what the store holds. */

@@ -1,7 +1,12 @@
 import { mkdir, open, rename, rm } from 'node:fs/promises'
 import { dirname, join } from 'node:path'
+import { crc32 } from 'node:zlib'
+import { messageOf } from '../errors.js'
 import type { KeyState, SealedKeyRecord, WrappedDek } from '../types.js'
-import { copyDek, copyRecord, keyStates, validateKeyId, validateRecord, type BlobStore } from './blobStore.js'
+import { assertNotOlder, copyDek, copyRecord, KeyNotStoredError, keyStates, validateDek, validateRecord, validateState, type BlobStore } from './blobStore.js'
+
+/** zlib's CRC-32 (`crc32(b, crc32(a))` equals `crc32(a ‖ b)`), so other tools can check the log. */
+export { crc32 }
 
 /**
  * The embedded BlobStore: one append-only log file in `directory`, replayed
@@ -77,16 +82,13 @@ export async function openDiskBlobStore(options: DiskBlobStoreOptions): Promise<
     const recovered = await recoverIndex({ file, path, created })
     // A new log's directory entry is not durable until the directory is fsynced, however often the file is.
     if (recovered.headerWritten) await syncDirectory(fileSystem, directory)
-    const live = recovered.records.liveEntries()
-    if (recovered.frames >= compactAfterFrames && recovered.frames > 2 * live.length) {
-      await file.close()
-      try {
-        file = countingFile(await compact({ fileSystem, directory, live }), counters)
-        counters.compactedFrames = recovered.frames - live.length
-      } catch {
-        // Compaction is an optimisation: if it fails (a full disk, say), the old log is intact and still serves.
-        await rm(join(directory, COMPACTING_FILE_NAME), { force: true }).catch(() => {})
-        file = countingFile(await fileSystem.open(path, 'a+'), counters)
+    const live = recovered.records.liveCount()
+    if (recovered.frames >= compactAfterFrames && recovered.frames > 2 * live) {
+      const compacted = await compact({ fileSystem, directory, live: recovered.records.liveEntries() })
+      if (compacted) {
+        await file.close()
+        file = countingFile(compacted, counters)
+        counters.compactedFrames = recovered.frames - live
       }
     }
     return new GroupCommitStore({ file, index: recovered.records, counters, groupCommitMs, maxGroup })
@@ -96,20 +98,34 @@ export async function openDiskBlobStore(options: DiskBlobStoreOptions): Promise<
   }
 }
 
-/** Writes `live` as a new log, fsyncs it, renames it over the old one, fsyncs the directory, and opens it for appending. */
-async function compact(options: { fileSystem: BlobStoreFileSystem; directory: string; live: LogEntry[] }): Promise<LogFile> {
+/**
+ * Writes `live` as a new log, fsyncs it, renames it over the old one and
+ * fsyncs the directory; returns the new log open for appending. Returns
+ * undefined, leaving the old log as the log, if it fails before the rename.
+ */
+async function compact(options: { fileSystem: BlobStoreFileSystem; directory: string; live: LogEntry[] }): Promise<LogFile | undefined> {
   const { fileSystem, directory, live } = options
   const compacting = join(directory, COMPACTING_FILE_NAME)
-  const next = await fileSystem.open(compacting, 'ax+')
+  let next: LogFile | undefined
   try {
+    next = await fileSystem.open(compacting, 'ax+')
     await writeFully(next, Buffer.concat([LOG_MAGIC, ...live.map(encodeFrame)]))
     await next.sync()
-  } finally {
-    await next.close()
+    await rename(compacting, join(directory, LOG_FILE_NAME))
+  } catch {
+    // Compaction is an optimisation: if it fails (a full disk, say), the old log is intact and still serves.
+    await next?.close().catch(() => {})
+    await rm(compacting, { force: true }).catch(() => {})
+    return undefined
   }
-  await rename(compacting, join(directory, LOG_FILE_NAME))
-  await syncDirectory(fileSystem, directory)
-  return fileSystem.open(join(directory, LOG_FILE_NAME), 'a+')
+  try {
+    // Past the rename the new log is the log: if that cannot be made durable, the open fails rather than serve on.
+    await syncDirectory(fileSystem, directory)
+    return next
+  } catch (error) {
+    await next.close().catch(() => {})
+    throw error
+  }
 }
 
 // ---------------------------------------------------------------- the store
@@ -149,10 +165,7 @@ class GroupCommitStore implements DiskBlobStore {
 
   async put(record: SealedKeyRecord): Promise<void> {
     validateRecord(record)
-    const accepted = this.acceptedVersions.get(record.keyId)
-    if (accepted !== undefined && record.version < accepted) {
-      throw new Error(`key ${record.keyId}: version ${record.version} is older than the stored version ${accepted}`)
-    }
+    assertNotOlder(record, this.acceptedVersions.get(record.keyId))
     const durable = this.enqueue({ kind: 'put', record: copyRecord(record) })
     this.acceptedVersions.set(record.keyId, record.version)
     return durable
@@ -170,13 +183,13 @@ class GroupCommitStore implements DiskBlobStore {
   }
 
   async setState(keyId: string, state: KeyState): Promise<void> {
-    stateCode(state)
-    if (!this.acceptedVersions.has(keyId)) throw new Error(`key ${keyId} is not stored`)
+    validateState(state)
+    if (!this.acceptedVersions.has(keyId)) throw new KeyNotStoredError(keyId)
     return this.enqueue({ kind: 'state', keyId, state })
   }
 
   async putWrappedDek(dek: WrappedDek): Promise<void> {
-    validateKeyId(dek.keyId)
+    validateDek(dek)
     return this.enqueue({ kind: 'dek', dek: copyDek(dek) })
   }
 
@@ -251,7 +264,7 @@ class GroupCommitStore implements DiskBlobStore {
       await writeFully(this.file, Buffer.concat(group.map((write) => write.frame)))
       await this.file.sync()
     } catch (error) {
-      this.failure = new Error(`blob store write failed, reopen it to recover: ${errorMessage(error)}`, { cause: error })
+      this.failure = new Error(`blob store write failed, reopen it to recover: ${messageOf(error)}`, { cause: error })
       rejectAll(group, this.failure)
       rejectAll(this.queue.splice(0), this.failure)
       return
@@ -291,6 +304,10 @@ class RecordIndex {
 
   wrappedDek(): WrappedDek | undefined {
     return this.dek
+  }
+
+  liveCount(): number {
+    return this.records.size + (this.dek ? 1 : 0)
   }
 
   /** The fewest entries that rebuild this index: one put per key (with its current state) and the DEK. */
@@ -417,14 +434,9 @@ function countingFile(file: LogFile, counters: DiskBlobStoreStats): LogFile {
   }
 }
 
-function errorMessage(error: unknown): string {
-  return error instanceof Error ? error.message : String(error)
-}
-
 // ---------------------------------------------------------------- frame codec
 
 const ENTRY_KIND = { put: 1, state: 2, dek: 3 } as const
-/** Position is the on-disk code: append new states, never reorder. */
 
 function encodeFrame(entry: LogEntry): Buffer {
   const payload = encodeEntry(entry)
@@ -449,12 +461,13 @@ function encodeEntry(entry: LogEntry): Buffer {
     const { keyId, version, state, publicKey, sealed } = entry.record
     fields.string(keyId)
     fields.u32(version)
-    fields.u8(stateCode(state))
+    // Validated before it was queued, so always found.
+    fields.u8(keyStates.indexOf(state))
     fields.bytes(publicKey)
     fields.bytes(sealed)
   } else if (entry.kind === 'state') {
     fields.string(entry.keyId)
-    fields.u8(stateCode(entry.state))
+    fields.u8(keyStates.indexOf(entry.state))
   } else {
     fields.string(entry.dek.keyId)
     fields.bytes(entry.dek.ciphertext)
@@ -561,32 +574,4 @@ class FieldReader {
     this.position += length
     return part
   }
-}
-
-// ---------------------------------------------------------------- validation and copies
-
-function stateCode(state: KeyState): number {
-  const code = keyStates.indexOf(state)
-  if (code < 0) throw new TypeError(`unknown key state ${String(state)}`)
-  return code
-}
-
-// ---------------------------------------------------------------- CRC-32
-
-/** IEEE 802.3 (zlib's) CRC-32 table; node:zlib only gains crc32 in Node 22. */
-const CRC_TABLE = (() => {
-  const table = new Uint32Array(256)
-  for (let n = 0; n < 256; n++) {
-    let c = n
-    for (let k = 0; k < 8; k++) c = c & 1 ? 0xedb88320 ^ (c >>> 1) : c >>> 1
-    table[n] = c >>> 0
-  }
-  return table
-})()
-
-/** zlib-compatible: `crc32(b, crc32(a))` equals `crc32(a ‖ b)`. */
-export function crc32(bytes: Uint8Array, previous = 0): number {
-  let c = (previous ^ 0xffffffff) >>> 0
-  for (let i = 0; i < bytes.length; i++) c = CRC_TABLE[(c ^ bytes[i]!) & 0xff]! ^ (c >>> 8)
-  return (c ^ 0xffffffff) >>> 0
 }

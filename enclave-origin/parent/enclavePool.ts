@@ -86,38 +86,22 @@ export class EnclavePool {
   private opening: Array<Promise<EnclaveConnection> | undefined>
   private stopped = false
 
-  constructor(private readonly options: { address: EnclaveAddress; size: number; connectTimeoutMs?: number }) {
+  constructor(private readonly options: { address: EnclaveAddress; size: number }) {
     this.connections = Array.from({ length: options.size }, () => undefined)
     this.opening = Array.from({ length: options.size }, () => undefined)
   }
 
   private open(slot: number): Promise<EnclaveConnection> {
-    const address = this.options.address
-    if ('vsock' in address) {
-      this.opening[slot] ??= connectVsock({ ...address.vsock, timeoutMs: this.options.connectTimeoutMs ?? 2_000 })
-        .then((socket) => this.adopt(slot, socket))
-        .catch((error: Error) => {
+    this.opening[slot] ??= connectStream(this.options.address)
+      .then(
+        (socket) => this.adopt(slot, socket),
+        (error: Error) => {
           throw new EnclaveUnavailableError(`cannot connect to the enclave: ${error.message}`)
-        })
-        .finally(() => {
-          this.opening[slot] = undefined
-        })
-      return this.opening[slot]!
-    }
-    this.opening[slot] ??= new Promise<EnclaveConnection>((resolve, reject) => {
-      const socket = connect(this.options.address as never)
-      const timer = setTimeout(() => socket.destroy(new Error('connect timeout')), this.options.connectTimeoutMs ?? 2_000)
-      socket.once('connect', () => {
-        clearTimeout(timer)
-        resolve(this.adopt(slot, socket))
+        },
+      )
+      .finally(() => {
+        this.opening[slot] = undefined
       })
-      socket.once('error', (error) => {
-        clearTimeout(timer)
-        reject(new EnclaveUnavailableError(`cannot connect to the enclave: ${error.message}`))
-      })
-    }).finally(() => {
-      this.opening[slot] = undefined
-    })
     return this.opening[slot]!
   }
 
@@ -154,4 +138,23 @@ export class EnclavePool {
     this.stopped = true
     for (const connection of this.connections) connection?.close()
   }
+}
+
+const connectTimeoutMs = 2_000
+
+/** A connected stream to the enclave: vsock in an enclave, TCP or a Unix socket elsewhere. */
+function connectStream(address: EnclaveAddress): Promise<Socket> {
+  if ('vsock' in address) return connectVsock({ ...address.vsock, timeoutMs: connectTimeoutMs })
+  return new Promise<Socket>((resolve, reject) => {
+    const socket = connect(address)
+    const timer = setTimeout(() => socket.destroy(new Error('connect timeout')), connectTimeoutMs)
+    socket.once('connect', () => {
+      clearTimeout(timer)
+      resolve(socket)
+    })
+    socket.once('error', (error) => {
+      clearTimeout(timer)
+      reject(error)
+    })
+  })
 }

@@ -12,7 +12,6 @@ export type ParentApiOptions = {
   log: (fields: Record<string, unknown>) => void
   /** TLS, optionally requiring client certificates; plain HTTP on loopback otherwise. */
   tls?: { cert: string; key: string; ca?: string; requireClientCertificate?: boolean }
-  random?: () => number
 }
 
 const maxBodyBytes = 16 * 1024
@@ -23,10 +22,9 @@ const maxBodyBytes = 16 * 1024
  * probes needs an HMAC-signed request (stale or replayed ones are refused).
  */
 export function createParentApi(options: ParentApiOptions): Server {
-  const metrics = originMetrics(() => options.parent)
+  const metrics = originMetrics(options.parent)
   // Bound once: observing a labelled child skips hashing the labels on every sign.
   const phaseLatency = Object.fromEntries((['enclave', 'queue', 'rpc', 'total'] as const).map((phase) => [phase, metrics.signLatency.labels(phase)]))
-  const random = options.random ?? Math.random
 
   const send = (response: ServerResponse, status: number, body: unknown, headers: Record<string, string> = {}) => {
     const json = JSON.stringify(body)
@@ -104,7 +102,7 @@ export function createParentApi(options: ParentApiOptions): Server {
         if (error instanceof NeedsUnlockError) {
           metrics.needsUnlock.inc()
           // Jittered so a burst of callers does not come back at the same instant.
-          const retryAfterMs = Math.round(error.retryAfterMs * (0.75 + random() / 2))
+          const retryAfterMs = Math.round(error.retryAfterMs * (0.75 + Math.random() / 2))
           return send(response, 503, { error: 'needs_unlock', retryAfterMs }, { 'retry-after': '1', 'retry-after-ms': String(retryAfterMs) })
         }
         if (error instanceof OriginRequestError) {

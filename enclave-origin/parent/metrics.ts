@@ -6,7 +6,7 @@ import type { OriginParent } from './origin.js'
  * refreshes, batch sizes) arrive with each enclave's HEALTH answer and are
  * read at scrape time.
  */
-export function originMetrics(parent: () => OriginParent | undefined) {
+export function originMetrics(parent: OriginParent) {
   const registry = new Registry()
   const signLatency = new Histogram({
     name: 'origin_sign_latency_seconds',
@@ -22,14 +22,14 @@ export function originMetrics(parent: () => OriginParent | undefined) {
     help: 'Requests in flight to the enclaves.',
     registers: [registry],
     collect() {
-      this.set(parent()?.inflight ?? 0)
+      this.set(parent.inflight)
     },
   })
   // One HEALTH round trip per enclave per scrape, shared by the gauges below (each collects on its own).
   let snapshot: { at: number; health: ReturnType<OriginParent['health']> } | undefined
   const enclaveHealth = () => {
     const now = Date.now()
-    if (!snapshot || now - snapshot.at > 1_000) snapshot = { at: now, health: parent()?.health() ?? Promise.resolve([]) }
+    if (!snapshot || now - snapshot.at > 1_000) snapshot = { at: now, health: parent.health() }
     return snapshot.health
   }
   const enclaveGauge = (name: string, help: string, pick: (stats: Record<string, unknown>) => Record<string, number>) =>

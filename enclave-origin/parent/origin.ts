@@ -18,7 +18,7 @@ import {
   encodeUnlockRequest,
 } from '../protocol/messages.js'
 import type { CacheState, KeyState } from '../types.js'
-import type { BlobStore } from './blobStore.js'
+import { KeyNotStoredError, type BlobStore } from './blobStore.js'
 import { EnclavePool, type EnclaveAddress } from './enclavePool.js'
 import { HashRing } from './hashRing.js'
 
@@ -174,8 +174,9 @@ export class OriginParent {
 
   /** Durable first, then the enclave: a frozen key stays frozen across restarts. */
   async setState(keyId: string, state: KeyState): Promise<void> {
-    if (!(await this.options.store.get(keyId))) throw new OriginRequestError('not-found', `no key ${keyId}`)
-    await this.options.store.setState(keyId, state)
+    await this.options.store.setState(keyId, state).catch((error: unknown) => {
+      throw error instanceof KeyNotStoredError ? new OriginRequestError('not-found', `no key ${keyId}`) : error
+    })
     const enclave = this.ring.nodeFor(keyId)
     const frame = await this.call(enclave, opcodes.SET_STATE, encodeSetStateRequest({ keyId, state }))
     if (frame.status === statuses.NOT_FOUND) await this.reload(enclave, keyId)

@@ -1,6 +1,6 @@
 import { GetObjectCommand, ListObjectsV2Command, PutObjectCommand, type S3Client } from '@aws-sdk/client-s3'
 import type { KeyState, SealedKeyRecord, WrappedDek } from '../types.js'
-import { copyDek, copyRecord, isValidVersion, keyStates, validateKeyId, validateRecord, validateState, type BlobStore } from './blobStore.js'
+import { assertNotOlder, copyDek, copyRecord, isValidVersion, KeyNotStoredError, keyStates, validateDek, validateKeyId, validateRecord, validateState, type BlobStore } from './blobStore.js'
 
 /**
  * A BlobStore in an S3 bucket, for parents that should not keep the only copy
@@ -110,10 +110,7 @@ class S3Store implements S3BlobStore {
     const body = encodeRecord(copy)
     const objectName = this.keyObjectName(record.keyId)
     return this.write(`key:${record.keyId}`, async () => {
-      const stored = await this.loadRecord(copy.keyId)
-      if (stored !== undefined && copy.version < stored.version) {
-        throw new Error(`key ${copy.keyId}: version ${copy.version} is older than the stored version ${stored.version}`)
-      }
+      assertNotOlder(copy, (await this.loadRecord(copy.keyId))?.version)
       await this.writeRecord(objectName, copy, body)
     })
   }
@@ -155,7 +152,7 @@ class S3Store implements S3BlobStore {
     const objectName = this.keyObjectName(keyId)
     return this.write(`key:${keyId}`, async () => {
       const stored = await this.loadRecord(keyId)
-      if (stored === undefined) throw new Error(`key ${keyId} is not stored`)
+      if (stored === undefined) throw new KeyNotStoredError(keyId)
       // What is cached is durable already: nothing to write.
       if (stored.state === state) return
       const updated = { ...copyRecord(stored), state }
@@ -165,8 +162,7 @@ class S3Store implements S3BlobStore {
 
   async putWrappedDek(dek: WrappedDek): Promise<void> {
     this.assertOpen()
-    validateKeyId(dek.keyId)
-    if (!(dek.ciphertext instanceof Uint8Array)) throw new TypeError('ciphertext must be a Uint8Array')
+    validateDek(dek)
     const copy = copyDek(dek)
     const body = JSON.stringify({ format: FORMAT, keyId: copy.keyId, ciphertext: toBase64(copy.ciphertext) })
     const objectName = this.prefix + S3_DEK_OBJECT
@@ -454,6 +450,4 @@ function fromBase64(value: unknown, where: string, field: string): Uint8Array {
 function unreadable(where: string, reason: string): Error {
   return new Error(`S3 blob store: ${where} cannot be read (${reason})`)
 }
-
-// ---------------------------------------------------------------- validation and copies
 

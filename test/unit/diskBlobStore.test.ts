@@ -45,6 +45,31 @@ async function reopen(store: DiskBlobStore): Promise<DiskBlobStore> {
 
 const logPath = () => join(directory, LOG_FILE_NAME)
 
+/** Real files whose writes or fsyncs fail on demand; with `only`, just for the file of that name. */
+function faultyFileSystem(failing: { sync: boolean; write: boolean; only?: string }): BlobStoreFileSystem {
+  return {
+    async open(path, flags) {
+      const handle = await open(path, flags)
+      const faulty = failing.only === undefined || path.endsWith(failing.only)
+      const file: LogFile = {
+        read: (buffer, offset, length, position) => handle.read(buffer, offset, length, position),
+        write: async (buffer, offset, length) => {
+          if (faulty && failing.write) throw Object.assign(new Error('ENOSPC: no space left on device'), { code: 'ENOSPC' })
+          return handle.write(buffer, offset, length)
+        },
+        sync: async () => {
+          if (faulty && failing.sync) throw Object.assign(new Error('EIO: i/o error, fsync'), { code: 'EIO' })
+          return handle.sync()
+        },
+        truncate: (length) => handle.truncate(length),
+        stat: () => handle.stat(),
+        close: () => handle.close(),
+      }
+      return file
+    },
+  }
+}
+
 describe('crc32', () => {
   it('matches the standard check value, so other tools can verify the log', () => {
     expect(crc32(Buffer.from('123456789'))).toBe(0xcbf43926)
@@ -205,13 +230,7 @@ describe('compaction on open', () => {
     let store = await openStore()
     for (let round = 0; round < 30; round++) await store.put(sealedRecord(1, round + 1))
     await store.close()
-    const fileSystem: BlobStoreFileSystem = {
-      open: async (path, flags) => {
-        const file = (await open(path, flags)) as unknown as LogFile
-        if (!path.endsWith(COMPACTING_FILE_NAME)) return file
-        return { ...file, write: async () => Promise.reject(Object.assign(new Error('no space left on device'), { code: 'ENOSPC' })), close: () => file.close() } as LogFile
-      },
-    }
+    const fileSystem = faultyFileSystem({ sync: false, write: true, only: COMPACTING_FILE_NAME })
     store = await openDiskBlobStore({ directory, compactAfterFrames: 10, fileSystem })
     opened.push(store)
     expect(store.stats().compactedFrames).toBe(0)
@@ -220,6 +239,16 @@ describe('compaction on open', () => {
     store = await reopen(store)
     expect(await listAll(store)).toEqual([sealedRecord(1, 30), sealedRecord(2)])
     await expect(stat(join(directory, COMPACTING_FILE_NAME))).rejects.toThrow(/ENOENT/)
+  })
+
+  it('fails the open if the compacted log cannot be made durable after the rename, and the next open serves it', async () => {
+    let store = await openStore()
+    for (let round = 0; round < 30; round++) await store.put(sealedRecord(1, round + 1))
+    await store.close()
+    // Only the directory fsync that follows the rename fails.
+    await expect(openDiskBlobStore({ directory, compactAfterFrames: 10, fileSystem: faultyFileSystem({ sync: true, write: false, only: directory }) })).rejects.toThrow(/EIO/)
+    store = await openStore()
+    expect(await listAll(store)).toEqual([sealedRecord(1, 30)])
   })
 
   it('ignores and removes a half-written compaction left by a crash', async () => {
@@ -301,29 +330,6 @@ describe('torn and corrupt tails', () => {
 
 describe('failed writes', () => {
   /** The real file system, except that the log's sync or write fails once `failing` says so. */
-  function faultyFileSystem(failing: { sync: boolean; write: boolean }): BlobStoreFileSystem {
-    return {
-      async open(path, flags) {
-        const handle = await open(path, flags)
-        const file: LogFile = {
-          read: (buffer, offset, length, position) => handle.read(buffer, offset, length, position),
-          write: async (buffer, offset, length) => {
-            if (failing.write) throw Object.assign(new Error('ENOSPC: no space left on device'), { code: 'ENOSPC' })
-            return handle.write(buffer, offset, length)
-          },
-          sync: async () => {
-            if (failing.sync) throw Object.assign(new Error('EIO: i/o error, fsync'), { code: 'EIO' })
-            return handle.sync()
-          },
-          truncate: (length) => handle.truncate(length),
-          stat: () => handle.stat(),
-          close: () => handle.close(),
-        }
-        return file
-      },
-    }
-  }
-
   it('rejects every put waiting on a failed fsync, and every write after it', async () => {
     const failing = { sync: false, write: false }
     const store = await openStore({ fileSystem: faultyFileSystem(failing) })
