@@ -15,7 +15,7 @@ export const clockTicksPerSecond = (() => {
 export type ProcStat = { pid: number; ppid: number; comm: string; ticks: number }
 
 /** utime+stime of one process from /proc/<pid>/stat, or undefined if it is gone. */
-export function readStat(pid: number): ProcStat | undefined {
+function readStat(pid: number): ProcStat | undefined {
   let text: string
   try {
     text = readFileSync(`/proc/${pid}/stat`, 'utf8')

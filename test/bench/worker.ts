@@ -19,6 +19,7 @@
 import { createServer } from 'node:net'
 import os from 'node:os'
 import { performance } from 'node:perf_hooks'
+import { canonicalEntryPoints } from '../../worker/sponsor/entryPoints.js'
 import { anvilWellKnownKeys } from '../support/anvilKeys.js'
 import { rpcUserOperationV07 } from '../support/userOperations.js'
 import { startLocalKms, type LocalKms } from '../support/kmsServer.js'
@@ -26,7 +27,6 @@ import { clockTicksPerSecond, cpuMsByCommand, hostBusyTicks, percentile, process
 import { startWorker, type RunningWorker } from '../support/wranglerDev.js'
 import { wranglerProfileConfigs } from '../support/wranglerProfiles.js'
 
-const entryPointV07 = '0x0000000071727De22E5E9d8BAf0edAc6f37da032'
 const chainIdHex = '0x7a69' // 31337
 /**
  * Each scenario runs the Worker with its own signer configuration:
@@ -57,7 +57,7 @@ async function sendOne(url: string): Promise<Outcome> {
     jsonrpc: '2.0',
     id: ++nonce,
     method: 'pm_getPaymasterData',
-    params: [rpcUserOperationV07({ nonce: `0x${nonce.toString(16)}` }), entryPointV07, chainIdHex, {}],
+    params: [rpcUserOperationV07({ nonce: `0x${nonce.toString(16)}` }), canonicalEntryPoints['0.7'], chainIdHex, {}],
   })
   const start = performance.now()
   try {

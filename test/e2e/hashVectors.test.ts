@@ -1,27 +1,23 @@
 import { afterAll, beforeAll, expect, it } from 'vitest'
 import { concat } from 'viem'
 import { toPackedUserOperation, type UserOperation } from 'viem/account-abstraction'
-import { privateKeyToAddress } from 'viem/accounts'
 import { canonicalEntryPoints } from '../../worker/sponsor/entryPoints.js'
 import { operationModels } from '../../worker/sponsor/operationModels.js'
-import { entryPointAbis } from '../support/simpleAccount.js'
+import { entryPointAbis } from '../support/artifacts.js'
 import { rpcUserOperationV07 } from '../support/userOperations.js'
 import committed from '../vectors/paymasterHashes.json' with { type: 'json' }
-import { anvilWellKnownKeys } from '../support/anvilKeys.js'
-import { startAnvil, type Anvil } from '../support/anvil.js'
-import { clientsFor, deployDevnet, type Devnet } from '../support/devnet.js'
+import { clientsFor, startDevnet, type Devnet } from '../support/devnet.js'
 import { readHashVectors } from '../support/hashVectors.js'
 
-let anvil: Anvil
 let devnet: Devnet
+let stopDevnet: () => Promise<void>
 
 beforeAll(async () => {
-  anvil = await startAnvil({ port: 18547 })
-  devnet = await deployDevnet({ rpcUrl: anvil.rpcUrl, paymasterSigner: privateKeyToAddress(anvilWellKnownKeys.paymasterSigner) })
+  ;({ devnet, stop: stopDevnet } = await startDevnet({ port: 18547 }))
 })
 
 afterAll(async () => {
-  await anvil?.stop()
+  await stopDevnet?.()
 })
 
 it('the committed hash vectors are what the deployed contracts compute today', async () => {

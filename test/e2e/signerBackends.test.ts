@@ -2,12 +2,12 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import { getAddress } from 'viem'
 import { generatePrivateKey, privateKeyToAddress } from 'viem/accounts'
 import { anvilWellKnownKeys } from '../support/anvilKeys.js'
-import { startAnvil, type Anvil } from '../support/anvil.js'
-import { deployDevnet, devnetChainConfig, type Devnet } from '../support/devnet.js'
+import type { Anvil } from '../support/anvil.js'
+import { backendConfig } from '../support/backendConfig.js'
+import { devnetChainConfig, startDevnet, type Devnet } from '../support/devnet.js'
 import { prepareSponsored, signAndSubmit } from '../support/e2eFlow.js'
-import { startHttpSignerServer, type HttpSignerServer } from '../support/httpSignerServer.js'
-import { startLocalKms, type LocalKms } from '../support/kmsServer.js'
-import { startLocalVault, type LocalVault } from '../support/vaultServer.js'
+import { startHttpSignerServer } from '../support/httpSignerServer.js'
+import { startKeyServers, type KeyServers } from '../support/keyServers.js'
 import { startWorker } from '../support/wranglerDev.js'
 
 /**
@@ -19,35 +19,20 @@ import { startWorker } from '../support/wranglerDev.js'
 
 let anvil: Anvil
 let devnet: Devnet
-let kms: LocalKms
-let vault: LocalVault
-let http: HttpSignerServer
+let stopDevnet: () => Promise<void>
+let keyServers: KeyServers
 let backends: Record<string, Record<string, unknown>>
 let secrets: Record<string, string>
 
 beforeAll(async () => {
-  anvil = await startAnvil({ port: 18548 })
-  devnet = await deployDevnet({ rpcUrl: anvil.rpcUrl, paymasterSigner: privateKeyToAddress(anvilWellKnownKeys.paymasterSigner) })
-  kms = await startLocalKms({ port: 18641 })
-  vault = await startLocalVault({ port: 18642 })
-  vault.putSecret('secret/paymaster/signer', { private_key: anvilWellKnownKeys.paymasterSigner })
-  http = await startHttpSignerServer({ port: 18643, privateKey: anvilWellKnownKeys.paymasterSigner })
-  backends = {
-    kms: { kind: 'aws-kms', keyId: kms.createKey({ privateKey: anvilWellKnownKeys.paymasterSigner }), region: kms.credentials.region, endpoint: kms.url },
-    vault: { kind: 'vault', url: vault.url, path: 'paymaster/signer' },
-    http: { kind: 'http', url: http.url, keyId: http.keyId, address: privateKeyToAddress(anvilWellKnownKeys.paymasterSigner) },
-  }
-  secrets = {
-    AWS_ACCESS_KEY_ID: kms.credentials.accessKeyId,
-    AWS_SECRET_ACCESS_KEY: kms.credentials.secretAccessKey,
-    VAULT_TOKEN: vault.rootToken,
-    SIGNER_TOKEN: http.token,
-  }
+  ;({ anvil, devnet, stop: stopDevnet } = await startDevnet({ port: 18548 }))
+  keyServers = await startKeyServers({ privateKey: anvilWellKnownKeys.paymasterSigner, ports: { kms: 18641, vault: 18642, http: 18643 } })
+  ;({ backends, secrets } = backendConfig(keyServers.servers))
 })
 
 afterAll(async () => {
-  await Promise.all([kms?.stop(), vault?.stop(), http?.stop()])
-  await anvil?.stop()
+  await keyServers?.stop()
+  await stopDevnet?.()
 })
 
 async function withWorker<T>(port: number, config: Record<string, unknown>, use: (url: string) => Promise<T>): Promise<T> {
@@ -74,7 +59,7 @@ describe('sponsorships signed by each backend are accepted by handleOps', () => 
   })
 
   it('a dead KMS primary: the Vault backup signs and the chain accepts it', async () => {
-    kms.setFault('internal-error')
+    keyServers.kms.setFault('internal-error')
     try {
       const config = {
         chains: [devnetChainConfig(devnet, 'eth-infinitism-verifying')],
@@ -86,7 +71,7 @@ describe('sponsorships signed by each backend are accepted by handleOps', () => 
         expect(event.args).toMatchObject({ success: true, paymaster: getAddress(devnet.verifyingPaymasterV07) })
       })
     } finally {
-      kms.setFault('none')
+      keyServers.kms.setFault('none')
     }
   })
 })

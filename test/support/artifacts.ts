@@ -2,17 +2,21 @@ import { createRequire } from 'node:module'
 import path from 'node:path'
 import { pathToFileURL } from 'node:url'
 import type { Abi, Address, Hex } from 'viem'
+import { entryPoint06Abi, entryPoint07Abi, entryPoint08Abi } from 'viem/account-abstraction'
 import type { EntryPointVersion } from '../../config/schema.js'
 
 /**
  * Contract artifacts straight from their npm packages: eth-infinitism's
  * @account-abstraction/contracts 0.6.0/0.7.0/0.8.0 (installed as ep06/ep07/ep08)
  * and Pimlico's SingletonPaymaster init code from @pimlico/mock-paymaster.
+ * The EntryPoint ABIs are viem's: typed, unlike the JSON artifacts.
  */
 
 const require = createRequire(import.meta.url)
 
 export type Artifact = { abi: Abi; bytecode: Hex }
+
+export const entryPointAbis = { '0.6': entryPoint06Abi, '0.7': entryPoint07Abi, '0.8': entryPoint08Abi } as const
 
 const packageOf: Record<EntryPointVersion, string> = { '0.6': 'ep06', '0.7': 'ep07', '0.8': 'ep08' }
 
@@ -46,3 +50,19 @@ export const singletonPaymasterAbi = [
   { type: 'function', name: 'deposit', stateMutability: 'payable', inputs: [], outputs: [] },
   { type: 'function', name: 'getDeposit', stateMutability: 'view', inputs: [], outputs: [{ type: 'uint256' }] },
 ] as const
+
+/** Pimlico's getHash(uint8 mode, userOp) with the userOp tuple of the EntryPoint version. */
+export function singletonGetHashAbi(version: EntryPointVersion) {
+  const userOpType = (entryPointAbis[version] as readonly { type: string; name?: string; inputs?: readonly { components?: unknown }[] }[]).find(
+    (item) => item.type === 'function' && item.name === 'getUserOpHash',
+  )!.inputs![0]!
+  return [
+    {
+      type: 'function',
+      name: 'getHash',
+      stateMutability: 'view',
+      inputs: [{ name: 'mode', type: 'uint8' }, { ...userOpType, name: 'userOp' }],
+      outputs: [{ type: 'bytes32' }],
+    },
+  ] as const
+}

@@ -1,10 +1,10 @@
 import { createServer } from 'node:http'
-import type { Socket } from 'node:net'
-import { generatePrivateKey, privateKeyToAddress } from 'viem/accounts'
+import { generatePrivateKey } from 'viem/accounts'
 import type { TestProject } from 'vitest/node'
-import { startHttpSignerServer } from './httpSignerServer.js'
-import { startLocalKms, type KmsFault } from './kmsServer.js'
-import { startLocalVault } from './vaultServer.js'
+import type { KeyServerInfo } from './backendConfig.js'
+import { startKeyServers } from './keyServers.js'
+import type { KmsFault } from './kmsServer.js'
+import { listenLocal, readBody } from './localHttp.js'
 
 /**
  * For the workerd tests: the local KMS, Vault and HTTP key servers (real
@@ -13,13 +13,7 @@ import { startLocalVault } from './vaultServer.js'
  * since they cannot reach these Node objects directly.
  */
 
-export type BackendServers = {
-  address: `0x${string}`
-  kms: { url: string; keyId: string; accessKeyId: string; secretAccessKey: string; region: string }
-  vault: { url: string; token: string }
-  http: { url: string; token: string; keyId: string }
-  controlUrl: string
-}
+export type BackendServers = KeyServerInfo & { controlUrl: string }
 
 declare module 'vitest' {
   export interface ProvidedContext {
@@ -28,31 +22,18 @@ declare module 'vitest' {
 }
 
 export default async function setup(project: TestProject) {
-  const key = generatePrivateKey()
-  const kms = await startLocalKms({ port: 18611 })
-  const kmsKeyId = kms.createKey({ privateKey: key })
-  const vault = await startLocalVault({ port: 18612 })
-  vault.putSecret('secret/paymaster/signer', { private_key: key })
-  const http = await startHttpSignerServer({ port: 18613, privateKey: key })
+  const keyServers = await startKeyServers({ privateKey: generatePrivateKey(), ports: { kms: 18611, vault: 18612, http: 18613 } })
+  const { kms, http } = keyServers
 
-  const sockets = new Set<Socket>()
   const control = createServer(async (request, response) => {
-    const chunks: Buffer[] = []
-    for await (const chunk of request) chunks.push(chunk as Buffer)
-    const body = JSON.parse(Buffer.concat(chunks).toString('utf8') || '{}') as Record<string, string>
+    const body = JSON.parse((await readBody(request)).toString('utf8') || '{}') as Record<string, string>
     let answer: unknown = { ok: true }
     switch (request.url) {
       case '/kms/fault':
-        kms.setFault(body.fault as KmsFault, body.keyId)
+        kms.setFault(body.fault as KmsFault)
         break
       case '/kms/keys':
         answer = { keyId: kms.createKey({ keySpec: body.keySpec as 'ECC_SECG_P256K1' | 'ECC_NIST_P256' }) }
-        break
-      case '/vault/seal':
-        vault.seal()
-        break
-      case '/vault/unseal':
-        vault.unseal()
         break
       case '/http/fault':
         http.fault = body.fault as typeof http.fault
@@ -62,7 +43,6 @@ export default async function setup(project: TestProject) {
         break
       case '/reset':
         kms.setFault('none')
-        vault.unseal()
         http.fault = 'none'
         http.format = 'hex65'
         break
@@ -72,23 +52,12 @@ export default async function setup(project: TestProject) {
     }
     response.writeHead(200, { 'content-type': 'application/json' }).end(JSON.stringify(answer))
   })
-  control.on('connection', (socket) => {
-    sockets.add(socket)
-    socket.on('close', () => sockets.delete(socket))
-  })
-  await new Promise<void>((resolve) => control.listen(18614, '127.0.0.1', resolve))
+  const stopControl = await listenLocal(control, 18614)
 
-  project.provide('backendServers', {
-    address: privateKeyToAddress(key),
-    kms: { url: kms.url, keyId: kmsKeyId, ...kms.credentials },
-    vault: { url: vault.url, token: vault.rootToken },
-    http: { url: http.url, token: http.token, keyId: http.keyId },
-    controlUrl: 'http://127.0.0.1:18614',
-  })
+  project.provide('backendServers', { ...keyServers.servers, controlUrl: 'http://127.0.0.1:18614' })
 
   return async () => {
-    for (const socket of sockets) socket.destroy()
-    await new Promise((resolve) => control.close(resolve))
-    await Promise.all([kms.stop(), vault.stop(), http.stop()])
+    await stopControl()
+    await keyServers.stop()
   }
 }

@@ -14,6 +14,7 @@ import { privateKeyToAccount, privateKeyToAddress } from 'viem/accounts'
 import { foundry } from 'viem/chains'
 import type { EntryPointVersion } from '../../config/schema.js'
 import { canonicalEntryPoints } from '../../worker/sponsor/entryPoints.js'
+import { startAnvil, type Anvil } from './anvil.js'
 import { anvilWellKnownKeys } from './anvilKeys.js'
 import { artifact, singletonPaymasterAbi, singletonPaymasterInitCode } from './artifacts.js'
 
@@ -139,6 +140,18 @@ export async function deployDevnet(options: { rpcUrl: string; paymasterSigner: A
     singletonPaymasters,
     verifyingPaymasterV07,
     paymasterSigner: options.paymasterSigner,
+  }
+}
+
+/** A fresh anvil chain on `port` with the devnet deployed, its paymasters authorising the well-known anvil key #1. */
+export async function startDevnet(options: { port: number }): Promise<{ anvil: Anvil; devnet: Devnet; stop(): Promise<void> }> {
+  const anvil = await startAnvil({ port: options.port })
+  try {
+    const devnet = await deployDevnet({ rpcUrl: anvil.rpcUrl, paymasterSigner: privateKeyToAddress(anvilWellKnownKeys.paymasterSigner) })
+    return { anvil, devnet, stop: () => anvil.stop() }
+  } catch (error) {
+    await anvil.stop()
+    throw error
   }
 }
 

@@ -18,12 +18,11 @@ import {
 import { generatePrivateKey, privateKeyToAccount } from 'viem/accounts'
 import type { EntryPointVersion } from '../../config/schema.js'
 import { canonicalEntryPoints } from '../../worker/sponsor/entryPoints.js'
-import { privateKeyToAddress } from 'viem/accounts'
 import { anvilWellKnownKeys } from './anvilKeys.js'
-import { startAnvil } from './anvil.js'
-import { clientsFor, deployDevnet, devnetChainConfig, type Devnet } from './devnet.js'
+import { clientsFor, devnetChainConfig, startDevnet, type Devnet } from './devnet.js'
 import { startWorker } from './wranglerDev.js'
-import { entryPointAbis, toSimpleAccount } from './simpleAccount.js'
+import { entryPointAbis } from './artifacts.js'
+import { toSimpleAccount } from './simpleAccount.js'
 
 /**
  * A wallet's sponsored flow on the devnet: a fresh SimpleAccount with 0 ETH
@@ -138,9 +137,8 @@ export async function startDevnetAndWorker(options: {
   workerPort: number
   family: 'pimlico-singleton' | 'eth-infinitism-verifying'
 }) {
-  const anvil = await startAnvil({ port: options.anvilPort })
+  const { devnet, stop: stopDevnet } = await startDevnet({ port: options.anvilPort })
   try {
-    const devnet = await deployDevnet({ rpcUrl: anvil.rpcUrl, paymasterSigner: privateKeyToAddress(anvilWellKnownKeys.paymasterSigner) })
     const worker = await startWorker({
       port: options.workerPort,
       vars: {
@@ -153,11 +151,11 @@ export async function startDevnetAndWorker(options: {
       worker,
       stop: async () => {
         await worker.stop()
-        await anvil.stop()
+        await stopDevnet()
       },
     }
   } catch (error) {
-    await anvil.stop()
+    await stopDevnet()
     throw error
   }
 }

@@ -2,9 +2,8 @@ import { concat, encodePacked, encodeAbiParameters, type Address, type Hex } fro
 import { toPackedUserOperation, type UserOperation } from 'viem/account-abstraction'
 import type { EntryPointVersion, PaymasterContract } from '../../config/schema.js'
 import { canonicalEntryPoints } from '../../worker/sponsor/entryPoints.js'
-import { artifact } from './artifacts.js'
+import { artifact, entryPointAbis, singletonGetHashAbi } from './artifacts.js'
 import { clientsFor, type Devnet } from './devnet.js'
-import { entryPointAbis } from './simpleAccount.js'
 
 /**
  * Hash vectors read from the deployed contracts: for varied UserOperations,
@@ -98,20 +97,4 @@ export async function readHashVectors(devnet: Devnet): Promise<HashVector[]> {
     }
   }
   return vectors
-}
-
-/** Pimlico's getHash(uint8 mode, userOp) with the userOp tuple of the EntryPoint version. */
-export function singletonGetHashAbi(version: EntryPointVersion) {
-  const userOpType = (entryPointAbis[version] as readonly { type: string; name?: string; inputs?: readonly { components?: unknown }[] }[]).find(
-    (item) => item.type === 'function' && item.name === 'getUserOpHash',
-  )!.inputs![0]!
-  return [
-    {
-      type: 'function',
-      name: 'getHash',
-      stateMutability: 'view',
-      inputs: [{ name: 'mode', type: 'uint8' }, { ...userOpType, name: 'userOp' }],
-      outputs: [{ type: 'bytes32' }],
-    },
-  ] as const
 }

@@ -1,7 +1,7 @@
 import { createServer, type IncomingMessage, type ServerResponse } from 'node:http'
-import type { Socket } from 'node:net'
 import { secp256k1 } from '@noble/curves/secp256k1'
 import { bytesToHex, hexToBytes, type Hex } from 'viem'
+import { listenLocal, readBody } from './localHttp.js'
 
 /**
  * A team's own key server, as the `http` backend expects one (Keyless-style
@@ -21,19 +21,13 @@ export type HttpSignerServer = {
 }
 
 export async function startHttpSignerServer(options: { port: number; privateKey: Hex; keyId?: string }): Promise<HttpSignerServer> {
-  const sockets = new Set<Socket>()
-  const state: HttpSignerServer = {
+  const state: Omit<HttpSignerServer, 'stop'> = {
     url: `http://127.0.0.1:${options.port}`,
     token: `test-bearer-${bytesToHex(crypto.getRandomValues(new Uint8Array(8))).slice(2)}`,
     keyId: options.keyId ?? 'paymaster-key',
     format: 'hex65',
     fault: 'none',
     calls: 0,
-    stop: () =>
-      new Promise((resolve) => {
-        for (const socket of sockets) socket.destroy()
-        server.close(() => resolve())
-      }),
   }
 
   const reply = (response: ServerResponse, status: number, body: unknown) => {
@@ -41,11 +35,10 @@ export async function startHttpSignerServer(options: { port: number; privateKey:
   }
 
   const handle = async (request: IncomingMessage, response: ServerResponse) => {
-    const chunks: Buffer[] = []
-    for await (const chunk of request) chunks.push(chunk as Buffer)
+    const raw = await readBody(request)
     if (request.headers.authorization !== `Bearer ${state.token}`) return reply(response, 401, { error: 'unauthorized' })
     if (state.fault === 'down') return reply(response, 503, { error: 'key server unavailable' })
-    const body = JSON.parse(Buffer.concat(chunks).toString('utf8') || '{}') as { key_id?: string; algorithm?: string; data?: string }
+    const body = JSON.parse(raw.toString('utf8') || '{}') as { key_id?: string; algorithm?: string; data?: string }
     if (body.key_id !== state.keyId) return reply(response, 404, { error: 'unknown key' })
     if (request.url === '/health') return reply(response, 200, { ok: true, key_id: state.keyId })
     if (request.url !== '/sign' || request.method !== 'POST') return reply(response, 404, { error: 'not found' })
@@ -64,10 +57,6 @@ export async function startHttpSignerServer(options: { port: number; privateKey:
   const server = createServer((request, response) => {
     handle(request, response).catch(() => reply(response, 500, { error: 'internal' }))
   })
-  server.on('connection', (socket) => {
-    sockets.add(socket)
-    socket.on('close', () => sockets.delete(socket))
-  })
-  await new Promise<void>((resolve) => server.listen(options.port, '127.0.0.1', resolve))
-  return state
+  // The same object the handler reads, so a test's changes to format and fault take effect.
+  return Object.assign(state, { stop: await listenLocal(server, options.port) })
 }

@@ -11,9 +11,9 @@
  */
 import { createCipheriv, createDecipheriv, createHash, createHmac, randomBytes, randomUUID, timingSafeEqual } from 'node:crypto'
 import { createServer, type IncomingMessage, type ServerResponse } from 'node:http'
-import type { Socket } from 'node:net'
 import { p256 } from '@noble/curves/p256'
 import { secp256k1 } from '@noble/curves/secp256k1'
+import { listenLocal, readBody } from './localHttp.js'
 
 export type KmsFault = 'none' | 'throttle' | 'internal-error' | 'hang' | 'access-denied' | 'high-s' | 'wrong-key'
 export type LocalKms = {
@@ -21,6 +21,8 @@ export type LocalKms = {
   credentials: { accessKeyId: string; secretAccessKey: string; region: string }
   /** Creates a secp256k1 signing key (KeySpec ECC_SECG_P256K1), or imports the given 32-byte private key (hex) — "imported key material". Returns the KeyId (a UUID) */
   createKey(options?: { privateKey?: `0x${string}`; keySpec?: 'ECC_SECG_P256K1' | 'ECC_NIST_P256' }): string
+  /** Creates a SYMMETRIC_DEFAULT (ENCRYPT_DECRYPT) key, as CreateKey does by default. Returns the KeyId */
+  createSymmetricKey(): string
   /** Sets a fault for every key (or one keyId): subsequent Sign (and GetPublicKey for access-denied/throttle/internal-error/hang) calls misbehave accordingly. */
   setFault(fault: KmsFault, keyId?: string): void
   /** Counts of requests per operation, for assertions. */
@@ -112,9 +114,9 @@ export async function startLocalKms(options: { port: number; accessKeyId?: strin
   const faults = new Map<string, KmsFault>()
   let globalFault: KmsFault = 'none'
   const calls: Record<string, number> = {}
-  const sockets = new Set<Socket>()
 
   const arn = (id: string) => `arn:aws:kms:${credentials.region}:${ACCOUNT}:key/${id}`
+  const idOf = (keyIdOrArn: string) => (keyIdOrArn.startsWith('arn:') ? keyIdOrArn.slice(keyIdOrArn.lastIndexOf('key/') + 4) : keyIdOrArn)
   const str = (input: Input, field: string): string => {
     const v = input[field]
     if (typeof v !== 'string' || v === '') throw new KmsError('ValidationException', `1 validation error detected: Value at '${field}' failed to satisfy constraint: Member must not be null`)
@@ -122,7 +124,7 @@ export async function startLocalKms(options: { port: number; accessKeyId?: strin
   }
   const blob = (input: Input, field: string): Buffer => Buffer.from(str(input, field), 'base64')
   const findKey = (keyIdOrArn: string): KeyRecord => {
-    const id = keyIdOrArn.startsWith('arn:') ? keyIdOrArn.slice(keyIdOrArn.lastIndexOf('key/') + 4) : keyIdOrArn
+    const id = idOf(keyIdOrArn)
     const key = keys.get(id)
     if (!key || (keyIdOrArn.startsWith('arn:') && keyIdOrArn !== arn(id))) throw new KmsError('NotFoundException', `Key '${arn(id)}' does not exist`)
     return key
@@ -171,14 +173,14 @@ export async function startLocalKms(options: { port: number; accessKeyId?: strin
   const addKey = (record: KeyRecord): KeyRecord => (keys.set(record.id, record), record)
   const newEcKey = (spec: EcSpec, privateKey?: Uint8Array) =>
     addKey({ id: randomUUID(), created: Math.floor(Date.now() / 1000), spec, usage: 'SIGN_VERIFY', origin: privateKey ? 'EXTERNAL' : 'AWS_KMS', privateKey: privateKey ?? CURVES[spec].curve.utils.randomPrivateKey() })
+  const newSymmetricKey = () =>
+    addKey({ id: randomUUID(), created: Math.floor(Date.now() / 1000), spec: 'SYMMETRIC_DEFAULT', usage: 'ENCRYPT_DECRYPT', origin: 'AWS_KMS', secret: randomBytes(32) })
 
   const operations: Record<string, (input: Input) => object | typeof HANG> = {
     CreateKey(input) {
       const spec = input.KeySpec ?? input.CustomerMasterKeySpec ?? 'SYMMETRIC_DEFAULT'
       if ((input.Origin ?? 'AWS_KMS') !== 'AWS_KMS') throw new KmsError('UnsupportedOperationException', 'Only Origin AWS_KMS is supported by this local KMS.')
-      if (spec === 'SYMMETRIC_DEFAULT' && (input.KeyUsage ?? 'ENCRYPT_DECRYPT') === 'ENCRYPT_DECRYPT') {
-        return { KeyMetadata: metadata(addKey({ id: randomUUID(), created: Math.floor(Date.now() / 1000), spec, usage: 'ENCRYPT_DECRYPT', origin: 'AWS_KMS', secret: randomBytes(32) })) }
-      }
+      if (spec === 'SYMMETRIC_DEFAULT' && (input.KeyUsage ?? 'ENCRYPT_DECRYPT') === 'ENCRYPT_DECRYPT') return { KeyMetadata: metadata(newSymmetricKey()) }
       if ((spec === 'ECC_SECG_P256K1' || spec === 'ECC_NIST_P256') && input.KeyUsage === 'SIGN_VERIFY') return { KeyMetadata: metadata(newEcKey(spec)) }
       throw new KmsError('ValidationException', `Unsupported KeySpec/KeyUsage combination: ${String(spec)}/${String(input.KeyUsage)}`)
     },
@@ -226,9 +228,7 @@ export async function startLocalKms(options: { port: number; accessKeyId?: strin
     res.end(json)
   }
   const handle = async (req: IncomingMessage, res: ServerResponse) => {
-    const chunks: Buffer[] = []
-    for await (const chunk of req) chunks.push(chunk as Buffer)
-    const body = Buffer.concat(chunks)
+    const body = await readBody(req)
     const target = headerOf(req, 'x-amz-target') ?? ''
     const op = target.startsWith('TrentService.') ? target.slice('TrentService.'.length) : target || '(none)'
     calls[op] = (calls[op] ?? 0) + 1
@@ -245,7 +245,7 @@ export async function startLocalKms(options: { port: number; accessKeyId?: strin
       }
       if (typeof input !== 'object' || input === null || Array.isArray(input)) throw new KmsError('SerializationException', 'Request body must be a JSON object')
       const result = operation(input as Input)
-      if (result !== HANG) send(res, 200, result) // on HANG: never answer; stop() destroys the socket.
+      if (result !== HANG) send(res, 200, result) // on HANG: never answer; stop() closes the connection.
     } catch (e) {
       if (e instanceof KmsError) send(res, e.status, { __type: e.type, message: e.message })
       else send(res, 500, { __type: 'KMSInternalException', message: e instanceof Error ? e.message : String(e) })
@@ -253,14 +253,7 @@ export async function startLocalKms(options: { port: number; accessKeyId?: strin
   }
 
   const server = createServer((req, res) => void handle(req, res).catch(() => res.destroy()))
-  server.on('connection', (socket) => {
-    sockets.add(socket)
-    socket.on('close', () => sockets.delete(socket))
-  })
-  await new Promise<void>((resolve, reject) => {
-    server.once('error', reject)
-    server.listen(options.port, '127.0.0.1', () => (server.off('error', reject), resolve()))
-  })
+  const stop = await listenLocal(server, options.port)
 
   return {
     url: `http://127.0.0.1:${options.port}`,
@@ -273,17 +266,13 @@ export async function startLocalKms(options: { port: number; accessKeyId?: strin
       if (!/^0x[0-9a-fA-F]{64}$/.test(opts.privateKey) || !CURVES[spec].curve.utils.isValidPrivateKey(material)) throw new Error(`createKey: not a valid ${spec} private key`)
       return newEcKey(spec, new Uint8Array(material)).id
     },
+    createSymmetricKey: () => newSymmetricKey().id,
     setFault(f, keyId) {
       if (keyId === undefined) {
         globalFault = f
         faults.clear()
-      } else faults.set(keyId.startsWith('arn:') ? keyId.slice(keyId.lastIndexOf('key/') + 4) : keyId, f)
+      } else faults.set(idOf(keyId), f)
     },
-    stop: () =>
-      new Promise<void>((resolve, reject) => {
-        server.close((err) => (err ? reject(err) : resolve()))
-        server.closeAllConnections()
-        for (const socket of sockets) socket.destroy()
-      }),
+    stop,
   }
 }

@@ -1,5 +1,4 @@
 import { spawn, type ChildProcess } from 'node:child_process'
-import { CreateKeyCommand, KMSClient } from '@aws-sdk/client-kms'
 import { signRequest } from '../../enclave-origin/protocol/requestSigning.js'
 import { stopProcess } from './anvil.js'
 import type { LocalKms } from './kmsServer.js'
@@ -13,10 +12,9 @@ import type { LocalKms } from './kmsServer.js'
 
 export const originHmac = { keyId: 'worker', secret: 'hmac-secret-made-for-tests' }
 
+/** The KMS key that wraps the enclave's data key. */
 export async function symmetricKmsKey(kms: LocalKms): Promise<string> {
-  const client = new KMSClient({ region: kms.credentials.region, endpoint: kms.url, credentials: kms.credentials })
-  const { KeyMetadata } = await client.send(new CreateKeyCommand({ KeySpec: 'SYMMETRIC_DEFAULT', KeyUsage: 'ENCRYPT_DECRYPT' }))
-  return KeyMetadata!.KeyId!
+  return kms.createSymmetricKey()
 }
 
 /** ORIGIN_NODE_FLAGS (space-separated) go to node for both processes, e.g. `--cpu-prof` or `--trace-gc` when profiling a benchmark. */
@@ -46,8 +44,6 @@ export type Origin = {
   /** SIGKILL, resolved once the process is gone. */
   kill(which: 'enclave' | 'parent'): Promise<void>
   pids(): { enclave?: number; parent?: number }
-  /** What each process printed since it last started (for diagnosing a failure). */
-  logs(): Record<string, string>
   stop(): Promise<void>
   request(method: 'GET' | 'POST', path: string, body?: unknown): Promise<{ status: number; body: Record<string, unknown>; headers: Headers }>
 }
@@ -97,7 +93,6 @@ export async function startOrigin(options: { kms: LocalKms; kmsKeyId: string; en
         child.kill('SIGKILL')
       }),
     pids: () => ({ enclave: children.enclave?.pid, parent: children.parent?.pid }),
-    logs: () => ({ ...outputs }),
     stop: async () => {
       await Promise.all(Object.values(children).map((child) => child && stopProcess(child)))
     },

@@ -1,15 +1,8 @@
 import { encodeFunctionData, type Address, type Hex, type LocalAccount, type PublicClient } from 'viem'
-import {
-  entryPoint06Abi,
-  entryPoint07Abi,
-  entryPoint08Abi,
-  getUserOperationHash,
-  toSmartAccount,
-  type UserOperation,
-} from 'viem/account-abstraction'
+import { getUserOperationHash, toSmartAccount, type UserOperation } from 'viem/account-abstraction'
 import type { EntryPointVersion } from '../../config/schema.js'
 import { canonicalEntryPoints } from '../../worker/sponsor/entryPoints.js'
-import { artifact } from './artifacts.js'
+import { artifact, entryPointAbis } from './artifacts.js'
 
 /**
  * eth-infinitism's SimpleAccount as a viem smart account (viem ships no
@@ -17,8 +10,6 @@ import { artifact } from './artifacts.js'
  * executing single calls, signing the userOpHash with EIP-191 on v0.6/v0.7
  * and the raw EIP-712 hash on v0.8, as the contracts verify.
  */
-
-export const entryPointAbis = { '0.6': entryPoint06Abi, '0.7': entryPoint07Abi, '0.8': entryPoint08Abi } as const
 
 /** 65 bytes that the account's ECDSA.recover parses without reverting, for gas estimation. */
 const stubSignature: Hex =
@@ -52,7 +43,7 @@ export async function toSimpleAccount(options: {
       factoryData: encodeFunctionData({ abi: factoryAbi, functionName: 'createAccount', args: [owner.address, 0n] }),
     }),
     getNonce: async () =>
-      client.readContract({ address: entryPointAddress, abi: entryPoint07Abi, functionName: 'getNonce', args: [address, 0n] }),
+      client.readContract({ address: entryPointAddress, abi: entryPointAbis['0.7'], functionName: 'getNonce', args: [address, 0n] }),
     encodeCalls: async (calls) => {
       if (calls.length !== 1) throw new Error('this test account executes one call at a time')
       const [call] = calls

@@ -1,5 +1,6 @@
 import { randomUUID } from 'node:crypto'
 import { createServer, type IncomingMessage, type ServerResponse } from 'node:http'
+import { listenLocal, readBody } from './localHttp.js'
 
 /**
  * A small stand-in for HashiCorp Vault, on 127.0.0.1 only, speaking the parts
@@ -178,13 +179,7 @@ export async function startLocalVault(options: { port: number; now?: () => numbe
         response.end(JSON.stringify(body))
       })
   })
-  await new Promise<void>((resolve, reject) => {
-    server.once('error', reject)
-    server.listen(options.port, '127.0.0.1', () => {
-      server.off('error', reject)
-      resolve()
-    })
-  })
+  const stop = await listenLocal(server, options.port)
 
   let roleCount = 0
   return {
@@ -204,17 +199,11 @@ export async function startLocalVault(options: { port: number; now?: () => numbe
     },
     seal: () => void (sealed = true),
     unseal: () => void (sealed = false),
-    stop: () =>
-      new Promise<void>((resolve) => {
-        server.close(() => resolve())
-        server.closeAllConnections()
-      }),
+    stop,
   }
 }
 
 async function jsonBody(request: IncomingMessage): Promise<unknown> {
-  const chunks: Buffer[] = []
-  for await (const chunk of request) chunks.push(chunk as Buffer)
-  const text = Buffer.concat(chunks).toString('utf8')
+  const text = (await readBody(request)).toString('utf8')
   return text === '' ? {} : JSON.parse(text)
 }

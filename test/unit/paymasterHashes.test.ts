@@ -3,6 +3,7 @@ import type { Hex } from 'viem'
 import vectors from '../vectors/paymasterHashes.json' with { type: 'json' }
 import type { EntryPointVersion, PaymasterContract } from '../../config/schema.js'
 import { adapterFor } from '../../worker/sponsor/adapters/registry.js'
+import { canonicalEntryPoints } from '../../worker/sponsor/entryPoints.js'
 import { operationModels } from '../../worker/sponsor/operationModels.js'
 
 /** Vectors read from the deployed contracts (see test/support/hashVectors.ts, re-checked end to end on anvil). */
@@ -33,7 +34,7 @@ describe.each(vectors)('$name', (vector) => {
   })
 
   it("equals the EntryPoint's getUserOpHash", () => {
-    const hash = operationModels[version].userOpHash({ op: op as never, chainId: vector.chainId, entryPoint: entryPointOf(version) })
+    const hash = operationModels[version].userOpHash({ op: op as never, chainId: vector.chainId, entryPoint: canonicalEntryPoints[version] })
     expect(hash).toBe(vector.userOpHash)
   })
 
@@ -43,7 +44,3 @@ describe.each(vectors)('$name', (vector) => {
     expect(adapter.paymasterData({ window: vector.window, signature: '0x' })).toBe(`0x${signed}`)
   })
 })
-
-function entryPointOf(version: EntryPointVersion): Hex {
-  return ({ '0.6': '0x5FF137D4b0FDCD49DcA30c7CF57E578a026d2789', '0.7': '0x0000000071727De22E5E9d8BAf0edAc6f37da032', '0.8': '0x4337084D9E255Ff0702461CF8895CE9E3b5Ff108' } as const)[version]
-}

@@ -1,6 +1,7 @@
 import { env } from 'cloudflare:workers'
 import { afterEach, describe, expect, inject, it, vi } from 'vitest'
 import { app } from '../../worker/app.js'
+import { backendConfig } from '../support/backendConfig.js'
 import { rpcUserOperationV07 } from '../support/userOperations.js'
 import { apiKey, entryPoints } from './helpers.js'
 
@@ -11,17 +12,9 @@ import { apiKey, entryPoints } from './helpers.js'
  */
 
 const servers = inject('backendServers')
-const secrets = {
-  AWS_ACCESS_KEY_ID: servers.kms.accessKeyId,
-  AWS_SECRET_ACCESS_KEY: servers.kms.secretAccessKey,
-  VAULT_TOKEN: servers.vault.token,
-  SIGNER_TOKEN: servers.http.token,
-}
-const backends = {
-  kms: { kind: 'aws-kms', keyId: servers.kms.keyId, region: servers.kms.region, endpoint: servers.kms.url, maxAttempts: 1, deadlineMs: 2_000 },
-  vault: { kind: 'vault', url: servers.vault.url, path: 'paymaster/signer' },
-  http: { kind: 'http', url: servers.http.url, keyId: servers.http.keyId, address: servers.address },
-}
+const { secrets, backends: configured } = backendConfig(servers)
+// No retries and a short deadline: each injected KMS fault is one quick failure.
+const backends = { ...configured, kms: { ...configured.kms, maxAttempts: 1, deadlineMs: 2_000 } }
 
 /** An env whose configuration uses these signers; each env object gets its own isolate-level services. */
 function envWith(signers: Record<string, unknown>, extra: Record<string, unknown> = {}) {
