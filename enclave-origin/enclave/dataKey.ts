@@ -1,15 +1,20 @@
+import { generateKeyPair, type KeyObject } from 'node:crypto'
+import { promisify } from 'node:util'
 import { DecryptCommand, GenerateDataKeyCommand, type KMSClient } from '@aws-sdk/client-kms'
 import type { WrappedDek } from '../types.js'
+import { openRecipientCiphertext } from './cms.js'
 
 /**
  * Supplies the attestation document KMS needs to release a data key to this
  * enclave only (the Decrypt/GenerateDataKey `Recipient`). In a Nitro Enclave
- * it comes from the NSM device; elsewhere there is none, and the development
- * provider says so rather than pretending.
+ * it comes from the NSM device and binds `publicKey`, the enclave's ephemeral
+ * RSA key; KMS then encrypts the answer to that key. Elsewhere there is none,
+ * and the development provider says so rather than pretending.
  */
 export interface AttestationProvider {
   readonly kind: 'nitro' | 'none'
-  attestationDocument(): Promise<Uint8Array | undefined>
+  /** A document binding `publicKey` (DER SubjectPublicKeyInfo); undefined when this provider has no attestation. */
+  attestationDocument(options: { publicKey: Uint8Array }): Promise<Uint8Array | undefined>
 }
 
 export const developmentAttestation: AttestationProvider = {
@@ -17,32 +22,63 @@ export const developmentAttestation: AttestationProvider = {
   attestationDocument: async () => undefined,
 }
 
+type Recipient = { field: { AttestationDocument: Uint8Array; KeyEncryptionAlgorithm: 'RSAES_OAEP_SHA_256' }; privateKey: KeyObject }
+
 /**
  * The data-encryption key (DEK) that seals every private key: generated once
  * by KMS GenerateDataKey (the parent keeps only the wrapped form) and unwrapped
  * with Decrypt when the enclave unlocks. Never called on the signing path.
+ *
+ * With an attestation provider, every call carries a `Recipient`: KMS answers
+ * with `CiphertextForRecipient`, which only this process's RSA key opens, and
+ * the plaintext DEK never crosses the wire (nor the parent that proxies it).
  */
 export class KmsDataKeys {
+  private recipientKey: Promise<{ privateKey: KeyObject; publicKey: Uint8Array }> | undefined
+
   constructor(private readonly options: { client: KMSClient; kmsKeyId: string; attestation: AttestationProvider }) {}
 
-  private async recipient() {
-    const document = await this.options.attestation.attestationDocument()
-    return document ? { Recipient: { AttestationDocument: document, KeyEncryptionAlgorithm: 'RSAES_OAEP_SHA_256' as const } } : {}
+  private async recipient(): Promise<Recipient | undefined> {
+    if (this.options.attestation.kind === 'none') return undefined
+    // One RSA-2048 pair per process, made off the event loop on first use; it never leaves memory.
+    this.recipientKey ??= promisify(generateKeyPair)('rsa', { modulusLength: 2048 }).then(({ privateKey, publicKey }) => ({
+      privateKey,
+      publicKey: publicKey.export({ type: 'spki', format: 'der' }),
+    }))
+    const { privateKey, publicKey } = await this.recipientKey
+    const document = await this.options.attestation.attestationDocument({ publicKey })
+    if (!document) throw new Error('the attestation provider returned no document')
+    return { field: { AttestationDocument: document, KeyEncryptionAlgorithm: 'RSAES_OAEP_SHA_256' }, privateKey }
+  }
+
+  /** The 32-byte DEK from an answer: opened from CiphertextForRecipient when attested, else the plaintext. */
+  private dataKeyOf(operation: string, answer: { Plaintext?: Uint8Array; CiphertextForRecipient?: Uint8Array }, recipient: Recipient | undefined): Uint8Array {
+    let dek = answer.Plaintext
+    if (recipient) {
+      // KMS leaves Plaintext out of an attested answer; should one appear anyway, it is not trusted or kept.
+      answer.Plaintext?.fill(0)
+      if (!answer.CiphertextForRecipient) throw new Error(`KMS ${operation} returned no CiphertextForRecipient for an attested request`)
+      dek = openRecipientCiphertext(answer.CiphertextForRecipient, recipient.privateKey)
+    }
+    if (!dek || dek.length !== 32) throw new Error(`KMS ${operation} returned no 32-byte data key`)
+    return dek
   }
 
   async generate(): Promise<{ dek: Uint8Array; wrapped: WrappedDek }> {
+    const recipient = await this.recipient()
     const answer = await this.options.client.send(
-      new GenerateDataKeyCommand({ KeyId: this.options.kmsKeyId, KeySpec: 'AES_256', ...(await this.recipient()) }),
+      new GenerateDataKeyCommand({ KeyId: this.options.kmsKeyId, KeySpec: 'AES_256', ...(recipient && { Recipient: recipient.field }) }),
     )
-    if (!answer.Plaintext || !answer.CiphertextBlob) throw new Error('KMS GenerateDataKey returned no key')
-    return { dek: answer.Plaintext, wrapped: { keyId: this.options.kmsKeyId, ciphertext: answer.CiphertextBlob } }
+    const dek = this.dataKeyOf('GenerateDataKey', answer, recipient)
+    if (!answer.CiphertextBlob) throw new Error('KMS GenerateDataKey returned no wrapped key')
+    return { dek, wrapped: { keyId: this.options.kmsKeyId, ciphertext: answer.CiphertextBlob } }
   }
 
   async unwrap(wrapped: WrappedDek): Promise<Uint8Array> {
+    const recipient = await this.recipient()
     const answer = await this.options.client.send(
-      new DecryptCommand({ KeyId: wrapped.keyId, CiphertextBlob: wrapped.ciphertext, ...(await this.recipient()) }),
+      new DecryptCommand({ KeyId: wrapped.keyId, CiphertextBlob: wrapped.ciphertext, ...(recipient && { Recipient: recipient.field }) }),
     )
-    if (!answer.Plaintext || answer.Plaintext.length !== 32) throw new Error('KMS Decrypt returned no 32-byte data key')
-    return answer.Plaintext
+    return this.dataKeyOf('Decrypt', answer, recipient)
   }
 }

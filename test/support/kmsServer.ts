@@ -8,11 +8,20 @@
  * it and inject faults (throttling, 5xx, hangs, denials, high-s or wrong-key signatures) per key or globally.
  *
  * Operations: CreateKey, DescribeKey, GetPublicKey, Sign, GenerateDataKey, Decrypt.
+ *
+ * Attested requests (`Recipient`): with `attestationRoots`, the server checks a
+ * Nitro attestation document as KMS does (COSE_Sign1 ES384 signature by the
+ * document's certificate, chained through its cabundle to a trusted root) and
+ * answers `CiphertextForRecipient` (CMS, cmsEnvelope.ts) to the document's
+ * public key instead of `Plaintext`. A symmetric key can require it, with a
+ * given PCR0, as a key policy with `kms:RecipientAttestation:PCR0` would.
  */
-import { createCipheriv, createDecipheriv, createHash, createHmac, randomBytes, randomUUID, timingSafeEqual } from 'node:crypto'
+import { createCipheriv, createDecipheriv, createHash, createHmac, createPublicKey, randomBytes, randomUUID, timingSafeEqual, verify, X509Certificate, type KeyObject } from 'node:crypto'
 import { createServer, type IncomingMessage, type ServerResponse } from 'node:http'
 import { p256 } from '@noble/curves/p256'
 import { secp256k1 } from '@noble/curves/secp256k1'
+import { decode, encode } from 'cborg'
+import { sealForRecipient } from './cmsEnvelope.js'
 import { listenLocal, readBody } from './localHttp.js'
 
 export type KmsFault = 'none' | 'throttle' | 'internal-error' | 'hang' | 'access-denied' | 'high-s' | 'wrong-key'
@@ -21,8 +30,11 @@ export type LocalKms = {
   credentials: { accessKeyId: string; secretAccessKey: string; region: string }
   /** Creates a secp256k1 signing key (KeySpec ECC_SECG_P256K1), or imports the given 32-byte private key (hex) — "imported key material". Returns the KeyId (a UUID) */
   createKey(options?: { privateKey?: `0x${string}`; keySpec?: 'ECC_SECG_P256K1' | 'ECC_NIST_P256' }): string
-  /** Creates a SYMMETRIC_DEFAULT (ENCRYPT_DECRYPT) key, as CreateKey does by default. Returns the KeyId */
-  createSymmetricKey(): string
+  /**
+   * Creates a SYMMETRIC_DEFAULT (ENCRYPT_DECRYPT) key, as CreateKey does by default. Returns the KeyId.
+   * `recipientPcr0`: the key's policy allows GenerateDataKey and Decrypt only with a valid attestation document of that PCR0.
+   */
+  createSymmetricKey(options?: { recipientPcr0?: Uint8Array }): string
   /** Sets a fault for every key (or one keyId): subsequent Sign (and GetPublicKey for access-denied/throttle/internal-error/hang) calls misbehave accordingly. */
   setFault(fault: KmsFault, keyId?: string): void
   /** Counts of requests per operation, for assertions. */
@@ -33,7 +45,7 @@ export type LocalKms = {
 type EcSpec = 'ECC_SECG_P256K1' | 'ECC_NIST_P256'
 type KeyRecord = { id: string; created: number } & (
   | { spec: EcSpec; usage: 'SIGN_VERIFY'; origin: 'AWS_KMS' | 'EXTERNAL'; privateKey: Uint8Array }
-  | { spec: 'SYMMETRIC_DEFAULT'; usage: 'ENCRYPT_DECRYPT'; origin: 'AWS_KMS'; secret: Buffer }
+  | { spec: 'SYMMETRIC_DEFAULT'; usage: 'ENCRYPT_DECRYPT'; origin: 'AWS_KMS'; secret: Buffer; recipientPcr0?: Uint8Array }
 )
 type Input = Record<string, unknown>
 
@@ -104,7 +116,51 @@ function verifySigV4(req: IncomingMessage, body: Buffer, creds: LocalKms['creden
   }
 }
 
-export async function startLocalKms(options: { port: number; accessKeyId?: string; secretAccessKey?: string; region?: string }): Promise<LocalKms> {
+/** The attested public key and PCRs of a Nitro attestation document, once its signature and chain check out against `roots`. */
+function verifyAttestationDocument(document: Buffer, roots: X509Certificate[]): { publicKey: KeyObject; pcr0: Uint8Array | undefined } {
+  const invalid = (why: string) => new KmsError('ValidationException', `The attestation document is not valid: ${why}.`)
+  let protectedHeader: Uint8Array, payload: Uint8Array, signature: Uint8Array, fields: Map<string, unknown>
+  try {
+    // COSE_Sign1, untagged or with tag 18.
+    const sign1 = decode(document, { useMaps: true, tags: Object.assign([], { 18: (inner: unknown) => inner }) }) as unknown[]
+    ;[protectedHeader, , payload, signature] = sign1 as [Uint8Array, unknown, Uint8Array, Uint8Array]
+    if (!Array.isArray(sign1) || sign1.length !== 4 || ![protectedHeader, payload, signature].every((f) => f instanceof Uint8Array)) throw new Error()
+    if ((decode(protectedHeader, { useMaps: true }) as Map<number, unknown>).get(1) !== -35) throw invalid('not signed with ES384')
+    fields = decode(payload, { useMaps: true }) as Map<string, unknown>
+  } catch (error) {
+    throw error instanceof KmsError ? error : invalid('not a COSE_Sign1 structure')
+  }
+  const certificateOf = (der: unknown) => {
+    if (!(der instanceof Uint8Array)) throw invalid('a certificate is missing')
+    return new X509Certificate(der)
+  }
+  const bundle = fields.get('cabundle')
+  if (!Array.isArray(bundle) || bundle.length === 0) throw invalid('no cabundle')
+  const chain = [...bundle.map(certificateOf), certificateOf(fields.get('certificate'))]
+  if (!roots.some((root) => root.raw.equals(chain[0]!.raw))) throw invalid('the cabundle does not start at a trusted root')
+  const now = Date.now()
+  for (const [i, certificate] of chain.entries()) {
+    const issuer = chain[Math.max(i - 1, 0)]!
+    if (!certificate.checkIssued(issuer) || !certificate.verify(issuer.publicKey)) throw invalid('the certificate chain does not verify')
+    if (now < Date.parse(certificate.validFrom) || now > Date.parse(certificate.validTo)) throw invalid('a certificate is outside its validity')
+  }
+  const toBeSigned = encode(['Signature1', protectedHeader, new Uint8Array(0), payload])
+  if (!verify('sha384', toBeSigned, { key: chain.at(-1)!.publicKey, dsaEncoding: 'ieee-p1363' }, signature)) throw invalid('the signature does not verify')
+  const attestedKey = fields.get('public_key')
+  if (!(attestedKey instanceof Uint8Array)) throw invalid('it carries no public_key')
+  let publicKey: KeyObject
+  try {
+    publicKey = createPublicKey({ key: Buffer.from(attestedKey), format: 'der', type: 'spki' })
+  } catch {
+    throw invalid('its public_key is not a DER SubjectPublicKeyInfo')
+  }
+  if (publicKey.asymmetricKeyType !== 'rsa' || (publicKey.asymmetricKeyDetails?.modulusLength ?? 0) < 2048) throw invalid('its public_key is not an RSA key of at least 2048 bits')
+  const pcrs = fields.get('pcrs')
+  return { publicKey, pcr0: pcrs instanceof Map && pcrs.get(0) instanceof Uint8Array ? pcrs.get(0) : undefined }
+}
+
+export async function startLocalKms(options: { port: number; accessKeyId?: string; secretAccessKey?: string; region?: string; attestationRoots?: string[] }): Promise<LocalKms> {
+  const attestationRoots = (options.attestationRoots ?? []).map((pem) => new X509Certificate(pem))
   const credentials = {
     accessKeyId: options.accessKeyId ?? 'AKIALOCALKMSTEST0001',
     secretAccessKey: options.secretAccessKey ?? 'local-kms-test-secret-not-a-real-aws-secret',
@@ -173,8 +229,27 @@ export async function startLocalKms(options: { port: number; accessKeyId?: strin
   const addKey = (record: KeyRecord): KeyRecord => (keys.set(record.id, record), record)
   const newEcKey = (spec: EcSpec, privateKey?: Uint8Array) =>
     addKey({ id: randomUUID(), created: Math.floor(Date.now() / 1000), spec, usage: 'SIGN_VERIFY', origin: privateKey ? 'EXTERNAL' : 'AWS_KMS', privateKey: privateKey ?? CURVES[spec].curve.utils.randomPrivateKey() })
-  const newSymmetricKey = () =>
-    addKey({ id: randomUUID(), created: Math.floor(Date.now() / 1000), spec: 'SYMMETRIC_DEFAULT', usage: 'ENCRYPT_DECRYPT', origin: 'AWS_KMS', secret: randomBytes(32) })
+  const newSymmetricKey = (recipientPcr0?: Uint8Array) =>
+    addKey({ id: randomUUID(), created: Math.floor(Date.now() / 1000), spec: 'SYMMETRIC_DEFAULT', usage: 'ENCRYPT_DECRYPT', origin: 'AWS_KMS', secret: randomBytes(32), recipientPcr0 })
+  /**
+   * The answer's plaintext field: `Plaintext`, or for an attested request
+   * `CiphertextForRecipient` (BER, as KMS sends it) and no plaintext. Enforces
+   * a key's PCR0 requirement.
+   */
+  const release = (key: KeyRecord, plaintext: Buffer, input: Input, op: string) => {
+    const recipient = input.Recipient as { AttestationDocument?: unknown; KeyEncryptionAlgorithm?: unknown } | undefined
+    const required = key.usage === 'ENCRYPT_DECRYPT' ? key.recipientPcr0 : undefined
+    const denied = () => new KmsError('AccessDeniedException', `User: arn:aws:iam::${ACCOUNT}:user/local-test is not authorized to perform: kms:${op} on resource: ${arn(key.id)} because the key policy requires an attested recipient with another PCR0`)
+    if (recipient === undefined) {
+      if (required) throw denied()
+      return { Plaintext: plaintext.toString('base64') }
+    }
+    if (recipient.KeyEncryptionAlgorithm !== 'RSAES_OAEP_SHA_256') throw new KmsError('ValidationException', 'Recipient.KeyEncryptionAlgorithm must be RSAES_OAEP_SHA_256')
+    if (typeof recipient.AttestationDocument !== 'string' || recipient.AttestationDocument === '') throw new KmsError('ValidationException', 'Recipient.AttestationDocument is required')
+    const attested = verifyAttestationDocument(Buffer.from(recipient.AttestationDocument, 'base64'), attestationRoots)
+    if (required && !(attested.pcr0 && Buffer.from(attested.pcr0).equals(Buffer.from(required)))) throw denied()
+    return { CiphertextForRecipient: sealForRecipient(plaintext, attested.publicKey, { ber: true }).toString('base64') }
+  }
 
   const operations: Record<string, (input: Input) => object | typeof HANG> = {
     CreateKey(input) {
@@ -213,12 +288,12 @@ export async function startLocalKms(options: { port: number; accessKeyId?: strin
       const n = input.NumberOfBytes
       const length = bySpec ?? (typeof n === 'number' && Number.isInteger(n) && n >= 1 && n <= 1024 ? n : undefined)
       if (length === undefined || (bySpec !== undefined && n !== undefined)) throw new KmsError('ValidationException', 'Specify exactly one of KeySpec (AES_256 | AES_128) or NumberOfBytes (1-1024).')
-      const plaintext = randomBytes(length) // `Recipient` (Nitro attestation) is accepted but ignored for now.
-      return { KeyId: arn(key.id), Plaintext: plaintext.toString('base64'), CiphertextBlob: seal(key, plaintext, input).toString('base64') }
+      const plaintext = randomBytes(length)
+      return { KeyId: arn(key.id), ...release(key, plaintext, input, 'GenerateDataKey'), CiphertextBlob: seal(key, plaintext, input).toString('base64') }
     },
     Decrypt(input) {
       const { key, plaintext } = open(blob(input, 'CiphertextBlob'), input)
-      return { KeyId: arn(key.id), Plaintext: plaintext.toString('base64'), EncryptionAlgorithm: 'SYMMETRIC_DEFAULT' }
+      return { KeyId: arn(key.id), ...release(key, plaintext, input, 'Decrypt'), EncryptionAlgorithm: 'SYMMETRIC_DEFAULT' }
     },
   }
 
@@ -266,7 +341,7 @@ export async function startLocalKms(options: { port: number; accessKeyId?: strin
       if (!/^0x[0-9a-fA-F]{64}$/.test(opts.privateKey) || !CURVES[spec].curve.utils.isValidPrivateKey(material)) throw new Error(`createKey: not a valid ${spec} private key`)
       return newEcKey(spec, new Uint8Array(material)).id
     },
-    createSymmetricKey: () => newSymmetricKey().id,
+    createSymmetricKey: (opts) => newSymmetricKey(opts?.recipientPcr0).id,
     setFault(f, keyId) {
       if (keyId === undefined) {
         globalFault = f

@@ -1,0 +1,138 @@
+import { generateKeyPairSync } from 'node:crypto'
+import { DecryptCommand, GenerateDataKeyCommand, KMSClient } from '@aws-sdk/client-kms'
+import { afterAll, beforeAll, describe, expect, it } from 'vitest'
+import { CmsError, openRecipientCiphertext } from '../../enclave-origin/enclave/cms.js'
+import { developmentAttestation, KmsDataKeys, type AttestationProvider } from '../../enclave-origin/enclave/dataKey.js'
+import { sealForRecipient } from '../support/cmsEnvelope.js'
+import { startLocalKms, type LocalKms } from '../support/kmsServer.js'
+import { startTestNsm, type TestNsm } from '../support/nitroAttestation.js'
+
+/**
+ * The enclave's recipient-bound data key: an attestation document in each KMS
+ * call, `CiphertextForRecipient` back (CMS, BER), opened only with the
+ * enclave's own RSA key. Against the local KMS over HTTP, with documents from
+ * the test NSM (real COSE signatures over certificates made at test time).
+ */
+
+let kms: LocalKms
+let client: KMSClient
+let nsm: TestNsm
+/** Another "enclave" whose root the KMS also trusts, but with a different image (PCR0). */
+let otherImage: TestNsm
+/** One whose root the KMS does not trust. */
+let stranger: TestNsm
+
+beforeAll(async () => {
+  nsm = startTestNsm()
+  otherImage = startTestNsm()
+  stranger = startTestNsm()
+  kms = await startLocalKms({ port: 18623, attestationRoots: [nsm.rootPem, otherImage.rootPem] })
+  client = new KMSClient({ endpoint: kms.url, region: kms.credentials.region, credentials: kms.credentials, maxAttempts: 1 })
+})
+afterAll(async () => {
+  client?.destroy()
+  await kms?.stop()
+  for (const each of [nsm, otherImage, stranger]) each?.close()
+})
+
+const dataKeys = (attestation: AttestationProvider, kmsKeyId = kms.createSymmetricKey()) => new KmsDataKeys({ client, kmsKeyId, attestation })
+
+describe('KmsDataKeys with a Nitro attestation provider', () => {
+  it('generates a data key and unwraps it again, both through CiphertextForRecipient', async () => {
+    const keys = dataKeys(nsm.provider)
+    const { dek, wrapped } = await keys.generate()
+    expect(dek).toHaveLength(32)
+    expect(Buffer.from(await keys.unwrap(wrapped))).toEqual(Buffer.from(dek))
+    // A process without attestation, allowed by this key's policy, reads the same key in the clear.
+    expect(Buffer.from(await dataKeys(developmentAttestation).unwrap(wrapped))).toEqual(Buffer.from(dek))
+  })
+
+  it('never gets the plaintext on the wire for an attested request', async () => {
+    const { publicKey, privateKey } = generateKeyPairSync('rsa', { modulusLength: 2048 })
+    const document = await nsm.provider.attestationDocument({ publicKey: publicKey.export({ type: 'spki', format: 'der' }) })
+    const Recipient = { AttestationDocument: document, KeyEncryptionAlgorithm: 'RSAES_OAEP_SHA_256' as const }
+    const KeyId = kms.createSymmetricKey()
+    const generated = await client.send(new GenerateDataKeyCommand({ KeyId, KeySpec: 'AES_256', Recipient }))
+    expect(generated.Plaintext ?? new Uint8Array()).toHaveLength(0)
+    const dek = openRecipientCiphertext(generated.CiphertextForRecipient!, privateKey)
+    const decrypted = await client.send(new DecryptCommand({ KeyId, CiphertextBlob: generated.CiphertextBlob, Recipient }))
+    expect(decrypted.Plaintext ?? new Uint8Array()).toHaveLength(0)
+    expect(openRecipientCiphertext(decrypted.CiphertextForRecipient!, privateKey)).toEqual(dek)
+  })
+
+  it('is the only way to a key whose policy requires this image: no attestation and another PCR0 are denied', async () => {
+    const kmsKeyId = kms.createSymmetricKey({ recipientPcr0: nsm.pcr0 })
+    const { wrapped } = await dataKeys(nsm.provider, kmsKeyId).generate()
+    await expect(dataKeys(developmentAttestation, kmsKeyId).unwrap(wrapped)).rejects.toThrow(/not authorized.*kms:Decrypt.*PCR0/)
+    await expect(dataKeys(otherImage.provider, kmsKeyId).unwrap(wrapped)).rejects.toThrow(/not authorized.*kms:Decrypt.*PCR0/)
+    await expect(dataKeys(developmentAttestation, kmsKeyId).generate()).rejects.toThrow(/not authorized.*kms:GenerateDataKey/)
+    expect(await dataKeys(nsm.provider, kmsKeyId).unwrap(wrapped)).toHaveLength(32)
+  })
+
+  it('is refused with a document from an untrusted root, or one altered after signing', async () => {
+    await expect(dataKeys(stranger.provider).generate()).rejects.toThrow(/attestation document is not valid: the cabundle does not start at a trusted root/)
+    const altered: AttestationProvider = {
+      kind: 'nitro',
+      async attestationDocument(options) {
+        // Swap the attested public key for another (a parent trying to read the answer): the signature no longer holds.
+        const document = Buffer.from((await nsm.provider.attestationDocument(options))!)
+        const at = document.indexOf(Buffer.from(options.publicKey))
+        document[at + options.publicKey.length - 1]! ^= 1
+        return document
+      },
+    }
+    await expect(dataKeys(altered).generate()).rejects.toThrow(/attestation document is not valid: the signature does not verify/)
+  })
+
+  it('fails clearly when the provider has no document to give', async () => {
+    const empty: AttestationProvider = { kind: 'nitro', attestationDocument: async () => undefined }
+    await expect(dataKeys(empty).generate()).rejects.toThrow('the attestation provider returned no document')
+  })
+})
+
+describe('openRecipientCiphertext', () => {
+  const recipient = generateKeyPairSync('rsa', { modulusLength: 2048 })
+  const secret = Buffer.from('a 32-byte data key, for the test')
+
+  it('opens the DER form and the BER form (indefinite lengths, segmented content) KMS sends', () => {
+    expect(openRecipientCiphertext(sealForRecipient(secret, recipient.publicKey), recipient.privateKey)).toEqual(secret)
+    const ber = sealForRecipient(secret, recipient.publicKey, { ber: true })
+    expect([ber[0], ber[1]]).toEqual([0x30, 0x80]) // indefinite length, as KMS writes it
+    expect(openRecipientCiphertext(ber, recipient.privateKey)).toEqual(secret)
+  })
+
+  it('refuses an envelope for another key', () => {
+    const other = generateKeyPairSync('rsa', { modulusLength: 2048 })
+    expect(() => openRecipientCiphertext(sealForRecipient(secret, other.publicKey), recipient.privateKey)).toThrow('the content key does not open with this recipient key')
+  })
+
+  it('names an algorithm it does not accept', () => {
+    const envelope = sealForRecipient(secret, recipient.publicKey)
+    // aes256-CBC, 2.16.840.1.101.3.4.1.42, as a DER OID; its last arc made 2 is aes128-CBC.
+    const oid = Buffer.from('060960864801650304012a', 'hex')
+    const at = envelope.indexOf(oid)
+    expect(at).toBeGreaterThan(0)
+    const changed = Buffer.from(envelope)
+    changed[at + oid.length - 1] = 0x02
+    expect(() => openRecipientCiphertext(changed, recipient.privateKey)).toThrow('the content is not encrypted with AES-256-CBC')
+  })
+
+  it('throws only CmsError, never anything else, for every truncation and every single-byte change', () => {
+    for (const ber of [false, true]) {
+      const envelope = sealForRecipient(secret, recipient.publicKey, { ber })
+      for (let length = 0; length < envelope.length; length++) {
+        expect(() => openRecipientCiphertext(envelope.subarray(0, length), recipient.privateKey), `${length} bytes`).toThrow(CmsError)
+      }
+      for (let at = 0; at < envelope.length; at++) {
+        const changed = Buffer.from(envelope)
+        changed[at]! ^= 0x5a
+        try {
+          openRecipientCiphertext(changed, recipient.privateKey)
+        } catch (error) {
+          // A changed ciphertext byte can still unpad to garbage (CBC has no integrity; the DEK's own GCM seals catch that).
+          expect(error, `byte ${at}`).toBeInstanceOf(CmsError)
+        }
+      }
+    }
+  })
+})
