@@ -21,10 +21,11 @@ export { crc32 }
  * Writes are group-committed: one write and one fsync for every record queued
  * within `groupCommitMs` (or `maxGroup` records, whichever comes first).
  *
- * The log is compacted when it is opened, if most of its frames have been
- * superseded (replaced records, state changes, old DEKs): the live entries are
- * written to a new log, fsynced, and renamed over the old one, so a crash at
- * any point leaves one complete log.
+ * The log is compacted when most of its frames have been superseded (replaced
+ * records, state changes, old DEKs): when it is opened, and while it runs,
+ * between two groups, so no write interleaves (writes queued meanwhile wait
+ * for it). The live entries are written to a new log, fsynced, and renamed
+ * over the old one, so a crash at any point leaves one complete log.
  */
 
 export type DiskBlobStoreOptions = {
@@ -36,11 +37,11 @@ export type DiskBlobStoreOptions = {
   maxGroup?: number
   /** Tests inject failures here; defaults to node:fs/promises. */
   fileSystem?: BlobStoreFileSystem
-  /** Compact on open when the log holds at least this many frames and more than twice as many as are live; default 10,000. */
+  /** Compact when the log holds at least this many frames and more than twice as many as are live; default 10,000. */
   compactAfterFrames?: number
 }
 
-/** Counted since open, including the writes and fsyncs open itself makes; `compactedFrames` is what compaction on open dropped. */
+/** Counted since open, including the writes and fsyncs open itself makes; `compactedFrames` is what compaction dropped. */
 export type DiskBlobStoreStats = { writes: number; fsyncs: number; groups: number; records: number; compactedFrames: number }
 
 export type DiskBlobStore = BlobStore & { stats(): DiskBlobStoreStats }
@@ -77,25 +78,23 @@ export async function openDiskBlobStore(options: DiskBlobStoreOptions): Promise<
   // What a compaction interrupted by a crash left behind; the log itself is intact.
   await rm(join(directory, COMPACTING_FILE_NAME), { force: true })
   const { file: rawFile, created } = await openOrCreateLog(fileSystem, path)
-  let file = countingFile(rawFile, counters)
+  const file = countingFile(rawFile, counters)
+  let recovered: Awaited<ReturnType<typeof recoverIndex>>
   try {
-    const recovered = await recoverIndex({ file, path, created })
+    recovered = await recoverIndex({ file, path, created })
     // A new log's directory entry is not durable until the directory is fsynced, however often the file is.
     if (recovered.headerWritten) await syncDirectory(fileSystem, directory)
-    const live = recovered.records.liveCount()
-    if (recovered.frames >= compactAfterFrames && recovered.frames > 2 * live) {
-      const compacted = await compact({ fileSystem, directory, live: recovered.records.liveEntries() })
-      if (compacted) {
-        await file.close()
-        file = countingFile(compacted, counters)
-        counters.compactedFrames = recovered.frames - live
-      }
-    }
-    return new GroupCommitStore({ file, index: recovered.records, counters, groupCommitMs, maxGroup })
   } catch (error) {
     await file.close().catch(() => {})
     throw error
   }
+  const store = new GroupCommitStore({ file, index: recovered.records, frames: recovered.frames, counters, groupCommitMs, maxGroup, compaction: { fileSystem, directory, afterFrames: compactAfterFrames } })
+  const failure = await store.compactIfWasteful()
+  if (failure) {
+    await store.close().catch(() => {})
+    throw failure
+  }
+  return store
 }
 
 /**
@@ -138,7 +137,12 @@ type LogEntry =
 type QueuedWrite = { entry: LogEntry; frame: Buffer; resolve: () => void; reject: (error: Error) => void }
 
 class GroupCommitStore implements DiskBlobStore {
-  private readonly file: LogFile
+  private file: LogFile
+  /** Frames in the log now, live or superseded. */
+  private frames: number
+  private readonly compaction: { fileSystem: BlobStoreFileSystem; directory: string; afterFrames: number }
+  /** The frame count at which compaction is next considered; pushed on after a compaction that failed harmlessly. */
+  private compactAt: number
   private readonly index: RecordIndex
   private readonly counters: DiskBlobStoreStats
   private readonly groupCommitMs: number
@@ -154,8 +158,19 @@ class GroupCommitStore implements DiskBlobStore {
   private failure: Error | undefined
   private closing: Promise<void> | undefined
 
-  constructor(parts: { file: LogFile; index: RecordIndex; counters: DiskBlobStoreStats; groupCommitMs: number; maxGroup: number }) {
+  constructor(parts: {
+    file: LogFile
+    index: RecordIndex
+    frames: number
+    counters: DiskBlobStoreStats
+    groupCommitMs: number
+    maxGroup: number
+    compaction: { fileSystem: BlobStoreFileSystem; directory: string; afterFrames: number }
+  }) {
     this.file = parts.file
+    this.frames = parts.frames
+    this.compaction = parts.compaction
+    this.compactAt = parts.compaction.afterFrames
     this.index = parts.index
     this.counters = parts.counters
     this.groupCommitMs = parts.groupCommitMs
@@ -247,6 +262,7 @@ class GroupCommitStore implements DiskBlobStore {
       do {
         this.flushAgain = false
         await this.commitGroup(this.queue.splice(0, this.maxGroup))
+        await this.compactIfWasteful()
       } while (this.flushAgain || this.queue.length >= this.maxGroup)
     } finally {
       this.flushing = undefined
@@ -271,7 +287,39 @@ class GroupCommitStore implements DiskBlobStore {
     }
     for (const write of group) this.index.apply(write.entry)
     this.counters.records += group.length
+    this.frames += group.length
     for (const write of group) write.resolve()
+  }
+
+  /**
+   * Rewrites the log to its live entries once it holds `afterFrames` frames
+   * and more than twice as many as are live. Called at open and between
+   * groups only, never during a write. A failure before the rename leaves
+   * the old log serving (and waits for another `afterFrames` frames before
+   * trying again); after the rename the store must be reopened, and that
+   * failure is returned (and refuses every later write).
+   */
+  async compactIfWasteful(): Promise<Error | undefined> {
+    const live = this.index.liveCount()
+    if (this.failure || this.frames < this.compactAt || this.frames <= 2 * live) return this.failure
+    let compacted: LogFile | undefined
+    try {
+      compacted = await compact({ ...this.compaction, live: this.index.liveEntries() })
+    } catch (error) {
+      this.failure = new Error(`blob store compaction could not be made durable, reopen it to recover: ${messageOf(error)}`, { cause: error })
+      rejectAll(this.queue.splice(0), this.failure)
+      return this.failure
+    }
+    if (!compacted) {
+      this.compactAt = this.frames + this.compaction.afterFrames
+      return undefined
+    }
+    await this.file.close().catch(() => {})
+    this.file = countingFile(compacted, this.counters)
+    this.counters.compactedFrames += this.frames - live
+    this.frames = live
+    this.compactAt = this.compaction.afterFrames
+    return undefined
   }
 }
 

@@ -179,7 +179,7 @@ describe('group commit', () => {
   })
 })
 
-describe('compaction on open', () => {
+describe('compaction', () => {
   it('rewrites a log that is mostly superseded frames to its live entries, keeping every record, state and the DEK', async () => {
     let store = await openStore()
     for (let index = 0; index < 50; index++) await store.put(sealedRecord(index))
@@ -249,6 +249,45 @@ describe('compaction on open', () => {
     await expect(openDiskBlobStore({ directory, compactAfterFrames: 10, fileSystem: faultyFileSystem({ sync: true, write: false, only: directory }) })).rejects.toThrow(/EIO/)
     store = await openStore()
     expect(await listAll(store)).toEqual([sealedRecord(1, 30)])
+  })
+
+  it('compacts a running store between groups; writes queued during it are durable', async () => {
+    let store = await openDiskBlobStore({ directory, compactAfterFrames: 100 })
+    opened.push(store)
+    for (let index = 0; index < 10; index++) await store.put(sealedRecord(index))
+    for (let round = 0; round < 30; round++) await Promise.all(Array.from({ length: 10 }, (_, index) => store.setState(`key-${index}`, round % 2 === 0 ? 'frozen' : 'active')))
+    // 310 frames written for 10 live entries: compacted at least twice on the way, never reopened.
+    expect(store.stats().compactedFrames).toBeGreaterThan(180)
+    expect((await stat(logPath())).size).toBeLessThan(100 * 200)
+    // A burst in flight across the next compaction.
+    await Promise.all([
+      ...Array.from({ length: 200 }, (_, round) => store.setState(`key-${round % 10}`, 'archived')),
+      ...Array.from({ length: 20 }, (_, index) => store.put(sealedRecord(100 + index))),
+    ])
+    const before = await listAll(store)
+    expect(before).toHaveLength(30)
+    store = await reopen(store)
+    expect(await listAll(store)).toEqual(before)
+    expect((await store.get('key-3'))?.state).toBe('archived')
+  })
+
+  it('keeps a running store serving when compaction fails, and tries again only after another threshold of frames', async () => {
+    const failing = { sync: false, write: true, only: COMPACTING_FILE_NAME }
+    let store = await openDiskBlobStore({ directory, compactAfterFrames: 50, fileSystem: faultyFileSystem(failing) })
+    opened.push(store)
+    for (let round = 0; round < 60; round++) await store.put(sealedRecord(1, round + 1))
+    expect(store.stats().compactedFrames).toBe(0)
+    await expect(stat(join(directory, COMPACTING_FILE_NAME))).rejects.toThrow(/ENOENT/)
+    failing.write = false
+    // The failed attempt was at frame 50: the next is due at 100, not at the next write.
+    for (let round = 60; round < 99; round++) await store.put(sealedRecord(1, round + 1))
+    expect(store.stats().compactedFrames).toBe(0)
+    await store.put(sealedRecord(1, 100))
+    // Compaction runs right after the group that reached 100 frames; the next write waits for it.
+    await store.put(sealedRecord(2))
+    expect(store.stats().compactedFrames).toBe(99)
+    store = await reopen(store)
+    expect(await listAll(store)).toEqual([sealedRecord(1, 100), sealedRecord(2)])
   })
 
   it('ignores and removes a half-written compaction left by a crash', async () => {
