@@ -39,7 +39,11 @@ export type DiskBlobStoreOptions = {
   fileSystem?: BlobStoreFileSystem
   /** Compact when the log holds at least this many frames and more than twice as many as are live; default 10,000. */
   compactAfterFrames?: number
+  /** Told of each compaction, done or failed (for the operator's log). */
+  onCompaction?: (event: CompactionEvent) => void
 }
+
+export type CompactionEvent = { outcome: 'compacted'; droppedFrames: number; liveEntries: number; ms: number } | { outcome: 'failed'; error: string; /** True when the old log still serves; false when the store refuses writes until reopened. */ serving: boolean }
 
 /** Counted since open, including the writes and fsyncs open itself makes; `compactedFrames` is what compaction dropped. */
 export type DiskBlobStoreStats = { writes: number; fsyncs: number; groups: number; records: number; compactedFrames: number }
@@ -66,7 +70,7 @@ export const COMPACTING_FILE_NAME = 'records.log.compacting'
 const nodeFileSystem: BlobStoreFileSystem = { open: (path, flags) => open(path, flags) }
 
 export async function openDiskBlobStore(options: DiskBlobStoreOptions): Promise<DiskBlobStore> {
-  const { directory, groupCommitMs = 2, maxGroup = 1024, fileSystem = nodeFileSystem, compactAfterFrames = 10_000 } = options
+  const { directory, groupCommitMs = 2, maxGroup = 1024, fileSystem = nodeFileSystem, compactAfterFrames = 10_000, onCompaction = () => {} } = options
   if (!Number.isFinite(groupCommitMs) || groupCommitMs < 0) throw new RangeError('groupCommitMs must be a finite number ≥ 0')
   if (!Number.isInteger(maxGroup) || maxGroup < 1) throw new RangeError('maxGroup must be an integer ≥ 1')
 
@@ -88,7 +92,7 @@ export async function openDiskBlobStore(options: DiskBlobStoreOptions): Promise<
     await file.close().catch(() => {})
     throw error
   }
-  const store = new GroupCommitStore({ file, index: recovered.records, frames: recovered.frames, counters, groupCommitMs, maxGroup, compaction: { fileSystem, directory, afterFrames: compactAfterFrames } })
+  const store = new GroupCommitStore({ file, index: recovered.records, frames: recovered.frames, counters, groupCommitMs, maxGroup, compaction: { fileSystem, directory, afterFrames: compactAfterFrames, onCompaction } })
   const failure = await store.compactIfWasteful()
   if (failure) {
     await store.close().catch(() => {})
@@ -99,10 +103,11 @@ export async function openDiskBlobStore(options: DiskBlobStoreOptions): Promise<
 
 /**
  * Writes `live` as a new log, fsyncs it, renames it over the old one and
- * fsyncs the directory; returns the new log open for appending. Returns
- * undefined, leaving the old log as the log, if it fails before the rename.
+ * fsyncs the directory; returns the new log open for appending. A failure
+ * before the rename leaves the old log as the log; one after it
+ * (`afterRename`) leaves a new log whose name may not survive a crash.
  */
-async function compact(options: { fileSystem: BlobStoreFileSystem; directory: string; live: LogEntry[] }): Promise<LogFile | undefined> {
+async function compact(options: { fileSystem: BlobStoreFileSystem; directory: string; live: LogEntry[] }): Promise<{ file: LogFile } | { error: unknown; afterRename: boolean }> {
   const { fileSystem, directory, live } = options
   const compacting = join(directory, COMPACTING_FILE_NAME)
   let next: LogFile | undefined
@@ -111,19 +116,19 @@ async function compact(options: { fileSystem: BlobStoreFileSystem; directory: st
     await writeFully(next, Buffer.concat([LOG_MAGIC, ...live.map(encodeFrame)]))
     await next.sync()
     await rename(compacting, join(directory, LOG_FILE_NAME))
-  } catch {
+  } catch (error) {
     // Compaction is an optimisation: if it fails (a full disk, say), the old log is intact and still serves.
     await next?.close().catch(() => {})
     await rm(compacting, { force: true }).catch(() => {})
-    return undefined
+    return { error, afterRename: false }
   }
   try {
-    // Past the rename the new log is the log: if that cannot be made durable, the open fails rather than serve on.
+    // Past the rename the new log is the log: if that cannot be made durable, the store must not serve on.
     await syncDirectory(fileSystem, directory)
-    return next
+    return { file: next }
   } catch (error) {
     await next.close().catch(() => {})
-    throw error
+    return { error, afterRename: true }
   }
 }
 
@@ -140,7 +145,7 @@ class GroupCommitStore implements DiskBlobStore {
   private file: LogFile
   /** Frames in the log now, live or superseded. */
   private frames: number
-  private readonly compaction: { fileSystem: BlobStoreFileSystem; directory: string; afterFrames: number }
+  private readonly compaction: { fileSystem: BlobStoreFileSystem; directory: string; afterFrames: number; onCompaction: (event: CompactionEvent) => void }
   /** The frame count at which compaction is next considered; pushed on after a compaction that failed harmlessly. */
   private compactAt: number
   private readonly index: RecordIndex
@@ -165,7 +170,7 @@ class GroupCommitStore implements DiskBlobStore {
     counters: DiskBlobStoreStats
     groupCommitMs: number
     maxGroup: number
-    compaction: { fileSystem: BlobStoreFileSystem; directory: string; afterFrames: number }
+    compaction: { fileSystem: BlobStoreFileSystem; directory: string; afterFrames: number; onCompaction: (event: CompactionEvent) => void }
   }) {
     this.file = parts.file
     this.frames = parts.frames
@@ -302,21 +307,22 @@ class GroupCommitStore implements DiskBlobStore {
   async compactIfWasteful(): Promise<Error | undefined> {
     const live = this.index.liveCount()
     if (this.failure || this.frames < this.compactAt || this.frames <= 2 * live) return this.failure
-    let compacted: LogFile | undefined
-    try {
-      compacted = await compact({ ...this.compaction, live: this.index.liveEntries() })
-    } catch (error) {
-      this.failure = new Error(`blob store compaction could not be made durable, reopen it to recover: ${messageOf(error)}`, { cause: error })
+    const started = performance.now()
+    const outcome = await compact({ ...this.compaction, live: this.index.liveEntries() })
+    if ('error' in outcome) {
+      this.compaction.onCompaction({ outcome: 'failed', error: messageOf(outcome.error), serving: !outcome.afterRename })
+      if (!outcome.afterRename) {
+        this.compactAt = this.frames + this.compaction.afterFrames
+        return undefined
+      }
+      this.failure = new Error(`blob store compaction could not be made durable, reopen it to recover: ${messageOf(outcome.error)}`, { cause: outcome.error })
       rejectAll(this.queue.splice(0), this.failure)
       return this.failure
     }
-    if (!compacted) {
-      this.compactAt = this.frames + this.compaction.afterFrames
-      return undefined
-    }
     await this.file.close().catch(() => {})
-    this.file = countingFile(compacted, this.counters)
+    this.file = countingFile(outcome.file, this.counters)
     this.counters.compactedFrames += this.frames - live
+    this.compaction.onCompaction({ outcome: 'compacted', droppedFrames: this.frames - live, liveEntries: live, ms: Math.round(performance.now() - started) })
     this.frames = live
     this.compactAt = this.compaction.afterFrames
     return undefined

@@ -34,10 +34,10 @@ export async function runParent(): Promise<() => Promise<void>> {
           bucket: setting('S3_BUCKET'),
           prefix: process.env.S3_PREFIX ?? '',
         })
-      : await openDiskBlobStore({ directory: setting('STORE_DIR') }).then((disk) => {
-          const { compactedFrames } = disk.stats()
-          if (compactedFrames > 0) logLine({ event: 'blob_store_compacted', droppedFrames: compactedFrames })
-          return disk
+      : await openDiskBlobStore({
+          directory: setting('STORE_DIR'),
+          onCompaction: ({ outcome, ...details }) =>
+            logLine(outcome === 'compacted' ? { event: 'blob_store_compacted', ...details } : { level: 'error', event: 'blob_store_compaction_failed', ...details }),
         })
   const parent = new OriginParent({ enclaves, poolSize: numberSetting('POOL_SIZE', 16), store, requestTimeoutMs: numberSetting('REQUEST_TIMEOUT_MS', 2_000) })
   await parent.start()

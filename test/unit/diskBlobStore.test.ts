@@ -10,6 +10,7 @@ import {
   LOG_FILE_NAME,
   openDiskBlobStore,
   type BlobStoreFileSystem,
+  type CompactionEvent,
   type DiskBlobStore,
   type LogFile,
 } from '../../enclave-origin/parent/diskBlobStore.js'
@@ -252,12 +253,15 @@ describe('compaction', () => {
   })
 
   it('compacts a running store between groups; writes queued during it are durable', async () => {
-    let store = await openDiskBlobStore({ directory, compactAfterFrames: 100 })
+    const events: CompactionEvent[] = []
+    let store = await openDiskBlobStore({ directory, compactAfterFrames: 100, onCompaction: (event) => events.push(event) })
     opened.push(store)
     for (let index = 0; index < 10; index++) await store.put(sealedRecord(index))
     for (let round = 0; round < 30; round++) await Promise.all(Array.from({ length: 10 }, (_, index) => store.setState(`key-${index}`, round % 2 === 0 ? 'frozen' : 'active')))
     // 310 frames written for 10 live entries: compacted at least twice on the way, never reopened.
     expect(store.stats().compactedFrames).toBeGreaterThan(180)
+    expect(events.length).toBeGreaterThanOrEqual(2)
+    expect(events[0]).toMatchObject({ outcome: 'compacted', droppedFrames: 90, liveEntries: 10 })
     expect((await stat(logPath())).size).toBeLessThan(100 * 200)
     // A burst in flight across the next compaction.
     await Promise.all([
@@ -273,10 +277,12 @@ describe('compaction', () => {
 
   it('keeps a running store serving when compaction fails, and tries again only after another threshold of frames', async () => {
     const failing = { sync: false, write: true, only: COMPACTING_FILE_NAME }
-    let store = await openDiskBlobStore({ directory, compactAfterFrames: 50, fileSystem: faultyFileSystem(failing) })
+    const events: CompactionEvent[] = []
+    let store = await openDiskBlobStore({ directory, compactAfterFrames: 50, fileSystem: faultyFileSystem(failing), onCompaction: (event) => events.push(event) })
     opened.push(store)
     for (let round = 0; round < 60; round++) await store.put(sealedRecord(1, round + 1))
     expect(store.stats().compactedFrames).toBe(0)
+    expect(events).toEqual([{ outcome: 'failed', error: expect.stringMatching(/ENOSPC/), serving: true }])
     await expect(stat(join(directory, COMPACTING_FILE_NAME))).rejects.toThrow(/ENOENT/)
     failing.write = false
     // The failed attempt was at frame 50: the next is due at 100, not at the next write.
