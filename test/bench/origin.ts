@@ -15,7 +15,8 @@
  *    measured from each request's scheduled time, with the 500 connections
  *    held open. A request that would be the 501st in flight is not queued but
  *    counted as skipped, and skipped requests count as errors. Each open loop
- *    starts with every key WARM (one signature each): the steady state.
+ *    starts with every key WARM (one signature each) and runs 2 s at its rate
+ *    unrecorded first: the steady state.
  * 5. The floor: the same direct open loops against a no-op server that speaks the
  *    enclave protocol (frameEcho.ts), which is what the machine, the sockets
  *    and this generator cost without any signing.
@@ -52,6 +53,8 @@ import { clockTicksPerSecond, cpuMsByCommand, hostBusyTicks, percentile, process
 const seconds = Number(process.env.BENCH_SECONDS ?? 60)
 const keyCount = Number(process.env.ORIGIN_KEYS ?? 50_000)
 const connections = Number(process.env.ORIGIN_CONNECTIONS ?? 500)
+/** Each open loop first runs this long at its rate, unrecorded: JIT and connections warm, as in steady service. */
+const warmupSeconds = 2
 const offeredFractions = (process.env.ORIGIN_OFFERED_FRACTIONS ?? '0.6').split(',').map(Number)
 if (!offeredFractions.every((f) => f > 0 && f <= 1)) throw new Error(`ORIGIN_OFFERED_FRACTIONS must be fractions in (0, 1], got ${process.env.ORIGIN_OFFERED_FRACTIONS}`)
 const ports = { kms: 18971, enclave: 18972, parent: 18973, echo: 18974 }
@@ -62,6 +65,47 @@ const scenarios = [
 ]
 
 type Sample = { ok: boolean; needsUnlock: boolean; clientMs: number; rpcMs?: number; parentMs?: number; enclaveMs?: number }
+
+const phases = ['client', 'rpc', 'parent', 'enclave'] as const
+
+/**
+ * A run's samples, kept in typed arrays. Holding one object per request for
+ * the whole run would have them promoted and scanned by the generator's own
+ * garbage collector, whose pauses then show up in the very tail we measure.
+ */
+class SampleLog {
+  count = 0
+  failed = 0
+  needsUnlock = 0
+  private columns = Object.fromEntries(phases.map((phase) => [phase, new Float64Array(1 << 16)])) as Record<(typeof phases)[number], Float64Array>
+
+  add(sample: Sample): void {
+    if (sample.needsUnlock) this.needsUnlock++
+    if (!sample.ok) {
+      this.failed++
+      return
+    }
+    if (this.count === this.columns.client.length) {
+      for (const phase of phases) {
+        const grown = new Float64Array(this.count * 2)
+        grown.set(this.columns[phase])
+        this.columns[phase] = grown
+      }
+    }
+    const at = this.count++
+    this.columns.client[at] = sample.clientMs
+    this.columns.rpc[at] = sample.rpcMs ?? NaN
+    this.columns.parent[at] = sample.parentMs ?? NaN
+    this.columns.enclave[at] = sample.enclaveMs ?? NaN
+  }
+
+  /** p50/p90/p99/p99.9 of one phase over the successful samples. */
+  quantiles(phase: (typeof phases)[number]) {
+    const sorted = this.columns[phase].slice(0, this.count).filter(Number.isFinite).sort()
+    const q = (p: number) => Number(percentile(sorted, p).toFixed(2))
+    return { p50: q(0.5), p90: q(0.9), p99: q(0.99), p999: q(0.999) }
+  }
+}
 
 /** xorshift32: digests only need to differ, and crypto.getRandomValues costs the shared CPU several µs each. */
 let prngState = 0x9e3779b9
@@ -80,24 +124,14 @@ function randomDigest(): Uint8Array {
 const randomKeyId = (keyIds: string[]) => keyIds[Math.floor(Math.random() * keyIds.length)]!
 
 /** `skipped`: requests the open loop could not send (all connections busy), counted as errors. */
-function summarise(samples: Sample[], elapsedMs: number, skipped = 0) {
-  const ok = samples.filter((s) => s.ok)
-  const quantiles = (values: number[]) => {
-    const sorted = values.filter((v) => Number.isFinite(v)).sort((a, b) => a - b)
-    const q = (p: number) => Number(percentile(sorted, p).toFixed(2))
-    return { p50: q(0.5), p90: q(0.9), p99: q(0.99), p999: q(0.999) }
-  }
+function summarise(samples: SampleLog, elapsedMs: number, skipped = 0) {
+  const requests = samples.count + samples.failed
   return {
-    requests: samples.length,
-    throughput: Number((ok.length / (elapsedMs / 1_000)).toFixed(0)),
-    errorRate: Number(((samples.length - ok.length + skipped) / Math.max(samples.length + skipped, 1)).toFixed(5)),
-    needsUnlockRate: Number((samples.filter((s) => s.needsUnlock).length / Math.max(samples.length, 1)).toFixed(5)),
-    latencyMs: {
-      client: quantiles(ok.map((s) => s.clientMs)),
-      parent: quantiles(ok.map((s) => s.parentMs ?? NaN)),
-      rpc: quantiles(ok.map((s) => s.rpcMs ?? NaN)),
-      enclave: quantiles(ok.map((s) => s.enclaveMs ?? NaN)),
-    },
+    requests,
+    throughput: Number((samples.count / (elapsedMs / 1_000)).toFixed(0)),
+    errorRate: Number(((samples.failed + skipped) / Math.max(requests + skipped, 1)).toFixed(5)),
+    needsUnlockRate: Number((samples.needsUnlock / Math.max(requests, 1)).toFixed(5)),
+    latencyMs: Object.fromEntries(phases.map((phase) => [phase, samples.quantiles(phase)])),
   }
 }
 
@@ -188,21 +222,21 @@ async function viaEnclave(keyIds: string[], port = ports.enclave, pickKey = () =
 }
 
 async function closedLoop(pids: Pids, send: Send) {
-  const samples: Sample[] = []
+  const samples = new SampleLog()
   const deadline = performance.now() + seconds * 1_000
   const started = performance.now()
   const before = cpuOf(pids)
   await Promise.all(
     Array.from({ length: connections }, async () => {
-      while (performance.now() < deadline) samples.push(await send())
+      while (performance.now() < deadline) samples.add(await send())
     }),
   )
   const elapsedMs = performance.now() - started
-  return { ...summarise(samples, elapsedMs), cpu: cpuSince(pids, before, elapsedMs, samples.length) }
+  return { ...summarise(samples, elapsedMs), cpu: cpuSince(pids, before, elapsedMs, samples.count + samples.failed) }
 }
 
-async function openLoop(pids: Pids, send: Send, rate: number) {
-  const samples: Sample[] = []
+async function openLoop(pids: Pids, send: Send, rate: number, durationSeconds = seconds) {
+  const samples = new SampleLog()
   const pending = new Set<Promise<void>>()
   let skipped = 0
   const started = performance.now()
@@ -211,7 +245,7 @@ async function openLoop(pids: Pids, send: Send, rate: number) {
   await new Promise<void>((resolve) => {
     const timer = setInterval(() => {
       const now = performance.now()
-      if (now - started >= seconds * 1_000) {
+      if (now - started >= durationSeconds * 1_000) {
         clearInterval(timer)
         resolve()
         return
@@ -225,7 +259,7 @@ async function openLoop(pids: Pids, send: Send, rate: number) {
           continue
         }
         const request = send(scheduledAt).then((sample) => {
-          samples.push(sample)
+          samples.add(sample)
           pending.delete(request)
         })
         pending.add(request)
@@ -234,7 +268,7 @@ async function openLoop(pids: Pids, send: Send, rate: number) {
   })
   await Promise.all(pending)
   const elapsedMs = performance.now() - started
-  return { offeredRate: rate, skipped, ...summarise(samples, elapsedMs, skipped), cpu: cpuSince(pids, before, elapsedMs, samples.length) }
+  return { offeredRate: rate, skipped, ...summarise(samples, elapsedMs, skipped), cpu: cpuSince(pids, before, elapsedMs, samples.count + samples.failed) }
 }
 
 /**
@@ -354,9 +388,11 @@ async function main() {
       await warmEveryKey(keyIds)
       const percent = Math.round(fraction * 100)
       const http = await viaParent(running, keyIds)
+      await openLoop(pidsOfOrigin, http.send, Math.round(best * fraction), warmupSeconds)
       record(`open loop ${percent}% of ${best}/s via parent, ${scenario.name}`, await openLoop(pidsOfOrigin, http.send, Math.round(best * fraction)))
       http.close()
       const enclave = await viaEnclave(keyIds)
+      await openLoop(pidsOfOrigin, enclave.send, Math.round(bestDirect * fraction), warmupSeconds)
       record(`open loop ${percent}% of ${bestDirect}/s direct, ${scenario.name}`, await openLoop(pidsOfOrigin, enclave.send, Math.round(bestDirect * fraction)))
       enclave.close()
     }
@@ -366,6 +402,7 @@ async function main() {
     try {
       for (const fraction of offeredFractions) {
         const client = await viaEnclave(keyIds, ports.echo)
+        await openLoop(() => ({ enclave: echo.pid }), client.send, Math.round(bestDirect * fraction), warmupSeconds)
         record(`floor: no-op frame echo at ${Math.round(bestDirect * fraction)}/s`, await openLoop(() => ({ enclave: echo.pid }), client.send, Math.round(bestDirect * fraction)))
         client.close()
       }

@@ -68,7 +68,7 @@ export function hostBusyTicks(): number {
 
 
 /** The q-quantile (0..1) of ascending-sorted values. */
-export function percentile(sorted: number[], q: number): number {
+export function percentile(sorted: ArrayLike<number>, q: number): number {
   if (sorted.length === 0) return NaN
   return sorted[Math.min(sorted.length - 1, Math.max(0, Math.ceil(q * sorted.length) - 1))]!
 }
