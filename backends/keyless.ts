@@ -47,7 +47,7 @@ export class KeylessSigner implements Signer {
       } catch {
         throw new SignerError(`keyless signer ${name}: the origin is unreachable or did not answer in time`, { retryable: true })
       }
-      const retryAfterMs = Number(response.headers.get('retry-after-ms') ?? NaN)
+      const retryAfterMs = retryAfterMsOf(response.headers)
       if (response.status === 503 && Number.isFinite(retryAfterMs) && Date.now() + retryAfterMs < deadline) {
         await response.body?.cancel()
         await new Promise((resolve) => setTimeout(resolve, retryAfterMs))
@@ -96,4 +96,12 @@ export class KeylessSigner implements Signer {
   describe(): SignerDescription {
     return { kind: 'keyless', name: this.options.name, securityLevel: 'enclave' }
   }
+}
+
+/** The origin's `Retry-After-Ms`, else the standard `Retry-After` in whole seconds; NaN when neither is usable. */
+function retryAfterMsOf(headers: Headers): number {
+  const milliseconds = headers.get('retry-after-ms')
+  if (milliseconds !== null) return /^\d+$/.test(milliseconds) ? Number(milliseconds) : NaN
+  const seconds = headers.get('retry-after')
+  return seconds !== null && /^\d+$/.test(seconds) ? Number(seconds) * 1_000 : NaN
 }

@@ -67,10 +67,17 @@ const option = (name: string) => {
   return index >= 0 ? args[index + 1] : undefined
 }
 
+const wholeNumberOption = (name: string, fallback: number) => {
+  const raw = option(name)
+  const value = raw === undefined ? fallback : Number(raw)
+  if (!Number.isInteger(value) || value < 1) throw new Error(`--${name} must be a whole number of at least 1, got ${raw}`)
+  return value
+}
+
 const commands: Record<string, () => Promise<unknown>> = {
   enclave: () => serve(runEnclave),
   parent: () => serve(runParent),
-  'create-keys': () => createKeys(Number(option('count') ?? 1), Number(option('concurrency') ?? 64)),
+  'create-keys': async () => createKeys(wholeNumberOption('count', 1), wholeNumberOption('concurrency', 64)),
   unlock: async () => {
     const identityFile = option('preload-identity-file')
     const preloadIdentity = identityFile ? readFileSync(identityFile, 'utf8').trim() : undefined

@@ -8,12 +8,12 @@ export function setting(name: string, fallback?: string): string {
   return value
 }
 
-/** Without a fallback, an unset name is an error, as with `setting`. */
-export function numberSetting(name: string, fallback?: number): number {
-  const raw = process.env[name] ?? fallback
+/** A whole number in [min, max], or the fallback when unset; anything else is an error naming the setting. */
+export function integerSetting(name: string, options: { min: number; max: number; fallback?: number }): number {
+  const raw = process.env[name] || options.fallback
   if (raw === undefined) throw new Error(`${name} is not set`)
   const value = Number(raw)
-  if (!Number.isFinite(value)) throw new Error(`${name} must be a number`)
+  if (!Number.isInteger(value) || value < options.min || value > options.max) throw new Error(`${name} must be a whole number from ${options.min} to ${options.max}, got ${raw}`)
   return value
 }
 
@@ -27,10 +27,21 @@ export function listenAddress(value: string): StreamAddress {
   return match ? { host: match[1]!, port: Number(match[2]) } : { path: value }
 }
 
-/** One JSON line per event; callers pass nothing secret, and values that look like secrets are redacted anyway. */
+/** Field names whose values are never logged, at any depth. */
+const secretFieldName = /secret|token|password|passphrase|privatekey|private_key|dek|share|identity|credential/i
+/** Values that are secret whatever their field is called: age identities and PEM private keys. */
+const secretValue = /AGE-SECRET-KEY-|-----BEGIN [A-Z ]*PRIVATE KEY-----/
+
+/** A copy of `value` with secret-looking fields and values replaced by "[redacted]". */
+export function redactSecrets(value: unknown, depth = 0): unknown {
+  if (typeof value === 'string') return secretValue.test(value) ? '[redacted]' : value
+  if (typeof value !== 'object' || value === null || depth > 8) return value
+  if (Array.isArray(value)) return value.map((item) => redactSecrets(item, depth + 1))
+  if (value instanceof Uint8Array) return `[${value.length} bytes]`
+  return Object.fromEntries(Object.entries(value).map(([key, field]) => [key, secretFieldName.test(key) ? '[redacted]' : redactSecrets(field, depth + 1)]))
+}
+
+/** One JSON line per event. Callers pass nothing secret; whatever looks secret is redacted anyway. */
 export function logLine(fields: Record<string, unknown>): void {
-  const redacted = Object.fromEntries(
-    Object.entries(fields).map(([key, value]) => [key, /secret|token|key$|password|dek/i.test(key) ? '[redacted]' : value]),
-  )
-  console.log(JSON.stringify({ time: new Date().toISOString(), ...redacted }))
+  console.log(JSON.stringify({ time: new Date().toISOString(), ...(redactSecrets(fields) as Record<string, unknown>) }))
 }

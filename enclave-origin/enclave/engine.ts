@@ -1,14 +1,20 @@
 /**
- * SignEngine: secp256k1 signing off the event loop, on a pool of worker
- * threads that each keep one libsecp256k1 context (the native binding holds
- * one per thread). Requests are micro-batched so that under load one
- * postMessage carries up to `maxBatch` signs, while a pool with an idle
- * thread signs at once: a request only waits for company when every thread
- * already has work.
+ * SignEngine: secp256k1 signing on a pool of worker threads that each keep
+ * one libsecp256k1 context (the native binding holds one per thread).
+ * Requests are micro-batched so that under load one postMessage carries up to
+ * `maxBatch` signs, while a pool with an idle thread signs at once: a request
+ * only waits for company when every thread already has work.
+ *
+ * When the whole engine is idle, the first few requests of an event-loop turn
+ * are signed on the calling thread instead (`inlinePerTurn`). One native sign
+ * costs less than the two thread hand-offs it saves, and on a busy host each
+ * hand-off is a thread wake-up that can wait for a CPU. Under load the threads
+ * always have work, so everything goes to them and capacity is unchanged.
  */
 import { availableParallelism } from 'node:os'
 import { Worker } from 'node:worker_threads'
 import type { RawSignature } from '../types.js'
+import { secp256k1 } from './nativeSecp256k1.js'
 
 export type SignEngineOptions = {
   /** Worker threads; default `os.availableParallelism()`. */
@@ -19,14 +25,14 @@ export type SignEngineOptions = {
   maxWaitMs?: number
   /** `false` sends every request on its own (the benchmark's A/B switch); default true. */
   batching?: boolean
+  /** Most requests signed on the calling thread per event-loop turn while no thread has work; 0 never; default 4. */
+  inlinePerTurn?: number
 }
 
 export type SignRequest = {
   /** 32 bytes. The engine copies it and never writes to the caller's array: the key cache owns it. */
   privateKey: Uint8Array
   digest: Uint8Array
-  /** Skip the batching wait: sent on its own to the least-loaded thread. */
-  urgent?: boolean
 }
 
 export type SignEngineStats = {
@@ -38,7 +44,14 @@ export type SignEngineStats = {
   /** Worker messages sent so far. */
   batches: number
   meanBatchSize: number
+  /** Messages per batch size: counts for each upper bound of `batchSizeBuckets`, the last counting everything above. */
+  batchSizes: number[]
+  /** Requests signed on the calling thread so far. */
+  inline: number
 }
+
+/** Upper bounds of the batch-size histogram in `SignEngineStats`. */
+export const batchSizeBuckets = [1, 2, 4, 8, 16, 32]
 
 /**
  * One slot per request in a batch's buffer. In: key ‖ digest. Out: the worker
@@ -79,6 +92,10 @@ export class SignEngine {
   private readonly maxBatch: number
   private readonly maxWaitMs: number
   private readonly batching: boolean
+  private readonly inlinePerTurn: number
+  /** Inline signs left in this event-loop turn; refilled by a setImmediate once the turn has used one. */
+  private inlineLeft: number
+  private inlineSigned = 0
   private state: State = 'new'
   private slots: WorkerSlot[] = []
   private open: Batch | undefined
@@ -86,6 +103,7 @@ export class SignEngine {
   private nextSlot = 0
   private batchesSent = 0
   private requestsSent = 0
+  private readonly batchSizes = new Array<number>(batchSizeBuckets.length + 1).fill(0)
   private starting: Promise<void> | undefined
   private stopping: Promise<void> | undefined
   private onDrained: (() => void) | undefined
@@ -96,6 +114,9 @@ export class SignEngine {
     this.maxWaitMs = options.maxWaitMs ?? 1
     if (!(this.maxWaitMs >= 0)) throw new RangeError(`maxWaitMs must be >= 0, got ${this.maxWaitMs}`)
     this.batching = options.batching ?? true
+    this.inlinePerTurn = options.inlinePerTurn ?? 4
+    if (!Number.isInteger(this.inlinePerTurn) || this.inlinePerTurn < 0) throw new RangeError(`inlinePerTurn must be a non-negative integer, got ${this.inlinePerTurn}`)
+    this.inlineLeft = this.inlinePerTurn
   }
 
   /** Spawns the threads and resolves once each has loaded the native binding (so a missing build fails here). */
@@ -124,7 +145,30 @@ export class SignEngine {
     if (!(digest instanceof Uint8Array) || digest.length !== 32) {
       return Promise.reject(new TypeError('digest must be a 32-byte Uint8Array'))
     }
-    return new Promise((resolve, reject) => this.enqueue({ privateKey, digest, urgent: request.urgent ?? false, pending: { resolve, reject } }))
+    if (this.inlineLeft > 0 && this.idle()) return this.signInline(privateKey, digest)
+    return new Promise((resolve, reject) => this.enqueue({ privateKey, digest, pending: { resolve, reject } }))
+  }
+
+  /** No thread holds a request and none waits in a batch. */
+  private idle(): boolean {
+    return this.open === undefined && this.slots.every((slot) => slot.inflightRequests === 0)
+  }
+
+  /** Signs on this thread, with its own blinded libsecp256k1 context; the key is read in place, never copied. */
+  private signInline(privateKey: Uint8Array, digest: Uint8Array): Promise<RawSignature> {
+    if (this.inlineLeft-- === this.inlinePerTurn) setImmediate(this.refillInline)
+    const signature = new Uint8Array(64)
+    try {
+      const { recid } = secp256k1.ecdsaSign(digest, privateKey, {}, signature)
+      this.inlineSigned++
+      return Promise.resolve({ signature, recoveryId: recid })
+    } catch {
+      return Promise.reject(new Error(refusedKeyMessage))
+    }
+  }
+
+  private readonly refillInline = (): void => {
+    this.inlineLeft = this.inlinePerTurn
   }
 
   stats(): SignEngineStats {
@@ -136,12 +180,14 @@ export class SignEngine {
       queued: this.open?.requests.length ?? 0,
       batches: this.batchesSent,
       meanBatchSize: this.batchesSent === 0 ? 0 : this.requestsSent / this.batchesSent,
+      batchSizes: [...this.batchSizes],
+      inline: this.inlineSigned,
     }
   }
 
-  private enqueue(request: { privateKey: Uint8Array; digest: Uint8Array; urgent: boolean; pending: Pending }): void {
+  private enqueue(request: { privateKey: Uint8Array; digest: Uint8Array; pending: Pending }): void {
     const idle = this.open === undefined ? this.slots.find((slot) => slot.inflightRequests === 0) : undefined
-    if (!this.batching || request.urgent || idle !== undefined) {
+    if (!this.batching || idle !== undefined) {
       const alone = newBatch(1)
       pack({ batch: alone, ...request })
       this.send(alone, idle)
@@ -174,6 +220,8 @@ export class SignEngine {
     to.inflightRequests += batch.requests.length
     this.batchesSent += 1
     this.requestsSent += batch.requests.length
+    const bucket = batchSizeBuckets.findIndex((upper) => batch.requests.length <= upper)
+    this.batchSizes[bucket === -1 ? batchSizeBuckets.length : bucket]! += 1
     to.worker.postMessage({ batchId, count: batch.requests.length, buffer: batch.buffer }, [batch.buffer])
   }
 
@@ -275,6 +323,8 @@ export class SignEngine {
   }
 }
 
+const refusedKeyMessage = 'libsecp256k1 refused to sign: invalid private key (zero or not below the curve order)'
+
 function newBatch(capacity: number): Batch {
   const buffer = new ArrayBuffer(capacity * slotLayout.slotBytes)
   return { buffer, bytes: new Uint8Array(buffer), requests: [] }
@@ -295,7 +345,7 @@ function settle(pending: Pending, bytes: Uint8Array, at: number): void {
     // slice, not subarray: each caller gets its own bytes, not a window onto the batch.
     pending.resolve({ signature: bytes.slice(at, at + 64), recoveryId: bytes[at + slotLayout.recidAt]! })
   } else if (status === slotLayout.statusRefused) {
-    pending.reject(new Error('libsecp256k1 refused to sign: invalid private key (zero or not below the curve order)'))
+    pending.reject(new Error(refusedKeyMessage))
   } else {
     pending.reject(new Error(`signing thread returned unknown slot status ${status}`))
   }

@@ -1,8 +1,9 @@
 import { KMSClient } from '@aws-sdk/client-kms'
-import { listenAddress, logLine, numberSetting, setting } from '../config.js'
+import { integerSetting, listenAddress, logLine, setting } from '../config.js'
 import { developmentAttestation, KmsDataKeys } from './dataKey.js'
 import { SignEngine } from './engine.js'
 import { KeyCache } from './keyCache.js'
+import { memoryWatch } from './memory.js'
 import { EnclaveService, serveEnclave } from './server.js'
 import { checkStartup, type EnclaveProfile } from './startupChecks.js'
 
@@ -10,7 +11,7 @@ import { checkStartup, type EnclaveProfile } from './startupChecks.js'
  * The enclave process. Settings: ORIGIN_PROFILE (development|production),
  * ENCLAVE_LISTEN (vsock:CID:PORT in an enclave, host:port, or a socket path), KMS_KEY_ID, KMS_REGION,
  * KMS_ENDPOINT (optional), AWS credentials from the usual AWS_* variables,
- * ENGINE_THREADS, ENGINE_BATCHING (1|0), GRACE_SIGNATURES, and PRELOAD_FILE for
+ * ENGINE_THREADS, ENGINE_BATCHING (1|0), ENGINE_INLINE_PER_TURN, GRACE_SIGNATURES, and PRELOAD_FILE for
  * preload mode (an age-encrypted [{account_id, share}] file whose identity an
  * unlock delivers).
  */
@@ -26,27 +27,33 @@ export async function runEnclave(): Promise<() => Promise<void>> {
   const dataKeys = new KmsDataKeys({ client, kmsKeyId, attestation: developmentAttestation })
   const engine = new SignEngine({
     // Unset: the engine's own default, one thread per core.
-    threads: process.env.ENGINE_THREADS ? numberSetting('ENGINE_THREADS') : undefined,
+    threads: process.env.ENGINE_THREADS ? integerSetting('ENGINE_THREADS', { min: 1, max: 256 }) : undefined,
     batching: setting('ENGINE_BATCHING', '1') !== '0',
+    inlinePerTurn: process.env.ENGINE_INLINE_PER_TURN ? integerSetting('ENGINE_INLINE_PER_TURN', { min: 0, max: 64 }) : undefined,
   })
   await engine.start()
   let service: EnclaveService | undefined
   const cache = new KeyCache({
     now: Date.now,
     unlock: () => service!.unwrapLastDek(),
-    graceSignatures: numberSetting('GRACE_SIGNATURES', 0),
+    graceSignatures: integerSetting('GRACE_SIGNATURES', { min: 0, max: 1_000_000, fallback: 0 }),
     audit: (event) => logLine({ level: 'warn', event: 'key_cache_audit', ...event }),
   })
   service = new EnclaveService({ cache, engine, dataKeys, kmsKeyId, preloadFile: process.env.PRELOAD_FILE || undefined, log: logLine })
-  const prewarm = setInterval(() => cache.tickPrewarm(), 5_000)
-  prewarm.unref()
+  const memory = memoryWatch({ log: logLine })
+  const housekeeping = setInterval(() => {
+    cache.tickPrewarm()
+    memory.check()
+  }, 5_000)
+  housekeeping.unref()
   const address = listenAddress(setting('ENCLAVE_LISTEN', '127.0.0.1:7000'))
   const { close } = await serveEnclave({ service, address, log: logLine })
   logLine({ event: 'enclave_listening', address, profile, engine: engine.stats() })
   return async () => {
-    clearInterval(prewarm)
+    clearInterval(housekeeping)
     await close()
     await engine.stop()
     cache.clear()
+    service.clear()
   }
 }

@@ -1,3 +1,4 @@
+import { randomBytes } from 'node:crypto'
 import { createRequire } from 'node:module'
 
 /**
@@ -7,3 +8,6 @@ import { createRequire } from 'node:module'
  * (signWorker.mjs loads it the same way: it stays plain JS and cannot import this.)
  */
 export const secp256k1 = createRequire(import.meta.url)('secp256k1/bindings') as typeof import('secp256k1')
+
+// Blinds this thread's context against side channels, as signWorker.mjs does for its own; RFC 6979 signatures stay deterministic.
+secp256k1.contextRandomize(randomBytes(32))

@@ -14,7 +14,7 @@
 import { createHash } from 'node:crypto'
 import { readFile } from 'node:fs/promises'
 import { performance } from 'node:perf_hooks'
-import { getHeapStatistics } from 'node:v8'
+import { memoryWarnRatio, processMemory, tightestMemory, type MemoryGauge } from './memory.js'
 import { armor, Decrypter, type ReadableStreamWithSize } from 'age-encryption'
 import { messageOf } from '../errors.js'
 import { maxKeyIdBytes } from '../protocol/messages.js'
@@ -23,8 +23,6 @@ import { zero } from './sealing.js'
 
 /** Longest account id accepted, in UTF-8 bytes: the wire's key-id limit, since an account id is the keyId a SIGN carries. */
 export const maxAccountIdBytes = maxKeyIdBytes
-/** Above this share of the memory limit the load succeeds but logs a warning. */
-export const memoryWarnRatio = 0.7
 
 const privateKeyBytes = 32
 const ageBinaryHeader = 'age-encryption.org/'
@@ -41,10 +39,8 @@ export type PreloadSource = { path: string; bytes?: never } | { bytes: Uint8Arra
 export type LoadPreloadOptions = PreloadSource & {
   /** The age identity (`AGE-SECRET-KEY-1…` or `-PQ-1…`), or an age-keygen identity file's text: `#` comments and blank lines are skipped. */
   identity: string
-  /** Default: V8's heap limit (`v8.getHeapStatistics().heap_size_limit`). */
-  memoryLimitBytes?: number
-  /** Memory in use, compared with the limit; default `process.memoryUsage().heapUsed`, which is what the default limit bounds. */
-  memoryInUse?: () => number
+  /** What to check against its limit; default `processMemory()` (resident set and V8 heap). */
+  memory?: () => MemoryGauge[]
   log: (fields: Record<string, unknown>) => void
   /** Monotonic ms clock that times the load; default `performance.now`. */
   now?: () => number
@@ -75,11 +71,7 @@ export async function loadPreloadFile(options: LoadPreloadOptions): Promise<Prel
   const keys = parseShareEntries(entries)
   try {
     // Measured while the parsed entries are still alive: the load's peak, not the steady state.
-    checkMemory({
-      limitBytes: options.memoryLimitBytes ?? getHeapStatistics().heap_size_limit,
-      inUseBytes: (options.memoryInUse ?? (() => process.memoryUsage().heapUsed))(),
-      log: options.log,
-    })
+    checkMemory({ gauges: (options.memory ?? processMemory)(), log: options.log })
   } catch (error) {
     zeroKeys(keys)
     throw error
@@ -267,14 +259,13 @@ function readEntry(entry: unknown, index: number): { accountId: string; shareHex
   return { accountId, shareHex }
 }
 
-function checkMemory(options: { limitBytes: number; inUseBytes: number; log: LoadPreloadOptions['log'] }): void {
-  const { limitBytes, inUseBytes } = options
-  if (inUseBytes > limitBytes) {
-    throw new PreloadError(`not enough memory: loading uses ${megabytes(inUseBytes)} MB, over the ${megabytes(limitBytes)} MB memory limit`)
+function checkMemory(options: { gauges: MemoryGauge[]; log: LoadPreloadOptions['log'] }): void {
+  const { what, inUseBytes, limitBytes, ratio } = tightestMemory(options.gauges)
+  if (ratio > 1) {
+    throw new PreloadError(`not enough memory: loading uses ${megabytes(inUseBytes)} MB of ${what}, over its ${megabytes(limitBytes)} MB limit`)
   }
-  if (inUseBytes > limitBytes * memoryWarnRatio) {
-    const percent = Math.round((inUseBytes / limitBytes) * 100)
-    options.log({ level: 'warn', event: 'preload_memory_high', inUseBytes, limitBytes, percent })
+  if (ratio > memoryWarnRatio) {
+    options.log({ level: 'warn', event: 'preload_memory_high', what, inUseBytes, limitBytes, percent: Math.round(ratio * 100) })
   }
 }
 

@@ -1,4 +1,4 @@
-import { randomBytes } from 'node:crypto'
+import { randomFillSync } from 'node:crypto'
 import { createServer, type Server, type Socket } from 'node:net'
 import type { StreamAddress } from '../config.js'
 import { CoalescingWriter } from '../protocol/coalescingWriter.js'
@@ -70,6 +70,12 @@ export class EnclaveService {
       this.preloaded = undefined
       this.preloadRefusal = `preload failed: ${error instanceof PreloadError ? error.message : 'unexpected error'}`
     }
+  }
+
+  /** Zeroes the preloaded account keys (at shutdown); the key cache is cleared by its owner. */
+  clear(): void {
+    this.preloaded?.clear()
+    this.preloaded = undefined
   }
 
   /** For the key cache's `unlock` option: unwrap the DEK the parent last handed over. */
@@ -161,7 +167,8 @@ export class EnclaveService {
 /** 32 random bytes that are a valid secp256k1 key (from the kernel RNG, checked at start-up in production). */
 function generatePrivateKey(): Uint8Array {
   for (;;) {
-    const candidate = new Uint8Array(randomBytes(32))
+    // Filled in place: a Buffer from randomBytes() may sit in Node's shared pool, where it could not be zeroed alone.
+    const candidate = randomFillSync(new Uint8Array(32))
     if (secp256k1.privateKeyVerify(candidate)) return candidate
     zero(candidate)
   }

@@ -1,6 +1,5 @@
 import { createServer as createHttpServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http'
 import { createServer as createHttpsServer } from 'node:https'
-import { hexToBytes, isHex, size } from 'viem'
 import type { RequestVerifier } from '../protocol/requestSigning.js'
 import type { KeyState } from '../types.js'
 import { originMetrics } from './metrics.js'
@@ -15,6 +14,7 @@ export type ParentApiOptions = {
 }
 
 const maxBodyBytes = 16 * 1024
+const utf8 = new TextDecoder()
 
 /**
  * The parent's HTTP(S) API for the Worker: create, sign, get, freeze /
@@ -23,8 +23,15 @@ const maxBodyBytes = 16 * 1024
  */
 export function createParentApi(options: ParentApiOptions): Server {
   const metrics = originMetrics(options.parent)
-  // Bound once: observing a labelled child skips hashing the labels on every sign.
-  const phaseLatency = Object.fromEntries((['enclave', 'queue', 'rpc', 'total'] as const).map((phase) => [phase, metrics.signLatency.labels(phase)]))
+  // Labelled children bound once: prom-client would otherwise hash the labels on every request.
+  const phaseLatency = { enclave: metrics.signLatency.labels('enclave'), queue: metrics.signLatency.labels('queue'), rpc: metrics.signLatency.labels('rpc'), total: metrics.signLatency.labels('total') }
+  const requestCounters = new Map<string, { inc(): void }>()
+  const countRequest = (route: string, status: number) => {
+    const key = `${route} ${status}`
+    let counter = requestCounters.get(key)
+    if (!counter) requestCounters.set(key, (counter = metrics.requests.labels(route, String(status))))
+    counter.inc()
+  }
 
   const send = (response: ServerResponse, status: number, body: unknown, headers: Record<string, string> = {}) => {
     const json = JSON.stringify(body)
@@ -44,7 +51,7 @@ export function createParentApi(options: ParentApiOptions): Server {
     }
     if (request.method === 'GET' && path === '/metrics') {
       route.name = 'metrics'
-      response.writeHead(200, { 'content-type': metrics.registry.contentType }).end(await metrics.registry.metrics())
+      response.writeHead(200, { 'content-type': metrics.contentType }).end(await metrics.text())
       return
     }
 
@@ -65,7 +72,8 @@ export function createParentApi(options: ParentApiOptions): Server {
       return send(response, 200, { ok: true })
     }
     if (keyRoute) {
-      const keyId = decodeURIComponent(keyRoute[1]!)
+      const keyId = decodedPathSegment(keyRoute[1]!)
+      if (keyId === undefined) return send(response, 400, { error: 'the key id in the path is not valid percent-encoding' })
       const action = keyRoute[2]
       if (request.method === 'GET' && !action) {
         route.name = 'get'
@@ -78,10 +86,13 @@ export function createParentApi(options: ParentApiOptions): Server {
         const started = performance.now()
         const { rpcMs, enclaveMs, ...signed } = await options.parent.sign(keyId, digest)
         const totalMs = performance.now() - started
-        const phases = { enclave: enclaveMs, queue: Math.max(0, rpcMs - enclaveMs), rpc: rpcMs, total: totalMs }
-        for (const [phase, ms] of Object.entries(phases)) phaseLatency[phase]!.observe(ms / 1_000)
+        const queueMs = Math.max(0, rpcMs - enclaveMs)
+        phaseLatency.enclave.observe(enclaveMs / 1_000)
+        phaseLatency.queue.observe(queueMs / 1_000)
+        phaseLatency.rpc.observe(rpcMs / 1_000)
+        phaseLatency.total.observe(totalMs / 1_000)
         // Server-Timing lets a caller (and the benchmark) split its latency by phase.
-        const timing = Object.entries(phases).map(([phase, ms]) => `${phase};dur=${ms.toFixed(3)}`).join(', ')
+        const timing = `enclave;dur=${enclaveMs.toFixed(3)}, queue;dur=${queueMs.toFixed(3)}, rpc;dur=${rpcMs.toFixed(3)}, total;dur=${totalMs.toFixed(3)}`
         return send(response, 200, signed, { 'server-timing': timing })
       }
       const states: Record<string, KeyState> = { freeze: 'frozen', unfreeze: 'active', archive: 'archived' }
@@ -101,9 +112,9 @@ export function createParentApi(options: ParentApiOptions): Server {
       .catch((error: unknown) => {
         if (error instanceof NeedsUnlockError) {
           metrics.needsUnlock.inc()
-          // Jittered so a burst of callers does not come back at the same instant.
-          const retryAfterMs = Math.round(error.retryAfterMs * (0.75 + Math.random() / 2))
-          return send(response, 503, { error: 'needs_unlock', retryAfterMs }, { 'retry-after': '1', 'retry-after-ms': String(retryAfterMs) })
+          // The enclave has jittered it already (50–200 ms); Retry-After itself counts whole seconds.
+          const { retryAfterMs } = error
+          return send(response, 503, { error: 'needs_unlock', retryAfterMs }, { 'retry-after': String(Math.max(1, Math.ceil(retryAfterMs / 1_000))), 'retry-after-ms': String(retryAfterMs) })
         }
         if (error instanceof OriginRequestError) {
           return send(response, { 'not-found': 404, 'not-active': 409, 'bad-request': 400, unavailable: 503 }[error.kind], { error: error.message })
@@ -111,7 +122,7 @@ export function createParentApi(options: ParentApiOptions): Server {
         options.log({ level: 'error', event: 'origin_request_failed', route: route.name, error: (error as Error).message })
         return send(response, 503, { error: 'origin unavailable' })
       })
-      .finally(() => metrics.requests.inc({ route: route.name, status: String(response.statusCode) }))
+      .finally(() => countRequest(route.name, response.statusCode))
   }
   const server = options.tls
     ? createHttpsServer(
@@ -121,6 +132,14 @@ export function createParentApi(options: ParentApiOptions): Server {
     : createHttpServer(listener)
   server.keepAliveTimeout = 60_000
   return server
+}
+
+function decodedPathSegment(segment: string): string | undefined {
+  try {
+    return decodeURIComponent(segment)
+  } catch {
+    return undefined
+  }
 }
 
 function header(request: IncomingMessage, name: string): string | undefined {
@@ -150,7 +169,7 @@ function readBody(request: IncomingMessage): Promise<Uint8Array | undefined> {
 function preloadIdentityOf(body: Uint8Array): string | undefined {
   if (body.length === 0) return undefined
   try {
-    const { preloadIdentity } = JSON.parse(new TextDecoder().decode(body)) as { preloadIdentity?: unknown }
+    const { preloadIdentity } = JSON.parse(utf8.decode(body)) as { preloadIdentity?: unknown }
     return typeof preloadIdentity === 'string' && preloadIdentity !== '' ? preloadIdentity : undefined
   } catch {
     return undefined
@@ -159,8 +178,8 @@ function preloadIdentityOf(body: Uint8Array): string | undefined {
 
 function parseDigest(body: Uint8Array): Uint8Array | undefined {
   try {
-    const { digest } = JSON.parse(new TextDecoder().decode(body)) as { digest?: unknown }
-    return typeof digest === 'string' && isHex(digest) && size(digest) === 32 ? hexToBytes(digest) : undefined
+    const { digest } = JSON.parse(utf8.decode(body)) as { digest?: unknown }
+    return typeof digest === 'string' && /^0x[0-9a-fA-F]{64}$/.test(digest) ? Buffer.from(digest.slice(2), 'hex') : undefined
   } catch {
     return undefined
   }

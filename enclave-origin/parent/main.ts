@@ -1,5 +1,5 @@
 import { readFileSync } from 'node:fs'
-import { listenAddress, logLine, numberSetting, setting } from '../config.js'
+import { integerSetting, listenAddress, logLine, setting } from '../config.js'
 import { nodeHashing } from '../protocol/nodeHashing.js'
 import { RequestVerifier } from '../protocol/requestSigning.js'
 import { S3Client } from '@aws-sdk/client-s3'
@@ -39,7 +39,12 @@ export async function runParent(): Promise<() => Promise<void>> {
           onCompaction: ({ outcome, ...details }) =>
             logLine(outcome === 'compacted' ? { event: 'blob_store_compacted', ...details } : { level: 'error', event: 'blob_store_compaction_failed', ...details }),
         })
-  const parent = new OriginParent({ enclaves, poolSize: numberSetting('POOL_SIZE', 16), store, requestTimeoutMs: numberSetting('REQUEST_TIMEOUT_MS', 2_000) })
+  const parent = new OriginParent({
+    enclaves,
+    poolSize: integerSetting('POOL_SIZE', { min: 1, max: 256, fallback: 16 }),
+    store,
+    requestTimeoutMs: integerSetting('REQUEST_TIMEOUT_MS', { min: 10, max: 60_000, fallback: 2_000 }),
+  })
   await parent.start()
   const secrets = Object.fromEntries(
     setting('ORIGIN_HMAC_KEYS').split(',').map((pair) => {

@@ -1,10 +1,15 @@
 import { Counter, Gauge, Histogram, Registry } from 'prom-client'
+import { batchSizeBuckets, type SignEngineStats } from '../enclave/engine.js'
+import { rehydrateBucketsMs, type KeyCacheStats } from '../enclave/keyCache.js'
 import type { OriginParent } from './origin.js'
 
 /**
- * The parent's Prometheus metrics. Enclave-side figures (cache states,
- * refreshes, batch sizes) arrive with each enclave's HEALTH answer and are
- * read at scrape time.
+ * The parent's Prometheus metrics. Its own (sign latency by phase, requests,
+ * NEEDS_UNLOCK answers, inflight) live in a prom-client registry. The
+ * enclaves' (cache states, refreshes, unlocks, grace signatures, rehydrate
+ * latency, engine queue and batch sizes) are counters and histograms the
+ * enclave keeps; they arrive with one HEALTH answer per enclave per scrape and
+ * are written out under their own names (`enclaveMetricsText`).
  */
 export function originMetrics(parent: OriginParent) {
   const registry = new Registry()
@@ -25,42 +30,67 @@ export function originMetrics(parent: OriginParent) {
       this.set(parent.inflight)
     },
   })
-  // One HEALTH round trip per enclave per scrape, shared by the gauges below (each collects on its own).
-  let snapshot: { at: number; health: ReturnType<OriginParent['health']> } | undefined
-  const enclaveHealth = () => {
-    const now = Date.now()
-    if (!snapshot || now - snapshot.at > 1_000) snapshot = { at: now, health: parent.health() }
-    return snapshot.health
-  }
-  const enclaveGauge = (name: string, help: string, pick: (stats: Record<string, unknown>) => Record<string, number>) =>
-    new Gauge({
-      name,
-      help,
-      labelNames: ['enclave', 'kind'],
-      registers: [registry],
-      async collect() {
-        this.reset()
-        for (const enclave of await enclaveHealth()) {
-          if (!enclave.stats) continue
-          for (const [kind, value] of Object.entries(pick(enclave.stats))) this.set({ enclave: enclave.id, kind }, value)
-        }
-      },
-    })
-  enclaveGauge('origin_enclave_cache_keys', 'Keys per cache state (WARM, COOL, INVALID).', (s) => numbers(s.cacheStates))
-  enclaveGauge('origin_enclave_cache_events', 'Cache counters: refreshes, refresh failures, unlocks, needs-unlock answers, grace signatures, rehydrate latency.', (s) =>
-    numbers(s.cache),
-  )
-  enclaveGauge('origin_enclave_engine', 'Signing engine: inflight, queued, batches, mean batch size.', (s) => numbers(s.engine))
-  return { registry, signLatency, requests, needsUnlock }
+  const text = async () => `${await registry.metrics()}${enclaveMetricsText(await parent.health())}`
+  return { text, contentType: registry.contentType, signLatency, requests, needsUnlock }
 }
 
-/** The numeric fields of an object, flattened one level (`a.b`). */
-function numbers(value: unknown, prefix = ''): Record<string, number> {
-  const out: Record<string, number> = {}
-  if (typeof value !== 'object' || value === null) return out
-  for (const [key, field] of Object.entries(value)) {
-    if (typeof field === 'number') out[`${prefix}${key}`] = field
-    else if (typeof field === 'object' && field !== null && !prefix) Object.assign(out, numbers(field, `${key}.`))
+type EnclaveHealth = Awaited<ReturnType<OriginParent['health']>>[number]
+
+type Family = { name: string; help: string; type: 'counter' | 'gauge' | 'histogram'; samples: string[] }
+
+/** Prometheus text for the figures each enclave reported; an enclave that did not answer adds only `origin_enclave_up 0`. */
+export function enclaveMetricsText(enclaves: EnclaveHealth[]): string {
+  const families = new Map<string, Family>()
+  const add = (family: Omit<Family, 'samples'>, labels: Record<string, string>, value: number, suffix = '') => {
+    let entry = families.get(family.name)
+    if (!entry) families.set(family.name, (entry = { ...family, samples: [] }))
+    const rendered = Object.entries(labels)
+      .map(([key, label]) => `${key}="${label.replace(/["\\\n]/g, (c) => (c === '\n' ? '\\n' : `\\${c}`))}"`)
+      .join(',')
+    entry.samples.push(`${family.name}${suffix}{${rendered}} ${value}`)
   }
-  return out
+  const histogram = (family: Omit<Family, 'samples' | 'type'>, labels: Record<string, string>, h: { bounds: number[]; counts: number[]; sum: number }) => {
+    const type = { ...family, type: 'histogram' as const }
+    let cumulative = 0
+    h.bounds.forEach((bound, i) => add(type, { ...labels, le: String(bound) }, (cumulative += h.counts[i] ?? 0), '_bucket'))
+    const count = cumulative + (h.counts[h.bounds.length] ?? 0)
+    add(type, { ...labels, le: '+Inf' }, count, '_bucket')
+    add(type, labels, h.sum, '_sum')
+    add(type, labels, count, '_count')
+  }
+
+  for (const enclave of enclaves) {
+    const labels = { enclave: enclave.id }
+    add({ name: 'origin_enclave_up', help: 'Whether the enclave answered HEALTH for this scrape.', type: 'gauge' }, labels, enclave.ok ? 1 : 0)
+    const stats = enclave.stats as { cacheStates?: Record<string, number>; cache?: Omit<KeyCacheStats, 'keys'>; engine?: SignEngineStats } | undefined
+    if (!enclave.ok || !stats?.cache || !stats.engine || !stats.cacheStates) continue
+    const { cache, engine } = stats
+    for (const [state, count] of Object.entries(stats.cacheStates)) {
+      add({ name: 'origin_enclave_keys', help: 'Keys in the enclave cache by state: WARM (signs now), COOL (re-derived from its sealed record on use), INVALID (needs an unlock).', type: 'gauge' }, { ...labels, state }, count)
+    }
+    const counter = (name: string, help: string, value: number) => add({ name, help, type: 'counter' }, labels, value)
+    counter('origin_enclave_key_refreshes_total', 'Plaintext keys re-derived from their sealed records, inline and in the background.', cache.refreshes)
+    counter('origin_enclave_key_refresh_failures_total', 'Refreshes that failed (a record that would not open, or no data key).', cache.refreshFailures)
+    counter('origin_enclave_unlocks_total', 'Data keys installed by an unlock.', cache.unlocks)
+    counter('origin_enclave_unlock_failures_total', 'Unlocks that failed.', cache.unlockFailures)
+    counter('origin_enclave_needs_unlock_total', 'Requests the enclave answered NEEDS_UNLOCK.', cache.needsUnlock)
+    counter('origin_enclave_grace_signatures_total', 'Signatures given on grace while the data key was gone (each one audited).', cache.graceSignatures)
+    counter('origin_enclave_rehydrate_over_budget_total', 'Inline re-derivations that took longer than their budget.', cache.inlineRefreshOverBudget)
+    histogram(
+      { name: 'origin_enclave_rehydrate_seconds', help: 'Inline re-derivation (COOL to WARM) latency.' },
+      labels,
+      { bounds: rehydrateBucketsMs.map((ms) => ms / 1_000), counts: cache.inlineRefreshMs.buckets, sum: cache.inlineRefreshMs.sum / 1_000 },
+    )
+    const gauge = (name: string, help: string, value: number) => add({ name, help, type: 'gauge' }, labels, value)
+    gauge('origin_enclave_engine_threads', 'Signing threads.', engine.threads)
+    gauge('origin_enclave_engine_inflight', 'Signs held by the signing threads.', engine.inflight)
+    gauge('origin_enclave_engine_queue_depth', 'Signs waiting in the open batch.', engine.queued)
+    counter('origin_enclave_engine_inline_signs_total', 'Signs made on the enclave event loop while the threads were idle.', engine.inline)
+    histogram(
+      { name: 'origin_enclave_engine_batch_size', help: 'Signs per message to a signing thread.' },
+      labels,
+      { bounds: batchSizeBuckets, counts: engine.batchSizes, sum: Math.round(engine.meanBatchSize * engine.batches) },
+    )
+  }
+  return [...families.values()].map((f) => `# HELP ${f.name} ${f.help}\n# TYPE ${f.name} ${f.type}\n${f.samples.join('\n')}\n`).join('\n')
 }

@@ -152,7 +152,8 @@ export class OriginParent {
     }
     const rpcMs = performance.now() - started
     const { signature, recoveryId, enclaveMicros } = decodeSignResponse(this.check(enclave, frame).payload)
-    return { signature: bytesToHex(signature), recoveryId, rpcMs, enclaveMs: enclaveMicros / 1_000 }
+    // Buffer's hex: several times cheaper than viem's per signature.
+    return { signature: `0x${Buffer.from(signature.buffer, signature.byteOffset, signature.byteLength).toString('hex')}`, recoveryId, rpcMs, enclaveMs: enclaveMicros / 1_000 }
   }
 
   /** An enclave that restarted has lost its records: hand it the stored one. */

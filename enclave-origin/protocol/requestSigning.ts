@@ -10,7 +10,9 @@ import { bytesToHex, hexToBytes, randomBytes } from '@noble/hashes/utils'
  * workerd included; the parent passes Node's native hashing (nodeHashing.ts),
  * several times cheaper per request.
  *
- * Signed string: METHOD \n path \n timestamp (unix ms) \n nonce \n hex(SHA-256(body)).
+ * Signed string: key id \n METHOD \n path \n timestamp (unix ms) \n nonce \n hex(SHA-256(body)).
+ * The key id is signed too, so that a request cannot be passed off as another
+ * client's where two clients were given the same secret.
  * Headers: x-origin-key-id, x-origin-timestamp, x-origin-nonce, x-origin-signature (hex).
  */
 
@@ -35,9 +37,9 @@ export const nobleHashing: RequestHashing = {
   hmacSha256: (key, data) => hmac(sha256, key, data),
 }
 
-function mac(options: { hashing: RequestHashing; secret: Uint8Array; method: string; path: string; timestamp: string; nonce: string; body: Uint8Array }): Uint8Array {
+function mac(options: { hashing: RequestHashing; keyId: string; secret: Uint8Array; method: string; path: string; timestamp: string; nonce: string; body: Uint8Array }): Uint8Array {
   const { hashing } = options
-  const signed = [options.method.toUpperCase(), options.path, options.timestamp, options.nonce, bytesToHex(hashing.sha256(options.body))].join('\n')
+  const signed = [options.keyId, options.method.toUpperCase(), options.path, options.timestamp, options.nonce, bytesToHex(hashing.sha256(options.body))].join('\n')
   return hashing.hmacSha256(options.secret, encoder.encode(signed))
 }
 
@@ -95,7 +97,7 @@ export class RequestVerifier {
     this.forgetOldNonces(now)
     const nonceKey = `${keyId}:${nonce}`
     if (this.seen.has(nonceKey)) return 'replayed'
-    const expected = mac({ ...options, hashing: this.hashing, secret, timestamp, nonce })
+    const expected = mac({ ...options, hashing: this.hashing, keyId, secret, timestamp, nonce })
     if (!equalInConstantTime(hexToBytes(signature), expected)) return 'bad-signature'
     this.seen.set(nonceKey, now)
     return undefined

@@ -21,6 +21,8 @@ let server: Server
 let url: string
 let unlockingFor = 0
 let retryAfterMs = 30
+/** Answer 503s with the standard Retry-After (seconds) alone, as a proxy in front of the parent might. */
+let secondsOnly = false
 const seen: string[] = []
 
 beforeAll(async () => {
@@ -35,7 +37,8 @@ beforeAll(async () => {
     if (request.method === 'GET') return response.writeHead(200).end(JSON.stringify({ address: privateKeyToAddress(originKey) }))
     if (unlockingFor > 0) {
       unlockingFor--
-      return response.writeHead(503, { 'retry-after': '1', 'retry-after-ms': String(retryAfterMs) }).end(JSON.stringify({ error: 'needs_unlock' }))
+      const headers: Record<string, string> = secondsOnly ? { 'retry-after': '1' } : { 'retry-after': '1', 'retry-after-ms': String(retryAfterMs) }
+      return response.writeHead(503, headers).end(JSON.stringify({ error: 'needs_unlock' }))
     }
     const { digest } = JSON.parse(new TextDecoder().decode(body)) as { digest: Hex }
     const signature = secp256k1.sign(hexToBytes(digest), hexToBytes(originKey))
@@ -69,6 +72,21 @@ describe('keyless backend', () => {
     const started = Date.now()
     await expect(signer.signDigest(digest)).resolves.toMatchObject({ signedBy: 'origin' })
     expect(Date.now() - started).toBeGreaterThanOrEqual(60)
+    expect(unlockingFor).toBe(0)
+  })
+
+  it('honours a plain Retry-After in seconds when the origin sends no Retry-After-Ms', async () => {
+    const signer = keyless(1_500)
+    await signer.address()
+    unlockingFor = 1
+    secondsOnly = true
+    const started = Date.now()
+    try {
+      await expect(signer.signDigest(digest)).resolves.toMatchObject({ signedBy: 'origin' })
+    } finally {
+      secondsOnly = false
+    }
+    expect(Date.now() - started).toBeGreaterThanOrEqual(1_000)
     expect(unlockingFor).toBe(0)
   })
 

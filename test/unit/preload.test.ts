@@ -6,6 +6,7 @@ import { armor, Decrypter, Encrypter } from 'age-encryption'
 import { generatePrivateKey } from 'viem/accounts'
 import { hexToBytes } from 'viem'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
+import { memoryWatch, processMemory, type MemoryGauge } from '../../enclave-origin/enclave/memory.js'
 import { loadPreloadFile, maxAccountIdBytes, PreloadedKeys, PreloadError } from '../../enclave-origin/enclave/preload.js'
 import { generatePreloadIdentity, sealShareFile, type ShareFileEntry } from '../../enclave-origin/preloadFiles.js'
 
@@ -44,8 +45,8 @@ function collectingLog(): { log: (fields: Logged) => void; lines: Logged[] } {
 }
 
 /** Loads and expects a refusal; returns it so each test can pin what it says. */
-async function refusal(bytes: Uint8Array, options: { identity?: string; memoryLimitBytes?: number } = {}): Promise<PreloadError> {
-  const error = await loadPreloadFile({ bytes, identity: options.identity ?? identity, memoryLimitBytes: options.memoryLimitBytes, log: () => {} }).catch(
+async function refusal(bytes: Uint8Array, options: { identity?: string; memory?: () => MemoryGauge[] } = {}): Promise<PreloadError> {
+  const error = await loadPreloadFile({ bytes, identity: options.identity ?? identity, memory: options.memory, log: () => {} }).catch(
     (caught: unknown) => caught,
   )
   expect(error).toBeInstanceOf(PreloadError)
@@ -214,25 +215,57 @@ describe('loadPreloadFile against its memory limit', () => {
     file = await sealShareFile({ entries: generatedEntries(100), recipient })
   })
 
-  it('refuses when the process already uses more than the limit (measured for real)', async () => {
-    const error = await refusal(file, { memoryLimitBytes: 1024 })
-    expect(error.message).toMatch(/not enough memory.*memory limit/)
+  it('refuses when the process uses more than a limit, naming which (this process measured for real, with a 1 KiB heap limit)', async () => {
+    const realHeap = processMemory().find((gauge) => gauge.what === 'V8 heap')!
+    expect(realHeap.inUseBytes).toBeGreaterThan(1024)
+    const error = await refusal(file, { memory: () => [...processMemory(), { ...processMemory()[1]!, limitBytes: 1024 }] })
+    expect(error.message).toMatch(/^not enough memory: loading uses [\d.]+ MB of V8 heap, over its 0\.0 MB limit$/)
+  })
+
+  it('checks the resident set and the V8 heap by default: preloaded keys live off the heap', () => {
+    expect(processMemory().map((gauge) => gauge.what)).toEqual(['resident memory', 'V8 heap'])
+    for (const gauge of processMemory()) expect(gauge.inUseBytes).toBeGreaterThan(0)
   })
 
   it('loads but warns when memory in use passes 70% of the limit (limit at 1.2× usage)', async () => {
     const { log, lines } = collectingLog()
     const inUseBytes = 400 * 2 ** 20
-    const memoryLimitBytes = Math.round(inUseBytes * 1.2)
-    const { count } = await loadPreloadFile({ bytes: file, identity, log, memoryLimitBytes, memoryInUse: () => inUseBytes })
+    const limitBytes = Math.round(inUseBytes * 1.2)
+    const memory = () => [
+      { what: 'V8 heap', inUseBytes: 1, limitBytes: 100 },
+      { what: 'resident memory', inUseBytes, limitBytes },
+    ]
+    const { count } = await loadPreloadFile({ bytes: file, identity, log, memory })
     expect(count).toBe(100)
-    expect(lines[0]).toEqual({ level: 'warn', event: 'preload_memory_high', inUseBytes, limitBytes: memoryLimitBytes, percent: 83 })
+    expect(lines[0]).toEqual({ level: 'warn', event: 'preload_memory_high', what: 'resident memory', inUseBytes, limitBytes, percent: 83 })
     expect(lines[1]).toMatchObject({ event: 'preload_loaded', count: 100 })
   })
 
   it('stays quiet below 70% of the limit', async () => {
     const { log, lines } = collectingLog()
-    await loadPreloadFile({ bytes: file, identity, log, memoryLimitBytes: 1_000, memoryInUse: () => 699 })
+    await loadPreloadFile({ bytes: file, identity, log, memory: () => [{ what: 'resident memory', inUseBytes: 699, limitBytes: 1_000 }] })
     expect(lines.map((line) => line.event)).toEqual(['preload_loaded'])
+  })
+})
+
+describe('memoryWatch', () => {
+  it('warns once when memory passes 70% of its limit, and says when it is back below 65%', () => {
+    const { log, lines } = collectingLog()
+    let inUseBytes = 500
+    const watch = memoryWatch({ log, read: () => [{ what: 'resident memory', inUseBytes, limitBytes: 1_000 }] })
+    watch.check()
+    inUseBytes = 710
+    watch.check()
+    inUseBytes = 690
+    watch.check()
+    inUseBytes = 800
+    watch.check()
+    inUseBytes = 600
+    watch.check()
+    expect(lines).toEqual([
+      { level: 'warn', event: 'memory_high', what: 'resident memory', inUseBytes: 710, limitBytes: 1_000, percent: 71 },
+      { event: 'memory_normal', what: 'resident memory', inUseBytes: 600, limitBytes: 1_000, percent: 60 },
+    ])
   })
 })
 

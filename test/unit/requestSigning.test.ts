@@ -35,6 +35,13 @@ describe('HMAC request signing between the Worker and the parent', () => {
     expect(await check(fresh, await signed({ secret: 'wrong' }))).toBe('bad-signature')
   })
 
+  it('signs the key id: a request signed for one client is refused under another client id with the same secret', async () => {
+    const verifier = new RequestVerifier({ secrets: { worker: 'shared-secret-for-tests', operator: 'shared-secret-for-tests' }, now: () => 1_000_000 })
+    const headers = await signed()
+    expect(await check(verifier, { ...headers, [signatureHeaders.keyId]: 'operator' })).toBe('bad-signature')
+    expect(await check(verifier, headers)).toBeUndefined()
+  })
+
   it('signs the same bytes with Node\u2019s native hashing as with the portable one, in both directions', async () => {
     for (const [signer, verifier] of [
       [nodeHashing, nobleHashing],

@@ -69,8 +69,8 @@ describe('SignEngine', () => {
   })
 
   it('gives identical (RFC 6979) signatures with batching on and off', async () => {
-    const batched = await started({ threads: 2 })
-    const unbatched = await started({ threads: 2, batching: false })
+    const batched = await started({ threads: 2, inlinePerTurn: 0 })
+    const unbatched = await started({ threads: 2, batching: false, inlinePerTurn: 0 })
     const requests = Array.from({ length: 200 }, randomRequest)
     const a = await Promise.all(requests.map((request) => batched.sign(request)))
     const b = await Promise.all(requests.map((request) => unbatched.sign(request)))
@@ -79,17 +79,50 @@ describe('SignEngine', () => {
     expect(batched.stats().batches).toBeLessThan(200)
   })
 
-  it('sends urgent requests on their own', async () => {
-    const engine = await started({ threads: 1, maxWaitMs: 1000 })
-    const requests = Array.from({ length: 3 }, randomRequest)
-    const results = await Promise.all(requests.map((request) => engine.sign({ ...request, urgent: true })))
+  it('signs the first requests of a turn on the calling thread while no thread has work, and the rest on the threads', async () => {
+    const engine = await started({ threads: 1, inlinePerTurn: 3, maxWaitMs: 1 })
+    const requests = Array.from({ length: 6 }, randomRequest)
+    const signing = requests.map((request) => engine.sign(request))
+    // Three were signed before sign() returned; the fourth went alone to the idle thread, the last two wait in a batch.
+    expect(engine.stats()).toMatchObject({ inline: 3, batches: 1, queued: 2 })
+    const results = await Promise.all(signing)
     for (const [i, result] of results.entries()) await expectValid(requests[i]!, result)
-    expect(engine.stats()).toMatchObject({ batches: 3, meanBatchSize: 1 })
+    expect(engine.stats()).toMatchObject({ inline: 3, batches: 2, meanBatchSize: 1.5 })
+  })
+
+  it('gives inline and thread signatures that are byte-for-byte the same', async () => {
+    const inline = await started({ threads: 1, inlinePerTurn: 1 })
+    const threaded = await started({ threads: 1, inlinePerTurn: 0 })
+    const request = randomRequest()
+    expect(await inline.sign(request)).toEqual(await threaded.sign(request))
+    expect(inline.stats()).toMatchObject({ inline: 1, batches: 0 })
+    expect(threaded.stats()).toMatchObject({ inline: 0, batches: 1 })
+  })
+
+  it('refills the inline allowance each event-loop turn, and signs nothing inline while the threads have work', async () => {
+    const engine = await started({ threads: 1, inlinePerTurn: 1, maxWaitMs: 10_000 })
+    const first = Array.from({ length: 50 }, () => engine.sign(randomRequest()))
+    expect(engine.stats().inline).toBe(1)
+    await new Promise((resolve) => setImmediate(resolve))
+    // The allowance is back, but the thread still holds the other 49.
+    const during = engine.sign(randomRequest())
+    expect(engine.stats().inline).toBe(1)
+    await Promise.all([...first, during])
+    await engine.sign(randomRequest())
+    expect(engine.stats().inline).toBe(2)
+  })
+
+  it('rejects an invalid (zero) key signed inline, and the engine goes on', async () => {
+    const engine = await started({ threads: 1, inlinePerTurn: 1 })
+    await expect(engine.sign({ privateKey: new Uint8Array(32), digest: new Uint8Array(32) })).rejects.toThrow(/invalid private key/)
+    await new Promise((resolve) => setImmediate(resolve))
+    const request = randomRequest()
+    await expectValid(request, await engine.sign(request))
   })
 
   it('rejects only the request with an invalid (zero) key, not the rest of its batch', async () => {
     // One thread, so the first request goes alone to the idle thread and the next four fill one batch.
-    const engine = await started({ threads: 1, maxBatch: 4, maxWaitMs: 10_000 })
+    const engine = await started({ threads: 1, maxBatch: 4, maxWaitMs: 10_000, inlinePerTurn: 0 })
     const requests = Array.from({ length: 5 }, randomRequest)
     requests[3] = { privateKey: new Uint8Array(32), digest: new Uint8Array(randomBytes(32)) }
     const settled = await Promise.allSettled(requests.map((request) => engine.sign(request)))
@@ -113,7 +146,7 @@ describe('SignEngine', () => {
   })
 
   it('rejects a dead thread\u2019s in-flight requests and replaces the thread', async () => {
-    const engine = await started({ threads: 1 })
+    const engine = await started({ threads: 1, inlinePerTurn: 0 })
     // A malformed batch makes the thread throw and die; the engine does not know it was sent,
     // so the next request goes to the same, idle-looking thread and queues behind it.
     const slots = (engine as unknown as { slots: { worker: { postMessage(message: unknown): void } }[] }).slots

@@ -1,0 +1,82 @@
+import { createServer, type Server, type Socket } from 'node:net'
+import { afterEach, beforeEach, describe, expect, it } from 'vitest'
+import { EnclavePool, EnclaveUnavailableError } from '../../enclave-origin/parent/enclavePool.js'
+import { encodeFrame, FrameDecoder, opcodes, type Frame } from '../../enclave-origin/protocol/frames.js'
+import { emptyPayload } from '../../enclave-origin/protocol/messages.js'
+
+/**
+ * The parent's connection pool against a real TCP server that records which
+ * connection each frame arrived on, and answers only when the test says so.
+ */
+
+const port = 18624
+let server: Server
+let sockets: Socket[]
+/** Frames received, with the index of the connection they came on. */
+let received: Array<{ connection: number; frame: Frame; socket: Socket }>
+let pool: EnclavePool | undefined
+
+beforeEach(async () => {
+  sockets = []
+  received = []
+  server = createServer((socket) => {
+    const connection = sockets.push(socket) - 1
+    const decoder = new FrameDecoder()
+    socket.on('data', (chunk: Uint8Array) => {
+      for (const frame of decoder.push(chunk)) received.push({ connection, frame, socket })
+    })
+    socket.on('error', () => {})
+  })
+  await new Promise<void>((resolve) => server.listen(port, '127.0.0.1', resolve))
+})
+
+afterEach(async () => {
+  pool?.close()
+  pool = undefined
+  for (const socket of sockets) socket.destroy()
+  await new Promise((resolve) => server.close(resolve))
+})
+
+const answerAll = () => {
+  for (const { frame, socket } of received.splice(0)) socket.write(encodeFrame({ requestId: frame.requestId, opcode: frame.opcode, status: 0, payload: emptyPayload }))
+}
+const until = async (check: () => boolean) => {
+  for (let i = 0; i < 200 && !check(); i++) await new Promise((resolve) => setTimeout(resolve, 5))
+  expect(check()).toBe(true)
+}
+const health = (timeoutMs = 5_000) => pool!.request({ opcode: opcodes.HEALTH, payload: emptyPayload, timeoutMs })
+
+describe('EnclavePool', () => {
+  it('spreads requests from different turns over the connections with the fewest in flight', async () => {
+    pool = new EnclavePool({ address: { host: '127.0.0.1', port }, size: 4 })
+    await pool.connect()
+    const answers: Array<Promise<Frame>> = []
+    for (let turn = 0; turn < 4; turn++) {
+      answers.push(health())
+      await until(() => received.length === turn + 1)
+    }
+    expect(new Set(received.map((r) => r.connection)).size).toBe(4)
+    answerAll()
+    await Promise.all(answers)
+  })
+
+  it('fails the requests of a connection that breaks at once, and replaces it', async () => {
+    pool = new EnclavePool({ address: { host: '127.0.0.1', port }, size: 1 })
+    await pool.connect()
+    const waiting = health()
+    await until(() => received.length === 1)
+    received.splice(0)[0]!.socket.destroy()
+    await expect(waiting).rejects.toThrow(EnclaveUnavailableError)
+    const next = health()
+    await until(() => received.length === 1)
+    answerAll()
+    expect((await next).status).toBe(0)
+    expect(sockets).toHaveLength(2)
+  })
+
+  it('fails a request the enclave does not answer in time', async () => {
+    pool = new EnclavePool({ address: { host: '127.0.0.1', port }, size: 1 })
+    await pool.connect()
+    await expect(health(50)).rejects.toThrow('the enclave did not answer within 50 ms')
+  })
+})

@@ -1,0 +1,79 @@
+import { randomBytes } from 'node:crypto'
+import { afterAll, describe, expect, it } from 'vitest'
+import { SignEngine } from '../../enclave-origin/enclave/engine.js'
+import { KeyCache } from '../../enclave-origin/enclave/keyCache.js'
+import { sealPrivateKey } from '../../enclave-origin/enclave/sealing.js'
+import { decodeHealthResponse, encodeHealthResponse } from '../../enclave-origin/protocol/messages.js'
+import { enclaveMetricsText } from '../../enclave-origin/parent/metrics.js'
+
+/**
+ * The enclave figures on the parent's /metrics: real key-cache and engine
+ * stats, through the HEALTH payload's codec, written out as Prometheus text.
+ */
+
+const engines: SignEngine[] = []
+afterAll(() => Promise.all(engines.map((engine) => engine.stop())))
+
+async function enclaveStats() {
+  const dek = new Uint8Array(randomBytes(32))
+  const cache = new KeyCache({ now: Date.now, unlock: async () => new Uint8Array(dek) })
+  cache.setDek(new Uint8Array(dek))
+  for (const keyId of ['a', 'b', 'c']) {
+    const privateKey = new Uint8Array(randomBytes(32))
+    cache.load({ keyId, version: 1, state: 'active', publicKey: new Uint8Array(65), sealed: sealPrivateKey({ privateKey, dek, keyId, version: 1 }) })
+  }
+  // Two COOL keys are rehydrated on use; the third stays COOL.
+  const used = ['a', 'b'].map((keyId) => cache.acquire(keyId))
+  const engine = new SignEngine({ threads: 1, inlinePerTurn: 1 })
+  engines.push(engine)
+  await engine.start()
+  await Promise.all(
+    used.flatMap((key) => (key.kind === 'ok' ? Array.from({ length: 5 }, () => engine.sign({ privateKey: key.privateKey, digest: new Uint8Array(randomBytes(32)) })) : [])),
+  )
+  const stats = cache.stats()
+  // As the enclave sends it and the parent reads it.
+  return decodeHealthResponse(encodeHealthResponse({ cacheStates: stats.keys, cache: { ...stats, keys: undefined }, engine: engine.stats() }))
+}
+
+/** name{labels} → value, for every sample line. */
+function samples(text: string): Map<string, number> {
+  const lines = text.split('\n').filter((line) => line !== '' && !line.startsWith('#'))
+  return new Map(lines.map((line) => [line.slice(0, line.lastIndexOf(' ')), Number(line.slice(line.lastIndexOf(' ') + 1))]))
+}
+
+describe('enclave metrics on the parent', () => {
+  it('names each figure as operators expect, with one HELP and TYPE per family across enclaves', async () => {
+    const stats = await enclaveStats()
+    const text = enclaveMetricsText([
+      { id: 'enclave-1', ok: true, inflight: 0, stats },
+      { id: 'enclave-2', ok: false, inflight: 0, error: 'connection refused' },
+    ])
+    const values = samples(text)
+    expect(values.get('origin_enclave_up{enclave="enclave-1"}')).toBe(1)
+    expect(values.get('origin_enclave_up{enclave="enclave-2"}')).toBe(0)
+    expect(values.get('origin_enclave_keys{enclave="enclave-1",state="WARM"}')).toBe(2)
+    expect(values.get('origin_enclave_keys{enclave="enclave-1",state="COOL"}')).toBe(1)
+    expect(values.get('origin_enclave_keys{enclave="enclave-1",state="INVALID"}')).toBe(0)
+    expect(values.get('origin_enclave_key_refreshes_total{enclave="enclave-1"}')).toBe(2)
+    expect(values.get('origin_enclave_rehydrate_seconds_count{enclave="enclave-1"}')).toBe(2)
+    expect(values.get('origin_enclave_engine_threads{enclave="enclave-1"}')).toBe(1)
+    expect(values.get('origin_enclave_engine_inline_signs_total{enclave="enclave-1"}')).toBe(1)
+    for (const family of ['origin_enclave_up', 'origin_enclave_keys', 'origin_enclave_grace_signatures_total', 'origin_enclave_engine_batch_size']) {
+      expect(text.match(new RegExp(`^# TYPE ${family} `, 'gm'))).toHaveLength(1)
+    }
+    // A down enclave reports nothing but its up gauge.
+    expect([...values.keys()].filter((name) => name.includes('enclave-2'))).toEqual(['origin_enclave_up{enclave="enclave-2"}'])
+  })
+
+  it('writes histograms with cumulative buckets whose +Inf equals the count', async () => {
+    const values = samples(enclaveMetricsText([{ id: 'e', ok: true, inflight: 0, stats: await enclaveStats() }]))
+    for (const family of ['origin_enclave_rehydrate_seconds', 'origin_enclave_engine_batch_size']) {
+      const buckets = [...values.entries()].filter(([name]) => name.startsWith(`${family}_bucket{`)).map(([, value]) => value)
+      expect(buckets.length).toBeGreaterThan(2)
+      expect(buckets).toEqual([...buckets].sort((a, b) => a - b))
+      expect(values.get(`${family}_bucket{enclave="e",le="+Inf"}`)).toBe(values.get(`${family}_count{enclave="e"}`))
+    }
+    // Ten signs: one inline, so the batch sizes add up to the nine the thread signed.
+    expect(values.get('origin_enclave_engine_batch_size_sum{enclave="e"}')).toBe(9)
+  })
+})

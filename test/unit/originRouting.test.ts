@@ -1,0 +1,113 @@
+import { mkdtempSync, rmSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import path from 'node:path'
+import { KMSClient } from '@aws-sdk/client-kms'
+import { recoverAddress, serializeSignature, type Hex } from 'viem'
+import { afterAll, beforeAll, describe, expect, it } from 'vitest'
+import type { StreamAddress } from '../../enclave-origin/config.js'
+import { developmentAttestation, KmsDataKeys } from '../../enclave-origin/enclave/dataKey.js'
+import { SignEngine } from '../../enclave-origin/enclave/engine.js'
+import { KeyCache } from '../../enclave-origin/enclave/keyCache.js'
+import { EnclaveService, serveEnclave } from '../../enclave-origin/enclave/server.js'
+import { openDiskBlobStore, type DiskBlobStore } from '../../enclave-origin/parent/diskBlobStore.js'
+import { HashRing } from '../../enclave-origin/parent/hashRing.js'
+import { OriginParent } from '../../enclave-origin/parent/origin.js'
+import { startLocalKms, type LocalKms } from '../support/kmsServer.js'
+
+/**
+ * The parent in front of two enclaves, one on a Unix socket and one on TCP,
+ * each a real enclave service with its own key cache and signing thread, the
+ * data key from the local KMS server: every key lives in the enclave the hash
+ * ring names, and signs there.
+ */
+
+let kms: LocalKms
+let directory: string
+let store: DiskBlobStore
+let parent: OriginParent
+const enclaves: Array<{ id: string; address: StreamAddress; cache: KeyCache; close(): Promise<void>; engine: SignEngine }> = []
+
+beforeAll(async () => {
+  kms = await startLocalKms({ port: 18685 })
+  const kmsKeyId = kms.createSymmetricKey()
+  directory = mkdtempSync(path.join(tmpdir(), 'origin-routing-'))
+  const addresses: Array<{ id: string; address: StreamAddress }> = [
+    { id: 'enclave-unix', address: { path: path.join(directory, 'enclave.sock') } },
+    { id: 'enclave-tcp', address: { host: '127.0.0.1', port: 18686 } },
+  ]
+  for (const { id, address } of addresses) {
+    const client = new KMSClient({ endpoint: kms.url, region: kms.credentials.region, credentials: kms.credentials, maxAttempts: 1 })
+    const dataKeys = new KmsDataKeys({ client, kmsKeyId, attestation: developmentAttestation })
+    const engine = new SignEngine({ threads: 1 })
+    await engine.start()
+    let service: EnclaveService | undefined
+    const cache = new KeyCache({ now: Date.now, unlock: () => service!.unwrapLastDek() })
+    service = new EnclaveService({ cache, engine, dataKeys, kmsKeyId })
+    const { close } = await serveEnclave({ service, address, log: () => {} })
+    enclaves.push({ id, address, cache, close, engine })
+  }
+  store = await openDiskBlobStore({ directory: path.join(directory, 'store') })
+  parent = new OriginParent({ enclaves: addresses, poolSize: 2, store, requestTimeoutMs: 2_000 })
+  await parent.start()
+})
+
+afterAll(async () => {
+  parent?.close()
+  await store?.close()
+  for (const enclave of enclaves) {
+    await enclave.close()
+    await enclave.engine.stop()
+  }
+  await kms?.stop()
+  rmSync(directory, { recursive: true, force: true })
+})
+
+describe('OriginParent with several enclaves', () => {
+  it('creates each key in the enclave the hash ring picks, over a Unix socket and TCP alike, and signs it there', async () => {
+    const keys = await Promise.all(Array.from({ length: 40 }, () => parent.createKey()))
+    const ring = new HashRing(enclaves.map((enclave) => ({ id: enclave.id, node: enclave })))
+    const perEnclave = new Map<string, number>()
+    for (const key of keys) {
+      const owner = ring.nodeFor(key.keyId)
+      perEnclave.set(owner.id, (perEnclave.get(owner.id) ?? 0) + 1)
+      expect(owner.cache.get(key.keyId)).toBeDefined()
+      for (const other of enclaves.filter((enclave) => enclave !== owner)) expect(other.cache.get(key.keyId)).toBeUndefined()
+    }
+    expect([...perEnclave.keys()].sort()).toEqual(['enclave-tcp', 'enclave-unix'])
+
+    const digest = `0x${'ab'.repeat(32)}` as Hex
+    for (const key of keys.slice(0, 10)) {
+      const { signature, recoveryId } = await parent.sign(key.keyId, Buffer.from(digest.slice(2), 'hex'))
+      const recovered = await recoverAddress({ hash: digest, signature: serializeSignature({ r: `0x${signature.slice(2, 66)}`, s: `0x${signature.slice(66)}`, yParity: recoveryId }) })
+      expect(recovered).toBe(key.address)
+    }
+  })
+})
+
+describe('HashRing', () => {
+  const ids = Array.from({ length: 3_000 }, (_, i) => `key-${i}`)
+
+  it('spreads keys evenly and moves only about a third of them to a third node', () => {
+    const two = new HashRing([
+      { id: 'a', node: 'a' },
+      { id: 'b', node: 'b' },
+    ])
+    const three = new HashRing([
+      { id: 'a', node: 'a' },
+      { id: 'b', node: 'b' },
+      { id: 'c', node: 'c' },
+    ])
+    const onA = ids.filter((id) => two.nodeFor(id) === 'a').length
+    expect(onA / ids.length).toBeGreaterThan(0.4)
+    expect(onA / ids.length).toBeLessThan(0.6)
+    const moved = ids.filter((id) => two.nodeFor(id) !== three.nodeFor(id))
+    // Every key that moved went to the new node; none moved between the old two.
+    expect(moved.every((id) => three.nodeFor(id) === 'c')).toBe(true)
+    expect(moved.length / ids.length).toBeGreaterThan(0.25)
+    expect(moved.length / ids.length).toBeLessThan(0.42)
+  })
+
+  it('refuses an empty ring', () => {
+    expect(() => new HashRing([])).toThrow('at least one node')
+  })
+})

@@ -1,0 +1,94 @@
+import { afterEach, describe, expect, it } from 'vitest'
+import { integerSetting, listenAddress, redactSecrets } from '../../enclave-origin/config.js'
+import { developmentAttestation, type AttestationProvider } from '../../enclave-origin/enclave/dataKey.js'
+import { checkStartup } from '../../enclave-origin/enclave/startupChecks.js'
+
+/** What the origin's processes refuse or accept before they serve: start-up checks, settings, and what their logs may say. */
+
+const nitro: AttestationProvider = { kind: 'nitro', attestationDocument: async () => new Uint8Array([1]) }
+
+describe('enclave start-up checks', () => {
+  it('production refuses unless the current hardware RNG is the Nitro one', async () => {
+    for (const rng of ['tpm-rng-0', 'virtio_rng.0', '']) {
+      await expect(checkStartup({ profile: 'production', attestation: nitro, warn: () => {}, readRng: async () => `${rng}\n` })).rejects.toThrow(
+        `refusing to start: the current hardware RNG is "${rng}", not the Nitro "nsm-hwrng"`,
+      )
+    }
+    await expect(checkStartup({ profile: 'production', attestation: nitro, warn: () => {}, readRng: () => Promise.reject(new Error('ENOENT')) })).rejects.toThrow(
+      '"unreadable"',
+    )
+  })
+
+  it('production refuses without a Nitro attestation provider, even on the Nitro RNG', async () => {
+    await expect(checkStartup({ profile: 'production', attestation: developmentAttestation, warn: () => {}, readRng: async () => 'nsm-hwrng\n' })).rejects.toThrow(
+      'refusing to start: the production profile needs a Nitro attestation provider',
+    )
+    await expect(checkStartup({ profile: 'production', attestation: nitro, warn: () => {}, readRng: async () => 'nsm-hwrng\n' })).resolves.toBeUndefined()
+  })
+
+  it('development skips both checks, and says so', async () => {
+    const warnings: string[] = []
+    let rngRead = false
+    await checkStartup({
+      profile: 'development',
+      attestation: developmentAttestation,
+      warn: (line) => warnings.push(line),
+      readRng: async () => {
+        rngRead = true
+        return 'virtio_rng.0'
+      },
+    })
+    expect(rngRead).toBe(false)
+    expect(warnings).toEqual([expect.stringMatching(/RNG self-check skipped and no attestation/)])
+  })
+})
+
+describe('origin settings', () => {
+  const saved = { ...process.env }
+  afterEach(() => {
+    process.env = { ...saved }
+  })
+
+  it('takes whole numbers in range, the fallback when unset, and names the setting otherwise', () => {
+    const range = { min: 1, max: 256, fallback: 16 }
+    delete process.env.POOL_SIZE
+    expect(integerSetting('POOL_SIZE', range)).toBe(16)
+    process.env.POOL_SIZE = '32'
+    expect(integerSetting('POOL_SIZE', range)).toBe(32)
+    for (const bad of ['0', '257', '2.5', 'many']) {
+      process.env.POOL_SIZE = bad
+      expect(() => integerSetting('POOL_SIZE', range)).toThrow(`POOL_SIZE must be a whole number from 1 to 256, got ${bad}`)
+    }
+    delete process.env.ENGINE_THREADS
+    expect(() => integerSetting('ENGINE_THREADS', { min: 1, max: 8 })).toThrow('ENGINE_THREADS is not set')
+  })
+
+  it('reads vsock, host:port and Unix socket addresses', () => {
+    expect(listenAddress('vsock:16:7000')).toEqual({ vsock: { cid: 16, port: 7000 } })
+    expect(listenAddress('127.0.0.1:7000')).toEqual({ host: '127.0.0.1', port: 7000 })
+    expect(listenAddress('/run/enclave.sock')).toEqual({ path: '/run/enclave.sock' })
+  })
+})
+
+describe('log redaction', () => {
+  it('redacts secret-named fields at any depth and secret-looking values under any name', () => {
+    const line = redactSecrets({
+      event: 'unlock',
+      hmacSecret: 'shh',
+      nested: { sessionToken: 't', list: [{ password: 'p' }, 'AGE-SECRET-KEY-1QQQQ'], keyId: 'k-1' },
+      note: 'got -----BEGIN EC PRIVATE KEY----- in a message',
+      dek: new Uint8Array(32),
+      preloadIdentity: 'x',
+      bytes: new Uint8Array(4),
+    })
+    expect(line).toEqual({
+      event: 'unlock',
+      hmacSecret: '[redacted]',
+      nested: { sessionToken: '[redacted]', list: [{ password: '[redacted]' }, '[redacted]'], keyId: 'k-1' },
+      note: '[redacted]',
+      dek: '[redacted]',
+      preloadIdentity: '[redacted]',
+      bytes: '[4 bytes]',
+    })
+  })
+})
