@@ -523,6 +523,24 @@ describe('KeyCache pre-warmer', () => {
     expect(unlock.calls()).toBe(0)
   })
 
+  it('sweeps in steps of at most maxKeys keys, each step resuming where the last stopped', async () => {
+    const { cache, key, dekCopy, advance } = harness()
+    cache.setDek(dekCopy())
+    for (let i = 0; i < 10; i++) {
+      cache.addWarm({ record: key({ keyId: `hot-${i}` }).record, privateKey: randomSecret() })
+      cache.acquire(`hot-${i}`)
+    }
+    advance(14 * minute + 16_000)
+    const refreshesAfterEachStep: number[] = []
+    for (let step = 0; step < 4; step++) {
+      cache.tickPrewarm({ maxKeys: 4 })
+      await cache.idle()
+      refreshesAfterEachStep.push(cache.stats().refreshes)
+    }
+    // 4, 4 and 2 keys; the fourth step starts a new sweep, and those keys are fresh again.
+    expect(refreshesAfterEachStep).toEqual([4, 8, 10, 10])
+  })
+
   it('renews the DEK in the background before its soft TTL', async () => {
     // 55-minute soft TTL, renewed 5% (2 min 45 s) early.
     const { cache, key, dekCopy, advance, unlock } = harness()
