@@ -17,9 +17,11 @@
  *    counted as skipped, and skipped requests count as errors. Each open loop
  *    starts with every key WARM (one signature each) and runs 2 s at its rate
  *    unrecorded first: the steady state.
- * 5. The floor: the same direct open loops against a no-op server that speaks the
- *    enclave protocol (frameEcho.ts), which is what the machine, the sockets
- *    and this generator cost without any signing.
+ * 5. The floors: the same open loops against servers that sign nothing: one
+ *    that speaks the enclave protocol (frameEcho.ts) for the direct runs, and
+ *    a Node HTTP server (httpEcho.ts) for the runs through the parent. They
+ *    show what the machine, the sockets, Node's HTTP server and this
+ *    generator cost on their own.
  *
  * The HTTP client is httpLoadClient.ts over 500 pre-opened keep-alive
  * connections; digests come from a fast PRNG and request HMACs from Node's
@@ -57,12 +59,14 @@ const connections = Number(process.env.ORIGIN_CONNECTIONS ?? 500)
 const warmupSeconds = 2
 const offeredFractions = (process.env.ORIGIN_OFFERED_FRACTIONS ?? '0.6').split(',').map(Number)
 if (!offeredFractions.every((f) => f > 0 && f <= 1)) throw new Error(`ORIGIN_OFFERED_FRACTIONS must be fractions in (0, 1], got ${process.env.ORIGIN_OFFERED_FRACTIONS}`)
-const ports = { kms: 18971, enclave: 18972, parent: 18973, echo: 18974 }
+const ports = { kms: 18971, enclave: 18972, parent: 18973, echo: 18974, httpEcho: 18975 }
 const scenarios = [
   { name: '2 threads, batching', env: { ENGINE_THREADS: '2', ENGINE_BATCHING: '1' } },
   { name: '2 threads, no batching', env: { ENGINE_THREADS: '2', ENGINE_BATCHING: '0' } },
   { name: '1 thread, batching', env: { ENGINE_THREADS: '1', ENGINE_BATCHING: '1' } },
 ]
+/** Open loop only: under closed-loop load the threads always have work, so the inline path never runs there. */
+const withoutInline = { name: '2 threads, batching, no inline signing', env: { ENGINE_THREADS: '2', ENGINE_BATCHING: '1', ENGINE_INLINE_PER_TURN: '0' } }
 
 type Sample = { ok: boolean; needsUnlock: boolean; clientMs: number; rpcMs?: number; parentMs?: number; enclaveMs?: number }
 
@@ -148,7 +152,7 @@ async function rehydrateP95(origin: Origin): Promise<string> {
   return 'n/a'
 }
 
-/** The processes whose CPU a run reports: the origin's, or the frame echo's (in the enclave column). */
+/** The processes whose CPU a run reports: the origin's, or a floor server's (frame echo in the enclave column, HTTP echo in the parent's). */
 type Pids = () => { enclave?: number; parent?: number }
 
 function cpuOf(pids: Pids) {
@@ -178,8 +182,8 @@ type Send = (scheduledAt?: number) => Promise<Sample>
  * pre-opened keep-alive connections (each request takes a free one; the loops
  * never have more than `connections` in flight).
  */
-async function viaParent(origin: Origin, keyIds: string[]): Promise<{ send: Send; close(): void }> {
-  const { hostname, port } = new URL(origin.url)
+async function viaParent(url: string, keyIds: string[]): Promise<{ send: Send; close(): void }> {
+  const { hostname, port } = new URL(url)
   const all = await Promise.all(Array.from({ length: connections }, () => LeanHttpConnection.open({ host: hostname, port: Number(port), keepHeaders: ['server-timing'] })))
   const free = [...all]
   const send: Send = async (scheduledAt) => {
@@ -289,12 +293,12 @@ async function warmEveryKey(keyIds: string[]): Promise<void> {
   if (failed > 0) throw new Error(`warm-up: ${failed} of ${keyIds.length} signatures failed`)
 }
 
-/** The no-op protocol server (frameEcho.ts) as a child process, for the floor runs. */
-async function startFrameEcho(): Promise<{ pid: number; stop(): Promise<void> }> {
-  const child = spawn(process.execPath, ['--import', 'tsx', 'test/bench/frameEcho.ts', String(ports.echo)], { stdio: ['ignore', 'pipe', 'inherit'] })
+/** A no-op floor server (frameEcho.ts or httpEcho.ts) as a child process, listening once this resolves. */
+async function startFloorServer(script: 'frameEcho' | 'httpEcho', port: number): Promise<{ pid: number; stop(): Promise<void> }> {
+  const child = spawn(process.execPath, ['--import', 'tsx', `test/bench/${script}.ts`, String(port)], { stdio: ['ignore', 'pipe', 'inherit'] })
   await new Promise<void>((resolve, reject) => {
     child.stdout!.once('data', () => resolve())
-    child.once('exit', (code) => reject(new Error(`frame echo exited (${code})`)))
+    child.once('exit', (code) => reject(new Error(`${script} exited (${code})`)))
   })
   return { pid: child.pid!, stop: () => stopProcess(child) }
 }
@@ -367,7 +371,7 @@ async function main() {
     const pidsOfOrigin: Pids = () => origin!.pids()
     for (const scenario of scenarios) {
       const running = await restart(scenario.env)
-      const http = await viaParent(running, keyIds)
+      const http = await viaParent(running.url, keyIds)
       record(`closed loop, ${scenario.name}`, { ...(await closedLoop(pidsOfOrigin, http.send)), rehydrateP95: await rehydrateP95(running) })
       http.close()
       const enclave = await viaEnclave(keyIds)
@@ -377,17 +381,18 @@ async function main() {
 
     const best = Math.max(...results.filter((r) => r.scenario.startsWith('closed loop')).map((r) => r.throughput as number))
     const bestDirect = Math.max(...results.filter((r) => r.scenario.startsWith('enclave direct')).map((r) => r.throughput as number))
-    // Open loop at each offered fraction with batching; at the highest, also without (the A/B).
+    // Open loop at each offered fraction with the defaults; at the highest, also without batching and without inline signing (the A/B).
     const highest = Math.max(...offeredFractions)
     const openRuns = [
       ...offeredFractions.map((fraction) => ({ fraction, scenario: scenarios[0]! })),
       { fraction: highest, scenario: scenarios[1]! },
+      { fraction: highest, scenario: withoutInline },
     ]
     for (const { fraction, scenario } of openRuns) {
       const running = await restart(scenario.env)
       await warmEveryKey(keyIds)
       const percent = Math.round(fraction * 100)
-      const http = await viaParent(running, keyIds)
+      const http = await viaParent(running.url, keyIds)
       await openLoop(pidsOfOrigin, http.send, Math.round(best * fraction), warmupSeconds)
       record(`open loop ${percent}% of ${best}/s via parent, ${scenario.name}`, await openLoop(pidsOfOrigin, http.send, Math.round(best * fraction)))
       http.close()
@@ -396,21 +401,28 @@ async function main() {
       record(`open loop ${percent}% of ${bestDirect}/s direct, ${scenario.name}`, await openLoop(pidsOfOrigin, enclave.send, Math.round(bestDirect * fraction)))
       enclave.close()
     }
-    // The floor: the same direct open loops against a server that signs nothing.
+    // The floors: the same open loops against servers that sign nothing.
     await origin.stop()
-    const echo = await startFrameEcho()
-    try {
-      for (const fraction of offeredFractions) {
-        const client = await viaEnclave(keyIds, ports.echo)
-        await openLoop(() => ({ enclave: echo.pid }), client.send, Math.round(bestDirect * fraction), warmupSeconds)
-        record(`floor: no-op frame echo at ${Math.round(bestDirect * fraction)}/s`, await openLoop(() => ({ enclave: echo.pid }), client.send, Math.round(bestDirect * fraction)))
-        client.close()
+    const floors = [
+      { script: 'frameEcho' as const, port: ports.echo, rate: bestDirect, label: 'no-op frame echo (direct floor)', pids: (pid: number) => ({ enclave: pid }) },
+      { script: 'httpEcho' as const, port: ports.httpEcho, rate: best, label: 'no-op Node HTTP server (parent floor)', pids: (pid: number) => ({ parent: pid }) },
+    ]
+    for (const floor of floors) {
+      const server = await startFloorServer(floor.script, floor.port)
+      try {
+        for (const fraction of offeredFractions) {
+          const rate = Math.round(floor.rate * fraction)
+          const client = floor.script === 'frameEcho' ? await viaEnclave(keyIds, floor.port) : await viaParent(`http://127.0.0.1:${floor.port}`, keyIds)
+          await openLoop(() => floor.pids(server.pid), client.send, rate, warmupSeconds)
+          record(`floor: ${floor.label} at ${rate}/s`, await openLoop(() => floor.pids(server.pid), client.send, rate))
+          client.close()
+        }
+      } finally {
+        await server.stop()
       }
-    } finally {
-      await echo.stop()
     }
 
-    console.log(`\n${'scenario (in floor rows the enclave column is the echo server)'.padEnd(72)}  req/s   err%   503%  client p50/p99/p99.9 ms       rpc p99  enclave p99  parent p99  cores enclave/parent/gen/host`)
+    console.log(`\n${'scenario (in floor rows the enclave or parent column is the floor server)'.padEnd(72)}  req/s   err%   503%  client p50/p99/p99.9 ms       rpc p99  enclave p99  parent p99  cores enclave/parent/gen/host`)
     for (const r of results) {
       const latency = r.latencyMs as Record<string, Record<string, number>>
       const cpu = (r.cpu as { cores: Record<string, number> }).cores
