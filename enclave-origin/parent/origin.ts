@@ -189,7 +189,10 @@ export class OriginParent {
       this.enclaves.map(async (enclave) => {
         try {
           const frame = this.check(enclave, await this.call(enclave, opcodes.HEALTH, emptyPayload))
-          return { id: enclave.id, ok: true, inflight: enclave.pool.inflight, stats: decodeHealthResponse(frame.payload) }
+          const stats = decodeHealthResponse(frame.payload)
+          // In preload mode an enclave that cannot serve its accounts (not unlocked yet, or a bad file) is not healthy.
+          const refusal = (stats.preload as { refusal?: string | null } | undefined)?.refusal
+          return { id: enclave.id, ok: !refusal, inflight: enclave.pool.inflight, stats, ...(refusal ? { error: refusal } : {}) }
         } catch (error) {
           return { id: enclave.id, ok: false, inflight: enclave.pool.inflight, error: (error as Error).message }
         }

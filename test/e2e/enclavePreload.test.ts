@@ -40,18 +40,29 @@ afterAll(async () => {
 const digest = keccak256(toHex('custodial'))
 const sign = (accountId: string) => origin.request('POST', `/v1/keys/${accountId}/sign`, { digest })
 
+const health = async () => {
+  const response = await fetch(`${origin.url}/healthz`)
+  return { status: response.status, body: (await response.json()) as { enclaves: Array<{ ok: boolean; error?: string }> } }
+}
+
 it('refuses preloaded accounts until unlocked, then signs each with its own key', async () => {
   const before = await sign('account-3')
   expect(before.status).toBe(503)
   expect(before.body.error).toContain('preload file is not loaded yet')
+  const unhealthy = await health()
+  expect(unhealthy.status).toBe(503)
+  expect(unhealthy.body.enclaves[0]).toMatchObject({ ok: false, error: expect.stringContaining('preload file is not loaded yet') })
 
   const wrong = await origin.request('POST', '/v1/unlock', { preloadIdentity: (await generatePreloadIdentity()).identity })
   expect(wrong.status).toBe(400)
   expect(wrong.body.error).toContain('preload failed')
   expect((await sign('account-3')).body.error).toContain('preload failed')
 
+  expect((await health()).body.enclaves[0]).toMatchObject({ ok: false, error: expect.stringContaining('preload failed') })
+
   const unlocked = await origin.request('POST', '/v1/unlock', { preloadIdentity: readFileSync(path.join(dir, 'identity.txt'), 'utf8') })
   expect(unlocked.status).toBe(200)
+  expect((await health()).status).toBe(200)
   for (const account of [accounts[0]!, accounts[3]!, accounts[49]!]) {
     const signed = await sign(account.account_id)
     expect(signed.status).toBe(200)

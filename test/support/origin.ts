@@ -83,7 +83,8 @@ export async function startOrigin(options: { kms: LocalKms; kmsKeyId: string; en
     },
     startParent: async () => {
       const child = start('parent')
-      await until(async () => (await fetch(`${url}/healthz`)).ok, 'the parent', child, () => outputs.parent!)
+      // Listening, not healthy: a preload enclave is unhealthy until its unlock.
+      await until(async () => outputs.parent!.includes('"parent_listening"'), 'the parent', child, () => outputs.parent!)
     },
     kill: (which) =>
       new Promise<void>((resolve) => {
