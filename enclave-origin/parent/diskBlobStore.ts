@@ -1,4 +1,4 @@
-import { mkdir, open, rename, rm } from 'node:fs/promises'
+import { mkdir, open, rename, rm, writeFile } from 'node:fs/promises'
 import { dirname, join } from 'node:path'
 import { crc32 } from 'node:zlib'
 import { messageOf } from '../errors.js'
@@ -15,8 +15,12 @@ export { crc32 }
  *   u32le payloadLength ‖ u32le crc32(payloadLength ‖ payload) ‖ payload
  *
  * after a 16-byte magic header. A crash can only tear frames that were never
- * acknowledged (those after the last fsync), so on open everything from the
- * first frame that does not check out is truncated away.
+ * acknowledged (those after the last fsync), so on open what follows the last
+ * frame that checks out is truncated away. Frames that do not check out but
+ * are followed by ones that do are damage, not a torn tail: the scan skips to
+ * the next good frame rather than dropping every acknowledged record after
+ * it, the log is first copied aside (`records.log.damaged-<time>`) for
+ * whoever can recover more, and `onDamage` reports the byte ranges.
  *
  * Writes are group-committed: one write and one fsync for every record queued
  * within `groupCommitMs` (or `maxGroup` records, whichever comes first).
@@ -41,7 +45,12 @@ export type DiskBlobStoreOptions = {
   compactAfterFrames?: number
   /** Told of each compaction, done or failed (for the operator's log). */
   onCompaction?: (event: CompactionEvent) => void
+  /** Told when open found damaged frames in the middle of the log (for the operator's log, at error level). */
+  onDamage?: (event: DamageEvent) => void
 }
+
+/** Byte ranges of the log that held no good frame, each followed by good ones; and where the log as found was copied. */
+export type DamageEvent = { ranges: Array<{ offset: number; bytes: number }>; keptAside: string }
 
 export type CompactionEvent = { outcome: 'compacted'; droppedFrames: number; liveEntries: number; ms: number } | { outcome: 'failed'; error: string; /** True when the old log still serves; false when the store refuses writes until reopened. */ serving: boolean }
 
@@ -70,7 +79,7 @@ export const COMPACTING_FILE_NAME = 'records.log.compacting'
 const nodeFileSystem: BlobStoreFileSystem = { open: (path, flags) => open(path, flags) }
 
 export async function openDiskBlobStore(options: DiskBlobStoreOptions): Promise<DiskBlobStore> {
-  const { directory, groupCommitMs = 2, maxGroup = 1024, fileSystem = nodeFileSystem, compactAfterFrames = 10_000, onCompaction = () => {} } = options
+  const { directory, groupCommitMs = 2, maxGroup = 1024, fileSystem = nodeFileSystem, compactAfterFrames = 10_000, onCompaction = () => {}, onDamage = () => {} } = options
   if (!Number.isFinite(groupCommitMs) || groupCommitMs < 0) throw new RangeError('groupCommitMs must be a finite number ≥ 0')
   if (!Number.isInteger(maxGroup) || maxGroup < 1) throw new RangeError('maxGroup must be an integer ≥ 1')
 
@@ -85,7 +94,7 @@ export async function openDiskBlobStore(options: DiskBlobStoreOptions): Promise<
   const file = countingFile(rawFile, counters)
   let recovered: Awaited<ReturnType<typeof recoverIndex>>
   try {
-    recovered = await recoverIndex({ file, path, created })
+    recovered = await recoverIndex({ file, path, created, onDamage })
     // A new log's directory entry is not durable until the directory is fsynced, however often the file is.
     if (recovered.headerWritten) await syncDirectory(fileSystem, directory)
   } catch (error) {
@@ -93,7 +102,8 @@ export async function openDiskBlobStore(options: DiskBlobStoreOptions): Promise<
     throw error
   }
   const store = new GroupCommitStore({ file, index: recovered.records, frames: recovered.frames, counters, groupCommitMs, maxGroup, compaction: { fileSystem, directory, afterFrames: compactAfterFrames, onCompaction } })
-  const failure = await store.compactIfWasteful()
+  // After damage, a rewrite at once: the live log holds only good frames again, and the next open does not report (and copy) the same damage.
+  const failure = await store.compactIfWasteful({ force: recovered.damaged })
   if (failure) {
     await store.close().catch(() => {})
     throw failure
@@ -304,9 +314,9 @@ class GroupCommitStore implements DiskBlobStore {
    * trying again); after the rename the store must be reopened, and that
    * failure is returned (and refuses every later write).
    */
-  async compactIfWasteful(): Promise<Error | undefined> {
+  async compactIfWasteful({ force = false }: { force?: boolean } = {}): Promise<Error | undefined> {
     const live = this.index.liveCount()
-    if (this.failure || this.frames < this.compactAt || this.frames <= 2 * live) return this.failure
+    if (this.failure || (!force && (this.frames < this.compactAt || this.frames <= 2 * live))) return this.failure
     const started = performance.now()
     const outcome = await compact({ ...this.compaction, live: this.index.liveEntries() })
     if ('error' in outcome) {
@@ -383,6 +393,8 @@ const LOG_MAGIC = Buffer.from('sealed-blobs\x00v1\n', 'latin1')
 const FRAME_HEADER_BYTES = 8
 /** Records are a few hundred bytes; a length beyond this is a torn or corrupt frame, not a record. */
 const MAX_PAYLOAD_BYTES = 16 * 1024 * 1024
+/** The largest payload looked for when skipping past damage. */
+const MAX_RESYNC_PAYLOAD_BYTES = 64 * 1024
 
 async function openOrCreateLog(fileSystem: BlobStoreFileSystem, path: string): Promise<{ file: LogFile; created: boolean }> {
   try {
@@ -394,7 +406,7 @@ async function openOrCreateLog(fileSystem: BlobStoreFileSystem, path: string): P
 }
 
 /** Replays the log into an index, truncating a torn tail and writing the header of a new (or torn-at-birth) log. */
-async function recoverIndex({ file, path, created }: { file: LogFile; path: string; created: boolean }): Promise<{ records: RecordIndex; headerWritten: boolean; frames: number }> {
+async function recoverIndex({ file, path, created, onDamage }: { file: LogFile; path: string; created: boolean; onDamage: (event: DamageEvent) => void }): Promise<{ records: RecordIndex; headerWritten: boolean; frames: number; damaged: boolean }> {
   const records = new RecordIndex()
   const bytes = await readWholeFile(file)
   // A crash while creating the log can leave it empty or with part of the header: nothing was ever stored.
@@ -402,43 +414,75 @@ async function recoverIndex({ file, path, created }: { file: LogFile; path: stri
     if (bytes.length > 0) await file.truncate(0)
     await writeFully(file, LOG_MAGIC)
     await file.sync()
-    return { records, headerWritten: true, frames: 0 }
+    return { records, headerWritten: true, frames: 0, damaged: false }
   }
   if (!bytes.subarray(0, LOG_MAGIC.length).equals(LOG_MAGIC)) {
     // Truncating a file we do not recognise would destroy it; refuse instead.
     throw new Error(`${path} is not a sealed-blob log (bad header)`)
   }
-  const { entries, validLength } = scanFrames(bytes)
+  const { entries, validLength, damaged } = scanFrames(bytes)
+  if (damaged.length > 0) {
+    const keptAside = `${path}.damaged-${Date.now()}`
+    await writeFile(keptAside, bytes, { flag: 'wx', mode: 0o600, flush: true })
+    onDamage({ ranges: damaged, keptAside })
+  }
   for (const entry of entries) records.apply(entry)
   if (validLength < bytes.length) {
     await file.truncate(validLength)
     // Made durable before anything is appended, so new frames never sit behind old garbage after a crash.
     await file.sync()
   }
-  return { records, headerWritten: false, frames: entries.length }
+  return { records, headerWritten: false, frames: entries.length, damaged: damaged.length > 0 }
 }
 
 function isPrefixOfMagic(bytes: Buffer): boolean {
   return bytes.length < LOG_MAGIC.length && LOG_MAGIC.subarray(0, bytes.length).equals(bytes)
 }
 
-/** Decodes frames up to the first one that is cut short or fails its CRC. */
-function scanFrames(bytes: Buffer): { entries: LogEntry[]; validLength: number } {
+/**
+ * Decodes every frame that checks out. After one that does not, it looks for
+ * the next that does: found, the bytes between are a damaged range; not
+ * found, the rest is a torn tail and `validLength` ends before it.
+ */
+function scanFrames(bytes: Buffer): { entries: LogEntry[]; validLength: number; damaged: Array<{ offset: number; bytes: number }> } {
   const entries: LogEntry[] = []
+  const damaged: Array<{ offset: number; bytes: number }> = []
   let offset = LOG_MAGIC.length
   while (bytes.length - offset >= FRAME_HEADER_BYTES) {
-    const length = bytes.readUInt32LE(offset)
-    const checksum = bytes.readUInt32LE(offset + 4)
-    const end = offset + FRAME_HEADER_BYTES + length
-    // Zero length is never written: it is what a zero-filled tail (a crash after the size grew, before the data) looks like.
-    if (length === 0 || length > MAX_PAYLOAD_BYTES || end > bytes.length) break
-    const payload = bytes.subarray(offset + FRAME_HEADER_BYTES, end)
-    if (frameChecksum(payload) !== checksum) break
+    const end = frameEndAt(bytes, offset, MAX_PAYLOAD_BYTES)
+    if (end === undefined) {
+      const next = nextFrameAfter(bytes, offset)
+      if (next === undefined) break
+      damaged.push({ offset, bytes: next - offset })
+      offset = next
+      continue
+    }
     // A frame that checks out but does not decode was written on purpose (by a newer version?); do not truncate it away.
-    entries.push(decodeEntry(payload, offset))
+    entries.push(decodeEntry(bytes.subarray(offset + FRAME_HEADER_BYTES, end), offset))
     offset = end
   }
-  return { entries, validLength: offset }
+  return { entries, validLength: offset, damaged }
+}
+
+/** Where the frame at `offset` ends, if one with a payload of at most `maxPayload` bytes and a matching CRC starts there. */
+function frameEndAt(bytes: Buffer, offset: number, maxPayload: number): number | undefined {
+  const length = bytes.readUInt32LE(offset)
+  const end = offset + FRAME_HEADER_BYTES + length
+  // Zero length is never written: it is what a zero-filled tail (a crash after the size grew, before the data) looks like.
+  if (length === 0 || length > maxPayload || end > bytes.length) return undefined
+  return frameChecksum(bytes.subarray(offset + FRAME_HEADER_BYTES, end)) === bytes.readUInt32LE(offset + 4) ? end : undefined
+}
+
+/**
+ * The next offset after a bad frame where a good one starts, or undefined.
+ * Only payloads up to 64 KiB are tried (records are a few hundred bytes), so
+ * scanning a large damaged range does not checksum megabytes at every byte.
+ */
+function nextFrameAfter(bytes: Buffer, badOffset: number): number | undefined {
+  for (let offset = badOffset + 1; bytes.length - offset >= FRAME_HEADER_BYTES; offset++) {
+    if (frameEndAt(bytes, offset, MAX_RESYNC_PAYLOAD_BYTES) !== undefined) return offset
+  }
+  return undefined
 }
 
 async function readWholeFile(file: LogFile): Promise<Buffer> {

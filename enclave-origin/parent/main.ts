@@ -38,6 +38,7 @@ export async function runParent(): Promise<() => Promise<void>> {
           directory: setting('STORE_DIR'),
           onCompaction: ({ outcome, ...details }) =>
             logLine(outcome === 'compacted' ? { event: 'blob_store_compacted', ...details } : { level: 'error', event: 'blob_store_compaction_failed', ...details }),
+          onDamage: (damage) => logLine({ level: 'error', event: 'blob_store_damaged', ...damage }),
         })
   const parent = new OriginParent({
     enclaves,

@@ -11,6 +11,7 @@ import {
   openDiskBlobStore,
   type BlobStoreFileSystem,
   type CompactionEvent,
+  type DamageEvent,
   type DiskBlobStore,
   type LogFile,
 } from '../../enclave-origin/parent/diskBlobStore.js'
@@ -33,7 +34,7 @@ afterEach(async () => {
   await rm(directory, { recursive: true, force: true })
 })
 
-async function openStore(options: { fileSystem?: BlobStoreFileSystem; groupCommitMs?: number } = {}): Promise<DiskBlobStore> {
+async function openStore(options: { fileSystem?: BlobStoreFileSystem; groupCommitMs?: number; onDamage?: (event: DamageEvent) => void } = {}): Promise<DiskBlobStore> {
   const store = await openDiskBlobStore({ directory, ...options })
   opened.push(store)
   return store
@@ -358,6 +359,27 @@ describe('torn and corrupt tails', () => {
     const store = await openStore()
     expect(await listAll(store)).toHaveLength(3)
     expect((await stat(logPath())).size).toBe(sizeAfterThird)
+  })
+
+  it('skips a damaged record in the middle of the log, keeps every acknowledged record after it, and copies the log aside first', async () => {
+    const [sizeAfterFirst, sizeAfterSecond] = await storeThreeRecords()
+    const damagedLog = await readFile(logPath())
+    damagedLog[sizeAfterFirst! + 20]! ^= 0xff
+    await writeFile(logPath(), damagedLog)
+
+    const damage: DamageEvent[] = []
+    let store = await openStore({ onDamage: (event) => damage.push(event) })
+    expect((await listAll(store)).map((record) => record.keyId).sort()).toEqual(['key-1', 'key-3'])
+    expect(await store.get('key-3')).toEqual(sealedRecord(3))
+    expect(damage).toEqual([{ ranges: [{ offset: sizeAfterFirst, bytes: sizeAfterSecond! - sizeAfterFirst! }], keptAside: expect.stringContaining(`${LOG_FILE_NAME}.damaged-`) }])
+    expect(await readFile(damage[0]!.keptAside)).toEqual(damagedLog)
+
+    // The log was rewritten with its good frames: the next open finds no damage, and writes go on.
+    await store.put(sealedRecord(4))
+    await store.close()
+    store = await openStore({ onDamage: (event) => damage.push(event) })
+    expect((await listAll(store)).map((record) => record.keyId).sort()).toEqual(['key-1', 'key-3', 'key-4'])
+    expect(damage).toHaveLength(1)
   })
 
   it('re-creates a log whose header was torn at birth, and refuses a file that is not a log', async () => {
