@@ -1,4 +1,6 @@
+import { execFile } from 'node:child_process'
 import { mkdtempSync, rmSync } from 'node:fs'
+import { promisify } from 'node:util'
 import { tmpdir } from 'node:os'
 import path from 'node:path'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
@@ -126,6 +128,33 @@ describe('the enclave origin API', () => {
     expect(text).toMatch(/origin_enclave_key_refreshes_total\{enclave="enclave-1"\} \d+/)
     expect(text).toMatch(/origin_enclave_engine_batch_size_count\{enclave="enclave-1"\} \d+/)
     expect(text).toContain('origin_enclave_up{enclave="enclave-1"} 1')
+  })
+})
+
+describe('the operators\u2019 CLI', () => {
+  const cli = (...args: string[]) =>
+    promisify(execFile)(process.execPath, ['--import', 'tsx', 'enclave-origin/cli.ts', ...args], {
+      env: { ...process.env, ORIGIN_URL: origin.url, ORIGIN_HMAC_KEY_ID: originHmac.keyId, ORIGIN_HMAC_SECRET: originHmac.secret },
+      timeout: 30_000,
+    })
+
+  it('creates keys in bulk with a progress bar, one JSON line per key, each of which signs', async () => {
+    const { stdout, stderr } = await cli('create-keys', '--count', '5', '--concurrency', '2')
+    const keys = stdout.trim().split('\n').map((line) => JSON.parse(line) as { keyId: string; address: Address })
+    expect(keys).toHaveLength(5)
+    expect(stderr).toContain('[##############################] 5/5 keys')
+    const digest = keccak256(toHex('made by the CLI'))
+    for (const key of keys) expect(await recovered(digest, (await signWithOrigin(key.keyId, digest)).body as never)).toBe(key.address)
+  })
+
+  it('unlocks every enclave and shows the status', async () => {
+    expect(JSON.parse((await cli('unlock')).stdout)).toEqual({ ok: true })
+    expect(JSON.parse((await cli('status')).stdout)).toMatchObject({ ok: true, enclaves: [{ id: 'enclave-1', ok: true }] })
+  })
+
+  it('refuses a count that is not a whole number, saying so, without a stack trace', async () => {
+    const failed = await cli('create-keys', '--count', 'many').catch((error: { code: number; stderr: string }) => error)
+    expect(failed).toMatchObject({ code: 1, stderr: '--count must be a whole number of at least 1, got many\n' })
   })
 })
 

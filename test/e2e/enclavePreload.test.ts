@@ -1,14 +1,20 @@
-import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
+import { execFile } from 'node:child_process'
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import path from 'node:path'
+import { promisify } from 'node:util'
 import { afterAll, beforeAll, expect, it } from 'vitest'
 import { keccak256, recoverAddress, toHex, type Hex } from 'viem'
 import { generatePrivateKey, privateKeyToAddress } from 'viem/accounts'
-import { generatePreloadIdentity, sealShareFile } from '../../enclave-origin/preloadFiles.js'
+import { generatePreloadIdentity } from '../../enclave-origin/preloadFiles.js'
 import { startLocalKms, type LocalKms } from '../support/kmsServer.js'
-import { startOrigin, symmetricKmsKey, type Origin } from '../support/origin.js'
+import { originHmac, startOrigin, symmetricKmsKey, type Origin } from '../support/origin.js'
 
-/** Preload mode: the enclave serves custodial account keys from an age-encrypted file, once an unlock delivers the identity. */
+/**
+ * Preload mode: the enclave serves custodial account keys from an
+ * age-encrypted file, once an unlock delivers the identity. The operator's
+ * CLI makes the identity, seals the share file and delivers the unlock.
+ */
 
 let kms: LocalKms
 let origin: Origin
@@ -18,9 +24,12 @@ const accounts = Array.from({ length: 50 }, (_, i) => ({ account_id: `account-${
 beforeAll(async () => {
   kms = await startLocalKms({ port: 18656 })
   dir = mkdtempSync(path.join(tmpdir(), 'origin-preload-'))
-  const { identity, recipient } = await generatePreloadIdentity()
+  const { identity, recipient } = JSON.parse((await cli('preload-identity')).stdout) as { identity: string; recipient: string }
   writeFileSync(path.join(dir, 'identity.txt'), identity)
-  writeFileSync(path.join(dir, 'shares.age'), await sealShareFile({ entries: accounts, recipient }))
+  writeFileSync(path.join(dir, 'shares.json'), JSON.stringify(accounts))
+  const sealed = await cli('seal-shares', '--in', path.join(dir, 'shares.json'), '--recipient', recipient, '--out', path.join(dir, 'shares.age'))
+  expect(sealed.stderr).toBe('sealed 50 entries\n')
+  rmSync(path.join(dir, 'shares.json'))
   origin = await startOrigin({
     kms,
     kmsKeyId: await symmetricKmsKey(kms),
@@ -36,6 +45,13 @@ afterAll(async () => {
   await kms?.stop()
   rmSync(dir, { recursive: true, force: true })
 })
+
+function cli(...args: string[]) {
+  return promisify(execFile)(process.execPath, ['--import', 'tsx', 'enclave-origin/cli.ts', ...args], {
+    env: { ...process.env, ORIGIN_URL: origin?.url ?? '', ORIGIN_HMAC_KEY_ID: originHmac.keyId, ORIGIN_HMAC_SECRET: originHmac.secret },
+    timeout: 30_000,
+  })
+}
 
 const digest = keccak256(toHex('custodial'))
 const sign = (accountId: string) => origin.request('POST', `/v1/keys/${accountId}/sign`, { digest })
@@ -60,8 +76,8 @@ it('refuses preloaded accounts until unlocked, then signs each with its own key'
 
   expect((await health()).body.enclaves[0]).toMatchObject({ ok: false, error: expect.stringContaining('preload failed') })
 
-  const unlocked = await origin.request('POST', '/v1/unlock', { preloadIdentity: readFileSync(path.join(dir, 'identity.txt'), 'utf8') })
-  expect(unlocked.status).toBe(200)
+  const unlocked = await cli('unlock', '--preload-identity-file', path.join(dir, 'identity.txt'))
+  expect(JSON.parse(unlocked.stdout)).toEqual({ ok: true })
   expect((await health()).status).toBe(200)
   for (const account of [accounts[0]!, accounts[3]!, accounts[49]!]) {
     const signed = await sign(account.account_id)
