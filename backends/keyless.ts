@@ -98,10 +98,16 @@ export class KeylessSigner implements Signer {
   }
 }
 
-/** The origin's `Retry-After-Ms`, else the standard `Retry-After` in whole seconds; NaN when neither is usable. */
+/**
+ * The origin's `Retry-After-Ms`, else the standard `Retry-After` in whole
+ * seconds; NaN when neither is usable. At least 10 ms, so that a 0 does not
+ * turn the wait into a busy loop against the origin.
+ */
 function retryAfterMsOf(headers: Headers): number {
-  const milliseconds = headers.get('retry-after-ms')
-  if (milliseconds !== null) return /^\d+$/.test(milliseconds) ? Number(milliseconds) : NaN
-  const seconds = headers.get('retry-after')
-  return seconds !== null && /^\d+$/.test(seconds) ? Number(seconds) * 1_000 : NaN
+  const milliseconds = headers.get('retry-after-ms')?.trim()
+  const seconds = headers.get('retry-after')?.trim()
+  const wait = milliseconds && /^\d{1,9}$/.test(milliseconds) ? Number(milliseconds) : seconds && /^\d{1,6}$/.test(seconds) ? Number(seconds) * 1_000 : NaN
+  return Math.max(wait, minimumRetryAfterMs)
 }
+
+const minimumRetryAfterMs = 10

@@ -64,14 +64,17 @@ async function serve(start: () => Promise<() => Promise<void>>): Promise<void> {
 const [command, ...args] = process.argv.slice(2)
 const option = (name: string) => {
   const index = args.indexOf(`--${name}`)
-  return index >= 0 ? args[index + 1] : undefined
+  if (index < 0) return undefined
+  const value = args[index + 1]
+  if (value === undefined || value.startsWith('--')) throw new Error(`--${name} needs a value`)
+  return value
 }
 
 const wholeNumberOption = (name: string, fallback: number) => {
   const raw = option(name)
-  const value = raw === undefined ? fallback : Number(raw)
-  if (!Number.isInteger(value) || value < 1) throw new Error(`--${name} must be a whole number of at least 1, got ${raw}`)
-  return value
+  if (raw === undefined) return fallback
+  if (!/^[1-9]\d{0,8}$/.test(raw)) throw new Error(`--${name} must be a whole number of at least 1, got ${raw}`)
+  return Number(raw)
 }
 
 const commands: Record<string, () => Promise<unknown>> = {

@@ -12,8 +12,9 @@ export function setting(name: string, fallback?: string): string {
 export function integerSetting(name: string, options: { min: number; max: number; fallback?: number }): number {
   const raw = process.env[name] || options.fallback
   if (raw === undefined) throw new Error(`${name} is not set`)
-  const value = Number(raw)
-  if (!Number.isInteger(value) || value < options.min || value > options.max) throw new Error(`${name} must be a whole number from ${options.min} to ${options.max}, got ${raw}`)
+  // Digits only: Number() would also take "0x10", "1e2" and " 8 ".
+  const value = /^\d{1,15}$/.test(String(raw)) ? Number(raw) : NaN
+  if (!(value >= options.min && value <= options.max)) throw new Error(`${name} must be a whole number from ${options.min} to ${options.max}, got ${raw}`)
   return value
 }
 
@@ -28,14 +29,16 @@ export function listenAddress(value: string): StreamAddress {
 }
 
 /** Field names whose values are never logged, at any depth. */
-const secretFieldName = /secret|token|password|passphrase|privatekey|private_key|dek|share|identity|credential/i
+const secretFieldName = /secret|token|password|passphrase|private_?key|dek|share|identity|credential|key$/i
 /** Values that are secret whatever their field is called: age identities and PEM private keys. */
 const secretValue = /AGE-SECRET-KEY-|-----BEGIN [A-Z ]*PRIVATE KEY-----/
 
 /** A copy of `value` with secret-looking fields and values replaced by "[redacted]". */
 export function redactSecrets(value: unknown, depth = 0): unknown {
   if (typeof value === 'string') return secretValue.test(value) ? '[redacted]' : value
-  if (typeof value !== 'object' || value === null || depth > 8) return value
+  if (typeof value !== 'object' || value === null) return value
+  // Deeper than any log line goes: not worth walking, and not safe to print unread.
+  if (depth > 8) return '[truncated]'
   if (Array.isArray(value)) return value.map((item) => redactSecrets(item, depth + 1))
   if (value instanceof Uint8Array) return `[${value.length} bytes]`
   return Object.fromEntries(Object.entries(value).map(([key, field]) => [key, secretFieldName.test(key) ? '[redacted]' : redactSecrets(field, depth + 1)]))

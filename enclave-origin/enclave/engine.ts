@@ -13,6 +13,7 @@
  */
 import { availableParallelism } from 'node:os'
 import { Worker } from 'node:worker_threads'
+import { batchSizeBuckets, countInto, emptyCounts } from '../protocol/histograms.js'
 import type { RawSignature } from '../types.js'
 import { secp256k1 } from './nativeSecp256k1.js'
 
@@ -30,7 +31,7 @@ export type SignEngineOptions = {
 }
 
 export type SignRequest = {
-  /** 32 bytes. The engine copies it and never writes to the caller's array: the key cache owns it. */
+  /** 32 bytes, read before sign() returns (copied into a batch, or signed with in place) and never written: the key cache owns it. */
   privateKey: Uint8Array
   digest: Uint8Array
 }
@@ -49,9 +50,6 @@ export type SignEngineStats = {
   /** Requests signed on the calling thread so far. */
   inline: number
 }
-
-/** Upper bounds of the batch-size histogram in `SignEngineStats`. */
-export const batchSizeBuckets = [1, 2, 4, 8, 16, 32]
 
 /**
  * One slot per request in a batch's buffer. In: key ‖ digest. Out: the worker
@@ -103,7 +101,7 @@ export class SignEngine {
   private nextSlot = 0
   private batchesSent = 0
   private requestsSent = 0
-  private readonly batchSizes = new Array<number>(batchSizeBuckets.length + 1).fill(0)
+  private readonly batchSizes = emptyCounts(batchSizeBuckets)
   private starting: Promise<void> | undefined
   private stopping: Promise<void> | undefined
   private onDrained: (() => void) | undefined
@@ -220,8 +218,7 @@ export class SignEngine {
     to.inflightRequests += batch.requests.length
     this.batchesSent += 1
     this.requestsSent += batch.requests.length
-    const bucket = batchSizeBuckets.findIndex((upper) => batch.requests.length <= upper)
-    this.batchSizes[bucket === -1 ? batchSizeBuckets.length : bucket]! += 1
+    countInto(this.batchSizes, batchSizeBuckets, batch.requests.length)
     to.worker.postMessage({ batchId, count: batch.requests.length, buffer: batch.buffer }, [batch.buffer])
   }
 

@@ -1,5 +1,6 @@
 import { setImmediate as nextTurn } from 'node:timers/promises'
 import { messageOf } from '../errors.js'
+import { countInto, emptyCounts, rehydrateBucketsMs } from '../protocol/histograms.js'
 import type { CacheState, KeyState, SealedKeyRecord } from '../types.js'
 import { sealPrivateKey, unsealPrivateKey, zero } from './sealing.js'
 
@@ -71,8 +72,6 @@ export type AcquireResult =
   | { kind: 'not-found' }
   | { kind: 'not-active'; state: Exclude<KeyState, 'active'> }
 
-/** Upper bounds (ms) of the rehydrate latency histogram. */
-export const rehydrateBucketsMs = [0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10]
 
 export type KeyCacheStats = {
   keys: Record<CacheState, number>
@@ -132,7 +131,7 @@ export class KeyCache {
     graceSignatures: 0,
     inlineRefreshOverBudget: 0,
   }
-  private readonly inlineRefreshMs = { count: 0, sum: 0, max: 0, buckets: new Array<number>(rehydrateBucketsMs.length + 1).fill(0) }
+  private readonly inlineRefreshMs = { count: 0, sum: 0, max: 0, buckets: emptyCounts(rehydrateBucketsMs) }
 
   constructor(options: KeyCacheOptions) {
     const { now, random, monotonicNow, unlock, audit, ...overrides } = options
@@ -240,20 +239,32 @@ export class KeyCache {
     return this.answerWithoutDek(entry, now)
   }
 
-  /**
-   * One step of the pre-warmer (a timer calls it in production): renews the
-   * DEK before its soft TTL (or fetches one if keys need it), and sweeps the
-   * keys, refreshing hot ones shortly before their soft TTL and evicting
-   * lapsed plaintext nobody uses. A step visits at most `maxKeys` keys and the
-   * next step resumes the sweep there, so that with many keys no step holds
-   * the event loop for long (50,000 keys take about 5 ms in one go).
-   */
-  tickPrewarm({ maxKeys = Infinity }: { maxKeys?: number } = {}): void {
+  /** The whole pre-warmer in one call: the DEK renewal, then a full sweep of the keys (production runs the two on their own timers). */
+  tickPrewarm(): void {
+    this.renewDataKeyIfDue()
+    this.sweepKeys()
+  }
+
+  /** Renews the DEK before its soft TTL, or fetches one if keys need it and none is held. A timer calls it every few seconds. */
+  renewDataKeyIfDue(): void {
     const now = this.now()
     const dek = this.validDek(now)
     if ((!dek || now >= dek.renewAt) && this.hasActiveKeys()) void this.startUnlock()
+  }
+
+  /**
+   * One step of the pre-warmer's sweep over the keys: refreshes hot keys
+   * shortly before their soft TTL and evicts lapsed plaintext nobody uses.
+   * A step visits at most `maxKeys` keys and schedules at most
+   * `maxRefreshes` refreshes (each one an AES-GCM open, run just after the
+   * step); the next step resumes there. With many keys no step then holds the
+   * event loop for long: 50,000 keys take about 5 ms in one go.
+   */
+  sweepKeys({ maxKeys = Infinity, maxRefreshes = Infinity }: { maxKeys?: number; maxRefreshes?: number } = {}): void {
+    const now = this.now()
     this.sweep ??= this.entries.entries()
-    for (let visited = 0; visited < maxKeys; visited++) {
+    let refreshes = 0
+    for (let visited = 0; visited < maxKeys && refreshes < maxRefreshes; visited++) {
       const next = this.sweep.next()
       if (next.done) {
         this.sweep = undefined
@@ -262,6 +273,7 @@ export class KeyCache {
       const [keyId, entry] = next.value
       if (!entry.plaintext) continue
       if (this.isHot(entry, now) && isDueForRefresh({ entry, now, lowWaterMark: this.config.keyLowWaterMark })) {
+        if (!this.refreshesInFlight.has(keyId)) refreshes += 1
         this.scheduleRefresh(keyId)
       } else if (!isWarm(entry, now) && !this.keepsLapsedPlaintextForGrace(now)) {
         this.dropPlaintext(entry)
@@ -308,8 +320,7 @@ export class KeyCache {
     this.inlineRefreshMs.count += 1
     this.inlineRefreshMs.sum += elapsedMs
     this.inlineRefreshMs.max = Math.max(this.inlineRefreshMs.max, elapsedMs)
-    const bucket = rehydrateBucketsMs.findIndex((upper) => elapsedMs <= upper)
-    this.inlineRefreshMs.buckets[bucket === -1 ? rehydrateBucketsMs.length : bucket]! += 1
+    countInto(this.inlineRefreshMs.buckets, rehydrateBucketsMs, elapsedMs)
     if (elapsedMs > this.config.inlineRefreshBudgetMs) this.counters.inlineRefreshOverBudget += 1
     entry.usesLeft -= 1
     entry.lastUsedAt = now

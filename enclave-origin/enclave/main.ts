@@ -41,11 +41,15 @@ export async function runEnclave(): Promise<() => Promise<void>> {
   })
   service = new EnclaveService({ cache, engine, dataKeys, kmsKeyId, preloadFile: process.env.PRELOAD_FILE || undefined, log: logLine })
   const memory = memoryWatch({ log: logLine })
-  // A pre-warm step every 250 ms of at most 5,000 keys (about half a millisecond): a sweep of 50,000 keys every 2.5 s.
+  // A sweep step every 250 ms over at most 5,000 keys (about half a millisecond) and 128 refreshes:
+  // 50,000 keys every 2.5 s. The DEK and memory every 5 s, so a failing KMS is asked no more often than that.
   let steps = 0
   const housekeeping = setInterval(() => {
-    cache.tickPrewarm({ maxKeys: 5_000 })
-    if (++steps % 20 === 0) memory.check()
+    cache.sweepKeys({ maxKeys: 5_000, maxRefreshes: 128 })
+    if (++steps % 20 === 0) {
+      cache.renewDataKeyIfDue()
+      memory.check()
+    }
   }, 250)
   housekeeping.unref()
   const address = listenAddress(setting('ENCLAVE_LISTEN', '127.0.0.1:7000'))

@@ -1,4 +1,5 @@
-import { mkdir, open, rename, rm, writeFile } from 'node:fs/promises'
+import { createHash } from 'node:crypto'
+import { mkdir, open, rename, rm } from 'node:fs/promises'
 import { dirname, join } from 'node:path'
 import { crc32 } from 'node:zlib'
 import { messageOf } from '../errors.js'
@@ -19,8 +20,9 @@ export { crc32 }
  * frame that checks out is truncated away. Frames that do not check out but
  * are followed by ones that do are damage, not a torn tail: the scan skips to
  * the next good frame rather than dropping every acknowledged record after
- * it, the log is first copied aside (`records.log.damaged-<time>`) for
- * whoever can recover more, and `onDamage` reports the byte ranges.
+ * it, the log is first copied aside (`records.log.damaged-<hash>`) for
+ * whoever can recover more, and `onDamage` reports the byte ranges. Damage
+ * too large to skip quickly fails the open instead (after the copy).
  *
  * Writes are group-committed: one write and one fsync for every record queued
  * within `groupCommitMs` (or `maxGroup` records, whichever comes first).
@@ -94,7 +96,7 @@ export async function openDiskBlobStore(options: DiskBlobStoreOptions): Promise<
   const file = countingFile(rawFile, counters)
   let recovered: Awaited<ReturnType<typeof recoverIndex>>
   try {
-    recovered = await recoverIndex({ file, path, created, onDamage })
+    recovered = await recoverIndex({ file, path, created, onDamage, keepAside: (bytes) => keepDamagedLogAside({ fileSystem, directory, bytes }) })
     // A new log's directory entry is not durable until the directory is fsynced, however often the file is.
     if (recovered.headerWritten) await syncDirectory(fileSystem, directory)
   } catch (error) {
@@ -395,6 +397,8 @@ const FRAME_HEADER_BYTES = 8
 const MAX_PAYLOAD_BYTES = 16 * 1024 * 1024
 /** The largest payload looked for when skipping past damage. */
 const MAX_RESYNC_PAYLOAD_BYTES = 64 * 1024
+/** How much checksumming one open spends looking past damage before it gives up (tens of ms; random damage costs about 0.5 MiB of it per MiB). */
+const RESYNC_BUDGET_BYTES = 32 * 1024 * 1024
 
 async function openOrCreateLog(fileSystem: BlobStoreFileSystem, path: string): Promise<{ file: LogFile; created: boolean }> {
   try {
@@ -406,7 +410,15 @@ async function openOrCreateLog(fileSystem: BlobStoreFileSystem, path: string): P
 }
 
 /** Replays the log into an index, truncating a torn tail and writing the header of a new (or torn-at-birth) log. */
-async function recoverIndex({ file, path, created, onDamage }: { file: LogFile; path: string; created: boolean; onDamage: (event: DamageEvent) => void }): Promise<{ records: RecordIndex; headerWritten: boolean; frames: number; damaged: boolean }> {
+async function recoverIndex(options: {
+  file: LogFile
+  path: string
+  created: boolean
+  onDamage: (event: DamageEvent) => void
+  /** Copies the log as found somewhere safe before anything changes it; resolves to the copy's path. */
+  keepAside: (bytes: Buffer) => Promise<string>
+}): Promise<{ records: RecordIndex; headerWritten: boolean; frames: number; damaged: boolean }> {
+  const { file, path, created } = options
   const records = new RecordIndex()
   const bytes = await readWholeFile(file)
   // A crash while creating the log can leave it empty or with part of the header: nothing was ever stored.
@@ -420,11 +432,13 @@ async function recoverIndex({ file, path, created, onDamage }: { file: LogFile; 
     // Truncating a file we do not recognise would destroy it; refuse instead.
     throw new Error(`${path} is not a sealed-blob log (bad header)`)
   }
-  const { entries, validLength, damaged } = scanFrames(bytes)
-  if (damaged.length > 0) {
-    const keptAside = `${path}.damaged-${Date.now()}`
-    await writeFile(keptAside, bytes, { flag: 'wx', mode: 0o600, flush: true })
-    onDamage({ ranges: damaged, keptAside })
+  const { entries, validLength, damaged, unscannedFrom } = scanFrames(bytes)
+  if (damaged.length > 0 || unscannedFrom !== undefined) {
+    const keptAside = await options.keepAside(bytes)
+    if (unscannedFrom !== undefined) {
+      throw new Error(`${path} is damaged from byte ${unscannedFrom} over more than can be skipped quickly; refusing to drop what may follow. The log as found is at ${keptAside}`)
+    }
+    options.onDamage({ ranges: damaged, keptAside })
   }
   for (const entry of entries) records.apply(entry)
   if (validLength < bytes.length) {
@@ -442,16 +456,20 @@ function isPrefixOfMagic(bytes: Buffer): boolean {
 /**
  * Decodes every frame that checks out. After one that does not, it looks for
  * the next that does: found, the bytes between are a damaged range; not
- * found, the rest is a torn tail and `validLength` ends before it.
+ * found, the rest is a torn tail and `validLength` ends before it. Looking
+ * checksums candidate frames; past `resyncBudgetBytes` of that it stops and
+ * says where (`unscannedFrom`) rather than take the rest for a torn tail.
  */
-function scanFrames(bytes: Buffer): { entries: LogEntry[]; validLength: number; damaged: Array<{ offset: number; bytes: number }> } {
+function scanFrames(bytes: Buffer, resyncBudgetBytes = RESYNC_BUDGET_BYTES): { entries: LogEntry[]; validLength: number; damaged: Array<{ offset: number; bytes: number }>; unscannedFrom?: number } {
   const entries: LogEntry[] = []
   const damaged: Array<{ offset: number; bytes: number }> = []
+  const budget = { bytesLeft: resyncBudgetBytes }
   let offset = LOG_MAGIC.length
   while (bytes.length - offset >= FRAME_HEADER_BYTES) {
     const end = frameEndAt(bytes, offset, MAX_PAYLOAD_BYTES)
     if (end === undefined) {
-      const next = nextFrameAfter(bytes, offset)
+      const next = nextFrameAfter(bytes, offset, budget)
+      if (next === 'over budget') return { entries, validLength: offset, damaged, unscannedFrom: offset }
       if (next === undefined) break
       damaged.push({ offset, bytes: next - offset })
       offset = next
@@ -465,24 +483,54 @@ function scanFrames(bytes: Buffer): { entries: LogEntry[]; validLength: number; 
 }
 
 /** Where the frame at `offset` ends, if one with a payload of at most `maxPayload` bytes and a matching CRC starts there. */
-function frameEndAt(bytes: Buffer, offset: number, maxPayload: number): number | undefined {
+function frameEndAt(bytes: Buffer, offset: number, maxPayload: number, budget?: { bytesLeft: number }): number | undefined {
   const length = bytes.readUInt32LE(offset)
   const end = offset + FRAME_HEADER_BYTES + length
   // Zero length is never written: it is what a zero-filled tail (a crash after the size grew, before the data) looks like.
   if (length === 0 || length > maxPayload || end > bytes.length) return undefined
+  if (budget) budget.bytesLeft -= length
   return frameChecksum(bytes.subarray(offset + FRAME_HEADER_BYTES, end)) === bytes.readUInt32LE(offset + 4) ? end : undefined
 }
 
 /**
- * The next offset after a bad frame where a good one starts, or undefined.
- * Only payloads up to 64 KiB are tried (records are a few hundred bytes), so
- * scanning a large damaged range does not checksum megabytes at every byte.
+ * The next offset after a bad frame where a good one starts, undefined if
+ * none does, or 'over budget'. Only payloads up to 64 KiB are tried (records
+ * are a few hundred bytes), and the checksumming is charged to `budget`.
  */
-function nextFrameAfter(bytes: Buffer, badOffset: number): number | undefined {
+function nextFrameAfter(bytes: Buffer, badOffset: number, budget: { bytesLeft: number }): number | undefined | 'over budget' {
   for (let offset = badOffset + 1; bytes.length - offset >= FRAME_HEADER_BYTES; offset++) {
-    if (frameEndAt(bytes, offset, MAX_RESYNC_PAYLOAD_BYTES) !== undefined) return offset
+    if (frameEndAt(bytes, offset, MAX_RESYNC_PAYLOAD_BYTES, budget) !== undefined) return offset
+    if (budget.bytesLeft < 0) return 'over budget'
   }
   return undefined
+}
+
+/**
+ * Writes the log as found to `records.log.damaged-<first 16 hex of its SHA-256>`,
+ * owner-only and durable, before recovery changes it. The same damage found
+ * again (a restart before the rewrite succeeded) is already there and not
+ * written twice; a copy that fails half-way is removed, and the open fails.
+ */
+async function keepDamagedLogAside({ fileSystem, directory, bytes }: { fileSystem: BlobStoreFileSystem; directory: string; bytes: Buffer }): Promise<string> {
+  const path = join(directory, `${LOG_FILE_NAME}.damaged-${createHash('sha256').update(bytes).digest('hex').slice(0, 16)}`)
+  let copy: LogFile
+  try {
+    copy = await fileSystem.open(path, 'ax+')
+  } catch (error) {
+    if ((error as NodeJS.ErrnoException).code === 'EEXIST') return path
+    throw error
+  }
+  try {
+    await writeFully(copy, bytes)
+    await copy.sync()
+    await copy.close()
+    await syncDirectory(fileSystem, directory)
+  } catch (error) {
+    await copy.close().catch(() => {})
+    await rm(path, { force: true })
+    throw new Error(`could not keep the damaged log aside at ${path}: ${messageOf(error)}`, { cause: error })
+  }
+  return path
 }
 
 async function readWholeFile(file: LogFile): Promise<Buffer> {

@@ -1,6 +1,7 @@
 import { Counter, Gauge, Histogram, Registry } from 'prom-client'
-import { batchSizeBuckets, type SignEngineStats } from '../enclave/engine.js'
-import { rehydrateBucketsMs, type KeyCacheStats } from '../enclave/keyCache.js'
+import type { SignEngineStats } from '../enclave/engine.js'
+import type { KeyCacheStats } from '../enclave/keyCache.js'
+import { batchSizeBuckets, rehydrateBucketsMs } from '../protocol/histograms.js'
 import type { OriginParent } from './origin.js'
 
 /**
@@ -38,10 +39,15 @@ type EnclaveHealth = Awaited<ReturnType<OriginParent['health']>>[number]
 
 type Family = { name: string; help: string; type: 'counter' | 'gauge' | 'histogram'; samples: string[] }
 
-/** Prometheus text for the figures each enclave reported; an enclave that did not answer adds only `origin_enclave_up 0`. */
+/**
+ * Prometheus text for the figures each enclave reported; an enclave that did
+ * not answer adds only `origin_enclave_up 0`. A figure an enclave did not send
+ * (an older version, say) is left out rather than spoiling the whole scrape.
+ */
 export function enclaveMetricsText(enclaves: EnclaveHealth[]): string {
   const families = new Map<string, Family>()
-  const add = (family: Omit<Family, 'samples'>, labels: Record<string, string>, value: number, suffix = '') => {
+  const add = (family: Omit<Family, 'samples'>, labels: Record<string, string>, value: unknown, suffix = '') => {
+    if (typeof value !== 'number' || !Number.isFinite(value)) return
     let entry = families.get(family.name)
     if (!entry) families.set(family.name, (entry = { ...family, samples: [] }))
     const rendered = Object.entries(labels)
@@ -49,11 +55,13 @@ export function enclaveMetricsText(enclaves: EnclaveHealth[]): string {
       .join(',')
     entry.samples.push(`${family.name}${suffix}{${rendered}} ${value}`)
   }
-  const histogram = (family: Omit<Family, 'samples' | 'type'>, labels: Record<string, string>, h: { bounds: number[]; counts: number[]; sum: number }) => {
+  const histogram = (family: Omit<Family, 'samples' | 'type'>, labels: Record<string, string>, h: { bounds: number[]; counts: unknown; sum: number }) => {
+    const counts = h.counts
+    if (!Array.isArray(counts) || counts.length !== h.bounds.length + 1 || !counts.every((c) => typeof c === 'number' && Number.isFinite(c))) return
     const type = { ...family, type: 'histogram' as const }
     let cumulative = 0
-    h.bounds.forEach((bound, i) => add(type, { ...labels, le: String(bound) }, (cumulative += h.counts[i] ?? 0), '_bucket'))
-    const count = cumulative + (h.counts[h.bounds.length] ?? 0)
+    h.bounds.forEach((bound, i) => add(type, { ...labels, le: String(bound) }, (cumulative += counts[i] as number), '_bucket'))
+    const count = cumulative + (counts[h.bounds.length] as number)
     add(type, { ...labels, le: '+Inf' }, count, '_bucket')
     add(type, labels, h.sum, '_sum')
     add(type, labels, count, '_count')
@@ -61,9 +69,11 @@ export function enclaveMetricsText(enclaves: EnclaveHealth[]): string {
 
   for (const enclave of enclaves) {
     const labels = { enclave: enclave.id }
-    add({ name: 'origin_enclave_up', help: 'Whether the enclave answered HEALTH for this scrape.', type: 'gauge' }, labels, enclave.ok ? 1 : 0)
+    add({ name: 'origin_enclave_up', help: 'Whether the enclave answered HEALTH for this scrape.', type: 'gauge' }, labels, enclave.answered ? 1 : 0)
+    if (!enclave.answered) continue
+    add({ name: 'origin_enclave_ready', help: 'Whether the enclave can serve: it answered, and in preload mode its accounts are loaded.', type: 'gauge' }, labels, enclave.ok ? 1 : 0)
     const stats = enclave.stats as { cacheStates?: Record<string, number>; cache?: Omit<KeyCacheStats, 'keys'>; engine?: SignEngineStats } | undefined
-    if (!enclave.ok || !stats?.cache || !stats.engine || !stats.cacheStates) continue
+    if (!stats?.cache || !stats.engine || !stats.cacheStates) continue
     const { cache, engine } = stats
     for (const [state, count] of Object.entries(stats.cacheStates)) {
       add({ name: 'origin_enclave_keys', help: 'Keys in the enclave cache by state: WARM (signs now), COOL (re-derived from its sealed record on use), INVALID (needs an unlock).', type: 'gauge' }, { ...labels, state }, count)

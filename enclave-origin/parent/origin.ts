@@ -184,17 +184,21 @@ export class OriginParent {
     else this.check(enclave, frame)
   }
 
-  async health(): Promise<Array<{ id: string; ok: boolean; inflight: number; stats?: Record<string, unknown>; error?: string }>> {
+  /**
+   * Each enclave's HEALTH answer. `answered`: it answered; `ok`: it answered
+   * and can serve, which in preload mode also needs its accounts loaded (not
+   * before the unlock, nor after a bad file).
+   */
+  async health(): Promise<Array<{ id: string; answered: boolean; ok: boolean; inflight: number; stats?: Record<string, unknown>; error?: string }>> {
     return Promise.all(
       this.enclaves.map(async (enclave) => {
         try {
           const frame = this.check(enclave, await this.call(enclave, opcodes.HEALTH, emptyPayload))
           const stats = decodeHealthResponse(frame.payload)
-          // In preload mode an enclave that cannot serve its accounts (not unlocked yet, or a bad file) is not healthy.
           const refusal = (stats.preload as { refusal?: string | null } | undefined)?.refusal
-          return { id: enclave.id, ok: !refusal, inflight: enclave.pool.inflight, stats, ...(refusal ? { error: refusal } : {}) }
+          return { id: enclave.id, answered: true, ok: !refusal, inflight: enclave.pool.inflight, stats, ...(refusal ? { error: refusal } : {}) }
         } catch (error) {
-          return { id: enclave.id, ok: false, inflight: enclave.pool.inflight, error: (error as Error).message }
+          return { id: enclave.id, answered: false, ok: false, inflight: enclave.pool.inflight, error: (error as Error).message }
         }
       }),
     )

@@ -1,5 +1,5 @@
 import { spawn } from 'node:child_process'
-import { appendFile, mkdir, mkdtemp, open, readFile, rm, stat, truncate, writeFile } from 'node:fs/promises'
+import { appendFile, mkdir, mkdtemp, open, readdir, readFile, rm, stat, truncate, writeFile } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join, resolve } from 'node:path'
 import { pathToFileURL } from 'node:url'
@@ -380,6 +380,43 @@ describe('torn and corrupt tails', () => {
     store = await openStore({ onDamage: (event) => damage.push(event) })
     expect((await listAll(store)).map((record) => record.keyId).sort()).toEqual(['key-1', 'key-3', 'key-4'])
     expect(damage).toHaveLength(1)
+  })
+
+  it('after damage, still truncates a torn tail, and keeps one copy of the same damaged log however often it is found', async () => {
+    const [sizeAfterFirst, , sizeAfterThird] = await storeThreeRecords()
+    const damagedLog = await readFile(logPath())
+    damagedLog[sizeAfterFirst! + 20]! ^= 0xff
+    const withTornTail = Buffer.concat([damagedLog, Buffer.from('\x30\x00\x00\x00torn')])
+    const damage: DamageEvent[] = []
+    for (let open = 0; open < 2; open++) {
+      // The second time as if the rewrite after the first had never happened.
+      await writeFile(logPath(), withTornTail)
+      const store = await openStore({ onDamage: (event) => damage.push(event) })
+      expect((await listAll(store)).map((record) => record.keyId).sort()).toEqual(['key-1', 'key-3'])
+      await store.close()
+    }
+    expect(damage).toHaveLength(2)
+    expect(damage[1]!.keptAside).toBe(damage[0]!.keptAside)
+    expect((await readdir(directory)).filter((name) => name.includes('.damaged-'))).toHaveLength(1)
+    expect(await readFile(damage[0]!.keptAside)).toEqual(withTornTail)
+    expect((await stat(logPath())).size).toBeLessThan(sizeAfterThird!)
+  })
+
+  it('refuses to open, keeping the log as found, when the damage is too large to skip quickly', async () => {
+    const [sizeAfterFirst] = await storeThreeRecords()
+    const log = await readFile(logPath())
+    // Every fourth offset of this region reads as a 65,535-byte frame whose CRC must be computed to be refused.
+    const costly = Buffer.alloc(128 * 1024)
+    for (let i = 0; i < costly.length; i += 4) costly.writeUInt32LE(0xffff, i)
+    await writeFile(logPath(), Buffer.concat([log.subarray(0, sizeAfterFirst), costly, log.subarray(sizeAfterFirst)]))
+    const asFound = await readFile(logPath())
+
+    await expect(openDiskBlobStore({ directory })).rejects.toThrow(new RegExp(`damaged from byte ${sizeAfterFirst} over more than can be skipped quickly; .* at .*\\.damaged-`))
+    // Buffer.equals: a deep toEqual over 130 KB costs a second.
+    expect((await readFile(logPath())).equals(asFound)).toBe(true)
+    const copies = (await readdir(directory)).filter((name) => name.includes('.damaged-'))
+    expect(copies).toHaveLength(1)
+    expect((await readFile(join(directory, copies[0]!))).equals(asFound)).toBe(true)
   })
 
   it('re-creates a log whose header was torn at birth, and refuses a file that is not a log', async () => {

@@ -9,7 +9,8 @@ import { emptyPayload } from '../../enclave-origin/protocol/messages.js'
  * connection each frame arrived on, and answers only when the test says so.
  */
 
-const port = 18624
+/** The port the server was given (it listens on port 0: any free one). */
+let port: number
 let server: Server
 let sockets: Socket[]
 /** Frames received, with the index of the connection they came on. */
@@ -27,7 +28,8 @@ beforeEach(async () => {
     })
     socket.on('error', () => {})
   })
-  await new Promise<void>((resolve) => server.listen(port, '127.0.0.1', resolve))
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve))
+  port = (server.address() as { port: number }).port
 })
 
 afterEach(async () => {

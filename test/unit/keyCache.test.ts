@@ -523,7 +523,7 @@ describe('KeyCache pre-warmer', () => {
     expect(unlock.calls()).toBe(0)
   })
 
-  it('sweeps in steps of at most maxKeys keys, each step resuming where the last stopped', async () => {
+  it('sweeps in steps of at most maxKeys keys or maxRefreshes refreshes, each step resuming where the last stopped', async () => {
     const { cache, key, dekCopy, advance } = harness()
     cache.setDek(dekCopy())
     for (let i = 0; i < 10; i++) {
@@ -532,13 +532,26 @@ describe('KeyCache pre-warmer', () => {
     }
     advance(14 * minute + 16_000)
     const refreshesAfterEachStep: number[] = []
-    for (let step = 0; step < 4; step++) {
-      cache.tickPrewarm({ maxKeys: 4 })
+    for (const limits of [{ maxKeys: 4 }, { maxRefreshes: 3 }, { maxKeys: 4 }, { maxKeys: 4 }]) {
+      cache.sweepKeys(limits)
       await cache.idle()
       refreshesAfterEachStep.push(cache.stats().refreshes)
     }
-    // 4, 4 and 2 keys; the fourth step starts a new sweep, and those keys are fresh again.
-    expect(refreshesAfterEachStep).toEqual([4, 8, 10, 10])
+    // 4 keys, 3 refreshes, then the last 3 keys; the fourth step starts a new sweep, and those keys are fresh again.
+    expect(refreshesAfterEachStep).toEqual([4, 7, 10, 10])
+  })
+
+  it('renews the DEK on its own call, not on a sweep step', async () => {
+    const { cache, key, dekCopy, advance, unlock } = harness()
+    cache.setDek(dekCopy())
+    cache.load(key().record)
+    advance(53 * minute)
+    cache.sweepKeys()
+    await cache.idle()
+    expect(unlock.calls()).toBe(0)
+    cache.renewDataKeyIfDue()
+    await cache.idle()
+    expect(unlock.calls()).toBe(1)
   })
 
   it('renews the DEK in the background before its soft TTL', async () => {

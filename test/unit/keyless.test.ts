@@ -76,7 +76,7 @@ describe('keyless backend', () => {
   })
 
   it('honours a plain Retry-After in seconds when the origin sends no Retry-After-Ms', async () => {
-    const signer = keyless(1_500)
+    const signer = keyless(5_000)
     await signer.address()
     unlockingFor = 1
     secondsOnly = true

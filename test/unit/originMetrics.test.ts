@@ -45,12 +45,13 @@ describe('enclave metrics on the parent', () => {
   it('names each figure as operators expect, with one HELP and TYPE per family across enclaves', async () => {
     const stats = await enclaveStats()
     const text = enclaveMetricsText([
-      { id: 'enclave-1', ok: true, inflight: 0, stats },
-      { id: 'enclave-2', ok: false, inflight: 0, error: 'connection refused' },
+      { id: 'enclave-1', answered: true, ok: true, inflight: 0, stats },
+      { id: 'enclave-2', answered: false, ok: false, inflight: 0, error: 'connection refused' },
     ])
     const values = samples(text)
     expect(values.get('origin_enclave_up{enclave="enclave-1"}')).toBe(1)
     expect(values.get('origin_enclave_up{enclave="enclave-2"}')).toBe(0)
+    expect(values.get('origin_enclave_ready{enclave="enclave-1"}')).toBe(1)
     expect(values.get('origin_enclave_keys{enclave="enclave-1",state="WARM"}')).toBe(2)
     expect(values.get('origin_enclave_keys{enclave="enclave-1",state="COOL"}')).toBe(1)
     expect(values.get('origin_enclave_keys{enclave="enclave-1",state="INVALID"}')).toBe(0)
@@ -66,7 +67,7 @@ describe('enclave metrics on the parent', () => {
   })
 
   it('writes histograms with cumulative buckets whose +Inf equals the count', async () => {
-    const values = samples(enclaveMetricsText([{ id: 'e', ok: true, inflight: 0, stats: await enclaveStats() }]))
+    const values = samples(enclaveMetricsText([{ id: 'e', answered: true, ok: true, inflight: 0, stats: await enclaveStats() }]))
     for (const family of ['origin_enclave_rehydrate_seconds', 'origin_enclave_engine_batch_size']) {
       const buckets = [...values.entries()].filter(([name]) => name.startsWith(`${family}_bucket{`)).map(([, value]) => value)
       expect(buckets.length).toBeGreaterThan(2)
@@ -75,5 +76,18 @@ describe('enclave metrics on the parent', () => {
     }
     // Ten signs: one inline, so the batch sizes add up to the nine the thread signed.
     expect(values.get('origin_enclave_engine_batch_size_sum{enclave="e"}')).toBe(9)
+  })
+
+  it('keeps the cache and engine figures of an enclave that answers but cannot serve yet, and leaves out figures an enclave did not send', async () => {
+    const stats = await enclaveStats()
+    const older = { ...stats, engine: { ...(stats.engine as object), batchSizes: undefined, inline: undefined } }
+    const text = enclaveMetricsText([{ id: 'p', answered: true, ok: false, inflight: 0, stats: older, error: 'the preload file is not loaded yet' }])
+    const values = samples(text)
+    expect(values.get('origin_enclave_up{enclave="p"}')).toBe(1)
+    expect(values.get('origin_enclave_ready{enclave="p"}')).toBe(0)
+    expect(values.get('origin_enclave_keys{enclave="p",state="WARM"}')).toBe(2)
+    expect(text).not.toContain('origin_enclave_engine_batch_size')
+    expect(text).not.toContain('origin_enclave_engine_inline_signs_total')
+    expect(text).not.toMatch(/undefined|NaN/)
   })
 })

@@ -55,7 +55,7 @@ describe('origin settings', () => {
     expect(integerSetting('POOL_SIZE', range)).toBe(16)
     process.env.POOL_SIZE = '32'
     expect(integerSetting('POOL_SIZE', range)).toBe(32)
-    for (const bad of ['0', '257', '2.5', 'many']) {
+    for (const bad of ['0', '257', '2.5', 'many', '0x10', '1e2', ' 8 ', '-1']) {
       process.env.POOL_SIZE = bad
       expect(() => integerSetting('POOL_SIZE', range)).toThrow(`POOL_SIZE must be a whole number from 1 to 256, got ${bad}`)
     }
@@ -79,7 +79,9 @@ describe('log redaction', () => {
       note: 'got -----BEGIN EC PRIVATE KEY----- in a message',
       dek: new Uint8Array(32),
       preloadIdentity: 'x',
+      hmacKey: 'k',
       bytes: new Uint8Array(4),
+      deep: { a: { b: { c: { d: { e: { f: { g: { h: { password: 'p' } } } } } } } } },
     })
     expect(line).toEqual({
       event: 'unlock',
@@ -88,7 +90,9 @@ describe('log redaction', () => {
       note: '[redacted]',
       dek: '[redacted]',
       preloadIdentity: '[redacted]',
+      hmacKey: '[redacted]',
       bytes: '[4 bytes]',
+      deep: { a: { b: { c: { d: { e: { f: { g: { h: '[truncated]' } } } } } } } },
     })
   })
 })

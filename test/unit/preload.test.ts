@@ -215,7 +215,7 @@ describe('loadPreloadFile against its memory limit', () => {
     file = await sealShareFile({ entries: generatedEntries(100), recipient })
   })
 
-  it('refuses when the process uses more than a limit, naming which (this process measured for real, with a 1 KiB heap limit)', async () => {
+  it('refuses when a gauge is over its limit, naming which (the real gauges, with the heap limit set to 1 KiB)', async () => {
     const realHeap = processMemory().find((gauge) => gauge.what === 'V8 heap')!
     expect(realHeap.inUseBytes).toBeGreaterThan(1024)
     const error = await refusal(file, { memory: () => [...processMemory(), { ...processMemory()[1]!, limitBytes: 1024 }] })
