@@ -44,6 +44,8 @@ export type SignEngineStats = {
   queued: number
   /** Worker messages sent so far. */
   batches: number
+  /** Signs those messages carried (the batch-size histogram's sum). */
+  batchedSigns: number
   meanBatchSize: number
   /** Messages per batch size: counts for each upper bound of `batchSizeBuckets`, the last counting everything above. */
   batchSizes: number[]
@@ -177,6 +179,7 @@ export class SignEngine {
       inflight,
       queued: this.open?.requests.length ?? 0,
       batches: this.batchesSent,
+      batchedSigns: this.requestsSent,
       meanBatchSize: this.batchesSent === 0 ? 0 : this.requestsSent / this.batchesSent,
       batchSizes: [...this.batchSizes],
       inline: this.inlineSigned,

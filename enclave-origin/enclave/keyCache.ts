@@ -239,12 +239,6 @@ export class KeyCache {
     return this.answerWithoutDek(entry, now)
   }
 
-  /** The whole pre-warmer in one call: the DEK renewal, then a full sweep of the keys (production runs the two on their own timers). */
-  tickPrewarm(): void {
-    this.renewDataKeyIfDue()
-    this.sweepKeys()
-  }
-
   /** Renews the DEK before its soft TTL, or fetches one if keys need it and none is held. A timer calls it every few seconds. */
   renewDataKeyIfDue(): void {
     const now = this.now()
@@ -273,8 +267,7 @@ export class KeyCache {
       const [keyId, entry] = next.value
       if (!entry.plaintext) continue
       if (this.isHot(entry, now) && isDueForRefresh({ entry, now, lowWaterMark: this.config.keyLowWaterMark })) {
-        if (!this.refreshesInFlight.has(keyId)) refreshes += 1
-        this.scheduleRefresh(keyId)
+        if (this.scheduleRefresh(keyId)) refreshes += 1
       } else if (!isWarm(entry, now) && !this.keepsLapsedPlaintextForGrace(now)) {
         this.dropPlaintext(entry)
       }
@@ -362,14 +355,15 @@ export class KeyCache {
     return privateKey
   }
 
-  /** Single-flight per key: a key already being refreshed is not refreshed twice. */
-  private scheduleRefresh(keyId: string): void {
-    if (this.refreshesInFlight.has(keyId)) return
+  /** Single-flight per key: a key already being refreshed is not refreshed twice. True if this started one. */
+  private scheduleRefresh(keyId: string): boolean {
+    if (this.refreshesInFlight.has(keyId)) return false
     const refresh = this.refreshInBackground(keyId)
       .catch(() => {}) // counted and audited in rederive; a background refresh has no caller to tell
       .finally(() => this.refreshesInFlight.delete(keyId))
     this.refreshesInFlight.set(keyId, refresh)
     this.track(refresh)
+    return true
   }
 
   private async refreshInBackground(keyId: string): Promise<void> {

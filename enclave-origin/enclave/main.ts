@@ -41,22 +41,21 @@ export async function runEnclave(): Promise<() => Promise<void>> {
   })
   service = new EnclaveService({ cache, engine, dataKeys, kmsKeyId, preloadFile: process.env.PRELOAD_FILE || undefined, log: logLine })
   const memory = memoryWatch({ log: logLine })
-  // A sweep step every 250 ms over at most 5,000 keys (about half a millisecond) and 128 refreshes:
-  // 50,000 keys every 2.5 s. The DEK and memory every 5 s, so a failing KMS is asked no more often than that.
-  let steps = 0
-  const housekeeping = setInterval(() => {
-    cache.sweepKeys({ maxKeys: 5_000, maxRefreshes: 128 })
-    if (++steps % 20 === 0) {
-      cache.renewDataKeyIfDue()
-      memory.check()
-    }
-  }, 250)
-  housekeeping.unref()
+  // A sweep step over at most 5,000 keys (about half a millisecond) and 128 refreshes: 50,000 keys every 2.5 s.
+  const sweep = setInterval(() => cache.sweepKeys({ maxKeys: 5_000, maxRefreshes: 128 }), 250)
+  // The DEK and memory every 5 s, so a failing KMS is asked no more often than that.
+  const renew = setInterval(() => {
+    cache.renewDataKeyIfDue()
+    memory.check()
+  }, 5_000)
+  sweep.unref()
+  renew.unref()
   const address = listenAddress(setting('ENCLAVE_LISTEN', '127.0.0.1:7000'))
   const { close } = await serveEnclave({ service, address, log: logLine })
   logLine({ event: 'enclave_listening', address, profile, engine: engine.stats() })
   return async () => {
-    clearInterval(housekeeping)
+    clearInterval(sweep)
+    clearInterval(renew)
     await close()
     await engine.stop()
     cache.clear()

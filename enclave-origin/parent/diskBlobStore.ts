@@ -457,13 +457,13 @@ function isPrefixOfMagic(bytes: Buffer): boolean {
  * Decodes every frame that checks out. After one that does not, it looks for
  * the next that does: found, the bytes between are a damaged range; not
  * found, the rest is a torn tail and `validLength` ends before it. Looking
- * checksums candidate frames; past `resyncBudgetBytes` of that it stops and
+ * checksums candidate frames; past `RESYNC_BUDGET_BYTES` of that it stops and
  * says where (`unscannedFrom`) rather than take the rest for a torn tail.
  */
-function scanFrames(bytes: Buffer, resyncBudgetBytes = RESYNC_BUDGET_BYTES): { entries: LogEntry[]; validLength: number; damaged: Array<{ offset: number; bytes: number }>; unscannedFrom?: number } {
+function scanFrames(bytes: Buffer): { entries: LogEntry[]; validLength: number; damaged: Array<{ offset: number; bytes: number }>; unscannedFrom?: number } {
   const entries: LogEntry[] = []
   const damaged: Array<{ offset: number; bytes: number }> = []
-  const budget = { bytesLeft: resyncBudgetBytes }
+  const budget = { bytesLeft: RESYNC_BUDGET_BYTES }
   let offset = LOG_MAGIC.length
   while (bytes.length - offset >= FRAME_HEADER_BYTES) {
     const end = frameEndAt(bytes, offset, MAX_PAYLOAD_BYTES)

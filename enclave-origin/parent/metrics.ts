@@ -37,6 +37,23 @@ export function originMetrics(parent: OriginParent) {
 
 type EnclaveHealth = Awaited<ReturnType<OriginParent['health']>>[number]
 
+type EnclaveStats = { cache: Omit<KeyCacheStats, 'keys'>; engine: SignEngineStats }
+
+/** The enclave figures that are one number each, and where each is in the HEALTH answer. */
+const scalarFamilies: Array<{ name: string; type: 'counter' | 'gauge'; help: string; value: (stats: EnclaveStats) => unknown }> = [
+  { name: 'origin_enclave_key_refreshes_total', type: 'counter', help: 'Plaintext keys re-derived from their sealed records, inline and in the background.', value: (s) => s.cache.refreshes },
+  { name: 'origin_enclave_key_refresh_failures_total', type: 'counter', help: 'Refreshes that failed (a record that would not open, or no data key).', value: (s) => s.cache.refreshFailures },
+  { name: 'origin_enclave_unlocks_total', type: 'counter', help: 'Data keys installed by an unlock.', value: (s) => s.cache.unlocks },
+  { name: 'origin_enclave_unlock_failures_total', type: 'counter', help: 'Unlocks that failed.', value: (s) => s.cache.unlockFailures },
+  { name: 'origin_enclave_needs_unlock_total', type: 'counter', help: 'Requests the enclave answered NEEDS_UNLOCK.', value: (s) => s.cache.needsUnlock },
+  { name: 'origin_enclave_grace_signatures_total', type: 'counter', help: 'Signatures given on grace while the data key was gone (each one audited).', value: (s) => s.cache.graceSignatures },
+  { name: 'origin_enclave_rehydrate_over_budget_total', type: 'counter', help: 'Inline re-derivations that took longer than their budget.', value: (s) => s.cache.inlineRefreshOverBudget },
+  { name: 'origin_enclave_engine_threads', type: 'gauge', help: 'Signing threads.', value: (s) => s.engine.threads },
+  { name: 'origin_enclave_engine_inflight', type: 'gauge', help: 'Signs held by the signing threads.', value: (s) => s.engine.inflight },
+  { name: 'origin_enclave_engine_queue_depth', type: 'gauge', help: 'Signs waiting in the open batch.', value: (s) => s.engine.queued },
+  { name: 'origin_enclave_engine_inline_signs_total', type: 'counter', help: 'Signs made on the enclave event loop while the threads were idle.', value: (s) => s.engine.inline },
+]
+
 type Family = { name: string; help: string; type: 'counter' | 'gauge' | 'histogram'; samples: string[] }
 
 /**
@@ -55,7 +72,7 @@ export function enclaveMetricsText(enclaves: EnclaveHealth[]): string {
       .join(',')
     entry.samples.push(`${family.name}${suffix}{${rendered}} ${value}`)
   }
-  const histogram = (family: Omit<Family, 'samples' | 'type'>, labels: Record<string, string>, h: { bounds: number[]; counts: unknown; sum: number }) => {
+  const histogram = (family: Omit<Family, 'samples' | 'type'>, labels: Record<string, string>, h: { bounds: number[]; counts: unknown; sum: unknown }) => {
     const counts = h.counts
     if (!Array.isArray(counts) || counts.length !== h.bounds.length + 1 || !counts.every((c) => typeof c === 'number' && Number.isFinite(c))) return
     const type = { ...family, type: 'histogram' as const }
@@ -72,35 +89,19 @@ export function enclaveMetricsText(enclaves: EnclaveHealth[]): string {
     add({ name: 'origin_enclave_up', help: 'Whether the enclave answered HEALTH for this scrape.', type: 'gauge' }, labels, enclave.answered ? 1 : 0)
     if (!enclave.answered) continue
     add({ name: 'origin_enclave_ready', help: 'Whether the enclave can serve: it answered, and in preload mode its accounts are loaded.', type: 'gauge' }, labels, enclave.ok ? 1 : 0)
-    const stats = enclave.stats as { cacheStates?: Record<string, number>; cache?: Omit<KeyCacheStats, 'keys'>; engine?: SignEngineStats } | undefined
+    const stats = enclave.stats as ({ cacheStates?: Record<string, number> } & Partial<EnclaveStats>) | undefined
     if (!stats?.cache || !stats.engine || !stats.cacheStates) continue
     const { cache, engine } = stats
     for (const [state, count] of Object.entries(stats.cacheStates)) {
       add({ name: 'origin_enclave_keys', help: 'Keys in the enclave cache by state: WARM (signs now), COOL (re-derived from its sealed record on use), INVALID (needs an unlock).', type: 'gauge' }, { ...labels, state }, count)
     }
-    const counter = (name: string, help: string, value: number) => add({ name, help, type: 'counter' }, labels, value)
-    counter('origin_enclave_key_refreshes_total', 'Plaintext keys re-derived from their sealed records, inline and in the background.', cache.refreshes)
-    counter('origin_enclave_key_refresh_failures_total', 'Refreshes that failed (a record that would not open, or no data key).', cache.refreshFailures)
-    counter('origin_enclave_unlocks_total', 'Data keys installed by an unlock.', cache.unlocks)
-    counter('origin_enclave_unlock_failures_total', 'Unlocks that failed.', cache.unlockFailures)
-    counter('origin_enclave_needs_unlock_total', 'Requests the enclave answered NEEDS_UNLOCK.', cache.needsUnlock)
-    counter('origin_enclave_grace_signatures_total', 'Signatures given on grace while the data key was gone (each one audited).', cache.graceSignatures)
-    counter('origin_enclave_rehydrate_over_budget_total', 'Inline re-derivations that took longer than their budget.', cache.inlineRefreshOverBudget)
+    for (const family of scalarFamilies) add(family, labels, family.value({ cache, engine }))
     histogram(
       { name: 'origin_enclave_rehydrate_seconds', help: 'Inline re-derivation (COOL to WARM) latency.' },
       labels,
       { bounds: rehydrateBucketsMs.map((ms) => ms / 1_000), counts: cache.inlineRefreshMs.buckets, sum: cache.inlineRefreshMs.sum / 1_000 },
     )
-    const gauge = (name: string, help: string, value: number) => add({ name, help, type: 'gauge' }, labels, value)
-    gauge('origin_enclave_engine_threads', 'Signing threads.', engine.threads)
-    gauge('origin_enclave_engine_inflight', 'Signs held by the signing threads.', engine.inflight)
-    gauge('origin_enclave_engine_queue_depth', 'Signs waiting in the open batch.', engine.queued)
-    counter('origin_enclave_engine_inline_signs_total', 'Signs made on the enclave event loop while the threads were idle.', engine.inline)
-    histogram(
-      { name: 'origin_enclave_engine_batch_size', help: 'Signs per message to a signing thread.' },
-      labels,
-      { bounds: batchSizeBuckets, counts: engine.batchSizes, sum: Math.round(engine.meanBatchSize * engine.batches) },
-    )
+    histogram({ name: 'origin_enclave_engine_batch_size', help: 'Signs per message to a signing thread.' }, labels, { bounds: batchSizeBuckets, counts: engine.batchSizes, sum: engine.batchedSigns })
   }
   return [...families.values()].map((f) => `# HELP ${f.name} ${f.help}\n# TYPE ${f.name} ${f.type}\n${f.samples.join('\n')}\n`).join('\n')
 }

@@ -55,7 +55,7 @@ import { clockTicksPerSecond, cpuMsByCommand, hostBusyTicks, percentile, process
 const seconds = Number(process.env.BENCH_SECONDS ?? 60)
 const keyCount = Number(process.env.ORIGIN_KEYS ?? 50_000)
 const connections = Number(process.env.ORIGIN_CONNECTIONS ?? 500)
-/** Each open loop first runs this long at its rate, unrecorded: JIT and connections warm, as in steady service. */
+/** Each open loop first runs this long at its rate, unrecorded. */
 const warmupSeconds = 2
 const offeredFractions = (process.env.ORIGIN_OFFERED_FRACTIONS ?? '0.6').split(',').map(Number)
 if (!offeredFractions.every((f) => f > 0 && f <= 1)) throw new Error(`ORIGIN_OFFERED_FRACTIONS must be fractions in (0, 1], got ${process.env.ORIGIN_OFFERED_FRACTIONS}`)
@@ -239,7 +239,13 @@ async function closedLoop(pids: Pids, send: Send) {
   return { ...summarise(samples, elapsedMs), cpu: cpuSince(pids, before, elapsedMs, samples.count + samples.failed) }
 }
 
-async function openLoop(pids: Pids, send: Send, rate: number, durationSeconds = seconds) {
+/** Runs `warmupSeconds` at `rate` unrecorded (JIT and connections warm, as in steady service), then records a run. */
+async function openLoop(pids: Pids, send: Send, rate: number) {
+  await driveOpenLoop(pids, send, rate, warmupSeconds)
+  return driveOpenLoop(pids, send, rate, seconds)
+}
+
+async function driveOpenLoop(pids: Pids, send: Send, rate: number, durationSeconds: number) {
   const samples = new SampleLog()
   const pending = new Set<Promise<void>>()
   let skipped = 0
@@ -393,11 +399,9 @@ async function main() {
       await warmEveryKey(keyIds)
       const percent = Math.round(fraction * 100)
       const http = await viaParent(running.url, keyIds)
-      await openLoop(pidsOfOrigin, http.send, Math.round(best * fraction), warmupSeconds)
       record(`open loop ${percent}% of ${best}/s via parent, ${scenario.name}`, await openLoop(pidsOfOrigin, http.send, Math.round(best * fraction)))
       http.close()
       const enclave = await viaEnclave(keyIds)
-      await openLoop(pidsOfOrigin, enclave.send, Math.round(bestDirect * fraction), warmupSeconds)
       record(`open loop ${percent}% of ${bestDirect}/s direct, ${scenario.name}`, await openLoop(pidsOfOrigin, enclave.send, Math.round(bestDirect * fraction)))
       enclave.close()
     }
@@ -413,7 +417,6 @@ async function main() {
         for (const fraction of offeredFractions) {
           const rate = Math.round(floor.rate * fraction)
           const client = floor.script === 'frameEcho' ? await viaEnclave(keyIds, floor.port) : await viaParent(`http://127.0.0.1:${floor.port}`, keyIds)
-          await openLoop(() => floor.pids(server.pid), client.send, rate, warmupSeconds)
           record(`floor: ${floor.label} at ${rate}/s`, await openLoop(() => floor.pids(server.pid), client.send, rate))
           client.close()
         }
