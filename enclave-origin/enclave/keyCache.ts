@@ -95,7 +95,12 @@ type KeyEntry = {
   /** Soft expiry brought forward by a random lead, so keys warmed together are not re-warmed together. */
   prewarmAt: number
   usesLeft: number
-  lastUsedAt?: number
+  /**
+   * -Infinity until first used. Never undefined: a field that starts out
+   * undefined holds each new time as a fresh heap number, one allocation per
+   * signature that lives until the key's next use.
+   */
+  lastUsedAt: number
 }
 
 type CachedDek = { bytes: Uint8Array; softExpiresAt: number; hardExpiresAt: number; renewAt: number }
@@ -471,7 +476,7 @@ export class KeyCache {
 
   /** Used within the last soft-TTL window: worth keeping warm. */
   private isHot(entry: KeyEntry, now: number): boolean {
-    return entry.lastUsedAt !== undefined && now - entry.lastUsedAt < this.config.keySoftTtlMs
+    return now - entry.lastUsedAt < this.config.keySoftTtlMs
   }
 
   /** Lapsed plaintext is only worth keeping while it may still be spent on grace signatures. */
@@ -504,7 +509,7 @@ function isDueForRefresh({ entry, now, lowWaterMark }: { entry: KeyEntry; now: n
 }
 
 function coolEntry(record: SealedKeyRecord): KeyEntry {
-  return { record, softExpiresAt: 0, hardExpiresAt: 0, prewarmAt: 0, usesLeft: 0 }
+  return { record, softExpiresAt: 0, hardExpiresAt: 0, prewarmAt: 0, usesLeft: 0, lastUsedAt: Number.NEGATIVE_INFINITY }
 }
 
 function sealsSameKey(held: SealedKeyRecord, incoming: SealedKeyRecord): boolean {

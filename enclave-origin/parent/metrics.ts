@@ -1,4 +1,4 @@
-import { Counter, Gauge, Histogram, Registry } from 'prom-client'
+import { collectDefaultMetrics, Counter, Gauge, Histogram, Registry } from 'prom-client'
 import type { SignEngineStats } from '../enclave/engine.js'
 import type { KeyCacheStats } from '../enclave/keyCache.js'
 import { batchSizeBuckets, rehydrateBucketsMs } from '../protocol/histograms.js'
@@ -10,10 +10,14 @@ import type { OriginParent } from './origin.js'
  * enclaves' (cache states, refreshes, unlocks, grace signatures, rehydrate
  * latency, engine queue and batch sizes) are counters and histograms the
  * enclave keeps; they arrive with one HEALTH answer per enclave per scrape and
- * are written out under their own names (`enclaveMetricsText`).
+ * are written out under their own names (`enclaveMetricsText`). The
+ * process's own standard figures come too (prom-client's defaults: CPU,
+ * memory, event-loop lag, `nodejs_gc_duration_seconds` by kind), since GC
+ * pauses in the parent are a large part of the latency tail.
  */
 export function originMetrics(parent: OriginParent) {
   const registry = new Registry()
+  collectDefaultMetrics({ register: registry })
   const signLatency = new Histogram({
     name: 'origin_sign_latency_seconds',
     help: 'Sign latency by phase: enclave (decode to signature, engine queue included), queue (the rest of the round trip: wire and connection queues), rpc (parent to enclave and back), total (request to answer).',

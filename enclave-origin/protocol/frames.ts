@@ -11,6 +11,8 @@
  *   ...    payload
  */
 
+import { smallBytes } from './smallBytes.js'
+
 export const opcodes = {
   CREATE: 1,
   SIGN: 2,
@@ -71,8 +73,8 @@ export function encodeFrame(frame: Frame & { maxFrameBytes?: number }): Uint8Arr
     throw new FrameError(`frame of ${declaredLength} bytes exceeds the ${limit}-byte limit`)
   }
   // A plain Uint8Array, not a Buffer, so callers compare and type it like every other payload.
-  const bytes = new Uint8Array(lengthPrefixBytes + declaredLength)
-  const view = new DataView(bytes.buffer)
+  const bytes = smallBytes(lengthPrefixBytes + declaredLength)
+  const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength)
   view.setUint32(0, declaredLength)
   view.setUint32(4, requestId)
   view.setUint8(8, opcode)
@@ -186,11 +188,13 @@ export class FrameDecoder {
 }
 
 function frameAt(bytes: Buffer, start: number, end: number): Frame {
+  // A copy, not a view: the chunk (or the reused pending buffer) stays free.
+  const payload = smallBytes(end - start - lengthPrefixBytes - headerBytes)
+  payload.set(bytes.subarray(start + lengthPrefixBytes + headerBytes, end))
   return {
     requestId: bytes.readUInt32BE(start + 4),
     opcode: bytes.readUInt8(start + 8),
     status: bytes.readUInt8(start + 9),
-    // A copy, not a view: the chunk (or the reused pending buffer) stays free.
-    payload: new Uint8Array(bytes.subarray(start + lengthPrefixBytes + headerBytes, end)),
+    payload,
   }
 }

@@ -10,6 +10,7 @@
  */
 import type { CacheState, KeyState, RawSignature, SealedKeyRecord } from '../types.js'
 import { checkUint, FrameError } from './frames.js'
+import { smallBytes } from './smallBytes.js'
 
 export type SignRequest = { keyId: string; digest: Uint8Array }
 /** The signature, and how long the enclave took from decoding the request to signing (queue in the engine included), in µs. */
@@ -308,8 +309,8 @@ class PayloadWriter {
   private offset = 0
 
   constructor(size: number) {
-    this.buffer = new Uint8Array(size)
-    this.view = new DataView(this.buffer.buffer)
+    this.buffer = smallBytes(size)
+    this.view = new DataView(this.buffer.buffer, this.buffer.byteOffset, size)
   }
 
   u8(value: number): this {

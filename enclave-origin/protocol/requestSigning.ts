@@ -75,7 +75,17 @@ export class RequestVerifier {
   private readonly maxSkewMs: number
   private readonly now: () => number
   private readonly hashing: RequestHashing
-  private readonly seen = new Map<string, number>()
+  /**
+   * Nonces seen, newest generation first; each generation spans `maxSkewMs`
+   * and three are kept. A request is acceptable from its timestamp − skew to
+   * its timestamp + skew, so a nonce must be remembered for 2 × skew after it
+   * is first seen; it is, since its generation is dropped only after two
+   * younger ones have each run a full skew. Dropping a whole generation costs
+   * nothing per nonce, and no timestamp is kept per nonce (a heap number
+   * each, promoted with it).
+   */
+  private nonceGenerations: Array<Set<string>> = [new Set()]
+  private generationStartedAt = Number.NEGATIVE_INFINITY
 
   constructor(options: { secrets: Record<string, string>; maxSkewMs?: number; now?: () => number; hashing?: RequestHashing }) {
     this.secrets = new Map(Object.entries(options.secrets).map(([keyId, secret]) => [keyId, encoder.encode(secret)]))
@@ -94,21 +104,16 @@ export class RequestVerifier {
     if (!secret) return 'unknown-key'
     const now = this.now()
     if (!/^\d{1,15}$/.test(timestamp) || Math.abs(now - Number(timestamp)) > this.maxSkewMs) return 'stale'
-    this.forgetOldNonces(now)
+    if (now - this.generationStartedAt >= this.maxSkewMs) {
+      this.nonceGenerations = [new Set(), ...this.nonceGenerations.slice(0, 2)]
+      this.generationStartedAt = now
+    }
     const nonceKey = `${keyId}:${nonce}`
-    if (this.seen.has(nonceKey)) return 'replayed'
+    if (this.nonceGenerations.some((generation) => generation.has(nonceKey))) return 'replayed'
     const expected = mac({ ...options, hashing: this.hashing, keyId, secret, timestamp, nonce })
     if (!equalInConstantTime(hexToBytes(signature), expected)) return 'bad-signature'
-    this.seen.set(nonceKey, now)
+    this.nonceGenerations[0]!.add(nonceKey)
     return undefined
-  }
-
-  private forgetOldNonces(now: number): void {
-    // Map iteration is insertion order, and nonces are inserted in time order.
-    for (const [nonce, at] of this.seen) {
-      if (now - at <= 2 * this.maxSkewMs) break
-      this.seen.delete(nonce)
-    }
   }
 }
 

@@ -152,6 +152,13 @@ async function rehydrateP95(origin: Origin): Promise<string> {
   return 'n/a'
 }
 
+/** The parent's GC pauses so far (prom-client's `nodejs_gc_duration_seconds`, all kinds), from its /metrics. */
+async function parentGcPauses(origin: Origin): Promise<{ seconds: number; count: number }> {
+  const text = await (await fetch(`${origin.url}/metrics`)).text()
+  const total = (suffix: string) => [...text.matchAll(new RegExp(`^nodejs_gc_duration_seconds_${suffix}\\{[^}]*\\} ([\\d.e+-]+)$`, 'gm'))].reduce((sum, match) => sum + Number(match[1]), 0)
+  return { seconds: total('sum'), count: total('count') }
+}
+
 /** The processes whose CPU a run reports: the origin's, or a floor server's (frame echo in the enclave column, HTTP echo in the parent's). */
 type Pids = () => { enclave?: number; parent?: number }
 
@@ -177,6 +184,9 @@ function cpuSince(pids: Pids, before: ReturnType<typeof cpuOf>, elapsedMs: numbe
 
 type Send = (scheduledAt?: number) => Promise<Sample>
 
+/** Compiled once, not three times per response: the generator's own garbage shows up in the tail it measures. */
+const timingPatterns = { rpc: /rpc;dur=([\d.]+)/, total: /total;dur=([\d.]+)/, enclave: /enclave;dur=([\d.]+)/ }
+
 /**
  * Signs through the parent's HTTP API, as the Worker does, over `connections`
  * pre-opened keep-alive connections (each request takes a free one; the loops
@@ -197,9 +207,9 @@ async function viaParent(url: string, keyIds: string[]): Promise<{ send: Send; c
       free.push(connection)
       const clientMs = performance.now() - started
       const timing = response.headers['server-timing'] ?? ''
-      const phase = (name: string) => Number(new RegExp(`${name};dur=([\\d.]+)`).exec(timing)?.[1])
-      const rpcMs = phase('rpc')
-      return { ok: response.status === 200, needsUnlock: response.status === 503, clientMs, rpcMs, parentMs: phase('total') - rpcMs, enclaveMs: phase('enclave') }
+      const phase = (pattern: RegExp) => Number(pattern.exec(timing)?.[1])
+      const rpcMs = phase(timingPatterns.rpc)
+      return { ok: response.status === 200, needsUnlock: response.status === 503, clientMs, rpcMs, parentMs: phase(timingPatterns.total) - rpcMs, enclaveMs: phase(timingPatterns.enclave) }
     } catch {
       // A broken connection is not put back: the run goes on with one fewer.
       return { ok: false, needsUnlock: false, clientMs: performance.now() - started }
@@ -239,10 +249,20 @@ async function closedLoop(pids: Pids, send: Send) {
   return { ...summarise(samples, elapsedMs), cpu: cpuSince(pids, before, elapsedMs, samples.count + samples.failed) }
 }
 
-/** Runs `warmupSeconds` at `rate` unrecorded (JIT and connections warm, as in steady service), then records a run. */
-async function openLoop(pids: Pids, send: Send, rate: number) {
+/**
+ * Runs `warmupSeconds` at `rate` unrecorded (JIT and connections warm, as in
+ * steady service), then records a run. Through the parent, it also reports
+ * the parent's GC pauses during the run: how often its event loop stopped, and for how long.
+ */
+async function openLoop(pids: Pids, send: Send, rate: number, parent?: Origin) {
   await driveOpenLoop(pids, send, rate, warmupSeconds)
-  return driveOpenLoop(pids, send, rate, seconds)
+  const before = parent && (await parentGcPauses(parent))
+  const result = await driveOpenLoop(pids, send, rate, seconds)
+  if (!parent || !before) return result
+  const after = await parentGcPauses(parent)
+  const pauses = after.count - before.count
+  const pausedMs = (after.seconds - before.seconds) * 1_000
+  return { ...result, parentGc: { pauses, pausedMsPerSecond: Number((pausedMs / seconds).toFixed(1)), meanPauseMs: Number((pausedMs / Math.max(pauses, 1)).toFixed(2)) } }
 }
 
 async function driveOpenLoop(pids: Pids, send: Send, rate: number, durationSeconds: number) {
@@ -399,7 +419,7 @@ async function main() {
       await warmEveryKey(keyIds)
       const percent = Math.round(fraction * 100)
       const http = await viaParent(running.url, keyIds)
-      record(`open loop ${percent}% of ${best}/s via parent, ${scenario.name}`, await openLoop(pidsOfOrigin, http.send, Math.round(best * fraction)))
+      record(`open loop ${percent}% of ${best}/s via parent, ${scenario.name}`, await openLoop(pidsOfOrigin, http.send, Math.round(best * fraction), running))
       http.close()
       const enclave = await viaEnclave(keyIds)
       record(`open loop ${percent}% of ${bestDirect}/s direct, ${scenario.name}`, await openLoop(pidsOfOrigin, enclave.send, Math.round(bestDirect * fraction)))
@@ -425,12 +445,13 @@ async function main() {
       }
     }
 
-    console.log(`\n${'scenario (in floor rows the enclave or parent column is the floor server)'.padEnd(72)}  req/s   err%   503%  client p50/p99/p99.9 ms       rpc p99  enclave p99  parent p99  cores enclave/parent/gen/host`)
+    console.log(`\n${'scenario (in floor rows the enclave or parent column is the floor server)'.padEnd(72)}  req/s   err%   503%  client p50/p99/p99.9 ms       rpc p99  enclave p99  parent p99  cores enclave/parent/gen/host  parent GC ms/s (mean pause)`)
     for (const r of results) {
       const latency = r.latencyMs as Record<string, Record<string, number>>
       const cpu = (r.cpu as { cores: Record<string, number> }).cores
+      const gc = r.parentGc as { pausedMsPerSecond: number; meanPauseMs: number } | undefined
       console.log(
-        `${r.scenario.padEnd(72)} ${String(r.throughput).padStart(6)} ${((r.errorRate as number) * 100).toFixed(2).padStart(6)} ${((r.needsUnlockRate as number) * 100).toFixed(2).padStart(6)}  ${`${latency.client!.p50}/${latency.client!.p99}/${latency.client!.p999}`.padEnd(26)} ${String(latency.rpc!.p99).padStart(8)} ${String(latency.enclave!.p99).padStart(12)} ${String(latency.parent!.p99).padStart(10)}  ${cpu.enclave}/${cpu.parent}/${cpu.generator}/${cpu.host}`,
+        `${r.scenario.padEnd(72)} ${String(r.throughput).padStart(6)} ${((r.errorRate as number) * 100).toFixed(2).padStart(6)} ${((r.needsUnlockRate as number) * 100).toFixed(2).padStart(6)}  ${`${latency.client!.p50}/${latency.client!.p99}/${latency.client!.p999}`.padEnd(26)} ${String(latency.rpc!.p99).padStart(8)} ${String(latency.enclave!.p99).padStart(12)} ${String(latency.parent!.p99).padStart(10)}  ${`${cpu.enclave}/${cpu.parent}/${cpu.generator}/${cpu.host}`.padEnd(25)}${gc ? `${gc.pausedMsPerSecond} (${gc.meanPauseMs} ms)` : ''}`,
       )
     }
     console.log(

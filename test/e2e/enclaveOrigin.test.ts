@@ -121,8 +121,10 @@ describe('the enclave origin API', () => {
     expect(await (await fetch(`${origin.url}/metrics`)).text()).toMatch(/origin_needs_unlock_total [1-9]/)
   })
 
-  it('/metrics exposes sign latency, requests and the enclave cache state', async () => {
+  it('/metrics exposes sign latency, requests, the enclave cache state and the parent process\u2019s GC pauses', async () => {
     const text = await (await fetch(`${origin.url}/metrics`)).text()
+    expect(text).toContain('# TYPE nodejs_gc_duration_seconds histogram')
+    expect(text).toMatch(/process_cpu_seconds_total \d/)
     expect(text).toContain('origin_sign_latency_seconds_bucket{le="0.01",phase="total"}')
     expect(text).toMatch(/origin_enclave_keys\{enclave="enclave-1",state="WARM"\} [1-9]/)
     expect(text).toMatch(/origin_enclave_key_refreshes_total\{enclave="enclave-1"\} \d+/)

@@ -1,3 +1,4 @@
+import { createHash, createHmac, randomBytes } from 'node:crypto'
 import { describe, expect, it } from 'vitest'
 import { nodeHashing } from '../../enclave-origin/protocol/nodeHashing.js'
 import { nobleHashing, RequestVerifier, signRequest, signatureHeaders } from '../../enclave-origin/protocol/requestSigning.js'
@@ -35,6 +36,21 @@ describe('HMAC request signing between the Worker and the parent', () => {
     expect(await check(fresh, await signed({ secret: 'wrong' }))).toBe('bad-signature')
   })
 
+  it('remembers a nonce for as long as its request stays acceptable: first seen at timestamp \u2212 skew, replayed at timestamp + skew', async () => {
+    const clock = { now: 1_000_000 - 30_000 }
+    const verifier = verifierAt(clock)
+    const headers = await signed()
+    expect(await check(verifier, headers)).toBeUndefined()
+    // Other clients' requests along the way, so the nonce store turns over as it does in service.
+    for (let step = 0; clock.now < 1_000_000 + 30_000; step++) {
+      clock.now = Math.min(clock.now + 1_000, 1_000_000 + 30_000)
+      expect(await check(verifier, await signed({ now: clock.now }))).toBeUndefined()
+    }
+    expect(await check(verifier, headers)).toBe('replayed')
+    clock.now += 1
+    expect(await check(verifier, headers)).toBe('stale')
+  })
+
   it('signs the key id: a request signed for one client is refused under another client id with the same secret', async () => {
     const verifier = new RequestVerifier({ secrets: { worker: 'shared-secret-for-tests', operator: 'shared-secret-for-tests' }, now: () => 1_000_000 })
     const headers = await signed()
@@ -51,6 +67,17 @@ describe('HMAC request signing between the Worker and the parent', () => {
       const verifying = new RequestVerifier({ secrets: { worker: 'shared-secret-for-tests' }, now: () => 1_000_000, hashing: verifier })
       expect(await check(verifying, headers)).toBeUndefined()
       expect(await check(verifying, await signed({ hashing: signer }), { body: new TextEncoder().encode('{}') })).toBe('bad-signature')
+    }
+  })
+
+  it('Node\u2019s one-shot HMAC-SHA256 matches node:crypto\u2019s createHmac for keys shorter than, equal to and longer than the block', () => {
+    for (const keyBytes of [0, 1, 26, 63, 64, 65, 200]) {
+      for (const dataBytes of [0, 1, 55, 64, 150, 5_000]) {
+        const key = randomBytes(keyBytes)
+        const data = randomBytes(dataBytes)
+        expect(Buffer.from(nodeHashing.hmacSha256(key, data)).toString('hex'), `key ${keyBytes} B, data ${dataBytes} B`).toBe(createHmac('sha256', key).update(data).digest('hex'))
+        expect(Buffer.from(nodeHashing.sha256(data)).toString('hex')).toBe(createHash('sha256').update(data).digest('hex'))
+      }
     }
   })
 })

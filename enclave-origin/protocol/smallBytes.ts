@@ -1,0 +1,32 @@
+/**
+ * Zeroed byte arrays for frames and payloads, the small ones carved from
+ * shared 16 KiB slabs. V8 gives every typed array over 64 bytes its own
+ * off-heap backing store, which each young-generation GC must then sweep: at
+ * thousands of SIGN round trips a second (four or five such arrays each, on
+ * both sides of the connection) that sweep was a visible share of the GC
+ * pauses in the latency tail. A slab is one backing store for a few hundred
+ * frames.
+ *
+ * Slabs are never reused, so the bytes start zeroed as `new Uint8Array` would,
+ * and a slab is freed once no array carved from it is alive. Callers must use
+ * `byteOffset` with `.buffer`, as for any view. Plaintext keys never pass
+ * through here: frames and payloads carry only sealed or public bytes.
+ */
+const slabBytes = 16 * 1024
+/** Above this an array gets its own backing store: large payloads are rare, and one must not pin a slab for long. */
+const largestPooled = 256
+
+let slab = new ArrayBuffer(slabBytes)
+let used = 0
+
+export function smallBytes(length: number): Uint8Array {
+  if (length > largestPooled) return new Uint8Array(length)
+  if (used + length > slabBytes) {
+    slab = new ArrayBuffer(slabBytes)
+    used = 0
+  }
+  const bytes = new Uint8Array(slab, used, length)
+  // 8-byte steps keep every array aligned for DataView reads of any width.
+  used += (length + 7) & ~7
+  return bytes
+}
