@@ -31,7 +31,8 @@
  * Prints throughput; p50/p90/p99/p99.9 per phase (client = end to end, parent =
  * the parent's handling, rpc = parent↔enclave incl. signing, from Server-Timing);
  * error and NEEDS_UNLOCK rates; rehydrate p95 (enclave histogram); CPU per
- * process. Closed loop at 500 in flight, latency is bounded below by
+ * process; and for each open loop through the parent, the parent's GC pause
+ * time (its own nodejs_gc_duration_seconds). Closed loop at 500 in flight, latency is bounded below by
  * 500 / throughput: read the open-loop figures for latency below saturation.
  */
 import { spawn } from 'node:child_process'
