@@ -354,7 +354,8 @@ class PayloadWriter {
 
 /**
  * Reads one payload front to back; every failure names the message and field.
- * Byte fields are views into the payload, which the frame decoder already copied.
+ * Byte fields are copies, never views: a payload may sit in a shared slab
+ * (smallBytes.ts), and a record the cache or store keeps must not pin one.
  */
 class PayloadReader {
   private readonly view: DataView
@@ -388,7 +389,7 @@ class PayloadReader {
 
   bytes(length: number, field: string): Uint8Array {
     this.need(length, field)
-    const bytes = this.payload.subarray(this.offset, this.offset + length)
+    const bytes = this.payload.slice(this.offset, this.offset + length)
     this.offset += length
     return bytes
   }

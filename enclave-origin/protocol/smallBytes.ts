@@ -8,9 +8,12 @@
  * frames.
  *
  * Slabs are never reused, so the bytes start zeroed as `new Uint8Array` would,
- * and a slab is freed once no array carved from it is alive. Callers must use
- * `byteOffset` with `.buffer`, as for any view. Plaintext keys never pass
- * through here: frames and payloads carry only sealed or public bytes.
+ * and a slab is freed once no array carved from it is alive. So these arrays
+ * are for bytes that die soon (a frame on its way, a payload being decoded):
+ * anything kept for long is copied out (the payload decoders do), or one
+ * kept record would pin 16 KiB. Callers must use `byteOffset` with `.buffer`,
+ * as for any view. Plaintext keys never pass through here: frames and
+ * payloads carry only sealed or public bytes.
  */
 const slabBytes = 16 * 1024
 /** Above this an array gets its own backing store: large payloads are rare, and one must not pin a slab for long. */

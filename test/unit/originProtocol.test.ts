@@ -94,6 +94,16 @@ describe('every message survives encode then decode unchanged', () => {
     }
   })
 
+  it('decoded byte fields are copies, not views of the payload: a record kept by the cache or store pins no shared slab', () => {
+    const payload = encodeLoadRequest({ keyId: 'kept', version: 1, state: 'active', publicKey, sealed })
+    const decoded = decodeLoadRequest(payload)
+    expect(decoded.sealed.buffer).not.toBe(payload.buffer)
+    expect(decoded.publicKey.buffer).not.toBe(payload.buffer)
+    const created = decodeCreateResponse(encodeCreateResponse({ publicKey, sealed, version: 2 }))
+    expect(created.sealed.byteOffset).toBe(0)
+    expect(created.sealed.buffer.byteLength).toBe(sealed.length)
+  })
+
   it('GET request and response, in every cache state', () => {
     expect(decodeGetRequest(encodeGetRequest({ keyId: 'g' }))).toEqual({ keyId: 'g' })
     for (const cacheState of ['WARM', 'COOL', 'INVALID'] as const) {
