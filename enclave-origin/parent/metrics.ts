@@ -12,8 +12,8 @@ import type { OriginParent } from './origin.js'
  * enclave keeps; they arrive with one HEALTH answer per enclave per scrape and
  * are written out under their own names (`enclaveMetricsText`). The
  * process's own standard figures come too (prom-client's defaults: CPU,
- * memory, event-loop lag, `nodejs_gc_duration_seconds` by kind), since GC
- * pauses in the parent are a large part of the latency tail.
+ * memory, event-loop lag, `nodejs_gc_duration_seconds` by kind), since the
+ * parent's GC pauses are part of every sign's latency.
  */
 export function originMetrics(parent: OriginParent) {
   const registry = new Registry()
