@@ -388,8 +388,13 @@ class PayloadReader {
   }
 
   bytes(length: number, field: string): Uint8Array {
+    return this.inPlace(length, field).slice()
+  }
+
+  /** The next `length` bytes in place, for what is decoded at once and not kept. */
+  private inPlace(length: number, field: string): Uint8Array {
     this.need(length, field)
-    const bytes = this.payload.slice(this.offset, this.offset + length)
+    const bytes = this.payload.subarray(this.offset, this.offset + length)
     this.offset += length
     return bytes
   }
@@ -399,7 +404,7 @@ class PayloadReader {
   }
 
   utf8(length: number, field: string): string {
-    const bytes = this.bytes(length, field)
+    const bytes = this.inPlace(length, field)
     try {
       return strictUtf8.decode(bytes)
     } catch {
