@@ -72,7 +72,6 @@ export type AcquireResult =
   | { kind: 'not-found' }
   | { kind: 'not-active'; state: Exclude<KeyState, 'active'> }
 
-
 export type KeyCacheStats = {
   keys: Record<CacheState, number>
   /** Re-derivations of plaintext from a sealed record, inline and in the background. */

@@ -18,6 +18,7 @@ import {
   encodeHealthResponse,
   encodeNeedsUnlock,
   encodeSignResponse,
+  encodeUnlockResponse,
 } from '../protocol/messages.js'
 import type { RawSignature, WrappedDek } from '../types.js'
 import type { KmsDataKeys } from './dataKey.js'
@@ -140,7 +141,7 @@ export class EnclaveService {
           const { dek, wrapped } = await this.options.dataKeys.generate()
           this.wrappedDek = wrapped
           cache.setDek(dek)
-          return { status: statuses.OK, payload: wrapped.ciphertext }
+          return { status: statuses.OK, payload: encodeUnlockResponse({ wrappedDek: wrapped.ciphertext }) }
         }
         this.wrappedDek = { keyId: this.options.kmsKeyId, ciphertext: wrappedDek }
         cache.setDek(await this.options.dataKeys.unwrap(this.wrappedDek))

@@ -9,6 +9,7 @@ import {
   decodeHealthResponse,
   decodeNeedsUnlock,
   decodeSignResponse,
+  decodeUnlockResponse,
   emptyPayload,
   encodeCreateRequest,
   encodeGetRequest,
@@ -98,8 +99,7 @@ export class OriginParent {
     if (!(await this.options.store.getWrappedDek())) {
       const first = this.enclaves[0]!
       const frame = this.check(first, await this.call(first, opcodes.UNLOCK, encodeUnlockRequest({ wrappedDek: new Uint8Array() })))
-      // A copy: the payload may sit in a shared slab (smallBytes.ts).
-      await this.options.store.putWrappedDek({ keyId: 'enclave-data-key', ciphertext: frame.payload.slice() })
+      await this.options.store.putWrappedDek({ keyId: 'enclave-data-key', ciphertext: decodeUnlockResponse(frame.payload).wrappedDek })
     }
     await Promise.all(this.enclaves.map((enclave) => this.unlock(enclave)))
     const loads: Promise<unknown>[] = []

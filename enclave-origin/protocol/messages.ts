@@ -23,6 +23,7 @@ export type GetResponse = { state: KeyState; cacheState: CacheState; publicKey: 
 export type SetStateRequest = { keyId: string; state: KeyState }
 /** `preloadIdentity` absent and empty are the same on the wire (length 0). */
 export type UnlockRequest = { wrappedDek: Uint8Array; preloadIdentity?: string }
+export type UnlockResponse = { wrappedDek: Uint8Array }
 export type HealthResponse = Record<string, unknown>
 export type NeedsUnlockResponse = { retryAfterMs: number }
 
@@ -40,7 +41,7 @@ const strictUtf8 = new TextDecoder('utf-8', { fatal: true, ignoreBOM: true })
 const keyStates = ['active', 'frozen', 'archived'] as const satisfies readonly KeyState[]
 const cacheStates = ['WARM', 'COOL', 'INVALID'] as const satisfies readonly CacheState[]
 
-/** Payload of HEALTH requests and of OK answers to LOAD, SET_STATE and UNLOCK. */
+/** Payload of HEALTH requests and of OK answers to LOAD, SET_STATE and UNLOCK (when no new data key was made). */
 export const emptyPayload: Uint8Array = new Uint8Array(0)
 
 export function decodeEmptyPayload(payload: Uint8Array, message: string): void {
@@ -175,7 +176,7 @@ export function decodeSetStateRequest(payload: Uint8Array): SetStateRequest {
   return request
 }
 
-// UNLOCK (the OK answer is empty)
+// UNLOCK
 
 export function encodeUnlockRequest(request: UnlockRequest): Uint8Array {
   const identity = wellFormedUtf8(request.preloadIdentity ?? '', 'UNLOCK preloadIdentity')
@@ -193,6 +194,21 @@ export function decodeUnlockRequest(payload: Uint8Array): UnlockRequest {
   const preloadIdentity = reader.utf8(reader.u16('preloadIdentity length'), 'preloadIdentity')
   reader.end()
   return preloadIdentity === '' ? { wrappedDek } : { wrappedDek, preloadIdentity }
+}
+
+/**
+ * The OK answer: the wrapped DEK bytes as they are, the new one when the
+ * request asked KMS for a first data key (an empty wrapped DEK), else empty.
+ */
+export function encodeUnlockResponse(response: UnlockResponse): Uint8Array {
+  return new PayloadWriter(response.wrappedDek.length).bytes(response.wrappedDek).done()
+}
+
+export function decodeUnlockResponse(payload: Uint8Array): UnlockResponse {
+  const reader = new PayloadReader(payload, 'UNLOCK response')
+  const response = { wrappedDek: reader.bytes(payload.length, 'wrappedDek') }
+  reader.end()
+  return response
 }
 
 // HEALTH (the request is empty)

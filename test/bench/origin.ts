@@ -32,8 +32,9 @@
  * the parent's handling, rpc = parent↔enclave incl. signing, from Server-Timing);
  * error and NEEDS_UNLOCK rates; rehydrate p95 (enclave histogram); CPU per
  * process; and for each open loop through the parent, the parent's GC pause
- * time (its own nodejs_gc_duration_seconds). Closed loop at 500 in flight, latency is bounded below by
- * 500 / throughput: read the open-loop figures for latency below saturation.
+ * time (its own nodejs_gc_duration_seconds). Closed loop at 500 in flight,
+ * latency is bounded below by 500 / throughput: read the open-loop figures
+ * for latency below saturation.
  */
 import { spawn } from 'node:child_process'
 import { mkdtempSync, rmSync } from 'node:fs'
@@ -257,9 +258,9 @@ async function closedLoop(pids: Pids, send: Send) {
  */
 async function openLoop(pids: Pids, send: Send, rate: number, parent?: Origin) {
   await driveOpenLoop(pids, send, rate, warmupSeconds)
-  const before = parent && (await parentGcPauses(parent))
+  if (!parent) return driveOpenLoop(pids, send, rate, seconds)
+  const before = await parentGcPauses(parent)
   const result = await driveOpenLoop(pids, send, rate, seconds)
-  if (!parent || !before) return result
   const after = await parentGcPauses(parent)
   const pauses = after.count - before.count
   const pausedMs = (after.seconds - before.seconds) * 1_000
@@ -429,15 +430,15 @@ async function main() {
     // The floors: the same open loops against servers that sign nothing.
     await origin.stop()
     const floors = [
-      { script: 'frameEcho' as const, port: ports.echo, rate: bestDirect, label: 'no-op frame echo (direct floor)', pids: (pid: number) => ({ enclave: pid }) },
-      { script: 'httpEcho' as const, port: ports.httpEcho, rate: best, label: 'no-op Node HTTP server (parent floor)', pids: (pid: number) => ({ parent: pid }) },
+      { script: 'frameEcho' as const, port: ports.echo, rate: bestDirect, label: 'no-op frame echo (direct floor)', pids: (pid: number) => ({ enclave: pid }), connect: () => viaEnclave(keyIds, ports.echo) },
+      { script: 'httpEcho' as const, port: ports.httpEcho, rate: best, label: 'no-op Node HTTP server (parent floor)', pids: (pid: number) => ({ parent: pid }), connect: () => viaParent(`http://127.0.0.1:${ports.httpEcho}`, keyIds) },
     ]
     for (const floor of floors) {
       const server = await startFloorServer(floor.script, floor.port)
       try {
         for (const fraction of offeredFractions) {
           const rate = Math.round(floor.rate * fraction)
-          const client = floor.script === 'frameEcho' ? await viaEnclave(keyIds, floor.port) : await viaParent(`http://127.0.0.1:${floor.port}`, keyIds)
+          const client = await floor.connect()
           record(`floor: ${floor.label} at ${rate}/s`, await openLoop(() => floor.pids(server.pid), client.send, rate))
           client.close()
         }

@@ -14,6 +14,7 @@ import {
   decodeSignRequest,
   decodeSignResponse,
   decodeUnlockRequest,
+  decodeUnlockResponse,
   emptyPayload,
   encodeCreateRequest,
   encodeCreateResponse,
@@ -27,6 +28,7 @@ import {
   encodeSignRequest,
   encodeSignResponse,
   encodeUnlockRequest,
+  encodeUnlockResponse,
   maxErrorMessageBytes,
 } from '../../enclave-origin/protocol/messages.js'
 
@@ -99,6 +101,8 @@ describe('every message survives encode then decode unchanged', () => {
     const decoded = decodeLoadRequest(payload)
     expect(decoded.sealed.buffer).not.toBe(payload.buffer)
     expect(decoded.publicKey.buffer).not.toBe(payload.buffer)
+    const unlockAnswer = encodeUnlockResponse({ wrappedDek: sealed })
+    expect(decodeUnlockResponse(unlockAnswer).wrappedDek.buffer).not.toBe(unlockAnswer.buffer)
     const created = decodeCreateResponse(encodeCreateResponse({ publicKey, sealed, version: 2 }))
     expect(created.sealed.byteOffset).toBe(0)
     expect(created.sealed.buffer.byteLength).toBe(sealed.length)
@@ -116,6 +120,12 @@ describe('every message survives encode then decode unchanged', () => {
     for (const state of ['active', 'frozen', 'archived'] as const) {
       expect(decodeSetStateRequest(encodeSetStateRequest({ keyId: 'k1', state }))).toEqual({ keyId: 'k1', state })
     }
+  })
+
+  it('UNLOCK response: the new wrapped DEK, or nothing', () => {
+    const wrappedDek = new Uint8Array(184).map((_, i) => 255 - i)
+    expect(decodeUnlockResponse(encodeUnlockResponse({ wrappedDek }))).toEqual({ wrappedDek })
+    expect(decodeUnlockResponse(emptyPayload)).toEqual({ wrappedDek: new Uint8Array() })
   })
 
   it('UNLOCK request with and without a preload identity', () => {
