@@ -9,6 +9,11 @@ export class CoalescingWriter {
 
   constructor(private readonly socket: { write(data: Uint8Array): boolean; readonly destroyed: boolean }) {}
 
+  /** Frames are waiting for this turn's write. */
+  get queued(): boolean {
+    return this.scheduled
+  }
+
   write(frame: Uint8Array): void {
     this.chunks.push(frame)
     if (this.scheduled) return

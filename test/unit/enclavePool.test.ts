@@ -13,18 +13,21 @@ import { emptyPayload } from '../../enclave-origin/protocol/messages.js'
 let port: number
 let server: Server
 let sockets: Socket[]
-/** Frames received, with the index of the connection they came on. */
-let received: Array<{ connection: number; frame: Frame; socket: Socket }>
+/** Frames received, with the index of the connection and the read (chunk) they came in. */
+let received: Array<{ connection: number; chunk: number; frame: Frame; socket: Socket }>
+let chunks: number
 let pool: EnclavePool | undefined
 
 beforeEach(async () => {
   sockets = []
   received = []
+  chunks = 0
   server = createServer((socket) => {
     const connection = sockets.push(socket) - 1
     const decoder = new FrameDecoder()
-    socket.on('data', (chunk: Uint8Array) => {
-      for (const frame of decoder.push(chunk)) received.push({ connection, frame, socket })
+    socket.on('data', (data: Uint8Array) => {
+      const chunk = chunks++
+      for (const frame of decoder.push(data)) received.push({ connection, chunk, frame, socket })
     })
     socket.on('error', () => {})
   })
@@ -58,6 +61,17 @@ describe('EnclavePool', () => {
       await until(() => received.length === turn + 1)
     }
     expect(new Set(received.map((r) => r.connection)).size).toBe(4)
+    answerAll()
+    await Promise.all(answers)
+  })
+
+  it('sends the requests of one turn on one connection, in one write', async () => {
+    pool = new EnclavePool({ address: { host: '127.0.0.1', port }, size: 4 })
+    await pool.connect()
+    const answers = Array.from({ length: 10 }, () => health())
+    await until(() => received.length === 10)
+    expect(new Set(received.map((r) => r.connection)).size).toBe(1)
+    expect(new Set(received.map((r) => r.chunk)).size).toBe(1)
     answerAll()
     await Promise.all(answers)
   })
