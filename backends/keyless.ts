@@ -40,7 +40,7 @@ export class KeylessSigner implements Signer {
       try {
         response = await (this.options.fetch ?? fetch)(`${url}${path}`, {
           method,
-          headers: { ...headers, 'content-type': 'application/json' },
+          headers: { 'content-type': 'application/json', ...headers },
           body: method === 'POST' ? payload : undefined,
           signal: AbortSignal.timeout(remaining),
         })

@@ -204,7 +204,8 @@ async function viaParent(url: string, keyIds: string[]): Promise<{ send: Send; c
     const started = scheduledAt ?? performance.now()
     const connection = free.pop()!
     try {
-      const headers = await signRequest({ ...originHmac, method: 'POST', path: requestPath, body, hashing: nodeHashing })
+      // Named fields: V8 spends several µs adding properties to a spread copy, on the shared CPU.
+      const headers = signRequest({ keyId: originHmac.keyId, secret: originHmac.secret, method: 'POST', path: requestPath, body, hashing: nodeHashing })
       const response = await connection.request({ method: 'POST', path: requestPath, headers, body })
       free.push(connection)
       const clientMs = performance.now() - started
