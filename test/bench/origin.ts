@@ -37,7 +37,7 @@
  * for latency below saturation.
  */
 import { spawn } from 'node:child_process'
-import { mkdtempSync, rmSync } from 'node:fs'
+import { existsSync, mkdtempSync, rmSync } from 'node:fs'
 import os from 'node:os'
 import path from 'node:path'
 import { performance } from 'node:perf_hooks'
@@ -61,6 +61,9 @@ const connections = Number(process.env.ORIGIN_CONNECTIONS ?? 500)
 const warmupSeconds = 2
 const offeredFractions = (process.env.ORIGIN_OFFERED_FRACTIONS ?? '0.6').split(',').map(Number)
 if (!offeredFractions.every((f) => f > 0 && f <= 1)) throw new Error(`ORIGIN_OFFERED_FRACTIONS must be fractions in (0, 1], got ${process.env.ORIGIN_OFFERED_FRACTIONS}`)
+/** `npm run bench:origin` builds this first: the benchmark runs what production runs. */
+const builtCli = 'dist/enclave-origin/cli.js'
+if (!existsSync(builtCli)) throw new Error(`${builtCli} is missing: run the benchmark as npm run bench:origin, which builds it`)
 const ports = { kms: 18971, enclave: 18972, parent: 18973, echo: 18974, httpEcho: 18975 }
 const scenarios = [
   { name: '2 threads, batching', env: { ENGINE_THREADS: '2', ENGINE_BATCHING: '1' } },
@@ -371,7 +374,7 @@ async function main() {
   try {
     const cpus = os.cpus()
     console.log(`machine: ${cpus.length} × ${cpus[0]?.model}, Node ${process.version}; ${keyCount} keys, ${connections} connections, ${seconds} s per run`)
-    origin = await startOrigin({ kms, kmsKeyId, enclavePort: ports.enclave, parentPort: ports.parent, storeDir, extraEnv: scenarios[0]!.env })
+    origin = await startOrigin({ kms, kmsKeyId, enclavePort: ports.enclave, parentPort: ports.parent, storeDir, extraEnv: scenarios[0]!.env, builtCli })
 
     const createStarted = performance.now()
     const keyIds: string[] = []
@@ -394,7 +397,7 @@ async function main() {
     }
     const restart = async (env: Record<string, string>) => {
       await origin!.stop()
-      origin = await startOrigin({ kms, kmsKeyId, enclavePort: ports.enclave, parentPort: ports.parent, storeDir, extraEnv: env })
+      origin = await startOrigin({ kms, kmsKeyId, enclavePort: ports.enclave, parentPort: ports.parent, storeDir, extraEnv: env, builtCli })
       return origin
     }
     const pidsOfOrigin: Pids = () => origin!.pids()

@@ -17,11 +17,17 @@ export async function symmetricKmsKey(kms: LocalKms): Promise<string> {
   return kms.createSymmetricKey()
 }
 
-/** ORIGIN_NODE_FLAGS (space-separated) go to node for both processes, e.g. `--cpu-prof` or `--trace-gc` when profiling a benchmark. */
-function cli(command: string, extraEnv: Record<string, string>): ChildProcess {
+/**
+ * One origin process: from the TypeScript sources through tsx, or from a
+ * build (`npm run build:origin`) when `builtCli` names its cli.js, as in
+ * production. ORIGIN_NODE_FLAGS (space-separated) go to node for both
+ * processes, e.g. `--cpu-prof` or `--trace-gc` when profiling a benchmark.
+ */
+function cli(command: string, extraEnv: Record<string, string>, builtCli: string | undefined): ChildProcess {
   const env = { ...process.env, ...extraEnv }
   const nodeFlags = env.ORIGIN_NODE_FLAGS ? env.ORIGIN_NODE_FLAGS.split(' ').filter(Boolean) : []
-  return spawn(process.execPath, [...nodeFlags, '--import', 'tsx', 'enclave-origin/cli.ts', command], {
+  const entry = builtCli ? [builtCli] : ['--import', 'tsx', 'enclave-origin/cli.ts']
+  return spawn(process.execPath, [...nodeFlags, ...entry, command], {
     env,
     stdio: ['ignore', 'pipe', 'pipe'],
   })
@@ -48,7 +54,15 @@ export type Origin = {
   request(method: 'GET' | 'POST', path: string, body?: unknown): Promise<{ status: number; body: Record<string, unknown>; headers: Headers }>
 }
 
-export async function startOrigin(options: { kms: LocalKms; kmsKeyId: string; enclavePort: number; parentPort: number; storeDir: string; extraEnv?: Record<string, string> }): Promise<Origin> {
+export async function startOrigin(options: {
+  kms: LocalKms
+  kmsKeyId: string
+  enclavePort: number
+  parentPort: number
+  storeDir: string
+  extraEnv?: Record<string, string>
+  builtCli?: string
+}): Promise<Origin> {
   const env = {
     ORIGIN_PROFILE: 'development',
     ENCLAVE_LISTEN: `127.0.0.1:${options.enclavePort}`,
@@ -67,7 +81,7 @@ export async function startOrigin(options: { kms: LocalKms; kmsKeyId: string; en
   const children: Partial<Record<'enclave' | 'parent', ChildProcess>> = {}
   const outputs: Record<string, string> = { enclave: '', parent: '' }
   const start = (which: 'enclave' | 'parent') => {
-    const child = cli(which, env)
+    const child = cli(which, env, options.builtCli)
     outputs[which] = ''
     child.stdout!.on('data', (chunk) => (outputs[which] += chunk))
     child.stderr!.on('data', (chunk) => (outputs[which] += chunk))
