@@ -8,7 +8,7 @@ import { encodeSignResponse } from '../../enclave-origin/protocol/messages.js'
  * every frame at once with a fixed SIGN answer, signing nothing. Driven at the
  * same offered rate as the enclave, its latency is what the machine, the
  * sockets and the load generator cost on their own.
- * Run as a child process: `node --import tsx test/bench/frameEcho.ts PORT`.
+ * The benchmark runs it from its build: `node dist/bench/frameEcho.js PORT`.
  */
 const answer = encodeSignResponse({ signature: new Uint8Array(64), recoveryId: 0, enclaveMicros: 0 })
 const server = createServer((socket) => {

@@ -6,7 +6,7 @@ import { createServer } from 'node:http'
  * Server-Timing header, as the parent does, but signs nothing and checks
  * nothing. Driven at the same offered rate as the parent, its latency is what
  * Node's HTTP server, the sockets and the load generator cost on their own.
- * Run as a child process: `node --import tsx test/bench/httpEcho.ts PORT`.
+ * The benchmark runs it from its build: `node dist/bench/httpEcho.js PORT`.
  */
 const body = JSON.stringify({ signature: `0x${'11'.repeat(64)}`, recoveryId: 0 })
 const headers = {

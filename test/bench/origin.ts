@@ -41,6 +41,7 @@ import { existsSync, mkdtempSync, rmSync } from 'node:fs'
 import os from 'node:os'
 import path from 'node:path'
 import { performance } from 'node:perf_hooks'
+import { fileURLToPath } from 'node:url'
 import { rehydrateBucketsMs } from '../../enclave-origin/protocol/histograms.js'
 import { secp256k1 } from '../../enclave-origin/enclave/nativeSecp256k1.js'
 import { opcodes, statuses } from '../../enclave-origin/protocol/frames.js'
@@ -61,9 +62,13 @@ const connections = Number(process.env.ORIGIN_CONNECTIONS ?? 500)
 const warmupSeconds = 2
 const offeredFractions = (process.env.ORIGIN_OFFERED_FRACTIONS ?? '0.6').split(',').map(Number)
 if (!offeredFractions.every((f) => f > 0 && f <= 1)) throw new Error(`ORIGIN_OFFERED_FRACTIONS must be fractions in (0, 1], got ${process.env.ORIGIN_OFFERED_FRACTIONS}`)
-/** `npm run bench:origin` builds this first: the benchmark runs what production runs. */
+/**
+ * `npm run bench:origin` builds the origin (what production runs) and this
+ * benchmark with its floor servers into dist/ first, so that no process here
+ * pays for a TypeScript loader on the shared CPU.
+ */
 const builtCli = 'dist/enclave-origin/cli.js'
-if (!existsSync(builtCli)) throw new Error(`${builtCli} is missing: run the benchmark as npm run bench:origin, which builds it`)
+if (!existsSync(builtCli) || !import.meta.url.endsWith('/dist/bench/origin.js')) throw new Error('run the benchmark as npm run bench:origin, which builds it and the origin first')
 const ports = { kms: 18971, enclave: 18972, parent: 18973, echo: 18974, httpEcho: 18975 }
 const scenarios = [
   { name: '2 threads, batching', env: { ENGINE_THREADS: '2', ENGINE_BATCHING: '1' } },
@@ -327,7 +332,7 @@ async function warmEveryKey(keyIds: string[]): Promise<void> {
 
 /** A no-op floor server (frameEcho.ts or httpEcho.ts) as a child process, listening once this resolves. */
 async function startFloorServer(script: 'frameEcho' | 'httpEcho', port: number): Promise<{ pid: number; stop(): Promise<void> }> {
-  const child = spawn(process.execPath, ['--import', 'tsx', `test/bench/${script}.ts`, String(port)], { stdio: ['ignore', 'pipe', 'inherit'] })
+  const child = spawn(process.execPath, [fileURLToPath(new URL(`./${script}.js`, import.meta.url)), String(port)], { stdio: ['ignore', 'pipe', 'inherit'] })
   await new Promise<void>((resolve, reject) => {
     child.stdout!.once('data', () => resolve())
     child.once('exit', (code) => reject(new Error(`${script} exited (${code})`)))
