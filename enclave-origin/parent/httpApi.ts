@@ -23,15 +23,7 @@ const utf8 = new TextDecoder()
  */
 export function createParentApi(options: ParentApiOptions): Server {
   const metrics = originMetrics(options.parent)
-  // Labelled children bound once: prom-client would otherwise hash the labels on every request.
-  const phaseLatency = { enclave: metrics.signLatency.labels('enclave'), queue: metrics.signLatency.labels('queue'), rpc: metrics.signLatency.labels('rpc'), total: metrics.signLatency.labels('total') }
-  const requestCounters = new Map<string, { inc(): void }>()
-  const countRequest = (route: string, status: number) => {
-    const key = `${route} ${status}`
-    let counter = requestCounters.get(key)
-    if (!counter) requestCounters.set(key, (counter = metrics.requests.labels(route, String(status))))
-    counter.inc()
-  }
+  const { figures } = metrics
 
   const send = (response: ServerResponse, status: number, body: unknown, headers: Record<string, string> = {}) => {
     const json = JSON.stringify(body)
@@ -87,10 +79,10 @@ export function createParentApi(options: ParentApiOptions): Server {
         const { rpcMs, enclaveMs, ...signed } = await options.parent.sign(keyId, digest)
         const totalMs = performance.now() - started
         const queueMs = Math.max(0, rpcMs - enclaveMs)
-        phaseLatency.enclave.observe(enclaveMs / 1_000)
-        phaseLatency.queue.observe(queueMs / 1_000)
-        phaseLatency.rpc.observe(rpcMs / 1_000)
-        phaseLatency.total.observe(totalMs / 1_000)
+        figures.observeSign('enclave', enclaveMs / 1_000)
+        figures.observeSign('queue', queueMs / 1_000)
+        figures.observeSign('rpc', rpcMs / 1_000)
+        figures.observeSign('total', totalMs / 1_000)
         // Server-Timing lets a caller (and the benchmark) split its latency by phase.
         const timing = `enclave;dur=${enclaveMs.toFixed(3)}, queue;dur=${queueMs.toFixed(3)}, rpc;dur=${rpcMs.toFixed(3)}, total;dur=${totalMs.toFixed(3)}`
         return send(response, 200, signed, { 'server-timing': timing })
@@ -122,7 +114,7 @@ export function createParentApi(options: ParentApiOptions): Server {
         options.log({ level: 'error', event: 'origin_request_failed', route: route.name, error: (error as Error).message })
         return send(response, 503, { error: 'origin unavailable' })
       })
-      .finally(() => countRequest(route.name, response.statusCode))
+      .finally(() => figures.countRequest(route.name, response.statusCode))
   }
   const server = options.tls
     ? createHttpsServer(

@@ -1,31 +1,71 @@
-import { collectDefaultMetrics, Counter, Gauge, Histogram, Registry } from 'prom-client'
+import { collectDefaultMetrics, Counter, Gauge, Registry } from 'prom-client'
 import type { SignEngineStats } from '../enclave/engine.js'
 import type { KeyCacheStats } from '../enclave/keyCache.js'
-import { batchSizeBuckets, rehydrateBucketsMs } from '../protocol/histograms.js'
+import { batchSizeBuckets, countInto, emptyCounts, rehydrateBucketsMs } from '../protocol/histograms.js'
 import type { OriginParent } from './origin.js'
 
+/** Upper bounds of the parent's sign-latency histogram, in seconds. */
+const signLatencyBoundsSeconds = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1]
+const signPhases = ['enclave', 'queue', 'rpc', 'total'] as const
+export type SignPhase = (typeof signPhases)[number]
+
 /**
- * The parent's Prometheus metrics. Its own (sign latency by phase, requests,
- * NEEDS_UNLOCK answers, inflight) live in a prom-client registry. The
- * enclaves' (cache states, refreshes, unlocks, grace signatures, rehydrate
- * latency, engine queue and batch sizes) are counters and histograms the
- * enclave keeps; they arrive with one HEALTH answer per enclave per scrape and
- * are written out under their own names (`enclaveMetricsText`). The
- * process's own standard figures come too (prom-client's defaults: CPU,
- * memory, event-loop lag, `nodejs_gc_duration_seconds` by kind), since the
- * parent's GC pauses are part of every sign's latency.
+ * The parent's own figures on every request: sign latency by phase, and
+ * requests by route and status. Plain counts, written out by PrometheusText
+ * like the enclaves' figures: prom-client's labelled children re-validate
+ * and re-hash their labels on every observation, several µs per sign for the
+ * four phases.
+ */
+export class RequestFigures {
+  private readonly latency = new Map<SignPhase, { counts: number[]; sum: number }>(signPhases.map((phase) => [phase, { counts: emptyCounts(signLatencyBoundsSeconds), sum: 0 }]))
+  private readonly requests = new Map<string, { route: string; status: string; count: number }>()
+
+  observeSign(phase: SignPhase, seconds: number): void {
+    const histogram = this.latency.get(phase)!
+    countInto(histogram.counts, signLatencyBoundsSeconds, seconds)
+    histogram.sum += seconds
+  }
+
+  countRequest(route: string, status: number): void {
+    const key = `${route} ${status}`
+    const counter = this.requests.get(key)
+    if (counter) counter.count++
+    else this.requests.set(key, { route, status: String(status), count: 1 })
+  }
+
+  writeTo(text: PrometheusText): void {
+    for (const [phase, { counts, sum }] of this.latency) {
+      text.histogram(
+        {
+          name: 'origin_sign_latency_seconds',
+          help: 'Sign latency by phase: enclave (decode to signature, engine queue included), queue (the rest of the round trip: wire and connection queues), rpc (parent to enclave and back), total (request to answer).',
+        },
+        { phase },
+        { bounds: signLatencyBoundsSeconds, counts, sum },
+      )
+    }
+    for (const { route, status, count } of this.requests.values()) {
+      text.add({ name: 'origin_requests_total', help: 'API requests by route and status.', type: 'counter' }, { route, status }, count)
+    }
+  }
+}
+
+/**
+ * The parent's Prometheus metrics. Its per-request figures (sign latency by
+ * phase, requests) are RequestFigures; NEEDS_UNLOCK answers and inflight live
+ * in a prom-client registry. The enclaves' (cache states, refreshes, unlocks,
+ * grace signatures, rehydrate latency, engine queue and batch sizes) are
+ * counters and histograms the enclave keeps; they arrive with one HEALTH
+ * answer per enclave per scrape and are written out under their own names
+ * (`enclaveMetricsText`). The process's own standard figures come too
+ * (prom-client's defaults: CPU, memory, event-loop lag,
+ * `nodejs_gc_duration_seconds` by kind), since the parent's GC pauses are
+ * part of every sign's latency.
  */
 export function originMetrics(parent: OriginParent) {
   const registry = new Registry()
   collectDefaultMetrics({ register: registry })
-  const signLatency = new Histogram({
-    name: 'origin_sign_latency_seconds',
-    help: 'Sign latency by phase: enclave (decode to signature, engine queue included), queue (the rest of the round trip: wire and connection queues), rpc (parent to enclave and back), total (request to answer).',
-    labelNames: ['phase'],
-    buckets: [0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1],
-    registers: [registry],
-  })
-  const requests = new Counter({ name: 'origin_requests_total', help: 'API requests by route and status.', labelNames: ['route', 'status'], registers: [registry] })
+  const figures = new RequestFigures()
   const needsUnlock = new Counter({ name: 'origin_needs_unlock_total', help: 'Sign requests answered 503 because the key needs an unlock.', registers: [registry] })
   new Gauge({
     name: 'origin_inflight_requests',
@@ -35,8 +75,12 @@ export function originMetrics(parent: OriginParent) {
       this.set(parent.inflight)
     },
   })
-  const text = async () => `${await registry.metrics()}${enclaveMetricsText(await parent.health())}`
-  return { text, contentType: registry.contentType, signLatency, requests, needsUnlock }
+  const text = async () => {
+    const own = new PrometheusText()
+    figures.writeTo(own)
+    return `${await registry.metrics()}${own}\n${enclaveMetricsText(await parent.health())}`
+  }
+  return { text, contentType: registry.contentType, figures, needsUnlock }
 }
 
 type EnclaveHealth = Awaited<ReturnType<OriginParent['health']>>[number]
@@ -60,52 +104,64 @@ const scalarFamilies: Array<{ name: string; type: 'counter' | 'gauge'; help: str
 
 type Family = { name: string; help: string; type: 'counter' | 'gauge' | 'histogram'; samples: string[] }
 
+/** Prometheus text, one HELP and TYPE per family however many label sets it has. */
+export class PrometheusText {
+  private readonly families = new Map<string, Family>()
+
+  /** A sample; a value that is not a finite number (a figure not sent) is left out. */
+  add(family: Omit<Family, 'samples'>, labels: Record<string, string>, value: unknown, suffix = ''): void {
+    if (typeof value !== 'number' || !Number.isFinite(value)) return
+    let entry = this.families.get(family.name)
+    if (!entry) this.families.set(family.name, (entry = { ...family, samples: [] }))
+    const rendered = Object.entries(labels)
+      .map(([key, label]) => `${key}="${label.replace(/["\\\n]/g, (c) => (c === '\n' ? '\\n' : `\\${c}`))}"`)
+      .join(',')
+    entry.samples.push(`${family.name}${suffix}{${rendered}} ${value}`)
+  }
+
+  /** A histogram from one count per bound and a last one above them (histograms.ts), as cumulative buckets. */
+  histogram(family: Omit<Family, 'samples' | 'type'>, labels: Record<string, string>, h: { bounds: readonly number[]; counts: unknown; sum: unknown }): void {
+    const counts = h.counts
+    if (!Array.isArray(counts) || counts.length !== h.bounds.length + 1 || !counts.every((c) => typeof c === 'number' && Number.isFinite(c))) return
+    const type = { ...family, type: 'histogram' as const }
+    let cumulative = 0
+    h.bounds.forEach((bound, i) => this.add(type, { ...labels, le: String(bound) }, (cumulative += counts[i] as number), '_bucket'))
+    const count = cumulative + (counts[h.bounds.length] as number)
+    this.add(type, { ...labels, le: '+Inf' }, count, '_bucket')
+    this.add(type, labels, h.sum, '_sum')
+    this.add(type, labels, count, '_count')
+  }
+
+  toString(): string {
+    return [...this.families.values()].map((f) => `# HELP ${f.name} ${f.help}\n# TYPE ${f.name} ${f.type}\n${f.samples.join('\n')}\n`).join('\n')
+  }
+}
+
 /**
  * Prometheus text for the figures each enclave reported; an enclave that did
  * not answer adds only `origin_enclave_up 0`. A figure an enclave did not send
  * (an older version, say) is left out rather than spoiling the whole scrape.
  */
 export function enclaveMetricsText(enclaves: EnclaveHealth[]): string {
-  const families = new Map<string, Family>()
-  const add = (family: Omit<Family, 'samples'>, labels: Record<string, string>, value: unknown, suffix = '') => {
-    if (typeof value !== 'number' || !Number.isFinite(value)) return
-    let entry = families.get(family.name)
-    if (!entry) families.set(family.name, (entry = { ...family, samples: [] }))
-    const rendered = Object.entries(labels)
-      .map(([key, label]) => `${key}="${label.replace(/["\\\n]/g, (c) => (c === '\n' ? '\\n' : `\\${c}`))}"`)
-      .join(',')
-    entry.samples.push(`${family.name}${suffix}{${rendered}} ${value}`)
-  }
-  const histogram = (family: Omit<Family, 'samples' | 'type'>, labels: Record<string, string>, h: { bounds: number[]; counts: unknown; sum: unknown }) => {
-    const counts = h.counts
-    if (!Array.isArray(counts) || counts.length !== h.bounds.length + 1 || !counts.every((c) => typeof c === 'number' && Number.isFinite(c))) return
-    const type = { ...family, type: 'histogram' as const }
-    let cumulative = 0
-    h.bounds.forEach((bound, i) => add(type, { ...labels, le: String(bound) }, (cumulative += counts[i] as number), '_bucket'))
-    const count = cumulative + (counts[h.bounds.length] as number)
-    add(type, { ...labels, le: '+Inf' }, count, '_bucket')
-    add(type, labels, h.sum, '_sum')
-    add(type, labels, count, '_count')
-  }
-
+  const text = new PrometheusText()
   for (const enclave of enclaves) {
     const labels = { enclave: enclave.id }
-    add({ name: 'origin_enclave_up', help: 'Whether the enclave answered HEALTH for this scrape.', type: 'gauge' }, labels, enclave.answered ? 1 : 0)
+    text.add({ name: 'origin_enclave_up', help: 'Whether the enclave answered HEALTH for this scrape.', type: 'gauge' }, labels, enclave.answered ? 1 : 0)
     if (!enclave.answered) continue
-    add({ name: 'origin_enclave_ready', help: 'Whether the enclave can serve: it answered, and in preload mode its accounts are loaded.', type: 'gauge' }, labels, enclave.ok ? 1 : 0)
+    text.add({ name: 'origin_enclave_ready', help: 'Whether the enclave can serve: it answered, and in preload mode its accounts are loaded.', type: 'gauge' }, labels, enclave.ok ? 1 : 0)
     const stats = enclave.stats as ({ cacheStates?: Record<string, number> } & Partial<EnclaveStats>) | undefined
     if (!stats?.cache || !stats.engine || !stats.cacheStates) continue
     const { cache, engine } = stats
     for (const [state, count] of Object.entries(stats.cacheStates)) {
-      add({ name: 'origin_enclave_keys', help: 'Keys in the enclave cache by state: WARM (signs now), COOL (re-derived from its sealed record on use), INVALID (needs an unlock).', type: 'gauge' }, { ...labels, state }, count)
+      text.add({ name: 'origin_enclave_keys', help: 'Keys in the enclave cache by state: WARM (signs now), COOL (re-derived from its sealed record on use), INVALID (needs an unlock).', type: 'gauge' }, { ...labels, state }, count)
     }
-    for (const family of scalarFamilies) add(family, labels, family.value({ cache, engine }))
-    histogram(
+    for (const family of scalarFamilies) text.add(family, labels, family.value({ cache, engine }))
+    text.histogram(
       { name: 'origin_enclave_rehydrate_seconds', help: 'Inline re-derivation (COOL to WARM) latency.' },
       labels,
       { bounds: rehydrateBucketsMs.map((ms) => ms / 1_000), counts: cache.inlineRefreshMs.buckets, sum: cache.inlineRefreshMs.sum / 1_000 },
     )
-    histogram({ name: 'origin_enclave_engine_batch_size', help: 'Signs per message to a signing thread.' }, labels, { bounds: batchSizeBuckets, counts: engine.batchSizes, sum: engine.batchedSigns })
+    text.histogram({ name: 'origin_enclave_engine_batch_size', help: 'Signs per message to a signing thread.' }, labels, { bounds: batchSizeBuckets, counts: engine.batchSizes, sum: engine.batchedSigns })
   }
-  return [...families.values()].map((f) => `# HELP ${f.name} ${f.help}\n# TYPE ${f.name} ${f.type}\n${f.samples.join('\n')}\n`).join('\n')
+  return String(text)
 }

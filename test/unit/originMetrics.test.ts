@@ -4,7 +4,7 @@ import { SignEngine } from '../../enclave-origin/enclave/engine.js'
 import { KeyCache } from '../../enclave-origin/enclave/keyCache.js'
 import { sealPrivateKey } from '../../enclave-origin/enclave/sealing.js'
 import { decodeHealthResponse, encodeHealthResponse } from '../../enclave-origin/protocol/messages.js'
-import { enclaveMetricsText } from '../../enclave-origin/parent/metrics.js'
+import { enclaveMetricsText, PrometheusText, RequestFigures } from '../../enclave-origin/parent/metrics.js'
 
 /**
  * The enclave figures on the parent's /metrics: real key-cache and engine
@@ -89,5 +89,30 @@ describe('enclave metrics on the parent', () => {
     expect(text).not.toContain('origin_enclave_engine_batch_size')
     expect(text).not.toContain('origin_enclave_engine_inline_signs_total')
     expect(text).not.toMatch(/undefined|NaN/)
+  })
+
+  it('writes the parent\u2019s own sign latency by phase and requests by route and status', () => {
+    const figures = new RequestFigures()
+    for (const seconds of [0.0004, 0.0015, 0.0015, 0.03, 2]) figures.observeSign('total', seconds)
+    figures.observeSign('rpc', 0.001)
+    figures.countRequest('sign', 200)
+    figures.countRequest('sign', 200)
+    figures.countRequest('sign', 503)
+    const text = new PrometheusText()
+    figures.writeTo(text)
+    const values = samples(String(text))
+    expect(values.get('origin_sign_latency_seconds_bucket{phase="total",le="0.0005"}')).toBe(1)
+    expect(values.get('origin_sign_latency_seconds_bucket{phase="total",le="0.002"}')).toBe(3)
+    expect(values.get('origin_sign_latency_seconds_bucket{phase="total",le="0.05"}')).toBe(4)
+    expect(values.get('origin_sign_latency_seconds_bucket{phase="total",le="1"}')).toBe(4)
+    expect(values.get('origin_sign_latency_seconds_bucket{phase="total",le="+Inf"}')).toBe(5)
+    expect(values.get('origin_sign_latency_seconds_count{phase="total"}')).toBe(5)
+    expect(values.get('origin_sign_latency_seconds_sum{phase="total"}')).toBeCloseTo(2.0334, 10)
+    expect(values.get('origin_sign_latency_seconds_bucket{phase="rpc",le="0.001"}')).toBe(1)
+    expect(values.get('origin_sign_latency_seconds_count{phase="queue"}')).toBe(0)
+    expect(values.get('origin_requests_total{route="sign",status="200"}')).toBe(2)
+    expect(values.get('origin_requests_total{route="sign",status="503"}')).toBe(1)
+    expect(String(text).match(/^# TYPE origin_sign_latency_seconds histogram$/gm)).toHaveLength(1)
+    expect(String(text).match(/^# TYPE origin_requests_total counter$/gm)).toHaveLength(1)
   })
 })
