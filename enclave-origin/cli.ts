@@ -16,7 +16,7 @@
  * The client commands use ORIGIN_URL, ORIGIN_HMAC_KEY_ID and ORIGIN_HMAC_SECRET.
  */
 import { readFileSync, writeFileSync } from 'node:fs'
-import { setting } from './config.js'
+import { setting, wholeNumberIn } from './config.js'
 import { generatePreloadIdentity, sealShareFile, type ShareFileEntry } from './preloadFiles.js'
 import { runEnclave } from './enclave/main.js'
 import { runParent } from './parent/main.js'
@@ -73,8 +73,9 @@ const option = (name: string) => {
 const wholeNumberOption = (name: string, fallback: number) => {
   const raw = option(name)
   if (raw === undefined) return fallback
-  if (!/^[1-9]\d{0,8}$/.test(raw)) throw new Error(`--${name} must be a whole number of at least 1, got ${raw}`)
-  return Number(raw)
+  const value = wholeNumberIn(raw, 1, 999_999_999)
+  if (value === undefined) throw new Error(`--${name} must be a whole number of at least 1, got ${raw}`)
+  return value
 }
 
 const commands: Record<string, () => Promise<unknown>> = {

@@ -12,10 +12,15 @@ export function setting(name: string, fallback?: string): string {
 export function integerSetting(name: string, options: { min: number; max: number; fallback?: number }): number {
   const raw = process.env[name] || options.fallback
   if (raw === undefined) throw new Error(`${name} is not set`)
-  // Digits only: Number() would also take "0x10", "1e2" and " 8 ".
-  const value = /^\d{1,15}$/.test(String(raw)) ? Number(raw) : NaN
-  if (!(value >= options.min && value <= options.max)) throw new Error(`${name} must be a whole number from ${options.min} to ${options.max}, got ${raw}`)
+  const value = wholeNumberIn(String(raw), options.min, options.max)
+  if (value === undefined) throw new Error(`${name} must be a whole number from ${options.min} to ${options.max}, got ${raw}`)
   return value
+}
+
+/** `text` as a whole number from min to max, else undefined. Digits only: Number() would also take "0x10", "1e2" and " 8 ". */
+export function wholeNumberIn(text: string, min: number, max: number): number | undefined {
+  const value = /^\d{1,15}$/.test(text) ? Number(text) : NaN
+  return value >= min && value <= max ? value : undefined
 }
 
 export type StreamAddress = { host: string; port: number } | { path: string } | { vsock: { cid: number; port: number } }
