@@ -91,20 +91,22 @@ describe('keyless backend', () => {
   })
 
   it('fails at once when the Retry-After would pass its deadline, so a fallback backup signs instead', async () => {
-    const signer = keyless(100)
+    // A deadline with room for a slow answer on a loaded machine (100 ms once failed a CI run), but
+    // far short of the Retry-After: waiting it out would fail later, with "no signature within".
+    const signer = keyless(1_000)
     await signer.address()
     unlockingFor = 1
     retryAfterMs = 5_000
     const started = Date.now()
     await expect(signer.signDigest(digest)).rejects.toThrow('answered 503 (needs_unlock)')
-    expect(Date.now() - started).toBeLessThan(100)
+    expect(Date.now() - started).toBeLessThan(1_000)
 
     unlockingFor = 1
     const backup = new LocalSigner({ name: 'kms-stand-in', privateKey: originKey, secretName: 'KEY', allowEphemeral: false })
     const chain = new FallbackSigner({
       name: 'primary',
-      members: [keyless(100), backup],
-      timeoutMs: 1_000,
+      members: [keyless(1_000), backup],
+      timeoutMs: 2_000,
       failureThreshold: 3,
       coolDownMs: 30_000,
       requireSameAddress: true,
