@@ -1,27 +1,33 @@
 /**
- * `npm run build:origin [-- OUTDIR]`: the enclave origin as plain JavaScript
- * (default `dist/enclave-origin`), what its processes run in production. One
- * file per source file, dependencies left to node_modules. Run through tsx
- * instead, each process paid for its TypeScript loader and for esbuild's
- * `keepNames` wrappers on every closure, about 10% of the parent's CPU per
- * signature.
+ * `npm run build:origin [-- OUTDIR] [-- --bench]`: the enclave origin as
+ * plain JavaScript (default `dist/enclave-origin`), what its processes run in
+ * production. One file per source file, dependencies left to node_modules.
+ * Run through tsx instead, each process paid for its TypeScript loader and
+ * for esbuild's `keepNames` wrappers on every closure, about 10% of the
+ * parent's CPU per signature. `--bench` also bundles `bench:origin` and its
+ * floor servers into `dist/bench`, for the same reason: they share the CPU.
  */
 import { build } from 'esbuild'
 import { copyFileSync, readdirSync, rmSync } from 'node:fs'
 import path from 'node:path'
 
 const source = 'enclave-origin'
-const outdir = process.argv[2] ?? path.join('dist', source)
+const args = process.argv.slice(2)
+const outdir = args.find((arg) => !arg.startsWith('--')) ?? path.join('dist', source)
 const files = readdirSync(source, { recursive: true }).map(String)
+const node = { format: 'esm', platform: 'node', target: 'node20', logLevel: 'warning' }
 
 rmSync(outdir, { recursive: true, force: true })
-await build({
-  entryPoints: files.filter((file) => file.endsWith('.ts')).map((file) => path.join(source, file)),
-  outdir,
-  format: 'esm',
-  platform: 'node',
-  target: 'node20',
-  logLevel: 'warning',
-})
+await build({ ...node, entryPoints: files.filter((file) => file.endsWith('.ts')).map((file) => path.join(source, file)), outdir })
 // The sign worker is JavaScript already; the engine loads it next to itself.
 for (const file of files.filter((name) => name.endsWith('.mjs'))) copyFileSync(path.join(source, file), path.join(outdir, file))
+
+if (args.includes('--bench')) {
+  await build({
+    ...node,
+    entryPoints: ['origin', 'frameEcho', 'httpEcho'].map((name) => `test/bench/${name}.ts`),
+    outdir: path.join('dist', 'bench'),
+    bundle: true,
+    packages: 'external',
+  })
+}
