@@ -31,10 +31,12 @@
  * Prints throughput; p50/p90/p99/p99.9 per phase (client = end to end, parent =
  * the parent's handling, rpc = parent↔enclave incl. signing, from Server-Timing);
  * error and NEEDS_UNLOCK rates; rehydrate p95 (enclave histogram); CPU per
- * process; and for each open loop through the parent, the parent's GC pause
- * time (its own nodejs_gc_duration_seconds). Closed loop at 500 in flight,
- * latency is bounded below by 500 / throughput: read the open-loop figures
- * for latency below saturation.
+ * process, the host's busy cores and the cores the hypervisor stole; how late
+ * an idle thread's wake-ups were (wakeProbe.ts: the wait for a CPU that every
+ * hand-off between processes pays); and for each open loop through the
+ * parent, the parent's GC pause time (its own nodejs_gc_duration_seconds).
+ * Closed loop at 500 in flight, latency is bounded below by 500 / throughput:
+ * read the open-loop figures for latency below saturation.
  */
 import { spawn } from 'node:child_process'
 import { existsSync, mkdtempSync, rmSync } from 'node:fs'
@@ -53,7 +55,8 @@ import { stopProcess } from '../support/anvil.js'
 import { startLocalKms } from '../support/kmsServer.js'
 import { originHmac, startOrigin, symmetricKmsKey, type Origin } from '../support/origin.js'
 import { LeanHttpConnection } from './httpLoadClient.js'
-import { clockTicksPerSecond, cpuMsByCommand, hostBusyTicks, percentile, processTree, type ProcStat } from './procStats.js'
+import { clockTicksPerSecond, cpuMsByCommand, hostTicks, percentile, processTree, type ProcStat } from './procStats.js'
+import { startWakeProbe } from './wakeProbe.js'
 
 const seconds = Number(process.env.BENCH_SECONDS ?? 60)
 const keyCount = Number(process.env.ORIGIN_KEYS ?? 50_000)
@@ -69,6 +72,8 @@ if (!offeredFractions.every((f) => f > 0 && f <= 1)) throw new Error(`ORIGIN_OFF
  */
 const builtCli = 'dist/enclave-origin/cli.js'
 if (!existsSync(builtCli) || !import.meta.url.endsWith('/dist/bench/origin.js')) throw new Error('run the benchmark as npm run bench:origin, which builds it and the origin first')
+/** Runs for the whole benchmark; each run reads what it saw (see wakeProbe.ts). */
+const wakeProbe = startWakeProbe()
 const ports = { kms: 18971, enclave: 18972, parent: 18973, echo: 18974, httpEcho: 18975 }
 const scenarios = [
   { name: '2 threads, batching', env: { ENGINE_THREADS: '2', ENGINE_BATCHING: '1' } },
@@ -175,10 +180,17 @@ type Pids = () => { enclave?: number; parent?: number }
 function cpuOf(pids: Pids) {
   const { enclave, parent } = pids()
   const trees = { enclave: enclave ? processTree(enclave) : [], parent: parent ? processTree(parent) : [] }
-  return { trees, host: hostBusyTicks(), generator: process.cpuUsage() }
+  return { trees, host: hostTicks(), generator: process.cpuUsage() }
 }
 
-function cpuSince(pids: Pids, before: ReturnType<typeof cpuOf>, elapsedMs: number, requests: number) {
+/** A run's starting point: CPU so far, and the wake-up probe emptied. */
+function startMeasuring(pids: Pids) {
+  wakeProbe.reset()
+  return cpuOf(pids)
+}
+
+/** CPU per process and per request since `before`, the host's busy and stolen cores, and the probe's wake-up delays. */
+function measuredSince(pids: Pids, before: ReturnType<typeof cpuOf>, elapsedMs: number, requests: number) {
   const after = cpuOf(pids)
   const total = (a: ProcStat[], b: ProcStat[]) => Object.values(cpuMsByCommand(a, b)).reduce((x, y) => x + y, 0)
   const enclaveMs = total(before.trees.enclave, after.trees.enclave)
@@ -186,9 +198,14 @@ function cpuSince(pids: Pids, before: ReturnType<typeof cpuOf>, elapsedMs: numbe
   const generator = process.cpuUsage(before.generator)
   const generatorMs = (generator.user + generator.system) / 1_000
   const perRequest = (ms: number) => Number((ms / Math.max(requests, 1)).toFixed(3))
+  const cores = (ms: number) => Number((ms / elapsedMs).toFixed(2))
+  const ticksMs = (ticks: number) => (ticks * 1_000) / clockTicksPerSecond
   return {
-    cores: { enclave: Number((enclaveMs / elapsedMs).toFixed(2)), parent: Number((parentMs / elapsedMs).toFixed(2)), generator: Number((generatorMs / elapsedMs).toFixed(2)), host: Number(((after.host - before.host) * 1_000 / clockTicksPerSecond / elapsedMs).toFixed(2)) },
-    msPerRequest: { enclave: perRequest(enclaveMs), parent: perRequest(parentMs), generator: perRequest(generatorMs) },
+    cpu: {
+      cores: { enclave: cores(enclaveMs), parent: cores(parentMs), generator: cores(generatorMs), host: cores(ticksMs(after.host.busy - before.host.busy)), steal: cores(ticksMs(after.host.steal - before.host.steal)) },
+      msPerRequest: { enclave: perRequest(enclaveMs), parent: perRequest(parentMs), generator: perRequest(generatorMs) },
+    },
+    wakeDelay: wakeProbe.read(),
   }
 }
 
@@ -250,14 +267,14 @@ async function closedLoop(pids: Pids, send: Send) {
   const samples = new SampleLog()
   const deadline = performance.now() + seconds * 1_000
   const started = performance.now()
-  const before = cpuOf(pids)
+  const before = startMeasuring(pids)
   await Promise.all(
     Array.from({ length: connections }, async () => {
       while (performance.now() < deadline) samples.add(await send())
     }),
   )
   const elapsedMs = performance.now() - started
-  return { ...summarise(samples, elapsedMs), cpu: cpuSince(pids, before, elapsedMs, samples.count + samples.failed) }
+  return { ...summarise(samples, elapsedMs), ...measuredSince(pids, before, elapsedMs, samples.count + samples.failed) }
 }
 
 /**
@@ -281,7 +298,7 @@ async function driveOpenLoop(pids: Pids, send: Send, rate: number, durationSecon
   const pending = new Set<Promise<void>>()
   let skipped = 0
   const started = performance.now()
-  const before = cpuOf(pids)
+  const before = startMeasuring(pids)
   let sent = 0
   await new Promise<void>((resolve) => {
     const timer = setInterval(() => {
@@ -309,7 +326,7 @@ async function driveOpenLoop(pids: Pids, send: Send, rate: number, durationSecon
   })
   await Promise.all(pending)
   const elapsedMs = performance.now() - started
-  return { offeredRate: rate, skipped, ...summarise(samples, elapsedMs, skipped), cpu: cpuSince(pids, before, elapsedMs, samples.count + samples.failed) }
+  return { offeredRate: rate, skipped, ...summarise(samples, elapsedMs, skipped), ...measuredSince(pids, before, elapsedMs, samples.count + samples.failed) }
 }
 
 /**
@@ -373,6 +390,7 @@ async function main() {
   const stopAll = async () => {
     await origin?.stop()
     await kms.stop()
+    await wakeProbe.stop()
     rmSync(storeDir, { recursive: true, force: true })
   }
   process.once('SIGINT', () => void stopAll().then(() => process.exit(130)))
@@ -456,13 +474,14 @@ async function main() {
       }
     }
 
-    console.log(`\n${'scenario (in floor rows the enclave or parent column is the floor server)'.padEnd(72)}  req/s   err%   503%  client p50/p99/p99.9 ms       rpc p99  enclave p99  parent p99  cores enclave/parent/gen/host  parent GC ms/s (mean pause)`)
+    console.log(`\n${'scenario (in floor rows the enclave or parent column is the floor server)'.padEnd(72)}  req/s   err%   503%  client p50/p99/p99.9 ms       rpc p99  enclave p99  parent p99  cores enclave/parent/gen/host/steal  wake p99/max ms  parent GC ms/s (mean pause)`)
     for (const r of results) {
       const latency = r.latencyMs as Record<string, Record<string, number>>
       const cpu = (r.cpu as { cores: Record<string, number> }).cores
+      const wake = r.wakeDelay as { p99Ms: number; maxMs: number }
       const gc = r.parentGc as { pausedMsPerSecond: number; meanPauseMs: number } | undefined
       console.log(
-        `${r.scenario.padEnd(72)} ${String(r.throughput).padStart(6)} ${((r.errorRate as number) * 100).toFixed(2).padStart(6)} ${((r.needsUnlockRate as number) * 100).toFixed(2).padStart(6)}  ${`${latency.client!.p50}/${latency.client!.p99}/${latency.client!.p999}`.padEnd(26)} ${String(latency.rpc!.p99).padStart(8)} ${String(latency.enclave!.p99).padStart(12)} ${String(latency.parent!.p99).padStart(10)}  ${`${cpu.enclave}/${cpu.parent}/${cpu.generator}/${cpu.host}`.padEnd(25)}${gc ? `${gc.pausedMsPerSecond} (${gc.meanPauseMs} ms)` : ''}`,
+        `${r.scenario.padEnd(72)} ${String(r.throughput).padStart(6)} ${((r.errorRate as number) * 100).toFixed(2).padStart(6)} ${((r.needsUnlockRate as number) * 100).toFixed(2).padStart(6)}  ${`${latency.client!.p50}/${latency.client!.p99}/${latency.client!.p999}`.padEnd(26)} ${String(latency.rpc!.p99).padStart(8)} ${String(latency.enclave!.p99).padStart(12)} ${String(latency.parent!.p99).padStart(10)}  ${`${cpu.enclave}/${cpu.parent}/${cpu.generator}/${cpu.host}/${cpu.steal}`.padEnd(31)}  ${`${wake.p99Ms}/${wake.maxMs}`.padEnd(16)} ${gc ? `${gc.pausedMsPerSecond} (${gc.meanPauseMs} ms)` : ''}`,
       )
     }
     console.log(

@@ -23,7 +23,7 @@ import { canonicalEntryPoints } from '../../worker/sponsor/entryPoints.js'
 import { anvilWellKnownKeys } from '../support/anvilKeys.js'
 import { rpcUserOperationV07 } from '../support/userOperations.js'
 import { startLocalKms, type LocalKms } from '../support/kmsServer.js'
-import { clockTicksPerSecond, cpuMsByCommand, hostBusyTicks, percentile, processTree } from './procStats.js'
+import { clockTicksPerSecond, cpuMsByCommand, hostTicks, percentile, processTree } from './procStats.js'
 import { startWorker, type RunningWorker } from '../support/wranglerDev.js'
 import { wranglerProfileConfigs } from '../support/wranglerProfiles.js'
 
@@ -120,19 +120,23 @@ type RunResult = {
   benchBusyCores: number
   hostBusyCores: number
   otherBusyCores: number
+  /** Cores' worth of time the hypervisor took from this VM while it had work (not in hostBusyCores). */
+  stealCores: number
   firstError?: string
 }
 
 async function run(worker: RunningWorker, scenario: string, concurrency: number): Promise<RunResult> {
   const treeBefore = processTree(worker.pid)
-  const hostBefore = hostBusyTicks()
+  const hostBefore = hostTicks()
   const generatorBefore = process.cpuUsage()
   const start = performance.now()
   const deadline = start + seconds * 1_000
   const tally = await closedLoop(worker.url, concurrency, () => performance.now() < deadline)
   const elapsedMs = performance.now() - start // includes the responses still in flight at the deadline
   const generator = process.cpuUsage(generatorBefore)
-  const hostMs = ((hostBusyTicks() - hostBefore) * 1_000) / clockTicksPerSecond
+  const hostAfter = hostTicks()
+  const hostMs = ((hostAfter.busy - hostBefore.busy) * 1_000) / clockTicksPerSecond
+  const stealMs = ((hostAfter.steal - hostBefore.steal) * 1_000) / clockTicksPerSecond
   const workerCpu = cpuMsByCommand(treeBefore, processTree(worker.pid))
 
   const completed = tally.latencies.length + tally.errors
@@ -163,6 +167,7 @@ async function run(worker: RunningWorker, scenario: string, concurrency: number)
     benchBusyCores: round((workerMs + generatorMs) / elapsedMs),
     hostBusyCores: round(hostMs / elapsedMs),
     otherBusyCores: round(Math.max(0, hostMs - workerMs - generatorMs) / elapsedMs),
+    stealCores: round(stealMs / elapsedMs),
     ...(tally.firstError ? { firstError: tally.firstError } : {}),
   }
 }
@@ -170,7 +175,7 @@ async function run(worker: RunningWorker, scenario: string, concurrency: number)
 // ---------------------------------------------------------------- report
 
 function table(results: RunResult[]): string {
-  const header = ['scenario', 'conc', 'requests', 'errors', 'req/s', 'p50 ms', 'p90 ms', 'p99 ms', 'max ms', 'worker CPU ms/req', 'workerd ms/req', 'generator CPU ms/req', 'bench cores', 'host cores']
+  const header = ['scenario', 'conc', 'requests', 'errors', 'req/s', 'p50 ms', 'p90 ms', 'p99 ms', 'max ms', 'worker CPU ms/req', 'workerd ms/req', 'generator CPU ms/req', 'bench cores', 'host cores', 'steal cores']
   const rows = results.map((r) => [
     r.scenario,
     r.concurrency,
@@ -186,6 +191,7 @@ function table(results: RunResult[]): string {
     r.generatorCpuMsPerRequest.toFixed(3),
     r.benchBusyCores.toFixed(2),
     r.hostBusyCores.toFixed(2),
+    r.stealCores.toFixed(2),
   ].map(String))
   const widths = header.map((h, i) => Math.max(h.length, ...rows.map((row) => row[i]!.length)))
   const line = (cells: string[]) => cells.map((cell, i) => (i === 0 ? cell.padEnd(widths[i]!) : cell.padStart(widths[i]!))).join('  ')
