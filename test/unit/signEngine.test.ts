@@ -112,6 +112,18 @@ describe('SignEngine', () => {
     expect(engine.stats().inline).toBe(2)
   })
 
+  it('signs nothing inline in the turn after one that brought more requests than its allowance, until a light turn', async () => {
+    const engine = await started({ threads: 1, inlinePerTurn: 2, maxWaitMs: 1 })
+    await Promise.all(Array.from({ length: 5 }, () => engine.sign(randomRequest())))
+    expect(engine.stats().inline).toBe(2)
+    // The engine is idle again and this is a new turn, but the last turn was load: the thread signs it.
+    await engine.sign(randomRequest())
+    expect(engine.stats()).toMatchObject({ inline: 2, batches: 3 })
+    // That turn brought one request, within the allowance: inline signing is back.
+    await engine.sign(randomRequest())
+    expect(engine.stats().inline).toBe(3)
+  })
+
   it('rejects an invalid (zero) key signed inline, and the engine goes on', async () => {
     const engine = await started({ threads: 1, inlinePerTurn: 1 })
     await expect(engine.sign({ privateKey: new Uint8Array(32), digest: new Uint8Array(32) })).rejects.toThrow(/invalid private key/)
