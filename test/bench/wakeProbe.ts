@@ -42,7 +42,7 @@ export type WakeProbe = {
 
 export function startWakeProbe(): WakeProbe {
   const counts = new Int32Array(new SharedArrayBuffer(buckets * 4))
-  // [0]: 1 asks the thread to stop; [1]: the latest wake-up so far, in µs.
+  // [0]: 1 asks the thread to stop; [1]: the longest delay so far, in µs.
   const control = new Int32Array(new SharedArrayBuffer(8))
   const worker = new Worker(probeThread, { eval: true, workerData: { counts, control, sleepMs, bucketMicros } })
   const exited = new Promise<void>((resolve) => worker.once('exit', () => resolve()))
