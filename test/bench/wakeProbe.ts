@@ -45,6 +45,8 @@ export function startWakeProbe(): WakeProbe {
   // [0]: 1 asks the thread to stop; [1]: the longest delay so far, in µs.
   const control = new Int32Array(new SharedArrayBuffer(8))
   const worker = new Worker(probeThread, { eval: true, workerData: { counts, control, sleepMs, bucketMicros } })
+  // A benchmark that fails before it stops the probe still exits.
+  worker.unref()
   const exited = new Promise<void>((resolve) => worker.once('exit', () => resolve()))
   return {
     reset() {
