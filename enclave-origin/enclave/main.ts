@@ -1,6 +1,6 @@
-import { setFlagsFromString } from 'node:v8'
 import { KMSClient } from '@aws-sdk/client-kms'
 import { integerSetting, listenAddress, logLine, setting } from '../config.js'
+import { keepRequestObjectsYoung } from '../heapTuning.js'
 import { developmentAttestation, KmsDataKeys } from './dataKey.js'
 import { SignEngine } from './engine.js'
 import { KeyCache } from './keyCache.js'
@@ -17,12 +17,7 @@ import { checkStartup, type EnclaveProfile } from './startupChecks.js'
  * unlock delivers).
  */
 export async function runEnclave(): Promise<() => Promise<void>> {
-  // After a burst (start-up warming, a spike) V8 decides that objects from the
-  // SIGN path's allocation sites live long and allocates them in old space
-  // from then on. Dead there, they keep young objects alive: at 3,000 signs/s
-  // each scavenge kept ~560 KB alive and paused 4.7–5.2 ms on average, against
-  // 4–13 KB and 1.8–2.9 ms with this flag (--trace-gc-nvp).
-  setFlagsFromString('--no-allocation-site-pretenuring')
+  keepRequestObjectsYoung()
   const profile = setting('ORIGIN_PROFILE', 'development') as EnclaveProfile
   await checkStartup({ profile, attestation: developmentAttestation, warn: (message) => logLine({ level: 'warn', event: 'startup', message }) })
   const kmsKeyId = setting('KMS_KEY_ID')

@@ -1,5 +1,6 @@
 import { readFileSync } from 'node:fs'
 import { integerSetting, listenAddress, logLine, setting } from '../config.js'
+import { keepRequestObjectsYoung } from '../heapTuning.js'
 import { nodeHashing } from '../protocol/nodeHashing.js'
 import { RequestVerifier } from '../protocol/requestSigning.js'
 import { S3Client } from '@aws-sdk/client-s3'
@@ -16,6 +17,7 @@ import { OriginParent } from './origin.js'
  * TLS_CERT_FILE, TLS_KEY_FILE, TLS_CA_FILE, TLS_REQUIRE_CLIENT_CERT=1.
  */
 export async function runParent(): Promise<() => Promise<void>> {
+  keepRequestObjectsYoung()
   const enclaves = setting('ENCLAVES', 'enclave-1=127.0.0.1:7000')
     .split(',')
     .map((entry) => {
