@@ -12,8 +12,9 @@ import { setFlagsFromString } from 'node:v8'
  *   4.7–5.2 ms on average, against 4–13 KB and 1.8–2.9 ms with this off;
  * - the parent at 5,200 signs/s: one run in five spent 84 ms a second in GC
  *   (10 ms pauses) against 18–26 ms in the others; none in five with this off;
- * - the benchmark's load generator at 18,000 requests/s: two runs in four
- *   kept ~2.5 MB per scavenge (5–15 ms pauses), none in four with this off.
+ * - a standalone copy of the benchmark's load loop at 18,000 requests/s:
+ *   two runs in four kept ~2.5 MB per scavenge (5–15 ms pauses), none in
+ *   four with this off.
  */
 export function keepRequestObjectsYoung(): void {
   setFlagsFromString('--no-allocation-site-pretenuring')

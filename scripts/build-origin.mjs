@@ -5,8 +5,10 @@
  * Run through tsx instead, each process paid for its TypeScript loader and
  * for esbuild's `keepNames` wrappers on every closure, about 10% of the
  * parent's CPU per signature. `--bench` also bundles `bench:origin` and its
- * floor servers into `dist/bench`, for the same reason: they share the CPU.
+ * floor servers into `dist/bench`, for the same reason: they share the CPU;
+ * and compiles its GC-free load generator, test/bench/frameLoad.c, with cc.
  */
+import { spawnSync } from 'node:child_process'
 import { build } from 'esbuild'
 import { copyFileSync, readdirSync, rmSync } from 'node:fs'
 import path from 'node:path'
@@ -23,11 +25,15 @@ await build({ ...node, entryPoints: files.filter((file) => file.endsWith('.ts'))
 for (const file of files.filter((name) => name.endsWith('.mjs'))) copyFileSync(path.join(source, file), path.join(outdir, file))
 
 if (args.includes('--bench')) {
+  const benchDir = path.join('dist', 'bench')
   await build({
     ...node,
     entryPoints: ['origin', 'frameEcho', 'httpEcho'].map((name) => `test/bench/${name}.ts`),
-    outdir: path.join('dist', 'bench'),
+    outdir: benchDir,
     bundle: true,
     packages: 'external',
   })
+  // The GC-free load generator for the direct runs; the benchmark skips them without a C compiler.
+  const compiled = spawnSync('cc', ['-O2', '-Wall', '-Wextra', '-Werror', '-o', path.join(benchDir, 'frameLoad'), 'test/bench/frameLoad.c'], { stdio: 'inherit' })
+  if (compiled.status !== 0) console.warn(`bench: could not compile test/bench/frameLoad.c (${compiled.error?.message ?? `cc exited ${compiled.status}`}); the native-generator runs are skipped`)
 }

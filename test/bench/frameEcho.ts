@@ -2,6 +2,7 @@ import { createServer } from 'node:net'
 import { CoalescingWriter } from '../../enclave-origin/protocol/coalescingWriter.js'
 import { encodeFrame, FrameDecoder } from '../../enclave-origin/protocol/frames.js'
 import { encodeSignResponse } from '../../enclave-origin/protocol/messages.js'
+import { keepRequestObjectsYoung } from '../../enclave-origin/heapTuning.js'
 
 /**
  * The benchmark's floor: a server that speaks the enclave protocol and answers
@@ -10,6 +11,8 @@ import { encodeSignResponse } from '../../enclave-origin/protocol/messages.js'
  * sockets and the load generator cost on their own.
  * The benchmark runs it from its build: `node dist/bench/frameEcho.js PORT`.
  */
+// The same heap setting as the origin processes whose floor this is.
+keepRequestObjectsYoung()
 const answer = encodeSignResponse({ signature: new Uint8Array(64), recoveryId: 0, enclaveMicros: 0 })
 const server = createServer((socket) => {
   socket.setNoDelay(true)

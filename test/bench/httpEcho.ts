@@ -1,4 +1,5 @@
 import { createServer } from 'node:http'
+import { keepRequestObjectsYoung } from '../../enclave-origin/heapTuning.js'
 
 /**
  * The benchmark's floor for the parent's path: a Node HTTP server that
@@ -8,6 +9,8 @@ import { createServer } from 'node:http'
  * Node's HTTP server, the sockets and the load generator cost on their own.
  * The benchmark runs it from its build: `node dist/bench/httpEcho.js PORT`.
  */
+// The same heap setting as the origin processes whose floor this is.
+keepRequestObjectsYoung()
 const body = JSON.stringify({ signature: `0x${'11'.repeat(64)}`, recoveryId: 0 })
 const headers = {
   'content-type': 'application/json',

@@ -33,8 +33,11 @@
  * error and NEEDS_UNLOCK rates; rehydrate p95 (enclave histogram); CPU per
  * process, the host's busy cores and the cores the hypervisor stole; how late
  * an idle thread's wake-ups were (wakeProbe.ts: the wait for a CPU that every
- * hand-off between processes pays); and for each open loop through the
- * parent, the parent's GC pause time (its own nodejs_gc_duration_seconds).
+ * hand-off between processes pays); this generator's own GC pauses
+ * (gcPauses.ts), which every latency it measures includes; and for each open
+ * loop through the parent, the parent's GC pause time (its own
+ * nodejs_gc_duration_seconds). The generator, the floor servers and the origin
+ * all run without V8's allocation-site pretenuring (heapTuning.ts).
  * Closed loop at 500 in flight, latency is bounded below by 500 / throughput:
  * read the open-loop figures for latency below saturation.
  */
@@ -51,12 +54,14 @@ import { decodeSignResponse, encodeSignRequest } from '../../enclave-origin/prot
 import { nodeHashing } from '../../enclave-origin/protocol/nodeHashing.js'
 import { signRequest } from '../../enclave-origin/protocol/requestSigning.js'
 import { EnclavePool } from '../../enclave-origin/parent/enclavePool.js'
+import { keepRequestObjectsYoung } from '../../enclave-origin/heapTuning.js'
 import { stopProcess } from '../support/anvil.js'
 import { startLocalKms } from '../support/kmsServer.js'
 import { originHmac, startOrigin, symmetricKmsKey, type Origin } from '../support/origin.js'
 import { LeanHttpConnection } from './httpLoadClient.js'
 import { clockTicksPerSecond, cpuMsByCommand, hostTicks, percentile, processTree, type ProcStat } from './procStats.js'
 import { startWakeProbe } from './wakeProbe.js'
+import { startGcPauseLog, type GcPauses } from './gcPauses.js'
 
 const seconds = Number(process.env.BENCH_SECONDS ?? 60)
 const keyCount = Number(process.env.ORIGIN_KEYS ?? 50_000)
@@ -72,8 +77,11 @@ if (!offeredFractions.every((f) => f > 0 && f <= 1)) throw new Error(`ORIGIN_OFF
  */
 const builtCli = 'dist/enclave-origin/cli.js'
 if (!existsSync(builtCli) || !import.meta.url.endsWith('/dist/bench/origin.js')) throw new Error('run the benchmark as npm run bench:origin, which builds it and the origin first')
-/** Runs for the whole benchmark; each run reads what it saw (see wakeProbe.ts). */
+// The generator's own GC pauses are in every latency it measures; the origin's processes run with the same setting.
+keepRequestObjectsYoung()
+/** Run for the whole benchmark; each run reads what they saw (see wakeProbe.ts and gcPauses.ts). */
 const wakeProbe = startWakeProbe()
+const generatorGc = startGcPauseLog()
 const ports = { kms: 18971, enclave: 18972, parent: 18973, echo: 18974, httpEcho: 18975 }
 const scenarios = [
   { name: '2 threads, batching', env: { ENGINE_THREADS: '2', ENGINE_BATCHING: '1' } },
@@ -186,6 +194,7 @@ function cpuOf(pids: Pids) {
 /** A run's starting point: CPU so far, and the wake-up probe emptied. */
 function startMeasuring(pids: Pids) {
   wakeProbe.reset()
+  generatorGc.reset()
   return cpuOf(pids)
 }
 
@@ -206,6 +215,7 @@ function measuredSince(pids: Pids, before: ReturnType<typeof cpuOf>, elapsedMs: 
       msPerRequest: { enclave: perRequest(enclaveMs), parent: perRequest(parentMs), generator: perRequest(generatorMs) },
     },
     wakeDelay: wakeProbe.read(),
+    generatorGc: generatorGc.read(),
   }
 }
 
@@ -291,6 +301,48 @@ async function openLoop(pids: Pids, send: Send, rate: number, parent?: Origin) {
   const pauses = after.count - before.count
   const pausedMs = (after.seconds - before.seconds) * 1_000
   return { ...result, parentGc: { pauses, pausedMsPerSecond: Number((pausedMs / seconds).toFixed(1)), meanPauseMs: Number((pausedMs / Math.max(pauses, 1)).toFixed(2)) } }
+}
+
+/** frameLoad.c as built by `npm run bench:origin` (absent where there is no C compiler). */
+const frameLoadBinary = fileURLToPath(new URL('./frameLoad', import.meta.url))
+const haveFrameLoad = existsSync(frameLoadBinary)
+
+/**
+ * The direct open loop again, driven by frameLoad.c: the same SIGN frames at
+ * the same offered rate over 16 connections, from a generator without a
+ * garbage collector, so that its figures are the enclave's and the machine's.
+ * CPU and wake-up figures cover the recorded seconds; the generator's CPU is
+ * the one frameLoad reports.
+ */
+async function nativeOpenLoop(pids: Pids, keyIds: string[], rate: number, port: number) {
+  const child = spawn(frameLoadBinary, [port, rate, seconds, warmupSeconds, 16, connections].map(String), { stdio: ['pipe', 'pipe', 'inherit'] })
+  let output = ''
+  child.stdout!.on('data', (chunk) => (output += chunk))
+  const exited = new Promise<number | null>((resolve) => child.once('exit', resolve))
+  child.stdin!.end(keyIds.join('\n'))
+  await new Promise((resolve) => setTimeout(resolve, warmupSeconds * 1_000))
+  const before = startMeasuring(pids)
+  const startedMs = performance.now()
+  const code = await exited
+  if (code !== 0) throw new Error(`frameLoad exited with ${code}`)
+  const run = JSON.parse(output) as {
+    offered: number; ok: number; failed: number; needsUnlock: number; skipped: number; seconds: number
+    clientMs: Record<'p50' | 'p90' | 'p99' | 'p999', number>; enclaveMs: Record<'p50' | 'p90' | 'p99' | 'p999', number>; cpuMs: number
+  }
+  const measured = measuredSince(pids, before, Math.min(performance.now() - startedMs, seconds * 1_000), run.ok + run.failed)
+  measured.cpu.cores.generator = Number((run.cpuMs / (run.seconds * 1_000)).toFixed(2))
+  measured.cpu.msPerRequest.generator = Number((run.cpuMs / Math.max(run.ok + run.failed, 1)).toFixed(3))
+  const none = { p50: 0, p90: 0, p99: 0, p999: 0 }
+  return {
+    offeredRate: rate,
+    skipped: run.skipped,
+    requests: run.ok + run.failed,
+    throughput: Math.round(run.ok / run.seconds),
+    errorRate: Number(((run.failed + run.skipped) / Math.max(run.offered, 1)).toFixed(5)),
+    needsUnlockRate: Number((run.needsUnlock / Math.max(run.ok + run.failed, 1)).toFixed(5)),
+    latencyMs: { client: run.clientMs, rpc: run.clientMs, parent: none, enclave: run.enclaveMs },
+    ...measured,
+  }
 }
 
 async function driveOpenLoop(pids: Pids, send: Send, rate: number, durationSeconds: number) {
@@ -391,6 +443,7 @@ async function main() {
     await origin?.stop()
     await kms.stop()
     await wakeProbe.stop()
+    generatorGc.stop()
     rmSync(storeDir, { recursive: true, force: true })
   }
   process.once('SIGINT', () => void stopAll().then(() => process.exit(130)))
@@ -453,6 +506,7 @@ async function main() {
       const enclave = await viaEnclave(keyIds)
       record(`open loop ${percent}% of ${bestDirect}/s direct, ${scenario.name}`, await openLoop(pidsOfOrigin, enclave.send, Math.round(bestDirect * fraction)))
       enclave.close()
+      if (haveFrameLoad) record(`open loop ${percent}% of ${bestDirect}/s direct, native generator, ${scenario.name}`, await nativeOpenLoop(pidsOfOrigin, keyIds, Math.round(bestDirect * fraction), ports.enclave))
     }
     // The floors: the same open loops against servers that sign nothing.
     await origin.stop()
@@ -468,20 +522,24 @@ async function main() {
           const client = await floor.connect()
           record(`floor: ${floor.label} at ${rate}/s`, await openLoop(() => floor.pids(server.pid), client.send, rate))
           client.close()
+          if (floor.script === 'frameEcho' && haveFrameLoad) {
+            record(`floor: ${floor.label} at ${rate}/s, native generator`, await nativeOpenLoop(() => floor.pids(server.pid), keyIds, rate, floor.port))
+          }
         }
       } finally {
         await server.stop()
       }
     }
 
-    console.log(`\n${'scenario (in floor rows the enclave or parent column is the floor server)'.padEnd(72)}  req/s   err%   503%  client p50/p99/p99.9 ms       rpc p99  enclave p99  parent p99  cores enclave/parent/gen/host/steal  wake p99/max ms  parent GC ms/s (mean pause)`)
+    console.log(`\n${'scenario (in floor rows the enclave or parent column is the floor server)'.padEnd(72)}  req/s   err%   503%  client p50/p99/p99.9 ms       rpc p99  enclave p99  parent p99  cores enclave/parent/gen/host/steal  wake p99/max ms  generator GC ms/s (max)  parent GC ms/s (mean pause)`)
     for (const r of results) {
       const latency = r.latencyMs as Record<string, Record<string, number>>
       const cpu = (r.cpu as { cores: Record<string, number> }).cores
       const wake = r.wakeDelay as { p99Ms: number; maxMs: number }
+      const generator = r.generatorGc as GcPauses
       const gc = r.parentGc as { pausedMsPerSecond: number; meanPauseMs: number } | undefined
       console.log(
-        `${r.scenario.padEnd(72)} ${String(r.throughput).padStart(6)} ${((r.errorRate as number) * 100).toFixed(2).padStart(6)} ${((r.needsUnlockRate as number) * 100).toFixed(2).padStart(6)}  ${`${latency.client!.p50}/${latency.client!.p99}/${latency.client!.p999}`.padEnd(26)} ${String(latency.rpc!.p99).padStart(8)} ${String(latency.enclave!.p99).padStart(12)} ${String(latency.parent!.p99).padStart(10)}  ${`${cpu.enclave}/${cpu.parent}/${cpu.generator}/${cpu.host}/${cpu.steal}`.padEnd(31)}  ${`${wake.p99Ms}/${wake.maxMs}`.padEnd(16)} ${gc ? `${gc.pausedMsPerSecond} (${gc.meanPauseMs} ms)` : ''}`,
+        `${r.scenario.padEnd(72)} ${String(r.throughput).padStart(6)} ${((r.errorRate as number) * 100).toFixed(2).padStart(6)} ${((r.needsUnlockRate as number) * 100).toFixed(2).padStart(6)}  ${`${latency.client!.p50}/${latency.client!.p99}/${latency.client!.p999}`.padEnd(26)} ${String(latency.rpc!.p99).padStart(8)} ${String(latency.enclave!.p99).padStart(12)} ${String(latency.parent!.p99).padStart(10)}  ${`${cpu.enclave}/${cpu.parent}/${cpu.generator}/${cpu.host}/${cpu.steal}`.padEnd(31)}  ${`${wake.p99Ms}/${wake.maxMs}`.padEnd(16)} ${`${generator.pausedMsPerSecond} (${generator.maxPauseMs} ms)`.padEnd(24)} ${gc ? `${gc.pausedMsPerSecond} (${gc.meanPauseMs} ms)` : ''}`,
       )
     }
     console.log(
