@@ -34,6 +34,7 @@ if (args.includes('--bench')) {
     packages: 'external',
   })
   // The GC-free load generator for the direct runs; the benchmark skips them without a C compiler.
+  rmSync(path.join(benchDir, 'frameLoad'), { force: true })
   const compiled = spawnSync('cc', ['-O2', '-Wall', '-Wextra', '-Werror', '-o', path.join(benchDir, 'frameLoad'), 'test/bench/frameLoad.c'], { stdio: 'inherit' })
   if (compiled.status !== 0) console.warn(`bench: could not compile test/bench/frameLoad.c (${compiled.error?.message ?? `cc exited ${compiled.status}`}); the native-generator runs are skipped`)
 }

@@ -65,7 +65,7 @@ typedef struct {
   size_t inLength;
 } Connection;
 
-/* One per request id (modulo SLOTS); in flight is far below SLOTS, so a live slot is never reused. */
+/* One per request id (modulo SLOTS); a slot still live when its id comes round again has timed out. */
 typedef struct {
   double scheduledMs;
   unsigned char live;
@@ -242,6 +242,11 @@ int main(int argc, char **argv) {
         for (int w = 0; w < 8; w++) putU32(frame + 11 + keyLengths[key] + 4 * w, nextRandom());
         c->outLength += 10 + payloadLength;
         Slot *slot = &slots[id & (SLOTS - 1)];
+        if (slot->live) {
+          /* Still unanswered a million requests later: count it failed, as the JS generator's timeout would. */
+          inFlight--;
+          if (slot->recorded) failed++;
+        }
         slot->scheduledMs = scheduledMs;
         slot->live = 1;
         slot->recorded = (unsigned char)recorded;
