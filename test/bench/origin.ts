@@ -31,9 +31,12 @@
  * Prints throughput; p50/p90/p99/p99.9 per phase (client = end to end, parent =
  * the parent's handling, rpc = parent↔enclave incl. signing, from Server-Timing);
  * error and NEEDS_UNLOCK rates; rehydrate p95 (enclave histogram); CPU per
- * process, the host's busy cores and the cores the hypervisor stole; how late
- * an idle thread's wake-ups were (wakeProbe.ts: the wait for a CPU that every
- * hand-off between processes pays); this generator's own GC pauses
+ * process, the host's busy cores and the cores the hypervisor stole; with
+ * BENCH_WAKE_PROBE=1, how late an idle thread's wake-ups were (wakeProbe.ts:
+ * the wait for a CPU that every hand-off between processes pays; off by
+ * default, since its 500 wake-ups a second raised the very tail it explains:
+ * p99 13.9 / 16.8 / 15.5 ms with it against 9.3 / 10.1 / 13.3 ms without, in
+ * three alternating pairs directly at 17,514/s); this generator's own GC pauses
  * (gcPauses.ts), which every latency it measures includes; and for each open
  * loop through the parent, the parent's GC pause time (its own
  * nodejs_gc_duration_seconds). The generator, the floor servers and the origin
@@ -80,7 +83,7 @@ if (!existsSync(builtCli) || !import.meta.url.endsWith('/dist/bench/origin.js'))
 // The generator's own GC pauses are in every latency it measures; the origin's processes run with the same setting.
 keepRequestObjectsYoung()
 /** Run for the whole benchmark; each run reads what they saw (see wakeProbe.ts and gcPauses.ts). */
-const wakeProbe = startWakeProbe()
+const wakeProbe = process.env.BENCH_WAKE_PROBE === '1' ? startWakeProbe() : undefined
 const generatorGc = startGcPauseLog()
 const ports = { kms: 18971, enclave: 18972, parent: 18973, echo: 18974, httpEcho: 18975 }
 const scenarios = [
@@ -193,7 +196,7 @@ function cpuOf(pids: Pids) {
 
 /** A run's starting point: CPU so far, and the wake-up probe emptied. */
 function startMeasuring(pids: Pids) {
-  wakeProbe.reset()
+  wakeProbe?.reset()
   generatorGc.reset()
   return cpuOf(pids)
 }
@@ -214,7 +217,7 @@ function measuredSince(pids: Pids, before: ReturnType<typeof cpuOf>, elapsedMs: 
       cores: { enclave: cores(enclaveMs), parent: cores(parentMs), generator: cores(generatorMs), host: cores(ticksMs(after.host.busy - before.host.busy)), steal: cores(ticksMs(after.host.steal - before.host.steal)) },
       msPerRequest: { enclave: perRequest(enclaveMs), parent: perRequest(parentMs), generator: perRequest(generatorMs) },
     },
-    wakeDelay: wakeProbe.read(),
+    wakeDelay: wakeProbe?.read(),
     generatorGc: generatorGc.read(),
   }
 }
@@ -442,7 +445,7 @@ async function main() {
   const stopAll = async () => {
     await origin?.stop()
     await kms.stop()
-    await wakeProbe.stop()
+    await wakeProbe?.stop()
     generatorGc.stop()
     rmSync(storeDir, { recursive: true, force: true })
   }
@@ -535,11 +538,11 @@ async function main() {
     for (const r of results) {
       const latency = r.latencyMs as Record<string, Record<string, number>>
       const cpu = (r.cpu as { cores: Record<string, number> }).cores
-      const wake = r.wakeDelay as { p99Ms: number; maxMs: number }
+      const wake = r.wakeDelay as { p99Ms: number; maxMs: number } | undefined
       const generator = r.generatorGc as GcPauses
       const gc = r.parentGc as { pausedMsPerSecond: number; meanPauseMs: number } | undefined
       console.log(
-        `${r.scenario.padEnd(72)} ${String(r.throughput).padStart(6)} ${((r.errorRate as number) * 100).toFixed(2).padStart(6)} ${((r.needsUnlockRate as number) * 100).toFixed(2).padStart(6)}  ${`${latency.client!.p50}/${latency.client!.p99}/${latency.client!.p999}`.padEnd(26)} ${String(latency.rpc!.p99).padStart(8)} ${String(latency.enclave!.p99).padStart(12)} ${String(latency.parent!.p99).padStart(10)}  ${`${cpu.enclave}/${cpu.parent}/${cpu.generator}/${cpu.host}/${cpu.steal}`.padEnd(31)}  ${`${wake.p99Ms}/${wake.maxMs}`.padEnd(16)} ${`${generator.pausedMsPerSecond} (${generator.maxPauseMs} ms)`.padEnd(24)} ${gc ? `${gc.pausedMsPerSecond} (${gc.meanPauseMs} ms)` : ''}`,
+        `${r.scenario.padEnd(72)} ${String(r.throughput).padStart(6)} ${((r.errorRate as number) * 100).toFixed(2).padStart(6)} ${((r.needsUnlockRate as number) * 100).toFixed(2).padStart(6)}  ${`${latency.client!.p50}/${latency.client!.p99}/${latency.client!.p999}`.padEnd(26)} ${String(latency.rpc!.p99).padStart(8)} ${String(latency.enclave!.p99).padStart(12)} ${String(latency.parent!.p99).padStart(10)}  ${`${cpu.enclave}/${cpu.parent}/${cpu.generator}/${cpu.host}/${cpu.steal}`.padEnd(31)}  ${(wake ? `${wake.p99Ms}/${wake.maxMs}` : '–').padEnd(16)} ${`${generator.pausedMsPerSecond} (${generator.maxPauseMs} ms)`.padEnd(24)} ${gc ? `${gc.pausedMsPerSecond} (${gc.meanPauseMs} ms)` : ''}`,
       )
     }
     console.log(
