@@ -19,7 +19,8 @@
  * WARMUP_SECONDS unrecorded, SECONDS are recorded; then it waits up to 10 s
  * for the answers still out, and prints one JSON line: counts, latency
  * quantiles (client: end to end; enclave: the enclave's own time, from its
- * answer) and its CPU time over the recorded seconds.
+ * answer; -1 when no request succeeded) and its CPU time over the recorded
+ * seconds. Recorded requests still unanswered after the drain count as failed.
  *
  * Wire format (enclave-origin/protocol/frames.ts and messages.ts):
  *   u32 BE length of the rest ‖ u32 BE requestId ‖ u8 opcode ‖ u8 status ‖ payload
@@ -309,7 +310,8 @@ int main(int argc, char **argv) {
     }
   }
 
-  failed += inFlight; /* answers that never came within the drain */
+  /* Recorded requests whose answers never came within the drain. */
+  for (uint32_t i = 0; i < SLOTS; i++) if (slots[i].live && slots[i].recorded) failed++;
   double elapsedSeconds = (sendUntil - recordFrom) / 1e3;
   qsort(latencies, recordedCount, sizeof *latencies, compareDoubles);
   qsort(enclaveMs, recordedCount, sizeof *enclaveMs, compareDoubles);
