@@ -47,6 +47,8 @@
 #define STATUS_OK 0
 #define STATUS_NEEDS_UNLOCK 1
 #define MAX_KEY_ID 128
+/* The longest SIGN frame: length, requestId, opcode, status, keyId length, keyId, digest. */
+#define MAX_FRAME (10 + 1 + MAX_KEY_ID + 32)
 #define SLOT_BITS 20
 #define SLOTS (1u << SLOT_BITS)
 #define BUFFER_BYTES (1 << 20)
@@ -221,6 +223,8 @@ int main(int argc, char **argv) {
       Connection *c = &connections[nextConnection];
       nextConnection = (nextConnection + 1) % connectionCount;
       for (; (long)sent < due; sent++) {
+        /* A full buffer waits for the next turn, before this request is counted. */
+        if (c->outLength + MAX_FRAME > BUFFER_BYTES) break;
         double scheduledMs = started + sent / rate * 1e3;
         int recorded = scheduledMs >= recordFrom;
         if (recorded) sentRecorded++;
@@ -230,7 +234,6 @@ int main(int argc, char **argv) {
         }
         size_t key = nextRandom() % keyCount;
         size_t payloadLength = 1 + keyLengths[key] + 32;
-        if (c->outLength + 10 + payloadLength > BUFFER_BYTES) break;
         unsigned char *frame = c->out + c->outLength;
         uint32_t id = nextId++;
         if (nextId == 0) nextId = 1;

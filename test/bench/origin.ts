@@ -32,11 +32,9 @@
  * the parent's handling, rpc = parent↔enclave incl. signing, from Server-Timing);
  * error and NEEDS_UNLOCK rates; rehydrate p95 (enclave histogram); CPU per
  * process, the host's busy cores and the cores the hypervisor stole; with
- * BENCH_WAKE_PROBE=1, how late an idle thread's wake-ups were (wakeProbe.ts:
- * the wait for a CPU that every hand-off between processes pays; off by
- * default, since its 500 wake-ups a second raised the very tail it explains:
- * p99 13.9 / 16.8 / 15.5 ms with it against 9.3 / 10.1 / 13.3 ms without, in
- * three alternating pairs directly at 17,514/s); this generator's own GC pauses
+ * BENCH_WAKE_PROBE=1, how late an idle thread's wake-ups were (wakeProbe.ts;
+ * off by default, since its own wake-ups raise the tail it explains: see the
+ * README); this generator's own GC pauses
  * (gcPauses.ts), which every latency it measures includes; and for each open
  * loop through the parent, the parent's GC pause time (its own
  * nodejs_gc_duration_seconds). The generator, the floor servers and the origin
@@ -194,7 +192,7 @@ function cpuOf(pids: Pids) {
   return { trees, host: hostTicks(), generator: process.cpuUsage() }
 }
 
-/** A run's starting point: CPU so far, and the wake-up probe emptied. */
+/** A run's starting point: CPU so far, and the wake-up probe and GC pause log emptied. */
 function startMeasuring(pids: Pids) {
   wakeProbe?.reset()
   generatorGc.reset()
@@ -202,13 +200,14 @@ function startMeasuring(pids: Pids) {
 }
 
 /** CPU per process and per request since `before`, the host's busy and stolen cores, and the probe's wake-up delays. */
-function measuredSince(pids: Pids, before: ReturnType<typeof cpuOf>, elapsedMs: number, requests: number) {
+function measuredSince(pids: Pids, before: ReturnType<typeof cpuOf>, elapsedMs: number, requests: number, nativeGeneratorCpuMs?: number) {
   const after = cpuOf(pids)
   const total = (a: ProcStat[], b: ProcStat[]) => Object.values(cpuMsByCommand(a, b)).reduce((x, y) => x + y, 0)
   const enclaveMs = total(before.trees.enclave, after.trees.enclave)
   const parentMs = total(before.trees.parent, after.trees.parent)
   const generator = process.cpuUsage(before.generator)
-  const generatorMs = (generator.user + generator.system) / 1_000
+  // With frameLoad as the generator, its own figure; this process only waits for it then.
+  const generatorMs = nativeGeneratorCpuMs ?? (generator.user + generator.system) / 1_000
   const perRequest = (ms: number) => Number((ms / Math.max(requests, 1)).toFixed(3))
   const cores = (ms: number) => Number((ms / elapsedMs).toFixed(2))
   const ticksMs = (ticks: number) => (ticks * 1_000) / clockTicksPerSecond
@@ -332,9 +331,7 @@ async function nativeOpenLoop(pids: Pids, keyIds: string[], rate: number, port: 
     offered: number; ok: number; failed: number; needsUnlock: number; skipped: number; seconds: number
     clientMs: Record<'p50' | 'p90' | 'p99' | 'p999', number>; enclaveMs: Record<'p50' | 'p90' | 'p99' | 'p999', number>; cpuMs: number
   }
-  const measured = measuredSince(pids, before, Math.min(performance.now() - startedMs, seconds * 1_000), run.ok + run.failed)
-  measured.cpu.cores.generator = Number((run.cpuMs / (run.seconds * 1_000)).toFixed(2))
-  measured.cpu.msPerRequest.generator = Number((run.cpuMs / Math.max(run.ok + run.failed, 1)).toFixed(3))
+  const measured = measuredSince(pids, before, Math.min(performance.now() - startedMs, seconds * 1_000), run.ok + run.failed, run.cpuMs)
   const none = { p50: 0, p90: 0, p99: 0, p999: 0 }
   return {
     offeredRate: rate,

@@ -10,7 +10,9 @@ import { Worker } from 'node:worker_threads'
  * a VM with the hypervisor's other guests.
  *
  * The counts live in shared memory, so reading them costs the benchmark no
- * messages; 500 wake-ups a second cost well under 1% of a core.
+ * messages; 500 wake-ups a second cost well under 1% of a core, but each one
+ * competes for a CPU with the processes measured, which raised their p99 by
+ * 2–7 ms in three alternating pairs: bench:origin runs it only on request.
  */
 const sleepMs = 2
 const bucketMicros = 50
