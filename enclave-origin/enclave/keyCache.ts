@@ -2,6 +2,7 @@ import { setImmediate as nextTurn } from 'node:timers/promises'
 import { messageOf } from '../errors.js'
 import { countInto, emptyCounts, rehydrateBucketsMs } from '../protocol/histograms.js'
 import type { CacheState, KeyState, SealedKeyRecord } from '../types.js'
+import { ByteSlabs } from './byteSlabs.js'
 import { sealPrivateKey, unsealPrivateKey, zero } from './sealing.js'
 
 /**
@@ -14,11 +15,14 @@ import { sealPrivateKey, unsealPrivateKey, zero } from './sealing.js'
  * microseconds) and INVALID once the DEK has lapsed as well: the caller gets
  * `needs-unlock` at once and one `unlock()` runs in the background.
  *
- * Buffers handed to the cache (`setDek`, `addWarm`, what `unlock` returns) become
- * the cache's: it zeroes them when it drops them. A private key returned by
- * `acquire` is the cache's buffer, not a copy: use it synchronously (sign, then
- * let go) and never hold it across an await, since a background refresh zeroes
- * the buffer it replaces.
+ * Key bytes live in slabs (byteSlabs.ts), not one ArrayBuffer each: a record's
+ * public key and sealed bytes are copied in when it is loaded, and a private key
+ * handed over (`addWarm`, `createKey`) is copied in and the caller's buffer
+ * zeroed at once. A DEK handed over (`setDek`, what `unlock` returns) becomes
+ * the cache's, zeroed when dropped. A private key returned by `acquire` is the
+ * cache's slab view, not a copy: use it synchronously (sign, then let go) and
+ * never hold it across an await, since a refresh or eviction zeroes it and
+ * its place may then hold another key.
  */
 
 export type KeyCacheAuditEvent =
@@ -87,8 +91,10 @@ export type KeyCacheStats = {
 }
 
 type KeyEntry = {
+  /** Its publicKey and sealed bytes are views into the cache's slabs. */
   record: SealedKeyRecord
-  plaintext?: Uint8Array
+  /** A view into the cache's slabs while the key has plaintext. */
+  plaintext: Uint8Array | undefined
   softExpiresAt: number
   hardExpiresAt: number
   /** Soft expiry brought forward by a random lead, so keys warmed together are not re-warmed together. */
@@ -115,6 +121,8 @@ export class KeyCache {
   private readonly audit: (event: KeyCacheAuditEvent) => void
 
   private readonly entries = new Map<string, KeyEntry>()
+  /** Every key's bytes: private keys, public keys and sealed records. */
+  private readonly bytes = new ByteSlabs()
   /** Where the pre-warmer's sweep resumes (a Map iterator stays valid as keys come and go). */
   private sweep: MapIterator<[string, KeyEntry]> | undefined
   private dek: CachedDek | undefined
@@ -169,33 +177,32 @@ export class KeyCache {
    * same version as the one held keeps its plaintext (a re-sync from the parent
    * is not a reason to go cold); any other replacement drops it.
    */
-  load(record: SealedKeyRecord): void {
+  load(record: SealedKeyRecord): SealedKeyRecord {
     const held = this.entries.get(record.keyId)
     if (held && sealsSameKey(held.record, record)) {
-      held.record = record
+      held.record = { ...held.record, state: record.state }
       if (record.state !== 'active') this.dropPlaintext(held)
-      return
+      return held.record
     }
-    if (held) this.dropPlaintext(held)
-    this.entries.set(record.keyId, coolEntry(record))
+    if (held) this.drop(held)
+    const entry = coolEntry({ ...record, publicKey: this.bytes.copy(record.publicKey), sealed: this.bytes.copy(record.sealed) })
+    this.entries.set(record.keyId, entry)
+    return entry.record
   }
 
-  /** A key just generated inside the enclave: WARM at once, no unseal needed. Takes ownership of `privateKey`. */
-  addWarm({ record, privateKey }: { record: SealedKeyRecord; privateKey: Uint8Array }): void {
+  /** A key just generated inside the enclave: WARM at once, no unseal needed. Copies `privateKey` and zeroes it. Returns the record as held. */
+  addWarm({ record, privateKey }: { record: SealedKeyRecord; privateKey: Uint8Array }): SealedKeyRecord {
     if (privateKey.length !== 32) throw new RangeError(`private key must be 32 bytes, got ${privateKey.length}`)
-    this.load(record)
-    const entry = this.entries.get(record.keyId)!
-    if (record.state !== 'active') {
-      zero(privateKey)
-      return
-    }
-    this.installPlaintext(entry, privateKey, this.now())
+    const held = this.load(record)
+    if (record.state === 'active') this.installPlaintext(this.entries.get(record.keyId)!, privateKey, this.now())
+    zero(privateKey)
+    return held
   }
 
   /**
    * Seals a key generated inside the enclave under the current DEK and keeps it
    * WARM. With no valid DEK there is nothing to seal with: needs-unlock, and an
-   * unlock starts. Takes ownership of `privateKey`.
+   * unlock starts. Copies `privateKey` and zeroes it.
    */
   createKey({ keyId, publicKey, privateKey }: { keyId: string; publicKey: Uint8Array; privateKey: Uint8Array }):
     | { kind: 'ok'; record: SealedKeyRecord }
@@ -209,8 +216,7 @@ export class KeyCache {
     }
     const version = 1
     const record: SealedKeyRecord = { keyId, version, state: 'active', publicKey, sealed: sealPrivateKey({ privateKey, dek: dek.bytes, keyId, version }) }
-    this.addWarm({ record, privateKey })
-    return { kind: 'ok', record }
+    return { kind: 'ok', record: this.addWarm({ record, privateKey }) }
   }
 
   /** Changes a key's lifecycle state; a key that stops being active loses its plaintext at once. False if unknown. */
@@ -281,7 +287,7 @@ export class KeyCache {
   /** Drops every plaintext key, the DEK and all records. Work still in flight lands nowhere. */
   clear(): void {
     this.generation += 1
-    for (const entry of this.entries.values()) this.dropPlaintext(entry)
+    this.bytes.clear()
     this.entries.clear()
     this.keysAwaitingUnlock.clear()
     if (this.dek) zero(this.dek.bytes)
@@ -353,10 +359,11 @@ export class KeyCache {
       this.audit({ type: 'refresh-failed', keyId, version, reason: messageOf(error), at: now })
       throw error
     }
-    this.installPlaintext(entry, privateKey, now)
+    const held = this.installPlaintext(entry, privateKey, now)
+    zero(privateKey)
     this.counters.refreshes += 1
     if (now >= dek.softExpiresAt) void this.startUnlock()
-    return privateKey
+    return held
   }
 
   /** Single-flight per key: a key already being refreshed is not refreshed twice. True if this started one. */
@@ -452,20 +459,29 @@ export class KeyCache {
     return this.dek
   }
 
-  private installPlaintext(entry: KeyEntry, privateKey: Uint8Array, now: number): void {
-    if (entry.plaintext && entry.plaintext !== privateKey) zero(entry.plaintext)
+  /** Copies `privateKey` into the key's slab view (over the plaintext it had, if any) and returns the view. */
+  private installPlaintext(entry: KeyEntry, privateKey: Uint8Array, now: number): Uint8Array {
+    entry.plaintext ??= this.bytes.allocate(privateKey.length)
+    entry.plaintext.set(privateKey)
     const { keySoftTtlMs, keyHardTtlMs, keyUseBudget, prewarmJitter } = this.config
-    entry.plaintext = privateKey
     entry.softExpiresAt = now + keySoftTtlMs
     entry.hardExpiresAt = now + keyHardTtlMs
     entry.prewarmAt = entry.softExpiresAt - this.random() * prewarmJitter * keySoftTtlMs
     entry.usesLeft = keyUseBudget
+    return entry.plaintext
   }
 
   private dropPlaintext(entry: KeyEntry): void {
     if (!entry.plaintext) return
-    zero(entry.plaintext)
+    this.bytes.release(entry.plaintext)
     entry.plaintext = undefined
+  }
+
+  /** A key leaving the cache (its record replaced): its plaintext and its record's bytes. */
+  private drop(entry: KeyEntry): void {
+    this.dropPlaintext(entry)
+    this.bytes.release(entry.record.publicKey)
+    this.bytes.release(entry.record.sealed)
   }
 
   private stateOf(entry: KeyEntry, now: number): CacheState {
@@ -508,7 +524,7 @@ function isDueForRefresh({ entry, now, lowWaterMark }: { entry: KeyEntry; now: n
 }
 
 function coolEntry(record: SealedKeyRecord): KeyEntry {
-  return { record, softExpiresAt: 0, hardExpiresAt: 0, prewarmAt: 0, usesLeft: 0, lastUsedAt: Number.NEGATIVE_INFINITY }
+  return { record, plaintext: undefined, softExpiresAt: 0, hardExpiresAt: 0, prewarmAt: 0, usesLeft: 0, lastUsedAt: Number.NEGATIVE_INFINITY }
 }
 
 function sealsSameKey(held: SealedKeyRecord, incoming: SealedKeyRecord): boolean {

@@ -21,6 +21,11 @@ export function processMemory(): MemoryGauge[] {
   ]
 }
 
+/** What HEALTH reports of the enclave's memory (the parent's /metrics shows it, since nothing can scrape the enclave itself). */
+export function memoryFigures(): { residentBytes: number; heapUsedBytes: number } {
+  return { residentBytes: process.memoryUsage.rss(), heapUsedBytes: getHeapStatistics().used_heap_size }
+}
+
 /** The gauge closest to its limit. */
 export function tightestMemory(gauges: MemoryGauge[]): MemoryGauge & { ratio: number } {
   return gauges.map((gauge) => ({ ...gauge, ratio: gauge.inUseBytes / gauge.limitBytes })).reduce((a, b) => (b.ratio > a.ratio ? b : a))

@@ -24,6 +24,7 @@ import type { RawSignature, WrappedDek } from '../types.js'
 import type { KmsDataKeys } from './dataKey.js'
 import type { SignEngine } from './engine.js'
 import type { KeyCache } from './keyCache.js'
+import { memoryFigures } from './memory.js'
 import { secp256k1 } from './nativeSecp256k1.js'
 import { loadPreloadFile, PreloadedKeys, PreloadError } from './preload.js'
 import { zero } from './sealing.js'
@@ -156,6 +157,7 @@ export class EnclaveService {
             cacheStates: stats.keys,
             cache: { ...stats, keys: undefined },
             engine: engine.stats(),
+            memory: memoryFigures(),
             ...(this.options.preloadFile ? { preload: { accounts: this.preloaded?.size ?? 0, refusal: this.preloadRefusal ?? null } } : {}),
           }),
         }

@@ -156,6 +156,9 @@ export function enclaveMetricsText(enclaves: EnclaveHealth[]): string {
       text.add({ name: 'origin_enclave_keys', help: 'Keys in the enclave cache by state: WARM (signs now), COOL (re-derived from its sealed record on use), INVALID (needs an unlock).', type: 'gauge' }, { ...labels, state }, count)
     }
     for (const family of scalarFamilies) text.add(family, labels, family.value({ cache, engine }))
+    const { memory } = stats as { memory?: Record<string, unknown> }
+    text.add({ name: 'origin_enclave_resident_memory_bytes', help: 'The enclave process\u2019s resident memory.', type: 'gauge' }, labels, memory?.residentBytes)
+    text.add({ name: 'origin_enclave_heap_used_bytes', help: 'The enclave\u2019s V8 heap in use (key records and plaintext keys live there and in its slabs).', type: 'gauge' }, labels, memory?.heapUsedBytes)
     text.histogram(
       { name: 'origin_enclave_rehydrate_seconds', help: 'Inline re-derivation (COOL to WARM) latency.' },
       labels,

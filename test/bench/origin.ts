@@ -30,7 +30,8 @@
  *
  * Prints throughput; p50/p90/p99/p99.9 per phase (client = end to end, parent =
  * the parent's handling, rpc = parent↔enclave incl. signing, from Server-Timing);
- * error and NEEDS_UNLOCK rates; rehydrate p95 (enclave histogram); CPU per
+ * error and NEEDS_UNLOCK rates; rehydrate p95 (enclave histogram); the
+ * enclave's memory with every key WARM (from HEALTH, before each open loop); CPU per
  * process, the host's busy cores and the cores the hypervisor stole; with
  * BENCH_WAKE_PROBE=1, how late an idle thread's wake-ups were (wakeProbe.ts;
  * off by default, since its own wake-ups raise the tail it explains: see the
@@ -174,6 +175,14 @@ async function rehydrateP95(origin: Origin): Promise<string> {
     if (seen >= 0.95 * histogram.count) return index < rehydrateBucketsMs.length ? `≤${rehydrateBucketsMs[index]} ms (${histogram.count} rehydrates)` : `>${rehydrateBucketsMs.at(-1)} ms`
   }
   return 'n/a'
+}
+
+/** The enclave's memory (HEALTH's figures) in MB. */
+async function enclaveMemoryMb(origin: Origin): Promise<{ heap: number; resident: number }> {
+  const health = (await (await fetch(`${origin.url}/healthz`)).json()) as { enclaves: Array<{ stats?: { memory?: { heapUsedBytes: number; residentBytes: number } } }> }
+  const memory = health.enclaves[0]?.stats?.memory
+  const mb = (bytes: number | undefined) => Number(((bytes ?? NaN) / 1_048_576).toFixed(1))
+  return { heap: mb(memory?.heapUsedBytes), resident: mb(memory?.residentBytes) }
 }
 
 /** The parent's GC pauses so far (prom-client's `nodejs_gc_duration_seconds`, all kinds), from its /metrics. */
@@ -499,9 +508,10 @@ async function main() {
     for (const { fraction, scenario } of openRuns) {
       const running = await restart(scenario.env)
       await warmEveryKey(keyIds)
+      const memory = await enclaveMemoryMb(running)
       const percent = Math.round(fraction * 100)
       const http = await viaParent(running.url, keyIds)
-      record(`open loop ${percent}% of ${best}/s via parent, ${scenario.name}`, await openLoop(pidsOfOrigin, http.send, Math.round(best * fraction), running))
+      record(`open loop ${percent}% of ${best}/s via parent, ${scenario.name}`, { ...(await openLoop(pidsOfOrigin, http.send, Math.round(best * fraction), running)), enclaveMemoryMbWithKeysWarm: memory })
       http.close()
       const enclave = await viaEnclave(keyIds)
       record(`open loop ${percent}% of ${bestDirect}/s direct, ${scenario.name}`, await openLoop(pidsOfOrigin, enclave.send, Math.round(bestDirect * fraction)))
@@ -542,8 +552,10 @@ async function main() {
         `${r.scenario.padEnd(72)} ${String(r.throughput).padStart(6)} ${((r.errorRate as number) * 100).toFixed(2).padStart(6)} ${((r.needsUnlockRate as number) * 100).toFixed(2).padStart(6)}  ${`${latency.client!.p50}/${latency.client!.p99}/${latency.client!.p999}`.padEnd(26)} ${String(latency.rpc!.p99).padStart(8)} ${String(latency.enclave!.p99).padStart(12)} ${String(latency.parent!.p99).padStart(10)}  ${`${cpu.enclave}/${cpu.parent}/${cpu.generator}/${cpu.host}/${cpu.steal}`.padEnd(31)}  ${(wake ? `${wake.p99Ms}/${wake.maxMs}` : '–').padEnd(16)} ${`${generator.pausedMsPerSecond} (${generator.maxPauseMs} ms)`.padEnd(24)} ${gc ? `${gc.pausedMsPerSecond} (${gc.meanPauseMs} ms)` : ''}`,
       )
     }
+    const memory = results.find((r) => r.enclaveMemoryMbWithKeysWarm)?.enclaveMemoryMbWithKeysWarm as { heap: number; resident: number }
+    console.log(`\nenclave memory with all ${keyIds.length} keys WARM: V8 heap ${memory.heap} MB in use, resident ${memory.resident} MB`)
     console.log(
-      `\nraw native single-thread sign rate ${rawRate.toFixed(0)}/s; best enclave-direct ${bestDirect}/s (${((bestDirect / rawRate) * 100).toFixed(0)}%); best through the parent's HTTP API ${best}/s (${((best / rawRate) * 100).toFixed(0)}%)`,
+      `raw native single-thread sign rate ${rawRate.toFixed(0)}/s; best enclave-direct ${bestDirect}/s (${((bestDirect / rawRate) * 100).toFixed(0)}%); best through the parent's HTTP API ${best}/s (${((best / rawRate) * 100).toFixed(0)}%)`,
     )
     console.log(JSON.stringify({ bench: 'origin', keyCount, connections, seconds, rawRate: Math.round(rawRate), results }))
   } finally {

@@ -93,6 +93,19 @@ function signingKey(result: AcquireResult): Uint8Array {
   return result.privateKey
 }
 
+/**
+ * Adds a WARM key and returns the cache's own buffer for it (from one
+ * acquire, made now), after checking that the buffer handed over was wiped.
+ */
+function addWarmHeld(cache: KeyCache, record: SealedKeyRecord, privateKey = randomSecret()): Uint8Array {
+  const handed = new Uint8Array(privateKey)
+  cache.addWarm({ record, privateKey: handed })
+  expect(handed).toEqual(zeros)
+  const held = signingKey(cache.acquire(record.keyId))
+  expect(held).toEqual(privateKey)
+  return held
+}
+
 function withKeyCopied(result: AcquireResult): AcquireResult {
   return result.kind === 'ok' ? { ...result, privateKey: new Uint8Array(result.privateKey) } : result
 }
@@ -116,8 +129,7 @@ describe('KeyCache transitions', () => {
     const { cache, key, dekCopy, advance } = harness()
     const { record, privateKey } = key()
     cache.setDek(dekCopy())
-    const held = new Uint8Array(privateKey)
-    cache.addWarm({ record, privateKey: held })
+    const held = addWarmHeld(cache, record, privateKey)
 
     advance(15 * minute - 1)
     expect(signingKey(cache.acquire('key-1'))).toBe(held)
@@ -129,7 +141,7 @@ describe('KeyCache transitions', () => {
     expect(cache.stats().refreshes).toBe(0) // not on the request path
     await cache.idle()
     expect(cache.stats().refreshes).toBe(1)
-    expect(held).toEqual(zeros) // the replaced plaintext is wiped
+    expect(held).toEqual(privateKey) // re-derived into the same place
     expect(cache.get('key-1')?.cacheState).toBe('WARM')
 
     advance(15 * minute - 1)
@@ -142,16 +154,13 @@ describe('KeyCache transitions', () => {
     const { cache, key, dekCopy, advance } = harness()
     const { record, privateKey } = key()
     cache.setDek(dekCopy())
-    const held = new Uint8Array(privateKey)
-    cache.addWarm({ record, privateKey: held })
+    addWarmHeld(cache, record, privateKey)
 
     advance(16 * minute)
     expect(cache.get('key-1')?.cacheState).toBe('COOL')
     const refreshed = signingKey(cache.acquire('key-1'))
 
     expect(refreshed).toEqual(privateKey)
-    expect(refreshed).not.toBe(held)
-    expect(held).toEqual(zeros)
     expect(cache.stats()).toMatchObject({ refreshes: 1, inlineRefreshMs: { count: 1 } })
     expect(cache.get('key-1')?.cacheState).toBe('WARM')
   })
@@ -175,17 +184,15 @@ describe('KeyCache transitions', () => {
     const { cache, key, dekCopy } = harness({ keyUseBudget: 3, keyLowWaterMark: 0 })
     const { record, privateKey } = key()
     cache.setDek(dekCopy())
-    const held = new Uint8Array(privateKey)
-    cache.addWarm({ record, privateKey: held })
+    const held = addWarmHeld(cache, record, privateKey)
 
-    for (let use = 0; use < 3; use++) expect(signingKey(cache.acquire('key-1'))).toBe(held)
+    for (let use = 1; use < 3; use++) expect(signingKey(cache.acquire('key-1'))).toBe(held)
     await cache.idle()
     expect(cache.stats().refreshes).toBe(0)
     expect(cache.get('key-1')?.cacheState).toBe('COOL')
 
     expect(signingKey(cache.acquire('key-1'))).toEqual(privateKey)
     expect(cache.stats().refreshes).toBe(1)
-    expect(held).toEqual(zeros)
   })
 
   it('refreshes in the background once the uses left fall below the low-water mark, restoring the budget', async () => {
@@ -340,8 +347,7 @@ describe('KeyCache grace signatures', () => {
     const { cache, key, dekCopy, advance, audits, unlock } = harness({ graceSignatures: 3, unlockGate: 'closed' })
     const { record, privateKey } = key()
     cache.setDek(dekCopy())
-    const held = new Uint8Array(privateKey)
-    cache.addWarm({ record, privateKey: held })
+    const held = addWarmHeld(cache, record, privateKey)
     advance(61 * minute) // the key's hard TTL and the DEK's have both passed
 
     // Copied as they come: the last acquire wipes the lapsed buffer they share.
@@ -377,8 +383,7 @@ describe('KeyCache grace signatures', () => {
   it('gives none by default: lapsed plaintext is wiped and the caller told to retry', () => {
     const { cache, key, dekCopy, advance, audits } = harness({ unlockGate: 'closed' })
     cache.setDek(dekCopy())
-    const held = randomSecret()
-    cache.addWarm({ record: key().record, privateKey: held })
+    const held = addWarmHeld(cache, key().record)
     advance(61 * minute)
 
     expect(cache.acquire('key-1').kind).toBe('needs-unlock')
@@ -391,8 +396,7 @@ describe('KeyCache key lifecycle', () => {
   it.each(['frozen', 'archived'] as const)('never signs with a %s key, and wipes its plaintext', (state) => {
     const { cache, key, dekCopy } = harness()
     cache.setDek(dekCopy())
-    const held = randomSecret()
-    cache.addWarm({ record: key().record, privateKey: held })
+    const held = addWarmHeld(cache, key().record)
 
     expect(cache.setState('key-1', state)).toBe(true)
 
@@ -449,8 +453,7 @@ describe('KeyCache wipes plaintext it drops', () => {
     const { cache, key, dekCopy } = harness()
     cache.setDek(dekCopy())
     const { record } = key()
-    const held = randomSecret()
-    cache.addWarm({ record, privateKey: held })
+    const held = addWarmHeld(cache, record)
 
     cache.load({ ...record })
     expect(cache.get('key-1')?.cacheState).toBe('WARM')
@@ -461,11 +464,10 @@ describe('KeyCache wipes plaintext it drops', () => {
     expect(held).toEqual(zeros)
   })
 
-  it('when the pre-warmer evicts a key past its hard TTL that nobody used', () => {
+  it('when the pre-warmer evicts a key past its hard TTL that nobody has used for a soft TTL', () => {
     const { cache, key, dekCopy, advance } = harness()
     cache.setDek(dekCopy())
-    const held = randomSecret()
-    cache.addWarm({ record: key().record, privateKey: held })
+    const held = addWarmHeld(cache, key().record) // used once, now: 16 minutes later it is not hot
 
     advance(16 * minute)
     prewarm(cache)
@@ -492,9 +494,7 @@ describe('KeyCache wipes plaintext it drops', () => {
     const { cache, key, dekCopy, unlock } = harness({ unlockGate: 'closed' })
     const dek = dekCopy()
     cache.setDek(dek)
-    const held = [randomSecret(), randomSecret()]
-    cache.addWarm({ record: key({ keyId: 'a' }).record, privateKey: held[0]! })
-    cache.addWarm({ record: key({ keyId: 'b' }).record, privateKey: held[1]! })
+    const held = [addWarmHeld(cache, key({ keyId: 'a' }).record), addWarmHeld(cache, key({ keyId: 'b' }).record)]
 
     cache.clear()
 
@@ -503,6 +503,23 @@ describe('KeyCache wipes plaintext it drops', () => {
     expect(cache.stats().keys).toEqual({ WARM: 0, COOL: 0, INVALID: 0 })
     unlock.open()
     await cache.idle()
+  })
+})
+
+describe('KeyCache memory', () => {
+  it('keeps the bytes of thousands of keys in a few shared buffers, not one ArrayBuffer per key', () => {
+    const { cache, key, dekCopy } = harness()
+    cache.setDek(dekCopy())
+    const buffers = new Set<ArrayBufferLike>()
+    for (let i = 0; i < 3_000; i++) {
+      const keyId = `key-${i}`
+      if (i % 2 === 0) cache.load(key({ keyId }).record)
+      else cache.addWarm({ record: key({ keyId }).record, privateKey: randomSecret() })
+      const { publicKey, sealed } = cache.get(keyId)!.record
+      buffers.add(publicKey.buffer).add(sealed.buffer).add(signingKey(cache.acquire(keyId)).buffer)
+    }
+    // 3,000 × 65-, 60- and 32-byte strings in 64 KiB slabs: 3 + 3 + 2.
+    expect(buffers.size).toBe(8)
   })
 })
 

@@ -2,6 +2,7 @@ import { randomBytes } from 'node:crypto'
 import { afterAll, describe, expect, it } from 'vitest'
 import { SignEngine } from '../../enclave-origin/enclave/engine.js'
 import { KeyCache } from '../../enclave-origin/enclave/keyCache.js'
+import { memoryFigures } from '../../enclave-origin/enclave/memory.js'
 import { sealPrivateKey } from '../../enclave-origin/enclave/sealing.js'
 import { decodeHealthResponse, encodeHealthResponse } from '../../enclave-origin/protocol/messages.js'
 import { enclaveMetricsText, PrometheusText, RequestFigures } from '../../enclave-origin/parent/metrics.js'
@@ -32,7 +33,7 @@ async function enclaveStats() {
   )
   const stats = cache.stats()
   // As the enclave sends it and the parent reads it.
-  return decodeHealthResponse(encodeHealthResponse({ cacheStates: stats.keys, cache: { ...stats, keys: undefined }, engine: engine.stats() }))
+  return decodeHealthResponse(encodeHealthResponse({ cacheStates: stats.keys, cache: { ...stats, keys: undefined }, engine: engine.stats(), memory: memoryFigures() }))
 }
 
 /** name{labels} → value, for every sample line. */
@@ -61,6 +62,7 @@ describe('enclave metrics on the parent', () => {
       'origin_enclave_engine_threads{enclave="enclave-1"}': 1,
       'origin_enclave_engine_inline_signs_total{enclave="enclave-1"}': 1,
     })
+    for (const gauge of ['origin_enclave_resident_memory_bytes', 'origin_enclave_heap_used_bytes']) expect(values.get(`${gauge}{enclave="enclave-1"}`)).toBeGreaterThan(1_000_000)
     for (const family of ['origin_enclave_up', 'origin_enclave_keys', 'origin_enclave_grace_signatures_total', 'origin_enclave_engine_batch_size']) {
       expect(text.match(new RegExp(`^# TYPE ${family} `, 'gm'))).toHaveLength(1)
     }
