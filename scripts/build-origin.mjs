@@ -6,7 +6,7 @@
  * for esbuild's `keepNames` wrappers on every closure, about 10% of the
  * parent's CPU per signature. `--bench` also bundles `bench:origin` and its
  * floor servers into `dist/bench`, for the same reason: they share the CPU;
- * and compiles its GC-free load generator, test/bench/frameLoad.c, with cc.
+ * and compiles its GC-free load generator, test/bench/openLoad.c, with cc.
  */
 import { spawnSync } from 'node:child_process'
 import { build } from 'esbuild'
@@ -33,8 +33,8 @@ if (args.includes('--bench')) {
     bundle: true,
     packages: 'external',
   })
-  // The GC-free load generator for the direct runs; the benchmark skips them without a C compiler.
-  rmSync(path.join(benchDir, 'frameLoad'), { force: true })
-  const compiled = spawnSync('cc', ['-O2', '-Wall', '-Wextra', '-Werror', '-o', path.join(benchDir, 'frameLoad'), 'test/bench/frameLoad.c'], { stdio: 'inherit' })
-  if (compiled.status !== 0) console.warn(`bench: could not compile test/bench/frameLoad.c (${compiled.error?.message ?? `cc exited ${compiled.status}`}); the native-generator runs are skipped`)
+  // The GC-free load generator (frames and HTTP); the benchmark skips them without a C compiler.
+  rmSync(path.join(benchDir, 'openLoad'), { force: true })
+  const compiled = spawnSync('cc', ['-O2', '-Wall', '-Wextra', '-Werror', '-o', path.join(benchDir, 'openLoad'), 'test/bench/openLoad.c'], { stdio: 'inherit' })
+  if (compiled.status !== 0) console.warn(`bench: could not compile test/bench/openLoad.c (${compiled.error?.message ?? `cc exited ${compiled.status}`}); the native-generator runs are skipped`)
 }

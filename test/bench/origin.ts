@@ -215,7 +215,7 @@ function measuredSince(pids: Pids, before: ReturnType<typeof cpuOf>, elapsedMs: 
   const enclaveMs = total(before.trees.enclave, after.trees.enclave)
   const parentMs = total(before.trees.parent, after.trees.parent)
   const generator = process.cpuUsage(before.generator)
-  // With frameLoad as the generator, its own figure; this process only waits for it then.
+  // With openLoad as the generator, its own figure; this process only waits for it then.
   const generatorMs = nativeGeneratorCpuMs ?? (generator.user + generator.system) / 1_000
   const perRequest = (ms: number) => Number((ms / Math.max(requests, 1)).toFixed(3))
   const cores = (ms: number) => Number((ms / elapsedMs).toFixed(2))
@@ -314,19 +314,21 @@ async function openLoop(pids: Pids, send: Send, rate: number, parent?: Origin) {
   return { ...result, parentGc: { pauses, pausedMsPerSecond: Number((pausedMs / seconds).toFixed(1)), meanPauseMs: Number((pausedMs / Math.max(pauses, 1)).toFixed(2)) } }
 }
 
-/** frameLoad.c as built by `npm run bench:origin` (absent where there is no C compiler). */
-const frameLoadBinary = fileURLToPath(new URL('./frameLoad', import.meta.url))
-const haveFrameLoad = existsSync(frameLoadBinary)
+/** openLoad.c as built by `npm run bench:origin` (absent where there is no C compiler). */
+const openLoadBinary = fileURLToPath(new URL('./openLoad', import.meta.url))
+const haveOpenLoad = existsSync(openLoadBinary)
 
 /**
- * The direct open loop again, driven by frameLoad.c: the same SIGN frames at
- * the same offered rate over 16 connections, from a generator without a
- * garbage collector, so that its figures are the enclave's and the machine's.
- * CPU and wake-up figures cover the recorded seconds; the generator's CPU is
- * the one frameLoad reports.
+ * An open loop again, driven by openLoad.c, a generator without a garbage
+ * collector, so that its figures are the origin's and the machine's: the
+ * same SIGN frames at the same offered rate over 16 connections (`frames`),
+ * or the same signed requests to the parent's HTTP API over `connections`
+ * keep-alive connections (`http`). CPU and wake-up figures cover the
+ * recorded seconds; the generator's CPU is the one openLoad reports.
  */
-async function nativeOpenLoop(pids: Pids, keyIds: string[], rate: number, port: number) {
-  const child = spawn(frameLoadBinary, [port, rate, seconds, warmupSeconds, 16, connections].map(String), { stdio: ['pipe', 'pipe', 'inherit'] })
+async function nativeOpenLoop(pids: Pids, keyIds: string[], rate: number, mode: 'frames' | 'http', port: number) {
+  const env = { ...process.env, ORIGIN_HMAC_KEY_ID: originHmac.keyId, ORIGIN_HMAC_SECRET: originHmac.secret }
+  const child = spawn(openLoadBinary, [mode, port, rate, seconds, warmupSeconds, mode === 'frames' ? 16 : connections, connections].map(String), { env, stdio: ['pipe', 'pipe', 'inherit'] })
   let output = ''
   child.stdout!.on('data', (chunk) => (output += chunk))
   const exited = new Promise<number | null>((resolve) => child.once('exit', resolve))
@@ -335,13 +337,12 @@ async function nativeOpenLoop(pids: Pids, keyIds: string[], rate: number, port: 
   const before = startMeasuring(pids)
   const startedMs = performance.now()
   const code = await exited
-  if (code !== 0) throw new Error(`frameLoad exited with ${code}`)
+  if (code !== 0) throw new Error(`openLoad exited with ${code}`)
   const run = JSON.parse(output) as {
-    offered: number; ok: number; failed: number; needsUnlock: number; skipped: number; seconds: number
-    clientMs: Record<'p50' | 'p90' | 'p99' | 'p999', number>; enclaveMs: Record<'p50' | 'p90' | 'p99' | 'p999', number>; cpuMs: number
+    offered: number; ok: number; failed: number; needsUnlock: number; skipped: number; seconds: number; cpuMs: number
+    latencyMs: Record<(typeof phases)[number], Record<'p50' | 'p90' | 'p99' | 'p999', number>>
   }
   const measured = measuredSince(pids, before, Math.min(performance.now() - startedMs, seconds * 1_000), run.ok + run.failed, run.cpuMs)
-  const none = { p50: 0, p90: 0, p99: 0, p999: 0 }
   return {
     offeredRate: rate,
     skipped: run.skipped,
@@ -349,7 +350,7 @@ async function nativeOpenLoop(pids: Pids, keyIds: string[], rate: number, port: 
     throughput: Math.round(run.ok / run.seconds),
     errorRate: Number(((run.failed + run.skipped) / Math.max(run.offered, 1)).toFixed(5)),
     needsUnlockRate: Number((run.needsUnlock / Math.max(run.ok + run.failed, 1)).toFixed(5)),
-    latencyMs: { client: run.clientMs, rpc: run.clientMs, parent: none, enclave: run.enclaveMs },
+    latencyMs: run.latencyMs,
     ...measured,
   }
 }
@@ -513,16 +514,17 @@ async function main() {
       const http = await viaParent(running.url, keyIds)
       record(`open loop ${percent}% of ${best}/s via parent, ${scenario.name}`, { ...(await openLoop(pidsOfOrigin, http.send, Math.round(best * fraction), running)), enclaveMemoryMbWithKeysWarm: memory })
       http.close()
+      if (haveOpenLoad) record(`open loop ${percent}% of ${best}/s via parent, native generator, ${scenario.name}`, await nativeOpenLoop(pidsOfOrigin, keyIds, Math.round(best * fraction), 'http', ports.parent))
       const enclave = await viaEnclave(keyIds)
       record(`open loop ${percent}% of ${bestDirect}/s direct, ${scenario.name}`, await openLoop(pidsOfOrigin, enclave.send, Math.round(bestDirect * fraction)))
       enclave.close()
-      if (haveFrameLoad) record(`open loop ${percent}% of ${bestDirect}/s direct, native generator, ${scenario.name}`, await nativeOpenLoop(pidsOfOrigin, keyIds, Math.round(bestDirect * fraction), ports.enclave))
+      if (haveOpenLoad) record(`open loop ${percent}% of ${bestDirect}/s direct, native generator, ${scenario.name}`, await nativeOpenLoop(pidsOfOrigin, keyIds, Math.round(bestDirect * fraction), 'frames', ports.enclave))
     }
     // The floors: the same open loops against servers that sign nothing.
     await origin.stop()
     const floors = [
-      { script: 'frameEcho' as const, port: ports.echo, rate: bestDirect, label: 'no-op frame echo (direct floor)', pids: (pid: number) => ({ enclave: pid }), connect: () => viaEnclave(keyIds, ports.echo) },
-      { script: 'httpEcho' as const, port: ports.httpEcho, rate: best, label: 'no-op Node HTTP server (parent floor)', pids: (pid: number) => ({ parent: pid }), connect: () => viaParent(`http://127.0.0.1:${ports.httpEcho}`, keyIds) },
+      { script: 'frameEcho' as const, mode: 'frames' as const, port: ports.echo, rate: bestDirect, label: 'no-op frame echo (direct floor)', pids: (pid: number) => ({ enclave: pid }), connect: () => viaEnclave(keyIds, ports.echo) },
+      { script: 'httpEcho' as const, mode: 'http' as const, port: ports.httpEcho, rate: best, label: 'no-op Node HTTP server (parent floor)', pids: (pid: number) => ({ parent: pid }), connect: () => viaParent(`http://127.0.0.1:${ports.httpEcho}`, keyIds) },
     ]
     for (const floor of floors) {
       const server = await startFloorServer(floor.script, floor.port)
@@ -532,9 +534,7 @@ async function main() {
           const client = await floor.connect()
           record(`floor: ${floor.label} at ${rate}/s`, await openLoop(() => floor.pids(server.pid), client.send, rate))
           client.close()
-          if (floor.script === 'frameEcho' && haveFrameLoad) {
-            record(`floor: ${floor.label} at ${rate}/s, native generator`, await nativeOpenLoop(() => floor.pids(server.pid), keyIds, rate, floor.port))
-          }
+          if (haveOpenLoad) record(`floor: ${floor.label} at ${rate}/s, native generator`, await nativeOpenLoop(() => floor.pids(server.pid), keyIds, rate, floor.mode, floor.port))
         }
       } finally {
         await server.stop()

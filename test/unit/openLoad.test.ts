@@ -1,0 +1,138 @@
+import { spawn, spawnSync } from 'node:child_process'
+import { mkdtempSync, rmSync } from 'node:fs'
+import { createServer as createHttpServer, type IncomingMessage } from 'node:http'
+import { createServer as createTcpServer, type AddressInfo, type Server } from 'node:net'
+import os from 'node:os'
+import path from 'node:path'
+import { afterAll, beforeAll, describe, expect, it } from 'vitest'
+import { encodeFrame, FrameDecoder, opcodes } from '../../enclave-origin/protocol/frames.js'
+import { decodeSignRequest, encodeSignResponse } from '../../enclave-origin/protocol/messages.js'
+import { nodeHashing } from '../../enclave-origin/protocol/nodeHashing.js'
+import { RequestVerifier } from '../../enclave-origin/protocol/requestSigning.js'
+
+/**
+ * The benchmark's native load generator (test/bench/openLoad.c), compiled
+ * here with the benchmark's flags and run against small servers: its HTTP
+ * requests must pass the parent's own request verification, and what it
+ * reports must be what the servers answered.
+ */
+
+const haveCc = spawnSync('cc', ['--version']).status === 0
+const directory = mkdtempSync(path.join(os.tmpdir(), 'open-load-'))
+const binary = path.join(directory, 'openLoad')
+const keyIds = ['0f8e6c1a-5c1e-4b53-9a57-2f3c8e0f4d11', 'key-2']
+const hmac = { keyId: 'worker', secret: 'hmac-secret-made-for-tests' }
+const servers: Server[] = []
+
+beforeAll(() => {
+  if (!haveCc) return
+  const compiled = spawnSync('cc', ['-O2', '-Wall', '-Wextra', '-Werror', '-o', binary, 'test/bench/openLoad.c'], { encoding: 'utf8' })
+  if (compiled.status !== 0) throw new Error(`openLoad.c did not compile:\n${compiled.stderr}`)
+})
+afterAll(async () => {
+  await Promise.all(servers.map((server) => new Promise((resolve) => server.close(resolve))))
+  rmSync(directory, { recursive: true, force: true })
+})
+
+type Quantiles = { p50: number; p90: number; p99: number; p999: number }
+type Run = { offered: number; ok: number; failed: number; needsUnlock: number; skipped: number; latencyMs: Record<'client' | 'rpc' | 'parent' | 'enclave', Quantiles> }
+
+async function listening(server: Server): Promise<number> {
+  servers.push(server)
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve))
+  return (server.address() as AddressInfo).port
+}
+
+/** 400 requests a second for one recorded second, after half a second unrecorded. */
+function runOpenLoad(mode: 'frames' | 'http', port: number, env: Record<string, string> = {}): Promise<Run> {
+  const child = spawn(binary, [mode, port, 400, 1, 0.5, 8, 500].map(String), { env: { ...process.env, ...env }, stdio: ['pipe', 'pipe', 'pipe'] })
+  let output = ''
+  let errors = ''
+  child.stdout.on('data', (chunk) => (output += chunk))
+  child.stderr.on('data', (chunk) => (errors += chunk))
+  child.stdin.end(keyIds.join('\n'))
+  return new Promise((resolve, reject) =>
+    child.once('exit', (code) => (code === 0 ? resolve(JSON.parse(output) as Run) : reject(new Error(`openLoad exited ${code}: ${errors}`)))),
+  )
+}
+
+/** A parent-shaped HTTP server: verifies each request as the parent does, and answers a sign or a 401. */
+async function verifyingServer() {
+  const verifier = new RequestVerifier({ secrets: { [hmac.keyId]: hmac.secret }, hashing: nodeHashing })
+  const seen = { verified: 0, refused: [] as string[], bodies: new Set<string>() }
+  const server = createHttpServer((request: IncomingMessage, response) => {
+    const chunks: Buffer[] = []
+    request.on('data', (chunk: Buffer) => chunks.push(chunk))
+    request.on('end', () => {
+      const body = Buffer.concat(chunks)
+      const requestPath = request.url ?? ''
+      const failure = verifier.verify({ method: request.method ?? '', path: requestPath, headers: (name) => request.headers[name] as string | undefined, body })
+      const keyId = /^\/v1\/keys\/([^/]+)\/sign$/.exec(requestPath)?.[1]
+      const digestOk = /^\{"digest":"0x[0-9a-f]{64}"\}$/.test(body.toString())
+      if (failure || !keyId || !keyIds.includes(keyId) || !digestOk || request.headers['content-type'] !== 'application/json') {
+        seen.refused.push(failure ?? `${requestPath} ${body}`)
+        response.writeHead(401, { 'content-length': '2' }).end('{}')
+        return
+      }
+      seen.verified++
+      seen.bodies.add(body.toString())
+      response.writeHead(200, { 'Content-Length': '2', 'Server-Timing': 'enclave;dur=0.500, queue;dur=0.100, rpc;dur=2.000, total;dur=3.250' }).end('{}')
+    })
+  })
+  return { port: await listening(server), seen }
+}
+
+describe.skipIf(!haveCc)('openLoad, the native load generator', () => {
+  it('http: signs requests the parent verifies, and reports the phases from Server-Timing', async () => {
+    const { port, seen } = await verifyingServer()
+
+    const run = await runOpenLoad('http', port, { ORIGIN_HMAC_KEY_ID: hmac.keyId, ORIGIN_HMAC_SECRET: hmac.secret })
+
+    expect(seen.refused).toEqual([])
+    expect(run.offered).toBeGreaterThanOrEqual(390)
+    expect(run).toMatchObject({ failed: 0, needsUnlock: 0, skipped: 0 })
+    expect(run.ok).toBe(run.offered)
+    // Warm-up requests are answered but not recorded; every digest was new.
+    expect(seen.verified).toBeGreaterThanOrEqual(run.ok + 150)
+    expect(seen.bodies.size).toBe(seen.verified)
+    expect(run.latencyMs.rpc.p50).toBe(2)
+    expect(run.latencyMs.parent.p50).toBe(1.25)
+    expect(run.latencyMs.enclave.p50).toBe(0.5)
+    expect(run.latencyMs.client.p50).toBeGreaterThan(0)
+  })
+
+  it('http: counts every refused request as failed', async () => {
+    const { port, seen } = await verifyingServer()
+
+    const run = await runOpenLoad('http', port, { ORIGIN_HMAC_KEY_ID: hmac.keyId, ORIGIN_HMAC_SECRET: 'not-the-secret' })
+
+    expect(seen.verified).toBe(0)
+    expect(seen.refused.every((reason) => reason === 'bad-signature')).toBe(true)
+    expect(run.ok).toBe(0)
+    expect(run.failed).toBe(run.offered)
+    expect(run.latencyMs.client.p99).toBe(-1)
+  })
+
+  it('frames: sends SIGN frames for the given keys and reads the enclave time from each answer', async () => {
+    const keysSeen = new Set<string>()
+    const server = createTcpServer((socket) => {
+      const decoder = new FrameDecoder()
+      socket.on('data', (chunk: Uint8Array) => {
+        for (const frame of decoder.push(chunk)) {
+          expect(frame.opcode).toBe(opcodes.SIGN)
+          keysSeen.add(decodeSignRequest(frame.payload).keyId)
+          const payload = encodeSignResponse({ signature: new Uint8Array(64), recoveryId: 1, enclaveMicros: 1_500 })
+          socket.write(encodeFrame({ requestId: frame.requestId, opcode: frame.opcode, status: 0, payload }))
+        }
+      })
+      socket.on('error', () => {})
+    })
+
+    const run = await runOpenLoad('frames', await listening(server))
+
+    expect(run).toMatchObject({ failed: 0, skipped: 0 })
+    expect(run.ok).toBe(run.offered)
+    expect(run.latencyMs.enclave.p50).toBe(1.5)
+    expect(keysSeen).toEqual(new Set(keyIds))
+  })
+})
