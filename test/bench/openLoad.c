@@ -77,6 +77,8 @@ static const char *phaseNames[PHASES] = {"client", "rpc", "parent", "enclave"};
 
 typedef struct {
   int fd;
+  /* Set once the server has closed it: it carries nothing more. */
+  int closed;
   unsigned char *out;
   size_t outLength;
   unsigned char *in;
@@ -339,7 +341,7 @@ static double serverTiming(const char *headers, size_t length, const char *name)
 }
 
 /* Completes the connection's answer once it is all there (only one request is out at a time); 1 if it did. */
-static int readHttpAnswers(Connection *c, Slot *slot, double arrived, Results *results, long *inFlight) {
+static int readHttpAnswer(Connection *c, Slot *slot, double arrived, Results *results, long *inFlight) {
   const unsigned char *end = memmem(c->in, c->inLength, "\r\n\r\n", 4);
   if (!end) return 0;
   size_t headLength = (size_t)(end - c->in) + 4;
@@ -403,7 +405,7 @@ static void readFrameAnswers(Connection *c, Slot *slots, double arrived, Results
 static void flush(Connection *c) {
   size_t written = 0;
   while (written < c->outLength) {
-    ssize_t n = write(c->fd, c->out + written, c->outLength - written);
+    ssize_t n = send(c->fd, c->out + written, c->outLength - written, MSG_NOSIGNAL);
     if (n < 0) {
       if (errno == EAGAIN || errno == EINTR) break;
       die("write");
@@ -482,9 +484,13 @@ int main(int argc, char **argv) {
   int epoll = epoll_create1(0);
   if (epoll < 0) die("epoll_create1");
   Connection *connections = calloc((size_t)connectionCount, sizeof *connections);
-  /* http mode: the connections with no request out, as a stack. */
+  /*
+   * http mode: the connections with no request out, oldest first, so that
+   * every connection carries requests (none sits idle into the server's
+   * keep-alive timeout), as a ring.
+   */
   int *idle = malloc((size_t)connectionCount * sizeof *idle);
-  int idleCount = 0;
+  int idleHead = 0, idleCount = 0, closedCount = 0;
   size_t bufferBytes = requests.http ? 64 * 1024 : BUFFER_BYTES;
   for (int i = 0; i < connectionCount; i++) {
     Connection *c = &connections[i];
@@ -502,6 +508,7 @@ int main(int argc, char **argv) {
     if (epoll_ctl(epoll, EPOLL_CTL_ADD, c->fd, &event) < 0) die("epoll_ctl");
     idle[idleCount++] = i;
   }
+#define PUSH_IDLE(at) (idle[(idleHead + idleCount++) % connectionCount] = (at))
 
   Slot *slots = calloc(requests.http ? (size_t)connectionCount : SLOTS, sizeof *slots);
   Results results = {.capacity = (size_t)(rate * seconds * 1.1) + 1024};
@@ -540,7 +547,9 @@ int main(int argc, char **argv) {
         size_t key = nextRandom() % keyCount;
         Slot *slot;
         if (requests.http) {
-          int at = idle[--idleCount];
+          int at = idle[idleHead];
+          idleHead = (idleHead + 1) % connectionCount;
+          idleCount--;
           Connection *c = &connections[at];
           c->outLength += writeHttpRequest(&requests, c->out + c->outLength, keys[key], keyLengths[key]);
           slot = &slots[at];
@@ -561,7 +570,7 @@ int main(int argc, char **argv) {
         inFlight++;
       }
     }
-    for (int i = 0; i < connectionCount; i++) if (connections[i].outLength > 0) flush(&connections[i]);
+    for (int i = 0; i < connectionCount; i++) if (!connections[i].closed && connections[i].outLength > 0) flush(&connections[i]);
 
     /* Sleep until the next request is due, at least MIN_WAIT_MS, or until an answer comes. */
     double nextDueMs = started + (sent + 1) / rate * 1e3;
@@ -584,12 +593,34 @@ int main(int argc, char **argv) {
           die("read");
         }
         if (n == 0) {
-          fprintf(stderr, "openLoad: the server closed a connection\n");
-          return 1;
+          /* Closed by the server: a request out on it has failed, and in frames mode so has the run. */
+          if (!requests.http) {
+            fprintf(stderr, "openLoad: the server closed a connection\n");
+            return 1;
+          }
+          closedCount++;
+          c->closed = 1;
+          epoll_ctl(epoll, EPOLL_CTL_DEL, c->fd, NULL);
+          close(c->fd);
+          Slot *slot = &slots[at];
+          if (slot->live) {
+            slot->live = 0;
+            inFlight--;
+            if (slot->recorded) results.failed++;
+          } else {
+            /* Idle: take it out of the ring. */
+            int kept = 0;
+            for (int i = 0; i < idleCount; i++) {
+              int other = idle[(idleHead + i) % connectionCount];
+              if (other != at) idle[(idleHead + kept++) % connectionCount] = other;
+            }
+            idleCount = kept;
+          }
+          break;
         }
         c->inLength += (size_t)n;
         if (requests.http) {
-          if (readHttpAnswers(c, &slots[at], arrived, &results, &inFlight)) idle[idleCount++] = at;
+          if (readHttpAnswer(c, &slots[at], arrived, &results, &inFlight)) PUSH_IDLE(at);
         } else {
           readFrameAnswers(c, slots, arrived, &results, &inFlight);
         }
@@ -600,6 +631,7 @@ int main(int argc, char **argv) {
   /* Recorded requests whose answers never came within the drain. */
   size_t slotCount = requests.http ? (size_t)connectionCount : SLOTS;
   for (size_t i = 0; i < slotCount; i++) if (slots[i].live && slots[i].recorded) results.failed++;
+  if (closedCount > 0) fprintf(stderr, "openLoad: the server closed %d of %d connections\n", closedCount, connectionCount);
   printf("{\"offered\":%ld,\"ok\":%zu,\"failed\":%ld,\"needsUnlock\":%ld,\"skipped\":%ld,\"seconds\":%.3f,\"cpuMs\":%.1f,\"latencyMs\":{",
          sentRecorded, results.count, results.failed, results.needsUnlock, skipped, (sendUntil - recordFrom) / 1e3, cpuAtEndMs - cpuAtRecordMs);
   for (int p = 0; p < PHASES; p++) printPhase(phaseNames[p], results.phases[p], results.count, p == PHASES - 1);

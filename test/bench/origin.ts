@@ -237,8 +237,9 @@ const timingPatterns = { rpc: /rpc;dur=([\d.]+)/, total: /total;dur=([\d.]+)/, e
 
 /**
  * Signs through the parent's HTTP API, as the Worker does, over `connections`
- * pre-opened keep-alive connections (each request takes a free one; the loops
- * never have more than `connections` in flight).
+ * pre-opened keep-alive connections (each request takes the free one idle the
+ * longest, so all of them carry requests and none idles into the parent's
+ * keep-alive timeout; the loops never have more than `connections` in flight).
  */
 async function viaParent(url: string, keyIds: string[]): Promise<{ send: Send; close(): void }> {
   const { hostname, port } = new URL(url)
@@ -248,7 +249,7 @@ async function viaParent(url: string, keyIds: string[]): Promise<{ send: Send; c
     const requestPath = `/v1/keys/${randomKeyId(keyIds)}/sign`
     const body = Buffer.from(JSON.stringify({ digest: `0x${Buffer.from(randomDigest()).toString('hex')}` }))
     const started = scheduledAt ?? performance.now()
-    const connection = free.pop()!
+    const connection = free.shift()!
     try {
       // Named fields: V8 spends several µs adding properties to a spread copy, on the shared CPU.
       const headers = signRequest({ keyId: originHmac.keyId, secret: originHmac.secret, method: 'POST', path: requestPath, body, hashing: nodeHashing })

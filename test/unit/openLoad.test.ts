@@ -44,7 +44,7 @@ async function listening(server: Server): Promise<number> {
 }
 
 /** 400 requests a second for one recorded second, after half a second unrecorded. */
-function runOpenLoad(mode: 'frames' | 'http', port: number, env: Record<string, string> = {}): Promise<Run> {
+function runOpenLoad(mode: 'frames' | 'http', port: number, env: Record<string, string> = {}): Promise<Run & { stderr: string }> {
   const child = spawn(binary, [mode, port, 400, 1, 0.5, 8, 500].map(String), { env: { ...process.env, ...env }, stdio: ['pipe', 'pipe', 'pipe'] })
   let output = ''
   let errors = ''
@@ -52,7 +52,7 @@ function runOpenLoad(mode: 'frames' | 'http', port: number, env: Record<string, 
   child.stderr.on('data', (chunk) => (errors += chunk))
   child.stdin.end(keyIds.join('\n'))
   return new Promise((resolve, reject) =>
-    child.once('exit', (code) => (code === 0 ? resolve(JSON.parse(output) as Run) : reject(new Error(`openLoad exited ${code}: ${errors}`)))),
+    child.once('exit', (code) => (code === 0 ? resolve({ ...(JSON.parse(output) as Run), stderr: errors }) : reject(new Error(`openLoad exited ${code}: ${errors}`)))),
   )
 }
 
@@ -111,6 +111,33 @@ describe.skipIf(!haveCc)('openLoad, the native load generator', () => {
     expect(run.ok).toBe(0)
     expect(run.failed).toBe(run.offered)
     expect(run.latencyMs.client.p99).toBe(-1)
+  })
+
+  it('http: uses every connection in turn, and carries on when the server closes them', async () => {
+    const answered = new Map<unknown, number>()
+    const order: unknown[] = []
+    const server = createHttpServer((request, response) => {
+      request.resume()
+      request.once('end', () => {
+        const count = (answered.get(request.socket) ?? 0) + 1
+        answered.set(request.socket, count)
+        order.push(request.socket)
+        // The 40th answer on a connection closes it.
+        response.writeHead(200, { 'content-length': '2', ...(count === 40 ? { connection: 'close' } : {}) }).end('{}')
+      })
+    })
+
+    const run = await runOpenLoad('http', await listening(server), { ORIGIN_HMAC_KEY_ID: hmac.keyId, ORIGIN_HMAC_SECRET: hmac.secret })
+
+    // In turn: the first 8 requests went out on 8 different connections, though each was answered at once.
+    expect(new Set(order.slice(0, 8)).size).toBe(8)
+    // 8 connections × 40 answers (200 of them in the warm-up): then all were closed, and the rest was skipped.
+    expect([...answered.values()]).toEqual(Array(8).fill(40))
+    expect(run.stderr).toContain('the server closed 8 of 8 connections')
+    expect(run.failed).toBe(0)
+    expect(run.ok).toBeGreaterThan(0)
+    expect(run.skipped).toBeGreaterThan(0)
+    expect(run.ok + run.skipped).toBe(run.offered)
   })
 
   it('frames: sends SIGN frames for the given keys and reads the enclave time from each answer', async () => {
