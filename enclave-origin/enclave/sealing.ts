@@ -58,10 +58,20 @@ export function unsealPrivateKey({ sealed, dek, keyId, version }: UnsealPrivateK
     throw new SealingError(`sealed key ${keyId} v${version} did not open: wrong DEK, key id or version, or altered bytes`)
   }
   // Copy out of Node's buffer (possibly a slice of a shared pool) into memory only the caller holds.
-  const privateKey = new Uint8Array(secretLength)
+  const privateKey = secretBytes(secretLength)
   privateKey.set(opened)
   zero(opened)
   return privateKey
+}
+
+/**
+ * Zeroed bytes for a secret, off the V8 heap. A typed array of 64 bytes or
+ * fewer made on its own (`new Uint8Array(32)`) lives on the heap, where the
+ * garbage collector moves it and a native call copies it out, each time
+ * leaving a copy of the secret that `zero` cannot reach.
+ */
+export function secretBytes(length: number): Uint8Array {
+  return new Uint8Array(new ArrayBuffer(length))
 }
 
 /** Overwrites a buffer that held secret bytes, so dropping it leaves nothing behind. */

@@ -27,7 +27,7 @@ import type { KeyCache } from './keyCache.js'
 import { memoryFigures } from './memory.js'
 import { secp256k1 } from './nativeSecp256k1.js'
 import { loadPreloadFile, PreloadedKeys, PreloadError } from './preload.js'
-import { zero } from './sealing.js'
+import { secretBytes, zero } from './sealing.js'
 
 type Answer = { status: Status; payload: Uint8Array }
 
@@ -172,7 +172,7 @@ export class EnclaveService {
 function generatePrivateKey(): Uint8Array {
   for (;;) {
     // Filled in place: a Buffer from randomBytes() may sit in Node's shared pool, where it could not be zeroed alone.
-    const candidate = randomFillSync(new Uint8Array(32))
+    const candidate = randomFillSync(secretBytes(32))
     if (secp256k1.privateKeyVerify(candidate)) return candidate
     zero(candidate)
   }
