@@ -36,7 +36,9 @@
  * enclave-origin/protocol/requestSigning.ts describes, with the key id and
  * secret from ORIGIN_HMAC_KEY_ID and ORIGIN_HMAC_SECRET. A 200 is a success,
  * a 503 is NEEDS_UNLOCK. Phases: client, rpc, parent (total - rpc) and
- * enclave, from the answer's Server-Timing.
+ * enclave, from the answer's Server-Timing. Connections are taken oldest
+ * first; one the server closes or resets is dropped (a request out on it
+ * counts as failed) and the run goes on with the others.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -402,18 +404,65 @@ static void readFrameAnswers(Connection *c, Slot *slots, double arrived, Results
   c->inLength -= at;
 }
 
-static void flush(Connection *c) {
+/* Writes what the connection has queued, as far as the socket takes it; -1 if the server has reset it. */
+static int flush(Connection *c) {
   size_t written = 0;
   while (written < c->outLength) {
     ssize_t n = send(c->fd, c->out + written, c->outLength - written, MSG_NOSIGNAL);
     if (n < 0) {
       if (errno == EAGAIN || errno == EINTR) break;
+      if (errno == EPIPE || errno == ECONNRESET) return -1;
       die("write");
     }
     written += (size_t)n;
   }
   memmove(c->out, c->out + written, c->outLength - written);
   c->outLength -= written;
+  return 0;
+}
+
+/* http mode: the connections with no request out, oldest first, as a ring. */
+typedef struct {
+  int *at;
+  int head;
+  int count;
+  int capacity;
+} Ring;
+
+static void ringPush(Ring *ring, int at) { ring->at[(ring->head + ring->count++) % ring->capacity] = at; }
+
+static int ringPop(Ring *ring) {
+  int at = ring->at[ring->head];
+  ring->head = (ring->head + 1) % ring->capacity;
+  ring->count--;
+  return at;
+}
+
+static void ringRemove(Ring *ring, int at) {
+  int kept = 0;
+  for (int i = 0; i < ring->count; i++) {
+    int other = ring->at[(ring->head + i) % ring->capacity];
+    if (other != at) ring->at[(ring->head + kept++) % ring->capacity] = other;
+  }
+  ring->count = kept;
+}
+
+/*
+ * http mode: the server closed or reset connection `at`. It carries nothing
+ * more; a request out on it has failed, and an idle one leaves the ring.
+ */
+static void dropConnection(Connection *c, int at, int epoll, Slot *slot, Ring *idle, Results *results, long *inFlight) {
+  c->closed = 1;
+  c->outLength = 0;
+  epoll_ctl(epoll, EPOLL_CTL_DEL, c->fd, NULL);
+  close(c->fd);
+  if (slot->live) {
+    slot->live = 0;
+    (*inFlight)--;
+    if (slot->recorded) results->failed++;
+  } else {
+    ringRemove(idle, at);
+  }
 }
 
 /* Sorts a phase's successful samples (NaN left out) and prints its quantiles. */
@@ -484,13 +533,8 @@ int main(int argc, char **argv) {
   int epoll = epoll_create1(0);
   if (epoll < 0) die("epoll_create1");
   Connection *connections = calloc((size_t)connectionCount, sizeof *connections);
-  /*
-   * http mode: the connections with no request out, oldest first, so that
-   * every connection carries requests (none sits idle into the server's
-   * keep-alive timeout), as a ring.
-   */
-  int *idle = malloc((size_t)connectionCount * sizeof *idle);
-  int idleHead = 0, idleCount = 0, closedCount = 0;
+  /* Oldest first, so that every connection carries requests: none sits idle into the server's keep-alive timeout. */
+  Ring idle = {.at = malloc((size_t)connectionCount * sizeof(int)), .capacity = connectionCount};
   size_t bufferBytes = requests.http ? 64 * 1024 : BUFFER_BYTES;
   for (int i = 0; i < connectionCount; i++) {
     Connection *c = &connections[i];
@@ -506,9 +550,8 @@ int main(int argc, char **argv) {
     c->in = malloc(bufferBytes);
     struct epoll_event event = {.events = EPOLLIN, .data.u32 = (uint32_t)i};
     if (epoll_ctl(epoll, EPOLL_CTL_ADD, c->fd, &event) < 0) die("epoll_ctl");
-    idle[idleCount++] = i;
+    ringPush(&idle, i);
   }
-#define PUSH_IDLE(at) (idle[(idleHead + idleCount++) % connectionCount] = (at))
 
   Slot *slots = calloc(requests.http ? (size_t)connectionCount : SLOTS, sizeof *slots);
   Results results = {.capacity = (size_t)(rate * seconds * 1.1) + 1024};
@@ -540,16 +583,14 @@ int main(int argc, char **argv) {
         double scheduledMs = started + sent / rate * 1e3;
         int recorded = scheduledMs >= recordFrom;
         if (recorded) sentRecorded++;
-        if (inFlight >= maxInFlight || (requests.http && idleCount == 0)) {
+        if (inFlight >= maxInFlight || (requests.http && idle.count == 0)) {
           if (recorded) skipped++;
           continue;
         }
         size_t key = nextRandom() % keyCount;
         Slot *slot;
         if (requests.http) {
-          int at = idle[idleHead];
-          idleHead = (idleHead + 1) % connectionCount;
-          idleCount--;
+          int at = ringPop(&idle);
           Connection *c = &connections[at];
           c->outLength += writeHttpRequest(&requests, c->out + c->outLength, keys[key], keyLengths[key]);
           slot = &slots[at];
@@ -570,7 +611,12 @@ int main(int argc, char **argv) {
         inFlight++;
       }
     }
-    for (int i = 0; i < connectionCount; i++) if (!connections[i].closed && connections[i].outLength > 0) flush(&connections[i]);
+    for (int i = 0; i < connectionCount; i++) {
+      Connection *c = &connections[i];
+      if (c->closed || c->outLength == 0 || flush(c) == 0) continue;
+      if (!requests.http) die("write");
+      dropConnection(c, i, epoll, &slots[i], &idle, &results, &inFlight);
+    }
 
     /* Sleep until the next request is due, at least MIN_WAIT_MS, or until an answer comes. */
     double nextDueMs = started + (sent + 1) / rate * 1e3;
@@ -587,40 +633,22 @@ int main(int argc, char **argv) {
       int at = (int)events[e].data.u32;
       Connection *c = &connections[at];
       for (;;) {
+        if (c->closed) break;
         ssize_t n = read(c->fd, c->in + c->inLength, bufferBytes - c->inLength);
-        if (n < 0) {
-          if (errno == EAGAIN || errno == EINTR) break;
-          die("read");
-        }
-        if (n == 0) {
-          /* Closed by the server: a request out on it has failed, and in frames mode so has the run. */
+        if (n < 0 && (errno == EAGAIN || errno == EINTR)) break;
+        if (n < 0 && errno != ECONNRESET) die("read");
+        if (n <= 0) {
+          /* Closed or reset by the server: in frames mode the run cannot go on. */
           if (!requests.http) {
             fprintf(stderr, "openLoad: the server closed a connection\n");
             return 1;
           }
-          closedCount++;
-          c->closed = 1;
-          epoll_ctl(epoll, EPOLL_CTL_DEL, c->fd, NULL);
-          close(c->fd);
-          Slot *slot = &slots[at];
-          if (slot->live) {
-            slot->live = 0;
-            inFlight--;
-            if (slot->recorded) results.failed++;
-          } else {
-            /* Idle: take it out of the ring. */
-            int kept = 0;
-            for (int i = 0; i < idleCount; i++) {
-              int other = idle[(idleHead + i) % connectionCount];
-              if (other != at) idle[(idleHead + kept++) % connectionCount] = other;
-            }
-            idleCount = kept;
-          }
+          dropConnection(c, at, epoll, &slots[at], &idle, &results, &inFlight);
           break;
         }
         c->inLength += (size_t)n;
         if (requests.http) {
-          if (readHttpAnswer(c, &slots[at], arrived, &results, &inFlight)) PUSH_IDLE(at);
+          if (readHttpAnswer(c, &slots[at], arrived, &results, &inFlight)) ringPush(&idle, at);
         } else {
           readFrameAnswers(c, slots, arrived, &results, &inFlight);
         }
@@ -631,6 +659,8 @@ int main(int argc, char **argv) {
   /* Recorded requests whose answers never came within the drain. */
   size_t slotCount = requests.http ? (size_t)connectionCount : SLOTS;
   for (size_t i = 0; i < slotCount; i++) if (slots[i].live && slots[i].recorded) results.failed++;
+  int closedCount = 0;
+  for (int i = 0; i < connectionCount; i++) closedCount += connections[i].closed;
   if (closedCount > 0) fprintf(stderr, "openLoad: the server closed %d of %d connections\n", closedCount, connectionCount);
   printf("{\"offered\":%ld,\"ok\":%zu,\"failed\":%ld,\"needsUnlock\":%ld,\"skipped\":%ld,\"seconds\":%.3f,\"cpuMs\":%.1f,\"latencyMs\":{",
          sentRecorded, results.count, results.failed, results.needsUnlock, skipped, (sendUntil - recordFrom) / 1e3, cpuAtEndMs - cpuAtRecordMs);

@@ -140,6 +140,27 @@ describe.skipIf(!haveCc)('openLoad, the native load generator', () => {
     expect(run.ok + run.skipped).toBe(run.offered)
   })
 
+  it('http: counts a request whose connection the server resets as failed, and goes on with the others', async () => {
+    const seen = new Map<unknown, number>()
+    const server = createHttpServer((request, response) => {
+      request.resume()
+      request.once('end', () => {
+        const count = (seen.get(request.socket) ?? 0) + 1
+        seen.set(request.socket, count)
+        // The 30th request on a connection gets no answer: a TCP reset. With 8 connections in turn, those are requests 233-240, after the warm-up's 200.
+        if (count === 30) request.socket.resetAndDestroy()
+        else response.writeHead(200, { 'content-length': '2' }).end('{}')
+      })
+    })
+
+    const run = await runOpenLoad('http', await listening(server), { ORIGIN_HMAC_KEY_ID: hmac.keyId, ORIGIN_HMAC_SECRET: hmac.secret })
+
+    expect(run.failed).toBe(8)
+    expect(run.stderr).toContain('the server closed 8 of 8 connections')
+    expect(run.ok).toBe(32)
+    expect(run.ok + run.failed + run.skipped).toBe(run.offered)
+  })
+
   it('frames: sends SIGN frames for the given keys and reads the enclave time from each answer', async () => {
     const keysSeen = new Set<string>()
     const server = createTcpServer((socket) => {
