@@ -18,7 +18,7 @@
 const slabBytes = 64 * 1024
 
 /** Every slot of one length: the slabs, which slots are live, and the free ones (index = slab × slotsPerSlab + slot). */
-type SizeClass = { slotsPerSlab: number; slabs: Uint8Array[]; slabIndex: Map<ArrayBufferLike, number>; live: Uint8Array[]; free: number[]; used: number }
+type SizeClass = { slotsPerSlab: number; slabs: Uint8Array[]; slabIndex: Map<ArrayBufferLike, number>; live: Uint8Array[]; free: number[] }
 
 export type ByteSlabsStats = { views: number; slabs: number; bytes: number }
 
@@ -38,7 +38,6 @@ export class ByteSlabs {
       sizeClass.live.push(new Uint8Array(sizeClass.slotsPerSlab))
       for (let slot = sizeClass.slotsPerSlab - 1; slot > 0; slot--) sizeClass.free.push(index + slot)
     }
-    sizeClass.used += 1
     const slabAt = Math.floor(index / sizeClass.slotsPerSlab)
     const slot = index % sizeClass.slotsPerSlab
     sizeClass.live[slabAt]![slot] = 1
@@ -62,7 +61,6 @@ export class ByteSlabs {
     view.fill(0)
     sizeClass.live[slabAt]![slot] = 0
     sizeClass.free.push(slabAt * sizeClass.slotsPerSlab + slot)
-    sizeClass.used -= 1
   }
 
   /** Zeroes every slab and forgets them all; views handed out before now point at zeros. */
@@ -76,7 +74,7 @@ export class ByteSlabs {
     let slabs = 0
     let bytes = 0
     for (const sizeClass of this.classes.values()) {
-      views += sizeClass.used
+      views += sizeClass.slabs.length * sizeClass.slotsPerSlab - sizeClass.free.length
       slabs += sizeClass.slabs.length
       for (const slab of sizeClass.slabs) bytes += slab.length
     }
@@ -85,7 +83,7 @@ export class ByteSlabs {
 
   private sizeClass(length: number): SizeClass {
     let sizeClass = this.classes.get(length)
-    if (!sizeClass) this.classes.set(length, (sizeClass = { slotsPerSlab: Math.max(1, Math.floor(slabBytes / length)), slabs: [], slabIndex: new Map(), live: [], free: [], used: 0 }))
+    if (!sizeClass) this.classes.set(length, (sizeClass = { slotsPerSlab: Math.max(1, Math.floor(slabBytes / length)), slabs: [], slabIndex: new Map(), live: [], free: [] }))
     return sizeClass
   }
 }

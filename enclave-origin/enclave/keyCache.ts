@@ -177,26 +177,17 @@ export class KeyCache {
    * same version as the one held keeps its plaintext (a re-sync from the parent
    * is not a reason to go cold); any other replacement drops it.
    */
-  load(record: SealedKeyRecord): SealedKeyRecord {
-    const held = this.entries.get(record.keyId)
-    if (held && sealsSameKey(held.record, record)) {
-      held.record = { ...held.record, state: record.state }
-      if (record.state !== 'active') this.dropPlaintext(held)
-      return held.record
-    }
-    if (held) this.drop(held)
-    const entry = coolEntry({ ...record, publicKey: this.bytes.copy(record.publicKey), sealed: this.bytes.copy(record.sealed) })
-    this.entries.set(record.keyId, entry)
-    return entry.record
+  load(record: SealedKeyRecord): void {
+    this.loadEntry(record)
   }
 
   /** A key just generated inside the enclave: WARM at once, no unseal needed. Copies `privateKey` and zeroes it. Returns the record as held. */
   addWarm({ record, privateKey }: { record: SealedKeyRecord; privateKey: Uint8Array }): SealedKeyRecord {
     if (privateKey.length !== 32) throw new RangeError(`private key must be 32 bytes, got ${privateKey.length}`)
-    const held = this.load(record)
-    if (record.state === 'active') this.installPlaintext(this.entries.get(record.keyId)!, privateKey, this.now())
+    const entry = this.loadEntry(record)
+    if (record.state === 'active') this.installPlaintext(entry, privateKey, this.now())
     zero(privateKey)
-    return held
+    return entry.record
   }
 
   /**
@@ -475,6 +466,20 @@ export class KeyCache {
     if (!entry.plaintext) return
     this.bytes.release(entry.plaintext)
     entry.plaintext = undefined
+  }
+
+  /** `load`, returning the key's entry: the record's bytes copied into the slabs, unless it seals what is held already. */
+  private loadEntry(record: SealedKeyRecord): KeyEntry {
+    const held = this.entries.get(record.keyId)
+    if (held && sealsSameKey(held.record, record)) {
+      held.record = { ...held.record, state: record.state }
+      if (record.state !== 'active') this.dropPlaintext(held)
+      return held
+    }
+    if (held) this.drop(held)
+    const entry = coolEntry({ ...record, publicKey: this.bytes.copy(record.publicKey), sealed: this.bytes.copy(record.sealed) })
+    this.entries.set(record.keyId, entry)
+    return entry
   }
 
   /** A key leaving the cache (its record replaced): its plaintext and its record's bytes. */

@@ -502,8 +502,6 @@ int main(int argc, char **argv) {
     }
     requests.hmacSecret = (const unsigned char *)secret;
     requests.hmacSecretLength = strlen(secret);
-    /* One request at a time per connection. */
-    if (maxInFlight > connectionCount) maxInFlight = connectionCount;
   }
 
   size_t keyCapacity = 1024, keyCount = 0;

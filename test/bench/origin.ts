@@ -168,10 +168,17 @@ function summarise(samples: SampleLog, elapsedMs: number, skipped = 0) {
   }
 }
 
+type EnclaveStats = { cache?: { inlineRefreshMs?: { count: number; buckets: number[] } }; memory?: { heapUsedBytes: number; residentBytes: number } }
+
+/** The enclave's HEALTH figures, through the parent's /healthz. */
+async function enclaveStats(origin: Origin): Promise<EnclaveStats | undefined> {
+  const health = (await (await fetch(`${origin.url}/healthz`)).json()) as { enclaves: Array<{ stats?: EnclaveStats }> }
+  return health.enclaves[0]?.stats
+}
+
 /** The rehydrate (inline refresh) p95 from the enclave's histogram, as a bucket upper bound. */
 async function rehydrateP95(origin: Origin): Promise<string> {
-  const health = (await (await fetch(`${origin.url}/healthz`)).json()) as { enclaves: Array<{ stats?: { cache?: { inlineRefreshMs?: { count: number; buckets: number[] } } } }> }
-  const histogram = health.enclaves[0]?.stats?.cache?.inlineRefreshMs
+  const histogram = (await enclaveStats(origin))?.cache?.inlineRefreshMs
   if (!histogram || histogram.count === 0) return 'n/a'
   let seen = 0
   for (const [index, count] of histogram.buckets.entries()) {
@@ -183,8 +190,7 @@ async function rehydrateP95(origin: Origin): Promise<string> {
 
 /** The enclave's memory (HEALTH's figures) in MB. */
 async function enclaveMemoryMb(origin: Origin): Promise<{ heap: number; resident: number }> {
-  const health = (await (await fetch(`${origin.url}/healthz`)).json()) as { enclaves: Array<{ stats?: { memory?: { heapUsedBytes: number; residentBytes: number } } }> }
-  const memory = health.enclaves[0]?.stats?.memory
+  const memory = (await enclaveStats(origin))?.memory
   const mb = (bytes: number | undefined) => Number(((bytes ?? NaN) / 1_048_576).toFixed(1))
   return { heap: mb(memory?.heapUsedBytes), resident: mb(memory?.residentBytes) }
 }

@@ -1,6 +1,6 @@
 import { spawn, spawnSync } from 'node:child_process'
 import { mkdtempSync, rmSync } from 'node:fs'
-import { createServer as createHttpServer, type IncomingMessage } from 'node:http'
+import { createServer as createHttpServer, type IncomingMessage, type ServerResponse } from 'node:http'
 import { createServer as createTcpServer, type AddressInfo, type Server } from 'node:net'
 import os from 'node:os'
 import path from 'node:path'
@@ -82,6 +82,22 @@ async function verifyingServer() {
   return { port: await listening(server), seen }
 }
 
+/** An HTTP server that hands each request to `answer` with its number on its connection (1, 2, …), and records which connection each came on. */
+async function perConnectionServer(answer: (count: number, request: IncomingMessage, response: ServerResponse) => void) {
+  const answered = new Map<unknown, number>()
+  const order: unknown[] = []
+  const server = createHttpServer((request, response) => {
+    request.resume()
+    request.once('end', () => {
+      const count = (answered.get(request.socket) ?? 0) + 1
+      answered.set(request.socket, count)
+      order.push(request.socket)
+      answer(count, request, response)
+    })
+  })
+  return { port: await listening(server), answered, order }
+}
+
 describe.skipIf(!haveCc)('openLoad, the native load generator', () => {
   it('http: signs requests the parent verifies, and reports the phases from Server-Timing', async () => {
     const { port, seen } = await verifyingServer()
@@ -114,20 +130,12 @@ describe.skipIf(!haveCc)('openLoad, the native load generator', () => {
   })
 
   it('http: uses every connection in turn, and carries on when the server closes them', async () => {
-    const answered = new Map<unknown, number>()
-    const order: unknown[] = []
-    const server = createHttpServer((request, response) => {
-      request.resume()
-      request.once('end', () => {
-        const count = (answered.get(request.socket) ?? 0) + 1
-        answered.set(request.socket, count)
-        order.push(request.socket)
-        // The 40th answer on a connection closes it.
-        response.writeHead(200, { 'content-length': '2', ...(count === 40 ? { connection: 'close' } : {}) }).end('{}')
-      })
-    })
+    // The 40th answer on a connection closes it.
+    const { port, answered, order } = await perConnectionServer((count, _request, response) =>
+      response.writeHead(200, { 'content-length': '2', ...(count === 40 ? { connection: 'close' } : {}) }).end('{}'),
+    )
 
-    const run = await runOpenLoad('http', await listening(server), { ORIGIN_HMAC_KEY_ID: hmac.keyId, ORIGIN_HMAC_SECRET: hmac.secret })
+    const run = await runOpenLoad('http', port, { ORIGIN_HMAC_KEY_ID: hmac.keyId, ORIGIN_HMAC_SECRET: hmac.secret })
 
     // In turn: the first 8 requests went out on 8 different connections, though each was answered at once.
     expect(new Set(order.slice(0, 8)).size).toBe(8)
@@ -141,19 +149,13 @@ describe.skipIf(!haveCc)('openLoad, the native load generator', () => {
   })
 
   it('http: counts a request whose connection the server resets as failed, and goes on with the others', async () => {
-    const seen = new Map<unknown, number>()
-    const server = createHttpServer((request, response) => {
-      request.resume()
-      request.once('end', () => {
-        const count = (seen.get(request.socket) ?? 0) + 1
-        seen.set(request.socket, count)
-        // The 30th request on a connection gets no answer: a TCP reset. With 8 connections in turn, those are requests 233-240, after the warm-up's 200.
-        if (count === 30) request.socket.resetAndDestroy()
-        else response.writeHead(200, { 'content-length': '2' }).end('{}')
-      })
+    // The 30th request on a connection gets no answer: a TCP reset. With 8 connections in turn, those are requests 233-240, after the warm-up's 200.
+    const { port } = await perConnectionServer((count, request, response) => {
+      if (count === 30) request.socket.resetAndDestroy()
+      else response.writeHead(200, { 'content-length': '2' }).end('{}')
     })
 
-    const run = await runOpenLoad('http', await listening(server), { ORIGIN_HMAC_KEY_ID: hmac.keyId, ORIGIN_HMAC_SECRET: hmac.secret })
+    const run = await runOpenLoad('http', port, { ORIGIN_HMAC_KEY_ID: hmac.keyId, ORIGIN_HMAC_SECRET: hmac.secret })
 
     expect(run.failed).toBe(8)
     expect(run.stderr).toContain('the server closed 8 of 8 connections')
