@@ -1,15 +1,17 @@
 import { KMSClient } from '@aws-sdk/client-kms'
-import { integerSetting, listenAddress, logLine, setting } from '../config.js'
+import { choiceSetting, integerSetting, listenAddress, logLine, setting } from '../config.js'
 import { keepRequestObjectsYoung } from '../heapTuning.js'
 import { developmentAttestation, KmsDataKeys } from './dataKey.js'
 import { SignEngine } from './engine.js'
 import { KeyCache } from './keyCache.js'
 import { memoryWatch } from './memory.js'
+import { openNitroAttestation } from './nitroAttestation.js'
 import { EnclaveService, serveEnclave } from './server.js'
-import { checkStartup, type EnclaveProfile } from './startupChecks.js'
+import { checkStartup } from './startupChecks.js'
 
 /**
  * The enclave process. Settings: ORIGIN_PROFILE (development|production),
+ * ENCLAVE_ATTESTATION (nitro|none; production's default is nitro, development's none),
  * ENCLAVE_LISTEN (vsock:CID:PORT in an enclave, host:port, or a socket path), KMS_KEY_ID, KMS_REGION,
  * KMS_ENDPOINT (optional), AWS credentials from the usual AWS_* variables,
  * ENGINE_THREADS, ENGINE_BATCHING (1|0), ENGINE_INLINE_PER_TURN, GRACE_SIGNATURES, and PRELOAD_FILE for
@@ -18,15 +20,18 @@ import { checkStartup, type EnclaveProfile } from './startupChecks.js'
  */
 export async function runEnclave(): Promise<() => Promise<void>> {
   keepRequestObjectsYoung()
-  const profile = setting('ORIGIN_PROFILE', 'development') as EnclaveProfile
-  await checkStartup({ profile, attestation: developmentAttestation, warn: (message) => logLine({ level: 'warn', event: 'startup', message }) })
+  const profile = choiceSetting('ORIGIN_PROFILE', ['development', 'production'], 'development')
+  const nitro = choiceSetting('ENCLAVE_ATTESTATION', ['nitro', 'none'], profile === 'production' ? 'nitro' : 'none') === 'nitro' ? openNitroAttestation() : undefined
+  const attestation = nitro ?? developmentAttestation
+  await checkStartup({ profile, attestation, warn: (message) => logLine({ level: 'warn', event: 'startup', message }) })
+  if (nitro) logLine({ event: 'nitro_attestation', module: nitro.module })
   const kmsKeyId = setting('KMS_KEY_ID')
   const client = new KMSClient({
     region: setting('KMS_REGION', 'us-east-1'),
     endpoint: process.env.KMS_ENDPOINT || undefined,
     credentials: { accessKeyId: setting('AWS_ACCESS_KEY_ID'), secretAccessKey: setting('AWS_SECRET_ACCESS_KEY') },
   })
-  const dataKeys = new KmsDataKeys({ client, kmsKeyId, attestation: developmentAttestation })
+  const dataKeys = new KmsDataKeys({ client, kmsKeyId, attestation })
   const engine = new SignEngine({
     // Unset: the engine's own default, one thread per core.
     threads: process.env.ENGINE_THREADS ? integerSetting('ENGINE_THREADS', { min: 1, max: 256 }) : undefined,
@@ -62,5 +67,6 @@ export async function runEnclave(): Promise<() => Promise<void>> {
     await engine.stop()
     cache.clear()
     service.clear()
+    nitro?.close()
   }
 }

@@ -19,7 +19,8 @@ export async function checkStartup(options: {
 }): Promise<void> {
   const readRng = options.readRng ?? (() => readFile(rngCurrentPath, 'utf8'))
   if (options.profile === 'development') {
-    options.warn('development enclave: RNG self-check skipped and no attestation; keys are NOT protected as in a Nitro Enclave')
+    const attested = options.attestation.kind === 'nitro' ? 'data keys bound to Nitro attestation' : 'no attestation'
+    options.warn(`development enclave: RNG self-check skipped and ${attested}; keys are NOT protected as in a production Nitro Enclave`)
     return
   }
   const rng = (await readRng().catch(() => 'unreadable')).trim()

@@ -47,9 +47,9 @@
  *   only) but supported way to reach the `Pipe` handle.
  */
 import { readdirSync, readlinkSync } from 'node:fs'
-import { createRequire } from 'node:module'
 import { Socket, type SocketConstructorOpts } from 'node:net'
 import { messageOf } from '../errors.js'
+import { requireAddon } from '../nativeAddon.js'
 
 /** Any address (listen side). */
 export const VMADDR_CID_ANY = 0xffffffff
@@ -121,24 +121,16 @@ interface PipeWrap {
   constants: { SOCKET: number }
 }
 
-const require = createRequire(import.meta.url)
 const ADDON_PACKAGE = 'node-vsock-linux-x64-gnu'
 
 let addon: Addon | undefined
 let pipeWrap: PipeWrap | undefined
 
 function loadAddon(): Addon {
-  if (!addon) {
-    try {
-      // The package's `main` is the .node file itself.
-      addon = require(ADDON_PACKAGE) as Addon
-    } catch (error) {
-      throw new VsockError(`vsock is unavailable: cannot load ${ADDON_PACKAGE} (${(error as Error).message})`, 'ENOTSUP')
-    }
-    if (typeof addon.VsockSocket !== 'function') {
-      addon = undefined
-      throw new VsockError(`vsock is unavailable: ${ADDON_PACKAGE} has no VsockSocket export`, 'ENOTSUP')
-    }
+  try {
+    addon ??= requireAddon<Addon>(ADDON_PACKAGE, ['VsockSocket'])
+  } catch (error) {
+    throw new VsockError(`vsock is unavailable: ${messageOf(error)}`, 'ENOTSUP')
   }
   return addon
 }

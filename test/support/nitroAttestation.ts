@@ -4,7 +4,7 @@ import { mkdtempSync, readFileSync, rmSync } from 'node:fs'
 import os from 'node:os'
 import path from 'node:path'
 import { encode } from 'cborg'
-import type { AttestationProvider } from '../../enclave-origin/enclave/dataKey.js'
+import { openNitroAttestation, type NitroAttestation, type NsmDevice } from '../../enclave-origin/enclave/nitroAttestation.js'
 
 /**
  * A stand-in for the Nitro Secure Module, for tests only: attestation
@@ -13,14 +13,22 @@ import type { AttestationProvider } from '../../enclave-origin/enclave/dataKey.j
  * user_data, nonce), signed by a P-384 leaf certificate that chains to a root
  * CA made with openssl at test time. The local KMS trusts that root as AWS KMS
  * trusts the AWS Nitro root, so the enclave's recipient-bound Decrypt runs
- * with real cryptography end to end. It proves nothing about a real enclave.
+ * with real cryptography end to end. It answers the calls of the NSM addon
+ * (`NsmDevice`) that the enclave's Nitro provider makes on /dev/nsm, so that
+ * provider runs as it would in an enclave. It proves nothing about a real
+ * enclave.
  */
 export type TestNsm = {
   /** The root CA certificate (PEM) a KMS must trust to accept these documents. */
   rootPem: string
   /** This "enclave image" measurement. */
   pcr0: Uint8Array
-  provider: AttestationProvider
+  /** The NSM addon's calls, answered by this stand-in (for `openNitroAttestation`). */
+  device: NsmDevice
+  /** `openNitroAttestation` over `device`: the provider the enclave uses, on this stand-in. */
+  provider: NitroAttestation
+  /** Descriptors opened on `device` and not closed. */
+  openDescriptors(): number
   close(): void
 }
 
@@ -38,27 +46,59 @@ export function startTestNsm(): TestNsm {
   const root = der('root.crt')
   const pcr0 = new Uint8Array(randomBytes(48))
 
-  const provider: AttestationProvider = {
-    kind: 'nitro',
-    async attestationDocument({ publicKey }) {
-      const payload = encode(
-        new Map<string, unknown>([
-          ['module_id', 'i-test-enc0123456789'],
-          ['digest', 'SHA384'],
-          ['timestamp', Date.now()],
-          ['pcrs', new Map([[0, pcr0], [1, new Uint8Array(48)], [2, new Uint8Array(48)]])],
-          ['certificate', certificate],
-          ['cabundle', [root]],
-          ['public_key', publicKey],
-          ['user_data', null],
-          ['nonce', null],
-        ]),
-      )
-      const protectedHeader = encode(new Map([[1, -35]])) // alg: ES384
-      const toBeSigned = encode(['Signature1', protectedHeader, new Uint8Array(0), payload])
-      const signature = sign('sha384', toBeSigned, { key: leafKey, dsaEncoding: 'ieee-p1363' })
-      return encode([protectedHeader, new Map(), payload, signature])
+  const moduleId = 'i-test-enc0123456789'
+  const document = (userData: Uint8Array | null, nonce: Uint8Array | null, publicKey: Uint8Array | null) => {
+    const payload = encode(
+      new Map<string, unknown>([
+        ['module_id', moduleId],
+        ['digest', 'SHA384'],
+        ['timestamp', Date.now()],
+        ['pcrs', new Map([[0, pcr0], [1, new Uint8Array(48)], [2, new Uint8Array(48)]])],
+        ['certificate', certificate],
+        ['cabundle', [root]],
+        ['public_key', publicKey],
+        ['user_data', userData],
+        ['nonce', nonce],
+      ]),
+    )
+    const protectedHeader = encode(new Map([[1, -35]])) // alg: ES384
+    const toBeSigned = encode(['Signature1', protectedHeader, new Uint8Array(0), payload])
+    const signature = sign('sha384', toBeSigned, { key: leafKey, dsaEncoding: 'ieee-p1363' })
+    return encode([protectedHeader, new Map(), payload, signature])
+  }
+
+  // The addon's calls as the NSM answers them: descriptors it did not open, and fields past their limits, are errors named by the NSM's code.
+  const openFds = new Set<number>()
+  let nextFd = 40
+  const fdOpen = (fd: number) => {
+    if (!openFds.has(fd)) throw new Error('InternalError')
+  }
+  const device: NsmDevice = {
+    open: () => {
+      openFds.add(nextFd)
+      return nextFd++
+    },
+    close: (fd) => void openFds.delete(fd),
+    getDescription: (fd) => {
+      fdOpen(fd)
+      return { moduleId, digest: 'SHA384', versionMajor: 1, versionMinor: 0, versionPatch: 0 }
+    },
+    getAttestationDoc: (fd, userData, nonce, publicKey) => {
+      fdOpen(fd)
+      if ((userData?.length ?? 0) > 512 || (nonce?.length ?? 0) > 512 || (publicKey?.length ?? 0) > 1024) throw new Error('InputTooLarge')
+      return Buffer.from(document(userData, nonce, publicKey))
     },
   }
-  return { rootPem, pcr0, provider, close: () => rmSync(dir, { recursive: true, force: true }) }
+  const provider = openNitroAttestation(device)
+  return {
+    rootPem,
+    pcr0,
+    device,
+    provider,
+    openDescriptors: () => openFds.size,
+    close: () => {
+      provider.close()
+      rmSync(dir, { recursive: true, force: true })
+    },
+  }
 }

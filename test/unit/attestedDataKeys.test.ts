@@ -1,8 +1,11 @@
 import { generateKeyPairSync } from 'node:crypto'
+import { existsSync } from 'node:fs'
 import { DecryptCommand, GenerateDataKeyCommand, KMSClient } from '@aws-sdk/client-kms'
+import { decode } from 'cborg'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import { CmsError, openRecipientCiphertext } from '../../enclave-origin/enclave/cms.js'
 import { developmentAttestation, KmsDataKeys, type AttestationProvider } from '../../enclave-origin/enclave/dataKey.js'
+import { openNitroAttestation } from '../../enclave-origin/enclave/nitroAttestation.js'
 import { sealForRecipient } from '../support/cmsEnvelope.js'
 import { startLocalKms, type LocalKms } from '../support/kmsServer.js'
 import { startTestNsm, type TestNsm } from '../support/nitroAttestation.js'
@@ -87,6 +90,44 @@ describe('KmsDataKeys with a Nitro attestation provider', () => {
   it('fails clearly when the provider has no document to give', async () => {
     const empty: AttestationProvider = { kind: 'nitro', attestationDocument: async () => undefined }
     await expect(dataKeys(empty).generate()).rejects.toThrow('the attestation provider returned no document')
+  })
+})
+
+describe('openNitroAttestation', () => {
+  // Outside a Nitro Enclave; inside one, this test would find the NSM.
+  it.skipIf(existsSync('/dev/nsm'))('loads the real NSM addon, finds no /dev/nsm here, and says so', () => {
+    // A missing or broken addon would fail with "cannot load …" instead.
+    expect(() => openNitroAttestation()).toThrow('no Nitro Secure Module: /dev/nsm cannot be opened (this is not a Nitro Enclave, or its nsm driver is not loaded)')
+  })
+
+  it('asks the NSM for a document that binds the recipient key alone, and names the module', async () => {
+    expect(nsm.provider.module).toEqual({ id: 'i-test-enc0123456789', version: '1.0.0' })
+    const publicKey = generateKeyPairSync('rsa', { modulusLength: 2048 }).publicKey.export({ type: 'spki', format: 'der' })
+    const [, , payload] = decode((await nsm.provider.attestationDocument({ publicKey }))!) as [unknown, unknown, Uint8Array]
+    const fields = decode(payload, { useMaps: true }) as Map<string, unknown>
+    expect(Buffer.from(fields.get('public_key') as Uint8Array)).toEqual(publicKey)
+    expect([fields.get('user_data'), fields.get('nonce')]).toEqual([null, null])
+  })
+
+  it('passes on the NSM\u2019s refusal by its code', async () => {
+    await expect(nsm.provider.attestationDocument({ publicKey: new Uint8Array(1025) })).rejects.toThrow('the Nitro Secure Module gave no attestation document: InputTooLarge')
+  })
+
+  it('closes its descriptor once, and gives no document after', async () => {
+    const before = nsm.openDescriptors()
+    const provider = openNitroAttestation(nsm.device)
+    expect(nsm.openDescriptors()).toBe(before + 1)
+    provider.close()
+    provider.close()
+    expect(nsm.openDescriptors()).toBe(before)
+    await expect(provider.attestationDocument({ publicKey: new Uint8Array(32) })).rejects.toThrow('the Nitro attestation provider is closed')
+  })
+
+  it('closes the descriptor again when the module does not describe itself', () => {
+    const before = nsm.openDescriptors()
+    const silent = { ...nsm.device, getDescription: () => { throw new Error('InternalError') } }
+    expect(() => openNitroAttestation(silent)).toThrow('the Nitro Secure Module does not describe itself: InternalError')
+    expect(nsm.openDescriptors()).toBe(before)
   })
 })
 

@@ -1,4 +1,4 @@
-import { execFileSync } from 'node:child_process'
+import { execFileSync, spawnSync } from 'node:child_process'
 import { randomBytes } from 'node:crypto'
 import { rmSync } from 'node:fs'
 import path from 'node:path'
@@ -25,6 +25,17 @@ describe('the enclave origin build', () => {
     const printed = JSON.parse(execFileSync(process.execPath, [path.join(outdir, 'cli.js'), 'preload-identity'], { encoding: 'utf8' })) as { identity: string; recipient: string }
     expect(printed.identity).toMatch(/^AGE-SECRET-KEY-1[0-9A-Z]+$/)
     expect(printed.recipient).toMatch(/^age1[0-9a-z]+$/)
+  })
+
+  it('refuses to start a production enclave without a Nitro Secure Module, and a profile it does not know', () => {
+    const enclave = (env: Record<string, string>) => {
+      const run = spawnSync(process.execPath, [path.join(outdir, 'cli.js'), 'enclave'], { env: { PATH: process.env.PATH, ...env }, encoding: 'utf8', timeout: 30_000 })
+      return { status: run.status, stderr: run.stderr.trim() }
+    }
+    // The real addon, loaded from the built layout, finds no /dev/nsm here.
+    expect(enclave({ ORIGIN_PROFILE: 'production' })).toEqual({ status: 1, stderr: 'no Nitro Secure Module: /dev/nsm cannot be opened (this is not a Nitro Enclave, or its nsm driver is not loaded)' })
+    expect(enclave({ ORIGIN_PROFILE: 'prod' })).toEqual({ status: 1, stderr: 'ORIGIN_PROFILE must be one of development, production, got prod' })
+    expect(enclave({ ENCLAVE_ATTESTATION: 'tpm' })).toEqual({ status: 1, stderr: 'ENCLAVE_ATTESTATION must be one of nitro, none, got tpm' })
   })
 
   it('signs on the engine\u2019s worker thread, whose script it carries next to the engine', async () => {

@@ -1,5 +1,5 @@
 import { afterEach, describe, expect, it } from 'vitest'
-import { integerSetting, listenAddress, redactSecrets } from '../../enclave-origin/config.js'
+import { choiceSetting, integerSetting, listenAddress, redactSecrets } from '../../enclave-origin/config.js'
 import { developmentAttestation, type AttestationProvider } from '../../enclave-origin/enclave/dataKey.js'
 import { checkStartup } from '../../enclave-origin/enclave/startupChecks.js'
 
@@ -40,6 +40,8 @@ describe('enclave start-up checks', () => {
     })
     expect(rngRead).toBe(false)
     expect(warnings).toEqual([expect.stringMatching(/RNG self-check skipped and no attestation/)])
+    await checkStartup({ profile: 'development', attestation: nitro, warn: (line) => warnings.push(line) })
+    expect(warnings[1]).toMatch(/RNG self-check skipped and data keys bound to Nitro attestation/)
   })
 })
 
@@ -47,6 +49,18 @@ describe('origin settings', () => {
   const saved = { ...process.env }
   afterEach(() => {
     process.env = { ...saved }
+  })
+
+  it('takes one of its choices, the fallback when unset, and names the setting and its choices otherwise', () => {
+    const profiles = ['development', 'production'] as const
+    delete process.env.ORIGIN_PROFILE
+    expect(choiceSetting('ORIGIN_PROFILE', profiles, 'development')).toBe('development')
+    process.env.ORIGIN_PROFILE = 'production'
+    expect(choiceSetting('ORIGIN_PROFILE', profiles, 'development')).toBe('production')
+    for (const bad of ['prod', 'Production', ' production']) {
+      process.env.ORIGIN_PROFILE = bad
+      expect(() => choiceSetting('ORIGIN_PROFILE', profiles, 'development')).toThrow(`ORIGIN_PROFILE must be one of development, production, got ${bad}`)
+    }
   })
 
   it('takes whole numbers in range, the fallback when unset, and names the setting otherwise', () => {
