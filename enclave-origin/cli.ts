@@ -5,9 +5,12 @@
  *   origin parent                  start the parent process (settings: parent/main.ts)
  *   origin create-keys --count N   create keys in bulk through the parent, with a progress bar;
  *                                  prints one JSON line {keyId, address} per key
- *   origin unlock [--preload-identity-file F]
+ *   origin unlock [--preload-identity-file F (--nitro-root-file R [--pcr0 HEX] | --allow-unattested)]
  *                                  have every enclave unwrap the data key again (and, in preload
- *                                  mode, load its share file with the age identity in F)
+ *                                  mode, load its share file with the age identity in F, sealed to
+ *                                  each enclave's recipient once its attestation document checks
+ *                                  out against the Nitro root certificate R, and PCR0 if given;
+ *                                  --allow-unattested: development enclaves, no document)
  *   origin preload-identity        a new age identity for a share file: prints {identity, recipient}
  *   origin seal-shares --in F --recipient R --out G
  *                                  age-encrypt a [{account_id, share}] JSON file for preload mode
@@ -15,9 +18,10 @@
  *
  * The client commands use ORIGIN_URL, ORIGIN_HMAC_KEY_ID and ORIGIN_HMAC_SECRET.
  */
+import { X509Certificate } from 'node:crypto'
 import { readFileSync, writeFileSync } from 'node:fs'
 import { setting, wholeNumberIn } from './config.js'
-import { generatePreloadIdentity, sealShareFile, type ShareFileEntry } from './preloadFiles.js'
+import { generatePreloadIdentity, sealPreloadIdentity, sealShareFile, type RecipientTrust, type ShareFileEntry } from './preloadFiles.js'
 import { runEnclave } from './enclave/main.js'
 import { runParent } from './parent/main.js'
 import { signRequest } from './protocol/requestSigning.js'
@@ -78,14 +82,34 @@ const wholeNumberOption = (name: string, fallback: number) => {
   return value
 }
 
+/** `--nitro-root-file R [--pcr0 HEX]`, or `--allow-unattested`: how `unlock` trusts the enclaves' recipients. */
+function recipientTrust(): RecipientTrust {
+  const rootFile = option('nitro-root-file')
+  const pcr0 = option('pcr0')
+  if (args.includes('--allow-unattested')) {
+    if (rootFile || pcr0) throw new Error('--allow-unattested takes neither --nitro-root-file nor --pcr0')
+    return 'unattested'
+  }
+  if (!rootFile) throw new Error('--preload-identity-file needs --nitro-root-file (the AWS Nitro root certificate, PEM) or, for development enclaves, --allow-unattested')
+  if (pcr0 !== undefined && !/^([0-9a-fA-F]{2}){32,64}$/.test(pcr0)) throw new Error('--pcr0 must be the image measurement in hex')
+  return { roots: [new X509Certificate(readFileSync(rootFile))], ...(pcr0 && { pcr0: Buffer.from(pcr0, 'hex') }) }
+}
+
 const commands: Record<string, () => Promise<unknown>> = {
   enclave: () => serve(runEnclave),
   parent: () => serve(runParent),
   'create-keys': async () => createKeys(wholeNumberOption('count', 1), wholeNumberOption('concurrency', 64)),
   unlock: async () => {
     const identityFile = option('preload-identity-file')
-    const preloadIdentity = identityFile ? readFileSync(identityFile, 'utf8').trim() : undefined
-    console.log(JSON.stringify(await call('POST', '/v1/unlock', preloadIdentity ? { preloadIdentity } : undefined)))
+    if (!identityFile) return console.log(JSON.stringify(await call('POST', '/v1/unlock')))
+    const { enclaves } = (await call('GET', '/v1/attestation')) as { enclaves: Array<{ id: string; recipient: string; attestationDocument: string | null }> }
+    const sealed = await sealPreloadIdentity({
+      identity: readFileSync(identityFile, 'utf8').trim(),
+      enclaves: enclaves.map((enclave) => ({ ...enclave, attestationDocument: enclave.attestationDocument === null ? undefined : Buffer.from(enclave.attestationDocument, 'base64') })),
+      trust: recipientTrust(),
+    })
+    const sealedPreloadIdentities = Object.fromEntries([...sealed].map(([id, bytes]) => [id, Buffer.from(bytes).toString('base64')]))
+    console.log(JSON.stringify(await call('POST', '/v1/unlock', { sealedPreloadIdentities })))
   },
   'preload-identity': async () => console.log(JSON.stringify(await generatePreloadIdentity())),
   'seal-shares': async () => {

@@ -1,10 +1,13 @@
 /**
  * Operator tooling for the enclave's preload mode (see enclave/preload.ts):
- * make the age identity the unlock will deliver, and seal the share file for
- * its recipient. Runs on an operator's machine, never in the enclave; the
- * files it writes are interoperable with the `age` CLI.
+ * make the age identity the unlock will deliver, seal the share file for its
+ * recipient, and seal the identity itself to each enclave it goes to. Runs on
+ * an operator's machine, never in the enclave; the files it writes are
+ * interoperable with the `age` CLI.
  */
+import type { X509Certificate } from 'node:crypto'
 import { Encrypter, generateIdentity, identityToRecipient } from 'age-encryption'
+import { AttestationDocumentError, verifyAttestationDocument } from './attestationDocument.js'
 import { parseShareEntries, PreloadedKeys } from './enclave/preload.js'
 import { zero } from './enclave/sealing.js'
 
@@ -37,4 +40,50 @@ export async function sealShareFile(options: { entries: ShareFileEntry[]; recipi
   } finally {
     zero(plaintext)
   }
+}
+
+/** What the parent's GET /v1/attestation reports of one enclave. */
+export type EnclaveAttestation = { id: string; recipient: string; attestationDocument: Uint8Array | undefined }
+
+/**
+ * How to trust an enclave's delivery recipient: its attestation document must
+ * chain to one of `roots` (the AWS Nitro root) and bind that recipient, and,
+ * with `pcr0`, be of that enclave image. `unattested` takes the recipient as
+ * the parent reports it, which a parent could have swapped for its own: for
+ * development enclaves only.
+ */
+export type RecipientTrust = { roots: readonly X509Certificate[]; pcr0?: Uint8Array } | 'unattested'
+
+/**
+ * The preload identity age-encrypted to each enclave's delivery recipient
+ * (what POST /v1/unlock takes), once each recipient is trusted as `trust`
+ * says. Throws naming the enclave and what failed; seals nothing then.
+ */
+export async function sealPreloadIdentity(options: { identity: string; enclaves: readonly EnclaveAttestation[]; trust: RecipientTrust }): Promise<Map<string, Uint8Array>> {
+  for (const enclave of options.enclaves) checkRecipient(enclave, options.trust)
+  const sealed = new Map<string, Uint8Array>()
+  for (const enclave of options.enclaves) {
+    const encrypter = new Encrypter()
+    encrypter.addRecipient(enclave.recipient)
+    sealed.set(enclave.id, await encrypter.encrypt(options.identity))
+  }
+  return sealed
+}
+
+function checkRecipient(enclave: EnclaveAttestation, trust: RecipientTrust): void {
+  const refuse = (why: string) => new Error(`enclave ${enclave.id}: ${why}`)
+  if (!/^age1[02-9ac-hj-np-z]{58}$/.test(enclave.recipient)) throw refuse('its delivery recipient is not an X25519 age recipient')
+  if (trust === 'unattested') return
+  if (!enclave.attestationDocument) throw refuse('no attestation document (a development enclave?); only an unattested unlock can seal to it')
+  let attested
+  try {
+    attested = verifyAttestationDocument(enclave.attestationDocument, trust.roots)
+  } catch (error) {
+    throw error instanceof AttestationDocumentError ? refuse(`the attestation document is not valid: ${error.message}`) : error
+  }
+  if (!attested.publicKey || Buffer.compare(Buffer.from(attested.publicKey), Buffer.from(enclave.recipient)) !== 0) {
+    throw refuse('the attestation document binds another recipient than the one reported')
+  }
+  const pcr0 = attested.pcrs.get(0)
+  if (trust.pcr0 && !(pcr0 && Buffer.from(pcr0).equals(Buffer.from(trust.pcr0)))) throw refuse('the attestation document is of another enclave image (PCR0)')
 }

@@ -46,7 +46,7 @@ export async function runEnclave(): Promise<() => Promise<void>> {
     graceSignatures: integerSetting('GRACE_SIGNATURES', { min: 0, max: 1_000_000, fallback: 0 }),
     audit: (event) => logLine({ level: 'warn', event: 'key_cache_audit', ...event }),
   })
-  service = new EnclaveService({ cache, engine, dataKeys, kmsKeyId, preloadFile: process.env.PRELOAD_FILE || undefined, log: logLine })
+  service = new EnclaveService({ cache, engine, dataKeys, kmsKeyId, attestation, preloadFile: process.env.PRELOAD_FILE || undefined, log: logLine })
   const memory = memoryWatch({ log: logLine })
   // A sweep step over at most 5,000 keys (about half a millisecond) and 128 refreshes: 50,000 keys every 2.5 s.
   const sweep = setInterval(() => cache.sweepKeys({ maxKeys: 5_000, maxRefreshes: 128 }), 250)

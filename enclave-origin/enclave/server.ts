@@ -1,4 +1,5 @@
 import { randomFillSync } from 'node:crypto'
+import { Decrypter, generateIdentity, identityToRecipient } from 'age-encryption'
 import { createServer, type Server, type Socket } from 'node:net'
 import type { StreamAddress } from '../config.js'
 import { CoalescingWriter } from '../protocol/coalescingWriter.js'
@@ -6,12 +7,14 @@ import { listenVsock } from '../protocol/vsock.js'
 import { encodeFrame, FrameDecoder, FrameError, opcodes, statuses, type Frame, type Status } from '../protocol/frames.js'
 import {
   decodeCreateRequest,
+  decodeEmptyPayload,
   decodeGetRequest,
   decodeLoadRequest,
   decodeSetStateRequest,
   decodeSignRequest,
   decodeUnlockRequest,
   emptyPayload,
+  encodeAttestResponse,
   encodeCreateResponse,
   encodeErrorMessage,
   encodeGetResponse,
@@ -21,7 +24,7 @@ import {
   encodeUnlockResponse,
 } from '../protocol/messages.js'
 import type { RawSignature, WrappedDek } from '../types.js'
-import type { KmsDataKeys } from './dataKey.js'
+import type { AttestationProvider, KmsDataKeys } from './dataKey.js'
 import type { SignEngine } from './engine.js'
 import type { KeyCache } from './keyCache.js'
 import { memoryFigures } from './memory.js'
@@ -32,6 +35,7 @@ import { secretBytes, zero } from './sealing.js'
 type Answer = { status: Status; payload: Uint8Array }
 
 const fail = (status: Status, message: string): Answer => ({ status, payload: encodeErrorMessage(message) })
+const utf8 = new TextEncoder()
 
 /**
  * The enclave's request handling: one opcode each, answering from the key
@@ -45,6 +49,13 @@ export class EnclaveService {
   private preloaded: PreloadedKeys | undefined
   /** Why preloaded accounts cannot be served yet (preload mode only). */
   private preloadRefusal: string | undefined
+  /**
+   * An X25519 age identity made at the first ATTEST, which never leaves this
+   * process: secrets for the enclave (the preload identity) come sealed to its
+   * recipient, so the parent that carries them cannot read them. A new one at
+   * every start.
+   */
+  private deliveryKey: Promise<{ identity: string; recipient: string }> | undefined
 
   constructor(
     private readonly options: {
@@ -52,6 +63,8 @@ export class EnclaveService {
       engine: SignEngine
       dataKeys: KmsDataKeys
       kmsKeyId: string
+      /** Binds the delivery recipient in ATTEST answers (the same provider as the data keys'). */
+      attestation: AttestationProvider
       /** Preload mode: the age-encrypted share file to load when UNLOCK delivers the identity. */
       preloadFile?: string
       log?: (fields: Record<string, unknown>) => void
@@ -72,6 +85,18 @@ export class EnclaveService {
       this.preloaded = undefined
       this.preloadRefusal = `preload failed: ${error instanceof PreloadError ? error.message : 'unexpected error'}`
     }
+  }
+
+  private delivery(): Promise<{ identity: string; recipient: string }> {
+    this.deliveryKey ??= generateIdentity().then(async (identity) => ({ identity, recipient: await identityToRecipient(identity) }))
+    return this.deliveryKey
+  }
+
+  /** The plaintext of a secret sealed to the delivery recipient, or undefined when it does not open with this process's key. */
+  private async openDelivered(sealed: Uint8Array): Promise<string | undefined> {
+    const decrypter = new Decrypter()
+    decrypter.addIdentity((await this.delivery()).identity)
+    return decrypter.decrypt(sealed, 'text').catch(() => undefined)
   }
 
   /** Zeroes the preloaded account keys (at shutdown); the key cache is cleared by its owner. */
@@ -131,9 +156,13 @@ export class EnclaveService {
         return cache.setState(keyId, state) ? { status: statuses.OK, payload: emptyPayload } : fail(statuses.NOT_FOUND, `no key ${keyId}`)
       }
       case opcodes.UNLOCK: {
-        const { wrappedDek, preloadIdentity } = decodeUnlockRequest(frame.payload)
-        if (preloadIdentity) {
+        const { wrappedDek, sealedPreloadIdentity } = decodeUnlockRequest(frame.payload)
+        if (sealedPreloadIdentity) {
           if (!this.options.preloadFile) return fail(statuses.BAD_REQUEST, 'this enclave has no preload file')
+          const preloadIdentity = await this.openDelivered(sealedPreloadIdentity)
+          if (preloadIdentity === undefined) {
+            return fail(statuses.BAD_REQUEST, 'the preload identity is not sealed to this enclave\'s delivery recipient (ATTEST gives it; it changes at every enclave start)')
+          }
           await this.preload(preloadIdentity)
           if (this.preloadRefusal) return fail(statuses.BAD_REQUEST, this.preloadRefusal)
           if (wrappedDek.length === 0) return { status: statuses.OK, payload: emptyPayload }
@@ -148,6 +177,12 @@ export class EnclaveService {
         this.wrappedDek = { keyId: this.options.kmsKeyId, ciphertext: wrappedDek }
         cache.setDek(await this.options.dataKeys.unwrap(this.wrappedDek))
         return { status: statuses.OK, payload: emptyPayload }
+      }
+      case opcodes.ATTEST: {
+        decodeEmptyPayload(frame.payload, 'ATTEST request')
+        const { recipient } = await this.delivery()
+        const document = await this.options.attestation.attestationDocument({ publicKey: utf8.encode(recipient) })
+        return { status: statuses.OK, payload: encodeAttestResponse({ recipient, attestationDocument: document ?? emptyPayload }) }
       }
       case opcodes.HEALTH: {
         const stats = cache.stats()

@@ -17,8 +17,8 @@ const maxBodyBytes = 16 * 1024
 const utf8 = new TextDecoder()
 
 /**
- * The parent's HTTP(S) API for the Worker: create, sign, get, freeze /
- * unfreeze / archive, unlock, /healthz and /metrics. Every route but the two
+ * The parent's HTTP(S) API for the Worker and operators: create, sign, get,
+ * freeze / unfreeze / archive, unlock, attestation, /healthz and /metrics. Every route but the two
  * probes needs an HMAC-signed request (stale or replayed ones are refused).
  */
 export function createParentApi(options: ParentApiOptions): Server {
@@ -59,9 +59,21 @@ export function createParentApi(options: ParentApiOptions): Server {
     }
     if (request.method === 'POST' && path === '/v1/unlock') {
       route.name = 'unlock'
-      const identity = preloadIdentityOf(body)
-      await (identity ? options.parent.unlockWithPreloadIdentity(identity) : options.parent.unlock())
+      const unlock = unlockRequestOf(body)
+      if (typeof unlock === 'string') return send(response, 400, { error: unlock })
+      await (unlock ? options.parent.unlockWithSealedPreloadIdentities(unlock) : options.parent.unlock())
       return send(response, 200, { ok: true })
+    }
+    if (request.method === 'GET' && path === '/v1/attestation') {
+      route.name = 'attestation'
+      const enclaves = await options.parent.attestations()
+      return send(response, 200, {
+        enclaves: enclaves.map(({ id, recipient, attestationDocument }) => ({
+          id,
+          recipient,
+          attestationDocument: attestationDocument.length > 0 ? Buffer.from(attestationDocument).toString('base64') : null,
+        })),
+      })
     }
     if (keyRoute) {
       const keyId = decodedPathSegment(keyRoute[1]!)
@@ -160,15 +172,27 @@ function readBody(request: IncomingMessage): Promise<Uint8Array | undefined> {
   })
 }
 
-/** `{"preloadIdentity": "AGE-SECRET-KEY-1…"}` in an unlock body, if any. */
-function preloadIdentityOf(body: Uint8Array): string | undefined {
+/**
+ * An unlock body: empty (unwrap the data key again), or
+ * `{"sealedPreloadIdentities": {"<enclave id>": "<base64 age ciphertext>", …}}`
+ * for preload mode. A string says what is wrong with it.
+ */
+function unlockRequestOf(body: Uint8Array): Map<string, Uint8Array> | undefined | string {
   if (body.length === 0) return undefined
+  const expected = 'the unlock body must be empty or {"sealedPreloadIdentities": {"<enclave id>": "<base64>", …}}'
+  let parsed: unknown
   try {
-    const { preloadIdentity } = JSON.parse(utf8.decode(body)) as { preloadIdentity?: unknown }
-    return typeof preloadIdentity === 'string' && preloadIdentity !== '' ? preloadIdentity : undefined
+    parsed = JSON.parse(utf8.decode(body))
   } catch {
-    return undefined
+    return expected
   }
+  if (typeof parsed !== 'object' || parsed === null) return expected
+  if ('preloadIdentity' in parsed) return 'a preload identity in the clear is refused: seal it to each enclave\'s attested recipient (GET /v1/attestation; `origin unlock` does this)'
+  const sealed = (parsed as { sealedPreloadIdentities?: unknown }).sealedPreloadIdentities
+  if (typeof sealed !== 'object' || sealed === null || Array.isArray(sealed)) return expected
+  const entries = Object.entries(sealed)
+  if (entries.length === 0 || !entries.every(([, value]) => typeof value === 'string' && /^[A-Za-z0-9+/]+={0,2}$/.test(value))) return expected
+  return new Map(entries.map(([id, value]) => [id, new Uint8Array(Buffer.from(value as string, 'base64'))]))
 }
 
 function parseDigest(body: Uint8Array): Uint8Array | undefined {

@@ -3,6 +3,7 @@ import { publicKeyToAddress } from 'viem/accounts'
 import { bytesToHex, type Address, type Hex } from 'viem'
 import { opcodes, statuses, type Frame, type Opcode } from '../protocol/frames.js'
 import {
+  decodeAttestResponse,
   decodeCreateResponse,
   decodeErrorMessage,
   decodeGetResponse,
@@ -17,6 +18,7 @@ import {
   encodeSetStateRequest,
   encodeSignRequest,
   encodeUnlockRequest,
+  type AttestResponse,
 } from '../protocol/messages.js'
 import type { CacheState, KeyState } from '../types.js'
 import { KeyNotStoredError, type BlobStore } from './blobStore.js'
@@ -111,12 +113,31 @@ export class OriginParent {
     await Promise.all(loads)
   }
 
-  /** Delivers the preload file's age identity to every enclave (preload mode), with the data key. */
-  async unlockWithPreloadIdentity(preloadIdentity: string): Promise<void> {
+  /** Each enclave's delivery recipient and the attestation document binding it (empty without attestation). */
+  async attestations(): Promise<Array<{ id: string } & AttestResponse>> {
+    return Promise.all(
+      this.enclaves.map(async (enclave) => ({ id: enclave.id, ...decodeAttestResponse(this.check(enclave, await this.call(enclave, opcodes.ATTEST, emptyPayload)).payload) })),
+    )
+  }
+
+  /**
+   * Delivers the preload file's age identity to every enclave (preload mode),
+   * with the data key: sealed to each enclave's own recipient, one per enclave
+   * id. The parent cannot open them.
+   */
+  async unlockWithSealedPreloadIdentities(sealed: ReadonlyMap<string, Uint8Array>): Promise<void> {
+    const unknown = [...sealed.keys()].filter((id) => !this.enclaves.some((enclave) => enclave.id === id))
+    const missing = this.enclaves.filter((enclave) => !sealed.has(enclave.id)).map((enclave) => enclave.id)
+    if (unknown.length > 0 || missing.length > 0) {
+      throw new OriginRequestError('bad-request', `a sealed preload identity is needed for each enclave: ${[...missing.map((id) => `none for ${id}`), ...unknown.map((id) => `no enclave ${id}`)].join(', ')}`)
+    }
     const wrapped = await this.options.store.getWrappedDek()
     await Promise.all(
       this.enclaves.map(async (enclave) =>
-        this.check(enclave, await this.call(enclave, opcodes.UNLOCK, encodeUnlockRequest({ wrappedDek: wrapped?.ciphertext ?? new Uint8Array(), preloadIdentity }))),
+        this.check(
+          enclave,
+          await this.call(enclave, opcodes.UNLOCK, encodeUnlockRequest({ wrappedDek: wrapped?.ciphertext ?? new Uint8Array(), sealedPreloadIdentity: sealed.get(enclave.id)! })),
+        ),
       ),
     )
   }

@@ -21,6 +21,7 @@ export const opcodes = {
   UNLOCK: 5,
   HEALTH: 6,
   LOAD: 7,
+  ATTEST: 8,
 } as const
 export type Opcode = (typeof opcodes)[keyof typeof opcodes]
 

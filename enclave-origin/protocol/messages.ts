@@ -21,10 +21,16 @@ export type LoadRequest = SealedKeyRecord
 export type GetRequest = { keyId: string }
 export type GetResponse = { state: KeyState; cacheState: CacheState; publicKey: Uint8Array }
 export type SetStateRequest = { keyId: string; state: KeyState }
-/** `preloadIdentity` absent and empty are the same on the wire (length 0). */
-export type UnlockRequest = { wrappedDek: Uint8Array; preloadIdentity?: string }
+/**
+ * `sealedPreloadIdentity`: the preload file's age identity, age-encrypted to
+ * the enclave's own delivery recipient (see ATTEST), so the parent that
+ * carries it cannot read it. Absent and empty are the same on the wire.
+ */
+export type UnlockRequest = { wrappedDek: Uint8Array; sealedPreloadIdentity?: Uint8Array }
 export type UnlockResponse = { wrappedDek: Uint8Array }
 export type HealthResponse = Record<string, unknown>
+/** The enclave's age recipient for secrets sent to it, and the NSM's attestation document binding it (empty without attestation). */
+export type AttestResponse = { recipient: string; attestationDocument: Uint8Array }
 export type NeedsUnlockResponse = { retryAfterMs: number }
 
 export const maxKeyIdBytes = 128
@@ -179,21 +185,19 @@ export function decodeSetStateRequest(payload: Uint8Array): SetStateRequest {
 // UNLOCK
 
 export function encodeUnlockRequest(request: UnlockRequest): Uint8Array {
-  const identity = wellFormedUtf8(request.preloadIdentity ?? '', 'UNLOCK preloadIdentity')
-  if (identity.length > 0xffff) throw new FrameError(`UNLOCK preloadIdentity is ${identity.length} bytes, more than a u16 length allows`)
-  return new PayloadWriter(4 + request.wrappedDek.length + 2 + identity.length)
+  const sealed = request.sealedPreloadIdentity ?? emptyPayload
+  return new PayloadWriter(4 + request.wrappedDek.length + 4 + sealed.length)
     .u32Bytes(request.wrappedDek)
-    .u16(identity.length)
-    .bytes(identity)
+    .u32Bytes(sealed)
     .done()
 }
 
 export function decodeUnlockRequest(payload: Uint8Array): UnlockRequest {
   const reader = new PayloadReader(payload, 'UNLOCK request')
   const wrappedDek = reader.u32Bytes('wrappedDek')
-  const preloadIdentity = reader.utf8(reader.u16('preloadIdentity length'), 'preloadIdentity')
+  const sealedPreloadIdentity = reader.u32Bytes('sealedPreloadIdentity')
   reader.end()
-  return preloadIdentity === '' ? { wrappedDek } : { wrappedDek, preloadIdentity }
+  return sealedPreloadIdentity.length === 0 ? { wrappedDek } : { wrappedDek, sealedPreloadIdentity }
 }
 
 /**
@@ -207,6 +211,25 @@ export function encodeUnlockResponse(response: UnlockResponse): Uint8Array {
 export function decodeUnlockResponse(payload: Uint8Array): UnlockResponse {
   const reader = new PayloadReader(payload, 'UNLOCK response')
   const response = { wrappedDek: reader.bytes(payload.length, 'wrappedDek') }
+  reader.end()
+  return response
+}
+
+// ATTEST (the request is empty)
+
+export function encodeAttestResponse(response: AttestResponse): Uint8Array {
+  const recipient = wellFormedUtf8(response.recipient, 'ATTEST recipient')
+  if (recipient.length > 0xffff) throw new FrameError(`ATTEST recipient is ${recipient.length} bytes, more than a u16 length allows`)
+  return new PayloadWriter(2 + recipient.length + 4 + response.attestationDocument.length)
+    .u16(recipient.length)
+    .bytes(recipient)
+    .u32Bytes(response.attestationDocument)
+    .done()
+}
+
+export function decodeAttestResponse(payload: Uint8Array): AttestResponse {
+  const reader = new PayloadReader(payload, 'ATTEST response')
+  const response = { recipient: reader.utf8(reader.u16('recipient length'), 'recipient'), attestationDocument: reader.u32Bytes('attestationDocument') }
   reader.end()
   return response
 }

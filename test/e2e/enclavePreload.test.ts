@@ -6,14 +6,17 @@ import { promisify } from 'node:util'
 import { afterAll, beforeAll, expect, it } from 'vitest'
 import { keccak256, recoverAddress, toHex, type Hex } from 'viem'
 import { generatePrivateKey, privateKeyToAddress } from 'viem/accounts'
-import { generatePreloadIdentity } from '../../enclave-origin/preloadFiles.js'
+import { generatePreloadIdentity, sealPreloadIdentity } from '../../enclave-origin/preloadFiles.js'
 import { startLocalKms, type LocalKms } from '../support/kmsServer.js'
 import { originHmac, startOrigin, symmetricKmsKey, type Origin } from '../support/origin.js'
 
 /**
  * Preload mode: the enclave serves custodial account keys from an
  * age-encrypted file, once an unlock delivers the identity. The operator's
- * CLI makes the identity, seals the share file and delivers the unlock.
+ * CLI makes the identity, seals the share file and delivers the unlock, the
+ * identity sealed to the enclave's own recipient. This enclave is a
+ * development one, with no attestation: the CLI must be told to seal to an
+ * unattested recipient (the attested path is in test/unit/preloadDelivery).
  */
 
 let kms: LocalKms
@@ -69,14 +72,27 @@ it('refuses preloaded accounts until unlocked, then signs each with its own key'
   expect(unhealthy.status).toBe(503)
   expect(unhealthy.body.enclaves[0]).toMatchObject({ ok: false, error: expect.stringContaining('preload file is not loaded yet') })
 
-  const wrong = await origin.request('POST', '/v1/unlock', { preloadIdentity: (await generatePreloadIdentity()).identity })
+  // The parent never takes an identity it could read.
+  const clear = await origin.request('POST', '/v1/unlock', { preloadIdentity: (await generatePreloadIdentity()).identity })
+  expect(clear.status).toBe(400)
+  expect(clear.body.error).toContain('a preload identity in the clear is refused')
+
+  const attestation = await origin.request('GET', '/v1/attestation')
+  expect(attestation.status).toBe(200)
+  const [enclave] = attestation.body.enclaves as Array<{ id: string; recipient: string; attestationDocument: string | null }>
+  expect(enclave).toEqual({ id: 'enclave-1', recipient: expect.stringMatching(/^age1/), attestationDocument: null })
+  const sealedWrong = await sealPreloadIdentity({ identity: (await generatePreloadIdentity()).identity, enclaves: [{ ...enclave!, attestationDocument: undefined }], trust: 'unattested' })
+  const wrong = await origin.request('POST', '/v1/unlock', { sealedPreloadIdentities: { 'enclave-1': Buffer.from(sealedWrong.get('enclave-1')!).toString('base64') } })
   expect(wrong.status).toBe(400)
   expect(wrong.body.error).toContain('preload failed')
   expect((await sign('account-3')).body.error).toContain('preload failed')
-
   expect((await health()).body.enclaves[0]).toMatchObject({ ok: false, error: expect.stringContaining('preload failed') })
+  const noSuchEnclave = await origin.request('POST', '/v1/unlock', { sealedPreloadIdentities: { 'enclave-1': 'AAAA', e9: 'AAAA' } })
+  expect(noSuchEnclave).toMatchObject({ status: 400, body: { error: 'a sealed preload identity is needed for each enclave: no enclave e9' } })
 
-  const unlocked = await cli('unlock', '--preload-identity-file', path.join(dir, 'identity.txt'))
+  // Without a Nitro root to check a document against, the CLI seals only when told the enclave is unattested.
+  await expect(cli('unlock', '--preload-identity-file', path.join(dir, 'identity.txt'))).rejects.toThrow(/needs --nitro-root-file .* or, for development enclaves, --allow-unattested/)
+  const unlocked = await cli('unlock', '--preload-identity-file', path.join(dir, 'identity.txt'), '--allow-unattested')
   expect(JSON.parse(unlocked.stdout)).toEqual({ ok: true })
   expect((await health()).status).toBe(200)
   for (const account of [accounts[0]!, accounts[3]!, accounts[49]!]) {

@@ -16,11 +16,11 @@
  * public key instead of `Plaintext`. A symmetric key can require it, with a
  * given PCR0, as a key policy with `kms:RecipientAttestation:PCR0` would.
  */
-import { createCipheriv, createDecipheriv, createHash, createHmac, createPublicKey, randomBytes, randomUUID, timingSafeEqual, verify, X509Certificate, type KeyObject } from 'node:crypto'
+import { createCipheriv, createDecipheriv, createHash, createHmac, createPublicKey, randomBytes, randomUUID, timingSafeEqual, X509Certificate, type KeyObject } from 'node:crypto'
 import { createServer, type IncomingMessage, type ServerResponse } from 'node:http'
 import { p256 } from '@noble/curves/p256'
 import { secp256k1 } from '@noble/curves/secp256k1'
-import { decode, encode } from 'cborg'
+import { AttestationDocumentError, verifyAttestationDocument, type AttestedFields } from '../../enclave-origin/attestationDocument.js'
 import { sealForRecipient } from './cmsEnvelope.js'
 import { listenLocal, readBody } from './localHttp.js'
 
@@ -116,47 +116,24 @@ function verifySigV4(req: IncomingMessage, body: Buffer, creds: LocalKms['creden
   }
 }
 
-/** The attested public key and PCRs of a Nitro attestation document, once its signature and chain check out against `roots`. */
-function verifyAttestationDocument(document: Buffer, roots: X509Certificate[]): { publicKey: KeyObject; pcr0: Uint8Array | undefined } {
+/** The attested public key and PCR0 of a Nitro attestation document, checked as KMS checks a `Recipient`. */
+function verifyRecipientDocument(document: Buffer, roots: X509Certificate[]): { publicKey: KeyObject; pcr0: Uint8Array | undefined } {
   const invalid = (why: string) => new KmsError('ValidationException', `The attestation document is not valid: ${why}.`)
-  let protectedHeader: Uint8Array, payload: Uint8Array, signature: Uint8Array, fields: Map<string, unknown>
+  let attested: AttestedFields
   try {
-    // COSE_Sign1, untagged or with tag 18.
-    const sign1 = decode(document, { useMaps: true, tags: Object.assign([], { 18: (inner: unknown) => inner }) }) as unknown[]
-    ;[protectedHeader, , payload, signature] = sign1 as [Uint8Array, unknown, Uint8Array, Uint8Array]
-    if (!Array.isArray(sign1) || sign1.length !== 4 || ![protectedHeader, payload, signature].every((f) => f instanceof Uint8Array)) throw new Error()
-    if ((decode(protectedHeader, { useMaps: true }) as Map<number, unknown>).get(1) !== -35) throw invalid('not signed with ES384')
-    fields = decode(payload, { useMaps: true }) as Map<string, unknown>
+    attested = verifyAttestationDocument(document, roots)
   } catch (error) {
-    throw error instanceof KmsError ? error : invalid('not a COSE_Sign1 structure')
+    throw error instanceof AttestationDocumentError ? invalid(error.message) : error
   }
-  const certificateOf = (der: unknown) => {
-    if (!(der instanceof Uint8Array)) throw invalid('a certificate is missing')
-    return new X509Certificate(der)
-  }
-  const bundle = fields.get('cabundle')
-  if (!Array.isArray(bundle) || bundle.length === 0) throw invalid('no cabundle')
-  const chain = [...bundle.map(certificateOf), certificateOf(fields.get('certificate'))]
-  if (!roots.some((root) => root.raw.equals(chain[0]!.raw))) throw invalid('the cabundle does not start at a trusted root')
-  const now = Date.now()
-  for (const [i, certificate] of chain.entries()) {
-    const issuer = chain[Math.max(i - 1, 0)]!
-    if (!certificate.checkIssued(issuer) || !certificate.verify(issuer.publicKey)) throw invalid('the certificate chain does not verify')
-    if (now < Date.parse(certificate.validFrom) || now > Date.parse(certificate.validTo)) throw invalid('a certificate is outside its validity')
-  }
-  const toBeSigned = encode(['Signature1', protectedHeader, new Uint8Array(0), payload])
-  if (!verify('sha384', toBeSigned, { key: chain.at(-1)!.publicKey, dsaEncoding: 'ieee-p1363' }, signature)) throw invalid('the signature does not verify')
-  const attestedKey = fields.get('public_key')
-  if (!(attestedKey instanceof Uint8Array)) throw invalid('it carries no public_key')
+  if (!attested.publicKey) throw invalid('it carries no public_key')
   let publicKey: KeyObject
   try {
-    publicKey = createPublicKey({ key: Buffer.from(attestedKey), format: 'der', type: 'spki' })
+    publicKey = createPublicKey({ key: Buffer.from(attested.publicKey), format: 'der', type: 'spki' })
   } catch {
     throw invalid('its public_key is not a DER SubjectPublicKeyInfo')
   }
   if (publicKey.asymmetricKeyType !== 'rsa' || (publicKey.asymmetricKeyDetails?.modulusLength ?? 0) < 2048) throw invalid('its public_key is not an RSA key of at least 2048 bits')
-  const pcrs = fields.get('pcrs')
-  return { publicKey, pcr0: pcrs instanceof Map && pcrs.get(0) instanceof Uint8Array ? pcrs.get(0) : undefined }
+  return { publicKey, pcr0: attested.pcrs.get(0) }
 }
 
 export async function startLocalKms(options: { port: number; accessKeyId?: string; secretAccessKey?: string; region?: string; attestationRoots?: string[] }): Promise<LocalKms> {
@@ -246,7 +223,7 @@ export async function startLocalKms(options: { port: number; accessKeyId?: strin
     }
     if (recipient.KeyEncryptionAlgorithm !== 'RSAES_OAEP_SHA_256') throw new KmsError('ValidationException', 'Recipient.KeyEncryptionAlgorithm must be RSAES_OAEP_SHA_256')
     if (typeof recipient.AttestationDocument !== 'string' || recipient.AttestationDocument === '') throw new KmsError('ValidationException', 'Recipient.AttestationDocument is required')
-    const attested = verifyAttestationDocument(Buffer.from(recipient.AttestationDocument, 'base64'), attestationRoots)
+    const attested = verifyRecipientDocument(Buffer.from(recipient.AttestationDocument, 'base64'), attestationRoots)
     if (required && !(attested.pcr0 && Buffer.from(attested.pcr0).equals(Buffer.from(required)))) throw denied()
     return { CiphertextForRecipient: sealForRecipient(plaintext, attested.publicKey, { ber: true }).toString('base64') }
   }

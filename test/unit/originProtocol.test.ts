@@ -1,6 +1,7 @@
 import { describe, expect, it } from 'vitest'
 import { encodeFrame, FrameDecoder, FrameError, maxFrameBytes, opcodes, statuses, type Frame } from '../../enclave-origin/protocol/frames.js'
 import {
+  decodeAttestResponse,
   decodeCreateRequest,
   decodeCreateResponse,
   decodeEmptyPayload,
@@ -16,6 +17,7 @@ import {
   decodeUnlockRequest,
   decodeUnlockResponse,
   emptyPayload,
+  encodeAttestResponse,
   encodeCreateRequest,
   encodeCreateResponse,
   encodeErrorMessage,
@@ -128,18 +130,26 @@ describe('every message survives encode then decode unchanged', () => {
     expect(decodeUnlockResponse(emptyPayload)).toEqual({ wrappedDek: new Uint8Array() })
   })
 
-  it('UNLOCK request with and without a preload identity', () => {
+  it('UNLOCK request with and without a sealed preload identity', () => {
     const wrappedDek = new Uint8Array(184).map((_, i) => i)
+    const sealedPreloadIdentity = new Uint8Array(300).map((_, i) => i * 7)
     expect(decodeUnlockRequest(encodeUnlockRequest({ wrappedDek }))).toEqual({ wrappedDek })
-    expect(decodeUnlockRequest(encodeUnlockRequest({ wrappedDek, preloadIdentity: 'age1…identity' }))).toEqual({
-      wrappedDek,
-      preloadIdentity: 'age1…identity',
-    })
+    expect(decodeUnlockRequest(encodeUnlockRequest({ wrappedDek, sealedPreloadIdentity }))).toEqual({ wrappedDek, sealedPreloadIdentity })
   })
 
-  it('an absent preload identity is a zero length on the wire', () => {
+  it('an absent sealed preload identity is a zero length on the wire', () => {
     const wrappedDek = filled(2, 9)
-    expect(encodeUnlockRequest({ wrappedDek })).toEqual(new Uint8Array([0, 0, 0, 2, 9, 9, 0, 0]))
+    expect(encodeUnlockRequest({ wrappedDek })).toEqual(new Uint8Array([0, 0, 0, 2, 9, 9, 0, 0, 0, 0]))
+    expect(decodeUnlockRequest(new Uint8Array([0, 0, 0, 2, 9, 9, 0, 0, 0, 0]))).toEqual({ wrappedDek })
+  })
+
+  it('ATTEST response: the delivery recipient and the document, which may be empty', () => {
+    const attestationDocument = new Uint8Array(4500).map((_, i) => i % 251)
+    const recipient = 'age1' + 'q'.repeat(58)
+    expect(decodeAttestResponse(encodeAttestResponse({ recipient, attestationDocument }))).toEqual({ recipient, attestationDocument })
+    expect(decodeAttestResponse(encodeAttestResponse({ recipient, attestationDocument: emptyPayload }))).toEqual({ recipient, attestationDocument: new Uint8Array() })
+    const encoded = encodeAttestResponse({ recipient, attestationDocument })
+    expect(() => decodeAttestResponse(encoded.subarray(0, encoded.length - 1))).toThrow('ATTEST response: attestationDocument needs 4500 bytes, 4499 left')
   })
 
   it('HEALTH response is a JSON object', () => {

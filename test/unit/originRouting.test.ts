@@ -42,7 +42,7 @@ beforeAll(async () => {
     await engine.start()
     let service: EnclaveService | undefined
     const cache = new KeyCache({ now: Date.now, unlock: () => service!.unwrapLastDek() })
-    service = new EnclaveService({ cache, engine, dataKeys, kmsKeyId })
+    service = new EnclaveService({ cache, engine, dataKeys, kmsKeyId, attestation: developmentAttestation })
     const { close } = await serveEnclave({ service, address, log: () => {} })
     enclaves.push({ id, address, cache, close, engine })
   }
