@@ -2,8 +2,10 @@ import { KMSClient } from '@aws-sdk/client-kms'
 import { choiceSetting, integerSetting, listenAddress, logLine, setting } from '../config.js'
 import { keepRequestObjectsYoung } from '../heapTuning.js'
 import { developmentAttestation, KmsDataKeys } from './dataKey.js'
+import { DeliveredCredentials } from './deliveredCredentials.js'
 import { SignEngine } from './engine.js'
 import { KeyCache } from './keyCache.js'
+import { kmsTunnelAgent } from './kmsTunnel.js'
 import { memoryWatch } from './memory.js'
 import { openNitroAttestation } from './nitroAttestation.js'
 import { EnclaveService, serveEnclave } from './server.js'
@@ -13,7 +15,9 @@ import { checkStartup } from './startupChecks.js'
  * The enclave process. Settings: ORIGIN_PROFILE (development|production),
  * ENCLAVE_ATTESTATION (nitro|none; production's default is nitro, development's none),
  * ENCLAVE_LISTEN (vsock:CID:PORT in an enclave, host:port, or a socket path), KMS_KEY_ID, KMS_REGION,
- * KMS_ENDPOINT (optional), AWS credentials from the usual AWS_* variables,
+ * KMS_ENDPOINT (optional), KMS_TUNNEL (optional: vsock:CID:PORT, host:port or a socket path that
+ * carries each KMS connection to the parent, where a forwarder such as vsock-proxy reaches KMS;
+ * TLS stays end to end with KMS). AWS credentials come from the parent (CREDENTIALS), not settings.
  * ENGINE_THREADS, ENGINE_BATCHING (1|0), ENGINE_INLINE_PER_TURN, GRACE_SIGNATURES, and PRELOAD_FILE for
  * preload mode (an age-encrypted [{account_id, share}] file whose identity an
  * unlock delivers).
@@ -26,10 +30,12 @@ export async function runEnclave(): Promise<() => Promise<void>> {
   await checkStartup({ profile, attestation, warn: (message) => logLine({ level: 'warn', event: 'startup', message }) })
   if (nitro) logLine({ event: 'nitro_attestation', module: nitro.module })
   const kmsKeyId = setting('KMS_KEY_ID')
+  const credentials = new DeliveredCredentials()
   const client = new KMSClient({
     region: setting('KMS_REGION', 'us-east-1'),
     endpoint: process.env.KMS_ENDPOINT || undefined,
-    credentials: { accessKeyId: setting('AWS_ACCESS_KEY_ID'), secretAccessKey: setting('AWS_SECRET_ACCESS_KEY') },
+    credentials: credentials.provider,
+    ...(process.env.KMS_TUNNEL && { requestHandler: { httpsAgent: kmsTunnelAgent({ address: listenAddress(process.env.KMS_TUNNEL) }) } }),
   })
   const dataKeys = new KmsDataKeys({ client, kmsKeyId, attestation })
   const engine = new SignEngine({
@@ -46,7 +52,7 @@ export async function runEnclave(): Promise<() => Promise<void>> {
     graceSignatures: integerSetting('GRACE_SIGNATURES', { min: 0, max: 1_000_000, fallback: 0 }),
     audit: (event) => logLine({ level: 'warn', event: 'key_cache_audit', ...event }),
   })
-  service = new EnclaveService({ cache, engine, dataKeys, kmsKeyId, attestation, preloadFile: process.env.PRELOAD_FILE || undefined, log: logLine })
+  service = new EnclaveService({ cache, engine, dataKeys, kmsKeyId, credentials, attestation, preloadFile: process.env.PRELOAD_FILE || undefined, log: logLine })
   const memory = memoryWatch({ log: logLine })
   // A sweep step over at most 5,000 keys (about half a millisecond) and 128 refreshes: 50,000 keys every 2.5 s.
   const sweep = setInterval(() => cache.sweepKeys({ maxKeys: 5_000, maxRefreshes: 128 }), 250)

@@ -7,6 +7,7 @@ import { listenVsock } from '../protocol/vsock.js'
 import { encodeFrame, FrameDecoder, FrameError, opcodes, statuses, type Frame, type Status } from '../protocol/frames.js'
 import {
   decodeCreateRequest,
+  decodeCredentials,
   decodeEmptyPayload,
   decodeGetRequest,
   decodeLoadRequest,
@@ -25,6 +26,7 @@ import {
 } from '../protocol/messages.js'
 import type { RawSignature, WrappedDek } from '../types.js'
 import type { AttestationProvider, KmsDataKeys } from './dataKey.js'
+import type { DeliveredCredentials } from './deliveredCredentials.js'
 import type { SignEngine } from './engine.js'
 import type { KeyCache } from './keyCache.js'
 import { memoryFigures } from './memory.js'
@@ -63,6 +65,8 @@ export class EnclaveService {
       engine: SignEngine
       dataKeys: KmsDataKeys
       kmsKeyId: string
+      /** Where CREDENTIALS requests put the AWS credentials that `dataKeys` signs its KMS calls with. */
+      credentials: DeliveredCredentials
       /** Binds the delivery recipient in ATTEST answers (the same provider as the data keys'). */
       attestation: AttestationProvider
       /** Preload mode: the age-encrypted share file to load when UNLOCK delivers the identity. */
@@ -178,6 +182,9 @@ export class EnclaveService {
         cache.setDek(await this.options.dataKeys.unwrap(this.wrappedDek))
         return { status: statuses.OK, payload: emptyPayload }
       }
+      case opcodes.CREDENTIALS:
+        this.options.credentials.set(decodeCredentials(frame.payload))
+        return { status: statuses.OK, payload: emptyPayload }
       case opcodes.ATTEST: {
         decodeEmptyPayload(frame.payload, 'ATTEST request')
         const { recipient } = await this.delivery()

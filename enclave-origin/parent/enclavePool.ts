@@ -1,7 +1,7 @@
-import { connect, type Socket } from 'node:net'
+import type { Socket } from 'node:net'
 import type { StreamAddress } from '../config.js'
 import { CoalescingWriter } from '../protocol/coalescingWriter.js'
-import { connectVsock } from '../protocol/vsock.js'
+import { connectStream } from '../protocol/connectStream.js'
 import { encodeFrame, FrameDecoder, type Frame, type Opcode } from '../protocol/frames.js'
 
 /** Where an enclave listens: vsock in production, TCP or a Unix socket elsewhere. */
@@ -150,23 +150,4 @@ export class EnclavePool {
     this.stopped = true
     for (const connection of this.connections) connection?.close()
   }
-}
-
-const connectTimeoutMs = 2_000
-
-/** A connected stream to the enclave: vsock in an enclave, TCP or a Unix socket elsewhere. */
-function connectStream(address: EnclaveAddress): Promise<Socket> {
-  if ('vsock' in address) return connectVsock({ ...address.vsock, timeoutMs: connectTimeoutMs })
-  return new Promise<Socket>((resolve, reject) => {
-    const socket = connect(address)
-    const timer = setTimeout(() => socket.destroy(new Error('connect timeout')), connectTimeoutMs)
-    socket.once('connect', () => {
-      clearTimeout(timer)
-      resolve(socket)
-    })
-    socket.once('error', (error) => {
-      clearTimeout(timer)
-      reject(error)
-    })
-  })
 }

@@ -4,6 +4,7 @@ import { keepRequestObjectsYoung } from '../heapTuning.js'
 import { nodeHashing } from '../protocol/nodeHashing.js'
 import { RequestVerifier } from '../protocol/requestSigning.js'
 import { S3Client } from '@aws-sdk/client-s3'
+import { defaultProvider } from '@aws-sdk/credential-provider-node'
 import { openDiskBlobStore } from './diskBlobStore.js'
 import { openS3BlobStore } from './s3BlobStore.js'
 import { createParentApi } from './httpApi.js'
@@ -13,8 +14,10 @@ import { OriginParent } from './origin.js'
  * The parent process. Settings: PARENT_LISTEN (host:port), ENCLAVES
  * ("id=host:port,id2=/path/to.sock"), STORE (disk|s3) with STORE_DIR, or
  * S3_BUCKET, S3_PREFIX, S3_REGION, S3_ENDPOINT and AWS_* credentials, ORIGIN_HMAC_KEYS
- * ("keyId:secret,…"), POOL_SIZE (16), REQUEST_TIMEOUT_MS, and for TLS
- * TLS_CERT_FILE, TLS_KEY_FILE, TLS_CA_FILE, TLS_REQUIRE_CLIENT_CERT=1.
+ * ("keyId:secret,…"), POOL_SIZE (16), REQUEST_TIMEOUT_MS, CREDENTIAL_REFRESH_MS (300000: how
+ * often the enclaves get the AWS credentials for their KMS calls, from this process's default
+ * chain, again; also before every unlock), and for TLS TLS_CERT_FILE, TLS_KEY_FILE, TLS_CA_FILE,
+ * TLS_REQUIRE_CLIENT_CERT=1.
  */
 export async function runParent(): Promise<() => Promise<void>> {
   keepRequestObjectsYoung()
@@ -47,6 +50,10 @@ export async function runParent(): Promise<() => Promise<void>> {
     poolSize: integerSetting('POOL_SIZE', { min: 1, max: 256, fallback: 16 }),
     store,
     requestTimeoutMs: integerSetting('REQUEST_TIMEOUT_MS', { min: 10, max: 60_000, fallback: 2_000 }),
+    // The SDK's own chain (AWS_* variables, profiles, the instance's role through IMDS), refreshed before expiry.
+    credentials: defaultProvider(),
+    credentialRefreshMs: integerSetting('CREDENTIAL_REFRESH_MS', { min: 1_000, max: 3_600_000, fallback: 300_000 }),
+    log: logLine,
   })
   await parent.start()
   const secrets = Object.fromEntries(

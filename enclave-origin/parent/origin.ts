@@ -13,12 +13,15 @@ import {
   decodeUnlockResponse,
   emptyPayload,
   encodeCreateRequest,
+  encodeCredentials,
   encodeGetRequest,
   encodeLoadRequest,
   encodeSetStateRequest,
   encodeSignRequest,
   encodeUnlockRequest,
   type AttestResponse,
+  type AwsCredentials,
+  type UnlockRequest,
 } from '../protocol/messages.js'
 import type { CacheState, KeyState } from '../types.js'
 import { KeyNotStoredError, type BlobStore } from './blobStore.js'
@@ -60,11 +63,18 @@ export class OriginParent {
       poolSize: number
       store: BlobStore
       requestTimeoutMs: number
+      /** The AWS credentials the enclaves' KMS calls sign with (an enclave has no source of its own). */
+      credentials: () => Promise<AwsCredentials>
+      /** How often every enclave gets them again, so they never sign with expired ones; default 5 min. */
+      credentialRefreshMs?: number
+      log?: (fields: Record<string, unknown>) => void
     },
   ) {
     this.enclaves = options.enclaves.map(({ id, address }) => ({ id, pool: new EnclavePool({ address, size: options.poolSize }), unlocking: undefined }))
     this.ring = new HashRing(this.enclaves.map((enclave) => ({ id: enclave.id, node: enclave })))
   }
+
+  private credentialRefresh: ReturnType<typeof setInterval> | undefined
 
   private async call(enclave: Enclave, opcode: Opcode, payload: Uint8Array): Promise<Frame> {
     return enclave.pool.request({ opcode, payload, timeoutMs: this.options.requestTimeoutMs })
@@ -98,9 +108,17 @@ export class OriginParent {
    */
   async start(): Promise<void> {
     await Promise.all(this.enclaves.map((enclave) => enclave.pool.connect()))
+    this.credentialRefresh = setInterval(() => {
+      for (const enclave of this.enclaves) {
+        this.deliverCredentials(enclave).catch((error: unknown) =>
+          this.options.log?.({ level: 'warn', event: 'credential_delivery_failed', enclave: enclave.id, error: (error as Error).message }),
+        )
+      }
+    }, this.options.credentialRefreshMs ?? 300_000)
+    this.credentialRefresh.unref()
     if (!(await this.options.store.getWrappedDek())) {
       const first = this.enclaves[0]!
-      const frame = this.check(first, await this.call(first, opcodes.UNLOCK, encodeUnlockRequest({ wrappedDek: new Uint8Array() })))
+      const frame = await this.sendUnlock(first, { wrappedDek: new Uint8Array() })
       await this.options.store.putWrappedDek({ keyId: 'enclave-data-key', ciphertext: decodeUnlockResponse(frame.payload).wrappedDek })
     }
     await Promise.all(this.enclaves.map((enclave) => this.unlock(enclave)))
@@ -132,14 +150,20 @@ export class OriginParent {
       throw new OriginRequestError('bad-request', `a sealed preload identity is needed for each enclave: ${[...missing.map((id) => `none for ${id}`), ...unknown.map((id) => `no enclave ${id}`)].join(', ')}`)
     }
     const wrapped = await this.options.store.getWrappedDek()
-    await Promise.all(
-      this.enclaves.map(async (enclave) =>
-        this.check(
-          enclave,
-          await this.call(enclave, opcodes.UNLOCK, encodeUnlockRequest({ wrappedDek: wrapped?.ciphertext ?? new Uint8Array(), sealedPreloadIdentity: sealed.get(enclave.id)! })),
-        ),
-      ),
-    )
+    await Promise.all(this.enclaves.map((enclave) => this.sendUnlock(enclave, { wrappedDek: wrapped?.ciphertext ?? new Uint8Array(), sealedPreloadIdentity: sealed.get(enclave.id)! })))
+  }
+
+  /** Fresh credentials first, so the KMS calls the unlock makes sign with them. */
+  private async sendUnlock(enclave: Enclave, request: UnlockRequest): Promise<Frame> {
+    await this.deliverCredentials(enclave)
+    return this.check(enclave, await this.call(enclave, opcodes.UNLOCK, encodeUnlockRequest(request)))
+  }
+
+  private async deliverCredentials(enclave: Enclave): Promise<void> {
+    const credentials = await this.options.credentials().catch((error: unknown) => {
+      throw new OriginRequestError('unavailable', `no AWS credentials to give the enclave: ${(error as Error).message}`)
+    })
+    this.check(enclave, await this.call(enclave, opcodes.CREDENTIALS, encodeCredentials(credentials)))
   }
 
   /** One unlock per enclave at a time: the enclave unwraps the stored DEK through KMS. */
@@ -148,7 +172,7 @@ export class OriginParent {
     enclave.unlocking ??= (async () => {
       const wrapped = await this.options.store.getWrappedDek()
       if (!wrapped) throw new Error('no data key stored yet')
-      this.check(enclave, await this.call(enclave, opcodes.UNLOCK, encodeUnlockRequest({ wrappedDek: wrapped.ciphertext })))
+      await this.sendUnlock(enclave, { wrappedDek: wrapped.ciphertext })
     })().finally(() => {
       enclave.unlocking = undefined
     })
@@ -231,6 +255,7 @@ export class OriginParent {
   }
 
   close(): void {
+    clearInterval(this.credentialRefresh)
     for (const enclave of this.enclaves) enclave.pool.close()
   }
 }

@@ -22,6 +22,7 @@ export const opcodes = {
   HEALTH: 6,
   LOAD: 7,
   ATTEST: 8,
+  CREDENTIALS: 9,
 } as const
 export type Opcode = (typeof opcodes)[keyof typeof opcodes]
 

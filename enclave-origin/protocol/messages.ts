@@ -29,6 +29,8 @@ export type SetStateRequest = { keyId: string; state: KeyState }
 export type UnlockRequest = { wrappedDek: Uint8Array; sealedPreloadIdentity?: Uint8Array }
 export type UnlockResponse = { wrappedDek: Uint8Array }
 export type HealthResponse = Record<string, unknown>
+/** AWS credentials for the enclave's KMS calls, which the parent delivers (an enclave has no other source). */
+export type AwsCredentials = { accessKeyId: string; secretAccessKey: string; sessionToken?: string }
 /** The enclave's age recipient for secrets sent to it, and the NSM's attestation document binding it (empty without attestation). */
 export type AttestResponse = { recipient: string; attestationDocument: Uint8Array }
 export type NeedsUnlockResponse = { retryAfterMs: number }
@@ -233,6 +235,30 @@ export function decodeAttestResponse(payload: Uint8Array): AttestResponse {
   reader.end()
   return response
 }
+
+// CREDENTIALS (the OK answer is empty). Each field is u16 length ‖ UTF-8; an empty session token means none.
+
+export function encodeCredentials(credentials: AwsCredentials): Uint8Array {
+  const fields = [credentials.accessKeyId, credentials.secretAccessKey, credentials.sessionToken ?? ''].map((field, i) => {
+    const bytes = wellFormedUtf8(field, `CREDENTIALS ${credentialFields[i]}`)
+    if (bytes.length > 0xffff) throw new FrameError(`CREDENTIALS ${credentialFields[i]} is ${bytes.length} bytes, more than a u16 length allows`)
+    return bytes
+  })
+  if (fields[0]!.length === 0 || fields[1]!.length === 0) throw new FrameError('CREDENTIALS need an access key id and a secret access key')
+  const writer = new PayloadWriter(fields.reduce((sum, bytes) => sum + 2 + bytes.length, 0))
+  for (const bytes of fields) writer.u16(bytes.length).bytes(bytes)
+  return writer.done()
+}
+
+export function decodeCredentials(payload: Uint8Array): AwsCredentials {
+  const reader = new PayloadReader(payload, 'CREDENTIALS request')
+  const [accessKeyId, secretAccessKey, sessionToken] = credentialFields.map((field) => reader.utf8(reader.u16(`${field} length`), field))
+  reader.end()
+  if (accessKeyId === '' || secretAccessKey === '') throw new FrameError('CREDENTIALS request: an access key id and a secret access key are required')
+  return sessionToken === '' ? { accessKeyId: accessKeyId!, secretAccessKey: secretAccessKey! } : { accessKeyId: accessKeyId!, secretAccessKey: secretAccessKey!, sessionToken }
+}
+
+const credentialFields = ['accessKeyId', 'secretAccessKey', 'sessionToken'] as const
 
 // HEALTH (the request is empty)
 

@@ -24,7 +24,9 @@ export async function symmetricKmsKey(kms: LocalKms): Promise<string> {
  * processes, e.g. `--cpu-prof` or `--trace-gc` when profiling a benchmark.
  */
 function cli(command: string, extraEnv: Record<string, string>, builtCli: string | undefined): ChildProcess {
-  const env = { ...process.env, ...extraEnv }
+  const env: Record<string, string | undefined> = { ...process.env, ...extraEnv }
+  // Only the credentials a test gives: none from the shell that runs it.
+  for (const name of ['AWS_ACCESS_KEY_ID', 'AWS_SECRET_ACCESS_KEY', 'AWS_SESSION_TOKEN', 'AWS_PROFILE']) if (!(name in extraEnv)) delete env[name]
   const nodeFlags = env.ORIGIN_NODE_FLAGS ? env.ORIGIN_NODE_FLAGS.split(' ').filter(Boolean) : []
   const entry = builtCli ? [builtCli] : ['--import', 'tsx', 'enclave-origin/cli.ts']
   return spawn(process.execPath, [...nodeFlags, ...entry, command], {
@@ -81,7 +83,9 @@ export async function startOrigin(options: {
   const children: Partial<Record<'enclave' | 'parent', ChildProcess>> = {}
   const outputs: Record<string, string> = { enclave: '', parent: '' }
   const start = (which: 'enclave' | 'parent') => {
-    const child = cli(which, env, options.builtCli)
+    // The enclave has no credentials of its own, as in a Nitro Enclave: its KMS calls sign with those the parent delivers.
+    const { AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, ...enclaveEnv } = env
+    const child = cli(which, which === 'enclave' ? enclaveEnv : env, options.builtCli)
     outputs[which] = ''
     child.stdout!.on('data', (chunk) => (outputs[which] += chunk))
     child.stderr!.on('data', (chunk) => (outputs[which] += chunk))

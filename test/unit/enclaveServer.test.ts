@@ -2,6 +2,7 @@ import { connect, type Socket } from 'node:net'
 import { afterAll, beforeAll, expect, it } from 'vitest'
 import { keccak256, toHex } from 'viem'
 import { developmentAttestation, type KmsDataKeys } from '../../enclave-origin/enclave/dataKey.js'
+import { DeliveredCredentials } from '../../enclave-origin/enclave/deliveredCredentials.js'
 import { SignEngine } from '../../enclave-origin/enclave/engine.js'
 import { KeyCache } from '../../enclave-origin/enclave/keyCache.js'
 import { EnclaveService, serveEnclave } from '../../enclave-origin/enclave/server.js'
@@ -23,7 +24,7 @@ beforeAll(async () => {
   await engine.start()
   const cache = new KeyCache({ now: Date.now, unlock: () => Promise.reject(new Error('no unlock in this test')) })
   cache.setDek(new Uint8Array(dek))
-  const service = new EnclaveService({ cache, engine, dataKeys: noKms, kmsKeyId: 'test', attestation: developmentAttestation })
+  const service = new EnclaveService({ cache, engine, dataKeys: noKms, kmsKeyId: 'test', credentials: new DeliveredCredentials(), attestation: developmentAttestation })
   ;({ close } = await serveEnclave({ service, address: { host: '127.0.0.1', port }, log: () => {} }))
 })
 

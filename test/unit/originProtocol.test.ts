@@ -4,6 +4,7 @@ import {
   decodeAttestResponse,
   decodeCreateRequest,
   decodeCreateResponse,
+  decodeCredentials,
   decodeEmptyPayload,
   decodeErrorMessage,
   decodeGetRequest,
@@ -20,6 +21,7 @@ import {
   encodeAttestResponse,
   encodeCreateRequest,
   encodeCreateResponse,
+  encodeCredentials,
   encodeErrorMessage,
   encodeGetRequest,
   encodeGetResponse,
@@ -141,6 +143,16 @@ describe('every message survives encode then decode unchanged', () => {
     const wrappedDek = filled(2, 9)
     expect(encodeUnlockRequest({ wrappedDek })).toEqual(new Uint8Array([0, 0, 0, 2, 9, 9, 0, 0, 0, 0]))
     expect(decodeUnlockRequest(new Uint8Array([0, 0, 0, 2, 9, 9, 0, 0, 0, 0]))).toEqual({ wrappedDek })
+  })
+
+  it('CREDENTIALS: with and without a session token; both keys required', () => {
+    const credentials = { accessKeyId: 'AKIAEXAMPLE', secretAccessKey: 's'.repeat(40) }
+    expect(decodeCredentials(encodeCredentials(credentials))).toEqual(credentials)
+    const temporary = { ...credentials, sessionToken: 't'.repeat(1_200) }
+    expect(decodeCredentials(encodeCredentials(temporary))).toEqual(temporary)
+    expect(() => encodeCredentials({ ...credentials, accessKeyId: '' })).toThrow('CREDENTIALS need an access key id and a secret access key')
+    expect(() => decodeCredentials(new Uint8Array([0, 0, 0, 1, 120, 0, 0]))).toThrow('CREDENTIALS request: an access key id and a secret access key are required')
+    expect(() => decodeCredentials(encodeCredentials(credentials).subarray(0, 20))).toThrow("CREDENTIALS request: secretAccessKey needs 40 bytes, 5 left")
   })
 
   it('ATTEST response: the delivery recipient and the document, which may be empty', () => {

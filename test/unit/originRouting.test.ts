@@ -6,6 +6,7 @@ import { recoverAddress, serializeSignature, type Hex } from 'viem'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import type { StreamAddress } from '../../enclave-origin/config.js'
 import { developmentAttestation, KmsDataKeys } from '../../enclave-origin/enclave/dataKey.js'
+import { DeliveredCredentials } from '../../enclave-origin/enclave/deliveredCredentials.js'
 import { SignEngine } from '../../enclave-origin/enclave/engine.js'
 import { KeyCache } from '../../enclave-origin/enclave/keyCache.js'
 import { EnclaveService, serveEnclave } from '../../enclave-origin/enclave/server.js'
@@ -25,29 +26,32 @@ let kms: LocalKms
 let directory: string
 let store: DiskBlobStore
 let parent: OriginParent
-const enclaves: Array<{ id: string; address: StreamAddress; cache: KeyCache; close(): Promise<void>; engine: SignEngine }> = []
+const enclaves: Array<{ id: string; address: StreamAddress; cache: KeyCache; credentials: DeliveredCredentials; close(): Promise<void>; engine: SignEngine }> = []
+let addresses: Array<{ id: string; address: StreamAddress }>
 
 beforeAll(async () => {
   kms = await startLocalKms({ port: 18685 })
   const kmsKeyId = kms.createSymmetricKey()
   directory = mkdtempSync(path.join(tmpdir(), 'origin-routing-'))
-  const addresses: Array<{ id: string; address: StreamAddress }> = [
+  addresses = [
     { id: 'enclave-unix', address: { path: path.join(directory, 'enclave.sock') } },
     { id: 'enclave-tcp', address: { host: '127.0.0.1', port: 18686 } },
   ]
   for (const { id, address } of addresses) {
-    const client = new KMSClient({ endpoint: kms.url, region: kms.credentials.region, credentials: kms.credentials, maxAttempts: 1 })
+    // Only the credentials the parent delivers: the enclave has none of its own.
+    const credentials = new DeliveredCredentials()
+    const client = new KMSClient({ endpoint: kms.url, region: kms.credentials.region, credentials: credentials.provider, maxAttempts: 1 })
     const dataKeys = new KmsDataKeys({ client, kmsKeyId, attestation: developmentAttestation })
     const engine = new SignEngine({ threads: 1 })
     await engine.start()
     let service: EnclaveService | undefined
     const cache = new KeyCache({ now: Date.now, unlock: () => service!.unwrapLastDek() })
-    service = new EnclaveService({ cache, engine, dataKeys, kmsKeyId, attestation: developmentAttestation })
+    service = new EnclaveService({ cache, engine, dataKeys, kmsKeyId, credentials, attestation: developmentAttestation })
     const { close } = await serveEnclave({ service, address, log: () => {} })
-    enclaves.push({ id, address, cache, close, engine })
+    enclaves.push({ id, address, cache, credentials, close, engine })
   }
   store = await openDiskBlobStore({ directory: path.join(directory, 'store') })
-  parent = new OriginParent({ enclaves: addresses, poolSize: 2, store, requestTimeoutMs: 2_000 })
+  parent = new OriginParent({ enclaves: addresses, poolSize: 2, store, requestTimeoutMs: 2_000, credentials: async () => kms.credentials })
   await parent.start()
 })
 
@@ -81,6 +85,47 @@ describe('OriginParent with several enclaves', () => {
       const recovered = await recoverAddress({ hash: digest, signature: serializeSignature({ r: `0x${signature.slice(2, 66)}`, s: `0x${signature.slice(66)}`, yParity: recoveryId }) })
       expect(recovered).toBe(key.address)
     }
+  })
+})
+
+describe('AWS credentials for the enclaves\u2019 KMS calls', () => {
+  it('reach every enclave before its unlock, and again every refresh period', async () => {
+    let deliveries = 0
+    // A session token that changes with every call to the provider shows which delivery an enclave holds.
+    const refreshing = new OriginParent({
+      enclaves: addresses,
+      poolSize: 1,
+      store,
+      requestTimeoutMs: 2_000,
+      credentials: async () => ({ ...kms.credentials, sessionToken: `token-${++deliveries}` }),
+      credentialRefreshMs: 50,
+    })
+    try {
+      await refreshing.start()
+      const held = () => Promise.all(enclaves.map(async (enclave) => Number((await enclave.credentials.provider()).sessionToken!.slice('token-'.length))))
+      expect(Math.min(...(await held()))).toBeGreaterThan(0)
+      const before = deliveries
+      await new Promise((resolve) => setTimeout(resolve, 300))
+      expect(deliveries).toBeGreaterThanOrEqual(before + 2 * enclaves.length)
+      // Each holds one of the latest round's, and its KMS calls sign with them.
+      for (const token of await held()) expect(token).toBeGreaterThan(before)
+      await refreshing.unlock()
+    } finally {
+      refreshing.close()
+    }
+  })
+
+  it('an unlock without credentials to give fails, saying so', async () => {
+    const without = new OriginParent({ enclaves: addresses, poolSize: 1, store, requestTimeoutMs: 2_000, credentials: () => Promise.reject(new Error('no instance role')) })
+    try {
+      await expect(without.unlock()).rejects.toThrow('no AWS credentials to give the enclave: no instance role')
+    } finally {
+      without.close()
+    }
+  })
+
+  it('an enclave asked for KMS before any delivery says why it cannot', async () => {
+    await expect(new DeliveredCredentials().provider()).rejects.toThrow('no AWS credentials yet: the parent delivers them before its first UNLOCK')
   })
 })
 

@@ -7,6 +7,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import { keccak256, recoverAddress, toHex, type Hex } from 'viem'
 import { generatePrivateKey, privateKeyToAddress } from 'viem/accounts'
 import type { KmsDataKeys } from '../../enclave-origin/enclave/dataKey.js'
+import { DeliveredCredentials } from '../../enclave-origin/enclave/deliveredCredentials.js'
 import { SignEngine } from '../../enclave-origin/enclave/engine.js'
 import { KeyCache } from '../../enclave-origin/enclave/keyCache.js'
 import { EnclaveService } from '../../enclave-origin/enclave/server.js'
@@ -42,7 +43,7 @@ beforeAll(async () => {
   identity = generated.identity
   await writeFile(path.join(dir, 'shares.age'), await sealShareFile({ entries: accounts, recipient: generated.recipient }))
   const cache = new KeyCache({ now: Date.now, unlock: () => Promise.reject(new Error('no unlock in this test')) })
-  service = new EnclaveService({ cache, engine, dataKeys: noKms, kmsKeyId: 'test', attestation: nsm.provider, preloadFile: path.join(dir, 'shares.age') })
+  service = new EnclaveService({ cache, engine, dataKeys: noKms, kmsKeyId: 'test', credentials: new DeliveredCredentials(), attestation: nsm.provider, preloadFile: path.join(dir, 'shares.age') })
 })
 
 afterAll(async () => {

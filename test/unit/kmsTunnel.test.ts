@@ -1,0 +1,116 @@
+import { connect, createServer, type Server, type Socket } from 'node:net'
+import { createServer as createTlsServer } from 'node:tls'
+import { KMSClient } from '@aws-sdk/client-kms'
+import { afterAll, beforeAll, describe, expect, it } from 'vitest'
+import { developmentAttestation, KmsDataKeys } from '../../enclave-origin/enclave/dataKey.js'
+import { kmsTunnelAgent } from '../../enclave-origin/enclave/kmsTunnel.js'
+import { startLocalKms, type LocalKms } from '../support/kmsServer.js'
+import { startTestCa, type TestCa } from '../support/testCertificates.js'
+
+/**
+ * The enclave reaches KMS only through a byte stream to the parent (vsock
+ * there; TCP here, the same code after the connect). Here: the local KMS
+ * behind a TLS front that holds a certificate for `kms.tunnel.test` (standing
+ * in for KMS's HTTPS endpoint), and a blind relay in front of that (standing
+ * in for the parent's vsock-proxy) that records every byte it carries. The
+ * host name resolves nowhere: a request that arrives went through the tunnel.
+ */
+
+const ports = { kms: 18681, front: 18682, relay: 18683, impostor: 18684, closed: 18685 }
+const kmsHost = 'kms.tunnel.test'
+
+let kms: LocalKms
+let ca: TestCa
+let otherCa: TestCa
+const servers: Server[] = []
+const relayed: Buffer[] = []
+
+/** Accepts on `port` and pipes each connection to `to`, calling `seen` with what passes either way. */
+function pipeServer(port: number, to: number, seen?: (chunk: Buffer) => void): Promise<void> {
+  const server = createServer((socket: Socket) => {
+    const upstream = connect(to, '127.0.0.1')
+    for (const [from, into] of [[socket, upstream], [upstream, socket]] as const) {
+      from.on('data', (chunk: Buffer) => {
+        seen?.(chunk)
+        into.write(chunk)
+      })
+      from.on('end', () => into.end())
+      from.on('error', () => into.destroy())
+    }
+  })
+  servers.push(server)
+  return new Promise((resolve) => server.listen(port, '127.0.0.1', resolve))
+}
+
+/** TLS with `certificate`, its clear side piped to the local KMS. */
+function tlsFront(port: number, certificate: { cert: string; key: string }): Promise<void> {
+  const server = createTlsServer(certificate, (clear) => {
+    const upstream = connect(ports.kms, '127.0.0.1')
+    clear.pipe(upstream).pipe(clear)
+    clear.on('error', () => upstream.destroy())
+    upstream.on('error', () => clear.destroy())
+  })
+  servers.push(server)
+  return new Promise((resolve) => server.listen(port, '127.0.0.1', resolve))
+}
+
+beforeAll(async () => {
+  kms = await startLocalKms({ port: ports.kms })
+  ca = startTestCa('test KMS CA')
+  otherCa = startTestCa('a parent of its own')
+  await tlsFront(ports.front, ca.issue('kms', `DNS:${kmsHost}`))
+  await pipeServer(ports.relay, ports.front, (chunk) => relayed.push(chunk))
+  // A parent that ends TLS itself, with a certificate of its own for the same name.
+  await tlsFront(ports.impostor, otherCa.issue('kms', `DNS:${kmsHost}`))
+})
+
+afterAll(async () => {
+  await Promise.all(servers.map((server) => new Promise((resolve) => server.close(resolve))))
+  await kms?.stop()
+  ca?.close()
+  otherCa?.close()
+})
+
+function dataKeysThrough(port: number) {
+  const client = new KMSClient({
+    endpoint: `https://${kmsHost}`,
+    region: kms.credentials.region,
+    credentials: kms.credentials,
+    maxAttempts: 1,
+    requestHandler: { httpsAgent: kmsTunnelAgent({ address: { host: '127.0.0.1', port }, tls: { ca: ca.caPem } }) },
+  })
+  return { client, keys: new KmsDataKeys({ client, kmsKeyId: kms.createSymmetricKey(), attestation: developmentAttestation }) }
+}
+
+describe('KMS through the tunnel', () => {
+  it('generates and unwraps a data key, and the relay carries only TLS', async () => {
+    const { client, keys } = dataKeysThrough(ports.relay)
+    try {
+      const { dek, wrapped } = await keys.generate()
+      expect(Buffer.from(await keys.unwrap(wrapped))).toEqual(Buffer.from(dek))
+      const carried = Buffer.concat(relayed)
+      expect(carried.length).toBeGreaterThan(1_000)
+      for (const clear of ['TrentService', 'Authorization', 'Plaintext', Buffer.from(dek).toString('base64')]) expect(carried.includes(clear)).toBe(false)
+    } finally {
+      client.destroy()
+    }
+  })
+
+  it('refuses a relay that ends TLS itself, even with a certificate for the right name', async () => {
+    const { client, keys } = dataKeysThrough(ports.impostor)
+    try {
+      await expect(keys.generate()).rejects.toThrow(/self[- ]signed certificate|unable to verify|unable to get local issuer/)
+    } finally {
+      client.destroy()
+    }
+  })
+
+  it('fails clearly when the tunnel cannot be opened', async () => {
+    const { client, keys } = dataKeysThrough(ports.closed)
+    try {
+      await expect(keys.generate()).rejects.toThrow(/cannot open the KMS tunnel: .*ECONNREFUSED/)
+    } finally {
+      client.destroy()
+    }
+  })
+})
