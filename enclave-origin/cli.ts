@@ -11,6 +11,8 @@
  *                                  each enclave's recipient once its attestation document checks
  *                                  out against the Nitro root certificate R, and PCR0 if given;
  *                                  --allow-unattested: development enclaves, no document)
+ *   origin rotate-data-key         re-seal every key under a new data key from KMS, then forget the old
+ *                                  one; run it again to finish one that was interrupted
  *   origin preload-identity        a new age identity for a share file: prints {identity, recipient}
  *   origin seal-shares --in F --recipient R --out G
  *                                  age-encrypt a [{account_id, share}] JSON file for preload mode
@@ -111,6 +113,7 @@ const commands: Record<string, () => Promise<unknown>> = {
     const sealedPreloadIdentities = Object.fromEntries([...sealed].map(([id, bytes]) => [id, Buffer.from(bytes).toString('base64')]))
     console.log(JSON.stringify(await call('POST', '/v1/unlock', { sealedPreloadIdentities })))
   },
+  'rotate-data-key': async () => console.log(JSON.stringify(await call('POST', '/v1/data-key/rotate'))),
   'preload-identity': async () => console.log(JSON.stringify(await generatePreloadIdentity())),
   'seal-shares': async () => {
     const entries = JSON.parse(readFileSync(option('in') ?? '', 'utf8')) as ShareFileEntry[]

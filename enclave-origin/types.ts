@@ -23,8 +23,13 @@ export type SealedKeyRecord = {
   sealed: Uint8Array
 }
 
-/** The data-encryption key as KMS wraps it (GenerateDataKey CiphertextBlob); the parent stores it, only the enclave unwraps it. */
-export type WrappedDek = { keyId: string; ciphertext: Uint8Array }
+/**
+ * The data-encryption key as KMS wraps it (GenerateDataKey CiphertextBlob);
+ * the parent stores it, only the enclave unwraps it. During a rotation also
+ * `retiring`, the one it replaces, which still opens the records not yet
+ * re-sealed.
+ */
+export type WrappedDek = { keyId: string; ciphertext: Uint8Array; retiring?: { keyId: string; ciphertext: Uint8Array } }
 
 /** A signature as the engine returns it: 64-byte compact r ‖ s (low-s) and the recovery id. */
 export type RawSignature = { signature: Uint8Array; recoveryId: number }

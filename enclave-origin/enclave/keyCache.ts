@@ -36,8 +36,8 @@ export type KeyCacheOptions = {
   random?: () => number
   /** Monotonic ms clock that times inline refreshes against their budget. */
   monotonicNow?: () => number
-  /** Fetches the plaintext DEK (in production, KMS Decrypt bound to attestation). */
-  unlock: () => Promise<Uint8Array>
+  /** Fetches the plaintext DEK, and a rotation's retiring one (in production, KMS Decrypt bound to attestation). */
+  unlock: () => Promise<DataKeys>
   /** Called synchronously; if it throws for a grace signature, the signature is not given. */
   audit?: (event: KeyCacheAuditEvent) => void
   keySoftTtlMs?: number
@@ -69,6 +69,12 @@ export const keyCacheDefaults: KeyCacheConfig = {
   prewarmJitter: 0.1,
   graceSignatures: 0,
 }
+
+/**
+ * The DEK that seals, and during a rotation the retiring one it replaces,
+ * which still opens records not yet re-sealed (`reseal`).
+ */
+export type DataKeys = { dek: Uint8Array; retiring?: Uint8Array }
 
 export type AcquireResult =
   | { kind: 'ok'; privateKey: Uint8Array; grace: boolean }
@@ -108,7 +114,7 @@ type KeyEntry = {
   lastUsedAt: number
 }
 
-type CachedDek = { bytes: Uint8Array; softExpiresAt: number; hardExpiresAt: number; renewAt: number }
+type CachedDek = { bytes: Uint8Array; retiring: Uint8Array | undefined; softExpiresAt: number; hardExpiresAt: number; renewAt: number }
 
 type Counters = Omit<KeyCacheStats, 'keys' | 'inlineRefreshMs'>
 
@@ -117,7 +123,7 @@ export class KeyCache {
   private readonly now: () => number
   private readonly random: () => number
   private readonly monotonicNow: () => number
-  private readonly unlock: () => Promise<Uint8Array>
+  private readonly unlock: () => Promise<DataKeys>
   private readonly audit: (event: KeyCacheAuditEvent) => void
 
   private readonly entries = new Map<string, KeyEntry>()
@@ -156,14 +162,19 @@ export class KeyCache {
     this.graceLeft = this.config.graceSignatures
   }
 
-  /** Installs a plaintext DEK (after an explicit UNLOCK, or what `unlock` returned); zeroes the one it replaces. */
-  setDek(dek: Uint8Array): void {
-    if (dek.length !== 32) throw new RangeError(`DEK must be 32 bytes, got ${dek.length}`)
+  /**
+   * Installs a plaintext DEK, and a rotation's retiring one if given (after an
+   * explicit UNLOCK, or what `unlock` returned); zeroes those it replaces.
+   * Both lapse together.
+   */
+  setDek(dek: Uint8Array, retiring?: Uint8Array): void {
+    for (const bytes of retiring ? [dek, retiring] : [dek]) if (bytes.length !== 32) throw new RangeError(`DEK must be 32 bytes, got ${bytes.length}`)
     const now = this.now()
-    if (this.dek && this.dek.bytes !== dek) zero(this.dek.bytes)
+    if (this.dek) this.dropDek(this.dek, [dek, retiring])
     const { dekSoftTtlMs, dekHardTtlMs, prewarmJitter } = this.config
     this.dek = {
       bytes: dek,
+      retiring,
       softExpiresAt: now + dekSoftTtlMs,
       hardExpiresAt: now + dekHardTtlMs,
       renewAt: now + dekSoftTtlMs - this.random() * prewarmJitter * dekSoftTtlMs,
@@ -208,6 +219,33 @@ export class KeyCache {
     const version = 1
     const record: SealedKeyRecord = { keyId, version, state: 'active', publicKey, sealed: sealPrivateKey({ privateKey, dek: dek.bytes, keyId, version }) }
     return { kind: 'ok', record: this.addWarm({ record, privateKey }) }
+  }
+
+  /**
+   * Seals a key again under the current DEK, one version up, for a DEK
+   * rotation: its record may be sealed under the retiring DEK. The new record
+   * replaces the held one (a WARM key stays WARM) and is returned for the
+   * parent to store. With no valid DEK: needs-unlock, and an unlock starts.
+   */
+  reseal(keyId: string): { kind: 'ok'; record: SealedKeyRecord } | { kind: 'not-found' } | { kind: 'needs-unlock'; retryAfterMs: number } {
+    const entry = this.entries.get(keyId)
+    if (!entry) return { kind: 'not-found' }
+    const dek = this.validDek(this.now())
+    if (!dek) {
+      void this.startUnlock()
+      this.counters.needsUnlock += 1
+      return { kind: 'needs-unlock', retryAfterMs: this.retryAfterMs() }
+    }
+    const privateKey = unsealWith(entry.record, dek)
+    try {
+      const version = entry.record.version + 1
+      const sealed = this.bytes.copy(sealPrivateKey({ privateKey, dek: dek.bytes, keyId, version }))
+      this.bytes.release(entry.record.sealed)
+      entry.record = { ...entry.record, version, sealed }
+      return { kind: 'ok', record: entry.record }
+    } finally {
+      zero(privateKey)
+    }
   }
 
   /** Changes a key's lifecycle state; a key that stops being active loses its plaintext at once. False if unknown. */
@@ -281,7 +319,7 @@ export class KeyCache {
     this.bytes.clear()
     this.entries.clear()
     this.keysAwaitingUnlock.clear()
-    if (this.dek) zero(this.dek.bytes)
+    if (this.dek) this.dropDek(this.dek)
     this.dek = undefined
   }
 
@@ -341,10 +379,10 @@ export class KeyCache {
 
   /** Opens the sealed record with the DEK and makes it the key's plaintext, with fresh TTLs and budget. */
   private rederive({ entry, dek, now }: { entry: KeyEntry; dek: CachedDek; now: number }): Uint8Array {
-    const { keyId, version, sealed } = entry.record
+    const { keyId, version } = entry.record
     let privateKey: Uint8Array
     try {
-      privateKey = unsealPrivateKey({ sealed, dek: dek.bytes, keyId, version })
+      privateKey = unsealWith(entry.record, dek)
     } catch (error) {
       this.counters.refreshFailures += 1
       this.audit({ type: 'refresh-failed', keyId, version, reason: messageOf(error), at: now })
@@ -394,7 +432,7 @@ export class KeyCache {
     const attempt = Promise.resolve()
       .then(() => this.unlock())
       .then(
-        (dek) => this.installUnlockedDek(dek, generation),
+        (keys) => this.installUnlockedDek(keys, generation),
         () => {
           this.counters.unlockFailures += 1
           return false
@@ -408,15 +446,19 @@ export class KeyCache {
     return attempt
   }
 
-  private installUnlockedDek(dek: Uint8Array, generation: number): boolean {
+  private installUnlockedDek(keys: DataKeys, generation: number): boolean {
+    const discard = () => {
+      zero(keys.dek)
+      if (keys.retiring) zero(keys.retiring)
+    }
     if (generation !== this.generation) {
-      zero(dek)
+      discard()
       return false
     }
     try {
-      this.setDek(dek)
+      this.setDek(keys.dek, keys.retiring)
     } catch {
-      zero(dek)
+      discard()
       this.counters.unlockFailures += 1
       return false
     }
@@ -444,10 +486,15 @@ export class KeyCache {
   /** The DEK if still before its hard TTL; a lapsed one is zeroed and dropped here. */
   private validDek(now: number): CachedDek | undefined {
     if (this.dek && now >= this.dek.hardExpiresAt) {
-      zero(this.dek.bytes)
+      this.dropDek(this.dek)
       this.dek = undefined
     }
     return this.dek
+  }
+
+  /** Zeroes a cached DEK and its retiring one, but for the buffers in `keep` (being installed again). */
+  private dropDek(dek: CachedDek, keep: Array<Uint8Array | undefined> = []): void {
+    for (const bytes of [dek.bytes, dek.retiring]) if (bytes && !keep.includes(bytes)) zero(bytes)
   }
 
   /** Copies `privateKey` into the key's slab view (over the plaintext it had, if any) and returns the view. */
@@ -517,6 +564,17 @@ export class KeyCache {
   private track(work: Promise<unknown>): void {
     this.backgroundWork.add(work)
     void work.finally(() => this.backgroundWork.delete(work))
+  }
+}
+
+/** The record's private key, opened with the DEK, or during a rotation with the retiring one. Throws SealingError if neither opens it. */
+function unsealWith(record: SealedKeyRecord, dek: CachedDek): Uint8Array {
+  const { keyId, version, sealed } = record
+  try {
+    return unsealPrivateKey({ sealed, dek: dek.bytes, keyId, version })
+  } catch (error) {
+    if (!dek.retiring) throw error
+    return unsealPrivateKey({ sealed, dek: dek.retiring, keyId, version })
   }
 }
 

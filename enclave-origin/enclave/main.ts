@@ -48,7 +48,7 @@ export async function runEnclave(): Promise<() => Promise<void>> {
   let service: EnclaveService | undefined
   const cache = new KeyCache({
     now: Date.now,
-    unlock: () => service!.unwrapLastDek(),
+    unlock: () => service!.unwrapLastDataKeys(),
     graceSignatures: integerSetting('GRACE_SIGNATURES', { min: 0, max: 1_000_000, fallback: 0 }),
     audit: (event) => logLine({ level: 'warn', event: 'key_cache_audit', ...event }),
   })

@@ -11,6 +11,7 @@ import {
   decodeEmptyPayload,
   decodeGetRequest,
   decodeLoadRequest,
+  decodeResealRequest,
   decodeSetStateRequest,
   decodeSignRequest,
   decodeUnlockRequest,
@@ -28,7 +29,7 @@ import type { RawSignature, WrappedDek } from '../types.js'
 import type { AttestationProvider, KmsDataKeys } from './dataKey.js'
 import type { DeliveredCredentials } from './deliveredCredentials.js'
 import type { SignEngine } from './engine.js'
-import type { KeyCache } from './keyCache.js'
+import type { DataKeys, KeyCache } from './keyCache.js'
 import { memoryFigures } from './memory.js'
 import { secp256k1 } from './nativeSecp256k1.js'
 import { loadPreloadFile, PreloadedKeys, PreloadError } from './preload.js'
@@ -45,7 +46,7 @@ const utf8 = new TextEncoder()
  * key that cannot be used now gets NEEDS_UNLOCK with a retry-after at once.
  */
 export class EnclaveService {
-  /** The wrapped DEK from the last UNLOCK: what a background unlock unwraps again. */
+  /** The wrapped DEK (and a rotation's retiring one) from the last UNLOCK: what a background unlock unwraps again. */
   private wrappedDek: WrappedDek | undefined
   /** Preload mode: account keys from the age-encrypted file, once an UNLOCK delivers its identity. */
   private preloaded: PreloadedKeys | undefined
@@ -109,10 +110,16 @@ export class EnclaveService {
     this.preloaded = undefined
   }
 
-  /** For the key cache's `unlock` option: unwrap the DEK the parent last handed over. */
-  unwrapLastDek = async (): Promise<Uint8Array> => {
+  /** For the key cache's `unlock` option: unwrap the DEK (and retiring DEK) the parent last handed over. */
+  unwrapLastDataKeys = async (): Promise<DataKeys> => {
     if (!this.wrappedDek) throw new Error('no data key handed over yet; the parent must send UNLOCK')
-    return this.options.dataKeys.unwrap(this.wrappedDek)
+    return this.unwrapDataKeys(this.wrappedDek)
+  }
+
+  private async unwrapDataKeys(wrapped: WrappedDek): Promise<DataKeys> {
+    const { dataKeys } = this.options
+    const [dek, retiring] = await Promise.all([dataKeys.unwrap(wrapped), wrapped.retiring && dataKeys.unwrap(wrapped.retiring)])
+    return retiring ? { dek, retiring } : { dek }
   }
 
   async handle(frame: Frame): Promise<Answer> {
@@ -160,7 +167,7 @@ export class EnclaveService {
         return cache.setState(keyId, state) ? { status: statuses.OK, payload: emptyPayload } : fail(statuses.NOT_FOUND, `no key ${keyId}`)
       }
       case opcodes.UNLOCK: {
-        const { wrappedDek, sealedPreloadIdentity } = decodeUnlockRequest(frame.payload)
+        const { wrappedDek, retiringWrappedDek, sealedPreloadIdentity } = decodeUnlockRequest(frame.payload)
         if (sealedPreloadIdentity) {
           if (!this.options.preloadFile) return fail(statuses.BAD_REQUEST, 'this enclave has no preload file')
           const preloadIdentity = await this.openDelivered(sealedPreloadIdentity)
@@ -178,9 +185,28 @@ export class EnclaveService {
           cache.setDek(dek)
           return { status: statuses.OK, payload: encodeUnlockResponse({ wrappedDek: wrapped.ciphertext }) }
         }
-        this.wrappedDek = { keyId: this.options.kmsKeyId, ciphertext: wrappedDek }
-        cache.setDek(await this.options.dataKeys.unwrap(this.wrappedDek))
+        // Both under this enclave's KMS key: a rotation makes the new DEK there too.
+        const wrapped: WrappedDek = { keyId: this.options.kmsKeyId, ciphertext: wrappedDek }
+        if (retiringWrappedDek) wrapped.retiring = { keyId: this.options.kmsKeyId, ciphertext: retiringWrappedDek }
+        const { dek, retiring } = await this.unwrapDataKeys(wrapped)
+        this.wrappedDek = wrapped
+        cache.setDek(dek, retiring)
         return { status: statuses.OK, payload: emptyPayload }
+      }
+      case opcodes.GENERATE_DATA_KEY: {
+        // A DEK for a rotation: only its wrapped form leaves, and the parent makes it durable before any UNLOCK installs it.
+        decodeEmptyPayload(frame.payload, 'GENERATE_DATA_KEY request')
+        const { dek, wrapped } = await this.options.dataKeys.generate()
+        zero(dek)
+        return { status: statuses.OK, payload: encodeUnlockResponse({ wrappedDek: wrapped.ciphertext }) }
+      }
+      case opcodes.RESEAL: {
+        const { keyId } = decodeResealRequest(frame.payload)
+        const resealed = cache.reseal(keyId)
+        if (resealed.kind === 'not-found') return fail(statuses.NOT_FOUND, `no key ${keyId}`)
+        if (resealed.kind === 'needs-unlock') return { status: statuses.NEEDS_UNLOCK, payload: encodeNeedsUnlock(resealed) }
+        const { record } = resealed
+        return { status: statuses.OK, payload: encodeCreateResponse({ publicKey: record.publicKey, sealed: record.sealed, version: record.version }) }
       }
       case opcodes.CREDENTIALS:
         this.options.credentials.set(decodeCredentials(frame.payload))

@@ -17,7 +17,7 @@ export interface BlobStore {
   list(): AsyncIterable<SealedKeyRecord>
   /** Durable like `put`; rejects for a key that was never put. */
   setState(keyId: string, state: KeyState): Promise<void>
-  /** Durable like `put`; a later call replaces the earlier DEK. */
+  /** Durable like `put`; a later call replaces the earlier DEK (and its `retiring` one, if any). */
   putWrappedDek(dek: WrappedDek): Promise<void>
   getWrappedDek(): Promise<WrappedDek | undefined>
   /** Waits for queued writes to become durable, then releases the store. */
@@ -68,8 +68,10 @@ export function assertNotOlder(record: SealedKeyRecord, storedVersion: number | 
 }
 
 export function validateDek(dek: WrappedDek): void {
-  validateKeyId(dek.keyId)
-  if (!(dek.ciphertext instanceof Uint8Array)) throw new TypeError('ciphertext must be a Uint8Array')
+  for (const each of dek.retiring ? [dek, dek.retiring] : [dek]) {
+    validateKeyId(each.keyId)
+    if (!(each.ciphertext instanceof Uint8Array)) throw new TypeError('ciphertext must be a Uint8Array')
+  }
 }
 
 /** Callers get and give copies, so mutating a record never changes what the store holds. */
@@ -84,5 +86,7 @@ export function copyRecord(record: SealedKeyRecord): SealedKeyRecord {
 }
 
 export function copyDek(dek: WrappedDek): WrappedDek {
-  return { keyId: dek.keyId, ciphertext: new Uint8Array(dek.ciphertext) }
+  const copy: WrappedDek = { keyId: dek.keyId, ciphertext: new Uint8Array(dek.ciphertext) }
+  if (dek.retiring) copy.retiring = { keyId: dek.retiring.keyId, ciphertext: new Uint8Array(dek.retiring.ciphertext) }
+  return copy
 }

@@ -582,7 +582,8 @@ function countingFile(file: LogFile, counters: DiskBlobStoreStats): LogFile {
 
 // ---------------------------------------------------------------- frame codec
 
-const ENTRY_KIND = { put: 1, state: 2, dek: 3 } as const
+/** `dekRotating`: a `dek` entry that also carries the retiring DEK of a rotation under way. */
+const ENTRY_KIND = { put: 1, state: 2, dek: 3, dekRotating: 4 } as const
 
 function encodeFrame(entry: LogEntry): Buffer {
   const payload = encodeEntry(entry)
@@ -602,7 +603,7 @@ function frameChecksum(payload: Uint8Array): number {
 
 function encodeEntry(entry: LogEntry): Buffer {
   const fields = new FieldWriter()
-  fields.u8(ENTRY_KIND[entry.kind])
+  fields.u8(entry.kind === 'dek' && entry.dek.retiring ? ENTRY_KIND.dekRotating : ENTRY_KIND[entry.kind])
   if (entry.kind === 'put') {
     const { keyId, version, state, publicKey, sealed } = entry.record
     fields.string(keyId)
@@ -615,8 +616,10 @@ function encodeEntry(entry: LogEntry): Buffer {
     fields.string(entry.keyId)
     fields.u8(keyStates.indexOf(entry.state))
   } else {
-    fields.string(entry.dek.keyId)
-    fields.bytes(entry.dek.ciphertext)
+    for (const dek of entry.dek.retiring ? [entry.dek, entry.dek.retiring] : [entry.dek]) {
+      fields.string(dek.keyId)
+      fields.bytes(dek.ciphertext)
+    }
   }
   return fields.finish()
 }
@@ -632,8 +635,10 @@ function decodeEntry(payload: Buffer, offset: number): LogEntry {
     entry = { kind: 'put', record: { keyId, version, state, publicKey: fields.bytes(), sealed: fields.bytes() } }
   } else if (kind === ENTRY_KIND.state) {
     entry = { kind: 'state', keyId: fields.string(), state: fields.state() }
-  } else if (kind === ENTRY_KIND.dek) {
-    entry = { kind: 'dek', dek: { keyId: fields.string(), ciphertext: fields.bytes() } }
+  } else if (kind === ENTRY_KIND.dek || kind === ENTRY_KIND.dekRotating) {
+    const dek: WrappedDek = { keyId: fields.string(), ciphertext: fields.bytes() }
+    if (kind === ENTRY_KIND.dekRotating) dek.retiring = { keyId: fields.string(), ciphertext: fields.bytes() }
+    entry = { kind: 'dek', dek }
   } else {
     throw fields.unreadable(`unknown entry kind ${kind}`)
   }

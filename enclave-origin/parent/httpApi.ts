@@ -18,7 +18,8 @@ const utf8 = new TextDecoder()
 
 /**
  * The parent's HTTP(S) API for the Worker and operators: create, sign, get,
- * freeze / unfreeze / archive, unlock, attestation, /healthz and /metrics. Every route but the two
+ * freeze / unfreeze / archive, unlock, attestation, DEK rotation, /healthz
+ * and /metrics. Every route but the two
  * probes needs an HMAC-signed request (stale or replayed ones are refused).
  */
 export function createParentApi(options: ParentApiOptions): Server {
@@ -63,6 +64,10 @@ export function createParentApi(options: ParentApiOptions): Server {
       if (typeof unlock === 'string') return send(response, 400, { error: unlock })
       await (unlock ? options.parent.unlockWithSealedPreloadIdentities(unlock) : options.parent.unlock())
       return send(response, 200, { ok: true })
+    }
+    if (request.method === 'POST' && path === '/v1/data-key/rotate') {
+      route.name = 'rotate-data-key'
+      return send(response, 200, await options.parent.rotateDataKey())
     }
     if (request.method === 'GET' && path === '/v1/attestation') {
       route.name = 'attestation'

@@ -16,6 +16,7 @@ import {
   encodeCredentials,
   encodeGetRequest,
   encodeLoadRequest,
+  encodeResealRequest,
   encodeSetStateRequest,
   encodeSignRequest,
   encodeUnlockRequest,
@@ -23,7 +24,7 @@ import {
   type AwsCredentials,
   type UnlockRequest,
 } from '../protocol/messages.js'
-import type { CacheState, KeyState } from '../types.js'
+import type { CacheState, KeyState, SealedKeyRecord } from '../types.js'
 import { KeyNotStoredError, type BlobStore } from './blobStore.js'
 import { EnclavePool, type EnclaveAddress } from './enclavePool.js'
 import { HashRing } from './hashRing.js'
@@ -75,6 +76,11 @@ export class OriginParent {
   }
 
   private credentialRefresh: ReturnType<typeof setInterval> | undefined
+  /** Creates not yet answered: a DEK rotation waits for those sealed under the old DEK. */
+  private readonly creating = new Set<Promise<unknown>>()
+  /** The last state change or re-seal per key: each waits for the one before, so neither undoes the other in the store. */
+  private readonly keyWork = new Map<string, Promise<unknown>>()
+  private rotating: Promise<{ resealed: number }> | undefined
 
   private async call(enclave: Enclave, opcode: Opcode, payload: Uint8Array): Promise<Frame> {
     return enclave.pool.request({ opcode, payload, timeoutMs: this.options.requestTimeoutMs })
@@ -122,13 +128,110 @@ export class OriginParent {
       await this.options.store.putWrappedDek({ keyId: 'enclave-data-key', ciphertext: decodeUnlockResponse(frame.payload).wrappedDek })
     }
     await Promise.all(this.enclaves.map((enclave) => this.unlock(enclave)))
-    const loads: Promise<unknown>[] = []
-    for await (const record of this.options.store.list()) {
-      const enclave = this.ring.nodeFor(record.keyId)
-      loads.push(this.call(enclave, opcodes.LOAD, encodeLoadRequest(record)).then((frame) => this.check(enclave, frame)))
-      if (loads.length >= 256) await Promise.all(loads.splice(0))
+    await this.forEachStored((record) => this.load(record))
+  }
+
+  /**
+   * Runs `work` for every stored record, 256 at a time. Resolves to how many
+   * there were; rejects with the first failure, once nothing it started still runs.
+   */
+  private async forEachStored(work: (record: SealedKeyRecord) => Promise<unknown>): Promise<number> {
+    let count = 0
+    const running: Promise<unknown>[] = []
+    const settle = async () => {
+      const failed = (await Promise.allSettled(running.splice(0))).find((result) => result.status === 'rejected')
+      if (failed) throw failed.reason
     }
-    await Promise.all(loads)
+    for await (const record of this.options.store.list()) {
+      count += 1
+      running.push(work(record))
+      if (running.length >= 256) await settle()
+    }
+    await settle()
+    return count
+  }
+
+  /** Hands a stored record to the enclave that owns its key. */
+  private async load(record: SealedKeyRecord): Promise<Enclave> {
+    const enclave = this.ring.nodeFor(record.keyId)
+    this.check(enclave, await this.call(enclave, opcodes.LOAD, encodeLoadRequest(record)))
+    return enclave
+  }
+
+  /**
+   * Re-seals every key under a new DEK from KMS, then forgets the old one.
+   * Each step is durable before the next, so a crash anywhere loses nothing
+   * and a new call resumes (see the README's DEK rotation). Keys sign
+   * throughout. One rotation at a time; a second call joins the first.
+   */
+  rotateDataKey(): Promise<{ resealed: number }> {
+    this.rotating ??= this.rotate().finally(() => {
+      this.rotating = undefined
+    })
+    return this.rotating
+  }
+
+  private async rotate(): Promise<{ resealed: number }> {
+    const { store } = this.options
+    let wrapped = await store.getWrappedDek()
+    if (!wrapped) throw new OriginRequestError('unavailable', 'no data key stored yet')
+    if (!wrapped.retiring) {
+      // 1. A new DEK, durable (with the old one as retiring) before any enclave seals with it.
+      const first = this.enclaves[0]!
+      await this.deliverCredentials(first)
+      const frame = this.check(first, await this.call(first, opcodes.GENERATE_DATA_KEY, emptyPayload))
+      wrapped = { keyId: wrapped.keyId, ciphertext: decodeUnlockResponse(frame.payload).wrappedDek, retiring: { keyId: wrapped.keyId, ciphertext: wrapped.ciphertext } }
+      await store.putWrappedDek(wrapped)
+    }
+    // 2. Every enclave seals with the new DEK and still opens with the old; creates sealed before that land first.
+    await this.unlockWithStored()
+    await Promise.allSettled([...this.creating])
+    // 3. Every stored key, sealed again, one version up. Then each enclave holds what the store holds.
+    const resealed = await this.forEachStored((record) => this.reseal(record.keyId))
+    await this.forEachStored((record) => this.load(record))
+    // 4. The old DEK is forgotten: in the store, then in every enclave.
+    await store.putWrappedDek({ keyId: wrapped.keyId, ciphertext: wrapped.ciphertext })
+    await this.unlockWithStored()
+    return { resealed }
+  }
+
+  /** Unlocks every enclave with what the store holds now: an unlock already running may have read it before it changed. */
+  private async unlockWithStored(): Promise<void> {
+    await Promise.all(
+      this.enclaves.map(async (enclave) => {
+        await enclave.unlocking?.catch(() => {})
+        await this.unlock(enclave)
+      }),
+    )
+  }
+
+  /** The key's stored record, sealed again by its enclave under the current DEK, stored back with the state it has by then. */
+  private reseal(keyId: string): Promise<void> {
+    return this.serializeKey(keyId, async () => {
+      const stored = await this.options.store.get(keyId)
+      if (!stored) return
+      // From the store, not the enclave's copy: an enclave that restarted may hold an older one, or none.
+      const enclave = await this.load(stored)
+      const request = async () => this.check(enclave, await this.call(enclave, opcodes.RESEAL, encodeResealRequest(keyId)))
+      // An enclave that restarted meanwhile has no DEK: unlock it (with both DEKs, from the store) and ask once more.
+      const frame = await request().catch(async (error: unknown) => {
+        if (!(error instanceof NeedsUnlockError)) throw error
+        await this.unlock(enclave)
+        return request()
+      })
+      const resealed = decodeCreateResponse(frame.payload)
+      await this.options.store.put({ ...stored, version: resealed.version, sealed: resealed.sealed })
+    })
+  }
+
+  private serializeKey<T>(keyId: string, work: () => Promise<T>): Promise<T> {
+    const run = (this.keyWork.get(keyId) ?? Promise.resolve()).catch(() => {}).then(work)
+    const settled = run.catch(() => {})
+    this.keyWork.set(keyId, settled)
+    void settled.then(() => {
+      if (this.keyWork.get(keyId) === settled) this.keyWork.delete(keyId)
+    })
+    return run
   }
 
   /** Each enclave's delivery recipient and the attestation document binding it (empty without attestation). */
@@ -150,7 +253,11 @@ export class OriginParent {
       throw new OriginRequestError('bad-request', `a sealed preload identity is needed for each enclave: ${[...missing.map((id) => `none for ${id}`), ...unknown.map((id) => `no enclave ${id}`)].join(', ')}`)
     }
     const wrapped = await this.options.store.getWrappedDek()
-    await Promise.all(this.enclaves.map((enclave) => this.sendUnlock(enclave, { wrappedDek: wrapped?.ciphertext ?? new Uint8Array(), sealedPreloadIdentity: sealed.get(enclave.id)! })))
+    await Promise.all(
+      this.enclaves.map((enclave) =>
+        this.sendUnlock(enclave, { wrappedDek: wrapped?.ciphertext ?? new Uint8Array(), retiringWrappedDek: wrapped?.retiring?.ciphertext, sealedPreloadIdentity: sealed.get(enclave.id)! }),
+      ),
+    )
   }
 
   /** Fresh credentials first, so the KMS calls the unlock makes sign with them. */
@@ -172,7 +279,7 @@ export class OriginParent {
     enclave.unlocking ??= (async () => {
       const wrapped = await this.options.store.getWrappedDek()
       if (!wrapped) throw new Error('no data key stored yet')
-      await this.sendUnlock(enclave, { wrappedDek: wrapped.ciphertext })
+      await this.sendUnlock(enclave, { wrappedDek: wrapped.ciphertext, retiringWrappedDek: wrapped.retiring?.ciphertext })
     })().finally(() => {
       enclave.unlocking = undefined
     })
@@ -180,7 +287,14 @@ export class OriginParent {
   }
 
   /** Creates a key inside its enclave; answers only once the sealed record is durable. */
-  async createKey(): Promise<KeyInfo> {
+  createKey(): Promise<KeyInfo> {
+    const creating = this.create()
+    this.creating.add(creating)
+    void creating.catch(() => {}).finally(() => this.creating.delete(creating))
+    return creating
+  }
+
+  private async create(): Promise<KeyInfo> {
     const keyId = randomUUID()
     const enclave = this.ring.nodeFor(keyId)
     const created = decodeCreateResponse(this.check(enclave, await this.call(enclave, opcodes.CREATE, encodeCreateRequest({ keyId }))).payload)
@@ -220,14 +334,16 @@ export class OriginParent {
   }
 
   /** Durable first, then the enclave: a frozen key stays frozen across restarts. */
-  async setState(keyId: string, state: KeyState): Promise<void> {
-    await this.options.store.setState(keyId, state).catch((error: unknown) => {
-      throw error instanceof KeyNotStoredError ? new OriginRequestError('not-found', `no key ${keyId}`) : error
+  setState(keyId: string, state: KeyState): Promise<void> {
+    return this.serializeKey(keyId, async () => {
+      await this.options.store.setState(keyId, state).catch((error: unknown) => {
+        throw error instanceof KeyNotStoredError ? new OriginRequestError('not-found', `no key ${keyId}`) : error
+      })
+      const enclave = this.ring.nodeFor(keyId)
+      const frame = await this.call(enclave, opcodes.SET_STATE, encodeSetStateRequest({ keyId, state }))
+      if (frame.status === statuses.NOT_FOUND) await this.reload(enclave, keyId)
+      else this.check(enclave, frame)
     })
-    const enclave = this.ring.nodeFor(keyId)
-    const frame = await this.call(enclave, opcodes.SET_STATE, encodeSetStateRequest({ keyId, state }))
-    if (frame.status === statuses.NOT_FOUND) await this.reload(enclave, keyId)
-    else this.check(enclave, frame)
   }
 
   /**

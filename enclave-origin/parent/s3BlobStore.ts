@@ -7,7 +7,7 @@ import { assertNotOlder, copyDek, copyRecord, isValidVersion, KeyNotStoredError,
  * of the sealed keys on their own disk. One object per key,
  *
  *   <prefix>keys/<encodeURIComponent(keyId)>.json   the SealedKeyRecord (binary fields base64)
- *   <prefix>dek.json                               the wrapped DEK
+ *   <prefix>dek.json                               the wrapped DEK (and, mid-rotation, the retiring one)
  *
  * S3 answers a PutObject only once the object is stored durably, so `put`,
  * `setState` and `putWrappedDek` resolve when their PutObject does. A
@@ -164,7 +164,8 @@ class S3Store implements S3BlobStore {
     this.assertOpen()
     validateDek(dek)
     const copy = copyDek(dek)
-    const body = JSON.stringify({ format: FORMAT, keyId: copy.keyId, ciphertext: toBase64(copy.ciphertext) })
+    const retiring = copy.retiring && { keyId: copy.retiring.keyId, ciphertext: toBase64(copy.retiring.ciphertext) }
+    const body = JSON.stringify({ format: FORMAT, keyId: copy.keyId, ciphertext: toBase64(copy.ciphertext), ...(retiring && { retiring }) })
     const objectName = this.prefix + S3_DEK_OBJECT
     return this.write('dek', async () => {
       this.dek = undefined
@@ -268,7 +269,13 @@ class S3Store implements S3BlobStore {
     const fields = parseObject(body, where)
     if (fields.format !== FORMAT) throw unreadable(where, `unknown format ${String(fields.format)}`)
     if (typeof fields.keyId !== 'string' || fields.keyId.length === 0) throw unreadable(where, 'keyId is not a non-empty string')
-    this.dek = { keyId: fields.keyId, ciphertext: fromBase64(fields.ciphertext, where, 'ciphertext') }
+    const dek: WrappedDek = { keyId: fields.keyId, ciphertext: fromBase64(fields.ciphertext, where, 'ciphertext') }
+    if (fields.retiring !== undefined) {
+      const retiring = fields.retiring as Record<string, unknown> | null
+      if (typeof retiring?.keyId !== 'string' || retiring.keyId.length === 0) throw unreadable(where, 'retiring.keyId is not a non-empty string')
+      dek.retiring = { keyId: retiring.keyId, ciphertext: fromBase64(retiring.ciphertext, where, 'retiring.ciphertext') }
+    }
+    this.dek = dek
     return this.dek
   }
 

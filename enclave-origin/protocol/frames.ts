@@ -23,6 +23,8 @@ export const opcodes = {
   LOAD: 7,
   ATTEST: 8,
   CREDENTIALS: 9,
+  GENERATE_DATA_KEY: 10,
+  RESEAL: 11,
 } as const
 export type Opcode = (typeof opcodes)[keyof typeof opcodes]
 

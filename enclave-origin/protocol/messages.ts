@@ -22,11 +22,13 @@ export type GetRequest = { keyId: string }
 export type GetResponse = { state: KeyState; cacheState: CacheState; publicKey: Uint8Array }
 export type SetStateRequest = { keyId: string; state: KeyState }
 /**
+ * `retiringWrappedDek`: during a DEK rotation, the DEK being replaced, which
+ * still opens the records not yet re-sealed.
  * `sealedPreloadIdentity`: the preload file's age identity, age-encrypted to
  * the enclave's own delivery recipient (see ATTEST), so the parent that
  * carries it cannot read it. Absent and empty are the same on the wire.
  */
-export type UnlockRequest = { wrappedDek: Uint8Array; sealedPreloadIdentity?: Uint8Array }
+export type UnlockRequest = { wrappedDek: Uint8Array; retiringWrappedDek?: Uint8Array; sealedPreloadIdentity?: Uint8Array }
 export type UnlockResponse = { wrappedDek: Uint8Array }
 export type HealthResponse = Record<string, unknown>
 /** AWS credentials for the enclave's KMS calls, which the parent delivers (an enclave has no other source). */
@@ -116,6 +118,17 @@ export function decodeCreateResponse(payload: Uint8Array): CreateResponse {
   return response
 }
 
+// RESEAL: a key id; the OK answer is laid out as CREATE's (the record sealed again, one version up).
+// GENERATE_DATA_KEY: an empty request; the OK answer is laid out as UNLOCK's (the new wrapped DEK).
+
+export function encodeResealRequest(keyId: string): Uint8Array {
+  return encodeKeyIdOnly(keyId)
+}
+
+export function decodeResealRequest(payload: Uint8Array): { keyId: string } {
+  return decodeKeyIdOnly(payload, 'RESEAL request')
+}
+
 // LOAD (the OK answer is empty)
 
 export function encodeLoadRequest(record: LoadRequest): Uint8Array {
@@ -187,19 +200,25 @@ export function decodeSetStateRequest(payload: Uint8Array): SetStateRequest {
 // UNLOCK
 
 export function encodeUnlockRequest(request: UnlockRequest): Uint8Array {
+  const retiring = request.retiringWrappedDek ?? emptyPayload
   const sealed = request.sealedPreloadIdentity ?? emptyPayload
-  return new PayloadWriter(4 + request.wrappedDek.length + 4 + sealed.length)
+  return new PayloadWriter(12 + request.wrappedDek.length + retiring.length + sealed.length)
     .u32Bytes(request.wrappedDek)
+    .u32Bytes(retiring)
     .u32Bytes(sealed)
     .done()
 }
 
+/** Empty optional fields are left out. */
 export function decodeUnlockRequest(payload: Uint8Array): UnlockRequest {
   const reader = new PayloadReader(payload, 'UNLOCK request')
-  const wrappedDek = reader.u32Bytes('wrappedDek')
+  const request: UnlockRequest = { wrappedDek: reader.u32Bytes('wrappedDek') }
+  const retiringWrappedDek = reader.u32Bytes('retiringWrappedDek')
   const sealedPreloadIdentity = reader.u32Bytes('sealedPreloadIdentity')
   reader.end()
-  return sealedPreloadIdentity.length === 0 ? { wrappedDek } : { wrappedDek, sealedPreloadIdentity }
+  if (retiringWrappedDek.length > 0) request.retiringWrappedDek = retiringWrappedDek
+  if (sealedPreloadIdentity.length > 0) request.sealedPreloadIdentity = sealedPreloadIdentity
+  return request
 }
 
 /**

@@ -155,6 +155,18 @@ describe('the operators\u2019 CLI', () => {
     expect(JSON.parse((await cli('status')).stdout)).toMatchObject({ ok: true, enclaves: [{ id: 'enclave-1', ok: true }] })
   })
 
+  it('rotates the data key: every key the origin holds is sealed again and still signs as its address', async () => {
+    const { stdout } = await cli('create-keys', '--count', '3')
+    const keys = stdout.trim().split('\n').map((line) => JSON.parse(line) as { keyId: string; address: Address })
+    const { resealed } = JSON.parse((await cli('rotate-data-key')).stdout) as { resealed: number }
+    expect(resealed).toBeGreaterThanOrEqual(keys.length)
+    const digest = keccak256(toHex('after the rotation'))
+    for (const key of keys) {
+      expect(await recovered(digest, (await signWithOrigin(key.keyId, digest)).body as never)).toBe(key.address)
+      expect((await origin.request('GET', `/v1/keys/${key.keyId}`)).status).toBe(200)
+    }
+  })
+
   it('refuses a count that is not a whole number, saying so, without a stack trace', async () => {
     const failed = await cli('create-keys', '--count', 'many').catch((error: { code: number; stderr: string }) => error)
     expect(failed).toMatchObject({ code: 1, stderr: '--count must be a whole number of at least 1, got many\n' })

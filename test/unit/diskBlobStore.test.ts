@@ -121,6 +121,18 @@ describe('round trips across close and reopen', () => {
     }
   })
 
+  it('keeps the retiring DEK of a rotation under way, and forgets it when the rotation ends', async () => {
+    let store = await openStore()
+    const rotating = { keyId: 'alias/dek', ciphertext: Uint8Array.of(2, 2), retiring: { keyId: 'alias/old', ciphertext: Uint8Array.of(1, 1, 1) } }
+    await store.putWrappedDek(rotating)
+    store = await reopen(store)
+    expect(await store.getWrappedDek()).toEqual(rotating)
+    await store.putWrappedDek({ keyId: 'alias/dek', ciphertext: Uint8Array.of(2, 2) })
+    store = await reopen(store)
+    expect(await store.getWrappedDek()).toEqual({ keyId: 'alias/dek', ciphertext: Uint8Array.of(2, 2) })
+    await expect(store.putWrappedDek({ ...rotating, retiring: { keyId: '', ciphertext: Uint8Array.of(1) } })).rejects.toThrow('keyId must be a non-empty string')
+  })
+
   it('starts empty, with no wrapped DEK', async () => {
     const store = await openStore()
     expect(await listAll(store)).toEqual([])

@@ -1,7 +1,7 @@
 import { randomBytes } from 'node:crypto'
 import { describe, expect, it } from 'vitest'
-import { KeyCache, type AcquireResult, type KeyCacheAuditEvent, type KeyCacheOptions } from '../../enclave-origin/enclave/keyCache.js'
-import { SealingError, sealPrivateKey } from '../../enclave-origin/enclave/sealing.js'
+import { KeyCache, type AcquireResult, type DataKeys, type KeyCacheAuditEvent, type KeyCacheOptions } from '../../enclave-origin/enclave/keyCache.js'
+import { SealingError, sealPrivateKey, unsealPrivateKey } from '../../enclave-origin/enclave/sealing.js'
 import type { KeyState, SealedKeyRecord } from '../../enclave-origin/types.js'
 
 const minute = 60_000
@@ -24,14 +24,14 @@ function controlledUnlock(dek: Uint8Array) {
   let openGate: () => void = () => {}
   let gate = new Promise<void>((resolve) => (openGate = resolve))
   return {
-    unlock: async (): Promise<Uint8Array> => {
+    unlock: async (): Promise<DataKeys> => {
       calls += 1
       await gate
       if (failures > 0) {
         failures -= 1
         throw new Error('KMS Decrypt failed')
       }
-      return new Uint8Array(dek) // a copy: the cache owns (and zeroes) what it is given
+      return { dek: new Uint8Array(dek) } // a copy: the cache owns (and zeroes) what it is given
     },
     calls: () => calls,
     open: () => openGate(),
@@ -490,6 +490,23 @@ describe('KeyCache wipes plaintext it drops', () => {
     expect(second).toEqual(zeros)
   })
 
+  it('a retiring DEK: when the rotation ends, when both lapse, and when the pair is installed again only the replaced ones', () => {
+    const { cache, dekCopy, advance } = harness()
+    const retiring = randomSecret()
+    const current = dekCopy()
+    cache.setDek(current, retiring)
+    cache.setDek(current)
+    expect(retiring).toEqual(zeros)
+    expect(current).not.toEqual(zeros)
+
+    const again = randomSecret()
+    cache.setDek(current, again)
+    expect(current).not.toEqual(zeros)
+    advance(60 * minute)
+    prewarm(cache)
+    expect([current, again]).toEqual([zeros, zeros])
+  })
+
   it('on clear(): every key and the DEK', async () => {
     const { cache, key, dekCopy, unlock } = harness({ unlockGate: 'closed' })
     const dek = dekCopy()
@@ -503,6 +520,56 @@ describe('KeyCache wipes plaintext it drops', () => {
     expect(cache.stats().keys).toEqual({ WARM: 0, COOL: 0, INVALID: 0 })
     unlock.open()
     await cache.idle()
+  })
+})
+
+describe('KeyCache during a DEK rotation', () => {
+  it('opens records sealed under the retiring DEK, and reseals each one version up under the new DEK only', () => {
+    const { cache, key, dekCopy } = harness()
+    const oldDek = randomSecret()
+    const old = key({ keyId: 'old', sealingDek: oldDek })
+    const fresh = key({ keyId: 'fresh' })
+    cache.setDek(dekCopy(), new Uint8Array(oldDek))
+    cache.load(old.record)
+    cache.load(fresh.record)
+    expect(signingKey(cache.acquire('old'))).toEqual(old.privateKey)
+    expect(signingKey(cache.acquire('fresh'))).toEqual(fresh.privateKey)
+
+    const resealed = cache.reseal('old')
+    if (resealed.kind !== 'ok') throw new Error(`expected a record, got ${resealed.kind}`)
+    expect(resealed.record.version).toBe(2)
+    const opened = (dek: Uint8Array) => unsealPrivateKey({ sealed: resealed.record.sealed, dek, keyId: 'old', version: 2 })
+    expect(opened(dekCopy())).toEqual(old.privateKey)
+    expect(() => opened(oldDek)).toThrow(SealingError)
+    // Still WARM, and the record held is the new one.
+    expect(cache.get('old')).toMatchObject({ cacheState: 'WARM', record: { version: 2 } })
+
+    // Once the rotation ends, the new record opens and an old one left behind does not.
+    cache.setDek(dekCopy())
+    cache.load({ ...old.record, keyId: 'left-behind' })
+    cache.load(resealed.record)
+    expect(() => cache.acquire('left-behind')).toThrow(SealingError)
+  })
+
+  it('answers not-found for a key it does not hold, and needs-unlock without a DEK, starting an unlock', async () => {
+    const { cache, key, unlock } = harness({ unlockGate: 'closed' })
+    cache.load(key().record)
+    expect(cache.reseal('nobody')).toEqual({ kind: 'not-found' })
+    expect(cache.reseal('key-1')).toMatchObject({ kind: 'needs-unlock', retryAfterMs: 125 })
+    await settle()
+    expect(unlock.calls()).toBe(1)
+    unlock.open()
+    await cache.idle()
+    expect(cache.reseal('key-1')).toMatchObject({ kind: 'ok', record: { version: 2 } })
+  })
+
+  it('takes both DEKs from one background unlock', async () => {
+    const oldDek = randomSecret()
+    const { cache, key, dekCopy } = harness({ unlock: async () => ({ dek: dekCopy(), retiring: new Uint8Array(oldDek) }) })
+    cache.load(key({ keyId: 'old', sealingDek: oldDek }).record)
+    expect(cache.acquire('old').kind).toBe('needs-unlock')
+    await cache.idle()
+    expect(cache.get('old')?.cacheState).toBe('WARM')
   })
 })
 

@@ -17,7 +17,7 @@ afterAll(() => Promise.all(engines.map((engine) => engine.stop())))
 
 async function enclaveStats() {
   const dek = new Uint8Array(randomBytes(32))
-  const cache = new KeyCache({ now: Date.now, unlock: async () => new Uint8Array(dek) })
+  const cache = new KeyCache({ now: Date.now, unlock: async () => ({ dek: new Uint8Array(dek) }) })
   cache.setDek(new Uint8Array(dek))
   for (const keyId of ['a', 'b', 'c']) {
     const privateKey = new Uint8Array(randomBytes(32))

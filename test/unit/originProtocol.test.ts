@@ -132,17 +132,21 @@ describe('every message survives encode then decode unchanged', () => {
     expect(decodeUnlockResponse(emptyPayload)).toEqual({ wrappedDek: new Uint8Array() })
   })
 
-  it('UNLOCK request with and without a sealed preload identity', () => {
+  it('UNLOCK request with and without a retiring DEK and a sealed preload identity', () => {
     const wrappedDek = new Uint8Array(184).map((_, i) => i)
+    const retiringWrappedDek = new Uint8Array(184).map((_, i) => 255 - i)
     const sealedPreloadIdentity = new Uint8Array(300).map((_, i) => i * 7)
     expect(decodeUnlockRequest(encodeUnlockRequest({ wrappedDek }))).toEqual({ wrappedDek })
     expect(decodeUnlockRequest(encodeUnlockRequest({ wrappedDek, sealedPreloadIdentity }))).toEqual({ wrappedDek, sealedPreloadIdentity })
+    const all = { wrappedDek, retiringWrappedDek, sealedPreloadIdentity }
+    expect(decodeUnlockRequest(encodeUnlockRequest(all))).toEqual(all)
   })
 
-  it('an absent sealed preload identity is a zero length on the wire', () => {
+  it('an absent retiring DEK or sealed preload identity is a zero length on the wire', () => {
     const wrappedDek = filled(2, 9)
-    expect(encodeUnlockRequest({ wrappedDek })).toEqual(new Uint8Array([0, 0, 0, 2, 9, 9, 0, 0, 0, 0]))
-    expect(decodeUnlockRequest(new Uint8Array([0, 0, 0, 2, 9, 9, 0, 0, 0, 0]))).toEqual({ wrappedDek })
+    const bytes = new Uint8Array([0, 0, 0, 2, 9, 9, 0, 0, 0, 0, 0, 0, 0, 0])
+    expect(encodeUnlockRequest({ wrappedDek })).toEqual(bytes)
+    expect(decodeUnlockRequest(bytes)).toEqual({ wrappedDek })
   })
 
   it('CREDENTIALS: with and without a session token; both keys required', () => {

@@ -13,13 +13,16 @@ import { EnclaveService, serveEnclave } from '../../enclave-origin/enclave/serve
 import { openDiskBlobStore, type DiskBlobStore } from '../../enclave-origin/parent/diskBlobStore.js'
 import { HashRing } from '../../enclave-origin/parent/hashRing.js'
 import { OriginParent } from '../../enclave-origin/parent/origin.js'
+import type { BlobStore } from '../../enclave-origin/parent/blobStore.js'
+import { SealingError, unsealPrivateKey } from '../../enclave-origin/enclave/sealing.js'
 import { startLocalKms, type LocalKms } from '../support/kmsServer.js'
 
 /**
  * The parent in front of two enclaves, one on a Unix socket and one on TCP,
  * each a real enclave service with its own key cache and signing thread, the
  * data key from the local KMS server: every key lives in the enclave the hash
- * ring names, and signs there.
+ * ring names, and signs there. Also the DEK rotation across both, and the
+ * credentials the parent delivers to them.
  */
 
 let kms: LocalKms
@@ -28,10 +31,11 @@ let store: DiskBlobStore
 let parent: OriginParent
 const enclaves: Array<{ id: string; address: StreamAddress; cache: KeyCache; credentials: DeliveredCredentials; close(): Promise<void>; engine: SignEngine }> = []
 let addresses: Array<{ id: string; address: StreamAddress }>
+let kmsKeyId: string
 
 beforeAll(async () => {
   kms = await startLocalKms({ port: 18685 })
-  const kmsKeyId = kms.createSymmetricKey()
+  kmsKeyId = kms.createSymmetricKey()
   directory = mkdtempSync(path.join(tmpdir(), 'origin-routing-'))
   addresses = [
     { id: 'enclave-unix', address: { path: path.join(directory, 'enclave.sock') } },
@@ -45,7 +49,7 @@ beforeAll(async () => {
     const engine = new SignEngine({ threads: 1 })
     await engine.start()
     let service: EnclaveService | undefined
-    const cache = new KeyCache({ now: Date.now, unlock: () => service!.unwrapLastDek() })
+    const cache = new KeyCache({ now: Date.now, unlock: () => service!.unwrapLastDataKeys() })
     service = new EnclaveService({ cache, engine, dataKeys, kmsKeyId, credentials, attestation: developmentAttestation })
     const { close } = await serveEnclave({ service, address, log: () => {} })
     enclaves.push({ id, address, cache, credentials, close, engine })
@@ -126,6 +130,100 @@ describe('AWS credentials for the enclaves\u2019 KMS calls', () => {
 
   it('an enclave asked for KMS before any delivery says why it cannot', async () => {
     await expect(new DeliveredCredentials().provider()).rejects.toThrow('no AWS credentials yet: the parent delivers them before its first UNLOCK')
+  })
+})
+
+describe('DEK rotation', () => {
+  const digest = `0x${'cd'.repeat(32)}` as Hex
+  const newParent = (options: Partial<ConstructorParameters<typeof OriginParent>[0]> = {}) =>
+    new OriginParent({ enclaves: addresses, poolSize: 1, store, requestTimeoutMs: 2_000, credentials: async () => kms.credentials, ...options })
+  async function signsAs(signer: OriginParent, key: { keyId: string; address: string }) {
+    const { signature, recoveryId } = await signer.sign(key.keyId, Buffer.from(digest.slice(2), 'hex'))
+    const recovered = await recoverAddress({ hash: digest, signature: serializeSignature({ r: `0x${signature.slice(2, 66)}`, s: `0x${signature.slice(66)}`, yParity: recoveryId }) })
+    expect(recovered).toBe(key.address)
+  }
+  async function storedRecords() {
+    const records = []
+    for await (const record of store.list()) records.push(record)
+    return records
+  }
+  /** What a restart of both enclaves leaves: no keys, no DEK. */
+  const restartEnclaves = () => enclaves.forEach((enclave) => enclave.cache.clear())
+
+  it('re-seals every stored key one version up under a new DEK, which alone opens them after, while keys sign throughout', async () => {
+    const keys = await Promise.all(Array.from({ length: 30 }, () => parent.createKey()))
+    await parent.setState(keys[0]!.keyId, 'frozen')
+    const before = (await store.getWrappedDek())!
+    const versions = new Map((await storedRecords()).map((record) => [record.keyId, record.version]))
+
+    const signing = Promise.all(keys.slice(1).map((key) => signsAs(parent, key)))
+    expect(await parent.rotateDataKey()).toEqual({ resealed: versions.size })
+    await signing
+
+    const after = (await store.getWrappedDek())!
+    expect(after.retiring).toBeUndefined()
+    expect(Buffer.from(after.ciphertext).equals(Buffer.from(before.ciphertext))).toBe(false)
+    const records = await storedRecords()
+    expect(records.map((record) => record.version)).toEqual(records.map((record) => versions.get(record.keyId)! + 1))
+    expect((await store.get(keys[0]!.keyId))!.state).toBe('frozen')
+
+    // The old DEK opens none of them any more; the new one opens all.
+    // As the enclaves unwrap them: under their own KMS key id.
+    const kmsKeys = new KmsDataKeys({ client: new KMSClient({ endpoint: kms.url, region: kms.credentials.region, credentials: kms.credentials }), kmsKeyId, attestation: developmentAttestation })
+    const [oldDek, newDek] = (await Promise.all([before, after].map(({ ciphertext }) => kmsKeys.unwrap({ keyId: kmsKeyId, ciphertext })))) as [Uint8Array, Uint8Array]
+    for (const { sealed, keyId, version } of records) {
+      expect(() => unsealPrivateKey({ sealed, dek: oldDek, keyId, version })).toThrow(SealingError)
+      expect(unsealPrivateKey({ sealed, dek: newDek, keyId, version })).toHaveLength(32)
+    }
+
+    // Both enclaves restart and a new parent starts: with the new DEK only, every key signs.
+    restartEnclaves()
+    const restarted = newParent()
+    try {
+      await restarted.start()
+      for (const key of keys.slice(1)) await signsAs(restarted, key)
+    } finally {
+      restarted.close()
+    }
+  })
+
+  it('an interrupted rotation loses nothing: every key signs with the store as it was left, and the next call finishes it', async () => {
+    const keys = await Promise.all(Array.from({ length: 20 }, () => parent.createKey()))
+    let putsLeft = 5
+    const failing: BlobStore = {
+      put: (record) => (putsLeft-- > 0 ? store.put(record) : Promise.reject(new Error('disk full'))),
+      get: (keyId) => store.get(keyId),
+      list: () => store.list(),
+      setState: (keyId, state) => store.setState(keyId, state),
+      putWrappedDek: (dek) => store.putWrappedDek(dek),
+      getWrappedDek: () => store.getWrappedDek(),
+      close: async () => {},
+    }
+    const crashing = newParent({ store: failing })
+    try {
+      await crashing.start()
+      await expect(crashing.rotateDataKey()).rejects.toThrow('disk full')
+    } finally {
+      crashing.close()
+    }
+    const midway = (await store.getWrappedDek())!
+    expect(midway.retiring).toBeDefined()
+
+    restartEnclaves()
+    const resumed = newParent()
+    try {
+      await resumed.start()
+      // Five keys sealed under the new DEK, the rest still under the old one: all sign.
+      for (const key of keys) await signsAs(resumed, key)
+      await resumed.rotateDataKey()
+      // Finished with the DEK the interrupted call made, not another.
+      expect(await store.getWrappedDek()).toEqual({ keyId: midway.keyId, ciphertext: midway.ciphertext })
+      restartEnclaves()
+      await resumed.unlock()
+      for (const key of keys) await signsAs(resumed, key)
+    } finally {
+      resumed.close()
+    }
   })
 })
 

@@ -156,6 +156,16 @@ describe('openS3BlobStore', () => {
     expect(await again.get('key-2')).toEqual({ ...second, state: 'archived' })
   })
 
+  it('keeps the retiring DEK of a rotation under way across a fresh instance, and forgets it when the rotation ends', async () => {
+    const store = await openStore()
+    const rotating = { keyId: 'key/two', ciphertext: new Uint8Array([2, 2]), retiring: { keyId: 'key/one', ciphertext: new Uint8Array([1, 1, 1]) } }
+    await store.putWrappedDek(rotating)
+    const fresh = await reopen(store)
+    expect(await fresh.getWrappedDek()).toEqual(rotating)
+    await fresh.putWrappedDek({ keyId: 'key/two', ciphertext: new Uint8Array([2, 2]) })
+    expect(await (await reopen(fresh)).getWrappedDek()).toEqual({ keyId: 'key/two', ciphertext: new Uint8Array([2, 2]) })
+  })
+
   it('stores one JSON object per key under <prefix>keys/ with base64 binary fields, and the DEK in <prefix>dek.json', async () => {
     const store = await openStore()
     const record = { ...sealedRecord(5), keyId: 'tenant/a b?#%é' }
