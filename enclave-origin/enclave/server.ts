@@ -1,6 +1,6 @@
 import { randomFillSync } from 'node:crypto'
-import { Decrypter, generateIdentity, identityToRecipient } from 'age-encryption'
 import { createServer, type Server, type Socket } from 'node:net'
+import { Decrypter, generateIdentity, identityToRecipient } from 'age-encryption'
 import type { StreamAddress } from '../config.js'
 import { CoalescingWriter } from '../protocol/coalescingWriter.js'
 import { listenVsock } from '../protocol/vsock.js'
@@ -116,10 +116,15 @@ export class EnclaveService {
     return this.unwrapDataKeys(this.wrappedDek)
   }
 
+  /** Both or neither: a DEK unwrapped while the other failed is zeroed, not left behind. */
   private async unwrapDataKeys(wrapped: WrappedDek): Promise<DataKeys> {
     const { dataKeys } = this.options
-    const [dek, retiring] = await Promise.all([dataKeys.unwrap(wrapped), wrapped.retiring && dataKeys.unwrap(wrapped.retiring)])
-    return retiring ? { dek, retiring } : { dek }
+    const [dek, retiring] = await Promise.allSettled([dataKeys.unwrap(wrapped), wrapped.retiring && dataKeys.unwrap(wrapped.retiring)])
+    if (dek.status === 'rejected' || retiring.status === 'rejected') {
+      for (const result of [dek, retiring]) if (result.status === 'fulfilled' && result.value) zero(result.value)
+      throw dek.status === 'rejected' ? dek.reason : (retiring as PromiseRejectedResult).reason
+    }
+    return retiring.value ? { dek: dek.value, retiring: retiring.value } : { dek: dek.value }
   }
 
   async handle(frame: Frame): Promise<Answer> {

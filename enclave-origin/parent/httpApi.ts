@@ -19,8 +19,8 @@ const utf8 = new TextDecoder()
 /**
  * The parent's HTTP(S) API for the Worker and operators: create, sign, get,
  * freeze / unfreeze / archive, unlock, attestation, DEK rotation, /healthz
- * and /metrics. Every route but the two
- * probes needs an HMAC-signed request (stale or replayed ones are refused).
+ * and /metrics. Every route but the two probes needs an HMAC-signed request
+ * (stale or replayed ones are refused).
  */
 export function createParentApi(options: ParentApiOptions): Server {
   const metrics = originMetrics(options.parent)

@@ -87,6 +87,9 @@ it('refuses preloaded accounts until unlocked, then signs each with its own key'
   expect(wrong.body.error).toContain('preload failed')
   expect((await sign('account-3')).body.error).toContain('preload failed')
   expect((await health()).body.enclaves[0]).toMatchObject({ ok: false, error: expect.stringContaining('preload failed') })
+  for (const malformed of [{ sealedPreloadIdentities: [] }, { sealedPreloadIdentities: { 'enclave-1': 'not base64!' } }, 'text']) {
+    expect(await origin.request('POST', '/v1/unlock', malformed)).toMatchObject({ status: 400, body: { error: expect.stringContaining('the unlock body must be empty or') } })
+  }
   const noSuchEnclave = await origin.request('POST', '/v1/unlock', { sealedPreloadIdentities: { 'enclave-1': 'AAAA', e9: 'AAAA' } })
   expect(noSuchEnclave).toMatchObject({ status: 400, body: { error: 'a sealed preload identity is needed for each enclave: no enclave e9' } })
 

@@ -7,7 +7,7 @@ import { SignEngine } from '../../enclave-origin/enclave/engine.js'
 import { KeyCache } from '../../enclave-origin/enclave/keyCache.js'
 import { EnclaveService, serveEnclave } from '../../enclave-origin/enclave/server.js'
 import { encodeFrame, FrameDecoder, opcodes, statuses, type Frame } from '../../enclave-origin/protocol/frames.js'
-import { decodeCreateResponse, encodeCreateRequest, encodeSignRequest } from '../../enclave-origin/protocol/messages.js'
+import { decodeCreateResponse, encodeCreateRequest, encodeSignRequest, encodeUnlockRequest } from '../../enclave-origin/protocol/messages.js'
 
 /** The enclave's server over TCP: one bad connection is closed and harms no other. */
 
@@ -84,4 +84,18 @@ it('pipelines many requests on one connection and answers each by its request id
   )
   expect(answers.every((answer) => answer?.status === statuses.OK)).toBe(true)
   socket.destroy()
+})
+
+it('an UNLOCK whose retiring DEK does not unwrap installs neither, and zeroes the one that did', async () => {
+  const unwrapped = new Uint8Array(32).fill(7)
+  const halfKms = {
+    unwrap: ({ ciphertext }: { ciphertext: Uint8Array }) => (ciphertext[0] === 1 ? Promise.resolve(unwrapped) : Promise.reject(new Error('KMS refused the retiring DEK'))),
+  } as unknown as KmsDataKeys
+  const cache = new KeyCache({ now: Date.now, unlock: () => Promise.reject(new Error('no unlock in this test')) })
+  const service = new EnclaveService({ cache, engine, dataKeys: halfKms, kmsKeyId: 'test', credentials: new DeliveredCredentials(), attestation: developmentAttestation })
+  const unlock = { requestId: 1, opcode: opcodes.UNLOCK, status: 0, payload: encodeUnlockRequest({ wrappedDek: Uint8Array.of(1), retiringWrappedDek: Uint8Array.of(2) }) }
+  await expect(service.handle(unlock)).rejects.toThrow('KMS refused the retiring DEK')
+  expect(unwrapped).toEqual(new Uint8Array(32))
+  cache.load({ keyId: 'k', version: 1, state: 'active', publicKey: new Uint8Array(65), sealed: new Uint8Array(60) })
+  expect(cache.get('k')?.cacheState).toBe('INVALID')
 })
