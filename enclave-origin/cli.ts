@@ -5,11 +5,11 @@
  *   origin parent                  start the parent process (settings: parent/main.ts)
  *   origin create-keys --count N   create keys in bulk through the parent, with a progress bar;
  *                                  prints one JSON line {keyId, address} per key
- *   origin unlock [--preload-identity-file F (--nitro-root-file R [--pcr0 HEX] | --allow-unattested)]
+ *   origin unlock [--preload-identity-file F (--nitro-root-file R --pcr0 HEX | --allow-unattested)]
  *                                  have every enclave unwrap the data key again (and, in preload
  *                                  mode, load its share file with the age identity in F, sealed to
  *                                  each enclave's recipient once its attestation document checks
- *                                  out against the Nitro root certificate R, and PCR0 if given;
+ *                                  out against the Nitro root certificate R and the image's PCR0;
  *                                  --allow-unattested: development enclaves, no document)
  *   origin rotate-data-key         re-seal every key under a new data key from KMS, then forget the old
  *                                  one; run it again to finish one that was interrupted
@@ -84,7 +84,7 @@ const wholeNumberOption = (name: string, fallback: number) => {
   return value
 }
 
-/** `--nitro-root-file R [--pcr0 HEX]`, or `--allow-unattested`: how `unlock` trusts the enclaves' recipients. */
+/** `--nitro-root-file R --pcr0 HEX`, or `--allow-unattested`: how `unlock` trusts the enclaves' recipients. */
 function recipientTrust(): RecipientTrust {
   const rootFile = option('nitro-root-file')
   const pcr0 = option('pcr0')
@@ -92,9 +92,11 @@ function recipientTrust(): RecipientTrust {
     if (rootFile || pcr0) throw new Error('--allow-unattested takes neither --nitro-root-file nor --pcr0')
     return 'unattested'
   }
-  if (!rootFile) throw new Error('--preload-identity-file needs --nitro-root-file (the AWS Nitro root certificate, PEM) or, for development enclaves, --allow-unattested')
-  if (pcr0 !== undefined && !/^([0-9a-fA-F]{2}){32,64}$/.test(pcr0)) throw new Error('--pcr0 must be the image measurement in hex')
-  return { roots: [new X509Certificate(readFileSync(rootFile))], ...(pcr0 && { pcr0: Buffer.from(pcr0, 'hex') }) }
+  if (!rootFile || !pcr0) {
+    throw new Error('--preload-identity-file needs --nitro-root-file (the AWS Nitro root certificate, PEM) and --pcr0 (the enclave image), or, for development enclaves, --allow-unattested')
+  }
+  if (!/^([0-9a-fA-F]{2}){32,64}$/.test(pcr0)) throw new Error('--pcr0 must be the image measurement in hex')
+  return { roots: [new X509Certificate(readFileSync(rootFile))], pcr0: Buffer.from(pcr0, 'hex') }
 }
 
 const commands: Record<string, () => Promise<unknown>> = {

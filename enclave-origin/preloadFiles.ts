@@ -47,12 +47,13 @@ export type EnclaveAttestation = { id: string; recipient: string; attestationDoc
 
 /**
  * How to trust an enclave's delivery recipient: its attestation document must
- * chain to one of `roots` (the AWS Nitro root) and bind that recipient, and,
- * with `pcr0`, be of that enclave image. `unattested` takes the recipient as
- * the parent reports it, which a parent could have swapped for its own: for
- * development enclaves only.
+ * chain to one of `roots` (the AWS Nitro root), be of the enclave image
+ * `pcr0` and bind that recipient. The image is required: any enclave on the
+ * parent's host, the parent's own among them, has documents that chain to
+ * the root. `unattested` takes the recipient as the parent reports it, which a
+ * parent could have swapped for its own: for development enclaves only.
  */
-export type RecipientTrust = { roots: readonly X509Certificate[]; pcr0?: Uint8Array } | 'unattested'
+export type RecipientTrust = { roots: readonly X509Certificate[]; pcr0: Uint8Array } | 'unattested'
 
 /**
  * The preload identity age-encrypted to each enclave's delivery recipient
@@ -85,5 +86,7 @@ function checkRecipient(enclave: EnclaveAttestation, trust: RecipientTrust): voi
     throw refuse('the attestation document binds another recipient than the one reported')
   }
   const pcr0 = attested.pcrs.get(0)
-  if (trust.pcr0 && !(pcr0 && Buffer.from(pcr0).equals(Buffer.from(trust.pcr0)))) throw refuse('the attestation document is of another enclave image (PCR0)')
+  // A debug-mode enclave reports zeroed PCRs, whatever it runs, and its memory can be read from outside.
+  if (!pcr0 || pcr0.every((byte) => byte === 0)) throw refuse('the attestation document has no PCR0 (a debug-mode enclave?)')
+  if (!Buffer.from(pcr0).equals(Buffer.from(trust.pcr0))) throw refuse('the attestation document is of another enclave image (PCR0)')
 }

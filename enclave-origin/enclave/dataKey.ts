@@ -17,6 +17,11 @@ export interface AttestationProvider {
   attestationDocument(options: { publicKey: Uint8Array }): Promise<Uint8Array | undefined>
 }
 
+/** `arn:aws:kms:REGION:ACCOUNT:key/ID` (any partition): names one key in one account, unlike an alias or a bare id. */
+export function isKmsKeyArn(keyId: string): boolean {
+  return /^arn:aws[a-z-]*:kms:[a-z0-9-]+:\d{12}:key\/[A-Za-z0-9-]+$/.test(keyId)
+}
+
 export const developmentAttestation: AttestationProvider = {
   kind: 'none',
   attestationDocument: async () => undefined,
@@ -52,7 +57,13 @@ export class KmsDataKeys {
   }
 
   /** The 32-byte DEK from an answer: opened from CiphertextForRecipient when attested, else the plaintext. */
-  private dataKeyOf(operation: string, answer: { Plaintext?: Uint8Array; CiphertextForRecipient?: Uint8Array }, recipient: Recipient | undefined): Uint8Array {
+  private dataKeyOf(operation: string, answer: { KeyId?: string; Plaintext?: Uint8Array; CiphertextForRecipient?: Uint8Array }, recipient: Recipient | undefined): Uint8Array {
+    const { kmsKeyId } = this.options
+    // A key ARN names the account too; an answer from any other key (the credentials' account, say) is not ours.
+    if (isKmsKeyArn(kmsKeyId) && answer.KeyId !== kmsKeyId) {
+      answer.Plaintext?.fill(0)
+      throw new Error(`KMS ${operation} answered with key ${answer.KeyId ?? '(none)'}, not ${kmsKeyId}`)
+    }
     let dek = answer.Plaintext
     if (recipient) {
       // KMS leaves Plaintext out of an attested answer; should one appear anyway, it is not trusted or kept.

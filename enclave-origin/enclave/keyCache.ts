@@ -135,6 +135,12 @@ export class KeyCache {
   private graceLeft: number
   /** Bumped by `clear()`, so an unlock that was in flight cannot bring a DEK back. */
   private generation = 0
+  /**
+   * Bumped by every `setDek`: a background unlock that started before a DEK
+   * was installed read what was current then, and must not replace it (in a
+   * rotation, the newer pair would lose to the older DEK alone).
+   */
+  private dekEpoch = 0
   private unlockInFlight: Promise<boolean> | undefined
   private readonly refreshesInFlight = new Map<string, Promise<void>>()
   /** Keys turned away with needs-unlock: warmed as soon as the unlock lands, so the retry finds them WARM. */
@@ -170,6 +176,7 @@ export class KeyCache {
   setDek(dek: Uint8Array, retiring?: Uint8Array): void {
     for (const bytes of retiring ? [dek, retiring] : [dek]) if (bytes.length !== 32) throw new RangeError(`DEK must be 32 bytes, got ${bytes.length}`)
     const now = this.now()
+    this.dekEpoch += 1
     if (this.dek) this.dropDek(this.dek, [dek, retiring])
     const { dekSoftTtlMs, dekHardTtlMs, prewarmJitter } = this.config
     this.dek = {
@@ -186,7 +193,9 @@ export class KeyCache {
   /**
    * Adds or replaces a key's record. A record that seals the same bytes at the
    * same version as the one held keeps its plaintext (a re-sync from the parent
-   * is not a reason to go cold); any other replacement drops it.
+   * is not a reason to go cold); any other replacement drops it. One of an
+   * older version than the one held is ignored: a late reload must not bring
+   * back a record that a DEK rotation has re-sealed.
    */
   load(record: SealedKeyRecord): void {
     this.loadEntry(record)
@@ -428,11 +437,12 @@ export class KeyCache {
   private startUnlock(): Promise<boolean> {
     if (this.unlockInFlight) return this.unlockInFlight
     const generation = this.generation
+    const epoch = this.dekEpoch
     // Deferred by a microtask so even an `unlock` that throws synchronously settles through `finally`.
     const attempt = Promise.resolve()
       .then(() => this.unlock())
       .then(
-        (keys) => this.installUnlockedDek(keys, generation),
+        (keys) => this.installUnlockedDek(keys, generation, epoch),
         () => {
           this.counters.unlockFailures += 1
           return false
@@ -446,7 +456,7 @@ export class KeyCache {
     return attempt
   }
 
-  private installUnlockedDek(keys: DataKeys, generation: number): boolean {
+  private installUnlockedDek(keys: DataKeys, generation: number, epoch: number): boolean {
     const discard = () => {
       zero(keys.dek)
       if (keys.retiring) zero(keys.retiring)
@@ -454,6 +464,12 @@ export class KeyCache {
     if (generation !== this.generation) {
       discard()
       return false
+    }
+    if (epoch !== this.dekEpoch) {
+      // A DEK installed meanwhile is at least as new as this one: keep it, and count this unlock as done.
+      discard()
+      this.warmKeysAwaitingUnlock()
+      return this.validDek(this.now()) !== undefined
     }
     try {
       this.setDek(keys.dek, keys.retiring)
@@ -518,6 +534,7 @@ export class KeyCache {
   /** `load`, returning the key's entry: the record's bytes copied into the slabs, unless it seals what is held already. */
   private loadEntry(record: SealedKeyRecord): KeyEntry {
     const held = this.entries.get(record.keyId)
+    if (held && record.version < held.record.version) return held
     if (held && sealsSameKey(held.record, record)) {
       held.record = { ...held.record, state: record.state }
       if (record.state !== 'active') this.dropPlaintext(held)

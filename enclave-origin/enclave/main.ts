@@ -27,9 +27,9 @@ export async function runEnclave(): Promise<() => Promise<void>> {
   const profile = choiceSetting('ORIGIN_PROFILE', ['development', 'production'], 'development')
   const nitro = choiceSetting('ENCLAVE_ATTESTATION', ['nitro', 'none'], profile === 'production' ? 'nitro' : 'none') === 'nitro' ? openNitroAttestation() : undefined
   const attestation = nitro ?? developmentAttestation
-  await checkStartup({ profile, attestation, warn: (message) => logLine({ level: 'warn', event: 'startup', message }) })
-  if (nitro) logLine({ event: 'nitro_attestation', module: nitro.module })
   const kmsKeyId = setting('KMS_KEY_ID')
+  await checkStartup({ profile, attestation, kmsKeyId, warn: (message) => logLine({ level: 'warn', event: 'startup', message }) })
+  if (nitro) logLine({ event: 'nitro_attestation', module: nitro.module })
   const credentials = new DeliveredCredentials()
   const client = new KMSClient({
     region: setting('KMS_REGION', 'us-east-1'),

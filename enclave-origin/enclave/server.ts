@@ -1,4 +1,4 @@
-import { randomFillSync } from 'node:crypto'
+import { createHash, randomFillSync, timingSafeEqual } from 'node:crypto'
 import { createServer, type Server, type Socket } from 'node:net'
 import { Decrypter, generateIdentity, identityToRecipient } from 'age-encryption'
 import type { StreamAddress } from '../config.js'
@@ -24,6 +24,7 @@ import {
   encodeNeedsUnlock,
   encodeSignResponse,
   encodeUnlockResponse,
+  type UnlockRequest,
 } from '../protocol/messages.js'
 import type { RawSignature, WrappedDek } from '../types.js'
 import type { AttestationProvider, KmsDataKeys } from './dataKey.js'
@@ -59,6 +60,8 @@ export class EnclaveService {
    * every start.
    */
   private deliveryKey: Promise<{ identity: string; recipient: string }> | undefined
+  /** UNLOCKs run one at a time, in the order they came: a later one never loses to an earlier one still at KMS. */
+  private unlocks: Promise<unknown> = Promise.resolve()
 
   constructor(
     private readonly options: {
@@ -104,10 +107,11 @@ export class EnclaveService {
     return decrypter.decrypt(sealed, 'text').catch(() => undefined)
   }
 
-  /** Zeroes the preloaded account keys (at shutdown); the key cache is cleared by its owner. */
+  /** Zeroes the preloaded account keys and forgets the wrapped DEK (at shutdown); the key cache is cleared by its owner. */
   clear(): void {
     this.preloaded?.clear()
     this.preloaded = undefined
+    this.wrappedDek = undefined
   }
 
   /** For the key cache's `unlock` option: unwrap the DEK (and retiring DEK) the parent last handed over. */
@@ -125,6 +129,34 @@ export class EnclaveService {
       throw dek.status === 'rejected' ? dek.reason : (retiring as PromiseRejectedResult).reason
     }
     return retiring.value ? { dek: dek.value, retiring: retiring.value } : { dek: dek.value }
+  }
+
+  private async unlock({ wrappedDek, retiringWrappedDek, sealedPreloadIdentity }: UnlockRequest): Promise<Answer> {
+    const { cache } = this.options
+    if (sealedPreloadIdentity) {
+      if (!this.options.preloadFile) return fail(statuses.BAD_REQUEST, 'this enclave has no preload file')
+      const preloadIdentity = await this.openDelivered(sealedPreloadIdentity)
+      if (preloadIdentity === undefined) {
+        return fail(statuses.BAD_REQUEST, 'the preload identity is not sealed to this enclave\'s delivery recipient (ATTEST gives it; it changes at every enclave start)')
+      }
+      await this.preload(preloadIdentity)
+      if (this.preloadRefusal) return fail(statuses.BAD_REQUEST, this.preloadRefusal)
+      if (wrappedDek.length === 0) return { status: statuses.OK, payload: emptyPayload }
+    }
+    if (wrappedDek.length === 0) {
+      // Bootstrap: have KMS generate the data key; the parent stores only its wrapped form.
+      const { dek, wrapped } = await this.options.dataKeys.generate()
+      this.wrappedDek = wrapped
+      cache.setDek(dek)
+      return { status: statuses.OK, payload: encodeUnlockResponse({ wrappedDek: wrapped.ciphertext }) }
+    }
+    // Both under this enclave's KMS key: a rotation makes the new DEK there too.
+    const wrapped: WrappedDek = { keyId: this.options.kmsKeyId, ciphertext: wrappedDek }
+    if (retiringWrappedDek) wrapped.retiring = { keyId: this.options.kmsKeyId, ciphertext: retiringWrappedDek }
+    const { dek, retiring } = await this.unwrapDataKeys(wrapped)
+    this.wrappedDek = wrapped
+    cache.setDek(dek, retiring)
+    return { status: statuses.OK, payload: emptyPayload }
   }
 
   async handle(frame: Frame): Promise<Answer> {
@@ -172,31 +204,10 @@ export class EnclaveService {
         return cache.setState(keyId, state) ? { status: statuses.OK, payload: emptyPayload } : fail(statuses.NOT_FOUND, `no key ${keyId}`)
       }
       case opcodes.UNLOCK: {
-        const { wrappedDek, retiringWrappedDek, sealedPreloadIdentity } = decodeUnlockRequest(frame.payload)
-        if (sealedPreloadIdentity) {
-          if (!this.options.preloadFile) return fail(statuses.BAD_REQUEST, 'this enclave has no preload file')
-          const preloadIdentity = await this.openDelivered(sealedPreloadIdentity)
-          if (preloadIdentity === undefined) {
-            return fail(statuses.BAD_REQUEST, 'the preload identity is not sealed to this enclave\'s delivery recipient (ATTEST gives it; it changes at every enclave start)')
-          }
-          await this.preload(preloadIdentity)
-          if (this.preloadRefusal) return fail(statuses.BAD_REQUEST, this.preloadRefusal)
-          if (wrappedDek.length === 0) return { status: statuses.OK, payload: emptyPayload }
-        }
-        if (wrappedDek.length === 0) {
-          // Bootstrap: have KMS generate the data key; the parent stores only its wrapped form.
-          const { dek, wrapped } = await this.options.dataKeys.generate()
-          this.wrappedDek = wrapped
-          cache.setDek(dek)
-          return { status: statuses.OK, payload: encodeUnlockResponse({ wrappedDek: wrapped.ciphertext }) }
-        }
-        // Both under this enclave's KMS key: a rotation makes the new DEK there too.
-        const wrapped: WrappedDek = { keyId: this.options.kmsKeyId, ciphertext: wrappedDek }
-        if (retiringWrappedDek) wrapped.retiring = { keyId: this.options.kmsKeyId, ciphertext: retiringWrappedDek }
-        const { dek, retiring } = await this.unwrapDataKeys(wrapped)
-        this.wrappedDek = wrapped
-        cache.setDek(dek, retiring)
-        return { status: statuses.OK, payload: emptyPayload }
+        const request = decodeUnlockRequest(frame.payload)
+        const turn = this.unlocks.catch(() => {}).then(() => this.unlock(request))
+        this.unlocks = turn
+        return turn
       }
       case opcodes.GENERATE_DATA_KEY: {
         // A DEK for a rotation: only its wrapped form leaves, and the parent makes it durable before any UNLOCK installs it.
@@ -206,7 +217,10 @@ export class EnclaveService {
         return { status: statuses.OK, payload: encodeUnlockResponse({ wrappedDek: wrapped.ciphertext }) }
       }
       case opcodes.RESEAL: {
-        const { keyId } = decodeResealRequest(frame.payload)
+        const { keyId, wrappedDekSha256 } = decodeResealRequest(frame.payload)
+        // Sealing under any DEK but the rotation's would leave a record the store cannot open once the old one goes.
+        const sealingWith = this.wrappedDek && createHash('sha256').update(this.wrappedDek.ciphertext).digest()
+        if (!sealingWith || !timingSafeEqual(sealingWith, wrappedDekSha256)) return { status: statuses.NEEDS_UNLOCK, payload: encodeNeedsUnlock({ retryAfterMs: 50 }) }
         const resealed = cache.reseal(keyId)
         if (resealed.kind === 'not-found') return fail(statuses.NOT_FOUND, `no key ${keyId}`)
         if (resealed.kind === 'needs-unlock') return { status: statuses.NEEDS_UNLOCK, payload: encodeNeedsUnlock(resealed) }

@@ -1,4 +1,4 @@
-import { randomUUID } from 'node:crypto'
+import { createHash, randomUUID } from 'node:crypto'
 import { publicKeyToAddress } from 'viem/accounts'
 import { bytesToHex, type Address, type Hex } from 'viem'
 import { opcodes, statuses, type Frame, type Opcode } from '../protocol/frames.js'
@@ -24,7 +24,7 @@ import {
   type AwsCredentials,
   type UnlockRequest,
 } from '../protocol/messages.js'
-import type { CacheState, KeyState, SealedKeyRecord } from '../types.js'
+import type { CacheState, KeyState, SealedKeyRecord, WrappedDek } from '../types.js'
 import { KeyNotStoredError, type BlobStore } from './blobStore.js'
 import { EnclavePool, type EnclaveAddress } from './enclavePool.js'
 import { HashRing } from './hashRing.js'
@@ -45,7 +45,14 @@ export class OriginRequestError extends Error {
   }
 }
 
-type Enclave = { id: string; pool: EnclavePool; unlocking: Promise<void> | undefined }
+type Enclave = {
+  id: string
+  pool: EnclavePool
+  /** The plain unlock in flight, which callers share. */
+  unlocking: Promise<void> | undefined
+  /** The last UNLOCK sent or queued: each waits for the one before. */
+  unlockQueue: Promise<unknown>
+}
 
 export type KeyInfo = { keyId: string; publicKey: Hex; address: Address; state: KeyState; cacheState?: CacheState }
 
@@ -71,7 +78,7 @@ export class OriginParent {
       log?: (fields: Record<string, unknown>) => void
     },
   ) {
-    this.enclaves = options.enclaves.map(({ id, address }) => ({ id, pool: new EnclavePool({ address, size: options.poolSize }), unlocking: undefined }))
+    this.enclaves = options.enclaves.map(({ id, address }) => ({ id, pool: new EnclavePool({ address, size: options.poolSize }), unlocking: undefined, unlockQueue: Promise.resolve() }))
     this.ring = new HashRing(this.enclaves.map((enclave) => ({ id: enclave.id, node: enclave })))
   }
 
@@ -124,7 +131,7 @@ export class OriginParent {
     this.credentialRefresh.unref()
     if (!(await this.options.store.getWrappedDek())) {
       const first = this.enclaves[0]!
-      const frame = await this.sendUnlock(first, { wrappedDek: new Uint8Array() })
+      const frame = await this.sendUnlock(first, () => ({ wrappedDek: new Uint8Array() }))
       await this.options.store.putWrappedDek({ keyId: 'enclave-data-key', ciphertext: decodeUnlockResponse(frame.payload).wrappedDek })
     }
     await Promise.all(this.enclaves.map((enclave) => this.unlock(enclave)))
@@ -187,8 +194,10 @@ export class OriginParent {
     await this.unlockWithStored()
     await Promise.allSettled([...this.creating])
     // 3. Every stored key, sealed again, one version up. Then each enclave holds what the store holds.
-    const resealed = await this.forEachStored((record) => this.reseal(record.keyId))
-    await this.forEachStored((record) => this.load(record))
+    const wrappedDekSha256 = createHash('sha256').update(wrapped.ciphertext).digest()
+    const resealed = await this.forEachStored((record) => this.reseal({ keyId: record.keyId, wrappedDekSha256 }))
+    // An enclave that restarted meanwhile may have reloaded a record older than the store's: the latest, per key, in turn with state changes.
+    await this.forEachStored((record) => this.serializeKey(record.keyId, () => this.reload(this.ring.nodeFor(record.keyId), record.keyId)))
     // 4. The old DEK is forgotten: in the store, then in every enclave.
     await store.putWrappedDek({ keyId: wrapped.keyId, ciphertext: wrapped.ciphertext })
     await this.unlockWithStored()
@@ -205,15 +214,15 @@ export class OriginParent {
     )
   }
 
-  /** The key's stored record, sealed again by its enclave under the current DEK, stored back with the state it has by then. */
-  private reseal(keyId: string): Promise<void> {
+  /** The key's stored record, sealed again by its enclave under the rotation's DEK, stored back with the state it has by then. */
+  private reseal({ keyId, wrappedDekSha256 }: { keyId: string; wrappedDekSha256: Uint8Array }): Promise<void> {
     return this.serializeKey(keyId, async () => {
       const stored = await this.options.store.get(keyId)
       if (!stored) return
       // From the store, not the enclave's copy: an enclave that restarted may hold an older one, or none.
       const enclave = await this.load(stored)
-      const request = async () => this.check(enclave, await this.call(enclave, opcodes.RESEAL, encodeResealRequest(keyId)))
-      // An enclave that restarted meanwhile has no DEK: unlock it (with both DEKs, from the store) and ask once more.
+      const request = async () => this.check(enclave, await this.call(enclave, opcodes.RESEAL, encodeResealRequest({ keyId, wrappedDekSha256 })))
+      // An enclave that restarted meanwhile has no DEK, or not the rotation's: unlock it (with both DEKs, from the store) and ask once more.
       const frame = await request().catch(async (error: unknown) => {
         if (!(error instanceof NeedsUnlockError)) throw error
         await this.unlock(enclave)
@@ -252,18 +261,25 @@ export class OriginParent {
     if (unknown.length > 0 || missing.length > 0) {
       throw new OriginRequestError('bad-request', `a sealed preload identity is needed for each enclave: ${[...missing.map((id) => `none for ${id}`), ...unknown.map((id) => `no enclave ${id}`)].join(', ')}`)
     }
-    const wrapped = await this.options.store.getWrappedDek()
-    await Promise.all(
-      this.enclaves.map((enclave) =>
-        this.sendUnlock(enclave, { wrappedDek: wrapped?.ciphertext ?? new Uint8Array(), retiringWrappedDek: wrapped?.retiring?.ciphertext, sealedPreloadIdentity: sealed.get(enclave.id)! }),
-      ),
-    )
+    await Promise.all(this.enclaves.map((enclave) => this.sendUnlock(enclave, (stored) => ({ ...storedDataKeys(stored), sealedPreloadIdentity: sealed.get(enclave.id)! }))))
   }
 
-  /** Fresh credentials first, so the KMS calls the unlock makes sign with them. */
-  private async sendUnlock(enclave: Enclave, request: UnlockRequest): Promise<Frame> {
-    await this.deliverCredentials(enclave)
-    return this.check(enclave, await this.call(enclave, opcodes.UNLOCK, encodeUnlockRequest(request)))
+  /**
+   * UNLOCKs to one enclave go one at a time, each built from the store as it
+   * is when its turn comes: a later one never carries an older DEK than an
+   * earlier one (which, mid-rotation, would have the enclave seal under a DEK
+   * about to be dropped). Fresh credentials first, for the KMS calls it makes.
+   */
+  private sendUnlock(enclave: Enclave, build: (stored: WrappedDek | undefined) => UnlockRequest): Promise<Frame> {
+    const turn = enclave.unlockQueue
+      .catch(() => {})
+      .then(async () => {
+        const request = build(await this.options.store.getWrappedDek())
+        await this.deliverCredentials(enclave)
+        return this.check(enclave, await this.call(enclave, opcodes.UNLOCK, encodeUnlockRequest(request)))
+      })
+    enclave.unlockQueue = turn
+    return turn
   }
 
   private async deliverCredentials(enclave: Enclave): Promise<void> {
@@ -276,13 +292,14 @@ export class OriginParent {
   /** One unlock per enclave at a time: the enclave unwraps the stored DEK through KMS. */
   unlock(enclave?: Enclave): Promise<void> {
     if (!enclave) return Promise.all(this.enclaves.map((e) => this.unlock(e))).then(() => undefined)
-    enclave.unlocking ??= (async () => {
-      const wrapped = await this.options.store.getWrappedDek()
-      if (!wrapped) throw new Error('no data key stored yet')
-      await this.sendUnlock(enclave, { wrappedDek: wrapped.ciphertext, retiringWrappedDek: wrapped.retiring?.ciphertext })
-    })().finally(() => {
-      enclave.unlocking = undefined
+    enclave.unlocking ??= this.sendUnlock(enclave, (stored) => {
+      if (!stored) throw new Error('no data key stored yet')
+      return storedDataKeys(stored)
     })
+      .then(() => undefined)
+      .finally(() => {
+        enclave.unlocking = undefined
+      })
     return enclave.unlocking
   }
 
@@ -374,4 +391,9 @@ export class OriginParent {
     clearInterval(this.credentialRefresh)
     for (const enclave of this.enclaves) enclave.pool.close()
   }
+}
+
+/** The DEK (and a rotation's retiring one) as an UNLOCK carries them. */
+function storedDataKeys(stored: WrappedDek | undefined): UnlockRequest {
+  return { wrappedDek: stored?.ciphertext ?? new Uint8Array(), retiringWrappedDek: stored?.retiring?.ciphertext }
 }

@@ -61,16 +61,25 @@ export function decodeEmptyPayload(payload: Uint8Array, message: string): void {
 // SIGN
 
 export function encodeSignRequest(request: SignRequest): Uint8Array {
-  const keyId = keyIdBytes(request.keyId)
-  checkLength({ bytes: request.digest, expected: digestBytes, field: 'SIGN digest' })
-  return new PayloadWriter(1 + keyId.length + digestBytes).keyId(keyId).bytes(request.digest).done()
+  return encodeKeyIdAndDigest(request.keyId, request.digest, 'SIGN digest')
 }
 
 export function decodeSignRequest(payload: Uint8Array): SignRequest {
-  const reader = new PayloadReader(payload, 'SIGN request')
-  const request = { keyId: reader.keyId(), digest: reader.bytes(digestBytes, 'digest') }
+  return decodeKeyIdAndDigest(payload, 'SIGN request', 'digest')
+}
+
+/** Key id ‖ 32 bytes: SIGN's digest, RESEAL's wrapped-DEK hash. */
+function encodeKeyIdAndDigest(keyId: string, digest: Uint8Array, field: string): Uint8Array {
+  const id = keyIdBytes(keyId)
+  checkLength({ bytes: digest, expected: digestBytes, field })
+  return new PayloadWriter(1 + id.length + digestBytes).keyId(id).bytes(digest).done()
+}
+
+function decodeKeyIdAndDigest(payload: Uint8Array, message: string, field: string): { keyId: string; digest: Uint8Array } {
+  const reader = new PayloadReader(payload, message)
+  const decoded = { keyId: reader.keyId(), digest: reader.bytes(digestBytes, field) }
   reader.end()
-  return request
+  return decoded
 }
 
 export function encodeSignResponse(response: SignResponse): Uint8Array {
@@ -118,15 +127,19 @@ export function decodeCreateResponse(payload: Uint8Array): CreateResponse {
   return response
 }
 
-// RESEAL: a key id; the OK answer is laid out as CREATE's (the record sealed again, one version up).
+// RESEAL: a key id and the SHA-256 of the wrapped DEK to seal under (the enclave answers NEEDS_UNLOCK
+// while it seals under another); the OK answer is laid out as CREATE's (the record sealed again, one version up).
 // GENERATE_DATA_KEY: an empty request; the OK answer is laid out as UNLOCK's (the new wrapped DEK).
 
-export function encodeResealRequest(keyId: string): Uint8Array {
-  return encodeKeyIdOnly(keyId)
+export type ResealRequest = { keyId: string; wrappedDekSha256: Uint8Array }
+
+export function encodeResealRequest(request: ResealRequest): Uint8Array {
+  return encodeKeyIdAndDigest(request.keyId, request.wrappedDekSha256, 'RESEAL wrappedDekSha256')
 }
 
-export function decodeResealRequest(payload: Uint8Array): { keyId: string } {
-  return decodeKeyIdOnly(payload, 'RESEAL request')
+export function decodeResealRequest(payload: Uint8Array): ResealRequest {
+  const { keyId, digest } = decodeKeyIdAndDigest(payload, 'RESEAL request', 'wrappedDekSha256')
+  return { keyId, wrappedDekSha256: digest }
 }
 
 // LOAD (the OK answer is empty)

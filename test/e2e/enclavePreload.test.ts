@@ -94,7 +94,7 @@ it('refuses preloaded accounts until unlocked, then signs each with its own key'
   expect(noSuchEnclave).toMatchObject({ status: 400, body: { error: 'a sealed preload identity is needed for each enclave: no enclave e9' } })
 
   // Without a Nitro root to check a document against, the CLI seals only when told the enclave is unattested.
-  await expect(cli('unlock', '--preload-identity-file', path.join(dir, 'identity.txt'))).rejects.toThrow(/needs --nitro-root-file .* or, for development enclaves, --allow-unattested/)
+  await expect(cli('unlock', '--preload-identity-file', path.join(dir, 'identity.txt'))).rejects.toThrow(/needs --nitro-root-file .* and --pcr0 .*, or, for development enclaves, --allow-unattested/)
   const unlocked = await cli('unlock', '--preload-identity-file', path.join(dir, 'identity.txt'), '--allow-unattested')
   expect(JSON.parse(unlocked.stdout)).toEqual({ ok: true })
   expect((await health()).status).toBe(200)

@@ -32,7 +32,8 @@ export type TestNsm = {
   close(): void
 }
 
-export function startTestNsm(): TestNsm {
+/** `pcr0`: the image measurement its documents report; random unless given (zeros: a debug-mode enclave). */
+export function startTestNsm(options: { pcr0?: Uint8Array } = {}): TestNsm {
   const dir = mkdtempSync(path.join(os.tmpdir(), 'test-nsm-'))
   const openssl = (args: string[]) => execFileSync('openssl', args, { cwd: dir, stdio: 'ignore' })
   const p384 = ['-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-384', '-nodes']
@@ -44,7 +45,7 @@ export function startTestNsm(): TestNsm {
   const leafKey = createPrivateKey(readFileSync(path.join(dir, 'leaf.key')))
   const certificate = der('leaf.crt')
   const root = der('root.crt')
-  const pcr0 = new Uint8Array(randomBytes(48))
+  const pcr0 = options.pcr0 ?? new Uint8Array(randomBytes(48))
 
   const moduleId = 'i-test-enc0123456789'
   const document = (userData: Uint8Array | null, nonce: Uint8Array | null, publicKey: Uint8Array | null) => {

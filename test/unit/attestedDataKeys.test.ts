@@ -93,6 +93,21 @@ describe('KmsDataKeys with a Nitro attestation provider', () => {
   })
 })
 
+describe('KmsDataKeys with a key ARN', () => {
+  /** The ARN of a new local KMS key, as KMS itself writes it in its answers. */
+  const newKeyArn = async () => (await client.send(new GenerateDataKeyCommand({ KeyId: kms.createSymmetricKey(), KeySpec: 'AES_256' }))).KeyId!
+
+  it('takes answers from that key, and refuses an answer from any other', async () => {
+    const [ours, theirs] = [await newKeyArn(), await newKeyArn()]
+    expect(ours).toMatch(/^arn:aws:kms:[a-z0-9-]+:\d{12}:key\//)
+    const { dek, wrapped } = await dataKeys(developmentAttestation, ours).generate()
+    expect(Buffer.from(await dataKeys(developmentAttestation, ours).unwrap(wrapped))).toEqual(Buffer.from(dek))
+    // A data key wrapped under another key (one the parent controls, say) is not unwrapped as ours.
+    const { wrapped: foreign } = await dataKeys(developmentAttestation, theirs).generate()
+    await expect(dataKeys(developmentAttestation, ours).unwrap(foreign)).rejects.toThrow(`KMS Decrypt answered with key ${theirs}, not ${ours}`)
+  })
+})
+
 describe('openNitroAttestation', () => {
   // Outside a Nitro Enclave; inside one, this test would find the NSM.
   it.skipIf(existsSync('/dev/nsm'))('loads the real NSM addon, finds no /dev/nsm here, and says so', () => {

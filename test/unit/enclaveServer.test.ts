@@ -1,3 +1,4 @@
+import { createHash, randomBytes } from 'node:crypto'
 import { connect, type Socket } from 'node:net'
 import { afterAll, beforeAll, expect, it } from 'vitest'
 import { keccak256, toHex } from 'viem'
@@ -7,7 +8,7 @@ import { SignEngine } from '../../enclave-origin/enclave/engine.js'
 import { KeyCache } from '../../enclave-origin/enclave/keyCache.js'
 import { EnclaveService, serveEnclave } from '../../enclave-origin/enclave/server.js'
 import { encodeFrame, FrameDecoder, opcodes, statuses, type Frame } from '../../enclave-origin/protocol/frames.js'
-import { decodeCreateResponse, encodeCreateRequest, encodeSignRequest, encodeUnlockRequest } from '../../enclave-origin/protocol/messages.js'
+import { decodeCreateResponse, encodeCreateRequest, encodeResealRequest, encodeSignRequest, encodeUnlockRequest } from '../../enclave-origin/protocol/messages.js'
 
 /** The enclave's server over TCP: one bad connection is closed and harms no other. */
 
@@ -98,4 +99,19 @@ it('an UNLOCK whose retiring DEK does not unwrap installs neither, and zeroes th
   expect(unwrapped).toEqual(new Uint8Array(32))
   cache.load({ keyId: 'k', version: 1, state: 'active', publicKey: new Uint8Array(65), sealed: new Uint8Array(60) })
   expect(cache.get('k')?.cacheState).toBe('INVALID')
+})
+
+it('RESEAL seals only under the DEK the rotation names: under any other it answers NEEDS_UNLOCK', async () => {
+  const kmsDek = new Uint8Array(randomBytes(32))
+  const fakeKms = { unwrap: async () => new Uint8Array(kmsDek) } as unknown as KmsDataKeys
+  const cache = new KeyCache({ now: Date.now, unlock: () => Promise.reject(new Error('no unlock in this test')) })
+  const service = new EnclaveService({ cache, engine, dataKeys: fakeKms, kmsKeyId: 'test', credentials: new DeliveredCredentials(), attestation: developmentAttestation })
+  const wrappedDek = Uint8Array.of(5, 6, 7)
+  expect((await service.handle({ requestId: 1, opcode: opcodes.UNLOCK, status: 0, payload: encodeUnlockRequest({ wrappedDek }) })).status).toBe(statuses.OK)
+  await service.handle({ requestId: 2, opcode: opcodes.CREATE, status: 0, payload: encodeCreateRequest({ keyId: 'r' }) })
+  const reseal = (wrappedDekSha256: Uint8Array) => service.handle({ requestId: 3, opcode: opcodes.RESEAL, status: 0, payload: encodeResealRequest({ keyId: 'r', wrappedDekSha256 }) })
+  expect((await reseal(createHash('sha256').update(Uint8Array.of(9)).digest())).status).toBe(statuses.NEEDS_UNLOCK)
+  const answer = await reseal(createHash('sha256').update(wrappedDek).digest())
+  expect(answer.status).toBe(statuses.OK)
+  expect(decodeCreateResponse(answer.payload).version).toBe(2)
 })

@@ -524,6 +524,39 @@ describe('KeyCache wipes plaintext it drops', () => {
 })
 
 describe('KeyCache during a DEK rotation', () => {
+  it('keeps a DEK installed while a background unlock was out: the older answer is dropped, zeroed', async () => {
+    const { cache, key, unlock } = harness({ unlockGate: 'closed' })
+    const newer = randomSecret()
+    const signed = key({ keyId: 'newer', sealingDek: newer })
+    cache.load(signed.record)
+    expect(cache.acquire('newer').kind).toBe('needs-unlock')
+    await settle()
+    expect(unlock.calls()).toBe(1)
+    // An UNLOCK (a rotation's) installs the newer DEK while the background unlock still waits on KMS.
+    const installed = new Uint8Array(newer)
+    cache.setDek(installed)
+    unlock.open()
+    await cache.idle()
+    expect(installed).toEqual(newer)
+    expect(signingKey(cache.acquire('newer'))).toEqual(signed.privateKey)
+    // A key sealed under the answer that came late does not open: that DEK was not installed.
+    cache.load(key({ keyId: 'late' }).record)
+    expect(() => cache.acquire('late')).toThrow(SealingError)
+  })
+
+  it('ignores a record older than the one it holds, and takes a newer one', () => {
+    const { cache, key, dekCopy } = harness()
+    cache.setDek(dekCopy())
+    const v2 = key({ keyId: 'k', version: 2 })
+    cache.load(v2.record)
+    cache.load(key({ keyId: 'k', version: 1 }).record)
+    expect(cache.get('k')?.record.version).toBe(2)
+    expect(signingKey(cache.acquire('k'))).toEqual(v2.privateKey)
+    const v3 = key({ keyId: 'k', version: 3 })
+    cache.load(v3.record)
+    expect(signingKey(cache.acquire('k'))).toEqual(v3.privateKey)
+  })
+
   it('opens records sealed under the retiring DEK, and reseals each one version up under the new DEK only', () => {
     const { cache, key, dekCopy } = harness()
     const oldDek = randomSecret()

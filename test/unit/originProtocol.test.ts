@@ -11,6 +11,7 @@ import {
   decodeGetResponse,
   decodeHealthResponse,
   decodeLoadRequest,
+  decodeResealRequest,
   decodeNeedsUnlock,
   decodeSetStateRequest,
   decodeSignRequest,
@@ -27,6 +28,7 @@ import {
   encodeGetResponse,
   encodeHealthResponse,
   encodeLoadRequest,
+  encodeResealRequest,
   encodeNeedsUnlock,
   encodeSetStateRequest,
   encodeSignRequest,
@@ -157,6 +159,12 @@ describe('every message survives encode then decode unchanged', () => {
     expect(() => encodeCredentials({ ...credentials, accessKeyId: '' })).toThrow('CREDENTIALS need an access key id and a secret access key')
     expect(() => decodeCredentials(new Uint8Array([0, 0, 0, 1, 120, 0, 0]))).toThrow('CREDENTIALS request: an access key id and a secret access key are required')
     expect(() => decodeCredentials(encodeCredentials(credentials).subarray(0, 20))).toThrow("CREDENTIALS request: secretAccessKey needs 40 bytes, 5 left")
+  })
+
+  it('RESEAL request: a key id and the wrapped DEK\u2019s SHA-256', () => {
+    const request = { keyId: 'k-9', wrappedDekSha256: filled(32, 4) }
+    expect(decodeResealRequest(encodeResealRequest(request))).toEqual(request)
+    expect(() => encodeResealRequest({ keyId: 'k', wrappedDekSha256: filled(31, 4) })).toThrow(/RESEAL wrappedDekSha256/)
   })
 
   it('ATTEST response: the delivery recipient and the document, which may be empty', () => {

@@ -29,7 +29,7 @@ let kms: LocalKms
 let directory: string
 let store: DiskBlobStore
 let parent: OriginParent
-const enclaves: Array<{ id: string; address: StreamAddress; cache: KeyCache; credentials: DeliveredCredentials; close(): Promise<void>; engine: SignEngine }> = []
+const enclaves: Array<{ id: string; address: StreamAddress; cache: KeyCache; service: EnclaveService; credentials: DeliveredCredentials; close(): Promise<void>; engine: SignEngine }> = []
 let addresses: Array<{ id: string; address: StreamAddress }>
 let kmsKeyId: string
 
@@ -52,7 +52,7 @@ beforeAll(async () => {
     const cache = new KeyCache({ now: Date.now, unlock: () => service!.unwrapLastDataKeys() })
     service = new EnclaveService({ cache, engine, dataKeys, kmsKeyId, credentials, attestation: developmentAttestation })
     const { close } = await serveEnclave({ service, address, log: () => {} })
-    enclaves.push({ id, address, cache, credentials, close, engine })
+    enclaves.push({ id, address, cache, service, credentials, close, engine })
   }
   store = await openDiskBlobStore({ directory: path.join(directory, 'store') })
   parent = new OriginParent({ enclaves: addresses, poolSize: 2, store, requestTimeoutMs: 2_000, credentials: async () => kms.credentials })
@@ -147,8 +147,12 @@ describe('DEK rotation', () => {
     for await (const record of store.list()) records.push(record)
     return records
   }
-  /** What a restart of both enclaves leaves: no keys, no DEK. */
-  const restartEnclaves = () => enclaves.forEach((enclave) => enclave.cache.clear())
+  /** What a restart of both enclaves leaves: no keys, no DEK, no wrapped DEK to unwrap again on their own. */
+  const restartEnclaves = () =>
+    enclaves.forEach((enclave) => {
+      enclave.cache.clear()
+      enclave.service.clear()
+    })
 
   it('re-seals every stored key one version up under a new DEK, which alone opens them after, while keys sign throughout', async () => {
     const keys = await Promise.all(Array.from({ length: 30 }, () => parent.createKey()))
@@ -182,6 +186,30 @@ describe('DEK rotation', () => {
     try {
       await restarted.start()
       for (const key of keys.slice(1)) await signsAs(restarted, key)
+    } finally {
+      restarted.close()
+    }
+  })
+
+  it('creates and state changes during a rotation: every key is re-sealed or made under the new DEK, and a frozen key stays frozen', async () => {
+    const keys = await Promise.all(Array.from({ length: 20 }, () => parent.createKey()))
+    const rotation = parent.rotateDataKey()
+    const [created, , ,] = await Promise.all([
+      Promise.all(Array.from({ length: 20 }, () => parent.createKey())),
+      parent.setState(keys[0]!.keyId, 'frozen'),
+      parent.setState(keys[1]!.keyId, 'frozen').then(() => parent.setState(keys[1]!.keyId, 'active')),
+      rotation,
+    ])
+    expect((await store.getWrappedDek())!.retiring).toBeUndefined()
+    expect((await store.get(keys[0]!.keyId))!.state).toBe('frozen')
+    await expect(parent.sign(keys[0]!.keyId, Buffer.alloc(32, 1))).rejects.toThrow(/frozen/)
+
+    restartEnclaves()
+    const restarted = newParent()
+    try {
+      await restarted.start()
+      for (const key of [...keys.slice(1), ...created]) await signsAs(restarted, key)
+      await expect(restarted.sign(keys[0]!.keyId, Buffer.alloc(32, 1))).rejects.toThrow(/frozen/)
     } finally {
       restarted.close()
     }

@@ -6,24 +6,33 @@ import { checkStartup } from '../../enclave-origin/enclave/startupChecks.js'
 /** What the origin's processes refuse or accept before they serve: start-up checks, settings, and what their logs may say. */
 
 const nitro: AttestationProvider = { kind: 'nitro', attestationDocument: async () => new Uint8Array([1]) }
+const keyArn = 'arn:aws:kms:us-east-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab'
 
 describe('enclave start-up checks', () => {
   it('production refuses unless the current hardware RNG is the Nitro one', async () => {
     for (const rng of ['tpm-rng-0', 'virtio_rng.0', '']) {
-      await expect(checkStartup({ profile: 'production', attestation: nitro, warn: () => {}, readRng: async () => `${rng}\n` })).rejects.toThrow(
+      await expect(checkStartup({ profile: 'production', kmsKeyId: keyArn, attestation: nitro, warn: () => {}, readRng: async () => `${rng}\n` })).rejects.toThrow(
         `refusing to start: the current hardware RNG is "${rng}", not the Nitro "nsm-hwrng"`,
       )
     }
-    await expect(checkStartup({ profile: 'production', attestation: nitro, warn: () => {}, readRng: () => Promise.reject(new Error('ENOENT')) })).rejects.toThrow(
+    await expect(checkStartup({ profile: 'production', kmsKeyId: keyArn, attestation: nitro, warn: () => {}, readRng: () => Promise.reject(new Error('ENOENT')) })).rejects.toThrow(
       '"unreadable"',
     )
   })
 
   it('production refuses without a Nitro attestation provider, even on the Nitro RNG', async () => {
-    await expect(checkStartup({ profile: 'production', attestation: developmentAttestation, warn: () => {}, readRng: async () => 'nsm-hwrng\n' })).rejects.toThrow(
+    await expect(checkStartup({ profile: 'production', kmsKeyId: keyArn, attestation: developmentAttestation, warn: () => {}, readRng: async () => 'nsm-hwrng\n' })).rejects.toThrow(
       'refusing to start: the production profile needs a Nitro attestation provider',
     )
-    await expect(checkStartup({ profile: 'production', attestation: nitro, warn: () => {}, readRng: async () => 'nsm-hwrng\n' })).resolves.toBeUndefined()
+    await expect(checkStartup({ profile: 'production', kmsKeyId: keyArn, attestation: nitro, warn: () => {}, readRng: async () => 'nsm-hwrng\n' })).resolves.toBeUndefined()
+  })
+
+  it('production refuses a KMS key named by an alias or a bare id: the parent\u2019s credentials would choose the account', async () => {
+    for (const kmsKeyId of ['alias/enclave', '1234abcd-12ab-34cd-56ef-1234567890ab', 'arn:aws:kms:us-east-1:111122223333:alias/enclave']) {
+      await expect(checkStartup({ profile: 'production', kmsKeyId, attestation: nitro, warn: () => {}, readRng: async () => 'nsm-hwrng\n' })).rejects.toThrow(
+        'refusing to start: the production profile needs KMS_KEY_ID as a key ARN (arn:aws:kms:REGION:ACCOUNT:key/ID)',
+      )
+    }
   })
 
   it('development skips both checks, and says so', async () => {
@@ -31,6 +40,7 @@ describe('enclave start-up checks', () => {
     let rngRead = false
     await checkStartup({
       profile: 'development',
+      kmsKeyId: 'alias/dev',
       attestation: developmentAttestation,
       warn: (line) => warnings.push(line),
       readRng: async () => {
@@ -40,7 +50,7 @@ describe('enclave start-up checks', () => {
     })
     expect(rngRead).toBe(false)
     expect(warnings).toEqual([expect.stringMatching(/RNG self-check skipped and no attestation/)])
-    await checkStartup({ profile: 'development', attestation: nitro, warn: (line) => warnings.push(line) })
+    await checkStartup({ profile: 'development', kmsKeyId: 'alias/dev', attestation: nitro, warn: (line) => warnings.push(line) })
     expect(warnings[1]).toMatch(/RNG self-check skipped and data keys bound to Nitro attestation/)
   })
 })

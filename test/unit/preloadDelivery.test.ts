@@ -84,7 +84,7 @@ describe('sealPreloadIdentity', () => {
 
   it('refuses a document from an untrusted root, of another image, or binding another recipient', async () => {
     const enclave = await attest()
-    await expect(sealPreloadIdentity({ identity, enclaves: [enclave], trust: { roots: [new X509Certificate(otherImage.rootPem)] } })).rejects.toThrow(
+    await expect(sealPreloadIdentity({ identity, enclaves: [enclave], trust: { ...trust(), roots: [new X509Certificate(otherImage.rootPem)] } })).rejects.toThrow(
       'enclave enclave-a: the attestation document is not valid: the cabundle does not start at a trusted root',
     )
     await expect(sealPreloadIdentity({ identity, enclaves: [enclave], trust: { ...trust(), pcr0: otherImage.pcr0 } })).rejects.toThrow(
@@ -101,6 +101,19 @@ describe('sealPreloadIdentity', () => {
     await expect(sealPreloadIdentity({ identity, enclaves: [{ ...enclave, recipient: 'age1notarecipient' }], trust: 'unattested' })).rejects.toThrow(
       'enclave enclave-a: its delivery recipient is not an X25519 age recipient',
     )
+  })
+
+  it('refuses a debug-mode enclave, whose documents report a zeroed PCR0', async () => {
+    const debug = startTestNsm({ pcr0: new Uint8Array(48) })
+    try {
+      const { recipient } = await generatePreloadIdentity()
+      const attestationDocument = await debug.provider.attestationDocument({ publicKey: new TextEncoder().encode(recipient) })
+      await expect(
+        sealPreloadIdentity({ identity, enclaves: [{ id: 'debug', recipient, attestationDocument }], trust: { roots: [new X509Certificate(debug.rootPem)], pcr0: new Uint8Array(48) } }),
+      ).rejects.toThrow('enclave debug: the attestation document has no PCR0 (a debug-mode enclave?)')
+    } finally {
+      debug.close()
+    }
   })
 
   it('unattested, seals to the recipient as reported', async () => {
