@@ -17,7 +17,8 @@ import { checkStartup } from './startupChecks.js'
  * ENCLAVE_LISTEN (vsock:CID:PORT in an enclave, host:port, or a socket path), KMS_KEY_ID, KMS_REGION,
  * KMS_ENDPOINT (optional), KMS_TUNNEL (optional: vsock:CID:PORT, host:port or a socket path that
  * carries each KMS connection to the parent, where a forwarder such as vsock-proxy reaches KMS;
- * TLS stays end to end with KMS). AWS credentials come from the parent (CREDENTIALS), not settings.
+ * TLS stays end to end with KMS), KMS_TIMEOUT_MS (3000, per KMS request, two attempts). AWS
+ * credentials come from the parent (CREDENTIALS), not settings.
  * ENGINE_THREADS, ENGINE_BATCHING (1|0), ENGINE_INLINE_PER_TURN, GRACE_SIGNATURES, and PRELOAD_FILE for
  * preload mode (an age-encrypted [{account_id, share}] file whose identity an
  * unlock delivers).
@@ -35,7 +36,12 @@ export async function runEnclave(): Promise<() => Promise<void>> {
     region: setting('KMS_REGION', 'us-east-1'),
     endpoint: process.env.KMS_ENDPOINT || undefined,
     credentials: credentials.provider,
-    ...(process.env.KMS_TUNNEL && { requestHandler: { httpsAgent: kmsTunnelAgent({ address: listenAddress(process.env.KMS_TUNNEL) }) } }),
+    // Bounded, so a stalled KMS (or tunnel) fails an UNLOCK rather than holding the ones behind it.
+    maxAttempts: 2,
+    requestHandler: {
+      requestTimeout: integerSetting('KMS_TIMEOUT_MS', { min: 100, max: 60_000, fallback: 3_000 }),
+      ...(process.env.KMS_TUNNEL && { httpsAgent: kmsTunnelAgent({ address: listenAddress(process.env.KMS_TUNNEL) }) }),
+    },
   })
   const dataKeys = new KmsDataKeys({ client, kmsKeyId, attestation })
   const engine = new SignEngine({

@@ -61,7 +61,14 @@ export class EnclaveService {
    */
   private deliveryKey: Promise<{ identity: string; recipient: string }> | undefined
   /** UNLOCKs run one at a time, in the order they came: a later one never loses to an earlier one still at KMS. */
-  private unlocks: Promise<unknown> = Promise.resolve()
+  private unlockRunning = false
+  /**
+   * At most one UNLOCK waits behind the running one. A later one joins it and
+   * takes its place (it was built from a newer store), keeping a preload
+   * identity the earlier one carried; both get its answer. However long KMS
+   * stalls, the queue stays this short.
+   */
+  private unlockWaiting: { request: UnlockRequest; answers: Array<(answer: Promise<Answer>) => void> } | undefined
 
   constructor(
     private readonly options: {
@@ -129,6 +136,34 @@ export class EnclaveService {
       throw dek.status === 'rejected' ? dek.reason : (retiring as PromiseRejectedResult).reason
     }
     return retiring.value ? { dek: dek.value, retiring: retiring.value } : { dek: dek.value }
+  }
+
+  private queueUnlock(request: UnlockRequest): Promise<Answer> {
+    return new Promise<Answer>((resolve) => {
+      const waiting = this.unlockWaiting
+      if (waiting) {
+        waiting.request = { ...request, sealedPreloadIdentity: request.sealedPreloadIdentity ?? waiting.request.sealedPreloadIdentity }
+        waiting.answers.push(resolve)
+      } else {
+        this.unlockWaiting = { request, answers: [resolve] }
+      }
+      this.runNextUnlock()
+    })
+  }
+
+  private runNextUnlock(): void {
+    const next = this.unlockWaiting
+    if (this.unlockRunning || !next) return
+    this.unlockWaiting = undefined
+    this.unlockRunning = true
+    const answer = this.unlock(next.request)
+    for (const resolve of next.answers) resolve(answer)
+    void answer
+      .catch(() => {})
+      .finally(() => {
+        this.unlockRunning = false
+        this.runNextUnlock()
+      })
   }
 
   private async unlock({ wrappedDek, retiringWrappedDek, sealedPreloadIdentity }: UnlockRequest): Promise<Answer> {
@@ -203,12 +238,8 @@ export class EnclaveService {
         const { keyId, state } = decodeSetStateRequest(frame.payload)
         return cache.setState(keyId, state) ? { status: statuses.OK, payload: emptyPayload } : fail(statuses.NOT_FOUND, `no key ${keyId}`)
       }
-      case opcodes.UNLOCK: {
-        const request = decodeUnlockRequest(frame.payload)
-        const turn = this.unlocks.catch(() => {}).then(() => this.unlock(request))
-        this.unlocks = turn
-        return turn
-      }
+      case opcodes.UNLOCK:
+        return this.queueUnlock(decodeUnlockRequest(frame.payload))
       case opcodes.GENERATE_DATA_KEY: {
         // A DEK for a rotation: only its wrapped form leaves, and the parent makes it durable before any UNLOCK installs it.
         decodeEmptyPayload(frame.payload, 'GENERATE_DATA_KEY request')

@@ -197,7 +197,7 @@ export class OriginParent {
     const wrappedDekSha256 = createHash('sha256').update(wrapped.ciphertext).digest()
     const resealed = await this.forEachStored((record) => this.reseal({ keyId: record.keyId, wrappedDekSha256 }))
     // An enclave that restarted meanwhile may have reloaded a record older than the store's: the latest, per key, in turn with state changes.
-    await this.forEachStored((record) => this.serializeKey(record.keyId, () => this.reload(this.ring.nodeFor(record.keyId), record.keyId)))
+    await this.forEachStored((record) => this.reloadInTurn(this.ring.nodeFor(record.keyId), record.keyId))
     // 4. The old DEK is forgotten: in the store, then in every enclave.
     await store.putWrappedDek({ keyId: wrapped.keyId, ciphertext: wrapped.ciphertext })
     await this.unlockWithStored()
@@ -222,10 +222,12 @@ export class OriginParent {
       // From the store, not the enclave's copy: an enclave that restarted may hold an older one, or none.
       const enclave = await this.load(stored)
       const request = async () => this.check(enclave, await this.call(enclave, opcodes.RESEAL, encodeResealRequest({ keyId, wrappedDekSha256 })))
-      // An enclave that restarted meanwhile has no DEK, or not the rotation's: unlock it (with both DEKs, from the store) and ask once more.
+      // An enclave that restarted meanwhile has no DEK, or not the rotation's: unlock it (with both DEKs,
+      // from the store), hand it the record again (a restart lost that too) and ask once more.
       const frame = await request().catch(async (error: unknown) => {
         if (!(error instanceof NeedsUnlockError)) throw error
         await this.unlock(enclave)
+        await this.load(stored)
         return request()
       })
       const resealed = decodeCreateResponse(frame.payload)
@@ -274,7 +276,8 @@ export class OriginParent {
     const turn = enclave.unlockQueue
       .catch(() => {})
       .then(async () => {
-        const request = build(await this.options.store.getWrappedDek())
+        // Bounded, as the call itself is: a hung store read must not hold every later UNLOCK.
+        const request = build(await this.withinRequestTimeout(this.options.store.getWrappedDek(), 'reading the wrapped DEK'))
         await this.deliverCredentials(enclave)
         return this.check(enclave, await this.call(enclave, opcodes.UNLOCK, encodeUnlockRequest(request)))
       })
@@ -282,8 +285,18 @@ export class OriginParent {
     return turn
   }
 
+  /** `work`, or a rejection naming `what` once the request timeout has passed. */
+  private withinRequestTimeout<T>(work: Promise<T>, what: string): Promise<T> {
+    const { requestTimeoutMs } = this.options
+    let timer: ReturnType<typeof setTimeout> | undefined
+    const timeout = new Promise<never>((_, reject) => {
+      timer = setTimeout(() => reject(new Error(`${what} took longer than ${requestTimeoutMs} ms`)), requestTimeoutMs)
+    })
+    return Promise.race([work, timeout]).finally(() => clearTimeout(timer))
+  }
+
   private async deliverCredentials(enclave: Enclave): Promise<void> {
-    const credentials = await this.options.credentials().catch((error: unknown) => {
+    const credentials = await this.withinRequestTimeout(this.options.credentials(), 'getting AWS credentials').catch((error: unknown) => {
       throw new OriginRequestError('unavailable', `no AWS credentials to give the enclave: ${(error as Error).message}`)
     })
     this.check(enclave, await this.call(enclave, opcodes.CREDENTIALS, encodeCredentials(credentials)))
@@ -324,7 +337,7 @@ export class OriginParent {
     const enclave = this.ring.nodeFor(keyId)
     const started = performance.now()
     let frame = await this.call(enclave, opcodes.SIGN, encodeSignRequest({ keyId, digest }))
-    if (frame.status === statuses.NOT_FOUND && (await this.reload(enclave, keyId))) {
+    if (frame.status === statuses.NOT_FOUND && (await this.reloadInTurn(enclave, keyId))) {
       frame = await this.call(enclave, opcodes.SIGN, encodeSignRequest({ keyId, digest }))
     }
     const rpcMs = performance.now() - started
@@ -333,7 +346,16 @@ export class OriginParent {
     return { signature: `0x${Buffer.from(signature.buffer, signature.byteOffset, signature.byteLength).toString('hex')}`, recoveryId, rpcMs, enclaveMs: enclaveMicros / 1_000 }
   }
 
-  /** An enclave that restarted has lost its records: hand it the stored one. */
+  /**
+   * `reload` in the key's turn: a state change or re-seal of the same key
+   * waits for it, and it for them, so a record read before one of those
+   * cannot land after it (a frozen key turned active again, say).
+   */
+  private reloadInTurn(enclave: Enclave, keyId: string): Promise<boolean> {
+    return this.serializeKey(keyId, () => this.reload(enclave, keyId))
+  }
+
+  /** An enclave that restarted has lost its records: hand it the stored one. Callers hold the key's turn. */
   private async reload(enclave: Enclave, keyId: string): Promise<boolean> {
     const record = await this.options.store.get(keyId)
     if (!record) return false
@@ -344,7 +366,7 @@ export class OriginParent {
   async getKey(keyId: string): Promise<KeyInfo> {
     const enclave = this.ring.nodeFor(keyId)
     let frame = await this.call(enclave, opcodes.GET, encodeGetRequest({ keyId }))
-    if (frame.status === statuses.NOT_FOUND && (await this.reload(enclave, keyId))) frame = await this.call(enclave, opcodes.GET, encodeGetRequest({ keyId }))
+    if (frame.status === statuses.NOT_FOUND && (await this.reloadInTurn(enclave, keyId))) frame = await this.call(enclave, opcodes.GET, encodeGetRequest({ keyId }))
     const key = decodeGetResponse(this.check(enclave, frame).payload)
     const publicKey = bytesToHex(key.publicKey)
     return { keyId, publicKey, address: publicKeyToAddress(publicKey), state: key.state, cacheState: key.cacheState }

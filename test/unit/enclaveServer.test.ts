@@ -115,3 +115,37 @@ it('RESEAL seals only under the DEK the rotation names: under any other it answe
   expect(answer.status).toBe(statuses.OK)
   expect(decodeCreateResponse(answer.payload).version).toBe(2)
 })
+
+it('UNLOCKs run one at a time, and at most one waits: a later one takes its place, keeping its preload identity', async () => {
+  const seen: number[] = []
+  let release: () => void = () => {}
+  const gate = new Promise<void>((resolve) => (release = resolve))
+  const slowKms = {
+    unwrap: async ({ ciphertext }: { ciphertext: Uint8Array }) => {
+      seen.push(ciphertext[0]!)
+      await gate
+      return new Uint8Array(32).fill(ciphertext[0]!)
+    },
+  } as unknown as KmsDataKeys
+  const cache = new KeyCache({ now: Date.now, unlock: () => Promise.reject(new Error('no unlock in this test')) })
+  const service = new EnclaveService({ cache, engine, dataKeys: slowKms, kmsKeyId: 'test', credentials: new DeliveredCredentials(), attestation: developmentAttestation })
+  const unlock = (first: number, sealedPreloadIdentity?: Uint8Array) =>
+    service.handle({ requestId: first, opcode: opcodes.UNLOCK, status: 0, payload: encodeUnlockRequest({ wrappedDek: Uint8Array.of(first), sealedPreloadIdentity }) })
+  const running = unlock(1)
+  // Waits behind the first; the next replaces its DEK but keeps its preload identity (this enclave has no preload file: BAD_REQUEST tells).
+  const waiting = unlock(2, Uint8Array.of(9))
+  const later = unlock(3)
+  await new Promise((resolve) => setTimeout(resolve, 20))
+  expect(seen).toEqual([1])
+  release()
+  expect((await running).status).toBe(statuses.OK)
+  const answers = await Promise.all([waiting, later])
+  expect(answers.map((answer) => answer.status)).toEqual([statuses.BAD_REQUEST, statuses.BAD_REQUEST])
+  expect(seen).toEqual([1])
+  // And the DEK of a plain UNLOCK that replaced a waiting one is the later one's.
+  const plainRunning = unlock(4)
+  const plainWaiting = unlock(5)
+  const plainLater = unlock(6)
+  await Promise.all([plainRunning, plainWaiting, plainLater])
+  expect(seen).toEqual([1, 4, 6])
+})

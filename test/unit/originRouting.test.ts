@@ -92,18 +92,15 @@ describe('OriginParent with several enclaves', () => {
   })
 })
 
+/** Another parent in front of the same enclaves and store. */
+const newParent = (options: Partial<ConstructorParameters<typeof OriginParent>[0]> = {}) =>
+  new OriginParent({ enclaves: addresses, poolSize: 1, store, requestTimeoutMs: 2_000, credentials: async () => kms.credentials, ...options })
+
 describe('AWS credentials for the enclaves\u2019 KMS calls', () => {
   it('reach every enclave before its unlock, and again every refresh period', async () => {
     let deliveries = 0
     // A session token that changes with every call to the provider shows which delivery an enclave holds.
-    const refreshing = new OriginParent({
-      enclaves: addresses,
-      poolSize: 1,
-      store,
-      requestTimeoutMs: 2_000,
-      credentials: async () => ({ ...kms.credentials, sessionToken: `token-${++deliveries}` }),
-      credentialRefreshMs: 50,
-    })
+    const refreshing = newParent({ credentials: async () => ({ ...kms.credentials, sessionToken: `token-${++deliveries}` }), credentialRefreshMs: 50 })
     try {
       await refreshing.start()
       const held = () => Promise.all(enclaves.map(async (enclave) => Number((await enclave.credentials.provider()).sessionToken!.slice('token-'.length))))
@@ -119,8 +116,19 @@ describe('AWS credentials for the enclaves\u2019 KMS calls', () => {
     }
   })
 
+  it('an unlock whose credentials never come fails after the request timeout, and does not hold the next one', async () => {
+    let calls = 0
+    const hanging = newParent({ requestTimeoutMs: 200, credentials: () => (++calls === 1 ? new Promise(() => {}) : Promise.resolve(kms.credentials)) })
+    try {
+      await expect(hanging.unlock(), 'the first').rejects.toThrow('no AWS credentials to give the enclave: getting AWS credentials took longer than 200 ms')
+      await hanging.unlock()
+    } finally {
+      hanging.close()
+    }
+  })
+
   it('an unlock without credentials to give fails, saying so', async () => {
-    const without = new OriginParent({ enclaves: addresses, poolSize: 1, store, requestTimeoutMs: 2_000, credentials: () => Promise.reject(new Error('no instance role')) })
+    const without = newParent({ credentials: () => Promise.reject(new Error('no instance role')) })
     try {
       await expect(without.unlock()).rejects.toThrow('no AWS credentials to give the enclave: no instance role')
     } finally {
@@ -135,8 +143,6 @@ describe('AWS credentials for the enclaves\u2019 KMS calls', () => {
 
 describe('DEK rotation', () => {
   const digest = `0x${'cd'.repeat(32)}` as Hex
-  const newParent = (options: Partial<ConstructorParameters<typeof OriginParent>[0]> = {}) =>
-    new OriginParent({ enclaves: addresses, poolSize: 1, store, requestTimeoutMs: 2_000, credentials: async () => kms.credentials, ...options })
   async function signsAs(signer: OriginParent, key: { keyId: string; address: string }) {
     const { signature, recoveryId } = await signer.sign(key.keyId, Buffer.from(digest.slice(2), 'hex'))
     const recovered = await recoverAddress({ hash: digest, signature: serializeSignature({ r: `0x${signature.slice(2, 66)}`, s: `0x${signature.slice(66)}`, yParity: recoveryId }) })
