@@ -1,8 +1,9 @@
-import { generateKeyPairSync } from 'node:crypto'
+import { generateKeyPairSync, X509Certificate } from 'node:crypto'
 import { existsSync } from 'node:fs'
 import { DecryptCommand, GenerateDataKeyCommand, KMSClient } from '@aws-sdk/client-kms'
-import { decode } from 'cborg'
+import { decode, encode } from 'cborg'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
+import { AttestationDocumentError, verifyAttestationDocument } from '../../enclave-origin/attestationDocument.js'
 import { CmsError, openRecipientCiphertext } from '../../enclave-origin/enclave/cms.js'
 import { developmentAttestation, KmsDataKeys, type AttestationProvider } from '../../enclave-origin/enclave/dataKey.js'
 import { openNitroAttestation } from '../../enclave-origin/enclave/nitroAttestation.js'
@@ -105,6 +106,44 @@ describe('KmsDataKeys with a key ARN', () => {
     // A data key wrapped under another key (one the parent controls, say) is not unwrapped as ours.
     const { wrapped: foreign } = await dataKeys(developmentAttestation, theirs).generate()
     await expect(dataKeys(developmentAttestation, ours).unwrap(foreign)).rejects.toThrow(`KMS Decrypt answered with key ${theirs}, not ${ours}`)
+  })
+})
+
+describe('verifyAttestationDocument', () => {
+  const trusted = () => [new X509Certificate(nsm.rootPem)]
+  const documentFor = async (publicKey = Uint8Array.of(1, 2, 3)) => (await nsm.provider.attestationDocument({ publicKey }))!
+
+  it('answers the module, the PCRs and the bound key of a good document, tagged (18) or not', async () => {
+    const document = await documentFor()
+    const tagged = new Uint8Array([0xd2, ...document]) // CBOR tag 18, COSE_Sign1
+    for (const each of [document, tagged]) {
+      const fields = verifyAttestationDocument(each, trusted())
+      expect(fields.moduleId).toBe('i-test-enc0123456789')
+      expect(Buffer.from(fields.pcrs.get(0)!)).toEqual(Buffer.from(nsm.pcr0))
+      expect(fields.publicKey).toEqual(Uint8Array.of(1, 2, 3))
+    }
+  })
+
+  it('refuses, saying why: not COSE, another algorithm, an expired chain, no cabundle', async () => {
+    const document = await documentFor()
+    const refusal = (bytes: Uint8Array, now?: number) => {
+      try {
+        verifyAttestationDocument(bytes, trusted(), now)
+        return 'accepted'
+      } catch (error) {
+        return error instanceof AttestationDocumentError ? error.message : `not an AttestationDocumentError: ${String(error)}`
+      }
+    }
+    expect(refusal(new TextEncoder().encode('not cbor at all'))).toBe('not a COSE_Sign1 structure')
+    expect(refusal(encode([1, 2, 3]))).toBe('not a COSE_Sign1 structure')
+    const [protectedHeader, unprotected, payload, signature] = decode(document) as [Uint8Array, unknown, Uint8Array, Uint8Array]
+    expect(refusal(encode([encode(new Map([[1, -7]])), unprotected, payload, signature]))).toBe('not signed with ES384')
+    const fields = decode(payload, { useMaps: true }) as Map<string, unknown>
+    fields.delete('cabundle')
+    expect(refusal(encode([protectedHeader, unprotected, encode(fields), signature]))).toBe('no cabundle')
+    // The test chain is valid for one day.
+    expect(refusal(document, Date.now() + 3 * 24 * 3_600_000)).toBe('a certificate is outside its validity')
+    expect(refusal(document)).toBe('accepted')
   })
 })
 
