@@ -16,10 +16,10 @@ export type AttestedFields = {
  * Checks a Nitro attestation document as AWS documents it and KMS does: a
  * COSE_Sign1 (untagged or tag 18) signed with ES384 by its `certificate`,
  * which chains through `cabundle` (root first) to one of `roots`, each
- * certificate within its validity at `now`. Answers the fields a verifier acts
+ * certificate within its validity at `now` (default: the current time). Answers the fields a verifier acts
  * on; throws AttestationDocumentError saying what failed.
  */
-export function verifyAttestationDocument(document: Uint8Array, roots: readonly X509Certificate[], now = Date.now()): AttestedFields {
+export function verifyAttestationDocument(document: Uint8Array, { roots, now = Date.now() }: { roots: readonly X509Certificate[]; now?: number }): AttestedFields {
   const invalid = (why: string) => new AttestationDocumentError(why)
   let protectedHeader: Uint8Array, payload: Uint8Array, signature: Uint8Array, fields: Map<string, unknown>
   try {

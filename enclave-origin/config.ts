@@ -9,7 +9,7 @@ export function setting(name: string, fallback?: string): string {
 }
 
 /** One of `choices`, or the fallback when unset; anything else is an error naming the setting and its choices. */
-export function choiceSetting<const T extends string>(name: string, choices: readonly T[], fallback: T): T {
+export function choiceSetting<const T extends string>(name: string, { choices, fallback }: { choices: readonly T[]; fallback: T }): T {
   const value = process.env[name] || fallback
   if (!(choices as readonly string[]).includes(value)) throw new Error(`${name} must be one of ${choices.join(', ')}, got ${value}`)
   return value as T

@@ -78,7 +78,7 @@ function checkRecipient(enclave: EnclaveAttestation, trust: RecipientTrust): voi
   if (!enclave.attestationDocument) throw refuse('no attestation document (a development enclave?); only an unattested unlock can seal to it')
   let attested
   try {
-    attested = verifyAttestationDocument(enclave.attestationDocument, trust.roots)
+    attested = verifyAttestationDocument(enclave.attestationDocument, { roots: trust.roots })
   } catch (error) {
     throw error instanceof AttestationDocumentError ? refuse(`the attestation document is not valid: ${error.message}`) : error
   }

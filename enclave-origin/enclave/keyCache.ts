@@ -13,7 +13,9 @@ import { sealPrivateKey, unsealPrivateKey, zero } from './sealing.js'
  * DEK that opens the sealed records is cached too, with its own TTL. A key
  * whose plaintext has lapsed is COOL while the DEK is valid (re-derived inline,
  * microseconds) and INVALID once the DEK has lapsed as well: the caller gets
- * `needs-unlock` at once and one `unlock()` runs in the background.
+ * `needs-unlock` at once and one `unlock()` runs in the background. During a
+ * DEK rotation a retiring DEK is held beside it: records still sealed under
+ * it open, and `reseal` seals them again under the current one.
  *
  * Key bytes live in slabs (byteSlabs.ts), not one ArrayBuffer each: a record's
  * public key and sealed bytes are copied in when it is loaded, and a private key
@@ -442,7 +444,7 @@ export class KeyCache {
     const attempt = Promise.resolve()
       .then(() => this.unlock())
       .then(
-        (keys) => this.installUnlockedDek(keys, generation, epoch),
+        (keys) => this.installUnlockedDek(keys, { generation, epoch }),
         () => {
           this.counters.unlockFailures += 1
           return false
@@ -456,7 +458,7 @@ export class KeyCache {
     return attempt
   }
 
-  private installUnlockedDek(keys: DataKeys, generation: number, epoch: number): boolean {
+  private installUnlockedDek(keys: DataKeys, { generation, epoch }: { generation: number; epoch: number }): boolean {
     const discard = () => {
       zero(keys.dek)
       if (keys.retiring) zero(keys.retiring)

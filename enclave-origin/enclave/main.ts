@@ -25,8 +25,8 @@ import { checkStartup } from './startupChecks.js'
  */
 export async function runEnclave(): Promise<() => Promise<void>> {
   keepRequestObjectsYoung()
-  const profile = choiceSetting('ORIGIN_PROFILE', ['development', 'production'], 'development')
-  const nitro = choiceSetting('ENCLAVE_ATTESTATION', ['nitro', 'none'], profile === 'production' ? 'nitro' : 'none') === 'nitro' ? openNitroAttestation() : undefined
+  const profile = choiceSetting('ORIGIN_PROFILE', { choices: ['development', 'production'], fallback: 'development' })
+  const nitro = choiceSetting('ENCLAVE_ATTESTATION', { choices: ['nitro', 'none'], fallback: profile === 'production' ? 'nitro' : 'none' }) === 'nitro' ? openNitroAttestation() : undefined
   const attestation = nitro ?? developmentAttestation
   const kmsKeyId = setting('KMS_KEY_ID')
   await checkStartup({ profile, attestation, kmsKeyId, warn: (message) => logLine({ level: 'warn', event: 'startup', message }) })

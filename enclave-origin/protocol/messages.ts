@@ -61,21 +61,21 @@ export function decodeEmptyPayload(payload: Uint8Array, message: string): void {
 // SIGN
 
 export function encodeSignRequest(request: SignRequest): Uint8Array {
-  return encodeKeyIdAndDigest(request.keyId, request.digest, 'SIGN digest')
+  return encodeKeyIdAndDigest({ keyId: request.keyId, digest: request.digest, field: 'SIGN digest' })
 }
 
 export function decodeSignRequest(payload: Uint8Array): SignRequest {
-  return decodeKeyIdAndDigest(payload, 'SIGN request', 'digest')
+  return decodeKeyIdAndDigest(payload, { message: 'SIGN request', field: 'digest' })
 }
 
 /** Key id ‖ 32 bytes: SIGN's digest, RESEAL's wrapped-DEK hash. */
-function encodeKeyIdAndDigest(keyId: string, digest: Uint8Array, field: string): Uint8Array {
+function encodeKeyIdAndDigest({ keyId, digest, field }: { keyId: string; digest: Uint8Array; field: string }): Uint8Array {
   const id = keyIdBytes(keyId)
   checkLength({ bytes: digest, expected: digestBytes, field })
   return new PayloadWriter(1 + id.length + digestBytes).keyId(id).bytes(digest).done()
 }
 
-function decodeKeyIdAndDigest(payload: Uint8Array, message: string, field: string): { keyId: string; digest: Uint8Array } {
+function decodeKeyIdAndDigest(payload: Uint8Array, { message, field }: { message: string; field: string }): { keyId: string; digest: Uint8Array } {
   const reader = new PayloadReader(payload, message)
   const decoded = { keyId: reader.keyId(), digest: reader.bytes(digestBytes, field) }
   reader.end()
@@ -134,11 +134,11 @@ export function decodeCreateResponse(payload: Uint8Array): CreateResponse {
 export type ResealRequest = { keyId: string; wrappedDekSha256: Uint8Array }
 
 export function encodeResealRequest(request: ResealRequest): Uint8Array {
-  return encodeKeyIdAndDigest(request.keyId, request.wrappedDekSha256, 'RESEAL wrappedDekSha256')
+  return encodeKeyIdAndDigest({ keyId: request.keyId, digest: request.wrappedDekSha256, field: 'RESEAL wrappedDekSha256' })
 }
 
 export function decodeResealRequest(payload: Uint8Array): ResealRequest {
-  const { keyId, digest } = decodeKeyIdAndDigest(payload, 'RESEAL request', 'wrappedDekSha256')
+  const { keyId, digest } = decodeKeyIdAndDigest(payload, { message: 'RESEAL request', field: 'wrappedDekSha256' })
   return { keyId, wrappedDekSha256: digest }
 }
 

@@ -121,7 +121,7 @@ function verifyRecipientDocument(document: Buffer, roots: X509Certificate[]): { 
   const invalid = (why: string) => new KmsError('ValidationException', `The attestation document is not valid: ${why}.`)
   let attested: AttestedFields
   try {
-    attested = verifyAttestationDocument(document, roots)
+    attested = verifyAttestationDocument(document, { roots })
   } catch (error) {
     throw error instanceof AttestationDocumentError ? invalid(error.message) : error
   }

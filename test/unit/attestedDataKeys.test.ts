@@ -117,7 +117,7 @@ describe('verifyAttestationDocument', () => {
     const document = await documentFor()
     const tagged = new Uint8Array([0xd2, ...document]) // CBOR tag 18, COSE_Sign1
     for (const each of [document, tagged]) {
-      const fields = verifyAttestationDocument(each, trusted())
+      const fields = verifyAttestationDocument(each, { roots: trusted() })
       expect(fields.moduleId).toBe('i-test-enc0123456789')
       expect(Buffer.from(fields.pcrs.get(0)!)).toEqual(Buffer.from(nsm.pcr0))
       expect(fields.publicKey).toEqual(Uint8Array.of(1, 2, 3))
@@ -128,7 +128,7 @@ describe('verifyAttestationDocument', () => {
     const document = await documentFor()
     const refusal = (bytes: Uint8Array, now?: number) => {
       try {
-        verifyAttestationDocument(bytes, trusted(), now)
+        verifyAttestationDocument(bytes, { roots: trusted(), now })
         return 'accepted'
       } catch (error) {
         return error instanceof AttestationDocumentError ? error.message : `not an AttestationDocumentError: ${String(error)}`

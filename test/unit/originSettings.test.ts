@@ -64,12 +64,12 @@ describe('origin settings', () => {
   it('takes one of its choices, the fallback when unset, and names the setting and its choices otherwise', () => {
     const profiles = ['development', 'production'] as const
     delete process.env.ORIGIN_PROFILE
-    expect(choiceSetting('ORIGIN_PROFILE', profiles, 'development')).toBe('development')
+    expect(choiceSetting('ORIGIN_PROFILE', { choices: profiles, fallback: 'development' })).toBe('development')
     process.env.ORIGIN_PROFILE = 'production'
-    expect(choiceSetting('ORIGIN_PROFILE', profiles, 'development')).toBe('production')
+    expect(choiceSetting('ORIGIN_PROFILE', { choices: profiles, fallback: 'development' })).toBe('production')
     for (const bad of ['prod', 'Production', ' production']) {
       process.env.ORIGIN_PROFILE = bad
-      expect(() => choiceSetting('ORIGIN_PROFILE', profiles, 'development')).toThrow(`ORIGIN_PROFILE must be one of development, production, got ${bad}`)
+      expect(() => choiceSetting('ORIGIN_PROFILE', { choices: profiles, fallback: 'development' })).toThrow(`ORIGIN_PROFILE must be one of development, production, got ${bad}`)
     }
   })
 
