@@ -26,7 +26,7 @@ const servers: Server[] = []
 const relayed: Buffer[] = []
 
 /** Accepts on `port` and pipes each connection to `to`, calling `seen` with what passes either way. */
-function pipeServer(port: number, to: number, seen?: (chunk: Buffer) => void): Promise<void> {
+function pipeServer({ port, to, seen }: { port: number; to: number; seen?: (chunk: Buffer) => void }): Promise<void> {
   const server = createServer((socket: Socket) => {
     const upstream = connect(to, '127.0.0.1')
     for (const [from, into] of [[socket, upstream], [upstream, socket]] as const) {
@@ -59,7 +59,7 @@ beforeAll(async () => {
   ca = startTestCa('test KMS CA')
   otherCa = startTestCa('a parent of its own')
   await tlsFront(ports.front, ca.issue('kms', `DNS:${kmsHost}`))
-  await pipeServer(ports.relay, ports.front, (chunk) => relayed.push(chunk))
+  await pipeServer({ port: ports.relay, to: ports.front, seen: (chunk) => relayed.push(chunk) })
   // A parent that ends TLS itself, with a certificate of its own for the same name.
   await tlsFront(ports.impostor, otherCa.issue('kms', `DNS:${kmsHost}`))
 })
