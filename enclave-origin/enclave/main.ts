@@ -1,11 +1,10 @@
-import { KMSClient } from '@aws-sdk/client-kms'
 import { choiceSetting, integerSetting, listenAddress, logLine, setting } from '../config.js'
 import { keepRequestObjectsYoung } from '../heapTuning.js'
 import { developmentAttestation, KmsDataKeys } from './dataKey.js'
 import { DeliveredCredentials } from './deliveredCredentials.js'
 import { SignEngine } from './engine.js'
 import { KeyCache } from './keyCache.js'
-import { kmsTunnelAgent } from './kmsTunnel.js'
+import { enclaveKmsClient } from './kmsClient.js'
 import { memoryWatch } from './memory.js'
 import { openNitroAttestation } from './nitroAttestation.js'
 import { EnclaveService, serveEnclave } from './server.js'
@@ -32,16 +31,12 @@ export async function runEnclave(): Promise<() => Promise<void>> {
   await checkStartup({ profile, attestation, kmsKeyId, warn: (message) => logLine({ level: 'warn', event: 'startup', message }) })
   if (nitro) logLine({ event: 'nitro_attestation', module: nitro.module })
   const credentials = new DeliveredCredentials()
-  const client = new KMSClient({
+  const client = enclaveKmsClient({
     region: setting('KMS_REGION', 'us-east-1'),
     endpoint: process.env.KMS_ENDPOINT || undefined,
-    credentials: credentials.provider,
-    // Bounded, so a stalled KMS (or tunnel) fails an UNLOCK rather than holding the ones behind it.
-    maxAttempts: 2,
-    requestHandler: {
-      requestTimeout: integerSetting('KMS_TIMEOUT_MS', { min: 100, max: 60_000, fallback: 3_000 }),
-      ...(process.env.KMS_TUNNEL && { httpsAgent: kmsTunnelAgent({ address: listenAddress(process.env.KMS_TUNNEL) }) }),
-    },
+    credentials,
+    timeoutMs: integerSetting('KMS_TIMEOUT_MS', { min: 100, max: 60_000, fallback: 3_000 }),
+    tunnel: process.env.KMS_TUNNEL ? listenAddress(process.env.KMS_TUNNEL) : undefined,
   })
   const dataKeys = new KmsDataKeys({ client, kmsKeyId, attestation })
   const engine = new SignEngine({

@@ -141,6 +141,11 @@ export class EnclaveService {
   private queueUnlock(request: UnlockRequest): Promise<Answer> {
     return new Promise<Answer>((resolve) => {
       const waiting = this.unlockWaiting
+      if (waiting && (waiting.request.wrappedDek.length === 0 || request.wrappedDek.length === 0)) {
+        // A bootstrap (no wrapped DEK: KMS makes one, and its answer carries it) is never merged. One
+        // parent never sends one while another UNLOCK waits; should it happen, the later one is refused.
+        return resolve(fail(statuses.UNAVAILABLE, 'another UNLOCK is waiting, and one that makes a data key cannot be merged with it; retry'))
+      }
       if (waiting) {
         waiting.request = { ...request, sealedPreloadIdentity: request.sealedPreloadIdentity ?? waiting.request.sealedPreloadIdentity }
         waiting.answers.push(resolve)
@@ -166,32 +171,38 @@ export class EnclaveService {
       })
   }
 
+  /**
+   * The data key first: installed from the wrapped DEK(s), or, with none and
+   * no preload identity, made by KMS (bootstrap; the answer carries its
+   * wrapped form for the parent to store). Then the preload, whose failure
+   * is the answer but leaves the data key installed.
+   */
   private async unlock({ wrappedDek, retiringWrappedDek, sealedPreloadIdentity }: UnlockRequest): Promise<Answer> {
     const { cache } = this.options
+    if (sealedPreloadIdentity && !this.options.preloadFile) return fail(statuses.BAD_REQUEST, 'this enclave has no preload file')
+    let answer: Answer = { status: statuses.OK, payload: emptyPayload }
+    if (wrappedDek.length > 0) {
+      // Both under this enclave's KMS key: a rotation makes the new DEK there too.
+      const wrapped: WrappedDek = { keyId: this.options.kmsKeyId, ciphertext: wrappedDek }
+      if (retiringWrappedDek) wrapped.retiring = { keyId: this.options.kmsKeyId, ciphertext: retiringWrappedDek }
+      const { dek, retiring } = await this.unwrapDataKeys(wrapped)
+      this.wrappedDek = wrapped
+      cache.setDek(dek, retiring)
+    } else if (!sealedPreloadIdentity) {
+      const { dek, wrapped } = await this.options.dataKeys.generate()
+      this.wrappedDek = wrapped
+      cache.setDek(dek)
+      answer = { status: statuses.OK, payload: encodeUnlockResponse({ wrappedDek: wrapped.ciphertext }) }
+    }
     if (sealedPreloadIdentity) {
-      if (!this.options.preloadFile) return fail(statuses.BAD_REQUEST, 'this enclave has no preload file')
       const preloadIdentity = await this.openDelivered(sealedPreloadIdentity)
       if (preloadIdentity === undefined) {
         return fail(statuses.BAD_REQUEST, 'the preload identity is not sealed to this enclave\'s delivery recipient (ATTEST gives it; it changes at every enclave start)')
       }
       await this.preload(preloadIdentity)
       if (this.preloadRefusal) return fail(statuses.BAD_REQUEST, this.preloadRefusal)
-      if (wrappedDek.length === 0) return { status: statuses.OK, payload: emptyPayload }
     }
-    if (wrappedDek.length === 0) {
-      // Bootstrap: have KMS generate the data key; the parent stores only its wrapped form.
-      const { dek, wrapped } = await this.options.dataKeys.generate()
-      this.wrappedDek = wrapped
-      cache.setDek(dek)
-      return { status: statuses.OK, payload: encodeUnlockResponse({ wrappedDek: wrapped.ciphertext }) }
-    }
-    // Both under this enclave's KMS key: a rotation makes the new DEK there too.
-    const wrapped: WrappedDek = { keyId: this.options.kmsKeyId, ciphertext: wrappedDek }
-    if (retiringWrappedDek) wrapped.retiring = { keyId: this.options.kmsKeyId, ciphertext: retiringWrappedDek }
-    const { dek, retiring } = await this.unwrapDataKeys(wrapped)
-    this.wrappedDek = wrapped
-    cache.setDek(dek, retiring)
-    return { status: statuses.OK, payload: emptyPayload }
+    return answer
   }
 
   async handle(frame: Frame): Promise<Answer> {

@@ -14,7 +14,8 @@ import { OriginParent } from './origin.js'
  * The parent process. Settings: PARENT_LISTEN (host:port), ENCLAVES
  * ("id=host:port,id2=/path/to.sock"), STORE (disk|s3) with STORE_DIR, or
  * S3_BUCKET, S3_PREFIX, S3_REGION, S3_ENDPOINT and AWS_* credentials, ORIGIN_HMAC_KEYS
- * ("keyId:secret,…"), POOL_SIZE (16), REQUEST_TIMEOUT_MS, CREDENTIAL_REFRESH_MS (300000: how
+ * ("keyId:secret,…"), POOL_SIZE (16), REQUEST_TIMEOUT_MS (2000), KMS_REQUEST_TIMEOUT_MS (15000,
+ * for the enclave requests that wait on KMS: unlock, new data key), CREDENTIAL_REFRESH_MS (300000: how
  * often the enclaves get the AWS credentials for their KMS calls, from this process's default
  * chain, again; also before every unlock), and for TLS TLS_CERT_FILE, TLS_KEY_FILE, TLS_CA_FILE,
  * TLS_REQUIRE_CLIENT_CERT=1.
@@ -50,6 +51,7 @@ export async function runParent(): Promise<() => Promise<void>> {
     poolSize: integerSetting('POOL_SIZE', { min: 1, max: 256, fallback: 16 }),
     store,
     requestTimeoutMs: integerSetting('REQUEST_TIMEOUT_MS', { min: 10, max: 60_000, fallback: 2_000 }),
+    kmsRequestTimeoutMs: integerSetting('KMS_REQUEST_TIMEOUT_MS', { min: 100, max: 300_000, fallback: 15_000 }),
     // The SDK's own chain (AWS_* variables, profiles, the instance's role through IMDS), refreshed before expiry.
     credentials: defaultProvider(),
     credentialRefreshMs: integerSetting('CREDENTIAL_REFRESH_MS', { min: 1_000, max: 3_600_000, fallback: 300_000 }),

@@ -71,6 +71,13 @@ export class OriginParent {
       poolSize: number
       store: BlobStore
       requestTimeoutMs: number
+      /**
+       * For UNLOCK and GENERATE_DATA_KEY, which wait on KMS (two attempts of
+       * the enclave's KMS_TIMEOUT_MS) and a preload: longer than the rest, so
+       * the parent does not report a failure the enclave then turns into a
+       * success; default 15 s.
+       */
+      kmsRequestTimeoutMs?: number
       /** The AWS credentials the enclaves' KMS calls sign with (an enclave has no source of its own). */
       credentials: () => Promise<AwsCredentials>
       /** How often every enclave gets them again, so they never sign with expired ones; default 5 min. */
@@ -88,9 +95,12 @@ export class OriginParent {
   /** The last state change or re-seal per key: each waits for the one before, so neither undoes the other in the store. */
   private readonly keyWork = new Map<string, Promise<unknown>>()
   private rotating: Promise<{ resealed: number }> | undefined
+  /** Reloads queued or running, per key. */
+  private readonly reloads = new Map<string, Promise<boolean>>()
 
   private async call(enclave: Enclave, opcode: Opcode, payload: Uint8Array): Promise<Frame> {
-    return enclave.pool.request({ opcode, payload, timeoutMs: this.options.requestTimeoutMs })
+    const waitsOnKms = opcode === opcodes.UNLOCK || opcode === opcodes.GENERATE_DATA_KEY
+    return enclave.pool.request({ opcode, payload, timeoutMs: waitsOnKms ? (this.options.kmsRequestTimeoutMs ?? 15_000) : this.options.requestTimeoutMs })
   }
 
   /** Non-OK statuses as errors; NEEDS_UNLOCK also starts that enclave's unlock at once. */
@@ -132,7 +142,7 @@ export class OriginParent {
     if (!(await this.options.store.getWrappedDek())) {
       const first = this.enclaves[0]!
       const frame = await this.sendUnlock(first, () => ({ wrappedDek: new Uint8Array() }))
-      await this.options.store.putWrappedDek({ keyId: 'enclave-data-key', ciphertext: decodeUnlockResponse(frame.payload).wrappedDek })
+      await this.options.store.putWrappedDek({ keyId: 'enclave-data-key', ciphertext: newWrappedDek(frame) })
     }
     await Promise.all(this.enclaves.map((enclave) => this.unlock(enclave)))
     await this.forEachStored((record) => this.load(record))
@@ -187,7 +197,7 @@ export class OriginParent {
       const first = this.enclaves[0]!
       await this.deliverCredentials(first)
       const frame = this.check(first, await this.call(first, opcodes.GENERATE_DATA_KEY, emptyPayload))
-      wrapped = { keyId: wrapped.keyId, ciphertext: decodeUnlockResponse(frame.payload).wrappedDek, retiring: { keyId: wrapped.keyId, ciphertext: wrapped.ciphertext } }
+      wrapped = { keyId: wrapped.keyId, ciphertext: newWrappedDek(frame), retiring: { keyId: wrapped.keyId, ciphertext: wrapped.ciphertext } }
       await store.putWrappedDek(wrapped)
     }
     // 2. Every enclave seals with the new DEK and still opens with the old; creates sealed before that land first.
@@ -352,7 +362,16 @@ export class OriginParent {
    * cannot land after it (a frozen key turned active again, say).
    */
   private reloadInTurn(enclave: Enclave, keyId: string): Promise<boolean> {
-    return this.serializeKey(keyId, () => this.reload(enclave, keyId))
+    // Callers while one is queued or running share it: N signs of a key an enclave lost make one reload.
+    let reload = this.reloads.get(keyId)
+    if (!reload) {
+      const started = this.serializeKey(keyId, () => this.reload(enclave, keyId)).finally(() => {
+        if (this.reloads.get(keyId) === started) this.reloads.delete(keyId)
+      })
+      this.reloads.set(keyId, started)
+      reload = started
+    }
+    return reload
   }
 
   /** An enclave that restarted has lost its records: hand it the stored one. Callers hold the key's turn. */
@@ -418,4 +437,11 @@ export class OriginParent {
 /** The DEK (and a rotation's retiring one) as an UNLOCK carries them. */
 function storedDataKeys(stored: WrappedDek | undefined): UnlockRequest {
   return { wrappedDek: stored?.ciphertext ?? new Uint8Array(), retiringWrappedDek: stored?.retiring?.ciphertext }
+}
+
+/** The wrapped DEK an enclave made (UNLOCK bootstrap, GENERATE_DATA_KEY). Stored empty, every later unlock would have KMS make yet another. */
+function newWrappedDek(frame: Frame): Uint8Array {
+  const { wrappedDek } = decodeUnlockResponse(frame.payload)
+  if (wrappedDek.length === 0) throw new Error('the enclave made no data key: its answer carries no wrapped DEK')
+  return wrappedDek
 }

@@ -57,7 +57,7 @@ export const VMADDR_CID_ANY = 0xffffffff
 export const VMADDR_CID_HYPERVISOR = 0
 /** This machine, through the vsock_loopback transport (CONFIG_VSOCKETS_LOOPBACK). */
 export const VMADDR_CID_LOCAL = 1
-/** The host / the parent instance of a Nitro Enclave. */
+/** The host (in a Nitro Enclave, the parent instance is CID 3, not this). */
 export const VMADDR_CID_HOST = 2
 /** "Any port": not usable here (the addon does not report which port it bound). */
 export const VMADDR_PORT_ANY = 0xffffffff

@@ -1,5 +1,6 @@
 import { createHash, randomBytes } from 'node:crypto'
-import { connect, type Socket } from 'node:net'
+import { connect, createServer, type Socket } from 'node:net'
+import { Encrypter } from 'age-encryption'
 import { afterAll, beforeAll, expect, it } from 'vitest'
 import { keccak256, toHex } from 'viem'
 import { developmentAttestation, type KmsDataKeys } from '../../enclave-origin/enclave/dataKey.js'
@@ -7,8 +8,19 @@ import { DeliveredCredentials } from '../../enclave-origin/enclave/deliveredCred
 import { SignEngine } from '../../enclave-origin/enclave/engine.js'
 import { KeyCache } from '../../enclave-origin/enclave/keyCache.js'
 import { EnclaveService, serveEnclave } from '../../enclave-origin/enclave/server.js'
+import type { BlobStore } from '../../enclave-origin/parent/blobStore.js'
+import { OriginParent } from '../../enclave-origin/parent/origin.js'
 import { encodeFrame, FrameDecoder, opcodes, statuses, type Frame } from '../../enclave-origin/protocol/frames.js'
-import { decodeCreateResponse, encodeCreateRequest, encodeResealRequest, encodeSignRequest, encodeUnlockRequest } from '../../enclave-origin/protocol/messages.js'
+import {
+  decodeAttestResponse,
+  decodeCreateResponse,
+  decodeErrorMessage,
+  encodeCreateRequest,
+  encodeResealRequest,
+  encodeSignRequest,
+  encodeUnlockRequest,
+} from '../../enclave-origin/protocol/messages.js'
+import { generatePreloadIdentity } from '../../enclave-origin/preloadFiles.js'
 
 /** The enclave's server over TCP: one bad connection is closed and harms no other. */
 
@@ -131,12 +143,16 @@ it('UNLOCKs run one at a time, and at most one waits: a later one takes its plac
   const service = new EnclaveService({ cache, engine, dataKeys: slowKms, kmsKeyId: 'test', credentials: new DeliveredCredentials(), attestation: developmentAttestation })
   const unlock = (first: number, sealedPreloadIdentity?: Uint8Array) =>
     service.handle({ requestId: first, opcode: opcodes.UNLOCK, status: 0, payload: encodeUnlockRequest({ wrappedDek: Uint8Array.of(first), sealedPreloadIdentity }) })
+  const unlockEmpty = () => service.handle({ requestId: 99, opcode: opcodes.UNLOCK, status: 0, payload: encodeUnlockRequest({ wrappedDek: new Uint8Array() }) })
   const running = unlock(1)
   // Waits behind the first; the next replaces its DEK but keeps its preload identity (this enclave has no preload file: BAD_REQUEST tells).
   const waiting = unlock(2, Uint8Array.of(9))
   const later = unlock(3)
   await new Promise((resolve) => setTimeout(resolve, 20))
   expect(seen).toEqual([1])
+  // One that makes a data key is not merged with the one waiting: refused.
+  const bootstrap = await unlockEmpty()
+  expect([bootstrap.status, decodeErrorMessage(bootstrap.payload)]).toEqual([statuses.UNAVAILABLE, 'another UNLOCK is waiting, and one that makes a data key cannot be merged with it; retry'])
   release()
   expect((await running).status).toBe(statuses.OK)
   const answers = await Promise.all([waiting, later])
@@ -148,4 +164,86 @@ it('UNLOCKs run one at a time, and at most one waits: a later one takes its plac
   const plainLater = unlock(6)
   await Promise.all([plainRunning, plainWaiting, plainLater])
   expect(seen).toEqual([1, 4, 6])
+})
+
+it('the parent waits longer for an UNLOCK, which waits on KMS, than for other requests', async () => {
+  const slowKms = { unwrap: () => new Promise((resolve) => setTimeout(() => resolve(new Uint8Array(32).fill(3)), 400)) } as unknown as KmsDataKeys
+  const cache = new KeyCache({ now: Date.now, unlock: () => Promise.reject(new Error('no unlock in this test')) })
+  const service = new EnclaveService({ cache, engine, dataKeys: slowKms, kmsKeyId: 'test', credentials: new DeliveredCredentials(), attestation: developmentAttestation })
+  const slowPort = 18672
+  const served = await serveEnclave({ service, address: { host: '127.0.0.1', port: slowPort }, log: () => {} })
+  const store = { getWrappedDek: async () => ({ keyId: 'k', ciphertext: Uint8Array.of(1) }) } as unknown as BlobStore
+  const parentWith = (kmsRequestTimeoutMs: number) =>
+    new OriginParent({
+      enclaves: [{ id: 'slow', address: { host: '127.0.0.1', port: slowPort } }],
+      poolSize: 1,
+      store,
+      requestTimeoutMs: 200,
+      kmsRequestTimeoutMs,
+      credentials: async () => ({ accessKeyId: 'AKIDTEST', secretAccessKey: 'test-secret' }),
+    })
+  const patient = parentWith(2_000)
+  const hasty = parentWith(200)
+  try {
+    await patient.unlock()
+    await expect(hasty.unlock()).rejects.toThrow('the enclave did not answer within 200 ms')
+  } finally {
+    patient.close()
+    hasty.close()
+    await served.close()
+  }
+})
+
+it('a preload that fails is the answer, but leaves the data key of the same UNLOCK installed', async () => {
+  const fakeKms = { unwrap: async () => new Uint8Array(32).fill(4) } as unknown as KmsDataKeys
+  const cache = new KeyCache({ now: Date.now, unlock: () => Promise.reject(new Error('no unlock in this test')) })
+  const service = new EnclaveService({
+    cache,
+    engine,
+    dataKeys: fakeKms,
+    kmsKeyId: 'test',
+    credentials: new DeliveredCredentials(),
+    attestation: developmentAttestation,
+    preloadFile: '/nonexistent/shares.age',
+  })
+  const attested = await service.handle({ requestId: 1, opcode: opcodes.ATTEST, status: 0, payload: new Uint8Array() })
+  const encrypter = new Encrypter()
+  encrypter.addRecipient(decodeAttestResponse(attested.payload).recipient)
+  const sealedPreloadIdentity = await encrypter.encrypt((await generatePreloadIdentity()).identity)
+  const answer = await service.handle({ requestId: 2, opcode: opcodes.UNLOCK, status: 0, payload: encodeUnlockRequest({ wrappedDek: Uint8Array.of(1), sealedPreloadIdentity }) })
+  expect(answer.status).toBe(statuses.BAD_REQUEST)
+  expect(decodeErrorMessage(answer.payload)).toBe('preload failed: cannot read the preload file /nonexistent/shares.age: ENOENT')
+  cache.load({ keyId: 'k', version: 1, state: 'active', publicKey: new Uint8Array(65), sealed: new Uint8Array(60) })
+  expect(cache.get('k')?.cacheState).toBe('COOL')
+})
+
+it('a parent refuses to store an empty wrapped DEK from a bootstrap UNLOCK', async () => {
+  // An enclave stand-in that answers every request OK with nothing.
+  const port = 18673
+  const sockets = new Set<Socket>()
+  const blank = createServer((socket) => {
+    sockets.add(socket)
+    const decoder = new FrameDecoder()
+    socket.on('data', (chunk: Uint8Array) => {
+      for (const frame of decoder.push(chunk)) socket.write(encodeFrame({ ...frame, status: statuses.OK, payload: new Uint8Array() }))
+    })
+  })
+  await new Promise<void>((resolve) => blank.listen(port, '127.0.0.1', resolve))
+  let stored = false
+  const store = { getWrappedDek: async () => undefined, putWrappedDek: async () => void (stored = true) } as unknown as BlobStore
+  const parent = new OriginParent({
+    enclaves: [{ id: 'blank', address: { host: '127.0.0.1', port } }],
+    poolSize: 1,
+    store,
+    requestTimeoutMs: 1_000,
+    credentials: async () => ({ accessKeyId: 'AKIDTEST', secretAccessKey: 'test-secret' }),
+  })
+  try {
+    await expect(parent.start()).rejects.toThrow('the enclave made no data key: its answer carries no wrapped DEK')
+    expect(stored).toBe(false)
+  } finally {
+    parent.close()
+    for (const socket of sockets) socket.destroy()
+    await new Promise((resolve) => blank.close(resolve))
+  }
 })

@@ -1,9 +1,9 @@
 import { connect, createServer, type Server, type Socket } from 'node:net'
 import { createServer as createTlsServer } from 'node:tls'
-import { KMSClient } from '@aws-sdk/client-kms'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import { developmentAttestation, KmsDataKeys } from '../../enclave-origin/enclave/dataKey.js'
-import { kmsTunnelAgent } from '../../enclave-origin/enclave/kmsTunnel.js'
+import { DeliveredCredentials } from '../../enclave-origin/enclave/deliveredCredentials.js'
+import { enclaveKmsClient } from '../../enclave-origin/enclave/kmsClient.js'
 import { startLocalKms, type LocalKms } from '../support/kmsServer.js'
 import { startTestCa, type TestCa } from '../support/testCertificates.js'
 
@@ -16,7 +16,7 @@ import { startTestCa, type TestCa } from '../support/testCertificates.js'
  * host name resolves nowhere: a request that arrives went through the tunnel.
  */
 
-const ports = { kms: 18681, front: 18682, relay: 18683, impostor: 18684, closed: 18685 }
+const ports = { kms: 18681, front: 18682, relay: 18683, impostor: 18684, closed: 18685, silent: 18687 }
 const kmsHost = 'kms.tunnel.test'
 
 let kms: LocalKms
@@ -24,6 +24,8 @@ let ca: TestCa
 let otherCa: TestCa
 const servers: Server[] = []
 const relayed: Buffer[] = []
+/** Connections the silent proxy took and never answered. */
+const held: Socket[] = []
 
 /** Accepts on `port` and pipes each connection to `to`, calling `seen` with what passes either way. */
 function pipeServer({ port, to, seen }: { port: number; to: number; seen?: (chunk: Buffer) => void }): Promise<void> {
@@ -62,22 +64,31 @@ beforeAll(async () => {
   await pipeServer({ port: ports.relay, to: ports.front, seen: (chunk) => relayed.push(chunk) })
   // A parent that ends TLS itself, with a certificate of its own for the same name.
   await tlsFront(ports.impostor, otherCa.issue('kms', `DNS:${kmsHost}`))
+  // A proxy that takes the connection and then says nothing.
+  const silent = createServer((socket) => held.push(socket))
+  servers.push(silent)
+  await new Promise<void>((resolve) => silent.listen(ports.silent, '127.0.0.1', resolve))
 })
 
 afterAll(async () => {
+  for (const socket of held) socket.destroy()
   await Promise.all(servers.map((server) => new Promise((resolve) => server.close(resolve))))
   await kms?.stop()
   ca?.close()
   otherCa?.close()
 })
 
-function dataKeysThrough(port: number) {
-  const client = new KMSClient({
+/** The enclave's own KMS client (credentials as a parent delivers them), through a tunnel to `port`. */
+function dataKeysThrough(port: number, timeoutMs = 5_000) {
+  const credentials = new DeliveredCredentials()
+  credentials.set(kms.credentials)
+  const client = enclaveKmsClient({
     endpoint: `https://${kmsHost}`,
     region: kms.credentials.region,
-    credentials: kms.credentials,
-    maxAttempts: 1,
-    requestHandler: { httpsAgent: kmsTunnelAgent({ address: { host: '127.0.0.1', port }, tls: { ca: ca.caPem } }) },
+    credentials,
+    timeoutMs,
+    tunnel: { host: '127.0.0.1', port },
+    tls: { ca: ca.caPem },
   })
   return { client, keys: new KmsDataKeys({ client, kmsKeyId: kms.createSymmetricKey(), attestation: developmentAttestation }) }
 }
@@ -100,6 +111,15 @@ describe('KMS through the tunnel', () => {
     const { client, keys } = dataKeysThrough(ports.impostor)
     try {
       await expect(keys.generate()).rejects.toThrow(/self[- ]signed certificate|unable to verify|unable to get local issuer/)
+    } finally {
+      client.destroy()
+    }
+  })
+
+  it('gives up on a proxy that takes the connection and then says nothing, rather than waiting for ever', async () => {
+    const { client, keys } = dataKeysThrough(ports.silent, 300)
+    try {
+      await expect(keys.generate()).rejects.toThrow(/time(d)? ?out/i)
     } finally {
       client.destroy()
     }
