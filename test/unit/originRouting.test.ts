@@ -141,6 +141,29 @@ describe('AWS credentials for the enclaves\u2019 KMS calls', () => {
   })
 })
 
+describe('reloads into an enclave that lost its keys', () => {
+  it('are shared: concurrent signs of one key read its record once', async () => {
+    const key = await parent.createKey()
+    let reads = 0
+    const counting: BlobStore = Object.assign(Object.create(store) as BlobStore, {
+      get: (keyId: string) => {
+        if (keyId === key.keyId) reads++
+        return store.get(keyId)
+      },
+    })
+    const signer = newParent({ store: counting })
+    try {
+      await signer.unlock()
+      for (const enclave of enclaves) enclave.cache.clear()
+      await signer.unlock()
+      await Promise.all(Array.from({ length: 20 }, () => signer.sign(key.keyId, Buffer.alloc(32, 7))))
+      expect(reads).toBe(1)
+    } finally {
+      signer.close()
+    }
+  })
+})
+
 describe('DEK rotation', () => {
   const digest = `0x${'cd'.repeat(32)}` as Hex
   async function signsAs(signer: OriginParent, key: { keyId: string; address: string }) {
