@@ -223,9 +223,7 @@ export class KeyCache {
     const dek = this.validDek(this.now())
     if (!dek) {
       zero(privateKey)
-      void this.startUnlock()
-      this.counters.needsUnlock += 1
-      return { kind: 'needs-unlock', retryAfterMs: this.retryAfterMs() }
+      return this.needsUnlock()
     }
     const version = 1
     const record: SealedKeyRecord = { keyId, version, state: 'active', publicKey, sealed: sealPrivateKey({ privateKey, dek: dek.bytes, keyId, version }) }
@@ -242,11 +240,7 @@ export class KeyCache {
     const entry = this.entries.get(keyId)
     if (!entry) return { kind: 'not-found' }
     const dek = this.validDek(this.now())
-    if (!dek) {
-      void this.startUnlock()
-      this.counters.needsUnlock += 1
-      return { kind: 'needs-unlock', retryAfterMs: this.retryAfterMs() }
-    }
+    if (!dek) return this.needsUnlock()
     const privateKey = unsealWith(entry.record, dek)
     try {
       const version = entry.record.version + 1
@@ -384,8 +378,7 @@ export class KeyCache {
       return { kind: 'ok', privateKey: entry.plaintext, grace: true }
     }
     this.dropPlaintext(entry)
-    this.counters.needsUnlock += 1
-    return { kind: 'needs-unlock', retryAfterMs: this.retryAfterMs() }
+    return this.needsUnlock()
   }
 
   /** Opens the sealed record with the DEK and makes it the key's plaintext, with fresh TTLs and budget. */
@@ -575,9 +568,12 @@ export class KeyCache {
     return false
   }
 
-  private retryAfterMs(): number {
+  /** No DEK to use: one unlock starts (or is already running), and the caller is told to retry after a jittered delay. */
+  private needsUnlock(): { kind: 'needs-unlock'; retryAfterMs: number } {
+    void this.startUnlock()
+    this.counters.needsUnlock += 1
     const { min, max } = this.config.retryAfterMs
-    return Math.round(min + this.random() * (max - min))
+    return { kind: 'needs-unlock', retryAfterMs: Math.round(min + this.random() * (max - min)) }
   }
 
   private track(work: Promise<unknown>): void {

@@ -207,7 +207,7 @@ export class OriginParent {
     const wrappedDekSha256 = createHash('sha256').update(wrapped.ciphertext).digest()
     const resealed = await this.forEachStored((record) => this.reseal({ keyId: record.keyId, wrappedDekSha256 }))
     // An enclave that restarted meanwhile may have reloaded a record older than the store's: the latest, per key, in turn with state changes.
-    await this.forEachStored((record) => this.reloadInTurn(this.ring.nodeFor(record.keyId), record.keyId))
+    await this.forEachStored((record) => this.reloadInTurn(record.keyId))
     // 4. The old DEK is forgotten: in the store, then in every enclave.
     await store.putWrappedDek({ keyId: wrapped.keyId, ciphertext: wrapped.ciphertext })
     await this.unlockWithStored()
@@ -347,7 +347,7 @@ export class OriginParent {
     const enclave = this.ring.nodeFor(keyId)
     const started = performance.now()
     let frame = await this.call(enclave, opcodes.SIGN, encodeSignRequest({ keyId, digest }))
-    if (frame.status === statuses.NOT_FOUND && (await this.reloadInTurn(enclave, keyId))) {
+    if (frame.status === statuses.NOT_FOUND && (await this.reloadInTurn(keyId))) {
       frame = await this.call(enclave, opcodes.SIGN, encodeSignRequest({ keyId, digest }))
     }
     const rpcMs = performance.now() - started
@@ -361,11 +361,11 @@ export class OriginParent {
    * waits for it, and it for them, so a record read before one of those
    * cannot land after it (a frozen key turned active again, say).
    */
-  private reloadInTurn(enclave: Enclave, keyId: string): Promise<boolean> {
+  private reloadInTurn(keyId: string): Promise<boolean> {
     // Callers while one is queued or running share it: N signs of a key an enclave lost make one reload.
     let reload = this.reloads.get(keyId)
     if (!reload) {
-      const started = this.serializeKey(keyId, () => this.reload(enclave, keyId)).finally(() => {
+      const started = this.serializeKey(keyId, () => this.reload(keyId)).finally(() => {
         if (this.reloads.get(keyId) === started) this.reloads.delete(keyId)
       })
       this.reloads.set(keyId, started)
@@ -375,17 +375,17 @@ export class OriginParent {
   }
 
   /** An enclave that restarted has lost its records: hand it the stored one. Callers hold the key's turn. */
-  private async reload(enclave: Enclave, keyId: string): Promise<boolean> {
+  private async reload(keyId: string): Promise<boolean> {
     const record = await this.options.store.get(keyId)
     if (!record) return false
-    this.check(enclave, await this.call(enclave, opcodes.LOAD, encodeLoadRequest(record)))
+    await this.load(record)
     return true
   }
 
   async getKey(keyId: string): Promise<KeyInfo> {
     const enclave = this.ring.nodeFor(keyId)
     let frame = await this.call(enclave, opcodes.GET, encodeGetRequest({ keyId }))
-    if (frame.status === statuses.NOT_FOUND && (await this.reloadInTurn(enclave, keyId))) frame = await this.call(enclave, opcodes.GET, encodeGetRequest({ keyId }))
+    if (frame.status === statuses.NOT_FOUND && (await this.reloadInTurn(keyId))) frame = await this.call(enclave, opcodes.GET, encodeGetRequest({ keyId }))
     const key = decodeGetResponse(this.check(enclave, frame).payload)
     const publicKey = bytesToHex(key.publicKey)
     return { keyId, publicKey, address: publicKeyToAddress(publicKey), state: key.state, cacheState: key.cacheState }
@@ -399,7 +399,7 @@ export class OriginParent {
       })
       const enclave = this.ring.nodeFor(keyId)
       const frame = await this.call(enclave, opcodes.SET_STATE, encodeSetStateRequest({ keyId, state }))
-      if (frame.status === statuses.NOT_FOUND) await this.reload(enclave, keyId)
+      if (frame.status === statuses.NOT_FOUND) await this.reload(keyId)
       else this.check(enclave, frame)
     })
   }

@@ -252,18 +252,16 @@ export function decodeUnlockResponse(payload: Uint8Array): UnlockResponse {
 // ATTEST (the request is empty)
 
 export function encodeAttestResponse(response: AttestResponse): Uint8Array {
-  const recipient = wellFormedUtf8(response.recipient, 'ATTEST recipient')
-  if (recipient.length > 0xffff) throw new FrameError(`ATTEST recipient is ${recipient.length} bytes, more than a u16 length allows`)
+  const recipient = u16Utf8(response.recipient, 'ATTEST recipient')
   return new PayloadWriter(2 + recipient.length + 4 + response.attestationDocument.length)
-    .u16(recipient.length)
-    .bytes(recipient)
+    .u16Bytes(recipient)
     .u32Bytes(response.attestationDocument)
     .done()
 }
 
 export function decodeAttestResponse(payload: Uint8Array): AttestResponse {
   const reader = new PayloadReader(payload, 'ATTEST response')
-  const response = { recipient: reader.utf8(reader.u16('recipient length'), 'recipient'), attestationDocument: reader.u32Bytes('attestationDocument') }
+  const response = { recipient: reader.u16Utf8('recipient'), attestationDocument: reader.u32Bytes('attestationDocument') }
   reader.end()
   return response
 }
@@ -271,20 +269,16 @@ export function decodeAttestResponse(payload: Uint8Array): AttestResponse {
 // CREDENTIALS (the OK answer is empty). Each field is u16 length ‖ UTF-8; an empty session token means none.
 
 export function encodeCredentials(credentials: AwsCredentials): Uint8Array {
-  const fields = [credentials.accessKeyId, credentials.secretAccessKey, credentials.sessionToken ?? ''].map((field, i) => {
-    const bytes = wellFormedUtf8(field, `CREDENTIALS ${credentialFields[i]}`)
-    if (bytes.length > 0xffff) throw new FrameError(`CREDENTIALS ${credentialFields[i]} is ${bytes.length} bytes, more than a u16 length allows`)
-    return bytes
-  })
+  const fields = [credentials.accessKeyId, credentials.secretAccessKey, credentials.sessionToken ?? ''].map((field, i) => u16Utf8(field, `CREDENTIALS ${credentialFields[i]}`))
   if (fields[0]!.length === 0 || fields[1]!.length === 0) throw new FrameError('CREDENTIALS need an access key id and a secret access key')
   const writer = new PayloadWriter(fields.reduce((sum, bytes) => sum + 2 + bytes.length, 0))
-  for (const bytes of fields) writer.u16(bytes.length).bytes(bytes)
+  for (const bytes of fields) writer.u16Bytes(bytes)
   return writer.done()
 }
 
 export function decodeCredentials(payload: Uint8Array): AwsCredentials {
   const reader = new PayloadReader(payload, 'CREDENTIALS request')
-  const [accessKeyId, secretAccessKey, sessionToken] = credentialFields.map((field) => reader.utf8(reader.u16(`${field} length`), field))
+  const [accessKeyId, secretAccessKey, sessionToken] = credentialFields.map((field) => reader.u16Utf8(field))
   reader.end()
   if (accessKeyId === '' || secretAccessKey === '') throw new FrameError('CREDENTIALS request: an access key id and a secret access key are required')
   return sessionToken === '' ? { accessKeyId: accessKeyId!, secretAccessKey: secretAccessKey! } : { accessKeyId: accessKeyId!, secretAccessKey: secretAccessKey!, sessionToken }
@@ -372,6 +366,13 @@ function keyIdBytes(keyId: string): Uint8Array {
   return wellFormedUtf8(keyId, 'key id')
 }
 
+/** UTF-8 bytes of `text` for a u16 length prefix (`PayloadWriter.u16Bytes`). */
+function u16Utf8(text: string, field: string): Uint8Array {
+  const bytes = wellFormedUtf8(text, field)
+  if (bytes.length > 0xffff) throw new FrameError(`${field} is ${bytes.length} bytes, more than a u16 length allows`)
+  return bytes
+}
+
 /** UTF-8 bytes of `text`, refusing lone surrogates: they would arrive as U+FFFD, a different id. */
 function wellFormedUtf8(text: string, field: string): Uint8Array {
   const bytes = utf8Encoder.encode(text)
@@ -442,6 +443,11 @@ class PayloadWriter {
     return this.u8(utf8.length).bytes(utf8)
   }
 
+  /** u16 length ‖ bytes. */
+  u16Bytes(value: Uint8Array): this {
+    return this.u16(value.length).bytes(value)
+  }
+
   done(): Uint8Array {
     if (this.offset !== this.buffer.length) throw new Error(`payload writer filled ${this.offset} of ${this.buffer.length} bytes`)
     return this.buffer
@@ -507,6 +513,11 @@ class PayloadReader {
     } catch {
       throw this.error(`${field} is not valid UTF-8`)
     }
+  }
+
+  /** u16 length ‖ UTF-8. */
+  u16Utf8(field: string): string {
+    return this.utf8(this.u16(`${field} length`), field)
   }
 
   keyId(): string {

@@ -32,12 +32,18 @@ let engine: SignEngine
 let close: () => Promise<void>
 const port = 18671
 
+/** A key cache that never unlocks on its own, and an enclave service over it with these data keys (and options). */
+function enclaveWith(dataKeys: KmsDataKeys, options: { preloadFile?: string } = {}) {
+  const cache = new KeyCache({ now: Date.now, unlock: () => Promise.reject(new Error('no unlock in this test')) })
+  const service = new EnclaveService({ cache, engine, dataKeys, kmsKeyId: 'test', credentials: new DeliveredCredentials(), attestation: developmentAttestation, ...options })
+  return { cache, service }
+}
+
 beforeAll(async () => {
   engine = new SignEngine({ threads: 1 })
   await engine.start()
-  const cache = new KeyCache({ now: Date.now, unlock: () => Promise.reject(new Error('no unlock in this test')) })
+  const { cache, service } = enclaveWith(noKms)
   cache.setDek(new Uint8Array(dek))
-  const service = new EnclaveService({ cache, engine, dataKeys: noKms, kmsKeyId: 'test', credentials: new DeliveredCredentials(), attestation: developmentAttestation })
   ;({ close } = await serveEnclave({ service, address: { host: '127.0.0.1', port }, log: () => {} }))
 })
 
@@ -104,8 +110,7 @@ it('an UNLOCK whose retiring DEK does not unwrap installs neither, and zeroes th
   const halfKms = {
     unwrap: ({ ciphertext }: { ciphertext: Uint8Array }) => (ciphertext[0] === 1 ? Promise.resolve(unwrapped) : Promise.reject(new Error('KMS refused the retiring DEK'))),
   } as unknown as KmsDataKeys
-  const cache = new KeyCache({ now: Date.now, unlock: () => Promise.reject(new Error('no unlock in this test')) })
-  const service = new EnclaveService({ cache, engine, dataKeys: halfKms, kmsKeyId: 'test', credentials: new DeliveredCredentials(), attestation: developmentAttestation })
+  const { cache, service } = enclaveWith(halfKms)
   const unlock = { requestId: 1, opcode: opcodes.UNLOCK, status: 0, payload: encodeUnlockRequest({ wrappedDek: Uint8Array.of(1), retiringWrappedDek: Uint8Array.of(2) }) }
   await expect(service.handle(unlock)).rejects.toThrow('KMS refused the retiring DEK')
   expect(unwrapped).toEqual(new Uint8Array(32))
@@ -116,8 +121,7 @@ it('an UNLOCK whose retiring DEK does not unwrap installs neither, and zeroes th
 it('RESEAL seals only under the DEK the rotation names: under any other it answers NEEDS_UNLOCK', async () => {
   const kmsDek = new Uint8Array(randomBytes(32))
   const fakeKms = { unwrap: async () => new Uint8Array(kmsDek) } as unknown as KmsDataKeys
-  const cache = new KeyCache({ now: Date.now, unlock: () => Promise.reject(new Error('no unlock in this test')) })
-  const service = new EnclaveService({ cache, engine, dataKeys: fakeKms, kmsKeyId: 'test', credentials: new DeliveredCredentials(), attestation: developmentAttestation })
+  const { service } = enclaveWith(fakeKms)
   const wrappedDek = Uint8Array.of(5, 6, 7)
   expect((await service.handle({ requestId: 1, opcode: opcodes.UNLOCK, status: 0, payload: encodeUnlockRequest({ wrappedDek }) })).status).toBe(statuses.OK)
   await service.handle({ requestId: 2, opcode: opcodes.CREATE, status: 0, payload: encodeCreateRequest({ keyId: 'r' }) })
@@ -139,8 +143,7 @@ it('UNLOCKs run one at a time, and at most one waits: a later one takes its plac
       return new Uint8Array(32).fill(ciphertext[0]!)
     },
   } as unknown as KmsDataKeys
-  const cache = new KeyCache({ now: Date.now, unlock: () => Promise.reject(new Error('no unlock in this test')) })
-  const service = new EnclaveService({ cache, engine, dataKeys: slowKms, kmsKeyId: 'test', credentials: new DeliveredCredentials(), attestation: developmentAttestation })
+  const { service } = enclaveWith(slowKms)
   const unlock = (first: number, sealedPreloadIdentity?: Uint8Array) =>
     service.handle({ requestId: first, opcode: opcodes.UNLOCK, status: 0, payload: encodeUnlockRequest({ wrappedDek: Uint8Array.of(first), sealedPreloadIdentity }) })
   const unlockEmpty = () => service.handle({ requestId: 99, opcode: opcodes.UNLOCK, status: 0, payload: encodeUnlockRequest({ wrappedDek: new Uint8Array() }) })
@@ -168,8 +171,7 @@ it('UNLOCKs run one at a time, and at most one waits: a later one takes its plac
 
 it('the parent waits longer for an UNLOCK, which waits on KMS, than for other requests', async () => {
   const slowKms = { unwrap: () => new Promise((resolve) => setTimeout(() => resolve(new Uint8Array(32).fill(3)), 400)) } as unknown as KmsDataKeys
-  const cache = new KeyCache({ now: Date.now, unlock: () => Promise.reject(new Error('no unlock in this test')) })
-  const service = new EnclaveService({ cache, engine, dataKeys: slowKms, kmsKeyId: 'test', credentials: new DeliveredCredentials(), attestation: developmentAttestation })
+  const { service } = enclaveWith(slowKms)
   const slowPort = 18672
   const served = await serveEnclave({ service, address: { host: '127.0.0.1', port: slowPort }, log: () => {} })
   const store = { getWrappedDek: async () => ({ keyId: 'k', ciphertext: Uint8Array.of(1) }) } as unknown as BlobStore
@@ -196,16 +198,7 @@ it('the parent waits longer for an UNLOCK, which waits on KMS, than for other re
 
 it('a preload that fails is the answer, but leaves the data key of the same UNLOCK installed', async () => {
   const fakeKms = { unwrap: async () => new Uint8Array(32).fill(4) } as unknown as KmsDataKeys
-  const cache = new KeyCache({ now: Date.now, unlock: () => Promise.reject(new Error('no unlock in this test')) })
-  const service = new EnclaveService({
-    cache,
-    engine,
-    dataKeys: fakeKms,
-    kmsKeyId: 'test',
-    credentials: new DeliveredCredentials(),
-    attestation: developmentAttestation,
-    preloadFile: '/nonexistent/shares.age',
-  })
+  const { cache, service } = enclaveWith(fakeKms, { preloadFile: '/nonexistent/shares.age' })
   const attested = await service.handle({ requestId: 1, opcode: opcodes.ATTEST, status: 0, payload: new Uint8Array() })
   const encrypter = new Encrypter()
   encrypter.addRecipient(decodeAttestResponse(attested.payload).recipient)
