@@ -22,7 +22,7 @@
  */
 import { X509Certificate } from 'node:crypto'
 import { readFileSync, writeFileSync } from 'node:fs'
-import { setting, wholeNumberIn } from './config.js'
+import { logLine, setting, wholeNumberIn } from './config.js'
 import { generatePreloadIdentity, sealPreloadIdentity, sealShareFile, type RecipientTrust, type ShareFileEntry } from './preloadFiles.js'
 import { runEnclave } from './enclave/main.js'
 import { runParent } from './parent/main.js'
@@ -62,7 +62,14 @@ async function createKeys(count: number, concurrency = 64): Promise<void> {
 
 async function serve(start: () => Promise<() => Promise<void>>): Promise<void> {
   const stop = await start()
-  const shutdown = () => void stop().then(() => process.exit(0))
+  const shutdown = () =>
+    void stop().then(
+      () => process.exit(0),
+      (error: unknown) => {
+        logLine({ level: 'error', event: 'shutdown_failed', error: error instanceof Error ? error.message : String(error) })
+        process.exit(1)
+      },
+    )
   process.once('SIGTERM', shutdown)
   process.once('SIGINT', shutdown)
 }

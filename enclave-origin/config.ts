@@ -60,3 +60,49 @@ export function redactSecrets(value: unknown, depth = 0): unknown {
 export function logLine(fields: Record<string, unknown>): void {
   console.log(JSON.stringify({ time: new Date().toISOString(), ...(redactSecrets(fields) as Record<string, unknown>) }))
 }
+
+/** Shortest HMAC secret the parent takes: an empty or short one would let anyone who guesses it sign requests. */
+const minimumHmacSecretBytes = 16
+
+/**
+ * ORIGIN_HMAC_KEYS, "keyId:secret,…": the clients the parent's API knows.
+ * Errors name the entry by its key id or position, never by its secret.
+ */
+export function hmacKeysSetting(): Record<string, string> {
+  const secrets: Record<string, string> = {}
+  setting('ORIGIN_HMAC_KEYS')
+    .split(',')
+    .forEach((entry, index) => {
+      const separator = entry.indexOf(':')
+      const keyId = separator === -1 ? '' : entry.slice(0, separator).trim()
+      if (!keyId) throw new Error(`ORIGIN_HMAC_KEYS entry ${index + 1} is not keyId:secret`)
+      if (Object.hasOwn(secrets, keyId)) throw new Error(`ORIGIN_HMAC_KEYS names key id ${keyId} twice`)
+      const secret = entry.slice(separator + 1)
+      if (Buffer.byteLength(secret) < minimumHmacSecretBytes) throw new Error(`ORIGIN_HMAC_KEYS: the secret of key id ${keyId} is shorter than ${minimumHmacSecretBytes} bytes (32 random bytes are best)`)
+      secrets[keyId] = secret
+    })
+  return secrets
+}
+
+export type ParentTls = { cert: string; key: string; ca?: string; requireClientCertificate: boolean }
+
+/**
+ * TLS for the parent's API: TLS_CERT_FILE and TLS_KEY_FILE, optionally
+ * TLS_CA_FILE and TLS_REQUIRE_CLIENT_CERT=1; undefined (plain HTTP) without a
+ * certificate. Client certificates are checked against TLS_CA_FILE alone:
+ * without it Node would accept any certificate from a public authority.
+ */
+export function parentTlsSetting(readFile: (path: string) => string): ParentTls | undefined {
+  const requireClientCertificate = choiceSetting('TLS_REQUIRE_CLIENT_CERT', { choices: ['0', '1'], fallback: '0' }) === '1'
+  if (!process.env.TLS_CERT_FILE) {
+    if (requireClientCertificate) throw new Error('TLS_REQUIRE_CLIENT_CERT=1 needs TLS_CERT_FILE and TLS_KEY_FILE: without them the API would be plain HTTP')
+    return undefined
+  }
+  if (requireClientCertificate && !process.env.TLS_CA_FILE) throw new Error('TLS_REQUIRE_CLIENT_CERT=1 needs TLS_CA_FILE, the authority client certificates must come from')
+  return {
+    cert: readFile(setting('TLS_CERT_FILE')),
+    key: readFile(setting('TLS_KEY_FILE')),
+    ca: process.env.TLS_CA_FILE ? readFile(process.env.TLS_CA_FILE) : undefined,
+    requireClientCertificate,
+  }
+}

@@ -4,6 +4,7 @@ import { dirname, join } from 'node:path'
 import { crc32 } from 'node:zlib'
 import { messageOf } from '../errors.js'
 import type { KeyState, SealedKeyRecord, WrappedDek } from '../types.js'
+import { lockDirectory, type DirectoryLock } from './directoryLock.js'
 import { assertNotOlder, copyDek, copyRecord, KeyNotStoredError, keyStates, validateDek, validateRecord, validateState, type BlobStore } from './blobStore.js'
 
 /** zlib's CRC-32 (`crc32(b, crc32(a))` equals `crc32(a ‖ b)`), so other tools can check the log. */
@@ -85,10 +86,21 @@ export async function openDiskBlobStore(options: DiskBlobStoreOptions): Promise<
   if (!Number.isFinite(groupCommitMs) || groupCommitMs < 0) throw new RangeError('groupCommitMs must be a finite number ≥ 0')
   if (!Number.isInteger(maxGroup) || maxGroup < 1) throw new RangeError('maxGroup must be an integer ≥ 1')
 
-  const counters: DiskBlobStoreStats = { writes: 0, fsyncs: 0, groups: 0, records: 0, compactedFrames: 0 }
   const firstCreated = await mkdir(directory, { recursive: true, mode: 0o700 })
   // A new directory's own entry is durable only once its parent is fsynced.
   if (firstCreated !== undefined) await syncDirectory(fileSystem, dirname(firstCreated))
+  const lock = await lockDirectory(directory)
+  try {
+    return await openLocked({ ...options, groupCommitMs, maxGroup, fileSystem, compactAfterFrames, onCompaction, onDamage, lock })
+  } catch (error) {
+    await lock.release()
+    throw error
+  }
+}
+
+async function openLocked(options: Required<DiskBlobStoreOptions> & { lock: DirectoryLock }): Promise<DiskBlobStore> {
+  const { directory, groupCommitMs, maxGroup, fileSystem, compactAfterFrames, onCompaction, onDamage, lock } = options
+  const counters: DiskBlobStoreStats = { writes: 0, fsyncs: 0, groups: 0, records: 0, compactedFrames: 0 }
   const path = join(directory, LOG_FILE_NAME)
   // What a compaction interrupted by a crash left behind; the log itself is intact.
   await rm(join(directory, COMPACTING_FILE_NAME), { force: true })
@@ -103,7 +115,7 @@ export async function openDiskBlobStore(options: DiskBlobStoreOptions): Promise<
     await file.close().catch(() => {})
     throw error
   }
-  const store = new GroupCommitStore({ file, index: recovered.records, frames: recovered.frames, counters, groupCommitMs, maxGroup, compaction: { fileSystem, directory, afterFrames: compactAfterFrames, onCompaction } })
+  const store = new GroupCommitStore({ file, index: recovered.records, frames: recovered.frames, counters, groupCommitMs, maxGroup, compaction: { fileSystem, directory, afterFrames: compactAfterFrames, onCompaction }, lock })
   // After damage, a rewrite at once: the live log holds only good frames again, and the next open does not report (and copy) the same damage.
   const failure = await store.compactIfWasteful({ force: recovered.damaged })
   if (failure) {
@@ -174,6 +186,7 @@ class GroupCommitStore implements DiskBlobStore {
   /** Set by the first failed write or fsync; after it the file's contents are unknown, so nothing more is written. */
   private failure: Error | undefined
   private closing: Promise<void> | undefined
+  private readonly lock: DirectoryLock
 
   constructor(parts: {
     file: LogFile
@@ -183,7 +196,10 @@ class GroupCommitStore implements DiskBlobStore {
     groupCommitMs: number
     maxGroup: number
     compaction: { fileSystem: BlobStoreFileSystem; directory: string; afterFrames: number; onCompaction: (event: CompactionEvent) => void }
+    /** Released once the log is closed, not before. */
+    lock: DirectoryLock
   }) {
+    this.lock = parts.lock
     this.file = parts.file
     this.frames = parts.frames
     this.compaction = parts.compaction
@@ -247,7 +263,11 @@ class GroupCommitStore implements DiskBlobStore {
       await this.flushing
     }
     clearTimeout(this.timer)
-    await this.file.close()
+    try {
+      await this.file.close()
+    } finally {
+      await this.lock.release()
+    }
   }
 
   private assertOpen(): void {
@@ -421,8 +441,8 @@ async function recoverIndex(options: {
   const { file, path, created } = options
   const records = new RecordIndex()
   const bytes = await readWholeFile(file)
-  // A crash while creating the log can leave it empty or with part of the header: nothing was ever stored.
-  if (created || isPrefixOfMagic(bytes)) {
+  // A crash while creating the log can leave it empty, with part of the header, or with the header's size in zeros: nothing was ever stored.
+  if (created || isUnfinishedHeader(bytes)) {
     if (bytes.length > 0) await file.truncate(0)
     await writeFully(file, LOG_MAGIC)
     await file.sync()
@@ -433,6 +453,8 @@ async function recoverIndex(options: {
     throw new Error(`${path} is not a sealed-blob log (bad header)`)
   }
   const { entries, validLength, damaged, unscannedFrom } = scanFrames(bytes)
+  // A whole frame at the end whose checksum fails was written in full, and may have been acknowledged: damage, not a torn write.
+  if (unscannedFrom === undefined && wholeFrameAt(bytes, validLength)) damaged.push({ offset: validLength, bytes: bytes.length - validLength })
   if (damaged.length > 0 || unscannedFrom !== undefined) {
     const keptAside = await options.keepAside(bytes)
     if (unscannedFrom !== undefined) {
@@ -449,7 +471,8 @@ async function recoverIndex(options: {
   return { records, headerWritten: false, frames: entries.length, damaged: damaged.length > 0 }
 }
 
-function isPrefixOfMagic(bytes: Buffer): boolean {
+function isUnfinishedHeader(bytes: Buffer): boolean {
+  if (bytes.length <= LOG_MAGIC.length && bytes.every((byte) => byte === 0)) return true
   return bytes.length < LOG_MAGIC.length && LOG_MAGIC.subarray(0, bytes.length).equals(bytes)
 }
 
@@ -480,6 +503,13 @@ function scanFrames(bytes: Buffer): { entries: LogEntry[]; validLength: number; 
     offset = end
   }
   return { entries, validLength: offset, damaged }
+}
+
+/** Whether a frame header at `offset` declares a length that fits in the file: the frame was written whole, whatever its checksum says. */
+function wholeFrameAt(bytes: Buffer, offset: number): boolean {
+  if (bytes.length - offset < FRAME_HEADER_BYTES) return false
+  const length = bytes.readUInt32LE(offset)
+  return length > 0 && length <= MAX_PAYLOAD_BYTES && offset + FRAME_HEADER_BYTES + length <= bytes.length
 }
 
 /** Where the frame at `offset` ends, if one with a payload of at most `maxPayload` bytes and a matching CRC starts there. */

@@ -18,6 +18,8 @@ class EnclaveConnection {
   private readonly decoder = new FrameDecoder()
   private readonly writer: CoalescingWriter
   private nextId = 1
+  /** When the last bytes arrived: a connection silent since a request that timed out is stuck, not busy. */
+  private lastReceivedAt = 0
   closed = false
 
   constructor(
@@ -27,6 +29,7 @@ class EnclaveConnection {
     socket.setNoDelay(true)
     this.writer = new CoalescingWriter(socket)
     socket.on('data', (chunk: Uint8Array) => {
+      this.lastReceivedAt = performance.now()
       let frames: Frame[]
       try {
         frames = this.decoder.push(chunk)
@@ -70,13 +73,18 @@ class EnclaveConnection {
   request(options: { opcode: Opcode; payload: Uint8Array; timeoutMs: number }): Promise<Frame> {
     const requestId = this.nextId
     this.nextId = this.nextId === 0xffffffff ? 1 : this.nextId + 1
+    // Encoded first: a frame that cannot be encoded leaves nothing pending.
+    const frame = encodeFrame({ requestId, opcode: options.opcode, status: 0, payload: options.payload })
+    const sentAt = performance.now()
     return new Promise<Frame>((resolve, reject) => {
       const timer = setTimeout(() => {
         this.pending.delete(requestId)
         reject(new EnclaveUnavailableError(`the enclave did not answer within ${options.timeoutMs} ms`))
+        // Nothing at all came back since: the pool would keep choosing this idle-looking connection. A new one replaces it.
+        if (this.lastReceivedAt < sentAt) this.socket.destroy()
       }, options.timeoutMs)
       this.pending.set(requestId, { resolve, reject, timer })
-      this.writer.write(encodeFrame({ requestId, opcode: options.opcode, status: 0, payload: options.payload }))
+      this.writer.write(frame)
     })
   }
 }

@@ -1,5 +1,6 @@
 import { createServer as createHttpServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http'
 import { createServer as createHttpsServer } from 'node:https'
+import { maxKeyIdBytes } from '../protocol/messages.js'
 import type { RequestVerifier } from '../protocol/requestSigning.js'
 import type { KeyState } from '../types.js'
 import { originMetrics } from './metrics.js'
@@ -11,6 +12,8 @@ export type ParentApiOptions = {
   log: (fields: Record<string, unknown>) => void
   /** TLS, optionally requiring client certificates; plain HTTP on loopback otherwise. */
   tls?: { cert: string; key: string; ca?: string; requireClientCertificate?: boolean }
+  /** How long a client may take to send a whole request (headers within half of it); default 10 s. */
+  requestReadTimeoutMs?: number
 }
 
 const maxBodyBytes = 16 * 1024
@@ -44,11 +47,14 @@ export function createParentApi(options: ParentApiOptions): Server {
     }
     if (request.method === 'GET' && path === '/metrics') {
       route.name = 'metrics'
-      response.writeHead(200, { 'content-type': metrics.contentType }).end(await metrics.text())
+      // The text first: headers sent before it fails could not be followed by the error's own.
+      const text = await metrics.text()
+      response.writeHead(200, { 'content-type': metrics.contentType }).end(text)
       return
     }
 
-    const body = await readBody(request)
+    // A declared length over the limit is refused before a byte of the body is read.
+    const body = Number(request.headers['content-length'] ?? 0) > maxBodyBytes ? undefined : await readBody(request)
     if (body === undefined) return send(response, 413, { error: `body too large (limit ${maxBodyBytes} bytes)` }, { connection: 'close' })
     const failure = await options.verifier.verify({ method: request.method ?? 'GET', path, headers: (name) => header(request, name), body })
     if (failure) return send(response, 401, { error: `request authentication failed: ${failure}` })
@@ -83,6 +89,7 @@ export function createParentApi(options: ParentApiOptions): Server {
     if (keyRoute) {
       const keyId = decodedPathSegment(keyRoute[1]!)
       if (keyId === undefined) return send(response, 400, { error: 'the key id in the path is not valid percent-encoding' })
+      if (Buffer.byteLength(keyId) > maxKeyIdBytes) return send(response, 400, { error: `the key id is longer than ${maxKeyIdBytes} bytes` })
       const action = keyRoute[2]
       if (request.method === 'GET' && !action) {
         route.name = 'get'
@@ -119,6 +126,8 @@ export function createParentApi(options: ParentApiOptions): Server {
     const route = { name: 'unknown' }
     handle(request, response, route)
       .catch((error: unknown) => {
+        // Too late for a status: the answer has begun. Cutting the connection tells the client it is incomplete.
+        if (response.headersSent) return void response.destroy()
         if (error instanceof NeedsUnlockError) {
           metrics.needsUnlock.inc()
           // The enclave has jittered it already (50–200 ms); Retry-After itself counts whole seconds.
@@ -128,19 +137,41 @@ export function createParentApi(options: ParentApiOptions): Server {
         if (error instanceof OriginRequestError) {
           return send(response, { 'not-found': 404, 'not-active': 409, 'bad-request': 400, unavailable: 503 }[error.kind], { error: error.message })
         }
-        options.log({ level: 'error', event: 'origin_request_failed', route: route.name, error: (error as Error).message })
+        options.log({ level: 'error', event: 'origin_request_failed', route: route.name, error: error instanceof Error ? error.message : String(error) })
         return send(response, 503, { error: 'origin unavailable' })
       })
       .finally(() => figures.countRequest(route.name, response.statusCode))
+      // Nothing above should throw; if it does, this connection ends and the process serves on.
+      .catch(() => response.destroy())
   }
+  // Slow clients, before any authentication, must not hold connections for Node's default five minutes.
+  const requestTimeout = options.requestReadTimeoutMs ?? 10_000
+  const timeouts = { requestTimeout, headersTimeout: requestTimeout / 2, connectionsCheckingInterval: Math.min(1_000, requestTimeout / 4) }
   const server = options.tls
     ? createHttpsServer(
-        { cert: options.tls.cert, key: options.tls.key, ca: options.tls.ca, requestCert: options.tls.requireClientCertificate, rejectUnauthorized: options.tls.requireClientCertificate },
+        { ...timeouts, cert: options.tls.cert, key: options.tls.key, ca: options.tls.ca, requestCert: options.tls.requireClientCertificate, rejectUnauthorized: options.tls.requireClientCertificate },
         listener,
       )
-    : createHttpServer(listener)
+    : createHttpServer(timeouts, listener)
   server.keepAliveTimeout = 60_000
   return server
+}
+
+/**
+ * Stops taking connections and lets requests in flight finish for up to
+ * `drainMs`; then cuts what is left. Idle keep-alive connections close at once.
+ */
+export async function closeGracefully(server: Server, options: { drainMs: number }): Promise<void> {
+  const closed = new Promise<void>((resolve) => server.close(() => resolve()))
+  // close() ends the connections idle at that moment; a keep-alive connection whose answer goes out later turns idle after it.
+  const idle = setInterval(() => server.closeIdleConnections(), 20)
+  const cut = setTimeout(() => server.closeAllConnections(), options.drainMs)
+  try {
+    await closed
+  } finally {
+    clearInterval(idle)
+    clearTimeout(cut)
+  }
 }
 
 function decodedPathSegment(segment: string): string | undefined {

@@ -1,19 +1,18 @@
 import { readFileSync } from 'node:fs'
-import { integerSetting, listenAddress, logLine, setting } from '../config.js'
+import { hmacKeysSetting, integerSetting, listenAddress, logLine, parentTlsSetting, setting } from '../config.js'
 import { keepRequestObjectsYoung } from '../heapTuning.js'
 import { nodeHashing } from '../protocol/nodeHashing.js'
 import { RequestVerifier } from '../protocol/requestSigning.js'
-import { S3Client } from '@aws-sdk/client-s3'
 import { defaultProvider } from '@aws-sdk/credential-provider-node'
 import { openDiskBlobStore } from './diskBlobStore.js'
-import { openS3BlobStore } from './s3BlobStore.js'
-import { createParentApi } from './httpApi.js'
+import { openS3BlobStore, parentS3Client } from './s3BlobStore.js'
+import { closeGracefully, createParentApi } from './httpApi.js'
 import { OriginParent } from './origin.js'
 
 /**
  * The parent process. Settings: PARENT_LISTEN (host:port), ENCLAVES
  * ("id=host:port,id2=/path/to.sock"), STORE (disk|s3) with STORE_DIR, or
- * S3_BUCKET, S3_PREFIX, S3_REGION, S3_ENDPOINT and AWS_* credentials, ORIGIN_HMAC_KEYS
+ * S3_BUCKET, S3_PREFIX, S3_REGION, S3_ENDPOINT, S3_TIMEOUT_MS (5000, per attempt) and AWS_* credentials, ORIGIN_HMAC_KEYS
  * ("keyId:secret,…"), POOL_SIZE (16), REQUEST_TIMEOUT_MS (2000), KMS_REQUEST_TIMEOUT_MS (15000,
  * for the enclave requests that wait on KMS: unlock, new data key), CREDENTIAL_REFRESH_MS (300000: how
  * often the enclaves get the AWS credentials for their KMS calls, from this process's default
@@ -29,13 +28,16 @@ export async function runParent(): Promise<() => Promise<void>> {
       if (!id || !address) throw new Error(`ENCLAVES entry "${entry}" is not id=address`)
       return { id, address: listenAddress(address) }
     })
+  // Settings first: a wrong one should stop the process before it touches the store or an enclave.
+  const secrets = hmacKeysSetting()
+  const tls = parentTlsSetting((file) => readFileSync(file, 'utf8'))
   const store =
     setting('STORE', 'disk') === 's3'
       ? await openS3BlobStore({
-          client: new S3Client({
+          client: parentS3Client({
             region: setting('S3_REGION', 'us-east-1'),
             endpoint: process.env.S3_ENDPOINT || undefined,
-            forcePathStyle: Boolean(process.env.S3_ENDPOINT),
+            timeoutMs: integerSetting('S3_TIMEOUT_MS', { min: 100, max: 60_000, fallback: 5_000 }),
           }),
           bucket: setting('S3_BUCKET'),
           prefix: process.env.S3_PREFIX ?? '',
@@ -58,27 +60,13 @@ export async function runParent(): Promise<() => Promise<void>> {
     log: logLine,
   })
   await parent.start()
-  const secrets = Object.fromEntries(
-    setting('ORIGIN_HMAC_KEYS').split(',').map((pair) => {
-      const separator = pair.indexOf(':')
-      return [pair.slice(0, separator), pair.slice(separator + 1)]
-    }),
-  )
-  const tls = process.env.TLS_CERT_FILE
-    ? {
-        cert: readFileSync(setting('TLS_CERT_FILE'), 'utf8'),
-        key: readFileSync(setting('TLS_KEY_FILE'), 'utf8'),
-        ca: process.env.TLS_CA_FILE ? readFileSync(process.env.TLS_CA_FILE, 'utf8') : undefined,
-        requireClientCertificate: process.env.TLS_REQUIRE_CLIENT_CERT === '1',
-      }
-    : undefined
   const server = createParentApi({ parent, verifier: new RequestVerifier({ secrets, hashing: nodeHashing }), log: logLine, tls })
   const address = listenAddress(setting('PARENT_LISTEN', '127.0.0.1:8443'))
   await new Promise<void>((resolve) => server.listen(address, resolve))
   logLine({ event: 'parent_listening', address, enclaves: enclaves.map((e) => e.id), tls: Boolean(tls) })
   return async () => {
-    server.closeAllConnections()
-    await new Promise((resolve) => server.close(resolve))
+    // Requests in flight (a create whose record is durable, a signature) are answered, not cut off.
+    await closeGracefully(server, { drainMs: 5_000 })
     parent.close()
     await store.close()
   }

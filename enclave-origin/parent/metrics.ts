@@ -162,7 +162,7 @@ export function enclaveMetricsText(enclaves: EnclaveHealth[]): string {
     text.histogram(
       { name: 'origin_enclave_rehydrate_seconds', help: 'Inline re-derivation (COOL to WARM) latency.' },
       labels,
-      { bounds: rehydrateBucketsMs.map((ms) => ms / 1_000), counts: cache.inlineRefreshMs.buckets, sum: cache.inlineRefreshMs.sum / 1_000 },
+      { bounds: rehydrateBucketsMs.map((ms) => ms / 1_000), counts: cache.inlineRefreshMs?.buckets, sum: Number(cache.inlineRefreshMs?.sum) / 1_000 },
     )
     text.histogram({ name: 'origin_enclave_engine_batch_size', help: 'Signs per message to a signing thread.' }, labels, { bounds: batchSizeBuckets, counts: engine.batchSizes, sum: engine.batchedSigns })
   }

@@ -52,6 +52,9 @@ type Enclave = {
   unlocking: Promise<void> | undefined
   /** The last UNLOCK sent or queued: each waits for the one before. */
   unlockQueue: Promise<unknown>
+  /** After failed unlocks, NEEDS_UNLOCK answers start no other before this (ms since the epoch), so a failing KMS is not called back to back. */
+  unlockNotBefore: number
+  unlockFailures: number
 }
 
 export type KeyInfo = { keyId: string; publicKey: Hex; address: Address; state: KeyState; cacheState?: CacheState }
@@ -85,7 +88,7 @@ export class OriginParent {
       log?: (fields: Record<string, unknown>) => void
     },
   ) {
-    this.enclaves = options.enclaves.map(({ id, address }) => ({ id, pool: new EnclavePool({ address, size: options.poolSize }), unlocking: undefined, unlockQueue: Promise.resolve() }))
+    this.enclaves = options.enclaves.map(({ id, address }) => ({ id, pool: new EnclavePool({ address, size: options.poolSize }), unlocking: undefined, unlockQueue: Promise.resolve(), unlockNotBefore: 0, unlockFailures: 0 }))
     this.ring = new HashRing(this.enclaves.map((enclave) => ({ id: enclave.id, node: enclave })))
   }
 
@@ -109,7 +112,7 @@ export class OriginParent {
       case statuses.OK:
         return frame
       case statuses.NEEDS_UNLOCK:
-        void this.unlock(enclave).catch(() => {})
+        this.unlockOnDemand(enclave)
         throw new NeedsUnlockError(decodeNeedsUnlock(frame.payload).retryAfterMs)
       case statuses.NOT_FOUND:
         throw new OriginRequestError('not-found', decodeErrorMessage(frame.payload))
@@ -140,12 +143,21 @@ export class OriginParent {
     }, this.options.credentialRefreshMs ?? 300_000)
     this.credentialRefresh.unref()
     if (!(await this.options.store.getWrappedDek())) {
+      // A new DEK would seal nothing that exists: every stored key stays under the lost one, and new keys would join them unopenable by it.
+      if (await this.storeHoldsAnyRecord()) {
+        throw new Error('the store holds sealed keys but no wrapped data key: refusing to make a new data key, under which none of them would open. Restore the wrapped data key (dek.json, or the disk log from a backup) before starting')
+      }
       const first = this.enclaves[0]!
       const frame = await this.sendUnlock(first, () => ({ wrappedDek: new Uint8Array() }))
       await this.options.store.putWrappedDek({ keyId: 'enclave-data-key', ciphertext: newWrappedDek(frame) })
     }
     await Promise.all(this.enclaves.map((enclave) => this.unlock(enclave)))
     await this.forEachStored((record) => this.load(record))
+  }
+
+  private async storeHoldsAnyRecord(): Promise<boolean> {
+    for await (const _ of this.options.store.list()) return true
+    return false
   }
 
   /**
@@ -313,6 +325,26 @@ export class OriginParent {
   }
 
   /** One unlock per enclave at a time: the enclave unwraps the stored DEK through KMS. */
+  /**
+   * The unlock a NEEDS_UNLOCK answer asks for: at once, unless the last ones
+   * failed; then not before a backoff of 0.5 s doubling to 30 s, jittered.
+   * Operators' and rotations' unlocks are never held back.
+   */
+  private unlockOnDemand(enclave: Enclave): void {
+    if (enclave.unlocking || Date.now() < enclave.unlockNotBefore) return
+    this.unlock(enclave).then(
+      () => {
+        enclave.unlockFailures = 0
+        enclave.unlockNotBefore = 0
+      },
+      (error: unknown) => {
+        const backoffMs = Math.min(30_000, 500 * 2 ** enclave.unlockFailures++)
+        enclave.unlockNotBefore = Date.now() + backoffMs * (0.75 + Math.random() / 2)
+        this.options.log?.({ level: 'warn', event: 'unlock_failed', enclave: enclave.id, retryInMs: Math.round(enclave.unlockNotBefore - Date.now()), error: error instanceof Error ? error.message : String(error) })
+      },
+    )
+  }
+
   unlock(enclave?: Enclave): Promise<void> {
     if (!enclave) return Promise.all(this.enclaves.map((e) => this.unlock(e))).then(() => undefined)
     enclave.unlocking ??= this.sendUnlock(enclave, (stored) => {

@@ -1,4 +1,4 @@
-import { GetObjectCommand, ListObjectsV2Command, PutObjectCommand, type S3Client } from '@aws-sdk/client-s3'
+import { GetObjectCommand, ListObjectsV2Command, PutObjectCommand, S3Client, type S3ClientConfig } from '@aws-sdk/client-s3'
 import type { KeyState, SealedKeyRecord, WrappedDek } from '../types.js'
 import { assertNotOlder, copyDek, copyRecord, isValidVersion, KeyNotStoredError, keyStates, validateDek, validateKeyId, validateRecord, validateState, type BlobStore } from './blobStore.js'
 
@@ -23,6 +23,24 @@ import { assertNotOlder, copyDek, copyRecord, isValidVersion, KeyNotStoredError,
  * The credentials need s3:ListBucket (also so that reading a missing object
  * answers 404 rather than 403), s3:GetObject and s3:PutObject.
  */
+
+/**
+ * The parent's S3 client. Every request is bounded: a bucket endpoint that
+ * accepts and then goes silent fails the call (two attempts of `timeoutMs`)
+ * rather than hold a key's reload, and every state change queued behind it,
+ * for ever. The smithy handler only warns on a request timeout unless told to throw.
+ */
+export function parentS3Client(options: { region: string; endpoint?: string; timeoutMs: number; credentials?: S3ClientConfig['credentials'] }): S3Client {
+  const { region, endpoint, timeoutMs, credentials } = options
+  return new S3Client({
+    region,
+    endpoint,
+    forcePathStyle: Boolean(endpoint),
+    credentials,
+    maxAttempts: 2,
+    requestHandler: { connectionTimeout: timeoutMs, requestTimeout: timeoutMs, throwOnRequestTimeout: true },
+  })
+}
 
 export type S3BlobStoreOptions = {
   /** The caller owns the client: `close` does not destroy it. */

@@ -15,6 +15,7 @@ import {
   type DiskBlobStore,
   type LogFile,
 } from '../../enclave-origin/parent/diskBlobStore.js'
+import { LOCK_FILE_NAME } from '../../enclave-origin/parent/directoryLock.js'
 import { listAll, sealedRecord } from '../support/sealedRecords.js'
 
 const projectRoot = resolve(import.meta.dirname, '../..')
@@ -353,16 +354,19 @@ describe('torn and corrupt tails', () => {
     expect((await stat(logPath())).size).toBe(sizeAfterSecond)
   })
 
-  it('drops a last record whose bytes were corrupted (CRC mismatch)', async () => {
+  it('drops a whole last record whose bytes were corrupted (CRC mismatch), but reports it and copies the log aside first: it may have been acknowledged', async () => {
     const [, sizeAfterSecond, sizeAfterThird] = await storeThreeRecords()
     const bytes = await readFile(logPath())
     bytes[sizeAfterThird! - 1]! ^= 0xff
     await writeFile(logPath(), bytes)
 
-    const store = await openStore()
+    const damage: DamageEvent[] = []
+    const store = await openStore({ onDamage: (event) => damage.push(event) })
     expect(await store.get('key-3')).toBeUndefined()
     expect(await store.get('key-2')).toEqual(sealedRecord(2))
     expect((await stat(logPath())).size).toBe(sizeAfterSecond)
+    expect(damage).toEqual([{ ranges: [{ offset: sizeAfterSecond, bytes: sizeAfterThird! - sizeAfterSecond! }], keptAside: expect.stringContaining(`${LOG_FILE_NAME}.damaged-`) }])
+    expect(await readFile(damage[0]!.keptAside)).toEqual(bytes)
   })
 
   it('treats a zero-filled tail (size grew, data never landed) as torn', async () => {
@@ -432,12 +436,16 @@ describe('torn and corrupt tails', () => {
   })
 
   it('re-creates a log whose header was torn at birth, and refuses a file that is not a log', async () => {
-    await writeFile(logPath(), Buffer.from('seal'))
-    const store = await openStore()
-    await store.put(sealedRecord(1))
-    expect(await (await reopen(store)).get('key-1')).toEqual(sealedRecord(1))
+    // Part of the header; or its size in zeros, the data never written.
+    for (const torn of [Buffer.from('seal'), Buffer.alloc(16)]) {
+      await writeFile(logPath(), torn)
+      const store = await openStore()
+      await store.put(sealedRecord(1))
+      expect(await (await reopen(store)).get('key-1')).toEqual(sealedRecord(1))
+      await Promise.all(opened.splice(0).map((each) => each.close()))
+      await rm(logPath())
+    }
 
-    await rm(logPath())
     await writeFile(logPath(), 'someone else’s file, long enough to have a header')
     await expect(openDiskBlobStore({ directory })).rejects.toThrow(/not a sealed-blob log/)
     expect(await readFile(logPath(), 'utf8')).toBe('someone else’s file, long enough to have a header')
@@ -526,5 +534,36 @@ await Promise.all(Array.from({ length: 32 }, writer))
     const missing = printed.filter((keyId) => !stored.has(keyId))
     expect(missing).toEqual([])
     expect(stored.size).toBeGreaterThanOrEqual(printed.length)
+  })
+})
+
+describe('one process per store', () => {
+  it('refuses a second open of a directory in use, names the holder, and opens once it is closed', async () => {
+    const first = await openStore()
+    await expect(openDiskBlobStore({ directory })).rejects.toThrow(`the store directory ${directory} is in use by process ${process.pid}`)
+    await first.put(sealedRecord(1))
+    await first.close()
+    const second = await openStore()
+    expect(await second.get('key-1')).toBeDefined()
+  })
+
+  it('takes over a lock its holder left behind: a process that is gone, or a lock file cut short', async () => {
+    const gone = spawn(process.execPath, ['-e', ''])
+    await new Promise((exited) => gone.once('exit', exited))
+    for (const lock of [JSON.stringify({ pid: gone.pid, bootId: 'b', startTime: '1' }), '{"pid": 12', '']) {
+      await writeFile(join(directory, LOCK_FILE_NAME), lock)
+      const store = await openStore()
+      await store.close()
+      await expect(readdir(directory)).resolves.not.toContain(LOCK_FILE_NAME)
+    }
+  })
+
+  it('takes over the lock of a pid that now belongs to another process: from before a reboot, or from a process that had the pid first', async () => {
+    const bootId = (await readFile('/proc/sys/kernel/random/boot_id', 'utf8')).trim()
+    for (const holder of [{ bootId: 'another boot', startTime: '1' }, { bootId, startTime: '1' }]) {
+      await writeFile(join(directory, LOCK_FILE_NAME), JSON.stringify({ pid: process.pid, ...holder }))
+      const store = await openStore()
+      await store.close()
+    }
   })
 })

@@ -95,4 +95,28 @@ describe('EnclavePool', () => {
     await pool.connect()
     await expect(health(50)).rejects.toThrow('the enclave did not answer within 50 ms')
   })
+
+  it('replaces a connection that has gone silent, but keeps one that answers others while one request times out', async () => {
+    pool = new EnclavePool({ address: { host: '127.0.0.1', port }, size: 2 })
+    await pool.connect()
+    // Silent: nothing comes back on it, so it is dropped and the next request goes out on a new connection.
+    await expect(health(50)).rejects.toThrow(EnclaveUnavailableError)
+    await until(() => sockets[0]!.destroyed || sockets[1]!.destroyed)
+    const silentOnes = sockets.filter((socket) => socket.destroyed).length
+    received.splice(0)
+
+    // Busy: one request times out while the same connection answers another; the connection stays.
+    // One turn: both go out on one connection.
+    const slow = health(100)
+    const quick = health()
+    await until(() => received.length === 2)
+    const [slowFrame, quickFrame] = received.splice(0)
+    const { socket } = slowFrame!
+    expect(quickFrame!.socket).toBe(socket)
+    socket.write(encodeFrame({ requestId: quickFrame!.frame.requestId, opcode: quickFrame!.frame.opcode, status: 0, payload: emptyPayload }))
+    expect((await quick).status).toBe(0)
+    await expect(slow).rejects.toThrow('the enclave did not answer within 100 ms')
+    expect(socket.destroyed).toBe(false)
+    expect(sockets.filter((each) => each.destroyed)).toHaveLength(silentOnes)
+  })
 })

@@ -84,7 +84,7 @@ describe('enclave metrics on the parent', () => {
 
   it('keeps the cache and engine figures of an enclave that answers but cannot serve yet, and leaves out figures an enclave did not send', async () => {
     const stats = await enclaveStats()
-    const older = { ...stats, engine: { ...(stats.engine as object), batchSizes: undefined, inline: undefined } }
+    const older = { ...stats, engine: { ...(stats.engine as object), batchSizes: undefined, inline: undefined }, cache: { ...(stats.cache as object), inlineRefreshMs: undefined } }
     const text = enclaveMetricsText([{ id: 'p', answered: true, ok: false, inflight: 0, stats: older, error: 'the preload file is not loaded yet' }])
     const values = samples(text)
     expect(values.get('origin_enclave_up{enclave="p"}')).toBe(1)
@@ -92,6 +92,7 @@ describe('enclave metrics on the parent', () => {
     expect(values.get('origin_enclave_keys{enclave="p",state="WARM"}')).toBe(2)
     expect(text).not.toContain('origin_enclave_engine_batch_size')
     expect(text).not.toContain('origin_enclave_engine_inline_signs_total')
+    expect(text).not.toContain('origin_enclave_rehydrate_seconds')
     expect(text).not.toMatch(/undefined|NaN/)
   })
 

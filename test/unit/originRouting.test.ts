@@ -12,7 +12,7 @@ import { KeyCache } from '../../enclave-origin/enclave/keyCache.js'
 import { EnclaveService, serveEnclave } from '../../enclave-origin/enclave/server.js'
 import { openDiskBlobStore, type DiskBlobStore } from '../../enclave-origin/parent/diskBlobStore.js'
 import { HashRing } from '../../enclave-origin/parent/hashRing.js'
-import { OriginParent } from '../../enclave-origin/parent/origin.js'
+import { NeedsUnlockError, OriginParent } from '../../enclave-origin/parent/origin.js'
 import type { BlobStore } from '../../enclave-origin/parent/blobStore.js'
 import { SealingError, unsealPrivateKey } from '../../enclave-origin/enclave/sealing.js'
 import { startLocalKms, type LocalKms } from '../support/kmsServer.js'
@@ -124,6 +124,31 @@ describe('AWS credentials for the enclaves\u2019 KMS calls', () => {
       await hanging.unlock()
     } finally {
       hanging.close()
+    }
+  })
+
+  it('NEEDS_UNLOCK answers while unlocks fail start them with a backoff, not back to back', async () => {
+    let credentialCalls = 0
+    const failing = newParent({ credentials: () => (credentialCalls++, Promise.reject(new Error('no instance role'))) })
+    await parent.createKey()
+    try {
+      await failing.start().catch(() => {})
+      const key = await parent.createKey()
+      // Both enclaves lose their keys and DEKs: every sign is answered NEEDS_UNLOCK.
+      enclaves.forEach((enclave) => {
+        enclave.cache.clear()
+        enclave.service.clear()
+      })
+      const before = credentialCalls
+      for (let i = 0; i < 10; i++) {
+        await expect(failing.sign(key.keyId, Buffer.alloc(32, 1))).rejects.toThrow(NeedsUnlockError)
+        await new Promise((resolve) => setTimeout(resolve, 5))
+      }
+      // The first answer starts one unlock, which fails; the rest fall within its backoff.
+      expect(credentialCalls - before).toBe(1)
+    } finally {
+      failing.close()
+      await parent.unlock()
     }
   })
 
@@ -280,6 +305,27 @@ describe('DEK rotation', () => {
       for (const key of keys) await signsAs(resumed, key)
     } finally {
       resumed.close()
+    }
+  })
+
+  it('a store that lost its wrapped DEK but holds keys: start refuses, and makes no new DEK that none of them would open', async () => {
+    await parent.createKey()
+    const deksPut: unknown[] = []
+    const lostDek: BlobStore = {
+      put: (record) => store.put(record),
+      get: (keyId) => store.get(keyId),
+      list: () => store.list(),
+      setState: (keyId, state) => store.setState(keyId, state),
+      putWrappedDek: async (dek) => void deksPut.push(dek),
+      getWrappedDek: async () => undefined,
+      close: async () => {},
+    }
+    const starting = newParent({ store: lostDek })
+    try {
+      await expect(starting.start()).rejects.toThrow(/holds sealed keys but no wrapped data key/)
+      expect(deksPut).toEqual([])
+    } finally {
+      starting.close()
     }
   })
 })

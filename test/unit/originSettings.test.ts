@@ -1,5 +1,5 @@
 import { afterEach, describe, expect, it } from 'vitest'
-import { choiceSetting, integerSetting, listenAddress, redactSecrets } from '../../enclave-origin/config.js'
+import { choiceSetting, hmacKeysSetting, integerSetting, listenAddress, parentTlsSetting, redactSecrets } from '../../enclave-origin/config.js'
 import { developmentAttestation, type AttestationProvider } from '../../enclave-origin/enclave/dataKey.js'
 import { checkStartup } from '../../enclave-origin/enclave/startupChecks.js'
 
@@ -91,6 +91,46 @@ describe('origin settings', () => {
     expect(listenAddress('vsock:16:7000')).toEqual({ vsock: { cid: 16, port: 7000 } })
     expect(listenAddress('127.0.0.1:7000')).toEqual({ host: '127.0.0.1', port: 7000 })
     expect(listenAddress('/run/enclave.sock')).toEqual({ path: '/run/enclave.sock' })
+  })
+
+  it('takes HMAC keys as keyId:secret pairs, and refuses a missing separator, an empty id, a repeated id or a short secret without printing it', () => {
+    process.env.ORIGIN_HMAC_KEYS = 'worker:a-secret-of-enough-bytes,ops:another:with-colons-inside'
+    expect(hmacKeysSetting()).toEqual({ worker: 'a-secret-of-enough-bytes', ops: 'another:with-colons-inside' })
+    const refusals: Array<[string, string]> = [
+      ['worker:a-secret-of-enough-bytes,no-separator-here-at-all', 'ORIGIN_HMAC_KEYS entry 2 is not keyId:secret'],
+      [':a-secret-of-enough-bytes', 'ORIGIN_HMAC_KEYS entry 1 is not keyId:secret'],
+      ['worker:a-secret-of-enough-bytes,worker:a-second-secret-long-enough', 'ORIGIN_HMAC_KEYS names key id worker twice'],
+      ['ops:', 'ORIGIN_HMAC_KEYS: the secret of key id ops is shorter than 16 bytes'],
+      ['ops:short-secret', 'ORIGIN_HMAC_KEYS: the secret of key id ops is shorter than 16 bytes'],
+    ]
+    for (const [value, message] of refusals) {
+      process.env.ORIGIN_HMAC_KEYS = value
+      expect(() => hmacKeysSetting()).toThrow(message)
+      try {
+        hmacKeysSetting()
+      } catch (error) {
+        expect((error as Error).message).not.toMatch(/a-second-secret|short-secret|no-separator/)
+      }
+    }
+  })
+
+  it('takes TLS from its files, and refuses client certificates without a CA of their own or without TLS at all', () => {
+    const files: Record<string, string> = { '/tls/cert.pem': 'CERT', '/tls/key.pem': 'KEY', '/tls/ca.pem': 'CA' }
+    const read = (file: string) => files[file]!
+    for (const name of ['TLS_CERT_FILE', 'TLS_KEY_FILE', 'TLS_CA_FILE', 'TLS_REQUIRE_CLIENT_CERT']) delete process.env[name]
+    expect(parentTlsSetting(read)).toBeUndefined()
+    process.env.TLS_REQUIRE_CLIENT_CERT = '1'
+    expect(() => parentTlsSetting(read)).toThrow('TLS_REQUIRE_CLIENT_CERT=1 needs TLS_CERT_FILE and TLS_KEY_FILE')
+    process.env.TLS_CERT_FILE = '/tls/cert.pem'
+    process.env.TLS_KEY_FILE = '/tls/key.pem'
+    expect(() => parentTlsSetting(read)).toThrow('TLS_REQUIRE_CLIENT_CERT=1 needs TLS_CA_FILE')
+    process.env.TLS_CA_FILE = '/tls/ca.pem'
+    expect(parentTlsSetting(read)).toEqual({ cert: 'CERT', key: 'KEY', ca: 'CA', requireClientCertificate: true })
+    process.env.TLS_REQUIRE_CLIENT_CERT = 'yes'
+    expect(() => parentTlsSetting(read)).toThrow('TLS_REQUIRE_CLIENT_CERT must be one of 0, 1, got yes')
+    delete process.env.TLS_REQUIRE_CLIENT_CERT
+    delete process.env.TLS_CA_FILE
+    expect(parentTlsSetting(read)).toEqual({ cert: 'CERT', key: 'KEY', ca: undefined, requireClientCertificate: false })
   })
 })
 

@@ -1,11 +1,13 @@
 import { CreateBucketCommand, DeleteBucketCommand, GetObjectCommand, PutObjectCommand, S3Client } from '@aws-sdk/client-s3'
 import { spawn, type ChildProcessByStdio } from 'node:child_process'
 import { mkdtemp, rm } from 'node:fs/promises'
+import { createServer } from 'node:http'
+import type { AddressInfo } from 'node:net'
 import { tmpdir } from 'node:os'
 import { join, resolve } from 'node:path'
 import type { Readable, Writable } from 'node:stream'
 import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, it } from 'vitest'
-import { openS3BlobStore, type S3BlobStore, type S3BlobStoreOptions } from '../../enclave-origin/parent/s3BlobStore.js'
+import { openS3BlobStore, parentS3Client, type S3BlobStore, type S3BlobStoreOptions } from '../../enclave-origin/parent/s3BlobStore.js'
 import type { SealedKeyRecord } from '../../enclave-origin/types.js'
 import { listAll, sealedRecord } from '../support/sealedRecords.js'
 
@@ -366,6 +368,22 @@ describe('S3 errors', () => {
     await expect(store.get('key-1')).rejects.toThrow(/bucket "short-lived" does not exist/)
     await expect(listAll(store)).rejects.toThrow(/bucket "short-lived" does not exist/)
     expect(store.stats().records).toBe(0)
+  })
+
+  it('fails, rather than hangs, against an endpoint that accepts connections and never answers', async () => {
+    const silent = createServer(() => {})
+    await new Promise<void>((listening) => silent.listen(0, '127.0.0.1', listening))
+    const client = parentS3Client({ region: 'us-east-1', endpoint: `http://127.0.0.1:${(silent.address() as AddressInfo).port}`, timeoutMs: 300, credentials: { accessKeyId: 'S3RVER', secretAccessKey: 'S3RVER' } })
+    clients.push(client)
+    try {
+      const started = Date.now()
+      await expect(openS3BlobStore({ client, bucket: BUCKET, prefix })).rejects.toThrow(/S3 blob store: ListObjectsV2 .* failed/)
+      // Two attempts of 300 ms, and the SDK's backoff between them.
+      expect(Date.now() - started).toBeLessThan(5_000)
+    } finally {
+      silent.closeAllConnections()
+      silent.close()
+    }
   })
 
   it('rejects bad options at open', async () => {

@@ -1,0 +1,118 @@
+import { connect, createServer as createNetServer } from 'node:net'
+import type { AddressInfo } from 'node:net'
+import type { Server } from 'node:http'
+import { afterAll, beforeAll, describe, expect, it } from 'vitest'
+import type { BlobStore } from '../../enclave-origin/parent/blobStore.js'
+import { closeGracefully, createParentApi } from '../../enclave-origin/parent/httpApi.js'
+import { OriginParent } from '../../enclave-origin/parent/origin.js'
+import { RequestVerifier, signRequest } from '../../enclave-origin/protocol/requestSigning.js'
+
+/**
+ * The parent's HTTP API against bad clients and failing parts: what it
+ * answers, and that it serves on after. No enclave listens (port 1): every
+ * case here is settled before one would be asked.
+ */
+
+const hmac = { keyId: 'worker', secret: 'a-test-secret-of-enough-bytes' }
+let server: Server
+let parent: OriginParent
+let base: string
+
+beforeAll(async () => {
+  parent = new OriginParent({ enclaves: [{ id: 'none', address: { host: '127.0.0.1', port: 1 } }], poolSize: 1, store: {} as BlobStore, requestTimeoutMs: 200, credentials: () => Promise.reject(new Error('not needed here')) })
+  server = createParentApi({ parent, verifier: new RequestVerifier({ secrets: { [hmac.keyId]: hmac.secret } }), log: () => {}, requestReadTimeoutMs: 400 })
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve))
+  base = `http://127.0.0.1:${(server.address() as AddressInfo).port}`
+})
+
+afterAll(async () => {
+  server.closeAllConnections()
+  await new Promise((resolve) => server.close(resolve))
+  parent.close()
+})
+
+async function signed(method: 'GET' | 'POST', path: string, body = '') {
+  const payload = new TextEncoder().encode(body)
+  const headers = await signRequest({ ...hmac, method, path, body: payload })
+  return fetch(`${base}${path}`, { method, headers, body: method === 'POST' ? payload : undefined })
+}
+
+/** Raw bytes to the server; resolves with everything it answered once it closes, or with what came so far after `waitMs`. */
+function raw(options: { text: string; waitMs: number }): Promise<{ answer: string; closed: boolean }> {
+  return new Promise((resolve, reject) => {
+    const socket = connect(Number(new URL(base).port), '127.0.0.1')
+    let answer = ''
+    const timer = setTimeout(() => {
+      socket.destroy()
+      resolve({ answer, closed: false })
+    }, options.waitMs)
+    socket.on('data', (chunk) => (answer += chunk))
+    socket.on('error', reject)
+    socket.on('close', () => {
+      clearTimeout(timer)
+      resolve({ answer, closed: true })
+    })
+    socket.write(options.text)
+  })
+}
+
+describe('the parent API', () => {
+  it('answers 503 when its metrics cannot be gathered, and serves on', async () => {
+    const health = parent.health
+    parent.health = () => Promise.reject(new Error('the enclave health broke'))
+    try {
+      const response = await fetch(`${base}/metrics`)
+      expect(response.status).toBe(503)
+      expect(await response.json()).toEqual({ error: 'origin unavailable' })
+    } finally {
+      parent.health = health
+    }
+    expect((await fetch(`${base}/healthz`)).status).toBe(503)
+    expect((await fetch(`${base}/metrics`)).status).toBe(200)
+  })
+
+  it('refuses a declared body over the limit before reading it', async () => {
+    // Headers only: a server that waited for the 20,000 bytes would answer nothing before the client gives up.
+    const { answer, closed } = await raw({ text: 'POST /v1/keys HTTP/1.1\r\nhost: x\r\ncontent-length: 20000\r\n\r\n', waitMs: 300 })
+    expect(answer).toMatch(/^HTTP\/1\.1 413 /)
+    expect(answer).toContain('body too large (limit 16384 bytes)')
+    expect(closed).toBe(true)
+  })
+
+  it('cuts off a client that takes too long to send its request', async () => {
+    const { answer, closed } = await raw({ text: 'POST /v1/keys HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n{"dig', waitMs: 3_000 })
+    expect(answer).toMatch(/^HTTP\/1\.1 408 /)
+    expect(closed).toBe(true)
+  })
+
+  it('closes gracefully: a request in flight is answered, not cut off', async () => {
+    // An enclave that takes connections and never answers: the request waits out the parent's 300 ms timeout.
+    const silentEnclave = createNetServer(() => {})
+    await new Promise<void>((listening) => silentEnclave.listen(0, '127.0.0.1', listening))
+    const slowParent = new OriginParent({ enclaves: [{ id: 'silent', address: { host: '127.0.0.1', port: (silentEnclave.address() as AddressInfo).port } }], poolSize: 1, store: {} as BlobStore, requestTimeoutMs: 300, credentials: () => Promise.reject(new Error('not needed here')) })
+    const closing = createParentApi({ parent: slowParent, verifier: new RequestVerifier({ secrets: { [hmac.keyId]: hmac.secret } }), log: () => {} })
+    await new Promise<void>((listening) => closing.listen(0, '127.0.0.1', listening))
+    try {
+      const path = '/v1/keys/k'
+      const headers = await signRequest({ ...hmac, method: 'GET', path, body: new Uint8Array() })
+      const answer = fetch(`http://127.0.0.1:${(closing.address() as AddressInfo).port}${path}`, { headers })
+      await new Promise((resolve) => setTimeout(resolve, 100))
+      const closeStarted = Date.now()
+      const closed = closeGracefully(closing, { drainMs: 3_000 })
+      expect((await answer).status).toBe(503)
+      await closed
+      expect(closing.listening).toBe(false)
+      // Closed once the answer was out, not when the drain ran out.
+      expect(Date.now() - closeStarted).toBeLessThan(1_500)
+    } finally {
+      slowParent.close()
+      silentEnclave.close()
+    }
+  })
+
+  it('answers 400 for a key id longer than the enclave protocol carries, not an outage', async () => {
+    const response = await signed('GET', `/v1/keys/${'k'.repeat(129)}`)
+    expect(response.status).toBe(400)
+    expect(await response.json()).toEqual({ error: 'the key id is longer than 128 bytes' })
+  })
+})
