@@ -1,5 +1,8 @@
 export type BreakerState = 'closed' | 'open' | 'half-open'
 
+/** How a call was let through: as an ordinary call, or as the one half-open probe. */
+export type BreakerAdmission = 'call' | 'probe'
+
 /**
  * Opens after `failureThreshold` consecutive failures (timeouts count). While
  * open, calls are skipped; after `coolDownMs` one probe is let through
@@ -17,13 +20,13 @@ export class CircuitBreaker {
     return this.options.now() - this.openedAt >= this.options.coolDownMs ? 'half-open' : 'open'
   }
 
-  /** Whether a call may go ahead now; in half-open, only one probe at a time. */
-  tryAcquire(): boolean {
+  /** Whether a call may go ahead now, and as what; undefined when it may not. In half-open, one probe at a time. */
+  tryAcquire(): BreakerAdmission | undefined {
     const state = this.state
-    if (state === 'closed') return true
-    if (state === 'open' || this.probing) return false
+    if (state === 'closed') return 'call'
+    if (state === 'open' || this.probing) return undefined
     this.probing = true
-    return true
+    return 'probe'
   }
 
   success(): void {
@@ -32,9 +35,15 @@ export class CircuitBreaker {
     this.probing = false
   }
 
-  failure(): void {
+  /**
+   * The cool-down starts when the breaker opens or a probe fails. Calls that were in flight when it opened
+   * and fail later leave it alone: each would otherwise push the probe back.
+   */
+  failure(admission: BreakerAdmission): void {
     this.failures++
-    if (this.probing || this.failures >= this.options.failureThreshold) this.openedAt = this.options.now()
-    this.probing = false
+    // A success since the probe was let through closed the breaker: the probe's failure is then an ordinary one.
+    const probeFailed = admission === 'probe' && this.probing
+    if (probeFailed) this.probing = false
+    if (probeFailed || (this.openedAt === undefined && this.failures >= this.options.failureThreshold)) this.openedAt = this.options.now()
   }
 }

@@ -1,5 +1,7 @@
+import type { Address } from 'viem'
 import { acceptsSingleSigner, type Config, type SignerConfig } from '../config/schema.js'
 import { AwsKmsSigner } from './awsKms.js'
+import { DeclaredAddressSigner } from './declaredAddress.js'
 import { FallbackSigner } from './fallback.js'
 import { HttpSigner } from './httpSigner.js'
 import { KeylessSigner } from './keyless.js'
@@ -13,7 +15,8 @@ import { VaultSigner } from './vault.js'
  * Builds every configured signer, reading secrets and bindings from the
  * Worker env by the names the config gives. Fallback chains refer to other
  * signers by name; a chain whose paymaster accepts a single signer makes its
- * fallback insist that every member has the same address.
+ * fallback insist that every member has the same address. A signer whose
+ * config declares its address refuses to act as any other.
  */
 export function createSigners(options: { config: Config; env: Record<string, unknown>; metrics: SignerMetrics }): Map<string, Signer> {
   const { config, env, metrics } = options
@@ -22,6 +25,10 @@ export function createSigners(options: { config: Config; env: Record<string, unk
     return typeof value === 'string' && value !== '' ? value : undefined
   }
   const singleSigner = new Set(config.chains.filter(acceptsSingleSigner).map((chain) => chain.signer))
+  const declaredAddressOf = (name: string): Address | undefined => {
+    const signer = config.signers[name]
+    return signer && signer.kind !== 'fallback' ? signer.address : undefined
+  }
 
   const leaf = (name: string, signer: Exclude<SignerConfig, { kind: 'fallback' }>): Signer => {
     switch (signer.kind) {
@@ -74,7 +81,10 @@ export function createSigners(options: { config: Config; env: Record<string, unk
 
   const signers = new Map<string, Signer>()
   for (const [name, signer] of Object.entries(config.signers)) {
-    if (signer.kind !== 'fallback') signers.set(name, leaf(name, signer))
+    if (signer.kind === 'fallback') continue
+    // HttpSigner checks its (required) address itself too; one general check is worth that repeat.
+    const built = leaf(name, signer)
+    signers.set(name, signer.address === undefined ? built : new DeclaredAddressSigner({ signer: built, declared: signer.address }))
   }
   for (const [name, signer] of Object.entries(config.signers)) {
     if (signer.kind !== 'fallback') continue
@@ -88,6 +98,8 @@ export function createSigners(options: { config: Config; env: Record<string, unk
         coolDownMs: signer.coolDownSeconds * 1_000,
         hedgeAfterMs: signer.hedgeAfterMs,
         requireSameAddress: singleSigner.has(name),
+        // The config allows one declared address among a single-signer chain's members, so the first found is it.
+        declaredAddress: singleSigner.has(name) ? signer.members.map(declaredAddressOf).find((address) => address !== undefined) : undefined,
         metrics,
       }),
     )

@@ -1,5 +1,5 @@
-import type { Address, Hex } from 'viem'
-import { CircuitBreaker } from './circuitBreaker.js'
+import { getAddress, type Address, type Hex } from 'viem'
+import { CircuitBreaker, type BreakerAdmission } from './circuitBreaker.js'
 import type { SignerMetrics } from './signerMetrics.js'
 import { SignerError, signerErrorMessage, type MemberHealth, type SignedDigest, type Signer, type SignerDescription, type SignerHealth } from './signer.js'
 
@@ -15,6 +15,11 @@ export type FallbackSignerOptions = {
   hedgeAfterMs?: number
   /** Single-signer paymasters accept one address: every member must have it. */
   requireSameAddress: boolean
+  /**
+   * With requireSameAddress: the address the members' configs declare. It is the chain's address from the
+   * start, so a member that declares none cannot make its own key the chain's by answering first.
+   */
+  declaredAddress?: Address
   metrics: SignerMetrics
   now?: () => number
 }
@@ -39,6 +44,7 @@ export class FallbackSigner implements Signer {
     const now = options.now ?? Date.now
     this.breakers = options.members.map(() => new CircuitBreaker({ failureThreshold: options.failureThreshold, coolDownMs: options.coolDownMs, now }))
     this.lastErrors = options.members.map(() => undefined)
+    this.agreedAddress = options.declaredAddress && getAddress(options.declaredAddress)
   }
 
   async address(): Promise<Address> {
@@ -52,17 +58,23 @@ export class FallbackSigner implements Signer {
 
   /**
    * The one address the members resolve to (one entry per member, undefined where it did not answer),
-   * undefined when none did. Members that differ are refused: the paymaster would reject some signatures.
+   * undefined when none did. Members that differ from each other or from the address already agreed are
+   * refused: the paymaster would reject some signatures.
    */
   private agreedOn(addresses: Array<Address | undefined>): Address | undefined {
-    const distinct = [...new Set(addresses.filter((a): a is Address => a !== undefined))]
-    if (distinct.length > 1) {
+    const answered = [...new Set(addresses.filter((a): a is Address => a !== undefined))]
+    const agreed = this.agreedAddress ?? answered[0]
+    if (answered.some((address) => address !== agreed)) {
+      const resolved = this.options.members.map((m, i) => `${m.describe().name}=${addresses[i] ?? 'unavailable'}`).join(', ')
       throw new SignerError(
-        `${this.options.name}: backends resolve to different addresses (${this.options.members.map((m, i) => `${m.describe().name}=${addresses[i] ?? 'unavailable'}`).join(', ')}) but this chain's paymaster accepts a single signer`,
+        answered.length > 1
+          ? `${this.options.name}: backends resolve to different addresses (${resolved}) but this chain's paymaster accepts a single signer`
+          : `${this.options.name}: backends resolve to ${resolved}, but this chain's paymaster accepts only ${agreed}`,
       )
     }
-    if (distinct.length === 1) this.agreedAddress ??= distinct[0]
-    return distinct[0]
+    if (answered.length === 0) return undefined
+    this.agreedAddress = agreed
+    return agreed
   }
 
   /** When no member answered: the last member's error if it is safe to show, else a generic one. */
@@ -94,13 +106,14 @@ export class FallbackSigner implements Signer {
       const launch = (): boolean => {
         while (!settled && next < members.length) {
           const index = next++
-          if (!this.breakers[index]!.tryAcquire()) {
+          const admission = this.breakers[index]!.tryAcquire()
+          if (!admission) {
             metrics.record(members[index]!.describe().name, 'skipped', 0)
             continue
           }
           running++
           const hedge = this.options.hedgeAfterMs === undefined ? undefined : setTimeout(launch, this.options.hedgeAfterMs)
-          void this.attempt(index, digest).then(
+          void this.attempt({ index, digest, admission }).then(
             (signed) => {
               clearTimeout(hedge)
               running--
@@ -131,7 +144,7 @@ export class FallbackSigner implements Signer {
   }
 
   /** One member, bounded by the timeout, with its breaker and counters updated. */
-  private async attempt(index: number, digest: Hex): Promise<SignedDigest> {
+  private async attempt({ index, digest, admission }: { index: number; digest: Hex; admission: BreakerAdmission }): Promise<SignedDigest> {
     const member = this.options.members[index]!
     const name = member.describe().name
     const started = Date.now()
@@ -158,7 +171,7 @@ export class FallbackSigner implements Signer {
       return signed
     } catch (error) {
       const timedOut = error instanceof AttemptTimeoutError
-      this.breakers[index]!.failure()
+      this.breakers[index]!.failure(admission)
       this.lastErrors[index] = signerErrorMessage(error)
       this.options.metrics.record(name, timedOut ? 'timeout' : 'failure', Date.now() - started)
       throw error

@@ -30,8 +30,12 @@ export class HttpSigner implements Signer {
 
   private readonly checksummed: Address
 
+  /** Without trailing slashes, so that `${url}/sign` never becomes `//sign`. */
+  private readonly baseUrl: string
+
   constructor(private readonly options: HttpSignerOptions) {
     this.checksummed = getAddress(options.address)
+    this.baseUrl = options.url.replace(/\/+$/, '')
   }
 
   async address(): Promise<Address> {
@@ -39,11 +43,11 @@ export class HttpSigner implements Signer {
   }
 
   private async post(path: string, body: unknown): Promise<unknown> {
-    const { url, token, timeoutMs, name } = this.options
+    const { token, timeoutMs, name } = this.options
     if (!token) throw new SignerError(`HTTP signer ${name}: its bearer token secret is not set`)
     let response: Response
     try {
-      response = await (this.options.fetch ?? fetch)(`${url}${path}`, {
+      response = await (this.options.fetch ?? fetch)(`${this.baseUrl}${path}`, {
         method: 'POST',
         headers: { authorization: `Bearer ${token}`, 'content-type': 'application/json' },
         body: JSON.stringify(body),

@@ -1,7 +1,7 @@
 import { getAddress, isHex, size, type Address, type Hex } from 'viem'
 import { signRequest } from '../enclave-origin/protocol/requestSigning.js'
 import { parseCompactSignature, toEthereumSignature } from './ecdsa.js'
-import { cachedUntilFailure, healthOf, SignerError, type SignedDigest, type Signer, type SignerDescription } from './signer.js'
+import { cachedUntilFailure, healthOf, SignerError, type SignedDigest, type Signer, type SignerDescription, type SignerHealth } from './signer.js'
 
 export type KeylessSignerOptions = {
   name: string
@@ -25,11 +25,15 @@ export type KeylessSignerOptions = {
  */
 export class KeylessSigner implements Signer {
   private readonly cachedAddress = cachedUntilFailure(() => this.lookUpAddress())
+  /** Without trailing slashes: the parent's HMAC covers the path as we write it, and `//v1/…` is not that path. */
+  private readonly baseUrl: string
 
-  constructor(private readonly options: KeylessSignerOptions) {}
+  constructor(private readonly options: KeylessSignerOptions) {
+    this.baseUrl = options.url.replace(/\/+$/, '')
+  }
 
   private async request(method: 'GET' | 'POST', path: string, body: unknown, deadline: number): Promise<Record<string, unknown>> {
-    const { url, name, hmacKeyId, hmacSecret } = this.options
+    const { name, hmacKeyId, hmacSecret } = this.options
     if (!hmacSecret) throw new SignerError(`keyless signer ${name}: its HMAC secret is not set`)
     const payload = new TextEncoder().encode(body === undefined ? '' : JSON.stringify(body))
     for (;;) {
@@ -38,7 +42,7 @@ export class KeylessSigner implements Signer {
       const headers = await signRequest({ keyId: hmacKeyId, secret: hmacSecret, method, path, body: payload })
       let response: Response
       try {
-        response = await (this.options.fetch ?? fetch)(`${url}${path}`, {
+        response = await (this.options.fetch ?? fetch)(`${this.baseUrl}${path}`, {
           method,
           headers: { 'content-type': 'application/json', ...headers },
           body: method === 'POST' ? payload : undefined,
@@ -48,7 +52,7 @@ export class KeylessSigner implements Signer {
         throw new SignerError(`keyless signer ${name}: the origin is unreachable or did not answer in time`, { retryable: true })
       }
       const retryAfterMs = retryAfterMsOf(response.headers)
-      if (response.status === 503 && Number.isFinite(retryAfterMs) && Date.now() + retryAfterMs < deadline) {
+      if (response.status === 503 && Number.isFinite(retryAfterMs) && Date.now() + retryAfterMs + minimumRetryTimeMs <= deadline) {
         await response.body?.cancel()
         await new Promise((resolve) => setTimeout(resolve, retryAfterMs))
         continue
@@ -89,8 +93,20 @@ export class KeylessSigner implements Signer {
     return { signature: await toEthereumSignature({ r, s, digest, address, recoveryIdHint }), signedBy: this.options.name, address }
   }
 
-  health() {
-    return healthOf(this)
+  /**
+   * Asks the origin for the key each time, as the address is cached: a key id now naming another key
+   * (or none) would make every signature fail while health still said ok.
+   */
+  health(): Promise<SignerHealth> {
+    return healthOf({
+      address: async () => {
+        const [current, signsAs] = await Promise.all([this.lookUpAddress(), this.address()])
+        if (current !== signsAs) {
+          throw new SignerError(`keyless signer ${this.options.name}: key ${this.options.keyId} now has address ${current}, but this signer signs as ${signsAs}`)
+        }
+        return current
+      },
+    })
   }
 
   describe(): SignerDescription {
@@ -111,3 +127,9 @@ function retryAfterMsOf(headers: Headers): number {
 }
 
 const minimumRetryAfterMs = 10
+
+/**
+ * Time a retry needs after its wait to be worth making: a round trip to the origin and a signature. With
+ * less, it would only time out, and fail later than failing now, which lets a fallback chain move on.
+ */
+const minimumRetryTimeMs = 50

@@ -33,7 +33,7 @@ const secretNameSchema = z.string().regex(/^[A-Za-z_][A-Za-z0-9_]*$/, 'expected 
 /**
  * Every key backend may declare the address its key has. It is optional, and
  * lets the config check a single-signer paymaster's fallback chain before
- * deployment (the chain also checks at run time).
+ * deployment; at run time the signer refuses to act as any other address.
  */
 const expectedAddress = { address: addressSchema.optional() }
 const milliseconds = (min: number, max: number, fallback: number) => z.number().int().min(min).max(max).default(fallback)
@@ -106,8 +106,14 @@ const keylessSignerSchema = z.object({
   ...expectedAddress,
   /** The enclave origin parent's HTTPS API. */
   url: z.url(),
-  /** The origin key that signs. */
-  keyId: z.string().min(1),
+  /**
+   * The origin key that signs: any non-empty string (the parent makes UUIDs), percent-encoded into the path.
+   * "." and ".." are refused: URL normalisation would drop them as path segments, and name another route.
+   */
+  keyId: z
+    .string()
+    .min(1)
+    .refine((keyId) => keyId !== '.' && keyId !== '..', 'a key id of "." or ".." would be removed from the URL path by normalisation'),
   /** The HMAC key id the parent knows this Worker by, and the Worker secret holding its secret. */
   hmacKeyId: z.string().min(1).default('worker'),
   hmacSecret: secretNameSchema.default('ORIGIN_HMAC_SECRET'),

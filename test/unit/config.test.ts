@@ -61,6 +61,14 @@ describe('configuration', () => {
     expect(loadConfig(withSigners(differing)).signers.a).toMatchObject({ kind: 'local' })
   })
 
+  it('refuses keyless key ids that URL normalisation would change, and accepts the origin\'s others', () => {
+    const keyless = (keyId: string) => ({ PAYMASTER_CONFIG: { chains: [chain], signers: { primary: { kind: 'keyless', url: 'https://origin.internal:8443', keyId } } } })
+    for (const keyId of ['.', '..']) expect(configError(keyless(keyId))).toContain('signers.primary.keyId')
+    for (const keyId of ['1b4e28ba-2fa1-11d2-883f-0016d3cca427', 'tenant/a b?#%é', '...', '.k']) {
+      expect(loadConfig(keyless(keyId)).signers.primary).toMatchObject({ kind: 'keyless', keyId })
+    }
+  })
+
   it('accepts PAYMASTER_CONFIG as an object, as wrangler passes TOML tables', () => {
     expect(loadConfig({ PAYMASTER_CONFIG: { chains: [chain] } }).profile).toBe('development')
   })

@@ -1,5 +1,5 @@
 import { describe, expect, it } from 'vitest'
-import { keccak256, recoverAddress, toHex, type Hex } from 'viem'
+import { keccak256, recoverAddress, toHex, type Address, type Hex } from 'viem'
 import { generatePrivateKey, privateKeyToAddress } from 'viem/accounts'
 import { FallbackSigner } from '../../backends/fallback.js'
 import { LocalSigner } from '../../backends/local.js'
@@ -37,7 +37,9 @@ class ScriptedMember implements Signer {
 const digest = keccak256(toHex('fallback'))
 const sharedKey = generatePrivateKey()
 
-function chain(options: { hedgeAfterMs?: number; requireSameAddress?: boolean; keys?: [Hex, Hex]; clock?: { now: number } } = {}) {
+function chain(
+  options: { hedgeAfterMs?: number; requireSameAddress?: boolean; declaredAddress?: Address; keys?: [Hex, Hex]; clock?: { now: number } } = {},
+) {
   const [primaryKey, backupKey] = options.keys ?? [sharedKey, sharedKey]
   const primary = new ScriptedMember('kms', primaryKey)
   const backup = new ScriptedMember('edge', backupKey)
@@ -51,6 +53,7 @@ function chain(options: { hedgeAfterMs?: number; requireSameAddress?: boolean; k
     coolDownMs: 1_000,
     hedgeAfterMs: options.hedgeAfterMs,
     requireSameAddress: options.requireSameAddress ?? true,
+    declaredAddress: options.declaredAddress,
     metrics,
     now: () => clock.now,
   })
@@ -138,6 +141,18 @@ describe('fallback signer', () => {
     const { signer } = chain({ keys: [generatePrivateKey(), generatePrivateKey()] })
     await expect(signer.address()).rejects.toThrow('backends resolve to different addresses')
     expect((await signer.health()).ok).toBe(false)
+  })
+
+  it('for a single-signer paymaster, a backup with another key cannot make its address the chain\'s declared one by answering first', async () => {
+    const otherKey = generatePrivateKey()
+    const { signer, primary, backup } = chain({ keys: [sharedKey, otherKey], declaredAddress: privateKeyToAddress(sharedKey) })
+    primary.mode = 'down'
+    await expect(signer.signDigest(digest)).rejects.toThrow(`edge signs as ${privateKeyToAddress(otherKey)}, but this chain's paymaster accepts only ${privateKeyToAddress(sharedKey)}`)
+    expect(backup.calls).toBe(1)
+    expect(await signer.health()).toMatchObject({
+      ok: false,
+      error: `primary: backends resolve to kms=unavailable, edge=${privateKeyToAddress(otherKey)}, but this chain's paymaster accepts only ${privateKeyToAddress(sharedKey)}`,
+    })
   })
 
   it('for a multi-signer paymaster, members may differ and the signer says which signed', async () => {

@@ -4,10 +4,12 @@ import { secp256k1 } from '@noble/curves/secp256k1'
 import { bytesToHex, hexToBytes, keccak256, recoverAddress, toHex, type Hex } from 'viem'
 import { generatePrivateKey, privateKeyToAddress } from 'viem/accounts'
 import { FallbackSigner } from '../../backends/fallback.js'
+import { createSigners } from '../../backends/factory.js'
 import { KeylessSigner } from '../../backends/keyless.js'
 import { LocalSigner } from '../../backends/local.js'
 import { SignerMetrics } from '../../backends/signerMetrics.js'
 import { RequestVerifier } from '../../enclave-origin/protocol/requestSigning.js'
+import { loadConfig } from '../../config/load.js'
 
 /**
  * The keyless backend against a scripted parent that verifies our HMAC for
@@ -16,6 +18,9 @@ import { RequestVerifier } from '../../enclave-origin/protocol/requestSigning.js
  */
 
 const originKey = generatePrivateKey()
+/** Another key on the same origin, which a mistyped key id could name. */
+const otherKey = generatePrivateKey()
+const keys: Record<string, Hex> = { k1: originKey, k2: otherKey }
 const hmac = { keyId: 'worker', secret: 'keyless-unit-test-secret' }
 let server: Server
 let url: string
@@ -23,7 +28,10 @@ let unlockingFor = 0
 let retryAfterMs = 30
 /** Answer 503s with the standard Retry-After (seconds) alone, as a proxy in front of the parent might. */
 let secondsOnly = false
+/** When set, the origin reports this address for k1, as it would once the key id named another key. */
+let reportedAddress: string | undefined
 const seen: string[] = []
+let keyLookUps = 0
 
 beforeAll(async () => {
   const verifier = new RequestVerifier({ secrets: { [hmac.keyId]: hmac.secret } })
@@ -34,14 +42,18 @@ beforeAll(async () => {
     const failure = await verifier.verify({ method: request.method!, path: request.url!, headers: (name) => request.headers[name] as string | undefined, body })
     seen.push(failure ?? 'ok')
     if (failure) return response.writeHead(401).end(JSON.stringify({ error: failure }))
-    if (request.method === 'GET') return response.writeHead(200).end(JSON.stringify({ address: privateKeyToAddress(originKey) }))
+    const key = keys[/^\/v1\/keys\/([^/]+)/.exec(request.url!)![1]!]!
+    if (request.method === 'GET') {
+      keyLookUps++
+      return response.writeHead(200).end(JSON.stringify({ address: (key === originKey && reportedAddress) || privateKeyToAddress(key) }))
+    }
     if (unlockingFor > 0) {
       unlockingFor--
       const headers: Record<string, string> = secondsOnly ? { 'retry-after': '1' } : { 'retry-after': '1', 'retry-after-ms': String(retryAfterMs) }
       return response.writeHead(503, headers).end(JSON.stringify({ error: 'needs_unlock' }))
     }
     const { digest } = JSON.parse(new TextDecoder().decode(body)) as { digest: Hex }
-    const signature = secp256k1.sign(hexToBytes(digest), hexToBytes(originKey))
+    const signature = secp256k1.sign(hexToBytes(digest), hexToBytes(key))
     response.writeHead(200).end(JSON.stringify({ signature: bytesToHex(signature.toCompactRawBytes()), recoveryId: signature.recovery }))
   })
   await new Promise<void>((resolve) => server.listen(18661, '127.0.0.1', resolve))
@@ -53,7 +65,8 @@ afterAll(async () => {
   await new Promise((resolve) => server.close(resolve))
 })
 
-const keyless = (deadlineMs = 500) => new KeylessSigner({ name: 'origin', url, keyId: 'k1', hmacKeyId: hmac.keyId, hmacSecret: hmac.secret, deadlineMs })
+const keyless = (deadlineMs = 500, baseUrl = url) =>
+  new KeylessSigner({ name: 'origin', url: baseUrl, keyId: 'k1', hmacKeyId: hmac.keyId, hmacSecret: hmac.secret, deadlineMs })
 const digest = keccak256(toHex('keyless'))
 
 describe('keyless backend', () => {
@@ -113,5 +126,50 @@ describe('keyless backend', () => {
       metrics: new SignerMetrics(),
     })
     expect((await chain.signDigest(digest)).signedBy).toBe('kms-stand-in')
+  })
+
+  it('does not wait out a Retry-After that would leave too little of its deadline for the retry', async () => {
+    const signer = keyless(300)
+    await signer.address()
+    unlockingFor = 1
+    retryAfterMs = 270
+    await expect(signer.signDigest(digest)).rejects.toThrow('answered 503 (needs_unlock)')
+    expect(unlockingFor).toBe(0)
+  })
+
+  it('accepts its url with a trailing slash', async () => {
+    const signer = keyless(500, `${url}//`)
+    await expect(signer.signDigest(digest)).resolves.toMatchObject({ address: privateKeyToAddress(originKey) })
+  })
+
+  it('health asks the origin each time, and is not ok once the key id names another key than the one it signs as', async () => {
+    const signer = keyless()
+    expect(await signer.health()).toEqual({ ok: true, address: privateKeyToAddress(originKey) })
+    const before = keyLookUps
+    expect((await signer.health()).ok).toBe(true)
+    expect(keyLookUps).toBe(before + 1)
+    reportedAddress = privateKeyToAddress(otherKey)
+    try {
+      expect(await signer.health()).toEqual({
+        ok: false,
+        error: `keyless signer origin: key k1 now has address ${privateKeyToAddress(otherKey)}, but this signer signs as ${privateKeyToAddress(originKey)}`,
+      })
+    } finally {
+      reportedAddress = undefined
+    }
+  })
+
+  it('with a declared address, a mistyped key id naming another origin key neither signs nor reports healthy', async () => {
+    const config = loadConfig({
+      PAYMASTER_CONFIG: {
+        chains: [{ chainId: 8453, paymasters: [{ entryPointVersion: '0.7', contract: 'pimlico-singleton', address: '0xd8a5406e24dcdc93656c1ef20e491a1fcf43b558' }] }],
+        signers: { primary: { kind: 'keyless', url, keyId: 'k2', address: privateKeyToAddress(originKey) } },
+      },
+    })
+    const signer = createSigners({ config, env: { ORIGIN_HMAC_SECRET: hmac.secret }, metrics: new SignerMetrics() }).get('primary')!
+    const mismatch = `signer primary: its key has address ${privateKeyToAddress(otherKey)}, but its config declares ${privateKeyToAddress(originKey)}`
+    await expect(signer.signDigest(digest)).rejects.toThrow(mismatch)
+    await expect(signer.address()).rejects.toThrow(mismatch)
+    expect(await signer.health()).toEqual({ ok: false, error: mismatch })
   })
 })

@@ -77,6 +77,11 @@ describe('each backend signs sponsorships with the same key', () => {
     // Same digest within one second, same deterministic signature whatever the wire form.
     expect(signatures.size).toBeLessThanOrEqual(2)
   })
+
+  it('the HTTP signer takes its url with a trailing slash', async () => {
+    const answer = await sponsorThrough(envWith({ primary: { ...backends.http, url: `${backends.http.url}/` } }))
+    expect(answer.error).toBeUndefined()
+  })
 })
 
 describe('clear configuration errors from KMS', () => {
