@@ -1,4 +1,5 @@
-import { constants, createDecipheriv, privateDecrypt, type KeyObject } from 'node:crypto'
+import { constants, createDecipheriv, privateDecrypt, type Decipher, type KeyObject } from 'node:crypto'
+import { secretBytes } from './sealing.js'
 
 /**
  * Opens the `CiphertextForRecipient` that KMS answers instead of `Plaintext`
@@ -152,11 +153,29 @@ export function openRecipientCiphertext(envelope: Uint8Array, privateKey: KeyObj
   }
   try {
     if (contentKey.length !== 32) throw new CmsError(`the content key is ${contentKey.length} bytes, not 32`)
-    const decipher = createDecipheriv('aes-256-cbc', contentKey, ivBytes)
-    return Buffer.concat([decipher.update(ciphertext), decipher.final()])
+    return decrypted(createDecipheriv('aes-256-cbc', contentKey, ivBytes), ciphertext)
   } catch (error) {
     throw error instanceof CmsError ? error : new CmsError('the content does not decrypt (bad padding)')
   } finally {
     contentKey.fill(0)
+  }
+}
+
+/**
+ * The plaintext (a DEK) in memory only the caller holds, and every piece the
+ * decipher handed out zeroed: Buffer.concat would copy it into Node's shared
+ * pool and leave the pieces behind.
+ */
+function decrypted(decipher: Decipher, ciphertext: Uint8Array): Buffer {
+  const head = decipher.update(ciphertext)
+  try {
+    const tail = decipher.final()
+    const plaintext = Buffer.from(secretBytes(head.length + tail.length).buffer)
+    plaintext.set(head)
+    plaintext.set(tail, head.length)
+    tail.fill(0)
+    return plaintext
+  } finally {
+    head.fill(0)
   }
 }

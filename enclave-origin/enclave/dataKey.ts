@@ -71,7 +71,10 @@ export class KmsDataKeys {
       if (!answer.CiphertextForRecipient) throw new Error(`KMS ${operation} returned no CiphertextForRecipient for an attested request`)
       dek = openRecipientCiphertext(answer.CiphertextForRecipient, recipient.privateKey)
     }
-    if (!dek || dek.length !== 32) throw new Error(`KMS ${operation} returned no 32-byte data key`)
+    if (!dek || dek.length !== 32) {
+      dek?.fill(0)
+      throw new Error(`KMS ${operation} returned no 32-byte data key`)
+    }
     return dek
   }
 
@@ -81,7 +84,10 @@ export class KmsDataKeys {
       new GenerateDataKeyCommand({ KeyId: this.options.kmsKeyId, KeySpec: 'AES_256', ...(recipient && { Recipient: recipient.field }) }),
     )
     const dek = this.dataKeyOf('GenerateDataKey', answer, recipient)
-    if (!answer.CiphertextBlob) throw new Error('KMS GenerateDataKey returned no wrapped key')
+    if (!answer.CiphertextBlob) {
+      dek.fill(0)
+      throw new Error('KMS GenerateDataKey returned no wrapped key')
+    }
     return { dek, wrapped: { keyId: this.options.kmsKeyId, ciphertext: answer.CiphertextBlob } }
   }
 

@@ -197,7 +197,8 @@ export class KeyCache {
    * same version as the one held keeps its plaintext (a re-sync from the parent
    * is not a reason to go cold); any other replacement drops it. One of an
    * older version than the one held is ignored: a late reload must not bring
-   * back a record that a DEK rotation has re-sealed.
+   * back a record that a DEK rotation has re-sealed. A record whose bytes
+   * cannot be held (an empty one) throws and leaves the held key as it was.
    */
   load(record: SealedKeyRecord): void {
     this.loadEntry(record)
@@ -292,7 +293,8 @@ export class KeyCache {
 
   /**
    * One step of the pre-warmer's sweep over the keys: refreshes hot keys
-   * shortly before their soft TTL and evicts lapsed plaintext nobody uses.
+   * shortly before their soft TTL and evicts lapsed plaintext, unless grace
+   * signatures may still spend it.
    * A step visits at most `maxKeys` keys and schedules at most
    * `maxRefreshes` refreshes (each one an AES-GCM open, run just after the
    * step); the next step resumes there. With many keys no step then holds the
@@ -310,10 +312,10 @@ export class KeyCache {
       }
       const [keyId, entry] = next.value
       if (!entry.plaintext) continue
+      // Lapsed plaintext goes first, hot key or not: a refresh may fail for as long as KMS does, and must not keep it meanwhile.
+      if (!isWarm(entry, now) && !this.keepsLapsedPlaintextForGrace(now)) this.dropPlaintext(entry)
       if (this.isHot(entry, now) && isDueForRefresh({ entry, now, lowWaterMark: this.config.keyLowWaterMark })) {
         if (this.scheduleRefresh(keyId)) refreshes += 1
-      } else if (!isWarm(entry, now) && !this.keepsLapsedPlaintextForGrace(now)) {
-        this.dropPlaintext(entry)
       }
     }
   }
@@ -535,8 +537,17 @@ export class KeyCache {
       if (record.state !== 'active') this.dropPlaintext(held)
       return held
     }
+    // Copies first: one that throws must leave the held entry, and the slab places it points at, as they were.
+    const publicKey = this.bytes.copy(record.publicKey)
+    let sealed: Uint8Array
+    try {
+      sealed = this.bytes.copy(record.sealed)
+    } catch (error) {
+      this.bytes.release(publicKey)
+      throw error
+    }
     if (held) this.drop(held)
-    const entry = coolEntry({ ...record, publicKey: this.bytes.copy(record.publicKey), sealed: this.bytes.copy(record.sealed) })
+    const entry = coolEntry({ ...record, publicKey, sealed })
     this.entries.set(record.keyId, entry)
     return entry
   }

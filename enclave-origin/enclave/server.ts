@@ -2,6 +2,7 @@ import { createHash, randomFillSync, timingSafeEqual } from 'node:crypto'
 import { createServer, type Server, type Socket } from 'node:net'
 import { Decrypter, generateIdentity, identityToRecipient } from 'age-encryption'
 import type { StreamAddress } from '../config.js'
+import { messageOf } from '../errors.js'
 import { CoalescingWriter } from '../protocol/coalescingWriter.js'
 import { listenVsock } from '../protocol/vsock.js'
 import { encodeFrame, FrameDecoder, FrameError, opcodes, statuses, type Frame, type Status } from '../protocol/frames.js'
@@ -40,6 +41,40 @@ type Answer = { status: Status; payload: Uint8Array }
 
 const fail = (status: Status, message: string): Answer => ({ status, payload: encodeErrorMessage(message) })
 const utf8 = new TextEncoder()
+
+/**
+ * A request payload that does not decode: the client's mistake, answered
+ * BAD_REQUEST. Any other error, a FrameError from encoding an answer among
+ * them, is the enclave's own: INTERNAL.
+ */
+class BadRequestError extends Error {}
+
+function decodeRequest<T>(decode: (payload: Uint8Array) => T, payload: Uint8Array): T {
+  try {
+    return decode(payload)
+  } catch (error) {
+    throw error instanceof FrameError ? new BadRequestError(error.message) : error
+  }
+}
+
+const emptyRequest = (message: string) => (payload: Uint8Array) => decodeEmptyPayload(payload, message)
+const decodeEmptyAttest = emptyRequest('ATTEST request')
+const decodeEmptyGenerateDataKey = emptyRequest('GENERATE_DATA_KEY request')
+const decodeEmptyHealth = emptyRequest('HEALTH request')
+
+function answerToFailure(error: unknown): Answer {
+  return error instanceof BadRequestError ? fail(statuses.BAD_REQUEST, error.message) : fail(statuses.INTERNAL, messageOf(error))
+}
+
+/**
+ * Per connection, reading pauses while this many requests await their answers,
+ * or while this many answer bytes wait to go out (a peer that sends and never
+ * reads), so such a peer holds a bounded share of memory. Far above what the
+ * parent's pool keeps in flight. The byte bound is above any socket's
+ * high-water mark, so a socket over it has a 'drain' to come.
+ */
+const maxRequestsInFlight = 4_096
+const maxUnsentBytes = 1024 * 1024
 
 /**
  * The enclave's request handling: one opcode each, answering from the key
@@ -210,7 +245,7 @@ export class EnclaveService {
     switch (frame.opcode) {
       case opcodes.SIGN: {
         const started = performance.now()
-        const { keyId, digest } = decodeSignRequest(frame.payload)
+        const { keyId, digest } = decodeRequest(decodeSignRequest, frame.payload)
         // Fields named, not spread: V8 adds a property to a spread copy slowly (about 1 µs each).
         const signed = (signature: RawSignature) =>
           ({ status: statuses.OK, payload: encodeSignResponse({ signature: signature.signature, recoveryId: signature.recoveryId, enclaveMicros: Math.round((performance.now() - started) * 1_000) }) }) as Answer
@@ -227,7 +262,7 @@ export class EnclaveService {
         return signed(await engine.sign({ privateKey: key.privateKey, digest }))
       }
       case opcodes.CREATE: {
-        const { keyId } = decodeCreateRequest(frame.payload)
+        const { keyId } = decodeRequest(decodeCreateRequest, frame.payload)
         if (cache.get(keyId)) return fail(statuses.BAD_REQUEST, `key ${keyId} exists`)
         const privateKey = generatePrivateKey()
         const publicKey = secp256k1.publicKeyCreate(privateKey, false)
@@ -237,29 +272,29 @@ export class EnclaveService {
         return { status: statuses.OK, payload: encodeCreateResponse({ publicKey: record.publicKey, sealed: record.sealed, version: record.version }) }
       }
       case opcodes.LOAD:
-        cache.load(decodeLoadRequest(frame.payload))
+        cache.load(decodeRequest(decodeLoadRequest, frame.payload))
         return { status: statuses.OK, payload: emptyPayload }
       case opcodes.GET: {
-        const { keyId } = decodeGetRequest(frame.payload)
+        const { keyId } = decodeRequest(decodeGetRequest, frame.payload)
         const key = cache.get(keyId)
         if (!key) return fail(statuses.NOT_FOUND, `no key ${keyId}`)
         return { status: statuses.OK, payload: encodeGetResponse({ state: key.record.state, cacheState: key.cacheState, publicKey: key.record.publicKey }) }
       }
       case opcodes.SET_STATE: {
-        const { keyId, state } = decodeSetStateRequest(frame.payload)
+        const { keyId, state } = decodeRequest(decodeSetStateRequest, frame.payload)
         return cache.setState(keyId, state) ? { status: statuses.OK, payload: emptyPayload } : fail(statuses.NOT_FOUND, `no key ${keyId}`)
       }
       case opcodes.UNLOCK:
-        return this.queueUnlock(decodeUnlockRequest(frame.payload))
+        return this.queueUnlock(decodeRequest(decodeUnlockRequest, frame.payload))
       case opcodes.GENERATE_DATA_KEY: {
         // A DEK for a rotation: only its wrapped form leaves, and the parent makes it durable before any UNLOCK installs it.
-        decodeEmptyPayload(frame.payload, 'GENERATE_DATA_KEY request')
+        decodeRequest(decodeEmptyGenerateDataKey, frame.payload)
         const { dek, wrapped } = await this.options.dataKeys.generate()
         zero(dek)
         return { status: statuses.OK, payload: encodeUnlockResponse({ wrappedDek: wrapped.ciphertext }) }
       }
       case opcodes.RESEAL: {
-        const { keyId, wrappedDekSha256 } = decodeResealRequest(frame.payload)
+        const { keyId, wrappedDekSha256 } = decodeRequest(decodeResealRequest, frame.payload)
         // Sealing under any DEK but the rotation's would leave a record the store cannot open once the old one goes.
         const sealingWith = this.wrappedDek && createHash('sha256').update(this.wrappedDek.ciphertext).digest()
         if (!sealingWith || !timingSafeEqual(sealingWith, wrappedDekSha256)) return { status: statuses.NEEDS_UNLOCK, payload: encodeNeedsUnlock({ retryAfterMs: 50 }) }
@@ -270,15 +305,16 @@ export class EnclaveService {
         return { status: statuses.OK, payload: encodeCreateResponse({ publicKey: record.publicKey, sealed: record.sealed, version: record.version }) }
       }
       case opcodes.CREDENTIALS:
-        this.options.credentials.set(decodeCredentials(frame.payload))
+        this.options.credentials.set(decodeRequest(decodeCredentials, frame.payload))
         return { status: statuses.OK, payload: emptyPayload }
       case opcodes.ATTEST: {
-        decodeEmptyPayload(frame.payload, 'ATTEST request')
+        decodeRequest(decodeEmptyAttest, frame.payload)
         const { recipient } = await this.delivery()
         const document = await this.options.attestation.attestationDocument({ publicKey: utf8.encode(recipient) })
         return { status: statuses.OK, payload: encodeAttestResponse({ recipient, attestationDocument: document ?? emptyPayload }) }
       }
       case opcodes.HEALTH: {
+        decodeRequest(decodeEmptyHealth, frame.payload)
         const stats = cache.stats()
         return {
           status: statuses.OK,
@@ -323,6 +359,27 @@ export async function serveEnclave(options: {
     socket.setNoDelay(true)
     const decoder = new FrameDecoder()
     const writer = new CoalescingWriter(socket)
+    let inFlight = 0
+    let paused = false
+    // Resumes with half the requests bound free, so a connection at the bound does not pause and resume on every answer.
+    const resumeIfRoom = () => {
+      if (paused && inFlight <= maxRequestsInFlight / 2 && socket.writableLength < maxUnsentBytes) {
+        paused = false
+        socket.resume()
+      }
+    }
+    /** Never throws: an answer that cannot be written closes its own connection, and is no unhandled rejection. */
+    const send = (frame: Frame, { status, payload }: Answer) => {
+      inFlight -= 1
+      try {
+        writer.write(encodeFrame({ requestId: frame.requestId, opcode: frame.opcode, status, payload }))
+      } catch (error) {
+        socket.destroy()
+        options.log({ level: 'error', event: 'connection_closed', reason: `answer not written: ${messageOf(error)}` })
+        return
+      }
+      if (paused) resumeIfRoom()
+    }
     socket.on('data', (chunk: Uint8Array) => {
       let frames: Frame[]
       try {
@@ -332,14 +389,20 @@ export async function serveEnclave(options: {
         socket.destroy()
         return
       }
+      inFlight += frames.length
       for (const frame of frames) {
         // handle() answers an unknown opcode itself (BAD_REQUEST), so every frame goes through it.
-        const answer = options.service.handle(frame).catch((error: unknown) =>
-          error instanceof FrameError ? fail(statuses.BAD_REQUEST, error.message) : fail(statuses.INTERNAL, (error as Error).message),
+        void options.service.handle(frame).then(
+          (answer) => send(frame, answer),
+          (error: unknown) => send(frame, answerToFailure(error)),
         )
-        void answer.then(({ status, payload }) => writer.write(encodeFrame({ requestId: frame.requestId, opcode: frame.opcode, status, payload })))
+      }
+      if (inFlight >= maxRequestsInFlight || socket.writableLength >= maxUnsentBytes) {
+        paused = true
+        socket.pause()
       }
     })
+    socket.on('drain', resumeIfRoom)
     socket.on('error', () => {})
     socket.on('close', () => sockets.delete(socket))
   }

@@ -109,6 +109,56 @@ describe('KmsDataKeys with a key ARN', () => {
   })
 })
 
+/** A client of the same local KMS that hands each answer to `tamper` (to look at, or to break) before KmsDataKeys sees it. */
+function clientTampering(tamper: (answer: { Plaintext?: Uint8Array; CiphertextBlob?: Uint8Array }) => void): KMSClient {
+  const tampering = new KMSClient({ endpoint: kms.url, region: kms.credentials.region, credentials: kms.credentials, maxAttempts: 1 })
+  tampering.middlewareStack.add(
+    (next) => async (args) => {
+      const result = await next(args)
+      tamper(result.output as { Plaintext?: Uint8Array; CiphertextBlob?: Uint8Array })
+      return result
+    },
+    { step: 'initialize' },
+  )
+  return tampering
+}
+
+describe('KmsDataKeys zeroes a data key it was given but refuses', () => {
+  it('one of the wrong length', async () => {
+    const kmsKeyId = kms.createSymmetricKey()
+    // A 16-byte data key under the same KMS key: Decrypt gives back 16 bytes.
+    const short = await client.send(new GenerateDataKeyCommand({ KeyId: kmsKeyId, KeySpec: 'AES_128' }))
+    let given: Uint8Array | undefined
+    const tampering = clientTampering((answer) => void (given = answer.Plaintext))
+    try {
+      const keys = new KmsDataKeys({ client: tampering, kmsKeyId, attestation: developmentAttestation })
+      await expect(keys.unwrap({ keyId: kmsKeyId, ciphertext: short.CiphertextBlob! })).rejects.toThrow('KMS Decrypt returned no 32-byte data key')
+      expect(Buffer.from(short.Plaintext!)).not.toEqual(Buffer.alloc(16))
+      expect(given).toEqual(new Uint8Array(16))
+    } finally {
+      tampering.destroy()
+    }
+  })
+
+  it('one whose wrapped form is missing from the answer', async () => {
+    let given: Uint8Array | undefined
+    let seen: Uint8Array | undefined
+    const tampering = clientTampering((answer) => {
+      given = answer.Plaintext
+      seen = new Uint8Array(given!)
+      delete answer.CiphertextBlob
+    })
+    try {
+      const keys = new KmsDataKeys({ client: tampering, kmsKeyId: kms.createSymmetricKey(), attestation: developmentAttestation })
+      await expect(keys.generate()).rejects.toThrow('KMS GenerateDataKey returned no wrapped key')
+      expect(seen).not.toEqual(new Uint8Array(32))
+      expect(given).toEqual(new Uint8Array(32))
+    } finally {
+      tampering.destroy()
+    }
+  })
+})
+
 describe('verifyAttestationDocument', () => {
   const trusted = () => [new X509Certificate(nsm.rootPem)]
   const documentFor = async (publicKey = Uint8Array.of(1, 2, 3)) => (await nsm.provider.attestationDocument({ publicKey }))!
@@ -194,6 +244,12 @@ describe('openRecipientCiphertext', () => {
     const ber = sealForRecipient(secret, recipient.publicKey, { ber: true })
     expect([ber[0], ber[1]]).toEqual([0x30, 0x80]) // indefinite length, as KMS writes it
     expect(openRecipientCiphertext(ber, recipient.privateKey)).toEqual(secret)
+  })
+
+  it('opens into memory only the caller holds, as unsealPrivateKey does, not a slice of Node\u2019s shared pool', () => {
+    const opened = openRecipientCiphertext(sealForRecipient(secret, recipient.publicKey), recipient.privateKey)
+    expect(opened).toEqual(secret)
+    expect([opened.byteOffset, opened.buffer.byteLength]).toEqual([0, secret.length])
   })
 
   it('refuses an envelope for another key', () => {

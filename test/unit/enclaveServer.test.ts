@@ -1,21 +1,28 @@
 import { createHash, randomBytes } from 'node:crypto'
+import { once } from 'node:events'
 import { connect, createServer, type Socket } from 'node:net'
 import { Encrypter } from 'age-encryption'
 import { afterAll, beforeAll, expect, it } from 'vitest'
 import { keccak256, toHex } from 'viem'
-import { developmentAttestation, type KmsDataKeys } from '../../enclave-origin/enclave/dataKey.js'
+import { developmentAttestation, type AttestationProvider, type KmsDataKeys } from '../../enclave-origin/enclave/dataKey.js'
 import { DeliveredCredentials } from '../../enclave-origin/enclave/deliveredCredentials.js'
 import { SignEngine } from '../../enclave-origin/enclave/engine.js'
 import { KeyCache } from '../../enclave-origin/enclave/keyCache.js'
+import { secp256k1 } from '../../enclave-origin/enclave/nativeSecp256k1.js'
+import { sealPrivateKey } from '../../enclave-origin/enclave/sealing.js'
 import { EnclaveService, serveEnclave } from '../../enclave-origin/enclave/server.js'
 import type { BlobStore } from '../../enclave-origin/parent/blobStore.js'
 import { OriginParent } from '../../enclave-origin/parent/origin.js'
-import { encodeFrame, FrameDecoder, opcodes, statuses, type Frame } from '../../enclave-origin/protocol/frames.js'
+import { encodeFrame, FrameDecoder, maxFrameBytes, opcodes, statuses, type Frame } from '../../enclave-origin/protocol/frames.js'
 import {
   decodeAttestResponse,
   decodeCreateResponse,
   decodeErrorMessage,
+  decodeGetResponse,
+  decodeSignResponse,
   encodeCreateRequest,
+  encodeGetRequest,
+  encodeLoadRequest,
   encodeResealRequest,
   encodeSignRequest,
   encodeUnlockRequest,
@@ -33,9 +40,12 @@ let close: () => Promise<void>
 const port = 18671
 
 /** A key cache that never unlocks on its own, and an enclave service over it with these data keys (and options). */
-function enclaveWith(dataKeys: KmsDataKeys, options: { preloadFile?: string } = {}) {
-  const cache = new KeyCache({ now: Date.now, unlock: () => Promise.reject(new Error('no unlock in this test')) })
-  const service = new EnclaveService({ cache, engine, dataKeys, kmsKeyId: 'test', credentials: new DeliveredCredentials(), attestation: developmentAttestation, ...options })
+function enclaveWith(
+  dataKeys: KmsDataKeys,
+  { preloadFile, attestation = developmentAttestation, retryAfterMs }: { preloadFile?: string; attestation?: AttestationProvider; retryAfterMs?: { min: number; max: number } } = {},
+) {
+  const cache = new KeyCache({ now: Date.now, unlock: () => Promise.reject(new Error('no unlock in this test')), retryAfterMs })
+  const service = new EnclaveService({ cache, engine, dataKeys, kmsKeyId: 'test', credentials: new DeliveredCredentials(), attestation, preloadFile })
   return { cache, service }
 }
 
@@ -52,8 +62,8 @@ afterAll(async () => {
   await engine.stop()
 })
 
-function client() {
-  const socket = connect(port, '127.0.0.1')
+function client(at = port) {
+  const socket = connect(at, '127.0.0.1')
   const decoder = new FrameDecoder()
   const frames: Frame[] = []
   socket.on('data', (chunk: Uint8Array) => frames.push(...decoder.push(chunk)))
@@ -223,7 +233,8 @@ it('a parent refuses to store an empty wrapped DEK from a bootstrap UNLOCK', asy
   })
   await new Promise<void>((resolve) => blank.listen(port, '127.0.0.1', resolve))
   let stored = false
-  const store = { getWrappedDek: async () => undefined, putWrappedDek: async () => void (stored = true) } as unknown as BlobStore
+  // An empty store: with records and no wrapped DEK, the parent would refuse a bootstrap before asking.
+  const store = { getWrappedDek: async () => undefined, putWrappedDek: async () => void (stored = true), list: async function* () {} } as unknown as BlobStore
   const parent = new OriginParent({
     enclaves: [{ id: 'blank', address: { host: '127.0.0.1', port } }],
     poolSize: 1,
@@ -240,3 +251,118 @@ it('a parent refuses to store an empty wrapped DEK from a bootstrap UNLOCK', asy
     await new Promise((resolve) => blank.close(resolve))
   }
 })
+
+/** A LOAD payload carrying `sealed` as it is, which the encoder would refuse unless it is 60 bytes. */
+function loadPayload(record: { keyId: string; version: number; publicKey: Uint8Array }, sealed: Uint8Array): Uint8Array {
+  const valid = encodeLoadRequest({ ...record, state: 'active', sealed: new Uint8Array(60) })
+  const payload = Buffer.concat([valid.subarray(0, valid.length - 64), Buffer.alloc(4), sealed])
+  payload.writeUInt32BE(sealed.length, valid.length - 64)
+  return payload
+}
+
+/** A key record sealed under the test DEK, and the public key it must sign as. */
+function sealedKey(keyId: string, version: number) {
+  const privateKey = new Uint8Array(randomBytes(32))
+  const publicKey = secp256k1.publicKeyCreate(privateKey, false)
+  return { keyId, version, publicKey, sealed: sealPrivateKey({ privateKey, dek, keyId, version }) }
+}
+
+it('a LOAD whose sealed blob is not 60 bytes is answered BAD_REQUEST and leaves every key signing as itself', async () => {
+  const { socket, request } = client()
+  let requestId = 300
+  const call = async (opcode: number, payload: Uint8Array) => (await request({ requestId: ++requestId, opcode, payload }))!
+  const publicKeyOf = async (keyId: string) => decodeGetResponse((await call(opcodes.GET, encodeGetRequest({ keyId }))).payload).publicKey
+  const signsAs = async (keyId: string, publicKey: Uint8Array) => {
+    const digest = new Uint8Array(randomBytes(32))
+    const { signature } = decodeSignResponse((await call(opcodes.SIGN, encodeSignRequest({ keyId, digest }))).payload)
+    return secp256k1.ecdsaVerify(signature, digest, publicKey)
+  }
+
+  expect((await call(opcodes.CREATE, encodeCreateRequest({ keyId: 'lk' }))).status).toBe(statuses.OK)
+  const v2 = sealedKey('lk', 2)
+  for (const length of [0, 59, 61, 4096]) {
+    expect((await call(opcodes.LOAD, loadPayload(v2, new Uint8Array(length)))).status, `${length} bytes`).toBe(statuses.BAD_REQUEST)
+  }
+  expect((await call(opcodes.LOAD, encodeLoadRequest({ ...v2, state: 'active' }))).status).toBe(statuses.OK)
+  const created = await call(opcodes.CREATE, encodeCreateRequest({ keyId: 'lj' }))
+  const lj = decodeCreateResponse(created.payload).publicKey
+  expect(await publicKeyOf('lk')).toEqual(v2.publicKey)
+  expect(await publicKeyOf('lj')).toEqual(lj)
+
+  const v3 = sealedKey('lk', 3)
+  expect((await call(opcodes.LOAD, encodeLoadRequest({ ...v3, state: 'active' }))).status).toBe(statuses.OK)
+  expect(await publicKeyOf('lj')).toEqual(lj)
+  expect(await signsAs('lj', lj)).toBe(true)
+  expect(await publicKeyOf('lk')).toEqual(v3.publicKey)
+  expect(await signsAs('lk', v3.publicKey)).toBe(true)
+  socket.destroy()
+})
+
+it('HEALTH with a payload is answered BAD_REQUEST, as every request that carries nothing', async () => {
+  const { socket, request } = client()
+  expect((await request({ requestId: 400, opcode: opcodes.HEALTH, payload: new Uint8Array() }))?.status).toBe(statuses.OK)
+  expect((await request({ requestId: 401, opcode: opcodes.HEALTH, payload: Uint8Array.of(1) }))?.status).toBe(statuses.BAD_REQUEST)
+  socket.destroy()
+})
+
+/** Serves `service` on `at` for the length of `use`. */
+async function serving(service: EnclaveService, at: number, use: () => Promise<void>) {
+  const served = await serveEnclave({ service, address: { host: '127.0.0.1', port: at }, log: () => {} })
+  try {
+    await use()
+  } finally {
+    await served.close()
+  }
+}
+
+it('an answer the enclave cannot encode is INTERNAL, its own mistake, not BAD_REQUEST', async () => {
+  // A retry-after past a u32 cannot go on the wire: NEEDS_UNLOCK's encoder refuses it.
+  const { cache, service } = enclaveWith(noKms, { retryAfterMs: { min: 2 ** 32, max: 2 ** 32 } })
+  cache.load({ keyId: 'k', version: 1, state: 'active', publicKey: new Uint8Array(65), sealed: new Uint8Array(60) })
+  await serving(service, 18674, async () => {
+    const { socket, request } = client(18674)
+    const answer = await request({ requestId: 1, opcode: opcodes.SIGN, payload: encodeSignRequest({ keyId: 'k', digest: new Uint8Array(32) }) })
+    expect(answer?.status).toBe(statuses.INTERNAL)
+    expect(decodeErrorMessage(answer!.payload)).toBe('NEEDS_UNLOCK retryAfterMs 4294967296 is not a u32')
+    socket.destroy()
+  })
+})
+
+it('an answer too large for a frame closes its own connection only, and is no unhandled rejection', async () => {
+  const oversized: AttestationProvider = { kind: 'nitro', attestationDocument: async () => new Uint8Array(maxFrameBytes) }
+  const { service } = enclaveWith(noKms, { attestation: oversized })
+  await serving(service, 18675, async () => {
+    const bad = client(18675)
+    const good = client(18675)
+    bad.socket.write(encodeFrame({ requestId: 1, opcode: opcodes.ATTEST, status: 0, payload: new Uint8Array() }))
+    await bad.closed
+    expect((await good.request({ requestId: 2, opcode: opcodes.HEALTH, payload: new Uint8Array() }))?.status).toBe(statuses.OK)
+    good.socket.destroy()
+  })
+})
+
+it('stops reading a connection whose peer sends SIGNs and never reads the answers, and keeps answering others', async () => {
+  const good = client()
+  expect((await good.request({ requestId: 500, opcode: opcodes.CREATE, payload: encodeCreateRequest({ keyId: 'flooded' }) }))?.status).toBe(statuses.OK)
+  const sign = encodeSignRequest({ keyId: 'flooded', digest: new Uint8Array(32).fill(9) })
+  const batch = Buffer.concat(Array.from({ length: 1_000 }, (_, i) => encodeFrame({ requestId: i, opcode: opcodes.SIGN, status: 0, payload: sign })))
+  const flood = connect(port, '127.0.0.1')
+  flood.pause() // never reads
+  await once(flood, 'connect')
+  try {
+    // 16 MB of SIGNs, more than the enclave's bound and the kernel's buffers on both sides hold.
+    for (let written = 0; written < 16 * 1024 * 1024; written += batch.length) flood.write(batch)
+    // Without backpressure the enclave reads it all. With it, it stops once its unsent answers pass the bound,
+    // answers what it read, and goes idle with the rest still waiting at the client.
+    let idleChecks = 0
+    while (flood.writableLength > 0 && idleChecks < 5) {
+      await new Promise((resolve) => setTimeout(resolve, 100))
+      idleChecks = engine.stats().inflight === 0 ? idleChecks + 1 : 0
+    }
+    expect(flood.writableLength).toBeGreaterThan(0)
+    expect((await good.request({ requestId: 501, opcode: opcodes.SIGN, payload: sign }))?.status).toBe(statuses.OK)
+  } finally {
+    flood.destroy()
+    good.socket.destroy()
+  }
+}, 60_000)

@@ -523,6 +523,37 @@ describe('KeyCache wipes plaintext it drops', () => {
   })
 })
 
+describe('KeyCache loads', () => {
+  it('a record whose bytes cannot be copied leaves the key held before, and every other key, as they were', () => {
+    const { cache, key, dekCopy } = harness()
+    cache.setDek(dekCopy())
+    /** A key sealed under the DEK, with a public key of its own to tell it by. */
+    const distinct = (keyId: string, version: number, mark: number) => {
+      const { record, privateKey } = key({ keyId, version })
+      return { record: { ...record, publicKey: new Uint8Array(65).fill(mark) }, privateKey }
+    }
+    const k1 = distinct('k', 1, 1)
+    cache.load(k1.record)
+
+    expect(() => cache.load({ ...distinct('k', 2, 2).record, sealed: new Uint8Array(0) })).toThrow(RangeError)
+    expect(cache.get('k')?.record).toEqual(k1.record)
+    expect(withKeyCopied(cache.acquire('k'))).toEqual({ kind: 'ok', privateKey: k1.privateKey, grace: false })
+
+    const k2 = distinct('k', 2, 2)
+    cache.load(k2.record)
+    const j = distinct('j', 1, 3)
+    cache.addWarm({ record: j.record, privateKey: new Uint8Array(j.privateKey) })
+    expect(cache.get('k')?.record.publicKey).toEqual(k2.record.publicKey)
+    expect(cache.get('j')?.record.publicKey).toEqual(j.record.publicKey)
+
+    const k3 = distinct('k', 3, 4)
+    cache.load(k3.record)
+    expect(cache.get('j')?.record.publicKey).toEqual(j.record.publicKey)
+    expect(withKeyCopied(cache.acquire('j'))).toEqual({ kind: 'ok', privateKey: j.privateKey, grace: false })
+    expect(withKeyCopied(cache.acquire('k'))).toEqual({ kind: 'ok', privateKey: k3.privateKey, grace: false })
+  })
+})
+
 describe('KeyCache during a DEK rotation', () => {
   it('keeps a DEK installed while a background unlock was out: the older answer is dropped, zeroed', async () => {
     const { cache, key, unlock } = harness({ unlockGate: 'closed' })
@@ -644,6 +675,29 @@ describe('KeyCache pre-warmer', () => {
     advance(2 * minute) // past the idle key's hard TTL...
     expect(cache.stats().keys).toEqual({ WARM: 1, COOL: 1, INVALID: 0 }) // ...only the hot one was kept warm
     expect(unlock.calls()).toBe(0)
+  })
+
+  it('drops the plaintext of a hot key past its hard TTL while no DEK can refresh it, unless grace signatures may spend it', () => {
+    for (const graceSignatures of [0, 2]) {
+      // The DEK lapses with the key: its refresh waits on an unlock that does not come.
+      const { cache, key, dekCopy, advance } = harness({ graceSignatures, dekSoftTtlMs: 16 * minute, dekHardTtlMs: 16 * minute, unlockGate: 'closed' })
+      cache.setDek(dekCopy())
+      const { record, privateKey } = key()
+      const held = addWarmHeld(cache, record, privateKey)
+      advance(14 * minute)
+      cache.acquire('key-1') // hot: used within the last soft TTL
+
+      advance(3 * minute)
+      prewarm(cache)
+
+      if (graceSignatures === 0) {
+        expect(held).toEqual(zeros)
+        expect(cache.get('key-1')?.cacheState).toBe('INVALID')
+      } else {
+        expect(held).toEqual(privateKey)
+        expect(withKeyCopied(cache.acquire('key-1'))).toEqual({ kind: 'ok', privateKey, grace: true })
+      }
+    }
   })
 
   it('sweeps in steps of at most maxKeys keys or maxRefreshes refreshes, each step resuming where the last stopped', async () => {

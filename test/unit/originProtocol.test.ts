@@ -347,6 +347,16 @@ describe('malformed payloads throw FrameError', () => {
     expect(() => decodeCreateResponse(new Uint8Array([...create, 1, 2]))).toThrow(FrameError)
   })
 
+  it('a sealed blob of any length but the 60 bytes a sealed key is, both ways', () => {
+    const valid = encodeLoadRequest({ keyId: 'r', version: 1, state: 'active', publicKey, sealed })
+    for (const length of [0, 59, 61]) {
+      const load = Buffer.concat([valid.subarray(0, valid.length - sealed.length), filled(length, 7)])
+      load.writeUInt32BE(length, valid.length - sealed.length - 4)
+      expect(() => decodeLoadRequest(load), `${length} bytes`).toThrow(new FrameError(`LOAD request: sealed is ${length} bytes, expected 60`))
+      expect(() => encodeLoadRequest({ keyId: 'r', version: 1, state: 'active', publicKey, sealed: filled(length, 7) })).toThrow(FrameError)
+    }
+  })
+
   it('a sealed blob whose length runs past the payload', () => {
     const load = Buffer.from(encodeLoadRequest({ keyId: 'r', version: 1, state: 'active', publicKey, sealed }))
     load.writeUInt32BE(sealed.length + 1, load.length - sealed.length - 4)
