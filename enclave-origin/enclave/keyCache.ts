@@ -144,6 +144,9 @@ export class KeyCache {
    */
   private dekEpoch = 0
   private unlockInFlight: Promise<boolean> | undefined
+  /** After failed unlocks none starts before this (clock ms): a failing KMS is not asked once per request. An installed DEK clears it. */
+  private unlockNotBefore = 0
+  private unlockFailuresInARow = 0
   private readonly refreshesInFlight = new Map<string, Promise<void>>()
   /** Keys turned away with needs-unlock: warmed as soon as the unlock lands, so the retry finds them WARM. */
   private readonly keysAwaitingUnlock = new Set<string>()
@@ -188,8 +191,10 @@ export class KeyCache {
       hardExpiresAt: now + dekHardTtlMs,
       renewAt: now + dekSoftTtlMs - this.random() * prewarmJitter * dekSoftTtlMs,
     }
-    // A valid DEK ends the INVALID spell: the next one gets a full grace allowance.
+    // A valid DEK ends the INVALID spell: the next one gets a full grace allowance, and an unlock may start at once.
     this.graceLeft = this.config.graceSignatures
+    this.unlockNotBefore = 0
+    this.unlockFailuresInARow = 0
   }
 
   /**
@@ -433,6 +438,7 @@ export class KeyCache {
   /** Single-flight: every caller while an unlock is running shares it. Resolves to whether a DEK was installed. */
   private startUnlock(): Promise<boolean> {
     if (this.unlockInFlight) return this.unlockInFlight
+    if (this.now() < this.unlockNotBefore) return Promise.resolve(false)
     const generation = this.generation
     const epoch = this.dekEpoch
     // Deferred by a microtask so even an `unlock` that throws synchronously settles through `finally`.
@@ -442,6 +448,9 @@ export class KeyCache {
         (keys) => this.installUnlockedDek(keys, { generation, epoch }),
         () => {
           this.counters.unlockFailures += 1
+          // 0.5 s doubling to 30 s, ±25%.
+          const backoffMs = Math.min(30_000, 500 * 2 ** this.unlockFailuresInARow++)
+          this.unlockNotBefore = this.now() + backoffMs * (0.75 + this.random() / 2)
           return false
         },
       )

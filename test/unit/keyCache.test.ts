@@ -277,8 +277,8 @@ describe('KeyCache transitions', () => {
     expect(cache.stats().unlocks).toBe(1)
   })
 
-  it('counts a failed unlock, and lets the next acquire start another', async () => {
-    const { cache, key, unlock } = harness()
+  it('counts a failed unlock, starts none for the requests within its backoff, and lets the first after it start another', async () => {
+    const { cache, key, unlock, advance } = harness()
     unlock.failNext(1)
     cache.load(key().record)
 
@@ -287,11 +287,51 @@ describe('KeyCache transitions', () => {
     expect(cache.stats()).toMatchObject({ unlocks: 0, unlockFailures: 1 })
     expect(cache.get('key-1')?.cacheState).toBe('INVALID')
 
+    // 0.5 s after one failure (random 0.5: no jitter either way).
+    for (let i = 0; i < 10; i++) {
+      advance(49)
+      expect(cache.acquire('key-1').kind).toBe('needs-unlock')
+      cache.renewDataKeyIfDue()
+      await cache.idle()
+    }
+    expect(unlock.calls()).toBe(1)
+
+    advance(10)
     expect(cache.acquire('key-1').kind).toBe('needs-unlock')
     await cache.idle()
     expect(unlock.calls()).toBe(2)
     expect(cache.stats()).toMatchObject({ unlocks: 1, unlockFailures: 1 })
     expect(cache.get('key-1')?.cacheState).toBe('WARM')
+  })
+
+  it('doubles the unlock backoff with each failure in a row, to 30 s, and an installed DEK clears it', async () => {
+    const { cache, key, unlock, advance, dekCopy } = harness()
+    cache.load(key().record)
+    unlock.failNext(20)
+    const waits: number[] = []
+    for (let failures = 0; failures < 8; failures++) {
+      const calls = unlock.calls()
+      let waited = 0
+      while (unlock.calls() === calls) {
+        cache.acquire('key-1')
+        await cache.idle()
+        if (unlock.calls() === calls) advance(100), (waited += 100)
+      }
+      waits.push(waited)
+    }
+    expect(waits).toEqual([0, 500, 1_000, 2_000, 4_000, 8_000, 16_000, 30_000])
+
+    // An UNLOCK from the parent installs a DEK: the failures before it no longer count. When it lapses and
+    // the next unlock fails too, the one after waits 0.5 s again, not 30 s.
+    cache.setDek(dekCopy())
+    advance(61 * minute)
+    const calls = unlock.calls()
+    for (const wait of [0, 500]) {
+      advance(wait)
+      expect(cache.acquire('key-1').kind).toBe('needs-unlock')
+      await cache.idle()
+    }
+    expect(unlock.calls()).toBe(calls + 2)
   })
 
   it('throws SealingError, counted and audited, when a record will not open under the DEK', () => {
