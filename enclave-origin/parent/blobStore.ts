@@ -22,6 +22,8 @@ export interface BlobStore {
   getWrappedDek(): Promise<WrappedDek | undefined>
   /** Waits for queued writes to become durable, then releases the store. */
   close(): Promise<void>
+  /** Why the store takes no more writes until it is reopened, if that is so (a store without such a state leaves this out). */
+  writeFailure?(): string | undefined
 }
 
 

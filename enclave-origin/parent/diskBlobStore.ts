@@ -60,7 +60,7 @@ export type CompactionEvent = { outcome: 'compacted'; droppedFrames: number; liv
 /** Counted since open, including the writes and fsyncs open itself makes; `compactedFrames` is what compaction dropped. */
 export type DiskBlobStoreStats = { writes: number; fsyncs: number; groups: number; records: number; compactedFrames: number }
 
-export type DiskBlobStore = BlobStore & { stats(): DiskBlobStoreStats }
+export type DiskBlobStore = BlobStore & { stats(): DiskBlobStoreStats; writeFailure(): string | undefined }
 
 /** The slice of a node FileHandle the store uses. */
 export type LogFile = {
@@ -249,6 +249,10 @@ class GroupCommitStore implements DiskBlobStore {
 
   stats(): DiskBlobStoreStats {
     return { ...this.counters }
+  }
+
+  writeFailure(): string | undefined {
+    return this.failure?.message
   }
 
   close(): Promise<void> {

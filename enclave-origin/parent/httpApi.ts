@@ -43,7 +43,9 @@ export function createParentApi(options: ParentApiOptions): Server {
     if (request.method === 'GET' && path === '/healthz') {
       route.name = 'healthz'
       const enclaves = await options.parent.health()
-      return send(response, enclaves.every((e) => e.ok) ? 200 : 503, { ok: enclaves.every((e) => e.ok), enclaves })
+      const store = options.parent.storeHealth()
+      const ok = store.ok && enclaves.every((e) => e.ok)
+      return send(response, ok ? 200 : 503, { ok, enclaves, store })
     }
     if (request.method === 'GET' && path === '/metrics') {
       route.name = 'metrics'

@@ -441,6 +441,12 @@ export class OriginParent {
    * and can serve, which in preload mode also needs its accounts loaded (not
    * before the unlock, nor after a bad file).
    */
+  /** The store's part of health: a store that takes no more writes cannot create keys or change their states. */
+  storeHealth(): { ok: true } | { ok: false; error: string } {
+    const failure = this.options.store.writeFailure?.()
+    return failure === undefined ? { ok: true } : { ok: false, error: failure }
+  }
+
   async health(): Promise<Array<{ id: string; answered: boolean; ok: boolean; inflight: number; stats?: Record<string, unknown>; error?: string }>> {
     return Promise.all(
       this.enclaves.map(async (enclave) => {

@@ -479,6 +479,10 @@ describe('failed writes', () => {
     const outcomes = await Promise.allSettled([store.put(sealedRecord(1)), store.putWrappedDek({ keyId: 'k', ciphertext: Uint8Array.of(1) })])
     expect(outcomes.map((outcome) => outcome.status)).toEqual(['rejected', 'rejected'])
     expect(await store.get('key-1')).toBeUndefined()
+    // Said for the parent's /healthz, until a reopen.
+    expect(store.writeFailure()).toBe('blob store write failed, reopen it to recover: ENOSPC: no space left on device')
+    failing.write = false
+    expect((await reopen(store)).writeFailure()).toBeUndefined()
   })
 })
 

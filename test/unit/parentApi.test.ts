@@ -71,6 +71,21 @@ describe('the parent API', () => {
     expect((await fetch(`${base}/metrics`)).status).toBe(200)
   })
 
+  it('reports on /healthz a store that takes no more writes', async () => {
+    const failed = new OriginParent({ enclaves: [{ id: 'none', address: { host: '127.0.0.1', port: 1 } }], poolSize: 1, store: { writeFailure: () => 'blob store write failed, reopen it to recover: EIO' } as BlobStore, requestTimeoutMs: 200, credentials: () => Promise.reject(new Error('not needed here')) })
+    const api = createParentApi({ parent: failed, verifier: new RequestVerifier({ secrets: {} }), log: () => {} })
+    await new Promise<void>((listening) => api.listen(0, '127.0.0.1', listening))
+    try {
+      const response = await fetch(`http://127.0.0.1:${(api.address() as AddressInfo).port}/healthz`)
+      expect(response.status).toBe(503)
+      expect(await response.json()).toMatchObject({ ok: false, store: { ok: false, error: 'blob store write failed, reopen it to recover: EIO' } })
+      expect(((await (await fetch(`${base}/healthz`)).json()) as { store: unknown }).store).toEqual({ ok: true })
+    } finally {
+      await closeGracefully(api, { drainMs: 100 })
+      failed.close()
+    }
+  })
+
   it('refuses a declared body over the limit before reading it', async () => {
     // Headers only: a server that waited for the 20,000 bytes would answer nothing before the client gives up.
     const { answer, closed } = await raw({ text: 'POST /v1/keys HTTP/1.1\r\nhost: x\r\ncontent-length: 20000\r\n\r\n', waitMs: 300 })
