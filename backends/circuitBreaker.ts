@@ -1,7 +1,7 @@
 export type BreakerState = 'closed' | 'open' | 'half-open'
 
-/** How a call was let through: as an ordinary call, or as the one half-open probe. */
-export type BreakerAdmission = 'call' | 'probe'
+/** How a call was let through: as an ordinary call, or as one half-open probe, told apart from earlier ones. */
+export type BreakerAdmission = { kind: 'call' } | { kind: 'probe'; probe: number }
 
 /**
  * Opens after `failureThreshold` consecutive failures (timeouts count). While
@@ -11,7 +11,9 @@ export type BreakerAdmission = 'call' | 'probe'
 export class CircuitBreaker {
   private failures = 0
   private openedAt: number | undefined
-  private probing = false
+  /** The probe in flight (its number), or 0. */
+  private probing = 0
+  private probes = 0
 
   constructor(private readonly options: { failureThreshold: number; coolDownMs: number; now: () => number }) {}
 
@@ -23,16 +25,16 @@ export class CircuitBreaker {
   /** Whether a call may go ahead now, and as what; undefined when it may not. In half-open, one probe at a time. */
   tryAcquire(): BreakerAdmission | undefined {
     const state = this.state
-    if (state === 'closed') return 'call'
+    if (state === 'closed') return { kind: 'call' }
     if (state === 'open' || this.probing) return undefined
-    this.probing = true
-    return 'probe'
+    this.probing = ++this.probes
+    return { kind: 'probe', probe: this.probing }
   }
 
   success(): void {
     this.failures = 0
     this.openedAt = undefined
-    this.probing = false
+    this.probing = 0
   }
 
   /**
@@ -41,9 +43,9 @@ export class CircuitBreaker {
    */
   failure(admission: BreakerAdmission): void {
     this.failures++
-    // A success since the probe was let through closed the breaker: the probe's failure is then an ordinary one.
-    const probeFailed = admission === 'probe' && this.probing
-    if (probeFailed) this.probing = false
+    // Only the probe in flight: a success since this one was let through closed the breaker (and a later probe may be out).
+    const probeFailed = admission.kind === 'probe' && admission.probe === this.probing
+    if (probeFailed) this.probing = 0
     if (probeFailed || (this.openedAt === undefined && this.failures >= this.options.failureThreshold)) this.openedAt = this.options.now()
   }
 }

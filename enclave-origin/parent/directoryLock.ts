@@ -1,5 +1,5 @@
 import { randomBytes } from 'node:crypto'
-import { readFile, rename, rm, writeFile } from 'node:fs/promises'
+import { link, readFile, rename, rm, writeFile } from 'node:fs/promises'
 import { join } from 'node:path'
 
 /**
@@ -9,13 +9,18 @@ import { join } from 'node:path'
  * The lock is a file, LOCK, naming its holder: pid, and on Linux the boot id
  * and the process's start time (/proc/PID/stat), so that a lock left by a
  * process that is gone (kill -9, a crash, a reboot, its pid since reused) is
- * recognised as stale and taken over, while a live holder's is refused. A
- * stale lock is renamed away before a new one is made with O_EXCL, so of two
- * processes taking over the same stale lock one wins. Processes in different
- * pid namespaces (containers) cannot see each other: share a store directory
- * only on one host.
+ * recognised as stale and taken over, while a live holder's is refused.
+ * - A lock appears whole or not at all: it is written under another name
+ *   and hard-linked into place, which fails if a lock is there. Of processes
+ *   starting together exactly one gets it, and none reads a lock half written.
+ * - A stale lock is replaced, never removed, so LOCK is always there for the
+ *   others' links to fail on; the replacing is done under a second lock of
+ *   the same kind, TAKEOVER, and only if LOCK is still the stale one read.
+ * Processes in different pid namespaces (containers) cannot see each other:
+ * share a store directory only on one host.
  */
 export const LOCK_FILE_NAME = 'LOCK'
+const TAKEOVER_FILE_NAME = 'LOCK.takeover'
 
 export class DirectoryLockedError extends Error {}
 
@@ -25,29 +30,61 @@ type Holder = { pid: number; bootId: string; startTime: string }
 
 export async function lockDirectory(directory: string): Promise<DirectoryLock> {
   const path = join(directory, LOCK_FILE_NAME)
-  const me = await describeProcess(process.pid)
-  const text = `${JSON.stringify(me)}\n`
-  for (let attempt = 0; attempt < 3; attempt++) {
-    try {
-      await writeFile(path, text, { flag: 'wx', mode: 0o600 })
-      return {
-        release: async () => {
-          // Only our own: a lock someone took over meanwhile is theirs.
-          if ((await readFile(path, 'utf8').catch(() => '')) === text) await rm(path, { force: true })
-        },
+  const takeover = join(directory, TAKEOVER_FILE_NAME)
+  const text = `${JSON.stringify(await describeProcess(process.pid))}\n`
+  const draft = `${path}.${randomBytes(6).toString('hex')}`
+  await writeFile(draft, text, { mode: 0o600 })
+  try {
+    // Each pass either locks, refuses, or sees another process's takeover under way and waits for it.
+    for (let pass = 0; pass < 100; pass++) {
+      if (await linked(draft, path)) return ownLock({ path, text })
+      const found = await readFile(path, 'utf8').catch(() => undefined)
+      if (found === undefined) continue
+      const holder = parseHolder(found)
+      if (holder && (await isAlive(holder))) {
+        throw new DirectoryLockedError(`the store directory ${directory} is in use by process ${holder.pid}; only one parent may open a store at a time`)
       }
-    } catch (error) {
-      if ((error as NodeJS.ErrnoException).code !== 'EEXIST') throw error
+      if (await linked(draft, takeover)) {
+        try {
+          // Still the stale lock read: replaced in one step by ours (draft's name goes with it).
+          if ((await readFile(path, 'utf8').catch(() => undefined)) === found) {
+            await rename(draft, path)
+            return ownLock({ path, text })
+          }
+        } finally {
+          await rm(takeover, { force: true })
+        }
+        continue
+      }
+      const taking = parseHolder((await readFile(takeover, 'utf8').catch(() => undefined)) ?? '')
+      // A takeover lock whose holder died mid-takeover would stop every later one.
+      if (!taking || !(await isAlive(taking))) await rm(takeover, { force: true })
+      else await new Promise((resolve) => setTimeout(resolve, 10))
     }
-    const holder = parseHolder(await readFile(path, 'utf8').catch(() => ''))
-    if (holder && (await isAlive(holder))) {
-      throw new DirectoryLockedError(`the store directory ${directory} is in use by process ${holder.pid}; only one parent may open a store at a time`)
-    }
-    // Stale (or unreadable: a holder that died while writing it). Renamed, not removed: only one taker's rename succeeds.
-    const aside = `${path}.stale-${randomBytes(6).toString('hex')}`
-    if (await rename(path, aside).then(() => true, () => false)) await rm(aside, { force: true })
+    throw new DirectoryLockedError(`could not lock the store directory ${directory}: other processes keep taking its lock`)
+  } finally {
+    await rm(draft, { force: true })
   }
-  throw new DirectoryLockedError(`could not lock the store directory ${directory}: other processes keep taking its lock`)
+}
+
+function ownLock({ path, text }: { path: string; text: string }): DirectoryLock {
+  return {
+    release: async () => {
+      // Only our own: a lock someone took over meanwhile is theirs.
+      if ((await readFile(path, 'utf8').catch(() => '')) === text) await rm(path, { force: true })
+    },
+  }
+}
+
+/** Whether `from` could be linked as `to`; false if `to` exists. */
+async function linked(from: string, to: string): Promise<boolean> {
+  try {
+    await link(from, to)
+    return true
+  } catch (error) {
+    if ((error as NodeJS.ErrnoException).code === 'EEXIST') return false
+    throw error
+  }
 }
 
 function parseHolder(text: string): Holder | undefined {

@@ -509,11 +509,17 @@ function scanFrames(bytes: Buffer): { entries: LogEntry[]; validLength: number; 
   return { entries, validLength: offset, damaged }
 }
 
-/** Whether a frame header at `offset` declares a length that fits in the file: the frame was written whole, whatever its checksum says. */
+/**
+ * Whether a frame at `offset` was written whole, whatever its checksum says:
+ * its declared length fits in the file and its payload is not all zeros (a
+ * header that landed before its payload, which a crash leaves as zeros, is a
+ * torn write).
+ */
 function wholeFrameAt(bytes: Buffer, offset: number): boolean {
   if (bytes.length - offset < FRAME_HEADER_BYTES) return false
   const length = bytes.readUInt32LE(offset)
-  return length > 0 && length <= MAX_PAYLOAD_BYTES && offset + FRAME_HEADER_BYTES + length <= bytes.length
+  const end = offset + FRAME_HEADER_BYTES + length
+  return length > 0 && length <= MAX_PAYLOAD_BYTES && end <= bytes.length && bytes.subarray(offset + FRAME_HEADER_BYTES, end).some((byte) => byte !== 0)
 }
 
 /** Where the frame at `offset` ends, if one with a payload of at most `maxPayload` bytes and a matching CRC starts there. */

@@ -80,8 +80,11 @@ class EnclaveConnection {
       const timer = setTimeout(() => {
         this.pending.delete(requestId)
         reject(new EnclaveUnavailableError(`the enclave did not answer within ${options.timeoutMs} ms`))
-        // Nothing at all came back since: the pool would keep choosing this idle-looking connection. A new one replaces it.
-        if (this.lastReceivedAt < sentAt) this.socket.destroy()
+        // Nothing at all came back since: the pool would keep choosing this idle-looking connection, so a new one replaces it.
+        // Judged after this turn's input is read: a stalled event loop runs timers before reading answers already here.
+        setImmediate(() => {
+          if (this.lastReceivedAt < sentAt) this.socket.destroy()
+        })
       }, options.timeoutMs)
       this.pending.set(requestId, { resolve, reject, timer })
       this.writer.write(frame)

@@ -324,7 +324,6 @@ export class OriginParent {
     this.check(enclave, await this.call(enclave, opcodes.CREDENTIALS, encodeCredentials(credentials)))
   }
 
-  /** One unlock per enclave at a time: the enclave unwraps the stored DEK through KMS. */
   /**
    * The unlock a NEEDS_UNLOCK answer asks for: at once, unless the last ones
    * failed; then not before a backoff of 0.5 s doubling to 30 s, jittered.
@@ -345,6 +344,7 @@ export class OriginParent {
     )
   }
 
+  /** One unlock per enclave at a time: the enclave unwraps the stored DEK through KMS. */
   unlock(enclave?: Enclave): Promise<void> {
     if (!enclave) return Promise.all(this.enclaves.map((e) => this.unlock(e))).then(() => undefined)
     enclave.unlocking ??= this.sendUnlock(enclave, (stored) => {

@@ -1,6 +1,8 @@
 import { describe, expect, it } from 'vitest'
 import { CircuitBreaker } from '../../backends/circuitBreaker.js'
 
+const call = { kind: 'call' } as const
+
 function breakerWithClock() {
   const clock = { now: 0 }
   return { clock, breaker: new CircuitBreaker({ failureThreshold: 2, coolDownMs: 1_000, now: () => clock.now }) }
@@ -10,15 +12,15 @@ describe('circuit breaker', () => {
   it('calls in flight when it opened that fail later do not push the probe back', () => {
     const { clock, breaker } = breakerWithClock()
     const admissions = [breaker.tryAcquire(), breaker.tryAcquire(), breaker.tryAcquire()]
-    expect(admissions).toEqual(['call', 'call', 'call'])
-    breaker.failure('call')
-    breaker.failure('call')
+    expect(admissions).toEqual([{ kind: 'call' }, { kind: 'call' }, { kind: 'call' }])
+    breaker.failure(call)
+    breaker.failure(call)
     expect(breaker.state).toBe('open')
     clock.now = 600
-    breaker.failure('call')
+    breaker.failure(call)
     clock.now = 1_000
     expect(breaker.state).toBe('half-open')
-    expect(breaker.tryAcquire()).toBe('probe')
+    expect(breaker.tryAcquire()).toEqual({ kind: 'probe', probe: expect.any(Number) })
   })
 
   it('a failed probe restarts the cool-down; a late failure of another call does not count as the probe', () => {
@@ -26,17 +28,42 @@ describe('circuit breaker', () => {
     breaker.tryAcquire()
     breaker.tryAcquire()
     breaker.tryAcquire()
-    breaker.failure('call')
-    breaker.failure('call')
+    breaker.failure(call)
+    breaker.failure(call)
     clock.now = 1_000
-    expect(breaker.tryAcquire()).toBe('probe')
-    breaker.failure('call')
+    const probe = breaker.tryAcquire()!
+    expect(probe).toEqual({ kind: 'probe', probe: expect.any(Number) })
+    breaker.failure(call)
     expect(breaker.state).toBe('half-open')
     expect(breaker.tryAcquire()).toBeUndefined()
     clock.now = 1_200
-    breaker.failure('probe')
+    breaker.failure(probe)
     expect(breaker.state).toBe('open')
     clock.now = 2_200
-    expect(breaker.tryAcquire()).toBe('probe')
+    expect(breaker.tryAcquire()).toEqual({ kind: 'probe', probe: expect.any(Number) })
+  })
+
+  it('a probe that fails after a success closed the breaker and a new probe went out does not count as that probe', () => {
+    const { clock, breaker } = breakerWithClock()
+    breaker.tryAcquire()
+    breaker.tryAcquire()
+    breaker.failure(call)
+    breaker.failure(call)
+    clock.now = 1_000
+    const first = breaker.tryAcquire()!
+    // A call from before the breaker opened succeeds: closed. Failures open it again, and after the cool-down a second probe goes out.
+    breaker.success()
+    breaker.failure(call)
+    breaker.failure(call)
+    clock.now = 2_000
+    const second = breaker.tryAcquire()!
+    expect(second).toEqual({ kind: 'probe', probe: expect.any(Number) })
+    clock.now = 2_500
+    breaker.failure(first)
+    // The second probe is still the one out: no third, and the cool-down was not restarted.
+    expect(breaker.state).toBe('half-open')
+    expect(breaker.tryAcquire()).toBeUndefined()
+    breaker.failure(second)
+    expect(breaker.state).toBe('open')
   })
 })

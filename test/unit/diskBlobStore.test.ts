@@ -377,6 +377,19 @@ describe('torn and corrupt tails', () => {
     expect((await stat(logPath())).size).toBe(sizeAfterThird)
   })
 
+  it('treats a last frame whose header landed and whose payload is zeros as torn, not damage', async () => {
+    const [, sizeAfterSecond, sizeAfterThird] = await storeThreeRecords()
+    const bytes = await readFile(logPath())
+    // The frame header is length (u32) and checksum (u32): everything after it never landed.
+    bytes.fill(0, sizeAfterSecond! + 8, sizeAfterThird)
+    await writeFile(logPath(), bytes)
+    const damage: DamageEvent[] = []
+    const store = await openStore({ onDamage: (event) => damage.push(event) })
+    expect((await listAll(store)).map((record) => record.keyId).sort()).toEqual(['key-1', 'key-2'])
+    expect(damage).toEqual([])
+    expect((await stat(logPath())).size).toBe(sizeAfterSecond)
+  })
+
   it('skips a damaged record in the middle of the log, keeps every acknowledged record after it, and copies the log aside first', async () => {
     const [sizeAfterFirst, sizeAfterSecond] = await storeThreeRecords()
     const damagedLog = await readFile(logPath())
@@ -559,6 +572,50 @@ describe('one process per store', () => {
       const store = await openStore()
       await store.close()
       await expect(readdir(directory)).resolves.not.toContain(LOCK_FILE_NAME)
+    }
+  })
+
+  it('of processes taking the lock at the same instant exactly one gets it, with no lock there or a stale one', { timeout: 60_000 }, async () => {
+    const script = join(directory, 'locker.mjs')
+    await writeFile(
+      script,
+      `import { lockDirectory } from ${JSON.stringify(pathToFileURL(join(projectRoot, 'enclave-origin/parent/directoryLock.ts')).href)}
+// Held until the test has heard from every process: none may release before the last has tried.
+process.stdin.once('data', async () => {
+  let lock
+  try {
+    lock = await lockDirectory(process.argv[2])
+    process.stdout.write('locked\\n')
+  } catch (error) {
+    process.stdout.write('refused: ' + error.message + '\\n')
+  }
+  process.stdin.once('data', () => (lock ? lock.release() : Promise.resolve()).then(() => process.exit(0)))
+})
+process.stdout.write('ready\\n')
+`,
+    )
+    const storeDirectory = join(directory, 'store')
+    await mkdir(storeDirectory)
+    const gone = spawn(process.execPath, ['-e', ''])
+    await new Promise((exited) => gone.once('exit', exited))
+    for (const stale of [undefined, JSON.stringify({ pid: gone.pid, bootId: 'b', startTime: '1' }), undefined, JSON.stringify({ pid: gone.pid, bootId: 'b', startTime: '1' })]) {
+      if (stale) await writeFile(join(storeDirectory, LOCK_FILE_NAME), stale)
+      const lockers = Array.from({ length: 4 }, () => spawn(process.execPath, ['--import', 'tsx', script, storeDirectory], { cwd: projectRoot, stdio: ['pipe', 'pipe', 'inherit'] }))
+      const outputs = lockers.map((locker) => {
+        let output = ''
+        locker.stdout.setEncoding('utf8').on('data', (chunk: string) => (output += chunk))
+        const printedLines = (count: number) => new Promise<void>((seen) => locker.stdout.on('data', () => output.split('\n').length > count && seen()))
+        return { ready: printedLines(1), tried: printedLines(2), exited: new Promise((exited) => locker.once('exit', exited)), text: () => output }
+      })
+      await Promise.all(outputs.map((output) => output.ready))
+      for (const locker of lockers) locker.stdin.write('go\n')
+      await Promise.all(outputs.map((output) => output.tried))
+      for (const locker of lockers) locker.stdin.write('exit\n')
+      await Promise.all(outputs.map((output) => output.exited))
+      const results = outputs.map((output) => output.text().replace('ready\n', '').trim())
+      expect(results.filter((result) => result === 'locked'), results.join(' | ')).toHaveLength(1)
+      expect(results.filter((result) => result.startsWith(`refused: the store directory ${storeDirectory} is in use by process`))).toHaveLength(3)
+      await expect(readdir(storeDirectory)).resolves.toEqual([])
     }
   })
 

@@ -306,7 +306,7 @@ it('HEALTH with a payload is answered BAD_REQUEST, as every request that carries
 })
 
 /** Serves `service` on `at` for the length of `use`. */
-async function serving(service: EnclaveService, at: number, use: () => Promise<void>) {
+async function serving({ service, at, use }: { service: EnclaveService; at: number; use: () => Promise<void> }) {
   const served = await serveEnclave({ service, address: { host: '127.0.0.1', port: at }, log: () => {} })
   try {
     await use()
@@ -319,29 +319,29 @@ it('an answer the enclave cannot encode is INTERNAL, its own mistake, not BAD_RE
   // A retry-after past a u32 cannot go on the wire: NEEDS_UNLOCK's encoder refuses it.
   const { cache, service } = enclaveWith(noKms, { retryAfterMs: { min: 2 ** 32, max: 2 ** 32 } })
   cache.load({ keyId: 'k', version: 1, state: 'active', publicKey: new Uint8Array(65), sealed: new Uint8Array(60) })
-  await serving(service, 18674, async () => {
+  await serving({ service, at: 18674, use: async () => {
     const { socket, request } = client(18674)
     const answer = await request({ requestId: 1, opcode: opcodes.SIGN, payload: encodeSignRequest({ keyId: 'k', digest: new Uint8Array(32) }) })
     expect(answer?.status).toBe(statuses.INTERNAL)
     expect(decodeErrorMessage(answer!.payload)).toBe('NEEDS_UNLOCK retryAfterMs 4294967296 is not a u32')
     socket.destroy()
-  })
+  } })
 })
 
 it('an answer too large for a frame closes its own connection only, and is no unhandled rejection', async () => {
   const oversized: AttestationProvider = { kind: 'nitro', attestationDocument: async () => new Uint8Array(maxFrameBytes) }
   const { service } = enclaveWith(noKms, { attestation: oversized })
-  await serving(service, 18675, async () => {
+  await serving({ service, at: 18675, use: async () => {
     const bad = client(18675)
     const good = client(18675)
     bad.socket.write(encodeFrame({ requestId: 1, opcode: opcodes.ATTEST, status: 0, payload: new Uint8Array() }))
     await bad.closed
     expect((await good.request({ requestId: 2, opcode: opcodes.HEALTH, payload: new Uint8Array() }))?.status).toBe(statuses.OK)
     good.socket.destroy()
-  })
+  } })
 })
 
-it('stops reading a connection whose peer sends SIGNs and never reads the answers, and keeps answering others', async () => {
+it('stops reading a connection whose peer sends SIGNs and never reads the answers, keeps answering others, and answers every one once the peer reads', async () => {
   const good = client()
   expect((await good.request({ requestId: 500, opcode: opcodes.CREATE, payload: encodeCreateRequest({ keyId: 'flooded' }) }))?.status).toBe(statuses.OK)
   const sign = encodeSignRequest({ keyId: 'flooded', digest: new Uint8Array(32).fill(9) })
@@ -351,7 +351,8 @@ it('stops reading a connection whose peer sends SIGNs and never reads the answer
   await once(flood, 'connect')
   try {
     // 16 MB of SIGNs, more than the enclave's bound and the kernel's buffers on both sides hold.
-    for (let written = 0; written < 16 * 1024 * 1024; written += batch.length) flood.write(batch)
+    let sent = 0
+    for (let written = 0; written < 16 * 1024 * 1024; written += batch.length) flood.write(batch), (sent += 1_000)
     // Without backpressure the enclave reads it all. With it, it stops once its unsent answers pass the bound,
     // answers what it read, and goes idle with the rest still waiting at the client.
     let idleChecks = 0
@@ -361,6 +362,22 @@ it('stops reading a connection whose peer sends SIGNs and never reads the answer
     }
     expect(flood.writableLength).toBeGreaterThan(0)
     expect((await good.request({ requestId: 501, opcode: opcodes.SIGN, payload: sign }))?.status).toBe(statuses.OK)
+
+    // The peer reads again: the enclave resumes, and every request is answered, signed.
+    const decoder = new FrameDecoder()
+    let signed = 0
+    let answered = 0
+    await new Promise<void>((resolve) => {
+      flood.on('data', (chunk: Uint8Array) => {
+        for (const frame of decoder.push(chunk)) {
+          answered += 1
+          if (frame.status === statuses.OK) signed += 1
+        }
+        if (answered === sent) resolve()
+      })
+      flood.resume()
+    })
+    expect(signed).toBe(sent)
   } finally {
     flood.destroy()
     good.socket.destroy()
