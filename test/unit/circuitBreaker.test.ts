@@ -3,52 +3,47 @@ import { CircuitBreaker } from '../../backends/circuitBreaker.js'
 
 const call = { kind: 'call' } as const
 
-function breakerWithClock() {
+/** A breaker on a hand-moved clock (threshold 2, cool-down 1 s), opened at 0 by two of three calls let through failing. */
+function openedBreaker() {
   const clock = { now: 0 }
-  return { clock, breaker: new CircuitBreaker({ failureThreshold: 2, coolDownMs: 1_000, now: () => clock.now }) }
+  const breaker = new CircuitBreaker({ failureThreshold: 2, coolDownMs: 1_000, now: () => clock.now })
+  const admissions = [breaker.tryAcquire(), breaker.tryAcquire(), breaker.tryAcquire()]
+  breaker.failure(call)
+  breaker.failure(call)
+  return { clock, breaker, admissions }
 }
+
+const probe = { kind: 'probe', probe: expect.any(Number) }
 
 describe('circuit breaker', () => {
   it('calls in flight when it opened that fail later do not push the probe back', () => {
-    const { clock, breaker } = breakerWithClock()
-    const admissions = [breaker.tryAcquire(), breaker.tryAcquire(), breaker.tryAcquire()]
-    expect(admissions).toEqual([{ kind: 'call' }, { kind: 'call' }, { kind: 'call' }])
-    breaker.failure(call)
-    breaker.failure(call)
+    const { clock, breaker, admissions } = openedBreaker()
+    expect(admissions).toEqual([call, call, call])
     expect(breaker.state).toBe('open')
     clock.now = 600
     breaker.failure(call)
     clock.now = 1_000
     expect(breaker.state).toBe('half-open')
-    expect(breaker.tryAcquire()).toEqual({ kind: 'probe', probe: expect.any(Number) })
+    expect(breaker.tryAcquire()).toEqual(probe)
   })
 
   it('a failed probe restarts the cool-down; a late failure of another call does not count as the probe', () => {
-    const { clock, breaker } = breakerWithClock()
-    breaker.tryAcquire()
-    breaker.tryAcquire()
-    breaker.tryAcquire()
-    breaker.failure(call)
-    breaker.failure(call)
+    const { clock, breaker } = openedBreaker()
     clock.now = 1_000
-    const probe = breaker.tryAcquire()!
-    expect(probe).toEqual({ kind: 'probe', probe: expect.any(Number) })
+    const admitted = breaker.tryAcquire()!
+    expect(admitted).toEqual(probe)
     breaker.failure(call)
     expect(breaker.state).toBe('half-open')
     expect(breaker.tryAcquire()).toBeUndefined()
     clock.now = 1_200
-    breaker.failure(probe)
+    breaker.failure(admitted)
     expect(breaker.state).toBe('open')
     clock.now = 2_200
-    expect(breaker.tryAcquire()).toEqual({ kind: 'probe', probe: expect.any(Number) })
+    expect(breaker.tryAcquire()).toEqual(probe)
   })
 
   it('a probe that fails after a success closed the breaker and a new probe went out does not count as that probe', () => {
-    const { clock, breaker } = breakerWithClock()
-    breaker.tryAcquire()
-    breaker.tryAcquire()
-    breaker.failure(call)
-    breaker.failure(call)
+    const { clock, breaker } = openedBreaker()
     clock.now = 1_000
     const first = breaker.tryAcquire()!
     // A call from before the breaker opened succeeds: closed. Failures open it again, and after the cool-down a second probe goes out.
@@ -57,7 +52,7 @@ describe('circuit breaker', () => {
     breaker.failure(call)
     clock.now = 2_000
     const second = breaker.tryAcquire()!
-    expect(second).toEqual({ kind: 'probe', probe: expect.any(Number) })
+    expect(second).toEqual(probe)
     clock.now = 2_500
     breaker.failure(first)
     // The second probe is still the one out: no third, and the cool-down was not restarted.
