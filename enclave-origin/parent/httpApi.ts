@@ -44,8 +44,10 @@ export function createParentApi(options: ParentApiOptions): Server {
       route.name = 'healthz'
       const enclaves = await options.parent.health()
       const store = options.parent.storeHealth()
-      const ok = store.ok && enclaves.every((e) => e.ok)
-      return send(response, ok ? 200 : 503, { ok, enclaves, store })
+      // Degraded still serves: the keys of the enclaves that answer sign, and the others' callers fail over key by key.
+      // Only a parent that can serve nothing (no enclave, or a store that takes no writes) asks to be taken out.
+      const status = !store.ok || !enclaves.some((e) => e.ok) ? 'down' : enclaves.every((e) => e.ok) ? 'ok' : 'degraded'
+      return send(response, status === 'down' ? 503 : 200, { ok: status === 'ok', status, enclaves, store })
     }
     if (request.method === 'GET' && path === '/metrics') {
       route.name = 'metrics'

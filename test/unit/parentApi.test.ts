@@ -71,6 +71,25 @@ describe('the parent API', () => {
     expect((await fetch(`${base}/metrics`)).status).toBe(200)
   })
 
+  it('answers /healthz 200 degraded while some enclaves serve, and 503 down when none does', async () => {
+    const health = parent.health
+    const enclave = (id: string, ok: boolean) => ({ id, answered: ok, ok, inflight: 0, ...(ok ? {} : { error: 'connection refused' }) })
+    try {
+      parent.health = async () => [enclave('a', true), enclave('b', false)]
+      const degraded = await fetch(`${base}/healthz`)
+      expect(degraded.status).toBe(200)
+      expect(await degraded.json()).toMatchObject({ ok: false, status: 'degraded', enclaves: [{ id: 'a', ok: true }, { id: 'b', ok: false, error: 'connection refused' }] })
+      parent.health = async () => [enclave('a', true), enclave('b', true)]
+      expect(await (await fetch(`${base}/healthz`)).json()).toMatchObject({ ok: true, status: 'ok' })
+      parent.health = async () => [enclave('a', false), enclave('b', false)]
+      const down = await fetch(`${base}/healthz`)
+      expect(down.status).toBe(503)
+      expect(await down.json()).toMatchObject({ ok: false, status: 'down' })
+    } finally {
+      parent.health = health
+    }
+  })
+
   it('reports on /healthz a store that takes no more writes', async () => {
     const failed = new OriginParent({ enclaves: [{ id: 'none', address: { host: '127.0.0.1', port: 1 } }], poolSize: 1, store: { writeFailure: () => 'blob store write failed, reopen it to recover: EIO' } as BlobStore, requestTimeoutMs: 200, credentials: () => Promise.reject(new Error('not needed here')) })
     const api = createParentApi({ parent: failed, verifier: new RequestVerifier({ secrets: {} }), log: () => {} })
