@@ -446,13 +446,7 @@ export class KeyCache {
       .then(() => this.unlock())
       .then(
         (keys) => this.installUnlockedDek(keys, { generation, epoch }),
-        () => {
-          this.counters.unlockFailures += 1
-          // 0.5 s doubling to 30 s, ±25%.
-          const backoffMs = Math.min(30_000, 500 * 2 ** this.unlockFailuresInARow++)
-          this.unlockNotBefore = this.now() + backoffMs * (0.75 + this.random() / 2)
-          return false
-        },
+        () => this.unlockFailed(),
       )
       .finally(() => {
         this.unlockInFlight = undefined
@@ -460,6 +454,14 @@ export class KeyCache {
     this.unlockInFlight = attempt
     this.track(attempt)
     return attempt
+  }
+
+  /** Counts a failed unlock and holds the next one back: 0.5 s doubling to 30 s, ±25%. */
+  private unlockFailed(): false {
+    this.counters.unlockFailures += 1
+    const backoffMs = Math.min(30_000, 500 * 2 ** this.unlockFailuresInARow++)
+    this.unlockNotBefore = this.now() + backoffMs * (0.75 + this.random() / 2)
+    return false
   }
 
   private installUnlockedDek(keys: DataKeys, { generation, epoch }: { generation: number; epoch: number }): boolean {
@@ -481,8 +483,7 @@ export class KeyCache {
       this.setDek(keys.dek, keys.retiring)
     } catch {
       discard()
-      this.counters.unlockFailures += 1
-      return false
+      return this.unlockFailed()
     }
     this.counters.unlocks += 1
     this.warmKeysAwaitingUnlock()

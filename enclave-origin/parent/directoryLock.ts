@@ -1,5 +1,5 @@
 import { randomBytes } from 'node:crypto'
-import { link, readFile, rename, rm, writeFile } from 'node:fs/promises'
+import { link, readdir, readFile, rename, rm, writeFile } from 'node:fs/promises'
 import { join } from 'node:path'
 
 /**
@@ -15,7 +15,10 @@ import { join } from 'node:path'
  *   starting together exactly one gets it, and none reads a lock half written.
  * - A stale lock is replaced, never removed, so LOCK is always there for the
  *   others' links to fail on; the replacing is done under a second lock of
- *   the same kind, TAKEOVER, and only if LOCK is still the stale one read.
+ *   the same kind, LOCK.takeover, and only if LOCK is still the stale one
+ *   read. A takeover lock whose holder died (in the instant of a takeover)
+ *   stops the next start with a message: removing it by name could remove
+ *   another process's live one.
  * Processes in different pid namespaces (containers) cannot see each other:
  * share a store directory only on one host.
  */
@@ -37,7 +40,7 @@ export async function lockDirectory(directory: string): Promise<DirectoryLock> {
   try {
     // Each pass either locks, refuses, or sees another process's takeover under way and waits for it.
     for (let pass = 0; pass < 100; pass++) {
-      if (await linked(draft, path)) return ownLock({ path, text })
+      if (await linked(draft, path)) return await ownLock({ directory, path, text })
       const found = await readFile(path, 'utf8').catch(() => undefined)
       if (found === undefined) continue
       const holder = parseHolder(found)
@@ -49,17 +52,25 @@ export async function lockDirectory(directory: string): Promise<DirectoryLock> {
           // Still the stale lock read: replaced in one step by ours (draft's name goes with it).
           if ((await readFile(path, 'utf8').catch(() => undefined)) === found) {
             await rename(draft, path)
-            return ownLock({ path, text })
+            return await ownLock({ directory, path, text })
           }
         } finally {
           await rm(takeover, { force: true })
         }
         continue
       }
-      const taking = parseHolder((await readFile(takeover, 'utf8').catch(() => undefined)) ?? '')
-      // A takeover lock whose holder died mid-takeover would stop every later one.
-      if (!taking || !(await isAlive(taking))) await rm(takeover, { force: true })
-      else await new Promise((resolve) => setTimeout(resolve, 10))
+      const takingText = await readFile(takeover, 'utf8').catch(() => undefined)
+      // Done and removed since our link failed: look again.
+      if (takingText === undefined) continue
+      const taking = parseHolder(takingText)
+      if (taking && (await isAlive(taking))) {
+        await new Promise((resolve) => setTimeout(resolve, 10))
+        continue
+      }
+      // Its holder died in the instant of a takeover. Removing it by name could remove another's live one, so an operator decides.
+      throw new DirectoryLockedError(
+        `the store directory ${directory} has a takeover lock (${TAKEOVER_FILE_NAME}) left by process ${taking?.pid ?? 'unknown'}, which is gone; make sure no other parent uses this directory, then remove ${takeover}`,
+      )
     }
     throw new DirectoryLockedError(`could not lock the store directory ${directory}: other processes keep taking its lock`)
   } finally {
@@ -67,7 +78,14 @@ export async function lockDirectory(directory: string): Promise<DirectoryLock> {
   }
 }
 
-function ownLock({ path, text }: { path: string; text: string }): DirectoryLock {
+/** The lock, once ours; drafts that processes now gone left behind (a kill between writing one and removing it) are cleared. */
+async function ownLock({ directory, path, text }: { directory: string; path: string; text: string }): Promise<DirectoryLock> {
+  for (const name of await readdir(directory).catch(() => [])) {
+    if (!/^LOCK\.[0-9a-f]{12}$/.test(name)) continue
+    const holder = parseHolder(await readFile(join(directory, name), 'utf8').catch(() => ''))
+    // A live process's draft is its way in: only the dead's go.
+    if (holder && !(await isAlive(holder))) await rm(join(directory, name), { force: true })
+  }
   return {
     release: async () => {
       // Only our own: a lock someone took over meanwhile is theirs.

@@ -24,6 +24,7 @@ import {
   type AwsCredentials,
   type UnlockRequest,
 } from '../protocol/messages.js'
+import { messageOf } from '../errors.js'
 import type { CacheState, KeyState, SealedKeyRecord, WrappedDek } from '../types.js'
 import { KeyNotStoredError, type BlobStore } from './blobStore.js'
 import { EnclavePool, type EnclaveAddress } from './enclavePool.js'
@@ -52,7 +53,7 @@ type Enclave = {
   unlocking: Promise<void> | undefined
   /** The last UNLOCK sent or queued: each waits for the one before. */
   unlockQueue: Promise<unknown>
-  /** After failed unlocks, NEEDS_UNLOCK answers start no other before this (ms since the epoch), so a failing KMS is not called back to back. */
+  /** After failed unlocks, NEEDS_UNLOCK answers start no other before this (performance.now() ms), so a failing KMS is not called back to back. */
   unlockNotBefore: number
   unlockFailures: number
 }
@@ -183,7 +184,14 @@ export class OriginParent {
   /** Hands a stored record to the enclave that owns its key. */
   private async load(record: SealedKeyRecord): Promise<Enclave> {
     const enclave = this.ring.nodeFor(record.keyId)
-    this.check(enclave, await this.call(enclave, opcodes.LOAD, encodeLoadRequest(record)))
+    let request: Uint8Array
+    try {
+      request = encodeLoadRequest(record)
+    } catch (error) {
+      // A stored record the wire cannot carry (a damaged or hand-edited one): say which.
+      throw new Error(`key ${record.keyId}: its stored record cannot be loaded: ${messageOf(error)}`)
+    }
+    this.check(enclave, await this.call(enclave, opcodes.LOAD, request))
     return enclave
   }
 
@@ -330,7 +338,7 @@ export class OriginParent {
    * Operators' and rotations' unlocks are never held back.
    */
   private unlockOnDemand(enclave: Enclave): void {
-    if (enclave.unlocking || Date.now() < enclave.unlockNotBefore) return
+    if (enclave.unlocking || performance.now() < enclave.unlockNotBefore) return
     this.unlock(enclave).then(
       () => {
         enclave.unlockFailures = 0
@@ -338,8 +346,8 @@ export class OriginParent {
       },
       (error: unknown) => {
         const backoffMs = Math.min(30_000, 500 * 2 ** enclave.unlockFailures++)
-        enclave.unlockNotBefore = Date.now() + backoffMs * (0.75 + Math.random() / 2)
-        this.options.log?.({ level: 'warn', event: 'unlock_failed', enclave: enclave.id, retryInMs: Math.round(enclave.unlockNotBefore - Date.now()), error: error instanceof Error ? error.message : String(error) })
+        enclave.unlockNotBefore = performance.now() + backoffMs * (0.75 + Math.random() / 2)
+        this.options.log?.({ level: 'warn', event: 'unlock_failed', enclave: enclave.id, retryInMs: Math.round(enclave.unlockNotBefore - performance.now()), error: error instanceof Error ? error.message : String(error) })
       },
     )
   }
@@ -436,17 +444,17 @@ export class OriginParent {
     })
   }
 
-  /**
-   * Each enclave's HEALTH answer. `answered`: it answered; `ok`: it answered
-   * and can serve, which in preload mode also needs its accounts loaded (not
-   * before the unlock, nor after a bad file).
-   */
   /** The store's part of health: a store that takes no more writes cannot create keys or change their states. */
   storeHealth(): { ok: true } | { ok: false; error: string } {
     const failure = this.options.store.writeFailure?.()
     return failure === undefined ? { ok: true } : { ok: false, error: failure }
   }
 
+  /**
+   * Each enclave's HEALTH answer. `answered`: it answered; `ok`: it answered
+   * and can serve, which in preload mode also needs its accounts loaded (not
+   * before the unlock, nor after a bad file).
+   */
   async health(): Promise<Array<{ id: string; answered: boolean; ok: boolean; inflight: number; stats?: Record<string, unknown>; error?: string }>> {
     return Promise.all(
       this.enclaves.map(async (enclave) => {

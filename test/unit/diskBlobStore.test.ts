@@ -619,6 +619,28 @@ process.stdout.write('ready\\n')
     }
   })
 
+  it('refuses, for an operator to decide, a takeover lock its holder left in dying; and clears drafts the dead left', async () => {
+    // This process as a lock names it.
+    const first = await openStore()
+    const ours = await readFile(join(directory, LOCK_FILE_NAME), 'utf8')
+    await first.close()
+    const gone = spawn(process.execPath, ['-e', ''])
+    await new Promise((exited) => gone.once('exit', exited))
+    const deadHolder = JSON.stringify({ pid: gone.pid, bootId: 'b', startTime: '1' })
+    await writeFile(join(directory, LOCK_FILE_NAME), deadHolder)
+    await writeFile(join(directory, 'LOCK.takeover'), deadHolder)
+    await expect(openDiskBlobStore({ directory })).rejects.toThrow(
+      `the store directory ${directory} has a takeover lock (LOCK.takeover) left by process ${gone.pid}, which is gone; make sure no other parent uses this directory, then remove ${join(directory, 'LOCK.takeover')}`,
+    )
+    await rm(join(directory, 'LOCK.takeover'))
+    // A draft a dead process wrote before it could link it goes; a live process's stays.
+    await writeFile(join(directory, 'LOCK.0123456789ab'), deadHolder)
+    await writeFile(join(directory, 'LOCK.ba9876543210'), ours)
+    const store = await openStore()
+    expect((await readdir(directory)).filter((name) => name.startsWith('LOCK')).sort()).toEqual([LOCK_FILE_NAME, 'LOCK.ba9876543210'])
+    await store.close()
+  })
+
   it('takes over the lock of a pid that now belongs to another process: from before a reboot, or from a process that had the pid first', async () => {
     const bootId = (await readFile('/proc/sys/kernel/random/boot_id', 'utf8')).trim()
     for (const holder of [{ bootId: 'another boot', startTime: '1' }, { bootId, startTime: '1' }]) {

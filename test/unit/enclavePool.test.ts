@@ -116,7 +116,36 @@ describe('EnclavePool', () => {
     socket.write(encodeFrame({ requestId: quickFrame!.frame.requestId, opcode: quickFrame!.frame.opcode, status: 0, payload: emptyPayload }))
     expect((await quick).status).toBe(0)
     await expect(slow).rejects.toThrow('the enclave did not answer within 100 ms')
-    expect(socket.destroyed).toBe(false)
+    await keepsUsing(socket)
     expect(sockets.filter((each) => each.destroyed)).toHaveLength(silentOnes)
   })
+
+  it('keeps a connection whose answer came while the event loop stalled past the request\'s timeout', async () => {
+    pool = new EnclavePool({ address: { host: '127.0.0.1', port }, size: 1 })
+    await pool.connect()
+    const late = health(100)
+    await until(() => received.length === 1)
+    const [{ frame, socket }] = received.splice(0) as [(typeof received)[number]]
+    // In a check-phase callback: the next loop turn runs its timers (the timeout, now due) before it reads the answer.
+    await new Promise<void>((stalled) =>
+      setImmediate(() => {
+        socket.write(encodeFrame({ requestId: frame.requestId, opcode: frame.opcode, status: 0, payload: emptyPayload }))
+        const stallEnds = performance.now() + 150
+        while (performance.now() < stallEnds);
+        stalled()
+      }),
+    )
+    await expect(late).rejects.toThrow('the enclave did not answer within 100 ms')
+    await keepsUsing(socket)
+  })
 })
+
+/** The pool's next request goes out on the connection the server knows as `socket`: the pool kept it, a while after. */
+async function keepsUsing(socket: Socket) {
+  await new Promise((resolve) => setTimeout(resolve, 50))
+  const next = health()
+  await until(() => received.length === 1)
+  expect(received[0]!.socket).toBe(socket)
+  answerAll()
+  expect((await next).status).toBe(0)
+}

@@ -304,6 +304,28 @@ describe('KeyCache transitions', () => {
     expect(cache.get('key-1')?.cacheState).toBe('WARM')
   })
 
+  it('backs off after an unlock whose DEK will not install too (the wrong length), not only after one that throws', async () => {
+    let calls = 0
+    const { cache, key, advance } = harness({
+      unlock: async () => {
+        calls += 1
+        return { dek: new Uint8Array(16) }
+      },
+    })
+    cache.load(key().record)
+    cache.acquire('key-1')
+    await cache.idle()
+    expect(cache.stats().unlockFailures).toBe(1)
+    advance(400)
+    cache.acquire('key-1')
+    await cache.idle()
+    expect(calls).toBe(1)
+    advance(100)
+    cache.acquire('key-1')
+    await cache.idle()
+    expect(calls).toBe(2)
+  })
+
   it('doubles the unlock backoff with each failure in a row, to 30 s, and an installed DEK clears it', async () => {
     const { cache, key, unlock, advance, dekCopy } = harness()
     cache.load(key().record)

@@ -308,6 +308,26 @@ describe('DEK rotation', () => {
     }
   })
 
+  it('a stored record the wire cannot carry stops start, naming its key', async () => {
+    const damaged: BlobStore = {
+      put: (record) => store.put(record),
+      get: (keyId) => store.get(keyId),
+      list: async function* () {
+        yield { keyId: 'cut-short', version: 1, state: 'active', publicKey: new Uint8Array(65), sealed: new Uint8Array(59) }
+      },
+      setState: (keyId, state) => store.setState(keyId, state),
+      putWrappedDek: (dek) => store.putWrappedDek(dek),
+      getWrappedDek: () => store.getWrappedDek(),
+      close: async () => {},
+    }
+    const starting = newParent({ store: damaged })
+    try {
+      await expect(starting.start()).rejects.toThrow('key cut-short: its stored record cannot be loaded: LOAD sealed')
+    } finally {
+      starting.close()
+    }
+  })
+
   it('a store that lost its wrapped DEK but holds keys: start refuses, and makes no new DEK that none of them would open', async () => {
     await parent.createKey()
     const deksPut: unknown[] = []

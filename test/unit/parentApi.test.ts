@@ -92,12 +92,14 @@ describe('the parent API', () => {
 
   it('reports on /healthz a store that takes no more writes', async () => {
     const failed = new OriginParent({ enclaves: [{ id: 'none', address: { host: '127.0.0.1', port: 1 } }], poolSize: 1, store: { writeFailure: () => 'blob store write failed, reopen it to recover: EIO' } as BlobStore, requestTimeoutMs: 200, credentials: () => Promise.reject(new Error('not needed here')) })
+    // Its enclave serves: the store alone is what is down.
+    failed.health = async () => [{ id: 'a', answered: true, ok: true, inflight: 0 }]
     const api = createParentApi({ parent: failed, verifier: new RequestVerifier({ secrets: {} }), log: () => {} })
     await new Promise<void>((listening) => api.listen(0, '127.0.0.1', listening))
     try {
       const response = await fetch(`http://127.0.0.1:${(api.address() as AddressInfo).port}/healthz`)
       expect(response.status).toBe(503)
-      expect(await response.json()).toMatchObject({ ok: false, store: { ok: false, error: 'blob store write failed, reopen it to recover: EIO' } })
+      expect(await response.json()).toMatchObject({ ok: false, status: 'down', store: { ok: false, error: 'blob store write failed, reopen it to recover: EIO' } })
       expect(((await (await fetch(`${base}/healthz`)).json()) as { store: unknown }).store).toEqual({ ok: true })
     } finally {
       await closeGracefully(api, { drainMs: 100 })
