@@ -189,6 +189,20 @@ describe('reloads into an enclave that lost its keys', () => {
   })
 })
 
+/** The shared store as another parent would use it, with some of its methods replaced (failures, losses); close leaves it open. */
+function storeWith(overrides: Partial<BlobStore>): BlobStore {
+  return {
+    put: (record) => store.put(record),
+    get: (keyId) => store.get(keyId),
+    list: () => store.list(),
+    setState: (keyId, state) => store.setState(keyId, state),
+    putWrappedDek: (dek) => store.putWrappedDek(dek),
+    getWrappedDek: () => store.getWrappedDek(),
+    close: async () => {},
+    ...overrides,
+  }
+}
+
 describe('DEK rotation', () => {
   const digest = `0x${'cd'.repeat(32)}` as Hex
   async function signsAs(signer: OriginParent, key: { keyId: string; address: string }) {
@@ -272,15 +286,7 @@ describe('DEK rotation', () => {
   it('an interrupted rotation loses nothing: every key signs with the store as it was left, and the next call finishes it', async () => {
     const keys = await Promise.all(Array.from({ length: 20 }, () => parent.createKey()))
     let putsLeft = 5
-    const failing: BlobStore = {
-      put: (record) => (putsLeft-- > 0 ? store.put(record) : Promise.reject(new Error('disk full'))),
-      get: (keyId) => store.get(keyId),
-      list: () => store.list(),
-      setState: (keyId, state) => store.setState(keyId, state),
-      putWrappedDek: (dek) => store.putWrappedDek(dek),
-      getWrappedDek: () => store.getWrappedDek(),
-      close: async () => {},
-    }
+    const failing = storeWith({ put: (record) => (putsLeft-- > 0 ? store.put(record) : Promise.reject(new Error('disk full'))) })
     const crashing = newParent({ store: failing })
     try {
       await crashing.start()
@@ -309,17 +315,11 @@ describe('DEK rotation', () => {
   })
 
   it('a stored record the wire cannot carry stops start, naming its key', async () => {
-    const damaged: BlobStore = {
-      put: (record) => store.put(record),
-      get: (keyId) => store.get(keyId),
+    const damaged = storeWith({
       list: async function* () {
-        yield { keyId: 'cut-short', version: 1, state: 'active', publicKey: new Uint8Array(65), sealed: new Uint8Array(59) }
+        yield { keyId: 'cut-short', version: 1, state: 'active' as const, publicKey: new Uint8Array(65), sealed: new Uint8Array(59) }
       },
-      setState: (keyId, state) => store.setState(keyId, state),
-      putWrappedDek: (dek) => store.putWrappedDek(dek),
-      getWrappedDek: () => store.getWrappedDek(),
-      close: async () => {},
-    }
+    })
     const starting = newParent({ store: damaged })
     try {
       await expect(starting.start()).rejects.toThrow('key cut-short: its stored record cannot be loaded: LOAD sealed')
@@ -331,15 +331,7 @@ describe('DEK rotation', () => {
   it('a store that lost its wrapped DEK but holds keys: start refuses, and makes no new DEK that none of them would open', async () => {
     await parent.createKey()
     const deksPut: unknown[] = []
-    const lostDek: BlobStore = {
-      put: (record) => store.put(record),
-      get: (keyId) => store.get(keyId),
-      list: () => store.list(),
-      setState: (keyId, state) => store.setState(keyId, state),
-      putWrappedDek: async (dek) => void deksPut.push(dek),
-      getWrappedDek: async () => undefined,
-      close: async () => {},
-    }
+    const lostDek = storeWith({ putWrappedDek: async (dek) => void deksPut.push(dek), getWrappedDek: async () => undefined })
     const starting = newParent({ store: lostDek })
     try {
       await expect(starting.start()).rejects.toThrow(/holds sealed keys but no wrapped data key/)
