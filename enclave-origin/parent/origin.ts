@@ -340,10 +340,7 @@ export class OriginParent {
   private unlockOnDemand(enclave: Enclave): void {
     if (enclave.unlocking || performance.now() < enclave.unlockNotBefore) return
     this.unlock(enclave).then(
-      () => {
-        enclave.unlockFailures = 0
-        enclave.unlockNotBefore = 0
-      },
+      () => {},
       (error: unknown) => {
         const backoffMs = Math.min(30_000, 500 * 2 ** enclave.unlockFailures++)
         enclave.unlockNotBefore = performance.now() + backoffMs * (0.75 + Math.random() / 2)
@@ -359,7 +356,11 @@ export class OriginParent {
       if (!stored) throw new Error('no data key stored yet')
       return storedDataKeys(stored)
     })
-      .then(() => undefined)
+      .then(() => {
+        // Whoever asked for it: an enclave that unlocked owes no backoff.
+        enclave.unlockFailures = 0
+        enclave.unlockNotBefore = 0
+      })
       .finally(() => {
         enclave.unlocking = undefined
       })

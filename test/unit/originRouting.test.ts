@@ -152,6 +152,36 @@ describe('AWS credentials for the enclaves\u2019 KMS calls', () => {
     }
   })
 
+  it('an unlock that succeeds, whoever asked for it, clears the NEEDS_UNLOCK backoff', async () => {
+    let failing = false
+    let credentialCalls = 0
+    const flaky = newParent({ credentials: () => (credentialCalls++, failing ? Promise.reject(new Error('no instance role')) : Promise.resolve(kms.credentials)) })
+    const loseKeysAndDeks = () =>
+      enclaves.forEach((enclave) => {
+        enclave.cache.clear()
+        enclave.service.clear()
+      })
+    try {
+      await flaky.start()
+      const key = await flaky.createKey()
+      failing = true
+      loseKeysAndDeks()
+      await expect(flaky.sign(key.keyId, Buffer.alloc(32, 1))).rejects.toThrow(NeedsUnlockError)
+      await new Promise((resolve) => setTimeout(resolve, 20))
+      // That unlock failed: the parent now holds the next back. An operator's unlock succeeds.
+      failing = false
+      await flaky.unlock()
+      loseKeysAndDeks()
+      const before = credentialCalls
+      await expect(flaky.sign(key.keyId, Buffer.alloc(32, 1))).rejects.toThrow(NeedsUnlockError)
+      await new Promise((resolve) => setTimeout(resolve, 20))
+      expect(credentialCalls).toBeGreaterThan(before)
+    } finally {
+      flaky.close()
+      await parent.unlock()
+    }
+  })
+
   it('an unlock without credentials to give fails, saying so', async () => {
     const without = newParent({ credentials: () => Promise.reject(new Error('no instance role')) })
     try {
