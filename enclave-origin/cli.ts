@@ -23,6 +23,7 @@
 import { X509Certificate } from 'node:crypto'
 import { readFileSync, writeFileSync } from 'node:fs'
 import { logLine, setting, wholeNumberIn } from './config.js'
+import { messageOf } from './errors.js'
 import { generatePreloadIdentity, sealPreloadIdentity, sealShareFile, type RecipientTrust, type ShareFileEntry } from './preloadFiles.js'
 import { runEnclave } from './enclave/main.js'
 import { runParent } from './parent/main.js'
@@ -66,7 +67,7 @@ async function serve(start: () => Promise<() => Promise<void>>): Promise<void> {
     void stop().then(
       () => process.exit(0),
       (error: unknown) => {
-        logLine({ level: 'error', event: 'shutdown_failed', error: error instanceof Error ? error.message : String(error) })
+        logLine({ level: 'error', event: 'shutdown_failed', error: messageOf(error) })
         process.exit(1)
       },
     )

@@ -1,5 +1,6 @@
 import { setImmediate as nextTurn } from 'node:timers/promises'
 import { messageOf } from '../errors.js'
+import { FailureBackoff } from '../failureBackoff.js'
 import { countInto, emptyCounts, rehydrateBucketsMs } from '../protocol/histograms.js'
 import type { CacheState, KeyState, SealedKeyRecord } from '../types.js'
 import { ByteSlabs } from './byteSlabs.js'
@@ -144,9 +145,8 @@ export class KeyCache {
    */
   private dekEpoch = 0
   private unlockInFlight: Promise<boolean> | undefined
-  /** After failed unlocks none starts before this (clock ms): a failing KMS is not asked once per request. An installed DEK clears it. */
-  private unlockNotBefore = 0
-  private unlockFailuresInARow = 0
+  /** After failed unlocks none starts for a while: a failing KMS is not asked once per request. An installed DEK clears it. */
+  private readonly unlockBackoff: FailureBackoff
   private readonly refreshesInFlight = new Map<string, Promise<void>>()
   /** Keys turned away with needs-unlock: warmed as soon as the unlock lands, so the retry finds them WARM. */
   private readonly keysAwaitingUnlock = new Set<string>()
@@ -171,6 +171,7 @@ export class KeyCache {
     this.unlock = unlock
     this.audit = audit ?? (() => {})
     this.graceLeft = this.config.graceSignatures
+    this.unlockBackoff = new FailureBackoff({ now: this.now, random: this.random })
   }
 
   /**
@@ -193,8 +194,7 @@ export class KeyCache {
     }
     // A valid DEK ends the INVALID spell: the next one gets a full grace allowance, and an unlock may start at once.
     this.graceLeft = this.config.graceSignatures
-    this.unlockNotBefore = 0
-    this.unlockFailuresInARow = 0
+    this.unlockBackoff.succeeded()
   }
 
   /**
@@ -438,7 +438,7 @@ export class KeyCache {
   /** Single-flight: every caller while an unlock is running shares it. Resolves to whether a DEK was installed. */
   private startUnlock(): Promise<boolean> {
     if (this.unlockInFlight) return this.unlockInFlight
-    if (this.now() < this.unlockNotBefore) return Promise.resolve(false)
+    if (this.unlockBackoff.holding) return Promise.resolve(false)
     const generation = this.generation
     const epoch = this.dekEpoch
     // Deferred by a microtask so even an `unlock` that throws synchronously settles through `finally`.
@@ -456,11 +456,10 @@ export class KeyCache {
     return attempt
   }
 
-  /** Counts a failed unlock and holds the next one back: 0.5 s doubling to 30 s, ±25%. */
+  /** Counts a failed unlock and holds the next one back. */
   private unlockFailed(): false {
     this.counters.unlockFailures += 1
-    const backoffMs = Math.min(30_000, 500 * 2 ** this.unlockFailuresInARow++)
-    this.unlockNotBefore = this.now() + backoffMs * (0.75 + this.random() / 2)
+    this.unlockBackoff.failed()
     return false
   }
 

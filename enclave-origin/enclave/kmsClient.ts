@@ -1,5 +1,6 @@
 import { KMSClient } from '@aws-sdk/client-kms'
 import type { ConnectionOptions } from 'node:tls'
+import { boundedAwsRequests } from '../awsRequests.js'
 import type { StreamAddress } from '../config.js'
 import type { DeliveredCredentials } from './deliveredCredentials.js'
 import { kmsTunnelAgent } from './kmsTunnel.js'
@@ -7,10 +8,8 @@ import { kmsTunnelAgent } from './kmsTunnel.js'
 /**
  * The enclave's KMS client: credentials as the parent delivers them, each
  * connection through `tunnel` when given (vsock to the parent's vsock-proxy),
- * and every request bounded. Two attempts of at most `timeoutMs` each: a
- * KMS or proxy that accepts and then goes silent fails the call rather than
- * holding the UNLOCK behind it (the smithy handler only warns on a request
- * timeout unless told to throw).
+ * and every request bounded, so a silent KMS or proxy does not hold the
+ * UNLOCK behind it.
  */
 export function enclaveKmsClient(options: {
   region: string
@@ -26,12 +25,6 @@ export function enclaveKmsClient(options: {
     region,
     endpoint,
     credentials: credentials.provider,
-    maxAttempts: 2,
-    requestHandler: {
-      connectionTimeout: timeoutMs,
-      requestTimeout: timeoutMs,
-      throwOnRequestTimeout: true,
-      ...(tunnel && { httpsAgent: kmsTunnelAgent({ address: tunnel, tls }) }),
-    },
+    ...boundedAwsRequests({ timeoutMs, httpsAgent: tunnel && kmsTunnelAgent({ address: tunnel, tls }) }),
   })
 }

@@ -12,7 +12,8 @@ import { createCipheriv, createDecipheriv, randomBytes } from 'node:crypto'
 const ivLength = 12
 const tagLength = 16
 const secretLength = 32
-const sealedLength = ivLength + secretLength + tagLength
+/** A sealed private key's length: what a LOAD must carry. */
+export const sealedLength = ivLength + secretLength + tagLength
 const maxVersion = 0xffff_ffff
 const utf8 = new TextEncoder()
 

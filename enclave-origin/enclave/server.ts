@@ -57,10 +57,10 @@ function decodeRequest<T>(decode: (payload: Uint8Array) => T, payload: Uint8Arra
   }
 }
 
-const emptyRequest = (message: string) => (payload: Uint8Array) => decodeEmptyPayload(payload, message)
-const decodeEmptyAttest = emptyRequest('ATTEST request')
-const decodeEmptyGenerateDataKey = emptyRequest('GENERATE_DATA_KEY request')
-const decodeEmptyHealth = emptyRequest('HEALTH request')
+/** For requests that carry nothing: a payload is the client's mistake too. */
+function decodeEmptyRequest(frame: Frame, name: string): void {
+  decodeRequest((payload) => decodeEmptyPayload(payload, `${name} request`), frame.payload)
+}
 
 function answerToFailure(error: unknown): Answer {
   return error instanceof BadRequestError ? fail(statuses.BAD_REQUEST, error.message) : fail(statuses.INTERNAL, messageOf(error))
@@ -288,7 +288,7 @@ export class EnclaveService {
         return this.queueUnlock(decodeRequest(decodeUnlockRequest, frame.payload))
       case opcodes.GENERATE_DATA_KEY: {
         // A DEK for a rotation: only its wrapped form leaves, and the parent makes it durable before any UNLOCK installs it.
-        decodeRequest(decodeEmptyGenerateDataKey, frame.payload)
+        decodeEmptyRequest(frame, 'GENERATE_DATA_KEY')
         const { dek, wrapped } = await this.options.dataKeys.generate()
         zero(dek)
         return { status: statuses.OK, payload: encodeUnlockResponse({ wrappedDek: wrapped.ciphertext }) }
@@ -308,13 +308,13 @@ export class EnclaveService {
         this.options.credentials.set(decodeRequest(decodeCredentials, frame.payload))
         return { status: statuses.OK, payload: emptyPayload }
       case opcodes.ATTEST: {
-        decodeRequest(decodeEmptyAttest, frame.payload)
+        decodeEmptyRequest(frame, 'ATTEST')
         const { recipient } = await this.delivery()
         const document = await this.options.attestation.attestationDocument({ publicKey: utf8.encode(recipient) })
         return { status: statuses.OK, payload: encodeAttestResponse({ recipient, attestationDocument: document ?? emptyPayload }) }
       }
       case opcodes.HEALTH: {
-        decodeRequest(decodeEmptyHealth, frame.payload)
+        decodeEmptyRequest(frame, 'HEALTH')
         const stats = cache.stats()
         return {
           status: statuses.OK,

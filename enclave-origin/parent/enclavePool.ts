@@ -18,8 +18,8 @@ class EnclaveConnection {
   private readonly decoder = new FrameDecoder()
   private readonly writer: CoalescingWriter
   private nextId = 1
-  /** When the last bytes arrived: a connection silent since a request that timed out is stuck, not busy. */
-  private lastReceivedAt = 0
+  /** Reads so far: a connection that read nothing since a request that timed out is stuck, not busy. A count, not a clock: no time read per read. */
+  private reads = 0
   closed = false
 
   constructor(
@@ -29,7 +29,7 @@ class EnclaveConnection {
     socket.setNoDelay(true)
     this.writer = new CoalescingWriter(socket)
     socket.on('data', (chunk: Uint8Array) => {
-      this.lastReceivedAt = performance.now()
+      this.reads += 1
       let frames: Frame[]
       try {
         frames = this.decoder.push(chunk)
@@ -75,7 +75,7 @@ class EnclaveConnection {
     this.nextId = this.nextId === 0xffffffff ? 1 : this.nextId + 1
     // Encoded first: a frame that cannot be encoded leaves nothing pending.
     const frame = encodeFrame({ requestId, opcode: options.opcode, status: 0, payload: options.payload })
-    const sentAt = performance.now()
+    const readsAtSend = this.reads
     return new Promise<Frame>((resolve, reject) => {
       const timer = setTimeout(() => {
         this.pending.delete(requestId)
@@ -83,7 +83,7 @@ class EnclaveConnection {
         // Nothing at all came back since: the pool would keep choosing this idle-looking connection, so a new one replaces it.
         // Judged after this turn's input is read: a stalled event loop runs timers before reading answers already here.
         setImmediate(() => {
-          if (this.lastReceivedAt < sentAt) this.socket.destroy()
+          if (this.reads === readsAtSend) this.socket.destroy()
         })
       }, options.timeoutMs)
       this.pending.set(requestId, { resolve, reject, timer })

@@ -1,5 +1,6 @@
 import { createServer as createHttpServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http'
 import { createServer as createHttpsServer } from 'node:https'
+import { messageOf } from '../errors.js'
 import { maxKeyIdBytes } from '../protocol/messages.js'
 import type { RequestVerifier } from '../protocol/requestSigning.js'
 import type { KeyState } from '../types.js'
@@ -141,7 +142,7 @@ export function createParentApi(options: ParentApiOptions): Server {
         if (error instanceof OriginRequestError) {
           return send(response, { 'not-found': 404, 'not-active': 409, 'bad-request': 400, unavailable: 503 }[error.kind], { error: error.message })
         }
-        options.log({ level: 'error', event: 'origin_request_failed', route: route.name, error: error instanceof Error ? error.message : String(error) })
+        options.log({ level: 'error', event: 'origin_request_failed', route: route.name, error: messageOf(error) })
         return send(response, 503, { error: 'origin unavailable' })
       })
       .finally(() => figures.countRequest(route.name, response.statusCode))

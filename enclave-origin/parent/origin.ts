@@ -25,6 +25,7 @@ import {
   type UnlockRequest,
 } from '../protocol/messages.js'
 import { messageOf } from '../errors.js'
+import { FailureBackoff } from '../failureBackoff.js'
 import type { CacheState, KeyState, SealedKeyRecord, WrappedDek } from '../types.js'
 import { KeyNotStoredError, type BlobStore } from './blobStore.js'
 import { EnclavePool, type EnclaveAddress } from './enclavePool.js'
@@ -53,9 +54,8 @@ type Enclave = {
   unlocking: Promise<void> | undefined
   /** The last UNLOCK sent or queued: each waits for the one before. */
   unlockQueue: Promise<unknown>
-  /** After failed unlocks, NEEDS_UNLOCK answers start no other before this (performance.now() ms), so a failing KMS is not called back to back. */
-  unlockNotBefore: number
-  unlockFailures: number
+  /** After failed unlocks that NEEDS_UNLOCK answers started, those answers start none for a while (a monotonic clock). */
+  unlockBackoff: FailureBackoff
 }
 
 export type KeyInfo = { keyId: string; publicKey: Hex; address: Address; state: KeyState; cacheState?: CacheState }
@@ -89,7 +89,7 @@ export class OriginParent {
       log?: (fields: Record<string, unknown>) => void
     },
   ) {
-    this.enclaves = options.enclaves.map(({ id, address }) => ({ id, pool: new EnclavePool({ address, size: options.poolSize }), unlocking: undefined, unlockQueue: Promise.resolve(), unlockNotBefore: 0, unlockFailures: 0 }))
+    this.enclaves = options.enclaves.map(({ id, address }) => ({ id, pool: new EnclavePool({ address, size: options.poolSize }), unlocking: undefined, unlockQueue: Promise.resolve(), unlockBackoff: new FailureBackoff({ now: () => performance.now(), random: Math.random }) }))
     this.ring = new HashRing(this.enclaves.map((enclave) => ({ id: enclave.id, node: enclave })))
   }
 
@@ -138,7 +138,7 @@ export class OriginParent {
     this.credentialRefresh = setInterval(() => {
       for (const enclave of this.enclaves) {
         this.deliverCredentials(enclave).catch((error: unknown) =>
-          this.options.log?.({ level: 'warn', event: 'credential_delivery_failed', enclave: enclave.id, error: (error as Error).message }),
+          this.options.log?.({ level: 'warn', event: 'credential_delivery_failed', enclave: enclave.id, error: messageOf(error) }),
         )
       }
     }, this.options.credentialRefreshMs ?? 300_000)
@@ -327,7 +327,7 @@ export class OriginParent {
 
   private async deliverCredentials(enclave: Enclave): Promise<void> {
     const credentials = await this.withinRequestTimeout(this.options.credentials(), 'getting AWS credentials').catch((error: unknown) => {
-      throw new OriginRequestError('unavailable', `no AWS credentials to give the enclave: ${(error as Error).message}`)
+      throw new OriginRequestError('unavailable', `no AWS credentials to give the enclave: ${messageOf(error)}`)
     })
     this.check(enclave, await this.call(enclave, opcodes.CREDENTIALS, encodeCredentials(credentials)))
   }
@@ -338,15 +338,11 @@ export class OriginParent {
    * Operators' and rotations' unlocks are never held back.
    */
   private unlockOnDemand(enclave: Enclave): void {
-    if (enclave.unlocking || performance.now() < enclave.unlockNotBefore) return
-    this.unlock(enclave).then(
-      () => {},
-      (error: unknown) => {
-        const backoffMs = Math.min(30_000, 500 * 2 ** enclave.unlockFailures++)
-        enclave.unlockNotBefore = performance.now() + backoffMs * (0.75 + Math.random() / 2)
-        this.options.log?.({ level: 'warn', event: 'unlock_failed', enclave: enclave.id, retryInMs: Math.round(enclave.unlockNotBefore - performance.now()), error: error instanceof Error ? error.message : String(error) })
-      },
-    )
+    if (enclave.unlocking || enclave.unlockBackoff.holding) return
+    this.unlock(enclave).catch((error: unknown) => {
+      const retryInMs = Math.round(enclave.unlockBackoff.failed())
+      this.options.log?.({ level: 'warn', event: 'unlock_failed', enclave: enclave.id, retryInMs, error: messageOf(error) })
+    })
   }
 
   /** One unlock per enclave at a time: the enclave unwraps the stored DEK through KMS. */
@@ -356,11 +352,8 @@ export class OriginParent {
       if (!stored) throw new Error('no data key stored yet')
       return storedDataKeys(stored)
     })
-      .then(() => {
-        // Whoever asked for it: an enclave that unlocked owes no backoff.
-        enclave.unlockFailures = 0
-        enclave.unlockNotBefore = 0
-      })
+      // Whoever asked for it: an enclave that unlocked owes no backoff.
+      .then(() => enclave.unlockBackoff.succeeded())
       .finally(() => {
         enclave.unlocking = undefined
       })
@@ -465,7 +458,7 @@ export class OriginParent {
           const refusal = (stats.preload as { refusal?: string | null } | undefined)?.refusal
           return { id: enclave.id, answered: true, ok: !refusal, inflight: enclave.pool.inflight, stats, ...(refusal ? { error: refusal } : {}) }
         } catch (error) {
-          return { id: enclave.id, answered: false, ok: false, inflight: enclave.pool.inflight, error: (error as Error).message }
+          return { id: enclave.id, answered: false, ok: false, inflight: enclave.pool.inflight, error: messageOf(error) }
         }
       }),
     )

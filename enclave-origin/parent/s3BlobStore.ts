@@ -1,4 +1,6 @@
 import { GetObjectCommand, ListObjectsV2Command, PutObjectCommand, S3Client, type S3ClientConfig } from '@aws-sdk/client-s3'
+import { boundedAwsRequests } from '../awsRequests.js'
+import { messageOf } from '../errors.js'
 import type { KeyState, SealedKeyRecord, WrappedDek } from '../types.js'
 import { assertNotOlder, copyDek, copyRecord, isValidVersion, KeyNotStoredError, keyStates, validateDek, validateKeyId, validateRecord, validateState, type BlobStore } from './blobStore.js'
 
@@ -26,9 +28,8 @@ import { assertNotOlder, copyDek, copyRecord, isValidVersion, KeyNotStoredError,
 
 /**
  * The parent's S3 client. Every request is bounded: a bucket endpoint that
- * accepts and then goes silent fails the call (two attempts of `timeoutMs`)
- * rather than hold a key's reload, and every state change queued behind it,
- * for ever. The smithy handler only warns on a request timeout unless told to throw.
+ * goes silent must not hold a key's reload, and every state change queued
+ * behind it, for ever.
  */
 export function parentS3Client(options: { region: string; endpoint?: string; timeoutMs: number; credentials?: S3ClientConfig['credentials'] }): S3Client {
   const { region, endpoint, timeoutMs, credentials } = options
@@ -37,8 +38,7 @@ export function parentS3Client(options: { region: string; endpoint?: string; tim
     endpoint,
     forcePathStyle: Boolean(endpoint),
     credentials,
-    maxAttempts: 2,
-    requestHandler: { connectionTimeout: timeoutMs, requestTimeout: timeoutMs, throwOnRequestTimeout: true },
+    ...boundedAwsRequests({ timeoutMs }),
   })
 }
 
@@ -404,7 +404,7 @@ function describeS3Error(
 ): Error {
   const name = errorName(error) ?? 'Error'
   const status = httpStatus(error)
-  const detail = error instanceof Error ? error.message : String(error)
+  const detail = messageOf(error)
   const target = `s3://${bucket}/${objectName}`
   let reason: string
   if (name === 'NoSuchBucket' || (operation === 'ListObjectsV2' && status === 404)) {
@@ -455,7 +455,7 @@ function parseObject(body: string, where: string): Record<string, unknown> {
   try {
     value = JSON.parse(body)
   } catch (error) {
-    throw unreadable(where, `not JSON: ${error instanceof Error ? error.message : String(error)}`)
+    throw unreadable(where, `not JSON: ${messageOf(error)}`)
   }
   if (typeof value !== 'object' || value === null || Array.isArray(value)) throw unreadable(where, 'not a JSON object')
   return value as Record<string, unknown>

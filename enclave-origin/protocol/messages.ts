@@ -10,6 +10,7 @@
  */
 import type { CacheState, KeyState, RawSignature, SealedKeyRecord } from '../types.js'
 import { checkUint, FrameError } from './frames.js'
+import { sealedLength } from '../enclave/sealing.js'
 import { smallBytes } from './smallBytes.js'
 
 export type SignRequest = { keyId: string; digest: Uint8Array }
@@ -42,8 +43,6 @@ export const maxErrorMessageBytes = 512
 const digestBytes = 32
 const signatureBytes = 64
 const publicKeyBytes = 65
-/** A sealed private key as sealing.ts lays it out: iv (12) ‖ ciphertext (32) ‖ tag (16). */
-export const sealedKeyBytes = 60
 
 const utf8Encoder = new TextEncoder()
 /** Rejects invalid UTF-8 instead of substituting U+FFFD; keeps a leading BOM, which is part of an id. */
@@ -150,7 +149,7 @@ export function encodeLoadRequest(record: LoadRequest): Uint8Array {
   const keyId = keyIdBytes(record.keyId)
   checkUint({ value: record.version, bits: 32, field: 'LOAD version' })
   checkLength({ bytes: record.publicKey, expected: publicKeyBytes, field: 'LOAD publicKey' })
-  checkLength({ bytes: record.sealed, expected: sealedKeyBytes, field: 'LOAD sealed' })
+  checkLength({ bytes: record.sealed, expected: sealedLength, field: 'LOAD sealed' })
   return new PayloadWriter(1 + keyId.length + 4 + 1 + publicKeyBytes + 4 + record.sealed.length)
     .keyId(keyId)
     .u32(record.version)
@@ -171,7 +170,7 @@ export function decodeLoadRequest(payload: Uint8Array): LoadRequest {
   }
   reader.end()
   // Any other length cannot open, and the key cache keeps one slab per length it holds.
-  if (record.sealed.length !== sealedKeyBytes) throw new FrameError(`LOAD request: sealed is ${record.sealed.length} bytes, expected ${sealedKeyBytes}`)
+  checkLength({ bytes: record.sealed, expected: sealedLength, field: 'LOAD request: sealed' })
   return record
 }
 

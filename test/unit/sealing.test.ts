@@ -1,7 +1,6 @@
 import { randomBytes } from 'node:crypto'
 import { describe, expect, it } from 'vitest'
-import { SealingError, sealPrivateKey, unsealPrivateKey, zero } from '../../enclave-origin/enclave/sealing.js'
-import { sealedKeyBytes } from '../../enclave-origin/protocol/messages.js'
+import { SealingError, sealedLength, sealPrivateKey, unsealPrivateKey, zero } from '../../enclave-origin/enclave/sealing.js'
 
 const privateKey = new Uint8Array(randomBytes(32))
 const dek = new Uint8Array(randomBytes(32))
@@ -16,7 +15,7 @@ describe('sealPrivateKey / unsealPrivateKey', () => {
 
   it('lays the blob out as iv (12) ‖ ciphertext (32) ‖ tag (16), the key nowhere in clear', () => {
     expect(sealed.length).toBe(60)
-    expect(sealedKeyBytes).toBe(sealed.length) // what a LOAD must carry
+    expect(sealedLength).toBe(sealed.length) // what a LOAD must carry
     expect(Buffer.from(sealed).includes(Buffer.from(privateKey))).toBe(false)
   })
 
