@@ -43,9 +43,14 @@ async function listening(server: Server): Promise<number> {
   return (server.address() as AddressInfo).port
 }
 
-/** 400 requests a second for one recorded second, after half a second unrecorded. */
-function runOpenLoad(mode: 'frames' | 'http', port: number, env: Record<string, string> = {}): Promise<Run & { stderr: string }> {
-  const child = spawn(binary, [mode, port, 400, 1, 0.5, 8, 500].map(String), { env: { ...process.env, ...env }, stdio: ['pipe', 'pipe', 'pipe'] })
+/**
+ * 400 requests a second for one recorded second, after half a second
+ * unrecorded. With 8 connections (the default) a server stalled for 20 ms
+ * leaves none idle and the next request is skipped, which a busy CI machine
+ * does now and then; tests that are not about connections use 64.
+ */
+function runOpenLoad({ mode, port, env = {}, connections = 8 }: { mode: 'frames' | 'http'; port: number; env?: Record<string, string>; connections?: number }): Promise<Run & { stderr: string }> {
+  const child = spawn(binary, [mode, port, 400, 1, 0.5, connections, 500].map(String), { env: { ...process.env, ...env }, stdio: ['pipe', 'pipe', 'pipe'] })
   let output = ''
   let errors = ''
   child.stdout.on('data', (chunk) => (output += chunk))
@@ -102,7 +107,7 @@ describe.skipIf(!haveCc)('openLoad, the native load generator', () => {
   it('http: signs requests the parent verifies, and reports the phases from Server-Timing', async () => {
     const { port, seen } = await verifyingServer()
 
-    const run = await runOpenLoad('http', port, { ORIGIN_HMAC_KEY_ID: hmac.keyId, ORIGIN_HMAC_SECRET: hmac.secret })
+    const run = await runOpenLoad({ mode: 'http', port, env: { ORIGIN_HMAC_KEY_ID: hmac.keyId, ORIGIN_HMAC_SECRET: hmac.secret }, connections: 64 })
 
     expect(seen.refused).toEqual([])
     expect(run.offered).toBeGreaterThanOrEqual(390)
@@ -120,7 +125,7 @@ describe.skipIf(!haveCc)('openLoad, the native load generator', () => {
   it('http: counts every refused request as failed', async () => {
     const { port, seen } = await verifyingServer()
 
-    const run = await runOpenLoad('http', port, { ORIGIN_HMAC_KEY_ID: hmac.keyId, ORIGIN_HMAC_SECRET: 'not-the-secret' })
+    const run = await runOpenLoad({ mode: 'http', port, env: { ORIGIN_HMAC_KEY_ID: hmac.keyId, ORIGIN_HMAC_SECRET: 'not-the-secret' }, connections: 64 })
 
     expect(seen.verified).toBe(0)
     expect(seen.refused.every((reason) => reason === 'bad-signature')).toBe(true)
@@ -135,7 +140,7 @@ describe.skipIf(!haveCc)('openLoad, the native load generator', () => {
       response.writeHead(200, { 'content-length': '2', ...(count === 40 ? { connection: 'close' } : {}) }).end('{}'),
     )
 
-    const run = await runOpenLoad('http', port, { ORIGIN_HMAC_KEY_ID: hmac.keyId, ORIGIN_HMAC_SECRET: hmac.secret })
+    const run = await runOpenLoad({ mode: 'http', port, env: { ORIGIN_HMAC_KEY_ID: hmac.keyId, ORIGIN_HMAC_SECRET: hmac.secret } })
 
     // In turn: the first 8 requests went out on 8 different connections, though each was answered at once.
     expect(new Set(order.slice(0, 8)).size).toBe(8)
@@ -150,16 +155,18 @@ describe.skipIf(!haveCc)('openLoad, the native load generator', () => {
 
   it('http: counts a request whose connection the server resets as failed, and goes on with the others', async () => {
     // The 30th request on a connection gets no answer: a TCP reset. With 8 connections in turn, those are requests 233-240, after the warm-up's 200.
-    const { port } = await perConnectionServer((count, request, response) => {
+    const { port, answered } = await perConnectionServer((count, request, response) => {
       if (count === 30) request.socket.resetAndDestroy()
       else response.writeHead(200, { 'content-length': '2' }).end('{}')
     })
 
-    const run = await runOpenLoad('http', port, { ORIGIN_HMAC_KEY_ID: hmac.keyId, ORIGIN_HMAC_SECRET: hmac.secret })
+    const run = await runOpenLoad({ mode: 'http', port, env: { ORIGIN_HMAC_KEY_ID: hmac.keyId, ORIGIN_HMAC_SECRET: hmac.secret } })
 
     expect(run.failed).toBe(8)
     expect(run.stderr).toContain('the server closed 8 of 8 connections')
-    expect(run.ok).toBe(32)
+    expect([...answered.values()]).toEqual(Array(8).fill(30))
+    // 32 when the warm-up sent all its 200; more when a stalled server made it skip some.
+    expect(run.ok).toBeGreaterThanOrEqual(32)
     expect(run.ok + run.failed + run.skipped).toBe(run.offered)
   })
 
@@ -178,7 +185,7 @@ describe.skipIf(!haveCc)('openLoad, the native load generator', () => {
       socket.on('error', () => {})
     })
 
-    const run = await runOpenLoad('frames', await listening(server))
+    const run = await runOpenLoad({ mode: 'frames', port: await listening(server) })
 
     expect(run).toMatchObject({ failed: 0, skipped: 0 })
     expect(run.ok).toBe(run.offered)
