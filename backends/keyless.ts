@@ -59,7 +59,9 @@ export class KeylessSigner implements Signer {
       }
       const answer = (await response.json().catch(() => ({}))) as Record<string, unknown>
       if (response.ok) return answer
-      const reason = typeof answer.error === 'string' ? answer.error : `HTTP ${response.status}`
+      // Our own words for the status, not the origin's text: this message reaches wallets, and the
+      // parent's logs and metrics hold the detail for its operator.
+      const reason = answer.error === 'needs_unlock' ? 'the key is still being unlocked' : (originStatusMeanings[response.status] ?? 'an unexpected answer')
       throw new SignerError(`keyless signer ${name}: the origin answered ${response.status} (${reason})`, {
         retryable: response.status >= 500 || response.status === 429,
       })
@@ -127,6 +129,16 @@ function retryAfterMsOf(headers: Headers): number {
 }
 
 const minimumRetryAfterMs = 10
+
+/** What the parent's statuses mean for this backend's one key. */
+const originStatusMeanings: Record<number, string> = {
+  400: 'it could not read the request',
+  401: "it refused this Worker's credentials",
+  404: 'it has no such key',
+  409: 'the key is frozen or archived',
+  429: 'too many requests',
+  503: 'the origin is unavailable',
+}
 
 /**
  * Time a retry needs after its wait to be worth making: a round trip to the origin and a signature. With

@@ -18,6 +18,36 @@ export type ParentApiOptions = {
 }
 
 const maxBodyBytes = 16 * 1024
+
+/**
+ * Refused authentications, logged at most once per reason every 10 s, each
+ * line counting the refusals since the last: a flood of forged requests must
+ * not flood the log. The metric counts every one.
+ */
+export class RefusalLog {
+  private readonly byReason = new Map<string, { loggedAt: number; unlogged: number }>()
+
+  private readonly log: (fields: Record<string, unknown>) => void
+  private readonly intervalMs: number
+  private readonly now: () => number
+
+  constructor({ log, intervalMs = 10_000, now = Date.now }: { log: (fields: Record<string, unknown>) => void; intervalMs?: number; now?: () => number }) {
+    this.log = log
+    this.intervalMs = intervalMs
+    this.now = now
+  }
+
+  note({ reason, hmacKeyId }: { reason: string; hmacKeyId: string | undefined }): void {
+    const now = this.now()
+    const last = this.byReason.get(reason)
+    if (last && now - last.loggedAt < this.intervalMs) {
+      last.unlogged++
+      return
+    }
+    this.byReason.set(reason, { loggedAt: now, unlogged: 0 })
+    this.log({ level: 'warn', event: 'request_refused', reason, hmacKeyId, refusals: (last?.unlogged ?? 0) + 1 })
+  }
+}
 const utf8 = new TextDecoder()
 
 /**
@@ -29,6 +59,7 @@ const utf8 = new TextDecoder()
 export function createParentApi(options: ParentApiOptions): Server {
   const metrics = originMetrics(options.parent)
   const { figures } = metrics
+  const refusals = new RefusalLog({ log: options.log })
 
   const send = (response: ServerResponse, status: number, body: unknown, headers: Record<string, string> = {}) => {
     const json = JSON.stringify(body)
@@ -62,7 +93,12 @@ export function createParentApi(options: ParentApiOptions): Server {
     const body = Number(request.headers['content-length'] ?? 0) > maxBodyBytes ? undefined : await readBody(request)
     if (body === undefined) return send(response, 413, { error: `body too large (limit ${maxBodyBytes} bytes)` }, { connection: 'close' })
     const failure = await options.verifier.verify({ method: request.method ?? 'GET', path, headers: (name) => header(request, name), body })
-    if (failure) return send(response, 401, { error: `request authentication failed: ${failure}` })
+    if (failure) {
+      // Why goes to the operator, not the caller: which check failed is a hint to whoever forges requests.
+      metrics.authFailures.inc({ reason: failure })
+      refusals.note({ reason: failure, hmacKeyId: header(request, 'x-origin-key-id')?.slice(0, 64) })
+      return send(response, 401, { error: 'request authentication failed' })
+    }
 
     const keyRoute = /^\/v1\/keys\/([^/]+)(?:\/(sign|freeze|unfreeze|archive))?$/.exec(path)
     if (request.method === 'POST' && path === '/v1/keys') {

@@ -52,8 +52,8 @@ export class RequestFigures {
 
 /**
  * The parent's Prometheus metrics. Its per-request figures (sign latency by
- * phase, requests) are RequestFigures; NEEDS_UNLOCK answers and inflight live
- * in a prom-client registry. The enclaves' (cache states, refreshes, unlocks,
+ * phase, requests) are RequestFigures; NEEDS_UNLOCK answers, refused
+ * authentications and inflight live in a prom-client registry. The enclaves' (cache states, refreshes, unlocks,
  * grace signatures, rehydrate latency, engine queue and batch sizes) are
  * counters and histograms the enclave keeps; they arrive with one HEALTH
  * answer per enclave per scrape and are written out under their own names
@@ -67,6 +67,12 @@ export function originMetrics(parent: OriginParent) {
   collectDefaultMetrics({ register: registry })
   const figures = new RequestFigures()
   const needsUnlock = new Counter({ name: 'origin_needs_unlock_total', help: 'Sign requests answered 503 because the key needs an unlock.', registers: [registry] })
+  const authFailures = new Counter({
+    name: 'origin_request_auth_failures_total',
+    help: 'Requests refused 401 by HMAC verification, by reason (missing, unknown-key, stale, replayed, bad-signature).',
+    labelNames: ['reason'],
+    registers: [registry],
+  })
   new Gauge({
     name: 'origin_inflight_requests',
     help: 'Requests in flight to the enclaves.',
@@ -80,7 +86,7 @@ export function originMetrics(parent: OriginParent) {
     figures.writeTo(own)
     return `${await registry.metrics()}${own}\n${enclaveMetricsText(await parent.health())}`
   }
-  return { text, contentType: registry.contentType, figures, needsUnlock }
+  return { text, contentType: registry.contentType, figures, needsUnlock, authFailures }
 }
 
 type EnclaveHealth = Awaited<ReturnType<OriginParent['health']>>[number]

@@ -111,7 +111,7 @@ describe('keyless backend', () => {
     unlockingFor = 1
     retryAfterMs = 5_000
     const started = Date.now()
-    await expect(signer.signDigest(digest)).rejects.toThrow('answered 503 (needs_unlock)')
+    await expect(signer.signDigest(digest)).rejects.toThrow('answered 503 (the key is still being unlocked)')
     expect(Date.now() - started).toBeLessThan(1_000)
 
     unlockingFor = 1
@@ -133,8 +133,15 @@ describe('keyless backend', () => {
     await signer.address()
     unlockingFor = 1
     retryAfterMs = 270
-    await expect(signer.signDigest(digest)).rejects.toThrow('answered 503 (needs_unlock)')
+    await expect(signer.signDigest(digest)).rejects.toThrow('answered 503 (the key is still being unlocked)')
     expect(unlockingFor).toBe(0)
+  })
+
+  it("tells the wallet what a refusal means in its own words, not the origin's text", async () => {
+    // The scripted origin answers a 401 with the verifier's reason, as the parent once did.
+    const signer = new KeylessSigner({ name: 'origin', url, keyId: 'k1', hmacKeyId: hmac.keyId, hmacSecret: 'not-the-worker-secret', deadlineMs: 500 })
+    await expect(signer.signDigest(digest)).rejects.toThrow(/^keyless signer origin: the origin answered 401 \(it refused this Worker's credentials\)$/)
+    expect(seen.at(-1)).toBe('bad-signature')
   })
 
   it('accepts its url with a trailing slash', async () => {

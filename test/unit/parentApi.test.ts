@@ -3,7 +3,7 @@ import type { AddressInfo } from 'node:net'
 import type { Server } from 'node:http'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import type { BlobStore } from '../../enclave-origin/parent/blobStore.js'
-import { closeGracefully, createParentApi } from '../../enclave-origin/parent/httpApi.js'
+import { closeGracefully, createParentApi, RefusalLog } from '../../enclave-origin/parent/httpApi.js'
 import { OriginParent } from '../../enclave-origin/parent/origin.js'
 import { RequestVerifier, signRequest } from '../../enclave-origin/protocol/requestSigning.js'
 
@@ -17,10 +17,11 @@ const hmac = { keyId: 'worker', secret: 'a-test-secret-of-enough-bytes' }
 let server: Server
 let parent: OriginParent
 let base: string
+const logged: Array<Record<string, unknown>> = []
 
 beforeAll(async () => {
   parent = new OriginParent({ enclaves: [{ id: 'none', address: { host: '127.0.0.1', port: 1 } }], poolSize: 1, store: {} as BlobStore, requestTimeoutMs: 200, credentials: () => Promise.reject(new Error('not needed here')) })
-  server = createParentApi({ parent, verifier: new RequestVerifier({ secrets: { [hmac.keyId]: hmac.secret } }), log: () => {}, requestReadTimeoutMs: 400 })
+  server = createParentApi({ parent, verifier: new RequestVerifier({ secrets: { [hmac.keyId]: hmac.secret } }), log: (fields) => logged.push(fields), requestReadTimeoutMs: 400 })
   await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve))
   base = `http://127.0.0.1:${(server.address() as AddressInfo).port}`
 })
@@ -150,5 +151,42 @@ describe('the parent API', () => {
     const response = await signed('GET', `/v1/keys/${'k'.repeat(129)}`)
     expect(response.status).toBe(400)
     expect(await response.json()).toEqual({ error: 'the key id is longer than 128 bytes' })
+  })
+
+  it('tells a refused caller only that authentication failed; the reason goes to the metric and the log', async () => {
+    const payload = new TextEncoder().encode('')
+    const forged = await signRequest({ keyId: hmac.keyId, secret: 'not-the-worker-secret', method: 'GET', path: '/v1/keys/k1', body: payload })
+    const stale = await signRequest({ ...hmac, method: 'GET', path: '/v1/keys/k1', body: payload, now: Date.now() - 10 * 60_000 })
+    for (const headers of [forged, stale]) {
+      const response = await fetch(`${base}/v1/keys/k1`, { headers })
+      expect(response.status).toBe(401)
+      expect(await response.json()).toEqual({ error: 'request authentication failed' })
+    }
+    const metrics = await (await fetch(`${base}/metrics`)).text()
+    expect(metrics).toContain('origin_request_auth_failures_total{reason="bad-signature"} 1')
+    expect(metrics).toContain('origin_request_auth_failures_total{reason="stale"} 1')
+    expect(logged).toContainEqual({ level: 'warn', event: 'request_refused', reason: 'bad-signature', hmacKeyId: hmac.keyId, refusals: 1 })
+    expect(logged).toContainEqual({ level: 'warn', event: 'request_refused', reason: 'stale', hmacKeyId: hmac.keyId, refusals: 1 })
+  })
+})
+
+describe('RefusalLog', () => {
+  it('logs a reason at most once an interval, counting the refusals it did not log', () => {
+    const lines: Array<Record<string, unknown>> = []
+    let now = 0
+    const refusals = new RefusalLog({ log: (fields) => lines.push(fields), intervalMs: 10_000, now: () => now })
+    refusals.note({ reason: 'stale', hmacKeyId: 'w' })
+    now = 4_000
+    refusals.note({ reason: 'stale', hmacKeyId: 'w' })
+    refusals.note({ reason: 'replayed', hmacKeyId: 'w' })
+    now = 9_999
+    refusals.note({ reason: 'stale', hmacKeyId: 'w' })
+    expect(lines.map(({ reason, refusals }) => [reason, refusals])).toEqual([
+      ['stale', 1],
+      ['replayed', 1],
+    ])
+    now = 10_000
+    refusals.note({ reason: 'stale', hmacKeyId: 'x' })
+    expect(lines.at(-1)).toEqual({ level: 'warn', event: 'request_refused', reason: 'stale', hmacKeyId: 'x', refusals: 3 })
   })
 })
