@@ -4,7 +4,8 @@ import { FailureBackoff } from '../failureBackoff.js'
 import { countInto, emptyCounts, rehydrateBucketsMs } from '../protocol/histograms.js'
 import type { CacheState, KeyState, SealedKeyRecord } from '../types.js'
 import { ByteSlabs } from './byteSlabs.js'
-import { sealPrivateKey, unsealPrivateKey, zero } from './sealing.js'
+import { secp256k1 } from './nativeSecp256k1.js'
+import { SealingError, sealPrivateKey, unsealPrivateKey, zero } from './sealing.js'
 
 /**
  * The enclave's key cache: the hot path never waits on KMS.
@@ -602,15 +603,26 @@ export class KeyCache {
   }
 }
 
-/** The record's private key, opened with the DEK, or during a rotation with the retiring one. Throws SealingError if neither opens it. */
+/**
+ * The record's private key, opened with the DEK, or during a rotation with the retiring one. Throws
+ * SealingError if neither opens it, or if it is not the key of the record's public key: the public key
+ * comes from the parent's store unsealed, and GET reports its address, so a record whose public key
+ * was altered or mixed up with another's must not sign (about 30 µs, once per re-derivation).
+ */
 function unsealWith(record: SealedKeyRecord, dek: CachedDek): Uint8Array {
   const { keyId, version, sealed } = record
+  let privateKey: Uint8Array
   try {
-    return unsealPrivateKey({ sealed, dek: dek.bytes, keyId, version })
+    privateKey = unsealPrivateKey({ sealed, dek: dek.bytes, keyId, version })
   } catch (error) {
     if (!dek.retiring) throw error
-    return unsealPrivateKey({ sealed, dek: dek.retiring, keyId, version })
+    privateKey = unsealPrivateKey({ sealed, dek: dek.retiring, keyId, version })
   }
+  if (!bytesEqual(secp256k1.publicKeyCreate(privateKey, false), record.publicKey)) {
+    zero(privateKey)
+    throw new SealingError(`sealed key ${keyId} v${version} is not the key of its record's public key: the record was altered or mixed with another`)
+  }
+  return privateKey
 }
 
 function isWarm(entry: KeyEntry, now: number): boolean {

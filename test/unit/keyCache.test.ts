@@ -1,6 +1,7 @@
 import { randomBytes } from 'node:crypto'
 import { describe, expect, it } from 'vitest'
 import { KeyCache, type AcquireResult, type DataKeys, type KeyCacheAuditEvent, type KeyCacheOptions } from '../../enclave-origin/enclave/keyCache.js'
+import { secp256k1 } from '../../enclave-origin/enclave/nativeSecp256k1.js'
 import { SealingError, sealPrivateKey, unsealPrivateKey } from '../../enclave-origin/enclave/sealing.js'
 import type { KeyState, SealedKeyRecord } from '../../enclave-origin/types.js'
 
@@ -75,7 +76,7 @@ function harness(options: Partial<KeyCacheOptions> & { unlockGate?: 'open' | 'cl
         keyId,
         version,
         state,
-        publicKey: new Uint8Array(65),
+        publicKey: secp256k1.publicKeyCreate(privateKey, false),
         sealed: sealPrivateKey({ privateKey, dek: sealingDek, keyId, version }),
       }
       return { record, privateKey }
@@ -365,6 +366,18 @@ describe('KeyCache transitions', () => {
     expect(cache.stats().refreshFailures).toBe(1)
     expect(audits).toEqual([expect.objectContaining({ type: 'refresh-failed', keyId: 'key-1', version: 1 })])
   })
+
+  it("never signs with a record whose public key is another key's, nor reseals it", () => {
+    const { cache, key, dekCopy, audits } = harness()
+    cache.setDek(dekCopy())
+    // The sealed key opens under the DEK; the public key beside it, which GET reports, belongs to another key.
+    cache.load({ ...key().record, publicKey: key({ keyId: 'other' }).record.publicKey })
+
+    expect(() => cache.acquire('key-1')).toThrow(/^sealed key key-1 v1 is not the key of its record's public key/)
+    expect(() => cache.reseal('key-1')).toThrow(SealingError)
+    expect(cache.stats().refreshFailures).toBe(1)
+    expect(audits).toEqual([expect.objectContaining({ type: 'refresh-failed', keyId: 'key-1', version: 1 })])
+  })
 })
 
 describe('KeyCache single-flight', () => {
@@ -589,26 +602,23 @@ describe('KeyCache loads', () => {
   it('a record whose bytes cannot be copied leaves the key held before, and every other key, as they were', () => {
     const { cache, key, dekCopy } = harness()
     cache.setDek(dekCopy())
-    /** A key sealed under the DEK, with a public key of its own to tell it by. */
-    const distinct = (keyId: string, version: number, mark: number) => {
-      const { record, privateKey } = key({ keyId, version })
-      return { record: { ...record, publicKey: new Uint8Array(65).fill(mark) }, privateKey }
-    }
-    const k1 = distinct('k', 1, 1)
+    /** A key sealed under the DEK, told apart from the others by its public key. */
+    const distinct = (keyId: string, version: number) => key({ keyId, version })
+    const k1 = distinct('k', 1)
     cache.load(k1.record)
 
-    expect(() => cache.load({ ...distinct('k', 2, 2).record, sealed: new Uint8Array(0) })).toThrow(RangeError)
+    expect(() => cache.load({ ...distinct('k', 2).record, sealed: new Uint8Array(0) })).toThrow(RangeError)
     expect(cache.get('k')?.record).toEqual(k1.record)
     expect(withKeyCopied(cache.acquire('k'))).toEqual({ kind: 'ok', privateKey: k1.privateKey, grace: false })
 
-    const k2 = distinct('k', 2, 2)
+    const k2 = distinct('k', 2)
     cache.load(k2.record)
-    const j = distinct('j', 1, 3)
+    const j = distinct('j', 1)
     cache.addWarm({ record: j.record, privateKey: new Uint8Array(j.privateKey) })
     expect(cache.get('k')?.record.publicKey).toEqual(k2.record.publicKey)
     expect(cache.get('j')?.record.publicKey).toEqual(j.record.publicKey)
 
-    const k3 = distinct('k', 3, 4)
+    const k3 = distinct('k', 3)
     cache.load(k3.record)
     expect(cache.get('j')?.record.publicKey).toEqual(j.record.publicKey)
     expect(withKeyCopied(cache.acquire('j'))).toEqual({ kind: 'ok', privateKey: j.privateKey, grace: false })

@@ -3,6 +3,7 @@ import { afterAll, describe, expect, it } from 'vitest'
 import { SignEngine } from '../../enclave-origin/enclave/engine.js'
 import { KeyCache } from '../../enclave-origin/enclave/keyCache.js'
 import { memoryFigures } from '../../enclave-origin/enclave/memory.js'
+import { secp256k1 } from '../../enclave-origin/enclave/nativeSecp256k1.js'
 import { sealPrivateKey } from '../../enclave-origin/enclave/sealing.js'
 import { decodeHealthResponse, encodeHealthResponse } from '../../enclave-origin/protocol/messages.js'
 import { enclaveMetricsText, PrometheusText, RequestFigures } from '../../enclave-origin/parent/metrics.js'
@@ -21,7 +22,7 @@ async function enclaveStats() {
   cache.setDek(new Uint8Array(dek))
   for (const keyId of ['a', 'b', 'c']) {
     const privateKey = new Uint8Array(randomBytes(32))
-    cache.load({ keyId, version: 1, state: 'active', publicKey: new Uint8Array(65), sealed: sealPrivateKey({ privateKey, dek, keyId, version: 1 }) })
+    cache.load({ keyId, version: 1, state: 'active', publicKey: secp256k1.publicKeyCreate(privateKey, false), sealed: sealPrivateKey({ privateKey, dek, keyId, version: 1 }) })
   }
   // Two COOL keys are rehydrated on use; the third stays COOL.
   const used = ['a', 'b'].map((keyId) => cache.acquire(keyId))
