@@ -18,15 +18,16 @@ export type ParentApiOptions = {
 }
 
 const maxBodyBytes = 16 * 1024
+const utf8 = new TextDecoder()
 
 /**
- * Refused authentications, logged at most once per reason every 10 s, each
- * line counting the refusals since the last: a flood of forged requests must
- * not flood the log. The metric counts every one.
+ * Log lines of one kind at most once every 10 s, each counting (`count`) the
+ * occurrences since the last: a flood of forged requests, or of signs for
+ * the keys of an enclave that is down, must not flood the log. Kinds must be
+ * few (a route and a reason, not a key id): each is remembered.
  */
-export class RefusalLog {
-  private readonly byReason = new Map<string, { loggedAt: number; unlogged: number }>()
-
+export class ThrottledLog {
+  private readonly byKind = new Map<string, { loggedAt: number; unlogged: number }>()
   private readonly log: (fields: Record<string, unknown>) => void
   private readonly intervalMs: number
   private readonly now: () => number
@@ -37,18 +38,17 @@ export class RefusalLog {
     this.now = now
   }
 
-  note({ reason, hmacKeyId }: { reason: string; hmacKeyId: string | undefined }): void {
+  write(kind: string, fields: Record<string, unknown>): void {
     const now = this.now()
-    const last = this.byReason.get(reason)
+    const last = this.byKind.get(kind)
     if (last && now - last.loggedAt < this.intervalMs) {
       last.unlogged++
       return
     }
-    this.byReason.set(reason, { loggedAt: now, unlogged: 0 })
-    this.log({ level: 'warn', event: 'request_refused', reason, hmacKeyId, refusals: (last?.unlogged ?? 0) + 1 })
+    this.byKind.set(kind, { loggedAt: now, unlogged: 0 })
+    this.log({ ...fields, count: (last?.unlogged ?? 0) + 1 })
   }
 }
-const utf8 = new TextDecoder()
 
 /**
  * The parent's HTTP(S) API for the Worker and operators: create, sign, get,
@@ -59,7 +59,7 @@ const utf8 = new TextDecoder()
 export function createParentApi(options: ParentApiOptions): Server {
   const metrics = originMetrics(options.parent)
   const { figures } = metrics
-  const refusals = new RefusalLog({ log: options.log })
+  const throttledLog = new ThrottledLog({ log: options.log })
 
   const send = (response: ServerResponse, status: number, body: unknown, headers: Record<string, string> = {}) => {
     const json = JSON.stringify(body)
@@ -96,7 +96,7 @@ export function createParentApi(options: ParentApiOptions): Server {
     if (failure) {
       // Why goes to the operator, not the caller: which check failed is a hint to whoever forges requests.
       metrics.authFailures.inc({ reason: failure })
-      refusals.note({ reason: failure, hmacKeyId: header(request, 'x-origin-key-id')?.slice(0, 64) })
+      throttledLog.write(`refused ${failure}`, { level: 'warn', event: 'request_refused', reason: failure, hmacKeyId: header(request, 'x-origin-key-id')?.slice(0, 64) })
       return send(response, 401, { error: 'request authentication failed' })
     }
 
@@ -178,7 +178,12 @@ export function createParentApi(options: ParentApiOptions): Server {
         if (error instanceof OriginRequestError) {
           return send(response, { 'not-found': 404, 'not-active': 409, 'bad-request': 400, unavailable: 503 }[error.kind], { error: error.message })
         }
-        options.log({ level: 'error', event: 'origin_request_failed', route: route.name, error: messageOf(error) })
+        throttledLog.write(`failed ${route.name} ${error instanceof Error ? error.constructor.name : typeof error}`, {
+          level: 'error',
+          event: 'origin_request_failed',
+          route: route.name,
+          error: messageOf(error),
+        })
         return send(response, 503, { error: 'origin unavailable' })
       })
       .finally(() => figures.countRequest(route.name, response.statusCode))

@@ -129,12 +129,15 @@ export class OriginParent {
   }
 
   /**
-   * Connects, makes sure a data key exists (the first enclave has KMS generate
-   * one; only its wrapped form is stored), unlocks every enclave and loads
-   * each stored key into the enclave that owns it.
+   * Makes sure a data key exists (the first enclave that answers has KMS
+   * generate one; only its wrapped form is stored), then connects to and
+   * unlocks every enclave and loads each stored key into the enclave that
+   * owns it. An enclave that cannot be reached or unlocked now is logged and
+   * left: its keys answer 503 until it can, then load on first use and start
+   * its unlock (as after an enclave restart). Refuses to start only when no
+   * enclave could be started.
    */
   async start(): Promise<void> {
-    await Promise.all(this.enclaves.map((enclave) => enclave.pool.connect()))
     this.credentialRefresh = setInterval(() => {
       for (const enclave of this.enclaves) {
         this.deliverCredentials(enclave).catch((error: unknown) =>
@@ -148,12 +151,37 @@ export class OriginParent {
       if (await this.storeHoldsAnyRecord()) {
         throw new Error('the store holds sealed keys but no wrapped data key: refusing to make a new data key, under which none of them would open. Restore the wrapped data key (dek.json, or the disk log from a backup) before starting')
       }
-      const first = this.enclaves[0]!
-      const frame = await this.sendUnlock(first, () => ({ wrappedDek: new Uint8Array() }))
-      await this.options.store.putWrappedDek({ keyId: 'enclave-data-key', ciphertext: newWrappedDek(frame) })
+      await this.options.store.putWrappedDek({ keyId: 'enclave-data-key', ciphertext: await this.generateFirstDataKey() })
     }
-    await Promise.all(this.enclaves.map((enclave) => this.unlock(enclave)))
-    await this.forEachStored((record) => this.load(record))
+    const failures = new Map<Enclave, string>()
+    await Promise.all(
+      this.enclaves.map(async (enclave) => {
+        try {
+          await enclave.pool.connect()
+          await this.unlock(enclave)
+        } catch (error) {
+          failures.set(enclave, messageOf(error))
+          this.options.log?.({ level: 'warn', event: 'enclave_not_started', enclave: enclave.id, error: messageOf(error) })
+        }
+      }),
+    )
+    if (failures.size === this.enclaves.length) {
+      throw new Error(`no enclave could be started: ${[...failures].map(([enclave, error]) => `${enclave.id}: ${error}`).join('; ')}`)
+    }
+    await this.forEachStored((record) => (failures.has(this.ring.nodeFor(record.keyId)) ? Promise.resolve() : this.load(record)))
+  }
+
+  /** A new DEK's wrapped form, from the first enclave that makes one (each asks KMS through its own unlock). */
+  private async generateFirstDataKey(): Promise<Uint8Array> {
+    const failures: string[] = []
+    for (const enclave of this.enclaves) {
+      try {
+        return newWrappedDek(await this.sendUnlock(enclave, () => ({ wrappedDek: new Uint8Array() })))
+      } catch (error) {
+        failures.push(`${enclave.id}: ${messageOf(error)}`)
+      }
+    }
+    throw new Error(`no enclave could make the first data key: ${failures.join('; ')}`)
   }
 
   private async storeHoldsAnyRecord(): Promise<boolean> {

@@ -29,7 +29,7 @@ let kms: LocalKms
 let directory: string
 let store: DiskBlobStore
 let parent: OriginParent
-const enclaves: Array<{ id: string; address: StreamAddress; cache: KeyCache; service: EnclaveService; credentials: DeliveredCredentials; close(): Promise<void>; engine: SignEngine }> = []
+const enclaves: Array<Awaited<ReturnType<typeof startEnclave>>> = []
 let addresses: Array<{ id: string; address: StreamAddress }>
 let kmsKeyId: string
 
@@ -41,23 +41,35 @@ beforeAll(async () => {
     { id: 'enclave-unix', address: { path: path.join(directory, 'enclave.sock') } },
     { id: 'enclave-tcp', address: { host: '127.0.0.1', port: 18686 } },
   ]
-  for (const { id, address } of addresses) {
-    // Only the credentials the parent delivers: the enclave has none of its own.
-    const credentials = new DeliveredCredentials()
-    const client = new KMSClient({ endpoint: kms.url, region: kms.credentials.region, credentials: credentials.provider, maxAttempts: 1 })
-    const dataKeys = new KmsDataKeys({ client, kmsKeyId, attestation: developmentAttestation })
-    const engine = new SignEngine({ threads: 1 })
-    await engine.start()
-    let service: EnclaveService | undefined
-    const cache = new KeyCache({ now: Date.now, unlock: () => service!.unwrapLastDataKeys() })
-    service = new EnclaveService({ cache, engine, dataKeys, kmsKeyId, credentials, attestation: developmentAttestation })
-    const { close } = await serveEnclave({ service, address, log: () => {} })
-    enclaves.push({ id, address, cache, service, credentials, close, engine })
-  }
+  for (const { id, address } of addresses) enclaves.push(await startEnclave({ id, address }))
   store = await openDiskBlobStore({ directory: path.join(directory, 'store') })
   parent = new OriginParent({ enclaves: addresses, poolSize: 2, store, requestTimeoutMs: 2_000, credentials: async () => kms.credentials })
   await parent.start()
 })
+
+/** A real enclave service listening on `address`, with its own key cache and signing thread, and KMS through the local server. */
+async function startEnclave({ id, address }: { id: string; address: StreamAddress }) {
+  // Only the credentials the parent delivers: the enclave has none of its own.
+  const credentials = new DeliveredCredentials()
+  const client = new KMSClient({ endpoint: kms.url, region: kms.credentials.region, credentials: credentials.provider, maxAttempts: 1 })
+  const dataKeys = new KmsDataKeys({ client, kmsKeyId, attestation: developmentAttestation })
+  const engine = new SignEngine({ threads: 1 })
+  await engine.start()
+  let service: EnclaveService | undefined
+  const cache = new KeyCache({ now: Date.now, unlock: () => service!.unwrapLastDataKeys() })
+  service = new EnclaveService({ cache, engine, dataKeys, kmsKeyId, credentials, attestation: developmentAttestation })
+  const { close } = await serveEnclave({ service, address, log: () => {} })
+  return { id, address, cache, service, credentials, close, engine }
+}
+
+const digest = `0x${'cd'.repeat(32)}` as Hex
+
+/** Signs `digest` with the key through `signer`, and checks that the signature recovers to the key's address. */
+async function expectSignsAs(signer: OriginParent, key: { keyId: string; address: string }) {
+  const { signature, recoveryId } = await signer.sign(key.keyId, Buffer.from(digest.slice(2), 'hex'))
+  const recovered = await recoverAddress({ hash: digest, signature: serializeSignature({ r: `0x${signature.slice(2, 66)}`, s: `0x${signature.slice(66)}`, yParity: recoveryId }) })
+  expect(recovered).toBe(key.address)
+}
 
 afterAll(async () => {
   parent?.close()
@@ -83,12 +95,7 @@ describe('OriginParent with several enclaves', () => {
     }
     expect([...perEnclave.keys()].sort()).toEqual(['enclave-tcp', 'enclave-unix'])
 
-    const digest = `0x${'ab'.repeat(32)}` as Hex
-    for (const key of keys.slice(0, 10)) {
-      const { signature, recoveryId } = await parent.sign(key.keyId, Buffer.from(digest.slice(2), 'hex'))
-      const recovered = await recoverAddress({ hash: digest, signature: serializeSignature({ r: `0x${signature.slice(2, 66)}`, s: `0x${signature.slice(66)}`, yParity: recoveryId }) })
-      expect(recovered).toBe(key.address)
-    }
+    for (const key of keys.slice(0, 10)) await expectSignsAs(parent, key)
   })
 })
 
@@ -234,12 +241,6 @@ function storeWith(overrides: Partial<BlobStore>): BlobStore {
 }
 
 describe('DEK rotation', () => {
-  const digest = `0x${'cd'.repeat(32)}` as Hex
-  async function signsAs(signer: OriginParent, key: { keyId: string; address: string }) {
-    const { signature, recoveryId } = await signer.sign(key.keyId, Buffer.from(digest.slice(2), 'hex'))
-    const recovered = await recoverAddress({ hash: digest, signature: serializeSignature({ r: `0x${signature.slice(2, 66)}`, s: `0x${signature.slice(66)}`, yParity: recoveryId }) })
-    expect(recovered).toBe(key.address)
-  }
   async function storedRecords() {
     const records = []
     for await (const record of store.list()) records.push(record)
@@ -258,7 +259,7 @@ describe('DEK rotation', () => {
     const before = (await store.getWrappedDek())!
     const versions = new Map((await storedRecords()).map((record) => [record.keyId, record.version]))
 
-    const signing = Promise.all(keys.slice(1).map((key) => signsAs(parent, key)))
+    const signing = Promise.all(keys.slice(1).map((key) => expectSignsAs(parent, key)))
     expect(await parent.rotateDataKey()).toEqual({ resealed: versions.size })
     await signing
 
@@ -283,7 +284,7 @@ describe('DEK rotation', () => {
     const restarted = newParent()
     try {
       await restarted.start()
-      for (const key of keys.slice(1)) await signsAs(restarted, key)
+      for (const key of keys.slice(1)) await expectSignsAs(restarted, key)
     } finally {
       restarted.close()
     }
@@ -306,7 +307,7 @@ describe('DEK rotation', () => {
     const restarted = newParent()
     try {
       await restarted.start()
-      for (const key of [...keys.slice(1), ...created]) await signsAs(restarted, key)
+      for (const key of [...keys.slice(1), ...created]) await expectSignsAs(restarted, key)
       await expect(restarted.sign(keys[0]!.keyId, Buffer.alloc(32, 1))).rejects.toThrow(/frozen/)
     } finally {
       restarted.close()
@@ -332,13 +333,13 @@ describe('DEK rotation', () => {
     try {
       await resumed.start()
       // Five keys sealed under the new DEK, the rest still under the old one: all sign.
-      for (const key of keys) await signsAs(resumed, key)
+      for (const key of keys) await expectSignsAs(resumed, key)
       await resumed.rotateDataKey()
       // Finished with the DEK the interrupted call made, not another.
       expect(await store.getWrappedDek()).toEqual({ keyId: midway.keyId, ciphertext: midway.ciphertext })
       restartEnclaves()
       await resumed.unlock()
-      for (const key of keys) await signsAs(resumed, key)
+      for (const key of keys) await expectSignsAs(resumed, key)
     } finally {
       resumed.close()
     }
@@ -368,6 +369,68 @@ describe('DEK rotation', () => {
       expect(deksPut).toEqual([])
     } finally {
       starting.close()
+    }
+  })
+})
+
+describe('a parent whose enclaves are not all up', () => {
+  /** Two enclaves of their own, and a store of their own: the shared ones hold another DEK. */
+  const spares = [
+    { id: 'spare-up', address: { host: '127.0.0.1', port: 18687 } },
+    { id: 'spare-late', address: { host: '127.0.0.1', port: 18688 } },
+  ]
+  const ownedBy = <Key extends { keyId: string }>(id: string, keys: Key[]) => keys.filter((key) => new HashRing(spares.map((spare) => ({ id: spare.id, node: spare.id }))).nodeFor(key.keyId) === id)
+
+  it('starts with those it reaches: their keys sign; the others answer unavailable until their enclave comes, then load, unlock and sign', async () => {
+    const up = await startEnclave(spares[0]!)
+    let late = await startEnclave(spares[1]!)
+    const ownStore = await openDiskBlobStore({ directory: path.join(directory, 'spare-store') })
+    const logged: Array<Record<string, unknown>> = []
+    const parentOf = () => new OriginParent({ enclaves: spares, poolSize: 1, store: ownStore, requestTimeoutMs: 2_000, credentials: async () => kms.credentials, log: (fields) => logged.push(fields) })
+    const first = parentOf()
+    let second: OriginParent | undefined
+    try {
+      await first.start()
+      const keys = await Promise.all(Array.from({ length: 20 }, () => first.createKey()))
+      first.close()
+      await late.close()
+      await late.engine.stop()
+
+      second = parentOf()
+      await second.start()
+      expect(logged).toContainEqual({ level: 'warn', event: 'enclave_not_started', enclave: 'spare-late', error: expect.stringContaining('cannot connect to the enclave') })
+      for (const key of ownedBy('spare-up', keys)) await expectSignsAs(second, key)
+      const [waiting, ...others] = ownedBy('spare-late', keys)
+      await expect(second.sign(waiting!.keyId, Buffer.alloc(32, 1))).rejects.toThrow('cannot connect to the enclave')
+
+      late = await startEnclave(spares[1]!)
+      // The enclave has neither the key nor a DEK: the parent loads the one, answers NEEDS_UNLOCK and starts the unlock.
+      await expect(second.sign(waiting!.keyId, Buffer.alloc(32, 1))).rejects.toThrow(NeedsUnlockError)
+      await expect.poll(() => second!.sign(waiting!.keyId, Buffer.alloc(32, 1)).then(() => 'signed', () => 'not yet'), { timeout: 5_000 }).toBe('signed')
+      for (const key of [waiting!, ...others]) await expectSignsAs(second, key)
+      expect(logged.filter((line) => line.event === 'enclave_not_started')).toHaveLength(1)
+    } finally {
+      first.close()
+      second?.close()
+      await ownStore.close()
+      for (const enclave of [up, late]) {
+        await enclave.close()
+        await enclave.engine.stop()
+      }
+    }
+  })
+
+  it('refuses to start when it reaches none, naming each and why', async () => {
+    const unreachable = spares.map(({ id }, index) => ({ id, address: { host: '127.0.0.1', port: 18689 + index } }))
+    const emptyStore = storeWith({ getWrappedDek: async () => undefined, list: async function* () {} })
+    const fresh = new OriginParent({ enclaves: unreachable, poolSize: 1, store: emptyStore, requestTimeoutMs: 2_000, credentials: async () => kms.credentials })
+    const known = new OriginParent({ enclaves: unreachable, poolSize: 1, store, requestTimeoutMs: 2_000, credentials: async () => kms.credentials })
+    try {
+      await expect(fresh.start()).rejects.toThrow(/^no enclave could make the first data key: spare-up: cannot connect to the enclave: .*; spare-late: cannot connect to the enclave/)
+      await expect(known.start()).rejects.toThrow(/^no enclave could be started: spare-up: cannot connect to the enclave: .*; spare-late: cannot connect to the enclave/)
+    } finally {
+      fresh.close()
+      known.close()
     }
   })
 })

@@ -3,7 +3,7 @@ import type { AddressInfo } from 'node:net'
 import type { Server } from 'node:http'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import type { BlobStore } from '../../enclave-origin/parent/blobStore.js'
-import { closeGracefully, createParentApi, RefusalLog } from '../../enclave-origin/parent/httpApi.js'
+import { closeGracefully, createParentApi, ThrottledLog } from '../../enclave-origin/parent/httpApi.js'
 import { OriginParent } from '../../enclave-origin/parent/origin.js'
 import { RequestVerifier, signRequest } from '../../enclave-origin/protocol/requestSigning.js'
 
@@ -165,28 +165,39 @@ describe('the parent API', () => {
     const metrics = await (await fetch(`${base}/metrics`)).text()
     expect(metrics).toContain('origin_request_auth_failures_total{reason="bad-signature"} 1')
     expect(metrics).toContain('origin_request_auth_failures_total{reason="stale"} 1')
-    expect(logged).toContainEqual({ level: 'warn', event: 'request_refused', reason: 'bad-signature', hmacKeyId: hmac.keyId, refusals: 1 })
-    expect(logged).toContainEqual({ level: 'warn', event: 'request_refused', reason: 'stale', hmacKeyId: hmac.keyId, refusals: 1 })
+    expect(logged).toContainEqual({ level: 'warn', event: 'request_refused', reason: 'bad-signature', hmacKeyId: hmac.keyId, count: 1 })
+    expect(logged).toContainEqual({ level: 'warn', event: 'request_refused', reason: 'stale', hmacKeyId: hmac.keyId, count: 1 })
   })
 })
 
-describe('RefusalLog', () => {
-  it('logs a reason at most once an interval, counting the refusals it did not log', () => {
+it('logs the failures of a flood of signs its enclave cannot take once, not once each', async () => {
+  const before = logged.length
+  const body = JSON.stringify({ digest: `0x${'11'.repeat(32)}` })
+  for (let i = 0; i < 5; i++) {
+    const response = await signed('POST', '/v1/keys/k1/sign', body)
+    expect({ status: response.status, body: await response.json() }).toEqual({ status: 503, body: { error: 'origin unavailable' } })
+  }
+  const failures = logged.slice(before).filter((line) => line.event === 'origin_request_failed')
+  expect(failures).toEqual([{ level: 'error', event: 'origin_request_failed', route: 'sign', error: expect.stringContaining('cannot connect to the enclave'), count: 1 }])
+})
+
+describe('ThrottledLog', () => {
+  it('writes a kind at most once an interval, counting the occurrences it did not write', () => {
     const lines: Array<Record<string, unknown>> = []
     let now = 0
-    const refusals = new RefusalLog({ log: (fields) => lines.push(fields), intervalMs: 10_000, now: () => now })
-    refusals.note({ reason: 'stale', hmacKeyId: 'w' })
+    const log = new ThrottledLog({ log: (fields) => lines.push(fields), intervalMs: 10_000, now: () => now })
+    log.write('stale', { reason: 'stale' })
     now = 4_000
-    refusals.note({ reason: 'stale', hmacKeyId: 'w' })
-    refusals.note({ reason: 'replayed', hmacKeyId: 'w' })
+    log.write('stale', { reason: 'stale' })
+    log.write('replayed', { reason: 'replayed' })
     now = 9_999
-    refusals.note({ reason: 'stale', hmacKeyId: 'w' })
-    expect(lines.map(({ reason, refusals }) => [reason, refusals])).toEqual([
-      ['stale', 1],
-      ['replayed', 1],
+    log.write('stale', { reason: 'stale' })
+    expect(lines).toEqual([
+      { reason: 'stale', count: 1 },
+      { reason: 'replayed', count: 1 },
     ])
     now = 10_000
-    refusals.note({ reason: 'stale', hmacKeyId: 'x' })
-    expect(lines.at(-1)).toEqual({ level: 'warn', event: 'request_refused', reason: 'stale', hmacKeyId: 'x', refusals: 3 })
+    log.write('stale', { reason: 'stale', hmacKeyId: 'x' })
+    expect(lines.at(-1)).toEqual({ reason: 'stale', hmacKeyId: 'x', count: 3 })
   })
 })
