@@ -56,6 +56,14 @@ type Enclave = {
   unlockQueue: Promise<unknown>
   /** After failed unlocks that NEEDS_UNLOCK answers started, those answers start none for a while (a monotonic clock). */
   unlockBackoff: FailureBackoff
+  /**
+   * Its records may differ from the store's: it was not loaded at start, and
+   * may still hold records from before (alive, but out of reach), states
+   * since changed among them. Each key is reloaded before use until a full
+   * sync (`syncing`) has reloaded them all.
+   */
+  unsynced: boolean
+  syncing: Promise<void> | undefined
 }
 
 export type KeyInfo = { keyId: string; publicKey: Hex; address: Address; state: KeyState; cacheState?: CacheState }
@@ -89,7 +97,7 @@ export class OriginParent {
       log?: (fields: Record<string, unknown>) => void
     },
   ) {
-    this.enclaves = options.enclaves.map(({ id, address }) => ({ id, pool: new EnclavePool({ address, size: options.poolSize }), unlocking: undefined, unlockQueue: Promise.resolve(), unlockBackoff: new FailureBackoff({ now: () => performance.now(), random: Math.random }) }))
+    this.enclaves = options.enclaves.map(({ id, address }) => ({ id, pool: new EnclavePool({ address, size: options.poolSize }), unlocking: undefined, unlockQueue: Promise.resolve(), unlockBackoff: new FailureBackoff({ now: () => performance.now(), random: Math.random }), unsynced: false, syncing: undefined }))
     this.ring = new HashRing(this.enclaves.map((enclave) => ({ id: enclave.id, node: enclave })))
   }
 
@@ -101,6 +109,8 @@ export class OriginParent {
   private rotating: Promise<{ resealed: number }> | undefined
   /** Reloads queued or running, per key. */
   private readonly reloads = new Map<string, Promise<boolean>>()
+  /** Keys whose enclave may have missed a state change (its SET_STATE failed): reloaded before their next use. */
+  private readonly unsyncedKeys = new Set<string>()
 
   private async call(enclave: Enclave, opcode: Opcode, payload: Uint8Array): Promise<Frame> {
     const waitsOnKms = opcode === opcodes.UNLOCK || opcode === opcodes.GENERATE_DATA_KEY
@@ -160,6 +170,7 @@ export class OriginParent {
           await enclave.pool.connect()
           await this.unlock(enclave)
         } catch (error) {
+          enclave.unsynced = true
           failures.set(enclave, messageOf(error))
           this.options.log?.({ level: 'warn', event: 'enclave_not_started', enclave: enclave.id, error: messageOf(error) })
         }
@@ -407,6 +418,7 @@ export class OriginParent {
   /** Signs a digest; `rpcMs` is the parent↔enclave round trip, `enclaveMs` the enclave's own part of it. */
   async sign(keyId: string, digest: Uint8Array): Promise<{ signature: Hex; recoveryId: number; rpcMs: number; enclaveMs: number }> {
     const enclave = this.ring.nodeFor(keyId)
+    if (enclave.unsynced || this.unsyncedKeys.has(keyId)) await this.resync(enclave, keyId)
     const started = performance.now()
     let frame = await this.call(enclave, opcodes.SIGN, encodeSignRequest({ keyId, digest }))
     if (frame.status === statuses.NOT_FOUND && (await this.reloadInTurn(keyId))) {
@@ -441,11 +453,35 @@ export class OriginParent {
     const record = await this.options.store.get(keyId)
     if (!record) return false
     await this.load(record)
+    // In the key's turn: a state change that fails to reach the enclave after this marks the key again.
+    this.unsyncedKeys.delete(keyId)
     return true
+  }
+
+  /**
+   * The key's stored record into its enclave before it is used, when the
+   * enclave's copy may be stale. Once that reaches an unsynced enclave, a
+   * sync of all its keys starts (one at a time), which ends the reloads per
+   * use; not before, so that requests while it is down start none.
+   */
+  private async resync(enclave: Enclave, keyId: string): Promise<void> {
+    await this.reloadInTurn(keyId)
+    if (enclave.unsynced) {
+      enclave.syncing ??= this.forEachStored((record) => (this.ring.nodeFor(record.keyId) === enclave ? this.reloadInTurn(record.keyId) : Promise.resolve()))
+        .then(() => {
+          enclave.unsynced = false
+          this.options.log?.({ event: 'enclave_synced', enclave: enclave.id })
+        })
+        .catch((error: unknown) => this.options.log?.({ level: 'warn', event: 'enclave_sync_failed', enclave: enclave.id, error: messageOf(error) }))
+        .finally(() => {
+          enclave.syncing = undefined
+        })
+    }
   }
 
   async getKey(keyId: string): Promise<KeyInfo> {
     const enclave = this.ring.nodeFor(keyId)
+    if (enclave.unsynced || this.unsyncedKeys.has(keyId)) await this.resync(enclave, keyId)
     let frame = await this.call(enclave, opcodes.GET, encodeGetRequest({ keyId }))
     if (frame.status === statuses.NOT_FOUND && (await this.reloadInTurn(keyId))) frame = await this.call(enclave, opcodes.GET, encodeGetRequest({ keyId }))
     const key = decodeGetResponse(this.check(enclave, frame).payload)
@@ -460,9 +496,15 @@ export class OriginParent {
         throw error instanceof KeyNotStoredError ? new OriginRequestError('not-found', `no key ${keyId}`) : error
       })
       const enclave = this.ring.nodeFor(keyId)
-      const frame = await this.call(enclave, opcodes.SET_STATE, encodeSetStateRequest({ keyId, state }))
-      if (frame.status === statuses.NOT_FOUND) await this.reload(keyId)
-      else this.check(enclave, frame)
+      try {
+        const frame = await this.call(enclave, opcodes.SET_STATE, encodeSetStateRequest({ keyId, state }))
+        if (frame.status === statuses.NOT_FOUND) await this.reload(keyId)
+        else this.check(enclave, frame)
+      } catch (error) {
+        // The store has the new state; the enclave may not (a frozen key there would still sign).
+        this.unsyncedKeys.add(keyId)
+        throw error
+      }
     })
   }
 

@@ -1,4 +1,5 @@
 import { mkdtempSync, rmSync } from 'node:fs'
+import { connect, createServer as createNetServer, type AddressInfo, type Socket } from 'node:net'
 import { tmpdir } from 'node:os'
 import path from 'node:path'
 import { KMSClient } from '@aws-sdk/client-kms'
@@ -60,6 +61,42 @@ async function startEnclave({ id, address }: { id: string; address: StreamAddres
   service = new EnclaveService({ cache, engine, dataKeys, kmsKeyId, credentials, attestation: developmentAttestation })
   const { close } = await serveEnclave({ service, address, log: () => {} })
   return { id, address, cache, service, credentials, close, engine }
+}
+
+/**
+ * A TCP relay to `target` that can be cut (its connections dropped, new ones
+ * closed at once) and restored: an enclave alive but out of the parent's reach.
+ */
+async function relay(target: { host: string; port: number }) {
+  let open = true
+  const sockets = new Set<Socket>()
+  const track = (socket: Socket) => {
+    sockets.add(socket)
+    socket.on('error', () => {}).on('close', () => sockets.delete(socket))
+  }
+  const server = createNetServer((client) => {
+    if (!open) return void client.destroy()
+    const upstream = connect(target.port, target.host)
+    track(client)
+    track(upstream)
+    client.pipe(upstream).pipe(client)
+  })
+  await new Promise<void>((listening) => server.listen(0, '127.0.0.1', listening))
+  const dropAll = () => sockets.forEach((socket) => socket.destroy())
+  return {
+    address: { host: '127.0.0.1', port: (server.address() as AddressInfo).port },
+    cut: () => {
+      open = false
+      dropAll()
+    },
+    restore: () => {
+      open = true
+    },
+    close: () => {
+      dropAll()
+      return new Promise((closed) => server.close(closed))
+    },
+  }
 }
 
 const digest = `0x${'cd'.repeat(32)}` as Hex
@@ -412,6 +449,53 @@ describe('a parent whose enclaves are not all up', () => {
     } finally {
       first.close()
       second?.close()
+      await ownStore.close()
+      for (const enclave of [up, late]) {
+        await enclave.close()
+        await enclave.engine.stop()
+      }
+    }
+  })
+
+  it("a state change its enclave missed reaches it before the key's next use, from this parent or the next", async () => {
+    const up = await startEnclave(spares[0]!)
+    const late = await startEnclave(spares[1]!)
+    const cable = await relay(spares[1]!.address)
+    const ownStore = await openDiskBlobStore({ directory: path.join(directory, 'relay-store') })
+    const logged: Array<Record<string, unknown>> = []
+    const parentOf = () =>
+      new OriginParent({ enclaves: [spares[0]!, { id: 'spare-late', address: cable.address }], poolSize: 1, store: ownStore, requestTimeoutMs: 1_000, credentials: async () => kms.credentials, log: (fields) => logged.push(fields) })
+    const first = parentOf()
+    let second: OriginParent | undefined
+    try {
+      await first.start()
+      const keys = [await first.createKey()]
+      while (ownedBy('spare-late', keys).length < 3) keys.push(await first.createKey())
+      const [missed, stale, unchanged] = ownedBy('spare-late', keys)
+      await expectSignsAs(first, missed!)
+
+      // The enclave is alive, but out of the parent's reach while the key is frozen.
+      cable.cut()
+      await expect(first.setState(missed!.keyId, 'frozen')).rejects.toThrow()
+      expect(late.cache.get(missed!.keyId)?.record.state).toBe('active')
+      cable.restore()
+      await expect(first.sign(missed!.keyId, Buffer.alloc(32, 2))).rejects.toThrow(`key ${missed!.keyId} is frozen`)
+
+      // Again, and this time the parent restarts while the enclave is still out of reach.
+      cable.cut()
+      await expect(first.setState(stale!.keyId, 'archived')).rejects.toThrow()
+      first.close()
+      second = parentOf()
+      await second.start()
+      cable.restore()
+      await expect(second.sign(stale!.keyId, Buffer.alloc(32, 2))).rejects.toThrow(`key ${stale!.keyId} is archived`)
+      await expect.poll(() => logged.some((line) => line.event === 'enclave_synced')).toBe(true)
+      for (const key of keys) expect(late.cache.get(key.keyId)?.record.state ?? up.cache.get(key.keyId)?.record.state).toBe((await ownStore.get(key.keyId))!.state)
+      await expectSignsAs(second, unchanged!)
+    } finally {
+      first.close()
+      second?.close()
+      await cable.close()
       await ownStore.close()
       for (const enclave of [up, late]) {
         await enclave.close()
