@@ -201,10 +201,11 @@ export class KeyCache {
   /**
    * Adds or replaces a key's record. A record that seals the same bytes at the
    * same version as the one held keeps its plaintext (a re-sync from the parent
-   * is not a reason to go cold); any other replacement drops it. One of an
-   * older version than the one held is ignored: a late reload must not bring
-   * back a record that a DEK rotation has re-sealed. A record whose bytes
-   * cannot be held (an empty one) throws and leaves the held key as it was.
+   * is not a reason to go cold); any other replacement drops it. Of one of an
+   * older version than the one held only the state is taken: a late reload
+   * must not bring back a record that a DEK rotation has re-sealed, but a
+   * freeze must hold. A record whose bytes cannot be held (an empty one)
+   * throws and leaves the held key as it was.
    */
   load(record: SealedKeyRecord): void {
     this.loadEntry(record)
@@ -491,19 +492,33 @@ export class KeyCache {
   }
 
   private warmKeysAwaitingUnlock(): void {
-    const now = this.now()
-    const dek = this.validDek(now)
-    if (!dek) return
-    for (const keyId of this.keysAwaitingUnlock) {
-      const entry = this.entries.get(keyId)
-      if (!entry || entry.record.state !== 'active' || isWarm(entry, now)) continue
-      try {
-        this.rederive({ entry, dek, now })
-      } catch {
-        // counted and audited in rederive; the key stays COOL and the next acquire reports the error
+    const keyIds = [...this.keysAwaitingUnlock]
+    this.keysAwaitingUnlock.clear()
+    this.track(this.warmInSlices(keyIds))
+  }
+
+  /**
+   * Re-derives the keys, 256 per event-loop turn (about 10 ms): thousands
+   * waiting on one unlock must not hold the loop for a second. A key asked
+   * for before its turn comes is re-derived inline by that acquire.
+   */
+  private async warmInSlices(keyIds: string[]): Promise<void> {
+    const generation = this.generation
+    for (let from = 0; from < keyIds.length; from += warmSliceSize) {
+      if (from > 0) await nextTurn()
+      const now = this.now()
+      const dek = this.validDek(now)
+      if (!dek || generation !== this.generation) return
+      for (const keyId of keyIds.slice(from, from + warmSliceSize)) {
+        const entry = this.entries.get(keyId)
+        if (!entry || entry.record.state !== 'active' || isWarm(entry, now)) continue
+        try {
+          this.rederive({ entry, dek, now })
+        } catch {
+          // counted and audited in rederive; the key stays COOL and the next acquire reports the error
+        }
       }
     }
-    this.keysAwaitingUnlock.clear()
   }
 
   /** The DEK if still before its hard TTL; a lapsed one is zeroed and dropped here. */
@@ -541,8 +556,10 @@ export class KeyCache {
   /** `load`, returning the key's entry: the record's bytes copied into the slabs, unless it seals what is held already. */
   private loadEntry(record: SealedKeyRecord): KeyEntry {
     const held = this.entries.get(record.keyId)
-    if (held && record.version < held.record.version) return held
-    if (held && sealsSameKey(held.record, record)) {
+    // An older record keeps the newer sealed bytes held, but its state is the parent's latest word: the
+    // parent reads the state from its store in the key's turn, and a DEK rotation may have re-sealed the
+    // key here without its store taking the new version.
+    if (held && (record.version < held.record.version || sealsSameKey(held.record, record))) {
       held.record = { ...held.record, state: record.state }
       if (record.state !== 'active') this.dropPlaintext(held)
       return held
@@ -603,6 +620,8 @@ export class KeyCache {
   }
 }
 
+const warmSliceSize = 256
+
 /**
  * The record's private key, opened with the DEK, or during a rotation with the retiring one. Throws
  * SealingError if neither opens it, or if it is not the key of the record's public key: the public key
@@ -618,10 +637,13 @@ function unsealWith(record: SealedKeyRecord, dek: CachedDek): Uint8Array {
     if (!dek.retiring) throw error
     privateKey = unsealPrivateKey({ sealed, dek: dek.retiring, keyId, version })
   }
-  if (!bytesEqual(secp256k1.publicKeyCreate(privateKey, false), record.publicKey)) {
-    zero(privateKey)
-    throw new SealingError(`sealed key ${keyId} v${version} is not the key of its record's public key: the record was altered or mixed with another`)
+  let matches = false
+  try {
+    matches = bytesEqual(secp256k1.publicKeyCreate(privateKey, false), record.publicKey)
+  } finally {
+    if (!matches) zero(privateKey)
   }
+  if (!matches) throw new SealingError(`sealed key ${keyId} v${version} is not the key of its record's public key: the record was altered or mixed with another`)
   return privateKey
 }
 

@@ -19,6 +19,26 @@ export class HashRing<Node> {
   nodeFor(key: string): Node {
     // One enclave owns every key: no hash on the sign path.
     if (this.nodeCount === 1) return this.points[0]!.node
+    return this.points[this.firstPointFor(key)]!.node
+  }
+
+  /**
+   * Every node, in the order the key would fall to them: its owner, then
+   * the next distinct nodes clockwise. Each node's keys spread over all the
+   * others, so no one node takes a failed node's whole load.
+   */
+  nodesFor(key: string): Node[] {
+    const nodes: Node[] = []
+    const first = this.firstPointFor(key)
+    for (let step = 0; step < this.points.length && nodes.length < this.nodeCount; step++) {
+      const { node } = this.points[(first + step) % this.points.length]!
+      if (!nodes.includes(node)) nodes.push(node)
+    }
+    return nodes
+  }
+
+  /** The index of the first point at or after the key's hash, wrapping round. */
+  private firstPointFor(key: string): number {
     const at = hash32(key)
     let low = 0
     let high = this.points.length
@@ -27,7 +47,7 @@ export class HashRing<Node> {
       if (this.points[middle]!.at < at) low = middle + 1
       else high = middle
     }
-    return this.points[low % this.points.length]!.node
+    return low % this.points.length
   }
 }
 

@@ -5,6 +5,7 @@ import { maxKeyIdBytes } from '../protocol/messages.js'
 import type { RequestVerifier } from '../protocol/requestSigning.js'
 import type { KeyState } from '../types.js'
 import { originMetrics } from './metrics.js'
+import { ThrottledLog } from './throttledLog.js'
 import { NeedsUnlockError, OriginRequestError, type OriginParent } from './origin.js'
 
 export type ParentApiOptions = {
@@ -19,36 +20,6 @@ export type ParentApiOptions = {
 
 const maxBodyBytes = 16 * 1024
 const utf8 = new TextDecoder()
-
-/**
- * Log lines of one kind at most once every 10 s, each counting (`count`) the
- * occurrences since the last: a flood of forged requests, or of signs for
- * the keys of an enclave that is down, must not flood the log. Kinds must be
- * few (a route and a reason, not a key id): each is remembered.
- */
-export class ThrottledLog {
-  private readonly byKind = new Map<string, { loggedAt: number; unlogged: number }>()
-  private readonly log: (fields: Record<string, unknown>) => void
-  private readonly intervalMs: number
-  private readonly now: () => number
-
-  constructor({ log, intervalMs = 10_000, now = Date.now }: { log: (fields: Record<string, unknown>) => void; intervalMs?: number; now?: () => number }) {
-    this.log = log
-    this.intervalMs = intervalMs
-    this.now = now
-  }
-
-  write(kind: string, fields: Record<string, unknown>): void {
-    const now = this.now()
-    const last = this.byKind.get(kind)
-    if (last && now - last.loggedAt < this.intervalMs) {
-      last.unlogged++
-      return
-    }
-    this.byKind.set(kind, { loggedAt: now, unlogged: 0 })
-    this.log({ ...fields, count: (last?.unlogged ?? 0) + 1 })
-  }
-}
 
 /**
  * The parent's HTTP(S) API for the Worker and operators: create, sign, get,

@@ -84,6 +84,9 @@ export function originMetrics(parent: OriginParent) {
   const text = async () => {
     const own = new PrometheusText()
     figures.writeTo(own)
+    for (const { enclave, standby, count } of parent.failovers()) {
+      own.add({ name: 'origin_failovers_total', help: 'Signs and gets for an enclave\u2019s keys that another enclave served while it was out of reach.', type: 'counter' }, { enclave, standby }, count)
+    }
     return `${await registry.metrics()}${own}\n${enclaveMetricsText(await parent.health())}`
   }
   return { text, contentType: registry.contentType, figures, needsUnlock, authFailures }

@@ -28,8 +28,9 @@ import { messageOf } from '../errors.js'
 import { FailureBackoff } from '../failureBackoff.js'
 import type { CacheState, KeyState, SealedKeyRecord, WrappedDek } from '../types.js'
 import { KeyNotStoredError, type BlobStore } from './blobStore.js'
-import { EnclavePool, type EnclaveAddress } from './enclavePool.js'
+import { EnclavePool, EnclaveUnavailableError, type EnclaveAddress } from './enclavePool.js'
 import { HashRing } from './hashRing.js'
+import { ThrottledLog } from './throttledLog.js'
 
 /** The key must be unlocked first; ask again after `retryAfterMs`. */
 export class NeedsUnlockError extends Error {
@@ -57,13 +58,17 @@ type Enclave = {
   /** After failed unlocks that NEEDS_UNLOCK answers started, those answers start none for a while (a monotonic clock). */
   unlockBackoff: FailureBackoff
   /**
-   * Its records may differ from the store's: it was not loaded at start, and
-   * may still hold records from before (alive, but out of reach), states
-   * since changed among them. Each key is reloaded before use until a full
-   * sync (`syncing`) has reloaded them all.
+   * Not in service: it could not be unlocked and loaded at start (or lost
+   * the parent mid-load). It may be down, or alive with another DEK and
+   * records from before, states since changed among them. Its keys fail
+   * over to other enclaves, and creates pass it over, until a sync
+   * (`syncing`: an unlock with the stored DEK, then every key it owns
+   * reloaded in turn) succeeds. Requests for its keys start one, not more
+   * often than `syncBackoff` allows after failures.
    */
   unsynced: boolean
   syncing: Promise<void> | undefined
+  syncBackoff: FailureBackoff
 }
 
 export type KeyInfo = { keyId: string; publicKey: Hex; address: Address; state: KeyState; cacheState?: CacheState }
@@ -97,7 +102,7 @@ export class OriginParent {
       log?: (fields: Record<string, unknown>) => void
     },
   ) {
-    this.enclaves = options.enclaves.map(({ id, address }) => ({ id, pool: new EnclavePool({ address, size: options.poolSize }), unlocking: undefined, unlockQueue: Promise.resolve(), unlockBackoff: new FailureBackoff({ now: () => performance.now(), random: Math.random }), unsynced: false, syncing: undefined }))
+    this.enclaves = options.enclaves.map(({ id, address }) => ({ id, pool: new EnclavePool({ address, size: options.poolSize }), unlocking: undefined, unlockQueue: Promise.resolve(), unlockBackoff: new FailureBackoff({ now: () => performance.now(), random: Math.random }), unsynced: false, syncing: undefined, syncBackoff: new FailureBackoff({ now: () => performance.now(), random: Math.random }) }))
     this.ring = new HashRing(this.enclaves.map((enclave) => ({ id: enclave.id, node: enclave })))
   }
 
@@ -111,6 +116,9 @@ export class OriginParent {
   private readonly reloads = new Map<string, Promise<boolean>>()
   /** Keys whose enclave may have missed a state change (its SET_STATE failed): reloaded before their next use. */
   private readonly unsyncedKeys = new Set<string>()
+  /** Signs and gets that another enclave served: one log line per pair of enclaves every 10 s, and a count per pair. */
+  private readonly failoverLog = new ThrottledLog({ log: (fields) => this.options.log?.(fields) })
+  private readonly failoverCounts = new Map<string, { enclave: string; standby: string; count: number }>()
 
   private async call(enclave: Enclave, opcode: Opcode, payload: Uint8Array): Promise<Frame> {
     const waitsOnKms = opcode === opcodes.UNLOCK || opcode === opcodes.GENERATE_DATA_KEY
@@ -142,10 +150,11 @@ export class OriginParent {
    * Makes sure a data key exists (the first enclave that answers has KMS
    * generate one; only its wrapped form is stored), then connects to and
    * unlocks every enclave and loads each stored key into the enclave that
-   * owns it. An enclave that cannot be reached or unlocked now is logged and
-   * left: its keys answer 503 until it can, then load on first use and start
-   * its unlock (as after an enclave restart). Refuses to start only when no
-   * enclave could be started.
+   * owns it. An enclave that cannot be reached or unlocked, or drops out
+   * while its keys load, is logged and left out of service (`unsynced`)
+   * until a later sync succeeds; a record that will not load is logged and
+   * its key tried again at each use. Refuses to start only when no enclave
+   * could be started.
    */
   async start(): Promise<void> {
     this.credentialRefresh = setInterval(() => {
@@ -164,22 +173,49 @@ export class OriginParent {
       await this.options.store.putWrappedDek({ keyId: 'enclave-data-key', ciphertext: await this.generateFirstDataKey() })
     }
     const failures = new Map<Enclave, string>()
+    const leaveOut = (enclave: Enclave, error: unknown) => {
+      enclave.unsynced = true
+      failures.set(enclave, messageOf(error))
+      this.options.log?.({ level: 'warn', event: 'enclave_not_started', enclave: enclave.id, error: messageOf(error) })
+    }
     await Promise.all(
       this.enclaves.map(async (enclave) => {
         try {
           await enclave.pool.connect()
           await this.unlock(enclave)
         } catch (error) {
-          enclave.unsynced = true
-          failures.set(enclave, messageOf(error))
-          this.options.log?.({ level: 'warn', event: 'enclave_not_started', enclave: enclave.id, error: messageOf(error) })
+          leaveOut(enclave, error)
         }
       }),
     )
+    const started = this.enclaves.filter((enclave) => !enclave.unsynced)
+    const droppedOut = await this.loadOwnedKeys({ owners: started, load: (record) => this.load(record) })
+    for (const [enclave, error] of droppedOut) leaveOut(enclave, error)
     if (failures.size === this.enclaves.length) {
       throw new Error(`no enclave could be started: ${[...failures].map(([enclave, error]) => `${enclave.id}: ${error}`).join('; ')}`)
     }
-    await this.forEachStored((record) => (failures.has(this.ring.nodeFor(record.keyId)) ? Promise.resolve() : this.load(record)))
+  }
+
+  /**
+   * Loads every stored key that one of `owners` owns, with `load`. A record
+   * that fails is logged and its key marked, to be tried again before each
+   * use; an owner that turns out to be out of reach is skipped from then on,
+   * and returned with the error.
+   */
+  private async loadOwnedKeys({ owners, load }: { owners: Enclave[]; load: (record: SealedKeyRecord) => Promise<unknown> }): Promise<Map<Enclave, unknown>> {
+    const outOfReach = new Map<Enclave, unknown>()
+    await this.forEachStored(async (record) => {
+      const enclave = this.ring.nodeFor(record.keyId)
+      if (!owners.includes(enclave) || outOfReach.has(enclave)) return
+      try {
+        await load(record)
+      } catch (error) {
+        if (error instanceof EnclaveUnavailableError) return void outOfReach.set(enclave, error)
+        this.unsyncedKeys.add(record.keyId)
+        this.options.log?.({ level: 'error', event: 'key_not_loaded', keyId: record.keyId, enclave: enclave.id, error: messageOf(error) })
+      }
+    })
+    return outOfReach
   }
 
   /** A new DEK's wrapped form, from the first enclave that makes one (each asks KMS through its own unlock). */
@@ -220,9 +256,8 @@ export class OriginParent {
     return count
   }
 
-  /** Hands a stored record to the enclave that owns its key. */
-  private async load(record: SealedKeyRecord): Promise<Enclave> {
-    const enclave = this.ring.nodeFor(record.keyId)
+  /** Hands a stored record to the enclave that owns its key (or to `enclave`). */
+  private async load(record: SealedKeyRecord, enclave = this.ring.nodeFor(record.keyId)): Promise<Enclave> {
     let request: Uint8Array
     try {
       request = encodeLoadRequest(record)
@@ -407,21 +442,58 @@ export class OriginParent {
     return creating
   }
 
+  /**
+   * A key id is random, so the enclave that makes it is too: one out of
+   * reach or out of service is passed over for a key id another enclave owns.
+   */
   private async create(): Promise<KeyInfo> {
-    const keyId = randomUUID()
-    const enclave = this.ring.nodeFor(keyId)
-    const created = decodeCreateResponse(this.check(enclave, await this.call(enclave, opcodes.CREATE, encodeCreateRequest({ keyId }))).payload)
+    const unreachable = new Set<Enclave>()
+    let keyId: string
+    let enclave: Enclave
+    let frame: Frame
+    for (;;) {
+      keyId = randomUUID()
+      enclave = this.ring.nodeFor(keyId)
+      if (unreachable.has(enclave)) continue
+      try {
+        // Out of service, it may hold another DEK: a key sealed under that one would be lost at its next restart.
+        if (enclave.unsynced) throw this.outOfService(enclave)
+        frame = await this.call(enclave, opcodes.CREATE, encodeCreateRequest({ keyId }))
+        break
+      } catch (error) {
+        if (!(error instanceof EnclaveUnavailableError)) throw error
+        unreachable.add(enclave)
+        if (unreachable.size === this.enclaves.length) throw error
+      }
+    }
+    const created = decodeCreateResponse(this.check(enclave, frame).payload)
     await this.options.store.put({ keyId, version: created.version, state: 'active', publicKey: created.publicKey, sealed: created.sealed })
     return { keyId, publicKey: bytesToHex(created.publicKey), address: publicKeyToAddress(bytesToHex(created.publicKey)), state: 'active' }
   }
 
-  /** Signs a digest; `rpcMs` is the parent↔enclave round trip, `enclaveMs` the enclave's own part of it. */
+  /**
+   * Signs a digest; `rpcMs` is the parent↔enclave round trip, `enclaveMs` the
+   * enclave's own part of it. With the key's enclave out of reach, another
+   * signs (see `standbyFor`).
+   */
   async sign(keyId: string, digest: Uint8Array): Promise<{ signature: Hex; recoveryId: number; rpcMs: number; enclaveMs: number }> {
-    const enclave = this.ring.nodeFor(keyId)
-    if (enclave.unsynced || this.unsyncedKeys.has(keyId)) await this.resync(enclave, keyId)
+    const owner = this.ring.nodeFor(keyId)
+    try {
+      if (owner.unsynced) throw this.outOfService(owner)
+      return await this.signOn({ enclave: owner, keyId, digest })
+    } catch (error) {
+      const standby = await this.standbyFor(keyId, error)
+      if (!standby) throw error
+      return this.signOn({ enclave: standby, keyId, digest, fresh: true })
+    }
+  }
+
+  /** `fresh`: the key was just loaded into the enclave from the store. */
+  private async signOn({ enclave, keyId, digest, fresh = false }: { enclave: Enclave; keyId: string; digest: Uint8Array; fresh?: boolean }): Promise<{ signature: Hex; recoveryId: number; rpcMs: number; enclaveMs: number }> {
+    if (!fresh && this.unsyncedKeys.has(keyId)) await this.reloadInTurn(keyId, enclave)
     const started = performance.now()
     let frame = await this.call(enclave, opcodes.SIGN, encodeSignRequest({ keyId, digest }))
-    if (frame.status === statuses.NOT_FOUND && (await this.reloadInTurn(keyId))) {
+    if (frame.status === statuses.NOT_FOUND && (await this.reloadInTurn(keyId, enclave))) {
       frame = await this.call(enclave, opcodes.SIGN, encodeSignRequest({ keyId, digest }))
     }
     const rpcMs = performance.now() - started
@@ -431,65 +503,120 @@ export class OriginParent {
   }
 
   /**
+   * After `error` from the key's own enclave: when that enclave is out of
+   * reach (no connection, or no answer in time), the next enclave on the
+   * ring that takes the key's stored record, loaded fresh from the store
+   * for this very use. Every enclave holds the same DEK, so any can open
+   * it. The copy stays there, but is only used again through here, after a
+   * fresh load: a state change made meanwhile always reaches it. Undefined
+   * for any other error, or a key the store does not hold (a preloaded
+   * account lives in its own enclave only).
+   */
+  private async standbyFor(keyId: string, error: unknown): Promise<Enclave | undefined> {
+    if (!(error instanceof EnclaveUnavailableError)) return undefined
+    const [owner, ...others] = this.ring.nodesFor(keyId)
+    for (const standby of others) {
+      if (standby.unsynced) continue
+      try {
+        if (!(await this.reloadInTurn(keyId, standby))) return undefined
+      } catch (failure) {
+        if (failure instanceof EnclaveUnavailableError) continue
+        throw failure
+      }
+      const pair = `${owner!.id} ${standby.id}`
+      this.failoverLog.write(pair, { level: 'warn', event: 'enclave_failover', enclave: owner!.id, standby: standby.id, error: error.message })
+      const counted = this.failoverCounts.get(pair)
+      if (counted) counted.count++
+      else this.failoverCounts.set(pair, { enclave: owner!.id, standby: standby.id, count: 1 })
+      return standby
+    }
+    return undefined
+  }
+
+  /**
    * `reload` in the key's turn: a state change or re-seal of the same key
    * waits for it, and it for them, so a record read before one of those
    * cannot land after it (a frozen key turned active again, say).
    */
-  private reloadInTurn(keyId: string): Promise<boolean> {
+  private reloadInTurn(keyId: string, into = this.ring.nodeFor(keyId)): Promise<boolean> {
     // Callers while one is queued or running share it: N signs of a key an enclave lost make one reload.
-    let reload = this.reloads.get(keyId)
+    const shared = `${into.id}\n${keyId}`
+    let reload = this.reloads.get(shared)
     if (!reload) {
-      const started = this.serializeKey(keyId, () => this.reload(keyId)).finally(() => {
-        if (this.reloads.get(keyId) === started) this.reloads.delete(keyId)
+      const started = this.serializeKey(keyId, () => this.reload(keyId, into)).finally(() => {
+        if (this.reloads.get(shared) === started) this.reloads.delete(shared)
       })
-      this.reloads.set(keyId, started)
+      this.reloads.set(shared, started)
       reload = started
     }
     return reload
   }
 
   /** An enclave that restarted has lost its records: hand it the stored one. Callers hold the key's turn. */
-  private async reload(keyId: string): Promise<boolean> {
+  private async reload(keyId: string, into = this.ring.nodeFor(keyId)): Promise<boolean> {
     const record = await this.options.store.get(keyId)
     if (!record) return false
-    await this.load(record)
+    await this.load(record, into)
     // In the key's turn: a state change that fails to reach the enclave after this marks the key again.
-    this.unsyncedKeys.delete(keyId)
+    if (into === this.ring.nodeFor(keyId)) this.unsyncedKeys.delete(keyId)
     return true
   }
 
   /**
-   * The key's stored record into its enclave before it is used, when the
-   * enclave's copy may be stale. Once that reaches an unsynced enclave, a
-   * sync of all its keys starts (one at a time), which ends the reloads per
-   * use; not before, so that requests while it is down start none.
+   * The error that sends a request for an out-of-service enclave's keys to
+   * another enclave; starts the enclave's sync unless one runs or failed
+   * too recently.
    */
-  private async resync(enclave: Enclave, keyId: string): Promise<void> {
-    await this.reloadInTurn(keyId)
-    if (enclave.unsynced) {
-      enclave.syncing ??= this.forEachStored((record) => (this.ring.nodeFor(record.keyId) === enclave ? this.reloadInTurn(record.keyId) : Promise.resolve()))
-        .then(() => {
-          enclave.unsynced = false
-          this.options.log?.({ event: 'enclave_synced', enclave: enclave.id })
-        })
-        .catch((error: unknown) => this.options.log?.({ level: 'warn', event: 'enclave_sync_failed', enclave: enclave.id, error: messageOf(error) }))
-        .finally(() => {
-          enclave.syncing = undefined
-        })
+  private outOfService(enclave: Enclave): EnclaveUnavailableError {
+    if (!enclave.syncing && !enclave.syncBackoff.holding) {
+      enclave.syncing = this.sync(enclave).finally(() => {
+        enclave.syncing = undefined
+      })
+    }
+    return new EnclaveUnavailableError(`enclave ${enclave.id} is out of service until it has unlocked and loaded its keys`)
+  }
+
+  private async sync(enclave: Enclave): Promise<void> {
+    try {
+      await this.unlock(enclave)
+      const droppedOut = await this.loadOwnedKeys({ owners: [enclave], load: (record) => this.reloadInTurn(record.keyId) })
+      if (droppedOut.size > 0) throw droppedOut.get(enclave)
+      enclave.unsynced = false
+      enclave.syncBackoff.succeeded()
+      this.options.log?.({ event: 'enclave_synced', enclave: enclave.id })
+    } catch (error) {
+      const retryInMs = Math.round(enclave.syncBackoff.failed())
+      this.options.log?.({ level: 'warn', event: 'enclave_sync_failed', enclave: enclave.id, retryInMs, error: messageOf(error) })
     }
   }
 
+  /** The key as its enclave holds it (another, with its own out of reach: see `standbyFor`). */
   async getKey(keyId: string): Promise<KeyInfo> {
-    const enclave = this.ring.nodeFor(keyId)
-    if (enclave.unsynced || this.unsyncedKeys.has(keyId)) await this.resync(enclave, keyId)
+    const owner = this.ring.nodeFor(keyId)
+    try {
+      if (owner.unsynced) throw this.outOfService(owner)
+      return await this.getOn({ enclave: owner, keyId })
+    } catch (error) {
+      const standby = await this.standbyFor(keyId, error)
+      if (!standby) throw error
+      return this.getOn({ enclave: standby, keyId, fresh: true })
+    }
+  }
+
+  private async getOn({ enclave, keyId, fresh = false }: { enclave: Enclave; keyId: string; fresh?: boolean }): Promise<KeyInfo> {
+    if (!fresh && this.unsyncedKeys.has(keyId)) await this.reloadInTurn(keyId, enclave)
     let frame = await this.call(enclave, opcodes.GET, encodeGetRequest({ keyId }))
-    if (frame.status === statuses.NOT_FOUND && (await this.reloadInTurn(keyId))) frame = await this.call(enclave, opcodes.GET, encodeGetRequest({ keyId }))
+    if (frame.status === statuses.NOT_FOUND && (await this.reloadInTurn(keyId, enclave))) frame = await this.call(enclave, opcodes.GET, encodeGetRequest({ keyId }))
     const key = decodeGetResponse(this.check(enclave, frame).payload)
     const publicKey = bytesToHex(key.publicKey)
     return { keyId, publicKey, address: publicKeyToAddress(publicKey), state: key.state, cacheState: key.cacheState }
   }
 
-  /** Durable first, then the enclave: a frozen key stays frozen across restarts. */
+  /**
+   * Durable first, then the enclave: a frozen key stays frozen across
+   * restarts. With the enclave out of reach, the change is still in force:
+   * the key is reloaded from the store before any use, there or elsewhere.
+   */
   setState(keyId: string, state: KeyState): Promise<void> {
     return this.serializeKey(keyId, async () => {
       await this.options.store.setState(keyId, state).catch((error: unknown) => {
@@ -501,9 +628,11 @@ export class OriginParent {
         if (frame.status === statuses.NOT_FOUND) await this.reload(keyId)
         else this.check(enclave, frame)
       } catch (error) {
-        // The store has the new state; the enclave may not (a frozen key there would still sign).
+        // The store has the new state; the enclave may not (a frozen key there would still sign). Every use
+        // reloads the key first until it has: the change is in force, and only an enclave's own failure is one.
         this.unsyncedKeys.add(keyId)
-        throw error
+        if (!(error instanceof EnclaveUnavailableError)) throw error
+        this.options.log?.({ level: 'warn', event: 'state_change_deferred', keyId, state, enclave: enclave.id, error: error.message })
       }
     })
   }
@@ -532,6 +661,11 @@ export class OriginParent {
         }
       }),
     )
+  }
+
+  /** Requests for an enclave's keys that another enclave served, per pair. */
+  failovers(): Array<{ enclave: string; standby: string; count: number }> {
+    return [...this.failoverCounts.values()]
   }
 
   get inflight(): number {

@@ -239,6 +239,25 @@ describe('KeyCache transitions', () => {
     expect(cache.acquire('key-1')).toEqual({ kind: 'ok', privateKey, grace: false })
   })
 
+  it('warms the keys that waited on an unlock 256 per event-loop turn, not all in one', async () => {
+    const { cache, key, dekCopy, advance, unlock } = harness({ unlockGate: 'closed' })
+    const keys = Array.from({ length: 600 }, (_, i) => key({ keyId: `k${i}` }))
+    cache.setDek(dekCopy())
+    for (const { record } of keys) cache.load(record)
+    advance(60 * minute)
+    for (const { record } of keys) expect(cache.acquire(record.keyId).kind).toBe('needs-unlock')
+
+    // The unlock's answer lands in microtasks of this turn, which warm the first slice; the next slice waits for
+    // a later turn than the one queued here, first.
+    const nextTurnQueuedFirst = new Promise<void>((resolve) => setImmediate(resolve))
+    unlock.open()
+    await nextTurnQueuedFirst
+    expect(cache.stats().keys.WARM).toBe(256)
+    await cache.idle()
+    expect(cache.stats().keys).toMatchObject({ WARM: 600, COOL: 0 })
+    for (const { record, privateKey } of keys.slice(-3)) expect(withKeyCopied(cache.acquire(record.keyId))).toEqual({ kind: 'ok', privateKey, grace: false })
+  })
+
   it('jitters retry-after uniformly across 50–200 ms', () => {
     const draws = [0, 0.5, 0.999_999]
     const { cache, key } = harness({ unlockGate: 'closed', random: () => draws.shift() ?? 0 })
@@ -647,13 +666,19 @@ describe('KeyCache during a DEK rotation', () => {
     expect(() => cache.acquire('late')).toThrow(SealingError)
   })
 
-  it('ignores a record older than the one it holds, and takes a newer one', () => {
+  it('keeps the sealed key of a record newer than one loaded, takes the older one\'s state, and takes a newer record whole', () => {
     const { cache, key, dekCopy } = harness()
     cache.setDek(dekCopy())
     const v2 = key({ keyId: 'k', version: 2 })
     cache.load(v2.record)
     cache.load(key({ keyId: 'k', version: 1 }).record)
     expect(cache.get('k')?.record.version).toBe(2)
+    expect(signingKey(cache.acquire('k'))).toEqual(v2.privateKey)
+    // The parent's store missed a re-seal (v2), then the key was frozen: the older record's state holds.
+    cache.load({ ...key({ keyId: 'k', version: 1 }).record, state: 'frozen' })
+    expect(cache.get('k')?.record).toMatchObject({ version: 2, state: 'frozen' })
+    expect(cache.acquire('k')).toEqual({ kind: 'not-active', state: 'frozen' })
+    cache.load({ ...key({ keyId: 'k', version: 1 }).record, state: 'active' })
     expect(signingKey(cache.acquire('k'))).toEqual(v2.privateKey)
     const v3 = key({ keyId: 'k', version: 3 })
     cache.load(v3.record)

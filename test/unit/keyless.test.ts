@@ -1,4 +1,5 @@
 import { createServer, type Server } from 'node:http'
+import type { AddressInfo } from 'node:net'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import { secp256k1 } from '@noble/curves/secp256k1'
 import { bytesToHex, hexToBytes, keccak256, recoverAddress, toHex, type Hex } from 'viem'
@@ -142,6 +143,21 @@ describe('keyless backend', () => {
     const signer = new KeylessSigner({ name: 'origin', url, keyId: 'k1', hmacKeyId: hmac.keyId, hmacSecret: 'not-the-worker-secret', deadlineMs: 500 })
     await expect(signer.signDigest(digest)).rejects.toThrow(/^keyless signer origin: the origin answered 401 \(it refused this Worker's credentials\)$/)
     expect(seen.at(-1)).toBe('bad-signature')
+  })
+
+  it('says a url that reaches no route of the parent is the url at fault, not the key', async () => {
+    // As the parent answers any path it does not serve.
+    const elsewhere = createServer((request, response) => {
+      request.resume()
+      response.writeHead(404, { 'content-type': 'application/json' }).end(JSON.stringify({ error: 'no such route' }))
+    })
+    await new Promise<void>((resolve) => elsewhere.listen(0, '127.0.0.1', resolve))
+    try {
+      const signer = keyless(500, `http://127.0.0.1:${(elsewhere.address() as AddressInfo).port}/wrong-prefix`)
+      await expect(signer.signDigest(digest)).rejects.toThrow('keyless signer origin: the origin answered 404 (no such route: check the url)')
+    } finally {
+      elsewhere.close()
+    }
   })
 
   it('accepts its url with a trailing slash', async () => {

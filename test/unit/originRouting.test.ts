@@ -13,6 +13,7 @@ import { KeyCache } from '../../enclave-origin/enclave/keyCache.js'
 import { EnclaveService, serveEnclave } from '../../enclave-origin/enclave/server.js'
 import { openDiskBlobStore, type DiskBlobStore } from '../../enclave-origin/parent/diskBlobStore.js'
 import { HashRing } from '../../enclave-origin/parent/hashRing.js'
+import { originMetrics } from '../../enclave-origin/parent/metrics.js'
 import { NeedsUnlockError, OriginParent } from '../../enclave-origin/parent/origin.js'
 import type { BlobStore } from '../../enclave-origin/parent/blobStore.js'
 import { SealingError, unsealPrivateKey } from '../../enclave-origin/enclave/sealing.js'
@@ -173,10 +174,12 @@ describe('AWS credentials for the enclaves\u2019 KMS calls', () => {
 
   it('NEEDS_UNLOCK answers while unlocks fail start them with a backoff, not back to back', async () => {
     let credentialCalls = 0
-    const failing = newParent({ credentials: () => (credentialCalls++, Promise.reject(new Error('no instance role'))) })
+    let roleGone = false
+    const failing = newParent({ credentials: () => (credentialCalls++, roleGone ? Promise.reject(new Error('no instance role')) : Promise.resolve(kms.credentials)) })
     await parent.createKey()
     try {
-      await failing.start().catch(() => {})
+      await failing.start()
+      roleGone = true
       const key = await parent.createKey()
       // Both enclaves lose their keys and DEKs: every sign is answered NEEDS_UNLOCK.
       enclaves.forEach((enclave) => {
@@ -382,15 +385,23 @@ describe('DEK rotation', () => {
     }
   })
 
-  it('a stored record the wire cannot carry stops start, naming its key', async () => {
+  it('a stored record the wire cannot carry is logged at start, naming its key, which fails saying so while the others sign', async () => {
+    const good = await parent.createKey()
+    const cutShort = { keyId: 'cut-short', version: 1, state: 'active' as const, publicKey: new Uint8Array(65), sealed: new Uint8Array(59) }
     const damaged = storeWith({
       list: async function* () {
-        yield { keyId: 'cut-short', version: 1, state: 'active' as const, publicKey: new Uint8Array(65), sealed: new Uint8Array(59) }
+        yield cutShort
+        yield (await store.get(good.keyId))!
       },
+      get: async (keyId) => (keyId === cutShort.keyId ? cutShort : store.get(keyId)),
     })
-    const starting = newParent({ store: damaged })
+    const logged: Array<Record<string, unknown>> = []
+    const starting = newParent({ store: damaged, log: (fields) => logged.push(fields) })
     try {
-      await expect(starting.start()).rejects.toThrow('key cut-short: its stored record cannot be loaded: LOAD sealed')
+      await starting.start()
+      expect(logged).toContainEqual(expect.objectContaining({ level: 'error', event: 'key_not_loaded', keyId: 'cut-short', error: expect.stringContaining('key cut-short: its stored record cannot be loaded: LOAD sealed') }))
+      await expect(starting.sign('cut-short', Buffer.alloc(32, 3))).rejects.toThrow('key cut-short: its stored record cannot be loaded: LOAD sealed')
+      await expectSignsAs(starting, good)
     } finally {
       starting.close()
     }
@@ -418,7 +429,7 @@ describe('a parent whose enclaves are not all up', () => {
   ]
   const ownedBy = <Key extends { keyId: string }>(id: string, keys: Key[]) => keys.filter((key) => new HashRing(spares.map((spare) => ({ id: spare.id, node: spare.id }))).nodeFor(key.keyId) === id)
 
-  it('starts with those it reaches: their keys sign; the others answer unavailable until their enclave comes, then load, unlock and sign', async () => {
+  it('starts with those it reaches, which sign for the others (and make new keys) until those come back, load, unlock and sign', async () => {
     const up = await startEnclave(spares[0]!)
     let late = await startEnclave(spares[1]!)
     const ownStore = await openDiskBlobStore({ directory: path.join(directory, 'spare-store') })
@@ -438,17 +449,79 @@ describe('a parent whose enclaves are not all up', () => {
       expect(logged).toContainEqual({ level: 'warn', event: 'enclave_not_started', enclave: 'spare-late', error: expect.stringContaining('cannot connect to the enclave') })
       for (const key of ownedBy('spare-up', keys)) await expectSignsAs(second, key)
       const [waiting, ...others] = ownedBy('spare-late', keys)
-      await expect(second.sign(waiting!.keyId, Buffer.alloc(32, 1))).rejects.toThrow('cannot connect to the enclave')
+      // Meanwhile the other enclave signs for them, from their stored records; a state change made now holds there too.
+      for (const key of [waiting!, ...others]) await expectSignsAs(second, key)
+      expect(up.cache.get(waiting!.keyId)).toBeDefined()
+      expect(logged).toContainEqual(expect.objectContaining({ level: 'warn', event: 'enclave_failover', enclave: 'spare-late', standby: 'spare-up', error: 'enclave spare-late is out of service until it has unlocked and loaded its keys' }))
+      expect(logged).toContainEqual(expect.objectContaining({ level: 'warn', event: 'enclave_sync_failed', enclave: 'spare-late', error: expect.stringContaining('cannot connect to the enclave') }))
+      expect(await originMetrics(second).text()).toMatch(new RegExp(`^origin_failovers_total\\{enclave="spare-late",standby="spare-up"\\} ${1 + others.length}$`, 'm'))
+      await second.setState(waiting!.keyId, 'frozen')
+      await expect(second.sign(waiting!.keyId, Buffer.alloc(32, 1))).rejects.toThrow(`key ${waiting!.keyId} is frozen`)
+      expect(await second.getKey(waiting!.keyId)).toMatchObject({ address: waiting!.address, state: 'frozen' })
+      await second.setState(waiting!.keyId, 'active')
+      await expectSignsAs(second, waiting!)
+      // New keys are made in the enclave that is up.
+      const made = await Promise.all(Array.from({ length: 8 }, () => second!.createKey()))
+      for (const key of made) expect(up.cache.get(key.keyId)).toBeDefined()
 
       late = await startEnclave(spares[1]!)
-      // The enclave has neither the key nor a DEK: the parent loads the one, answers NEEDS_UNLOCK and starts the unlock.
-      await expect(second.sign(waiting!.keyId, Buffer.alloc(32, 1))).rejects.toThrow(NeedsUnlockError)
-      await expect.poll(() => second!.sign(waiting!.keyId, Buffer.alloc(32, 1)).then(() => 'signed', () => 'not yet'), { timeout: 5_000 }).toBe('signed')
+      // Back, it is out of service until unlocked and loaded: the next request starts that and is served elsewhere meanwhile.
+      const synced = () => logged.some((line) => line.event === 'enclave_synced' && line.enclave === 'spare-late')
+      await expect.poll(() => expectSignsAs(second!, waiting!).then(synced), { timeout: 5_000 }).toBe(true)
+      for (const key of [waiting!, ...others]) expect(late.cache.get(key.keyId)).toBeDefined()
+      const failedOver = (await originMetrics(second).text()).match(/^origin_failovers_total\{enclave="spare-late",standby="spare-up"\} (\d+)$/m)![1]
       for (const key of [waiting!, ...others]) await expectSignsAs(second, key)
+      expect((await originMetrics(second).text()).match(/^origin_failovers_total\{enclave="spare-late",standby="spare-up"\} (\d+)$/m)![1]).toBe(failedOver)
       expect(logged.filter((line) => line.event === 'enclave_not_started')).toHaveLength(1)
     } finally {
       first.close()
       second?.close()
+      await ownStore.close()
+      for (const enclave of [up, late]) {
+        await enclave.close()
+        await enclave.engine.stop()
+      }
+    }
+  })
+
+  it('an enclave out of service whose sync fails is tried again after a backoff, not at every request', async () => {
+    const up = await startEnclave(spares[0]!)
+    let late = await startEnclave(spares[1]!)
+    const ownStore = await openDiskBlobStore({ directory: path.join(directory, 'backoff-store') })
+    const logged: Array<Record<string, unknown>> = []
+    let credentialsFail = false
+    const credentials = async () => {
+      if (credentialsFail) throw new Error('the instance role is gone')
+      return kms.credentials
+    }
+    const parentOf = () => new OriginParent({ enclaves: spares, poolSize: 1, store: ownStore, requestTimeoutMs: 1_000, credentials, log: (fields) => logged.push(fields) })
+    const first = parentOf()
+    const starting = parentOf()
+    try {
+      await first.start()
+      const keys = [await first.createKey()]
+      while (ownedBy('spare-late', keys).length < 1) keys.push(await first.createKey())
+      const [key] = ownedBy('spare-late', keys)
+      first.close()
+      await late.close()
+      await late.engine.stop()
+      await starting.start()
+      late = await startEnclave(spares[1]!)
+      credentialsFail = true
+      for (let i = 0; i < 5; i++) await expectSignsAs(starting, key!)
+      await expect.poll(() => logged.filter((line) => line.event === 'enclave_sync_failed')).toEqual([
+        expect.objectContaining({ level: 'warn', enclave: 'spare-late', retryInMs: expect.any(Number), error: expect.stringContaining('the instance role is gone') }),
+      ])
+      // Reachable but out of service (it holds no DEK of this store yet): creates pass it over.
+      const made = await Promise.all(Array.from({ length: 8 }, () => starting.createKey()))
+      for (const made1 of made) expect(up.cache.get(made1.keyId)).toBeDefined()
+
+      credentialsFail = false
+      await expect.poll(() => expectSignsAs(starting, key!).then(() => logged.some((line) => line.event === 'enclave_synced')), { timeout: 3_000 }).toBe(true)
+      expect(late.cache.get(key!.keyId)).toBeDefined()
+    } finally {
+      first.close()
+      starting.close()
       await ownStore.close()
       for (const enclave of [up, late]) {
         await enclave.close()
@@ -474,24 +547,26 @@ describe('a parent whose enclaves are not all up', () => {
       const [missed, stale, unchanged] = ownedBy('spare-late', keys)
       await expectSignsAs(first, missed!)
 
-      // The enclave is alive, but out of the parent's reach while the key is frozen.
+      // The enclave is alive, but out of the parent's reach while the key is frozen: the change is durable, and in force.
       cable.cut()
-      await expect(first.setState(missed!.keyId, 'frozen')).rejects.toThrow()
+      await first.setState(missed!.keyId, 'frozen')
+      expect(logged).toContainEqual(expect.objectContaining({ event: 'state_change_deferred', keyId: missed!.keyId, state: 'frozen', enclave: 'spare-late' }))
       expect(late.cache.get(missed!.keyId)?.record.state).toBe('active')
+      await expect(first.sign(missed!.keyId, Buffer.alloc(32, 2))).rejects.toThrow(`key ${missed!.keyId} is frozen`)
       cable.restore()
       await expect(first.sign(missed!.keyId, Buffer.alloc(32, 2))).rejects.toThrow(`key ${missed!.keyId} is frozen`)
+      expect(late.cache.get(missed!.keyId)?.record.state).toBe('frozen')
 
       // Again, and this time the parent restarts while the enclave is still out of reach.
       cable.cut()
-      await expect(first.setState(stale!.keyId, 'archived')).rejects.toThrow()
+      await first.setState(stale!.keyId, 'archived')
       first.close()
       second = parentOf()
       await second.start()
       cable.restore()
       await expect(second.sign(stale!.keyId, Buffer.alloc(32, 2))).rejects.toThrow(`key ${stale!.keyId} is archived`)
-      await expect.poll(() => logged.some((line) => line.event === 'enclave_synced')).toBe(true)
+      await expect.poll(() => expectSignsAs(second!, unchanged!).then(() => logged.some((line) => line.event === 'enclave_synced')), { timeout: 5_000 }).toBe(true)
       for (const key of keys) expect(late.cache.get(key.keyId)?.record.state ?? up.cache.get(key.keyId)?.record.state).toBe((await ownStore.get(key.keyId))!.state)
-      await expectSignsAs(second, unchanged!)
     } finally {
       first.close()
       second?.close()
@@ -540,6 +615,21 @@ describe('HashRing', () => {
     expect(moved.every((id) => three.nodeFor(id) === 'c')).toBe(true)
     expect(moved.length / ids.length).toBeGreaterThan(0.25)
     expect(moved.length / ids.length).toBeLessThan(0.42)
+  })
+
+  it("lists every node for a key, its owner first, then where the key would go were the ones before gone", () => {
+    const three = new HashRing(['a', 'b', 'c'].map((id) => ({ id, node: id })))
+    const withoutA = new HashRing(['b', 'c'].map((id) => ({ id, node: id })))
+    for (const id of ids.slice(0, 500)) {
+      const order = three.nodesFor(id)
+      expect(order[0]).toBe(three.nodeFor(id))
+      expect([...order].sort()).toEqual(['a', 'b', 'c'])
+      if (order[0] === 'a') expect(order[1]).toBe(withoutA.nodeFor(id))
+    }
+    // The keys of a failed node spread over the others, not all onto one.
+    const standbys = ids.filter((id) => three.nodeFor(id) === 'a').map((id) => three.nodesFor(id)[1])
+    expect(standbys.filter((node) => node === 'b').length / standbys.length).toBeGreaterThan(0.3)
+    expect(standbys.filter((node) => node === 'b').length / standbys.length).toBeLessThan(0.7)
   })
 
   it('refuses an empty ring', () => {
