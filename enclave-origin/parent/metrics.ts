@@ -85,7 +85,7 @@ export function originMetrics(parent: OriginParent) {
     const own = new PrometheusText()
     figures.writeTo(own)
     for (const { enclave, standby, count } of parent.failovers()) {
-      own.add({ name: 'origin_failovers_total', help: 'Signs and gets for an enclave\u2019s keys that another enclave served while it was out of reach.', type: 'counter' }, { enclave, standby }, count)
+      own.add({ name: 'origin_failovers_total', help: 'Signs and gets for an enclave\u2019s keys that another enclave served while it was out of reach or out of service.', type: 'counter' }, { enclave, standby }, count)
     }
     return `${await registry.metrics()}${own}\n${enclaveMetricsText(await parent.health())}`
   }

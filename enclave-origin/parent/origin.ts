@@ -69,6 +69,13 @@ type Enclave = {
   unsynced: boolean
   syncing: Promise<void> | undefined
   syncBackoff: FailureBackoff
+  /**
+   * Held back after its requests failed for want of it (no connection, no
+   * answer in time): meanwhile its keys go straight to a standby, so a hung
+   * enclave costs one request timeout per hold, not one per request. The
+   * first request after a hold probes it.
+   */
+  outage: FailureBackoff
 }
 
 export type KeyInfo = { keyId: string; publicKey: Hex; address: Address; state: KeyState; cacheState?: CacheState }
@@ -102,7 +109,7 @@ export class OriginParent {
       log?: (fields: Record<string, unknown>) => void
     },
   ) {
-    this.enclaves = options.enclaves.map(({ id, address }) => ({ id, pool: new EnclavePool({ address, size: options.poolSize }), unlocking: undefined, unlockQueue: Promise.resolve(), unlockBackoff: new FailureBackoff({ now: () => performance.now(), random: Math.random }), unsynced: false, syncing: undefined, syncBackoff: new FailureBackoff({ now: () => performance.now(), random: Math.random }) }))
+    this.enclaves = options.enclaves.map(({ id, address }) => ({ id, pool: new EnclavePool({ address, size: options.poolSize }), unlocking: undefined, unlockQueue: Promise.resolve(), unlockBackoff: backoff(), unsynced: false, syncing: undefined, syncBackoff: backoff(), outage: backoff() }))
     this.ring = new HashRing(this.enclaves.map((enclave) => ({ id: enclave.id, node: enclave })))
   }
 
@@ -188,19 +195,22 @@ export class OriginParent {
         }
       }),
     )
+    const refuseIfNoneStarted = () => {
+      if (failures.size < this.enclaves.length) return
+      throw new Error(`no enclave could be started: ${[...failures].map(([enclave, error]) => `${enclave.id}: ${error}`).join('; ')}`)
+    }
+    refuseIfNoneStarted()
     const started = this.enclaves.filter((enclave) => !enclave.unsynced)
     const droppedOut = await this.loadOwnedKeys({ owners: started, load: (record) => this.load(record) })
     for (const [enclave, error] of droppedOut) leaveOut(enclave, error)
-    if (failures.size === this.enclaves.length) {
-      throw new Error(`no enclave could be started: ${[...failures].map(([enclave, error]) => `${enclave.id}: ${error}`).join('; ')}`)
-    }
+    refuseIfNoneStarted()
   }
 
   /**
    * Loads every stored key that one of `owners` owns, with `load`. A record
    * that fails is logged and its key marked, to be tried again before each
-   * use; an owner that turns out to be out of reach is skipped from then on,
-   * and returned with the error.
+   * use; an owner out of reach for a record twice in a row is skipped from
+   * then on, and returned with the error.
    */
   private async loadOwnedKeys({ owners, load }: { owners: Enclave[]; load: (record: SealedKeyRecord) => Promise<unknown> }): Promise<Map<Enclave, unknown>> {
     const outOfReach = new Map<Enclave, unknown>()
@@ -208,7 +218,11 @@ export class OriginParent {
       const enclave = this.ring.nodeFor(record.keyId)
       if (!owners.includes(enclave) || outOfReach.has(enclave)) return
       try {
-        await load(record)
+        // Once more before giving the enclave up: one timed-out LOAD among hundreds is not an outage.
+        await load(record).catch((error: unknown) => {
+          if (!(error instanceof EnclaveUnavailableError) || outOfReach.has(enclave)) throw error
+          return load(record)
+        })
       } catch (error) {
         if (error instanceof EnclaveUnavailableError) return void outOfReach.set(enclave, error)
         this.unsyncedKeys.add(record.keyId)
@@ -458,10 +472,15 @@ export class OriginParent {
       try {
         // Out of service, it may hold another DEK: a key sealed under that one would be lost at its next restart.
         if (enclave.unsynced) throw this.outOfService(enclave)
+        if (enclave.outage.holding && this.enclaves.some((other) => !other.unsynced && !other.outage.holding)) {
+          throw new EnclaveUnavailableError(`enclave ${enclave.id} is held back after failing requests`)
+        }
         frame = await this.call(enclave, opcodes.CREATE, encodeCreateRequest({ keyId }))
+        enclave.outage.succeeded()
         break
       } catch (error) {
         if (!(error instanceof EnclaveUnavailableError)) throw error
+        if (!enclave.outage.holding && !enclave.unsynced) enclave.outage.failed()
         unreachable.add(enclave)
         if (unreachable.size === this.enclaves.length) throw error
       }
@@ -474,18 +493,41 @@ export class OriginParent {
   /**
    * Signs a digest; `rpcMs` is the parent↔enclave round trip, `enclaveMs` the
    * enclave's own part of it. With the key's enclave out of reach, another
-   * signs (see `standbyFor`).
+   * signs (see `onOwnerOrStandby`).
    */
-  async sign(keyId: string, digest: Uint8Array): Promise<{ signature: Hex; recoveryId: number; rpcMs: number; enclaveMs: number }> {
+  sign(keyId: string, digest: Uint8Array): Promise<{ signature: Hex; recoveryId: number; rpcMs: number; enclaveMs: number }> {
+    return this.onOwnerOrStandby(keyId, (enclave, fresh) => this.signOn({ enclave, keyId, digest, fresh }))
+  }
+
+  /**
+   * `work` on the key's own enclave; when that is out of reach (no
+   * connection, no answer in time, held back after such failures) or out of
+   * service, on a standby instead (see `standbyFor`). Tracks the owner's
+   * outage: a failure for want of it starts a hold, a success ends it.
+   */
+  private async onOwnerOrStandby<T>(keyId: string, work: (enclave: Enclave, fresh: boolean) => Promise<T>): Promise<T> {
     const owner = this.ring.nodeFor(keyId)
-    try {
-      if (owner.unsynced) throw this.outOfService(owner)
-      return await this.signOn({ enclave: owner, keyId, digest })
-    } catch (error) {
-      const standby = await this.standbyFor(keyId, error)
-      if (!standby) throw error
-      return this.signOn({ enclave: standby, keyId, digest, fresh: true })
+    if (owner.unsynced) return this.onStandby({ keyId, work, failure: this.outOfService(owner) })
+    if (owner.outage.holding) {
+      const standby = await this.standbyFor(keyId, new EnclaveUnavailableError(`enclave ${owner.id} is held back after failing requests`))
+      // With none to take its place, the owner is tried anyway: a hold must not make a lone enclave's keys fail.
+      if (standby) return work(standby, true)
     }
+    try {
+      const result = await work(owner, false)
+      owner.outage.succeeded()
+      return result
+    } catch (error) {
+      // One hold per outage, however many requests it failed at once.
+      if (error instanceof EnclaveUnavailableError && !owner.outage.holding) owner.outage.failed()
+      return this.onStandby({ keyId, work, failure: error })
+    }
+  }
+
+  private async onStandby<T>({ keyId, work, failure }: { keyId: string; work: (enclave: Enclave, fresh: boolean) => Promise<T>; failure: unknown }): Promise<T> {
+    const standby = await this.standbyFor(keyId, failure)
+    if (!standby) throw failure
+    return work(standby, true)
   }
 
   /** `fresh`: the key was just loaded into the enclave from the store. */
@@ -508,17 +550,18 @@ export class OriginParent {
    * ring that takes the key's stored record, loaded fresh from the store
    * for this very use. Every enclave holds the same DEK, so any can open
    * it. The copy stays there, but is only used again through here, after a
-   * fresh load: a state change made meanwhile always reaches it. Undefined
-   * for any other error, or a key the store does not hold (a preloaded
-   * account lives in its own enclave only).
+   * fresh load: a state change made meanwhile always reaches it. A key the
+   * store does not hold (a preloaded account: every enclave loads the whole
+   * preload file) goes to the standby as it is. Undefined for any other
+   * error, or when no other enclave is in reach and in service.
    */
   private async standbyFor(keyId: string, error: unknown): Promise<Enclave | undefined> {
     if (!(error instanceof EnclaveUnavailableError)) return undefined
     const [owner, ...others] = this.ring.nodesFor(keyId)
     for (const standby of others) {
-      if (standby.unsynced) continue
+      if (standby.unsynced || standby.outage.holding) continue
       try {
-        if (!(await this.reloadInTurn(keyId, standby))) return undefined
+        await this.reloadInTurn(keyId, standby)
       } catch (failure) {
         if (failure instanceof EnclaveUnavailableError) continue
         throw failure
@@ -556,9 +599,16 @@ export class OriginParent {
   private async reload(keyId: string, into = this.ring.nodeFor(keyId)): Promise<boolean> {
     const record = await this.options.store.get(keyId)
     if (!record) return false
-    await this.load(record, into)
+    const owner = into === this.ring.nodeFor(keyId)
+    try {
+      await this.load(record, into)
+    } catch (error) {
+      // A LOAD given up on may still land, later than a newer one: reload before the key's next use there.
+      if (owner && error instanceof EnclaveUnavailableError) this.unsyncedKeys.add(keyId)
+      throw error
+    }
     // In the key's turn: a state change that fails to reach the enclave after this marks the key again.
-    if (into === this.ring.nodeFor(keyId)) this.unsyncedKeys.delete(keyId)
+    if (owner) this.unsyncedKeys.delete(keyId)
     return true
   }
 
@@ -590,17 +640,9 @@ export class OriginParent {
     }
   }
 
-  /** The key as its enclave holds it (another, with its own out of reach: see `standbyFor`). */
-  async getKey(keyId: string): Promise<KeyInfo> {
-    const owner = this.ring.nodeFor(keyId)
-    try {
-      if (owner.unsynced) throw this.outOfService(owner)
-      return await this.getOn({ enclave: owner, keyId })
-    } catch (error) {
-      const standby = await this.standbyFor(keyId, error)
-      if (!standby) throw error
-      return this.getOn({ enclave: standby, keyId, fresh: true })
-    }
+  /** The key as its enclave holds it (another, with its own out of reach: see `onOwnerOrStandby`). */
+  getKey(keyId: string): Promise<KeyInfo> {
+    return this.onOwnerOrStandby(keyId, (enclave, fresh) => this.getOn({ enclave, keyId, fresh }))
   }
 
   private async getOn({ enclave, keyId, fresh = false }: { enclave: Enclave; keyId: string; fresh?: boolean }): Promise<KeyInfo> {
@@ -645,8 +687,8 @@ export class OriginParent {
 
   /**
    * Each enclave's HEALTH answer. `answered`: it answered; `ok`: it answered
-   * and can serve, which in preload mode also needs its accounts loaded (not
-   * before the unlock, nor after a bad file).
+   * and can serve: it is in service (see `unsynced`) and, in preload mode,
+   * its accounts are loaded (not before the unlock, nor after a bad file).
    */
   async health(): Promise<Array<{ id: string; answered: boolean; ok: boolean; inflight: number; stats?: Record<string, unknown>; error?: string }>> {
     return Promise.all(
@@ -655,7 +697,8 @@ export class OriginParent {
           const frame = this.check(enclave, await this.call(enclave, opcodes.HEALTH, emptyPayload))
           const stats = decodeHealthResponse(frame.payload)
           const refusal = (stats.preload as { refusal?: string | null } | undefined)?.refusal
-          return { id: enclave.id, answered: true, ok: !refusal, inflight: enclave.pool.inflight, stats, ...(refusal ? { error: refusal } : {}) }
+          const notServing = enclave.unsynced ? `out of service until it has unlocked and loaded its keys (its keys fail over meanwhile)` : refusal
+          return { id: enclave.id, answered: true, ok: !notServing, inflight: enclave.pool.inflight, stats, ...(notServing ? { error: notServing } : {}) }
         } catch (error) {
           return { id: enclave.id, answered: false, ok: false, inflight: enclave.pool.inflight, error: messageOf(error) }
         }
@@ -688,4 +731,9 @@ function newWrappedDek(frame: Frame): Uint8Array {
   const { wrappedDek } = decodeUnlockResponse(frame.payload)
   if (wrappedDek.length === 0) throw new Error('the enclave made no data key: its answer carries no wrapped DEK')
   return wrappedDek
+}
+
+/** 0.5 s after a failure, doubling to 30 s, on a monotonic clock. */
+function backoff(): FailureBackoff {
+  return new FailureBackoff({ now: () => performance.now(), random: Math.random })
 }

@@ -18,6 +18,7 @@
  */
 import { createCipheriv, createDecipheriv, createHash, createHmac, createPublicKey, randomBytes, randomUUID, timingSafeEqual, X509Certificate, type KeyObject } from 'node:crypto'
 import { createServer, type IncomingMessage, type ServerResponse } from 'node:http'
+import type { AddressInfo } from 'node:net'
 import { p256 } from '@noble/curves/p256'
 import { secp256k1 } from '@noble/curves/secp256k1'
 import { AttestationDocumentError, verifyAttestationDocument, type AttestedFields } from '../../enclave-origin/attestationDocument.js'
@@ -308,7 +309,8 @@ export async function startLocalKms(options: { port: number; accessKeyId?: strin
   const stop = await listenLocal(server, options.port)
 
   return {
-    url: `http://127.0.0.1:${options.port}`,
+    // The port bound: 0 asks the system for a free one.
+    url: `http://127.0.0.1:${(server.address() as AddressInfo).port}`,
     credentials,
     calls,
     createKey(opts) {

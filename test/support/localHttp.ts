@@ -1,4 +1,5 @@
 import type { IncomingMessage, Server } from 'node:http'
+import { createServer as createNetServer, type AddressInfo } from 'node:net'
 
 /** Plumbing shared by the local test servers (KMS, Vault, HTTP signer, the workerd control endpoint). */
 
@@ -25,6 +26,22 @@ export function listenLocal(server: Server, port: number): Promise<() => Promise
             server.closeAllConnections()
           }),
       )
+    })
+  })
+}
+
+/**
+ * A port nothing listens on now, from the system's free ones: for a server a
+ * test starts, stops and starts again on the same address, where port 0 would
+ * move it. Unlike a fixed port, it cannot collide with another test file's.
+ */
+export function freePort(): Promise<number> {
+  const probe = createNetServer()
+  return new Promise((resolve, reject) => {
+    probe.once('error', reject)
+    probe.listen(0, '127.0.0.1', () => {
+      const { port } = probe.address() as AddressInfo
+      probe.close(() => resolve(port))
     })
   })
 }

@@ -1,9 +1,11 @@
+import { randomUUID } from 'node:crypto'
 import { mkdtempSync, rmSync } from 'node:fs'
 import { connect, createServer as createNetServer, type AddressInfo, type Socket } from 'node:net'
 import { tmpdir } from 'node:os'
 import path from 'node:path'
 import { KMSClient } from '@aws-sdk/client-kms'
 import { recoverAddress, serializeSignature, type Hex } from 'viem'
+import { generatePrivateKey, privateKeyToAddress } from 'viem/accounts'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import type { StreamAddress } from '../../enclave-origin/config.js'
 import { developmentAttestation, KmsDataKeys } from '../../enclave-origin/enclave/dataKey.js'
@@ -16,8 +18,12 @@ import { HashRing } from '../../enclave-origin/parent/hashRing.js'
 import { originMetrics } from '../../enclave-origin/parent/metrics.js'
 import { NeedsUnlockError, OriginParent } from '../../enclave-origin/parent/origin.js'
 import type { BlobStore } from '../../enclave-origin/parent/blobStore.js'
+import { secp256k1 } from '../../enclave-origin/enclave/nativeSecp256k1.js'
+import { encodeFrame, FrameDecoder, opcodes, statuses } from '../../enclave-origin/protocol/frames.js'
+import { encodeErrorMessage, encodeSignResponse } from '../../enclave-origin/protocol/messages.js'
 import { SealingError, unsealPrivateKey } from '../../enclave-origin/enclave/sealing.js'
 import { startLocalKms, type LocalKms } from '../support/kmsServer.js'
+import { freePort } from '../support/localHttp.js'
 
 /**
  * The parent in front of two enclaves, one on a Unix socket and one on TCP,
@@ -36,12 +42,12 @@ let addresses: Array<{ id: string; address: StreamAddress }>
 let kmsKeyId: string
 
 beforeAll(async () => {
-  kms = await startLocalKms({ port: 18685 })
+  kms = await startLocalKms({ port: 0 })
   kmsKeyId = kms.createSymmetricKey()
   directory = mkdtempSync(path.join(tmpdir(), 'origin-routing-'))
   addresses = [
     { id: 'enclave-unix', address: { path: path.join(directory, 'enclave.sock') } },
-    { id: 'enclave-tcp', address: { host: '127.0.0.1', port: 18686 } },
+    { id: 'enclave-tcp', address: { host: '127.0.0.1', port: await freePort() } },
   ]
   for (const { id, address } of addresses) enclaves.push(await startEnclave({ id, address }))
   store = await openDiskBlobStore({ directory: path.join(directory, 'store') })
@@ -61,37 +67,57 @@ async function startEnclave({ id, address }: { id: string; address: StreamAddres
   const cache = new KeyCache({ now: Date.now, unlock: () => service!.unwrapLastDataKeys() })
   service = new EnclaveService({ cache, engine, dataKeys, kmsKeyId, credentials, attestation: developmentAttestation })
   const { close } = await serveEnclave({ service, address, log: () => {} })
-  return { id, address, cache, service, credentials, close, engine }
+  const stop = async () => {
+    await close()
+    await engine.stop()
+  }
+  return { id, address, cache, service, credentials, stop }
 }
 
 /**
  * A TCP relay to `target` that can be cut (its connections dropped, new ones
- * closed at once) and restored: an enclave alive but out of the parent's reach.
+ * closed at once: an enclave alive but out of the parent's reach), stalled
+ * (connections taken, nothing passed on: a hung enclave) and restored.
+ * `bytesFromParent` counts what reached it from the parent's side.
  */
 async function relay(target: { host: string; port: number }) {
-  let open = true
+  let mode: 'open' | 'cut' | 'stalled' = 'open'
+  let bytesFromParent = 0
   const sockets = new Set<Socket>()
   const track = (socket: Socket) => {
     sockets.add(socket)
     socket.on('error', () => {}).on('close', () => sockets.delete(socket))
   }
   const server = createNetServer((client) => {
-    if (!open) return void client.destroy()
-    const upstream = connect(target.port, target.host)
+    if (mode === 'cut') return void client.destroy()
     track(client)
-    track(upstream)
-    client.pipe(upstream).pipe(client)
+    client.on('data', (chunk: Buffer) => {
+      bytesFromParent += chunk.length
+      if (mode === 'open') upstream?.write(chunk)
+    })
+    const upstream = mode === 'open' ? connect(target.port, target.host) : undefined
+    if (upstream) {
+      track(upstream)
+      upstream.pipe(client)
+    }
   })
   await new Promise<void>((listening) => server.listen(0, '127.0.0.1', listening))
   const dropAll = () => sockets.forEach((socket) => socket.destroy())
   return {
     address: { host: '127.0.0.1', port: (server.address() as AddressInfo).port },
+    get bytesFromParent() {
+      return bytesFromParent
+    },
     cut: () => {
-      open = false
+      mode = 'cut'
       dropAll()
     },
+    stall: () => {
+      mode = 'stalled'
+    },
     restore: () => {
-      open = true
+      mode = 'open'
+      dropAll()
     },
     close: () => {
       dropAll()
@@ -112,10 +138,7 @@ async function expectSignsAs(signer: OriginParent, key: { keyId: string; address
 afterAll(async () => {
   parent?.close()
   await store?.close()
-  for (const enclave of enclaves) {
-    await enclave.close()
-    await enclave.engine.stop()
-  }
+  for (const enclave of enclaves) await enclave.stop()
   await kms?.stop()
   rmSync(directory, { recursive: true, force: true })
 })
@@ -262,6 +285,52 @@ describe('reloads into an enclave that lost its keys', () => {
       expect(reads).toBe(1)
     } finally {
       signer.close()
+    }
+  })
+})
+
+describe('a reload its enclave did not answer', () => {
+  it('is made again before the key is next used there, as the LOAD may still land after a newer one', async () => {
+    // A scripted enclave: SIGN first finds no key, the LOAD that follows goes unanswered; after that it answers all.
+    const seen: string[] = []
+    let signs = 0
+    let loads = 0
+    const scripted = createNetServer((socket) => {
+      const decoder = new FrameDecoder()
+      socket.on('error', () => {})
+      socket.on('data', (chunk: Buffer) => {
+        for (const frame of decoder.push(chunk)) {
+          const answer = (status: number, payload: Uint8Array) => socket.write(encodeFrame({ requestId: frame.requestId, opcode: frame.opcode, status, payload }))
+          if (frame.opcode === opcodes.SIGN) {
+            seen.push('SIGN')
+            if (++signs === 1) answer(statuses.NOT_FOUND, encodeErrorMessage('no key k'))
+            else answer(statuses.OK, encodeSignResponse({ signature: new Uint8Array(64).fill(1), recoveryId: 0, enclaveMicros: 10 }))
+          } else if (frame.opcode === opcodes.LOAD) {
+            seen.push('LOAD')
+            if (++loads > 1) answer(statuses.OK, new Uint8Array())
+          }
+        }
+      })
+    })
+    await new Promise<void>((listening) => scripted.listen(0, '127.0.0.1', listening))
+    const record = { keyId: 'k', version: 1, state: 'active' as const, publicKey: new Uint8Array(65).fill(4), sealed: new Uint8Array(60) }
+    const lone = new OriginParent({
+      enclaves: [{ id: 'scripted', address: { host: '127.0.0.1', port: (scripted.address() as AddressInfo).port } }],
+      poolSize: 1,
+      store: storeWith({ get: async (keyId) => (keyId === 'k' ? record : undefined) }),
+      requestTimeoutMs: 200,
+      credentials: async () => kms.credentials,
+    })
+    try {
+      await expect(lone.sign('k', Buffer.alloc(32, 5))).rejects.toThrow('did not answer within 200 ms')
+      // The pool drops the connection that fell silent, in a turn of its own.
+      await new Promise((resolve) => setTimeout(resolve, 20))
+      // The only enclave, held back or not, is tried; the key is reloaded before it signs.
+      await lone.sign('k', Buffer.alloc(32, 5))
+      expect(seen).toEqual(['SIGN', 'LOAD', 'LOAD', 'SIGN'])
+    } finally {
+      lone.close()
+      scripted.close()
     }
   })
 })
@@ -424,9 +493,12 @@ describe('DEK rotation', () => {
 describe('a parent whose enclaves are not all up', () => {
   /** Two enclaves of their own, and a store of their own: the shared ones hold another DEK. */
   const spares = [
-    { id: 'spare-up', address: { host: '127.0.0.1', port: 18687 } },
-    { id: 'spare-late', address: { host: '127.0.0.1', port: 18688 } },
+    { id: 'spare-up', address: { host: '127.0.0.1', port: 0 } },
+    { id: 'spare-late', address: { host: '127.0.0.1', port: 0 } },
   ]
+  beforeAll(async () => {
+    for (const spare of spares) spare.address.port = await freePort()
+  })
   const ownedBy = <Key extends { keyId: string }>(id: string, keys: Key[]) => keys.filter((key) => new HashRing(spares.map((spare) => ({ id: spare.id, node: spare.id }))).nodeFor(key.keyId) === id)
 
   it('starts with those it reaches, which sign for the others (and make new keys) until those come back, load, unlock and sign', async () => {
@@ -441,8 +513,7 @@ describe('a parent whose enclaves are not all up', () => {
       await first.start()
       const keys = await Promise.all(Array.from({ length: 20 }, () => first.createKey()))
       first.close()
-      await late.close()
-      await late.engine.stop()
+      await late.stop()
 
       second = parentOf()
       await second.start()
@@ -477,10 +548,7 @@ describe('a parent whose enclaves are not all up', () => {
       first.close()
       second?.close()
       await ownStore.close()
-      for (const enclave of [up, late]) {
-        await enclave.close()
-        await enclave.engine.stop()
-      }
+      for (const enclave of [up, late]) await enclave.stop()
     }
   })
 
@@ -503,15 +571,17 @@ describe('a parent whose enclaves are not all up', () => {
       while (ownedBy('spare-late', keys).length < 1) keys.push(await first.createKey())
       const [key] = ownedBy('spare-late', keys)
       first.close()
-      await late.close()
-      await late.engine.stop()
+      await late.stop()
       await starting.start()
       late = await startEnclave(spares[1]!)
       credentialsFail = true
-      for (let i = 0; i < 5; i++) await expectSignsAs(starting, key!)
-      await expect.poll(() => logged.filter((line) => line.event === 'enclave_sync_failed')).toEqual([
-        expect.objectContaining({ level: 'warn', enclave: 'spare-late', retryInMs: expect.any(Number), error: expect.stringContaining('the instance role is gone') }),
-      ])
+      const syncFailures = () => logged.filter((line) => line.event === 'enclave_sync_failed')
+      await expect.poll(() => expectSignsAs(starting, key!).then(() => syncFailures().length)).toBe(1)
+      expect(syncFailures()).toEqual([expect.objectContaining({ level: 'warn', enclave: 'spare-late', retryInMs: expect.any(Number), error: expect.stringContaining('the instance role is gone') })])
+      // Within the backoff (at least 375 ms), more requests start no sync.
+      await Promise.all(Array.from({ length: 5 }, () => expectSignsAs(starting, key!)))
+      expect(syncFailures()).toHaveLength(1)
+      expect((await starting.health()).find((enclave) => enclave.id === 'spare-late')).toMatchObject({ answered: true, ok: false, error: expect.stringContaining('out of service') })
       // Reachable but out of service (it holds no DEK of this store yet): creates pass it over.
       const made = await Promise.all(Array.from({ length: 8 }, () => starting.createKey()))
       for (const made1 of made) expect(up.cache.get(made1.keyId)).toBeDefined()
@@ -523,10 +593,56 @@ describe('a parent whose enclaves are not all up', () => {
       first.close()
       starting.close()
       await ownStore.close()
+      for (const enclave of [up, late]) await enclave.stop()
+    }
+  })
+
+  it('a hung enclave costs one request timeout per hold, not one per request; its keys sign elsewhere, and it is probed again after the hold', async () => {
+    const up = await startEnclave(spares[0]!)
+    const late = await startEnclave(spares[1]!)
+    const cable = await relay(spares[1]!.address)
+    const ownStore = await openDiskBlobStore({ directory: path.join(directory, 'hung-store') })
+    const hanging = new OriginParent({ enclaves: [spares[0]!, { id: 'spare-late', address: cable.address }], poolSize: 2, store: ownStore, requestTimeoutMs: 300, credentials: async () => kms.credentials })
+    try {
+      await hanging.start()
+      const keys = [await hanging.createKey()]
+      while (ownedBy('spare-late', keys).length < 1) keys.push(await hanging.createKey())
+      const [key] = ownedBy('spare-late', keys)
+      await expectSignsAs(hanging, key!)
+      // Like a preloaded account: held by every enclave, in no store.
+      let accountId = randomUUID()
+      while (ownedBy('spare-late', [{ keyId: accountId }]).length === 0) accountId = randomUUID()
+      const accountKey = generatePrivateKey()
       for (const enclave of [up, late]) {
-        await enclave.close()
-        await enclave.engine.stop()
+        const privateKey = Buffer.from(accountKey.slice(2), 'hex')
+        enclave.cache.createKey({ keyId: accountId, publicKey: secp256k1.publicKeyCreate(privateKey, false), privateKey })
       }
+      const account = { keyId: accountId, address: privateKeyToAddress(accountKey) }
+
+      cable.stall()
+      // The first waits out the 300 ms timeout, then signs on the standby; the next ones go there at once.
+      await expectSignsAs(hanging, key!)
+      const reachedBefore = cable.bytesFromParent
+      for (let i = 0; i < 10; i++) await expectSignsAs(hanging, key!)
+      await expectSignsAs(hanging, account)
+      expect(cable.bytesFromParent).toBe(reachedBefore)
+      // Creates pass it over too.
+      for (const made of await Promise.all(Array.from({ length: 6 }, () => hanging.createKey()))) expect(up.cache.get(made.keyId)).toBeDefined()
+      expect(cable.bytesFromParent).toBe(reachedBefore)
+
+      cable.restore()
+      // After the hold (at most 625 ms) a request probes the enclave, which answers: its keys are its own again.
+      await expect.poll(() => expectSignsAs(hanging, key!).then(() => cable.bytesFromParent > reachedBefore), { timeout: 5_000 }).toBe(true)
+      const failovers = () => hanging.failovers().find((pair) => pair.enclave === 'spare-late')?.count
+      const settled = failovers()
+      for (let i = 0; i < 5; i++) await expectSignsAs(hanging, key!)
+      expect(failovers()).toBe(settled)
+      expect(late.cache.get(key!.keyId)).toBeDefined()
+    } finally {
+      hanging.close()
+      await cable.close()
+      await ownStore.close()
+      for (const enclave of [up, late]) await enclave.stop()
     }
   })
 
@@ -554,8 +670,12 @@ describe('a parent whose enclaves are not all up', () => {
       expect(late.cache.get(missed!.keyId)?.record.state).toBe('active')
       await expect(first.sign(missed!.keyId, Buffer.alloc(32, 2))).rejects.toThrow(`key ${missed!.keyId} is frozen`)
       cable.restore()
-      await expect(first.sign(missed!.keyId, Buffer.alloc(32, 2))).rejects.toThrow(`key ${missed!.keyId} is frozen`)
-      expect(late.cache.get(missed!.keyId)?.record.state).toBe('frozen')
+      // Once its hold is over, the next use reaches the enclave again, which gets the state before it signs.
+      const frozenThere = async () => {
+        await expect(first.sign(missed!.keyId, Buffer.alloc(32, 2))).rejects.toThrow(`key ${missed!.keyId} is frozen`)
+        return late.cache.get(missed!.keyId)?.record.state
+      }
+      await expect.poll(frozenThere, { timeout: 5_000 }).toBe('frozen')
 
       // Again, and this time the parent restarts while the enclave is still out of reach.
       cable.cut()
@@ -572,15 +692,12 @@ describe('a parent whose enclaves are not all up', () => {
       second?.close()
       await cable.close()
       await ownStore.close()
-      for (const enclave of [up, late]) {
-        await enclave.close()
-        await enclave.engine.stop()
-      }
+      for (const enclave of [up, late]) await enclave.stop()
     }
   })
 
   it('refuses to start when it reaches none, naming each and why', async () => {
-    const unreachable = spares.map(({ id }, index) => ({ id, address: { host: '127.0.0.1', port: 18689 + index } }))
+    const unreachable = await Promise.all(spares.map(async ({ id }) => ({ id, address: { host: '127.0.0.1', port: await freePort() } })))
     const emptyStore = storeWith({ getWrappedDek: async () => undefined, list: async function* () {} })
     const fresh = new OriginParent({ enclaves: unreachable, poolSize: 1, store: emptyStore, requestTimeoutMs: 2_000, credentials: async () => kms.credentials })
     const known = new OriginParent({ enclaves: unreachable, poolSize: 1, store, requestTimeoutMs: 2_000, credentials: async () => kms.credentials })
