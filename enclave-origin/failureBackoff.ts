@@ -11,7 +11,12 @@ export class FailureBackoff {
 
   /** Whether the operation must wait now. */
   get holding(): boolean {
-    return this.clock.now() < this.notBefore
+    return this.notBefore !== 0 && this.clock.now() < this.notBefore
+  }
+
+  /** Whether the last attempt failed (held back or not): the next one is a probe. */
+  get failing(): boolean {
+    return this.failuresInARow > 0
   }
 
   /** Records a failure; answers how long the next attempt is held back (ms). */

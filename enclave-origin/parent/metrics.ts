@@ -157,7 +157,7 @@ export function enclaveMetricsText(enclaves: EnclaveHealth[]): string {
     const labels = { enclave: enclave.id }
     text.add({ name: 'origin_enclave_up', help: 'Whether the enclave answered HEALTH for this scrape.', type: 'gauge' }, labels, enclave.answered ? 1 : 0)
     if (!enclave.answered) continue
-    text.add({ name: 'origin_enclave_ready', help: 'Whether the enclave can serve: it answered, and in preload mode its accounts are loaded.', type: 'gauge' }, labels, enclave.ok ? 1 : 0)
+    text.add({ name: 'origin_enclave_ready', help: 'Whether the enclave can serve: it answered, is in service and not held back after failing requests, and in preload mode its accounts are loaded.', type: 'gauge' }, labels, enclave.ok ? 1 : 0)
     const stats = enclave.stats as ({ cacheStates?: Record<string, number> } & Partial<EnclaveStats>) | undefined
     if (!stats?.cache || !stats.engine || !stats.cacheStates) continue
     const { cache, engine } = stats

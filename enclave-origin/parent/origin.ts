@@ -72,11 +72,16 @@ type Enclave = {
   /**
    * Held back after its requests failed for want of it (no connection, no
    * answer in time): meanwhile its keys go straight to a standby, so a hung
-   * enclave costs one request timeout per hold, not one per request. The
-   * first request after a hold probes it.
+   * enclave costs one request timeout per hold, not one per request. After
+   * a hold, one request at a time probes it (`probing`); the others still
+   * go to a standby until a probe succeeds.
    */
   outage: FailureBackoff
+  probing: boolean
 }
+
+/** An enclave serving another's key, and whether the key's stored record was loaded into it. */
+type Standby = { enclave: Enclave; stored: boolean }
 
 export type KeyInfo = { keyId: string; publicKey: Hex; address: Address; state: KeyState; cacheState?: CacheState }
 
@@ -109,7 +114,7 @@ export class OriginParent {
       log?: (fields: Record<string, unknown>) => void
     },
   ) {
-    this.enclaves = options.enclaves.map(({ id, address }) => ({ id, pool: new EnclavePool({ address, size: options.poolSize }), unlocking: undefined, unlockQueue: Promise.resolve(), unlockBackoff: backoff(), unsynced: false, syncing: undefined, syncBackoff: backoff(), outage: backoff() }))
+    this.enclaves = options.enclaves.map(({ id, address }) => ({ id, pool: new EnclavePool({ address, size: options.poolSize }), unlocking: undefined, unlockQueue: Promise.resolve(), unlockBackoff: backoff(), unsynced: false, syncing: undefined, syncBackoff: backoff(), outage: backoff(), probing: false }))
     this.ring = new HashRing(this.enclaves.map((enclave) => ({ id: enclave.id, node: enclave })))
   }
 
@@ -218,10 +223,12 @@ export class OriginParent {
       const enclave = this.ring.nodeFor(record.keyId)
       if (!owners.includes(enclave) || outOfReach.has(enclave)) return
       try {
-        // Once more before giving the enclave up: one timed-out LOAD among hundreds is not an outage.
-        await load(record).catch((error: unknown) => {
+        // Once more before giving the enclave up: one timed-out LOAD among hundreds is not an outage. The
+        // key stays marked after all: the first LOAD may still land, after the retry.
+        await load(record).catch(async (error: unknown) => {
           if (!(error instanceof EnclaveUnavailableError) || outOfReach.has(enclave)) throw error
-          return load(record)
+          await load(record)
+          this.unsyncedKeys.add(record.keyId)
         })
       } catch (error) {
         if (error instanceof EnclaveUnavailableError) return void outOfReach.set(enclave, error)
@@ -508,26 +515,70 @@ export class OriginParent {
   private async onOwnerOrStandby<T>(keyId: string, work: (enclave: Enclave, fresh: boolean) => Promise<T>): Promise<T> {
     const owner = this.ring.nodeFor(keyId)
     if (owner.unsynced) return this.onStandby({ keyId, work, failure: this.outOfService(owner) })
-    if (owner.outage.holding) {
-      const standby = await this.standbyFor(keyId, new EnclaveUnavailableError(`enclave ${owner.id} is held back after failing requests`))
-      // With none to take its place, the owner is tried anyway: a hold must not make a lone enclave's keys fail.
-      if (standby) return work(standby, true)
+    const { outage } = owner
+    if (outage.holding || (outage.failing && owner.probing)) {
+      const heldBack = new EnclaveUnavailableError(`enclave ${owner.id} is held back after failing requests`)
+      const standby = await this.standbyFor(keyId, heldBack)
+      // With none to take its place (or a key only it holds), the owner is tried anyway: a hold must not make
+      // a lone enclave's keys fail.
+      if (standby) {
+        try {
+          return await this.served({ keyId, work, standby, failure: heldBack })
+        } catch (error) {
+          if (error !== heldBack) throw error
+        }
+      }
     }
+    const probe = outage.failing && !owner.probing
+    if (probe) owner.probing = true
     try {
       const result = await work(owner, false)
-      owner.outage.succeeded()
+      if (outage.failing) outage.succeeded()
       return result
     } catch (error) {
-      // One hold per outage, however many requests it failed at once.
-      if (error instanceof EnclaveUnavailableError && !owner.outage.holding) owner.outage.failed()
+      // One hold per outage, however many requests it failed at once; any answer at all ends it.
+      if (!(error instanceof EnclaveUnavailableError)) {
+        if (outage.failing) outage.succeeded()
+        throw error
+      }
+      if (!outage.holding) outage.failed()
       return this.onStandby({ keyId, work, failure: error })
+    } finally {
+      if (probe) owner.probing = false
     }
   }
 
   private async onStandby<T>({ keyId, work, failure }: { keyId: string; work: (enclave: Enclave, fresh: boolean) => Promise<T>; failure: unknown }): Promise<T> {
     const standby = await this.standbyFor(keyId, failure)
     if (!standby) throw failure
-    return work(standby, true)
+    return this.served({ keyId, work, standby, failure })
+  }
+
+  /**
+   * `work` on the standby, counted and logged as a failover. A key the store
+   * does not hold (a preloaded account) that the standby has not either is
+   * the owner's outage, not an unknown key: `failure` is thrown.
+   */
+  private async served<T>({ keyId, work, standby, failure }: { keyId: string; work: (enclave: Enclave, fresh: boolean) => Promise<T>; standby: Standby; failure: unknown }): Promise<T> {
+    try {
+      const result = await work(standby.enclave, true)
+      this.countFailover({ keyId, standby: standby.enclave, failure })
+      return result
+    } catch (error) {
+      const missing = error instanceof OriginRequestError && (error.kind === 'not-found' || error.kind === 'unavailable')
+      if (!standby.stored && missing) throw failure
+      if (!(error instanceof EnclaveUnavailableError)) this.countFailover({ keyId, standby: standby.enclave, failure })
+      throw error
+    }
+  }
+
+  private countFailover({ keyId, standby, failure }: { keyId: string; standby: Enclave; failure: unknown }): void {
+    const owner = this.ring.nodeFor(keyId)
+    const pair = `${owner.id} ${standby.id}`
+    this.failoverLog.write(pair, { level: 'warn', event: 'enclave_failover', enclave: owner.id, standby: standby.id, error: messageOf(failure) })
+    const counted = this.failoverCounts.get(pair)
+    if (counted) counted.count++
+    else this.failoverCounts.set(pair, { enclave: owner.id, standby: standby.id, count: 1 })
   }
 
   /** `fresh`: the key was just loaded into the enclave from the store. */
@@ -546,32 +597,25 @@ export class OriginParent {
 
   /**
    * After `error` from the key's own enclave: when that enclave is out of
-   * reach (no connection, or no answer in time), the next enclave on the
-   * ring that takes the key's stored record, loaded fresh from the store
-   * for this very use. Every enclave holds the same DEK, so any can open
-   * it. The copy stays there, but is only used again through here, after a
-   * fresh load: a state change made meanwhile always reaches it. A key the
-   * store does not hold (a preloaded account: every enclave loads the whole
-   * preload file) goes to the standby as it is. Undefined for any other
-   * error, or when no other enclave is in reach and in service.
+   * reach (no connection, or no answer in time) or out of service, the next
+   * enclave on the ring that takes the key's stored record, loaded fresh
+   * from the store for this very use. Every enclave holds the same DEK, so
+   * any can open it. The copy stays there, but is only used again through
+   * here, after a fresh load: a state change made meanwhile always reaches
+   * it. A key the store does not hold (a preloaded account: every enclave
+   * loads the whole preload file) goes to the standby as it is. Enclaves
+   * held back after failures of their own come last; out-of-service ones
+   * never. Undefined for any other error, or when no enclave takes it.
    */
-  private async standbyFor(keyId: string, error: unknown): Promise<Enclave | undefined> {
+  private async standbyFor(keyId: string, error: unknown): Promise<Standby | undefined> {
     if (!(error instanceof EnclaveUnavailableError)) return undefined
-    const [owner, ...others] = this.ring.nodesFor(keyId)
-    for (const standby of others) {
-      if (standby.unsynced || standby.outage.holding) continue
+    const others = this.ring.nodesFor(keyId).slice(1).filter((enclave) => !enclave.unsynced)
+    for (const enclave of [...others.filter((other) => !other.outage.holding), ...others.filter((other) => other.outage.holding)]) {
       try {
-        await this.reloadInTurn(keyId, standby)
+        return { enclave, stored: await this.reloadInTurn(keyId, enclave) }
       } catch (failure) {
-        if (failure instanceof EnclaveUnavailableError) continue
-        throw failure
+        if (!(failure instanceof EnclaveUnavailableError)) throw failure
       }
-      const pair = `${owner!.id} ${standby.id}`
-      this.failoverLog.write(pair, { level: 'warn', event: 'enclave_failover', enclave: owner!.id, standby: standby.id, error: error.message })
-      const counted = this.failoverCounts.get(pair)
-      if (counted) counted.count++
-      else this.failoverCounts.set(pair, { enclave: owner!.id, standby: standby.id, count: 1 })
-      return standby
     }
     return undefined
   }
@@ -697,7 +741,11 @@ export class OriginParent {
           const frame = this.check(enclave, await this.call(enclave, opcodes.HEALTH, emptyPayload))
           const stats = decodeHealthResponse(frame.payload)
           const refusal = (stats.preload as { refusal?: string | null } | undefined)?.refusal
-          const notServing = enclave.unsynced ? `out of service until it has unlocked and loaded its keys (its keys fail over meanwhile)` : refusal
+          const notServing = enclave.unsynced
+            ? 'out of service until it has unlocked and loaded its keys (its keys fail over meanwhile)'
+            : enclave.outage.holding
+              ? 'held back after failing requests (its keys fail over meanwhile)'
+              : refusal
           return { id: enclave.id, answered: true, ok: !notServing, inflight: enclave.pool.inflight, stats, ...(notServing ? { error: notServing } : {}) }
         } catch (error) {
           return { id: enclave.id, answered: false, ok: false, inflight: enclave.pool.inflight, error: messageOf(error) }
