@@ -6,7 +6,7 @@ import type { RequestVerifier } from '../protocol/requestSigning.js'
 import type { KeyState } from '../types.js'
 import { originMetrics } from './metrics.js'
 import { ThrottledLog } from './throttledLog.js'
-import { NeedsUnlockError, OriginRequestError, type OriginParent } from './origin.js'
+import { NeedsUnlockError, OriginRequestError, type EnclaveHealth, type OriginParent } from './origin.js'
 
 export type ParentApiOptions = {
   parent: OriginParent
@@ -20,6 +20,18 @@ export type ParentApiOptions = {
 
 const maxBodyBytes = 16 * 1024
 const utf8 = new TextDecoder()
+
+/**
+ * `/healthz`'s verdict. Degraded still serves: other enclaves sign for the
+ * keys of one that is not well. Only a parent that can serve nothing asks to
+ * be taken out: no enclave answers and is in service (one held back after
+ * failing requests still answers, and a lone one is still tried), or the
+ * store takes no writes.
+ */
+export function healthStatus({ enclaves, storeOk }: { enclaves: EnclaveHealth[]; storeOk: boolean }): 'ok' | 'degraded' | 'down' {
+  if (!storeOk || !enclaves.some((enclave) => enclave.ok || enclave.held)) return 'down'
+  return enclaves.every((enclave) => enclave.ok) ? 'ok' : 'degraded'
+}
 
 /**
  * The parent's HTTP(S) API for the Worker and operators: create, sign, get,
@@ -47,9 +59,7 @@ export function createParentApi(options: ParentApiOptions): Server {
       route.name = 'healthz'
       const enclaves = await options.parent.health()
       const store = options.parent.storeHealth()
-      // Degraded still serves: the keys of the enclaves that answer sign, and the others' callers fail over key by key.
-      // Only a parent that can serve nothing (no enclave, or a store that takes no writes) asks to be taken out.
-      const status = !store.ok || !enclaves.some((e) => e.ok) ? 'down' : enclaves.every((e) => e.ok) ? 'ok' : 'degraded'
+      const status = healthStatus({ enclaves, storeOk: store.ok })
       return send(response, status === 'down' ? 503 : 200, { ok: status === 'ok', status, enclaves, store })
     }
     if (request.method === 'GET' && path === '/metrics') {

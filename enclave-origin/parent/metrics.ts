@@ -2,7 +2,7 @@ import { collectDefaultMetrics, Counter, Gauge, Registry } from 'prom-client'
 import type { SignEngineStats } from '../enclave/engine.js'
 import type { KeyCacheStats } from '../enclave/keyCache.js'
 import { batchSizeBuckets, countInto, emptyCounts, rehydrateBucketsMs } from '../protocol/histograms.js'
-import type { OriginParent } from './origin.js'
+import type { EnclaveHealth, OriginParent } from './origin.js'
 
 /** Upper bounds of the parent's sign-latency histogram, in seconds. */
 const signLatencyBoundsSeconds = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1]
@@ -92,7 +92,6 @@ export function originMetrics(parent: OriginParent) {
   return { text, contentType: registry.contentType, figures, needsUnlock, authFailures }
 }
 
-type EnclaveHealth = Awaited<ReturnType<OriginParent['health']>>[number]
 
 type EnclaveStats = { cache: Omit<KeyCacheStats, 'keys'>; engine: SignEngineStats }
 

@@ -48,6 +48,19 @@ export class OriginRequestError extends Error {
   }
 }
 
+/** The enclave answered that it failed (INTERNAL, or a status this parent does not know). */
+class EnclaveInternalError extends Error {}
+
+/** Whether `error` is an enclave's answer (rather than no answer, or a failure of the parent's own). */
+function answeredByEnclave(error: unknown): boolean {
+  return error instanceof NeedsUnlockError || error instanceof OriginRequestError || error instanceof EnclaveInternalError
+}
+
+/** Held back after failing requests, or failing with its one probe out: requests for its keys go elsewhere. */
+function heldBack(enclave: Enclave): boolean {
+  return enclave.outage.holding || (enclave.outage.failing && enclave.probing)
+}
+
 type Enclave = {
   id: string
   pool: EnclavePool
@@ -83,6 +96,9 @@ type Enclave = {
 /** An enclave serving another's key, and whether the key's stored record was loaded into it. */
 type Standby = { enclave: Enclave; stored: boolean }
 
+/** An enclave's part of `/healthz`; `held`: it answered, but is held back after failing requests. */
+export type EnclaveHealth = { id: string; answered: boolean; ok: boolean; held?: boolean; inflight: number; stats?: Record<string, unknown>; error?: string }
+
 export type KeyInfo = { keyId: string; publicKey: Hex; address: Address; state: KeyState; cacheState?: CacheState }
 
 /**
@@ -112,8 +128,11 @@ export class OriginParent {
       /** How often every enclave gets them again, so they never sign with expired ones; default 5 min. */
       credentialRefreshMs?: number
       log?: (fields: Record<string, unknown>) => void
+      /** The monotonic clock, in ms, that the unlock, sync and outage backoffs run on (tests hold it still). */
+      monotonicNow?: () => number
     },
   ) {
+    const backoff = () => new FailureBackoff({ now: options.monotonicNow ?? (() => performance.now()), random: Math.random })
     this.enclaves = options.enclaves.map(({ id, address }) => ({ id, pool: new EnclavePool({ address, size: options.poolSize }), unlocking: undefined, unlockQueue: Promise.resolve(), unlockBackoff: backoff(), unsynced: false, syncing: undefined, syncBackoff: backoff(), outage: backoff(), probing: false }))
     this.ring = new HashRing(this.enclaves.map((enclave) => ({ id: enclave.id, node: enclave })))
   }
@@ -154,7 +173,7 @@ export class OriginParent {
       case statuses.UNAVAILABLE:
         throw new OriginRequestError('unavailable', decodeErrorMessage(frame.payload))
       default:
-        throw new Error(`enclave error: ${decodeErrorMessage(frame.payload)}`)
+        throw new EnclaveInternalError(`enclave error: ${decodeErrorMessage(frame.payload)}`)
     }
   }
 
@@ -479,15 +498,14 @@ export class OriginParent {
       try {
         // Out of service, it may hold another DEK: a key sealed under that one would be lost at its next restart.
         if (enclave.unsynced) throw this.outOfService(enclave)
-        if (enclave.outage.holding && this.enclaves.some((other) => !other.unsynced && !other.outage.holding)) {
+        if (heldBack(enclave) && this.enclaves.some((other) => !other.unsynced && !heldBack(other))) {
           throw new EnclaveUnavailableError(`enclave ${enclave.id} is held back after failing requests`)
         }
-        frame = await this.call(enclave, opcodes.CREATE, encodeCreateRequest({ keyId }))
-        enclave.outage.succeeded()
+        const target = enclave
+        frame = await this.tracked(target, () => this.call(target, opcodes.CREATE, encodeCreateRequest({ keyId })))
         break
       } catch (error) {
         if (!(error instanceof EnclaveUnavailableError)) throw error
-        if (!enclave.outage.holding && !enclave.unsynced) enclave.outage.failed()
         unreachable.add(enclave)
         if (unreachable.size === this.enclaves.length) throw error
       }
@@ -514,60 +532,75 @@ export class OriginParent {
    */
   private async onOwnerOrStandby<T>(keyId: string, work: (enclave: Enclave, fresh: boolean) => Promise<T>): Promise<T> {
     const owner = this.ring.nodeFor(keyId)
-    if (owner.unsynced) return this.onStandby({ keyId, work, failure: this.outOfService(owner) })
-    const { outage } = owner
-    if (outage.holding || (outage.failing && owner.probing)) {
-      const heldBack = new EnclaveUnavailableError(`enclave ${owner.id} is held back after failing requests`)
-      const standby = await this.standbyFor(keyId, heldBack)
-      // With none to take its place (or a key only it holds), the owner is tried anyway: a hold must not make
-      // a lone enclave's keys fail.
+    if (owner.unsynced) return this.onStandby({ keyId, work, failure: this.outOfService(owner), heldLast: true })
+    if (heldBack(owner)) {
+      const failure = new EnclaveUnavailableError(`enclave ${owner.id} is held back after failing requests`)
+      const standby = await this.standbyFor({ keyId, error: failure, heldLast: false })
       if (standby) {
         try {
-          return await this.served({ keyId, work, standby, failure: heldBack })
+          return await this.served({ keyId, work, standby, failure })
         } catch (error) {
-          if (error !== heldBack) throw error
+          // A key only the owner holds waits for the probe like the rest, unless this request can be that probe.
+          if (error !== failure || heldBack(owner)) throw error
         }
       }
+      // With no standby at all, the owner is tried anyway: a hold must not make a lone enclave's keys fail.
     }
-    const probe = outage.failing && !owner.probing
-    if (probe) owner.probing = true
     try {
-      const result = await work(owner, false)
-      if (outage.failing) outage.succeeded()
-      return result
+      return await this.tracked(owner, () => work(owner, false))
     } catch (error) {
-      // One hold per outage, however many requests it failed at once; any answer at all ends it.
-      if (!(error instanceof EnclaveUnavailableError)) {
-        if (outage.failing) outage.succeeded()
-        throw error
-      }
-      if (!outage.holding) outage.failed()
-      return this.onStandby({ keyId, work, failure: error })
-    } finally {
-      if (probe) owner.probing = false
+      if (!(error instanceof EnclaveUnavailableError)) throw error
+      return this.onStandby({ keyId, work, failure: error, heldLast: true })
     }
   }
 
-  private async onStandby<T>({ keyId, work, failure }: { keyId: string; work: (enclave: Enclave, fresh: boolean) => Promise<T>; failure: unknown }): Promise<T> {
-    const standby = await this.standbyFor(keyId, failure)
+  /**
+   * `call` to the enclave, tracking its outage: a failure for want of it
+   * starts a hold (one per outage, however many requests it failed at once),
+   * and any answer from it ends the outage. While an outage lasts, the call
+   * is its one probe.
+   */
+  private async tracked<T>(enclave: Enclave, call: () => Promise<T>): Promise<T> {
+    const { outage } = enclave
+    const probe = outage.failing && !enclave.probing
+    if (probe) enclave.probing = true
+    try {
+      const result = await call()
+      if (outage.failing) outage.succeeded()
+      return result
+    } catch (error) {
+      if (error instanceof EnclaveUnavailableError) {
+        if (!outage.holding) outage.failed()
+      } else if (answeredByEnclave(error) && outage.failing) {
+        outage.succeeded()
+      }
+      throw error
+    } finally {
+      if (probe) enclave.probing = false
+    }
+  }
+
+  private async onStandby<T>({ keyId, work, failure, heldLast }: { keyId: string; work: (enclave: Enclave, fresh: boolean) => Promise<T>; failure: unknown; heldLast: boolean }): Promise<T> {
+    const standby = await this.standbyFor({ keyId, error: failure, heldLast })
     if (!standby) throw failure
     return this.served({ keyId, work, standby, failure })
   }
 
   /**
-   * `work` on the standby, counted and logged as a failover. A key the store
-   * does not hold (a preloaded account) that the standby has not either is
-   * the owner's outage, not an unknown key: `failure` is thrown.
+   * `work` on the standby, counted and logged as a failover, its own outage
+   * tracked. A key the store does not hold (a preloaded account) that the
+   * standby has not either, or a standby that is out of reach too, is still
+   * the owner's outage: `failure` is thrown.
    */
   private async served<T>({ keyId, work, standby, failure }: { keyId: string; work: (enclave: Enclave, fresh: boolean) => Promise<T>; standby: Standby; failure: unknown }): Promise<T> {
     try {
-      const result = await work(standby.enclave, true)
+      const result = await this.tracked(standby.enclave, () => work(standby.enclave, true))
       this.countFailover({ keyId, standby: standby.enclave, failure })
       return result
     } catch (error) {
       const missing = error instanceof OriginRequestError && (error.kind === 'not-found' || error.kind === 'unavailable')
-      if (!standby.stored && missing) throw failure
-      if (!(error instanceof EnclaveUnavailableError)) this.countFailover({ keyId, standby: standby.enclave, failure })
+      if (error instanceof EnclaveUnavailableError || (!standby.stored && missing)) throw failure
+      this.countFailover({ keyId, standby: standby.enclave, failure })
       throw error
     }
   }
@@ -604,13 +637,14 @@ export class OriginParent {
    * here, after a fresh load: a state change made meanwhile always reaches
    * it. A key the store does not hold (a preloaded account: every enclave
    * loads the whole preload file) goes to the standby as it is. Enclaves
-   * held back after failures of their own come last; out-of-service ones
+   * held back after failures of their own come last, and only with
+   * `heldLast` (once the owner itself has failed); out-of-service ones
    * never. Undefined for any other error, or when no enclave takes it.
    */
-  private async standbyFor(keyId: string, error: unknown): Promise<Standby | undefined> {
+  private async standbyFor({ keyId, error, heldLast }: { keyId: string; error: unknown; heldLast: boolean }): Promise<Standby | undefined> {
     if (!(error instanceof EnclaveUnavailableError)) return undefined
     const others = this.ring.nodesFor(keyId).slice(1).filter((enclave) => !enclave.unsynced)
-    for (const enclave of [...others.filter((other) => !other.outage.holding), ...others.filter((other) => other.outage.holding)]) {
+    for (const enclave of [...others.filter((other) => !heldBack(other)), ...(heldLast ? others.filter(heldBack) : [])]) {
       try {
         return { enclave, stored: await this.reloadInTurn(keyId, enclave) }
       } catch (failure) {
@@ -734,19 +768,20 @@ export class OriginParent {
    * and can serve: it is in service (see `unsynced`) and, in preload mode,
    * its accounts are loaded (not before the unlock, nor after a bad file).
    */
-  async health(): Promise<Array<{ id: string; answered: boolean; ok: boolean; inflight: number; stats?: Record<string, unknown>; error?: string }>> {
+  async health(): Promise<EnclaveHealth[]> {
     return Promise.all(
       this.enclaves.map(async (enclave) => {
         try {
           const frame = this.check(enclave, await this.call(enclave, opcodes.HEALTH, emptyPayload))
           const stats = decodeHealthResponse(frame.payload)
           const refusal = (stats.preload as { refusal?: string | null } | undefined)?.refusal
+          const held = enclave.outage.failing
           const notServing = enclave.unsynced
             ? 'out of service until it has unlocked and loaded its keys (its keys fail over meanwhile)'
-            : enclave.outage.holding
-              ? 'held back after failing requests (its keys fail over meanwhile)'
+            : held
+              ? 'held back after failing requests until a probe succeeds (its keys fail over meanwhile)'
               : refusal
-          return { id: enclave.id, answered: true, ok: !notServing, inflight: enclave.pool.inflight, stats, ...(notServing ? { error: notServing } : {}) }
+          return { id: enclave.id, answered: true, ok: !notServing, held, inflight: enclave.pool.inflight, stats, ...(notServing ? { error: notServing } : {}) }
         } catch (error) {
           return { id: enclave.id, answered: false, ok: false, inflight: enclave.pool.inflight, error: messageOf(error) }
         }
@@ -781,7 +816,3 @@ function newWrappedDek(frame: Frame): Uint8Array {
   return wrappedDek
 }
 
-/** 0.5 s after a failure, doubling to 30 s, on a monotonic clock. */
-function backoff(): FailureBackoff {
-  return new FailureBackoff({ now: () => performance.now(), random: Math.random })
-}

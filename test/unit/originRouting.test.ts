@@ -80,18 +80,23 @@ async function startEnclave({ id, address }: { id: string; address: StreamAddres
  * closed at once: an enclave alive but out of the parent's reach), stalled
  * (connections taken, nothing passed on: a hung enclave) and restored.
  * `requestsFromParent` lists the opcodes of the frames that reached it from
- * the parent's side, passed on or not.
+ * the parent's side, passed on or not; `refused` counts the connections it
+ * closed at once while cut.
  */
 async function relay(target: { host: string; port: number }) {
   let mode: 'open' | 'cut' | 'stalled' = 'open'
   const requestsFromParent: number[] = []
+  let refused = 0
   const sockets = new Set<Socket>()
   const track = (socket: Socket) => {
     sockets.add(socket)
     socket.on('error', () => {}).on('close', () => sockets.delete(socket))
   }
   const server = createNetServer((client) => {
-    if (mode === 'cut') return void client.destroy()
+    if (mode === 'cut') {
+      refused++
+      return void client.destroy()
+    }
     track(client)
     const frames = new FrameDecoder()
     client.on('data', (chunk: Buffer) => {
@@ -109,6 +114,9 @@ async function relay(target: { host: string; port: number }) {
   return {
     address: { host: '127.0.0.1', port: (server.address() as AddressInfo).port },
     requestsFromParent,
+    get refused() {
+      return refused
+    },
     cut: () => {
       mode = 'cut'
       dropAll()
@@ -642,8 +650,11 @@ describe('a parent whose enclaves are not all up', () => {
       const beforeProbe = reaching(opcodes.SIGN)
       await Promise.all(Array.from({ length: 10 }, () => expectSignsAs(hanging, key!)))
       expect(reaching(opcodes.SIGN) - beforeProbe).toBe(1)
-      // A preloaded account the standby lacks (it has not loaded the file) is the owner's outage, not an unknown key.
+      // A preloaded account the standby lacks (it has not loaded the file) is the owner's outage, not an unknown
+      // key; it waits for the hold like the rest.
+      const beforeOwnerOnly = reaching(opcodes.SIGN)
       await expect(hanging.sign(ownerOnly.keyId, Buffer.alloc(32, 6))).rejects.toThrow(EnclaveUnavailableError)
+      expect(reaching(opcodes.SIGN)).toBe(beforeOwnerOnly)
 
       cable.restore()
       // A probe after the next hold finds it answering: its keys are its own again.
@@ -691,9 +702,76 @@ describe('a parent whose enclaves are not all up', () => {
       await expectSignsAs(cabled, onUp!)
       // Back within its hold, while spare-late drops out: spare-late's key has only spare-up left.
       upCable.restore()
+      expect((await cabled.health()).find((enclave) => enclave.id === 'spare-up')).toMatchObject({ answered: true, ok: false, held: true })
       lateCable.cut()
       await expectSignsAs(cabled, onLate!)
       expect(cabled.failovers()).toEqual(expect.arrayContaining([expect.objectContaining({ enclave: 'spare-late', standby: 'spare-up', count: 1 })]))
+    } finally {
+      cabled.close()
+      await Promise.all([upCable.close(), lateCable.close()])
+      await ownStore.close()
+      for (const enclave of [up, late]) await enclave.stop()
+    }
+  })
+
+  it('an owner held back hands its keys to no standby held back too, and only an answer of its own ends its outage', async () => {
+    const up = await startEnclave(spares[0]!)
+    const late = await startEnclave(spares[1]!)
+    const [upCable, lateCable] = await Promise.all([relay(spares[0]!.address), relay(spares[1]!.address)])
+    const ownStore = await openDiskBlobStore({ directory: path.join(directory, 'still-clock-store') })
+    let storeReadsFail = false
+    const flakyStore: BlobStore = Object.assign(Object.create(ownStore) as BlobStore, {
+      get: (keyId: string) => (storeReadsFail ? Promise.reject(new Error('the store read failed')) : ownStore.get(keyId)),
+    })
+    // The backoffs' clock stands still unless moved: holds last until the test ends them.
+    let now = 0
+    const cabled = new OriginParent({
+      enclaves: [
+        { id: 'spare-up', address: upCable.address },
+        { id: 'spare-late', address: lateCable.address },
+      ],
+      poolSize: 1,
+      store: flakyStore,
+      requestTimeoutMs: 300,
+      credentials: async () => kms.credentials,
+      monotonicNow: () => now,
+    })
+    const held = async (id: string) => (await cabled.health()).find((enclave) => enclave.id === id)?.held
+    try {
+      await cabled.start()
+      const keys = [await cabled.createKey()]
+      while (ownedBy('spare-up', keys).length < 2 || ownedBy('spare-late', keys).length < 1) keys.push(await cabled.createKey())
+      const [onUp, marked] = ownedBy('spare-up', keys)
+      const [onLate] = ownedBy('spare-late', keys)
+
+      // spare-up drops out: held back. A state change for one of its keys cannot reach it, and marks the key.
+      upCable.cut()
+      await expectSignsAs(cabled, onUp!)
+      await cabled.setState(marked!.keyId, 'active')
+      upCable.restore()
+      now += 1_000
+      // The hold is over: the next request probes spare-up, but fails on the parent's own store read, not for want
+      // of spare-up. That is no answer from it: its outage goes on.
+      storeReadsFail = true
+      await expect(cabled.sign(marked!.keyId, Buffer.alloc(32, 7))).rejects.toThrow('the store read failed')
+      storeReadsFail = false
+      expect(await held('spare-up')).toBe(true)
+
+      // Both held back: spare-late hangs on a request of its own, then drops out; spare-up drops out once more.
+      lateCable.stall()
+      upCable.cut()
+      await expect(cabled.sign(onLate!.keyId, Buffer.alloc(32, 7))).rejects.toThrow(EnclaveUnavailableError)
+      await expect(cabled.sign(onUp!.keyId, Buffer.alloc(32, 7))).rejects.toThrow(EnclaveUnavailableError)
+      lateCable.cut()
+      upCable.restore()
+      // Time for the parent to see spare-late's connections close (the holds stand still meanwhile): a request
+      // that went to spare-late now would have to open one, which the relay counts.
+      await new Promise((resolve) => setTimeout(resolve, 100))
+      // spare-up's key goes to spare-up itself, held back or not, rather than to spare-late, held back as well.
+      const triedLate = lateCable.refused
+      await expectSignsAs(cabled, onUp!)
+      expect(lateCable.refused).toBe(triedLate)
+      expect(await held('spare-up')).toBe(false)
     } finally {
       cabled.close()
       await Promise.all([upCable.close(), lateCable.close()])

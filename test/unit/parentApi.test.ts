@@ -3,7 +3,7 @@ import type { AddressInfo } from 'node:net'
 import type { Server } from 'node:http'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import type { BlobStore } from '../../enclave-origin/parent/blobStore.js'
-import { closeGracefully, createParentApi } from '../../enclave-origin/parent/httpApi.js'
+import { closeGracefully, createParentApi, healthStatus } from '../../enclave-origin/parent/httpApi.js'
 import { ThrottledLog } from '../../enclave-origin/parent/throttledLog.js'
 import { OriginParent } from '../../enclave-origin/parent/origin.js'
 import { RequestVerifier, signRequest } from '../../enclave-origin/protocol/requestSigning.js'
@@ -180,6 +180,18 @@ it('logs the failures of a flood of signs its enclave cannot take once, not once
   }
   const failures = logged.slice(before).filter((line) => line.event === 'origin_request_failed')
   expect(failures).toEqual([{ level: 'error', event: 'origin_request_failed', route: 'sign', error: expect.stringContaining('cannot connect to the enclave'), count: 1 }])
+})
+
+describe('healthStatus', () => {
+  const enclave = (state: 'ok' | 'held' | 'down') => ({ id: state, answered: state !== 'down', ok: state === 'ok', held: state === 'held', inflight: 0 })
+  it('is down only when no enclave answers in service, or the store takes no writes; held back is degraded', () => {
+    expect(healthStatus({ enclaves: [enclave('ok'), enclave('ok')], storeOk: true })).toBe('ok')
+    expect(healthStatus({ enclaves: [enclave('ok'), enclave('down')], storeOk: true })).toBe('degraded')
+    expect(healthStatus({ enclaves: [enclave('held')], storeOk: true })).toBe('degraded')
+    expect(healthStatus({ enclaves: [enclave('held'), enclave('down')], storeOk: true })).toBe('degraded')
+    expect(healthStatus({ enclaves: [enclave('down'), enclave('down')], storeOk: true })).toBe('down')
+    expect(healthStatus({ enclaves: [enclave('ok')], storeOk: false })).toBe('down')
+  })
 })
 
 describe('ThrottledLog', () => {
