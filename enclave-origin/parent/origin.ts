@@ -495,12 +495,11 @@ export class OriginParent {
       keyId = randomUUID()
       enclave = this.ring.nodeFor(keyId)
       if (unreachable.has(enclave)) continue
+      // Held-back ones last: another key id, while an enclave that is not held back remains to try.
+      if (heldBack(enclave) && this.enclaves.some((other) => !other.unsynced && !heldBack(other) && !unreachable.has(other))) continue
       try {
         // Out of service, it may hold another DEK: a key sealed under that one would be lost at its next restart.
         if (enclave.unsynced) throw this.outOfService(enclave)
-        if (heldBack(enclave) && this.enclaves.some((other) => !other.unsynced && !heldBack(other))) {
-          throw new EnclaveUnavailableError(`enclave ${enclave.id} is held back after failing requests`)
-        }
         const target = enclave
         frame = await this.tracked(target, () => this.call(target, opcodes.CREATE, encodeCreateRequest({ keyId })))
         break
@@ -532,10 +531,11 @@ export class OriginParent {
    */
   private async onOwnerOrStandby<T>(keyId: string, work: (enclave: Enclave, fresh: boolean) => Promise<T>): Promise<T> {
     const owner = this.ring.nodeFor(keyId)
-    if (owner.unsynced) return this.onStandby({ keyId, work, failure: this.outOfService(owner), heldLast: true })
+    const tried = new Set<Enclave>()
+    if (owner.unsynced) return this.onStandby({ keyId, work, failure: this.outOfService(owner), tried })
     if (heldBack(owner)) {
       const failure = new EnclaveUnavailableError(`enclave ${owner.id} is held back after failing requests`)
-      const standby = await this.standbyFor({ keyId, error: failure, heldLast: false })
+      const standby = await this.standbyFor({ keyId, error: failure, heldLast: false, tried })
       if (standby) {
         try {
           return await this.served({ keyId, work, standby, failure })
@@ -544,13 +544,13 @@ export class OriginParent {
           if (error !== failure || heldBack(owner)) throw error
         }
       }
-      // With no standby at all, the owner is tried anyway: a hold must not make a lone enclave's keys fail.
+      // With no standby to take its place, the owner is tried anyway: a hold must not make a lone enclave's keys fail.
     }
     try {
       return await this.tracked(owner, () => work(owner, false))
     } catch (error) {
       if (!(error instanceof EnclaveUnavailableError)) throw error
-      return this.onStandby({ keyId, work, failure: error, heldLast: true })
+      return this.onStandby({ keyId, work, failure: error, tried })
     }
   }
 
@@ -580,8 +580,9 @@ export class OriginParent {
     }
   }
 
-  private async onStandby<T>({ keyId, work, failure, heldLast }: { keyId: string; work: (enclave: Enclave, fresh: boolean) => Promise<T>; failure: unknown; heldLast: boolean }): Promise<T> {
-    const standby = await this.standbyFor({ keyId, error: failure, heldLast })
+  /** After the owner has failed (or is out of service): any standby not yet tried, held-back ones last. */
+  private async onStandby<T>({ keyId, work, failure, tried }: { keyId: string; work: (enclave: Enclave, fresh: boolean) => Promise<T>; failure: unknown; tried: Set<Enclave> }): Promise<T> {
+    const standby = await this.standbyFor({ keyId, error: failure, heldLast: true, tried })
     if (!standby) throw failure
     return this.served({ keyId, work, standby, failure })
   }
@@ -639,14 +640,17 @@ export class OriginParent {
    * loads the whole preload file) goes to the standby as it is. Enclaves
    * held back after failures of their own come last, and only with
    * `heldLast` (once the owner itself has failed); out-of-service ones
-   * never. Undefined for any other error, or when no enclave takes it.
+   * never, nor any in `tried` (which this fills: a request tries each
+   * standby once). Undefined for any other error, or when no enclave takes
+   * it.
    */
-  private async standbyFor({ keyId, error, heldLast }: { keyId: string; error: unknown; heldLast: boolean }): Promise<Standby | undefined> {
+  private async standbyFor({ keyId, error, heldLast, tried }: { keyId: string; error: unknown; heldLast: boolean; tried: Set<Enclave> }): Promise<Standby | undefined> {
     if (!(error instanceof EnclaveUnavailableError)) return undefined
-    const others = this.ring.nodesFor(keyId).slice(1).filter((enclave) => !enclave.unsynced)
+    const others = this.ring.nodesFor(keyId).slice(1).filter((enclave) => !enclave.unsynced && !tried.has(enclave))
     for (const enclave of [...others.filter((other) => !heldBack(other)), ...(heldLast ? others.filter(heldBack) : [])]) {
+      tried.add(enclave)
       try {
-        return { enclave, stored: await this.reloadInTurn(keyId, enclave) }
+        return { enclave, stored: await this.tracked(enclave, () => this.reloadInTurn(keyId, enclave)) }
       } catch (failure) {
         if (!(failure instanceof EnclaveUnavailableError)) throw failure
       }
@@ -773,14 +777,15 @@ export class OriginParent {
       this.enclaves.map(async (enclave) => {
         try {
           const frame = this.check(enclave, await this.call(enclave, opcodes.HEALTH, emptyPayload))
+          // An answer after the hold has run out is a probe that succeeded: an enclave whose keys get no requests
+          // must not read as held back for ever. It never cuts a hold short.
+          if (enclave.outage.failing && !enclave.outage.holding) enclave.outage.succeeded()
           const stats = decodeHealthResponse(frame.payload)
           const refusal = (stats.preload as { refusal?: string | null } | undefined)?.refusal
-          const held = enclave.outage.failing
+          const held = enclave.outage.failing && !enclave.unsynced && !refusal
           const notServing = enclave.unsynced
             ? 'out of service until it has unlocked and loaded its keys (its keys fail over meanwhile)'
-            : held
-              ? 'held back after failing requests until a probe succeeds (its keys fail over meanwhile)'
-              : refusal
+            : (refusal ?? (held ? 'held back after failing requests until a probe succeeds (its keys fail over meanwhile)' : undefined))
           return { id: enclave.id, answered: true, ok: !notServing, held, inflight: enclave.pool.inflight, stats, ...(notServing ? { error: notServing } : {}) }
         } catch (error) {
           return { id: enclave.id, answered: false, ok: false, inflight: enclave.pool.inflight, error: messageOf(error) }

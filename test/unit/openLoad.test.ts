@@ -142,8 +142,13 @@ describe.skipIf(!haveCc)('openLoad, the native load generator', () => {
 
     const run = await runOpenLoad({ mode: 'http', port, env: { ORIGIN_HMAC_KEY_ID: hmac.keyId, ORIGIN_HMAC_SECRET: hmac.secret } })
 
-    // In turn: the first 8 requests went out on 8 different connections, though each was answered at once.
-    expect(new Set(order.slice(0, 8)).size).toBe(8)
+    // In turn, though each was answered at once: among the first 80 requests every connection carried about 10.
+    // (Always the same idle connection would have carried 40 of them; the order they reached the server in may
+    // differ a little from the order they were sent in, on a busy machine.)
+    const carried = new Map<unknown, number>()
+    for (const socket of order.slice(0, 80)) carried.set(socket, (carried.get(socket) ?? 0) + 1)
+    expect(carried.size).toBe(8)
+    expect(Math.max(...carried.values())).toBeLessThanOrEqual(15)
     // 8 connections × 40 answers (200 of them in the warm-up): then all were closed, and the rest was skipped.
     expect([...answered.values()]).toEqual(Array(8).fill(40))
     expect(run.stderr).toContain('the server closed 8 of 8 connections')

@@ -17,7 +17,7 @@ import { openDiskBlobStore, type DiskBlobStore } from '../../enclave-origin/pare
 import { HashRing } from '../../enclave-origin/parent/hashRing.js'
 import { originMetrics } from '../../enclave-origin/parent/metrics.js'
 import { EnclaveUnavailableError } from '../../enclave-origin/parent/enclavePool.js'
-import { NeedsUnlockError, OriginParent } from '../../enclave-origin/parent/origin.js'
+import { NeedsUnlockError, OriginParent, type KeyInfo } from '../../enclave-origin/parent/origin.js'
 import type { BlobStore } from '../../enclave-origin/parent/blobStore.js'
 import { secp256k1 } from '../../enclave-origin/enclave/nativeSecp256k1.js'
 import { encodeFrame, FrameDecoder, opcodes, statuses } from '../../enclave-origin/protocol/frames.js'
@@ -136,6 +136,16 @@ async function relay(target: { host: string; port: number }) {
 }
 
 const digest = `0x${'cd'.repeat(32)}` as Hex
+
+/** Keys created through `parent` until `enough` holds of them: at most 200, so a test whose routing goes wrong fails instead of spinning. */
+async function keysUntil(parent: OriginParent, enough: (keys: KeyInfo[]) => boolean): Promise<KeyInfo[]> {
+  const keys: KeyInfo[] = []
+  while (!enough(keys)) {
+    if (keys.length >= 200) throw new Error('200 keys created, and still not the set the test needs')
+    keys.push(await parent.createKey())
+  }
+  return keys
+}
 
 /** Signs `digest` with the key through `signer`, and checks that the signature recovers to the key's address. */
 async function expectSignsAs(signer: OriginParent, key: { keyId: string; address: string }) {
@@ -576,8 +586,7 @@ describe('a parent whose enclaves are not all up', () => {
     const starting = parentOf()
     try {
       await first.start()
-      const keys = [await first.createKey()]
-      while (ownedBy('spare-late', keys).length < 1) keys.push(await first.createKey())
+      const keys = await keysUntil(first, (keys) => ownedBy('spare-late', keys).length >= 1)
       const [key] = ownedBy('spare-late', keys)
       first.close()
       await late.stop()
@@ -614,8 +623,7 @@ describe('a parent whose enclaves are not all up', () => {
     const hanging = new OriginParent({ enclaves: [spares[0]!, { id: 'spare-late', address: cable.address }], poolSize: 2, store: ownStore, requestTimeoutMs: 300, credentials: async () => kms.credentials })
     try {
       await hanging.start()
-      const keys = [await hanging.createKey()]
-      while (ownedBy('spare-late', keys).length < 1) keys.push(await hanging.createKey())
+      const keys = await keysUntil(hanging, (keys) => ownedBy('spare-late', keys).length >= 1)
       const [key] = ownedBy('spare-late', keys)
       await expectSignsAs(hanging, key!)
       // Like a preloaded account: held by every enclave, in no store.
@@ -693,8 +701,7 @@ describe('a parent whose enclaves are not all up', () => {
     })
     try {
       await cabled.start()
-      const keys = [await cabled.createKey()]
-      while (ownedBy('spare-up', keys).length < 1 || ownedBy('spare-late', keys).length < 1) keys.push(await cabled.createKey())
+      const keys = await keysUntil(cabled, (keys) => ownedBy('spare-up', keys).length >= 1 && ownedBy('spare-late', keys).length >= 1)
       const [onUp] = ownedBy('spare-up', keys)
       const [onLate] = ownedBy('spare-late', keys)
       // spare-up drops out: its key signs on spare-late, and spare-up is held back for at least 375 ms.
@@ -739,8 +746,7 @@ describe('a parent whose enclaves are not all up', () => {
     const held = async (id: string) => (await cabled.health()).find((enclave) => enclave.id === id)?.held
     try {
       await cabled.start()
-      const keys = [await cabled.createKey()]
-      while (ownedBy('spare-up', keys).length < 2 || ownedBy('spare-late', keys).length < 1) keys.push(await cabled.createKey())
+      const keys = await keysUntil(cabled, (keys) => ownedBy('spare-up', keys).length >= 2 && ownedBy('spare-late', keys).length >= 1)
       const [onUp, marked] = ownedBy('spare-up', keys)
       const [onLate] = ownedBy('spare-late', keys)
 
@@ -751,15 +757,26 @@ describe('a parent whose enclaves are not all up', () => {
       upCable.restore()
       now += 1_000
       // The hold is over: the next request probes spare-up, but fails on the parent's own store read, not for want
-      // of spare-up. That is no answer from it: its outage goes on.
+      // of spare-up. That is no answer from it: its outage goes on, and the next failure doubles the hold
+      // (750–1,250 ms), where a fresh outage would hold it for 375–625 ms.
       storeReadsFail = true
       await expect(cabled.sign(marked!.keyId, Buffer.alloc(32, 7))).rejects.toThrow('the store read failed')
       storeReadsFail = false
-      expect(await held('spare-up')).toBe(true)
+      upCable.cut()
+      await new Promise((resolve) => setTimeout(resolve, 100))
+      await expectSignsAs(cabled, onUp!)
+      now += 700
+      await new Promise((resolve) => setTimeout(resolve, 100))
+      const probedUp = upCable.refused
+      await expectSignsAs(cabled, onUp!)
+      expect(upCable.refused).toBe(probedUp)
+      upCable.restore()
+      now += 2_000
 
       // Both held back: spare-late hangs on a request of its own, then drops out; spare-up drops out once more.
       lateCable.stall()
       upCable.cut()
+      await new Promise((resolve) => setTimeout(resolve, 100))
       await expect(cabled.sign(onLate!.keyId, Buffer.alloc(32, 7))).rejects.toThrow(EnclaveUnavailableError)
       await expect(cabled.sign(onUp!.keyId, Buffer.alloc(32, 7))).rejects.toThrow(EnclaveUnavailableError)
       lateCable.cut()
@@ -778,7 +795,7 @@ describe('a parent whose enclaves are not all up', () => {
       await ownStore.close()
       for (const enclave of [up, late]) await enclave.stop()
     }
-  })
+  }, 20_000)
 
   it("a state change its enclave missed reaches it before the key's next use, from this parent or the next", async () => {
     const up = await startEnclave(spares[0]!)
@@ -792,8 +809,7 @@ describe('a parent whose enclaves are not all up', () => {
     let second: OriginParent | undefined
     try {
       await first.start()
-      const keys = [await first.createKey()]
-      while (ownedBy('spare-late', keys).length < 3) keys.push(await first.createKey())
+      const keys = await keysUntil(first, (keys) => ownedBy('spare-late', keys).length >= 3)
       const [missed, stale, unchanged] = ownedBy('spare-late', keys)
       await expectSignsAs(first, missed!)
 
