@@ -531,10 +531,12 @@ export class OriginParent {
    */
   private async onOwnerOrStandby<T>(keyId: string, work: (enclave: Enclave, fresh: boolean) => Promise<T>): Promise<T> {
     const owner = this.ring.nodeFor(keyId)
-    const tried = new Set<Enclave>()
-    if (owner.unsynced) return this.onStandby({ keyId, work, failure: this.outOfService(owner), tried })
+    if (owner.unsynced) return this.onStandby({ keyId, work, failure: this.outOfService(owner), tried: new Set() })
+    // The standbys this request has tried; made only off the normal path, which allocates nothing for it.
+    let tried: Set<Enclave> | undefined
     if (heldBack(owner)) {
       const failure = new EnclaveUnavailableError(`enclave ${owner.id} is held back after failing requests`)
+      tried = new Set()
       const standby = await this.standbyFor({ keyId, error: failure, heldLast: false, tried })
       if (standby) {
         try {
@@ -550,7 +552,7 @@ export class OriginParent {
       return await this.tracked(owner, () => work(owner, false))
     } catch (error) {
       if (!(error instanceof EnclaveUnavailableError)) throw error
-      return this.onStandby({ keyId, work, failure: error, tried })
+      return this.onStandby({ keyId, work, failure: error, tried: tried ?? new Set() })
     }
   }
 
