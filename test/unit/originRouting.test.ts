@@ -520,6 +520,24 @@ describe('a parent whose enclaves are not all up', () => {
   })
   const ownedBy = <Key extends { keyId: string }>(id: string, keys: Key[]) => keys.filter((key) => new HashRing(spares.map((spare) => ({ id: spare.id, node: spare.id }))).nodeFor(key.keyId) === id)
 
+  /** Both spare enclaves, each behind a relay of its own, and a store of their own; `stop` ends them all. */
+  async function cabledSpares(storeName: string) {
+    const up = await startEnclave(spares[0]!)
+    const late = await startEnclave(spares[1]!)
+    const [upCable, lateCable] = await Promise.all([relay(spares[0]!.address), relay(spares[1]!.address)])
+    const ownStore = await openDiskBlobStore({ directory: path.join(directory, storeName) })
+    const stop = async () => {
+      await Promise.all([upCable.close(), lateCable.close()])
+      await ownStore.close()
+      for (const enclave of [up, late]) await enclave.stop()
+    }
+    const enclaves = [
+      { id: 'spare-up', address: upCable.address },
+      { id: 'spare-late', address: lateCable.address },
+    ]
+    return { upCable, lateCable, ownStore, enclaves, stop }
+  }
+
   it('starts with those it reaches, which sign for the others (and make new keys) until those come back, load, unlock and sign', async () => {
     const up = await startEnclave(spares[0]!)
     let late = await startEnclave(spares[1]!)
@@ -685,20 +703,8 @@ describe('a parent whose enclaves are not all up', () => {
   })
 
   it('a standby held back after failures of its own is still tried, last, before a request fails', async () => {
-    const up = await startEnclave(spares[0]!)
-    const late = await startEnclave(spares[1]!)
-    const [upCable, lateCable] = await Promise.all([relay(spares[0]!.address), relay(spares[1]!.address)])
-    const ownStore = await openDiskBlobStore({ directory: path.join(directory, 'held-standby-store') })
-    const cabled = new OriginParent({
-      enclaves: [
-        { id: 'spare-up', address: upCable.address },
-        { id: 'spare-late', address: lateCable.address },
-      ],
-      poolSize: 1,
-      store: ownStore,
-      requestTimeoutMs: 1_000,
-      credentials: async () => kms.credentials,
-    })
+    const { upCable, lateCable, ownStore, enclaves, stop } = await cabledSpares('held-standby-store')
+    const cabled = new OriginParent({ enclaves, poolSize: 1, store: ownStore, requestTimeoutMs: 1_000, credentials: async () => kms.credentials })
     try {
       await cabled.start()
       const keys = await keysUntil(cabled, (keys) => ownedBy('spare-up', keys).length >= 1 && ownedBy('spare-late', keys).length >= 1)
@@ -715,34 +721,19 @@ describe('a parent whose enclaves are not all up', () => {
       expect(cabled.failovers()).toEqual(expect.arrayContaining([expect.objectContaining({ enclave: 'spare-late', standby: 'spare-up', count: 1 })]))
     } finally {
       cabled.close()
-      await Promise.all([upCable.close(), lateCable.close()])
-      await ownStore.close()
-      for (const enclave of [up, late]) await enclave.stop()
+      await stop()
     }
   })
 
   it('an owner held back hands its keys to no standby held back too, and only an answer of its own ends its outage', async () => {
-    const up = await startEnclave(spares[0]!)
-    const late = await startEnclave(spares[1]!)
-    const [upCable, lateCable] = await Promise.all([relay(spares[0]!.address), relay(spares[1]!.address)])
-    const ownStore = await openDiskBlobStore({ directory: path.join(directory, 'still-clock-store') })
+    const { upCable, lateCable, ownStore, enclaves, stop } = await cabledSpares('still-clock-store')
     let storeReadsFail = false
     const flakyStore: BlobStore = Object.assign(Object.create(ownStore) as BlobStore, {
       get: (keyId: string) => (storeReadsFail ? Promise.reject(new Error('the store read failed')) : ownStore.get(keyId)),
     })
     // The backoffs' clock stands still unless moved: holds last until the test ends them.
     let now = 0
-    const cabled = new OriginParent({
-      enclaves: [
-        { id: 'spare-up', address: upCable.address },
-        { id: 'spare-late', address: lateCable.address },
-      ],
-      poolSize: 1,
-      store: flakyStore,
-      requestTimeoutMs: 300,
-      credentials: async () => kms.credentials,
-      monotonicNow: () => now,
-    })
+    const cabled = new OriginParent({ enclaves, poolSize: 1, store: flakyStore, requestTimeoutMs: 300, credentials: async () => kms.credentials, monotonicNow: () => now })
     const held = async (id: string) => (await cabled.health()).find((enclave) => enclave.id === id)?.held
     try {
       await cabled.start()
@@ -791,9 +782,7 @@ describe('a parent whose enclaves are not all up', () => {
       expect(await held('spare-up')).toBe(false)
     } finally {
       cabled.close()
-      await Promise.all([upCable.close(), lateCable.close()])
-      await ownStore.close()
-      for (const enclave of [up, late]) await enclave.stop()
+      await stop()
     }
   }, 20_000)
 
