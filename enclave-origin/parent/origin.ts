@@ -651,10 +651,15 @@ export class OriginParent {
     const others = this.ring.nodesFor(keyId).slice(1).filter((enclave) => !enclave.unsynced && !tried.has(enclave))
     for (const enclave of [...others.filter((other) => !heldBack(other)), ...(heldLast ? others.filter(heldBack) : [])]) {
       tried.add(enclave)
+      // The load's outcome counts toward the standby's own outage, as a request's would; a key the store does
+      // not hold makes no load, and tells nothing about it.
       try {
-        return { enclave, stored: await this.tracked(enclave, () => this.reloadInTurn(keyId, enclave)) }
+        const stored = await this.reloadInTurn(keyId, enclave)
+        if (stored && enclave.outage.failing) enclave.outage.succeeded()
+        return { enclave, stored }
       } catch (failure) {
         if (!(failure instanceof EnclaveUnavailableError)) throw failure
+        if (!enclave.outage.holding) enclave.outage.failed()
       }
     }
     return undefined

@@ -786,6 +786,44 @@ describe('a parent whose enclaves are not all up', () => {
     }
   }, 20_000)
 
+  it('failover traffic holds back a hung standby, and a /healthz answer ends an outage once its hold is over', async () => {
+    const { upCable, lateCable, ownStore, enclaves, stop } = await cabledSpares('held-paths-store')
+    let now = 0
+    const cabled = new OriginParent({ enclaves, poolSize: 1, store: ownStore, requestTimeoutMs: 300, credentials: async () => kms.credentials, monotonicNow: () => now })
+    const held = async (id: string) => (await cabled.health()).find((enclave) => enclave.id === id)?.held
+    try {
+      await cabled.start()
+      const keys = await keysUntil(cabled, (keys) => ownedBy('spare-up', keys).length >= 1 && ownedBy('spare-late', keys).length >= 1)
+      const [onUp] = ownedBy('spare-up', keys)
+      const [onLate] = ownedBy('spare-late', keys)
+
+      // spare-up drops out and spare-late hangs: spare-up's key fails, after its load into spare-late timed out.
+      upCable.cut()
+      lateCable.stall()
+      await expect(cabled.sign(onUp!.keyId, Buffer.alloc(32, 8))).rejects.toThrow(EnclaveUnavailableError)
+      // spare-up is back, and its next request ends its outage.
+      upCable.restore()
+      await new Promise((resolve) => setTimeout(resolve, 100))
+      await expectSignsAs(cabled, onUp!)
+      // That timed-out load held spare-late back: its own key goes to spare-up without a request to spare-late.
+      const reachedLate = lateCable.requestsFromParent.length
+      await expectSignsAs(cabled, onLate!)
+      expect(lateCable.requestsFromParent.length).toBe(reachedLate)
+
+      // A /healthz answer during a hold leaves it; once the hold is over, it ends the outage.
+      upCable.cut()
+      await new Promise((resolve) => setTimeout(resolve, 100))
+      await expect(cabled.sign(onUp!.keyId, Buffer.alloc(32, 8))).rejects.toThrow(EnclaveUnavailableError)
+      upCable.restore()
+      expect(await held('spare-up')).toBe(true)
+      now += 5_000
+      expect(await held('spare-up')).toBe(false)
+    } finally {
+      cabled.close()
+      await stop()
+    }
+  }, 20_000)
+
   it("a state change its enclave missed reaches it before the key's next use, from this parent or the next", async () => {
     const up = await startEnclave(spares[0]!)
     const late = await startEnclave(spares[1]!)
