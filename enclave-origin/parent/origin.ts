@@ -61,6 +61,16 @@ function heldBack(enclave: Enclave): boolean {
   return enclave.outage.holding || (enclave.outage.failing && enclave.probing)
 }
 
+/** A request failed for want of the enclave: one hold per outage, however many requests it failed at once. */
+function outageFailed(enclave: Enclave): void {
+  if (!enclave.outage.holding) enclave.outage.failed()
+}
+
+/** The enclave answered: its outage, if any, is over. */
+function outageOver(enclave: Enclave): void {
+  if (enclave.outage.failing) enclave.outage.succeeded()
+}
+
 type Enclave = {
   id: string
   pool: EnclavePool
@@ -520,7 +530,7 @@ export class OriginParent {
    * signs (see `onOwnerOrStandby`).
    */
   sign(keyId: string, digest: Uint8Array): Promise<{ signature: Hex; recoveryId: number; rpcMs: number; enclaveMs: number }> {
-    return this.onOwnerOrStandby(keyId, (enclave, fresh) => this.signOn({ enclave, keyId, digest, fresh }))
+    return this.onOwnerOrStandby(keyId, (enclave) => this.signOn({ enclave, keyId, digest }))
   }
 
   /**
@@ -529,7 +539,7 @@ export class OriginParent {
    * service, on a standby instead (see `standbyFor`). Tracks the owner's
    * outage: a failure for want of it starts a hold, a success ends it.
    */
-  private async onOwnerOrStandby<T>(keyId: string, work: (enclave: Enclave, fresh: boolean) => Promise<T>): Promise<T> {
+  private async onOwnerOrStandby<T>(keyId: string, work: (enclave: Enclave) => Promise<T>): Promise<T> {
     const owner = this.ring.nodeFor(keyId)
     if (owner.unsynced) return this.onStandby({ keyId, work, failure: this.outOfService(owner), tried: new Set() })
     // The standbys this request has tried; made only off the normal path, which allocates nothing for it.
@@ -549,7 +559,8 @@ export class OriginParent {
       // With no standby to take its place, the owner is tried anyway: a hold must not make a lone enclave's keys fail.
     }
     try {
-      return await this.tracked(owner, () => work(owner, false))
+      // A key whose state change may not have reached its enclave goes there fresh from the store first.
+      return await this.tracked(owner, () => (this.unsyncedKeys.has(keyId) ? this.reloadInTurn(keyId, owner).then(() => work(owner)) : work(owner)))
     } catch (error) {
       if (!(error instanceof EnclaveUnavailableError)) throw error
       return this.onStandby({ keyId, work, failure: error, tried: tried ?? new Set() })
@@ -563,19 +574,15 @@ export class OriginParent {
    * is its one probe.
    */
   private async tracked<T>(enclave: Enclave, call: () => Promise<T>): Promise<T> {
-    const { outage } = enclave
-    const probe = outage.failing && !enclave.probing
+    const probe = enclave.outage.failing && !enclave.probing
     if (probe) enclave.probing = true
     try {
       const result = await call()
-      if (outage.failing) outage.succeeded()
+      outageOver(enclave)
       return result
     } catch (error) {
-      if (error instanceof EnclaveUnavailableError) {
-        if (!outage.holding) outage.failed()
-      } else if (answeredByEnclave(error) && outage.failing) {
-        outage.succeeded()
-      }
+      if (error instanceof EnclaveUnavailableError) outageFailed(enclave)
+      else if (answeredByEnclave(error)) outageOver(enclave)
       throw error
     } finally {
       if (probe) enclave.probing = false
@@ -583,7 +590,7 @@ export class OriginParent {
   }
 
   /** After the owner has failed (or is out of service): any standby not yet tried, held-back ones last. */
-  private async onStandby<T>({ keyId, work, failure, tried }: { keyId: string; work: (enclave: Enclave, fresh: boolean) => Promise<T>; failure: unknown; tried: Set<Enclave> }): Promise<T> {
+  private async onStandby<T>({ keyId, work, failure, tried }: { keyId: string; work: (enclave: Enclave) => Promise<T>; failure: unknown; tried: Set<Enclave> }): Promise<T> {
     const standby = await this.standbyFor({ keyId, error: failure, heldLast: true, tried })
     if (!standby) throw failure
     return this.served({ keyId, work, standby, failure })
@@ -595,9 +602,9 @@ export class OriginParent {
    * standby has not either, or a standby that is out of reach too, is still
    * the owner's outage: `failure` is thrown.
    */
-  private async served<T>({ keyId, work, standby, failure }: { keyId: string; work: (enclave: Enclave, fresh: boolean) => Promise<T>; standby: Standby; failure: unknown }): Promise<T> {
+  private async served<T>({ keyId, work, standby, failure }: { keyId: string; work: (enclave: Enclave) => Promise<T>; standby: Standby; failure: unknown }): Promise<T> {
     try {
-      const result = await this.tracked(standby.enclave, () => work(standby.enclave, true))
+      const result = await this.tracked(standby.enclave, () => work(standby.enclave))
       this.countFailover({ keyId, standby: standby.enclave, failure })
       return result
     } catch (error) {
@@ -617,18 +624,19 @@ export class OriginParent {
     else this.failoverCounts.set(pair, { enclave: owner.id, standby: standby.id, count: 1 })
   }
 
-  /** `fresh`: the key was just loaded into the enclave from the store. */
-  private async signOn({ enclave, keyId, digest, fresh = false }: { enclave: Enclave; keyId: string; digest: Uint8Array; fresh?: boolean }): Promise<{ signature: Hex; recoveryId: number; rpcMs: number; enclaveMs: number }> {
-    if (!fresh && this.unsyncedKeys.has(keyId)) await this.reloadInTurn(keyId, enclave)
+  private async signOn({ enclave, keyId, digest }: { enclave: Enclave; keyId: string; digest: Uint8Array }): Promise<{ signature: Hex; recoveryId: number; rpcMs: number; enclaveMs: number }> {
     const started = performance.now()
-    let frame = await this.call(enclave, opcodes.SIGN, encodeSignRequest({ keyId, digest }))
-    if (frame.status === statuses.NOT_FOUND && (await this.reloadInTurn(keyId, enclave))) {
-      frame = await this.call(enclave, opcodes.SIGN, encodeSignRequest({ keyId, digest }))
-    }
+    const frame = await this.callReloading({ enclave, keyId, opcode: opcodes.SIGN, payload: encodeSignRequest({ keyId, digest }) })
     const rpcMs = performance.now() - started
     const { signature, recoveryId, enclaveMicros } = decodeSignResponse(this.check(enclave, frame).payload)
     // Buffer's hex: several times cheaper than viem's per signature.
     return { signature: `0x${Buffer.from(signature.buffer, signature.byteOffset, signature.byteLength).toString('hex')}`, recoveryId, rpcMs, enclaveMs: enclaveMicros / 1_000 }
+  }
+
+  /** A key's request to an enclave; once more after handing it the stored record, if it has lost the key (a restart). */
+  private async callReloading({ enclave, keyId, opcode, payload }: { enclave: Enclave; keyId: string; opcode: Opcode; payload: Uint8Array }): Promise<Frame> {
+    const frame = await this.call(enclave, opcode, payload)
+    return frame.status === statuses.NOT_FOUND && (await this.reloadInTurn(keyId, enclave)) ? this.call(enclave, opcode, payload) : frame
   }
 
   /**
@@ -655,11 +663,11 @@ export class OriginParent {
       // not hold makes no load, and tells nothing about it.
       try {
         const stored = await this.reloadInTurn(keyId, enclave)
-        if (stored && enclave.outage.failing) enclave.outage.succeeded()
+        if (stored) outageOver(enclave)
         return { enclave, stored }
       } catch (failure) {
         if (!(failure instanceof EnclaveUnavailableError)) throw failure
-        if (!enclave.outage.holding) enclave.outage.failed()
+        outageFailed(enclave)
       }
     }
     return undefined
@@ -731,13 +739,11 @@ export class OriginParent {
 
   /** The key as its enclave holds it (another, with its own out of reach: see `onOwnerOrStandby`). */
   getKey(keyId: string): Promise<KeyInfo> {
-    return this.onOwnerOrStandby(keyId, (enclave, fresh) => this.getOn({ enclave, keyId, fresh }))
+    return this.onOwnerOrStandby(keyId, (enclave) => this.getOn({ enclave, keyId }))
   }
 
-  private async getOn({ enclave, keyId, fresh = false }: { enclave: Enclave; keyId: string; fresh?: boolean }): Promise<KeyInfo> {
-    if (!fresh && this.unsyncedKeys.has(keyId)) await this.reloadInTurn(keyId, enclave)
-    let frame = await this.call(enclave, opcodes.GET, encodeGetRequest({ keyId }))
-    if (frame.status === statuses.NOT_FOUND && (await this.reloadInTurn(keyId, enclave))) frame = await this.call(enclave, opcodes.GET, encodeGetRequest({ keyId }))
+  private async getOn({ enclave, keyId }: { enclave: Enclave; keyId: string }): Promise<KeyInfo> {
+    const frame = await this.callReloading({ enclave, keyId, opcode: opcodes.GET, payload: encodeGetRequest({ keyId }) })
     const key = decodeGetResponse(this.check(enclave, frame).payload)
     const publicKey = bytesToHex(key.publicKey)
     return { keyId, publicKey, address: publicKeyToAddress(publicKey), state: key.state, cacheState: key.cacheState }
@@ -786,7 +792,7 @@ export class OriginParent {
           const frame = this.check(enclave, await this.call(enclave, opcodes.HEALTH, emptyPayload))
           // An answer after the hold has run out is a probe that succeeded: an enclave whose keys get no requests
           // must not read as held back for ever. It never cuts a hold short.
-          if (enclave.outage.failing && !enclave.outage.holding) enclave.outage.succeeded()
+          if (!enclave.outage.holding) outageOver(enclave)
           const stats = decodeHealthResponse(frame.payload)
           const refusal = (stats.preload as { refusal?: string | null } | undefined)?.refusal
           const held = enclave.outage.failing && !enclave.unsynced && !refusal

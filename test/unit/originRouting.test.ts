@@ -520,13 +520,22 @@ describe('a parent whose enclaves are not all up', () => {
   })
   const ownedBy = <Key extends { keyId: string }>(id: string, keys: Key[]) => keys.filter((key) => new HashRing(spares.map((spare) => ({ id: spare.id, node: spare.id }))).nodeFor(key.keyId) === id)
 
-  /** Both spare enclaves, each behind a relay of its own, and a store of their own; `stop` ends them all. */
+  /** Starts `parent` and creates keys until each spare owns one. */
+  async function startWithKeyOnEach(parent: OriginParent) {
+    await parent.start()
+    const keys = await keysUntil(parent, (keys) => ownedBy('spare-up', keys).length >= 1 && ownedBy('spare-late', keys).length >= 1)
+    return { onUp: ownedBy('spare-up', keys)[0], onLate: ownedBy('spare-late', keys)[0] }
+  }
+
+  /** Both spare enclaves, each behind a relay of its own, and a store of their own; `stop` ends them all, and the parents made here. */
   async function cabledSpares(storeName: string) {
     const up = await startEnclave(spares[0]!)
     const late = await startEnclave(spares[1]!)
     const [upCable, lateCable] = await Promise.all([relay(spares[0]!.address), relay(spares[1]!.address)])
     const ownStore = await openDiskBlobStore({ directory: path.join(directory, storeName) })
+    const parents: OriginParent[] = []
     const stop = async () => {
+      for (const parent of parents) parent.close()
       await Promise.all([upCable.close(), lateCable.close()])
       await ownStore.close()
       for (const enclave of [up, late]) await enclave.stop()
@@ -535,7 +544,15 @@ describe('a parent whose enclaves are not all up', () => {
       { id: 'spare-up', address: upCable.address },
       { id: 'spare-late', address: lateCable.address },
     ]
-    return { upCable, lateCable, ownStore, enclaves, stop }
+    /** A parent over both relays whose backoffs run on a clock that stands still until `advance` moves it: holds last until the test ends them. */
+    const stillClockParent = (store: BlobStore = ownStore) => {
+      let now = 0
+      const parent = new OriginParent({ enclaves, poolSize: 1, store, requestTimeoutMs: 300, credentials: async () => kms.credentials, monotonicNow: () => now })
+      parents.push(parent)
+      const held = async (id: string) => (await parent.health()).find((enclave) => enclave.id === id)?.held
+      return { parent, held, advance: (ms: number) => void (now += ms) }
+    }
+    return { upCable, lateCable, ownStore, enclaves, stillClockParent, stop }
   }
 
   it('starts with those it reaches, which sign for the others (and make new keys) until those come back, load, unlock and sign', async () => {
@@ -706,10 +723,7 @@ describe('a parent whose enclaves are not all up', () => {
     const { upCable, lateCable, ownStore, enclaves, stop } = await cabledSpares('held-standby-store')
     const cabled = new OriginParent({ enclaves, poolSize: 1, store: ownStore, requestTimeoutMs: 1_000, credentials: async () => kms.credentials })
     try {
-      await cabled.start()
-      const keys = await keysUntil(cabled, (keys) => ownedBy('spare-up', keys).length >= 1 && ownedBy('spare-late', keys).length >= 1)
-      const [onUp] = ownedBy('spare-up', keys)
-      const [onLate] = ownedBy('spare-late', keys)
+      const { onUp, onLate } = await startWithKeyOnEach(cabled)
       // spare-up drops out: its key signs on spare-late, and spare-up is held back for at least 375 ms.
       upCable.cut()
       await expectSignsAs(cabled, onUp!)
@@ -726,15 +740,12 @@ describe('a parent whose enclaves are not all up', () => {
   })
 
   it('an owner held back hands its keys to no standby held back too, and only an answer of its own ends its outage', async () => {
-    const { upCable, lateCable, ownStore, enclaves, stop } = await cabledSpares('still-clock-store')
+    const { upCable, lateCable, ownStore, stillClockParent, stop } = await cabledSpares('still-clock-store')
     let storeReadsFail = false
     const flakyStore: BlobStore = Object.assign(Object.create(ownStore) as BlobStore, {
       get: (keyId: string) => (storeReadsFail ? Promise.reject(new Error('the store read failed')) : ownStore.get(keyId)),
     })
-    // The backoffs' clock stands still unless moved: holds last until the test ends them.
-    let now = 0
-    const cabled = new OriginParent({ enclaves, poolSize: 1, store: flakyStore, requestTimeoutMs: 300, credentials: async () => kms.credentials, monotonicNow: () => now })
-    const held = async (id: string) => (await cabled.health()).find((enclave) => enclave.id === id)?.held
+    const { parent: cabled, held, advance } = stillClockParent(flakyStore)
     try {
       await cabled.start()
       const keys = await keysUntil(cabled, (keys) => ownedBy('spare-up', keys).length >= 2 && ownedBy('spare-late', keys).length >= 1)
@@ -746,7 +757,7 @@ describe('a parent whose enclaves are not all up', () => {
       await expectSignsAs(cabled, onUp!)
       await cabled.setState(marked!.keyId, 'active')
       upCable.restore()
-      now += 1_000
+      advance(1_000)
       // The hold is over: the next request probes spare-up, but fails on the parent's own store read, not for want
       // of spare-up. That is no answer from it: its outage goes on, and the next failure doubles the hold
       // (750–1,250 ms), where a fresh outage would hold it for 375–625 ms.
@@ -756,13 +767,13 @@ describe('a parent whose enclaves are not all up', () => {
       upCable.cut()
       await new Promise((resolve) => setTimeout(resolve, 100))
       await expectSignsAs(cabled, onUp!)
-      now += 700
+      advance(700)
       await new Promise((resolve) => setTimeout(resolve, 100))
       const probedUp = upCable.refused
       await expectSignsAs(cabled, onUp!)
       expect(upCable.refused).toBe(probedUp)
       upCable.restore()
-      now += 2_000
+      advance(2_000)
 
       // Both held back: spare-late hangs on a request of its own, then drops out; spare-up drops out once more.
       lateCable.stall()
@@ -781,21 +792,15 @@ describe('a parent whose enclaves are not all up', () => {
       expect(lateCable.refused).toBe(triedLate)
       expect(await held('spare-up')).toBe(false)
     } finally {
-      cabled.close()
       await stop()
     }
   }, 20_000)
 
   it('failover traffic holds back a hung standby, and a /healthz answer ends an outage once its hold is over', async () => {
-    const { upCable, lateCable, ownStore, enclaves, stop } = await cabledSpares('held-paths-store')
-    let now = 0
-    const cabled = new OriginParent({ enclaves, poolSize: 1, store: ownStore, requestTimeoutMs: 300, credentials: async () => kms.credentials, monotonicNow: () => now })
-    const held = async (id: string) => (await cabled.health()).find((enclave) => enclave.id === id)?.held
+    const { upCable, lateCable, stillClockParent, stop } = await cabledSpares('held-paths-store')
+    const { parent: cabled, held, advance } = stillClockParent()
     try {
-      await cabled.start()
-      const keys = await keysUntil(cabled, (keys) => ownedBy('spare-up', keys).length >= 1 && ownedBy('spare-late', keys).length >= 1)
-      const [onUp] = ownedBy('spare-up', keys)
-      const [onLate] = ownedBy('spare-late', keys)
+      const { onUp, onLate } = await startWithKeyOnEach(cabled)
 
       // spare-up drops out and spare-late hangs: spare-up's key fails, after its load into spare-late timed out.
       upCable.cut()
@@ -816,10 +821,9 @@ describe('a parent whose enclaves are not all up', () => {
       await expect(cabled.sign(onUp!.keyId, Buffer.alloc(32, 8))).rejects.toThrow(EnclaveUnavailableError)
       upCable.restore()
       expect(await held('spare-up')).toBe(true)
-      now += 5_000
+      advance(5_000)
       expect(await held('spare-up')).toBe(false)
     } finally {
-      cabled.close()
       await stop()
     }
   }, 20_000)
