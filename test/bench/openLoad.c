@@ -493,6 +493,9 @@ int main(int argc, char **argv) {
   char host[32];
   snprintf(host, sizeof host, "127.0.0.1:%d", port);
   requests.host = host;
+  // Each run its own nonces: a second run against the same parent would otherwise replay the first one's.
+  prng ^= (uint32_t)time(NULL) ^ ((uint32_t)getpid() << 16);
+  if (prng == 0) prng = 0x9e3779b9u;
   if (requests.http) {
     requests.hmacKeyId = getenv("ORIGIN_HMAC_KEY_ID");
     const char *secret = getenv("ORIGIN_HMAC_SECRET");
