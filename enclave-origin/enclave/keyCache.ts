@@ -116,7 +116,18 @@ type KeyEntry = {
    * signature that lives until the key's next use.
    */
   lastUsedAt: number
+  /** The sequence of the last LOAD or SET_STATE applied to the key; 0 for a key created here and not touched since. */
+  sequence: number
 }
+
+/**
+ * What became of a LOAD or SET_STATE (see `openSequenceEpoch`): applied;
+ * stale, and why; or needs-unlock, before any UNLOCK has opened an epoch.
+ */
+export type SequencedResult = { kind: 'applied' } | { kind: 'stale'; reason: string } | { kind: 'needs-unlock'; retryAfterMs: number }
+
+/** Sequences per epoch: more LOADs and SET_STATEs than a parent sends between two UNLOCKs. */
+const sequenceEpochSize = 2 ** 32
 
 type CachedDek = { bytes: Uint8Array; retiring: Uint8Array | undefined; softExpiresAt: number; hardExpiresAt: number; renewAt: number }
 
@@ -131,6 +142,8 @@ export class KeyCache {
   private readonly audit: (event: KeyCacheAuditEvent) => void
 
   private readonly entries = new Map<string, KeyEntry>()
+  /** The first sequence of the current epoch; none before the first UNLOCK, and then no LOAD or SET_STATE applies. */
+  private sequenceFloor: number | undefined
   /** Every key's bytes: private keys, public keys and sealed records. */
   private readonly bytes = new ByteSlabs()
   /** Where the pre-warmer's sweep resumes (a Map iterator stays valid as keys come and go). */
@@ -199,16 +212,40 @@ export class KeyCache {
   }
 
   /**
-   * Adds or replaces a key's record. A record that seals the same bytes at the
-   * same version as the one held keeps its plaintext (a re-sync from the parent
-   * is not a reason to go cold); any other replacement drops it. Of one of an
-   * older version than the one held only the state is taken: a late reload
-   * must not bring back a record that a DEK rotation has re-sealed, but a
-   * freeze must hold. A record whose bytes cannot be held (an empty one)
-   * throws and leaves the held key as it was.
+   * Adds or replaces a key's record, if `sequence` is current (see
+   * `openSequenceEpoch`). A record that seals the same bytes at the same
+   * version as the one held keeps its plaintext (a re-sync from the parent
+   * is not a reason to go cold); any other replacement drops it. Of one of
+   * an older version than the one held only the state is taken: a DEK
+   * rotation may have re-sealed the key here without its store taking the
+   * new version, but a freeze must hold. A record whose bytes cannot be
+   * held (an empty one) throws and leaves the held key as it was.
    */
-  load(record: SealedKeyRecord): void {
-    this.loadEntry(record)
+  load(record: SealedKeyRecord, sequence: number): SequencedResult {
+    const stale = this.staleFor(record.keyId, sequence)
+    if (stale) return stale
+    this.loadEntry(record).sequence = sequence
+    return applied
+  }
+
+  /**
+   * Opens the next epoch of sequences, for an UNLOCK's answer, and returns
+   * its first. From then on a LOAD or SET_STATE applies only if its sequence
+   * lies in [first, first + 2^32) and is above the last one applied to its
+   * key. Every sequence of an earlier epoch lies below, so a request that
+   * its parent gave up on (timed out), or a request of a parent before it,
+   * that lands late changes nothing. Throws when no epoch is left (see
+   * `sequenceEpochLeft`).
+   */
+  openSequenceEpoch(): number {
+    if (!this.sequenceEpochLeft) throw new Error('no sequence epoch is left: restart the enclave')
+    this.sequenceFloor = (this.sequenceFloor ?? 0) + sequenceEpochSize
+    return this.sequenceFloor
+  }
+
+  /** Whether another epoch fits below 2^53 (about 2 million per process): an UNLOCK checks before it changes anything. */
+  get sequenceEpochLeft(): boolean {
+    return (this.sequenceFloor ?? 0) + 2 * sequenceEpochSize <= Number.MAX_SAFE_INTEGER + 1
   }
 
   /** A key just generated inside the enclave: WARM at once, no unseal needed. Copies `privateKey` and zeroes it. Returns the record as held. */
@@ -261,16 +298,29 @@ export class KeyCache {
     }
   }
 
-  /** Changes a key's lifecycle state; a key that stops being active loses its plaintext at once. False if unknown. */
-  setState(keyId: string, state: KeyState): boolean {
+  /** Changes a key's lifecycle state, if `sequence` is current (see `openSequenceEpoch`); a key that stops being active loses its plaintext at once. */
+  setState({ keyId, state, sequence }: { keyId: string; state: KeyState; sequence: number }): SequencedResult | { kind: 'not-found' } {
     const entry = this.entries.get(keyId)
-    if (!entry) return false
+    if (!entry) return { kind: 'not-found' }
+    const stale = this.staleFor(keyId, sequence)
+    if (stale) return stale
     entry.record = { ...entry.record, state }
+    entry.sequence = sequence
     if (state !== 'active') {
       this.dropPlaintext(entry)
       this.keysAwaitingUnlock.delete(keyId)
     }
-    return true
+    return applied
+  }
+
+  private staleFor(keyId: string, sequence: number): Exclude<SequencedResult, { kind: 'applied' }> | undefined {
+    const floor = this.sequenceFloor
+    // Only the parent's UNLOCK opens one, so the cache starts no unlock of its own.
+    if (floor === undefined) return this.retryAfterUnlock()
+    if (sequence < floor || sequence >= floor + sequenceEpochSize) return { kind: 'stale', reason: `sequence ${sequence} is not of the current epoch, from ${floor}` }
+    const held = this.entries.get(keyId)?.sequence
+    if (held !== undefined && sequence <= held) return { kind: 'stale', reason: `key ${keyId} has taken sequence ${held} already` }
+    return undefined
   }
 
   get(keyId: string): { record: SealedKeyRecord; cacheState: CacheState } | undefined {
@@ -327,9 +377,10 @@ export class KeyCache {
     }
   }
 
-  /** Drops every plaintext key, the DEK and all records. Work still in flight lands nowhere. */
+  /** Drops every plaintext key, the DEK, all records and the sequence epoch, as a new process has none. Work still in flight lands nowhere. */
   clear(): void {
     this.generation += 1
+    this.sequenceFloor = undefined
     this.bytes.clear()
     this.entries.clear()
     this.keysAwaitingUnlock.clear()
@@ -609,6 +660,11 @@ export class KeyCache {
   /** No DEK to use: one unlock starts (or is already running), and the caller is told to retry after a jittered delay. */
   private needsUnlock(): { kind: 'needs-unlock'; retryAfterMs: number } {
     void this.startUnlock()
+    return this.retryAfterUnlock()
+  }
+
+  /** A needs-unlock answer, counted, with a jittered retry-after. */
+  private retryAfterUnlock(): { kind: 'needs-unlock'; retryAfterMs: number } {
     this.counters.needsUnlock += 1
     const { min, max } = this.config.retryAfterMs
     return { kind: 'needs-unlock', retryAfterMs: Math.round(min + this.random() * (max - min)) }
@@ -656,8 +712,10 @@ function isDueForRefresh({ entry, now, lowWaterMark }: { entry: KeyEntry; now: n
 }
 
 function coolEntry(record: SealedKeyRecord): KeyEntry {
-  return { record, plaintext: undefined, softExpiresAt: 0, hardExpiresAt: 0, prewarmAt: 0, usesLeft: 0, lastUsedAt: Number.NEGATIVE_INFINITY }
+  return { record, plaintext: undefined, softExpiresAt: 0, hardExpiresAt: 0, prewarmAt: 0, usesLeft: 0, lastUsedAt: Number.NEGATIVE_INFINITY, sequence: 0 }
 }
+
+const applied: SequencedResult = { kind: 'applied' }
 
 function sealsSameKey(held: SealedKeyRecord, incoming: SealedKeyRecord): boolean {
   return held.version === incoming.version && bytesEqual(held.sealed, incoming.sealed)

@@ -20,6 +20,7 @@ import {
   encodeAttestResponse,
   encodeCreateResponse,
   encodeErrorMessage,
+  encodeGeneratedDataKey,
   encodeGetResponse,
   encodeHealthResponse,
   encodeNeedsUnlock,
@@ -31,7 +32,7 @@ import type { RawSignature, WrappedDek } from '../types.js'
 import type { AttestationProvider, KmsDataKeys } from './dataKey.js'
 import type { DeliveredCredentials } from './deliveredCredentials.js'
 import type { SignEngine } from './engine.js'
-import type { DataKeys, KeyCache } from './keyCache.js'
+import type { DataKeys, KeyCache, SequencedResult } from './keyCache.js'
 import { memoryFigures } from './memory.js'
 import { secp256k1 } from './nativeSecp256k1.js'
 import { loadPreloadFile, PreloadedKeys, PreloadError } from './preload.js'
@@ -41,6 +42,13 @@ type Answer = { status: Status; payload: Uint8Array }
 
 const fail = (status: Status, message: string): Answer => ({ status, payload: encodeErrorMessage(message) })
 const utf8 = new TextEncoder()
+
+/** A LOAD or SET_STATE's answer: OK, STALE and why, or NEEDS_UNLOCK before any UNLOCK opened an epoch of sequences. */
+function sequenced(result: SequencedResult): Answer {
+  if (result.kind === 'applied') return { status: statuses.OK, payload: emptyPayload }
+  if (result.kind === 'needs-unlock') return { status: statuses.NEEDS_UNLOCK, payload: encodeNeedsUnlock(result) }
+  return fail(statuses.STALE, result.reason)
+}
 
 /**
  * A request payload that does not decode: the client's mistake, answered
@@ -215,7 +223,9 @@ export class EnclaveService {
   private async unlock({ wrappedDek, retiringWrappedDek, sealedPreloadIdentity }: UnlockRequest): Promise<Answer> {
     const { cache } = this.options
     if (sealedPreloadIdentity && !this.options.preloadFile) return fail(statuses.BAD_REQUEST, 'this enclave has no preload file')
-    let answer: Answer = { status: statuses.OK, payload: emptyPayload }
+    // Refused before it changes anything: its answer could open no epoch of sequences for the parent.
+    if (!cache.sequenceEpochLeft) return fail(statuses.UNAVAILABLE, 'no sequence epoch is left for another UNLOCK: restart the enclave')
+    let made: Uint8Array = emptyPayload
     if (wrappedDek.length > 0) {
       // Both under this enclave's KMS key: a rotation makes the new DEK there too.
       const wrapped: WrappedDek = { keyId: this.options.kmsKeyId, ciphertext: wrappedDek }
@@ -227,7 +237,7 @@ export class EnclaveService {
       const { dek, wrapped } = await this.options.dataKeys.generate()
       this.wrappedDek = wrapped
       cache.setDek(dek)
-      answer = { status: statuses.OK, payload: encodeUnlockResponse({ wrappedDek: wrapped.ciphertext }) }
+      made = wrapped.ciphertext
     }
     if (sealedPreloadIdentity) {
       const preloadIdentity = await this.openDelivered(sealedPreloadIdentity)
@@ -237,7 +247,8 @@ export class EnclaveService {
       await this.preload(preloadIdentity)
       if (this.preloadRefusal) return fail(statuses.BAD_REQUEST, this.preloadRefusal)
     }
-    return answer
+    // Opened only by an UNLOCK that succeeded: its parent is the one that numbers requests from now on.
+    return { status: statuses.OK, payload: encodeUnlockResponse({ wrappedDek: made, sequenceFloor: cache.openSequenceEpoch() }) }
   }
 
   async handle(frame: Frame): Promise<Answer> {
@@ -271,9 +282,10 @@ export class EnclaveService {
         const { record } = created
         return { status: statuses.OK, payload: encodeCreateResponse({ publicKey: record.publicKey, sealed: record.sealed, version: record.version }) }
       }
-      case opcodes.LOAD:
-        cache.load(decodeRequest(decodeLoadRequest, frame.payload))
-        return { status: statuses.OK, payload: emptyPayload }
+      case opcodes.LOAD: {
+        const { sequence, ...record } = decodeRequest(decodeLoadRequest, frame.payload)
+        return sequenced(cache.load(record, sequence))
+      }
       case opcodes.GET: {
         const { keyId } = decodeRequest(decodeGetRequest, frame.payload)
         const key = cache.get(keyId)
@@ -281,8 +293,9 @@ export class EnclaveService {
         return { status: statuses.OK, payload: encodeGetResponse({ state: key.record.state, cacheState: key.cacheState, publicKey: key.record.publicKey }) }
       }
       case opcodes.SET_STATE: {
-        const { keyId, state } = decodeRequest(decodeSetStateRequest, frame.payload)
-        return cache.setState(keyId, state) ? { status: statuses.OK, payload: emptyPayload } : fail(statuses.NOT_FOUND, `no key ${keyId}`)
+        const request = decodeRequest(decodeSetStateRequest, frame.payload)
+        const result = cache.setState(request)
+        return result.kind === 'not-found' ? fail(statuses.NOT_FOUND, `no key ${request.keyId}`) : sequenced(result)
       }
       case opcodes.UNLOCK:
         return this.queueUnlock(decodeRequest(decodeUnlockRequest, frame.payload))
@@ -291,7 +304,7 @@ export class EnclaveService {
         decodeEmptyRequest(frame, 'GENERATE_DATA_KEY')
         const { dek, wrapped } = await this.options.dataKeys.generate()
         zero(dek)
-        return { status: statuses.OK, payload: encodeUnlockResponse({ wrappedDek: wrapped.ciphertext }) }
+        return { status: statuses.OK, payload: encodeGeneratedDataKey(wrapped.ciphertext) }
       }
       case opcodes.RESEAL: {
         const { keyId, wrappedDekSha256 } = decodeRequest(decodeResealRequest, frame.payload)

@@ -6,6 +6,7 @@ import {
   decodeAttestResponse,
   decodeCreateResponse,
   decodeErrorMessage,
+  decodeGeneratedDataKey,
   decodeGetResponse,
   decodeHealthResponse,
   decodeNeedsUnlock,
@@ -23,6 +24,7 @@ import {
   type AttestResponse,
   type AwsCredentials,
   type UnlockRequest,
+  type UnlockResponse,
 } from '../protocol/messages.js'
 import { messageOf } from '../errors.js'
 import { FailureBackoff } from '../failureBackoff.js'
@@ -51,9 +53,12 @@ export class OriginRequestError extends Error {
 /** The enclave answered that it failed (INTERNAL, or a status this parent does not know). */
 class EnclaveInternalError extends Error {}
 
+/** The enclave refused a LOAD or SET_STATE as stale (see LoadRequest), and this parent could not number it afresh. */
+class StaleRequestError extends Error {}
+
 /** Whether `error` is an enclave's answer (rather than no answer, or a failure of the parent's own). */
 function answeredByEnclave(error: unknown): boolean {
-  return error instanceof NeedsUnlockError || error instanceof OriginRequestError || error instanceof EnclaveInternalError
+  return error instanceof NeedsUnlockError || error instanceof OriginRequestError || error instanceof EnclaveInternalError || error instanceof StaleRequestError
 }
 
 /** Held back after failing requests, or failing with its one probe out: requests for its keys go elsewhere. */
@@ -101,6 +106,9 @@ type Enclave = {
    */
   outage: FailureBackoff
   probing: boolean
+  /** The first sequence of the epoch this parent's last UNLOCK opened there (0: none yet), and the last sequence sent. */
+  sequenceFloor: number
+  lastSequence: number
 }
 
 /** An enclave serving another's key, and whether the key's stored record was loaded into it. */
@@ -143,7 +151,7 @@ export class OriginParent {
     },
   ) {
     const backoff = () => new FailureBackoff({ now: options.monotonicNow ?? (() => performance.now()), random: Math.random })
-    this.enclaves = options.enclaves.map(({ id, address }) => ({ id, pool: new EnclavePool({ address, size: options.poolSize }), unlocking: undefined, unlockQueue: Promise.resolve(), unlockBackoff: backoff(), unsynced: false, syncing: undefined, syncBackoff: backoff(), outage: backoff(), probing: false }))
+    this.enclaves = options.enclaves.map(({ id, address }) => ({ id, pool: new EnclavePool({ address, size: options.poolSize }), unlocking: undefined, unlockQueue: Promise.resolve(), unlockBackoff: backoff(), unsynced: false, syncing: undefined, syncBackoff: backoff(), outage: backoff(), probing: false, sequenceFloor: 0, lastSequence: 0 }))
     this.ring = new HashRing(this.enclaves.map((enclave) => ({ id: enclave.id, node: enclave })))
   }
 
@@ -160,6 +168,28 @@ export class OriginParent {
   /** Signs and gets that another enclave served: one log line per pair of enclaves every 10 s, and a count per pair. */
   private readonly failoverLog = new ThrottledLog({ log: (fields) => this.options.log?.(fields) })
   private readonly failoverCounts = new Map<string, { enclave: string; standby: string; count: number }>()
+
+  /**
+   * A LOAD or SET_STATE under the enclave's next sequence (see LoadRequest).
+   * STALE means it was numbered in an epoch the enclave has closed since:
+   * by this parent's own unlock meanwhile, or else (its UNLOCK answer was
+   * lost; another parent unlocked the enclave) by none of its own, and then
+   * the unlock a NEEDS_UNLOCK answer would start (under the same backoff)
+   * opens one. In a new epoch of this parent's, it goes once more. (An
+   * enclave that restarted and has opened no epoch answers NEEDS_UNLOCK,
+   * handled as for a sign.)
+   */
+  private async sequenced(enclave: Enclave, opcode: Opcode, encode: (sequence: number) => Uint8Array): Promise<Frame> {
+    const send = () => this.call(enclave, opcode, encode(++enclave.lastSequence))
+    const floor = enclave.sequenceFloor
+    const frame = await send()
+    if (frame.status !== statuses.STALE) return frame
+    if (enclave.sequenceFloor === floor) {
+      this.unlockOnDemand(enclave)
+      await enclave.unlocking?.catch(() => {})
+    }
+    return enclave.sequenceFloor === floor ? frame : send()
+  }
 
   private async call(enclave: Enclave, opcode: Opcode, payload: Uint8Array): Promise<Frame> {
     const waitsOnKms = opcode === opcodes.UNLOCK || opcode === opcodes.GENERATE_DATA_KEY
@@ -182,6 +212,8 @@ export class OriginParent {
         throw new OriginRequestError('bad-request', decodeErrorMessage(frame.payload))
       case statuses.UNAVAILABLE:
         throw new OriginRequestError('unavailable', decodeErrorMessage(frame.payload))
+      case statuses.STALE:
+        throw new StaleRequestError(`the enclave refused a stale request: ${decodeErrorMessage(frame.payload)}`)
       default:
         throw new EnclaveInternalError(`enclave error: ${decodeErrorMessage(frame.payload)}`)
     }
@@ -252,12 +284,11 @@ export class OriginParent {
       const enclave = this.ring.nodeFor(record.keyId)
       if (!owners.includes(enclave) || outOfReach.has(enclave)) return
       try {
-        // Once more before giving the enclave up: one timed-out LOAD among hundreds is not an outage. The
-        // key stays marked after all: the first LOAD may still land, after the retry.
+        // Once more before giving the enclave up: one timed-out LOAD among hundreds is not an outage. Should
+        // the first land after all, later, it is refused as stale: the retry is numbered above it.
         await load(record).catch(async (error: unknown) => {
           if (!(error instanceof EnclaveUnavailableError) || outOfReach.has(enclave)) throw error
           await load(record)
-          this.unsyncedKeys.add(record.keyId)
         })
       } catch (error) {
         if (error instanceof EnclaveUnavailableError) return void outOfReach.set(enclave, error)
@@ -273,7 +304,7 @@ export class OriginParent {
     const failures: string[] = []
     for (const enclave of this.enclaves) {
       try {
-        return newWrappedDek(await this.sendUnlock(enclave, () => ({ wrappedDek: new Uint8Array() })))
+        return newWrappedDek((await this.sendUnlock(enclave, () => ({ wrappedDek: new Uint8Array() }))).wrappedDek)
       } catch (error) {
         failures.push(`${enclave.id}: ${messageOf(error)}`)
       }
@@ -308,14 +339,15 @@ export class OriginParent {
 
   /** Hands a stored record to the enclave that owns its key (or to `enclave`). */
   private async load(record: SealedKeyRecord, enclave = this.ring.nodeFor(record.keyId)): Promise<Enclave> {
-    let request: Uint8Array
-    try {
-      request = encodeLoadRequest(record)
-    } catch (error) {
-      // A stored record the wire cannot carry (a damaged or hand-edited one): say which.
-      throw new Error(`key ${record.keyId}: its stored record cannot be loaded: ${messageOf(error)}`)
+    const request = (sequence: number) => {
+      try {
+        return encodeLoadRequest({ ...record, sequence })
+      } catch (error) {
+        // A stored record the wire cannot carry (a damaged or hand-edited one): say which.
+        throw new Error(`key ${record.keyId}: its stored record cannot be loaded: ${messageOf(error)}`)
+      }
     }
-    this.check(enclave, await this.call(enclave, opcodes.LOAD, request))
+    this.check(enclave, await this.sequenced(enclave, opcodes.LOAD, request))
     return enclave
   }
 
@@ -341,7 +373,7 @@ export class OriginParent {
       const first = this.enclaves[0]!
       await this.deliverCredentials(first)
       const frame = this.check(first, await this.call(first, opcodes.GENERATE_DATA_KEY, emptyPayload))
-      wrapped = { keyId: wrapped.keyId, ciphertext: newWrappedDek(frame), retiring: { keyId: wrapped.keyId, ciphertext: wrapped.ciphertext } }
+      wrapped = { keyId: wrapped.keyId, ciphertext: newWrappedDek(decodeGeneratedDataKey(frame.payload)), retiring: { keyId: wrapped.keyId, ciphertext: wrapped.ciphertext } }
       await store.putWrappedDek(wrapped)
     }
     // 2. Every enclave seals with the new DEK and still opens with the old; creates sealed before that land first.
@@ -350,8 +382,13 @@ export class OriginParent {
     // 3. Every stored key, sealed again, one version up. Then each enclave holds what the store holds.
     const wrappedDekSha256 = createHash('sha256').update(wrapped.ciphertext).digest()
     const resealed = await this.forEachStored((record) => this.reseal({ keyId: record.keyId, wrappedDekSha256 }))
-    // An enclave that restarted meanwhile may have reloaded a record older than the store's: the latest, per key, in turn with state changes.
-    await this.forEachStored((record) => this.reloadInTurn(record.keyId))
+    // An enclave that restarted meanwhile may have reloaded a record older than the store's: the latest, per key, in turn with
+    // state changes. One that restarted and has not been unlocked since holds none, and takes each on demand after its unlock.
+    await this.forEachStored((record) =>
+      this.reloadInTurn(record.keyId).catch((error: unknown) => {
+        if (!(error instanceof NeedsUnlockError)) throw error
+      }),
+    )
     // 4. The old DEK is forgotten: in the store, then in every enclave.
     await store.putWrappedDek({ keyId: wrapped.keyId, ciphertext: wrapped.ciphertext })
     await this.unlockWithStored()
@@ -373,15 +410,17 @@ export class OriginParent {
     return this.serializeKey(keyId, async () => {
       const stored = await this.options.store.get(keyId)
       if (!stored) return
-      // From the store, not the enclave's copy: an enclave that restarted may hold an older one, or none.
-      const enclave = await this.load(stored)
-      const request = async () => this.check(enclave, await this.call(enclave, opcodes.RESEAL, encodeResealRequest({ keyId, wrappedDekSha256 })))
-      // An enclave that restarted meanwhile has no DEK, or not the rotation's: unlock it (with both DEKs,
-      // from the store), hand it the record again (a restart lost that too) and ask once more.
+      const enclave = this.ring.nodeFor(keyId)
+      // The record from the store, not the enclave's copy: an enclave that restarted may hold an older one, or none.
+      const request = async () => {
+        await this.load(stored, enclave)
+        return this.check(enclave, await this.call(enclave, opcodes.RESEAL, encodeResealRequest({ keyId, wrappedDekSha256 })))
+      }
+      // An enclave that restarted meanwhile has no DEK, or not the rotation's, and takes no LOAD before an
+      // UNLOCK: unlock it (with both DEKs, from the store) and start again.
       const frame = await request().catch(async (error: unknown) => {
         if (!(error instanceof NeedsUnlockError)) throw error
         await this.unlock(enclave)
-        await this.load(stored)
         return request()
       })
       const resealed = decodeCreateResponse(frame.payload)
@@ -426,14 +465,18 @@ export class OriginParent {
    * earlier one (which, mid-rotation, would have the enclave seal under a DEK
    * about to be dropped). Fresh credentials first, for the KMS calls it makes.
    */
-  private sendUnlock(enclave: Enclave, build: (stored: WrappedDek | undefined) => UnlockRequest): Promise<Frame> {
+  private sendUnlock(enclave: Enclave, build: (stored: WrappedDek | undefined) => UnlockRequest): Promise<UnlockResponse> {
     const turn = enclave.unlockQueue
       .catch(() => {})
       .then(async () => {
         // Bounded, as the call itself is: a hung store read must not hold every later UNLOCK.
         const request = build(await this.withinRequestTimeout(this.options.store.getWrappedDek(), 'reading the wrapped DEK'))
         await this.deliverCredentials(enclave)
-        return this.check(enclave, await this.call(enclave, opcodes.UNLOCK, encodeUnlockRequest(request)))
+        const answer = decodeUnlockResponse(this.check(enclave, await this.call(enclave, opcodes.UNLOCK, encodeUnlockRequest(request))).payload)
+        // The epoch this UNLOCK opened: this parent's LOADs and SET_STATEs are numbered from its floor now.
+        enclave.sequenceFloor = answer.sequenceFloor
+        enclave.lastSequence = answer.sequenceFloor - 1
+        return answer
       })
     enclave.unlockQueue = turn
     return turn
@@ -700,7 +743,7 @@ export class OriginParent {
     try {
       await this.load(record, into)
     } catch (error) {
-      // A LOAD given up on may still land, later than a newer one: reload before the key's next use there.
+      // A LOAD given up on may not have landed, leaving an older state there: reload before the key's next use there.
       if (owner && error instanceof EnclaveUnavailableError) this.unsyncedKeys.add(keyId)
       throw error
     }
@@ -760,16 +803,27 @@ export class OriginParent {
         throw error instanceof KeyNotStoredError ? new OriginRequestError('not-found', `no key ${keyId}`) : error
       })
       const enclave = this.ring.nodeFor(keyId)
+      // The store has the new state; the enclave may not (a frozen key there would still sign). Every use
+      // reloads the key first until it has: the change is in force, and only an enclave's own failure is one.
+      const deferred = (reason: string) => {
+        this.unsyncedKeys.add(keyId)
+        this.options.log?.({ level: 'warn', event: 'state_change_deferred', keyId, state, enclave: enclave.id, error: reason })
+      }
+      // Out of service, it takes the stored record when it syncs; held back, it would cost this change a request timeout.
+      if (enclave.unsynced) return deferred(`enclave ${enclave.id} is out of service`)
+      if (heldBack(enclave)) return deferred(`enclave ${enclave.id} is held back after failing requests`)
       try {
-        const frame = await this.call(enclave, opcodes.SET_STATE, encodeSetStateRequest({ keyId, state }))
+        // Tracked: a hung enclave that only gets state changes is held back too, and the next ones are deferred at once.
+        const frame = await this.tracked(enclave, () => this.sequenced(enclave, opcodes.SET_STATE, (sequence) => encodeSetStateRequest({ keyId, state, sequence })))
         if (frame.status === statuses.NOT_FOUND) await this.reload(keyId)
         else this.check(enclave, frame)
       } catch (error) {
-        // The store has the new state; the enclave may not (a frozen key there would still sign). Every use
-        // reloads the key first until it has: the change is in force, and only an enclave's own failure is one.
-        this.unsyncedKeys.add(keyId)
-        if (!(error instanceof EnclaveUnavailableError)) throw error
-        this.options.log?.({ level: 'warn', event: 'state_change_deferred', keyId, state, enclave: enclave.id, error: error.message })
+        // Out of reach, restarted and not unlocked yet, or refused as stale with no epoch of this parent's to send it in: in force all the same.
+        if (!(error instanceof EnclaveUnavailableError || error instanceof NeedsUnlockError || error instanceof StaleRequestError)) {
+          this.unsyncedKeys.add(keyId)
+          throw error
+        }
+        deferred(error.message)
       }
     })
   }
@@ -828,8 +882,7 @@ function storedDataKeys(stored: WrappedDek | undefined): UnlockRequest {
 }
 
 /** The wrapped DEK an enclave made (UNLOCK bootstrap, GENERATE_DATA_KEY). Stored empty, every later unlock would have KMS make yet another. */
-function newWrappedDek(frame: Frame): Uint8Array {
-  const { wrappedDek } = decodeUnlockResponse(frame.payload)
+function newWrappedDek(wrappedDek: Uint8Array): Uint8Array {
   if (wrappedDek.length === 0) throw new Error('the enclave made no data key: its answer carries no wrapped DEK')
   return wrappedDek
 }

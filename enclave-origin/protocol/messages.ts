@@ -18,10 +18,19 @@ export type SignRequest = { keyId: string; digest: Uint8Array }
 export type SignResponse = RawSignature & { enclaveMicros: number }
 export type CreateRequest = { keyId: string }
 export type CreateResponse = { publicKey: Uint8Array; sealed: Uint8Array; version: number }
-export type LoadRequest = SealedKeyRecord
+/**
+ * LOAD and SET_STATE carry a `sequence` (u64 on the wire, at most 2^53 - 1).
+ * Each UNLOCK answer opens an epoch of 2^32 sequences above every earlier
+ * one (`UnlockResponse.sequenceFloor`), and the parent numbers its requests
+ * from there. The enclave applies one only if its sequence lies in the
+ * current epoch and is above the last it applied to the key; otherwise it
+ * answers STALE. So a request the parent gave up on (timed out), or one of a
+ * parent before it, that lands late cannot undo a newer one.
+ */
+export type LoadRequest = SealedKeyRecord & { sequence: number }
 export type GetRequest = { keyId: string }
 export type GetResponse = { state: KeyState; cacheState: CacheState; publicKey: Uint8Array }
-export type SetStateRequest = { keyId: string; state: KeyState }
+export type SetStateRequest = { keyId: string; state: KeyState; sequence: number }
 /**
  * `retiringWrappedDek`: during a DEK rotation, the DEK being replaced, which
  * still opens the records not yet re-sealed.
@@ -30,7 +39,8 @@ export type SetStateRequest = { keyId: string; state: KeyState }
  * carries it cannot read it. Absent and empty are the same on the wire.
  */
 export type UnlockRequest = { wrappedDek: Uint8Array; retiringWrappedDek?: Uint8Array; sealedPreloadIdentity?: Uint8Array }
-export type UnlockResponse = { wrappedDek: Uint8Array }
+/** `sequenceFloor`: the first sequence of the epoch this UNLOCK opened (see LoadRequest). */
+export type UnlockResponse = { wrappedDek: Uint8Array; sequenceFloor: number }
 export type HealthResponse = Record<string, unknown>
 /** AWS credentials for the enclave's KMS calls, which the parent delivers (an enclave has no other source). */
 export type AwsCredentials = { accessKeyId: string; secretAccessKey: string; sessionToken?: string }
@@ -52,7 +62,7 @@ const strictUtf8 = new TextDecoder('utf-8', { fatal: true, ignoreBOM: true })
 const keyStates = ['active', 'frozen', 'archived'] as const satisfies readonly KeyState[]
 const cacheStates = ['WARM', 'COOL', 'INVALID'] as const satisfies readonly CacheState[]
 
-/** Payload of HEALTH requests and of OK answers to LOAD, SET_STATE and UNLOCK (when no new data key was made). */
+/** Payload of HEALTH requests and of OK answers to LOAD and SET_STATE. */
 export const emptyPayload: Uint8Array = new Uint8Array(0)
 
 export function decodeEmptyPayload(payload: Uint8Array, message: string): void {
@@ -148,10 +158,12 @@ export function decodeResealRequest(payload: Uint8Array): ResealRequest {
 export function encodeLoadRequest(record: LoadRequest): Uint8Array {
   const keyId = keyIdBytes(record.keyId)
   checkUint({ value: record.version, bits: 32, field: 'LOAD version' })
+  checkSequence(record.sequence, 'LOAD sequence')
   checkLength({ bytes: record.publicKey, expected: publicKeyBytes, field: 'LOAD publicKey' })
   checkLength({ bytes: record.sealed, expected: sealedLength, field: 'LOAD sealed' })
-  return new PayloadWriter(1 + keyId.length + 4 + 1 + publicKeyBytes + 4 + record.sealed.length)
+  return new PayloadWriter(1 + keyId.length + 8 + 4 + 1 + publicKeyBytes + 4 + record.sealed.length)
     .keyId(keyId)
+    .u64(record.sequence)
     .u32(record.version)
     .u8(keyStateCode(record.state))
     .bytes(record.publicKey)
@@ -163,6 +175,7 @@ export function decodeLoadRequest(payload: Uint8Array): LoadRequest {
   const reader = new PayloadReader(payload, 'LOAD request')
   const record = {
     keyId: reader.keyId(),
+    sequence: reader.u64('sequence'),
     version: reader.u32('version'),
     state: reader.keyState(),
     publicKey: reader.bytes(publicKeyBytes, 'publicKey'),
@@ -204,12 +217,13 @@ export function decodeGetResponse(payload: Uint8Array): GetResponse {
 
 export function encodeSetStateRequest(request: SetStateRequest): Uint8Array {
   const keyId = keyIdBytes(request.keyId)
-  return new PayloadWriter(1 + keyId.length + 1).keyId(keyId).u8(keyStateCode(request.state)).done()
+  checkSequence(request.sequence, 'SET_STATE sequence')
+  return new PayloadWriter(1 + keyId.length + 8 + 1).keyId(keyId).u64(request.sequence).u8(keyStateCode(request.state)).done()
 }
 
 export function decodeSetStateRequest(payload: Uint8Array): SetStateRequest {
   const reader = new PayloadReader(payload, 'SET_STATE request')
-  const request = { keyId: reader.keyId(), state: reader.keyState() }
+  const request = { keyId: reader.keyId(), sequence: reader.u64('sequence'), state: reader.keyState() }
   reader.end()
   return request
 }
@@ -239,18 +253,31 @@ export function decodeUnlockRequest(payload: Uint8Array): UnlockRequest {
 }
 
 /**
- * The OK answer: the wrapped DEK bytes as they are, the new one when the
- * request asked KMS for a first data key (an empty wrapped DEK), else empty.
+ * The OK answer: the epoch's sequence floor, then the wrapped DEK bytes as
+ * they are: the new one when the request asked KMS for a first data key (an
+ * empty wrapped DEK), else none.
  */
 export function encodeUnlockResponse(response: UnlockResponse): Uint8Array {
-  return new PayloadWriter(response.wrappedDek.length).bytes(response.wrappedDek).done()
+  checkSequence(response.sequenceFloor, 'UNLOCK sequenceFloor')
+  return new PayloadWriter(8 + response.wrappedDek.length).u64(response.sequenceFloor).bytes(response.wrappedDek).done()
 }
 
 export function decodeUnlockResponse(payload: Uint8Array): UnlockResponse {
   const reader = new PayloadReader(payload, 'UNLOCK response')
-  const response = { wrappedDek: reader.bytes(payload.length, 'wrappedDek') }
+  const sequenceFloor = reader.u64('sequenceFloor')
+  const response = { sequenceFloor, wrappedDek: reader.bytes(payload.length - 8, 'wrappedDek') }
   reader.end()
   return response
+}
+
+// GENERATE_DATA_KEY (the request is empty): the OK answer is the new wrapped DEK's bytes as they are.
+
+export function encodeGeneratedDataKey(wrappedDek: Uint8Array): Uint8Array {
+  return new PayloadWriter(wrappedDek.length).bytes(wrappedDek).done()
+}
+
+export function decodeGeneratedDataKey(payload: Uint8Array): Uint8Array {
+  return new PayloadReader(payload, 'GENERATE_DATA_KEY response').bytes(payload.length, 'wrappedDek')
 }
 
 // ATTEST (the request is empty)
@@ -327,7 +354,7 @@ export function decodeNeedsUnlock(payload: Uint8Array): NeedsUnlockResponse {
 }
 
 /**
- * Payload of NOT_FOUND, NOT_ACTIVE, BAD_REQUEST, INTERNAL and UNAVAILABLE
+ * Payload of NOT_FOUND, NOT_ACTIVE, BAD_REQUEST, INTERNAL, UNAVAILABLE and STALE
  * answers. Truncated (at a character boundary) rather than refused: an error
  * path must always be able to answer.
  */
@@ -396,6 +423,10 @@ function cacheStateCode(cacheState: CacheState): number {
   return code
 }
 
+function checkSequence(value: number, field: string): void {
+  if (!Number.isSafeInteger(value) || value < 0) throw new FrameError(`${field} ${value} is not an integer in [0, 2^53)`)
+}
+
 function checkLength({ bytes, expected, field }: { bytes: Uint8Array; expected: number; field: string }): void {
   if (bytes.length !== expected) throw new FrameError(`${field} is ${bytes.length} bytes, expected ${expected}`)
 }
@@ -441,6 +472,11 @@ class PayloadWriter {
 
   u32Bytes(value: Uint8Array): this {
     return this.u32(value.length).bytes(value)
+  }
+
+  /** A safe integer (checked by the encoder) as u64. */
+  u64(value: number): this {
+    return this.u32(Math.floor(value / 2 ** 32)).u32(value >>> 0)
   }
 
   keyId(utf8: Uint8Array): this {
@@ -492,6 +528,14 @@ class PayloadReader {
     const value = this.view.getUint32(this.offset)
     this.offset += 4
     return value
+  }
+
+  /** A u64 that must be a safe integer: above 2^53 - 1 a number would silently round. */
+  u64(field: string): number {
+    const high = this.u32(field)
+    const low = this.u32(field)
+    if (high > 0x1fffff) throw this.error(`${field} is above 2^53 - 1`)
+    return high * 2 ** 32 + low
   }
 
   bytes(length: number, field: string): Uint8Array {

@@ -20,14 +20,18 @@ import {
   decodeErrorMessage,
   decodeGetResponse,
   decodeSignResponse,
+  decodeUnlockResponse,
   encodeCreateRequest,
   encodeGetRequest,
   encodeLoadRequest,
   encodeResealRequest,
+  encodeSetStateRequest,
   encodeSignRequest,
   encodeUnlockRequest,
+  encodeUnlockResponse,
 } from '../../enclave-origin/protocol/messages.js'
 import { generatePreloadIdentity } from '../../enclave-origin/preloadFiles.js'
+import type { SealedKeyRecord } from '../../enclave-origin/types.js'
 
 /** The enclave's server over TCP: one bad connection is closed and harms no other. */
 
@@ -37,6 +41,8 @@ const noKms = { generate: () => Promise.reject(new Error('no KMS here')), unwrap
 
 let engine: SignEngine
 let close: () => Promise<void>
+/** The sequence epoch the shared enclave opened. */
+let sharedFloor: number
 const port = 18671
 
 /** A key cache that never unlocks on its own, and an enclave service over it with these data keys (and options). */
@@ -54,6 +60,8 @@ beforeAll(async () => {
   await engine.start()
   const { cache, service } = enclaveWith(noKms)
   cache.setDek(new Uint8Array(dek))
+  // As an UNLOCK would: this enclave's DEK is set directly, and KMS never asked.
+  sharedFloor = cache.openSequenceEpoch()
   ;({ close } = await serveEnclave({ service, address: { host: '127.0.0.1', port }, log: () => {} }))
 })
 
@@ -61,6 +69,11 @@ afterAll(async () => {
   await close()
   await engine.stop()
 })
+
+/** Loads a record as the parent does after an UNLOCK: in the epoch of sequences that opened (the UNLOCK itself is not the subject). */
+function loadInNewEpoch(cache: KeyCache, record: SealedKeyRecord): void {
+  expect(cache.load(record, cache.openSequenceEpoch())).toEqual({ kind: 'applied' })
+}
 
 function client(at = port) {
   const socket = connect(at, '127.0.0.1')
@@ -124,8 +137,45 @@ it('an UNLOCK whose retiring DEK does not unwrap installs neither, and zeroes th
   const unlock = { requestId: 1, opcode: opcodes.UNLOCK, status: 0, payload: encodeUnlockRequest({ wrappedDek: Uint8Array.of(1), retiringWrappedDek: Uint8Array.of(2) }) }
   await expect(service.handle(unlock)).rejects.toThrow('KMS refused the retiring DEK')
   expect(unwrapped).toEqual(new Uint8Array(32))
-  cache.load({ keyId: 'k', version: 1, state: 'active', publicKey: new Uint8Array(65), sealed: new Uint8Array(60) })
+  loadInNewEpoch(cache, { keyId: 'k', version: 1, state: 'active', publicKey: new Uint8Array(65), sealed: new Uint8Array(60) })
   expect(cache.get('k')?.cacheState).toBe('INVALID')
+})
+
+it('a LOAD or SET_STATE applies only in the epoch of sequences the last UNLOCK opened (NEEDS_UNLOCK before the first), and above the last its key took; else STALE, changing nothing', async () => {
+  const fakeKms = { unwrap: async () => new Uint8Array(dek) } as unknown as KmsDataKeys
+  const { cache, service } = enclaveWith(fakeKms)
+  cache.setDek(new Uint8Array(dek))
+  let requestId = 0
+  const call = (opcode: number, payload: Uint8Array) => service.handle({ requestId: ++requestId, opcode, status: 0, payload })
+  const setState = (state: 'active' | 'frozen', sequence: number) => call(opcodes.SET_STATE, encodeSetStateRequest({ keyId: 'sq', state, sequence }))
+  const unlock = async () => decodeUnlockResponse((await call(opcodes.UNLOCK, encodeUnlockRequest({ wrappedDek: Uint8Array.of(1) }))).payload)
+  const sign = async () => (await call(opcodes.SIGN, encodeSignRequest({ keyId: 'sq', digest: new Uint8Array(32) }))).status
+  const expectStale = (answer: { status: number; payload: Uint8Array }, reason: string) => {
+    expect(answer.status).toBe(statuses.STALE)
+    expect(decodeErrorMessage(answer.payload)).toBe(reason)
+  }
+  const created = decodeCreateResponse((await call(opcodes.CREATE, encodeCreateRequest({ keyId: 'sq' }))).payload)
+  const load = (sequence: number) => call(opcodes.LOAD, encodeLoadRequest({ keyId: 'sq', sequence, state: 'active', ...created }))
+  // None before the first UNLOCK, which the parent must send: a restarted enclave has opened no epoch.
+  expect((await setState('frozen', 1)).status).toBe(statuses.NEEDS_UNLOCK)
+
+  const first = await unlock()
+  expect(first).toEqual({ sequenceFloor: 2 ** 32, wrappedDek: new Uint8Array() })
+  const floor = first.sequenceFloor
+  expect((await setState('frozen', floor + 10)).status).toBe(statuses.OK)
+  // The unfreeze and a reload sent before the freeze, landing after it.
+  expectStale(await setState('active', floor + 9), `key sq has taken sequence ${floor + 10} already`)
+  expectStale(await load(floor + 10), `key sq has taken sequence ${floor + 10} already`)
+  expect(await sign()).toBe(statuses.NOT_ACTIVE)
+
+  // A later UNLOCK closes that epoch: its requests still on their way, however numbered, change nothing.
+  const next = (await unlock()).sequenceFloor
+  expect(next).toBe(floor + 2 ** 32)
+  expectStale(await setState('active', floor + 11), `sequence ${floor + 11} is not of the current epoch, from ${next}`)
+  expectStale(await load(next + 2 ** 32), `sequence ${next + 2 ** 32} is not of the current epoch, from ${next}`)
+  expect(await sign()).toBe(statuses.NOT_ACTIVE)
+  expect((await setState('active', next)).status).toBe(statuses.OK)
+  expect(await sign()).toBe(statuses.OK)
 })
 
 it('RESEAL seals only under the DEK the rotation names: under any other it answers NEEDS_UNLOCK', async () => {
@@ -216,19 +266,22 @@ it('a preload that fails is the answer, but leaves the data key of the same UNLO
   const answer = await service.handle({ requestId: 2, opcode: opcodes.UNLOCK, status: 0, payload: encodeUnlockRequest({ wrappedDek: Uint8Array.of(1), sealedPreloadIdentity }) })
   expect(answer.status).toBe(statuses.BAD_REQUEST)
   expect(decodeErrorMessage(answer.payload)).toBe('preload failed: cannot read the preload file /nonexistent/shares.age: ENOENT')
-  cache.load({ keyId: 'k', version: 1, state: 'active', publicKey: new Uint8Array(65), sealed: new Uint8Array(60) })
+  loadInNewEpoch(cache, { keyId: 'k', version: 1, state: 'active', publicKey: new Uint8Array(65), sealed: new Uint8Array(60) })
   expect(cache.get('k')?.cacheState).toBe('COOL')
 })
 
 it('a parent refuses to store an empty wrapped DEK from a bootstrap UNLOCK', async () => {
-  // An enclave stand-in that answers every request OK with nothing.
+  // An enclave stand-in that answers every request OK with nothing: an UNLOCK with no wrapped DEK.
   const port = 18673
   const sockets = new Set<Socket>()
   const blank = createServer((socket) => {
     sockets.add(socket)
     const decoder = new FrameDecoder()
     socket.on('data', (chunk: Uint8Array) => {
-      for (const frame of decoder.push(chunk)) socket.write(encodeFrame({ ...frame, status: statuses.OK, payload: new Uint8Array() }))
+      for (const frame of decoder.push(chunk)) {
+        const payload = frame.opcode === opcodes.UNLOCK ? encodeUnlockResponse({ wrappedDek: new Uint8Array(), sequenceFloor: 2 ** 32 }) : new Uint8Array()
+        socket.write(encodeFrame({ ...frame, status: statuses.OK, payload }))
+      }
     })
   })
   await new Promise<void>((resolve) => blank.listen(port, '127.0.0.1', resolve))
@@ -254,7 +307,7 @@ it('a parent refuses to store an empty wrapped DEK from a bootstrap UNLOCK', asy
 
 /** A LOAD payload carrying `sealed` as it is, which the encoder would refuse unless it is 60 bytes. */
 function loadPayload(record: { keyId: string; version: number; publicKey: Uint8Array }, sealed: Uint8Array): Uint8Array {
-  const valid = encodeLoadRequest({ ...record, state: 'active', sealed: new Uint8Array(60) })
+  const valid = encodeLoadRequest({ ...record, sequence: sharedFloor, state: 'active', sealed: new Uint8Array(60) })
   const payload = Buffer.concat([valid.subarray(0, valid.length - 64), Buffer.alloc(4), sealed])
   payload.writeUInt32BE(sealed.length, valid.length - 64)
   return payload
@@ -283,14 +336,14 @@ it('a LOAD whose sealed blob is not 60 bytes is answered BAD_REQUEST and leaves 
   for (const length of [0, 59, 61, 4096]) {
     expect((await call(opcodes.LOAD, loadPayload(v2, new Uint8Array(length)))).status, `${length} bytes`).toBe(statuses.BAD_REQUEST)
   }
-  expect((await call(opcodes.LOAD, encodeLoadRequest({ ...v2, state: 'active' }))).status).toBe(statuses.OK)
+  expect((await call(opcodes.LOAD, encodeLoadRequest({ ...v2, sequence: sharedFloor + 2, state: 'active' }))).status).toBe(statuses.OK)
   const created = await call(opcodes.CREATE, encodeCreateRequest({ keyId: 'lj' }))
   const lj = decodeCreateResponse(created.payload).publicKey
   expect(await publicKeyOf('lk')).toEqual(v2.publicKey)
   expect(await publicKeyOf('lj')).toEqual(lj)
 
   const v3 = sealedKey('lk', 3)
-  expect((await call(opcodes.LOAD, encodeLoadRequest({ ...v3, state: 'active' }))).status).toBe(statuses.OK)
+  expect((await call(opcodes.LOAD, encodeLoadRequest({ ...v3, sequence: sharedFloor + 3, state: 'active' }))).status).toBe(statuses.OK)
   expect(await publicKeyOf('lj')).toEqual(lj)
   expect(await signsAs('lj', lj)).toBe(true)
   expect(await publicKeyOf('lk')).toEqual(v3.publicKey)
@@ -318,7 +371,7 @@ async function serving({ service, at, use }: { service: EnclaveService; at: numb
 it('an answer the enclave cannot encode is INTERNAL, its own mistake, not BAD_REQUEST', async () => {
   // A retry-after past a u32 cannot go on the wire: NEEDS_UNLOCK's encoder refuses it.
   const { cache, service } = enclaveWith(noKms, { retryAfterMs: { min: 2 ** 32, max: 2 ** 32 } })
-  cache.load({ keyId: 'k', version: 1, state: 'active', publicKey: new Uint8Array(65), sealed: new Uint8Array(60) })
+  loadInNewEpoch(cache, { keyId: 'k', version: 1, state: 'active', publicKey: new Uint8Array(65), sealed: new Uint8Array(60) })
   await serving({ service, at: 18674, use: async () => {
     const { socket, request } = client(18674)
     const answer = await request({ requestId: 1, opcode: opcodes.SIGN, payload: encodeSignRequest({ keyId: 'k', digest: new Uint8Array(32) }) })

@@ -6,6 +6,11 @@ import { SealingError, sealPrivateKey, unsealPrivateKey } from '../../enclave-or
 import type { KeyState, SealedKeyRecord } from '../../enclave-origin/types.js'
 
 const minute = 60_000
+/** The first sequence of a cache's first epoch, which `harness` opens as the first UNLOCK would. */
+const firstFloor = 2 ** 32
+/** The parent's sequence for each LOAD and SET_STATE: rising in that epoch, as the parent's does. */
+let lastSequence = firstFloor
+const nextSequence = () => ++lastSequence
 const zeros = new Uint8Array(32)
 
 /** Both parts of the pre-warmer at once, as its two timers would eventually run them. */
@@ -60,6 +65,7 @@ function harness(options: Partial<KeyCacheOptions> & { unlockGate?: 'open' | 'cl
     audit: (event) => audits.push(event),
     ...cacheOptions,
   })
+  expect(cache.openSequenceEpoch()).toBe(firstFloor)
   return {
     cache,
     unlock,
@@ -116,7 +122,7 @@ describe('KeyCache transitions', () => {
     const { cache, key, dekCopy } = harness()
     const { record, privateKey } = key()
     cache.setDek(dekCopy())
-    cache.load(record)
+    cache.load(record, nextSequence())
     expect(cache.get('key-1')?.cacheState).toBe('COOL')
 
     const result = cache.acquire('key-1')
@@ -170,13 +176,13 @@ describe('KeyCache transitions', () => {
     let tick = 0
     const slow = harness({ monotonicNow: () => (tick += 5) })
     slow.cache.setDek(slow.dekCopy())
-    slow.cache.load(slow.key().record)
+    slow.cache.load(slow.key().record, nextSequence())
     slow.cache.acquire('key-1')
     expect(slow.cache.stats()).toMatchObject({ inlineRefreshOverBudget: 1, inlineRefreshMs: { count: 1, sum: 5, max: 5 } })
 
     const fast = harness({ monotonicNow: () => (tick += 1) })
     fast.cache.setDek(fast.dekCopy())
-    fast.cache.load(fast.key().record)
+    fast.cache.load(fast.key().record, nextSequence())
     fast.cache.acquire('key-1')
     expect(fast.cache.stats()).toMatchObject({ inlineRefreshOverBudget: 0, inlineRefreshMs: { count: 1, sum: 1 } })
   })
@@ -219,7 +225,7 @@ describe('KeyCache transitions', () => {
     const { cache, key, dekCopy, advance, unlock } = harness({ unlockGate: 'closed' })
     const { record, privateKey } = key()
     cache.setDek(dekCopy())
-    cache.load(record)
+    cache.load(record, nextSequence())
     cache.acquire('key-1')
 
     advance(60 * minute)
@@ -243,7 +249,7 @@ describe('KeyCache transitions', () => {
     const { cache, key, dekCopy, advance, unlock } = harness({ unlockGate: 'closed' })
     const keys = Array.from({ length: 600 }, (_, i) => key({ keyId: `k${i}` }))
     cache.setDek(dekCopy())
-    for (const { record } of keys) cache.load(record)
+    for (const { record } of keys) cache.load(record, nextSequence())
     advance(60 * minute)
     for (const { record } of keys) expect(cache.acquire(record.keyId).kind).toBe('needs-unlock')
 
@@ -261,7 +267,7 @@ describe('KeyCache transitions', () => {
   it('jitters retry-after uniformly across 50–200 ms', () => {
     const draws = [0, 0.5, 0.999_999]
     const { cache, key } = harness({ unlockGate: 'closed', random: () => draws.shift() ?? 0 })
-    cache.load(key().record)
+    cache.load(key().record, nextSequence())
 
     const retries = [0, 1, 2].map(() => (cache.acquire('key-1') as { retryAfterMs: number }).retryAfterMs)
 
@@ -288,7 +294,7 @@ describe('KeyCache transitions', () => {
     const { cache, key, dekCopy, advance, unlock } = harness()
     cache.setDek(dekCopy())
     advance(56 * minute)
-    cache.load(key().record)
+    cache.load(key().record, nextSequence())
 
     cache.acquire('key-1')
     await cache.idle()
@@ -300,7 +306,7 @@ describe('KeyCache transitions', () => {
   it('counts a failed unlock, starts none for the requests within its backoff, and lets the first after it start another', async () => {
     const { cache, key, unlock, advance } = harness()
     unlock.failNext(1)
-    cache.load(key().record)
+    cache.load(key().record, nextSequence())
 
     expect(cache.acquire('key-1').kind).toBe('needs-unlock')
     await cache.idle()
@@ -332,7 +338,7 @@ describe('KeyCache transitions', () => {
         return { dek: new Uint8Array(16) }
       },
     })
-    cache.load(key().record)
+    cache.load(key().record, nextSequence())
     cache.acquire('key-1')
     await cache.idle()
     expect(cache.stats().unlockFailures).toBe(1)
@@ -348,7 +354,7 @@ describe('KeyCache transitions', () => {
 
   it('doubles the unlock backoff with each failure in a row, to 30 s, and an installed DEK clears it', async () => {
     const { cache, key, unlock, advance, dekCopy } = harness()
-    cache.load(key().record)
+    cache.load(key().record, nextSequence())
     unlock.failNext(20)
     const waits: number[] = []
     for (let failures = 0; failures < 8; failures++) {
@@ -379,7 +385,7 @@ describe('KeyCache transitions', () => {
   it('throws SealingError, counted and audited, when a record will not open under the DEK', () => {
     const { cache, key, dekCopy, audits } = harness()
     cache.setDek(dekCopy())
-    cache.load(key({ sealingDek: randomSecret() }).record)
+    cache.load(key({ sealingDek: randomSecret() }).record, nextSequence())
 
     expect(() => cache.acquire('key-1')).toThrow(SealingError)
     expect(cache.stats().refreshFailures).toBe(1)
@@ -390,7 +396,7 @@ describe('KeyCache transitions', () => {
     const { cache, key, dekCopy, audits } = harness()
     cache.setDek(dekCopy())
     // The sealed key opens under the DEK; the public key beside it, which GET reports, belongs to another key.
-    cache.load({ ...key().record, publicKey: key({ keyId: 'other' }).record.publicKey })
+    cache.load({ ...key().record, publicKey: key({ keyId: 'other' }).record.publicKey }, nextSequence())
 
     expect(() => cache.acquire('key-1')).toThrow(/^sealed key key-1 v1 is not the key of its record's public key/)
     expect(() => cache.reseal('key-1')).toThrow(SealingError)
@@ -403,7 +409,7 @@ describe('KeyCache single-flight', () => {
   it('makes exactly one unlock() call for 1,000 concurrent acquires of a cold key with no DEK', async () => {
     const { cache, key, unlock } = harness({ unlockGate: 'closed' })
     const { record, privateKey } = key()
-    cache.load(record)
+    cache.load(record, nextSequence())
 
     const answers = await Promise.all(Array.from({ length: 1000 }, async () => cache.acquire('key-1')))
     await settle()
@@ -492,7 +498,7 @@ describe('KeyCache key lifecycle', () => {
     cache.setDek(dekCopy())
     const held = addWarmHeld(cache, key().record)
 
-    expect(cache.setState('key-1', state)).toBe(true)
+    expect(cache.setState({ keyId: 'key-1', state, sequence: nextSequence() })).toEqual({ kind: 'applied' })
 
     expect(cache.acquire('key-1')).toEqual({ kind: 'not-active', state })
     expect(held).toEqual(zeros)
@@ -502,7 +508,7 @@ describe('KeyCache key lifecycle', () => {
   it.each(['frozen', 'archived'] as const)('never opens a %s record loaded from the parent', (state) => {
     const { cache, key, dekCopy } = harness()
     cache.setDek(dekCopy())
-    cache.load(key({ state }).record)
+    cache.load(key({ state }).record, nextSequence())
 
     expect(cache.acquire('key-1')).toEqual({ kind: 'not-active', state })
     expect(cache.stats().refreshes).toBe(0)
@@ -513,11 +519,81 @@ describe('KeyCache key lifecycle', () => {
     const { record, privateKey } = key()
     cache.setDek(dekCopy())
     cache.addWarm({ record, privateKey: new Uint8Array(privateKey) })
-    cache.setState('key-1', 'frozen')
+    cache.setState({ keyId: 'key-1', state: 'frozen', sequence: nextSequence() })
 
-    cache.setState('key-1', 'active')
+    cache.setState({ keyId: 'key-1', state: 'active', sequence: nextSequence() })
 
     expect(cache.acquire('key-1')).toEqual({ kind: 'ok', privateKey, grace: false })
+  })
+
+  it('applies a LOAD or SET_STATE only above the sequence last applied to the key: one given up on that lands late changes nothing', () => {
+    const { cache, key, dekCopy } = harness()
+    cache.setDek(dekCopy())
+    const { record, privateKey } = key()
+    const at = (n: number) => firstFloor + n
+    expect(cache.load(record, at(5))).toEqual({ kind: 'applied' })
+    expect(cache.setState({ keyId: 'key-1', state: 'frozen', sequence: at(7) })).toEqual({ kind: 'applied' })
+
+    // The unfreeze and the reload sent before the freeze, landing after it; and the freeze's own sequence again.
+    const taken = { kind: 'stale', reason: `key key-1 has taken sequence ${at(7)} already` }
+    expect(cache.setState({ keyId: 'key-1', state: 'active', sequence: at(6) })).toEqual(taken)
+    expect(cache.load(record, at(6))).toEqual(taken)
+    expect(cache.setState({ keyId: 'key-1', state: 'active', sequence: at(7) })).toEqual(taken)
+    expect(cache.acquire('key-1')).toEqual({ kind: 'not-active', state: 'frozen' })
+    // Nor a newer version's record: its sealed bytes come with the late request too.
+    expect(cache.load(key({ version: 2 }).record, at(6))).toEqual(taken)
+    expect(cache.get('key-1')?.record.version).toBe(1)
+
+    expect(cache.setState({ keyId: 'key-1', state: 'active', sequence: at(8) })).toEqual({ kind: 'applied' })
+    expect(signingKey(cache.acquire('key-1'))).toEqual(privateKey)
+  })
+
+  it('applies none outside the current epoch: before the first (needs-unlock, starting none), after the next opens, or beyond it', async () => {
+    let unlocks = 0
+    const cache = new KeyCache({ now: () => 0, random: () => 0.5, unlock: () => (unlocks++, Promise.reject(new Error('no unlock in this test'))) })
+    const { key } = harness()
+    const { record } = key()
+    expect(cache.load(record, 1)).toEqual({ kind: 'needs-unlock', retryAfterMs: 125 })
+    await settle()
+    expect(unlocks).toBe(0)
+    expect(cache.stats().needsUnlock).toBe(1)
+    expect(cache.get('key-1')).toBeUndefined()
+
+    const first = cache.openSequenceEpoch()
+    expect(cache.load(record, first)).toEqual({ kind: 'applied' })
+    const second = cache.openSequenceEpoch()
+    expect(second).toBe(first + 2 ** 32)
+    const outside = (sequence: number) => ({ kind: 'stale', reason: `sequence ${sequence} is not of the current epoch, from ${second}` })
+    // A freeze of the closed epoch, numbered above everything the key took in it, still changes nothing.
+    expect(cache.setState({ keyId: 'key-1', state: 'frozen', sequence: first + 1 })).toEqual(outside(first + 1))
+    expect(cache.setState({ keyId: 'key-1', state: 'frozen', sequence: second + 2 ** 32 })).toEqual(outside(second + 2 ** 32))
+    expect(cache.get('key-1')?.record.state).toBe('active')
+    expect(cache.setState({ keyId: 'key-1', state: 'frozen', sequence: second })).toEqual({ kind: 'applied' })
+    expect(cache.get('key-1')?.record.state).toBe('frozen')
+  })
+
+  it('opens epochs while a whole one fits below 2^53, then refuses', () => {
+    const cache = new KeyCache({ now: () => 0, unlock: () => Promise.reject(new Error('no unlock in this test')) })
+    let last = 0
+    let opened = 0
+    while (cache.sequenceEpochLeft) {
+      last = cache.openSequenceEpoch()
+      opened++
+    }
+    expect(opened).toBe(2 ** 21 - 1)
+    expect(Number.isSafeInteger(last + 2 ** 32 - 1)).toBe(true)
+    expect(() => cache.openSequenceEpoch()).toThrow('no sequence epoch is left: restart the enclave')
+    const { key } = harness()
+    expect(cache.load(key().record, last + 2 ** 32 - 1)).toEqual({ kind: 'applied' })
+  })
+
+  it('takes any sequence of the epoch for a key created here', () => {
+    const { cache, dekCopy } = harness()
+    cache.setDek(dekCopy())
+    const privateKey = randomSecret()
+    const created = cache.createKey({ keyId: 'made-here', publicKey: secp256k1.publicKeyCreate(privateKey, false), privateKey })
+    expect(created.kind).toBe('ok')
+    expect(cache.setState({ keyId: 'made-here', state: 'frozen', sequence: firstFloor })).toEqual({ kind: 'applied' })
   })
 
   it('answers not-found for a key it does not hold', () => {
@@ -525,7 +601,7 @@ describe('KeyCache key lifecycle', () => {
     expect(cache.acquire('missing')).toEqual({ kind: 'not-found' })
     expect(cache.get('missing')).toBeUndefined()
     expect(cache.get('missing')?.cacheState).toBeUndefined()
-    expect(cache.setState('missing', 'frozen')).toBe(false)
+    expect(cache.setState({ keyId: 'missing', state: 'frozen', sequence: nextSequence() })).toEqual({ kind: 'not-found' })
   })
 
   it('reports each record with its cache state, and counts keys per state', () => {
@@ -533,7 +609,7 @@ describe('KeyCache key lifecycle', () => {
     cache.setDek(dekCopy())
     cache.addWarm({ record: key({ keyId: 'warm' }).record, privateKey: randomSecret() })
     const cool = key({ keyId: 'cool' }).record
-    cache.load(cool)
+    cache.load(cool, nextSequence())
 
     expect(cache.get('cool')).toEqual({ record: cool, cacheState: 'COOL' })
     expect(cache.stats().keys).toEqual({ WARM: 1, COOL: 1, INVALID: 0 })
@@ -549,11 +625,11 @@ describe('KeyCache wipes plaintext it drops', () => {
     const { record } = key()
     const held = addWarmHeld(cache, record)
 
-    cache.load({ ...record })
+    cache.load({ ...record }, nextSequence())
     expect(cache.get('key-1')?.cacheState).toBe('WARM')
     expect(held).not.toEqual(zeros)
 
-    cache.load(key({ version: 2 }).record)
+    cache.load(key({ version: 2 }).record, nextSequence())
     expect(cache.get('key-1')?.cacheState).toBe('COOL')
     expect(held).toEqual(zeros)
   })
@@ -624,21 +700,21 @@ describe('KeyCache loads', () => {
     /** A key sealed under the DEK, told apart from the others by its public key. */
     const distinct = (keyId: string, version: number) => key({ keyId, version })
     const k1 = distinct('k', 1)
-    cache.load(k1.record)
+    cache.load(k1.record, nextSequence())
 
-    expect(() => cache.load({ ...distinct('k', 2).record, sealed: new Uint8Array(0) })).toThrow(RangeError)
+    expect(() => cache.load({ ...distinct('k', 2).record, sealed: new Uint8Array(0) }, nextSequence())).toThrow(RangeError)
     expect(cache.get('k')?.record).toEqual(k1.record)
     expect(withKeyCopied(cache.acquire('k'))).toEqual({ kind: 'ok', privateKey: k1.privateKey, grace: false })
 
     const k2 = distinct('k', 2)
-    cache.load(k2.record)
+    cache.load(k2.record, nextSequence())
     const j = distinct('j', 1)
     cache.addWarm({ record: j.record, privateKey: new Uint8Array(j.privateKey) })
     expect(cache.get('k')?.record.publicKey).toEqual(k2.record.publicKey)
     expect(cache.get('j')?.record.publicKey).toEqual(j.record.publicKey)
 
     const k3 = distinct('k', 3)
-    cache.load(k3.record)
+    cache.load(k3.record, nextSequence())
     expect(cache.get('j')?.record.publicKey).toEqual(j.record.publicKey)
     expect(withKeyCopied(cache.acquire('j'))).toEqual({ kind: 'ok', privateKey: j.privateKey, grace: false })
     expect(withKeyCopied(cache.acquire('k'))).toEqual({ kind: 'ok', privateKey: k3.privateKey, grace: false })
@@ -650,7 +726,7 @@ describe('KeyCache during a DEK rotation', () => {
     const { cache, key, unlock } = harness({ unlockGate: 'closed' })
     const newer = randomSecret()
     const signed = key({ keyId: 'newer', sealingDek: newer })
-    cache.load(signed.record)
+    cache.load(signed.record, nextSequence())
     expect(cache.acquire('newer').kind).toBe('needs-unlock')
     await settle()
     expect(unlock.calls()).toBe(1)
@@ -662,7 +738,7 @@ describe('KeyCache during a DEK rotation', () => {
     expect(installed).toEqual(newer)
     expect(signingKey(cache.acquire('newer'))).toEqual(signed.privateKey)
     // A key sealed under the answer that came late does not open: that DEK was not installed.
-    cache.load(key({ keyId: 'late' }).record)
+    cache.load(key({ keyId: 'late' }).record, nextSequence())
     expect(() => cache.acquire('late')).toThrow(SealingError)
   })
 
@@ -670,18 +746,18 @@ describe('KeyCache during a DEK rotation', () => {
     const { cache, key, dekCopy } = harness()
     cache.setDek(dekCopy())
     const v2 = key({ keyId: 'k', version: 2 })
-    cache.load(v2.record)
-    cache.load(key({ keyId: 'k', version: 1 }).record)
+    cache.load(v2.record, nextSequence())
+    cache.load(key({ keyId: 'k', version: 1 }).record, nextSequence())
     expect(cache.get('k')?.record.version).toBe(2)
     expect(signingKey(cache.acquire('k'))).toEqual(v2.privateKey)
     // The parent's store missed a re-seal (v2), then the key was frozen: the older record's state holds.
-    cache.load({ ...key({ keyId: 'k', version: 1 }).record, state: 'frozen' })
+    cache.load({ ...key({ keyId: 'k', version: 1 }).record, state: 'frozen' }, nextSequence())
     expect(cache.get('k')?.record).toMatchObject({ version: 2, state: 'frozen' })
     expect(cache.acquire('k')).toEqual({ kind: 'not-active', state: 'frozen' })
-    cache.load({ ...key({ keyId: 'k', version: 1 }).record, state: 'active' })
+    cache.load({ ...key({ keyId: 'k', version: 1 }).record, state: 'active' }, nextSequence())
     expect(signingKey(cache.acquire('k'))).toEqual(v2.privateKey)
     const v3 = key({ keyId: 'k', version: 3 })
-    cache.load(v3.record)
+    cache.load(v3.record, nextSequence())
     expect(signingKey(cache.acquire('k'))).toEqual(v3.privateKey)
   })
 
@@ -691,8 +767,8 @@ describe('KeyCache during a DEK rotation', () => {
     const old = key({ keyId: 'old', sealingDek: oldDek })
     const fresh = key({ keyId: 'fresh' })
     cache.setDek(dekCopy(), new Uint8Array(oldDek))
-    cache.load(old.record)
-    cache.load(fresh.record)
+    cache.load(old.record, nextSequence())
+    cache.load(fresh.record, nextSequence())
     expect(signingKey(cache.acquire('old'))).toEqual(old.privateKey)
     expect(signingKey(cache.acquire('fresh'))).toEqual(fresh.privateKey)
 
@@ -707,14 +783,14 @@ describe('KeyCache during a DEK rotation', () => {
 
     // Once the rotation ends, the new record opens and an old one left behind does not.
     cache.setDek(dekCopy())
-    cache.load({ ...old.record, keyId: 'left-behind' })
-    cache.load(resealed.record)
+    cache.load({ ...old.record, keyId: 'left-behind' }, nextSequence())
+    cache.load(resealed.record, nextSequence())
     expect(() => cache.acquire('left-behind')).toThrow(SealingError)
   })
 
   it('answers not-found for a key it does not hold, and needs-unlock without a DEK, starting an unlock', async () => {
     const { cache, key, unlock } = harness({ unlockGate: 'closed' })
-    cache.load(key().record)
+    cache.load(key().record, nextSequence())
     expect(cache.reseal('nobody')).toEqual({ kind: 'not-found' })
     expect(cache.reseal('key-1')).toMatchObject({ kind: 'needs-unlock', retryAfterMs: 125 })
     await settle()
@@ -727,7 +803,7 @@ describe('KeyCache during a DEK rotation', () => {
   it('takes both DEKs from one background unlock', async () => {
     const oldDek = randomSecret()
     const { cache, key, dekCopy } = harness({ unlock: async () => ({ dek: dekCopy(), retiring: new Uint8Array(oldDek) }) })
-    cache.load(key({ keyId: 'old', sealingDek: oldDek }).record)
+    cache.load(key({ keyId: 'old', sealingDek: oldDek }).record, nextSequence())
     expect(cache.acquire('old').kind).toBe('needs-unlock')
     await cache.idle()
     expect(cache.get('old')?.cacheState).toBe('WARM')
@@ -741,7 +817,7 @@ describe('KeyCache memory', () => {
     const buffers = new Set<ArrayBufferLike>()
     for (let i = 0; i < 3_000; i++) {
       const keyId = `key-${i}`
-      if (i % 2 === 0) cache.load(key({ keyId }).record)
+      if (i % 2 === 0) cache.load(key({ keyId }).record, nextSequence())
       else cache.addWarm({ record: key({ keyId }).record, privateKey: randomSecret() })
       const { publicKey, sealed } = cache.get(keyId)!.record
       buffers.add(publicKey.buffer).add(sealed.buffer).add(signingKey(cache.acquire(keyId)).buffer)
@@ -818,7 +894,7 @@ describe('KeyCache pre-warmer', () => {
   it('renews the DEK on its own call, not on a sweep step', async () => {
     const { cache, key, dekCopy, advance, unlock } = harness()
     cache.setDek(dekCopy())
-    cache.load(key().record)
+    cache.load(key().record, nextSequence())
     advance(53 * minute)
     cache.sweepKeys()
     await cache.idle()
@@ -832,7 +908,7 @@ describe('KeyCache pre-warmer', () => {
     // 55-minute soft TTL, renewed 5% (2 min 45 s) early.
     const { cache, key, dekCopy, advance, unlock } = harness()
     cache.setDek(dekCopy())
-    cache.load(key().record)
+    cache.load(key().record, nextSequence())
 
     advance(52 * minute)
     prewarm(cache)
@@ -856,7 +932,7 @@ describe('KeyCache pre-warmer', () => {
     expect(empty.unlock.calls()).toBe(0)
 
     const { cache, key, unlock } = harness()
-    cache.load(key().record)
+    cache.load(key().record, nextSequence())
     prewarm(cache)
     await cache.idle()
     expect(unlock.calls()).toBe(1)

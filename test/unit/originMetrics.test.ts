@@ -20,9 +20,10 @@ async function enclaveStats() {
   const dek = new Uint8Array(randomBytes(32))
   const cache = new KeyCache({ now: Date.now, unlock: async () => ({ dek: new Uint8Array(dek) }) })
   cache.setDek(new Uint8Array(dek))
+  const floor = cache.openSequenceEpoch()
   for (const keyId of ['a', 'b', 'c']) {
     const privateKey = new Uint8Array(randomBytes(32))
-    cache.load({ keyId, version: 1, state: 'active', publicKey: secp256k1.publicKeyCreate(privateKey, false), sealed: sealPrivateKey({ privateKey, dek, keyId, version: 1 }) })
+    cache.load({ keyId, version: 1, state: 'active', publicKey: secp256k1.publicKeyCreate(privateKey, false), sealed: sealPrivateKey({ privateKey, dek, keyId, version: 1 }) }, floor)
   }
   // Two COOL keys are rehydrated on use; the third stays COOL.
   const used = ['a', 'b'].map((keyId) => cache.acquire(keyId))

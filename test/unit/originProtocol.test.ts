@@ -17,6 +17,7 @@ import {
   decodeSignRequest,
   decodeSignResponse,
   decodeUnlockRequest,
+  decodeGeneratedDataKey,
   decodeUnlockResponse,
   emptyPayload,
   encodeAttestResponse,
@@ -34,6 +35,7 @@ import {
   encodeSignRequest,
   encodeSignResponse,
   encodeUnlockRequest,
+  encodeGeneratedDataKey,
   encodeUnlockResponse,
   maxErrorMessageBytes,
 } from '../../enclave-origin/protocol/messages.js'
@@ -95,19 +97,21 @@ describe('every message survives encode then decode unchanged', () => {
     expect(decodeCreateResponse(encodeCreateResponse(response))).toEqual(response)
   })
 
-  it('LOAD request carries the whole sealed record, in every key state', () => {
+  it('LOAD request carries the whole sealed record, in every key state, and its sequence up to 2^53 - 1', () => {
     for (const state of ['active', 'frozen', 'archived'] as const) {
-      const record = { keyId: 'restored', version: 3, state, publicKey, sealed }
-      expect(decodeLoadRequest(encodeLoadRequest(record))).toEqual(record)
+      for (const sequence of [0, 1, 2 ** 32 + 5, Number.MAX_SAFE_INTEGER]) {
+        const record = { keyId: 'restored', sequence, version: 3, state, publicKey, sealed }
+        expect(decodeLoadRequest(encodeLoadRequest(record))).toEqual(record)
+      }
     }
   })
 
   it('decoded byte fields are copies, not views of the payload: a record kept by the cache or store pins no shared slab', () => {
-    const payload = encodeLoadRequest({ keyId: 'kept', version: 1, state: 'active', publicKey, sealed })
+    const payload = encodeLoadRequest({ keyId: 'kept', sequence: 1, version: 1, state: 'active', publicKey, sealed })
     const decoded = decodeLoadRequest(payload)
     expect(decoded.sealed.buffer).not.toBe(payload.buffer)
     expect(decoded.publicKey.buffer).not.toBe(payload.buffer)
-    const unlockAnswer = encodeUnlockResponse({ wrappedDek: sealed })
+    const unlockAnswer = encodeUnlockResponse({ wrappedDek: sealed, sequenceFloor: 2 ** 32 })
     expect(decodeUnlockResponse(unlockAnswer).wrappedDek.buffer).not.toBe(unlockAnswer.buffer)
     const created = decodeCreateResponse(encodeCreateResponse({ publicKey, sealed, version: 2 }))
     expect(created.sealed.byteOffset).toBe(0)
@@ -122,16 +126,36 @@ describe('every message survives encode then decode unchanged', () => {
     }
   })
 
-  it('SET_STATE request', () => {
+  it('SET_STATE request: a key id, a sequence and a state', () => {
     for (const state of ['active', 'frozen', 'archived'] as const) {
-      expect(decodeSetStateRequest(encodeSetStateRequest({ keyId: 'k1', state }))).toEqual({ keyId: 'k1', state })
+      const request = { keyId: 'k1', sequence: 2 ** 40 + 3, state }
+      expect(decodeSetStateRequest(encodeSetStateRequest(request))).toEqual(request)
     }
   })
 
-  it('UNLOCK response: the new wrapped DEK, or nothing', () => {
+  it('UNLOCK response: the sequence floor of the epoch it opened, then the new wrapped DEK, or nothing', () => {
     const wrappedDek = new Uint8Array(184).map((_, i) => 255 - i)
-    expect(decodeUnlockResponse(encodeUnlockResponse({ wrappedDek }))).toEqual({ wrappedDek })
-    expect(decodeUnlockResponse(emptyPayload)).toEqual({ wrappedDek: new Uint8Array() })
+    expect(decodeUnlockResponse(encodeUnlockResponse({ wrappedDek, sequenceFloor: 2 ** 32 }))).toEqual({ wrappedDek, sequenceFloor: 2 ** 32 })
+    const none = { wrappedDek: new Uint8Array(), sequenceFloor: 2 ** 33 }
+    expect(encodeUnlockResponse(none)).toHaveLength(8)
+    expect(decodeUnlockResponse(encodeUnlockResponse(none))).toEqual(none)
+  })
+
+  it('GENERATE_DATA_KEY response: the new wrapped DEK as it is', () => {
+    const wrappedDek = new Uint8Array(184).map((_, i) => i)
+    expect(decodeGeneratedDataKey(encodeGeneratedDataKey(wrappedDek))).toEqual(wrappedDek)
+  })
+
+  it('a sequence the wire cannot carry, or a number could not hold exactly, is refused both ways', () => {
+    for (const sequence of [-1, 1.5, 2 ** 53, Number.NaN]) {
+      expect(() => encodeSetStateRequest({ keyId: 'k', sequence, state: 'frozen' }), String(sequence)).toThrow(FrameError)
+      expect(() => encodeLoadRequest({ keyId: 'k', sequence, version: 1, state: 'active', publicKey, sealed }), String(sequence)).toThrow(FrameError)
+    }
+    // 2^53 on the wire: above what a number holds exactly, so two sequences could compare equal.
+    const tooHigh = Buffer.from(encodeSetStateRequest({ keyId: 'k', sequence: 0, state: 'frozen' }))
+    tooHigh.writeUInt32BE(0x200000, 2)
+    expect(() => decodeSetStateRequest(tooHigh)).toThrow(/sequence is above 2\^53 - 1/)
+    expect(() => decodeUnlockResponse(new Uint8Array(7))).toThrow(FrameError)
   })
 
   it('UNLOCK request with and without a retiring DEK and a sealed preload identity', () => {
@@ -181,7 +205,7 @@ describe('every message survives encode then decode unchanged', () => {
     expect(decodeHealthResponse(encodeHealthResponse(health))).toEqual(health)
   })
 
-  it('empty payloads (HEALTH request; LOAD, SET_STATE and UNLOCK answers)', () => {
+  it('empty payloads (HEALTH request; LOAD and SET_STATE answers)', () => {
     expect(emptyPayload.length).toBe(0)
     expect(() => decodeEmptyPayload(emptyPayload, 'LOAD response')).not.toThrow()
     expect(() => decodeEmptyPayload(new Uint8Array([0]), 'LOAD response')).toThrow(FrameError)
@@ -348,27 +372,27 @@ describe('malformed payloads throw FrameError', () => {
   })
 
   it('a sealed blob of any length but the 60 bytes a sealed key is, both ways', () => {
-    const valid = encodeLoadRequest({ keyId: 'r', version: 1, state: 'active', publicKey, sealed })
+    const valid = encodeLoadRequest({ keyId: 'r', sequence: 1, version: 1, state: 'active', publicKey, sealed })
     for (const length of [0, 59, 61]) {
       const load = Buffer.concat([valid.subarray(0, valid.length - sealed.length), filled(length, 7)])
       load.writeUInt32BE(length, valid.length - sealed.length - 4)
       expect(() => decodeLoadRequest(load), `${length} bytes`).toThrow(new FrameError(`LOAD request: sealed is ${length} bytes, expected 60`))
-      expect(() => encodeLoadRequest({ keyId: 'r', version: 1, state: 'active', publicKey, sealed: filled(length, 7) })).toThrow(FrameError)
+      expect(() => encodeLoadRequest({ keyId: 'r', sequence: 1, version: 1, state: 'active', publicKey, sealed: filled(length, 7) })).toThrow(FrameError)
     }
   })
 
   it('a sealed blob whose length runs past the payload', () => {
-    const load = Buffer.from(encodeLoadRequest({ keyId: 'r', version: 1, state: 'active', publicKey, sealed }))
+    const load = Buffer.from(encodeLoadRequest({ keyId: 'r', sequence: 1, version: 1, state: 'active', publicKey, sealed }))
     load.writeUInt32BE(sealed.length + 1, load.length - sealed.length - 4)
     expect(() => decodeLoadRequest(load)).toThrow(/sealed needs 61 bytes, 60 left/)
   })
 
   it('a bad enum value', () => {
-    expect(() => decodeSetStateRequest(new Uint8Array([1, 0x6b, 3]))).toThrow(/key state 3/)
+    expect(() => decodeSetStateRequest(new Uint8Array([1, 0x6b, 0, 0, 0, 0, 0, 0, 0, 1, 3]))).toThrow(/key state 3/)
     const get = encodeGetResponse({ state: 'active', cacheState: 'WARM', publicKey })
     expect(() => decodeGetResponse(new Uint8Array([0, 3, ...get.subarray(2)]))).toThrow(/cache state 3/)
     expect(() => decodeSignResponse(new Uint8Array([...filled(64, 1), 2, 0, 0, 0, 0]))).toThrow(/recoveryId 2/)
-    expect(() => encodeSetStateRequest({ keyId: 'k', state: 'deleted' as never })).toThrow(FrameError)
+    expect(() => encodeSetStateRequest({ keyId: 'k', sequence: 1, state: 'deleted' as never })).toThrow(FrameError)
   })
 
   it('a health body that is not a JSON object', () => {

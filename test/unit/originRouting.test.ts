@@ -20,8 +20,9 @@ import { EnclaveUnavailableError } from '../../enclave-origin/parent/enclavePool
 import { NeedsUnlockError, OriginParent, type KeyInfo } from '../../enclave-origin/parent/origin.js'
 import type { BlobStore } from '../../enclave-origin/parent/blobStore.js'
 import { secp256k1 } from '../../enclave-origin/enclave/nativeSecp256k1.js'
-import { encodeFrame, FrameDecoder, opcodes, statuses } from '../../enclave-origin/protocol/frames.js'
-import { encodeErrorMessage, encodeSignResponse } from '../../enclave-origin/protocol/messages.js'
+import { connectStream } from '../../enclave-origin/protocol/connectStream.js'
+import { encodeFrame, FrameDecoder, opcodes, statuses, type Frame } from '../../enclave-origin/protocol/frames.js'
+import { decodeErrorMessage, encodeErrorMessage, encodeSignResponse } from '../../enclave-origin/protocol/messages.js'
 import { SealingError, unsealPrivateKey } from '../../enclave-origin/enclave/sealing.js'
 import { startLocalKms, type LocalKms } from '../support/kmsServer.js'
 import { freePort } from '../support/localHttp.js'
@@ -79,13 +80,13 @@ async function startEnclave({ id, address }: { id: string; address: StreamAddres
  * A TCP relay to `target` that can be cut (its connections dropped, new ones
  * closed at once: an enclave alive but out of the parent's reach), stalled
  * (connections taken, nothing passed on: a hung enclave) and restored.
- * `requestsFromParent` lists the opcodes of the frames that reached it from
- * the parent's side, passed on or not; `refused` counts the connections it
+ * `framesFromParent` lists the frames that reached it from the parent's
+ * side, passed on or not; `refused` counts the connections it
  * closed at once while cut.
  */
 async function relay(target: { host: string; port: number }) {
   let mode: 'open' | 'cut' | 'stalled' = 'open'
-  const requestsFromParent: number[] = []
+  const framesFromParent: Frame[] = []
   let refused = 0
   const sockets = new Set<Socket>()
   const track = (socket: Socket) => {
@@ -100,7 +101,7 @@ async function relay(target: { host: string; port: number }) {
     track(client)
     const frames = new FrameDecoder()
     client.on('data', (chunk: Buffer) => {
-      for (const frame of frames.push(chunk)) requestsFromParent.push(frame.opcode)
+      framesFromParent.push(...frames.push(chunk))
       if (mode === 'open') upstream?.write(chunk)
     })
     const upstream = mode === 'open' ? connect(target.port, target.host) : undefined
@@ -113,7 +114,7 @@ async function relay(target: { host: string; port: number }) {
   const dropAll = () => sockets.forEach((socket) => socket.destroy())
   return {
     address: { host: '127.0.0.1', port: (server.address() as AddressInfo).port },
-    requestsFromParent,
+    framesFromParent,
     get refused() {
       return refused
     },
@@ -271,6 +272,30 @@ describe('AWS credentials for the enclaves\u2019 KMS calls', () => {
     }
   })
 
+  it('a state change that finds the enclave restarted, and cannot unlock it, is deferred: in force, and there once it unlocks', async () => {
+    let failing = false
+    const logged: Array<Record<string, unknown>> = []
+    const flaky = newParent({ credentials: () => (failing ? Promise.reject(new Error('no instance role')) : Promise.resolve(kms.credentials)), log: (fields) => logged.push(fields) })
+    try {
+      await flaky.start()
+      const key = await flaky.createKey()
+      failing = true
+      enclaves.forEach((enclave) => {
+        enclave.cache.clear()
+        enclave.service.clear()
+      })
+      await flaky.setState(key.keyId, 'frozen')
+      expect(logged).toContainEqual(expect.objectContaining({ event: 'state_change_deferred', keyId: key.keyId, state: 'frozen' }))
+      failing = false
+      // Once the unlock backoff lets one through, the key is reloaded frozen before it is used.
+      const signError = () => flaky.sign(key.keyId, Buffer.alloc(32, 1)).then(() => 'signed', (error: Error) => error.message)
+      await expect.poll(signError, { timeout: 5_000, interval: 100 }).toBe(`key ${key.keyId} is frozen`)
+    } finally {
+      flaky.close()
+      await parent.unlock()
+    }
+  })
+
   it('an unlock without credentials to give fails, saying so', async () => {
     const without = newParent({ credentials: () => Promise.reject(new Error('no instance role')) })
     try {
@@ -309,7 +334,7 @@ describe('reloads into an enclave that lost its keys', () => {
 })
 
 describe('a reload its enclave did not answer', () => {
-  it('is made again before the key is next used there, as the LOAD may still land after a newer one', async () => {
+  it('is made again before the key is next used there, as the LOAD may not have landed', async () => {
     // A scripted enclave: SIGN first finds no key, the LOAD that follows goes unanswered; after that it answers all.
     const seen: string[] = []
     let signs = 0
@@ -351,6 +376,89 @@ describe('a reload its enclave did not answer', () => {
       lone.close()
       scripted.close()
     }
+  })
+})
+
+describe('LOAD and SET_STATE sequences', () => {
+  /** `frame` sent to the enclave at `address` again, on a connection of its own (as it would land late); its answer. */
+  async function deliverAgain(address: StreamAddress, frame: Frame): Promise<Frame> {
+    const socket = await connectStream(address)
+    try {
+      const decoder = new FrameDecoder()
+      const answered = new Promise<Frame>((resolve) => socket.on('data', (chunk: Buffer) => decoder.push(chunk).forEach(resolve)))
+      socket.write(encodeFrame(frame))
+      return await answered
+    } finally {
+      socket.destroy()
+    }
+  }
+
+  it('a state change given up on that lands after a newer one changes nothing, from this parent or the one before the next', async () => {
+    const own = { id: 'sequenced', address: { host: '127.0.0.1', port: await freePort() } }
+    const enclave = await startEnclave(own)
+    const cable = await relay(own.address)
+    const ownStore = await openDiskBlobStore({ directory: path.join(directory, 'sequence-store') })
+    const parentOf = () => new OriginParent({ enclaves: [{ id: own.id, address: cable.address }], poolSize: 1, store: ownStore, requestTimeoutMs: 500, credentials: async () => kms.credentials })
+    const first = parentOf()
+    let second: OriginParent | undefined
+    const lastSetState = () => cable.framesFromParent.filter((frame) => frame.opcode === opcodes.SET_STATE).at(-1)!
+    try {
+      await first.start()
+      const key = await first.createKey()
+      await first.setState(key.keyId, 'frozen')
+      await first.setState(key.keyId, 'active')
+      const unfreeze = lastSetState()
+      await first.setState(key.keyId, 'frozen')
+      // The unfreeze again, after the freeze: as one the parent had given up on would land.
+      const late = await deliverAgain(own.address, unfreeze)
+      expect(late.status).toBe(statuses.STALE)
+      expect(enclave.cache.get(key.keyId)?.record.state).toBe('frozen')
+      await expect(first.sign(key.keyId, Buffer.alloc(32, 3))).rejects.toThrow(`key ${key.keyId} is frozen`)
+
+      // An unfreeze that never got through (a hung link), then a freeze that did; then the next parent starts.
+      cable.stall()
+      await first.setState(key.keyId, 'active')
+      const lost = lastSetState()
+      cable.restore()
+      await first.setState(key.keyId, 'frozen')
+      first.close()
+      second = parentOf()
+      await second.start()
+      // The lost one lands now: of an epoch the next parent's unlock closed (the enclave says so before it compares with the key's).
+      const lostLate = await deliverAgain(own.address, lost)
+      expect(lostLate.status).toBe(statuses.STALE)
+      expect(decodeErrorMessage(lostLate.payload)).toMatch(/^sequence \d+ is not of the current epoch, from \d+$/)
+      expect(enclave.cache.get(key.keyId)?.record.state).toBe('frozen')
+      await expect(second.sign(key.keyId, Buffer.alloc(32, 3))).rejects.toThrow(`key ${key.keyId} is frozen`)
+      await second.setState(key.keyId, 'active')
+      await expectSignsAs(second, key)
+    } finally {
+      first.close()
+      second?.close()
+      await cable.close()
+      await ownStore.close()
+      await enclave.stop()
+    }
+  })
+
+  it('a state change numbered in an epoch another UNLOCK closed goes again after an unlock of its own', async () => {
+    const key = await parent.createKey()
+    const owner = enclaves.find((enclave) => enclave.cache.get(key.keyId))!
+    // Another parent's UNLOCK reaches the enclave: the epoch this parent numbers in is closed.
+    const other = new OriginParent({ enclaves: addresses, poolSize: 1, store, requestTimeoutMs: 2_000, credentials: async () => kms.credentials })
+    try {
+      await other.unlock()
+    } finally {
+      other.close()
+    }
+    const decrypts = kms.calls.Decrypt ?? 0
+    await parent.setState(key.keyId, 'frozen')
+    // Refused as stale, it went again after an unlock of the key's enclave (which unwraps the DEK through KMS).
+    expect(owner.cache.get(key.keyId)?.record.state).toBe('frozen')
+    expect((kms.calls.Decrypt ?? 0) - decrypts).toBe(1)
+    await expect(parent.sign(key.keyId, Buffer.alloc(32, 2))).rejects.toThrow(`key ${key.keyId} is frozen`)
+    await parent.setState(key.keyId, 'active')
+    await expectSignsAs(parent, key)
   })
 })
 
@@ -439,6 +547,39 @@ describe('DEK rotation', () => {
       await expect(restarted.sign(keys[0]!.keyId, Buffer.alloc(32, 1))).rejects.toThrow(/frozen/)
     } finally {
       restarted.close()
+    }
+  })
+
+  it('an enclave that restarts during a rotation is unlocked again and takes its keys: the rotation finishes', async () => {
+    let restartAtNextList = false
+    const rotating = new OriginParent({
+      enclaves: addresses,
+      poolSize: 1,
+      store: storeWith({
+        list: () => {
+          // Step 3 lists the keys to re-seal, after step 2 unlocked every enclave: both restart right then.
+          if (restartAtNextList) restartEnclaves()
+          restartAtNextList = false
+          return store.list()
+        },
+      }),
+      requestTimeoutMs: 2_000,
+      credentials: async () => kms.credentials,
+    })
+    try {
+      await rotating.start()
+      const keys = await Promise.all(Array.from({ length: 4 }, () => rotating.createKey()))
+      const versions = await Promise.all(keys.map(async (key) => (await store.get(key.keyId))!.version))
+      restartAtNextList = true
+      await rotating.rotateDataKey()
+      expect(restartAtNextList).toBe(false)
+      for (const [index, key] of keys.entries()) {
+        expect((await store.get(key.keyId))!.version).toBe(versions[index]! + 1)
+        await expectSignsAs(rotating, key)
+      }
+    } finally {
+      rotating.close()
+      await parent.unlock()
     }
   })
 
@@ -676,7 +817,7 @@ describe('a parent whose enclaves are not all up', () => {
       late.cache.createKey({ keyId: ownerOnly.keyId, publicKey: secp256k1.publicKeyCreate(ownerOnlyKey, false), privateKey: ownerOnlyKey })
 
       cable.stall()
-      const reaching = (opcode: number) => cable.requestsFromParent.filter((sent) => sent === opcode).length
+      const reaching = (opcode: number) => cable.framesFromParent.filter((sent) => sent.opcode === opcode).length
       // The first waits out the 300 ms timeout, then signs on the standby.
       await expectSignsAs(hanging, key!)
       const [signs, creates] = [reaching(opcodes.SIGN), reaching(opcodes.CREATE)]
@@ -716,6 +857,23 @@ describe('a parent whose enclaves are not all up', () => {
       await cable.close()
       await ownStore.close()
       for (const enclave of [up, late]) await enclave.stop()
+    }
+  })
+
+  it('a state change for a key whose enclave is held back is deferred at once, sent nowhere, and in force where the key signs', async () => {
+    const { lateCable, stillClockParent, stop } = await cabledSpares('deferred-store')
+    const { parent: held } = stillClockParent()
+    try {
+      const { onLate } = await startWithKeyOnEach(held)
+      lateCable.stall()
+      // Its first request waits out the timeout and holds it back; the clock stands still, so the hold lasts.
+      await expectSignsAs(held, onLate!)
+      const reached = lateCable.framesFromParent.length
+      await held.setState(onLate!.keyId, 'frozen')
+      expect(lateCable.framesFromParent.length).toBe(reached)
+      await expect(held.sign(onLate!.keyId, Buffer.alloc(32, 4))).rejects.toThrow(`key ${onLate!.keyId} is frozen`)
+    } finally {
+      await stop()
     }
   })
 
@@ -811,9 +969,9 @@ describe('a parent whose enclaves are not all up', () => {
       await new Promise((resolve) => setTimeout(resolve, 100))
       await expectSignsAs(cabled, onUp!)
       // That timed-out load held spare-late back: its own key goes to spare-up without a request to spare-late.
-      const reachedLate = lateCable.requestsFromParent.length
+      const reachedLate = lateCable.framesFromParent.length
       await expectSignsAs(cabled, onLate!)
-      expect(lateCable.requestsFromParent.length).toBe(reachedLate)
+      expect(lateCable.framesFromParent.length).toBe(reachedLate)
 
       // A /healthz answer during a hold leaves it; once the hold is over, it ends the outage.
       upCable.cut()
