@@ -2,6 +2,7 @@ import { setImmediate as nextTurn } from 'node:timers/promises'
 import { messageOf } from '../errors.js'
 import { FailureBackoff } from '../failureBackoff.js'
 import { countInto, emptyCounts, rehydrateBucketsMs } from '../protocol/histograms.js'
+import { sequenceEpochSize } from '../protocol/messages.js'
 import type { CacheState, KeyState, SealedKeyRecord } from '../types.js'
 import { ByteSlabs } from './byteSlabs.js'
 import { secp256k1 } from './nativeSecp256k1.js'
@@ -122,12 +123,11 @@ type KeyEntry = {
 
 /**
  * What became of a LOAD or SET_STATE (see `openSequenceEpoch`): applied;
- * stale, and why; or needs-unlock, before any UNLOCK has opened an epoch.
+ * stale (the key took a later one), and why; or needs-unlock, numbered
+ * outside the current epoch (or before any UNLOCK opened one).
  */
 export type SequencedResult = { kind: 'applied' } | { kind: 'stale'; reason: string } | { kind: 'needs-unlock'; retryAfterMs: number }
 
-/** Sequences per epoch: more LOADs and SET_STATEs than a parent sends between two UNLOCKs. */
-const sequenceEpochSize = 2 ** 32
 
 type CachedDek = { bytes: Uint8Array; retiring: Uint8Array | undefined; softExpiresAt: number; hardExpiresAt: number; renewAt: number }
 
@@ -315,9 +315,8 @@ export class KeyCache {
 
   private staleFor(keyId: string, sequence: number): Exclude<SequencedResult, { kind: 'applied' }> | undefined {
     const floor = this.sequenceFloor
-    // Only the parent's UNLOCK opens one, so the cache starts no unlock of its own.
-    if (floor === undefined) return this.retryAfterUnlock()
-    if (sequence < floor || sequence >= floor + sequenceEpochSize) return { kind: 'stale', reason: `sequence ${sequence} is not of the current epoch, from ${floor}` }
+    // Its sender must UNLOCK to number in the current epoch; only the parent's UNLOCK opens one, so the cache starts no unlock of its own.
+    if (floor === undefined || sequence < floor || sequence >= floor + sequenceEpochSize) return this.retryAfterUnlock()
     const held = this.entries.get(keyId)?.sequence
     if (held !== undefined && sequence <= held) return { kind: 'stale', reason: `key ${keyId} has taken sequence ${held} already` }
     return undefined

@@ -53,7 +53,7 @@ export class OriginRequestError extends Error {
 /** The enclave answered that it failed (INTERNAL, or a status this parent does not know). */
 class EnclaveInternalError extends Error {}
 
-/** The enclave refused a LOAD or SET_STATE as stale (see LoadRequest), and this parent could not number it afresh. */
+/** The enclave refused a LOAD or SET_STATE: its key took a later one (another parent's: this one numbers each key's in turn). */
 class StaleRequestError extends Error {}
 
 /** Whether `error` is an enclave's answer (rather than no answer, or a failure of the parent's own). */
@@ -109,6 +109,8 @@ type Enclave = {
   /** The first sequence of the epoch this parent's last UNLOCK opened there (0: none yet), and the last sequence sent. */
   sequenceFloor: number
   lastSequence: number
+  /** UNLOCK answers so far: each opened an epoch, perhaps at the same floor as before (the enclave restarted). */
+  epochsOpened: number
 }
 
 /** An enclave serving another's key, and whether the key's stored record was loaded into it. */
@@ -151,7 +153,7 @@ export class OriginParent {
     },
   ) {
     const backoff = () => new FailureBackoff({ now: options.monotonicNow ?? (() => performance.now()), random: Math.random })
-    this.enclaves = options.enclaves.map(({ id, address }) => ({ id, pool: new EnclavePool({ address, size: options.poolSize }), unlocking: undefined, unlockQueue: Promise.resolve(), unlockBackoff: backoff(), unsynced: false, syncing: undefined, syncBackoff: backoff(), outage: backoff(), probing: false, sequenceFloor: 0, lastSequence: 0 }))
+    this.enclaves = options.enclaves.map(({ id, address }) => ({ id, pool: new EnclavePool({ address, size: options.poolSize }), unlocking: undefined, unlockQueue: Promise.resolve(), unlockBackoff: backoff(), unsynced: false, syncing: undefined, syncBackoff: backoff(), outage: backoff(), probing: false, sequenceFloor: 0, lastSequence: 0, epochsOpened: 0 }))
     this.ring = new HashRing(this.enclaves.map((enclave) => ({ id: enclave.id, node: enclave })))
   }
 
@@ -171,24 +173,17 @@ export class OriginParent {
 
   /**
    * A LOAD or SET_STATE under the enclave's next sequence (see LoadRequest).
-   * STALE means it was numbered in an epoch the enclave has closed since:
-   * by this parent's own unlock meanwhile, or else (its UNLOCK answer was
-   * lost; another parent unlocked the enclave) by none of its own, and then
-   * the unlock a NEEDS_UNLOCK answer would start (under the same backoff)
-   * opens one. In a new epoch of this parent's, it goes once more. (An
-   * enclave that restarted and has opened no epoch answers NEEDS_UNLOCK,
-   * handled as for a sign.)
+   * NEEDS_UNLOCK means it was numbered outside the enclave's current epoch.
+   * When this parent's own unlock opened a new one meanwhile, it goes once
+   * more, numbered in that; otherwise (the enclave restarted, an UNLOCK
+   * answer was lost, another parent unlocked it) it is answered as any
+   * NEEDS_UNLOCK is (`check`): an unlock starts, and the caller retries.
    */
   private async sequenced(enclave: Enclave, opcode: Opcode, encode: (sequence: number) => Uint8Array): Promise<Frame> {
     const send = () => this.call(enclave, opcode, encode(++enclave.lastSequence))
-    const floor = enclave.sequenceFloor
+    const opened = enclave.epochsOpened
     const frame = await send()
-    if (frame.status !== statuses.STALE) return frame
-    if (enclave.sequenceFloor === floor) {
-      this.unlockOnDemand(enclave)
-      await enclave.unlocking?.catch(() => {})
-    }
-    return enclave.sequenceFloor === floor ? frame : send()
+    return frame.status === statuses.NEEDS_UNLOCK && enclave.epochsOpened !== opened ? send() : frame
   }
 
   private async call(enclave: Enclave, opcode: Opcode, payload: Uint8Array): Promise<Frame> {
@@ -275,8 +270,9 @@ export class OriginParent {
   /**
    * Loads every stored key that one of `owners` owns, with `load`. A record
    * that fails is logged and its key marked, to be tried again before each
-   * use; an owner out of reach for a record twice in a row is skipped from
-   * then on, and returned with the error.
+   * use. An owner out of reach for a record twice in a row, or wanting an
+   * unlock (it restarted meanwhile), is skipped from then on, and returned
+   * with the error.
    */
   private async loadOwnedKeys({ owners, load }: { owners: Enclave[]; load: (record: SealedKeyRecord) => Promise<unknown> }): Promise<Map<Enclave, unknown>> {
     const outOfReach = new Map<Enclave, unknown>()
@@ -285,13 +281,13 @@ export class OriginParent {
       if (!owners.includes(enclave) || outOfReach.has(enclave)) return
       try {
         // Once more before giving the enclave up: one timed-out LOAD among hundreds is not an outage. Should
-        // the first land after all, later, it is refused as stale: the retry is numbered above it.
+        // the first land after all, later, it is refused: the retry is numbered above it.
         await load(record).catch(async (error: unknown) => {
           if (!(error instanceof EnclaveUnavailableError) || outOfReach.has(enclave)) throw error
           await load(record)
         })
       } catch (error) {
-        if (error instanceof EnclaveUnavailableError) return void outOfReach.set(enclave, error)
+        if (error instanceof EnclaveUnavailableError || error instanceof NeedsUnlockError) return void outOfReach.set(enclave, error)
         this.unsyncedKeys.add(record.keyId)
         this.options.log?.({ level: 'error', event: 'key_not_loaded', keyId: record.keyId, enclave: enclave.id, error: messageOf(error) })
       }
@@ -383,7 +379,7 @@ export class OriginParent {
     const wrappedDekSha256 = createHash('sha256').update(wrapped.ciphertext).digest()
     const resealed = await this.forEachStored((record) => this.reseal({ keyId: record.keyId, wrappedDekSha256 }))
     // An enclave that restarted meanwhile may have reloaded a record older than the store's: the latest, per key, in turn with
-    // state changes. One that restarted and has not been unlocked since holds none, and takes each on demand after its unlock.
+    // state changes. One that wants an unlock first (it restarted again) gets the key before its next use (`reload` marks it).
     await this.forEachStored((record) =>
       this.reloadInTurn(record.keyId).catch((error: unknown) => {
         if (!(error instanceof NeedsUnlockError)) throw error
@@ -473,9 +469,12 @@ export class OriginParent {
         const request = build(await this.withinRequestTimeout(this.options.store.getWrappedDek(), 'reading the wrapped DEK'))
         await this.deliverCredentials(enclave)
         const answer = decodeUnlockResponse(this.check(enclave, await this.call(enclave, opcodes.UNLOCK, encodeUnlockRequest(request))).payload)
-        // The epoch this UNLOCK opened: this parent's LOADs and SET_STATEs are numbered from its floor now.
+        // The epoch this UNLOCK opened: this parent's LOADs and SET_STATEs are numbered from its floor now. Not
+        // again from the floor it numbers from already: an enclave that restarted opens the same floors again, and
+        // a request numbered for the one before may have reached it.
+        if (answer.sequenceFloor !== enclave.sequenceFloor) enclave.lastSequence = answer.sequenceFloor - 1
         enclave.sequenceFloor = answer.sequenceFloor
-        enclave.lastSequence = answer.sequenceFloor - 1
+        enclave.epochsOpened += 1
         return answer
       })
     enclave.unlockQueue = turn
@@ -709,8 +708,10 @@ export class OriginParent {
         if (stored) outageOver(enclave)
         return { enclave, stored }
       } catch (failure) {
-        if (!(failure instanceof EnclaveUnavailableError)) throw failure
-        outageFailed(enclave)
+        if (failure instanceof EnclaveUnavailableError) outageFailed(enclave)
+        // It answered, but takes the key only after an unlock (which has started), or holds a later one of another parent's.
+        else if (failure instanceof NeedsUnlockError || failure instanceof StaleRequestError) outageOver(enclave)
+        else throw failure
       }
     }
     return undefined
@@ -743,8 +744,9 @@ export class OriginParent {
     try {
       await this.load(record, into)
     } catch (error) {
-      // A LOAD given up on may not have landed, leaving an older state there: reload before the key's next use there.
-      if (owner && error instanceof EnclaveUnavailableError) this.unsyncedKeys.add(keyId)
+      // A LOAD given up on may not have landed, nor one refused for want of an unlock, leaving an older state there:
+      // reload before the key's next use there.
+      if (owner && (error instanceof EnclaveUnavailableError || error instanceof NeedsUnlockError)) this.unsyncedKeys.add(keyId)
       throw error
     }
     // In the key's turn: a state change that fails to reach the enclave after this marks the key again.
@@ -818,7 +820,8 @@ export class OriginParent {
         if (frame.status === statuses.NOT_FOUND) await this.reload(keyId)
         else this.check(enclave, frame)
       } catch (error) {
-        // Out of reach, restarted and not unlocked yet, or refused as stale with no epoch of this parent's to send it in: in force all the same.
+        // Out of reach; numbered outside the enclave's epoch (it restarted, or took another UNLOCK; the unlock that
+        // answer asks for has started); or refused as stale: in force all the same.
         if (!(error instanceof EnclaveUnavailableError || error instanceof NeedsUnlockError || error instanceof StaleRequestError)) {
           this.unsyncedKeys.add(keyId)
           throw error

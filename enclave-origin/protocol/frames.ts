@@ -36,7 +36,7 @@ export const statuses = {
   BAD_REQUEST: 4,
   INTERNAL: 5,
   UNAVAILABLE: 6,
-  /** A LOAD or SET_STATE from a closed epoch, or older than the last one applied to its key: not applied (see messages.ts, LoadRequest). */
+  /** A LOAD or SET_STATE not above the last one applied to its key: not applied (see messages.ts, LoadRequest). */
   STALE: 7,
 } as const
 export type Status = (typeof statuses)[keyof typeof statuses]

@@ -20,14 +20,17 @@ export type CreateRequest = { keyId: string }
 export type CreateResponse = { publicKey: Uint8Array; sealed: Uint8Array; version: number }
 /**
  * LOAD and SET_STATE carry a `sequence` (u64 on the wire, at most 2^53 - 1).
- * Each UNLOCK answer opens an epoch of 2^32 sequences above every earlier
- * one (`UnlockResponse.sequenceFloor`), and the parent numbers its requests
- * from there. The enclave applies one only if its sequence lies in the
- * current epoch and is above the last it applied to the key; otherwise it
- * answers STALE. So a request the parent gave up on (timed out), or one of a
- * parent before it, that lands late cannot undo a newer one.
+ * Each UNLOCK answer opens an epoch of `sequenceEpochSize` sequences above
+ * every earlier one (`UnlockResponse.sequenceFloor`), and the parent numbers
+ * its requests from there. The enclave applies one only if its sequence lies
+ * in the current epoch (else NEEDS_UNLOCK: its sender must unlock to get
+ * one) and is above the last it applied to the key (else STALE). So a
+ * request the parent gave up on (timed out), or one of a parent before it,
+ * that lands late cannot undo a newer one.
  */
 export type LoadRequest = SealedKeyRecord & { sequence: number }
+/** Sequences per epoch: more LOADs and SET_STATEs than a parent sends between two UNLOCKs. */
+export const sequenceEpochSize = 2 ** 32
 export type GetRequest = { keyId: string }
 export type GetResponse = { state: KeyState; cacheState: CacheState; publicKey: Uint8Array }
 export type SetStateRequest = { keyId: string; state: KeyState; sequence: number }

@@ -141,7 +141,7 @@ it('an UNLOCK whose retiring DEK does not unwrap installs neither, and zeroes th
   expect(cache.get('k')?.cacheState).toBe('INVALID')
 })
 
-it('a LOAD or SET_STATE applies only in the epoch of sequences the last UNLOCK opened (NEEDS_UNLOCK before the first), and above the last its key took; else STALE, changing nothing', async () => {
+it('a LOAD or SET_STATE applies only in the epoch of sequences the last UNLOCK opened (else NEEDS_UNLOCK) and above the last its key took (else STALE), changing nothing otherwise', async () => {
   const fakeKms = { unwrap: async () => new Uint8Array(dek) } as unknown as KmsDataKeys
   const { cache, service } = enclaveWith(fakeKms)
   cache.setDek(new Uint8Array(dek))
@@ -171,11 +171,22 @@ it('a LOAD or SET_STATE applies only in the epoch of sequences the last UNLOCK o
   // A later UNLOCK closes that epoch: its requests still on their way, however numbered, change nothing.
   const next = (await unlock()).sequenceFloor
   expect(next).toBe(floor + 2 ** 32)
-  expectStale(await setState('active', floor + 11), `sequence ${floor + 11} is not of the current epoch, from ${next}`)
-  expectStale(await load(next + 2 ** 32), `sequence ${next + 2 ** 32} is not of the current epoch, from ${next}`)
+  expect((await setState('active', floor + 11)).status).toBe(statuses.NEEDS_UNLOCK)
+  expect((await load(next + 2 ** 32)).status).toBe(statuses.NEEDS_UNLOCK)
   expect(await sign()).toBe(statuses.NOT_ACTIVE)
   expect((await setState('active', next)).status).toBe(statuses.OK)
   expect(await sign()).toBe(statuses.OK)
+})
+
+it('an UNLOCK with no epoch of sequences left is refused before it installs or asks for anything', async () => {
+  let unwraps = 0
+  const countingKms = { unwrap: async () => (unwraps++, new Uint8Array(dek)) } as unknown as KmsDataKeys
+  const { cache, service } = enclaveWith(countingKms)
+  while (cache.sequenceEpochLeft) cache.openSequenceEpoch()
+  const answer = await service.handle({ requestId: 1, opcode: opcodes.UNLOCK, status: 0, payload: encodeUnlockRequest({ wrappedDek: Uint8Array.of(1) }) })
+  expect(answer.status).toBe(statuses.UNAVAILABLE)
+  expect(decodeErrorMessage(answer.payload)).toBe('no sequence epoch is left for another UNLOCK: restart the enclave')
+  expect(unwraps).toBe(0)
 })
 
 it('RESEAL seals only under the DEK the rotation names: under any other it answers NEEDS_UNLOCK', async () => {

@@ -548,7 +548,7 @@ describe('KeyCache key lifecycle', () => {
     expect(signingKey(cache.acquire('key-1'))).toEqual(privateKey)
   })
 
-  it('applies none outside the current epoch: before the first (needs-unlock, starting none), after the next opens, or beyond it', async () => {
+  it('applies none outside the current epoch (needs-unlock: its sender must unlock, and the cache starts none): before the first, after the next opens, beyond it, and after clear()', async () => {
     let unlocks = 0
     const cache = new KeyCache({ now: () => 0, random: () => 0.5, unlock: () => (unlocks++, Promise.reject(new Error('no unlock in this test'))) })
     const { key } = harness()
@@ -563,13 +563,18 @@ describe('KeyCache key lifecycle', () => {
     expect(cache.load(record, first)).toEqual({ kind: 'applied' })
     const second = cache.openSequenceEpoch()
     expect(second).toBe(first + 2 ** 32)
-    const outside = (sequence: number) => ({ kind: 'stale', reason: `sequence ${sequence} is not of the current epoch, from ${second}` })
+    const outside = { kind: 'needs-unlock', retryAfterMs: 125 }
     // A freeze of the closed epoch, numbered above everything the key took in it, still changes nothing.
-    expect(cache.setState({ keyId: 'key-1', state: 'frozen', sequence: first + 1 })).toEqual(outside(first + 1))
-    expect(cache.setState({ keyId: 'key-1', state: 'frozen', sequence: second + 2 ** 32 })).toEqual(outside(second + 2 ** 32))
+    expect(cache.setState({ keyId: 'key-1', state: 'frozen', sequence: first + 1 })).toEqual(outside)
+    expect(cache.setState({ keyId: 'key-1', state: 'frozen', sequence: second + 2 ** 32 })).toEqual(outside)
     expect(cache.get('key-1')?.record.state).toBe('active')
     expect(cache.setState({ keyId: 'key-1', state: 'frozen', sequence: second })).toEqual({ kind: 'applied' })
     expect(cache.get('key-1')?.record.state).toBe('frozen')
+    // As a new process: no epoch until the next UNLOCK.
+    cache.clear()
+    expect(cache.load(record, second + 1)).toEqual(outside)
+    await settle()
+    expect(unlocks).toBe(0)
   })
 
   it('opens epochs while a whole one fits below 2^53, then refuses', () => {

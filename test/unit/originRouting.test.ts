@@ -22,7 +22,7 @@ import type { BlobStore } from '../../enclave-origin/parent/blobStore.js'
 import { secp256k1 } from '../../enclave-origin/enclave/nativeSecp256k1.js'
 import { connectStream } from '../../enclave-origin/protocol/connectStream.js'
 import { encodeFrame, FrameDecoder, opcodes, statuses, type Frame } from '../../enclave-origin/protocol/frames.js'
-import { decodeErrorMessage, encodeErrorMessage, encodeSignResponse } from '../../enclave-origin/protocol/messages.js'
+import { encodeErrorMessage, encodeSignResponse } from '../../enclave-origin/protocol/messages.js'
 import { SealingError, unsealPrivateKey } from '../../enclave-origin/enclave/sealing.js'
 import { startLocalKms, type LocalKms } from '../support/kmsServer.js'
 import { freePort } from '../support/localHttp.js'
@@ -272,30 +272,6 @@ describe('AWS credentials for the enclaves\u2019 KMS calls', () => {
     }
   })
 
-  it('a state change that finds the enclave restarted, and cannot unlock it, is deferred: in force, and there once it unlocks', async () => {
-    let failing = false
-    const logged: Array<Record<string, unknown>> = []
-    const flaky = newParent({ credentials: () => (failing ? Promise.reject(new Error('no instance role')) : Promise.resolve(kms.credentials)), log: (fields) => logged.push(fields) })
-    try {
-      await flaky.start()
-      const key = await flaky.createKey()
-      failing = true
-      enclaves.forEach((enclave) => {
-        enclave.cache.clear()
-        enclave.service.clear()
-      })
-      await flaky.setState(key.keyId, 'frozen')
-      expect(logged).toContainEqual(expect.objectContaining({ event: 'state_change_deferred', keyId: key.keyId, state: 'frozen' }))
-      failing = false
-      // Once the unlock backoff lets one through, the key is reloaded frozen before it is used.
-      const signError = () => flaky.sign(key.keyId, Buffer.alloc(32, 1)).then(() => 'signed', (error: Error) => error.message)
-      await expect.poll(signError, { timeout: 5_000, interval: 100 }).toBe(`key ${key.keyId} is frozen`)
-    } finally {
-      flaky.close()
-      await parent.unlock()
-    }
-  })
-
   it('an unlock without credentials to give fails, saying so', async () => {
     const without = newParent({ credentials: () => Promise.reject(new Error('no instance role')) })
     try {
@@ -415,7 +391,8 @@ describe('LOAD and SET_STATE sequences', () => {
       expect(enclave.cache.get(key.keyId)?.record.state).toBe('frozen')
       await expect(first.sign(key.keyId, Buffer.alloc(32, 3))).rejects.toThrow(`key ${key.keyId} is frozen`)
 
-      // An unfreeze that never got through (a hung link), then a freeze that did; then the next parent starts.
+      // An unfreeze that never got through (a hung link), then a freeze (deferred: the timeout held the enclave back);
+      // then the next parent starts, and loads the key frozen.
       cable.stall()
       await first.setState(key.keyId, 'active')
       const lost = lastSetState()
@@ -424,10 +401,9 @@ describe('LOAD and SET_STATE sequences', () => {
       first.close()
       second = parentOf()
       await second.start()
-      // The lost one lands now: of an epoch the next parent's unlock closed (the enclave says so before it compares with the key's).
-      const lostLate = await deliverAgain(own.address, lost)
-      expect(lostLate.status).toBe(statuses.STALE)
-      expect(decodeErrorMessage(lostLate.payload)).toMatch(/^sequence \d+ is not of the current epoch, from \d+$/)
+      expect(enclave.cache.get(key.keyId)?.record.state).toBe('frozen')
+      // The lost one lands now, of an epoch the next parent's unlock closed: its sender would have to unlock first.
+      expect((await deliverAgain(own.address, lost)).status).toBe(statuses.NEEDS_UNLOCK)
       expect(enclave.cache.get(key.keyId)?.record.state).toBe('frozen')
       await expect(second.sign(key.keyId, Buffer.alloc(32, 3))).rejects.toThrow(`key ${key.keyId} is frozen`)
       await second.setState(key.keyId, 'active')
@@ -441,24 +417,66 @@ describe('LOAD and SET_STATE sequences', () => {
     }
   })
 
-  it('a state change numbered in an epoch another UNLOCK closed goes again after an unlock of its own', async () => {
-    const key = await parent.createKey()
-    const owner = enclaves.find((enclave) => enclave.cache.get(key.keyId))!
-    // Another parent's UNLOCK reaches the enclave: the epoch this parent numbers in is closed.
-    const other = new OriginParent({ enclaves: addresses, poolSize: 1, store, requestTimeoutMs: 2_000, credentials: async () => kms.credentials })
+  it('after an enclave restart that opens the same epoch again, the parent numbers on: a request numbered before the restart cannot undo a later one', async () => {
+    const own = { id: 'restarting', address: { host: '127.0.0.1', port: await freePort() } }
+    const enclave = await startEnclave(own)
+    const cable = await relay(own.address)
+    const ownStore = await openDiskBlobStore({ directory: path.join(directory, 'restart-sequence-store') })
+    // The shared data key, so that start unlocks once (a new store's first start makes a data key with an UNLOCK of its own).
+    await ownStore.putWrappedDek((await store.getWrappedDek())!)
+    const numbering = new OriginParent({ enclaves: [{ id: own.id, address: cable.address }], poolSize: 1, store: ownStore, requestTimeoutMs: 1_000, credentials: async () => kms.credentials })
     try {
-      await other.unlock()
+      await numbering.start()
+      const key = await numbering.createKey()
+      await numbering.setState(key.keyId, 'frozen')
+      await numbering.setState(key.keyId, 'active')
+      const unfreeze = cable.framesFromParent.filter((frame) => frame.opcode === opcodes.SET_STATE).at(-1)!
+      // The enclave restarts: no keys, no DEK, no epoch. The freeze finds it so and is deferred; the unlock that starts
+      // is its first, and opens the floor this parent numbers from.
+      enclave.cache.clear()
+      enclave.service.clear()
+      await numbering.setState(key.keyId, 'frozen')
+      const signError = () => numbering.sign(key.keyId, Buffer.alloc(32, 5)).then(() => 'signed', (error: Error) => error.message)
+      await expect.poll(signError, { timeout: 5_000, interval: 50 }).toBe(`key ${key.keyId} is frozen`)
+      expect(cable.framesFromParent.filter((frame) => frame.opcode === opcodes.UNLOCK)).toHaveLength(2)
+      // The unfreeze, numbered before the restart, reaches the new process only now.
+      expect((await deliverAgain(own.address, unfreeze)).status).toBe(statuses.STALE)
+      expect(enclave.cache.get(key.keyId)?.record.state).toBe('frozen')
     } finally {
-      other.close()
+      numbering.close()
+      await cable.close()
+      await ownStore.close()
+      await enclave.stop()
     }
-    const decrypts = kms.calls.Decrypt ?? 0
-    await parent.setState(key.keyId, 'frozen')
-    // Refused as stale, it went again after an unlock of the key's enclave (which unwraps the DEK through KMS).
-    expect(owner.cache.get(key.keyId)?.record.state).toBe('frozen')
-    expect((kms.calls.Decrypt ?? 0) - decrypts).toBe(1)
-    await expect(parent.sign(key.keyId, Buffer.alloc(32, 2))).rejects.toThrow(`key ${key.keyId} is frozen`)
-    await parent.setState(key.keyId, 'active')
-    await expectSignsAs(parent, key)
+  })
+
+  it('a state change numbered in an epoch another UNLOCK closed is deferred, in force though the enclave still holds the key active, and reaches it after an unlock', async () => {
+    let failing = false
+    const flaky = newParent({ credentials: () => (failing ? Promise.reject(new Error('no instance role')) : Promise.resolve(kms.credentials)) })
+    try {
+      await flaky.start()
+      const key = await flaky.createKey()
+      const owner = enclaves.find((enclave) => enclave.cache.get(key.keyId))!
+      // Another parent's UNLOCK reaches the enclave: the epoch this parent numbers in is closed. Its own unlock cannot run.
+      const other = newParent()
+      try {
+        await other.unlock()
+      } finally {
+        other.close()
+      }
+      failing = true
+      await flaky.setState(key.keyId, 'frozen')
+      expect(owner.cache.get(key.keyId)?.record.state).toBe('active')
+      // The key is reloaded before it signs, which waits for an unlock: it does not sign with the state the enclave holds.
+      await expect(flaky.sign(key.keyId, Buffer.alloc(32, 2))).rejects.toThrow(NeedsUnlockError)
+      failing = false
+      const signError = () => flaky.sign(key.keyId, Buffer.alloc(32, 2)).then(() => 'signed', (error: Error) => error.message)
+      await expect.poll(signError, { timeout: 5_000, interval: 100 }).toBe(`key ${key.keyId} is frozen`)
+      expect(owner.cache.get(key.keyId)?.record.state).toBe('frozen')
+    } finally {
+      flaky.close()
+      await parent.unlock()
+    }
   })
 })
 
@@ -693,7 +711,7 @@ describe('a parent whose enclaves are not all up', () => {
       const held = async (id: string) => (await parent.health()).find((enclave) => enclave.id === id)?.held
       return { parent, held, advance: (ms: number) => void (now += ms) }
     }
-    return { upCable, lateCable, ownStore, enclaves, stillClockParent, stop }
+    return { up, late, upCable, lateCable, ownStore, enclaves, stillClockParent, stop }
   }
 
   it('starts with those it reaches, which sign for the others (and make new keys) until those come back, load, unlock and sign', async () => {
@@ -861,8 +879,8 @@ describe('a parent whose enclaves are not all up', () => {
   })
 
   it('a state change for a key whose enclave is held back is deferred at once, sent nowhere, and in force where the key signs', async () => {
-    const { lateCable, stillClockParent, stop } = await cabledSpares('deferred-store')
-    const { parent: held } = stillClockParent()
+    const { lateCable, late, stillClockParent, stop } = await cabledSpares('deferred-store')
+    const { parent: held, advance } = stillClockParent()
     try {
       const { onLate } = await startWithKeyOnEach(held)
       lateCable.stall()
@@ -872,6 +890,12 @@ describe('a parent whose enclaves are not all up', () => {
       await held.setState(onLate!.keyId, 'frozen')
       expect(lateCable.framesFromParent.length).toBe(reached)
       await expect(held.sign(onLate!.keyId, Buffer.alloc(32, 4))).rejects.toThrow(`key ${onLate!.keyId} is frozen`)
+      // Back, and past its hold: the enclave, which holds the key active, gets the state before the key's next use there.
+      expect(late.cache.get(onLate!.keyId)?.record.state).toBe('active')
+      lateCable.restore()
+      advance(60_000)
+      await expect(held.sign(onLate!.keyId, Buffer.alloc(32, 4))).rejects.toThrow(`key ${onLate!.keyId} is frozen`)
+      expect(late.cache.get(onLate!.keyId)?.record.state).toBe('frozen')
     } finally {
       await stop()
     }
