@@ -234,18 +234,23 @@ export class KeyCache {
    * lies in [first, first + 2^32) and is above the last one applied to its
    * key. Every sequence of an earlier epoch lies below, so a request that
    * its parent gave up on (timed out), or a request of a parent before it,
-   * that lands late changes nothing. Throws when no epoch is left (see
-   * `sequenceEpochLeft`).
+   * that lands late changes nothing. The first is at `atLeast` or above (see
+   * UnlockRequest). Throws when no epoch is left (`hasSequenceEpochLeft`).
    */
-  openSequenceEpoch(): number {
-    if (!this.sequenceEpochLeft) throw new Error('no sequence epoch is left: restart the enclave')
-    this.sequenceFloor = (this.sequenceFloor ?? 0) + sequenceEpochSize
+  openSequenceEpoch(atLeast = 0): number {
+    if (!this.hasSequenceEpochLeft(atLeast)) throw new Error('no sequence epoch is left: restart the enclave')
+    this.sequenceFloor = this.nextSequenceFloor(atLeast)
     return this.sequenceFloor
   }
 
-  /** Whether another epoch fits below 2^53 (about 2 million per process): an UNLOCK checks before it changes anything. */
-  get sequenceEpochLeft(): boolean {
-    return (this.sequenceFloor ?? 0) + 2 * sequenceEpochSize <= Number.MAX_SAFE_INTEGER + 1
+  /** Whether the next epoch fits below 2^53 (about 2 million per process): an UNLOCK checks before it changes anything. */
+  hasSequenceEpochLeft(atLeast = 0): boolean {
+    return this.nextSequenceFloor(atLeast) + sequenceEpochSize <= Number.MAX_SAFE_INTEGER + 1
+  }
+
+  /** Above this process's epochs so far, and at `atLeast` or above, rounded up to a whole epoch (see UnlockRequest). */
+  private nextSequenceFloor(atLeast: number): number {
+    return Math.max((this.sequenceFloor ?? 0) + sequenceEpochSize, Math.ceil(atLeast / sequenceEpochSize) * sequenceEpochSize)
   }
 
   /** A key just generated inside the enclave: WARM at once, no unseal needed. Copies `privateKey` and zeroes it. Returns the record as held. */

@@ -190,7 +190,11 @@ export class EnclaveService {
         return resolve(fail(statuses.UNAVAILABLE, 'another UNLOCK is waiting, and one that makes a data key cannot be merged with it; retry'))
       }
       if (waiting) {
-        waiting.request = { ...request, sealedPreloadIdentity: request.sealedPreloadIdentity ?? waiting.request.sealedPreloadIdentity }
+        waiting.request = {
+          ...request,
+          sealedPreloadIdentity: request.sealedPreloadIdentity ?? waiting.request.sealedPreloadIdentity,
+          sequenceFloorAtLeast: Math.max(request.sequenceFloorAtLeast ?? 0, waiting.request.sequenceFloorAtLeast ?? 0),
+        }
         waiting.answers.push(resolve)
       } else {
         this.unlockWaiting = { request, answers: [resolve] }
@@ -220,11 +224,11 @@ export class EnclaveService {
    * wrapped form for the parent to store). Then the preload, whose failure
    * is the answer but leaves the data key installed.
    */
-  private async unlock({ wrappedDek, retiringWrappedDek, sealedPreloadIdentity }: UnlockRequest): Promise<Answer> {
+  private async unlock({ wrappedDek, retiringWrappedDek, sealedPreloadIdentity, sequenceFloorAtLeast = 0 }: UnlockRequest): Promise<Answer> {
     const { cache } = this.options
     if (sealedPreloadIdentity && !this.options.preloadFile) return fail(statuses.BAD_REQUEST, 'this enclave has no preload file')
     // Refused before it changes anything: its answer could open no epoch of sequences for the parent.
-    if (!cache.sequenceEpochLeft) return fail(statuses.UNAVAILABLE, 'no sequence epoch is left for another UNLOCK: restart the enclave')
+    if (!cache.hasSequenceEpochLeft(sequenceFloorAtLeast)) return fail(statuses.UNAVAILABLE, 'no sequence epoch is left for another UNLOCK: restart the enclave')
     let made: Uint8Array = emptyPayload
     if (wrappedDek.length > 0) {
       // Both under this enclave's KMS key: a rotation makes the new DEK there too.
@@ -248,7 +252,7 @@ export class EnclaveService {
       if (this.preloadRefusal) return fail(statuses.BAD_REQUEST, this.preloadRefusal)
     }
     // Opened only by an UNLOCK that succeeded: its parent is the one that numbers requests from now on.
-    return { status: statuses.OK, payload: encodeUnlockResponse({ wrappedDek: made, sequenceFloor: cache.openSequenceEpoch() }) }
+    return { status: statuses.OK, payload: encodeUnlockResponse({ wrappedDek: made, sequenceFloor: cache.openSequenceEpoch(sequenceFloorAtLeast) }) }
   }
 
   async handle(frame: Frame): Promise<Answer> {

@@ -106,10 +106,8 @@ type Enclave = {
    */
   outage: FailureBackoff
   probing: boolean
-  /** The first sequence of the epoch this parent's last UNLOCK opened there (0: none yet), and the last sequence sent. */
-  sequenceFloor: number
+  /** The last sequence sent there (see LoadRequest), and how many epochs this parent's UNLOCKs have opened there. */
   lastSequence: number
-  /** UNLOCK answers so far: each opened an epoch, perhaps at the same floor as before (the enclave restarted). */
   epochsOpened: number
 }
 
@@ -153,7 +151,7 @@ export class OriginParent {
     },
   ) {
     const backoff = () => new FailureBackoff({ now: options.monotonicNow ?? (() => performance.now()), random: Math.random })
-    this.enclaves = options.enclaves.map(({ id, address }) => ({ id, pool: new EnclavePool({ address, size: options.poolSize }), unlocking: undefined, unlockQueue: Promise.resolve(), unlockBackoff: backoff(), unsynced: false, syncing: undefined, syncBackoff: backoff(), outage: backoff(), probing: false, sequenceFloor: 0, lastSequence: 0, epochsOpened: 0 }))
+    this.enclaves = options.enclaves.map(({ id, address }) => ({ id, pool: new EnclavePool({ address, size: options.poolSize }), unlocking: undefined, unlockQueue: Promise.resolve(), unlockBackoff: backoff(), unsynced: false, syncing: undefined, syncBackoff: backoff(), outage: backoff(), probing: false, lastSequence: 0, epochsOpened: 0 }))
     this.ring = new HashRing(this.enclaves.map((enclave) => ({ id: enclave.id, node: enclave })))
   }
 
@@ -174,16 +172,20 @@ export class OriginParent {
   /**
    * A LOAD or SET_STATE under the enclave's next sequence (see LoadRequest).
    * NEEDS_UNLOCK means it was numbered outside the enclave's current epoch.
-   * When this parent's own unlock opened a new one meanwhile, it goes once
-   * more, numbered in that; otherwise (the enclave restarted, an UNLOCK
-   * answer was lost, another parent unlocked it) it is answered as any
-   * NEEDS_UNLOCK is (`check`): an unlock starts, and the caller retries.
+   * When an UNLOCK of this parent's opened a new one meanwhile (its answer
+   * perhaps not read yet: those sent are waited for, within the request
+   * timeout), it goes once more, numbered in that. Otherwise (the enclave
+   * restarted, an UNLOCK answer was lost, another parent unlocked it) it is
+   * answered as any NEEDS_UNLOCK is (`check`): an unlock starts, and the
+   * caller retries.
    */
   private async sequenced(enclave: Enclave, opcode: Opcode, encode: (sequence: number) => Uint8Array): Promise<Frame> {
     const send = () => this.call(enclave, opcode, encode(++enclave.lastSequence))
     const opened = enclave.epochsOpened
     const frame = await send()
-    return frame.status === statuses.NEEDS_UNLOCK && enclave.epochsOpened !== opened ? send() : frame
+    if (frame.status !== statuses.NEEDS_UNLOCK) return frame
+    await this.withinRequestTimeout(enclave.unlockQueue, 'waiting for an unlock').catch(() => {})
+    return enclave.epochsOpened !== opened ? send() : frame
   }
 
   private async call(enclave: Enclave, opcode: Opcode, payload: Uint8Array): Promise<Frame> {
@@ -461,19 +463,17 @@ export class OriginParent {
    * earlier one (which, mid-rotation, would have the enclave seal under a DEK
    * about to be dropped). Fresh credentials first, for the KMS calls it makes.
    */
-  private sendUnlock(enclave: Enclave, build: (stored: WrappedDek | undefined) => UnlockRequest): Promise<UnlockResponse> {
+  private sendUnlock(enclave: Enclave, build: (stored: WrappedDek | undefined) => Omit<UnlockRequest, 'sequenceFloorAtLeast'>): Promise<UnlockResponse> {
     const turn = enclave.unlockQueue
       .catch(() => {})
       .then(async () => {
         // Bounded, as the call itself is: a hung store read must not hold every later UNLOCK.
-        const request = build(await this.withinRequestTimeout(this.options.store.getWrappedDek(), 'reading the wrapped DEK'))
+        // The epoch it opens starts above every sequence this parent has used there, whatever the enclave process.
+        const request = { ...build(await this.withinRequestTimeout(this.options.store.getWrappedDek(), 'reading the wrapped DEK')), sequenceFloorAtLeast: enclave.lastSequence + 1 }
         await this.deliverCredentials(enclave)
         const answer = decodeUnlockResponse(this.check(enclave, await this.call(enclave, opcodes.UNLOCK, encodeUnlockRequest(request))).payload)
-        // The epoch this UNLOCK opened: this parent's LOADs and SET_STATEs are numbered from its floor now. Not
-        // again from the floor it numbers from already: an enclave that restarted opens the same floors again, and
-        // a request numbered for the one before may have reached it.
-        if (answer.sequenceFloor !== enclave.sequenceFloor) enclave.lastSequence = answer.sequenceFloor - 1
-        enclave.sequenceFloor = answer.sequenceFloor
+        // This parent's LOADs and SET_STATEs are numbered in the epoch it opened now (or on, for any numbered there already).
+        enclave.lastSequence = Math.max(enclave.lastSequence, answer.sequenceFloor - 1)
         enclave.epochsOpened += 1
         return answer
       })

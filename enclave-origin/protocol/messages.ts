@@ -37,11 +37,15 @@ export type SetStateRequest = { keyId: string; state: KeyState; sequence: number
 /**
  * `retiringWrappedDek`: during a DEK rotation, the DEK being replaced, which
  * still opens the records not yet re-sealed.
+ * `sequenceFloorAtLeast`: the epoch this UNLOCK opens starts there or above
+ * (rounded up to a whole epoch): above every sequence its parent has used,
+ * so that none numbered for the enclave process before a restart can count
+ * in the new one.
  * `sealedPreloadIdentity`: the preload file's age identity, age-encrypted to
  * the enclave's own delivery recipient (see ATTEST), so the parent that
  * carries it cannot read it. Absent and empty are the same on the wire.
  */
-export type UnlockRequest = { wrappedDek: Uint8Array; retiringWrappedDek?: Uint8Array; sealedPreloadIdentity?: Uint8Array }
+export type UnlockRequest = { wrappedDek: Uint8Array; retiringWrappedDek?: Uint8Array; sealedPreloadIdentity?: Uint8Array; sequenceFloorAtLeast?: number }
 /** `sequenceFloor`: the first sequence of the epoch this UNLOCK opened (see LoadRequest). */
 export type UnlockResponse = { wrappedDek: Uint8Array; sequenceFloor: number }
 export type HealthResponse = Record<string, unknown>
@@ -236,7 +240,10 @@ export function decodeSetStateRequest(payload: Uint8Array): SetStateRequest {
 export function encodeUnlockRequest(request: UnlockRequest): Uint8Array {
   const retiring = request.retiringWrappedDek ?? emptyPayload
   const sealed = request.sealedPreloadIdentity ?? emptyPayload
-  return new PayloadWriter(12 + request.wrappedDek.length + retiring.length + sealed.length)
+  const floorAtLeast = request.sequenceFloorAtLeast ?? 0
+  checkSequence(floorAtLeast, 'UNLOCK sequenceFloorAtLeast')
+  return new PayloadWriter(8 + 12 + request.wrappedDek.length + retiring.length + sealed.length)
+    .u64(floorAtLeast)
     .u32Bytes(request.wrappedDek)
     .u32Bytes(retiring)
     .u32Bytes(sealed)
@@ -246,12 +253,14 @@ export function encodeUnlockRequest(request: UnlockRequest): Uint8Array {
 /** Empty optional fields are left out. */
 export function decodeUnlockRequest(payload: Uint8Array): UnlockRequest {
   const reader = new PayloadReader(payload, 'UNLOCK request')
+  const sequenceFloorAtLeast = reader.u64('sequenceFloorAtLeast')
   const request: UnlockRequest = { wrappedDek: reader.u32Bytes('wrappedDek') }
   const retiringWrappedDek = reader.u32Bytes('retiringWrappedDek')
   const sealedPreloadIdentity = reader.u32Bytes('sealedPreloadIdentity')
   reader.end()
   if (retiringWrappedDek.length > 0) request.retiringWrappedDek = retiringWrappedDek
   if (sealedPreloadIdentity.length > 0) request.sealedPreloadIdentity = sealedPreloadIdentity
+  if (sequenceFloorAtLeast > 0) request.sequenceFloorAtLeast = sequenceFloorAtLeast
   return request
 }
 

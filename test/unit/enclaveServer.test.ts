@@ -182,7 +182,7 @@ it('an UNLOCK with no epoch of sequences left is refused before it installs or a
   let unwraps = 0
   const countingKms = { unwrap: async () => (unwraps++, new Uint8Array(dek)) } as unknown as KmsDataKeys
   const { cache, service } = enclaveWith(countingKms)
-  while (cache.sequenceEpochLeft) cache.openSequenceEpoch()
+  while (cache.hasSequenceEpochLeft()) cache.openSequenceEpoch()
   const answer = await service.handle({ requestId: 1, opcode: opcodes.UNLOCK, status: 0, payload: encodeUnlockRequest({ wrappedDek: Uint8Array.of(1) }) })
   expect(answer.status).toBe(statuses.UNAVAILABLE)
   expect(decodeErrorMessage(answer.payload)).toBe('no sequence epoch is left for another UNLOCK: restart the enclave')

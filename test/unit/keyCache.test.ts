@@ -577,11 +577,21 @@ describe('KeyCache key lifecycle', () => {
     expect(unlocks).toBe(0)
   })
 
+  it('opens each epoch above the last, and at the floor asked for or above, rounded up to a whole epoch', () => {
+    const cache = new KeyCache({ now: () => 0, unlock: () => Promise.reject(new Error('no unlock in this test')) })
+    expect(cache.openSequenceEpoch()).toBe(2 ** 32)
+    expect(cache.openSequenceEpoch(5 * 2 ** 32 + 7)).toBe(6 * 2 ** 32)
+    expect(cache.openSequenceEpoch(3 * 2 ** 32)).toBe(7 * 2 ** 32)
+    expect(cache.openSequenceEpoch(9 * 2 ** 32)).toBe(9 * 2 ** 32)
+    expect(cache.hasSequenceEpochLeft(2 ** 53 - 2 ** 32)).toBe(true)
+    expect(cache.hasSequenceEpochLeft(2 ** 53 - 2 ** 32 + 1)).toBe(false)
+  })
+
   it('opens epochs while a whole one fits below 2^53, then refuses', () => {
     const cache = new KeyCache({ now: () => 0, unlock: () => Promise.reject(new Error('no unlock in this test')) })
     let last = 0
     let opened = 0
-    while (cache.sequenceEpochLeft) {
+    while (cache.hasSequenceEpochLeft()) {
       last = cache.openSequenceEpoch()
       opened++
     }

@@ -158,19 +158,20 @@ describe('every message survives encode then decode unchanged', () => {
     expect(() => decodeUnlockResponse(new Uint8Array(7))).toThrow(FrameError)
   })
 
-  it('UNLOCK request with and without a retiring DEK and a sealed preload identity', () => {
+  it('UNLOCK request with and without a retiring DEK, a sealed preload identity and a sequence floor', () => {
     const wrappedDek = new Uint8Array(184).map((_, i) => i)
     const retiringWrappedDek = new Uint8Array(184).map((_, i) => 255 - i)
     const sealedPreloadIdentity = new Uint8Array(300).map((_, i) => i * 7)
     expect(decodeUnlockRequest(encodeUnlockRequest({ wrappedDek }))).toEqual({ wrappedDek })
     expect(decodeUnlockRequest(encodeUnlockRequest({ wrappedDek, sealedPreloadIdentity }))).toEqual({ wrappedDek, sealedPreloadIdentity })
-    const all = { wrappedDek, retiringWrappedDek, sealedPreloadIdentity }
+    const all = { wrappedDek, retiringWrappedDek, sealedPreloadIdentity, sequenceFloorAtLeast: 2 ** 40 + 1 }
     expect(decodeUnlockRequest(encodeUnlockRequest(all))).toEqual(all)
+    expect(() => encodeUnlockRequest({ wrappedDek, sequenceFloorAtLeast: 2 ** 53 })).toThrow(FrameError)
   })
 
-  it('an absent retiring DEK or sealed preload identity is a zero length on the wire', () => {
+  it('an absent retiring DEK or sealed preload identity is a zero length on the wire, an absent sequence floor a zero', () => {
     const wrappedDek = filled(2, 9)
-    const bytes = new Uint8Array([0, 0, 0, 2, 9, 9, 0, 0, 0, 0, 0, 0, 0, 0])
+    const bytes = new Uint8Array([0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2, 9, 9, 0, 0, 0, 0, 0, 0, 0, 0])
     expect(encodeUnlockRequest({ wrappedDek })).toEqual(bytes)
     expect(decodeUnlockRequest(bytes)).toEqual({ wrappedDek })
   })

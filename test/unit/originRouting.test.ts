@@ -6,7 +6,7 @@ import path from 'node:path'
 import { KMSClient } from '@aws-sdk/client-kms'
 import { recoverAddress, serializeSignature, type Hex } from 'viem'
 import { generatePrivateKey, privateKeyToAddress } from 'viem/accounts'
-import { afterAll, beforeAll, describe, expect, it } from 'vitest'
+import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest'
 import type { StreamAddress } from '../../enclave-origin/config.js'
 import { developmentAttestation, KmsDataKeys } from '../../enclave-origin/enclave/dataKey.js'
 import { DeliveredCredentials } from '../../enclave-origin/enclave/deliveredCredentials.js'
@@ -154,6 +154,12 @@ async function expectSignsAs(signer: OriginParent, key: { keyId: string; address
   const recovered = await recoverAddress({ hash: digest, signature: serializeSignature({ r: `0x${signature.slice(2, 66)}`, s: `0x${signature.slice(66)}`, yParity: recoveryId }) })
   expect(recovered).toBe(key.address)
 }
+
+// Tests unlock the shared enclaves through parents of their own, which closes the shared parent's epoch there: each
+// test starts with one of its own, as a running parent would have.
+afterEach(async () => {
+  await parent.unlock()
+})
 
 afterAll(async () => {
   parent?.close()
@@ -374,7 +380,10 @@ describe('LOAD and SET_STATE sequences', () => {
     const enclave = await startEnclave(own)
     const cable = await relay(own.address)
     const ownStore = await openDiskBlobStore({ directory: path.join(directory, 'sequence-store') })
-    const parentOf = () => new OriginParent({ enclaves: [{ id: own.id, address: cable.address }], poolSize: 1, store: ownStore, requestTimeoutMs: 500, credentials: async () => kms.credentials })
+    const logged: Array<Record<string, unknown>> = []
+    // Backoffs on a clock that stands still: the hold after a timeout lasts for the rest of the test.
+    const parentOf = () =>
+      new OriginParent({ enclaves: [{ id: own.id, address: cable.address }], poolSize: 1, store: ownStore, requestTimeoutMs: 1_000, credentials: async () => kms.credentials, monotonicNow: () => 0, log: (fields) => logged.push(fields) })
     const first = parentOf()
     let second: OriginParent | undefined
     const lastSetState = () => cable.framesFromParent.filter((frame) => frame.opcode === opcodes.SET_STATE).at(-1)!
@@ -398,6 +407,10 @@ describe('LOAD and SET_STATE sequences', () => {
       const lost = lastSetState()
       cable.restore()
       await first.setState(key.keyId, 'frozen')
+      expect(logged.filter((line) => line.event === 'state_change_deferred').map((line) => [line.state, line.error])).toEqual([
+        ['active', 'the enclave did not answer within 1000 ms'],
+        ['frozen', `enclave ${own.id} is held back after failing requests`],
+      ])
       first.close()
       second = parentOf()
       await second.start()
@@ -417,7 +430,7 @@ describe('LOAD and SET_STATE sequences', () => {
     }
   })
 
-  it('after an enclave restart that opens the same epoch again, the parent numbers on: a request numbered before the restart cannot undo a later one', async () => {
+  it('after an enclave restart, the parent has the new process open its epoch above the sequences it used: a request numbered before the restart cannot undo a later one', async () => {
     const own = { id: 'restarting', address: { host: '127.0.0.1', port: await freePort() } }
     const enclave = await startEnclave(own)
     const cable = await relay(own.address)
@@ -432,15 +445,15 @@ describe('LOAD and SET_STATE sequences', () => {
       await numbering.setState(key.keyId, 'active')
       const unfreeze = cable.framesFromParent.filter((frame) => frame.opcode === opcodes.SET_STATE).at(-1)!
       // The enclave restarts: no keys, no DEK, no epoch. The freeze finds it so and is deferred; the unlock that starts
-      // is its first, and opens the floor this parent numbers from.
+      // is its first, and would open the floor this parent numbered from before, were it not asked for one above.
       enclave.cache.clear()
       enclave.service.clear()
       await numbering.setState(key.keyId, 'frozen')
       const signError = () => numbering.sign(key.keyId, Buffer.alloc(32, 5)).then(() => 'signed', (error: Error) => error.message)
       await expect.poll(signError, { timeout: 5_000, interval: 50 }).toBe(`key ${key.keyId} is frozen`)
       expect(cable.framesFromParent.filter((frame) => frame.opcode === opcodes.UNLOCK)).toHaveLength(2)
-      // The unfreeze, numbered before the restart, reaches the new process only now.
-      expect((await deliverAgain(own.address, unfreeze)).status).toBe(statuses.STALE)
+      // The unfreeze, numbered before the restart, reaches the new process only now: below the epoch it opened for this parent.
+      expect((await deliverAgain(own.address, unfreeze)).status).toBe(statuses.NEEDS_UNLOCK)
       expect(enclave.cache.get(key.keyId)?.record.state).toBe('frozen')
     } finally {
       numbering.close()
@@ -879,7 +892,7 @@ describe('a parent whose enclaves are not all up', () => {
   })
 
   it('a state change for a key whose enclave is held back is deferred at once, sent nowhere, and in force where the key signs', async () => {
-    const { lateCable, late, stillClockParent, stop } = await cabledSpares('deferred-store')
+    const { upCable, lateCable, late, stillClockParent, stop } = await cabledSpares('deferred-store')
     const { parent: held, advance } = stillClockParent()
     try {
       const { onLate } = await startWithKeyOnEach(held)
@@ -887,8 +900,10 @@ describe('a parent whose enclaves are not all up', () => {
       // Its first request waits out the timeout and holds it back; the clock stands still, so the hold lasts.
       await expectSignsAs(held, onLate!)
       const reached = lateCable.framesFromParent.length
+      const setStatesToUp = () => upCable.framesFromParent.filter((frame) => frame.opcode === opcodes.SET_STATE).length
+      const upBefore = setStatesToUp()
       await held.setState(onLate!.keyId, 'frozen')
-      expect(lateCable.framesFromParent.length).toBe(reached)
+      expect([lateCable.framesFromParent.length, setStatesToUp()]).toEqual([reached, upBefore])
       await expect(held.sign(onLate!.keyId, Buffer.alloc(32, 4))).rejects.toThrow(`key ${onLate!.keyId} is frozen`)
       // Back, and past its hold: the enclave, which holds the key active, gets the state before the key's next use there.
       expect(late.cache.get(onLate!.keyId)?.record.state).toBe('active')
