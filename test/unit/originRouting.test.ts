@@ -22,7 +22,7 @@ import type { BlobStore } from '../../enclave-origin/parent/blobStore.js'
 import { secp256k1 } from '../../enclave-origin/enclave/nativeSecp256k1.js'
 import { connectStream } from '../../enclave-origin/protocol/connectStream.js'
 import { encodeFrame, FrameDecoder, opcodes, statuses, type Frame } from '../../enclave-origin/protocol/frames.js'
-import { encodeErrorMessage, encodeSignResponse } from '../../enclave-origin/protocol/messages.js'
+import { encodeErrorMessage, encodeNeedsUnlock, encodeSignResponse, encodeUnlockResponse } from '../../enclave-origin/protocol/messages.js'
 import { SealingError, unsealPrivateKey } from '../../enclave-origin/enclave/sealing.js'
 import { startLocalKms, type LocalKms } from '../support/kmsServer.js'
 import { freePort } from '../support/localHttp.js'
@@ -135,6 +135,27 @@ async function relay(target: { host: string; port: number }) {
     },
   }
 }
+
+/** An enclave stand-in on TCP that answers each frame as `script` says, or not at all. */
+async function scriptedEnclave(script: (frame: Frame, answer: (status: number, payload: Uint8Array) => void) => void): Promise<{ address: { host: string; port: number }; close(): void }> {
+  const server = createNetServer((socket) => {
+    const decoder = new FrameDecoder()
+    socket.on('error', () => {})
+    socket.on('data', (chunk: Buffer) => {
+      for (const frame of decoder.push(chunk)) script(frame, (status, payload) => socket.write(encodeFrame({ requestId: frame.requestId, opcode: frame.opcode, status, payload })))
+    })
+  })
+  await new Promise<void>((listening) => server.listen(0, '127.0.0.1', listening))
+  return { address: { host: '127.0.0.1', port: (server.address() as AddressInfo).port }, close: () => server.close() }
+}
+
+/** An enclave stand-in that unlocks, but answers every LOAD NEEDS_UNLOCK, as one that restarted since would; anything else OK, empty. */
+const enclaveWantingUnlock = () =>
+  scriptedEnclave((frame, answer) => {
+    if (frame.opcode === opcodes.UNLOCK) answer(statuses.OK, encodeUnlockResponse({ wrappedDek: new Uint8Array(), sequenceFloor: 2 ** 32 }))
+    else if (frame.opcode === opcodes.LOAD) answer(statuses.NEEDS_UNLOCK, encodeNeedsUnlock({ retryAfterMs: 100 }))
+    else answer(statuses.OK, new Uint8Array())
+  })
 
 const digest = `0x${'cd'.repeat(32)}` as Hex
 
@@ -315,33 +336,49 @@ describe('reloads into an enclave that lost its keys', () => {
   })
 })
 
+describe('an enclave that restarts while its keys load', () => {
+  it('is left out of service (not every key logged as not loaded): a lone one, and start refuses', async () => {
+    const scripted = await enclaveWantingUnlock()
+    const records = ['a', 'b', 'c'].map((keyId) => ({ keyId, version: 1, state: 'active' as const, publicKey: new Uint8Array(65).fill(4), sealed: new Uint8Array(60) }))
+    const logged: Array<Record<string, unknown>> = []
+    const lone = new OriginParent({
+      enclaves: [{ id: 'restarting', address: scripted.address }],
+      poolSize: 1,
+      store: storeWith({ list: async function* () { yield* records } }),
+      requestTimeoutMs: 1_000,
+      credentials: async () => kms.credentials,
+      log: (fields) => logged.push(fields),
+    })
+    try {
+      await expect(lone.start()).rejects.toThrow('no enclave could be started: restarting: the key needs an unlock; retry shortly')
+      expect(logged.filter((line) => line.event === 'key_not_loaded')).toEqual([])
+      expect(logged).toContainEqual(expect.objectContaining({ event: 'enclave_not_started', enclave: 'restarting' }))
+    } finally {
+      lone.close()
+      scripted.close()
+    }
+  })
+})
+
 describe('a reload its enclave did not answer', () => {
   it('is made again before the key is next used there, as the LOAD may not have landed', async () => {
     // A scripted enclave: SIGN first finds no key, the LOAD that follows goes unanswered; after that it answers all.
     const seen: string[] = []
     let signs = 0
     let loads = 0
-    const scripted = createNetServer((socket) => {
-      const decoder = new FrameDecoder()
-      socket.on('error', () => {})
-      socket.on('data', (chunk: Buffer) => {
-        for (const frame of decoder.push(chunk)) {
-          const answer = (status: number, payload: Uint8Array) => socket.write(encodeFrame({ requestId: frame.requestId, opcode: frame.opcode, status, payload }))
-          if (frame.opcode === opcodes.SIGN) {
-            seen.push('SIGN')
-            if (++signs === 1) answer(statuses.NOT_FOUND, encodeErrorMessage('no key k'))
-            else answer(statuses.OK, encodeSignResponse({ signature: new Uint8Array(64).fill(1), recoveryId: 0, enclaveMicros: 10 }))
-          } else if (frame.opcode === opcodes.LOAD) {
-            seen.push('LOAD')
-            if (++loads > 1) answer(statuses.OK, new Uint8Array())
-          }
-        }
-      })
+    const scripted = await scriptedEnclave((frame, answer) => {
+      if (frame.opcode === opcodes.SIGN) {
+        seen.push('SIGN')
+        if (++signs === 1) answer(statuses.NOT_FOUND, encodeErrorMessage('no key k'))
+        else answer(statuses.OK, encodeSignResponse({ signature: new Uint8Array(64).fill(1), recoveryId: 0, enclaveMicros: 10 }))
+      } else if (frame.opcode === opcodes.LOAD) {
+        seen.push('LOAD')
+        if (++loads > 1) answer(statuses.OK, new Uint8Array())
+      }
     })
-    await new Promise<void>((listening) => scripted.listen(0, '127.0.0.1', listening))
     const record = { keyId: 'k', version: 1, state: 'active' as const, publicKey: new Uint8Array(65).fill(4), sealed: new Uint8Array(60) }
     const lone = new OriginParent({
-      enclaves: [{ id: 'scripted', address: { host: '127.0.0.1', port: (scripted.address() as AddressInfo).port } }],
+      enclaves: [{ id: 'scripted', address: scripted.address }],
       poolSize: 1,
       store: storeWith({ get: async (keyId) => (keyId === 'k' ? record : undefined) }),
       requestTimeoutMs: 1_000,
@@ -888,6 +925,59 @@ describe('a parent whose enclaves are not all up', () => {
       await cable.close()
       await ownStore.close()
       for (const enclave of [up, late]) await enclave.stop()
+    }
+  })
+
+  it('a standby that answers NEEDS_UNLOCK for the key is passed over for the next one', async () => {
+    const up = await startEnclave(spares[0]!)
+    const ownStore = await openDiskBlobStore({ directory: path.join(directory, 'standby-unlock-store') })
+    const scripted = await enclaveWantingUnlock()
+    const credentials = async () => kms.credentials
+    const creator = new OriginParent({ enclaves: [spares[0]!], poolSize: 1, store: ownStore, requestTimeoutMs: 1_000, credentials })
+    let three: OriginParent | undefined
+    try {
+      await creator.start()
+      const key = await creator.createKey()
+      creator.close()
+      // Enclave ids that put the key's owner (nothing listens there) first on the ring, the scripted one next, spare-up last.
+      let ids: [string, string] | undefined
+      for (let n = 0; !ids && n < 1_000; n++) {
+        const candidate: [string, string] = [`gone-${n}`, `restarting-${n}`]
+        const order = new HashRing([...candidate, 'spare-up'].map((id) => ({ id, node: id }))).nodesFor(key.keyId)
+        if (order.join() === [...candidate, 'spare-up'].join()) ids = candidate
+      }
+      three = new OriginParent({
+        enclaves: [{ id: ids![0], address: { host: '127.0.0.1', port: await freePort() } }, { id: ids![1], address: scripted.address }, spares[0]!],
+        poolSize: 1,
+        store: ownStore,
+        requestTimeoutMs: 1_000,
+        credentials,
+      })
+      await three.start()
+      await expectSignsAs(three, key)
+      expect(three.failovers()).toEqual([{ enclave: ids![0], standby: 'spare-up', count: 1 }])
+    } finally {
+      creator.close()
+      three?.close()
+      scripted.close()
+      await ownStore.close()
+      await up.stop()
+    }
+  })
+
+  it('a state change that times out holds its enclave back like any request: the next is deferred at once', async () => {
+    const { lateCable, stillClockParent, stop } = await cabledSpares('tracked-store')
+    const { parent: changing } = stillClockParent()
+    try {
+      await changing.start()
+      const [first, second] = ownedBy('spare-late', await keysUntil(changing, (keys) => ownedBy('spare-late', keys).length >= 2))
+      lateCable.stall()
+      await changing.setState(first!.keyId, 'frozen')
+      const reached = lateCable.framesFromParent.length
+      await changing.setState(second!.keyId, 'frozen')
+      expect(lateCable.framesFromParent.length).toBe(reached)
+    } finally {
+      await stop()
     }
   })
 
