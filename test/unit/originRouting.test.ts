@@ -965,6 +965,36 @@ describe('a parent whose enclaves are not all up', () => {
     }
   })
 
+  it('a state change for a key whose enclave is out of service is deferred at once, sent nowhere, and there after its sync', async () => {
+    const { lateCable, late, ownStore, enclaves: cabled, stop } = await cabledSpares('unsynced-store')
+    const logged: Array<Record<string, unknown>> = []
+    const parentOf = () => new OriginParent({ enclaves: cabled, poolSize: 1, store: ownStore, requestTimeoutMs: 1_000, credentials: async () => kms.credentials, log: (fields) => logged.push(fields) })
+    const first = parentOf()
+    let second: OriginParent | undefined
+    try {
+      const { onLate } = await startWithKeyOnEach(first)
+      first.close()
+      // The next parent starts while spare-late is cut off: out of service, though it is back before the change.
+      lateCable.cut()
+      second = parentOf()
+      await second.start()
+      lateCable.restore()
+      const reached = lateCable.framesFromParent.length
+      await second.setState(onLate!.keyId, 'frozen')
+      expect(lateCable.framesFromParent.length).toBe(reached)
+      expect(logged).toContainEqual(expect.objectContaining({ event: 'state_change_deferred', keyId: onLate!.keyId, error: 'enclave spare-late is out of service' }))
+      // A request for its keys starts its sync, which loads every key it owns from the store.
+      const signError = () => second!.sign(onLate!.keyId, Buffer.alloc(32, 6)).then(() => 'signed', (error: Error) => error.message)
+      await expect.poll(async () => (await signError(), logged.some((line) => line.event === 'enclave_synced')), { timeout: 5_000 }).toBe(true)
+      expect(late.cache.get(onLate!.keyId)?.record.state).toBe('frozen')
+      expect(await signError()).toBe(`key ${onLate!.keyId} is frozen`)
+    } finally {
+      first.close()
+      second?.close()
+      await stop()
+    }
+  })
+
   it('a state change that times out holds its enclave back like any request: the next is deferred at once', async () => {
     const { lateCable, stillClockParent, stop } = await cabledSpares('tracked-store')
     const { parent: changing } = stillClockParent()
