@@ -468,8 +468,9 @@ export class OriginParent {
       .catch(() => {})
       .then(async () => {
         // Bounded, as the call itself is: a hung store read must not hold every later UNLOCK.
+        const stored = await this.withinRequestTimeout(this.options.store.getWrappedDek(), 'reading the wrapped DEK')
         // The epoch it opens starts above every sequence this parent has used there, whatever the enclave process.
-        const request = { ...build(await this.withinRequestTimeout(this.options.store.getWrappedDek(), 'reading the wrapped DEK')), sequenceFloorAtLeast: enclave.lastSequence + 1 }
+        const request = { ...build(stored), sequenceFloorAtLeast: enclave.lastSequence + 1 }
         await this.deliverCredentials(enclave)
         const answer = decodeUnlockResponse(this.check(enclave, await this.call(enclave, opcodes.UNLOCK, encodeUnlockRequest(request))).payload)
         // This parent's LOADs and SET_STATEs are numbered in the epoch it opened now (or on, for any numbered there already).
