@@ -165,12 +165,11 @@ export function decodeResealRequest(payload: Uint8Array): ResealRequest {
 export function encodeLoadRequest(record: LoadRequest): Uint8Array {
   const keyId = keyIdBytes(record.keyId)
   checkUint({ value: record.version, bits: 32, field: 'LOAD version' })
-  checkSequence(record.sequence, 'LOAD sequence')
   checkLength({ bytes: record.publicKey, expected: publicKeyBytes, field: 'LOAD publicKey' })
   checkLength({ bytes: record.sealed, expected: sealedLength, field: 'LOAD sealed' })
   return new PayloadWriter(1 + keyId.length + 8 + 4 + 1 + publicKeyBytes + 4 + record.sealed.length)
     .keyId(keyId)
-    .u64(record.sequence)
+    .u64(record.sequence, 'LOAD sequence')
     .u32(record.version)
     .u8(keyStateCode(record.state))
     .bytes(record.publicKey)
@@ -224,8 +223,7 @@ export function decodeGetResponse(payload: Uint8Array): GetResponse {
 
 export function encodeSetStateRequest(request: SetStateRequest): Uint8Array {
   const keyId = keyIdBytes(request.keyId)
-  checkSequence(request.sequence, 'SET_STATE sequence')
-  return new PayloadWriter(1 + keyId.length + 8 + 1).keyId(keyId).u64(request.sequence).u8(keyStateCode(request.state)).done()
+  return new PayloadWriter(1 + keyId.length + 8 + 1).keyId(keyId).u64(request.sequence, 'SET_STATE sequence').u8(keyStateCode(request.state)).done()
 }
 
 export function decodeSetStateRequest(payload: Uint8Array): SetStateRequest {
@@ -240,10 +238,8 @@ export function decodeSetStateRequest(payload: Uint8Array): SetStateRequest {
 export function encodeUnlockRequest(request: UnlockRequest): Uint8Array {
   const retiring = request.retiringWrappedDek ?? emptyPayload
   const sealed = request.sealedPreloadIdentity ?? emptyPayload
-  const floorAtLeast = request.sequenceFloorAtLeast ?? 0
-  checkSequence(floorAtLeast, 'UNLOCK sequenceFloorAtLeast')
   return new PayloadWriter(8 + 12 + request.wrappedDek.length + retiring.length + sealed.length)
-    .u64(floorAtLeast)
+    .u64(request.sequenceFloorAtLeast ?? 0, 'UNLOCK sequenceFloorAtLeast')
     .u32Bytes(request.wrappedDek)
     .u32Bytes(retiring)
     .u32Bytes(sealed)
@@ -270,8 +266,7 @@ export function decodeUnlockRequest(payload: Uint8Array): UnlockRequest {
  * empty wrapped DEK), else none.
  */
 export function encodeUnlockResponse(response: UnlockResponse): Uint8Array {
-  checkSequence(response.sequenceFloor, 'UNLOCK sequenceFloor')
-  return new PayloadWriter(8 + response.wrappedDek.length).u64(response.sequenceFloor).bytes(response.wrappedDek).done()
+  return new PayloadWriter(8 + response.wrappedDek.length).u64(response.sequenceFloor, 'UNLOCK sequenceFloor').bytes(response.wrappedDek).done()
 }
 
 export function decodeUnlockResponse(payload: Uint8Array): UnlockResponse {
@@ -435,10 +430,6 @@ function cacheStateCode(cacheState: CacheState): number {
   return code
 }
 
-function checkSequence(value: number, field: string): void {
-  if (!Number.isSafeInteger(value) || value < 0) throw new FrameError(`${field} ${value} is not an integer in [0, 2^53)`)
-}
-
 function checkLength({ bytes, expected, field }: { bytes: Uint8Array; expected: number; field: string }): void {
   if (bytes.length !== expected) throw new FrameError(`${field} is ${bytes.length} bytes, expected ${expected}`)
 }
@@ -486,8 +477,9 @@ class PayloadWriter {
     return this.u32(value.length).bytes(value)
   }
 
-  /** A safe integer (checked by the encoder) as u64. */
-  u64(value: number): this {
+  /** A sequence as u64; one that is not a safe integer is refused, as a number above 2^53 - 1 is not exact. */
+  u64(value: number, field: string): this {
+    if (!Number.isSafeInteger(value) || value < 0) throw new FrameError(`${field} ${value} is not an integer in [0, 2^53)`)
     return this.u32(Math.floor(value / 2 ** 32)).u32(value >>> 0)
   }
 

@@ -399,6 +399,20 @@ describe('a reload its enclave did not answer', () => {
 })
 
 describe('LOAD and SET_STATE sequences', () => {
+  /** An enclave of its own behind a relay that records the parent's frames, and a store of its own; `stop` ends all three. */
+  async function cabledEnclave({ id, storeName }: { id: string; storeName: string }) {
+    const own = { id, address: { host: '127.0.0.1', port: await freePort() } }
+    const enclave = await startEnclave(own)
+    const cable = await relay(own.address)
+    const ownStore = await openDiskBlobStore({ directory: path.join(directory, storeName) })
+    const stop = async () => {
+      await cable.close()
+      await ownStore.close()
+      await enclave.stop()
+    }
+    return { own, enclave, cable, ownStore, stop }
+  }
+
   /** `frame` sent to the enclave at `address` again, on a connection of its own (as it would land late); its answer. */
   async function deliverAgain(address: StreamAddress, frame: Frame): Promise<Frame> {
     const socket = await connectStream(address)
@@ -413,10 +427,7 @@ describe('LOAD and SET_STATE sequences', () => {
   }
 
   it('a state change given up on that lands after a newer one changes nothing, from this parent or the one before the next', async () => {
-    const own = { id: 'sequenced', address: { host: '127.0.0.1', port: await freePort() } }
-    const enclave = await startEnclave(own)
-    const cable = await relay(own.address)
-    const ownStore = await openDiskBlobStore({ directory: path.join(directory, 'sequence-store') })
+    const { own, enclave, cable, ownStore, stop } = await cabledEnclave({ id: 'sequenced', storeName: 'sequence-store' })
     const logged: Array<Record<string, unknown>> = []
     // Backoffs on a clock that stands still: the hold after a timeout lasts for the rest of the test.
     const parentOf = () =>
@@ -461,17 +472,12 @@ describe('LOAD and SET_STATE sequences', () => {
     } finally {
       first.close()
       second?.close()
-      await cable.close()
-      await ownStore.close()
-      await enclave.stop()
+      await stop()
     }
   })
 
   it('after an enclave restart, the parent has the new process open its epoch above the sequences it used: a request numbered before the restart cannot undo a later one', async () => {
-    const own = { id: 'restarting', address: { host: '127.0.0.1', port: await freePort() } }
-    const enclave = await startEnclave(own)
-    const cable = await relay(own.address)
-    const ownStore = await openDiskBlobStore({ directory: path.join(directory, 'restart-sequence-store') })
+    const { own, enclave, cable, ownStore, stop } = await cabledEnclave({ id: 'restarting', storeName: 'restart-sequence-store' })
     // The shared data key, so that start unlocks once (a new store's first start makes a data key with an UNLOCK of its own).
     await ownStore.putWrappedDek((await store.getWrappedDek())!)
     const numbering = new OriginParent({ enclaves: [{ id: own.id, address: cable.address }], poolSize: 1, store: ownStore, requestTimeoutMs: 1_000, credentials: async () => kms.credentials })
@@ -494,9 +500,7 @@ describe('LOAD and SET_STATE sequences', () => {
       expect(enclave.cache.get(key.keyId)?.record.state).toBe('frozen')
     } finally {
       numbering.close()
-      await cable.close()
-      await ownStore.close()
-      await enclave.stop()
+      await stop()
     }
   })
 
