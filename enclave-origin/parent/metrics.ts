@@ -69,7 +69,7 @@ export function originMetrics(parent: OriginParent) {
   const needsUnlock = new Counter({ name: 'origin_needs_unlock_total', help: 'Sign requests answered 503 because the key needs an unlock.', registers: [registry] })
   const authFailures = new Counter({
     name: 'origin_request_auth_failures_total',
-    help: 'Requests refused 401 by HMAC verification, by reason (missing, unknown-key, stale, replayed, bad-signature).',
+    help: 'Requests refused 401 by HMAC verification, by reason (missing, unknown-key, stale, before-start, replayed, bad-signature).',
     labelNames: ['reason'],
     registers: [registry],
   })

@@ -77,12 +77,16 @@ export function signRequest(options: {
   }
 }
 
-export type VerificationFailure = 'missing' | 'unknown-key' | 'stale' | 'replayed' | 'bad-signature'
+export type VerificationFailure = 'missing' | 'unknown-key' | 'stale' | 'before-start' | 'replayed' | 'bad-signature'
 
 /**
  * Verifies signed requests: known key id, timestamp within `maxSkewMs` of now,
  * a nonce not seen within that window, and the MAC, compared in constant time.
  * Nonces are remembered only as long as a timestamp could still be accepted.
+ * Nonces live in memory, so a request timestamped before this verifier was
+ * made is refused (`before-start`): an earlier process (a parent restarted
+ * meanwhile) may have accepted it, and a replay of, say, an unfreeze must not
+ * undo the freeze that followed it.
  */
 export class RequestVerifier {
   private readonly secrets: Map<string, Uint8Array>
@@ -101,12 +105,15 @@ export class RequestVerifier {
    */
   private readonly nonceGenerations = [new FingerprintSet(), new FingerprintSet(), new FingerprintSet()]
   private generationStartedAt = Number.NEGATIVE_INFINITY
+  /** When the nonce memory began: nothing timestamped earlier is known not to be a replay. */
+  private readonly rememberingSince: number
 
   constructor(options: { secrets: Record<string, string>; maxSkewMs?: number; now?: () => number; hashing?: RequestHashing }) {
     this.secrets = new Map(Object.entries(options.secrets).map(([keyId, secret]) => [keyId, encoder.encode(secret)]))
     this.maxSkewMs = options.maxSkewMs ?? 30_000
     this.now = options.now ?? Date.now
     this.hashing = options.hashing ?? nobleHashing
+    this.rememberingSince = this.now()
   }
 
   verify(options: { method: string; path: string; headers: (name: string) => string | undefined; body: Uint8Array }): VerificationFailure | undefined {
@@ -119,6 +126,7 @@ export class RequestVerifier {
     if (!secret) return 'unknown-key'
     const now = this.now()
     if (!/^\d{1,15}$/.test(timestamp) || Math.abs(now - Number(timestamp)) > this.maxSkewMs) return 'stale'
+    if (Number(timestamp) < this.rememberingSince) return 'before-start'
     if (now - this.generationStartedAt >= this.maxSkewMs) {
       const oldest = this.nonceGenerations.pop()!
       oldest.clear()

@@ -18,10 +18,25 @@ const check = (verifier: RequestVerifier, headers: Record<string, string>, chang
 
 describe('HMAC request signing between the Worker and the parent', () => {
   it('accepts a fresh, correctly signed request once, and rejects its replay', async () => {
-    const verifier = verifierAt({ now: 1_000_500 })
+    const clock = { now: 999_000 }
+    const verifier = verifierAt(clock)
+    clock.now = 1_000_500
     const headers = await signed()
     expect(await check(verifier, headers)).toBeUndefined()
     expect(await check(verifier, headers)).toBe('replayed')
+  })
+
+  it('refuses a request timestamped before the verifier was made: a parent restarted meanwhile cannot know it was not seen', async () => {
+    const clock = { now: 1_000_000 }
+    const before = verifierAt(clock)
+    const unfreeze = await signed({ path: '/v1/keys/k/unfreeze' })
+    expect(await check(before, unfreeze, { path: '/v1/keys/k/unfreeze' })).toBeUndefined()
+    clock.now = 1_005_000
+    const after = verifierAt(clock)
+    // Well inside the skew window, and a nonce the new process never saw: only its timestamp gives it away.
+    expect(await check(after, unfreeze, { path: '/v1/keys/k/unfreeze' })).toBe('before-start')
+    expect(await check(after, await signed({ now: 1_004_999 }))).toBe('before-start')
+    expect(await check(after, await signed({ now: 1_005_000 }))).toBeUndefined()
   })
 
   it('rejects stale timestamps, unknown keys, missing headers, and any change to path, body or signature', async () => {
