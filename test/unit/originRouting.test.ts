@@ -22,7 +22,7 @@ import type { BlobStore } from '../../enclave-origin/parent/blobStore.js'
 import { secp256k1 } from '../../enclave-origin/enclave/nativeSecp256k1.js'
 import { connectStream } from '../../enclave-origin/protocol/connectStream.js'
 import { encodeFrame, FrameDecoder, opcodes, statuses, type Frame } from '../../enclave-origin/protocol/frames.js'
-import { encodeErrorMessage, encodeNeedsUnlock, encodeSignResponse, encodeUnlockResponse } from '../../enclave-origin/protocol/messages.js'
+import { decodeSetStateRequest, encodeErrorMessage, encodeNeedsUnlock, encodeSignResponse, encodeUnlockResponse, sequenceEpochSize } from '../../enclave-origin/protocol/messages.js'
 import { SealingError, unsealPrivateKey } from '../../enclave-origin/enclave/sealing.js'
 import { startLocalKms, type LocalKms } from '../support/kmsServer.js'
 import { freePort } from '../support/localHttp.js'
@@ -82,12 +82,26 @@ async function startEnclave({ id, address }: { id: string; address: StreamAddres
  * (connections taken, nothing passed on: a hung enclave) and restored.
  * `framesFromParent` lists the frames that reached it from the parent's
  * side, passed on or not; `refused` counts the connections it
- * closed at once while cut.
+ * closed at once while cut. `holdNextUnlockAnswer` keeps the enclave's next
+ * UNLOCK answer from the parent until a NEEDS_UNLOCK answer has gone past it.
  */
 async function relay(target: { host: string; port: number }) {
   let mode: 'open' | 'cut' | 'stalled' = 'open'
   const framesFromParent: Frame[] = []
   let refused = 0
+  let unlockAnswer: { wanted: boolean; held?: { frame: Frame; to: Socket }; holding?: () => void } = { wanted: false }
+  const fromEnclave = (frame: Frame, to: Socket) => {
+    if (unlockAnswer.wanted && !unlockAnswer.held && frame.opcode === opcodes.UNLOCK) {
+      unlockAnswer.held = { frame, to }
+      return unlockAnswer.holding?.()
+    }
+    to.write(encodeFrame(frame))
+    const held = unlockAnswer.held
+    if (held && frame.status === statuses.NEEDS_UNLOCK) {
+      unlockAnswer = { wanted: false }
+      held.to.write(encodeFrame(held.frame))
+    }
+  }
   const sockets = new Set<Socket>()
   const track = (socket: Socket) => {
     sockets.add(socket)
@@ -107,7 +121,8 @@ async function relay(target: { host: string; port: number }) {
     const upstream = mode === 'open' ? connect(target.port, target.host) : undefined
     if (upstream) {
       track(upstream)
-      upstream.pipe(client)
+      const answers = new FrameDecoder()
+      upstream.on('data', (chunk: Buffer) => answers.push(chunk).forEach((frame) => fromEnclave(frame, client)))
     }
   })
   await new Promise<void>((listening) => server.listen(0, '127.0.0.1', listening))
@@ -129,6 +144,11 @@ async function relay(target: { host: string; port: number }) {
       mode = 'open'
       dropAll()
     },
+    /** Resolves once it holds one. */
+    holdNextUnlockAnswer: () =>
+      new Promise<void>((holding) => {
+        unlockAnswer = { wanted: true, holding }
+      }),
     close: () => {
       dropAll()
       return new Promise((closed) => server.close(closed))
@@ -500,6 +520,36 @@ describe('LOAD and SET_STATE sequences', () => {
       expect(enclave.cache.get(key.keyId)?.record.state).toBe('frozen')
     } finally {
       numbering.close()
+      await stop()
+    }
+  })
+
+  it('a state change answered NEEDS_UNLOCK by the epoch its own parent\u2019s UNLOCK opened, before that answer is read, goes again in the new epoch and applies', async () => {
+    const { own, enclave, cable, ownStore, stop } = await cabledEnclave({ id: 'racing', storeName: 'race-sequence-store' })
+    const logged: Array<Record<string, unknown>> = []
+    const racing = new OriginParent({ enclaves: [{ id: own.id, address: cable.address }], poolSize: 2, store: ownStore, requestTimeoutMs: 2_000, credentials: async () => kms.credentials, log: (fields) => logged.push(fields) })
+    const setStates = () => cable.framesFromParent.filter((frame) => frame.opcode === opcodes.SET_STATE).map((frame) => decodeSetStateRequest(frame.payload))
+    try {
+      await racing.start()
+      const key = await racing.createKey()
+      const unlocks = () => cable.framesFromParent.filter((frame) => frame.opcode === opcodes.UNLOCK).length
+      const unlocksBefore = unlocks()
+      // The enclave takes an operator's unlock and opens its next epoch; the parent does not hear of it yet.
+      const held = cable.holdNextUnlockAnswer()
+      const unlocking = racing.unlock()
+      await held
+      await racing.setState(key.keyId, 'frozen')
+      await unlocking
+      const [first, again] = setStates()
+      expect(setStates()).toHaveLength(2)
+      // The first, numbered in the epoch before, was answered NEEDS_UNLOCK; the second is in the one the held UNLOCK opened.
+      expect(again!.sequence - first!.sequence).toBeGreaterThanOrEqual(sequenceEpochSize)
+      expect(logged.filter((line) => line.event === 'state_change_deferred')).toEqual([])
+      expect(enclave.cache.get(key.keyId)?.record.state).toBe('frozen')
+      // The operator's UNLOCK was the only one: the NEEDS_UNLOCK started none on demand.
+      expect(unlocks()).toBe(unlocksBefore + 1)
+    } finally {
+      racing.close()
       await stop()
     }
   })
