@@ -26,13 +26,23 @@ export { crc32 }
  * too large to skip quickly fails the open instead (after the copy).
  *
  * Writes are group-committed: one write and one fsync for every record queued
- * within `groupCommitMs` (or `maxGroup` records, whichever comes first).
+ * within `groupCommitMs` (or `maxGroup` records, whichever comes first), and
+ * one more of each for a group that holds state changes (see below).
  *
  * The log is compacted when most of its frames have been superseded (replaced
  * records, state changes, old DEKs): when it is opened, and while it runs,
  * between two groups, so no write interleaves (writes queued meanwhile wait
  * for it). The live entries are written to a new log, fsynced, and renamed
  * over the old one, so a crash at any point leaves one complete log.
+ *
+ * State changes are also written, in the same group, to a second file
+ * (`states.log`, same framing): damage that takes a freeze out of the log
+ * must not leave the key signing. On open each key takes the more
+ * restrictive (active < frozen < archived) of the state the log leaves it in
+ * and its last state in the journal. So a freeze lost from either file still
+ * holds; an unfreeze lost from either leaves the key frozen, to be unfrozen
+ * again. The journal is emptied after each compaction, whose records carry
+ * every key's state.
  */
 
 export type DiskBlobStoreOptions = {
@@ -48,11 +58,11 @@ export type DiskBlobStoreOptions = {
   compactAfterFrames?: number
   /** Told of each compaction, done or failed (for the operator's log). */
   onCompaction?: (event: CompactionEvent) => void
-  /** Told when open found damaged frames in the middle of the log (for the operator's log, at error level). */
+  /** Told when open found damaged frames in the middle of the log or the state journal (for the operator's log, at error level). */
   onDamage?: (event: DamageEvent) => void
 }
 
-/** Byte ranges of the log that held no good frame, each followed by good ones; and where the log as found was copied. */
+/** Byte ranges of the log (or the state journal) that held no good frame, each followed by good ones; and where the file as found was copied, under its own name. */
 export type DamageEvent = { ranges: Array<{ offset: number; bytes: number }>; keptAside: string }
 
 export type CompactionEvent = { outcome: 'compacted'; droppedFrames: number; liveEntries: number; ms: number } | { outcome: 'failed'; error: string; /** True when the old log still serves; false when the store refuses writes until reopened. */ serving: boolean }
@@ -78,6 +88,8 @@ export type BlobStoreFileSystem = { open(path: string, flags: 'ax+' | 'a+' | 'r'
 export const LOG_FILE_NAME = 'records.log'
 /** The new log while compaction writes it; only a rename makes it the log. */
 export const COMPACTING_FILE_NAME = 'records.log.compacting'
+/** Every state change since the last compaction, again: see above. */
+export const STATE_JOURNAL_FILE_NAME = 'states.log'
 
 const nodeFileSystem: BlobStoreFileSystem = { open: (path, flags) => open(path, flags) }
 
@@ -101,23 +113,33 @@ export async function openDiskBlobStore(options: DiskBlobStoreOptions): Promise<
 async function openLocked(options: Required<DiskBlobStoreOptions> & { lock: DirectoryLock }): Promise<DiskBlobStore> {
   const { directory, groupCommitMs, maxGroup, fileSystem, compactAfterFrames, onCompaction, onDamage, lock } = options
   const counters: DiskBlobStoreStats = { writes: 0, fsyncs: 0, groups: 0, records: 0, compactedFrames: 0 }
-  const path = join(directory, LOG_FILE_NAME)
   // What a compaction interrupted by a crash left behind; the log itself is intact.
   await rm(join(directory, COMPACTING_FILE_NAME), { force: true })
-  const { file: rawFile, created } = await openOrCreateLog(fileSystem, path)
-  const file = countingFile(rawFile, counters)
-  let recovered: Awaited<ReturnType<typeof recoverIndex>>
+  const opened: LogFile[] = []
+  const recover = async (name: string, magic: Buffer) => {
+    const path = join(directory, name)
+    const { file: rawFile, created } = await openOrCreateLog(fileSystem, path)
+    const file = countingFile(rawFile, counters)
+    opened.push(file)
+    return { file, ...(await recoverLog({ file, path, magic, created, onDamage, keepAside: (bytes) => keepDamagedLogAside({ fileSystem, directory, name, bytes }) })) }
+  }
+  let log: Awaited<ReturnType<typeof recover>>
+  let journal: Awaited<ReturnType<typeof recover>>
+  const index = new RecordIndex()
   try {
-    recovered = await recoverIndex({ file, path, created, onDamage, keepAside: (bytes) => keepDamagedLogAside({ fileSystem, directory, bytes }) })
-    // A new log's directory entry is not durable until the directory is fsynced, however often the file is.
-    if (recovered.headerWritten) await syncDirectory(fileSystem, directory)
+    log = await recover(LOG_FILE_NAME, LOG_MAGIC)
+    journal = await recover(STATE_JOURNAL_FILE_NAME, JOURNAL_MAGIC)
+    // A new file's directory entry is not durable until the directory is fsynced, however often the file is.
+    if (log.headerWritten || journal.headerWritten) await syncDirectory(fileSystem, directory)
+    for (const entry of log.entries) index.apply(entry)
+    index.restrictStates(lastStates(journal.entries, join(directory, STATE_JOURNAL_FILE_NAME)))
   } catch (error) {
-    await file.close().catch(() => {})
+    await Promise.all(opened.map((file) => file.close().catch(() => {})))
     throw error
   }
-  const store = new GroupCommitStore({ file, index: recovered.records, frames: recovered.frames, counters, groupCommitMs, maxGroup, compaction: { fileSystem, directory, afterFrames: compactAfterFrames, onCompaction }, lock })
-  // After damage, a rewrite at once: the live log holds only good frames again, and the next open does not report (and copy) the same damage.
-  const failure = await store.compactIfWasteful({ force: recovered.damaged })
+  const store = new GroupCommitStore({ file: log.file, journal: journal.file, index, frames: log.entries.length, counters, groupCommitMs, maxGroup, compaction: { fileSystem, directory, afterFrames: compactAfterFrames, onCompaction }, lock })
+  // After damage, a rewrite at once: the live log holds only good frames again (the journal is emptied), and the next open does not report (and copy) the same damage.
+  const failure = await store.compactIfWasteful({ force: log.damaged || journal.damaged })
   if (failure) {
     await store.close().catch(() => {})
     throw failure
@@ -167,6 +189,8 @@ type QueuedWrite = { entry: LogEntry; frame: Buffer; resolve: () => void; reject
 
 class GroupCommitStore implements DiskBlobStore {
   private file: LogFile
+  /** The state journal (`states.log`). */
+  private readonly journal: LogFile
   /** Frames in the log now, live or superseded. */
   private frames: number
   private readonly compaction: { fileSystem: BlobStoreFileSystem; directory: string; afterFrames: number; onCompaction: (event: CompactionEvent) => void }
@@ -190,6 +214,7 @@ class GroupCommitStore implements DiskBlobStore {
 
   constructor(parts: {
     file: LogFile
+    journal: LogFile
     index: RecordIndex
     frames: number
     counters: DiskBlobStoreStats
@@ -201,6 +226,7 @@ class GroupCommitStore implements DiskBlobStore {
   }) {
     this.lock = parts.lock
     this.file = parts.file
+    this.journal = parts.journal
     this.frames = parts.frames
     this.compaction = parts.compaction
     this.compactAt = parts.compaction.afterFrames
@@ -268,7 +294,7 @@ class GroupCommitStore implements DiskBlobStore {
     }
     clearTimeout(this.timer)
     try {
-      await this.file.close()
+      await Promise.all([this.file.close(), this.journal.close()])
     } finally {
       await this.lock.release()
     }
@@ -320,6 +346,11 @@ class GroupCommitStore implements DiskBlobStore {
     try {
       await writeFully(this.file, Buffer.concat(group.map((write) => write.frame)))
       await this.file.sync()
+      const stateChanges = group.filter((write) => write.entry.kind === 'state')
+      if (stateChanges.length > 0) {
+        await writeFully(this.journal, Buffer.concat(stateChanges.map((write) => write.frame)))
+        await this.journal.sync()
+      }
     } catch (error) {
       this.failure = new Error(`blob store write failed, reopen it to recover: ${messageOf(error)}`, { cause: error })
       rejectAll(group, this.failure)
@@ -357,6 +388,16 @@ class GroupCommitStore implements DiskBlobStore {
     }
     await this.file.close().catch(() => {})
     this.file = countingFile(outcome.file, this.counters)
+    try {
+      // The new log's records carry every key's state: the journal starts again from there.
+      await this.journal.truncate(0)
+      await writeFully(this.journal, JOURNAL_MAGIC)
+      await this.journal.sync()
+    } catch (error) {
+      this.failure = new Error(`blob store could not empty its state journal after a compaction, reopen it to recover: ${messageOf(error)}`, { cause: error })
+      rejectAll(this.queue.splice(0), this.failure)
+      return this.failure
+    }
     this.counters.compactedFrames += this.frames - live
     this.compaction.onCompaction({ outcome: 'compacted', droppedFrames: this.frames - live, liveEntries: live, ms: Math.round(performance.now() - started) })
     this.frames = live
@@ -381,6 +422,14 @@ class RecordIndex {
       const record = this.records.get(entry.keyId)
       // The store refuses state changes for unknown keys, so the log never holds one; ignore rather than fail open.
       if (record) this.records.set(entry.keyId, { ...record, state: entry.state })
+    }
+  }
+
+  /** Each key named takes the given state where that is the more restrictive; keys not stored are ignored. */
+  restrictStates(states: ReadonlyMap<string, KeyState>): void {
+    for (const [keyId, state] of states) {
+      const record = this.records.get(keyId)
+      if (record && keyStates.indexOf(state) > keyStates.indexOf(record.state)) this.records.set(keyId, { ...record, state })
     }
   }
 
@@ -416,6 +465,7 @@ class RecordIndex {
 
 /** Readable in a hex dump; the trailing version byte lets a later format refuse to misread this one. */
 const LOG_MAGIC = Buffer.from('sealed-blobs\x00v1\n', 'latin1')
+const JOURNAL_MAGIC = Buffer.from('key-states\x00\x00\x00v1\n', 'latin1')
 const FRAME_HEADER_BYTES = 8
 /** Records are a few hundred bytes; a length beyond this is a torn or corrupt frame, not a record. */
 const MAX_PAYLOAD_BYTES = 16 * 1024 * 1024
@@ -433,30 +483,30 @@ async function openOrCreateLog(fileSystem: BlobStoreFileSystem, path: string): P
   }
 }
 
-/** Replays the log into an index, truncating a torn tail and writing the header of a new (or torn-at-birth) log. */
-async function recoverIndex(options: {
+/** Reads a log's entries (the record log or the state journal, told apart by `magic`), truncating a torn tail and writing the header of a new (or torn-at-birth) one. */
+async function recoverLog(options: {
   file: LogFile
   path: string
+  magic: Buffer
   created: boolean
   onDamage: (event: DamageEvent) => void
   /** Copies the log as found somewhere safe before anything changes it; resolves to the copy's path. */
   keepAside: (bytes: Buffer) => Promise<string>
-}): Promise<{ records: RecordIndex; headerWritten: boolean; frames: number; damaged: boolean }> {
-  const { file, path, created } = options
-  const records = new RecordIndex()
+}): Promise<{ entries: LogEntry[]; headerWritten: boolean; damaged: boolean }> {
+  const { file, path, magic, created } = options
   const bytes = await readWholeFile(file)
   // A crash while creating the log can leave it empty, with part of the header, or with the header's size in zeros: nothing was ever stored.
-  if (created || isUnfinishedHeader(bytes)) {
+  if (created || isUnfinishedHeader(bytes, magic)) {
     if (bytes.length > 0) await file.truncate(0)
-    await writeFully(file, LOG_MAGIC)
+    await writeFully(file, magic)
     await file.sync()
-    return { records, headerWritten: true, frames: 0, damaged: false }
+    return { entries: [], headerWritten: true, damaged: false }
   }
-  if (!bytes.subarray(0, LOG_MAGIC.length).equals(LOG_MAGIC)) {
+  if (!bytes.subarray(0, magic.length).equals(magic)) {
     // Truncating a file we do not recognise would destroy it; refuse instead.
-    throw new Error(`${path} is not a sealed-blob log (bad header)`)
+    throw new Error(`${path} is not a ${magic === LOG_MAGIC ? 'sealed-blob log' : 'key state journal'} (bad header)`)
   }
-  const { entries, validLength, damaged, unscannedFrom } = scanFrames(bytes)
+  const { entries, validLength, damaged, unscannedFrom } = scanFrames(bytes, magic.length)
   // A whole frame at the end whose checksum fails was written in full, and may have been acknowledged: damage, not a torn write.
   if (unscannedFrom === undefined && wholeFrameAt(bytes, validLength)) damaged.push({ offset: validLength, bytes: bytes.length - validLength })
   if (damaged.length > 0 || unscannedFrom !== undefined) {
@@ -466,18 +516,27 @@ async function recoverIndex(options: {
     }
     options.onDamage({ ranges: damaged, keptAside })
   }
-  for (const entry of entries) records.apply(entry)
   if (validLength < bytes.length) {
     await file.truncate(validLength)
     // Made durable before anything is appended, so new frames never sit behind old garbage after a crash.
     await file.sync()
   }
-  return { records, headerWritten: false, frames: entries.length, damaged: damaged.length > 0 }
+  return { entries, headerWritten: false, damaged: damaged.length > 0 }
 }
 
-function isUnfinishedHeader(bytes: Buffer): boolean {
-  if (bytes.length <= LOG_MAGIC.length && bytes.every((byte) => byte === 0)) return true
-  return bytes.length < LOG_MAGIC.length && LOG_MAGIC.subarray(0, bytes.length).equals(bytes)
+function isUnfinishedHeader(bytes: Buffer, magic: Buffer): boolean {
+  if (bytes.length <= magic.length && bytes.every((byte) => byte === 0)) return true
+  return bytes.length < magic.length && magic.subarray(0, bytes.length).equals(bytes)
+}
+
+/** The last state the journal gives each key; it holds nothing but state changes, and one that holds more is not ours. */
+function lastStates(entries: LogEntry[], path: string): Map<string, KeyState> {
+  const states = new Map<string, KeyState>()
+  for (const entry of entries) {
+    if (entry.kind !== 'state') throw new Error(`${path} holds a ${entry.kind} entry; a key state journal holds state changes only`)
+    states.set(entry.keyId, entry.state)
+  }
+  return states
 }
 
 /**
@@ -487,11 +546,11 @@ function isUnfinishedHeader(bytes: Buffer): boolean {
  * checksums candidate frames; past `RESYNC_BUDGET_BYTES` of that it stops and
  * says where (`unscannedFrom`) rather than take the rest for a torn tail.
  */
-function scanFrames(bytes: Buffer): { entries: LogEntry[]; validLength: number; damaged: Array<{ offset: number; bytes: number }>; unscannedFrom?: number } {
+function scanFrames(bytes: Buffer, headerBytes: number): { entries: LogEntry[]; validLength: number; damaged: Array<{ offset: number; bytes: number }>; unscannedFrom?: number } {
   const entries: LogEntry[] = []
   const damaged: Array<{ offset: number; bytes: number }> = []
   const budget = { bytesLeft: RESYNC_BUDGET_BYTES }
-  let offset = LOG_MAGIC.length
+  let offset = headerBytes
   while (bytes.length - offset >= FRAME_HEADER_BYTES) {
     const end = frameEndAt(bytes, offset, MAX_PAYLOAD_BYTES)
     if (end === undefined) {
@@ -546,13 +605,13 @@ function nextFrameAfter(bytes: Buffer, badOffset: number, budget: { bytesLeft: n
 }
 
 /**
- * Writes the log as found to `records.log.damaged-<first 16 hex of its SHA-256>`,
+ * Writes the log `name` as found to `<name>.damaged-<first 16 hex of its SHA-256>`,
  * owner-only and durable, before recovery changes it. The same damage found
  * again (a restart before the rewrite succeeded) is already there and not
  * written twice; a copy that fails half-way is removed, and the open fails.
  */
-async function keepDamagedLogAside({ fileSystem, directory, bytes }: { fileSystem: BlobStoreFileSystem; directory: string; bytes: Buffer }): Promise<string> {
-  const path = join(directory, `${LOG_FILE_NAME}.damaged-${createHash('sha256').update(bytes).digest('hex').slice(0, 16)}`)
+async function keepDamagedLogAside({ fileSystem, directory, name, bytes }: { fileSystem: BlobStoreFileSystem; directory: string; name: string; bytes: Buffer }): Promise<string> {
+  const path = join(directory, `${name}.damaged-${createHash('sha256').update(bytes).digest('hex').slice(0, 16)}`)
   let copy: LogFile
   try {
     copy = await fileSystem.open(path, 'ax+')

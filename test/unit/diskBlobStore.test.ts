@@ -9,6 +9,7 @@ import {
   crc32,
   LOG_FILE_NAME,
   openDiskBlobStore,
+  STATE_JOURNAL_FILE_NAME,
   type BlobStoreFileSystem,
   type CompactionEvent,
   type DamageEvent,
@@ -47,6 +48,9 @@ async function reopen(store: DiskBlobStore): Promise<DiskBlobStore> {
 }
 
 const logPath = () => join(directory, LOG_FILE_NAME)
+const journalPath = () => join(directory, STATE_JOURNAL_FILE_NAME)
+/** Both files start with a 16-byte header. */
+const HEADER_BYTES = 16
 
 /** Real files whose writes or fsyncs fail on demand; with `only`, just for the file of that name. */
 function faultyFileSystem(failing: { sync: boolean; write: boolean; only?: string }): BlobStoreFileSystem {
@@ -194,6 +198,118 @@ describe('group commit', () => {
   })
 })
 
+describe('the state journal', () => {
+  /** key-1 and key-2 stored, then `changes` (state changes, each a frame in both files), then key-3: the two files' sizes after each change. */
+  async function stateChangesBetweenPuts(changes: Array<[keyId: string, state: 'active' | 'frozen']>) {
+    const store = await openStore()
+    await store.put(sealedRecord(1))
+    await store.put(sealedRecord(2))
+    const log = [(await stat(logPath())).size]
+    const journal = [(await stat(journalPath())).size]
+    for (const [keyId, state] of changes) {
+      await store.setState(keyId, state)
+      log.push((await stat(logPath())).size)
+      journal.push((await stat(journalPath())).size)
+    }
+    await store.put(sealedRecord(3))
+    await store.close()
+    return { log, journal }
+  }
+
+  async function flipByte(path: string, offset: number): Promise<void> {
+    const bytes = await readFile(path)
+    bytes[offset]! ^= 0xff
+    await writeFile(path, bytes)
+  }
+
+  it('holds a freeze that damage took out of the middle of the log: the journal has it', async () => {
+    const { log } = await stateChangesBetweenPuts([['key-1', 'frozen']])
+    await flipByte(logPath(), log[1]! - 1)
+
+    const damage: DamageEvent[] = []
+    let store = await openStore({ onDamage: (event) => damage.push(event) })
+    expect(damage).toEqual([{ ranges: [{ offset: log[0], bytes: log[1]! - log[0]! }], keptAside: expect.stringContaining(`${LOG_FILE_NAME}.damaged-`) }])
+    expect((await store.get('key-1'))?.state).toBe('frozen')
+    expect(await store.get('key-2')).toEqual(sealedRecord(2))
+    expect(await store.get('key-3')).toEqual(sealedRecord(3))
+    // The rewrite after damage carries the state in key-1's record, and the journal starts again from it.
+    expect((await stat(journalPath())).size).toBe(HEADER_BYTES)
+    store = await reopen(store)
+    expect((await store.get('key-1'))?.state).toBe('frozen')
+    expect(damage).toHaveLength(1)
+  })
+
+  it('holds a freeze that damage took out of the journal, by the log, and reports that damage too', async () => {
+    const { journal } = await stateChangesBetweenPuts([
+      ['key-1', 'frozen'],
+      ['key-2', 'frozen'],
+    ])
+    await flipByte(journalPath(), journal[1]! - 1)
+
+    const damage: DamageEvent[] = []
+    const store = await openStore({ onDamage: (event) => damage.push(event) })
+    expect(damage).toEqual([{ ranges: [{ offset: journal[0], bytes: journal[1]! - journal[0]! }], keptAside: expect.stringContaining(`${STATE_JOURNAL_FILE_NAME}.damaged-`) }])
+    expect((await store.get('key-1'))?.state).toBe('frozen')
+    expect((await store.get('key-2'))?.state).toBe('frozen')
+    expect((await stat(journalPath())).size).toBe(HEADER_BYTES)
+  })
+
+  it('leaves a key frozen whose unfreeze damage took out of either file: the more restrictive state stands', async () => {
+    for (const damaged of ['log', 'journal'] as const) {
+      const sizes = await stateChangesBetweenPuts([
+        ['key-1', 'frozen'],
+        ['key-1', 'active'],
+        ['key-2', 'frozen'],
+      ])
+      await flipByte(damaged === 'log' ? logPath() : journalPath(), sizes[damaged][2]! - 1)
+      const damage: DamageEvent[] = []
+      const store = await openStore({ onDamage: (event) => damage.push(event) })
+      expect(damage, damaged).toHaveLength(1)
+      expect((await store.get('key-1'))?.state, damaged).toBe('frozen')
+      expect((await store.get('key-2'))?.state, damaged).toBe('frozen')
+      await store.close()
+      await rm(directory, { recursive: true })
+    }
+  })
+
+  it('a state change whose journal write fails is refused, as is every write after it until the store is reopened', async () => {
+    let store = await openStore()
+    await store.put(sealedRecord(1))
+    await store.close()
+    store = await openStore({ fileSystem: faultyFileSystem({ sync: false, write: true, only: STATE_JOURNAL_FILE_NAME }) })
+    await expect(store.setState('key-1', 'frozen')).rejects.toThrow(/reopen it to recover: ENOSPC/)
+    await expect(store.put(sealedRecord(2))).rejects.toThrow(/reopen/)
+    await store.close()
+    // The log has the freeze, the journal not: never acknowledged, and the more restrictive state stands.
+    store = await openStore()
+    expect((await store.get('key-1'))?.state).toBe('frozen')
+    await store.setState('key-1', 'active')
+    store = await reopen(store)
+    expect((await store.get('key-1'))?.state).toBe('active')
+  })
+
+  it('truncates a torn journal tail, and refuses a journal that is not one', async () => {
+    const { journal } = await stateChangesBetweenPuts([['key-1', 'frozen']])
+    await appendFile(journalPath(), Buffer.from('\x30\x00\x00\x00torn'))
+    let store = await openStore()
+    expect((await store.get('key-1'))?.state).toBe('frozen')
+    expect((await stat(journalPath())).size).toBe(journal[1])
+    await store.close()
+
+    // A record log's frames under the journal's header: not state changes only.
+    const log = await readFile(logPath())
+    const header = (await readFile(journalPath())).subarray(0, HEADER_BYTES)
+    await writeFile(journalPath(), Buffer.concat([header, log.subarray(HEADER_BYTES)]))
+    await expect(openStore()).rejects.toThrow(`${journalPath()} holds a put entry; a key state journal holds state changes only`)
+    await writeFile(journalPath(), log)
+    await expect(openStore()).rejects.toThrow(`${journalPath()} is not a key state journal (bad header)`)
+    // Neither refusal kept the store's lock: with a journal again, it opens.
+    await writeFile(journalPath(), header)
+    store = await openStore()
+    expect((await store.get('key-1'))?.state).toBe('frozen')
+  })
+})
+
 describe('compaction', () => {
   it('rewrites a log that is mostly superseded frames to its live entries, keeping every record, state and the DEK', async () => {
     let store = await openStore()
@@ -207,12 +323,15 @@ describe('compaction', () => {
     await store.setState('key-7', 'archived')
     const before = await listAll(store)
     const sizeBefore = (await stat(logPath())).size
+    expect((await stat(journalPath())).size).toBeGreaterThan(HEADER_BYTES + 200 * 8)
     await store.close()
 
     store = await openDiskBlobStore({ directory, compactAfterFrames: 100 })
     opened.push(store)
     // 50 puts + 400 replacements + 4 DEKs + 1 state change in; 50 puts + 1 DEK out.
     expect(store.stats().compactedFrames).toBe(455 - 51)
+    // The compacted log's records carry every state: the journal starts again, empty.
+    expect((await stat(journalPath())).size).toBe(HEADER_BYTES)
     expect((await stat(logPath())).size).toBeLessThan(sizeBefore / 5)
     expect(await listAll(store)).toEqual(before)
     expect((await store.get('key-7'))?.state).toBe('archived')
