@@ -797,11 +797,15 @@ export class OriginParent {
 
   /**
    * Durable first, then the enclave: a frozen key stays frozen across
-   * restarts. With the enclave out of reach, the change is still in force:
+   * restarts. An archived key keeps that state. With the enclave out of reach, the change is still in force:
    * the key is reloaded from the store before any use, there or elsewhere.
    */
   setState(keyId: string, state: KeyState): Promise<void> {
     return this.serializeKey(keyId, async () => {
+      // Archiving retires a key for good: nothing, unfreeze included, brings it back to signing.
+      if (state !== 'archived' && (await this.options.store.get(keyId))?.state === 'archived') {
+        throw new OriginRequestError('not-active', `key ${keyId} is archived, which is final: it cannot be made ${state}`)
+      }
       await this.options.store.setState(keyId, state).catch((error: unknown) => {
         throw error instanceof KeyNotStoredError ? new OriginRequestError('not-found', `no key ${keyId}`) : error
       })

@@ -58,7 +58,7 @@ describe('the enclave origin API', () => {
     expect((await origin.request('GET', `/v1/keys/${created.body.keyId}`)).body).toMatchObject({ state: 'active', cacheState: 'WARM', address: created.body.address })
   })
 
-  it('a frozen or archived key never signs; unfreezing restores it', async () => {
+  it('a frozen or archived key never signs; unfreezing restores a frozen one, and nothing an archived one', async () => {
     const { body } = await origin.request('POST', '/v1/keys')
     const keyId = body.keyId as string
     const digest = keccak256(toHex('frozen'))
@@ -67,6 +67,14 @@ describe('the enclave origin API', () => {
     expect((await origin.request('POST', `/v1/keys/${keyId}/unfreeze`)).status).toBe(200)
     expect((await signWithOrigin(keyId, digest)).status).toBe(200)
     expect((await origin.request('POST', `/v1/keys/${keyId}/archive`)).status).toBe(200)
+    expect((await signWithOrigin(keyId, digest)).status).toBe(409)
+    for (const action of ['unfreeze', 'freeze']) {
+      const refused = await origin.request('POST', `/v1/keys/${keyId}/${action}`)
+      expect(refused.status).toBe(409)
+      expect(refused.body.error).toBe(`key ${keyId} is archived, which is final: it cannot be made ${action === 'freeze' ? 'frozen' : 'active'}`)
+    }
+    expect((await origin.request('POST', `/v1/keys/${keyId}/archive`)).status).toBe(200)
+    expect((await origin.request('GET', `/v1/keys/${keyId}`)).body).toMatchObject({ state: 'archived' })
     expect((await signWithOrigin(keyId, digest)).status).toBe(409)
   })
 
