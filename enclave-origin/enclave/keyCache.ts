@@ -463,9 +463,15 @@ export class KeyCache {
     return held
   }
 
-  /** Single-flight per key: a key already being refreshed is not refreshed twice. True if this started one. */
+  /**
+   * Single-flight per key: a key already being refreshed is not refreshed
+   * twice. Nor is one refreshed that cannot be: no DEK, and no unlock to come
+   * before the unlock backoff ends (else a hot key's every signature would
+   * start, and count, a refresh doomed at once). True if this started one.
+   */
   private scheduleRefresh(keyId: string): boolean {
     if (this.refreshesInFlight.has(keyId)) return false
+    if (!this.unlockInFlight && this.unlockBackoff.holding && !this.validDek(this.now())) return false
     const refresh = this.refreshInBackground(keyId)
       .catch(() => {}) // counted and audited in rederive; a background refresh has no caller to tell
       .finally(() => this.refreshesInFlight.delete(keyId))

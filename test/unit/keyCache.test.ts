@@ -406,6 +406,24 @@ describe('KeyCache transitions', () => {
 })
 
 describe('KeyCache single-flight', () => {
+  it('a WARM key past its soft TTL, its DEK gone and unlocks failing, starts no refresh per signature while the unlock backs off', async () => {
+    const { cache, key, dekCopy, unlock, advance } = harness()
+    cache.setDek(dekCopy())
+    advance(45 * minute)
+    const { record, privateKey } = key()
+    addWarmHeld(cache, record, privateKey)
+    // Past the key's soft TTL (15 min), short of its hard one (16 min); past the DEK's hard TTL (60 min).
+    advance(15 * minute + 30_000)
+    unlock.failNext(100)
+    for (let signature = 0; signature < 20; signature++) {
+      expect(signingKey(cache.acquire('key-1'))).toEqual(privateKey)
+      await settle()
+    }
+    // The first refresh waited for the one unlock, which failed: one failure. The backoff holds from there.
+    expect(unlock.calls()).toBe(1)
+    expect(cache.stats().refreshFailures).toBe(1)
+  })
+
   it('makes exactly one unlock() call for 1,000 concurrent acquires of a cold key with no DEK', async () => {
     const { cache, key, unlock } = harness({ unlockGate: 'closed' })
     const { record, privateKey } = key()
