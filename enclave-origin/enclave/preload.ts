@@ -91,7 +91,7 @@ export async function loadPreloadFile(options: LoadPreloadOptions): Promise<Prel
 export function parseShareEntries(entries: unknown): Map<string, Uint8Array> {
   if (!Array.isArray(entries)) throw new PreloadError('the preload file must hold a JSON array of {account_id, share}')
   if (entries.length === 0) throw new PreloadError('the preload file holds no entries: refusing to serve an empty key set')
-  const slab = new Uint8Array(new ArrayBuffer(entries.length * privateKeyBytes))
+  const slab = allocateSlab(entries.length)
   const keys = new Map<string, Uint8Array>()
   try {
     for (const [index, entry] of (entries as unknown[]).entries()) {
@@ -257,6 +257,16 @@ function readEntry(entry: unknown, index: number): { accountId: string; shareHex
     throw new PreloadError(`entry at index ${index}: share is not a 32-byte private key in hex (64 hex digits, 0x optional)`)
   }
   return { accountId, shareHex }
+}
+
+/** One off-heap buffer for `count` keys; a process that cannot allocate it is refused with why, not an unexpected error. */
+function allocateSlab(count: number): Uint8Array {
+  try {
+    return new Uint8Array(new ArrayBuffer(count * privateKeyBytes))
+  } catch (error) {
+    if (!(error instanceof RangeError)) throw error
+    throw new PreloadError(`not enough memory: the keys of ${count} entries need ${megabytes(count * privateKeyBytes)} MB in one buffer, which this process could not allocate (${error.message})`)
+  }
 }
 
 function checkMemory(options: { gauges: MemoryGauge[]; log: LoadPreloadOptions['log'] }): void {

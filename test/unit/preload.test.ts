@@ -7,7 +7,7 @@ import { generatePrivateKey } from 'viem/accounts'
 import { hexToBytes } from 'viem'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import { memoryWatch, processMemory, type MemoryGauge } from '../../enclave-origin/enclave/memory.js'
-import { loadPreloadFile, maxAccountIdBytes, PreloadedKeys, PreloadError } from '../../enclave-origin/enclave/preload.js'
+import { loadPreloadFile, maxAccountIdBytes, parseShareEntries, PreloadedKeys, PreloadError } from '../../enclave-origin/enclave/preload.js'
 import { generatePreloadIdentity, sealShareFile, type ShareFileEntry } from '../../enclave-origin/preloadFiles.js'
 
 /** The secp256k1 group order n: a share equal to it is 32 bytes of hex but not a private key. */
@@ -220,6 +220,19 @@ describe('loadPreloadFile against its memory limit', () => {
     expect(realHeap.inUseBytes).toBeGreaterThan(1024)
     const error = await refusal(file, { memory: () => [...processMemory(), { ...processMemory()[1]!, limitBytes: 1024 }] })
     expect(error.message).toMatch(/^not enough memory: loading uses [\d.]+ MB of V8 heap, over its 0\.0 MB limit$/)
+  })
+
+  it('refuses, saying why, when the one buffer for every key cannot be allocated', () => {
+    // A sparse array: its length, not its entries, sizes the buffer (about 137 GB here), so nothing else runs out first.
+    const entries = new Array(2 ** 32 - 1)
+    let error: unknown
+    try {
+      parseShareEntries(entries)
+    } catch (caught) {
+      error = caught
+    }
+    expect(error).toBeInstanceOf(PreloadError)
+    expect((error as Error).message).toMatch(/^not enough memory: the keys of 4294967295 entries need 131072\.0 MB in one buffer, which this process could not allocate \(.+\)$/)
   })
 
   it('checks the resident set and the V8 heap by default: preloaded keys live off the heap', () => {
