@@ -10,7 +10,12 @@ import type { KeyState, SealedKeyRecord, WrappedDek } from '../types.js'
  * outcome: the record may or may not be there after a reopen.
  */
 export interface BlobStore {
-  /** Resolves only once the record is durable (fsynced); a crash after that never loses it. */
+  /**
+   * Resolves only once the record is durable (fsynced); a crash after that
+   * never loses it. A put of a stored key carries the state it has (change
+   * states with `setState`): the disk store, reopened, keeps the more
+   * restrictive of the two.
+   */
   put(record: SealedKeyRecord): Promise<void>
   get(keyId: string): Promise<SealedKeyRecord | undefined>
   /** Every stored record (latest version per key), for loading enclaves at start. */

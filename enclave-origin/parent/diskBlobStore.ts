@@ -394,7 +394,9 @@ class GroupCommitStore implements DiskBlobStore {
       await writeFully(this.journal, JOURNAL_MAGIC)
       await this.journal.sync()
     } catch (error) {
+      // Half emptied, it may have lost its header: nothing more is appended to it, and the next open starts it again.
       this.failure = new Error(`blob store could not empty its state journal after a compaction, reopen it to recover: ${messageOf(error)}`, { cause: error })
+      this.compaction.onCompaction({ outcome: 'failed', error: this.failure.message, serving: false })
       rejectAll(this.queue.splice(0), this.failure)
       return this.failure
     }

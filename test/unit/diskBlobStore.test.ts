@@ -288,6 +288,26 @@ describe('the state journal', () => {
     expect((await store.get('key-1'))?.state).toBe('active')
   })
 
+  it('a journal that cannot be emptied after a compaction stops the store taking writes, reported as a compaction that failed', async () => {
+    let store = await openStore()
+    await Promise.all(Array.from({ length: 10 }, (_, index) => store.put(sealedRecord(index))))
+    await store.close()
+    const events: CompactionEvent[] = []
+    // Writes to the journal fail; the log's do not, and no state change asks for a journal write before the compaction.
+    store = await openDiskBlobStore({ directory, compactAfterFrames: 20, onCompaction: (event) => events.push(event), fileSystem: faultyFileSystem({ sync: false, write: true, only: STATE_JOURNAL_FILE_NAME }) })
+    opened.push(store)
+    expect(events).toEqual([])
+    // Newer versions of the same ten keys: past 20 frames, more than twice the live ones, the next group compacts.
+    for (let version = 2; version <= 4; version++) await Promise.all(Array.from({ length: 10 }, (_, index) => store.put(sealedRecord(index, version)).catch(() => {})))
+    expect(events).toEqual([{ outcome: 'failed', error: expect.stringMatching(/^blob store could not empty its state journal after a compaction, reopen it to recover: ENOSPC/), serving: false }])
+    expect(store.writeFailure()).toMatch(/could not empty its state journal/)
+    await expect(store.put(sealedRecord(11))).rejects.toThrow(/reopen/)
+    // Reopened, with writes that work: the compacted log and a journal started again.
+    store = await reopen(store)
+    expect(await store.get('key-9')).toEqual(sealedRecord(9, 3))
+    expect((await stat(journalPath())).size).toBe(HEADER_BYTES)
+  })
+
   it('truncates a torn journal tail, and refuses a journal that is not one', async () => {
     const { journal } = await stateChangesBetweenPuts([['key-1', 'frozen']])
     await appendFile(journalPath(), Buffer.from('\x30\x00\x00\x00torn'))

@@ -36,6 +36,8 @@ describe('HMAC request signing between the Worker and the parent', () => {
     // Well inside the skew window, and a nonce the new process never saw: only its timestamp gives it away.
     expect(await check(after, unfreeze, { path: '/v1/keys/k/unfreeze' })).toBe('before-start')
     expect(await check(after, await signed({ now: 1_004_999 }))).toBe('before-start')
+    // Only a request its client really signed counts as one from before the start: a forgery is just that.
+    expect(await check(after, await signed({ now: 1_004_999, secret: 'wrong' }))).toBe('bad-signature')
     expect(await check(after, await signed({ now: 1_005_000 }))).toBeUndefined()
   })
 
