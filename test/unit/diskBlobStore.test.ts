@@ -693,6 +693,78 @@ await Promise.all(Array.from({ length: 32 }, writer))
   })
 })
 
+describe('crash during state changes', () => {
+  it('after kill -9 mid-stream of freezes and unfreezes, with compactions along the way, each key has its last acknowledged state', { timeout: 60_000 }, async () => {
+    const script = join(directory, 'toggler.mjs')
+    const storeDirectory = join(directory, 'store')
+    await mkdir(storeDirectory)
+    // 64 keys, each toggled by a writer of its own: the odd ones stop after a few changes, the even ones go on to the
+    // kill. A compaction every few hundred frames empties the journal as it goes, after the odd ones have settled.
+    await writeFile(
+      script,
+      `import { openDiskBlobStore } from ${JSON.stringify(pathToFileURL(storeModule).href)}
+const store = await openDiskBlobStore({ directory: process.argv[2], compactAfterFrames: 300, onCompaction: (event) => process.stdout.write('compaction ' + event.outcome + '\\n') })
+const keyIds = Array.from({ length: 64 }, (_, index) => 'key-' + index)
+await Promise.all(keyIds.map((keyId) => store.put({ keyId, version: 1, state: 'active', publicKey: new Uint8Array(65).fill(4), sealed: new Uint8Array(60).fill(7) })))
+process.stdout.write('ready\\n')
+await Promise.all(keyIds.map(async (keyId) => {
+  const rounds = Number(keyId.slice(4)) % 2 === 1 ? 1 + (Number(keyId.slice(4)) % 5) : Infinity
+  for (let round = 0; round < rounds; round++) {
+    const state = round % 2 === 0 ? 'frozen' : 'active'
+    process.stdout.write('start ' + keyId + ' ' + state + '\\n')
+    await store.setState(keyId, state)
+    process.stdout.write('done ' + keyId + ' ' + state + '\\n')
+  }
+}))
+`,
+    )
+    const child = spawn(process.execPath, ['--import', 'tsx', script, storeDirectory], { cwd: projectRoot, stdio: ['ignore', 'pipe', 'pipe'] })
+    let stdout = ''
+    let stderr = ''
+    child.stdout.setEncoding('utf8').on('data', (chunk: string) => (stdout += chunk))
+    child.stderr.setEncoding('utf8').on('data', (chunk: string) => (stderr += chunk))
+    // 'close', not 'exit': every line the toggler wrote has been read by then, the last change it started among them.
+    const exited = new Promise<NodeJS.Signals | null>((resolveExit) => child.once('close', (_code, signal) => resolveExit(signal)))
+    await new Promise<void>((ready, failed) => {
+      const onData = () => {
+        if (stdout.startsWith('ready\n')) child.stdout.off('data', onData), ready()
+      }
+      child.stdout.on('data', onData)
+      child.once('exit', () => failed(new Error(`toggler exited before it was ready: ${stderr}`)))
+    })
+    await new Promise((wait) => setTimeout(wait, 400))
+    child.kill('SIGKILL')
+    expect(await exited).toBe('SIGKILL')
+
+    // Per key: its last acknowledged state, and the change in flight at the kill, if any. Whole lines only.
+    const acknowledged = new Map<string, string>()
+    const inFlight = new Map<string, string>()
+    let compactions = 0
+    for (const line of stdout.split('\n').slice(1, -1)) {
+      const [phase, keyId, state] = line.split(' ') as [string, string, string]
+      if (phase === 'compaction') compactions += keyId === 'compacted' ? 1 : 0
+      else if (phase === 'start') inFlight.set(keyId, state)
+      else (acknowledged.set(keyId, state), inFlight.delete(keyId))
+    }
+    // The journal was emptied (and refilled) several times before the kill.
+    expect(compactions).toBeGreaterThanOrEqual(2)
+
+    const store = await openDiskBlobStore({ directory: storeDirectory })
+    opened.push(store)
+    let settled = 0
+    for (let index = 0; index < 64; index++) {
+      const keyId = `key-${index}`
+      const state = (await store.get(keyId))?.state
+      const before = acknowledged.get(keyId) ?? 'active'
+      // A change still in flight may or may not have landed; one that was acknowledged has.
+      if (inFlight.has(keyId)) expect([before, inFlight.get(keyId)], keyId).toContain(state)
+      else (expect(state, keyId).toBe(before), settled++)
+    }
+    // Every odd key had settled long before the kill, through the compactions after it.
+    expect(settled).toBeGreaterThanOrEqual(32)
+  })
+})
+
 describe('one process per store', () => {
   it('refuses a second open of a directory in use, names the holder, and opens once it is closed', async () => {
     const first = await openStore()
