@@ -87,11 +87,13 @@ export async function loadPreloadFile(options: LoadPreloadOptions): Promise<Prel
  * the V8 heap, where the garbage collector moves it and leaves copies of the
  * key behind; one `ArrayBuffer` stays put and is zeroed in one place.
  * Exported so that sealing refuses exactly what loading would refuse.
+ * `allocate` makes that buffer (tests give one that fails, as a process
+ * short of memory would).
  */
-export function parseShareEntries(entries: unknown): Map<string, Uint8Array> {
+export function parseShareEntries(entries: unknown, { allocate = (bytes: number) => new ArrayBuffer(bytes) }: { allocate?: (bytes: number) => ArrayBuffer } = {}): Map<string, Uint8Array> {
   if (!Array.isArray(entries)) throw new PreloadError('the preload file must hold a JSON array of {account_id, share}')
   if (entries.length === 0) throw new PreloadError('the preload file holds no entries: refusing to serve an empty key set')
-  const slab = allocateSlab(entries.length)
+  const slab = allocateSlab(entries.length, allocate)
   const keys = new Map<string, Uint8Array>()
   try {
     for (const [index, entry] of (entries as unknown[]).entries()) {
@@ -260,9 +262,9 @@ function readEntry(entry: unknown, index: number): { accountId: string; shareHex
 }
 
 /** One off-heap buffer for `count` keys; a process that cannot allocate it is refused with why, not an unexpected error. */
-function allocateSlab(count: number): Uint8Array {
+function allocateSlab(count: number, allocate: (bytes: number) => ArrayBuffer): Uint8Array {
   try {
-    return new Uint8Array(new ArrayBuffer(count * privateKeyBytes))
+    return new Uint8Array(allocate(count * privateKeyBytes))
   } catch (error) {
     if (!(error instanceof RangeError)) throw error
     throw new PreloadError(`not enough memory: the keys of ${count} entries need ${megabytes(count * privateKeyBytes)} MB in one buffer, which this process could not allocate (${error.message})`)

@@ -12,9 +12,10 @@ import type { KeyState, SealedKeyRecord, WrappedDek } from '../types.js'
 export interface BlobStore {
   /**
    * Resolves only once the record is durable (fsynced); a crash after that
-   * never loses it. A put of a stored key carries the state it has (change
-   * states with `setState`): the disk store, reopened, keeps the more
-   * restrictive of the two.
+   * never loses it. A put of a stored key must carry the state it has
+   * (states change with `setState`): a put with another serves while the
+   * store runs, but the disk store, reopened before its next compaction,
+   * keeps the more restrictive of it and the last `setState`.
    */
   put(record: SealedKeyRecord): Promise<void>
   get(keyId: string): Promise<SealedKeyRecord | undefined>

@@ -396,7 +396,7 @@ class GroupCommitStore implements DiskBlobStore {
     } catch (error) {
       // Half emptied, it may have lost its header: nothing more is appended to it, and the next open starts it again.
       this.failure = new Error(`blob store could not empty its state journal after a compaction, reopen it to recover: ${messageOf(error)}`, { cause: error })
-      this.compaction.onCompaction({ outcome: 'failed', error: this.failure.message, serving: false })
+      this.compaction.onCompaction({ outcome: 'failed', error: `could not empty the state journal: ${messageOf(error)}`, serving: false })
       rejectAll(this.queue.splice(0), this.failure)
       return this.failure
     }

@@ -223,16 +223,27 @@ describe('loadPreloadFile against its memory limit', () => {
   })
 
   it('refuses, saying why, when the one buffer for every key cannot be allocated', () => {
-    // A sparse array: its length, not its entries, sizes the buffer (about 137 GB here), so nothing else runs out first.
-    const entries = new Array(2 ** 32 - 1)
+    const entries = generatedEntries(1_000)
+    // What V8 throws when it cannot allocate an ArrayBuffer; a real 32 kB allocation would not fail here.
+    const allocate = () => {
+      throw new RangeError('Array buffer allocation failed')
+    }
     let error: unknown
     try {
-      parseShareEntries(entries)
+      parseShareEntries(entries, { allocate })
     } catch (caught) {
       error = caught
     }
     expect(error).toBeInstanceOf(PreloadError)
-    expect((error as Error).message).toMatch(/^not enough memory: the keys of 4294967295 entries need 131072\.0 MB in one buffer, which this process could not allocate \(.+\)$/)
+    expect((error as Error).message).toBe('not enough memory: the keys of 1000 entries need 0.0 MB in one buffer, which this process could not allocate (Array buffer allocation failed)')
+    // Any other failure of the allocator is not taken for a lack of memory.
+    expect(() =>
+      parseShareEntries(entries, {
+        allocate: () => {
+          throw new TypeError('not a number')
+        },
+      }),
+    ).toThrow(TypeError)
   })
 
   it('checks the resident set and the V8 heap by default: preloaded keys live off the heap', () => {
