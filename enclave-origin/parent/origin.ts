@@ -797,8 +797,9 @@ export class OriginParent {
 
   /**
    * Durable first, then the enclave: a frozen key stays frozen across
-   * restarts. An archived key keeps that state. With the enclave out of reach, the change is still in force:
-   * the key is reloaded from the store before any use, there or elsewhere.
+   * restarts, and an archived one stays archived for good. With the enclave
+   * out of reach, the change is still in force: the key is reloaded from the
+   * store before any use, there or elsewhere.
    */
   setState(keyId: string, state: KeyState): Promise<void> {
     return this.serializeKey(keyId, async () => {
