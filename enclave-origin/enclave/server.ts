@@ -5,7 +5,7 @@ import type { StreamAddress } from '../config.js'
 import { messageOf } from '../errors.js'
 import { CoalescingWriter } from '../protocol/coalescingWriter.js'
 import { listenVsock } from '../protocol/vsock.js'
-import { encodeFrame, FrameDecoder, FrameError, opcodes, statuses, type Frame, type Status } from '../protocol/frames.js'
+import { connectionRequestId, encodeFrame, FrameDecoder, FrameError, opcodes, statuses, type Frame, type Status } from '../protocol/frames.js'
 import {
   decodeCreateRequest,
   decodeCredentials,
@@ -82,6 +82,8 @@ function answerToFailure(error: unknown): Answer {
  * high-water mark, so a socket over it has a 'drain' to come.
  */
 const maxRequestsInFlight = 4_096
+/** How long a connection closed for a broken frame is read (and dropped) for before it is destroyed, if its peer keeps it open. */
+const closingLingerMs = 1_000
 const maxUnsentBytes = 1024 * 1024
 
 /**
@@ -363,7 +365,8 @@ function generatePrivateKey(): Uint8Array {
 /**
  * Serves the protocol on a stream listener (TCP or a Unix socket here; vsock in
  * an enclave). Requests on one connection run concurrently and answer in any
- * order; a malformed frame closes that connection only.
+ * order; a malformed frame closes that connection only, after a last frame
+ * (request id `connectionRequestId`) that says why.
  */
 export async function serveEnclave(options: {
   service: EnclaveService
@@ -378,6 +381,8 @@ export async function serveEnclave(options: {
     const writer = new CoalescingWriter(socket)
     let inFlight = 0
     let paused = false
+    /** Its framing broke: nothing more is read or answered on it. */
+    let closing = false
     // Resumes with half the requests bound free, so a connection at the bound does not pause and resume on every answer.
     const resumeIfRoom = () => {
       if (paused && inFlight <= maxRequestsInFlight / 2 && socket.writableLength < maxUnsentBytes) {
@@ -388,6 +393,7 @@ export async function serveEnclave(options: {
     /** Never throws: an answer that cannot be written closes its own connection, and is no unhandled rejection. */
     const send = (frame: Frame, { status, payload }: Answer) => {
       inFlight -= 1
+      if (closing) return
       try {
         writer.write(encodeFrame({ requestId: frame.requestId, opcode: frame.opcode, status, payload }))
       } catch (error) {
@@ -397,13 +403,25 @@ export async function serveEnclave(options: {
       }
       if (paused) resumeIfRoom()
     }
+    /** No request id can be answered once the framing is lost: one frame for the connection says why, then it ends. */
+    const closeSaying = (reason: string) => {
+      closing = true
+      options.log({ level: 'warn', event: 'connection_closed', reason })
+      writer.write(encodeFrame({ requestId: connectionRequestId, opcode: 0, status: statuses.BAD_REQUEST, payload: encodeErrorMessage(reason) }))
+      // After this turn's write; meanwhile what the peer still sends is read and dropped, as closing with it unread
+      // would reset the connection, and the peer could lose the reason. Not for long, though.
+      setImmediate(() => socket.end())
+      if (paused) socket.resume()
+      const linger = setTimeout(() => socket.destroy(), closingLingerMs)
+      socket.once('close', () => clearTimeout(linger))
+    }
     socket.on('data', (chunk: Uint8Array) => {
+      if (closing) return
       let frames: Frame[]
       try {
         frames = decoder.push(chunk)
       } catch (error) {
-        options.log({ level: 'warn', event: 'connection_closed', reason: error instanceof FrameError ? error.message : 'bad frame' })
-        socket.destroy()
+        closeSaying(error instanceof FrameError ? error.message : 'bad frame')
         return
       }
       inFlight += frames.length

@@ -2,7 +2,8 @@ import type { Socket } from 'node:net'
 import type { StreamAddress } from '../config.js'
 import { CoalescingWriter } from '../protocol/coalescingWriter.js'
 import { connectStream } from '../protocol/connectStream.js'
-import { encodeFrame, FrameDecoder, type Frame, type Opcode } from '../protocol/frames.js'
+import { connectionRequestId, encodeFrame, FrameDecoder, statuses, type Frame, type Opcode } from '../protocol/frames.js'
+import { decodeErrorMessage } from '../protocol/messages.js'
 
 /** Where an enclave listens: vsock in production, TCP or a Unix socket elsewhere. */
 export type EnclaveAddress = StreamAddress
@@ -20,6 +21,8 @@ class EnclaveConnection {
   private nextId = 1
   /** Reads so far: a connection that read nothing since a request that timed out is stuck, not busy. A count, not a clock: no time read per read. */
   private reads = 0
+  /** Why the enclave closed this connection, when it said: a frame of ours it could not read. */
+  private closedBecause: string | undefined
   closed = false
 
   constructor(
@@ -38,6 +41,10 @@ class EnclaveConnection {
         return
       }
       for (const frame of frames) {
+        if (frame.requestId === connectionRequestId && frame.status === statuses.BAD_REQUEST) {
+          this.closedBecause = readableReason(frame.payload)
+          continue
+        }
         const waiting = this.pending.get(frame.requestId)
         if (!waiting) continue
         this.pending.delete(frame.requestId)
@@ -48,9 +55,10 @@ class EnclaveConnection {
     socket.on('error', () => {})
     socket.on('close', () => {
       this.closed = true
+      const message = this.closedBecause === undefined ? 'connection to the enclave closed' : `the enclave closed the connection: ${this.closedBecause}`
       for (const waiting of this.pending.values()) {
         clearTimeout(waiting.timer)
-        waiting.reject(new EnclaveUnavailableError('connection to the enclave closed'))
+        waiting.reject(new EnclaveUnavailableError(message))
       }
       this.pending.clear()
       onClose()
@@ -89,6 +97,15 @@ class EnclaveConnection {
       this.pending.set(requestId, { resolve, reject, timer })
       this.writer.write(frame)
     })
+  }
+}
+
+/** The enclave's reason, or a note that it gave one this parent cannot read. */
+function readableReason(payload: Uint8Array): string {
+  try {
+    return decodeErrorMessage(payload)
+  } catch {
+    return 'a reason this parent cannot read'
   }
 }
 

@@ -48,6 +48,13 @@ export type Status = (typeof statuses)[keyof typeof statuses]
  */
 export type Frame = { requestId: number; opcode: number; status: number; payload: Uint8Array }
 
+/**
+ * The request id no request carries (the parent numbers from 1): a frame with
+ * it speaks for the connection. The enclave sends one, status BAD_REQUEST
+ * with an error message, as its last word on a connection whose framing broke.
+ */
+export const connectionRequestId = 0
+
 /** Default bound on a frame's declared length; a sealed key record is a few hundred bytes. */
 export const maxFrameBytes = 64 * 1024
 

@@ -1,8 +1,8 @@
 import { createServer, type Server, type Socket } from 'node:net'
 import { afterEach, beforeEach, describe, expect, it } from 'vitest'
 import { EnclavePool, EnclaveUnavailableError } from '../../enclave-origin/parent/enclavePool.js'
-import { encodeFrame, FrameDecoder, opcodes, type Frame } from '../../enclave-origin/protocol/frames.js'
-import { emptyPayload } from '../../enclave-origin/protocol/messages.js'
+import { connectionRequestId, encodeFrame, FrameDecoder, opcodes, statuses, type Frame } from '../../enclave-origin/protocol/frames.js'
+import { emptyPayload, encodeErrorMessage } from '../../enclave-origin/protocol/messages.js'
 
 /**
  * The parent's connection pool against a real TCP server that records which
@@ -52,6 +52,21 @@ const until = async (check: () => boolean) => {
 const health = (timeoutMs = 5_000) => pool!.request({ opcode: opcodes.HEALTH, payload: emptyPayload, timeoutMs })
 
 describe('EnclavePool', () => {
+  it('fails the requests of a connection the enclave closed with its reason, saying that reason', async () => {
+    pool = new EnclavePool({ address: { host: '127.0.0.1', port }, size: 1 })
+    await pool.connect()
+    const pending = health()
+    await until(() => received.length === 1)
+    const { socket } = received[0]!
+    socket.end(encodeFrame({ requestId: connectionRequestId, opcode: 0, status: statuses.BAD_REQUEST, payload: encodeErrorMessage('frame declares 7 bytes, more than the 6-byte limit') }))
+    await expect(pending).rejects.toThrow(new EnclaveUnavailableError('the enclave closed the connection: frame declares 7 bytes, more than the 6-byte limit'))
+    // Without a reason, the plain one: the next connection closes with nothing said.
+    const next = health()
+    await until(() => received.length === 2)
+    received[1]!.socket.end()
+    await expect(next).rejects.toThrow(new EnclaveUnavailableError('connection to the enclave closed'))
+  })
+
   it('spreads requests from different turns over the connections with the fewest in flight', async () => {
     pool = new EnclavePool({ address: { host: '127.0.0.1', port }, size: 4 })
     await pool.connect()

@@ -13,7 +13,7 @@ import { sealPrivateKey } from '../../enclave-origin/enclave/sealing.js'
 import { EnclaveService, serveEnclave } from '../../enclave-origin/enclave/server.js'
 import type { BlobStore } from '../../enclave-origin/parent/blobStore.js'
 import { OriginParent } from '../../enclave-origin/parent/origin.js'
-import { encodeFrame, FrameDecoder, maxFrameBytes, opcodes, statuses, type Frame } from '../../enclave-origin/protocol/frames.js'
+import { connectionRequestId, encodeFrame, FrameDecoder, maxFrameBytes, opcodes, statuses, type Frame } from '../../enclave-origin/protocol/frames.js'
 import {
   decodeAttestResponse,
   decodeCreateResponse,
@@ -86,20 +86,25 @@ function client(at = port) {
     for (let i = 0; i < 200 && !frames.some((f) => f.requestId === frame.requestId); i++) await new Promise((r) => setTimeout(r, 5))
     return frames.find((f) => f.requestId === frame.requestId)
   }
-  return { socket: socket as Socket, closed, request }
+  return { socket: socket as Socket, closed, request, frames }
 }
 
-it('an oversized frame closes that connection only; others keep being served', async () => {
+it('an oversized frame closes that connection only, after a last frame that says why; others keep being served', async () => {
   const good = client()
   const bad = client()
   const created = await good.request({ requestId: 1, opcode: opcodes.CREATE, payload: encodeCreateRequest({ keyId: 'k1' }) })
   expect(created?.status).toBe(statuses.OK)
   expect(decodeCreateResponse(created!.payload).publicKey).toHaveLength(65)
 
-  const oversized = new Uint8Array(8)
+  // The bad length, then more bytes the enclave never reads as frames: closing with them unread would reset the
+  // connection, and the peer could lose the reason.
+  const oversized = new Uint8Array(8 + 64 * 1024)
   new DataView(oversized.buffer).setUint32(0, 10 * 1024 * 1024)
   bad.socket.write(oversized)
   await bad.closed
+  expect(bad.frames).toHaveLength(1)
+  expect(bad.frames[0]).toMatchObject({ requestId: connectionRequestId, status: statuses.BAD_REQUEST })
+  expect(decodeErrorMessage(bad.frames[0]!.payload)).toBe(`frame declares ${10 * 1024 * 1024} bytes, more than the ${maxFrameBytes}-byte limit`)
 
   const signed = await good.request({ requestId: 2, opcode: opcodes.SIGN, payload: encodeSignRequest({ keyId: 'k1', digest: new Uint8Array(32).fill(7) }) })
   expect(signed?.status).toBe(statuses.OK)
