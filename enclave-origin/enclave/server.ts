@@ -408,8 +408,8 @@ export async function serveEnclave(options: {
       closing = true
       options.log({ level: 'warn', event: 'connection_closed', reason })
       writer.write(encodeFrame({ requestId: connectionRequestId, opcode: 0, status: statuses.BAD_REQUEST, payload: encodeErrorMessage(reason) }))
-      // After this turn's write; meanwhile what the peer still sends is read and dropped, as closing with it unread
-      // would reset the connection, and the peer could lose the reason. Not for long, though.
+      // After this turn's write. Until the peer closes too (at most closingLingerMs), what it still sends is read and
+      // dropped: closing a TCP connection with input unread resets it, and the peer could lose the reason.
       setImmediate(() => socket.end())
       if (paused) socket.resume()
       const linger = setTimeout(() => socket.destroy(), closingLingerMs)
@@ -422,6 +422,11 @@ export async function serveEnclave(options: {
         frames = decoder.push(chunk)
       } catch (error) {
         closeSaying(error instanceof FrameError ? error.message : 'bad frame')
+        return
+      }
+      // Its answer would read as the connection's last word: a peer numbering a request so does not speak this protocol.
+      if (frames.some((frame) => frame.requestId === connectionRequestId)) {
+        closeSaying(`request id ${connectionRequestId} is reserved for the connection`)
         return
       }
       inFlight += frames.length

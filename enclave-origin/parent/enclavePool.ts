@@ -41,9 +41,11 @@ class EnclaveConnection {
         return
       }
       for (const frame of frames) {
-        if (frame.requestId === connectionRequestId && frame.status === statuses.BAD_REQUEST) {
+        if (frame.requestId === connectionRequestId && frame.opcode === 0 && frame.status === statuses.BAD_REQUEST) {
+          // The enclave's last word here: nothing more will be answered, so its requests fail now, with the reason.
           this.closedBecause = readableReason(frame.payload)
-          continue
+          socket.destroy()
+          return
         }
         const waiting = this.pending.get(frame.requestId)
         if (!waiting) continue

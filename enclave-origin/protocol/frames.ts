@@ -49,9 +49,10 @@ export type Status = (typeof statuses)[keyof typeof statuses]
 export type Frame = { requestId: number; opcode: number; status: number; payload: Uint8Array }
 
 /**
- * The request id no request carries (the parent numbers from 1): a frame with
- * it speaks for the connection. The enclave sends one, status BAD_REQUEST
- * with an error message, as its last word on a connection whose framing broke.
+ * The request id no request may carry (the parent numbers from 1; the enclave
+ * closes a connection whose peer uses it): a frame with it speaks for the
+ * connection. The enclave sends one, opcode 0, status BAD_REQUEST with an
+ * error message, as its last word on a connection it closes for a bad frame.
  */
 export const connectionRequestId = 0
 

@@ -52,19 +52,25 @@ const until = async (check: () => boolean) => {
 const health = (timeoutMs = 5_000) => pool!.request({ opcode: opcodes.HEALTH, payload: emptyPayload, timeoutMs })
 
 describe('EnclavePool', () => {
-  it('fails the requests of a connection the enclave closed with its reason, saying that reason', async () => {
+  it('fails the requests of a connection the enclave gave up on at its last word, with its reason, and sends no more there', async () => {
     pool = new EnclavePool({ address: { host: '127.0.0.1', port }, size: 1 })
     await pool.connect()
     const pending = health()
     await until(() => received.length === 1)
-    const { socket } = received[0]!
-    socket.end(encodeFrame({ requestId: connectionRequestId, opcode: 0, status: statuses.BAD_REQUEST, payload: encodeErrorMessage('frame declares 7 bytes, more than the 6-byte limit') }))
+    // The reason alone, the connection still open (its end still to come).
+    received[0]!.socket.write(encodeFrame({ requestId: connectionRequestId, opcode: 0, status: statuses.BAD_REQUEST, payload: encodeErrorMessage('frame declares 7 bytes, more than the 6-byte limit') }))
     await expect(pending).rejects.toThrow(new EnclaveUnavailableError('the enclave closed the connection: frame declares 7 bytes, more than the 6-byte limit'))
-    // Without a reason, the plain one: the next connection closes with nothing said.
+    // The next request goes on a new connection, and is answered there.
     const next = health()
     await until(() => received.length === 2)
-    received[1]!.socket.end()
-    await expect(next).rejects.toThrow(new EnclaveUnavailableError('connection to the enclave closed'))
+    expect(received[1]!.connection).toBe(1)
+    answerAll()
+    expect((await next).status).toBe(0)
+    // A connection that closes with nothing said fails its requests with the plain reason.
+    const last = health()
+    await until(() => received.length === 1)
+    received[0]!.socket.end()
+    await expect(last).rejects.toThrow(new EnclaveUnavailableError('connection to the enclave closed'))
   })
 
   it('spreads requests from different turns over the connections with the fewest in flight', async () => {

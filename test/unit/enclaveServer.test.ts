@@ -89,22 +89,28 @@ function client(at = port) {
   return { socket: socket as Socket, closed, request, frames }
 }
 
-it('an oversized frame closes that connection only, after a last frame that says why; others keep being served', async () => {
+it('an oversized frame, or a request numbered 0, closes that connection only, after a last frame that says why; others keep being served', async () => {
   const good = client()
   const bad = client()
   const created = await good.request({ requestId: 1, opcode: opcodes.CREATE, payload: encodeCreateRequest({ keyId: 'k1' }) })
   expect(created?.status).toBe(statuses.OK)
   expect(decodeCreateResponse(created!.payload).publicKey).toHaveLength(65)
 
-  // The bad length, then more bytes the enclave never reads as frames: closing with them unread would reset the
-  // connection, and the peer could lose the reason.
-  const oversized = new Uint8Array(8 + 64 * 1024)
+  const oversized = new Uint8Array(8)
   new DataView(oversized.buffer).setUint32(0, 10 * 1024 * 1024)
   bad.socket.write(oversized)
   await bad.closed
   expect(bad.frames).toHaveLength(1)
-  expect(bad.frames[0]).toMatchObject({ requestId: connectionRequestId, status: statuses.BAD_REQUEST })
+  expect(bad.frames[0]).toMatchObject({ requestId: connectionRequestId, opcode: 0, status: statuses.BAD_REQUEST })
   expect(decodeErrorMessage(bad.frames[0]!.payload)).toBe(`frame declares ${10 * 1024 * 1024} bytes, more than the ${maxFrameBytes}-byte limit`)
+
+  // A request numbered 0, the connection's own id, is refused the same way, unanswered.
+  const reserved = client()
+  reserved.socket.write(encodeFrame({ requestId: connectionRequestId, opcode: opcodes.HEALTH, status: 0, payload: new Uint8Array() }))
+  await reserved.closed
+  expect(reserved.frames.map((frame) => [frame.requestId, frame.opcode, frame.status, decodeErrorMessage(frame.payload)])).toEqual([
+    [connectionRequestId, 0, statuses.BAD_REQUEST, `request id ${connectionRequestId} is reserved for the connection`],
+  ])
 
   const signed = await good.request({ requestId: 2, opcode: opcodes.SIGN, payload: encodeSignRequest({ keyId: 'k1', digest: new Uint8Array(32).fill(7) }) })
   expect(signed?.status).toBe(statuses.OK)
@@ -414,7 +420,7 @@ it('stops reading a connection whose peer sends SIGNs and never reads the answer
   const good = client()
   expect((await good.request({ requestId: 500, opcode: opcodes.CREATE, payload: encodeCreateRequest({ keyId: 'flooded' }) }))?.status).toBe(statuses.OK)
   const sign = encodeSignRequest({ keyId: 'flooded', digest: new Uint8Array(32).fill(9) })
-  const batch = Buffer.concat(Array.from({ length: 1_000 }, (_, i) => encodeFrame({ requestId: i, opcode: opcodes.SIGN, status: 0, payload: sign })))
+  const batch = Buffer.concat(Array.from({ length: 1_000 }, (_, i) => encodeFrame({ requestId: i + 1, opcode: opcodes.SIGN, status: 0, payload: sign })))
   const flood = connect(port, '127.0.0.1')
   flood.pause() // never reads
   await once(flood, 'connect')
