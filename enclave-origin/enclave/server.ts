@@ -411,7 +411,6 @@ export async function serveEnclave(options: {
       // After this turn's write. Until the peer closes too (at most closingLingerMs), what it still sends is read and
       // dropped: closing a TCP connection with input unread resets it, and the peer could lose the reason.
       setImmediate(() => socket.end())
-      if (paused) socket.resume()
       const linger = setTimeout(() => socket.destroy(), closingLingerMs)
       socket.once('close', () => clearTimeout(linger))
     }
