@@ -128,7 +128,6 @@ type KeyEntry = {
  */
 export type SequencedResult = { kind: 'applied' } | { kind: 'stale'; reason: string } | { kind: 'needs-unlock'; retryAfterMs: number }
 
-
 type CachedDek = { bytes: Uint8Array; retiring: Uint8Array | undefined; softExpiresAt: number; hardExpiresAt: number; renewAt: number }
 
 type Counters = Omit<KeyCacheStats, 'keys' | 'inlineRefreshMs'>

@@ -5,7 +5,7 @@ import type { StreamAddress } from '../config.js'
 import { messageOf } from '../errors.js'
 import { CoalescingWriter } from '../protocol/coalescingWriter.js'
 import { listenVsock } from '../protocol/vsock.js'
-import { connectionRequestId, encodeFrame, FrameDecoder, FrameError, opcodes, statuses, type Frame, type Status } from '../protocol/frames.js'
+import { connectionRequestId, encodeConnectionClosing, encodeFrame, FrameDecoder, FrameError, opcodes, statuses, type Frame, type Status } from '../protocol/frames.js'
 import {
   decodeCreateRequest,
   decodeCredentials,
@@ -407,7 +407,7 @@ export async function serveEnclave(options: {
     const closeSaying = (reason: string) => {
       closing = true
       options.log({ level: 'warn', event: 'connection_closed', reason })
-      writer.write(encodeFrame({ requestId: connectionRequestId, opcode: 0, status: statuses.BAD_REQUEST, payload: encodeErrorMessage(reason) }))
+      writer.write(encodeConnectionClosing(encodeErrorMessage(reason)))
       // After this turn's write. Until the peer closes too (at most closingLingerMs), what it still sends is read and
       // dropped: closing a TCP connection with input unread resets it, and the peer could lose the reason.
       setImmediate(() => socket.end())

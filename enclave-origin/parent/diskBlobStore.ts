@@ -116,23 +116,23 @@ async function openLocked(options: Required<DiskBlobStoreOptions> & { lock: Dire
   // What a compaction interrupted by a crash left behind; the log itself is intact.
   await rm(join(directory, COMPACTING_FILE_NAME), { force: true })
   const opened: LogFile[] = []
-  const recover = async (name: string, magic: Buffer) => {
-    const path = join(directory, name)
+  const recover = async (kind: LogKind) => {
+    const path = join(directory, kind.name)
     const { file: rawFile, created } = await openOrCreateLog(fileSystem, path)
     const file = countingFile(rawFile, counters)
     opened.push(file)
-    return { file, ...(await recoverLog({ file, path, magic, created, onDamage, keepAside: (bytes) => keepDamagedLogAside({ fileSystem, directory, name, bytes }) })) }
+    return { file, path, ...(await recoverLog({ file, path, kind, created, onDamage, keepAside: (bytes) => keepDamagedLogAside({ fileSystem, directory, name: kind.name, bytes }) })) }
   }
   let log: Awaited<ReturnType<typeof recover>>
   let journal: Awaited<ReturnType<typeof recover>>
   const index = new RecordIndex()
   try {
-    log = await recover(LOG_FILE_NAME, LOG_MAGIC)
-    journal = await recover(STATE_JOURNAL_FILE_NAME, JOURNAL_MAGIC)
+    log = await recover(RECORD_LOG)
+    journal = await recover(STATE_JOURNAL)
     // A new file's directory entry is not durable until the directory is fsynced, however often the file is.
     if (log.headerWritten || journal.headerWritten) await syncDirectory(fileSystem, directory)
     for (const entry of log.entries) index.apply(entry)
-    index.restrictStates(lastStates(journal.entries, join(directory, STATE_JOURNAL_FILE_NAME)))
+    index.restrictStates(lastStates(journal.entries, journal.path))
   } catch (error) {
     await Promise.all(opened.map((file) => file.close().catch(() => {})))
     throw error
@@ -468,6 +468,10 @@ class RecordIndex {
 /** Readable in a hex dump; the trailing version byte lets a later format refuse to misread this one. */
 const LOG_MAGIC = Buffer.from('sealed-blobs\x00v1\n', 'latin1')
 const JOURNAL_MAGIC = Buffer.from('key-states\x00\x00\x00v1\n', 'latin1')
+/** The store's two files, each known by its header; `what` names one in the refusal of a file that is not it. */
+type LogKind = { name: string; magic: Buffer; what: string }
+const RECORD_LOG: LogKind = { name: LOG_FILE_NAME, magic: LOG_MAGIC, what: 'sealed-blob log' }
+const STATE_JOURNAL: LogKind = { name: STATE_JOURNAL_FILE_NAME, magic: JOURNAL_MAGIC, what: 'key state journal' }
 const FRAME_HEADER_BYTES = 8
 /** Records are a few hundred bytes; a length beyond this is a torn or corrupt frame, not a record. */
 const MAX_PAYLOAD_BYTES = 16 * 1024 * 1024
@@ -485,17 +489,18 @@ async function openOrCreateLog(fileSystem: BlobStoreFileSystem, path: string): P
   }
 }
 
-/** Reads a log's entries (the record log or the state journal, told apart by `magic`), truncating a torn tail and writing the header of a new (or torn-at-birth) one. */
+/** Reads a log's entries (the record log or the state journal), truncating a torn tail and writing the header of a new (or torn-at-birth) one. */
 async function recoverLog(options: {
   file: LogFile
   path: string
-  magic: Buffer
+  kind: LogKind
   created: boolean
   onDamage: (event: DamageEvent) => void
   /** Copies the log as found somewhere safe before anything changes it; resolves to the copy's path. */
   keepAside: (bytes: Buffer) => Promise<string>
 }): Promise<{ entries: LogEntry[]; headerWritten: boolean; damaged: boolean }> {
-  const { file, path, magic, created } = options
+  const { file, path, created } = options
+  const { magic } = options.kind
   const bytes = await readWholeFile(file)
   // A crash while creating the log can leave it empty, with part of the header, or with the header's size in zeros: nothing was ever stored.
   if (created || isUnfinishedHeader(bytes, magic)) {
@@ -506,7 +511,7 @@ async function recoverLog(options: {
   }
   if (!bytes.subarray(0, magic.length).equals(magic)) {
     // Truncating a file we do not recognise would destroy it; refuse instead.
-    throw new Error(`${path} is not a ${magic === LOG_MAGIC ? 'sealed-blob log' : 'key state journal'} (bad header)`)
+    throw new Error(`${path} is not a ${options.kind.what} (bad header)`)
   }
   const { entries, validLength, damaged, unscannedFrom } = scanFrames(bytes, magic.length)
   // A whole frame at the end whose checksum fails was written in full, and may have been acknowledged: damage, not a torn write.

@@ -2,7 +2,7 @@ import type { Socket } from 'node:net'
 import type { StreamAddress } from '../config.js'
 import { CoalescingWriter } from '../protocol/coalescingWriter.js'
 import { connectStream } from '../protocol/connectStream.js'
-import { connectionRequestId, encodeFrame, FrameDecoder, statuses, type Frame, type Opcode } from '../protocol/frames.js'
+import { encodeFrame, FrameDecoder, isConnectionClosing, type Frame, type Opcode } from '../protocol/frames.js'
 import { decodeErrorMessage } from '../protocol/messages.js'
 
 /** Where an enclave listens: vsock in production, TCP or a Unix socket elsewhere. */
@@ -41,7 +41,7 @@ class EnclaveConnection {
         return
       }
       for (const frame of frames) {
-        if (frame.requestId === connectionRequestId && frame.opcode === 0 && frame.status === statuses.BAD_REQUEST) {
+        if (isConnectionClosing(frame)) {
           // The enclave's last word here: nothing more will be answered, so its requests fail now, with the reason.
           this.closedBecause = readableReason(frame.payload)
           socket.destroy()

@@ -56,6 +56,16 @@ export type Frame = { requestId: number; opcode: number; status: number; payload
  */
 export const connectionRequestId = 0
 
+/** The enclave's last word on a connection it closes (see `connectionRequestId`), around an encoded error message. */
+export function encodeConnectionClosing(payload: Uint8Array): Uint8Array {
+  return encodeFrame({ requestId: connectionRequestId, opcode: 0, status: statuses.BAD_REQUEST, payload })
+}
+
+/** Whether `frame` is the enclave's last word on its connection. */
+export function isConnectionClosing(frame: Frame): boolean {
+  return frame.requestId === connectionRequestId && frame.opcode === 0 && frame.status === statuses.BAD_REQUEST
+}
+
 /** Default bound on a frame's declared length; a sealed key record is a few hundred bytes. */
 export const maxFrameBytes = 64 * 1024
 

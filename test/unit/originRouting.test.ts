@@ -429,18 +429,23 @@ describe('a reload its enclave did not answer', () => {
 })
 
 describe('LOAD and SET_STATE sequences', () => {
-  /** An enclave of its own behind a relay that records the parent's frames, and a store of its own; `stop` ends all three. */
+  /**
+   * An enclave of its own behind a relay that records the parent's frames, and a store of its own; `stop` ends all
+   * three. `parentOf` makes a parent of that enclave, through the relay, on that store.
+   */
   async function cabledEnclave({ id, storeName }: { id: string; storeName: string }) {
     const own = { id, address: { host: '127.0.0.1', port: await freePort() } }
     const enclave = await startEnclave(own)
     const cable = await relay(own.address)
     const ownStore = await openDiskBlobStore({ directory: path.join(directory, storeName) })
+    const parentOf = (options: Partial<ConstructorParameters<typeof OriginParent>[0]> = {}) =>
+      new OriginParent({ enclaves: [{ id, address: cable.address }], poolSize: 1, store: ownStore, requestTimeoutMs: 1_000, credentials: async () => kms.credentials, ...options })
     const stop = async () => {
       await cable.close()
       await ownStore.close()
       await enclave.stop()
     }
-    return { own, enclave, cable, ownStore, stop }
+    return { own, enclave, cable, ownStore, parentOf, stop }
   }
 
   /** `frame` sent to the enclave at `address` again, on a connection of its own (as it would land late); its answer. */
@@ -457,11 +462,10 @@ describe('LOAD and SET_STATE sequences', () => {
   }
 
   it('a state change given up on that lands after a newer one changes nothing, from this parent or the one before the next', async () => {
-    const { own, enclave, cable, ownStore, stop } = await cabledEnclave({ id: 'sequenced', storeName: 'sequence-store' })
+    const { own, enclave, cable, parentOf: cabledParent, stop } = await cabledEnclave({ id: 'sequenced', storeName: 'sequence-store' })
     const logged: Array<Record<string, unknown>> = []
     // Backoffs on a clock that stands still: the hold after a timeout lasts for the rest of the test.
-    const parentOf = () =>
-      new OriginParent({ enclaves: [{ id: own.id, address: cable.address }], poolSize: 1, store: ownStore, requestTimeoutMs: 1_000, credentials: async () => kms.credentials, monotonicNow: () => 0, log: (fields) => logged.push(fields) })
+    const parentOf = () => cabledParent({ monotonicNow: () => 0, log: (fields) => logged.push(fields) })
     const first = parentOf()
     let second: OriginParent | undefined
     const lastSetState = () => cable.framesFromParent.filter((frame) => frame.opcode === opcodes.SET_STATE).at(-1)!
@@ -507,10 +511,10 @@ describe('LOAD and SET_STATE sequences', () => {
   })
 
   it('after an enclave restart, the parent has the new process open its epoch above the sequences it used: a request numbered before the restart cannot undo a later one', async () => {
-    const { own, enclave, cable, ownStore, stop } = await cabledEnclave({ id: 'restarting', storeName: 'restart-sequence-store' })
+    const { own, enclave, cable, ownStore, parentOf, stop } = await cabledEnclave({ id: 'restarting', storeName: 'restart-sequence-store' })
     // The shared data key, so that start unlocks once (a new store's first start makes a data key with an UNLOCK of its own).
     await ownStore.putWrappedDek((await store.getWrappedDek())!)
-    const numbering = new OriginParent({ enclaves: [{ id: own.id, address: cable.address }], poolSize: 1, store: ownStore, requestTimeoutMs: 1_000, credentials: async () => kms.credentials })
+    const numbering = parentOf()
     try {
       await numbering.start()
       const key = await numbering.createKey()
@@ -535,9 +539,9 @@ describe('LOAD and SET_STATE sequences', () => {
   })
 
   it('a state change answered NEEDS_UNLOCK by the epoch its own parent\u2019s UNLOCK opened, before that answer is read, goes again in the new epoch and applies', async () => {
-    const { own, enclave, cable, ownStore, stop } = await cabledEnclave({ id: 'racing', storeName: 'race-sequence-store' })
+    const { enclave, cable, parentOf, stop } = await cabledEnclave({ id: 'racing', storeName: 'race-sequence-store' })
     const logged: Array<Record<string, unknown>> = []
-    const racing = new OriginParent({ enclaves: [{ id: own.id, address: cable.address }], poolSize: 2, store: ownStore, requestTimeoutMs: 2_000, credentials: async () => kms.credentials, log: (fields) => logged.push(fields) })
+    const racing = parentOf({ poolSize: 2, requestTimeoutMs: 2_000, log: (fields) => logged.push(fields) })
     const setStates = () => cable.framesFromParent.filter((frame) => frame.opcode === opcodes.SET_STATE).map((frame) => decodeSetStateRequest(frame.payload))
     let unlocking: Promise<void> | undefined
     try {
