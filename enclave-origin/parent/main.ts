@@ -6,7 +6,7 @@ import { RequestVerifier } from '../protocol/requestSigning.js'
 import { defaultProvider } from '@aws-sdk/credential-provider-node'
 import { openDiskBlobStore } from './diskBlobStore.js'
 import { openS3BlobStore, parentS3Client } from './s3BlobStore.js'
-import { closeGracefully, createParentApi } from './httpApi.js'
+import { createParentApi } from './httpApi.js'
 import { OriginParent } from './origin.js'
 
 /**
@@ -62,11 +62,12 @@ export async function runParent(): Promise<() => Promise<void>> {
   await parent.start()
   const server = createParentApi({ parent, verifier: new RequestVerifier({ secrets, hashing: nodeHashing }), log: logLine, tls })
   const address = listenAddress(setting('PARENT_LISTEN', '127.0.0.1:8443'))
-  await new Promise<void>((resolve) => server.listen(address, resolve))
+  if ('vsock' in address) throw new Error('PARENT_LISTEN must be host:port or a Unix socket path: the parent does not listen on vsock')
+  await server.listen(address)
   logLine({ event: 'parent_listening', address, enclaves: enclaves.map((e) => e.id), tls: Boolean(tls) })
   return async () => {
     // Requests in flight (a create whose record is durable, a signature) are answered, not cut off.
-    await closeGracefully(server, { drainMs: 5_000 })
+    await server.close({ drainMs: 5_000 })
     parent.close()
     await store.close()
   }

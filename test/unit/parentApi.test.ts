@@ -1,9 +1,9 @@
 import { connect, createServer as createNetServer } from 'node:net'
 import type { AddressInfo } from 'node:net'
-import type { Server } from 'node:http'
+import type { HttpServer } from '../../enclave-origin/parent/httpServer.js'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import type { BlobStore } from '../../enclave-origin/parent/blobStore.js'
-import { closeGracefully, createParentApi, healthStatus } from '../../enclave-origin/parent/httpApi.js'
+import { createParentApi, healthStatus } from '../../enclave-origin/parent/httpApi.js'
 import { ThrottledLog } from '../../enclave-origin/parent/throttledLog.js'
 import { OriginParent } from '../../enclave-origin/parent/origin.js'
 import { RequestVerifier, signRequest } from '../../enclave-origin/protocol/requestSigning.js'
@@ -15,7 +15,7 @@ import { RequestVerifier, signRequest } from '../../enclave-origin/protocol/requ
  */
 
 const hmac = { keyId: 'worker', secret: 'a-test-secret-of-enough-bytes' }
-let server: Server
+let server: HttpServer
 let parent: OriginParent
 let base: string
 const logged: Array<Record<string, unknown>> = []
@@ -23,13 +23,12 @@ const logged: Array<Record<string, unknown>> = []
 beforeAll(async () => {
   parent = new OriginParent({ enclaves: [{ id: 'none', address: { host: '127.0.0.1', port: 1 } }], poolSize: 1, store: {} as BlobStore, requestTimeoutMs: 200, credentials: () => Promise.reject(new Error('not needed here')) })
   server = createParentApi({ parent, verifier: new RequestVerifier({ secrets: { [hmac.keyId]: hmac.secret } }), log: (fields) => logged.push(fields), requestReadTimeoutMs: 400 })
-  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve))
+  await server.listen({ port: 0, host: '127.0.0.1' })
   base = `http://127.0.0.1:${(server.address() as AddressInfo).port}`
 })
 
 afterAll(async () => {
-  server.closeAllConnections()
-  await new Promise((resolve) => server.close(resolve))
+  await server.close({ drainMs: 0 })
   parent.close()
 })
 
@@ -97,14 +96,14 @@ describe('the parent API', () => {
     // Its enclave serves: the store alone is what is down.
     failed.health = async () => [{ id: 'a', answered: true, ok: true, inflight: 0 }]
     const api = createParentApi({ parent: failed, verifier: new RequestVerifier({ secrets: {} }), log: () => {} })
-    await new Promise<void>((listening) => api.listen(0, '127.0.0.1', listening))
+    await api.listen({ port: 0, host: '127.0.0.1' })
     try {
       const response = await fetch(`http://127.0.0.1:${(api.address() as AddressInfo).port}/healthz`)
       expect(response.status).toBe(503)
       expect(await response.json()).toMatchObject({ ok: false, status: 'down', store: { ok: false, error: 'blob store write failed, reopen it to recover: EIO' } })
       expect(((await (await fetch(`${base}/healthz`)).json()) as { store: unknown }).store).toEqual({ ok: true })
     } finally {
-      await closeGracefully(api, { drainMs: 100 })
+      await api.close({ drainMs: 100 })
       failed.close()
     }
   })
@@ -129,14 +128,14 @@ describe('the parent API', () => {
     await new Promise<void>((listening) => silentEnclave.listen(0, '127.0.0.1', listening))
     const slowParent = new OriginParent({ enclaves: [{ id: 'silent', address: { host: '127.0.0.1', port: (silentEnclave.address() as AddressInfo).port } }], poolSize: 1, store: {} as BlobStore, requestTimeoutMs: 300, credentials: () => Promise.reject(new Error('not needed here')) })
     const closing = createParentApi({ parent: slowParent, verifier: new RequestVerifier({ secrets: { [hmac.keyId]: hmac.secret } }), log: () => {} })
-    await new Promise<void>((listening) => closing.listen(0, '127.0.0.1', listening))
+    await closing.listen({ port: 0, host: '127.0.0.1' })
     try {
       const path = '/v1/keys/k'
       const headers = await signRequest({ ...hmac, method: 'GET', path, body: new Uint8Array() })
       const answer = fetch(`http://127.0.0.1:${(closing.address() as AddressInfo).port}${path}`, { headers })
       await new Promise((resolve) => setTimeout(resolve, 100))
       const closeStarted = Date.now()
-      const closed = closeGracefully(closing, { drainMs: 3_000 })
+      const closed = closing.close({ drainMs: 3_000 })
       expect((await answer).status).toBe(503)
       await closed
       expect(closing.listening).toBe(false)

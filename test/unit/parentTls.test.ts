@@ -1,5 +1,5 @@
 import { request, type RequestOptions } from 'node:https'
-import type { Server } from 'node:http'
+import type { HttpServer } from '../../enclave-origin/parent/httpServer.js'
 import { afterAll, beforeAll, expect, it } from 'vitest'
 import type { BlobStore } from '../../enclave-origin/parent/blobStore.js'
 import { createParentApi } from '../../enclave-origin/parent/httpApi.js'
@@ -10,7 +10,7 @@ import { startTestCa, type TestCa } from '../support/testCertificates.js'
 /** The parent's API over TLS with client certificates required: a CA, server and client certificate made with openssl at test time. */
 
 let ca: TestCa
-let server: Server
+let server: HttpServer
 let client: { cert: string; key: string }
 const port = 18676
 
@@ -26,12 +26,11 @@ beforeAll(async () => {
     log: () => {},
     tls: { ...serverCertificate, ca: ca.caPem, requireClientCertificate: true },
   })
-  await new Promise<void>((resolve) => server.listen(port, '127.0.0.1', resolve))
+  await server.listen({ port, host: '127.0.0.1' })
 })
 
 afterAll(async () => {
-  server.closeAllConnections()
-  await new Promise((resolve) => server.close(resolve))
+  await server.close({ drainMs: 0 })
   ca.close()
 })
 

@@ -1,0 +1,234 @@
+import { connect, type AddressInfo, type Socket } from 'node:net'
+import { afterEach, describe, expect, it } from 'vitest'
+import { HttpServer, type HttpAnswer, type HttpRequest, type HttpServerOptions } from '../../enclave-origin/parent/httpServer.js'
+
+/**
+ * The parent's HTTP/1.1 server on a real socket, fed raw bytes: framing,
+ * what it refuses and how, keep-alive, pipelining, timeouts, back-pressure
+ * and closing. (The API on top of it is in parentApi.test.ts.)
+ */
+
+const servers: HttpServer[] = []
+afterEach(async () => {
+  await Promise.all(servers.splice(0).map((server) => server.close({ drainMs: 0 })))
+})
+
+/** Echoes method, target, a header and the body's length; `?wait=N` answers after N ms. */
+const echo = async (request: HttpRequest): Promise<HttpAnswer> => {
+  const wait = /[?&]wait=(\d+)/.exec(request.target)
+  if (wait) await new Promise((resolve) => setTimeout(resolve, Number(wait[1])))
+  const body = JSON.stringify({ method: request.method, target: request.target, x: request.headers['x-test'] ?? null, body: Buffer.from(request.body).toString() })
+  return { status: 200, headers: { 'content-type': 'application/json' }, body }
+}
+
+async function start(options: Partial<HttpServerOptions> = {}): Promise<{ server: HttpServer; port: number; refused: number[] }> {
+  const refused: number[] = []
+  const server = new HttpServer({ handle: echo, onRefused: (status) => refused.push(status), ...options })
+  servers.push(server)
+  await server.listen({ port: 0, host: '127.0.0.1' })
+  return { server, port: (server.address() as AddressInfo).port, refused }
+}
+
+type Exchange = { answer: string; closed: boolean; socket: Socket }
+
+/** Writes each part in turn (a number waits that many ms); resolves with what came back once the server closes, or after `waitMs`. */
+function exchange(port: number, parts: Array<string | number>, options: { waitMs: number; endAfter?: boolean }): Promise<Exchange> {
+  return new Promise((resolve, reject) => {
+    const socket = connect(port, '127.0.0.1')
+    let answer = ''
+    const done = (closed: boolean) => {
+      clearTimeout(timer)
+      resolve({ answer, closed, socket })
+    }
+    const timer = setTimeout(() => done(false), options.waitMs)
+    socket.on('data', (chunk) => (answer += chunk.toString('latin1')))
+    socket.on('error', reject)
+    socket.on('close', () => done(true))
+    void (async () => {
+      for (const part of parts) {
+        if (typeof part === 'number') await new Promise((wait) => setTimeout(wait, part))
+        else socket.write(part)
+      }
+      if (options.endAfter) socket.end()
+    })()
+  })
+}
+
+const get = (target: string, extra = '') => `GET ${target} HTTP/1.1\r\nhost: x\r\n${extra}\r\n`
+const post = (target: string, body: string, extra = '') => `POST ${target} HTTP/1.1\r\nhost: x\r\ncontent-length: ${Buffer.byteLength(body)}\r\n${extra}\r\n${body}`
+const statuses = (answer: string) => [...answer.matchAll(/HTTP\/1\.1 (\d{3}) /g)].map((match) => Number(match[1]))
+const bodies = (answer: string) => [...answer.matchAll(/\r\n\r\n(\{[^\r]*?\})(?=HTTP\/1\.1 |$)/g)].map((match) => JSON.parse(match[1]!))
+
+describe('HttpServer', () => {
+  it('answers pipelined requests on one connection in order, each in one piece, and keeps it open', async () => {
+    const { port } = await start()
+    const { answer, closed } = await exchange(port, [get('/a?wait=60') + post('/b', '{"n":1}', 'x-test: two\r\n') + get('/c')], { waitMs: 300 })
+    expect(closed).toBe(false)
+    expect(statuses(answer)).toEqual([200, 200, 200])
+    expect(bodies(answer)).toEqual([
+      { method: 'GET', target: '/a?wait=60', x: null, body: '' },
+      { method: 'POST', target: '/b', x: 'two', body: '{"n":1}' },
+      { method: 'GET', target: '/c', x: null, body: '' },
+    ])
+    expect(answer).toMatch(/content-length: \d+\r\nkeep-alive: timeout=60\r\n\r\n/)
+    expect(answer).toMatch(/\r\ndate: \w{3}, \d{2} \w{3} \d{4} \d{2}:\d{2}:\d{2} GMT\r\n/)
+  })
+
+  it('reads a request that arrives a few bytes at a time, and ignores empty lines before it', async () => {
+    const { port } = await start()
+    const request = `\r\n${post('/split', 'hello world')}`
+    const parts = request.match(/[\s\S]{1,7}/g)!.flatMap((part) => [part, 2])
+    const { answer } = await exchange(port, parts, { waitMs: 400 })
+    expect(bodies(answer)).toEqual([{ method: 'POST', target: '/split', x: null, body: 'hello world' }])
+  })
+
+  it('takes the path of an absolute-form target', async () => {
+    const { port } = await start()
+    const { answer } = await exchange(port, [get('http://x:8443/v1/keys?q=1')], { waitMs: 200 })
+    expect(bodies(answer)[0]).toMatchObject({ target: '/v1/keys?q=1' })
+  })
+
+  it.each([
+    ['a request line that is not HTTP/1.x', 'GET /\r\nhost: x\r\n\r\n', 400, 'the request line is not'],
+    ['HTTP/2.0', 'GET / HTTP/2.0\r\nhost: x\r\n\r\n', 505, 'only HTTP/1.0 and HTTP/1.1'],
+    ['a target that is not a path', 'GET x/y HTTP/1.1\r\nhost: x\r\n\r\n', 400, 'the request target is not a path'],
+    ['an HTTP/1.1 request without host', 'GET / HTTP/1.1\r\n\r\n', 400, 'needs a host header'],
+    ['two host headers', 'GET / HTTP/1.1\r\nhost: x\r\nhost: y\r\n\r\n', 400, 'more than one host'],
+    ['a space before the colon', 'GET / HTTP/1.1\r\nhost: x\r\nx-test : 1\r\n\r\n', 400, 'header line 2 is malformed'],
+    ['a folded header line', 'GET / HTTP/1.1\r\nhost: x\r\nx-test: 1\r\n 2\r\n\r\n', 400, 'header line 3 is malformed'],
+    ['a bare LF inside a header line', 'GET / HTTP/1.1\r\nhost: x\nx-test: 1\r\n\r\n', 400, 'header line 1 is malformed'],
+    ['a bare CR inside a header value', 'GET / HTTP/1.1\r\nhost: x\rx-test: 1\r\n\r\n', 400, 'header line 1 is malformed'],
+    ['transfer-encoding', 'POST / HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n', 411, 'transfer-encoding is not accepted'],
+    ['two different content-lengths', 'POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\nab', 400, 'content-length is not one decimal number'],
+    ['a content-length that is not a number', 'POST / HTTP/1.1\r\nhost: x\r\ncontent-length: +1\r\n\r\na', 400, 'content-length is not one decimal number'],
+    ['a declared body over the limit', 'POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 16385\r\n\r\n', 413, 'body too large (limit 16384 bytes)'],
+    ['an expectation other than 100-continue', 'POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 1\r\nexpect: magic\r\n\r\na', 417, 'the only expectation met is 100-continue'],
+    ['a head over the limit', `GET / HTTP/1.1\r\nhost: x\r\nx-test: ${'a'.repeat(16 * 1024)}\r\n\r\n`, 431, 'request head is larger than 16384 bytes'],
+    ['a head over the limit that never ends', `GET / HTTP/1.1\r\nhost: x\r\nx-test: ${'a'.repeat(16 * 1024)}`, 431, 'request head is larger than 16384 bytes'],
+  ])('refuses %s with a JSON error, closes the connection and passes nothing on', async (_, request, status, message) => {
+    let handled = 0
+    const { port, refused } = await start({ handle: (request) => ((handled += 1), echo(request)) })
+    // A valid request after the bad one: nothing past a framing error is trusted to be a request.
+    const { answer, closed } = await exchange(port, [request + get('/after')], { waitMs: 1_000 })
+    expect(closed).toBe(true)
+    expect(statuses(answer)).toEqual([status])
+    expect(answer).toContain('connection: close\r\n')
+    expect(JSON.parse(answer.slice(answer.indexOf('\r\n\r\n') + 4)).error).toContain(message)
+    expect(handled).toBe(0)
+    expect(refused).toEqual([status])
+  })
+
+  it('sends 100 Continue to a client that waits for it, then takes its body', async () => {
+    const { port } = await start()
+    const socket = connect(port, '127.0.0.1')
+    let answer = ''
+    socket.on('data', (chunk) => (answer += chunk))
+    socket.write('POST /c HTTP/1.1\r\nhost: x\r\ncontent-length: 4\r\nexpect: 100-continue\r\n\r\n')
+    await expect.poll(() => answer).toBe('HTTP/1.1 100 Continue\r\n\r\n')
+    socket.write('body')
+    await expect.poll(() => bodies(answer)).toEqual([{ method: 'POST', target: '/c', x: null, body: 'body' }])
+    socket.destroy()
+  })
+
+  it('closes after the answer when the client asks, or speaks HTTP/1.0 without keep-alive', async () => {
+    const { port } = await start()
+    for (const request of [get('/', 'connection: close\r\n'), 'GET / HTTP/1.0\r\n\r\n']) {
+      const { answer, closed } = await exchange(port, [request + get('/never')], { waitMs: 1_000 })
+      expect(closed).toBe(true)
+      expect(statuses(answer)).toEqual([200])
+      expect(answer).toContain('connection: close\r\n')
+    }
+    const { answer, closed } = await exchange(port, ['GET / HTTP/1.0\r\nconnection: keep-alive\r\n\r\n'], { waitMs: 200 })
+    expect({ closed, statuses: statuses(answer) }).toEqual({ closed: false, statuses: [200] })
+  })
+
+  it('still answers a client that ends its side right after its requests', async () => {
+    const { port } = await start()
+    const { answer, closed } = await exchange(port, [get('/a?wait=50') + get('/b')], { waitMs: 1_000, endAfter: true })
+    expect(closed).toBe(true)
+    expect(bodies(answer).map((body) => body.target)).toEqual(['/a?wait=50', '/b'])
+  })
+
+  it('answers a request cut off by the client ending its side with 400', async () => {
+    const { port } = await start()
+    const { answer, closed } = await exchange(port, ['POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 10\r\n\r\nabc'], { waitMs: 1_000, endAfter: true })
+    expect(closed).toBe(true)
+    expect(statuses(answer)).toEqual([400])
+    expect(answer).toContain('the connection ended inside a request body')
+  })
+
+  it('answers HEAD without the body, with its length', async () => {
+    const { port } = await start()
+    const { answer } = await exchange(port, ['HEAD /h HTTP/1.1\r\nhost: x\r\n\r\n' + get('/next')], { waitMs: 200 })
+    const length = Buffer.byteLength(JSON.stringify({ method: 'HEAD', target: '/h', x: null, body: '' }))
+    expect(answer).toMatch(new RegExp(`^HTTP/1\\.1 200 OK\\r\\n[^]*content-length: ${length}\\r\\n[^]*?\\r\\n\\r\\nHTTP/1\\.1 200 OK`))
+  })
+
+  it('answers a handler that fails with 500 and no detail, and closes', async () => {
+    const { port } = await start({ handle: () => Promise.reject(new Error('secret detail at /srv/parent.js:12')) })
+    const { answer, closed } = await exchange(port, [get('/')], { waitMs: 1_000 })
+    expect(closed).toBe(true)
+    expect(statuses(answer)).toEqual([500])
+    expect(answer).not.toContain('secret detail')
+    expect(answer.endsWith('{"error":"internal error"}')).toBe(true)
+  })
+
+  it('refuses an answer header that would split the answer', async () => {
+    const { port } = await start({ handle: async () => ({ status: 200, headers: { 'x-bad': 'a\r\nset-cookie: b' }, body: '{}' }) })
+    const { answer } = await exchange(port, [get('/')], { waitMs: 1_000 })
+    expect(statuses(answer)).toEqual([500])
+    expect(answer).not.toContain('set-cookie')
+  })
+
+  it('cuts off a request that is too slow (408), a connection that sends nothing, and an idle keep-alive one', async () => {
+    const { port, refused } = await start({ requestReadTimeoutMs: 400, keepAliveTimeoutMs: 300 })
+    const slowHead = exchange(port, ['GET / HTTP/1.1\r\nhost: x\r\n'], { waitMs: 2_000 })
+    const slowBody = exchange(port, ['POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\n\r\nab'], { waitMs: 2_000 })
+    const silent = exchange(port, [], { waitMs: 2_000 })
+    const idle = exchange(port, [get('/')], { waitMs: 2_000 })
+    for (const cut of [slowHead, slowBody, silent]) {
+      const { answer, closed } = await cut
+      expect(closed).toBe(true)
+      expect(statuses(answer)).toEqual([408])
+    }
+    const kept = await idle
+    expect({ closed: kept.closed, statuses: statuses(kept.answer) }).toEqual({ closed: true, statuses: [200] })
+    expect(refused).toEqual([408, 408, 408])
+  })
+
+  it('stops taking requests from a client that does not read its answers', async () => {
+    let handled = 0
+    const big = 'x'.repeat(1024 * 1024)
+    const { port } = await start({ handle: async () => ((handled += 1), { status: 200, headers: {}, body: big }) })
+    const socket = connect(port, '127.0.0.1')
+    socket.pause()
+    socket.write(get('/').repeat(40))
+    await new Promise((resolve) => setTimeout(resolve, 400))
+    // Each answer is 1 MiB; what the sockets buffer holds a few of them.
+    expect(handled).toBeGreaterThan(0)
+    expect(handled).toBeLessThan(40)
+    let received = 0
+    socket.on('data', (chunk) => (received += chunk.length))
+    socket.resume()
+    await expect.poll(() => handled, { timeout: 5_000 }).toBe(40)
+    await expect.poll(() => received, { timeout: 5_000 }).toBeGreaterThan(40 * big.length)
+    socket.destroy()
+  })
+
+  it('closes gracefully: idle connections at once, a busy one after its answer, which says so', async () => {
+    const { server, port } = await start()
+    const idle = exchange(port, [get('/')], { waitMs: 3_000 })
+    await new Promise((resolve) => setTimeout(resolve, 100))
+    const busy = exchange(port, [get('/?wait=300')], { waitMs: 3_000 })
+    await new Promise((resolve) => setTimeout(resolve, 100))
+    const started = Date.now()
+    await server.close({ drainMs: 2_000 })
+    expect(Date.now() - started).toBeLessThan(1_000)
+    const idleDone = await idle
+    expect({ closed: idleDone.closed, statuses: statuses(idleDone.answer) }).toEqual({ closed: true, statuses: [200] })
+    const busyDone = await busy
+    expect({ closed: busyDone.closed, statuses: statuses(busyDone.answer) }).toEqual({ closed: true, statuses: [200] })
+    expect(busyDone.answer).toContain('connection: close\r\n')
+    expect(server.listening).toBe(false)
+  })
+})
