@@ -335,7 +335,7 @@ export class HttpServer {
       if (/[\r\n]/.test(value)) return this.answer(connection, errorAnswer(500, 'internal error'), false, false)
       text += `${name}: ${value}\r\n`
     }
-    text += `content-length: ${Buffer.byteLength(answer.body)}\r\n${open ? `keep-alive: timeout=${Math.floor(this.keepAliveTimeoutMs / 1_000)}` : 'connection: close'}\r\n\r\n`
+    text += `content-length: ${Buffer.byteLength(answer.body)}\r\n${open ? `connection: keep-alive\r\nkeep-alive: timeout=${Math.floor(this.keepAliveTimeoutMs / 1_000)}` : 'connection: close'}\r\n\r\n`
     if (!headOnly) text += answer.body
     connection.lastActiveAt = Date.now()
     // The next request's clock starts now: it could not be read while this one was with the handler.

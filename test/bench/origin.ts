@@ -19,9 +19,9 @@
  *    unrecorded first: the steady state.
  * 5. The floors: the same open loops against servers that sign nothing: one
  *    that speaks the enclave protocol (frameEcho.ts) for the direct runs, and
- *    a Node HTTP server (httpEcho.ts) for the runs through the parent. They
- *    show what the machine, the sockets, Node's HTTP server and this
- *    generator cost on their own.
+ *    the parent's HTTP server answering at once (httpEcho.ts) for the runs
+ *    through the parent. They show what the machine, the sockets, the HTTP
+ *    server and this generator cost on their own.
  *
  * The HTTP client is httpLoadClient.ts over 500 pre-opened keep-alive
  * connections; digests come from a fast PRNG and request HMACs from Node's
@@ -541,7 +541,7 @@ async function main() {
     await origin.stop()
     const floors = [
       { script: 'frameEcho' as const, mode: 'frames' as const, port: ports.echo, rate: bestDirect, label: 'no-op frame echo (direct floor)', pids: (pid: number) => ({ enclave: pid }), connect: () => viaEnclave(keyIds, ports.echo) },
-      { script: 'httpEcho' as const, mode: 'http' as const, port: ports.httpEcho, rate: best, label: 'no-op Node HTTP server (parent floor)', pids: (pid: number) => ({ parent: pid }), connect: () => viaParent(`http://127.0.0.1:${ports.httpEcho}`, keyIds) },
+      { script: 'httpEcho' as const, mode: 'http' as const, port: ports.httpEcho, rate: best, label: 'no-op HTTP server (parent floor)', pids: (pid: number) => ({ parent: pid }), connect: () => viaParent(`http://127.0.0.1:${ports.httpEcho}`, keyIds) },
     ]
     for (const floor of floors) {
       const server = await startFloorServer(floor.script, floor.port)

@@ -70,7 +70,7 @@ describe('HttpServer', () => {
       { method: 'POST', target: '/b', x: 'two', body: '{"n":1}' },
       { method: 'GET', target: '/c', x: null, body: '' },
     ])
-    expect(answer).toMatch(/content-length: \d+\r\nkeep-alive: timeout=60\r\n\r\n/)
+    expect(answer).toMatch(/content-length: \d+\r\nconnection: keep-alive\r\nkeep-alive: timeout=60\r\n\r\n/)
     expect(answer).toMatch(/\r\ndate: \w{3}, \d{2} \w{3} \d{4} \d{2}:\d{2}:\d{2} GMT\r\n/)
   })
 
@@ -140,6 +140,8 @@ describe('HttpServer', () => {
     }
     const { answer, closed } = await exchange(port, ['GET / HTTP/1.0\r\nconnection: keep-alive\r\n\r\n'], { waitMs: 200 })
     expect({ closed, statuses: statuses(answer) }).toEqual({ closed: false, statuses: [200] })
+    // An HTTP/1.0 client keeps the connection only when the answer says so.
+    expect(answer).toContain('connection: keep-alive\r\n')
   })
 
   it('still answers a client that ends its side right after its requests', async () => {
