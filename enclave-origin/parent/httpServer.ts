@@ -37,7 +37,7 @@ export type HttpAnswer = {
 export type HttpServerOptions = {
   /** Answers every complete, well-formed request; a rejection is answered 500 and the connection closed. */
   handle: (request: HttpRequest) => Promise<HttpAnswer>
-  /** Called for each request the server answers itself (malformed, too large, too slow), with the status. */
+  /** Called with the status of each answer the server makes itself: a request malformed, too large or too slow, or a handler that failed. */
   onRefused?: (status: number) => void
   tls?: { cert: string; key: string; ca?: string; requireClientCertificate?: boolean }
   /** How long a client may take to send a whole request, its headers within half of it; default 10 s. */
@@ -50,8 +50,18 @@ export type HttpServerOptions = {
 
 type Connection = {
   socket: Socket
-  /** Bytes read and not yet taken by a request. */
-  unread: Buffer | undefined
+  /**
+   * Bytes read and not yet taken by a request, as they came. They are joined
+   * only to look for the end of a head (at most maxHeaderBytes) or once a
+   * parsed head's whole body is in: a body that arrives a byte at a time
+   * costs neither a re-parse nor a copy per byte.
+   */
+  parts: Buffer[]
+  partsBytes: number
+  /** Where the search for the end of the head resumes: the bytes before it hold none. */
+  scannedBytes: number
+  /** The head of the request being read, once complete, while its body is still coming. */
+  waiting: { head: Head; bodyStart: number; bodyEnd: number } | undefined
   /** A request is with the handler and not yet answered: later ones wait, in order. */
   busy: boolean
   /** Its answers have run ahead of the client's reading: later requests wait for 'drain'. */
@@ -60,13 +70,12 @@ type Connection = {
   closing: boolean
   /** The client has ended its side. */
   ended: boolean
-  /** 100 Continue went out for the request being read. */
-  continued: boolean
-  /** When the first byte of the request being read came (ms since the epoch); 0 between requests. */
+  /** When the request being read began (its first byte, or the end of the answer before it); 0 while idle. */
   requestStartedAt: number
-  /** Its head is complete and its body still coming. */
-  headComplete: boolean
+  /** When its last answer went out or was taken in by the socket. */
   lastActiveAt: number
+  /** It has had an answer. */
+  answered: boolean
 }
 
 const headEnd = Buffer.from('\r\n\r\n')
@@ -75,7 +84,7 @@ const requestLinePattern = new RegExp(`^(${token}) (\\S+) HTTP/(\\d)\\.(\\d)$`)
 /** name ":" value, the value visible ASCII, obs-text, space or tab: a CR, LF or NUL anywhere refuses the request. */
 const fieldLinePattern = new RegExp(`^${token}:[\\t\\x20-\\x7e\\x80-\\xff]*$`)
 const originForm = /^\/[\x21-\x7e]*$/
-const absoluteForm = /^https?:\/\/[^/?#\s]+(\/[\x21-\x7e]*)?$/i
+const absoluteForm = /^https?:\/\/[^/?#\s]+([/?][\x21-\x7e]*)?$/i
 
 const reasons: Record<number, string> = {
   100: 'Continue',
@@ -108,6 +117,8 @@ type Head = { method: string; target: string; headers: Record<string, string>; k
 export class HttpServer {
   private readonly server: NetServer
   private readonly connections = new Set<Connection>()
+  /** Every TCP connection, TLS handshakes in progress included, for closeAllConnections. */
+  private readonly sockets = new Set<Socket>()
   private readonly requestReadTimeoutMs: number
   private readonly keepAliveTimeoutMs: number
   private readonly maxHeaderBytes: number
@@ -135,12 +146,17 @@ export class HttpServer {
             requestCert: options.tls.requireClientCertificate,
             rejectUnauthorized: options.tls.requireClientCertificate,
             handshakeTimeout: this.requestReadTimeoutMs,
+            ALPNProtocols: ['http/1.1'],
           },
           accept,
         )
       : createNetServer({ allowHalfOpen: true, noDelay: true }, accept)
     // A failed TLS handshake concerns that client only.
     this.server.on('tlsClientError', () => undefined)
+    this.server.on('connection', (socket: Socket) => {
+      this.sockets.add(socket)
+      socket.once('close', () => this.sockets.delete(socket))
+    })
   }
 
   listen(address: ListenOptions): Promise<void> {
@@ -166,16 +182,14 @@ export class HttpServer {
 
   /**
    * Stops taking connections; idle ones close at once, and each one with a
-   * request in progress closes after its answer (which says so). After
-   * `drainMs` whatever is left is cut.
+   * request in progress or an answer still going out closes after it (the
+   * answer says so). After `drainMs` whatever is left is cut.
    */
   async close(options: { drainMs: number }): Promise<void> {
     this.shuttingDown = true
     clearInterval(this.sweeper)
     const closed = new Promise<void>((resolve) => this.server.close(() => resolve()))
-    for (const connection of this.connections) {
-      if (!connection.busy && connection.unread === undefined) connection.socket.destroy()
-    }
+    for (const connection of this.connections) this.serve(connection)
     // Partly read requests still get the read timeout's protection while draining.
     const sweeping = setInterval(() => this.sweep(), Math.min(1_000, this.requestReadTimeoutMs / 4))
     const cut = setTimeout(() => this.closeAllConnections(), options.drainMs)
@@ -187,25 +201,28 @@ export class HttpServer {
     }
   }
 
-  /** Cuts every connection now, answered or not. */
+  /** Cuts every connection now, answered or not, TLS handshakes included. */
   closeAllConnections(): void {
-    for (const connection of this.connections) connection.socket.destroy()
+    for (const socket of this.sockets) socket.destroy()
   }
 
   private accept(socket: Socket): void {
     if (this.shuttingDown) return void socket.destroy()
+    const now = Date.now()
     const connection: Connection = {
       socket,
-      unread: undefined,
+      parts: [],
+      partsBytes: 0,
+      scannedBytes: 0,
+      waiting: undefined,
       busy: false,
       blocked: false,
       closing: false,
       ended: false,
-      continued: false,
       // A connection that sends nothing is held to the request read timeout too.
-      requestStartedAt: Date.now(),
-      headComplete: false,
-      lastActiveAt: Date.now(),
+      requestStartedAt: now,
+      lastActiveAt: now,
+      answered: false,
     }
     this.connections.add(connection)
     socket.on('data', (chunk: Buffer) => this.received(connection, chunk))
@@ -215,6 +232,9 @@ export class HttpServer {
     })
     socket.on('drain', () => {
       connection.blocked = false
+      connection.lastActiveAt = Date.now()
+      // What came while it was blocked could not be read: its clock starts now.
+      if (connection.partsBytes > 0) connection.requestStartedAt = connection.lastActiveAt
       this.serve(connection)
     })
     // A reset or a failed write concerns this client only; 'close' follows.
@@ -224,64 +244,87 @@ export class HttpServer {
 
   private received(connection: Connection, chunk: Buffer): void {
     if (connection.closing) return
-    if (connection.unread === undefined) {
-      connection.unread = chunk
-      if (connection.requestStartedAt === 0) connection.requestStartedAt = Date.now()
-    } else {
-      connection.unread = Buffer.concat([connection.unread, chunk])
-    }
+    if (connection.requestStartedAt === 0) connection.requestStartedAt = Date.now()
+    connection.parts.push(chunk)
+    connection.partsBytes += chunk.length
     // A client that sends faster than it reads is held at the socket, not in memory.
-    if ((connection.busy || connection.blocked) && connection.unread.length > this.maxHeaderBytes + this.maxBodyBytes) connection.socket.pause()
+    if ((connection.busy || connection.blocked) && connection.partsBytes > this.maxHeaderBytes + this.maxBodyBytes) connection.socket.pause()
     this.serve(connection)
   }
 
-  /** Takes the next complete request off the connection, if it may. */
+  /** Takes the next complete request off the connection if it may, or closes it once it has nothing left to do. */
   private serve(connection: Connection): void {
     if (connection.busy || connection.blocked || connection.closing) return
-    const unread = connection.unread
-    if (unread === undefined) {
-      if (connection.ended) this.finish(connection)
+    if (connection.partsBytes === 0) {
+      if (connection.ended || this.shuttingDown) this.finish(connection)
       return
     }
     if (connection.socket.isPaused()) connection.socket.resume()
-    let start = 0
-    // RFC 9112 §2.2: empty lines before a request line are ignored.
-    while (unread[start] === 0x0d && unread[start + 1] === 0x0a) start += 2
-    const end = unread.indexOf(headEnd, start)
-    if (end === -1 || end - start > this.maxHeaderBytes) {
-      if (unread.length - start > this.maxHeaderBytes) this.refuse(connection, new Refusal(431, `the request head is larger than ${this.maxHeaderBytes} bytes`))
-      else if (start === unread.length) this.consumed(connection, unread, start)
-      else if (connection.ended) this.refuse(connection, new Refusal(400, 'the connection ended inside a request'))
-      return
-    }
-    const head = this.parseHead(unread.toString('latin1', start, end))
-    if (head instanceof Refusal) return this.refuse(connection, head)
-    const bodyStart = end + headEnd.length
-    const bodyEnd = bodyStart + head.bodyBytes
-    if (unread.length < bodyEnd) {
-      connection.headComplete = true
-      if (connection.ended) return this.refuse(connection, new Refusal(400, 'the connection ended inside a request body'))
-      if (head.expectsContinue && !connection.continued) {
-        connection.continued = true
-        connection.socket.write('HTTP/1.1 100 Continue\r\n\r\n')
+    if (connection.waiting === undefined) {
+      const unread = this.joined(connection)
+      let start = 0
+      // RFC 9112 §2.2: empty lines before a request line are ignored.
+      while (unread[start] === 0x0d && unread[start + 1] === 0x0a) start += 2
+      if (start > 0) {
+        this.consume(connection, unread, start)
+        // After an answer they are the tail of the request before (some clients end a body with CRLF), and the
+        // connection is idle again; on a new connection they do not stop the clock that cuts one that sends nothing.
+        if (connection.partsBytes === 0 && connection.answered) connection.requestStartedAt = 0
+        return this.serve(connection)
       }
+      const end = unread.indexOf(headEnd, Math.max(0, connection.scannedBytes - (headEnd.length - 1)))
+      if (end === -1 || end > this.maxHeaderBytes) {
+        connection.scannedBytes = unread.length
+        if (end > this.maxHeaderBytes || unread.length > this.maxHeaderBytes) this.refuse(connection, new Refusal(431, `the request head is larger than ${this.maxHeaderBytes} bytes`))
+        else if (connection.ended) this.refuse(connection, new Refusal(400, 'the connection ended inside a request'))
+        return
+      }
+      const head = this.parseHead(unread.toString('latin1', 0, end))
+      if (head instanceof Refusal) return this.refuse(connection, head)
+      const bodyStart = end + headEnd.length
+      connection.waiting = { head, bodyStart, bodyEnd: bodyStart + head.bodyBytes }
+      if (head.expectsContinue && connection.partsBytes < connection.waiting.bodyEnd) connection.socket.write('HTTP/1.1 100 Continue\r\n\r\n')
+    }
+    const { head, bodyStart, bodyEnd } = connection.waiting
+    if (connection.partsBytes < bodyEnd) {
+      if (connection.ended) this.refuse(connection, new Refusal(400, 'the connection ended inside a request body'))
       return
     }
-    this.consumed(connection, unread, bodyEnd)
-    connection.busy = true
+    const unread = this.joined(connection)
     const request: HttpRequest = { method: head.method, target: head.target, headers: head.headers, body: unread.subarray(bodyStart, bodyEnd) }
-    this.options.handle(request).then(
-      (answer) => this.answer(connection, answer, head.keepAlive, head.method === 'HEAD'),
-      () => this.answer(connection, errorAnswer(500, 'internal error'), false, false),
-    )
+    this.consume(connection, unread, bodyEnd)
+    connection.busy = true
+    let answered: Promise<HttpAnswer>
+    try {
+      answered = this.options.handle(request)
+    } catch (error) {
+      answered = Promise.reject(error)
+    }
+    answered
+      .then(
+        (answer) => this.answer(connection, answer, head.keepAlive, head.method === 'HEAD'),
+        () => {
+          this.options.onRefused?.(500)
+          this.answer(connection, errorAnswer(500, 'internal error'), false, false)
+        },
+      )
+      // Nothing above should throw; if it does, this connection ends and the process serves on.
+      .catch(() => connection.socket.destroy())
   }
 
-  /** Drops the bytes before `at`; the request after them, if any, has begun. */
-  private consumed(connection: Connection, unread: Buffer, at: number): void {
-    connection.unread = at === unread.length ? undefined : unread.subarray(at)
-    connection.requestStartedAt = connection.unread === undefined ? 0 : Date.now()
-    connection.headComplete = false
-    connection.continued = false
+  /** The unread bytes as one buffer (kept as the only part). */
+  private joined(connection: Connection): Buffer {
+    if (connection.parts.length > 1) connection.parts = [Buffer.concat(connection.parts, connection.partsBytes)]
+    return connection.parts[0]!
+  }
+
+  /** Drops the bytes before `at`: a request was taken, or empty lines skipped. */
+  private consume(connection: Connection, unread: Buffer, at: number): void {
+    const rest = unread.subarray(at)
+    connection.parts = rest.length === 0 ? [] : [rest]
+    connection.partsBytes = rest.length
+    connection.scannedBytes = 0
+    connection.waiting = undefined
   }
 
   private parseHead(text: string): Head | Refusal {
@@ -290,7 +333,9 @@ export class HttpServer {
     if (requestLine === null) return new Refusal(400, 'the request line is not "METHOD target HTTP/1.1"')
     const [, method, rawTarget, major, minor] = requestLine as unknown as [string, string, string, string, string]
     if (major !== '1' || (minor !== '0' && minor !== '1')) return new Refusal(505, 'only HTTP/1.0 and HTTP/1.1 are served')
-    const target = originForm.test(rawTarget) ? rawTarget : absoluteForm.exec(rawTarget)?.[1] ?? (absoluteForm.test(rawTarget) ? '/' : undefined)
+    const absolute = originForm.test(rawTarget) ? undefined : absoluteForm.exec(rawTarget)
+    const pathAndQuery = absolute?.[1] ?? ''
+    const target = absolute === undefined ? rawTarget : absolute === null ? undefined : pathAndQuery.startsWith('/') ? pathAndQuery : `/${pathAndQuery}`
     if (target === undefined) return new Refusal(400, 'the request target is not a path')
     const headers: Record<string, string> = Object.create(null)
     let contentLength: string | undefined
@@ -299,7 +344,7 @@ export class HttpServer {
       if (!fieldLinePattern.test(line)) return new Refusal(400, `header line ${i} is malformed (folded, a bare CR or LF, a space before the colon, or a bad character)`)
       const colon = line.indexOf(':')
       const name = line.slice(0, colon).toLowerCase()
-      const value = line.slice(colon + 1).replace(/^[ \t]+|[ \t]+$/g, '')
+      const value = withoutOptionalWhitespace(line, colon + 1)
       if (name === 'content-length') {
         if (!/^\d{1,15}$/.test(value) || (contentLength !== undefined && contentLength !== value)) return new Refusal(400, 'the content-length is not one decimal number')
         contentLength = value
@@ -319,7 +364,8 @@ export class HttpServer {
     if (expect !== undefined && expect !== '100-continue') return new Refusal(417, 'the only expectation met is 100-continue')
     const connection = headers.connection?.toLowerCase() ?? ''
     const keepAlive = minor === '1' ? !/(^|,)\s*close\s*(,|$)/.test(connection) : /(^|,)\s*keep-alive\s*(,|$)/.test(connection)
-    return { method, target, headers, keepAlive, bodyBytes, expectsContinue: expect !== undefined && bodyBytes > 0 }
+    // RFC 9110 §10.1.1: an HTTP/1.0 client's expectation is ignored.
+    return { method, target, headers, keepAlive, bodyBytes, expectsContinue: expect !== undefined && bodyBytes > 0 && minor === '1' }
   }
 
   /** Writes the answer in one write; the connection goes on to its next request, or closes. */
@@ -338,8 +384,9 @@ export class HttpServer {
     text += `content-length: ${Buffer.byteLength(answer.body)}\r\n${open ? `connection: keep-alive\r\nkeep-alive: timeout=${Math.floor(this.keepAliveTimeoutMs / 1_000)}` : 'connection: close'}\r\n\r\n`
     if (!headOnly) text += answer.body
     connection.lastActiveAt = Date.now()
+    connection.answered = true
     // The next request's clock starts now: it could not be read while this one was with the handler.
-    if (connection.unread !== undefined) connection.requestStartedAt = connection.lastActiveAt
+    connection.requestStartedAt = connection.partsBytes > 0 ? connection.lastActiveAt : 0
     if (!socket.write(text)) connection.blocked = true
     if (!open) return this.finish(connection)
     this.serve(connection)
@@ -348,7 +395,8 @@ export class HttpServer {
   /** Answers a request the server will not pass on, then closes the connection. */
   private refuse(connection: Connection, refusal: Refusal): void {
     this.options.onRefused?.(refusal.status)
-    connection.unread = undefined
+    connection.parts = []
+    connection.partsBytes = 0
     this.answer(connection, errorAnswer(refusal.status, refusal.message), false, false)
   }
 
@@ -356,29 +404,35 @@ export class HttpServer {
    * Reads no more and ends the connection once what was written is out. Unread
    * bytes left in the kernel would turn the close into a reset that can
    * overtake the answer, so it goes on reading (and dropping) until the
-   * client closes, for at most a second.
+   * client closes: for a second after the answer has gone out, and for no
+   * longer than a slow reader is given at all.
    */
   private finish(connection: Connection): void {
     if (connection.closing) return
     connection.closing = true
-    connection.unread = undefined
+    connection.parts = []
+    connection.partsBytes = 0
     const { socket } = connection
-    socket.resume()
+    if (socket.isPaused()) socket.resume()
     socket.end()
-    setTimeout(() => socket.destroy(), 1_000).unref()
+    socket.once('finish', () => setTimeout(() => socket.destroy(), 1_000).unref())
+    setTimeout(() => socket.destroy(), this.keepAliveTimeoutMs).unref()
   }
 
-  /** Cuts requests that arrive too slowly, and keep-alive connections idle too long. */
+  /**
+   * Cuts requests that arrive too slowly (408), keep-alive connections idle
+   * too long, and clients that have not taken an answer in as long.
+   */
   private sweep(): void {
     const now = Date.now()
     for (const connection of this.connections) {
       if (connection.busy || connection.closing) continue
-      if (connection.requestStartedAt === 0) {
+      if (connection.blocked || connection.requestStartedAt === 0) {
         if (now - connection.lastActiveAt > this.keepAliveTimeoutMs) connection.socket.destroy()
         continue
       }
       const waited = now - connection.requestStartedAt
-      if (waited > this.requestReadTimeoutMs || (!connection.headComplete && waited > this.requestReadTimeoutMs / 2)) {
+      if (waited > this.requestReadTimeoutMs || (connection.waiting === undefined && waited > this.requestReadTimeoutMs / 2)) {
         this.refuse(connection, new Refusal(408, 'the request did not arrive in time'))
       }
     }
@@ -398,4 +452,13 @@ export class HttpServer {
 
 export function errorAnswer(status: number, message: string): HttpAnswer {
   return { status, headers: { 'content-type': 'application/json' }, body: JSON.stringify({ error: message }) }
+}
+
+/** A field value without the optional whitespace around it (RFC 9110 §5.5), by index: a regex here can take time quadratic in a run of spaces. */
+function withoutOptionalWhitespace(line: string, from: number): string {
+  let start = from
+  let end = line.length
+  while (start < end && (line.charCodeAt(start) === 0x20 || line.charCodeAt(start) === 0x09)) start++
+  while (end > start && (line.charCodeAt(end - 1) === 0x20 || line.charCodeAt(end - 1) === 0x09)) end--
+  return line.slice(start, end)
 }

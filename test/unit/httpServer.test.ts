@@ -84,8 +84,8 @@ describe('HttpServer', () => {
 
   it('takes the path of an absolute-form target', async () => {
     const { port } = await start()
-    const { answer } = await exchange(port, [get('http://x:8443/v1/keys?q=1')], { waitMs: 200 })
-    expect(bodies(answer)[0]).toMatchObject({ target: '/v1/keys?q=1' })
+    const { answer } = await exchange(port, [get('http://x:8443/v1/keys?q=1') + get('http://x?a=1') + get('https://x')], { waitMs: 200 })
+    expect(bodies(answer).map((body) => body.target)).toEqual(['/v1/keys?q=1', '/?a=1', '/'])
   })
 
   it.each([
@@ -130,6 +130,25 @@ describe('HttpServer', () => {
     socket.destroy()
   })
 
+  it('sends no 100 Continue to an HTTP/1.0 client, whose expectation is ignored', async () => {
+    const { port } = await start()
+    const { answer } = await exchange(port, ['POST /c HTTP/1.0\r\ncontent-length: 4\r\nexpect: 100-continue\r\n\r\n', 100, 'body'], { waitMs: 1_000 })
+    expect(statuses(answer)).toEqual([200])
+    expect(answer).not.toContain('100 Continue')
+  })
+
+  it('trims a header value by index: a long run of spaces inside one, with its body in many pieces, is read at once', async () => {
+    // A trimming regex backtracks quadratically on this value, and re-parsing the head for each piece of the body multiplies that.
+    const { port } = await start({ requestReadTimeoutMs: 2_000 })
+    const value = `a${' '.repeat(16_000)}b`
+    const body = 'x'.repeat(200)
+    const parts: Array<string | number> = [`POST /t HTTP/1.1\r\nhost: x\r\nx-test: \t ${value} \t\r\ncontent-length: ${body.length}\r\n\r\n`]
+    for (const piece of body.match(/.{1,2}/g)!) parts.push(piece, 1)
+    const { answer } = await exchange(port, parts, { waitMs: 3_000 })
+    expect(statuses(answer)).toEqual([200])
+    expect(bodies(answer)[0]).toMatchObject({ x: value, body })
+  })
+
   it('closes after the answer when the client asks, or speaks HTTP/1.0 without keep-alive', async () => {
     const { port } = await start()
     for (const request of [get('/', 'connection: close\r\n'), 'GET / HTTP/1.0\r\n\r\n']) {
@@ -151,6 +170,12 @@ describe('HttpServer', () => {
     expect(bodies(answer).map((body) => body.target)).toEqual(['/a?wait=50', '/b'])
   })
 
+  it('closes at once after a client sends an empty line after its request and ends its side', async () => {
+    const { port } = await start()
+    const { answer, closed } = await exchange(port, [post('/x?wait=50', '{}') + '\r\n'], { waitMs: 1_000, endAfter: true })
+    expect({ closed, statuses: statuses(answer) }).toEqual({ closed: true, statuses: [200] })
+  })
+
   it('answers a request cut off by the client ending its side with 400', async () => {
     const { port } = await start()
     const { answer, closed } = await exchange(port, ['POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 10\r\n\r\nabc'], { waitMs: 1_000, endAfter: true })
@@ -166,13 +191,20 @@ describe('HttpServer', () => {
     expect(answer).toMatch(new RegExp(`^HTTP/1\\.1 200 OK\\r\\n[^]*content-length: ${length}\\r\\n[^]*?\\r\\n\\r\\nHTTP/1\\.1 200 OK`))
   })
 
-  it('answers a handler that fails with 500 and no detail, and closes', async () => {
-    const { port } = await start({ handle: () => Promise.reject(new Error('secret detail at /srv/parent.js:12')) })
+  it.each([
+    ['rejects', () => Promise.reject(new Error('secret detail at /srv/parent.js:12'))],
+    ['throws', () => {
+      throw new Error('secret detail at /srv/parent.js:12')
+    }],
+  ])('answers a handler that %s with 500 and no detail, counts it, closes, and serves on', async (_, handle) => {
+    const { port, refused } = await start({ handle: handle as HttpServerOptions['handle'] })
     const { answer, closed } = await exchange(port, [get('/')], { waitMs: 1_000 })
     expect(closed).toBe(true)
     expect(statuses(answer)).toEqual([500])
     expect(answer).not.toContain('secret detail')
     expect(answer.endsWith('{"error":"internal error"}')).toBe(true)
+    expect(refused).toEqual([500])
+    expect(statuses((await exchange(port, [get('/')], { waitMs: 1_000 })).answer)).toEqual([500])
   })
 
   it('refuses an answer header that would split the answer', async () => {
@@ -182,20 +214,24 @@ describe('HttpServer', () => {
     expect(answer).not.toContain('set-cookie')
   })
 
-  it('cuts off a request that is too slow (408), a connection that sends nothing, and an idle keep-alive one', async () => {
+  it('cuts off a request that is too slow (408), a connection that sends nothing or only an empty line, and an idle keep-alive one', async () => {
     const { port, refused } = await start({ requestReadTimeoutMs: 400, keepAliveTimeoutMs: 300 })
     const slowHead = exchange(port, ['GET / HTTP/1.1\r\nhost: x\r\n'], { waitMs: 2_000 })
     const slowBody = exchange(port, ['POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\n\r\nab'], { waitMs: 2_000 })
     const silent = exchange(port, [], { waitMs: 2_000 })
+    const emptyLine = exchange(port, ['\r\n'], { waitMs: 2_000 })
     const idle = exchange(port, [get('/')], { waitMs: 2_000 })
-    for (const cut of [slowHead, slowBody, silent]) {
+    // Some clients end a body with CRLF: after the answer that is not a new request being slow.
+    const trailingEmptyLine = exchange(port, [post('/', 'ab') + '\r\n'], { waitMs: 2_000 })
+    for (const cut of [slowHead, slowBody, silent, emptyLine]) {
       const { answer, closed } = await cut
       expect(closed).toBe(true)
       expect(statuses(answer)).toEqual([408])
     }
-    const kept = await idle
-    expect({ closed: kept.closed, statuses: statuses(kept.answer) }).toEqual({ closed: true, statuses: [200] })
-    expect(refused).toEqual([408, 408, 408])
+    for (const kept of [await idle, await trailingEmptyLine]) {
+      expect({ closed: kept.closed, statuses: statuses(kept.answer) }).toEqual({ closed: true, statuses: [200] })
+    }
+    expect(refused).toEqual([408, 408, 408, 408])
   })
 
   it('stops taking requests from a client that does not read its answers', async () => {
@@ -215,6 +251,41 @@ describe('HttpServer', () => {
     await expect.poll(() => handled, { timeout: 5_000 }).toBe(40)
     await expect.poll(() => received, { timeout: 5_000 }).toBeGreaterThan(40 * big.length)
     socket.destroy()
+  })
+
+  it('does not time out requests waiting behind an answer the client is slow to take', async () => {
+    // More than the two sockets' kernel buffers hold, so that the first answer is still going out.
+    const big = 'x'.repeat(16 * 1024 * 1024)
+    const { port, refused } = await start({ requestReadTimeoutMs: 400, handle: async (request) => ({ status: 200, headers: { 'x-target': request.target }, body: big }) })
+    const socket = connect(port, '127.0.0.1')
+    socket.pause()
+    socket.write(get('/1') + get('/2') + get('/3') + get('/4'))
+    await new Promise((resolve) => setTimeout(resolve, 1_200))
+    let answer = ''
+    socket.on('data', (chunk) => (answer += chunk.toString('latin1')))
+    socket.resume()
+    await expect.poll(() => answer.length, { timeout: 5_000 }).toBeGreaterThan(4 * big.length)
+    expect([...answer.matchAll(/HTTP\/1\.1 (\d{3}) [^]*?x-target: (\S+)/g)].map((match) => `${match[1]} ${match[2]}`)).toEqual(['200 /1', '200 /2', '200 /3', '200 /4'])
+    expect(refused).toEqual([])
+    socket.destroy()
+  })
+
+  it('closes gracefully without cutting an answer still going out to a slow reader', async () => {
+    const big = 'x'.repeat(4 * 1024 * 1024)
+    const { server, port } = await start({ handle: async () => ({ status: 200, headers: {}, body: big }) })
+    const socket = connect(port, '127.0.0.1')
+    socket.pause()
+    socket.write(get('/'))
+    await new Promise((resolve) => setTimeout(resolve, 200))
+    const closed = server.close({ drainMs: 5_000 })
+    await new Promise((resolve) => setTimeout(resolve, 200))
+    let received = 0
+    socket.on('data', (chunk) => (received += chunk.length))
+    const ended = new Promise((resolve) => socket.once('close', resolve))
+    socket.resume()
+    await ended
+    await closed
+    expect(received).toBeGreaterThan(big.length)
   })
 
   it('closes gracefully: idle connections at once, a busy one after its answer, which says so', async () => {

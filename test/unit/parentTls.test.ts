@@ -1,4 +1,5 @@
 import { request, type RequestOptions } from 'node:https'
+import { connect, type AddressInfo } from 'node:net'
 import type { HttpServer } from '../../enclave-origin/parent/httpServer.js'
 import { afterAll, beforeAll, expect, it } from 'vitest'
 import type { BlobStore } from '../../enclave-origin/parent/blobStore.js'
@@ -51,4 +52,19 @@ it('serves a client that presents a certificate from the trusted CA', async () =
 
 it('refuses a client without a certificate at the TLS handshake', async () => {
   await expect(get({})).rejects.toThrow()
+})
+
+it('cuts a TLS handshake that never finishes when it closes', async () => {
+  const parent = new OriginParent({ enclaves: [{ id: 'none', address: { host: '127.0.0.1', port: 1 } }], poolSize: 1, store: {} as BlobStore, requestTimeoutMs: 200, credentials: () => Promise.reject(new Error('not needed here')) })
+  const closing = createParentApi({ parent, verifier: new RequestVerifier({ secrets: {} }), log: () => {}, tls: { ...ca.issue('server', 'IP:127.0.0.1'), ca: ca.caPem } })
+  await closing.listen({ port: 0, host: '127.0.0.1' })
+  // A TCP connection that sends no ClientHello: the server waits for it up to its handshake timeout (10 s).
+  const silent = connect((closing.address() as AddressInfo).port, '127.0.0.1')
+  const cut = new Promise((resolve) => silent.once('close', resolve))
+  await new Promise((resolve) => silent.once('connect', resolve))
+  const started = Date.now()
+  await closing.close({ drainMs: 200 })
+  await cut
+  expect(Date.now() - started).toBeLessThan(2_000)
+  parent.close()
 })
