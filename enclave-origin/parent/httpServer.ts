@@ -29,7 +29,7 @@ export type HttpRequest = {
 
 export type HttpAnswer = {
   status: number
-  /** Lower-case names; Date, Content-Length and Connection are the server's. */
+  /** Lower-case names. Date, Content-Length, Transfer-Encoding, Connection and Keep-Alive are the server's: an answer that sets one is answered 500 instead. */
   headers: Record<string, string>
   body: string
 }
@@ -83,6 +83,9 @@ const token = "[!#$%&'*+\\-.^_`|~0-9A-Za-z]+"
 const requestLinePattern = new RegExp(`^(${token}) (\\S+) HTTP/(\\d)\\.(\\d)$`)
 /** name ":" value, the value visible ASCII, obs-text, space or tab: a CR, LF or NUL anywhere refuses the request. */
 const fieldLinePattern = new RegExp(`^${token}:[\\t\\x20-\\x7e\\x80-\\xff]*$`)
+const fieldNamePattern = new RegExp(`^${token}$`)
+/** Set by the server alone: the framing and connection headers, and Date. */
+const serverHeaders = new Set(['content-length', 'transfer-encoding', 'connection', 'keep-alive', 'date'])
 const originForm = /^\/[\x21-\x7e]*$/
 const absoluteForm = /^https?:\/\/[^/?#\s]+([/?][\x21-\x7e]*)?$/i
 
@@ -275,7 +278,8 @@ export class HttpServer {
       const end = unread.indexOf(headEnd, Math.max(0, connection.scannedBytes - (headEnd.length - 1)))
       if (end === -1 || end > this.maxHeaderBytes) {
         connection.scannedBytes = unread.length
-        if (end > this.maxHeaderBytes || unread.length > this.maxHeaderBytes) this.refuse(connection, new Refusal(431, `the request head is larger than ${this.maxHeaderBytes} bytes`))
+        // Up to 3 more bytes may be the start of the blank line that ends a head of exactly the limit.
+        if (end > this.maxHeaderBytes || unread.length > this.maxHeaderBytes + headEnd.length - 1) this.refuse(connection, new Refusal(431, `the request head is larger than ${this.maxHeaderBytes} bytes`))
         else if (connection.ended) this.refuse(connection, new Refusal(400, 'the connection ended inside a request'))
         return
       }
@@ -360,12 +364,12 @@ export class HttpServer {
     if (headers['transfer-encoding'] !== undefined) return new Refusal(411, 'transfer-encoding is not accepted; send the body with a content-length')
     const bodyBytes = contentLength === undefined ? 0 : Number(contentLength)
     if (bodyBytes > this.maxBodyBytes) return new Refusal(413, `body too large (limit ${this.maxBodyBytes} bytes)`)
-    const expect = headers.expect?.toLowerCase()
+    // RFC 9110 §10.1.1: an HTTP/1.0 client's expectation is ignored.
+    const expect = minor === '1' ? headers.expect?.toLowerCase() : undefined
     if (expect !== undefined && expect !== '100-continue') return new Refusal(417, 'the only expectation met is 100-continue')
     const connection = headers.connection?.toLowerCase() ?? ''
     const keepAlive = minor === '1' ? !/(^|,)\s*close\s*(,|$)/.test(connection) : /(^|,)\s*keep-alive\s*(,|$)/.test(connection)
-    // RFC 9110 §10.1.1: an HTTP/1.0 client's expectation is ignored.
-    return { method, target, headers, keepAlive, bodyBytes, expectsContinue: expect !== undefined && bodyBytes > 0 && minor === '1' }
+    return { method, target, headers, keepAlive, bodyBytes, expectsContinue: expect !== undefined && bodyBytes > 0 }
   }
 
   /** Writes the answer in one write; the connection goes on to its next request, or closes. */
@@ -377,8 +381,9 @@ export class HttpServer {
     let text = `HTTP/1.1 ${answer.status} ${reasons[answer.status] ?? 'Unknown'}\r\ndate: ${this.date()}\r\n`
     for (const name in answer.headers) {
       const value = answer.headers[name]!
-      // Values come from this process, never from a request; a line break would still split the answer.
-      if (/[\r\n]/.test(value)) return this.answer(connection, errorAnswer(500, 'internal error'), false, false)
+      // Headers come from this process, never from a request; still, a line break would split the answer, and
+      // a framing header of the handler's would contradict the server's own.
+      if (/[\r\n]/.test(value) || !fieldNamePattern.test(name) || serverHeaders.has(name)) return this.answer(connection, errorAnswer(500, 'internal error'), false, false)
       text += `${name}: ${value}\r\n`
     }
     text += `content-length: ${Buffer.byteLength(answer.body)}\r\n${open ? `connection: keep-alive\r\nkeep-alive: timeout=${Math.floor(this.keepAliveTimeoutMs / 1_000)}` : 'connection: close'}\r\n\r\n`
@@ -415,8 +420,15 @@ export class HttpServer {
     const { socket } = connection
     if (socket.isPaused()) socket.resume()
     socket.end()
-    socket.once('finish', () => setTimeout(() => socket.destroy(), 1_000).unref())
-    setTimeout(() => socket.destroy(), this.keepAliveTimeoutMs).unref()
+    const destroy = () => socket.destroy()
+    let linger: NodeJS.Timeout | undefined
+    socket.once('finish', () => (linger = setTimeout(destroy, 1_000).unref()))
+    const cap = setTimeout(destroy, this.keepAliveTimeoutMs).unref()
+    // A pending timer would hold the closed socket (and its connection) until it fires.
+    socket.once('close', () => {
+      clearTimeout(linger)
+      clearTimeout(cap)
+    })
   }
 
   /**

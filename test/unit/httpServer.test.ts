@@ -1,4 +1,6 @@
-import { connect, type AddressInfo, type Socket } from 'node:net'
+import { connect, type AddressInfo, type Server as NetServer, type Socket } from 'node:net'
+import { setFlagsFromString } from 'node:v8'
+import { runInNewContext } from 'node:vm'
 import { afterEach, describe, expect, it } from 'vitest'
 import { HttpServer, type HttpAnswer, type HttpRequest, type HttpServerOptions } from '../../enclave-origin/parent/httpServer.js'
 
@@ -130,11 +132,13 @@ describe('HttpServer', () => {
     socket.destroy()
   })
 
-  it('sends no 100 Continue to an HTTP/1.0 client, whose expectation is ignored', async () => {
+  it('ignores the expectation of an HTTP/1.0 client: no 100 Continue, and no 417', async () => {
     const { port } = await start()
-    const { answer } = await exchange(port, ['POST /c HTTP/1.0\r\ncontent-length: 4\r\nexpect: 100-continue\r\n\r\n', 100, 'body'], { waitMs: 1_000 })
-    expect(statuses(answer)).toEqual([200])
-    expect(answer).not.toContain('100 Continue')
+    for (const expectation of ['100-continue', 'magic']) {
+      const { answer } = await exchange(port, [`POST /c HTTP/1.0\r\ncontent-length: 4\r\nexpect: ${expectation}\r\n\r\n`, 100, 'body'], { waitMs: 1_000 })
+      expect(statuses(answer)).toEqual([200])
+      expect(answer).not.toContain('100 Continue')
+    }
   })
 
   it('trims a header value by index: a long run of spaces inside one, with its body in many pieces, is read at once', async () => {
@@ -207,11 +211,44 @@ describe('HttpServer', () => {
     expect(statuses((await exchange(port, [get('/')], { waitMs: 1_000 })).answer)).toEqual([500])
   })
 
-  it('refuses an answer header that would split the answer', async () => {
-    const { port } = await start({ handle: async () => ({ status: 200, headers: { 'x-bad': 'a\r\nset-cookie: b' }, body: '{}' }) })
+  it.each([
+    ['a value that would split the answer', { 'x-bad': 'a\r\nset-cookie: b' }],
+    ['a name that is not a token', { 'x bad': 'a' }],
+    ['a framing header of its own', { 'content-length': '1' }],
+    ['a connection header of its own', { connection: 'keep-alive' }],
+  ])('answers 500 instead of an answer header with %s', async (_, headers) => {
+    const { port } = await start({ handle: async () => ({ status: 200, headers, body: '{}' }) })
     const { answer } = await exchange(port, [get('/')], { waitMs: 1_000 })
     expect(statuses(answer)).toEqual([500])
     expect(answer).not.toContain('set-cookie')
+    expect(answer.match(/content-length/g)).toHaveLength(1)
+  })
+
+  it('takes a head of exactly the limit however its last bytes arrive', async () => {
+    const { port } = await start({ maxHeaderBytes: 100 })
+    const prefix = 'GET /limit HTTP/1.1\r\nhost: x\r\nx-test: '
+    const head = prefix + 'a'.repeat(100 - prefix.length)
+    for (const parts of [[`${head}\r\n\r\n`], [head, 20, '\r\n\r\n'], [`${head}\r`, 20, '\n\r\n'], [`${head}\r\n\r`, 20, '\n']]) {
+      const { answer } = await exchange(port, parts, { waitMs: 300 })
+      expect(statuses(answer)).toEqual([200])
+    }
+    const { answer } = await exchange(port, [`${head}a\r\n\r\n`], { waitMs: 300 })
+    expect(statuses(answer)).toEqual([431])
+  })
+
+  it('lets go of a connection once it has closed', async () => {
+    setFlagsFromString('--expose-gc')
+    const gc = runInNewContext('gc') as () => void
+    const { server, port } = await start()
+    let accepted: WeakRef<Socket> | undefined
+    ;(server as unknown as { server: NetServer }).server.once('connection', (socket: Socket) => (accepted = new WeakRef(socket)))
+    const { closed } = await exchange(port, [get('/', 'connection: close\r\n')], { waitMs: 1_000 })
+    expect(closed).toBe(true)
+    // Its timers (the linger after the answer, the cap for slow readers) must not hold it until they fire.
+    await expect.poll(() => {
+      gc()
+      return accepted !== undefined && accepted.deref() === undefined
+    }, { timeout: 3_000, interval: 100 }).toBe(true)
   })
 
   it('cuts off a request that is too slow (408), a connection that sends nothing or only an empty line, and an idle keep-alive one', async () => {
