@@ -6,11 +6,10 @@ import { createServer as createTlsServer } from 'node:tls'
  * (the Worker's fetch, the operator CLI, curl, Prometheus), on plain TCP or
  * TLS, with keep-alive and pipelining, and nothing else.
  *
- * Why not Node's `http`: on this 2-core benchmark machine its request and
- * response objects, streams and events cost about 65 µs of CPU per request,
- * against about 25 µs for a socket that parses a request and writes its
- * answer in one write. The parent's one thread spends that time on every
- * signature, and under load the signatures wait for it (README, Benchmarks).
+ * Why not Node's `http`: its request and response objects, streams and
+ * events cost the parent's one thread time on every signature, and under
+ * load the signatures wait for that thread. On this server the parent spends
+ * about a fifth less CPU per signature (README, Benchmarks).
  *
  * It is strict where leniency lets two parsers disagree about where a request
  * ends (request smuggling behind a proxy): a body is framed by Content-Length
