@@ -2,7 +2,7 @@ import { messageOf } from '../errors.js'
 import { maxKeyIdBytes } from '../protocol/messages.js'
 import type { RequestVerifier } from '../protocol/requestSigning.js'
 import type { KeyState } from '../types.js'
-import { HttpServer, type HttpAnswer, type HttpRequest } from './httpServer.js'
+import { HttpServer, type HttpAnswer, type HttpRequest, type HttpServerOptions } from './httpServer.js'
 import { originMetrics } from './metrics.js'
 import { ThrottledLog } from './throttledLog.js'
 import { NeedsUnlockError, OriginRequestError, type EnclaveHealth, type OriginParent } from './origin.js'
@@ -11,8 +11,8 @@ export type ParentApiOptions = {
   parent: OriginParent
   verifier: RequestVerifier
   log: (fields: Record<string, unknown>) => void
-  /** TLS, optionally requiring client certificates; plain HTTP on loopback otherwise. */
-  tls?: { cert: string; key: string; ca?: string; requireClientCertificate?: boolean }
+  /** TLS, optionally requiring client certificates; plain HTTP otherwise. */
+  tls?: HttpServerOptions['tls']
   /** How long a client may take to send a whole request (headers within half of it); default 10 s. */
   requestReadTimeoutMs?: number
 }

@@ -89,7 +89,6 @@ const originForm = /^\/[\x21-\x7e]*$/
 const absoluteForm = /^https?:\/\/[^/?#\s]+([/?][\x21-\x7e]*)?$/i
 
 const reasons: Record<number, string> = {
-  100: 'Continue',
   200: 'OK',
   201: 'Created',
   400: 'Bad Request',
@@ -461,7 +460,7 @@ export class HttpServer {
   }
 }
 
-export function errorAnswer(status: number, message: string): HttpAnswer {
+function errorAnswer(status: number, message: string): HttpAnswer {
   return { status, headers: { 'content-type': 'application/json' }, body: JSON.stringify({ error: message }) }
 }
 

@@ -10,7 +10,7 @@ import { createParentApi } from './httpApi.js'
 import { OriginParent } from './origin.js'
 
 /**
- * The parent process. Settings: PARENT_LISTEN (host:port), ENCLAVES
+ * The parent process. Settings: PARENT_LISTEN (host:port or a Unix socket path), ENCLAVES
  * ("id=host:port,id2=/path/to.sock"), STORE (disk|s3) with STORE_DIR, or
  * S3_BUCKET, S3_PREFIX, S3_REGION, S3_ENDPOINT, S3_TIMEOUT_MS (5000, per attempt) and AWS_* credentials, ORIGIN_HMAC_KEYS
  * ("keyId:secret,…"), POOL_SIZE (16), REQUEST_TIMEOUT_MS (2000), KMS_REQUEST_TIMEOUT_MS (15000,
@@ -31,6 +31,8 @@ export async function runParent(): Promise<() => Promise<void>> {
   // Settings first: a wrong one should stop the process before it touches the store or an enclave.
   const secrets = hmacKeysSetting()
   const tls = parentTlsSetting((file) => readFileSync(file, 'utf8'))
+  const address = listenAddress(setting('PARENT_LISTEN', '127.0.0.1:8443'))
+  if ('vsock' in address) throw new Error('PARENT_LISTEN must be host:port or a Unix socket path: the parent does not listen on vsock')
   const store =
     setting('STORE', 'disk') === 's3'
       ? await openS3BlobStore({
@@ -61,8 +63,6 @@ export async function runParent(): Promise<() => Promise<void>> {
   })
   await parent.start()
   const server = createParentApi({ parent, verifier: new RequestVerifier({ secrets, hashing: nodeHashing }), log: logLine, tls })
-  const address = listenAddress(setting('PARENT_LISTEN', '127.0.0.1:8443'))
-  if ('vsock' in address) throw new Error('PARENT_LISTEN must be host:port or a Unix socket path: the parent does not listen on vsock')
   await server.listen(address)
   logLine({ event: 'parent_listening', address, enclaves: enclaves.map((e) => e.id), tls: Boolean(tls) })
   return async () => {

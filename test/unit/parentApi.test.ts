@@ -1,4 +1,9 @@
+import { execFile } from 'node:child_process'
+import { mkdtempSync, readdirSync, rmSync } from 'node:fs'
 import { connect, createServer as createNetServer } from 'node:net'
+import { tmpdir } from 'node:os'
+import path from 'node:path'
+import { promisify } from 'node:util'
 import type { AddressInfo } from 'node:net'
 import type { HttpServer } from '../../enclave-origin/parent/httpServer.js'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
@@ -114,6 +119,8 @@ describe('the parent API', () => {
     expect(answer).toMatch(/^HTTP\/1\.1 413 /)
     expect(answer).toContain('body too large (limit 16384 bytes)')
     expect(closed).toBe(true)
+    // The server's own refusals are counted with the API's requests.
+    expect(await (await fetch(`${base}/metrics`)).text()).toMatch(/^origin_requests_total\{route="unknown",status="413"\} 1$/m)
   })
 
   it('cuts off a client that takes too long to send its request', async () => {
@@ -213,3 +220,16 @@ describe('ThrottledLog', () => {
     expect(lines.at(-1)).toEqual({ reason: 'stale', hmacKeyId: 'x', count: 3 })
   })
 })
+
+it('refuses to listen on vsock, before it opens its store', async () => {
+  const storeDir = mkdtempSync(path.join(tmpdir(), 'parent-listen-'))
+  try {
+    const env: Record<string, string | undefined> = { ...process.env, PARENT_LISTEN: 'vsock:3:8443', STORE_DIR: storeDir, ORIGIN_HMAC_KEYS: `${hmac.keyId}:${hmac.secret}` }
+    const run = promisify(execFile)(process.execPath, ['--import', 'tsx', 'enclave-origin/cli.ts', 'parent'], { env, timeout: 30_000 })
+    await expect(run).rejects.toMatchObject({ code: 1, stderr: expect.stringContaining('PARENT_LISTEN must be host:port or a Unix socket path') })
+    // Not even its lock: a wrong setting stops the process before it touches the store.
+    expect(readdirSync(storeDir)).toEqual([])
+  } finally {
+    rmSync(storeDir, { recursive: true, force: true })
+  }
+}, 40_000)

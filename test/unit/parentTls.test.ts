@@ -60,8 +60,10 @@ it('cuts a TLS handshake that never finishes when it closes', async () => {
   await closing.listen({ port: 0, host: '127.0.0.1' })
   // A TCP connection that sends no ClientHello: the server waits for it up to its handshake timeout (10 s).
   const silent = connect((closing.address() as AddressInfo).port, '127.0.0.1')
+  silent.on('error', () => undefined)
   const cut = new Promise((resolve) => silent.once('close', resolve))
-  await new Promise((resolve) => silent.once('connect', resolve))
+  // Held by the server, not just queued in the kernel, before it closes.
+  await expect.poll(() => (closing as unknown as { sockets: Set<unknown> }).sockets.size).toBe(1)
   const started = Date.now()
   await closing.close({ drainMs: 200 })
   await cut
