@@ -5,6 +5,7 @@ import type { StreamAddress } from '../config.js'
 import { messageOf } from '../errors.js'
 import { CoalescingWriter } from '../protocol/coalescingWriter.js'
 import { listenVsock } from '../protocol/vsock.js'
+import { endLingering } from '../protocol/endLingering.js'
 import { connectionRequestId, encodeConnectionClosing, encodeFrame, FrameDecoder, FrameError, opcodes, statuses, type Frame, type Status } from '../protocol/frames.js'
 import {
   decodeCreateRequest,
@@ -408,11 +409,8 @@ export async function serveEnclave(options: {
       closing = true
       options.log({ level: 'warn', event: 'connection_closed', reason })
       writer.write(encodeConnectionClosing(encodeErrorMessage(reason)))
-      // After this turn's write. Until the peer closes too (at most closingLingerMs), what it still sends is read and
-      // dropped: closing a TCP connection with input unread resets it, and the peer could lose the reason.
-      setImmediate(() => socket.end())
-      const linger = setTimeout(() => socket.destroy(), closingLingerMs)
-      socket.once('close', () => clearTimeout(linger))
+      // After this turn's write; what the peer still sends meanwhile is dropped above.
+      setImmediate(() => endLingering(socket, { lingerMs: closingLingerMs, capMs: closingLingerMs }))
     }
     socket.on('data', (chunk: Uint8Array) => {
       if (closing) return

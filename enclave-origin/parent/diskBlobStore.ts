@@ -390,9 +390,7 @@ class GroupCommitStore implements DiskBlobStore {
     this.file = countingFile(outcome.file, this.counters)
     try {
       // The new log's records carry every key's state: the journal starts again from there.
-      await this.journal.truncate(0)
-      await writeFully(this.journal, JOURNAL_MAGIC)
-      await this.journal.sync()
+      await startOver(this.journal, STATE_JOURNAL.magic)
     } catch (error) {
       // Half emptied, it may have lost its header: nothing more is appended to it, and the next open starts it again.
       this.failure = new Error(`blob store could not empty its state journal after a compaction, reopen it to recover: ${messageOf(error)}`, { cause: error })
@@ -504,9 +502,7 @@ async function recoverLog(options: {
   const bytes = await readWholeFile(file)
   // A crash while creating the log can leave it empty, with part of the header, or with the header's size in zeros: nothing was ever stored.
   if (created || isUnfinishedHeader(bytes, magic)) {
-    if (bytes.length > 0) await file.truncate(0)
-    await writeFully(file, magic)
-    await file.sync()
+    await startOver(file, magic)
     return { entries: [], headerWritten: true, damaged: false }
   }
   if (!bytes.subarray(0, magic.length).equals(magic)) {
@@ -529,6 +525,13 @@ async function recoverLog(options: {
     await file.sync()
   }
   return { entries, headerWritten: false, damaged: damaged.length > 0 }
+}
+
+/** Empties a log down to its header, durably. */
+async function startOver(file: LogFile, magic: Buffer): Promise<void> {
+  await file.truncate(0)
+  await writeFully(file, magic)
+  await file.sync()
 }
 
 function isUnfinishedHeader(bytes: Buffer, magic: Buffer): boolean {

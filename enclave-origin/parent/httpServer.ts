@@ -1,5 +1,6 @@
 import { createServer as createNetServer, type AddressInfo, type ListenOptions, type Server as NetServer, type Socket } from 'node:net'
 import { createServer as createTlsServer } from 'node:tls'
+import { endLingering } from '../protocol/endLingering.js'
 
 /**
  * The parent API's HTTP/1.1 server: the subset of RFC 9112 its clients use
@@ -188,16 +189,14 @@ export class HttpServer {
    */
   async close(options: { drainMs: number }): Promise<void> {
     this.shuttingDown = true
-    clearInterval(this.sweeper)
     const closed = new Promise<void>((resolve) => this.server.close(() => resolve()))
     for (const connection of this.connections) this.serve(connection)
-    // Partly read requests still get the read timeout's protection while draining.
-    const sweeping = setInterval(() => this.sweep(), Math.min(1_000, this.requestReadTimeoutMs / 4))
+    // The sweeper runs on while draining: partly read requests keep the read timeout's protection.
     const cut = setTimeout(() => this.closeAllConnections(), options.drainMs)
     try {
       await closed
     } finally {
-      clearInterval(sweeping)
+      clearInterval(this.sweeper)
       clearTimeout(cut)
     }
   }
@@ -404,29 +403,17 @@ export class HttpServer {
   }
 
   /**
-   * Reads no more and ends the connection once what was written is out. Unread
-   * bytes left in the kernel would turn the close into a reset that can
-   * overtake the answer, so it goes on reading (and dropping) until the
-   * client closes: for a second after the answer has gone out, and for no
-   * longer than a slow reader is given at all.
+   * Takes no more requests and ends the connection once what was written is
+   * out, reading (and dropping, in `received`) until the client closes: for a
+   * second after the answer has gone out, and for no longer than a slow
+   * reader is given at all.
    */
   private finish(connection: Connection): void {
     if (connection.closing) return
     connection.closing = true
     connection.parts = []
     connection.partsBytes = 0
-    const { socket } = connection
-    if (socket.isPaused()) socket.resume()
-    socket.end()
-    const destroy = () => socket.destroy()
-    let linger: NodeJS.Timeout | undefined
-    socket.once('finish', () => (linger = setTimeout(destroy, 1_000).unref()))
-    const cap = setTimeout(destroy, this.keepAliveTimeoutMs).unref()
-    // A pending timer would hold the closed socket (and its connection) until it fires.
-    socket.once('close', () => {
-      clearTimeout(linger)
-      clearTimeout(cap)
-    })
+    endLingering(connection.socket, { lingerMs: 1_000, capMs: this.keepAliveTimeoutMs })
   }
 
   /**

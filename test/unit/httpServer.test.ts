@@ -3,6 +3,7 @@ import { setFlagsFromString } from 'node:v8'
 import { runInNewContext } from 'node:vm'
 import { afterEach, describe, expect, it } from 'vitest'
 import { HttpServer, type HttpAnswer, type HttpRequest, type HttpServerOptions } from '../../enclave-origin/parent/httpServer.js'
+import { exchange, statuses } from '../support/rawHttp.js'
 
 /**
  * The parent's HTTP/1.1 server on a real socket, fed raw bytes: framing,
@@ -31,41 +32,8 @@ async function start(options: Partial<HttpServerOptions> = {}): Promise<{ server
   return { server, port: (server.address() as AddressInfo).port, refused }
 }
 
-type Exchange = { answer: string; closed: boolean; socket: Socket }
-
-/**
- * Writes each part in turn (a number waits that many ms); resolves with what
- * came back once the server closes, once `answers` whole answers have come
- * (each JSON body ends with "}"), or after `waitMs`.
- */
-function exchange(port: number, parts: Array<string | number>, options: { waitMs: number; endAfter?: boolean; answers?: number }): Promise<Exchange> {
-  return new Promise((resolve, reject) => {
-    const socket = connect(port, '127.0.0.1')
-    let answer = ''
-    const done = (closed: boolean) => {
-      clearTimeout(timer)
-      resolve({ answer, closed, socket })
-    }
-    const timer = setTimeout(() => done(false), options.waitMs)
-    socket.on('data', (chunk) => {
-      answer += chunk.toString('latin1')
-      if (options.answers !== undefined && answer.endsWith('}') && statuses(answer).length >= options.answers) done(false)
-    })
-    socket.on('error', reject)
-    socket.on('close', () => done(true))
-    void (async () => {
-      for (const part of parts) {
-        if (typeof part === 'number') await new Promise((wait) => setTimeout(wait, part))
-        else socket.write(part)
-      }
-      if (options.endAfter) socket.end()
-    })()
-  })
-}
-
 const get = (target: string, extra = '') => `GET ${target} HTTP/1.1\r\nhost: x\r\n${extra}\r\n`
 const post = (target: string, body: string, extra = '') => `POST ${target} HTTP/1.1\r\nhost: x\r\ncontent-length: ${Buffer.byteLength(body)}\r\n${extra}\r\n${body}`
-const statuses = (answer: string) => [...answer.matchAll(/HTTP\/1\.1 (\d{3}) /g)].map((match) => Number(match[1]))
 const bodies = (answer: string) => [...answer.matchAll(/\r\n\r\n(\{[^\r]*?\})(?=HTTP\/1\.1 |$)/g)].map((match) => JSON.parse(match[1]!))
 
 describe('HttpServer', () => {

@@ -1,6 +1,6 @@
 import { execFile } from 'node:child_process'
 import { mkdtempSync, readdirSync, rmSync } from 'node:fs'
-import { connect, createServer as createNetServer } from 'node:net'
+import { createServer as createNetServer } from 'node:net'
 import { tmpdir } from 'node:os'
 import path from 'node:path'
 import { promisify } from 'node:util'
@@ -12,6 +12,7 @@ import { createParentApi, healthStatus } from '../../enclave-origin/parent/httpA
 import { ThrottledLog } from '../../enclave-origin/parent/throttledLog.js'
 import { OriginParent } from '../../enclave-origin/parent/origin.js'
 import { RequestVerifier, signRequest } from '../../enclave-origin/protocol/requestSigning.js'
+import { exchange } from '../support/rawHttp.js'
 
 /**
  * The parent's HTTP API against bad clients and failing parts: what it
@@ -41,25 +42,6 @@ async function signed(method: 'GET' | 'POST', path: string, body = '') {
   const payload = new TextEncoder().encode(body)
   const headers = await signRequest({ ...hmac, method, path, body: payload })
   return fetch(`${base}${path}`, { method, headers, body: method === 'POST' ? payload : undefined })
-}
-
-/** Raw bytes to the server; resolves with everything it answered once it closes, or with what came so far after `waitMs`. */
-function raw(options: { text: string; waitMs: number }): Promise<{ answer: string; closed: boolean }> {
-  return new Promise((resolve, reject) => {
-    const socket = connect(Number(new URL(base).port), '127.0.0.1')
-    let answer = ''
-    const timer = setTimeout(() => {
-      socket.destroy()
-      resolve({ answer, closed: false })
-    }, options.waitMs)
-    socket.on('data', (chunk) => (answer += chunk))
-    socket.on('error', reject)
-    socket.on('close', () => {
-      clearTimeout(timer)
-      resolve({ answer, closed: true })
-    })
-    socket.write(options.text)
-  })
 }
 
 describe('the parent API', () => {
@@ -115,7 +97,7 @@ describe('the parent API', () => {
 
   it('refuses a declared body over the limit before reading it', async () => {
     // Headers only: a server that waited for the 20,000 bytes would answer nothing before the client gives up.
-    const { answer, closed } = await raw({ text: 'POST /v1/keys HTTP/1.1\r\nhost: x\r\ncontent-length: 20000\r\n\r\n', waitMs: 300 })
+    const { answer, closed } = await exchange(Number(new URL(base).port), ['POST /v1/keys HTTP/1.1\r\nhost: x\r\ncontent-length: 20000\r\n\r\n'], { waitMs: 300 })
     expect(answer).toMatch(/^HTTP\/1\.1 413 /)
     expect(answer).toContain('body too large (limit 16384 bytes)')
     expect(closed).toBe(true)
@@ -124,7 +106,7 @@ describe('the parent API', () => {
   })
 
   it('cuts off a client that takes too long to send its request', async () => {
-    const { answer, closed } = await raw({ text: 'POST /v1/keys HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n{"dig', waitMs: 3_000 })
+    const { answer, closed } = await exchange(Number(new URL(base).port), ['POST /v1/keys HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n{"dig'], { waitMs: 3_000 })
     expect(answer).toMatch(/^HTTP\/1\.1 408 /)
     expect(closed).toBe(true)
   })
