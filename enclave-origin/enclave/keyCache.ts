@@ -34,8 +34,16 @@ export type KeyCacheAuditEvent =
   | { type: 'grace-signature'; keyId: string; version: number; graceLeft: number; at: number }
   | { type: 'refresh-failed'; keyId: string; version: number; reason: string; at: number }
 
+/**
+ * Milliseconds since the epoch that never step: the wall clock at the
+ * process's start plus monotonic time since. The cache's clock in
+ * production, so that a stepped system clock (NTP, a restored VM) neither
+ * keeps a plaintext key or DEK past its hard TTL nor expires them all at once.
+ */
+export const steadyWallClock = (): number => performance.timeOrigin + performance.now()
+
 export type KeyCacheOptions = {
-  /** Wall clock in ms: TTLs are measured on it (tests move it by hand). */
+  /** Clock in ms that TTLs are measured on: `steadyWallClock` in production; tests move it by hand. */
   now: () => number
   /** Uniform in [0, 1): jitter for retry-after and pre-warm timing. */
   random?: () => number
@@ -123,10 +131,11 @@ type KeyEntry = {
 
 /**
  * What became of a LOAD or SET_STATE (see `openSequenceEpoch`): applied;
- * stale (the key took a later one), and why; or needs-unlock, numbered
- * outside the current epoch (or before any UNLOCK opened one).
+ * stale (the key took a later one), and why; needs-unlock, numbered
+ * outside the current epoch (or before any UNLOCK opened one); or archived:
+ * the key is, and archiving is final, so no other state is taken.
  */
-export type SequencedResult = { kind: 'applied' } | { kind: 'stale'; reason: string } | { kind: 'needs-unlock'; retryAfterMs: number }
+export type SequencedResult = { kind: 'applied' } | { kind: 'stale'; reason: string } | { kind: 'needs-unlock'; retryAfterMs: number } | { kind: 'archived' }
 
 type CachedDek = { bytes: Uint8Array; retiring: Uint8Array | undefined; softExpiresAt: number; hardExpiresAt: number; renewAt: number }
 
@@ -193,7 +202,14 @@ export class KeyCache {
    * Both lapse together.
    */
   setDek(dek: Uint8Array, retiring?: Uint8Array): void {
-    for (const bytes of retiring ? [dek, retiring] : [dek]) if (bytes.length !== 32) throw new RangeError(`DEK must be 32 bytes, got ${bytes.length}`)
+    for (const bytes of retiring ? [dek, retiring] : [dek]) {
+      if (bytes.length !== 32) {
+        // Key material even so: nothing else will zero it.
+        zero(dek)
+        if (retiring) zero(retiring)
+        throw new RangeError(`DEK must be 32 bytes, got ${bytes.length}`)
+      }
+    }
     const now = this.now()
     this.dekEpoch += 1
     if (this.dek) this.dropDek(this.dek, [dek, retiring])
@@ -223,6 +239,7 @@ export class KeyCache {
   load(record: SealedKeyRecord, sequence: number): SequencedResult {
     const stale = this.staleFor(record.keyId, sequence)
     if (stale) return stale
+    if (this.entries.get(record.keyId)?.record.state === 'archived' && record.state !== 'archived') return archivedIsFinal
     this.loadEntry(record).sequence = sequence
     return applied
   }
@@ -308,6 +325,8 @@ export class KeyCache {
     if (!entry) return { kind: 'not-found' }
     const stale = this.staleFor(keyId, sequence)
     if (stale) return stale
+    // The parent refuses it too; here it holds even against a parent that would not.
+    if (entry.record.state === 'archived' && state !== 'archived') return archivedIsFinal
     entry.record = { ...entry.record, state }
     entry.sequence = sequence
     if (state !== 'active') {
@@ -324,6 +343,11 @@ export class KeyCache {
     const held = this.entries.get(keyId)?.sequence
     if (held !== undefined && sequence <= held) return { kind: 'stale', reason: `key ${keyId} has taken sequence ${held} already` }
     return undefined
+  }
+
+  /** Whether the key is active: a signature made while it was stops here once it is not (frozen meanwhile). */
+  isActive(keyId: string): boolean {
+    return this.entries.get(keyId)?.record.state === 'active'
   }
 
   get(keyId: string): { record: SealedKeyRecord; cacheState: CacheState } | undefined {
@@ -725,6 +749,7 @@ function coolEntry(record: SealedKeyRecord): KeyEntry {
 }
 
 const applied: SequencedResult = { kind: 'applied' }
+const archivedIsFinal: SequencedResult = { kind: 'archived' }
 
 function sealsSameKey(held: SealedKeyRecord, incoming: SealedKeyRecord): boolean {
   return held.version === incoming.version && bytesEqual(held.sealed, incoming.sealed)

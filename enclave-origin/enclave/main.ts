@@ -3,7 +3,7 @@ import { keepRequestObjectsYoung } from '../heapTuning.js'
 import { developmentAttestation, KmsDataKeys } from './dataKey.js'
 import { DeliveredCredentials } from './deliveredCredentials.js'
 import { SignEngine } from './engine.js'
-import { KeyCache } from './keyCache.js'
+import { KeyCache, steadyWallClock } from './keyCache.js'
 import { enclaveKmsClient } from './kmsClient.js'
 import { memoryWatch } from './memory.js'
 import { openNitroAttestation } from './nitroAttestation.js'
@@ -48,7 +48,7 @@ export async function runEnclave(): Promise<() => Promise<void>> {
   await engine.start()
   let service: EnclaveService | undefined
   const cache = new KeyCache({
-    now: Date.now,
+    now: steadyWallClock,
     unlock: () => service!.unwrapLastDataKeys(),
     graceSignatures: integerSetting('GRACE_SIGNATURES', { min: 0, max: 1_000_000, fallback: 0 }),
     audit: (event) => logLine({ level: 'warn', event: 'key_cache_audit', ...event }),

@@ -48,6 +48,7 @@ const utf8 = new TextEncoder()
 function sequenced(result: SequencedResult): Answer {
   if (result.kind === 'applied') return { status: statuses.OK, payload: emptyPayload }
   if (result.kind === 'needs-unlock') return { status: statuses.NEEDS_UNLOCK, payload: encodeNeedsUnlock(result) }
+  if (result.kind === 'archived') return fail(statuses.NOT_ACTIVE, 'the key is archived, which is final')
   return fail(statuses.STALE, result.reason)
 }
 
@@ -277,7 +278,10 @@ export class EnclaveService {
         }
         if (key.kind === 'not-active') return fail(statuses.NOT_ACTIVE, `key ${keyId} is ${key.state}`)
         // The engine copies the key synchronously, as the cache requires.
-        return signed(await engine.sign({ privateKey: key.privateKey, digest }))
+        const signature = await engine.sign({ privateKey: key.privateKey, digest })
+        // Frozen or archived while it waited in a batch or a thread's queue: once SET_STATE has answered, no signature leaves.
+        if (!cache.isActive(keyId)) return fail(statuses.NOT_ACTIVE, `key ${keyId} is ${cache.get(keyId)?.record.state ?? 'gone'}`)
+        return signed(signature)
       }
       case opcodes.CREATE: {
         const { keyId } = decodeRequest(decodeCreateRequest, frame.payload)

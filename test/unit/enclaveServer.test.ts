@@ -70,6 +70,16 @@ afterAll(async () => {
   await engine.stop()
 })
 
+/** An enclave service with its data key set and an epoch of sequences open (as after an UNLOCK), and a way to send it requests. */
+function unlockedEnclave() {
+  const { cache, service } = enclaveWith(noKms)
+  cache.setDek(new Uint8Array(dek))
+  const floor = cache.openSequenceEpoch()
+  let requestId = 0
+  const call = (opcode: number, payload: Uint8Array) => service.handle({ requestId: ++requestId, opcode, status: 0, payload })
+  return { cache, floor, call }
+}
+
 /** Loads a record as the parent does after an UNLOCK: in the epoch of sequences that opened (the UNLOCK itself is not the subject). */
 function loadInNewEpoch(cache: KeyCache, record: SealedKeyRecord): void {
   expect(cache.load(record, cache.openSequenceEpoch())).toEqual({ kind: 'applied' })
@@ -187,6 +197,39 @@ it('a LOAD or SET_STATE applies only in the epoch of sequences the last UNLOCK o
   expect(await sign()).toBe(statuses.NOT_ACTIVE)
   expect((await setState('active', next)).status).toBe(statuses.OK)
   expect(await sign()).toBe(statuses.OK)
+})
+
+it('once a freeze is answered, no signature of that key leaves, though some were waiting to be signed when it came', async () => {
+  const { floor, call } = unlockedEnclave()
+  expect((await call(opcodes.CREATE, encodeCreateRequest({ keyId: 'fr' }))).status).toBe(statuses.OK)
+  const answered: string[] = []
+  // One turn: the signs wait in the engine's batch or its thread when the freeze is applied.
+  const signs = Array.from({ length: 40 }, (_, i) =>
+    call(opcodes.SIGN, encodeSignRequest({ keyId: 'fr', digest: new Uint8Array(32).fill(i) })).then((answer) => answered.push(answer.status === statuses.OK ? 'signed' : 'refused')),
+  )
+  const freeze = call(opcodes.SET_STATE, encodeSetStateRequest({ keyId: 'fr', state: 'frozen', sequence: floor + 1 })).then((answer) => answered.push(`freeze ${answer.status}`))
+  await Promise.all([...signs, freeze])
+  const frozenAt = answered.indexOf(`freeze ${statuses.OK}`)
+  expect(frozenAt).toBeGreaterThanOrEqual(0)
+  expect(answered.slice(frozenAt + 1)).not.toContain('signed')
+  expect(answered.filter((answer) => answer === 'refused').length).toBeGreaterThan(0)
+})
+
+it('an archived key stays archived: a SET_STATE or LOAD that would make it active again is refused NOT_ACTIVE', async () => {
+  const { cache, floor, call } = unlockedEnclave()
+  const created = decodeCreateResponse((await call(opcodes.CREATE, encodeCreateRequest({ keyId: 'ar' }))).payload)
+  expect((await call(opcodes.SET_STATE, encodeSetStateRequest({ keyId: 'ar', state: 'archived', sequence: floor + 1 }))).status).toBe(statuses.OK)
+  for (const revive of [
+    call(opcodes.SET_STATE, encodeSetStateRequest({ keyId: 'ar', state: 'active', sequence: floor + 2 })),
+    call(opcodes.SET_STATE, encodeSetStateRequest({ keyId: 'ar', state: 'frozen', sequence: floor + 3 })),
+    call(opcodes.LOAD, encodeLoadRequest({ keyId: 'ar', sequence: floor + 4, state: 'active', ...created })),
+  ]) {
+    const answer = await revive
+    expect(answer.status).toBe(statuses.NOT_ACTIVE)
+    expect(decodeErrorMessage(answer.payload)).toBe('the key is archived, which is final')
+  }
+  expect(cache.get('ar')?.record.state).toBe('archived')
+  expect((await call(opcodes.SIGN, encodeSignRequest({ keyId: 'ar', digest: new Uint8Array(32) }))).status).toBe(statuses.NOT_ACTIVE)
 })
 
 it('an UNLOCK with no epoch of sequences left is refused before it installs or asks for anything', async () => {

@@ -1,6 +1,6 @@
 import { randomBytes } from 'node:crypto'
-import { describe, expect, it } from 'vitest'
-import { KeyCache, type AcquireResult, type DataKeys, type KeyCacheAuditEvent, type KeyCacheOptions } from '../../enclave-origin/enclave/keyCache.js'
+import { describe, expect, it, vi } from 'vitest'
+import { KeyCache, steadyWallClock, type AcquireResult, type DataKeys, type KeyCacheAuditEvent, type KeyCacheOptions } from '../../enclave-origin/enclave/keyCache.js'
 import { secp256k1 } from '../../enclave-origin/enclave/nativeSecp256k1.js'
 import { SealingError, sealPrivateKey, unsealPrivateKey } from '../../enclave-origin/enclave/sealing.js'
 import type { KeyState, SealedKeyRecord } from '../../enclave-origin/types.js'
@@ -603,6 +603,30 @@ describe('KeyCache key lifecycle', () => {
     expect(cache.openSequenceEpoch(9 * 2 ** 32)).toBe(9 * 2 ** 32)
     expect(cache.hasSequenceEpochLeft(2 ** 53 - 2 ** 32)).toBe(true)
     expect(cache.hasSequenceEpochLeft(2 ** 53 - 2 ** 32 + 1)).toBe(false)
+  })
+
+  it('times TTLs in production on a clock that a stepped system clock does not move', () => {
+    const before = steadyWallClock()
+    expect(Math.abs(before - Date.now())).toBeLessThan(1_000)
+    const stepped = vi.spyOn(Date, 'now').mockReturnValue(Date.now() - 3_600_000)
+    try {
+      // An hour back on the system clock: the cache's clock goes on from where it was.
+      expect(steadyWallClock()).toBeGreaterThanOrEqual(before)
+      expect(steadyWallClock() - before).toBeLessThan(1_000)
+    } finally {
+      stepped.mockRestore()
+    }
+  })
+
+  it('zeroes a data key of the wrong length that it refuses, and the other one handed over with it', () => {
+    const cache = new KeyCache({ now: () => 0, unlock: () => Promise.reject(new Error('no unlock in this test')) })
+    const short = new Uint8Array(16).fill(7)
+    expect(() => cache.setDek(short)).toThrow('DEK must be 32 bytes, got 16')
+    expect(short.every((byte) => byte === 0)).toBe(true)
+    const dek = new Uint8Array(32).fill(7)
+    const retiring = new Uint8Array(31).fill(7)
+    expect(() => cache.setDek(dek, retiring)).toThrow('DEK must be 32 bytes, got 31')
+    expect([...dek, ...retiring].every((byte) => byte === 0)).toBe(true)
   })
 
   it('opens epochs while a whole one fits below 2^53, then refuses', () => {
