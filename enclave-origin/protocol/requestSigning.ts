@@ -105,6 +105,13 @@ export class RequestVerifier {
    */
   private readonly nonceGenerations = [new FingerprintSet(), new FingerprintSet(), new FingerprintSet()]
   private generationStartedAt = Number.NEGATIVE_INFINITY
+  /**
+   * The latest the clock has read. Timestamps are refused below it − skew,
+   * and the nonce memory turns over by it: were the clock stepped back (an
+   * NTP step, a restored VM), a request whose nonce was already forgotten
+   * would otherwise be acceptable again.
+   */
+  private latestNow = Number.NEGATIVE_INFINITY
   /** When the nonce memory began: nothing timestamped earlier is known not to be a replay. */
   private readonly rememberingSince: number
 
@@ -125,12 +132,13 @@ export class RequestVerifier {
     const secret = this.secrets.get(keyId)
     if (!secret) return 'unknown-key'
     const now = this.now()
-    if (!/^\d{1,15}$/.test(timestamp) || Math.abs(now - Number(timestamp)) > this.maxSkewMs) return 'stale'
-    if (now - this.generationStartedAt >= this.maxSkewMs) {
+    this.latestNow = Math.max(this.latestNow, now)
+    if (!/^\d{1,15}$/.test(timestamp) || Number(timestamp) > now + this.maxSkewMs || Number(timestamp) < this.latestNow - this.maxSkewMs) return 'stale'
+    if (this.latestNow - this.generationStartedAt >= this.maxSkewMs) {
       const oldest = this.nonceGenerations.pop()!
       oldest.clear()
       this.nonceGenerations.unshift(oldest)
-      this.generationStartedAt = now
+      this.generationStartedAt = this.latestNow
     }
     const fingerprint = this.hashing.sha256Hex(encoder.encode(`${keyId}:${nonce}`))
     const high = Number.parseInt(fingerprint.slice(0, 8), 16)

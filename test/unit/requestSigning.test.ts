@@ -41,6 +41,23 @@ describe('HMAC request signing between the Worker and the parent', () => {
     expect(await check(after, await signed({ now: 1_005_000 }))).toBeUndefined()
   })
 
+  it('refuses a replay after the clock is stepped back, though its nonce has been forgotten', async () => {
+    const clock = { now: 1_000_000 }
+    const verifier = verifierAt(clock)
+    const unfreeze = await signed({ path: '/v1/keys/k/unfreeze' })
+    expect(await check(verifier, unfreeze, { path: '/v1/keys/k/unfreeze' })).toBeUndefined()
+    // 100 s of traffic: the nonce memory turns over and forgets the unfreeze's nonce.
+    for (; clock.now < 1_100_000; clock.now += 5_000) expect(await check(verifier, await signed({ now: clock.now }))).toBeUndefined()
+    // An NTP step puts the clock back to 10 s after the unfreeze: its timestamp looks fresh again.
+    clock.now = 1_010_000
+    expect(await check(verifier, unfreeze, { path: '/v1/keys/k/unfreeze' })).toBe('stale')
+    // Requests timestamped by a client whose clock agrees with the stepped one are refused too, until the clock
+    // catches up with where it had been: the same as a request from a client whose clock is off by the step.
+    expect(await check(verifier, await signed({ now: clock.now }))).toBe('stale')
+    clock.now = 1_100_000
+    expect(await check(verifier, await signed({ now: clock.now }))).toBeUndefined()
+  })
+
   it('rejects stale timestamps, unknown keys, missing headers, and any change to path, body or signature', async () => {
     const verifier = verifierAt({ now: 1_000_000 + 31_000 })
     expect(await check(verifier, await signed())).toBe('stale')
