@@ -145,6 +145,11 @@ export class EnclavePool {
   }
 
   private adopt(slot: number, socket: Socket): EnclaveConnection {
+    // Opened after close(): nothing will close it later.
+    if (this.stopped) {
+      socket.destroy()
+      throw new EnclaveUnavailableError('the pool is stopped')
+    }
     const connection = new EnclaveConnection(socket, () => {
       if (this.connections[slot] === connection) this.connections[slot] = undefined
     })
@@ -167,9 +172,12 @@ export class EnclavePool {
       if (!connection || connection.closed) emptySlot = slot
       else if (!best || connection.inflight < best.inflight) best = connection
     })
-    if (!best || (best.inflight > 0 && emptySlot >= 0)) best = emptySlot >= 0 ? await this.open(emptySlot) : best
+    if (!best) best = await this.open(emptySlot)
+    // Every live connection is busy: refill an empty slot for the turns to come, but send on a live one now, so
+    // that an enclave refusing new connections for a moment fails no request its open ones can carry.
+    else if (best.inflight > 0 && emptySlot >= 0) this.open(emptySlot).catch(() => {})
     this.sending = best
-    return best!.request(options)
+    return best.request(options)
   }
 
   get inflight(): number {

@@ -111,6 +111,43 @@ describe('EnclavePool', () => {
     expect(sockets).toHaveLength(2)
   })
 
+  it('sends on a busy live connection while a broken one cannot be reopened, and reopens it when it can', async () => {
+    pool = new EnclavePool({ address: { host: '127.0.0.1', port }, size: 2 })
+    await pool.connect()
+    // The enclave takes no new connections for now, and one of the two breaks.
+    await until(() => sockets.length === 2)
+    // (close() stops listening at once; its callback would wait for the open connections.)
+    server.close()
+    sockets[1]!.destroy()
+    await new Promise((resolve) => setTimeout(resolve, 20))
+    const first = health()
+    await until(() => received.length === 1)
+    // Its one live connection is busy and a slot is empty: the reconnect fails, the request does not.
+    const second = health()
+    await until(() => received.length === 2)
+    expect(received.map((r) => r.connection)).toEqual([0, 0])
+    answerAll()
+    expect((await first).status).toBe(0)
+    expect((await second).status).toBe(0)
+    // Listening again: the next turn that finds every live connection busy refills the slot.
+    await new Promise<void>((resolve) => server.listen(port, '127.0.0.1', resolve))
+    const third = health()
+    await until(() => received.length === 1)
+    const fourth = health()
+    await until(() => received.length === 2 && sockets.length === 3)
+    answerAll()
+    expect((await third).status).toBe(0)
+    expect((await fourth).status).toBe(0)
+  })
+
+  it('closes the connections that finish opening after the pool is closed', async () => {
+    pool = new EnclavePool({ address: { host: '127.0.0.1', port }, size: 4 })
+    const connecting = pool.connect()
+    pool.close()
+    await expect(connecting).rejects.toThrow('the pool is stopped')
+    await until(() => sockets.length === 4 && sockets.every((socket) => socket.destroyed))
+  })
+
   it('fails a request the enclave does not answer in time', async () => {
     pool = new EnclavePool({ address: { host: '127.0.0.1', port }, size: 1 })
     await pool.connect()
