@@ -17,6 +17,16 @@ export type KeylessSignerOptions = {
   fetch?: typeof fetch
 }
 
+/** The origin's JSON answer, or an empty one where it sent none (a proxy's error page, say). */
+function jsonObjectOf(text: string): Record<string, unknown> {
+  try {
+    const parsed: unknown = JSON.parse(text)
+    return typeof parsed === 'object' && parsed !== null ? (parsed as Record<string, unknown>) : {}
+  } catch {
+    return {}
+  }
+}
+
 /**
  * The enclave origin as a signer: HMAC-signed requests to the parent, which
  * forwards them to the enclave holding the key. When the enclave must first
@@ -57,7 +67,14 @@ export class KeylessSigner implements Signer {
         await new Promise((resolve) => setTimeout(resolve, retryAfterMs))
         continue
       }
-      const answer = (await response.json().catch(() => ({}))) as Record<string, unknown>
+      let text: string
+      try {
+        text = await response.text()
+      } catch {
+        // The deadline, or the connection, ended the answer after its status: a 200 cut short is no malformed signature.
+        throw new SignerError(`keyless signer ${name}: the origin's answer broke off or did not arrive in time`, { retryable: true })
+      }
+      const answer = jsonObjectOf(text)
       if (response.ok) return answer
       // Our own words for the status, not the origin's text: this message reaches wallets, and the
       // parent's logs and metrics hold the detail for its operator.

@@ -8,6 +8,7 @@ import { FallbackSigner } from '../../backends/fallback.js'
 import { createSigners } from '../../backends/factory.js'
 import { KeylessSigner } from '../../backends/keyless.js'
 import { LocalSigner } from '../../backends/local.js'
+import { SignerError } from '../../backends/signer.js'
 import { SignerMetrics } from '../../backends/signerMetrics.js'
 import { RequestVerifier } from '../../enclave-origin/protocol/requestSigning.js'
 import { loadConfig } from '../../config/load.js'
@@ -157,6 +158,26 @@ describe('keyless backend', () => {
       await expect(signer.signDigest(digest)).rejects.toThrow('keyless signer origin: the origin answered 404 (no such route: check the url)')
     } finally {
       elsewhere.close()
+    }
+  })
+
+  it('counts an answer cut short by its deadline after a 200 as a timeout to fail over from, not a malformed signature', async () => {
+    // The status and the start of the body, then nothing until the Worker's deadline has passed.
+    const stalling = createServer((request, response) => {
+      request.resume()
+      if (request.method === 'GET') return response.writeHead(200).end(JSON.stringify({ address: privateKeyToAddress(originKey) }))
+      response.writeHead(200, { 'content-type': 'application/json', 'content-length': '200' })
+      response.write('{"signature":"0x')
+    })
+    await new Promise<void>((resolve) => stalling.listen(0, '127.0.0.1', resolve))
+    try {
+      const failure = await keyless(300, `http://127.0.0.1:${(stalling.address() as AddressInfo).port}`).signDigest(digest).catch((error: unknown) => error)
+      expect(failure).toBeInstanceOf(SignerError)
+      expect((failure as SignerError).message).toBe("keyless signer origin: the origin's answer broke off or did not arrive in time")
+      expect((failure as SignerError).options.retryable).toBe(true)
+    } finally {
+      stalling.closeAllConnections()
+      stalling.close()
     }
   })
 
