@@ -19,8 +19,9 @@
  * (in http mode: that finds every connection busy) is skipped and counted.
  * After WARMUP_SECONDS unrecorded, SECONDS are recorded; then it waits up to
  * 10 s for the answers still out, and prints one JSON line: counts, latency
- * quantiles per phase (-1 when no request succeeded) and its CPU time over
- * the recorded seconds. Recorded requests still unanswered after the drain
+ * quantiles per phase (-1 when no request succeeded), its CPU time over
+ * the recorded seconds, and the bursts its slow requests came in
+ * (printSlowBursts). Recorded requests still unanswered after the drain
  * count as failed.
  *
  * frames: the requests of one loop turn go out on one connection in one
@@ -317,6 +318,8 @@ static size_t writeHttpRequest(Requests *r, unsigned char *out, const char *keyI
 
 typedef struct {
   double *phases[PHASES];
+  /* Each success's scheduled time, for the slow bursts (printSlowBursts). */
+  double *scheduledMs;
   size_t count;
   size_t capacity;
   long failed;
@@ -324,13 +327,14 @@ typedef struct {
 } Results;
 
 /* A recorded answer: a success with its phase times (NaN where the answer had none), or a failure. */
-static void recordAnswer(Results *results, int ok, int needsUnlock, const double phaseMs[PHASES]) {
+static void recordAnswer(Results *results, int ok, int needsUnlock, double scheduledMs, const double phaseMs[PHASES]) {
   if (!ok) {
     results->failed++;
     if (needsUnlock) results->needsUnlock++;
     return;
   }
   for (int p = 0; p < PHASES; p++) results->phases[p][results->count] = phaseMs[p];
+  results->scheduledMs[results->count] = scheduledMs;
   if (results->count + 1 < results->capacity) results->count++;
 }
 
@@ -372,7 +376,7 @@ static int readHttpAnswer(Connection *c, Slot *slot, double arrived, Results *re
     phaseMs[PHASE_RPC] = serverTiming(head, copied, "rpc");
     phaseMs[PHASE_PARENT] = serverTiming(head, copied, "total") - phaseMs[PHASE_RPC];
     phaseMs[PHASE_ENCLAVE] = serverTiming(head, copied, "enclave");
-    recordAnswer(results, status == 200, status == 503, phaseMs);
+    recordAnswer(results, status == 200, status == 503, slot->scheduledMs, phaseMs);
   }
   memmove(c->in, c->in + headLength + bodyLength, c->inLength - headLength - bodyLength);
   c->inLength -= headLength + bodyLength;
@@ -395,7 +399,7 @@ static void readFrameAnswers(Connection *c, Slot *slots, double arrived, Results
       if (slot->recorded) {
         int ok = status == STATUS_OK && length == 6 + 69;
         double phaseMs[PHASES] = {arrived - slot->scheduledMs, arrived - slot->scheduledMs, 0, ok ? getU32(payload + 65) / 1e3 : 0};
-        recordAnswer(results, ok, status == STATUS_NEEDS_UNLOCK, phaseMs);
+        recordAnswer(results, ok, status == STATUS_NEEDS_UNLOCK, slot->scheduledMs, phaseMs);
       }
     }
     at += 4 + length;
@@ -463,6 +467,38 @@ static void dropConnection(Connection *c, int at, int epoll, Slot *slot, Ring *i
   } else {
     ringRemove(idle, at);
   }
+}
+
+/*
+ * How the requests of SLOW_MS or more end to end lie in time: how many, in
+ * how many bursts (a gap of more than BURST_GAP_MS between two of them, by
+ * scheduled time, starts a new burst), and the median time from one burst's
+ * start to the next. A tail made of a few periodic bursts points at
+ * something that stops the whole machine now and then, not at the cost of
+ * each request. Call before printPhase, which sorts the latencies in place.
+ */
+#define SLOW_MS 10.0
+#define BURST_GAP_MS 20.0
+static void printSlowBursts(const Results *results) {
+  double *slow = malloc((results->count + 1) * sizeof(double));
+  size_t slowCount = 0;
+  for (size_t i = 0; i < results->count; i++)
+    if (results->phases[PHASE_CLIENT][i] >= SLOW_MS) slow[slowCount++] = results->scheduledMs[i];
+  qsort(slow, slowCount, sizeof *slow, compareDoubles);
+  double *gaps = malloc((slowCount + 1) * sizeof(double));
+  size_t bursts = 0, gapCount = 0;
+  double burstStart = 0;
+  for (size_t i = 0; i < slowCount; i++) {
+    if (i > 0 && slow[i] - slow[i - 1] <= BURST_GAP_MS) continue;
+    if (bursts > 0) gaps[gapCount++] = slow[i] - burstStart;
+    burstStart = slow[i];
+    bursts++;
+  }
+  qsort(gaps, gapCount, sizeof *gaps, compareDoubles);
+  printf("\"slow\":{\"overMs\":%.0f,\"requests\":%zu,\"bursts\":%zu,\"medianBurstGapMs\":%.0f},", SLOW_MS, slowCount, bursts,
+         gapCount > 0 ? quantile(gaps, gapCount, 0.5) : -1.0);
+  free(slow);
+  free(gaps);
 }
 
 /* Sorts a phase's successful samples (NaN left out) and prints its quantiles. */
@@ -557,6 +593,7 @@ int main(int argc, char **argv) {
   Slot *slots = calloc(requests.http ? (size_t)connectionCount : SLOTS, sizeof *slots);
   Results results = {.capacity = (size_t)(rate * seconds * 1.1) + 1024};
   for (int p = 0; p < PHASES; p++) results.phases[p] = malloc(results.capacity * sizeof(double));
+  results.scheduledMs = malloc(results.capacity * sizeof(double));
   long inFlight = 0, skipped = 0, sentRecorded = 0;
   uint32_t nextId = 1;
   int nextConnection = 0;
@@ -663,8 +700,10 @@ int main(int argc, char **argv) {
   int closedCount = 0;
   for (int i = 0; i < connectionCount; i++) closedCount += connections[i].closed;
   if (closedCount > 0) fprintf(stderr, "openLoad: the server closed %d of %d connections\n", closedCount, connectionCount);
-  printf("{\"offered\":%ld,\"ok\":%zu,\"failed\":%ld,\"needsUnlock\":%ld,\"skipped\":%ld,\"seconds\":%.3f,\"cpuMs\":%.1f,\"latencyMs\":{",
+  printf("{\"offered\":%ld,\"ok\":%zu,\"failed\":%ld,\"needsUnlock\":%ld,\"skipped\":%ld,\"seconds\":%.3f,\"cpuMs\":%.1f,",
          sentRecorded, results.count, results.failed, results.needsUnlock, skipped, (sendUntil - recordFrom) / 1e3, cpuAtEndMs - cpuAtRecordMs);
+  printSlowBursts(&results);
+  printf("\"latencyMs\":{");
   for (int p = 0; p < PHASES; p++) printPhase(phaseNames[p], results.phases[p], results.count, p == PHASES - 1);
   printf("}}\n");
   return 0;

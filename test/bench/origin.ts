@@ -32,7 +32,11 @@
  * the parent's handling, rpc = parent↔enclave incl. signing, from Server-Timing);
  * error and NEEDS_UNLOCK rates; rehydrate p95 (enclave histogram); the
  * enclave's memory with every key WARM (from HEALTH, before each open loop); CPU per
- * process, the host's busy cores and the cores the hypervisor stole; with
+ * process, the host's busy cores, the cores the hypervisor stole and the cores
+ * the kernel's own threads took (with the busiest of them; and whether DAMON's
+ * kdamond runs, and how often it samples); for the native generator's runs,
+ * how the requests of 10 ms or more lay in time (how many bursts, how far
+ * apart: openLoad.c); with
  * BENCH_WAKE_PROBE=1, how late an idle thread's wake-ups were (wakeProbe.ts;
  * off by default, since its own wake-ups raise the tail it explains: see the
  * README); this generator's own GC pauses
@@ -63,7 +67,7 @@ import { stopProcess } from '../support/anvil.js'
 import { startLocalKms } from '../support/kmsServer.js'
 import { originHmac, startOrigin, symmetricKmsKey, type Origin } from '../support/origin.js'
 import { LeanHttpConnection } from './httpLoadClient.js'
-import { clockTicksPerSecond, cpuMsByCommand, hostTicks, percentile, processTree, type ProcStat } from './procStats.js'
+import { clockTicksPerSecond, cpuMsByCommand, damonSampleIntervalsMs, hostTicks, kernelThreads, percentile, processTree, type ProcStat } from './procStats.js'
 import { startWakeProbe } from './wakeProbe.js'
 import { startGcPauseLog, type GcPauses } from './gcPauses.js'
 
@@ -207,7 +211,7 @@ type Pids = () => { enclave?: number; parent?: number }
 
 function cpuOf(pids: Pids) {
   const { enclave, parent } = pids()
-  const trees = { enclave: enclave ? processTree(enclave) : [], parent: parent ? processTree(parent) : [] }
+  const trees = { enclave: enclave ? processTree(enclave) : [], parent: parent ? processTree(parent) : [], kernel: kernelThreads() }
   return { trees, host: hostTicks(), generator: process.cpuUsage() }
 }
 
@@ -218,12 +222,18 @@ function startMeasuring(pids: Pids) {
   return cpuOf(pids)
 }
 
-/** CPU per process and per request since `before`, the host's busy and stolen cores, and the probe's wake-up delays. */
+/**
+ * CPU per process and per request since `before`; the host's busy and
+ * stolen cores; the kernel threads' cores, with the busiest of them; and the
+ * probe's wake-up delays.
+ */
 function measuredSince(pids: Pids, before: ReturnType<typeof cpuOf>, elapsedMs: number, requests: number, nativeGeneratorCpuMs?: number) {
   const after = cpuOf(pids)
   const total = (a: ProcStat[], b: ProcStat[]) => Object.values(cpuMsByCommand(a, b)).reduce((x, y) => x + y, 0)
   const enclaveMs = total(before.trees.enclave, after.trees.enclave)
   const parentMs = total(before.trees.parent, after.trees.parent)
+  const kernelByThread = Object.entries(cpuMsByCommand(before.trees.kernel, after.trees.kernel)).sort(([, a], [, b]) => b - a)
+  const kernelMs = kernelByThread.reduce((sum, [, ms]) => sum + ms, 0)
   const generator = process.cpuUsage(before.generator)
   // With openLoad as the generator, its own figure; this process only waits for it then.
   const generatorMs = nativeGeneratorCpuMs ?? (generator.user + generator.system) / 1_000
@@ -232,7 +242,8 @@ function measuredSince(pids: Pids, before: ReturnType<typeof cpuOf>, elapsedMs: 
   const ticksMs = (ticks: number) => (ticks * 1_000) / clockTicksPerSecond
   return {
     cpu: {
-      cores: { enclave: cores(enclaveMs), parent: cores(parentMs), generator: cores(generatorMs), host: cores(ticksMs(after.host.busy - before.host.busy)), steal: cores(ticksMs(after.host.steal - before.host.steal)) },
+      cores: { enclave: cores(enclaveMs), parent: cores(parentMs), generator: cores(generatorMs), host: cores(ticksMs(after.host.busy - before.host.busy)), steal: cores(ticksMs(after.host.steal - before.host.steal)), kernel: cores(kernelMs) },
+      busiestKernelThread: kernelByThread[0] ? { name: kernelByThread[0][0], cores: cores(kernelByThread[0][1]) } : undefined,
       msPerRequest: { enclave: perRequest(enclaveMs), parent: perRequest(parentMs), generator: perRequest(generatorMs) },
     },
     wakeDelay: wakeProbe?.read(),
@@ -351,6 +362,7 @@ async function nativeOpenLoop(pids: Pids, keyIds: string[], rate: number, mode: 
   if (code !== 0) throw new Error(`openLoad exited with ${code}`)
   const run = JSON.parse(output) as {
     offered: number; ok: number; failed: number; needsUnlock: number; skipped: number; seconds: number; cpuMs: number
+    slow: { overMs: number; requests: number; bursts: number; medianBurstGapMs: number }
     latencyMs: Record<(typeof phases)[number], Record<'p50' | 'p90' | 'p99' | 'p999', number>>
   }
   const measured = measuredSince(pids, before, Math.min(performance.now() - startedMs, seconds * 1_000), run.ok + run.failed, run.cpuMs)
@@ -362,6 +374,7 @@ async function nativeOpenLoop(pids: Pids, keyIds: string[], rate: number, mode: 
     errorRate: Number(((run.failed + run.skipped) / Math.max(run.offered, 1)).toFixed(5)),
     needsUnlockRate: Number((run.needsUnlock / Math.max(run.ok + run.failed, 1)).toFixed(5)),
     latencyMs: run.latencyMs,
+    slow: run.slow,
     ...measured,
   }
 }
@@ -471,6 +484,8 @@ async function main() {
   try {
     const cpus = os.cpus()
     console.log(`machine: ${cpus.length} × ${cpus[0]?.model}, Node ${process.version}; ${keyCount} keys, ${connections} connections, ${seconds} s per run`)
+    const damon = damonSampleIntervalsMs()
+    if (damon.length > 0) console.log(`kernel: DAMON memory monitoring on (kdamond), sampling every ${damon.join(' / ')} ms: it takes CPU from the runs (kernel-thread cores below)`)
     origin = await startOrigin({ kms, kmsKeyId, enclavePort: ports.enclave, parentPort: ports.parent, storeDir, extraEnv: scenarios[0]!.env, builtCli })
 
     const createStarted = performance.now()
@@ -558,15 +573,16 @@ async function main() {
       }
     }
 
-    console.log(`\n${'scenario (in floor rows the enclave or parent column is the floor server)'.padEnd(72)}  req/s   err%   503%  client p50/p99/p99.9 ms       rpc p99  enclave p99  parent p99  cores enclave/parent/gen/host/steal  wake p99/max ms  generator GC ms/s (max)  parent GC ms/s (mean pause)`)
+    console.log(`\n${'scenario (in floor rows the enclave or parent column is the floor server)'.padEnd(72)}  req/s   err%   503%  client p50/p99/p99.9 ms       rpc p99  enclave p99  parent p99  cores enclave/parent/gen/host/steal/kernel  busiest kernel thread  ≥10 ms: requests/bursts/every ms  wake p99/max ms  generator GC ms/s (max)  parent GC ms/s (mean pause)`)
     for (const r of results) {
       const latency = r.latencyMs as Record<string, Record<string, number>>
-      const cpu = (r.cpu as { cores: Record<string, number> }).cores
+      const { cores: cpu, busiestKernelThread: kernel } = r.cpu as { cores: Record<string, number>; busiestKernelThread?: { name: string; cores: number } }
+      const slow = r.slow as { requests: number; bursts: number; medianBurstGapMs: number } | undefined
       const wake = r.wakeDelay as { p99Ms: number; maxMs: number } | undefined
       const generator = r.generatorGc as GcPauses
       const gc = r.parentGc as { pausedMsPerSecond: number; meanPauseMs: number } | undefined
       console.log(
-        `${r.scenario.padEnd(72)} ${String(r.throughput).padStart(6)} ${((r.errorRate as number) * 100).toFixed(2).padStart(6)} ${((r.needsUnlockRate as number) * 100).toFixed(2).padStart(6)}  ${`${latency.client!.p50}/${latency.client!.p99}/${latency.client!.p999}`.padEnd(26)} ${String(latency.rpc!.p99).padStart(8)} ${String(latency.enclave!.p99).padStart(12)} ${String(latency.parent!.p99).padStart(10)}  ${`${cpu.enclave}/${cpu.parent}/${cpu.generator}/${cpu.host}/${cpu.steal}`.padEnd(31)}  ${(wake ? `${wake.p99Ms}/${wake.maxMs}` : '–').padEnd(16)} ${`${generator.pausedMsPerSecond} (${generator.maxPauseMs} ms)`.padEnd(24)} ${gc ? `${gc.pausedMsPerSecond} (${gc.meanPauseMs} ms)` : ''}`,
+        `${r.scenario.padEnd(72)} ${String(r.throughput).padStart(6)} ${((r.errorRate as number) * 100).toFixed(2).padStart(6)} ${((r.needsUnlockRate as number) * 100).toFixed(2).padStart(6)}  ${`${latency.client!.p50}/${latency.client!.p99}/${latency.client!.p999}`.padEnd(26)} ${String(latency.rpc!.p99).padStart(8)} ${String(latency.enclave!.p99).padStart(12)} ${String(latency.parent!.p99).padStart(10)}  ${`${cpu.enclave}/${cpu.parent}/${cpu.generator}/${cpu.host}/${cpu.steal}/${cpu.kernel}`.padEnd(38)}  ${(kernel ? `${kernel.name} ${kernel.cores}` : '–').padEnd(21)}  ${(slow ? `${slow.requests}/${slow.bursts}/${slow.medianBurstGapMs}` : '–').padEnd(32)} ${(wake ? `${wake.p99Ms}/${wake.maxMs}` : '–').padEnd(16)} ${`${generator.pausedMsPerSecond} (${generator.maxPauseMs} ms)`.padEnd(24)} ${gc ? `${gc.pausedMsPerSecond} (${gc.meanPauseMs} ms)` : ''}`,
       )
     }
     const memory = results.find((r) => r.enclaveMemoryMbWithKeysWarm)?.enclaveMemoryMbWithKeysWarm as { heap: number; resident: number }

@@ -30,12 +30,16 @@ function readStat(pid: number): ProcStat | undefined {
   return { pid, ppid: field(4), comm, ticks: field(14) + field(15) }
 }
 
-/** The process `root` and all its descendants, found through the ppid links in /proc. */
-export function processTree(root: number): ProcStat[] {
-  const all = readdirSync('/proc')
+function allProcesses(): ProcStat[] {
+  return readdirSync('/proc')
     .filter((name) => /^\d+$/.test(name))
     .map((name) => readStat(Number(name)))
     .filter((stat): stat is ProcStat => stat !== undefined)
+}
+
+/** The process `root` and all its descendants, found through the ppid links in /proc. */
+export function processTree(root: number): ProcStat[] {
+  const all = allProcesses()
   const tree: ProcStat[] = []
   const queue = [root]
   while (queue.length > 0) {
@@ -57,6 +61,39 @@ export function cpuMsByCommand(before: ProcStat[], after: ProcStat[]): Record<st
     byCommand[stat.comm] = (byCommand[stat.comm] ?? 0) + ms
   }
   return byCommand
+}
+
+/**
+ * The kernel's own threads (kthreadd, pid 2, and its children): the
+ * machine's housekeeping, such as kdamond, kworkers and ksoftirqd, which
+ * takes the same cores as the processes measured. Kernel threads in another
+ * PID namespace are not visible; then this is empty.
+ */
+export function kernelThreads(): ProcStat[] {
+  return allProcesses().filter((stat) => stat.pid === 2 || stat.ppid === 2)
+}
+
+/**
+ * The sampling intervals (ms) of the kernel's DAMON monitors that are on
+ * (kdamond threads; /sys/kernel/mm/damon/admin), empty where there are none
+ * or no sysfs to say. On the machine these benchmarks were written on,
+ * kdamond woke every 500 ms and took a core for 10-20 ms, and the slow
+ * requests came in bursts at that period (see the README).
+ */
+export function damonSampleIntervalsMs(): number[] {
+  const root = '/sys/kernel/mm/damon/admin/kdamonds'
+  const intervals: number[] = []
+  try {
+    for (const kdamond of readdirSync(root).filter((name) => /^\d+$/.test(name))) {
+      if (readFileSync(`${root}/${kdamond}/state`, 'utf8').trim() !== 'on') continue
+      for (const context of readdirSync(`${root}/${kdamond}/contexts`).filter((name) => /^\d+$/.test(name))) {
+        intervals.push(Number(readFileSync(`${root}/${kdamond}/contexts/${context}/monitoring_attrs/intervals/sample_us`, 'utf8')) / 1_000)
+      }
+    }
+  } catch {
+    // No DAMON, or not readable here.
+  }
+  return intervals
 }
 
 /**

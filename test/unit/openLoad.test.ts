@@ -35,7 +35,15 @@ afterAll(async () => {
 })
 
 type Quantiles = { p50: number; p90: number; p99: number; p999: number }
-type Run = { offered: number; ok: number; failed: number; needsUnlock: number; skipped: number; latencyMs: Record<'client' | 'rpc' | 'parent' | 'enclave', Quantiles> }
+type Run = {
+  offered: number
+  ok: number
+  failed: number
+  needsUnlock: number
+  skipped: number
+  slow: { overMs: number; requests: number; bursts: number; medianBurstGapMs: number }
+  latencyMs: Record<'client' | 'rpc' | 'parent' | 'enclave', Quantiles>
+}
 
 async function listening(server: Server): Promise<number> {
   servers.push(server)
@@ -173,6 +181,28 @@ describe.skipIf(!haveCc)('openLoad, the native load generator', () => {
     // 32 when the warm-up sent all its 200; more when a stalled server made it skip some.
     expect(run.ok).toBeGreaterThanOrEqual(32)
     expect(run.ok + run.failed + run.skipped).toBe(run.offered)
+  })
+
+  it('groups the requests of 10 ms or more into the bursts they came in, with the time between bursts', async () => {
+    // The server stops for 40 ms every 250 ms, as a machine whose housekeeping takes its cores now and then: a request
+    // that arrives in a stop is answered when it ends, at least 10 ms late.
+    const started = performance.now()
+    const { port } = await perConnectionServer((_count, _request, response) => {
+      const phase = (performance.now() - started) % 250
+      const answer = () => response.writeHead(200, { 'content-length': '2' }).end('{}')
+      if (phase < 40) setTimeout(answer, Math.max(40 - phase, 10))
+      else answer()
+    })
+
+    const run = await runOpenLoad({ mode: 'http', port, env: { ORIGIN_HMAC_KEY_ID: hmac.keyId, ORIGIN_HMAC_SECRET: hmac.secret }, connections: 64 })
+
+    // One recorded second holds four or five stops, each with about 16 requests (400/s for 40 ms); a busy machine may add one.
+    expect(run.slow.overMs).toBe(10)
+    expect(run.slow.bursts).toBeGreaterThanOrEqual(4)
+    expect(run.slow.bursts).toBeLessThanOrEqual(6)
+    expect(run.slow.requests).toBeGreaterThanOrEqual(run.slow.bursts * 8)
+    expect(run.slow.medianBurstGapMs).toBeGreaterThanOrEqual(230)
+    expect(run.slow.medianBurstGapMs).toBeLessThanOrEqual(270)
   })
 
   it('frames: sends SIGN frames for the given keys and reads the enclave time from each answer', async () => {
