@@ -326,10 +326,17 @@ export class OriginParent {
       const failed = (await Promise.allSettled(running.splice(0))).find((result) => result.status === 'rejected')
       if (failed) throw failed.reason
     }
-    for await (const record of this.options.store.list()) {
-      count += 1
-      running.push(work(record))
-      if (running.length >= 256) await settle()
+    try {
+      for await (const record of this.options.store.list()) {
+        count += 1
+        running.push(work(record))
+        if (running.length >= 256) await settle()
+      }
+    } catch (error) {
+      // The listing failed partway (an S3 page that would not come): what it started still runs, and a
+      // failure of that, left unawaited, would be an unhandled rejection that ends the process.
+      await Promise.allSettled(running.splice(0))
+      throw error
     }
     await settle()
     return count

@@ -721,6 +721,49 @@ describe('DEK rotation', () => {
     }
   })
 
+  it('a rotation whose listing of the store fails partway rejects once the re-seals it started have ended, failed or not', async () => {
+    await Promise.all(Array.from({ length: 4 }, () => parent.createKey()))
+    let listing = false
+    const failedPuts: Array<Promise<void>> = []
+    const failing = storeWith({
+      // As an S3 listing whose next page will not come, while the re-seals already started fail a little later.
+      list: async function* () {
+        let yielded = 0
+        for await (const record of store.list()) {
+          if (listing && yielded++ === 2) throw new Error('the next page of keys did not come')
+          yield record
+        }
+      },
+      put: (record) => {
+        if (!listing) return store.put(record)
+        const put = new Promise<void>((_, reject) => setTimeout(() => reject(new Error('put timed out')), 50))
+        failedPuts.push(put.catch(() => {}))
+        return put
+      },
+    })
+    const rotating = newParent({ store: failing })
+    const unhandled: unknown[] = []
+    const onUnhandled = (reason: unknown) => unhandled.push(reason)
+    process.on('unhandledRejection', onUnhandled)
+    try {
+      await rotating.start()
+      listing = true
+      await expect(rotating.rotateDataKey()).rejects.toThrow('the next page of keys did not come')
+      // The two records listed before the failure were being re-sealed. Unawaited, their failures would come
+      // after the rotation's answer, as unhandled rejections, which end a parent.
+      for (let i = 0; i < 500 && failedPuts.length < 2; i++) await new Promise((resolve) => setTimeout(resolve, 10))
+      expect(failedPuts).toHaveLength(2)
+      await Promise.all(failedPuts)
+      await new Promise((resolve) => setTimeout(resolve, 20))
+      expect(unhandled).toEqual([])
+    } finally {
+      process.off('unhandledRejection', onUnhandled)
+      rotating.close()
+    }
+    restartEnclaves()
+    await parent.unlock()
+  })
+
   it('an interrupted rotation loses nothing: every key signs with the store as it was left, and the next call finishes it', async () => {
     const keys = await Promise.all(Array.from({ length: 20 }, () => parent.createKey()))
     let putsLeft = 5
