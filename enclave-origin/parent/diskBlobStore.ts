@@ -1,6 +1,6 @@
 import { createHash } from 'node:crypto'
 import { mkdir, open, rename, rm } from 'node:fs/promises'
-import { dirname, join } from 'node:path'
+import { dirname, join, resolve } from 'node:path'
 import { crc32 } from 'node:zlib'
 import { messageOf } from '../errors.js'
 import type { KeyState, SealedKeyRecord, WrappedDek } from '../types.js'
@@ -99,8 +99,13 @@ export async function openDiskBlobStore(options: DiskBlobStoreOptions): Promise<
   if (!Number.isInteger(maxGroup) || maxGroup < 1) throw new RangeError('maxGroup must be an integer ≥ 1')
 
   const firstCreated = await mkdir(directory, { recursive: true, mode: 0o700 })
-  // A new directory's own entry is durable only once its parent is fsynced.
-  if (firstCreated !== undefined) await syncDirectory(fileSystem, dirname(firstCreated))
+  // A new directory's own entry is durable only once its parent is fsynced: each level made, from the deepest up.
+  if (firstCreated !== undefined) {
+    for (let made = resolve(directory); ; made = dirname(made)) {
+      await syncDirectory(fileSystem, dirname(made))
+      if (made === resolve(firstCreated)) break
+    }
+  }
   const lock = await lockDirectory(directory)
   try {
     return await openLocked({ ...options, groupCommitMs, maxGroup, fileSystem, compactAfterFrames, onCompaction, onDamage, lock })

@@ -85,7 +85,7 @@ describe('crc32', () => {
 })
 
 describe('round trips across close and reopen', () => {
-  it('creates a missing store directory, owner-only, and fsyncs the parent that gained it', async () => {
+  it('creates a missing store directory, owner-only, and fsyncs each parent that gained one', async () => {
     const nested = join(directory, 'not', 'yet')
     const synced: string[] = []
     const fileSystem: BlobStoreFileSystem = {
@@ -98,8 +98,8 @@ describe('round trips across close and reopen', () => {
     opened.push(store)
     await store.put(sealedRecord(1))
     expect((await stat(nested)).mode & 0o777).toBe(0o700)
-    // The parent of the first directory created, then the store directory for its new log.
-    expect(synced).toEqual([directory, nested])
+    // Each directory that gained an entry, from the deepest up, then the store directory for its new log.
+    expect(synced).toEqual([join(directory, 'not'), directory, nested])
     await store.close()
     const again = await openDiskBlobStore({ directory: nested })
     opened.push(again)
