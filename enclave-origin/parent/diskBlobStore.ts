@@ -94,21 +94,23 @@ export const STATE_JOURNAL_FILE_NAME = 'states.log'
 const nodeFileSystem: BlobStoreFileSystem = { open: (path, flags) => open(path, flags) }
 
 export async function openDiskBlobStore(options: DiskBlobStoreOptions): Promise<DiskBlobStore> {
-  const { directory, groupCommitMs = 2, maxGroup = 1024, fileSystem = nodeFileSystem, compactAfterFrames = 10_000, onCompaction = () => {}, onDamage = () => {} } = options
+  const { groupCommitMs = 2, maxGroup = 1024, fileSystem = nodeFileSystem, compactAfterFrames = 10_000, onCompaction = () => {}, onDamage = () => {} } = options
   if (!Number.isFinite(groupCommitMs) || groupCommitMs < 0) throw new RangeError('groupCommitMs must be a finite number ≥ 0')
   if (!Number.isInteger(maxGroup) || maxGroup < 1) throw new RangeError('maxGroup must be an integer ≥ 1')
 
+  // Resolved first, as the kernel would not: of `a/../b`, mkdir would make `a` too, which is no ancestor of the store.
+  const directory = resolve(options.directory)
   const firstCreated = await mkdir(directory, { recursive: true, mode: 0o700 })
   // A new directory's own entry is durable only once its parent is fsynced: each level made, from the deepest up.
   if (firstCreated !== undefined) {
-    for (let made = resolve(directory); ; made = dirname(made)) {
+    for (let made = directory; made !== dirname(made); made = dirname(made)) {
       await syncDirectory(fileSystem, dirname(made))
-      if (made === resolve(firstCreated)) break
+      if (made === firstCreated) break
     }
   }
   const lock = await lockDirectory(directory)
   try {
-    return await openLocked({ ...options, groupCommitMs, maxGroup, fileSystem, compactAfterFrames, onCompaction, onDamage, lock })
+    return await openLocked({ ...options, directory, groupCommitMs, maxGroup, fileSystem, compactAfterFrames, onCompaction, onDamage, lock })
   } catch (error) {
     await lock.release()
     throw error

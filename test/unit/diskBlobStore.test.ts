@@ -106,6 +106,22 @@ describe('round trips across close and reopen', () => {
     expect(await again.get('key-1')).toEqual(sealedRecord(1))
   })
 
+  it('makes a store directory named through a missing directory and `..` without making that one', async () => {
+    const synced: string[] = []
+    const fileSystem: BlobStoreFileSystem = {
+      open: async (path, flags) => {
+        if (flags === 'r') synced.push(path)
+        return (await open(path, flags)) as unknown as LogFile
+      },
+    }
+    // Not join(), which would take the `..` out.
+    const store = await openDiskBlobStore({ directory: `${directory}/missing/../made/here`, fileSystem })
+    opened.push(store)
+    await store.put(sealedRecord(1))
+    await expect(stat(join(directory, 'missing'))).rejects.toThrow('ENOENT')
+    expect(synced).toEqual([join(directory, 'made'), directory, join(directory, 'made', 'here')])
+  })
+
   it('keeps records, the latest version, state changes and the wrapped DEK', async () => {
     let store = await openStore()
     await store.put(sealedRecord(1))
