@@ -721,24 +721,26 @@ describe('DEK rotation', () => {
     }
   })
 
-  it('a rotation whose listing of the store fails partway rejects once the re-seals it started have ended, failed or not', async () => {
+  it('a rotation whose listing of the store fails partway rejects once the reloads it started have ended, failed or not', async () => {
     await Promise.all(Array.from({ length: 4 }, () => parent.createKey()))
-    let listing = false
-    const failedPuts: Array<Promise<void>> = []
+    // Counted from the rotation on: its re-seals read the first listing, its reloads (step 3b) the second.
+    let listing = 0
+    const failedReads: Array<Promise<void>> = []
     const failing = storeWith({
-      // As an S3 listing whose next page will not come, while the re-seals already started fail a little later.
+      // As an S3 listing whose next page will not come, while the reads it led to fail a little later.
       list: async function* () {
+        const which = listing > 0 ? ++listing - 1 : 0
         let yielded = 0
         for await (const record of store.list()) {
-          if (listing && yielded++ === 2) throw new Error('the next page of keys did not come')
+          if (which === 2 && yielded++ === 2) throw new Error('the next page of keys did not come')
           yield record
         }
       },
-      put: (record) => {
-        if (!listing) return store.put(record)
-        const put = new Promise<void>((_, reject) => setTimeout(() => reject(new Error('put timed out')), 50))
-        failedPuts.push(put.catch(() => {}))
-        return put
+      get: (keyId) => {
+        if (listing < 3) return store.get(keyId)
+        const read = new Promise<never>((_, reject) => setTimeout(() => reject(new Error('get timed out')), 50))
+        failedReads.push(read.catch(() => {}))
+        return read
       },
     })
     const rotating = newParent({ store: failing })
@@ -747,13 +749,13 @@ describe('DEK rotation', () => {
     process.on('unhandledRejection', onUnhandled)
     try {
       await rotating.start()
-      listing = true
+      listing = 1
       await expect(rotating.rotateDataKey()).rejects.toThrow('the next page of keys did not come')
-      // The two records listed before the failure were being re-sealed. Unawaited, their failures would come
-      // after the rotation's answer, as unhandled rejections, which end a parent.
-      for (let i = 0; i < 500 && failedPuts.length < 2; i++) await new Promise((resolve) => setTimeout(resolve, 10))
-      expect(failedPuts).toHaveLength(2)
-      await Promise.all(failedPuts)
+      // The two keys listed before the failure were being reloaded. Unawaited, their failures would come after the
+      // rotation's answer, as unhandled rejections, which end a parent.
+      for (let i = 0; i < 500 && failedReads.length < 2; i++) await new Promise((resolve) => setTimeout(resolve, 10))
+      expect(failedReads).toHaveLength(2)
+      await Promise.all(failedReads)
       await new Promise((resolve) => setTimeout(resolve, 20))
       expect(unhandled).toEqual([])
     } finally {
