@@ -37,8 +37,9 @@ export type KeyCacheAuditEvent =
 /**
  * Milliseconds since the epoch that never step: the wall clock at the
  * process's start plus monotonic time since. The cache's clock in
- * production, so that a stepped system clock (NTP, a restored VM) neither
- * keeps a plaintext key or DEK past its hard TTL nor expires them all at once.
+ * production, so that a stepped system clock (NTP, an operator) neither
+ * keeps a plaintext key or DEK past its hard TTL nor expires them all at
+ * once. Monotonic time stops while the machine is suspended.
  */
 export const steadyWallClock = (): number => performance.timeOrigin + performance.now()
 
