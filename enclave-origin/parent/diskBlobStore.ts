@@ -1,6 +1,6 @@
 import { createHash } from 'node:crypto'
-import { mkdir, open, rename, rm } from 'node:fs/promises'
-import { dirname, join, resolve } from 'node:path'
+import { mkdir, open, realpath, rename, rm } from 'node:fs/promises'
+import { dirname, join } from 'node:path'
 import { crc32 } from 'node:zlib'
 import { messageOf } from '../errors.js'
 import type { KeyState, SealedKeyRecord, WrappedDek } from '../types.js'
@@ -98,14 +98,16 @@ export async function openDiskBlobStore(options: DiskBlobStoreOptions): Promise<
   if (!Number.isFinite(groupCommitMs) || groupCommitMs < 0) throw new RangeError('groupCommitMs must be a finite number ≥ 0')
   if (!Number.isInteger(maxGroup) || maxGroup < 1) throw new RangeError('maxGroup must be an integer ≥ 1')
 
-  // Resolved first, as the kernel would not: of `a/../b`, mkdir would make `a` too, which is no ancestor of the store.
-  const directory = resolve(options.directory)
-  const firstCreated = await mkdir(directory, { recursive: true, mode: 0o700 })
-  // A new directory's own entry is durable only once its parent is fsynced: each level made, from the deepest up.
+  const firstCreated = await mkdir(options.directory, { recursive: true, mode: 0o700 })
+  // The kernel's reading of the path, the one mkdir used (a `..` after a symlink leaves the link's target), not join()'s.
+  const directory = await realpath(options.directory)
+  // A new directory's entry is durable only once its parent is fsynced: each parent from the store's up to that of the
+  // first directory mkdir made. (Of `a/../b` mkdir makes `a` as well, which is no ancestor of the store.)
   if (firstCreated !== undefined) {
+    const above = await realpath(dirname(firstCreated))
     for (let made = directory; made !== dirname(made); made = dirname(made)) {
       await syncDirectory(fileSystem, dirname(made))
-      if (made === firstCreated) break
+      if (dirname(made) === above) break
     }
   }
   const lock = await lockDirectory(directory)

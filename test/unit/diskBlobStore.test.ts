@@ -1,5 +1,5 @@
 import { spawn } from 'node:child_process'
-import { appendFile, mkdir, mkdtemp, open, readdir, readFile, rm, stat, truncate, writeFile } from 'node:fs/promises'
+import { appendFile, mkdir, mkdtemp, open, readdir, readFile, rm, stat, symlink, truncate, writeFile } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join, resolve } from 'node:path'
 import { pathToFileURL } from 'node:url'
@@ -106,7 +106,7 @@ describe('round trips across close and reopen', () => {
     expect(await again.get('key-1')).toEqual(sealedRecord(1))
   })
 
-  it('makes a store directory named through a missing directory and `..` without making that one', async () => {
+  it('makes a store directory named through a missing directory and `..`, as mkdir -p does, and fsyncs what gained it', async () => {
     const synced: string[] = []
     const fileSystem: BlobStoreFileSystem = {
       open: async (path, flags) => {
@@ -114,12 +114,26 @@ describe('round trips across close and reopen', () => {
         return (await open(path, flags)) as unknown as LogFile
       },
     }
-    // Not join(), which would take the `..` out.
+    // Not join(), which would take the `..` out. mkdir makes `missing` on its way; it is no ancestor of the store.
     const store = await openDiskBlobStore({ directory: `${directory}/missing/../made/here`, fileSystem })
     opened.push(store)
     await store.put(sealedRecord(1))
-    await expect(stat(join(directory, 'missing'))).rejects.toThrow('ENOENT')
     expect(synced).toEqual([join(directory, 'made'), directory, join(directory, 'made', 'here')])
+  })
+
+  it('reads a `..` after a symlink as the kernel does: the store is beside the link\'s target', async () => {
+    await mkdir(join(directory, 'other', 'real'), { recursive: true })
+    await mkdir(join(directory, 'here'))
+    await symlink(join(directory, 'other', 'real'), join(directory, 'here', 'link'))
+    const store = await openDiskBlobStore({ directory: `${directory}/here/link/../store` })
+    opened.push(store)
+    await store.put(sealedRecord(1))
+    await store.close()
+    expect((await readdir(join(directory, 'other', 'store'))).length).toBeGreaterThan(0)
+    await expect(stat(join(directory, 'here', 'store'))).rejects.toThrow('ENOENT')
+    const again = await openDiskBlobStore({ directory: join(directory, 'other', 'store') })
+    opened.push(again)
+    expect(await again.get('key-1')).toEqual(sealedRecord(1))
   })
 
   it('keeps records, the latest version, state changes and the wrapped DEK', async () => {
