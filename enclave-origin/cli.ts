@@ -23,7 +23,7 @@
 import { X509Certificate } from 'node:crypto'
 import { readFileSync, writeFileSync } from 'node:fs'
 import { logLine, setting, wholeNumberIn } from './config.js'
-import { messageOf } from './errors.js'
+import { messageOf, parseJsonQuietly } from './errors.js'
 import { generatePreloadIdentity, sealPreloadIdentity, sealShareFile, type RecipientTrust, type ShareFileEntry } from './preloadFiles.js'
 import { runEnclave } from './enclave/main.js'
 import { runParent } from './parent/main.js'
@@ -33,8 +33,14 @@ async function call(method: 'GET' | 'POST', path: string, json?: unknown): Promi
   const body = new TextEncoder().encode(json === undefined ? '' : JSON.stringify(json))
   const headers = await signRequest({ keyId: setting('ORIGIN_HMAC_KEY_ID', 'operator'), secret: setting('ORIGIN_HMAC_SECRET'), method, path, body })
   const response = await fetch(`${setting('ORIGIN_URL', 'http://127.0.0.1:8443')}${path}`, { method, headers, body: method === 'POST' ? body : undefined })
-  const answer = (await response.json()) as Record<string, unknown>
-  if (!response.ok) throw new Error(`${method} ${path}: ${response.status} ${JSON.stringify(answer)}`)
+  const text = await response.text()
+  let answer: Record<string, unknown> | undefined
+  try {
+    answer = JSON.parse(text) as Record<string, unknown>
+  } catch {
+    // A proxy's error page, say: the status says more than a parse error would.
+  }
+  if (!response.ok || answer === undefined) throw new Error(`${method} ${path}: ${response.status} ${answer === undefined ? '(not JSON)' : JSON.stringify(answer)}`)
   return answer
 }
 
@@ -46,19 +52,42 @@ function progress(done: number, total: number, startedAt: number): void {
   if (done === total) process.stderr.write('\n')
 }
 
+/**
+ * Creates `count` keys, `concurrency` at a time, printing each as it is made.
+ * After a failure, or Ctrl-C, it starts no more but lets those under way
+ * finish and prints them too: no route lists keys, so an id not printed
+ * would be lost. Then it fails, saying how many it made.
+ */
 async function createKeys(count: number, concurrency = 64): Promise<void> {
   let next = 0
   let done = 0
+  let failure: unknown
+  let interrupted = false
+  const interrupt = () => {
+    interrupted = true
+  }
+  process.once('SIGINT', interrupt)
   const startedAt = Date.now()
   const worker = async () => {
-    while (next < count) {
+    while (next < count && failure === undefined && !interrupted) {
       next++
-      const key = await call('POST', '/v1/keys')
-      console.log(JSON.stringify({ keyId: key.keyId, address: key.address }))
-      progress(++done, count, startedAt)
+      try {
+        const key = await call('POST', '/v1/keys')
+        console.log(JSON.stringify({ keyId: key.keyId, address: key.address }))
+        progress(++done, count, startedAt)
+      } catch (error) {
+        failure ??= error
+      }
     }
   }
-  await Promise.all(Array.from({ length: Math.min(concurrency, count) }, worker))
+  try {
+    await Promise.all(Array.from({ length: Math.min(concurrency, count) }, worker))
+  } finally {
+    process.off('SIGINT', interrupt)
+  }
+  if (done === count) return
+  if (done > 0) process.stderr.write('\n')
+  throw new Error(`created ${done} of ${count} keys, each printed above; stopped ${failure === undefined ? 'at an interrupt' : `after a failure: ${messageOf(failure)}`}`)
 }
 
 async function serve(start: () => Promise<() => Promise<void>>): Promise<void> {
@@ -126,8 +155,13 @@ const commands: Record<string, () => Promise<unknown>> = {
   'rotate-data-key': async () => console.log(JSON.stringify(await call('POST', '/v1/data-key/rotate'))),
   'preload-identity': async () => console.log(JSON.stringify(await generatePreloadIdentity())),
   'seal-shares': async () => {
-    const entries = JSON.parse(readFileSync(option('in') ?? '', 'utf8')) as ShareFileEntry[]
-    writeFileSync(option('out') ?? '', await sealShareFile({ entries, recipient: option('recipient') ?? '' }))
+    const [input, output, recipient] = ['in', 'out', 'recipient'].map((name) => {
+      const value = option(name)
+      if (!value) throw new Error('seal-shares needs --in (the share file, JSON), --out and --recipient (age1…)')
+      return value
+    }) as [string, string, string]
+    const entries = parseJsonQuietly(readFileSync(input, 'utf8'), `the share file ${input}`) as ShareFileEntry[]
+    writeFileSync(output, await sealShareFile({ entries, recipient }))
     console.error(`sealed ${entries.length} entries`)
   },
   status: async () => console.log(JSON.stringify(await (await fetch(`${setting('ORIGIN_URL', 'http://127.0.0.1:8443')}/healthz`)).json(), null, 2)),

@@ -2,3 +2,16 @@
 export function messageOf(error: unknown): string {
   return error instanceof Error ? error.message : String(error)
 }
+
+/**
+ * JSON.parse whose error names only the position: V8's message quotes the
+ * text around the fault, which in a share or preload file is key material.
+ */
+export function parseJsonQuietly(text: string, what: string): unknown {
+  try {
+    return JSON.parse(text)
+  } catch (error) {
+    const position = /position (\d+)/.exec(messageOf(error))?.[1]
+    throw new Error(`${what} is not valid JSON${position ? ` (at position ${position})` : ''}`)
+  }
+}

@@ -16,7 +16,7 @@ import { readFile } from 'node:fs/promises'
 import { performance } from 'node:perf_hooks'
 import { memoryWarnRatio, processMemory, tightestMemory, type MemoryGauge } from './memory.js'
 import { armor, Decrypter, type ReadableStreamWithSize } from 'age-encryption'
-import { messageOf } from '../errors.js'
+import { messageOf, parseJsonQuietly } from '../errors.js'
 import { maxKeyIdBytes } from '../protocol/messages.js'
 import { secp256k1 } from './nativeSecp256k1.js'
 import { zero } from './sealing.js'
@@ -233,11 +233,9 @@ function parseJson(plaintext: Uint8Array): unknown {
     throw new PreloadError('the decrypted preload file is not UTF-8 text')
   }
   try {
-    return JSON.parse(text)
+    return parseJsonQuietly(text, 'the decrypted preload file')
   } catch (error) {
-    // V8's message quotes the text around the error, which may be a key: keep only the position.
-    const position = /position (\d+)/.exec(messageOf(error))?.[1]
-    throw new PreloadError(`the decrypted preload file is not valid JSON${position ? ` (at position ${position})` : ''}`)
+    throw new PreloadError(messageOf(error))
   }
 }
 

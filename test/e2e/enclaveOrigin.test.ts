@@ -1,5 +1,7 @@
 import { execFile } from 'node:child_process'
-import { mkdtempSync, rmSync } from 'node:fs'
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs'
+import { createServer } from 'node:http'
+import type { AddressInfo } from 'node:net'
 import { promisify } from 'node:util'
 import { tmpdir } from 'node:os'
 import path from 'node:path'
@@ -143,11 +145,12 @@ describe('the enclave origin API', () => {
 })
 
 describe('the operators\u2019 CLI', () => {
-  const cli = (...args: string[]) =>
+  const cliAt = (url: string, ...args: string[]) =>
     promisify(execFile)(process.execPath, ['--import', 'tsx', 'enclave-origin/cli.ts', ...args], {
-      env: { ...process.env, ORIGIN_URL: origin.url, ORIGIN_HMAC_KEY_ID: originHmac.keyId, ORIGIN_HMAC_SECRET: originHmac.secret },
+      env: { ...process.env, ORIGIN_URL: url, ORIGIN_HMAC_KEY_ID: originHmac.keyId, ORIGIN_HMAC_SECRET: originHmac.secret },
       timeout: 30_000,
     })
+  const cli = (...args: string[]) => cliAt(origin.url, ...args)
 
   it('creates keys in bulk with a progress bar, one JSON line per key, each of which signs', async () => {
     const { stdout, stderr } = await cli('create-keys', '--count', '5', '--concurrency', '2')
@@ -172,6 +175,49 @@ describe('the operators\u2019 CLI', () => {
     for (const key of keys) {
       expect(await recovered(digest, (await signWithOrigin(key.keyId, digest)).body as never)).toBe(key.address)
       expect((await origin.request('GET', `/v1/keys/${key.keyId}`)).status).toBe(200)
+    }
+  })
+
+  it('after a failed create, starts no more, prints every key the creates under way made, and says how many it made', async () => {
+    // An origin that answers each create after 300 ms, but the third at once with a 503.
+    let requests = 0
+    const created: string[] = []
+    const flaky = createServer((request, response) => {
+      request.resume()
+      const number = ++requests
+      if (number === 3) return void response.writeHead(503, { 'content-type': 'application/json' }).end('{"error":"no enclave can take it now"}')
+      const keyId = `made-${number}`
+      created.push(keyId)
+      setTimeout(() => response.writeHead(201, { 'content-type': 'application/json' }).end(JSON.stringify({ keyId, address: '0x0000000000000000000000000000000000000001' })), 300)
+    })
+    await new Promise<void>((resolve) => flaky.listen(0, '127.0.0.1', resolve))
+    try {
+      const failed = await cliAt(`http://127.0.0.1:${(flaky.address() as AddressInfo).port}`, 'create-keys', '--count', '10', '--concurrency', '5').catch(
+        (error: { code: number; stdout: string; stderr: string }) => error,
+      )
+      const printed = (failed as { stdout: string }).stdout.trim().split('\n').map((line) => (JSON.parse(line) as { keyId: string }).keyId)
+      // Five under way when the third failed: the other four finish and are printed; no sixth is started.
+      expect(requests).toBe(5)
+      expect(printed.sort()).toEqual(created.sort())
+      expect(failed).toMatchObject({ code: 1 })
+      expect((failed as { stderr: string }).stderr).toContain('created 4 of 10 keys, each printed above; stopped after a failure: POST /v1/keys: 503 {"error":"no enclave can take it now"}')
+    } finally {
+      flaky.close()
+    }
+  })
+
+  it('refuses a share file that is not JSON without echoing any of it', async () => {
+    const directory = mkdtempSync(path.join(tmpdir(), 'shares-'))
+    try {
+      const shares = path.join(directory, 'shares.json')
+      // A trailing comma: V8's own message would quote the share before it.
+      writeFileSync(shares, '[{"account_id":"a","share":"0x5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed"},]')
+      const { recipient } = JSON.parse((await cli('preload-identity')).stdout) as { recipient: string }
+      const failed = await cli('seal-shares', '--in', shares, '--out', path.join(directory, 'sealed.age'), '--recipient', recipient).catch((error: { code: number; stderr: string }) => error)
+      expect(failed).toMatchObject({ code: 1, stderr: `the share file ${shares} is not valid JSON\n` })
+      expect((failed as { stderr: string }).stderr).not.toContain('5eed')
+    } finally {
+      rmSync(directory, { recursive: true, force: true })
     }
   })
 
