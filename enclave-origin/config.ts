@@ -32,12 +32,32 @@ export function wholeNumberIn(text: string, min: number, max: number): number | 
 
 export type StreamAddress = { host: string; port: number } | { path: string } | { vsock: { cid: number; port: number } }
 
-/** "vsock:CID:PORT" (in an enclave), "host:port", or a Unix socket path. */
+/** "vsock:CID:PORT" (in an enclave), "host:port", or a Unix socket path (one with a `/`, so a host without its port is refused). */
 export function listenAddress(value: string): StreamAddress {
   const vsock = parseVsockAddress(value)
   if (vsock) return { vsock }
   const match = /^(.+):(\d+)$/.exec(value)
-  return match ? { host: match[1]!, port: Number(match[2]) } : { path: value }
+  if (match) {
+    const port = wholeNumberIn(match[2]!, 1, 65_535)
+    if (port === undefined) throw new Error(`${value}: the port must be from 1 to 65535`)
+    return { host: match[1]!, port }
+  }
+  if (!value.includes('/')) throw new Error(`${value} is neither host:port nor a Unix socket path (one with a /)`)
+  return { path: value }
+}
+
+/** ENCLAVES: `id=address` entries, comma-separated; ids must be distinct (they name metrics series and ring points). */
+export function enclavesSetting(): Array<{ id: string; address: StreamAddress }> {
+  const seen = new Set<string>()
+  return setting('ENCLAVES', 'enclave-1=127.0.0.1:7000')
+    .split(',')
+    .map((entry) => {
+      const [id, address, ...rest] = entry.trim().split('=')
+      if (!id || !address || rest.length > 0) throw new Error(`ENCLAVES entry "${entry}" is not id=address`)
+      if (seen.has(id)) throw new Error(`ENCLAVES names enclave ${id} twice`)
+      seen.add(id)
+      return { id, address: listenAddress(address) }
+    })
 }
 
 /** Field names whose values are never logged, at any depth. */
@@ -94,6 +114,10 @@ export type ParentTls = { cert: string; key: string; ca?: string; requireClientC
  */
 export function parentTlsSetting(readFile: (path: string) => string): ParentTls | undefined {
   const requireClientCertificate = choiceSetting('TLS_REQUIRE_CLIENT_CERT', { choices: ['0', '1'], fallback: '0' }) === '1'
+  // Half a TLS setting (a key without its certificate, a mistyped name) must not mean plain HTTP.
+  if (Boolean(process.env.TLS_CERT_FILE) !== Boolean(process.env.TLS_KEY_FILE) || (process.env.TLS_CA_FILE && !process.env.TLS_CERT_FILE)) {
+    throw new Error('TLS needs both TLS_CERT_FILE and TLS_KEY_FILE (TLS_CA_FILE only with them); set neither for plain HTTP')
+  }
   if (!process.env.TLS_CERT_FILE) {
     if (requireClientCertificate) throw new Error('TLS_REQUIRE_CLIENT_CERT=1 needs TLS_CERT_FILE and TLS_KEY_FILE: without them the API would be plain HTTP')
     return undefined

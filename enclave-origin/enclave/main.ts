@@ -42,7 +42,7 @@ export async function runEnclave(): Promise<() => Promise<void>> {
   const engine = new SignEngine({
     // Unset: the engine's own default, one thread per core.
     threads: process.env.ENGINE_THREADS ? integerSetting('ENGINE_THREADS', { min: 1, max: 256 }) : undefined,
-    batching: setting('ENGINE_BATCHING', '1') !== '0',
+    batching: choiceSetting('ENGINE_BATCHING', { choices: ['0', '1'], fallback: '1' }) === '1',
     inlinePerTurn: process.env.ENGINE_INLINE_PER_TURN ? integerSetting('ENGINE_INLINE_PER_TURN', { min: 0, max: 64 }) : undefined,
   })
   await engine.start()

@@ -1,5 +1,5 @@
 import { readFileSync } from 'node:fs'
-import { hmacKeysSetting, integerSetting, listenAddress, logLine, parentTlsSetting, setting } from '../config.js'
+import { choiceSetting, enclavesSetting, hmacKeysSetting, integerSetting, listenAddress, logLine, parentTlsSetting, setting } from '../config.js'
 import { keepRequestObjectsYoung } from '../heapTuning.js'
 import { nodeHashing } from '../protocol/nodeHashing.js'
 import { RequestVerifier } from '../protocol/requestSigning.js'
@@ -21,20 +21,14 @@ import { OriginParent } from './origin.js'
  */
 export async function runParent(): Promise<() => Promise<void>> {
   keepRequestObjectsYoung()
-  const enclaves = setting('ENCLAVES', 'enclave-1=127.0.0.1:7000')
-    .split(',')
-    .map((entry) => {
-      const [id, address] = entry.split('=')
-      if (!id || !address) throw new Error(`ENCLAVES entry "${entry}" is not id=address`)
-      return { id, address: listenAddress(address) }
-    })
+  const enclaves = enclavesSetting()
   // Settings first: a wrong one should stop the process before it touches the store or an enclave.
   const secrets = hmacKeysSetting()
   const tls = parentTlsSetting((file) => readFileSync(file, 'utf8'))
   const address = listenAddress(setting('PARENT_LISTEN', '127.0.0.1:8443'))
   if ('vsock' in address) throw new Error('PARENT_LISTEN must be host:port or a Unix socket path: the parent does not listen on vsock')
   const store =
-    setting('STORE', 'disk') === 's3'
+    choiceSetting('STORE', { choices: ['disk', 's3'], fallback: 'disk' }) === 's3'
       ? await openS3BlobStore({
           client: parentS3Client({
             region: setting('S3_REGION', 'us-east-1'),

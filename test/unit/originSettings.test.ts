@@ -1,5 +1,5 @@
 import { afterEach, describe, expect, it } from 'vitest'
-import { choiceSetting, hmacKeysSetting, integerSetting, listenAddress, parentTlsSetting, redactSecrets } from '../../enclave-origin/config.js'
+import { choiceSetting, enclavesSetting, hmacKeysSetting, integerSetting, listenAddress, parentTlsSetting, redactSecrets } from '../../enclave-origin/config.js'
 import { developmentAttestation, type AttestationProvider } from '../../enclave-origin/enclave/dataKey.js'
 import { checkStartup } from '../../enclave-origin/enclave/startupChecks.js'
 
@@ -87,10 +87,32 @@ describe('origin settings', () => {
     expect(() => integerSetting('ENGINE_THREADS', { min: 1, max: 8 })).toThrow('ENGINE_THREADS is not set')
   })
 
-  it('reads vsock, host:port and Unix socket addresses', () => {
+  it('reads vsock, host:port and Unix socket addresses, and refuses a port out of range or a host without one', () => {
     expect(listenAddress('vsock:16:7000')).toEqual({ vsock: { cid: 16, port: 7000 } })
     expect(listenAddress('127.0.0.1:7000')).toEqual({ host: '127.0.0.1', port: 7000 })
     expect(listenAddress('/run/enclave.sock')).toEqual({ path: '/run/enclave.sock' })
+    expect(listenAddress('./enclave.sock')).toEqual({ path: './enclave.sock' })
+    expect(() => listenAddress('127.0.0.1:99999')).toThrow('127.0.0.1:99999: the port must be from 1 to 65535')
+    expect(() => listenAddress('127.0.0.1:0')).toThrow('the port must be from 1 to 65535')
+    expect(() => listenAddress('127.0.0.1')).toThrow('127.0.0.1 is neither host:port nor a Unix socket path (one with a /)')
+  })
+
+  it('takes ENCLAVES as distinct id=address entries', () => {
+    process.env.ENCLAVES = 'e1=127.0.0.1:7000, e2=/run/e2.sock'
+    expect(enclavesSetting()).toEqual([
+      { id: 'e1', address: { host: '127.0.0.1', port: 7000 } },
+      { id: 'e2', address: { path: '/run/e2.sock' } },
+    ])
+    const refusals: Array<[string, string]> = [
+      ['e1=127.0.0.1:7000,e1=127.0.0.1:7001', 'ENCLAVES names enclave e1 twice'],
+      ['e1=127.0.0.1:7000,', 'ENCLAVES entry "" is not id=address'],
+      ['=127.0.0.1:7000', 'ENCLAVES entry "=127.0.0.1:7000" is not id=address'],
+      ['e1=a=b', 'ENCLAVES entry "e1=a=b" is not id=address'],
+    ]
+    for (const [value, message] of refusals) {
+      process.env.ENCLAVES = value
+      expect(() => enclavesSetting()).toThrow(message)
+    }
   })
 
   it('takes HMAC keys as keyId:secret pairs, and refuses a missing separator, an empty id, a repeated id or a short secret without printing it', () => {
@@ -131,6 +153,22 @@ describe('origin settings', () => {
     delete process.env.TLS_REQUIRE_CLIENT_CERT
     delete process.env.TLS_CA_FILE
     expect(parentTlsSetting(read)).toEqual({ cert: 'CERT', key: 'KEY', ca: undefined, requireClientCertificate: false })
+  })
+
+  it('refuses half a TLS setting rather than serve plain HTTP', () => {
+    const read = (file: string) => file
+    for (const name of ['TLS_CERT_FILE', 'TLS_KEY_FILE', 'TLS_CA_FILE', 'TLS_REQUIRE_CLIENT_CERT']) delete process.env[name]
+    const halves: Array<Record<string, string>> = [
+      { TLS_KEY_FILE: '/tls/key.pem' },
+      { TLS_CERT_FILE: '/tls/cert.pem' },
+      { TLS_KEY_FILE: '/tls/key.pem', TLS_CA_FILE: '/tls/ca.pem' },
+      { TLS_CA_FILE: '/tls/ca.pem' },
+    ]
+    for (const half of halves) {
+      for (const name of ['TLS_CERT_FILE', 'TLS_KEY_FILE', 'TLS_CA_FILE']) delete process.env[name]
+      Object.assign(process.env, half)
+      expect(() => parentTlsSetting(read)).toThrow('TLS needs both TLS_CERT_FILE and TLS_KEY_FILE (TLS_CA_FILE only with them); set neither for plain HTTP')
+    }
   })
 })
 
