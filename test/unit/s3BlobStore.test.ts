@@ -370,20 +370,34 @@ describe('S3 errors', () => {
     expect(store.stats().records).toBe(0)
   })
 
-  it('fails, rather than hangs, against an endpoint that accepts connections and never answers', async () => {
-    const silent = createServer(() => {})
-    await new Promise<void>((listening) => silent.listen(0, '127.0.0.1', listening))
-    const client = parentS3Client({ region: 'us-east-1', endpoint: `http://127.0.0.1:${(silent.address() as AddressInfo).port}`, timeoutMs: 300, credentials: { accessKeyId: 'S3RVER', secretAccessKey: 'S3RVER' } })
+  /** Opening a store against `server` fails in two attempts of 300 ms (and the SDK's backoff), rather than hang. */
+  async function expectOpenFailsFastAgainst(server: ReturnType<typeof createServer>) {
+    await new Promise<void>((listening) => server.listen(0, '127.0.0.1', listening))
+    const client = parentS3Client({ region: 'us-east-1', endpoint: `http://127.0.0.1:${(server.address() as AddressInfo).port}`, timeoutMs: 300, credentials: { accessKeyId: 'S3RVER', secretAccessKey: 'S3RVER' } })
     clients.push(client)
     try {
       const started = Date.now()
       await expect(openS3BlobStore({ client, bucket: BUCKET, prefix })).rejects.toThrow(/S3 blob store: ListObjectsV2 .* failed/)
-      // Two attempts of 300 ms, and the SDK's backoff between them.
       expect(Date.now() - started).toBeLessThan(5_000)
     } finally {
-      silent.closeAllConnections()
-      silent.close()
+      server.closeAllConnections()
+      server.close()
     }
+  }
+
+  it('fails, rather than hangs, against an endpoint that accepts connections and never answers', async () => {
+    await expectOpenFailsFastAgainst(createServer(() => {}))
+  })
+
+  it('fails, rather than hangs, against an endpoint that sends the head of its answer and then stops', async () => {
+    // The head of a 200 and a little of its body, then nothing: a relay that held back the rest.
+    await expectOpenFailsFastAgainst(
+      createServer((request, response) => {
+        request.resume()
+        response.writeHead(200, { 'content-type': 'application/xml', 'content-length': '4096' })
+        response.write('<?xml version="1.0" encoding="UTF-8"?><ListBucketResult>')
+      }),
+    )
   })
 
   it('rejects bad options at open', async () => {
