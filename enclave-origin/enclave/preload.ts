@@ -247,6 +247,10 @@ function readEntry(entry: unknown, index: number): { accountId: string; shareHex
   if (typeof accountId !== 'string' || accountId === '') {
     throw new PreloadError(`entry at index ${index}: account_id is missing or not a non-empty string`)
   }
+  // A lone surrogate becomes U+FFFD in UTF-8, on the wire as in the map: two such ids would collide and neither be found.
+  if (Buffer.from(accountId, 'utf8').toString('utf8') !== accountId) {
+    throw new PreloadError(`entry at index ${index}: account_id is not well-formed Unicode (a lone surrogate)`)
+  }
   const accountIdBytes = Buffer.byteLength(accountId, 'utf8')
   if (accountIdBytes > maxAccountIdBytes) {
     throw new PreloadError(`entry at index ${index}: account_id is ${accountIdBytes} bytes, over the ${maxAccountIdBytes}-byte limit`)

@@ -201,6 +201,12 @@ describe('loadPreloadFile refuses to serve, and says why', () => {
     expect(count).toBe(1)
   })
 
+  it('refuses an account_id with a lone surrogate, which no request could name', () => {
+    const entries = generatedEntries(2)
+    entries[1]!.account_id = '\ud800'
+    expect(() => parseShareEntries(entries)).toThrow('entry at index 1: account_id is not well-formed Unicode (a lone surrogate)')
+  })
+
   it('refuses a duplicate account_id, naming both indexes', async () => {
     const entries = generatedEntries(5)
     entries[3]!.account_id = entries[1]!.account_id
