@@ -1,3 +1,4 @@
+import { readFileSync } from 'node:fs'
 import { totalmem } from 'node:os'
 import { getHeapStatistics } from 'node:v8'
 
@@ -9,16 +10,35 @@ export type MemoryGauge = { what: string; inUseBytes: number; limitBytes: number
 
 /**
  * The enclave's memory, by what would run out first: the resident set against
- * the enclave's memory (an enclave's whole VM is its own, so `os.totalmem()`),
- * and the V8 heap against its limit. Preloaded keys live off the heap, in the
- * resident set; the JSON they were parsed from lives on the heap.
+ * the enclave's memory (an enclave's whole VM is its own, so `os.totalmem()`);
+ * the whole VM's memory in use, MemTotal − MemAvailable, which also counts
+ * what the resident set does not, such as an enclave's root filesystem,
+ * held in RAM; and the V8 heap against its limit. Preloaded keys live off the
+ * heap, in the resident set; the JSON they were parsed from lives on the heap.
  */
-export function processMemory(): MemoryGauge[] {
+export function processMemory(readMeminfo: () => string = () => readFileSync('/proc/meminfo', 'utf8')): MemoryGauge[] {
   const heap = getHeapStatistics()
+  const system = systemMemory(readMeminfo)
   return [
     { what: 'resident memory', inUseBytes: process.memoryUsage.rss(), limitBytes: totalmem() },
     { what: 'V8 heap', inUseBytes: heap.used_heap_size, limitBytes: heap.heap_size_limit },
+    ...(system ? [system] : []),
   ]
+}
+
+/** MemTotal − MemAvailable against MemTotal, from /proc/meminfo; undefined where there is none to read. */
+function systemMemory(readMeminfo: () => string): MemoryGauge | undefined {
+  let text: string
+  try {
+    text = readMeminfo()
+  } catch {
+    return undefined
+  }
+  const kib = (field: string) => Number(new RegExp(`^${field}:\\s+(\\d+) kB$`, 'm').exec(text)?.[1])
+  const total = kib('MemTotal')
+  const available = kib('MemAvailable')
+  if (!(total > 0) || !(available >= 0)) return undefined
+  return { what: 'memory in use (MemTotal − MemAvailable)', inUseBytes: (total - available) * 1024, limitBytes: total * 1024 }
 }
 
 /** What HEALTH reports of the enclave's memory (the parent's /metrics shows it, since nothing can scrape the enclave itself). */

@@ -252,8 +252,8 @@ describe('loadPreloadFile against its memory limit', () => {
     ).toThrow(TypeError)
   })
 
-  it('checks the resident set and the V8 heap by default: preloaded keys live off the heap', () => {
-    expect(processMemory().map((gauge) => gauge.what)).toEqual(['resident memory', 'V8 heap'])
+  it('checks the resident set, the V8 heap and the whole VM\u2019s memory by default: preloaded keys live off the heap', () => {
+    expect(processMemory().map((gauge) => gauge.what)).toEqual(['resident memory', 'V8 heap', 'memory in use (MemTotal − MemAvailable)'])
     for (const gauge of processMemory()) expect(gauge.inUseBytes).toBeGreaterThan(0)
   })
 
@@ -296,6 +296,24 @@ describe('memoryWatch', () => {
       { level: 'warn', event: 'memory_high', what: 'resident memory', inUseBytes: 710, limitBytes: 1_000, percent: 71 },
       { event: 'memory_normal', what: 'resident memory', inUseBytes: 600, limitBytes: 1_000, percent: 60 },
     ])
+  })
+})
+
+describe('processMemory', () => {
+  it('also weighs the whole VM\u2019s memory in use, which counts what the resident set does not (an enclave\u2019s root filesystem in RAM)', () => {
+    const meminfo = 'MemTotal:        1000000 kB\nMemFree:          50000 kB\nMemAvailable:     200000 kB\nBuffers:  1 kB\n'
+    const gauges = processMemory(() => meminfo)
+    expect(gauges).toContainEqual({ what: 'memory in use (MemTotal − MemAvailable)', inUseBytes: 800_000 * 1024, limitBytes: 1_000_000 * 1024 })
+    // The watch warns on it when the process itself is small.
+    const logged: Array<Record<string, unknown>> = []
+    memoryWatch({ log: (fields) => logged.push(fields), read: () => processMemory(() => meminfo) }).check()
+    expect(logged).toMatchObject([{ event: 'memory_high', what: 'memory in use (MemTotal − MemAvailable)', percent: 80 }])
+    // Without /proc/meminfo, the other gauges alone.
+    expect(
+      processMemory(() => {
+        throw new Error('ENOENT')
+      }).map((gauge) => gauge.what),
+    ).toEqual(['resident memory', 'V8 heap'])
   })
 })
 
