@@ -26,6 +26,9 @@ export function processMemory(readMeminfo: () => string = () => readFileSync('/p
   ]
 }
 
+const meminfoTotal = /^MemTotal:\s+(\d+) kB$/m
+const meminfoAvailable = /^MemAvailable:\s+(\d+) kB$/m
+
 /** MemTotal − MemAvailable against MemTotal, from /proc/meminfo; undefined where there is none to read. */
 function systemMemory(readMeminfo: () => string): MemoryGauge | undefined {
   let text: string
@@ -34,9 +37,8 @@ function systemMemory(readMeminfo: () => string): MemoryGauge | undefined {
   } catch {
     return undefined
   }
-  const kib = (field: string) => Number(new RegExp(`^${field}:\\s+(\\d+) kB$`, 'm').exec(text)?.[1])
-  const total = kib('MemTotal')
-  const available = kib('MemAvailable')
+  const total = Number(meminfoTotal.exec(text)?.[1])
+  const available = Number(meminfoAvailable.exec(text)?.[1])
   if (!(total > 0) || !(available >= 0)) return undefined
   return { what: 'memory in use (MemTotal − MemAvailable)', inUseBytes: (total - available) * 1024, limitBytes: total * 1024 }
 }

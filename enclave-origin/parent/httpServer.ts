@@ -334,9 +334,7 @@ export class HttpServer {
     if (requestLine === null) return new Refusal(400, 'the request line is not "METHOD target HTTP/1.1"')
     const [, method, rawTarget, major, minor] = requestLine as unknown as [string, string, string, string, string]
     if (major !== '1' || (minor !== '0' && minor !== '1')) return new Refusal(505, 'only HTTP/1.0 and HTTP/1.1 are served')
-    const absolute = originForm.test(rawTarget) ? undefined : absoluteForm.exec(rawTarget)
-    const pathAndQuery = absolute?.[1] ?? ''
-    const target = absolute === undefined ? rawTarget : absolute === null ? undefined : pathAndQuery.startsWith('/') ? pathAndQuery : `/${pathAndQuery}`
+    const target = originFormOf(rawTarget)
     if (target === undefined) return new Refusal(400, 'the request target is not a path')
     const headers: Record<string, string> = Object.create(null)
     let contentLength: string | undefined
@@ -449,6 +447,15 @@ export class HttpServer {
 
 function errorAnswer(status: number, message: string): HttpAnswer {
   return { status, headers: { 'content-type': 'application/json' }, body: JSON.stringify({ error: message }) }
+}
+
+/** A request target as a path: itself, or the path and query of an absolute-form one (a bare query gets its `/`); undefined if neither. */
+function originFormOf(rawTarget: string): string | undefined {
+  if (originForm.test(rawTarget)) return rawTarget
+  const absolute = absoluteForm.exec(rawTarget)
+  if (absolute === null) return undefined
+  const pathAndQuery = absolute[1] ?? ''
+  return pathAndQuery.startsWith('/') ? pathAndQuery : `/${pathAndQuery}`
 }
 
 /** A field value without the optional whitespace around it (RFC 9110 §5.5), by index: a regex here can take time quadratic in a run of spaces. */

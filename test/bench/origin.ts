@@ -67,7 +67,7 @@ import { stopProcess } from '../support/anvil.js'
 import { startLocalKms } from '../support/kmsServer.js'
 import { originHmac, startOrigin, symmetricKmsKey, type Origin } from '../support/origin.js'
 import { LeanHttpConnection } from './httpLoadClient.js'
-import { clockTicksPerSecond, cpuMsByCommand, damonSampleIntervalsMs, hostTicks, kernelThreads, percentile, processTree, type ProcStat } from './procStats.js'
+import { allProcesses, clockTicksPerSecond, cpuMsByCommand, damonSampleIntervalsMs, hostTicks, kernelThreads, percentile, processTree, type ProcStat } from './procStats.js'
 import { startWakeProbe } from './wakeProbe.js'
 import { startGcPauseLog, type GcPauses } from './gcPauses.js'
 
@@ -211,7 +211,8 @@ type Pids = () => { enclave?: number; parent?: number }
 
 function cpuOf(pids: Pids) {
   const { enclave, parent } = pids()
-  const trees = { enclave: enclave ? processTree(enclave) : [], parent: parent ? processTree(parent) : [], kernel: kernelThreads() }
+  const all = allProcesses()
+  const trees = { enclave: enclave ? processTree(enclave, all) : [], parent: parent ? processTree(parent, all) : [], kernel: kernelThreads(all) }
   return { trees, host: hostTicks(), generator: process.cpuUsage() }
 }
 

@@ -30,7 +30,8 @@ function readStat(pid: number): ProcStat | undefined {
   return { pid, ppid: field(4), comm, ticks: field(14) + field(15) }
 }
 
-function allProcesses(): ProcStat[] {
+/** Every process in /proc, read once: pass it to processTree and kernelThreads to measure them at the same moment. */
+export function allProcesses(): ProcStat[] {
   return readdirSync('/proc')
     .filter((name) => /^\d+$/.test(name))
     .map((name) => readStat(Number(name)))
@@ -38,8 +39,7 @@ function allProcesses(): ProcStat[] {
 }
 
 /** The process `root` and all its descendants, found through the ppid links in /proc. */
-export function processTree(root: number): ProcStat[] {
-  const all = allProcesses()
+export function processTree(root: number, all = allProcesses()): ProcStat[] {
   const tree: ProcStat[] = []
   const queue = [root]
   while (queue.length > 0) {
@@ -69,8 +69,8 @@ export function cpuMsByCommand(before: ProcStat[], after: ProcStat[]): Record<st
  * takes the same cores as the processes measured. Kernel threads in another
  * PID namespace are not visible; then this is empty.
  */
-export function kernelThreads(): ProcStat[] {
-  return allProcesses().filter((stat) => stat.pid === 2 || stat.ppid === 2)
+export function kernelThreads(all = allProcesses()): ProcStat[] {
+  return all.filter((stat) => stat.pid === 2 || stat.ppid === 2)
 }
 
 /**

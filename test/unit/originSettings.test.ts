@@ -55,6 +55,20 @@ describe('enclave start-up checks', () => {
   })
 })
 
+/** Sets `name` to each value in turn and expects `read` to refuse it with its message; returns the messages. */
+function expectRefusals(name: string, read: () => unknown, refusals: Array<[value: string, message: string]>): string[] {
+  return refusals.map(([value, message]) => {
+    process.env[name] = value
+    expect(read).toThrow(message)
+    try {
+      read()
+    } catch (error) {
+      return (error as Error).message
+    }
+    return ''
+  })
+}
+
 describe('origin settings', () => {
   const saved = { ...process.env }
   afterEach(() => {
@@ -109,10 +123,7 @@ describe('origin settings', () => {
       ['=127.0.0.1:7000', 'ENCLAVES entry "=127.0.0.1:7000" is not id=address'],
       ['e1=a=b', 'ENCLAVES entry "e1=a=b" is not id=address'],
     ]
-    for (const [value, message] of refusals) {
-      process.env.ENCLAVES = value
-      expect(() => enclavesSetting()).toThrow(message)
-    }
+    expectRefusals('ENCLAVES', enclavesSetting, refusals)
   })
 
   it('takes HMAC keys as keyId:secret pairs, and refuses a missing separator, an empty id, a repeated id or a short secret without printing it', () => {
@@ -125,15 +136,7 @@ describe('origin settings', () => {
       ['ops:', 'ORIGIN_HMAC_KEYS: the secret of key id ops is shorter than 16 bytes'],
       ['ops:short-secret', 'ORIGIN_HMAC_KEYS: the secret of key id ops is shorter than 16 bytes'],
     ]
-    for (const [value, message] of refusals) {
-      process.env.ORIGIN_HMAC_KEYS = value
-      expect(() => hmacKeysSetting()).toThrow(message)
-      try {
-        hmacKeysSetting()
-      } catch (error) {
-        expect((error as Error).message).not.toMatch(/a-second-secret|short-secret|no-separator/)
-      }
-    }
+    for (const message of expectRefusals('ORIGIN_HMAC_KEYS', hmacKeysSetting, refusals)) expect(message).not.toMatch(/a-second-secret|short-secret|no-separator/)
   })
 
   it('takes TLS from its files, and refuses client certificates without a CA of their own or without TLS at all', () => {
