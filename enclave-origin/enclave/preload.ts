@@ -11,6 +11,7 @@
  * than serve a partial set. Messages name entries by index and never carry
  * key material (nor the file's bytes, nor the identity).
  */
+import { constants as bufferConstants } from 'node:buffer'
 import { createHash } from 'node:crypto'
 import { readFile } from 'node:fs/promises'
 import { performance } from 'node:perf_hooks'
@@ -44,6 +45,8 @@ export type LoadPreloadOptions = PreloadSource & {
   log: (fields: Record<string, unknown>) => void
   /** Monotonic ms clock that times the load; default `performance.now`. */
   now?: () => number
+  /** Makes the decrypted file's buffer and the keys' buffer (tests give one that fails, as a process short of memory would). */
+  allocate?: (bytes: number) => ArrayBuffer
 }
 
 export type PreloadResult = {
@@ -61,14 +64,15 @@ export async function loadPreloadFile(options: LoadPreloadOptions): Promise<Prel
   const startedAt = now()
   const file = await readSource(options)
   const fingerprint = createHash('sha256').update(file).digest('hex')
-  const plaintext = await decryptAgeFile({ file, identity: options.identity })
+  const allocate = options.allocate ?? newArrayBuffer
+  const plaintext = await decryptAgeFile({ file, identity: options.identity, allocate })
   let entries: unknown
   try {
-    entries = parseJson(plaintext)
+    entries = parseDecryptedJson(plaintext)
   } finally {
     zero(plaintext)
   }
-  const keys = parseShareEntries(entries)
+  const keys = parseShareEntries(entries, { allocate })
   try {
     // Measured while the parsed entries are still alive: the load's peak, not the steady state.
     checkMemory({ gauges: (options.memory ?? processMemory)(), log: options.log })
@@ -90,10 +94,10 @@ export async function loadPreloadFile(options: LoadPreloadOptions): Promise<Prel
  * `allocate` makes that buffer (tests give one that fails, as a process
  * short of memory would).
  */
-export function parseShareEntries(entries: unknown, { allocate = (bytes: number) => new ArrayBuffer(bytes) }: { allocate?: (bytes: number) => ArrayBuffer } = {}): Map<string, Uint8Array> {
+export function parseShareEntries(entries: unknown, { allocate = newArrayBuffer }: { allocate?: (bytes: number) => ArrayBuffer } = {}): Map<string, Uint8Array> {
   if (!Array.isArray(entries)) throw new PreloadError('the preload file must hold a JSON array of {account_id, share}')
   if (entries.length === 0) throw new PreloadError('the preload file holds no entries: refusing to serve an empty key set')
-  const slab = allocateSlab(entries.length, allocate)
+  const slab = allocateOrRefuse(entries.length * privateKeyBytes, allocate, `the keys of ${entries.length} entries need`)
   const keys = new Map<string, Uint8Array>()
   try {
     for (const [index, entry] of (entries as unknown[]).entries()) {
@@ -153,7 +157,7 @@ async function readSource(source: PreloadSource): Promise<Uint8Array> {
 }
 
 /** Opens a binary or ASCII-armored age file into one plaintext buffer, zeroing the decrypted chunks it copies. */
-async function decryptAgeFile(options: { file: Uint8Array; identity: string }): Promise<Uint8Array> {
+async function decryptAgeFile(options: { file: Uint8Array; identity: string; allocate: (bytes: number) => ArrayBuffer }): Promise<Uint8Array> {
   const ciphertext = ageBinary(options.file)
   const decrypter = identityDecrypter(options.identity)
   let plaintextStream: ReadableStreamWithSize
@@ -165,7 +169,7 @@ async function decryptAgeFile(options: { file: Uint8Array; identity: string }): 
     throw headerError(error)
   }
   // Read chunk by chunk, not with decrypt(bytes): age would concatenate the chunks into a buffer we could not zero.
-  const plaintext = new Uint8Array(size)
+  const plaintext = allocateOrRefuse(size, options.allocate, 'the decrypted preload file needs')
   const reader = plaintextStream.getReader()
   let filled = 0
   try {
@@ -224,13 +228,17 @@ function headerError(error: unknown): PreloadError {
   return new PreloadError(`the preload file is not a valid age file: ${message}`)
 }
 
-function parseJson(plaintext: Uint8Array): unknown {
+/** The decrypted file's JSON; exported for tests, which cannot afford an age file too large to be one string. */
+export function parseDecryptedJson(plaintext: Uint8Array): unknown {
   let text: string
   try {
     // The string cannot be zeroed (JS strings are immutable); it is dropped as soon as parsing ends.
     text = new TextDecoder('utf-8', { fatal: true, ignoreBOM: false }).decode(plaintext)
-  } catch {
-    throw new PreloadError('the decrypted preload file is not UTF-8 text')
+  } catch (error) {
+    if ((error as NodeJS.ErrnoException).code === 'ERR_ENCODING_INVALID_ENCODED_DATA') throw new PreloadError('the decrypted preload file is not UTF-8 text')
+    throw new PreloadError(
+      `the decrypted preload file (${megabytes(plaintext.length)} MB) is too large to parse: JSON text here is limited to ${bufferConstants.MAX_STRING_LENGTH} characters in one string (${messageOf(error)})`,
+    )
   }
   try {
     return parseJsonQuietly(text, 'the decrypted preload file')
@@ -263,13 +271,17 @@ function readEntry(entry: unknown, index: number): { accountId: string; shareHex
   return { accountId, shareHex }
 }
 
-/** One off-heap buffer for `count` keys; a process that cannot allocate it is refused with why, not an unexpected error. */
-function allocateSlab(count: number, allocate: (bytes: number) => ArrayBuffer): Uint8Array {
+function newArrayBuffer(bytes: number): ArrayBuffer {
+  return new ArrayBuffer(bytes)
+}
+
+/** One off-heap buffer of `bytes`; a process that cannot allocate it is refused with what needed it, not an unexpected error. */
+function allocateOrRefuse(bytes: number, allocate: (bytes: number) => ArrayBuffer, whoNeeds: string): Uint8Array {
   try {
-    return new Uint8Array(allocate(count * privateKeyBytes))
+    return new Uint8Array(allocate(bytes))
   } catch (error) {
     if (!(error instanceof RangeError)) throw error
-    throw new PreloadError(`not enough memory: the keys of ${count} entries need ${megabytes(count * privateKeyBytes)} MB in one buffer, which this process could not allocate (${error.message})`)
+    throw new PreloadError(`not enough memory: ${whoNeeds} ${megabytes(bytes)} MB in one buffer, which this process could not allocate (${error.message})`)
   }
 }
 

@@ -1,3 +1,4 @@
+import { constants as bufferConstants } from 'node:buffer'
 import { createHash } from 'node:crypto'
 import { mkdtemp, rm, writeFile } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
@@ -7,7 +8,7 @@ import { generatePrivateKey } from 'viem/accounts'
 import { hexToBytes } from 'viem'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import { memoryWatch, processMemory, type MemoryGauge } from '../../enclave-origin/enclave/memory.js'
-import { loadPreloadFile, maxAccountIdBytes, parseShareEntries, PreloadedKeys, PreloadError } from '../../enclave-origin/enclave/preload.js'
+import { loadPreloadFile, maxAccountIdBytes, parseDecryptedJson, parseShareEntries, PreloadedKeys, PreloadError } from '../../enclave-origin/enclave/preload.js'
 import { generatePreloadIdentity, sealShareFile, type ShareFileEntry } from '../../enclave-origin/preloadFiles.js'
 
 /** The secp256k1 group order n: a share equal to it is 32 bytes of hex but not a private key. */
@@ -250,6 +251,37 @@ describe('loadPreloadFile against its memory limit', () => {
         },
       }),
     ).toThrow(TypeError)
+  })
+
+  it('refuses, saying why, when the buffer for the decrypted file cannot be allocated', async () => {
+    const sizes: number[] = []
+    const allocate = (bytes: number) => {
+      sizes.push(bytes)
+      throw new RangeError('Array buffer allocation failed')
+    }
+    const error = await loadPreloadFile({ bytes: file, identity, allocate, log: () => {} }).catch((caught: unknown) => caught)
+    expect(error).toBeInstanceOf(PreloadError)
+    expect((error as Error).message).toMatch(/^not enough memory: the decrypted preload file needs [\d.]+ MB in one buffer, which this process could not allocate \(Array buffer allocation failed\)$/)
+    // The first allocation is the plaintext, sized from the age header: JSON of 100 entries, each over 64 hex digits.
+    expect(sizes).toHaveLength(1)
+    expect(sizes[0]).toBeGreaterThan(100 * 64)
+  })
+
+  it('loads through an allocator that works, using it for the decrypted file and the keys', async () => {
+    const sizes: number[] = []
+    const result = await loadPreloadFile({ bytes: file, identity, log: () => {}, allocate: (bytes) => (sizes.push(bytes), new ArrayBuffer(bytes)) })
+    expect(result.count).toBe(100)
+    expect(sizes).toEqual([expect.any(Number), 100 * 32])
+  })
+
+  it('says a decrypted file is too large to be one string, rather than calling it not UTF-8 (a ~512 MB buffer, no age file)', () => {
+    const tooLong = new Uint8Array(bufferConstants.MAX_STRING_LENGTH + 1).fill(0x20)
+    expect(() => parseDecryptedJson(tooLong)).toThrow(
+      new PreloadError(
+        `the decrypted preload file (512.0 MB) is too large to parse: JSON text here is limited to ${bufferConstants.MAX_STRING_LENGTH} characters in one string (Cannot create a string longer than 0x1fffffe8 characters)`,
+      ),
+    )
+    expect(() => parseDecryptedJson(new Uint8Array([0x5b, 0xff, 0x5d]))).toThrow(new PreloadError('the decrypted preload file is not UTF-8 text'))
   })
 
   it('checks the resident set, the V8 heap and the whole VM\u2019s memory by default: preloaded keys live off the heap', () => {
