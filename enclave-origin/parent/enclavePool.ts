@@ -1,5 +1,6 @@
 import type { Socket } from 'node:net'
 import type { StreamAddress } from '../config.js'
+import { FailureBackoff } from '../failureBackoff.js'
 import { CoalescingWriter } from '../protocol/coalescingWriter.js'
 import { connectStream } from '../protocol/connectStream.js'
 import { encodeFrame, FrameDecoder, isConnectionClosing, type Frame, type Opcode } from '../protocol/frames.js'
@@ -116,7 +117,10 @@ function readableReason(payload: Uint8Array): string {
  * of one event-loop turn share a connection, so that they leave in one write
  * and the enclave reads and answers them together; each turn takes the
  * connection with the fewest in flight. A broken connection is replaced, and
- * its in-flight requests fail at once rather than hang.
+ * its in-flight requests fail at once rather than hang. Refilling a slot in
+ * the background, while live connections carry the load, backs off after
+ * failed connects (0.5 s doubling to 30 s), so an enclave that refuses new
+ * connections is not asked again every turn.
  */
 export class EnclavePool {
   private readonly connections: Array<EnclaveConnection | undefined>
@@ -124,14 +128,25 @@ export class EnclavePool {
   /** The connection this turn's requests go on, while its write is still queued. */
   private sending: EnclaveConnection | undefined
   private stopped = false
+  private readonly refillBackoff: FailureBackoff
 
-  constructor(private readonly options: { address: EnclaveAddress; size: number }) {
+  constructor(
+    private readonly options: {
+      address: EnclaveAddress
+      size: number
+      /** Times the refill backoff; default monotonic time. */
+      clock?: { now: () => number; random: () => number }
+      /** Opens one connection; default `connectStream` (tests count the attempts). */
+      connect?: (address: EnclaveAddress) => Promise<Socket>
+    },
+  ) {
     this.connections = Array.from({ length: options.size }, () => undefined)
     this.opening = Array.from({ length: options.size }, () => undefined)
+    this.refillBackoff = new FailureBackoff(options.clock ?? { now: () => performance.now(), random: Math.random })
   }
 
   private open(slot: number): Promise<EnclaveConnection> {
-    this.opening[slot] ??= connectStream(this.options.address)
+    this.opening[slot] ??= (this.options.connect ?? connectStream)(this.options.address)
       .then(
         (socket) => this.adopt(slot, socket),
         (error: Error) => {
@@ -154,6 +169,7 @@ export class EnclavePool {
       if (this.connections[slot] === connection) this.connections[slot] = undefined
     })
     this.connections[slot] = connection
+    this.refillBackoff.succeeded()
     return connection
   }
 
@@ -175,9 +191,16 @@ export class EnclavePool {
     if (!best) best = await this.open(emptySlot)
     // Every live connection is busy: refill an empty slot for the turns to come, but send on a live one now, so
     // that an enclave refusing new connections for a moment fails no request its open ones can carry.
-    else if (best.inflight > 0 && emptySlot >= 0) this.open(emptySlot).catch(() => {})
+    else if (best.inflight > 0 && emptySlot >= 0) this.refill(emptySlot)
     this.sending = best
     return best.request(options)
+  }
+
+  private refill(slot: number): void {
+    if (this.opening[slot] || this.refillBackoff.holding) return
+    this.open(slot).catch(() => {
+      if (!this.stopped) this.refillBackoff.failed()
+    })
   }
 
   get inflight(): number {

@@ -1,6 +1,7 @@
 import { createServer, type Server, type Socket } from 'node:net'
 import { afterEach, beforeEach, describe, expect, it } from 'vitest'
-import { EnclavePool, EnclaveUnavailableError } from '../../enclave-origin/parent/enclavePool.js'
+import { EnclavePool, EnclaveUnavailableError, type EnclaveAddress } from '../../enclave-origin/parent/enclavePool.js'
+import { connectStream } from '../../enclave-origin/protocol/connectStream.js'
 import { connectionRequestId, encodeFrame, FrameDecoder, opcodes, statuses, type Frame } from '../../enclave-origin/protocol/frames.js'
 import { emptyPayload, encodeErrorMessage } from '../../enclave-origin/protocol/messages.js'
 
@@ -111,8 +112,11 @@ describe('EnclavePool', () => {
     expect(sockets).toHaveLength(2)
   })
 
-  it('sends on a busy live connection while a broken one cannot be reopened, and reopens it when it can', async () => {
-    pool = new EnclavePool({ address: { host: '127.0.0.1', port }, size: 2 })
+  it('sends on a busy live connection while a broken one cannot be reopened, backs off its refills, and reopens it when it can', async () => {
+    let now = 0
+    let connects = 0
+    const connect = (address: EnclaveAddress) => (connects++, connectStream(address))
+    pool = new EnclavePool({ address: { host: '127.0.0.1', port }, size: 2, clock: { now: () => now, random: () => 0.5 }, connect })
     await pool.connect()
     // The enclave takes no new connections for now, and one of the two breaks.
     await until(() => sockets.length === 2)
@@ -126,15 +130,24 @@ describe('EnclavePool', () => {
     const second = health()
     await until(() => received.length === 2)
     expect(received.map((r) => r.connection)).toEqual([0, 0])
+    expect(connects).toBe(3)
+    // More busy turns within the 0.5 s after that failure try no connect: the refill is held back.
+    const more = []
+    for (let turn = 0; turn < 5; turn++) {
+      more.push(health())
+      await until(() => received.length === 3 + turn)
+    }
+    expect(connects).toBe(3)
     answerAll()
-    expect((await first).status).toBe(0)
-    expect((await second).status).toBe(0)
-    // Listening again: the next turn that finds every live connection busy refills the slot.
+    for (const answer of [first, second, ...more]) expect((await answer).status).toBe(0)
+    // Listening again, and the hold over: the next turn that finds every live connection busy refills the slot.
     await new Promise<void>((resolve) => server.listen(port, '127.0.0.1', resolve))
+    now = 501
     const third = health()
     await until(() => received.length === 1)
     const fourth = health()
     await until(() => received.length === 2 && sockets.length === 3)
+    expect(connects).toBe(4)
     answerAll()
     expect((await third).status).toBe(0)
     expect((await fourth).status).toBe(0)
