@@ -1,7 +1,7 @@
 import { GetPublicKeyCommand, KMSClient, SignCommand } from '@aws-sdk/client-kms'
 import { hexToBytes, type Address, type Hex } from 'viem'
 import { addressFromSpki, parseDerSignature, toEthereumSignature } from './ecdsa.js'
-import { cachedUntilFailure, healthOf, SignerError, type SignedDigest, type Signer, type SignerDescription } from './signer.js'
+import { cachedUntilFailure, deadlineSignal, healthOf, SignerError, type SignedDigest, type Signer, type SignerDescription, type SignOptions } from './signer.js'
 
 export type AwsKmsSignerOptions = {
   name: string
@@ -56,13 +56,15 @@ export class AwsKmsSigner implements Signer {
     return addressFromSpki(answer.PublicKey)
   }
 
-  async signDigest(digest: Hex): Promise<SignedDigest> {
+  async signDigest(digest: Hex, options?: SignOptions): Promise<SignedDigest> {
     const address = await this.address()
-    const answer = await this.call((client, abortSignal) =>
-      client.send(
-        new SignCommand({ KeyId: this.options.keyId, Message: hexToBytes(digest), MessageType: 'DIGEST', SigningAlgorithm: 'ECDSA_SHA_256' }),
-        { abortSignal },
-      ),
+    const answer = await this.call(
+      (client, abortSignal) =>
+        client.send(
+          new SignCommand({ KeyId: this.options.keyId, Message: hexToBytes(digest), MessageType: 'DIGEST', SigningAlgorithm: 'ECDSA_SHA_256' }),
+          { abortSignal },
+        ),
+      options?.signal,
     )
     if (!answer.Signature) throw new SignerError(`KMS returned no signature for ${this.options.keyId}`, { retryable: true })
     const { r, s } = parseDerSignature(answer.Signature)
@@ -70,10 +72,10 @@ export class AwsKmsSigner implements Signer {
   }
 
   /** One KMS call within the deadline, its failures translated into errors an operator can act on. */
-  private async call<T>(send: (client: KMSClient, abortSignal: AbortSignal) => Promise<T>): Promise<T> {
+  private async call<T>(send: (client: KMSClient, abortSignal: AbortSignal) => Promise<T>, signal?: AbortSignal): Promise<T> {
     if (!this.client) throw this.setupError!
     try {
-      return await send(this.client, AbortSignal.timeout(this.options.deadlineMs))
+      return await send(this.client, deadlineSignal(this.options.deadlineMs, signal))
     } catch (error) {
       throw this.explain(error)
     }

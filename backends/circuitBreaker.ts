@@ -37,6 +37,11 @@ export class CircuitBreaker {
     this.probing = 0
   }
 
+  /** The call was given up before it answered: neither outcome; a probe's slot is free for the next. */
+  release(admission: BreakerAdmission): void {
+    if (admission.kind === 'probe' && admission.probe === this.probing) this.probing = 0
+  }
+
   /**
    * The cool-down starts when the breaker opens or a probe fails. Calls that were in flight when it opened
    * and fail later leave it alone: each would otherwise push the probe back.

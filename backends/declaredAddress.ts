@@ -1,5 +1,5 @@
 import { getAddress, type Address, type Hex } from 'viem'
-import { SignerError, signerErrorMessage, type SignedDigest, type Signer, type SignerDescription, type SignerHealth } from './signer.js'
+import { SignerError, signerErrorMessage, type SignedDigest, type Signer, type SignerDescription, type SignerHealth, type SignOptions } from './signer.js'
 
 /**
  * A signer held to the address its config declares. A backend that reaches
@@ -19,8 +19,8 @@ export class DeclaredAddressSigner implements Signer {
     return this.checked(await this.options.signer.address())
   }
 
-  async signDigest(digest: Hex): Promise<SignedDigest> {
-    const signed = await this.options.signer.signDigest(digest)
+  async signDigest(digest: Hex, options?: SignOptions): Promise<SignedDigest> {
+    const signed = await this.options.signer.signDigest(digest, options)
     this.checked(signed.address)
     return signed
   }

@@ -29,10 +29,13 @@ export function parseDerSignature(der: Uint8Array): { r: bigint; s: bigint } {
  * since toEthereumSignature finds v by recovery anyway.
  */
 export function parseCompactSignature(hex: Hex): { r: bigint; s: bigint; recoveryIdHint?: number } {
+  // An odd digit count would pass as a whole number of bytes (viem's size rounds up) and shift s.
+  if (!/^0x(?:[0-9a-fA-F]{2})+$/.test(hex)) throw new SignerError('compact signature is not whole bytes of hex')
   const length = size(hex)
   if (length !== 64 && length !== 65) throw new SignerError('compact signature is not 64 or 65 bytes')
   const r = hexToBigInt(slice(hex, 0, 32))
   const s = hexToBigInt(slice(hex, 32, 64))
+  if (r <= 0n || r >= secp256k1Order || s <= 0n || s >= secp256k1Order) throw new SignerError('compact signature values are out of range')
   if (length === 64) return { r, s }
   const v = hexToNumber(slice(hex, 64, 65))
   const recoveryIdHint = v >= 27 ? v - 27 : v

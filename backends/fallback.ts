@@ -1,7 +1,7 @@
 import { getAddress, type Address, type Hex } from 'viem'
 import { CircuitBreaker, type BreakerAdmission } from './circuitBreaker.js'
 import type { SignerMetrics } from './signerMetrics.js'
-import { SignerError, signerErrorMessage, type MemberHealth, type SignedDigest, type Signer, type SignerDescription, type SignerHealth } from './signer.js'
+import { SignerError, signerErrorMessage, type MemberHealth, type SignedDigest, type Signer, type SignerDescription, type SignerHealth, type SignOptions } from './signer.js'
 
 export type FallbackSignerOptions = {
   name: string
@@ -94,17 +94,21 @@ export class FallbackSigner implements Signer {
     throw this.noneAvailable(lastError)
   }
 
-  async signDigest(digest: Hex): Promise<SignedDigest> {
+  async signDigest(digest: Hex, options?: SignOptions): Promise<SignedDigest> {
     const { members, metrics } = this.options
     return new Promise<SignedDigest>((resolve, reject) => {
       let next = 0
       let running = 0
       let settled = false
       const failures: string[] = []
+      // One signal for every attempt of this signature: once the chain has its answer (or our caller gives up),
+      // members still at work stop, instead of calling and waiting for a signature nobody will use.
+      const finished = new AbortController()
+      const signal = options?.signal ? AbortSignal.any([options.signal, finished.signal]) : finished.signal
       // Starts the next member whose breaker lets a call through. Breakers are asked only when a member
       // is needed: a half-open probe slot taken for a member that never runs would never be given back.
       const launch = (): boolean => {
-        while (!settled && next < members.length) {
+        while (!settled && !signal.aborted && next < members.length) {
           const index = next++
           const admission = this.breakers[index]!.tryAcquire()
           if (!admission) {
@@ -113,12 +117,13 @@ export class FallbackSigner implements Signer {
           }
           running++
           const hedge = this.options.hedgeAfterMs === undefined ? undefined : setTimeout(launch, this.options.hedgeAfterMs)
-          void this.attempt({ index, digest, admission }).then(
+          void this.attempt({ index, digest, admission, signal }).then(
             (signed) => {
               clearTimeout(hedge)
               running--
               if (!settled) {
                 settled = true
+                finished.abort()
                 resolve(signed)
               }
             },
@@ -126,6 +131,7 @@ export class FallbackSigner implements Signer {
               clearTimeout(hedge)
               running--
               failures.push(signerErrorMessage(error))
+              // A caller that gave up gets no further member started for it.
               if (!settled && !launch() && running === 0) {
                 settled = true
                 reject(new SignerError(`${this.options.name}: every signer backend failed: ${failures.join('; ')}`, { retryable: true }))
@@ -138,25 +144,27 @@ export class FallbackSigner implements Signer {
       }
       if (!launch()) {
         settled = true
-        reject(new SignerError(`${this.options.name}: every signer backend is unavailable (circuits open); retry shortly`, { retryable: true }))
+        const why = signal.aborted ? 'its caller no longer waits for the signature' : 'every signer backend is unavailable (circuits open); retry shortly'
+        reject(new SignerError(`${this.options.name}: ${why}`, { retryable: true }))
       }
     })
   }
 
-  /** One member, bounded by the timeout, with its breaker and counters updated. */
-  private async attempt({ index, digest, admission }: { index: number; digest: Hex; admission: BreakerAdmission }): Promise<SignedDigest> {
+  /** One member, bounded by the timeout (which aborts its signal), with its breaker and counters updated. */
+  private async attempt({ index, digest, admission, signal }: { index: number; digest: Hex; admission: BreakerAdmission; signal: AbortSignal }): Promise<SignedDigest> {
     const member = this.options.members[index]!
     const name = member.describe().name
     const started = Date.now()
+    const expired = new AbortController()
     let timer: ReturnType<typeof setTimeout> | undefined
     const timeout = new Promise<never>((_, reject) => {
-      timer = setTimeout(
-        () => reject(new AttemptTimeoutError(`${name}: no signature within ${this.options.timeoutMs} ms`, { retryable: true })),
-        this.options.timeoutMs,
-      )
+      timer = setTimeout(() => {
+        expired.abort()
+        reject(new AttemptTimeoutError(`${name}: no signature within ${this.options.timeoutMs} ms`, { retryable: true }))
+      }, this.options.timeoutMs)
     })
     try {
-      const signing = member.signDigest(digest)
+      const signing = member.signDigest(digest, { signal: AbortSignal.any([signal, expired.signal]) })
       // If the timeout wins, this attempt may still fail later: nobody is waiting for it then.
       signing.catch(() => {})
       const signed = await Promise.race([signing, timeout])
@@ -171,6 +179,12 @@ export class FallbackSigner implements Signer {
       return signed
     } catch (error) {
       const timedOut = error instanceof AttemptTimeoutError
+      if (!timedOut && signal.aborted) {
+        // Stopped because the chain has its answer (or its caller gave up): no verdict on this member.
+        this.breakers[index]!.release(admission)
+        this.options.metrics.record(name, 'cancelled', Date.now() - started)
+        throw error
+      }
       this.breakers[index]!.failure(admission)
       this.lastErrors[index] = signerErrorMessage(error)
       this.options.metrics.record(name, timedOut ? 'timeout' : 'failure', Date.now() - started)

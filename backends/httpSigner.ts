@@ -1,7 +1,7 @@
 import { base64ToBytes, bytesToBase64 } from './base64.js'
 import { getAddress, hexToBytes, isHex, size, type Address, type Hex } from 'viem'
 import { parseCompactSignature, parseDerSignature, toEthereumSignature } from './ecdsa.js'
-import { healthOf, SignerError, type SignedDigest, type Signer, type SignerDescription, type SignerHealth } from './signer.js'
+import { deadlineSignal, healthOf, SignerError, type SignedDigest, type Signer, type SignerDescription, type SignerHealth, type SignOptions } from './signer.js'
 
 export type HttpSignerOptions = {
   name: string
@@ -42,7 +42,7 @@ export class HttpSigner implements Signer {
     return this.checksummed
   }
 
-  private async post(path: string, body: unknown): Promise<unknown> {
+  private async post(path: string, body: unknown, signal?: AbortSignal): Promise<unknown> {
     const { token, timeoutMs, name } = this.options
     if (!token) throw new SignerError(`HTTP signer ${name}: its bearer token secret is not set`)
     let response: Response
@@ -51,9 +51,10 @@ export class HttpSigner implements Signer {
         method: 'POST',
         headers: { authorization: `Bearer ${token}`, 'content-type': 'application/json' },
         body: JSON.stringify(body),
-        signal: AbortSignal.timeout(timeoutMs),
+        signal: deadlineSignal(timeoutMs, signal),
       })
     } catch (error) {
+      if (signal?.aborted) throw new SignerError(`HTTP signer ${name}: stopped, as its caller no longer waits for the signature`, { retryable: true })
       const timedOut = (error as { name?: string }).name === 'TimeoutError'
       throw new SignerError(`HTTP signer ${name}: ${timedOut ? `no answer within ${timeoutMs} ms` : 'key server unreachable'}`, { retryable: true })
     }
@@ -71,9 +72,9 @@ export class HttpSigner implements Signer {
     }
   }
 
-  async signDigest(digest: Hex): Promise<SignedDigest> {
+  async signDigest(digest: Hex, options?: SignOptions): Promise<SignedDigest> {
     const { keyId, name } = this.options
-    const answer = (await this.post('/sign', { key_id: keyId, algorithm: 'ecdsa-secp256k1', data: bytesToBase64(hexToBytes(digest)) })) as {
+    const answer = (await this.post('/sign', { key_id: keyId, algorithm: 'ecdsa-secp256k1', data: bytesToBase64(hexToBytes(digest)) }, options?.signal)) as {
       signature?: unknown
     }
     if (typeof answer?.signature !== 'string') throw new SignerError(`HTTP signer ${name}: answer has no signature`)

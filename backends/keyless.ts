@@ -1,7 +1,7 @@
 import { getAddress, isHex, size, type Address, type Hex } from 'viem'
 import { signRequest } from '../enclave-origin/protocol/requestSigning.js'
 import { parseCompactSignature, toEthereumSignature } from './ecdsa.js'
-import { cachedUntilFailure, healthOf, SignerError, type SignedDigest, type Signer, type SignerDescription, type SignerHealth } from './signer.js'
+import { cachedUntilFailure, deadlineSignal, healthOf, SignerError, signerErrorMessage, type SignedDigest, type Signer, type SignerDescription, type SignerHealth, type SignOptions } from './signer.js'
 
 export type KeylessSignerOptions = {
   name: string
@@ -32,6 +32,7 @@ function jsonObjectOf(text: string): Record<string, unknown> {
  * forwards them to the enclave holding the key. When the enclave must first
  * unlock the key (503 with Retry-After), the backend waits and asks again
  * while its deadline allows; past that it fails, so a fallback chain moves on.
+ * It stops as soon as its caller's signal says the chain has moved on.
  */
 export class KeylessSigner implements Signer {
   private readonly cachedAddress = cachedUntilFailure(() => this.lookUpAddress())
@@ -42,11 +43,13 @@ export class KeylessSigner implements Signer {
     this.baseUrl = options.url.replace(/\/+$/, '')
   }
 
-  private async request(method: 'GET' | 'POST', path: string, body: unknown, deadline: number): Promise<Record<string, unknown>> {
+  private async request(method: 'GET' | 'POST', path: string, body: unknown, deadline: number, signal?: AbortSignal): Promise<Record<string, unknown>> {
     const { name, hmacKeyId, hmacSecret } = this.options
     if (!hmacSecret) throw new SignerError(`keyless signer ${name}: its HMAC secret is not set`)
     const payload = new TextEncoder().encode(body === undefined ? '' : JSON.stringify(body))
+    const cancelled = () => new SignerError(`keyless signer ${name}: stopped, as its caller no longer waits for the signature`, { retryable: true })
     for (;;) {
+      if (signal?.aborted) throw cancelled()
       const remaining = deadline - Date.now()
       if (remaining <= 0) throw new SignerError(`keyless signer ${name}: no signature within ${this.options.deadlineMs} ms`, { retryable: true })
       const headers = await signRequest({ keyId: hmacKeyId, secret: hmacSecret, method, path, body: payload })
@@ -56,15 +59,17 @@ export class KeylessSigner implements Signer {
           method,
           headers: { 'content-type': 'application/json', ...headers },
           body: method === 'POST' ? payload : undefined,
-          signal: AbortSignal.timeout(remaining),
+          signal: deadlineSignal(remaining, signal),
         })
       } catch {
+        if (signal?.aborted) throw cancelled()
         throw new SignerError(`keyless signer ${name}: the origin is unreachable or did not answer in time`, { retryable: true })
       }
       const retryAfterMs = retryAfterMsOf(response.headers)
       if (response.status === 503 && Number.isFinite(retryAfterMs) && Date.now() + retryAfterMs + minimumRetryTimeMs <= deadline) {
-        await response.body?.cancel()
-        await new Promise((resolve) => setTimeout(resolve, retryAfterMs))
+        // A body that already broke off has nothing left to cancel.
+        await response.body?.cancel().catch(() => {})
+        await sleep(retryAfterMs, signal)
         continue
       }
       let text: string
@@ -94,33 +99,46 @@ export class KeylessSigner implements Signer {
     return this.cachedAddress()
   }
 
-  private async lookUpAddress(): Promise<Address> {
+  /** The key as the origin reports it: its address, and its state where the origin gives one. */
+  private async lookUpKey(): Promise<{ address: Address; state: unknown }> {
     const key = await this.request('GET', this.path(), undefined, Date.now() + this.options.deadlineMs)
     if (typeof key.address !== 'string') throw new SignerError(`keyless signer ${this.options.name}: the origin returned no address`)
-    return getAddress(key.address)
+    return { address: getAddress(key.address), state: key.state }
   }
 
-  async signDigest(digest: Hex): Promise<SignedDigest> {
+  private async lookUpAddress(): Promise<Address> {
+    return (await this.lookUpKey()).address
+  }
+
+  async signDigest(digest: Hex, options?: SignOptions): Promise<SignedDigest> {
     const deadline = Date.now() + this.options.deadlineMs
     const address = await this.address()
-    const answer = await this.request('POST', this.path('/sign'), { digest }, deadline)
+    const answer = await this.request('POST', this.path('/sign'), { digest }, deadline, options?.signal)
     const signature = answer.signature
     if (typeof signature !== 'string' || !isHex(signature) || size(signature) !== 64) {
       throw new SignerError(`keyless signer ${this.options.name}: the origin returned a malformed signature`)
     }
-    const { r, s } = parseCompactSignature(signature)
+    let r: bigint, s: bigint
+    try {
+      ;({ r, s } = parseCompactSignature(signature))
+    } catch (error) {
+      throw new SignerError(`keyless signer ${this.options.name}: the origin returned a malformed signature (${signerErrorMessage(error)})`)
+    }
     const recoveryIdHint = typeof answer.recoveryId === 'number' ? answer.recoveryId : undefined
     return { signature: await toEthereumSignature({ r, s, digest, address, recoveryIdHint }), signedBy: this.options.name, address }
   }
 
   /**
    * Asks the origin for the key each time, as the address is cached: a key id now naming another key
-   * (or none) would make every signature fail while health still said ok.
+   * (or none), or a frozen or archived key, would make every signature fail while health still said ok.
    */
   health(): Promise<SignerHealth> {
     return healthOf({
       address: async () => {
-        const [current, signsAs] = await Promise.all([this.lookUpAddress(), this.address()])
+        const [{ address: current, state }, signsAs] = await Promise.all([this.lookUpKey(), this.address()])
+        if (state !== undefined && state !== 'active') {
+          throw new SignerError(`keyless signer ${this.options.name}: key ${this.options.keyId} is ${String(state)}, and signs nothing`)
+        }
         if (current !== signsAs) {
           throw new SignerError(`keyless signer ${this.options.name}: key ${this.options.keyId} now has address ${current}, but this signer signs as ${signsAs}`)
         }
@@ -147,6 +165,19 @@ function retryAfterMsOf(headers: Headers): number {
 }
 
 const minimumRetryAfterMs = 10
+
+/** Waits `ms`, or less if `signal` aborts first. */
+function sleep(ms: number, signal: AbortSignal | undefined): Promise<void> {
+  return new Promise((resolve) => {
+    const done = () => {
+      clearTimeout(timer)
+      signal?.removeEventListener('abort', done)
+      resolve()
+    }
+    const timer = setTimeout(done, ms)
+    signal?.addEventListener('abort', done, { once: true })
+  })
+}
 
 /** What the parent's statuses mean for this backend's one key. */
 const originStatusMeanings: Record<number, string> = {

@@ -12,9 +12,23 @@ export interface Signer {
    * over the digest, and the name of the backend that made it (a fallback
    * chain names the member that answered).
    */
-  signDigest(digest: Hex): Promise<SignedDigest>
+  signDigest(digest: Hex, options?: SignOptions): Promise<SignedDigest>
   health(): Promise<SignerHealth>
   describe(): SignerDescription
+}
+
+/**
+ * `signal`: the caller has stopped waiting (a fallback chain timed the attempt
+ * out, or another member answered first). A backend that calls a service
+ * stops there, rather than keep calling, and waiting, for a signature nobody
+ * will use.
+ */
+export type SignOptions = { signal?: AbortSignal }
+
+/** Aborts after `ms`, or as soon as `signal` does. */
+export function deadlineSignal(ms: number, signal: AbortSignal | undefined): AbortSignal {
+  const timeout = AbortSignal.timeout(ms)
+  return signal ? AbortSignal.any([signal, timeout]) : timeout
 }
 
 /** A signature, the backend that made it, and the address it recovers to. */

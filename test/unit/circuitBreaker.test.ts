@@ -27,6 +27,19 @@ describe('circuit breaker', () => {
     expect(breaker.tryAcquire()).toEqual(probe)
   })
 
+  it('a probe given up before it answered frees the slot for the next probe, and leaves the breaker as it was', () => {
+    const { clock, breaker } = openedBreaker()
+    clock.now = 1_000
+    const admitted = breaker.tryAcquire()!
+    expect(breaker.tryAcquire()).toBeUndefined()
+    breaker.release(admitted)
+    expect(breaker.state).toBe('half-open')
+    expect(breaker.tryAcquire()).toEqual(probe)
+    // An ordinary call released changes nothing.
+    breaker.release(call)
+    expect(breaker.tryAcquire()).toBeUndefined()
+  })
+
   it('a failed probe restarts the cool-down; a late failure of another call does not count as the probe', () => {
     const { clock, breaker } = openedBreaker()
     clock.now = 1_000

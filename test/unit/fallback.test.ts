@@ -4,12 +4,14 @@ import { generatePrivateKey, privateKeyToAddress } from 'viem/accounts'
 import { FallbackSigner } from '../../backends/fallback.js'
 import { LocalSigner } from '../../backends/local.js'
 import { SignerMetrics } from '../../backends/signerMetrics.js'
-import { SignerError, type SignedDigest, type Signer } from '../../backends/signer.js'
+import { SignerError, type SignedDigest, type Signer, type SignOptions } from '../../backends/signer.js'
 
 /** A real local signer whose availability the test scripts: the member, not the fallback under test. */
 class ScriptedMember implements Signer {
   mode: 'up' | 'down' | 'hang' = 'up'
   calls = 0
+  /** The signal of each call: a hanging member stops when it aborts, as a backend calling a service does. */
+  readonly signals: Array<AbortSignal | undefined> = []
   readonly inner: LocalSigner
   constructor(
     readonly name: string,
@@ -20,10 +22,14 @@ class ScriptedMember implements Signer {
   address() {
     return this.inner.address()
   }
-  async signDigest(digest: Hex): Promise<SignedDigest> {
+  async signDigest(digest: Hex, options?: SignOptions): Promise<SignedDigest> {
     this.calls++
+    this.signals.push(options?.signal)
     if (this.mode === 'down') throw new SignerError(`${this.name} is down`, { retryable: true })
-    if (this.mode === 'hang') await new Promise(() => {})
+    if (this.mode === 'hang') {
+      await new Promise((resolve) => options?.signal?.addEventListener('abort', resolve))
+      throw new SignerError(`${this.name} stopped`, { retryable: true })
+    }
     return this.inner.signDigest(digest)
   }
   health() {
@@ -126,6 +132,36 @@ describe('fallback signer', () => {
     const started = Date.now()
     expect((await signer.signDigest(digest)).signedBy).toBe('edge')
     expect(Date.now() - started).toBeLessThan(45)
+  })
+
+  it('tells a member whose attempt timed out to stop, and counts the timeout', async () => {
+    const { signer, primary, metrics } = chain()
+    primary.mode = 'hang'
+    expect((await signer.signDigest(digest)).signedBy).toBe('edge')
+    expect(primary.signals[0]?.aborted).toBe(true)
+    expect(metrics.count('kms', 'timeout')).toBe(1)
+  })
+
+  it('once the hedge answers, tells the slower member to stop, with no verdict on it for its breaker', async () => {
+    const { signer, primary, backup, metrics } = chain({ hedgeAfterMs: 5 })
+    primary.mode = 'hang'
+    // More hedged signatures than the failure threshold (2): a stopped member has not failed.
+    for (let i = 0; i < 3; i++) expect((await signer.signDigest(digest)).signedBy).toBe('edge')
+    await new Promise((resolve) => setTimeout(resolve, 0))
+    expect(primary.signals.map((signal) => signal?.aborted)).toEqual([true, true, true])
+    expect(backup.signals.every((signal) => signal?.aborted)).toBe(true)
+    expect([metrics.count('kms', 'cancelled'), metrics.count('kms', 'timeout'), metrics.count('kms', 'failure')]).toEqual([3, 0, 0])
+    expect((await signer.health()).members).toMatchObject([{ name: 'kms', state: 'closed' }, { name: 'edge', state: 'closed' }])
+  })
+
+  it('stops its members when its own caller gives up', async () => {
+    const { signer, primary } = chain()
+    primary.mode = 'hang'
+    const caller = new AbortController()
+    const signing = signer.signDigest(digest, { signal: caller.signal })
+    caller.abort()
+    await expect(signing).rejects.toThrow('every signer backend failed: kms stopped')
+    expect(primary.signals[0]?.aborted).toBe(true)
   })
 
   it('when every backend fails the caller gets a clear error promptly, not a hang', async () => {

@@ -32,6 +32,10 @@ let retryAfterMs = 30
 let secondsOnly = false
 /** When set, the origin reports this address for k1, as it would once the key id named another key. */
 let reportedAddress: string | undefined
+/** The key's state as GET reports it; the parent says active, frozen or archived. */
+let reportedState = 'active'
+/** When set, the origin answers a sign with this signature instead of a real one. */
+let signatureOverride: string | undefined
 const seen: string[] = []
 let keyLookUps = 0
 
@@ -47,13 +51,14 @@ beforeAll(async () => {
     const key = keys[/^\/v1\/keys\/([^/]+)/.exec(request.url!)![1]!]!
     if (request.method === 'GET') {
       keyLookUps++
-      return response.writeHead(200).end(JSON.stringify({ address: (key === originKey && reportedAddress) || privateKeyToAddress(key) }))
+      return response.writeHead(200).end(JSON.stringify({ address: (key === originKey && reportedAddress) || privateKeyToAddress(key), state: reportedState }))
     }
     if (unlockingFor > 0) {
       unlockingFor--
       const headers: Record<string, string> = secondsOnly ? { 'retry-after': '1' } : { 'retry-after': '1', 'retry-after-ms': String(retryAfterMs) }
       return response.writeHead(503, headers).end(JSON.stringify({ error: 'needs_unlock' }))
     }
+    if (signatureOverride) return response.writeHead(200).end(JSON.stringify({ signature: signatureOverride }))
     const { digest } = JSON.parse(new TextDecoder().decode(body)) as { digest: Hex }
     const signature = secp256k1.sign(hexToBytes(digest), hexToBytes(key))
     response.writeHead(200).end(JSON.stringify({ signature: bytesToHex(signature.toCompactRawBytes()), recoveryId: signature.recovery }))
@@ -137,6 +142,57 @@ describe('keyless backend', () => {
     retryAfterMs = 270
     await expect(signer.signDigest(digest)).rejects.toThrow('answered 503 (the key is still being unlocked)')
     expect(unlockingFor).toBe(0)
+  })
+
+  it('stops waiting out a Retry-After, and asks the origin no more, once its caller no longer waits', async () => {
+    const signer = keyless(5_000)
+    await signer.address()
+    unlockingFor = 100
+    retryAfterMs = 200
+    const caller = new AbortController()
+    const asked = seen.length
+    try {
+      const signing = signer.signDigest(digest, { signal: caller.signal })
+      for (let i = 0; i < 100 && seen.length === asked; i++) await new Promise((resolve) => setTimeout(resolve, 5))
+      caller.abort()
+      const stopped = Date.now()
+      await expect(signing).rejects.toThrow('keyless signer origin: stopped, as its caller no longer waits for the signature')
+      expect(Date.now() - stopped).toBeLessThan(100)
+      await new Promise((resolve) => setTimeout(resolve, 300))
+      expect(seen.length).toBe(asked + 1)
+    } finally {
+      unlockingFor = 0
+    }
+  })
+
+  it('refuses a signature that is not two in-range 32-byte values as malformed, without trying to recover it', async () => {
+    const signer = keyless()
+    const cases = {
+      [`0x${'00'.repeat(32)}${'11'.repeat(32)}`]: 'compact signature values are out of range',
+      [`0x${'11'.repeat(32)}${'ff'.repeat(32)}`]: 'compact signature values are out of range',
+      [`0x${'a'.repeat(127)}`]: 'compact signature is not whole bytes of hex',
+    }
+    try {
+      for (const [signature, why] of Object.entries(cases)) {
+        signatureOverride = signature
+        await expect(signer.signDigest(digest)).rejects.toThrow(new SignerError(`keyless signer origin: the origin returned a malformed signature (${why})`))
+      }
+    } finally {
+      signatureOverride = undefined
+    }
+  })
+
+  it('health is not ok while the key is frozen or archived: it signs nothing then', async () => {
+    const signer = keyless()
+    try {
+      for (const state of ['frozen', 'archived']) {
+        reportedState = state
+        expect(await signer.health()).toEqual({ ok: false, error: `keyless signer origin: key k1 is ${state}, and signs nothing` })
+      }
+    } finally {
+      reportedState = 'active'
+    }
+    expect((await signer.health()).ok).toBe(true)
   })
 
   it("tells the wallet what a refusal means in its own words, not the origin's text", async () => {
