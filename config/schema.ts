@@ -68,10 +68,13 @@ const awsKmsSignerSchema = z.object({
   maxAttempts: z.number().int().min(1).max(10).default(3),
 })
 
+/** A service's base URL, to which the signer appends its own paths: a query or fragment would end up in front of them. */
+const baseUrlSchema = z.url().refine((url) => !/[?#]/.test(url), 'a base URL takes no query (?…) or fragment (#…): the signer appends its own paths to it')
+
 const vaultSignerSchema = z.object({
   kind: z.literal('vault'),
   ...expectedAddress,
-  url: z.url(),
+  url: baseUrlSchema,
   auth: z
     .discriminatedUnion('method', [
       z.object({ method: z.literal('token'), tokenSecret: secretNameSchema.default('VAULT_TOKEN') }),
@@ -93,7 +96,7 @@ const vaultSignerSchema = z.object({
 
 const httpSignerSchema = z.object({
   kind: z.literal('http'),
-  url: z.url(),
+  url: baseUrlSchema,
   keyId: z.string().min(1),
   tokenSecret: secretNameSchema.default('SIGNER_TOKEN'),
   /** Required: every signature the key server returns is checked against it. */
@@ -105,7 +108,7 @@ const keylessSignerSchema = z.object({
   kind: z.literal('keyless'),
   ...expectedAddress,
   /** The enclave origin parent's HTTPS API. */
-  url: z.url(),
+  url: baseUrlSchema,
   /**
    * The origin key that signs: any non-empty string (the parent makes UUIDs), percent-encoded into the path.
    * "." and ".." are refused: URL normalisation would drop them as path segments, and name another route.

@@ -69,6 +69,20 @@ describe('configuration', () => {
     }
   })
 
+  it('refuses a signer base URL with a query or fragment, which would end up in front of the paths the signer appends', () => {
+    const withUrl = (signer: Record<string, unknown>) => ({ PAYMASTER_CONFIG: { chains: [chain], signers: { primary: signer } } })
+    const address = '0x1111111111111111111111111111111111111111'
+    const signers = (url: string) => [
+      { kind: 'keyless', url, keyId: 'k1' },
+      { kind: 'http', url, keyId: 'k1', address },
+      { kind: 'vault', url, path: 'paymaster', auth: { method: 'token' } },
+    ]
+    for (const url of ['https://origin.internal:8443?x=1', 'https://origin.internal:8443/#top', 'https://origin.internal:8443?']) {
+      for (const signer of signers(url)) expect(configError(withUrl(signer))).toContain('a base URL takes no query (?…) or fragment (#…)')
+    }
+    for (const signer of signers('https://origin.internal:8443/prefix/')) expect(loadConfig(withUrl(signer)).signers.primary).toMatchObject({ kind: signer.kind })
+  })
+
   it('accepts PAYMASTER_CONFIG as an object, as wrangler passes TOML tables', () => {
     expect(loadConfig({ PAYMASTER_CONFIG: { chains: [chain] } }).profile).toBe('development')
   })
