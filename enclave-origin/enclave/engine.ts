@@ -17,6 +17,7 @@
  */
 import { availableParallelism } from 'node:os'
 import { Worker } from 'node:worker_threads'
+import { FailureBackoff } from '../failureBackoff.js'
 import { batchSizeBuckets, countInto, emptyCounts } from '../protocol/histograms.js'
 import type { RawSignature } from '../types.js'
 import { secp256k1 } from './nativeSecp256k1.js'
@@ -117,6 +118,11 @@ export class SignEngine {
   private starting: Promise<void> | undefined
   private stopping: Promise<void> | undefined
   private onDrained: (() => void) | undefined
+  /** What each thread runs (a test swaps in one that fails to start). */
+  private workerScript = new URL('./signWorker.mjs', import.meta.url)
+  /** Replacing a dead thread again after the replacement failed to start: 0.5 s doubling to 30 s. */
+  private readonly respawnBackoff = new FailureBackoff({ now: () => performance.now(), random: Math.random })
+  private respawnTimer: ReturnType<typeof setTimeout> | undefined
 
   constructor(options: SignEngineOptions = {}) {
     this.threads = positiveInteger('threads', options.threads ?? availableParallelism())
@@ -277,7 +283,7 @@ export class SignEngine {
 
   /** Starts one thread; resolves when it has loaded the binding, rejects if it exits first. */
   private spawn(): Promise<void> {
-    const worker = new Worker(new URL('./signWorker.mjs', import.meta.url), { workerData: slotLayout })
+    const worker = new Worker(this.workerScript, { workerData: slotLayout })
     const exited = new Promise<number>((resolve) => worker.once('exit', resolve))
     const slot: WorkerSlot = { worker, inflight: new Map(), inflightRequests: 0, ready: false, retiring: false, exited }
     this.slots.push(slot)
@@ -307,11 +313,22 @@ export class SignEngine {
     }
     slot.inflight.clear()
     slot.inflightRequests = 0
-    // A thread that never became ready would fail again the same way; replacing it would loop.
-    if (this.state === 'running' && slot.ready) {
-      this.spawn().catch(() => undefined)
-    }
+    // A replacement that never became ready is retried by replace(), after a backoff: at once, it would fail the same way.
+    if (slot.ready) this.replace()
     this.checkDrained()
+  }
+
+  /** Starts a thread in place of a dead one, trying again with a backoff until one starts: else the pool would shrink for good. */
+  private replace(): void {
+    if (this.state !== 'running') return
+    this.spawn().then(
+      () => this.respawnBackoff.succeeded(),
+      () => {
+        if (this.state !== 'running') return
+        this.respawnTimer = setTimeout(() => this.replace(), this.respawnBackoff.failed())
+        this.respawnTimer.unref()
+      },
+    )
   }
 
   private async drainAndClose(): Promise<void> {
@@ -321,6 +338,7 @@ export class SignEngine {
     }
     await this.starting?.catch(() => undefined)
     this.state = 'stopping'
+    clearTimeout(this.respawnTimer)
     this.flushOpen()
     if (this.stats().inflight > 0) await new Promise<void>((resolve) => (this.onDrained = resolve))
     await Promise.all(this.slots.map((slot) => retire(slot)))

@@ -272,11 +272,15 @@ export class KeyCache {
 
   /** A key just generated inside the enclave: WARM at once, no unseal needed. Copies `privateKey` and zeroes it. Returns the record as held. */
   addWarm({ record, privateKey }: { record: SealedKeyRecord; privateKey: Uint8Array }): SealedKeyRecord {
-    if (privateKey.length !== 32) throw new RangeError(`private key must be 32 bytes, got ${privateKey.length}`)
-    const entry = this.loadEntry(record)
-    if (record.state === 'active') this.installPlaintext(entry, privateKey, this.now())
-    zero(privateKey)
-    return entry.record
+    try {
+      if (privateKey.length !== 32) throw new RangeError(`private key must be 32 bytes, got ${privateKey.length}`)
+      const entry = this.loadEntry(record)
+      if (record.state === 'active') this.installPlaintext(entry, privateKey, this.now())
+      return entry.record
+    } finally {
+      // Also when it throws: the caller has handed the key over.
+      zero(privateKey)
+    }
   }
 
   /**
@@ -293,8 +297,14 @@ export class KeyCache {
       return this.needsUnlock()
     }
     const version = 1
-    const record: SealedKeyRecord = { keyId, version, state: 'active', publicKey, sealed: sealPrivateKey({ privateKey, dek: dek.bytes, keyId, version }) }
-    return { kind: 'ok', record: this.addWarm({ record, privateKey }) }
+    let sealed: Uint8Array
+    try {
+      sealed = sealPrivateKey({ privateKey, dek: dek.bytes, keyId, version })
+    } catch (error) {
+      zero(privateKey)
+      throw error
+    }
+    return { kind: 'ok', record: this.addWarm({ record: { keyId, version, state: 'active', publicKey, sealed }, privateKey }) }
   }
 
   /**

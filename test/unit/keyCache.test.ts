@@ -653,6 +653,19 @@ describe('KeyCache key lifecycle', () => {
     expect(cache.setState({ keyId: 'made-here', state: 'frozen', sequence: firstFloor })).toEqual({ kind: 'applied' })
   })
 
+  it('zeroes a key handed to it even when it cannot take the key in', () => {
+    const { cache, dekCopy } = harness()
+    cache.setDek(dekCopy())
+    // An empty public key cannot be copied into the slabs (nor can anything when memory runs out).
+    const privateKey = randomSecret()
+    expect(() => cache.createKey({ keyId: 'made-here', publicKey: new Uint8Array(0), privateKey })).toThrow(RangeError)
+    expect(privateKey).toEqual(zeros)
+    expect(cache.get('made-here')).toBeUndefined()
+    const short = randomSecret().subarray(0, 31)
+    expect(() => cache.addWarm({ record: { keyId: 'k', version: 1, state: 'active', publicKey: new Uint8Array(65), sealed: new Uint8Array(60) }, privateKey: short })).toThrow('private key must be 32 bytes, got 31')
+    expect(short).toEqual(new Uint8Array(31))
+  })
+
   it('answers not-found for a key it does not hold', () => {
     const { cache } = harness()
     expect(cache.acquire('missing')).toEqual({ kind: 'not-found' })

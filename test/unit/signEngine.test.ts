@@ -169,6 +169,24 @@ describe('SignEngine', () => {
     await expectValid(request, await engine.sign(request))
   })
 
+  it('keeps trying to replace a dead thread whose replacement fails to start, until one starts', async () => {
+    const engine = await started({ threads: 1, inlinePerTurn: 0 })
+    const internals = engine as unknown as { slots: { worker: { postMessage(message: unknown): void } }[]; workerScript: URL }
+    const script = internals.workerScript
+    // Replacements now fail to start, as they would in a process short of memory.
+    internals.workerScript = new URL('data:text/javascript,process.exit(3)')
+    internals.slots[0]!.worker.postMessage({ batchId: -1, count: 1, buffer: new ArrayBuffer(1) })
+    await expect(engine.sign(randomRequest())).rejects.toThrow(/signing thread exited/)
+    await new Promise((resolve) => setTimeout(resolve, 200))
+    expect(engine.stats().threads).toBe(0)
+    internals.workerScript = script
+    // The next try comes 0.5 s (±25%) after the failed one.
+    for (let i = 0; i < 60 && engine.stats().threads === 0; i++) await new Promise((resolve) => setTimeout(resolve, 50))
+    expect(engine.stats().threads).toBe(1)
+    const request = randomRequest()
+    await expectValid(request, await engine.sign(request))
+  })
+
   it('stop() finishes queued work, resolves, and later sign() rejects clearly', async () => {
     const engine = await started({ threads: 1, maxWaitMs: 10_000 })
     const requests = Array.from({ length: 10 }, randomRequest)
