@@ -101,10 +101,9 @@ export class FallbackSigner implements Signer {
       let running = 0
       let settled = false
       const failures: string[] = []
-      // One signal for every attempt of this signature: once the chain has its answer (or our caller gives up),
-      // members still at work stop, instead of calling and waiting for a signature nobody will use.
-      const finished = new AbortController()
-      const signal = options?.signal ? AbortSignal.any([options.signal, finished.signal]) : finished.signal
+      // Our caller's signal, if any: when it gives up, members still at work stop. A member a hedge beat to the
+      // answer runs on to its own timeout (which stops it too): a hung one must still count against its breaker.
+      const signal = options?.signal ?? new AbortController().signal
       // Starts the next member whose breaker lets a call through. Breakers are asked only when a member
       // is needed: a half-open probe slot taken for a member that never runs would never be given back.
       const launch = (): boolean => {
@@ -123,7 +122,6 @@ export class FallbackSigner implements Signer {
               running--
               if (!settled) {
                 settled = true
-                finished.abort()
                 resolve(signed)
               }
             },
@@ -159,8 +157,9 @@ export class FallbackSigner implements Signer {
     let timer: ReturnType<typeof setTimeout> | undefined
     const timeout = new Promise<never>((_, reject) => {
       timer = setTimeout(() => {
-        expired.abort()
+        // The timeout first: a member that fails at once on the abort must not win the race as a mere failure.
         reject(new AttemptTimeoutError(`${name}: no signature within ${this.options.timeoutMs} ms`, { retryable: true }))
+        expired.abort()
       }, this.options.timeoutMs)
     })
     try {
@@ -180,7 +179,7 @@ export class FallbackSigner implements Signer {
     } catch (error) {
       const timedOut = error instanceof AttemptTimeoutError
       if (!timedOut && signal.aborted) {
-        // Stopped because the chain has its answer (or its caller gave up): no verdict on this member.
+        // Stopped because the chain's caller gave up: no verdict on this member.
         this.breakers[index]!.release(admission)
         this.options.metrics.record(name, 'cancelled', Date.now() - started)
         throw error

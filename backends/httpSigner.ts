@@ -1,7 +1,7 @@
 import { base64ToBytes, bytesToBase64 } from './base64.js'
 import { getAddress, hexToBytes, isHex, size, type Address, type Hex } from 'viem'
 import { parseCompactSignature, parseDerSignature, toEthereumSignature } from './ecdsa.js'
-import { deadlineSignal, healthOf, SignerError, type SignedDigest, type Signer, type SignerDescription, type SignerHealth, type SignOptions } from './signer.js'
+import { deadlineSignal, healthOf, SignerError, signerErrorMessage, type SignedDigest, type Signer, type SignerDescription, type SignerHealth, type SignOptions } from './signer.js'
 
 export type HttpSignerOptions = {
   name: string
@@ -94,7 +94,13 @@ export class HttpSigner implements Signer {
 }
 
 function parseSignature(value: string, name: string): { r: bigint; s: bigint; recoveryIdHint?: number } {
-  if (isHex(value) && (size(value) === 64 || size(value) === 65)) return parseCompactSignature(value)
+  if (isHex(value) && (size(value) === 64 || size(value) === 65)) {
+    try {
+      return parseCompactSignature(value)
+    } catch (error) {
+      throw new SignerError(`HTTP signer ${name}: malformed signature (${signerErrorMessage(error)})`)
+    }
+  }
   try {
     return parseDerSignature(base64ToBytes(value))
   } catch {

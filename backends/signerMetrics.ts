@@ -1,6 +1,6 @@
 /** Sign outcomes per backend, as counters an operator can scrape (Prometheus text) or stream (Analytics Engine). */
 
-/** `cancelled`: stopped once another member of its chain answered, or the chain's caller gave up (no verdict on the backend). */
+/** `cancelled`: stopped because the chain's caller gave up (no verdict on the backend). */
 export type SignOutcome = 'success' | 'failure' | 'timeout' | 'skipped' | 'cancelled'
 
 export type AnalyticsEngineDataset = { writeDataPoint(point: { blobs?: string[]; doubles?: number[]; indexes?: string[] }): void }

@@ -206,7 +206,7 @@ export class SignEngine {
   }
 
   private enqueue(request: { privateKey: Uint8Array; digest: Uint8Array; pending: Pending }): void {
-    const idle = this.open === undefined ? this.slots.find((slot) => slot.inflightRequests === 0) : undefined
+    const idle = this.open === undefined ? this.slots.find((slot) => slot.ready && slot.inflightRequests === 0) : undefined
     if (!this.batching || idle !== undefined) {
       const alone = newBatch(1)
       pack({ batch: alone, ...request })
@@ -245,11 +245,16 @@ export class SignEngine {
   }
 
   /** Fewest requests in flight; ties go round-robin so equal threads share the work. */
+  /**
+   * The thread with the fewest in flight, a ready one before one still starting: a replacement that is starting
+   * may yet fail, and take what it was sent with it. With none ready, work waits for the one starting.
+   */
   private leastLoaded(): WorkerSlot | undefined {
     let best: WorkerSlot | undefined
     for (let i = 0; i < this.slots.length; i++) {
       const slot = this.slots[(this.nextSlot + i) % this.slots.length]!
-      if (best === undefined || slot.inflightRequests < best.inflightRequests) best = slot
+      const better = best === undefined || (slot.ready && !best.ready) || (slot.ready === best.ready && slot.inflightRequests < best.inflightRequests)
+      if (better) best = slot
     }
     this.nextSlot = (this.nextSlot + 1) % Math.max(this.slots.length, 1)
     return best
@@ -269,8 +274,10 @@ export class SignEngine {
 
   private async spawnAll(): Promise<void> {
     this.state = 'starting'
-    const readies = Array.from({ length: this.threads }, () => this.spawn())
+    const readies: Promise<void>[] = []
     try {
+      // Inside the try: a thread the OS cannot create throws here, and the ones started before it are retired.
+      for (let i = 0; i < this.threads; i++) readies.push(this.spawn())
       await Promise.all(readies)
     } catch (error) {
       this.state = 'stopped'
@@ -321,14 +328,17 @@ export class SignEngine {
   /** Starts a thread in place of a dead one, trying again with a backoff until one starts: else the pool would shrink for good. */
   private replace(): void {
     if (this.state !== 'running') return
-    this.spawn().then(
-      () => this.respawnBackoff.succeeded(),
-      () => {
-        if (this.state !== 'running') return
-        this.respawnTimer = setTimeout(() => this.replace(), this.respawnBackoff.failed())
-        this.respawnTimer.unref()
-      },
-    )
+    // Through a promise: a thread the OS cannot create throws from new Worker(), and that is a failure to retry too.
+    Promise.resolve()
+      .then(() => this.spawn())
+      .then(
+        () => this.respawnBackoff.succeeded(),
+        () => {
+          if (this.state !== 'running') return
+          this.respawnTimer = setTimeout(() => this.replace(), this.respawnBackoff.failed())
+          this.respawnTimer.unref()
+        },
+      )
   }
 
   private async drainAndClose(): Promise<void> {

@@ -142,26 +142,44 @@ describe('fallback signer', () => {
     expect(metrics.count('kms', 'timeout')).toBe(1)
   })
 
-  it('once the hedge answers, tells the slower member to stop, with no verdict on it for its breaker', async () => {
-    const { signer, primary, backup, metrics } = chain({ hedgeAfterMs: 5 })
+  it('lets a member a hedge beat run on to its own timeout, which stops it and counts against its breaker', async () => {
+    const { signer, primary, metrics } = chain({ hedgeAfterMs: 5 })
     primary.mode = 'hang'
-    // More hedged signatures than the failure threshold (2): a stopped member has not failed.
-    for (let i = 0; i < 3; i++) expect((await signer.signDigest(digest)).signedBy).toBe('edge')
-    await new Promise((resolve) => setTimeout(resolve, 0))
-    expect(primary.signals.map((signal) => signal?.aborted)).toEqual([true, true, true])
-    expect(backup.signals.every((signal) => signal?.aborted)).toBe(true)
-    expect([metrics.count('kms', 'cancelled'), metrics.count('kms', 'timeout'), metrics.count('kms', 'failure')]).toEqual([3, 0, 0])
-    expect((await signer.health()).members).toMatchObject([{ name: 'kms', state: 'closed' }, { name: 'edge', state: 'closed' }])
+    // Two hedged signatures (the failure threshold): the hung primary's breaker opens, and the third skips it.
+    for (let i = 0; i < 2; i++) {
+      expect((await signer.signDigest(digest)).signedBy).toBe('edge')
+      await expect.poll(() => primary.signals[i]?.aborted, { timeout: 2_000 }).toBe(true)
+    }
+    expect(metrics.count('kms', 'timeout')).toBe(2)
+    expect((await signer.signDigest(digest)).signedBy).toBe('edge')
+    expect(primary.calls).toBe(2)
+  })
+
+  it('counts a timed-out member as timed out even when it fails at once on being told to stop', async () => {
+    const backup = new ScriptedMember('edge', sharedKey)
+    // A member whose own promise rejects inside its abort listener, with no step in between.
+    const failsOnAbort: Signer = {
+      address: () => backup.address(),
+      signDigest: (_digest, options) => new Promise((_, reject) => options?.signal?.addEventListener('abort', () => reject(new SignerError('raw stopped')))),
+      health: () => backup.health(),
+      describe: () => ({ kind: 'http', name: 'raw', securityLevel: 'software' }),
+    }
+    const metrics = new SignerMetrics()
+    const signer = new FallbackSigner({ name: 'primary', members: [failsOnAbort, backup], timeoutMs: 50, failureThreshold: 2, coolDownMs: 1_000, requireSameAddress: true, metrics })
+    expect((await signer.signDigest(digest)).signedBy).toBe('edge')
+    expect([metrics.count('raw', 'timeout'), metrics.count('raw', 'failure')]).toEqual([1, 0])
   })
 
   it('stops its members when its own caller gives up', async () => {
-    const { signer, primary } = chain()
+    const { signer, primary, metrics } = chain()
     primary.mode = 'hang'
     const caller = new AbortController()
     const signing = signer.signDigest(digest, { signal: caller.signal })
     caller.abort()
     await expect(signing).rejects.toThrow('every signer backend failed: kms stopped')
     expect(primary.signals[0]?.aborted).toBe(true)
+    // No verdict on a member stopped for the caller: its breaker stays closed.
+    expect([metrics.count('kms', 'cancelled'), metrics.count('kms', 'failure'), metrics.count('kms', 'timeout')]).toEqual([1, 0, 0])
   })
 
   it('when every backend fails the caller gets a clear error promptly, not a hang', async () => {

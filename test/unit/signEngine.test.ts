@@ -177,14 +177,27 @@ describe('SignEngine', () => {
     internals.workerScript = new URL('data:text/javascript,process.exit(3)')
     internals.slots[0]!.worker.postMessage({ batchId: -1, count: 1, buffer: new ArrayBuffer(1) })
     await expect(engine.sign(randomRequest())).rejects.toThrow(/signing thread exited/)
-    await new Promise((resolve) => setTimeout(resolve, 200))
-    expect(engine.stats().threads).toBe(0)
+    // The first replacement starts and fails; the next try is 0.5 s (±25%) away.
+    await expect.poll(() => engine.stats().threads, { timeout: 2_000, interval: 5 }).toBe(0)
     internals.workerScript = script
     // The next try comes 0.5 s (±25%) after the failed one.
     for (let i = 0; i < 60 && engine.stats().threads === 0; i++) await new Promise((resolve) => setTimeout(resolve, 50))
     expect(engine.stats().threads).toBe(1)
     const request = randomRequest()
     await expectValid(request, await engine.sign(request))
+  })
+
+  it('sends nothing to a replacement still starting while a ready thread can sign', async () => {
+    const engine = await started({ threads: 2, inlinePerTurn: 0 })
+    const internals = engine as unknown as { slots: { worker: { postMessage(message: unknown): void } }[]; workerScript: URL }
+    // Replacements fail to start: whatever one is sent fails with it.
+    internals.workerScript = new URL('data:text/javascript,setTimeout(() => process.exit(3), 200)')
+    internals.slots[0]!.worker.postMessage({ batchId: -1, count: 1, buffer: new ArrayBuffer(1) })
+    await expect(engine.sign(randomRequest())).rejects.toThrow(/signing thread exited/)
+    expect(engine.stats().threads).toBe(2)
+    const requests = Array.from({ length: 20 }, randomRequest)
+    const signatures = await Promise.all(requests.map((request) => engine.sign(request)))
+    for (const [i, request] of requests.entries()) await expectValid(request, signatures[i]!)
   })
 
   it('stop() finishes queued work, resolves, and later sign() rejects clearly', async () => {

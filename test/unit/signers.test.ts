@@ -1,6 +1,9 @@
+import { createServer } from 'node:http'
+import type { AddressInfo } from 'node:net'
 import { describe, expect, it } from 'vitest'
 import { hexToBigInt, keccak256, recoverAddress, slice, toHex } from 'viem'
 import { generatePrivateKey, privateKeyToAddress } from 'viem/accounts'
+import { HttpSigner } from '../../backends/httpSigner.js'
 import { LocalSigner } from '../../backends/local.js'
 import { SecretsStoreSigner } from '../../backends/secretsStore.js'
 import { ApiKeys } from '../../worker/apiKeys.js'
@@ -87,6 +90,24 @@ describe('Secrets Store signer', () => {
   it('says so when the binding is missing', async () => {
     const signer = new SecretsStoreSigner({ name: 'p', bindingName: 'PAYMASTER_KEY', binding: undefined })
     expect(await signer.health()).toEqual({ ok: false, error: 'Secrets Store binding PAYMASTER_KEY is not bound to this Worker' })
+  })
+})
+
+describe('HTTP signer', () => {
+  it('refuses a compact signature with values out of range as malformed, naming itself', async () => {
+    // A key server on 127.0.0.1 that answers every sign with r = 0.
+    const server = createServer((request, response) => {
+      request.resume()
+      response.writeHead(200, { 'content-type': 'application/json' }).end(JSON.stringify({ signature: `0x${'00'.repeat(32)}${'11'.repeat(32)}` }))
+    })
+    await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve))
+    try {
+      const url = `http://127.0.0.1:${(server.address() as AddressInfo).port}`
+      const signer = new HttpSigner({ name: 'team', url, keyId: 'k', token: 'test-token', address: privateKeyToAddress(generatePrivateKey()), timeoutMs: 2_000 })
+      await expect(signer.signDigest(digest)).rejects.toThrow(/^HTTP signer team: malformed signature \(compact signature values are out of range\)$/)
+    } finally {
+      server.close()
+    }
   })
 })
 
