@@ -304,6 +304,12 @@ export class SignEngine {
       worker.on('error', (error) => {
         slot.lastError = error
       })
+      // A reply that cannot be read would leave its batch unanswered for good: the thread is ended instead, and
+      // its requests fail and it is replaced as for any thread that dies.
+      worker.on('messageerror', (error) => {
+        slot.lastError = error
+        void worker.terminate()
+      })
       worker.on('exit', (code) => {
         if (!slot.ready) reject(new Error(`signing thread failed to start (exit ${code})`, { cause: slot.lastError }))
         if (!slot.retiring) this.died(slot, code)

@@ -1,3 +1,4 @@
+import type { Worker } from 'node:worker_threads'
 import { randomBytes } from 'node:crypto'
 import { secp256k1 as noble } from '@noble/curves/secp256k1'
 import { afterEach, describe, expect, it } from 'vitest'
@@ -198,6 +199,17 @@ describe('SignEngine', () => {
     const requests = Array.from({ length: 20 }, randomRequest)
     const signatures = await Promise.all(requests.map((request) => engine.sign(request)))
     for (const [i, request] of requests.entries()) await expectValid(request, signatures[i]!)
+  })
+
+  it('ends and replaces a thread whose reply cannot be read, rather than wait for it for ever', async () => {
+    const engine = await started({ threads: 1, inlinePerTurn: 0 })
+    const internals = engine as unknown as { slots: { worker: Worker }[] }
+    const first = internals.slots[0]!.worker
+    // What Node emits when a message from the thread fails to deserialize.
+    first.emit('messageerror', new Error('could not deserialize'))
+    await expect.poll(() => internals.slots[0]?.worker !== first && internals.slots.length === 1, { timeout: 5_000 }).toBe(true)
+    const request = randomRequest()
+    await expectValid(request, await engine.sign(request))
   })
 
   it('stop() finishes queued work, resolves, and later sign() rejects clearly', async () => {
