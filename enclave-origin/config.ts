@@ -36,6 +36,8 @@ export type StreamAddress = { host: string; port: number } | { path: string } | 
 export function listenAddress(value: string): StreamAddress {
   const vsock = parseVsockAddress(value)
   if (vsock) return { vsock }
+  // Else it would be read as the TCP host "vsock:…", and fail later, far from the setting.
+  if (value.startsWith('vsock:')) throw new Error(`${value}: a vsock address is vsock:CID:PORT, each a number from 0 to 4294967295`)
   const match = /^(.+):(\d+)$/.exec(value)
   if (match) {
     const port = wholeNumberIn(match[2]!, 1, 65_535)

@@ -2,6 +2,7 @@ import { Agent, type AgentOptions, type RequestOptions } from 'node:https'
 import type { Duplex } from 'node:stream'
 import { connect as connectTls, type ConnectionOptions } from 'node:tls'
 import type { StreamAddress } from '../config.js'
+import { messageOf } from '../errors.js'
 import { connectStream } from '../protocol/connectStream.js'
 
 /**
@@ -32,7 +33,18 @@ class KmsTunnelAgent extends Agent {
     const host = options.hostname ?? options.host ?? undefined
     const servername = (options as ConnectionOptions).servername || host
     connectStream(this.address).then(
-      (tunnel) => callback?.(null, connectTls({ ...this.tls, socket: tunnel, servername, host })),
+      (tunnel) => {
+        let stream: Duplex
+        try {
+          stream = connectTls({ ...this.tls, socket: tunnel, servername, host })
+        } catch (error) {
+          // TLS options it cannot use (a malformed certificate, say) throw here: the request fails, the tunnel closes.
+          tunnel.destroy()
+          callback?.(new Error(`cannot start TLS in the KMS tunnel: ${messageOf(error)}`), undefined as never)
+          return
+        }
+        callback?.(null, stream)
+      },
       (error: Error) => callback?.(new Error(`cannot open the KMS tunnel: ${error.message}`), undefined as never),
     )
     return undefined

@@ -79,7 +79,7 @@ afterAll(async () => {
 })
 
 /** The enclave's own KMS client (credentials as a parent delivers them), through a tunnel to `port`. */
-function dataKeysThrough(port: number, timeoutMs = 5_000) {
+function dataKeysThrough(port: number, timeoutMs = 5_000, tls: Record<string, string> = {}) {
   const credentials = new DeliveredCredentials()
   credentials.set(kms.credentials)
   const client = enclaveKmsClient({
@@ -88,7 +88,7 @@ function dataKeysThrough(port: number, timeoutMs = 5_000) {
     credentials,
     timeoutMs,
     tunnel: { host: '127.0.0.1', port },
-    tls: { ca: ca.caPem },
+    tls: { ca: ca.caPem, ...tls },
   })
   return { client, keys: new KmsDataKeys({ client, kmsKeyId: kms.createSymmetricKey(), attestation: developmentAttestation }) }
 }
@@ -120,6 +120,17 @@ describe('KMS through the tunnel', () => {
     const { client, keys } = dataKeysThrough(ports.silent, 300)
     try {
       await expect(keys.generate()).rejects.toThrow(/time(d)? ?out/i)
+    } finally {
+      client.destroy()
+    }
+  })
+
+  it('fails clearly, sending nothing through the tunnel, when TLS cannot start in it', async () => {
+    const carriedBefore = relayed.length
+    const { client, keys } = dataKeysThrough(ports.relay, 5_000, { cert: 'not a certificate', key: 'not a key' })
+    try {
+      await expect(keys.generate()).rejects.toThrow(/cannot start TLS in the KMS tunnel: .*PEM/)
+      expect(relayed.length).toBe(carriedBefore)
     } finally {
       client.destroy()
     }

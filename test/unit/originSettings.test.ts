@@ -109,6 +109,9 @@ describe('origin settings', () => {
     expect(() => listenAddress('127.0.0.1:99999')).toThrow('127.0.0.1:99999: the port must be from 1 to 65535')
     expect(() => listenAddress('127.0.0.1:0')).toThrow('the port must be from 1 to 65535')
     expect(() => listenAddress('127.0.0.1')).toThrow('127.0.0.1 is neither host:port nor a Unix socket path (one with a /)')
+    for (const value of ['vsock:4294967296:8000', 'vsock:16:99999999999', 'vsock:16', 'vsock:x:8000']) {
+      expect(() => listenAddress(value)).toThrow(`${value}: a vsock address is vsock:CID:PORT, each a number from 0 to 4294967295`)
+    }
   })
 
   it('takes ENCLAVES as distinct id=address entries', () => {
