@@ -329,12 +329,16 @@ export class OriginParent {
     try {
       for await (const record of this.options.store.list()) {
         count += 1
-        running.push(work(record))
+        const job = work(record)
+        // Marked handled now: a job can fail while the listing waits for its next page (S3), long before
+        // settle() looks, and an unhandled rejection ends the process. settle() still sees the failure.
+        job.catch(() => {})
+        running.push(job)
         if (running.length >= 256) await settle()
       }
     } catch (error) {
-      // The listing failed partway (an S3 page that would not come): what it started still runs, and a
-      // failure of that, left unawaited, would be an unhandled rejection that ends the process.
+      // The listing failed partway (an S3 page that would not come): what it started still runs; the
+      // failure to report is the listing's.
       await Promise.allSettled(running.splice(0))
       throw error
     }

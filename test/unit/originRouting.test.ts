@@ -766,6 +766,38 @@ describe('DEK rotation', () => {
     await parent.unlock()
   })
 
+  it('a rotation whose reload fails while its listing waits for the next page fails the rotation, not the process', async () => {
+    await Promise.all(Array.from({ length: 4 }, () => parent.createKey()))
+    let listing = 0
+    const failing = storeWith({
+      // Step 3b's listing, as an S3 one: each record after a wait for its page, while the reloads it led to fail at once.
+      list: async function* () {
+        const which = listing > 0 ? ++listing - 1 : 0
+        for await (const record of store.list()) {
+          if (which === 2) await new Promise((resolve) => setTimeout(resolve, 30))
+          yield record
+        }
+      },
+      get: (keyId) => (listing < 3 ? store.get(keyId) : Promise.reject(new Error('get failed'))),
+    })
+    const rotating = newParent({ store: failing })
+    const unhandled: unknown[] = []
+    const onUnhandled = (reason: unknown) => unhandled.push(reason)
+    process.on('unhandledRejection', onUnhandled)
+    try {
+      await rotating.start()
+      listing = 1
+      await expect(rotating.rotateDataKey()).rejects.toThrow('get failed')
+      await new Promise((resolve) => setTimeout(resolve, 20))
+      expect(unhandled).toEqual([])
+    } finally {
+      process.off('unhandledRejection', onUnhandled)
+      rotating.close()
+    }
+    restartEnclaves()
+    await parent.unlock()
+  })
+
   it('an interrupted rotation loses nothing: every key signs with the store as it was left, and the next call finishes it', async () => {
     const keys = await Promise.all(Array.from({ length: 20 }, () => parent.createKey()))
     let putsLeft = 5
