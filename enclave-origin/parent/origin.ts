@@ -165,6 +165,12 @@ export class OriginParent {
   private readonly reloads = new Map<string, Promise<boolean>>()
   /** Keys whose enclave may have missed a state change (its SET_STATE failed): reloaded before their next use. */
   private readonly unsyncedKeys = new Set<string>()
+  /**
+   * Freezes and archives answered without reaching the key's enclave (deferred), so far. Such a change stops no
+   * SIGN already out, as the enclave's own re-check would: a signature that comes back after one is checked
+   * against the store before it is given out.
+   */
+  private deactivationsDeferred = 0
   /** Signs and gets that another enclave served: one log line per pair of enclaves every 10 s, and a count per pair. */
   private readonly failoverLog = new ThrottledLog({ log: (fields) => this.options.log?.(fields) })
   private readonly failoverCounts = new Map<string, { enclave: string; standby: string; count: number }>()
@@ -680,9 +686,14 @@ export class OriginParent {
 
   private async signOn({ enclave, keyId, digest }: { enclave: Enclave; keyId: string; digest: Uint8Array }): Promise<{ signature: Hex; recoveryId: number; rpcMs: number; enclaveMs: number }> {
     const started = performance.now()
+    const deactivations = this.deactivationsDeferred
     const frame = await this.callReloading({ enclave, keyId, opcode: opcodes.SIGN, payload: encodeSignRequest({ keyId, digest }) })
     const rpcMs = performance.now() - started
     const { signature, recoveryId, enclaveMicros } = decodeSignResponse(this.check(enclave, frame).payload)
+    if (this.deactivationsDeferred !== deactivations) {
+      const stored = await this.options.store.get(keyId)
+      if (stored && stored.state !== 'active') throw new OriginRequestError('not-active', `key ${keyId} is ${stored.state}`)
+    }
     // Buffer's hex: several times cheaper than viem's per signature.
     return { signature: `0x${Buffer.from(signature.buffer, signature.byteOffset, signature.byteLength).toString('hex')}`, recoveryId, rpcMs, enclaveMs: enclaveMicros / 1_000 }
   }
@@ -826,6 +837,7 @@ export class OriginParent {
       // reloads the key first until it has: the change is in force, and only an enclave's own failure is one.
       const deferred = (reason: string) => {
         this.unsyncedKeys.add(keyId)
+        if (state !== 'active') this.deactivationsDeferred += 1
         this.options.log?.({ level: 'warn', event: 'state_change_deferred', keyId, state, enclave: enclave.id, error: reason })
       }
       // Out of service, it takes the stored record when it syncs; held back, it would cost this change a request timeout.

@@ -90,7 +90,13 @@ async function relay(target: { host: string; port: number }) {
   const framesFromParent: Frame[] = []
   let refused = 0
   let unlockAnswer: { wanted: boolean; held?: { frame: Frame; to: Socket }; holding?: () => void } = { wanted: false }
+  let signAnswerHeld: ((release: () => void) => void) | undefined
   const fromEnclave = (frame: Frame, to: Socket) => {
+    if (signAnswerHeld && frame.opcode === opcodes.SIGN) {
+      const holding = signAnswerHeld
+      signAnswerHeld = undefined
+      return holding(() => to.write(encodeFrame(frame)))
+    }
     if (unlockAnswer.wanted && !unlockAnswer.held && frame.opcode === opcodes.UNLOCK) {
       unlockAnswer.held = { frame, to }
       return unlockAnswer.holding?.()
@@ -154,6 +160,11 @@ async function relay(target: { host: string; port: number }) {
       mode = 'open'
       dropAll()
     },
+    /** Resolves, once it holds the next SIGN answer, with what passes it on. */
+    holdNextSignAnswer: () =>
+      new Promise<() => void>((holding) => {
+        signAnswerHeld = holding
+      }),
     /** Resolves once it holds one. */
     holdNextUnlockAnswer: () =>
       new Promise<void>((holding) => {
@@ -1183,6 +1194,28 @@ describe('a parent whose enclaves are not all up', () => {
       advance(60_000)
       await expect(held.sign(onLate!.keyId, Buffer.alloc(32, 4))).rejects.toThrow(`key ${onLate!.keyId} is frozen`)
       expect(late.cache.get(onLate!.keyId)?.record.state).toBe('frozen')
+    } finally {
+      await stop()
+    }
+  })
+
+  it('a freeze deferred while a SIGN is out stops the signature that comes back after it', async () => {
+    const { lateCable, stillClockParent, stop } = await cabledSpares('deferred-sign-store')
+    const { parent: held, advance } = stillClockParent()
+    try {
+      const { onLate } = await startWithKeyOnEach(held)
+      lateCable.stall()
+      // Its first request waits out the timeout and holds spare-late back (the key signs on spare-up meanwhile).
+      await expectSignsAs(held, onLate!)
+      lateCable.restore()
+      advance(60_000)
+      // The hold is over: the next request is spare-late's probe, and while it is out the enclave counts as held back.
+      const holding = lateCable.holdNextSignAnswer()
+      const signing = held.sign(onLate!.keyId, Buffer.alloc(32, 5))
+      const release = await holding
+      await held.setState(onLate!.keyId, 'frozen')
+      release()
+      await expect(signing).rejects.toThrow(`key ${onLate!.keyId} is frozen`)
     } finally {
       await stop()
     }
