@@ -66,7 +66,7 @@ export function originMetrics(parent: OriginParent) {
   const registry = new Registry()
   collectDefaultMetrics({ register: registry })
   const figures = new RequestFigures()
-  const needsUnlock = new Counter({ name: 'origin_needs_unlock_total', help: 'Sign requests answered 503 because the key needs an unlock.', registers: [registry] })
+  const needsUnlock = new Counter({ name: 'origin_needs_unlock_total', help: 'Requests (signs, creates, gets, rotations) answered 503 because the enclave needs an unlock.', registers: [registry] })
   const authFailures = new Counter({
     name: 'origin_request_auth_failures_total',
     help: 'Requests refused 401 by HMAC verification, by reason (missing, unknown-key, stale, before-start, replayed, bad-signature).',

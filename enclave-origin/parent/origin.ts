@@ -66,9 +66,16 @@ function heldBack(enclave: Enclave): boolean {
   return enclave.outage.holding || (enclave.outage.failing && enclave.probing)
 }
 
-/** A request failed for want of the enclave: one hold per outage, however many requests it failed at once. */
-function outageFailed(enclave: Enclave): void {
-  if (!enclave.outage.holding) enclave.outage.failed()
+/**
+ * A request failed for want of the enclave: one hold per outage, however many requests it failed at once.
+ * `failuresAtSend` (the enclave's `outageFailures` when the request went out): a request sent before the
+ * last counted failure was part of that one, though its timeout may land after the hold; counting it would
+ * lengthen the next hold for a failure already counted.
+ */
+function outageFailed(enclave: Enclave, failuresAtSend: number): void {
+  if (enclave.outage.holding || failuresAtSend !== enclave.outageFailures) return
+  enclave.outage.failed()
+  enclave.outageFailures += 1
 }
 
 /** The enclave answered: its outage, if any, is over. */
@@ -105,6 +112,8 @@ type Enclave = {
    * go to a standby until a probe succeeds.
    */
   outage: FailureBackoff
+  /** Failures counted toward `outage` so far (see outageFailed). */
+  outageFailures: number
   probing: boolean
   /** The last sequence sent there (see LoadRequest), and how many epochs this parent's UNLOCKs have opened there. */
   lastSequence: number
@@ -151,7 +160,7 @@ export class OriginParent {
     },
   ) {
     const backoff = () => new FailureBackoff({ now: options.monotonicNow ?? (() => performance.now()), random: Math.random })
-    this.enclaves = options.enclaves.map(({ id, address }) => ({ id, pool: new EnclavePool({ address, size: options.poolSize }), unlocking: undefined, unlockQueue: Promise.resolve(), unlockBackoff: backoff(), unsynced: false, syncing: undefined, syncBackoff: backoff(), outage: backoff(), probing: false, lastSequence: 0, epochsOpened: 0 }))
+    this.enclaves = options.enclaves.map(({ id, address }) => ({ id, pool: new EnclavePool({ address, size: options.poolSize }), unlocking: undefined, unlockQueue: Promise.resolve(), unlockBackoff: backoff(), unsynced: false, syncing: undefined, syncBackoff: backoff(), outage: backoff(), outageFailures: 0, probing: false, lastSequence: 0, epochsOpened: 0 }))
     this.ring = new HashRing(this.enclaves.map((enclave) => ({ id: enclave.id, node: enclave })))
   }
 
@@ -636,12 +645,13 @@ export class OriginParent {
   private async tracked<T>(enclave: Enclave, call: () => Promise<T>): Promise<T> {
     const probe = enclave.outage.failing && !enclave.probing
     if (probe) enclave.probing = true
+    const failuresAtSend = enclave.outageFailures
     try {
       const result = await call()
       outageOver(enclave)
       return result
     } catch (error) {
-      if (error instanceof EnclaveUnavailableError) outageFailed(enclave)
+      if (error instanceof EnclaveUnavailableError) outageFailed(enclave, failuresAtSend)
       else if (answeredByEnclave(error)) outageOver(enclave)
       throw error
     } finally {
@@ -726,12 +736,13 @@ export class OriginParent {
       tried.add(enclave)
       // The load's outcome counts toward the standby's own outage, as a request's would; a key the store does
       // not hold makes no load, and tells nothing about it.
+      const failuresAtSend = enclave.outageFailures
       try {
         const stored = await this.reloadInTurn(keyId, enclave)
         if (stored) outageOver(enclave)
         return { enclave, stored }
       } catch (failure) {
-        if (failure instanceof EnclaveUnavailableError) outageFailed(enclave)
+        if (failure instanceof EnclaveUnavailableError) outageFailed(enclave, failuresAtSend)
         // It answered, but takes the key only after an unlock (which has started), or holds a later one of another parent's.
         else if (failure instanceof NeedsUnlockError || failure instanceof StaleRequestError) outageOver(enclave)
         else throw failure

@@ -91,7 +91,10 @@ async function relay(target: { host: string; port: number }) {
   let refused = 0
   let unlockAnswer: { wanted: boolean; held?: { frame: Frame; to: Socket }; holding?: () => void } = { wanted: false }
   let signAnswerHeld: ((release: () => void) => void) | undefined
+  /** SIGN answers pass this late (0: at once), as from an enclave that is slow to sign but alive. */
+  let signDelayMs = 0
   const fromEnclave = (frame: Frame, to: Socket) => {
+    if (signDelayMs > 0 && frame.opcode === opcodes.SIGN) return void setTimeout(() => to.writable && to.write(encodeFrame(frame)), signDelayMs)
     if (signAnswerHeld && frame.opcode === opcodes.SIGN) {
       const holding = signAnswerHeld
       signAnswerHeld = undefined
@@ -155,6 +158,9 @@ async function relay(target: { host: string; port: number }) {
     },
     stall: () => {
       mode = 'stalled'
+    },
+    delaySignAnswers: (ms: number) => {
+      signDelayMs = ms
     },
     restore: () => {
       mode = 'open'
@@ -1194,6 +1200,35 @@ describe('a parent whose enclaves are not all up', () => {
       advance(60_000)
       await expect(held.sign(onLate!.keyId, Buffer.alloc(32, 4))).rejects.toThrow(`key ${onLate!.keyId} is frozen`)
       expect(late.cache.get(onLate!.keyId)?.record.state).toBe('frozen')
+    } finally {
+      await stop()
+    }
+  })
+
+  it('a request out before its enclave\u2019s outage was counted does not lengthen the hold when it times out after it', async () => {
+    const { lateCable, stillClockParent, stop } = await cabledSpares('hold-length-store')
+    const { parent: held, advance } = stillClockParent()
+    const signsSent = () => lateCable.framesFromParent.filter((frame) => frame.opcode === opcodes.SIGN).length
+    try {
+      const { onLate } = await startWithKeyOnEach(held)
+      // Slow to sign but alive: each signature comes after its request's timeout (300 ms).
+      lateCable.delaySignAnswers(400)
+      const first = expectSignsAs(held, onLate!)
+      await new Promise((resolve) => setTimeout(resolve, 150))
+      // Also sent to spare-late: the first has not timed out yet, so nothing holds it back.
+      const second = expectSignsAs(held, onLate!)
+      // An answer on the connection in between, so that the first's timeout does not take the connection for a dead one.
+      await new Promise((resolve) => setTimeout(resolve, 50))
+      await held.health()
+      // The first timed out (300 ms), held spare-late back, and signed on spare-up.
+      await first
+      advance(60_000)
+      // Past that hold, the second times out too: the same outage, not a second failure.
+      await second
+      const sent = signsSent()
+      // Not held back: the next request is spare-late's probe.
+      await expectSignsAs(held, onLate!)
+      expect(signsSent()).toBe(sent + 1)
     } finally {
       await stop()
     }
