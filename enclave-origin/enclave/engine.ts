@@ -304,11 +304,14 @@ export class SignEngine {
       worker.on('error', (error) => {
         slot.lastError = error
       })
-      // A reply that cannot be read would leave its batch unanswered for good: the thread is ended instead, and
-      // its requests fail and it is replaced as for any thread that dies.
+      // A reply that cannot be read would leave its batch unanswered for good, and which batch it was is not
+      // said: the thread is given up on, its requests fail, and another takes its place. It is closed, not
+      // terminated (see retire), once it has finished what it holds; its late replies are dropped.
       worker.on('messageerror', (error) => {
         slot.lastError = error
-        void worker.terminate()
+        if (slot.retiring) return
+        void retire(slot)
+        this.lose(slot, `a reply from the signing thread could not be read: ${error.message}`)
       })
       worker.on('exit', (code) => {
         if (!slot.ready) reject(new Error(`signing thread failed to start (exit ${code})`, { cause: slot.lastError }))
@@ -319,8 +322,12 @@ export class SignEngine {
 
   /** A thread that exits on its own takes its in-flight requests with it; it is replaced if it had ever worked. */
   private died(slot: WorkerSlot, code: number): void {
+    this.lose(slot, `signing thread exited (code ${code})${slot.lastError ? `: ${slot.lastError.message}` : ''}`)
+  }
+
+  /** A thread gone or given up on: its in-flight requests fail with `reason`; one that had ever worked is replaced. */
+  private lose(slot: WorkerSlot, reason: string): void {
     this.slots = this.slots.filter((live) => live !== slot)
-    const reason = `signing thread exited (code ${code})${slot.lastError ? `: ${slot.lastError.message}` : ''}`
     for (const requests of slot.inflight.values()) {
       for (const pending of requests) pending.reject(new Error(reason, { cause: slot.lastError }))
     }

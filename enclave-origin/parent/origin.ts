@@ -175,11 +175,11 @@ export class OriginParent {
   /** Keys whose enclave may have missed a state change (its SET_STATE failed): reloaded before their next use. */
   private readonly unsyncedKeys = new Set<string>()
   /**
-   * Freezes and archives answered without reaching the key's enclave (deferred), so far. Such a change stops no
-   * SIGN already out, as the enclave's own re-check would: a signature that comes back after one is checked
-   * against the store before it is given out.
+   * Freezes and archives so far. The owner's own re-check stops the SIGNs it has not answered when it applies
+   * one, but not a SIGN out on a standby's copy, nor any when the change is deferred (the owner held back or
+   * out of service): a signature that comes back after one is checked against the store before it is given out.
    */
-  private deactivationsDeferred = 0
+  private deactivations = 0
   /** Signs and gets that another enclave served: one log line per pair of enclaves every 10 s, and a count per pair. */
   private readonly failoverLog = new ThrottledLog({ log: (fields) => this.options.log?.(fields) })
   private readonly failoverCounts = new Map<string, { enclave: string; standby: string; count: number }>()
@@ -696,11 +696,11 @@ export class OriginParent {
 
   private async signOn({ enclave, keyId, digest }: { enclave: Enclave; keyId: string; digest: Uint8Array }): Promise<{ signature: Hex; recoveryId: number; rpcMs: number; enclaveMs: number }> {
     const started = performance.now()
-    const deactivations = this.deactivationsDeferred
+    const deactivations = this.deactivations
     const frame = await this.callReloading({ enclave, keyId, opcode: opcodes.SIGN, payload: encodeSignRequest({ keyId, digest }) })
     const rpcMs = performance.now() - started
     const { signature, recoveryId, enclaveMicros } = decodeSignResponse(this.check(enclave, frame).payload)
-    if (this.deactivationsDeferred !== deactivations) {
+    if (this.deactivations !== deactivations) {
       const stored = await this.options.store.get(keyId)
       if (stored && stored.state !== 'active') throw new OriginRequestError('not-active', `key ${keyId} is ${stored.state}`)
     }
@@ -843,12 +843,13 @@ export class OriginParent {
       await this.options.store.setState(keyId, state).catch((error: unknown) => {
         throw error instanceof KeyNotStoredError ? new OriginRequestError('not-found', `no key ${keyId}`) : error
       })
+      // A signature still out (on a standby, say) is checked against the store's new word when it comes back.
+      if (state !== 'active') this.deactivations += 1
       const enclave = this.ring.nodeFor(keyId)
       // The store has the new state; the enclave may not (a frozen key there would still sign). Every use
       // reloads the key first until it has: the change is in force, and only an enclave's own failure is one.
       const deferred = (reason: string) => {
         this.unsyncedKeys.add(keyId)
-        if (state !== 'active') this.deactivationsDeferred += 1
         this.options.log?.({ level: 'warn', event: 'state_change_deferred', keyId, state, enclave: enclave.id, error: reason })
       }
       // Out of service, it takes the stored record when it syncs; held back, it would cost this change a request timeout.

@@ -918,9 +918,9 @@ describe('a parent whose enclaves are not all up', () => {
       { id: 'spare-late', address: lateCable.address },
     ]
     /** A parent over both relays whose backoffs run on a clock that stands still until `advance` moves it: holds last until the test ends them. */
-    const stillClockParent = (store: BlobStore = ownStore) => {
+    const stillClockParent = (store: BlobStore = ownStore, requestTimeoutMs = 300) => {
       let now = 0
-      const parent = new OriginParent({ enclaves, poolSize: 1, store, requestTimeoutMs: 300, credentials: async () => kms.credentials, monotonicNow: () => now })
+      const parent = new OriginParent({ enclaves, poolSize: 1, store, requestTimeoutMs, credentials: async () => kms.credentials, monotonicNow: () => now })
       parents.push(parent)
       const held = async (id: string) => (await parent.health()).find((enclave) => enclave.id === id)?.held
       return { parent, held, advance: (ms: number) => void (now += ms) }
@@ -1205,22 +1205,51 @@ describe('a parent whose enclaves are not all up', () => {
     }
   })
 
+  it('a freeze that reaches the owner stops the signature a standby sends back after it', async () => {
+    const { upCable, lateCable, stillClockParent, stop } = await cabledSpares('standby-sign-store')
+    const { parent: held, advance } = stillClockParent(undefined, 1_000)
+    try {
+      const { onLate } = await startWithKeyOnEach(held)
+      lateCable.stall()
+      // Its first request waits out the timeout and holds spare-late back (the key signs on spare-up meanwhile).
+      await expectSignsAs(held, onLate!)
+      // The next goes to spare-up at once, and its signature is held there.
+      const holding = upCable.holdNextSignAnswer()
+      const signing = held.sign(onLate!.keyId, Buffer.alloc(32, 6))
+      const release = await holding
+      // spare-late is back, past its hold, and answers: the freeze reaches it.
+      lateCable.restore()
+      advance(60_000)
+      expect((await held.health()).find((enclave) => enclave.id === 'spare-late')).toMatchObject({ answered: true, held: false })
+      const setStates = lateCable.framesFromParent.filter((frame) => frame.opcode === opcodes.SET_STATE).length
+      await held.setState(onLate!.keyId, 'frozen')
+      expect(lateCable.framesFromParent.filter((frame) => frame.opcode === opcodes.SET_STATE).length).toBe(setStates + 1)
+      release()
+      await expect(signing).rejects.toThrow(`key ${onLate!.keyId} is frozen`)
+    } finally {
+      await stop()
+    }
+  })
+
   it('a request out before its enclave\u2019s outage was counted does not lengthen the hold when it times out after it', async () => {
     const { lateCable, stillClockParent, stop } = await cabledSpares('hold-length-store')
-    const { parent: held, advance } = stillClockParent()
+    const { parent: held, advance } = stillClockParent(undefined, 1_000)
     const signsSent = () => lateCable.framesFromParent.filter((frame) => frame.opcode === opcodes.SIGN).length
     try {
       const { onLate } = await startWithKeyOnEach(held)
-      // Slow to sign but alive: each signature comes after its request's timeout (300 ms).
-      lateCable.delaySignAnswers(400)
+      const before = signsSent()
+      // Slow to sign but alive: each signature comes after its request's timeout (1 s).
+      lateCable.delaySignAnswers(1_500)
       const first = expectSignsAs(held, onLate!)
-      await new Promise((resolve) => setTimeout(resolve, 150))
+      await new Promise((resolve) => setTimeout(resolve, 300))
       // Also sent to spare-late: the first has not timed out yet, so nothing holds it back.
       const second = expectSignsAs(held, onLate!)
       // An answer on the connection in between, so that the first's timeout does not take the connection for a dead one.
-      await new Promise((resolve) => setTimeout(resolve, 50))
+      await new Promise((resolve) => setTimeout(resolve, 100))
       await held.health()
-      // The first timed out (300 ms), held spare-late back, and signed on spare-up.
+      // Both out there before the first times out: else this test would show nothing.
+      expect(signsSent()).toBe(before + 2)
+      // The first timed out, held spare-late back, and signed on spare-up.
       await first
       advance(60_000)
       // Past that hold, the second times out too: the same outage, not a second failure.
@@ -1236,7 +1265,7 @@ describe('a parent whose enclaves are not all up', () => {
 
   it('a freeze deferred while a SIGN is out stops the signature that comes back after it', async () => {
     const { lateCable, stillClockParent, stop } = await cabledSpares('deferred-sign-store')
-    const { parent: held, advance } = stillClockParent()
+    const { parent: held, advance } = stillClockParent(undefined, 1_000)
     try {
       const { onLate } = await startWithKeyOnEach(held)
       lateCable.stall()
@@ -1248,9 +1277,12 @@ describe('a parent whose enclaves are not all up', () => {
       const holding = lateCable.holdNextSignAnswer()
       const signing = held.sign(onLate!.keyId, Buffer.alloc(32, 5))
       const release = await holding
+      const failovers = JSON.stringify(held.failovers())
       await held.setState(onLate!.keyId, 'frozen')
       release()
       await expect(signing).rejects.toThrow(`key ${onLate!.keyId} is frozen`)
+      // Refused by the parent's check of the signature that came back, not by a standby after a timeout.
+      expect(JSON.stringify(held.failovers())).toBe(failovers)
     } finally {
       await stop()
     }

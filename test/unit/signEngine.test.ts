@@ -201,15 +201,22 @@ describe('SignEngine', () => {
     for (const [i, request] of requests.entries()) await expectValid(request, signatures[i]!)
   })
 
-  it('ends and replaces a thread whose reply cannot be read, rather than wait for it for ever', async () => {
+  it('gives up on a thread whose reply cannot be read: its requests fail, another takes its place, nothing waits for ever', async () => {
     const engine = await started({ threads: 1, inlinePerTurn: 0 })
     const internals = engine as unknown as { slots: { worker: Worker }[] }
     const first = internals.slots[0]!.worker
-    // What Node emits when a message from the thread fails to deserialize.
+    const firstExited = new Promise<number>((resolve) => first.once('exit', resolve))
+    // Sent to that (idle) thread at once, and in flight when Node reports a message from it that failed to deserialize.
+    const inFlight = engine.sign(randomRequest())
+    expect(engine.stats().inflight).toBe(1)
     first.emit('messageerror', new Error('could not deserialize'))
-    await expect.poll(() => internals.slots[0]?.worker !== first && internals.slots.length === 1, { timeout: 5_000 }).toBe(true)
+    await expect(inFlight).rejects.toThrow('a reply from the signing thread could not be read: could not deserialize')
+    expect(engine.stats().inflight).toBe(0)
+    await expect.poll(() => internals.slots[0]?.worker !== undefined && internals.slots[0]?.worker !== first, { timeout: 5_000 }).toBe(true)
     const request = randomRequest()
     await expectValid(request, await engine.sign(request))
+    // Closed once idle (exit code 0), not terminated inside the native binding.
+    expect(await firstExited).toBe(0)
   })
 
   it('stop() finishes queued work, resolves, and later sign() rejects clearly', async () => {
