@@ -244,10 +244,10 @@ export class SignEngine {
     to.worker.postMessage({ batchId, count: batch.requests.length, buffer: batch.buffer }, [batch.buffer])
   }
 
-  /** Fewest requests in flight; ties go round-robin so equal threads share the work. */
   /**
-   * The thread with the fewest in flight, a ready one before one still starting: a replacement that is starting
-   * may yet fail, and take what it was sent with it. With none ready, work waits for the one starting.
+   * The thread with the fewest in flight (ties go round-robin, so equal threads share the work), a ready one
+   * before one still starting: a replacement that is starting may yet fail, and take what it was sent with it.
+   * With none ready, work waits for the one starting.
    */
   private leastLoaded(): WorkerSlot | undefined {
     let best: WorkerSlot | undefined
