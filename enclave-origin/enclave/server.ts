@@ -395,12 +395,21 @@ export async function serveEnclave(options: {
         socket.resume()
       }
     }
-    /** Never throws: an answer that cannot be written closes its own connection, and is no unhandled rejection. */
+    /**
+     * Never throws. An answer that cannot be framed (too large, say) is answered INTERNAL instead, and the other
+     * requests on the connection go on; one that cannot be written at all closes its own connection.
+     */
     const send = (frame: Frame, { status, payload }: Answer) => {
       inFlight -= 1
       if (closing) return
       try {
-        writer.write(encodeFrame({ requestId: frame.requestId, opcode: frame.opcode, status, payload }))
+        let encoded: Uint8Array
+        try {
+          encoded = encodeFrame({ requestId: frame.requestId, opcode: frame.opcode, status, payload })
+        } catch (error) {
+          encoded = encodeFrame({ requestId: frame.requestId, opcode: frame.opcode, status: statuses.INTERNAL, payload: encodeErrorMessage(`the answer could not be framed: ${messageOf(error)}`) })
+        }
+        writer.write(encoded)
       } catch (error) {
         socket.destroy()
         options.log({ level: 'error', event: 'connection_closed', reason: `answer not written: ${messageOf(error)}` })

@@ -446,16 +446,16 @@ it('an answer the enclave cannot encode is INTERNAL, its own mistake, not BAD_RE
   } })
 })
 
-it('an answer too large for a frame closes its own connection only, and is no unhandled rejection', async () => {
+it('answers INTERNAL for an answer too large for a frame, and goes on serving that connection', async () => {
   const oversized: AttestationProvider = { kind: 'nitro', attestationDocument: async () => new Uint8Array(maxFrameBytes) }
   const { service } = enclaveWith(noKms, { attestation: oversized })
   await serving({ service, at: 18675, use: async () => {
-    const bad = client(18675)
-    const good = client(18675)
-    bad.socket.write(encodeFrame({ requestId: 1, opcode: opcodes.ATTEST, status: 0, payload: new Uint8Array() }))
-    await bad.closed
-    expect((await good.request({ requestId: 2, opcode: opcodes.HEALTH, payload: new Uint8Array() }))?.status).toBe(statuses.OK)
-    good.socket.destroy()
+    const peer = client(18675)
+    const answer = await peer.request({ requestId: 1, opcode: opcodes.ATTEST, payload: new Uint8Array() })
+    expect(answer?.status).toBe(statuses.INTERNAL)
+    expect(decodeErrorMessage(answer!.payload)).toMatch(/^the answer could not be framed: /)
+    expect((await peer.request({ requestId: 2, opcode: opcodes.HEALTH, payload: new Uint8Array() }))?.status).toBe(statuses.OK)
+    peer.socket.destroy()
   } })
 })
 
