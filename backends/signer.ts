@@ -19,7 +19,7 @@ export interface Signer {
 
 /**
  * `signal`: the caller has stopped waiting (a fallback chain timed the attempt
- * out, or another member answered first). A backend that calls a service
+ * out, or the chain's own caller gave up). A backend that calls a service
  * stops there, rather than keep calling, and waiting, for a signature nobody
  * will use.
  */
