@@ -297,14 +297,13 @@ export class KeyCache {
       return this.needsUnlock()
     }
     const version = 1
-    let sealed: Uint8Array
     try {
-      sealed = sealPrivateKey({ privateKey, dek: dek.bytes, keyId, version })
-    } catch (error) {
+      const sealed = sealPrivateKey({ privateKey, dek: dek.bytes, keyId, version })
+      return { kind: 'ok', record: this.addWarm({ record: { keyId, version, state: 'active', publicKey, sealed }, privateKey }) }
+    } finally {
+      // addWarm zeroes it too; this covers a sealing that throws.
       zero(privateKey)
-      throw error
     }
-    return { kind: 'ok', record: this.addWarm({ record: { keyId, version, state: 'active', publicKey, sealed }, privateKey }) }
   }
 
   /**

@@ -643,6 +643,27 @@ describe('DEK rotation', () => {
       enclave.cache.clear()
       enclave.service.clear()
     })
+  /**
+   * Starts a parent over `failing` and runs `rotate` with it; expects that nothing it left behind rejected
+   * unhandled (which would end a parent), then restarts the enclaves and unlocks them with the shared parent.
+   */
+  async function rotateLeavingNoUnhandledRejection(failing: BlobStore, rotate: (rotating: OriginParent) => Promise<void>) {
+    const rotating = newParent({ store: failing })
+    const unhandled: unknown[] = []
+    const onUnhandled = (reason: unknown) => unhandled.push(reason)
+    process.on('unhandledRejection', onUnhandled)
+    try {
+      await rotating.start()
+      await rotate(rotating)
+      await new Promise((resolve) => setTimeout(resolve, 20))
+      expect(unhandled).toEqual([])
+    } finally {
+      process.off('unhandledRejection', onUnhandled)
+      rotating.close()
+    }
+    restartEnclaves()
+    await parent.unlock()
+  }
 
   it('re-seals every stored key one version up under a new DEK, which alone opens them after, while keys sign throughout', async () => {
     const keys = await Promise.all(Array.from({ length: 30 }, () => parent.createKey()))
@@ -760,27 +781,14 @@ describe('DEK rotation', () => {
         return read
       },
     })
-    const rotating = newParent({ store: failing })
-    const unhandled: unknown[] = []
-    const onUnhandled = (reason: unknown) => unhandled.push(reason)
-    process.on('unhandledRejection', onUnhandled)
-    try {
-      await rotating.start()
+    await rotateLeavingNoUnhandledRejection(failing, async (rotating) => {
       listing = 1
       await expect(rotating.rotateDataKey()).rejects.toThrow('the next page of keys did not come')
       // The two keys listed before the failure were being reloaded. Unawaited, their failures would come after the
       // rotation's answer, as unhandled rejections, which end a parent.
-      for (let i = 0; i < 500 && failedReads.length < 2; i++) await new Promise((resolve) => setTimeout(resolve, 10))
-      expect(failedReads).toHaveLength(2)
+      await expect.poll(() => failedReads.length, { timeout: 5_000 }).toBe(2)
       await Promise.all(failedReads)
-      await new Promise((resolve) => setTimeout(resolve, 20))
-      expect(unhandled).toEqual([])
-    } finally {
-      process.off('unhandledRejection', onUnhandled)
-      rotating.close()
-    }
-    restartEnclaves()
-    await parent.unlock()
+    })
   })
 
   it('a rotation whose reload fails while its listing waits for the next page fails the rotation, not the process', async () => {
@@ -797,22 +805,10 @@ describe('DEK rotation', () => {
       },
       get: (keyId) => (listing < 3 ? store.get(keyId) : Promise.reject(new Error('get failed'))),
     })
-    const rotating = newParent({ store: failing })
-    const unhandled: unknown[] = []
-    const onUnhandled = (reason: unknown) => unhandled.push(reason)
-    process.on('unhandledRejection', onUnhandled)
-    try {
-      await rotating.start()
+    await rotateLeavingNoUnhandledRejection(failing, async (rotating) => {
       listing = 1
       await expect(rotating.rotateDataKey()).rejects.toThrow('get failed')
-      await new Promise((resolve) => setTimeout(resolve, 20))
-      expect(unhandled).toEqual([])
-    } finally {
-      process.off('unhandledRejection', onUnhandled)
-      rotating.close()
-    }
-    restartEnclaves()
-    await parent.unlock()
+    })
   })
 
   it('an interrupted rotation loses nothing: every key signs with the store as it was left, and the next call finishes it', async () => {

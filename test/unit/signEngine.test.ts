@@ -1,5 +1,5 @@
-import type { Worker } from 'node:worker_threads'
 import { randomBytes } from 'node:crypto'
+import type { Worker } from 'node:worker_threads'
 import { secp256k1 as noble } from '@noble/curves/secp256k1'
 import { afterEach, describe, expect, it } from 'vitest'
 import { bytesToHex, recoverAddress, type Hex } from 'viem'
@@ -19,6 +19,16 @@ async function started(options: ConstructorParameters<typeof SignEngine>[0]): Pr
   engines.push(engine)
   await engine.start()
   return engine
+}
+
+/** The engine's threads and the script they run, which these tests reach into. */
+function internalsOf(engine: SignEngine): { slots: { worker: Worker }[]; workerScript: URL } {
+  return engine as unknown as { slots: { worker: Worker }[]; workerScript: URL }
+}
+
+/** A malformed batch, sent behind the engine's back: the first thread throws on it and dies. */
+function poisonThread(engine: SignEngine): void {
+  internalsOf(engine).slots[0]!.worker.postMessage({ batchId: -1, count: 1, buffer: new ArrayBuffer(1) })
 }
 
 function randomRequest(): SignRequest {
@@ -160,10 +170,8 @@ describe('SignEngine', () => {
 
   it('rejects a dead thread\u2019s in-flight requests and replaces the thread', async () => {
     const engine = await started({ threads: 1, inlinePerTurn: 0 })
-    // A malformed batch makes the thread throw and die; the engine does not know it was sent,
-    // so the next request goes to the same, idle-looking thread and queues behind it.
-    const slots = (engine as unknown as { slots: { worker: { postMessage(message: unknown): void } }[] }).slots
-    slots[0]!.worker.postMessage({ batchId: -1, count: 1, buffer: new ArrayBuffer(1) })
+    // The engine does not know the poison was sent, so the next request goes to the same, idle-looking thread and queues behind it.
+    poisonThread(engine)
     await expect(engine.sign(randomRequest())).rejects.toThrow(/signing thread exited \(code 1\): signWorker: malformed batch/)
     expect(engine.stats()).toMatchObject({ threads: 1, inflight: 0 })
     const request = randomRequest()
@@ -172,28 +180,24 @@ describe('SignEngine', () => {
 
   it('keeps trying to replace a dead thread whose replacement fails to start, until one starts', async () => {
     const engine = await started({ threads: 1, inlinePerTurn: 0 })
-    const internals = engine as unknown as { slots: { worker: { postMessage(message: unknown): void } }[]; workerScript: URL }
-    const script = internals.workerScript
+    const script = internalsOf(engine).workerScript
     // Replacements now fail to start, as they would in a process short of memory.
-    internals.workerScript = new URL('data:text/javascript,process.exit(3)')
-    internals.slots[0]!.worker.postMessage({ batchId: -1, count: 1, buffer: new ArrayBuffer(1) })
+    internalsOf(engine).workerScript = new URL('data:text/javascript,process.exit(3)')
+    poisonThread(engine)
     await expect(engine.sign(randomRequest())).rejects.toThrow(/signing thread exited/)
     // The first replacement starts and fails; the next try is 0.5 s (±25%) away.
     await expect.poll(() => engine.stats().threads, { timeout: 2_000, interval: 5 }).toBe(0)
-    internals.workerScript = script
-    // The next try comes 0.5 s (±25%) after the failed one.
-    for (let i = 0; i < 60 && engine.stats().threads === 0; i++) await new Promise((resolve) => setTimeout(resolve, 50))
-    expect(engine.stats().threads).toBe(1)
+    internalsOf(engine).workerScript = script
+    await expect.poll(() => engine.stats().threads, { timeout: 3_000, interval: 50 }).toBe(1)
     const request = randomRequest()
     await expectValid(request, await engine.sign(request))
   })
 
   it('sends nothing to a replacement still starting while a ready thread can sign', async () => {
     const engine = await started({ threads: 2, inlinePerTurn: 0 })
-    const internals = engine as unknown as { slots: { worker: { postMessage(message: unknown): void } }[]; workerScript: URL }
     // Replacements fail to start: whatever one is sent fails with it.
-    internals.workerScript = new URL('data:text/javascript,setTimeout(() => process.exit(3), 200)')
-    internals.slots[0]!.worker.postMessage({ batchId: -1, count: 1, buffer: new ArrayBuffer(1) })
+    internalsOf(engine).workerScript = new URL('data:text/javascript,setTimeout(() => process.exit(3), 200)')
+    poisonThread(engine)
     await expect(engine.sign(randomRequest())).rejects.toThrow(/signing thread exited/)
     expect(engine.stats().threads).toBe(2)
     const requests = Array.from({ length: 20 }, randomRequest)
@@ -203,8 +207,8 @@ describe('SignEngine', () => {
 
   it('gives up on a thread whose reply cannot be read: its requests fail, another takes its place, nothing waits for ever', async () => {
     const engine = await started({ threads: 1, inlinePerTurn: 0 })
-    const internals = engine as unknown as { slots: { worker: Worker }[] }
-    const first = internals.slots[0]!.worker
+    const { slots } = internalsOf(engine)
+    const first = slots[0]!.worker
     const firstExited = new Promise<number>((resolve) => first.once('exit', resolve))
     // Sent to that (idle) thread at once, and in flight when Node reports a message from it that failed to deserialize.
     const inFlight = engine.sign(randomRequest())
@@ -212,7 +216,7 @@ describe('SignEngine', () => {
     first.emit('messageerror', new Error('could not deserialize'))
     await expect(inFlight).rejects.toThrow('a reply from the signing thread could not be read: could not deserialize')
     expect(engine.stats().inflight).toBe(0)
-    await expect.poll(() => internals.slots[0]?.worker !== undefined && internals.slots[0]?.worker !== first, { timeout: 5_000 }).toBe(true)
+    await expect.poll(() => internalsOf(engine).slots[0]?.worker, { timeout: 5_000 }).not.toBe(first)
     const request = randomRequest()
     await expectValid(request, await engine.sign(request))
     // Closed once idle (exit code 0), not terminated inside the native binding.
