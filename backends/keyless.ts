@@ -84,7 +84,11 @@ export class KeylessSigner implements Signer {
       // Our own words for the status, not the origin's text: this message reaches wallets, and the
       // parent's logs and metrics hold the detail for its operator.
       const reason =
-        answer.error === 'needs_unlock' ? 'the key is still being unlocked' : answer.error === 'no such route' ? 'no such route: check the url' : (originStatusMeanings[response.status] ?? 'an unexpected answer')
+        answer.error === 'needs_unlock'
+          ? 'the key is still being unlocked'
+          : answer.error === 'overloaded'
+            ? 'it is overloaded'
+            : answer.error === 'no such route' ? 'no such route: check the url' : (originStatusMeanings[response.status] ?? 'an unexpected answer')
       throw new SignerError(`keyless signer ${name}: the origin answered ${response.status} (${reason})`, {
         retryable: response.status >= 500 || response.status === 429,
       })

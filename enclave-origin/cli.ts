@@ -29,10 +29,26 @@ import { runEnclave } from './enclave/main.js'
 import { runParent } from './parent/main.js'
 import { signRequest } from './protocol/requestSigning.js'
 
+/** How long one command waits in all for an origin that answers 503 with a Retry-After-Ms (overloaded, or unlocking). */
+const retryBudgetMs = 30_000
+
+/**
+ * One request to the parent. A 503 with a `Retry-After-Ms` (the parent shed it for load, or the key waits
+ * for an unlock: either way nothing was done) is asked again after that wait, within `retryBudgetMs`.
+ */
 async function call(method: 'GET' | 'POST', path: string, json?: unknown): Promise<Record<string, unknown>> {
   const body = new TextEncoder().encode(json === undefined ? '' : JSON.stringify(json))
-  const headers = await signRequest({ keyId: setting('ORIGIN_HMAC_KEY_ID', 'operator'), secret: setting('ORIGIN_HMAC_SECRET'), method, path, body })
-  const response = await fetch(`${setting('ORIGIN_URL', 'http://127.0.0.1:8443')}${path}`, { method, headers, body: method === 'POST' ? body : undefined })
+  const giveUpAt = Date.now() + retryBudgetMs
+  let response: Response
+  for (;;) {
+    // Signed again each time: the parent refuses a nonce it has seen.
+    const headers = await signRequest({ keyId: setting('ORIGIN_HMAC_KEY_ID', 'operator'), secret: setting('ORIGIN_HMAC_SECRET'), method, path, body })
+    response = await fetch(`${setting('ORIGIN_URL', 'http://127.0.0.1:8443')}${path}`, { method, headers, body: method === 'POST' ? body : undefined })
+    const retryAfterMs = Number(response.headers.get('retry-after-ms') ?? NaN)
+    if (response.status !== 503 || !(retryAfterMs >= 0) || Date.now() + retryAfterMs > giveUpAt) break
+    await response.body?.cancel()
+    await new Promise((resolve) => setTimeout(resolve, retryAfterMs))
+  }
   const text = await response.text()
   let answer: Record<string, unknown> | undefined
   try {

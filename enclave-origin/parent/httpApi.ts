@@ -15,6 +15,14 @@ export type ParentApiOptions = {
   tls?: HttpServerOptions['tls']
   /** How long a client may take to send a whole request (headers within half of it); default 10 s. */
   requestReadTimeoutMs?: number
+  /**
+   * Signs, gets and creates served at once; more are answered 503 `overloaded` at once, with a jittered
+   * Retry-After. Default 1024. Operators' requests (state changes, unlocks, rotations) and the probes are
+   * never refused for load: a freeze must get through when the origin is busiest.
+   */
+  maxInflight?: number
+  /** Client connections held at once; more are closed as they arrive. Default 10,000. */
+  maxConnections?: number
 }
 
 const utf8 = new TextDecoder()
@@ -41,12 +49,33 @@ export function createParentApi(options: ParentApiOptions): HttpServer {
   const metrics = originMetrics(options.parent)
   const { figures } = metrics
   const throttledLog = new ThrottledLog({ log: options.log })
+  const maxInflight = options.maxInflight ?? 1024
+  let inflight = 0
 
   const json = (status: number, body: unknown, headers: Record<string, string> = {}): HttpAnswer => ({
     status,
     headers: { 'content-type': 'application/json', ...headers },
     body: JSON.stringify(body),
   })
+
+  /**
+   * `work` if fewer than maxInflight are being served, else 503 at once. Without the limit, load beyond
+   * the enclaves' rate queues until requests time out while the enclaves sign for ones already given up
+   * on, and every caller waits; with it, the excess is told to come back (or its fallback chain moves on).
+   */
+  const admitted = async (route: string, work: () => Promise<HttpAnswer>): Promise<HttpAnswer> => {
+    if (inflight >= maxInflight) {
+      metrics.shed.inc({ route })
+      const retryAfterMs = 100 + Math.floor(Math.random() * 200)
+      return json(503, { error: 'overloaded', retryAfterMs }, { 'retry-after': '1', 'retry-after-ms': String(retryAfterMs) })
+    }
+    inflight += 1
+    try {
+      return await work()
+    } finally {
+      inflight -= 1
+    }
+  }
 
   const handle = async (request: HttpRequest, route: { name: string }): Promise<HttpAnswer> => {
     // The path is all a route needs; no query string means anything here.
@@ -76,7 +105,7 @@ export function createParentApi(options: ParentApiOptions): HttpServer {
     const keyRoute = /^\/v1\/keys\/([^/]+)(?:\/(sign|freeze|unfreeze|archive))?$/.exec(path)
     if (method === 'POST' && path === '/v1/keys') {
       route.name = 'create'
-      return json(201, await options.parent.createKey())
+      return admitted(route.name, async () => json(201, await options.parent.createKey()))
     }
     if (method === 'POST' && path === '/v1/unlock') {
       route.name = 'unlock'
@@ -107,23 +136,13 @@ export function createParentApi(options: ParentApiOptions): HttpServer {
       const action = keyRoute[2]
       if (method === 'GET' && !action) {
         route.name = 'get'
-        return json(200, await options.parent.getKey(keyId))
+        return admitted(route.name, async () => json(200, await options.parent.getKey(keyId)))
       }
       if (method === 'POST' && action === 'sign') {
         route.name = 'sign'
         const digest = parseDigest(body)
         if (!digest) return json(400, { error: 'body must be {"digest": "0x" + 32 bytes hex}' })
-        const started = performance.now()
-        const { rpcMs, enclaveMs, ...signed } = await options.parent.sign(keyId, digest)
-        const totalMs = performance.now() - started
-        const queueMs = Math.max(0, rpcMs - enclaveMs)
-        figures.observeSign('enclave', enclaveMs / 1_000)
-        figures.observeSign('queue', queueMs / 1_000)
-        figures.observeSign('rpc', rpcMs / 1_000)
-        figures.observeSign('total', totalMs / 1_000)
-        // Server-Timing lets a caller (and the benchmark) split its latency by phase.
-        const timing = `enclave;dur=${enclaveMs.toFixed(3)}, queue;dur=${queueMs.toFixed(3)}, rpc;dur=${rpcMs.toFixed(3)}, total;dur=${totalMs.toFixed(3)}`
-        return json(200, signed, { 'server-timing': timing })
+        return admitted(route.name, () => signAnswer(keyId, digest))
       }
       const states: Record<string, KeyState> = { freeze: 'frozen', unfreeze: 'active', archive: 'archived' }
       if (method === 'POST' && action && states[action]) {
@@ -134,6 +153,21 @@ export function createParentApi(options: ParentApiOptions): HttpServer {
     }
     route.name = 'unknown'
     return json(404, { error: 'no such route' })
+  }
+
+  /** A sign, its latency by phase observed and returned in Server-Timing. */
+  const signAnswer = async (keyId: string, digest: Uint8Array): Promise<HttpAnswer> => {
+    const started = performance.now()
+    const { rpcMs, enclaveMs, ...signed } = await options.parent.sign(keyId, digest)
+    const totalMs = performance.now() - started
+    const queueMs = Math.max(0, rpcMs - enclaveMs)
+    figures.observeSign('enclave', enclaveMs / 1_000)
+    figures.observeSign('queue', queueMs / 1_000)
+    figures.observeSign('rpc', rpcMs / 1_000)
+    figures.observeSign('total', totalMs / 1_000)
+    // Server-Timing lets a caller (and the benchmark) split its latency by phase.
+    const timing = `enclave;dur=${enclaveMs.toFixed(3)}, queue;dur=${queueMs.toFixed(3)}, rpc;dur=${rpcMs.toFixed(3)}, total;dur=${totalMs.toFixed(3)}`
+    return json(200, signed, { 'server-timing': timing })
   }
 
   const answer = async (request: HttpRequest): Promise<HttpAnswer> => {
@@ -165,6 +199,8 @@ export function createParentApi(options: ParentApiOptions): HttpServer {
     tls: options.tls,
     // Slow clients, before any authentication, must not hold connections for long.
     requestReadTimeoutMs: options.requestReadTimeoutMs,
+    maxConnections: options.maxConnections ?? 10_000,
+    onConnectionDropped: () => metrics.droppedConnections.inc(),
   })
 }
 

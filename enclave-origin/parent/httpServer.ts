@@ -46,6 +46,14 @@ export type HttpServerOptions = {
   keepAliveTimeoutMs?: number
   maxHeaderBytes?: number
   maxBodyBytes?: number
+  /**
+   * Connections held at once, TLS handshakes included; one more is closed as it arrives. Unlimited by default.
+   * Clients that open connections without end would otherwise take every file descriptor, the enclave
+   * pool's reconnections included.
+   */
+  maxConnections?: number
+  /** Called for each connection closed for being over maxConnections. */
+  onConnectionDropped?: () => void
 }
 
 type Connection = {
@@ -155,6 +163,8 @@ export class HttpServer {
       : createNetServer({ allowHalfOpen: true, noDelay: true }, accept)
     // A failed TLS handshake concerns that client only.
     this.server.on('tlsClientError', () => undefined)
+    if (options.maxConnections !== undefined) this.server.maxConnections = options.maxConnections
+    this.server.on('drop', () => options.onConnectionDropped?.())
     this.server.on('connection', (socket: Socket) => {
       this.sockets.add(socket)
       socket.once('close', () => this.sockets.delete(socket))

@@ -73,6 +73,17 @@ export function originMetrics(parent: OriginParent) {
     labelNames: ['reason'],
     registers: [registry],
   })
+  const shed = new Counter({
+    name: 'origin_requests_shed_total',
+    help: 'Signs, gets and creates answered 503 (overloaded) at once because MAX_INFLIGHT requests were being served, by route.',
+    labelNames: ['route'],
+    registers: [registry],
+  })
+  const droppedConnections = new Counter({
+    name: 'origin_connections_dropped_total',
+    help: 'Client connections closed as they arrived because MAX_CONNECTIONS were open.',
+    registers: [registry],
+  })
   new Gauge({
     name: 'origin_inflight_requests',
     help: 'Requests in flight to the enclaves.',
@@ -89,7 +100,7 @@ export function originMetrics(parent: OriginParent) {
     }
     return `${await registry.metrics()}${own}\n${enclaveMetricsText(await parent.health())}`
   }
-  return { text, contentType: registry.contentType, figures, needsUnlock, authFailures }
+  return { text, contentType: registry.contentType, figures, needsUnlock, authFailures, shed, droppedConnections }
 }
 
 

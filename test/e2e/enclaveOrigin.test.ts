@@ -206,6 +206,27 @@ describe('the operators\u2019 CLI', () => {
     }
   })
 
+  it('asks again, after its Retry-After-Ms, for a create the origin shed for load', async () => {
+    // An origin that sheds every other create, as a parent over MAX_INFLIGHT does.
+    let requests = 0
+    const nonces = new Set<string>()
+    const shedding = createServer((request, response) => {
+      request.resume()
+      nonces.add(String(request.headers['x-origin-nonce']))
+      if (++requests % 2 === 1) return void response.writeHead(503, { 'content-type': 'application/json', 'retry-after': '1', 'retry-after-ms': '20' }).end('{"error":"overloaded","retryAfterMs":20}')
+      response.writeHead(201, { 'content-type': 'application/json' }).end(JSON.stringify({ keyId: `made-${requests}`, address: '0x0000000000000000000000000000000000000001' }))
+    })
+    await new Promise<void>((resolve) => shedding.listen(0, '127.0.0.1', resolve))
+    try {
+      const { stdout } = await cliAt(`http://127.0.0.1:${(shedding.address() as AddressInfo).port}`, 'create-keys', '--count', '4', '--concurrency', '1')
+      expect(stdout.trim().split('\n').map((line) => (JSON.parse(line) as { keyId: string }).keyId)).toEqual(['made-2', 'made-4', 'made-6', 'made-8'])
+      // Each attempt signed afresh: a parent refuses a nonce it has seen.
+      expect(nonces.size).toBe(8)
+    } finally {
+      shedding.close()
+    }
+  })
+
   it('refuses a share file that is not JSON without echoing any of it', async () => {
     const directory = mkdtempSync(path.join(tmpdir(), 'shares-'))
     try {

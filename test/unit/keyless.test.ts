@@ -28,6 +28,8 @@ let server: Server
 let url: string
 let unlockingFor = 0
 let retryAfterMs = 30
+/** Why the origin answers those 503s: the parent says needs_unlock, or overloaded when it sheds load. */
+let busyReason = 'needs_unlock'
 /** Answer 503s with the standard Retry-After (seconds) alone, as a proxy in front of the parent might. */
 let secondsOnly = false
 /** When set, the origin reports this address for k1, as it would once the key id named another key. */
@@ -56,7 +58,7 @@ beforeAll(async () => {
     if (unlockingFor > 0) {
       unlockingFor--
       const headers: Record<string, string> = secondsOnly ? { 'retry-after': '1' } : { 'retry-after': '1', 'retry-after-ms': String(retryAfterMs) }
-      return response.writeHead(503, headers).end(JSON.stringify({ error: 'needs_unlock' }))
+      return response.writeHead(503, headers).end(JSON.stringify({ error: busyReason }))
     }
     if (signatureOverride) return response.writeHead(200).end(JSON.stringify({ signature: signatureOverride }))
     const { digest } = JSON.parse(new TextDecoder().decode(body)) as { digest: Hex }
@@ -142,6 +144,19 @@ describe('keyless backend', () => {
     retryAfterMs = 270
     await expect(signer.signDigest(digest)).rejects.toThrow('answered 503 (the key is still being unlocked)')
     expect(unlockingFor).toBe(0)
+  })
+
+  it('says the origin is overloaded when it shed the request and the wait would not fit', async () => {
+    const signer = keyless(300)
+    await signer.address()
+    unlockingFor = 1
+    retryAfterMs = 270
+    busyReason = 'overloaded'
+    try {
+      await expect(signer.signDigest(digest)).rejects.toThrow('answered 503 (it is overloaded)')
+    } finally {
+      busyReason = 'needs_unlock'
+    }
   })
 
   it('stops waiting out a Retry-After, and asks the origin no more, once its caller no longer waits', async () => {

@@ -1,6 +1,6 @@
 import { execFile } from 'node:child_process'
 import { mkdtempSync, readdirSync, rmSync } from 'node:fs'
-import { createServer as createNetServer } from 'node:net'
+import { connect, createServer as createNetServer, type Socket } from 'node:net'
 import { tmpdir } from 'node:os'
 import path from 'node:path'
 import { promisify } from 'node:util'
@@ -168,6 +168,110 @@ it('logs the failures of a flood of signs its enclave cannot take once, not once
   }
   const failures = logged.slice(before).filter((line) => line.event === 'origin_request_failed')
   expect(failures).toEqual([{ level: 'error', event: 'origin_request_failed', route: 'sign', error: expect.stringContaining('cannot connect to the enclave'), count: 1 }])
+})
+
+describe('the parent API under load', () => {
+  /** An API whose parent's signs, gets and state changes are the test's to answer, on its own port. */
+  async function apiWithHeldParent(options: { maxInflight?: number; maxConnections?: number }) {
+    const held = new OriginParent({ enclaves: [{ id: 'none', address: { host: '127.0.0.1', port: 1 } }], poolSize: 1, store: {} as BlobStore, requestTimeoutMs: 200, credentials: () => Promise.reject(new Error('not needed here')) })
+    const waiting: Array<{ keyId: string; resolve: () => void; reject: (error: Error) => void }> = []
+    const wait = (keyId: string) => new Promise<void>((resolve, reject) => waiting.push({ keyId, resolve, reject }))
+    held.sign = async (keyId) => {
+      await wait(keyId)
+      return { signature: `0x${'22'.repeat(64)}`, recoveryId: 0, rpcMs: 1, enclaveMs: 0.5 }
+    }
+    held.getKey = async (keyId) => {
+      await wait(keyId)
+      return { keyId, publicKey: '0x04', address: '0x0000000000000000000000000000000000000001', state: 'active' }
+    }
+    held.setState = async () => {}
+    const api = createParentApi({ parent: held, verifier: new RequestVerifier({ secrets: { [hmac.keyId]: hmac.secret } }), log: () => {}, ...options })
+    await api.listen({ port: 0, host: '127.0.0.1' })
+    const port = (api.address() as AddressInfo).port
+    const request = async (method: 'GET' | 'POST', path: string, body = '') => {
+      const payload = new TextEncoder().encode(body)
+      const headers = await signRequest({ ...hmac, method, path, body: payload })
+      const response = await fetch(`http://127.0.0.1:${port}${path}`, { method, headers, body: method === 'POST' ? payload : undefined })
+      return { status: response.status, headers: response.headers, body: (await response.json()) as Record<string, unknown> }
+    }
+    const close = async () => {
+      await api.close({ drainMs: 0 })
+      held.close()
+    }
+    const waiter = (keyId: string) => waiting.find((waiter) => waiter.keyId === keyId)!
+    return { port, request, waiting, waiter, close, metrics: async () => (await fetch(`http://127.0.0.1:${port}/metrics`)).text() }
+  }
+  const digest = JSON.stringify({ digest: `0x${'11'.repeat(32)}` })
+
+  it('answers signs and gets over MAX_INFLIGHT 503 overloaded at once, still takes a freeze, and frees a place when a request ends either way', async () => {
+    const api = await apiWithHeldParent({ maxInflight: 2 })
+    try {
+      const first = api.request('POST', '/v1/keys/k1/sign', digest)
+      const second = api.request('GET', '/v1/keys/k2')
+      await expect.poll(() => api.waiting.length).toBe(2)
+      const refused = await api.request('POST', '/v1/keys/k3/sign', digest)
+      expect(refused.status).toBe(503)
+      expect(refused.body).toEqual({ error: 'overloaded', retryAfterMs: expect.any(Number) })
+      const retryAfterMs = Number(refused.headers.get('retry-after-ms'))
+      expect(retryAfterMs).toBe(refused.body.retryAfterMs)
+      expect(retryAfterMs).toBeGreaterThanOrEqual(100)
+      expect(retryAfterMs).toBeLessThan(300)
+      expect(refused.headers.get('retry-after')).toBe('1')
+      expect((await api.request('GET', '/v1/keys/k4')).status).toBe(503)
+      // An operator's freeze is never refused for load.
+      expect(await api.request('POST', '/v1/keys/k1/freeze')).toMatchObject({ status: 200, body: { keyId: 'k1', state: 'frozen' } })
+      expect(api.waiting).toHaveLength(2)
+
+      // One answered, one failed: both places are free again.
+      api.waiter('k1').resolve()
+      api.waiter('k2').reject(new Error('the enclave went away'))
+      expect((await first).status).toBe(200)
+      expect((await second).status).toBe(503)
+      const later = [api.request('POST', '/v1/keys/k5/sign', digest), api.request('POST', '/v1/keys/k6/sign', digest)]
+      await expect.poll(() => api.waiting.length).toBe(4)
+      api.waiter('k5').resolve()
+      api.waiter('k6').resolve()
+      expect((await Promise.all(later)).map((answer) => answer.status)).toEqual([200, 200])
+
+      const metrics = await api.metrics()
+      expect(metrics).toMatch(/^origin_requests_shed_total\{route="sign"\} 1$/m)
+      expect(metrics).toMatch(/^origin_requests_shed_total\{route="get"\} 1$/m)
+    } finally {
+      for (const { resolve } of api.waiting) resolve()
+      await api.close()
+    }
+  })
+
+  it('closes connections over MAX_CONNECTIONS as they arrive, and serves the ones it holds', async () => {
+    const api = await apiWithHeldParent({ maxConnections: 2 })
+    const sockets: Socket[] = []
+    try {
+      const open = () =>
+        new Promise<Socket>((resolve, reject) => {
+          const socket = connect(api.port, '127.0.0.1', () => resolve(socket))
+          socket.on('error', reject)
+          sockets.push(socket)
+        })
+      const [held] = [await open(), await open()]
+      const third = await open()
+      const closedAt = await new Promise<number>((resolve) => third.on('close', () => resolve(Date.now())))
+      expect(closedAt).toBeGreaterThan(0)
+      // The connections it holds are served: one asks for the count.
+      const { answer } = await new Promise<{ answer: string }>((resolve) => {
+        let answer = ''
+        held!.on('data', (chunk) => {
+          answer += chunk.toString('latin1')
+          if (/^origin_connections_dropped_total \d+$/m.test(answer)) resolve({ answer })
+        })
+        held!.write('GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n')
+      })
+      expect(answer).toMatch(/^HTTP\/1\.1 200 /)
+      expect(answer).toMatch(/^origin_connections_dropped_total 1$/m)
+    } finally {
+      for (const socket of sockets) socket.destroy()
+      await api.close()
+    }
+  })
 })
 
 describe('healthStatus', () => {
