@@ -701,7 +701,8 @@ export class OriginParent {
     const rpcMs = performance.now() - started
     const { signature, recoveryId, enclaveMicros } = decodeSignResponse(this.check(enclave, frame).payload)
     if (this.deactivations !== deactivations) {
-      const stored = await this.options.store.get(keyId)
+      // Bounded: a hung store read must not hold the request (and its connection) for ever; unchecked, it is refused.
+      const stored = await this.withinRequestTimeout(this.options.store.get(keyId), `checking that key ${keyId} is still active`)
       if (stored && stored.state !== 'active') throw new OriginRequestError('not-active', `key ${keyId} is ${stored.state}`)
     }
     // Buffer's hex: several times cheaper than viem's per signature.

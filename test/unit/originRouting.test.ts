@@ -1284,6 +1284,33 @@ describe('a parent whose enclaves are not all up', () => {
     }
   })
 
+  it('a signature that comes back after a freeze is refused, not given out, when the store does not answer the check in time', async () => {
+    const { lateCable, ownStore, stillClockParent, stop } = await cabledSpares('hung-check-store')
+    let storeReadsHang = false
+    const hangingStore: BlobStore = Object.assign(Object.create(ownStore) as BlobStore, {
+      get: (keyId: string) => (storeReadsHang ? new Promise<never>(() => {}) : ownStore.get(keyId)),
+    })
+    const { parent: held, advance } = stillClockParent(hangingStore, 1_000)
+    try {
+      const { onLate } = await startWithKeyOnEach(held)
+      lateCable.stall()
+      await expectSignsAs(held, onLate!)
+      lateCable.restore()
+      advance(60_000)
+      const holding = lateCable.holdNextSignAnswer()
+      const signing = held.sign(onLate!.keyId, Buffer.alloc(32, 7))
+      const release = await holding
+      // Deferred (spare-late is held back while its probe is out): only the parent's check stops the signature.
+      await held.setState(onLate!.keyId, 'frozen')
+      storeReadsHang = true
+      release()
+      await expect(signing).rejects.toThrow(`checking that key ${onLate!.keyId} is still active took longer than 1000 ms`)
+    } finally {
+      storeReadsHang = false
+      await stop()
+    }
+  })
+
   it('a standby held back after failures of its own is still tried, last, before a request fails', async () => {
     const { upCable, lateCable, ownStore, enclaves, stop } = await cabledSpares('held-standby-store')
     const cabled = new OriginParent({ enclaves, poolSize: 1, store: ownStore, requestTimeoutMs: 1_000, credentials: async () => kms.credentials })
