@@ -863,12 +863,10 @@ export class OriginParent {
         else this.check(enclave, frame)
       } catch (error) {
         // Out of reach; numbered outside the enclave's epoch (it restarted, or took another UNLOCK; the unlock that
-        // answer asks for has started); or refused as stale: in force all the same.
-        if (!(error instanceof EnclaveUnavailableError || error instanceof NeedsUnlockError || error instanceof StaleRequestError)) {
-          this.unsyncedKeys.add(keyId)
-          throw error
-        }
-        deferred(error.message)
+        // answer asks for has started); refused as stale; or failed there: in force all the same, as the store
+        // has it and the key is reloaded from there before its next use. An error would have the operator
+        // believe the key still signs.
+        deferred(messageOf(error))
       }
     })
   }

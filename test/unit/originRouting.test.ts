@@ -93,7 +93,13 @@ async function relay(target: { host: string; port: number }) {
   let signAnswerHeld: ((release: () => void) => void) | undefined
   /** SIGN answers pass this late (0: at once), as from an enclave that is slow to sign but alive. */
   let signDelayMs = 0
+  /** The opcode whose next answer the relay turns into an INTERNAL failure. */
+  let failNext: number | undefined
   const fromEnclave = (frame: Frame, to: Socket) => {
+    if (frame.opcode === failNext) {
+      failNext = undefined
+      return void to.write(encodeFrame({ ...frame, status: statuses.INTERNAL, payload: encodeErrorMessage('the relay failed this answer') }))
+    }
     if (signDelayMs > 0 && frame.opcode === opcodes.SIGN) return void setTimeout(() => to.writable && to.write(encodeFrame(frame)), signDelayMs)
     if (signAnswerHeld && frame.opcode === opcodes.SIGN) {
       const holding = signAnswerHeld
@@ -161,6 +167,9 @@ async function relay(target: { host: string; port: number }) {
     },
     delaySignAnswers: (ms: number) => {
       signDelayMs = ms
+    },
+    failNextAnswer: (opcode: number) => {
+      failNext = opcode
     },
     restore: () => {
       mode = 'open'
@@ -523,6 +532,26 @@ describe('LOAD and SET_STATE sequences', () => {
     } finally {
       first.close()
       second?.close()
+      await stop()
+    }
+  })
+
+  it('a state change its enclave answers with a failure is in force all the same: answered, logged, and the key reloaded before its next use', async () => {
+    const { cable, parentOf, stop } = await cabledEnclave({ id: 'failing-set-state', storeName: 'failing-set-state-store' })
+    const logged: Array<Record<string, unknown>> = []
+    const parent = parentOf({ log: (fields) => logged.push(fields) })
+    try {
+      await parent.start()
+      const key = await parent.createKey()
+      await expectSignsAs(parent, key)
+      cable.failNextAnswer(opcodes.SET_STATE)
+      await parent.setState(key.keyId, 'frozen')
+      expect(logged).toContainEqual(expect.objectContaining({ event: 'state_change_deferred', keyId: key.keyId, state: 'frozen', error: 'enclave error: the relay failed this answer' }))
+      const loads = cable.framesFromParent.filter((frame) => frame.opcode === opcodes.LOAD).length
+      await expect(parent.sign(key.keyId, Buffer.alloc(32, 8))).rejects.toThrow(`key ${key.keyId} is frozen`)
+      expect(cable.framesFromParent.filter((frame) => frame.opcode === opcodes.LOAD).length).toBe(loads + 1)
+    } finally {
+      parent.close()
       await stop()
     }
   })
