@@ -47,7 +47,8 @@ async function call(method: 'GET' | 'POST', path: string, json?: unknown): Promi
     const retryAfterMs = Number(response.headers.get('retry-after-ms') ?? NaN)
     if (response.status !== 503 || !(retryAfterMs >= 0) || Date.now() + retryAfterMs > giveUpAt) break
     await response.body?.cancel()
-    await new Promise((resolve) => setTimeout(resolve, retryAfterMs))
+    // At least 10 ms: a 0 must not turn the wait into a busy loop against the parent.
+    await new Promise((resolve) => setTimeout(resolve, Math.max(retryAfterMs, 10)))
   }
   const text = await response.text()
   let answer: Record<string, unknown> | undefined

@@ -5,7 +5,7 @@ import type { KeyState } from '../types.js'
 import { HttpServer, type HttpAnswer, type HttpRequest, type HttpServerOptions } from './httpServer.js'
 import { originMetrics } from './metrics.js'
 import { ThrottledLog } from './throttledLog.js'
-import { NeedsUnlockError, OriginRequestError, type EnclaveHealth, type OriginParent } from './origin.js'
+import { NeedsUnlockError, OriginRequestError, OverloadedError, type EnclaveHealth, type OriginParent } from './origin.js'
 
 export type ParentApiOptions = {
   parent: OriginParent
@@ -15,12 +15,6 @@ export type ParentApiOptions = {
   tls?: HttpServerOptions['tls']
   /** How long a client may take to send a whole request (headers within half of it); default 10 s. */
   requestReadTimeoutMs?: number
-  /**
-   * Signs, gets and creates served at once; more are answered 503 `overloaded` at once, with a jittered
-   * Retry-After. Default 1024. Operators' requests (state changes, unlocks, rotations) and the probes are
-   * never refused for load: a freeze must get through when the origin is busiest.
-   */
-  maxInflight?: number
   /** Client connections held at once; more are closed as they arrive. Default 10,000. */
   maxConnections?: number
 }
@@ -49,33 +43,12 @@ export function createParentApi(options: ParentApiOptions): HttpServer {
   const metrics = originMetrics(options.parent)
   const { figures } = metrics
   const throttledLog = new ThrottledLog({ log: options.log })
-  const maxInflight = options.maxInflight ?? 1024
-  let inflight = 0
 
   const json = (status: number, body: unknown, headers: Record<string, string> = {}): HttpAnswer => ({
     status,
     headers: { 'content-type': 'application/json', ...headers },
     body: JSON.stringify(body),
   })
-
-  /**
-   * `work` if fewer than maxInflight are being served, else 503 at once. Without the limit, load beyond
-   * the enclaves' rate queues until requests time out while the enclaves sign for ones already given up
-   * on, and every caller waits; with it, the excess is told to come back (or its fallback chain moves on).
-   */
-  const admitted = async (route: string, work: () => Promise<HttpAnswer>): Promise<HttpAnswer> => {
-    if (inflight >= maxInflight) {
-      metrics.shed.inc({ route })
-      const retryAfterMs = 100 + Math.floor(Math.random() * 200)
-      return json(503, { error: 'overloaded', retryAfterMs }, { 'retry-after': '1', 'retry-after-ms': String(retryAfterMs) })
-    }
-    inflight += 1
-    try {
-      return await work()
-    } finally {
-      inflight -= 1
-    }
-  }
 
   const handle = async (request: HttpRequest, route: { name: string }): Promise<HttpAnswer> => {
     // The path is all a route needs; no query string means anything here.
@@ -105,7 +78,7 @@ export function createParentApi(options: ParentApiOptions): HttpServer {
     const keyRoute = /^\/v1\/keys\/([^/]+)(?:\/(sign|freeze|unfreeze|archive))?$/.exec(path)
     if (method === 'POST' && path === '/v1/keys') {
       route.name = 'create'
-      return admitted(route.name, async () => json(201, await options.parent.createKey()))
+      return json(201, await options.parent.createKey())
     }
     if (method === 'POST' && path === '/v1/unlock') {
       route.name = 'unlock'
@@ -136,13 +109,13 @@ export function createParentApi(options: ParentApiOptions): HttpServer {
       const action = keyRoute[2]
       if (method === 'GET' && !action) {
         route.name = 'get'
-        return admitted(route.name, async () => json(200, await options.parent.getKey(keyId)))
+        return json(200, await options.parent.getKey(keyId))
       }
       if (method === 'POST' && action === 'sign') {
         route.name = 'sign'
         const digest = parseDigest(body)
         if (!digest) return json(400, { error: 'body must be {"digest": "0x" + 32 bytes hex}' })
-        return admitted(route.name, () => signAnswer(keyId, digest))
+        return signAnswer(keyId, digest)
       }
       const states: Record<string, KeyState> = { freeze: 'frozen', unfreeze: 'active', archive: 'archived' }
       if (method === 'POST' && action && states[action]) {
@@ -178,6 +151,11 @@ export function createParentApi(options: ParentApiOptions): HttpServer {
         // The enclave has jittered it already (50–200 ms); Retry-After itself counts whole seconds.
         const { retryAfterMs } = error
         return json(503, { error: 'needs_unlock', retryAfterMs }, { 'retry-after': String(Math.max(1, Math.ceil(retryAfterMs / 1_000))), 'retry-after-ms': String(retryAfterMs) })
+      }
+      if (error instanceof OverloadedError) {
+        metrics.shed.inc({ route: route.name })
+        const { retryAfterMs } = error
+        return json(503, { error: 'overloaded', retryAfterMs }, { 'retry-after': '1', 'retry-after-ms': String(retryAfterMs) })
       }
       if (error instanceof OriginRequestError) {
         return json({ 'not-found': 404, 'not-active': 409, 'bad-request': 400, unavailable: 503 }[error.kind], { error: error.message })

@@ -16,8 +16,9 @@ import { OriginParent } from './origin.js'
  * ("keyId:secret,…"), POOL_SIZE (16), REQUEST_TIMEOUT_MS (2000), KMS_REQUEST_TIMEOUT_MS (15000,
  * for the enclave requests that wait on KMS: unlock, new data key), CREDENTIAL_REFRESH_MS (300000: how
  * often the enclaves get the AWS credentials for their KMS calls, from this process's default
- * chain, again; also before every unlock), MAX_INFLIGHT (1024 per enclave: signs, gets and creates
- * served at once, more answered 503), MAX_CONNECTIONS (10000 client connections), and for TLS TLS_CERT_FILE, TLS_KEY_FILE, TLS_CA_FILE,
+ * chain, again; also before every unlock), MAX_INFLIGHT_PER_ENCLAVE (1024: requests in flight to one
+ * enclave beyond which its signs, gets and creates are answered 503), MAX_CONNECTIONS (10000 client
+ * connections), and for TLS TLS_CERT_FILE, TLS_KEY_FILE, TLS_CA_FILE,
  * TLS_REQUIRE_CLIENT_CERT=1.
  */
 export async function runParent(): Promise<() => Promise<void>> {
@@ -26,7 +27,7 @@ export async function runParent(): Promise<() => Promise<void>> {
   // Settings first: a wrong one should stop the process before it touches the store or an enclave.
   const secrets = hmacKeysSetting()
   const tls = parentTlsSetting((file) => readFileSync(file, 'utf8'))
-  const maxInflight = integerSetting('MAX_INFLIGHT', { min: 1, max: 1_000_000, fallback: 1_024 * enclaves.length })
+  const maxInflightPerEnclave = integerSetting('MAX_INFLIGHT_PER_ENCLAVE', { min: 1, max: 1_000_000, fallback: 1_024 })
   const maxConnections = integerSetting('MAX_CONNECTIONS', { min: 1, max: 1_000_000, fallback: 10_000 })
   const address = listenAddress(setting('PARENT_LISTEN', '127.0.0.1:8443'))
   if ('vsock' in address) throw new Error('PARENT_LISTEN must be host:port or a Unix socket path: the parent does not listen on vsock')
@@ -56,10 +57,11 @@ export async function runParent(): Promise<() => Promise<void>> {
     // The SDK's own chain (AWS_* variables, profiles, the instance's role through IMDS), refreshed before expiry.
     credentials: defaultProvider(),
     credentialRefreshMs: integerSetting('CREDENTIAL_REFRESH_MS', { min: 1_000, max: 3_600_000, fallback: 300_000 }),
+    maxInflightPerEnclave,
     log: logLine,
   })
   await parent.start()
-  const server = createParentApi({ parent, verifier: new RequestVerifier({ secrets, hashing: nodeHashing }), log: logLine, tls, maxInflight, maxConnections })
+  const server = createParentApi({ parent, verifier: new RequestVerifier({ secrets, hashing: nodeHashing }), log: logLine, tls, maxConnections })
   await server.listen(address)
   logLine({ event: 'parent_listening', address, enclaves: enclaves.map((e) => e.id), tls: Boolean(tls) })
   return async () => {

@@ -75,7 +75,7 @@ export function originMetrics(parent: OriginParent) {
   })
   const shed = new Counter({
     name: 'origin_requests_shed_total',
-    help: 'Signs, gets and creates answered 503 (overloaded) at once because MAX_INFLIGHT requests were being served, by route.',
+    help: 'Signs, gets and creates answered 503 (overloaded) at once because their enclave had MAX_INFLIGHT_PER_ENCLAVE requests in flight, by route.',
     labelNames: ['route'],
     registers: [registry],
   })
@@ -166,6 +166,11 @@ export function enclaveMetricsText(enclaves: EnclaveHealth[]): string {
   for (const enclave of enclaves) {
     const labels = { enclave: enclave.id }
     text.add({ name: 'origin_enclave_up', help: 'Whether the enclave answered HEALTH for this scrape.', type: 'gauge' }, labels, enclave.answered ? 1 : 0)
+    text.add(
+      { name: 'origin_enclave_requests_inflight', help: 'Requests from this parent the enclave has not answered yet; past MAX_INFLIGHT_PER_ENCLAVE its signs, gets and creates are shed.', type: 'gauge' },
+      labels,
+      enclave.inflight,
+    )
     if (!enclave.answered) continue
     text.add({ name: 'origin_enclave_ready', help: 'Whether the enclave can serve: it answered, is in service and not held back after failing requests, and in preload mode its accounts are loaded.', type: 'gauge' }, labels, enclave.ok ? 1 : 0)
     const stats = enclave.stats as ({ cacheStates?: Record<string, number> } & Partial<EnclaveStats>) | undefined

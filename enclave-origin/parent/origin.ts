@@ -50,6 +50,17 @@ export class OriginRequestError extends Error {
   }
 }
 
+/**
+ * A sign, get or create refused before it was sent: its enclave already had `maxInflightPerEnclave` requests
+ * from this parent unanswered. Nothing was done; ask again after `retryAfterMs` (jittered, 100–300 ms).
+ */
+export class OverloadedError extends Error {
+  readonly retryAfterMs = 100 + Math.floor(Math.random() * 200)
+  constructor(enclaveId: string) {
+    super(`enclave ${enclaveId} has as many requests in flight as it may`)
+  }
+}
+
 /** The enclave answered that it failed (INTERNAL, or a status this parent does not know). */
 class EnclaveInternalError extends Error {}
 
@@ -157,6 +168,14 @@ export class OriginParent {
       log?: (fields: Record<string, unknown>) => void
       /** The monotonic clock, in ms, that the unlock, sync and outage backoffs run on (tests hold it still). */
       monotonicNow?: () => number
+      /**
+       * Requests in flight to one enclave beyond which its signs, gets and creates are refused at once
+       * (OverloadedError); default 1024. Without it, load beyond what the enclave signs queues until requests
+       * time out while it signs for ones already given up on, and every caller waits. Per enclave, so that
+       * one stalled enclave does not take the others' places. Operators' requests, loads and probes are
+       * never refused: a freeze must get through when the enclave is busiest.
+       */
+      maxInflightPerEnclave?: number
     },
   ) {
     const backoff = () => new FailureBackoff({ now: options.monotonicNow ?? (() => performance.now()), random: Math.random })
@@ -201,6 +220,11 @@ export class OriginParent {
     if (frame.status !== statuses.NEEDS_UNLOCK) return frame
     await this.withinRequestTimeout(enclave.unlockQueue, 'waiting for an unlock').catch(() => {})
     return enclave.epochsOpened !== opened ? send() : frame
+  }
+
+  /** Refuses a sign, get or create for an enclave that has as many requests in flight as it may. */
+  private admit(enclave: Enclave): void {
+    if (enclave.pool.inflight >= (this.options.maxInflightPerEnclave ?? 1_024)) throw new OverloadedError(enclave.id)
   }
 
   private async call(enclave: Enclave, opcode: Opcode, payload: Uint8Array): Promise<Frame> {
@@ -563,29 +587,32 @@ export class OriginParent {
 
   /**
    * A key id is random, so the enclave that makes it is too: one out of
-   * reach or out of service is passed over for a key id another enclave owns.
+   * reach, out of service or full (see `maxInflightPerEnclave`) is passed
+   * over for a key id another enclave owns.
    */
   private async create(): Promise<KeyInfo> {
-    const unreachable = new Set<Enclave>()
+    /** Enclaves out of reach, or with no place for another request. */
+    const passedOver = new Set<Enclave>()
     let keyId: string
     let enclave: Enclave
     let frame: Frame
     for (;;) {
       keyId = randomUUID()
       enclave = this.ring.nodeFor(keyId)
-      if (unreachable.has(enclave)) continue
+      if (passedOver.has(enclave)) continue
       // Held-back ones last: another key id, while an enclave that is not held back remains to try.
-      if (heldBack(enclave) && this.enclaves.some((other) => !other.unsynced && !heldBack(other) && !unreachable.has(other))) continue
+      if (heldBack(enclave) && this.enclaves.some((other) => !other.unsynced && !heldBack(other) && !passedOver.has(other))) continue
       try {
         // Out of service, it may hold another DEK: a key sealed under that one would be lost at its next restart.
         if (enclave.unsynced) throw this.outOfService(enclave)
+        this.admit(enclave)
         const target = enclave
         frame = await this.tracked(target, () => this.call(target, opcodes.CREATE, encodeCreateRequest({ keyId })))
         break
       } catch (error) {
-        if (!(error instanceof EnclaveUnavailableError)) throw error
-        unreachable.add(enclave)
-        if (unreachable.size === this.enclaves.length) throw error
+        if (!(error instanceof EnclaveUnavailableError || error instanceof OverloadedError)) throw error
+        passedOver.add(enclave)
+        if (passedOver.size === this.enclaves.length) throw error
       }
     }
     const created = decodeCreateResponse(this.check(enclave, frame).payload)
@@ -680,6 +707,8 @@ export class OriginParent {
     } catch (error) {
       const missing = error instanceof OriginRequestError && (error.kind === 'not-found' || error.kind === 'unavailable')
       if (error instanceof EnclaveUnavailableError || (!standby.stored && missing)) throw failure
+      // Refused before it was sent: the standby served nothing.
+      if (error instanceof OverloadedError) throw error
       this.countFailover({ keyId, standby: standby.enclave, failure })
       throw error
     }
@@ -695,6 +724,7 @@ export class OriginParent {
   }
 
   private async signOn({ enclave, keyId, digest }: { enclave: Enclave; keyId: string; digest: Uint8Array }): Promise<{ signature: Hex; recoveryId: number; rpcMs: number; enclaveMs: number }> {
+    this.admit(enclave)
     const started = performance.now()
     const deactivations = this.deactivations
     const frame = await this.callReloading({ enclave, keyId, opcode: opcodes.SIGN, payload: encodeSignRequest({ keyId, digest }) })
@@ -823,6 +853,7 @@ export class OriginParent {
   }
 
   private async getOn({ enclave, keyId }: { enclave: Enclave; keyId: string }): Promise<KeyInfo> {
+    this.admit(enclave)
     const frame = await this.callReloading({ enclave, keyId, opcode: opcodes.GET, payload: encodeGetRequest({ keyId }) })
     const key = decodeGetResponse(this.check(enclave, frame).payload)
     const publicKey = bytesToHex(key.publicKey)
@@ -856,11 +887,16 @@ export class OriginParent {
       // Out of service, it takes the stored record when it syncs; held back, it would cost this change a request timeout.
       if (enclave.unsynced) return deferred(`enclave ${enclave.id} is out of service`)
       if (heldBack(enclave)) return deferred(`enclave ${enclave.id} is held back after failing requests`)
+      // Marked while the SET_STATE is out: a sign that starts meanwhile waits for this turn and takes the key from
+      // the store, rather than reach the enclave first and sign with the state it is leaving.
+      const wasUnsynced = this.unsyncedKeys.has(keyId)
+      this.unsyncedKeys.add(keyId)
       try {
         // Tracked: a hung enclave that only gets state changes is held back too, and the next ones are deferred at once.
         const frame = await this.tracked(enclave, () => this.sequenced(enclave, opcodes.SET_STATE, (sequence) => encodeSetStateRequest({ keyId, state, sequence })))
         if (frame.status === statuses.NOT_FOUND) await this.reload(keyId)
         else this.check(enclave, frame)
+        if (!wasUnsynced) this.unsyncedKeys.delete(keyId)
       } catch (error) {
         // Out of reach; numbered outside the enclave's epoch (it restarted, or took another UNLOCK; the unlock that
         // answer asks for has started); refused as stale; or failed there: in force all the same, as the store
@@ -881,8 +917,20 @@ export class OriginParent {
    * Each enclave's HEALTH answer. `answered`: it answered; `ok`: it answered
    * and can serve: it is in service (see `unsynced`) and, in preload mode,
    * its accounts are loaded (not before the unlock, nor after a bad file).
+   * Callers while one is out share it: `/healthz` and `/metrics` need no
+   * authentication, and a flood of them must not become a flood of HEALTH
+   * requests to every enclave.
    */
-  async health(): Promise<EnclaveHealth[]> {
+  health(): Promise<EnclaveHealth[]> {
+    this.healthAsked ??= this.askHealth().finally(() => {
+      this.healthAsked = undefined
+    })
+    return this.healthAsked
+  }
+
+  private healthAsked: Promise<EnclaveHealth[]> | undefined
+
+  private async askHealth(): Promise<EnclaveHealth[]> {
     return Promise.all(
       this.enclaves.map(async (enclave) => {
         try {

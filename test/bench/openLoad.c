@@ -36,7 +36,8 @@
  * fetch does: POST /v1/keys/{keyId}/sign with {"digest":"0x..."}, signed as
  * enclave-origin/protocol/requestSigning.ts describes, with the key id and
  * secret from ORIGIN_HMAC_KEY_ID and ORIGIN_HMAC_SECRET. A 200 is a success,
- * a 503 is NEEDS_UNLOCK. Phases: client, rpc, parent (total - rpc) and
+ * a 503 whose body says "needs_unlock" is NEEDS_UNLOCK (another 503, an
+ * overloaded parent's say, is only a failure). Phases: client, rpc, parent (total - rpc) and
  * enclave, from the answer's Server-Timing. Connections are taken oldest
  * first; one the server closes or resets is dropped (a request out on it
  * counts as failed) and the run goes on with the others.
@@ -376,7 +377,8 @@ static int readHttpAnswer(Connection *c, Slot *slot, double arrived, Results *re
     phaseMs[PHASE_RPC] = serverTiming(head, copied, "rpc");
     phaseMs[PHASE_PARENT] = serverTiming(head, copied, "total") - phaseMs[PHASE_RPC];
     phaseMs[PHASE_ENCLAVE] = serverTiming(head, copied, "enclave");
-    recordAnswer(results, status == 200, status == 503, slot->scheduledMs, phaseMs);
+    int needsUnlock = status == 503 && memmem(c->in + headLength, bodyLength, "\"needs_unlock\"", 14) != NULL;
+    recordAnswer(results, status == 200, needsUnlock, slot->scheduledMs, phaseMs);
   }
   memmove(c->in, c->in + headLength + bodyLength, c->inLength - headLength - bodyLength);
   c->inLength -= headLength + bodyLength;

@@ -130,6 +130,21 @@ describe.skipIf(!haveCc)('openLoad, the native load generator', () => {
     expect(run.latencyMs.client.p50).toBeGreaterThan(0)
   })
 
+  it('http: counts a 503 as NEEDS_UNLOCK only when its body says needs_unlock, not an overloaded parent\u2019s', async () => {
+    let answers = 0
+    const { port } = await perConnectionServer((_count, _request, response) => {
+      const body = ++answers % 2 === 1 ? '{"error":"needs_unlock","retryAfterMs":100}' : '{"error":"overloaded","retryAfterMs":100}'
+      response.writeHead(503, { 'content-length': String(body.length) }).end(body)
+    })
+
+    const run = await runOpenLoad({ mode: 'http', port, env: { ORIGIN_HMAC_KEY_ID: hmac.keyId, ORIGIN_HMAC_SECRET: hmac.secret }, connections: 64 })
+
+    expect(run.ok).toBe(0)
+    expect(run.failed).toBe(run.offered)
+    expect(run.needsUnlock).toBeGreaterThan(run.offered * 0.4)
+    expect(run.needsUnlock).toBeLessThan(run.offered * 0.6)
+  })
+
   it('http: counts every refused request as failed', async () => {
     const { port, seen } = await verifyingServer()
 

@@ -48,8 +48,8 @@ describe('enclave metrics on the parent', () => {
   it('names each figure as operators expect, with one HELP and TYPE per family across enclaves', async () => {
     const stats = await enclaveStats()
     const text = enclaveMetricsText([
-      { id: 'enclave-1', answered: true, ok: true, inflight: 0, stats },
-      { id: 'enclave-2', answered: false, ok: false, inflight: 0, error: 'connection refused' },
+      { id: 'enclave-1', answered: true, ok: true, inflight: 3, stats },
+      { id: 'enclave-2', answered: false, ok: false, inflight: 2, error: 'connection refused' },
     ])
     const values = samples(text)
     expect(Object.fromEntries(values)).toMatchObject({
@@ -63,13 +63,21 @@ describe('enclave metrics on the parent', () => {
       'origin_enclave_rehydrate_seconds_count{enclave="enclave-1"}': 2,
       'origin_enclave_engine_threads{enclave="enclave-1"}': 1,
       'origin_enclave_engine_inline_signs_total{enclave="enclave-1"}': 1,
+      'origin_enclave_engine_inflight{enclave="enclave-1"}': 0,
+      'origin_enclave_engine_queue_depth{enclave="enclave-1"}': 0,
+      'origin_enclave_key_refresh_failures_total{enclave="enclave-1"}': 0,
+      'origin_enclave_needs_unlock_total{enclave="enclave-1"}': 0,
+      'origin_enclave_grace_signatures_total{enclave="enclave-1"}': 0,
+      'origin_enclave_rehydrate_over_budget_total{enclave="enclave-1"}': 0,
+      'origin_enclave_requests_inflight{enclave="enclave-1"}': 3,
+      'origin_enclave_requests_inflight{enclave="enclave-2"}': 2,
     })
     for (const gauge of ['origin_enclave_resident_memory_bytes', 'origin_enclave_heap_used_bytes']) expect(values.get(`${gauge}{enclave="enclave-1"}`)).toBeGreaterThan(1_000_000)
     for (const family of ['origin_enclave_up', 'origin_enclave_keys', 'origin_enclave_grace_signatures_total', 'origin_enclave_engine_batch_size']) {
       expect(text.match(new RegExp(`^# TYPE ${family} `, 'gm'))).toHaveLength(1)
     }
-    // A down enclave reports nothing but its up gauge.
-    expect([...values.keys()].filter((name) => name.includes('enclave-2'))).toEqual(['origin_enclave_up{enclave="enclave-2"}'])
+    // A down enclave reports nothing but its up gauge and the requests still out to it.
+    expect([...values.keys()].filter((name) => name.includes('enclave-2'))).toEqual(['origin_enclave_up{enclave="enclave-2"}', 'origin_enclave_requests_inflight{enclave="enclave-2"}'])
   })
 
   it('writes histograms with cumulative buckets whose +Inf equals the count', async () => {

@@ -17,7 +17,7 @@ import { openDiskBlobStore, type DiskBlobStore } from '../../enclave-origin/pare
 import { HashRing } from '../../enclave-origin/parent/hashRing.js'
 import { originMetrics } from '../../enclave-origin/parent/metrics.js'
 import { EnclaveUnavailableError } from '../../enclave-origin/parent/enclavePool.js'
-import { NeedsUnlockError, OriginParent, type KeyInfo } from '../../enclave-origin/parent/origin.js'
+import { NeedsUnlockError, OriginParent, OverloadedError, type KeyInfo } from '../../enclave-origin/parent/origin.js'
 import type { BlobStore } from '../../enclave-origin/parent/blobStore.js'
 import { secp256k1 } from '../../enclave-origin/enclave/nativeSecp256k1.js'
 import { connectStream } from '../../enclave-origin/protocol/connectStream.js'
@@ -93,13 +93,9 @@ async function relay(target: { host: string; port: number }) {
   let signAnswerHeld: ((release: () => void) => void) | undefined
   /** SIGN answers pass this late (0: at once), as from an enclave that is slow to sign but alive. */
   let signDelayMs = 0
-  /** The opcode whose next answer the relay turns into an INTERNAL failure. */
-  let failNext: number | undefined
+  /** The parent's next request of this opcode is not passed on: the relay answers it INTERNAL itself, `afterMs` later. */
+  let failNext: { opcode: number; afterMs: number } | undefined
   const fromEnclave = (frame: Frame, to: Socket) => {
-    if (frame.opcode === failNext) {
-      failNext = undefined
-      return void to.write(encodeFrame({ ...frame, status: statuses.INTERNAL, payload: encodeErrorMessage('the relay failed this answer') }))
-    }
     if (signDelayMs > 0 && frame.opcode === opcodes.SIGN) return void setTimeout(() => to.writable && to.write(encodeFrame(frame)), signDelayMs)
     if (signAnswerHeld && frame.opcode === opcodes.SIGN) {
       const holding = signAnswerHeld
@@ -131,8 +127,15 @@ async function relay(target: { host: string; port: number }) {
     track(client)
     const frames = new FrameDecoder()
     client.on('data', (chunk: Buffer) => {
-      framesFromParent.push(...frames.push(chunk))
-      if (mode === 'open') upstream?.write(chunk)
+      const decoded = frames.push(chunk)
+      framesFromParent.push(...decoded)
+      if (mode !== 'open') return
+      const failing = failNext && decoded.find((frame) => frame.opcode === failNext!.opcode)
+      if (!failing) return void upstream?.write(chunk)
+      const { afterMs } = failNext!
+      failNext = undefined
+      for (const frame of decoded) if (frame !== failing) upstream?.write(encodeFrame(frame))
+      setTimeout(() => client.write(encodeFrame({ ...failing, status: statuses.INTERNAL, payload: encodeErrorMessage('the relay failed this request') })), afterMs)
     })
     const upstream = mode === 'open' ? connect(target.port, target.host) : undefined
     if (upstream) {
@@ -168,8 +171,8 @@ async function relay(target: { host: string; port: number }) {
     delaySignAnswers: (ms: number) => {
       signDelayMs = ms
     },
-    failNextAnswer: (opcode: number) => {
-      failNext = opcode
+    failNextRequest: (opcode: number, afterMs = 0) => {
+      failNext = { opcode, afterMs }
     },
     restore: () => {
       mode = 'open'
@@ -536,20 +539,77 @@ describe('LOAD and SET_STATE sequences', () => {
     }
   })
 
-  it('a state change its enclave answers with a failure is in force all the same: answered, logged, and the key reloaded before its next use', async () => {
-    const { cable, parentOf, stop } = await cabledEnclave({ id: 'failing-set-state', storeName: 'failing-set-state-store' })
+  it('refuses signs, gets and creates for an enclave with as many requests in flight as it may, before sending them, and still takes a state change and a health check', async () => {
+    const { cable, parentOf, stop } = await cabledEnclave({ id: 'full', storeName: 'full-store' })
+    const parent = parentOf({ maxInflightPerEnclave: 1 })
+    try {
+      await parent.start()
+      const [key, other] = [await parent.createKey(), await parent.createKey()]
+      const holding = cable.holdNextSignAnswer()
+      const digest = Buffer.alloc(32, 10)
+      const signing = parent.sign(key.keyId, digest)
+      const release = await holding
+      const sent = cable.framesFromParent.length
+      for (const refused of [parent.sign(other.keyId, digest), parent.getKey(other.keyId), parent.createKey()]) {
+        const error = await refused.catch((error: unknown) => error)
+        expect(error).toBeInstanceOf(OverloadedError)
+        expect((error as OverloadedError).retryAfterMs).toBeGreaterThanOrEqual(100)
+        expect((error as OverloadedError).retryAfterMs).toBeLessThan(300)
+      }
+      expect(cable.framesFromParent.length).toBe(sent)
+      // An operator's request and a probe are never refused for load.
+      await parent.setState(other.keyId, 'frozen')
+      expect(await parent.health()).toMatchObject([{ id: 'full', answered: true, inflight: 1 }])
+      release()
+      const signed = await signing
+      expect(await recoverAddress({ hash: `0x${digest.toString('hex')}`, signature: serializeSignature({ r: `0x${signed.signature.slice(2, 66)}`, s: `0x${signed.signature.slice(66)}`, yParity: signed.recoveryId }) })).toBe(key.address)
+      // Its place is free again.
+      await expectSignsAs(parent, key)
+    } finally {
+      parent.close()
+      await stop()
+    }
+  })
+
+  it('shares one health check among the callers that ask while it is out', async () => {
+    const { cable, parentOf, stop } = await cabledEnclave({ id: 'probed', storeName: 'probed-store' })
+    const parent = parentOf()
+    try {
+      await parent.start()
+      const healthChecks = () => cable.framesFromParent.filter((frame) => frame.opcode === opcodes.HEALTH).length
+      const before = healthChecks()
+      const answers = await Promise.all(Array.from({ length: 20 }, () => parent.health()))
+      expect(answers.every((answer) => answer === answers[0])).toBe(true)
+      expect(healthChecks()).toBe(before + 1)
+      await parent.health()
+      expect(healthChecks()).toBe(before + 2)
+    } finally {
+      parent.close()
+      await stop()
+    }
+  })
+
+  it('a state change its enclave answers with a failure is in force all the same: answered, logged, and the key reloaded before its next use, even by a sign made meanwhile', async () => {
+    const { enclave, cable, parentOf, stop } = await cabledEnclave({ id: 'failing-set-state', storeName: 'failing-set-state-store' })
     const logged: Array<Record<string, unknown>> = []
     const parent = parentOf({ log: (fields) => logged.push(fields) })
+    const setStates = () => cable.framesFromParent.filter((frame) => frame.opcode === opcodes.SET_STATE).length
     try {
       await parent.start()
       const key = await parent.createKey()
       await expectSignsAs(parent, key)
-      cable.failNextAnswer(opcodes.SET_STATE)
-      await parent.setState(key.keyId, 'frozen')
-      expect(logged).toContainEqual(expect.objectContaining({ event: 'state_change_deferred', keyId: key.keyId, state: 'frozen', error: 'enclave error: the relay failed this answer' }))
-      const loads = cable.framesFromParent.filter((frame) => frame.opcode === opcodes.LOAD).length
-      await expect(parent.sign(key.keyId, Buffer.alloc(32, 8))).rejects.toThrow(`key ${key.keyId} is frozen`)
-      expect(cable.framesFromParent.filter((frame) => frame.opcode === opcodes.LOAD).length).toBe(loads + 1)
+      // The SET_STATE never reaches the enclave, which keeps the key active; its failure comes back 300 ms later.
+      cable.failNextRequest(opcodes.SET_STATE, 300)
+      const before = setStates()
+      const freezing = parent.setState(key.keyId, 'frozen')
+      await expect.poll(setStates).toBe(before + 1)
+      // A sign while the freeze is out: it must not reach the enclave before the key's new state does.
+      const signing = parent.sign(key.keyId, Buffer.alloc(32, 8))
+      await freezing
+      expect(logged).toContainEqual(expect.objectContaining({ event: 'state_change_deferred', keyId: key.keyId, state: 'frozen', error: 'enclave error: the relay failed this request' }))
+      await expect(signing).rejects.toThrow(`key ${key.keyId} is frozen`)
+      expect(enclave.cache.get(key.keyId)?.record.state).toBe('frozen')
+      await expect(parent.sign(key.keyId, Buffer.alloc(32, 9))).rejects.toThrow(`key ${key.keyId} is frozen`)
     } finally {
       parent.close()
       await stop()
@@ -1336,6 +1396,30 @@ describe('a parent whose enclaves are not all up', () => {
       await expect(signing).rejects.toThrow(`checking that key ${onLate!.keyId} is still active took longer than 1000 ms`)
     } finally {
       storeReadsHang = false
+      await stop()
+    }
+  })
+
+  it('a full enclave is passed over for creates, and sheds its own keys\u2019 signs while the other\u2019s sign on', async () => {
+    const { lateCable, ownStore, enclaves, stop } = await cabledSpares('full-spare-store')
+    const cabled = new OriginParent({ enclaves, poolSize: 1, store: ownStore, requestTimeoutMs: 1_000, credentials: async () => kms.credentials, maxInflightPerEnclave: 1 })
+    try {
+      const { onUp, onLate } = await startWithKeyOnEach(cabled)
+      const holding = lateCable.holdNextSignAnswer()
+      const signing = cabled.sign(onLate!.keyId, Buffer.alloc(32, 12))
+      const release = await holding
+      // One at a time, as spare-up too takes one request at a time here.
+      const made: KeyInfo[] = []
+      for (let i = 0; i < 10; i++) made.push(await cabled.createKey())
+      expect(ownedBy('spare-up', made)).toHaveLength(10)
+      await expect(cabled.sign(onLate!.keyId, Buffer.alloc(32, 13))).rejects.toBeInstanceOf(OverloadedError)
+      await expectSignsAs(cabled, onUp!)
+      // Refused, not failed over: a shed request is no outage.
+      expect(cabled.failovers()).toEqual([])
+      release()
+      await signing
+    } finally {
+      cabled.close()
       await stop()
     }
   })

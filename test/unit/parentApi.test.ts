@@ -10,7 +10,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import type { BlobStore } from '../../enclave-origin/parent/blobStore.js'
 import { createParentApi, healthStatus } from '../../enclave-origin/parent/httpApi.js'
 import { ThrottledLog } from '../../enclave-origin/parent/throttledLog.js'
-import { OriginParent } from '../../enclave-origin/parent/origin.js'
+import { OriginParent, OverloadedError } from '../../enclave-origin/parent/origin.js'
 import { RequestVerifier, signRequest } from '../../enclave-origin/protocol/requestSigning.js'
 import { exchange } from '../support/rawHttp.js'
 
@@ -171,21 +171,13 @@ it('logs the failures of a flood of signs its enclave cannot take once, not once
 })
 
 describe('the parent API under load', () => {
-  /** An API whose parent's signs, gets and state changes are the test's to answer, on its own port. */
-  async function apiWithHeldParent(options: { maxInflight?: number; maxConnections?: number }) {
-    const held = new OriginParent({ enclaves: [{ id: 'none', address: { host: '127.0.0.1', port: 1 } }], poolSize: 1, store: {} as BlobStore, requestTimeoutMs: 200, credentials: () => Promise.reject(new Error('not needed here')) })
-    const waiting: Array<{ keyId: string; resolve: () => void; reject: (error: Error) => void }> = []
-    const wait = (keyId: string) => new Promise<void>((resolve, reject) => waiting.push({ keyId, resolve, reject }))
-    held.sign = async (keyId) => {
-      await wait(keyId)
-      return { signature: `0x${'22'.repeat(64)}`, recoveryId: 0, rpcMs: 1, enclaveMs: 0.5 }
-    }
-    held.getKey = async (keyId) => {
-      await wait(keyId)
-      return { keyId, publicKey: '0x04', address: '0x0000000000000000000000000000000000000001', state: 'active' }
-    }
-    held.setState = async () => {}
-    const api = createParentApi({ parent: held, verifier: new RequestVerifier({ secrets: { [hmac.keyId]: hmac.secret } }), log: () => {}, ...options })
+  /** An API of its own, on its own port, over a parent whose enclave is full: its signs, gets and creates are refused. */
+  async function apiOnFullParent(options: { maxConnections?: number } = {}) {
+    const full = new OriginParent({ enclaves: [{ id: 'full', address: { host: '127.0.0.1', port: 1 } }], poolSize: 1, store: {} as BlobStore, requestTimeoutMs: 200, credentials: () => Promise.reject(new Error('not needed here')) })
+    full.sign = () => Promise.reject(new OverloadedError('full'))
+    full.getKey = () => Promise.reject(new OverloadedError('full'))
+    full.createKey = () => Promise.reject(new OverloadedError('full'))
+    const api = createParentApi({ parent: full, verifier: new RequestVerifier({ secrets: { [hmac.keyId]: hmac.secret } }), log: () => {}, ...options })
     await api.listen({ port: 0, host: '127.0.0.1' })
     const port = (api.address() as AddressInfo).port
     const request = async (method: 'GET' | 'POST', path: string, body = '') => {
@@ -196,54 +188,37 @@ describe('the parent API under load', () => {
     }
     const close = async () => {
       await api.close({ drainMs: 0 })
-      held.close()
+      full.close()
     }
-    const waiter = (keyId: string) => waiting.find((waiter) => waiter.keyId === keyId)!
-    return { port, request, waiting, waiter, close, metrics: async () => (await fetch(`http://127.0.0.1:${port}/metrics`)).text() }
+    return { port, request, close, metrics: async () => (await fetch(`http://127.0.0.1:${port}/metrics`)).text() }
   }
-  const digest = JSON.stringify({ digest: `0x${'11'.repeat(32)}` })
 
-  it('answers signs and gets over MAX_INFLIGHT 503 overloaded at once, still takes a freeze, and frees a place when a request ends either way', async () => {
-    const api = await apiWithHeldParent({ maxInflight: 2 })
+  it('answers a sign, get or create its enclave has no place for 503 overloaded, with a jittered Retry-After-Ms, counted per route', async () => {
+    const api = await apiOnFullParent()
     try {
-      const first = api.request('POST', '/v1/keys/k1/sign', digest)
-      const second = api.request('GET', '/v1/keys/k2')
-      await expect.poll(() => api.waiting.length).toBe(2)
-      const refused = await api.request('POST', '/v1/keys/k3/sign', digest)
-      expect(refused.status).toBe(503)
-      expect(refused.body).toEqual({ error: 'overloaded', retryAfterMs: expect.any(Number) })
-      const retryAfterMs = Number(refused.headers.get('retry-after-ms'))
-      expect(retryAfterMs).toBe(refused.body.retryAfterMs)
-      expect(retryAfterMs).toBeGreaterThanOrEqual(100)
-      expect(retryAfterMs).toBeLessThan(300)
-      expect(refused.headers.get('retry-after')).toBe('1')
-      expect((await api.request('GET', '/v1/keys/k4')).status).toBe(503)
-      // An operator's freeze is never refused for load.
-      expect(await api.request('POST', '/v1/keys/k1/freeze')).toMatchObject({ status: 200, body: { keyId: 'k1', state: 'frozen' } })
-      expect(api.waiting).toHaveLength(2)
-
-      // One answered, one failed: both places are free again.
-      api.waiter('k1').resolve()
-      api.waiter('k2').reject(new Error('the enclave went away'))
-      expect((await first).status).toBe(200)
-      expect((await second).status).toBe(503)
-      const later = [api.request('POST', '/v1/keys/k5/sign', digest), api.request('POST', '/v1/keys/k6/sign', digest)]
-      await expect.poll(() => api.waiting.length).toBe(4)
-      api.waiter('k5').resolve()
-      api.waiter('k6').resolve()
-      expect((await Promise.all(later)).map((answer) => answer.status)).toEqual([200, 200])
-
+      const digest = JSON.stringify({ digest: `0x${'11'.repeat(32)}` })
+      for (const [method, path] of [['POST', '/v1/keys/k1/sign'], ['GET', '/v1/keys/k1'], ['POST', '/v1/keys'], ['POST', '/v1/keys/k2/sign']] as const) {
+        const refused = await api.request(method, path, path.endsWith('/sign') ? digest : '')
+        expect(refused.status).toBe(503)
+        expect(refused.body).toEqual({ error: 'overloaded', retryAfterMs: expect.any(Number) })
+        const retryAfterMs = Number(refused.headers.get('retry-after-ms'))
+        expect(retryAfterMs).toBe(refused.body.retryAfterMs)
+        expect(retryAfterMs).toBeGreaterThanOrEqual(100)
+        expect(retryAfterMs).toBeLessThan(300)
+        expect(refused.headers.get('retry-after')).toBe('1')
+      }
       const metrics = await api.metrics()
-      expect(metrics).toMatch(/^origin_requests_shed_total\{route="sign"\} 1$/m)
+      expect(metrics).toMatch(/^origin_requests_shed_total\{route="sign"\} 2$/m)
       expect(metrics).toMatch(/^origin_requests_shed_total\{route="get"\} 1$/m)
+      expect(metrics).toMatch(/^origin_requests_shed_total\{route="create"\} 1$/m)
+      expect(metrics).toMatch(/^origin_requests_total\{route="sign",status="503"\} 2$/m)
     } finally {
-      for (const { resolve } of api.waiting) resolve()
       await api.close()
     }
   })
 
   it('closes connections over MAX_CONNECTIONS as they arrive, and serves the ones it holds', async () => {
-    const api = await apiWithHeldParent({ maxConnections: 2 })
+    const api = await apiOnFullParent({ maxConnections: 2 })
     const sockets: Socket[] = []
     try {
       const open = () =>
@@ -254,8 +229,8 @@ describe('the parent API under load', () => {
         })
       const [held] = [await open(), await open()]
       const third = await open()
-      const closedAt = await new Promise<number>((resolve) => third.on('close', () => resolve(Date.now())))
-      expect(closedAt).toBeGreaterThan(0)
+      // Closed by the server without a word (the test times out if it is not).
+      await new Promise((resolve) => third.on('close', resolve))
       // The connections it holds are served: one asks for the count.
       const { answer } = await new Promise<{ answer: string }>((resolve) => {
         let answer = ''
