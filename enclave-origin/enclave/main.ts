@@ -18,7 +18,8 @@ import { checkStartup } from './startupChecks.js'
  * carries each KMS connection to the parent, where a forwarder such as vsock-proxy reaches KMS;
  * TLS stays end to end with KMS), KMS_TIMEOUT_MS (3000, per KMS request, two attempts). AWS
  * credentials come from the parent (CREDENTIALS), not settings.
- * ENGINE_THREADS, ENGINE_BATCHING (1|0), ENGINE_INLINE_PER_TURN, GRACE_SIGNATURES, and PRELOAD_FILE for
+ * ENGINE_THREADS, ENGINE_BATCHING (1|0), ENGINE_MAX_BATCH (32), ENGINE_MAX_WAIT_MS (1),
+ * ENGINE_INLINE_PER_TURN, GRACE_SIGNATURES, and PRELOAD_FILE for
  * preload mode (an age-encrypted [{account_id, share}] file whose identity an
  * unlock delivers).
  */
@@ -43,6 +44,9 @@ export async function runEnclave(): Promise<() => Promise<void>> {
     // Unset: the engine's own default, one thread per core.
     threads: process.env.ENGINE_THREADS ? integerSetting('ENGINE_THREADS', { min: 1, max: 256 }) : undefined,
     batching: choiceSetting('ENGINE_BATCHING', { choices: ['0', '1'], fallback: '1' }) === '1',
+    maxBatch: integerSetting('ENGINE_MAX_BATCH', { min: 1, max: 256, fallback: 32 }),
+    // Whole milliseconds: a Node timer waits at least 1 ms, whatever it is asked.
+    maxWaitMs: integerSetting('ENGINE_MAX_WAIT_MS', { min: 1, max: 100, fallback: 1 }),
     inlinePerTurn: process.env.ENGINE_INLINE_PER_TURN ? integerSetting('ENGINE_INLINE_PER_TURN', { min: 0, max: 64 }) : undefined,
   })
   await engine.start()

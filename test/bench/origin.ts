@@ -48,6 +48,12 @@
  * read the open-loop figures for latency below saturation. Last, it says
  * whether each default open loop at the highest fraction (if at least 0.6)
  * met the issue's target: p99 under 10 ms with errors under 0.1%.
+ *
+ * With ORIGIN_BATCH_SWEEP=1 it measures the engine's batch settings instead,
+ * after steps 1 and 2: directly on the enclave, for each ENGINE_MAX_BATCH
+ * and ENGINE_MAX_WAIT_MS in `batchSweep`, a closed loop (capacity) and an
+ * open loop at ORIGIN_OFFERED_FRACTIONS' highest fraction of the default's
+ * capacity, with the native generator where there is one (latency).
  */
 import { spawn } from 'node:child_process'
 import { existsSync, mkdtempSync, rmSync } from 'node:fs'
@@ -99,6 +105,15 @@ const scenarios = [
   { name: '1 thread, batching', env: { ENGINE_THREADS: '1', ENGINE_BATCHING: '1' } },
 ]
 /** Open loop only: under closed-loop load the threads always have work, so the inline path never runs there. */
+/** ORIGIN_BATCH_SWEEP=1: the engine batch settings measured against each other, the default first. */
+const batchSweep = process.env.ORIGIN_BATCH_SWEEP === '1'
+const batchSettings = [
+  { maxBatch: 32, maxWaitMs: 1 },
+  { maxBatch: 8, maxWaitMs: 1 },
+  { maxBatch: 16, maxWaitMs: 1 },
+  { maxBatch: 64, maxWaitMs: 1 },
+  { maxBatch: 32, maxWaitMs: 2 },
+]
 const withoutInline = { name: '2 threads, batching, no inline signing', env: { ENGINE_THREADS: '2', ENGINE_BATCHING: '1', ENGINE_INLINE_PER_TURN: '0' } }
 
 type Sample = { ok: boolean; needsUnlock: boolean; clientMs: number; rpcMs?: number; parentMs?: number; enclaveMs?: number }
@@ -508,6 +523,35 @@ async function main() {
       results.push({ scenario, ...result })
       console.log(JSON.stringify(results.at(-1)))
       return results.at(-1)!
+    }
+    if (batchSweep) {
+      const highestFraction = Math.max(...offeredFractions)
+      let defaultCapacity = 0
+      const rows: string[] = []
+      for (const { maxBatch, maxWaitMs } of batchSettings) {
+        const name = `maxBatch ${maxBatch}, maxWait ${maxWaitMs} ms`
+        await origin.stop()
+        origin = await startOrigin({ kms, kmsKeyId, enclavePort: ports.enclave, parentPort: ports.parent, storeDir, extraEnv: { ...scenarios[0]!.env, ENGINE_MAX_BATCH: String(maxBatch), ENGINE_MAX_WAIT_MS: String(maxWaitMs) }, builtCli })
+        await warmEveryKey(keyIds)
+        const enclave = await viaEnclave(keyIds)
+        const closed = record(`closed loop direct, ${name}`, await closedLoop(() => origin!.pids(), enclave.send))
+        enclave.close()
+        defaultCapacity ||= closed.throughput as number
+        const rate = Math.round(defaultCapacity * highestFraction)
+        const open = haveOpenLoad
+          ? record(`open loop ${Math.round(highestFraction * 100)}% of ${defaultCapacity}/s direct, native generator, ${name}`, await nativeOpenLoop(() => origin!.pids(), keyIds, rate, 'frames', ports.enclave))
+          : await (async () => {
+              const client = await viaEnclave(keyIds)
+              const row = record(`open loop ${Math.round(highestFraction * 100)}% of ${defaultCapacity}/s direct, ${name}`, await openLoop(() => origin!.pids(), client.send, rate))
+              client.close()
+              return row
+            })()
+        const p99 = (row: Record<string, unknown>) => (row.latencyMs as Record<string, { p99: number }>).client!.p99
+        rows.push(`${name.padEnd(28)} ${String(closed.throughput).padStart(8)}/s  closed p99 ${String(p99(closed)).padStart(6)} ms   open at ${rate}/s: p99 ${String(p99(open)).padStart(6)} ms, errors ${(((open.errorRate as number) ?? 0) * 100).toFixed(2)}%`)
+      }
+      console.log(`\nengine batch settings, directly on the enclave (2 threads, keys WARM):\n${rows.join('\n')}`)
+      console.log(JSON.stringify({ bench: 'origin-batch-sweep', keyCount, connections, seconds, rawRate: Math.round(rawRate), results }))
+      return
     }
     /** The open loops the acceptance target is judged on: the defaults at the highest offered fraction. */
     const judged: Array<{ path: string; row: Record<string, unknown> }> = []

@@ -135,7 +135,11 @@ describe('the enclave origin API', () => {
     const text = await (await fetch(`${origin.url}/metrics`)).text()
     expect(text).toContain('# TYPE nodejs_gc_duration_seconds histogram')
     expect(text).toMatch(/process_cpu_seconds_total \d/)
-    expect(text).toMatch(/^origin_sign_latency_seconds_count\{phase="total"\} [1-9]/m)
+    for (const phase of ['enclave', 'queue', 'rpc', 'total']) {
+      expect(text).toMatch(new RegExp(`^origin_sign_latency_seconds_count\\{phase="${phase}"\\} [1-9]`, 'm'))
+      // Observed, not only counted: a phase left at zero would have everything in its first bucket.
+      expect(Number(new RegExp(`^origin_sign_latency_seconds_sum\\{phase="${phase}"\\} (\\S+)`, 'm').exec(text)?.[1])).toBeGreaterThan(0)
+    }
     expect(text).toMatch(/^origin_requests_total\{route="sign",status="200"\} [1-9]/m)
     expect(text).toMatch(/origin_enclave_keys\{enclave="enclave-1",state="WARM"\} [1-9]/)
     expect(text).toMatch(/origin_enclave_key_refreshes_total\{enclave="enclave-1"\} \d+/)

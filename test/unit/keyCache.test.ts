@@ -221,6 +221,21 @@ describe('KeyCache transitions', () => {
     expect(cache.stats().refreshes).toBe(1)
   })
 
+  it('by default, gives a key 1,000,000 uses and refreshes it in the background once fewer than 50,000 are left', async () => {
+    const { cache, key, dekCopy } = harness()
+    const { record, privateKey } = key()
+    cache.setDek(dekCopy())
+    cache.addWarm({ record, privateKey: new Uint8Array(privateKey) })
+
+    for (let use = 0; use < 950_000; use++) cache.acquire('key-1') // 50,000 left: at the mark, not below it
+    await cache.idle()
+    expect(cache.stats().refreshes).toBe(0)
+
+    cache.acquire('key-1')
+    await cache.idle()
+    expect(cache.stats().refreshes).toBe(1)
+  })
+
   it('answers needs-unlock once both the key and the DEK have lapsed, unlocks in the background, and the retry finds the key WARM', async () => {
     const { cache, key, dekCopy, advance, unlock } = harness({ unlockGate: 'closed' })
     const { record, privateKey } = key()

@@ -4,7 +4,7 @@ import { connect, createServer as createNetServer, type AddressInfo, type Socket
 import { tmpdir } from 'node:os'
 import path from 'node:path'
 import { KMSClient } from '@aws-sdk/client-kms'
-import { recoverAddress, serializeSignature, type Hex } from 'viem'
+import { hexToBytes, recoverAddress, serializeSignature, type Hex } from 'viem'
 import { generatePrivateKey, privateKeyToAddress } from 'viem/accounts'
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest'
 import type { StreamAddress } from '../../enclave-origin/config.js'
@@ -19,6 +19,7 @@ import { originMetrics } from '../../enclave-origin/parent/metrics.js'
 import { EnclaveUnavailableError } from '../../enclave-origin/parent/enclavePool.js'
 import { NeedsUnlockError, OriginParent, OverloadedError, type KeyInfo } from '../../enclave-origin/parent/origin.js'
 import type { BlobStore } from '../../enclave-origin/parent/blobStore.js'
+import type { SealedKeyRecord } from '../../enclave-origin/types.js'
 import { secp256k1 } from '../../enclave-origin/enclave/nativeSecp256k1.js'
 import { connectStream } from '../../enclave-origin/protocol/connectStream.js'
 import { encodeFrame, FrameDecoder, opcodes, statuses, type Frame } from '../../enclave-origin/protocol/frames.js'
@@ -565,6 +566,39 @@ describe('LOAD and SET_STATE sequences', () => {
       expect(await recoverAddress({ hash: `0x${digest.toString('hex')}`, signature: serializeSignature({ r: `0x${signed.signature.slice(2, 66)}`, s: `0x${signed.signature.slice(66)}`, yParity: signed.recoveryId }) })).toBe(key.address)
       // Its place is free again.
       await expectSignsAs(parent, key)
+    } finally {
+      parent.close()
+      await stop()
+    }
+  })
+
+  it('answers a create only once its sealed record is durable in the store, and not at all when the store fails it', async () => {
+    const { ownStore, parentOf, stop } = await cabledEnclave({ id: 'durable', storeName: 'durable-store' })
+    let releasePut: (() => void) | undefined
+    let failPut = false
+    const slowStore: BlobStore = Object.assign(Object.create(ownStore) as BlobStore, {
+      put: async (record: SealedKeyRecord) => {
+        if (failPut) throw new Error('the disk is full')
+        await new Promise<void>((resolve) => (releasePut = resolve))
+        return ownStore.put(record)
+      },
+    })
+    const parent = parentOf({ store: slowStore })
+    try {
+      await parent.start()
+      let answered = false
+      const creating = parent.createKey().then((key) => {
+        answered = true
+        return key
+      })
+      await expect.poll(() => releasePut).toBeDefined()
+      await new Promise((resolve) => setTimeout(resolve, 100))
+      expect(answered).toBe(false)
+      releasePut!()
+      const key = await creating
+      expect((await ownStore.get(key.keyId))?.publicKey).toEqual(hexToBytes(key.publicKey))
+      failPut = true
+      await expect(parent.createKey()).rejects.toThrow('the disk is full')
     } finally {
       parent.close()
       await stop()

@@ -54,6 +54,30 @@ it('refuses a client without a certificate at the TLS handshake', async () => {
   await expect(get({})).rejects.toThrow()
 })
 
+it('refuses a client whose certificate another CA issued', async () => {
+  const other = startTestCa('another CA')
+  try {
+    await expect(get(other.issue('stranger'))).rejects.toThrow()
+  } finally {
+    other.close()
+  }
+})
+
+it('without client certificates required, serves a client that presents none over TLS', async () => {
+  const parent = new OriginParent({ enclaves: [{ id: 'none', address: { host: '127.0.0.1', port: 1 } }], poolSize: 1, store: {} as BlobStore, requestTimeoutMs: 200, credentials: () => Promise.reject(new Error('not needed here')) })
+  const open = createParentApi({ parent, verifier: new RequestVerifier({ secrets: {} }), log: () => {}, tls: { ...ca.issue('server', 'IP:127.0.0.1'), ca: ca.caPem } })
+  await open.listen({ port: 0, host: '127.0.0.1' })
+  try {
+    expect(await get({ port: (open.address() as AddressInfo).port })).toBe(503)
+    // TLS all the same: a plain-HTTP request gets no HTTP answer.
+    const plain = await fetch(`http://127.0.0.1:${(open.address() as AddressInfo).port}/healthz`).then((response) => response.status, () => 'refused')
+    expect(plain).toBe('refused')
+  } finally {
+    await open.close({ drainMs: 0 })
+    parent.close()
+  }
+})
+
 it('cuts a TLS handshake that never finishes when it closes', async () => {
   const parent = new OriginParent({ enclaves: [{ id: 'none', address: { host: '127.0.0.1', port: 1 } }], poolSize: 1, store: {} as BlobStore, requestTimeoutMs: 200, credentials: () => Promise.reject(new Error('not needed here')) })
   const closing = createParentApi({ parent, verifier: new RequestVerifier({ secrets: {} }), log: () => {}, tls: { ...ca.issue('server', 'IP:127.0.0.1'), ca: ca.caPem } })

@@ -1,10 +1,12 @@
 import { randomBytes } from 'node:crypto'
+import { availableParallelism } from 'node:os'
 import type { Worker } from 'node:worker_threads'
 import { secp256k1 as noble } from '@noble/curves/secp256k1'
 import { afterEach, describe, expect, it } from 'vitest'
 import { bytesToHex, recoverAddress, type Hex } from 'viem'
 import { privateKeyToAddress } from 'viem/accounts'
 import { SignEngine, type SignRequest } from '../../enclave-origin/enclave/engine.js'
+import { batchSizeBuckets } from '../../enclave-origin/protocol/histograms.js'
 import type { RawSignature } from '../../enclave-origin/types.js'
 
 const halfOrder = 0x7fffffffffffffffffffffffffffffff5d576e7357a4501ddfe92f46681b20a0n
@@ -159,6 +161,16 @@ describe('SignEngine', () => {
         await expectValid(requests[i]!, (outcome as PromiseFulfilledResult<RawSignature>).value)
       }
     }
+  })
+
+  it('by default runs one thread per core and sends at most 32 requests in one batch', async () => {
+    const engine = await started({ inlinePerTurn: 0 })
+    expect(engine.stats().threads).toBe(availableParallelism())
+    // Every thread busy with a first request, then 40 more in the same turn: they leave in batches of at most 32.
+    await Promise.all(Array.from({ length: availableParallelism() + 40 }, () => engine.sign(randomRequest())))
+    const { batchSizes } = engine.stats()
+    expect(batchSizes[batchSizeBuckets.indexOf(32)]).toBeGreaterThanOrEqual(1) // a batch of 17–32
+    expect(batchSizes[batchSizeBuckets.length]).toBe(0) // none over 32
   })
 
   it('rejects malformed inputs without sending them', async () => {
