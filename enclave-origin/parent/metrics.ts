@@ -167,9 +167,9 @@ export function enclaveMetricsText(enclaves: EnclaveHealth[]): string {
     const labels = { enclave: enclave.id }
     text.add({ name: 'origin_enclave_up', help: 'Whether the enclave answered HEALTH for this scrape.', type: 'gauge' }, labels, enclave.answered ? 1 : 0)
     text.add(
-      { name: 'origin_enclave_requests_inflight', help: 'Requests from this parent the enclave has not answered yet; past MAX_INFLIGHT_PER_ENCLAVE its signs, gets and creates are shed.', type: 'gauge' },
+      { name: 'origin_enclave_requests_admitted', help: 'Signs, gets and creates the parent is serving on the enclave now; at MAX_INFLIGHT_PER_ENCLAVE more are shed.', type: 'gauge' },
       labels,
-      enclave.inflight,
+      enclave.admitted,
     )
     if (!enclave.answered) continue
     text.add({ name: 'origin_enclave_ready', help: 'Whether the enclave can serve: it answered, is in service and not held back after failing requests, and in preload mode its accounts are loaded.', type: 'gauge' }, labels, enclave.ok ? 1 : 0)

@@ -129,13 +129,15 @@ type Enclave = {
   /** The last sequence sent there (see LoadRequest), and how many epochs this parent's UNLOCKs have opened there. */
   lastSequence: number
   epochsOpened: number
+  /** Signs, gets and creates being served there now (see `maxInflightPerEnclave`). */
+  admitted: number
 }
 
 /** An enclave serving another's key, and whether the key's stored record was loaded into it. */
 type Standby = { enclave: Enclave; stored: boolean }
 
 /** An enclave's part of `/healthz`; `held`: it answered, but is held back after failing requests. */
-export type EnclaveHealth = { id: string; answered: boolean; ok: boolean; held?: boolean; inflight: number; stats?: Record<string, unknown>; error?: string }
+export type EnclaveHealth = { id: string; answered: boolean; ok: boolean; held?: boolean; inflight: number; admitted: number; stats?: Record<string, unknown>; error?: string }
 
 export type KeyInfo = { keyId: string; publicKey: Hex; address: Address; state: KeyState; cacheState?: CacheState }
 
@@ -169,17 +171,18 @@ export class OriginParent {
       /** The monotonic clock, in ms, that the unlock, sync and outage backoffs run on (tests hold it still). */
       monotonicNow?: () => number
       /**
-       * Requests in flight to one enclave beyond which its signs, gets and creates are refused at once
-       * (OverloadedError); default 1024. Without it, load beyond what the enclave signs queues until requests
-       * time out while it signs for ones already given up on, and every caller waits. Per enclave, so that
-       * one stalled enclave does not take the others' places. Operators' requests, loads and probes are
-       * never refused: a freeze must get through when the enclave is busiest.
+       * Signs, gets and creates served by one enclave at once, beyond which more are refused before they are
+       * sent (OverloadedError); default 1024. Without it, load beyond what the enclave signs queues until
+       * requests time out while it signs for ones already given up on, and every caller waits. Per enclave,
+       * so that one stalled enclave does not take the others' places. Operators' requests, the parent's own
+       * (loads, re-seals, unlocks) and health checks are neither counted nor refused: a freeze must get
+       * through when the enclave is busiest, and a rotation must not shed signs.
        */
       maxInflightPerEnclave?: number
     },
   ) {
     const backoff = () => new FailureBackoff({ now: options.monotonicNow ?? (() => performance.now()), random: Math.random })
-    this.enclaves = options.enclaves.map(({ id, address }) => ({ id, pool: new EnclavePool({ address, size: options.poolSize }), unlocking: undefined, unlockQueue: Promise.resolve(), unlockBackoff: backoff(), unsynced: false, syncing: undefined, syncBackoff: backoff(), outage: backoff(), outageFailures: 0, probing: false, lastSequence: 0, epochsOpened: 0 }))
+    this.enclaves = options.enclaves.map(({ id, address }) => ({ id, pool: new EnclavePool({ address, size: options.poolSize }), unlocking: undefined, unlockQueue: Promise.resolve(), unlockBackoff: backoff(), unsynced: false, syncing: undefined, syncBackoff: backoff(), outage: backoff(), outageFailures: 0, probing: false, lastSequence: 0, epochsOpened: 0, admitted: 0 }))
     this.ring = new HashRing(this.enclaves.map((enclave) => ({ id: enclave.id, node: enclave })))
   }
 
@@ -222,9 +225,20 @@ export class OriginParent {
     return enclave.epochsOpened !== opened ? send() : frame
   }
 
-  /** Refuses a sign, get or create for an enclave that has as many requests in flight as it may. */
-  private admit(enclave: Enclave): void {
-    if (enclave.pool.inflight >= (this.options.maxInflightPerEnclave ?? 1_024)) throw new OverloadedError(enclave.id)
+  /** Whether the enclave serves as many signs, gets and creates as it may. */
+  private full(enclave: Enclave): boolean {
+    return enclave.admitted >= (this.options.maxInflightPerEnclave ?? 1_024)
+  }
+
+  /** `work` (a sign, get or create there) counted as one of the enclave's; refused at once when it is full. */
+  private async admitted<T>(enclave: Enclave, work: () => Promise<T>): Promise<T> {
+    if (this.full(enclave)) throw new OverloadedError(enclave.id)
+    enclave.admitted += 1
+    try {
+      return await work()
+    } finally {
+      enclave.admitted -= 1
+    }
   }
 
   private async call(enclave: Enclave, opcode: Opcode, payload: Uint8Array): Promise<Frame> {
@@ -593,6 +607,7 @@ export class OriginParent {
   private async create(): Promise<KeyInfo> {
     /** Enclaves out of reach, or with no place for another request. */
     const passedOver = new Set<Enclave>()
+    let overloaded: OverloadedError | undefined
     let keyId: string
     let enclave: Enclave
     let frame: Frame
@@ -605,14 +620,15 @@ export class OriginParent {
       try {
         // Out of service, it may hold another DEK: a key sealed under that one would be lost at its next restart.
         if (enclave.unsynced) throw this.outOfService(enclave)
-        this.admit(enclave)
         const target = enclave
-        frame = await this.tracked(target, () => this.call(target, opcodes.CREATE, encodeCreateRequest({ keyId })))
+        frame = await this.tracked(target, () => this.admitted(target, () => this.call(target, opcodes.CREATE, encodeCreateRequest({ keyId }))))
         break
       } catch (error) {
-        if (!(error instanceof EnclaveUnavailableError || error instanceof OverloadedError)) throw error
+        if (error instanceof OverloadedError) overloaded = error
+        else if (!(error instanceof EnclaveUnavailableError)) throw error
         passedOver.add(enclave)
-        if (passedOver.size === this.enclaves.length) throw error
+        // Any of them only full: come back shortly (the others may be down for longer).
+        if (passedOver.size === this.enclaves.length) throw overloaded ?? error
       }
     }
     const created = decodeCreateResponse(this.check(enclave, frame).payload)
@@ -626,7 +642,7 @@ export class OriginParent {
    * signs (see `onOwnerOrStandby`).
    */
   sign(keyId: string, digest: Uint8Array): Promise<{ signature: Hex; recoveryId: number; rpcMs: number; enclaveMs: number }> {
-    return this.onOwnerOrStandby(keyId, (enclave) => this.signOn({ enclave, keyId, digest }))
+    return this.onOwnerOrStandby(keyId, (enclave) => this.admitted(enclave, () => this.signOn({ enclave, keyId, digest })))
   }
 
   /**
@@ -724,7 +740,6 @@ export class OriginParent {
   }
 
   private async signOn({ enclave, keyId, digest }: { enclave: Enclave; keyId: string; digest: Uint8Array }): Promise<{ signature: Hex; recoveryId: number; rpcMs: number; enclaveMs: number }> {
-    this.admit(enclave)
     const started = performance.now()
     const deactivations = this.deactivations
     const frame = await this.callReloading({ enclave, keyId, opcode: opcodes.SIGN, payload: encodeSignRequest({ keyId, digest }) })
@@ -757,14 +772,21 @@ export class OriginParent {
    * held back after failures of their own come last, and only with
    * `heldLast` (once the owner itself has failed); out-of-service ones
    * never, nor any in `tried` (which this fills: a request tries each
-   * standby once). Undefined for any other error, or when no enclave takes
-   * it.
+   * standby once). Full ones (see `maxInflightPerEnclave`) are passed
+   * over before the load. Undefined for any other error, or when no enclave
+   * takes it; OverloadedError when the ones that would were full.
    */
   private async standbyFor({ keyId, error, heldLast, tried }: { keyId: string; error: unknown; heldLast: boolean; tried: Set<Enclave> }): Promise<Standby | undefined> {
     if (!(error instanceof EnclaveUnavailableError)) return undefined
     const others = this.ring.nodesFor(keyId).slice(1).filter((enclave) => !enclave.unsynced && !tried.has(enclave))
+    let overloaded: OverloadedError | undefined
     for (const enclave of [...others.filter((other) => !heldBack(other)), ...(heldLast ? others.filter(heldBack) : [])]) {
       tried.add(enclave)
+      // Full: passed over before the load, which would only add to its work.
+      if (this.full(enclave)) {
+        overloaded = new OverloadedError(enclave.id)
+        continue
+      }
       // The load's outcome counts toward the standby's own outage, as a request's would; a key the store does
       // not hold makes no load, and tells nothing about it.
       const failuresAtSend = enclave.outageFailures
@@ -779,6 +801,8 @@ export class OriginParent {
         else throw failure
       }
     }
+    // Standbys there were, but full: the caller may come back shortly.
+    if (overloaded) throw overloaded
     return undefined
   }
 
@@ -849,11 +873,10 @@ export class OriginParent {
 
   /** The key as its enclave holds it (another, with its own out of reach: see `onOwnerOrStandby`). */
   getKey(keyId: string): Promise<KeyInfo> {
-    return this.onOwnerOrStandby(keyId, (enclave) => this.getOn({ enclave, keyId }))
+    return this.onOwnerOrStandby(keyId, (enclave) => this.admitted(enclave, () => this.getOn({ enclave, keyId })))
   }
 
   private async getOn({ enclave, keyId }: { enclave: Enclave; keyId: string }): Promise<KeyInfo> {
-    this.admit(enclave)
     const frame = await this.callReloading({ enclave, keyId, opcode: opcodes.GET, payload: encodeGetRequest({ keyId }) })
     const key = decodeGetResponse(this.check(enclave, frame).payload)
     const publicKey = bytesToHex(key.publicKey)
@@ -944,9 +967,9 @@ export class OriginParent {
           const notServing = enclave.unsynced
             ? 'out of service until it has unlocked and loaded its keys (its keys fail over meanwhile)'
             : (refusal ?? (held ? 'held back after failing requests until a probe succeeds (its keys fail over meanwhile)' : undefined))
-          return { id: enclave.id, answered: true, ok: !notServing, held, inflight: enclave.pool.inflight, stats, ...(notServing ? { error: notServing } : {}) }
+          return { id: enclave.id, answered: true, ok: !notServing, held, inflight: enclave.pool.inflight, admitted: enclave.admitted, stats, ...(notServing ? { error: notServing } : {}) }
         } catch (error) {
-          return { id: enclave.id, answered: false, ok: false, inflight: enclave.pool.inflight, error: messageOf(error) }
+          return { id: enclave.id, answered: false, ok: false, inflight: enclave.pool.inflight, admitted: enclave.admitted, error: messageOf(error) }
         }
       }),
     )

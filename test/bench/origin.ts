@@ -104,7 +104,6 @@ const scenarios = [
   { name: '2 threads, no batching', env: { ENGINE_THREADS: '2', ENGINE_BATCHING: '0' } },
   { name: '1 thread, batching', env: { ENGINE_THREADS: '1', ENGINE_BATCHING: '1' } },
 ]
-/** Open loop only: under closed-loop load the threads always have work, so the inline path never runs there. */
 /** ORIGIN_BATCH_SWEEP=1: the engine batch settings measured against each other, the default first. */
 const batchSweep = process.env.ORIGIN_BATCH_SWEEP === '1'
 const batchSettings = [
@@ -114,6 +113,7 @@ const batchSettings = [
   { maxBatch: 64, maxWaitMs: 1 },
   { maxBatch: 32, maxWaitMs: 2 },
 ]
+/** Open loop only: under closed-loop load the threads always have work, so the inline path never runs there. */
 const withoutInline = { name: '2 threads, batching, no inline signing', env: { ENGINE_THREADS: '2', ENGINE_BATCHING: '1', ENGINE_INLINE_PER_TURN: '0' } }
 
 type Sample = { ok: boolean; needsUnlock: boolean; clientMs: number; rpcMs?: number; parentMs?: number; enclaveMs?: number }

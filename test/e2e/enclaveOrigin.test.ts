@@ -211,7 +211,7 @@ describe('the operators\u2019 CLI', () => {
   })
 
   it('asks again, after its Retry-After-Ms, for a create the origin shed for load', async () => {
-    // An origin that sheds every other create, as a parent over MAX_INFLIGHT does.
+    // An origin that sheds every other create, as a parent whose enclave is full does.
     let requests = 0
     const nonces = new Set<string>()
     const shedding = createServer((request, response) => {

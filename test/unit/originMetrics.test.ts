@@ -48,8 +48,8 @@ describe('enclave metrics on the parent', () => {
   it('names each figure as operators expect, with one HELP and TYPE per family across enclaves', async () => {
     const stats = await enclaveStats()
     const text = enclaveMetricsText([
-      { id: 'enclave-1', answered: true, ok: true, inflight: 3, stats },
-      { id: 'enclave-2', answered: false, ok: false, inflight: 2, error: 'connection refused' },
+      { id: 'enclave-1', answered: true, ok: true, inflight: 5, admitted: 3, stats },
+      { id: 'enclave-2', answered: false, ok: false, inflight: 4, admitted: 2, error: 'connection refused' },
     ])
     const values = samples(text)
     expect(Object.fromEntries(values)).toMatchObject({
@@ -69,19 +69,19 @@ describe('enclave metrics on the parent', () => {
       'origin_enclave_needs_unlock_total{enclave="enclave-1"}': 0,
       'origin_enclave_grace_signatures_total{enclave="enclave-1"}': 0,
       'origin_enclave_rehydrate_over_budget_total{enclave="enclave-1"}': 0,
-      'origin_enclave_requests_inflight{enclave="enclave-1"}': 3,
-      'origin_enclave_requests_inflight{enclave="enclave-2"}': 2,
+      'origin_enclave_requests_admitted{enclave="enclave-1"}': 3,
+      'origin_enclave_requests_admitted{enclave="enclave-2"}': 2,
     })
     for (const gauge of ['origin_enclave_resident_memory_bytes', 'origin_enclave_heap_used_bytes']) expect(values.get(`${gauge}{enclave="enclave-1"}`)).toBeGreaterThan(1_000_000)
     for (const family of ['origin_enclave_up', 'origin_enclave_keys', 'origin_enclave_grace_signatures_total', 'origin_enclave_engine_batch_size']) {
       expect(text.match(new RegExp(`^# TYPE ${family} `, 'gm'))).toHaveLength(1)
     }
-    // A down enclave reports nothing but its up gauge and the requests still out to it.
-    expect([...values.keys()].filter((name) => name.includes('enclave-2'))).toEqual(['origin_enclave_up{enclave="enclave-2"}', 'origin_enclave_requests_inflight{enclave="enclave-2"}'])
+    // A down enclave reports nothing but its up gauge and the requests it is serving.
+    expect([...values.keys()].filter((name) => name.includes('enclave-2'))).toEqual(['origin_enclave_up{enclave="enclave-2"}', 'origin_enclave_requests_admitted{enclave="enclave-2"}'])
   })
 
   it('writes histograms with cumulative buckets whose +Inf equals the count', async () => {
-    const values = samples(enclaveMetricsText([{ id: 'e', answered: true, ok: true, inflight: 0, stats: await enclaveStats() }]))
+    const values = samples(enclaveMetricsText([{ id: 'e', answered: true, ok: true, inflight: 0, admitted: 0, stats: await enclaveStats() }]))
     for (const family of ['origin_enclave_rehydrate_seconds', 'origin_enclave_engine_batch_size']) {
       const buckets = [...values.entries()].filter(([name]) => name.startsWith(`${family}_bucket{`)).map(([, value]) => value)
       expect(buckets.length).toBeGreaterThan(2)
@@ -95,7 +95,7 @@ describe('enclave metrics on the parent', () => {
   it('keeps the cache and engine figures of an enclave that answers but cannot serve yet, and leaves out figures an enclave did not send', async () => {
     const stats = await enclaveStats()
     const older = { ...stats, engine: { ...(stats.engine as object), batchSizes: undefined, inline: undefined }, cache: { ...(stats.cache as object), inlineRefreshMs: undefined } }
-    const text = enclaveMetricsText([{ id: 'p', answered: true, ok: false, inflight: 0, stats: older, error: 'the preload file is not loaded yet' }])
+    const text = enclaveMetricsText([{ id: 'p', answered: true, ok: false, inflight: 0, admitted: 0, stats: older, error: 'the preload file is not loaded yet' }])
     const values = samples(text)
     expect(values.get('origin_enclave_up{enclave="p"}')).toBe(1)
     expect(values.get('origin_enclave_ready{enclave="p"}')).toBe(0)

@@ -19,7 +19,6 @@ import { originMetrics } from '../../enclave-origin/parent/metrics.js'
 import { EnclaveUnavailableError } from '../../enclave-origin/parent/enclavePool.js'
 import { NeedsUnlockError, OriginParent, OverloadedError, type KeyInfo } from '../../enclave-origin/parent/origin.js'
 import type { BlobStore } from '../../enclave-origin/parent/blobStore.js'
-import type { SealedKeyRecord } from '../../enclave-origin/types.js'
 import { secp256k1 } from '../../enclave-origin/enclave/nativeSecp256k1.js'
 import { connectStream } from '../../enclave-origin/protocol/connectStream.js'
 import { encodeFrame, FrameDecoder, opcodes, statuses, type Frame } from '../../enclave-origin/protocol/frames.js'
@@ -564,7 +563,9 @@ describe('LOAD and SET_STATE sequences', () => {
       release()
       const signed = await signing
       expect(await recoverAddress({ hash: `0x${digest.toString('hex')}`, signature: serializeSignature({ r: `0x${signed.signature.slice(2, 66)}`, s: `0x${signed.signature.slice(66)}`, yParity: signed.recoveryId }) })).toBe(key.address)
-      // Its place is free again.
+      // Its place is free again, and after a request that fails too.
+      await expectSignsAs(parent, key)
+      await expect(parent.sign('no-such-key', digest)).rejects.toThrow()
       await expectSignsAs(parent, key)
     } finally {
       parent.close()
@@ -576,13 +577,19 @@ describe('LOAD and SET_STATE sequences', () => {
     const { ownStore, parentOf, stop } = await cabledEnclave({ id: 'durable', storeName: 'durable-store' })
     let releasePut: (() => void) | undefined
     let failPut = false
-    const slowStore: BlobStore = Object.assign(Object.create(ownStore) as BlobStore, {
-      put: async (record: SealedKeyRecord) => {
+    const slowStore: BlobStore = {
+      put: async (record) => {
         if (failPut) throw new Error('the disk is full')
         await new Promise<void>((resolve) => (releasePut = resolve))
         return ownStore.put(record)
       },
-    })
+      get: (keyId) => ownStore.get(keyId),
+      list: () => ownStore.list(),
+      setState: (keyId, state) => ownStore.setState(keyId, state),
+      putWrappedDek: (dek) => ownStore.putWrappedDek(dek),
+      getWrappedDek: () => ownStore.getWrappedDek(),
+      close: () => ownStore.close(),
+    }
     const parent = parentOf({ store: slowStore })
     try {
       await parent.start()
@@ -1449,6 +1456,30 @@ describe('a parent whose enclaves are not all up', () => {
       await expect(cabled.sign(onLate!.keyId, Buffer.alloc(32, 13))).rejects.toBeInstanceOf(OverloadedError)
       await expectSignsAs(cabled, onUp!)
       // Refused, not failed over: a shed request is no outage.
+      expect(cabled.failovers()).toEqual([])
+      release()
+      await signing
+    } finally {
+      cabled.close()
+      await stop()
+    }
+  })
+
+  it('a full standby is passed over before the key is loaded there, and a create with every enclave full or down is refused as overloaded', async () => {
+    const { upCable, lateCable, ownStore, enclaves, stop } = await cabledSpares('full-standby-store')
+    const cabled = new OriginParent({ enclaves, poolSize: 1, store: ownStore, requestTimeoutMs: 1_000, credentials: async () => kms.credentials, maxInflightPerEnclave: 1 })
+    try {
+      const { onUp, onLate } = await startWithKeyOnEach(cabled)
+      const holding = upCable.holdNextSignAnswer()
+      const signing = cabled.sign(onUp!.keyId, Buffer.alloc(32, 14))
+      const release = await holding
+      // spare-late drops out: its key's one standby, spare-up, is full.
+      lateCable.cut()
+      const loads = () => upCable.framesFromParent.filter((frame) => frame.opcode === opcodes.LOAD).length
+      const before = loads()
+      await expect(cabled.sign(onLate!.keyId, Buffer.alloc(32, 15))).rejects.toBeInstanceOf(OverloadedError)
+      expect(loads()).toBe(before)
+      await expect(cabled.createKey()).rejects.toBeInstanceOf(OverloadedError)
       expect(cabled.failovers()).toEqual([])
       release()
       await signing

@@ -61,7 +61,7 @@ describe('the parent API', () => {
 
   it('answers /healthz 200 degraded while some enclaves serve, and 503 down when none does', async () => {
     const health = parent.health
-    const enclave = (id: string, ok: boolean) => ({ id, answered: ok, ok, inflight: 0, ...(ok ? {} : { error: 'connection refused' }) })
+    const enclave = (id: string, ok: boolean) => ({ id, answered: ok, ok, inflight: 0, admitted: 0, ...(ok ? {} : { error: 'connection refused' }) })
     try {
       parent.health = async () => [enclave('a', true), enclave('b', false)]
       const degraded = await fetch(`${base}/healthz`)
@@ -81,7 +81,7 @@ describe('the parent API', () => {
   it('reports on /healthz a store that takes no more writes', async () => {
     const failed = new OriginParent({ enclaves: [{ id: 'none', address: { host: '127.0.0.1', port: 1 } }], poolSize: 1, store: { writeFailure: () => 'blob store write failed, reopen it to recover: EIO' } as BlobStore, requestTimeoutMs: 200, credentials: () => Promise.reject(new Error('not needed here')) })
     // Its enclave serves: the store alone is what is down.
-    failed.health = async () => [{ id: 'a', answered: true, ok: true, inflight: 0 }]
+    failed.health = async () => [{ id: 'a', answered: true, ok: true, inflight: 0, admitted: 0 }]
     const api = createParentApi({ parent: failed, verifier: new RequestVerifier({ secrets: {} }), log: () => {} })
     await api.listen({ port: 0, host: '127.0.0.1' })
     try {
@@ -250,7 +250,7 @@ describe('the parent API under load', () => {
 })
 
 describe('healthStatus', () => {
-  const enclave = (state: 'ok' | 'held' | 'down') => ({ id: state, answered: state !== 'down', ok: state === 'ok', held: state === 'held', inflight: 0 })
+  const enclave = (state: 'ok' | 'held' | 'down') => ({ id: state, answered: state !== 'down', ok: state === 'ok', held: state === 'held', inflight: 0, admitted: 0 })
   it('is down only when no enclave answers in service, or the store takes no writes; held back is degraded', () => {
     expect(healthStatus({ enclaves: [enclave('ok'), enclave('ok')], storeOk: true })).toBe('ok')
     expect(healthStatus({ enclaves: [enclave('ok'), enclave('down')], storeOk: true })).toBe('degraded')
