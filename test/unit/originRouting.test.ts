@@ -577,19 +577,16 @@ describe('LOAD and SET_STATE sequences', () => {
     const { ownStore, parentOf, stop } = await cabledEnclave({ id: 'durable', storeName: 'durable-store' })
     let releasePut: (() => void) | undefined
     let failPut = false
-    const slowStore: BlobStore = {
-      put: async (record) => {
-        if (failPut) throw new Error('the disk is full')
-        await new Promise<void>((resolve) => (releasePut = resolve))
-        return ownStore.put(record)
+    const slowStore = storeWith(
+      {
+        put: async (record) => {
+          if (failPut) throw new Error('the disk is full')
+          await new Promise<void>((resolve) => (releasePut = resolve))
+          return ownStore.put(record)
+        },
       },
-      get: (keyId) => ownStore.get(keyId),
-      list: () => ownStore.list(),
-      setState: (keyId, state) => ownStore.setState(keyId, state),
-      putWrappedDek: (dek) => ownStore.putWrappedDek(dek),
-      getWrappedDek: () => ownStore.getWrappedDek(),
-      close: () => ownStore.close(),
-    }
+      ownStore,
+    )
     const parent = parentOf({ store: slowStore })
     try {
       await parent.start()
@@ -747,15 +744,18 @@ describe('LOAD and SET_STATE sequences', () => {
   })
 })
 
-/** The shared store as another parent would use it, with some of its methods replaced (failures, losses); close leaves it open. */
-function storeWith(overrides: Partial<BlobStore>): BlobStore {
+/**
+ * `base` (the shared store by default) as another parent would use it, with some of its methods replaced
+ * (failures, losses, hangs); each call runs on `base` itself, and close leaves it open.
+ */
+function storeWith(overrides: Partial<BlobStore>, base: BlobStore = store): BlobStore {
   return {
-    put: (record) => store.put(record),
-    get: (keyId) => store.get(keyId),
-    list: () => store.list(),
-    setState: (keyId, state) => store.setState(keyId, state),
-    putWrappedDek: (dek) => store.putWrappedDek(dek),
-    getWrappedDek: () => store.getWrappedDek(),
+    put: (record) => base.put(record),
+    get: (keyId) => base.get(keyId),
+    list: () => base.list(),
+    setState: (keyId, state) => base.setState(keyId, state),
+    putWrappedDek: (dek) => base.putWrappedDek(dek),
+    getWrappedDek: () => base.getWrappedDek(),
     close: async () => {},
     ...overrides,
   }
@@ -1389,9 +1389,15 @@ describe('a parent whose enclaves are not all up', () => {
     }
   })
 
-  it('a freeze deferred while a SIGN is out stops the signature that comes back after it', async () => {
-    const { lateCable, stillClockParent, stop } = await cabledSpares('deferred-sign-store')
-    const { parent: held, advance } = stillClockParent(undefined, 1_000)
+  it.each([
+    { storeAnswers: true, storeName: 'deferred-sign-store', refusal: (keyId: string) => `key ${keyId} is frozen` },
+    // Bounded: a hung store read must not hold the request for ever, and unchecked, the signature is not given out.
+    { storeAnswers: false, storeName: 'hung-check-store', refusal: (keyId: string) => `checking that key ${keyId} is still active took longer than 1000 ms` },
+  ])('a freeze deferred while a SIGN is out stops the signature that comes back after it (the store answers its check: $storeAnswers)', async ({ storeAnswers, storeName, refusal }) => {
+    const { lateCable, ownStore, stillClockParent, stop } = await cabledSpares(storeName)
+    let storeReadsHang = false
+    const checkedStore = storeWith({ get: (keyId) => (storeReadsHang ? new Promise<never>(() => {}) : ownStore.get(keyId)) }, ownStore)
+    const { parent: held, advance } = stillClockParent(checkedStore, 1_000)
     try {
       const { onLate } = await startWithKeyOnEach(held)
       lateCable.stall()
@@ -1405,89 +1411,59 @@ describe('a parent whose enclaves are not all up', () => {
       const release = await holding
       const failovers = JSON.stringify(held.failovers())
       await held.setState(onLate!.keyId, 'frozen')
+      storeReadsHang = !storeAnswers
       release()
-      await expect(signing).rejects.toThrow(`key ${onLate!.keyId} is frozen`)
+      await expect(signing).rejects.toThrow(refusal(onLate!.keyId))
       // Refused by the parent's check of the signature that came back, not by a standby after a timeout.
       expect(JSON.stringify(held.failovers())).toBe(failovers)
-    } finally {
-      await stop()
-    }
-  })
-
-  it('a signature that comes back after a freeze is refused, not given out, when the store does not answer the check in time', async () => {
-    const { lateCable, ownStore, stillClockParent, stop } = await cabledSpares('hung-check-store')
-    let storeReadsHang = false
-    const hangingStore: BlobStore = Object.assign(Object.create(ownStore) as BlobStore, {
-      get: (keyId: string) => (storeReadsHang ? new Promise<never>(() => {}) : ownStore.get(keyId)),
-    })
-    const { parent: held, advance } = stillClockParent(hangingStore, 1_000)
-    try {
-      const { onLate } = await startWithKeyOnEach(held)
-      lateCable.stall()
-      await expectSignsAs(held, onLate!)
-      lateCable.restore()
-      advance(60_000)
-      const holding = lateCable.holdNextSignAnswer()
-      const signing = held.sign(onLate!.keyId, Buffer.alloc(32, 7))
-      const release = await holding
-      // Deferred (spare-late is held back while its probe is out): only the parent's check stops the signature.
-      await held.setState(onLate!.keyId, 'frozen')
-      storeReadsHang = true
-      release()
-      await expect(signing).rejects.toThrow(`checking that key ${onLate!.keyId} is still active took longer than 1000 ms`)
     } finally {
       storeReadsHang = false
       await stop()
     }
   })
 
-  it('a full enclave is passed over for creates, and sheds its own keys\u2019 signs while the other\u2019s sign on', async () => {
-    const { lateCable, ownStore, enclaves, stop } = await cabledSpares('full-spare-store')
-    const cabled = new OriginParent({ enclaves, poolSize: 1, store: ownStore, requestTimeoutMs: 1_000, credentials: async () => kms.credentials, maxInflightPerEnclave: 1 })
+  /**
+   * A parent over both spares that lets each serve one sign, get or create at a time, with `full`'s one place
+   * taken by a sign its relay holds until `test` has run. Nothing may fail over meanwhile: a shed request is no outage.
+   */
+  async function withSpareFull(storeName: string, full: 'spare-up' | 'spare-late', test: (context: Awaited<ReturnType<typeof cabledSpares>> & { cabled: OriginParent; onUp: KeyInfo; onLate: KeyInfo }) => Promise<void>) {
+    const spares = await cabledSpares(storeName)
+    const cabled = new OriginParent({ enclaves: spares.enclaves, poolSize: 1, store: spares.ownStore, requestTimeoutMs: 1_000, credentials: async () => kms.credentials, maxInflightPerEnclave: 1 })
     try {
       const { onUp, onLate } = await startWithKeyOnEach(cabled)
-      const holding = lateCable.holdNextSignAnswer()
-      const signing = cabled.sign(onLate!.keyId, Buffer.alloc(32, 12))
+      const holding = (full === 'spare-up' ? spares.upCable : spares.lateCable).holdNextSignAnswer()
+      const signing = cabled.sign((full === 'spare-up' ? onUp : onLate)!.keyId, Buffer.alloc(32, 12))
       const release = await holding
+      await test({ ...spares, cabled, onUp: onUp!, onLate: onLate! })
+      expect(cabled.failovers()).toEqual([])
+      release()
+      await signing
+    } finally {
+      cabled.close()
+      await spares.stop()
+    }
+  }
+
+  it('a full enclave is passed over for creates, and sheds its own keys\u2019 signs while the other\u2019s sign on', () =>
+    withSpareFull('full-spare-store', 'spare-late', async ({ cabled, onUp, onLate }) => {
       // One at a time, as spare-up too takes one request at a time here.
       const made: KeyInfo[] = []
       for (let i = 0; i < 10; i++) made.push(await cabled.createKey())
       expect(ownedBy('spare-up', made)).toHaveLength(10)
-      await expect(cabled.sign(onLate!.keyId, Buffer.alloc(32, 13))).rejects.toBeInstanceOf(OverloadedError)
-      await expectSignsAs(cabled, onUp!)
-      // Refused, not failed over: a shed request is no outage.
-      expect(cabled.failovers()).toEqual([])
-      release()
-      await signing
-    } finally {
-      cabled.close()
-      await stop()
-    }
-  })
+      await expect(cabled.sign(onLate.keyId, Buffer.alloc(32, 13))).rejects.toBeInstanceOf(OverloadedError)
+      await expectSignsAs(cabled, onUp)
+    }))
 
-  it('a full standby is passed over before the key is loaded there, and a create with every enclave full or down is refused as overloaded', async () => {
-    const { upCable, lateCable, ownStore, enclaves, stop } = await cabledSpares('full-standby-store')
-    const cabled = new OriginParent({ enclaves, poolSize: 1, store: ownStore, requestTimeoutMs: 1_000, credentials: async () => kms.credentials, maxInflightPerEnclave: 1 })
-    try {
-      const { onUp, onLate } = await startWithKeyOnEach(cabled)
-      const holding = upCable.holdNextSignAnswer()
-      const signing = cabled.sign(onUp!.keyId, Buffer.alloc(32, 14))
-      const release = await holding
+  it('a full standby is passed over before the key is loaded there, and a create with every enclave full or down is refused as overloaded', () =>
+    withSpareFull('full-standby-store', 'spare-up', async ({ cabled, upCable, lateCable, onLate }) => {
       // spare-late drops out: its key's one standby, spare-up, is full.
       lateCable.cut()
       const loads = () => upCable.framesFromParent.filter((frame) => frame.opcode === opcodes.LOAD).length
       const before = loads()
-      await expect(cabled.sign(onLate!.keyId, Buffer.alloc(32, 15))).rejects.toBeInstanceOf(OverloadedError)
+      await expect(cabled.sign(onLate.keyId, Buffer.alloc(32, 15))).rejects.toBeInstanceOf(OverloadedError)
       expect(loads()).toBe(before)
       await expect(cabled.createKey()).rejects.toBeInstanceOf(OverloadedError)
-      expect(cabled.failovers()).toEqual([])
-      release()
-      await signing
-    } finally {
-      cabled.close()
-      await stop()
-    }
-  })
+    }))
 
   it('a standby held back after failures of its own is still tried, last, before a request fails', async () => {
     const { upCable, lateCable, ownStore, enclaves, stop } = await cabledSpares('held-standby-store')
