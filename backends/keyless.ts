@@ -88,7 +88,9 @@ export class KeylessSigner implements Signer {
           ? 'the key is still being unlocked'
           : answer.error === 'overloaded'
             ? 'it is overloaded'
-            : answer.error === 'no such route' ? 'no such route: check the url' : (originStatusMeanings[response.status] ?? 'an unexpected answer')
+            : answer.error === 'no such route'
+              ? 'no such route: check the url'
+              : (originStatusMeanings[response.status] ?? 'an unexpected answer')
       throw new SignerError(`keyless signer ${name}: the origin answered ${response.status} (${reason})`, {
         retryable: response.status >= 500 || response.status === 429,
       })

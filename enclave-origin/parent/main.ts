@@ -16,8 +16,8 @@ import { OriginParent } from './origin.js'
  * ("keyId:secret,…"), POOL_SIZE (16), REQUEST_TIMEOUT_MS (2000), KMS_REQUEST_TIMEOUT_MS (15000,
  * for the enclave requests that wait on KMS: unlock, new data key), CREDENTIAL_REFRESH_MS (300000: how
  * often the enclaves get the AWS credentials for their KMS calls, from this process's default
- * chain, again; also before every unlock), MAX_INFLIGHT_PER_ENCLAVE (1024: requests in flight to one
- * enclave beyond which its signs, gets and creates are answered 503), MAX_CONNECTIONS (10000 client
+ * chain, again; also before every unlock), MAX_INFLIGHT_PER_ENCLAVE (1024: signs, gets and creates
+ * served on one enclave at once, beyond which more are answered 503), MAX_CONNECTIONS (10000 client
  * connections), and for TLS TLS_CERT_FILE, TLS_KEY_FILE, TLS_CA_FILE,
  * TLS_REQUIRE_CLIENT_CERT=1.
  */

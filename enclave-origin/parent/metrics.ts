@@ -75,7 +75,7 @@ export function originMetrics(parent: OriginParent) {
   })
   const shed = new Counter({
     name: 'origin_requests_shed_total',
-    help: 'Signs, gets and creates answered 503 (overloaded) at once because their enclave had MAX_INFLIGHT_PER_ENCLAVE requests in flight, by route.',
+    help: 'Signs, gets and creates answered 503 (overloaded) at once because their enclave was serving MAX_INFLIGHT_PER_ENCLAVE of them, by route.',
     labelNames: ['route'],
     registers: [registry],
   })

@@ -51,13 +51,13 @@ export class OriginRequestError extends Error {
 }
 
 /**
- * A sign, get or create refused before it was sent: its enclave already had `maxInflightPerEnclave` requests
- * from this parent unanswered. Nothing was done; ask again after `retryAfterMs` (jittered, 100–300 ms).
+ * A sign, get or create refused before it was sent: its enclave was already serving `maxInflightPerEnclave`
+ * of them. Nothing was done; ask again after `retryAfterMs` (jittered, 100–300 ms).
  */
 export class OverloadedError extends Error {
   readonly retryAfterMs = 100 + Math.floor(Math.random() * 200)
   constructor(enclaveId: string) {
-    super(`enclave ${enclaveId} has as many requests in flight as it may`)
+    super(`enclave ${enclaveId} is serving as many signs, gets and creates as it may`)
   }
 }
 
@@ -202,6 +202,8 @@ export class OriginParent {
    * out of service): a signature that comes back after one is checked against the store before it is given out.
    */
   private deactivations = 0
+  /** The health check out now, which callers share (see `health`). */
+  private healthAsked: Promise<EnclaveHealth[]> | undefined
   /** Signs and gets that another enclave served: one log line per pair of enclaves every 10 s, and a count per pair. */
   private readonly failoverLog = new ThrottledLog({ log: (fields) => this.options.log?.(fields) })
   private readonly failoverCounts = new Map<string, { enclave: string; standby: string; count: number }>()
@@ -950,8 +952,6 @@ export class OriginParent {
     })
     return this.healthAsked
   }
-
-  private healthAsked: Promise<EnclaveHealth[]> | undefined
 
   private async askHealth(): Promise<EnclaveHealth[]> {
     return Promise.all(
