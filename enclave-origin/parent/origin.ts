@@ -671,7 +671,10 @@ export class OriginParent {
         }
       }
       // With no standby to take its place, the owner is tried anyway: a hold must not make a lone enclave's keys fail.
+      // (Standbys that are only full refuse the request as overloaded above: it comes back shortly.)
     }
+    // Full: refused before anything is sent, a reload included.
+    if (this.full(owner)) throw new OverloadedError(owner.id)
     try {
       // A key whose state change may not have reached its enclave goes there fresh from the store first.
       return await this.tracked(owner, () => (this.unsyncedKeys.has(keyId) ? this.reloadInTurn(keyId, owner).then(() => work(owner)) : work(owner)))
@@ -706,9 +709,18 @@ export class OriginParent {
 
   /** After the owner has failed (or is out of service): any standby not yet tried, held-back ones last. */
   private async onStandby<T>({ keyId, work, failure, tried }: { keyId: string; work: (enclave: Enclave) => Promise<T>; failure: unknown; tried: Set<Enclave> }): Promise<T> {
-    const standby = await this.standbyFor({ keyId, error: failure, heldLast: true, tried })
-    if (!standby) throw failure
-    return this.served({ keyId, work, standby, failure })
+    let overloaded: OverloadedError | undefined
+    for (;;) {
+      const standby = await this.standbyFor({ keyId, error: failure, heldLast: true, tried })
+      if (!standby) throw overloaded ?? failure
+      try {
+        return await this.served({ keyId, work, standby, failure })
+      } catch (error) {
+        // Full by the time it was asked (the owner's other keys failing over at once took its places): the next one.
+        if (!(error instanceof OverloadedError)) throw error
+        overloaded = error
+      }
+    }
   }
 
   /**

@@ -557,7 +557,7 @@ describe('LOAD and SET_STATE sequences', () => {
         expect((error as OverloadedError).retryAfterMs).toBeLessThan(300)
       }
       expect(cable.framesFromParent.length).toBe(sent)
-      // An operator's request and a probe are never refused for load.
+      // An operator's request and a health check are never refused for load.
       await parent.setState(other.keyId, 'frozen')
       expect(await parent.health()).toMatchObject([{ id: 'full', answered: true, inflight: 1 }])
       release()
@@ -565,7 +565,7 @@ describe('LOAD and SET_STATE sequences', () => {
       expect(await recoverAddress({ hash: `0x${digest.toString('hex')}`, signature: serializeSignature({ r: `0x${signed.signature.slice(2, 66)}`, s: `0x${signed.signature.slice(66)}`, yParity: signed.recoveryId }) })).toBe(key.address)
       // Its place is free again, and after a request that fails too.
       await expectSignsAs(parent, key)
-      await expect(parent.sign('no-such-key', digest)).rejects.toThrow()
+      await expect(parent.sign('no-such-key', digest)).rejects.toMatchObject({ kind: 'not-found' })
       await expectSignsAs(parent, key)
     } finally {
       parent.close()
@@ -603,6 +603,52 @@ describe('LOAD and SET_STATE sequences', () => {
       expect((await ownStore.get(key.keyId))?.publicKey).toEqual(hexToBytes(key.publicKey))
       failPut = true
       await expect(parent.createKey()).rejects.toThrow('the disk is full')
+    } finally {
+      parent.close()
+      await stop()
+    }
+  })
+
+  it('refuses a sign for a full enclave before reloading its key there', async () => {
+    const { cable, parentOf, stop } = await cabledEnclave({ id: 'full-reload', storeName: 'full-reload-store' })
+    const parent = parentOf({ maxInflightPerEnclave: 1 })
+    try {
+      await parent.start()
+      const [key, other] = [await parent.createKey(), await parent.createKey()]
+      // A freeze the enclave failed, then an unfreeze: active in the store, and reloaded before the key's next use.
+      cable.failNextRequest(opcodes.SET_STATE)
+      await parent.setState(key.keyId, 'frozen')
+      await parent.setState(key.keyId, 'active')
+      const holding = cable.holdNextSignAnswer()
+      const signing = parent.sign(other.keyId, Buffer.alloc(32, 16))
+      const release = await holding
+      const loads = () => cable.framesFromParent.filter((frame) => frame.opcode === opcodes.LOAD).length
+      const before = loads()
+      await expect(parent.sign(key.keyId, Buffer.alloc(32, 17))).rejects.toBeInstanceOf(OverloadedError)
+      expect(loads()).toBe(before)
+      release()
+      await signing
+      // With its place back, the key reloads and signs.
+      await expectSignsAs(parent, key)
+      expect(loads()).toBe(before + 1)
+    } finally {
+      parent.close()
+      await stop()
+    }
+  })
+
+  it('counts only signs, gets and creates toward the limit: a health check the enclave has not answered takes no place', async () => {
+    const { cable, parentOf, stop } = await cabledEnclave({ id: 'checked', storeName: 'checked-store' })
+    const parent = parentOf({ maxInflightPerEnclave: 1 })
+    try {
+      await parent.start()
+      const key = await parent.createKey()
+      // The HEALTH goes unanswered for 500 ms: a frame out on the pool all that time.
+      cable.failNextRequest(opcodes.HEALTH, 500)
+      const checking = parent.health()
+      await expect.poll(() => cable.framesFromParent.filter((frame) => frame.opcode === opcodes.HEALTH).length).toBe(1)
+      await expectSignsAs(parent, key)
+      expect(await checking).toMatchObject([{ id: 'checked', answered: false }])
     } finally {
       parent.close()
       await stop()
@@ -1428,7 +1474,8 @@ describe('a parent whose enclaves are not all up', () => {
    */
   async function withSpareFull(storeName: string, full: 'spare-up' | 'spare-late', test: (context: Awaited<ReturnType<typeof cabledSpares>> & { cabled: OriginParent; onUp: KeyInfo; onLate: KeyInfo }) => Promise<void>) {
     const spares = await cabledSpares(storeName)
-    const cabled = new OriginParent({ enclaves: spares.enclaves, poolSize: 1, store: spares.ownStore, requestTimeoutMs: 1_000, credentials: async () => kms.credentials, maxInflightPerEnclave: 1 })
+    // A long request timeout: the held sign must not time out (and fail over) on a slow machine before `test` is done.
+    const cabled = new OriginParent({ enclaves: spares.enclaves, poolSize: 1, store: spares.ownStore, requestTimeoutMs: 10_000, credentials: async () => kms.credentials, maxInflightPerEnclave: 1 })
     try {
       const { onUp, onLate } = await startWithKeyOnEach(cabled)
       const holding = (full === 'spare-up' ? spares.upCable : spares.lateCable).holdNextSignAnswer()
