@@ -482,11 +482,17 @@ export class OriginParent {
       }
       // An enclave that restarted meanwhile has no DEK, or not the rotation's, and takes no LOAD before an
       // UNLOCK: unlock it (with both DEKs, from the store) and start again.
-      const frame = await request().catch(async (error: unknown) => {
-        if (!(error instanceof NeedsUnlockError)) throw error
-        await this.unlock(enclave)
-        return request()
-      })
+      const frame = await request()
+        .catch(async (error: unknown) => {
+          if (!(error instanceof NeedsUnlockError)) throw error
+          await this.unlock(enclave)
+          return request()
+        })
+        .catch((error: unknown) => {
+          // The enclave's answer about this key (lost in a restart, say) is no answer to the rotation's caller: not a
+          // 404 or 409 of theirs, but a rotation that did not finish, which the next call resumes.
+          throw error instanceof OriginRequestError ? new Error(`key ${keyId} was not re-sealed (${error.message}); rotate again to resume`) : error
+        })
       const resealed = decodeCreateResponse(frame.payload)
       await this.options.store.put({ ...stored, version: resealed.version, sealed: resealed.sealed })
     })

@@ -17,7 +17,7 @@ import { openDiskBlobStore, type DiskBlobStore } from '../../enclave-origin/pare
 import { HashRing } from '../../enclave-origin/parent/hashRing.js'
 import { originMetrics } from '../../enclave-origin/parent/metrics.js'
 import { EnclaveUnavailableError } from '../../enclave-origin/parent/enclavePool.js'
-import { NeedsUnlockError, OriginParent, OverloadedError, type KeyInfo } from '../../enclave-origin/parent/origin.js'
+import { NeedsUnlockError, OriginParent, OriginRequestError, OverloadedError, type KeyInfo } from '../../enclave-origin/parent/origin.js'
 import type { BlobStore } from '../../enclave-origin/parent/blobStore.js'
 import { secp256k1 } from '../../enclave-origin/enclave/nativeSecp256k1.js'
 import { connectStream } from '../../enclave-origin/protocol/connectStream.js'
@@ -93,8 +93,8 @@ async function relay(target: { host: string; port: number }) {
   let signAnswerHeld: ((release: () => void) => void) | undefined
   /** SIGN answers pass this late (0: at once), as from an enclave that is slow to sign but alive. */
   let signDelayMs = 0
-  /** The parent's next request of this opcode is not passed on: the relay answers it INTERNAL itself, `afterMs` later. */
-  let failNext: { opcode: number; afterMs: number } | undefined
+  /** The parent's next request of this opcode is not passed on: the relay answers it with `status` (INTERNAL) itself, `afterMs` later. */
+  let failNext: { opcode: number; afterMs: number; status: number } | undefined
   const fromEnclave = (frame: Frame, to: Socket) => {
     if (signDelayMs > 0 && frame.opcode === opcodes.SIGN) return void setTimeout(() => to.writable && to.write(encodeFrame(frame)), signDelayMs)
     if (signAnswerHeld && frame.opcode === opcodes.SIGN) {
@@ -132,10 +132,10 @@ async function relay(target: { host: string; port: number }) {
       if (mode !== 'open') return
       const failing = failNext && decoded.find((frame) => frame.opcode === failNext!.opcode)
       if (!failing) return void upstream?.write(chunk)
-      const { afterMs } = failNext!
+      const { afterMs, status } = failNext!
       failNext = undefined
       for (const frame of decoded) if (frame !== failing) upstream?.write(encodeFrame(frame))
-      setTimeout(() => client.write(encodeFrame({ ...failing, status: statuses.INTERNAL, payload: encodeErrorMessage('the relay failed this request') })), afterMs)
+      setTimeout(() => client.write(encodeFrame({ ...failing, status, payload: encodeErrorMessage('the relay failed this request') })), afterMs)
     })
     const upstream = mode === 'open' ? connect(target.port, target.host) : undefined
     if (upstream) {
@@ -171,8 +171,8 @@ async function relay(target: { host: string; port: number }) {
     delaySignAnswers: (ms: number) => {
       signDelayMs = ms
     },
-    failNextRequest: (opcode: number, afterMs = 0) => {
-      failNext = { opcode, afterMs }
+    failNextRequest: (opcode: number, afterMs = 0, status: number = statuses.INTERNAL) => {
+      failNext = { opcode, afterMs, status }
     },
     restore: () => {
       mode = 'open'
@@ -603,6 +603,24 @@ describe('LOAD and SET_STATE sequences', () => {
       expect((await ownStore.get(key.keyId))?.publicKey).toEqual(hexToBytes(key.publicKey))
       failPut = true
       await expect(parent.createKey()).rejects.toThrow('the disk is full')
+    } finally {
+      parent.close()
+      await stop()
+    }
+  })
+
+  it('fails a rotation whose re-seal the enclave answers NOT_FOUND as a rotation that did not finish, not as a 404 of the caller\u2019s, and the next call resumes it', async () => {
+    const { cable, parentOf, stop } = await cabledEnclave({ id: 'lost-reseal', storeName: 'lost-reseal-store' })
+    const parent = parentOf()
+    try {
+      await parent.start()
+      const key = await parent.createKey()
+      cable.failNextRequest(opcodes.RESEAL, 0, statuses.NOT_FOUND)
+      const failed = await parent.rotateDataKey().catch((error: unknown) => error)
+      expect(failed).not.toBeInstanceOf(OriginRequestError)
+      expect((failed as Error).message).toBe(`key ${key.keyId} was not re-sealed (the relay failed this request); rotate again to resume`)
+      expect(await parent.rotateDataKey()).toEqual({ resealed: 1 })
+      await expectSignsAs(parent, key)
     } finally {
       parent.close()
       await stop()
