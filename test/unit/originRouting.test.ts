@@ -477,6 +477,28 @@ describe('LOAD and SET_STATE sequences', () => {
     return { own, enclave, cable, ownStore, parentOf, stop }
   }
 
+  /**
+   * A started parent of an enclave of its own behind a relay (see cabledEnclave), for `test`; all of it stopped
+   * after. `options` for the parent, or a function of the cabled enclave that makes them.
+   */
+  async function withCabledParent(
+    id: string,
+    options: ParentOptions | ((cabled: CabledEnclave) => ParentOptions),
+    test: (context: CabledEnclave & { parent: OriginParent }) => Promise<void>,
+  ) {
+    const cabled = await cabledEnclave({ id, storeName: `${id}-store` })
+    const parent = cabled.parentOf(typeof options === 'function' ? options(cabled) : options)
+    try {
+      await parent.start()
+      await test({ ...cabled, parent })
+    } finally {
+      parent.close()
+      await cabled.stop()
+    }
+  }
+  type ParentOptions = Partial<ConstructorParameters<typeof OriginParent>[0]>
+  type CabledEnclave = Awaited<ReturnType<typeof cabledEnclave>>
+
   /** `frame` sent to the enclave at `address` again, on a connection of its own (as it would land late); its answer. */
   async function deliverAgain(address: StreamAddress, frame: Frame): Promise<Frame> {
     const socket = await connectStream(address)
@@ -540,10 +562,7 @@ describe('LOAD and SET_STATE sequences', () => {
   })
 
   it('refuses signs, gets and creates for an enclave with as many requests in flight as it may, before sending them, and still takes a state change and a health check', async () => {
-    const { cable, parentOf, stop } = await cabledEnclave({ id: 'full', storeName: 'full-store' })
-    const parent = parentOf({ maxInflightPerEnclave: 1 })
-    try {
-      await parent.start()
+    await withCabledParent('full', { maxInflightPerEnclave: 1 }, async ({ parent, cable }) => {
       const [key, other] = [await parent.createKey(), await parent.createKey()]
       const holding = cable.holdNextSignAnswer()
       const digest = Buffer.alloc(32, 10)
@@ -567,29 +586,24 @@ describe('LOAD and SET_STATE sequences', () => {
       await expectSignsAs(parent, key)
       await expect(parent.sign('no-such-key', digest)).rejects.toMatchObject({ kind: 'not-found' })
       await expectSignsAs(parent, key)
-    } finally {
-      parent.close()
-      await stop()
-    }
+    })
   })
 
   it('answers a create only once its sealed record is durable in the store, and not at all when the store fails it', async () => {
-    const { ownStore, parentOf, stop } = await cabledEnclave({ id: 'durable', storeName: 'durable-store' })
     let releasePut: (() => void) | undefined
     let failPut = false
-    const slowStore = storeWith(
-      {
-        put: async (record) => {
-          if (failPut) throw new Error('the disk is full')
-          await new Promise<void>((resolve) => (releasePut = resolve))
-          return ownStore.put(record)
+    const slowStoreOver = (ownStore: BlobStore) =>
+      storeWith(
+        {
+          put: async (record) => {
+            if (failPut) throw new Error('the disk is full')
+            await new Promise<void>((resolve) => (releasePut = resolve))
+            return ownStore.put(record)
+          },
         },
-      },
-      ownStore,
-    )
-    const parent = parentOf({ store: slowStore })
-    try {
-      await parent.start()
+        ownStore,
+      )
+    await withCabledParent('durable', (cabled) => ({ store: slowStoreOver(cabled.ownStore) }), async ({ parent, ownStore }) => {
       let answered = false
       const creating = parent.createKey().then((key) => {
         answered = true
@@ -603,17 +617,11 @@ describe('LOAD and SET_STATE sequences', () => {
       expect((await ownStore.get(key.keyId))?.publicKey).toEqual(hexToBytes(key.publicKey))
       failPut = true
       await expect(parent.createKey()).rejects.toThrow('the disk is full')
-    } finally {
-      parent.close()
-      await stop()
-    }
+    })
   })
 
   it('fails a rotation whose re-seal the enclave answers NOT_FOUND as a rotation that did not finish, not as a 404 of the caller\u2019s, and the next call resumes it', async () => {
-    const { cable, parentOf, stop } = await cabledEnclave({ id: 'lost-reseal', storeName: 'lost-reseal-store' })
-    const parent = parentOf()
-    try {
-      await parent.start()
+    await withCabledParent('lost-reseal', {}, async ({ parent, cable }) => {
       const key = await parent.createKey()
       cable.failNextRequest(opcodes.RESEAL, 0, statuses.NOT_FOUND)
       const failed = await parent.rotateDataKey().catch((error: unknown) => error)
@@ -621,17 +629,11 @@ describe('LOAD and SET_STATE sequences', () => {
       expect((failed as Error).message).toBe(`key ${key.keyId} was not re-sealed (the relay failed this request); rotate again to resume`)
       expect(await parent.rotateDataKey()).toEqual({ resealed: 1 })
       await expectSignsAs(parent, key)
-    } finally {
-      parent.close()
-      await stop()
-    }
+    })
   })
 
   it('refuses a sign for a full enclave before reloading its key there', async () => {
-    const { cable, parentOf, stop } = await cabledEnclave({ id: 'full-reload', storeName: 'full-reload-store' })
-    const parent = parentOf({ maxInflightPerEnclave: 1 })
-    try {
-      await parent.start()
+    await withCabledParent('full-reload', { maxInflightPerEnclave: 1 }, async ({ parent, cable }) => {
       const [key, other] = [await parent.createKey(), await parent.createKey()]
       // A freeze the enclave failed, then an unfreeze: active in the store, and reloaded before the key's next use.
       cable.failNextRequest(opcodes.SET_STATE)
@@ -649,17 +651,11 @@ describe('LOAD and SET_STATE sequences', () => {
       // With its place back, the key reloads and signs.
       await expectSignsAs(parent, key)
       expect(loads()).toBe(before + 1)
-    } finally {
-      parent.close()
-      await stop()
-    }
+    })
   })
 
   it('counts only signs, gets and creates toward the limit: a health check the enclave has not answered takes no place', async () => {
-    const { cable, parentOf, stop } = await cabledEnclave({ id: 'checked', storeName: 'checked-store' })
-    const parent = parentOf({ maxInflightPerEnclave: 1 })
-    try {
-      await parent.start()
+    await withCabledParent('checked', { maxInflightPerEnclave: 1 }, async ({ parent, cable }) => {
       const key = await parent.createKey()
       // The HEALTH goes unanswered for 500 ms: a frame out on the pool all that time.
       cable.failNextRequest(opcodes.HEALTH, 500)
@@ -667,17 +663,11 @@ describe('LOAD and SET_STATE sequences', () => {
       await expect.poll(() => cable.framesFromParent.filter((frame) => frame.opcode === opcodes.HEALTH).length).toBe(1)
       await expectSignsAs(parent, key)
       expect(await checking).toMatchObject([{ id: 'checked', answered: false }])
-    } finally {
-      parent.close()
-      await stop()
-    }
+    })
   })
 
   it('shares one health check among the callers that ask while it is out', async () => {
-    const { cable, parentOf, stop } = await cabledEnclave({ id: 'probed', storeName: 'probed-store' })
-    const parent = parentOf()
-    try {
-      await parent.start()
+    await withCabledParent('probed', {}, async ({ parent, cable }) => {
       const healthChecks = () => cable.framesFromParent.filter((frame) => frame.opcode === opcodes.HEALTH).length
       const before = healthChecks()
       const answers = await Promise.all(Array.from({ length: 20 }, () => parent.health()))
@@ -685,19 +675,13 @@ describe('LOAD and SET_STATE sequences', () => {
       expect(healthChecks()).toBe(before + 1)
       await parent.health()
       expect(healthChecks()).toBe(before + 2)
-    } finally {
-      parent.close()
-      await stop()
-    }
+    })
   })
 
   it('a state change its enclave answers with a failure is in force all the same: answered, logged, and the key reloaded before its next use, even by a sign made meanwhile', async () => {
-    const { enclave, cable, parentOf, stop } = await cabledEnclave({ id: 'failing-set-state', storeName: 'failing-set-state-store' })
     const logged: Array<Record<string, unknown>> = []
-    const parent = parentOf({ log: (fields) => logged.push(fields) })
-    const setStates = () => cable.framesFromParent.filter((frame) => frame.opcode === opcodes.SET_STATE).length
-    try {
-      await parent.start()
+    await withCabledParent('failing-set-state', { log: (fields) => logged.push(fields) }, async ({ parent, enclave, cable }) => {
+      const setStates = () => cable.framesFromParent.filter((frame) => frame.opcode === opcodes.SET_STATE).length
       const key = await parent.createKey()
       await expectSignsAs(parent, key)
       // The SET_STATE never reaches the enclave, which keeps the key active; its failure comes back 300 ms later.
@@ -712,10 +696,7 @@ describe('LOAD and SET_STATE sequences', () => {
       await expect(signing).rejects.toThrow(`key ${key.keyId} is frozen`)
       expect(enclave.cache.get(key.keyId)?.record.state).toBe('frozen')
       await expect(parent.sign(key.keyId, Buffer.alloc(32, 9))).rejects.toThrow(`key ${key.keyId} is frozen`)
-    } finally {
-      parent.close()
-      await stop()
-    }
+    })
   })
 
   it('after an enclave restart, the parent has the new process open its epoch above the sequences it used: a request numbered before the restart cannot undo a later one', async () => {
