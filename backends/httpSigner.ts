@@ -1,7 +1,7 @@
 import { base64ToBytes, bytesToBase64 } from './base64.js'
 import { getAddress, hexToBytes, isHex, size, type Address, type Hex } from 'viem'
 import { parseCompactSignature, parseDerSignature, toEthereumSignature } from './ecdsa.js'
-import { deadlineSignal, healthOf, SignerError, signerErrorMessage, type SignedDigest, type Signer, type SignerDescription, type SignerHealth, type SignOptions } from './signer.js'
+import { deadlineSignal, healthOf, SignerError, signerErrorMessage, stoppedForCaller, type SignedDigest, type Signer, type SignerDescription, type SignerHealth, type SignOptions } from './signer.js'
 
 export type HttpSignerOptions = {
   name: string
@@ -54,7 +54,7 @@ export class HttpSigner implements Signer {
         signal: deadlineSignal(timeoutMs, signal),
       })
     } catch (error) {
-      if (signal?.aborted) throw new SignerError(`HTTP signer ${name}: stopped, as its caller no longer waits for the signature`, { retryable: true })
+      if (signal?.aborted) throw stoppedForCaller(`HTTP signer ${name}`)
       const timedOut = (error as { name?: string }).name === 'TimeoutError'
       throw new SignerError(`HTTP signer ${name}: ${timedOut ? `no answer within ${timeoutMs} ms` : 'key server unreachable'}`, { retryable: true })
     }

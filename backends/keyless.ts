@@ -1,7 +1,7 @@
 import { getAddress, isHex, size, type Address, type Hex } from 'viem'
 import { signRequest } from '../enclave-origin/protocol/requestSigning.js'
 import { parseCompactSignature, toEthereumSignature } from './ecdsa.js'
-import { cachedUntilFailure, deadlineSignal, healthOf, SignerError, signerErrorMessage, type SignedDigest, type Signer, type SignerDescription, type SignerHealth, type SignOptions } from './signer.js'
+import { cachedUntilFailure, deadlineSignal, healthOf, SignerError, signerErrorMessage, stoppedForCaller, type SignedDigest, type Signer, type SignerDescription, type SignerHealth, type SignOptions } from './signer.js'
 
 export type KeylessSignerOptions = {
   name: string
@@ -35,7 +35,7 @@ function jsonObjectOf(text: string): Record<string, unknown> {
  * It stops as soon as its caller's signal says the chain has moved on.
  */
 export class KeylessSigner implements Signer {
-  private readonly cachedAddress = cachedUntilFailure(() => this.lookUpAddress())
+  private readonly cachedAddress = cachedUntilFailure(async () => (await this.lookUpKey()).address)
   /** Without trailing slashes: the parent's HMAC covers the path as we write it, and `//v1/…` is not that path. */
   private readonly baseUrl: string
 
@@ -47,9 +47,8 @@ export class KeylessSigner implements Signer {
     const { name, hmacKeyId, hmacSecret } = this.options
     if (!hmacSecret) throw new SignerError(`keyless signer ${name}: its HMAC secret is not set`)
     const payload = new TextEncoder().encode(body === undefined ? '' : JSON.stringify(body))
-    const cancelled = () => new SignerError(`keyless signer ${name}: stopped, as its caller no longer waits for the signature`, { retryable: true })
     for (;;) {
-      if (signal?.aborted) throw cancelled()
+      if (signal?.aborted) throw stoppedForCaller(`keyless signer ${name}`)
       const remaining = deadline - Date.now()
       if (remaining <= 0) throw new SignerError(`keyless signer ${name}: no signature within ${this.options.deadlineMs} ms`, { retryable: true })
       const headers = await signRequest({ keyId: hmacKeyId, secret: hmacSecret, method, path, body: payload })
@@ -62,7 +61,7 @@ export class KeylessSigner implements Signer {
           signal: deadlineSignal(remaining, signal),
         })
       } catch {
-        if (signal?.aborted) throw cancelled()
+        if (signal?.aborted) throw stoppedForCaller(`keyless signer ${name}`)
         throw new SignerError(`keyless signer ${name}: the origin is unreachable or did not answer in time`, { retryable: true })
       }
       const retryAfterMs = retryAfterMsOf(response.headers)
@@ -110,10 +109,6 @@ export class KeylessSigner implements Signer {
     const key = await this.request('GET', this.path(), undefined, Date.now() + this.options.deadlineMs)
     if (typeof key.address !== 'string') throw new SignerError(`keyless signer ${this.options.name}: the origin returned no address`)
     return { address: getAddress(key.address), state: key.state }
-  }
-
-  private async lookUpAddress(): Promise<Address> {
-    return (await this.lookUpKey()).address
   }
 
   async signDigest(digest: Hex, options?: SignOptions): Promise<SignedDigest> {

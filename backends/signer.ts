@@ -25,6 +25,11 @@ export interface Signer {
  */
 export type SignOptions = { signal?: AbortSignal }
 
+/** The error of a backend (`who`, named as its messages name it) that stopped because its caller's signal aborted. */
+export function stoppedForCaller(who: string): SignerError {
+  return new SignerError(`${who}: stopped, as its caller no longer waits for the signature`, { retryable: true })
+}
+
 /** Aborts after `ms`, or as soon as `signal` does. */
 export function deadlineSignal(ms: number, signal: AbortSignal | undefined): AbortSignal {
   const timeout = AbortSignal.timeout(ms)

@@ -315,14 +315,10 @@ export class SignEngine {
       })
       worker.on('exit', (code) => {
         if (!slot.ready) reject(new Error(`signing thread failed to start (exit ${code})`, { cause: slot.lastError }))
-        if (!slot.retiring) this.died(slot, code)
+        // A thread that exits on its own takes its in-flight requests with it.
+        if (!slot.retiring) this.lose(slot, `signing thread exited (code ${code})${slot.lastError ? `: ${slot.lastError.message}` : ''}`)
       })
     })
-  }
-
-  /** A thread that exits on its own takes its in-flight requests with it; it is replaced if it had ever worked. */
-  private died(slot: WorkerSlot, code: number): void {
-    this.lose(slot, `signing thread exited (code ${code})${slot.lastError ? `: ${slot.lastError.message}` : ''}`)
   }
 
   /** A thread gone or given up on: its in-flight requests fail with `reason`; one that had ever worked is replaced. */

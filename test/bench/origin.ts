@@ -436,6 +436,11 @@ async function driveOpenLoop(pids: Pids, send: Send, rate: number, durationSecon
  * WARM, as the pre-warmer keeps used keys in production) rather than the
  * rehydration of a freshly restarted enclave, which the closed loops report.
  */
+/** A run's end-to-end p99, in ms. */
+function clientP99(row: Record<string, unknown>): number {
+  return (row.latencyMs as Record<string, { p99: number }>).client!.p99
+}
+
 async function warmEveryKey(keyIds: string[]): Promise<void> {
   let next = 0
   const enclave = await viaEnclave(keyIds, ports.enclave, () => keyIds[next++]!)
@@ -524,30 +529,35 @@ async function main() {
       console.log(JSON.stringify(results.at(-1)))
       return results.at(-1)!
     }
+    const restart = async (env: Record<string, string>) => {
+      await origin!.stop()
+      origin = await startOrigin({ kms, kmsKeyId, enclavePort: ports.enclave, parentPort: ports.parent, storeDir, extraEnv: env, builtCli })
+      return origin
+    }
+    const pidsOfOrigin: Pids = () => origin!.pids()
+    /** `loop` with one client of the enclave's binary protocol, closed after. */
+    const directly = async (loop: (send: Send) => Promise<Record<string, unknown>>) => {
+      const enclave = await viaEnclave(keyIds)
+      try {
+        return await loop(enclave.send)
+      } finally {
+        enclave.close()
+      }
+    }
     if (batchSweep) {
       const highestFraction = Math.max(...offeredFractions)
       let defaultCapacity = 0
       const rows: string[] = []
       for (const { maxBatch, maxWaitMs } of batchSettings) {
         const name = `maxBatch ${maxBatch}, maxWait ${maxWaitMs} ms`
-        await origin.stop()
-        origin = await startOrigin({ kms, kmsKeyId, enclavePort: ports.enclave, parentPort: ports.parent, storeDir, extraEnv: { ...scenarios[0]!.env, ENGINE_MAX_BATCH: String(maxBatch), ENGINE_MAX_WAIT_MS: String(maxWaitMs) }, builtCli })
+        await restart({ ...scenarios[0]!.env, ENGINE_MAX_BATCH: String(maxBatch), ENGINE_MAX_WAIT_MS: String(maxWaitMs) })
         await warmEveryKey(keyIds)
-        const enclave = await viaEnclave(keyIds)
-        const closed = record(`closed loop direct, ${name}`, await closedLoop(() => origin!.pids(), enclave.send))
-        enclave.close()
+        const closed = record(`closed loop direct, ${name}`, await directly((send) => closedLoop(pidsOfOrigin, send)))
         defaultCapacity ||= closed.throughput as number
         const rate = Math.round(defaultCapacity * highestFraction)
-        const open = haveOpenLoad
-          ? record(`open loop ${Math.round(highestFraction * 100)}% of ${defaultCapacity}/s direct, native generator, ${name}`, await nativeOpenLoop(() => origin!.pids(), keyIds, rate, 'frames', ports.enclave))
-          : await (async () => {
-              const client = await viaEnclave(keyIds)
-              const row = record(`open loop ${Math.round(highestFraction * 100)}% of ${defaultCapacity}/s direct, ${name}`, await openLoop(() => origin!.pids(), client.send, rate))
-              client.close()
-              return row
-            })()
-        const p99 = (row: Record<string, unknown>) => (row.latencyMs as Record<string, { p99: number }>).client!.p99
-        rows.push(`${name.padEnd(28)} ${String(closed.throughput).padStart(8)}/s  closed p99 ${String(p99(closed)).padStart(6)} ms   open at ${rate}/s: p99 ${String(p99(open)).padStart(6)} ms, errors ${(((open.errorRate as number) ?? 0) * 100).toFixed(2)}%`)
+        const scenario = `open loop ${Math.round(highestFraction * 100)}% of ${defaultCapacity}/s direct${haveOpenLoad ? ', native generator' : ''}, ${name}`
+        const open = record(scenario, haveOpenLoad ? await nativeOpenLoop(pidsOfOrigin, keyIds, rate, 'frames', ports.enclave) : await directly((send) => openLoop(pidsOfOrigin, send, rate)))
+        rows.push(`${name.padEnd(28)} ${String(closed.throughput).padStart(8)}/s  closed p99 ${String(clientP99(closed)).padStart(6)} ms   open at ${rate}/s: p99 ${String(clientP99(open)).padStart(6)} ms, errors ${((open.errorRate as number) * 100).toFixed(2)}%`)
       }
       console.log(`\nengine batch settings, directly on the enclave (2 threads, keys WARM):\n${rows.join('\n')}`)
       console.log(JSON.stringify({ bench: 'origin-batch-sweep', keyCount, connections, seconds, rawRate: Math.round(rawRate), results }))
@@ -555,20 +565,12 @@ async function main() {
     }
     /** The open loops the acceptance target is judged on: the defaults at the highest offered fraction. */
     const judged: Array<{ path: string; row: Record<string, unknown> }> = []
-    const restart = async (env: Record<string, string>) => {
-      await origin!.stop()
-      origin = await startOrigin({ kms, kmsKeyId, enclavePort: ports.enclave, parentPort: ports.parent, storeDir, extraEnv: env, builtCli })
-      return origin
-    }
-    const pidsOfOrigin: Pids = () => origin!.pids()
     for (const scenario of scenarios) {
       const running = await restart(scenario.env)
       const http = await viaParent(running.url, keyIds)
       record(`closed loop, ${scenario.name}`, { ...(await closedLoop(pidsOfOrigin, http.send)), rehydrateP95: await rehydrateP95(running) })
       http.close()
-      const enclave = await viaEnclave(keyIds)
-      record(`enclave direct (binary), ${scenario.name}`, await closedLoop(pidsOfOrigin, enclave.send))
-      enclave.close()
+      record(`enclave direct (binary), ${scenario.name}`, await directly((send) => closedLoop(pidsOfOrigin, send)))
     }
 
     const best = Math.max(...results.filter((r) => r.scenario.startsWith('closed loop')).map((r) => r.throughput as number))
@@ -592,9 +594,7 @@ async function main() {
       judge('via the parent, JavaScript generator', record(`open loop ${percent}% of ${best}/s via parent, ${scenario.name}`, { ...(await openLoop(pidsOfOrigin, http.send, Math.round(best * fraction), running)), enclaveMemoryMbWithKeysWarm: memory }))
       http.close()
       if (haveOpenLoad) judge('via the parent, native generator', record(`open loop ${percent}% of ${best}/s via parent, native generator, ${scenario.name}`, await nativeOpenLoop(pidsOfOrigin, keyIds, Math.round(best * fraction), 'http', ports.parent)))
-      const enclave = await viaEnclave(keyIds)
-      judge('direct, JavaScript generator', record(`open loop ${percent}% of ${bestDirect}/s direct, ${scenario.name}`, await openLoop(pidsOfOrigin, enclave.send, Math.round(bestDirect * fraction))))
-      enclave.close()
+      judge('direct, JavaScript generator', record(`open loop ${percent}% of ${bestDirect}/s direct, ${scenario.name}`, await directly((send) => openLoop(pidsOfOrigin, send, Math.round(bestDirect * fraction)))))
       if (haveOpenLoad) judge('direct, native generator', record(`open loop ${percent}% of ${bestDirect}/s direct, native generator, ${scenario.name}`, await nativeOpenLoop(pidsOfOrigin, keyIds, Math.round(bestDirect * fraction), 'frames', ports.enclave)))
     }
     // The floors: the same open loops against servers that sign nothing.
@@ -639,7 +639,7 @@ async function main() {
     else {
       console.log(`\ntarget: p99 < ${target.p99Ms} ms with errors < ${target.errorRate * 100}% at ${Math.round(highest * 100)}% of capacity (at least ${target.offeredFraction * 100}%), ${connections} connections`)
       for (const { path: judgedPath, row } of judged) {
-        const p99 = (row.latencyMs as Record<string, { p99: number }>).client!.p99
+        const p99 = clientP99(row)
         const errorRate = row.errorRate as number
         const met = p99 >= 0 && p99 < target.p99Ms && errorRate < target.errorRate
         console.log(`  ${judgedPath.padEnd(36)} p99 ${p99} ms, errors ${(errorRate * 100).toFixed(2)}%: ${met ? 'met' : 'not met'}`)
