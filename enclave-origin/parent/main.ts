@@ -18,7 +18,8 @@ import { OriginParent } from './origin.js'
  * often the enclaves get the AWS credentials for their KMS calls, from this process's default
  * chain, again; also before every unlock), MAX_INFLIGHT_PER_ENCLAVE (1024: signs, gets and creates
  * served on one enclave at once, beyond which more are answered 503), MAX_CONNECTIONS (10000 client
- * connections), and for TLS TLS_CERT_FILE, TLS_KEY_FILE, TLS_CA_FILE,
+ * connections), STORE_TIMEOUT_MS (10000: how long a create or state change waits for the store before it
+ * is answered 503), and for TLS TLS_CERT_FILE, TLS_KEY_FILE, TLS_CA_FILE,
  * TLS_REQUIRE_CLIENT_CERT=1.
  */
 export async function runParent(): Promise<() => Promise<void>> {
@@ -58,6 +59,7 @@ export async function runParent(): Promise<() => Promise<void>> {
     credentials: defaultProvider(),
     credentialRefreshMs: integerSetting('CREDENTIAL_REFRESH_MS', { min: 1_000, max: 3_600_000, fallback: 300_000 }),
     maxInflightPerEnclave,
+    storeTimeoutMs: integerSetting('STORE_TIMEOUT_MS', { min: 100, max: 300_000, fallback: 10_000 }),
     log: logLine,
   })
   await parent.start()

@@ -179,6 +179,13 @@ export class OriginParent {
        * through when the enclave is busiest, and a rotation must not shed signs.
        */
       maxInflightPerEnclave?: number
+      /**
+       * How long a create or a state change waits for the store to confirm its write, from the call (a state
+       * change's wait for the key's turn included); default 10 s. Past it the caller is answered 503 at once,
+       * rather than held for as long as a hung disk or S3 holds the write; the write goes on, in the key's
+       * turn, and may still take effect.
+       */
+      storeTimeoutMs?: number
     },
   ) {
     const backoff = () => new FailureBackoff({ now: options.monotonicNow ?? (() => performance.now()), random: Math.random })
@@ -599,12 +606,36 @@ export class OriginParent {
     return enclave.unlocking
   }
 
-  /** Creates a key inside its enclave; answers only once the sealed record is durable. */
+  /**
+   * The caller's answer to `work`, which calls `confirmed()` once the store has its writes. If that has not
+   * happened `storeTimeoutMs` after the call, the caller is answered 503 without waiting longer. The work goes
+   * on (holding its key's turn, so nothing overtakes its writes) and may still take effect, which the answer says.
+   */
+  private storeConfirmed<T>(what: string, work: (confirmed: () => void) => Promise<T>): Promise<T> {
+    const timeoutMs = this.options.storeTimeoutMs ?? 10_000
+    let timer: ReturnType<typeof setTimeout> | undefined
+    const timedOut = new Promise<never>((_, reject) => {
+      timer = setTimeout(() => {
+        this.options.log?.({ level: 'warn', event: 'store_not_confirmed', what, timeoutMs })
+        reject(new OriginRequestError('unavailable', `${what} was not confirmed durable within ${timeoutMs} ms (the store is slow or not answering); it may still take effect`))
+      }, timeoutMs)
+    })
+    // Race subscribes to both, so whichever settles second is handled too.
+    return Promise.race([work(() => clearTimeout(timer)), timedOut]).finally(() => clearTimeout(timer))
+  }
+
+  /** Creates a key inside its enclave; answers only once the sealed record is durable (see `storeTimeoutMs`). */
   createKey(): Promise<KeyInfo> {
-    const creating = this.create()
-    this.creating.add(creating)
-    void creating.catch(() => {}).finally(() => this.creating.delete(creating))
-    return creating
+    return this.storeConfirmed("the new key's record", (confirmed) => {
+      // Tracked until its record is written, however soon the caller is answered: a rotation waits for it.
+      const creating = this.create().then((key) => {
+        confirmed()
+        return key
+      })
+      this.creating.add(creating)
+      void creating.catch(() => {}).finally(() => this.creating.delete(creating))
+      return creating
+    })
   }
 
   /**
@@ -713,20 +744,15 @@ export class OriginParent {
     }
   }
 
-  /** After the owner has failed (or is out of service): any standby not yet tried, held-back ones last. */
+  /**
+   * After the owner has failed (or is out of service): any standby not yet tried, held-back ones last. The
+   * standby's place, taken for the key's load, passes on to `work` in the same turn of the event loop: only a
+   * request already under way could take it meanwhile, and then this one is refused as overloaded.
+   */
   private async onStandby<T>({ keyId, work, failure, tried }: { keyId: string; work: (enclave: Enclave) => Promise<T>; failure: unknown; tried: Set<Enclave> }): Promise<T> {
-    let overloaded: OverloadedError | undefined
-    for (;;) {
-      const standby = await this.standbyFor({ keyId, error: failure, heldLast: true, tried })
-      if (!standby) throw overloaded ?? failure
-      try {
-        return await this.served({ keyId, work, standby, failure })
-      } catch (error) {
-        // Full by the time it was asked (the owner's other keys failing over at once took its places): the next one.
-        if (!(error instanceof OverloadedError)) throw error
-        overloaded = error
-      }
-    }
+    const standby = await this.standbyFor({ keyId, error: failure, heldLast: true, tried })
+    if (!standby) throw failure
+    return this.served({ keyId, work, standby, failure })
   }
 
   /**
@@ -793,7 +819,8 @@ export class OriginParent {
    * `heldLast` (once the owner itself has failed); out-of-service ones
    * never, nor any in `tried` (which this fills: a request tries each
    * standby once). Full ones (see `maxInflightPerEnclave`) are passed
-   * over before the load. Undefined for any other error, or when no enclave
+   * over before the load, which counts as one of the standby's requests
+   * while it runs. Undefined for any other error, or when no enclave
    * takes it; OverloadedError when the ones that would were full.
    */
   private async standbyFor({ keyId, error, heldLast, tried }: { keyId: string; error: unknown; heldLast: boolean; tried: Set<Enclave> }): Promise<Standby | undefined> {
@@ -802,20 +829,18 @@ export class OriginParent {
     let overloaded: OverloadedError | undefined
     for (const enclave of [...others.filter((other) => !heldBack(other)), ...(heldLast ? others.filter(heldBack) : [])]) {
       tried.add(enclave)
-      // Full: passed over before the load, which would only add to its work.
-      if (this.full(enclave)) {
-        overloaded = new OverloadedError(enclave.id)
-        continue
-      }
       // The load's outcome counts toward the standby's own outage, as a request's would; a key the store does
       // not hold makes no load, and tells nothing about it.
       const failuresAtSend = enclave.outageFailures
       try {
-        const stored = await this.reloadInTurn(keyId, enclave)
+        // Counted as one of the standby's requests while it loads: when an owner fails, its keys' loads fill the
+        // standby up to its limit, not past it. A full one is passed over before the load.
+        const stored = await this.admitted(enclave, () => this.reloadInTurn(keyId, enclave))
         if (stored) outageOver(enclave)
         return { enclave, stored }
       } catch (failure) {
-        if (failure instanceof EnclaveUnavailableError) outageFailed(enclave, failuresAtSend)
+        if (failure instanceof OverloadedError) overloaded = failure
+        else if (failure instanceof EnclaveUnavailableError) outageFailed(enclave, failuresAtSend)
         // It answered, but takes the key only after an unlock (which has started), or holds a later one of another parent's.
         else if (failure instanceof NeedsUnlockError || failure instanceof StaleRequestError) outageOver(enclave)
         else throw failure
@@ -907,47 +932,51 @@ export class OriginParent {
    * Durable first, then the enclave: a frozen key stays frozen across
    * restarts, and an archived one stays archived for good. With the enclave
    * out of reach, the change is still in force: the key is reloaded from the
-   * store before any use, there or elsewhere.
+   * store before any use, there or elsewhere. A store that does not confirm
+   * within `storeTimeoutMs` has the caller answered 503 (see `storeConfirmed`).
    */
   setState(keyId: string, state: KeyState): Promise<void> {
-    return this.serializeKey(keyId, async () => {
-      // Archiving retires a key for good: nothing, unfreeze included, brings it back to signing.
-      if (state !== 'archived' && (await this.options.store.get(keyId))?.state === 'archived') {
-        throw new OriginRequestError('not-active', `key ${keyId} is archived, which is final: it cannot be made ${state}`)
-      }
-      await this.options.store.setState(keyId, state).catch((error: unknown) => {
-        throw error instanceof KeyNotStoredError ? new OriginRequestError('not-found', `no key ${keyId}`) : error
-      })
-      // A signature still out (on a standby, say) is checked against the store's new word when it comes back.
-      if (state !== 'active') this.deactivations += 1
-      const enclave = this.ring.nodeFor(keyId)
-      // The store has the new state; the enclave may not (a frozen key there would still sign). Every use
-      // reloads the key first until it has: the change is in force, and only an enclave's own failure is one.
-      const deferred = (reason: string) => {
+    return this.storeConfirmed(`the change of key ${keyId} to ${state}`, (confirmed) =>
+      this.serializeKey(keyId, async () => {
+        // Archiving retires a key for good: nothing, unfreeze included, brings it back to signing.
+        if (state !== 'archived' && (await this.options.store.get(keyId))?.state === 'archived') {
+          throw new OriginRequestError('not-active', `key ${keyId} is archived, which is final: it cannot be made ${state}`)
+        }
+        await this.options.store.setState(keyId, state).catch((error: unknown) => {
+          throw error instanceof KeyNotStoredError ? new OriginRequestError('not-found', `no key ${keyId}`) : error
+        })
+        confirmed()
+        // A signature still out (on a standby, say) is checked against the store's new word when it comes back.
+        if (state !== 'active') this.deactivations += 1
+        const enclave = this.ring.nodeFor(keyId)
+        // The store has the new state; the enclave may not (a frozen key there would still sign). Every use
+        // reloads the key first until it has: the change is in force, and only an enclave's own failure is one.
+        const deferred = (reason: string) => {
+          this.unsyncedKeys.add(keyId)
+          this.options.log?.({ level: 'warn', event: 'state_change_deferred', keyId, state, enclave: enclave.id, error: reason })
+        }
+        // Out of service, it takes the stored record when it syncs; held back, it would cost this change a request timeout.
+        if (enclave.unsynced) return deferred(`enclave ${enclave.id} is out of service`)
+        if (heldBack(enclave)) return deferred(`enclave ${enclave.id} is held back after failing requests`)
+        // Marked while the SET_STATE is out: a sign that starts meanwhile waits for this turn and takes the key from
+        // the store, rather than reach the enclave first and sign with the state it is leaving.
+        const wasUnsynced = this.unsyncedKeys.has(keyId)
         this.unsyncedKeys.add(keyId)
-        this.options.log?.({ level: 'warn', event: 'state_change_deferred', keyId, state, enclave: enclave.id, error: reason })
-      }
-      // Out of service, it takes the stored record when it syncs; held back, it would cost this change a request timeout.
-      if (enclave.unsynced) return deferred(`enclave ${enclave.id} is out of service`)
-      if (heldBack(enclave)) return deferred(`enclave ${enclave.id} is held back after failing requests`)
-      // Marked while the SET_STATE is out: a sign that starts meanwhile waits for this turn and takes the key from
-      // the store, rather than reach the enclave first and sign with the state it is leaving.
-      const wasUnsynced = this.unsyncedKeys.has(keyId)
-      this.unsyncedKeys.add(keyId)
-      try {
-        // Tracked: a hung enclave that only gets state changes is held back too, and the next ones are deferred at once.
-        const frame = await this.tracked(enclave, () => this.sequenced(enclave, opcodes.SET_STATE, (sequence) => encodeSetStateRequest({ keyId, state, sequence })))
-        if (frame.status === statuses.NOT_FOUND) await this.reload(keyId)
-        else this.check(enclave, frame)
-        if (!wasUnsynced) this.unsyncedKeys.delete(keyId)
-      } catch (error) {
-        // Out of reach; numbered outside the enclave's epoch (it restarted, or took another UNLOCK; the unlock that
-        // answer asks for has started); refused as stale; or failed there: in force all the same, as the store
-        // has it and the key is reloaded from there before its next use. An error would have the operator
-        // believe the key still signs.
-        deferred(messageOf(error))
-      }
-    })
+        try {
+          // Tracked: a hung enclave that only gets state changes is held back too, and the next ones are deferred at once.
+          const frame = await this.tracked(enclave, () => this.sequenced(enclave, opcodes.SET_STATE, (sequence) => encodeSetStateRequest({ keyId, state, sequence })))
+          if (frame.status === statuses.NOT_FOUND) await this.reload(keyId)
+          else this.check(enclave, frame)
+          if (!wasUnsynced) this.unsyncedKeys.delete(keyId)
+        } catch (error) {
+          // Out of reach; numbered outside the enclave's epoch (it restarted, or took another UNLOCK; the unlock that
+          // answer asks for has started); refused as stale; or failed there: in force all the same, as the store
+          // has it and the key is reloaded from there before its next use. An error would have the operator
+          // believe the key still signs.
+          deferred(messageOf(error))
+        }
+      }),
+    )
   }
 
   /** The store's part of health: a store that takes no more writes cannot create keys or change their states. */

@@ -90,16 +90,16 @@ async function relay(target: { host: string; port: number }) {
   const framesFromParent: Frame[] = []
   let refused = 0
   let unlockAnswer: { wanted: boolean; held?: { frame: Frame; to: Socket }; holding?: () => void } = { wanted: false }
-  let signAnswerHeld: ((release: () => void) => void) | undefined
+  let answerHeld: { opcode: number; holding: (release: () => void) => void } | undefined
   /** SIGN answers pass this late (0: at once), as from an enclave that is slow to sign but alive. */
   let signDelayMs = 0
   /** The parent's next request of this opcode is not passed on: the relay answers it with `status` (INTERNAL) itself, `afterMs` later. */
   let failNext: { opcode: number; afterMs: number; status: number } | undefined
   const fromEnclave = (frame: Frame, to: Socket) => {
     if (signDelayMs > 0 && frame.opcode === opcodes.SIGN) return void setTimeout(() => to.writable && to.write(encodeFrame(frame)), signDelayMs)
-    if (signAnswerHeld && frame.opcode === opcodes.SIGN) {
-      const holding = signAnswerHeld
-      signAnswerHeld = undefined
+    if (answerHeld && frame.opcode === answerHeld.opcode) {
+      const { holding } = answerHeld
+      answerHeld = undefined
       return holding(() => to.write(encodeFrame(frame)))
     }
     if (unlockAnswer.wanted && !unlockAnswer.held && frame.opcode === opcodes.UNLOCK) {
@@ -178,10 +178,10 @@ async function relay(target: { host: string; port: number }) {
       mode = 'open'
       dropAll()
     },
-    /** Resolves, once it holds the next SIGN answer, with what passes it on. */
-    holdNextSignAnswer: () =>
+    /** Resolves, once it holds the enclave's next answer of this opcode, with what passes it on. */
+    holdNextAnswer: (opcode: number = opcodes.SIGN) =>
       new Promise<() => void>((holding) => {
-        signAnswerHeld = holding
+        answerHeld = { opcode, holding }
       }),
     /** Resolves once it holds one. */
     holdNextUnlockAnswer: () =>
@@ -564,7 +564,7 @@ describe('LOAD and SET_STATE sequences', () => {
   it('refuses signs, gets and creates for an enclave with as many requests in flight as it may, before sending them, and still takes a state change and a health check', async () => {
     await withCabledParent('full', { maxInflightPerEnclave: 1 }, async ({ parent, cable }) => {
       const [key, other] = [await parent.createKey(), await parent.createKey()]
-      const holding = cable.holdNextSignAnswer()
+      const holding = cable.holdNextAnswer()
       const digest = Buffer.alloc(32, 10)
       const signing = parent.sign(key.keyId, digest)
       const release = await holding
@@ -620,6 +620,41 @@ describe('LOAD and SET_STATE sequences', () => {
     })
   })
 
+  it('answers a create or state change the store does not confirm in time 503 at once, while the write goes on and lands in order', async () => {
+    /** The store's writes wait for `release` while `hang` holds. */
+    let hang = false
+    const pending: Array<() => void> = []
+    const held = <T>(write: () => Promise<T>) => (hang ? new Promise<void>((resolve) => pending.push(resolve)).then(write) : write())
+    const hungStoreOver = (ownStore: BlobStore) => storeWith({ put: (record) => held(() => ownStore.put(record)), setState: (keyId, state) => held(() => ownStore.setState(keyId, state)) }, ownStore)
+    const logged: Array<Record<string, unknown>> = []
+    await withCabledParent('hung-store', (cabled) => ({ store: hungStoreOver(cabled.ownStore), storeTimeoutMs: 300, log: (fields) => logged.push(fields) }), async ({ parent, ownStore, enclave }) => {
+      const key = await parent.createKey()
+      hang = true
+      const unconfirmed = (what: string) => ({ kind: 'unavailable', message: `${what} was not confirmed durable within 300 ms (the store is slow or not answering); it may still take effect` })
+      const started = performance.now()
+      await expect(parent.createKey()).rejects.toMatchObject(unconfirmed("the new key's record"))
+      await expect(parent.setState(key.keyId, 'frozen')).rejects.toMatchObject(unconfirmed(`the change of key ${key.keyId} to frozen`))
+      // The unfreeze waits for its turn behind the freeze's write, which still holds it.
+      await expect(parent.setState(key.keyId, 'active')).rejects.toMatchObject(unconfirmed(`the change of key ${key.keyId} to active`))
+      expect(performance.now() - started).toBeLessThan(3_000)
+      expect(logged.filter((line) => line.event === 'store_not_confirmed')).toHaveLength(3)
+      expect(pending).toHaveLength(2)
+      const records = async () => {
+        const all = []
+        for await (const record of ownStore.list()) all.push(record)
+        return all
+      }
+      expect(await records()).toHaveLength(1)
+      hang = false
+      // The writes land: the new key's record, then the freeze, then the unfreeze, in the key's turn.
+      pending.splice(0).forEach((release) => release())
+      await expect.poll(async () => (await records()).length).toBe(2)
+      await expect.poll(async () => (await ownStore.get(key.keyId))?.state).toBe('active')
+      await expect.poll(() => enclave.cache.get(key.keyId)?.record.state).toBe('active')
+      await expectSignsAs(parent, key)
+    })
+  })
+
   it('fails a rotation whose re-seal the enclave answers NOT_FOUND as a rotation that did not finish, not as a 404 of the caller\u2019s, and the next call resumes it', async () => {
     await withCabledParent('lost-reseal', {}, async ({ parent, cable }) => {
       const key = await parent.createKey()
@@ -639,7 +674,7 @@ describe('LOAD and SET_STATE sequences', () => {
       cable.failNextRequest(opcodes.SET_STATE)
       await parent.setState(key.keyId, 'frozen')
       await parent.setState(key.keyId, 'active')
-      const holding = cable.holdNextSignAnswer()
+      const holding = cable.holdNextAnswer()
       const signing = parent.sign(other.keyId, Buffer.alloc(32, 16))
       const release = await holding
       const loads = () => cable.framesFromParent.filter((frame) => frame.opcode === opcodes.LOAD).length
@@ -1385,7 +1420,7 @@ describe('a parent whose enclaves are not all up', () => {
       // Its first request waits out the timeout and holds spare-late back (the key signs on spare-up meanwhile).
       await expectSignsAs(held, onLate!)
       // The next goes to spare-up at once, and its signature is held there.
-      const holding = upCable.holdNextSignAnswer()
+      const holding = upCable.holdNextAnswer()
       const signing = held.sign(onLate!.keyId, Buffer.alloc(32, 6))
       const release = await holding
       // spare-late is back, past its hold, and answers: the freeze reaches it.
@@ -1451,7 +1486,7 @@ describe('a parent whose enclaves are not all up', () => {
       lateCable.restore()
       advance(60_000)
       // The hold is over: the next request is spare-late's probe, and while it is out the enclave counts as held back.
-      const holding = lateCable.holdNextSignAnswer()
+      const holding = lateCable.holdNextAnswer()
       const signing = held.sign(onLate!.keyId, Buffer.alloc(32, 5))
       const release = await holding
       const failovers = JSON.stringify(held.failovers())
@@ -1477,7 +1512,7 @@ describe('a parent whose enclaves are not all up', () => {
     const cabled = new OriginParent({ enclaves: spares.enclaves, poolSize: 1, store: spares.ownStore, requestTimeoutMs: 10_000, credentials: async () => kms.credentials, maxInflightPerEnclave: 1 })
     try {
       const { onUp, onLate } = await startWithKeyOnEach(cabled)
-      const holding = (full === 'spare-up' ? spares.upCable : spares.lateCable).holdNextSignAnswer()
+      const holding = (full === 'spare-up' ? spares.upCable : spares.lateCable).holdNextAnswer()
       const signing = cabled.sign((full === 'spare-up' ? onUp : onLate)!.keyId, Buffer.alloc(32, 12))
       const release = await holding
       await test({ ...spares, cabled, onUp: onUp!, onLate: onLate! })
@@ -1510,6 +1545,31 @@ describe('a parent whose enclaves are not all up', () => {
       expect(loads()).toBe(before)
       await expect(cabled.createKey()).rejects.toBeInstanceOf(OverloadedError)
     }))
+
+  it('a failover\u2019s load takes one of the standby\u2019s places while it runs: the standby\u2019s own keys are shed meanwhile, not sent past its limit', async () => {
+    const spares = await cabledSpares('loading-standby-store')
+    const cabled = new OriginParent({ enclaves: spares.enclaves, poolSize: 1, store: spares.ownStore, requestTimeoutMs: 10_000, credentials: async () => kms.credentials, maxInflightPerEnclave: 1 })
+    try {
+      const { onUp, onLate } = (await startWithKeyOnEach(cabled)) as { onUp: KeyInfo; onLate: KeyInfo }
+      // spare-late drops out; its key loads on spare-up, whose answer to the LOAD is held.
+      spares.lateCable.cut()
+      const holding = spares.upCable.holdNextAnswer(opcodes.LOAD)
+      const failingOver = cabled.sign(onLate.keyId, Buffer.alloc(32, 18))
+      const release = await holding
+      const signs = () => spares.upCable.framesFromParent.filter((frame) => frame.opcode === opcodes.SIGN).length
+      const before = signs()
+      await expect(cabled.sign(onUp.keyId, Buffer.alloc(32, 19))).rejects.toBeInstanceOf(OverloadedError)
+      expect(signs()).toBe(before)
+      release()
+      // The place passes on to the sign the load was for, which spare-up serves.
+      await expect(failingOver).resolves.toMatchObject({ recoveryId: expect.any(Number) })
+      expect(cabled.failovers()).toEqual([{ enclave: 'spare-late', standby: 'spare-up', count: 1 }])
+      await expectSignsAs(cabled, onUp)
+    } finally {
+      cabled.close()
+      await spares.stop()
+    }
+  })
 
   it('a standby held back after failures of its own is still tried, last, before a request fails', async () => {
     const { upCable, lateCable, ownStore, enclaves, stop } = await cabledSpares('held-standby-store')
