@@ -210,14 +210,18 @@ describe('the operators\u2019 CLI', () => {
     }
   })
 
-  it('asks again, after its Retry-After-Ms, for a create the origin shed for load', async () => {
+  it.each([20, 0])('asks again, after its Retry-After-Ms (%i, and never sooner than 10 ms), for a create the origin shed for load', async (retryAfterMs) => {
     // An origin that sheds every other create, as a parent whose enclave is full does.
     let requests = 0
     const nonces = new Set<string>()
+    const arrivals: number[] = []
     const shedding = createServer((request, response) => {
       request.resume()
+      arrivals.push(performance.now())
       nonces.add(String(request.headers['x-origin-nonce']))
-      if (++requests % 2 === 1) return void response.writeHead(503, { 'content-type': 'application/json', 'retry-after': '1', 'retry-after-ms': '20' }).end('{"error":"overloaded","retryAfterMs":20}')
+      if (++requests % 2 === 1) {
+        return void response.writeHead(503, { 'content-type': 'application/json', 'retry-after': '1', 'retry-after-ms': String(retryAfterMs) }).end(JSON.stringify({ error: 'overloaded', retryAfterMs }))
+      }
       response.writeHead(201, { 'content-type': 'application/json' }).end(JSON.stringify({ keyId: `made-${requests}`, address: '0x0000000000000000000000000000000000000001' }))
     })
     await new Promise<void>((resolve) => shedding.listen(0, '127.0.0.1', resolve))
@@ -226,6 +230,9 @@ describe('the operators\u2019 CLI', () => {
       expect(stdout.trim().split('\n').map((line) => (JSON.parse(line) as { keyId: string }).keyId)).toEqual(['made-2', 'made-4', 'made-6', 'made-8'])
       // Each attempt signed afresh: a parent refuses a nonce it has seen.
       expect(nonces.size).toBe(8)
+      // From each shed attempt to the one after it: the wait asked for, and at least 10 ms (a 0 is no busy loop).
+      const waits = [0, 2, 4, 6].map((shed) => arrivals[shed + 1]! - arrivals[shed]!)
+      for (const wait of waits) expect(wait).toBeGreaterThanOrEqual(Math.max(retryAfterMs, 10))
     } finally {
       shedding.close()
     }

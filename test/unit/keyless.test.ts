@@ -180,6 +180,45 @@ describe('keyless backend', () => {
     }
   })
 
+  it('does not start waiting out a Retry-After once its caller has stopped waiting while the 503 came in', async () => {
+    const caller = new AbortController()
+    // The caller gives up just as the 503 arrives: the abort has happened before the wait begins.
+    const abortingOn503: typeof fetch = async (input, init) => {
+      const response = await fetch(input, init)
+      if (response.status === 503) caller.abort()
+      return response
+    }
+    const signer = new KeylessSigner({ name: 'origin', url, keyId: 'k1', hmacKeyId: hmac.keyId, hmacSecret: hmac.secret, deadlineMs: 5_000, fetch: abortingOn503 })
+    await signer.address()
+    unlockingFor = 1
+    retryAfterMs = 2_000
+    try {
+      const started = Date.now()
+      await expect(signer.signDigest(digest, { signal: caller.signal })).rejects.toThrow('keyless signer origin: stopped, as its caller no longer waits for the signature')
+      expect(Date.now() - started).toBeLessThan(1_000)
+    } finally {
+      unlockingFor = 0
+    }
+  })
+
+  it('asks again after a 503 whose body fails to cancel, and signs', async () => {
+    let broken = 0
+    // The first sign is answered by a 503 whose body cannot be cancelled (its stream errors), as a connection that broke off might leave it.
+    const brokenOnce: typeof fetch = async (input, init) => {
+      if (init?.method !== 'POST' || broken++ > 0) return fetch(input, init)
+      const body = new ReadableStream({
+        cancel() {
+          throw new Error('the stream broke')
+        },
+      })
+      return new Response(body, { status: 503, headers: { 'retry-after': '1', 'retry-after-ms': '20' } })
+    }
+    const signer = new KeylessSigner({ name: 'origin', url, keyId: 'k1', hmacKeyId: hmac.keyId, hmacSecret: hmac.secret, deadlineMs: 2_000, fetch: brokenOnce })
+    const signed = await signer.signDigest(digest)
+    expect(broken).toBe(2)
+    expect(await recoverAddress({ hash: digest, signature: signed.signature })).toBe(privateKeyToAddress(originKey))
+  })
+
   it('refuses a signature that is not two in-range 32-byte values as malformed, without trying to recover it', async () => {
     const signer = keyless()
     const cases = {
