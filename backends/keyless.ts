@@ -113,8 +113,9 @@ export class KeylessSigner implements Signer {
 
   async signDigest(digest: Hex, options?: SignOptions): Promise<SignedDigest> {
     const deadline = Date.now() + this.options.deadlineMs
-    const address = await this.address()
-    const answer = await this.request('POST', this.path('/sign'), { digest }, deadline, options?.signal)
+    // The address (looked up on first use) is needed only to check the signature: asked for alongside it, the
+    // first signature costs one round trip, not two back to back within one deadline.
+    const [address, answer] = await Promise.all([this.address(), this.request('POST', this.path('/sign'), { digest }, deadline, options?.signal)])
     const signature = answer.signature
     if (typeof signature !== 'string' || !isHex(signature) || size(signature) !== 64) {
       throw new SignerError(`keyless signer ${this.options.name}: the origin returned a malformed signature`)

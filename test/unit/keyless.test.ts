@@ -180,6 +180,19 @@ describe('keyless backend', () => {
     }
   })
 
+  it('looks up its address alongside its first signature, not before it: both fit in one deadline', async () => {
+    // Every request to the origin takes 300 ms; two in a row would not fit in 500.
+    const slow: typeof fetch = async (input, init) => {
+      await new Promise((resolve) => setTimeout(resolve, 300))
+      return fetch(input, init)
+    }
+    const lookUps = keyLookUps
+    const signer = new KeylessSigner({ name: 'origin', url, keyId: 'k1', hmacKeyId: hmac.keyId, hmacSecret: hmac.secret, deadlineMs: 500, fetch: slow })
+    const signed = await signer.signDigest(digest)
+    expect(keyLookUps).toBe(lookUps + 1)
+    expect(await recoverAddress({ hash: digest, signature: signed.signature })).toBe(privateKeyToAddress(originKey))
+  })
+
   it('does not start waiting out a Retry-After once its caller has stopped waiting while the 503 came in', async () => {
     const caller = new AbortController()
     // The caller gives up just as the 503 arrives: the abort has happened before the wait begins.
