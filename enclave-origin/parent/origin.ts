@@ -194,13 +194,13 @@ export class OriginParent {
   }
 
   private credentialRefresh: ReturnType<typeof setInterval> | undefined
-  /** Creates not yet answered: a DEK rotation waits for those sealed under the old DEK. */
+  /** Creates whose record is not yet written (answered or not): a DEK rotation waits for those sealed under the old DEK. */
   private readonly creating = new Set<Promise<unknown>>()
   /** The last state change or re-seal per key: each waits for the one before, so neither undoes the other in the store. */
   private readonly keyWork = new Map<string, Promise<unknown>>()
   private rotating: Promise<{ resealed: number }> | undefined
-  /** Reloads queued or running, per key. */
-  private readonly reloads = new Map<string, Promise<boolean>>()
+  /** Reloads queued or running, per enclave and key; `begun` once the key's turn has come. */
+  private readonly reloads = new Map<string, { done: Promise<boolean>; begun: Promise<void> }>()
   /** Keys whose enclave may have missed a state change (its SET_STATE failed): reloaded before their next use. */
   private readonly unsyncedKeys = new Set<string>()
   /**
@@ -209,6 +209,8 @@ export class OriginParent {
    * out of service): a signature that comes back after one is checked against the store before it is given out.
    */
   private deactivations = 0
+  /** Creates and state changes answered 503 by `storeConfirmed` whose writes have not settled yet (see `storeHealth`). */
+  private unconfirmedWrites = 0
   /** The health check out now, which callers share (see `health`). */
   private healthAsked: Promise<EnclaveHealth[]> | undefined
   /** Signs and gets that another enclave served: one log line per pair of enclaves every 10 s, and a count per pair. */
@@ -561,12 +563,12 @@ export class OriginParent {
     return turn
   }
 
-  /** `work`, or a rejection naming `what` once the request timeout has passed. */
-  private withinRequestTimeout<T>(work: Promise<T>, what: string): Promise<T> {
+  /** `work`, or a rejection naming `what` (an Error, or what `timedOut` makes of the message) once the request timeout has passed. */
+  private withinRequestTimeout<T>(work: Promise<T>, what: string, timedOut = (message: string): Error => new Error(message)): Promise<T> {
     const { requestTimeoutMs } = this.options
     let timer: ReturnType<typeof setTimeout> | undefined
     const timeout = new Promise<never>((_, reject) => {
-      timer = setTimeout(() => reject(new Error(`${what} took longer than ${requestTimeoutMs} ms`)), requestTimeoutMs)
+      timer = setTimeout(() => reject(timedOut(`${what} took longer than ${requestTimeoutMs} ms`)), requestTimeoutMs)
     })
     return Promise.race([work, timeout]).finally(() => clearTimeout(timer))
   }
@@ -611,17 +613,34 @@ export class OriginParent {
    * happened `storeTimeoutMs` after the call, the caller is answered 503 without waiting longer. The work goes
    * on (holding its key's turn, so nothing overtakes its writes) and may still take effect, which the answer says.
    */
-  private storeConfirmed<T>(what: string, work: (confirmed: () => void) => Promise<T>): Promise<T> {
+  private storeConfirmed<T>(what: string, work: (confirmed: () => void) => Promise<T>, detailsOf: (result: T) => Record<string, unknown> = () => ({})): Promise<T> {
     const timeoutMs = this.options.storeTimeoutMs ?? 10_000
     let timer: ReturnType<typeof setTimeout> | undefined
+    let late = false
     const timedOut = new Promise<never>((_, reject) => {
       timer = setTimeout(() => {
+        late = true
+        this.unconfirmedWrites += 1
         this.options.log?.({ level: 'warn', event: 'store_not_confirmed', what, timeoutMs })
-        reject(new OriginRequestError('unavailable', `${what} was not confirmed durable within ${timeoutMs} ms (the store is slow or not answering); it may still take effect`))
+        reject(new OriginRequestError('unavailable', `${what} was not confirmed durable within ${timeoutMs} ms; it may still take effect`))
       }, timeoutMs)
     })
+    const done = work(() => clearTimeout(timer))
+    // How it ends after its caller was answered, for the operator who was told "may still take effect".
+    done.then(
+      (result) => {
+        if (!late) return
+        this.unconfirmedWrites -= 1
+        this.options.log?.({ level: 'warn', event: 'store_confirmed_late', what, ...detailsOf(result) })
+      },
+      (error: unknown) => {
+        if (!late) return
+        this.unconfirmedWrites -= 1
+        this.options.log?.({ level: 'error', event: 'store_write_failed_late', what, error: messageOf(error) })
+      },
+    )
     // Race subscribes to both, so whichever settles second is handled too.
-    return Promise.race([work(() => clearTimeout(timer)), timedOut]).finally(() => clearTimeout(timer))
+    return Promise.race([done, timedOut]).finally(() => clearTimeout(timer))
   }
 
   /** Creates a key inside its enclave; answers only once the sealed record is durable (see `storeTimeoutMs`). */
@@ -635,7 +654,7 @@ export class OriginParent {
       this.creating.add(creating)
       void creating.catch(() => {}).finally(() => this.creating.delete(creating))
       return creating
-    })
+    }, (key) => ({ keyId: key.keyId }))
   }
 
   /**
@@ -714,7 +733,7 @@ export class OriginParent {
     if (this.full(owner)) throw new OverloadedError(owner.id)
     try {
       // A key whose state change may not have reached its enclave goes there fresh from the store first.
-      return await this.tracked(owner, () => (this.unsyncedKeys.has(keyId) ? this.reloadInTurn(keyId, owner).then(() => work(owner)) : work(owner)))
+      return await this.tracked(owner, () => (this.unsyncedKeys.has(keyId) ? this.reloadForUse(keyId, owner).then(() => work(owner)) : work(owner)))
     } catch (error) {
       if (!(error instanceof EnclaveUnavailableError)) throw error
       return this.onStandby({ keyId, work, failure: error, tried: tried ?? new Set() })
@@ -803,7 +822,7 @@ export class OriginParent {
   /** A key's request to an enclave; once more after handing it the stored record, if it has lost the key (a restart). */
   private async callReloading({ enclave, keyId, opcode, payload }: { enclave: Enclave; keyId: string; opcode: Opcode; payload: Uint8Array }): Promise<Frame> {
     const frame = await this.call(enclave, opcode, payload)
-    return frame.status === statuses.NOT_FOUND && (await this.reloadInTurn(keyId, enclave)) ? this.call(enclave, opcode, payload) : frame
+    return frame.status === statuses.NOT_FOUND && (await this.reloadForUse(keyId, enclave)) ? this.call(enclave, opcode, payload) : frame
   }
 
   /**
@@ -820,7 +839,7 @@ export class OriginParent {
    * never, nor any in `tried` (which this fills: a request tries each
    * standby once). Full ones (see `maxInflightPerEnclave`) are passed
    * over before the load, which counts as one of the standby's requests
-   * while it runs. Undefined for any other error, or when no enclave
+   * while it is out (see `reload`). Undefined for any other error, or when no enclave
    * takes it; OverloadedError when the ones that would were full.
    */
   private async standbyFor({ keyId, error, heldLast, tried }: { keyId: string; error: unknown; heldLast: boolean; tried: Set<Enclave> }): Promise<Standby | undefined> {
@@ -829,13 +848,16 @@ export class OriginParent {
     let overloaded: OverloadedError | undefined
     for (const enclave of [...others.filter((other) => !heldBack(other)), ...(heldLast ? others.filter(heldBack) : [])]) {
       tried.add(enclave)
+      // Full: passed over before waiting for the key's turn (see `reload`, which counts the load itself).
+      if (this.full(enclave)) {
+        overloaded = new OverloadedError(enclave.id)
+        continue
+      }
       // The load's outcome counts toward the standby's own outage, as a request's would; a key the store does
       // not hold makes no load, and tells nothing about it.
       const failuresAtSend = enclave.outageFailures
       try {
-        // Counted as one of the standby's requests while it loads: when an owner fails, its keys' loads fill the
-        // standby up to its limit, not past it. A full one is passed over before the load.
-        const stored = await this.admitted(enclave, () => this.reloadInTurn(keyId, enclave))
+        const stored = await this.reloadForUse(keyId, enclave)
         if (stored) outageOver(enclave)
         return { enclave, stored }
       } catch (failure) {
@@ -857,26 +879,53 @@ export class OriginParent {
    * cannot land after it (a frozen key turned active again, say).
    */
   private reloadInTurn(keyId: string, into = this.ring.nodeFor(keyId)): Promise<boolean> {
-    // Callers while one is queued or running share it: N signs of a key an enclave lost make one reload.
+    return this.sharedReload(keyId, into).done
+  }
+
+  /** Callers while one is queued or running share it: N signs of a key an enclave lost make one reload. */
+  private sharedReload(keyId: string, into: Enclave): { done: Promise<boolean>; begun: Promise<void> } {
     const shared = `${into.id}\n${keyId}`
     let reload = this.reloads.get(shared)
     if (!reload) {
-      const started = this.serializeKey(keyId, () => this.reload(keyId, into)).finally(() => {
-        if (this.reloads.get(shared) === started) this.reloads.delete(shared)
+      let begin!: () => void
+      const begun = new Promise<void>((resolve) => (begin = resolve))
+      const done = this.serializeKey(keyId, () => {
+        begin()
+        return this.reload(keyId, into)
+      }).finally(() => {
+        if (this.reloads.get(shared)?.done === done) this.reloads.delete(shared)
       })
-      this.reloads.set(shared, started)
-      reload = started
+      // Handled here as well: a caller that gave up waiting for the turn (see `reloadForUse`) no longer listens.
+      done.catch(() => {})
+      reload = { done, begun }
+      this.reloads.set(shared, reload)
     }
     return reload
   }
 
-  /** An enclave that restarted has lost its records: hand it the stored one. Callers hold the key's turn. */
+  /**
+   * `reloadInTurn` for a sign or get, which waits for the key's turn no longer than the request timeout: a
+   * state change whose store write hangs holds it (see `storeConfirmed`). The reload itself is bounded as any
+   * request is. One given up on still runs when the turn comes, and the next use shares it.
+   */
+  private async reloadForUse(keyId: string, into: Enclave): Promise<boolean> {
+    const { done, begun } = this.sharedReload(keyId, into)
+    await this.withinRequestTimeout(begun, `waiting for key ${keyId}'s turn (a change of its state is still under way)`, (message) => new OriginRequestError('unavailable', message))
+    return done
+  }
+
+  /**
+   * An enclave that restarted has lost its records: hand it the stored one. Callers hold the key's turn.
+   * A load into a standby counts as one of its requests while it is out (see `maxInflightPerEnclave`): when
+   * an owner fails, the loads of its keys fill a standby up to its limit, not past it.
+   */
   private async reload(keyId: string, into = this.ring.nodeFor(keyId)): Promise<boolean> {
-    const record = await this.options.store.get(keyId)
+    // Bounded: a hung read must not hold the key's turn. A record read too late is dropped with this reload.
+    const record = await this.withinRequestTimeout(this.options.store.get(keyId), `reading key ${keyId}'s stored record`)
     if (!record) return false
     const owner = into === this.ring.nodeFor(keyId)
     try {
-      await this.load(record, into)
+      await (owner ? this.load(record, into) : this.admitted(into, () => this.load(record, into)))
     } catch (error) {
       // A LOAD given up on may not have landed, nor one refused for want of an unlock, leaving an older state there:
       // reload before the key's next use there.
@@ -982,7 +1031,10 @@ export class OriginParent {
   /** The store's part of health: a store that takes no more writes cannot create keys or change their states. */
   storeHealth(): { ok: true } | { ok: false; error: string } {
     const failure = this.options.store.writeFailure?.()
-    return failure === undefined ? { ok: true } : { ok: false, error: failure }
+    if (failure !== undefined) return { ok: false, error: failure }
+    // Hung rather than failed: as unable to take writes, for as long as any answered 503 is still out.
+    if (this.unconfirmedWrites > 0) return { ok: false, error: `${this.unconfirmedWrites} creates or state changes were not confirmed durable within ${this.options.storeTimeoutMs ?? 10_000} ms and are still waiting for the store` }
+    return { ok: true }
   }
 
   /**

@@ -4,8 +4,8 @@ import { connect, createServer as createNetServer, type AddressInfo, type Socket
 import { tmpdir } from 'node:os'
 import path from 'node:path'
 import { KMSClient } from '@aws-sdk/client-kms'
-import { hexToBytes, recoverAddress, serializeSignature, type Hex } from 'viem'
-import { generatePrivateKey, privateKeyToAddress } from 'viem/accounts'
+import { bytesToHex, hexToBytes, recoverAddress, serializeSignature, type Hex } from 'viem'
+import { generatePrivateKey, privateKeyToAddress, publicKeyToAddress } from 'viem/accounts'
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest'
 import type { StreamAddress } from '../../enclave-origin/config.js'
 import { developmentAttestation, KmsDataKeys } from '../../enclave-origin/enclave/dataKey.js'
@@ -620,38 +620,81 @@ describe('LOAD and SET_STATE sequences', () => {
     })
   })
 
-  it('answers a create or state change the store does not confirm in time 503 at once, while the write goes on and lands in order', async () => {
-    /** The store's writes wait for `release` while `hang` holds. */
-    let hang = false
-    const pending: Array<() => void> = []
-    const held = <T>(write: () => Promise<T>) => (hang ? new Promise<void>((resolve) => pending.push(resolve)).then(write) : write())
-    const hungStoreOver = (ownStore: BlobStore) => storeWith({ put: (record) => held(() => ownStore.put(record)), setState: (keyId, state) => held(() => ownStore.setState(keyId, state)) }, ownStore)
+  /** A store over `base` whose puts and state changes wait, while `hang` is set, until the test settles them. */
+  function hangingStore(base: BlobStore) {
+    const control = { hang: false, pending: [] as Array<{ release: () => void; fail: (error: Error) => void }> }
+    const held = <T>(write: () => Promise<T>) => (control.hang ? new Promise<void>((release, fail) => control.pending.push({ release, fail })).then(write) : write())
+    const store = storeWith({ put: (record) => held(() => base.put(record)), setState: (keyId, state) => held(() => base.setState(keyId, state)) }, base)
+    return { store, control }
+  }
+  /** `withCabledParent` over a `hangingStore`, with `storeTimeoutMs`, and what the parent logs. */
+  function withHangingStore(id: string, storeTimeoutMs: number, test: (context: CabledEnclave & { parent: OriginParent; control: ReturnType<typeof hangingStore>['control']; logged: Array<Record<string, unknown>> }) => Promise<void>) {
+    let control: ReturnType<typeof hangingStore>['control'] | undefined
     const logged: Array<Record<string, unknown>> = []
-    await withCabledParent('hung-store', (cabled) => ({ store: hungStoreOver(cabled.ownStore), storeTimeoutMs: 300, log: (fields) => logged.push(fields) }), async ({ parent, ownStore, enclave }) => {
+    const options = (cabled: CabledEnclave) => {
+      const hanging = hangingStore(cabled.ownStore)
+      control = hanging.control
+      return { store: hanging.store, storeTimeoutMs, log: (fields: Record<string, unknown>) => logged.push(fields) }
+    }
+    return withCabledParent(id, options, (context) => test({ ...context, control: control!, logged }))
+  }
+  const unconfirmed = (what: string, ms: number) => ({ kind: 'unavailable', message: `${what} was not confirmed durable within ${ms} ms; it may still take effect` })
+  async function storedRecords(store: BlobStore) {
+    const all = []
+    for await (const record of store.list()) all.push(record)
+    return all
+  }
+
+  it('answers a create or state change the store does not confirm in time 503 at once, while the write goes on, lands in order and is logged, and the store reads as not ok meanwhile', async () => {
+    await withHangingStore('hung-store', 300, async ({ parent, ownStore, enclave, control, logged }) => {
       const key = await parent.createKey()
-      hang = true
-      const unconfirmed = (what: string) => ({ kind: 'unavailable', message: `${what} was not confirmed durable within 300 ms (the store is slow or not answering); it may still take effect` })
+      control.hang = true
       const started = performance.now()
-      await expect(parent.createKey()).rejects.toMatchObject(unconfirmed("the new key's record"))
-      await expect(parent.setState(key.keyId, 'frozen')).rejects.toMatchObject(unconfirmed(`the change of key ${key.keyId} to frozen`))
+      await expect(parent.createKey()).rejects.toMatchObject(unconfirmed("the new key's record", 300))
+      await expect(parent.setState(key.keyId, 'frozen')).rejects.toMatchObject(unconfirmed(`the change of key ${key.keyId} to frozen`, 300))
       // The unfreeze waits for its turn behind the freeze's write, which still holds it.
-      await expect(parent.setState(key.keyId, 'active')).rejects.toMatchObject(unconfirmed(`the change of key ${key.keyId} to active`))
+      await expect(parent.setState(key.keyId, 'active')).rejects.toMatchObject(unconfirmed(`the change of key ${key.keyId} to active`, 300))
       expect(performance.now() - started).toBeLessThan(3_000)
       expect(logged.filter((line) => line.event === 'store_not_confirmed')).toHaveLength(3)
-      expect(pending).toHaveLength(2)
-      const records = async () => {
-        const all = []
-        for await (const record of ownStore.list()) all.push(record)
-        return all
-      }
-      expect(await records()).toHaveLength(1)
-      hang = false
-      // The writes land: the new key's record, then the freeze, then the unfreeze, in the key's turn.
-      pending.splice(0).forEach((release) => release())
-      await expect.poll(async () => (await records()).length).toBe(2)
-      await expect.poll(async () => (await ownStore.get(key.keyId))?.state).toBe('active')
-      await expect.poll(() => enclave.cache.get(key.keyId)?.record.state).toBe('active')
+      expect(control.pending).toHaveLength(2)
+      expect(parent.storeHealth()).toEqual({ ok: false, error: '3 creates or state changes were not confirmed durable within 300 ms and are still waiting for the store' })
+      expect(await storedRecords(ownStore)).toHaveLength(1)
+      control.hang = false
+      // The new key's write fails after all; the freeze lands, then the unfreeze, in the key's turn.
+      const [create, freeze] = control.pending.splice(0)
+      create!.fail(new Error('the disk is full'))
+      freeze!.release()
+      await expect.poll(() => parent.storeHealth()).toEqual({ ok: true })
+      expect(await storedRecords(ownStore)).toHaveLength(1)
+      expect((await ownStore.get(key.keyId))?.state).toBe('active')
+      expect(enclave.cache.get(key.keyId)?.record.state).toBe('active')
+      expect(logged.filter((line) => line.event === 'store_write_failed_late' || line.event === 'store_confirmed_late').map(({ event, what, error }) => [event, what, error])).toEqual([
+        ['store_write_failed_late', "the new key's record", 'the disk is full'],
+        ['store_confirmed_late', `the change of key ${key.keyId} to frozen`, undefined],
+        ['store_confirmed_late', `the change of key ${key.keyId} to active`, undefined],
+      ])
       await expectSignsAs(parent, key)
+    })
+  })
+
+  it('a rotation waits for the record of a create already answered 503, which lands under the new data key too and signs', async () => {
+    await withHangingStore('late-create', 200, async ({ parent, ownStore, control, logged }) => {
+      control.hang = true
+      await expect(parent.createKey()).rejects.toMatchObject(unconfirmed("the new key's record", 200))
+      control.hang = false
+      let rotated = false
+      const rotating = parent.rotateDataKey().then((result) => {
+        rotated = true
+        return result
+      })
+      await new Promise((resolve) => setTimeout(resolve, 300))
+      expect(rotated).toBe(false)
+      control.pending.splice(0).forEach(({ release }) => release())
+      expect(await rotating).toEqual({ resealed: 1 })
+      const [record] = await storedRecords(ownStore)
+      expect(record!.version).toBe(2)
+      expect(logged).toContainEqual(expect.objectContaining({ event: 'store_confirmed_late', what: "the new key's record", keyId: record!.keyId }))
+      await expectSignsAs(parent, { keyId: record!.keyId, address: publicKeyToAddress(bytesToHex(record!.publicKey)) })
     })
   })
 
@@ -1565,6 +1608,57 @@ describe('a parent whose enclaves are not all up', () => {
       await expect(failingOver).resolves.toMatchObject({ recoveryId: expect.any(Number) })
       expect(cabled.failovers()).toEqual([{ enclave: 'spare-late', standby: 'spare-up', count: 1 }])
       await expectSignsAs(cabled, onUp)
+    } finally {
+      cabled.close()
+      await spares.stop()
+    }
+  })
+
+  it('a failover sign waits for its key\u2019s turn, held by a state change whose write hangs, no longer than the request timeout, and holds no place on the standby meanwhile', async () => {
+    const spares = await cabledSpares('turn-store')
+    let hang = false
+    const pending: Array<() => void> = []
+    const store = storeWith({ setState: (keyId, state) => (hang ? new Promise<void>((resolve) => pending.push(resolve)) : Promise.resolve()).then(() => spares.ownStore.setState(keyId, state)) }, spares.ownStore)
+    const cabled = new OriginParent({ enclaves: spares.enclaves, poolSize: 1, store, requestTimeoutMs: 500, storeTimeoutMs: 200, credentials: async () => kms.credentials, maxInflightPerEnclave: 1 })
+    try {
+      const { onUp, onLate } = (await startWithKeyOnEach(cabled)) as { onUp: KeyInfo; onLate: KeyInfo }
+      hang = true
+      await expect(cabled.setState(onLate.keyId, 'frozen')).rejects.toMatchObject({ kind: 'unavailable' })
+      spares.lateCable.cut()
+      const started = performance.now()
+      const failingOver = cabled.sign(onLate.keyId, Buffer.alloc(32, 20)).catch((error: unknown) => error)
+      // Once it is on spare-up (spare-late fails it at once), waiting for the key's turn, spare-up's one place is
+      // free for its own keys.
+      await new Promise((resolve) => setTimeout(resolve, 150))
+      await expectSignsAs(cabled, onUp)
+      expect(await failingOver).toMatchObject({ kind: 'unavailable', message: `waiting for key ${onLate.keyId}'s turn (a change of its state is still under way) took longer than 500 ms` })
+      expect(performance.now() - started).toBeLessThan(2_000)
+      // Once the freeze's write lands, the key loads on spare-up as the store has it: frozen.
+      hang = false
+      pending.splice(0).forEach((release) => release())
+      await expect.poll(async () => (await spares.ownStore.get(onLate.keyId))?.state).toBe('frozen')
+      await expect(cabled.sign(onLate.keyId, Buffer.alloc(32, 21))).rejects.toThrow(`key ${onLate.keyId} is frozen`)
+    } finally {
+      hang = false
+      pending.splice(0).forEach((release) => release())
+      cabled.close()
+      await spares.stop()
+    }
+  })
+
+  it('a failover sign whose key\u2019s record the store does not give within the request timeout fails then, and holds no turn of the key', async () => {
+    const spares = await cabledSpares('hung-read-store')
+    let readsHang = false
+    const store = storeWith({ get: (keyId) => (readsHang ? new Promise<never>(() => {}) : spares.ownStore.get(keyId)) }, spares.ownStore)
+    const cabled = new OriginParent({ enclaves: spares.enclaves, poolSize: 1, store, requestTimeoutMs: 300, credentials: async () => kms.credentials })
+    try {
+      const { onLate } = (await startWithKeyOnEach(cabled)) as { onUp: KeyInfo; onLate: KeyInfo }
+      spares.lateCable.cut()
+      readsHang = true
+      await expect(cabled.sign(onLate.keyId, Buffer.alloc(32, 22))).rejects.toThrow(`reading key ${onLate.keyId}'s stored record took longer than 300 ms`)
+      // The key's turn is free again: with the store answering, the next sign loads it on spare-up.
+      readsHang = false
+      await expectSignsAs(cabled, onLate)
     } finally {
       cabled.close()
       await spares.stop()
