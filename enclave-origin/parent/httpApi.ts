@@ -5,7 +5,7 @@ import type { KeyState } from '../types.js'
 import { HttpServer, type HttpAnswer, type HttpRequest, type HttpServerOptions } from './httpServer.js'
 import { originMetrics } from './metrics.js'
 import { ThrottledLog } from './throttledLog.js'
-import { NeedsUnlockError, OriginRequestError, OverloadedError, type EnclaveHealth, type OriginParent } from './origin.js'
+import { KeyTurnTimeoutError, NeedsUnlockError, OriginRequestError, OverloadedError, type EnclaveHealth, type OriginParent } from './origin.js'
 
 export type ParentApiOptions = {
   parent: OriginParent
@@ -157,6 +157,7 @@ export function createParentApi(options: ParentApiOptions): HttpServer {
         const { retryAfterMs } = error
         return json(503, { error: 'overloaded', retryAfterMs }, { 'retry-after': '1', 'retry-after-ms': String(retryAfterMs) })
       }
+      if (error instanceof KeyTurnTimeoutError) return json(503, { error: error.message })
       if (error instanceof OriginRequestError) {
         return json({ 'not-found': 404, 'not-active': 409, 'bad-request': 400, unavailable: 503 }[error.kind], { error: error.message })
       }

@@ -61,6 +61,13 @@ export class OverloadedError extends Error {
   }
 }
 
+/**
+ * A sign or get that had to load its key first did not get the key's turn within the request timeout: a
+ * change of the key's state, whose store write has not settled, holds it. Nothing was sent. The parent's
+ * own refusal, not an answer of the enclave's: it says nothing about the enclave's outage.
+ */
+export class KeyTurnTimeoutError extends Error {}
+
 /** The enclave answered that it failed (INTERNAL, or a status this parent does not know). */
 class EnclaveInternalError extends Error {}
 
@@ -211,6 +218,9 @@ export class OriginParent {
   private deactivations = 0
   /** Creates and state changes answered 503 by `storeConfirmed` whose writes have not settled yet (see `storeHealth`). */
   private unconfirmedWrites = 0
+  private get storeTimeoutMs(): number {
+    return this.options.storeTimeoutMs ?? 10_000
+  }
   /** The health check out now, which callers share (see `health`). */
   private healthAsked: Promise<EnclaveHealth[]> | undefined
   /** Signs and gets that another enclave served: one log line per pair of enclaves every 10 s, and a count per pair. */
@@ -232,7 +242,7 @@ export class OriginParent {
     const opened = enclave.epochsOpened
     const frame = await send()
     if (frame.status !== statuses.NEEDS_UNLOCK) return frame
-    await this.withinRequestTimeout(enclave.unlockQueue, 'waiting for an unlock').catch(() => {})
+    await this.withinTimeout(enclave.unlockQueue, 'waiting for an unlock').catch(() => {})
     return enclave.epochsOpened !== opened ? send() : frame
   }
 
@@ -549,7 +559,7 @@ export class OriginParent {
       .catch(() => {})
       .then(async () => {
         // Bounded, as the call itself is: a hung store read must not hold every later UNLOCK.
-        const stored = await this.withinRequestTimeout(this.options.store.getWrappedDek(), 'reading the wrapped DEK')
+        const stored = await this.withinTimeout(this.options.store.getWrappedDek(), 'reading the wrapped DEK')
         // The epoch it opens starts above every sequence this parent has used there, whatever the enclave process.
         const request = { ...build(stored), sequenceFloorAtLeast: enclave.lastSequence + 1 }
         await this.deliverCredentials(enclave)
@@ -563,18 +573,20 @@ export class OriginParent {
     return turn
   }
 
-  /** `work`, or a rejection naming `what` (an Error, or what `timedOut` makes of the message) once the request timeout has passed. */
-  private withinRequestTimeout<T>(work: Promise<T>, what: string, timedOut = (message: string): Error => new Error(message)): Promise<T> {
-    const { requestTimeoutMs } = this.options
+  /**
+   * `work`, or a rejection naming `what` once `timeoutMs` (the request timeout unless given) has passed: an
+   * Error, or what `timedOut` makes of the message.
+   */
+  private withinTimeout<T>(work: Promise<T>, what: string, { timeoutMs = this.options.requestTimeoutMs, timedOut = (message: string): Error => new Error(message) } = {}): Promise<T> {
     let timer: ReturnType<typeof setTimeout> | undefined
     const timeout = new Promise<never>((_, reject) => {
-      timer = setTimeout(() => reject(timedOut(`${what} took longer than ${requestTimeoutMs} ms`)), requestTimeoutMs)
+      timer = setTimeout(() => reject(timedOut(`${what} took longer than ${timeoutMs} ms`)), timeoutMs)
     })
     return Promise.race([work, timeout]).finally(() => clearTimeout(timer))
   }
 
   private async deliverCredentials(enclave: Enclave): Promise<void> {
-    const credentials = await this.withinRequestTimeout(this.options.credentials(), 'getting AWS credentials').catch((error: unknown) => {
+    const credentials = await this.withinTimeout(this.options.credentials(), 'getting AWS credentials').catch((error: unknown) => {
       throw new OriginRequestError('unavailable', `no AWS credentials to give the enclave: ${messageOf(error)}`)
     })
     this.check(enclave, await this.call(enclave, opcodes.CREDENTIALS, encodeCredentials(credentials)))
@@ -614,7 +626,7 @@ export class OriginParent {
    * on (holding its key's turn, so nothing overtakes its writes) and may still take effect, which the answer says.
    */
   private storeConfirmed<T>(what: string, work: (confirmed: () => void) => Promise<T>, detailsOf: (result: T) => Record<string, unknown> = () => ({})): Promise<T> {
-    const timeoutMs = this.options.storeTimeoutMs ?? 10_000
+    const timeoutMs = this.storeTimeoutMs
     let timer: ReturnType<typeof setTimeout> | undefined
     let late = false
     const timedOut = new Promise<never>((_, reject) => {
@@ -812,7 +824,7 @@ export class OriginParent {
     const { signature, recoveryId, enclaveMicros } = decodeSignResponse(this.check(enclave, frame).payload)
     if (this.deactivations !== deactivations) {
       // Bounded: a hung store read must not hold the request (and its connection) for ever; unchecked, it is refused.
-      const stored = await this.withinRequestTimeout(this.options.store.get(keyId), `checking that key ${keyId} is still active`)
+      const stored = await this.withinTimeout(this.options.store.get(keyId), `checking that key ${keyId} is still active`)
       if (stored && stored.state !== 'active') throw new OriginRequestError('not-active', `key ${keyId} is ${stored.state}`)
     }
     // Buffer's hex: several times cheaper than viem's per signature.
@@ -910,7 +922,7 @@ export class OriginParent {
    */
   private async reloadForUse(keyId: string, into: Enclave): Promise<boolean> {
     const { done, begun } = this.sharedReload(keyId, into)
-    await this.withinRequestTimeout(begun, `waiting for key ${keyId}'s turn (a change of its state is still under way)`, (message) => new OriginRequestError('unavailable', message))
+    await this.withinTimeout(begun, `waiting for key ${keyId}'s turn (a change of its state is still under way)`, { timedOut: (message) => new KeyTurnTimeoutError(message) })
     return done
   }
 
@@ -920,8 +932,9 @@ export class OriginParent {
    * an owner fails, the loads of its keys fill a standby up to its limit, not past it.
    */
   private async reload(keyId: string, into = this.ring.nodeFor(keyId)): Promise<boolean> {
-    // Bounded: a hung read must not hold the key's turn. A record read too late is dropped with this reload.
-    const record = await this.withinRequestTimeout(this.options.store.get(keyId), `reading key ${keyId}'s stored record`)
+    // Bounded, as the store's writes are: a hung read must not hold the key's turn. A record read too late is dropped
+    // with this reload.
+    const record = await this.withinTimeout(this.options.store.get(keyId), `reading key ${keyId}'s stored record`, { timeoutMs: this.storeTimeoutMs })
     if (!record) return false
     const owner = into === this.ring.nodeFor(keyId)
     try {
@@ -1033,7 +1046,7 @@ export class OriginParent {
     const failure = this.options.store.writeFailure?.()
     if (failure !== undefined) return { ok: false, error: failure }
     // Hung rather than failed: as unable to take writes, for as long as any answered 503 is still out.
-    if (this.unconfirmedWrites > 0) return { ok: false, error: `${this.unconfirmedWrites} creates or state changes were not confirmed durable within ${this.options.storeTimeoutMs ?? 10_000} ms and are still waiting for the store` }
+    if (this.unconfirmedWrites > 0) return { ok: false, error: `${this.unconfirmedWrites} creates or state changes were not confirmed durable within ${this.storeTimeoutMs} ms and are still waiting for the store` }
     return { ok: true }
   }
 

@@ -17,7 +17,7 @@ import { openDiskBlobStore, type DiskBlobStore } from '../../enclave-origin/pare
 import { HashRing } from '../../enclave-origin/parent/hashRing.js'
 import { originMetrics } from '../../enclave-origin/parent/metrics.js'
 import { EnclaveUnavailableError } from '../../enclave-origin/parent/enclavePool.js'
-import { NeedsUnlockError, OriginParent, OriginRequestError, OverloadedError, type KeyInfo } from '../../enclave-origin/parent/origin.js'
+import { KeyTurnTimeoutError, NeedsUnlockError, OriginParent, OriginRequestError, OverloadedError, type KeyInfo } from '../../enclave-origin/parent/origin.js'
 import type { BlobStore } from '../../enclave-origin/parent/blobStore.js'
 import { secp256k1 } from '../../enclave-origin/enclave/nativeSecp256k1.js'
 import { connectStream } from '../../enclave-origin/protocol/connectStream.js'
@@ -1167,9 +1167,9 @@ describe('a parent whose enclaves are not all up', () => {
       { id: 'spare-late', address: lateCable.address },
     ]
     /** A parent over both relays whose backoffs run on a clock that stands still until `advance` moves it: holds last until the test ends them. */
-    const stillClockParent = (store: BlobStore = ownStore, requestTimeoutMs = 300) => {
+    const stillClockParent = (store: BlobStore = ownStore, requestTimeoutMs = 300, storeTimeoutMs?: number) => {
       let now = 0
-      const parent = new OriginParent({ enclaves, poolSize: 1, store, requestTimeoutMs, credentials: async () => kms.credentials, monotonicNow: () => now })
+      const parent = new OriginParent({ enclaves, poolSize: 1, store, requestTimeoutMs, storeTimeoutMs, credentials: async () => kms.credentials, monotonicNow: () => now })
       parents.push(parent)
       const held = async (id: string) => (await parent.health()).find((enclave) => enclave.id === id)?.held
       return { parent, held, advance: (ms: number) => void (now += ms) }
@@ -1631,7 +1631,9 @@ describe('a parent whose enclaves are not all up', () => {
       // free for its own keys.
       await new Promise((resolve) => setTimeout(resolve, 150))
       await expectSignsAs(cabled, onUp)
-      expect(await failingOver).toMatchObject({ kind: 'unavailable', message: `waiting for key ${onLate.keyId}'s turn (a change of its state is still under way) took longer than 500 ms` })
+      const refusal = await failingOver
+      expect(refusal).toBeInstanceOf(KeyTurnTimeoutError)
+      expect((refusal as Error).message).toBe(`waiting for key ${onLate.keyId}'s turn (a change of its state is still under way) took longer than 500 ms`)
       expect(performance.now() - started).toBeLessThan(2_000)
       // Once the freeze's write lands, the key loads on spare-up as the store has it: frozen.
       hang = false
@@ -1646,16 +1648,16 @@ describe('a parent whose enclaves are not all up', () => {
     }
   })
 
-  it('a failover sign whose key\u2019s record the store does not give within the request timeout fails then, and holds no turn of the key', async () => {
+  it('a failover sign whose key\u2019s record the store does not give within the store timeout fails then, and holds no turn of the key', async () => {
     const spares = await cabledSpares('hung-read-store')
     let readsHang = false
     const store = storeWith({ get: (keyId) => (readsHang ? new Promise<never>(() => {}) : spares.ownStore.get(keyId)) }, spares.ownStore)
-    const cabled = new OriginParent({ enclaves: spares.enclaves, poolSize: 1, store, requestTimeoutMs: 300, credentials: async () => kms.credentials })
+    const cabled = new OriginParent({ enclaves: spares.enclaves, poolSize: 1, store, requestTimeoutMs: 300, storeTimeoutMs: 400, credentials: async () => kms.credentials })
     try {
       const { onLate } = (await startWithKeyOnEach(cabled)) as { onUp: KeyInfo; onLate: KeyInfo }
       spares.lateCable.cut()
       readsHang = true
-      await expect(cabled.sign(onLate.keyId, Buffer.alloc(32, 22))).rejects.toThrow(`reading key ${onLate.keyId}'s stored record took longer than 300 ms`)
+      await expect(cabled.sign(onLate.keyId, Buffer.alloc(32, 22))).rejects.toThrow(`reading key ${onLate.keyId}'s stored record took longer than 400 ms`)
       // The key's turn is free again: with the store answering, the next sign loads it on spare-up.
       readsHang = false
       await expectSignsAs(cabled, onLate)
@@ -1741,6 +1743,46 @@ describe('a parent whose enclaves are not all up', () => {
       await stop()
     }
   }, 20_000)
+
+  it('a probe that times out waiting for its key\u2019s turn is no answer from the enclave: its outage goes on', async () => {
+    const { upCable, ownStore, stillClockParent, stop } = await cabledSpares('turn-probe-store')
+    let hang = false
+    const pending: Array<() => void> = []
+    const hangingStore = storeWith({ setState: (keyId, state) => (hang ? new Promise<void>((resolve) => pending.push(resolve)) : Promise.resolve()).then(() => ownStore.setState(keyId, state)) }, ownStore)
+    const { parent: cabled, advance } = stillClockParent(hangingStore, 300, 200)
+    try {
+      await cabled.start()
+      const keys = await keysUntil(cabled, (keys) => ownedBy('spare-up', keys).length >= 2)
+      const [onUp, marked] = ownedBy('spare-up', keys)
+      // spare-up drops out: held back. A state change for one of its keys cannot reach it, and marks the key.
+      upCable.cut()
+      await expectSignsAs(cabled, onUp!)
+      await cabled.setState(marked!.keyId, 'active')
+      // Another, whose write hangs, holds the key's turn.
+      hang = true
+      await expect(cabled.setState(marked!.keyId, 'active')).rejects.toMatchObject({ kind: 'unavailable' })
+      upCable.restore()
+      advance(1_000)
+      // The hold is over: the next request of the marked key probes spare-up, and gives up waiting for the turn.
+      await expect(cabled.sign(marked!.keyId, Buffer.alloc(32, 23))).rejects.toBeInstanceOf(KeyTurnTimeoutError)
+      hang = false
+      pending.splice(0).forEach((release) => release())
+      // spare-up's outage goes on: its next failure doubles the hold (750–1,250 ms), where a fresh outage would
+      // hold it for 375–625 ms.
+      upCable.cut()
+      await new Promise((resolve) => setTimeout(resolve, 100))
+      await expectSignsAs(cabled, onUp!)
+      advance(700)
+      await new Promise((resolve) => setTimeout(resolve, 100))
+      const probedUp = upCable.refused
+      await expectSignsAs(cabled, onUp!)
+      expect(upCable.refused).toBe(probedUp)
+    } finally {
+      hang = false
+      pending.splice(0).forEach((release) => release())
+      await stop()
+    }
+  })
 
   it('failover traffic holds back a hung standby, and a /healthz answer ends an outage once its hold is over', async () => {
     const { upCable, lateCable, stillClockParent, stop } = await cabledSpares('held-paths-store')

@@ -10,7 +10,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import type { BlobStore } from '../../enclave-origin/parent/blobStore.js'
 import { createParentApi, healthStatus } from '../../enclave-origin/parent/httpApi.js'
 import { ThrottledLog } from '../../enclave-origin/parent/throttledLog.js'
-import { OriginParent, OverloadedError } from '../../enclave-origin/parent/origin.js'
+import { KeyTurnTimeoutError, OriginParent, OverloadedError } from '../../enclave-origin/parent/origin.js'
 import { RequestVerifier, signRequest } from '../../enclave-origin/protocol/requestSigning.js'
 import { exchange } from '../support/rawHttp.js'
 
@@ -214,6 +214,21 @@ describe('the parent API under load', () => {
       expect(metrics).toMatch(/^origin_requests_total\{route="sign",status="503"\} 2$/m)
     } finally {
       await api.close()
+    }
+  })
+
+  it('answers a sign that gave up waiting for its key\u2019s turn 503 with why, as the parent\u2019s own refusal rather than a failure to log', async () => {
+    const sign = parent.sign
+    const why = "waiting for key k1's turn (a change of its state is still under way) took longer than 200 ms"
+    parent.sign = () => Promise.reject(new KeyTurnTimeoutError(why))
+    const loggedBefore = logged.length
+    try {
+      const response = await signed('POST', '/v1/keys/k1/sign', JSON.stringify({ digest: `0x${'12'.repeat(32)}` }))
+      expect(response.status).toBe(503)
+      expect(await response.json()).toEqual({ error: why })
+      expect(logged.slice(loggedBefore).filter((line) => line.event === 'origin_request_failed')).toEqual([])
+    } finally {
+      parent.sign = sign
     }
   })
 
