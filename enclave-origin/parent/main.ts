@@ -19,7 +19,7 @@ import { OriginParent } from './origin.js'
  * chain, again; also before every unlock), MAX_INFLIGHT_PER_ENCLAVE (1024: signs, gets and creates
  * served on one enclave at once, beyond which more are answered 503), MAX_CONNECTIONS (10000 client
  * connections), STORE_TIMEOUT_MS (10000: how long a create or state change waits for the store before it
- * is answered 503), and for TLS TLS_CERT_FILE, TLS_KEY_FILE, TLS_CA_FILE,
+ * is answered 503, and a reload outside a sign waits for a key's record), and for TLS TLS_CERT_FILE, TLS_KEY_FILE, TLS_CA_FILE,
  * TLS_REQUIRE_CLIENT_CERT=1.
  */
 export async function runParent(): Promise<() => Promise<void>> {

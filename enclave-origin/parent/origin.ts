@@ -63,7 +63,7 @@ export class OverloadedError extends Error {
 
 /**
  * A sign or get that had to load its key first did not get the key's turn within the request timeout: a
- * change of the key's state, whose store write has not settled, holds it. Nothing was sent. The parent's
+ * change of the key's state, whose store write has not settled, holds it. No LOAD was sent. The parent's
  * own refusal, not an answer of the enclave's: it says nothing about the enclave's outage.
  */
 export class KeyTurnTimeoutError extends Error {}
@@ -190,7 +190,8 @@ export class OriginParent {
        * How long a create or a state change waits for the store to confirm its write, from the call (a state
        * change's wait for the key's turn included); default 10 s. Past it the caller is answered 503 at once,
        * rather than held for as long as a hung disk or S3 holds the write; the write goes on, in the key's
-       * turn, and may still take effect.
+       * turn, and may still take effect. Also how long a reload outside a sign or get (start, sync, rotation,
+       * a state change's) waits for the key's record.
        */
       storeTimeoutMs?: number
     },
@@ -891,11 +892,14 @@ export class OriginParent {
    * cannot land after it (a frozen key turned active again, say).
    */
   private reloadInTurn(keyId: string, into = this.ring.nodeFor(keyId)): Promise<boolean> {
-    return this.sharedReload(keyId, into).done
+    return this.sharedReload(keyId, into, this.storeTimeoutMs).done
   }
 
-  /** Callers while one is queued or running share it: N signs of a key an enclave lost make one reload. */
-  private sharedReload(keyId: string, into: Enclave): { done: Promise<boolean>; begun: Promise<void> } {
+  /**
+   * Callers while one is queued or running share it: N signs of a key an enclave lost make one reload, whose
+   * store read waits `readTimeoutMs` as its first caller asked.
+   */
+  private sharedReload(keyId: string, into: Enclave, readTimeoutMs: number): { done: Promise<boolean>; begun: Promise<void> } {
     const shared = `${into.id}\n${keyId}`
     let reload = this.reloads.get(shared)
     if (!reload) {
@@ -903,7 +907,7 @@ export class OriginParent {
       const begun = new Promise<void>((resolve) => (begin = resolve))
       const done = this.serializeKey(keyId, () => {
         begin()
-        return this.reload(keyId, into)
+        return this.reload(keyId, into, readTimeoutMs)
       }).finally(() => {
         if (this.reloads.get(shared)?.done === done) this.reloads.delete(shared)
       })
@@ -917,11 +921,12 @@ export class OriginParent {
 
   /**
    * `reloadInTurn` for a sign or get, which waits for the key's turn no longer than the request timeout: a
-   * state change whose store write hangs holds it (see `storeConfirmed`). The reload itself is bounded as any
-   * request is. One given up on still runs when the turn comes, and the next use shares it.
+   * state change whose store write hangs holds it (see `storeConfirmed`). Its store read, too, is bounded by
+   * the request timeout, not the store's: a sign must not hold its place (or its enclave's probe) for longer.
+   * One given up on still runs when the turn comes, and the next use shares it.
    */
   private async reloadForUse(keyId: string, into: Enclave): Promise<boolean> {
-    const { done, begun } = this.sharedReload(keyId, into)
+    const { done, begun } = this.sharedReload(keyId, into, this.options.requestTimeoutMs)
     await this.withinTimeout(begun, `waiting for key ${keyId}'s turn (a change of its state is still under way)`, { timedOut: (message) => new KeyTurnTimeoutError(message) })
     return done
   }
@@ -931,10 +936,9 @@ export class OriginParent {
    * A load into a standby counts as one of its requests while it is out (see `maxInflightPerEnclave`): when
    * an owner fails, the loads of its keys fill a standby up to its limit, not past it.
    */
-  private async reload(keyId: string, into = this.ring.nodeFor(keyId)): Promise<boolean> {
-    // Bounded, as the store's writes are: a hung read must not hold the key's turn. A record read too late is dropped
-    // with this reload.
-    const record = await this.withinTimeout(this.options.store.get(keyId), `reading key ${keyId}'s stored record`, { timeoutMs: this.storeTimeoutMs })
+  private async reload(keyId: string, into = this.ring.nodeFor(keyId), readTimeoutMs = this.storeTimeoutMs): Promise<boolean> {
+    // Bounded: a hung read must not hold the key's turn. A record read too late is dropped with this reload.
+    const record = await this.withinTimeout(this.options.store.get(keyId), `reading key ${keyId}'s stored record`, { timeoutMs: readTimeoutMs })
     if (!record) return false
     const owner = into === this.ring.nodeFor(keyId)
     try {

@@ -698,6 +698,19 @@ describe('LOAD and SET_STATE sequences', () => {
     })
   })
 
+  it('a rotation waits for a store read slower than the request timeout, within the store timeout, and finishes', async () => {
+    let slowReads = false
+    const slowStoreOver = (ownStore: BlobStore) =>
+      storeWith({ get: async (keyId) => (slowReads ? new Promise((resolve) => setTimeout(resolve, 1_300)).then(() => ownStore.get(keyId)) : ownStore.get(keyId)) }, ownStore)
+    await withCabledParent('slow-read', (cabled) => ({ store: slowStoreOver(cabled.ownStore), requestTimeoutMs: 1_000 }), async ({ parent }) => {
+      const key = await parent.createKey()
+      slowReads = true
+      expect(await parent.rotateDataKey()).toEqual({ resealed: 1 })
+      slowReads = false
+      await expectSignsAs(parent, key)
+    })
+  })
+
   it('fails a rotation whose re-seal the enclave answers NOT_FOUND as a rotation that did not finish, not as a 404 of the caller\u2019s, and the next call resumes it', async () => {
     await withCabledParent('lost-reseal', {}, async ({ parent, cable }) => {
       const key = await parent.createKey()
@@ -1648,16 +1661,16 @@ describe('a parent whose enclaves are not all up', () => {
     }
   })
 
-  it('a failover sign whose key\u2019s record the store does not give within the store timeout fails then, and holds no turn of the key', async () => {
+  it('a failover sign whose key\u2019s record the store does not give within the request timeout fails then (not the longer store timeout), and holds no turn of the key', async () => {
     const spares = await cabledSpares('hung-read-store')
     let readsHang = false
     const store = storeWith({ get: (keyId) => (readsHang ? new Promise<never>(() => {}) : spares.ownStore.get(keyId)) }, spares.ownStore)
-    const cabled = new OriginParent({ enclaves: spares.enclaves, poolSize: 1, store, requestTimeoutMs: 300, storeTimeoutMs: 400, credentials: async () => kms.credentials })
+    const cabled = new OriginParent({ enclaves: spares.enclaves, poolSize: 1, store, requestTimeoutMs: 300, storeTimeoutMs: 10_000, credentials: async () => kms.credentials })
     try {
       const { onLate } = (await startWithKeyOnEach(cabled)) as { onUp: KeyInfo; onLate: KeyInfo }
       spares.lateCable.cut()
       readsHang = true
-      await expect(cabled.sign(onLate.keyId, Buffer.alloc(32, 22))).rejects.toThrow(`reading key ${onLate.keyId}'s stored record took longer than 400 ms`)
+      await expect(cabled.sign(onLate.keyId, Buffer.alloc(32, 22))).rejects.toThrow(`reading key ${onLate.keyId}'s stored record took longer than 300 ms`)
       // The key's turn is free again: with the store answering, the next sign loads it on spare-up.
       readsHang = false
       await expectSignsAs(cabled, onLate)
