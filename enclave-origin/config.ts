@@ -106,6 +106,20 @@ export function hmacKeysSetting(): Record<string, string> {
   return secrets
 }
 
+/**
+ * ORIGIN_SIGN_ONLY_KEY_IDS: the HMAC key ids (of ORIGIN_HMAC_KEYS) that may only sign and read keys, as the
+ * Worker needs; the others may do everything. Were the Worker's secret to leak, it could then not unfreeze a
+ * key an operator froze, nor make keys, unlock or rotate. An id that names no key stops the process: a typo
+ * would leave the Worker's key with every right.
+ */
+export function signOnlyKeyIdsSetting(secrets: Record<string, string>): Set<string> {
+  const keyIds = (process.env.ORIGIN_SIGN_ONLY_KEY_IDS ?? '').split(',').map((keyId) => keyId.trim()).filter(Boolean)
+  for (const keyId of keyIds) {
+    if (!Object.hasOwn(secrets, keyId)) throw new Error(`ORIGIN_SIGN_ONLY_KEY_IDS names key id ${keyId}, which ORIGIN_HMAC_KEYS does not have`)
+  }
+  return new Set(keyIds)
+}
+
 export type ParentTls = { cert: string; key: string; ca?: string; requireClientCertificate: boolean }
 
 /**

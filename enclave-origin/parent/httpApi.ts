@@ -17,6 +17,8 @@ export type ParentApiOptions = {
   requestReadTimeoutMs?: number
   /** Client connections held at once; more are closed as they arrive. Default 10,000. */
   maxConnections?: number
+  /** HMAC key ids that may only sign and read keys (the Worker's); 403 for anything else. */
+  signOnlyKeyIds?: ReadonlySet<string>
 }
 
 const utf8 = new TextDecoder()
@@ -76,6 +78,14 @@ export function createParentApi(options: ParentApiOptions): HttpServer {
     }
 
     const keyRoute = /^\/v1\/keys\/([^/]+)(?:\/(sign|freeze|unfreeze|archive))?$/.exec(path)
+    const signsOrReads = keyRoute !== null && ((method === 'POST' && keyRoute[2] === 'sign') || (method === 'GET' && keyRoute[2] === undefined))
+    const hmacKeyId = request.headers['x-origin-key-id'] ?? ''
+    if (!signsOrReads && options.signOnlyKeyIds?.has(hmacKeyId)) {
+      // Authenticated, but not an operator: a leaked Worker secret must not undo a freeze.
+      metrics.authFailures.inc({ reason: 'not-permitted' })
+      throttledLog.write('refused not-permitted', { level: 'warn', event: 'request_refused', reason: 'not-permitted', hmacKeyId, method, path: path.slice(0, 64) })
+      return json(403, { error: 'this HMAC key may only sign and read keys' })
+    }
     if (method === 'POST' && path === '/v1/keys') {
       route.name = 'create'
       return json(201, await options.parent.createKey())

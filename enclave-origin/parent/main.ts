@@ -1,5 +1,5 @@
 import { readFileSync } from 'node:fs'
-import { choiceSetting, enclavesSetting, hmacKeysSetting, integerSetting, listenAddress, logLine, parentTlsSetting, setting } from '../config.js'
+import { choiceSetting, enclavesSetting, hmacKeysSetting, integerSetting, listenAddress, logLine, parentTlsSetting, setting, signOnlyKeyIdsSetting } from '../config.js'
 import { keepRequestObjectsYoung } from '../heapTuning.js'
 import { nodeHashing } from '../protocol/nodeHashing.js'
 import { RequestVerifier } from '../protocol/requestSigning.js'
@@ -13,7 +13,7 @@ import { OriginParent } from './origin.js'
  * The parent process. Settings: PARENT_LISTEN (host:port or a Unix socket path), ENCLAVES
  * ("id=host:port,id2=/path/to.sock"), STORE (disk|s3) with STORE_DIR, or
  * S3_BUCKET, S3_PREFIX, S3_REGION, S3_ENDPOINT, S3_TIMEOUT_MS (5000, per attempt) and AWS_* credentials, ORIGIN_HMAC_KEYS
- * ("keyId:secret,…"), POOL_SIZE (16), REQUEST_TIMEOUT_MS (2000), KMS_REQUEST_TIMEOUT_MS (15000,
+ * ("keyId:secret,…"), ORIGIN_SIGN_ONLY_KEY_IDS (those of its key ids that may only sign and read keys), POOL_SIZE (16), REQUEST_TIMEOUT_MS (2000), KMS_REQUEST_TIMEOUT_MS (15000,
  * for the enclave requests that wait on KMS: unlock, new data key), CREDENTIAL_REFRESH_MS (300000: how
  * often the enclaves get the AWS credentials for their KMS calls, from this process's default
  * chain, again; also before every unlock), MAX_INFLIGHT_PER_ENCLAVE (1024: signs, gets and creates
@@ -27,6 +27,7 @@ export async function runParent(): Promise<() => Promise<void>> {
   const enclaves = enclavesSetting()
   // Settings first: a wrong one should stop the process before it touches the store or an enclave.
   const secrets = hmacKeysSetting()
+  const signOnlyKeyIds = signOnlyKeyIdsSetting(secrets)
   const tls = parentTlsSetting((file) => readFileSync(file, 'utf8'))
   const maxInflightPerEnclave = integerSetting('MAX_INFLIGHT_PER_ENCLAVE', { min: 1, max: 1_000_000, fallback: 1_024 })
   const maxConnections = integerSetting('MAX_CONNECTIONS', { min: 1, max: 1_000_000, fallback: 10_000 })
@@ -63,7 +64,7 @@ export async function runParent(): Promise<() => Promise<void>> {
     log: logLine,
   })
   await parent.start()
-  const server = createParentApi({ parent, verifier: new RequestVerifier({ secrets, hashing: nodeHashing }), log: logLine, tls, maxConnections })
+  const server = createParentApi({ parent, verifier: new RequestVerifier({ secrets, hashing: nodeHashing }), log: logLine, tls, maxConnections, signOnlyKeyIds })
   await server.listen(address)
   logLine({ event: 'parent_listening', address, enclaves: enclaves.map((e) => e.id), tls: Boolean(tls) })
   return async () => {

@@ -1,5 +1,5 @@
 import { afterEach, describe, expect, it } from 'vitest'
-import { choiceSetting, enclavesSetting, hmacKeysSetting, integerSetting, listenAddress, parentTlsSetting, redactSecrets } from '../../enclave-origin/config.js'
+import { choiceSetting, enclavesSetting, hmacKeysSetting, integerSetting, listenAddress, parentTlsSetting, redactSecrets, signOnlyKeyIdsSetting } from '../../enclave-origin/config.js'
 import { developmentAttestation, type AttestationProvider } from '../../enclave-origin/enclave/dataKey.js'
 import { checkStartup } from '../../enclave-origin/enclave/startupChecks.js'
 
@@ -140,6 +140,16 @@ describe('origin settings', () => {
       ['ops:short-secret', 'ORIGIN_HMAC_KEYS: the secret of key id ops is shorter than 16 bytes'],
     ]
     for (const message of expectRefusals('ORIGIN_HMAC_KEYS', hmacKeysSetting, refusals)) expect(message).not.toMatch(/a-second-secret|short-secret|no-separator/)
+  })
+
+  it('takes sign-only HMAC key ids among ORIGIN_HMAC_KEYS, and refuses one it does not have rather than leave that key every right', () => {
+    const secrets = { worker: 'a-secret-of-enough-bytes', ops: 'another-secret-of-enough-bytes' }
+    delete process.env.ORIGIN_SIGN_ONLY_KEY_IDS
+    expect(signOnlyKeyIdsSetting(secrets)).toEqual(new Set())
+    process.env.ORIGIN_SIGN_ONLY_KEY_IDS = ' worker ,'
+    expect(signOnlyKeyIdsSetting(secrets)).toEqual(new Set(['worker']))
+    process.env.ORIGIN_SIGN_ONLY_KEY_IDS = 'worker,wroker'
+    expect(() => signOnlyKeyIdsSetting(secrets)).toThrow('ORIGIN_SIGN_ONLY_KEY_IDS names key id wroker, which ORIGIN_HMAC_KEYS does not have')
   })
 
   it('takes TLS from its files, and refuses client certificates without a CA of their own or without TLS at all', () => {

@@ -232,6 +232,44 @@ describe('the parent API under load', () => {
     }
   })
 
+  it('lets a sign-only HMAC key sign and read keys and nothing else (403, counted and logged, the parent not asked); an operator key does the rest', async () => {
+    const operator = { keyId: 'operator', secret: 'an-operator-secret-of-enough-bytes' }
+    const asked: string[] = []
+    const scripted = new OriginParent({ enclaves: [{ id: 'none', address: { host: '127.0.0.1', port: 1 } }], poolSize: 1, store: {} as BlobStore, requestTimeoutMs: 200, credentials: () => Promise.reject(new Error('not needed here')) })
+    const key = { keyId: 'k1', publicKey: '0x04' as const, address: '0x0000000000000000000000000000000000000001' as const, state: 'active' as const }
+    scripted.sign = async () => (asked.push('sign'), { signature: `0x${'ab'.repeat(64)}`, recoveryId: 0, rpcMs: 0, enclaveMs: 0 })
+    scripted.getKey = async () => (asked.push('get'), key)
+    scripted.createKey = async () => (asked.push('create'), key)
+    scripted.setState = async (_keyId, state) => void asked.push(state)
+    scripted.unlock = async () => void asked.push('unlock')
+    scripted.rotateDataKey = async () => (asked.push('rotate'), { resealed: 0 })
+    scripted.attestations = async () => (asked.push('attestation'), [])
+    const apiLogged: Array<Record<string, unknown>> = []
+    const api = createParentApi({ parent: scripted, verifier: new RequestVerifier({ secrets: { [hmac.keyId]: hmac.secret, [operator.keyId]: operator.secret } }), log: (fields) => apiLogged.push(fields), signOnlyKeyIds: new Set([hmac.keyId]) })
+    await api.listen({ port: 0, host: '127.0.0.1' })
+    const port = (api.address() as AddressInfo).port
+    const as = async (who: { keyId: string; secret: string }, method: 'GET' | 'POST', path: string, body = '') => {
+      const payload = new TextEncoder().encode(body)
+      const response = await fetch(`http://127.0.0.1:${port}${path}`, { method, headers: await signRequest({ ...who, method, path, body: payload }), body: method === 'POST' ? payload : undefined })
+      return { status: response.status, body: (await response.json()) as Record<string, unknown> }
+    }
+    try {
+      const digest = JSON.stringify({ digest: `0x${'13'.repeat(32)}` })
+      expect((await as(hmac, 'POST', '/v1/keys/k1/sign', digest)).status).toBe(200)
+      expect((await as(hmac, 'GET', '/v1/keys/k1')).status).toBe(200)
+      const operatorsOnly = [['POST', '/v1/keys/k1/freeze'], ['POST', '/v1/keys/k1/unfreeze'], ['POST', '/v1/keys/k1/archive'], ['POST', '/v1/keys'], ['POST', '/v1/unlock'], ['POST', '/v1/data-key/rotate'], ['GET', '/v1/attestation']] as const
+      for (const [method, path] of operatorsOnly) expect(await as(hmac, method, path)).toEqual({ status: 403, body: { error: 'this HMAC key may only sign and read keys' } })
+      expect(asked).toEqual(['sign', 'get'])
+      for (const [method, path] of operatorsOnly) expect((await as(operator, method, path)).status).toBeLessThan(300)
+      expect(asked).toEqual(['sign', 'get', 'frozen', 'active', 'archived', 'create', 'unlock', 'rotate', 'attestation'])
+      expect((await (await fetch(`http://127.0.0.1:${port}/metrics`)).text())).toContain('origin_request_auth_failures_total{reason="not-permitted"} 7')
+      expect(apiLogged).toContainEqual(expect.objectContaining({ event: 'request_refused', reason: 'not-permitted', hmacKeyId: hmac.keyId }))
+    } finally {
+      await api.close({ drainMs: 0 })
+      scripted.close()
+    }
+  })
+
   it('closes connections over MAX_CONNECTIONS as they arrive, and serves the ones it holds', async () => {
     const api = await apiOnFullParent({ maxConnections: 2 })
     const sockets: Socket[] = []
