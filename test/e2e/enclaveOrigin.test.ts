@@ -11,7 +11,7 @@ import { startAnvil, type Anvil } from '../support/anvil.js'
 import { deployDevnet, devnetChainConfig, type Devnet } from '../support/devnet.js'
 import { prepareSponsored, signAndSubmit } from '../support/e2eFlow.js'
 import { startLocalKms, type LocalKms } from '../support/kmsServer.js'
-import { originHmac, startOrigin, symmetricKmsKey, type Origin } from '../support/origin.js'
+import { originHmac, startOrigin, symmetricKmsKey, workerHmac, type Origin } from '../support/origin.js'
 import { startWorker } from '../support/wranglerDev.js'
 
 /**
@@ -87,10 +87,20 @@ describe('the enclave origin API', () => {
     const digest = keccak256(toHex('replay'))
     const payload = new TextEncoder().encode(JSON.stringify({ digest }))
     const { signRequest } = await import('../../enclave-origin/protocol/requestSigning.js')
-    const headers = await signRequest({ ...originHmac, method: 'POST', path: `/v1/keys/${body.keyId}/sign`, body: payload })
+    const headers = await signRequest({ ...workerHmac, method: 'POST', path: `/v1/keys/${body.keyId}/sign`, body: payload })
     const first = await fetch(`${origin.url}/v1/keys/${body.keyId}/sign`, { method: 'POST', headers, body: payload })
     const replay = await fetch(`${origin.url}/v1/keys/${body.keyId}/sign`, { method: 'POST', headers, body: payload })
     expect([first.status, replay.status]).toEqual([200, 401])
+  })
+
+  it("keeps the Worker's sign-only key (ORIGIN_SIGN_ONLY_KEY_IDS) from unfreezing a key an operator froze", async () => {
+    const { body } = await origin.request('POST', '/v1/keys')
+    expect((await origin.request('POST', `/v1/keys/${body.keyId}/freeze`)).status).toBe(200)
+    const { signRequest } = await import('../../enclave-origin/protocol/requestSigning.js')
+    const path = `/v1/keys/${body.keyId}/unfreeze`
+    const unfreeze = await fetch(`${origin.url}${path}`, { method: 'POST', headers: await signRequest({ ...workerHmac, method: 'POST', path, body: new Uint8Array() }) })
+    expect({ status: unfreeze.status, body: await unfreeze.json() }).toEqual({ status: 403, body: { error: 'this HMAC key may only sign and read keys' } })
+    expect((await origin.request('GET', `/v1/keys/${body.keyId}`)).body).toMatchObject({ state: 'frozen' })
   })
 
   it('answers malformed requests with a status and a message that say what was wrong', async () => {
@@ -272,9 +282,9 @@ describe('the Worker signs through the origin, and the chain accepts it', () => 
   it('keyless backend → parent → enclave over TCP: handleOps accepts the sponsorship', async () => {
     const config = {
       chains: [devnetChainConfig(devnet, 'pimlico-singleton')],
-      signers: { primary: { kind: 'keyless', url: origin.url, keyId, hmacKeyId: originHmac.keyId } },
+      signers: { primary: { kind: 'keyless', url: origin.url, keyId, hmacKeyId: workerHmac.keyId } },
     }
-    const worker = await startWorker({ port: 18861, vars: { ORIGIN_HMAC_SECRET: originHmac.secret, PAYMASTER_CONFIG: JSON.stringify(config) } })
+    const worker = await startWorker({ port: 18861, vars: { ORIGIN_HMAC_SECRET: workerHmac.secret, PAYMASTER_CONFIG: JSON.stringify(config) } })
     try {
       for (const version of ['0.7', '0.8'] as const) {
         const { account, prepared } = await prepareSponsored({ devnet, workerUrl: worker.url, version })

@@ -10,7 +10,10 @@ import type { LocalKms } from './kmsServer.js'
  * started again on the same store.
  */
 
-export const originHmac = { keyId: 'worker', secret: 'hmac-secret-made-for-tests' }
+/** The operators' key: every right. */
+export const originHmac = { keyId: 'operator', secret: 'hmac-secret-made-for-tests' }
+/** The Worker's key, as a deployment gives it: sign and read keys only (ORIGIN_SIGN_ONLY_KEY_IDS). */
+export const workerHmac = { keyId: 'worker', secret: 'worker-hmac-secret-made-for-tests' }
 
 /** The KMS key that wraps the enclave's data key. */
 export async function symmetricKmsKey(kms: LocalKms): Promise<string> {
@@ -76,7 +79,8 @@ export async function startOrigin(options: {
     PARENT_LISTEN: `127.0.0.1:${options.parentPort}`,
     ENCLAVES: `enclave-1=127.0.0.1:${options.enclavePort}`,
     STORE_DIR: options.storeDir,
-    ORIGIN_HMAC_KEYS: `${originHmac.keyId}:${originHmac.secret}`,
+    ORIGIN_HMAC_KEYS: `${originHmac.keyId}:${originHmac.secret},${workerHmac.keyId}:${workerHmac.secret}`,
+    ORIGIN_SIGN_ONLY_KEY_IDS: workerHmac.keyId,
     ...options.extraEnv,
   }
   const url = `http://127.0.0.1:${options.parentPort}`
