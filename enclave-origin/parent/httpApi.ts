@@ -19,6 +19,8 @@ export type ParentApiOptions = {
   maxConnections?: number
   /** HMAC key ids that may only sign and read keys (the Worker's); 403 for anything else. */
   signOnlyKeyIds?: ReadonlySet<string>
+  /** Connections the operators' listener (see `createParentServers`) holds at once; default 64. */
+  operatorMaxConnections?: number
 }
 
 const utf8 = new TextDecoder()
@@ -42,6 +44,15 @@ export function healthStatus({ enclaves, storeOk }: { enclaves: EnclaveHealth[];
  * (stale or replayed ones are refused).
  */
 export function createParentApi(options: ParentApiOptions): HttpServer {
+  return createParentServers(options).clients
+}
+
+/**
+ * The API on two servers that share routes, metrics and logs: the clients' (`MAX_CONNECTIONS`), and the
+ * operators' (`OPERATOR_LISTEN`), whose own connection limit a flood of client connections cannot take:
+ * a freeze must get through when the parent is under attack. Either listens only when told to.
+ */
+export function createParentServers(options: ParentApiOptions): { clients: HttpServer; operators: HttpServer } {
   const metrics = originMetrics(options.parent)
   const { figures } = metrics
   const throttledLog = new ThrottledLog({ log: options.log })
@@ -182,15 +193,17 @@ export function createParentApi(options: ParentApiOptions): HttpServer {
     figures.countRequest(route.name, answered.status)
     return answered
   }
-  return new HttpServer({
-    handle: answer,
-    onRefused: (status) => figures.countRequest('unknown', status),
-    tls: options.tls,
-    // Slow clients, before any authentication, must not hold connections for long.
-    requestReadTimeoutMs: options.requestReadTimeoutMs,
-    maxConnections: options.maxConnections ?? 10_000,
-    onConnectionDropped: () => metrics.droppedConnections.inc(),
-  })
+  const serverHolding = (maxConnections: number) =>
+    new HttpServer({
+      handle: answer,
+      onRefused: (status) => figures.countRequest('unknown', status),
+      tls: options.tls,
+      // Slow clients, before any authentication, must not hold connections for long.
+      requestReadTimeoutMs: options.requestReadTimeoutMs,
+      maxConnections,
+      onConnectionDropped: () => metrics.droppedConnections.inc(),
+    })
+  return { clients: serverHolding(options.maxConnections ?? 10_000), operators: serverHolding(options.operatorMaxConnections ?? 64) }
 }
 
 function decodedPathSegment(segment: string): string | undefined {

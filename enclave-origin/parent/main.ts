@@ -6,7 +6,7 @@ import { RequestVerifier } from '../protocol/requestSigning.js'
 import { defaultProvider } from '@aws-sdk/credential-provider-node'
 import { openDiskBlobStore } from './diskBlobStore.js'
 import { openS3BlobStore, parentS3Client } from './s3BlobStore.js'
-import { createParentApi } from './httpApi.js'
+import { createParentServers } from './httpApi.js'
 import { OriginParent } from './origin.js'
 
 /**
@@ -18,7 +18,8 @@ import { OriginParent } from './origin.js'
  * often the enclaves get the AWS credentials for their KMS calls, from this process's default
  * chain, again; also before every unlock), MAX_INFLIGHT_PER_ENCLAVE (1024: signs, gets and creates
  * served on one enclave at once, beyond which more are answered 503), MAX_CONNECTIONS (10000 client
- * connections), STORE_TIMEOUT_MS (10000: how long a create or state change waits for the store before it
+ * connections), OPERATOR_LISTEN (a second address, for operators, whose OPERATOR_MAX_CONNECTIONS, 64, client
+ * connections cannot take), STORE_TIMEOUT_MS (10000: how long a create or state change waits for the store before it
  * is answered 503, and a reload outside a sign waits for a key's record), and for TLS TLS_CERT_FILE, TLS_KEY_FILE, TLS_CA_FILE,
  * TLS_REQUIRE_CLIENT_CERT=1.
  */
@@ -33,6 +34,9 @@ export async function runParent(): Promise<() => Promise<void>> {
   const maxConnections = integerSetting('MAX_CONNECTIONS', { min: 1, max: 1_000_000, fallback: 10_000 })
   const address = listenAddress(setting('PARENT_LISTEN', '127.0.0.1:8443'))
   if ('vsock' in address) throw new Error('PARENT_LISTEN must be host:port or a Unix socket path: the parent does not listen on vsock')
+  const operatorAddress = process.env.OPERATOR_LISTEN ? listenAddress(process.env.OPERATOR_LISTEN) : undefined
+  if (operatorAddress && 'vsock' in operatorAddress) throw new Error('OPERATOR_LISTEN must be host:port or a Unix socket path: the parent does not listen on vsock')
+  const operatorMaxConnections = integerSetting('OPERATOR_MAX_CONNECTIONS', { min: 1, max: 1_000_000, fallback: 64 })
   const store =
     choiceSetting('STORE', { choices: ['disk', 's3'], fallback: 'disk' }) === 's3'
       ? await openS3BlobStore({
@@ -64,12 +68,14 @@ export async function runParent(): Promise<() => Promise<void>> {
     log: logLine,
   })
   await parent.start()
-  const server = createParentApi({ parent, verifier: new RequestVerifier({ secrets, hashing: nodeHashing }), log: logLine, tls, maxConnections, signOnlyKeyIds })
-  await server.listen(address)
-  logLine({ event: 'parent_listening', address, enclaves: enclaves.map((e) => e.id), tls: Boolean(tls) })
+  const servers = createParentServers({ parent, verifier: new RequestVerifier({ secrets, hashing: nodeHashing }), log: logLine, tls, maxConnections, signOnlyKeyIds, operatorMaxConnections })
+  const listening = operatorAddress ? [servers.clients, servers.operators] : [servers.clients]
+  await servers.clients.listen(address)
+  if (operatorAddress) await servers.operators.listen(operatorAddress)
+  logLine({ event: 'parent_listening', address, ...(operatorAddress && { operatorAddress }), enclaves: enclaves.map((e) => e.id), tls: Boolean(tls) })
   return async () => {
     // Requests in flight (a create whose record is durable, a signature) are answered, not cut off.
-    await server.close({ drainMs: 5_000 })
+    await Promise.all(listening.map((server) => server.close({ drainMs: 5_000 })))
     parent.close()
     await store.close()
   }

@@ -25,12 +25,14 @@ let kmsKeyId: string
 let origin: Origin
 let storeDir: string
 let anvil: Anvil
+const operatorPort = 18654
 
 beforeAll(async () => {
   kms = await startLocalKms({ port: 18651 })
   kmsKeyId = await symmetricKmsKey(kms)
   storeDir = mkdtempSync(path.join(tmpdir(), 'origin-store-'))
-  origin = await startOrigin({ kms, kmsKeyId, enclavePort: 18652, parentPort: 18653, storeDir })
+  // Operators have a listener of their own (OPERATOR_LISTEN), which a flood of client connections cannot fill.
+  origin = await startOrigin({ kms, kmsKeyId, enclavePort: 18652, parentPort: 18653, storeDir, extraEnv: { OPERATOR_LISTEN: `127.0.0.1:${operatorPort}` } })
   anvil = await startAnvil({ port: 18549 })
 })
 
@@ -93,12 +95,13 @@ describe('the enclave origin API', () => {
     expect([first.status, replay.status]).toEqual([200, 401])
   })
 
-  it("keeps the Worker's sign-only key (ORIGIN_SIGN_ONLY_KEY_IDS) from unfreezing a key an operator froze", async () => {
+  it("keeps the Worker's sign-only key (ORIGIN_SIGN_ONLY_KEY_IDS) from unfreezing a key an operator froze on the operators' listener", async () => {
     const { body } = await origin.request('POST', '/v1/keys')
-    expect((await origin.request('POST', `/v1/keys/${body.keyId}/freeze`)).status).toBe(200)
     const { signRequest } = await import('../../enclave-origin/protocol/requestSigning.js')
-    const path = `/v1/keys/${body.keyId}/unfreeze`
-    const unfreeze = await fetch(`${origin.url}${path}`, { method: 'POST', headers: await signRequest({ ...workerHmac, method: 'POST', path, body: new Uint8Array() }) })
+    const post = async (base: string, who: { keyId: string; secret: string }, path: string) =>
+      fetch(`${base}${path}`, { method: 'POST', headers: await signRequest({ ...who, method: 'POST', path, body: new Uint8Array() }) })
+    expect((await post(`http://127.0.0.1:${operatorPort}`, originHmac, `/v1/keys/${body.keyId}/freeze`)).status).toBe(200)
+    const unfreeze = await post(origin.url, workerHmac, `/v1/keys/${body.keyId}/unfreeze`)
     expect({ status: unfreeze.status, body: await unfreeze.json() }).toEqual({ status: 403, body: { error: 'this HMAC key may only sign and read keys' } })
     expect((await origin.request('GET', `/v1/keys/${body.keyId}`)).body).toMatchObject({ state: 'frozen' })
   })

@@ -8,7 +8,7 @@ import type { AddressInfo } from 'node:net'
 import type { HttpServer } from '../../enclave-origin/parent/httpServer.js'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import type { BlobStore } from '../../enclave-origin/parent/blobStore.js'
-import { createParentApi, healthStatus } from '../../enclave-origin/parent/httpApi.js'
+import { createParentApi, createParentServers, healthStatus } from '../../enclave-origin/parent/httpApi.js'
 import { ThrottledLog } from '../../enclave-origin/parent/throttledLog.js'
 import { KeyTurnTimeoutError, OriginParent, OverloadedError } from '../../enclave-origin/parent/origin.js'
 import { RequestVerifier, signRequest } from '../../enclave-origin/protocol/requestSigning.js'
@@ -300,6 +300,49 @@ describe('the parent API under load', () => {
       await api.close()
     }
   })
+})
+
+it('serves operators on a listener of their own while client connections fill MAX_CONNECTIONS', async () => {
+  const scripted = new OriginParent({ enclaves: [{ id: 'none', address: { host: '127.0.0.1', port: 1 } }], poolSize: 1, store: {} as BlobStore, requestTimeoutMs: 200, credentials: () => Promise.reject(new Error('not needed here')) })
+  const frozen: string[] = []
+  scripted.setState = async (keyId, state) => void frozen.push(`${keyId} ${state}`)
+  const { clients, operators } = createParentServers({ parent: scripted, verifier: new RequestVerifier({ secrets: { [hmac.keyId]: hmac.secret } }), log: () => {}, maxConnections: 2, operatorMaxConnections: 4 })
+  await clients.listen({ port: 0, host: '127.0.0.1' })
+  await operators.listen({ port: 0, host: '127.0.0.1' })
+  const portOf = (server: HttpServer) => (server.address() as AddressInfo).port
+  const sockets: Socket[] = []
+  const open = (port: number) =>
+    new Promise<Socket>((resolve, reject) => {
+      const socket = connect(port, '127.0.0.1', () => resolve(socket))
+      socket.on('error', reject)
+      sockets.push(socket)
+    })
+  const closedByServer = (socket: Socket) => new Promise((resolve) => socket.on('close', resolve))
+  try {
+    // A flood takes every client connection: the next is closed as it arrives.
+    await open(portOf(clients))
+    await open(portOf(clients))
+    await closedByServer(await open(portOf(clients)))
+    // The operators' listener still takes a freeze.
+    const path = '/v1/keys/k1/freeze'
+    const response = await fetch(`http://127.0.0.1:${portOf(operators)}${path}`, { method: 'POST', headers: await signRequest({ ...hmac, method: 'POST', path, body: new Uint8Array() }) })
+    expect({ status: response.status, body: await response.json() }).toEqual({ status: 200, body: { keyId: 'k1', state: 'frozen' } })
+    expect(frozen).toEqual(['k1 frozen'])
+    const metrics = await new Promise<string>((resolve) => {
+      let answer = ''
+      const held = sockets[0]!
+      held.on('data', (chunk) => {
+        answer += chunk.toString('latin1')
+        if (/^origin_connections_dropped_total \d+$/m.test(answer)) resolve(answer)
+      })
+      held.write('GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n')
+    })
+    expect(metrics).toMatch(/^origin_connections_dropped_total 1$/m)
+  } finally {
+    for (const socket of sockets) socket.destroy()
+    await Promise.all([clients.close({ drainMs: 0 }), operators.close({ drainMs: 0 })])
+    scripted.close()
+  }
 })
 
 describe('healthStatus', () => {
