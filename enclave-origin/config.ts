@@ -117,7 +117,10 @@ export function signOnlyKeyIdsSetting(secrets: Record<string, string>): Set<stri
   for (const keyId of keyIds) {
     if (!Object.hasOwn(secrets, keyId)) throw new Error(`ORIGIN_SIGN_ONLY_KEY_IDS names key id ${keyId}, which ORIGIN_HMAC_KEYS does not have`)
   }
-  return new Set(keyIds)
+  const signOnly = new Set(keyIds)
+  // Then no one could freeze a key, or unlock an enclave after a restart.
+  if (Object.keys(secrets).every((keyId) => signOnly.has(keyId))) throw new Error('ORIGIN_SIGN_ONLY_KEY_IDS names every key of ORIGIN_HMAC_KEYS: keep at least one for operators')
+  return signOnly
 }
 
 export type ParentTls = { cert: string; key: string; ca?: string; requireClientCertificate: boolean }

@@ -94,7 +94,7 @@ export function createParentServers(options: ParentApiOptions): { clients: HttpS
     if (!signsOrReads && options.signOnlyKeyIds?.has(hmacKeyId)) {
       // Authenticated, but not an operator: a leaked Worker secret must not undo a freeze.
       metrics.authFailures.inc({ reason: 'not-permitted' })
-      throttledLog.write('refused not-permitted', { level: 'warn', event: 'request_refused', reason: 'not-permitted', hmacKeyId, method, path: path.slice(0, 64) })
+      throttledLog.write('refused not-permitted', { level: 'warn', event: 'request_refused', reason: 'not-permitted', hmacKeyId, method: method.slice(0, 16), path: path.slice(0, 64) })
       return json(403, { error: 'this HMAC key may only sign and read keys' })
     }
     if (method === 'POST' && path === '/v1/keys') {

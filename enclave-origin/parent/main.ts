@@ -1,5 +1,6 @@
 import { readFileSync } from 'node:fs'
 import { choiceSetting, enclavesSetting, hmacKeysSetting, integerSetting, listenAddress, logLine, parentTlsSetting, setting, signOnlyKeyIdsSetting } from '../config.js'
+import { messageOf } from '../errors.js'
 import { keepRequestObjectsYoung } from '../heapTuning.js'
 import { nodeHashing } from '../protocol/nodeHashing.js'
 import { RequestVerifier } from '../protocol/requestSigning.js'
@@ -70,8 +71,13 @@ export async function runParent(): Promise<() => Promise<void>> {
   await parent.start()
   const servers = createParentServers({ parent, verifier: new RequestVerifier({ secrets, hashing: nodeHashing }), log: logLine, tls, maxConnections, signOnlyKeyIds, operatorMaxConnections })
   const listening = operatorAddress ? [servers.clients, servers.operators] : [servers.clients]
+  // Operators' first: one that cannot listen stops the process before clients could reach it, and says which.
+  if (operatorAddress) {
+    await servers.operators.listen(operatorAddress).catch((error: unknown) => {
+      throw new Error(`OPERATOR_LISTEN: cannot listen there: ${messageOf(error)}`)
+    })
+  }
   await servers.clients.listen(address)
-  if (operatorAddress) await servers.operators.listen(operatorAddress)
   logLine({ event: 'parent_listening', address, ...(operatorAddress && { operatorAddress }), enclaves: enclaves.map((e) => e.id), tls: Boolean(tls) })
   return async () => {
     // Requests in flight (a create whose record is durable, a signature) are answered, not cut off.

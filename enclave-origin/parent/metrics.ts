@@ -69,7 +69,7 @@ export function originMetrics(parent: OriginParent) {
   const needsUnlock = new Counter({ name: 'origin_needs_unlock_total', help: 'Requests (signs, creates, gets, rotations) answered 503 because the enclave needs an unlock.', registers: [registry] })
   const authFailures = new Counter({
     name: 'origin_request_auth_failures_total',
-    help: 'Requests refused 401 by HMAC verification, by reason (missing, unknown-key, stale, before-start, replayed, bad-signature).',
+    help: 'Requests refused 401 by HMAC verification, by reason (missing, unknown-key, stale, before-start, replayed, bad-signature), and 403 for a sign-only key asking for more (not-permitted).',
     labelNames: ['reason'],
     registers: [registry],
   })

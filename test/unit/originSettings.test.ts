@@ -150,6 +150,8 @@ describe('origin settings', () => {
     expect(signOnlyKeyIdsSetting(secrets)).toEqual(new Set(['worker']))
     process.env.ORIGIN_SIGN_ONLY_KEY_IDS = 'worker,wroker'
     expect(() => signOnlyKeyIdsSetting(secrets)).toThrow('ORIGIN_SIGN_ONLY_KEY_IDS names key id wroker, which ORIGIN_HMAC_KEYS does not have')
+    process.env.ORIGIN_SIGN_ONLY_KEY_IDS = 'worker,ops'
+    expect(() => signOnlyKeyIdsSetting(secrets)).toThrow('ORIGIN_SIGN_ONLY_KEY_IDS names every key of ORIGIN_HMAC_KEYS: keep at least one for operators')
   })
 
   it('takes TLS from its files, and refuses client certificates without a CA of their own or without TLS at all', () => {

@@ -378,12 +378,12 @@ describe('ThrottledLog', () => {
   })
 })
 
-it('refuses to listen on vsock, before it opens its store', async () => {
+it.each(['PARENT_LISTEN', 'OPERATOR_LISTEN'])('refuses to listen on vsock (%s), before it opens its store', async (setting) => {
   const storeDir = mkdtempSync(path.join(tmpdir(), 'parent-listen-'))
   try {
-    const env: Record<string, string | undefined> = { ...process.env, PARENT_LISTEN: 'vsock:3:8443', STORE_DIR: storeDir, ORIGIN_HMAC_KEYS: `${hmac.keyId}:${hmac.secret}` }
+    const env: Record<string, string | undefined> = { ...process.env, PARENT_LISTEN: '127.0.0.1:8443', [setting]: 'vsock:3:8443', STORE_DIR: storeDir, ORIGIN_HMAC_KEYS: `${hmac.keyId}:${hmac.secret}` }
     const run = promisify(execFile)(process.execPath, ['--import', 'tsx', 'enclave-origin/cli.ts', 'parent'], { env, timeout: 30_000 })
-    await expect(run).rejects.toMatchObject({ code: 1, stderr: expect.stringContaining('PARENT_LISTEN must be host:port or a Unix socket path') })
+    await expect(run).rejects.toMatchObject({ code: 1, stderr: expect.stringContaining(`${setting} must be host:port or a Unix socket path`) })
     // Not even its lock: a wrong setting stops the process before it touches the store.
     expect(readdirSync(storeDir)).toEqual([])
   } finally {
