@@ -70,7 +70,6 @@ export async function runParent(): Promise<() => Promise<void>> {
   })
   await parent.start()
   const servers = createParentServers({ parent, verifier: new RequestVerifier({ secrets, hashing: nodeHashing }), log: logLine, tls, maxConnections, signOnlyKeyIds, operatorMaxConnections })
-  const listening = operatorAddress ? [servers.clients, servers.operators] : [servers.clients]
   // Operators' first: one that cannot listen stops the process before clients could reach it, and says which.
   if (operatorAddress) {
     await servers.operators.listen(operatorAddress).catch((error: unknown) => {
@@ -81,7 +80,7 @@ export async function runParent(): Promise<() => Promise<void>> {
   logLine({ event: 'parent_listening', address, ...(operatorAddress && { operatorAddress }), enclaves: enclaves.map((e) => e.id), tls: Boolean(tls) })
   return async () => {
     // Requests in flight (a create whose record is durable, a signature) are answered, not cut off.
-    await Promise.all(listening.map((server) => server.close({ drainMs: 5_000 })))
+    await Promise.all([servers.clients, servers.operators].filter((server) => server.listening).map((server) => server.close({ drainMs: 5_000 })))
     parent.close()
     await store.close()
   }

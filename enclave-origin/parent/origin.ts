@@ -640,17 +640,14 @@ export class OriginParent {
     })
     const done = work(() => clearTimeout(timer))
     // How it ends after its caller was answered, for the operator who was told "may still take effect".
+    const endedLate = (fields: Record<string, unknown>) => {
+      if (!late) return
+      this.unconfirmedWrites -= 1
+      this.options.log?.({ level: 'warn', what, ...fields })
+    }
     done.then(
-      (result) => {
-        if (!late) return
-        this.unconfirmedWrites -= 1
-        this.options.log?.({ level: 'warn', event: 'store_confirmed_late', what, ...detailsOf(result) })
-      },
-      (error: unknown) => {
-        if (!late) return
-        this.unconfirmedWrites -= 1
-        this.options.log?.({ level: 'error', event: 'store_write_failed_late', what, error: messageOf(error) })
-      },
+      (result) => endedLate({ event: 'store_confirmed_late', ...detailsOf(result) }),
+      (error: unknown) => endedLate({ level: 'error', event: 'store_write_failed_late', error: messageOf(error) }),
     )
     // Race subscribes to both, so whichever settles second is handled too.
     return Promise.race([done, timedOut]).finally(() => clearTimeout(timer))

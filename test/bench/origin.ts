@@ -431,15 +431,16 @@ async function driveOpenLoop(pids: Pids, send: Send, rate: number, durationSecon
   return { offeredRate: rate, skipped, ...summarise(samples, elapsedMs, skipped), ...measuredSince(pids, before, elapsedMs, samples.count + samples.failed) }
 }
 
+/** A run's end-to-end p99, in ms. */
+function clientP99(row: Record<string, unknown>): number {
+  return (row.latencyMs as Record<string, { p99: number }>).client!.p99
+}
+
 /**
  * One signature per key, so that an open loop measures the steady state (keys
  * WARM, as the pre-warmer keeps used keys in production) rather than the
  * rehydration of a freshly restarted enclave, which the closed loops report.
  */
-/** A run's end-to-end p99, in ms. */
-function clientP99(row: Record<string, unknown>): number {
-  return (row.latencyMs as Record<string, { p99: number }>).client!.p99
-}
 
 async function warmEveryKey(keyIds: string[]): Promise<void> {
   let next = 0

@@ -620,13 +620,6 @@ describe('LOAD and SET_STATE sequences', () => {
     })
   })
 
-  /** A store over `base` whose puts and state changes wait, while `hang` is set, until the test settles them. */
-  function hangingStore(base: BlobStore) {
-    const control = { hang: false, pending: [] as Array<{ release: () => void; fail: (error: Error) => void }> }
-    const held = <T>(write: () => Promise<T>) => (control.hang ? new Promise<void>((release, fail) => control.pending.push({ release, fail })).then(write) : write())
-    const store = storeWith({ put: (record) => held(() => base.put(record)), setState: (keyId, state) => held(() => base.setState(keyId, state)) }, base)
-    return { store, control }
-  }
   /** `withCabledParent` over a `hangingStore`, with `storeTimeoutMs`, and what the parent logs. */
   function withHangingStore(id: string, storeTimeoutMs: number, test: (context: CabledEnclave & { parent: OriginParent; control: ReturnType<typeof hangingStore>['control']; logged: Array<Record<string, unknown>> }) => Promise<void>) {
     let control: ReturnType<typeof hangingStore>['control'] | undefined
@@ -689,7 +682,7 @@ describe('LOAD and SET_STATE sequences', () => {
       })
       await new Promise((resolve) => setTimeout(resolve, 300))
       expect(rotated).toBe(false)
-      control.pending.splice(0).forEach(({ release }) => release())
+      control.releaseAll()
       expect(await rotating).toEqual({ resealed: 1 })
       const [record] = await storedRecords(ownStore)
       expect(record!.version).toBe(2)
@@ -884,6 +877,24 @@ describe('LOAD and SET_STATE sequences', () => {
  * `base` (the shared store by default) as another parent would use it, with some of its methods replaced
  * (failures, losses, hangs); each call runs on `base` itself, and close leaves it open.
  */
+/**
+ * A store over `base` whose puts and state changes wait, while `control.hang` is set, until the test settles
+ * them (`pending`); `releaseAll` stops the hanging and lets every waiting write through.
+ */
+function hangingStore(base: BlobStore) {
+  const control = {
+    hang: false,
+    pending: [] as Array<{ release: () => void; fail: (error: Error) => void }>,
+    releaseAll: () => {
+      control.hang = false
+      control.pending.splice(0).forEach(({ release }) => release())
+    },
+  }
+  const held = <T>(write: () => Promise<T>) => (control.hang ? new Promise<void>((release, fail) => control.pending.push({ release, fail })).then(write) : write())
+  const store = storeWith({ put: (record) => held(() => base.put(record)), setState: (keyId, state) => held(() => base.setState(keyId, state)) }, base)
+  return { store, control }
+}
+
 function storeWith(overrides: Partial<BlobStore>, base: BlobStore = store): BlobStore {
   return {
     put: (record) => base.put(record),
@@ -1629,13 +1640,11 @@ describe('a parent whose enclaves are not all up', () => {
 
   it('a failover sign waits for its key\u2019s turn, held by a state change whose write hangs, no longer than the request timeout, and holds no place on the standby meanwhile', async () => {
     const spares = await cabledSpares('turn-store')
-    let hang = false
-    const pending: Array<() => void> = []
-    const store = storeWith({ setState: (keyId, state) => (hang ? new Promise<void>((resolve) => pending.push(resolve)) : Promise.resolve()).then(() => spares.ownStore.setState(keyId, state)) }, spares.ownStore)
+    const { store, control } = hangingStore(spares.ownStore)
     const cabled = new OriginParent({ enclaves: spares.enclaves, poolSize: 1, store, requestTimeoutMs: 500, storeTimeoutMs: 200, credentials: async () => kms.credentials, maxInflightPerEnclave: 1 })
     try {
       const { onUp, onLate } = (await startWithKeyOnEach(cabled)) as { onUp: KeyInfo; onLate: KeyInfo }
-      hang = true
+      control.hang = true
       await expect(cabled.setState(onLate.keyId, 'frozen')).rejects.toMatchObject({ kind: 'unavailable' })
       spares.lateCable.cut()
       const started = performance.now()
@@ -1649,13 +1658,11 @@ describe('a parent whose enclaves are not all up', () => {
       expect((refusal as Error).message).toBe(`waiting for key ${onLate.keyId}'s turn (a change of its state is still under way) took longer than 500 ms`)
       expect(performance.now() - started).toBeLessThan(2_000)
       // Once the freeze's write lands, the key loads on spare-up as the store has it: frozen.
-      hang = false
-      pending.splice(0).forEach((release) => release())
+      control.releaseAll()
       await expect.poll(async () => (await spares.ownStore.get(onLate.keyId))?.state).toBe('frozen')
       await expect(cabled.sign(onLate.keyId, Buffer.alloc(32, 21))).rejects.toThrow(`key ${onLate.keyId} is frozen`)
     } finally {
-      hang = false
-      pending.splice(0).forEach((release) => release())
+      control.releaseAll()
       cabled.close()
       await spares.stop()
     }
@@ -1767,10 +1774,8 @@ describe('a parent whose enclaves are not all up', () => {
 
   it('a probe that times out waiting for its key\u2019s turn is no answer from the enclave: its outage goes on', async () => {
     const { upCable, ownStore, stillClockParent, stop } = await cabledSpares('turn-probe-store')
-    let hang = false
-    const pending: Array<() => void> = []
-    const hangingStore = storeWith({ setState: (keyId, state) => (hang ? new Promise<void>((resolve) => pending.push(resolve)) : Promise.resolve()).then(() => ownStore.setState(keyId, state)) }, ownStore)
-    const { parent: cabled, advance } = stillClockParent(hangingStore, 300, 200)
+    const { store: hanging, control } = hangingStore(ownStore)
+    const { parent: cabled, advance } = stillClockParent(hanging, 300, 200)
     try {
       await cabled.start()
       const keys = await keysUntil(cabled, (keys) => ownedBy('spare-up', keys).length >= 2)
@@ -1780,19 +1785,17 @@ describe('a parent whose enclaves are not all up', () => {
       await expectSignsAs(cabled, onUp!)
       await cabled.setState(marked!.keyId, 'active')
       // Another, whose write hangs, holds the key's turn.
-      hang = true
+      control.hang = true
       await expect(cabled.setState(marked!.keyId, 'active')).rejects.toMatchObject({ kind: 'unavailable' })
       upCable.restore()
       advance(1_000)
       // The hold is over: the next request of the marked key probes spare-up, and gives up waiting for the turn.
       await expect(cabled.sign(marked!.keyId, Buffer.alloc(32, 23))).rejects.toBeInstanceOf(KeyTurnTimeoutError)
-      hang = false
-      pending.splice(0).forEach((release) => release())
+      control.releaseAll()
       // That is no answer from spare-up: its outage goes on.
       await expectHoldDoubled({ cabled, upCable, advance, onUp: onUp! })
     } finally {
-      hang = false
-      pending.splice(0).forEach((release) => release())
+      control.releaseAll()
       await stop()
     }
   })
