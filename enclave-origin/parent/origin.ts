@@ -187,8 +187,8 @@ export class OriginParent {
        */
       maxInflightPerEnclave?: number
       /**
-       * How long a create or a state change waits for the store to confirm its write, from the call (a state
-       * change's wait for the key's turn included); default 10 s. Past it the caller is answered 503 at once,
+       * How long a create or a state change waits for the store to confirm its write: a create from the
+       * write, a state change from the call (its wait for the key's turn included); default 10 s. Past it the caller is answered 503 at once,
        * rather than held for as long as a hung disk or S3 holds the write; the write goes on, in the key's
        * turn, and may still take effect. Also how long a reload outside a sign or get (start, sync, rotation,
        * a state change's) waits for the key's record.
@@ -622,23 +622,26 @@ export class OriginParent {
   }
 
   /**
-   * The caller's answer to `work`, which calls `confirmed()` once the store has its writes. If that has not
-   * happened `storeTimeoutMs` after the call, the caller is answered 503 without waiting longer. The work goes
-   * on (holding its key's turn, so nothing overtakes its writes) and may still take effect, which the answer says.
+   * The caller's answer to `work`, which calls `storing()` when it turns to the store and `confirmed()` once
+   * the store has its writes. If that has not happened `storeTimeoutMs` after `storing()`, the caller is
+   * answered 503 without waiting longer. The work goes on (holding its key's turn, so nothing overtakes its
+   * writes) and may still take effect, which the answer says.
    */
-  private storeConfirmed<T>(what: string, work: (confirmed: () => void) => Promise<T>, detailsOf: (result: T) => Record<string, unknown> = () => ({})): Promise<T> {
+  private storeConfirmed<T>(what: string, work: (store: { storing: () => void; confirmed: () => void }) => Promise<T>, detailsOf: (result: T) => Record<string, unknown> = () => ({})): Promise<T> {
     const timeoutMs = this.storeTimeoutMs
     let timer: ReturnType<typeof setTimeout> | undefined
     let late = false
-    const timedOut = new Promise<never>((_, reject) => {
-      timer = setTimeout(() => {
+    let notConfirmed!: (error: Error) => void
+    const timedOut = new Promise<never>((_, reject) => (notConfirmed = reject))
+    const storing = () => {
+      timer ??= setTimeout(() => {
         late = true
         this.unconfirmedWrites += 1
         this.options.log?.({ level: 'warn', event: 'store_not_confirmed', what, timeoutMs })
-        reject(new OriginRequestError('unavailable', `${what} was not confirmed durable within ${timeoutMs} ms; it may still take effect`))
+        notConfirmed(new OriginRequestError('unavailable', `${what} was not confirmed durable within ${timeoutMs} ms; it may still take effect`))
       }, timeoutMs)
-    })
-    const done = work(() => clearTimeout(timer))
+    }
+    const done = work({ storing, confirmed: () => clearTimeout(timer) })
     // How it ends after its caller was answered, for the operator who was told "may still take effect".
     const endedLate = (fields: Record<string, unknown>) => {
       if (!late) return
@@ -653,12 +656,15 @@ export class OriginParent {
     return Promise.race([done, timedOut]).finally(() => clearTimeout(timer))
   }
 
-  /** Creates a key inside its enclave; answers only once the sealed record is durable (see `storeTimeoutMs`). */
+  /**
+   * Creates a key inside its enclave; answers only once the sealed record is durable. `storeTimeoutMs` counts
+   * from the record's write, not the call: enclaves that are slow to make the key are no sign of the store's.
+   */
   createKey(): Promise<KeyInfo> {
-    return this.storeConfirmed("the new key's record", (confirmed) => {
+    return this.storeConfirmed("the new key's record", (store) => {
       // Tracked until its record is written, however soon the caller is answered: a rotation waits for it.
-      const creating = this.create().then((key) => {
-        confirmed()
+      const creating = this.create(store.storing).then((key) => {
+        store.confirmed()
         return key
       })
       this.creating.add(creating)
@@ -672,7 +678,7 @@ export class OriginParent {
    * reach, out of service or full (see `maxInflightPerEnclave`) is passed
    * over for a key id another enclave owns.
    */
-  private async create(): Promise<KeyInfo> {
+  private async create(storing: () => void): Promise<KeyInfo> {
     /** Enclaves out of reach, or with no place for another request. */
     const passedOver = new Set<Enclave>()
     let overloaded: OverloadedError | undefined
@@ -700,6 +706,7 @@ export class OriginParent {
       }
     }
     const created = decodeCreateResponse(this.check(enclave, frame).payload)
+    storing()
     await this.options.store.put({ keyId, version: created.version, state: 'active', publicKey: created.publicKey, sealed: created.sealed })
     return { keyId, publicKey: bytesToHex(created.publicKey), address: publicKeyToAddress(bytesToHex(created.publicKey)), state: 'active' }
   }
@@ -829,10 +836,13 @@ export class OriginParent {
     return { signature: `0x${Buffer.from(signature.buffer, signature.byteOffset, signature.byteLength).toString('hex')}`, recoveryId, rpcMs, enclaveMs: enclaveMicros / 1_000 }
   }
 
-  /** A key's request to an enclave; once more after handing it the stored record, if it has lost the key (a restart). */
+  /**
+   * A key's request to an enclave; once more after handing it the stored record, if it has lost the key (a
+   * restart). The request already holds its place there, which the reload's LOAD uses too.
+   */
   private async callReloading({ enclave, keyId, opcode, payload }: { enclave: Enclave; keyId: string; opcode: Opcode; payload: Uint8Array }): Promise<Frame> {
     const frame = await this.call(enclave, opcode, payload)
-    return frame.status === statuses.NOT_FOUND && (await this.reloadForUse(keyId, enclave)) ? this.call(enclave, opcode, payload) : frame
+    return frame.status === statuses.NOT_FOUND && (await this.reloadForUse(keyId, enclave, { placeHeld: true })) ? this.call(enclave, opcode, payload) : frame
   }
 
   /**
@@ -889,14 +899,15 @@ export class OriginParent {
    * cannot land after it (a frozen key turned active again, say).
    */
   private reloadInTurn(keyId: string, into = this.ring.nodeFor(keyId)): Promise<boolean> {
-    return this.sharedReload(keyId, into, this.storeTimeoutMs).done
+    return this.sharedReload(keyId, into, { readTimeoutMs: this.storeTimeoutMs, placeHeld: false }).done
   }
 
   /**
    * Callers while one is queued or running share it: N signs of a key an enclave lost make one reload, whose
-   * store read waits `readTimeoutMs` as its first caller asked.
+   * store read waits `readTimeoutMs`, and whose LOAD takes a place of its own unless `placeHeld`, as its first
+   * caller asked (see `reload`).
    */
-  private sharedReload(keyId: string, into: Enclave, readTimeoutMs: number): { done: Promise<boolean>; begun: Promise<void> } {
+  private sharedReload(keyId: string, into: Enclave, bounds: { readTimeoutMs: number; placeHeld: boolean }): { done: Promise<boolean>; begun: Promise<void> } {
     const shared = `${into.id}\n${keyId}`
     let reload = this.reloads.get(shared)
     if (!reload) {
@@ -904,7 +915,7 @@ export class OriginParent {
       const begun = new Promise<void>((resolve) => (begin = resolve))
       const done = this.serializeKey(keyId, () => {
         begin()
-        return this.reload(keyId, into, readTimeoutMs)
+        return this.reload(keyId, into, bounds)
       }).finally(() => {
         if (this.reloads.get(shared)?.done === done) this.reloads.delete(shared)
       })
@@ -920,26 +931,28 @@ export class OriginParent {
    * `reloadInTurn` for a sign or get, which waits for the key's turn no longer than the request timeout: a
    * state change whose store write hangs holds it (see `storeConfirmed`). Its store read, too, is bounded by
    * the request timeout, not the store's: a sign must not hold its place (or its enclave's probe) for longer.
-   * One given up on still runs when the turn comes, and the next use shares it.
+   * One given up on still runs when the turn comes, and the next use shares it. `placeHeld`: the caller
+   * already holds its place on `into` (a sign there that found the key gone), which the LOAD uses.
    */
-  private async reloadForUse(keyId: string, into: Enclave): Promise<boolean> {
-    const { done, begun } = this.sharedReload(keyId, into, this.options.requestTimeoutMs)
+  private async reloadForUse(keyId: string, into: Enclave, { placeHeld = false } = {}): Promise<boolean> {
+    const { done, begun } = this.sharedReload(keyId, into, { readTimeoutMs: this.options.requestTimeoutMs, placeHeld })
     await this.withinTimeout(begun, `waiting for key ${keyId}'s turn (a change of its state is still under way)`, { timedOut: (message) => new KeyTurnTimeoutError(message) })
     return done
   }
 
   /**
    * An enclave that restarted has lost its records: hand it the stored one. Callers hold the key's turn.
-   * A load into a standby counts as one of its requests while it is out (see `maxInflightPerEnclave`): when
-   * an owner fails, the loads of its keys fill a standby up to its limit, not past it.
+   * A load into a standby counts as one of its requests while it is out (see `maxInflightPerEnclave`), unless
+   * its caller holds a place there already: when an owner fails, the loads of its keys fill a standby up to
+   * its limit, not past it.
    */
-  private async reload(keyId: string, into = this.ring.nodeFor(keyId), readTimeoutMs = this.storeTimeoutMs): Promise<boolean> {
+  private async reload(keyId: string, into = this.ring.nodeFor(keyId), { readTimeoutMs, placeHeld } = { readTimeoutMs: this.storeTimeoutMs, placeHeld: false }): Promise<boolean> {
     // Bounded: a hung read must not hold the key's turn. A record read too late is dropped with this reload.
     const record = await this.withinTimeout(this.options.store.get(keyId), `reading key ${keyId}'s stored record`, { timeoutMs: readTimeoutMs })
     if (!record) return false
     const owner = into === this.ring.nodeFor(keyId)
     try {
-      await (owner ? this.load(record, into) : this.admitted(into, () => this.load(record, into)))
+      await (owner || placeHeld ? this.load(record, into) : this.admitted(into, () => this.load(record, into)))
     } catch (error) {
       // A LOAD given up on may not have landed, nor one refused for want of an unlock, leaving an older state there:
       // reload before the key's next use there.
@@ -999,8 +1012,10 @@ export class OriginParent {
    * within `storeTimeoutMs` has the caller answered 503 (see `storeConfirmed`).
    */
   setState(keyId: string, state: KeyState): Promise<void> {
-    return this.storeConfirmed(`the change of key ${keyId} to ${state}`, (confirmed) =>
-      this.serializeKey(keyId, async () => {
+    return this.storeConfirmed(`the change of key ${keyId} to ${state}`, ({ storing, confirmed }) => {
+      // From the call: the key's turn is held mostly by writes of the store's (an earlier change, a re-seal).
+      storing()
+      return this.serializeKey(keyId, async () => {
         // Archiving retires a key for good: nothing, unfreeze included, brings it back to signing.
         if (state !== 'archived' && (await this.options.store.get(keyId))?.state === 'archived') {
           throw new OriginRequestError('not-active', `key ${keyId} is archived, which is final: it cannot be made ${state}`)
@@ -1038,8 +1053,8 @@ export class OriginParent {
           // believe the key still signs.
           deferred(messageOf(error))
         }
-      }),
-    )
+      })
+    })
   }
 
   /** The store's part of health: a store that takes no more writes cannot create keys or change their states. */

@@ -670,6 +670,20 @@ describe('LOAD and SET_STATE sequences', () => {
     })
   })
 
+  it('counts a create\u2019s store time from its write: an enclave slow to make the key is no store that does not confirm', async () => {
+    await withHangingStore('slow-create', 200, async ({ parent, cable, ownStore, logged }) => {
+      const holding = cable.holdNextAnswer(opcodes.CREATE)
+      const creating = parent.createKey()
+      const release = await holding
+      await new Promise((resolve) => setTimeout(resolve, 400))
+      release()
+      const key = await creating
+      expect((await ownStore.get(key.keyId))?.state).toBe('active')
+      expect(logged.filter((line) => line.event === 'store_not_confirmed')).toEqual([])
+      expect(parent.storeHealth()).toEqual({ ok: true })
+    })
+  })
+
   it('a rotation waits for the record of a create already answered 503, which lands under the new data key too and signs', async () => {
     await withHangingStore('late-create', 200, async ({ parent, ownStore, control, logged }) => {
       control.hang = true
@@ -1632,6 +1646,25 @@ describe('a parent whose enclaves are not all up', () => {
       await expect(failingOver).resolves.toMatchObject({ recoveryId: expect.any(Number) })
       expect(cabled.failovers()).toEqual([{ enclave: 'spare-late', standby: 'spare-up', count: 1 }])
       await expectSignsAs(cabled, onUp)
+    } finally {
+      cabled.close()
+      await spares.stop()
+    }
+  })
+
+  it('a failover sign that finds its key gone from the standby reloads it there in the place it holds: at the standby\u2019s last place, it signs', async () => {
+    const spares = await cabledSpares('reloading-standby-store')
+    const cabled = new OriginParent({ enclaves: spares.enclaves, poolSize: 1, store: spares.ownStore, requestTimeoutMs: 10_000, credentials: async () => kms.credentials, maxInflightPerEnclave: 1 })
+    try {
+      const { onLate } = (await startWithKeyOnEach(cabled)) as { onUp: KeyInfo; onLate: KeyInfo }
+      spares.lateCable.cut()
+      // Loaded on spare-up for this sign, the key is gone by the time its SIGN arrives (as after a restart there).
+      spares.upCable.failNextRequest(opcodes.SIGN, 0, statuses.NOT_FOUND)
+      const loads = () => spares.upCable.framesFromParent.filter((frame) => frame.opcode === opcodes.LOAD).length
+      const before = loads()
+      await expectSignsAs(cabled, onLate)
+      expect(loads()).toBe(before + 2)
+      expect(cabled.failovers()).toEqual([{ enclave: 'spare-late', standby: 'spare-up', count: 1 }])
     } finally {
       cabled.close()
       await spares.stop()
