@@ -193,7 +193,7 @@ export function createParentServers(options: ParentApiOptions): { clients: HttpS
     figures.countRequest(route.name, answered.status)
     return answered
   }
-  const serverHolding = (maxConnections: number) =>
+  const serverHolding = (listener: 'clients' | 'operators', maxConnections: number) =>
     new HttpServer({
       handle: answer,
       onRefused: (status) => figures.countRequest('unknown', status),
@@ -201,9 +201,9 @@ export function createParentServers(options: ParentApiOptions): { clients: HttpS
       // Slow clients, before any authentication, must not hold connections for long.
       requestReadTimeoutMs: options.requestReadTimeoutMs,
       maxConnections,
-      onConnectionDropped: () => metrics.droppedConnections.inc(),
+      onConnectionDropped: () => metrics.droppedConnections.inc({ listener }),
     })
-  return { clients: serverHolding(options.maxConnections ?? 10_000), operators: serverHolding(options.operatorMaxConnections ?? 64) }
+  return { clients: serverHolding('clients', options.maxConnections ?? 10_000), operators: serverHolding('operators', options.operatorMaxConnections ?? 64) }
 }
 
 function decodedPathSegment(segment: string): string | undefined {

@@ -81,7 +81,8 @@ export function originMetrics(parent: OriginParent) {
   })
   const droppedConnections = new Counter({
     name: 'origin_connections_dropped_total',
-    help: 'Client connections closed as they arrived because MAX_CONNECTIONS were open.',
+    help: 'Connections closed as they arrived because their listener held as many as it may, by listener: clients (MAX_CONNECTIONS) or operators (OPERATOR_MAX_CONNECTIONS).',
+    labelNames: ['listener'],
     registers: [registry],
   })
   new Gauge({

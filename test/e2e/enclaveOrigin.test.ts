@@ -300,6 +300,24 @@ describe('the Worker signs through the origin, and the chain accepts it', () => 
   })
 })
 
+describe('the parent process', () => {
+  it('stops, naming OPERATOR_LISTEN, and never says it listens, when the operators\u2019 listener cannot listen (a busy port)', async () => {
+    const busy = createServer()
+    await new Promise<void>((listening) => busy.listen(0, '127.0.0.1', listening))
+    try {
+      await origin.kill('parent')
+      const started = origin.startParent({ OPERATOR_LISTEN: `127.0.0.1:${(busy.address() as AddressInfo).port}` })
+      await expect(started).rejects.toThrow('OPERATOR_LISTEN: cannot listen there')
+      await expect(started).rejects.not.toThrow('"parent_listening"')
+    } finally {
+      busy.close()
+      await origin.startParent()
+    }
+    const created = await origin.request('POST', '/v1/keys')
+    expect(created.status).toBe(201)
+  })
+})
+
 describe('crash safety', () => {
   it('after kill -9 of the enclave and the parent during a stream of creates, every acknowledged key signs as its address', async () => {
     const acknowledged: Array<{ keyId: string; address: Address }> = []

@@ -41,7 +41,8 @@ function cli(command: string, extraEnv: Record<string, string>, builtCli: string
 async function until(check: () => Promise<boolean>, what: string, child: ChildProcess, output: () => string): Promise<void> {
   const deadline = Date.now() + 30_000
   while (Date.now() < deadline) {
-    if (child.exitCode !== null) break
+    // Once it has exited, and its last words are read: its output may still be draining.
+    if (child.exitCode !== null && child.stdout!.readableEnded && child.stderr!.readableEnded) break
     if (await check().catch(() => false)) return
     await new Promise((resolve) => setTimeout(resolve, 100))
   }
@@ -51,7 +52,8 @@ async function until(check: () => Promise<boolean>, what: string, child: ChildPr
 export type Origin = {
   url: string
   startEnclave(): Promise<void>
-  startParent(): Promise<void>
+  /** `once`: settings for this start alone, over the origin's own. */
+  startParent(once?: Record<string, string>): Promise<void>
   /** SIGKILL, resolved once the process is gone. */
   kill(which: 'enclave' | 'parent'): Promise<void>
   pids(): { enclave?: number; parent?: number }
@@ -86,10 +88,10 @@ export async function startOrigin(options: {
   const url = `http://127.0.0.1:${options.parentPort}`
   const children: Partial<Record<'enclave' | 'parent', ChildProcess>> = {}
   const outputs: Record<string, string> = { enclave: '', parent: '' }
-  const start = (which: 'enclave' | 'parent') => {
+  const start = (which: 'enclave' | 'parent', once: Record<string, string> = {}) => {
     // The enclave has no credentials of its own, as in a Nitro Enclave: its KMS calls sign with those the parent delivers.
     const { AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, ...enclaveEnv } = env
-    const child = cli(which, which === 'enclave' ? enclaveEnv : env, options.builtCli)
+    const child = cli(which, which === 'enclave' ? { ...enclaveEnv, ...once } : { ...env, ...once }, options.builtCli)
     outputs[which] = ''
     child.stdout!.on('data', (chunk) => (outputs[which] += chunk))
     child.stderr!.on('data', (chunk) => (outputs[which] += chunk))
@@ -103,8 +105,8 @@ export async function startOrigin(options: {
       // The process says so once it listens; a port check could reach a predecessor still dying.
       await until(async () => outputs.enclave!.includes('"enclave_listening"'), 'the enclave', child, () => outputs.enclave!)
     },
-    startParent: async () => {
-      const child = start('parent')
+    startParent: async (once) => {
+      const child = start('parent', once)
       // Listening, not healthy: a preload enclave is unhealthy until its unlock.
       await until(async () => outputs.parent!.includes('"parent_listening"'), 'the parent', child, () => outputs.parent!)
     },
