@@ -659,8 +659,14 @@ export class OriginParent {
   /**
    * Creates a key inside its enclave; answers only once the sealed record is durable. `storeTimeoutMs` counts
    * from the record's write, not the call: enclaves that are slow to make the key are no sign of the store's.
+   * Refused at once while writes answered 503 are still out: each create would wait the store out too, and
+   * leave one more key in its enclave that no record holds yet. (State changes still queue: a freeze must be
+   * tried.)
    */
   createKey(): Promise<KeyInfo> {
+    if (this.unconfirmedWrites > 0) {
+      return Promise.reject(new OriginRequestError('unavailable', `no key is created while the store has not confirmed earlier writes (${this.unconfirmedWrites} still waiting after ${this.storeTimeoutMs} ms)`))
+    }
     return this.storeConfirmed("the new key's record", (store) => {
       // Tracked until its record is written, however soon the caller is answered: a rotation waits for it.
       const creating = this.create(store.storing).then((key) => {

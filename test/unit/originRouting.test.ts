@@ -670,6 +670,22 @@ describe('LOAD and SET_STATE sequences', () => {
     })
   })
 
+  it('refuses a create at once, sending no CREATE, while writes the store did not confirm in time are still out, and creates again once they settle', async () => {
+    await withHangingStore('hung-creates', 200, async ({ parent, cable, control }) => {
+      control.hang = true
+      await expect(parent.createKey()).rejects.toMatchObject(unconfirmed("the new key's record", 200))
+      const creates = () => cable.framesFromParent.filter((frame) => frame.opcode === opcodes.CREATE).length
+      const sent = creates()
+      const started = performance.now()
+      await expect(parent.createKey()).rejects.toMatchObject({ kind: 'unavailable', message: 'no key is created while the store has not confirmed earlier writes (1 still waiting after 200 ms)' })
+      expect(performance.now() - started).toBeLessThan(100)
+      expect(creates()).toBe(sent)
+      control.releaseAll()
+      await expect.poll(() => parent.storeHealth()).toEqual({ ok: true })
+      await expectSignsAs(parent, await parent.createKey())
+    })
+  })
+
   it('counts a create\u2019s store time from its write: an enclave slow to make the key is no store that does not confirm', async () => {
     await withHangingStore('slow-create', 200, async ({ parent, cable, ownStore, logged }) => {
       const holding = cable.holdNextAnswer(opcodes.CREATE)
