@@ -19,7 +19,8 @@ import { checkStartup } from './startupChecks.js'
  * TLS stays end to end with KMS), KMS_TIMEOUT_MS (3000, per KMS request, two attempts). AWS
  * credentials come from the parent (CREDENTIALS), not settings.
  * ENGINE_THREADS, ENGINE_BATCHING (1|0), ENGINE_MAX_BATCH (32), ENGINE_MAX_WAIT_MS (1),
- * ENGINE_INLINE_PER_TURN, GRACE_SIGNATURES, and PRELOAD_FILE for
+ * ENGINE_INLINE_PER_TURN, GRACE_SIGNATURES, ENCLAVE_MAX_CONNECTIONS (256: more are closed as they
+ * arrive), and PRELOAD_FILE for
  * preload mode (an age-encrypted [{account_id, share}] file whose identity an
  * unlock delivers).
  */
@@ -69,7 +70,8 @@ export async function runEnclave(): Promise<() => Promise<void>> {
   sweep.unref()
   renew.unref()
   const address = listenAddress(setting('ENCLAVE_LISTEN', '127.0.0.1:7000'))
-  const { close } = await serveEnclave({ service, address, log: logLine })
+  const maxConnections = integerSetting('ENCLAVE_MAX_CONNECTIONS', { min: 1, max: 65_536, fallback: 256 })
+  const { close } = await serveEnclave({ service, address, log: logLine, maxConnections })
   logLine({ event: 'enclave_listening', address, profile, engine: engine.stats() })
   return async () => {
     clearInterval(sweep)

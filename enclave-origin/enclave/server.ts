@@ -5,6 +5,7 @@ import type { StreamAddress } from '../config.js'
 import { messageOf } from '../errors.js'
 import { CoalescingWriter } from '../protocol/coalescingWriter.js'
 import { listenVsock } from '../protocol/vsock.js'
+import { ThrottledLog } from '../throttledLog.js'
 import { endLingering } from '../protocol/endLingering.js'
 import { connectionRequestId, encodeConnectionClosing, encodeFrame, FrameDecoder, FrameError, opcodes, statuses, type Frame, type Status } from '../protocol/frames.js'
 import {
@@ -371,15 +372,29 @@ function generatePrivateKey(): Uint8Array {
  * Serves the protocol on a stream listener (TCP or a Unix socket here; vsock in
  * an enclave). Requests on one connection run concurrently and answer in any
  * order; a malformed frame closes that connection only, after a last frame
- * (request id `connectionRequestId`) that says why.
+ * (request id `connectionRequestId`) that says why. Connections past
+ * `maxConnections` (default 256: a parent's pool is 16–32) are closed as they
+ * arrive: whatever else on the parent host reaches the port must not take every
+ * file descriptor, after which accept() would fail (and the vsock addon retry it)
+ * without end. Rejects when it cannot listen.
  */
 export async function serveEnclave(options: {
   service: EnclaveService
   address: StreamAddress
   log: (fields: Record<string, unknown>) => void
+  maxConnections?: number
 }): Promise<{ close(): Promise<void> }> {
   const sockets = new Set<Socket>()
+  const maxConnections = options.maxConnections ?? 256
+  // A flood of connections or of accept() failures must not flood the log either.
+  const throttled = new ThrottledLog({ log: options.log })
+  const onListenerError = (error: Error) => throttled.write('listener_error', { level: 'error', event: 'enclave_listener_error', error: messageOf(error) })
   const onConnection = (socket: Socket) => {
+    if (sockets.size >= maxConnections) {
+      socket.destroy()
+      throttled.write('connection_refused', { level: 'warn', event: 'connection_refused', reason: `${maxConnections} connections are open`, maxConnections })
+      return
+    }
     sockets.add(socket)
     socket.setNoDelay(true)
     const decoder = new FrameDecoder()
@@ -460,11 +475,19 @@ export async function serveEnclave(options: {
     for (const socket of sockets) socket.destroy()
   }
   if ('vsock' in options.address) {
-    const listener = await listenVsock({ port: options.address.vsock.port, cid: options.address.vsock.cid, onConnection })
+    const listener = await listenVsock({ port: options.address.vsock.port, cid: options.address.vsock.cid, onConnection, onError: onListenerError })
     return { close: () => Promise.all([listener.close(), destroyAll()]).then(() => undefined) }
   }
   const server: Server = createServer(onConnection)
-  await new Promise<void>((resolve) => server.listen(options.address as never, resolve))
+  await new Promise<void>((resolve, reject) => {
+    server.once('error', reject)
+    server.listen(options.address as never, () => {
+      server.off('error', reject)
+      // Later failures (accept() out of memory, say) are logged: one must not end the process and every connection.
+      server.on('error', onListenerError)
+      resolve()
+    })
+  })
   return {
     close: () =>
       new Promise<void>((resolve) => {

@@ -4,7 +4,7 @@ import type { RequestVerifier } from '../protocol/requestSigning.js'
 import type { KeyState } from '../types.js'
 import { HttpServer, type HttpAnswer, type HttpRequest, type HttpServerOptions } from './httpServer.js'
 import { originMetrics } from './metrics.js'
-import { ThrottledLog } from './throttledLog.js'
+import { ThrottledLog } from '../throttledLog.js'
 import { KeyTurnTimeoutError, NeedsUnlockError, OriginRequestError, OverloadedError, type EnclaveHealth, type OriginParent } from './origin.js'
 
 export type ParentApiOptions = {

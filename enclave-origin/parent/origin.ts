@@ -32,7 +32,7 @@ import type { CacheState, KeyState, SealedKeyRecord, WrappedDek } from '../types
 import { KeyNotStoredError, type BlobStore } from './blobStore.js'
 import { EnclavePool, EnclaveUnavailableError, type EnclaveAddress } from './enclavePool.js'
 import { HashRing } from './hashRing.js'
-import { ThrottledLog } from './throttledLog.js'
+import { ThrottledLog } from '../throttledLog.js'
 
 /** The key must be unlocked first; ask again after `retryAfterMs`. */
 export class NeedsUnlockError extends Error {

@@ -1,6 +1,6 @@
 import { createHash, randomBytes } from 'node:crypto'
 import { once } from 'node:events'
-import { connect, createServer, type Socket } from 'node:net'
+import { connect, createServer, type AddressInfo, type Socket } from 'node:net'
 import { Encrypter } from 'age-encryption'
 import { afterAll, beforeAll, expect, it } from 'vitest'
 import { keccak256, toHex } from 'viem'
@@ -31,6 +31,7 @@ import {
   encodeUnlockResponse,
 } from '../../enclave-origin/protocol/messages.js'
 import { generatePreloadIdentity } from '../../enclave-origin/preloadFiles.js'
+import { freePort } from '../support/localHttp.js'
 import type { SealedKeyRecord } from '../../enclave-origin/types.js'
 
 /** The enclave's server over TCP: one bad connection is closed and harms no other. */
@@ -432,6 +433,44 @@ async function serving({ service, at, use }: { service: EnclaveService; at: numb
     await served.close()
   }
 }
+
+it('closes connections past its limit as they arrive, logged once however many, and serves the ones it holds', async () => {
+  const { service } = enclaveWith(noKms)
+  const logged: Array<Record<string, unknown>> = []
+  const at = await freePort()
+  const served = await serveEnclave({ service, address: { host: '127.0.0.1', port: at }, log: (fields) => logged.push(fields), maxConnections: 2 })
+  const peers = [client(at), client(at)]
+  try {
+    for (const [i, peer] of peers.entries()) expect((await peer.request({ requestId: i + 1, opcode: opcodes.HEALTH, payload: new Uint8Array() }))?.status).toBe(statuses.OK)
+    const refused = [client(at), client(at)]
+    await Promise.all(refused.map((peer) => peer.closed))
+    expect(refused.map((peer) => peer.frames)).toEqual([[], []])
+    expect(logged).toEqual([{ level: 'warn', event: 'connection_refused', reason: '2 connections are open', maxConnections: 2, count: 1 }])
+    expect((await peers[0]!.request({ requestId: 3, opcode: opcodes.HEALTH, payload: new Uint8Array() }))?.status).toBe(statuses.OK)
+    // A place that frees up takes the next connection.
+    peers[1]!.socket.destroy()
+    await peers[1]!.closed
+    await expect.poll(async () => {
+      const next = client(at)
+      peers.push(next)
+      return (await next.request({ requestId: 4, opcode: opcodes.HEALTH, payload: new Uint8Array() }))?.status
+    }).toBe(statuses.OK)
+  } finally {
+    for (const peer of peers) peer.socket.destroy()
+    await served.close()
+  }
+})
+
+it('rejects, rather than ending the process, when it cannot listen (a port in use)', async () => {
+  const taken = createServer()
+  await new Promise<void>((listening) => taken.listen(0, '127.0.0.1', listening))
+  try {
+    const { service } = enclaveWith(noKms)
+    await expect(serveEnclave({ service, address: { host: '127.0.0.1', port: (taken.address() as AddressInfo).port }, log: () => {} })).rejects.toMatchObject({ code: 'EADDRINUSE' })
+  } finally {
+    taken.close()
+  }
+})
 
 it('an answer the enclave cannot encode is INTERNAL, its own mistake, not BAD_REQUEST', async () => {
   // A retry-after past a u32 cannot go on the wire: NEEDS_UNLOCK's encoder refuses it.

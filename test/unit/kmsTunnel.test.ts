@@ -16,7 +16,7 @@ import { startTestCa, type TestCa } from '../support/testCertificates.js'
  * host name resolves nowhere: a request that arrives went through the tunnel.
  */
 
-const ports = { kms: 18681, front: 18682, relay: 18683, impostor: 18684, closed: 18685, silent: 18687 }
+const ports = { kms: 18701, front: 18702, relay: 18703, impostor: 18704, closed: 18705, silent: 18707 }
 const kmsHost = 'kms.tunnel.test'
 
 let kms: LocalKms
