@@ -30,6 +30,9 @@ export async function runParent(): Promise<() => Promise<void>> {
   // Settings first: a wrong one should stop the process before it touches the store or an enclave.
   const secrets = hmacKeysSetting()
   const signOnlyKeyIds = signOnlyKeyIdsSetting(secrets)
+  // Made first: the process before this one may have accepted requests timestamped up to 5 s past its end, which
+  // this one refuses; it listens once that time has passed (starting the enclaves mostly takes it anyway).
+  const verifier = new RequestVerifier({ secrets, hashing: nodeHashing })
   const tls = parentTlsSetting((file) => readFileSync(file, 'utf8'))
   const maxInflightPerEnclave = integerSetting('MAX_INFLIGHT_PER_ENCLAVE', { min: 1, max: 1_000_000, fallback: 1_024 })
   const maxConnections = integerSetting('MAX_CONNECTIONS', { min: 1, max: 1_000_000, fallback: 10_000 })
@@ -69,7 +72,9 @@ export async function runParent(): Promise<() => Promise<void>> {
     log: logLine,
   })
   await parent.start()
-  const servers = createParentServers({ parent, verifier: new RequestVerifier({ secrets, hashing: nodeHashing }), log: logLine, tls, maxConnections, signOnlyKeyIds, operatorMaxConnections })
+  const servers = createParentServers({ parent, verifier, log: logLine, tls, maxConnections, signOnlyKeyIds, operatorMaxConnections })
+  const acceptingIn = verifier.acceptsFrom - Date.now()
+  if (acceptingIn > 0) await new Promise((resolve) => setTimeout(resolve, acceptingIn))
   // Operators' first: one that cannot listen stops the process before clients could reach it, and says which.
   if (operatorAddress) {
     await servers.operators.listen(operatorAddress).catch((error: unknown) => {

@@ -80,24 +80,28 @@ export function signRequest(options: {
 export type VerificationFailure = 'missing' | 'unknown-key' | 'stale' | 'before-start' | 'replayed' | 'bad-signature'
 
 /**
- * Verifies signed requests: known key id, timestamp within `maxSkewMs` of now,
- * a nonce not seen within that window, and the MAC, compared in constant time.
- * Nonces are remembered only as long as a timestamp could still be accepted.
- * Nonces live in memory, so a request timestamped before this verifier was
- * made is refused (`before-start`): an earlier process (a parent restarted
- * meanwhile) may have accepted it, and a replay of, say, an unfreeze must not
- * undo the freeze that followed it.
+ * Verifies signed requests: known key id, timestamp no more than `maxSkewMs`
+ * behind now nor `maxFutureSkewMs` ahead of it, a nonce not seen within that
+ * window, and the MAC, compared in constant time. Nonces are remembered only as
+ * long as a timestamp could still be accepted. Nonces live in memory, so a
+ * request timestamped before `acceptsFrom` (when this verifier was made, plus
+ * `maxFutureSkewMs`) is refused (`before-start`): an earlier process (a parent
+ * restarted meanwhile) may have accepted it, ahead of its own clock as it may
+ * have been, and a replay of, say, an unfreeze must not undo the freeze that
+ * followed it. A process should not serve before `acceptsFrom`, or it refuses
+ * every request until then.
  */
 export class RequestVerifier {
   private readonly secrets: Map<string, Uint8Array>
   private readonly maxSkewMs: number
+  private readonly maxFutureSkewMs: number
   private readonly now: () => number
   private readonly hashing: RequestHashing
   /**
    * Nonces seen, newest generation first; each generation spans `maxSkewMs`
-   * and three are kept. A request is acceptable from its timestamp − skew to
-   * its timestamp + skew, so a nonce must be remembered for 2 × skew after it
-   * is first seen; it is, since its generation is emptied only after two
+   * and three are kept. A request is acceptable from its timestamp − the future
+   * skew to its timestamp + skew, so a nonce must be remembered for up to
+   * 2 × skew after it is first seen (the future skew is at most the skew); it is, since its generation is emptied only after two
    * younger ones have each run a full skew. A nonce is kept as a 64-bit
    * fingerprint of its key id and text (the head of their SHA-256), so the
    * store holds no object per request for the GC; two different nonces
@@ -112,15 +116,22 @@ export class RequestVerifier {
    * would otherwise be acceptable again.
    */
   private latestNow = Number.NEGATIVE_INFINITY
-  /** When the nonce memory began: nothing timestamped earlier is known not to be a replay. */
-  private readonly rememberingSince: number
+  /**
+   * Nothing timestamped earlier is known not to be a replay: the process before this one may have accepted
+   * requests up to `maxFutureSkewMs` ahead of its last reading of the clock, which was before this one began.
+   */
+  readonly acceptsFrom: number
 
-  constructor(options: { secrets: Record<string, string>; maxSkewMs?: number; now?: () => number; hashing?: RequestHashing }) {
+  /** `maxSkewMs`: how far behind (default 30 s); `maxFutureSkewMs`: how far ahead (default 5 s). */
+  constructor(options: { secrets: Record<string, string>; maxSkewMs?: number; maxFutureSkewMs?: number; now?: () => number; hashing?: RequestHashing }) {
     this.secrets = new Map(Object.entries(options.secrets).map(([keyId, secret]) => [keyId, encoder.encode(secret)]))
     this.maxSkewMs = options.maxSkewMs ?? 30_000
+    this.maxFutureSkewMs = options.maxFutureSkewMs ?? 5_000
+    // The nonce memory spans 2 × maxSkewMs: a longer window ahead would outlast it.
+    if (this.maxFutureSkewMs > this.maxSkewMs) throw new Error('maxFutureSkewMs may not exceed maxSkewMs')
     this.now = options.now ?? Date.now
     this.hashing = options.hashing ?? nobleHashing
-    this.rememberingSince = this.now()
+    this.acceptsFrom = this.now() + this.maxFutureSkewMs
   }
 
   verify(options: { method: string; path: string; headers: (name: string) => string | undefined; body: Uint8Array }): VerificationFailure | undefined {
@@ -133,7 +144,7 @@ export class RequestVerifier {
     if (!secret) return 'unknown-key'
     const now = this.now()
     this.latestNow = Math.max(this.latestNow, now)
-    if (!/^\d{1,15}$/.test(timestamp) || Number(timestamp) > now + this.maxSkewMs || Number(timestamp) < this.latestNow - this.maxSkewMs) return 'stale'
+    if (!/^\d{1,15}$/.test(timestamp) || Number(timestamp) > now + this.maxFutureSkewMs || Number(timestamp) < this.latestNow - this.maxSkewMs) return 'stale'
     if (this.latestNow - this.generationStartedAt >= this.maxSkewMs) {
       const oldest = this.nonceGenerations.pop()!
       oldest.clear()
@@ -148,7 +159,7 @@ export class RequestVerifier {
     const expected = mac({ hashing: this.hashing, keyId, secret, method: options.method, path: options.path, timestamp, nonce, body: options.body })
     if (!equalInConstantTime(signature, expected)) return 'bad-signature'
     // After the MAC: only a request the client really signed is counted as one from before this process.
-    if (Number(timestamp) < this.rememberingSince) return 'before-start'
+    if (Number(timestamp) < this.acceptsFrom) return 'before-start'
     this.nonceGenerations[0]!.add(high, low)
     return undefined
   }

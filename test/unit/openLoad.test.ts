@@ -71,7 +71,7 @@ function runOpenLoad({ mode, port, env = {}, connections = 8 }: { mode: 'frames'
 
 /** A parent-shaped HTTP server: verifies each request as the parent does, and answers a sign or a 401. */
 async function verifyingServer() {
-  const verifier = new RequestVerifier({ secrets: { [hmac.keyId]: hmac.secret }, hashing: nodeHashing })
+  const verifier = new RequestVerifier({ secrets: { [hmac.keyId]: hmac.secret }, maxFutureSkewMs: 0, hashing: nodeHashing })
   const seen = { verified: 0, refused: [] as string[], bodies: new Set<string>() }
   const server = createHttpServer((request: IncomingMessage, response) => {
     const chunks: Buffer[] = []

@@ -28,7 +28,7 @@ const logged: Array<Record<string, unknown>> = []
 
 beforeAll(async () => {
   parent = new OriginParent({ enclaves: [{ id: 'none', address: { host: '127.0.0.1', port: 1 } }], poolSize: 1, store: {} as BlobStore, requestTimeoutMs: 200, credentials: () => Promise.reject(new Error('not needed here')) })
-  server = createParentApi({ parent, verifier: new RequestVerifier({ secrets: { [hmac.keyId]: hmac.secret } }), log: (fields) => logged.push(fields), requestReadTimeoutMs: 400 })
+  server = createParentApi({ parent, verifier: new RequestVerifier({ secrets: { [hmac.keyId]: hmac.secret }, maxFutureSkewMs: 0 }), log: (fields) => logged.push(fields), requestReadTimeoutMs: 400 })
   await server.listen({ port: 0, host: '127.0.0.1' })
   base = `http://127.0.0.1:${(server.address() as AddressInfo).port}`
 })
@@ -116,7 +116,7 @@ describe('the parent API', () => {
     const silentEnclave = createNetServer(() => {})
     await new Promise<void>((listening) => silentEnclave.listen(0, '127.0.0.1', listening))
     const slowParent = new OriginParent({ enclaves: [{ id: 'silent', address: { host: '127.0.0.1', port: (silentEnclave.address() as AddressInfo).port } }], poolSize: 1, store: {} as BlobStore, requestTimeoutMs: 300, credentials: () => Promise.reject(new Error('not needed here')) })
-    const closing = createParentApi({ parent: slowParent, verifier: new RequestVerifier({ secrets: { [hmac.keyId]: hmac.secret } }), log: () => {} })
+    const closing = createParentApi({ parent: slowParent, verifier: new RequestVerifier({ secrets: { [hmac.keyId]: hmac.secret }, maxFutureSkewMs: 0 }), log: () => {} })
     await closing.listen({ port: 0, host: '127.0.0.1' })
     try {
       const path = '/v1/keys/k'
@@ -177,7 +177,7 @@ describe('the parent API under load', () => {
     full.sign = () => Promise.reject(new OverloadedError('full'))
     full.getKey = () => Promise.reject(new OverloadedError('full'))
     full.createKey = () => Promise.reject(new OverloadedError('full'))
-    const api = createParentApi({ parent: full, verifier: new RequestVerifier({ secrets: { [hmac.keyId]: hmac.secret } }), log: () => {}, ...options })
+    const api = createParentApi({ parent: full, verifier: new RequestVerifier({ secrets: { [hmac.keyId]: hmac.secret }, maxFutureSkewMs: 0 }), log: () => {}, ...options })
     await api.listen({ port: 0, host: '127.0.0.1' })
     const port = (api.address() as AddressInfo).port
     const request = async (method: 'GET' | 'POST', path: string, body = '') => {
@@ -245,7 +245,7 @@ describe('the parent API under load', () => {
     scripted.rotateDataKey = async () => (asked.push('rotate'), { resealed: 0 })
     scripted.attestations = async () => (asked.push('attestation'), [])
     const apiLogged: Array<Record<string, unknown>> = []
-    const api = createParentApi({ parent: scripted, verifier: new RequestVerifier({ secrets: { [hmac.keyId]: hmac.secret, [operator.keyId]: operator.secret } }), log: (fields) => apiLogged.push(fields), signOnlyKeyIds: new Set([hmac.keyId]) })
+    const api = createParentApi({ parent: scripted, verifier: new RequestVerifier({ secrets: { [hmac.keyId]: hmac.secret, [operator.keyId]: operator.secret }, maxFutureSkewMs: 0 }), log: (fields) => apiLogged.push(fields), signOnlyKeyIds: new Set([hmac.keyId]) })
     await api.listen({ port: 0, host: '127.0.0.1' })
     const port = (api.address() as AddressInfo).port
     const as = async (who: { keyId: string; secret: string }, method: 'GET' | 'POST', path: string, body = '') => {
@@ -306,7 +306,7 @@ it('serves operators on a listener of their own while client connections fill MA
   const scripted = new OriginParent({ enclaves: [{ id: 'none', address: { host: '127.0.0.1', port: 1 } }], poolSize: 1, store: {} as BlobStore, requestTimeoutMs: 200, credentials: () => Promise.reject(new Error('not needed here')) })
   const frozen: string[] = []
   scripted.setState = async (keyId, state) => void frozen.push(`${keyId} ${state}`)
-  const { clients, operators } = createParentServers({ parent: scripted, verifier: new RequestVerifier({ secrets: { [hmac.keyId]: hmac.secret } }), log: () => {}, maxConnections: 2, operatorMaxConnections: 4 })
+  const { clients, operators } = createParentServers({ parent: scripted, verifier: new RequestVerifier({ secrets: { [hmac.keyId]: hmac.secret }, maxFutureSkewMs: 0 }), log: () => {}, maxConnections: 2, operatorMaxConnections: 4 })
   await clients.listen({ port: 0, host: '127.0.0.1' })
   await operators.listen({ port: 0, host: '127.0.0.1' })
   const portOf = (server: HttpServer) => (server.address() as AddressInfo).port

@@ -5,8 +5,9 @@ import { nobleHashing, RequestVerifier, signRequest, signatureHeaders } from '..
 
 const body = new TextEncoder().encode('{"digest":"0x01"}')
 
-function verifierAt(clock: { now: number }) {
-  return new RequestVerifier({ secrets: { worker: 'shared-secret-for-tests' }, maxSkewMs: 30_000, now: () => clock.now })
+/** No window ahead unless asked: these tests sign at the verifier's own clock. */
+function verifierAt(clock: { now: number }, maxFutureSkewMs = 0) {
+  return new RequestVerifier({ secrets: { worker: 'shared-secret-for-tests' }, maxSkewMs: 30_000, maxFutureSkewMs, now: () => clock.now })
 }
 
 async function signed(overrides: Partial<Parameters<typeof signRequest>[0]> = {}) {
@@ -41,6 +42,27 @@ describe('HMAC request signing between the Worker and the parent', () => {
     expect(await check(after, await signed({ now: 1_005_000 }))).toBeUndefined()
   })
 
+  it('accepts a timestamp up to 5 s ahead (by default), and after a restart refuses one the process before may have accepted so, until 5 s past the start', async () => {
+    const clock = { now: 1_000_000 }
+    const before = new RequestVerifier({ secrets: { worker: 'shared-secret-for-tests' }, now: () => clock.now })
+    clock.now = before.acceptsFrom
+    expect(before.acceptsFrom).toBe(1_005_000)
+    const ahead = await signed({ now: clock.now + 5_000, path: '/v1/keys/k/unfreeze' })
+    expect(await check(before, await signed({ now: clock.now + 5_001 }))).toBe('stale')
+    expect(await check(before, ahead, { path: '/v1/keys/k/unfreeze' })).toBeUndefined()
+    // The process restarts at once: the new one has never seen that nonce, and the timestamp is still ahead of its clock.
+    clock.now += 1
+    const after = new RequestVerifier({ secrets: { worker: 'shared-secret-for-tests' }, now: () => clock.now })
+    expect(await check(after, ahead, { path: '/v1/keys/k/unfreeze' })).toBe('before-start')
+    clock.now = after.acceptsFrom
+    expect(await check(after, ahead, { path: '/v1/keys/k/unfreeze' })).toBe('before-start')
+    expect(await check(after, await signed({ now: clock.now }))).toBeUndefined()
+  })
+
+  it('refuses a window ahead longer than the one behind, which its nonce memory would not cover', () => {
+    expect(() => new RequestVerifier({ secrets: {}, maxSkewMs: 1_000, maxFutureSkewMs: 1_001 })).toThrow('maxFutureSkewMs may not exceed maxSkewMs')
+  })
+
   it('refuses a replay after the clock is stepped back, though its nonce has been forgotten', async () => {
     const clock = { now: 1_000_000 }
     const verifier = verifierAt(clock)
@@ -71,8 +93,10 @@ describe('HMAC request signing between the Worker and the parent', () => {
   })
 
   it('remembers a nonce for as long as its request stays acceptable: first seen at timestamp \u2212 skew, replayed at timestamp + skew', async () => {
-    const clock = { now: 1_000_000 - 30_000 }
-    const verifier = verifierAt(clock)
+    // The longest window ahead there may be, the skew itself; made a skew before, so that it accepts from the first request on.
+    const clock = { now: 1_000_000 - 60_000 }
+    const verifier = verifierAt(clock, 30_000)
+    clock.now = 1_000_000 - 30_000
     const headers = await signed()
     expect(await check(verifier, headers)).toBeUndefined()
     // Other clients' requests along the way, so the nonce store turns over as it does in service.
@@ -86,7 +110,7 @@ describe('HMAC request signing between the Worker and the parent', () => {
   })
 
   it('signs the key id: a request signed for one client is refused under another client id with the same secret', async () => {
-    const verifier = new RequestVerifier({ secrets: { worker: 'shared-secret-for-tests', operator: 'shared-secret-for-tests' }, now: () => 1_000_000 })
+    const verifier = new RequestVerifier({ secrets: { worker: 'shared-secret-for-tests', operator: 'shared-secret-for-tests' }, maxFutureSkewMs: 0, now: () => 1_000_000 })
     const headers = await signed()
     expect(await check(verifier, { ...headers, [signatureHeaders.keyId]: 'operator' })).toBe('bad-signature')
     expect(await check(verifier, headers)).toBeUndefined()
@@ -98,7 +122,7 @@ describe('HMAC request signing between the Worker and the parent', () => {
       [nobleHashing, nodeHashing],
     ]) {
       const headers = await signed({ hashing: signer })
-      const verifying = new RequestVerifier({ secrets: { worker: 'shared-secret-for-tests' }, now: () => 1_000_000, hashing: verifier })
+      const verifying = new RequestVerifier({ secrets: { worker: 'shared-secret-for-tests' }, maxFutureSkewMs: 0, now: () => 1_000_000, hashing: verifier })
       expect(await check(verifying, headers)).toBeUndefined()
       expect(await check(verifying, await signed({ hashing: signer }), { body: new TextEncoder().encode('{}') })).toBe('bad-signature')
     }
