@@ -72,6 +72,7 @@ export function createSigners(options: { config: Config; env: Record<string, unk
           name,
           url: signer.url,
           keyId: signer.keyId,
+          address: signer.address,
           hmacKeyId: signer.hmacKeyId,
           hmacSecret: secret(signer.hmacSecret),
           deadlineMs: signer.deadlineMs,
@@ -82,7 +83,7 @@ export function createSigners(options: { config: Config; env: Record<string, unk
   const signers = new Map<string, Signer>()
   for (const [name, signer] of Object.entries(config.signers)) {
     if (signer.kind === 'fallback') continue
-    // HttpSigner checks its (required) address itself too; one general check is worth that repeat.
+    // HttpSigner and KeylessSigner check their (required) addresses themselves too; one general check is worth that repeat.
     const built = leaf(name, signer)
     signers.set(name, signer.address === undefined ? built : new DeclaredAddressSigner({ signer: built, declared: signer.address }))
   }

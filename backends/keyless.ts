@@ -1,7 +1,7 @@
 import { getAddress, isHex, size, type Address, type Hex } from 'viem'
 import { signRequest } from '../enclave-origin/protocol/requestSigning.js'
 import { parseCompactSignature, toEthereumSignature } from './ecdsa.js'
-import { cachedUntilFailure, deadlineSignal, healthOf, SignerError, signerErrorMessage, stoppedForCaller, type SignedDigest, type Signer, type SignerDescription, type SignerHealth, type SignOptions } from './signer.js'
+import { deadlineSignal, healthOf, SignerError, signerErrorMessage, stoppedForCaller, type SignedDigest, type Signer, type SignerDescription, type SignerHealth, type SignOptions } from './signer.js'
 
 export type KeylessSignerOptions = {
   name: string
@@ -9,6 +9,8 @@ export type KeylessSignerOptions = {
   url: string
   /** The origin key that signs for this paymaster. */
   keyId: string
+  /** The address that key has, as the operator who made it recorded: every signature is checked against it. */
+  address: Address
   /** HMAC credentials the parent knows this Worker by; the secret comes from a Worker secret. */
   hmacKeyId: string
   hmacSecret: string | undefined
@@ -32,15 +34,18 @@ function jsonObjectOf(text: string): Record<string, unknown> {
  * forwards them to the enclave holding the key. When the enclave must first
  * unlock the key (503 with Retry-After), the backend waits and asks again
  * while its deadline allows; past that it fails, so a fallback chain moves on.
- * It stops as soon as its caller's signal says the chain has moved on.
+ * It stops as soon as its caller's signal says the chain has moved on. Each
+ * signature is checked against the configured address, never one the parent
+ * reports: the parent host is outside the enclave.
  */
 export class KeylessSigner implements Signer {
-  private readonly cachedAddress = cachedUntilFailure(async () => (await this.lookUpKey()).address)
   /** Without trailing slashes: the parent's HMAC covers the path as we write it, and `//v1/…` is not that path. */
   private readonly baseUrl: string
+  private readonly checksummed: Address
 
   constructor(private readonly options: KeylessSignerOptions) {
     this.baseUrl = options.url.replace(/\/+$/, '')
+    this.checksummed = getAddress(options.address)
   }
 
   private async request(method: 'GET' | 'POST', path: string, body: unknown, deadline: number, signal?: AbortSignal): Promise<Record<string, unknown>> {
@@ -59,6 +64,9 @@ export class KeylessSigner implements Signer {
           headers: { 'content-type': 'application/json', ...headers },
           body: method === 'POST' ? payload : undefined,
           signal: deadlineSignal(remaining, signal),
+          // Never followed: a redirect would carry the signed request elsewhere (to be replayed within its window),
+          // or turn the POST into a GET the parent refuses as a bad signature.
+          redirect: 'manual',
         })
       } catch {
         if (signal?.aborted) throw stoppedForCaller(`keyless signer ${name}`)
@@ -89,7 +97,9 @@ export class KeylessSigner implements Signer {
             ? 'it is overloaded'
             : answer.error === 'no such route'
               ? 'no such route: check the url'
-              : (originStatusMeanings[response.status] ?? 'an unexpected answer')
+              : response.status >= 300 && response.status < 400
+                ? 'a redirect, which it does not follow: check the url'
+                : (originStatusMeanings[response.status] ?? 'an unexpected answer')
       throw new SignerError(`keyless signer ${name}: the origin answered ${response.status} (${reason})`, {
         retryable: response.status >= 500 || response.status === 429,
       })
@@ -101,7 +111,7 @@ export class KeylessSigner implements Signer {
   }
 
   async address(): Promise<Address> {
-    return this.cachedAddress()
+    return this.checksummed
   }
 
   /** The key as the origin reports it: its address, and its state where the origin gives one. */
@@ -112,10 +122,8 @@ export class KeylessSigner implements Signer {
   }
 
   async signDigest(digest: Hex, options?: SignOptions): Promise<SignedDigest> {
-    const deadline = Date.now() + this.options.deadlineMs
-    // The address (looked up on first use) is needed only to check the signature: asked for alongside it, the
-    // first signature costs one round trip, not two back to back within one deadline.
-    const [address, answer] = await Promise.all([this.address(), this.request('POST', this.path('/sign'), { digest }, deadline, options?.signal)])
+    const address = this.checksummed
+    const answer = await this.request('POST', this.path('/sign'), { digest }, Date.now() + this.options.deadlineMs, options?.signal)
     const signature = answer.signature
     if (typeof signature !== 'string' || !isHex(signature) || size(signature) !== 64) {
       throw new SignerError(`keyless signer ${this.options.name}: the origin returned a malformed signature`)
@@ -131,18 +139,18 @@ export class KeylessSigner implements Signer {
   }
 
   /**
-   * Asks the origin for the key each time, as the address is cached: a key id now naming another key
-   * (or none), or a frozen or archived key, would make every signature fail while health still said ok.
+   * Asks the origin for the key each time: a key id naming another key (or none), or a frozen or archived
+   * key, would make every signature fail while health still said ok.
    */
   health(): Promise<SignerHealth> {
     return healthOf({
       address: async () => {
-        const [{ address: current, state }, signsAs] = await Promise.all([this.lookUpKey(), this.address()])
+        const { address: current, state } = await this.lookUpKey()
         if (state !== undefined && state !== 'active') {
           throw new SignerError(`keyless signer ${this.options.name}: key ${this.options.keyId} is ${String(state)}, and signs nothing`)
         }
-        if (current !== signsAs) {
-          throw new SignerError(`keyless signer ${this.options.name}: key ${this.options.keyId} now has address ${current}, but this signer signs as ${signsAs}`)
+        if (current !== this.checksummed) {
+          throw new SignerError(`keyless signer ${this.options.name}: key ${this.options.keyId} has address ${current}, but this signer signs as ${this.checksummed}`)
         }
         return current
       },
@@ -186,6 +194,7 @@ function sleep(ms: number, signal: AbortSignal | undefined): Promise<void> {
 const originStatusMeanings: Record<number, string> = {
   400: 'it could not read the request',
   401: "it refused this Worker's credentials",
+  403: "this Worker's credentials may not do that",
   404: 'it has no such key',
   409: 'the key is frozen or archived',
   429: 'too many requests',

@@ -106,7 +106,11 @@ const httpSignerSchema = z.object({
 
 const keylessSignerSchema = z.object({
   kind: z.literal('keyless'),
-  ...expectedAddress,
+  /**
+   * Required: every signature is checked against it. The parent host, outside the enclave, must not be what
+   * decides which key the Worker trusts (its answer to "which address has this key" could name any key).
+   */
+  address: addressSchema,
   /** The enclave origin parent's HTTPS API. */
   url: baseUrlSchema,
   /**

@@ -102,6 +102,7 @@ const reasons: Record<number, string> = {
   201: 'Created',
   400: 'Bad Request',
   401: 'Unauthorized',
+  403: 'Forbidden',
   404: 'Not Found',
   408: 'Request Timeout',
   409: 'Conflict',

@@ -275,17 +275,20 @@ describe('the operators\u2019 CLI', () => {
 describe('the Worker signs through the origin, and the chain accepts it', () => {
   let devnet: Devnet
   let keyId: string
+  let address: Address
 
   beforeAll(async () => {
     const { body } = await origin.request('POST', '/v1/keys')
     keyId = body.keyId as string
-    devnet = await deployDevnet({ rpcUrl: anvil.rpcUrl, paymasterSigner: getAddress(body.address as string) })
+    address = getAddress(body.address as string)
+    devnet = await deployDevnet({ rpcUrl: anvil.rpcUrl, paymasterSigner: address })
   })
 
   it('keyless backend → parent → enclave over TCP: handleOps accepts the sponsorship', async () => {
     const config = {
       chains: [devnetChainConfig(devnet, 'pimlico-singleton')],
-      signers: { primary: { kind: 'keyless', url: origin.url, keyId, hmacKeyId: workerHmac.keyId } },
+      // The address the parent gave when the key was made, as an operator records it: the Worker checks every signature against it.
+      signers: { primary: { kind: 'keyless', url: origin.url, keyId, address, hmacKeyId: workerHmac.keyId } },
     }
     const worker = await startWorker({ port: 18861, vars: { ORIGIN_HMAC_SECRET: workerHmac.secret, PAYMASTER_CONFIG: JSON.stringify(config) } })
     try {

@@ -62,7 +62,7 @@ describe('configuration', () => {
   })
 
   it('refuses keyless key ids that URL normalisation would change, and accepts the origin\'s others', () => {
-    const keyless = (keyId: string) => ({ PAYMASTER_CONFIG: { chains: [chain], signers: { primary: { kind: 'keyless', url: 'https://origin.internal:8443', keyId } } } })
+    const keyless = (keyId: string) => ({ PAYMASTER_CONFIG: { chains: [chain], signers: { primary: { kind: 'keyless', url: 'https://origin.internal:8443', keyId, address: '0x1111111111111111111111111111111111111111' } } } })
     for (const keyId of ['.', '..']) expect(configError(keyless(keyId))).toContain('signers.primary.keyId')
     for (const keyId of ['1b4e28ba-2fa1-11d2-883f-0016d3cca427', 'tenant/a b?#%é', '...', '.k']) {
       expect(loadConfig(keyless(keyId)).signers.primary).toMatchObject({ kind: 'keyless', keyId })
@@ -73,7 +73,7 @@ describe('configuration', () => {
     const withUrl = (signer: Record<string, unknown>) => ({ PAYMASTER_CONFIG: { chains: [chain], signers: { primary: signer } } })
     const address = '0x1111111111111111111111111111111111111111'
     const signers = (url: string) => [
-      { kind: 'keyless', url, keyId: 'k1' },
+      { kind: 'keyless', url, keyId: 'k1', address },
       { kind: 'http', url, keyId: 'k1', address },
       { kind: 'vault', url, path: 'paymaster', auth: { method: 'token' } },
     ]

@@ -50,6 +50,8 @@ beforeAll(async () => {
     const failure = await verifier.verify({ method: request.method!, path: request.url!, headers: (name) => request.headers[name] as string | undefined, body })
     seen.push(failure ?? 'ok')
     if (failure) return response.writeHead(401).end(JSON.stringify({ error: failure }))
+    // A key the origin has moved elsewhere: a redirect to k1's route, which would sign were it followed.
+    if (request.url!.startsWith('/v1/keys/moved')) return response.writeHead(307, { location: `${url}/v1/keys/k1${request.url!.slice('/v1/keys/moved'.length)}` }).end()
     const key = keys[/^\/v1\/keys\/([^/]+)/.exec(request.url!)![1]!]!
     if (request.method === 'GET') {
       keyLookUps++
@@ -75,7 +77,7 @@ afterAll(async () => {
 })
 
 const keyless = (deadlineMs = 500, baseUrl = url) =>
-  new KeylessSigner({ name: 'origin', url: baseUrl, keyId: 'k1', hmacKeyId: hmac.keyId, hmacSecret: hmac.secret, deadlineMs })
+  new KeylessSigner({ name: 'origin', url: baseUrl, keyId: 'k1', address: privateKeyToAddress(originKey), hmacKeyId: hmac.keyId, hmacSecret: hmac.secret, deadlineMs })
 const digest = keccak256(toHex('keyless'))
 
 describe('keyless backend', () => {
@@ -180,16 +182,12 @@ describe('keyless backend', () => {
     }
   })
 
-  it('looks up its address alongside its first signature, not before it: both fit in one deadline', async () => {
-    // Every request to the origin takes 300 ms; two in a row would not fit in 500.
-    const slow: typeof fetch = async (input, init) => {
-      await new Promise((resolve) => setTimeout(resolve, 300))
-      return fetch(input, init)
-    }
+  it('never asks the origin for its address to sign: one request per signature, checked against the configured address', async () => {
     const lookUps = keyLookUps
-    const signer = new KeylessSigner({ name: 'origin', url, keyId: 'k1', hmacKeyId: hmac.keyId, hmacSecret: hmac.secret, deadlineMs: 500, fetch: slow })
+    const signer = keyless()
+    expect(await signer.address()).toBe(privateKeyToAddress(originKey))
     const signed = await signer.signDigest(digest)
-    expect(keyLookUps).toBe(lookUps + 1)
+    expect(keyLookUps).toBe(lookUps)
     expect(await recoverAddress({ hash: digest, signature: signed.signature })).toBe(privateKeyToAddress(originKey))
   })
 
@@ -201,7 +199,7 @@ describe('keyless backend', () => {
       if (response.status === 503) caller.abort()
       return response
     }
-    const signer = new KeylessSigner({ name: 'origin', url, keyId: 'k1', hmacKeyId: hmac.keyId, hmacSecret: hmac.secret, deadlineMs: 5_000, fetch: abortingOn503 })
+    const signer = new KeylessSigner({ name: 'origin', url, keyId: 'k1', address: privateKeyToAddress(originKey), hmacKeyId: hmac.keyId, hmacSecret: hmac.secret, deadlineMs: 5_000, fetch: abortingOn503 })
     await signer.address()
     unlockingFor = 1
     retryAfterMs = 2_000
@@ -226,7 +224,7 @@ describe('keyless backend', () => {
       })
       return new Response(body, { status: 503, headers: { 'retry-after': '1', 'retry-after-ms': '20' } })
     }
-    const signer = new KeylessSigner({ name: 'origin', url, keyId: 'k1', hmacKeyId: hmac.keyId, hmacSecret: hmac.secret, deadlineMs: 2_000, fetch: brokenOnce })
+    const signer = new KeylessSigner({ name: 'origin', url, keyId: 'k1', address: privateKeyToAddress(originKey), hmacKeyId: hmac.keyId, hmacSecret: hmac.secret, deadlineMs: 2_000, fetch: brokenOnce })
     const signed = await signer.signDigest(digest)
     expect(broken).toBe(2)
     expect(await recoverAddress({ hash: digest, signature: signed.signature })).toBe(privateKeyToAddress(originKey))
@@ -264,7 +262,7 @@ describe('keyless backend', () => {
 
   it("tells the wallet what a refusal means in its own words, not the origin's text", async () => {
     // The scripted origin answers a 401 with the verifier's reason, as the parent once did.
-    const signer = new KeylessSigner({ name: 'origin', url, keyId: 'k1', hmacKeyId: hmac.keyId, hmacSecret: 'not-the-worker-secret', deadlineMs: 500 })
+    const signer = new KeylessSigner({ name: 'origin', url, keyId: 'k1', address: privateKeyToAddress(originKey), hmacKeyId: hmac.keyId, hmacSecret: 'not-the-worker-secret', deadlineMs: 500 })
     await expect(signer.signDigest(digest)).rejects.toThrow(/^keyless signer origin: the origin answered 401 \(it refused this Worker's credentials\)$/)
     expect(seen.at(-1)).toBe('bad-signature')
   })
@@ -304,6 +302,13 @@ describe('keyless backend', () => {
     }
   })
 
+  it('follows no redirect: the signed request goes nowhere else, and the url is said to be at fault', async () => {
+    const asked = seen.length
+    const moved = new KeylessSigner({ name: 'origin', url, keyId: 'moved', address: privateKeyToAddress(originKey), hmacKeyId: hmac.keyId, hmacSecret: hmac.secret, deadlineMs: 500 })
+    await expect(moved.signDigest(digest)).rejects.toThrow(/^keyless signer origin: the origin answered 307 \(a redirect, which it does not follow: check the url\)$/)
+    expect(seen.length).toBe(asked + 1)
+  })
+
   it('accepts its url with a trailing slash', async () => {
     const signer = keyless(500, `${url}//`)
     await expect(signer.signDigest(digest)).resolves.toMatchObject({ address: privateKeyToAddress(originKey) })
@@ -319,14 +324,14 @@ describe('keyless backend', () => {
     try {
       expect(await signer.health()).toEqual({
         ok: false,
-        error: `keyless signer origin: key k1 now has address ${privateKeyToAddress(otherKey)}, but this signer signs as ${privateKeyToAddress(originKey)}`,
+        error: `keyless signer origin: key k1 has address ${privateKeyToAddress(otherKey)}, but this signer signs as ${privateKeyToAddress(originKey)}`,
       })
     } finally {
       reportedAddress = undefined
     }
   })
 
-  it('with a declared address, a mistyped key id naming another origin key neither signs nor reports healthy', async () => {
+  it('from the config, a key id naming another origin key neither signs nor reports healthy, whatever address the origin reports for it', async () => {
     const config = loadConfig({
       PAYMASTER_CONFIG: {
         chains: [{ chainId: 8453, paymasters: [{ entryPointVersion: '0.7', contract: 'pimlico-singleton', address: '0xd8a5406e24dcdc93656c1ef20e491a1fcf43b558' }] }],
@@ -334,9 +339,18 @@ describe('keyless backend', () => {
       },
     })
     const signer = createSigners({ config, env: { ORIGIN_HMAC_SECRET: hmac.secret }, metrics: new SignerMetrics() }).get('primary')!
-    const mismatch = `signer primary: its key has address ${privateKeyToAddress(otherKey)}, but its config declares ${privateKeyToAddress(originKey)}`
-    await expect(signer.signDigest(digest)).rejects.toThrow(mismatch)
-    await expect(signer.address()).rejects.toThrow(mismatch)
-    expect(await signer.health()).toEqual({ ok: false, error: mismatch })
+    await expect(signer.signDigest(digest)).rejects.toThrow(`the signature does not recover to the key's address ${privateKeyToAddress(originKey)}`)
+    expect(await signer.health()).toEqual({ ok: false, error: `keyless signer primary: key k2 has address ${privateKeyToAddress(otherKey)}, but this signer signs as ${privateKeyToAddress(originKey)}` })
+  })
+
+  it('refuses a keyless config without the address of its key', () => {
+    expect(() =>
+      loadConfig({
+        PAYMASTER_CONFIG: {
+          chains: [{ chainId: 8453, paymasters: [{ entryPointVersion: '0.7', contract: 'pimlico-singleton', address: '0xd8a5406e24dcdc93656c1ef20e491a1fcf43b558' }] }],
+          signers: { primary: { kind: 'keyless', url, keyId: 'k1' } },
+        },
+      }),
+    ).toThrow('signers.primary.address')
   })
 })

@@ -251,14 +251,14 @@ describe('the parent API under load', () => {
     const as = async (who: { keyId: string; secret: string }, method: 'GET' | 'POST', path: string, body = '') => {
       const payload = new TextEncoder().encode(body)
       const response = await fetch(`http://127.0.0.1:${port}${path}`, { method, headers: await signRequest({ ...who, method, path, body: payload }), body: method === 'POST' ? payload : undefined })
-      return { status: response.status, body: (await response.json()) as Record<string, unknown> }
+      return { status: response.status, statusText: response.statusText, body: (await response.json()) as Record<string, unknown> }
     }
     try {
       const digest = JSON.stringify({ digest: `0x${'13'.repeat(32)}` })
       expect((await as(hmac, 'POST', '/v1/keys/k1/sign', digest)).status).toBe(200)
       expect((await as(hmac, 'GET', '/v1/keys/k1')).status).toBe(200)
       const operatorsOnly = [['POST', '/v1/keys/k1/freeze'], ['POST', '/v1/keys/k1/unfreeze'], ['POST', '/v1/keys/k1/archive'], ['POST', '/v1/keys'], ['POST', '/v1/unlock'], ['POST', '/v1/data-key/rotate'], ['GET', '/v1/attestation']] as const
-      for (const [method, path] of operatorsOnly) expect(await as(hmac, method, path)).toEqual({ status: 403, body: { error: 'this HMAC key may only sign and read keys' } })
+      for (const [method, path] of operatorsOnly) expect(await as(hmac, method, path)).toEqual({ status: 403, statusText: 'Forbidden', body: { error: 'this HMAC key may only sign and read keys' } })
       expect(asked).toEqual(['sign', 'get'])
       for (const [method, path] of operatorsOnly) expect((await as(operator, method, path)).status).toBeLessThan(300)
       expect(asked).toEqual(['sign', 'get', 'frozen', 'active', 'archived', 'create', 'unlock', 'rotate', 'attestation'])
