@@ -407,7 +407,7 @@ export class KeyCache {
       const [keyId, entry] = next.value
       if (!entry.plaintext) continue
       // Lapsed plaintext goes first, hot key or not: a refresh may fail for as long as KMS does, and must not keep it meanwhile.
-      if (!isWarm(entry, now) && !this.keepsLapsedPlaintextForGrace(now)) this.dropPlaintext(entry)
+      if (!isWarm(entry, now) && !this.keepsLapsedPlaintextForGrace(entry, now)) this.dropPlaintext(entry)
       if (this.isHot(entry, now) && isDueForRefresh({ entry, now, lowWaterMark: this.config.keyLowWaterMark })) {
         if (this.scheduleRefresh(keyId)) refreshes += 1
       }
@@ -690,9 +690,12 @@ export class KeyCache {
     return now - entry.lastUsedAt < this.config.keySoftTtlMs
   }
 
-  /** Lapsed plaintext is only worth keeping while it may still be spent on grace signatures. */
-  private keepsLapsedPlaintextForGrace(now: number): boolean {
-    return this.graceLeft > 0 && !this.validDek(now)
+  /**
+   * Lapsed plaintext is only worth keeping while it may still be spent on grace signatures, and only a hot
+   * key's: an idle key's would otherwise outlive its hard TTL for as long as KMS stays down.
+   */
+  private keepsLapsedPlaintextForGrace(entry: KeyEntry, now: number): boolean {
+    return this.graceLeft > 0 && !this.validDek(now) && this.isHot(entry, now)
   }
 
   private hasActiveKeys(): boolean {

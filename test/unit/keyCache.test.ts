@@ -935,25 +935,31 @@ describe('KeyCache pre-warmer', () => {
     expect(unlock.calls()).toBe(0)
   })
 
-  it('drops the plaintext of a hot key past its hard TTL while no DEK can refresh it, unless grace signatures may spend it', () => {
+  it('drops the plaintext of a hot key past its hard TTL while no DEK can refresh it, unless grace signatures may spend it, and an idle key\u2019s either way', () => {
     for (const graceSignatures of [0, 2]) {
       // The DEK lapses with the key: its refresh waits on an unlock that does not come.
       const { cache, key, dekCopy, advance } = harness({ graceSignatures, dekSoftTtlMs: 16 * minute, dekHardTtlMs: 16 * minute, unlockGate: 'closed' })
       cache.setDek(dekCopy())
       const { record, privateKey } = key()
       const held = addWarmHeld(cache, record, privateKey)
+      const idleHeld = addWarmHeld(cache, key({ keyId: 'idle' }).record)
       advance(14 * minute)
       cache.acquire('key-1') // hot: used within the last soft TTL
 
       advance(3 * minute)
       prewarm(cache)
 
+      expect(idleHeld).toEqual(zeros)
       if (graceSignatures === 0) {
         expect(held).toEqual(zeros)
         expect(cache.get('key-1')?.cacheState).toBe('INVALID')
       } else {
         expect(held).toEqual(privateKey)
         expect(withKeyCopied(cache.acquire('key-1'))).toEqual({ kind: 'ok', privateKey, grace: true })
+        // Grace is left, but once the key has gone unused for a soft TTL its plaintext goes too.
+        advance(16 * minute)
+        prewarm(cache)
+        expect(held).toEqual(zeros)
       }
     }
   })
