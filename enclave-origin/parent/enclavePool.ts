@@ -24,7 +24,6 @@ class EnclaveConnection {
   private reads = 0
   /** Why the enclave closed this connection, when it said: a frame of ours it could not read. */
   private closedBecause: string | undefined
-  closed = false
 
   constructor(
     private readonly socket: Socket,
@@ -57,7 +56,6 @@ class EnclaveConnection {
     })
     socket.on('error', () => {})
     socket.on('close', () => {
-      this.closed = true
       const message = this.closedBecause === undefined ? 'connection to the enclave closed' : `the enclave closed the connection: ${this.closedBecause}`
       for (const waiting of this.pending.values()) {
         clearTimeout(waiting.timer)
@@ -66,6 +64,14 @@ class EnclaveConnection {
       this.pending.clear()
       onClose()
     })
+  }
+
+  /**
+   * From the moment it is destroyed (the enclave's last word, a frame that would not decode, a request timed out on
+   * a silent connection), not from its close, which comes later: a request sent in between would only fail then.
+   */
+  get closed(): boolean {
+    return this.socket.destroyed
   }
 
   get inflight(): number {

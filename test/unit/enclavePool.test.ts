@@ -74,6 +74,21 @@ describe('EnclavePool', () => {
     await expect(last).rejects.toThrow(new EnclaveUnavailableError('connection to the enclave closed'))
   })
 
+  it('sends nothing more on a connection from the moment the enclave gives it up, before it has closed', async () => {
+    pool = new EnclavePool({ address: { host: '127.0.0.1', port }, size: 2 })
+    await pool.connect()
+    const pending = health()
+    await until(() => received.length === 1)
+    const { frame, socket } = received.splice(0)[0]!
+    // An answer and the enclave's last word in one read: the answer's caller asks again before the connection's close comes.
+    socket.write(Buffer.concat([encodeFrame({ requestId: frame.requestId, opcode: frame.opcode, status: 0, payload: emptyPayload }), encodeFrame({ requestId: connectionRequestId, opcode: 0, status: statuses.BAD_REQUEST, payload: encodeErrorMessage('going away') })]))
+    const next = pending.then(() => health())
+    await until(() => received.length === 1)
+    expect(received[0]!.socket).not.toBe(socket)
+    answerAll()
+    expect((await next).status).toBe(0)
+  })
+
   it('spreads requests from different turns over the connections with the fewest in flight', async () => {
     pool = new EnclavePool({ address: { host: '127.0.0.1', port }, size: 4 })
     await pool.connect()
