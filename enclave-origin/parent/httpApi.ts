@@ -21,6 +21,8 @@ export type ParentApiOptions = {
   signOnlyKeyIds?: ReadonlySet<string>
   /** Connections the operators' listener (see `createParentServers`) holds at once; default 64. */
   operatorMaxConnections?: number
+  /** How long a connection that has authenticated no request may idle; default 5 s (60 s once one has). */
+  unauthenticatedKeepAliveMs?: number
 }
 
 const utf8 = new TextDecoder()
@@ -63,7 +65,7 @@ export function createParentServers(options: ParentApiOptions): { clients: HttpS
     body: JSON.stringify(body),
   })
 
-  const handle = async (request: HttpRequest, route: { name: string }): Promise<HttpAnswer> => {
+  const handle = async (request: HttpRequest, route: { name: string; authenticated: boolean }): Promise<HttpAnswer> => {
     // The path is all a route needs; no query string means anything here.
     const { target, method, body } = request
     const query = target.indexOf('?')
@@ -85,8 +87,9 @@ export function createParentServers(options: ParentApiOptions): { clients: HttpS
       // Why goes to the operator, not the caller: which check failed is a hint to whoever forges requests.
       metrics.authFailures.inc({ reason: failure })
       throttledLog.write(`refused ${failure}`, { level: 'warn', event: 'request_refused', reason: failure, hmacKeyId: request.headers['x-origin-key-id']?.slice(0, 64) })
-      return json(401, { error: 'request authentication failed' })
+      return { ...json(401, { error: 'request authentication failed' }), close: true }
     }
+    route.authenticated = true
 
     const keyRoute = /^\/v1\/keys\/([^/]+)(?:\/(sign|freeze|unfreeze|archive))?$/.exec(path)
     const signsOrReads = keyRoute !== null && ((method === 'POST' && keyRoute[2] === 'sign') || (method === 'GET' && keyRoute[2] === undefined))
@@ -165,8 +168,8 @@ export function createParentServers(options: ParentApiOptions): { clients: HttpS
   }
 
   const answer = async (request: HttpRequest): Promise<HttpAnswer> => {
-    const route = { name: 'unknown' }
-    const answered = await handle(request, route).catch((error: unknown) => {
+    const route = { name: 'unknown', authenticated: false }
+    const handled = await handle(request, route).catch((error: unknown) => {
       if (error instanceof NeedsUnlockError) {
         metrics.needsUnlock.inc()
         // The enclave has jittered it already (50–200 ms); Retry-After itself counts whole seconds.
@@ -190,8 +193,8 @@ export function createParentServers(options: ParentApiOptions): { clients: HttpS
       })
       return json(503, { error: 'origin unavailable' })
     })
-    figures.countRequest(route.name, answered.status)
-    return answered
+    figures.countRequest(route.name, handled.status)
+    return route.authenticated ? { ...handled, authenticated: true } : handled
   }
   const serverHolding = (listener: 'clients' | 'operators', maxConnections: number) =>
     new HttpServer({
@@ -200,6 +203,7 @@ export function createParentServers(options: ParentApiOptions): { clients: HttpS
       tls: options.tls,
       // Slow clients, before any authentication, must not hold connections for long.
       requestReadTimeoutMs: options.requestReadTimeoutMs,
+      unauthenticatedKeepAliveMs: options.unauthenticatedKeepAliveMs ?? 5_000,
       maxConnections,
       onConnectionDropped: () => metrics.droppedConnections.inc({ listener }),
     })

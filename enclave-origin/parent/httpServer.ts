@@ -32,6 +32,10 @@ export type HttpAnswer = {
   /** Lower-case names. Date, Content-Length, Transfer-Encoding, Connection and Keep-Alive are the server's: an answer that sets one is answered 500 instead. */
   headers: Record<string, string>
   body: string
+  /** The connection closes after this answer (a refused authentication: whoever forges requests pays a connection for each). */
+  close?: boolean
+  /** The request was authenticated: from now on its connection may idle for `keepAliveTimeoutMs` (see `unauthenticatedKeepAliveMs`). */
+  authenticated?: boolean
 }
 
 export type HttpServerOptions = {
@@ -44,6 +48,12 @@ export type HttpServerOptions = {
   requestReadTimeoutMs?: number
   /** How long an idle keep-alive connection stays open; default 60 s. */
   keepAliveTimeoutMs?: number
+  /**
+   * How long an idle keep-alive connection stays open while none of its answers said `authenticated`; default
+   * `keepAliveTimeoutMs`. Short, a client that never authenticates cannot hold its connections (and their places
+   * under `maxConnections`) with a cheap request a minute.
+   */
+  unauthenticatedKeepAliveMs?: number
   maxHeaderBytes?: number
   maxBodyBytes?: number
   /**
@@ -84,6 +94,8 @@ type Connection = {
   lastActiveAt: number
   /** It has had an answer. */
   answered: boolean
+  /** One of its requests was authenticated (see `unauthenticatedKeepAliveMs`). */
+  authenticated: boolean
 }
 
 const headEnd = Buffer.from('\r\n\r\n')
@@ -234,6 +246,7 @@ export class HttpServer {
       requestStartedAt: now,
       lastActiveAt: now,
       answered: false,
+      authenticated: false,
     }
     this.connections.add(connection)
     socket.on('data', (chunk: Buffer) => this.received(connection, chunk))
@@ -383,7 +396,8 @@ export class HttpServer {
     connection.busy = false
     const { socket } = connection
     if (socket.destroyed) return
-    const open = keepAlive && !this.shuttingDown
+    if (answer.authenticated) connection.authenticated = true
+    const open = keepAlive && !this.shuttingDown && !answer.close
     let text = `HTTP/1.1 ${answer.status} ${reasons[answer.status] ?? 'Unknown'}\r\ndate: ${this.date()}\r\n`
     for (const name in answer.headers) {
       const value = answer.headers[name]!
@@ -392,7 +406,7 @@ export class HttpServer {
       if (/[\r\n]/.test(value) || !fieldNamePattern.test(name) || serverHeaders.has(name)) return this.answer(connection, errorAnswer(500, 'internal error'), false, false)
       text += `${name}: ${value}\r\n`
     }
-    text += `content-length: ${Buffer.byteLength(answer.body)}\r\n${open ? `connection: keep-alive\r\nkeep-alive: timeout=${Math.floor(this.keepAliveTimeoutMs / 1_000)}` : 'connection: close'}\r\n\r\n`
+    text += `content-length: ${Buffer.byteLength(answer.body)}\r\n${open ? `connection: keep-alive\r\nkeep-alive: timeout=${Math.floor(this.idleTimeoutOf(connection) / 1_000)}` : 'connection: close'}\r\n\r\n`
     if (!headOnly) text += answer.body
     connection.lastActiveAt = Date.now()
     connection.answered = true
@@ -425,6 +439,10 @@ export class HttpServer {
     endLingering(connection.socket, { lingerMs: 1_000, capMs: this.keepAliveTimeoutMs })
   }
 
+  private idleTimeoutOf(connection: Connection): number {
+    return connection.authenticated ? this.keepAliveTimeoutMs : Math.min(this.options.unauthenticatedKeepAliveMs ?? this.keepAliveTimeoutMs, this.keepAliveTimeoutMs)
+  }
+
   /**
    * Cuts requests that arrive too slowly (408), keep-alive connections idle
    * too long, and clients that have not taken an answer in as long.
@@ -434,7 +452,7 @@ export class HttpServer {
     for (const connection of this.connections) {
       if (connection.busy || connection.closing) continue
       if (connection.blocked || connection.requestStartedAt === 0) {
-        if (now - connection.lastActiveAt > this.keepAliveTimeoutMs) connection.socket.destroy()
+        if (now - connection.lastActiveAt > (connection.blocked ? this.keepAliveTimeoutMs : this.idleTimeoutOf(connection))) connection.socket.destroy()
         continue
       }
       const waited = now - connection.requestStartedAt

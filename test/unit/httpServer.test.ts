@@ -246,6 +246,24 @@ describe('HttpServer', () => {
     expect(refused).toEqual([408, 408, 408, 408])
   })
 
+  it('closes a connection after an answer that says so, reading nothing after it, and idles one that never authenticated for less long', async () => {
+    const handle = async (request: HttpRequest): Promise<HttpAnswer> => ({ status: 200, headers: {}, body: '{}', authenticated: request.target === '/auth', close: request.target === '/close' })
+    const { port } = await start({ handle, keepAliveTimeoutMs: 4_000, unauthenticatedKeepAliveMs: 300, requestReadTimeoutMs: 8_000 })
+    const [closing, anonymous, trusted] = await Promise.all([
+      exchange(port, [get('/close') + get('/after')], { waitMs: 3_000 }),
+      exchange(port, [get('/')], { waitMs: 3_000 }),
+      exchange(port, [get('/') + get('/auth')], { waitMs: 3_000 }),
+    ])
+    expect({ closed: closing.closed, statuses: statuses(closing.answer) }).toEqual({ closed: true, statuses: [200] })
+    expect(closing.answer).toMatch(/\r\nconnection: close\r\n/)
+    expect({ closed: anonymous.closed, statuses: statuses(anonymous.answer) }).toEqual({ closed: true, statuses: [200] })
+    expect(anonymous.answer).toMatch(/\r\nkeep-alive: timeout=0\r\n/)
+    // Once one of its requests authenticated, the whole keep-alive time: still open when the others have long closed.
+    expect({ closed: trusted.closed, statuses: statuses(trusted.answer) }).toEqual({ closed: false, statuses: [200, 200] })
+    expect(trusted.answer).toMatch(/\r\nkeep-alive: timeout=4\r\n\r\n\{\}$/)
+    trusted.socket.destroy()
+  })
+
   it('stops taking requests from a client that does not read its answers', async () => {
     let handled = 0
     const big = 'x'.repeat(1024 * 1024)

@@ -59,6 +59,22 @@ describe('the parent API', () => {
     expect((await fetch(`${base}/metrics`)).status).toBe(200)
   })
 
+  it('closes the connection of a request that fails authentication, and keeps one idle for 60 s only once a request on it authenticated (5 s before)', async () => {
+    const port = Number(new URL(base).port)
+    const raw = (method: string, path: string, headers: Record<string, string>) => `${method} ${path} HTTP/1.1\r\nhost: x\r\n${Object.entries(headers).map(([name, value]) => `${name}: ${value}\r\n`).join('')}\r\n`
+    const forged = await signRequest({ keyId: 'nobody-known', secret: 'not-the-secret', method: 'GET', path: '/v1/keys/k1', body: new Uint8Array() })
+    const refused = await exchange(port, [raw('GET', '/v1/keys/k1', forged) + raw('GET', '/metrics', {})], { waitMs: 3_000 })
+    expect({ closed: refused.closed, statuses: [...refused.answer.matchAll(/HTTP\/1\.1 (\d{3}) /g)].map((match) => match[1]) }).toEqual({ closed: true, statuses: ['401'] })
+    expect(refused.answer).toMatch(/\r\nconnection: close\r\n/)
+    const anonymous = await exchange(port, [raw('GET', '/healthz', {})], { waitMs: 3_000, answers: 1 })
+    expect(anonymous.answer).toMatch(/\r\nkeep-alive: timeout=5\r\n/)
+    anonymous.socket.destroy()
+    // Authenticated, though the parent (with no enclave) cannot answer it: 503, and the connection trusted.
+    const authenticated = await exchange(port, [raw('GET', '/v1/keys/k1', await signRequest({ ...hmac, method: 'GET', path: '/v1/keys/k1', body: new Uint8Array() }))], { waitMs: 3_000, answers: 1 })
+    expect(authenticated.answer).toMatch(/^HTTP\/1\.1 503 [^]*\r\nkeep-alive: timeout=60\r\n/)
+    authenticated.socket.destroy()
+  })
+
   it('answers /healthz 200 degraded while some enclaves serve, and 503 down when none does', async () => {
     const health = parent.health
     const enclave = (id: string, ok: boolean) => ({ id, answered: ok, ok, inflight: 0, admitted: 0, ...(ok ? {} : { error: 'connection refused' }) })
