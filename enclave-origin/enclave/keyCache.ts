@@ -466,7 +466,8 @@ export class KeyCache {
     void this.startUnlock()
     const { keyId, version } = entry.record
     this.keysAwaitingUnlock.add(keyId)
-    if (entry.plaintext && this.graceLeft > 0) {
+    // A key idle for a soft TTL gets none, as the sweep keeps no lapsed plaintext for it (see keepsLapsedPlaintextForGrace).
+    if (entry.plaintext && this.keepsLapsedPlaintextForGrace(entry, now)) {
       // Audit before counting: a grace signature nobody can account for is not given.
       this.audit({ type: 'grace-signature', keyId, version, graceLeft: this.graceLeft - 1, at: now })
       this.graceLeft -= 1

@@ -391,8 +391,13 @@ export async function serveEnclave(options: {
   const onListenerError = (error: Error) => throttled.write('listener_error', { level: 'error', event: 'enclave_listener_error', error: messageOf(error) })
   const onConnection = (socket: Socket) => {
     if (sockets.size >= maxConnections) {
-      socket.destroy()
-      throttled.write('connection_refused', { level: 'warn', event: 'connection_refused', reason: `${maxConnections} connections are open`, maxConnections })
+      const reason = `${maxConnections} connections are open`
+      // Its last word says why, as for a malformed frame; gone once that is written, or in a second at most.
+      socket.on('error', () => {})
+      socket.once('finish', () => socket.destroy())
+      setTimeout(() => socket.destroy(), closingLingerMs).unref()
+      socket.end(encodeConnectionClosing(encodeErrorMessage(reason)))
+      throttled.write('connection_refused', { level: 'warn', event: 'connection_refused', reason, maxConnections })
       return
     }
     sockets.add(socket)

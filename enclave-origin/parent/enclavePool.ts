@@ -25,9 +25,16 @@ class EnclaveConnection {
   /** Why the enclave closed this connection, when it said: a frame of ours it could not read. */
   private closedBecause: string | undefined
 
+  /** An answer to one of its requests has come. */
+  private answered = false
+
+  /**
+   * `onFirstAnswer`: the enclave has answered a request on it. `onClose(refused)`: the enclave closed it, saying
+   * why, before answering anything on it (as one at its connection limit closes new ones).
+   */
   constructor(
     private readonly socket: Socket,
-    onClose: () => void,
+    { onFirstAnswer, onClose }: { onFirstAnswer: () => void; onClose: (refused: boolean) => void },
   ) {
     socket.setNoDelay(true)
     this.writer = new CoalescingWriter(socket)
@@ -49,6 +56,10 @@ class EnclaveConnection {
         }
         const waiting = this.pending.get(frame.requestId)
         if (!waiting) continue
+        if (!this.answered) {
+          this.answered = true
+          onFirstAnswer()
+        }
         this.pending.delete(frame.requestId)
         clearTimeout(waiting.timer)
         waiting.resolve(frame)
@@ -62,7 +73,7 @@ class EnclaveConnection {
         waiting.reject(new EnclaveUnavailableError(message))
       }
       this.pending.clear()
-      onClose()
+      onClose(this.closedBecause !== undefined && !this.answered)
     })
   }
 
@@ -125,8 +136,9 @@ function readableReason(payload: Uint8Array): string {
  * connection with the fewest in flight. A broken connection is replaced, and
  * its in-flight requests fail at once rather than hang. Refilling a slot in
  * the background, while live connections carry the load, backs off after
- * failed connects (0.5 s doubling to 30 s), so an enclave that refuses new
- * connections is not asked again every turn.
+ * failed connects (0.5 s doubling to 30 s), and after connections the enclave
+ * closed, saying why, before answering anything on them, so an enclave that
+ * refuses new connections is not asked again every turn.
  */
 export class EnclavePool {
   private readonly connections: Array<EnclaveConnection | undefined>
@@ -171,11 +183,16 @@ export class EnclavePool {
       socket.destroy()
       throw new EnclaveUnavailableError('the pool is stopped')
     }
-    const connection = new EnclaveConnection(socket, () => {
-      if (this.connections[slot] === connection) this.connections[slot] = undefined
+    const connection = new EnclaveConnection(socket, {
+      // A connect is no success until the enclave answers on it: one at its connection limit takes connections and
+      // closes them at once, and refilling against that must back off as against a refused connect.
+      onFirstAnswer: () => this.refillBackoff.succeeded(),
+      onClose: (refused) => {
+        if (this.connections[slot] === connection) this.connections[slot] = undefined
+        if (refused && !this.stopped) this.refillBackoff.failed()
+      },
     })
     this.connections[slot] = connection
-    this.refillBackoff.succeeded()
     return connection
   }
 

@@ -85,6 +85,8 @@ export function originMetrics(parent: OriginParent) {
     labelNames: ['listener'],
     registers: [registry],
   })
+  // Both listeners' series from the start, at 0: a rate over a series that is not there yet reads "no data".
+  for (const listener of ['clients', 'operators']) droppedConnections.inc({ listener }, 0)
   new Gauge({
     name: 'origin_inflight_requests',
     help: 'Requests in flight to the enclaves.',

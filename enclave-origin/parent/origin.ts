@@ -910,11 +910,13 @@ export class OriginParent {
 
   /**
    * Callers while one is queued or running share it: N signs of a key an enclave lost make one reload, whose
-   * store read waits `readTimeoutMs`, and whose LOAD takes a place of its own unless `placeHeld`, as its first
-   * caller asked (see `reload`).
+   * store read waits `readTimeoutMs` as its first caller asked. Only callers alike in whether its LOAD takes a
+   * place of its own (see `reload`) share one: a failover's load into a standby takes one, a sign's that holds
+   * one there already does not.
    */
   private sharedReload(keyId: string, into: Enclave, bounds: { readTimeoutMs: number; placeHeld: boolean }): { done: Promise<boolean>; begun: Promise<void> } {
-    const shared = `${into.id}\n${keyId}`
+    const takesPlace = into !== this.ring.nodeFor(keyId) && !bounds.placeHeld
+    const shared = `${into.id}\n${keyId}\n${takesPlace}`
     let reload = this.reloads.get(shared)
     if (!reload) {
       let begin!: () => void

@@ -94,7 +94,7 @@ export type VerificationFailure = 'missing' | 'unknown-key' | 'stale' | 'before-
 export class RequestVerifier {
   private readonly secrets: Map<string, Uint8Array>
   private readonly maxSkewMs: number
-  private readonly maxFutureSkewMs: number
+  readonly maxFutureSkewMs: number
   private readonly now: () => number
   private readonly hashing: RequestHashing
   /**

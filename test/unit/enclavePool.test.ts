@@ -168,6 +168,52 @@ describe('EnclavePool', () => {
     expect((await fourth).status).toBe(0)
   })
 
+  it('backs off refilling against an enclave that takes new connections and closes them at once, saying why', async () => {
+    // The enclave at its connection limit: the first connection is served, every later one gets its last word at once.
+    const full = createServer((socket) => {
+      socket.on('error', () => {})
+      if (full.connections === 0) {
+        full.connections += 1
+        const decoder = new FrameDecoder()
+        socket.on('data', (data: Uint8Array) => {
+          for (const frame of decoder.push(data)) received.push({ connection: 0, chunk: 0, frame, socket })
+        })
+      } else socket.end(encodeFrame({ requestId: connectionRequestId, opcode: 0, status: statuses.BAD_REQUEST, payload: encodeErrorMessage('1 connections are open') }))
+    }) as Server & { connections: number }
+    full.connections = 0
+    await new Promise<void>((resolve) => full.listen(0, '127.0.0.1', resolve))
+    let now = 0
+    let connects = 0
+    const connect = (address: EnclaveAddress) => (connects++, connectStream(address))
+    pool = new EnclavePool({ address: { host: '127.0.0.1', port: (full.address() as { port: number }).port }, size: 2, clock: { now: () => now, random: () => 0.5 }, connect })
+    try {
+      await pool.connect()
+      expect(connects).toBe(2)
+      // The second connection is closed at once, with nothing answered on it.
+      await new Promise((resolve) => setTimeout(resolve, 50))
+      const busy = []
+      for (let turn = 0; turn < 5; turn++) {
+        busy.push(health())
+        await until(() => received.length === turn + 1)
+      }
+      // Every busy turn found a slot to refill, but within the hold none was tried.
+      expect(connects).toBe(2)
+      now = 501
+      busy.push(health())
+      await until(() => received.length === 6)
+      await new Promise((resolve) => setTimeout(resolve, 50))
+      busy.push(health())
+      await until(() => received.length === 7)
+      // One refill after the hold, closed at once again: the next hold is longer.
+      expect(connects).toBe(3)
+      answerAll()
+      for (const answer of busy) expect((await answer).status).toBe(0)
+    } finally {
+      pool.close()
+      full.close()
+    }
+  })
+
   it('closes the connections that finish opening after the pool is closed', async () => {
     pool = new EnclavePool({ address: { host: '127.0.0.1', port }, size: 4 })
     const connecting = pool.connect()

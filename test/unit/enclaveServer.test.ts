@@ -444,7 +444,12 @@ it('closes connections past its limit as they arrive, logged once however many, 
     for (const [i, peer] of peers.entries()) expect((await peer.request({ requestId: i + 1, opcode: opcodes.HEALTH, payload: new Uint8Array() }))?.status).toBe(statuses.OK)
     const refused = [client(at), client(at)]
     await Promise.all(refused.map((peer) => peer.closed))
-    expect(refused.map((peer) => peer.frames)).toEqual([[], []])
+    // Each told why in the connection's last word, as the parent's pool reads it.
+    for (const peer of refused) {
+      expect(peer.frames).toHaveLength(1)
+      expect(peer.frames[0]!.requestId).toBe(connectionRequestId)
+      expect(decodeErrorMessage(peer.frames[0]!.payload)).toBe('2 connections are open')
+    }
     expect(logged).toEqual([{ level: 'warn', event: 'connection_refused', reason: '2 connections are open', maxConnections: 2, count: 1 }])
     expect((await peers[0]!.request({ requestId: 3, opcode: opcodes.HEALTH, payload: new Uint8Array() }))?.status).toBe(statuses.OK)
     // A place that frees up takes the next connection.

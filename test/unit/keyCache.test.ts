@@ -477,11 +477,14 @@ describe('KeyCache single-flight', () => {
 
 describe('KeyCache grace signatures', () => {
   it('gives exactly the configured number of grace signatures while INVALID, each audited, then needs-unlock', async () => {
-    const { cache, key, dekCopy, advance, audits, unlock } = harness({ graceSignatures: 3, unlockGate: 'closed' })
+    // The DEK lapses with the key.
+    const { cache, key, dekCopy, advance, audits, unlock } = harness({ graceSignatures: 3, dekSoftTtlMs: 16 * minute, dekHardTtlMs: 16 * minute, unlockGate: 'closed' })
     const { record, privateKey } = key()
     cache.setDek(dekCopy())
     const held = addWarmHeld(cache, record, privateKey)
-    advance(61 * minute) // the key's hard TTL and the DEK's have both passed
+    advance(14 * minute)
+    cache.acquire('key-1') // hot: used within the last soft TTL
+    advance(3 * minute) // the key's hard TTL and the DEK's have both passed
 
     // Copied as they come: the last acquire wipes the lapsed buffer they share.
     const graced = [0, 1, 2].map(() => withKeyCopied(cache.acquire('key-1')))
@@ -502,11 +505,13 @@ describe('KeyCache grace signatures', () => {
   })
 
   it('counts grace signatures across all keys, not per key', () => {
-    const { cache, key, dekCopy, advance } = harness({ graceSignatures: 3, unlockGate: 'closed' })
+    const { cache, key, dekCopy, advance } = harness({ graceSignatures: 3, dekSoftTtlMs: 16 * minute, dekHardTtlMs: 16 * minute, unlockGate: 'closed' })
     cache.setDek(dekCopy())
     cache.addWarm({ record: key({ keyId: 'a' }).record, privateKey: randomSecret() })
     cache.addWarm({ record: key({ keyId: 'b' }).record, privateKey: randomSecret() })
-    advance(61 * minute)
+    advance(14 * minute)
+    for (const keyId of ['a', 'b']) cache.acquire(keyId)
+    advance(3 * minute)
 
     const answers = ['a', 'a', 'b', 'b'].map((keyId) => cache.acquire(keyId).kind)
 
@@ -956,9 +961,9 @@ describe('KeyCache pre-warmer', () => {
       } else {
         expect(held).toEqual(privateKey)
         expect(withKeyCopied(cache.acquire('key-1'))).toEqual({ kind: 'ok', privateKey, grace: true })
-        // Grace is left, but once the key has gone unused for a soft TTL its plaintext goes too.
+        // Grace is left, but once the key has gone unused for a soft TTL it gets none, and its plaintext goes.
         advance(16 * minute)
-        prewarm(cache)
+        expect(cache.acquire('key-1').kind).toBe('needs-unlock')
         expect(held).toEqual(zeros)
       }
     }

@@ -311,6 +311,8 @@ describe('the parent API under load', () => {
       })
       expect(answer).toMatch(/^HTTP\/1\.1 200 /)
       expect(answer).toMatch(/^origin_connections_dropped_total\{listener="clients"\} 1$/m)
+      // The other listener's series is there from the start.
+      expect(answer).toMatch(/^origin_connections_dropped_total\{listener="operators"\} 0$/m)
     } finally {
       for (const socket of sockets) socket.destroy()
       await api.close()
