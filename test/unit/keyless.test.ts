@@ -50,6 +50,9 @@ beforeAll(async () => {
     const failure = await verifier.verify({ method: request.method!, path: request.url!, headers: (name) => request.headers[name] as string | undefined, body })
     seen.push(failure ?? 'ok')
     if (failure) return response.writeHead(401).end(JSON.stringify({ error: failure }))
+    // Key ids that make the origin answer a status of the test's choosing, with a body of its own words.
+    const scriptedStatus = /^\/v1\/keys\/status-(\d{3})\//.exec(request.url!)
+    if (scriptedStatus) return response.writeHead(Number(scriptedStatus[1])).end(JSON.stringify({ error: 'the origin\u2019s own words' }))
     // A key the origin has moved elsewhere: a redirect to k1's route, which would sign were it followed.
     if (request.url!.startsWith('/v1/keys/moved')) return response.writeHead(307, { location: `${url}/v1/keys/k1${request.url!.slice('/v1/keys/moved'.length)}` }).end()
     const key = keys[/^\/v1\/keys\/([^/]+)/.exec(request.url!)![1]!]!
@@ -300,6 +303,27 @@ describe('keyless backend', () => {
       stalling.closeAllConnections()
       stalling.close()
     }
+  })
+
+  it.each([
+    [400, 'it could not read the request', false],
+    [401, "it refused this Worker's credentials", false],
+    [403, "this Worker's credentials may not do that", false],
+    [404, 'it has no such key', false],
+    [409, 'the key is frozen or archived', false],
+    [429, 'too many requests', true],
+    [500, 'an unexpected answer', true],
+    [502, 'an unexpected answer', true],
+    [503, 'the origin is unavailable', true],
+  ])('answers a %i from the origin after one request, in its own words, retryable by a fallback chain: %s (%s)', async (status, meaning, retryable) => {
+    const asked = seen.length
+    const signer = new KeylessSigner({ name: 'origin', url, keyId: `status-${status}`, address: privateKeyToAddress(originKey), hmacKeyId: hmac.keyId, hmacSecret: hmac.secret, deadlineMs: 500 })
+    const failure = await signer.signDigest(digest).catch((error: unknown) => error)
+    expect(failure).toBeInstanceOf(SignerError)
+    expect((failure as SignerError).message).toBe(`keyless signer origin: the origin answered ${status} (${meaning})`)
+    expect((failure as SignerError).options.retryable).toBe(retryable)
+    // A 503 without a Retry-After is not waited on: nothing says when to ask again.
+    expect(seen.length).toBe(asked + 1)
   })
 
   it('follows no redirect: the signed request goes nowhere else, and the url is said to be at fault', async () => {

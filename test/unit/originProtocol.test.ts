@@ -405,3 +405,47 @@ describe('malformed payloads throw FrameError', () => {
     expect(() => decodeErrorMessage(filled(513, 0x61))).toThrow(FrameError)
   })
 })
+
+describe('every message decoder, fed each truncation and each single-byte change of a valid payload', () => {
+  const bytes = (length: number, from = 1) => Uint8Array.from({ length }, (_, i) => (from + i) & 0xff)
+  const valid: Array<[string, (payload: Uint8Array) => unknown, Uint8Array]> = [
+    ['SIGN request', decodeSignRequest, encodeSignRequest({ keyId: 'key-é', digest: bytes(32) })],
+    ['SIGN response', decodeSignResponse, encodeSignResponse({ signature: bytes(64), recoveryId: 1, enclaveMicros: 123_456 })],
+    ['CREATE request', decodeCreateRequest, encodeCreateRequest({ keyId: 'k1' })],
+    ['CREATE response', decodeCreateResponse, encodeCreateResponse({ publicKey: bytes(65), sealed: bytes(60), version: 3 })],
+    ['RESEAL request', decodeResealRequest, encodeResealRequest({ keyId: 'k1', wrappedDekSha256: bytes(32) })],
+    ['LOAD request', decodeLoadRequest, encodeLoadRequest({ keyId: 'k1', version: 2, state: 'frozen', publicKey: bytes(65), sealed: bytes(60), sequence: 2 ** 40 })],
+    ['GET request', decodeGetRequest, encodeGetRequest({ keyId: 'k1' })],
+    ['GET response', decodeGetResponse, encodeGetResponse({ state: 'active', cacheState: 'COOL', publicKey: bytes(65) })],
+    ['SET_STATE request', decodeSetStateRequest, encodeSetStateRequest({ keyId: 'k1', state: 'archived', sequence: 7 })],
+    ['UNLOCK request', decodeUnlockRequest, encodeUnlockRequest({ wrappedDek: bytes(40), retiringWrappedDek: bytes(12), sealedPreloadIdentity: bytes(9), sequenceFloorAtLeast: 5 })],
+    ['UNLOCK response', decodeUnlockResponse, encodeUnlockResponse({ wrappedDek: bytes(40), sequenceFloor: 2 ** 32 })],
+    ['GENERATE_DATA_KEY response', decodeGeneratedDataKey, encodeGeneratedDataKey(bytes(40))],
+    ['ATTEST response', decodeAttestResponse, encodeAttestResponse({ recipient: 'age1recipient', attestationDocument: bytes(30) })],
+    ['CREDENTIALS request', decodeCredentials, encodeCredentials({ accessKeyId: 'AKID', secretAccessKey: 'secret', sessionToken: 'token' })],
+    ['HEALTH response', decodeHealthResponse, encodeHealthResponse({ cacheStates: { WARM: 1 }, engine: { threads: 2 } })],
+    ['NEEDS_UNLOCK answer', decodeNeedsUnlock, encodeNeedsUnlock({ retryAfterMs: 150 })],
+    ['error answer', decodeErrorMessage, encodeErrorMessage('no key k1 ✓')],
+  ]
+  it.each(valid)('%s: decodes, or throws a FrameError, and nothing else', (_, decode, payload) => {
+    expect(() => decode(payload)).not.toThrow()
+    const variants: Uint8Array[] = []
+    for (let length = 0; length < payload.length; length++) variants.push(payload.slice(0, length))
+    for (let at = 0; at < payload.length; at++) {
+      for (const change of [0x01, 0x80, 0xff]) {
+        const changed = payload.slice()
+        changed[at]! ^= change
+        variants.push(changed)
+      }
+    }
+    variants.push(Uint8Array.from([...payload, 0]), Uint8Array.from([...payload, ...payload]))
+    for (const variant of variants) {
+      try {
+        decode(variant)
+      } catch (error) {
+        expect(error, `${Buffer.from(variant).toString('hex')}: ${String(error)}`).toBeInstanceOf(FrameError)
+      }
+    }
+  })
+})
+

@@ -158,6 +158,15 @@ describe('the parent API', () => {
     expect(await response.json()).toEqual({ error: 'the key id is longer than 128 bytes' })
   })
 
+  it('refuses a signed request sent again, through the server as a client would replay it', async () => {
+    const headers = await signRequest({ ...hmac, method: 'GET', path: '/v1/keys/k1', body: new Uint8Array() })
+    // The first is authenticated (the parent, with no enclave, cannot answer it); the same bytes again are not.
+    expect((await fetch(`${base}/v1/keys/k1`, { headers })).status).toBe(503)
+    const replayed = await fetch(`${base}/v1/keys/k1`, { headers })
+    expect({ status: replayed.status, body: await replayed.json() }).toEqual({ status: 401, body: { error: 'request authentication failed' } })
+    expect(await (await fetch(`${base}/metrics`)).text()).toContain('origin_request_auth_failures_total{reason="replayed"} 1')
+  })
+
   it('tells a refused caller only that authentication failed; the reason goes to the metric and the log', async () => {
     const payload = new TextEncoder().encode('')
     const forged = await signRequest({ keyId: hmac.keyId, secret: 'not-the-worker-secret', method: 'GET', path: '/v1/keys/k1', body: payload })
