@@ -151,6 +151,8 @@ export class KeyCache {
   private readonly audit: (event: KeyCacheAuditEvent) => void
 
   private readonly entries = new Map<string, KeyEntry>()
+  /** The sequences SET_STATEs took for keys not held, this epoch (see `setState`); dropped once the key loads. */
+  private readonly absentKeySequences = new Map<string, number>()
   /** The first sequence of the current epoch; none before the first UNLOCK, and then no LOAD or SET_STATE applies. */
   private sequenceFloor: number | undefined
   /** Every key's bytes: private keys, public keys and sealed records. */
@@ -242,6 +244,7 @@ export class KeyCache {
     if (stale) return stale
     if (this.entries.get(record.keyId)?.record.state === 'archived' && record.state !== 'archived') return archivedIsFinal
     this.loadEntry(record).sequence = sequence
+    this.absentKeySequences.delete(record.keyId)
     return applied
   }
 
@@ -257,6 +260,8 @@ export class KeyCache {
   openSequenceEpoch(atLeast = 0): number {
     if (!this.hasSequenceEpochLeft(atLeast)) throw new Error('no sequence epoch is left: restart the enclave')
     this.sequenceFloor = this.nextSequenceFloor(atLeast)
+    // Every sequence they hold is below the new floor, where staleFor refuses it anyway.
+    this.absentKeySequences.clear()
     return this.sequenceFloor
   }
 
@@ -329,10 +334,17 @@ export class KeyCache {
     }
   }
 
-  /** Changes a key's lifecycle state, if `sequence` is current (see `openSequenceEpoch`); a key that stops being active loses its plaintext at once. */
+  /**
+   * Changes a key's lifecycle state, if `sequence` is current (see `openSequenceEpoch`); a key that stops being
+   * active loses its plaintext at once. For a key not held, the sequence is still taken: a LOAD numbered before
+   * it, landing after it, is refused as stale (the parent reloads the key, numbered after, from the store).
+   */
   setState({ keyId, state, sequence }: { keyId: string; state: KeyState; sequence: number }): SequencedResult | { kind: 'not-found' } {
     const entry = this.entries.get(keyId)
-    if (!entry) return { kind: 'not-found' }
+    if (!entry) {
+      if (!this.staleFor(keyId, sequence)) this.absentKeySequences.set(keyId, sequence)
+      return { kind: 'not-found' }
+    }
     const stale = this.staleFor(keyId, sequence)
     if (stale) return stale
     // The parent refuses it too; here it holds even against a parent that would not.
@@ -350,7 +362,7 @@ export class KeyCache {
     const floor = this.sequenceFloor
     // Its sender must UNLOCK to number in the current epoch; only the parent's UNLOCK opens one, so the cache starts no unlock of its own.
     if (floor === undefined || sequence < floor || sequence >= floor + sequenceEpochSize) return this.retryAfterUnlock()
-    const held = this.entries.get(keyId)?.sequence
+    const held = this.entries.get(keyId)?.sequence ?? this.absentKeySequences.get(keyId)
     if (held !== undefined && sequence <= held) return { kind: 'stale', reason: `key ${keyId} has taken sequence ${held} already` }
     return undefined
   }
@@ -418,6 +430,7 @@ export class KeyCache {
   clear(): void {
     this.generation += 1
     this.sequenceFloor = undefined
+    this.absentKeySequences.clear()
     this.bytes.clear()
     this.entries.clear()
     this.keysAwaitingUnlock.clear()

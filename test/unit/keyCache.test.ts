@@ -586,6 +586,20 @@ describe('KeyCache key lifecycle', () => {
     expect(signingKey(cache.acquire('key-1'))).toEqual(privateKey)
   })
 
+  it('takes the sequence of a SET_STATE for a key it does not hold: a LOAD sent before it, landing after it, is refused', () => {
+    const { cache, key, dekCopy } = harness()
+    cache.setDek(dekCopy())
+    const { record } = key()
+    const at = (n: number) => firstFloor + n
+    // The parent's LOAD (5) is given up on and delayed; its freeze (7) finds the key gone (a restart), and is answered so.
+    expect(cache.setState({ keyId: 'key-1', state: 'frozen', sequence: at(7) })).toEqual({ kind: 'not-found' })
+    expect(cache.load(record, at(5))).toEqual({ kind: 'stale', reason: `key key-1 has taken sequence ${at(7)} already` })
+    expect(cache.get('key-1')).toBeUndefined()
+    // The parent's reload after it, numbered after it, lands: the key as the store has it.
+    expect(cache.load({ ...record, state: 'frozen' }, at(8))).toEqual({ kind: 'applied' })
+    expect(cache.acquire('key-1')).toEqual({ kind: 'not-active', state: 'frozen' })
+  })
+
   it('applies none outside the current epoch (needs-unlock: its sender must unlock, and the cache starts none): before the first, after the next opens, beyond it, and after clear()', async () => {
     let unlocks = 0
     const cache = new KeyCache({ now: () => 0, random: () => 0.5, unlock: () => (unlocks++, Promise.reject(new Error('no unlock in this test'))) })
