@@ -431,6 +431,8 @@ export class KeyCache {
     this.generation += 1
     this.sequenceFloor = undefined
     this.absentKeySequences.clear()
+    // The unlock under way installs nothing now (its generation is gone); the next use starts one of its own.
+    this.unlockInFlight = undefined
     this.bytes.clear()
     this.entries.clear()
     this.keysAwaitingUnlock.clear()
@@ -528,9 +530,11 @@ export class KeyCache {
   }
 
   private async refreshInBackground(keyId: string): Promise<void> {
+    // Read before the yield: a clear() in the turn that asked for this refresh ends it too.
+    const generation = this.generation
     // Yield first: the acquire that asked for this refresh returns (and its caller signs) before anything changes.
     await nextTurn()
-    const generation = this.generation
+    if (generation !== this.generation) return
     let dek = this.validDek(this.now())
     if (!dek) {
       await this.startUnlock()
@@ -559,7 +563,8 @@ export class KeyCache {
         () => this.unlockFailed(),
       )
       .finally(() => {
-        this.unlockInFlight = undefined
+        // Not one started since (after a clear()).
+        if (this.unlockInFlight === attempt) this.unlockInFlight = undefined
       })
     this.unlockInFlight = attempt
     this.track(attempt)

@@ -795,6 +795,34 @@ describe('KeyCache wipes plaintext it drops', () => {
     unlock.open()
     await cache.idle()
   })
+
+  it('on clear(): a refresh asked for in the same turn starts no unlock, and one already under way installs nothing and is not joined', async () => {
+    const { cache, key, dekCopy, advance, unlock } = harness({ dekSoftTtlMs: 10 * minute, dekHardTtlMs: 10 * minute, unlockGate: 'closed' })
+    cache.setDek(dekCopy())
+    addWarmHeld(cache, key().record)
+    advance(15 * minute + 30_000) // past the key's soft TTL, not its hard one; the DEK has lapsed
+    expect(cache.acquire('key-1').kind).toBe('ok') // and asks for a refresh, which would need an unlock
+    cache.clear()
+    await settle()
+    expect(unlock.calls()).toBe(0)
+
+    // An unlock under way at clear(): what it brings is dropped, and the next need starts another.
+    cache.openSequenceEpoch()
+    const { record } = key()
+    cache.load(record, nextSequence())
+    expect(cache.acquire('key-1').kind).toBe('needs-unlock')
+    await settle()
+    expect(unlock.calls()).toBe(1)
+    cache.clear()
+    cache.openSequenceEpoch()
+    cache.load(record, nextSequence())
+    expect(cache.acquire('key-1').kind).toBe('needs-unlock')
+    await settle()
+    expect(unlock.calls()).toBe(2)
+    unlock.open()
+    await cache.idle()
+    expect(cache.stats().unlocks).toBe(1)
+  })
 })
 
 describe('KeyCache loads', () => {
