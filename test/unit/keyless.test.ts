@@ -53,6 +53,12 @@ beforeAll(async () => {
     // Key ids that make the origin answer a status of the test's choosing, with a body of its own words.
     const scriptedStatus = /^\/v1\/keys\/status-(\d{3})\//.exec(request.url!)
     if (scriptedStatus) return response.writeHead(Number(scriptedStatus[1])).end(JSON.stringify({ error: 'the origin\u2019s own words' }))
+    // A proxy's 503 whose Retry-After this backend cannot use (a fraction, or a date): as none at all.
+    const unusableRetryAfter = /^\/v1\/keys\/retry-after-(fraction|date)\//.exec(request.url!)
+    if (unusableRetryAfter) {
+      const retryAfter = unusableRetryAfter[1] === 'fraction' ? '0.05' : new Date(Date.now() + 50).toUTCString()
+      return response.writeHead(503, { 'retry-after': retryAfter }).end(JSON.stringify({ error: 'busy' }))
+    }
     // A key the origin has moved elsewhere: a redirect to k1's route, which would sign were it followed.
     if (request.url!.startsWith('/v1/keys/moved')) return response.writeHead(307, { location: `${url}/v1/keys/k1${request.url!.slice('/v1/keys/moved'.length)}` }).end()
     const key = keys[/^\/v1\/keys\/([^/]+)/.exec(request.url!)![1]!]!
@@ -323,6 +329,15 @@ describe('keyless backend', () => {
     expect((failure as SignerError).message).toBe(`keyless signer origin: the origin answered ${status} (${meaning})`)
     expect((failure as SignerError).options.retryable).toBe(retryable)
     // A 503 without a Retry-After is not waited on: nothing says when to ask again.
+    expect(seen.length).toBe(asked + 1)
+  })
+
+  it.each(['fraction', 'date'])('does not wait on a Retry-After it cannot read (a %s), and fails at once, retryable', async (form) => {
+    const asked = seen.length
+    const signer = new KeylessSigner({ name: 'origin', url, keyId: `retry-after-${form}`, address: privateKeyToAddress(originKey), hmacKeyId: hmac.keyId, hmacSecret: hmac.secret, deadlineMs: 2_000 })
+    const failure = await signer.signDigest(digest).catch((error: unknown) => error)
+    expect((failure as SignerError).message).toBe('keyless signer origin: the origin answered 503 (the origin is unavailable)')
+    expect((failure as SignerError).options.retryable).toBe(true)
     expect(seen.length).toBe(asked + 1)
   })
 
