@@ -87,6 +87,8 @@ function answerToFailure(error: unknown): Answer {
 const maxRequestsInFlight = 4_096
 /** How long a connection closed for a broken frame is read (and dropped) for before it is destroyed, if its peer keeps it open. */
 const closingLingerMs = 1_000
+/** Refused connections (see `serveEnclave`) that may linger with their last word at once. */
+const maxRefusalsLingering = 64
 const maxUnsentBytes = 1024 * 1024
 
 /**
@@ -386,18 +388,23 @@ export async function serveEnclave(options: {
 }): Promise<{ close(): Promise<void> }> {
   const sockets = new Set<Socket>()
   const maxConnections = options.maxConnections ?? 256
+  /** Refused connections still closing with their last word. */
+  let refusalsLingering = 0
   // A flood of connections or of accept() failures must not flood the log either.
   const throttled = new ThrottledLog({ log: options.log })
   const onListenerError = (error: Error) => throttled.write('listener_error', { level: 'error', event: 'enclave_listener_error', error: messageOf(error) })
   const onConnection = (socket: Socket) => {
     if (sockets.size >= maxConnections) {
       const reason = `${maxConnections} connections are open`
-      // Its last word says why, as for a malformed frame; gone once that is written, or in a second at most.
-      socket.on('error', () => {})
-      socket.once('finish', () => socket.destroy())
-      setTimeout(() => socket.destroy(), closingLingerMs).unref()
-      socket.end(encodeConnectionClosing(encodeErrorMessage(reason)))
       throttled.write('connection_refused', { level: 'warn', event: 'connection_refused', reason, maxConnections })
+      socket.on('error', () => {})
+      // A flood must not hold a descriptor per refusal for a second: past a few lingering at once, no last word.
+      if (refusalsLingering >= maxRefusalsLingering) return void socket.destroy()
+      // Its last word says why, as for a malformed frame, and lingers as that one does (a reset could overtake it).
+      refusalsLingering += 1
+      socket.once('close', () => (refusalsLingering -= 1))
+      socket.write(encodeConnectionClosing(encodeErrorMessage(reason)))
+      endLingering(socket, { lingerMs: closingLingerMs, capMs: closingLingerMs })
       return
     }
     sockets.add(socket)

@@ -452,6 +452,20 @@ it('closes connections past its limit as they arrive, logged once however many, 
     }
     expect(logged).toEqual([{ level: 'warn', event: 'connection_refused', reason: '2 connections are open', maxConnections: 2, count: 1 }])
     expect((await peers[0]!.request({ requestId: 3, opcode: opcodes.HEALTH, payload: new Uint8Array() }))?.status).toBe(statuses.OK)
+    // A flood of peers that never close their side: at most 64 refusals linger with their last word at once; the rest just close.
+    const flood = Array.from({ length: 70 }, () => {
+      const socket = connect({ port: at, host: '127.0.0.1', allowHalfOpen: true })
+      const frames: Frame[] = []
+      const decoder = new FrameDecoder()
+      socket.on('data', (chunk: Uint8Array) => frames.push(...decoder.push(chunk)))
+      socket.on('error', () => {})
+      // Half-open: each reads the server's end of the connection, and keeps its own side open.
+      return { socket, frames, ended: new Promise((resolve) => (socket.once('end', resolve), socket.once('close', resolve))) }
+    })
+    await Promise.all(flood.map((peer) => peer.ended))
+    expect(flood.filter((peer) => peer.frames.length === 1).length).toBe(64)
+    expect(flood.filter((peer) => peer.frames.length === 0).length).toBe(6)
+    for (const peer of flood) peer.socket.destroy()
     // A place that frees up takes the next connection.
     peers[1]!.socket.destroy()
     await peers[1]!.closed
