@@ -403,7 +403,8 @@ export async function serveEnclave(options: {
       // Its last word says why, as for a malformed frame, and lingers as that one does (a reset could overtake it).
       refusalsLingering += 1
       socket.once('close', () => (refusalsLingering -= 1))
-      socket.write(encodeConnectionClosing(encodeErrorMessage(reason)))
+      // UNAVAILABLE: nothing on it is read, so the parent may send what it sent here on another connection.
+      socket.write(encodeConnectionClosing(encodeErrorMessage(reason), statuses.UNAVAILABLE))
       endLingering(socket, { lingerMs: closingLingerMs, capMs: closingLingerMs })
       return
     }

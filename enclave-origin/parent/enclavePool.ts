@@ -3,16 +3,20 @@ import type { StreamAddress } from '../config.js'
 import { FailureBackoff } from '../failureBackoff.js'
 import { CoalescingWriter } from '../protocol/coalescingWriter.js'
 import { connectStream } from '../protocol/connectStream.js'
-import { encodeFrame, FrameDecoder, isConnectionClosing, type Frame, type Opcode } from '../protocol/frames.js'
+import { encodeFrame, FrameDecoder, isConnectionClosing, statuses, type Frame, type Opcode } from '../protocol/frames.js'
 import { decodeErrorMessage } from '../protocol/messages.js'
 
 /** Where an enclave listens: vsock in production, TCP or a Unix socket elsewhere. */
 export type EnclaveAddress = StreamAddress
 
-type Pending = { resolve: (frame: Frame) => void; reject: (error: Error) => void; timer: ReturnType<typeof setTimeout> }
+type RequestOptions = { opcode: Opcode; payload: Uint8Array; timeoutMs: number }
+type Pending = { resolve: (frame: Frame) => void; reject: (error: Error) => void; timer: ReturnType<typeof setTimeout>; options: RequestOptions }
 
 /** The enclave did not answer, or the connection to it broke. */
 export class EnclaveUnavailableError extends Error {}
+
+/** Requests already sent again once after a refused connection (see `EnclaveConnection`'s `sendElsewhere`). */
+const resent = new WeakSet<RequestOptions>()
 
 /** One long-lived connection carrying many requests at once, matched to answers by request id. */
 class EnclaveConnection {
@@ -27,14 +31,17 @@ class EnclaveConnection {
 
   /** An answer to one of its requests has come. */
   private answered = false
+  /** The enclave refused it as it arrived and read nothing on it (see `connectionRequestId`). */
+  private unread = false
 
   /**
    * `onFirstAnswer`: the enclave has answered a request on it. `onClose(refused)`: the enclave closed it, saying
-   * why, before answering anything on it (as one at its connection limit closes new ones).
+   * why, before answering anything on it (as one at its connection limit closes new ones). `sendElsewhere`: a
+   * request it sent on a connection the enclave read nothing on (it refused it), to go on another.
    */
   constructor(
     private readonly socket: Socket,
-    { onFirstAnswer, onClose }: { onFirstAnswer: () => void; onClose: (refused: boolean) => void },
+    { onFirstAnswer, onClose, sendElsewhere }: { onFirstAnswer: () => void; onClose: (refused: boolean) => void; sendElsewhere: (options: RequestOptions) => Promise<Frame> },
   ) {
     socket.setNoDelay(true)
     this.writer = new CoalescingWriter(socket)
@@ -51,6 +58,7 @@ class EnclaveConnection {
         if (isConnectionClosing(frame)) {
           // The enclave's last word here: nothing more will be answered, so its requests fail now, with the reason.
           this.closedBecause = readableReason(frame.payload)
+          this.unread = frame.status === statuses.UNAVAILABLE
           socket.destroy()
           return
         }
@@ -70,7 +78,12 @@ class EnclaveConnection {
       const message = this.closedBecause === undefined ? 'connection to the enclave closed' : `the enclave closed the connection: ${this.closedBecause}`
       for (const waiting of this.pending.values()) {
         clearTimeout(waiting.timer)
-        waiting.reject(new EnclaveUnavailableError(message))
+        // Never read there: sent again on another connection, once (a request refused twice fails as refused).
+        if (this.unread && !resent.has(waiting.options)) {
+          const again = { ...waiting.options }
+          resent.add(again)
+          sendElsewhere(again).then(waiting.resolve, waiting.reject)
+        } else waiting.reject(new EnclaveUnavailableError(message))
       }
       this.pending.clear()
       onClose(this.closedBecause !== undefined && !this.answered)
@@ -98,7 +111,7 @@ class EnclaveConnection {
     this.socket.destroy()
   }
 
-  request(options: { opcode: Opcode; payload: Uint8Array; timeoutMs: number }): Promise<Frame> {
+  request(options: RequestOptions): Promise<Frame> {
     const requestId = this.nextId
     this.nextId = this.nextId === 0xffffffff ? 1 : this.nextId + 1
     // Encoded first: a frame that cannot be encoded leaves nothing pending.
@@ -114,7 +127,7 @@ class EnclaveConnection {
           if (this.reads === readsAtSend) this.socket.destroy()
         })
       }, options.timeoutMs)
-      this.pending.set(requestId, { resolve, reject, timer })
+      this.pending.set(requestId, { resolve, reject, timer, options })
       this.writer.write(frame)
     })
   }
@@ -191,6 +204,7 @@ export class EnclavePool {
         if (this.connections[slot] === connection) this.connections[slot] = undefined
         if (refused && !this.stopped) this.refillBackoff.failed()
       },
+      sendElsewhere: (options) => this.request(options),
     })
     this.connections[slot] = connection
     return connection
@@ -201,7 +215,7 @@ export class EnclavePool {
     await Promise.all(this.connections.map((_, slot) => this.open(slot)))
   }
 
-  async request(options: { opcode: Opcode; payload: Uint8Array; timeoutMs: number }): Promise<Frame> {
+  async request(options: RequestOptions): Promise<Frame> {
     if (this.stopped) throw new EnclaveUnavailableError('the pool is stopped')
     const sending = this.sending
     if (sending && !sending.closed && sending.writeQueued) return sending.request(options)

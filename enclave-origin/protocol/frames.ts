@@ -51,19 +51,21 @@ export type Frame = { requestId: number; opcode: number; status: number; payload
 /**
  * The request id no request may carry (the parent numbers from 1; the enclave
  * closes a connection whose peer uses it): a frame with it speaks for the
- * connection. The enclave sends one, opcode 0, status BAD_REQUEST with an
- * error message, as its last word on a connection it closes for a bad frame.
+ * connection. The enclave sends one, opcode 0, with an error message, as its
+ * last word on a connection it closes: status BAD_REQUEST for a bad frame, and
+ * UNAVAILABLE for a connection it refused as it arrived (over its connection
+ * limit), on which it read nothing: what was sent there may go elsewhere.
  */
 export const connectionRequestId = 0
 
 /** The enclave's last word on a connection it closes (see `connectionRequestId`), around an encoded error message. */
-export function encodeConnectionClosing(payload: Uint8Array): Uint8Array {
-  return encodeFrame({ requestId: connectionRequestId, opcode: 0, status: statuses.BAD_REQUEST, payload })
+export function encodeConnectionClosing(payload: Uint8Array, status: typeof statuses.BAD_REQUEST | typeof statuses.UNAVAILABLE = statuses.BAD_REQUEST): Uint8Array {
+  return encodeFrame({ requestId: connectionRequestId, opcode: 0, status, payload })
 }
 
 /** Whether `frame` is the enclave's last word on its connection. */
 export function isConnectionClosing(frame: Frame): boolean {
-  return frame.requestId === connectionRequestId && frame.opcode === 0 && frame.status === statuses.BAD_REQUEST
+  return frame.requestId === connectionRequestId && frame.opcode === 0 && (frame.status === statuses.BAD_REQUEST || frame.status === statuses.UNAVAILABLE)
 }
 
 /** Default bound on a frame's declared length; a sealed key record is a few hundred bytes. */

@@ -178,7 +178,7 @@ describe('EnclavePool', () => {
         socket.on('data', (data: Uint8Array) => {
           for (const frame of decoder.push(data)) received.push({ connection: 0, chunk: 0, frame, socket })
         })
-      } else socket.end(encodeFrame({ requestId: connectionRequestId, opcode: 0, status: statuses.BAD_REQUEST, payload: encodeErrorMessage('1 connections are open') }))
+      } else socket.end(encodeFrame({ requestId: connectionRequestId, opcode: 0, status: statuses.UNAVAILABLE, payload: encodeErrorMessage('1 connections are open') }))
     }) as Server & { connections: number }
     full.connections = 0
     await new Promise<void>((resolve) => full.listen(0, '127.0.0.1', resolve))
@@ -211,6 +211,54 @@ describe('EnclavePool', () => {
     } finally {
       pool.close()
       full.close()
+    }
+  })
+
+  it('sends what went out on a connection the enclave refused unread on another, once; a refusal for a bad frame fails its requests', async () => {
+    // Every connection but the first is refused as the enclave reads its first bytes: as if its refusal had crossed the requests.
+    let refusal: number = statuses.UNAVAILABLE
+    const refusing = createServer((socket) => {
+      socket.on('error', () => {})
+      const connection = refusing.connections++
+      const decoder = new FrameDecoder()
+      socket.on('data', (data: Uint8Array) => {
+        if (connection >= 1) return void socket.end(encodeFrame({ requestId: connectionRequestId, opcode: 0, status: refusal, payload: encodeErrorMessage('1 connections are open') }))
+        for (const frame of decoder.push(data)) received.push({ connection, chunk: 0, frame, socket })
+      })
+    }) as Server & { connections: number }
+    refusing.connections = 0
+    await new Promise<void>((resolve) => refusing.listen(0, '127.0.0.1', resolve))
+    pool = new EnclavePool({ address: { host: '127.0.0.1', port: (refusing.address() as { port: number }).port }, size: 2 })
+    try {
+      await pool.connect()
+      await until(() => refusing.connections === 2)
+      const first = health()
+      await until(() => received.length === 1)
+      // The next turn's request goes on the idle second connection, is refused unread there, and goes on the first.
+      const second = health()
+      await until(() => received.length === 2)
+      expect(received.map((r) => r.connection)).toEqual([0, 0])
+      answerAll()
+      expect((await first).status).toBe(0)
+      expect((await second).status).toBe(0)
+      // A last word for a bad frame does not say nothing was read: the requests on that connection fail with it.
+      pool.close()
+      refusal = statuses.BAD_REQUEST
+      refusing.connections = 1
+      pool = new EnclavePool({ address: { host: '127.0.0.1', port: (refusing.address() as { port: number }).port }, size: 1 })
+      await pool.connect()
+      await expect(health()).rejects.toThrow(new EnclaveUnavailableError('the enclave closed the connection: 1 connections are open'))
+      // Refused unread again where it was sent again: it fails then, not round and round.
+      pool.close()
+      refusal = statuses.UNAVAILABLE
+      pool = new EnclavePool({ address: { host: '127.0.0.1', port: (refusing.address() as { port: number }).port }, size: 1 })
+      await pool.connect()
+      const opened = refusing.connections
+      await expect(health()).rejects.toThrow(new EnclaveUnavailableError('the enclave closed the connection: 1 connections are open'))
+      expect(refusing.connections).toBe(opened + 1)
+    } finally {
+      pool.close()
+      refusing.close()
     }
   })
 

@@ -447,7 +447,7 @@ it('closes connections past its limit as they arrive, logged once however many, 
     // Each told why in the connection's last word, as the parent's pool reads it.
     for (const peer of refused) {
       expect(peer.frames).toHaveLength(1)
-      expect(peer.frames[0]!.requestId).toBe(connectionRequestId)
+      expect(peer.frames[0]).toMatchObject({ requestId: connectionRequestId, opcode: 0, status: statuses.UNAVAILABLE })
       expect(decodeErrorMessage(peer.frames[0]!.payload)).toBe('2 connections are open')
     }
     expect(logged).toEqual([{ level: 'warn', event: 'connection_refused', reason: '2 connections are open', maxConnections: 2, count: 1 }])
