@@ -26,7 +26,7 @@ class EnclaveConnection {
   private nextId = 1
   /** Reads so far: a connection that read nothing since a request that timed out is stuck, not busy. A count, not a clock: no time read per read. */
   private reads = 0
-  /** Why the enclave closed this connection, when it said: a frame of ours it could not read. */
+  /** Why the enclave closed this connection, when it said: a frame of ours it could not read, or its connection limit. */
   private closedBecause: string | undefined
 
   /** An answer to one of its requests has come. */
@@ -56,7 +56,8 @@ class EnclaveConnection {
       }
       for (const frame of frames) {
         if (isConnectionClosing(frame)) {
-          // The enclave's last word here: nothing more will be answered, so its requests fail now, with the reason.
+          // The enclave's last word here: nothing more will be answered, so its requests fail now with the reason (or,
+          // when it read nothing here, go on another connection).
           this.closedBecause = readableReason(frame.payload)
           this.unread = frame.status === statuses.UNAVAILABLE
           socket.destroy()
