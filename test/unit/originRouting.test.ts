@@ -1687,6 +1687,42 @@ describe('a parent whose enclaves are not all up', () => {
     }
   })
 
+  it('a sign that finds its key gone from the standby does not share the reload of a failover queued before it, whose LOAD the full standby refuses', async () => {
+    const spares = await cabledSpares('unshared-reload-store')
+    const { store, control } = hangingStore(spares.ownStore)
+    const cabled = new OriginParent({ enclaves: spares.enclaves, poolSize: 1, store, requestTimeoutMs: 10_000, storeTimeoutMs: 200, credentials: async () => kms.credentials, maxInflightPerEnclave: 2 })
+    try {
+      const { onUp, onLate } = (await startWithKeyOnEach(cabled)) as { onUp: KeyInfo; onLate: KeyInfo }
+      spares.lateCable.cut()
+      const signs = () => spares.upCable.framesFromParent.filter((frame) => frame.opcode === opcodes.SIGN).length
+      // A: loaded on spare-up, its SIGN there is answered NOT_FOUND 400 ms later (as after a restart), holding one of two places.
+      spares.upCable.failNextRequest(opcodes.SIGN, 400, statuses.NOT_FOUND)
+      const before = signs()
+      const a = cabled.sign(onLate.keyId, Buffer.alloc(32, 23))
+      await expect.poll(signs).toBe(before + 1)
+      // The key's turn is held by a change whose write hangs; B, a failover of the same key, queues its reload behind it.
+      control.hang = true
+      await expect(cabled.setState(onLate.keyId, 'active')).rejects.toMatchObject({ kind: 'unavailable' })
+      const b = cabled.sign(onLate.keyId, Buffer.alloc(32, 24)).catch((error: unknown) => error)
+      // C, a sign of spare-up's own key, takes the other place and is held there.
+      const holding = spares.upCable.holdNextAnswer()
+      const c = cabled.sign(onUp.keyId, Buffer.alloc(32, 25))
+      const releaseC = await holding
+      // A's NOT_FOUND has come and its reload queued; the write lands, and B's reload (first in turn) finds spare-up full.
+      await new Promise((resolve) => setTimeout(resolve, 500))
+      control.releaseAll()
+      expect(await b).toBeInstanceOf(OverloadedError)
+      // A's reload is its own, in the place A holds: it signs.
+      await expect(a).resolves.toMatchObject({ recoveryId: expect.any(Number) })
+      releaseC()
+      await c
+    } finally {
+      control.releaseAll()
+      cabled.close()
+      await spares.stop()
+    }
+  })
+
   it('a failover sign waits for its key\u2019s turn, held by a state change whose write hangs, no longer than the request timeout, and holds no place on the standby meanwhile', async () => {
     const spares = await cabledSpares('turn-store')
     const { store, control } = hangingStore(spares.ownStore)
