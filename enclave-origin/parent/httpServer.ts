@@ -144,6 +144,7 @@ export class HttpServer {
   private readonly sockets = new Set<Socket>()
   private readonly requestReadTimeoutMs: number
   private readonly keepAliveTimeoutMs: number
+  private readonly unauthenticatedKeepAliveMs: number
   private readonly maxHeaderBytes: number
   private readonly maxBodyBytes: number
   private sweeper: NodeJS.Timeout | undefined
@@ -154,6 +155,7 @@ export class HttpServer {
   constructor(private readonly options: HttpServerOptions) {
     this.requestReadTimeoutMs = options.requestReadTimeoutMs ?? 10_000
     this.keepAliveTimeoutMs = options.keepAliveTimeoutMs ?? 60_000
+    this.unauthenticatedKeepAliveMs = Math.min(options.unauthenticatedKeepAliveMs ?? this.keepAliveTimeoutMs, this.keepAliveTimeoutMs)
     this.maxHeaderBytes = options.maxHeaderBytes ?? 16 * 1024
     this.maxBodyBytes = options.maxBodyBytes ?? 16 * 1024
     const accept = (socket: Socket) => this.accept(socket)
@@ -440,7 +442,7 @@ export class HttpServer {
   }
 
   private idleTimeoutOf(connection: Connection): number {
-    return connection.authenticated ? this.keepAliveTimeoutMs : Math.min(this.options.unauthenticatedKeepAliveMs ?? this.keepAliveTimeoutMs, this.keepAliveTimeoutMs)
+    return connection.authenticated ? this.keepAliveTimeoutMs : this.unauthenticatedKeepAliveMs
   }
 
   /**

@@ -37,10 +37,8 @@ export async function runParent(): Promise<() => Promise<void>> {
   const tls = parentTlsSetting((file) => readFileSync(file, 'utf8'))
   const maxInflightPerEnclave = integerSetting('MAX_INFLIGHT_PER_ENCLAVE', { min: 1, max: 1_000_000, fallback: 1_024 })
   const maxConnections = integerSetting('MAX_CONNECTIONS', { min: 1, max: 1_000_000, fallback: 10_000 })
-  const address = listenAddress(setting('PARENT_LISTEN', '127.0.0.1:8443'))
-  if ('vsock' in address) throw new Error('PARENT_LISTEN must be host:port or a Unix socket path: the parent does not listen on vsock')
-  const operatorAddress = process.env.OPERATOR_LISTEN ? listenAddress(process.env.OPERATOR_LISTEN) : undefined
-  if (operatorAddress && 'vsock' in operatorAddress) throw new Error('OPERATOR_LISTEN must be host:port or a Unix socket path: the parent does not listen on vsock')
+  const address = parentListenAddress('PARENT_LISTEN', setting('PARENT_LISTEN', '127.0.0.1:8443'))
+  const operatorAddress = process.env.OPERATOR_LISTEN ? parentListenAddress('OPERATOR_LISTEN', process.env.OPERATOR_LISTEN) : undefined
   const operatorMaxConnections = integerSetting('OPERATOR_MAX_CONNECTIONS', { min: 1, max: 1_000_000, fallback: 64 })
   const store =
     choiceSetting('STORE', { choices: ['disk', 's3'], fallback: 'disk' }) === 's3'
@@ -92,4 +90,11 @@ export async function runParent(): Promise<() => Promise<void>> {
     parent.close()
     await store.close()
   }
+}
+
+/** The address setting `name` gives, which must be one the parent can listen on. */
+function parentListenAddress(name: string, value: string) {
+  const address = listenAddress(value)
+  if ('vsock' in address) throw new Error(`${name} must be host:port or a Unix socket path: the parent does not listen on vsock`)
+  return address
 }

@@ -188,9 +188,9 @@ export class OriginParent {
       maxInflightPerEnclave?: number
       /**
        * How long a create or a state change waits for the store to confirm its write: a create from the
-       * write, a state change from the call (its wait for the key's turn included); default 10 s. Past it the caller is answered 503 at once,
-       * rather than held for as long as a hung disk or S3 holds the write; the write goes on, in the key's
-       * turn, and may still take effect. Also how long a reload outside a sign or get (start, sync, rotation,
+       * write, a state change from the call (its wait for the key's turn included); default 10 s. Past it the
+       * caller is answered 503 at once, rather than held for as long as a hung disk or S3 holds the write; the
+       * write goes on, in the key's turn, and may still take effect. Also how long a reload outside a sign or get (start, sync, rotation,
        * a state change's) waits for the key's record.
        */
       storeTimeoutMs?: number
@@ -923,7 +923,7 @@ export class OriginParent {
       const begun = new Promise<void>((resolve) => (begin = resolve))
       const done = this.serializeKey(keyId, () => {
         begin()
-        return this.reload(keyId, into, bounds)
+        return this.reload(keyId, into, { readTimeoutMs: bounds.readTimeoutMs, takesPlace })
       }).finally(() => {
         if (this.reloads.get(shared)?.done === done) this.reloads.delete(shared)
       })
@@ -950,17 +950,17 @@ export class OriginParent {
 
   /**
    * An enclave that restarted has lost its records: hand it the stored one. Callers hold the key's turn.
-   * A load into a standby counts as one of its requests while it is out (see `maxInflightPerEnclave`), unless
-   * its caller holds a place there already: when an owner fails, the loads of its keys fill a standby up to
-   * its limit, not past it.
+   * `takesPlace`: the load into a standby counts as one of its requests while it is out (see
+   * `maxInflightPerEnclave`), unless its caller holds a place there already (see `sharedReload`): when an owner
+   * fails, the loads of its keys fill a standby up to its limit, not past it.
    */
-  private async reload(keyId: string, into = this.ring.nodeFor(keyId), { readTimeoutMs, placeHeld } = { readTimeoutMs: this.storeTimeoutMs, placeHeld: false }): Promise<boolean> {
+  private async reload(keyId: string, into = this.ring.nodeFor(keyId), { readTimeoutMs, takesPlace } = { readTimeoutMs: this.storeTimeoutMs, takesPlace: false }): Promise<boolean> {
     // Bounded: a hung read must not hold the key's turn. A record read too late is dropped with this reload.
     const record = await this.withinTimeout(this.options.store.get(keyId), `reading key ${keyId}'s stored record`, { timeoutMs: readTimeoutMs })
     if (!record) return false
     const owner = into === this.ring.nodeFor(keyId)
     try {
-      await (owner || placeHeld ? this.load(record, into) : this.admitted(into, () => this.load(record, into)))
+      await (takesPlace ? this.admitted(into, () => this.load(record, into)) : this.load(record, into))
     } catch (error) {
       // A LOAD given up on may not have landed, nor one refused for want of an unlock, leaving an older state there:
       // reload before the key's next use there.

@@ -101,8 +101,9 @@ export class RequestVerifier {
    * Nonces seen, newest generation first; each generation spans `maxSkewMs`
    * and three are kept. A request is acceptable from its timestamp − the future
    * skew to its timestamp + skew, so a nonce must be remembered for up to
-   * 2 × skew after it is first seen (the future skew is at most the skew); it is, since its generation is emptied only after two
-   * younger ones have each run a full skew. A nonce is kept as a 64-bit
+   * 2 × skew after it is first seen (the future skew is at most the skew); it
+   * is, since its generation is emptied only after two younger ones have each
+   * run a full skew. A nonce is kept as a 64-bit
    * fingerprint of its key id and text (the head of their SHA-256), so the
    * store holds no object per request for the GC; two different nonces
    * sharing one would only have the second refused as a replay.

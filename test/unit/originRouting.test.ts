@@ -496,7 +496,6 @@ describe('LOAD and SET_STATE sequences', () => {
       await cabled.stop()
     }
   }
-  type ParentOptions = Partial<ConstructorParameters<typeof OriginParent>[0]>
   type CabledEnclave = Awaited<ReturnType<typeof cabledEnclave>>
 
   /** `frame` sent to the enclave at `address` again, on a connection of its own (as it would land late); its answer. */
@@ -924,6 +923,8 @@ function hangingStore(base: BlobStore) {
   const store = storeWith({ put: (record) => held(() => base.put(record)), setState: (keyId, state) => held(() => base.setState(keyId, state)) }, base)
   return { store, control }
 }
+
+type ParentOptions = Partial<ConstructorParameters<typeof OriginParent>[0]>
 
 function storeWith(overrides: Partial<BlobStore>, base: BlobStore = store): BlobStore {
   return {
@@ -1599,27 +1600,50 @@ describe('a parent whose enclaves are not all up', () => {
     }
   })
 
+  type Spares = Awaited<ReturnType<typeof cabledSpares>>
+  type StartedSpares = Spares & { cabled: OriginParent; onUp: KeyInfo; onLate: KeyInfo; control: ReturnType<typeof hangingStore>['control'] }
+
+  /**
+   * `test` with a parent over both spares, started with a key on each: one connection per enclave, the spares'
+   * store behind a `hangingStore` (its `control` in the context), and a long request timeout, so that nothing held
+   * times out (and fails over) on a slow machine before the test is done; `options` (or what it makes of the
+   * spares) over those.
+   */
+  async function withStartedSpares(storeName: string, options: ParentOptions | ((spares: Spares) => ParentOptions), test: (context: StartedSpares) => Promise<void>) {
+    const spares = await cabledSpares(storeName)
+    const hanging = hangingStore(spares.ownStore)
+    const cabled = new OriginParent({
+      enclaves: spares.enclaves,
+      poolSize: 1,
+      store: hanging.store,
+      requestTimeoutMs: 10_000,
+      credentials: async () => kms.credentials,
+      ...(typeof options === 'function' ? options(spares) : options),
+    })
+    try {
+      const { onUp, onLate } = await startWithKeyOnEach(cabled)
+      await test({ ...spares, cabled, onUp: onUp!, onLate: onLate!, control: hanging.control })
+    } finally {
+      hanging.control.releaseAll()
+      cabled.close()
+      await spares.stop()
+    }
+  }
+
   /**
    * A parent over both spares that lets each serve one sign, get or create at a time, with `full`'s one place
    * taken by a sign its relay holds until `test` has run. Nothing may fail over meanwhile: a shed request is no outage.
    */
-  async function withSpareFull(storeName: string, full: 'spare-up' | 'spare-late', test: (context: Awaited<ReturnType<typeof cabledSpares>> & { cabled: OriginParent; onUp: KeyInfo; onLate: KeyInfo }) => Promise<void>) {
-    const spares = await cabledSpares(storeName)
-    // A long request timeout: the held sign must not time out (and fail over) on a slow machine before `test` is done.
-    const cabled = new OriginParent({ enclaves: spares.enclaves, poolSize: 1, store: spares.ownStore, requestTimeoutMs: 10_000, credentials: async () => kms.credentials, maxInflightPerEnclave: 1 })
-    try {
-      const { onUp, onLate } = await startWithKeyOnEach(cabled)
-      const holding = (full === 'spare-up' ? spares.upCable : spares.lateCable).holdNextAnswer()
-      const signing = cabled.sign((full === 'spare-up' ? onUp : onLate)!.keyId, Buffer.alloc(32, 12))
+  function withSpareFull(storeName: string, full: 'spare-up' | 'spare-late', test: (context: StartedSpares) => Promise<void>) {
+    return withStartedSpares(storeName, { maxInflightPerEnclave: 1 }, async (context) => {
+      const holding = (full === 'spare-up' ? context.upCable : context.lateCable).holdNextAnswer()
+      const signing = context.cabled.sign((full === 'spare-up' ? context.onUp : context.onLate).keyId, Buffer.alloc(32, 12))
       const release = await holding
-      await test({ ...spares, cabled, onUp: onUp!, onLate: onLate! })
-      expect(cabled.failovers()).toEqual([])
+      await test(context)
+      expect(context.cabled.failovers()).toEqual([])
       release()
       await signing
-    } finally {
-      cabled.close()
-      await spares.stop()
-    }
+    })
   }
 
   it('a full enclave is passed over for creates, and sheds its own keys\u2019 signs while the other\u2019s sign on', () =>
@@ -1643,17 +1667,14 @@ describe('a parent whose enclaves are not all up', () => {
       await expect(cabled.createKey()).rejects.toBeInstanceOf(OverloadedError)
     }))
 
-  it('a failover\u2019s load takes one of the standby\u2019s places while it runs: the standby\u2019s own keys are shed meanwhile, not sent past its limit', async () => {
-    const spares = await cabledSpares('loading-standby-store')
-    const cabled = new OriginParent({ enclaves: spares.enclaves, poolSize: 1, store: spares.ownStore, requestTimeoutMs: 10_000, credentials: async () => kms.credentials, maxInflightPerEnclave: 1 })
-    try {
-      const { onUp, onLate } = (await startWithKeyOnEach(cabled)) as { onUp: KeyInfo; onLate: KeyInfo }
+  it('a failover\u2019s load takes one of the standby\u2019s places while it runs: the standby\u2019s own keys are shed meanwhile, not sent past its limit', () =>
+    withStartedSpares('loading-standby-store', { maxInflightPerEnclave: 1 }, async ({ cabled, upCable, lateCable, onUp, onLate }) => {
       // spare-late drops out; its key loads on spare-up, whose answer to the LOAD is held.
-      spares.lateCable.cut()
-      const holding = spares.upCable.holdNextAnswer(opcodes.LOAD)
+      lateCable.cut()
+      const holding = upCable.holdNextAnswer(opcodes.LOAD)
       const failingOver = cabled.sign(onLate.keyId, Buffer.alloc(32, 18))
       const release = await holding
-      const signs = () => spares.upCable.framesFromParent.filter((frame) => frame.opcode === opcodes.SIGN).length
+      const signs = () => upCable.framesFromParent.filter((frame) => frame.opcode === opcodes.SIGN).length
       const before = signs()
       await expect(cabled.sign(onUp.keyId, Buffer.alloc(32, 19))).rejects.toBeInstanceOf(OverloadedError)
       expect(signs()).toBe(before)
@@ -1662,41 +1683,26 @@ describe('a parent whose enclaves are not all up', () => {
       await expect(failingOver).resolves.toMatchObject({ recoveryId: expect.any(Number) })
       expect(cabled.failovers()).toEqual([{ enclave: 'spare-late', standby: 'spare-up', count: 1 }])
       await expectSignsAs(cabled, onUp)
-    } finally {
-      cabled.close()
-      await spares.stop()
-    }
-  })
+    }))
 
-  it('a failover sign that finds its key gone from the standby reloads it there in the place it holds: at the standby\u2019s last place, it signs', async () => {
-    const spares = await cabledSpares('reloading-standby-store')
-    const cabled = new OriginParent({ enclaves: spares.enclaves, poolSize: 1, store: spares.ownStore, requestTimeoutMs: 10_000, credentials: async () => kms.credentials, maxInflightPerEnclave: 1 })
-    try {
-      const { onLate } = (await startWithKeyOnEach(cabled)) as { onUp: KeyInfo; onLate: KeyInfo }
-      spares.lateCable.cut()
+  it('a failover sign that finds its key gone from the standby reloads it there in the place it holds: at the standby\u2019s last place, it signs', () =>
+    withStartedSpares('reloading-standby-store', { maxInflightPerEnclave: 1 }, async ({ cabled, upCable, lateCable, onLate }) => {
+      lateCable.cut()
       // Loaded on spare-up for this sign, the key is gone by the time its SIGN arrives (as after a restart there).
-      spares.upCable.failNextRequest(opcodes.SIGN, 0, statuses.NOT_FOUND)
-      const loads = () => spares.upCable.framesFromParent.filter((frame) => frame.opcode === opcodes.LOAD).length
+      upCable.failNextRequest(opcodes.SIGN, 0, statuses.NOT_FOUND)
+      const loads = () => upCable.framesFromParent.filter((frame) => frame.opcode === opcodes.LOAD).length
       const before = loads()
       await expectSignsAs(cabled, onLate)
       expect(loads()).toBe(before + 2)
       expect(cabled.failovers()).toEqual([{ enclave: 'spare-late', standby: 'spare-up', count: 1 }])
-    } finally {
-      cabled.close()
-      await spares.stop()
-    }
-  })
+    }))
 
-  it('a sign that finds its key gone from the standby does not share the reload of a failover queued before it, whose LOAD the full standby refuses', async () => {
-    const spares = await cabledSpares('unshared-reload-store')
-    const { store, control } = hangingStore(spares.ownStore)
-    const cabled = new OriginParent({ enclaves: spares.enclaves, poolSize: 1, store, requestTimeoutMs: 10_000, storeTimeoutMs: 200, credentials: async () => kms.credentials, maxInflightPerEnclave: 2 })
-    try {
-      const { onUp, onLate } = (await startWithKeyOnEach(cabled)) as { onUp: KeyInfo; onLate: KeyInfo }
-      spares.lateCable.cut()
-      const signs = () => spares.upCable.framesFromParent.filter((frame) => frame.opcode === opcodes.SIGN).length
+  it('a sign that finds its key gone from the standby does not share the reload of a failover queued before it, whose LOAD the full standby refuses', () =>
+    withStartedSpares('unshared-reload-store', { storeTimeoutMs: 200, maxInflightPerEnclave: 2 }, async ({ cabled, upCable, lateCable, onUp, onLate, control }) => {
+      lateCable.cut()
+      const signs = () => upCable.framesFromParent.filter((frame) => frame.opcode === opcodes.SIGN).length
       // A: loaded on spare-up, its SIGN there is answered NOT_FOUND 400 ms later (as after a restart), holding one of two places.
-      spares.upCable.failNextRequest(opcodes.SIGN, 400, statuses.NOT_FOUND)
+      upCable.failNextRequest(opcodes.SIGN, 400, statuses.NOT_FOUND)
       const before = signs()
       const a = cabled.sign(onLate.keyId, Buffer.alloc(32, 23))
       await expect.poll(signs).toBe(before + 1)
@@ -1705,7 +1711,7 @@ describe('a parent whose enclaves are not all up', () => {
       await expect(cabled.setState(onLate.keyId, 'active')).rejects.toMatchObject({ kind: 'unavailable' })
       const b = cabled.sign(onLate.keyId, Buffer.alloc(32, 24)).catch((error: unknown) => error)
       // C, a sign of spare-up's own key, takes the other place and is held there.
-      const holding = spares.upCable.holdNextAnswer()
+      const holding = upCable.holdNextAnswer()
       const c = cabled.sign(onUp.keyId, Buffer.alloc(32, 25))
       const releaseC = await holding
       // A's NOT_FOUND has come and its reload queued; the write lands, and B's reload (first in turn) finds spare-up full.
@@ -1716,22 +1722,13 @@ describe('a parent whose enclaves are not all up', () => {
       await expect(a).resolves.toMatchObject({ recoveryId: expect.any(Number) })
       releaseC()
       await c
-    } finally {
-      control.releaseAll()
-      cabled.close()
-      await spares.stop()
-    }
-  })
+    }))
 
-  it('a failover sign waits for its key\u2019s turn, held by a state change whose write hangs, no longer than the request timeout, and holds no place on the standby meanwhile', async () => {
-    const spares = await cabledSpares('turn-store')
-    const { store, control } = hangingStore(spares.ownStore)
-    const cabled = new OriginParent({ enclaves: spares.enclaves, poolSize: 1, store, requestTimeoutMs: 500, storeTimeoutMs: 200, credentials: async () => kms.credentials, maxInflightPerEnclave: 1 })
-    try {
-      const { onUp, onLate } = (await startWithKeyOnEach(cabled)) as { onUp: KeyInfo; onLate: KeyInfo }
+  it('a failover sign waits for its key\u2019s turn, held by a state change whose write hangs, no longer than the request timeout, and holds no place on the standby meanwhile', () =>
+    withStartedSpares('turn-store', { requestTimeoutMs: 500, storeTimeoutMs: 200, maxInflightPerEnclave: 1 }, async ({ cabled, lateCable, ownStore, onUp, onLate, control }) => {
       control.hang = true
       await expect(cabled.setState(onLate.keyId, 'frozen')).rejects.toMatchObject({ kind: 'unavailable' })
-      spares.lateCable.cut()
+      lateCable.cut()
       const started = performance.now()
       const failingOver = cabled.sign(onLate.keyId, Buffer.alloc(32, 20)).catch((error: unknown) => error)
       // Once it is on spare-up (spare-late fails it at once), waiting for the key's turn, spare-up's one place is
@@ -1744,53 +1741,39 @@ describe('a parent whose enclaves are not all up', () => {
       expect(performance.now() - started).toBeLessThan(2_000)
       // Once the freeze's write lands, the key loads on spare-up as the store has it: frozen.
       control.releaseAll()
-      await expect.poll(async () => (await spares.ownStore.get(onLate.keyId))?.state).toBe('frozen')
+      await expect.poll(async () => (await ownStore.get(onLate.keyId))?.state).toBe('frozen')
       await expect(cabled.sign(onLate.keyId, Buffer.alloc(32, 21))).rejects.toThrow(`key ${onLate.keyId} is frozen`)
-    } finally {
-      control.releaseAll()
-      cabled.close()
-      await spares.stop()
-    }
-  })
+    }))
 
-  it('a failover sign whose key\u2019s record the store does not give within the request timeout fails then (not the longer store timeout), and holds no turn of the key', async () => {
-    const spares = await cabledSpares('hung-read-store')
+  it('a failover sign whose key\u2019s record the store does not give within the request timeout fails then (not the longer store timeout), and holds no turn of the key', () => {
     let readsHang = false
-    const store = storeWith({ get: (keyId) => (readsHang ? new Promise<never>(() => {}) : spares.ownStore.get(keyId)) }, spares.ownStore)
-    const cabled = new OriginParent({ enclaves: spares.enclaves, poolSize: 1, store, requestTimeoutMs: 300, storeTimeoutMs: 10_000, credentials: async () => kms.credentials })
-    try {
-      const { onLate } = (await startWithKeyOnEach(cabled)) as { onUp: KeyInfo; onLate: KeyInfo }
-      spares.lateCable.cut()
+    const hangingReads = ({ ownStore }: Spares) => ({
+      store: storeWith({ get: (keyId) => (readsHang ? new Promise<never>(() => {}) : ownStore.get(keyId)) }, ownStore),
+      requestTimeoutMs: 300,
+      storeTimeoutMs: 10_000,
+    })
+    return withStartedSpares('hung-read-store', hangingReads, async ({ cabled, lateCable, onLate }) => {
+      lateCable.cut()
       readsHang = true
       await expect(cabled.sign(onLate.keyId, Buffer.alloc(32, 22))).rejects.toThrow(`reading key ${onLate.keyId}'s stored record took longer than 300 ms`)
       // The key's turn is free again: with the store answering, the next sign loads it on spare-up.
       readsHang = false
       await expectSignsAs(cabled, onLate)
-    } finally {
-      cabled.close()
-      await spares.stop()
-    }
+    })
   })
 
-  it('a standby held back after failures of its own is still tried, last, before a request fails', async () => {
-    const { upCable, lateCable, ownStore, enclaves, stop } = await cabledSpares('held-standby-store')
-    const cabled = new OriginParent({ enclaves, poolSize: 1, store: ownStore, requestTimeoutMs: 1_000, credentials: async () => kms.credentials })
-    try {
-      const { onUp, onLate } = await startWithKeyOnEach(cabled)
+  it('a standby held back after failures of its own is still tried, last, before a request fails', () =>
+    withStartedSpares('held-standby-store', { requestTimeoutMs: 1_000 }, async ({ cabled, upCable, lateCable, onUp, onLate }) => {
       // spare-up drops out: its key signs on spare-late, and spare-up is held back for at least 375 ms.
       upCable.cut()
-      await expectSignsAs(cabled, onUp!)
+      await expectSignsAs(cabled, onUp)
       // Back within its hold, while spare-late drops out: spare-late's key has only spare-up left.
       upCable.restore()
       expect((await cabled.health()).find((enclave) => enclave.id === 'spare-up')).toMatchObject({ answered: true, ok: false, held: true })
       lateCable.cut()
-      await expectSignsAs(cabled, onLate!)
+      await expectSignsAs(cabled, onLate)
       expect(cabled.failovers()).toEqual(expect.arrayContaining([expect.objectContaining({ enclave: 'spare-late', standby: 'spare-up', count: 1 })]))
-    } finally {
-      cabled.close()
-      await stop()
-    }
-  })
+    }))
 
   /**
    * spare-up's outage went on (no answer of its own ended it): its next failure, made here by cutting it off,
