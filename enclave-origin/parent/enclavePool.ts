@@ -9,14 +9,21 @@ import { decodeErrorMessage } from '../protocol/messages.js'
 /** Where an enclave listens: vsock in production, TCP or a Unix socket elsewhere. */
 export type EnclaveAddress = StreamAddress
 
-type RequestOptions = { opcode: Opcode; payload: Uint8Array; timeoutMs: number }
-type Pending = { resolve: (frame: Frame) => void; reject: (error: Error) => void; timer: ReturnType<typeof setTimeout>; options: RequestOptions }
+type RequestOptions = {
+  opcode: Opcode
+  payload: Uint8Array
+  timeoutMs: number
+  /**
+   * Set only on a request sent again after a refused connection (see `EnclaveConnection`'s `sendElsewhere`): it
+   * keeps its first send's deadline (monotonic ms), so the wait on the refused connection counts, and it is not sent
+   * again a second time.
+   */
+  deadline?: number
+}
+type Pending = { resolve: (frame: Frame) => void; reject: (error: Error) => void; timer: ReturnType<typeof setTimeout>; options: RequestOptions; deadline: number }
 
 /** The enclave did not answer, or the connection to it broke. */
 export class EnclaveUnavailableError extends Error {}
-
-/** Requests already sent again once after a refused connection (see `EnclaveConnection`'s `sendElsewhere`). */
-const resent = new WeakSet<RequestOptions>()
 
 /** One long-lived connection carrying many requests at once, matched to answers by request id. */
 class EnclaveConnection {
@@ -80,11 +87,8 @@ class EnclaveConnection {
       for (const waiting of this.pending.values()) {
         clearTimeout(waiting.timer)
         // Never read there: sent again on another connection, once (a request refused twice fails as refused).
-        if (this.unread && !resent.has(waiting.options)) {
-          const again = { ...waiting.options }
-          resent.add(again)
-          sendElsewhere(again).then(waiting.resolve, waiting.reject)
-        } else waiting.reject(new EnclaveUnavailableError(message))
+        if (this.unread && waiting.options.deadline === undefined) sendElsewhere({ ...waiting.options, deadline: waiting.deadline }).then(waiting.resolve, waiting.reject)
+        else waiting.reject(new EnclaveUnavailableError(message))
       }
       this.pending.clear()
       onClose(this.closedBecause !== undefined && !this.answered)
@@ -118,17 +122,21 @@ class EnclaveConnection {
     // Encoded first: a frame that cannot be encoded leaves nothing pending.
     const frame = encodeFrame({ requestId, opcode: options.opcode, status: 0, payload: options.payload })
     const readsAtSend = this.reads
+    const now = performance.now()
+    const deadline = options.deadline ?? now + options.timeoutMs
     return new Promise<Frame>((resolve, reject) => {
       const timer = setTimeout(() => {
         this.pending.delete(requestId)
         reject(new EnclaveUnavailableError(`the enclave did not answer within ${options.timeoutMs} ms`))
         // Nothing at all came back since: the pool would keep choosing this idle-looking connection, so a new one replaces it.
         // Judged after this turn's input is read: a stalled event loop runs timers before reading answers already here.
-        setImmediate(() => {
-          if (this.reads === readsAtSend) this.socket.destroy()
-        })
-      }, options.timeoutMs)
-      this.pending.set(requestId, { resolve, reject, timer, options })
+        // Not for a request sent again, whose wait here may have been too short to judge by.
+        if (options.deadline === undefined)
+          setImmediate(() => {
+            if (this.reads === readsAtSend) this.socket.destroy()
+          })
+      }, deadline - now)
+      this.pending.set(requestId, { resolve, reject, timer, options, deadline })
       this.writer.write(frame)
     })
   }
