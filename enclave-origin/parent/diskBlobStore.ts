@@ -102,13 +102,12 @@ export async function openDiskBlobStore(options: DiskBlobStoreOptions): Promise<
   // The kernel's reading of the path, the one mkdir used (a `..` after a symlink leaves the link's target), not join()'s.
   const directory = await realpath(options.directory)
   // A new directory's entry is durable only once its parent is fsynced: each parent from the store's up to that of the
-  // first directory mkdir made. (Of `a/../b` mkdir makes `a` as well, which is no ancestor of the store.)
-  if (firstCreated !== undefined) {
-    const above = await realpath(dirname(firstCreated))
-    for (let made = directory; made !== dirname(made); made = dirname(made)) {
-      await syncDirectory(fileSystem, dirname(made))
-      if (dirname(made) === above) break
-    }
+  // first directory mkdir made. (Of `a/../b` mkdir makes `a` as well, which is no ancestor of the store.) Found
+  // already there, the store's own parent still is: the process that made it may have died before fsyncing it.
+  const above = firstCreated === undefined ? dirname(directory) : await realpath(dirname(firstCreated))
+  for (let made = directory; made !== dirname(made); made = dirname(made)) {
+    await syncDirectory(fileSystem, dirname(made))
+    if (dirname(made) === above) break
   }
   const lock = await lockDirectory(directory)
   try {
@@ -138,8 +137,9 @@ async function openLocked(options: Required<DiskBlobStoreOptions> & { lock: Dire
   try {
     log = await recover(RECORD_LOG)
     journal = await recover(STATE_JOURNAL)
-    // A new file's directory entry is not durable until the directory is fsynced, however often the file is.
-    if (log.headerWritten || journal.headerWritten) await syncDirectory(fileSystem, directory)
+    // A new file's directory entry is not durable until the directory is fsynced, however often the file is: at every
+    // open, since the process that made the files may have died before it did.
+    await syncDirectory(fileSystem, directory)
     for (const entry of log.entries) index.apply(entry)
     index.restrictStates(lastStates(journal.entries, journal.path))
   } catch (error) {
@@ -157,18 +157,31 @@ async function openLocked(options: Required<DiskBlobStoreOptions> & { lock: Dire
 }
 
 /**
- * Writes `live` as a new log, fsyncs it, renames it over the old one and
+ * Frames encoded per write of a compaction: a few milliseconds of work, after which the event loop serves what waits
+ * (encoding a million keys' log at once would hold the parent's signing up for seconds).
+ */
+const COMPACTION_CHUNK_FRAMES = 500
+
+/**
+ * Writes `live` as a new log, a chunk at a time, fsyncs it, renames it over the old one and
  * fsyncs the directory; returns the new log open for appending. A failure
  * before the rename leaves the old log as the log; one after it
  * (`afterRename`) leaves a new log whose name may not survive a crash.
  */
-async function compact(options: { fileSystem: BlobStoreFileSystem; directory: string; live: LogEntry[] }): Promise<{ file: LogFile } | { error: unknown; afterRename: boolean }> {
+async function compact(options: { fileSystem: BlobStoreFileSystem; directory: string; live: Iterable<LogEntry> }): Promise<{ file: LogFile } | { error: unknown; afterRename: boolean }> {
   const { fileSystem, directory, live } = options
   const compacting = join(directory, COMPACTING_FILE_NAME)
   let next: LogFile | undefined
   try {
     next = await fileSystem.open(compacting, 'ax+')
-    await writeFully(next, Buffer.concat([LOG_MAGIC, ...live.map(encodeFrame)]))
+    let chunk: Buffer[] = [LOG_MAGIC]
+    for (const entry of live) {
+      chunk.push(encodeFrame(entry))
+      if (chunk.length < COMPACTION_CHUNK_FRAMES) continue
+      await writeFully(next, Buffer.concat(chunk))
+      chunk = []
+    }
+    await writeFully(next, Buffer.concat(chunk))
     await next.sync()
     await rename(compacting, join(directory, LOG_FILE_NAME))
   } catch (error) {
@@ -458,11 +471,13 @@ class RecordIndex {
     return this.records.size + (this.dek ? 1 : 0)
   }
 
-  /** The fewest entries that rebuild this index: one put per key (with its current state) and the DEK. */
-  liveEntries(): LogEntry[] {
-    const entries: LogEntry[] = [...this.records.values()].map((record) => ({ kind: 'put', record }))
-    if (this.dek) entries.push({ kind: 'dek', dek: this.dek })
-    return entries
+  /**
+   * The fewest entries that rebuild this index: one put per key (with its current state) and the DEK. Read as they
+   * are written; the index does not change meanwhile (a compaction runs between groups).
+   */
+  *liveEntries(): Generator<LogEntry> {
+    for (const record of this.records.values()) yield { kind: 'put', record }
+    if (this.dek) yield { kind: 'dek', dek: this.dek }
   }
 
   versions(): Map<string, number> {
@@ -625,27 +640,29 @@ function nextFrameAfter(bytes: Buffer, badOffset: number, budget: { bytesLeft: n
 
 /**
  * Writes the log `name` as found to `<name>.damaged-<first 16 hex of its SHA-256>`,
- * owner-only and durable, before recovery changes it. The same damage found
- * again (a restart before the rewrite succeeded) is already there and not
- * written twice; a copy that fails half-way is removed, and the open fails.
+ * owner-only and durable, before recovery changes it. It is written whole
+ * under another name and renamed into place: a copy cut short by a crash
+ * must not pass for the copy at the next open, which compacts the damage
+ * away. The same damage found again (a restart before the rewrite
+ * succeeded) replaces that copy, so there is one; a copy that fails
+ * half-way is removed, and the open fails.
  */
 async function keepDamagedLogAside({ fileSystem, directory, name, bytes }: { fileSystem: BlobStoreFileSystem; directory: string; name: string; bytes: Buffer }): Promise<string> {
   const path = join(directory, `${name}.damaged-${createHash('sha256').update(bytes).digest('hex').slice(0, 16)}`)
-  let copy: LogFile
+  const partial = `${path}.partial`
+  let copy: LogFile | undefined
   try {
-    copy = await fileSystem.open(path, 'ax+')
-  } catch (error) {
-    if ((error as NodeJS.ErrnoException).code === 'EEXIST') return path
-    throw error
-  }
-  try {
+    await rm(partial, { force: true })
+    copy = await fileSystem.open(partial, 'ax+')
     await writeFully(copy, bytes)
     await copy.sync()
     await copy.close()
+    copy = undefined
+    await rename(partial, path)
     await syncDirectory(fileSystem, directory)
   } catch (error) {
-    await copy.close().catch(() => {})
-    await rm(path, { force: true })
+    await copy?.close().catch(() => {})
+    await rm(partial, { force: true })
     throw new Error(`could not keep the damaged log aside at ${path}: ${messageOf(error)}`, { cause: error })
   }
   return path
