@@ -38,19 +38,35 @@ type Recipient = { field: { AttestationDocument: Uint8Array; KeyEncryptionAlgori
  * with `CiphertextForRecipient`, which only this process's RSA key opens, and
  * the plaintext DEK never crosses the wire (nor the parent that proxies it).
  */
-export class KmsDataKeys {
-  private recipientKey: Promise<{ privateKey: KeyObject; publicKey: Uint8Array }> | undefined
+type RecipientKey = { privateKey: KeyObject; publicKey: Uint8Array }
 
-  constructor(private readonly options: { client: KMSClient; kmsKeyId: string; attestation: AttestationProvider }) {}
+async function newRecipientKey(): Promise<RecipientKey> {
+  const { privateKey, publicKey } = await promisify(generateKeyPair)('rsa', { modulusLength: 2048 })
+  return { privateKey, publicKey: publicKey.export({ type: 'spki', format: 'der' }) }
+}
+
+export class KmsDataKeys {
+  private recipientKey: Promise<RecipientKey> | undefined
+
+  constructor(
+    private readonly options: {
+      client: KMSClient
+      kmsKeyId: string
+      attestation: AttestationProvider
+      /** Makes the RSA pair KMS encrypts to; default a new RSA-2048 pair (tests give one that fails once). */
+      makeRecipientKey?: () => Promise<RecipientKey>
+    },
+  ) {}
 
   private async recipient(): Promise<Recipient | undefined> {
     if (this.options.attestation.kind === 'none') return undefined
     // One RSA-2048 pair per process, made off the event loop on first use; it never leaves memory.
-    this.recipientKey ??= promisify(generateKeyPair)('rsa', { modulusLength: 2048 }).then(({ privateKey, publicKey }) => ({
-      privateKey,
-      publicKey: publicKey.export({ type: 'spki', format: 'der' }),
-    }))
-    const { privateKey, publicKey } = await this.recipientKey
+    const made = (this.recipientKey ??= (this.options.makeRecipientKey ?? newRecipientKey)())
+    // A failure is not kept: the next KMS call tries again rather than failing for the life of the process.
+    made.catch(() => {
+      if (this.recipientKey === made) this.recipientKey = undefined
+    })
+    const { privateKey, publicKey } = await made
     const document = await this.options.attestation.attestationDocument({ publicKey })
     if (!document) throw new Error('the attestation provider returned no document')
     return { field: { AttestationDocument: document, KeyEncryptionAlgorithm: 'RSAES_OAEP_SHA_256' }, privateKey }

@@ -440,6 +440,11 @@ export class KeyCache {
     this.dek = undefined
   }
 
+  /** Keys whose records it holds, in whatever state. */
+  get keyCount(): number {
+    return this.entries.size
+  }
+
   stats(): KeyCacheStats {
     const now = this.now()
     const keys: Record<CacheState, number> = { WARM: 0, COOL: 0, INVALID: 0 }

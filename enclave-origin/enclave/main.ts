@@ -30,12 +30,13 @@ export async function runEnclave(): Promise<() => Promise<void>> {
   const nitro = choiceSetting('ENCLAVE_ATTESTATION', { choices: ['nitro', 'none'], fallback: profile === 'production' ? 'nitro' : 'none' }) === 'nitro' ? openNitroAttestation() : undefined
   const attestation = nitro ?? developmentAttestation
   const kmsKeyId = setting('KMS_KEY_ID')
-  await checkStartup({ profile, attestation, kmsKeyId, warn: (message) => logLine({ level: 'warn', event: 'startup', message }) })
+  const kmsEndpoint = process.env.KMS_ENDPOINT || undefined
+  await checkStartup({ profile, attestation, kmsKeyId, kmsEndpoint, warn: (message) => logLine({ level: 'warn', event: 'startup', message }) })
   if (nitro) logLine({ event: 'nitro_attestation', module: nitro.module })
   const credentials = new DeliveredCredentials()
   const client = enclaveKmsClient({
     region: setting('KMS_REGION', 'us-east-1'),
-    endpoint: process.env.KMS_ENDPOINT || undefined,
+    endpoint: kmsEndpoint,
     credentials,
     timeoutMs: integerSetting('KMS_TIMEOUT_MS', { min: 100, max: 60_000, fallback: 3_000 }),
     tunnel: process.env.KMS_TUNNEL ? listenAddress(process.env.KMS_TUNNEL) : undefined,

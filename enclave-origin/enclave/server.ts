@@ -245,6 +245,11 @@ export class EnclaveService {
       this.wrappedDek = wrapped
       cache.setDek(dek, retiring)
     } else if (!sealedPreloadIdentity) {
+      // The first data key, for a parent whose store holds none. An enclave holding keys sealed under one is serving
+      // another store (or this one before it was lost): replacing its DEK would seal new keys where no store keeps it.
+      if (cache.keyCount > 0) {
+        return fail(statuses.BAD_REQUEST, `this enclave holds ${cache.keyCount} keys under its data key: it makes no first one (is the parent's store the one they came from?)`)
+      }
       const { dek, wrapped } = await this.options.dataKeys.generate()
       this.wrappedDek = wrapped
       cache.setDek(dek)

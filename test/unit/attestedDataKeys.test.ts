@@ -64,6 +64,26 @@ describe('KmsDataKeys with a Nitro attestation provider', () => {
     expect(openRecipientCiphertext(decrypted.CiphertextForRecipient!, privateKey)).toEqual(dek)
   })
 
+  it('makes its RSA pair again after a failure to make it, rather than failing every KMS call for the life of the process', async () => {
+    let attempts = 0
+    const keys = new KmsDataKeys({
+      client,
+      kmsKeyId: kms.createSymmetricKey(),
+      attestation: nsm.provider,
+      makeRecipientKey: async () => {
+        attempts += 1
+        if (attempts === 1) throw new Error('out of memory')
+        const { privateKey, publicKey } = generateKeyPairSync('rsa', { modulusLength: 2048 })
+        return { privateKey, publicKey: publicKey.export({ type: 'spki', format: 'der' }) }
+      },
+    })
+    await expect(keys.generate()).rejects.toThrow('out of memory')
+    const { dek, wrapped } = await keys.generate()
+    expect(Buffer.from(await keys.unwrap(wrapped))).toEqual(Buffer.from(dek))
+    // Made once more, then kept.
+    expect(attempts).toBe(2)
+  })
+
   it('is the only way to a key whose policy requires this image: no attestation and another PCR0 are denied', async () => {
     const kmsKeyId = kms.createSymmetricKey({ recipientPcr0: nsm.pcr0 })
     const { wrapped } = await dataKeys(nsm.provider, kmsKeyId).generate()

@@ -336,6 +336,31 @@ it('a preload that fails is the answer, but leaves the data key of the same UNLO
   expect(cache.get('k')?.cacheState).toBe('COOL')
 })
 
+it('an enclave that holds keys makes no first data key: a bootstrap UNLOCK from a parent with an empty store is refused, and its DEK stays', async () => {
+  let made = 0
+  const fakeKms = {
+    generate: async () => {
+      made += 1
+      return { dek: new Uint8Array(32).fill(made), wrapped: { keyId: 'test', ciphertext: Uint8Array.of(made) } }
+    },
+  } as unknown as KmsDataKeys
+  const { service } = enclaveWith(fakeKms)
+  let requestId = 0
+  const call = (opcode: number, payload: Uint8Array) => service.handle({ requestId: ++requestId, opcode, status: 0, payload })
+  const bootstrap = () => call(opcodes.UNLOCK, encodeUnlockRequest({ wrappedDek: new Uint8Array() }))
+  // A new enclave, or one holding no keys: it makes one (again).
+  expect(decodeUnlockResponse((await bootstrap()).payload).wrappedDek).toEqual(Uint8Array.of(1))
+  expect(decodeUnlockResponse((await bootstrap()).payload).wrappedDek).toEqual(Uint8Array.of(2))
+  expect((await call(opcodes.CREATE, encodeCreateRequest({ keyId: 'held' }))).status).toBe(statuses.OK)
+  const refused = await bootstrap()
+  expect([refused.status, decodeErrorMessage(refused.payload)]).toEqual([
+    statuses.BAD_REQUEST,
+    "this enclave holds 1 keys under its data key: it makes no first one (is the parent's store the one they came from?)",
+  ])
+  expect(made).toBe(2)
+  expect((await call(opcodes.SIGN, encodeSignRequest({ keyId: 'held', digest: new Uint8Array(32) }))).status).toBe(statuses.OK)
+})
+
 it('a parent refuses to store an empty wrapped DEK from a bootstrap UNLOCK', async () => {
   // An enclave stand-in that answers every request OK with nothing: an UNLOCK with no wrapped DEK.
   const port = 18673

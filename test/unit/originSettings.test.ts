@@ -35,6 +35,19 @@ describe('enclave start-up checks', () => {
     }
   })
 
+  it('production refuses to reach KMS without verified TLS: a plain endpoint, or certificate checks turned off', async () => {
+    const production = { profile: 'production' as const, kmsKeyId: keyArn, attestation: nitro, warn: () => {}, readRng: async () => 'nsm-hwrng\n', env: {} }
+    for (const kmsEndpoint of ['http://kms.us-east-1.amazonaws.com', 'kms.us-east-1.amazonaws.com']) {
+      await expect(checkStartup({ ...production, kmsEndpoint })).rejects.toThrow('refusing to start: the production profile reaches KMS over TLS only (KMS_ENDPOINT must be an https:// URL)')
+    }
+    await expect(checkStartup({ ...production, env: { NODE_TLS_REJECT_UNAUTHORIZED: '0' } })).rejects.toThrow(
+      "refusing to start: NODE_TLS_REJECT_UNAUTHORIZED=0 turns off the check of KMS's TLS certificate",
+    )
+    await expect(checkStartup({ ...production, kmsEndpoint: 'https://kms.us-east-1.amazonaws.com', env: { NODE_TLS_REJECT_UNAUTHORIZED: '1' } })).resolves.toBeUndefined()
+    // Development allows both (the local KMS server of the tests speaks plain HTTP).
+    await expect(checkStartup({ ...production, profile: 'development', kmsEndpoint: 'http://127.0.0.1:4599', env: { NODE_TLS_REJECT_UNAUTHORIZED: '0' } })).resolves.toBeUndefined()
+  })
+
   it('development skips both checks, and says so', async () => {
     const warnings: string[] = []
     let rngRead = false
