@@ -286,6 +286,9 @@ export class SignEngine {
       throw error
     }
     this.state = 'running'
+    // A thread that became ready and then died while the others started was not replaced then (replace() waits for
+    // 'running'): the pool would stay one short for good.
+    for (let missing = this.threads - this.slots.length; missing > 0; missing--) this.replace()
   }
 
   /** Starts one thread; resolves when it has loaded the binding, rejects if it exits first. */

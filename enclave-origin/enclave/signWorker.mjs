@@ -43,6 +43,8 @@ port.on('message', (/** @type {{ close: true } | { batchId: number, count: numbe
   // A batch that does not fit its own count means the two sides disagree on the
   // protocol: dying (the engine rejects and replaces) beats signing garbage.
   if (!(buffer instanceof ArrayBuffer) || !Number.isInteger(count) || count < 1 || buffer.byteLength < count * layout.slotBytes) {
+    // It may still hold keys: they go before the thread does.
+    if (buffer instanceof ArrayBuffer) new Uint8Array(buffer).fill(0)
     throw new Error(`signWorker: malformed batch ${batchId}`)
   }
   const bytes = new Uint8Array(buffer)

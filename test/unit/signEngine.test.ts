@@ -63,6 +63,27 @@ describe('SignEngine', () => {
     expect(request).toEqual(before)
   })
 
+  it('has copied each key and digest when sign() returns: the caller may reuse their memory at once (inline, alone, in a batch)', async () => {
+    const expectSignedAsGiven = async (engine: SignEngine, count: number) => {
+      const requests = Array.from({ length: count }, randomRequest)
+      const given = requests.map((request) => ({ privateKey: request.privateKey.slice(), digest: request.digest.slice() }))
+      const signing = requests.map((request) => engine.sign(request))
+      // As the key cache reuses a slab slot: other bytes where the key was, before anything was signed.
+      for (const request of requests) {
+        request.privateKey.set(randomBytes(32))
+        request.digest.fill(0)
+      }
+      for (const [i, result] of (await Promise.all(signing)).entries()) await expectValid(given[i]!, result)
+    }
+    const inline = await started({ threads: 1 })
+    await expectSignedAsGiven(inline, 1)
+    expect(inline.stats().inline).toBe(1)
+    // One thread, no inline signing: the first goes alone to the idle thread, the next two wait together in a batch.
+    const threaded = await started({ threads: 1, inlinePerTurn: 0 })
+    await expectSignedAsGiven(threaded, 3)
+    expect(threaded.stats()).toMatchObject({ inline: 0, batches: 2, batchedSigns: 3 })
+  })
+
   it('signs 2,000 concurrent requests across threads, all correctly', { timeout: 30_000 }, async () => {
     const engine = await started({ threads: 2 })
     const requests = Array.from({ length: 2000 }, randomRequest)
@@ -203,6 +224,27 @@ describe('SignEngine', () => {
     await expect.poll(() => engine.stats().threads, { timeout: 3_000, interval: 50 }).toBe(1)
     const request = randomRequest()
     await expectValid(request, await engine.sign(request))
+  })
+
+  it('replaces a thread that became ready and then died while the others were still starting', async () => {
+    const engine = new SignEngine({ threads: 2, inlinePerTurn: 0 })
+    engines.push(engine)
+    const signWorker = internalsOf(engine).workerScript
+    // Of the two threads (consecutive ids), one is ready at once and dies; the other loads the real script 300 ms on.
+    const script = `import { parentPort, threadId } from 'node:worker_threads'
+if (threadId % 2 === 0) {
+  parentPort.postMessage({ ready: true })
+  setTimeout(() => process.exit(3), 20)
+} else setTimeout(() => import(${JSON.stringify(signWorker.href)}), 300)`
+    internalsOf(engine).workerScript = new URL(`data:text/javascript,${encodeURIComponent(script)}`)
+    const starting = engine.start()
+    // Threads started from now on (the replacement) run the real script.
+    internalsOf(engine).workerScript = signWorker
+    await starting
+    await expect.poll(() => engine.stats().threads, { timeout: 3_000, interval: 20 }).toBe(2)
+    const requests = Array.from({ length: 20 }, randomRequest)
+    const signatures = await Promise.all(requests.map((request) => engine.sign(request)))
+    for (const [i, request] of requests.entries()) await expectValid(request, signatures[i]!)
   })
 
   it('sends nothing to a replacement still starting while a ready thread can sign', async () => {
