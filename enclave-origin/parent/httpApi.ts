@@ -70,14 +70,16 @@ export function createParentServers(options: ParentApiOptions): { clients: HttpS
     const { target, method, body } = request
     const query = target.indexOf('?')
     const path = query === -1 ? target : target.slice(0, query)
-    if (method === 'GET' && path === '/healthz') {
+    // HEAD too, as load balancers probe (the server sends the head alone).
+    const reads = method === 'GET' || method === 'HEAD'
+    if (reads && path === '/healthz') {
       route.name = 'healthz'
       const enclaves = await options.parent.health()
       const store = options.parent.storeHealth()
       const status = healthStatus({ enclaves, storeOk: store.ok })
       return json(status === 'down' ? 503 : 200, { ok: status === 'ok', status, enclaves, store })
     }
-    if (method === 'GET' && path === '/metrics') {
+    if (reads && path === '/metrics') {
       route.name = 'metrics'
       return { status: 200, headers: { 'content-type': metrics.contentType }, body: await metrics.text() }
     }
@@ -152,10 +154,16 @@ export function createParentServers(options: ParentApiOptions): { clients: HttpS
     return json(404, { error: 'no such route' })
   }
 
-  /** A sign, its latency by phase observed and returned in Server-Timing. */
+  /**
+   * A sign, its latency by phase observed and returned in Server-Timing. `total` counts signs that failed too (a
+   * timeout, a refusal), or its percentiles would look best while the origin fails; the phases count signatures.
+   */
   const signAnswer = async (keyId: string, digest: Uint8Array): Promise<HttpAnswer> => {
     const started = performance.now()
-    const { rpcMs, enclaveMs, ...signed } = await options.parent.sign(keyId, digest)
+    const { rpcMs, enclaveMs, ...signed } = await options.parent.sign(keyId, digest).catch((error: unknown) => {
+      figures.observeSign('total', (performance.now() - started) / 1_000)
+      throw error
+    })
     const totalMs = performance.now() - started
     const queueMs = Math.max(0, rpcMs - enclaveMs)
     figures.observeSign('enclave', enclaveMs / 1_000)
@@ -191,7 +199,10 @@ export function createParentServers(options: ParentApiOptions): { clients: HttpS
         route: route.name,
         error: messageOf(error),
       })
-      return json(503, { error: 'origin unavailable' })
+      // An operator's command (an unlock KMS refused, a rotation an enclave failed) says why; a sign or a read, the
+      // Worker's routes, says no more than that the origin failed.
+      const operators = route.authenticated && route.name !== 'sign' && route.name !== 'get'
+      return json(503, { error: operators ? `origin unavailable: ${messageOf(error)}` : 'origin unavailable' })
     })
     figures.countRequest(route.name, handled.status)
     // Set on the answer itself (each one is made for its request): no copy per request on the sign path.

@@ -3,6 +3,7 @@ import type { SignEngineStats } from '../enclave/engine.js'
 import type { KeyCacheStats } from '../enclave/keyCache.js'
 import { batchSizeBuckets, countInto, emptyCounts, rehydrateBucketsMs } from '../protocol/histograms.js'
 import type { EnclaveHealth, OriginParent } from './origin.js'
+import { verificationFailures } from '../protocol/requestSigning.js'
 
 /** Upper bounds of the parent's sign-latency histogram, in seconds. */
 const signLatencyBoundsSeconds = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1]
@@ -85,8 +86,10 @@ export function originMetrics(parent: OriginParent) {
     labelNames: ['listener'],
     registers: [registry],
   })
-  // Both listeners' series from the start, at 0: a rate over a series that is not there yet reads "no data".
+  // Every known series from the start, at 0: a rate over a series that is not there yet reads "no data".
   for (const listener of ['clients', 'operators']) droppedConnections.inc({ listener }, 0)
+  for (const reason of [...verificationFailures, 'not-permitted']) authFailures.inc({ reason }, 0)
+  for (const route of ['sign', 'get', 'create']) shed.inc({ route }, 0)
   new Gauge({
     name: 'origin_inflight_requests',
     help: 'Requests in flight to the enclaves.',

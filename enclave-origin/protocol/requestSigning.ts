@@ -77,7 +77,8 @@ export function signRequest(options: {
   }
 }
 
-export type VerificationFailure = 'missing' | 'unknown-key' | 'stale' | 'before-start' | 'replayed' | 'bad-signature'
+export const verificationFailures = ['missing', 'unknown-key', 'stale', 'before-start', 'replayed', 'bad-signature'] as const
+export type VerificationFailure = (typeof verificationFailures)[number]
 
 /**
  * Verifies signed requests: known key id, timestamp no more than `maxSkewMs`

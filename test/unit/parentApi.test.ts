@@ -193,6 +193,44 @@ it('logs the failures of a flood of signs its enclave cannot take once, not once
   }
   const failures = logged.slice(before).filter((line) => line.event === 'origin_request_failed')
   expect(failures).toEqual([{ level: 'error', event: 'origin_request_failed', route: 'sign', error: expect.stringContaining('cannot connect to the enclave'), count: 1 }])
+  // Their time counts in the total (its percentiles would look best while the origin fails), not in the phases of a signature.
+  const metrics = await (await fetch(`${base}/metrics`)).text()
+  expect(Number(/^origin_sign_latency_seconds_count\{phase="total"\} (\d+)$/m.exec(metrics)?.[1])).toBeGreaterThanOrEqual(5)
+  expect(metrics).toMatch(/^origin_sign_latency_seconds_count\{phase="rpc"\} 0$/m)
+})
+
+it('tells an operator why a command failed; a sign or a read is told only that the origin failed', async () => {
+  parent.unlock = () => Promise.reject(new Error('KMS Decrypt: AccessDeniedException'))
+  parent.getKey = () => Promise.reject(new Error('the enclave broke'))
+  try {
+    const unlock = await signed('POST', '/v1/unlock')
+    expect({ status: unlock.status, body: await unlock.json() }).toEqual({ status: 503, body: { error: 'origin unavailable: KMS Decrypt: AccessDeniedException' } })
+    const get = await signed('GET', '/v1/keys/k1')
+    expect({ status: get.status, body: await get.json() }).toEqual({ status: 503, body: { error: 'origin unavailable' } })
+  } finally {
+    parent.unlock = OriginParent.prototype.unlock
+    parent.getKey = OriginParent.prototype.getKey
+  }
+})
+
+it('answers HEAD on /healthz and /metrics as GET, head alone, and has every auth-failure reason and shed route at 0 from the start', async () => {
+  const api = createParentApi({ parent, verifier: new RequestVerifier({ secrets: {} }), log: () => {} })
+  await api.listen({ port: 0, host: '127.0.0.1' })
+  const at = `http://127.0.0.1:${(api.address() as AddressInfo).port}`
+  try {
+    for (const path of ['/healthz', '/metrics']) {
+      const [head, get] = [await fetch(`${at}${path}`, { method: 'HEAD' }), await fetch(`${at}${path}`)]
+      expect({ status: head.status, type: head.headers.get('content-type'), body: await head.text() }).toEqual({ status: get.status, type: get.headers.get('content-type'), body: '' })
+      await get.text()
+    }
+    const metrics = await (await fetch(`${at}/metrics`)).text()
+    for (const reason of ['missing', 'unknown-key', 'stale', 'before-start', 'replayed', 'bad-signature', 'not-permitted']) {
+      expect(metrics).toContain(`origin_request_auth_failures_total{reason="${reason}"} 0`)
+    }
+    for (const route of ['sign', 'get', 'create']) expect(metrics).toContain(`origin_requests_shed_total{route="${route}"} 0`)
+  } finally {
+    await api.close({ drainMs: 100 })
+  }
 })
 
 describe('the parent API under load', () => {
