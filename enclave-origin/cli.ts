@@ -1,27 +1,18 @@
 /**
- * Operators' command line for the enclave origin:
+ * Operators' command line for the enclave origin: `origin help` prints every
+ * command's usage, `origin <command> --help` one's. An option a command does
+ * not take is refused before anything is sent.
  *
- *   origin enclave                 start the enclave process (settings: enclave/main.ts)
- *   origin parent                  start the parent process (settings: parent/main.ts)
- *   origin create-keys --count N   create keys in bulk through the parent, with a progress bar;
- *                                  prints one JSON line {keyId, address} per key
- *   origin unlock [--preload-identity-file F (--nitro-root-file R --pcr0 HEX | --allow-unattested)]
- *                                  have every enclave unwrap the data key again (and, in preload
- *                                  mode, load its share file with the age identity in F, sealed to
- *                                  each enclave's recipient once its attestation document checks
- *                                  out against the Nitro root certificate R and the image's PCR0;
- *                                  --allow-unattested: development enclaves, no document)
- *   origin rotate-data-key         re-seal every key under a new data key from KMS, then forget the old
- *                                  one; run it again to finish one that was interrupted
- *   origin preload-identity        a new age identity for a share file: prints {identity, recipient}
- *   origin seal-shares --in F --recipient R --out G
- *                                  age-encrypt a [{account_id, share}] JSON file for preload mode
- *   origin status                  the parent's /healthz
- *
- * The client commands use ORIGIN_URL, ORIGIN_HMAC_KEY_ID and ORIGIN_HMAC_SECRET.
+ * The client commands reach the parent at ORIGIN_URL (default
+ * http://127.0.0.1:8443) and sign with ORIGIN_HMAC_KEY_ID (default
+ * `operator`) and ORIGIN_HMAC_SECRET. Over https, ORIGIN_TLS_CA_FILE trusts
+ * a private CA, and ORIGIN_TLS_CERT_FILE with ORIGIN_TLS_KEY_FILE present a
+ * client certificate (to a parent started with TLS_REQUIRE_CLIENT_CERT=1).
  */
 import { X509Certificate } from 'node:crypto'
 import { readFileSync, writeFileSync } from 'node:fs'
+import { request as httpRequest, type IncomingHttpHeaders } from 'node:http'
+import { request as httpsRequest } from 'node:https'
 import { logLine, setting, wholeNumberIn } from './config.js'
 import { messageOf, parseJsonQuietly } from './errors.js'
 import { generatePreloadIdentity, sealPreloadIdentity, sealShareFile, type RecipientTrust, type ShareFileEntry } from './preloadFiles.js'
@@ -32,33 +23,73 @@ import { signRequest } from './protocol/requestSigning.js'
 /** How long one command waits in all for an origin that answers 503 with a Retry-After-Ms (overloaded, or unlocking). */
 const retryBudgetMs = 30_000
 
+/** ORIGIN_URL without a trailing slash: the path is signed as it is sent. */
+const originUrl = () => setting('ORIGIN_URL', 'http://127.0.0.1:8443').replace(/\/+$/, '')
+
+type HttpExchange = { status: number; headers: IncomingHttpHeaders; text: string }
+
 /**
- * One request to the parent. A 503 with a `Retry-After-Ms` (the parent shed it for load, or the key waits
+ * One HTTP exchange with the parent, with no limit on how long its answer takes: a rotation of many keys answers
+ * when it is done (fetch would give up after 300 s while the parent went on). The TLS settings apply over https.
+ */
+function exchange(method: 'GET' | 'POST', path: string, headers: Record<string, string> = {}, body?: Uint8Array): Promise<HttpExchange> {
+  const base = originUrl()
+  const url = new URL(`${base}${path}`)
+  const https = url.protocol === 'https:'
+  if (!https && url.protocol !== 'http:') throw new Error(`ORIGIN_URL must be an http:// or https:// URL, got ${base}`)
+  const file = (name: string) => (process.env[name] ? readFileSync(process.env[name]!) : undefined)
+  const [cert, key] = [file('ORIGIN_TLS_CERT_FILE'), file('ORIGIN_TLS_KEY_FILE')]
+  if (Boolean(cert) !== Boolean(key)) throw new Error('ORIGIN_TLS_CERT_FILE and ORIGIN_TLS_KEY_FILE go together: a client certificate and its key')
+  const tls = https ? { ca: file('ORIGIN_TLS_CA_FILE'), cert, key } : {}
+  return new Promise((resolve, reject) => {
+    const sent = (https ? httpsRequest : httpRequest)(url, { method, headers: { ...headers, 'content-length': String(body?.length ?? 0) }, ...tls }, (response) => {
+      const chunks: Buffer[] = []
+      response.on('data', (chunk: Buffer) => chunks.push(chunk))
+      response.on('error', reject)
+      response.on('end', () => resolve({ status: response.statusCode ?? 0, headers: response.headers, text: Buffer.concat(chunks).toString('utf8') }))
+    })
+    sent.on('error', (error: NodeJS.ErrnoException) => reject(new Error(`cannot reach the parent at ${base}: ${error.code ?? error.message}`)))
+    sent.end(body)
+  })
+}
+
+/**
+ * One signed request to the parent. A 503 with a `Retry-After-Ms` (the parent shed it for load, or the key waits
  * for an unlock: either way nothing was done) is asked again after that wait, within `retryBudgetMs`.
  */
 async function call(method: 'GET' | 'POST', path: string, json?: unknown): Promise<Record<string, unknown>> {
   const body = new TextEncoder().encode(json === undefined ? '' : JSON.stringify(json))
   const giveUpAt = Date.now() + retryBudgetMs
-  let response: Response
+  let response: HttpExchange
   for (;;) {
     // Signed again each time: the parent refuses a nonce it has seen.
     const headers = await signRequest({ keyId: setting('ORIGIN_HMAC_KEY_ID', 'operator'), secret: setting('ORIGIN_HMAC_SECRET'), method, path, body })
-    response = await fetch(`${setting('ORIGIN_URL', 'http://127.0.0.1:8443')}${path}`, { method, headers, body: method === 'POST' ? body : undefined })
-    const retryAfterMs = Number(response.headers.get('retry-after-ms') ?? NaN)
+    response = await exchange(method, path, headers, method === 'POST' ? body : undefined)
+    const retryAfterMs = Number(response.headers['retry-after-ms'] ?? NaN)
     if (response.status !== 503 || !(retryAfterMs >= 0) || Date.now() + retryAfterMs > giveUpAt) break
-    await response.body?.cancel()
     // At least 10 ms: a 0 must not turn the wait into a busy loop against the parent.
     await new Promise((resolve) => setTimeout(resolve, Math.max(retryAfterMs, 10)))
   }
-  const text = await response.text()
-  let answer: Record<string, unknown> | undefined
-  try {
-    answer = JSON.parse(text) as Record<string, unknown>
-  } catch {
-    // A proxy's error page, say: the status says more than a parse error would.
+  const answer = jsonObjectOf(response.text)
+  if (response.status < 200 || response.status > 299 || answer === undefined) {
+    throw new Error(`${method} ${path}: ${response.status} ${answer === undefined ? '(not JSON)' : JSON.stringify(answer)}`)
   }
-  if (!response.ok || answer === undefined) throw new Error(`${method} ${path}: ${response.status} ${answer === undefined ? '(not JSON)' : JSON.stringify(answer)}`)
   return answer
+}
+
+/** The answer's JSON object, or undefined for anything else (a proxy's error page, say: the status says more). */
+function jsonObjectOf(text: string): Record<string, unknown> | undefined {
+  try {
+    const value: unknown = JSON.parse(text)
+    return typeof value === 'object' && value !== null && !Array.isArray(value) ? (value as Record<string, unknown>) : undefined
+  } catch {
+    return undefined
+  }
+}
+
+/** On a terminal, the progress line is cleared before a key's line takes its place on the screen. */
+const clearProgress = () => {
+  if (process.stderr.isTTY) process.stderr.write('\r\x1b[K')
 }
 
 function progress(done: number, total: number, startedAt: number): void {
@@ -75,7 +106,7 @@ function progress(done: number, total: number, startedAt: number): void {
  * finish and prints them too: no route lists keys, so an id not printed
  * would be lost. Then it fails, saying how many it made.
  */
-async function createKeys(count: number, concurrency = 64): Promise<void> {
+async function createKeys(count: number, concurrency: number): Promise<void> {
   let next = 0
   let done = 0
   let failure: unknown
@@ -90,6 +121,7 @@ async function createKeys(count: number, concurrency = 64): Promise<void> {
       next++
       try {
         const key = await call('POST', '/v1/keys')
+        clearProgress()
         console.log(JSON.stringify({ keyId: key.keyId, address: key.address }))
         progress(++done, count, startedAt)
       } catch (error) {
@@ -121,28 +153,59 @@ async function serve(start: () => Promise<() => Promise<void>>): Promise<void> {
   process.once('SIGINT', shutdown)
 }
 
-const [command, ...args] = process.argv.slice(2)
-const option = (name: string) => {
-  const index = args.indexOf(`--${name}`)
-  if (index < 0) return undefined
-  const value = args[index + 1]
-  if (value === undefined || value.startsWith('--')) throw new Error(`--${name} needs a value`)
-  return value
+/** What a command was given: `--name value` (or `--name=value`) options and `--name` switches. */
+type Given = { value: (name: string) => string | undefined; has: (name: string) => boolean }
+
+type Command = {
+  usage: string
+  /** Options that take a value. */
+  takes?: string[]
+  /** Options that take none. */
+  switches?: string[]
+  run: (given: Given) => Promise<unknown>
 }
 
-const wholeNumberOption = (name: string, fallback: number) => {
-  const raw = option(name)
-  if (raw === undefined) return fallback
+/** `args` as `command` takes them; anything else (an unknown or repeated option, a stray word) is refused. */
+function parseArguments(name: string, command: Command, args: string[]): Given {
+  const values = new Map<string, string>()
+  const switches = new Set<string>()
+  const takes = command.takes ?? []
+  const allowed = [...takes.map((option) => `--${option}`), ...(command.switches ?? []).map((option) => `--${option}`)]
+  for (let index = 0; index < args.length; index++) {
+    const arg = args[index]!
+    const [, option, inline] = /^--([^=]+)(?:=(.*))?$/s.exec(arg) ?? []
+    if (option === undefined) throw new Error(`${name}: unexpected argument ${JSON.stringify(arg)}; usage: ${command.usage}`)
+    if (values.has(option) || switches.has(option)) throw new Error(`${name}: --${option} is given twice`)
+    if (command.switches?.includes(option)) {
+      if (inline !== undefined) throw new Error(`${name}: --${option} takes no value`)
+      switches.add(option)
+    } else if (takes.includes(option)) {
+      const value = inline ?? args[++index]
+      if (value === undefined || value === '' || (inline === undefined && value.startsWith('--'))) throw new Error(`--${option} needs a value`)
+      values.set(option, value)
+    } else {
+      throw new Error(`${name}: unknown option --${option} (${allowed.length > 0 ? `it takes ${allowed.join(', ')}` : 'it takes none'})`)
+    }
+  }
+  return { value: (option) => values.get(option), has: (option) => switches.has(option) }
+}
+
+function wholeNumberOption(given: Given, name: string, fallback?: number): number {
+  const raw = given.value(name)
+  if (raw === undefined) {
+    if (fallback === undefined) throw new Error(`--${name} is required`)
+    return fallback
+  }
   const value = wholeNumberIn(raw, 1, 999_999_999)
   if (value === undefined) throw new Error(`--${name} must be a whole number of at least 1, got ${raw}`)
   return value
 }
 
 /** `--nitro-root-file R --pcr0 HEX`, or `--allow-unattested`: how `unlock` trusts the enclaves' recipients. */
-function recipientTrust(): RecipientTrust {
-  const rootFile = option('nitro-root-file')
-  const pcr0 = option('pcr0')
-  if (args.includes('--allow-unattested')) {
+function recipientTrust(given: Given): RecipientTrust {
+  const rootFile = given.value('nitro-root-file')
+  const pcr0 = given.value('pcr0')
+  if (given.has('allow-unattested')) {
     if (rootFile || pcr0) throw new Error('--allow-unattested takes neither --nitro-root-file nor --pcr0')
     return 'unattested'
   }
@@ -153,43 +216,114 @@ function recipientTrust(): RecipientTrust {
   return { roots: [new X509Certificate(readFileSync(rootFile))], pcr0: Buffer.from(pcr0, 'hex') }
 }
 
-const commands: Record<string, () => Promise<unknown>> = {
-  enclave: () => serve(runEnclave),
-  parent: () => serve(runParent),
-  'create-keys': async () => createKeys(wholeNumberOption('count', 1), wholeNumberOption('concurrency', 64)),
-  unlock: async () => {
-    const identityFile = option('preload-identity-file')
-    if (!identityFile) return console.log(JSON.stringify(await call('POST', '/v1/unlock')))
-    const { enclaves } = (await call('GET', '/v1/attestation')) as { enclaves: Array<{ id: string; recipient: string; attestationDocument: string | null }> }
-    const sealed = await sealPreloadIdentity({
-      identity: readFileSync(identityFile, 'utf8').trim(),
-      enclaves: enclaves.map((enclave) => ({ ...enclave, attestationDocument: enclave.attestationDocument === null ? undefined : Buffer.from(enclave.attestationDocument, 'base64') })),
-      trust: recipientTrust(),
-    })
-    const sealedPreloadIdentities = Object.fromEntries([...sealed].map(([id, bytes]) => [id, Buffer.from(bytes).toString('base64')]))
-    console.log(JSON.stringify(await call('POST', '/v1/unlock', { sealedPreloadIdentities })))
-  },
-  'rotate-data-key': async () => console.log(JSON.stringify(await call('POST', '/v1/data-key/rotate'))),
-  'preload-identity': async () => console.log(JSON.stringify(await generatePreloadIdentity())),
-  'seal-shares': async () => {
-    const [input, output, recipient] = ['in', 'out', 'recipient'].map((name) => {
-      const value = option(name)
-      if (!value) throw new Error('seal-shares needs --in (the share file, JSON), --out and --recipient (age1…)')
-      return value
-    }) as [string, string, string]
-    const entries = parseJsonQuietly(readFileSync(input, 'utf8'), `the share file ${input}`) as ShareFileEntry[]
-    writeFileSync(output, await sealShareFile({ entries, recipient }))
-    console.error(`sealed ${entries.length} entries`)
-  },
-  status: async () => console.log(JSON.stringify(await (await fetch(`${setting('ORIGIN_URL', 'http://127.0.0.1:8443')}/healthz`)).json(), null, 2)),
+const ageIdentity = /^AGE-SECRET-KEY-(?:PQ-)?1[0-9A-Z]+$/
+
+/**
+ * The age identity in `file`: the identity alone (as `preload-identity --out` writes it), an age-keygen identity
+ * file (its `#` comments and blank lines skipped), or the JSON `preload-identity` prints. Checked here, before
+ * anything is sent: the enclave would refuse it only after a round trip.
+ */
+function readIdentityFile(file: string): string {
+  const text = readFileSync(file, 'utf8').trim()
+  const printed = text.startsWith('{') ? jsonObjectOf(text)?.identity : undefined
+  const lines = typeof printed === 'string' ? [printed] : text.split('\n').map((line) => line.trim()).filter((line) => line !== '' && !line.startsWith('#'))
+  if (lines.length !== 1 || !ageIdentity.test(lines[0]!)) throw new Error(`${file} holds no age identity (one AGE-SECRET-KEY-1… line): write one with \`origin preload-identity --out ${file}\``)
+  return lines[0]!
 }
 
-const run = command ? commands[command] : undefined
-if (!run) {
-  console.error(`usage: origin <${Object.keys(commands).join('|')}> (see enclave-origin/cli.ts)`)
+const commands: Record<string, Command> = {
+  enclave: { usage: 'origin enclave   (start the enclave process; its settings: enclave/main.ts)', run: () => serve(runEnclave) },
+  parent: { usage: 'origin parent   (start the parent process; its settings: parent/main.ts)', run: () => serve(runParent) },
+  'create-keys': {
+    usage: 'origin create-keys --count N [--concurrency C]   (create N keys, C at a time (64), with a progress bar; one JSON line {keyId, address} per key)',
+    takes: ['count', 'concurrency'],
+    run: (given) => createKeys(wholeNumberOption(given, 'count'), wholeNumberOption(given, 'concurrency', 64)),
+  },
+  unlock: {
+    usage:
+      'origin unlock [--preload-identity-file F (--nitro-root-file R --pcr0 HEX | --allow-unattested)]   (have every enclave unwrap the data key again; in preload mode, load its share file with the age identity in F, sealed to each enclave once its attestation document checks out against the Nitro root certificate R and the image PCR0; --allow-unattested for development enclaves)',
+    takes: ['preload-identity-file', 'nitro-root-file', 'pcr0'],
+    switches: ['allow-unattested'],
+    run: async (given) => {
+      const identityFile = given.value('preload-identity-file')
+      if (!identityFile) {
+        if (given.value('nitro-root-file') || given.value('pcr0') || given.has('allow-unattested')) {
+          throw new Error('--nitro-root-file, --pcr0 and --allow-unattested go with --preload-identity-file')
+        }
+        return console.log(JSON.stringify(await call('POST', '/v1/unlock')))
+      }
+      // Both checked before anything is sent.
+      const identity = readIdentityFile(identityFile)
+      const trust = recipientTrust(given)
+      const { enclaves } = (await call('GET', '/v1/attestation')) as { enclaves: Array<{ id: string; recipient: string; attestationDocument: string | null }> }
+      const sealed = await sealPreloadIdentity({
+        identity,
+        enclaves: enclaves.map((enclave) => ({ ...enclave, attestationDocument: enclave.attestationDocument === null ? undefined : Buffer.from(enclave.attestationDocument, 'base64') })),
+        trust,
+      })
+      const sealedPreloadIdentities = Object.fromEntries([...sealed].map(([id, bytes]) => [id, Buffer.from(bytes).toString('base64')]))
+      console.log(JSON.stringify(await call('POST', '/v1/unlock', { sealedPreloadIdentities })))
+    },
+  },
+  'rotate-data-key': {
+    usage: 'origin rotate-data-key   (re-seal every key under a new data key from KMS, then forget the old one; run it again to finish one that was interrupted)',
+    run: async () => console.log(JSON.stringify(await call('POST', '/v1/data-key/rotate'))),
+  },
+  'preload-identity': {
+    usage: 'origin preload-identity [--out F]   (a new age identity for a share file: with --out, written to F (owner-only; an existing F is refused) and {recipient} printed; else {identity, recipient} printed)',
+    takes: ['out'],
+    run: async (given) => {
+      const { identity, recipient } = await generatePreloadIdentity()
+      const out = given.value('out')
+      if (out === undefined) return console.log(JSON.stringify({ identity, recipient }))
+      writeFileSync(out, `${identity}\n`, { mode: 0o600, flag: 'wx' })
+      console.log(JSON.stringify({ recipient }))
+    },
+  },
+  'seal-shares': {
+    usage: 'origin seal-shares --in F --recipient R --out G   (age-encrypt a [{account_id, share}] JSON file for preload mode)',
+    takes: ['in', 'out', 'recipient'],
+    run: async (given) => {
+      const [input, output, recipient] = ['in', 'out', 'recipient'].map((name) => {
+        const value = given.value(name)
+        if (!value) throw new Error('seal-shares needs --in (the share file, JSON), --out and --recipient (age1…)')
+        return value
+      }) as [string, string, string]
+      const entries = parseJsonQuietly(readFileSync(input, 'utf8'), `the share file ${input}`) as ShareFileEntry[]
+      writeFileSync(output, await sealShareFile({ entries, recipient }))
+      console.error(`sealed ${entries.length} entries`)
+    },
+  },
+  status: {
+    usage: "origin status   (the parent's /healthz; exits 1 unless its status is ok)",
+    run: async () => {
+      const { status, text } = await exchange('GET', '/healthz')
+      const health = jsonObjectOf(text)
+      if (health === undefined) throw new Error(`GET /healthz: ${status} (not JSON)`)
+      console.log(JSON.stringify(health, null, 2))
+      if (health.status !== 'ok') process.exitCode = 1
+    },
+  },
+}
+
+const usage = () => Object.values(commands).map((command) => `  ${command.usage}`).join('\n')
+const [name, ...args] = process.argv.slice(2)
+if (name === 'help' || name === '--help' || name === '-h') {
+  console.log(`usage:\n${usage()}`)
+  process.exit(0)
+}
+const command = name === undefined ? undefined : commands[name]
+if (!command) {
+  console.error(`usage:\n${usage()}`)
   process.exit(2)
 }
-run().catch((error: unknown) => {
-  console.error(error instanceof Error ? error.message : error)
-  process.exit(1)
-})
+if (args.includes('--help') || args.includes('-h')) {
+  console.log(`usage: ${command.usage}`)
+  process.exit(0)
+}
+Promise.resolve()
+  .then(() => command.run(parseArguments(name!, command, args)))
+  .catch((error: unknown) => {
+    console.error(error instanceof Error ? error.message : error)
+    process.exit(1)
+  })

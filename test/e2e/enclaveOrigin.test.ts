@@ -270,6 +270,51 @@ describe('the operators\u2019 CLI', () => {
     const failed = await cli('create-keys', '--count', 'many').catch((error: { code: number; stderr: string }) => error)
     expect(failed).toMatchObject({ code: 1, stderr: '--count must be a whole number of at least 1, got many\n' })
   })
+
+  it('sends nothing for --help, an option a command does not take, or a missing one; reads --name=value', async () => {
+    const paths: string[] = []
+    const recording = createServer((request, response) => {
+      request.resume()
+      paths.push(String(request.url))
+      response.writeHead(201, { 'content-type': 'application/json' }).end(JSON.stringify({ keyId: 'k', address: '0x0000000000000000000000000000000000000001' }))
+    })
+    await new Promise<void>((resolve) => recording.listen(0, '127.0.0.1', resolve))
+    const at = `http://127.0.0.1:${(recording.address() as AddressInfo).port}`
+    const failed = (...args: string[]) => cliAt(at, ...args).then(() => 'succeeded', (error: { code: number; stderr: string }) => ({ code: error.code, stderr: error.stderr }))
+    try {
+      for (const command of ['rotate-data-key', 'unlock', 'create-keys']) {
+        expect((await cliAt(at, command, '--help')).stdout).toMatch(new RegExp(`^usage: origin ${command}`))
+      }
+      expect(await failed('create-keys', '--cuont', '5')).toEqual({ code: 1, stderr: 'create-keys: unknown option --cuont (it takes --count, --concurrency)\n' })
+      expect(await failed('create-keys')).toEqual({ code: 1, stderr: '--count is required\n' })
+      expect(await failed('rotate-data-key', '--now')).toEqual({ code: 1, stderr: 'rotate-data-key: unknown option --now (it takes none)\n' })
+      expect(await failed('unlock', '--allow-unattested')).toEqual({ code: 1, stderr: '--nitro-root-file, --pcr0 and --allow-unattested go with --preload-identity-file\n' })
+      expect(await failed('unlock', '--preload-identity-file', '/nonexistent/identity.txt', '--allow-unattested')).toMatchObject({ code: 1, stderr: expect.stringContaining('ENOENT') })
+      expect(paths).toEqual([])
+      expect((await cliAt(at, 'create-keys', '--count=2', '--concurrency=1')).stdout.trim().split('\n')).toHaveLength(2)
+      expect(paths).toEqual(['/v1/keys', '/v1/keys'])
+    } finally {
+      recording.close()
+    }
+  })
+
+  it('takes ORIGIN_URL with a trailing slash, says which parent it cannot reach and why, and exits 1 from status unless the origin is ok', async () => {
+    expect(JSON.parse((await cliAt(`${origin.url}/`, 'unlock')).stdout)).toEqual({ ok: true })
+    const unreachable = await cliAt('http://127.0.0.1:1', 'unlock').catch((error: { code: number; stderr: string }) => error)
+    expect(unreachable).toMatchObject({ code: 1, stderr: 'cannot reach the parent at http://127.0.0.1:1: ECONNREFUSED\n' })
+    const down = createServer((request, response) => {
+      request.resume()
+      response.writeHead(503, { 'content-type': 'application/json' }).end(JSON.stringify({ ok: false, status: 'down' }))
+    })
+    await new Promise<void>((resolve) => down.listen(0, '127.0.0.1', resolve))
+    try {
+      const status = await cliAt(`http://127.0.0.1:${(down.address() as AddressInfo).port}`, 'status').catch((error: { code: number; stdout: string }) => error)
+      expect(status).toMatchObject({ code: 1 })
+      expect(JSON.parse((status as { stdout: string }).stdout)).toEqual({ ok: false, status: 'down' })
+    } finally {
+      down.close()
+    }
+  })
 })
 
 describe('the Worker signs through the origin, and the chain accepts it', () => {

@@ -1,5 +1,5 @@
 import { execFile } from 'node:child_process'
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs'
+import { mkdtempSync, rmSync, statSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import path from 'node:path'
 import { promisify } from 'node:util'
@@ -27,8 +27,10 @@ const accounts = Array.from({ length: 50 }, (_, i) => ({ account_id: `account-${
 beforeAll(async () => {
   kms = await startLocalKms({ port: 18656 })
   dir = mkdtempSync(path.join(tmpdir(), 'origin-preload-'))
-  const { identity, recipient } = JSON.parse((await cli('preload-identity')).stdout) as { identity: string; recipient: string }
-  writeFileSync(path.join(dir, 'identity.txt'), identity)
+  // The identity goes to an owner-only file, never to the screen.
+  const { recipient, ...printedToo } = JSON.parse((await cli('preload-identity', '--out', path.join(dir, 'identity.txt'))).stdout) as { recipient: string }
+  expect(printedToo).toEqual({})
+  expect(statSync(path.join(dir, 'identity.txt')).mode & 0o777).toBe(0o600)
   writeFileSync(path.join(dir, 'shares.json'), JSON.stringify(accounts))
   const sealed = await cli('seal-shares', '--in', path.join(dir, 'shares.json'), '--recipient', recipient, '--out', path.join(dir, 'shares.age'))
   expect(sealed.stderr).toBe('sealed 50 entries\n')
@@ -93,6 +95,9 @@ it('refuses preloaded accounts until unlocked, then signs each with its own key'
   const noSuchEnclave = await origin.request('POST', '/v1/unlock', { sealedPreloadIdentities: { 'enclave-1': 'AAAA', e9: 'AAAA' } })
   expect(noSuchEnclave).toMatchObject({ status: 400, body: { error: 'a sealed preload identity is needed for each enclave: no enclave e9' } })
 
+  // A file with no identity in it is refused before anything is sent (the enclave would refuse it only after a round trip).
+  writeFileSync(path.join(dir, 'recipient.txt'), '# a recipient, not an identity\nage1zvkyg2lqzraa2lnjvqej32nkuu0ues2s82hzrye869xeexvn73equnujwj\n')
+  await expect(cli('unlock', '--preload-identity-file', path.join(dir, 'recipient.txt'), '--allow-unattested')).rejects.toThrow(/recipient\.txt holds no age identity/)
   // Without a Nitro root to check a document against, the CLI seals only when told the enclave is unattested.
   await expect(cli('unlock', '--preload-identity-file', path.join(dir, 'identity.txt'))).rejects.toThrow(/needs --nitro-root-file .* and --pcr0 .*, or, for development enclaves, --allow-unattested/)
   const unlocked = await cli('unlock', '--preload-identity-file', path.join(dir, 'identity.txt'), '--allow-unattested')

@@ -1,5 +1,10 @@
+import { execFile } from 'node:child_process'
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs'
 import { request, type RequestOptions } from 'node:https'
 import { connect, type AddressInfo } from 'node:net'
+import { tmpdir } from 'node:os'
+import path from 'node:path'
+import { promisify } from 'node:util'
 import type { HttpServer } from '../../enclave-origin/parent/httpServer.js'
 import { afterAll, beforeAll, expect, it } from 'vitest'
 import type { BlobStore } from '../../enclave-origin/parent/blobStore.js'
@@ -61,6 +66,29 @@ it('refuses a client whose certificate another CA issued', async () => {
     await expect(get(other.issue('stranger'))).rejects.toMatchObject({ code: expect.stringMatching(/^(ECONNRESET|ERR_SSL_)/) })
   } finally {
     other.close()
+  }
+})
+
+it('the operators\u2019 CLI presents the client certificate of ORIGIN_TLS_CERT_FILE and ORIGIN_TLS_KEY_FILE, trusting ORIGIN_TLS_CA_FILE', { timeout: 30_000 }, async () => {
+  const directory = mkdtempSync(path.join(tmpdir(), 'cli-tls-'))
+  try {
+    const files = { ca: path.join(directory, 'ca.pem'), cert: path.join(directory, 'client.pem'), key: path.join(directory, 'client.key') }
+    writeFileSync(files.ca, ca.caPem)
+    writeFileSync(files.cert, client.cert)
+    writeFileSync(files.key, client.key, { mode: 0o600 })
+    const status = (env: Record<string, string>) =>
+      promisify(execFile)(process.execPath, ['--import', 'tsx', 'enclave-origin/cli.ts', 'status'], { env: { PATH: process.env.PATH, ORIGIN_URL: `https://127.0.0.1:${port}`, ...env }, timeout: 20_000 }).catch(
+        (error: { code: number; stdout: string; stderr: string }) => error,
+      )
+    // Through TLS to /healthz, which answers down (no enclave here): printed, and exit 1.
+    const reached = await status({ ORIGIN_TLS_CA_FILE: files.ca, ORIGIN_TLS_CERT_FILE: files.cert, ORIGIN_TLS_KEY_FILE: files.key })
+    expect(reached).toMatchObject({ code: 1 })
+    expect(JSON.parse((reached as { stdout: string }).stdout)).toMatchObject({ ok: false, status: 'down' })
+    // Without the certificate it is cut at the handshake, and says where it could not get.
+    expect(await status({ ORIGIN_TLS_CA_FILE: files.ca })).toMatchObject({ code: 1, stderr: expect.stringMatching(new RegExp(`^cannot reach the parent at https://127\\.0\\.0\\.1:${port}: `)) })
+    expect(await status({ ORIGIN_TLS_CA_FILE: files.ca, ORIGIN_TLS_CERT_FILE: files.cert })).toMatchObject({ code: 1, stderr: 'ORIGIN_TLS_CERT_FILE and ORIGIN_TLS_KEY_FILE go together: a client certificate and its key\n' })
+  } finally {
+    rmSync(directory, { recursive: true, force: true })
   }
 })
 
