@@ -65,7 +65,8 @@ export async function loadPreloadFile(options: LoadPreloadOptions): Promise<Prel
   const file = await readSource(options)
   const fingerprint = createHash('sha256').update(file).digest('hex')
   const allocate = options.allocate ?? newArrayBuffer
-  const plaintext = await decryptAgeFile({ file, identity: options.identity, allocate })
+  const memory = options.memory ?? processMemory
+  const plaintext = await decryptAgeFile({ file, identity: options.identity, allocate, checkRoom: (bytes) => checkRoomToLoad({ plaintextBytes: bytes, gauges: memory() }) })
   let entries: unknown
   try {
     entries = parseDecryptedJson(plaintext)
@@ -73,13 +74,8 @@ export async function loadPreloadFile(options: LoadPreloadOptions): Promise<Prel
     zero(plaintext)
   }
   const keys = parseShareEntries(entries, { allocate })
-  try {
-    // Measured while the parsed entries are still alive: the load's peak, not the steady state.
-    checkMemory({ gauges: (options.memory ?? processMemory)(), log: options.log })
-  } catch (error) {
-    zeroKeys(keys)
-    throw error
-  }
+  // Measured while the parsed entries are still alive: the load's peak, not the steady state.
+  warnIfMemoryHigh({ gauges: memory(), log: options.log })
   const loadMs = Math.round(now() - startedAt)
   options.log({ event: 'preload_loaded', fingerprint, count: keys.size, loadMs })
   return { keys, fingerprint, loadMs, count: keys.size }
@@ -157,7 +153,7 @@ async function readSource(source: PreloadSource): Promise<Uint8Array> {
 }
 
 /** Opens a binary or ASCII-armored age file into one plaintext buffer, zeroing the decrypted chunks it copies. */
-async function decryptAgeFile(options: { file: Uint8Array; identity: string; allocate: (bytes: number) => ArrayBuffer }): Promise<Uint8Array> {
+async function decryptAgeFile(options: { file: Uint8Array; identity: string; allocate: (bytes: number) => ArrayBuffer; checkRoom: (plaintextBytes: number) => void }): Promise<Uint8Array> {
   const ciphertext = ageBinary(options.file)
   const decrypter = identityDecrypter(options.identity)
   let plaintextStream: ReadableStreamWithSize
@@ -168,6 +164,7 @@ async function decryptAgeFile(options: { file: Uint8Array; identity: string; all
   } catch (error) {
     throw headerError(error)
   }
+  options.checkRoom(size)
   // Read chunk by chunk, not with decrypt(bytes): age would concatenate the chunks into a buffer we could not zero.
   const plaintext = allocateOrRefuse(size, options.allocate, 'the decrypted preload file needs')
   const reader = plaintextStream.getReader()
@@ -285,11 +282,29 @@ function allocateOrRefuse(bytes: number, allocate: (bytes: number) => ArrayBuffe
   }
 }
 
-function checkMemory(options: { gauges: MemoryGauge[]; log: LoadPreloadOptions['log'] }): void {
-  const { what, inUseBytes, limitBytes, ratio } = tightestMemory(options.gauges)
-  if (ratio > 1) {
-    throw new PreloadError(`not enough memory: loading uses ${megabytes(inUseBytes)} MB of ${what}, over its ${megabytes(limitBytes)} MB limit`)
+/**
+ * V8 heap that parsing takes per byte of decrypted JSON: its string and the parsed entries (measured: 2.5; the rest
+ * is room for the garbage the parse makes on its way).
+ */
+const parseHeapPerByte = 3
+
+/**
+ * Refuses a load that would not fit, before any of it is decrypted: the parse is where memory runs out, and there
+ * V8 (or the kernel, with no swap in an enclave) would kill the process, every key it serves with it, rather than
+ * let the load fail. Each gauge must have room for the decrypted file and its parse.
+ */
+function checkRoomToLoad({ plaintextBytes, gauges }: { plaintextBytes: number; gauges: MemoryGauge[] }): void {
+  const needs = plaintextBytes * (1 + parseHeapPerByte)
+  for (const { what, inUseBytes, limitBytes } of gauges) {
+    if (inUseBytes + needs <= limitBytes) continue
+    throw new PreloadError(
+      `not enough memory: the decrypted preload file is ${megabytes(plaintextBytes)} MB, and loading it needs about ${megabytes(needs)} MB more of ${what}, of which ${megabytes(Math.max(0, limitBytes - inUseBytes))} MB are free`,
+    )
   }
+}
+
+function warnIfMemoryHigh(options: { gauges: MemoryGauge[]; log: LoadPreloadOptions['log'] }): void {
+  const { what, inUseBytes, limitBytes, ratio } = tightestMemory(options.gauges)
   if (ratio > memoryWarnRatio) {
     options.log({ level: 'warn', event: 'preload_memory_high', what, inUseBytes, limitBytes, percent: Math.round(ratio * 100) })
   }

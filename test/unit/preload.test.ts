@@ -222,11 +222,19 @@ describe('loadPreloadFile against its memory limit', () => {
     file = await sealShareFile({ entries: generatedEntries(100), recipient })
   })
 
-  it('refuses when a gauge is over its limit, naming which (the real gauges, with the heap limit set to 1 KiB)', async () => {
-    const realHeap = processMemory().find((gauge) => gauge.what === 'V8 heap')!
-    expect(realHeap.inUseBytes).toBeGreaterThan(1024)
-    const error = await refusal(file, { memory: () => [...processMemory(), { ...processMemory()[1]!, limitBytes: 1024 }] })
-    expect(error.message).toMatch(/^not enough memory: loading uses [\d.]+ MB of V8 heap, over its 0\.0 MB limit$/)
+  it('refuses before decrypting anything when a gauge has no room for the decrypted file and its parse, naming which', async () => {
+    const decrypted = JSON.stringify(generatedEntries(100)).length
+    let allocated = 0
+    const load = (free: number) => {
+      const memory = () => [...processMemory(), { what: 'V8 heap', inUseBytes: 2 ** 30, limitBytes: 2 ** 30 + free }]
+      return loadPreloadFile({ bytes: file, identity, memory, log: () => {}, allocate: (bytes) => ((allocated += 1), new ArrayBuffer(bytes)) })
+    }
+    // Four times the decrypted file: the file itself, and about three for its string and the parsed entries.
+    const error = await load(4 * decrypted - 1).catch((caught: unknown) => caught)
+    expect(error).toBeInstanceOf(PreloadError)
+    expect((error as Error).message).toMatch(/^not enough memory: the decrypted preload file is [\d.]+ MB, and loading it needs about [\d.]+ MB more of V8 heap, of which [\d.]+ MB are free$/)
+    expect(allocated).toBe(0)
+    expect((await load(4 * decrypted)).count).toBe(100)
   })
 
   it('refuses, saying why, when the one buffer for every key cannot be allocated', () => {
@@ -294,7 +302,7 @@ describe('loadPreloadFile against its memory limit', () => {
     const inUseBytes = 400 * 2 ** 20
     const limitBytes = Math.round(inUseBytes * 1.2)
     const memory = () => [
-      { what: 'V8 heap', inUseBytes: 1, limitBytes: 100 },
+      { what: 'V8 heap', inUseBytes: 1, limitBytes: 2 ** 30 },
       { what: 'resident memory', inUseBytes, limitBytes },
     ]
     const { count } = await loadPreloadFile({ bytes: file, identity, log, memory })
@@ -305,7 +313,7 @@ describe('loadPreloadFile against its memory limit', () => {
 
   it('stays quiet below 70% of the limit', async () => {
     const { log, lines } = collectingLog()
-    await loadPreloadFile({ bytes: file, identity, log, memory: () => [{ what: 'resident memory', inUseBytes: 699, limitBytes: 1_000 }] })
+    await loadPreloadFile({ bytes: file, identity, log, memory: () => [{ what: 'resident memory', inUseBytes: 699 * 2 ** 20, limitBytes: 1_000 * 2 ** 20 }] })
     expect(lines.map((line) => line.event)).toEqual(['preload_loaded'])
   })
 })
