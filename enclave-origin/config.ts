@@ -80,7 +80,12 @@ export function redactSecrets(value: unknown, depth = 0): unknown {
 
 /** One JSON line per event. Callers pass nothing secret; whatever looks secret is redacted anyway. */
 export function logLine(fields: Record<string, unknown>): void {
-  console.log(JSON.stringify({ time: new Date().toISOString(), ...(redactSecrets(fields) as Record<string, unknown>) }))
+  console.log(formatLogLine(fields))
+}
+
+/** The line `logLine` writes: the time first, then the fields, redacted. */
+export function formatLogLine(fields: Record<string, unknown>): string {
+  return JSON.stringify({ time: new Date().toISOString(), ...(redactSecrets(fields) as Record<string, unknown>) })
 }
 
 /** Shortest HMAC secret the parent takes: an empty or short one would let anyone who guesses it sign requests. */

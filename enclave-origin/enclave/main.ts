@@ -1,9 +1,10 @@
-import { choiceSetting, integerSetting, listenAddress, logLine, setting } from '../config.js'
+import { choiceSetting, formatLogLine, integerSetting, listenAddress, setting } from '../config.js'
 import { keepRequestObjectsYoung } from '../heapTuning.js'
 import { developmentAttestation, KmsDataKeys } from './dataKey.js'
 import { DeliveredCredentials } from './deliveredCredentials.js'
 import { SignEngine } from './engine.js'
 import { KeyCache, steadyWallClock } from './keyCache.js'
+import { LogRing } from './logRing.js'
 import { enclaveKmsClient } from './kmsClient.js'
 import { memoryWatch } from './memory.js'
 import { openNitroAttestation } from './nitroAttestation.js'
@@ -20,12 +21,19 @@ import { checkStartup } from './startupChecks.js'
  * credentials come from the parent (CREDENTIALS), not settings.
  * ENGINE_THREADS, ENGINE_BATCHING (1|0), ENGINE_MAX_BATCH (32), ENGINE_MAX_WAIT_MS (1),
  * ENGINE_INLINE_PER_TURN, GRACE_SIGNATURES, ENCLAVE_MAX_CONNECTIONS (256: more are closed as they
- * arrive), and PRELOAD_FILE for
+ * arrive), ENCLAVE_LOG_BUFFER_BYTES (4 MiB of log lines kept for the parent to collect), and PRELOAD_FILE for
  * preload mode (an age-encrypted [{account_id, share}] file whose identity an
  * unlock delivers).
  */
 export async function runEnclave(): Promise<() => Promise<void>> {
   keepRequestObjectsYoung()
+  // Every line goes to stdout (a console, where there is one) and to the lines the parent collects and logs.
+  const logs = new LogRing({ maxBytes: integerSetting('ENCLAVE_LOG_BUFFER_BYTES', { min: 65_536, max: 1_073_741_824, fallback: 4 * 1_048_576 }) })
+  const logLine = (fields: Record<string, unknown>) => {
+    const line = formatLogLine(fields)
+    console.log(line)
+    logs.write(line)
+  }
   const profile = choiceSetting('ORIGIN_PROFILE', { choices: ['development', 'production'], fallback: 'development' })
   const nitro = choiceSetting('ENCLAVE_ATTESTATION', { choices: ['nitro', 'none'], fallback: profile === 'production' ? 'nitro' : 'none' }) === 'nitro' ? openNitroAttestation() : undefined
   const attestation = nitro ?? developmentAttestation
@@ -59,7 +67,7 @@ export async function runEnclave(): Promise<() => Promise<void>> {
     graceSignatures: integerSetting('GRACE_SIGNATURES', { min: 0, max: 1_000_000, fallback: 0 }),
     audit: (event) => logLine({ level: 'warn', event: 'key_cache_audit', ...event }),
   })
-  service = new EnclaveService({ cache, engine, dataKeys, kmsKeyId, credentials, attestation, preloadFile: process.env.PRELOAD_FILE || undefined, log: logLine })
+  service = new EnclaveService({ cache, engine, dataKeys, kmsKeyId, credentials, attestation, preloadFile: process.env.PRELOAD_FILE || undefined, log: logLine, logs })
   const memory = memoryWatch({ log: logLine })
   // A sweep step over at most 5,000 keys (about half a millisecond) and 128 refreshes: 50,000 keys every 2.5 s.
   const sweep = setInterval(() => cache.sweepKeys({ maxKeys: 5_000, maxRefreshes: 128 }), 250)

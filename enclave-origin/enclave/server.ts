@@ -7,13 +7,14 @@ import { CoalescingWriter } from '../protocol/coalescingWriter.js'
 import { listenVsock } from '../protocol/vsock.js'
 import { ThrottledLog } from '../throttledLog.js'
 import { endLingering } from '../protocol/endLingering.js'
-import { connectionRequestId, encodeConnectionClosing, encodeFrame, FrameDecoder, FrameError, opcodes, statuses, type Frame, type Status } from '../protocol/frames.js'
+import { connectionRequestId, encodeConnectionClosing, encodeFrame, FrameDecoder, FrameError, maxFrameBytes, opcodes, statuses, type Frame, type Status } from '../protocol/frames.js'
 import {
   decodeCreateRequest,
   decodeCredentials,
   decodeEmptyPayload,
   decodeGetRequest,
   decodeLoadRequest,
+  decodeLogsRequest,
   decodeResealRequest,
   decodeSetStateRequest,
   decodeSignRequest,
@@ -25,6 +26,7 @@ import {
   encodeGeneratedDataKey,
   encodeGetResponse,
   encodeHealthResponse,
+  encodeLogsResponse,
   encodeNeedsUnlock,
   encodeSignResponse,
   encodeUnlockResponse,
@@ -37,8 +39,12 @@ import type { SignEngine } from './engine.js'
 import type { DataKeys, KeyCache, SequencedResult } from './keyCache.js'
 import { memoryFigures } from './memory.js'
 import { secp256k1 } from './nativeSecp256k1.js'
+import type { LogRing } from './logRing.js'
 import { loadPreloadFile, PreloadedKeys, PreloadError } from './preload.js'
 import { secretBytes, zero } from './sealing.js'
+
+/** Log lines per LOGS answer: a frame's worth, less room for its header and the answer's own fields. */
+const logsAnswerBytes = maxFrameBytes - 64
 
 type Answer = { status: Status; payload: Uint8Array }
 
@@ -133,6 +139,8 @@ export class EnclaveService {
       /** Preload mode: the age-encrypted share file to load when UNLOCK delivers the identity. */
       preloadFile?: string
       log?: (fields: Record<string, unknown>) => void
+      /** The lines `log` wrote, for LOGS: the parent collects them, as no one reads an enclave's console. */
+      logs?: LogRing
     },
   ) {
     if (options.preloadFile) this.preloadRefusal = 'the preload file is not loaded yet: UNLOCK with its age identity'
@@ -344,6 +352,11 @@ export class EnclaveService {
         const { recipient } = await this.delivery()
         const document = await this.options.attestation.attestationDocument({ publicKey: utf8.encode(recipient) })
         return { status: statuses.OK, payload: encodeAttestResponse({ recipient, attestationDocument: document ?? emptyPayload }) }
+      }
+      case opcodes.LOGS: {
+        const request = decodeLogsRequest(frame.payload)
+        if (!this.options.logs) return fail(statuses.BAD_REQUEST, 'this enclave keeps no log lines for LOGS')
+        return { status: statuses.OK, payload: encodeLogsResponse(this.options.logs.read({ ...request, maxBytes: logsAnswerBytes })) }
       }
       case opcodes.HEALTH: {
         decodeEmptyRequest(frame, 'HEALTH')

@@ -31,6 +31,7 @@ import { FailureBackoff } from '../failureBackoff.js'
 import type { CacheState, KeyState, SealedKeyRecord, WrappedDek } from '../types.js'
 import { KeyNotStoredError, type BlobStore } from './blobStore.js'
 import { EnclavePool, EnclaveUnavailableError, type EnclaveAddress } from './enclavePool.js'
+import { EnclaveLogCollector } from './enclaveLogs.js'
 import { HashRing } from './hashRing.js'
 import { ThrottledLog } from '../throttledLog.js'
 
@@ -194,6 +195,11 @@ export class OriginParent {
        * a state change's) waits for the key's record.
        */
       storeTimeoutMs?: number
+      /**
+       * How often each enclave's log lines are collected (LOGS) and written to `log`, with `source: "enclave"`;
+       * unset, never (as in tests whose scripted enclaves know no LOGS).
+       */
+      logPollMs?: number
     },
   ) {
     const backoff = () => new FailureBackoff({ now: options.monotonicNow ?? (() => performance.now()), random: Math.random })
@@ -202,6 +208,7 @@ export class OriginParent {
   }
 
   private credentialRefresh: ReturnType<typeof setInterval> | undefined
+  private logPoll: ReturnType<typeof setInterval> | undefined
   /** Creates whose record is not yet written (answered or not): a DEK rotation waits for those sealed under the old DEK. */
   private readonly creating = new Set<Promise<unknown>>()
   /** The last state change or re-seal per key: each waits for the one before, so neither undoes the other in the store. */
@@ -310,6 +317,16 @@ export class OriginParent {
       }
     }, this.options.credentialRefreshMs ?? 300_000)
     this.credentialRefresh.unref()
+    const { log, logPollMs } = this.options
+    if (log && logPollMs) {
+      const collectors = this.enclaves.map(
+        (enclave) => new EnclaveLogCollector({ enclave: enclave.id, log, ask: async (payload) => this.check(enclave, await this.call(enclave, opcodes.LOGS, payload)).payload }),
+      )
+      this.logPoll = setInterval(() => {
+        for (const collector of collectors) void collector.poll()
+      }, logPollMs)
+      this.logPoll.unref()
+    }
     if (!(await this.options.store.getWrappedDek())) {
       // A new DEK would seal nothing that exists: every stored key stays under the lost one, and new keys would join them unopenable by it.
       if (await this.storeHoldsAnyRecord()) {
@@ -1122,6 +1139,7 @@ export class OriginParent {
 
   close(): void {
     clearInterval(this.credentialRefresh)
+    clearInterval(this.logPoll)
     for (const enclave of this.enclaves) enclave.pool.close()
   }
 }

@@ -25,6 +25,7 @@ export const opcodes = {
   CREDENTIALS: 9,
   GENERATE_DATA_KEY: 10,
   RESEAL: 11,
+  LOGS: 12,
 } as const
 export type Opcode = (typeof opcodes)[keyof typeof opcodes]
 
@@ -110,7 +111,7 @@ export function encodeFrame(frame: Frame & { maxFrameBytes?: number }): Uint8Arr
 }
 
 /** Throws `FrameError` unless `value` fits the wire's u8 / u32; messages.ts checks its fields with it too. */
-export function checkUint({ value, bits, field }: { value: number; bits: 8 | 32; field: string }): void {
+export function checkUint({ value, bits, field }: { value: number; bits: 8 | 16 | 32; field: string }): void {
   if (!Number.isInteger(value) || value < 0 || value >= 2 ** bits) {
     throw new FrameError(`${field} ${value} is not a u${bits}`)
   }

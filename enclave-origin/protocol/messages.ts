@@ -345,6 +345,53 @@ export function decodeHealthResponse(payload: Uint8Array): HealthResponse {
   return health as HealthResponse
 }
 
+// LOGS: the enclave's log lines after `after`, as the parent last read them from `instance` (0: none yet). The
+// answer's lines are numbered from `first` on; `skipped` lines between `after` and `first` were dropped before the
+// parent asked (or are another instance's); `more` says another LOGS would get more at once.
+
+export type LogsRequest = { instance: number; after: number }
+export type LogsResponse = { instance: number; first: number; skipped: number; more: boolean; lines: string[] }
+
+export function encodeLogsRequest(request: LogsRequest): Uint8Array {
+  checkUint({ value: request.instance, bits: 32, field: 'LOGS instance' })
+  return new PayloadWriter(12).u32(request.instance).u64(request.after, 'LOGS after').done()
+}
+
+export function decodeLogsRequest(payload: Uint8Array): LogsRequest {
+  const reader = new PayloadReader(payload, 'LOGS request')
+  const request = { instance: reader.u32('instance'), after: reader.u64('after') }
+  reader.end()
+  return request
+}
+
+export function encodeLogsResponse(response: LogsResponse): Uint8Array {
+  checkUint({ value: response.instance, bits: 32, field: 'LOGS instance' })
+  checkUint({ value: response.skipped, bits: 32, field: 'LOGS skipped' })
+  checkUint({ value: response.lines.length, bits: 16, field: 'LOGS line count' })
+  const lines = response.lines.map((line) => u16Utf8(line, 'LOGS line'))
+  const writer = new PayloadWriter(4 + 8 + 4 + 1 + 2 + lines.reduce((sum, bytes) => sum + 2 + bytes.length, 0))
+    .u32(response.instance)
+    .u64(response.first, 'LOGS first')
+    .u32(response.skipped)
+    .u8(response.more ? 1 : 0)
+    .u16(lines.length)
+  for (const bytes of lines) writer.u16Bytes(bytes)
+  return writer.done()
+}
+
+export function decodeLogsResponse(payload: Uint8Array): LogsResponse {
+  const reader = new PayloadReader(payload, 'LOGS response')
+  const instance = reader.u32('instance')
+  const first = reader.u64('first')
+  const skipped = reader.u32('skipped')
+  const more = reader.u8('more')
+  if (more > 1) throw new FrameError(`LOGS response: more is ${more}, not 0 or 1`)
+  const count = reader.u16('line count')
+  const lines = Array.from({ length: count }, () => reader.u16Utf8('line'))
+  reader.end()
+  return { instance, first, skipped, more: more === 1, lines }
+}
+
 // Failure answers, for any opcode
 
 /** Payload of a NEEDS_UNLOCK answer: when the parent may retry (the HTTP Retry-After). */

@@ -349,6 +349,15 @@ describe('the Worker signs through the origin, and the chain accepts it', () => 
 })
 
 describe('the parent process', () => {
+  it('writes the enclave\u2019s log lines into its own log (no one reads a production enclave\u2019s console), each once', async () => {
+    const fromEnclave = () => origin.output('parent').split('\n').filter((line) => line.includes('"source":"enclave"'))
+    const listened = () => fromEnclave().some((line) => line.includes('"event":"enclave_listening"'))
+    for (let attempt = 0; attempt < 100 && !listened(); attempt++) await new Promise((resolve) => setTimeout(resolve, 50))
+    const lines = fromEnclave().map((line) => JSON.parse(line) as Record<string, unknown>)
+    expect(lines).toContainEqual(expect.objectContaining({ event: 'enclave_listening', source: 'enclave', enclave: 'enclave-1', address: expect.anything() }))
+    expect(new Set(fromEnclave()).size).toBe(fromEnclave().length)
+  })
+
   it('stops, naming OPERATOR_LISTEN, and never says it listens, when the operators\u2019 listener cannot listen (a busy port)', async () => {
     const busy = createServer()
     await new Promise<void>((listening) => busy.listen(0, '127.0.0.1', listening))

@@ -57,6 +57,8 @@ export type Origin = {
   /** SIGKILL, resolved once the process is gone. */
   kill(which: 'enclave' | 'parent'): Promise<void>
   pids(): { enclave?: number; parent?: number }
+  /** What the process has written (stdout and stderr) since it last started. */
+  output(which: 'enclave' | 'parent'): string
   stop(): Promise<void>
   request(method: 'GET' | 'POST', path: string, body?: unknown): Promise<{ status: number; body: Record<string, unknown>; headers: Headers }>
 }
@@ -118,6 +120,7 @@ export async function startOrigin(options: {
         child.kill('SIGKILL')
       }),
     pids: () => ({ enclave: children.enclave?.pid, parent: children.parent?.pid }),
+    output: (which) => outputs[which]!,
     stop: async () => {
       await Promise.all(Object.values(children).map((child) => child && stopProcess(child)))
     },

@@ -8,6 +8,7 @@ import { developmentAttestation, type AttestationProvider, type KmsDataKeys } fr
 import { DeliveredCredentials } from '../../enclave-origin/enclave/deliveredCredentials.js'
 import { SignEngine } from '../../enclave-origin/enclave/engine.js'
 import { KeyCache } from '../../enclave-origin/enclave/keyCache.js'
+import { LogRing } from '../../enclave-origin/enclave/logRing.js'
 import { secp256k1 } from '../../enclave-origin/enclave/nativeSecp256k1.js'
 import { sealPrivateKey } from '../../enclave-origin/enclave/sealing.js'
 import { EnclaveService, serveEnclave } from '../../enclave-origin/enclave/server.js'
@@ -19,11 +20,13 @@ import {
   decodeCreateResponse,
   decodeErrorMessage,
   decodeGetResponse,
+  decodeLogsResponse,
   decodeSignResponse,
   decodeUnlockResponse,
   encodeCreateRequest,
   encodeGetRequest,
   encodeLoadRequest,
+  encodeLogsRequest,
   encodeResealRequest,
   encodeSetStateRequest,
   encodeSignRequest,
@@ -334,6 +337,16 @@ it('a preload that fails is the answer, but leaves the data key of the same UNLO
   expect(decodeErrorMessage(answer.payload)).toBe('preload failed: cannot read the preload file /nonexistent/shares.age: ENOENT')
   loadInNewEpoch(cache, { keyId: 'k', version: 1, state: 'active', publicKey: new Uint8Array(65), sealed: new Uint8Array(60) })
   expect(cache.get('k')?.cacheState).toBe('COOL')
+})
+
+it('answers LOGS from the lines it keeps, and says so when it keeps none', async () => {
+  const logs = new LogRing({ maxBytes: 10_000 })
+  logs.write('{"event":"one"}')
+  const service = new EnclaveService({ cache: new KeyCache({ now: Date.now, unlock: () => Promise.reject(new Error('no unlock here')) }), engine, dataKeys: noKms, kmsKeyId: 'test', credentials: new DeliveredCredentials(), attestation: developmentAttestation, logs })
+  const answer = await service.handle({ requestId: 1, opcode: opcodes.LOGS, status: 0, payload: encodeLogsRequest({ instance: 0, after: 0 }) })
+  expect({ status: answer.status, logs: decodeLogsResponse(answer.payload) }).toEqual({ status: statuses.OK, logs: { instance: logs.instance, first: 1, skipped: 0, more: false, lines: ['{"event":"one"}'] } })
+  const none = await enclaveWith(noKms).service.handle({ requestId: 2, opcode: opcodes.LOGS, status: 0, payload: encodeLogsRequest({ instance: 0, after: 0 }) })
+  expect([none.status, decodeErrorMessage(none.payload)]).toEqual([statuses.BAD_REQUEST, 'this enclave keeps no log lines for LOGS'])
 })
 
 it('an enclave that holds keys makes no first data key: a bootstrap UNLOCK from a parent with an empty store is refused, and its DEK stays', async () => {

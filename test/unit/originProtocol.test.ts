@@ -13,6 +13,10 @@ import {
   decodeLoadRequest,
   decodeResealRequest,
   decodeNeedsUnlock,
+  decodeLogsRequest,
+  decodeLogsResponse,
+  encodeLogsRequest,
+  encodeLogsResponse,
   decodeSetStateRequest,
   decodeSignRequest,
   decodeSignResponse,
@@ -210,6 +214,15 @@ describe('every message survives encode then decode unchanged', () => {
     expect(emptyPayload.length).toBe(0)
     expect(() => decodeEmptyPayload(emptyPayload, 'LOAD response')).not.toThrow()
     expect(() => decodeEmptyPayload(new Uint8Array([0]), 'LOAD response')).toThrow(FrameError)
+  })
+
+  it('LOGS request and response: the instance, the lines after, how many were lost and whether there are more', () => {
+    expect(decodeLogsRequest(encodeLogsRequest({ instance: 2 ** 32 - 1, after: 2 ** 40 }))).toEqual({ instance: 2 ** 32 - 1, after: 2 ** 40 })
+    const response = { instance: 7, first: 12, skipped: 3, more: true, lines: ['{"event":"a"}', '', 'é ✓'] }
+    expect(decodeLogsResponse(encodeLogsResponse(response))).toEqual(response)
+    expect(decodeLogsResponse(encodeLogsResponse({ ...response, more: false, lines: [] }))).toEqual({ ...response, more: false, lines: [] })
+    expect(() => encodeLogsRequest({ instance: 2 ** 32, after: 0 })).toThrow(FrameError)
+    expect(() => encodeLogsResponse({ ...response, lines: ['x'.repeat(0x10000)] })).toThrow(FrameError)
   })
 
   it('NEEDS_UNLOCK carries the retry delay', () => {
@@ -425,6 +438,8 @@ describe('every message decoder, fed each truncation and each single-byte change
     ['CREDENTIALS request', decodeCredentials, encodeCredentials({ accessKeyId: 'AKID', secretAccessKey: 'secret', sessionToken: 'token' })],
     ['HEALTH response', decodeHealthResponse, encodeHealthResponse({ cacheStates: { WARM: 1 }, engine: { threads: 2 } })],
     ['NEEDS_UNLOCK answer', decodeNeedsUnlock, encodeNeedsUnlock({ retryAfterMs: 150 })],
+    ['LOGS request', decodeLogsRequest, encodeLogsRequest({ instance: 9, after: 2 ** 33 })],
+    ['LOGS response', decodeLogsResponse, encodeLogsResponse({ instance: 9, first: 5, skipped: 1, more: true, lines: ['{"event":"é"}', 'two'] })],
     ['error answer', decodeErrorMessage, encodeErrorMessage('no key k1 ✓')],
   ]
   it.each(valid)('%s: decodes, or throws a FrameError, and nothing else', (_, decode, payload) => {

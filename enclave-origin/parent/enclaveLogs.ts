@@ -1,0 +1,63 @@
+import { decodeLogsResponse, encodeLogsRequest } from '../protocol/messages.js'
+
+/**
+ * Collects one enclave's log lines (LOGS) and writes them to the parent's
+ * log, each with `source: "enclave"` and the enclave's id: in production no
+ * one reads an enclave's console, and its audits must reach someone. Asks
+ * once a `poll`, and again at once while the enclave says it holds more;
+ * each request acknowledges the lines of the last answer, which the enclave
+ * then forgets. Lines it dropped before they were collected (it keeps a
+ * bounded amount) are reported as `enclave_log_lines_lost`. An enclave out
+ * of reach is asked again at the next poll; its health says why.
+ */
+export class EnclaveLogCollector {
+  private instance = 0
+  private after = 0
+  private collecting: Promise<void> | undefined
+
+  constructor(
+    private readonly options: {
+      enclave: string
+      /** Sends a LOGS request; resolves to the OK answer's payload (any other answer rejects). */
+      ask: (payload: Uint8Array) => Promise<Uint8Array>
+      log: (fields: Record<string, unknown>) => void
+    },
+  ) {}
+
+  /** Collects what there is; one collection at a time (a poll during one joins it). */
+  poll(): Promise<void> {
+    this.collecting ??= this.collect().finally(() => {
+      this.collecting = undefined
+    })
+    return this.collecting
+  }
+
+  private async collect(): Promise<void> {
+    const { enclave, log } = this.options
+    for (;;) {
+      let answer
+      try {
+        answer = decodeLogsResponse(await this.options.ask(encodeLogsRequest({ instance: this.instance, after: this.after })))
+      } catch {
+        // Out of reach, or an enclave from before LOGS: nothing to collect now. Not logged: its health says so.
+        return
+      }
+      if (answer.skipped > 0) log({ level: 'warn', event: 'enclave_log_lines_lost', source: 'enclave', enclave, count: answer.skipped })
+      for (const line of answer.lines) log({ ...fieldsOf(line), source: 'enclave', enclave })
+      this.instance = answer.instance
+      this.after = answer.first + answer.lines.length - 1
+      if (!answer.more || answer.lines.length === 0) return
+    }
+  }
+}
+
+/** The fields of one of the enclave's JSON lines; a line that is not a JSON object is kept as its text. */
+function fieldsOf(line: string): Record<string, unknown> {
+  try {
+    const fields: unknown = JSON.parse(line)
+    if (typeof fields === 'object' && fields !== null && !Array.isArray(fields)) return fields as Record<string, unknown>
+  } catch {
+    // Kept below, as text.
+  }
+  return { event: 'enclave_log_line', text: line }
+}

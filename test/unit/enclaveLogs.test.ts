@@ -1,0 +1,112 @@
+import { describe, expect, it } from 'vitest'
+import { LogRing } from '../../enclave-origin/enclave/logRing.js'
+import { EnclaveLogCollector } from '../../enclave-origin/parent/enclaveLogs.js'
+import { decodeLogsRequest, encodeLogsRequest, encodeLogsResponse } from '../../enclave-origin/protocol/messages.js'
+
+/**
+ * The enclave's log lines on their way to the parent's log: the ring the
+ * enclave keeps them in, and the parent's collector, joined by the LOGS
+ * messages' own encoding (enclaveServer.test.ts has the service answering
+ * LOGS; the end-to-end test, the parent logging a real enclave's lines).
+ */
+
+const line = (n: number) => JSON.stringify({ event: `line-${n}`, n })
+
+/** A collector reading `ring` as the parent would, through the encoded messages; what it logs, and how often it asked. */
+function collectorOf(ring: LogRing, { maxBytes = 60_000 } = {}) {
+  const logged: Array<Record<string, unknown>> = []
+  let asked = 0
+  const collector = new EnclaveLogCollector({
+    enclave: 'e1',
+    log: (fields) => logged.push(fields),
+    ask: async (payload) => {
+      asked += 1
+      return encodeLogsResponse(ring.read({ ...decodeLogsRequest(payload), maxBytes }))
+    },
+  })
+  return { collector, logged, asked: () => asked }
+}
+
+describe('LogRing', () => {
+  it('answers its lines in order, forgets those a request acknowledges, and tells another instance (a new parent) what is left', () => {
+    const ring = new LogRing({ maxBytes: 1_000_000 })
+    for (let n = 1; n <= 3; n++) ring.write(line(n))
+    expect(ring.read({ instance: 0, after: 0, maxBytes: 60_000 })).toEqual({ instance: ring.instance, first: 1, skipped: 0, more: false, lines: [line(1), line(2), line(3)] })
+    ring.write(line(4))
+    // Lines 1–2 acknowledged: gone; 3 and 4 are left.
+    expect(ring.read({ instance: ring.instance, after: 2, maxBytes: 60_000 }).lines).toEqual([line(3), line(4)])
+    // Another instance's numbering acknowledges nothing: a parent that restarted gets what is left, from its start.
+    expect(ring.read({ instance: ring.instance + 1, after: 4, maxBytes: 60_000 })).toMatchObject({ first: 3, lines: [line(3), line(4)] })
+    expect(ring.read({ instance: ring.instance, after: 4, maxBytes: 60_000 })).toMatchObject({ first: 5, more: false, lines: [] })
+  })
+
+  it('drops its oldest lines past maxBytes and counts them, once, in the next answer', () => {
+    const ring = new LogRing({ maxBytes: line(1).length * 3 })
+    for (let n = 1; n <= 5; n++) ring.write(line(n))
+    expect(ring.read({ instance: 0, after: 0, maxBytes: 60_000 })).toEqual({ instance: ring.instance, first: 3, skipped: 2, more: false, lines: [line(3), line(4), line(5)] })
+    expect(ring.read({ instance: ring.instance, after: 5, maxBytes: 60_000 }).skipped).toBe(0)
+  })
+
+  it('answers as many lines as fit (at least one), says there are more, and cuts a line over 4,096 characters', () => {
+    const ring = new LogRing({ maxBytes: 1_000_000 })
+    ring.write('x'.repeat(10_000))
+    for (let n = 1; n <= 3; n++) ring.write(line(n))
+    const first = ring.read({ instance: 0, after: 0, maxBytes: 100 })
+    expect(first).toMatchObject({ first: 1, more: true })
+    expect(first.lines).toEqual([`${'x'.repeat(4_095)}…`])
+    const next = ring.read({ instance: ring.instance, after: 1, maxBytes: 2 * (2 + line(1).length) })
+    expect(next).toMatchObject({ first: 2, more: true, lines: [line(1), line(2)] })
+  })
+})
+
+describe('EnclaveLogCollector', () => {
+  it('logs each of the enclave\u2019s lines once, with its fields, the enclave and the source, asking again at once while there are more', async () => {
+    const ring = new LogRing({ maxBytes: 1_000_000 })
+    for (let n = 1; n <= 50; n++) ring.write(line(n))
+    ring.write('not JSON')
+    // About ten lines an answer: five answers for the 51 lines, then one with none (the last acknowledges them).
+    const { collector, logged, asked } = collectorOf(ring, { maxBytes: 10 * (2 + line(10).length) })
+    await collector.poll()
+    expect(logged).toEqual([
+      ...Array.from({ length: 50 }, (_, i) => ({ event: `line-${i + 1}`, n: i + 1, source: 'enclave', enclave: 'e1' })),
+      { event: 'enclave_log_line', text: 'not JSON', source: 'enclave', enclave: 'e1' },
+    ])
+    expect(asked()).toBeGreaterThanOrEqual(5)
+    ring.write(line(51))
+    await collector.poll()
+    expect(logged.slice(51)).toEqual([{ event: 'line-51', n: 51, source: 'enclave', enclave: 'e1' }])
+    // The enclave holds only what the last answer carried, unacknowledged.
+    expect(ring.read({ instance: 0, after: 0, maxBytes: 60_000 }).lines).toEqual([line(51)])
+  })
+
+  it('reports lines the enclave dropped before they were collected, and takes a restarted enclave\u2019s lines from its first', async () => {
+    let ring = new LogRing({ maxBytes: line(1).length * 2 })
+    const logged: Array<Record<string, unknown>> = []
+    const collector = new EnclaveLogCollector({ enclave: 'e1', log: (fields) => logged.push(fields), ask: async (payload) => encodeLogsResponse(ring.read({ ...decodeLogsRequest(payload), maxBytes: 60_000 })) })
+    for (let n = 1; n <= 5; n++) ring.write(line(n))
+    await collector.poll()
+    expect(logged).toEqual([
+      { level: 'warn', event: 'enclave_log_lines_lost', source: 'enclave', enclave: 'e1', count: 3 },
+      { event: 'line-4', n: 4, source: 'enclave', enclave: 'e1' },
+      { event: 'line-5', n: 5, source: 'enclave', enclave: 'e1' },
+    ])
+    // A restart: numbering starts again at 1, under another instance.
+    ring = new LogRing({ maxBytes: 1_000_000 })
+    ring.write(line(1))
+    await collector.poll()
+    expect(logged.slice(3)).toEqual([{ event: 'line-1', n: 1, source: 'enclave', enclave: 'e1' }])
+  })
+
+  it('gives up until the next poll on an enclave out of reach, and on an answer it cannot read, logging nothing', async () => {
+    const logged: unknown[] = []
+    let answer: () => Promise<Uint8Array> = () => Promise.reject(new Error('cannot connect to the enclave'))
+    const collector = new EnclaveLogCollector({ enclave: 'e1', log: (fields) => logged.push(fields), ask: () => answer() })
+    await collector.poll()
+    answer = async () => encodeLogsRequest({ instance: 1, after: 1 })
+    await collector.poll()
+    expect(logged).toEqual([])
+    answer = async () => encodeLogsResponse({ instance: 1, first: 1, skipped: 0, more: false, lines: [line(1)] })
+    await collector.poll()
+    expect(logged).toEqual([{ event: 'line-1', n: 1, source: 'enclave', enclave: 'e1' }])
+  })
+})
