@@ -38,12 +38,14 @@ export function listenAddress(value: string): StreamAddress {
   if (vsock) return { vsock }
   // Else it would be read as the TCP host "vsock:…", and fail later, far from the setting.
   if (value.startsWith('vsock:')) throw new Error(`${value}: a vsock address is vsock:CID:PORT, each a number from 0 to 4294967295`)
-  const match = /^(.+):(\d+)$/.exec(value)
+  // An IPv6 host goes in brackets, which the address itself does not keep; a bare one would split at its last colon.
+  const match = /^\[([^\]]+)\]:(\d+)$/.exec(value) ?? /^([^:[\]]+):(\d+)$/.exec(value)
   if (match) {
     const port = wholeNumberIn(match[2]!, 1, 65_535)
     if (port === undefined) throw new Error(`${value}: the port must be from 1 to 65535`)
     return { host: match[1]!, port }
   }
+  if (!value.includes('/') && value.includes(':')) throw new Error(`${value}: an IPv6 address goes in brackets, with its port: [::1]:7000`)
   if (!value.includes('/')) throw new Error(`${value} is neither host:port nor a Unix socket path (one with a /)`)
   return { path: value }
 }
@@ -105,6 +107,8 @@ export function hmacKeysSetting(): Record<string, string> {
       if (!keyId) throw new Error(`ORIGIN_HMAC_KEYS entry ${index + 1} is not keyId:secret`)
       if (Object.hasOwn(secrets, keyId)) throw new Error(`ORIGIN_HMAC_KEYS names key id ${keyId} twice`)
       const secret = entry.slice(separator + 1)
+      // Not trimmed: a stray space or newline is part of what the parent would check signatures with.
+      if (secret.trim() !== secret) throw new Error(`ORIGIN_HMAC_KEYS: the secret of key id ${keyId} begins or ends with white space, which every client would have to sign with too`)
       if (Buffer.byteLength(secret) < minimumHmacSecretBytes) throw new Error(`ORIGIN_HMAC_KEYS: the secret of key id ${keyId} is shorter than ${minimumHmacSecretBytes} bytes (32 random bytes are best)`)
       secrets[keyId] = secret
     })

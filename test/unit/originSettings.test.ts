@@ -122,6 +122,9 @@ describe('origin settings', () => {
     expect(() => listenAddress('127.0.0.1:99999')).toThrow('127.0.0.1:99999: the port must be from 1 to 65535')
     expect(() => listenAddress('127.0.0.1:0')).toThrow('the port must be from 1 to 65535')
     expect(() => listenAddress('127.0.0.1')).toThrow('127.0.0.1 is neither host:port nor a Unix socket path (one with a /)')
+    expect(listenAddress('[::1]:7000')).toEqual({ host: '::1', port: 7000 })
+    expect(listenAddress('localhost:7000')).toEqual({ host: 'localhost', port: 7000 })
+    for (const value of ['::1', '::1:7000', 'fe80::1:8443']) expect(() => listenAddress(value)).toThrow(`${value}: an IPv6 address goes in brackets, with its port: [::1]:7000`)
     for (const value of ['vsock:4294967296:8000', 'vsock:16:99999999999', 'vsock:16', 'vsock:x:8000']) {
       expect(() => listenAddress(value)).toThrow(`${value}: a vsock address is vsock:CID:PORT, each a number from 0 to 4294967295`)
     }
@@ -151,6 +154,8 @@ describe('origin settings', () => {
       ['worker:a-secret-of-enough-bytes,worker:a-second-secret-long-enough', 'ORIGIN_HMAC_KEYS names key id worker twice'],
       ['ops:', 'ORIGIN_HMAC_KEYS: the secret of key id ops is shorter than 16 bytes'],
       ['ops:short-secret', 'ORIGIN_HMAC_KEYS: the secret of key id ops is shorter than 16 bytes'],
+      ['ops:a-secret-of-enough-bytes ', 'ORIGIN_HMAC_KEYS: the secret of key id ops begins or ends with white space, which every client would have to sign with too'],
+      ['ops:a-secret-of-enough-bytes\n', 'ORIGIN_HMAC_KEYS: the secret of key id ops begins or ends with white space, which every client would have to sign with too'],
     ]
     for (const message of expectRefusals('ORIGIN_HMAC_KEYS', hmacKeysSetting, refusals)) expect(message).not.toMatch(/a-second-secret|short-secret|no-separator/)
   })
