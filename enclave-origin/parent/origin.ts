@@ -639,18 +639,23 @@ export class OriginParent {
   }
 
   /**
-   * The caller's answer to `work`, which calls `storing()` when it turns to the store and `confirmed()` once
-   * the store has its writes. If that has not happened `storeTimeoutMs` after `storing()`, the caller is
+   * The caller's answer to `work`, which calls `storing()` when it turns to the store (naming what it stores,
+   * when that is known only then) and `confirmed()` once the store has its writes. If that has not happened `storeTimeoutMs` after `storing()`, the caller is
    * answered 503 without waiting longer. The work goes on (holding its key's turn, so nothing overtakes its
    * writes) and may still take effect, which the answer says.
    */
-  private storeConfirmed<T>(what: string, work: (store: { storing: () => void; confirmed: () => void }) => Promise<T>, detailsOf: (result: T) => Record<string, unknown> = () => ({})): Promise<T> {
+  private storeConfirmed<T>(
+    what: string,
+    work: (store: { storing: (stored?: string) => void; confirmed: () => void }) => Promise<T>,
+    detailsOf: (result: T) => Record<string, unknown> = () => ({}),
+  ): Promise<T> {
     const timeoutMs = this.storeTimeoutMs
     let timer: ReturnType<typeof setTimeout> | undefined
     let late = false
     let notConfirmed!: (error: Error) => void
     const timedOut = new Promise<never>((_, reject) => (notConfirmed = reject))
-    const storing = () => {
+    const storing = (stored?: string) => {
+      if (stored !== undefined) what = stored
       timer ??= setTimeout(() => {
         late = true
         this.unconfirmedWrites += 1
@@ -684,7 +689,7 @@ export class OriginParent {
     if (this.unconfirmedWrites > 0) {
       return Promise.reject(new OriginRequestError('unavailable', `no key is created while the store has not confirmed earlier writes (${this.unconfirmedWrites} still waiting after ${this.storeTimeoutMs} ms)`))
     }
-    return this.storeConfirmed("the new key's record", (store) => {
+    return this.storeConfirmed('a new key', (store) => {
       // Tracked until its record is written, however soon the caller is answered: a rotation waits for it.
       const creating = this.create(store.storing).then((key) => {
         store.confirmed()
@@ -701,7 +706,7 @@ export class OriginParent {
    * reach, out of service or full (see `maxInflightPerEnclave`) is passed
    * over for a key id another enclave owns.
    */
-  private async create(storing: () => void): Promise<KeyInfo> {
+  private async create(storing: (stored: string) => void): Promise<KeyInfo> {
     /** Enclaves out of reach, or with no place for another request. */
     const passedOver = new Set<Enclave>()
     let overloaded: OverloadedError | undefined
@@ -729,7 +734,8 @@ export class OriginParent {
       }
     }
     const created = decodeCreateResponse(this.check(enclave, frame).payload)
-    storing()
+    // Named: a caller answered 503 must learn which key may yet exist (no route lists keys).
+    storing(`the record of new key ${keyId}`)
     await this.options.store.put({ keyId, version: created.version, state: 'active', publicKey: created.publicKey, sealed: created.sealed })
     return { keyId, publicKey: bytesToHex(created.publicKey), address: publicKeyToAddress(bytesToHex(created.publicKey)), state: 'active' }
   }
