@@ -10,7 +10,7 @@
  */
 import { spawnSync } from 'node:child_process'
 import { build } from 'esbuild'
-import { copyFileSync, readdirSync, rmSync } from 'node:fs'
+import { copyFileSync, existsSync, readdirSync, renameSync, rmSync } from 'node:fs'
 import path from 'node:path'
 
 const source = 'enclave-origin'
@@ -19,10 +19,19 @@ const outdir = args.find((arg) => !arg.startsWith('--')) ?? path.join('dist', so
 const files = readdirSync(source, { recursive: true }).map(String)
 const node = { format: 'esm', platform: 'node', target: 'node20', logLevel: 'warning' }
 
-rmSync(outdir, { recursive: true, force: true })
-await build({ ...node, entryPoints: files.filter((file) => file.endsWith('.ts')).map((file) => path.join(source, file)), outdir })
+// Built beside it and swapped in whole: processes running from `outdir` (`npm run origin` builds before each
+// command, `status` too) keep a complete build under it but for the moment between two renames. A signing thread
+// started later loads its script from there.
+const building = `${outdir}.building`
+const previous = `${outdir}.previous`
+rmSync(building, { recursive: true, force: true })
+await build({ ...node, entryPoints: files.filter((file) => file.endsWith('.ts')).map((file) => path.join(source, file)), outdir: building })
 // The sign worker is JavaScript already; the engine loads it next to itself.
-for (const file of files.filter((name) => name.endsWith('.mjs'))) copyFileSync(path.join(source, file), path.join(outdir, file))
+for (const file of files.filter((name) => name.endsWith('.mjs'))) copyFileSync(path.join(source, file), path.join(building, file))
+rmSync(previous, { recursive: true, force: true })
+if (existsSync(outdir)) renameSync(outdir, previous)
+renameSync(building, outdir)
+rmSync(previous, { recursive: true, force: true })
 
 if (args.includes('--bench')) {
   const benchDir = path.join('dist', 'bench')

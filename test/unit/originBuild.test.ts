@@ -1,8 +1,9 @@
-import { execFileSync, spawnSync } from 'node:child_process'
+import { execFile, execFileSync, spawnSync } from 'node:child_process'
 import { randomBytes } from 'node:crypto'
-import { rmSync } from 'node:fs'
+import { existsSync, readdirSync, rmSync } from 'node:fs'
 import path from 'node:path'
 import { pathToFileURL } from 'node:url'
+import { promisify } from 'node:util'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import { bytesToHex, recoverAddress } from 'viem'
 import { privateKeyToAddress } from 'viem/accounts'
@@ -53,5 +54,24 @@ describe('the enclave origin build', () => {
     } finally {
       await engine.stop()
     }
+  })
+
+  it('builds again beside the last build and swaps it in: the files a running process loads later never go missing for the build\u2019s length', { timeout: 60_000 }, async () => {
+    const worker = path.join(outdir, 'enclave', 'signWorker.mjs')
+    let checks = 0
+    let missing = 0
+    const watch = setInterval(() => {
+      checks += 1
+      if (!existsSync(worker)) missing += 1
+    }, 2)
+    try {
+      await promisify(execFile)(process.execPath, ['scripts/build-origin.mjs', outdir])
+    } finally {
+      clearInterval(watch)
+    }
+    // The build takes hundreds of checks; only the moment between two renames could catch one.
+    expect(checks).toBeGreaterThan(50)
+    expect(missing).toBeLessThanOrEqual(1)
+    expect(readdirSync(path.dirname(outdir)).sort()).toEqual(['enclave-origin'])
   })
 })
