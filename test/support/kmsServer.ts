@@ -36,7 +36,7 @@ export type LocalKms = {
    * `recipientPcr0`: the key's policy allows GenerateDataKey and Decrypt only with a valid attestation document of that PCR0.
    */
   createSymmetricKey(options?: { recipientPcr0?: Uint8Array }): string
-  /** Sets a fault for every key (or one keyId): subsequent Sign (and GetPublicKey for access-denied/throttle/internal-error/hang) calls misbehave accordingly. */
+  /** Sets a fault for every key (or one keyId): subsequent Sign (and GetPublicKey, GenerateDataKey and Decrypt for access-denied/throttle/internal-error/hang) calls misbehave accordingly. */
   setFault(fault: KmsFault, keyId?: string): void
   /** Counts of requests per operation, for assertions. */
   calls: Record<string, number>
@@ -169,7 +169,7 @@ export async function startLocalKms(options: { port: number; accessKeyId?: strin
     ...(k.usage === 'SIGN_VERIFY' ? { SigningAlgorithms: ['ECDSA_SHA_256'] } : { EncryptionAlgorithms: ['SYMMETRIC_DEFAULT'] }),
   })
   /** Throws or hangs per the injected fault; returns it so Sign can apply 'high-s' / 'wrong-key'. */
-  const fault = (key: KeyRecord, op: 'Sign' | 'GetPublicKey'): KmsFault | typeof HANG => {
+  const fault = (key: KeyRecord, op: 'Sign' | 'GetPublicKey' | 'GenerateDataKey' | 'Decrypt'): KmsFault | typeof HANG => {
     const f = faults.get(key.id) ?? globalFault
     if (f === 'throttle') throw new KmsError('ThrottlingException', 'You have exceeded the rate at which you may call KMS. Reduce the frequency of your calls.')
     if (f === 'internal-error') throw new KmsError('KMSInternalException', 'An internal error occurred.', 500)
@@ -262,6 +262,7 @@ export async function startLocalKms(options: { port: number; accessKeyId?: strin
     GenerateDataKey(input) {
       const key = findKey(str(input, 'KeyId'))
       if (key.usage !== 'ENCRYPT_DECRYPT') throw new KmsError('InvalidKeyUsageException', `${arn(key.id)} key usage is SIGN_VERIFY which is not valid for GenerateDataKey.`)
+      if (fault(key, 'GenerateDataKey') === HANG) return HANG
       const bySpec = input.KeySpec === 'AES_256' ? 32 : input.KeySpec === 'AES_128' ? 16 : undefined
       const n = input.NumberOfBytes
       const length = bySpec ?? (typeof n === 'number' && Number.isInteger(n) && n >= 1 && n <= 1024 ? n : undefined)
@@ -271,6 +272,7 @@ export async function startLocalKms(options: { port: number; accessKeyId?: strin
     },
     Decrypt(input) {
       const { key, plaintext } = open(blob(input, 'CiphertextBlob'), input)
+      if (fault(key, 'Decrypt') === HANG) return HANG
       return { KeyId: arn(key.id), ...release(key, plaintext, input, 'Decrypt'), EncryptionAlgorithm: 'SYMMETRIC_DEFAULT' }
     },
   }

@@ -6,9 +6,11 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import { AttestationDocumentError, verifyAttestationDocument } from '../../enclave-origin/attestationDocument.js'
 import { CmsError, openRecipientCiphertext } from '../../enclave-origin/enclave/cms.js'
 import { developmentAttestation, KmsDataKeys, type AttestationProvider } from '../../enclave-origin/enclave/dataKey.js'
+import { DeliveredCredentials } from '../../enclave-origin/enclave/deliveredCredentials.js'
+import { enclaveKmsClient } from '../../enclave-origin/enclave/kmsClient.js'
 import { openNitroAttestation } from '../../enclave-origin/enclave/nitroAttestation.js'
 import { sealForRecipient } from '../support/cmsEnvelope.js'
-import { startLocalKms, type LocalKms } from '../support/kmsServer.js'
+import { startLocalKms, type KmsFault, type LocalKms } from '../support/kmsServer.js'
 import { startTestNsm, type TestNsm } from '../support/nitroAttestation.js'
 
 /**
@@ -307,3 +309,36 @@ describe('openRecipientCiphertext', () => {
     }
   })
 })
+
+describe('the enclave\u2019s KMS client against a KMS that fails', () => {
+  it('fails a data key call with what KMS said (throttled, 5xx, denied), or within its time bounds when KMS never answers, and works once KMS does', { timeout: 20_000 }, async () => {
+    const credentials = new DeliveredCredentials()
+    credentials.set(kms.credentials)
+    const enclaveClient = enclaveKmsClient({ region: kms.credentials.region, endpoint: kms.url, credentials, timeoutMs: 300 })
+    const kmsKeyId = kms.createSymmetricKey()
+    const keys = new KmsDataKeys({ client: enclaveClient, kmsKeyId, attestation: developmentAttestation })
+    const { dek, wrapped } = await keys.generate()
+    try {
+      const refusals: Array<[KmsFault, RegExp]> = [
+        ['throttle', /exceeded the rate at which you may call KMS/],
+        ['internal-error', /An internal error occurred/],
+        ['access-denied', /not authorized to perform: kms:Decrypt/],
+      ]
+      for (const [fault, message] of refusals) {
+        kms.setFault(fault, kmsKeyId)
+        await expect(keys.unwrap(wrapped)).rejects.toThrow(message)
+      }
+      kms.setFault('hang', kmsKeyId)
+      const started = performance.now()
+      await expect(keys.generate()).rejects.toThrow()
+      // Two attempts of 300 ms each (and the SDK's backoff between them), not a wait for ever.
+      expect(performance.now() - started).toBeLessThan(5_000)
+      kms.setFault('none', kmsKeyId)
+      expect(Buffer.from(await keys.unwrap(wrapped))).toEqual(Buffer.from(dek))
+    } finally {
+      kms.setFault('none', kmsKeyId)
+      enclaveClient.destroy()
+    }
+  })
+})
+
