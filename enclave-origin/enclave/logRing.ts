@@ -10,28 +10,31 @@ const maxLineLength = 4_096
  * stdout saw (an audit of a grace signature, the preload's fingerprint)
  * would reach no one. A LOGS request acknowledges the lines the parent has
  * (those up to `after`, which then go), so a parent that restarts gets what
- * its predecessor had not collected, once. Bounded by `maxBytes` (UTF-16
- * code units, about bytes for the ASCII of JSON lines): past it the oldest
- * lines go uncollected, and the next LOGS answer counts them.
+ * its predecessor had not acknowledged. Bounded by `maxBytes` of UTF-8: past
+ * it the oldest lines go uncollected, and the next LOGS answer counts them.
+ * A queue with a moving head, not `Array.shift()`, which copies a large
+ * array on every call: dropping a line must cost the event loop nothing.
  */
 export class LogRing {
   /** Tells this process's lines from a restarted enclave's, whose numbering starts again. */
   readonly instance = randomInt(1, 2 ** 32)
-  private readonly lines: string[] = []
-  /** The number of `lines[0]` (or of the next line, with none kept); lines are numbered from 1. */
+  private lines: string[] = []
+  /** Index in `lines` of the oldest line kept; those before it are dropped, and go at the next compaction. */
+  private head = 0
+  /** The number of `lines[head]` (or of the next line, with none kept); lines are numbered from 1. */
   private first = 1
-  private size = 0
+  private bytes = 0
   /** Lines dropped for room before any LOGS answer carried them, since the last answer. */
   private lost = 0
 
   constructor(private readonly options: { maxBytes: number }) {}
 
   write(line: string): void {
-    const kept = line.length > maxLineLength ? `${line.slice(0, maxLineLength - 1)}…` : line
+    const kept = line.length > maxLineLength ? `${cutAt(line, maxLineLength - 1)}…` : line
     this.lines.push(kept)
-    this.size += kept.length
-    while (this.size > this.options.maxBytes && this.lines.length > 1) {
-      this.dropFirst()
+    this.bytes += Buffer.byteLength(kept)
+    while (this.bytes > this.options.maxBytes && this.kept > 1) {
+      this.dropOldest()
       this.lost += 1
     }
   }
@@ -41,10 +44,11 @@ export class LogRing {
    * of the rest that fit in `maxBytes` of UTF-8, at least one.
    */
   read({ instance, after, maxBytes }: LogsRequest & { maxBytes: number }): LogsResponse {
-    if (instance === this.instance) while (this.lines.length > 0 && this.first <= after) this.dropFirst()
+    if (instance === this.instance) while (this.kept > 0 && this.first <= after) this.dropOldest()
     const lines: string[] = []
     let bytes = 0
-    for (const line of this.lines) {
+    for (let index = this.head; index < this.lines.length; index++) {
+      const line = this.lines[index]!
       const lineBytes = 2 + Buffer.byteLength(line)
       if (lines.length > 0 && bytes + lineBytes > maxBytes) break
       lines.push(line)
@@ -52,11 +56,27 @@ export class LogRing {
     }
     const skipped = Math.min(this.lost, 2 ** 32 - 1)
     this.lost = 0
-    return { instance: this.instance, first: this.first, skipped, more: lines.length < this.lines.length, lines }
+    return { instance: this.instance, first: this.first, skipped, more: lines.length < this.kept, lines }
   }
 
-  private dropFirst(): void {
-    this.size -= this.lines.shift()!.length
-    this.first += 1
+  private get kept(): number {
+    return this.lines.length - this.head
   }
+
+  private dropOldest(): void {
+    this.bytes -= Buffer.byteLength(this.lines[this.head]!)
+    this.head += 1
+    this.first += 1
+    // Compacted once the dropped part is as long as the rest: each line is copied about once in all.
+    if (this.head >= 1_024 && this.head * 2 >= this.lines.length) {
+      this.lines = this.lines.slice(this.head)
+      this.head = 0
+    }
+  }
+}
+
+/** `text` cut to at most `length` code units, never between the two halves of a surrogate pair. */
+function cutAt(text: string, length: number): string {
+  const code = text.charCodeAt(length - 1)
+  return text.slice(0, code >= 0xd800 && code <= 0xdbff ? length - 1 : length)
 }

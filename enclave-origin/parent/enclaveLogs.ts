@@ -1,4 +1,6 @@
+import { messageOf } from '../errors.js'
 import { decodeLogsResponse, encodeLogsRequest } from '../protocol/messages.js'
+import { EnclaveUnavailableError } from './enclavePool.js'
 
 /**
  * Collects one enclave's log lines (LOGS) and writes them to the parent's
@@ -14,6 +16,8 @@ export class EnclaveLogCollector {
   private instance = 0
   private after = 0
   private collecting: Promise<void> | undefined
+  /** Collection fails for a reason other than the enclave being out of reach: said once, until it works again. */
+  private failing = false
 
   constructor(
     private readonly options: {
@@ -38,10 +42,14 @@ export class EnclaveLogCollector {
       let answer
       try {
         answer = decodeLogsResponse(await this.options.ask(encodeLogsRequest({ instance: this.instance, after: this.after })))
-      } catch {
-        // Out of reach, or an enclave from before LOGS: nothing to collect now. Not logged: its health says so.
+      } catch (error) {
+        // Out of reach: its health says so. Anything else (a refusal, an answer this parent cannot read) would
+        // stop the enclave's lines reaching anyone, silently: said once.
+        if (!(error instanceof EnclaveUnavailableError) && !this.failing) log({ level: 'error', event: 'enclave_logs_not_collected', enclave, error: messageOf(error) })
+        this.failing ||= !(error instanceof EnclaveUnavailableError)
         return
       }
+      this.failing = false
       if (answer.skipped > 0) log({ level: 'warn', event: 'enclave_log_lines_lost', source: 'enclave', enclave, count: answer.skipped })
       for (const line of answer.lines) log({ ...fieldsOf(line), source: 'enclave', enclave })
       this.instance = answer.instance

@@ -1,6 +1,7 @@
 import { describe, expect, it } from 'vitest'
 import { LogRing } from '../../enclave-origin/enclave/logRing.js'
 import { EnclaveLogCollector } from '../../enclave-origin/parent/enclaveLogs.js'
+import { EnclaveUnavailableError } from '../../enclave-origin/parent/enclavePool.js'
 import { decodeLogsRequest, encodeLogsRequest, encodeLogsResponse } from '../../enclave-origin/protocol/messages.js'
 
 /**
@@ -45,6 +46,22 @@ describe('LogRing', () => {
     for (let n = 1; n <= 5; n++) ring.write(line(n))
     expect(ring.read({ instance: 0, after: 0, maxBytes: 60_000 })).toEqual({ instance: ring.instance, first: 3, skipped: 2, more: false, lines: [line(3), line(4), line(5)] })
     expect(ring.read({ instance: ring.instance, after: 5, maxBytes: 60_000 }).skipped).toBe(0)
+  })
+
+  it('keeps order and count through many drops (its queue compacts), and cuts a long line between characters, not within one', () => {
+    const ring = new LogRing({ maxBytes: line(10_000).length * 100 })
+    for (let n = 1; n <= 10_000; n++) ring.write(line(n))
+    const kept = ring.read({ instance: 0, after: 0, maxBytes: 60_000 })
+    expect(kept.first).toBeGreaterThan(9_890)
+    expect(kept.skipped).toBe(kept.first - 1)
+    expect(kept.lines).toEqual(Array.from({ length: 10_001 - kept.first }, (_, i) => line(kept.first + i)))
+    // A pair of code units whose first would be the last kept: both go, not half of it.
+    const emoji = new LogRing({ maxBytes: 1_000_000 })
+    emoji.write(`${'x'.repeat(4_094)}😀${'y'.repeat(10)}`)
+    emoji.write(`${'x'.repeat(4_093)}😀${'y'.repeat(10)}`)
+    expect(emoji.read({ instance: 0, after: 0, maxBytes: 60_000 }).lines).toEqual([`${'x'.repeat(4_094)}…`, `${'x'.repeat(4_093)}😀…`])
+    // And the answer encodes (a lone half would not).
+    expect(() => encodeLogsResponse(emoji.read({ instance: 0, after: 0, maxBytes: 60_000 }))).not.toThrow()
   })
 
   it('answers as many lines as fit (at least one), says there are more, and cuts a line over 4,096 characters', () => {
@@ -97,14 +114,17 @@ describe('EnclaveLogCollector', () => {
     expect(logged.slice(3)).toEqual([{ event: 'line-1', n: 1, source: 'enclave', enclave: 'e1' }])
   })
 
-  it('gives up until the next poll on an enclave out of reach, and on an answer it cannot read, logging nothing', async () => {
+  it('gives up until the next poll on an enclave out of reach, quietly, and on a refusal or an answer it cannot read, saying so once', async () => {
     const logged: unknown[] = []
-    let answer: () => Promise<Uint8Array> = () => Promise.reject(new Error('cannot connect to the enclave'))
+    let answer: () => Promise<Uint8Array> = () => Promise.reject(new EnclaveUnavailableError('cannot connect to the enclave'))
     const collector = new EnclaveLogCollector({ enclave: 'e1', log: (fields) => logged.push(fields), ask: () => answer() })
     await collector.poll()
+    expect(logged).toEqual([])
     answer = async () => encodeLogsRequest({ instance: 1, after: 1 })
     await collector.poll()
-    expect(logged).toEqual([])
+    await collector.poll()
+    expect(logged).toEqual([{ level: 'error', event: 'enclave_logs_not_collected', enclave: 'e1', error: expect.stringContaining('LOGS response') }])
+    logged.length = 0
     answer = async () => encodeLogsResponse({ instance: 1, first: 1, skipped: 0, more: false, lines: [line(1)] })
     await collector.poll()
     expect(logged).toEqual([{ event: 'line-1', n: 1, source: 'enclave', enclave: 'e1' }])
