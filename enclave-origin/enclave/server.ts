@@ -43,6 +43,10 @@ import type { LogRing } from './logRing.js'
 import { loadPreloadFile, PreloadedKeys, PreloadError } from './preload.js'
 import { secretBytes, zero } from './sealing.js'
 
+function sameBytes(a: Uint8Array, b: Uint8Array): boolean {
+  return a.length === b.length && timingSafeEqual(a, b)
+}
+
 /** Log lines per LOGS answer: a frame's worth, less room for its header and the answer's own fields. */
 const logsAnswerBytes = maxFrameBytes - 64
 
@@ -245,6 +249,13 @@ export class EnclaveService {
     // Refused before it changes anything: its answer could open no epoch of sequences for the parent.
     if (!cache.hasSequenceEpochLeft(sequenceFloorAtLeast)) return fail(statuses.UNAVAILABLE, 'no sequence epoch is left for another UNLOCK: restart the enclave')
     let made: Uint8Array = emptyPayload
+    // Keys sealed under the DEK held are another parent's, or this one's before its store was lost, unless the new
+    // DEK is a rotation's (the held one retiring) or the same: a parent on the wrong store must not replace it, as
+    // it could by making the first data key on another enclave and handing it to this one.
+    const held = this.wrappedDek?.ciphertext
+    if (wrappedDek.length > 0 && held && cache.keyCount > 0 && !sameBytes(wrappedDek, held) && !(retiringWrappedDek && sameBytes(retiringWrappedDek, held))) {
+      return fail(statuses.BAD_REQUEST, `this enclave holds ${cache.keyCount} keys under another data key, which an UNLOCK replaces only in a rotation (as its retiring one): is the parent's store the one they came from?`)
+    }
     if (wrappedDek.length > 0) {
       // Both under this enclave's KMS key: a rotation makes the new DEK there too.
       const wrapped: WrappedDek = { keyId: this.options.kmsKeyId, ciphertext: wrappedDek }
@@ -354,7 +365,7 @@ export class EnclaveService {
         return { status: statuses.OK, payload: encodeAttestResponse({ recipient, attestationDocument: document ?? emptyPayload }) }
       }
       case opcodes.LOGS: {
-        const request = decodeLogsRequest(frame.payload)
+        const request = decodeRequest(decodeLogsRequest, frame.payload)
         if (!this.options.logs) return fail(statuses.BAD_REQUEST, 'this enclave keeps no log lines for LOGS')
         return { status: statuses.OK, payload: encodeLogsResponse(this.options.logs.read({ ...request, maxBytes: logsAnswerBytes })) }
       }

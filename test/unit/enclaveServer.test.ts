@@ -349,13 +349,14 @@ it('answers LOGS from the lines it keeps, and says so when it keeps none', async
   expect([none.status, decodeErrorMessage(none.payload)]).toEqual([statuses.BAD_REQUEST, 'this enclave keeps no log lines for LOGS'])
 })
 
-it('an enclave that holds keys makes no first data key: a bootstrap UNLOCK from a parent with an empty store is refused, and its DEK stays', async () => {
+it('an enclave that holds keys keeps their data key: a bootstrap, or an UNLOCK with another DEK that is no rotation of it, is refused', async () => {
   let made = 0
   const fakeKms = {
     generate: async () => {
       made += 1
       return { dek: new Uint8Array(32).fill(made), wrapped: { keyId: 'test', ciphertext: Uint8Array.of(made) } }
     },
+    unwrap: async ({ ciphertext }: { ciphertext: Uint8Array }) => new Uint8Array(32).fill(ciphertext[0]!),
   } as unknown as KmsDataKeys
   const { service } = enclaveWith(fakeKms)
   let requestId = 0
@@ -371,7 +372,19 @@ it('an enclave that holds keys makes no first data key: a bootstrap UNLOCK from 
     "this enclave holds 1 keys under its data key: it makes no first one (is the parent's store the one they came from?)",
   ])
   expect(made).toBe(2)
+  // The first data key another parent made on another enclave, handed over as an UNLOCK: refused too.
+  const unlock = (wrappedDek: number, retiringWrappedDek?: number) =>
+    call(opcodes.UNLOCK, encodeUnlockRequest({ wrappedDek: Uint8Array.of(wrappedDek), retiringWrappedDek: retiringWrappedDek === undefined ? undefined : Uint8Array.of(retiringWrappedDek) }))
+  const replaced = await unlock(9)
+  expect([replaced.status, decodeErrorMessage(replaced.payload)]).toEqual([
+    statuses.BAD_REQUEST,
+    "this enclave holds 1 keys under another data key, which an UNLOCK replaces only in a rotation (as its retiring one): is the parent's store the one they came from?",
+  ])
   expect((await call(opcodes.SIGN, encodeSignRequest({ keyId: 'held', digest: new Uint8Array(32) }))).status).toBe(statuses.OK)
+  // The same DEK again, and a rotation (the held one retiring, then the new one alone) go through.
+  expect((await unlock(2)).status).toBe(statuses.OK)
+  expect((await unlock(9, 2)).status).toBe(statuses.OK)
+  expect((await unlock(9)).status).toBe(statuses.OK)
 })
 
 it('a parent refuses to store an empty wrapped DEK from a bootstrap UNLOCK', async () => {
