@@ -28,16 +28,23 @@ const originUrl = () => setting('ORIGIN_URL', 'http://127.0.0.1:8443').replace(/
 
 type HttpExchange = { status: number; headers: IncomingHttpHeaders; text: string }
 
+/** How long a command waits for the parent's answer: a rotation of many keys answers when it is done (no limit). */
+const answerTimeoutMs = { status: 10_000, rotation: undefined, other: 120_000 } as const
+
+const tlsSettings = ['ORIGIN_TLS_CA_FILE', 'ORIGIN_TLS_CERT_FILE', 'ORIGIN_TLS_KEY_FILE']
+
 /**
- * One HTTP exchange with the parent, with no limit on how long its answer takes: a rotation of many keys answers
- * when it is done (fetch would give up after 300 s while the parent went on). The TLS settings apply over https.
+ * One HTTP exchange with the parent, failing once `timeoutMs` passes without an answer (fetch would give up on a
+ * long rotation after 300 s while the parent went on). The TLS settings apply over https.
  */
-function exchange(method: 'GET' | 'POST', path: string, headers: Record<string, string> = {}, body?: Uint8Array): Promise<HttpExchange> {
+function exchange(options: { method: 'GET' | 'POST'; path: string; headers?: Record<string, string>; body?: Uint8Array; timeoutMs: number | undefined }): Promise<HttpExchange> {
+  const { method, path, headers = {}, body, timeoutMs } = options
   const base = originUrl()
   const url = new URL(`${base}${path}`)
   const https = url.protocol === 'https:'
   if (!https && url.protocol !== 'http:') throw new Error(`ORIGIN_URL must be an http:// or https:// URL, got ${base}`)
   const file = (name: string) => (process.env[name] ? readFileSync(process.env[name]!) : undefined)
+  if (!https && tlsSettings.some((name) => process.env[name])) throw new Error(`${tlsSettings.join(', ')} are for an https:// ORIGIN_URL, and ${base} is not one`)
   const [cert, key] = [file('ORIGIN_TLS_CERT_FILE'), file('ORIGIN_TLS_KEY_FILE')]
   if (Boolean(cert) !== Boolean(key)) throw new Error('ORIGIN_TLS_CERT_FILE and ORIGIN_TLS_KEY_FILE go together: a client certificate and its key')
   const tls = https ? { ca: file('ORIGIN_TLS_CA_FILE'), cert, key } : {}
@@ -49,6 +56,12 @@ function exchange(method: 'GET' | 'POST', path: string, headers: Record<string, 
       response.on('end', () => resolve({ status: response.statusCode ?? 0, headers: response.headers, text: Buffer.concat(chunks).toString('utf8') }))
     })
     sent.on('error', (error: NodeJS.ErrnoException) => reject(new Error(`cannot reach the parent at ${base}: ${error.code ?? error.message}`)))
+    if (timeoutMs !== undefined) {
+      sent.setTimeout(timeoutMs, () => {
+        reject(new Error(`the parent at ${base} sent nothing for ${timeoutMs / 1_000} s: ${method} ${path} given up`))
+        sent.destroy()
+      })
+    }
     sent.end(body)
   })
 }
@@ -57,14 +70,14 @@ function exchange(method: 'GET' | 'POST', path: string, headers: Record<string, 
  * One signed request to the parent. A 503 with a `Retry-After-Ms` (the parent shed it for load, or the key waits
  * for an unlock: either way nothing was done) is asked again after that wait, within `retryBudgetMs`.
  */
-async function call(method: 'GET' | 'POST', path: string, json?: unknown): Promise<Record<string, unknown>> {
+async function call(method: 'GET' | 'POST', path: string, json?: unknown, timeoutMs: number | undefined = answerTimeoutMs.other): Promise<Record<string, unknown>> {
   const body = new TextEncoder().encode(json === undefined ? '' : JSON.stringify(json))
   const giveUpAt = Date.now() + retryBudgetMs
   let response: HttpExchange
   for (;;) {
     // Signed again each time: the parent refuses a nonce it has seen.
     const headers = await signRequest({ keyId: setting('ORIGIN_HMAC_KEY_ID', 'operator'), secret: setting('ORIGIN_HMAC_SECRET'), method, path, body })
-    response = await exchange(method, path, headers, method === 'POST' ? body : undefined)
+    response = await exchange({ method, path, headers, body: method === 'POST' ? body : undefined, timeoutMs })
     const retryAfterMs = Number(response.headers['retry-after-ms'] ?? NaN)
     if (response.status !== 503 || !(retryAfterMs >= 0) || Date.now() + retryAfterMs > giveUpAt) break
     // At least 10 ms: a 0 must not turn the wait into a busy loop against the parent.
@@ -267,7 +280,7 @@ const commands: Record<string, Command> = {
   },
   'rotate-data-key': {
     usage: 'origin rotate-data-key   (re-seal every key under a new data key from KMS, then forget the old one; run it again to finish one that was interrupted)',
-    run: async () => console.log(JSON.stringify(await call('POST', '/v1/data-key/rotate'))),
+    run: async () => console.log(JSON.stringify(await call('POST', '/v1/data-key/rotate', undefined, answerTimeoutMs.rotation))),
   },
   'preload-identity': {
     usage: 'origin preload-identity [--out F]   (a new age identity for a share file: with --out, written to F (owner-only; an existing F is refused) and {recipient} printed; else {identity, recipient} printed)',
@@ -297,7 +310,7 @@ const commands: Record<string, Command> = {
   status: {
     usage: "origin status   (the parent's /healthz; exits 1 unless its status is ok)",
     run: async () => {
-      const { status, text } = await exchange('GET', '/healthz')
+      const { status, text } = await exchange({ method: 'GET', path: '/healthz', timeoutMs: answerTimeoutMs.status })
       const health = jsonObjectOf(text)
       if (health === undefined) throw new Error(`GET /healthz: ${status} (not JSON)`)
       console.log(JSON.stringify(health, null, 2))
