@@ -15,22 +15,41 @@ import path from 'node:path'
 
 const source = 'enclave-origin'
 const args = process.argv.slice(2)
-const outdir = args.find((arg) => !arg.startsWith('--')) ?? path.join('dist', source)
+// Normalised: a trailing / would put the names below inside it.
+const outdir = path.resolve(args.find((arg) => !arg.startsWith('--')) ?? path.join('dist', source))
 const files = readdirSync(source, { recursive: true }).map(String)
 const node = { format: 'esm', platform: 'node', target: 'node20', logLevel: 'warning' }
 
 // Built beside it and swapped in whole: processes running from `outdir` (`npm run origin` builds before each
 // command, `status` too) keep a complete build under it but for the moment between two renames. A signing thread
-// started later loads its script from there.
-const building = `${outdir}.building`
-const previous = `${outdir}.previous`
-rmSync(building, { recursive: true, force: true })
-await build({ ...node, entryPoints: files.filter((file) => file.endsWith('.ts')).map((file) => path.join(source, file)), outdir: building })
-// The sign worker is JavaScript already; the engine loads it next to itself.
-for (const file of files.filter((name) => name.endsWith('.mjs'))) copyFileSync(path.join(source, file), path.join(building, file))
-rmSync(previous, { recursive: true, force: true })
-if (existsSync(outdir)) renameSync(outdir, previous)
-renameSync(building, outdir)
+// started later loads its script from there. The names are this build's own: two commands started together each
+// build, and whichever swaps in last wins with a whole build (the same sources make the same build).
+const building = `${outdir}.building-${process.pid}`
+const previous = `${outdir}.previous-${process.pid}`
+try {
+  await build({ ...node, entryPoints: files.filter((file) => file.endsWith('.ts')).map((file) => path.join(source, file)), outdir: building })
+  // The sign worker is JavaScript already; the engine loads it next to itself.
+  for (const file of files.filter((name) => name.endsWith('.mjs'))) copyFileSync(path.join(source, file), path.join(building, file))
+} catch (error) {
+  rmSync(building, { recursive: true, force: true })
+  throw error
+}
+for (;;) {
+  try {
+    if (existsSync(outdir)) renameSync(outdir, previous)
+  } catch (error) {
+    // Another build moved it away first.
+    if (error.code !== 'ENOENT') throw error
+  }
+  try {
+    renameSync(building, outdir)
+    break
+  } catch (error) {
+    // Another build swapped its own in between our two renames: move that one aside too.
+    if (error.code !== 'ENOTEMPTY' && error.code !== 'EEXIST') throw error
+    rmSync(previous, { recursive: true, force: true })
+  }
+}
 rmSync(previous, { recursive: true, force: true })
 
 if (args.includes('--bench')) {

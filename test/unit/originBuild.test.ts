@@ -73,5 +73,10 @@ describe('the enclave origin build', () => {
     expect(checks).toBeGreaterThan(50)
     expect(missing).toBeLessThanOrEqual(1)
     expect(readdirSync(path.dirname(outdir)).sort()).toEqual(['enclave-origin'])
+    // Two at once (two commands started together each build first): both succeed, and one whole build is left.
+    const files = readdirSync(outdir, { recursive: true }).map(String).sort()
+    await Promise.all([0, 1].map(() => promisify(execFile)(process.execPath, ['scripts/build-origin.mjs', `${outdir}/`])))
+    expect(readdirSync(path.dirname(outdir)).sort()).toEqual(['enclave-origin'])
+    expect(readdirSync(outdir, { recursive: true }).map(String).sort()).toEqual(files)
   })
 })
