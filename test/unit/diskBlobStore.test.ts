@@ -107,6 +107,17 @@ describe('round trips across close and reopen', () => {
     opened.push(again)
     expect(await again.get('key-1')).toEqual(sealedRecord(1))
     expect(synced).toEqual([join(directory, 'not'), nested])
+    await again.close()
+    // A parent it may pass through but not read: that fsync is skipped, and the store opens as it did before it.
+    const unreadable: BlobStoreFileSystem = {
+      open: async (path, flags) => {
+        if (flags === 'r' && path === join(directory, 'not')) throw Object.assign(new Error(`EACCES: permission denied, open '${path}'`), { code: 'EACCES' })
+        return (await open(path, flags)) as unknown as LogFile
+      },
+    }
+    const third = await openDiskBlobStore({ directory: nested, fileSystem: unreadable })
+    opened.push(third)
+    expect(await third.get('key-1')).toEqual(sealedRecord(1))
   })
 
   it('makes a store directory named through a missing directory and `..`, as mkdir -p does, and fsyncs what gained it', async () => {
