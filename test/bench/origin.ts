@@ -9,7 +9,9 @@
  * 3. Closed loop, ORIGIN_CONNECTIONS (500) concurrent requests, uniformly random
  *    key ids and 32-byte digests, BENCH_SECONDS (60) each, as A/B runs of the
  *    enclave's signing threads and batching (each run restarts the enclave and
- *    parent, so keys start COOL and are rehydrated on first use).
+ *    parent, then signs once with every key so that all are WARM, as in the
+ *    open loops judged against this capacity; the rehydrate p95 comes from
+ *    that warm-up).
  * 4. Open loop at fixed offered rates, ORIGIN_OFFERED_FRACTIONS (default 0.6; a
  *    list such as 0.3,0.45,0.6 sweeps) of the best closed-loop capacity, latency
  *    measured from each request's scheduled time, with the 500 connections
@@ -256,9 +258,12 @@ function measuredSince(pids: Pids, before: ReturnType<typeof cpuOf>, elapsedMs: 
   const perRequest = (ms: number) => Number((ms / Math.max(requests, 1)).toFixed(3))
   const cores = (ms: number) => Number((ms / elapsedMs).toFixed(2))
   const ticksMs = (ticks: number) => (ticks * 1_000) / clockTicksPerSecond
+  const hostMs = ticksMs(after.host.busy - before.host.busy)
   return {
     cpu: {
-      cores: { enclave: cores(enclaveMs), parent: cores(parentMs), generator: cores(generatorMs), host: cores(ticksMs(after.host.busy - before.host.busy)), steal: cores(ticksMs(after.host.steal - before.host.steal)), kernel: cores(kernelMs) },
+      // `other`: the host's busy time that none of the measured processes took (another tenant, a build): a run
+      // that lost a share of the machine to it is no measure of the origin (±0.1 core is tick noise).
+      cores: { enclave: cores(enclaveMs), parent: cores(parentMs), generator: cores(generatorMs), host: cores(hostMs), steal: cores(ticksMs(after.host.steal - before.host.steal)), kernel: cores(kernelMs), other: cores(hostMs - enclaveMs - parentMs - generatorMs - kernelMs) },
       busiestKernelThread: kernelByThread[0] ? { name: kernelByThread[0][0], cores: cores(kernelByThread[0][1]) } : undefined,
       msPerRequest: { enclave: perRequest(enclaveMs), parent: perRequest(parentMs), generator: perRequest(generatorMs) },
     },
@@ -568,6 +573,9 @@ async function main() {
     const judged: Array<{ path: string; row: Record<string, unknown> }> = []
     for (const scenario of scenarios) {
       const running = await restart(scenario.env)
+      // Capacity with every key WARM, as the open loops judged against it run: rehydrating cold keys costs the
+      // enclave a third more per request. The rehydrate p95 comes from this warm-up's rehydrates.
+      await warmEveryKey(keyIds)
       const http = await viaParent(running.url, keyIds)
       record(`closed loop, ${scenario.name}`, { ...(await closedLoop(pidsOfOrigin, http.send)), rehydrateP95: await rehydrateP95(running) })
       http.close()
@@ -619,7 +627,7 @@ async function main() {
       }
     }
 
-    console.log(`\n${'scenario (in floor rows the enclave or parent column is the floor server)'.padEnd(72)}  req/s   err%  unlk%  client p50/p99/p99.9 ms       rpc p99  enclave p99  parent p99  cores enclave/parent/gen/host/steal/kernel  busiest kernel thread  ≥10 ms: requests/bursts/every ms  wake p99/max ms  generator GC ms/s (max)  parent GC ms/s (mean pause)`)
+    console.log(`\n${'scenario (in floor rows the enclave or parent column is the floor server)'.padEnd(72)}  req/s   err%  unlk%  client p50/p99/p99.9 ms       rpc p99  enclave p99  parent p99  cores enclave/parent/gen/host/steal/kernel/other  busiest kernel thread  ≥10 ms: requests/bursts/every ms  wake p99/max ms  generator GC ms/s (max)  parent GC ms/s (mean pause)`)
     for (const r of results) {
       const latency = r.latencyMs as Record<string, Record<string, number>>
       const { cores: cpu, busiestKernelThread: kernel } = r.cpu as { cores: Record<string, number>; busiestKernelThread?: { name: string; cores: number } }
@@ -628,7 +636,7 @@ async function main() {
       const generator = r.generatorGc as GcPauses
       const gc = r.parentGc as { pausedMsPerSecond: number; meanPauseMs: number } | undefined
       console.log(
-        `${r.scenario.padEnd(72)} ${String(r.throughput).padStart(6)} ${((r.errorRate as number) * 100).toFixed(2).padStart(6)} ${((r.needsUnlockRate as number) * 100).toFixed(2).padStart(6)}  ${`${latency.client!.p50}/${latency.client!.p99}/${latency.client!.p999}`.padEnd(26)} ${String(latency.rpc!.p99).padStart(8)} ${String(latency.enclave!.p99).padStart(12)} ${String(latency.parent!.p99).padStart(10)}  ${`${cpu.enclave}/${cpu.parent}/${cpu.generator}/${cpu.host}/${cpu.steal}/${cpu.kernel}`.padEnd(38)}  ${(kernel ? `${kernel.name} ${kernel.cores}` : '–').padEnd(21)}  ${(slow ? `${slow.requests}/${slow.bursts}/${slow.medianBurstGapMs}` : '–').padEnd(32)} ${(wake ? `${wake.p99Ms}/${wake.maxMs}` : '–').padEnd(16)} ${`${generator.pausedMsPerSecond} (${generator.maxPauseMs} ms)`.padEnd(24)} ${gc ? `${gc.pausedMsPerSecond} (${gc.meanPauseMs} ms)` : ''}`,
+        `${r.scenario.padEnd(72)} ${String(r.throughput).padStart(6)} ${((r.errorRate as number) * 100).toFixed(2).padStart(6)} ${((r.needsUnlockRate as number) * 100).toFixed(2).padStart(6)}  ${`${latency.client!.p50}/${latency.client!.p99}/${latency.client!.p999}`.padEnd(26)} ${String(latency.rpc!.p99).padStart(8)} ${String(latency.enclave!.p99).padStart(12)} ${String(latency.parent!.p99).padStart(10)}  ${`${cpu.enclave}/${cpu.parent}/${cpu.generator}/${cpu.host}/${cpu.steal}/${cpu.kernel}/${cpu.other}`.padEnd(44)}  ${(kernel ? `${kernel.name} ${kernel.cores}` : '–').padEnd(21)}  ${(slow ? `${slow.requests}/${slow.bursts}/${slow.medianBurstGapMs}` : '–').padEnd(32)} ${(wake ? `${wake.p99Ms}/${wake.maxMs}` : '–').padEnd(16)} ${`${generator.pausedMsPerSecond} (${generator.maxPauseMs} ms)`.padEnd(24)} ${gc ? `${gc.pausedMsPerSecond} (${gc.meanPauseMs} ms)` : ''}`,
       )
     }
     const memory = results.find((r) => r.enclaveMemoryMbWithKeysWarm)?.enclaveMemoryMbWithKeysWarm as { heap: number; resident: number }
@@ -638,12 +646,18 @@ async function main() {
     )
     if (highest < target.offeredFraction) console.log(`\ntarget not judged: the highest offered fraction, ${highest}, is below ${target.offeredFraction}`)
     else {
-      console.log(`\ntarget: p99 < ${target.p99Ms} ms with errors < ${target.errorRate * 100}% at ${Math.round(highest * 100)}% of capacity (at least ${target.offeredFraction * 100}%), ${connections} connections`)
+      console.log(`\ntarget: p99 < ${target.p99Ms} ms with errors < ${target.errorRate * 100}% at ${Math.round(highest * 100)}% of capacity (at least ${target.offeredFraction * 100}%), ${connections} connections open`)
       for (const { path: judgedPath, row } of judged) {
         const p99 = clientP99(row)
         const errorRate = row.errorRate as number
+        const skippedRate = ((row.skipped as number | undefined) ?? 0) / Math.max(((row.skipped as number | undefined) ?? 0) + (row.requests as number), 1)
+        const other = (row.cpu as { cores: { other: number } }).cores.other
         const met = p99 >= 0 && p99 < target.p99Ms && errorRate < target.errorRate
-        console.log(`  ${judgedPath.padEnd(36)} p99 ${p99} ms, errors ${(errorRate * 100).toFixed(2)}%: ${met ? 'met' : 'not met'}`)
+        // Only the runs through the parent hold 500 connections open, as the target says; direct runs use the
+        // parent's pool of 16, with at most 500 in flight: a figure for the enclave alone.
+        const verdict = judgedPath.startsWith('via the parent') ? (met ? 'met' : 'not met') : `${met ? 'met' : 'not met'} (16 connections: the enclave alone, not the target's scenario)`
+        const contaminated = other > 0.15 ? `; ${other} cores went to processes outside the origin and the generator: the machine was shared, repeat this run` : ''
+        console.log(`  ${judgedPath.padEnd(36)} p99 ${p99} ms, errors ${(errorRate * 100).toFixed(2)}% (${(skippedRate * 100).toFixed(2)}% not sent in time): ${verdict}${contaminated}`)
       }
     }
     console.log(JSON.stringify({ bench: 'origin', keyCount, connections, seconds, rawRate: Math.round(rawRate), results }))
