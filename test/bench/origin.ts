@@ -31,7 +31,9 @@
  * it can.
  *
  * Prints throughput; p50/p90/p99/p99.9 per phase (client = end to end, parent =
- * the parent's handling, rpc = parent↔enclave incl. signing, from Server-Timing);
+ * the sign handler's own work (Server-Timing total − rpc: the request's reading,
+ * verification and the answer's writing are outside it), rpc = parent↔enclave
+ * incl. signing, from Server-Timing);
  * error and NEEDS_UNLOCK rates; rehydrate p95 (enclave histogram); the
  * enclave's memory with every key WARM (from HEALTH, before each open loop); CPU per
  * process, the host's busy cores, the cores the hypervisor stole and the cores
