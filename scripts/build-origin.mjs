@@ -10,7 +10,7 @@
  */
 import { spawnSync } from 'node:child_process'
 import { build } from 'esbuild'
-import { copyFileSync, existsSync, readdirSync, renameSync, rmSync } from 'node:fs'
+import { copyFileSync, existsSync, mkdirSync, mkdtempSync, readdirSync, renameSync, rmSync, statSync } from 'node:fs'
 import path from 'node:path'
 
 const source = 'enclave-origin'
@@ -23,9 +23,17 @@ const node = { format: 'esm', platform: 'node', target: 'node20', logLevel: 'war
 // Built beside it and swapped in whole: processes running from `outdir` (`npm run origin` builds before each
 // command, `status` too) keep a complete build under it but for the moment between two renames. A signing thread
 // started later loads its script from there. The names are this build's own: two commands started together each
-// build, and whichever swaps in last wins with a whole build (the same sources make the same build).
-const building = `${outdir}.building-${process.pid}`
-const previous = `${outdir}.previous-${process.pid}`
+// build, and whichever swaps in last wins with a whole build (the same sources make the same build). What a build
+// killed half-way left (over ten minutes old: no build takes that long) goes first.
+mkdirSync(path.dirname(outdir), { recursive: true })
+for (const name of readdirSync(path.dirname(outdir))) {
+  const left = path.join(path.dirname(outdir), name)
+  // Another build may remove its own meanwhile.
+  const ageMs = Date.now() - (statSync(left, { throwIfNoEntry: false })?.mtimeMs ?? Date.now())
+  if (name.startsWith(`${path.basename(outdir)}.building-`) && ageMs > 600_000) rmSync(left, { recursive: true, force: true })
+}
+const building = mkdtempSync(`${outdir}.building-`)
+const previous = `${building}.previous`
 try {
   await build({ ...node, entryPoints: files.filter((file) => file.endsWith('.ts')).map((file) => path.join(source, file)), outdir: building })
   // The sign worker is JavaScript already; the engine loads it next to itself.
@@ -34,23 +42,27 @@ try {
   rmSync(building, { recursive: true, force: true })
   throw error
 }
-for (;;) {
-  try {
-    if (existsSync(outdir)) renameSync(outdir, previous)
-  } catch (error) {
-    // Another build moved it away first.
-    if (error.code !== 'ENOENT') throw error
+try {
+  for (;;) {
+    try {
+      if (existsSync(outdir)) renameSync(outdir, previous)
+    } catch (error) {
+      // Another build moved it away first.
+      if (error.code !== 'ENOENT') throw error
+    }
+    try {
+      renameSync(building, outdir)
+      break
+    } catch (error) {
+      // Another build swapped its own in between our two renames: move that one aside too.
+      if (error.code !== 'ENOTEMPTY' && error.code !== 'EEXIST') throw error
+      rmSync(previous, { recursive: true, force: true })
+    }
   }
-  try {
-    renameSync(building, outdir)
-    break
-  } catch (error) {
-    // Another build swapped its own in between our two renames: move that one aside too.
-    if (error.code !== 'ENOTEMPTY' && error.code !== 'EEXIST') throw error
-    rmSync(previous, { recursive: true, force: true })
-  }
+} finally {
+  rmSync(building, { recursive: true, force: true })
+  rmSync(previous, { recursive: true, force: true })
 }
-rmSync(previous, { recursive: true, force: true })
 
 if (args.includes('--bench')) {
   const benchDir = path.join('dist', 'bench')

@@ -1,6 +1,6 @@
 import { execFile, execFileSync, spawnSync } from 'node:child_process'
 import { randomBytes } from 'node:crypto'
-import { existsSync, readdirSync, rmSync } from 'node:fs'
+import { existsSync, mkdirSync, readdirSync, rmSync, utimesSync } from 'node:fs'
 import path from 'node:path'
 import { pathToFileURL } from 'node:url'
 import { promisify } from 'node:util'
@@ -73,6 +73,15 @@ describe('the enclave origin build', () => {
     expect(checks).toBeGreaterThan(50)
     expect(missing).toBeLessThanOrEqual(1)
     expect(readdirSync(path.dirname(outdir)).sort()).toEqual(['enclave-origin'])
+    // What a build killed half-way left an hour ago goes; a younger one (a build under way) stays.
+    const stale = `${outdir}.building-killed`
+    mkdirSync(stale)
+    utimesSync(stale, new Date(Date.now() - 3_600_000), new Date(Date.now() - 3_600_000))
+    const underWay = `${outdir}.building-under-way`
+    mkdirSync(underWay)
+    await promisify(execFile)(process.execPath, ['scripts/build-origin.mjs', outdir])
+    expect(readdirSync(path.dirname(outdir)).sort()).toEqual(['enclave-origin', 'enclave-origin.building-under-way'])
+    rmSync(underWay, { recursive: true })
     // Two at once (two commands started together each build first): both succeed, and one whole build is left.
     const files = readdirSync(outdir, { recursive: true }).map(String).sort()
     await Promise.all([0, 1].map(() => promisify(execFile)(process.execPath, ['scripts/build-origin.mjs', `${outdir}/`])))
