@@ -8,12 +8,13 @@
  * `operator`) and ORIGIN_HMAC_SECRET. Over https, ORIGIN_TLS_CA_FILE trusts
  * a private CA, and ORIGIN_TLS_CERT_FILE with ORIGIN_TLS_KEY_FILE present a
  * client certificate (to a parent started with TLS_REQUIRE_CLIENT_CERT=1).
+ * ORIGIN_TIMEOUT_MS: how long a command waits for an answer (see answerTimeoutMs).
  */
 import { X509Certificate } from 'node:crypto'
 import { readFileSync, writeFileSync } from 'node:fs'
 import { request as httpRequest, type IncomingHttpHeaders } from 'node:http'
 import { request as httpsRequest } from 'node:https'
-import { logLine, setting, wholeNumberIn } from './config.js'
+import { integerSetting, logLine, setting, wholeNumberIn } from './config.js'
 import { messageOf, parseJsonQuietly } from './errors.js'
 import { generatePreloadIdentity, sealPreloadIdentity, sealShareFile, type RecipientTrust, type ShareFileEntry } from './preloadFiles.js'
 import { runEnclave } from './enclave/main.js'
@@ -28,8 +29,17 @@ const originUrl = () => setting('ORIGIN_URL', 'http://127.0.0.1:8443').replace(/
 
 type HttpExchange = { status: number; headers: IncomingHttpHeaders; text: string }
 
-/** How long a command waits for the parent's answer: a rotation of many keys answers when it is done (no limit). */
-const answerTimeoutMs = { status: 10_000, rotation: undefined, other: 120_000 } as const
+/**
+ * How long a command waits for the parent's answer, by default past the longest the parent may take with its own
+ * settings at their maximum (the health it reports waits up to REQUEST_TIMEOUT_MS, 60 s; an unlock queued behind
+ * another each up to KMS_REQUEST_TIMEOUT_MS, 300 s; a create up to STORE_TIMEOUT_MS, 300 s), so that no answer still
+ * coming is given up on. ORIGIN_TIMEOUT_MS sets it for every command (a health probe may want 10 s). A rotation
+ * waits as long as it takes.
+ */
+function answerTimeoutMs(command: 'status' | 'other'): number {
+  if (process.env.ORIGIN_TIMEOUT_MS) return integerSetting('ORIGIN_TIMEOUT_MS', { min: 100, max: 3_600_000 })
+  return command === 'status' ? 70_000 : 660_000
+}
 
 const tlsSettings = ['ORIGIN_TLS_CA_FILE', 'ORIGIN_TLS_CERT_FILE', 'ORIGIN_TLS_KEY_FILE']
 
@@ -70,7 +80,7 @@ function exchange(options: { method: 'GET' | 'POST'; path: string; headers?: Rec
  * One signed request to the parent. A 503 with a `Retry-After-Ms` (the parent shed it for load, or the key waits
  * for an unlock: either way nothing was done) is asked again after that wait, within `retryBudgetMs`.
  */
-async function call(method: 'GET' | 'POST', path: string, json?: unknown, timeoutMs: number | undefined = answerTimeoutMs.other): Promise<Record<string, unknown>> {
+async function call(method: 'GET' | 'POST', path: string, json?: unknown, timeoutMs: number | undefined = answerTimeoutMs('other')): Promise<Record<string, unknown>> {
   const body = new TextEncoder().encode(json === undefined ? '' : JSON.stringify(json))
   const giveUpAt = Date.now() + retryBudgetMs
   let response: HttpExchange
@@ -280,7 +290,7 @@ const commands: Record<string, Command> = {
   },
   'rotate-data-key': {
     usage: 'origin rotate-data-key   (re-seal every key under a new data key from KMS, then forget the old one; run it again to finish one that was interrupted)',
-    run: async () => console.log(JSON.stringify(await call('POST', '/v1/data-key/rotate', undefined, answerTimeoutMs.rotation))),
+    run: async () => console.log(JSON.stringify(await call('POST', '/v1/data-key/rotate', undefined, undefined))),
   },
   'preload-identity': {
     usage: 'origin preload-identity [--out F]   (a new age identity for a share file: with --out, written to F (owner-only; an existing F is refused) and {recipient} printed; else {identity, recipient} printed)',
@@ -310,7 +320,7 @@ const commands: Record<string, Command> = {
   status: {
     usage: "origin status   (the parent's /healthz; exits 1 unless its status is ok)",
     run: async () => {
-      const { status, text } = await exchange({ method: 'GET', path: '/healthz', timeoutMs: answerTimeoutMs.status })
+      const { status, text } = await exchange({ method: 'GET', path: '/healthz', timeoutMs: answerTimeoutMs('status') })
       const health = jsonObjectOf(text)
       if (health === undefined) throw new Error(`GET /healthz: ${status} (not JSON)`)
       console.log(JSON.stringify(health, null, 2))

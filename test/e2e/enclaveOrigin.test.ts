@@ -306,7 +306,7 @@ describe('the operators\u2019 CLI', () => {
       request.resume()
       response.writeHead(503, { 'content-type': 'application/json' }).end(JSON.stringify({ ok: false, status: 'down' }))
     })
-    // One that takes the connection and never answers: status gives up after 10 s rather than hang a health check.
+    // One that takes the connection and never answers: status gives up (after ORIGIN_TIMEOUT_MS) rather than hang a health check.
     const silent = createServer((request) => request.resume())
     await new Promise<void>((resolve) => down.listen(0, '127.0.0.1', resolve))
     await new Promise<void>((resolve) => silent.listen(0, '127.0.0.1', resolve))
@@ -315,7 +315,8 @@ describe('the operators\u2019 CLI', () => {
       expect(status).toMatchObject({ code: 1 })
       expect(JSON.parse((status as { stdout: string }).stdout)).toEqual({ ok: false, status: 'down' })
       const silentAt = `http://127.0.0.1:${(silent.address() as AddressInfo).port}`
-      expect(await cliAt(silentAt, 'status').catch((error: { code: number; stderr: string }) => error)).toMatchObject({ code: 1, stderr: `the parent at ${silentAt} sent nothing for 10 s: GET /healthz given up\n` })
+      const givenUp = await promisify(execFile)(process.execPath, ['--import', 'tsx', 'enclave-origin/cli.ts', 'status'], { env: { ...process.env, ORIGIN_URL: silentAt, ORIGIN_TIMEOUT_MS: '1500' } }).catch((error: { code: number; stderr: string }) => error)
+      expect(givenUp).toMatchObject({ code: 1, stderr: `the parent at ${silentAt} sent nothing for 1.5 s: GET /healthz given up\n` })
       // TLS settings with a plain http:// ORIGIN_URL would be ignored: refused instead.
       const plainWithTls = await promisify(execFile)(process.execPath, ['--import', 'tsx', 'enclave-origin/cli.ts', 'status'], { env: { ...process.env, ORIGIN_URL: silentAt, ORIGIN_TLS_CA_FILE: '/etc/ssl/ca.pem' } }).catch((error: { code: number; stderr: string }) => error)
       expect(plainWithTls).toMatchObject({ code: 1, stderr: `ORIGIN_TLS_CA_FILE, ORIGIN_TLS_CERT_FILE, ORIGIN_TLS_KEY_FILE are for an https:// ORIGIN_URL, and ${silentAt} is not one\n` })
