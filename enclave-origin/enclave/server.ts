@@ -254,7 +254,7 @@ export class EnclaveService {
     // it could by making the first data key on another enclave and handing it to this one.
     const held = this.wrappedDek?.ciphertext
     if (wrappedDek.length > 0 && held && cache.keyCount > 0 && !sameBytes(wrappedDek, held) && !(retiringWrappedDek && sameBytes(retiringWrappedDek, held))) {
-      return fail(statuses.BAD_REQUEST, `this enclave holds ${cache.keyCount} keys under another data key, which an UNLOCK replaces only in a rotation (as its retiring one): is the parent's store the one they came from?`)
+      return fail(statuses.BAD_REQUEST, `this enclave holds ${cache.keyCount} keys under another data key, which an UNLOCK replaces only in a rotation (as its retiring one): is the parent's store the one they came from? If this enclave missed a rotation (left out of ENCLAVES while it ran, or the store restored from before one), restart it`)
     }
     if (wrappedDek.length > 0) {
       // Both under this enclave's KMS key: a rotation makes the new DEK there too.

@@ -104,18 +104,14 @@ export async function openDiskBlobStore(options: DiskBlobStoreOptions): Promise<
   // A new directory's entry is durable only once its parent is fsynced: each parent from the store's up to that of the
   // first directory mkdir made. (Of `a/../b` mkdir makes `a` as well, which is no ancestor of the store.) Found
   // already there, the store's own parent still is: the process that made it may have died before fsyncing it.
-  if (firstCreated === undefined) {
-    // A parent the process may pass through but not read (mode 0711, say) cannot be opened to fsync: the store
-    // opened before that fsync was made, and still does.
-    await syncDirectory(fileSystem, dirname(directory)).catch((error: NodeJS.ErrnoException) => {
+  // A directory the process may pass through or write to but not read (mode 0711 or 0733, say) cannot be opened to
+  // fsync: that one is skipped, as the store opened before these fsyncs were made, and still does.
+  const above = firstCreated === undefined ? dirname(directory) : await realpath(dirname(firstCreated))
+  for (let made = directory; made !== dirname(made); made = dirname(made)) {
+    await syncDirectory(fileSystem, dirname(made)).catch((error: NodeJS.ErrnoException) => {
       if (error.code !== 'EACCES' && error.code !== 'EPERM') throw error
     })
-  } else {
-    const above = await realpath(dirname(firstCreated))
-    for (let made = directory; made !== dirname(made); made = dirname(made)) {
-      await syncDirectory(fileSystem, dirname(made))
-      if (dirname(made) === above) break
-    }
+    if (dirname(made) === above) break
   }
   const lock = await lockDirectory(directory)
   try {

@@ -444,9 +444,10 @@ function clientP99(row: Record<string, unknown>): number {
 }
 
 /**
- * One signature per key, so that an open loop measures the steady state (keys
- * WARM, as the pre-warmer keeps used keys in production) rather than the
- * rehydration of a freshly restarted enclave, which the closed loops report.
+ * One signature per key, so that a run measures the steady state (keys WARM,
+ * as the pre-warmer keeps used keys in production) rather than the
+ * rehydration of a freshly restarted enclave; the rehydrate p95 reported
+ * comes from these first signatures.
  */
 
 async function warmEveryKey(keyIds: string[]): Promise<void> {

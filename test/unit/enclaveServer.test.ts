@@ -378,7 +378,7 @@ it('an enclave that holds keys keeps their data key: a bootstrap, or an UNLOCK w
   const replaced = await unlock(9)
   expect([replaced.status, decodeErrorMessage(replaced.payload)]).toEqual([
     statuses.BAD_REQUEST,
-    "this enclave holds 1 keys under another data key, which an UNLOCK replaces only in a rotation (as its retiring one): is the parent's store the one they came from?",
+    "this enclave holds 1 keys under another data key, which an UNLOCK replaces only in a rotation (as its retiring one): is the parent's store the one they came from? If this enclave missed a rotation (left out of ENCLAVES while it ran, or the store restored from before one), restart it",
   ])
   expect((await call(opcodes.SIGN, encodeSignRequest({ keyId: 'held', digest: new Uint8Array(32) }))).status).toBe(statuses.OK)
   // The same DEK again, and a rotation (the held one retiring, then the new one alone) go through.
