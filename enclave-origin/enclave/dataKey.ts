@@ -55,8 +55,26 @@ export class KmsDataKeys {
       attestation: AttestationProvider
       /** Makes the RSA pair KMS encrypts to; default a new RSA-2048 pair (tests give one that fails once). */
       makeRecipientKey?: () => Promise<RecipientKey>
+      /**
+       * How long one call may take in all, its attempts included. The client's own limits bound each wait for
+       * bytes, not the whole: an answer trickled a byte at a time (by a relay: the parent carries every KMS
+       * connection) would hold an UNLOCK, and every UNLOCK queued behind it, for as long as it trickles.
+       */
+      callTimeoutMs?: number
     },
   ) {}
+
+  /** `call`, given up after `callTimeoutMs` in all. */
+  private async bounded<T>(operation: string, call: (options: { abortSignal?: AbortSignal }) => Promise<T>): Promise<T> {
+    const { callTimeoutMs } = this.options
+    const signal = callTimeoutMs === undefined ? undefined : AbortSignal.timeout(callTimeoutMs)
+    try {
+      return await call({ abortSignal: signal })
+    } catch (error) {
+      if (signal?.aborted) throw new Error(`KMS ${operation} took over ${callTimeoutMs} ms in all, and was given up`)
+      throw error
+    }
+  }
 
   private async recipient(): Promise<Recipient | undefined> {
     if (this.options.attestation.kind === 'none') return undefined
@@ -96,8 +114,8 @@ export class KmsDataKeys {
 
   async generate(): Promise<{ dek: Uint8Array; wrapped: WrappedDek }> {
     const recipient = await this.recipient()
-    const answer = await this.options.client.send(
-      new GenerateDataKeyCommand({ KeyId: this.options.kmsKeyId, KeySpec: 'AES_256', ...(recipient && { Recipient: recipient.field }) }),
+    const answer = await this.bounded('GenerateDataKey', (options) =>
+      this.options.client.send(new GenerateDataKeyCommand({ KeyId: this.options.kmsKeyId, KeySpec: 'AES_256', ...(recipient && { Recipient: recipient.field }) }), options),
     )
     const dek = this.dataKeyOf('GenerateDataKey', answer, recipient)
     if (!answer.CiphertextBlob) {
@@ -109,8 +127,8 @@ export class KmsDataKeys {
 
   async unwrap(wrapped: WrappedDek): Promise<Uint8Array> {
     const recipient = await this.recipient()
-    const answer = await this.options.client.send(
-      new DecryptCommand({ KeyId: wrapped.keyId, CiphertextBlob: wrapped.ciphertext, ...(recipient && { Recipient: recipient.field }) }),
+    const answer = await this.bounded('Decrypt', (options) =>
+      this.options.client.send(new DecryptCommand({ KeyId: wrapped.keyId, CiphertextBlob: wrapped.ciphertext, ...(recipient && { Recipient: recipient.field }) }), options),
     )
     return this.dataKeyOf('Decrypt', answer, recipient)
   }

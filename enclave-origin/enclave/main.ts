@@ -42,14 +42,16 @@ export async function runEnclave(): Promise<() => Promise<void>> {
   await checkStartup({ profile, attestation, kmsKeyId, kmsEndpoint, warn: (message) => logLine({ level: 'warn', event: 'startup', message }) })
   if (nitro) logLine({ event: 'nitro_attestation', module: nitro.module })
   const credentials = new DeliveredCredentials()
+  const kmsTimeoutMs = integerSetting('KMS_TIMEOUT_MS', { min: 100, max: 60_000, fallback: 3_000 })
   const client = enclaveKmsClient({
     region: setting('KMS_REGION', 'us-east-1'),
     endpoint: kmsEndpoint,
     credentials,
-    timeoutMs: integerSetting('KMS_TIMEOUT_MS', { min: 100, max: 60_000, fallback: 3_000 }),
+    timeoutMs: kmsTimeoutMs,
     tunnel: process.env.KMS_TUNNEL ? listenAddress(process.env.KMS_TUNNEL) : undefined,
   })
-  const dataKeys = new KmsDataKeys({ client, kmsKeyId, attestation })
+  // Two attempts, each connecting and waiting for the answer's head within KMS_TIMEOUT_MS: four of them in all.
+  const dataKeys = new KmsDataKeys({ client, kmsKeyId, attestation, callTimeoutMs: 4 * kmsTimeoutMs })
   const engine = new SignEngine({
     // Unset: the engine's own default, one thread per core.
     threads: process.env.ENGINE_THREADS ? integerSetting('ENGINE_THREADS', { min: 1, max: 256 }) : undefined,

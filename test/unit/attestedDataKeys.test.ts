@@ -1,4 +1,5 @@
 import { generateKeyPairSync, X509Certificate } from 'node:crypto'
+import { connect, createServer, type AddressInfo } from 'node:net'
 import { existsSync } from 'node:fs'
 import { DecryptCommand, GenerateDataKeyCommand, KMSClient } from '@aws-sdk/client-kms'
 import { decode, encode } from 'cborg'
@@ -340,5 +341,50 @@ describe('the enclave\u2019s KMS client against a KMS that fails', () => {
       enclaveClient.destroy()
     }
   })
-})
 
+  it('gives a call up after callTimeoutMs in all when its answer trickles in, which no wait for bytes alone would', { timeout: 20_000 }, async () => {
+    // A relay that passes the answer's head at once and its body a byte every 100 ms: never silent for 300 ms.
+    const relay = createServer((client) => {
+      const upstream = connect(Number(new URL(kms.url).port), '127.0.0.1')
+      client.pipe(upstream)
+      let seen = Buffer.alloc(0)
+      let headDone = false
+      const queue: number[] = []
+      const drip = setInterval(() => {
+        const byte = queue.shift()
+        if (byte !== undefined && !client.destroyed) client.write(Uint8Array.of(byte))
+      }, 100)
+      upstream.on('data', (chunk: Buffer) => {
+        if (headDone) return void queue.push(...chunk)
+        seen = Buffer.concat([seen, chunk])
+        const end = seen.indexOf('\r\n\r\n')
+        if (end < 0) return
+        headDone = true
+        client.write(seen.subarray(0, end + 4))
+        queue.push(...seen.subarray(end + 4))
+      })
+      const close = () => {
+        clearInterval(drip)
+        upstream.destroy()
+        client.destroy()
+      }
+      client.on('close', close)
+      client.on('error', close)
+      upstream.on('error', close)
+    })
+    await new Promise<void>((resolve) => relay.listen(0, '127.0.0.1', resolve))
+    const credentials = new DeliveredCredentials()
+    credentials.set(kms.credentials)
+    const relayed = enclaveKmsClient({ region: kms.credentials.region, endpoint: `http://127.0.0.1:${(relay.address() as AddressInfo).port}`, credentials, timeoutMs: 300 })
+    try {
+      const keys = new KmsDataKeys({ client: relayed, kmsKeyId: kms.createSymmetricKey(), attestation: developmentAttestation, callTimeoutMs: 1_500 })
+      const started = performance.now()
+      await expect(keys.generate()).rejects.toThrow('KMS GenerateDataKey took over 1500 ms in all, and was given up')
+      // A few hundred bytes of body at 10 a second would take most of a minute.
+      expect(performance.now() - started).toBeLessThan(5_000)
+    } finally {
+      relayed.destroy()
+      relay.close()
+    }
+  })
+})
