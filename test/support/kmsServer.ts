@@ -28,7 +28,8 @@ import { listenLocal, readBody } from './localHttp.js'
 export type KmsFault = 'none' | 'throttle' | 'internal-error' | 'hang' | 'access-denied' | 'high-s' | 'wrong-key'
 export type LocalKms = {
   url: string // http://127.0.0.1:<port>
-  credentials: { accessKeyId: string; secretAccessKey: string; region: string }
+  /** With `sessionToken`, as temporary credentials: every request must carry it, signed (X-Amz-Security-Token). */
+  credentials: { accessKeyId: string; secretAccessKey: string; region: string; sessionToken?: string }
   /** Creates a secp256k1 signing key (KeySpec ECC_SECG_P256K1), or imports the given 32-byte private key (hex) — "imported key material". Returns the KeyId (a UUID) */
   createKey(options?: { privateKey?: `0x${string}`; keySpec?: 'ECC_SECG_P256K1' | 'ECC_NIST_P256' }): string
   /**
@@ -97,9 +98,13 @@ function verifySigV4(req: IncomingMessage, body: Buffer, creds: LocalKms['creden
   if (region !== creds.region) throw new KmsError('InvalidSignatureException', `Credential should be scoped to a valid region, not '${region}'.`)
   if (day !== amzDate.slice(0, 8)) throw new KmsError('InvalidSignatureException', 'Credential date does not match X-Amz-Date.')
   const at = Date.parse(amzDate.replace(/^(\d{4})(\d\d)(\d\d)T(\d\d)(\d\d)(\d\d)Z$/, '$1-$2-$3T$4:$5:$6Z'))
-  if (!(Math.abs(Date.now() - at) <= 15 * 60_000)) throw new KmsError('InvalidSignatureException', `Signature expired: ${amzDate}`)
+  // AWS allows five minutes of clock skew.
+  if (!(Math.abs(Date.now() - at) <= 5 * 60_000)) throw new KmsError('InvalidSignatureException', `Signature expired: ${amzDate}`)
   const names = signedHeaders.split(';')
-  if (!names.includes('host')) throw new KmsError('IncompleteSignatureException', 'The host header must be signed.')
+  if (!names.includes('host') || !names.includes('x-amz-date')) throw new KmsError('IncompleteSignatureException', 'The host and x-amz-date headers must be signed.')
+  if (creds.sessionToken !== undefined && (headerOf(req, 'x-amz-security-token') !== creds.sessionToken || !names.includes('x-amz-security-token'))) {
+    throw new KmsError('UnrecognizedClientException', 'The security token included in the request is invalid.')
+  }
   const payloadHash = sha256(body)
   const declaredHash = headerOf(req, 'x-amz-content-sha256')
   if (declaredHash !== undefined && declaredHash !== payloadHash) throw new KmsError('InvalidSignatureException', 'x-amz-content-sha256 does not match the request body.')
@@ -137,12 +142,13 @@ function verifyRecipientDocument(document: Buffer, roots: X509Certificate[]): { 
   return { publicKey, pcr0: attested.pcrs.get(0) }
 }
 
-export async function startLocalKms(options: { port: number; accessKeyId?: string; secretAccessKey?: string; region?: string; attestationRoots?: string[] }): Promise<LocalKms> {
+export async function startLocalKms(options: { port: number; accessKeyId?: string; secretAccessKey?: string; sessionToken?: string; region?: string; attestationRoots?: string[] }): Promise<LocalKms> {
   const attestationRoots = (options.attestationRoots ?? []).map((pem) => new X509Certificate(pem))
   const credentials = {
     accessKeyId: options.accessKeyId ?? 'AKIALOCALKMSTEST0001',
     secretAccessKey: options.secretAccessKey ?? 'local-kms-test-secret-not-a-real-aws-secret',
     region: options.region ?? 'us-east-1',
+    ...(options.sessionToken !== undefined && { sessionToken: options.sessionToken }),
   }
   const keys = new Map<string, KeyRecord>()
   const faults = new Map<string, KmsFault>()

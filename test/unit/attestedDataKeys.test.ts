@@ -387,4 +387,22 @@ describe('the enclave\u2019s KMS client against a KMS that fails', () => {
       relay.close()
     }
   })
+
+  it('signs its calls with the session token of temporary credentials the parent delivered, which a KMS that issued them requires', async () => {
+    const temporary = await startLocalKms({ port: 0, sessionToken: 'a-session-token-from-the-instance-role' })
+    const credentials = new DeliveredCredentials()
+    const client = enclaveKmsClient({ region: temporary.credentials.region, endpoint: temporary.url, credentials, timeoutMs: 2_000 })
+    try {
+      const keys = new KmsDataKeys({ client, kmsKeyId: temporary.createSymmetricKey(), attestation: developmentAttestation })
+      const { accessKeyId, secretAccessKey } = temporary.credentials
+      credentials.set({ accessKeyId, secretAccessKey })
+      await expect(keys.generate()).rejects.toThrow('The security token included in the request is invalid.')
+      credentials.set({ accessKeyId, secretAccessKey, sessionToken: 'a-session-token-from-the-instance-role' })
+      expect((await keys.generate()).dek).toHaveLength(32)
+    } finally {
+      client.destroy()
+      await temporary.stop()
+    }
+  })
 })
+
