@@ -11,7 +11,8 @@ const maxLineLength = 4_096
  * would reach no one. A LOGS request acknowledges the lines the parent has
  * (those up to `after`, which then go), so a parent that restarts gets what
  * its predecessor had not acknowledged. Bounded by `maxBytes` of UTF-8: past
- * it the oldest lines go uncollected, and the next LOGS answer counts them.
+ * it the oldest lines go uncollected, and the next LOGS answer counts them
+ * (and the one after, if none acknowledged that answer).
  * A queue with a moving head, not `Array.shift()`, which copies a large
  * array on every call: dropping a line must cost the event loop nothing.
  */
@@ -24,8 +25,13 @@ export class LogRing {
   /** The number of `lines[head]` (or of the next line, with none kept); lines are numbered from 1. */
   private first = 1
   private bytes = 0
-  /** Lines dropped for room before any LOGS answer carried them, since the last answer. */
+  /** Lines dropped for room that no LOGS answer carried, since the last answer. */
   private lost = 0
+  /**
+   * What the last answer reported lost, and its last line's number: until a request acknowledges that line, the
+   * answer may not have arrived, and its count is reported again (as its lines are).
+   */
+  private unacknowledged = { lost: 0, lastLine: 0 }
 
   constructor(private readonly options: { maxBytes: number }) {}
 
@@ -34,8 +40,10 @@ export class LogRing {
     this.lines.push(kept)
     this.bytes += Buffer.byteLength(kept)
     while (this.bytes > this.options.maxBytes && this.kept > 1) {
+      // A line an answer carried is not lost, acknowledged or not (answers are seldom lost; counting it would cry
+      // wolf each time a full ring drops what the parent has but has not yet acknowledged).
+      if (this.first > this.unacknowledged.lastLine) this.lost += 1
       this.dropOldest()
-      this.lost += 1
     }
   }
 
@@ -44,7 +52,10 @@ export class LogRing {
    * of the rest that fit in `maxBytes` of UTF-8, at least one.
    */
   read({ instance, after, maxBytes }: LogsRequest & { maxBytes: number }): LogsResponse {
-    if (instance === this.instance) while (this.kept > 0 && this.first <= after) this.dropOldest()
+    if (instance === this.instance) {
+      while (this.kept > 0 && this.first <= after) this.dropOldest()
+      if (after >= this.unacknowledged.lastLine) this.unacknowledged.lost = 0
+    }
     const lines: string[] = []
     let bytes = 0
     for (let index = this.head; index < this.lines.length; index++) {
@@ -54,8 +65,9 @@ export class LogRing {
       lines.push(line)
       bytes += lineBytes
     }
-    const skipped = Math.min(this.lost, 2 ** 32 - 1)
+    this.unacknowledged = { lost: this.unacknowledged.lost + this.lost, lastLine: this.first + lines.length - 1 }
     this.lost = 0
+    const skipped = Math.min(this.unacknowledged.lost, 2 ** 32 - 1)
     return { instance: this.instance, first: this.first, skipped, more: lines.length < this.kept, lines }
   }
 

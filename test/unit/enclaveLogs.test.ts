@@ -41,11 +41,19 @@ describe('LogRing', () => {
     expect(ring.read({ instance: ring.instance, after: 4, maxBytes: 60_000 })).toMatchObject({ first: 5, more: false, lines: [] })
   })
 
-  it('drops its oldest lines past maxBytes and counts them, once, in the next answer', () => {
+  it('drops its oldest lines past maxBytes and counts them in the next answer, again until a request acknowledges that answer', () => {
     const ring = new LogRing({ maxBytes: line(1).length * 3 })
     for (let n = 1; n <= 5; n++) ring.write(line(n))
     expect(ring.read({ instance: 0, after: 0, maxBytes: 60_000 })).toEqual({ instance: ring.instance, first: 3, skipped: 2, more: false, lines: [line(3), line(4), line(5)] })
-    expect(ring.read({ instance: ring.instance, after: 5, maxBytes: 60_000 }).skipped).toBe(0)
+    // That answer was lost: the next request acknowledges none of it (as a parent that had read up to line 2 asks again).
+    expect(ring.read({ instance: ring.instance, after: 2, maxBytes: 60_000 })).toMatchObject({ first: 3, skipped: 2, lines: [line(3), line(4), line(5)] })
+    // Lines an answer carried that then make room are not lost; the acknowledgement (after 5) ends the count.
+    ring.write(line(6))
+    ring.write(line(7))
+    expect(ring.read({ instance: ring.instance, after: 5, maxBytes: 60_000 })).toMatchObject({ first: 6, skipped: 0, lines: [line(6), line(7)] })
+    for (let n = 8; n <= 10; n++) ring.write(line(n))
+    // Line 10 is a byte longer, so 6, 7 and 8 make room: 6 and 7 were answered, 8 was not: one lost.
+    expect(ring.read({ instance: ring.instance, after: 7, maxBytes: 60_000 })).toMatchObject({ first: 9, skipped: 1, lines: [line(9), line(10)] })
   })
 
   it('keeps order and count through many drops (its queue compacts), and cuts a long line between characters, not within one', () => {
