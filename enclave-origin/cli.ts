@@ -15,7 +15,7 @@ import { readFileSync, writeFileSync } from 'node:fs'
 import { request as httpRequest, type IncomingHttpHeaders } from 'node:http'
 import { request as httpsRequest } from 'node:https'
 import { integerSetting, logLine, setting, wholeNumberIn } from './config.js'
-import { messageOf, parseJsonQuietly } from './errors.js'
+import { jsonObjectOf, messageOf, parseJsonQuietly } from './errors.js'
 import { generatePreloadIdentity, sealPreloadIdentity, sealShareFile, type RecipientTrust, type ShareFileEntry } from './preloadFiles.js'
 import { runEnclave } from './enclave/main.js'
 import { runParent } from './parent/main.js'
@@ -43,21 +43,31 @@ function answerTimeoutMs(command: 'status' | 'other'): number {
 
 const tlsSettings = ['ORIGIN_TLS_CA_FILE', 'ORIGIN_TLS_CERT_FILE', 'ORIGIN_TLS_KEY_FILE']
 
+type ParentConnection = { base: string; https: boolean; tls: { ca?: Buffer; cert?: Buffer; key?: Buffer } }
+let parentConnection: ParentConnection | undefined
+
+/** ORIGIN_URL and the TLS settings, checked and their files read once: a bulk create makes thousands of requests. */
+function connectionToParent(): ParentConnection {
+  if (parentConnection) return parentConnection
+  const base = originUrl()
+  const { protocol } = new URL(base)
+  const https = protocol === 'https:'
+  if (!https && protocol !== 'http:') throw new Error(`ORIGIN_URL must be an http:// or https:// URL, got ${base}`)
+  if (!https && tlsSettings.some((name) => process.env[name])) throw new Error(`${tlsSettings.join(', ')} are for an https:// ORIGIN_URL, and ${base} is not one`)
+  const file = (name: string) => (process.env[name] ? readFileSync(process.env[name]!) : undefined)
+  const [cert, key] = [file('ORIGIN_TLS_CERT_FILE'), file('ORIGIN_TLS_KEY_FILE')]
+  if (Boolean(cert) !== Boolean(key)) throw new Error('ORIGIN_TLS_CERT_FILE and ORIGIN_TLS_KEY_FILE go together: a client certificate and its key')
+  return (parentConnection = { base, https, tls: https ? { ca: file('ORIGIN_TLS_CA_FILE'), cert, key } : {} })
+}
+
 /**
  * One HTTP exchange with the parent, failing once `timeoutMs` passes without an answer (fetch would give up on a
  * long rotation after 300 s while the parent went on). The TLS settings apply over https.
  */
 function exchange(options: { method: 'GET' | 'POST'; path: string; headers?: Record<string, string>; body?: Uint8Array; timeoutMs: number | undefined }): Promise<HttpExchange> {
   const { method, path, headers = {}, body, timeoutMs } = options
-  const base = originUrl()
+  const { base, https, tls } = connectionToParent()
   const url = new URL(`${base}${path}`)
-  const https = url.protocol === 'https:'
-  if (!https && url.protocol !== 'http:') throw new Error(`ORIGIN_URL must be an http:// or https:// URL, got ${base}`)
-  const file = (name: string) => (process.env[name] ? readFileSync(process.env[name]!) : undefined)
-  if (!https && tlsSettings.some((name) => process.env[name])) throw new Error(`${tlsSettings.join(', ')} are for an https:// ORIGIN_URL, and ${base} is not one`)
-  const [cert, key] = [file('ORIGIN_TLS_CERT_FILE'), file('ORIGIN_TLS_KEY_FILE')]
-  if (Boolean(cert) !== Boolean(key)) throw new Error('ORIGIN_TLS_CERT_FILE and ORIGIN_TLS_KEY_FILE go together: a client certificate and its key')
-  const tls = https ? { ca: file('ORIGIN_TLS_CA_FILE'), cert, key } : {}
   return new Promise((resolve, reject) => {
     const sent = (https ? httpsRequest : httpRequest)(url, { method, headers: { ...headers, 'content-length': String(body?.length ?? 0) }, ...tls }, (response) => {
       const chunks: Buffer[] = []
@@ -93,21 +103,12 @@ async function call(method: 'GET' | 'POST', path: string, json?: unknown, timeou
     // At least 10 ms: a 0 must not turn the wait into a busy loop against the parent.
     await new Promise((resolve) => setTimeout(resolve, Math.max(retryAfterMs, 10)))
   }
+  // Anything but a JSON object (a proxy's error page, say): the status says more.
   const answer = jsonObjectOf(response.text)
   if (response.status < 200 || response.status > 299 || answer === undefined) {
     throw new Error(`${method} ${path}: ${response.status} ${answer === undefined ? '(not JSON)' : JSON.stringify(answer)}`)
   }
   return answer
-}
-
-/** The answer's JSON object, or undefined for anything else (a proxy's error page, say: the status says more). */
-function jsonObjectOf(text: string): Record<string, unknown> | undefined {
-  try {
-    const value: unknown = JSON.parse(text)
-    return typeof value === 'object' && value !== null && !Array.isArray(value) ? (value as Record<string, unknown>) : undefined
-  } catch {
-    return undefined
-  }
 }
 
 /** On a terminal, the progress line is cleared before a key's line takes its place on the screen. */

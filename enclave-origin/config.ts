@@ -45,8 +45,9 @@ export function listenAddress(value: string): StreamAddress {
     if (port === undefined) throw new Error(`${value}: the port must be from 1 to 65535`)
     return { host: match[1]!, port }
   }
-  if (!value.includes('/') && value.includes(':')) throw new Error(`${value}: an IPv6 address goes in brackets, with its port: [::1]:7000`)
-  if (!value.includes('/')) throw new Error(`${value} is neither host:port nor a Unix socket path (one with a /)`)
+  if (!value.includes('/')) {
+    throw new Error(value.includes(':') ? `${value}: an IPv6 address goes in brackets, with its port: [::1]:7000` : `${value} is neither host:port nor a Unix socket path (one with a /)`)
+  }
   return { path: value }
 }
 

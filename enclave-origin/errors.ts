@@ -3,6 +3,16 @@ export function messageOf(error: unknown): string {
   return error instanceof Error ? error.message : String(error)
 }
 
+/** The JSON object `text` holds, or undefined for anything else (not JSON, or an array or a value). */
+export function jsonObjectOf(text: string): Record<string, unknown> | undefined {
+  try {
+    const value: unknown = JSON.parse(text)
+    return typeof value === 'object' && value !== null && !Array.isArray(value) ? (value as Record<string, unknown>) : undefined
+  } catch {
+    return undefined
+  }
+}
+
 /**
  * JSON.parse whose error names only the position: V8's message quotes the
  * text around the fault, which in a share or preload file is key material.

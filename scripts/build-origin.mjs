@@ -27,10 +27,11 @@ const node = { format: 'esm', platform: 'node', target: 'node20', logLevel: 'war
 // killed half-way left (over ten minutes old: no build takes that long) goes first.
 mkdirSync(path.dirname(outdir), { recursive: true })
 for (const name of readdirSync(path.dirname(outdir))) {
+  if (!name.startsWith(`${path.basename(outdir)}.building-`)) continue
   const left = path.join(path.dirname(outdir), name)
   // Another build may remove its own meanwhile.
   const ageMs = Date.now() - (statSync(left, { throwIfNoEntry: false })?.mtimeMs ?? Date.now())
-  if (name.startsWith(`${path.basename(outdir)}.building-`) && ageMs > 600_000) rmSync(left, { recursive: true, force: true })
+  if (ageMs > 600_000) rmSync(left, { recursive: true, force: true })
 }
 const building = mkdtempSync(`${outdir}.building-`)
 const previous = `${building}.previous`
@@ -38,11 +39,6 @@ try {
   await build({ ...node, entryPoints: files.filter((file) => file.endsWith('.ts')).map((file) => path.join(source, file)), outdir: building })
   // The sign worker is JavaScript already; the engine loads it next to itself.
   for (const file of files.filter((name) => name.endsWith('.mjs'))) copyFileSync(path.join(source, file), path.join(building, file))
-} catch (error) {
-  rmSync(building, { recursive: true, force: true })
-  throw error
-}
-try {
   for (;;) {
     try {
       if (existsSync(outdir)) renameSync(outdir, previous)

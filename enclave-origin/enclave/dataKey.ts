@@ -29,6 +29,13 @@ export const developmentAttestation: AttestationProvider = {
 
 type Recipient = { field: { AttestationDocument: Uint8Array; KeyEncryptionAlgorithm: 'RSAES_OAEP_SHA_256' }; privateKey: KeyObject }
 
+type RecipientKey = { privateKey: KeyObject; publicKey: Uint8Array }
+
+async function newRecipientKey(): Promise<RecipientKey> {
+  const { privateKey, publicKey } = await promisify(generateKeyPair)('rsa', { modulusLength: 2048 })
+  return { privateKey, publicKey: publicKey.export({ type: 'spki', format: 'der' }) }
+}
+
 /**
  * The data-encryption key (DEK) that seals every private key: generated once
  * by KMS GenerateDataKey (the parent keeps only the wrapped form) and unwrapped
@@ -38,13 +45,6 @@ type Recipient = { field: { AttestationDocument: Uint8Array; KeyEncryptionAlgori
  * with `CiphertextForRecipient`, which only this process's RSA key opens, and
  * the plaintext DEK never crosses the wire (nor the parent that proxies it).
  */
-type RecipientKey = { privateKey: KeyObject; publicKey: Uint8Array }
-
-async function newRecipientKey(): Promise<RecipientKey> {
-  const { privateKey, publicKey } = await promisify(generateKeyPair)('rsa', { modulusLength: 2048 })
-  return { privateKey, publicKey: publicKey.export({ type: 'spki', format: 'der' }) }
-}
-
 export class KmsDataKeys {
   private recipientKey: Promise<RecipientKey> | undefined
 

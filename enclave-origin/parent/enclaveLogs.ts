@@ -1,4 +1,4 @@
-import { messageOf } from '../errors.js'
+import { jsonObjectOf, messageOf } from '../errors.js'
 import { decodeLogsResponse, encodeLogsRequest } from '../protocol/messages.js'
 import { EnclaveUnavailableError } from './enclavePool.js'
 
@@ -45,27 +45,18 @@ export class EnclaveLogCollector {
       } catch (error) {
         // Out of reach: its health says so. Anything else (a refusal, an answer this parent cannot read) would
         // stop the enclave's lines reaching anyone, silently: said once.
-        if (!(error instanceof EnclaveUnavailableError) && !this.failing) log({ level: 'error', event: 'enclave_logs_not_collected', enclave, error: messageOf(error) })
-        this.failing ||= !(error instanceof EnclaveUnavailableError)
+        if (error instanceof EnclaveUnavailableError) return
+        if (!this.failing) log({ level: 'error', event: 'enclave_logs_not_collected', enclave, error: messageOf(error) })
+        this.failing = true
         return
       }
       this.failing = false
       if (answer.skipped > 0) log({ level: 'warn', event: 'enclave_log_lines_lost', source: 'enclave', enclave, count: answer.skipped })
-      for (const line of answer.lines) log({ ...fieldsOf(line), source: 'enclave', enclave })
+      // A line that is not a JSON object is kept as its text.
+      for (const line of answer.lines) log({ ...(jsonObjectOf(line) ?? { event: 'enclave_log_line', text: line }), source: 'enclave', enclave })
       this.instance = answer.instance
       this.after = answer.first + answer.lines.length - 1
       if (!answer.more || answer.lines.length === 0) return
     }
   }
-}
-
-/** The fields of one of the enclave's JSON lines; a line that is not a JSON object is kept as its text. */
-function fieldsOf(line: string): Record<string, unknown> {
-  try {
-    const fields: unknown = JSON.parse(line)
-    if (typeof fields === 'object' && fields !== null && !Array.isArray(fields)) return fields as Record<string, unknown>
-  } catch {
-    // Kept below, as text.
-  }
-  return { event: 'enclave_log_line', text: line }
 }

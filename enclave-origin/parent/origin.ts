@@ -639,23 +639,21 @@ export class OriginParent {
   }
 
   /**
-   * The caller's answer to `work`, which calls `storing()` when it turns to the store (naming what it stores,
-   * when that is known only then) and `confirmed()` once the store has its writes. If that has not happened `storeTimeoutMs` after `storing()`, the caller is
+   * The caller's answer to `work`, which calls `storing(what)` when it turns to the store (naming what it stores,
+   * as the answer and the log will) and `confirmed()` once the store has its writes. If that has not happened `storeTimeoutMs` after `storing()`, the caller is
    * answered 503 without waiting longer. The work goes on (holding its key's turn, so nothing overtakes its
    * writes) and may still take effect, which the answer says.
    */
-  private storeConfirmed<T>(
-    what: string,
-    work: (store: { storing: (stored?: string) => void; confirmed: () => void }) => Promise<T>,
-    detailsOf: (result: T) => Record<string, unknown> = () => ({}),
-  ): Promise<T> {
+  private storeConfirmed<T>(work: (store: { storing: (what: string) => void; confirmed: () => void }) => Promise<T>, detailsOf: (result: T) => Record<string, unknown> = () => ({})): Promise<T> {
     const timeoutMs = this.storeTimeoutMs
     let timer: ReturnType<typeof setTimeout> | undefined
+    /** What `storing` named; read only once it has been called (a timer runs, or the work ended late). */
+    let what = ''
     let late = false
     let notConfirmed!: (error: Error) => void
     const timedOut = new Promise<never>((_, reject) => (notConfirmed = reject))
-    const storing = (stored?: string) => {
-      if (stored !== undefined) what = stored
+    const storing = (stored: string) => {
+      what = stored
       timer ??= setTimeout(() => {
         late = true
         this.unconfirmedWrites += 1
@@ -689,7 +687,7 @@ export class OriginParent {
     if (this.unconfirmedWrites > 0) {
       return Promise.reject(new OriginRequestError('unavailable', `no key is created while the store has not confirmed earlier writes (${this.unconfirmedWrites} still waiting after ${this.storeTimeoutMs} ms)`))
     }
-    return this.storeConfirmed('a new key', (store) => {
+    return this.storeConfirmed((store) => {
       // Tracked until its record is written, however soon the caller is answered: a rotation waits for it.
       const creating = this.create(store.storing).then((key) => {
         store.confirmed()
@@ -1043,9 +1041,9 @@ export class OriginParent {
    * within `storeTimeoutMs` has the caller answered 503 (see `storeConfirmed`).
    */
   setState(keyId: string, state: KeyState): Promise<void> {
-    return this.storeConfirmed(`the change of key ${keyId} to ${state}`, ({ storing, confirmed }) => {
+    return this.storeConfirmed(({ storing, confirmed }) => {
       // From the call: the key's turn is held mostly by writes of the store's (an earlier change, a re-seal).
-      storing()
+      storing(`the change of key ${keyId} to ${state}`)
       return this.serializeKey(keyId, async () => {
         // Archiving retires a key for good: nothing, unfreeze included, brings it back to signing.
         if (state !== 'archived' && (await this.options.store.get(keyId))?.state === 'archived') {

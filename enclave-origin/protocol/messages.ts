@@ -345,9 +345,10 @@ export function decodeHealthResponse(payload: Uint8Array): HealthResponse {
   return health as HealthResponse
 }
 
-// LOGS: the enclave's log lines after `after`, as the parent last read them from `instance` (0: none yet). The
-// answer's lines are numbered from `first` on; `skipped` lines between `after` and `first` were dropped before the
-// parent asked (or are another instance's); `more` says another LOGS would get more at once.
+// LOGS: the enclave's log lines after `after`, as the parent last read them from `instance` (0: none yet), which
+// acknowledges those up to `after`. The answer's lines are numbered from `first` on; `skipped` counts lines the
+// enclave dropped for room before any answer carried them (see enclave/logRing.ts); `more` says another LOGS would
+// get more at once.
 
 export type LogsRequest = { instance: number; after: number }
 export type LogsResponse = { instance: number; first: number; skipped: number; more: boolean; lines: string[] }
