@@ -76,6 +76,7 @@ export function createSigners(options: { config: Config; env: Record<string, unk
           hmacKeyId: signer.hmacKeyId,
           hmacSecret: secret(signer.hmacSecret),
           deadlineMs: signer.deadlineMs,
+          clientCertificate: signer.clientCertificate === undefined ? undefined : { bindingName: signer.clientCertificate, binding: env[signer.clientCertificate] },
         })
     }
   }

@@ -16,8 +16,18 @@ export type KeylessSignerOptions = {
   hmacSecret: string | undefined
   /** Everything one signature may take, waits for an unlock included. */
   deadlineMs: number
+  /**
+   * The `mtls_certificates` binding every request goes through, presenting its client certificate; `binding` is
+   * what the Worker env holds under `bindingName` (checked at each request: a missing one is a configuration error).
+   */
+  clientCertificate?: { bindingName: string; binding: unknown }
   fetch?: typeof fetch
 }
+
+/** What an `mtls_certificates` binding is in a Worker env: a fetch that presents the certificate. */
+type CertificateFetcher = { fetch: typeof fetch }
+
+const isFetcher = (binding: unknown): binding is CertificateFetcher => typeof binding === 'object' && binding !== null && typeof (binding as CertificateFetcher).fetch === 'function'
 
 /** The origin's JSON answer, or an empty one where it sent none (a proxy's error page, say). */
 function jsonObjectOf(text: string): Record<string, unknown> {
@@ -48,10 +58,22 @@ export class KeylessSigner implements Signer {
     this.checksummed = getAddress(options.address)
   }
 
+  /** Global fetch, or the client certificate's binding's (called on the binding: a Fetcher's fetch needs its `this`). */
+  private fetcher(): typeof fetch {
+    const { clientCertificate, name } = this.options
+    if (!clientCertificate) return this.options.fetch ?? fetch
+    const { binding, bindingName } = clientCertificate
+    if (!isFetcher(binding)) {
+      throw new SignerError(`keyless signer ${name}: clientCertificate names ${bindingName}, which is not an mtls_certificates binding of this Worker (add it under [[mtls_certificates]] in wrangler.toml)`)
+    }
+    return (input, init) => binding.fetch(input, init)
+  }
+
   private async request(method: 'GET' | 'POST', path: string, body: unknown, deadline: number, signal?: AbortSignal): Promise<Record<string, unknown>> {
     const { name, hmacKeyId, hmacSecret } = this.options
     if (!hmacSecret) throw new SignerError(`keyless signer ${name}: its HMAC secret is not set`)
     const payload = new TextEncoder().encode(body === undefined ? '' : JSON.stringify(body))
+    const send = this.fetcher()
     for (;;) {
       if (signal?.aborted) throw stoppedForCaller(`keyless signer ${name}`)
       const remaining = deadline - Date.now()
@@ -59,7 +81,7 @@ export class KeylessSigner implements Signer {
       const headers = await signRequest({ keyId: hmacKeyId, secret: hmacSecret, method, path, body: payload })
       let response: Response
       try {
-        response = await (this.options.fetch ?? fetch)(`${this.baseUrl}${path}`, {
+        response = await send(`${this.baseUrl}${path}`, {
           method,
           headers: { 'content-type': 'application/json', ...headers },
           body: method === 'POST' ? payload : undefined,

@@ -126,6 +126,11 @@ const keylessSignerSchema = z.object({
   hmacSecret: secretNameSchema.default('ORIGIN_HMAC_SECRET'),
   /** Everything one signature may take, including waits for an enclave unlock (Retry-After). */
   deadlineMs: milliseconds(50, 30_000, 1_000),
+  /**
+   * An `[[mtls_certificates]]` binding: requests go out through it, presenting its certificate, for a parent that
+   * requires client certificates (TLS_REQUIRE_CLIENT_CERT=1). Without it the Worker presents none.
+   */
+  clientCertificate: secretNameSchema.optional(),
 })
 
 const fallbackSignerSchema = z.object({

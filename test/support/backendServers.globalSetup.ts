@@ -1,24 +1,54 @@
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs'
 import { createServer } from 'node:http'
+import { request as httpsRequest } from 'node:https'
+import { tmpdir } from 'node:os'
+import path from 'node:path'
 import { generatePrivateKey } from 'viem/accounts'
 import type { TestProject } from 'vitest/node'
+import { signRequest } from '../../enclave-origin/protocol/requestSigning.js'
 import type { KeyServerInfo } from './backendConfig.js'
 import { startKeyServers } from './keyServers.js'
 import type { KmsFault } from './kmsServer.js'
 import { listenLocal, readBody } from './localHttp.js'
+import { originHmac, startOrigin, symmetricKmsKey, workerHmac, type Origin } from './origin.js'
+import { startTestCa } from './testCertificates.js'
 
 /**
  * For the workerd tests: the local KMS, Vault and HTTP key servers (real
  * cryptography, on 127.0.0.1), all holding one key made for this run, plus a
  * small control endpoint through which tests inside workerd inject faults,
- * since they cannot reach these Node objects directly.
+ * since they cannot reach these Node objects directly. Also an enclave
+ * origin (enclave and parent processes) whose parent takes only TLS
+ * connections presenting a client certificate from a CA made for this run,
+ * with one key made in it; vitest.config.ts binds that certificate for the
+ * Worker.
  */
 
 export type BackendServers = KeyServerInfo & { controlUrl: string }
 
+/** The origin's parent (https, client certificates required), its key, and the TLS material the Worker's binding uses. */
+export type TlsOrigin = { url: string; keyId: string; address: `0x${string}`; hmacKeyId: string; hmacSecret: string; ca: string; clientCert: string; clientKey: string }
+
 declare module 'vitest' {
   export interface ProvidedContext {
     backendServers: BackendServers
+    tlsOrigin: TlsOrigin
   }
+}
+
+/** POST /v1/keys on the parent over TLS, as an operator with a client certificate. */
+async function createKey(url: string, tls: { ca: string; cert: string; key: string }): Promise<{ keyId: string; address: `0x${string}` }> {
+  const body = new Uint8Array()
+  const headers = await signRequest({ ...originHmac, method: 'POST', path: '/v1/keys', body })
+  return new Promise((resolve, reject) => {
+    const created = httpsRequest(`${url}/v1/keys`, { method: 'POST', headers, ...tls }, (response) => {
+      let text = ''
+      response.on('data', (chunk) => (text += chunk))
+      response.on('end', () => (response.statusCode === 201 ? resolve(JSON.parse(text)) : reject(new Error(`creating the test key: ${response.statusCode} ${text}`))))
+    })
+    created.on('error', reject)
+    created.end(body)
+  })
 }
 
 export default async function setup(project: TestProject) {
@@ -56,8 +86,37 @@ export default async function setup(project: TestProject) {
 
   project.provide('backendServers', { ...keyServers.servers, controlUrl: 'http://127.0.0.1:18614' })
 
-  return async () => {
+  const ca = startTestCa('worker tests CA')
+  const tlsDir = mkdtempSync(path.join(tmpdir(), 'worker-tests-origin-'))
+  let origin: Origin | undefined
+  const stopAll = async () => {
+    await origin?.stop()
+    ca.close()
+    rmSync(tlsDir, { recursive: true, force: true })
     await stopControl()
     await keyServers.stop()
   }
+  try {
+    const server = ca.issue('parent', 'DNS:localhost')
+    const client = ca.issue('worker')
+    const file = (name: string, text: string) => {
+      writeFileSync(path.join(tlsDir, name), text)
+      return path.join(tlsDir, name)
+    }
+    origin = await startOrigin({
+      kms,
+      kmsKeyId: await symmetricKmsKey(kms),
+      enclavePort: 18615,
+      parentPort: 18616,
+      storeDir: path.join(tlsDir, 'store'),
+      extraEnv: { TLS_CERT_FILE: file('parent.crt', server.cert), TLS_KEY_FILE: file('parent.key', server.key), TLS_CA_FILE: file('ca.crt', ca.caPem), TLS_REQUIRE_CLIENT_CERT: '1' },
+    })
+    const url = 'https://localhost:18616'
+    const key = await createKey(url, { ca: ca.caPem, cert: client.cert, key: client.key })
+    project.provide('tlsOrigin', { url, ...key, hmacKeyId: workerHmac.keyId, hmacSecret: workerHmac.secret, ca: ca.caPem, clientCert: client.cert, clientKey: client.key })
+  } catch (error) {
+    await stopAll()
+    throw error
+  }
+  return stopAll
 }

@@ -69,6 +69,12 @@ describe('configuration', () => {
     }
   })
 
+  it('takes a keyless clientCertificate as a binding name, and refuses anything else', () => {
+    const keyless = (clientCertificate: string) => ({ PAYMASTER_CONFIG: { chains: [chain], signers: { primary: { kind: 'keyless', url: 'https://origin.internal:8443', keyId: 'k1', address: '0x1111111111111111111111111111111111111111', clientCertificate } } } })
+    expect(loadConfig(keyless('ORIGIN_CLIENT_CERT')).signers.primary).toMatchObject({ clientCertificate: 'ORIGIN_CLIENT_CERT' })
+    expect(configError(keyless('origin client cert'))).toContain('signers.primary.clientCertificate')
+  })
+
   it('refuses a signer base URL with a query or fragment, which would end up in front of the paths the signer appends', () => {
     const withUrl = (signer: Record<string, unknown>) => ({ PAYMASTER_CONFIG: { chains: [chain], signers: { primary: signer } } })
     const address = '0x1111111111111111111111111111111111111111'

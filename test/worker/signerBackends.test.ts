@@ -171,3 +171,32 @@ describe('fallback: the client never notices a failing primary', () => {
     expect(answer.error!.message).toContain('key server answered 503')
   })
 })
+
+describe('keyless: a parent that requires client certificates (TLS_REQUIRE_CLIENT_CERT=1)', () => {
+  const origin = inject('tlsOrigin')
+  const keylessThrough = (clientCertificate: string) =>
+    envWith(
+      { primary: { kind: 'keyless', url: origin.url, keyId: origin.keyId, address: origin.address, hmacKeyId: origin.hmacKeyId, clientCertificate } },
+      { ORIGIN_HMAC_SECRET: origin.hmacSecret },
+    )
+
+  it('signs through the mtls_certificates binding that clientCertificate names, and its health asks the origin through it', async () => {
+    const workerEnv = keylessThrough('ORIGIN_CLIENT_CERT')
+    const answer = await sponsorThrough(workerEnv)
+    expect(answer.error).toBeUndefined()
+    expect(answer.result!.paymasterData).toMatch(/^0x01[0-9a-f]{24}[0-9a-f]{130}$/)
+    const health = JSON.parse((await get('/health', workerEnv)).text)
+    expect(health.signers[0]).toMatchObject({ name: 'primary', ok: true, address: origin.address })
+  })
+
+  it('is refused by the parent when its binding presents no certificate', async () => {
+    const answer = await sponsorThrough(keylessThrough('ORIGIN_NO_CLIENT_CERT'))
+    // The handshake fails in certificateFetcher, which miniflare hands the Worker as a 500 (Cloudflare's binding throws).
+    expect(answer.error).toMatchObject({ code: -32003, message: expect.stringContaining('keyless signer primary: the origin answered 500') })
+  })
+
+  it('names a clientCertificate binding the Worker does not have, as a configuration error', async () => {
+    const answer = await sponsorThrough(keylessThrough('NOT_BOUND_HERE'))
+    expect(answer.error!.message).toContain('clientCertificate names NOT_BOUND_HERE, which is not an mtls_certificates binding of this Worker')
+  })
+})
