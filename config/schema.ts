@@ -128,7 +128,8 @@ const keylessSignerSchema = z.object({
   deadlineMs: milliseconds(50, 30_000, 1_000),
   /**
    * An `[[mtls_certificates]]` binding: requests go out through it, presenting its certificate, for a parent that
-   * requires client certificates (TLS_REQUIRE_CLIENT_CERT=1). Without it the Worker presents none.
+   * requires client certificates (TLS_REQUIRE_CLIENT_CERT=1); an https url only. Without it the Worker presents none.
+   * Any binding with a fetch is used as it is (a Worker cannot tell an mTLS binding from a service binding).
    */
   clientCertificate: secretNameSchema.optional(),
 })
@@ -283,6 +284,9 @@ export const configSchema = z
       }
       if (signer.kind === 'local' && signer.allowEphemeral && config.profile !== 'development') {
         ctx.addIssue({ code: 'custom', path: ['signers', name, 'allowEphemeral'], message: 'ephemeral keys are for the development profile only' })
+      }
+      if (signer.kind === 'keyless' && signer.clientCertificate !== undefined && !signer.url.startsWith('https:')) {
+        ctx.addIssue({ code: 'custom', path: ['signers', name, 'clientCertificate'], message: 'a client certificate is presented over TLS only: the url must be https://' })
       }
       if ((signer.kind === 'local' || signer.kind === 'secrets-store') && config.profile === 'high-security') {
         ctx.addIssue({ code: 'custom', path: ['signers', name, 'kind'], message: 'the high-security profile keeps no key in the Worker (use aws-kms or vault)' })

@@ -1,5 +1,4 @@
 import { jsonObjectOf, messageOf } from '../errors.js'
-import { FailureBackoff } from '../failureBackoff.js'
 import { decodeLogsResponse, encodeLogsRequest } from '../protocol/messages.js'
 import { EnclaveUnavailableError } from './enclavePool.js'
 
@@ -11,8 +10,8 @@ import { EnclaveUnavailableError } from './enclavePool.js'
  * each request acknowledges the lines of the last answer, which the enclave
  * then forgets. Lines it dropped before they were collected (it keeps a
  * bounded amount) are reported as `enclave_log_lines_lost`. An enclave out
- * of reach is asked again after a backoff (0.5 s doubling to 30 s), not at
- * every poll: each ask would open a connection; its health says why.
+ * of reach (`ask` rejects with EnclaveUnavailableError) is asked again at a
+ * later poll; its health says why.
  */
 export class EnclaveLogCollector {
   private instance = 0
@@ -20,7 +19,6 @@ export class EnclaveLogCollector {
   private collecting: Promise<void> | undefined
   /** Collection fails for a reason other than the enclave being out of reach: said once, until it works again. */
   private failing = false
-  private readonly unreachable: FailureBackoff
 
   constructor(
     private readonly options: {
@@ -28,16 +26,11 @@ export class EnclaveLogCollector {
       /** Sends a LOGS request; resolves to the OK answer's payload (any other answer rejects). */
       ask: (payload: Uint8Array) => Promise<Uint8Array>
       log: (fields: Record<string, unknown>) => void
-      /** Times the backoff after an unreachable enclave; default monotonic time. */
-      clock?: { now: () => number; random: () => number }
     },
-  ) {
-    this.unreachable = new FailureBackoff(options.clock ?? { now: () => performance.now(), random: Math.random })
-  }
+  ) {}
 
-  /** Collects what there is; one collection at a time (a poll during one joins it), none while backing off. */
+  /** Collects what there is; one collection at a time (a poll during one joins it). */
   poll(): Promise<void> {
-    if (this.unreachable.holding) return Promise.resolve()
     this.collecting ??= this.collect().finally(() => {
       this.collecting = undefined
     })
@@ -53,17 +46,12 @@ export class EnclaveLogCollector {
       } catch (error) {
         // Out of reach: its health says so. Anything else (a refusal, an answer this parent cannot read) would
         // stop the enclave's lines reaching anyone, silently: said once.
-        if (error instanceof EnclaveUnavailableError) {
-          this.unreachable.failed()
-          return
-        }
-        this.unreachable.succeeded()
+        if (error instanceof EnclaveUnavailableError) return
         if (!this.failing) log({ level: 'error', event: 'enclave_logs_not_collected', enclave, error: messageOf(error) })
         this.failing = true
         return
       }
       this.failing = false
-      this.unreachable.succeeded()
       if (answer.skipped > 0) log({ level: 'warn', event: 'enclave_log_lines_lost', source: 'enclave', enclave, count: answer.skipped })
       // A line that is not a JSON object is kept as its text.
       for (const line of answer.lines) log({ ...(jsonObjectOf(line) ?? { event: 'enclave_log_line', text: line }), source: 'enclave', enclave })

@@ -319,9 +319,14 @@ export class OriginParent {
     this.credentialRefresh.unref()
     const { log, logPollMs } = this.options
     if (log && logPollMs) {
-      const collectors = this.enclaves.map(
-        (enclave) => new EnclaveLogCollector({ enclave: enclave.id, log, ask: async (payload) => this.check(enclave, await this.call(enclave, opcodes.LOGS, payload)).payload }),
-      )
+      // A LOGS request counts toward the enclave's outage as any request does. While the enclave is held back none
+      // is sent (each would open a connection to an enclave out of reach); the outage's probe, a request's or
+      // a LOGS request's once the hold ends, says when it is back.
+      const ask = async (enclave: Enclave, payload: Uint8Array) => {
+        if (heldBack(enclave)) throw new EnclaveUnavailableError(`enclave ${enclave.id} is held back after failing requests`)
+        return this.check(enclave, await this.tracked(enclave, () => this.call(enclave, opcodes.LOGS, payload))).payload
+      }
+      const collectors = this.enclaves.map((enclave) => new EnclaveLogCollector({ enclave: enclave.id, log, ask: (payload) => ask(enclave, payload) }))
       this.logPoll = setInterval(() => {
         for (const collector of collectors) void collector.poll()
       }, logPollMs)

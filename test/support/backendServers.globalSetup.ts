@@ -1,16 +1,17 @@
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs'
 import { createServer } from 'node:http'
-import { request as httpsRequest } from 'node:https'
 import { tmpdir } from 'node:os'
 import path from 'node:path'
+import { Request } from 'miniflare'
 import { generatePrivateKey } from 'viem/accounts'
 import type { TestProject } from 'vitest/node'
 import { signRequest } from '../../enclave-origin/protocol/requestSigning.js'
 import type { KeyServerInfo } from './backendConfig.js'
+import { certificateFetcher } from './certificateFetcher.js'
 import { startKeyServers } from './keyServers.js'
 import type { KmsFault } from './kmsServer.js'
 import { listenLocal, readBody } from './localHttp.js'
-import { originHmac, startOrigin, symmetricKmsKey, workerHmac, type Origin } from './origin.js'
+import { originHmac, startOrigin, symmetricKmsKey, workerHmac } from './origin.js'
 import { startTestCa } from './testCertificates.js'
 
 /**
@@ -40,15 +41,10 @@ declare module 'vitest' {
 async function createKey(url: string, tls: { ca: string; cert: string; key: string }): Promise<{ keyId: string; address: `0x${string}` }> {
   const body = new Uint8Array()
   const headers = await signRequest({ ...originHmac, method: 'POST', path: '/v1/keys', body })
-  return new Promise((resolve, reject) => {
-    const created = httpsRequest(`${url}/v1/keys`, { method: 'POST', headers, ...tls }, (response) => {
-      let text = ''
-      response.on('data', (chunk) => (text += chunk))
-      response.on('end', () => (response.statusCode === 201 ? resolve(JSON.parse(text)) : reject(new Error(`creating the test key: ${response.statusCode} ${text}`))))
-    })
-    created.on('error', reject)
-    created.end(body)
-  })
+  const response = await certificateFetcher(tls)(new Request(`${url}/v1/keys`, { method: 'POST', headers, body, signal: AbortSignal.timeout(30_000) }))
+  const text = await response.text()
+  if (response.status !== 201) throw new Error(`creating the test key: ${response.status} ${text}`)
+  return JSON.parse(text) as { keyId: string; address: `0x${string}` }
 }
 
 export default async function setup(project: TestProject) {
@@ -86,24 +82,25 @@ export default async function setup(project: TestProject) {
 
   project.provide('backendServers', { ...keyServers.servers, controlUrl: 'http://127.0.0.1:18614' })
 
-  const ca = startTestCa('worker tests CA')
-  const tlsDir = mkdtempSync(path.join(tmpdir(), 'worker-tests-origin-'))
-  let origin: Origin | undefined
+  /** What setup started, stopped newest first, each whatever became of the others. */
+  const started: Array<() => unknown> = [() => keyServers.stop(), () => stopControl()]
   const stopAll = async () => {
-    await origin?.stop()
-    ca.close()
-    rmSync(tlsDir, { recursive: true, force: true })
-    await stopControl()
-    await keyServers.stop()
+    let failure: unknown
+    for (const stop of started.reverse()) await Promise.resolve().then(stop).catch((error: unknown) => (failure ??= error))
+    if (failure) throw failure
   }
   try {
+    const ca = startTestCa('worker tests CA')
+    started.push(() => ca.close())
+    const tlsDir = mkdtempSync(path.join(tmpdir(), 'worker-tests-origin-'))
+    started.push(() => rmSync(tlsDir, { recursive: true, force: true }))
     const server = ca.issue('parent', 'DNS:localhost')
-    const client = ca.issue('worker')
+    const client = { ca: ca.caPem, ...ca.issue('worker') }
     const file = (name: string, text: string) => {
       writeFileSync(path.join(tlsDir, name), text)
       return path.join(tlsDir, name)
     }
-    origin = await startOrigin({
+    const origin = await startOrigin({
       kms,
       kmsKeyId: await symmetricKmsKey(kms),
       enclavePort: 18615,
@@ -111,8 +108,9 @@ export default async function setup(project: TestProject) {
       storeDir: path.join(tlsDir, 'store'),
       extraEnv: { TLS_CERT_FILE: file('parent.crt', server.cert), TLS_KEY_FILE: file('parent.key', server.key), TLS_CA_FILE: file('ca.crt', ca.caPem), TLS_REQUIRE_CLIENT_CERT: '1' },
     })
+    started.push(() => origin.stop())
     const url = 'https://localhost:18616'
-    const key = await createKey(url, { ca: ca.caPem, cert: client.cert, key: client.key })
+    const key = await createKey(url, client)
     project.provide('tlsOrigin', { url, ...key, hmacKeyId: workerHmac.keyId, hmacSecret: workerHmac.secret, ca: ca.caPem, clientCert: client.cert, clientKey: client.key })
   } catch (error) {
     await stopAll()

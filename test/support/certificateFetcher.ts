@@ -30,6 +30,7 @@ export function certificateFetcher(tls: { ca: string; cert?: string; key?: strin
         },
       )
       outgoing.on('error', reject)
+      request.signal.addEventListener('abort', () => outgoing.destroy(new Error('aborted')), { once: true })
       outgoing.end(body)
     })
   }

@@ -131,7 +131,13 @@ export async function startOrigin(options: {
       return { status: response.status, body: (await response.json()) as Record<string, unknown>, headers: response.headers }
     },
   }
-  await origin.startEnclave()
-  await origin.startParent()
+  try {
+    await origin.startEnclave()
+    await origin.startParent()
+  } catch (error) {
+    // Whichever started goes: nothing else would stop it, and it holds its port.
+    await origin.stop()
+    throw error
+  }
   return origin
 }

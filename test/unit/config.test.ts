@@ -73,6 +73,9 @@ describe('configuration', () => {
     const keyless = (clientCertificate: string) => ({ PAYMASTER_CONFIG: { chains: [chain], signers: { primary: { kind: 'keyless', url: 'https://origin.internal:8443', keyId: 'k1', address: '0x1111111111111111111111111111111111111111', clientCertificate } } } })
     expect(loadConfig(keyless('ORIGIN_CLIENT_CERT')).signers.primary).toMatchObject({ clientCertificate: 'ORIGIN_CLIENT_CERT' })
     expect(configError(keyless('origin client cert'))).toContain('signers.primary.clientCertificate')
+    const overHttp = keyless('ORIGIN_CLIENT_CERT')
+    ;(overHttp.PAYMASTER_CONFIG.signers.primary as { url: string }).url = 'http://origin.internal:8443'
+    expect(configError(overHttp)).toContain('signers.primary.clientCertificate: a client certificate is presented over TLS only')
   })
 
   it('refuses a signer base URL with a query or fragment, which would end up in front of the paths the signer appends', () => {

@@ -122,42 +122,12 @@ describe('EnclaveLogCollector', () => {
     expect(logged.slice(3)).toEqual([{ event: 'line-1', n: 1, source: 'enclave', enclave: 'e1' }])
   })
 
-  it('asks an enclave out of reach again only after a backoff (each ask opens a connection), and at every poll once it answers', async () => {
-    let now = 0
-    let asked = 0
-    let reachable = false
-    const collector = new EnclaveLogCollector({
-      enclave: 'e1',
-      log: () => {},
-      clock: { now: () => now, random: () => 0.5 },
-      ask: async () => {
-        asked += 1
-        if (!reachable) throw new EnclaveUnavailableError('cannot connect to the enclave')
-        return encodeLogsResponse({ instance: 1, first: 1, skipped: 0, more: false, lines: [] })
-      },
-    })
-    const pollEverySecondFor = async (seconds: number) => {
-      for (let i = 0; i < seconds; i++, now += 1_000) await collector.poll()
-    }
-    // Failures in a row wait 0.5, 1, 2, 4, 8, 16, 30, 30 ... s: asks at 0, 1, 2, 4, 8, 16, 32, 62 s in 64 polls.
-    await pollEverySecondFor(64)
-    expect(asked).toBe(8)
-    reachable = true
-    await pollEverySecondFor(30)
-    asked = 0
-    await pollEverySecondFor(5)
-    expect(asked).toBe(5)
-  })
-
-  it('gives up on an enclave out of reach, quietly, and on a refusal or an answer it cannot read, saying so once', async () => {
+  it('gives up until the next poll on an enclave out of reach, quietly, and on a refusal or an answer it cannot read, saying so once', async () => {
     const logged: unknown[] = []
     let answer: () => Promise<Uint8Array> = () => Promise.reject(new EnclaveUnavailableError('cannot connect to the enclave'))
-    let now = 0
-    const collector = new EnclaveLogCollector({ enclave: 'e1', log: (fields) => logged.push(fields), ask: () => answer(), clock: { now: () => now, random: () => 0.5 } })
+    const collector = new EnclaveLogCollector({ enclave: 'e1', log: (fields) => logged.push(fields), ask: () => answer() })
     await collector.poll()
     expect(logged).toEqual([])
-    // Past the backoff the unreachable enclave earned.
-    now += 1_000
     answer = async () => encodeLogsRequest({ instance: 1, after: 1 })
     await collector.poll()
     await collector.poll()

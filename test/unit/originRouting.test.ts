@@ -560,6 +560,35 @@ describe('LOAD and SET_STATE sequences', () => {
     }
   })
 
+  it('asks an enclave for its log lines at every poll, none while it is held back (each ask would open a connection), and again once a request finds it back', async () => {
+    let now = 0
+    // This test's enclave keeps no log lines: each LOGS is answered with a refusal, which is an answer all the same.
+    const options = { log: () => {}, logPollMs: 10, requestTimeoutMs: 200, monotonicNow: () => now }
+    await withCabledParent('logs', options, async ({ parent, cable }) => {
+      const logsSent = () => cable.framesFromParent.filter((frame) => frame.opcode === opcodes.LOGS).length
+      const pause = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms))
+      await pause(100)
+      expect(logsSent()).toBeGreaterThan(3)
+      const key = await parent.createKey()
+      // Out of reach: its connection dropped, new ones refused. The first failure starts a hold, which lasts (the clock stands still).
+      cable.cut()
+      for (let i = 0; i < 50 && !(await parent.health())[0]!.held; i++) await pause(10)
+      const refusedWhenHeld = cable.refused
+      await pause(200)
+      expect(cable.refused).toBe(refusedWhenHeld)
+      // Past the hold: one probe, which fails and starts the next.
+      now += 1_000
+      await pause(100)
+      expect(cable.refused).toBe(refusedWhenHeld + 1)
+      // Back: a sign (a lone enclave is tried even while held back) ends the outage, and the polls go on at once.
+      cable.restore()
+      await parent.sign(key.keyId, Buffer.alloc(32, 9))
+      const sentWhenBack = logsSent()
+      await pause(100)
+      expect(logsSent()).toBeGreaterThan(sentWhenBack + 3)
+    })
+  })
+
   it('refuses signs, gets and creates for an enclave with as many requests in flight as it may, before sending them, and still takes a state change and a health check', async () => {
     await withCabledParent('full', { maxInflightPerEnclave: 1 }, async ({ parent, cable }) => {
       const [key, other] = [await parent.createKey(), await parent.createKey()]
