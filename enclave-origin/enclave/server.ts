@@ -7,7 +7,7 @@ import { CoalescingWriter } from '../protocol/coalescingWriter.js'
 import { listenVsock } from '../protocol/vsock.js'
 import { ThrottledLog } from '../throttledLog.js'
 import { endLingering } from '../protocol/endLingering.js'
-import { connectionRequestId, encodeConnectionClosing, encodeFrame, FrameDecoder, FrameError, maxFrameBytes, opcodes, statuses, type Frame, type Status } from '../protocol/frames.js'
+import { connectionRequestId, encodeConnectionClosing, encodeFrame, FrameDecoder, FrameError, lengthPrefixBytes, maxFrameBytes, opcodes, statuses, type Frame, type Status } from '../protocol/frames.js'
 import {
   decodeCreateRequest,
   decodeCredentials,
@@ -88,9 +88,13 @@ function answerToFailure(error: unknown): Answer {
 }
 
 /**
- * Per connection, reading pauses while this many requests await their answers,
- * or while this many answer bytes wait to go out (a peer that sends and never
- * reads), so such a peer holds a bounded share of memory. Far above what the
+ * Per connection, requests are handed to the service, in order, only while
+ * fewer than this many await their answers and while the answer bytes not
+ * yet sent, with the most the answers in flight may add (see
+ * `largestAnswerBytes`), stay within `maxUnsentBytes`; reading pauses while
+ * decoded requests wait. So a peer that sends and never reads holds a
+ * bounded share of memory, however large the answers it asks for (a LOGS
+ * answer is up to a frame for a 16-byte request). Far above what the
  * parent's pool keeps in flight. The byte bound is above any socket's
  * high-water mark, so a socket over it has a 'drain' to come.
  */
@@ -100,6 +104,11 @@ const closingLingerMs = 1_000
 /** Refused connections (see `serveEnclave`) that may linger with their last word at once. */
 const maxRefusalsLingering = 64
 const maxUnsentBytes = 1024 * 1024
+
+/** The most bytes an answer to `opcode` takes: up to a frame for LOGS, ATTEST and HEALTH; for the rest under 1 KiB, an error (its message at most 512 bytes) included. */
+function largestAnswerBytes(opcode: number): number {
+  return opcode === opcodes.LOGS || opcode === opcodes.ATTEST || opcode === opcodes.HEALTH ? lengthPrefixBytes + maxFrameBytes : 1_024
+}
 
 /**
  * The enclave's request handling: one opcode each, answering from the key
@@ -440,24 +449,58 @@ export async function serveEnclave(options: {
     sockets.add(socket)
     socket.setNoDelay(true)
     const decoder = new FrameDecoder()
-    const writer = new CoalescingWriter(socket)
     let inFlight = 0
+    /** The most the answers in flight may add to the unsent bytes. */
+    let promisedBytes = 0
+    /** Decoded requests not yet handed to the service: `waiting[next]` on. */
+    let waiting: Frame[] = []
+    let next = 0
     let paused = false
     /** Its framing broke: nothing more is read or answered on it. */
     let closing = false
-    // Resumes with half the requests bound free, so a connection at the bound does not pause and resume on every answer.
-    const resumeIfRoom = () => {
-      if (paused && inFlight <= maxRequestsInFlight / 2 && socket.writableLength < maxUnsentBytes) {
+    const unsentBytes = () => socket.writableLength + writer.bufferedBytes
+    // With nothing in flight one request always goes, however large its answer may be, unless unsent bytes wait.
+    const roomFor = (frame: Frame) =>
+      inFlight === 0 ? unsentBytes() < maxUnsentBytes : inFlight < maxRequestsInFlight && unsentBytes() + promisedBytes + largestAnswerBytes(frame.opcode) <= maxUnsentBytes
+    /**
+     * Hands waiting requests to the service while there is room, then pauses reading while any wait or the bounds
+     * are reached. Resumes with half the requests bound free, so a connection at the bound does not pause and
+     * resume on every answer. Called on every change: a request read, an answer written, a write flushed, a drain.
+     */
+    const dispatch = () => {
+      while (next < waiting.length && !closing && roomFor(waiting[next]!)) {
+        const frame = waiting[next++]!
+        const promised = largestAnswerBytes(frame.opcode)
+        inFlight += 1
+        promisedBytes += promised
+        // handle() answers an unknown opcode itself (BAD_REQUEST), so every frame goes through it.
+        void options.service.handle(frame).then(
+          (answer) => send(frame, answer, promised),
+          (error: unknown) => send(frame, answerToFailure(error), promised),
+        )
+      }
+      if (next === waiting.length && next > 0) {
+        waiting = []
+        next = 0
+      }
+      if (next < waiting.length || inFlight >= maxRequestsInFlight || unsentBytes() + promisedBytes >= maxUnsentBytes) {
+        if (!paused) {
+          paused = true
+          socket.pause()
+        }
+      } else if (paused && inFlight <= maxRequestsInFlight / 2) {
         paused = false
         socket.resume()
       }
     }
+    const writer = new CoalescingWriter(socket, dispatch)
     /**
      * Never throws. An answer that cannot be framed (too large, say) is answered INTERNAL instead, and the other
      * requests on the connection go on; one that cannot be written at all closes its own connection.
      */
-    const send = (frame: Frame, { status, payload }: Answer) => {
+    const send = (frame: Frame, { status, payload }: Answer, promised: number) => {
       inFlight -= 1
+      promisedBytes -= promised
       if (closing) return
       try {
         let encoded: Uint8Array
@@ -469,15 +512,16 @@ export async function serveEnclave(options: {
         writer.write(encoded)
       } catch (error) {
         socket.destroy()
-        options.log({ level: 'error', event: 'connection_closed', reason: `answer not written: ${messageOf(error)}` })
+        throttled.write('answer_not_written', { level: 'error', event: 'connection_closed', reason: `answer not written: ${messageOf(error)}` })
         return
       }
-      if (paused) resumeIfRoom()
+      dispatch()
     }
     /** No request id can be answered once the framing is lost: one frame for the connection says why, then it ends. */
     const closeSaying = (reason: string) => {
       closing = true
-      options.log({ level: 'warn', event: 'connection_closed', reason })
+      // Throttled: a peer that opens, sends a bad frame and closes, again and again, must not push real lines out of the log ring.
+      throttled.write('connection_closed', { level: 'warn', event: 'connection_closed', reason })
       writer.write(encodeConnectionClosing(encodeErrorMessage(reason)))
       // After this turn's write; what the peer still sends meanwhile is dropped above.
       setImmediate(() => endLingering(socket, { lingerMs: closingLingerMs, capMs: closingLingerMs }))
@@ -496,20 +540,12 @@ export async function serveEnclave(options: {
         closeSaying(`request id ${connectionRequestId} is reserved for the connection`)
         return
       }
-      inFlight += frames.length
-      for (const frame of frames) {
-        // handle() answers an unknown opcode itself (BAD_REQUEST), so every frame goes through it.
-        void options.service.handle(frame).then(
-          (answer) => send(frame, answer),
-          (error: unknown) => send(frame, answerToFailure(error)),
-        )
-      }
-      if (inFlight >= maxRequestsInFlight || socket.writableLength >= maxUnsentBytes) {
-        paused = true
-        socket.pause()
-      }
+      if (frames.length === 0) return
+      if (waiting.length === 0) waiting = frames
+      else waiting.push(...frames)
+      dispatch()
     })
-    socket.on('drain', resumeIfRoom)
+    socket.on('drain', dispatch)
     socket.on('error', () => {})
     socket.on('close', () => sockets.delete(socket))
   }

@@ -88,7 +88,7 @@ export function createParentServers(options: ParentApiOptions): { clients: HttpS
     if (failure) {
       // Why goes to the operator, not the caller: which check failed is a hint to whoever forges requests.
       metrics.authFailures.inc({ reason: failure })
-      throttledLog.write(`refused ${failure}`, { level: 'warn', event: 'request_refused', reason: failure, hmacKeyId: request.headers['x-origin-key-id']?.slice(0, 64) })
+      throttledLog.write(`refused ${failure}`, { level: 'warn', event: 'request_refused', reason: failure, hmacKeyId: printable(request.headers['x-origin-key-id']) })
       return { ...json(401, { error: 'request authentication failed' }), close: true }
     }
     route.authenticated = true
@@ -99,7 +99,7 @@ export function createParentServers(options: ParentApiOptions): { clients: HttpS
     if (!signsOrReads && options.signOnlyKeyIds?.has(hmacKeyId)) {
       // Authenticated, but not an operator: a leaked Worker secret must not undo a freeze.
       metrics.authFailures.inc({ reason: 'not-permitted' })
-      throttledLog.write('refused not-permitted', { level: 'warn', event: 'request_refused', reason: 'not-permitted', hmacKeyId, method: method.slice(0, 16), path: path.slice(0, 64) })
+      throttledLog.write('refused not-permitted', { level: 'warn', event: 'request_refused', reason: 'not-permitted', hmacKeyId, method: printable(method, 16), path: printable(path) })
       return json(403, { error: 'this HMAC key may only sign and read keys' })
     }
     if (method === 'POST' && path === '/v1/keys') {
@@ -261,4 +261,13 @@ function parseDigest(body: Uint8Array): Uint8Array | undefined {
   } catch {
     return undefined
   }
+}
+
+/**
+ * A client's text for a log line: its first `max` characters, each outside visible ASCII as `?`. Header bytes
+ * 0x80–0xff arrive as latin-1 characters, and JSON leaves the C1 controls among them unescaped, which some
+ * terminals act on.
+ */
+function printable(text: string | undefined, max = 64): string | undefined {
+  return text?.slice(0, max).replace(/[^\x21-\x7e]/g, '?')
 }

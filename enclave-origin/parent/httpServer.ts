@@ -99,6 +99,12 @@ type Connection = {
 }
 
 const headEnd = Buffer.from('\r\n\r\n')
+
+/** An LF at or after `from` not preceded by CR. */
+function hasBareLf(bytes: Buffer, from: number): boolean {
+  for (let at = bytes.indexOf(0x0a, from); at !== -1; at = bytes.indexOf(0x0a, at + 1)) if (at === 0 || bytes[at - 1] !== 0x0d) return true
+  return false
+}
 const token = "[!#$%&'*+\\-.^_`|~0-9A-Za-z]+"
 const requestLinePattern = new RegExp(`^(${token}) (\\S+) HTTP/(\\d)\\.(\\d)$`)
 /** name ":" value, the value visible ASCII, obs-text, space or tab: a CR, LF or NUL anywhere refuses the request. */
@@ -298,7 +304,10 @@ export class HttpServer {
         if (connection.partsBytes === 0 && connection.answered) connection.requestStartedAt = 0
         return this.serve(connection)
       }
-      const end = unread.indexOf(headEnd, Math.max(0, connection.scannedBytes - (headEnd.length - 1)))
+      const scanFrom = Math.max(0, connection.scannedBytes - (headEnd.length - 1))
+      const end = unread.indexOf(headEnd, scanFrom)
+      // A head whose lines end in bare LF never shows CRLFCRLF: refused now, not timed out.
+      if (end === -1 && hasBareLf(unread, scanFrom)) return this.refuse(connection, new Refusal(400, 'a line of the request head ends in a bare LF: lines end in CRLF'))
       if (end === -1 || end > this.maxHeaderBytes) {
         connection.scannedBytes = unread.length
         // Up to 3 more bytes may be the start of the blank line that ends a head of exactly the limit.
@@ -454,7 +463,9 @@ export class HttpServer {
     for (const connection of this.connections) {
       if (connection.busy || connection.closing) continue
       if (connection.blocked || connection.requestStartedAt === 0) {
-        if (now - connection.lastActiveAt > (connection.blocked ? this.keepAliveTimeoutMs : this.idleTimeoutOf(connection))) connection.socket.destroy()
+        // One that does not take its answers is held to the same time as an idle one: an unauthenticated client
+        // that stops reading must not keep its connection for the authenticated keep-alive.
+        if (now - connection.lastActiveAt > this.idleTimeoutOf(connection)) connection.socket.destroy()
         continue
       }
       const waited = now - connection.requestStartedAt

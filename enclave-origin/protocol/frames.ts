@@ -72,7 +72,7 @@ export function isConnectionClosing(frame: Frame): boolean {
 /** Default bound on a frame's declared length; a sealed key record is a few hundred bytes. */
 export const maxFrameBytes = 64 * 1024
 
-const lengthPrefixBytes = 4
+export const lengthPrefixBytes = 4
 /** requestId (4) + opcode (1) + status (1): the smallest length a frame can declare. */
 const headerBytes = 6
 

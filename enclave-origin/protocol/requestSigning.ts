@@ -11,7 +11,7 @@ import { FingerprintSet } from './fingerprintSet.js'
  * workerd included; the parent passes Node's native hashing (nodeHashing.ts),
  * several times cheaper per request.
  *
- * Signed string: key id \n METHOD \n path \n timestamp (unix ms) \n nonce \n hex(SHA-256(body)).
+ * Signed string: key id \n method (as sent) \n path \n timestamp (unix ms) \n nonce \n hex(SHA-256(body)).
  * The key id is signed too, so that a request cannot be passed off as another
  * client's where two clients were given the same secret.
  * Headers: x-origin-key-id, x-origin-timestamp, x-origin-nonce, x-origin-signature (hex).
@@ -42,7 +42,8 @@ export const nobleHashing: RequestHashing = {
 /** The signature, as lower-case hex. */
 function mac(options: { hashing: RequestHashing; keyId: string; secret: Uint8Array; method: string; path: string; timestamp: string; nonce: string; body: Uint8Array }): string {
   const { hashing } = options
-  const signed = `${options.keyId}\n${options.method.toUpperCase()}\n${options.path}\n${options.timestamp}\n${options.nonce}\n${hashing.sha256Hex(options.body)}`
+  // The method as sent: methods are case-sensitive, and a request signed for POST must not pass as `post`.
+  const signed = `${options.keyId}\n${options.method}\n${options.path}\n${options.timestamp}\n${options.nonce}\n${hashing.sha256Hex(options.body)}`
   return hashing.hmacSha256Hex(options.secret, signed)
 }
 

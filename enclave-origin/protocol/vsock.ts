@@ -284,6 +284,8 @@ export function connectVsock(options: { cid: number; port: number; timeoutMs?: n
       const { name, value } = decodeEvent(args)
       if (!created || (name !== '_connect' && name !== '_error')) return
       const { socket: addonSocket, fd } = created
+      // Its fd is libuv's now (and its number may be another socket's): a late event must not close it.
+      if (adopted.has(addonSocket)) return
       if (name === '_error') {
         closeQuietly(addonSocket)
         settle(() => reject(vsockError(`vsock connect to ${target} failed`, value)))

@@ -568,6 +568,53 @@ it('answers INTERNAL for an answer too large for a frame, and goes on serving th
   } })
 })
 
+it('hands a peer that asks for large answers (LOGS, up to a frame each) and never reads only as many as its unsent-bytes bound holds, answers others meanwhile, and every one once the peer reads', async () => {
+  const logs = new LogRing({ maxBytes: 4 * 1024 * 1024 })
+  for (let i = 0; i < 4_000; i++) logs.write(JSON.stringify({ event: 'filler', n: i, text: 'x'.repeat(1_000) }))
+  let logsHandled = 0
+  class CountingService extends EnclaveService {
+    override handle(frame: Frame) {
+      if (frame.opcode === opcodes.LOGS) logsHandled += 1
+      return super.handle(frame)
+    }
+  }
+  const service = new CountingService({ cache: new KeyCache({ now: Date.now, unlock: () => Promise.reject(new Error('no unlock here')) }), engine, dataKeys: noKms, kmsKeyId: 'test', credentials: new DeliveredCredentials(), attestation: developmentAttestation, logs })
+  await serving({ service, at: 18677, use: async () => {
+    // One write of 3,000 LOGS requests that acknowledge nothing: each answer is a full frame, about 64 KB, some 190 MB in all.
+    const request = encodeLogsRequest({ instance: 0, after: 0 })
+    const sent = 3_000
+    const flood = connect(18677, '127.0.0.1')
+    flood.pause() // never reads
+    await once(flood, 'connect')
+    flood.write(Buffer.concat(Array.from({ length: sent }, (_, i) => encodeFrame({ requestId: i + 1, opcode: opcodes.LOGS, status: 0, payload: request }))))
+    const good = client(18677)
+    try {
+      // Answered while the flood waits: built on demand, a few at a time, not all in one turn.
+      expect((await good.request({ requestId: 1, opcode: opcodes.HEALTH, payload: new Uint8Array() }))?.status).toBe(statuses.OK)
+      let settled = -1
+      while (settled !== logsHandled) {
+        settled = logsHandled
+        await new Promise((resolve) => setTimeout(resolve, 200))
+      }
+      // What the kernel's socket buffers on both sides took, and the bound's 1 MiB: far from all of them.
+      expect(logsHandled).toBeLessThan(sent / 4)
+      const decoder = new FrameDecoder()
+      let answered = 0
+      await new Promise<void>((resolve) => {
+        flood.on('data', (chunk: Uint8Array) => {
+          answered += decoder.push(chunk).filter((frame) => frame.status === statuses.OK).length
+          if (answered === sent) resolve()
+        })
+        flood.resume()
+      })
+      expect(logsHandled).toBe(sent)
+    } finally {
+      flood.destroy()
+      good.socket.destroy()
+    }
+  } })
+}, 60_000)
+
 it('stops reading a connection whose peer sends SIGNs and never reads the answers, keeps answering others, and answers every one once the peer reads', async () => {
   const good = client()
   expect((await good.request({ requestId: 500, opcode: opcodes.CREATE, payload: encodeCreateRequest({ keyId: 'flooded' }) }))?.status).toBe(statuses.OK)

@@ -283,6 +283,34 @@ describe('HttpServer', () => {
     socket.destroy()
   })
 
+  it('holds a client that stopped reading its answers to the idle time of its connection: the shorter one, if it never authenticated', async () => {
+    const big = 'x'.repeat(1024 * 1024)
+    let handled = 0
+    const { port } = await start({ handle: async () => ((handled += 1), { status: 200, headers: {}, body: big }), keepAliveTimeoutMs: 5_000, unauthenticatedKeepAliveMs: 300, requestReadTimeoutMs: 800 })
+    const socket = connect(port, '127.0.0.1')
+    socket.pause()
+    socket.write(get('/').repeat(40))
+    await new Promise((resolve) => setTimeout(resolve, 1_500))
+    // Cut by now: reading again gets what the kernel's buffers held, then the end, not the other answers.
+    let received = 0
+    socket.on('data', (chunk: Buffer) => (received += chunk.length))
+    const closed = new Promise((resolve) => socket.once('close', resolve))
+    socket.resume()
+    await closed
+    expect(handled).toBeLessThan(40)
+    expect(received).toBeLessThan(handled * (big.length + 200))
+  })
+
+  it('refuses a head whose lines end in bare LF at once (400), not after the read timeout', async () => {
+    const { port, refused } = await start({ requestReadTimeoutMs: 8_000 })
+    const started = Date.now()
+    const { answer, closed } = await exchange(port, ['GET / HTTP/1.1\nhost: x\n\n'], { waitMs: 3_000 })
+    expect(Date.now() - started).toBeLessThan(2_000)
+    expect({ closed, statuses: statuses(answer) }).toEqual({ closed: true, statuses: [400] })
+    expect(JSON.parse(answer.slice(answer.indexOf('\r\n\r\n') + 4)).error).toBe('a line of the request head ends in a bare LF: lines end in CRLF')
+    expect(refused).toEqual([400])
+  })
+
   it('does not time out requests waiting behind an answer the client is slow to take', async () => {
     // More than the two sockets' kernel buffers hold, so that the first answer is still going out.
     const big = 'x'.repeat(16 * 1024 * 1024)

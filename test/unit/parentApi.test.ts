@@ -182,6 +182,20 @@ describe('the parent API', () => {
     expect(logged).toContainEqual({ level: 'warn', event: 'request_refused', reason: 'bad-signature', hmacKeyId: hmac.keyId, count: 1 })
     expect(logged).toContainEqual({ level: 'warn', event: 'request_refused', reason: 'stale', hmacKeyId: hmac.keyId, count: 1 })
   })
+
+  it('logs a presented key id only as visible ASCII: header bytes 0x80–0xff would reach the log as C1 controls', async () => {
+    // An API of its own: its log has seen no refusal yet (each kind is logged at most once every 10 s).
+    const ownLog: Array<Record<string, unknown>> = []
+    const api = createParentApi({ parent, verifier: new RequestVerifier({ secrets: {} }), log: (fields) => ownLog.push(fields) })
+    await api.listen({ port: 0, host: '127.0.0.1' })
+    try {
+      const headers = await signRequest({ keyId: 'caf\u00e9\u009b31m', secret: 'any', method: 'GET', path: '/v1/keys/k1', body: new Uint8Array() })
+      expect((await fetch(`http://127.0.0.1:${(api.address() as AddressInfo).port}/v1/keys/k1`, { headers })).status).toBe(401)
+      expect(ownLog).toContainEqual({ level: 'warn', event: 'request_refused', reason: 'unknown-key', hmacKeyId: 'caf??31m', count: 1 })
+    } finally {
+      await api.close({ drainMs: 100 })
+    }
+  })
 })
 
 it('logs the failures of a flood of signs its enclave cannot take once, not once each', async () => {

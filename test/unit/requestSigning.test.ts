@@ -14,8 +14,8 @@ async function signed(overrides: Partial<Parameters<typeof signRequest>[0]> = {}
   return signRequest({ keyId: 'worker', secret: 'shared-secret-for-tests', method: 'POST', path: '/v1/keys/k/sign', body, now: 1_000_000, ...overrides })
 }
 
-const check = (verifier: RequestVerifier, headers: Record<string, string>, change: { path?: string; body?: Uint8Array } = {}) =>
-  verifier.verify({ method: 'POST', path: change.path ?? '/v1/keys/k/sign', headers: (name) => headers[name], body: change.body ?? body })
+const check = (verifier: RequestVerifier, headers: Record<string, string>, change: { method?: string; path?: string; body?: Uint8Array } = {}) =>
+  verifier.verify({ method: change.method ?? 'POST', path: change.path ?? '/v1/keys/k/sign', headers: (name) => headers[name], body: change.body ?? body })
 
 describe('HMAC request signing between the Worker and the parent', () => {
   it('accepts a fresh, correctly signed request once, and rejects its replay', async () => {
@@ -80,7 +80,7 @@ describe('HMAC request signing between the Worker and the parent', () => {
     expect(await check(verifier, await signed({ now: clock.now }))).toBeUndefined()
   })
 
-  it('rejects stale timestamps, unknown keys, missing headers, and any change to path, body or signature', async () => {
+  it('rejects stale timestamps, unknown keys, missing headers, and any change to method (its case too), path, body or signature', async () => {
     const verifier = verifierAt({ now: 1_000_000 + 31_000 })
     expect(await check(verifier, await signed())).toBe('stale')
     const fresh = verifierAt({ now: 1_000_000 })
@@ -88,6 +88,9 @@ describe('HMAC request signing between the Worker and the parent', () => {
     const headers = await signed()
     expect(await check(fresh, { ...headers, [signatureHeaders.signature]: '' })).toBe('missing')
     expect(await check(fresh, headers, { path: '/v1/keys/other/sign' })).toBe('bad-signature')
+    // Methods are case-sensitive: `post` is not the POST that was signed.
+    expect(await check(fresh, headers, { method: 'post' })).toBe('bad-signature')
+    expect(await check(fresh, headers, { method: 'PUT' })).toBe('bad-signature')
     expect(await check(fresh, headers, { body: new TextEncoder().encode('{"digest":"0x02"}') })).toBe('bad-signature')
     expect(await check(fresh, await signed({ secret: 'wrong' }))).toBe('bad-signature')
   })
