@@ -94,11 +94,12 @@ function answerToFailure(error: unknown): Answer {
  * `largestAnswerBytes`), stay within `maxUnsentBytes`; reading pauses while
  * decoded requests wait. So a peer that sends and never reads holds a
  * bounded share of memory, however large the answers it asks for (a LOGS
- * answer is up to a frame for a 16-byte request). Far above what the
- * parent's pool keeps in flight. The byte bound is above any socket's
+ * answer is up to a frame for a 16-byte request). As many as the parent
+ * keeps in flight to an enclave over all its connections; the two bounds
+ * meet at 1,024 small answers. The byte bound is above any socket's
  * high-water mark, so a socket over it has a 'drain' to come.
  */
-const maxRequestsInFlight = 4_096
+const maxRequestsInFlight = 1_024
 /** How long a connection closed for a broken frame is read (and dropped) for before it is destroyed, if its peer keeps it open. */
 const closingLingerMs = 1_000
 /** Refused connections (see `serveEnclave`) that may linger with their last word at once. */
@@ -464,11 +465,17 @@ export async function serveEnclave(options: {
       inFlight === 0 ? unsentBytes() < maxUnsentBytes : inFlight < maxRequestsInFlight && unsentBytes() + promisedBytes + largestAnswerBytes(frame.opcode) <= maxUnsentBytes
     /**
      * Hands waiting requests to the service while there is room, then pauses reading while any wait or the bounds
-     * are reached. Resumes with half the requests bound free, so a connection at the bound does not pause and
-     * resume on every answer. Called on every change: a request read, an answer written, a write flushed, a drain.
+     * are reached. Resumes with half of each bound free, so a connection at a bound does not pause and resume on
+     * every answer. Called on every change: a request read, an answer written, a write flushed, a drain.
      */
     const dispatch = () => {
-      while (next < waiting.length && !closing && roomFor(waiting[next]!)) {
+      // Nothing more is handed on for a connection that is gone or closing (its reading is endLingering's now).
+      if (closing || socket.destroyed) {
+        waiting = []
+        next = 0
+        return
+      }
+      while (next < waiting.length && roomFor(waiting[next]!)) {
         const frame = waiting[next++]!
         const promised = largestAnswerBytes(frame.opcode)
         inFlight += 1
@@ -488,7 +495,7 @@ export async function serveEnclave(options: {
           paused = true
           socket.pause()
         }
-      } else if (paused && inFlight <= maxRequestsInFlight / 2) {
+      } else if (paused && inFlight <= maxRequestsInFlight / 2 && unsentBytes() + promisedBytes <= maxUnsentBytes / 2) {
         paused = false
         socket.resume()
       }

@@ -78,18 +78,18 @@ export default async function setup(project: TestProject) {
     }
     response.writeHead(200, { 'content-type': 'application/json' }).end(JSON.stringify(answer))
   })
-  const stopControl = await listenLocal(control, 18614)
-
-  project.provide('backendServers', { ...keyServers.servers, controlUrl: 'http://127.0.0.1:18614' })
 
   /** What setup started, stopped newest first, each whatever became of the others. */
-  const started: Array<() => unknown> = [() => keyServers.stop(), () => stopControl()]
+  const started: Array<() => unknown> = [() => keyServers.stop()]
   const stopAll = async () => {
     let failure: unknown
     for (const stop of started.reverse()) await Promise.resolve().then(stop).catch((error: unknown) => (failure ??= error))
     if (failure) throw failure
   }
   try {
+    const stopControl = await listenLocal(control, 18614)
+    started.push(stopControl)
+    project.provide('backendServers', { ...keyServers.servers, controlUrl: 'http://127.0.0.1:18614' })
     const ca = startTestCa('worker tests CA')
     started.push(() => ca.close())
     const tlsDir = mkdtempSync(path.join(tmpdir(), 'worker-tests-origin-'))
