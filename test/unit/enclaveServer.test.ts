@@ -568,6 +568,23 @@ it('answers INTERNAL for an answer too large for a frame, and goes on serving th
   } })
 })
 
+/** Resumes a peer that stopped reading and resolves, once `count` answers have come, with how many of them were OK. */
+function answeredOnceRead(socket: Socket, count: number): Promise<number> {
+  const decoder = new FrameDecoder()
+  let answered = 0
+  let ok = 0
+  return new Promise((resolve) => {
+    socket.on('data', (chunk: Uint8Array) => {
+      for (const frame of decoder.push(chunk)) {
+        answered += 1
+        if (frame.status === statuses.OK) ok += 1
+      }
+      if (answered === count) resolve(ok)
+    })
+    socket.resume()
+  })
+}
+
 it('hands a peer that asks for large answers (LOGS, up to a frame each) and never reads only as many as its unsent-bytes bound holds, answers others meanwhile, and every one once the peer reads', async () => {
   const logs = new LogRing({ maxBytes: 4 * 1024 * 1024 })
   for (let i = 0; i < 4_000; i++) logs.write(JSON.stringify({ event: 'filler', n: i, text: 'x'.repeat(1_000) }))
@@ -598,15 +615,7 @@ it('hands a peer that asks for large answers (LOGS, up to a frame each) and neve
       }
       // What the kernel's socket buffers on both sides took, and the bound's 1 MiB: far from all of them.
       expect(logsHandled).toBeLessThan(sent / 4)
-      const decoder = new FrameDecoder()
-      let answered = 0
-      await new Promise<void>((resolve) => {
-        flood.on('data', (chunk: Uint8Array) => {
-          answered += decoder.push(chunk).filter((frame) => frame.status === statuses.OK).length
-          if (answered === sent) resolve()
-        })
-        flood.resume()
-      })
+      expect(await answeredOnceRead(flood, sent)).toBe(sent)
       expect(logsHandled).toBe(sent)
     } finally {
       flood.destroy()
@@ -638,20 +647,7 @@ it('stops reading a connection whose peer sends SIGNs and never reads the answer
     expect((await good.request({ requestId: 501, opcode: opcodes.SIGN, payload: sign }))?.status).toBe(statuses.OK)
 
     // The peer reads again: the enclave resumes, and every request is answered, signed.
-    const decoder = new FrameDecoder()
-    let signed = 0
-    let answered = 0
-    await new Promise<void>((resolve) => {
-      flood.on('data', (chunk: Uint8Array) => {
-        for (const frame of decoder.push(chunk)) {
-          answered += 1
-          if (frame.status === statuses.OK) signed += 1
-        }
-        if (answered === sent) resolve()
-      })
-      flood.resume()
-    })
-    expect(signed).toBe(sent)
+    expect(await answeredOnceRead(flood, sent)).toBe(sent)
   } finally {
     flood.destroy()
     good.socket.destroy()
