@@ -766,15 +766,10 @@ export class OriginParent {
     if (heldBack(owner)) {
       const failure = new EnclaveUnavailableError(`enclave ${owner.id} is held back after failing requests`)
       tried = new Set()
-      const standby = await this.standbyFor({ keyId, error: failure, heldLast: false, tried })
-      if (standby) {
-        try {
-          return await this.served({ keyId, work, standby, failure })
-        } catch (error) {
-          // A key only the owner holds waits for the probe like the rest, unless this request can be that probe.
-          if (error !== failure || heldBack(owner)) throw error
-        }
-      }
+      const onStandby = await this.onStandbys({ keyId, work, failure, tried, heldLast: false })
+      if (onStandby.served) return onStandby.result
+      // A key only the owner holds waits for the probe like the rest, unless this request can be that probe.
+      if (onStandby.tried && heldBack(owner)) throw failure
       // With no standby to take its place, the owner is tried anyway: a hold must not make a lone enclave's keys fail.
       // (Standbys that are only full refuse the request as overloaded above: it comes back shortly.)
     }
@@ -795,18 +790,30 @@ export class OriginParent {
    * and any answer from it ends the outage. While an outage lasts, the call
    * is its one probe.
    */
-  private async tracked<T>(enclave: Enclave, call: () => Promise<T>): Promise<T> {
+  private tracked<T>(enclave: Enclave, call: () => Promise<T>): Promise<T> {
+    return this.asProbe(enclave, async () => {
+      const failuresAtSend = enclave.outageFailures
+      try {
+        const result = await call()
+        outageOver(enclave)
+        return result
+      } catch (error) {
+        if (error instanceof EnclaveUnavailableError) outageFailed(enclave, failuresAtSend)
+        else if (answeredByEnclave(error)) outageOver(enclave)
+        throw error
+      }
+    })
+  }
+
+  /**
+   * `work` as the enclave's one probe while its outage lasts and no other probe is out: meanwhile `heldBack`
+   * says so, and other requests pass the enclave over (or try it last), rather than each waiting out a timeout.
+   */
+  private async asProbe<T>(enclave: Enclave, work: () => Promise<T>): Promise<T> {
     const probe = enclave.outage.failing && !enclave.probing
     if (probe) enclave.probing = true
-    const failuresAtSend = enclave.outageFailures
     try {
-      const result = await call()
-      outageOver(enclave)
-      return result
-    } catch (error) {
-      if (error instanceof EnclaveUnavailableError) outageFailed(enclave, failuresAtSend)
-      else if (answeredByEnclave(error)) outageOver(enclave)
-      throw error
+      return await work()
     } finally {
       if (probe) enclave.probing = false
     }
@@ -818,9 +825,28 @@ export class OriginParent {
    * request already under way could take it meanwhile, and then this one is refused as overloaded.
    */
   private async onStandby<T>({ keyId, work, failure, tried }: { keyId: string; work: (enclave: Enclave) => Promise<T>; failure: unknown; tried: Set<Enclave> }): Promise<T> {
-    const standby = await this.standbyFor({ keyId, error: failure, heldLast: true, tried })
-    if (!standby) throw failure
-    return this.served({ keyId, work, standby, failure })
+    const onStandby = await this.onStandbys({ keyId, work, failure, tried, heldLast: true })
+    if (onStandby.served) return onStandby.result
+    throw failure
+  }
+
+  /**
+   * `work` on the standbys in turn (see `standbyFor`) until one serves it: one that is out of reach too, or
+   * lacks a key the store does not hold, passes it on to the next (`served` throws `failure` for those).
+   * `tried`: whether any standby got the request.
+   */
+  private async onStandbys<T>(options: { keyId: string; work: (enclave: Enclave) => Promise<T>; failure: unknown; tried: Set<Enclave>; heldLast: boolean }): Promise<{ served: true; result: T } | { served: false; tried: boolean }> {
+    const { keyId, work, failure, tried, heldLast } = options
+    let triedOne = false
+    for (let standby = await this.standbyFor({ keyId, error: failure, heldLast, tried }); standby; standby = await this.standbyFor({ keyId, error: failure, heldLast, tried })) {
+      try {
+        return { served: true, result: await this.served({ keyId, work, standby, failure }) }
+      } catch (error) {
+        if (error !== failure) throw error
+        triedOne = true
+      }
+    }
+    return { served: false, tried: triedOne }
   }
 
   /**
@@ -909,7 +935,8 @@ export class OriginParent {
       // not hold makes no load, and tells nothing about it.
       const failuresAtSend = enclave.outageFailures
       try {
-        const stored = await this.reloadForUse(keyId, enclave)
+        // A standby in an outage is probed by one request at a time, as an owner is (see `tracked`).
+        const stored = await this.asProbe(enclave, () => this.reloadForUse(keyId, enclave))
         if (stored) outageOver(enclave)
         return { enclave, stored }
       } catch (failure) {

@@ -1899,6 +1899,68 @@ describe('a parent whose enclaves are not all up', () => {
     }
   })
 
+  /**
+   * Three enclaves, each behind a relay, a store of their own and a started parent over the relays with a clock
+   * that stands still until `advance`; `keys`: six keys of trio-a whose standbys are trio-b, then trio-c, in that order.
+   */
+  async function withTrio(storeName: string, test: (trio: { cables: Array<Awaited<ReturnType<typeof relay>>>; parent: OriginParent; advance: (ms: number) => void; keys: KeyInfo[] }) => Promise<void>) {
+    const trio = await Promise.all(['trio-a', 'trio-b', 'trio-c'].map(async (id) => ({ id, address: { host: '127.0.0.1', port: await freePort() } })))
+    const enclaves = await Promise.all(trio.map((enclave) => startEnclave(enclave)))
+    const cables = await Promise.all(trio.map((enclave) => relay(enclave.address)))
+    const ownStore = await openDiskBlobStore({ directory: path.join(directory, storeName) })
+    let now = 0
+    const parent = new OriginParent({ enclaves: trio.map(({ id }, i) => ({ id, address: cables[i]!.address })), poolSize: 1, store: ownStore, requestTimeoutMs: 300, credentials: async () => kms.credentials, monotonicNow: () => now })
+    try {
+      await parent.start()
+      const ring = new HashRing(trio.map(({ id }) => ({ id, node: id })))
+      const inOrder = (keys: KeyInfo[]) => keys.filter((key) => ring.nodesFor(key.keyId).join() === 'trio-a,trio-b,trio-c')
+      const keys = inOrder(await keysUntil(parent, (made) => inOrder(made).length >= 6))
+      await test({ cables, parent, advance: (ms) => void (now += ms), keys })
+    } finally {
+      parent.close()
+      await Promise.all(cables.map((cable) => cable.close()))
+      await ownStore.close()
+      for (const enclave of enclaves) await enclave.stop()
+    }
+  }
+
+  it('probes a hung standby with one request at a time once its hold is over: the others go to the next standby at once', async () => {
+    await withTrio('trio-probe-store', async ({ cables: [a, b], parent, advance, keys }) => {
+      a!.cut()
+      b!.stall()
+      // The first fails over: its load into trio-b times out, which holds trio-b back, and trio-c signs.
+      await expectSignsAs(parent, keys[0]!)
+      advance(1_000)
+      const loadsTo = () => b!.framesFromParent.filter((frame) => frame.opcode === opcodes.LOAD).length
+      const before = loadsTo()
+      const signingFrom = performance.now()
+      await Promise.all(keys.slice(1).map((key) => expectSignsAs(parent, key)))
+      // One of them probed trio-b (and waited out its timeout); the other four went to trio-c without waiting.
+      expect(loadsTo() - before).toBe(1)
+      expect(performance.now() - signingFrom).toBeLessThan(1_000)
+    })
+  }, 30_000)
+
+  it('passes a request a standby took but did not answer on to the next standby, whether or not its own enclave is held back', async () => {
+    await withTrio('trio-next-store', async ({ cables: [a, b, c], parent, advance, keys }) => {
+      const signsTo = (cable: typeof c) => cable!.framesFromParent.filter((frame) => frame.opcode === opcodes.SIGN).length
+      a!.cut()
+      // trio-b takes the load, but its signature comes after the request timeout: trio-a's first failure sends the key to trio-b, then trio-c.
+      b!.delaySignAnswers(1_000)
+      await expectSignsAs(parent, keys[0]!)
+      expect([signsTo(b), signsTo(c)]).toEqual([1, 1])
+      // Past every hold: the next key's request is trio-a's probe, which fails (a longer hold now), and trio-b, its probe too, signs.
+      b!.delaySignAnswers(0)
+      advance(60_000)
+      await expectSignsAs(parent, keys[1]!)
+      expect([signsTo(b), signsTo(c)]).toEqual([2, 1])
+      // trio-a is held back: the next key goes to trio-b without asking it, and on to trio-c when trio-b does not answer.
+      b!.delaySignAnswers(1_000)
+      await expectSignsAs(parent, keys[2]!)
+      expect([signsTo(b), signsTo(c)]).toEqual([3, 2])
+    })
+  }, 30_000)
+
   it('failover traffic holds back a hung standby, and a /healthz answer ends an outage once its hold is over', async () => {
     const { upCable, lateCable, stillClockParent, stop } = await cabledSpares('held-paths-store')
     const { parent: cabled, held, advance } = stillClockParent()
