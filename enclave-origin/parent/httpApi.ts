@@ -219,6 +219,7 @@ export function createParentServers(options: ParentApiOptions): { clients: HttpS
       unauthenticatedKeepAliveMs: options.unauthenticatedKeepAliveMs ?? 5_000,
       maxConnections,
       onConnectionDropped: () => metrics.droppedConnections.inc({ listener }),
+      onListenerError: (error) => throttledLog.write(`listener error ${listener}`, { level: 'error', event: 'listener_error', listener, error: messageOf(error) }),
     })
   return { clients: serverHolding('clients', options.maxConnections ?? 10_000), operators: serverHolding('operators', options.operatorMaxConnections ?? 64) }
 }

@@ -64,6 +64,11 @@ export type HttpServerOptions = {
   maxConnections?: number
   /** Called for each connection closed for being over maxConnections. */
   onConnectionDropped?: () => void
+  /**
+   * Called with each error of the listening socket once it listens (a failed accept(): out of memory, say). Such an
+   * error must not end the process and every connection with it, as it would with no listener.
+   */
+  onListenerError?: (error: Error) => void
 }
 
 type Connection = {
@@ -197,6 +202,7 @@ export class HttpServer {
       this.server.once('error', reject)
       this.server.listen(address, () => {
         this.server.off('error', reject)
+        this.server.on('error', (error: Error) => this.options.onListenerError?.(error))
         // Often enough that a timeout is late by at most a quarter of itself.
         this.sweeper = setInterval(() => this.sweep(), Math.min(1_000, this.requestReadTimeoutMs / 4))
         this.sweeper.unref()

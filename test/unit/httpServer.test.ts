@@ -311,6 +311,16 @@ describe('HttpServer', () => {
     expect(refused).toEqual([400])
   })
 
+  it('reports an error of its listening socket (a failed accept) and serves on, rather than ending the process', async () => {
+    const errors: string[] = []
+    const { server, port } = await start({ onListenerError: (error) => errors.push(error.message) })
+    // What Node does when accept() fails: an 'error' on the listening socket, which throws where nothing listens for it.
+    ;(server as unknown as { server: NetServer }).server.emit('error', new Error('accept failed: ENOMEM'))
+    expect(errors).toEqual(['accept failed: ENOMEM'])
+    const { answer } = await exchange(port, [get('/')], { waitMs: 1_000, answers: 1 })
+    expect(statuses(answer)).toEqual([200])
+  })
+
   it('does not time out requests waiting behind an answer the client is slow to take', async () => {
     // More than the two sockets' kernel buffers hold, so that the first answer is still going out.
     const big = 'x'.repeat(16 * 1024 * 1024)

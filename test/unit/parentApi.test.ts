@@ -183,6 +183,19 @@ describe('the parent API', () => {
     expect(logged).toContainEqual({ level: 'warn', event: 'request_refused', reason: 'stale', hmacKeyId: hmac.keyId, count: 1 })
   })
 
+  it('logs an error of its listening socket (a failed accept), naming the listener, and serves on', async () => {
+    const ownLog: Array<Record<string, unknown>> = []
+    const api = createParentApi({ parent, verifier: new RequestVerifier({ secrets: {} }), log: (fields) => ownLog.push(fields) })
+    await api.listen({ port: 0, host: '127.0.0.1' })
+    try {
+      ;(api as unknown as { server: { emit(event: string, error: Error): void } }).server.emit('error', new Error('accept failed: ENOMEM'))
+      expect(ownLog).toContainEqual({ level: 'error', event: 'listener_error', listener: 'clients', error: 'accept failed: ENOMEM', count: 1 })
+      expect((await fetch(`http://127.0.0.1:${(api.address() as AddressInfo).port}/healthz`)).status).toBeGreaterThan(0)
+    } finally {
+      await api.close({ drainMs: 100 })
+    }
+  })
+
   it('logs a presented key id only as visible ASCII: header bytes 0x80–0xff would reach the log as C1 controls', async () => {
     // An API of its own: its log has seen no refusal yet (each kind is logged at most once every 10 s).
     const ownLog: Array<Record<string, unknown>> = []
