@@ -420,7 +420,10 @@ export class HttpServer {
       const value = answer.headers[name]!
       // Headers come from this process, never from a request; still, a line break would split the answer, and
       // a framing header of the handler's would contradict the server's own.
-      if (/[\r\n]/.test(value) || !fieldNamePattern.test(name) || serverHeaders.has(name)) return this.answer(connection, errorAnswer(500, 'internal error'), false, false)
+      if (/[\r\n]/.test(value) || !fieldNamePattern.test(name) || serverHeaders.has(name)) {
+        this.options.onRefused?.(500)
+        return this.answer(connection, errorAnswer(500, 'internal error'), false, false)
+      }
       text += `${name}: ${value}\r\n`
     }
     text += `content-length: ${Buffer.byteLength(answer.body)}\r\n${open ? `connection: keep-alive\r\nkeep-alive: timeout=${Math.floor(this.idleTimeoutOf(connection) / 1_000)}` : 'connection: close'}\r\n\r\n`

@@ -191,10 +191,11 @@ describe('HttpServer', () => {
     ['a name that is not a token', { 'x bad': 'a' }],
     ['a framing header of its own', { 'content-length': '1' }],
     ['a connection header of its own', { connection: 'keep-alive' }],
-  ])('answers 500 instead of an answer header with %s', async (_, headers) => {
-    const { port } = await start({ handle: async () => ({ status: 200, headers, body: '{}' }) })
+  ])('answers 500 instead of an answer header with %s, and counts it', async (_, headers) => {
+    const { port, refused } = await start({ handle: async () => ({ status: 200, headers, body: '{}' }) })
     const { answer } = await exchange(port, [get('/')], { waitMs: 1_000 })
     expect(statuses(answer)).toEqual([500])
+    expect(refused).toEqual([500])
     expect(answer).not.toContain('set-cookie')
     expect(answer.match(/content-length/g)).toHaveLength(1)
   })
