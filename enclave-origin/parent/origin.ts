@@ -306,9 +306,20 @@ export class OriginParent {
    * while its keys load, is logged and left out of service (`unsynced`)
    * until a later sync succeeds; a record that will not load is logged and
    * its key tried again at each use. Refuses to start only when no enclave
-   * could be started.
+   * could be started. A start that fails leaves no timer behind.
    */
   async start(): Promise<void> {
+    try {
+      await this.startServing()
+    } catch (error) {
+      // The process exits then; an embedder's would go on, polling enclaves for a parent that never served.
+      clearInterval(this.credentialRefresh)
+      clearInterval(this.logPoll)
+      throw error
+    }
+  }
+
+  private async startServing(): Promise<void> {
     this.credentialRefresh = setInterval(() => {
       for (const enclave of this.enclaves) {
         this.deliverCredentials(enclave).catch((error: unknown) =>

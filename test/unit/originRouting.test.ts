@@ -457,6 +457,21 @@ describe('a reload its enclave did not answer', () => {
   })
 })
 
+it('leaves no timer behind when it fails to start: no LOGS poll, no credential delivery, for a parent that never served', async () => {
+  const asked: number[] = []
+  const enclave = await scriptedEnclave((frame) => void asked.push(frame.opcode))
+  const failingStore = { getWrappedDek: () => Promise.reject(new Error('the store is down')) } as unknown as BlobStore
+  const failed = new OriginParent({ enclaves: [{ id: 'never', address: enclave.address }], poolSize: 1, store: failingStore, requestTimeoutMs: 200, credentials: async () => kms.credentials, log: () => {}, logPollMs: 10, credentialRefreshMs: 10 })
+  try {
+    await expect(failed.start()).rejects.toThrow('the store is down')
+    await new Promise((resolve) => setTimeout(resolve, 200))
+    expect(asked).toEqual([])
+  } finally {
+    failed.close()
+    enclave.close()
+  }
+})
+
 describe('LOAD and SET_STATE sequences', () => {
   /**
    * An enclave of its own behind a relay that records the parent's frames, and a store of its own; `stop` ends all
