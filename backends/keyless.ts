@@ -1,4 +1,5 @@
 import { getAddress, isHex, size, type Address, type Hex } from 'viem'
+import { jsonObjectOf } from '../enclave-origin/errors.js'
 import { signRequest } from '../enclave-origin/protocol/requestSigning.js'
 import { parseCompactSignature, toEthereumSignature } from './ecdsa.js'
 import { deadlineSignal, healthOf, SignerError, signerErrorMessage, stoppedForCaller, type SignedDigest, type Signer, type SignerDescription, type SignerHealth, type SignOptions } from './signer.js'
@@ -28,16 +29,6 @@ export type KeylessSignerOptions = {
 type CertificateFetcher = { fetch: typeof fetch }
 
 const isFetcher = (binding: unknown): binding is CertificateFetcher => typeof binding === 'object' && binding !== null && typeof (binding as CertificateFetcher).fetch === 'function'
-
-/** The origin's JSON answer, or an empty one where it sent none (a proxy's error page, say). */
-function jsonObjectOf(text: string): Record<string, unknown> {
-  try {
-    const parsed: unknown = JSON.parse(text)
-    return typeof parsed === 'object' && parsed !== null ? (parsed as Record<string, unknown>) : {}
-  } catch {
-    return {}
-  }
-}
 
 /**
  * The enclave origin as a signer: HMAC-signed requests to the parent, which
@@ -108,7 +99,8 @@ export class KeylessSigner implements Signer {
         // The deadline, or the connection, ended the answer after its status: a 200 cut short is no malformed signature.
         throw new SignerError(`keyless signer ${name}: the origin's answer broke off or did not arrive in time`, { retryable: true })
       }
-      const answer = jsonObjectOf(text)
+      // An empty object where the origin sent none (a proxy's error page, say).
+      const answer = jsonObjectOf(text) ?? {}
       if (response.ok) return answer
       // Our own words for the status, not the origin's text: this message reaches wallets, and the
       // parent's logs and metrics hold the detail for its operator.

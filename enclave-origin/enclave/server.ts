@@ -477,13 +477,12 @@ export async function serveEnclave(options: {
       }
       while (next < waiting.length && roomFor(waiting[next]!)) {
         const frame = waiting[next++]!
-        const promised = largestAnswerBytes(frame.opcode)
         inFlight += 1
-        promisedBytes += promised
+        promisedBytes += largestAnswerBytes(frame.opcode)
         // handle() answers an unknown opcode itself (BAD_REQUEST), so every frame goes through it.
         void options.service.handle(frame).then(
-          (answer) => send(frame, answer, promised),
-          (error: unknown) => send(frame, answerToFailure(error), promised),
+          (answer) => send(frame, answer),
+          (error: unknown) => send(frame, answerToFailure(error)),
         )
       }
       if (next === waiting.length && next > 0) {
@@ -505,9 +504,9 @@ export async function serveEnclave(options: {
      * Never throws. An answer that cannot be framed (too large, say) is answered INTERNAL instead, and the other
      * requests on the connection go on; one that cannot be written at all closes its own connection.
      */
-    const send = (frame: Frame, { status, payload }: Answer, promised: number) => {
+    const send = (frame: Frame, { status, payload }: Answer) => {
       inFlight -= 1
-      promisedBytes -= promised
+      promisedBytes -= largestAnswerBytes(frame.opcode)
       if (closing) return
       try {
         let encoded: Uint8Array

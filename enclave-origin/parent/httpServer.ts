@@ -138,7 +138,7 @@ const reasons: Record<number, string> = {
   505: 'HTTP Version Not Supported',
 }
 
-/** A request head the server refuses, with the status and what to tell the client. */
+/** What the server answers itself, and closes on: a request it refuses, or a handler that failed (500). The status and what to tell the client. */
 class Refusal {
   constructor(
     readonly status: number,
@@ -345,10 +345,7 @@ export class HttpServer {
     answered
       .then(
         (answer) => this.answer(connection, answer, head.keepAlive, head.method === 'HEAD'),
-        () => {
-          this.options.onRefused?.(500)
-          this.answer(connection, errorAnswer(500, 'internal error'), false, false)
-        },
+        () => this.refuse(connection, new Refusal(500, 'internal error')),
       )
       // Nothing above should throw; if it does, this connection ends and the process serves on.
       .catch(() => connection.socket.destroy())
@@ -420,10 +417,7 @@ export class HttpServer {
       const value = answer.headers[name]!
       // Headers come from this process, never from a request; still, a line break would split the answer, and
       // a framing header of the handler's would contradict the server's own.
-      if (/[\r\n]/.test(value) || !fieldNamePattern.test(name) || serverHeaders.has(name)) {
-        this.options.onRefused?.(500)
-        return this.answer(connection, errorAnswer(500, 'internal error'), false, false)
-      }
+      if (/[\r\n]/.test(value) || !fieldNamePattern.test(name) || serverHeaders.has(name)) return this.refuse(connection, new Refusal(500, 'internal error'))
       text += `${name}: ${value}\r\n`
     }
     text += `content-length: ${Buffer.byteLength(answer.body)}\r\n${open ? `connection: keep-alive\r\nkeep-alive: timeout=${Math.floor(this.idleTimeoutOf(connection) / 1_000)}` : 'connection: close'}\r\n\r\n`
@@ -437,7 +431,7 @@ export class HttpServer {
     this.serve(connection)
   }
 
-  /** Answers a request the server will not pass on, then closes the connection. */
+  /** Answers a request the server will not pass on, or one its handler failed, counts it, then closes the connection. */
   private refuse(connection: Connection, refusal: Refusal): void {
     this.options.onRefused?.(refusal.status)
     connection.parts = []
