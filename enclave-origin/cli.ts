@@ -36,7 +36,8 @@ type HttpExchange = { status: number; headers: IncomingHttpHeaders; text: string
  * coming is given up on. ORIGIN_TIMEOUT_MS sets it for every command (a health probe may want 10 s). A rotation
  * waits as long as it takes.
  */
-function answerTimeoutMs(command: 'status' | 'other'): number {
+function answerTimeoutMs(command: 'status' | 'rotation' | 'other'): number | undefined {
+  if (command === 'rotation') return undefined
   if (process.env.ORIGIN_TIMEOUT_MS) return integerSetting('ORIGIN_TIMEOUT_MS', { min: 100, max: 3_600_000 })
   return command === 'status' ? 70_000 : 660_000
 }
@@ -90,7 +91,8 @@ function exchange(options: { method: 'GET' | 'POST'; path: string; headers?: Rec
  * One signed request to the parent. A 503 with a `Retry-After-Ms` (the parent shed it for load, or the key waits
  * for an unlock: either way nothing was done) is asked again after that wait, within `retryBudgetMs`.
  */
-async function call(method: 'GET' | 'POST', path: string, json?: unknown, timeoutMs: number | undefined = answerTimeoutMs('other')): Promise<Record<string, unknown>> {
+async function call(method: 'GET' | 'POST', path: string, json?: unknown, waiting: 'rotation' | 'other' = 'other'): Promise<Record<string, unknown>> {
+  const timeoutMs = answerTimeoutMs(waiting)
   const body = new TextEncoder().encode(json === undefined ? '' : JSON.stringify(json))
   const giveUpAt = Date.now() + retryBudgetMs
   let response: HttpExchange
@@ -291,7 +293,7 @@ const commands: Record<string, Command> = {
   },
   'rotate-data-key': {
     usage: 'origin rotate-data-key   (re-seal every key under a new data key from KMS, then forget the old one; run it again to finish one that was interrupted)',
-    run: async () => console.log(JSON.stringify(await call('POST', '/v1/data-key/rotate', undefined, undefined))),
+    run: async () => console.log(JSON.stringify(await call('POST', '/v1/data-key/rotate', undefined, 'rotation'))),
   },
   'preload-identity': {
     usage: 'origin preload-identity [--out F]   (a new age identity for a share file: with --out, written to F (owner-only; an existing F is refused) and {recipient} printed; else {identity, recipient} printed)',

@@ -317,6 +317,12 @@ describe('the operators\u2019 CLI', () => {
       const silentAt = `http://127.0.0.1:${(silent.address() as AddressInfo).port}`
       const givenUp = await promisify(execFile)(process.execPath, ['--import', 'tsx', 'enclave-origin/cli.ts', 'status'], { env: { ...process.env, ORIGIN_URL: silentAt, ORIGIN_TIMEOUT_MS: '1500' } }).catch((error: { code: number; stderr: string }) => error)
       expect(givenUp).toMatchObject({ code: 1, stderr: `the parent at ${silentAt} sent nothing for 1.5 s: GET /healthz given up\n` })
+      // A rotation answers when it is done, however long that is: it waits, ORIGIN_TIMEOUT_MS or not, until the test stops it.
+      const rotating = await promisify(execFile)(process.execPath, ['--import', 'tsx', 'enclave-origin/cli.ts', 'rotate-data-key'], {
+        env: { ...process.env, ORIGIN_URL: silentAt, ORIGIN_HMAC_KEY_ID: originHmac.keyId, ORIGIN_HMAC_SECRET: originHmac.secret, ORIGIN_TIMEOUT_MS: '300' },
+        timeout: 4_000,
+      }).catch((error: { killed: boolean; stderr: string }) => error)
+      expect(rotating).toMatchObject({ killed: true, stderr: '' })
       // TLS settings with a plain http:// ORIGIN_URL would be ignored: refused instead.
       const plainWithTls = await promisify(execFile)(process.execPath, ['--import', 'tsx', 'enclave-origin/cli.ts', 'status'], { env: { ...process.env, ORIGIN_URL: silentAt, ORIGIN_TLS_CA_FILE: '/etc/ssl/ca.pem' } }).catch((error: { code: number; stderr: string }) => error)
       expect(plainWithTls).toMatchObject({ code: 1, stderr: `ORIGIN_TLS_CA_FILE, ORIGIN_TLS_CERT_FILE, ORIGIN_TLS_KEY_FILE are for an https:// ORIGIN_URL, and ${silentAt} is not one\n` })
