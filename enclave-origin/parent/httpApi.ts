@@ -70,88 +70,75 @@ export function createParentServers(options: ParentApiOptions): { clients: HttpS
     const { target, method, body } = request
     const query = target.indexOf('?')
     const path = query === -1 ? target : target.slice(0, query)
-    // HEAD too, as load balancers probe (the server sends the head alone).
-    const reads = method === 'GET' || method === 'HEAD'
-    if (reads && path === '/healthz') {
-      route.name = 'healthz'
+    const found = routeOf(path)
+    // Settled before authentication: the routes are no secret (the README lists them), and a caller with the
+    // wrong method or path learns which it got wrong.
+    if (!knownMethods.has(method)) return json(501, { error: `the method ${printable(method, 16)} is not implemented` })
+    if (!found) return json(404, { error: 'no such route' })
+    const name = found.methods[method]
+    if (name === undefined) return json(405, { error: `${path} takes ${Object.keys(found.methods).join(' or ')}` }, { allow: Object.keys(found.methods).join(', ') })
+    route.name = name
+    if (name === 'healthz') {
       const enclaves = await options.parent.health()
       const store = options.parent.storeHealth()
       const status = healthStatus({ enclaves, storeOk: store.ok })
       return json(status === 'down' ? 503 : 200, { ok: status === 'ok', status, enclaves, store })
     }
-    if (reads && path === '/metrics') {
-      route.name = 'metrics'
-      return { status: 200, headers: { 'content-type': metrics.contentType }, body: await metrics.text() }
-    }
+    if (name === 'metrics') return { status: 200, headers: { 'content-type': metrics.contentType }, body: await metrics.text() }
 
-    const failure = await options.verifier.verify({ method, path, headers: (name) => request.headers[name], body })
+    const failure = await options.verifier.verify({ method, path, headers: (header) => request.headers[header], body })
     if (failure) {
       // Why goes to the operator, not the caller: which check failed is a hint to whoever forges requests.
       metrics.authFailures.inc({ reason: failure })
       throttledLog.write(`refused ${failure}`, { level: 'warn', event: 'request_refused', reason: failure, hmacKeyId: printable(request.headers['x-origin-key-id']) })
+      route.name = 'unknown'
       return { ...json(401, { error: 'request authentication failed' }), close: true }
     }
     route.authenticated = true
 
-    const keyRoute = /^\/v1\/keys\/([^/]+)(?:\/(sign|freeze|unfreeze|archive))?$/.exec(path)
-    const signsOrReads = keyRoute !== null && ((method === 'POST' && keyRoute[2] === 'sign') || (method === 'GET' && keyRoute[2] === undefined))
     const hmacKeyId = request.headers['x-origin-key-id'] ?? ''
-    if (!signsOrReads && options.signOnlyKeyIds?.has(hmacKeyId)) {
+    if (name !== 'sign' && name !== 'get' && options.signOnlyKeyIds?.has(hmacKeyId)) {
       // Authenticated, but not an operator: a leaked Worker secret must not undo a freeze.
       metrics.authFailures.inc({ reason: 'not-permitted' })
-      throttledLog.write('refused not-permitted', { level: 'warn', event: 'request_refused', reason: 'not-permitted', hmacKeyId, method: printable(method, 16), path: printable(path) })
+      throttledLog.write('refused not-permitted', { level: 'warn', event: 'request_refused', reason: 'not-permitted', hmacKeyId, method, path: printable(path) })
+      route.name = 'unknown'
       return json(403, { error: 'this HMAC key may only sign and read keys' })
     }
-    if (method === 'POST' && path === '/v1/keys') {
-      route.name = 'create'
-      return json(201, await options.parent.createKey())
-    }
-    if (method === 'POST' && path === '/v1/unlock') {
-      route.name = 'unlock'
-      const unlock = unlockRequestOf(body)
-      if (typeof unlock === 'string') return json(400, { error: unlock })
-      await (unlock ? options.parent.unlockWithSealedPreloadIdentities(unlock) : options.parent.unlock())
-      return json(200, { ok: true })
-    }
-    if (method === 'POST' && path === '/v1/data-key/rotate') {
-      route.name = 'rotate-data-key'
-      return json(200, await options.parent.rotateDataKey())
-    }
-    if (method === 'GET' && path === '/v1/attestation') {
-      route.name = 'attestation'
-      const enclaves = await options.parent.attestations()
-      return json(200, {
-        enclaves: enclaves.map(({ id, recipient, attestationDocument }) => ({
-          id,
-          recipient,
-          attestationDocument: attestationDocument.length > 0 ? Buffer.from(attestationDocument).toString('base64') : null,
-        })),
-      })
-    }
-    if (keyRoute) {
-      const keyId = decodedPathSegment(keyRoute[1]!)
-      if (keyId === undefined) return json(400, { error: 'the key id in the path is not valid percent-encoding' })
-      if (Buffer.byteLength(keyId) > maxKeyIdBytes) return json(400, { error: `the key id is longer than ${maxKeyIdBytes} bytes` })
-      const action = keyRoute[2]
-      if (method === 'GET' && !action) {
-        route.name = 'get'
-        return json(200, await options.parent.getKey(keyId))
+    switch (name) {
+      case 'create':
+        return json(201, await options.parent.createKey())
+      case 'unlock': {
+        const unlock = unlockRequestOf(body)
+        if (typeof unlock === 'string') return json(400, { error: unlock })
+        await (unlock ? options.parent.unlockWithSealedPreloadIdentities(unlock) : options.parent.unlock())
+        return json(200, { ok: true })
       }
-      if (method === 'POST' && action === 'sign') {
-        route.name = 'sign'
-        const digest = parseDigest(body)
-        if (!digest) return json(400, { error: 'body must be {"digest": "0x" + 32 bytes hex}' })
-        return signAnswer(keyId, digest)
-      }
-      const states: Record<string, KeyState> = { freeze: 'frozen', unfreeze: 'active', archive: 'archived' }
-      if (method === 'POST' && action && states[action]) {
-        route.name = action
-        await options.parent.setState(keyId, states[action]!)
-        return json(200, { keyId, state: states[action] })
+      case 'rotate-data-key':
+        return json(200, await options.parent.rotateDataKey())
+      case 'attestation': {
+        const enclaves = await options.parent.attestations()
+        return json(200, {
+          enclaves: enclaves.map(({ id, recipient, attestationDocument }) => ({
+            id,
+            recipient,
+            attestationDocument: attestationDocument.length > 0 ? Buffer.from(attestationDocument).toString('base64') : null,
+          })),
+        })
       }
     }
-    route.name = 'unknown'
-    return json(404, { error: 'no such route' })
+    // A key's own routes.
+    const keyId = decodedPathSegment(found.keyIdSegment!)
+    if (keyId === undefined) return json(400, { error: 'the key id in the path is not valid percent-encoding' })
+    if (Buffer.byteLength(keyId) > maxKeyIdBytes) return json(400, { error: `the key id is longer than ${maxKeyIdBytes} bytes` })
+    if (name === 'get') return json(200, await options.parent.getKey(keyId))
+    if (name === 'sign') {
+      const digest = parseDigest(body)
+      if (!digest) return json(400, { error: 'body must be {"digest": "0x" + 32 bytes hex}' })
+      return signAnswer(keyId, digest)
+    }
+    const state = keyStateOf[name]!
+    await options.parent.setState(keyId, state)
+    return json(200, { keyId, state })
   }
 
   /**
@@ -222,6 +209,35 @@ export function createParentServers(options: ParentApiOptions): { clients: HttpS
       onListenerError: (error) => throttledLog.write(`listener error ${listener}`, { level: 'error', event: 'listener_error', listener, error: messageOf(error) }),
     })
   return { clients: serverHolding('clients', options.maxConnections ?? 10_000), operators: serverHolding('operators', options.operatorMaxConnections ?? 64) }
+}
+
+/** Methods of RFC 9110 §9: one the API does not take on a path it has is answered 405, any other 501. */
+const knownMethods = new Set(['GET', 'HEAD', 'POST', 'PUT', 'DELETE', 'PATCH', 'OPTIONS', 'CONNECT', 'TRACE'])
+
+/** The route names of the API's paths by the methods each takes; HEAD on the probes, as load balancers use it (the server sends the head alone). */
+const fixedRoutes = new Map<string, Record<string, string>>([
+  ['/healthz', { GET: 'healthz', HEAD: 'healthz' }],
+  ['/metrics', { GET: 'metrics', HEAD: 'metrics' }],
+  ['/v1/keys', { POST: 'create' }],
+  ['/v1/unlock', { POST: 'unlock' }],
+  ['/v1/data-key/rotate', { POST: 'rotate-data-key' }],
+  ['/v1/attestation', { GET: 'attestation' }],
+])
+const keyActions: Record<string, Record<string, string>> = {
+  '': { GET: 'get' },
+  sign: { POST: 'sign' },
+  freeze: { POST: 'freeze' },
+  unfreeze: { POST: 'unfreeze' },
+  archive: { POST: 'archive' },
+}
+const keyStateOf: Record<string, KeyState> = { freeze: 'frozen', unfreeze: 'active', archive: 'archived' }
+
+/** The methods a path takes and, on a key's routes, its key id as sent; undefined for a path the API does not have. */
+function routeOf(path: string): { methods: Record<string, string>; keyIdSegment?: string } | undefined {
+  const fixed = fixedRoutes.get(path)
+  if (fixed) return { methods: fixed }
+  const keyRoute = /^\/v1\/keys\/([^/]+)(?:\/(sign|freeze|unfreeze|archive))?$/.exec(path)
+  return keyRoute ? { methods: keyActions[keyRoute[2] ?? '']!, keyIdSegment: keyRoute[1]! } : undefined
 }
 
 function decodedPathSegment(segment: string): string | undefined {

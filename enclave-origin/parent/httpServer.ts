@@ -127,6 +127,7 @@ const reasons: Record<number, string> = {
   401: 'Unauthorized',
   403: 'Forbidden',
   404: 'Not Found',
+  405: 'Method Not Allowed',
   408: 'Request Timeout',
   409: 'Conflict',
   411: 'Length Required',
@@ -134,12 +135,15 @@ const reasons: Record<number, string> = {
   417: 'Expectation Failed',
   431: 'Request Header Fields Too Large',
   500: 'Internal Server Error',
+  501: 'Not Implemented',
   503: 'Service Unavailable',
   505: 'HTTP Version Not Supported',
 }
 
 /** What the server answers itself, and closes on: a request it refuses, or a handler that failed (500). The status and what to tell the client. */
 class Refusal {
+  /** It refuses a HEAD request: the answer is the head alone (RFC 9110 §9.3.2), whatever went wrong. */
+  headOnly = false
   constructor(
     readonly status: number,
     readonly message: string,
@@ -329,7 +333,7 @@ export class HttpServer {
     }
     const { head, bodyStart, bodyEnd } = connection.waiting
     if (connection.partsBytes < bodyEnd) {
-      if (connection.ended) this.refuse(connection, new Refusal(400, 'the connection ended inside a request body'))
+      if (connection.ended) this.refuse(connection, new Refusal(400, 'the connection ended inside a request body'), head.method === 'HEAD')
       return
     }
     const unread = this.joined(connection)
@@ -345,7 +349,7 @@ export class HttpServer {
     answered
       .then(
         (answer) => this.answer(connection, answer, head.keepAlive, head.method === 'HEAD'),
-        () => this.refuse(connection, new Refusal(500, 'internal error')),
+        () => this.refuse(connection, new Refusal(500, 'internal error'), head.method === 'HEAD'),
       )
       // Nothing above should throw; if it does, this connection ends and the process serves on.
       .catch(() => connection.socket.destroy())
@@ -371,7 +375,14 @@ export class HttpServer {
     const requestLine = requestLinePattern.exec(lines[0]!)
     if (requestLine === null) return new Refusal(400, 'the request line is not "METHOD target HTTP/1.1"')
     const [, method, rawTarget, major, minor] = requestLine as unknown as [string, string, string, string, string]
-    if (major !== '1' || (minor !== '0' && minor !== '1')) return new Refusal(505, 'only HTTP/1.0 and HTTP/1.1 are served')
+    if (major !== '1') return new Refusal(505, 'only HTTP/1.x is served')
+    const refusedOrHead = this.parseFields(lines, method, rawTarget, minor === '0')
+    if (refusedOrHead instanceof Refusal) refusedOrHead.headOnly = method === 'HEAD'
+    return refusedOrHead
+  }
+
+  /** The rest of a head after an HTTP/1.x request line; a later 1.x is read as 1.1 (RFC 9110 §2.5). */
+  private parseFields(lines: string[], method: string, rawTarget: string, http10: boolean): Head | Refusal {
     const target = originFormOf(rawTarget)
     if (target === undefined) return new Refusal(400, 'the request target is not a path')
     const headers: Record<string, string> = Object.create(null)
@@ -393,15 +404,19 @@ export class HttpServer {
         headers[name] = earlier === undefined ? value : `${earlier}, ${value}`
       }
     }
-    if (minor === '1' && headers.host === undefined) return new Refusal(400, 'an HTTP/1.1 request needs a host header')
-    if (headers['transfer-encoding'] !== undefined) return new Refusal(411, 'transfer-encoding is not accepted; send the body with a content-length')
+    if (!http10 && headers.host === undefined) return new Refusal(400, 'an HTTP/1.1 request needs a host header')
+    if (headers['transfer-encoding'] !== undefined) {
+      // RFC 9112 §6.1: HTTP/1.0 has no transfer codings, so the framing is faulty; a 1.1 client can send a length instead.
+      if (http10) return new Refusal(400, 'transfer-encoding in an HTTP/1.0 request: its framing is faulty')
+      return new Refusal(411, 'transfer-encoding is not accepted; send the body with a content-length')
+    }
     const bodyBytes = contentLength === undefined ? 0 : Number(contentLength)
     if (bodyBytes > this.maxBodyBytes) return new Refusal(413, `body too large (limit ${this.maxBodyBytes} bytes)`)
     // RFC 9110 §10.1.1: an HTTP/1.0 client's expectation is ignored.
-    const expect = minor === '1' ? headers.expect?.toLowerCase() : undefined
+    const expect = http10 ? undefined : headers.expect?.toLowerCase()
     if (expect !== undefined && expect !== '100-continue') return new Refusal(417, 'the only expectation met is 100-continue')
     const connection = headers.connection?.toLowerCase() ?? ''
-    const keepAlive = minor === '1' ? !/(^|,)\s*close\s*(,|$)/.test(connection) : /(^|,)\s*keep-alive\s*(,|$)/.test(connection)
+    const keepAlive = http10 ? /(^|,)\s*keep-alive\s*(,|$)/.test(connection) : !/(^|,)\s*close\s*(,|$)/.test(connection)
     return { method, target, headers, keepAlive, bodyBytes, expectsContinue: expect !== undefined && bodyBytes > 0 }
   }
 
@@ -417,7 +432,7 @@ export class HttpServer {
       const value = answer.headers[name]!
       // Headers come from this process, never from a request; still, a line break would split the answer, and
       // a framing header of the handler's would contradict the server's own.
-      if (/[\r\n]/.test(value) || !fieldNamePattern.test(name) || serverHeaders.has(name)) return this.refuse(connection, new Refusal(500, 'internal error'))
+      if (/[\r\n]/.test(value) || !fieldNamePattern.test(name) || serverHeaders.has(name)) return this.refuse(connection, new Refusal(500, 'internal error'), headOnly)
       text += `${name}: ${value}\r\n`
     }
     text += `content-length: ${Buffer.byteLength(answer.body)}\r\n${open ? `connection: keep-alive\r\nkeep-alive: timeout=${Math.floor(this.idleTimeoutOf(connection) / 1_000)}` : 'connection: close'}\r\n\r\n`
@@ -432,11 +447,11 @@ export class HttpServer {
   }
 
   /** Answers a request the server will not pass on, or one its handler failed, counts it, then closes the connection. */
-  private refuse(connection: Connection, refusal: Refusal): void {
+  private refuse(connection: Connection, refusal: Refusal, headOnly = refusal.headOnly): void {
     this.options.onRefused?.(refusal.status)
     connection.parts = []
     connection.partsBytes = 0
-    this.answer(connection, errorAnswer(refusal.status, refusal.message), false, false)
+    this.answer(connection, errorAnswer(refusal.status, refusal.message), false, headOnly)
   }
 
   /**
@@ -473,7 +488,7 @@ export class HttpServer {
       }
       const waited = now - connection.requestStartedAt
       if (waited > this.requestReadTimeoutMs || (connection.waiting === undefined && waited > this.requestReadTimeoutMs / 2)) {
-        this.refuse(connection, new Refusal(408, 'the request did not arrive in time'))
+        this.refuse(connection, new Refusal(408, 'the request did not arrive in time'), connection.waiting?.head.method === 'HEAD')
       }
     }
   }

@@ -67,7 +67,7 @@ describe('HttpServer', () => {
 
   it.each([
     ['a request line that is not HTTP/1.x', 'GET /\r\nhost: x\r\n\r\n', 400, 'the request line is not'],
-    ['HTTP/2.0', 'GET / HTTP/2.0\r\nhost: x\r\n\r\n', 505, 'only HTTP/1.0 and HTTP/1.1'],
+    ['HTTP/2.0', 'GET / HTTP/2.0\r\nhost: x\r\n\r\n', 505, 'only HTTP/1.x'],
     ['a target that is not a path', 'GET x/y HTTP/1.1\r\nhost: x\r\n\r\n', 400, 'the request target is not a path'],
     ['an HTTP/1.1 request without host', 'GET / HTTP/1.1\r\n\r\n', 400, 'needs a host header'],
     ['two host headers', 'GET / HTTP/1.1\r\nhost: x\r\nhost: y\r\n\r\n', 400, 'more than one host'],
@@ -76,6 +76,7 @@ describe('HttpServer', () => {
     ['a bare LF inside a header line', 'GET / HTTP/1.1\r\nhost: x\nx-test: 1\r\n\r\n', 400, 'header line 1 is malformed'],
     ['a bare CR inside a header value', 'GET / HTTP/1.1\r\nhost: x\rx-test: 1\r\n\r\n', 400, 'header line 1 is malformed'],
     ['transfer-encoding', 'POST / HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n', 411, 'transfer-encoding is not accepted'],
+    ['transfer-encoding from an HTTP/1.0 client', 'POST / HTTP/1.0\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n', 400, 'its framing is faulty'],
     ['two different content-lengths', 'POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\nab', 400, 'content-length is not one decimal number'],
     ['a content-length that is not a number', 'POST / HTTP/1.1\r\nhost: x\r\ncontent-length: +1\r\n\r\na', 400, 'content-length is not one decimal number'],
     ['a declared body over the limit', 'POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 16385\r\n\r\n', 413, 'body too large (limit 16384 bytes)'],
@@ -161,6 +162,24 @@ describe('HttpServer', () => {
     expect(closed).toBe(true)
     expect(statuses(answer)).toEqual([400])
     expect(answer).toContain('the connection ended inside a request body')
+  })
+
+  it('serves a later HTTP/1.x minor version as HTTP/1.1 (RFC 9110 §2.5): host required, kept alive', async () => {
+    const { port } = await start()
+    const { answer, closed } = await exchange(port, ['GET /later HTTP/1.2\r\nhost: x\r\n\r\n'], { waitMs: 3_000, answers: 1 })
+    expect({ closed, statuses: statuses(answer), targets: bodies(answer).map((body) => body.target) }).toEqual({ closed: false, statuses: [200], targets: ['/later'] })
+    expect(statuses((await exchange(port, ['GET / HTTP/1.9\r\n\r\n'], { waitMs: 1_000 })).answer)).toEqual([400])
+  })
+
+  it.each([
+    ['a head it refuses', () => echo, 'HEAD / HTTP/1.1\r\nhost: x\r\ncontent-length: 99999\r\n\r\n', 413],
+    ['a handler that fails', () => () => Promise.reject(new Error('failed')), 'HEAD / HTTP/1.1\r\nhost: x\r\n\r\n', 500],
+    ['an answer header that is refused', () => async () => ({ status: 200, headers: { connection: 'x' }, body: '{}' }), 'HEAD / HTTP/1.1\r\nhost: x\r\n\r\n', 500],
+  ])('refuses a HEAD request for %s with the head alone, its length the error body\u2019s', async (_, handle, request, status) => {
+    const { port } = await start({ handle: handle() })
+    const { answer, closed } = await exchange(port, [request], { waitMs: 1_000 })
+    expect({ closed, statuses: statuses(answer) }).toEqual({ closed: true, statuses: [status] })
+    expect(answer).toMatch(/content-length: [1-9]\d*\r\nconnection: close\r\n\r\n$/)
   })
 
   it('answers HEAD without the body, with its length', async () => {

@@ -152,6 +152,28 @@ describe('the parent API', () => {
     }
   })
 
+  it('answers a wrong method 405 with Allow, an unknown one 501 and an unknown path 404, signed or not, and passes nothing on', async () => {
+    const port = Number(new URL(base).port)
+    const cases: Array<[string, string, number, string | null]> = [
+      ['GET', '/v1/keys/k1/sign', 405, 'POST'],
+      ['DELETE', '/v1/keys/k1', 405, 'GET'],
+      ['HEAD', '/v1/attestation', 405, 'GET'],
+      ['POST', '/healthz', 405, 'GET, HEAD'],
+      ['BREW', '/v1/keys', 501, null],
+      ['GET', '/v1/nothing', 404, null],
+      ['POST', '/v1/keys/k1/rename', 404, null],
+    ]
+    for (const [method, path, status, allow] of cases) {
+      for (const headers of [{}, await signRequest({ ...hmac, method, path, body: new Uint8Array() })]) {
+        const fields = Object.entries(headers).map(([name, value]) => `${name}: ${value}\r\n`).join('')
+        const { answer, closed, socket } = await exchange(port, [`${method} ${path} HTTP/1.1\r\nhost: x\r\n${fields}\r\n`], { waitMs: method === 'HEAD' ? 300 : 3_000, answers: 1 })
+        socket.destroy()
+        expect({ method, path, status: Number(/^HTTP\/1\.1 (\d{3}) /.exec(answer)?.[1]), allow: /\r\nallow: ([^\r]*)\r\n/.exec(answer)?.[1] ?? null, closed }).toEqual({ method, path, status, allow, closed: false })
+        if (method !== 'HEAD') expect(JSON.parse(answer.slice(answer.indexOf('\r\n\r\n') + 4)).error).toMatch(status === 501 ? /the method BREW is not implemented/ : status === 405 ? new RegExp(`^${path} takes`) : /no such route/)
+      }
+    }
+  })
+
   it('answers 400 for a key id longer than the enclave protocol carries, not an outage', async () => {
     const response = await signed('GET', `/v1/keys/${'k'.repeat(129)}`)
     expect(response.status).toBe(400)
