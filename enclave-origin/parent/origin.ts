@@ -343,7 +343,7 @@ export class OriginParent {
       }, logPollMs)
       this.logPoll.unref()
     }
-    if (!(await this.options.store.getWrappedDek())) {
+    if (!(await this.storeRead(this.options.store.getWrappedDek(), 'reading the wrapped data key'))) {
       // A new DEK would seal nothing that exists: every stored key stays under the lost one, and new keys would join them unopenable by it.
       if (await this.storeHoldsAnyRecord()) {
         throw new Error('the store holds sealed keys but no wrapped data key: refusing to make a new data key, under which none of them would open. Restore the wrapped data key (dek.json, or the disk log from a backup) before starting')
@@ -419,8 +419,48 @@ export class OriginParent {
   }
 
   private async storeHoldsAnyRecord(): Promise<boolean> {
-    for await (const _ of this.options.store.list()) return true
+    for await (const _ of this.storedRecords()) return true
     return false
+  }
+
+  /** A read from the store, bounded by `storeTimeoutMs`: a hung read must not hold a key's turn, a sync or a rotation for ever. */
+  private storeRead<T>(read: Promise<T>, what: string): Promise<T> {
+    return this.withinTimeout(read, what, { timeoutMs: this.storeTimeoutMs })
+  }
+
+  /**
+   * The store's records, each wait for the next bounded by `storeTimeoutMs`: a listing that stops answering
+   * fails the start, sync or rotation reading it (a sync is tried again after its backoff) rather than hold it
+   * for ever. One watchdog per listing, not a timer per record: a listing is read 50,000 records at a go.
+   */
+  private async *storedRecords(): AsyncGenerator<SealedKeyRecord> {
+    const listing = this.options.store.list()[Symbol.asyncIterator]()
+    const timeoutMs = this.storeTimeoutMs
+    /** When the wait for the next record began; undefined while the caller has one (its own work is not the store's). */
+    let waitingSince: number | undefined
+    let stalled!: (error: Error) => void
+    const stall = new Promise<never>((_, reject) => (stalled = reject))
+    stall.catch(() => {})
+    const watchdog = setInterval(() => {
+      if (waitingSince !== undefined && performance.now() - waitingSince > timeoutMs) stalled(new Error(`reading the store's records took longer than ${timeoutMs} ms`))
+    }, timeoutMs / 4)
+    let ended = false
+    try {
+      for (;;) {
+        waitingSince = performance.now()
+        const next = await Promise.race([listing.next(), stall])
+        waitingSince = undefined
+        if (next.done) {
+          ended = true
+          return
+        }
+        yield next.value
+      }
+    } finally {
+      clearInterval(watchdog)
+      // Left early (a caller that had enough, a listing that stalled): the store may end its listing.
+      if (!ended) listing.return?.().catch(() => {})
+    }
   }
 
   /**
@@ -435,7 +475,7 @@ export class OriginParent {
       if (failed) throw failed.reason
     }
     try {
-      for await (const record of this.options.store.list()) {
+      for await (const record of this.storedRecords()) {
         count += 1
         const job = work(record)
         // Marked handled now: a job can fail while the listing waits for its next page (S3), long before
@@ -483,7 +523,7 @@ export class OriginParent {
 
   private async rotate(): Promise<{ resealed: number }> {
     const { store } = this.options
-    let wrapped = await store.getWrappedDek()
+    let wrapped = await this.storeRead(store.getWrappedDek(), 'reading the wrapped data key')
     if (!wrapped) throw new OriginRequestError('unavailable', 'no data key stored yet')
     if (!wrapped.retiring) {
       // 1. A new DEK, durable (with the old one as retiring) before any enclave seals with it.
@@ -525,7 +565,7 @@ export class OriginParent {
   /** The key's stored record, sealed again by its enclave under the rotation's DEK, stored back with the state it has by then. */
   private reseal({ keyId, wrappedDekSha256 }: { keyId: string; wrappedDekSha256: Uint8Array }): Promise<void> {
     return this.serializeKey(keyId, async () => {
-      const stored = await this.options.store.get(keyId)
+      const stored = await this.storeRead(this.options.store.get(keyId), `reading key ${keyId}'s stored record`)
       if (!stored) return
       const enclave = this.ring.nodeFor(keyId)
       // The record from the store, not the enclave's copy: an enclave that restarted may hold an older one, or none.
@@ -1089,7 +1129,7 @@ export class OriginParent {
       storing(`the change of key ${keyId} to ${state}`)
       return this.serializeKey(keyId, async () => {
         // Archiving retires a key for good: nothing, unfreeze included, brings it back to signing.
-        if (state !== 'archived' && (await this.options.store.get(keyId))?.state === 'archived') {
+        if (state !== 'archived' && (await this.storeRead(this.options.store.get(keyId), `reading key ${keyId}'s stored record`))?.state === 'archived') {
           throw new OriginRequestError('not-active', `key ${keyId} is archived, which is final: it cannot be made ${state}`)
         }
         await this.options.store.setState(keyId, state).catch((error: unknown) => {

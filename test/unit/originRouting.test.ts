@@ -1113,6 +1113,33 @@ describe('DEK rotation', () => {
     }
   })
 
+  it('a rotation whose read of a key\u2019s record does not answer fails after the store timeout, and the next one resumes it', async () => {
+    let readsHang = false
+    const rotating = new OriginParent({
+      enclaves: addresses,
+      poolSize: 1,
+      store: storeWith({ get: (keyId) => (readsHang ? new Promise(() => {}) : store.get(keyId)) }),
+      storeTimeoutMs: 300,
+      requestTimeoutMs: 2_000,
+      credentials: async () => kms.credentials,
+    })
+    try {
+      await rotating.start()
+      const keys = await Promise.all(Array.from({ length: 4 }, () => rotating.createKey()))
+      readsHang = true
+      await expect(rotating.rotateDataKey()).rejects.toThrow(/^reading key [0-9a-f-]{36}'s stored record took longer than 300 ms$/)
+      // Its first step is durable: the new data key, the old one retiring.
+      expect((await store.getWrappedDek())!.retiring).toBeDefined()
+      readsHang = false
+      expect(await rotating.rotateDataKey()).toEqual({ resealed: expect.any(Number) })
+      expect((await store.getWrappedDek())!.retiring).toBeUndefined()
+      for (const key of keys) await expectSignsAs(rotating, key)
+    } finally {
+      rotating.close()
+      await parent.unlock()
+    }
+  })
+
   it('a rotation whose listing of the store fails partway rejects once the reloads it started have ended, failed or not', async () => {
     await Promise.all(Array.from({ length: 4 }, () => parent.createKey()))
     // Counted from the rotation on: its re-seals read the first listing, its reloads (step 3b) the second.
@@ -1324,6 +1351,50 @@ describe('a parent whose enclaves are not all up', () => {
     } finally {
       first.close()
       second?.close()
+      await ownStore.close()
+      for (const enclave of [up, late]) await enclave.stop()
+    }
+  })
+
+  it('a sync whose store listing stops answering fails after the store timeout and is tried again, rather than keep the enclave out of service for good', async () => {
+    const up = await startEnclave(spares[0]!)
+    let late = await startEnclave(spares[1]!)
+    const ownStore = await openDiskBlobStore({ directory: path.join(directory, 'hung-listing-store') })
+    const logged: Array<Record<string, unknown>> = []
+    let listingHangs = false
+    // Yields one record, then waits for ever while the listing hangs (an S3 page, a custom store, that never comes).
+    const store = storeWith(
+      {
+        list: async function* () {
+          for await (const record of ownStore.list()) {
+            yield record
+            if (listingHangs) await new Promise(() => {})
+          }
+        },
+      },
+      ownStore,
+    )
+    const parentOf = () => new OriginParent({ enclaves: spares, poolSize: 1, store, storeTimeoutMs: 300, requestTimeoutMs: 1_000, credentials: async () => kms.credentials, log: (fields) => logged.push(fields) })
+    const first = parentOf()
+    const starting = parentOf()
+    try {
+      await first.start()
+      const keys = await keysUntil(first, (keys) => ownedBy('spare-late', keys).length >= 1)
+      const [key] = ownedBy('spare-late', keys)
+      first.close()
+      await late.stop()
+      await starting.start()
+      late = await startEnclave(spares[1]!)
+      listingHangs = true
+      const syncFailures = () => logged.filter((line) => line.event === 'enclave_sync_failed')
+      await expect.poll(() => expectSignsAs(starting, key!).then(() => syncFailures().length), { timeout: 3_000 }).toBe(1)
+      expect(syncFailures()).toEqual([expect.objectContaining({ enclave: 'spare-late', error: "reading the store's records took longer than 300 ms" })])
+      listingHangs = false
+      await expect.poll(() => expectSignsAs(starting, key!).then(() => logged.some((line) => line.event === 'enclave_synced')), { timeout: 3_000 }).toBe(true)
+      expect(late.cache.get(key!.keyId)).toBeDefined()
+    } finally {
+      first.close()
+      starting.close()
       await ownStore.close()
       for (const enclave of [up, late]) await enclave.stop()
     }
