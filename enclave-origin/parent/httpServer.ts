@@ -375,8 +375,7 @@ export class HttpServer {
     const requestLine = requestLinePattern.exec(lines[0]!)
     if (requestLine === null) return new Refusal(400, 'the request line is not "METHOD target HTTP/1.1"')
     const [, method, rawTarget, major, minor] = requestLine as unknown as [string, string, string, string, string]
-    if (major !== '1') return new Refusal(505, 'only HTTP/1.x is served')
-    const refusedOrHead = this.parseFields(lines, method, rawTarget, minor === '0')
+    const refusedOrHead = major === '1' ? this.parseFields(lines, method, rawTarget, minor === '0') : new Refusal(505, 'only HTTP/1.x is served')
     if (refusedOrHead instanceof Refusal) refusedOrHead.headOnly = method === 'HEAD'
     return refusedOrHead
   }

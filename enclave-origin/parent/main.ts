@@ -21,7 +21,7 @@ import { OriginParent } from './origin.js'
  * served on one enclave at once, beyond which more are answered 503), MAX_CONNECTIONS (10000 client
  * connections), OPERATOR_LISTEN (a second address, for operators, whose OPERATOR_MAX_CONNECTIONS, 64, client
  * connections cannot take), STORE_TIMEOUT_MS (10000: how long a create or state change waits for the store before it
- * is answered 503, and a reload outside a sign waits for a key's record), ENCLAVE_LOG_POLL_MS (1000: how often each
+ * is answered 503, and each read of the store outside a sign, get or unlock waits before it fails), ENCLAVE_LOG_POLL_MS (1000: how often each
  * enclave's log lines are collected into this process's log), and for TLS TLS_CERT_FILE, TLS_KEY_FILE, TLS_CA_FILE,
  * TLS_REQUIRE_CLIENT_CERT=1.
  */

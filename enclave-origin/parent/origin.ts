@@ -191,8 +191,9 @@ export class OriginParent {
        * How long a create or a state change waits for the store to confirm its write: a create from the
        * write, a state change from the call (its wait for the key's turn included); default 10 s. Past it the
        * caller is answered 503 at once, rather than held for as long as a hung disk or S3 holds the write; the
-       * write goes on, in the key's turn, and may still take effect. Also how long a reload outside a sign or get (start, sync, rotation,
-       * a state change's) waits for the key's record.
+       * write goes on, in the key's turn, and may still take effect. Also how long each read of the store outside a sign, get or
+       * unlock (at start, in a sync, a rotation or a state change: a key's record, the wrapped data key, a listing's next
+       * record) waits before it fails.
        */
       storeTimeoutMs?: number
       /**
@@ -436,20 +437,21 @@ export class OriginParent {
   private async *storedRecords(): AsyncGenerator<SealedKeyRecord> {
     const listing = this.options.store.list()[Symbol.asyncIterator]()
     const timeoutMs = this.storeTimeoutMs
-    /** When the wait for the next record began; undefined while the caller has one (its own work is not the store's). */
-    let waitingSince: number | undefined
-    let stalled!: (error: Error) => void
-    const stall = new Promise<never>((_, reject) => (stalled = reject))
-    stall.catch(() => {})
+    /** When the wait for the next record began, and how to fail it; undefined while the caller has one (its own work is not the store's). */
+    let waiting: { since: number; stalled: (error: Error) => void } | undefined
     const watchdog = setInterval(() => {
-      if (waitingSince !== undefined && performance.now() - waitingSince > timeoutMs) stalled(new Error(`reading the store's records took longer than ${timeoutMs} ms`))
+      if (waiting !== undefined && performance.now() - waiting.since > timeoutMs) waiting.stalled(new Error(`reading the store's records took longer than ${timeoutMs} ms`))
     }, timeoutMs / 4)
     let ended = false
     try {
       for (;;) {
-        waitingSince = performance.now()
-        const next = await Promise.race([listing.next(), stall])
-        waitingSince = undefined
+        // A promise per wait, not one race against a single stall promise: each race would leave that promise a
+        // reaction holding its record, so a listing would keep every record it has yielded until it ended.
+        const next = await new Promise<IteratorResult<SealedKeyRecord>>((resolve, reject) => {
+          waiting = { since: performance.now(), stalled: reject }
+          listing.next().then(resolve, reject)
+        })
+        waiting = undefined
         if (next.done) {
           ended = true
           return
@@ -459,7 +461,7 @@ export class OriginParent {
     } finally {
       clearInterval(watchdog)
       // Left early (a caller that had enough, a listing that stalled): the store may end its listing.
-      if (!ended) listing.return?.().catch(() => {})
+      if (!ended) void Promise.resolve().then(() => listing.return?.()).catch(() => {})
     }
   }
 

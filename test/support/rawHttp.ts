@@ -7,9 +7,9 @@ export type Exchange = { answer: string; closed: boolean; socket: Socket }
 /**
  * Writes each part in turn (a number waits that many ms); resolves with what
  * came back once the server closes, once `answers` whole answers have come
- * (each JSON body ends with "}"), or after `waitMs`.
+ * (each JSON body ends with "}"; with `headsOnly`, answers to HEAD, each head ends with a blank line), or after `waitMs`.
  */
-export function exchange(port: number, parts: Array<string | number>, options: { waitMs: number; endAfter?: boolean; answers?: number }): Promise<Exchange> {
+export function exchange(port: number, parts: Array<string | number>, options: { waitMs: number; endAfter?: boolean; answers?: number; headsOnly?: boolean }): Promise<Exchange> {
   return new Promise((resolve, reject) => {
     const socket = connect(port, '127.0.0.1')
     let answer = ''
@@ -20,7 +20,7 @@ export function exchange(port: number, parts: Array<string | number>, options: {
     const timer = setTimeout(() => done(false), options.waitMs)
     socket.on('data', (chunk) => {
       answer += chunk.toString('latin1')
-      if (options.answers !== undefined && answer.endsWith('}') && statuses(answer).length >= options.answers) done(false)
+      if (options.answers !== undefined && answer.endsWith(options.headsOnly ? '\r\n\r\n' : '}') && statuses(answer).length >= options.answers) done(false)
     })
     socket.on('error', reject)
     socket.on('close', () => done(true))

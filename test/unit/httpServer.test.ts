@@ -173,6 +173,7 @@ describe('HttpServer', () => {
 
   it.each([
     ['a head it refuses', () => echo, 'HEAD / HTTP/1.1\r\nhost: x\r\ncontent-length: 99999\r\n\r\n', 413],
+    ['a version it does not serve', () => echo, 'HEAD / HTTP/2.0\r\nhost: x\r\n\r\n', 505],
     ['a handler that fails', () => () => Promise.reject(new Error('failed')), 'HEAD / HTTP/1.1\r\nhost: x\r\n\r\n', 500],
     ['an answer header that is refused', () => async () => ({ status: 200, headers: { connection: 'x' }, body: '{}' }), 'HEAD / HTTP/1.1\r\nhost: x\r\n\r\n', 500],
   ])('refuses a HEAD request for %s with the head alone, its length the error body\u2019s', async (_, handle, request, status) => {

@@ -3,6 +3,8 @@ import { mkdtempSync, rmSync } from 'node:fs'
 import { connect, createServer as createNetServer, type AddressInfo, type Socket } from 'node:net'
 import { tmpdir } from 'node:os'
 import path from 'node:path'
+import { setFlagsFromString } from 'node:v8'
+import { runInNewContext } from 'node:vm'
 import { KMSClient } from '@aws-sdk/client-kms'
 import { bytesToHex, hexToBytes, recoverAddress, serializeSignature, type Hex } from 'viem'
 import { generatePrivateKey, privateKeyToAddress, publicKeyToAddress } from 'viem/accounts'
@@ -19,6 +21,7 @@ import { originMetrics } from '../../enclave-origin/parent/metrics.js'
 import { EnclaveUnavailableError } from '../../enclave-origin/parent/enclavePool.js'
 import { KeyTurnTimeoutError, NeedsUnlockError, OriginParent, OriginRequestError, OverloadedError, type KeyInfo } from '../../enclave-origin/parent/origin.js'
 import type { BlobStore } from '../../enclave-origin/parent/blobStore.js'
+import type { SealedKeyRecord } from '../../enclave-origin/types.js'
 import { secp256k1 } from '../../enclave-origin/enclave/nativeSecp256k1.js'
 import { connectStream } from '../../enclave-origin/protocol/connectStream.js'
 import { encodeFrame, FrameDecoder, opcodes, statuses, type Frame } from '../../enclave-origin/protocol/frames.js'
@@ -1353,6 +1356,41 @@ describe('a parent whose enclaves are not all up', () => {
       second?.close()
       await ownStore.close()
       for (const enclave of [up, late]) await enclave.stop()
+    }
+  })
+
+  it('reads a store listing without holding the records it has yielded, and ends the store\u2019s listing when left early', async () => {
+    setFlagsFromString('--expose-gc')
+    const gc = runInNewContext('gc') as () => void
+    const yielded: Array<WeakRef<SealedKeyRecord>> = []
+    let listingsEnded = 0
+    const listing = storeWith({
+      list: async function* () {
+        try {
+          for (let i = 0; ; i++) {
+            const record: SealedKeyRecord = { keyId: `key-${i}`, version: 1, state: 'active', publicKey: new Uint8Array(65), sealed: new Uint8Array(1_024) }
+            yielded.push(new WeakRef(record))
+            yield record
+          }
+        } finally {
+          listingsEnded += 1
+        }
+      },
+    })
+    const parent = new OriginParent({ enclaves: [{ id: 'none', address: { host: '127.0.0.1', port: 1 } }], poolSize: 1, store: listing, requestTimeoutMs: 200, credentials: async () => kms.credentials })
+    try {
+      let read = 0
+      for await (const _ of (parent as unknown as { storedRecords(): AsyncIterable<SealedKeyRecord> }).storedRecords()) {
+        if (++read < 2_000) continue
+        // Mid-listing: the records read so far are the caller's to keep or drop, not the listing's.
+        await new Promise((resolve) => setTimeout(resolve, 10))
+        gc()
+        expect(yielded.slice(0, 1_990).filter((record) => record.deref() !== undefined).length).toBeLessThan(10)
+        break
+      }
+      await expect.poll(() => listingsEnded).toBe(1)
+    } finally {
+      parent.close()
     }
   })
 
