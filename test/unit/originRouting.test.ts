@@ -42,7 +42,8 @@ let kms: LocalKms
 let directory: string
 let store: DiskBlobStore
 let parent: OriginParent
-const enclaves: Array<Awaited<ReturnType<typeof startEnclave>>> = []
+type StartedEnclave = Awaited<ReturnType<typeof startEnclave>>
+const enclaves: StartedEnclave[] = []
 let addresses: Array<{ id: string; address: StreamAddress }>
 let kmsKeyId: string
 
@@ -1394,25 +1395,16 @@ describe('a parent whose enclaves are not all up', () => {
     }
   })
 
-  it('a sync whose store listing stops answering fails after the store timeout and is tried again, rather than keep the enclave out of service for good', async () => {
+  /**
+   * A key owned by an enclave that was down when a parent (`starting`) started and is back: out of service until it
+   * syncs. `options` add to both parents' (the one that made the keys, then `starting`).
+   */
+  async function withReturningEnclave(storeName: string, options: (ownStore: BlobStore) => ParentOptions, test: (context: { starting: OriginParent; key: KeyInfo; up: StartedEnclave; late: StartedEnclave; logged: Array<Record<string, unknown>> }) => Promise<void>) {
     const up = await startEnclave(spares[0]!)
     let late = await startEnclave(spares[1]!)
-    const ownStore = await openDiskBlobStore({ directory: path.join(directory, 'hung-listing-store') })
+    const ownStore = await openDiskBlobStore({ directory: path.join(directory, storeName) })
     const logged: Array<Record<string, unknown>> = []
-    let listingHangs = false
-    // Yields one record, then waits for ever while the listing hangs (an S3 page, a custom store, that never comes).
-    const store = storeWith(
-      {
-        list: async function* () {
-          for await (const record of ownStore.list()) {
-            yield record
-            if (listingHangs) await new Promise(() => {})
-          }
-        },
-      },
-      ownStore,
-    )
-    const parentOf = () => new OriginParent({ enclaves: spares, poolSize: 1, store, storeTimeoutMs: 300, requestTimeoutMs: 1_000, credentials: async () => kms.credentials, log: (fields) => logged.push(fields) })
+    const parentOf = () => new OriginParent({ enclaves: spares, poolSize: 1, store: ownStore, requestTimeoutMs: 1_000, credentials: async () => kms.credentials, log: (fields) => logged.push(fields), ...options(ownStore) })
     const first = parentOf()
     const starting = parentOf()
     try {
@@ -1423,63 +1415,63 @@ describe('a parent whose enclaves are not all up', () => {
       await late.stop()
       await starting.start()
       late = await startEnclave(spares[1]!)
-      listingHangs = true
-      const syncFailures = () => logged.filter((line) => line.event === 'enclave_sync_failed')
-      await expect.poll(() => expectSignsAs(starting, key!).then(() => syncFailures().length), { timeout: 3_000 }).toBe(1)
-      expect(syncFailures()).toEqual([expect.objectContaining({ enclave: 'spare-late', error: "reading the store's records took longer than 300 ms" })])
-      listingHangs = false
-      await expect.poll(() => expectSignsAs(starting, key!).then(() => logged.some((line) => line.event === 'enclave_synced')), { timeout: 3_000 }).toBe(true)
-      expect(late.cache.get(key!.keyId)).toBeDefined()
+      await test({ starting, key: key!, up, late, logged })
     } finally {
       first.close()
       starting.close()
       await ownStore.close()
       for (const enclave of [up, late]) await enclave.stop()
     }
+  }
+  const syncFailuresIn = (logged: Array<Record<string, unknown>>) => logged.filter((line) => line.event === 'enclave_sync_failed')
+
+  it('a sync whose store listing stops answering fails after the store timeout and is tried again, rather than keep the enclave out of service for good', async () => {
+    let listingHangs = false
+    // Yields one record, then waits for ever while the listing hangs (an S3 page, a custom store, that never comes).
+    const hanging = (ownStore: BlobStore) =>
+      storeWith(
+        {
+          list: async function* () {
+            for await (const record of ownStore.list()) {
+              yield record
+              if (listingHangs) await new Promise(() => {})
+            }
+          },
+        },
+        ownStore,
+      )
+    await withReturningEnclave('hung-listing-store', (ownStore) => ({ store: hanging(ownStore), storeTimeoutMs: 300 }), async ({ starting, key, late, logged }) => {
+      listingHangs = true
+      await expect.poll(() => expectSignsAs(starting, key).then(() => syncFailuresIn(logged).length), { timeout: 3_000 }).toBe(1)
+      expect(syncFailuresIn(logged)).toEqual([expect.objectContaining({ enclave: 'spare-late', error: "reading the store's records took longer than 300 ms" })])
+      listingHangs = false
+      await expect.poll(() => expectSignsAs(starting, key).then(() => logged.some((line) => line.event === 'enclave_synced')), { timeout: 3_000 }).toBe(true)
+      expect(late.cache.get(key.keyId)).toBeDefined()
+    })
   })
 
   it('an enclave out of service whose sync fails is tried again after a backoff, not at every request', async () => {
-    const up = await startEnclave(spares[0]!)
-    let late = await startEnclave(spares[1]!)
-    const ownStore = await openDiskBlobStore({ directory: path.join(directory, 'backoff-store') })
-    const logged: Array<Record<string, unknown>> = []
     let credentialsFail = false
     const credentials = async () => {
       if (credentialsFail) throw new Error('the instance role is gone')
       return kms.credentials
     }
-    const parentOf = () => new OriginParent({ enclaves: spares, poolSize: 1, store: ownStore, requestTimeoutMs: 1_000, credentials, log: (fields) => logged.push(fields) })
-    const first = parentOf()
-    const starting = parentOf()
-    try {
-      await first.start()
-      const keys = await keysUntil(first, (keys) => ownedBy('spare-late', keys).length >= 1)
-      const [key] = ownedBy('spare-late', keys)
-      first.close()
-      await late.stop()
-      await starting.start()
-      late = await startEnclave(spares[1]!)
+    await withReturningEnclave('backoff-store', () => ({ credentials }), async ({ starting, key, up, late, logged }) => {
       credentialsFail = true
-      const syncFailures = () => logged.filter((line) => line.event === 'enclave_sync_failed')
-      await expect.poll(() => expectSignsAs(starting, key!).then(() => syncFailures().length)).toBe(1)
-      expect(syncFailures()).toEqual([expect.objectContaining({ level: 'warn', enclave: 'spare-late', retryInMs: expect.any(Number), error: expect.stringContaining('the instance role is gone') })])
+      await expect.poll(() => expectSignsAs(starting, key).then(() => syncFailuresIn(logged).length)).toBe(1)
+      expect(syncFailuresIn(logged)).toEqual([expect.objectContaining({ level: 'warn', enclave: 'spare-late', retryInMs: expect.any(Number), error: expect.stringContaining('the instance role is gone') })])
       // Within the backoff (at least 375 ms), more requests start no sync.
-      await Promise.all(Array.from({ length: 5 }, () => expectSignsAs(starting, key!)))
-      expect(syncFailures()).toHaveLength(1)
+      await Promise.all(Array.from({ length: 5 }, () => expectSignsAs(starting, key)))
+      expect(syncFailuresIn(logged)).toHaveLength(1)
       expect((await starting.health()).find((enclave) => enclave.id === 'spare-late')).toMatchObject({ answered: true, ok: false, error: expect.stringContaining('out of service') })
       // Reachable but out of service (it holds no DEK of this store yet): creates pass it over.
       const made = await Promise.all(Array.from({ length: 8 }, () => starting.createKey()))
       for (const made1 of made) expect(up.cache.get(made1.keyId)).toBeDefined()
 
       credentialsFail = false
-      await expect.poll(() => expectSignsAs(starting, key!).then(() => logged.some((line) => line.event === 'enclave_synced')), { timeout: 3_000 }).toBe(true)
-      expect(late.cache.get(key!.keyId)).toBeDefined()
-    } finally {
-      first.close()
-      starting.close()
-      await ownStore.close()
-      for (const enclave of [up, late]) await enclave.stop()
-    }
+      await expect.poll(() => expectSignsAs(starting, key).then(() => logged.some((line) => line.event === 'enclave_synced')), { timeout: 3_000 }).toBe(true)
+      expect(late.cache.get(key.keyId)).toBeDefined()
+    })
   })
 
   it('a hung enclave costs one request timeout per hold, not one per request; its keys sign elsewhere, and it is probed again after the hold', async () => {
