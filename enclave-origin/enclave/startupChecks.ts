@@ -39,7 +39,26 @@ export async function checkStartup(options: {
   if (options.kmsEndpoint !== undefined && !options.kmsEndpoint.startsWith('https://')) {
     throw new Error('refusing to start: the production profile reaches KMS over TLS only (KMS_ENDPOINT must be an https:// URL)')
   }
-  if ((options.env ?? process.env).NODE_TLS_REJECT_UNAUTHORIZED === '0') {
+  // And only KMS itself: a public certificate proves a host's name, so the name must be KMS's, in the key's region.
+  const region = options.kmsKeyId.split(':')[3]!
+  if (options.kmsEndpoint !== undefined && !isKmsHost(new URL(options.kmsEndpoint).hostname, region)) {
+    throw new Error(`refusing to start: KMS_ENDPOINT must name KMS in the key's region (kms.${region}.amazonaws.com, kms-fips.${region}.amazonaws.com or a KMS VPC endpoint), got ${options.kmsEndpoint}`)
+  }
+  const env = options.env ?? process.env
+  if (env.NODE_TLS_REJECT_UNAUTHORIZED === '0') {
     throw new Error('refusing to start: NODE_TLS_REJECT_UNAUTHORIZED=0 turns off the check of KMS\'s TLS certificate')
   }
+  // Each adds certificate authorities that Node trusts for KMS besides its own bundle. The enclave talks to KMS alone,
+  // which needs none of them; a base image that sets them (to the system bundle, say) must unset them.
+  const addedAuthorities = ['NODE_EXTRA_CA_CERTS', 'SSL_CERT_FILE', 'SSL_CERT_DIR'].filter((name) => env[name])
+  if (/--use-openssl-ca|--use-system-ca/.test(env.NODE_OPTIONS ?? '')) addedAuthorities.push('NODE_OPTIONS (--use-openssl-ca or --use-system-ca)')
+  if (addedAuthorities.length > 0) {
+    throw new Error(`refusing to start: ${addedAuthorities.join(', ')} would have KMS's TLS certificate checked against authorities besides Node's own`)
+  }
+}
+
+/** KMS's public endpoints in `region` (the China partition's included) and its VPC endpoints' DNS names. */
+function isKmsHost(host: string, region: string): boolean {
+  const escaped = region.replace(/[^a-z0-9-]/g, '')
+  return new RegExp(`^(kms|kms-fips)\\.${escaped}\\.amazonaws\\.com(\\.cn)?$|^vpce-[a-z0-9-]+\\.kms\\.${escaped}\\.vpce\\.amazonaws\\.com$`).test(host.toLowerCase())
 }

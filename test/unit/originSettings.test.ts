@@ -24,7 +24,7 @@ describe('enclave start-up checks', () => {
     await expect(checkStartup({ profile: 'production', kmsKeyId: keyArn, attestation: developmentAttestation, warn: () => {}, readRng: async () => 'nsm-hwrng\n' })).rejects.toThrow(
       'refusing to start: the production profile needs a Nitro attestation provider',
     )
-    await expect(checkStartup({ profile: 'production', kmsKeyId: keyArn, attestation: nitro, warn: () => {}, readRng: async () => 'nsm-hwrng\n' })).resolves.toBeUndefined()
+    await expect(checkStartup({ profile: 'production', kmsKeyId: keyArn, attestation: nitro, warn: () => {}, readRng: async () => 'nsm-hwrng\n', env: {} })).resolves.toBeUndefined()
   })
 
   it('production refuses a KMS key named by an alias or a bare id: the parent\u2019s credentials would choose the account', async () => {
@@ -44,6 +44,19 @@ describe('enclave start-up checks', () => {
       "refusing to start: NODE_TLS_REJECT_UNAUTHORIZED=0 turns off the check of KMS's TLS certificate",
     )
     await expect(checkStartup({ ...production, kmsEndpoint: 'https://kms.us-east-1.amazonaws.com', env: { NODE_TLS_REJECT_UNAUTHORIZED: '1' } })).resolves.toBeUndefined()
+    // TLS to a host of someone else's with a public certificate, or checked against authorities added to Node's.
+    for (const kmsEndpoint of ['https://kms.example.com', 'https://kms.eu-west-1.amazonaws.com', 'https://kms.us-east-1.amazonaws.com.example.com']) {
+      await expect(checkStartup({ ...production, kmsEndpoint })).rejects.toThrow(`refusing to start: KMS_ENDPOINT must name KMS in the key's region (kms.us-east-1.amazonaws.com, kms-fips.us-east-1.amazonaws.com or a KMS VPC endpoint), got ${kmsEndpoint}`)
+    }
+    for (const kmsEndpoint of ['https://kms-fips.us-east-1.amazonaws.com', 'https://vpce-0a1b2c3d4e5f-abcdefgh.kms.us-east-1.vpce.amazonaws.com', 'https://KMS.us-east-1.amazonaws.com:443/']) {
+      await expect(checkStartup({ ...production, kmsEndpoint })).resolves.toBeUndefined()
+    }
+    for (const [env, named] of [
+      [{ NODE_EXTRA_CA_CERTS: '/tmp/ca.pem' }, 'NODE_EXTRA_CA_CERTS'],
+      [{ SSL_CERT_FILE: '/tmp/ca.pem', NODE_OPTIONS: '--use-openssl-ca' }, 'SSL_CERT_FILE, NODE_OPTIONS (--use-openssl-ca or --use-system-ca)'],
+    ] as const) {
+      await expect(checkStartup({ ...production, env })).rejects.toThrow(`refusing to start: ${named} would have KMS's TLS certificate checked against authorities besides Node's own`)
+    }
     // Development allows both (the local KMS server of the tests speaks plain HTTP).
     await expect(checkStartup({ ...production, profile: 'development', kmsEndpoint: 'http://127.0.0.1:4599', env: { NODE_TLS_REJECT_UNAUTHORIZED: '0' } })).resolves.toBeUndefined()
   })
