@@ -108,50 +108,109 @@ async function call(method: 'GET' | 'POST', path: string, json?: unknown, waitin
   // Anything but a JSON object (a proxy's error page, say): the status says more.
   const answer = jsonObjectOf(response.text)
   if (response.status < 200 || response.status > 299 || answer === undefined) {
-    throw new Error(`${method} ${path}: ${response.status} ${answer === undefined ? '(not JSON)' : JSON.stringify(answer)}`)
+    const text = `${method} ${path}: ${response.status} ${answer === undefined ? '(not JSON)' : JSON.stringify(answer)}`
+    // A 2xx that is not JSON did something all the same.
+    throw answer === undefined && response.status >= 200 && response.status <= 299 ? new Error(text) : new ParentRefusal(text)
   }
   return answer
 }
 
-/** On a terminal, the progress line is cleared before a key's line takes its place on the screen. */
-const clearProgress = () => {
-  if (process.stderr.isTTY) process.stderr.write('\r\x1b[K')
+/**
+ * A bulk create's progress on stderr. On a terminal, a bar redrawn in place (and cleared before a key's line takes
+ * its place on the screen); elsewhere (a CI log, a file) a plain line at each tenth done and at most every 5 s between,
+ * so that stderr neither grows a line of redraws nor, merged with stdout, splits the keys' JSON lines.
+ */
+class Progress {
+  private readonly startedAt = Date.now()
+  private readonly terminal = Boolean(process.stderr.isTTY)
+  private lastLineAt = this.startedAt
+  private lastTenth = 0
+
+  constructor(private readonly total: number) {}
+
+  /** Before a key's line goes to stdout. */
+  clear(): void {
+    if (this.terminal) process.stderr.write('\r\x1b[K')
+  }
+
+  show(done: number): void {
+    const now = Date.now()
+    const rate = (done / Math.max((now - this.startedAt) / 1_000, 0.001)).toFixed(0)
+    if (this.terminal) {
+      const width = 30
+      const filled = Math.round((done / this.total) * width)
+      process.stderr.write(`\r[${'#'.repeat(filled)}${'.'.repeat(width - filled)}] ${done}/${this.total} keys, ${rate}/s${done === this.total ? '\n' : ''}`)
+      return
+    }
+    const tenth = Math.floor((done * 10) / this.total)
+    if (tenth === this.lastTenth && now - this.lastLineAt < 5_000 && done !== this.total) return
+    this.lastTenth = tenth
+    this.lastLineAt = now
+    process.stderr.write(`created ${done}/${this.total} keys, ${rate}/s\n`)
+  }
+
+  /** After a run that stopped short: the bar's line ends. */
+  end(): void {
+    if (this.terminal) process.stderr.write('\n')
+  }
 }
 
-function progress(done: number, total: number, startedAt: number): void {
-  const width = 30
-  const filled = Math.round((done / total) * width)
-  const rate = done / Math.max((Date.now() - startedAt) / 1_000, 0.001)
-  process.stderr.write(`\r[${'#'.repeat(filled)}${'.'.repeat(width - filled)}] ${done}/${total} keys, ${rate.toFixed(0)}/s`)
-  if (done === total) process.stderr.write('\n')
-}
+/** The parent answered, and said no: nothing was done (unless its answer says it may still take effect). */
+class ParentRefusal extends Error {}
 
 /**
  * Creates `count` keys, `concurrency` at a time, printing each as it is made.
  * After a failure, or Ctrl-C, it starts no more but lets those under way
  * finish and prints them too: no route lists keys, so an id not printed
- * would be lost. Then it fails, saying how many it made.
+ * would be lost. A key line stdout would not take (a reader that went away)
+ * stops it as a failure does, and goes to stderr instead. Then it fails,
+ * saying how many it made, and whether a failed create may have made one.
  */
 async function createKeys(count: number, concurrency: number): Promise<void> {
   let next = 0
   let done = 0
+  let underWay = 0
   let failure: unknown
   let interrupted = false
+  const unprinted: string[] = []
   const interrupt = () => {
-    interrupted = true
+    if (!interrupted) {
+      interrupted = true
+      process.stderr.write(`\nstopping: waiting for the ${underWay} creates under way, whose keys are printed too (Ctrl-C again to quit without them)\n`)
+      return
+    }
+    process.stderr.write(`\nquit with ${underWay} creates under way: keys they make will not be printed, and no route lists keys\n`)
+    process.exit(130)
   }
-  process.once('SIGINT', interrupt)
-  const startedAt = Date.now()
+  process.on('SIGINT', interrupt)
+  // Its failures come to each write's callback; without a listener, the stream's 'error' would end the process.
+  const ignoreStdoutError = () => {}
+  process.stdout.on('error', ignoreStdoutError)
+  const print = (line: string) =>
+    new Promise<void>((resolve) => {
+      if (unprinted.length > 0) return resolve(void unprinted.push(line))
+      process.stdout.write(`${line}\n`, (error) => {
+        if (error) {
+          unprinted.push(line)
+          failure ??= new Error(`stdout would not take a key's line (${(error as NodeJS.ErrnoException).code ?? error.message})`)
+        }
+        resolve()
+      })
+    })
+  const progress = new Progress(count)
   const worker = async () => {
     while (next < count && failure === undefined && !interrupted) {
       next++
+      underWay++
       try {
         const key = await call('POST', '/v1/keys')
-        clearProgress()
-        console.log(JSON.stringify({ keyId: key.keyId, address: key.address }))
-        progress(++done, count, startedAt)
+        progress.clear()
+        await print(JSON.stringify({ keyId: key.keyId, address: key.address }))
+        progress.show(++done)
       } catch (error) {
         failure ??= error
+      } finally {
+        underWay--
       }
     }
   }
@@ -159,10 +218,17 @@ async function createKeys(count: number, concurrency: number): Promise<void> {
     await Promise.all(Array.from({ length: Math.min(concurrency, count) }, worker))
   } finally {
     process.off('SIGINT', interrupt)
+    process.stdout.off('error', ignoreStdoutError)
   }
-  if (done === count) return
-  if (done > 0) process.stderr.write('\n')
-  throw new Error(`created ${done} of ${count} keys, each printed above; stopped ${failure === undefined ? 'at an interrupt' : `after a failure: ${messageOf(failure)}`}`)
+  if (unprinted.length > 0) process.stderr.write(`these keys were made, but stdout would not take them:\n${unprinted.join('\n')}\n`)
+  if (done === count && failure === undefined) return
+  if (done > 0) progress.end()
+  const printed = unprinted.length > 0 ? `each printed above (${unprinted.length} on stderr)` : 'each printed above'
+  // A create given up on, cut off or answered oddly may have made a key, as may one the parent says may still take effect.
+  const maybeMade = failure !== undefined && (!(failure instanceof ParentRefusal) || /may still take effect/.test(failure.message)) && unprinted.length === 0
+  throw new Error(
+    `created ${done} of ${count} keys, ${printed}; stopped ${failure === undefined ? 'at an interrupt' : `after a failure: ${messageOf(failure)}`}${maybeMade ? '. The failed create may still have made a key, whose id was not printed' : ''}`,
+  )
 }
 
 async function serve(start: () => Promise<() => Promise<void>>): Promise<void> {

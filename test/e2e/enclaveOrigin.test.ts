@@ -1,4 +1,4 @@
-import { execFile } from 'node:child_process'
+import { execFile, spawn } from 'node:child_process'
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs'
 import { createServer } from 'node:http'
 import type { AddressInfo } from 'node:net'
@@ -169,11 +169,12 @@ describe('the operators\u2019 CLI', () => {
     })
   const cli = (...args: string[]) => cliAt(origin.url, ...args)
 
-  it('creates keys in bulk with a progress bar, one JSON line per key, each of which signs', async () => {
+  it('creates keys in bulk, one JSON line per key, each of which signs; its progress, off a terminal, in plain lines', async () => {
     const { stdout, stderr } = await cli('create-keys', '--count', '5', '--concurrency', '2')
     const keys = stdout.trim().split('\n').map((line) => JSON.parse(line) as { keyId: string; address: Address })
     expect(keys).toHaveLength(5)
-    expect(stderr).toContain('[##############################] 5/5 keys')
+    // A line at each tenth done: no bar redrawn with \r into a CI log, or into the keys' lines when both streams are merged.
+    expect(stderr).toMatch(/^(created [1-5]\/5 keys, \d+\/s\n){5}$/)
     const digest = keccak256(toHex('made by the CLI'))
     for (const key of keys) expect(await recovered(digest, (await signWithOrigin(key.keyId, digest)).body as never)).toBe(key.address)
   })
@@ -220,6 +221,89 @@ describe('the operators\u2019 CLI', () => {
       expect((failed as { stderr: string }).stderr).toContain('created 4 of 10 keys, each printed above; stopped after a failure: POST /v1/keys: 503 {"error":"no enclave can take it now"}')
     } finally {
       flaky.close()
+    }
+  })
+
+  /** The CLI as its own process against `url`, with what it writes and how it ends. */
+  const cliProcess = (url: string, args: string[], env: Record<string, string> = {}) => {
+    const child = spawn(process.execPath, ['--import', 'tsx', 'enclave-origin/cli.ts', ...args], {
+      env: { ...process.env, ORIGIN_URL: url, ORIGIN_HMAC_KEY_ID: originHmac.keyId, ORIGIN_HMAC_SECRET: originHmac.secret, ...env },
+      stdio: ['ignore', 'pipe', 'pipe'],
+    })
+    let stdout = ''
+    let stderr = ''
+    child.stdout.on('data', (chunk: Buffer) => (stdout += chunk))
+    child.stdout.on('error', () => {})
+    child.stderr.on('data', (chunk: Buffer) => (stderr += chunk))
+    const ended = new Promise<{ code: number | null; stdout: string; stderr: string }>((resolve) => child.on('close', (code) => resolve({ code, stdout, stderr })))
+    return { child, ended, stderr: () => stderr }
+  }
+  /** An origin that answers each create with a new key id after `delayMs`, and counts them. */
+  const keyMakingOrigin = async (delayMs: number) => {
+    const made: string[] = []
+    const server = createServer((request, response) => {
+      request.resume()
+      const keyId = `made-${made.length + 1}`
+      made.push(keyId)
+      setTimeout(() => response.writeHead(201, { 'content-type': 'application/json' }).end(JSON.stringify({ keyId, address: '0x0000000000000000000000000000000000000001' })), delayMs)
+    })
+    await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve))
+    return { made, url: `http://127.0.0.1:${(server.address() as AddressInfo).port}`, close: () => (server.closeAllConnections(), server.close()) }
+  }
+
+  it('stops at a stdout that takes no more lines, and gives the keys it made on stderr instead: no route lists them', async () => {
+    const origin = await keyMakingOrigin(0)
+    try {
+      const run = cliProcess(origin.url, ['create-keys', '--count', '50', '--concurrency', '1'])
+      // The reader goes away (a `| head` that is done): each write now fails with EPIPE.
+      run.child.stdout.destroy()
+      const { code, stderr } = await run.ended
+      expect(code).toBe(1)
+      const lost = /these keys were made, but stdout would not take them:\n((?:\{[^\n]*\}\n)+)/.exec(stderr)
+      expect(lost).not.toBeNull()
+      const onStderr = lost![1]!.trim().split('\n').map((line) => (JSON.parse(line) as { keyId: string }).keyId)
+      // Every key the origin made is on stderr (none reached stdout), and it stopped at the first that could not be written.
+      expect(onStderr).toEqual(origin.made)
+      expect(onStderr).toHaveLength(1)
+      expect(stderr).toContain(`created 1 of 50 keys, each printed above (1 on stderr); stopped after a failure: stdout would not take a key's line (EPIPE)`)
+    } finally {
+      origin.close()
+    }
+  })
+
+  it('at Ctrl-C, starts no more creates and prints the keys of those under way; at a second, quits and says what it leaves', async () => {
+    const origin = await keyMakingOrigin(1_500)
+    try {
+      const once = cliProcess(origin.url, ['create-keys', '--count', '50', '--concurrency', '3'])
+      await expect.poll(() => origin.made.length, { timeout: 10_000 }).toBe(3)
+      once.child.kill('SIGINT')
+      const stopped = await once.ended
+      expect(stopped.code).toBe(1)
+      expect(stopped.stderr).toContain('stopping: waiting for the 3 creates under way, whose keys are printed too (Ctrl-C again to quit without them)')
+      expect(stopped.stdout.trim().split('\n').map((line) => (JSON.parse(line) as { keyId: string }).keyId).sort()).toEqual(origin.made.slice().sort())
+      expect(stopped.stderr).toContain('created 3 of 50 keys, each printed above; stopped at an interrupt')
+
+      const twice = cliProcess(origin.url, ['create-keys', '--count', '50', '--concurrency', '2'])
+      await expect.poll(() => origin.made.length, { timeout: 10_000 }).toBe(5)
+      twice.child.kill('SIGINT')
+      await expect.poll(() => twice.stderr()).toContain('stopping: waiting for the 2 creates under way')
+      twice.child.kill('SIGINT')
+      const quit = await twice.ended
+      expect({ code: quit.code, stdout: quit.stdout }).toEqual({ code: 130, stdout: '' })
+      expect(quit.stderr).toContain('quit with 2 creates under way: keys they make will not be printed, and no route lists keys')
+    } finally {
+      origin.close()
+    }
+  })
+
+  it('says a create it gave up on may still have made a key', async () => {
+    const origin = await keyMakingOrigin(2_000)
+    try {
+      const { code, stderr } = await cliProcess(origin.url, ['create-keys', '--count', '1'], { ORIGIN_TIMEOUT_MS: '300' }).ended
+      expect(code).toBe(1)
+      expect(stderr).toMatch(/created 0 of 1 keys, each printed above; stopped after a failure: the parent at \S+ sent nothing for 0\.3 s: POST \/v1\/keys given up\. The failed create may still have made a key, whose id was not printed\n/)
+    } finally {
+      origin.close()
     }
   })
 
