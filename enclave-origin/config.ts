@@ -10,7 +10,10 @@ export function setting(name: string, fallback?: string): string {
 
 /** One of `choices`, or the fallback when unset; anything else is an error naming the setting and its choices. */
 export function choiceSetting<const T extends string>(name: string, { choices, fallback }: { choices: readonly T[]; fallback: T }): T {
-  const value = process.env[name] || fallback
+  // Set but empty is no choice: an image built with `ENV ORIGIN_PROFILE=$PROFILE` and no build argument would otherwise
+  // start on the fallback (a development enclave) without a word.
+  const value = process.env[name] ?? fallback
+  if (value === '') throw new Error(`${name} is set but empty: set it to one of ${choices.join(', ')}, or unset it for ${fallback}`)
   if (!(choices as readonly string[]).includes(value)) throw new Error(`${name} must be one of ${choices.join(', ')}, got ${value}`)
   return value as T
 }

@@ -74,7 +74,12 @@ export async function sealPreloadIdentity(options: { identity: string; enclaves:
 function checkRecipient(enclave: EnclaveAttestation, trust: RecipientTrust): void {
   const refuse = (why: string) => new Error(`enclave ${enclave.id}: ${why}`)
   if (!/^age1[02-9ac-hj-np-z]{58}$/.test(enclave.recipient)) throw refuse('its delivery recipient is not an X25519 age recipient')
-  if (trust === 'unattested') return
+  if (trust === 'unattested') {
+    // An attested enclave is a production one: a development command from a runbook must not seal to whatever recipient
+    // the parent reports for it, unchecked.
+    if (enclave.attestationDocument && enclave.attestationDocument.length > 0) throw refuse('it presents an attestation document: check it with --nitro-root-file and --pcr0, not --allow-unattested')
+    return
+  }
   if (!enclave.attestationDocument) throw refuse('no attestation document (a development enclave?); only an unattested unlock can seal to it')
   let attested
   try {

@@ -111,6 +111,8 @@ describe('origin settings', () => {
       process.env.ORIGIN_PROFILE = bad
       expect(() => choiceSetting('ORIGIN_PROFILE', { choices: profiles, fallback: 'development' })).toThrow(`ORIGIN_PROFILE must be one of development, production, got ${bad}`)
     }
+    process.env.ORIGIN_PROFILE = ''
+    expect(() => choiceSetting('ORIGIN_PROFILE', { choices: profiles, fallback: 'development' })).toThrow('ORIGIN_PROFILE is set but empty: set it to one of development, production, or unset it for development')
   })
 
   it('takes whole numbers in range, the fallback when unset, and names the setting otherwise', () => {

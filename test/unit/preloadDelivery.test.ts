@@ -82,7 +82,7 @@ describe('sealPreloadIdentity', () => {
     expect(recovered).toBe(privateKeyToAddress(accounts[2]!.share as Hex))
   })
 
-  it('refuses a document from an untrusted root, of another image, or binding another recipient', async () => {
+  it('refuses a document from an untrusted root, of another image, or binding another recipient, and an unattested unlock of an attested enclave', async () => {
     const enclave = await attest()
     await expect(sealPreloadIdentity({ identity, enclaves: [enclave], trust: { ...trust(), roots: [new X509Certificate(otherImage.rootPem)] } })).rejects.toThrow(
       'enclave enclave-a: the attestation document is not valid: the cabundle does not start at a trusted root',
@@ -100,6 +100,9 @@ describe('sealPreloadIdentity', () => {
     )
     await expect(sealPreloadIdentity({ identity, enclaves: [{ ...enclave, recipient: 'age1notarecipient' }], trust: 'unattested' })).rejects.toThrow(
       'enclave enclave-a: its delivery recipient is not an X25519 age recipient',
+    )
+    await expect(sealPreloadIdentity({ identity, enclaves: [enclave], trust: 'unattested' })).rejects.toThrow(
+      'enclave enclave-a: it presents an attestation document: check it with --nitro-root-file and --pcr0, not --allow-unattested',
     )
   })
 
