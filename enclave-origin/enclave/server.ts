@@ -171,6 +171,8 @@ export class EnclaveService {
       this.preloaded?.clear()
       this.preloaded = undefined
       this.preloadRefusal = `preload failed: ${error instanceof PreloadError ? error.message : 'unexpected error'}`
+      // The operator's record of why. An unexpected error (a bug) is named by its class alone: its message could quote anything.
+      this.options.log?.({ level: 'error', event: 'preload_failed', reason: this.preloadRefusal, ...(error instanceof PreloadError ? {} : { errorClass: error instanceof Error ? error.constructor.name : typeof error }) })
     }
   }
 

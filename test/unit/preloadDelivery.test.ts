@@ -136,6 +136,26 @@ describe('the enclave', () => {
     expect(decodeErrorMessage((await unlock(new Uint8Array([1, 2, 3]))).payload)).toContain('not sealed to this enclave')
   })
 
+  it('serves no preloaded account when the delivered identity does not open the file, and logs why', async () => {
+    const logged: Array<Record<string, unknown>> = []
+    const cache = new KeyCache({ now: Date.now, unlock: () => Promise.reject(new Error('no unlock in this test')) })
+    const wrongOne = new EnclaveService({ cache, engine, dataKeys: noKms, kmsKeyId: 'test', credentials: new DeliveredCredentials(), attestation: nsm.provider, preloadFile: path.join(dir, 'shares.age'), log: (fields) => logged.push(fields) })
+    try {
+      const ask = (opcode: number, payload: Uint8Array) => wrongOne.handle({ requestId: ++requestId, opcode, status: 0, payload })
+      const { recipient } = decodeAttestResponse((await ask(opcodes.ATTEST, emptyPayload)).payload)
+      const encrypter = new Encrypter()
+      encrypter.addRecipient(recipient)
+      const answer = await ask(opcodes.UNLOCK, encodeUnlockRequest({ wrappedDek: new Uint8Array(), sealedPreloadIdentity: await encrypter.encrypt((await generatePreloadIdentity()).identity) }))
+      expect(answer.status).not.toBe(statuses.OK)
+      const reason = decodeErrorMessage(answer.payload)
+      expect(reason).toMatch(/^preload failed: /)
+      expect(logged).toContainEqual({ level: 'error', event: 'preload_failed', reason })
+      expect((await ask(opcodes.SIGN, encodeSignRequest({ keyId: 'account-0', digest: new Uint8Array(32) }))).status).not.toBe(statuses.OK)
+    } finally {
+      wrongOne.clear()
+    }
+  })
+
   it('refuses an ATTEST request with a payload (the server answers BAD_REQUEST with this)', async () => {
     await expect(call(opcodes.ATTEST, new Uint8Array([0]))).rejects.toThrow('ATTEST request: 1 trailing bytes')
   })
