@@ -540,17 +540,16 @@ export class KeyCache {
     // Yield first: the acquire that asked for this refresh returns (and its caller signs) before anything changes.
     await nextTurn()
     if (generation !== this.generation) return
-    let dek = this.validDek(this.now())
+    const dek = this.validDek(this.now())
     if (!dek) {
-      await this.startUnlock()
-      dek = this.validDek(this.now())
-    }
-    const entry = this.entries.get(keyId)
-    if (generation !== this.generation || !entry || entry.record.state !== 'active') return
-    if (!dek) {
-      this.counters.refreshFailures += 1
+      // Re-derived with every other key waiting on the unlock, in slices (see `warmInSlices`): thousands of refreshes
+      // released by one unlock must not each re-derive in the turn it lands, holding the loop as traffic returns.
+      this.keysAwaitingUnlock.add(keyId)
+      if (!(await this.startUnlock())) this.counters.refreshFailures += 1
       return
     }
+    const entry = this.entries.get(keyId)
+    if (!entry || entry.record.state !== 'active') return
     this.rederive({ entry, dek, now: this.now() })
   }
 
@@ -618,7 +617,9 @@ export class KeyCache {
   /**
    * Re-derives the keys, 256 per event-loop turn (about 10 ms): thousands
    * waiting on one unlock must not hold the loop for a second. A key asked
-   * for before its turn comes is re-derived inline by that acquire.
+   * for before its turn comes is re-derived inline by that acquire. A WARM
+   * one is re-derived only if it is due for a refresh (a background refresh
+   * waited on the unlock for it).
    */
   private async warmInSlices(keyIds: string[]): Promise<void> {
     const generation = this.generation
@@ -629,7 +630,7 @@ export class KeyCache {
       if (!dek || generation !== this.generation) return
       for (const keyId of keyIds.slice(from, from + warmSliceSize)) {
         const entry = this.entries.get(keyId)
-        if (!entry || entry.record.state !== 'active' || isWarm(entry, now)) continue
+        if (!entry || entry.record.state !== 'active' || (isWarm(entry, now) && !isDueForRefresh({ entry, now, lowWaterMark: this.config.keyLowWaterMark }))) continue
         try {
           this.rederive({ entry, dek, now })
         } catch {

@@ -279,6 +279,29 @@ describe('KeyCache transitions', () => {
     for (const { record, privateKey } of keys.slice(-3)) expect(withKeyCopied(cache.acquire(record.keyId))).toEqual({ kind: 'ok', privateKey, grace: false })
   })
 
+  it('re-derives the WARM keys whose background refreshes waited on an unlock 256 per event-loop turn too', async () => {
+    const { cache, key, dekCopy, advance, unlock } = harness({ unlockGate: 'closed' })
+    cache.setDek(dekCopy())
+    advance(45 * minute)
+    const keys = Array.from({ length: 600 }, (_, i) => key({ keyId: `k${i}` }))
+    for (const { record, privateKey } of keys) addWarmHeld(cache, record, privateKey)
+    // Past the keys' soft TTL, short of their hard one; past the DEK's hard TTL: each use asks for a refresh, which waits on the one unlock.
+    advance(15 * minute + 30_000)
+    for (const { record } of keys) expect(cache.acquire(record.keyId).kind).toBe('ok')
+    await settle()
+    expect(unlock.calls()).toBe(1)
+    const nextTurnQueuedFirst = new Promise<void>((resolve) => setImmediate(resolve))
+    unlock.open()
+    await nextTurnQueuedFirst
+    expect(cache.stats().refreshes).toBe(256)
+    await cache.idle()
+    expect(cache.stats()).toMatchObject({ refreshes: 600, refreshFailures: 0 })
+    // Each one's TTLs start again from the refresh: no use now asks for another.
+    for (const { record } of keys) expect(cache.acquire(record.keyId).kind).toBe('ok')
+    await cache.idle()
+    expect(cache.stats().refreshes).toBe(600)
+  })
+
   it('jitters retry-after uniformly across 50–200 ms', () => {
     const draws = [0, 0.5, 0.999_999]
     const { cache, key } = harness({ unlockGate: 'closed', random: () => draws.shift() ?? 0 })
