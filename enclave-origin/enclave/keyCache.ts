@@ -175,6 +175,9 @@ export class KeyCache {
   private readonly refreshesInFlight = new Map<string, Promise<void>>()
   /** Keys turned away with needs-unlock: warmed as soon as the unlock lands, so the retry finds them WARM. */
   private readonly keysAwaitingUnlock = new Set<string>()
+  /** How many times a key stopped being active (frozen, archived), and when each key last did, by that count. */
+  private deactivationCount = 0
+  private readonly lastDeactivations = new Map<string, number>()
   private readonly backgroundWork = new Set<Promise<unknown>>()
   private readonly counters: Counters = {
     refreshes: 0,
@@ -349,9 +352,11 @@ export class KeyCache {
     if (stale) return stale
     // The parent refuses it too; here it holds even against a parent that would not.
     if (entry.record.state === 'archived' && state !== 'archived') return archivedIsFinal
+    const wasActive = entry.record.state === 'active'
     entry.record = { ...entry.record, state }
     entry.sequence = sequence
     if (state !== 'active') {
+      if (wasActive) this.deactivated(keyId)
       this.dropPlaintext(entry)
       this.keysAwaitingUnlock.delete(keyId)
     }
@@ -367,9 +372,23 @@ export class KeyCache {
     return undefined
   }
 
-  /** Whether the key is active: a signature made while it was stops here once it is not (frozen meanwhile). */
-  isActive(keyId: string): boolean {
-    return this.entries.get(keyId)?.record.state === 'active'
+  /** A mark to pass to `activeThroughout` for a signature about to be made. */
+  get deactivations(): number {
+    return this.deactivationCount
+  }
+
+  /**
+   * Whether the key is active and has been since `deactivations` read `mark`: a signature made meanwhile stops
+   * here if it was frozen, even if it was unfrozen again before the signature came back.
+   */
+  activeThroughout(keyId: string, mark: number): boolean {
+    if (this.entries.get(keyId)?.record.state !== 'active') return false
+    return mark === this.deactivationCount || (this.lastDeactivations.get(keyId) ?? 0) <= mark
+  }
+
+  private deactivated(keyId: string): void {
+    this.deactivationCount += 1
+    this.lastDeactivations.set(keyId, this.deactivationCount)
   }
 
   get(keyId: string): { record: SealedKeyRecord; cacheState: CacheState } | undefined {
@@ -431,6 +450,7 @@ export class KeyCache {
     this.generation += 1
     this.sequenceFloor = undefined
     this.absentKeySequences.clear()
+    this.lastDeactivations.clear()
     // The unlock under way installs nothing now (its generation is gone); the next use starts one of its own.
     this.unlockInFlight = undefined
     this.bytes.clear()
@@ -675,6 +695,7 @@ export class KeyCache {
   /** `load`, returning the key's entry: the record's bytes copied into the slabs, unless it seals what is held already. */
   private loadEntry(record: SealedKeyRecord): KeyEntry {
     const held = this.entries.get(record.keyId)
+    if (held?.record.state === 'active' && record.state !== 'active') this.deactivated(record.keyId)
     // An older record keeps the newer sealed bytes held, but its state is the parent's latest word: the
     // parent reads the state from its store in the key's turn, and a DEK rotation may have re-sealed the
     // key here without its store taking the new version.

@@ -316,10 +316,15 @@ export class EnclaveService {
           return fail(statuses.NOT_FOUND, `no key ${keyId}`)
         }
         if (key.kind === 'not-active') return fail(statuses.NOT_ACTIVE, `key ${keyId} is ${key.state}`)
+        const mark = cache.deactivations
         // The engine copies the key synchronously, as the cache requires.
         const signature = await engine.sign({ privateKey: key.privateKey, digest })
-        // Frozen or archived while it waited in a batch or a thread's queue: once SET_STATE has answered, no signature leaves.
-        if (!cache.isActive(keyId)) return fail(statuses.NOT_ACTIVE, `key ${keyId} is ${cache.get(keyId)?.record.state ?? 'gone'}`)
+        // Frozen or archived while it waited in a batch or a thread's queue: once SET_STATE has answered, no signature leaves,
+        // even if an unfreeze came before it did.
+        if (!cache.activeThroughout(keyId, mark)) {
+          const state = cache.get(keyId)?.record.state ?? 'gone'
+          return fail(statuses.NOT_ACTIVE, state === 'active' ? `key ${keyId} was frozen or archived while this signature was made` : `key ${keyId} is ${state}`)
+        }
         return signed(signature)
       }
       case opcodes.CREATE: {

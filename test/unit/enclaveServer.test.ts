@@ -219,6 +219,22 @@ it('once a freeze is answered, no signature of that key leaves, though some were
   expect(answered.filter((answer) => answer === 'refused').length).toBeGreaterThan(0)
 })
 
+it('a signature made while its key was frozen does not leave, though an unfreeze came before it did', async () => {
+  const { floor, call } = unlockedEnclave()
+  expect((await call(opcodes.CREATE, encodeCreateRequest({ keyId: 'fu' }))).status).toBe(statuses.OK)
+  // One turn: the sign waits in the engine while the key is frozen and made active again.
+  const sign = call(opcodes.SIGN, encodeSignRequest({ keyId: 'fu', digest: new Uint8Array(32).fill(9) }))
+  const changes = [
+    call(opcodes.SET_STATE, encodeSetStateRequest({ keyId: 'fu', state: 'frozen', sequence: floor + 1 })),
+    call(opcodes.SET_STATE, encodeSetStateRequest({ keyId: 'fu', state: 'active', sequence: floor + 2 })),
+  ]
+  expect((await Promise.all(changes)).map((answer) => answer.status)).toEqual([statuses.OK, statuses.OK])
+  const answer = await sign
+  expect({ status: answer.status, error: decodeErrorMessage(answer.payload) }).toEqual({ status: statuses.NOT_ACTIVE, error: 'key fu was frozen or archived while this signature was made' })
+  // Signed after the unfreeze, it leaves.
+  expect((await call(opcodes.SIGN, encodeSignRequest({ keyId: 'fu', digest: new Uint8Array(32).fill(9) }))).status).toBe(statuses.OK)
+})
+
 it('an archived key stays archived: a SET_STATE or LOAD that would make it active again is refused NOT_ACTIVE', async () => {
   const { cache, floor, call } = unlockedEnclave()
   const created = decodeCreateResponse((await call(opcodes.CREATE, encodeCreateRequest({ keyId: 'ar' }))).payload)

@@ -587,6 +587,23 @@ describe('KeyCache key lifecycle', () => {
     expect(cache.acquire('key-1')).toEqual({ kind: 'ok', privateKey, grace: false })
   })
 
+  it.each(['SET_STATE', 'LOAD'] as const)('says a key was not active throughout once a %s froze it since the mark, though it is active again; other keys are unaffected', (via) => {
+    const { cache, key, dekCopy } = harness()
+    cache.setDek(dekCopy())
+    const { record } = key()
+    cache.load(record, nextSequence())
+    cache.load(key({ keyId: 'other' }).record, nextSequence())
+    const mark = cache.deactivations
+    expect(cache.activeThroughout('key-1', mark)).toBe(true)
+    if (via === 'SET_STATE') cache.setState({ keyId: 'key-1', state: 'frozen', sequence: nextSequence() })
+    else cache.load({ ...record, state: 'frozen' }, nextSequence())
+    expect(cache.activeThroughout('key-1', mark)).toBe(false)
+    cache.setState({ keyId: 'key-1', state: 'active', sequence: nextSequence() })
+    expect(cache.activeThroughout('key-1', mark)).toBe(false)
+    expect(cache.activeThroughout('key-1', cache.deactivations)).toBe(true)
+    expect(cache.activeThroughout('other', mark)).toBe(true)
+  })
+
   it('applies a LOAD or SET_STATE only above the sequence last applied to the key: one given up on that lands late changes nothing', () => {
     const { cache, key, dekCopy } = harness()
     cache.setDek(dekCopy())
