@@ -53,11 +53,17 @@ const journalPath = () => join(directory, STATE_JOURNAL_FILE_NAME)
 const HEADER_BYTES = 16
 
 /** Real files whose writes or fsyncs fail on demand; with `only`, just for the file of that name. */
-function faultyFileSystem(failing: { sync: boolean; write: boolean; only?: string }): BlobStoreFileSystem {
+/**
+ * Node's file system, with writes or fsyncs failing on files whose path ends with `only` (every file without it);
+ * with `armedBy`, only once a file whose path ends with that has been opened (a compaction's new log, say).
+ */
+function faultyFileSystem(failing: { sync: boolean; write: boolean; only?: string; armedBy?: string }): BlobStoreFileSystem {
+  let armed = failing.armedBy === undefined
   return {
     async open(path, flags) {
       const handle = await open(path, flags)
-      const faulty = failing.only === undefined || path.endsWith(failing.only)
+      if (failing.armedBy !== undefined && path.endsWith(failing.armedBy)) armed = true
+      const faulty = armed && (failing.only === undefined || path.endsWith(failing.only))
       const file: LogFile = {
         read: (buffer, offset, length, position) => handle.read(buffer, offset, length, position),
         write: async (buffer, offset, length) => {
@@ -443,10 +449,36 @@ describe('compaction', () => {
     let store = await openStore()
     for (let round = 0; round < 30; round++) await store.put(sealedRecord(1, round + 1))
     await store.close()
-    // Only the directory fsync that follows the rename fails.
-    await expect(openDiskBlobStore({ directory, compactAfterFrames: 10, fileSystem: faultyFileSystem({ sync: true, write: false, only: directory }) })).rejects.toThrow(/EIO/)
+    const before = (await stat(logPath())).size
+    const events: CompactionEvent[] = []
+    // Only the directory fsync that follows the rename fails: the open's own, before the compaction, goes through.
+    const fileSystem = faultyFileSystem({ sync: true, write: false, only: directory, armedBy: COMPACTING_FILE_NAME })
+    await expect(openDiskBlobStore({ directory, compactAfterFrames: 10, fileSystem, onCompaction: (event) => events.push(event) })).rejects.toThrow(
+      /^blob store compaction could not be made durable, reopen it to recover: EIO/,
+    )
+    expect(events).toEqual([{ outcome: 'failed', error: expect.stringContaining('EIO'), serving: false }])
+    // The rename happened: the next open finds the compacted log.
+    expect((await stat(logPath())).size).toBeLessThan(before / 10)
     store = await openStore()
     expect(await listAll(store)).toEqual([sealedRecord(1, 30)])
+  })
+
+  it('refuses every write of a running store whose compacted log cannot be made durable after the rename, until reopened', async () => {
+    const events: CompactionEvent[] = []
+    const fileSystem = faultyFileSystem({ sync: true, write: false, only: directory, armedBy: COMPACTING_FILE_NAME })
+    let store = await openDiskBlobStore({ directory, compactAfterFrames: 10, fileSystem, onCompaction: (event) => events.push(event) })
+    opened.push(store)
+    // Writes land until the compaction they set off fails after its rename; every later one is refused.
+    const outcomes = []
+    for (let round = 0; round < 30; round++) outcomes.push(await store.put(sealedRecord(1, round + 1)).then(() => 'stored', (error: Error) => error.message))
+    const firstRefused = outcomes.findIndex((outcome) => outcome !== 'stored')
+    expect(firstRefused).toBeGreaterThan(0)
+    expect(new Set(outcomes.slice(firstRefused))).toEqual(new Set([expect.stringMatching(/^blob store compaction could not be made durable, reopen it to recover: EIO/)]))
+    expect(events).toEqual([{ outcome: 'failed', error: expect.stringContaining('EIO'), serving: false }])
+    expect(store.writeFailure()).toMatch(/^blob store compaction could not be made durable/)
+    store = await reopen(store)
+    expect(await listAll(store)).toEqual([sealedRecord(1, firstRefused)])
+    expect(store.writeFailure()).toBeUndefined()
   })
 
   it('compacts a running store between groups; writes queued during it are durable', async () => {
