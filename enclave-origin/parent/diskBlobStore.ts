@@ -1,5 +1,5 @@
 import { createHash } from 'node:crypto'
-import { mkdir, open, realpath, rename, rm } from 'node:fs/promises'
+import { mkdir, open, readdir, realpath, rename, rm } from 'node:fs/promises'
 import { dirname, join } from 'node:path'
 import { crc32 } from 'node:zlib'
 import { messageOf } from '../errors.js'
@@ -133,7 +133,7 @@ async function openLocked(options: Required<DiskBlobStoreOptions> & { lock: Dire
     const { file: rawFile, created } = await openOrCreateLog(fileSystem, path)
     const file = countingFile(rawFile, counters)
     opened.push(file)
-    return { file, path, ...(await recoverLog({ file, path, kind, created, onDamage, keepAside: (bytes) => keepDamagedLogAside({ fileSystem, directory, name: kind.name, bytes }) })) }
+    return { file, path, created, ...(await recoverLog({ file, path, kind, created, onDamage, keepAside: (bytes) => keepDamagedLogAside({ fileSystem, directory, name: kind.name, bytes }) })) }
   }
   let log: Awaited<ReturnType<typeof recover>>
   let journal: Awaited<ReturnType<typeof recover>>
@@ -141,6 +141,7 @@ async function openLocked(options: Required<DiskBlobStoreOptions> & { lock: Dire
   try {
     log = await recover(RECORD_LOG)
     journal = await recover(STATE_JOURNAL)
+    if (log.created) await refuseLostLog({ directory, journalEntries: journal.entries.length, removeNewLog: () => rm(log.path, { force: true }) })
     // A new file's directory entry is not durable until the directory is fsynced, however often the file is: at every
     // open, since the process that made the files may have died before it did.
     await syncDirectory(fileSystem, directory)
@@ -505,6 +506,19 @@ const MAX_PAYLOAD_BYTES = 16 * 1024 * 1024
 const MAX_RESYNC_PAYLOAD_BYTES = 64 * 1024
 /** How much checksumming one open spends looking past damage before it gives up (tens of ms; random damage costs about 0.5 MiB of it per MiB). */
 const RESYNC_BUDGET_BYTES = 32 * 1024 * 1024
+
+/**
+ * A record log that had to be made while the directory shows it held one (state changes in the journal, a damaged
+ * copy kept aside) was lost, not never made: opened empty, the store would have the parent make a new data key and
+ * serve no keys, without a word. Refused, the new empty log removed so that the next open refuses too.
+ */
+async function refuseLostLog({ directory, journalEntries, removeNewLog }: { directory: string; journalEntries: number; removeNewLog: () => Promise<void> }): Promise<void> {
+  const damagedCopies = (await readdir(directory)).filter((name) => name.startsWith(`${LOG_FILE_NAME}.damaged-`))
+  const evidence = [journalEntries > 0 ? `${STATE_JOURNAL_FILE_NAME} holds ${journalEntries} state changes` : '', damagedCopies.length > 0 ? `damaged copies of it are kept (${damagedCopies.join(', ')})` : ''].filter(Boolean)
+  if (evidence.length === 0) return
+  await removeNewLog()
+  throw new Error(`${LOG_FILE_NAME} is missing from ${directory}, though ${evidence.join(' and ')}: its sealed keys and wrapped data key are gone from here. Restore it from a backup; to start an empty store on purpose, use an empty directory`)
+}
 
 async function openOrCreateLog(fileSystem: BlobStoreFileSystem, path: string): Promise<{ file: LogFile; created: boolean }> {
   try {

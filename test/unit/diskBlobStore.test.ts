@@ -430,6 +430,24 @@ describe('compaction', () => {
     expect((await stat(logPath())).size).toBe(size)
   })
 
+  it('refuses to open without its record log while the directory shows it had one, and keeps refusing; a new directory opens empty', async () => {
+    let store = await openStore()
+    await store.put(sealedRecord(1))
+    await store.setState('key-1', 'frozen')
+    await store.close()
+    await rm(logPath())
+    const refusal = `${LOG_FILE_NAME} is missing from ${directory}, though ${STATE_JOURNAL_FILE_NAME} holds 1 state changes: its sealed keys and wrapped data key are gone from here. Restore it from a backup; to start an empty store on purpose, use an empty directory`
+    await expect(openDiskBlobStore({ directory })).rejects.toThrow(refusal)
+    await expect(stat(logPath())).rejects.toThrow(/ENOENT/)
+    await expect(openDiskBlobStore({ directory })).rejects.toThrow(refusal)
+    await rm(join(directory, STATE_JOURNAL_FILE_NAME))
+    await writeFile(join(directory, `${LOG_FILE_NAME}.damaged-0123456789abcdef`), 'kept aside')
+    await expect(openDiskBlobStore({ directory })).rejects.toThrow(`though damaged copies of it are kept (${LOG_FILE_NAME}.damaged-0123456789abcdef)`)
+    await rm(join(directory, `${LOG_FILE_NAME}.damaged-0123456789abcdef`))
+    store = await openStore()
+    expect(await listAll(store)).toEqual([])
+  })
+
   it('keeps serving from the old log when compaction fails', async () => {
     let store = await openStore()
     for (let round = 0; round < 30; round++) await store.put(sealedRecord(1, round + 1))
