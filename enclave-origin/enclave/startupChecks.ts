@@ -40,25 +40,43 @@ export async function checkStartup(options: {
     throw new Error('refusing to start: the production profile reaches KMS over TLS only (KMS_ENDPOINT must be an https:// URL)')
   }
   // And only KMS itself: a public certificate proves a host's name, so the name must be KMS's, in the key's region.
-  const region = options.kmsKeyId.split(':')[3]!
-  if (options.kmsEndpoint !== undefined && !isKmsHost(new URL(options.kmsEndpoint).hostname, region)) {
-    throw new Error(`refusing to start: KMS_ENDPOINT must name KMS in the key's region (kms.${region}.amazonaws.com, kms-fips.${region}.amazonaws.com or a KMS VPC endpoint), got ${options.kmsEndpoint}`)
+  // (Whose certificates vouch for it is fixed too: the production KMS client trusts Node's bundled roots alone.)
+  if (options.kmsEndpoint !== undefined) {
+    const [, partition = '', , region = ''] = options.kmsKeyId.split(':')
+    const hosts = kmsHosts(partition, region)
+    if (!hosts.test(new URL(options.kmsEndpoint).hostname.toLowerCase().replace(/\.$/, ''))) {
+      throw new Error(`refusing to start: KMS_ENDPOINT must name KMS in the key's partition and region (${kmsHostExample(partition, region)}, its kms-fips, dual-stack or VPC endpoint names), got ${options.kmsEndpoint}`)
+    }
   }
-  const env = options.env ?? process.env
-  if (env.NODE_TLS_REJECT_UNAUTHORIZED === '0') {
+  if ((options.env ?? process.env).NODE_TLS_REJECT_UNAUTHORIZED === '0') {
     throw new Error('refusing to start: NODE_TLS_REJECT_UNAUTHORIZED=0 turns off the check of KMS\'s TLS certificate')
-  }
-  // Each adds certificate authorities that Node trusts for KMS besides its own bundle. The enclave talks to KMS alone,
-  // which needs none of them; a base image that sets them (to the system bundle, say) must unset them.
-  const addedAuthorities = ['NODE_EXTRA_CA_CERTS', 'SSL_CERT_FILE', 'SSL_CERT_DIR'].filter((name) => env[name])
-  if (/--use-openssl-ca|--use-system-ca/.test(env.NODE_OPTIONS ?? '')) addedAuthorities.push('NODE_OPTIONS (--use-openssl-ca or --use-system-ca)')
-  if (addedAuthorities.length > 0) {
-    throw new Error(`refusing to start: ${addedAuthorities.join(', ')} would have KMS's TLS certificate checked against authorities besides Node's own`)
   }
 }
 
-/** KMS's public endpoints in `region` (the China partition's included) and its VPC endpoints' DNS names. */
-function isKmsHost(host: string, region: string): boolean {
-  const escaped = region.replace(/[^a-z0-9-]/g, '')
-  return new RegExp(`^(kms|kms-fips)\\.${escaped}\\.amazonaws\\.com(\\.cn)?$|^vpce-[a-z0-9-]+\\.kms\\.${escaped}\\.vpce\\.amazonaws\\.com$`).test(host.toLowerCase())
+/** The DNS suffix of each AWS partition's service endpoints. */
+const partitionSuffixes: Record<string, string> = {
+  aws: 'amazonaws.com',
+  'aws-us-gov': 'amazonaws.com',
+  'aws-cn': 'amazonaws.com.cn',
+  'aws-iso': 'c2s.ic.gov',
+  'aws-iso-b': 'sc2s.sgov.gov',
+  'aws-iso-e': 'cloud.adc-e.uk',
+  'aws-iso-f': 'csp.hci.ic.gov',
+}
+
+function kmsHostExample(partition: string, region: string): string {
+  return `kms.${region}.${partitionSuffixes[partition] ?? 'amazonaws.com'}`
+}
+
+/**
+ * KMS's endpoint names in `region` of `partition`: `kms` and `kms-fips`, their dual-stack names (`api.aws`) in the
+ * commercial and GovCloud partitions, and its VPC endpoints' (`vpce-….kms[-fips].<region>.vpce.<suffix>`). A
+ * partition this does not know matches nothing.
+ */
+function kmsHosts(partition: string, region: string): RegExp {
+  const suffix = partitionSuffixes[partition]
+  if (suffix === undefined || !/^[a-z0-9-]+$/.test(region)) return /(?!)/
+  const escaped = suffix.replace(/\./g, '\\.')
+  const dualStack = partition === 'aws' || partition === 'aws-us-gov' ? `|api\\.aws` : ''
+  return new RegExp(`^kms(-fips)?\\.${region}\\.(${escaped}${dualStack})$|^vpce-[a-z0-9-]+\\.kms(-fips)?\\.${region}\\.vpce\\.${escaped}$`)
 }

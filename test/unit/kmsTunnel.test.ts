@@ -1,4 +1,10 @@
+import { execFile } from 'node:child_process'
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs'
 import { connect, createServer, type Server, type Socket } from 'node:net'
+import { tmpdir } from 'node:os'
+import path from 'node:path'
+import { pathToFileURL } from 'node:url'
+import { promisify } from 'node:util'
 import { createServer as createTlsServer } from 'node:tls'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import { developmentAttestation, KmsDataKeys } from '../../enclave-origin/enclave/dataKey.js'
@@ -16,7 +22,7 @@ import { startTestCa, type TestCa } from '../support/testCertificates.js'
  * host name resolves nowhere: a request that arrives went through the tunnel.
  */
 
-const ports = { kms: 18701, front: 18702, relay: 18703, impostor: 18704, closed: 18705, silent: 18707 }
+const ports = { kms: 18701, front: 18702, relay: 18703, impostor: 18704, closed: 18705, silent: 18707, direct: 18708 }
 const kmsHost = 'kms.tunnel.test'
 
 let kms: LocalKms
@@ -64,6 +70,8 @@ beforeAll(async () => {
   await pipeServer({ port: ports.relay, to: ports.front, seen: (chunk) => relayed.push(chunk) })
   // A parent that ends TLS itself, with a certificate of its own for the same name.
   await tlsFront(ports.impostor, otherCa.issue('kms', `DNS:${kmsHost}`))
+  // KMS reached without a tunnel, at an address (the certificate names it).
+  await tlsFront(ports.direct, ca.issue('kms-direct', 'IP:127.0.0.1'))
   // A proxy that takes the connection and then says nothing.
   const silent = createServer((socket) => held.push(socket))
   servers.push(silent)
@@ -143,5 +151,58 @@ describe('KMS through the tunnel', () => {
     } finally {
       client.destroy()
     }
+  })
+})
+
+describe('the production enclave\u2019s KMS client', () => {
+  /**
+   * One data key made in a process of its own, whose NODE_EXTRA_CA_CERTS adds the CA of the local KMS's TLS front (as
+   * a base image, or an attacker's configuration, might): with `tls` `bundledRootsOnly` or not, through the tunnel or
+   * straight to the front. What it printed: `made`, or the error.
+   */
+  async function makeKeyWithExtraCa({ pinned, tunnel, env = {} }: { pinned: boolean; tunnel: boolean; env?: Record<string, string> }): Promise<string> {
+    const dir = mkdtempSync(path.join(tmpdir(), 'extra-ca-'))
+    try {
+      writeFileSync(path.join(dir, 'ca.pem'), ca.caPem)
+      const module = (file: string) => JSON.stringify(pathToFileURL(path.resolve(file)).href)
+      const script = `
+        import { bundledRootsOnly, enclaveKmsClient } from ${module('enclave-origin/enclave/kmsClient.ts')}
+        import { DeliveredCredentials } from ${module('enclave-origin/enclave/deliveredCredentials.ts')}
+        import { developmentAttestation, KmsDataKeys } from ${module('enclave-origin/enclave/dataKey.ts')}
+        const { credentials, kmsKeyId, endpoint, tunnelPort, pinned } = JSON.parse(process.env.CASE)
+        const delivered = new DeliveredCredentials()
+        delivered.set(credentials)
+        const client = enclaveKmsClient({ endpoint, region: credentials.region, credentials: delivered, timeoutMs: 5000, tunnel: tunnelPort ? { host: '127.0.0.1', port: tunnelPort } : undefined, tls: pinned ? bundledRootsOnly : undefined })
+        await new KmsDataKeys({ client, kmsKeyId, attestation: developmentAttestation }).generate().then(() => console.log('made'), (error) => console.log(error.message))
+        client.destroy()
+      `
+      const testCase = {
+        credentials: kms.credentials,
+        kmsKeyId: kms.createSymmetricKey(),
+        endpoint: 'AWS_ENDPOINT_URL_KMS' in env ? undefined : tunnel ? `https://${kmsHost}` : `https://127.0.0.1:${ports.direct}`,
+        tunnelPort: tunnel ? ports.relay : undefined,
+        pinned,
+      }
+      const { stdout } = await promisify(execFile)(process.execPath, ['--import', 'tsx', '--input-type=module', '-e', script], {
+        env: { ...process.env, NODE_EXTRA_CA_CERTS: path.join(dir, 'ca.pem'), CASE: JSON.stringify(testCase), ...env },
+        timeout: 20_000,
+      })
+      return stdout.trim()
+    } finally {
+      rmSync(dir, { recursive: true, force: true })
+    }
+  }
+
+  it.each([true, false])('trusts Node\u2019s bundled roots alone, not a CA added by NODE_EXTRA_CA_CERTS (through the tunnel: %s)', async (tunnel) => {
+    // Without the pin, the added CA vouches for whoever holds its certificate: the key is made.
+    expect(await makeKeyWithExtraCa({ pinned: false, tunnel })).toBe('made')
+    expect(await makeKeyWithExtraCa({ pinned: true, tunnel })).toMatch(/unable to verify|unable to get local issuer|self[- ]signed/)
+  })
+
+  it('takes its endpoint from KMS_ENDPOINT or the region, never from AWS_ENDPOINT_URL_KMS, which the start-up checks do not see', async () => {
+    // That endpoint would make the key (its CA is trusted here); the region's own cannot be reached from this machine.
+    const made = await makeKeyWithExtraCa({ pinned: false, tunnel: false, env: { AWS_ENDPOINT_URL_KMS: `https://127.0.0.1:${ports.direct}` } })
+    expect(made).not.toBe('made')
+    expect(made).toMatch(/ENOTFOUND|EAI_AGAIN|getaddrinfo|ECONNREFUSED|ENETUNREACH|timed? ?out/i)
   })
 })

@@ -44,19 +44,28 @@ describe('enclave start-up checks', () => {
       "refusing to start: NODE_TLS_REJECT_UNAUTHORIZED=0 turns off the check of KMS's TLS certificate",
     )
     await expect(checkStartup({ ...production, kmsEndpoint: 'https://kms.us-east-1.amazonaws.com', env: { NODE_TLS_REJECT_UNAUTHORIZED: '1' } })).resolves.toBeUndefined()
-    // TLS to a host of someone else's with a public certificate, or checked against authorities added to Node's.
-    for (const kmsEndpoint of ['https://kms.example.com', 'https://kms.eu-west-1.amazonaws.com', 'https://kms.us-east-1.amazonaws.com.example.com']) {
-      await expect(checkStartup({ ...production, kmsEndpoint })).rejects.toThrow(`refusing to start: KMS_ENDPOINT must name KMS in the key's region (kms.us-east-1.amazonaws.com, kms-fips.us-east-1.amazonaws.com or a KMS VPC endpoint), got ${kmsEndpoint}`)
+    // TLS to a host of someone else's with a public certificate.
+    const refusal = (example: string, endpoint: string) =>
+      `refusing to start: KMS_ENDPOINT must name KMS in the key's partition and region (${example}, its kms-fips, dual-stack or VPC endpoint names), got ${endpoint}`
+    for (const kmsEndpoint of ['https://kms.example.com', 'https://kms.eu-west-1.amazonaws.com', 'https://kms.us-east-1.amazonaws.com.example.com', 'https://kms.us-east-1.amazonaws.com.cn', 'https://[::1]']) {
+      await expect(checkStartup({ ...production, kmsEndpoint })).rejects.toThrow(refusal('kms.us-east-1.amazonaws.com', kmsEndpoint))
     }
-    for (const kmsEndpoint of ['https://kms-fips.us-east-1.amazonaws.com', 'https://vpce-0a1b2c3d4e5f-abcdefgh.kms.us-east-1.vpce.amazonaws.com', 'https://KMS.us-east-1.amazonaws.com:443/']) {
-      await expect(checkStartup({ ...production, kmsEndpoint })).resolves.toBeUndefined()
-    }
-    for (const [env, named] of [
-      [{ NODE_EXTRA_CA_CERTS: '/tmp/ca.pem' }, 'NODE_EXTRA_CA_CERTS'],
-      [{ SSL_CERT_FILE: '/tmp/ca.pem', NODE_OPTIONS: '--use-openssl-ca' }, 'SSL_CERT_FILE, NODE_OPTIONS (--use-openssl-ca or --use-system-ca)'],
-    ] as const) {
-      await expect(checkStartup({ ...production, env })).rejects.toThrow(`refusing to start: ${named} would have KMS's TLS certificate checked against authorities besides Node's own`)
-    }
+    const accepted: Array<[string, string]> = [
+      [keyArn, 'https://kms-fips.us-east-1.amazonaws.com'],
+      [keyArn, 'https://vpce-0a1b2c3d4e5f-abcdefgh.kms.us-east-1.vpce.amazonaws.com'],
+      [keyArn, 'https://vpce-0a1b2c3d4e5f-abcdefgh.kms-fips.us-east-1.vpce.amazonaws.com'],
+      [keyArn, 'https://KMS.us-east-1.amazonaws.com.:443/'],
+      [keyArn, 'https://kms.us-east-1.api.aws'],
+      ['arn:aws-cn:kms:cn-north-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab', 'https://kms.cn-north-1.amazonaws.com.cn'],
+      ['arn:aws-cn:kms:cn-north-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab', 'https://vpce-0a1b-xyz.kms.cn-north-1.vpce.amazonaws.com.cn'],
+      ['arn:aws-us-gov:kms:us-gov-west-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab', 'https://kms-fips.us-gov-west-1.amazonaws.com'],
+      ['arn:aws-iso:kms:us-iso-east-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab', 'https://kms.us-iso-east-1.c2s.ic.gov'],
+    ]
+    for (const [kmsKeyId, kmsEndpoint] of accepted) await expect(checkStartup({ ...production, kmsKeyId, kmsEndpoint }), kmsEndpoint).resolves.toBeUndefined()
+    const china = 'arn:aws-cn:kms:cn-north-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab'
+    await expect(checkStartup({ ...production, kmsKeyId: china, kmsEndpoint: 'https://kms.cn-north-1.amazonaws.com' })).rejects.toThrow(
+      refusal('kms.cn-north-1.amazonaws.com.cn', 'https://kms.cn-north-1.amazonaws.com'),
+    )
     // Development allows both (the local KMS server of the tests speaks plain HTTP).
     await expect(checkStartup({ ...production, profile: 'development', kmsEndpoint: 'http://127.0.0.1:4599', env: { NODE_TLS_REJECT_UNAUTHORIZED: '0' } })).resolves.toBeUndefined()
   })
