@@ -11,7 +11,7 @@
  * ORIGIN_TIMEOUT_MS: how long a command waits for an answer (see answerTimeoutMs).
  */
 import { X509Certificate } from 'node:crypto'
-import { readFileSync, writeFileSync } from 'node:fs'
+import { readFileSync, writeFileSync, writeSync } from 'node:fs'
 import { request as httpRequest, type IncomingHttpHeaders } from 'node:http'
 import { request as httpsRequest } from 'node:https'
 import { integerSetting, logLine, setting, wholeNumberIn } from './config.js'
@@ -108,9 +108,7 @@ async function call(method: 'GET' | 'POST', path: string, json?: unknown, waitin
   // Anything but a JSON object (a proxy's error page, say): the status says more.
   const answer = jsonObjectOf(response.text)
   if (response.status < 200 || response.status > 299 || answer === undefined) {
-    const text = `${method} ${path}: ${response.status} ${answer === undefined ? '(not JSON)' : JSON.stringify(answer)}`
-    // A 2xx that is not JSON did something all the same.
-    throw answer === undefined && response.status >= 200 && response.status <= 299 ? new Error(text) : new ParentRefusal(text)
+    throw new ParentAnswerError(`${method} ${path}: ${response.status} ${answer === undefined ? '(not JSON)' : JSON.stringify(answer)}`, response.status, answer)
   }
   return answer
 }
@@ -155,8 +153,28 @@ class Progress {
   }
 }
 
-/** The parent answered, and said no: nothing was done (unless its answer says it may still take effect). */
-class ParentRefusal extends Error {}
+/** An answer that was not the JSON success asked for: its status, and its JSON object if it was one. */
+class ParentAnswerError extends Error {
+  constructor(
+    message: string,
+    readonly status: number,
+    readonly answer: Record<string, unknown> | undefined,
+  ) {
+    super(message)
+  }
+}
+
+/**
+ * Whether a create that failed with `error` certainly made no key: the parent refused it (a request it could not
+ * take or authenticate, a create shed for load or waiting for an unlock, one refused while the store is behind).
+ * Anything else may have made one: a timeout, a cut connection, a proxy's page, an origin that failed mid-create.
+ */
+function madeNoKey(error: unknown): boolean {
+  if (!(error instanceof ParentAnswerError) || error.answer === undefined) return false
+  if ([400, 401, 403, 404, 405, 409, 413].includes(error.status)) return true
+  const reason = String(error.answer.error ?? '')
+  return error.status === 503 && (reason === 'overloaded' || reason === 'needs_unlock' || reason.startsWith('no key is created while'))
+}
 
 /**
  * Creates `count` keys, `concurrency` at a time, printing each as it is made.
@@ -171,15 +189,21 @@ async function createKeys(count: number, concurrency: number): Promise<void> {
   let done = 0
   let underWay = 0
   let failure: unknown
+  /** Failed creates that may have made a key all the same (see `madeNoKey`). */
+  let mayHaveMade = 0
   let interrupted = false
+  /** Key lines stdout would not take, and those handed to it whose write has not called back yet. */
   const unprinted: string[] = []
+  const writing = new Set<string>()
   const interrupt = () => {
     if (!interrupted) {
       interrupted = true
       process.stderr.write(`\nstopping: waiting for the ${underWay} creates under way, whose keys are printed too (Ctrl-C again to quit without them)\n`)
       return
     }
-    process.stderr.write(`\nquit with ${underWay} creates under way: keys they make will not be printed, and no route lists keys\n`)
+    // Written at once, as the process ends here: keys it holds that may not have reached stdout go with it.
+    const unsure = [...writing, ...unprinted]
+    writeSync(2, `\nquit with ${underWay} creates under way: keys they make will not be printed, and no route lists keys\n${unsure.length > 0 ? `these keys were made, but may not have reached stdout:\n${unsure.join('\n')}\n` : ''}`)
     process.exit(130)
   }
   process.on('SIGINT', interrupt)
@@ -189,7 +213,9 @@ async function createKeys(count: number, concurrency: number): Promise<void> {
   const print = (line: string) =>
     new Promise<void>((resolve) => {
       if (unprinted.length > 0) return resolve(void unprinted.push(line))
+      writing.add(line)
       process.stdout.write(`${line}\n`, (error) => {
+        writing.delete(line)
         if (error) {
           unprinted.push(line)
           failure ??= new Error(`stdout would not take a key's line (${(error as NodeJS.ErrnoException).code ?? error.message})`)
@@ -209,6 +235,7 @@ async function createKeys(count: number, concurrency: number): Promise<void> {
         progress.show(++done)
       } catch (error) {
         failure ??= error
+        if (!madeNoKey(error)) mayHaveMade += 1
       } finally {
         underWay--
       }
@@ -220,15 +247,12 @@ async function createKeys(count: number, concurrency: number): Promise<void> {
     process.off('SIGINT', interrupt)
     process.stdout.off('error', ignoreStdoutError)
   }
-  if (unprinted.length > 0) process.stderr.write(`these keys were made, but stdout would not take them:\n${unprinted.join('\n')}\n`)
   if (done === count && failure === undefined) return
   if (done > 0) progress.end()
+  if (unprinted.length > 0) process.stderr.write(`these keys were made, but stdout would not take them:\n${unprinted.join('\n')}\n`)
   const printed = unprinted.length > 0 ? `each printed above (${unprinted.length} on stderr)` : 'each printed above'
-  // A create given up on, cut off or answered oddly may have made a key, as may one the parent says may still take effect.
-  const maybeMade = failure !== undefined && (!(failure instanceof ParentRefusal) || /may still take effect/.test(failure.message)) && unprinted.length === 0
-  throw new Error(
-    `created ${done} of ${count} keys, ${printed}; stopped ${failure === undefined ? 'at an interrupt' : `after a failure: ${messageOf(failure)}`}${maybeMade ? '. The failed create may still have made a key, whose id was not printed' : ''}`,
-  )
+  const unsure = mayHaveMade === 0 ? '' : mayHaveMade === 1 ? '. A failed create may still have made a key, whose id was not printed' : `. ${mayHaveMade} failed creates may still have made keys, whose ids were not printed`
+  throw new Error(`created ${done} of ${count} keys, ${printed}; stopped ${failure === undefined ? 'at an interrupt' : `after a failure: ${messageOf(failure)}`}${unsure}`)
 }
 
 async function serve(start: () => Promise<() => Promise<void>>): Promise<void> {

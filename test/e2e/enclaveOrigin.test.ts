@@ -296,14 +296,33 @@ describe('the operators\u2019 CLI', () => {
     }
   })
 
-  it('says a create it gave up on may still have made a key', async () => {
+  it('says a create it gave up on, or that failed in the origin, may still have made a key; one the parent refused did not', async () => {
     const origin = await keyMakingOrigin(2_000)
     try {
       const { code, stderr } = await cliProcess(origin.url, ['create-keys', '--count', '1'], { ORIGIN_TIMEOUT_MS: '300' }).ended
       expect(code).toBe(1)
-      expect(stderr).toMatch(/created 0 of 1 keys, each printed above; stopped after a failure: the parent at \S+ sent nothing for 0\.3 s: POST \/v1\/keys given up\. The failed create may still have made a key, whose id was not printed\n/)
+      expect(stderr).toMatch(/created 0 of 1 keys, each printed above; stopped after a failure: the parent at \S+ sent nothing for 0\.3 s: POST \/v1\/keys given up\. A failed create may still have made a key, whose id was not printed\n/)
     } finally {
       origin.close()
+    }
+    const answers: Array<[number, string, boolean]> = [
+      [503, '{"error":"origin unavailable: the disk is full"}', true],
+      [502, '<html>bad gateway</html>', true],
+      [403, '{"error":"this HMAC key may only sign and read keys"}', false],
+      [503, '{"error":"no key is created while the store has not confirmed earlier writes (1 still waiting after 10000 ms)"}', false],
+    ]
+    for (const [status, body, mayHaveMade] of answers) {
+      const answering = createServer((request, response) => {
+        request.resume()
+        response.writeHead(status, { 'content-type': 'application/json' }).end(body)
+      })
+      await new Promise<void>((resolve) => answering.listen(0, '127.0.0.1', resolve))
+      try {
+        const { code, stderr } = await cliProcess(`http://127.0.0.1:${(answering.address() as AddressInfo).port}`, ['create-keys', '--count', '1']).ended
+        expect({ code, status, note: stderr.includes('may still have made a key') }).toEqual({ code: 1, status, note: mayHaveMade })
+      } finally {
+        answering.close()
+      }
     }
   })
 
