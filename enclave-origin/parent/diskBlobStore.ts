@@ -1,5 +1,5 @@
 import { createHash } from 'node:crypto'
-import { mkdir, open, readdir, realpath, rename, rm } from 'node:fs/promises'
+import { mkdir, open, readdir, realpath, rename, rm, stat } from 'node:fs/promises'
 import { dirname, join } from 'node:path'
 import { crc32 } from 'node:zlib'
 import { messageOf } from '../errors.js'
@@ -127,13 +127,14 @@ async function openLocked(options: Required<DiskBlobStoreOptions> & { lock: Dire
   const counters: DiskBlobStoreStats = { writes: 0, fsyncs: 0, groups: 0, records: 0, compactedFrames: 0 }
   // What a compaction interrupted by a crash left behind; the log itself is intact.
   await rm(join(directory, COMPACTING_FILE_NAME), { force: true })
+  await refuseLostLog(directory)
   const opened: LogFile[] = []
   const recover = async (kind: LogKind) => {
     const path = join(directory, kind.name)
     const { file: rawFile, created } = await openOrCreateLog(fileSystem, path)
     const file = countingFile(rawFile, counters)
     opened.push(file)
-    return { file, path, created, ...(await recoverLog({ file, path, kind, created, onDamage, keepAside: (bytes) => keepDamagedLogAside({ fileSystem, directory, name: kind.name, bytes }) })) }
+    return { file, path, ...(await recoverLog({ file, path, kind, created, onDamage, keepAside: (bytes) => keepDamagedLogAside({ fileSystem, directory, name: kind.name, bytes }) })) }
   }
   let log: Awaited<ReturnType<typeof recover>>
   let journal: Awaited<ReturnType<typeof recover>>
@@ -141,7 +142,6 @@ async function openLocked(options: Required<DiskBlobStoreOptions> & { lock: Dire
   try {
     log = await recover(RECORD_LOG)
     journal = await recover(STATE_JOURNAL)
-    if (log.created) await refuseLostLog({ directory, journalEntries: journal.entries.length, removeNewLog: () => rm(log.path, { force: true }) })
     // A new file's directory entry is not durable until the directory is fsynced, however often the file is: at every
     // open, since the process that made the files may have died before it did.
     await syncDirectory(fileSystem, directory)
@@ -508,16 +508,27 @@ const MAX_RESYNC_PAYLOAD_BYTES = 64 * 1024
 const RESYNC_BUDGET_BYTES = 32 * 1024 * 1024
 
 /**
- * A record log that had to be made while the directory shows it held one (state changes in the journal, a damaged
- * copy kept aside) was lost, not never made: opened empty, the store would have the parent make a new data key and
- * serve no keys, without a word. Refused, the new empty log removed so that the next open refuses too.
+ * Refuses a directory whose record log is missing, or holds less than its header, while the directory shows the
+ * store had one: the state journal (made only after the log's header is durable, at the first open) or a damaged
+ * copy kept aside. Opened, it would be an empty store, and the parent would make a new data key and serve no keys
+ * without a word. Checked before anything is created, so a refused open changes nothing and the next one refuses too.
  */
-async function refuseLostLog({ directory, journalEntries, removeNewLog }: { directory: string; journalEntries: number; removeNewLog: () => Promise<void> }): Promise<void> {
-  const damagedCopies = (await readdir(directory)).filter((name) => name.startsWith(`${LOG_FILE_NAME}.damaged-`))
-  const evidence = [journalEntries > 0 ? `${STATE_JOURNAL_FILE_NAME} holds ${journalEntries} state changes` : '', damagedCopies.length > 0 ? `damaged copies of it are kept (${damagedCopies.join(', ')})` : ''].filter(Boolean)
+async function refuseLostLog(directory: string): Promise<void> {
+  const logBytes = await stat(join(directory, LOG_FILE_NAME)).then(
+    (found) => found.size,
+    (error: NodeJS.ErrnoException) => {
+      if (error.code === 'ENOENT') return undefined
+      throw error
+    },
+  )
+  if (logBytes !== undefined && logBytes >= LOG_MAGIC.length) return
+  const names = await readdir(directory)
+  const damagedCopies = names.filter((name) => name.startsWith(`${LOG_FILE_NAME}.damaged-`))
+  const evidence = [names.includes(STATE_JOURNAL_FILE_NAME) ? `${STATE_JOURNAL_FILE_NAME} is there` : '', damagedCopies.length > 0 ? `damaged copies of it are kept (${damagedCopies.join(', ')})` : ''].filter(Boolean)
   if (evidence.length === 0) return
-  await removeNewLog()
-  throw new Error(`${LOG_FILE_NAME} is missing from ${directory}, though ${evidence.join(' and ')}: its sealed keys and wrapped data key are gone from here. Restore it from a backup; to start an empty store on purpose, use an empty directory`)
+  throw new Error(
+    `${LOG_FILE_NAME} is ${logBytes === undefined ? 'missing from' : 'empty in'} ${directory}, though ${evidence.join(' and ')}: its sealed keys and wrapped data key are gone from here. Restore it from a backup; if this store never held a key, remove ${STATE_JOURNAL_FILE_NAME} to start it empty`,
+  )
 }
 
 async function openOrCreateLog(fileSystem: BlobStoreFileSystem, path: string): Promise<{ file: LogFile; created: boolean }> {

@@ -430,19 +430,29 @@ describe('compaction', () => {
     expect((await stat(logPath())).size).toBe(size)
   })
 
-  it('refuses to open without its record log while the directory shows it had one, and keeps refusing; a new directory opens empty', async () => {
-    let store = await openStore()
+  it('refuses to open without its record log while the directory shows it had one, changing nothing, and keeps refusing', async () => {
+    let store = await openDiskBlobStore({ directory, compactAfterFrames: 10 })
+    opened.push(store)
     await store.put(sealedRecord(1))
     await store.setState('key-1', 'frozen')
+    // Compacted since: the journal is empty, and still shows that the store had a log.
+    for (let round = 0; round < 30; round++) await store.put(sealedRecord(2, round + 1))
+    expect(store.stats().compactedFrames).toBeGreaterThan(0)
     await store.close()
+    const refusal = (how: string, evidence: string) =>
+      `${LOG_FILE_NAME} is ${how} ${directory}, though ${evidence}: its sealed keys and wrapped data key are gone from here. Restore it from a backup; if this store never held a key, remove ${STATE_JOURNAL_FILE_NAME} to start it empty`
     await rm(logPath())
-    const refusal = `${LOG_FILE_NAME} is missing from ${directory}, though ${STATE_JOURNAL_FILE_NAME} holds 1 state changes: its sealed keys and wrapped data key are gone from here. Restore it from a backup; to start an empty store on purpose, use an empty directory`
-    await expect(openDiskBlobStore({ directory })).rejects.toThrow(refusal)
-    await expect(stat(logPath())).rejects.toThrow(/ENOENT/)
-    await expect(openDiskBlobStore({ directory })).rejects.toThrow(refusal)
+    const before = (await readdir(directory)).sort()
+    await expect(openDiskBlobStore({ directory })).rejects.toThrow(refusal('missing from', `${STATE_JOURNAL_FILE_NAME} is there`))
+    expect((await readdir(directory)).sort()).toEqual(before)
+    await expect(openDiskBlobStore({ directory })).rejects.toThrow(refusal('missing from', `${STATE_JOURNAL_FILE_NAME} is there`))
+    // Found empty (a restore that wrote nothing), it is as lost.
+    await writeFile(logPath(), '')
+    await expect(openDiskBlobStore({ directory })).rejects.toThrow(refusal('empty in', `${STATE_JOURNAL_FILE_NAME} is there`))
+    await rm(logPath())
     await rm(join(directory, STATE_JOURNAL_FILE_NAME))
     await writeFile(join(directory, `${LOG_FILE_NAME}.damaged-0123456789abcdef`), 'kept aside')
-    await expect(openDiskBlobStore({ directory })).rejects.toThrow(`though damaged copies of it are kept (${LOG_FILE_NAME}.damaged-0123456789abcdef)`)
+    await expect(openDiskBlobStore({ directory })).rejects.toThrow(refusal('missing from', `damaged copies of it are kept (${LOG_FILE_NAME}.damaged-0123456789abcdef)`))
     await rm(join(directory, `${LOG_FILE_NAME}.damaged-0123456789abcdef`))
     store = await openStore()
     expect(await listAll(store)).toEqual([])
