@@ -1,6 +1,6 @@
 import { KMSClient } from '@aws-sdk/client-kms'
 import { Agent } from 'node:https'
-import { rootCertificates, type ConnectionOptions } from 'node:tls'
+import { createSecureContext, rootCertificates, type ConnectionOptions } from 'node:tls'
 import { boundedAwsRequests } from '../awsRequests.js'
 import type { StreamAddress } from '../config.js'
 import type { DeliveredCredentials } from './deliveredCredentials.js'
@@ -9,9 +9,14 @@ import { kmsTunnelAgent } from './kmsTunnel.js'
 /**
  * TLS that trusts Node's bundled Mozilla roots and nothing else: an explicit `ca` replaces the root store, so no
  * authority added by NODE_EXTRA_CA_CERTS, `--use-openssl-ca`, `--use-system-ca` or the like can vouch for KMS.
- * The production enclave's KMS connections use it: only TLS proves a data key came from KMS.
+ * One context, made once: a `ca` option would have each connection parse the whole bundle again.
  */
-export const bundledRootsOnly: ConnectionOptions = { ca: [...rootCertificates] }
+export const bundledRootsOnly: ConnectionOptions = { secureContext: createSecureContext({ ca: [...rootCertificates] }) }
+
+/** The TLS options of the enclave's KMS connections by profile: production's trust Node's bundled roots alone (only TLS proves a data key came from KMS). */
+export function kmsTlsFor(profile: 'production' | 'development'): ConnectionOptions | undefined {
+  return profile === 'production' ? bundledRootsOnly : undefined
+}
 
 /**
  * The enclave's KMS client: credentials as the parent delivers them, each

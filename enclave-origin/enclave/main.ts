@@ -5,7 +5,7 @@ import { DeliveredCredentials } from './deliveredCredentials.js'
 import { SignEngine } from './engine.js'
 import { KeyCache, steadyWallClock } from './keyCache.js'
 import { LogRing } from './logRing.js'
-import { bundledRootsOnly, enclaveKmsClient } from './kmsClient.js'
+import { enclaveKmsClient, kmsTlsFor } from './kmsClient.js'
 import { memoryWatch } from './memory.js'
 import { openNitroAttestation } from './nitroAttestation.js'
 import { EnclaveService, serveEnclave } from './server.js'
@@ -49,7 +49,7 @@ export async function runEnclave(): Promise<() => Promise<void>> {
     credentials,
     timeoutMs: kmsTimeoutMs,
     tunnel: process.env.KMS_TUNNEL ? listenAddress(process.env.KMS_TUNNEL) : undefined,
-    tls: profile === 'production' ? bundledRootsOnly : undefined,
+    tls: kmsTlsFor(profile),
   })
   // Two attempts, each connecting and waiting for the answer's head within KMS_TIMEOUT_MS: four of them in all.
   const dataKeys = new KmsDataKeys({ client, kmsKeyId, attestation, callTimeoutMs: 4 * kmsTimeoutMs })

@@ -41,8 +41,11 @@ export async function checkStartup(options: {
   }
   // And only KMS itself: a public certificate proves a host's name, so the name must be KMS's, in the key's region.
   // (Whose certificates vouch for it is fixed too: the production KMS client trusts Node's bundled roots alone.)
+  const [, partition = '', , region = ''] = options.kmsKeyId.split(':')
+  if (partitions[partition] === undefined) {
+    throw new Error(`refusing to start: the production profile reaches KMS in the ${Object.keys(partitions).join(', ')} partitions, whose certificates Node's bundled roots vouch for, and the key is in ${partition}`)
+  }
   if (options.kmsEndpoint !== undefined) {
-    const [, partition = '', , region = ''] = options.kmsKeyId.split(':')
     const hosts = kmsHosts(partition, region)
     if (!hosts.test(new URL(options.kmsEndpoint).hostname.toLowerCase().replace(/\.$/, ''))) {
       throw new Error(`refusing to start: KMS_ENDPOINT must name KMS in the key's partition and region (${kmsHostExample(partition, region)}, its kms-fips, dual-stack or VPC endpoint names), got ${options.kmsEndpoint}`)
@@ -53,30 +56,29 @@ export async function checkStartup(options: {
   }
 }
 
-/** The DNS suffix of each AWS partition's service endpoints. */
-const partitionSuffixes: Record<string, string> = {
-  aws: 'amazonaws.com',
-  'aws-us-gov': 'amazonaws.com',
-  'aws-cn': 'amazonaws.com.cn',
-  'aws-iso': 'c2s.ic.gov',
-  'aws-iso-b': 'sc2s.sgov.gov',
-  'aws-iso-e': 'cloud.adc-e.uk',
-  'aws-iso-f': 'csp.hci.ic.gov',
+/**
+ * The DNS suffixes of each AWS partition's service endpoints and of its dual-stack ones, for the partitions whose
+ * endpoints carry certificates from public authorities in Node's bundled roots, which the production KMS client
+ * trusts alone. (The ISO partitions' do not: an enclave there could not reach KMS, so it is refused at start.)
+ */
+const partitions: Record<string, { suffix: string; dualStack: string }> = {
+  aws: { suffix: 'amazonaws.com', dualStack: 'api.aws' },
+  'aws-us-gov': { suffix: 'amazonaws.com', dualStack: 'api.aws' },
+  'aws-cn': { suffix: 'amazonaws.com.cn', dualStack: 'api.amazonwebservices.com.cn' },
+  'aws-eusc': { suffix: 'amazonaws.eu', dualStack: 'api.amazonwebservices.eu' },
 }
 
 function kmsHostExample(partition: string, region: string): string {
-  return `kms.${region}.${partitionSuffixes[partition] ?? 'amazonaws.com'}`
+  return `kms.${region}.${partitions[partition]?.suffix ?? 'amazonaws.com'}`
 }
 
 /**
- * KMS's endpoint names in `region` of `partition`: `kms` and `kms-fips`, their dual-stack names (`api.aws`) in the
- * commercial and GovCloud partitions, and its VPC endpoints' (`vpce-….kms[-fips].<region>.vpce.<suffix>`). A
- * partition this does not know matches nothing.
+ * KMS's endpoint names in `region` of `partition`: `kms` and `kms-fips`, their dual-stack names, and its VPC
+ * endpoints' (`vpce-….kms[-fips].<region>.vpce.<suffix>`). A partition this does not know matches nothing.
  */
 function kmsHosts(partition: string, region: string): RegExp {
-  const suffix = partitionSuffixes[partition]
-  if (suffix === undefined || !/^[a-z0-9-]+$/.test(region)) return /(?!)/
-  const escaped = suffix.replace(/\./g, '\\.')
-  const dualStack = partition === 'aws' || partition === 'aws-us-gov' ? `|api\\.aws` : ''
-  return new RegExp(`^kms(-fips)?\\.${region}\\.(${escaped}${dualStack})$|^vpce-[a-z0-9-]+\\.kms(-fips)?\\.${region}\\.vpce\\.${escaped}$`)
+  const known = partitions[partition]
+  if (known === undefined || !/^[a-z0-9-]+$/.test(region)) return /(?!)/
+  const [suffix, dualStack] = [known.suffix, known.dualStack].map((name) => name.replace(/\./g, '\\.'))
+  return new RegExp(`^kms(-fips)?\\.${region}\\.(${suffix}|${dualStack})$|^vpce-[a-z0-9-]+\\.kms(-fips)?\\.${region}\\.vpce\\.${suffix}$`)
 }

@@ -160,31 +160,31 @@ describe('the production enclave\u2019s KMS client', () => {
    * a base image, or an attacker's configuration, might): with `tls` `bundledRootsOnly` or not, through the tunnel or
    * straight to the front. What it printed: `made`, or the error.
    */
-  async function makeKeyWithExtraCa({ pinned, tunnel, env = {} }: { pinned: boolean; tunnel: boolean; env?: Record<string, string> }): Promise<string> {
+  async function makeKeyWithExtraCa({ pinned, tunnel }: { pinned: boolean; tunnel: boolean }): Promise<string> {
     const dir = mkdtempSync(path.join(tmpdir(), 'extra-ca-'))
     try {
       writeFileSync(path.join(dir, 'ca.pem'), ca.caPem)
       const module = (file: string) => JSON.stringify(pathToFileURL(path.resolve(file)).href)
       const script = `
-        import { bundledRootsOnly, enclaveKmsClient } from ${module('enclave-origin/enclave/kmsClient.ts')}
+        import { enclaveKmsClient, kmsTlsFor } from ${module('enclave-origin/enclave/kmsClient.ts')}
         import { DeliveredCredentials } from ${module('enclave-origin/enclave/deliveredCredentials.ts')}
         import { developmentAttestation, KmsDataKeys } from ${module('enclave-origin/enclave/dataKey.ts')}
         const { credentials, kmsKeyId, endpoint, tunnelPort, pinned } = JSON.parse(process.env.CASE)
         const delivered = new DeliveredCredentials()
         delivered.set(credentials)
-        const client = enclaveKmsClient({ endpoint, region: credentials.region, credentials: delivered, timeoutMs: 5000, tunnel: tunnelPort ? { host: '127.0.0.1', port: tunnelPort } : undefined, tls: pinned ? bundledRootsOnly : undefined })
+        const client = enclaveKmsClient({ endpoint, region: credentials.region, credentials: delivered, timeoutMs: 5000, tunnel: tunnelPort ? { host: '127.0.0.1', port: tunnelPort } : undefined, tls: kmsTlsFor(pinned ? 'production' : 'development') })
         await new KmsDataKeys({ client, kmsKeyId, attestation: developmentAttestation }).generate().then(() => console.log('made'), (error) => console.log(error.message))
         client.destroy()
       `
       const testCase = {
         credentials: kms.credentials,
         kmsKeyId: kms.createSymmetricKey(),
-        endpoint: 'AWS_ENDPOINT_URL_KMS' in env ? undefined : tunnel ? `https://${kmsHost}` : `https://127.0.0.1:${ports.direct}`,
+        endpoint: tunnel ? `https://${kmsHost}` : `https://127.0.0.1:${ports.direct}`,
         tunnelPort: tunnel ? ports.relay : undefined,
         pinned,
       }
       const { stdout } = await promisify(execFile)(process.execPath, ['--import', 'tsx', '--input-type=module', '-e', script], {
-        env: { ...process.env, NODE_EXTRA_CA_CERTS: path.join(dir, 'ca.pem'), CASE: JSON.stringify(testCase), ...env },
+        env: { ...process.env, NODE_EXTRA_CA_CERTS: path.join(dir, 'ca.pem'), CASE: JSON.stringify(testCase) },
         timeout: 20_000,
       })
       return stdout.trim()
@@ -193,16 +193,35 @@ describe('the production enclave\u2019s KMS client', () => {
     }
   }
 
-  it.each([true, false])('trusts Node\u2019s bundled roots alone, not a CA added by NODE_EXTRA_CA_CERTS (through the tunnel: %s)', async (tunnel) => {
-    // Without the pin, the added CA vouches for whoever holds its certificate: the key is made.
-    expect(await makeKeyWithExtraCa({ pinned: false, tunnel })).toBe('made')
-    expect(await makeKeyWithExtraCa({ pinned: true, tunnel })).toMatch(/unable to verify|unable to get local issuer|self[- ]signed/)
-  })
+  it.each([true, false])('in production, trusts Node\u2019s bundled roots alone, not a CA added by NODE_EXTRA_CA_CERTS (through the tunnel: %s)', async (tunnel) => {
+    // In development the added CA vouches for whoever holds its certificate: the key is made.
+    const [development, production] = await Promise.all([makeKeyWithExtraCa({ pinned: false, tunnel }), makeKeyWithExtraCa({ pinned: true, tunnel })])
+    expect(development).toBe('made')
+    expect(production).toMatch(/unable to verify|unable to get local issuer|self[- ]signed/)
+  }, 30_000)
 
   it('takes its endpoint from KMS_ENDPOINT or the region, never from AWS_ENDPOINT_URL_KMS, which the start-up checks do not see', async () => {
-    // That endpoint would make the key (its CA is trusted here); the region's own cannot be reached from this machine.
-    const made = await makeKeyWithExtraCa({ pinned: false, tunnel: false, env: { AWS_ENDPOINT_URL_KMS: `https://127.0.0.1:${ports.direct}` } })
-    expect(made).not.toBe('made')
-    expect(made).toMatch(/ENOTFOUND|EAI_AGAIN|getaddrinfo|ECONNREFUSED|ENETUNREACH|timed? ?out/i)
+    const before = process.env.AWS_ENDPOINT_URL_KMS
+    process.env.AWS_ENDPOINT_URL_KMS = `https://127.0.0.1:${ports.direct}`
+    const credentials = new DeliveredCredentials()
+    credentials.set(kms.credentials)
+    const client = enclaveKmsClient({ region: 'us-east-1', credentials, timeoutMs: 1_000 })
+    // Where each request would go, stopped before it is sent: nothing here reaches the network.
+    const hosts: string[] = []
+    client.middlewareStack.add(
+      (_next, _context) => async (args) => {
+        hosts.push((args.request as { hostname: string }).hostname)
+        throw new Error('stopped before sending')
+      },
+      { step: 'finalizeRequest' },
+    )
+    try {
+      await expect(new KmsDataKeys({ client, kmsKeyId: 'alias/test', attestation: developmentAttestation }).generate()).rejects.toThrow('stopped before sending')
+      expect(new Set(hosts)).toEqual(new Set(['kms.us-east-1.amazonaws.com']))
+    } finally {
+      client.destroy()
+      if (before === undefined) delete process.env.AWS_ENDPOINT_URL_KMS
+      else process.env.AWS_ENDPOINT_URL_KMS = before
+    }
   })
 })

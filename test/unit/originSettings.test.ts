@@ -59,9 +59,13 @@ describe('enclave start-up checks', () => {
       ['arn:aws-cn:kms:cn-north-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab', 'https://kms.cn-north-1.amazonaws.com.cn'],
       ['arn:aws-cn:kms:cn-north-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab', 'https://vpce-0a1b-xyz.kms.cn-north-1.vpce.amazonaws.com.cn'],
       ['arn:aws-us-gov:kms:us-gov-west-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab', 'https://kms-fips.us-gov-west-1.amazonaws.com'],
-      ['arn:aws-iso:kms:us-iso-east-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab', 'https://kms.us-iso-east-1.c2s.ic.gov'],
+      ['arn:aws-cn:kms:cn-north-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab', 'https://kms.cn-north-1.api.amazonwebservices.com.cn'],
     ]
     for (const [kmsKeyId, kmsEndpoint] of accepted) await expect(checkStartup({ ...production, kmsKeyId, kmsEndpoint }), kmsEndpoint).resolves.toBeUndefined()
+    // The ISO partitions' endpoints carry certificates Node's bundled roots do not vouch for: no KMS there, so no start.
+    await expect(checkStartup({ ...production, kmsKeyId: 'arn:aws-iso:kms:us-iso-east-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab' })).rejects.toThrow(
+      "refusing to start: the production profile reaches KMS in the aws, aws-us-gov, aws-cn, aws-eusc partitions, whose certificates Node's bundled roots vouch for, and the key is in aws-iso",
+    )
     const china = 'arn:aws-cn:kms:cn-north-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab'
     await expect(checkStartup({ ...production, kmsKeyId: china, kmsEndpoint: 'https://kms.cn-north-1.amazonaws.com' })).rejects.toThrow(
       refusal('kms.cn-north-1.amazonaws.com.cn', 'https://kms.cn-north-1.amazonaws.com'),
