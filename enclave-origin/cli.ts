@@ -153,6 +153,20 @@ class Progress {
   }
 }
 
+/** Writes all of `text` to `fd` now, short writes included; a pipe that is full (EAGAIN) is tried again for up to 2 s. */
+function writeAllSync(fd: number, text: string): void {
+  const bytes = Buffer.from(text)
+  const giveUpAt = Date.now() + 2_000
+  for (let at = 0; at < bytes.length; ) {
+    try {
+      at += writeSync(fd, bytes, at)
+    } catch (error) {
+      if ((error as NodeJS.ErrnoException).code !== 'EAGAIN' || Date.now() > giveUpAt) throw error
+      Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, 5)
+    }
+  }
+}
+
 /** An answer that was not the JSON success asked for: its status, and its JSON object if it was one. */
 class ParentAnswerError extends Error {
   constructor(
@@ -203,8 +217,11 @@ async function createKeys(count: number, concurrency: number): Promise<void> {
     }
     // Written at once, as the process ends here: keys it holds that may not have reached stdout go with it.
     const unsure = [...writing, ...unprinted]
-    writeSync(2, `\nquit with ${underWay} creates under way: keys they make will not be printed, and no route lists keys\n${unsure.length > 0 ? `these keys were made, but may not have reached stdout:\n${unsure.join('\n')}\n` : ''}`)
-    process.exit(130)
+    try {
+      writeAllSync(2, `\nquit with ${underWay} creates under way: keys they make will not be printed, and no route lists keys\n${unsure.length > 0 ? `these keys were made, but may not have reached stdout:\n${unsure.join('\n')}\n` : ''}`)
+    } finally {
+      process.exit(130)
+    }
   }
   process.on('SIGINT', interrupt)
   // Its failures come to each write's callback; without a listener, the stream's 'error' would end the process.

@@ -238,14 +238,15 @@ describe('the operators\u2019 CLI', () => {
     const ended = new Promise<{ code: number | null; stdout: string; stderr: string }>((resolve) => child.on('close', (code) => resolve({ code, stdout, stderr })))
     return { child, ended, stderr: () => stderr }
   }
-  /** An origin that answers each create with a new key id after `delayMs`, and counts them. */
-  const keyMakingOrigin = async (delayMs: number) => {
+  /** An origin that answers each create with a new key id after `delayMs` (for the nth, from 1), and counts them. */
+  const keyMakingOrigin = async (delayMs: number | ((nth: number) => number)) => {
     const made: string[] = []
     const server = createServer((request, response) => {
       request.resume()
       const keyId = `made-${made.length + 1}`
       made.push(keyId)
-      setTimeout(() => response.writeHead(201, { 'content-type': 'application/json' }).end(JSON.stringify({ keyId, address: '0x0000000000000000000000000000000000000001' })), delayMs)
+      const delay = typeof delayMs === 'number' ? delayMs : delayMs(made.length)
+      setTimeout(() => response.writeHead(201, { 'content-type': 'application/json' }).end(JSON.stringify({ keyId, address: '0x0000000000000000000000000000000000000001' })), delay)
     })
     await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve))
     return { made, url: `http://127.0.0.1:${(server.address() as AddressInfo).port}`, close: () => (server.closeAllConnections(), server.close()) }
@@ -291,6 +292,26 @@ describe('the operators\u2019 CLI', () => {
       const quit = await twice.ended
       expect({ code: quit.code, stdout: quit.stdout }).toEqual({ code: 130, stdout: '' })
       expect(quit.stderr).toContain('quit with 2 creates under way: keys they make will not be printed, and no route lists keys')
+    } finally {
+      origin.close()
+    }
+  })
+
+  it('at a second Ctrl-C, writes the keys it made that stdout would not take before it quits', async () => {
+    // The first create answers at once, the other two only after the test is over.
+    const origin = await keyMakingOrigin((nth) => (nth === 1 ? 0 : 10_000))
+    try {
+      const run = cliProcess(origin.url, ['create-keys', '--count', '3', '--concurrency', '3'])
+      run.child.stdout.destroy()
+      await expect.poll(() => origin.made.length, { timeout: 10_000 }).toBe(3)
+      // Let the first key's line fail on the closed stdout.
+      await new Promise((resolve) => setTimeout(resolve, 500))
+      run.child.kill('SIGINT')
+      await expect.poll(() => run.stderr()).toContain('stopping: waiting for the 2 creates under way')
+      run.child.kill('SIGINT')
+      const { code, stderr } = await run.ended
+      expect(code).toBe(130)
+      expect(stderr).toContain(`quit with 2 creates under way: keys they make will not be printed, and no route lists keys\nthese keys were made, but may not have reached stdout:\n{"keyId":"${origin.made[0]}","address":"0x0000000000000000000000000000000000000001"}\n`)
     } finally {
       origin.close()
     }
