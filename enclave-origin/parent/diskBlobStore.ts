@@ -1,5 +1,5 @@
 import { createHash } from 'node:crypto'
-import { mkdir, open, readdir, realpath, rename, rm, stat } from 'node:fs/promises'
+import { mkdir, open, readdir, realpath, rename, rm } from 'node:fs/promises'
 import { dirname, join } from 'node:path'
 import { crc32 } from 'node:zlib'
 import { messageOf } from '../errors.js'
@@ -125,22 +125,24 @@ export async function openDiskBlobStore(options: DiskBlobStoreOptions): Promise<
 async function openLocked(options: Required<DiskBlobStoreOptions> & { lock: DirectoryLock }): Promise<DiskBlobStore> {
   const { directory, groupCommitMs, maxGroup, fileSystem, compactAfterFrames, onCompaction, onDamage, lock } = options
   const counters: DiskBlobStoreStats = { writes: 0, fsyncs: 0, groups: 0, records: 0, compactedFrames: 0 }
+  await refuseLostLog(directory)
   // What a compaction interrupted by a crash left behind; the log itself is intact.
   await rm(join(directory, COMPACTING_FILE_NAME), { force: true })
-  await refuseLostLog(directory)
   const opened: LogFile[] = []
   const recover = async (kind: LogKind) => {
     const path = join(directory, kind.name)
     const { file: rawFile, created } = await openOrCreateLog(fileSystem, path)
     const file = countingFile(rawFile, counters)
     opened.push(file)
-    return { file, path, ...(await recoverLog({ file, path, kind, created, onDamage, keepAside: (bytes) => keepDamagedLogAside({ fileSystem, directory, name: kind.name, bytes }) })) }
+    return { file, path, created, ...(await recoverLog({ file, path, kind, created, onDamage, keepAside: (bytes) => keepDamagedLogAside({ fileSystem, directory, name: kind.name, bytes }) })) }
   }
   let log: Awaited<ReturnType<typeof recover>>
   let journal: Awaited<ReturnType<typeof recover>>
   const index = new RecordIndex()
   try {
     log = await recover(RECORD_LOG)
+    // A new log's directory entry durable before the journal's: a journal without a log then always means a lost log (see refuseLostLog).
+    if (log.created) await syncDirectory(fileSystem, directory)
     journal = await recover(STATE_JOURNAL)
     // A new file's directory entry is not durable until the directory is fsynced, however often the file is: at every
     // open, since the process that made the files may have died before it did.
@@ -508,26 +510,34 @@ const MAX_RESYNC_PAYLOAD_BYTES = 64 * 1024
 const RESYNC_BUDGET_BYTES = 32 * 1024 * 1024
 
 /**
- * Refuses a directory whose record log is missing, or holds less than its header, while the directory shows the
- * store had one: the state journal (made only after the log's header is durable, at the first open) or a damaged
- * copy kept aside. Opened, it would be an empty store, and the parent would make a new data key and serve no keys
- * without a word. Checked before anything is created, so a refused open changes nothing and the next one refuses too.
+ * Refuses a directory whose record log is missing, or holds no more than an unfinished header, while the directory
+ * shows the store had one: the state journal (made only once the log and its directory entry are durable, at the
+ * first open), a damaged copy kept aside, or a compaction's new log. Opened, it would be an empty store, and the
+ * parent would make a new data key and serve no keys without a word. Checked before anything is created or removed,
+ * so a refused open changes nothing and the next one refuses too.
  */
 async function refuseLostLog(directory: string): Promise<void> {
-  const logBytes = await stat(join(directory, LOG_FILE_NAME)).then(
-    (found) => found.size,
+  const head = await open(join(directory, LOG_FILE_NAME), 'r').then(
+    async (file) => {
+      try {
+        const bytes = Buffer.alloc(LOG_MAGIC.length)
+        return bytes.subarray(0, (await file.read(bytes, 0, bytes.length, 0)).bytesRead)
+      } finally {
+        await file.close()
+      }
+    },
     (error: NodeJS.ErrnoException) => {
       if (error.code === 'ENOENT') return undefined
       throw error
     },
   )
-  if (logBytes !== undefined && logBytes >= LOG_MAGIC.length) return
+  if (head !== undefined && !isUnfinishedHeader(head, LOG_MAGIC)) return
   const names = await readdir(directory)
-  const damagedCopies = names.filter((name) => name.startsWith(`${LOG_FILE_NAME}.damaged-`))
-  const evidence = [names.includes(STATE_JOURNAL_FILE_NAME) ? `${STATE_JOURNAL_FILE_NAME} is there` : '', damagedCopies.length > 0 ? `damaged copies of it are kept (${damagedCopies.join(', ')})` : ''].filter(Boolean)
-  if (evidence.length === 0) return
+  const found = names.filter((name) => name === STATE_JOURNAL_FILE_NAME || name === COMPACTING_FILE_NAME || name.startsWith(`${LOG_FILE_NAME}.damaged-`))
+  if (found.length === 0) return
+  const compacting = found.includes(COMPACTING_FILE_NAME) ? ` (${COMPACTING_FILE_NAME} may be a whole copy)` : ''
   throw new Error(
-    `${LOG_FILE_NAME} is ${logBytes === undefined ? 'missing from' : 'empty in'} ${directory}, though ${evidence.join(' and ')}: its sealed keys and wrapped data key are gone from here. Restore it from a backup; if this store never held a key, remove ${STATE_JOURNAL_FILE_NAME} to start it empty`,
+    `${LOG_FILE_NAME} is ${head === undefined ? 'missing from' : 'empty in'} ${directory}, though ${found.join(', ')} ${found.length === 1 ? 'is' : 'are'} there: its sealed keys and wrapped data key are gone from here. Restore it from a backup${compacting}; if this store never held a key, remove ${found.join(', ')} to start it empty`,
   )
 }
 

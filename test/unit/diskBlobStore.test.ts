@@ -104,8 +104,8 @@ describe('round trips across close and reopen', () => {
     opened.push(store)
     await store.put(sealedRecord(1))
     expect((await stat(nested)).mode & 0o777).toBe(0o700)
-    // Each directory that gained an entry, from the deepest up, then the store directory for its new log.
-    expect(synced).toEqual([join(directory, 'not'), directory, nested])
+    // Each directory that gained an entry, from the deepest up, then the store directory for its new log and again for its journal.
+    expect(synced).toEqual([join(directory, 'not'), directory, nested, nested])
     await store.close()
     // Found there, the store directory and its own parent are fsynced again: whoever made them may have died first.
     synced.length = 0
@@ -138,7 +138,7 @@ describe('round trips across close and reopen', () => {
     const store = await openDiskBlobStore({ directory: `${directory}/missing/../made/here`, fileSystem })
     opened.push(store)
     await store.put(sealedRecord(1))
-    expect(synced).toEqual([join(directory, 'made'), directory, join(directory, 'made', 'here')])
+    expect(synced).toEqual([join(directory, 'made'), directory, join(directory, 'made', 'here'), join(directory, 'made', 'here')])
   })
 
   it('reads a `..` after a symlink as the kernel does: the store is beside the link\'s target', async () => {
@@ -439,20 +439,26 @@ describe('compaction', () => {
     for (let round = 0; round < 30; round++) await store.put(sealedRecord(2, round + 1))
     expect(store.stats().compactedFrames).toBeGreaterThan(0)
     await store.close()
-    const refusal = (how: string, evidence: string) =>
-      `${LOG_FILE_NAME} is ${how} ${directory}, though ${evidence}: its sealed keys and wrapped data key are gone from here. Restore it from a backup; if this store never held a key, remove ${STATE_JOURNAL_FILE_NAME} to start it empty`
+    const refusal = (how: string, found: string, extra = '') =>
+      `${LOG_FILE_NAME} is ${how} ${directory}, though ${found} ${found.includes(',') ? 'are' : 'is'} there: its sealed keys and wrapped data key are gone from here. Restore it from a backup${extra}; if this store never held a key, remove ${found} to start it empty`
     await rm(logPath())
     const before = (await readdir(directory)).sort()
-    await expect(openDiskBlobStore({ directory })).rejects.toThrow(refusal('missing from', `${STATE_JOURNAL_FILE_NAME} is there`))
+    await expect(openDiskBlobStore({ directory })).rejects.toThrow(refusal('missing from', STATE_JOURNAL_FILE_NAME))
     expect((await readdir(directory)).sort()).toEqual(before)
-    await expect(openDiskBlobStore({ directory })).rejects.toThrow(refusal('missing from', `${STATE_JOURNAL_FILE_NAME} is there`))
-    // Found empty (a restore that wrote nothing), it is as lost.
-    await writeFile(logPath(), '')
-    await expect(openDiskBlobStore({ directory })).rejects.toThrow(refusal('empty in', `${STATE_JOURNAL_FILE_NAME} is there`))
+    await expect(openDiskBlobStore({ directory })).rejects.toThrow(refusal('missing from', STATE_JOURNAL_FILE_NAME))
+    // Found empty, or with a header of zeros (a restore that wrote nothing), it is as lost.
+    for (const empty of [Buffer.alloc(0), Buffer.alloc(16)]) {
+      await writeFile(logPath(), empty)
+      await expect(openDiskBlobStore({ directory })).rejects.toThrow(refusal('empty in', STATE_JOURNAL_FILE_NAME))
+    }
     await rm(logPath())
     await rm(join(directory, STATE_JOURNAL_FILE_NAME))
+    // A compaction's new log is evidence, and is not removed by the refused open: it may be a whole copy.
+    await writeFile(join(directory, COMPACTING_FILE_NAME), 'a compaction under way')
     await writeFile(join(directory, `${LOG_FILE_NAME}.damaged-0123456789abcdef`), 'kept aside')
-    await expect(openDiskBlobStore({ directory })).rejects.toThrow(refusal('missing from', `damaged copies of it are kept (${LOG_FILE_NAME}.damaged-0123456789abcdef)`))
+    await expect(openDiskBlobStore({ directory })).rejects.toThrow(refusal('missing from', `${COMPACTING_FILE_NAME}, ${LOG_FILE_NAME}.damaged-0123456789abcdef`, ` (${COMPACTING_FILE_NAME} may be a whole copy)`))
+    expect(await readFile(join(directory, COMPACTING_FILE_NAME), 'utf8')).toBe('a compaction under way')
+    await rm(join(directory, COMPACTING_FILE_NAME))
     await rm(join(directory, `${LOG_FILE_NAME}.damaged-0123456789abcdef`))
     store = await openStore()
     expect(await listAll(store)).toEqual([])
@@ -733,7 +739,9 @@ describe('torn and corrupt tails', () => {
       await store.put(sealedRecord(1))
       expect(await (await reopen(store)).get('key-1')).toEqual(sealedRecord(1))
       await Promise.all(opened.splice(0).map((each) => each.close()))
+      // Both files: a journal beside a log torn at birth cannot happen (the log's header and entry are durable first), and is refused.
       await rm(logPath())
+      await rm(join(directory, STATE_JOURNAL_FILE_NAME))
     }
 
     await writeFile(logPath(), 'someone else’s file, long enough to have a header')
