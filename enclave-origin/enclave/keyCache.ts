@@ -173,7 +173,10 @@ export class KeyCache {
   /** After failed unlocks none starts for a while: a failing KMS is not asked once per request. An installed DEK clears it. */
   private readonly unlockBackoff: FailureBackoff
   private readonly refreshesInFlight = new Map<string, Promise<void>>()
-  /** Keys turned away with needs-unlock: warmed as soon as the unlock lands, so the retry finds them WARM. */
+  /**
+   * Keys re-derived as soon as the unlock lands (see `warmInSlices`): those turned away with needs-unlock, so the
+   * retry finds them WARM, and WARM ones whose background refresh found no DEK.
+   */
   private readonly keysAwaitingUnlock = new Set<string>()
   /** How many times a key stopped being active (frozen, archived), and when each key last did, by that count. */
   private deactivationCount = 0

@@ -13,7 +13,8 @@ import { connectStream } from '../protocol/connectStream.js'
  * host name: the parent relays bytes it can neither read nor alter. No DNS is
  * asked; the host name only names the certificate to expect (and SigV4's Host).
  *
- * `tls` adds options to each TLS connection (tests pass their CA here).
+ * `tls` adds options to each TLS connection: production's trust Node's bundled roots alone (`bundledRootsOnly`);
+ * tests pass their CA.
  */
 export function kmsTunnelAgent(options: { address: StreamAddress; tls?: ConnectionOptions }): Agent {
   return new KmsTunnelAgent(options.address, options.tls ?? {}, { keepAlive: true, maxSockets: 4 })

@@ -42,13 +42,14 @@ export async function checkStartup(options: {
   // And only KMS itself: a public certificate proves a host's name, so the name must be KMS's, in the key's region.
   // (Whose certificates vouch for it is fixed too: the production KMS client trusts Node's bundled roots alone.)
   const [, partition = '', , region = ''] = options.kmsKeyId.split(':')
-  if (partitions[partition] === undefined) {
+  const known = Object.hasOwn(partitions, partition) ? partitions[partition] : undefined
+  if (known === undefined) {
     throw new Error(`refusing to start: the production profile reaches KMS in the ${Object.keys(partitions).join(', ')} partitions, whose certificates Node's bundled roots vouch for, and the key is in ${partition}`)
   }
   if (options.kmsEndpoint !== undefined) {
-    const hosts = kmsHosts(partition, region)
+    const hosts = kmsHosts(known, region)
     if (!hosts.test(new URL(options.kmsEndpoint).hostname.toLowerCase().replace(/\.$/, ''))) {
-      throw new Error(`refusing to start: KMS_ENDPOINT must name KMS in the key's partition and region (${kmsHostExample(partition, region)}, its kms-fips, dual-stack or VPC endpoint names), got ${options.kmsEndpoint}`)
+      throw new Error(`refusing to start: KMS_ENDPOINT must name KMS in the key's partition and region (kms.${region}.${known.suffix}, its kms-fips, dual-stack or VPC endpoint names), got ${options.kmsEndpoint}`)
     }
   }
   if ((options.env ?? process.env).NODE_TLS_REJECT_UNAUTHORIZED === '0') {
@@ -68,17 +69,12 @@ const partitions: Record<string, { suffix: string; dualStack: string }> = {
   'aws-eusc': { suffix: 'amazonaws.eu', dualStack: 'api.amazonwebservices.eu' },
 }
 
-function kmsHostExample(partition: string, region: string): string {
-  return `kms.${region}.${partitions[partition]?.suffix ?? 'amazonaws.com'}`
-}
-
 /**
- * KMS's endpoint names in `region` of `partition`: `kms` and `kms-fips`, their dual-stack names, and its VPC
- * endpoints' (`vpce-….kms[-fips].<region>.vpce.<suffix>`). A partition this does not know matches nothing.
+ * KMS's endpoint names in `region` of a known partition: `kms` and `kms-fips`, their dual-stack names, and its VPC
+ * endpoints' (`vpce-….kms[-fips].<region>.vpce.<suffix>`).
  */
-function kmsHosts(partition: string, region: string): RegExp {
-  const known = partitions[partition]
-  if (known === undefined || !/^[a-z0-9-]+$/.test(region)) return /(?!)/
-  const [suffix, dualStack] = [known.suffix, known.dualStack].map((name) => name.replace(/\./g, '\\.'))
-  return new RegExp(`^kms(-fips)?\\.${region}\\.(${suffix}|${dualStack})$|^vpce-[a-z0-9-]+\\.kms(-fips)?\\.${region}\\.vpce\\.${suffix}$`)
+function kmsHosts({ suffix, dualStack }: { suffix: string; dualStack: string }, region: string): RegExp {
+  if (!/^[a-z0-9-]+$/.test(region)) return /(?!)/
+  const [names, dualStackNames] = [suffix, dualStack].map((name) => name.replace(/\./g, '\\.'))
+  return new RegExp(`^kms(-fips)?\\.${region}\\.(${names}|${dualStackNames})$|^vpce-[a-z0-9-]+\\.kms(-fips)?\\.${region}\\.vpce\\.${names}$`)
 }

@@ -134,15 +134,16 @@ async function openLocked(options: Required<DiskBlobStoreOptions> & { lock: Dire
     const { file: rawFile, created } = await openOrCreateLog(fileSystem, path)
     const file = countingFile(rawFile, counters)
     opened.push(file)
-    return { file, path, created, ...(await recoverLog({ file, path, kind, created, onDamage, keepAside: (bytes) => keepDamagedLogAside({ fileSystem, directory, name: kind.name, bytes }) })) }
+    return { file, path, ...(await recoverLog({ file, path, kind, created, onDamage, keepAside: (bytes) => keepDamagedLogAside({ fileSystem, directory, name: kind.name, bytes }) })) }
   }
   let log: Awaited<ReturnType<typeof recover>>
   let journal: Awaited<ReturnType<typeof recover>>
   const index = new RecordIndex()
   try {
     log = await recover(RECORD_LOG)
-    // A new log's directory entry durable before the journal's: a journal without a log then always means a lost log (see refuseLostLog).
-    if (log.created) await syncDirectory(fileSystem, directory)
+    // A new (or torn-at-birth) log's header and directory entry durable before the journal's: a journal without a
+    // log then always means a lost log (see refuseLostLog).
+    if (log.headerWritten) await syncDirectory(fileSystem, directory)
     journal = await recover(STATE_JOURNAL)
     // A new file's directory entry is not durable until the directory is fsynced, however often the file is: at every
     // open, since the process that made the files may have died before it did.
@@ -520,7 +521,8 @@ async function refuseLostLog(directory: string): Promise<void> {
   const head = await open(join(directory, LOG_FILE_NAME), 'r').then(
     async (file) => {
       try {
-        const bytes = Buffer.alloc(LOG_MAGIC.length)
+        // One byte past the header: a header of zeros with more after it is a damaged log (the recovery refuses it), not an empty one.
+        const bytes = Buffer.alloc(LOG_MAGIC.length + 1)
         return bytes.subarray(0, (await file.read(bytes, 0, bytes.length, 0)).bytesRead)
       } finally {
         await file.close()

@@ -451,6 +451,9 @@ describe('compaction', () => {
       await writeFile(logPath(), empty)
       await expect(openDiskBlobStore({ directory })).rejects.toThrow(refusal('empty in', STATE_JOURNAL_FILE_NAME))
     }
+    // A header of zeros with more after it is a damaged log, not an empty one: the recovery refuses it as such.
+    await writeFile(logPath(), Buffer.concat([Buffer.alloc(16), Buffer.from('records after it')]))
+    await expect(openDiskBlobStore({ directory })).rejects.toThrow(/not a sealed-blob log/)
     await rm(logPath())
     await rm(join(directory, STATE_JOURNAL_FILE_NAME))
     // A compaction's new log is evidence, and is not removed by the refused open: it may be a whole copy.
@@ -735,7 +738,16 @@ describe('torn and corrupt tails', () => {
     // Part of the header; or its size in zeros, the data never written.
     for (const torn of [Buffer.from('seal'), Buffer.alloc(16)]) {
       await writeFile(logPath(), torn)
-      const store = await openStore()
+      // Its new header and directory entry made durable before the journal is created, then the journal's: two fsyncs of the directory.
+      let directorySyncs = 0
+      const fileSystem: BlobStoreFileSystem = {
+        open: async (path, flags) => {
+          if (flags === 'r' && path === directory) directorySyncs += 1
+          return (await open(path, flags)) as unknown as LogFile
+        },
+      }
+      const store = await openStore({ fileSystem })
+      expect(directorySyncs).toBe(2)
       await store.put(sealedRecord(1))
       expect(await (await reopen(store)).get('key-1')).toEqual(sealedRecord(1))
       await Promise.all(opened.splice(0).map((each) => each.close()))

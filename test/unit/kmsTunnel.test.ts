@@ -200,7 +200,7 @@ describe('the production enclave\u2019s KMS client', () => {
     expect(production).toMatch(/unable to verify|unable to get local issuer|self[- ]signed/)
   }, 30_000)
 
-  it('takes its endpoint from KMS_ENDPOINT or the region, never from AWS_ENDPOINT_URL_KMS, which the start-up checks do not see', async () => {
+  it('takes its endpoint from the region when KMS_ENDPOINT is unset, never from AWS_ENDPOINT_URL_KMS, which the start-up checks do not see', async () => {
     const before = process.env.AWS_ENDPOINT_URL_KMS
     process.env.AWS_ENDPOINT_URL_KMS = `https://127.0.0.1:${ports.direct}`
     const credentials = new DeliveredCredentials()
