@@ -1676,7 +1676,7 @@ describe('a parent whose enclaves are not all up', () => {
       await held.setState(onLate!.keyId, 'frozen')
       expect(lateCable.framesFromParent.filter((frame) => frame.opcode === opcodes.SET_STATE).length).toBe(setStates + 1)
       release()
-      await expect(signing).rejects.toThrow(`key ${onLate!.keyId} is frozen`)
+      await expect(signing).rejects.toThrow(`key ${onLate!.keyId} was frozen or archived while this signature was made`)
     } finally {
       await stop()
     }
