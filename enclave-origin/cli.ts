@@ -403,11 +403,14 @@ const commands: Record<string, Command> = {
     run: async () => console.log(JSON.stringify(await call('POST', '/v1/data-key/rotate', undefined, 'rotation'))),
   },
   'preload-identity': {
-    usage: 'origin preload-identity [--out F]   (a new age identity for a share file: with --out, written to F (owner-only; an existing F is refused) and {recipient} printed; else {identity, recipient} printed)',
+    usage: 'origin preload-identity (--out F | --print)   (a new age identity for a share file: with --out, written to F (owner-only; an existing F is refused) and {recipient} printed; with --print, {identity, recipient} printed)',
     takes: ['out'],
+    switches: ['print'],
     run: async (given) => {
-      const { identity, recipient } = await generatePreloadIdentity()
       const out = given.value('out')
+      // The identity opens every share sealed to it: printed only when asked, not into a terminal's scrollback or a CI log by default.
+      if ((out === undefined) === !given.has('print')) throw new Error('preload-identity needs --out F (the identity written to F, owner-only) or --print (the identity printed), one of them')
+      const { identity, recipient } = await generatePreloadIdentity()
       if (out === undefined) return console.log(JSON.stringify({ identity, recipient }))
       writeFileSync(out, `${identity}\n`, { mode: 0o600, flag: 'wx' })
       console.log(JSON.stringify({ recipient }))

@@ -381,7 +381,7 @@ describe('the operators\u2019 CLI', () => {
       const shares = path.join(directory, 'shares.json')
       // A trailing comma: V8's own message would quote the share before it.
       writeFileSync(shares, '[{"account_id":"a","share":"0x5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed"},]')
-      const { recipient } = JSON.parse((await cli('preload-identity')).stdout) as { recipient: string }
+      const { recipient } = JSON.parse((await cli('preload-identity', '--print')).stdout) as { recipient: string }
       const failed = await cli('seal-shares', '--in', shares, '--out', path.join(directory, 'sealed.age'), '--recipient', recipient).catch((error: { code: number; stderr: string }) => error)
       expect(failed).toMatchObject({ code: 1, stderr: `the share file ${shares} is not valid JSON\n` })
       expect((failed as { stderr: string }).stderr).not.toContain('5eed')
@@ -414,6 +414,10 @@ describe('the operators\u2019 CLI', () => {
       expect(await failed('rotate-data-key', '--now')).toEqual({ code: 1, stderr: 'rotate-data-key: unknown option --now (it takes none)\n' })
       expect(await failed('unlock', '--allow-unattested')).toEqual({ code: 1, stderr: '--nitro-root-file, --pcr0 and --allow-unattested go with --preload-identity-file\n' })
       expect(await failed('unlock', '--preload-identity-file', '/nonexistent/identity.txt', '--allow-unattested')).toMatchObject({ code: 1, stderr: expect.stringContaining('ENOENT') })
+      // A new identity is printed only when asked: it opens every share sealed to it.
+      for (const args of [[], ['--print', '--out', '/nonexistent/identity.txt']]) {
+        expect(await failed('preload-identity', ...args)).toEqual({ code: 1, stderr: 'preload-identity needs --out F (the identity written to F, owner-only) or --print (the identity printed), one of them\n' })
+      }
       expect(paths).toEqual([])
       expect((await cliAt(at, 'create-keys', '--count=2', '--concurrency=1')).stdout.trim().split('\n')).toHaveLength(2)
       expect(paths).toEqual(['/v1/keys', '/v1/keys'])

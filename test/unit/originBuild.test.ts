@@ -23,7 +23,7 @@ afterAll(() => rmSync(path.dirname(outdir), { recursive: true, force: true }))
 
 describe('the enclave origin build', () => {
   it('runs the operators\u2019 CLI', () => {
-    const printed = JSON.parse(execFileSync(process.execPath, [path.join(outdir, 'cli.js'), 'preload-identity'], { encoding: 'utf8' })) as { identity: string; recipient: string }
+    const printed = JSON.parse(execFileSync(process.execPath, [path.join(outdir, 'cli.js'), 'preload-identity', '--print'], { encoding: 'utf8' })) as { identity: string; recipient: string }
     expect(printed.identity).toMatch(/^AGE-SECRET-KEY-1[0-9A-Z]+$/)
     expect(printed.recipient).toMatch(/^age1[0-9a-z]+$/)
   })
