@@ -7,6 +7,7 @@ import type { CacheState, KeyState, SealedKeyRecord } from '../types.js'
 import { ByteSlabs } from './byteSlabs.js'
 import { secp256k1 } from './nativeSecp256k1.js'
 import { SealingError, sealPrivateKey, unsealPrivateKey, zero } from './sealing.js'
+import { DeactivationMarks } from '../deactivationMarks.js'
 
 /**
  * The enclave's key cache: the hot path never waits on KMS.
@@ -178,9 +179,7 @@ export class KeyCache {
    * retry finds them WARM, and WARM ones whose background refresh found no DEK.
    */
   private readonly keysAwaitingUnlock = new Set<string>()
-  /** How many times a key stopped being active (frozen, archived), and when each key last did, by that count. */
-  private deactivationCount = 0
-  private readonly lastDeactivations = new Map<string, number>()
+  private readonly deactivationMarks = new DeactivationMarks()
   private readonly backgroundWork = new Set<Promise<unknown>>()
   private readonly counters: Counters = {
     refreshes: 0,
@@ -359,7 +358,7 @@ export class KeyCache {
     entry.record = { ...entry.record, state }
     entry.sequence = sequence
     if (state !== 'active') {
-      if (wasActive) this.deactivated(keyId)
+      if (wasActive) this.deactivationMarks.deactivated(keyId)
       this.dropPlaintext(entry)
       this.keysAwaitingUnlock.delete(keyId)
     }
@@ -377,7 +376,7 @@ export class KeyCache {
 
   /** A mark to pass to `activeThroughout` for a signature about to be made. */
   get deactivations(): number {
-    return this.deactivationCount
+    return this.deactivationMarks.mark
   }
 
   /**
@@ -385,13 +384,7 @@ export class KeyCache {
    * here if it was frozen, even if it was unfrozen again before the signature came back.
    */
   activeThroughout(keyId: string, mark: number): boolean {
-    if (this.entries.get(keyId)?.record.state !== 'active') return false
-    return mark === this.deactivationCount || (this.lastDeactivations.get(keyId) ?? 0) <= mark
-  }
-
-  private deactivated(keyId: string): void {
-    this.deactivationCount += 1
-    this.lastDeactivations.set(keyId, this.deactivationCount)
+    return this.entries.get(keyId)?.record.state === 'active' && !this.deactivationMarks.deactivatedSince(keyId, mark)
   }
 
   get(keyId: string): { record: SealedKeyRecord; cacheState: CacheState } | undefined {
@@ -453,7 +446,7 @@ export class KeyCache {
     this.generation += 1
     this.sequenceFloor = undefined
     this.absentKeySequences.clear()
-    this.lastDeactivations.clear()
+    this.deactivationMarks.clear()
     // The unlock under way installs nothing now (its generation is gone); the next use starts one of its own.
     this.unlockInFlight = undefined
     this.bytes.clear()
@@ -698,7 +691,7 @@ export class KeyCache {
   /** `load`, returning the key's entry: the record's bytes copied into the slabs, unless it seals what is held already. */
   private loadEntry(record: SealedKeyRecord): KeyEntry {
     const held = this.entries.get(record.keyId)
-    if (held?.record.state === 'active' && record.state !== 'active') this.deactivated(record.keyId)
+    if (held?.record.state === 'active' && record.state !== 'active') this.deactivationMarks.deactivated(record.keyId)
     // An older record keeps the newer sealed bytes held, but its state is the parent's latest word: the
     // parent reads the state from its store in the key's turn, and a DEK rotation may have re-sealed the
     // key here without its store taking the new version.

@@ -34,6 +34,7 @@ import { EnclavePool, EnclaveUnavailableError, type EnclaveAddress } from './enc
 import { EnclaveLogCollector } from './enclaveLogs.js'
 import { HashRing } from './hashRing.js'
 import { ThrottledLog } from '../throttledLog.js'
+import { DeactivationMarks } from '../deactivationMarks.js'
 
 /** The key must be unlocked first; ask again after `retryAfterMs`. */
 export class NeedsUnlockError extends Error {
@@ -220,13 +221,11 @@ export class OriginParent {
   /** Keys whose enclave may have missed a state change (its SET_STATE failed): reloaded before their next use. */
   private readonly unsyncedKeys = new Set<string>()
   /**
-   * Freezes and archives so far, and by that count when each key last had one. The owner's own re-check stops the
-   * SIGNs it has not answered when it applies one, but not a SIGN out on a standby's copy, nor any when the change
-   * is deferred (the owner held back or out of service): a signature whose key had one while it was out is refused,
-   * even if an unfreeze followed.
+   * Freezes and archives. The owner's own re-check stops the SIGNs it has not answered when it applies one, but not
+   * a SIGN out on a standby's copy, nor any when the change is deferred (the owner held back or out of service): a
+   * signature whose key had one while it was out is refused, even if an unfreeze followed.
    */
-  private deactivations = 0
-  private readonly lastDeactivations = new Map<string, number>()
+  private readonly deactivations = new DeactivationMarks()
   /** Creates and state changes answered 503 by `storeConfirmed` whose writes have not settled yet (see `storeHealth`). */
   private unconfirmedWrites = 0
   private get storeTimeoutMs(): number {
@@ -346,7 +345,7 @@ export class OriginParent {
       }, logPollMs)
       this.logPoll.unref()
     }
-    if (!(await this.storeRead(this.options.store.getWrappedDek(), 'reading the wrapped data key'))) {
+    if (!(await this.storedWrappedDek())) {
       // A new DEK would seal nothing that exists: every stored key stays under the lost one, and new keys would join them unopenable by it.
       if (await this.storeHoldsAnyRecord()) {
         throw new Error('the store holds sealed keys but no wrapped data key: refusing to make a new data key, under which none of them would open. Restore the wrapped data key (dek.json, or the disk log from a backup) before starting')
@@ -426,9 +425,16 @@ export class OriginParent {
     return false
   }
 
-  /** A read from the store, bounded by `storeTimeoutMs`: a hung read must not hold a key's turn, a sync or a rotation for ever. */
-  private storeRead<T>(read: Promise<T>, what: string): Promise<T> {
-    return this.withinTimeout(read, what, { timeoutMs: this.storeTimeoutMs })
+  /**
+   * The store's reads, each bounded (by `storeTimeoutMs` unless given): a hung read must not hold a key's turn, a
+   * sync, a rotation or an unlock for ever.
+   */
+  private storedRecord(keyId: string, timeoutMs = this.storeTimeoutMs): Promise<SealedKeyRecord | undefined> {
+    return this.withinTimeout(this.options.store.get(keyId), `reading key ${keyId}'s stored record`, { timeoutMs })
+  }
+
+  private storedWrappedDek(timeoutMs = this.storeTimeoutMs): Promise<WrappedDek | undefined> {
+    return this.withinTimeout(this.options.store.getWrappedDek(), 'reading the wrapped data key', { timeoutMs })
   }
 
   /**
@@ -527,7 +533,7 @@ export class OriginParent {
 
   private async rotate(): Promise<{ resealed: number }> {
     const { store } = this.options
-    let wrapped = await this.storeRead(store.getWrappedDek(), 'reading the wrapped data key')
+    let wrapped = await this.storedWrappedDek()
     if (!wrapped) throw new OriginRequestError('unavailable', 'no data key stored yet')
     if (!wrapped.retiring) {
       // 1. A new DEK, durable (with the old one as retiring) before any enclave seals with it.
@@ -569,7 +575,7 @@ export class OriginParent {
   /** The key's stored record, sealed again by its enclave under the rotation's DEK, stored back with the state it has by then. */
   private reseal({ keyId, wrappedDekSha256 }: { keyId: string; wrappedDekSha256: Uint8Array }): Promise<void> {
     return this.serializeKey(keyId, async () => {
-      const stored = await this.storeRead(this.options.store.get(keyId), `reading key ${keyId}'s stored record`)
+      const stored = await this.storedRecord(keyId)
       if (!stored) return
       const enclave = this.ring.nodeFor(keyId)
       // The record from the store, not the enclave's copy: an enclave that restarted may hold an older one, or none.
@@ -637,7 +643,7 @@ export class OriginParent {
       .catch(() => {})
       .then(async () => {
         // Bounded, as the call itself is: a hung store read must not hold every later UNLOCK.
-        const stored = await this.withinTimeout(this.options.store.getWrappedDek(), 'reading the wrapped DEK')
+        const stored = await this.storedWrappedDek(this.options.requestTimeoutMs)
         // The epoch it opens starts above every sequence this parent has used there, whatever the enclave process.
         const request = { ...build(stored), sequenceFloorAtLeast: enclave.lastSequence + 1 }
         await this.deliverCredentials(enclave)
@@ -936,11 +942,11 @@ export class OriginParent {
 
   private async signOn({ enclave, keyId, digest }: { enclave: Enclave; keyId: string; digest: Uint8Array }): Promise<{ signature: Hex; recoveryId: number; rpcMs: number; enclaveMs: number }> {
     const started = performance.now()
-    const mark = this.deactivations
+    const mark = this.deactivations.mark
     const frame = await this.callReloading({ enclave, keyId, opcode: opcodes.SIGN, payload: encodeSignRequest({ keyId, digest }) })
     const rpcMs = performance.now() - started
     const { signature, recoveryId, enclaveMicros } = decodeSignResponse(this.check(enclave, frame).payload)
-    if (this.deactivations !== mark && (this.lastDeactivations.get(keyId) ?? 0) > mark) {
+    if (this.deactivations.deactivatedSince(keyId, mark)) {
       throw new OriginRequestError('not-active', `key ${keyId} was frozen or archived while this signature was made`)
     }
     // Buffer's hex: several times cheaper than viem's per signature.
@@ -1062,7 +1068,7 @@ export class OriginParent {
    */
   private async reload(keyId: string, into = this.ring.nodeFor(keyId), { readTimeoutMs, takesPlace } = { readTimeoutMs: this.storeTimeoutMs, takesPlace: false }): Promise<boolean> {
     // Bounded: a hung read must not hold the key's turn. A record read too late is dropped with this reload.
-    const record = await this.withinTimeout(this.options.store.get(keyId), `reading key ${keyId}'s stored record`, { timeoutMs: readTimeoutMs })
+    const record = await this.storedRecord(keyId, readTimeoutMs)
     if (!record) return false
     const owner = into === this.ring.nodeFor(keyId)
     try {
@@ -1131,7 +1137,7 @@ export class OriginParent {
       storing(`the change of key ${keyId} to ${state}`)
       return this.serializeKey(keyId, async () => {
         // Archiving retires a key for good: nothing, unfreeze included, brings it back to signing.
-        if (state !== 'archived' && (await this.storeRead(this.options.store.get(keyId), `reading key ${keyId}'s stored record`))?.state === 'archived') {
+        if (state !== 'archived' && (await this.storedRecord(keyId))?.state === 'archived') {
           throw new OriginRequestError('not-active', `key ${keyId} is archived, which is final: it cannot be made ${state}`)
         }
         await this.options.store.setState(keyId, state).catch((error: unknown) => {
@@ -1139,7 +1145,7 @@ export class OriginParent {
         })
         confirmed()
         // A signature still out (on a standby, say) is refused when it comes back (see `signOn`).
-        if (state !== 'active') this.lastDeactivations.set(keyId, ++this.deactivations)
+        if (state !== 'active') this.deactivations.deactivated(keyId)
         const enclave = this.ring.nodeFor(keyId)
         // The store has the new state; the enclave may not (a frozen key there would still sign). Every use
         // reloads the key first until it has: the change is in force, and only an enclave's own failure is one.
