@@ -76,8 +76,12 @@ export function createParentServers(options: ParentApiOptions): { clients: HttpS
     if (!knownMethods.has(method)) return json(501, { error: `the method ${printable(method, 16)} is not implemented` })
     if (!found) return json(404, { error: 'no such route' })
     const name = found.methods[method]
-    if (name === undefined) return json(405, { error: `${path} takes ${Object.keys(found.methods).join(' or ')}` }, { allow: Object.keys(found.methods).join(', ') })
-    route.name = name
+    if (name === undefined) {
+      const allowed = Object.keys(found.methods)
+      return json(405, { error: `${path} takes ${allowed.join(' or ')}` }, { allow: allowed.join(', ') })
+    }
+    // Named once it is served: a refused request counts under `unknown`.
+    if (name === 'healthz' || name === 'metrics') route.name = name
     if (name === 'healthz') {
       const enclaves = await options.parent.health()
       const store = options.parent.storeHealth()
@@ -91,7 +95,6 @@ export function createParentServers(options: ParentApiOptions): { clients: HttpS
       // Why goes to the operator, not the caller: which check failed is a hint to whoever forges requests.
       metrics.authFailures.inc({ reason: failure })
       throttledLog.write(`refused ${failure}`, { level: 'warn', event: 'request_refused', reason: failure, hmacKeyId: printable(request.headers['x-origin-key-id']) })
-      route.name = 'unknown'
       return { ...json(401, { error: 'request authentication failed' }), close: true }
     }
     route.authenticated = true
@@ -101,9 +104,9 @@ export function createParentServers(options: ParentApiOptions): { clients: HttpS
       // Authenticated, but not an operator: a leaked Worker secret must not undo a freeze.
       metrics.authFailures.inc({ reason: 'not-permitted' })
       throttledLog.write('refused not-permitted', { level: 'warn', event: 'request_refused', reason: 'not-permitted', hmacKeyId, method, path: printable(path) })
-      route.name = 'unknown'
       return json(403, { error: 'this HMAC key may only sign and read keys' })
     }
+    route.name = name
     switch (name) {
       case 'create':
         return json(201, await options.parent.createKey())
