@@ -1,4 +1,5 @@
 import { GetObjectCommand, ListObjectsV2Command, PutObjectCommand, S3Client, type S3ClientConfig } from '@aws-sdk/client-s3'
+import { randomBytes } from 'node:crypto'
 import { boundedAwsRequests } from '../awsRequests.js'
 import { messageOf } from '../errors.js'
 import type { KeyState, SealedKeyRecord, WrappedDek } from '../types.js'
@@ -15,12 +16,25 @@ import { assertNotOlder, copyDek, copyRecord, isValidVersion, KeyNotStoredError,
  * `setState` and `putWrappedDek` resolve when their PutObject does. A
  * rejected write has an unknown outcome (the request may have reached S3 and
  * only the answer was lost), so the store forgets what it cached for that
- * key and reads it from S3 again next time.
+ * object and reads it from S3 again next time.
+ *
+ * Every write is conditional on the version of the object it read: `If-Match`
+ * with that version's ETag, or `If-None-Match: *` for an object not there
+ * yet. S3 checks the condition when the write lands, so a write this store
+ * gave up on that S3 takes later (an unfreeze after the freeze that followed
+ * it) is refused once any later write of the object has landed: its ETag no
+ * longer matches. Until then the object is *unsettled*: its reads are not
+ * cached, and the next write of it is sent even if the object already says
+ * what that write would (a freeze of a key S3 shows frozen), so that it
+ * lands and fences the earlier one. A write whose condition fails (the
+ * object changed since it was read: an own late write landed, or another
+ * writer) is read and applied again, three times at most.
  *
  * Operations on one key run one after another, in call order, so the version
  * check of `put` and the read-modify-write of `setState` see every earlier
- * write of this process. Like the disk store, one process at a time may use a
- * bucket and prefix: two writers are not fenced against each other.
+ * write of this process. One process at a time should use a bucket and
+ * prefix, as with the disk store: the conditions keep a second writer from
+ * overwriting what it did not read, but the two caches would still disagree.
  *
  * The credentials need s3:ListBucket (also so that reading a missing object
  * answers 404 rather than 403), s3:GetObject and s3:PutObject.
@@ -63,8 +77,10 @@ export type S3BlobStoreStats = {
   puts: number
   /** ListObjectsV2 pages requested. */
   lists: number
-  /** Requests of any kind that failed (a GetObject of a missing object is not a failure). */
+  /** Requests of any kind that failed (a GetObject of a missing object, or a conflict, is not a failure). */
   failures: number
+  /** PutObjects S3 refused because the object changed since it was read; each is read and applied again. */
+  conflicts: number
   /** Writes (records, state changes, DEKs) acknowledged as durable. */
   records: number
 }
@@ -75,6 +91,8 @@ export const S3_KEYS_FOLDER = 'keys/'
 export const S3_DEK_OBJECT = 'dek.json'
 /** S3 refuses object names longer than this many UTF-8 bytes. */
 const MAX_OBJECT_NAME_BYTES = 1024
+/** Tries of one write whose condition fails, each after reading the object again. */
+const CONFLICT_TRIES = 3
 
 export async function openS3BlobStore(options: S3BlobStoreOptions): Promise<S3BlobStore> {
   const { client, bucket, prefix = '', listConcurrency = 16, listPageSize = 1000 } = options
@@ -92,6 +110,11 @@ export async function openS3BlobStore(options: S3BlobStoreOptions): Promise<S3Bl
 // ---------------------------------------------------------------- the store
 
 type StoreParts = { client: S3Client; bucket: string; prefix: string; listConcurrency: number; listPageSize: number }
+/** A value as one version of its object holds it, and that version's ETag. */
+type Versioned<T> = { value: T; etag: string }
+
+/** S3 did not store a conditional write: the object is not the version the write was conditioned on. */
+class ConflictError extends Error {}
 
 class S3Store implements S3BlobStore {
   private readonly client: S3Client
@@ -99,12 +122,14 @@ class S3Store implements S3BlobStore {
   private readonly prefix: string
   private readonly listConcurrency: number
   private readonly listPageSize: number
-  private readonly counters: S3BlobStoreStats = { gets: 0, puts: 0, lists: 0, failures: 0, records: 0 }
-  /** What this process last wrote or read per key; a key missing here is read from S3. Only durable values are cached. */
-  private readonly records = new Map<string, SealedKeyRecord>()
-  private dek: WrappedDek | undefined
+  private readonly counters: S3BlobStoreStats = { gets: 0, puts: 0, lists: 0, failures: 0, conflicts: 0, records: 0 }
+  /** What this process last wrote or read per key; a key missing here is read from S3. Only durable values of settled keys are cached. */
+  private readonly records = new Map<string, Versioned<SealedKeyRecord>>()
+  private dek: Versioned<WrappedDek> | undefined
   /** The last operation queued per key (`key:<id>`) and for the DEK (`dek`); each runs after the one before it. */
   private readonly chains = new Map<string, Promise<unknown>>()
+  /** Chains whose object a write of this store may still land on (its outcome unknown), until a later write of it lands. */
+  private readonly unsettled = new Set<string>()
   /** Writes not settled yet, for `close`. */
   private readonly pendingWrites = new Set<Promise<unknown>>()
   private closing: Promise<void> | undefined
@@ -125,11 +150,11 @@ class S3Store implements S3BlobStore {
     this.assertOpen()
     validateRecord(record)
     const copy = copyRecord(record)
-    const body = encodeRecord(copy)
     const objectName = this.keyObjectName(record.keyId)
     return this.write(`key:${record.keyId}`, async () => {
-      assertNotOlder(copy, (await this.loadRecord(copy.keyId))?.version)
-      await this.writeRecord(objectName, copy, body)
+      const stored = await this.loadRecord(copy.keyId)
+      assertNotOlder(copy, stored?.value.version)
+      await this.writeRecord(objectName, copy, stored?.etag)
     })
   }
 
@@ -137,29 +162,29 @@ class S3Store implements S3BlobStore {
     this.assertOpen()
     validateKeyId(keyId)
     const cached = this.records.get(keyId)
-    if (cached) return copyRecord(cached)
+    if (cached) return copyRecord(cached.value)
     // Queued behind this key's writes, so a read never caches a value older than one written meanwhile.
-    const record = await this.serialize(`key:${keyId}`, () => this.loadRecord(keyId))
-    return record && copyRecord(record)
+    const stored = await this.serialize(`key:${keyId}`, () => this.loadRecord(keyId))
+    return stored && copyRecord(stored.value)
   }
 
   async *list(): AsyncIterable<SealedKeyRecord> {
     this.assertOpen()
     // A window of GETs in flight, yielded in listing order; the next one starts as the oldest is taken.
-    const inFlight: Promise<SealedKeyRecord | undefined>[] = []
+    const inFlight: Promise<Versioned<SealedKeyRecord> | undefined>[] = []
     for await (const keyId of this.listKeyIds()) {
       const loading = this.serialize(`key:${keyId}`, () => this.loadRecord(keyId))
       // Marked handled so a failure is not reported as unhandled before its turn (or after the caller stops early).
       loading.catch(() => {})
       inFlight.push(loading)
       if (inFlight.length >= this.listConcurrency) {
-        const record = await inFlight.shift()!
-        if (record) yield copyRecord(record)
+        const stored = await inFlight.shift()!
+        if (stored) yield copyRecord(stored.value)
       }
     }
     while (inFlight.length > 0) {
-      const record = await inFlight.shift()!
-      if (record) yield copyRecord(record)
+      const stored = await inFlight.shift()!
+      if (stored) yield copyRecord(stored.value)
     }
   }
 
@@ -171,10 +196,9 @@ class S3Store implements S3BlobStore {
     return this.write(`key:${keyId}`, async () => {
       const stored = await this.loadRecord(keyId)
       if (stored === undefined) throw new KeyNotStoredError(keyId)
-      // What is cached is durable already: nothing to write.
-      if (stored.state === state) return
-      const updated = { ...copyRecord(stored), state }
-      await this.writeRecord(objectName, updated, encodeRecord(updated))
+      // Nothing to write, unless a write of ours may still land over it: then this one must land first (see the top).
+      if (stored.value.state === state && !this.unsettled.has(`key:${keyId}`)) return
+      await this.writeRecord(objectName, { ...copyRecord(stored.value), state }, stored.etag)
     })
   }
 
@@ -182,13 +206,11 @@ class S3Store implements S3BlobStore {
     this.assertOpen()
     validateDek(dek)
     const copy = copyDek(dek)
-    const retiring = copy.retiring && { keyId: copy.retiring.keyId, ciphertext: toBase64(copy.retiring.ciphertext) }
-    const body = JSON.stringify({ format: FORMAT, keyId: copy.keyId, ciphertext: toBase64(copy.ciphertext), ...(retiring && { retiring }) })
-    const objectName = this.prefix + S3_DEK_OBJECT
     return this.write('dek', async () => {
+      const stored = await this.loadDek()
       this.dek = undefined
-      await this.putObject(objectName, body)
-      this.dek = copy
+      const etag = await this.putObject('dek', this.prefix + S3_DEK_OBJECT, encodeDek(copy), stored?.etag)
+      this.dek = { value: copy, etag }
       this.counters.records++
     })
   }
@@ -196,7 +218,7 @@ class S3Store implements S3BlobStore {
   async getWrappedDek(): Promise<WrappedDek | undefined> {
     this.assertOpen()
     const dek = this.dek ?? (await this.serialize('dek', () => this.loadDek()))
-    return dek && copyDek(dek)
+    return dek && copyDek(dek.value)
   }
 
   stats(): S3BlobStoreStats {
@@ -234,8 +256,17 @@ class S3Store implements S3BlobStore {
     return result
   }
 
+  /** Queues a write on `chain`; one whose condition fails is run again, reading the object anew, up to CONFLICT_TRIES times. */
   private write(chain: string, operation: () => Promise<void>): Promise<void> {
-    const result = this.serialize(chain, operation)
+    const result = this.serialize(chain, async () => {
+      for (let tries = 1; ; tries++) {
+        try {
+          return await operation()
+        } catch (error) {
+          if (!(error instanceof ConflictError) || tries === CONFLICT_TRIES) throw error
+        }
+      }
+    })
     this.pendingWrites.add(result)
     const forget = () => {
       this.pendingWrites.delete(result)
@@ -254,37 +285,43 @@ class S3Store implements S3BlobStore {
     return name
   }
 
+  /** Runs `store` (which caches a value) unless the chain is unsettled: a late write of ours may change its object under the cache. */
+  private cache(chain: string, store: () => void): void {
+    if (!this.unsettled.has(chain)) store()
+  }
+
   /** The key's record as cached, else as S3 has it (and then cached). Call only from the key's chain. */
-  private async loadRecord(keyId: string): Promise<SealedKeyRecord | undefined> {
+  private async loadRecord(keyId: string): Promise<Versioned<SealedKeyRecord> | undefined> {
     const cached = this.records.get(keyId)
     if (cached) return cached
     const objectName = this.keyObjectName(keyId)
-    const body = await this.getObject(objectName)
-    if (body === undefined) return undefined
-    const record = decodeRecord(body, `s3://${this.bucket}/${objectName}`)
+    const object = await this.getObject(objectName)
+    if (object === undefined) return undefined
+    const record = decodeRecord(object.body, `s3://${this.bucket}/${objectName}`)
     if (record.keyId !== keyId) {
       throw new Error(`S3 blob store: s3://${this.bucket}/${objectName} holds key ${record.keyId}, not ${keyId}`)
     }
-    this.records.set(keyId, record)
-    return record
+    const stored = { value: record, etag: object.etag }
+    this.cache(`key:${keyId}`, () => this.records.set(keyId, stored))
+    return stored
   }
 
-  /** Call only from the key's chain. */
-  private async writeRecord(objectName: string, record: SealedKeyRecord, body: string): Promise<void> {
+  /** Writes the record over the version with `etag` (a new object if undefined). Call only from the key's chain. */
+  private async writeRecord(objectName: string, record: SealedKeyRecord, etag: string | undefined): Promise<void> {
     // Until S3 answers, what it holds is unknown: forget the cached value so the next read asks S3.
     this.records.delete(record.keyId)
-    await this.putObject(objectName, body)
-    this.records.set(record.keyId, record)
+    const written = await this.putObject(`key:${record.keyId}`, objectName, encodeRecord(record), etag)
+    this.records.set(record.keyId, { value: record, etag: written })
     this.counters.records++
   }
 
-  private async loadDek(): Promise<WrappedDek | undefined> {
+  private async loadDek(): Promise<Versioned<WrappedDek> | undefined> {
     if (this.dek) return this.dek
     const objectName = this.prefix + S3_DEK_OBJECT
-    const body = await this.getObject(objectName)
-    if (body === undefined) return undefined
+    const object = await this.getObject(objectName)
+    if (object === undefined) return undefined
     const where = `s3://${this.bucket}/${objectName}`
-    const fields = parseObject(body, where)
+    const fields = parseObject(object.body, where)
     if (fields.format !== FORMAT) throw unreadable(where, `unknown format ${String(fields.format)}`)
     if (typeof fields.keyId !== 'string' || fields.keyId.length === 0) throw unreadable(where, 'keyId is not a non-empty string')
     const dek: WrappedDek = { keyId: fields.keyId, ciphertext: fromBase64(fields.ciphertext, where, 'ciphertext') }
@@ -293,8 +330,9 @@ class S3Store implements S3BlobStore {
       if (typeof retiring?.keyId !== 'string' || retiring.keyId.length === 0) throw unreadable(where, 'retiring.keyId is not a non-empty string')
       dek.retiring = { keyId: retiring.keyId, ciphertext: fromBase64(retiring.ciphertext, where, 'retiring.ciphertext') }
     }
-    this.dek = dek
-    return this.dek
+    const stored = { value: dek, etag: object.etag }
+    this.cache('dek', () => (this.dek = stored))
+    return stored
   }
 
   /** Object names under `keys/`, page by page, decoded back to key ids. */
@@ -345,13 +383,15 @@ class S3Store implements S3BlobStore {
     }
   }
 
-  /** The object's body, or undefined if S3 says there is no such object. */
-  private async getObject(objectName: string): Promise<string | undefined> {
+  /** The object's body and ETag, or undefined if S3 says there is no such object. */
+  private async getObject(objectName: string): Promise<{ body: string; etag: string } | undefined> {
     this.counters.gets++
     try {
       const response = await this.client.send(new GetObjectCommand({ Bucket: this.bucket, Key: objectName }))
       if (!response.Body) throw new Error('the response has no body')
-      return await response.Body.transformToString('utf8')
+      const body = await response.Body.transformToString('utf8')
+      if (!response.ETag) throw new Error('the response has no ETag, which conditional writes need')
+      return { body, etag: response.ETag }
     } catch (error) {
       if (errorName(error) === 'NoSuchKey') return undefined
       this.counters.failures++
@@ -359,15 +399,40 @@ class S3Store implements S3BlobStore {
     }
   }
 
-  /** Resolves once S3 acknowledged the object, which it does only once it is durable. */
-  private async putObject(objectName: string, body: string): Promise<void> {
+  /**
+   * Writes the object over its version with `etag`, or as a new object if
+   * undefined, and resolves to the new version's ETag once S3 acknowledged
+   * it, which it does only once it is durable. Rejects with a ConflictError
+   * if S3 refused the condition (nothing was stored); any other failure
+   * leaves the outcome unknown and `chain` unsettled.
+   */
+  private async putObject(chain: string, objectName: string, body: string, etag: string | undefined): Promise<string> {
     this.counters.puts++
+    let written: string | undefined
     try {
-      await this.client.send(new PutObjectCommand({ Bucket: this.bucket, Key: objectName, Body: body, ContentType: 'application/json' }))
+      const condition = etag === undefined ? { IfNoneMatch: '*' } : { IfMatch: etag }
+      written = (await this.client.send(new PutObjectCommand({ Bucket: this.bucket, Key: objectName, Body: body, ContentType: 'application/json', ...condition }))).ETag
     } catch (error) {
+      if (isConflict(error)) {
+        this.counters.conflicts++
+        throw new ConflictError(
+          `S3 blob store: PutObject s3://${this.bucket}/${objectName} was refused ${CONFLICT_TRIES} times because the object changed after it was read` +
+            ' (does another process write to this bucket and prefix?); nothing was stored',
+          { cause: error },
+        )
+      }
       this.counters.failures++
+      this.unsettled.add(chain)
       throw describeS3Error(error, { operation: 'PutObject', bucket: this.bucket, objectName, write: true })
     }
+    if (!written) {
+      this.counters.failures++
+      this.unsettled.add(chain)
+      throw new Error(`S3 blob store: PutObject s3://${this.bucket}/${objectName} was answered without an ETag, which conditional writes need`)
+    }
+    // This version landed, so no earlier write of ours (conditioned on an older ETag) can land after it.
+    this.unsettled.delete(chain)
+    return written
   }
 }
 
@@ -389,6 +454,17 @@ function errorName(error: unknown): string | undefined {
   const { name, Code } = error as { name?: unknown; Code?: unknown }
   if (typeof Code === 'string') return Code
   return typeof name === 'string' ? name : undefined
+}
+
+/**
+ * S3 did not store a conditional write because the object is not the version
+ * it named: 412 (the ETag differs, or the object exists for `If-None-Match`),
+ * 404 NoSuchKey (`If-Match` on an object gone), or 409 (a conflicting write
+ * under way).
+ */
+function isConflict(error: unknown): boolean {
+  const status = httpStatus(error)
+  return status === 412 || status === 409 || (status === 404 && errorName(error) === 'NoSuchKey')
 }
 
 function httpStatus(error: unknown): number | undefined {
@@ -423,6 +499,15 @@ function describeS3Error(
 /** Written into every object, so a later layout can refuse to misread this one. */
 const FORMAT = 'sealed-blob-store/v1'
 
+/**
+ * Random per write, so no two versions of an object share an ETag: a late
+ * write conditioned on an older version's ETag would otherwise match a later
+ * version with the same content (active, frozen, active again).
+ */
+function writeId(): string {
+  return randomBytes(12).toString('base64url')
+}
+
 function encodeRecord(record: SealedKeyRecord): string {
   return JSON.stringify({
     format: FORMAT,
@@ -431,7 +516,13 @@ function encodeRecord(record: SealedKeyRecord): string {
     state: record.state,
     publicKey: toBase64(record.publicKey),
     sealed: toBase64(record.sealed),
+    writeId: writeId(),
   })
+}
+
+function encodeDek(dek: WrappedDek): string {
+  const retiring = dek.retiring && { keyId: dek.retiring.keyId, ciphertext: toBase64(dek.retiring.ciphertext) }
+  return JSON.stringify({ format: FORMAT, keyId: dek.keyId, ciphertext: toBase64(dek.ciphertext), ...(retiring && { retiring }), writeId: writeId() })
 }
 
 function decodeRecord(body: string, where: string): SealedKeyRecord {

@@ -16,7 +16,7 @@
  * public key instead of `Plaintext`. A symmetric key can require it, with a
  * given PCR0, as a key policy with `kms:RecipientAttestation:PCR0` would.
  */
-import { createCipheriv, createDecipheriv, createHash, createHmac, createPublicKey, randomBytes, randomUUID, timingSafeEqual, X509Certificate, type KeyObject } from 'node:crypto'
+import { createCipheriv, createDecipheriv, createPublicKey, randomBytes, randomUUID, X509Certificate, type KeyObject } from 'node:crypto'
 import { createServer, type IncomingMessage, type ServerResponse } from 'node:http'
 import type { AddressInfo } from 'node:net'
 import { p256 } from '@noble/curves/p256'
@@ -24,6 +24,7 @@ import { secp256k1 } from '@noble/curves/secp256k1'
 import { AttestationDocumentError, verifyAttestationDocument, type AttestedFields } from '../../enclave-origin/attestationDocument.js'
 import { sealForRecipient } from './cmsEnvelope.js'
 import { listenLocal, readBody } from './localHttp.js'
+import { headerOf, sha256Hex, SigV4Error, verifySigV4, type SigV4Refusal } from './sigV4.js'
 
 export type KmsFault = 'none' | 'throttle' | 'internal-error' | 'hang' | 'access-denied' | 'high-s' | 'wrong-key'
 export type LocalKms = {
@@ -77,48 +78,24 @@ function spki(spec: EcSpec, privateKey: Uint8Array): Buffer {
   return tlv(0x30, Buffer.concat([algorithm, tlv(0x03, Buffer.concat([Buffer.from([0]), point]))]))
 }
 
-const sha256 = (data: string | Buffer) => createHash('sha256').update(data).digest('hex')
-const hmac = (key: Buffer | string, data: string) => createHmac('sha256', key).update(data).digest()
-const rfc3986 = (s: string) => encodeURIComponent(s).replace(/[!'()*]/g, (c) => `%${c.charCodeAt(0).toString(16).toUpperCase()}`)
-const headerOf = (req: IncomingMessage, name: string): string | undefined => {
-  const value = req.headers[name]
-  return Array.isArray(value) ? value.join(',') : value
+const KMS_REFUSALS: Record<SigV4Refusal, string> = {
+  missing: 'MissingAuthenticationTokenException',
+  malformed: 'IncompleteSignatureException',
+  'unknown-access-key': 'UnrecognizedClientException',
+  'bad-token': 'UnrecognizedClientException',
+  'bad-signature': 'InvalidSignatureException',
 }
-const AUTH = /^AWS4-HMAC-SHA256 Credential=([^/\s,]+)\/(\d{8})\/([^/\s,]+)\/kms\/aws4_request, ?SignedHeaders=([a-z0-9;-]+), ?Signature=([0-9a-f]{64})$/
 
-/** SigV4 (header form): checks shape, access key id, region, date skew, then recomputes the signature. */
-function verifySigV4(req: IncomingMessage, body: Buffer, creds: LocalKms['credentials']): void {
-  const auth = headerOf(req, 'authorization')
-  const amzDate = headerOf(req, 'x-amz-date')
-  if (!auth) throw new KmsError('MissingAuthenticationTokenException', 'Missing Authentication Token')
-  const m = AUTH.exec(auth)
-  if (!m || !amzDate || !/^\d{8}T\d{6}Z$/.test(amzDate)) throw new KmsError('IncompleteSignatureException', 'Authorization header or X-Amz-Date is malformed')
-  const [, accessKeyId, day, region, signedHeaders = '', signature = ''] = m
-  if (accessKeyId !== creds.accessKeyId) throw new KmsError('UnrecognizedClientException', 'The security token included in the request is invalid.')
-  if (region !== creds.region) throw new KmsError('InvalidSignatureException', `Credential should be scoped to a valid region, not '${region}'.`)
-  if (day !== amzDate.slice(0, 8)) throw new KmsError('InvalidSignatureException', 'Credential date does not match X-Amz-Date.')
-  const at = Date.parse(amzDate.replace(/^(\d{4})(\d\d)(\d\d)T(\d\d)(\d\d)(\d\d)Z$/, '$1-$2-$3T$4:$5:$6Z'))
-  // AWS allows five minutes of clock skew.
-  if (!(Math.abs(Date.now() - at) <= 5 * 60_000)) throw new KmsError('InvalidSignatureException', `Signature expired: ${amzDate}`)
-  const names = signedHeaders.split(';')
-  if (!names.includes('host') || !names.includes('x-amz-date')) throw new KmsError('IncompleteSignatureException', 'The host and x-amz-date headers must be signed.')
-  if (creds.sessionToken !== undefined && (headerOf(req, 'x-amz-security-token') !== creds.sessionToken || !names.includes('x-amz-security-token'))) {
-    throw new KmsError('UnrecognizedClientException', 'The security token included in the request is invalid.')
-  }
-  const payloadHash = sha256(body)
+/** SigV4 as KMS checks it: the payload hash is the body's, and a declared `x-amz-content-sha256` must match it. */
+function verifyKmsSignature(req: IncomingMessage, body: Buffer, creds: LocalKms['credentials']): void {
+  const payloadHash = sha256Hex(body)
   const declaredHash = headerOf(req, 'x-amz-content-sha256')
-  if (declaredHash !== undefined && declaredHash !== payloadHash) throw new KmsError('InvalidSignatureException', 'x-amz-content-sha256 does not match the request body.')
-  const url = new URL(req.url ?? '/', 'http://localhost')
-  const query = [...url.searchParams].map(([k, v]) => `${rfc3986(k)}=${rfc3986(v)}`).sort().join('&')
-  const canonicalHeaders = names.map((n) => `${n}:${(headerOf(req, n) ?? '').trim().replace(/\s+/g, ' ')}\n`).join('')
-  const path = encodeURIComponent(url.pathname).replace(/%2F/g, '/')
-  const canonicalRequest = [req.method, path, query, canonicalHeaders, signedHeaders, payloadHash].join('\n')
-  const scope = `${day}/${region}/kms/aws4_request`
-  const stringToSign = ['AWS4-HMAC-SHA256', amzDate, scope, sha256(canonicalRequest)].join('\n')
-  const kSigning = ['kms', 'aws4_request'].reduce(hmac, hmac(hmac(`AWS4${creds.secretAccessKey}`, day ?? ''), region ?? ''))
-  const expected = hmac(kSigning, stringToSign)
-  if (!timingSafeEqual(expected, Buffer.from(signature, 'hex'))) {
-    throw new KmsError('InvalidSignatureException', 'The request signature we calculated does not match the signature you provided.')
+  try {
+    if (declaredHash !== undefined && declaredHash !== payloadHash) throw new SigV4Error('bad-signature', 'x-amz-content-sha256 does not match the request body.')
+    verifySigV4(req, creds, { service: 'kms', payloadHash })
+  } catch (error) {
+    if (error instanceof SigV4Error) throw new KmsError(KMS_REFUSALS[error.refusal], error.message)
+    throw error
   }
 }
 
@@ -294,7 +271,7 @@ export async function startLocalKms(options: { port: number; accessKeyId?: strin
     const op = target.startsWith('TrentService.') ? target.slice('TrentService.'.length) : target || '(none)'
     calls[op] = (calls[op] ?? 0) + 1
     try {
-      verifySigV4(req, body, credentials)
+      verifyKmsSignature(req, body, credentials)
       const operation = Object.hasOwn(operations, op) && target.startsWith('TrentService.') ? operations[op] : undefined
       if (req.method !== 'POST' || !operation) throw new KmsError('UnknownOperationException', `Unknown operation ${target}`)
       if (!(headerOf(req, 'content-type') ?? '').startsWith('application/x-amz-json-1.1')) throw new KmsError('SerializationException', 'Expected Content-Type application/x-amz-json-1.1')

@@ -1,47 +1,15 @@
 import { CreateBucketCommand, DeleteBucketCommand, GetObjectCommand, PutObjectCommand, S3Client } from '@aws-sdk/client-s3'
-import { spawn, type ChildProcessByStdio } from 'node:child_process'
-import { mkdtemp, rm } from 'node:fs/promises'
 import { createServer } from 'node:http'
 import type { AddressInfo } from 'node:net'
-import { tmpdir } from 'node:os'
-import { join, resolve } from 'node:path'
-import type { Readable, Writable } from 'node:stream'
 import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, it } from 'vitest'
 import { openS3BlobStore, parentS3Client, type S3BlobStore, type S3BlobStoreOptions } from '../../enclave-origin/parent/s3BlobStore.js'
 import type { SealedKeyRecord } from '../../enclave-origin/types.js'
+import { startLocalS3, type LocalS3 } from '../support/s3Server.js'
 import { listAll, sealedRecord } from '../support/sealedRecords.js'
 
-const PORT = 18681
-const ENDPOINT = `http://127.0.0.1:${PORT}`
 const BUCKET = 'sealed-keys'
-const projectRoot = resolve(import.meta.dirname, '../..')
 
-/**
- * s3rver, in a child process of its own: it encrypts ListObjectsV2
- * continuation tokens with single DES, which Node 20's OpenSSL 3 only offers
- * with the legacy provider, so any truncated listing (paging, MaxKeys) would
- * fail in this process. It stops when its stdin closes, so it never outlives
- * the tests.
- */
-const S3RVER_PROCESS = `
-const S3rver = require('s3rver')
-const server = new S3rver({
-  port: Number(process.env.S3RVER_PORT),
-  address: '127.0.0.1',
-  silent: true,
-  directory: process.env.S3RVER_DIRECTORY,
-  configureBuckets: [{ name: process.env.S3RVER_BUCKET }],
-})
-server.run().then(
-  () => process.stdout.write('ready\\n'),
-  (error) => { console.error(error); process.exit(1) },
-)
-process.stdin.on('end', () => server.close().finally(() => process.exit(0)))
-process.stdin.resume()
-`
-
-let directory: string
-let server: ChildProcessByStdio<Writable, Readable, Readable> | undefined
+let s3: LocalS3
 /** Every store and client a test opens, closed afterwards even when the test fails. */
 let opened: S3BlobStore[] = []
 let clients: S3Client[] = []
@@ -49,43 +17,12 @@ let clients: S3Client[] = []
 let prefix: string
 let testNumber = 0
 
-async function startS3rver(): Promise<ChildProcessByStdio<Writable, Readable, Readable>> {
-  const child = spawn(process.execPath, ['--openssl-legacy-provider', '-e', S3RVER_PROCESS], {
-    cwd: projectRoot,
-    env: { ...process.env, S3RVER_PORT: String(PORT), S3RVER_DIRECTORY: directory, S3RVER_BUCKET: BUCKET },
-    stdio: ['pipe', 'pipe', 'pipe'],
-  })
-  let stderr = ''
-  child.stderr.on('data', (chunk: Buffer) => (stderr += chunk.toString('utf8')))
-  await new Promise<void>((resolveReady, rejectReady) => {
-    let stdout = ''
-    child.stdout.on('data', (chunk: Buffer) => {
-      stdout += chunk.toString('utf8')
-      if (stdout.includes('ready\n')) resolveReady()
-    })
-    child.once('exit', (code) => rejectReady(new Error(`s3rver exited with code ${code} before it was ready: ${stderr}`)))
-    child.once('error', rejectReady)
-  })
-  return child
-}
-
-async function stopS3rver(child: ChildProcessByStdio<Writable, Readable, Readable>): Promise<void> {
-  if (child.exitCode !== null || child.signalCode !== null) return
-  const exited = new Promise<void>((resolveExit) => child.once('exit', () => resolveExit()))
-  child.stdin.end()
-  const timer = setTimeout(() => child.kill('SIGKILL'), 5_000)
-  await exited
-  clearTimeout(timer)
-}
-
 beforeAll(async () => {
-  directory = await mkdtemp(join(tmpdir(), 's3-blob-store-'))
-  server = await startS3rver()
-}, 30_000)
+  s3 = await startLocalS3({ buckets: [BUCKET] })
+})
 
 afterAll(async () => {
-  if (server) await stopS3rver(server)
-  await rm(directory, { recursive: true, force: true })
+  await s3?.stop()
 })
 
 beforeEach(() => {
@@ -99,8 +36,8 @@ afterEach(async () => {
   clients = []
 })
 
-function newClient(credentials = { accessKeyId: 'S3RVER', secretAccessKey: 'S3RVER' }): S3Client {
-  const client = new S3Client({ endpoint: ENDPOINT, forcePathStyle: true, region: 'us-east-1', credentials, maxAttempts: 1 })
+function newClient(credentials: { accessKeyId: string; secretAccessKey: string } = s3.credentials): S3Client {
+  const client = new S3Client({ endpoint: s3.url, forcePathStyle: true, region: s3.credentials.region, credentials, maxAttempts: 1 })
   clients.push(client)
   return client
 }
@@ -115,6 +52,12 @@ async function openStore(options: Partial<S3BlobStoreOptions> = {}): Promise<S3B
 async function reopen(store: S3BlobStore, options: Partial<S3BlobStoreOptions> = {}): Promise<S3BlobStore> {
   await store.close()
   return openStore(options)
+}
+
+/** An object as the store writes it, for another writer in a test. */
+function objectBody(record: SealedKeyRecord): string {
+  const base64 = (bytes: Uint8Array) => Buffer.from(bytes).toString('base64')
+  return JSON.stringify({ format: 'sealed-blob-store/v1', ...record, publicKey: base64(record.publicKey), sealed: base64(record.sealed) })
 }
 
 function byKeyId(records: SealedKeyRecord[]): SealedKeyRecord[] {
@@ -341,6 +284,116 @@ describe('openS3BlobStore', () => {
   })
 })
 
+describe('conditional writes', () => {
+  /** A store on the production client: two attempts of 300 ms each, so a held write is given up on quickly. */
+  async function openTimingOutStore(): Promise<S3BlobStore> {
+    const client = parentS3Client({ region: s3.credentials.region, endpoint: s3.url, timeoutMs: 300, credentials: s3.credentials })
+    clients.push(client)
+    const store = await openS3BlobStore({ client, bucket: BUCKET, prefix })
+    opened.push(store)
+    return store
+  }
+
+  it('refuses a write it gave up on that S3 takes later, once a later write of the object has landed', async () => {
+    const store = await openTimingOutStore()
+    await store.put(sealedRecord(1))
+    await store.setState('key-1', 'frozen')
+
+    // An unfreeze S3 receives and holds while the store gives up on it (both attempts).
+    const held = s3.holdWrites(BUCKET, `${prefix}keys/key-1.json`)
+    await expect(store.setState('key-1', 'active')).rejects.toThrow(/may or may not be stored/)
+    expect(held.parked()).toBe(2)
+    held.stopHolding()
+    // S3 still says frozen, but this freeze is written anyway, so that it lands before the unfreeze can.
+    await store.setState('key-1', 'frozen')
+    expect(held.release()).toEqual([412, 412])
+    expect(await (await reopen(store)).get('key-1')).toEqual({ ...sealedRecord(1), state: 'frozen' })
+
+    // The wrapped DEK likewise: a rotation's first DEK landing late does not replace a later one.
+    const dekStore = await openTimingOutStore()
+    await dekStore.putWrappedDek({ keyId: 'kms/one', ciphertext: new Uint8Array([1]) })
+    const heldDek = s3.holdWrites(BUCKET, `${prefix}dek.json`)
+    await expect(dekStore.putWrappedDek({ keyId: 'kms/two', ciphertext: new Uint8Array([2]) })).rejects.toThrow(/may or may not be stored/)
+    heldDek.stopHolding()
+    await dekStore.putWrappedDek({ keyId: 'kms/three', ciphertext: new Uint8Array([3]) })
+    expect(heldDek.release()).toEqual([412, 412])
+    expect(await (await reopen(dekStore)).getWrappedDek()).toEqual({ keyId: 'kms/three', ciphertext: new Uint8Array([3]) })
+  })
+
+  it('reads an object from S3 each time while a write of it it gave up on may still land', async () => {
+    const store = await openTimingOutStore()
+    await store.put(sealedRecord(1, 1))
+    const held = s3.holdWrites(BUCKET, `${prefix}keys/key-1.json`)
+    await expect(store.put(sealedRecord(1, 2))).rejects.toThrow(/may or may not be stored/)
+    held.stopHolding()
+    expect(await store.get('key-1')).toEqual(sealedRecord(1, 1))
+    // The first attempt lands (S3 still held the version it was conditioned on); the second, after it, cannot.
+    expect(held.release()).toEqual([200, 412])
+    expect(await store.get('key-1')).toEqual(sealedRecord(1, 2))
+
+    // A write that lands settles the key: reads are served from the cache again.
+    await store.setState('key-1', 'frozen')
+    const gets = store.stats().gets
+    expect(await store.get('key-1')).toEqual({ ...sealedRecord(1, 2), state: 'frozen' })
+    expect(store.stats().gets).toBe(gets)
+  })
+
+  it('reads and checks again a write whose object changed after it was read, three times at most', async () => {
+    const store = await openStore()
+    const other = newClient()
+    const objectName = `${prefix}keys/key-1.json`
+    const writeAsOther = (record: SealedKeyRecord) =>
+      other.send(new PutObjectCommand({ Bucket: BUCKET, Key: objectName, Body: objectBody(record), ContentType: 'application/json' }))
+    // Runs before each PutObject of the store, after its read of the object.
+    let beforeWrite: (() => Promise<unknown>) | undefined
+    clients.at(-2)!.middlewareStack.add(
+      (next, context) => async (args) => {
+        if (context.commandName === 'PutObjectCommand') await beforeWrite?.()
+        return next(args)
+      },
+      { step: 'initialize', name: 'writeBetween' },
+    )
+
+    // A create raced by a newer version: read again, it is refused as older.
+    beforeWrite = async () => {
+      beforeWrite = undefined
+      await writeAsOther(sealedRecord(1, 3))
+    }
+    await expect(store.put(sealedRecord(1, 1))).rejects.toThrow(/version 1 is older than the stored version 3/)
+    expect(store.stats()).toMatchObject({ puts: 1, conflicts: 1, failures: 0 })
+
+    // A state change raced by another: applied to what S3 holds now.
+    await store.put(sealedRecord(1, 4))
+    beforeWrite = async () => {
+      beforeWrite = undefined
+      await writeAsOther(sealedRecord(1, 6))
+    }
+    await store.setState('key-1', 'archived')
+    expect(await (await reopen(store)).get('key-1')).toEqual({ ...sealedRecord(1, 6), state: 'archived' })
+  })
+
+  it('gives up on a write whose object changes under each of three tries, storing nothing', async () => {
+    const store = await openStore()
+    const other = newClient()
+    const objectName = `${prefix}keys/key-1.json`
+    let version = 10
+    clients.at(-2)!.middlewareStack.add(
+      (next, context) => async (args) => {
+        if (context.commandName === 'PutObjectCommand') {
+          await other.send(new PutObjectCommand({ Bucket: BUCKET, Key: objectName, Body: objectBody(sealedRecord(1, ++version)) }))
+        }
+        return next(args)
+      },
+      { step: 'initialize', name: 'writeBetween' },
+    )
+    await expect(store.put(sealedRecord(1, 99))).rejects.toThrow(
+      new RegExp(`PutObject s3://${BUCKET}/${objectName} was refused 3 times because the object changed after it was read .*; nothing was stored`),
+    )
+    expect(store.stats()).toMatchObject({ puts: 3, conflicts: 3, failures: 0, records: 0 })
+    expect(await (await reopen(store)).get('key-1')).toEqual(sealedRecord(1, 13))
+  })
+})
+
 describe('S3 errors', () => {
   it('gives a clear error for a bucket that does not exist', async () => {
     await expect(openS3BlobStore({ client: newClient(), bucket: 'no-such-bucket', prefix })).rejects.toThrow(
@@ -351,6 +404,8 @@ describe('S3 errors', () => {
   it('gives a clear error for credentials S3 refuses', async () => {
     const client = newClient({ accessKeyId: 'NOT-A-KEY', secretAccessKey: 'nope' })
     await expect(openS3BlobStore({ client, bucket: BUCKET, prefix })).rejects.toThrow(/access denied \(InvalidAccessKeyId/)
+    const wrongSecret = newClient({ accessKeyId: s3.credentials.accessKeyId, secretAccessKey: 'not-the-secret' })
+    await expect(openS3BlobStore({ client: wrongSecret, bucket: BUCKET, prefix })).rejects.toThrow(/access denied \(SignatureDoesNotMatch/)
   })
 
   it('rejects writes, without claiming them durable, once the bucket is gone', async () => {
@@ -363,7 +418,7 @@ describe('S3 errors', () => {
 
     await expect(store.put(sealedRecord(1))).rejects.toThrow(/bucket "short-lived" does not exist/)
     await expect(store.putWrappedDek({ keyId: 'kms', ciphertext: new Uint8Array([1]) })).rejects.toThrow(
-      /PutObject s3:\/\/short-lived\/.*dek.json failed: bucket "short-lived" does not exist \(NoSuchBucket\); the write may or may not be stored/,
+      /s3:\/\/short-lived\/.*dek.json failed: bucket "short-lived" does not exist \(NoSuchBucket\)/,
     )
     await expect(store.get('key-1')).rejects.toThrow(/bucket "short-lived" does not exist/)
     await expect(listAll(store)).rejects.toThrow(/bucket "short-lived" does not exist/)
@@ -373,7 +428,7 @@ describe('S3 errors', () => {
   /** Opening a store against `server` fails in two attempts of 300 ms (and the SDK's backoff), rather than hang. */
   async function expectOpenFailsFastAgainst(server: ReturnType<typeof createServer>) {
     await new Promise<void>((listening) => server.listen(0, '127.0.0.1', listening))
-    const client = parentS3Client({ region: 'us-east-1', endpoint: `http://127.0.0.1:${(server.address() as AddressInfo).port}`, timeoutMs: 300, credentials: { accessKeyId: 'S3RVER', secretAccessKey: 'S3RVER' } })
+    const client = parentS3Client({ region: 'us-east-1', endpoint: `http://127.0.0.1:${(server.address() as AddressInfo).port}`, timeoutMs: 300, credentials: s3.credentials })
     clients.push(client)
     try {
       const started = Date.now()
