@@ -1,5 +1,6 @@
 import { GetObjectCommand, ListObjectsV2Command, PutObjectCommand, S3Client, type S3ClientConfig } from '@aws-sdk/client-s3'
 import { randomBytes } from 'node:crypto'
+import { setTimeout as sleep } from 'node:timers/promises'
 import { boundedAwsRequests } from '../awsRequests.js'
 import { messageOf } from '../errors.js'
 import type { KeyState, SealedKeyRecord, WrappedDek } from '../types.js'
@@ -23,12 +24,12 @@ import { assertNotOlder, copyDek, copyRecord, isValidVersion, KeyNotStoredError,
  * yet. S3 checks the condition when the write lands, so a write this store
  * gave up on that S3 takes later (an unfreeze after the freeze that followed
  * it) is refused once any later write of the object has landed: its ETag no
- * longer matches. Until then the object is *unsettled*: its reads are not
- * cached, and the next write of it is sent even if the object already says
- * what that write would (a freeze of a key S3 shows frozen), so that it
- * lands and fences the earlier one. A write whose condition fails (the
- * object changed since it was read: an own late write landed, or another
- * writer) is read and applied again, three times at most.
+ * longer matches. Every call writes, even a state change to the state S3
+ * already shows, so that it lands and fences any earlier write, this
+ * process's or a stopped one's. Until a write lands after one whose outcome
+ * is unknown, the object is *unsettled*: its reads are not cached. A write
+ * whose condition fails (the object changed since it was read, or another
+ * write of it is under way) is read and applied again, three times at most.
  *
  * Operations on one key run one after another, in call order, so the version
  * check of `put` and the read-modify-write of `setState` see every earlier
@@ -91,8 +92,9 @@ export const S3_KEYS_FOLDER = 'keys/'
 export const S3_DEK_OBJECT = 'dek.json'
 /** S3 refuses object names longer than this many UTF-8 bytes. */
 const MAX_OBJECT_NAME_BYTES = 1024
-/** Tries of one write whose condition fails, each after reading the object again. */
+/** Tries of one write whose condition fails, each after reading the object again, the second and third after a pause of this many ms times the tries made. */
 const CONFLICT_TRIES = 3
+const CONFLICT_BACKOFF_MS = 50
 
 export async function openS3BlobStore(options: S3BlobStoreOptions): Promise<S3BlobStore> {
   const { client, bucket, prefix = '', listConcurrency = 16, listPageSize = 1000 } = options
@@ -113,8 +115,15 @@ type StoreParts = { client: S3Client; bucket: string; prefix: string; listConcur
 /** A value as one version of its object holds it, and that version's ETag. */
 type Versioned<T> = { value: T; etag: string }
 
-/** S3 did not store a conditional write: the object is not the version the write was conditioned on. */
-class ConflictError extends Error {}
+/** S3 did not store a conditional write: the object is not the version the write was conditioned on, or another write of it is under way. */
+class ConflictError extends Error {
+  constructor(
+    readonly objectName: string,
+    cause: unknown,
+  ) {
+    super(`conditional PutObject of ${objectName} refused`, { cause })
+  }
+}
 
 class S3Store implements S3BlobStore {
   private readonly client: S3Client
@@ -196,8 +205,7 @@ class S3Store implements S3BlobStore {
     return this.write(`key:${keyId}`, async () => {
       const stored = await this.loadRecord(keyId)
       if (stored === undefined) throw new KeyNotStoredError(keyId)
-      // Nothing to write, unless a write of ours may still land over it: then this one must land first (see the top).
-      if (stored.value.state === state && !this.unsettled.has(`key:${keyId}`)) return
+      // Written even if S3 shows this state already, to fence a write that may still land (see the top).
       await this.writeRecord(objectName, { ...copyRecord(stored.value), state }, stored.etag)
     })
   }
@@ -263,7 +271,16 @@ class S3Store implements S3BlobStore {
         try {
           return await operation()
         } catch (error) {
-          if (!(error instanceof ConflictError) || tries === CONFLICT_TRIES) throw error
+          if (!(error instanceof ConflictError)) throw error
+          if (tries === CONFLICT_TRIES) {
+            const outcome = this.unsettled.has(chain) ? 'an attempt of it may or may not be stored' : 'nothing was stored'
+            throw new Error(
+              `S3 blob store: PutObject s3://${this.bucket}/${error.objectName} was refused ${CONFLICT_TRIES} times because the object changed after it was read` +
+                ` or another write of it was under way (does another process write to this bucket and prefix?); ${outcome}`,
+              { cause: error.cause },
+            )
+          }
+          await sleep(CONFLICT_BACKOFF_MS * tries)
         }
       }
     })
@@ -403,8 +420,8 @@ class S3Store implements S3BlobStore {
    * Writes the object over its version with `etag`, or as a new object if
    * undefined, and resolves to the new version's ETag once S3 acknowledged
    * it, which it does only once it is durable. Rejects with a ConflictError
-   * if S3 refused the condition (nothing was stored); any other failure
-   * leaves the outcome unknown and `chain` unsettled.
+   * if S3 refused the condition; any other failure leaves the outcome
+   * unknown and `chain` unsettled.
    */
   private async putObject(chain: string, objectName: string, body: string, etag: string | undefined): Promise<string> {
     this.counters.puts++
@@ -415,11 +432,10 @@ class S3Store implements S3BlobStore {
     } catch (error) {
       if (isConflict(error)) {
         this.counters.conflicts++
-        throw new ConflictError(
-          `S3 blob store: PutObject s3://${this.bucket}/${objectName} was refused ${CONFLICT_TRIES} times because the object changed after it was read` +
-            ' (does another process write to this bucket and prefix?); nothing was stored',
-          { cause: error },
-        )
+        // A refusal only says this attempt was not stored. A 409 (a write of the object under way) may be an earlier attempt of
+        // this write, and one retried by the SDK may still land or may have: either way the object is unsettled until a later write lands.
+        if (httpStatus(error) === 409 || attemptsOf(error) > 1) this.unsettled.add(chain)
+        throw new ConflictError(objectName, error)
       }
       this.counters.failures++
       this.unsettled.add(chain)
@@ -465,6 +481,13 @@ function errorName(error: unknown): string | undefined {
 function isConflict(error: unknown): boolean {
   const status = httpStatus(error)
   return status === 412 || status === 409 || (status === 404 && errorName(error) === 'NoSuchKey')
+}
+
+/** Attempts the SDK made of a request (more than one after a retry). */
+function attemptsOf(error: unknown): number {
+  if (typeof error !== 'object' || error === null) return 1
+  const attempts = (error as { $metadata?: { attempts?: unknown } }).$metadata?.attempts
+  return typeof attempts === 'number' ? attempts : 1
 }
 
 function httpStatus(error: unknown): number | undefined {

@@ -34,8 +34,11 @@ export type LocalS3 = {
    * stops holding, commits the parked ones in arrival order, answers
    * whichever clients still wait, and returns the status each commit got
    * (200, or 412 / 404 for a condition the object no longer meets).
+   * `conflictWhileParked`: a write that arrives while one is parked is
+   * answered 409 ConditionalRequestConflict instead, as S3 answers a write
+   * while another of the object is under way.
    */
-  holdWrites(bucket: string, key: string): { parked(): number; stopHolding(): void; release(): number[] }
+  holdWrites(bucket: string, key: string, options?: { conflictWhileParked?: boolean }): { parked(): number; stopHolding(): void; release(): number[] }
   stop(): Promise<void>
 }
 
@@ -79,8 +82,8 @@ export async function startLocalS3(options: { port?: number; buckets?: string[];
     region: options.region ?? 'us-east-1',
   }
   const buckets = new Map<string, Bucket>((options.buckets ?? []).map((name) => [name, new Map()]))
-  /** Per held object, the answers of the writes parked there: each commits its write and answers it, returning the status. */
-  const holds = new Map<string, Array<() => number>>()
+  /** Per held object, the answers of the writes parked there (each commits its write and answers it, returning the status). */
+  const holds = new Map<string, { parked: Array<() => number>; conflictWhileParked: boolean }>()
   const holdName = (bucket: string, key: string) => `${bucket}/${key}`
 
   const bucketNamed = (name: string): Bucket => {
@@ -236,7 +239,10 @@ export async function startLocalS3(options: { port?: number; buckets?: string[];
       if (req.method === 'PUT') {
         const pending = putObject(req, body, name, key)
         const hold = holds.get(holdName(name, key))
-        if (hold) return void hold.push(() => answerPut(res, pending))
+        if (hold?.conflictWhileParked && hold.parked.length > 0) {
+          throw new S3Error('ConditionalRequestConflict', 'The conditional request cannot succeed due to a conflicting operation against this resource.', 409)
+        }
+        if (hold) return void hold.parked.push(() => answerPut(res, pending))
         return void answerPut(res, pending)
       }
       throw new S3Error('MethodNotAllowed', 'The specified method is not allowed against this resource.', 405)
@@ -251,11 +257,12 @@ export async function startLocalS3(options: { port?: number; buckets?: string[];
   return {
     url: `http://127.0.0.1:${(server.address() as AddressInfo).port}`,
     credentials,
-    holdWrites(bucket, key) {
-      const parked: Array<() => number> = []
-      holds.set(holdName(bucket, key), parked)
+    holdWrites(bucket, key, { conflictWhileParked = false } = {}) {
+      const hold = { parked: [] as Array<() => number>, conflictWhileParked }
+      const { parked } = hold
+      holds.set(holdName(bucket, key), hold)
       const stopHolding = () => {
-        if (holds.get(holdName(bucket, key)) === parked) holds.delete(holdName(bucket, key))
+        if (holds.get(holdName(bucket, key)) === hold) holds.delete(holdName(bucket, key))
       }
       return {
         parked: () => parked.length,

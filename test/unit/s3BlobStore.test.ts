@@ -294,20 +294,23 @@ describe('conditional writes', () => {
     return store
   }
 
-  it('refuses a write it gave up on that S3 takes later, once a later write of the object has landed', async () => {
-    const store = await openTimingOutStore()
-    await store.put(sealedRecord(1))
-    await store.setState('key-1', 'frozen')
+  it('refuses a write it gave up on that S3 takes later, once a later write of the object has landed, also one of a restarted store', async () => {
+    for (const fencedBy of ['the same store', 'a restarted store']) {
+      const store = await openTimingOutStore()
+      await store.put(sealedRecord(1))
+      await store.setState('key-1', 'frozen')
 
-    // An unfreeze S3 receives and holds while the store gives up on it (both attempts).
-    const held = s3.holdWrites(BUCKET, `${prefix}keys/key-1.json`)
-    await expect(store.setState('key-1', 'active')).rejects.toThrow(/may or may not be stored/)
-    expect(held.parked()).toBe(2)
-    held.stopHolding()
-    // S3 still says frozen, but this freeze is written anyway, so that it lands before the unfreeze can.
-    await store.setState('key-1', 'frozen')
-    expect(held.release()).toEqual([412, 412])
-    expect(await (await reopen(store)).get('key-1')).toEqual({ ...sealedRecord(1), state: 'frozen' })
+      // An unfreeze S3 receives and holds while the store gives up on it (both attempts).
+      const held = s3.holdWrites(BUCKET, `${prefix}keys/key-1.json`)
+      await expect(store.setState('key-1', 'active')).rejects.toThrow(/may or may not be stored/)
+      expect(held.parked()).toBe(2)
+      held.stopHolding()
+      // S3 still says frozen, but this freeze is written anyway, so that it lands before the unfreeze can.
+      const fencing = fencedBy === 'the same store' ? store : await reopen(store)
+      await fencing.setState('key-1', 'frozen')
+      expect(held.release(), fencedBy).toEqual([412, 412])
+      expect(await (await reopen(fencing)).get('key-1'), fencedBy).toEqual({ ...sealedRecord(1), state: 'frozen' })
+    }
 
     // The wrapped DEK likewise: a rotation's first DEK landing late does not replace a later one.
     const dekStore = await openTimingOutStore()
@@ -336,6 +339,20 @@ describe('conditional writes', () => {
     const gets = store.stats().gets
     expect(await store.get('key-1')).toEqual({ ...sealedRecord(1, 2), state: 'frozen' })
     expect(store.stats().gets).toBe(gets)
+  })
+
+  it('takes a 409 (a write of the object under way, here its own first attempt) as leaving the object unsettled', async () => {
+    const store = await openTimingOutStore()
+    await store.put(sealedRecord(1))
+    await store.setState('key-1', 'frozen')
+    // The unfreeze's first attempt is parked; its retry, and each try after re-reading, is answered 409.
+    const held = s3.holdWrites(BUCKET, `${prefix}keys/key-1.json`, { conflictWhileParked: true })
+    await expect(store.setState('key-1', 'active')).rejects.toThrow(/was refused 3 times .*; an attempt of it may or may not be stored$/)
+    expect(store.stats().conflicts).toBe(3)
+    held.stopHolding()
+    // The first attempt lands after all: a read must not be served from a cache of what the store read before.
+    expect(held.release()).toEqual([200])
+    expect(await store.get('key-1')).toEqual(sealedRecord(1))
   })
 
   it('reads and checks again a write whose object changed after it was read, three times at most', async () => {
@@ -387,7 +404,7 @@ describe('conditional writes', () => {
       { step: 'initialize', name: 'writeBetween' },
     )
     await expect(store.put(sealedRecord(1, 99))).rejects.toThrow(
-      new RegExp(`PutObject s3://${BUCKET}/${objectName} was refused 3 times because the object changed after it was read .*; nothing was stored`),
+      new RegExp(`PutObject s3://${BUCKET}/${objectName} was refused 3 times because the object changed after it was read or another write of it was under way .*; nothing was stored$`),
     )
     expect(store.stats()).toMatchObject({ puts: 3, conflicts: 3, failures: 0, records: 0 })
     expect(await (await reopen(store)).get('key-1')).toEqual(sealedRecord(1, 13))
