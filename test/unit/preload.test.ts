@@ -282,7 +282,8 @@ describe('loadPreloadFile against its memory limit', () => {
     expect(sizes).toEqual([expect.any(Number), 100 * 32])
   })
 
-  it('says a decrypted file is too large to be one string, rather than calling it not UTF-8 (a ~512 MB buffer, no age file)', () => {
+  // Filling and decoding half a gigabyte takes seconds on a busy two-core machine.
+  it('says a decrypted file is too large to be one string, rather than calling it not UTF-8 (a ~512 MB buffer, no age file)', { timeout: 30_000 }, () => {
     const tooLong = new Uint8Array(bufferConstants.MAX_STRING_LENGTH + 1).fill(0x20)
     expect(() => parseDecryptedJson(tooLong)).toThrow(
       new PreloadError(
