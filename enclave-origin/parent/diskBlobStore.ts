@@ -12,7 +12,7 @@ export { crc32 }
 
 /**
  * The embedded BlobStore: one append-only log file in `directory`, replayed
- * into memory on open. Each write is a frame
+ * into memory on open, a chunk of the file at a time. Each write is a frame
  *
  *   u32le payloadLength ‖ u32le crc32(payloadLength ‖ payload) ‖ payload
  *
@@ -60,6 +60,8 @@ export type DiskBlobStoreOptions = {
   onCompaction?: (event: CompactionEvent) => void
   /** Told when open found damaged frames in the middle of the log or the state journal (for the operator's log, at error level). */
   onDamage?: (event: DamageEvent) => void
+  /** Bytes of a log read at a time when open replays it (4 MiB): only a damaged log is read whole. */
+  replayChunkBytes?: number
 }
 
 /** Byte ranges of the log (or the state journal) that held no good frame, each followed by good ones; and where the file as found was copied, under its own name. */
@@ -94,9 +96,10 @@ export const STATE_JOURNAL_FILE_NAME = 'states.log'
 const nodeFileSystem: BlobStoreFileSystem = { open: (path, flags) => open(path, flags) }
 
 export async function openDiskBlobStore(options: DiskBlobStoreOptions): Promise<DiskBlobStore> {
-  const { groupCommitMs = 2, maxGroup = 1024, fileSystem = nodeFileSystem, compactAfterFrames = 10_000, onCompaction = () => {}, onDamage = () => {} } = options
+  const { groupCommitMs = 2, maxGroup = 1024, fileSystem = nodeFileSystem, compactAfterFrames = 10_000, onCompaction = () => {}, onDamage = () => {}, replayChunkBytes = 4 * 1024 * 1024 } = options
   if (!Number.isFinite(groupCommitMs) || groupCommitMs < 0) throw new RangeError('groupCommitMs must be a finite number ≥ 0')
   if (!Number.isInteger(maxGroup) || maxGroup < 1) throw new RangeError('maxGroup must be an integer ≥ 1')
+  if (!Number.isInteger(replayChunkBytes) || replayChunkBytes < 1) throw new RangeError('replayChunkBytes must be an integer ≥ 1')
 
   const firstCreated = await mkdir(options.directory, { recursive: true, mode: 0o700 })
   // The kernel's reading of the path, the one mkdir used (a `..` after a symlink leaves the link's target), not join()'s.
@@ -115,7 +118,7 @@ export async function openDiskBlobStore(options: DiskBlobStoreOptions): Promise<
   }
   const lock = await lockDirectory(directory)
   try {
-    return await openLocked({ ...options, directory, groupCommitMs, maxGroup, fileSystem, compactAfterFrames, onCompaction, onDamage, lock })
+    return await openLocked({ ...options, directory, groupCommitMs, maxGroup, fileSystem, compactAfterFrames, onCompaction, onDamage, replayChunkBytes, lock })
   } catch (error) {
     await lock.release()
     throw error
@@ -123,38 +126,43 @@ export async function openDiskBlobStore(options: DiskBlobStoreOptions): Promise<
 }
 
 async function openLocked(options: Required<DiskBlobStoreOptions> & { lock: DirectoryLock }): Promise<DiskBlobStore> {
-  const { directory, groupCommitMs, maxGroup, fileSystem, compactAfterFrames, onCompaction, onDamage, lock } = options
+  const { directory, groupCommitMs, maxGroup, fileSystem, compactAfterFrames, onCompaction, onDamage, replayChunkBytes: chunkBytes, lock } = options
   const counters: DiskBlobStoreStats = { writes: 0, fsyncs: 0, groups: 0, records: 0, compactedFrames: 0 }
   await refuseLostLog(directory)
   // What a compaction interrupted by a crash left behind; the log itself is intact.
   await rm(join(directory, COMPACTING_FILE_NAME), { force: true })
   const opened: LogFile[] = []
-  const recover = async (kind: LogKind) => {
+  const recover = async (kind: LogKind, onEntry: (entry: LogEntry) => void) => {
     const path = join(directory, kind.name)
     const { file: rawFile, created } = await openOrCreateLog(fileSystem, path)
     const file = countingFile(rawFile, counters)
     opened.push(file)
-    return { file, path, ...(await recoverLog({ file, path, kind, created, onDamage, keepAside: (bytes) => keepDamagedLogAside({ fileSystem, directory, name: kind.name, bytes }) })) }
+    const keepAside = () => keepDamagedLogAside({ fileSystem, directory, name: kind.name, source: file, chunkBytes })
+    return { file, ...(await recoverLog({ file, path, kind, created, onEntry, chunkBytes, onDamage, keepAside })) }
   }
   let log: Awaited<ReturnType<typeof recover>>
   let journal: Awaited<ReturnType<typeof recover>>
   const index = new RecordIndex()
   try {
-    log = await recover(RECORD_LOG)
+    log = await recover(RECORD_LOG, (entry) => index.apply(entry))
     // A new (or torn-at-birth) log's header and directory entry durable before the journal's: a journal without a
     // log then always means a lost log (see refuseLostLog).
     if (log.headerWritten) await syncDirectory(fileSystem, directory)
-    journal = await recover(STATE_JOURNAL)
+    // The last state the journal gives each key; it holds nothing but state changes, and one that holds more is not ours.
+    const lastStates = new Map<string, KeyState>()
+    journal = await recover(STATE_JOURNAL, (entry) => {
+      if (entry.kind !== 'state') throw new Error(`${join(directory, STATE_JOURNAL.name)} holds a ${entry.kind} entry; a key state journal holds state changes only`)
+      lastStates.set(entry.keyId, entry.state)
+    })
     // A new file's directory entry is not durable until the directory is fsynced, however often the file is: at every
     // open, since the process that made the files may have died before it did.
     await syncDirectory(fileSystem, directory)
-    for (const entry of log.entries) index.apply(entry)
-    index.restrictStates(lastStates(journal.entries, journal.path))
+    index.restrictStates(lastStates)
   } catch (error) {
     await Promise.all(opened.map((file) => file.close().catch(() => {})))
     throw error
   }
-  const store = new GroupCommitStore({ file: log.file, journal: journal.file, index, frames: log.entries.length, counters, groupCommitMs, maxGroup, compaction: { fileSystem, directory, afterFrames: compactAfterFrames, onCompaction }, lock })
+  const store = new GroupCommitStore({ file: log.file, journal: journal.file, index, frames: log.frames, counters, groupCommitMs, maxGroup, compaction: { fileSystem, directory, afterFrames: compactAfterFrames, onCompaction }, lock })
   // After damage, a rewrite at once: the live log holds only good frames again (the journal is emptied), and the next open does not report (and copy) the same damage.
   const failure = await store.compactIfWasteful({ force: log.damaged || journal.damaged })
   if (failure) {
@@ -552,44 +560,50 @@ async function openOrCreateLog(fileSystem: BlobStoreFileSystem, path: string): P
   }
 }
 
-/** Reads a log's entries (the record log or the state journal), truncating a torn tail and writing the header of a new (or torn-at-birth) one. */
+/**
+ * Replays a log's frames (the record log or the state journal) into `onEntry`, in order, truncating a torn tail and
+ * writing the header of a new (or torn-at-birth) one.
+ */
 async function recoverLog(options: {
   file: LogFile
   path: string
   kind: LogKind
   created: boolean
+  onEntry: (entry: LogEntry) => void
+  chunkBytes: number
   onDamage: (event: DamageEvent) => void
   /** Copies the log as found somewhere safe before anything changes it; resolves to the copy's path. */
-  keepAside: (bytes: Buffer) => Promise<string>
-}): Promise<{ entries: LogEntry[]; headerWritten: boolean; damaged: boolean }> {
+  keepAside: () => Promise<string>
+}): Promise<{ frames: number; headerWritten: boolean; damaged: boolean }> {
   const { file, path, created } = options
   const { magic } = options.kind
-  const bytes = await readWholeFile(file)
+  const { size } = await file.stat()
+  const head = await readRange(file, 0, Math.min(size, magic.length))
   // A crash while creating the log can leave it empty, with part of the header, or with the header's size in zeros: nothing was ever stored.
-  if (created || isUnfinishedHeader(bytes, magic)) {
+  if (created || (size <= magic.length && isUnfinishedHeader(head, magic))) {
     await startOver(file, magic)
-    return { entries: [], headerWritten: true, damaged: false }
+    return { frames: 0, headerWritten: true, damaged: false }
   }
-  if (!bytes.subarray(0, magic.length).equals(magic)) {
+  if (!head.equals(magic)) {
     // Truncating a file we do not recognise would destroy it; refuse instead.
     throw new Error(`${path} is not a ${options.kind.what} (bad header)`)
   }
-  const { entries, validLength, damaged, unscannedFrom } = scanFrames(bytes, magic.length)
+  const { frames, validLength, damaged, unscannedFrom, wholeFrameAtEnd } = await replayFrames(file, size, magic.length, options.onEntry, options.chunkBytes)
   // A whole frame at the end whose checksum fails was written in full, and may have been acknowledged: damage, not a torn write.
-  if (unscannedFrom === undefined && wholeFrameAt(bytes, validLength)) damaged.push({ offset: validLength, bytes: bytes.length - validLength })
+  if (unscannedFrom === undefined && wholeFrameAtEnd) damaged.push({ offset: validLength, bytes: size - validLength })
   if (damaged.length > 0 || unscannedFrom !== undefined) {
-    const keptAside = await options.keepAside(bytes)
+    const keptAside = await options.keepAside()
     if (unscannedFrom !== undefined) {
       throw new Error(`${path} is damaged from byte ${unscannedFrom} over more than can be skipped quickly; refusing to drop what may follow. The log as found is at ${keptAside}`)
     }
     options.onDamage({ ranges: damaged, keptAside })
   }
-  if (validLength < bytes.length) {
+  if (validLength < size) {
     await file.truncate(validLength)
     // Made durable before anything is appended, so new frames never sit behind old garbage after a crash.
     await file.sync()
   }
-  return { entries, headerWritten: false, damaged: damaged.length > 0 }
+  return { frames, headerWritten: false, damaged: damaged.length > 0 }
 }
 
 /** Empties a log down to its header, durably. */
@@ -604,43 +618,86 @@ function isUnfinishedHeader(bytes: Buffer, magic: Buffer): boolean {
   return bytes.length < magic.length && magic.subarray(0, bytes.length).equals(bytes)
 }
 
-/** The last state the journal gives each key; it holds nothing but state changes, and one that holds more is not ours. */
-function lastStates(entries: LogEntry[], path: string): Map<string, KeyState> {
-  const states = new Map<string, KeyState>()
-  for (const entry of entries) {
-    if (entry.kind !== 'state') throw new Error(`${path} holds a ${entry.kind} entry; a key state journal holds state changes only`)
-    states.set(entry.keyId, entry.state)
+type FrameScan = { validLength: number; damaged: Array<{ offset: number; bytes: number }>; unscannedFrom?: number }
+
+/**
+ * Replays the frames after the header a chunk at a time (and a frame longer than a chunk whole), passing each that
+ * checks out to `onEntry`, so a large log is never all in memory at once. From the first frame that does not check
+ * out, or a tail too short for one, the rest of the file is read whole and scanned for damage (scanFrames): only a
+ * damaged or torn log costs that. `wholeFrameAtEnd`: the bytes after `validLength` hold a frame written whole.
+ */
+async function replayFrames(
+  file: LogFile,
+  size: number,
+  headerBytes: number,
+  onEntry: (entry: LogEntry) => void,
+  chunkBytes: number,
+): Promise<FrameScan & { frames: number; wholeFrameAtEnd: boolean }> {
+  let frames = 0
+  const replay = (entry: LogEntry) => {
+    frames++
+    onEntry(entry)
   }
-  return states
+  // The file's bytes from `offset` that are read and not yet replayed.
+  let offset = headerBytes
+  let window = Buffer.alloc(0)
+  for (;;) {
+    const unread = size - offset - window.length
+    let wanted = 0
+    if (window.length >= FRAME_HEADER_BYTES) {
+      const length = window.readUInt32LE(0)
+      const frameBytes = FRAME_HEADER_BYTES + length
+      if (length > 0 && length <= MAX_PAYLOAD_BYTES && frameBytes > window.length && frameBytes - window.length <= unread) {
+        wanted = Math.max(chunkBytes, frameBytes - window.length)
+      } else {
+        const end = frameEndAt(window, 0, MAX_PAYLOAD_BYTES)
+        if (end !== undefined) {
+          replay(decodeEntry(window.subarray(FRAME_HEADER_BYTES, end), offset))
+          window = window.subarray(end)
+          offset += end
+          continue
+        }
+      }
+    } else if (unread > 0) {
+      wanted = chunkBytes
+    }
+    if (wanted > 0) {
+      window = Buffer.concat([window, await readRange(file, offset + window.length, Math.min(wanted, unread))])
+      continue
+    }
+    const rest = Buffer.concat([window, await readRange(file, offset + window.length, unread)])
+    const scan = scanFrames(rest, offset, replay)
+    return { ...scan, frames, wholeFrameAtEnd: scan.unscannedFrom === undefined && wholeFrameAt(rest, scan.validLength - offset) }
+  }
 }
 
 /**
- * Decodes every frame that checks out. After one that does not, it looks for
- * the next that does: found, the bytes between are a damaged range; not
- * found, the rest is a torn tail and `validLength` ends before it. Looking
- * checksums candidate frames; past `RESYNC_BUDGET_BYTES` of that it stops and
- * says where (`unscannedFrom`) rather than take the rest for a torn tail.
+ * Decodes every frame of `bytes` (the file's from byte `base`) that checks
+ * out. After one that does not, it looks for the next that does: found, the
+ * bytes between are a damaged range; not found, the rest is a torn tail and
+ * `validLength` ends before it. Looking checksums candidate frames; past
+ * `RESYNC_BUDGET_BYTES` of that it stops and says where (`unscannedFrom`)
+ * rather than take the rest for a torn tail. Offsets are the file's.
  */
-function scanFrames(bytes: Buffer, headerBytes: number): { entries: LogEntry[]; validLength: number; damaged: Array<{ offset: number; bytes: number }>; unscannedFrom?: number } {
-  const entries: LogEntry[] = []
+function scanFrames(bytes: Buffer, base: number, onEntry: (entry: LogEntry) => void): FrameScan {
   const damaged: Array<{ offset: number; bytes: number }> = []
   const budget = { bytesLeft: RESYNC_BUDGET_BYTES }
-  let offset = headerBytes
-  while (bytes.length - offset >= FRAME_HEADER_BYTES) {
-    const end = frameEndAt(bytes, offset, MAX_PAYLOAD_BYTES)
+  let at = 0
+  while (bytes.length - at >= FRAME_HEADER_BYTES) {
+    const end = frameEndAt(bytes, at, MAX_PAYLOAD_BYTES)
     if (end === undefined) {
-      const next = nextFrameAfter(bytes, offset, budget)
-      if (next === 'over budget') return { entries, validLength: offset, damaged, unscannedFrom: offset }
+      const next = nextFrameAfter(bytes, at, budget)
+      if (next === 'over budget') return { validLength: base + at, damaged, unscannedFrom: base + at }
       if (next === undefined) break
-      damaged.push({ offset, bytes: next - offset })
-      offset = next
+      damaged.push({ offset: base + at, bytes: next - at })
+      at = next
       continue
     }
     // A frame that checks out but does not decode was written on purpose (by a newer version?); do not truncate it away.
-    entries.push(decodeEntry(bytes.subarray(offset + FRAME_HEADER_BYTES, end), offset))
-    offset = end
+    onEntry(decodeEntry(bytes.subarray(at + FRAME_HEADER_BYTES, end), base + at))
+    at = end
   }
-  return { entries, validLength: offset, damaged }
+  return { validLength: base + at, damaged }
 }
 
 /**
@@ -680,41 +737,49 @@ function nextFrameAfter(bytes: Buffer, badOffset: number, budget: { bytesLeft: n
 }
 
 /**
- * Writes the log `name` as found to `<name>.damaged-<first 16 hex of its SHA-256>`,
- * owner-only and durable, before recovery changes it. It is written whole
- * under another name and renamed into place: a copy cut short by a crash
- * must not pass for the copy at the next open, which compacts the damage
- * away. The same damage found again (a restart before the rewrite
- * succeeded) replaces that copy, so there is one; a copy that fails
- * half-way is removed, and the open fails.
+ * Copies the log `name` as found, a chunk at a time, to `<name>.damaged-<first 16 hex of its SHA-256>`, owner-only
+ * and durable, before recovery changes it. It is written whole under another name and renamed into place: a copy cut
+ * short by a crash must not pass for the copy at the next open, which compacts the damage away. The same damage found
+ * again (a restart before the rewrite succeeded) replaces that copy, so there is one; a copy that fails half-way is
+ * removed, and the open fails.
  */
-async function keepDamagedLogAside({ fileSystem, directory, name, bytes }: { fileSystem: BlobStoreFileSystem; directory: string; name: string; bytes: Buffer }): Promise<string> {
-  const path = join(directory, `${name}.damaged-${createHash('sha256').update(bytes).digest('hex').slice(0, 16)}`)
-  const partial = `${path}.partial`
+async function keepDamagedLogAside(options: { fileSystem: BlobStoreFileSystem; directory: string; name: string; source: LogFile; chunkBytes: number }): Promise<string> {
+  const { fileSystem, directory, name, source, chunkBytes } = options
+  const partial = join(directory, `${name}.damaged-partial`)
   let copy: LogFile | undefined
+  let path: string | undefined
   try {
     await rm(partial, { force: true })
     copy = await fileSystem.open(partial, 'ax+')
-    await writeFully(copy, bytes)
+    const hash = createHash('sha256')
+    const { size } = await source.stat()
+    for (let position = 0; position < size; ) {
+      const chunk = await readRange(source, position, Math.min(chunkBytes, size - position))
+      if (chunk.length === 0) break
+      hash.update(chunk)
+      await writeFully(copy, chunk)
+      position += chunk.length
+    }
     await copy.sync()
     await copy.close()
     copy = undefined
+    path = join(directory, `${name}.damaged-${hash.digest('hex').slice(0, 16)}`)
     await rename(partial, path)
     await syncDirectory(fileSystem, directory)
   } catch (error) {
     await copy?.close().catch(() => {})
     await rm(partial, { force: true })
-    throw new Error(`could not keep the damaged log aside at ${path}: ${messageOf(error)}`, { cause: error })
+    throw new Error(`could not keep the damaged log aside${path ? ` at ${path}` : ` (copying it to ${partial})`}: ${messageOf(error)}`, { cause: error })
   }
   return path
 }
 
-async function readWholeFile(file: LogFile): Promise<Buffer> {
-  const { size } = await file.stat()
-  const bytes = Buffer.alloc(size)
+/** Up to `length` bytes of the file from `position`; fewer only at its end. */
+async function readRange(file: LogFile, position: number, length: number): Promise<Buffer> {
+  const bytes = Buffer.alloc(length)
   let read = 0
-  while (read < size) {
-    const { bytesRead } = await file.read(bytes, read, size - read, read)
+  while (read < length) {
+    const { bytesRead } = await file.read(bytes, read, length - read, position + read)
     if (bytesRead === 0) break
     read += bytesRead
   }
@@ -808,7 +873,8 @@ function decodeEntry(payload: Buffer, offset: number): LogEntry {
     const keyId = fields.string()
     const version = fields.u32()
     const state = fields.state()
-    entry = { kind: 'put', record: { keyId, version, state, publicKey: fields.bytes(), sealed: fields.bytes() } }
+    const [publicKey, sealed] = fields.bytesPair()
+    entry = { kind: 'put', record: { keyId, version, state, publicKey, sealed } }
   } else if (kind === ENTRY_KIND.state) {
     entry = { kind: 'state', keyId: fields.string(), state: fields.state() }
   } else if (kind === ENTRY_KIND.dek || kind === ENTRY_KIND.dekRotating) {
@@ -878,6 +944,17 @@ class FieldReader {
   /** Copied out, so the index does not pin the whole file's buffer. */
   bytes(): Uint8Array {
     return new Uint8Array(this.take(this.u32()))
+  }
+
+  /** Two length-prefixed fields in a row, copied out into one buffer: an index of a million records holds half as many. */
+  bytesPair(): [Uint8Array, Uint8Array] {
+    const start = this.position
+    const firstLength = this.u32()
+    this.take(firstLength)
+    const secondLength = this.u32()
+    this.take(secondLength)
+    const both = new Uint8Array(this.payload.subarray(start + 4, this.position))
+    return [both.subarray(0, firstLength), both.subarray(firstLength + 4)]
   }
 
   state(): KeyState {

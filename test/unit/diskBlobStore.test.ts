@@ -1,5 +1,5 @@
 import { spawn } from 'node:child_process'
-import { appendFile, mkdir, mkdtemp, open, readdir, readFile, rm, stat, symlink, truncate, writeFile } from 'node:fs/promises'
+import { appendFile, cp, mkdir, mkdtemp, open, readdir, readFile, rm, stat, symlink, truncate, writeFile } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join, resolve } from 'node:path'
 import { pathToFileURL } from 'node:url'
@@ -36,7 +36,7 @@ afterEach(async () => {
   await rm(directory, { recursive: true, force: true })
 })
 
-async function openStore(options: { fileSystem?: BlobStoreFileSystem; groupCommitMs?: number; onDamage?: (event: DamageEvent) => void } = {}): Promise<DiskBlobStore> {
+async function openStore(options: { fileSystem?: BlobStoreFileSystem; groupCommitMs?: number; onDamage?: (event: DamageEvent) => void; replayChunkBytes?: number } = {}): Promise<DiskBlobStore> {
   const store = await openDiskBlobStore({ directory, ...options })
   opened.push(store)
   return store
@@ -617,6 +617,78 @@ describe('torn and corrupt tails', () => {
     await store.close()
     return sizes
   }
+
+  /** Puts `count` records, and one of 5,000 sealed bytes after the first half; returns the log's size after each put. */
+  async function storeRecordsAndALargeOne(count: number): Promise<number[]> {
+    const store = await openStore()
+    const sizes: number[] = []
+    for (let index = 0; index < count; index++) {
+      await store.put(index === count / 2 ? { ...sealedRecord(index), sealed: new Uint8Array(5_000).fill(7) } : sealedRecord(index))
+      sizes.push((await stat(logPath())).size)
+    }
+    await store.close()
+    return sizes
+  }
+
+  /** Node's file system, noting the length of each read of the record log. */
+  function readLengthsOfLog(lengths: number[]): BlobStoreFileSystem {
+    return {
+      async open(path, flags) {
+        const handle = await open(path, flags)
+        return {
+          read: (buffer, offset, length, position) => {
+            if (path.endsWith(LOG_FILE_NAME)) lengths.push(length)
+            return handle.read(buffer, offset, length, position)
+          },
+          write: (buffer, offset, length) => handle.write(buffer, offset, length),
+          sync: () => handle.sync(),
+          truncate: (length) => handle.truncate(length),
+          stat: () => handle.stat(),
+          close: () => handle.close(),
+        }
+      },
+    }
+  }
+
+  it('replays the log a chunk at a time, never reading it whole: frames across chunk ends and one longer than a chunk', async () => {
+    const sizes = await storeRecordsAndALargeOne(100)
+    const lengths: number[] = []
+    const store = await openStore({ replayChunkBytes: 1_000, fileSystem: readLengthsOfLog(lengths) })
+    const listed = await listAll(store)
+    expect(listed).toHaveLength(100)
+    expect(listed.find((record) => record.keyId === 'key-50')!.sealed).toEqual(new Uint8Array(5_000).fill(7))
+    expect(await store.get('key-99')).toEqual(sealedRecord(99))
+    // A chunk, or what the large frame needs beyond what is read: never the whole log.
+    expect(sizes.at(-1)).toBeGreaterThan(18_000)
+    expect(Math.max(...lengths)).toBeLessThanOrEqual(5_100)
+    expect(lengths.filter((length) => length === 1_000).length).toBeGreaterThan(10)
+  })
+
+  it('finds the same damage and torn tail, and keeps the same copy, whatever the chunk', async () => {
+    const sizes = await storeRecordsAndALargeOne(40)
+    const damagedLog = await readFile(logPath())
+    damagedLog[sizes[24]! + 30]! ^= 0xff
+    await writeFile(logPath(), Buffer.concat([damagedLog, Buffer.from('\x40\x00\x00\x00torn')]))
+    const copy = await mkdtemp(join(tmpdir(), 'disk-blob-store-copy-'))
+    try {
+      await cp(directory, copy, { recursive: true })
+      const results = []
+      for (const [where, replayChunkBytes] of [[directory, 1_000], [copy, 4 * 1024 * 1024]] as const) {
+        const damage: DamageEvent[] = []
+        const store = await openDiskBlobStore({ directory: where, replayChunkBytes, onDamage: (event) => damage.push(event) })
+        opened.push(store)
+        const keptAside = await readFile(damage[0]!.keptAside)
+        results.push({ keyIds: (await listAll(store)).map((record) => record.keyId).sort(), ranges: damage.map((event) => event.ranges), keptAside })
+      }
+      expect(results[0]).toEqual(results[1])
+      expect(results[0]!.ranges).toEqual([[{ offset: sizes[24], bytes: sizes[25]! - sizes[24]! }]])
+      expect(results[0]!.keyIds).toHaveLength(39)
+      expect(results[0]!.keyIds).not.toContain('key-25')
+      expect(results[0]!.keptAside).toEqual(Buffer.concat([damagedLog, Buffer.from('\x40\x00\x00\x00torn')]))
+    } finally {
+      await rm(copy, { recursive: true, force: true })
+    }
+  })
 
   it('truncates appended garbage, keeps every earlier record, and appends after it', async () => {
     const [, , sizeAfterThird] = await storeThreeRecords()
