@@ -101,8 +101,12 @@ export function originMetrics(parent: OriginParent) {
   const text = async () => {
     const own = new PrometheusText()
     figures.writeTo(own)
-    for (const { enclave, standby, count } of parent.failovers()) {
-      own.add({ name: 'origin_failovers_total', help: 'Signs and gets for an enclave\u2019s keys that another enclave served while it was out of reach or out of service.', type: 'counter' }, { enclave, standby }, count)
+    for (const { enclave, standby, outcome, count } of parent.failovers()) {
+      own.add(
+        { name: 'origin_failovers_total', help: 'Signs and gets for an enclave\u2019s keys that another enclave took while it was out of reach or out of service, by what that one did: served, refused or failed.', type: 'counter' },
+        { enclave, standby, outcome },
+        count,
+      )
     }
     return `${await registry.metrics()}${own}\n${enclaveMetricsText(await parent.health())}`
   }

@@ -70,6 +70,9 @@ export class OverloadedError extends Error {
  */
 export class KeyTurnTimeoutError extends Error {}
 
+/** What a standby did with a request it took in its owner's place: signed or got it, refused it (the key frozen, say), or failed (a timeout). */
+export type FailoverOutcome = 'served' | 'refused' | 'failed'
+
 /** The enclave answered that it failed (INTERNAL, or a status this parent does not know). */
 class EnclaveInternalError extends Error {}
 
@@ -235,7 +238,7 @@ export class OriginParent {
   private healthAsked: Promise<EnclaveHealth[]> | undefined
   /** Signs and gets that another enclave served: one log line per pair of enclaves every 10 s, and a count per pair. */
   private readonly failoverLog = new ThrottledLog({ log: (fields) => this.options.log?.(fields) })
-  private readonly failoverCounts = new Map<string, { enclave: string; standby: string; count: number }>()
+  private readonly failoverCounts = new Map<string, { enclave: string; standby: string; outcome: FailoverOutcome; count: number }>()
 
   /**
    * A LOAD or SET_STATE under the enclave's next sequence (see LoadRequest).
@@ -911,33 +914,33 @@ export class OriginParent {
   }
 
   /**
-   * `work` on the standby, counted and logged as a failover, its own outage
-   * tracked. A key the store does not hold (a preloaded account) that the
-   * standby has not either, or a standby that is out of reach too, is still
-   * the owner's outage: `failure` is thrown.
+   * `work` on the standby, counted and logged as a failover (by its outcome there), its own outage tracked. A key
+   * the store does not hold (a preloaded account) that the standby has not either, or a standby that is out of
+   * reach too, is still the owner's outage: `failure` is thrown.
    */
   private async served<T>({ keyId, work, standby, failure }: { keyId: string; work: (enclave: Enclave) => Promise<T>; standby: Standby; failure: unknown }): Promise<T> {
     try {
       const result = await this.tracked(standby.enclave, () => work(standby.enclave))
-      this.countFailover({ keyId, standby: standby.enclave, failure })
+      this.countFailover({ keyId, standby: standby.enclave, failure, outcome: 'served' })
       return result
     } catch (error) {
       const missing = error instanceof OriginRequestError && (error.kind === 'not-found' || error.kind === 'unavailable')
       if (error instanceof EnclaveUnavailableError || (!standby.stored && missing)) throw failure
       // Refused before it was sent: the standby served nothing.
       if (error instanceof OverloadedError) throw error
-      this.countFailover({ keyId, standby: standby.enclave, failure })
+      this.countFailover({ keyId, standby: standby.enclave, failure, outcome: error instanceof OriginRequestError ? 'refused' : 'failed' })
       throw error
     }
   }
 
-  private countFailover({ keyId, standby, failure }: { keyId: string; standby: Enclave; failure: unknown }): void {
+  private countFailover({ keyId, standby, failure, outcome }: { keyId: string; standby: Enclave; failure: unknown; outcome: FailoverOutcome }): void {
     const owner = this.ring.nodeFor(keyId)
     const pair = `${owner.id} ${standby.id}`
     this.failoverLog.write(pair, { level: 'warn', event: 'enclave_failover', enclave: owner.id, standby: standby.id, error: messageOf(failure) })
-    const counted = this.failoverCounts.get(pair)
+    const series = `${pair} ${outcome}`
+    const counted = this.failoverCounts.get(series)
     if (counted) counted.count++
-    else this.failoverCounts.set(pair, { enclave: owner.id, standby: standby.id, count: 1 })
+    else this.failoverCounts.set(series, { enclave: owner.id, standby: standby.id, outcome, count: 1 })
   }
 
   private async signOn({ enclave, keyId, digest }: { enclave: Enclave; keyId: string; digest: Uint8Array }): Promise<{ signature: Hex; recoveryId: number; rpcMs: number; enclaveMs: number }> {
@@ -1224,7 +1227,7 @@ export class OriginParent {
   }
 
   /** Requests for an enclave's keys that another enclave served, per pair. */
-  failovers(): Array<{ enclave: string; standby: string; count: number }> {
+  failovers(): Array<{ enclave: string; standby: string; outcome: FailoverOutcome; count: number }> {
     return [...this.failoverCounts.values()]
   }
 

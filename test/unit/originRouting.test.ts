@@ -1333,9 +1333,11 @@ describe('a parent whose enclaves are not all up', () => {
       expect(up.cache.get(waiting!.keyId)).toBeDefined()
       expect(logged).toContainEqual(expect.objectContaining({ level: 'warn', event: 'enclave_failover', enclave: 'spare-late', standby: 'spare-up', error: 'enclave spare-late is out of service until it has unlocked and loaded its keys' }))
       expect(logged).toContainEqual(expect.objectContaining({ level: 'warn', event: 'enclave_sync_failed', enclave: 'spare-late', error: expect.stringContaining('cannot connect to the enclave') }))
-      expect(await originMetrics(second).text()).toMatch(new RegExp(`^origin_failovers_total\\{enclave="spare-late",standby="spare-up"\\} ${1 + others.length}$`, 'm'))
+      expect(await originMetrics(second).text()).toMatch(new RegExp(`^origin_failovers_total\\{enclave="spare-late",standby="spare-up",outcome="served"\\} ${1 + others.length}$`, 'm'))
       await second.setState(waiting!.keyId, 'frozen')
       await expect(second.sign(waiting!.keyId, Buffer.alloc(32, 1))).rejects.toThrow(`key ${waiting!.keyId} is frozen`)
+      // The standby took the sign and refused it: counted apart from what it served.
+      expect(await originMetrics(second).text()).toMatch(/^origin_failovers_total\{enclave="spare-late",standby="spare-up",outcome="refused"\} 1$/m)
       expect(await second.getKey(waiting!.keyId)).toMatchObject({ address: waiting!.address, state: 'frozen' })
       await second.setState(waiting!.keyId, 'active')
       await expectSignsAs(second, waiting!)
@@ -1348,9 +1350,9 @@ describe('a parent whose enclaves are not all up', () => {
       const synced = () => logged.some((line) => line.event === 'enclave_synced' && line.enclave === 'spare-late')
       await expect.poll(() => expectSignsAs(second!, waiting!).then(synced), { timeout: 5_000 }).toBe(true)
       for (const key of [waiting!, ...others]) expect(late.cache.get(key.keyId)).toBeDefined()
-      const failedOver = (await originMetrics(second).text()).match(/^origin_failovers_total\{enclave="spare-late",standby="spare-up"\} (\d+)$/m)![1]
+      const failedOver = (await originMetrics(second).text()).match(/^origin_failovers_total\{enclave="spare-late",standby="spare-up",outcome="served"\} (\d+)$/m)![1]
       for (const key of [waiting!, ...others]) await expectSignsAs(second, key)
-      expect((await originMetrics(second).text()).match(/^origin_failovers_total\{enclave="spare-late",standby="spare-up"\} (\d+)$/m)![1]).toBe(failedOver)
+      expect((await originMetrics(second).text()).match(/^origin_failovers_total\{enclave="spare-late",standby="spare-up",outcome="served"\} (\d+)$/m)![1]).toBe(failedOver)
       expect(logged.filter((line) => line.event === 'enclave_not_started')).toHaveLength(1)
     } finally {
       first.close()
@@ -1525,7 +1527,7 @@ describe('a parent whose enclaves are not all up', () => {
 
       cable.restore()
       // A probe after the next hold finds it answering: its keys are its own again.
-      const failovers = () => hanging.failovers().find((pair) => pair.enclave === 'spare-late')?.count ?? 0
+      const failovers = () => hanging.failovers().reduce((sum, series) => sum + (series.enclave === 'spare-late' ? series.count : 0), 0)
       const signedByItsOwn = async () => {
         const before = failovers()
         await expectSignsAs(hanging, key!)
@@ -1575,7 +1577,7 @@ describe('a parent whose enclaves are not all up', () => {
       })
       await three.start()
       await expectSignsAs(three, key!)
-      expect(three.failovers()).toEqual([{ enclave: ids![0], standby: 'spare-up', count: 1 }])
+      expect(three.failovers()).toEqual([{ enclave: ids![0], standby: 'spare-up', outcome: 'served', count: 1 }])
     } finally {
       creator.close()
       three?.close()
@@ -1824,7 +1826,7 @@ describe('a parent whose enclaves are not all up', () => {
       release()
       // The place passes on to the sign the load was for, which spare-up serves.
       await expect(failingOver).resolves.toMatchObject({ recoveryId: expect.any(Number) })
-      expect(cabled.failovers()).toEqual([{ enclave: 'spare-late', standby: 'spare-up', count: 1 }])
+      expect(cabled.failovers()).toEqual([{ enclave: 'spare-late', standby: 'spare-up', outcome: 'served', count: 1 }])
       await expectSignsAs(cabled, onUp)
     }))
 
@@ -1837,7 +1839,19 @@ describe('a parent whose enclaves are not all up', () => {
       const before = loads()
       await expectSignsAs(cabled, onLate)
       expect(loads()).toBe(before + 2)
-      expect(cabled.failovers()).toEqual([{ enclave: 'spare-late', standby: 'spare-up', count: 1 }])
+      expect(cabled.failovers()).toEqual([{ enclave: 'spare-late', standby: 'spare-up', outcome: 'served', count: 1 }])
+    }))
+
+  it('counts a failover the standby fails (an internal error there) as failed, apart from those it served', () =>
+    withStartedSpares('failing-standby-store', {}, async ({ cabled, upCable, lateCable, onLate }) => {
+      lateCable.cut()
+      upCable.failNextRequest(opcodes.SIGN)
+      await expect(cabled.sign(onLate.keyId, Buffer.alloc(32, 20))).rejects.toThrow()
+      await expectSignsAs(cabled, onLate)
+      expect(cabled.failovers()).toEqual([
+        { enclave: 'spare-late', standby: 'spare-up', outcome: 'failed', count: 1 },
+        { enclave: 'spare-late', standby: 'spare-up', outcome: 'served', count: 1 },
+      ])
     }))
 
   it('a sign that finds its key gone from the standby does not share the reload of a failover queued before it, whose LOAD the full standby refuses', () =>
