@@ -101,6 +101,8 @@ type Connection = {
   answered: boolean
   /** One of its requests was authenticated (see `unauthenticatedKeepAliveMs`). */
   authenticated: boolean
+  /** The request in progress is a HEAD, from its request line until it is answered: any answer to it, a refusal too, is the head alone (RFC 9110 §9.3.2). */
+  headRequest: boolean
 }
 
 const headEnd = Buffer.from('\r\n\r\n')
@@ -142,8 +144,6 @@ const reasons: Record<number, string> = {
 
 /** What the server answers itself, and closes on: a request it refuses, or a handler that failed (500). The status and what to tell the client. */
 class Refusal {
-  /** It refuses a HEAD request: the answer is the head alone (RFC 9110 §9.3.2), whatever went wrong. */
-  headOnly = false
   constructor(
     readonly status: number,
     readonly message: string,
@@ -265,6 +265,7 @@ export class HttpServer {
       lastActiveAt: now,
       answered: false,
       authenticated: false,
+      headRequest: false,
     }
     this.connections.add(connection)
     socket.on('data', (chunk: Buffer) => this.received(connection, chunk))
@@ -325,7 +326,7 @@ export class HttpServer {
         else if (connection.ended) this.refuse(connection, new Refusal(400, 'the connection ended inside a request'))
         return
       }
-      const head = this.parseHead(unread.toString('latin1', 0, end))
+      const head = this.parseHead(unread.toString('latin1', 0, end), connection)
       if (head instanceof Refusal) return this.refuse(connection, head)
       const bodyStart = end + headEnd.length
       connection.waiting = { head, bodyStart, bodyEnd: bodyStart + head.bodyBytes }
@@ -333,7 +334,7 @@ export class HttpServer {
     }
     const { head, bodyStart, bodyEnd } = connection.waiting
     if (connection.partsBytes < bodyEnd) {
-      if (connection.ended) this.refuse(connection, new Refusal(400, 'the connection ended inside a request body'), head.method === 'HEAD')
+      if (connection.ended) this.refuse(connection, new Refusal(400, 'the connection ended inside a request body'))
       return
     }
     const unread = this.joined(connection)
@@ -348,8 +349,8 @@ export class HttpServer {
     }
     answered
       .then(
-        (answer) => this.answer(connection, answer, head.keepAlive, head.method === 'HEAD'),
-        () => this.refuse(connection, new Refusal(500, 'internal error'), head.method === 'HEAD'),
+        (answer) => this.answer(connection, answer, head.keepAlive),
+        () => this.refuse(connection, new Refusal(500, 'internal error')),
       )
       // Nothing above should throw; if it does, this connection ends and the process serves on.
       .catch(() => connection.socket.destroy())
@@ -370,14 +371,14 @@ export class HttpServer {
     connection.waiting = undefined
   }
 
-  private parseHead(text: string): Head | Refusal {
+  /** Parses a request's head; from its request line on, `connection.headRequest` says whether it is a HEAD. */
+  private parseHead(text: string, connection: Connection): Head | Refusal {
     const lines = text.split('\r\n')
     const requestLine = requestLinePattern.exec(lines[0]!)
     if (requestLine === null) return new Refusal(400, 'the request line is not "METHOD target HTTP/1.1"')
     const [, method, rawTarget, major, minor] = requestLine as unknown as [string, string, string, string, string]
-    const refusedOrHead = major === '1' ? this.parseFields(lines, method, rawTarget, minor === '0') : new Refusal(505, 'only HTTP/1.x is served')
-    if (refusedOrHead instanceof Refusal) refusedOrHead.headOnly = method === 'HEAD'
-    return refusedOrHead
+    connection.headRequest = method === 'HEAD'
+    return major === '1' ? this.parseFields(lines, method, rawTarget, minor === '0') : new Refusal(505, 'only HTTP/1.x is served')
   }
 
   /** The rest of a head after an HTTP/1.x request line; a later 1.x is read as 1.1 (RFC 9110 §2.5). */
@@ -419,8 +420,8 @@ export class HttpServer {
     return { method, target, headers, keepAlive, bodyBytes, expectsContinue: expect !== undefined && bodyBytes > 0 }
   }
 
-  /** Writes the answer in one write; the connection goes on to its next request, or closes. */
-  private answer(connection: Connection, answer: HttpAnswer, keepAlive: boolean, headOnly: boolean): void {
+  /** Writes the answer in one write (the head alone for a HEAD request); the connection goes on to its next request, or closes. */
+  private answer(connection: Connection, answer: HttpAnswer, keepAlive: boolean): void {
     connection.busy = false
     const { socket } = connection
     if (socket.destroyed) return
@@ -431,11 +432,12 @@ export class HttpServer {
       const value = answer.headers[name]!
       // Headers come from this process, never from a request; still, a line break would split the answer, and
       // a framing header of the handler's would contradict the server's own.
-      if (/[\r\n]/.test(value) || !fieldNamePattern.test(name) || serverHeaders.has(name)) return this.refuse(connection, new Refusal(500, 'internal error'), headOnly)
+      if (/[\r\n]/.test(value) || !fieldNamePattern.test(name) || serverHeaders.has(name)) return this.refuse(connection, new Refusal(500, 'internal error'))
       text += `${name}: ${value}\r\n`
     }
     text += `content-length: ${Buffer.byteLength(answer.body)}\r\n${open ? `connection: keep-alive\r\nkeep-alive: timeout=${Math.floor(this.idleTimeoutOf(connection) / 1_000)}` : 'connection: close'}\r\n\r\n`
-    if (!headOnly) text += answer.body
+    if (!connection.headRequest) text += answer.body
+    connection.headRequest = false
     connection.lastActiveAt = Date.now()
     connection.answered = true
     // The next request's clock starts now: it could not be read while this one was with the handler.
@@ -446,11 +448,11 @@ export class HttpServer {
   }
 
   /** Answers a request the server will not pass on, or one its handler failed, counts it, then closes the connection. */
-  private refuse(connection: Connection, refusal: Refusal, headOnly = refusal.headOnly): void {
+  private refuse(connection: Connection, refusal: Refusal): void {
     this.options.onRefused?.(refusal.status)
     connection.parts = []
     connection.partsBytes = 0
-    this.answer(connection, errorAnswer(refusal.status, refusal.message), false, headOnly)
+    this.answer(connection, errorAnswer(refusal.status, refusal.message), false)
   }
 
   /**
@@ -487,7 +489,7 @@ export class HttpServer {
       }
       const waited = now - connection.requestStartedAt
       if (waited > this.requestReadTimeoutMs || (connection.waiting === undefined && waited > this.requestReadTimeoutMs / 2)) {
-        this.refuse(connection, new Refusal(408, 'the request did not arrive in time'), connection.waiting?.head.method === 'HEAD')
+        this.refuse(connection, new Refusal(408, 'the request did not arrive in time'))
       }
     }
   }

@@ -185,6 +185,17 @@ describe('HttpServer', () => {
     expect(answer).toMatch(/content-length: [1-9]\d*\r\nconnection: close\r\n\r\n$/)
   })
 
+  it('answers with the head alone only while the request in progress is a HEAD: a later refusal on the connection has its body, a 408 for a HEAD body does not', async () => {
+    const { port } = await start({ requestReadTimeoutMs: 400 })
+    // The second is refused before it has a request line, so nothing of its own says it is not a HEAD.
+    const { answer } = await exchange(port, ['HEAD /h HTTP/1.1\r\nhost: x\r\n\r\nnot a request line\r\n\r\n'], { waitMs: 3_000, answers: 2 })
+    expect(statuses(answer)).toEqual([200, 400])
+    expect(answer).toMatch(/connection: close\r\n\r\n\{"error":"the request line is not [^}]*\}$/)
+    const timedOut = await exchange(port, ['HEAD /h HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\n\r\nab'], { waitMs: 3_000 })
+    expect(statuses(timedOut.answer)).toEqual([408])
+    expect(timedOut.answer).toMatch(/connection: close\r\n\r\n$/)
+  })
+
   it('answers HEAD without the body, with its length', async () => {
     const { port } = await start()
     const { answer } = await exchange(port, ['HEAD /h HTTP/1.1\r\nhost: x\r\n\r\n' + get('/next')], { waitMs: 3_000, answers: 2 })
