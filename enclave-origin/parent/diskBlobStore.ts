@@ -588,9 +588,9 @@ async function recoverLog(options: {
     // Truncating a file we do not recognise would destroy it; refuse instead.
     throw new Error(`${path} is not a ${options.kind.what} (bad header)`)
   }
-  const { frames, validLength, damaged, unscannedFrom, wholeFrameAtEnd } = await replayFrames(file, size, magic.length, options.onEntry, options.chunkBytes)
+  const { frames, validLength, damaged, unscannedFrom, end, wholeFrameAtEnd } = await replayFrames(file, size, magic.length, options.onEntry, options.chunkBytes)
   // A whole frame at the end whose checksum fails was written in full, and may have been acknowledged: damage, not a torn write.
-  if (unscannedFrom === undefined && wholeFrameAtEnd) damaged.push({ offset: validLength, bytes: size - validLength })
+  if (unscannedFrom === undefined && wholeFrameAtEnd) damaged.push({ offset: validLength, bytes: end - validLength })
   if (damaged.length > 0 || unscannedFrom !== undefined) {
     const keptAside = await options.keepAside()
     if (unscannedFrom !== undefined) {
@@ -598,7 +598,7 @@ async function recoverLog(options: {
     }
     options.onDamage({ ranges: damaged, keptAside })
   }
-  if (validLength < size) {
+  if (validLength < end) {
     await file.truncate(validLength)
     // Made durable before anything is appended, so new frames never sit behind old garbage after a crash.
     await file.sync()
@@ -624,7 +624,8 @@ type FrameScan = { validLength: number; damaged: Array<{ offset: number; bytes: 
  * Replays the frames after the header a chunk at a time (and a frame longer than a chunk whole), passing each that
  * checks out to `onEntry`, so a large log is never all in memory at once. From the first frame that does not check
  * out, or a tail too short for one, the rest of the file is read whole and scanned for damage (scanFrames): only a
- * damaged or torn log costs that. `wholeFrameAtEnd`: the bytes after `validLength` hold a frame written whole.
+ * damaged or torn log costs that. `end`: where the file ended (sooner than `size` if it shrank meanwhile);
+ * `wholeFrameAtEnd`: the bytes after `validLength` hold a frame written whole.
  */
 async function replayFrames(
   file: LogFile,
@@ -632,7 +633,7 @@ async function replayFrames(
   headerBytes: number,
   onEntry: (entry: LogEntry) => void,
   chunkBytes: number,
-): Promise<FrameScan & { frames: number; wholeFrameAtEnd: boolean }> {
+): Promise<FrameScan & { frames: number; end: number; wholeFrameAtEnd: boolean }> {
   let frames = 0
   const replay = (entry: LogEntry) => {
     frames++
@@ -640,9 +641,16 @@ async function replayFrames(
   }
   // The file's bytes from `offset` that are read and not yet replayed.
   let offset = headerBytes
-  let window = Buffer.alloc(0)
+  let window: Buffer = Buffer.alloc(0)
+  // Where the file ends: where stat said, or sooner if a read finds it shorter.
+  let end = size
+  const readOn = async (length: number) => {
+    const before = window.length
+    window = await readOnto(window, file, offset + before, length)
+    if (window.length - before < length) end = offset + window.length
+  }
   for (;;) {
-    const unread = size - offset - window.length
+    const unread = end - offset - window.length
     let wanted = 0
     if (window.length >= FRAME_HEADER_BYTES) {
       const length = window.readUInt32LE(0)
@@ -650,11 +658,11 @@ async function replayFrames(
       if (length > 0 && length <= MAX_PAYLOAD_BYTES && frameBytes > window.length && frameBytes - window.length <= unread) {
         wanted = Math.max(chunkBytes, frameBytes - window.length)
       } else {
-        const end = frameEndAt(window, 0, MAX_PAYLOAD_BYTES)
-        if (end !== undefined) {
-          replay(decodeEntry(window.subarray(FRAME_HEADER_BYTES, end), offset))
-          window = window.subarray(end)
-          offset += end
+        const frameEnd = frameEndAt(window, 0, MAX_PAYLOAD_BYTES)
+        if (frameEnd !== undefined) {
+          replay(decodeEntry(window.subarray(FRAME_HEADER_BYTES, frameEnd), offset))
+          window = window.subarray(frameEnd)
+          offset += frameEnd
           continue
         }
       }
@@ -662,12 +670,12 @@ async function replayFrames(
       wanted = chunkBytes
     }
     if (wanted > 0) {
-      window = Buffer.concat([window, await readRange(file, offset + window.length, Math.min(wanted, unread))])
+      await readOn(Math.min(wanted, unread))
       continue
     }
-    const rest = Buffer.concat([window, await readRange(file, offset + window.length, unread)])
-    const scan = scanFrames(rest, offset, replay)
-    return { ...scan, frames, wholeFrameAtEnd: scan.unscannedFrom === undefined && wholeFrameAt(rest, scan.validLength - offset) }
+    await readOn(unread)
+    const scan = scanFrames(window, offset, replay)
+    return { ...scan, frames, end, wholeFrameAtEnd: scan.unscannedFrom === undefined && wholeFrameAt(window, scan.validLength - offset) }
   }
 }
 
@@ -775,15 +783,21 @@ async function keepDamagedLogAside(options: { fileSystem: BlobStoreFileSystem; d
 }
 
 /** Up to `length` bytes of the file from `position`; fewer only at its end. */
-async function readRange(file: LogFile, position: number, length: number): Promise<Buffer> {
-  const bytes = Buffer.alloc(length)
+function readRange(file: LogFile, position: number, length: number): Promise<Buffer> {
+  return readOnto(Buffer.alloc(0), file, position, length)
+}
+
+/** `prefix` and then up to `length` bytes of the file from `position` (fewer only at its end), in one new buffer. */
+async function readOnto(prefix: Buffer, file: LogFile, position: number, length: number): Promise<Buffer> {
+  const bytes = Buffer.alloc(prefix.length + length)
+  prefix.copy(bytes)
   let read = 0
   while (read < length) {
-    const { bytesRead } = await file.read(bytes, read, length - read, position + read)
+    const { bytesRead } = await file.read(bytes, prefix.length + read, length - read, position + read)
     if (bytesRead === 0) break
     read += bytesRead
   }
-  return bytes.subarray(0, read)
+  return bytes.subarray(0, prefix.length + read)
 }
 
 async function writeFully(file: LogFile, bytes: Buffer): Promise<void> {

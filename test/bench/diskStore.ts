@@ -1,8 +1,9 @@
 /**
  * What opening the parent's disk store costs: the time to replay its log and
  * the memory the open process peaks at, for a store of STORE_BENCH_KEYS keys
- * (default 1,000,000) whose records are the size the enclave seals (a 65-byte
- * public key, 120 sealed bytes), in a temporary directory removed afterwards.
+ * (default 1,000,000) shaped as the parent makes them: a random UUID as the
+ * key id, a 65-byte public key and the enclave's 60 sealed bytes
+ * (enclave/sealing.ts), in a temporary directory removed afterwards.
  *
  * The store is filled by this process, then opened by a fresh one (so the fill
  * does not count), STORE_BENCH_OPENS times (default 3). Each open reports its
@@ -14,10 +15,12 @@
  * Output: one line per open, then one JSON line.
  */
 import { spawnSync } from 'node:child_process'
+import { randomUUID } from 'node:crypto'
 import { mkdtemp, rm, stat } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { performance } from 'node:perf_hooks'
+import { sealedLength } from '../../enclave-origin/enclave/sealing.js'
 import { LOG_FILE_NAME, openDiskBlobStore } from '../../enclave-origin/parent/diskBlobStore.js'
 
 type OpenFigures = { keys: number; openMs: number; peakRssMB: number; heapUsedMB: number; arrayBuffersMB: number }
@@ -32,7 +35,7 @@ async function fill(directory: string, keys: number): Promise<void> {
   for (let first = 0; first < keys; first += 5_000) {
     const puts = []
     for (let index = first; index < Math.min(keys, first + 5_000); index++) {
-      puts.push(store.put({ keyId: `key-${index}`, version: 1, state: 'active', publicKey, sealed: new Uint8Array(120).fill(index % 251) }))
+      puts.push(store.put({ keyId: randomUUID(), version: 1, state: 'active', publicKey, sealed: new Uint8Array(sealedLength).fill(index % 251) }))
     }
     await Promise.all(puts)
   }

@@ -650,10 +650,10 @@ describe('torn and corrupt tails', () => {
     }
   }
 
-  it('replays the log a chunk at a time, never reading it whole: frames across chunk ends and one longer than a chunk', async () => {
+  it.each([1_000, 157, 13])('replays the log a chunk at a time (%i bytes), never reading it whole: frames and headers across chunk ends, one longer than a chunk', async (replayChunkBytes) => {
     const sizes = await storeRecordsAndALargeOne(100)
     const lengths: number[] = []
-    const store = await openStore({ replayChunkBytes: 1_000, fileSystem: readLengthsOfLog(lengths) })
+    const store = await openStore({ replayChunkBytes, fileSystem: readLengthsOfLog(lengths) })
     const listed = await listAll(store)
     expect(listed).toHaveLength(100)
     expect(listed.find((record) => record.keyId === 'key-50')!.sealed).toEqual(new Uint8Array(5_000).fill(7))
@@ -661,32 +661,65 @@ describe('torn and corrupt tails', () => {
     // A chunk, or what the large frame needs beyond what is read: never the whole log.
     expect(sizes.at(-1)).toBeGreaterThan(18_000)
     expect(Math.max(...lengths)).toBeLessThanOrEqual(5_100)
-    expect(lengths.filter((length) => length === 1_000).length).toBeGreaterThan(10)
+    expect(lengths.filter((length) => length === replayChunkBytes).length).toBeGreaterThan(10)
   })
 
-  it('finds the same damage and torn tail, and keeps the same copy, whatever the chunk', async () => {
+  it('opens a log that turns out shorter than its size said (cut meanwhile), as torn where it ends', async () => {
+    const sizes = await storeRecordsAndALargeOne(20)
+    let cut = false
+    const cutAfterStat: BlobStoreFileSystem = {
+      async open(path, flags) {
+        const handle = await open(path, flags)
+        return {
+          read: (buffer, offset, length, position) => handle.read(buffer, offset, length, position),
+          write: (buffer, offset, length) => handle.write(buffer, offset, length),
+          sync: () => handle.sync(),
+          truncate: (length) => handle.truncate(length),
+          stat: async () => {
+            const stats = await handle.stat()
+            if (path.endsWith(LOG_FILE_NAME) && !cut) {
+              cut = true
+              await truncate(path, stats.size - 50)
+            }
+            return stats
+          },
+          close: () => handle.close(),
+        }
+      },
+    }
+    const store = await openStore({ replayChunkBytes: 100, fileSystem: cutAfterStat })
+    expect(cut).toBe(true)
+    expect((await listAll(store)).map((record) => record.keyId).sort()).toEqual(Array.from({ length: 19 }, (_, index) => `key-${index}`).sort())
+    expect((await stat(logPath())).size).toBe(sizes[18])
+  })
+
+  it.each([
+    ['damage and a torn tail', true, Buffer.from('\x40\x00\x00\x00torn')],
+    ['a torn tail alone', false, Buffer.from('\x40\x00\x00\x00torn')],
+    ['a frame header cut short at the end', false, Buffer.from('\x40\x00\x00')],
+  ])('finds the same records, damage and log after %s whatever the chunk', async (_, damaged, tail) => {
     const sizes = await storeRecordsAndALargeOne(40)
-    const damagedLog = await readFile(logPath())
-    damagedLog[sizes[24]! + 30]! ^= 0xff
-    await writeFile(logPath(), Buffer.concat([damagedLog, Buffer.from('\x40\x00\x00\x00torn')]))
-    const copy = await mkdtemp(join(tmpdir(), 'disk-blob-store-copy-'))
+    const log = await readFile(logPath())
+    if (damaged) log[sizes[24]! + 30]! ^= 0xff
+    await writeFile(logPath(), Buffer.concat([log, tail]))
+    const copies = [await mkdtemp(join(tmpdir(), 'disk-blob-store-copy-')), await mkdtemp(join(tmpdir(), 'disk-blob-store-copy-'))]
     try {
-      await cp(directory, copy, { recursive: true })
+      for (const copy of copies) await cp(directory, copy, { recursive: true })
       const results = []
-      for (const [where, replayChunkBytes] of [[directory, 1_000], [copy, 4 * 1024 * 1024]] as const) {
+      for (const [where, replayChunkBytes] of [[directory, 7], [copies[0]!, 1_000], [copies[1]!, 4 * 1024 * 1024]] as const) {
         const damage: DamageEvent[] = []
         const store = await openDiskBlobStore({ directory: where, replayChunkBytes, onDamage: (event) => damage.push(event) })
         opened.push(store)
-        const keptAside = await readFile(damage[0]!.keptAside)
-        results.push({ keyIds: (await listAll(store)).map((record) => record.keyId).sort(), ranges: damage.map((event) => event.ranges), keptAside })
+        const keptAside = damage.length > 0 ? await readFile(damage[0]!.keptAside) : undefined
+        results.push({ keyIds: (await listAll(store)).map((record) => record.keyId).sort(), ranges: damage.map((event) => event.ranges), keptAside, logBytes: (await stat(join(where, LOG_FILE_NAME))).size })
       }
       expect(results[0]).toEqual(results[1])
-      expect(results[0]!.ranges).toEqual([[{ offset: sizes[24], bytes: sizes[25]! - sizes[24]! }]])
-      expect(results[0]!.keyIds).toHaveLength(39)
-      expect(results[0]!.keyIds).not.toContain('key-25')
-      expect(results[0]!.keptAside).toEqual(Buffer.concat([damagedLog, Buffer.from('\x40\x00\x00\x00torn')]))
+      expect(results[0]).toEqual(results[2])
+      expect(results[0]!.ranges).toEqual(damaged ? [[{ offset: sizes[24], bytes: sizes[25]! - sizes[24]! }]] : [])
+      expect(results[0]!.keyIds).toHaveLength(damaged ? 39 : 40)
+      if (damaged) expect(results[0]!.keptAside).toEqual(Buffer.concat([log, tail]))
     } finally {
-      await rm(copy, { recursive: true, force: true })
+      for (const copy of copies) await rm(copy, { recursive: true, force: true })
     }
   })
 
