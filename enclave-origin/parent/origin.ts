@@ -70,7 +70,10 @@ export class OverloadedError extends Error {
  */
 export class KeyTurnTimeoutError extends Error {}
 
-/** What a standby did with a request it took in its owner's place: signed or got it, refused it (the key frozen, say), or failed (a timeout). */
+/**
+ * What a standby did with a request it took in its owner's place: signed or got it, refused it (the key frozen, say),
+ * or failed it (an internal error; out of service until unlocked; its preload not delivered).
+ */
 export type FailoverOutcome = 'served' | 'refused' | 'failed'
 
 /** The enclave answered that it failed (INTERNAL, or a status this parent does not know). */
@@ -82,6 +85,12 @@ class StaleRequestError extends Error {}
 /** Whether `error` is an enclave's answer (rather than no answer, or a failure of the parent's own). */
 function answeredByEnclave(error: unknown): boolean {
   return error instanceof NeedsUnlockError || error instanceof OriginRequestError || error instanceof EnclaveInternalError || error instanceof StaleRequestError
+}
+
+/** How a standby's failed answer to a request it took in its owner's place counts; undefined for no answer, or a failure of the parent's own (a key's turn, a store read), which says nothing of the standby. */
+function failoverOutcomeOf(error: unknown): FailoverOutcome | undefined {
+  if (!answeredByEnclave(error)) return undefined
+  return error instanceof OriginRequestError && error.kind !== 'unavailable' ? 'refused' : 'failed'
 }
 
 /** Held back after failing requests, or failing with its one probe out: requests for its keys go elsewhere. */
@@ -926,9 +935,8 @@ export class OriginParent {
     } catch (error) {
       const missing = error instanceof OriginRequestError && (error.kind === 'not-found' || error.kind === 'unavailable')
       if (error instanceof EnclaveUnavailableError || (!standby.stored && missing)) throw failure
-      // Refused before it was sent: the standby served nothing.
-      if (error instanceof OverloadedError) throw error
-      this.countFailover({ keyId, standby: standby.enclave, failure, outcome: error instanceof OriginRequestError ? 'refused' : 'failed' })
+      const outcome = failoverOutcomeOf(error)
+      if (outcome) this.countFailover({ keyId, standby: standby.enclave, failure, outcome })
       throw error
     }
   }
@@ -1006,7 +1014,12 @@ export class OriginParent {
         else if (failure instanceof EnclaveUnavailableError) outageFailed(enclave, failuresAtSend)
         // It answered, but takes the key only after an unlock (which has started), or holds a later one of another parent's.
         else if (failure instanceof NeedsUnlockError || failure instanceof StaleRequestError) outageOver(enclave)
-        else throw failure
+        else {
+          // Its load failed there: a failover that failed, as a failed sign after it would be.
+          const outcome = failoverOutcomeOf(failure)
+          if (outcome) this.countFailover({ keyId, standby: enclave, failure: error, outcome })
+          throw failure
+        }
       }
     }
     // Standbys there were, but full: the caller may come back shortly.
