@@ -60,7 +60,7 @@ export type DiskBlobStoreOptions = {
   onCompaction?: (event: CompactionEvent) => void
   /** Told when open found damaged frames in the middle of the log or the state journal (for the operator's log, at error level). */
   onDamage?: (event: DamageEvent) => void
-  /** Bytes of a log read at a time when open replays it (4 MiB): only a damaged log is read whole. */
+  /** Bytes of a log read at a time when open replays it (4 MiB): only from damage or a torn tail on is the rest read whole. */
   replayChunkBytes?: number
 }
 
@@ -955,7 +955,7 @@ class FieldReader {
     return this.take(this.take(2).readUInt16LE(0)).toString('utf8')
   }
 
-  /** Copied out, so the index does not pin the whole file's buffer. */
+  /** Copied out, so the index does not pin the chunk it was read in. */
   bytes(): Uint8Array {
     return new Uint8Array(this.take(this.u32()))
   }

@@ -245,7 +245,7 @@ export class OriginParent {
   }
   /** The health check out now, which callers share (see `health`). */
   private healthAsked: Promise<EnclaveHealth[]> | undefined
-  /** Signs and gets that another enclave served: one log line per pair of enclaves every 10 s, and a count per pair. */
+  /** Signs and gets that another enclave took in their owner's place: one log line per pair of enclaves every 10 s, and a count per pair and outcome. */
   private readonly failoverLog = new ThrottledLog({ log: (fields) => this.options.log?.(fields) })
   private readonly failoverCounts = new Map<string, { enclave: string; standby: string; outcome: FailoverOutcome; count: number }>()
 
@@ -1239,7 +1239,7 @@ export class OriginParent {
     )
   }
 
-  /** Requests for an enclave's keys that another enclave served, per pair. */
+  /** Requests for an enclave's keys that another enclave took in its place, per pair and by what that one did with them. */
   failovers(): Array<{ enclave: string; standby: string; outcome: FailoverOutcome; count: number }> {
     return [...this.failoverCounts.values()]
   }

@@ -14,10 +14,10 @@ import { assertNotOlder, copyDek, copyRecord, isValidVersion, KeyNotStoredError,
  *   <prefix>dek.json                               the wrapped DEK (and, mid-rotation, the retiring one)
  *
  * S3 answers a PutObject only once the object is stored durably, so `put`,
- * `setState` and `putWrappedDek` resolve when their PutObject does. A
- * rejected write has an unknown outcome (the request may have reached S3 and
- * only the answer was lost), so the store forgets what it cached for that
- * object and reads it from S3 again next time.
+ * `setState` and `putWrappedDek` resolve when their PutObject does. A write
+ * that fails without S3's answer has an unknown outcome (the request may have
+ * reached S3 and only the answer was lost), so the store forgets what it
+ * cached for that object and reads it from S3 again next time.
  *
  * Every write is conditional on the version of the object it read: `If-Match`
  * with that version's ETag, or `If-None-Match: *` for an object not there
@@ -33,9 +33,10 @@ import { assertNotOlder, copyDek, copyRecord, isValidVersion, KeyNotStoredError,
  *
  * Operations on one key run one after another, in call order, so the version
  * check of `put` and the read-modify-write of `setState` see every earlier
- * write of this process. One process at a time should use a bucket and
- * prefix, as with the disk store: the conditions keep a second writer from
- * overwriting what it did not read, but the two caches would still disagree.
+ * write of this process. One process at a time may use a bucket and prefix,
+ * as with the disk store (stop the old parent before a new one starts): a
+ * conflicting write is read and applied again, and each process serves from
+ * its own cache, so the conditions do not make two running writers safe.
  *
  * The credentials need s3:ListBucket (also so that reading a missing object
  * answers 404 rather than 403), s3:GetObject and s3:PutObject.

@@ -1,5 +1,5 @@
 import { spawn } from 'node:child_process'
-import { appendFile, cp, mkdir, mkdtemp, open, readdir, readFile, rm, stat, symlink, truncate, writeFile } from 'node:fs/promises'
+import { appendFile, cp, mkdir, mkdtemp, open, readdir, readFile, rm, stat, symlink, truncate, writeFile, type FileHandle } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join, resolve } from 'node:path'
 import { pathToFileURL } from 'node:url'
@@ -52,35 +52,44 @@ const journalPath = () => join(directory, STATE_JOURNAL_FILE_NAME)
 /** Both files start with a 16-byte header. */
 const HEADER_BYTES = 16
 
-/** Real files whose writes or fsyncs fail on demand; with `only`, just for the file of that name. */
+/** Node's file system, with some of a file's operations replaced: `tap` gives the replacements for each file as it is opened. */
+function tappedFileSystem(tap: (path: string, handle: FileHandle) => Partial<LogFile>): BlobStoreFileSystem {
+  return {
+    async open(path, flags) {
+      const handle = await open(path, flags)
+      return {
+        read: (buffer, offset, length, position) => handle.read(buffer, offset, length, position),
+        write: (buffer, offset, length) => handle.write(buffer, offset, length),
+        sync: () => handle.sync(),
+        truncate: (length) => handle.truncate(length),
+        stat: () => handle.stat(),
+        close: () => handle.close(),
+        ...tap(path, handle),
+      }
+    },
+  }
+}
+
 /**
  * Node's file system, with writes or fsyncs failing on files whose path ends with `only` (every file without it);
  * with `armedBy`, only once a file whose path ends with that has been opened (a compaction's new log, say).
  */
 function faultyFileSystem(failing: { sync: boolean; write: boolean; only?: string; armedBy?: string }): BlobStoreFileSystem {
   let armed = failing.armedBy === undefined
-  return {
-    async open(path, flags) {
-      const handle = await open(path, flags)
-      if (failing.armedBy !== undefined && path.endsWith(failing.armedBy)) armed = true
-      const faulty = armed && (failing.only === undefined || path.endsWith(failing.only))
-      const file: LogFile = {
-        read: (buffer, offset, length, position) => handle.read(buffer, offset, length, position),
-        write: async (buffer, offset, length) => {
-          if (faulty && failing.write) throw Object.assign(new Error('ENOSPC: no space left on device'), { code: 'ENOSPC' })
-          return handle.write(buffer, offset, length)
-        },
-        sync: async () => {
-          if (faulty && failing.sync) throw Object.assign(new Error('EIO: i/o error, fsync'), { code: 'EIO' })
-          return handle.sync()
-        },
-        truncate: (length) => handle.truncate(length),
-        stat: () => handle.stat(),
-        close: () => handle.close(),
-      }
-      return file
-    },
-  }
+  return tappedFileSystem((path, handle) => {
+    if (failing.armedBy !== undefined && path.endsWith(failing.armedBy)) armed = true
+    const faulty = armed && (failing.only === undefined || path.endsWith(failing.only))
+    return {
+      write: async (buffer, offset, length) => {
+        if (faulty && failing.write) throw Object.assign(new Error('ENOSPC: no space left on device'), { code: 'ENOSPC' })
+        return handle.write(buffer, offset, length)
+      },
+      sync: async () => {
+        if (faulty && failing.sync) throw Object.assign(new Error('EIO: i/o error, fsync'), { code: 'EIO' })
+        return handle.sync()
+      },
+    }
+  })
 }
 
 describe('crc32', () => {
@@ -543,23 +552,16 @@ describe('compaction', () => {
 
   it('writes a compaction a chunk of frames at a time, so that the parent serves between chunks rather than wait for the whole log', async () => {
     const compactionWrites: number[] = []
-    const fileSystem: BlobStoreFileSystem = {
-      async open(path, flags) {
-        const handle = await open(path, flags)
-        if (!path.endsWith(COMPACTING_FILE_NAME)) return handle as unknown as LogFile
-        return {
-          read: (buffer, offset, length, position) => handle.read(buffer, offset, length, position),
-          write: (buffer, offset, length) => {
-            compactionWrites.push(length)
-            return handle.write(buffer, offset, length)
-          },
-          sync: () => handle.sync(),
-          truncate: (length) => handle.truncate(length),
-          stat: () => handle.stat(),
-          close: () => handle.close(),
-        }
-      },
-    }
+    const fileSystem = tappedFileSystem((path, handle) =>
+      path.endsWith(COMPACTING_FILE_NAME)
+        ? {
+            write: (buffer, offset, length) => {
+              compactionWrites.push(length)
+              return handle.write(buffer, offset, length)
+            },
+          }
+        : {},
+    )
     // Read when it ends: the compacted file then goes on as the log, taking appends.
     let writesOfCompaction: number[] = []
     let store = await openDiskBlobStore({ directory, compactAfterFrames: 100, fileSystem, onCompaction: () => (writesOfCompaction = [...compactionWrites]) })
@@ -632,22 +634,16 @@ describe('torn and corrupt tails', () => {
 
   /** Node's file system, noting the length of each read of the record log. */
   function readLengthsOfLog(lengths: number[]): BlobStoreFileSystem {
-    return {
-      async open(path, flags) {
-        const handle = await open(path, flags)
-        return {
-          read: (buffer, offset, length, position) => {
-            if (path.endsWith(LOG_FILE_NAME)) lengths.push(length)
-            return handle.read(buffer, offset, length, position)
-          },
-          write: (buffer, offset, length) => handle.write(buffer, offset, length),
-          sync: () => handle.sync(),
-          truncate: (length) => handle.truncate(length),
-          stat: () => handle.stat(),
-          close: () => handle.close(),
-        }
-      },
-    }
+    return tappedFileSystem((path, handle) =>
+      path.endsWith(LOG_FILE_NAME)
+        ? {
+            read: (buffer, offset, length, position) => {
+              lengths.push(length)
+              return handle.read(buffer, offset, length, position)
+            },
+          }
+        : {},
+    )
   }
 
   it.each([1_000, 157, 13])('replays the log a chunk at a time (%i bytes), never reading it whole: frames and headers across chunk ends, one longer than a chunk', async (replayChunkBytes) => {
@@ -667,26 +663,16 @@ describe('torn and corrupt tails', () => {
   it('opens a log that turns out shorter than its size said (cut meanwhile), as torn where it ends', async () => {
     const sizes = await storeRecordsAndALargeOne(20)
     let cut = false
-    const cutAfterStat: BlobStoreFileSystem = {
-      async open(path, flags) {
-        const handle = await open(path, flags)
-        return {
-          read: (buffer, offset, length, position) => handle.read(buffer, offset, length, position),
-          write: (buffer, offset, length) => handle.write(buffer, offset, length),
-          sync: () => handle.sync(),
-          truncate: (length) => handle.truncate(length),
-          stat: async () => {
-            const stats = await handle.stat()
-            if (path.endsWith(LOG_FILE_NAME) && !cut) {
-              cut = true
-              await truncate(path, stats.size - 50)
-            }
-            return stats
-          },
-          close: () => handle.close(),
+    const cutAfterStat = tappedFileSystem((path, handle) => ({
+      stat: async () => {
+        const stats = await handle.stat()
+        if (path.endsWith(LOG_FILE_NAME) && !cut) {
+          cut = true
+          await truncate(path, stats.size - 50)
         }
+        return stats
       },
-    }
+    }))
     const store = await openStore({ replayChunkBytes: 100, fileSystem: cutAfterStat })
     expect(cut).toBe(true)
     expect((await listAll(store)).map((record) => record.keyId).sort()).toEqual(Array.from({ length: 19 }, (_, index) => `key-${index}`).sort())
