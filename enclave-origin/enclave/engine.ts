@@ -79,13 +79,17 @@ const slotLayout = {
 
 type Pending = { resolve: (signature: RawSignature) => void; reject: (error: Error) => void }
 
-/** Requests packed into one transferable buffer, not yet sent. */
-type Batch = { buffer: ArrayBuffer; bytes: Uint8Array; requests: Pending[]; timer?: NodeJS.Timeout }
+/**
+ * Requests packed into one buffer shared with the thread that signs them: the thread zeroes each key as it signs it,
+ * and should it die first, this thread zeroes what it left (a transferred buffer would go with it, keys and all,
+ * into freed memory).
+ */
+type Batch = { buffer: SharedArrayBuffer; bytes: Uint8Array; requests: Pending[]; timer?: NodeJS.Timeout }
 
 type WorkerSlot = {
   worker: Worker
   /** Batches sent and not yet answered, by batchId. */
-  inflight: Map<number, Pending[]>
+  inflight: Map<number, Batch>
   inflightRequests: number
   ready: boolean
   /** Set when the engine asks it to close, so its exit is not taken for a crash. */
@@ -228,7 +232,7 @@ export class SignEngine {
     this.send(batch)
   }
 
-  /** Hands the batch's buffer over (transferred, so this thread keeps no copy of the keys). */
+  /** Hands the batch to a thread; the buffer is shared, not copied. */
   private send(batch: Batch, to: WorkerSlot | undefined = this.leastLoaded()): void {
     if (to === undefined) {
       batch.bytes.fill(0)
@@ -236,12 +240,12 @@ export class SignEngine {
       return
     }
     const batchId = this.nextBatchId++
-    to.inflight.set(batchId, batch.requests)
+    to.inflight.set(batchId, batch)
     to.inflightRequests += batch.requests.length
     this.batchesSent += 1
     this.requestsSent += batch.requests.length
     countInto(this.batchSizes, batchSizeBuckets, batch.requests.length)
-    to.worker.postMessage({ batchId, count: batch.requests.length, buffer: batch.buffer }, [batch.buffer])
+    to.worker.postMessage({ batchId, count: batch.requests.length, buffer: batch.buffer })
   }
 
   /**
@@ -260,13 +264,12 @@ export class SignEngine {
     return best
   }
 
-  private answer(slot: WorkerSlot, reply: { batchId: number; buffer: ArrayBuffer }): void {
-    const requests = slot.inflight.get(reply.batchId)
-    if (requests === undefined) return
+  private answer(slot: WorkerSlot, reply: { batchId: number }): void {
+    const batch = slot.inflight.get(reply.batchId)
+    if (batch === undefined) return
     slot.inflight.delete(reply.batchId)
-    slot.inflightRequests -= requests.length
-    const bytes = new Uint8Array(reply.buffer)
-    requests.forEach((pending, i) => settle(pending, bytes, i * slotLayout.slotBytes))
+    slot.inflightRequests -= batch.requests.length
+    batch.requests.forEach((pending, i) => settle(pending, batch.bytes, i * slotLayout.slotBytes))
     // A thread that just went idle takes the open batch now rather than after maxWaitMs.
     if (slot.inflightRequests === 0 && this.open !== undefined) this.flushOpen()
     this.checkDrained()
@@ -298,7 +301,7 @@ export class SignEngine {
     const slot: WorkerSlot = { worker, inflight: new Map(), inflightRequests: 0, ready: false, retiring: false, exited }
     this.slots.push(slot)
     return new Promise((resolve, reject) => {
-      worker.on('message', (message: { ready: true } | { batchId: number; buffer: ArrayBuffer }) => {
+      worker.on('message', (message: { ready: true } | { batchId: number }) => {
         if ('ready' in message) {
           slot.ready = true
           resolve()
@@ -324,11 +327,15 @@ export class SignEngine {
     })
   }
 
-  /** A thread gone or given up on: its in-flight requests fail with `reason`; one that had ever worked is replaced. */
+  /**
+   * A thread gone or given up on: the keys of its in-flight batches are zeroed (it did not get to them, or died
+   * first), and their requests fail with `reason`; one that had ever worked is replaced.
+   */
   private lose(slot: WorkerSlot, reason: string): void {
     this.slots = this.slots.filter((live) => live !== slot)
-    for (const requests of slot.inflight.values()) {
-      for (const pending of requests) pending.reject(new Error(reason, { cause: slot.lastError }))
+    for (const batch of slot.inflight.values()) {
+      batch.bytes.fill(0)
+      for (const pending of batch.requests) pending.reject(new Error(reason, { cause: slot.lastError }))
     }
     slot.inflight.clear()
     slot.inflightRequests = 0
@@ -379,7 +386,7 @@ export class SignEngine {
 const refusedKeyMessage = 'libsecp256k1 refused to sign: invalid private key (zero or not below the curve order)'
 
 function newBatch(capacity: number): Batch {
-  const buffer = new ArrayBuffer(capacity * slotLayout.slotBytes)
+  const buffer = new SharedArrayBuffer(capacity * slotLayout.slotBytes)
   return { buffer, bytes: new Uint8Array(buffer), requests: [] }
 }
 

@@ -5,10 +5,11 @@
  * worker would need a TypeScript loader inside the thread, which vitest's
  * transform does not reach.
  *
- * One message is one batch: `{ batchId, count, buffer }`, where `buffer` holds
- * `count` slots laid out as engine.ts describes (the layout arrives in
- * workerData, so engine.ts stays its one definition). Each slot comes in as
- * key ‖ digest and goes back, in the same buffer, as signature ‖ recid ‖ status.
+ * One message is one batch: `{ batchId, count, buffer }`, where `buffer` is a
+ * SharedArrayBuffer holding `count` slots laid out as engine.ts describes (the
+ * layout arrives in workerData, so engine.ts stays its one definition). Each
+ * slot comes in as key ‖ digest and is signed in place, as signature ‖ recid ‖
+ * status; the answer `{ batchId }` says the batch is done.
  * `{ close: true }` ends the thread once the batches before it are answered:
  * the engine never calls `worker.terminate()`, because terminating a thread
  * while it is inside the native binding makes node-addon-api throw a C++
@@ -34,7 +35,7 @@ const layout = workerData
 const signature = new Uint8Array(64)
 const port = /** @type {import('node:worker_threads').MessagePort} */ (parentPort)
 
-port.on('message', (/** @type {{ close: true } | { batchId: number, count: number, buffer: ArrayBuffer }} */ message) => {
+port.on('message', (/** @type {{ close: true } | { batchId: number, count: number, buffer: SharedArrayBuffer }} */ message) => {
   if ('close' in message) {
     port.close()
     return
@@ -42,14 +43,14 @@ port.on('message', (/** @type {{ close: true } | { batchId: number, count: numbe
   const { batchId, count, buffer } = message
   // A batch that does not fit its own count means the two sides disagree on the
   // protocol: dying (the engine rejects and replaces) beats signing garbage.
-  if (!(buffer instanceof ArrayBuffer) || !Number.isInteger(count) || count < 1 || buffer.byteLength < count * layout.slotBytes) {
-    // It may still hold keys: they go before the thread does.
-    if (buffer instanceof ArrayBuffer) new Uint8Array(buffer).fill(0)
+  if (!(buffer instanceof SharedArrayBuffer) || !Number.isInteger(count) || count < 1 || buffer.byteLength < count * layout.slotBytes) {
+    // It may still hold keys: they go before the thread does (the engine zeroes a shared batch too, once it is gone).
+    if (buffer instanceof SharedArrayBuffer || buffer instanceof ArrayBuffer) new Uint8Array(buffer).fill(0)
     throw new Error(`signWorker: malformed batch ${batchId}`)
   }
   const bytes = new Uint8Array(buffer)
   for (let i = 0; i < count; i++) signSlot(bytes, i * layout.slotBytes)
-  port.postMessage({ batchId, buffer }, [buffer])
+  port.postMessage({ batchId })
 })
 
 /**

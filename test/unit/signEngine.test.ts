@@ -211,6 +211,40 @@ describe('SignEngine', () => {
     await expectValid(request, await engine.sign(request))
   })
 
+  it('zeroes the keys of the batches a thread held when it died: they are not left in its freed memory', async () => {
+    const engine = new SignEngine({ threads: 1, inlinePerTurn: 0 })
+    engines.push(engine)
+    const signWorker = internalsOf(engine).workerScript
+    // A thread that shows the test each batch it is sent (as it is: the buffer is shared) and dies, unsigned, after the second.
+    const script = `import { parentPort } from 'node:worker_threads'
+let batches = 0
+parentPort.on('message', (message) => {
+  if ('close' in message) return parentPort.close()
+  parentPort.postMessage({ observed: message.buffer })
+  if (++batches === 2) setTimeout(() => process.exit(7), 50)
+})
+parentPort.postMessage({ ready: true })`
+    internalsOf(engine).workerScript = new URL(`data:text/javascript,${encodeURIComponent(script)}`)
+    await engine.start()
+    internalsOf(engine).workerScript = signWorker
+    const observed: Array<{ live: Uint8Array; asSent: Uint8Array }> = []
+    internalsOf(engine).slots[0]!.worker.on('message', (message: { observed?: ArrayBufferLike }) => {
+      if (message.observed) observed.push({ live: new Uint8Array(message.observed), asSent: new Uint8Array(message.observed).slice() })
+    })
+    // The first goes alone to the idle thread, the second in a batch behind it.
+    const requests = [randomRequest(), randomRequest()]
+    for (const outcome of await Promise.allSettled(requests.map((request) => engine.sign(request)))) {
+      expect(outcome).toMatchObject({ status: 'rejected', reason: expect.objectContaining({ message: expect.stringMatching(/signing thread exited \(code 7\)/) }) })
+    }
+    expect(observed).toHaveLength(2)
+    for (const [i, { live, asSent }] of observed.entries()) {
+      expect(asSent.subarray(0, 32)).toEqual(requests[i]!.privateKey)
+      expect(live.every((byte) => byte === 0)).toBe(true)
+    }
+    const request = randomRequest()
+    await expectValid(request, await engine.sign(request))
+  })
+
   it('keeps trying to replace a dead thread whose replacement fails to start, until one starts', async () => {
     const engine = await started({ threads: 1, inlinePerTurn: 0 })
     const script = internalsOf(engine).workerScript
