@@ -317,7 +317,7 @@ export class SignEngine {
         slot.lastError = error
         if (slot.retiring) return
         void retire(slot)
-        this.lose(slot, `a reply from the signing thread could not be read: ${error.message}`)
+        this.lose(slot, `a reply from the signing thread could not be read: ${error.message}`, { runs: true })
       })
       worker.on('exit', (code) => {
         if (!slot.ready) reject(new Error(`signing thread failed to start (exit ${code})`, { cause: slot.lastError }))
@@ -328,13 +328,20 @@ export class SignEngine {
   }
 
   /**
-   * A thread gone or given up on: the keys of its in-flight batches are zeroed (it did not get to them, or died
-   * first), and their requests fail with `reason`; one that had ever worked is replaced.
+   * A thread gone, or given up on while it still `runs`: the keys of its in-flight batches are zeroed (it did not
+   * get to them, or died first), and their requests fail with `reason`; one that had ever worked is replaced.
    */
-  private lose(slot: WorkerSlot, reason: string): void {
+  private lose(slot: WorkerSlot, reason: string, { runs = false } = {}): void {
     this.slots = this.slots.filter((live) => live !== slot)
-    for (const batch of slot.inflight.values()) {
-      batch.bytes.fill(0)
+    const batches = [...slot.inflight.values()]
+    const zero = () => {
+      for (const batch of batches) batch.bytes.fill(0)
+    }
+    // One still running may be signing them: a key zeroed between libsecp256k1's reads of it would make the nonce
+    // from zeros, and the signature, left in memory, would give the key away. Zeroed once it has stopped, then.
+    if (runs) void slot.exited.then(zero)
+    else zero()
+    for (const batch of batches) {
       for (const pending of batch.requests) pending.reject(new Error(reason, { cause: slot.lastError }))
     }
     slot.inflight.clear()
