@@ -1842,16 +1842,19 @@ describe('a parent whose enclaves are not all up', () => {
       expect(cabled.failovers()).toEqual([{ enclave: 'spare-late', standby: 'spare-up', outcome: 'served', count: 1 }])
     }))
 
-  it('counts a failover the standby fails (an internal error there, in its load of the key or its sign) as failed, apart from those it served', () =>
+  it('counts a failover the standby fails (an internal error there, in its load of the key or its sign; UNAVAILABLE) as failed, apart from those it served', () =>
     withStartedSpares('failing-standby-store', {}, async ({ cabled, upCable, lateCable, onLate }) => {
       lateCable.cut()
       upCable.failNextRequest(opcodes.LOAD)
       await expect(cabled.sign(onLate.keyId, Buffer.alloc(32, 20))).rejects.toThrow()
       upCable.failNextRequest(opcodes.SIGN)
       await expect(cabled.sign(onLate.keyId, Buffer.alloc(32, 21))).rejects.toThrow()
+      // UNAVAILABLE for a key the store holds is the standby unable to serve it, not a refusal of the key.
+      upCable.failNextRequest(opcodes.SIGN, 0, statuses.UNAVAILABLE)
+      await expect(cabled.sign(onLate.keyId, Buffer.alloc(32, 22))).rejects.toThrow()
       await expectSignsAs(cabled, onLate)
       expect(cabled.failovers()).toEqual([
-        { enclave: 'spare-late', standby: 'spare-up', outcome: 'failed', count: 2 },
+        { enclave: 'spare-late', standby: 'spare-up', outcome: 'failed', count: 3 },
         { enclave: 'spare-late', standby: 'spare-up', outcome: 'served', count: 1 },
       ])
     }))
