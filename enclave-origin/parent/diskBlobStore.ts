@@ -588,9 +588,7 @@ async function recoverLog(options: {
     // Truncating a file we do not recognise would destroy it; refuse instead.
     throw new Error(`${path} is not a ${options.kind.what} (bad header)`)
   }
-  const { frames, validLength, damaged, unscannedFrom, end, wholeFrameAtEnd } = await replayFrames(file, size, magic.length, options.onEntry, options.chunkBytes)
-  // A whole frame at the end whose checksum fails was written in full, and may have been acknowledged: damage, not a torn write.
-  if (unscannedFrom === undefined && wholeFrameAtEnd) damaged.push({ offset: validLength, bytes: end - validLength })
+  const { frames, validLength, damaged, unscannedFrom, end } = await replayFrames(file, size, magic.length, options.onEntry, options.chunkBytes)
   if (damaged.length > 0 || unscannedFrom !== undefined) {
     const keptAside = await options.keepAside()
     if (unscannedFrom !== undefined) {
@@ -624,8 +622,7 @@ type FrameScan = { validLength: number; damaged: Array<{ offset: number; bytes: 
  * Replays the frames after the header a chunk at a time (and a frame longer than a chunk whole), passing each that
  * checks out to `onEntry`, so a large log is never all in memory at once. From the first frame that does not check
  * out, or a tail too short for one, the rest of the file is read whole and scanned for damage (scanFrames): only a
- * damaged or torn log costs that. `end`: where the file ended (sooner than `size` if it shrank meanwhile);
- * `wholeFrameAtEnd`: the bytes after `validLength` hold a frame written whole.
+ * damaged or torn log costs that. `end`: where the file ended (sooner than `size` if it shrank meanwhile).
  */
 async function replayFrames(
   file: LogFile,
@@ -633,7 +630,7 @@ async function replayFrames(
   headerBytes: number,
   onEntry: (entry: LogEntry) => void,
   chunkBytes: number,
-): Promise<FrameScan & { frames: number; end: number; wholeFrameAtEnd: boolean }> {
+): Promise<FrameScan & { frames: number; end: number }> {
   let frames = 0
   const replay = (entry: LogEntry) => {
     frames++
@@ -675,7 +672,9 @@ async function replayFrames(
     }
     await readOn(unread)
     const scan = scanFrames(window, offset, replay)
-    return { ...scan, frames, end, wholeFrameAtEnd: scan.unscannedFrom === undefined && wholeFrameAt(window, scan.validLength - offset) }
+    // A whole frame at the end whose checksum fails was written in full, and may have been acknowledged: damage, not a torn write.
+    if (scan.unscannedFrom === undefined && wholeFrameAt(window, scan.validLength - offset)) scan.damaged.push({ offset: scan.validLength, bytes: end - scan.validLength })
+    return { ...scan, frames, end }
   }
 }
 

@@ -935,10 +935,15 @@ export class OriginParent {
     } catch (error) {
       const missing = error instanceof OriginRequestError && (error.kind === 'not-found' || error.kind === 'unavailable')
       if (error instanceof EnclaveUnavailableError || (!standby.stored && missing)) throw failure
-      const outcome = failoverOutcomeOf(error)
-      if (outcome) this.countFailover({ keyId, standby: standby.enclave, failure, outcome })
+      this.countFailedFailover({ keyId, standby: standby.enclave, failure, error })
       throw error
     }
+  }
+
+  /** A failover whose request failed on the standby with `error`, counted by what that says of it (nothing, for a failure of the parent's own). */
+  private countFailedFailover({ error, ...failover }: { keyId: string; standby: Enclave; failure: unknown; error: unknown }): void {
+    const outcome = failoverOutcomeOf(error)
+    if (outcome) this.countFailover({ ...failover, outcome })
   }
 
   private countFailover({ keyId, standby, failure, outcome }: { keyId: string; standby: Enclave; failure: unknown; outcome: FailoverOutcome }): void {
@@ -1016,8 +1021,7 @@ export class OriginParent {
         else if (failure instanceof NeedsUnlockError || failure instanceof StaleRequestError) outageOver(enclave)
         else {
           // Its load failed there: a failover that failed, as a failed sign after it would be.
-          const outcome = failoverOutcomeOf(failure)
-          if (outcome) this.countFailover({ keyId, standby: enclave, failure: error, outcome })
+          this.countFailedFailover({ keyId, standby: enclave, failure: error, error: failure })
           throw failure
         }
       }

@@ -54,6 +54,17 @@ async function reopen(store: S3BlobStore, options: Partial<S3BlobStoreOptions> =
   return openStore(options)
 }
 
+/** Runs `action` before each PutObject `client` sends: after the store's read of the object, before its write. */
+function beforeEachPut(client: S3Client, action: () => Promise<unknown>): void {
+  client.middlewareStack.add(
+    (next, context) => async (args) => {
+      if (context.commandName === 'PutObjectCommand') await action()
+      return next(args)
+    },
+    { step: 'initialize', name: 'beforeEachPut' },
+  )
+}
+
 /** An object as the store writes it, for another writer in a test. */
 function objectBody(record: SealedKeyRecord): string {
   const base64 = (bytes: Uint8Array) => Buffer.from(bytes).toString('base64')
@@ -361,15 +372,8 @@ describe('conditional writes', () => {
     const objectName = `${prefix}keys/key-1.json`
     const writeAsOther = (record: SealedKeyRecord) =>
       other.send(new PutObjectCommand({ Bucket: BUCKET, Key: objectName, Body: objectBody(record), ContentType: 'application/json' }))
-    // Runs before each PutObject of the store, after its read of the object.
     let beforeWrite: (() => Promise<unknown>) | undefined
-    clients.at(-2)!.middlewareStack.add(
-      (next, context) => async (args) => {
-        if (context.commandName === 'PutObjectCommand') await beforeWrite?.()
-        return next(args)
-      },
-      { step: 'initialize', name: 'writeBetween' },
-    )
+    beforeEachPut(clients.at(-2)!, async () => beforeWrite?.())
 
     // A create raced by a newer version: read again, it is refused as older.
     beforeWrite = async () => {
@@ -394,15 +398,7 @@ describe('conditional writes', () => {
     const other = newClient()
     const objectName = `${prefix}keys/key-1.json`
     let version = 10
-    clients.at(-2)!.middlewareStack.add(
-      (next, context) => async (args) => {
-        if (context.commandName === 'PutObjectCommand') {
-          await other.send(new PutObjectCommand({ Bucket: BUCKET, Key: objectName, Body: objectBody(sealedRecord(1, ++version)) }))
-        }
-        return next(args)
-      },
-      { step: 'initialize', name: 'writeBetween' },
-    )
+    beforeEachPut(clients.at(-2)!, () => other.send(new PutObjectCommand({ Bucket: BUCKET, Key: objectName, Body: objectBody(sealedRecord(1, ++version)) })))
     await expect(store.put(sealedRecord(1, 99))).rejects.toThrow(
       new RegExp(`PutObject s3://${BUCKET}/${objectName} was refused 3 times because the object changed after it was read or another write of it was under way .*; nothing was stored$`),
     )
