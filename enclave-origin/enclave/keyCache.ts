@@ -752,7 +752,7 @@ export class KeyCache {
   }
 
   /** A needs-unlock answer, counted, with a jittered retry-after. */
-  private retryAfterUnlock(): { kind: 'needs-unlock'; retryAfterMs: number } {
+  retryAfterUnlock(): { kind: 'needs-unlock'; retryAfterMs: number } {
     this.counters.needsUnlock += 1
     const { min, max } = this.config.retryAfterMs
     return { kind: 'needs-unlock', retryAfterMs: Math.round(min + this.random() * (max - min)) }

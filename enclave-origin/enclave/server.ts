@@ -365,7 +365,7 @@ export class EnclaveService {
         const { keyId, wrappedDekSha256 } = decodeRequest(decodeResealRequest, frame.payload)
         // Sealing under any DEK but the rotation's would leave a record the store cannot open once the old one goes.
         const sealingWith = this.wrappedDek && createHash('sha256').update(this.wrappedDek.ciphertext).digest()
-        if (!sealingWith || !timingSafeEqual(sealingWith, wrappedDekSha256)) return { status: statuses.NEEDS_UNLOCK, payload: encodeNeedsUnlock({ retryAfterMs: 50 }) }
+        if (!sealingWith || !timingSafeEqual(sealingWith, wrappedDekSha256)) return { status: statuses.NEEDS_UNLOCK, payload: encodeNeedsUnlock(cache.retryAfterUnlock()) }
         const resealed = cache.reseal(keyId)
         if (resealed.kind === 'not-found') return fail(statuses.NOT_FOUND, `no key ${keyId}`)
         if (resealed.kind === 'needs-unlock') return { status: statuses.NEEDS_UNLOCK, payload: encodeNeedsUnlock(resealed) }

@@ -74,7 +74,8 @@ export class KeyTurnTimeoutError extends Error {}
  * What a standby did with a request it took in its owner's place: signed or got it, refused it (the key frozen, say),
  * or failed it (an internal error; out of service until unlocked; its preload not delivered).
  */
-export type FailoverOutcome = 'served' | 'refused' | 'failed'
+const failoverOutcomes = ['served', 'refused', 'failed'] as const
+export type FailoverOutcome = (typeof failoverOutcomes)[number]
 
 /** The enclave answered that it failed (INTERNAL, or a status this parent does not know). */
 class EnclaveInternalError extends Error {}
@@ -219,6 +220,13 @@ export class OriginParent {
     const backoff = () => new FailureBackoff({ now: options.monotonicNow ?? (() => performance.now()), random: Math.random })
     this.enclaves = options.enclaves.map(({ id, address }) => ({ id, pool: new EnclavePool({ address, size: options.poolSize }), unlocking: undefined, unlockQueue: Promise.resolve(), unlockBackoff: backoff(), unsynced: false, syncing: undefined, syncBackoff: backoff(), outage: backoff(), outageFailures: 0, probing: false, lastSequence: 0, epochsOpened: 0, admitted: 0 }))
     this.ring = new HashRing(this.enclaves.map((enclave) => ({ id: enclave.id, node: enclave })))
+    // Every pair's series from the start, at 0: a rate over a series that is not there yet reads "no data", not 0.
+    for (const owner of this.enclaves) {
+      for (const standby of this.enclaves) {
+        if (standby === owner) continue
+        for (const outcome of failoverOutcomes) this.failoverCounts.set(`${owner.id} ${standby.id} ${outcome}`, { enclave: owner.id, standby: standby.id, outcome, count: 0 })
+      }
+    }
   }
 
   private credentialRefresh: ReturnType<typeof setInterval> | undefined
@@ -950,10 +958,7 @@ export class OriginParent {
     const owner = this.ring.nodeFor(keyId)
     const pair = `${owner.id} ${standby.id}`
     this.failoverLog.write(pair, { level: 'warn', event: 'enclave_failover', enclave: owner.id, standby: standby.id, error: messageOf(failure) })
-    const series = `${pair} ${outcome}`
-    const counted = this.failoverCounts.get(series)
-    if (counted) counted.count++
-    else this.failoverCounts.set(series, { enclave: owner.id, standby: standby.id, outcome, count: 1 })
+    this.failoverCounts.get(`${pair} ${outcome}`)!.count++
   }
 
   private async signOn({ enclave, keyId, digest }: { enclave: Enclave; keyId: string; digest: Uint8Array }): Promise<{ signature: Hex; recoveryId: number; rpcMs: number; enclaveMs: number }> {
@@ -1243,7 +1248,7 @@ export class OriginParent {
     )
   }
 
-  /** Requests for an enclave's keys that another enclave took in its place, per pair and by what that one did with them. */
+  /** Requests for an enclave's keys that another enclave took in its place, per pair and by what that one did with them (every pair and outcome, 0 until counted). */
   failovers(): Array<{ enclave: string; standby: string; outcome: FailoverOutcome; count: number }> {
     return [...this.failoverCounts.values()]
   }

@@ -21,6 +21,7 @@ import {
   decodeErrorMessage,
   decodeGetResponse,
   decodeLogsResponse,
+  decodeNeedsUnlock,
   decodeSignResponse,
   decodeUnlockResponse,
   encodeCreateRequest,
@@ -263,15 +264,18 @@ it('an UNLOCK with no epoch of sequences left is refused before it installs or a
   expect(unwraps).toBe(0)
 })
 
-it('RESEAL seals only under the DEK the rotation names: under any other it answers NEEDS_UNLOCK', async () => {
+it('RESEAL seals only under the DEK the rotation names: under any other it answers NEEDS_UNLOCK, counted, with the cache\u2019s retry-after', async () => {
   const kmsDek = new Uint8Array(randomBytes(32))
   const fakeKms = { unwrap: async () => new Uint8Array(kmsDek) } as unknown as KmsDataKeys
-  const { service } = enclaveWith(fakeKms)
+  const { cache, service } = enclaveWith(fakeKms, { retryAfterMs: { min: 120, max: 120 } })
   const wrappedDek = Uint8Array.of(5, 6, 7)
   expect((await service.handle({ requestId: 1, opcode: opcodes.UNLOCK, status: 0, payload: encodeUnlockRequest({ wrappedDek }) })).status).toBe(statuses.OK)
   await service.handle({ requestId: 2, opcode: opcodes.CREATE, status: 0, payload: encodeCreateRequest({ keyId: 'r' }) })
   const reseal = (wrappedDekSha256: Uint8Array) => service.handle({ requestId: 3, opcode: opcodes.RESEAL, status: 0, payload: encodeResealRequest({ keyId: 'r', wrappedDekSha256 }) })
-  expect((await reseal(createHash('sha256').update(Uint8Array.of(9)).digest())).status).toBe(statuses.NEEDS_UNLOCK)
+  const refused = await reseal(createHash('sha256').update(Uint8Array.of(9)).digest())
+  expect(refused.status).toBe(statuses.NEEDS_UNLOCK)
+  expect(decodeNeedsUnlock(refused.payload).retryAfterMs).toBe(120)
+  expect(cache.stats().needsUnlock).toBe(1)
   const answer = await reseal(createHash('sha256').update(wrappedDek).digest())
   expect(answer.status).toBe(statuses.OK)
   expect(decodeCreateResponse(answer.payload).version).toBe(2)

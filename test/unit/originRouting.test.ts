@@ -232,6 +232,9 @@ async function keysUntil(parent: OriginParent, enough: (keys: KeyInfo[]) => bool
   return keys
 }
 
+/** The failover series `parent` has counted (it lists every pair and outcome, at 0 until counted). */
+const counted = (parent: OriginParent) => parent.failovers().filter((series) => series.count > 0)
+
 /** Signs `digest` with the key through `signer`, and checks that the signature recovers to the key's address. */
 async function expectSignsAs(signer: OriginParent, key: { keyId: string; address: string }) {
   const { signature, recoveryId } = await signer.sign(key.keyId, Buffer.from(digest.slice(2), 'hex'))
@@ -1577,7 +1580,7 @@ describe('a parent whose enclaves are not all up', () => {
       })
       await three.start()
       await expectSignsAs(three, key!)
-      expect(three.failovers()).toEqual([{ enclave: ids![0], standby: 'spare-up', outcome: 'served', count: 1 }])
+      expect(counted(three)).toEqual([{ enclave: ids![0], standby: 'spare-up', outcome: 'served', count: 1 }])
     } finally {
       creator.close()
       three?.close()
@@ -1785,7 +1788,7 @@ describe('a parent whose enclaves are not all up', () => {
       const signing = context.cabled.sign((full === 'spare-up' ? context.onUp : context.onLate).keyId, Buffer.alloc(32, 12))
       const release = await holding
       await test(context)
-      expect(context.cabled.failovers()).toEqual([])
+      expect(counted(context.cabled)).toEqual([])
       release()
       await signing
     })
@@ -1826,7 +1829,7 @@ describe('a parent whose enclaves are not all up', () => {
       release()
       // The place passes on to the sign the load was for, which spare-up serves.
       await expect(failingOver).resolves.toMatchObject({ recoveryId: expect.any(Number) })
-      expect(cabled.failovers()).toEqual([{ enclave: 'spare-late', standby: 'spare-up', outcome: 'served', count: 1 }])
+      expect(counted(cabled)).toEqual([{ enclave: 'spare-late', standby: 'spare-up', outcome: 'served', count: 1 }])
       await expectSignsAs(cabled, onUp)
     }))
 
@@ -1839,7 +1842,7 @@ describe('a parent whose enclaves are not all up', () => {
       const before = loads()
       await expectSignsAs(cabled, onLate)
       expect(loads()).toBe(before + 2)
-      expect(cabled.failovers()).toEqual([{ enclave: 'spare-late', standby: 'spare-up', outcome: 'served', count: 1 }])
+      expect(counted(cabled)).toEqual([{ enclave: 'spare-late', standby: 'spare-up', outcome: 'served', count: 1 }])
     }))
 
   it('counts a failover the standby fails (an internal error there, in its load of the key or its sign; UNAVAILABLE) as failed, apart from those it served', () =>
@@ -1853,11 +1856,44 @@ describe('a parent whose enclaves are not all up', () => {
       upCable.failNextRequest(opcodes.SIGN, 0, statuses.UNAVAILABLE)
       await expect(cabled.sign(onLate.keyId, Buffer.alloc(32, 22))).rejects.toThrow()
       await expectSignsAs(cabled, onLate)
-      expect(cabled.failovers()).toEqual([
-        { enclave: 'spare-late', standby: 'spare-up', outcome: 'failed', count: 3 },
+      expect(counted(cabled)).toEqual([
         { enclave: 'spare-late', standby: 'spare-up', outcome: 'served', count: 1 },
+        { enclave: 'spare-late', standby: 'spare-up', outcome: 'failed', count: 3 },
       ])
     }))
+
+  it('does not count a failover that fails on the parent\u2019s own part (its read of the key\u2019s record), which says nothing of the standby', () => {
+    let readsFail = false
+    const failingReads = (spares: Spares): ParentOptions => ({
+      store: storeWith({ get: (keyId) => (readsFail ? Promise.reject(new Error('the store did not answer')) : spares.ownStore.get(keyId)) }, spares.ownStore),
+    })
+    return withStartedSpares('own-failure-store', failingReads, async ({ cabled, lateCable, onLate }) => {
+      lateCable.cut()
+      readsFail = true
+      await expect(cabled.sign(onLate.keyId, Buffer.alloc(32, 23))).rejects.toThrow('the store did not answer')
+      expect(counted(cabled)).toEqual([])
+      readsFail = false
+      await expectSignsAs(cabled, onLate)
+      expect(counted(cabled)).toEqual([{ enclave: 'spare-late', standby: 'spare-up', outcome: 'served', count: 1 }])
+    })
+  })
+
+  it('lists every pair\u2019s failover series at 0 from the start, in its own figures and on /metrics', async () => {
+    const parent = new OriginParent({ enclaves: [...spares, { id: 'third', address: { host: '127.0.0.1', port: 1 } }], poolSize: 1, store, requestTimeoutMs: 200, credentials: async () => kms.credentials })
+    try {
+      expect(parent.failovers()).toHaveLength(3 * 2 * 3)
+      expect(counted(parent)).toEqual([])
+      const text = await originMetrics(parent).text()
+      for (const [enclave, standby] of [['spare-up', 'third'], ['third', 'spare-late'], ['spare-late', 'spare-up']]) {
+        for (const outcome of ['served', 'refused', 'failed']) {
+          expect(text).toMatch(new RegExp(`^origin_failovers_total\\{enclave="${enclave}",standby="${standby}",outcome="${outcome}"\\} 0$`, 'm'))
+        }
+      }
+      expect(text).not.toMatch(/^origin_failovers_total\{enclave="(\S+)",standby="\1"/m)
+    } finally {
+      parent.close()
+    }
+  })
 
   it('a sign that finds its key gone from the standby does not share the reload of a failover queued before it, whose LOAD the full standby refuses', () =>
     withStartedSpares('unshared-reload-store', { storeTimeoutMs: 200, maxInflightPerEnclave: 2 }, async ({ cabled, upCable, lateCable, onUp, onLate, control }) => {
@@ -1934,7 +1970,7 @@ describe('a parent whose enclaves are not all up', () => {
       expect((await cabled.health()).find((enclave) => enclave.id === 'spare-up')).toMatchObject({ answered: true, ok: false, held: true })
       lateCable.cut()
       await expectSignsAs(cabled, onLate)
-      expect(cabled.failovers()).toEqual(expect.arrayContaining([expect.objectContaining({ enclave: 'spare-late', standby: 'spare-up', count: 1 })]))
+      expect(counted(cabled)).toEqual(expect.arrayContaining([expect.objectContaining({ enclave: 'spare-late', standby: 'spare-up', count: 1 })]))
     }))
 
   /**
