@@ -3,7 +3,7 @@ import type { StreamAddress } from '../config.js'
 import { FailureBackoff } from '../failureBackoff.js'
 import { CoalescingWriter } from '../protocol/coalescingWriter.js'
 import { connectStream } from '../protocol/connectStream.js'
-import { encodeFrame, FrameDecoder, isConnectionClosing, statuses, type Frame, type Opcode } from '../protocol/frames.js'
+import { encodeFrame, FrameDecoder, FrameError, isConnectionClosing, statuses, type Frame, type Opcode } from '../protocol/frames.js'
 import { decodeErrorMessage } from '../protocol/messages.js'
 
 /** Where an enclave listens: vsock in production, TCP or a Unix socket elsewhere. */
@@ -38,13 +38,16 @@ class EnclaveConnection {
 
   /** An answer to one of its requests has come. */
   private answered = false
+  /** A request has been sent on it. */
+  private carried = false
   /** The enclave refused it as it arrived and read nothing on it (see `connectionRequestId`). */
   private unread = false
 
   /**
-   * `onFirstAnswer`: the enclave has answered a request on it. `onClose(refused)`: the enclave closed it, saying
-   * why, before answering anything on it (as one at its connection limit closes new ones). `sendElsewhere`: a
-   * request it sent on a connection the enclave read nothing on (it refused it), to go on another.
+   * `onFirstAnswer`: the enclave has answered a request on it. `onClose(refused)`: it closed before the enclave
+   * answered anything on it, with a last word or with requests sent on it (as one at its connection limit closes new
+   * ones, some silently). `sendElsewhere`: a request it sent on a connection the enclave read nothing on (it refused
+   * it), to go on another.
    */
   constructor(
     private readonly socket: Socket,
@@ -55,11 +58,13 @@ class EnclaveConnection {
     socket.on('data', (chunk: Uint8Array) => {
       this.reads += 1
       let frames: Frame[]
+      let framingLost = false
       try {
         frames = this.decoder.push(chunk)
-      } catch {
-        socket.destroy()
-        return
+      } catch (error) {
+        // The answers before the bad bytes are answers all the same: a sign made there must not be made again elsewhere.
+        frames = error instanceof FrameError ? error.framesBefore : []
+        framingLost = true
       }
       for (const frame of frames) {
         if (isConnectionClosing(frame)) {
@@ -80,10 +85,13 @@ class EnclaveConnection {
         clearTimeout(waiting.timer)
         waiting.resolve(frame)
       }
+      if (framingLost) socket.destroy()
     })
     socket.on('error', () => {})
     socket.on('close', () => {
       const message = this.closedBecause === undefined ? 'connection to the enclave closed' : `the enclave closed the connection: ${this.closedBecause}`
+      // First, so that a request sent again below finds the refill held back: else each refusal would open one more.
+      onClose(!this.answered && (this.closedBecause !== undefined || this.carried))
       for (const waiting of this.pending.values()) {
         clearTimeout(waiting.timer)
         // Never read there: sent again on another connection, once (a request refused twice fails as refused).
@@ -91,7 +99,6 @@ class EnclaveConnection {
         else waiting.reject(new EnclaveUnavailableError(message))
       }
       this.pending.clear()
-      onClose(this.closedBecause !== undefined && !this.answered)
     })
   }
 
@@ -137,6 +144,7 @@ class EnclaveConnection {
           })
       }, deadline - now)
       this.pending.set(requestId, { resolve, reject, timer, options, deadline })
+      this.carried = true
       this.writer.write(frame)
     })
   }
@@ -158,9 +166,10 @@ function readableReason(payload: Uint8Array): string {
  * connection with the fewest in flight. A broken connection is replaced, and
  * its in-flight requests fail at once rather than hang. Refilling a slot in
  * the background, while live connections carry the load, backs off after
- * failed connects (0.5 s doubling to 30 s), and after connections the enclave
- * closed, saying why, before answering anything on them, so an enclave that
- * refuses new connections is not asked again every turn.
+ * failed connects (0.5 s doubling to 30 s), and after connections that closed
+ * before the enclave answered anything on them (with its last word, or
+ * silently with requests out), so an enclave that refuses new connections is
+ * not asked again every turn.
  */
 export class EnclavePool {
   private readonly connections: Array<EnclaveConnection | undefined>
@@ -185,7 +194,10 @@ export class EnclavePool {
     this.refillBackoff = new FailureBackoff(options.clock ?? { now: () => performance.now(), random: Math.random })
   }
 
+  /** The slot's connection, opened unless it holds a live one already (an earlier request may have opened it). */
   private open(slot: number): Promise<EnclaveConnection> {
+    const live = this.connections[slot]
+    if (live && !live.closed) return Promise.resolve(live)
     this.opening[slot] ??= (this.options.connect ?? connectStream)(this.options.address)
       .then(
         (socket) => this.adopt(slot, socket),

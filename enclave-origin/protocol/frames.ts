@@ -82,6 +82,11 @@ const headerBytes = 6
  */
 export class FrameError extends Error {
   override name = 'FrameError'
+  /**
+   * From a decoder: the whole frames the same chunk held before the bad one, in stream order. A peer's answers
+   * that came before its stream went wrong are still its answers.
+   */
+  framesBefore: Frame[] = []
 }
 
 /**
@@ -142,23 +147,30 @@ export class FrameDecoder {
     return this.pendingBytes
   }
 
-  /** The frames `chunk` completes, in stream order. Throws `FrameError` on a bad length. */
+  /**
+   * The frames `chunk` completes, in stream order. Throws `FrameError` on a bad length, carrying the frames before
+   * it (`framesBefore`); after that, on every push.
+   */
   push(chunk: Uint8Array): Frame[] {
-    if (this.failure) throw this.failure
+    if (this.failure) throw new FrameError(this.failure.message)
+    const frames: Frame[] = []
     try {
-      return this.read(Buffer.from(chunk.buffer, chunk.byteOffset, chunk.byteLength))
+      this.read(Buffer.from(chunk.buffer, chunk.byteOffset, chunk.byteLength), frames)
+      return frames
     } catch (error) {
-      if (error instanceof FrameError) this.failure = error
+      if (error instanceof FrameError) {
+        error.framesBefore = frames
+        this.failure = error
+      }
       throw error
     }
   }
 
-  private read(input: Buffer): Frame[] {
-    const frames: Frame[] = []
+  private read(input: Buffer, frames: Frame[]): void {
     let offset = 0
     if (this.pendingBytes > 0) {
       offset = this.completePending(input, frames)
-      if (this.pendingBytes > 0) return frames
+      if (this.pendingBytes > 0) return
     }
     while (input.length - offset >= lengthPrefixBytes) {
       const declaredLength = this.checkedLength(input.readUInt32BE(offset))
@@ -168,7 +180,6 @@ export class FrameDecoder {
       offset = frameEnd
     }
     if (offset < input.length) this.appendPending(input.subarray(offset))
-    return frames
   }
 
   /** Feeds `input` into the pending frame; returns how many bytes of `input` it took. */

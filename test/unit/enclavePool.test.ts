@@ -214,6 +214,77 @@ describe('EnclavePool', () => {
     }
   })
 
+  it('backs off refilling against an enclave that closes new connections silently once a request arrives, failing only what went there', async () => {
+    // The first connection is served; every later one is closed with no last word as its first bytes arrive (as an
+    // enclave flooded past its lingering refusals closes them).
+    const silent = createServer((socket) => {
+      socket.on('error', () => {})
+      const connection = silent.connections++
+      const decoder = new FrameDecoder()
+      socket.on('data', (data: Uint8Array) => {
+        if (connection >= 1) return void socket.destroy()
+        for (const frame of decoder.push(data)) received.push({ connection, chunk: 0, frame, socket })
+      })
+    }) as Server & { connections: number }
+    silent.connections = 0
+    await new Promise<void>((resolve) => silent.listen(0, '127.0.0.1', resolve))
+    let now = 0
+    let connects = 0
+    const connect = (address: EnclaveAddress) => (connects++, connectStream(address))
+    pool = new EnclavePool({ address: { host: '127.0.0.1', port: (silent.address() as { port: number }).port }, size: 2, clock: { now: () => now, random: () => 0.5 }, connect })
+    try {
+      await pool.connect()
+      await until(() => silent.connections === 2)
+      const first = health()
+      await until(() => received.length === 1)
+      // The next turn's request goes on the idle second connection, which closes under it: that one fails.
+      await expect(health()).rejects.toThrow(new EnclaveUnavailableError('connection to the enclave closed'))
+      const busy = []
+      for (let turn = 0; turn < 5; turn++) {
+        busy.push(health())
+        await until(() => received.length === turn + 2)
+      }
+      // Every busy turn found the slot empty, but within the hold none reopened it; nothing more failed.
+      expect(connects).toBe(2)
+      now = 501
+      busy.push(health())
+      await until(() => received.length === 7)
+      expect(connects).toBe(3)
+      answerAll()
+      for (const answer of [first, ...busy]) expect((await answer).status).toBe(0)
+    } finally {
+      pool.close()
+      silent.close()
+    }
+  })
+
+  it('opens no second connection for a slot that a request opened before connect(), and closes every one it opened', async () => {
+    let connects = 0
+    const connect = (address: EnclaveAddress) => (connects++, connectStream(address))
+    pool = new EnclavePool({ address: { host: '127.0.0.1', port }, size: 2, connect })
+    const early = health()
+    await until(() => received.length === 1)
+    await pool.connect()
+    expect(connects).toBe(2)
+    answerAll()
+    expect((await early).status).toBe(0)
+    pool.close()
+    await until(() => sockets.length === 2 && sockets.every((socket) => socket.readableEnded || socket.destroyed))
+  })
+
+  it('resolves the answers read before bytes that break the framing, and fails only the requests still out', async () => {
+    pool = new EnclavePool({ address: { host: '127.0.0.1', port }, size: 1 })
+    await pool.connect()
+    const answered = health()
+    const unanswered = health()
+    await until(() => received.length === 2)
+    const { frame, socket } = received.splice(0)[0]!
+    // One write: the first answer, then a length below the header's.
+    socket.write(Buffer.concat([encodeFrame({ requestId: frame.requestId, opcode: frame.opcode, status: 0, payload: emptyPayload }), Buffer.from([0, 0, 0, 2, 0, 0])]))
+    expect((await answered).status).toBe(0)
+    await expect(unanswered).rejects.toThrow(new EnclaveUnavailableError('connection to the enclave closed'))
+  })
+
   it('sends what went out on a connection the enclave refused unread on another, once; a refusal for a bad frame fails its requests', async () => {
     // Every connection but the first is refused as the enclave reads its first bytes: as if its refusal had crossed the requests.
     let refusal: number = statuses.UNAVAILABLE
@@ -241,6 +312,9 @@ describe('EnclavePool', () => {
       answerAll()
       expect((await first).status).toBe(0)
       expect((await second).status).toBe(0)
+      // The refusal held refills back before the request went again: sending it opened no connection.
+      await new Promise((resolve) => setTimeout(resolve, 50))
+      expect(refusing.connections).toBe(2)
       // A last word for a bad frame does not say nothing was read: the requests on that connection fail with it.
       pool.close()
       refusal = statuses.BAD_REQUEST

@@ -341,9 +341,22 @@ describe('bad frame lengths throw FrameError and poison the decoder', () => {
     expect(() => decoder.push(good)).toThrow(FrameError)
   })
 
-  it('a bad frame after good ones in the same chunk still throws', () => {
+  it('a bad frame after good ones in the same chunk still throws, carrying the good ones; the next push carries none', () => {
     const good = encodeFrame({ requestId: 1, opcode: opcodes.HEALTH, status: 0, payload: emptyPayload })
-    expect(() => new FrameDecoder().push(Buffer.concat([good, rawFrame(3)]))).toThrow(FrameError)
+    const decoder = new FrameDecoder()
+    const pending = encodeFrame({ requestId: 7, opcode: opcodes.HEALTH, status: 0, payload: emptyPayload })
+    // One frame completed from an earlier chunk, one whole, then a bad length.
+    expect(decoder.push(pending.subarray(0, 5))).toEqual([])
+    const error = (() => {
+      try {
+        decoder.push(Buffer.concat([pending.subarray(5), good, rawFrame(3)]))
+      } catch (thrown) {
+        return thrown as FrameError
+      }
+    })()
+    expect(error).toBeInstanceOf(FrameError)
+    expect(error!.framesBefore.map((frame) => frame.requestId)).toEqual([7, 1])
+    expect(() => decoder.push(good)).toThrow(expect.objectContaining({ name: 'FrameError', framesBefore: [] }))
   })
 
   it('encodeFrame refuses what a decoder would reject', () => {
