@@ -98,7 +98,10 @@ export type AcquireResult =
   | { kind: 'not-active'; state: Exclude<KeyState, 'active'> }
 
 export type KeyCacheStats = {
+  /** Active keys by cache state. */
   keys: Record<CacheState, number>
+  /** Frozen and archived keys: they never sign, so no cache state says anything of them. */
+  keysNotActive: number
   /** Re-derivations of plaintext from a sealed record, inline and in the background. */
   refreshes: number
   refreshFailures: number
@@ -141,7 +144,7 @@ export type SequencedResult = { kind: 'applied' } | { kind: 'stale'; reason: str
 
 type CachedDek = { bytes: Uint8Array; retiring: Uint8Array | undefined; softExpiresAt: number; hardExpiresAt: number; renewAt: number }
 
-type Counters = Omit<KeyCacheStats, 'keys' | 'inlineRefreshMs'>
+type Counters = Omit<KeyCacheStats, 'keys' | 'keysNotActive' | 'inlineRefreshMs'>
 
 export class KeyCache {
   readonly config: KeyCacheConfig
@@ -207,7 +210,8 @@ export class KeyCache {
   /**
    * Installs a plaintext DEK, and a rotation's retiring one if given (after an
    * explicit UNLOCK, or what `unlock` returned); zeroes those it replaces.
-   * Both lapse together.
+   * Both lapse together. Counted as an unlock; the keys that waited on one
+   * are re-derived (see `warmInSlices`).
    */
   setDek(dek: Uint8Array, retiring?: Uint8Array): void {
     for (const bytes of retiring ? [dek, retiring] : [dek]) {
@@ -232,6 +236,8 @@ export class KeyCache {
     // A valid DEK ends the INVALID spell: the next one gets a full grace allowance, and an unlock may start at once.
     this.graceLeft = this.config.graceSignatures
     this.unlockBackoff.succeeded()
+    this.counters.unlocks += 1
+    this.warmKeysAwaitingUnlock()
   }
 
   /**
@@ -347,7 +353,7 @@ export class KeyCache {
   setState({ keyId, state, sequence }: { keyId: string; state: KeyState; sequence: number }): SequencedResult | { kind: 'not-found' } {
     const entry = this.entries.get(keyId)
     if (!entry) {
-      if (!this.staleFor(keyId, sequence)) this.absentKeySequences.set(keyId, sequence)
+      if (this.inEpoch(sequence) && !this.takenAlready(keyId, sequence)) this.absentKeySequences.set(keyId, sequence)
       return { kind: 'not-found' }
     }
     const stale = this.staleFor(keyId, sequence)
@@ -366,9 +372,17 @@ export class KeyCache {
   }
 
   private staleFor(keyId: string, sequence: number): Exclude<SequencedResult, { kind: 'applied' }> | undefined {
-    const floor = this.sequenceFloor
     // Its sender must UNLOCK to number in the current epoch; only the parent's UNLOCK opens one, so the cache starts no unlock of its own.
-    if (floor === undefined || sequence < floor || sequence >= floor + sequenceEpochSize) return this.retryAfterUnlock()
+    if (!this.inEpoch(sequence)) return this.retryAfterUnlock()
+    return this.takenAlready(keyId, sequence)
+  }
+
+  private inEpoch(sequence: number): boolean {
+    const floor = this.sequenceFloor
+    return floor !== undefined && sequence >= floor && sequence < floor + sequenceEpochSize
+  }
+
+  private takenAlready(keyId: string, sequence: number): { kind: 'stale'; reason: string } | undefined {
     const held = this.entries.get(keyId)?.sequence ?? this.absentKeySequences.get(keyId)
     if (held !== undefined && sequence <= held) return { kind: 'stale', reason: `key ${keyId} has taken sequence ${held} already` }
     return undefined
@@ -464,8 +478,12 @@ export class KeyCache {
   stats(): KeyCacheStats {
     const now = this.now()
     const keys: Record<CacheState, number> = { WARM: 0, COOL: 0, INVALID: 0 }
-    for (const entry of this.entries.values()) keys[this.stateOf(entry, now)] += 1
-    return { keys, ...this.counters, inlineRefreshMs: { ...this.inlineRefreshMs, buckets: [...this.inlineRefreshMs.buckets] } }
+    let keysNotActive = 0
+    for (const entry of this.entries.values()) {
+      if (entry.record.state === 'active') keys[this.stateOf(entry, now)] += 1
+      else keysNotActive += 1
+    }
+    return { keys, keysNotActive, ...this.counters, inlineRefreshMs: { ...this.inlineRefreshMs, buckets: [...this.inlineRefreshMs.buckets] } }
   }
 
   /** Resolves once no refresh or unlock is in flight (tests, and draining before shutdown). */
@@ -526,8 +544,13 @@ export class KeyCache {
       this.audit({ type: 'refresh-failed', keyId, version, reason: messageOf(error), at: now })
       throw error
     }
-    const held = this.installPlaintext(entry, privateKey, now)
-    zero(privateKey)
+    let held: Uint8Array
+    try {
+      held = this.installPlaintext(entry, privateKey, now)
+    } finally {
+      // Also when the copy cannot be made (no slab to be had).
+      zero(privateKey)
+    }
     this.counters.refreshes += 1
     if (now >= dek.softExpiresAt) void this.startUnlock()
     return held
@@ -619,8 +642,6 @@ export class KeyCache {
       discard()
       return this.unlockFailed()
     }
-    this.counters.unlocks += 1
-    this.warmKeysAwaitingUnlock()
     return true
   }
 

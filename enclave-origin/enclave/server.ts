@@ -264,24 +264,41 @@ export class EnclaveService {
     // Keys sealed under the DEK held are another parent's, or this one's before its store was lost, unless the new
     // DEK is a rotation's (the held one retiring) or the same: a parent on the wrong store must not replace it, as
     // it could by making the first data key on another enclave and handing it to this one.
-    const held = this.wrappedDek?.ciphertext
-    if (wrappedDek.length > 0 && held && cache.keyCount > 0 && !sameBytes(wrappedDek, held) && !(retiringWrappedDek && sameBytes(retiringWrappedDek, held))) {
+    // Each is checked before KMS is asked and again once it has answered: keys under the held DEK may have landed
+    // meanwhile (LOADs and CREATEs of a parent that unlocked before, in its epoch).
+    const replacingHeld = (): Answer | undefined => {
+      const held = this.wrappedDek?.ciphertext
+      if (!held || cache.keyCount === 0 || sameBytes(wrappedDek, held) || (retiringWrappedDek && sameBytes(retiringWrappedDek, held))) return undefined
       return fail(statuses.BAD_REQUEST, `this enclave holds ${cache.keyCount} keys under another data key, which an UNLOCK replaces only in a rotation (as its retiring one): is the parent's store the one they came from? If this enclave missed a rotation (left out of ENCLAVES while it ran, or the store restored from before one), restart it`)
     }
+    // The first data key, for a parent whose store holds none. An enclave holding keys sealed under one is serving
+    // another store (or this one before it was lost): replacing its DEK would seal new keys where no store keeps it.
+    const makingFirstOverKeys = (): Answer | undefined =>
+      cache.keyCount > 0 ? fail(statuses.BAD_REQUEST, `this enclave holds ${cache.keyCount} keys under its data key: it makes no first one (is the parent's store the one they came from?)`) : undefined
     if (wrappedDek.length > 0) {
+      const refused = replacingHeld()
+      if (refused) return refused
       // Both under this enclave's KMS key: a rotation makes the new DEK there too.
       const wrapped: WrappedDek = { keyId: this.options.kmsKeyId, ciphertext: wrappedDek }
       if (retiringWrappedDek) wrapped.retiring = { keyId: this.options.kmsKeyId, ciphertext: retiringWrappedDek }
       const { dek, retiring } = await this.unwrapDataKeys(wrapped)
+      const refusedSince = replacingHeld()
+      if (refusedSince) {
+        zero(dek)
+        if (retiring) zero(retiring)
+        return refusedSince
+      }
       this.wrappedDek = wrapped
       cache.setDek(dek, retiring)
     } else if (!sealedPreloadIdentity) {
-      // The first data key, for a parent whose store holds none. An enclave holding keys sealed under one is serving
-      // another store (or this one before it was lost): replacing its DEK would seal new keys where no store keeps it.
-      if (cache.keyCount > 0) {
-        return fail(statuses.BAD_REQUEST, `this enclave holds ${cache.keyCount} keys under its data key: it makes no first one (is the parent's store the one they came from?)`)
-      }
+      const refused = makingFirstOverKeys()
+      if (refused) return refused
       const { dek, wrapped } = await this.options.dataKeys.generate()
+      const refusedSince = makingFirstOverKeys()
+      if (refusedSince) {
+        zero(dek)
+        return refusedSince
+      }
       this.wrappedDek = wrapped
       cache.setDek(dek)
       made = wrapped.ciphertext

@@ -120,8 +120,9 @@ type EnclaveStats = { cache: Omit<KeyCacheStats, 'keys'>; engine: SignEngineStat
 const scalarFamilies: Array<{ name: string; type: 'counter' | 'gauge'; help: string; value: (stats: EnclaveStats) => unknown }> = [
   { name: 'origin_enclave_key_refreshes_total', type: 'counter', help: 'Plaintext keys re-derived from their sealed records, inline and in the background.', value: (s) => s.cache.refreshes },
   { name: 'origin_enclave_key_refresh_failures_total', type: 'counter', help: 'Refreshes that failed (a record that would not open, or no data key).', value: (s) => s.cache.refreshFailures },
-  { name: 'origin_enclave_unlocks_total', type: 'counter', help: 'Data keys installed by an unlock.', value: (s) => s.cache.unlocks },
-  { name: 'origin_enclave_unlock_failures_total', type: 'counter', help: 'Unlocks that failed.', value: (s) => s.cache.unlockFailures },
+  { name: 'origin_enclave_keys_not_active', type: 'gauge', help: 'Frozen and archived keys the enclave holds: they never sign, and origin_enclave_keys leaves them out.', value: (s) => s.cache.keysNotActive },
+  { name: 'origin_enclave_unlocks_total', type: 'counter', help: 'Data keys installed: by the parent\u2019s UNLOCKs and by the enclave\u2019s own unlocks.', value: (s) => s.cache.unlocks },
+  { name: 'origin_enclave_unlock_failures_total', type: 'counter', help: 'The enclave\u2019s own unlocks (with the wrapped data key it holds) that failed; the parent logs a failed UNLOCK of its own (unlock_failed).', value: (s) => s.cache.unlockFailures },
   { name: 'origin_enclave_needs_unlock_total', type: 'counter', help: 'Requests the enclave answered NEEDS_UNLOCK.', value: (s) => s.cache.needsUnlock },
   { name: 'origin_enclave_grace_signatures_total', type: 'counter', help: 'Signatures given on grace while the data key was gone (each one audited).', value: (s) => s.cache.graceSignatures },
   { name: 'origin_enclave_rehydrate_over_budget_total', type: 'counter', help: 'Inline re-derivations that took longer than their budget.', value: (s) => s.cache.inlineRefreshOverBudget },
@@ -187,7 +188,7 @@ export function enclaveMetricsText(enclaves: EnclaveHealth[]): string {
     if (!stats?.cache || !stats.engine || !stats.cacheStates) continue
     const { cache, engine } = stats
     for (const [state, count] of Object.entries(stats.cacheStates)) {
-      text.add({ name: 'origin_enclave_keys', help: 'Keys in the enclave cache by state: WARM (signs now), COOL (re-derived from its sealed record on use), INVALID (needs an unlock).', type: 'gauge' }, { ...labels, state }, count)
+      text.add({ name: 'origin_enclave_keys', help: 'Active keys in the enclave cache by state: WARM (signs now), COOL (re-derived from its sealed record on use), INVALID (needs an unlock).', type: 'gauge' }, { ...labels, state }, count)
     }
     for (const family of scalarFamilies) text.add(family, labels, family.value({ cache, engine }))
     const { memory } = stats as { memory?: Record<string, unknown> }

@@ -264,6 +264,59 @@ it('an UNLOCK with no epoch of sequences left is refused before it installs or a
   expect(unwraps).toBe(0)
 })
 
+it('an UNLOCK that would replace the data key is refused when keys under the held one came while KMS answered it', async () => {
+  let release: () => void = () => {}
+  const gate = new Promise<void>((resolve) => (release = resolve))
+  const deks = new Map([1, 2].map((id) => [id, new Uint8Array(randomBytes(32))]))
+  const unwrapped: Uint8Array[] = []
+  const kms = {
+    unwrap: async ({ ciphertext }: { ciphertext: Uint8Array }) => {
+      if (ciphertext[0] === 2) await gate
+      const dek = new Uint8Array(deks.get(ciphertext[0]!)!)
+      unwrapped.push(dek)
+      return dek
+    },
+  } as unknown as KmsDataKeys
+  const { cache, service } = enclaveWith(kms)
+  const unlock = (id: number) => service.handle({ requestId: id, opcode: opcodes.UNLOCK, status: 0, payload: encodeUnlockRequest({ wrappedDek: Uint8Array.of(id) }) })
+  expect((await unlock(1)).status).toBe(statuses.OK)
+  // Another store's data key, asked of KMS while this enclave holds no key yet.
+  const replacing = unlock(2)
+  await new Promise((resolve) => setTimeout(resolve, 10))
+  const created = await service.handle({ requestId: 3, opcode: opcodes.CREATE, status: 0, payload: encodeCreateRequest({ keyId: 'held' }) })
+  expect(created.status).toBe(statuses.OK)
+  release()
+  const answer = await replacing
+  expect(answer.status).toBe(statuses.BAD_REQUEST)
+  expect(decodeErrorMessage(answer.payload)).toContain('this enclave holds 1 keys under another data key')
+  // The DEK it unwrapped is zeroed, and only the held one was ever installed.
+  expect(unwrapped[1]).toEqual(new Uint8Array(32))
+  const signed = await service.handle({ requestId: 4, opcode: opcodes.SIGN, status: 0, payload: encodeSignRequest({ keyId: 'held', digest: new Uint8Array(32).fill(3) }) })
+  expect(signed.status).toBe(statuses.OK)
+  expect(cache.stats().unlocks).toBe(1)
+})
+
+it('an UNLOCK that would make a first data key is refused when keys under the held one came while KMS made it', async () => {
+  let release: () => void = () => {}
+  const gate = new Promise<void>((resolve) => (release = resolve))
+  const generated = new Uint8Array(randomBytes(32))
+  const kms = {
+    unwrap: async () => new Uint8Array(dek),
+    generate: async () => (await gate, { dek: generated, wrapped: { keyId: 'test', ciphertext: Uint8Array.of(8) } }),
+  } as unknown as KmsDataKeys
+  const { cache, service } = enclaveWith(kms)
+  expect((await service.handle({ requestId: 1, opcode: opcodes.UNLOCK, status: 0, payload: encodeUnlockRequest({ wrappedDek: Uint8Array.of(1) }) })).status).toBe(statuses.OK)
+  const bootstrap = service.handle({ requestId: 2, opcode: opcodes.UNLOCK, status: 0, payload: encodeUnlockRequest({ wrappedDek: new Uint8Array() }) })
+  await new Promise((resolve) => setTimeout(resolve, 10))
+  expect((await service.handle({ requestId: 3, opcode: opcodes.CREATE, status: 0, payload: encodeCreateRequest({ keyId: 'held' }) })).status).toBe(statuses.OK)
+  release()
+  const answer = await bootstrap
+  expect(answer.status).toBe(statuses.BAD_REQUEST)
+  expect(decodeErrorMessage(answer.payload)).toContain('this enclave holds 1 keys under its data key: it makes no first one')
+  expect(generated).toEqual(new Uint8Array(32))
+  expect(cache.stats().unlocks).toBe(1)
+})
+
 it('RESEAL seals only under the DEK the rotation names: under any other it answers NEEDS_UNLOCK, counted, with the cache\u2019s retry-after', async () => {
   const kmsDek = new Uint8Array(randomBytes(32))
   const fakeKms = { unwrap: async () => new Uint8Array(kmsDek) } as unknown as KmsDataKeys

@@ -236,6 +236,54 @@ describe('KeyCache transitions', () => {
     expect(cache.stats().refreshes).toBe(1)
   })
 
+  it('re-derives the keys that waited on an unlock when the parent\u2019s UNLOCK installs the DEK while its own unlocks back off, and counts that unlock', async () => {
+    const { cache, key, dekCopy, advance, unlock } = harness()
+    const { record, privateKey } = key()
+    cache.setDek(dekCopy())
+    cache.load(record, nextSequence())
+    advance(60 * minute)
+    unlock.failNext(1)
+    expect(cache.acquire('key-1').kind).toBe('needs-unlock')
+    await cache.idle()
+    expect(cache.stats()).toMatchObject({ unlocks: 1, unlockFailures: 1, keys: { INVALID: 1 } })
+    // Its own unlocks are held back now; the parent's UNLOCK is not.
+    cache.setDek(dekCopy())
+    await cache.idle()
+    expect(unlock.calls()).toBe(1)
+    expect(cache.stats()).toMatchObject({ unlocks: 2, keys: { WARM: 1, COOL: 0, INVALID: 0 } })
+    expect(cache.acquire('key-1')).toEqual({ kind: 'ok', privateKey, grace: false })
+    expect(cache.stats().refreshes).toBe(1)
+    // Warmed then, not again at the next DEK: the set of keys waiting was emptied.
+    advance(17 * minute)
+    cache.setDek(dekCopy())
+    await cache.idle()
+    expect(cache.stats()).toMatchObject({ refreshes: 1, keys: { WARM: 0, COOL: 1 } })
+  })
+
+  it('counts frozen and archived keys apart from the cache states, which are an active key\u2019s', () => {
+    const { cache, key, dekCopy, advance } = harness()
+    cache.setDek(dekCopy())
+    for (const [keyId, state] of [['a', 'active'], ['f', 'frozen'], ['r', 'archived']] as const) cache.load(key({ keyId, state }).record, nextSequence())
+    expect(cache.stats()).toMatchObject({ keys: { WARM: 0, COOL: 1, INVALID: 0 }, keysNotActive: 2 })
+    advance(60 * minute)
+    expect(cache.stats()).toMatchObject({ keys: { WARM: 0, COOL: 0, INVALID: 1 }, keysNotActive: 2 })
+  })
+
+  it('counts as NEEDS_UNLOCK only what is answered so: a state change for a key it does not hold, numbered outside the epoch, is NOT_FOUND', () => {
+    const { cache, key, dekCopy } = harness()
+    cache.setDek(dekCopy())
+    cache.load(key().record, nextSequence())
+    const outside = firstFloor - 1
+    expect(cache.setState({ keyId: 'absent', state: 'frozen', sequence: outside })).toEqual({ kind: 'not-found' })
+    expect(cache.stats().needsUnlock).toBe(0)
+    expect(cache.setState({ keyId: 'key-1', state: 'frozen', sequence: outside }).kind).toBe('needs-unlock')
+    expect(cache.stats().needsUnlock).toBe(1)
+    // Within the epoch, the absent key's sequence is still taken: a LOAD numbered before it is stale.
+    const taken = nextSequence()
+    expect(cache.setState({ keyId: 'absent', state: 'frozen', sequence: taken })).toEqual({ kind: 'not-found' })
+    expect(cache.load(key({ keyId: 'absent' }).record, taken - 1)).toMatchObject({ kind: 'stale' })
+  })
+
   it('answers needs-unlock once both the key and the DEK have lapsed, unlocks in the background, and the retry finds the key WARM', async () => {
     const { cache, key, dekCopy, advance, unlock } = harness({ unlockGate: 'closed' })
     const { record, privateKey } = key()
@@ -256,7 +304,7 @@ describe('KeyCache transitions', () => {
     unlock.open()
     await cache.idle()
     expect(unlock.calls()).toBe(1)
-    expect(cache.stats()).toMatchObject({ unlocks: 1, keys: { WARM: 1, COOL: 0, INVALID: 0 } })
+    expect(cache.stats()).toMatchObject({ unlocks: 2, keys: { WARM: 1, COOL: 0, INVALID: 0 } })
     expect(cache.acquire('key-1')).toEqual({ kind: 'ok', privateKey, grace: false })
   })
 
@@ -323,7 +371,7 @@ describe('KeyCache transitions', () => {
     await cache.idle()
 
     expect(unlock.calls()).toBe(1)
-    expect(cache.stats()).toMatchObject({ refreshes: 1, unlocks: 1 })
+    expect(cache.stats()).toMatchObject({ refreshes: 1, unlocks: 2 })
     advance(17 * minute) // past the first DEK's hard TTL and the key's: only a renewed DEK leaves it COOL
     expect(cache.get('key-1')?.cacheState).toBe('COOL')
   })
@@ -338,7 +386,7 @@ describe('KeyCache transitions', () => {
     await cache.idle()
 
     expect(unlock.calls()).toBe(1)
-    expect(cache.stats().unlocks).toBe(1)
+    expect(cache.stats().unlocks).toBe(2)
   })
 
   it('counts a failed unlock, starts none for the requests within its backoff, and lets the first after it start another', async () => {
@@ -494,7 +542,7 @@ describe('KeyCache single-flight', () => {
 
     unlock.open()
     await cache.idle()
-    expect(cache.stats()).toMatchObject({ refreshes: 1, unlocks: 1 })
+    expect(cache.stats()).toMatchObject({ refreshes: 1, unlocks: 2 })
   })
 })
 
@@ -861,7 +909,7 @@ describe('KeyCache wipes plaintext it drops', () => {
     expect(unlock.calls()).toBe(2)
     unlock.open()
     await cache.idle()
-    expect(cache.stats().unlocks).toBe(1)
+    expect(cache.stats().unlocks).toBe(2)
   })
 })
 
@@ -1097,7 +1145,7 @@ describe('KeyCache pre-warmer', () => {
     prewarm(cache)
     await cache.idle()
     expect(unlock.calls()).toBe(1)
-    expect(cache.stats().unlocks).toBe(1)
+    expect(cache.stats().unlocks).toBe(2)
 
     advance(10 * minute) // past the first DEK's hard TTL
     expect(cache.get('key-1')?.cacheState).toBe('COOL')

@@ -21,11 +21,11 @@ async function enclaveStats() {
   const cache = new KeyCache({ now: Date.now, unlock: async () => ({ dek: new Uint8Array(dek) }) })
   cache.setDek(new Uint8Array(dek))
   const floor = cache.openSequenceEpoch()
-  for (const keyId of ['a', 'b', 'c']) {
+  for (const [keyId, state] of [['a', 'active'], ['b', 'active'], ['c', 'active'], ['d', 'frozen']] as const) {
     const privateKey = new Uint8Array(randomBytes(32))
-    cache.load({ keyId, version: 1, state: 'active', publicKey: secp256k1.publicKeyCreate(privateKey, false), sealed: sealPrivateKey({ privateKey, dek, keyId, version: 1 }) }, floor)
+    cache.load({ keyId, version: 1, state, publicKey: secp256k1.publicKeyCreate(privateKey, false), sealed: sealPrivateKey({ privateKey, dek, keyId, version: 1 }) }, floor)
   }
-  // Two COOL keys are rehydrated on use; the third stays COOL.
+  // Two COOL keys are rehydrated on use; the third stays COOL; the frozen one is counted apart.
   const used = ['a', 'b'].map((keyId) => cache.acquire(keyId))
   const engine = new SignEngine({ threads: 1, inlinePerTurn: 1 })
   engines.push(engine)
@@ -59,6 +59,8 @@ describe('enclave metrics on the parent', () => {
       'origin_enclave_keys{enclave="enclave-1",state="WARM"}': 2,
       'origin_enclave_keys{enclave="enclave-1",state="COOL"}': 1,
       'origin_enclave_keys{enclave="enclave-1",state="INVALID"}': 0,
+      'origin_enclave_keys_not_active{enclave="enclave-1"}': 1,
+      'origin_enclave_unlocks_total{enclave="enclave-1"}': 1,
       'origin_enclave_key_refreshes_total{enclave="enclave-1"}': 2,
       'origin_enclave_rehydrate_seconds_count{enclave="enclave-1"}': 2,
       'origin_enclave_engine_threads{enclave="enclave-1"}': 1,
