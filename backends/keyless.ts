@@ -1,6 +1,6 @@
 import { getAddress, isHex, size, type Address, type Hex } from 'viem'
 import { jsonObjectOf } from '../enclave-origin/errors.js'
-import { signRequest } from '../enclave-origin/protocol/requestSigning.js'
+import { minimumHmacSecretBytes, signRequest } from '../enclave-origin/protocol/requestSigning.js'
 import { parseCompactSignature, toEthereumSignature } from './ecdsa.js'
 import { deadlineSignal, healthOf, SignerError, signerErrorMessage, stoppedForCaller, type SignedDigest, type Signer, type SignerDescription, type SignerHealth, type SignOptions } from './signer.js'
 
@@ -63,6 +63,9 @@ export class KeylessSigner implements Signer {
   private async request(method: 'GET' | 'POST', path: string, body: unknown, deadline: number, signal?: AbortSignal): Promise<Record<string, unknown>> {
     const { name, hmacKeyId, hmacSecret } = this.options
     if (!hmacSecret) throw new SignerError(`keyless signer ${name}: its HMAC secret is not set`)
+    // The parent refuses such secrets of its own, so this Worker's could never match: say so, not a bare 401 each time.
+    if (hmacSecret.trim() !== hmacSecret) throw new SignerError(`keyless signer ${name}: its HMAC secret begins or ends with white space (a newline from the input it was put with?), which the parent refuses`)
+    if (new TextEncoder().encode(hmacSecret).length < minimumHmacSecretBytes) throw new SignerError(`keyless signer ${name}: its HMAC secret is shorter than ${minimumHmacSecretBytes} bytes, which the parent refuses`)
     const payload = new TextEncoder().encode(body === undefined ? '' : JSON.stringify(body))
     const send = this.fetcher()
     for (;;) {

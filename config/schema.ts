@@ -121,8 +121,15 @@ const keylessSignerSchema = z.object({
     .string()
     .min(1)
     .refine((keyId) => keyId !== '.' && keyId !== '..', 'a key id of "." or ".." would be removed from the URL path by normalisation'),
-  /** The HMAC key id the parent knows this Worker by, and the Worker secret holding its secret. */
-  hmacKeyId: z.string().min(1).default('worker'),
+  /**
+   * The HMAC key id the parent knows this Worker by, and the Worker secret holding its secret. Visible ASCII but
+   * `,` and `:`, as the parent takes key ids (ORIGIN_HMAC_KEYS): fetch would trim white space off the header it
+   * travels in, and the parent would check a signature over another id.
+   */
+  hmacKeyId: z
+    .string()
+    .regex(/^[\x21-\x2b\x2d-\x39\x3b-\x7e]+$/, 'an HMAC key id is visible ASCII characters other than "," and ":", as the parent takes them')
+    .default('worker'),
   hmacSecret: secretNameSchema.default('ORIGIN_HMAC_SECRET'),
   /** Everything one signature may take, including waits for an enclave unlock (Retry-After). */
   deadlineMs: milliseconds(50, 30_000, 1_000),

@@ -1,3 +1,4 @@
+import { minimumHmacSecretBytes } from './protocol/requestSigning.js'
 import { parseVsockAddress } from './protocol/vsock.js'
 
 /** Settings for the origin's processes, from the environment (12-factor), with the reason when one is wrong. */
@@ -94,9 +95,6 @@ export function formatLogLine(fields: Record<string, unknown>): string {
   return JSON.stringify({ time: new Date().toISOString(), ...(redactSecrets(fields) as Record<string, unknown>) })
 }
 
-/** Shortest HMAC secret the parent takes: an empty or short one would let anyone who guesses it sign requests. */
-const minimumHmacSecretBytes = 16
-
 /**
  * ORIGIN_HMAC_KEYS, "keyId:secret,…": the clients the parent's API knows.
  * Errors name the entry by its key id or position, never by its secret.
@@ -109,6 +107,8 @@ export function hmacKeysSetting(): Record<string, string> {
       const separator = entry.indexOf(':')
       const keyId = separator === -1 ? '' : entry.slice(0, separator).trim()
       if (!keyId) throw new Error(`ORIGIN_HMAC_KEYS entry ${index + 1} is not keyId:secret`)
+      // It travels in a header, signed as sent: white space inside, or bytes beyond ASCII, would not arrive as signed.
+      if (!/^[\x21-\x7e]+$/.test(keyId)) throw new Error(`ORIGIN_HMAC_KEYS entry ${index + 1}: a key id is visible ASCII characters only`)
       if (Object.hasOwn(secrets, keyId)) throw new Error(`ORIGIN_HMAC_KEYS names key id ${keyId} twice`)
       const secret = entry.slice(separator + 1)
       // Not trimmed: a stray space or newline is part of what the parent would check signatures with.

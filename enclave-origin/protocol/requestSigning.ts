@@ -17,6 +17,9 @@ import { FingerprintSet } from './fingerprintSet.js'
  * Headers: x-origin-key-id, x-origin-timestamp, x-origin-nonce, x-origin-signature (hex).
  */
 
+/** Shortest HMAC secret the parent takes (and the Worker signs with): an empty or short one would let anyone who guesses it sign requests. */
+export const minimumHmacSecretBytes = 16
+
 export const signatureHeaders = {
   keyId: 'x-origin-key-id',
   timestamp: 'x-origin-timestamp',

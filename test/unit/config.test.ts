@@ -69,6 +69,12 @@ describe('configuration', () => {
     }
   })
 
+  it('takes a keyless hmacKeyId as the parent takes key ids: visible ASCII but "," and ":"', () => {
+    const keyless = (hmacKeyId: string) => ({ PAYMASTER_CONFIG: { chains: [chain], signers: { primary: { kind: 'keyless', url: 'https://origin.internal:8443', keyId: 'k1', address: '0x1111111111111111111111111111111111111111', hmacKeyId } } } })
+    for (const hmacKeyId of ['worker', 'edge-eu_1.2', '!~']) expect(loadConfig(keyless(hmacKeyId)).signers.primary).toMatchObject({ hmacKeyId })
+    for (const hmacKeyId of ['', ' worker', 'worker\n', 'edge eu', 'worker:1', 'a,b', 'wörker']) expect(configError(keyless(hmacKeyId))).toContain('signers.primary.hmacKeyId')
+  })
+
   it('takes a keyless clientCertificate as a binding name, and refuses anything else', () => {
     const keyless = (clientCertificate: string) => ({ PAYMASTER_CONFIG: { chains: [chain], signers: { primary: { kind: 'keyless', url: 'https://origin.internal:8443', keyId: 'k1', address: '0x1111111111111111111111111111111111111111', clientCertificate } } } })
     expect(loadConfig(keyless('ORIGIN_CLIENT_CERT')).signers.primary).toMatchObject({ clientCertificate: 'ORIGIN_CLIENT_CERT' })

@@ -382,6 +382,19 @@ describe('keyless backend', () => {
     expect(await signer.health()).toEqual({ ok: false, error: `keyless signer primary: key k2 has address ${privateKeyToAddress(otherKey)}, but this signer signs as ${privateKeyToAddress(originKey)}` })
   })
 
+  it('says a secret the parent could never share is the fault, before sending anything: white space at an end, or under 16 bytes', async () => {
+    const requests = seen.length
+    for (const [hmacSecret, fault] of [
+      [`${hmac.secret}\n`, 'begins or ends with white space'],
+      [' a-secret-of-enough-bytes', 'begins or ends with white space'],
+      ['fifteen-bytes!!', 'is shorter than 16 bytes'],
+    ]) {
+      const signer = new KeylessSigner({ name: 'origin', url, keyId: 'k1', address: privateKeyToAddress(originKey), hmacKeyId: hmac.keyId, hmacSecret, deadlineMs: 500 })
+      await expect(signer.signDigest(digest)).rejects.toThrow(`keyless signer origin: its HMAC secret ${fault}`)
+    }
+    expect(seen.length).toBe(requests)
+  })
+
   it('refuses a keyless config without the address of its key', () => {
     expect(() =>
       loadConfig({

@@ -184,6 +184,8 @@ describe('origin settings', () => {
       ['ops:short-secret', 'ORIGIN_HMAC_KEYS: the secret of key id ops is shorter than 16 bytes'],
       ['ops:a-secret-of-enough-bytes ', 'ORIGIN_HMAC_KEYS: the secret of key id ops begins or ends with white space, which every client would have to sign with too'],
       ['ops:a-secret-of-enough-bytes\n', 'ORIGIN_HMAC_KEYS: the secret of key id ops begins or ends with white space, which every client would have to sign with too'],
+      ['edge eu:a-secret-of-enough-bytes', 'ORIGIN_HMAC_KEYS entry 1: a key id is visible ASCII characters only'],
+      ['wörker:a-secret-of-enough-bytes', 'ORIGIN_HMAC_KEYS entry 1: a key id is visible ASCII characters only'],
     ]
     for (const message of expectRefusals('ORIGIN_HMAC_KEYS', hmacKeysSetting, refusals)) expect(message).not.toMatch(/a-second-secret|short-secret|no-separator/)
   })

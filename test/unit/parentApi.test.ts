@@ -180,6 +180,16 @@ describe('the parent API', () => {
     expect(await response.json()).toEqual({ error: 'the key id is longer than 128 bytes' })
   })
 
+  it('refuses a query string on a signed route 400 before authentication (the signature covers the path alone); /healthz takes one', async () => {
+    // Signed over the path without its query, as the signature would still verify.
+    const headers = await signRequest({ ...hmac, method: 'GET', path: '/v1/keys/k1', body: new Uint8Array() })
+    const response = await fetch(`${base}/v1/keys/k1?state=active`, { headers })
+    expect({ status: response.status, body: await response.json() }).toEqual({ status: 400, body: { error: '/v1/keys/k1 takes no query string' } })
+    // The nonce was not spent: the request without the query is still the signer's to send.
+    expect((await fetch(`${base}/v1/keys/k1`, { headers })).status).toBe(503)
+    expect((await fetch(`${base}/healthz?verbose=1`)).status).toBe(503)
+  })
+
   it('refuses a signed request sent again, through the server as a client would replay it', async () => {
     const headers = await signRequest({ ...hmac, method: 'GET', path: '/v1/keys/k1', body: new Uint8Array() })
     // The first is authenticated (the parent, with no enclave, cannot answer it); the same bytes again are not.
