@@ -33,6 +33,8 @@ import { DeactivationMarks } from '../deactivationMarks.js'
 
 export type KeyCacheAuditEvent =
   | { type: 'grace-signature'; keyId: string; version: number; graceLeft: number; at: number }
+  /** A grace signature audited, then not given after all (see `settleGrace`): its place in the allowance is back. */
+  | { type: 'grace-signature-withdrawn'; keyId: string; graceLeft: number; at: number }
   | { type: 'refresh-failed'; keyId: string; version: number; reason: string; at: number }
 
 /**
@@ -486,6 +488,20 @@ export class KeyCache {
     return { keys, keysNotActive, ...this.counters, inlineRefreshMs: { ...this.inlineRefreshMs, buckets: [...this.inlineRefreshMs.buckets] } }
   }
 
+  /**
+   * How a grace signature `acquire` handed out ended: given (counted), or not (a freeze meanwhile, a failed sign),
+   * when its place in the allowance comes back, audited too. Its caller must settle each one.
+   */
+  settleGrace(keyId: string, given: boolean): void {
+    if (given) {
+      this.counters.graceSignatures += 1
+      return
+    }
+    // Capped: a DEK installed meanwhile gave a full allowance back already.
+    this.graceLeft = Math.min(this.graceLeft + 1, this.config.graceSignatures)
+    this.audit({ type: 'grace-signature-withdrawn', keyId, graceLeft: this.graceLeft, at: this.now() })
+  }
+
   /** Resolves once no refresh or unlock is in flight (tests, and draining before shutdown). */
   async idle(): Promise<void> {
     while (this.backgroundWork.size > 0) await Promise.allSettled([...this.backgroundWork])
@@ -522,10 +538,9 @@ export class KeyCache {
     this.keysAwaitingUnlock.add(keyId)
     // A key idle for a soft TTL gets none, as the sweep keeps no lapsed plaintext for it (see keepsLapsedPlaintextForGrace).
     if (entry.plaintext && this.keepsLapsedPlaintextForGrace(entry, now)) {
-      // Audit before counting: a grace signature nobody can account for is not given.
+      // Audited before it is made: a grace signature nobody can account for is not given. Counted once given (settleGrace).
       this.audit({ type: 'grace-signature', keyId, version, graceLeft: this.graceLeft - 1, at: now })
       this.graceLeft -= 1
-      this.counters.graceSignatures += 1
       entry.lastUsedAt = now
       return { kind: 'ok', privateKey: entry.plaintext, grace: true }
     }

@@ -334,15 +334,21 @@ export class EnclaveService {
         }
         if (key.kind === 'not-active') return fail(statuses.NOT_ACTIVE, `key ${keyId} is ${key.state}`)
         const mark = cache.deactivations
-        // The engine copies the key synchronously, as the cache requires.
-        const signature = await engine.sign({ privateKey: key.privateKey, digest })
-        // Frozen or archived while it waited in a batch or a thread's queue: once SET_STATE has answered, no signature leaves,
-        // even if an unfreeze came before it did.
-        if (!cache.activeThroughout(keyId, mark)) {
-          const state = cache.get(keyId)?.record.state ?? 'gone'
-          return fail(statuses.NOT_ACTIVE, state === 'active' ? `key ${keyId} was frozen or archived while this signature was made` : `key ${keyId} is ${state}`)
+        let given = false
+        try {
+          // The engine copies the key synchronously, as the cache requires.
+          const signature = await engine.sign({ privateKey: key.privateKey, digest })
+          // Frozen or archived while it waited in a batch or a thread's queue: once SET_STATE has answered, no signature leaves,
+          // even if an unfreeze came before it did.
+          if (!cache.activeThroughout(keyId, mark)) {
+            const state = cache.get(keyId)?.record.state ?? 'gone'
+            return fail(statuses.NOT_ACTIVE, state === 'active' ? `key ${keyId} was frozen or archived while this signature was made` : `key ${keyId} is ${state}`)
+          }
+          given = true
+          return signed(signature)
+        } finally {
+          if (key.grace) cache.settleGrace(keyId, given)
         }
-        return signed(signature)
       }
       case opcodes.CREATE: {
         const { keyId } = decodeRequest(decodeCreateRequest, frame.payload)

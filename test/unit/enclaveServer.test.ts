@@ -7,7 +7,7 @@ import { keccak256, toHex } from 'viem'
 import { developmentAttestation, type AttestationProvider, type KmsDataKeys } from '../../enclave-origin/enclave/dataKey.js'
 import { DeliveredCredentials } from '../../enclave-origin/enclave/deliveredCredentials.js'
 import { SignEngine } from '../../enclave-origin/enclave/engine.js'
-import { KeyCache } from '../../enclave-origin/enclave/keyCache.js'
+import { KeyCache, type KeyCacheAuditEvent } from '../../enclave-origin/enclave/keyCache.js'
 import { LogRing } from '../../enclave-origin/enclave/logRing.js'
 import { secp256k1 } from '../../enclave-origin/enclave/nativeSecp256k1.js'
 import { sealPrivateKey } from '../../enclave-origin/enclave/sealing.js'
@@ -234,6 +234,32 @@ it('a signature made while its key was frozen does not leave, though an unfreeze
   expect({ status: answer.status, error: decodeErrorMessage(answer.payload) }).toEqual({ status: statuses.NOT_ACTIVE, error: 'key fu was frozen or archived while this signature was made' })
   // Signed after the unfreeze, it leaves.
   expect((await call(opcodes.SIGN, encodeSignRequest({ keyId: 'fu', digest: new Uint8Array(32).fill(9) }))).status).toBe(statuses.OK)
+})
+
+it('counts a grace signature once it leaves, and gives back the place of one a freeze stopped', async () => {
+  let now = Date.now()
+  const audits: KeyCacheAuditEvent[] = []
+  const minute = 60_000
+  const cache = new KeyCache({ now: () => now, unlock: () => Promise.reject(new Error('KMS is down')), graceSignatures: 2, dekSoftTtlMs: 16 * minute, dekHardTtlMs: 16 * minute, audit: (event) => audits.push(event) })
+  const service = new EnclaveService({ cache, engine, dataKeys: noKms, kmsKeyId: 'test', credentials: new DeliveredCredentials(), attestation: developmentAttestation })
+  cache.setDek(new Uint8Array(dek))
+  const floor = cache.openSequenceEpoch()
+  let requestId = 0
+  const call = (opcode: number, payload: Uint8Array) => service.handle({ requestId: ++requestId, opcode, status: 0, payload })
+  const sign = () => call(opcodes.SIGN, encodeSignRequest({ keyId: 'g', digest: new Uint8Array(32).fill(7) }))
+  expect((await call(opcodes.CREATE, encodeCreateRequest({ keyId: 'g' }))).status).toBe(statuses.OK)
+  now += 14 * minute
+  expect((await sign()).status).toBe(statuses.OK)
+  // Past the key's hard TTL and the DEK's, with KMS down: a hot key signs on grace.
+  now += 3 * minute
+  expect((await sign()).status).toBe(statuses.OK)
+  expect(cache.stats().graceSignatures).toBe(1)
+  // One turn: the freeze lands while the grace signature is being made.
+  const stopped = sign()
+  expect((await call(opcodes.SET_STATE, encodeSetStateRequest({ keyId: 'g', state: 'frozen', sequence: floor + 1 }))).status).toBe(statuses.OK)
+  expect((await stopped).status).toBe(statuses.NOT_ACTIVE)
+  expect(cache.stats().graceSignatures).toBe(1)
+  expect(audits.map((event) => event.type)).toEqual(['grace-signature', 'grace-signature', 'grace-signature-withdrawn'])
 })
 
 it('an archived key stays archived: a SET_STATE or LOAD that would make it active again is refused NOT_ACTIVE', async () => {

@@ -560,6 +560,7 @@ describe('KeyCache grace signatures', () => {
     // Copied as they come: the last acquire wipes the lapsed buffer they share.
     const graced = [0, 1, 2].map(() => withKeyCopied(cache.acquire('key-1')))
     const after = cache.acquire('key-1')
+    for (const _ of graced) cache.settleGrace('key-1', true)
 
     expect(graced).toEqual(Array(3).fill({ kind: 'ok', privateKey, grace: true }))
     expect(after.kind).toBe('needs-unlock')
@@ -573,6 +574,29 @@ describe('KeyCache grace signatures', () => {
     unlock.open()
     await cache.idle()
     expect(cache.acquire('key-1')).toEqual({ kind: 'ok', privateKey, grace: false })
+  })
+
+  it('gives back the place of a grace signature not given after all, audited, and counts only those given', () => {
+    const { cache, key, dekCopy, advance, audits } = harness({ graceSignatures: 2, dekSoftTtlMs: 16 * minute, dekHardTtlMs: 16 * minute, unlockGate: 'closed' })
+    const { record, privateKey } = key()
+    cache.setDek(dekCopy())
+    addWarmHeld(cache, record, privateKey)
+    advance(14 * minute)
+    cache.acquire('key-1')
+    advance(3 * minute)
+    expect(cache.acquire('key-1')).toMatchObject({ kind: 'ok', grace: true })
+    cache.settleGrace('key-1', false)
+    expect(audits.at(-1)).toMatchObject({ type: 'grace-signature-withdrawn', keyId: 'key-1', graceLeft: 2 })
+    for (let given = 0; given < 2; given++) {
+      expect(cache.acquire('key-1')).toMatchObject({ kind: 'ok', grace: true })
+      cache.settleGrace('key-1', true)
+    }
+    expect(cache.acquire('key-1').kind).toBe('needs-unlock')
+    expect(cache.stats().graceSignatures).toBe(2)
+    // A place given back after a DEK gave the allowance back in full stays within it.
+    cache.setDek(dekCopy())
+    cache.settleGrace('key-1', false)
+    expect(audits.at(-1)).toMatchObject({ type: 'grace-signature-withdrawn', graceLeft: 2 })
   })
 
   it('counts grace signatures across all keys, not per key', () => {
