@@ -23,11 +23,17 @@ const oids = {
 
 const tags = { integer: 0x02, octetString: 0x04, oid: 0x06, sequence: 0x30, set: 0x31 } as const
 
-/** One BER element: its identifier octet and its content octets (for indefinite lengths, without the end-of-contents). */
-type Element = { tag: number; constructed: boolean; content: Uint8Array; end: number }
+/**
+ * One BER element: its identifier octet and its content octets (for indefinite lengths, without the
+ * end-of-contents), and how deep in the envelope it lies.
+ */
+type Element = { tag: number; constructed: boolean; content: Uint8Array; end: number; depth: number }
 
-/** Deeper than any valid envelope nests: a bound, so hostile input cannot exhaust the stack. */
-const maxDepth = 12
+/**
+ * Deeper than any valid envelope nests (its OIDs lie at depth 10): a bound on every way in, children and OCTET
+ * STRING segments alike, so hostile input cannot exhaust the stack.
+ */
+const maxDepth = 16
 
 function readElement(bytes: Uint8Array, at: number, depth = 0): Element {
   if (depth > maxDepth) throw new CmsError('BER nested too deeply')
@@ -43,7 +49,7 @@ function readElement(bytes: Uint8Array, at: number, depth = 0): Element {
     let cursor = start
     for (;;) {
       if (cursor + 2 > bytes.length) throw new CmsError('BER indefinite-length element has no end-of-contents')
-      if (bytes[cursor] === 0 && bytes[cursor + 1] === 0) return { tag, constructed, content: bytes.subarray(start, cursor), end: cursor + 2 }
+      if (bytes[cursor] === 0 && bytes[cursor + 1] === 0) return { tag, constructed, content: bytes.subarray(start, cursor), end: cursor + 2, depth }
       cursor = readElement(bytes, cursor, depth + 1).end
     }
   }
@@ -57,14 +63,14 @@ function readElement(bytes: Uint8Array, at: number, depth = 0): Element {
     start += octets
   }
   if (start + length > bytes.length) throw new CmsError('BER element runs past the end of its input')
-  return { tag, constructed, content: bytes.subarray(start, start + length), end: start + length }
+  return { tag, constructed, content: bytes.subarray(start, start + length), end: start + length, depth }
 }
 
-function childrenOf(element: Element, depth = 0): Element[] {
+function childrenOf(element: Element): Element[] {
   if (!element.constructed) throw new CmsError(`expected a constructed element, got tag 0x${element.tag.toString(16)}`)
   const out: Element[] = []
   for (let at = 0; at < element.content.length; ) {
-    const child = readElement(element.content, at, depth + 1)
+    const child = readElement(element.content, at, element.depth + 1)
     out.push(child)
     at = child.end
   }
@@ -76,10 +82,20 @@ function expectTag(element: Element | undefined, tag: number, what: string): Ele
   return element
 }
 
-/** An OCTET STRING's bytes, whether primitive or (BER) split into constructed segments. */
+/** An OCTET STRING's bytes, whether primitive or (BER) split into constructed segments, each an OCTET STRING. */
 function octetsOf(element: Element): Uint8Array {
   if (!element.constructed) return element.content
-  return Buffer.concat(childrenOf(element).map(octetsOf))
+  const segments: Uint8Array[] = []
+  const gather = (constructed: Element) => {
+    for (const segment of childrenOf(constructed)) {
+      if (segment.tag === tags.octetString) segments.push(segment.content)
+      else if (segment.tag === (tags.octetString | 0x20)) gather(segment)
+      else throw new CmsError(`a segment of an OCTET STRING has tag 0x${segment.tag.toString(16)}`)
+    }
+  }
+  gather(element)
+  // Joined once: a concat per level would cost time quadratic in the nesting.
+  return Buffer.concat(segments)
 }
 
 function oidOf(element: Element | undefined, what: string): string {
@@ -122,6 +138,7 @@ function checkOaepParameters(parameters: Element | undefined): void {
 /** The plaintext inside a KMS `CiphertextForRecipient`, given the recipient's RSA private key. */
 export function openRecipientCiphertext(envelope: Uint8Array, privateKey: KeyObject): Buffer {
   const contentInfo = readElement(envelope, 0)
+  if (contentInfo.end !== envelope.length) throw new CmsError(`${envelope.length - contentInfo.end} bytes follow the ContentInfo`)
   const [contentType, explicitContent] = childrenOf(expectTag(contentInfo, tags.sequence, 'ContentInfo'))
   if (oidOf(contentType, 'ContentInfo content type') !== oids.envelopedData) throw new CmsError('ContentInfo does not hold EnvelopedData')
   const envelopedData = firstChild(expectTag(explicitContent, 0xa0, 'ContentInfo content'), 'EnvelopedData')

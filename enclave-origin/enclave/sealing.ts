@@ -4,7 +4,11 @@ import { createCipheriv, createDecipheriv, randomBytes } from 'node:crypto'
  * Seals a private key under the DEK for the parent to store, and unseals it
  * again inside the enclave. AES-256-GCM with the key's id and version as
  * associated data, so a blob only opens as the key (and version) it was sealed
- * for: the parent cannot swap blobs between keys or roll one back.
+ * for: the parent cannot swap blobs between keys, nor pass one off as another
+ * version. It can hand back an older version of a key's own record (the
+ * enclave keeps no versions across restarts); a re-seal keeps the same secret,
+ * so that is the same key, and a Worker checks each signature against the
+ * address it was given at creation.
  *
  * Layout: iv (12) ‖ ciphertext (32) ‖ tag (16).
  */

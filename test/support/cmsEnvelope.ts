@@ -8,7 +8,7 @@ import { constants, createCipheriv, createHash, publicEncrypt, randomBytes, type
  * and the encrypted content split into segments; otherwise DER.
  */
 
-function encodeLength(length: number): Buffer {
+export function encodeLength(length: number): Buffer {
   if (length < 0x80) return Buffer.from([length])
   const bytes: number[] = []
   for (let rest = length; rest > 0; rest = Math.floor(rest / 256)) bytes.unshift(rest % 256)
@@ -31,7 +31,11 @@ function element(tag: number, ...children: Uint8Array[]): Buffer {
   return Buffer.concat([Buffer.from([tag]), encodeLength(body.length), body])
 }
 
-export function sealForRecipient(plaintext: Uint8Array, recipient: KeyObject, options: { ber?: boolean } = {}): Buffer {
+/**
+ * `segments`, in BER only: the children of the constructed encrypted content in place of 16-byte OCTET STRINGs
+ * (tests of what a parser must refuse).
+ */
+export function sealForRecipient(plaintext: Uint8Array, recipient: KeyObject, options: { ber?: boolean; segments?: (ciphertext: Buffer) => Uint8Array[] } = {}): Buffer {
   const ber = options.ber ?? false
   // Constructed elements: indefinite length (0x80 … 00 00) in BER, definite in DER.
   const constructed = (tag: number, ...children: Uint8Array[]) =>
@@ -53,9 +57,8 @@ export function sealForRecipient(plaintext: Uint8Array, recipient: KeyObject, op
     element(0x04, wrappedKey),
   )
   // [0] IMPLICIT OCTET STRING: in BER, a constructed string of 16-byte segments.
-  const content = ber
-    ? constructed(0xa0, ...Array.from({ length: Math.ceil(ciphertext.length / 16) }, (_, i) => element(0x04, ciphertext.subarray(i * 16, i * 16 + 16))))
-    : element(0x80, ciphertext)
+  const segments = options.segments ?? ((bytes: Buffer) => Array.from({ length: Math.ceil(bytes.length / 16) }, (_, i) => element(0x04, bytes.subarray(i * 16, i * 16 + 16))))
+  const content = ber ? constructed(0xa0, ...segments(ciphertext)) : element(0x80, ciphertext)
   const encryptedContentInfo = constructed(0x30, oid('1.2.840.113549.1.7.1'), constructed(0x30, oid('2.16.840.1.101.3.4.1.42'), element(0x04, iv)), content)
   const envelopedData = constructed(0x30, element(0x02, Buffer.from([2])), constructed(0x31, recipientInfo), encryptedContentInfo)
   return constructed(0x30, oid('1.2.840.113549.1.7.3'), constructed(0xa0, envelopedData))

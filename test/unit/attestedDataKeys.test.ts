@@ -10,7 +10,7 @@ import { developmentAttestation, KmsDataKeys, type AttestationProvider } from '.
 import { DeliveredCredentials } from '../../enclave-origin/enclave/deliveredCredentials.js'
 import { enclaveKmsClient } from '../../enclave-origin/enclave/kmsClient.js'
 import { openNitroAttestation } from '../../enclave-origin/enclave/nitroAttestation.js'
-import { sealForRecipient } from '../support/cmsEnvelope.js'
+import { encodeLength, sealForRecipient } from '../support/cmsEnvelope.js'
 import { startLocalKms, type KmsFault, type LocalKms } from '../support/kmsServer.js'
 import { startTestNsm, type TestNsm } from '../support/nitroAttestation.js'
 
@@ -289,6 +289,30 @@ describe('openRecipientCiphertext', () => {
     const changed = Buffer.from(envelope)
     changed[at + oid.length - 1] = 0x02
     expect(() => openRecipientCiphertext(changed, recipient.privateKey)).toThrow('the content is not encrypted with AES-256-CBC')
+  })
+
+  it('refuses segments nested past any real envelope (without exhausting the stack), segments that are no OCTET STRING, and bytes after the envelope', () => {
+    // 50,000 constructed OCTET STRINGs, each holding the next, the innermost the ciphertext: headers written once, outside in.
+    const nested = (ciphertext: Buffer) => {
+      const heads: Buffer[] = []
+      let length = ciphertext.length + 2
+      for (let level = 0; level < 50_000; level++) {
+        const head = Buffer.concat([Buffer.from([0x24]), encodeLength(length)])
+        heads.push(head)
+        length += head.length
+      }
+      return [Buffer.concat([...heads.reverse(), Buffer.from([0x04, ciphertext.length]), ciphertext])]
+    }
+    expect(() => openRecipientCiphertext(sealForRecipient(secret, recipient.publicKey, { ber: true, segments: nested }), recipient.privateKey)).toThrow(new CmsError('BER nested too deeply'))
+    const asInteger = (ciphertext: Buffer) => [Buffer.concat([Buffer.from([0x02, ciphertext.length]), ciphertext])]
+    expect(() => openRecipientCiphertext(sealForRecipient(secret, recipient.publicKey, { ber: true, segments: asInteger }), recipient.privateKey)).toThrow(new CmsError('a segment of an OCTET STRING has tag 0x2'))
+    // Segments of segments, within bounds, still open.
+    const twoLevels = (ciphertext: Buffer) => [Buffer.concat([Buffer.from([0x24, ciphertext.length + 2, 0x04, ciphertext.length]), ciphertext])]
+    expect(openRecipientCiphertext(sealForRecipient(secret, recipient.publicKey, { ber: true, segments: twoLevels }), recipient.privateKey)).toEqual(secret)
+    for (const ber of [false, true]) {
+      const trailing = Buffer.concat([sealForRecipient(secret, recipient.publicKey, { ber }), Buffer.from([0x04, 0x00])])
+      expect(() => openRecipientCiphertext(trailing, recipient.privateKey)).toThrow(new CmsError('2 bytes follow the ContentInfo'))
+    }
   })
 
   it('throws only CmsError, never anything else, for every truncation and every single-byte change', () => {
