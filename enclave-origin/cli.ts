@@ -33,13 +33,20 @@ type HttpExchange = { status: number; headers: IncomingHttpHeaders; text: string
  * How long a command waits for the parent's answer, by default past the longest the parent may take with its own
  * settings at their maximum (the health it reports waits up to REQUEST_TIMEOUT_MS, 60 s; an unlock queued behind
  * another each up to KMS_REQUEST_TIMEOUT_MS, 300 s; a create up to STORE_TIMEOUT_MS, 300 s), so that no answer still
- * coming is given up on. ORIGIN_TIMEOUT_MS sets it for every command (a health probe may want 10 s). A rotation
- * waits as long as it takes.
+ * coming is given up on. ORIGIN_TIMEOUT_MS sets it for every command but a rotation (a health probe may want 10 s),
+ * which waits as long as it takes; a bad value is refused all the same.
  */
 function answerTimeoutMs(command: 'status' | 'rotation' | 'other'): number | undefined {
+  const set = process.env.ORIGIN_TIMEOUT_MS ? integerSetting('ORIGIN_TIMEOUT_MS', { min: 100, max: 3_600_000 }) : undefined
   if (command === 'rotation') return undefined
-  if (process.env.ORIGIN_TIMEOUT_MS) return integerSetting('ORIGIN_TIMEOUT_MS', { min: 100, max: 3_600_000 })
-  return command === 'status' ? 70_000 : 660_000
+  return set ?? (command === 'status' ? 70_000 : 660_000)
+}
+
+/** The client settings, checked before a command sends anything: a bulk create's workers would each fail on one. */
+function checkClientSettings(command: 'status' | 'rotation' | 'other'): void {
+  connectionToParent()
+  answerTimeoutMs(command)
+  setting('ORIGIN_HMAC_SECRET')
 }
 
 const tlsSettings = ['ORIGIN_TLS_CA_FILE', 'ORIGIN_TLS_CERT_FILE', 'ORIGIN_TLS_KEY_FILE']
@@ -51,7 +58,7 @@ let parentConnection: ParentConnection | undefined
 function connectionToParent(): ParentConnection {
   if (parentConnection) return parentConnection
   const base = originUrl()
-  const { protocol } = new URL(base)
+  const { protocol } = urlOf(base)
   const https = protocol === 'https:'
   if (!https && protocol !== 'http:') throw new Error(`ORIGIN_URL must be an http:// or https:// URL, got ${base}`)
   if (!https && tlsSettings.some((name) => process.env[name])) throw new Error(`${tlsSettings.join(', ')} are for an https:// ORIGIN_URL, and ${base} is not one`)
@@ -60,6 +67,17 @@ function connectionToParent(): ParentConnection {
   if (Boolean(cert) !== Boolean(key)) throw new Error('ORIGIN_TLS_CERT_FILE and ORIGIN_TLS_KEY_FILE go together: a client certificate and its key')
   return (parentConnection = { base, https, tls: https ? { ca: file('ORIGIN_TLS_CA_FILE'), cert, key } : {} })
 }
+
+function urlOf(base: string): URL {
+  try {
+    return new URL(base)
+  } catch {
+    throw new Error(`ORIGIN_URL must be an http:// or https:// URL, got ${base}`)
+  }
+}
+
+/** The parent was not reached (no connection, no TLS session): nothing of the request was sent. */
+class ParentUnreachableError extends Error {}
 
 /**
  * One HTTP exchange with the parent, failing once `timeoutMs` passes without an answer (fetch would give up on a
@@ -76,7 +94,19 @@ function exchange(options: { method: 'GET' | 'POST'; path: string; headers?: Rec
       response.on('error', reject)
       response.on('end', () => resolve({ status: response.statusCode ?? 0, headers: response.headers, text: Buffer.concat(chunks).toString('utf8') }))
     })
-    sent.on('error', (error: NodeJS.ErrnoException) => reject(new Error(`cannot reach the parent at ${base}: ${error.code ?? error.message}`)))
+    // Connected once a kept-alive socket is handed over open, or once a new one connects (over https: its TLS session is up).
+    let connected = false
+    sent.on('socket', (socket) => {
+      if (!socket.connecting) connected = true
+      else socket.once(https ? 'secureConnect' : 'connect', () => (connected = true))
+    })
+    sent.on('error', (error: NodeJS.ErrnoException) => {
+      const reason = `${error.code ?? error.message}`
+      // A TLS alert (a client certificate refused: TLS 1.3 sends it after the client's side of the handshake is done) ends
+      // the session before the parent reads a request.
+      const reached = connected && !/^ERR_(SSL|TLS)_/.test(error.code ?? '')
+      reject(reached ? new Error(`the connection to the parent at ${base} failed: ${reason}`) : new ParentUnreachableError(`cannot reach the parent at ${base}: ${reason}`))
+    })
     if (timeoutMs !== undefined) {
       sent.setTimeout(timeoutMs, () => {
         reject(new Error(`the parent at ${base} sent nothing for ${timeoutMs / 1_000} s: ${method} ${path} given up`))
@@ -108,7 +138,7 @@ async function call(method: 'GET' | 'POST', path: string, json?: unknown, waitin
   // Anything but a JSON object (a proxy's error page, say): the status says more.
   const answer = jsonObjectOf(response.text)
   if (response.status < 200 || response.status > 299 || answer === undefined) {
-    throw new ParentAnswerError(`${method} ${path}: ${response.status} ${answer === undefined ? '(not JSON)' : JSON.stringify(answer)}`, response.status, answer)
+    throw new ParentAnswerError(`${method} ${path}: ${response.status} ${answer === undefined ? '(not a JSON object)' : JSON.stringify(answer)}`, response.status, answer)
   }
   return answer
 }
@@ -179,11 +209,13 @@ class ParentAnswerError extends Error {
 }
 
 /**
- * Whether a create that failed with `error` certainly made no key: the parent refused it (a request it could not
- * take or authenticate, a create shed for load or waiting for an unlock, one refused while the store is behind).
- * Anything else may have made one: a timeout, a cut connection, a proxy's page, an origin that failed mid-create.
+ * Whether a create that failed with `error` certainly made no key: the parent was not reached, or it refused the
+ * create (a request it could not take or authenticate, a create shed for load or waiting for an unlock, one refused
+ * while the store is behind). Anything else may have made one: a timeout, a cut connection, a proxy's page, an
+ * origin that failed mid-create, an answer that names no key.
  */
 function madeNoKey(error: unknown): boolean {
+  if (error instanceof ParentUnreachableError) return true
   if (!(error instanceof ParentAnswerError) || error.answer === undefined) return false
   if ([400, 401, 403, 404, 405, 409, 413].includes(error.status)) return true
   const reason = String(error.answer.error ?? '')
@@ -199,6 +231,7 @@ function madeNoKey(error: unknown): boolean {
  * saying how many it made, and whether a failed create may have made one.
  */
 async function createKeys(count: number, concurrency: number): Promise<void> {
+  checkClientSettings('other')
   let next = 0
   let done = 0
   let underWay = 0
@@ -247,6 +280,7 @@ async function createKeys(count: number, concurrency: number): Promise<void> {
       underWay++
       try {
         const key = await call('POST', '/v1/keys')
+        if (typeof key.keyId !== 'string' || typeof key.address !== 'string') throw new Error(`the parent answered a create with no key: ${JSON.stringify(key)}`)
         progress.clear()
         await print(JSON.stringify({ keyId: key.keyId, address: key.address }))
         progress.show(++done)
@@ -323,14 +357,14 @@ function parseArguments(name: string, command: Command, args: string[]): Given {
   return { value: (option) => values.get(option), has: (option) => switches.has(option) }
 }
 
-function wholeNumberOption(given: Given, name: string, fallback?: number): number {
+function wholeNumberOption(given: Given, name: string, fallback?: number, max = 999_999_999): number {
   const raw = given.value(name)
   if (raw === undefined) {
     if (fallback === undefined) throw new Error(`--${name} is required`)
     return fallback
   }
-  const value = wholeNumberIn(raw, 1, 999_999_999)
-  if (value === undefined) throw new Error(`--${name} must be a whole number of at least 1, got ${raw}`)
+  const value = wholeNumberIn(raw, 1, max)
+  if (value === undefined) throw new Error(`--${name} must be a whole number from 1 to ${max}, got ${raw}`)
   return value
 }
 
@@ -368,9 +402,10 @@ const commands: Record<string, Command> = {
   enclave: { usage: 'origin enclave   (start the enclave process; its settings: enclave/main.ts)', run: () => serve(runEnclave) },
   parent: { usage: 'origin parent   (start the parent process; its settings: parent/main.ts)', run: () => serve(runParent) },
   'create-keys': {
-    usage: 'origin create-keys --count N [--concurrency C]   (create N keys, C at a time (64), with a progress bar; one JSON line {keyId, address} per key)',
+    usage: 'origin create-keys --count N [--concurrency C]   (create N keys, C at a time (16, at most 256), with a progress bar; one JSON line {keyId, address} per key)',
     takes: ['count', 'concurrency'],
-    run: (given) => createKeys(wholeNumberOption(given, 'count'), wholeNumberOption(given, 'concurrency', 64)),
+    // 16 by default: a quarter of the operators' listener (OPERATOR_MAX_CONNECTIONS, 64), which a freeze must still get into.
+    run: (given) => createKeys(wholeNumberOption(given, 'count'), wholeNumberOption(given, 'concurrency', 16, 256)),
   },
   unlock: {
     usage:
@@ -388,7 +423,8 @@ const commands: Record<string, Command> = {
       // Both checked before anything is sent.
       const identity = readIdentityFile(identityFile)
       const trust = recipientTrust(given)
-      const { enclaves } = (await call('GET', '/v1/attestation')) as { enclaves: Array<{ id: string; recipient: string; attestationDocument: string | null }> }
+      const { enclaves } = (await call('GET', '/v1/attestation')) as { enclaves?: Array<{ id: string; recipient: string; attestationDocument: string | null }> }
+      if (!Array.isArray(enclaves)) throw new Error('the parent\u2019s /v1/attestation answer lists no enclaves: is ORIGIN_URL a parent of this version?')
       const sealed = await sealPreloadIdentity({
         identity,
         enclaves: enclaves.map((enclave) => ({ ...enclave, attestationDocument: enclave.attestationDocument === null ? undefined : Buffer.from(enclave.attestationDocument, 'base64') })),
@@ -400,7 +436,10 @@ const commands: Record<string, Command> = {
   },
   'rotate-data-key': {
     usage: 'origin rotate-data-key   (re-seal every key under a new data key from KMS, then forget the old one; run it again to finish one that was interrupted)',
-    run: async () => console.log(JSON.stringify(await call('POST', '/v1/data-key/rotate', undefined, 'rotation'))),
+    run: async () => {
+      checkClientSettings('rotation')
+      console.log(JSON.stringify(await call('POST', '/v1/data-key/rotate', undefined, 'rotation')))
+    },
   },
   'preload-identity': {
     usage: 'origin preload-identity (--out F | --print)   (a new age identity for a share file: with --out, written to F (owner-only; an existing F is refused) and {recipient} printed; with --print, {identity, recipient} printed)',

@@ -9,6 +9,16 @@ export function setting(name: string, fallback?: string): string {
   return value
 }
 
+/**
+ * A setting that may be left unset. Set but empty is refused, as for a choice: an image built with `ENV X=$ARG` and
+ * no build argument would otherwise start without it (plain HTTP for want of a certificate, say) without a word.
+ */
+export function optionalSetting(name: string): string | undefined {
+  const value = process.env[name]
+  if (value === '') throw new Error(`${name} is set but empty: set it, or unset it`)
+  return value
+}
+
 /** One of `choices`, or the fallback when unset; anything else is an error naming the setting and its choices. */
 export function choiceSetting<const T extends string>(name: string, { choices, fallback }: { choices: readonly T[]; fallback: T }): T {
   // Set but empty is no choice: an image built with `ENV ORIGIN_PROFILE=$PROFILE` and no build argument would otherwise
@@ -97,7 +107,8 @@ export function formatLogLine(fields: Record<string, unknown>): string {
 
 /**
  * ORIGIN_HMAC_KEYS, "keyId:secret,…": the clients the parent's API knows.
- * Errors name the entry by its key id or position, never by its secret.
+ * Errors name the entry by its position alone: a secret holding "," and ":"
+ * would split into entries whose "key ids" are pieces of it.
  */
 export function hmacKeysSetting(): Record<string, string> {
   const secrets: Record<string, string> = {}
@@ -109,11 +120,11 @@ export function hmacKeysSetting(): Record<string, string> {
       if (!keyId) throw new Error(`ORIGIN_HMAC_KEYS entry ${index + 1} is not keyId:secret`)
       // It travels in a header, signed as sent: white space inside, or bytes beyond ASCII, would not arrive as signed.
       if (!/^[\x21-\x7e]+$/.test(keyId)) throw new Error(`ORIGIN_HMAC_KEYS entry ${index + 1}: a key id is visible ASCII characters only`)
-      if (Object.hasOwn(secrets, keyId)) throw new Error(`ORIGIN_HMAC_KEYS names key id ${keyId} twice`)
+      if (Object.hasOwn(secrets, keyId)) throw new Error(`ORIGIN_HMAC_KEYS entry ${index + 1} names a key id an earlier entry names`)
       const secret = entry.slice(separator + 1)
       // Not trimmed: a stray space or newline is part of what the parent would check signatures with.
-      if (secret.trim() !== secret) throw new Error(`ORIGIN_HMAC_KEYS: the secret of key id ${keyId} begins or ends with white space, which every client would have to sign with too`)
-      if (Buffer.byteLength(secret) < minimumHmacSecretBytes) throw new Error(`ORIGIN_HMAC_KEYS: the secret of key id ${keyId} is shorter than ${minimumHmacSecretBytes} bytes (32 random bytes are best)`)
+      if (secret.trim() !== secret) throw new Error(`ORIGIN_HMAC_KEYS entry ${index + 1}: its secret begins or ends with white space, which every client would have to sign with too`)
+      if (Buffer.byteLength(secret) < minimumHmacSecretBytes) throw new Error(`ORIGIN_HMAC_KEYS entry ${index + 1}: its secret is shorter than ${minimumHmacSecretBytes} bytes (32 random bytes are best; a secret cannot hold ",")`)
       secrets[keyId] = secret
     })
   return secrets
@@ -146,19 +157,15 @@ export type ParentTls = { cert: string; key: string; ca?: string; requireClientC
  */
 export function parentTlsSetting(readFile: (path: string) => string): ParentTls | undefined {
   const requireClientCertificate = choiceSetting('TLS_REQUIRE_CLIENT_CERT', { choices: ['0', '1'], fallback: '0' }) === '1'
+  const [certFile, keyFile, caFile] = ['TLS_CERT_FILE', 'TLS_KEY_FILE', 'TLS_CA_FILE'].map(optionalSetting)
   // Half a TLS setting (a key without its certificate, a mistyped name) must not mean plain HTTP.
-  if (Boolean(process.env.TLS_CERT_FILE) !== Boolean(process.env.TLS_KEY_FILE) || (process.env.TLS_CA_FILE && !process.env.TLS_CERT_FILE)) {
+  if (Boolean(certFile) !== Boolean(keyFile) || (caFile && !certFile)) {
     throw new Error('TLS needs both TLS_CERT_FILE and TLS_KEY_FILE (TLS_CA_FILE only with them); set neither for plain HTTP')
   }
-  if (!process.env.TLS_CERT_FILE) {
+  if (!certFile || !keyFile) {
     if (requireClientCertificate) throw new Error('TLS_REQUIRE_CLIENT_CERT=1 needs TLS_CERT_FILE and TLS_KEY_FILE: without them the API would be plain HTTP')
     return undefined
   }
-  if (requireClientCertificate && !process.env.TLS_CA_FILE) throw new Error('TLS_REQUIRE_CLIENT_CERT=1 needs TLS_CA_FILE, the authority client certificates must come from')
-  return {
-    cert: readFile(setting('TLS_CERT_FILE')),
-    key: readFile(setting('TLS_KEY_FILE')),
-    ca: process.env.TLS_CA_FILE ? readFile(process.env.TLS_CA_FILE) : undefined,
-    requireClientCertificate,
-  }
+  if (requireClientCertificate && !caFile) throw new Error('TLS_REQUIRE_CLIENT_CERT=1 needs TLS_CA_FILE, the authority client certificates must come from')
+  return { cert: readFile(certFile), key: readFile(keyFile), ca: caFile ? readFile(caFile) : undefined, requireClientCertificate }
 }

@@ -1,4 +1,4 @@
-import { choiceSetting, formatLogLine, integerSetting, listenAddress, setting } from '../config.js'
+import { choiceSetting, formatLogLine, integerSetting, listenAddress, optionalSetting, setting } from '../config.js'
 import { keepRequestObjectsYoung } from '../heapTuning.js'
 import { developmentAttestation, KmsDataKeys } from './dataKey.js'
 import { DeliveredCredentials } from './deliveredCredentials.js'
@@ -38,9 +38,10 @@ export async function runEnclave(): Promise<() => Promise<void>> {
   const nitro = choiceSetting('ENCLAVE_ATTESTATION', { choices: ['nitro', 'none'], fallback: profile === 'production' ? 'nitro' : 'none' }) === 'nitro' ? openNitroAttestation() : undefined
   const attestation = nitro ?? developmentAttestation
   const kmsKeyId = setting('KMS_KEY_ID')
-  const kmsEndpoint = process.env.KMS_ENDPOINT || undefined
+  const kmsEndpoint = optionalSetting('KMS_ENDPOINT')
   await checkStartup({ profile, attestation, kmsKeyId, kmsEndpoint, warn: (message) => logLine({ level: 'warn', event: 'startup', message }) })
   if (nitro) logLine({ event: 'nitro_attestation', module: nitro.module })
+  const kmsTunnel = optionalSetting('KMS_TUNNEL')
   const credentials = new DeliveredCredentials()
   const kmsTimeoutMs = integerSetting('KMS_TIMEOUT_MS', { min: 100, max: 60_000, fallback: 3_000 })
   const client = enclaveKmsClient({
@@ -48,7 +49,7 @@ export async function runEnclave(): Promise<() => Promise<void>> {
     endpoint: kmsEndpoint,
     credentials,
     timeoutMs: kmsTimeoutMs,
-    tunnel: process.env.KMS_TUNNEL ? listenAddress(process.env.KMS_TUNNEL) : undefined,
+    tunnel: kmsTunnel === undefined ? undefined : listenAddress(kmsTunnel),
     tls: kmsTlsFor(profile),
   })
   // Two attempts, each connecting and waiting for the answer's head within KMS_TIMEOUT_MS: four of them in all.
@@ -60,7 +61,7 @@ export async function runEnclave(): Promise<() => Promise<void>> {
     maxBatch: integerSetting('ENGINE_MAX_BATCH', { min: 1, max: 256, fallback: 32 }),
     // Whole milliseconds: a Node timer waits at least 1 ms, whatever it is asked.
     maxWaitMs: integerSetting('ENGINE_MAX_WAIT_MS', { min: 1, max: 100, fallback: 1 }),
-    inlinePerTurn: process.env.ENGINE_INLINE_PER_TURN ? integerSetting('ENGINE_INLINE_PER_TURN', { min: 0, max: 64 }) : undefined,
+    inlinePerTurn: optionalSetting('ENGINE_INLINE_PER_TURN') === undefined ? undefined : integerSetting('ENGINE_INLINE_PER_TURN', { min: 0, max: 64 }),
   })
   await engine.start()
   let service: EnclaveService | undefined
@@ -70,7 +71,7 @@ export async function runEnclave(): Promise<() => Promise<void>> {
     graceSignatures: integerSetting('GRACE_SIGNATURES', { min: 0, max: 1_000_000, fallback: 0 }),
     audit: (event) => logLine({ level: 'warn', event: 'key_cache_audit', ...event }),
   })
-  service = new EnclaveService({ cache, engine, dataKeys, kmsKeyId, credentials, attestation, preloadFile: process.env.PRELOAD_FILE || undefined, log: logLine, logs })
+  service = new EnclaveService({ cache, engine, dataKeys, kmsKeyId, credentials, attestation, preloadFile: optionalSetting('PRELOAD_FILE'), log: logLine, logs })
   const memory = memoryWatch({ log: logLine })
   // A sweep step over at most 5,000 keys (about half a millisecond) and 128 refreshes: 50,000 keys every 2.5 s.
   const sweep = setInterval(() => cache.sweepKeys({ maxKeys: 5_000, maxRefreshes: 128 }), 250)

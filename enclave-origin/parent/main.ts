@@ -1,5 +1,5 @@
 import { readFileSync } from 'node:fs'
-import { choiceSetting, enclavesSetting, hmacKeysSetting, integerSetting, listenAddress, logLine, parentTlsSetting, setting, signOnlyKeyIdsSetting } from '../config.js'
+import { choiceSetting, enclavesSetting, hmacKeysSetting, integerSetting, listenAddress, logLine, optionalSetting, parentTlsSetting, setting, signOnlyKeyIdsSetting } from '../config.js'
 import { messageOf } from '../errors.js'
 import { keepRequestObjectsYoung } from '../heapTuning.js'
 import { nodeHashing } from '../protocol/nodeHashing.js'
@@ -39,37 +39,47 @@ export async function runParent(): Promise<() => Promise<void>> {
   const maxInflightPerEnclave = integerSetting('MAX_INFLIGHT_PER_ENCLAVE', { min: 1, max: 1_000_000, fallback: 1_024 })
   const maxConnections = integerSetting('MAX_CONNECTIONS', { min: 1, max: 1_000_000, fallback: 10_000 })
   const address = parentListenAddress('PARENT_LISTEN', setting('PARENT_LISTEN', '127.0.0.1:8443'))
-  const operatorAddress = process.env.OPERATOR_LISTEN ? parentListenAddress('OPERATOR_LISTEN', process.env.OPERATOR_LISTEN) : undefined
+  const operatorListen = optionalSetting('OPERATOR_LISTEN')
+  const operatorAddress = operatorListen === undefined ? undefined : parentListenAddress('OPERATOR_LISTEN', operatorListen)
   const operatorMaxConnections = integerSetting('OPERATOR_MAX_CONNECTIONS', { min: 1, max: 1_000_000, fallback: 64 })
-  const store =
+  const parentSettings = {
+    poolSize: integerSetting('POOL_SIZE', { min: 1, max: 256, fallback: 16 }),
+    requestTimeoutMs: integerSetting('REQUEST_TIMEOUT_MS', { min: 10, max: 60_000, fallback: 2_000 }),
+    kmsRequestTimeoutMs: integerSetting('KMS_REQUEST_TIMEOUT_MS', { min: 100, max: 300_000, fallback: 15_000 }),
+    credentialRefreshMs: integerSetting('CREDENTIAL_REFRESH_MS', { min: 1_000, max: 3_600_000, fallback: 300_000 }),
+    storeTimeoutMs: integerSetting('STORE_TIMEOUT_MS', { min: 100, max: 300_000, fallback: 10_000 }),
+    logPollMs: integerSetting('ENCLAVE_LOG_POLL_MS', { min: 100, max: 60_000, fallback: 1_000 }),
+  }
+  const storeSettings =
     choiceSetting('STORE', { choices: ['disk', 's3'], fallback: 'disk' }) === 's3'
-      ? await openS3BlobStore({
-          client: parentS3Client({
+      ? {
+          kind: 's3' as const,
+          client: {
             region: setting('S3_REGION', 'us-east-1'),
-            endpoint: process.env.S3_ENDPOINT || undefined,
+            endpoint: optionalSetting('S3_ENDPOINT'),
             timeoutMs: integerSetting('S3_TIMEOUT_MS', { min: 100, max: 60_000, fallback: 5_000 }),
-          }),
+          },
           bucket: setting('S3_BUCKET'),
           prefix: process.env.S3_PREFIX ?? '',
-        })
+        }
+      : { kind: 'disk' as const, directory: setting('STORE_DIR') }
+  // Only now, every setting read: the store is opened (a disk store replayed and locked) once they all check out.
+  const store =
+    storeSettings.kind === 's3'
+      ? await openS3BlobStore({ client: parentS3Client(storeSettings.client), bucket: storeSettings.bucket, prefix: storeSettings.prefix })
       : await openDiskBlobStore({
-          directory: setting('STORE_DIR'),
+          directory: storeSettings.directory,
           onCompaction: ({ outcome, ...details }) =>
             logLine(outcome === 'compacted' ? { event: 'blob_store_compacted', ...details } : { level: 'error', event: 'blob_store_compaction_failed', ...details }),
           onDamage: (damage) => logLine({ level: 'error', event: 'blob_store_damaged', ...damage }),
         })
   const parent = new OriginParent({
     enclaves,
-    poolSize: integerSetting('POOL_SIZE', { min: 1, max: 256, fallback: 16 }),
     store,
-    requestTimeoutMs: integerSetting('REQUEST_TIMEOUT_MS', { min: 10, max: 60_000, fallback: 2_000 }),
-    kmsRequestTimeoutMs: integerSetting('KMS_REQUEST_TIMEOUT_MS', { min: 100, max: 300_000, fallback: 15_000 }),
+    ...parentSettings,
     // The SDK's own chain (AWS_* variables, profiles, the instance's role through IMDS), refreshed before expiry.
     credentials: defaultProvider(),
-    credentialRefreshMs: integerSetting('CREDENTIAL_REFRESH_MS', { min: 1_000, max: 3_600_000, fallback: 300_000 }),
     maxInflightPerEnclave,
-    storeTimeoutMs: integerSetting('STORE_TIMEOUT_MS', { min: 100, max: 300_000, fallback: 10_000 }),
-    logPollMs: integerSetting('ENCLAVE_LOG_POLL_MS', { min: 100, max: 60_000, fallback: 1_000 }),
     log: logLine,
   })
   await parent.start()

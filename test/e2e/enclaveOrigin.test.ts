@@ -331,6 +331,8 @@ describe('the operators\u2019 CLI', () => {
       [502, '<html>bad gateway</html>', true],
       [403, '{"error":"this HMAC key may only sign and read keys"}', false],
       [503, '{"error":"no key is created while the store has not confirmed earlier writes (1 still waiting after 10000 ms)"}', false],
+      // A success that names no key: what became of the create is unknown.
+      [201, '{}', true],
     ]
     for (const [status, body, mayHaveMade] of answers) {
       const answering = createServer((request, response) => {
@@ -345,6 +347,35 @@ describe('the operators\u2019 CLI', () => {
         answering.close()
       }
     }
+  })
+
+  it('says no key was made when nothing was sent: a client setting refused before any request, or a parent not reached', async () => {
+    let requests = 0
+    const answering = createServer((request, response) => {
+      requests += 1
+      request.resume()
+      response.writeHead(201, { 'content-type': 'application/json' }).end(JSON.stringify({ keyId: 'k', address: '0x0000000000000000000000000000000000000001' }))
+    })
+    await new Promise<void>((resolve) => answering.listen(0, '127.0.0.1', resolve))
+    const url = `http://127.0.0.1:${(answering.address() as AddressInfo).port}`
+    try {
+      for (const [args, env, refusal] of [
+        [['create-keys', '--count', '100'], { ORIGIN_TIMEOUT_MS: 'abc' }, 'ORIGIN_TIMEOUT_MS must be a whole number'],
+        [['rotate-data-key'], { ORIGIN_TIMEOUT_MS: 'abc' }, 'ORIGIN_TIMEOUT_MS must be a whole number'],
+        [['create-keys', '--count', '100'], { ORIGIN_URL: 'notaurl' }, 'ORIGIN_URL must be an http:// or https:// URL, got notaurl'],
+        [['create-keys', '--count', '100'], { ORIGIN_HMAC_SECRET: '' }, 'ORIGIN_HMAC_SECRET is not set'],
+      ] as const) {
+        const { code, stderr } = await cliProcess(url, [...args], env).ended
+        expect({ code, refused: stderr.startsWith(refusal), note: stderr.includes('may still have made') }).toEqual({ code: 1, refused: true, note: false })
+      }
+    } finally {
+      answering.close()
+    }
+    expect(requests).toBe(0)
+    // No one listens there now: every create fails before a byte of it leaves.
+    const { code, stderr } = await cliProcess(url, ['create-keys', '--count', '100', '--concurrency', '4']).ended
+    expect(code).toBe(1)
+    expect(stderr).toMatch(/^created 0 of 100 keys, each printed above; stopped after a failure: cannot reach the parent at http:\/\/127\.0\.0\.1:\d+: ECONNREFUSED\n$/)
   })
 
   it.each([20, 0])('asks again, after its Retry-After-Ms (%i, and never sooner than 10 ms), for a create the origin shed for load', async (retryAfterMs) => {
@@ -392,7 +423,7 @@ describe('the operators\u2019 CLI', () => {
 
   it('refuses a count that is not a whole number, saying so, without a stack trace', async () => {
     const failed = await cli('create-keys', '--count', 'many').catch((error: { code: number; stderr: string }) => error)
-    expect(failed).toMatchObject({ code: 1, stderr: '--count must be a whole number of at least 1, got many\n' })
+    expect(failed).toMatchObject({ code: 1, stderr: '--count must be a whole number from 1 to 999999999, got many\n' })
   })
 
   it('sends nothing for --help, an option a command does not take, or a missing one; reads --name=value', async () => {

@@ -1,5 +1,5 @@
 import { afterEach, describe, expect, it } from 'vitest'
-import { choiceSetting, enclavesSetting, hmacKeysSetting, integerSetting, listenAddress, parentTlsSetting, redactSecrets, signOnlyKeyIdsSetting } from '../../enclave-origin/config.js'
+import { choiceSetting, enclavesSetting, hmacKeysSetting, integerSetting, listenAddress, optionalSetting, parentTlsSetting, redactSecrets, signOnlyKeyIdsSetting } from '../../enclave-origin/config.js'
 import { developmentAttestation, type AttestationProvider } from '../../enclave-origin/enclave/dataKey.js'
 import { checkStartup } from '../../enclave-origin/enclave/startupChecks.js'
 
@@ -173,21 +173,23 @@ describe('origin settings', () => {
     expectRefusals('ENCLAVES', enclavesSetting, refusals)
   })
 
-  it('takes HMAC keys as keyId:secret pairs, and refuses a missing separator, an empty id, a repeated id or a short secret without printing it', () => {
+  it('takes HMAC keys as keyId:secret pairs, and refuses a missing separator, an empty id, a repeated id or a short secret, naming the entry by position only', () => {
     process.env.ORIGIN_HMAC_KEYS = 'worker:a-secret-of-enough-bytes,ops:another:with-colons-inside'
     expect(hmacKeysSetting()).toEqual({ worker: 'a-secret-of-enough-bytes', ops: 'another:with-colons-inside' })
     const refusals: Array<[string, string]> = [
       ['worker:a-secret-of-enough-bytes,no-separator-here-at-all', 'ORIGIN_HMAC_KEYS entry 2 is not keyId:secret'],
       [':a-secret-of-enough-bytes', 'ORIGIN_HMAC_KEYS entry 1 is not keyId:secret'],
-      ['worker:a-secret-of-enough-bytes,worker:a-second-secret-long-enough', 'ORIGIN_HMAC_KEYS names key id worker twice'],
-      ['ops:', 'ORIGIN_HMAC_KEYS: the secret of key id ops is shorter than 16 bytes'],
-      ['ops:short-secret', 'ORIGIN_HMAC_KEYS: the secret of key id ops is shorter than 16 bytes'],
-      ['ops:a-secret-of-enough-bytes ', 'ORIGIN_HMAC_KEYS: the secret of key id ops begins or ends with white space, which every client would have to sign with too'],
-      ['ops:a-secret-of-enough-bytes\n', 'ORIGIN_HMAC_KEYS: the secret of key id ops begins or ends with white space, which every client would have to sign with too'],
+      ['worker:a-secret-of-enough-bytes,worker:a-second-secret-long-enough', 'ORIGIN_HMAC_KEYS entry 2 names a key id an earlier entry names'],
+      ['ops:', 'ORIGIN_HMAC_KEYS entry 1: its secret is shorter than 16 bytes'],
+      ['ops:short-secret', 'ORIGIN_HMAC_KEYS entry 1: its secret is shorter than 16 bytes'],
+      ['ops:a-secret-of-enough-bytes ', 'ORIGIN_HMAC_KEYS entry 1: its secret begins or ends with white space, which every client would have to sign with too'],
+      ['ops:a-secret-of-enough-bytes\n', 'ORIGIN_HMAC_KEYS entry 1: its secret begins or ends with white space, which every client would have to sign with too'],
+      // A secret holding "," and then ":" splits; the piece read as the next entry's key id is never printed.
+      ['ops:a-secret-of-enough-bytes,hidden-piece-of-it:x', 'ORIGIN_HMAC_KEYS entry 2: its secret is shorter than 16 bytes'],
       ['edge eu:a-secret-of-enough-bytes', 'ORIGIN_HMAC_KEYS entry 1: a key id is visible ASCII characters only'],
       ['wörker:a-secret-of-enough-bytes', 'ORIGIN_HMAC_KEYS entry 1: a key id is visible ASCII characters only'],
     ]
-    for (const message of expectRefusals('ORIGIN_HMAC_KEYS', hmacKeysSetting, refusals)) expect(message).not.toMatch(/a-second-secret|short-secret|no-separator/)
+    for (const message of expectRefusals('ORIGIN_HMAC_KEYS', hmacKeysSetting, refusals)) expect(message).not.toMatch(/a-second-secret|short-secret|no-separator|hidden-piece|worker|ops/)
   })
 
   it('takes sign-only HMAC key ids among ORIGIN_HMAC_KEYS, and refuses one it does not have rather than leave that key every right', () => {
@@ -219,6 +221,21 @@ describe('origin settings', () => {
     delete process.env.TLS_REQUIRE_CLIENT_CERT
     delete process.env.TLS_CA_FILE
     expect(parentTlsSetting(read)).toEqual({ cert: 'CERT', key: 'KEY', ca: undefined, requireClientCertificate: false })
+  })
+
+  it('takes an optional setting unset or set, and refuses one set but empty, naming it', () => {
+    delete process.env.PRELOAD_FILE
+    expect(optionalSetting('PRELOAD_FILE')).toBeUndefined()
+    process.env.PRELOAD_FILE = '/shares.age'
+    expect(optionalSetting('PRELOAD_FILE')).toBe('/shares.age')
+    process.env.PRELOAD_FILE = ''
+    expect(() => optionalSetting('PRELOAD_FILE')).toThrow('PRELOAD_FILE is set but empty: set it, or unset it')
+    delete process.env.PRELOAD_FILE
+    // An empty certificate setting is no way to plain HTTP either.
+    for (const name of ['TLS_CERT_FILE', 'TLS_KEY_FILE', 'TLS_CA_FILE', 'TLS_REQUIRE_CLIENT_CERT']) delete process.env[name]
+    process.env.TLS_CERT_FILE = ''
+    expect(() => parentTlsSetting((file) => file)).toThrow('TLS_CERT_FILE is set but empty')
+    delete process.env.TLS_CERT_FILE
   })
 
   it('refuses half a TLS setting rather than serve plain HTTP', () => {

@@ -510,12 +510,20 @@ describe('ThrottledLog', () => {
   })
 })
 
-it.each(['PARENT_LISTEN', 'OPERATOR_LISTEN'])('refuses to listen on vsock (%s), before it opens its store', async (setting) => {
-  const storeDir = mkdtempSync(path.join(tmpdir(), 'parent-listen-'))
+it.each([
+  { setting: 'PARENT_LISTEN', value: 'vsock:3:8443', refusal: 'PARENT_LISTEN must be host:port or a Unix socket path' },
+  { setting: 'OPERATOR_LISTEN', value: 'vsock:3:8443', refusal: 'OPERATOR_LISTEN must be host:port or a Unix socket path' },
+  // Empty, as from an image's `ENV OPERATOR_LISTEN=$ARG` with no build argument: not quietly no operators' listener.
+  { setting: 'OPERATOR_LISTEN', value: '', refusal: 'OPERATOR_LISTEN is set but empty' },
+  { setting: 'TLS_CERT_FILE', value: '', refusal: 'TLS_CERT_FILE is set but empty' },
+  { setting: 'POOL_SIZE', value: '0', refusal: 'POOL_SIZE must be a whole number from 1 to 256, got 0' },
+  { setting: 'STORE_TIMEOUT_MS', value: 'soon', refusal: 'STORE_TIMEOUT_MS must be a whole number' },
+])('refuses $setting=$value before it opens its store', async ({ setting, value, refusal }) => {
+  const storeDir = mkdtempSync(path.join(tmpdir(), 'parent-settings-'))
   try {
-    const env: Record<string, string | undefined> = { ...process.env, PARENT_LISTEN: '127.0.0.1:8443', [setting]: 'vsock:3:8443', STORE_DIR: storeDir, ORIGIN_HMAC_KEYS: `${hmac.keyId}:${hmac.secret}` }
+    const env: Record<string, string | undefined> = { ...process.env, PARENT_LISTEN: '127.0.0.1:8443', [setting]: value, STORE_DIR: storeDir, ORIGIN_HMAC_KEYS: `${hmac.keyId}:${hmac.secret}` }
     const run = promisify(execFile)(process.execPath, ['--import', 'tsx', 'enclave-origin/cli.ts', 'parent'], { env, timeout: 30_000 })
-    await expect(run).rejects.toMatchObject({ code: 1, stderr: expect.stringContaining(`${setting} must be host:port or a Unix socket path`) })
+    await expect(run).rejects.toMatchObject({ code: 1, stderr: expect.stringContaining(refusal) })
     // Not even its lock: a wrong setting stops the process before it touches the store.
     expect(readdirSync(storeDir)).toEqual([])
   } finally {
