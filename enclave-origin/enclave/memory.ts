@@ -13,30 +13,62 @@ export type MemoryGauge = { what: string; inUseBytes: number; limitBytes: number
  * the enclave's memory (an enclave's whole VM is its own, so `os.totalmem()`);
  * the whole VM's memory in use, MemTotal − MemAvailable, which also counts
  * what the resident set does not, such as an enclave's root filesystem,
- * held in RAM; and the V8 heap against its limit. Preloaded keys live off the
- * heap, in the resident set; the JSON they were parsed from lives on the heap.
+ * held in RAM; the V8 heap against its limit; and, where the process runs in
+ * a memory-limited cgroup (a container, in development), that cgroup's
+ * memory against its limit, which the kernel enforces before the others run
+ * out. Preloaded keys live off the heap, in the resident set; the JSON they
+ * were parsed from lives on the heap. `readFile` reads /proc and /sys files.
  */
-export function processMemory(readMeminfo: () => string = () => readFileSync('/proc/meminfo', 'utf8')): MemoryGauge[] {
+export function processMemory(readFile: (path: string) => string = (path) => readFileSync(path, 'utf8')): MemoryGauge[] {
   const heap = getHeapStatistics()
-  const system = systemMemory(readMeminfo)
+  const quietly = (path: string) => {
+    try {
+      return readFile(path)
+    } catch {
+      return undefined
+    }
+  }
+  const system = systemMemory(quietly('/proc/meminfo'))
+  const cgroup = cgroupMemory(quietly)
   return [
     { what: 'resident memory', inUseBytes: process.memoryUsage.rss(), limitBytes: totalmem() },
     { what: 'V8 heap', inUseBytes: heap.used_heap_size, limitBytes: heap.heap_size_limit },
     ...(system ? [system] : []),
+    ...(cgroup ? [cgroup] : []),
   ]
+}
+
+/**
+ * The memory cgroup's use against its limit, cgroup v2 (`memory.current` of `memory.max`) or v1
+ * (`memory.usage_in_bytes` of `memory.limit_in_bytes`), at the process's own cgroup path or, in a container whose
+ * cgroup namespace hides it, at the root of the mount. Undefined without a limit below the machine's memory.
+ */
+function cgroupMemory(read: (path: string) => string | undefined): MemoryGauge | undefined {
+  const membership = read('/proc/self/cgroup') ?? ''
+  const v2Path = /^0::(\/.*)$/m.exec(membership)?.[1]
+  const v1Path = /^\d+:(?:[^:]*,)?memory(?:,[^:]*)?:(\/.*)$/m.exec(membership)?.[1]
+  const layouts = [
+    ...(v1Path === undefined ? [] : [`/sys/fs/cgroup/memory${v1Path}`, '/sys/fs/cgroup/memory'].map((directory) => ({ directory, limit: 'memory.limit_in_bytes', usage: 'memory.usage_in_bytes' }))),
+    ...(v2Path === undefined ? [] : [`/sys/fs/cgroup${v2Path}`, '/sys/fs/cgroup'].map((directory) => ({ directory, limit: 'memory.max', usage: 'memory.current' }))),
+  ]
+  for (const { directory, limit, usage } of layouts) {
+    const limitText = read(`${directory.replace(/\/$/, '')}/${limit}`)?.trim()
+    if (limitText === undefined) continue
+    const limitBytes = Number(limitText)
+    const inUseBytes = Number(read(`${directory.replace(/\/$/, '')}/${usage}`)?.trim())
+    // 'max' (v2), or v1's "no limit" (a number near 2^63): nothing tighter than the machine.
+    if (!(limitBytes > 0 && limitBytes < totalmem() && inUseBytes >= 0)) return undefined
+    return { what: 'cgroup memory', inUseBytes, limitBytes }
+  }
+  return undefined
 }
 
 const meminfoTotal = /^MemTotal:\s+(\d+) kB$/m
 const meminfoAvailable = /^MemAvailable:\s+(\d+) kB$/m
 
 /** MemTotal − MemAvailable against MemTotal, from /proc/meminfo; undefined where there is none to read. */
-function systemMemory(readMeminfo: () => string): MemoryGauge | undefined {
-  let text: string
-  try {
-    text = readMeminfo()
-  } catch {
-    return undefined
-  }
+function systemMemory(text: string | undefined): MemoryGauge | undefined {
+  if (text === undefined) return undefined
   const total = Number(meminfoTotal.exec(text)?.[1])
   const available = Number(meminfoAvailable.exec(text)?.[1])
   if (!(total > 0) || !(available >= 0)) return undefined

@@ -356,6 +356,32 @@ describe('processMemory', () => {
       }).map((gauge) => gauge.what),
     ).toEqual(['resident memory', 'V8 heap'])
   })
+
+  it('weighs a memory cgroup\u2019s use against its limit (v2 or v1, at the process\u2019s own path or a namespaced root), and no unlimited one', () => {
+    const files = (entries: Record<string, string>) => (path: string) => {
+      if (!(path in entries)) throw new Error(`ENOENT ${path}`)
+      return entries[path]!
+    }
+    const cgroupGauge = (entries: Record<string, string>) => processMemory(files(entries)).find((gauge) => gauge.what === 'cgroup memory')
+    const mib = 2 ** 20
+    // v2 in a container's own namespace: its cgroup is the mount's root.
+    expect(cgroupGauge({ '/proc/self/cgroup': '0::/\n', '/sys/fs/cgroup/memory.max': `${512 * mib}\n`, '/sys/fs/cgroup/memory.current': `${400 * mib}\n` })).toEqual({
+      what: 'cgroup memory',
+      inUseBytes: 400 * mib,
+      limitBytes: 512 * mib,
+    })
+    // v1, the process's own path visible.
+    const v1 = { '/proc/self/cgroup': '5:cpu,cpuacct:/a\n4:memory:/docker/abc\n0::/\n', '/sys/fs/cgroup/memory/docker/abc/memory.limit_in_bytes': `${256 * mib}`, '/sys/fs/cgroup/memory/docker/abc/memory.usage_in_bytes': `${100 * mib}` }
+    expect(cgroupGauge(v1)).toEqual({ what: 'cgroup memory', inUseBytes: 100 * mib, limitBytes: 256 * mib })
+    // No limit: 'max', or v1's near-2^63.
+    expect(cgroupGauge({ '/proc/self/cgroup': '0::/\n', '/sys/fs/cgroup/memory.max': 'max\n', '/sys/fs/cgroup/memory.current': '1000\n' })).toBeUndefined()
+    expect(cgroupGauge({ ...v1, '/sys/fs/cgroup/memory/docker/abc/memory.limit_in_bytes': '9223372036854771712' })).toBeUndefined()
+    // The watch warns on it: 400 of 512 MiB is 78%.
+    const logged: Array<Record<string, unknown>> = []
+    const limited = files({ '/proc/self/cgroup': '0::/\n', '/sys/fs/cgroup/memory.max': `${512 * mib}`, '/sys/fs/cgroup/memory.current': `${400 * mib}` })
+    memoryWatch({ log: (fields) => logged.push(fields), read: () => processMemory(limited) }).check()
+    expect(logged).toMatchObject([{ event: 'memory_high', what: 'cgroup memory', percent: 78 }])
+  })
 })
 
 describe('PreloadedKeys', () => {
