@@ -51,6 +51,8 @@ export function verifyAttestationDocument(document: Uint8Array, { roots, now = D
   }
   const toBeSigned = encode(['Signature1', protectedHeader, new Uint8Array(0), payload])
   if (!verify('sha384', toBeSigned, { key: chain.at(-1)!.publicKey, dsaEncoding: 'ieee-p1363' }, signature)) throw invalid('the signature does not verify')
+  // The NSM measures with SHA-384; PCRs of another length could not be the image's PCR0 anyway, but say why.
+  if (fields.get('digest') !== 'SHA384') throw invalid('its PCRs are not SHA-384 digests')
   const pcrs = new Map<number, Uint8Array>()
   const pcrField = fields.get('pcrs')
   if (pcrField instanceof Map) for (const [index, value] of pcrField) if (typeof index === 'number' && value instanceof Uint8Array) pcrs.set(index, value)

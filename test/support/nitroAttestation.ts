@@ -32,8 +32,11 @@ export type TestNsm = {
   close(): void
 }
 
-/** `pcr0`: the image measurement its documents report; random unless given (zeros: a debug-mode enclave). */
-export function startTestNsm(options: { pcr0?: Uint8Array } = {}): TestNsm {
+/**
+ * `pcr0`: the image measurement its documents report; random unless given (zeros: a debug-mode enclave). `digest`:
+ * the hash its documents name for their PCRs (SHA384, as the NSM's; another for a verifier's refusal).
+ */
+export function startTestNsm(options: { pcr0?: Uint8Array; digest?: string } = {}): TestNsm {
   const dir = mkdtempSync(path.join(os.tmpdir(), 'test-nsm-'))
   const openssl = (args: string[]) => execFileSync('openssl', args, { cwd: dir, stdio: 'ignore' })
   const p384 = ['-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-384', '-nodes']
@@ -52,7 +55,7 @@ export function startTestNsm(options: { pcr0?: Uint8Array } = {}): TestNsm {
     const payload = encode(
       new Map<string, unknown>([
         ['module_id', moduleId],
-        ['digest', 'SHA384'],
+        ['digest', options.digest ?? 'SHA384'],
         ['timestamp', Date.now()],
         ['pcrs', new Map([[0, pcr0], [1, new Uint8Array(48)], [2, new Uint8Array(48)]])],
         ['certificate', certificate],

@@ -217,6 +217,14 @@ describe('verifyAttestationDocument', () => {
     // The test chain is valid for one day.
     expect(refusal(document, Date.now() + 3 * 24 * 3_600_000)).toBe('a certificate is outside its validity')
     expect(refusal(document)).toBe('accepted')
+    // Signed as a good one is, but naming another hash for its PCRs.
+    const otherDigest = startTestNsm({ digest: 'SHA256' })
+    try {
+      const signed = (await otherDigest.provider.attestationDocument({ publicKey: Uint8Array.of(1) }))!
+      expect(() => verifyAttestationDocument(signed, { roots: [new X509Certificate(otherDigest.rootPem)] })).toThrow(new AttestationDocumentError('its PCRs are not SHA-384 digests'))
+    } finally {
+      otherDigest.close()
+    }
   })
 })
 
