@@ -66,6 +66,7 @@ export class KeylessSigner implements Signer {
     // The parent refuses such secrets of its own, so this Worker's could never match: say so, not a bare 401 each time.
     if (hmacSecret.trim() !== hmacSecret) throw new SignerError(`keyless signer ${name}: its HMAC secret begins or ends with white space (a newline from the input it was put with?), which the parent refuses`)
     if (new TextEncoder().encode(hmacSecret).length < minimumHmacSecretBytes) throw new SignerError(`keyless signer ${name}: its HMAC secret is shorter than ${minimumHmacSecretBytes} bytes, which the parent refuses`)
+    if (hmacSecret.includes(',')) throw new SignerError(`keyless signer ${name}: its HMAC secret holds ",", which the parent's ORIGIN_HMAC_KEYS cannot`)
     const payload = new TextEncoder().encode(body === undefined ? '' : JSON.stringify(body))
     const send = this.fetcher()
     for (;;) {

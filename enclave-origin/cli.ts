@@ -42,10 +42,18 @@ function answerTimeoutMs(command: 'status' | 'rotation' | 'other'): number | und
   return set ?? (command === 'status' ? 70_000 : 660_000)
 }
 
+/** ORIGIN_HMAC_KEY_ID, as the parent takes key ids: a header could not carry another (and Node would throw sending it). */
+function hmacKeyId(): string {
+  const keyId = setting('ORIGIN_HMAC_KEY_ID', 'operator')
+  if (!/^[\x21-\x7e]+$/.test(keyId)) throw new Error('ORIGIN_HMAC_KEY_ID must be visible ASCII characters, as the parent takes key ids')
+  return keyId
+}
+
 /** The client settings, checked before a command sends anything: a bulk create's workers would each fail on one. */
 function checkClientSettings(command: 'status' | 'rotation' | 'other'): void {
   connectionToParent()
   answerTimeoutMs(command)
+  hmacKeyId()
   setting('ORIGIN_HMAC_SECRET')
 }
 
@@ -96,15 +104,16 @@ function exchange(options: { method: 'GET' | 'POST'; path: string; headers?: Rec
     })
     // Connected once a kept-alive socket is handed over open, or once a new one connects (over https: its TLS session is up).
     let connected = false
+    let reused = false
     sent.on('socket', (socket) => {
-      if (!socket.connecting) connected = true
+      if (!socket.connecting) connected = reused = true
       else socket.once(https ? 'secureConnect' : 'connect', () => (connected = true))
     })
     sent.on('error', (error: NodeJS.ErrnoException) => {
       const reason = `${error.code ?? error.message}`
-      // A TLS alert (a client certificate refused: TLS 1.3 sends it after the client's side of the handshake is done) ends
-      // the session before the parent reads a request.
-      const reached = connected && !/^ERR_(SSL|TLS)_/.test(error.code ?? '')
+      // On a new connection, a TLS alert (a client certificate refused: TLS 1.3 sends it after the client's side of the
+      // handshake is done) ends the session before the parent reads a request.
+      const reached = connected && (reused || !/^ERR_(SSL|TLS)_/.test(error.code ?? ''))
       reject(reached ? new Error(`the connection to the parent at ${base} failed: ${reason}`) : new ParentUnreachableError(`cannot reach the parent at ${base}: ${reason}`))
     })
     if (timeoutMs !== undefined) {
@@ -128,7 +137,7 @@ async function call(method: 'GET' | 'POST', path: string, json?: unknown, waitin
   let response: HttpExchange
   for (;;) {
     // Signed again each time: the parent refuses a nonce it has seen.
-    const headers = await signRequest({ keyId: setting('ORIGIN_HMAC_KEY_ID', 'operator'), secret: setting('ORIGIN_HMAC_SECRET'), method, path, body })
+    const headers = await signRequest({ keyId: hmacKeyId(), secret: setting('ORIGIN_HMAC_SECRET'), method, path, body })
     response = await exchange({ method, path, headers, body: method === 'POST' ? body : undefined, timeoutMs })
     const retryAfterMs = Number(response.headers['retry-after-ms'] ?? NaN)
     if (response.status !== 503 || !(retryAfterMs >= 0) || Date.now() + retryAfterMs > giveUpAt) break

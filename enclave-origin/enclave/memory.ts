@@ -41,7 +41,9 @@ export function processMemory(readFile: (path: string) => string = (path) => rea
 /**
  * The memory cgroup's use against its limit, cgroup v2 (`memory.current` of `memory.max`) or v1
  * (`memory.usage_in_bytes` of `memory.limit_in_bytes`), at the process's own cgroup path or, in a container whose
- * cgroup namespace hides it, at the root of the mount. Undefined without a limit below the machine's memory.
+ * cgroup namespace hides it, at the root of the mount. Its use counts page cache, which the kernel reclaims before
+ * it runs out: the inactive file pages (`memory.stat`) are left out, as container runtimes do (the share file read
+ * for a preload would otherwise count twice). Undefined without a limit below the machine's memory.
  */
 function cgroupMemory(read: (path: string) => string | undefined): MemoryGauge | undefined {
   const membership = read('/proc/self/cgroup') ?? ''
@@ -52,13 +54,17 @@ function cgroupMemory(read: (path: string) => string | undefined): MemoryGauge |
     ...(v2Path === undefined ? [] : [`/sys/fs/cgroup${v2Path}`, '/sys/fs/cgroup'].map((directory) => ({ directory, limit: 'memory.max', usage: 'memory.current' }))),
   ]
   for (const { directory, limit, usage } of layouts) {
-    const limitText = read(`${directory.replace(/\/$/, '')}/${limit}`)?.trim()
+    const file = (name: string) => read(`${directory.replace(/\/$/, '')}/${name}`)
+    const limitText = file(limit)?.trim()
     if (limitText === undefined) continue
     const limitBytes = Number(limitText)
-    const inUseBytes = Number(read(`${directory.replace(/\/$/, '')}/${usage}`)?.trim())
+    const usedBytes = Number(file(usage)?.trim())
     // 'max' (v2), or v1's "no limit" (a number near 2^63): nothing tighter than the machine.
-    if (!(limitBytes > 0 && limitBytes < totalmem() && inUseBytes >= 0)) return undefined
-    return { what: 'cgroup memory', inUseBytes, limitBytes }
+    if (!(limitBytes > 0 && limitBytes < totalmem() && usedBytes >= 0)) return undefined
+    // v2 names it inactive_file; v1 has that (its own) and total_inactive_file (with its children's, as its usage counts).
+    const stat = file('memory.stat') ?? ''
+    const inactiveFile = Number((/^total_inactive_file (\d+)$/m.exec(stat) ?? /^inactive_file (\d+)$/m.exec(stat))?.[1] ?? 0)
+    return { what: 'cgroup memory', inUseBytes: Math.max(0, usedBytes - inactiveFile), limitBytes }
   }
   return undefined
 }

@@ -40,7 +40,7 @@ export type PreloadSource = { path: string; bytes?: never } | { bytes: Uint8Arra
 export type LoadPreloadOptions = PreloadSource & {
   /** The age identity (`AGE-SECRET-KEY-1…` or `-PQ-1…`), or an age-keygen identity file's text: `#` comments and blank lines are skipped. */
   identity: string
-  /** What to check against its limit; default `processMemory()` (resident set and V8 heap). */
+  /** What to check against its limit; default `processMemory()` (resident set, V8 heap, the VM's memory, a limited cgroup's). */
   memory?: () => MemoryGauge[]
   log: (fields: Record<string, unknown>) => void
   /** Monotonic ms clock that times the load; default `performance.now`. */

@@ -364,6 +364,8 @@ describe('the operators\u2019 CLI', () => {
         [['rotate-data-key'], { ORIGIN_TIMEOUT_MS: 'abc' }, 'ORIGIN_TIMEOUT_MS must be a whole number'],
         [['create-keys', '--count', '100'], { ORIGIN_URL: 'notaurl' }, 'ORIGIN_URL must be an http:// or https:// URL, got notaurl'],
         [['create-keys', '--count', '100'], { ORIGIN_HMAC_SECRET: '' }, 'ORIGIN_HMAC_SECRET is not set'],
+        [['create-keys', '--count', '100'], { ORIGIN_HMAC_KEY_ID: '' }, 'ORIGIN_HMAC_KEY_ID is not set'],
+        [['create-keys', '--count', '100'], { ORIGIN_HMAC_KEY_ID: 'ops team' }, 'ORIGIN_HMAC_KEY_ID must be visible ASCII characters'],
       ] as const) {
         const { code, stderr } = await cliProcess(url, [...args], env).ended
         expect({ code, refused: stderr.startsWith(refusal), note: stderr.includes('may still have made') }).toEqual({ code: 1, refused: true, note: false })

@@ -388,6 +388,7 @@ describe('keyless backend', () => {
       [`${hmac.secret}\n`, 'begins or ends with white space'],
       [' a-secret-of-enough-bytes', 'begins or ends with white space'],
       ['fifteen-bytes!!', 'is shorter than 16 bytes'],
+      ['a-secret-of,enough-bytes', 'holds ","'],
     ]) {
       const signer = new KeylessSigner({ name: 'origin', url, keyId: 'k1', address: privateKeyToAddress(originKey), hmacKeyId: hmac.keyId, hmacSecret, deadlineMs: 500 })
       await expect(signer.signDigest(digest)).rejects.toThrow(`keyless signer origin: its HMAC secret ${fault}`)
