@@ -51,6 +51,23 @@ const until = async (check: () => boolean) => {
   expect(check()).toBe(true)
 }
 const health = (timeoutMs = 5_000) => pool!.request({ opcode: opcodes.HEALTH, payload: emptyPayload, timeoutMs })
+/** A pool of two at `at` whose refill backoff runs on a clock the test sets, counting its connects. */
+const countingPool = (at: number) => {
+  let now = 0
+  let connects = 0
+  const connect = (address: EnclaveAddress) => (connects++, connectStream(address))
+  pool = new EnclavePool({ address: { host: '127.0.0.1', port: at }, size: 2, clock: { now: () => now, random: () => 0.5 }, connect })
+  return { pool, connects: () => connects, setClock: (ms: number) => void (now = ms) }
+}
+/** One request a turn, `turns` of them, each waited for at the server (where `received` held `before` already). */
+const busyTurns = async (turns: number, before: number) => {
+  const answers: Array<Promise<Frame>> = []
+  for (let turn = 0; turn < turns; turn++) {
+    answers.push(health())
+    await until(() => received.length === before + turn + 1)
+  }
+  return answers
+}
 
 describe('EnclavePool', () => {
   it('fails the requests of a connection the enclave gave up on at its last word, with its reason, and sends no more there', async () => {
@@ -128,11 +145,8 @@ describe('EnclavePool', () => {
   })
 
   it('sends on a busy live connection while a broken one cannot be reopened, backs off its refills, and reopens it when it can', async () => {
-    let now = 0
-    let connects = 0
-    const connect = (address: EnclaveAddress) => (connects++, connectStream(address))
-    pool = new EnclavePool({ address: { host: '127.0.0.1', port }, size: 2, clock: { now: () => now, random: () => 0.5 }, connect })
-    await pool.connect()
+    const { connects, setClock } = countingPool(port)
+    await pool!.connect()
     // The enclave takes no new connections for now, and one of the two breaks.
     await until(() => sockets.length === 2)
     // (close() stops listening at once; its callback would wait for the open connections.)
@@ -145,24 +159,20 @@ describe('EnclavePool', () => {
     const second = health()
     await until(() => received.length === 2)
     expect(received.map((r) => r.connection)).toEqual([0, 0])
-    expect(connects).toBe(3)
+    expect(connects()).toBe(3)
     // More busy turns within the 0.5 s after that failure try no connect: the refill is held back.
-    const more = []
-    for (let turn = 0; turn < 5; turn++) {
-      more.push(health())
-      await until(() => received.length === 3 + turn)
-    }
-    expect(connects).toBe(3)
+    const more = await busyTurns(5, 2)
+    expect(connects()).toBe(3)
     answerAll()
     for (const answer of [first, second, ...more]) expect((await answer).status).toBe(0)
     // Listening again, and the hold over: the next turn that finds every live connection busy refills the slot.
     await new Promise<void>((resolve) => server.listen(port, '127.0.0.1', resolve))
-    now = 501
+    setClock(501)
     const third = health()
     await until(() => received.length === 1)
     const fourth = health()
     await until(() => received.length === 2 && sockets.length === 3)
-    expect(connects).toBe(4)
+    expect(connects()).toBe(4)
     answerAll()
     expect((await third).status).toBe(0)
     expect((await fourth).status).toBe(0)
@@ -182,34 +192,27 @@ describe('EnclavePool', () => {
     }) as Server & { connections: number }
     full.connections = 0
     await new Promise<void>((resolve) => full.listen(0, '127.0.0.1', resolve))
-    let now = 0
-    let connects = 0
-    const connect = (address: EnclaveAddress) => (connects++, connectStream(address))
-    pool = new EnclavePool({ address: { host: '127.0.0.1', port: (full.address() as { port: number }).port }, size: 2, clock: { now: () => now, random: () => 0.5 }, connect })
+    const { pool: counted, connects, setClock } = countingPool((full.address() as { port: number }).port)
     try {
-      await pool.connect()
-      expect(connects).toBe(2)
+      await counted.connect()
+      expect(connects()).toBe(2)
       // The second connection is closed at once, with nothing answered on it.
       await new Promise((resolve) => setTimeout(resolve, 50))
-      const busy = []
-      for (let turn = 0; turn < 5; turn++) {
-        busy.push(health())
-        await until(() => received.length === turn + 1)
-      }
+      const busy = await busyTurns(5, 0)
       // Every busy turn found a slot to refill, but within the hold none was tried.
-      expect(connects).toBe(2)
-      now = 501
+      expect(connects()).toBe(2)
+      setClock(501)
       busy.push(health())
       await until(() => received.length === 6)
       await new Promise((resolve) => setTimeout(resolve, 50))
       busy.push(health())
       await until(() => received.length === 7)
       // One refill after the hold, closed at once again: the next hold is longer.
-      expect(connects).toBe(3)
+      expect(connects()).toBe(3)
       answerAll()
       for (const answer of busy) expect((await answer).status).toBe(0)
     } finally {
-      pool.close()
+      counted.close()
       full.close()
     }
   })
@@ -228,32 +231,25 @@ describe('EnclavePool', () => {
     }) as Server & { connections: number }
     silent.connections = 0
     await new Promise<void>((resolve) => silent.listen(0, '127.0.0.1', resolve))
-    let now = 0
-    let connects = 0
-    const connect = (address: EnclaveAddress) => (connects++, connectStream(address))
-    pool = new EnclavePool({ address: { host: '127.0.0.1', port: (silent.address() as { port: number }).port }, size: 2, clock: { now: () => now, random: () => 0.5 }, connect })
+    const { pool: counted, connects, setClock } = countingPool((silent.address() as { port: number }).port)
     try {
-      await pool.connect()
+      await counted.connect()
       await until(() => silent.connections === 2)
       const first = health()
       await until(() => received.length === 1)
       // The next turn's request goes on the idle second connection, which closes under it: that one fails.
       await expect(health()).rejects.toThrow(new EnclaveUnavailableError('connection to the enclave closed'))
-      const busy = []
-      for (let turn = 0; turn < 5; turn++) {
-        busy.push(health())
-        await until(() => received.length === turn + 2)
-      }
+      const busy = await busyTurns(5, 1)
       // Every busy turn found the slot empty, but within the hold none reopened it; nothing more failed.
-      expect(connects).toBe(2)
-      now = 501
+      expect(connects()).toBe(2)
+      setClock(501)
       busy.push(health())
       await until(() => received.length === 7)
-      expect(connects).toBe(3)
+      expect(connects()).toBe(3)
       answerAll()
       for (const answer of [first, ...busy]) expect((await answer).status).toBe(0)
     } finally {
-      pool.close()
+      counted.close()
       silent.close()
     }
   })
