@@ -38,16 +38,14 @@ class EnclaveConnection {
 
   /** An answer to one of its requests has come. */
   private answered = false
-  /** A request has been sent on it. */
-  private carried = false
   /** The enclave refused it as it arrived and read nothing on it (see `connectionRequestId`). */
   private unread = false
 
   /**
    * `onFirstAnswer`: the enclave has answered a request on it. `onClose(refused)`: it closed before the enclave
-   * answered anything on it, with a last word or with requests sent on it (as one at its connection limit closes new
-   * ones, some silently). `sendElsewhere`: a request it sent on a connection the enclave read nothing on (it refused
-   * it), to go on another.
+   * answered anything on it, with a last word or without (as one at its connection limit closes new ones, some
+   * silently, some before a request goes on them). `sendElsewhere`: a request it sent on a connection the enclave
+   * read nothing on (it refused it), to go on another.
    */
   constructor(
     private readonly socket: Socket,
@@ -91,7 +89,8 @@ class EnclaveConnection {
     socket.on('close', () => {
       const message = this.closedBecause === undefined ? 'connection to the enclave closed' : `the enclave closed the connection: ${this.closedBecause}`
       // First, so that a request sent again below finds the refill held back: else each refusal would open one more.
-      onClose(!this.answered && (this.closedBecause !== undefined || this.carried))
+      // Idle ones an enclave's restart closes count too; the first answer on any new connection clears the backoff.
+      onClose(!this.answered)
       for (const waiting of this.pending.values()) {
         clearTimeout(waiting.timer)
         // Never read there: sent again on another connection, once (a request refused twice fails as refused).
@@ -144,7 +143,6 @@ class EnclaveConnection {
           })
       }, deadline - now)
       this.pending.set(requestId, { resolve, reject, timer, options, deadline })
-      this.carried = true
       this.writer.write(frame)
     })
   }
@@ -167,9 +165,9 @@ function readableReason(payload: Uint8Array): string {
  * its in-flight requests fail at once rather than hang. Refilling a slot in
  * the background, while live connections carry the load, backs off after
  * failed connects (0.5 s doubling to 30 s), and after connections that closed
- * before the enclave answered anything on them (with its last word, or
- * silently with requests out), so an enclave that refuses new connections is
- * not asked again every turn.
+ * before the enclave answered anything on them (with its last word or
+ * silently), so an enclave that refuses new connections is not asked again
+ * every turn.
  */
 export class EnclavePool {
   private readonly connections: Array<EnclaveConnection | undefined>

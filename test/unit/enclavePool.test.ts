@@ -155,31 +155,41 @@ describe('EnclavePool', () => {
     await new Promise((resolve) => setTimeout(resolve, 20))
     const first = health()
     await until(() => received.length === 1)
-    // Its one live connection is busy and a slot is empty: the reconnect fails, the request does not.
+    // Its one live connection is busy and a slot is empty, but the broken one closed before answering anything: the
+    // refill is held back, and the request goes on the live one.
     const second = health()
     await until(() => received.length === 2)
     expect(received.map((r) => r.connection)).toEqual([0, 0])
-    expect(connects()).toBe(3)
-    // More busy turns within the 0.5 s after that failure try no connect: the refill is held back.
-    const more = await busyTurns(5, 2)
-    expect(connects()).toBe(3)
-    answerAll()
-    for (const answer of [first, second, ...more]) expect((await answer).status).toBe(0)
-    // Listening again, and the hold over: the next turn that finds every live connection busy refills the slot.
-    await new Promise<void>((resolve) => server.listen(port, '127.0.0.1', resolve))
+    expect(connects()).toBe(2)
+    // Past that hold, a busy turn tries to reopen the slot: the connect fails, the request does not.
     setClock(501)
     const third = health()
-    await until(() => received.length === 1)
+    await until(() => received.length === 3)
+    expect(connects()).toBe(3)
+    // More busy turns within the next, longer hold try no connect.
+    const more = await busyTurns(5, 3)
+    expect(connects()).toBe(3)
+    answerAll()
+    for (const answer of [first, second, third, ...more]) expect((await answer).status).toBe(0)
+    // Listening again, and the hold over: the next turn that finds every live connection busy refills the slot.
+    await new Promise<void>((resolve) => server.listen(port, '127.0.0.1', resolve))
+    setClock(1_502)
     const fourth = health()
+    await until(() => received.length === 1)
+    const fifth = health()
     await until(() => received.length === 2 && sockets.length === 3)
     expect(connects()).toBe(4)
     answerAll()
-    expect((await third).status).toBe(0)
     expect((await fourth).status).toBe(0)
+    expect((await fifth).status).toBe(0)
   })
 
-  it('backs off refilling against an enclave that takes new connections and closes them at once, saying why', async () => {
-    // The enclave at its connection limit: the first connection is served, every later one gets its last word at once.
+  it.each([
+    { closing: 'saying why', close: (socket: Socket) => socket.end(encodeFrame({ requestId: connectionRequestId, opcode: 0, status: statuses.UNAVAILABLE, payload: encodeErrorMessage('1 connections are open') })) },
+    // As one flooded past its lingering refusals closes them: before any request goes on them.
+    { closing: 'silently', close: (socket: Socket) => socket.destroy() },
+  ])('backs off refilling against an enclave that takes new connections and closes them at once, $closing', async ({ close }) => {
+    // The enclave at its connection limit: the first connection is served, every later one is closed at once.
     const full = createServer((socket) => {
       socket.on('error', () => {})
       if (full.connections === 0) {
@@ -188,7 +198,7 @@ describe('EnclavePool', () => {
         socket.on('data', (data: Uint8Array) => {
           for (const frame of decoder.push(data)) received.push({ connection: 0, chunk: 0, frame, socket })
         })
-      } else socket.end(encodeFrame({ requestId: connectionRequestId, opcode: 0, status: statuses.UNAVAILABLE, payload: encodeErrorMessage('1 connections are open') }))
+      } else close(socket)
     }) as Server & { connections: number }
     full.connections = 0
     await new Promise<void>((resolve) => full.listen(0, '127.0.0.1', resolve))
