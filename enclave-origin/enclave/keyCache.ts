@@ -163,8 +163,13 @@ export class KeyCache {
   private sequenceFloor: number | undefined
   /** Every key's bytes: private keys, public keys and sealed records. */
   private readonly bytes = new ByteSlabs()
-  /** Where the pre-warmer's sweep resumes (a Map iterator stays valid as keys come and go). */
-  private sweep: MapIterator<[string, KeyEntry]> | undefined
+  /**
+   * The keys holding plaintext, which are all the sweep has to do with: with a million keys and a few thousand hot,
+   * a sweep over every key would leave a lapsed plaintext in memory for most of a minute past its hard TTL.
+   */
+  private readonly holdingPlaintext = new Set<KeyEntry>()
+  /** Where the pre-warmer's sweep resumes (a Set iterator stays valid as keys come and go). */
+  private sweep: SetIterator<KeyEntry> | undefined
   private dek: CachedDek | undefined
   private graceLeft: number
   /** Bumped by `clear()`, so an unlock that was in flight cannot bring a DEK back. */
@@ -429,9 +434,9 @@ export class KeyCache {
   }
 
   /**
-   * One step of the pre-warmer's sweep over the keys: refreshes hot keys
-   * shortly before their soft TTL and evicts lapsed plaintext, unless grace
-   * signatures may still spend it.
+   * One step of the pre-warmer's sweep over the keys holding plaintext:
+   * refreshes hot keys shortly before their soft TTL and evicts lapsed
+   * plaintext, unless grace signatures may still spend it.
    * A step visits at most `maxKeys` keys and schedules at most
    * `maxRefreshes` refreshes (each one an AES-GCM open, run just after the
    * step); the next step resumes there. With many keys no step then holds the
@@ -439,7 +444,7 @@ export class KeyCache {
    */
   sweepKeys({ maxKeys = Infinity, maxRefreshes = Infinity }: { maxKeys?: number; maxRefreshes?: number } = {}): void {
     const now = this.now()
-    this.sweep ??= this.entries.entries()
+    this.sweep ??= this.holdingPlaintext.values()
     let refreshes = 0
     for (let visited = 0; visited < maxKeys && refreshes < maxRefreshes; visited++) {
       const next = this.sweep.next()
@@ -447,8 +452,8 @@ export class KeyCache {
         this.sweep = undefined
         return
       }
-      const [keyId, entry] = next.value
-      if (!entry.plaintext) continue
+      const entry = next.value
+      const { keyId } = entry.record
       // Lapsed plaintext goes first, hot key or not: a refresh may fail for as long as KMS does, and must not keep it meanwhile.
       if (!isWarm(entry, now) && !this.keepsLapsedPlaintextForGrace(entry, now)) this.dropPlaintext(entry)
       if (this.isHot(entry, now) && isDueForRefresh({ entry, now, lowWaterMark: this.config.keyLowWaterMark })) {
@@ -467,6 +472,7 @@ export class KeyCache {
     this.unlockInFlight = undefined
     this.bytes.clear()
     this.entries.clear()
+    this.holdingPlaintext.clear()
     this.keysAwaitingUnlock.clear()
     if (this.dek) this.dropDek(this.dek)
     this.dek = undefined
@@ -708,7 +714,10 @@ export class KeyCache {
 
   /** Copies `privateKey` into the key's slab view (over the plaintext it had, if any) and returns the view. */
   private installPlaintext(entry: KeyEntry, privateKey: Uint8Array, now: number): Uint8Array {
-    entry.plaintext ??= this.bytes.allocate(privateKey.length)
+    if (!entry.plaintext) {
+      entry.plaintext = this.bytes.allocate(privateKey.length)
+      this.holdingPlaintext.add(entry)
+    }
     entry.plaintext.set(privateKey)
     const { keySoftTtlMs, keyHardTtlMs, keyUseBudget, prewarmJitter } = this.config
     entry.softExpiresAt = now + keySoftTtlMs
@@ -722,6 +731,7 @@ export class KeyCache {
     if (!entry.plaintext) return
     this.bytes.release(entry.plaintext)
     entry.plaintext = undefined
+    this.holdingPlaintext.delete(entry)
   }
 
   /** `load`, returning the key's entry: the record's bytes copied into the slabs, unless it seals what is held already. */

@@ -1141,6 +1141,29 @@ describe('KeyCache pre-warmer', () => {
     expect(refreshesAfterEachStep).toEqual([4, 7, 10, 10])
   })
 
+  it('sweeps only the keys holding plaintext: a lapsed one goes at the next step however many COOL keys there are', () => {
+    const { cache, key, dekCopy, advance } = harness()
+    cache.setDek(dekCopy())
+    // Loaded first, so a sweep over every key would meet them first.
+    for (let i = 0; i < 100; i++) cache.load(key({ keyId: `cool-${i}` }).record, nextSequence())
+    const held = ['warm-0', 'warm-1'].map((keyId) => addWarmHeld(cache, key({ keyId }).record, randomSecret()))
+    advance(17 * minute)
+    cache.sweepKeys({ maxKeys: 2 })
+    for (const plaintext of held) expect(plaintext).toEqual(zeros)
+    expect(cache.stats().keys).toMatchObject({ WARM: 0 })
+  })
+
+  it('forgets on clear() the keys that held plaintext: the next sweep visits only those held since', () => {
+    const { cache, key, dekCopy, advance } = harness()
+    cache.setDek(dekCopy())
+    addWarmHeld(cache, key({ keyId: 'before' }).record)
+    cache.clear()
+    const held = addWarmHeld(cache, key({ keyId: 'after' }).record)
+    advance(17 * minute)
+    cache.sweepKeys({ maxKeys: 1 })
+    expect(held).toEqual(zeros)
+  })
+
   it('renews the DEK on its own call, not on a sweep step', async () => {
     const { cache, key, dekCopy, advance, unlock } = harness()
     cache.setDek(dekCopy())
