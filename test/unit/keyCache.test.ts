@@ -1153,6 +1153,20 @@ describe('KeyCache pre-warmer', () => {
     expect(cache.stats().keys).toMatchObject({ WARM: 0 })
   })
 
+  it('zeroes the unsealed copy of a refresh whose plaintext cannot be installed (no slab to be had)', () => {
+    const { cache, key, dekCopy } = harness()
+    cache.setDek(dekCopy())
+    cache.load(key().record, nextSequence())
+    let handed: Uint8Array | undefined
+    // The slab allocation failing, as it would out of memory.
+    ;(cache as unknown as { installPlaintext: (entry: unknown, privateKey: Uint8Array) => Uint8Array }).installPlaintext = (_entry, privateKey) => {
+      handed = privateKey
+      throw new RangeError('Array buffer allocation failed')
+    }
+    expect(() => cache.acquire('key-1')).toThrow('Array buffer allocation failed')
+    expect(handed).toEqual(zeros)
+  })
+
   it('forgets on clear() the keys that held plaintext: the next sweep visits only those held since', () => {
     const { cache, key, dekCopy, advance } = harness()
     cache.setDek(dekCopy())
