@@ -184,6 +184,28 @@ describe('EnclavePool', () => {
     expect((await fifth).status).toBe(0)
   })
 
+  it('after an enclave restart closes its connections, opens one at once for the next request, and its first answer ends the hold on refills', async () => {
+    const { connects } = countingPool(port)
+    await pool!.connect()
+    await until(() => sockets.length === 2)
+    // Both closed before anything was answered on them: the hold on refills starts (the clock stands still here).
+    for (const socket of sockets) socket.destroy()
+    await new Promise((resolve) => setTimeout(resolve, 20))
+    // No live connection: one is opened at once, hold or not.
+    const first = health()
+    await until(() => received.length === 1)
+    expect(connects()).toBe(3)
+    answerAll()
+    expect((await first).status).toBe(0)
+    // Its first answer ended the hold: the next turn that finds it busy refills the other slot.
+    const busy = health()
+    await until(() => received.length === 1)
+    const next = health()
+    await until(() => received.length === 2 && connects() === 4)
+    answerAll()
+    for (const answer of [busy, next]) expect((await answer).status).toBe(0)
+  })
+
   it.each([
     { closing: 'saying why', close: (socket: Socket) => socket.end(encodeFrame({ requestId: connectionRequestId, opcode: 0, status: statuses.UNAVAILABLE, payload: encodeErrorMessage('1 connections are open') })) },
     // As one flooded past its lingering refusals closes them: before any request goes on them.
