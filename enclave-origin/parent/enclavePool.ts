@@ -167,7 +167,8 @@ function readableReason(payload: Uint8Array): string {
  * failed connects (0.5 s doubling to 30 s), and after connections that closed
  * before the enclave answered anything on them (with its last word or
  * silently), so an enclave that refuses new connections is not asked again
- * every turn.
+ * every turn. A new connection's first answer ends the hold; closes of
+ * connections opened before it do not count.
  */
 export class EnclavePool {
   private readonly connections: Array<EnclaveConnection | undefined>
@@ -176,6 +177,8 @@ export class EnclavePool {
   private sending: EnclaveConnection | undefined
   private stopped = false
   private readonly refillBackoff: FailureBackoff
+  /** Connections that have answered, so far: a close counts against refills only if none has since it opened. */
+  private firstAnswers = 0
 
   constructor(
     private readonly options: {
@@ -215,13 +218,19 @@ export class EnclavePool {
       socket.destroy()
       throw new EnclaveUnavailableError('the pool is stopped')
     }
+    const answersAtOpen = this.firstAnswers
     const connection = new EnclaveConnection(socket, {
       // A connect is no success until the enclave answers on it: one at its connection limit takes connections and
       // closes them at once, and refilling against that must back off as against a refused connect.
-      onFirstAnswer: () => this.refillBackoff.succeeded(),
+      onFirstAnswer: () => {
+        this.firstAnswers += 1
+        this.refillBackoff.succeeded()
+      },
       onClose: (refused) => {
         if (this.connections[slot] === connection) this.connections[slot] = undefined
-        if (refused && !this.stopped) this.refillBackoff.failed()
+        // One opened before the enclave last answered on a new connection says nothing of it now (an idle one from
+        // before a restart, say, whose close comes late): it must not hold refills back again.
+        if (refused && !this.stopped && answersAtOpen === this.firstAnswers) this.refillBackoff.failed()
       },
       sendElsewhere: (options) => this.request(options),
     })

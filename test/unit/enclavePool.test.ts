@@ -206,6 +206,30 @@ describe('EnclavePool', () => {
     for (const answer of [busy, next]) expect((await answer).status).toBe(0)
   })
 
+  it('does not hold refills back for the close of an idle connection opened before a newer one answered', async () => {
+    let connects = 0
+    const connect = (address: EnclaveAddress) => (connects++, connectStream(address))
+    pool = new EnclavePool({ address: { host: '127.0.0.1', port }, size: 3, clock: { now: () => 0, random: () => 0.5 }, connect })
+    await pool.connect()
+    await until(() => sockets.length === 3)
+    // The first connection answers; then the third, idle since the start, is closed (its close arriving late, say).
+    const answered = health()
+    await until(() => received.length === 1)
+    answerAll()
+    expect((await answered).status).toBe(0)
+    sockets[2]!.destroy()
+    await new Promise((resolve) => setTimeout(resolve, 20))
+    // Both live connections busy, a slot empty: refilled at once, the clock standing still.
+    const busy = [health()]
+    await until(() => received.length === 1)
+    busy.push(health())
+    await until(() => received.length === 2)
+    busy.push(health())
+    await until(() => received.length === 3 && connects === 4)
+    answerAll()
+    for (const answer of busy) expect((await answer).status).toBe(0)
+  })
+
   it.each([
     { closing: 'saying why', close: (socket: Socket) => socket.end(encodeFrame({ requestId: connectionRequestId, opcode: 0, status: statuses.UNAVAILABLE, payload: encodeErrorMessage('1 connections are open') })) },
     // As one flooded past its lingering refusals closes them: before any request goes on them.
