@@ -89,7 +89,7 @@ class EnclaveConnection {
     socket.on('close', () => {
       const message = this.closedBecause === undefined ? 'connection to the enclave closed' : `the enclave closed the connection: ${this.closedBecause}`
       // First, so that a request sent again below finds the refill held back: else each refusal would open one more.
-      // Idle ones an enclave's restart closes count too; the first answer on any new connection clears the backoff.
+      // Idle ones count too, unless a newer connection has answered since they opened (see the pool's `adopt`).
       onClose(!this.answered)
       for (const waiting of this.pending.values()) {
         clearTimeout(waiting.timer)
