@@ -444,6 +444,8 @@ describe('the operators\u2019 CLI', () => {
       }
       expect(await failed('create-keys', '--cuont', '5')).toEqual({ code: 1, stderr: 'create-keys: unknown option --cuont (it takes --count, --concurrency)\n' })
       expect(await failed('create-keys')).toEqual({ code: 1, stderr: '--count is required\n' })
+      // At most 256 at a time: more would run out of descriptors, and crowd the operators' listener a freeze needs.
+      expect(await failed('create-keys', '--count', '5', '--concurrency', '257')).toEqual({ code: 1, stderr: '--concurrency must be a whole number from 1 to 256, got 257\n' })
       expect(await failed('rotate-data-key', '--now')).toEqual({ code: 1, stderr: 'rotate-data-key: unknown option --now (it takes none)\n' })
       expect(await failed('unlock', '--allow-unattested')).toEqual({ code: 1, stderr: '--nitro-root-file, --pcr0 and --allow-unattested go with --preload-identity-file\n' })
       expect(await failed('unlock', '--preload-identity-file', '/nonexistent/identity.txt', '--allow-unattested')).toMatchObject({ code: 1, stderr: expect.stringContaining('ENOENT') })
