@@ -43,10 +43,13 @@ export class KeylessSigner implements Signer {
   /** Without trailing slashes: the parent's HMAC covers the path as we write it, and `//v1/…` is not that path. */
   private readonly baseUrl: string
   private readonly checksummed: Address
+  /** What is wrong with the HMAC secret, once for all requests; each fails saying so. */
+  private readonly secretFault: string | undefined
 
   constructor(private readonly options: KeylessSignerOptions) {
     this.baseUrl = options.url.replace(/\/+$/, '')
     this.checksummed = getAddress(options.address)
+    this.secretFault = hmacSecretFault(options.hmacSecret)
   }
 
   /** Global fetch, or the client certificate's binding's (called on the binding: a Fetcher's fetch needs its `this`). */
@@ -62,11 +65,7 @@ export class KeylessSigner implements Signer {
 
   private async request(method: 'GET' | 'POST', path: string, body: unknown, deadline: number, signal?: AbortSignal): Promise<Record<string, unknown>> {
     const { name, hmacKeyId, hmacSecret } = this.options
-    if (!hmacSecret) throw new SignerError(`keyless signer ${name}: its HMAC secret is not set`)
-    // The parent refuses such secrets of its own, so this Worker's could never match: say so, not a bare 401 each time.
-    if (hmacSecret.trim() !== hmacSecret) throw new SignerError(`keyless signer ${name}: its HMAC secret begins or ends with white space (a newline from the input it was put with?), which the parent refuses`)
-    if (new TextEncoder().encode(hmacSecret).length < minimumHmacSecretBytes) throw new SignerError(`keyless signer ${name}: its HMAC secret is shorter than ${minimumHmacSecretBytes} bytes, which the parent refuses`)
-    if (hmacSecret.includes(',')) throw new SignerError(`keyless signer ${name}: its HMAC secret holds ",", which the parent's ORIGIN_HMAC_KEYS cannot`)
+    if (this.secretFault !== undefined || !hmacSecret) throw new SignerError(`keyless signer ${name}: its HMAC secret ${this.secretFault}`)
     const payload = new TextEncoder().encode(body === undefined ? '' : JSON.stringify(body))
     const send = this.fetcher()
     for (;;) {
@@ -224,3 +223,12 @@ const originStatusMeanings: Record<number, string> = {
  * less, it would only time out, and fail later than failing now, which lets a fallback chain move on.
  */
 const minimumRetryTimeMs = 50
+
+/** Why no parent could share `secret`, if so: it could not hold it in its own settings, so every request would be a bare 401. */
+function hmacSecretFault(secret: string | undefined): string | undefined {
+  if (!secret) return 'is not set'
+  if (secret.trim() !== secret) return 'begins or ends with white space (a newline from the input it was put with?), which the parent refuses'
+  if (new TextEncoder().encode(secret).length < minimumHmacSecretBytes) return `is shorter than ${minimumHmacSecretBytes} bytes, which the parent refuses`
+  if (secret.includes(',')) return 'holds ",", which the parent\'s ORIGIN_HMAC_KEYS cannot'
+  return undefined
+}

@@ -652,9 +652,9 @@ export class KeyCache {
       return false
     }
     if (epoch !== this.dekEpoch) {
-      // A DEK installed meanwhile is at least as new as this one: keep it, and count this unlock as done.
+      // A DEK installed meanwhile is at least as new as this one: keep it, and count this unlock as done. Its setDek
+      // warmed the keys waiting then; any waiting since found it lapsed, and wait for the next.
       discard()
-      this.warmKeysAwaitingUnlock()
       return this.validDek(this.now()) !== undefined
     }
     try {

@@ -49,12 +49,14 @@ function cgroupMemory(read: (path: string) => string | undefined): MemoryGauge |
   const membership = read('/proc/self/cgroup') ?? ''
   const v2Path = /^0::(\/.*)$/m.exec(membership)?.[1]
   const v1Path = /^\d+:(?:[^:]*,)?memory(?:,[^:]*)?:(\/.*)$/m.exec(membership)?.[1]
+  // The process's own cgroup directory under the mount, then the mount's root.
+  const directories = (mount: string, path: string | undefined) => (path === undefined ? [] : [path === '/' ? mount : `${mount}${path}`, mount])
   const layouts = [
-    ...(v1Path === undefined ? [] : [`/sys/fs/cgroup/memory${v1Path}`, '/sys/fs/cgroup/memory'].map((directory) => ({ directory, limit: 'memory.limit_in_bytes', usage: 'memory.usage_in_bytes' }))),
-    ...(v2Path === undefined ? [] : [`/sys/fs/cgroup${v2Path}`, '/sys/fs/cgroup'].map((directory) => ({ directory, limit: 'memory.max', usage: 'memory.current' }))),
+    ...directories('/sys/fs/cgroup/memory', v1Path).map((directory) => ({ directory, limit: 'memory.limit_in_bytes', usage: 'memory.usage_in_bytes' })),
+    ...directories('/sys/fs/cgroup', v2Path).map((directory) => ({ directory, limit: 'memory.max', usage: 'memory.current' })),
   ]
   for (const { directory, limit, usage } of layouts) {
-    const file = (name: string) => read(`${directory.replace(/\/$/, '')}/${name}`)
+    const file = (name: string) => read(`${directory}/${name}`)
     const limitText = file(limit)?.trim()
     if (limitText === undefined) continue
     const limitBytes = Number(limitText)

@@ -59,6 +59,25 @@ const countingPool = (at: number) => {
   pool = new EnclavePool({ address: { host: '127.0.0.1', port: at }, size: 2, clock: { now: () => now, random: () => 0.5 }, connect })
   return { pool, connects: () => connects, setClock: (ms: number) => void (now = ms) }
 }
+/**
+ * An enclave that serves its first connection (its frames go to `received`) and hands every later one to `refuse`:
+ * at once, or as the connection's first bytes arrive. `connections` counts them; setting it to 1 refuses the next.
+ */
+const servingFirstOnly = async (refuse: (socket: Socket) => void, when: 'at once' | 'on its first bytes') => {
+  const counted = { connections: 0 }
+  const enclave = createServer((socket) => {
+    socket.on('error', () => {})
+    const connection = counted.connections++
+    if (connection >= 1 && when === 'at once') return refuse(socket)
+    const decoder = new FrameDecoder()
+    socket.on('data', (data: Uint8Array) => {
+      if (connection >= 1) return refuse(socket)
+      for (const frame of decoder.push(data)) received.push({ connection, chunk: 0, frame, socket })
+    })
+  })
+  await new Promise<void>((resolve) => enclave.listen(0, '127.0.0.1', resolve))
+  return Object.assign(counted, { server: enclave, port: (enclave.address() as { port: number }).port })
+}
 /** One request a turn, `turns` of them, each waited for at the server (where `received` held `before` already). */
 const busyTurns = async (turns: number, before: number) => {
   const answers: Array<Promise<Frame>> = []
@@ -236,19 +255,8 @@ describe('EnclavePool', () => {
     { closing: 'silently', close: (socket: Socket) => socket.destroy() },
   ])('backs off refilling against an enclave that takes new connections and closes them at once, $closing', async ({ close }) => {
     // The enclave at its connection limit: the first connection is served, every later one is closed at once.
-    const full = createServer((socket) => {
-      socket.on('error', () => {})
-      if (full.connections === 0) {
-        full.connections += 1
-        const decoder = new FrameDecoder()
-        socket.on('data', (data: Uint8Array) => {
-          for (const frame of decoder.push(data)) received.push({ connection: 0, chunk: 0, frame, socket })
-        })
-      } else close(socket)
-    }) as Server & { connections: number }
-    full.connections = 0
-    await new Promise<void>((resolve) => full.listen(0, '127.0.0.1', resolve))
-    const { pool: counted, connects, setClock } = countingPool((full.address() as { port: number }).port)
+    const full = await servingFirstOnly(close, 'at once')
+    const { pool: counted, connects, setClock } = countingPool(full.port)
     try {
       await counted.connect()
       expect(connects()).toBe(2)
@@ -269,25 +277,15 @@ describe('EnclavePool', () => {
       for (const answer of busy) expect((await answer).status).toBe(0)
     } finally {
       counted.close()
-      full.close()
+      full.server.close()
     }
   })
 
   it('backs off refilling against an enclave that closes new connections silently once a request arrives, failing only what went there', async () => {
     // The first connection is served; every later one is closed with no last word as its first bytes arrive (as an
     // enclave flooded past its lingering refusals closes them).
-    const silent = createServer((socket) => {
-      socket.on('error', () => {})
-      const connection = silent.connections++
-      const decoder = new FrameDecoder()
-      socket.on('data', (data: Uint8Array) => {
-        if (connection >= 1) return void socket.destroy()
-        for (const frame of decoder.push(data)) received.push({ connection, chunk: 0, frame, socket })
-      })
-    }) as Server & { connections: number }
-    silent.connections = 0
-    await new Promise<void>((resolve) => silent.listen(0, '127.0.0.1', resolve))
-    const { pool: counted, connects, setClock } = countingPool((silent.address() as { port: number }).port)
+    const silent = await servingFirstOnly((socket) => socket.destroy(), 'on its first bytes')
+    const { pool: counted, connects, setClock } = countingPool(silent.port)
     try {
       await counted.connect()
       await until(() => silent.connections === 2)
@@ -306,7 +304,7 @@ describe('EnclavePool', () => {
       for (const answer of [first, ...busy]) expect((await answer).status).toBe(0)
     } finally {
       counted.close()
-      silent.close()
+      silent.server.close()
     }
   })
 
@@ -340,18 +338,11 @@ describe('EnclavePool', () => {
   it('sends what went out on a connection the enclave refused unread on another, once; a refusal for a bad frame fails its requests', async () => {
     // Every connection but the first is refused as the enclave reads its first bytes: as if its refusal had crossed the requests.
     let refusal: number = statuses.UNAVAILABLE
-    const refusing = createServer((socket) => {
-      socket.on('error', () => {})
-      const connection = refusing.connections++
-      const decoder = new FrameDecoder()
-      socket.on('data', (data: Uint8Array) => {
-        if (connection >= 1) return void socket.end(encodeFrame({ requestId: connectionRequestId, opcode: 0, status: refusal, payload: encodeErrorMessage('1 connections are open') }))
-        for (const frame of decoder.push(data)) received.push({ connection, chunk: 0, frame, socket })
-      })
-    }) as Server & { connections: number }
-    refusing.connections = 0
-    await new Promise<void>((resolve) => refusing.listen(0, '127.0.0.1', resolve))
-    pool = new EnclavePool({ address: { host: '127.0.0.1', port: (refusing.address() as { port: number }).port }, size: 2 })
+    const refusing = await servingFirstOnly(
+      (socket) => socket.end(encodeFrame({ requestId: connectionRequestId, opcode: 0, status: refusal, payload: encodeErrorMessage('1 connections are open') })),
+      'on its first bytes',
+    )
+    pool = new EnclavePool({ address: { host: '127.0.0.1', port: refusing.port }, size: 2 })
     try {
       await pool.connect()
       await until(() => refusing.connections === 2)
@@ -371,20 +362,20 @@ describe('EnclavePool', () => {
       pool.close()
       refusal = statuses.BAD_REQUEST
       refusing.connections = 1
-      pool = new EnclavePool({ address: { host: '127.0.0.1', port: (refusing.address() as { port: number }).port }, size: 1 })
+      pool = new EnclavePool({ address: { host: '127.0.0.1', port: refusing.port }, size: 1 })
       await pool.connect()
       await expect(health()).rejects.toThrow(new EnclaveUnavailableError('the enclave closed the connection: 1 connections are open'))
       // Refused unread again where it was sent again: it fails then, not round and round.
       pool.close()
       refusal = statuses.UNAVAILABLE
-      pool = new EnclavePool({ address: { host: '127.0.0.1', port: (refusing.address() as { port: number }).port }, size: 1 })
+      pool = new EnclavePool({ address: { host: '127.0.0.1', port: refusing.port }, size: 1 })
       await pool.connect()
       const opened = refusing.connections
       await expect(health()).rejects.toThrow(new EnclaveUnavailableError('the enclave closed the connection: 1 connections are open'))
       expect(refusing.connections).toBe(opened + 1)
     } finally {
       pool.close()
-      refusing.close()
+      refusing.server.close()
     }
   })
 
