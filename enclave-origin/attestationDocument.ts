@@ -15,7 +15,7 @@ export type AttestedFields = {
 /**
  * Checks a Nitro attestation document as AWS documents it and KMS does: a
  * COSE_Sign1 (untagged or tag 18) signed with ES384 by its `certificate`,
- * which chains through `cabundle` (root first) to one of `roots`, each
+ * which chains through `cabundle` (root first, every one a CA) to one of `roots`, each
  * certificate within its validity at `now` (default: the current time). Answers the fields a verifier acts
  * on; throws AttestationDocumentError saying what failed.
  */
@@ -47,6 +47,8 @@ export function verifyAttestationDocument(document: Uint8Array, { roots, now = D
   for (const [i, certificate] of chain.entries()) {
     const issuer = chain[Math.max(i - 1, 0)]!
     if (!certificate.checkIssued(issuer) || !certificate.verify(issuer.publicKey)) throw invalid('the certificate chain does not verify')
+    // OpenSSL's checkIssued looks at key usage, not basic constraints: a leaf must not be able to issue the next.
+    if (i < chain.length - 1 && !certificate.ca) throw invalid('a certificate in the cabundle is not a CA')
     if (now < Date.parse(certificate.validFrom) || now > Date.parse(certificate.validTo)) throw invalid('a certificate is outside its validity')
   }
   const toBeSigned = encode(['Signature1', protectedHeader, new Uint8Array(0), payload])

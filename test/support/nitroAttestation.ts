@@ -1,6 +1,6 @@
 import { execFileSync } from 'node:child_process'
 import { createPrivateKey, randomBytes, sign } from 'node:crypto'
-import { mkdtempSync, readFileSync, rmSync } from 'node:fs'
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
 import os from 'node:os'
 import path from 'node:path'
 import { encode } from 'cborg'
@@ -35,19 +35,25 @@ export type TestNsm = {
 /**
  * `pcr0`: the image measurement its documents report; random unless given (zeros: a debug-mode enclave). `digest`:
  * the hash its documents name for their PCRs (SHA384, as the NSM's; another for a verifier's refusal).
+ * `intermediateIsCa: false` issues the leaf from an intermediate that is not a CA (for a verifier's refusal).
  */
-export function startTestNsm(options: { pcr0?: Uint8Array; digest?: string } = {}): TestNsm {
+export function startTestNsm(options: { pcr0?: Uint8Array; digest?: string; intermediateIsCa?: boolean } = {}): TestNsm {
   const dir = mkdtempSync(path.join(os.tmpdir(), 'test-nsm-'))
   const openssl = (args: string[]) => execFileSync('openssl', args, { cwd: dir, stdio: 'ignore' })
   const p384 = ['-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-384', '-nodes']
   openssl(['req', '-x509', ...p384, '-keyout', 'root.key', '-out', 'root.crt', '-days', '1', '-subj', '/CN=test nitro root', '-addext', 'basicConstraints=critical,CA:TRUE'])
+  // root → intermediate → leaf, as the NSM's chain runs (its cabundle holds the root and the intermediates).
+  writeFileSync(path.join(dir, 'intermediate.ext'), `basicConstraints=critical,CA:${options.intermediateIsCa === false ? 'FALSE' : 'TRUE'}\n`)
+  openssl(['req', ...p384, '-keyout', 'intermediate.key', '-out', 'intermediate.csr', '-subj', '/CN=test nitro intermediate'])
+  openssl(['x509', '-req', '-in', 'intermediate.csr', '-CA', 'root.crt', '-CAkey', 'root.key', '-CAcreateserial', '-out', 'intermediate.crt', '-days', '1', '-extfile', 'intermediate.ext'])
   openssl(['req', ...p384, '-keyout', 'leaf.key', '-out', 'leaf.csr', '-subj', '/CN=test enclave'])
-  openssl(['x509', '-req', '-in', 'leaf.csr', '-CA', 'root.crt', '-CAkey', 'root.key', '-CAcreateserial', '-out', 'leaf.crt', '-days', '1'])
+  openssl(['x509', '-req', '-in', 'leaf.csr', '-CA', 'intermediate.crt', '-CAkey', 'intermediate.key', '-CAcreateserial', '-out', 'leaf.crt', '-days', '1'])
   const rootPem = readFileSync(path.join(dir, 'root.crt'), 'utf8')
   const der = (file: string) => Buffer.from(readFileSync(path.join(dir, file), 'utf8').replace(/-----[^-]+-----|\s/g, ''), 'base64')
   const leafKey = createPrivateKey(readFileSync(path.join(dir, 'leaf.key')))
   const certificate = der('leaf.crt')
   const root = der('root.crt')
+  const intermediate = der('intermediate.crt')
   const pcr0 = options.pcr0 ?? new Uint8Array(randomBytes(48))
 
   const moduleId = 'i-test-enc0123456789'
@@ -59,7 +65,7 @@ export function startTestNsm(options: { pcr0?: Uint8Array; digest?: string } = {
         ['timestamp', Date.now()],
         ['pcrs', new Map([[0, pcr0], [1, new Uint8Array(48)], [2, new Uint8Array(48)]])],
         ['certificate', certificate],
-        ['cabundle', [root]],
+        ['cabundle', [root, intermediate]],
         ['public_key', publicKey],
         ['user_data', userData],
         ['nonce', nonce],

@@ -197,7 +197,7 @@ describe('verifyAttestationDocument', () => {
     }
   })
 
-  it('refuses, saying why: not COSE, another algorithm, an expired chain, no cabundle', async () => {
+  it('refuses, saying why: not COSE, another algorithm, an expired chain, no cabundle, another digest, an issuer that is not a CA', async () => {
     const document = await documentFor()
     const refusal = (bytes: Uint8Array, now?: number) => {
       try {
@@ -224,6 +224,14 @@ describe('verifyAttestationDocument', () => {
       expect(() => verifyAttestationDocument(signed, { roots: [new X509Certificate(otherDigest.rootPem)] })).toThrow(new AttestationDocumentError('its PCRs are not SHA-384 digests'))
     } finally {
       otherDigest.close()
+    }
+    // A chain whose leaf an end-entity certificate issued: each signature checks, but the issuer may not issue.
+    const notCa = startTestNsm({ intermediateIsCa: false })
+    try {
+      const signed = (await notCa.provider.attestationDocument({ publicKey: Uint8Array.of(1) }))!
+      expect(() => verifyAttestationDocument(signed, { roots: [new X509Certificate(notCa.rootPem)] })).toThrow(new AttestationDocumentError('a certificate in the cabundle is not a CA'))
+    } finally {
+      notCa.close()
     }
   })
 })
