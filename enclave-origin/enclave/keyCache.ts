@@ -164,8 +164,9 @@ export class KeyCache {
   /** Every key's bytes: private keys, public keys and sealed records. */
   private readonly bytes = new ByteSlabs()
   /**
-   * The keys holding plaintext, which are all the sweep has to do with: with a million keys and a few thousand hot,
-   * a sweep over every key would leave a lapsed plaintext in memory for most of a minute past its hard TTL.
+   * The keys holding plaintext, which are all the sweep has to do with, in the order they were last installed: one
+   * hard TTL for all on a clock that does not step back puts them in hard-TTL order, so lapsed plaintext is at the
+   * front, and a step drops it there without walking a million WARM keys to find it.
    */
   private readonly holdingPlaintext = new Set<KeyEntry>()
   /** Where the pre-warmer's sweep resumes (a Set iterator stays valid as keys come and go). */
@@ -437,13 +438,16 @@ export class KeyCache {
    * One step of the pre-warmer's sweep over the keys holding plaintext:
    * refreshes hot keys shortly before their soft TTL and evicts lapsed
    * plaintext, unless grace signatures may still spend it.
-   * A step visits at most `maxKeys` keys and schedules at most
+   * A step first drops the lapsed plaintext at the front of those keys, so
+   * it goes within a step of its hard TTL however many keys are WARM. Then it
+   * walks on: it visits at most `maxKeys` keys and schedules at most
    * `maxRefreshes` refreshes (each one an AES-GCM open, run just after the
    * step); the next step resumes there. With many keys no step then holds the
    * event loop for long: 50,000 keys take about 5 ms in one go.
    */
   sweepKeys({ maxKeys = Infinity, maxRefreshes = Infinity }: { maxKeys?: number; maxRefreshes?: number } = {}): void {
     const now = this.now()
+    this.dropLapsedAtFront(now, maxKeys)
     this.sweep ??= this.holdingPlaintext.values()
     let refreshes = 0
     for (let visited = 0; visited < maxKeys && refreshes < maxRefreshes; visited++) {
@@ -459,6 +463,19 @@ export class KeyCache {
       if (this.isHot(entry, now) && isDueForRefresh({ entry, now, lowWaterMark: this.config.keyLowWaterMark })) {
         if (this.scheduleRefresh(keyId)) refreshes += 1
       }
+    }
+  }
+
+  /**
+   * Drops the lapsed plaintext at the front of `holdingPlaintext` (past its hard TTL, in install order), visiting at
+   * most `maxKeys`. What this misses (a key out of uses, or behind that many kept for grace) the walk that follows
+   * finds in its turn.
+   */
+  private dropLapsedAtFront(now: number, maxKeys: number): void {
+    let visited = 0
+    for (const entry of this.holdingPlaintext) {
+      if (now < entry.hardExpiresAt || visited++ >= maxKeys) return
+      if (!this.keepsLapsedPlaintextForGrace(entry, now)) this.dropPlaintext(entry)
     }
   }
 
@@ -714,10 +731,10 @@ export class KeyCache {
 
   /** Copies `privateKey` into the key's slab view (over the plaintext it had, if any) and returns the view. */
   private installPlaintext(entry: KeyEntry, privateKey: Uint8Array, now: number): Uint8Array {
-    if (!entry.plaintext) {
-      entry.plaintext = this.bytes.allocate(privateKey.length)
-      this.holdingPlaintext.add(entry)
-    }
+    entry.plaintext ??= this.bytes.allocate(privateKey.length)
+    // To the back, keeping the set in hard-TTL order (see holdingPlaintext).
+    this.holdingPlaintext.delete(entry)
+    this.holdingPlaintext.add(entry)
     entry.plaintext.set(privateKey)
     const { keySoftTtlMs, keyHardTtlMs, keyUseBudget, prewarmJitter } = this.config
     entry.softExpiresAt = now + keySoftTtlMs

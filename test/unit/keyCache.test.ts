@@ -1153,6 +1153,33 @@ describe('KeyCache pre-warmer', () => {
     expect(cache.stats().keys).toMatchObject({ WARM: 0 })
   })
 
+  it('drops lapsed plaintext at the next step however far the walk has to go: the keys holding it are in hard-TTL order', () => {
+    // Three uses a key: out of them, it is re-derived at its next use, with a new hard TTL, as a refresh would be.
+    const { cache, key, dekCopy, advance } = harness({ keyUseBudget: 3, keyLowWaterMark: 0 })
+    cache.setDek(dekCopy())
+    const first = addWarmHeld(cache, key({ keyId: 'first' }).record)
+    advance(minute)
+    const rederived = addWarmHeld(cache, key({ keyId: 'rederived' }).record)
+    advance(minute)
+    const later = Array.from({ length: 50 }, (_, i) => addWarmHeld(cache, key({ keyId: `later-${i}` }).record))
+    // A step that sees only the first two keys, so the walk resumes behind them.
+    cache.sweepKeys({ maxKeys: 2 })
+    advance(30_000)
+    for (let use = 0; use < 3; use++) expect(cache.acquire('rederived').kind).toBe('ok')
+    expect(cache.stats().refreshes).toBe(1)
+    // Past the first key's hard TTL (16 min) and the re-derived key's old one, not its new one.
+    advance(14.5 * minute)
+    cache.sweepKeys({ maxKeys: 2 })
+    expect(first).toEqual(zeros)
+    expect(cache.get('rederived')?.cacheState).toBe('WARM')
+    for (const plaintext of later) expect(plaintext).not.toEqual(zeros)
+    // Past the later keys' hard TTL: the re-derived key went behind them, so the front holds all 50.
+    advance(70_000)
+    cache.sweepKeys({ maxKeys: 50 })
+    for (const plaintext of later) expect(plaintext).toEqual(zeros)
+    expect(rederived).not.toEqual(zeros)
+  })
+
   it('zeroes the unsealed copy of a refresh whose plaintext cannot be installed (no slab to be had)', () => {
     const { cache, key, dekCopy } = harness()
     cache.setDek(dekCopy())
