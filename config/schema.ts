@@ -276,6 +276,14 @@ export const configSchema = z
         })
       }
     })
+    // Anyone holding an API key (often shipped in a dapp's front end) could otherwise have one operation draw the whole deposit.
+    if (config.profile !== 'development' && config.policy.gas.maxTotalCostWei === undefined) {
+      ctx.addIssue({
+        code: 'custom',
+        path: ['policy', 'gas', 'maxTotalCostWei'],
+        message: 'required outside the development profile: the most one sponsored operation may cost, in wei (its gas limits × maxFeePerGas)',
+      })
+    }
     if (config.defaultChainId !== undefined && !seen.has(config.defaultChainId)) {
       ctx.addIssue({ code: 'custom', path: ['defaultChainId'], message: `chain ${config.defaultChainId} is not configured` })
     }

@@ -7,6 +7,9 @@ const chain = {
   paymasters: [{ entryPointVersion: '0.7', contract: 'pimlico-singleton', address: '0xd8a5406e24dcdc93656c1ef20e491a1fcf43b558' }],
 }
 
+/** The per-operation cost cap every profile but development requires. */
+const costCap = { gas: { maxTotalCostWei: '10000000000000000' } }
+
 function configError(vars: Record<string, unknown>): string {
   try {
     loadConfig(vars)
@@ -24,7 +27,7 @@ describe('configuration', () => {
       PAYMASTER_CONFIG: JSON.stringify({
         chains: [chain],
         signers: { kms: { keyId: 'alias/paymaster', region: 'us-east-1' } },
-        policy: { validity: { validForSeconds: 300 } },
+        policy: { validity: { validForSeconds: 300 }, ...costCap },
       }),
     })
     expect(config.profile).toBe('production')
@@ -38,8 +41,8 @@ describe('configuration', () => {
   })
 
   it('the production preset insists on naming its KMS key, and null removes a preset entry', () => {
-    expect(configError({ PROFILE: 'production', PAYMASTER_CONFIG: { chains: [chain] } })).toContain('signers.kms.keyId')
-    const edgeOnly = { chains: [chain], signers: { primary: { kind: 'secrets-store', binding: 'KEY' }, kms: null, edge: null } }
+    expect(configError({ PROFILE: 'production', PAYMASTER_CONFIG: { chains: [chain], policy: costCap } })).toContain('signers.kms.keyId')
+    const edgeOnly = { chains: [chain], signers: { primary: { kind: 'secrets-store', binding: 'KEY' }, kms: null, edge: null }, policy: costCap }
     expect(Object.keys(loadConfig({ PROFILE: 'production', PAYMASTER_CONFIG: edgeOnly }).signers)).toEqual(['primary'])
   })
 
@@ -135,6 +138,7 @@ describe('configuration', () => {
     }
     const highSecurity = {
       chains: [chain],
+      policy: costCap,
       signers: { kms: { keyId: 'k', region: 'eu-west-1' }, vault: { url: 'https://vault.internal:8200', path: 'paymaster/signer' } },
     }
     expect(loadConfig({ PROFILE: 'high-security', PAYMASTER_CONFIG: highSecurity }).signers.vault).toMatchObject({
@@ -143,6 +147,19 @@ describe('configuration', () => {
       kvMount: 'secret',
       field: 'private_key',
     })
+  })
+
+  it('requires a per-operation cost cap in every profile but development', () => {
+    const edgeKey = { primary: { kind: 'secrets-store', binding: 'KEY' }, kms: null, edge: null, origin: null, vault: null }
+    for (const profile of ['testing', 'staging', 'production', 'enterprise']) {
+      expect(configError({ PROFILE: profile, PAYMASTER_CONFIG: { chains: [chain], signers: edgeKey } })).toBe(
+        'configuration invalid: policy.gas.maxTotalCostWei: required outside the development profile: the most one sponsored operation may cost, in wei (its gas limits × maxFeePerGas)',
+      )
+      expect(loadConfig({ PROFILE: profile, PAYMASTER_CONFIG: { chains: [chain], signers: edgeKey, policy: costCap } }).policy.gas.maxTotalCostWei).toBe(10n ** 16n)
+    }
+    const highSecurity = { chains: [chain], signers: { kms: { keyId: 'k', region: 'eu-west-1' }, vault: { url: 'https://vault.internal:8200', path: 'p' } } }
+    expect(configError({ PROFILE: 'high-security', PAYMASTER_CONFIG: highSecurity })).toContain('policy.gas.maxTotalCostWei: required outside the development profile')
+    expect(loadConfig({ PAYMASTER_CONFIG: { chains: [chain] } }).policy.gas.maxTotalCostWei).toBeUndefined()
   })
 
   it('every profile in wrangler.toml that names its chains loads', () => {

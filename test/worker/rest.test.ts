@@ -100,7 +100,10 @@ describe('configuration and secrets failures', () => {
     app.fetch(new Request(`http://paymaster.test${path}`, init), { ...env, ...overrides })
 
   it('an invalid config answers every request with the field path and reason, and /health says misconfigured', async () => {
-    const config = JSON.stringify({ chains: [{ chainId: 31337, paymasters: [{ entryPointVersion: '0.7', contract: 'pimlico-singleton', address: '0x12' }] }] })
+    const config = JSON.stringify({
+      chains: [{ chainId: 31337, paymasters: [{ entryPointVersion: '0.7', contract: 'pimlico-singleton', address: '0x12' }] }],
+      policy: { gas: { maxTotalCostWei: '1' } },
+    })
     const health = await fetchWith({ PAYMASTER_CONFIG: config })
     expect(health.status).toBe(503)
     expect(await health.json()).toEqual({
