@@ -104,6 +104,39 @@ describe('ERC-7677 pm_getPaymasterData', () => {
   })
 })
 
+describe('EIP-7702 UserOperations', () => {
+  const authorization = {
+    address: '0xe6Cae83BdE06E4c305530e199D7217f42808555B',
+    chainId: '0x7a69',
+    nonce: '0x0',
+    r: `0x${'11'.repeat(32)}`,
+    s: `0x${'22'.repeat(32)}`,
+    yParity: '0x1',
+  }
+
+  it('v0.8: signs one with its authorization, and refuses the marker without one (its userOpHash needs the delegate)', async () => {
+    for (const factory of ['0x7702', '0x7702000000000000000000000000000000000000']) {
+      const op = rpcUserOperationV07({ factory, factoryData: '0x', eip7702Auth: authorization })
+      const signed = await rpc(request('pm_getPaymasterData', [op, entryPoints['0.8'], chainHex]))
+      expect(signed.body.result.paymaster).toBe(paymasters['0.8'])
+      const { eip7702Auth, ...withoutAuthorization } = op
+      const { body } = await rpc(request('pm_getPaymasterData', [withoutAuthorization, entryPoints['0.8'], chainHex]))
+      expect(body.error).toMatchObject({ code: -32602 })
+      expect(body.error.message).toBe(
+        'invalid userOperation for EntryPoint v0.8: userOperation.eip7702Auth: an EIP-7702 UserOperation (factory 0x7702) needs eip7702Auth, which names the delegate the EntryPoint hashes in the marker\u2019s place',
+      )
+    }
+  })
+
+  it('v0.7: refuses the marker, which that EntryPoint would call as a factory, and leaves an authorization alone to the bundler', async () => {
+    const { body } = await rpc(request('pm_getPaymasterStubData', [rpcUserOperationV07({ factory: '0x7702', factoryData: '0x' }), entryPoints['0.7'], chainHex, {}]))
+    expect(body.error).toMatchObject({ code: -32602 })
+    expect(body.error.message).toContain('userOperation.factory: the EIP-7702 initCode marker (factory 0x7702) needs EntryPoint v0.8')
+    const delegated = await rpc(request('pm_getPaymasterData', [rpcUserOperationV07({ factory: null, factoryData: null, eip7702Auth: authorization }), entryPoints['0.7'], chainHex]))
+    expect(delegated.body.result.paymaster).toBe(paymasters['0.7'])
+  })
+})
+
 describe('pm_sponsorUserOperation', () => {
   it('answers in the Pimlico v0.7 shape, echoing the signed gas fields', async () => {
     const op = rpcUserOperationV07()

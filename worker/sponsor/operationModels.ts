@@ -8,7 +8,9 @@ import {
   toUserOperationV06,
   toUserOperationV07,
   userOperationV06Schema,
+  userOperationV07OnlySchema,
   userOperationV07Schema,
+  userOperationV08Schema,
   type SignedGasField,
   type UserOperationV06,
   type UserOperationV07,
@@ -58,7 +60,7 @@ const v06: OperationModel<UserOperationV06> = {
 
 function v07Model(version: '0.7' | '0.8'): OperationModel<UserOperationV07> {
   return {
-    schema: userOperationV07Schema,
+    schema: version === '0.7' ? userOperationV07OnlySchema : userOperationV08Schema,
     fromInput: (input: z.infer<typeof userOperationV07Schema>) => toUserOperationV07(input),
     missingField: (input: z.infer<typeof userOperationV07Schema>) => missingSignedField(input),
     requestedPaymasterGas: (op) => ({

@@ -62,6 +62,29 @@ export const userOperationV07Schema = z
     path: ['factoryData'],
   })
 
+/**
+ * The EIP-7702 initCode marker: initCode whose first 20 bytes, zero-padded, are 0x7702. The v0.8 EntryPoint hashes
+ * the sender's delegate in its place; the v0.7 one would call it as a factory.
+ */
+export function isEip7702Marker(factory: string | null | undefined): boolean {
+  return factory != null && /^0x7702(0{36})?$/i.test(factory)
+}
+
+/** v0.7 knows no 7702 marker (an eip7702Auth alone is the bundler's business: it delegates the sender before handleOps). */
+export const userOperationV07OnlySchema = userOperationV07Schema.refine((op) => !isEip7702Marker(op.factory), {
+  message: 'the EIP-7702 initCode marker (factory 0x7702) needs EntryPoint v0.8; v0.7 would call 0x7702 as a factory',
+  path: ['factory'],
+})
+
+/**
+ * v0.8 puts the sender's delegate in the marker's place when it hashes; without the authorization that names it, the
+ * delegate is on chain only, which is not read here, so the userOpHash answered would be wrong.
+ */
+export const userOperationV08Schema = userOperationV07Schema.refine((op) => !isEip7702Marker(op.factory) || op.eip7702Auth, {
+  message: 'an EIP-7702 UserOperation (factory 0x7702) needs eip7702Auth, which names the delegate the EntryPoint hashes in the marker\u2019s place',
+  path: ['eip7702Auth'],
+})
+
 export type UserOperationV06Input = z.infer<typeof userOperationV06Schema>
 export type UserOperationV07Input = z.infer<typeof userOperationV07Schema>
 
