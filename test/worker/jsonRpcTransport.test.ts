@@ -54,6 +54,17 @@ describe('JSON-RPC 2.0 transport', () => {
     expect((await rpc({ jsonrpc: '2.0', id: 1, method: 'eth_chainId', params: 'x' })).body.error.code).toBe(-32600)
   })
 
+  it('answers params given by name with -32602, saying the method takes them by position', async () => {
+    const { body } = await rpc({ jsonrpc: '2.0', id: 3, method: 'pm_getPaymasterStubData', params: { userOperation: rpcUserOperationV07() } })
+    expect(body).toEqual({
+      jsonrpc: '2.0',
+      id: 3,
+      error: { code: -32602, message: 'invalid params: pm_getPaymasterStubData takes its params by position, as an array [userOperation, entryPoint, chainId, context], not by name' },
+    })
+    // An empty object names nothing: as good as no params.
+    expect((await rpc({ jsonrpc: '2.0', id: 4, method: 'eth_chainId', params: {} })).body).toEqual({ jsonrpc: '2.0', id: 4, result: '0x7a69' })
+  })
+
   it('answers an unknown method with -32601', async () => {
     expect((await rpc(request('eth_sendTransaction', []))).body.error.code).toBe(-32601)
   })

@@ -21,6 +21,9 @@ describe('REST API', () => {
     const body = (await response.json()) as { validUntil: number; validAfter: number }
     expect(body).toMatchObject({ chainId: 31337, entryPointVersion: '0.7', paymaster: paymasters['0.7'], signer })
     expect(body.validUntil).toBeGreaterThan(body.validAfter)
+    // A null context, as the RPC methods take it.
+    const withNullContext = await post('/api/v1/paymaster/sponsor', { userOperation: rpcUserOperationV07(), entryPoint: entryPoints['0.7'], chainId: 31337, context: null })
+    expect(withNullContext.status).toBe(200)
   })
 
   it('POST /api/v1/paymaster/process evaluates without signing, and reports a decline as a decision', async () => {

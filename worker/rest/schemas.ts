@@ -12,7 +12,8 @@ export const sponsorRequestSchema = z.object({
   userOperation: z.record(z.string(), z.unknown(), { error: 'expected a UserOperation object' }),
   entryPoint: addressSchema,
   chainId: chainIdSchema,
-  context: z.record(z.string(), z.unknown()).optional(),
+  // null as ERC-7677's RPC takes it, so the same body works on both.
+  context: z.record(z.string(), z.unknown()).nullish(),
 })
 
 export const sponsorRequestDocSchema = sponsorRequestSchema.extend({

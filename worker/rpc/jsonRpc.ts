@@ -26,7 +26,8 @@ export type RpcResponse =
 const requestSchema = z.object({
   jsonrpc: z.literal('2.0'),
   method: z.string().min(1),
-  params: z.array(z.unknown()).optional(),
+  // JSON-RPC 2.0 allows params by name; every method here takes them by position, which the method then says.
+  params: z.union([z.array(z.unknown()), z.record(z.string(), z.unknown())]).optional(),
   id: z.union([z.string(), z.number(), z.null()]).optional(),
 })
 
@@ -75,7 +76,12 @@ async function handleOne<Context>(
   try {
     const method = options.methods.get(request.method)
     if (!method) throw new MethodNotFoundError(`method ${request.method} is not supported`)
-    const params = method.params.safeParse(request.params ?? [])
+    const given = request.params ?? []
+    // An empty object names nothing, so it is as good as no params.
+    if (!Array.isArray(given) && Object.keys(given).length > 0) {
+      throw new InvalidParamsError(`invalid params: ${method.name} takes its params by position, as an array [${method.paramNames.join(', ')}], not by name`)
+    }
+    const params = method.params.safeParse(Array.isArray(given) ? given : [])
     if (!params.success) {
       const expected = method.paramNames.length ? `; ${method.name} takes [${method.paramNames.join(', ')}]` : ''
       throw new InvalidParamsError(`invalid params: ${describeZodError(params.error, { rootNames: method.paramNames })}${expected}`)
