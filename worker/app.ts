@@ -3,7 +3,7 @@ import { ConfigError } from '../config/load.js'
 import { errorCodes, InternalError, MethodNotFoundError, toServiceError, type ServiceError } from './errors.js'
 import { readJsonBody } from './http/readJsonBody.js'
 import { failureFields, logEvent } from './log.js'
-import { healthReport } from './health.js'
+import { healthReport, recentHealthReport } from './health.js'
 import { restRoutes, type RestVariables } from './rest/routes.js'
 import { dispatchJsonRpc, errorResponse } from './rpc/jsonRpc.js'
 import { rpcMethods } from './rpc/methods.js'
@@ -43,6 +43,9 @@ app.onError((error, c) => {
   if (serviceError.kind === 'internal') {
     // Name and message only: a stack can carry paths and values we never log.
     logEvent({ level: 'error', event: 'request_failed', path: c.req.path, error: error.name, message: error.message.slice(0, 200) })
+  } else if (serviceError.kind === 'signer_unavailable') {
+    // Why the signer failed is for this log only (JSON-RPC logs its failures as it dispatches them).
+    logEvent({ level: 'error', event: 'request_failed', path: c.req.path, ...failureFields(serviceError) })
   }
   return errorJson(c, serviceError)
 })
@@ -50,9 +53,29 @@ app.onError((error, c) => {
 app.notFound((c) => errorJson(c, new MethodNotFoundError(`no route ${c.req.method} ${c.req.path}`)))
 
 app.get('/health', async (c) => {
-  const report = await healthReport(c.env)
-  return c.json(report, report.status === 'ok' || report.status === 'degraded' ? 200 : 503)
+  // The details name backends, their URLs and key ids: for the operator's callers (an API key, or a profile that needs
+  // none). Anyone else, a load balancer say, gets the status of a report at most a few seconds old, so probing it
+  // often costs the backends nothing.
+  const detailed = await mayReadHealthDetails(c)
+  const report = detailed ? await healthReport(c.env) : await recentHealthReport(c.env)
+  return c.json(detailed ? report : { status: report.status }, report.status === 'ok' || report.status === 'degraded' ? 200 : 503)
 })
+
+async function mayReadHealthDetails(c: Context<AppEnv>): Promise<boolean> {
+  let services
+  try {
+    services = servicesFor(c.env)
+  } catch (error) {
+    // Misconfigured: the report is the configuration error, which every route answers anyway.
+    if (error instanceof ConfigError) return true
+    throw error
+  }
+  if (!services.apiKeys) return true
+  return services.apiKeys.verify(apiKeyOf(c)).then(
+    () => true,
+    () => false,
+  )
+}
 
 app.get('/metrics', authenticate('rest'), (c) =>
   c.text(c.get('services').metrics.toPrometheus(), 200, { 'content-type': 'text/plain; version=0.0.4' }),

@@ -62,9 +62,20 @@ export class SponsorshipDeclinedError extends ServiceError {
 export class PayloadTooLargeError extends ServiceError {
   readonly kind = 'payload_too_large'
 }
-/** The signer backend could not produce a signature (misconfigured, down, or unreadable key). */
+/**
+ * The signer backend could not produce a signature (misconfigured, down, or unreadable key). `detail` says why, for
+ * the operator's log only: it names backends' URLs, key ids and secret names, which API key holders (wallets, whose
+ * keys ship in front ends) have no business reading.
+ */
 export class SignerUnavailableError extends ServiceError {
   readonly kind = 'signer_unavailable'
+  constructor(
+    message: string,
+    data: ErrorData,
+    readonly detail?: string,
+  ) {
+    super(message, data)
+  }
 }
 export class InternalError extends ServiceError {
   readonly kind = 'internal'

@@ -50,6 +50,19 @@ export async function healthReport(env: Env) {
   }
 }
 
+/** How long a report stays good enough for a caller who sees only its status. */
+const recentReportMs = 5_000
+const recentReports = new WeakMap<object, { madeAt: number; report: ReturnType<typeof healthReport> }>()
+
+/** `healthReport`, made at most once every few seconds per env (the status-only answer of `/health`). */
+export function recentHealthReport(env: Env): ReturnType<typeof healthReport> {
+  const recent = recentReports.get(env)
+  if (recent && Date.now() - recent.madeAt < recentReportMs) return recent.report
+  const report = healthReport(env)
+  recentReports.set(env, { madeAt: Date.now(), report })
+  return report
+}
+
 const signersAbi = [
   { type: 'function', name: 'signers', stateMutability: 'view', inputs: [{ name: 'account', type: 'address' }], outputs: [{ type: 'bool' }] },
 ] as const

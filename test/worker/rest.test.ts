@@ -1,5 +1,5 @@
 import { env } from 'cloudflare:workers'
-import { beforeAll, describe, expect, it } from 'vitest'
+import { beforeAll, describe, expect, it, vi } from 'vitest'
 import { recoverMessageAddress, slice, type Address } from 'viem'
 import { app } from '../../worker/app.js'
 import { rpcUserOperationV06, rpcUserOperationV07 } from '../support/userOperations.js'
@@ -75,14 +75,19 @@ describe('REST API', () => {
     expect(unknown.status).toBe(400)
   })
 
-  it('GET /health reports the profile and signer without authentication', async () => {
-    const response = await call('/health')
+  it('GET /health reports the profile and signers to an API key holder, and only the status to anyone else', async () => {
+    const response = await call('/health', { headers: { 'x-api-key': apiKey } })
     expect(response.status).toBe(200)
     expect(await response.json()).toMatchObject({
       status: 'ok',
       profile: 'testing',
       signers: [{ kind: 'secrets-store', ok: true, address: signer }],
     })
+    for (const headers of [{}, { 'x-api-key': 'not-a-key' }] as Array<Record<string, string>>) {
+      const anonymous = await call('/health', { headers })
+      expect(anonymous.status).toBe(200)
+      expect(await anonymous.json()).toEqual({ status: 'ok' })
+    }
   })
 
   it('GET /openapi.json documents every REST route with schemas from the zod definitions', async () => {
@@ -127,7 +132,7 @@ describe('configuration and secrets failures', () => {
 
   it('a missing Secrets Store secret is a clear error on /health and on requests, never a crash', async () => {
     const overrides = { PAYMASTER_KEY: (env as unknown as Record<string, unknown>).NEVER_CREATED_KEY }
-    const health = await fetchWith(overrides)
+    const health = await fetchWith(overrides, '/health', { headers: { 'x-api-key': apiKey } })
     expect(health.status).toBe(503)
     expect(await health.json()).toMatchObject({
       status: 'unavailable',
@@ -140,10 +145,24 @@ describe('configuration and secrets failures', () => {
     })
     expect(sponsorResponse.status).toBe(200)
     expect(await sponsorResponse.json()).toMatchObject({ error: { code: -32003, data: { reason: 'signer_unavailable' } } })
+    // REST: the caller learns which signer failed; the binding's name and why are in the Worker's log only.
+    const log = vi.spyOn(console, 'log')
+    const restResponse = await fetchWith(overrides, '/api/v1/paymaster/sponsor', {
+      method: 'POST',
+      headers: { 'x-api-key': apiKey, 'content-type': 'application/json' },
+      body: JSON.stringify({ userOperation: rpcUserOperationV07(), entryPoint: entryPoints['0.7'], chainId: 31337 }),
+    })
+    expect(restResponse.status).toBe(503)
+    expect(await restResponse.json()).toEqual({
+      error: { code: 'signer_unavailable', message: 'signer unavailable: signer primary could not sign', data: { reason: 'signer_unavailable', signer: 'primary', retryable: false } },
+    })
+    const logged = log.mock.calls.map(([line]) => JSON.parse(String(line)) as Record<string, unknown>).find((entry) => entry.event === 'request_failed')
+    expect(logged).toMatchObject({ path: '/api/v1/paymaster/sponsor', errorKind: 'signer_unavailable', detail: 'Secrets Store secret behind binding PAYMASTER_KEY could not be read (missing, or no access)' })
+    log.mockRestore()
   })
 
   it('a malformed secret is reported without echoing its value', async () => {
-    const health = await fetchWith({ PAYMASTER_KEY: { get: async () => 'hunter2-not-a-key' } })
+    const health = await fetchWith({ PAYMASTER_KEY: { get: async () => 'hunter2-not-a-key' } }, '/health', { headers: { 'x-api-key': apiKey } })
     const text = await health.text()
     expect(text).toContain('is not a 32-byte hex private key')
     expect(text).not.toContain('hunter2')

@@ -22,7 +22,10 @@ function envWith(signers: Record<string, unknown>, extra: Record<string, unknown
   return { ...env, ...secrets, ...extra, PAYMASTER_CONFIG: JSON.stringify({ ...base, signers }) }
 }
 
+/** A pm_getPaymasterData answer, and (`detail`) why the signer failed as the Worker logged it, which the answer leaves out. */
 async function sponsorThrough(workerEnv: object) {
+  const log = vi.spyOn(console, 'log')
+  const linesBefore = log.mock.calls.length
   const response = await app.fetch(
     new Request('http://paymaster.test/rpc', {
       method: 'POST',
@@ -31,7 +34,13 @@ async function sponsorThrough(workerEnv: object) {
     }),
     workerEnv,
   )
-  return (await response.json()) as { result?: { paymasterData: string }; error?: { code: number; message: string; data?: { reason: string } } }
+  const answer = (await response.json()) as { result?: { paymasterData: string }; error?: { code: number; message: string; data?: { reason: string } } }
+  const failure = log.mock.calls
+    .slice(linesBefore)
+    .map(([line]) => JSON.parse(String(line)) as Record<string, unknown>)
+    .find((entry) => entry.event === 'rpc' && entry.errorKind === 'signer_unavailable')
+  if (answer.error && failure) expect(answer.error.message).not.toContain(String(failure.detail))
+  return { ...answer, detail: failure?.detail as string | undefined }
 }
 
 async function get(path: string, workerEnv: object) {
@@ -84,22 +93,34 @@ describe('each backend signs sponsorships with the same key', () => {
   })
 })
 
+describe('/health', () => {
+  it('answers a caller without an API key from a report at most a few seconds old, and an API key holder from a fresh one', async () => {
+    const workerEnv = envWith({ primary: backends.http })
+    const anonymous = async () => (await app.fetch(new Request('http://paymaster.test/health'), workerEnv)).json()
+    expect(await anonymous()).toEqual({ status: 'ok' })
+    await control('/http/fault', { fault: 'down' })
+    expect(await anonymous()).toEqual({ status: 'ok' })
+    expect(JSON.parse((await get('/health', workerEnv)).text)).toMatchObject({ status: 'unavailable', signers: [{ name: 'primary', ok: false }] })
+  })
+})
+
 describe('clear configuration errors from KMS', () => {
   it('a key with the wrong key spec', async () => {
     const { keyId } = await control('/kms/keys', { keySpec: 'ECC_NIST_P256' })
     const answer = await sponsorThrough(envWith({ primary: { ...backends.kms, keyId } }))
-    expect(answer.error).toMatchObject({ code: -32003, message: expect.stringContaining('has key spec ECC_NIST_P256; Ethereum needs ECC_SECG_P256K1') })
+    expect(answer.error).toMatchObject({ code: -32003, message: 'signer unavailable: signer primary could not sign', data: { reason: 'signer_unavailable', signer: 'primary', retryable: false } })
+    expect(answer.detail).toContain('has key spec ECC_NIST_P256; Ethereum needs ECC_SECG_P256K1')
   })
 
   it('access denied', async () => {
     await control('/kms/fault', { fault: 'access-denied' })
     const answer = await sponsorThrough(envWith({ primary: backends.kms }))
-    expect(answer.error!.message).toContain('AWS KMS denied access to key')
+    expect(answer.detail).toContain('AWS KMS denied access to key')
   })
 
   it('wrong credentials', async () => {
     const answer = await sponsorThrough(envWith({ primary: backends.kms }, { AWS_SECRET_ACCESS_KEY: 'not-the-secret' }))
-    expect(answer.error!.message).toContain('rejected the request signature')
+    expect(answer.detail).toContain('rejected the request signature')
   })
 })
 
@@ -167,8 +188,9 @@ describe('fallback: the client never notices a failing primary', () => {
     const started = Date.now()
     const answer = await sponsorThrough(chainOf())
     expect(Date.now() - started).toBeLessThan(2_000)
-    expect(answer.error).toMatchObject({ code: -32003, message: expect.stringContaining('every signer backend failed') })
-    expect(answer.error!.message).toContain('key server answered 503')
+    expect(answer.error).toMatchObject({ code: -32003, message: 'signer unavailable: signer primary could not sign; try again shortly', data: { retryable: true } })
+    expect(answer.detail).toContain('every signer backend failed')
+    expect(answer.detail).toContain('key server answered 503')
   })
 })
 
@@ -192,11 +214,12 @@ describe('keyless: a parent that requires client certificates (TLS_REQUIRE_CLIEN
   it('is refused by the parent when its binding presents no certificate', async () => {
     const answer = await sponsorThrough(keylessThrough('ORIGIN_NO_CLIENT_CERT'))
     // The handshake fails in certificateFetcher, which miniflare hands the Worker as a 500 (Cloudflare's binding throws).
-    expect(answer.error).toMatchObject({ code: -32003, message: expect.stringContaining('keyless signer primary: the origin answered 500') })
+    expect(answer.error).toMatchObject({ code: -32003 })
+    expect(answer.detail).toContain('keyless signer primary: the origin answered 500')
   })
 
   it('names a clientCertificate binding the Worker does not have, as a configuration error', async () => {
     const answer = await sponsorThrough(keylessThrough('NOT_BOUND_HERE'))
-    expect(answer.error!.message).toContain('clientCertificate names NOT_BOUND_HERE, which is not an mtls_certificates binding of this Worker')
+    expect(answer.detail).toContain('clientCertificate names NOT_BOUND_HERE, which is not an mtls_certificates binding of this Worker')
   })
 })

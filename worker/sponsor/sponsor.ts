@@ -1,6 +1,6 @@
 import { hashMessage, type Address, type Hex } from 'viem'
 import type { ChainConfig, Config } from '../../config/schema.js'
-import { SignerError, type SignedDigest, type Signer } from '../../backends/signer.js'
+import { SignerError, signerErrorMessage, type SignedDigest, type Signer } from '../../backends/signer.js'
 import { InvalidParamsError, SignerUnavailableError, UnsupportedError } from '../errors.js'
 import { describeZodError } from '../validation.js'
 import { adapterFor } from './adapters/registry.js'
@@ -171,9 +171,11 @@ export async function sponsor(deps: SponsorDeps, request: SponsorRequest): Promi
   try {
     signed = await signer.signDigest(digest)
   } catch (error) {
+    const retryable = error instanceof SignerError && error.options.retryable
     throw new SignerUnavailableError(
-      error instanceof SignerError ? `signer unavailable: ${error.message}` : 'signer unavailable',
-      { reason: 'signer_unavailable', signer: signer.describe().name },
+      `signer unavailable: signer ${signer.describe().name} could not sign${retryable ? '; try again shortly' : ''}`,
+      { reason: 'signer_unavailable', signer: signer.describe().name, retryable },
+      signerErrorMessage(error),
     )
   }
   const sponsorship = { ...finalize(prepared, fieldsOf(prepared, signed.signature)), signer: signed.address }
