@@ -47,6 +47,8 @@ export class KeyNotStoredError extends Error {
 
 export function validateKeyId(keyId: string): void {
   if (typeof keyId !== 'string' || keyId.length === 0) throw new TypeError('keyId must be a non-empty string')
+  // Stored as UTF-8: a lone surrogate would come back as U+FFFD, another key's id perhaps.
+  if (/\p{Cs}/u.test(keyId)) throw new TypeError('keyId must be well-formed Unicode (it holds a lone surrogate)')
   // The disk log's limit; every store keeps it, so records move between stores unchanged.
   if (Buffer.byteLength(keyId, 'utf8') > 0xffff) throw new RangeError('keyId is longer than 65535 bytes')
 }

@@ -96,7 +96,10 @@ export const STATE_JOURNAL_FILE_NAME = 'states.log'
 const nodeFileSystem: BlobStoreFileSystem = { open: (path, flags) => open(path, flags) }
 
 export async function openDiskBlobStore(options: DiskBlobStoreOptions): Promise<DiskBlobStore> {
-  const { groupCommitMs = 2, maxGroup = 1024, fileSystem = nodeFileSystem, compactAfterFrames = 10_000, onCompaction = () => {}, onDamage = () => {}, replayChunkBytes = 4 * 1024 * 1024 } = options
+  const { groupCommitMs = 2, maxGroup = 1024, fileSystem = nodeFileSystem, compactAfterFrames = 10_000, replayChunkBytes = 4 * 1024 * 1024 } = options
+  // They report to the operator; one that throws must not take an open or a group of writes down with it.
+  const onCompaction = unthrowing(options.onCompaction)
+  const onDamage = unthrowing(options.onDamage)
   if (!Number.isFinite(groupCommitMs) || groupCommitMs < 0) throw new RangeError('groupCommitMs must be a finite number ≥ 0')
   if (!Number.isInteger(maxGroup) || maxGroup < 1) throw new RangeError('maxGroup must be an integer ≥ 1')
   if (!Number.isInteger(replayChunkBytes) || replayChunkBytes < 1) throw new RangeError('replayChunkBytes must be an integer ≥ 1')
@@ -122,6 +125,16 @@ export async function openDiskBlobStore(options: DiskBlobStoreOptions): Promise<
   } catch (error) {
     await lock.release()
     throw error
+  }
+}
+
+function unthrowing<Event>(report: ((event: Event) => void) | undefined): (event: Event) => void {
+  return (event) => {
+    try {
+      report?.(event)
+    } catch {
+      // The report is lost; the store goes on.
+    }
   }
 }
 
@@ -371,9 +384,9 @@ class GroupCommitStore implements DiskBlobStore {
       } while (this.flushAgain || this.queue.length >= this.maxGroup)
     } finally {
       this.flushing = undefined
+      // Writes queued during the last flush started a timer when they arrived; this only guards against a lost one.
+      if (this.queue.length > 0) this.timer ??= setTimeout(() => this.requestFlush(), this.groupCommitMs)
     }
-    // Writes queued during the last flush started a timer when they arrived; this only guards against a lost one.
-    if (this.queue.length > 0) this.timer ??= setTimeout(() => this.requestFlush(), this.groupCommitMs)
   }
 
   /** Never throws: the outcome goes to each write's promise. */
@@ -511,10 +524,12 @@ type LogKind = { name: string; magic: Buffer; what: string }
 const RECORD_LOG: LogKind = { name: LOG_FILE_NAME, magic: LOG_MAGIC, what: 'sealed-blob log' }
 const STATE_JOURNAL: LogKind = { name: STATE_JOURNAL_FILE_NAME, magic: JOURNAL_MAGIC, what: 'key state journal' }
 const FRAME_HEADER_BYTES = 8
-/** Records are a few hundred bytes; a length beyond this is a torn or corrupt frame, not a record. */
-const MAX_PAYLOAD_BYTES = 16 * 1024 * 1024
-/** The largest payload looked for when skipping past damage. */
-const MAX_RESYNC_PAYLOAD_BYTES = 64 * 1024
+/**
+ * The largest payload written, and so the largest read or looked for past damage: a length beyond it is a torn or
+ * corrupt frame, not a record. Records are a few hundred bytes; a larger limit would make the search past damage
+ * checksum far more candidates (see RESYNC_BUDGET_BYTES), and a record it could not find there would be dropped.
+ */
+const MAX_PAYLOAD_BYTES = 64 * 1024
 /** How much checksumming one open spends looking past damage before it gives up (tens of ms; random damage costs about 0.5 MiB of it per MiB). */
 const RESYNC_BUDGET_BYTES = 32 * 1024 * 1024
 
@@ -655,7 +670,7 @@ async function replayFrames(
       if (length > 0 && length <= MAX_PAYLOAD_BYTES && frameBytes > window.length && frameBytes - window.length <= unread) {
         wanted = Math.max(chunkBytes, frameBytes - window.length)
       } else {
-        const frameEnd = frameEndAt(window, 0, MAX_PAYLOAD_BYTES)
+        const frameEnd = frameEndAt(window, 0)
         if (frameEnd !== undefined) {
           replay(decodeEntry(window.subarray(FRAME_HEADER_BYTES, frameEnd), offset))
           window = window.subarray(frameEnd)
@@ -691,7 +706,7 @@ function scanFrames(bytes: Buffer, base: number, onEntry: (entry: LogEntry) => v
   const budget = { bytesLeft: RESYNC_BUDGET_BYTES }
   let at = 0
   while (bytes.length - at >= FRAME_HEADER_BYTES) {
-    const end = frameEndAt(bytes, at, MAX_PAYLOAD_BYTES)
+    const end = frameEndAt(bytes, at)
     if (end === undefined) {
       const next = nextFrameAfter(bytes, at, budget)
       if (next === 'over budget') return { validLength: base + at, damaged, unscannedFrom: base + at }
@@ -720,24 +735,24 @@ function wholeFrameAt(bytes: Buffer, offset: number): boolean {
   return length > 0 && length <= MAX_PAYLOAD_BYTES && end <= bytes.length && bytes.subarray(offset + FRAME_HEADER_BYTES, end).some((byte) => byte !== 0)
 }
 
-/** Where the frame at `offset` ends, if one with a payload of at most `maxPayload` bytes and a matching CRC starts there. */
-function frameEndAt(bytes: Buffer, offset: number, maxPayload: number, budget?: { bytesLeft: number }): number | undefined {
+/** Where the frame at `offset` ends, if one with a payload of at most MAX_PAYLOAD_BYTES and a matching CRC starts there. */
+function frameEndAt(bytes: Buffer, offset: number, budget?: { bytesLeft: number }): number | undefined {
   const length = bytes.readUInt32LE(offset)
   const end = offset + FRAME_HEADER_BYTES + length
   // Zero length is never written: it is what a zero-filled tail (a crash after the size grew, before the data) looks like.
-  if (length === 0 || length > maxPayload || end > bytes.length) return undefined
+  if (length === 0 || length > MAX_PAYLOAD_BYTES || end > bytes.length) return undefined
   if (budget) budget.bytesLeft -= length
   return frameChecksum(bytes.subarray(offset + FRAME_HEADER_BYTES, end)) === bytes.readUInt32LE(offset + 4) ? end : undefined
 }
 
 /**
  * The next offset after a bad frame where a good one starts, undefined if
- * none does, or 'over budget'. Only payloads up to 64 KiB are tried (records
+ * none does, or 'over budget'. Payloads up to 64 KiB, the most a record may be, are tried (records
  * are a few hundred bytes), and the checksumming is charged to `budget`.
  */
 function nextFrameAfter(bytes: Buffer, badOffset: number, budget: { bytesLeft: number }): number | undefined | 'over budget' {
   for (let offset = badOffset + 1; bytes.length - offset >= FRAME_HEADER_BYTES; offset++) {
-    if (frameEndAt(bytes, offset, MAX_RESYNC_PAYLOAD_BYTES, budget) !== undefined) return offset
+    if (frameEndAt(bytes, offset, budget) !== undefined) return offset
     if (budget.bytesLeft < 0) return 'over budget'
   }
   return undefined
@@ -841,7 +856,7 @@ const ENTRY_KIND = { put: 1, state: 2, dek: 3, dekRotating: 4 } as const
 
 function encodeFrame(entry: LogEntry): Buffer {
   const payload = encodeEntry(entry)
-  if (payload.length > MAX_PAYLOAD_BYTES) throw new RangeError(`record of ${payload.length} bytes exceeds ${MAX_PAYLOAD_BYTES}`)
+  if (payload.length > MAX_PAYLOAD_BYTES) throw new RangeError(`record of ${payload.length} bytes exceeds the store's ${MAX_PAYLOAD_BYTES}`)
   const header = Buffer.alloc(FRAME_HEADER_BYTES)
   header.writeUInt32LE(payload.length, 0)
   header.writeUInt32LE(frameChecksum(payload), 4)

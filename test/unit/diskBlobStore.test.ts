@@ -214,6 +214,43 @@ describe('round trips across close and reopen', () => {
     expect(await store.get('key-1')).toEqual(sealedRecord(1))
   })
 
+  it('refuses a key id with a lone surrogate, which UTF-8 would store as another id', async () => {
+    const store = await openStore()
+    for (const keyId of ['k\ud800', 'k\udc00']) {
+      await expect(store.put({ ...sealedRecord(1), keyId })).rejects.toThrow('keyId must be well-formed Unicode (it holds a lone surrogate)')
+    }
+    await store.put({ ...sealedRecord(1), keyId: 'k\u{1f511}' })
+    expect((await listAll(await reopen(store))).map((record) => record.keyId)).toEqual(['k\u{1f511}'])
+  })
+
+  it('refuses a record larger than a damaged log could be searched for (64 KiB), and goes on', async () => {
+    const store = await openStore()
+    await expect(store.put({ ...sealedRecord(1), sealed: new Uint8Array(70_000) })).rejects.toThrow(/^record of 70\d{3} bytes exceeds the store's 65536$/)
+    await store.put(sealedRecord(2))
+    expect((await listAll(await reopen(store))).map((record) => record.keyId)).toEqual(['key-2'])
+  })
+
+  it('opens, writes and compacts on when the operator\u2019s callbacks throw', async () => {
+    const throwing = () => {
+      throw new Error('the log sink broke')
+    }
+    let store = await openDiskBlobStore({ directory, compactAfterFrames: 4, onCompaction: throwing })
+    opened.push(store)
+    for (let round = 0; round < 12; round++) await store.put(sealedRecord(1, round + 1))
+    expect(store.stats().compactedFrames).toBeGreaterThan(0)
+    await store.close()
+    // Its frames twice over, a byte of the first copy flipped: damage with good frames after it.
+    const log = await readFile(logPath())
+    const damaged = Buffer.from(log)
+    damaged[HEADER_BYTES + 20]! ^= 0xff
+    await writeFile(logPath(), Buffer.concat([damaged, log.subarray(HEADER_BYTES)]))
+    const damage: string[] = []
+    store = await openDiskBlobStore({ directory, onDamage: (event) => (damage.push(event.keptAside), throwing()) })
+    opened.push(store)
+    expect(damage).toHaveLength(1)
+    expect(await store.get('key-1')).toEqual(sealedRecord(1, 12))
+  })
+
   it('refuses a state change for an unknown key and a version older than the stored one', async () => {
     const store = await openStore()
     await expect(store.setState('missing', 'archived')).rejects.toThrow(/not stored/)
