@@ -23,8 +23,13 @@ export interface BlobStore {
   list(): AsyncIterable<SealedKeyRecord>
   /** Durable like `put`; rejects for a key that was never put. */
   setState(keyId: string, state: KeyState): Promise<void>
-  /** Durable like `put`; a later call replaces the earlier DEK (and its `retiring` one, if any). */
-  putWrappedDek(dek: WrappedDek): Promise<void>
+  /**
+   * Durable like `put`: replaces the stored DEK (and its `retiring` one, if any), but only if the store holds
+   * `replacing` (undefined: none), the one the caller read and decided on; otherwise rejects with
+   * WrappedDekChangedError and writes nothing. A DEK written meanwhile (a rotation's step that was given up on and
+   * landed after all, say) may have sealed keys, and must not be lost to a write that never saw it.
+   */
+  putWrappedDek(dek: WrappedDek, replacing: WrappedDek | undefined): Promise<void>
   getWrappedDek(): Promise<WrappedDek | undefined>
   /** Waits for queued writes to become durable, then releases the store. */
   close(): Promise<void>
@@ -37,6 +42,20 @@ export interface BlobStore {
 
 /** Position is the disk log's code for a state: append new states, never reorder. */
 export const keyStates: readonly KeyState[] = ['active', 'frozen', 'archived']
+
+/** The stored wrapped DEK is not the one a `putWrappedDek` was based on. */
+export class WrappedDekChangedError extends Error {
+  constructor() {
+    super('the stored wrapped data key changed since it was read (a write given up on that landed after all?); nothing was written: read it again and start over')
+  }
+}
+
+/** Whether `stored` is the DEK `expected` names (both undefined: none). */
+export function assertWrappedDekIs(stored: WrappedDek | undefined, expected: WrappedDek | undefined): void {
+  const same = (a: WrappedDek | undefined, b: WrappedDek | undefined): boolean =>
+    a === undefined || b === undefined ? a === b : a.keyId === b.keyId && Buffer.from(a.ciphertext).equals(b.ciphertext) && same(a.retiring, b.retiring)
+  if (!same(stored, expected)) throw new WrappedDekChangedError()
+}
 
 /** A state change or lookup for a key that was never put. */
 export class KeyNotStoredError extends Error {

@@ -5,7 +5,7 @@ import { crc32 } from 'node:zlib'
 import { messageOf } from '../errors.js'
 import type { KeyState, SealedKeyRecord, WrappedDek } from '../types.js'
 import { lockDirectory, type DirectoryLock } from './directoryLock.js'
-import { assertNotOlder, copyDek, copyRecord, KeyNotStoredError, keyStates, validateDek, validateRecord, validateState, type BlobStore } from './blobStore.js'
+import { assertNotOlder, assertWrappedDekIs, copyDek, copyRecord, KeyNotStoredError, keyStates, validateDek, validateRecord, validateState, type BlobStore } from './blobStore.js'
 
 /** zlib's CRC-32 (`crc32(b, crc32(a))` equals `crc32(a ‖ b)`), so other tools can check the log. */
 export { crc32 }
@@ -253,6 +253,8 @@ class GroupCommitStore implements DiskBlobStore {
   private readonly maxGroup: number
   /** Versions of every key accepted so far, queued or durable: what `put` and `setState` validate against. */
   private readonly acceptedVersions: Map<string, number>
+  /** The wrapped DEK once the writes queued so far land: what a `putWrappedDek` must be based on. */
+  private acceptedDek: WrappedDek | undefined
   private readonly queue: QueuedWrite[] = []
   private timer: ReturnType<typeof setTimeout> | undefined
   /** The one flush in progress, if any. */
@@ -286,6 +288,7 @@ class GroupCommitStore implements DiskBlobStore {
     this.groupCommitMs = parts.groupCommitMs
     this.maxGroup = parts.maxGroup
     this.acceptedVersions = this.index.versions()
+    this.acceptedDek = this.index.wrappedDek()
   }
 
   async put(record: SealedKeyRecord): Promise<void> {
@@ -313,9 +316,13 @@ class GroupCommitStore implements DiskBlobStore {
     return this.enqueue({ kind: 'state', keyId, state })
   }
 
-  async putWrappedDek(dek: WrappedDek): Promise<void> {
+  async putWrappedDek(dek: WrappedDek, replacing: WrappedDek | undefined): Promise<void> {
     validateDek(dek)
-    return this.enqueue({ kind: 'dek', dek: copyDek(dek) })
+    // Against what the writes queued before this one leave, as `put` checks versions.
+    assertWrappedDekIs(this.acceptedDek, replacing)
+    const durable = this.enqueue({ kind: 'dek', dek: copyDek(dek) })
+    this.acceptedDek = copyDek(dek)
+    return durable
   }
 
   async getWrappedDek(): Promise<WrappedDek | undefined> {

@@ -370,7 +370,7 @@ export class OriginParent {
       if (await this.storeHoldsAnyRecord()) {
         throw new Error('the store holds sealed keys but no wrapped data key: refusing to make a new data key, under which none of them would open. Restore the wrapped data key (dek.json, or the disk log from a backup) before starting')
       }
-      await this.options.store.putWrappedDek({ keyId: 'enclave-data-key', ciphertext: await this.generateFirstDataKey() })
+      await this.options.store.putWrappedDek({ keyId: 'enclave-data-key', ciphertext: await this.generateFirstDataKey() }, undefined)
     }
     const failures = new Map<Enclave, string>()
     const leaveOut = (enclave: Enclave, error: unknown) => {
@@ -560,8 +560,9 @@ export class OriginParent {
       const first = this.enclaves[0]!
       await this.deliverCredentials(first)
       const frame = this.check(first, await this.call(first, opcodes.GENERATE_DATA_KEY, emptyPayload))
+      const replacing = wrapped
       wrapped = { keyId: wrapped.keyId, ciphertext: newWrappedDek(decodeGeneratedDataKey(frame.payload)), retiring: { keyId: wrapped.keyId, ciphertext: wrapped.ciphertext } }
-      await store.putWrappedDek(wrapped)
+      await store.putWrappedDek(wrapped, replacing)
     }
     // 2. Every enclave seals with the new DEK and still opens with the old; creates sealed before that land first.
     await this.unlockWithStored()
@@ -577,7 +578,7 @@ export class OriginParent {
       }),
     )
     // 4. The old DEK is forgotten: in the store, then in every enclave.
-    await store.putWrappedDek({ keyId: wrapped.keyId, ciphertext: wrapped.ciphertext })
+    await store.putWrappedDek({ keyId: wrapped.keyId, ciphertext: wrapped.ciphertext }, wrapped)
     await this.unlockWithStored()
     return { resealed }
   }

@@ -4,7 +4,7 @@ import { setTimeout as sleep } from 'node:timers/promises'
 import { boundedAwsRequests } from '../awsRequests.js'
 import { messageOf } from '../errors.js'
 import type { KeyState, SealedKeyRecord, WrappedDek } from '../types.js'
-import { assertNotOlder, copyDek, copyRecord, isValidVersion, KeyNotStoredError, keyStates, validateDek, validateKeyId, validateRecord, validateState, type BlobStore } from './blobStore.js'
+import { assertNotOlder, assertWrappedDekIs, copyDek, copyRecord, isValidVersion, KeyNotStoredError, keyStates, validateDek, validateKeyId, validateRecord, validateState, type BlobStore } from './blobStore.js'
 
 /**
  * A BlobStore in an S3 bucket, for parents that should not keep the only copy
@@ -211,12 +211,14 @@ class S3Store implements S3BlobStore {
     })
   }
 
-  async putWrappedDek(dek: WrappedDek): Promise<void> {
+  async putWrappedDek(dek: WrappedDek, replacing: WrappedDek | undefined): Promise<void> {
     this.assertOpen()
     validateDek(dek)
     const copy = copyDek(dek)
     return this.write('dek', async () => {
       const stored = await this.loadDek()
+      // Checked at each try: a conflict's retry reads anew, and what landed meanwhile must not simply be written over.
+      assertWrappedDekIs(stored?.value, replacing)
       this.dek = undefined
       const etag = await this.putObject('dek', this.prefix + S3_DEK_OBJECT, encodeDek(copy), stored?.etag)
       this.dek = { value: copy, etag }

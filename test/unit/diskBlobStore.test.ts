@@ -17,6 +17,7 @@ import {
   type LogFile,
 } from '../../enclave-origin/parent/diskBlobStore.js'
 import { LOCK_FILE_NAME } from '../../enclave-origin/parent/directoryLock.js'
+import { WrappedDekChangedError } from '../../enclave-origin/parent/blobStore.js'
 import { listAll, sealedRecord } from '../support/sealedRecords.js'
 
 const projectRoot = resolve(import.meta.dirname, '../..')
@@ -171,8 +172,8 @@ describe('round trips across close and reopen', () => {
     await store.put(sealedRecord(2))
     await store.put(sealedRecord(2, 3))
     await store.setState('key-1', 'frozen')
-    await store.putWrappedDek({ keyId: 'alias/dek', ciphertext: Uint8Array.of(1, 2, 3) })
-    await store.putWrappedDek({ keyId: 'alias/dek', ciphertext: Uint8Array.of(9, 9) })
+    await store.putWrappedDek({ keyId: 'alias/dek', ciphertext: Uint8Array.of(1, 2, 3) }, await store.getWrappedDek())
+    await store.putWrappedDek({ keyId: 'alias/dek', ciphertext: Uint8Array.of(9, 9) }, await store.getWrappedDek())
 
     for (let round = 0; round < 2; round++) {
       expect(await store.get('key-1')).toEqual({ ...sealedRecord(1), state: 'frozen' })
@@ -188,13 +189,26 @@ describe('round trips across close and reopen', () => {
   it('keeps the retiring DEK of a rotation under way, and forgets it when the rotation ends', async () => {
     let store = await openStore()
     const rotating = { keyId: 'alias/dek', ciphertext: Uint8Array.of(2, 2), retiring: { keyId: 'alias/old', ciphertext: Uint8Array.of(1, 1, 1) } }
-    await store.putWrappedDek(rotating)
+    await store.putWrappedDek(rotating, await store.getWrappedDek())
     store = await reopen(store)
     expect(await store.getWrappedDek()).toEqual(rotating)
-    await store.putWrappedDek({ keyId: 'alias/dek', ciphertext: Uint8Array.of(2, 2) })
+    await store.putWrappedDek({ keyId: 'alias/dek', ciphertext: Uint8Array.of(2, 2) }, await store.getWrappedDek())
     store = await reopen(store)
     expect(await store.getWrappedDek()).toEqual({ keyId: 'alias/dek', ciphertext: Uint8Array.of(2, 2) })
-    await expect(store.putWrappedDek({ ...rotating, retiring: { keyId: '', ciphertext: Uint8Array.of(1) } })).rejects.toThrow('keyId must be a non-empty string')
+    await expect(store.putWrappedDek({ ...rotating, retiring: { keyId: '', ciphertext: Uint8Array.of(1) } }, await store.getWrappedDek())).rejects.toThrow('keyId must be a non-empty string')
+  })
+
+  it('writes a wrapped DEK only over the one its caller read, counting the DEK writes queued before it', async () => {
+    const store = await openStore()
+    const first = { keyId: 'alias/dek', ciphertext: Uint8Array.of(1) }
+    const second = { keyId: 'alias/dek', ciphertext: Uint8Array.of(2), retiring: first }
+    await store.putWrappedDek(first, undefined)
+    await expect(store.putWrappedDek(second, undefined)).rejects.toThrow(WrappedDekChangedError)
+    await expect(store.putWrappedDek(second, { ...first, retiring: first })).rejects.toThrow(WrappedDekChangedError)
+    // Two written at once, both read before either: the second is refused, though the first is not durable yet.
+    const writes = await Promise.allSettled([store.putWrappedDek(second, first), store.putWrappedDek({ keyId: 'alias/dek', ciphertext: Uint8Array.of(3), retiring: first }, first)])
+    expect(writes.map((write) => write.status)).toEqual(['fulfilled', 'rejected'])
+    expect(await (await reopen(store)).getWrappedDek()).toEqual(second)
   })
 
   it('starts empty, with no wrapped DEK', async () => {
@@ -434,7 +448,7 @@ describe('compaction', () => {
     for (let round = 0; round < 4; round++) {
       await Promise.all(Array.from({ length: 50 }, (_, index) => store.setState(`key-${index}`, round % 2 === 0 ? 'frozen' : 'active')))
       await Promise.all(Array.from({ length: 50 }, (_, index) => store.put({ ...sealedRecord(index, round + 2), state: round % 2 === 0 ? 'frozen' : 'active' })))
-      await store.putWrappedDek({ keyId: 'alias/dek', ciphertext: Uint8Array.of(round) })
+      await store.putWrappedDek({ keyId: 'alias/dek', ciphertext: Uint8Array.of(round) }, await store.getWrappedDek())
     }
     await store.setState('key-7', 'archived')
     const before = await listAll(store)
@@ -914,7 +928,7 @@ describe('failed writes', () => {
     const failing = { sync: false, write: false }
     const store = await openStore({ fileSystem: faultyFileSystem(failing) })
     failing.write = true
-    const outcomes = await Promise.allSettled([store.put(sealedRecord(1)), store.putWrappedDek({ keyId: 'k', ciphertext: Uint8Array.of(1) })])
+    const outcomes = await Promise.allSettled([store.put(sealedRecord(1)), store.putWrappedDek({ keyId: 'k', ciphertext: Uint8Array.of(1) }, undefined)])
     expect(outcomes.map((outcome) => outcome.status)).toEqual(['rejected', 'rejected'])
     expect(await store.get('key-1')).toBeUndefined()
     // Said for the parent's /healthz, until a reopen.

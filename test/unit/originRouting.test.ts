@@ -868,7 +868,7 @@ describe('LOAD and SET_STATE sequences', () => {
   it('after an enclave restart, the parent has the new process open its epoch above the sequences it used: a request numbered before the restart cannot undo a later one', async () => {
     const { own, enclave, cable, ownStore, parentOf, stop } = await cabledEnclave({ id: 'restarting', storeName: 'restart-sequence-store' })
     // The shared data key, so that start unlocks once (a new store's first start makes a data key with an UNLOCK of its own).
-    await ownStore.putWrappedDek((await store.getWrappedDek())!)
+    await ownStore.putWrappedDek((await store.getWrappedDek())!, await ownStore.getWrappedDek())
     const numbering = parentOf()
     try {
       await numbering.start()
@@ -985,7 +985,7 @@ function storeWith(overrides: Partial<BlobStore>, base: BlobStore = store): Blob
     get: (keyId) => base.get(keyId),
     list: () => base.list(),
     setState: (keyId, state) => base.setState(keyId, state),
-    putWrappedDek: (dek) => base.putWrappedDek(dek),
+    putWrappedDek: (dek, replacing) => base.putWrappedDek(dek, replacing),
     getWrappedDek: () => base.getWrappedDek(),
     close: async () => {},
     ...overrides,

@@ -3,6 +3,7 @@ import { createServer } from 'node:http'
 import type { AddressInfo } from 'node:net'
 import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, it } from 'vitest'
 import { openS3BlobStore, parentS3Client, type S3BlobStore, type S3BlobStoreOptions } from '../../enclave-origin/parent/s3BlobStore.js'
+import { WrappedDekChangedError } from '../../enclave-origin/parent/blobStore.js'
 import type { SealedKeyRecord } from '../../enclave-origin/types.js'
 import { startLocalS3, type LocalS3 } from '../support/s3Server.js'
 import { listAll, sealedRecord } from '../support/sealedRecords.js'
@@ -92,8 +93,8 @@ describe('openS3BlobStore', () => {
     await store.put(first)
     await store.put(second)
     await store.setState('key-1', 'frozen')
-    await store.putWrappedDek({ keyId: 'arn:aws:kms:us-east-1:111122223333:key/one', ciphertext: new Uint8Array([1, 2, 3]) })
-    await store.putWrappedDek({ keyId: 'arn:aws:kms:us-east-1:111122223333:key/two', ciphertext: new Uint8Array([9, 8, 7, 6]) })
+    await store.putWrappedDek({ keyId: 'arn:aws:kms:us-east-1:111122223333:key/one', ciphertext: new Uint8Array([1, 2, 3]) }, await store.getWrappedDek())
+    await store.putWrappedDek({ keyId: 'arn:aws:kms:us-east-1:111122223333:key/two', ciphertext: new Uint8Array([9, 8, 7, 6]) }, await store.getWrappedDek())
 
     const frozen = { ...first, state: 'frozen' as const }
     expect(await store.get('key-1')).toEqual(frozen)
@@ -115,10 +116,10 @@ describe('openS3BlobStore', () => {
   it('keeps the retiring DEK of a rotation under way across a fresh instance, and forgets it when the rotation ends', async () => {
     const store = await openStore()
     const rotating = { keyId: 'key/two', ciphertext: new Uint8Array([2, 2]), retiring: { keyId: 'key/one', ciphertext: new Uint8Array([1, 1, 1]) } }
-    await store.putWrappedDek(rotating)
+    await store.putWrappedDek(rotating, await store.getWrappedDek())
     const fresh = await reopen(store)
     expect(await fresh.getWrappedDek()).toEqual(rotating)
-    await fresh.putWrappedDek({ keyId: 'key/two', ciphertext: new Uint8Array([2, 2]) })
+    await fresh.putWrappedDek({ keyId: 'key/two', ciphertext: new Uint8Array([2, 2]) }, await fresh.getWrappedDek())
     expect(await (await reopen(fresh)).getWrappedDek()).toEqual({ keyId: 'key/two', ciphertext: new Uint8Array([2, 2]) })
   })
 
@@ -126,7 +127,7 @@ describe('openS3BlobStore', () => {
     const store = await openStore()
     const record = { ...sealedRecord(5), keyId: 'tenant/a b?#%é' }
     await store.put(record)
-    await store.putWrappedDek({ keyId: 'kms-key', ciphertext: new Uint8Array([0xff, 0x00]) })
+    await store.putWrappedDek({ keyId: 'kms-key', ciphertext: new Uint8Array([0xff, 0x00]) }, await store.getWrappedDek())
 
     const stored = JSON.parse(await readObject(`${prefix}keys/${encodeURIComponent(record.keyId)}.json`))
     expect(stored).toMatchObject({
@@ -158,7 +159,7 @@ describe('openS3BlobStore', () => {
     expect(await store.get('key-1')).toEqual(sealedRecord(1))
 
     const dek = { keyId: 'kms', ciphertext: new Uint8Array([1, 2]) }
-    await store.putWrappedDek(dek)
+    await store.putWrappedDek(dek, await store.getWrappedDek())
     dek.ciphertext.fill(0)
     const gotDek = (await store.getWrappedDek())!
     gotDek.ciphertext.fill(5)
@@ -250,7 +251,7 @@ describe('openS3BlobStore', () => {
   it('waits in close for writes in flight, and refuses work after it', async () => {
     const store = await openStore()
     const writes = Array.from({ length: 20 }, (_, index) => store.put(sealedRecord(index)))
-    const dek = store.putWrappedDek({ keyId: 'kms', ciphertext: new Uint8Array([1]) })
+    const dek = store.putWrappedDek({ keyId: 'kms', ciphertext: new Uint8Array([1]) }, await store.getWrappedDek())
     let settled = 0
     for (const write of [...writes, dek]) void write.then(() => settled++)
     await store.close()
@@ -258,7 +259,7 @@ describe('openS3BlobStore', () => {
     await expect(store.put(sealedRecord(99))).rejects.toThrow(/closed/)
     await expect(store.get('key-1')).rejects.toThrow(/closed/)
     await expect(store.setState('key-1', 'frozen')).rejects.toThrow(/closed/)
-    await expect(store.putWrappedDek({ keyId: 'kms', ciphertext: new Uint8Array([2]) })).rejects.toThrow(/closed/)
+    await expect(store.putWrappedDek({ keyId: 'kms', ciphertext: new Uint8Array([2]) }, undefined)).rejects.toThrow(/closed/)
     expect(await store.close()).toBeUndefined()
 
     const fresh = await openStore()
@@ -325,13 +326,30 @@ describe('conditional writes', () => {
 
     // The wrapped DEK likewise: a rotation's first DEK landing late does not replace a later one.
     const dekStore = await openTimingOutStore()
-    await dekStore.putWrappedDek({ keyId: 'kms/one', ciphertext: new Uint8Array([1]) })
+    await dekStore.putWrappedDek({ keyId: 'kms/one', ciphertext: new Uint8Array([1]) }, await dekStore.getWrappedDek())
     const heldDek = s3.holdWrites(BUCKET, `${prefix}dek.json`)
-    await expect(dekStore.putWrappedDek({ keyId: 'kms/two', ciphertext: new Uint8Array([2]) })).rejects.toThrow(/may or may not be stored/)
+    await expect(dekStore.putWrappedDek({ keyId: 'kms/two', ciphertext: new Uint8Array([2]) }, await dekStore.getWrappedDek())).rejects.toThrow(/may or may not be stored/)
     heldDek.stopHolding()
-    await dekStore.putWrappedDek({ keyId: 'kms/three', ciphertext: new Uint8Array([3]) })
+    await dekStore.putWrappedDek({ keyId: 'kms/three', ciphertext: new Uint8Array([3]) }, await dekStore.getWrappedDek())
     expect(heldDek.release()).toEqual([412, 412])
     expect(await (await reopen(dekStore)).getWrappedDek()).toEqual({ keyId: 'kms/three', ciphertext: new Uint8Array([3]) })
+  })
+
+  it('writes a wrapped DEK only over the one its caller read: one given up on that landed after all is not written over', async () => {
+    const store = await openTimingOutStore()
+    const first = { keyId: 'kms', ciphertext: new Uint8Array([0]) }
+    await store.putWrappedDek(first, undefined)
+    await expect(store.putWrappedDek({ keyId: 'kms', ciphertext: new Uint8Array([9]) }, undefined)).rejects.toThrow(WrappedDekChangedError)
+    // A rotation's first step, given up on; the rotation, run again, reads what S3 shows, and the first attempt lands.
+    const held = s3.holdWrites(BUCKET, `${prefix}dek.json`)
+    const rotating = { keyId: 'kms', ciphertext: new Uint8Array([1]), retiring: first }
+    await expect(store.putWrappedDek(rotating, first)).rejects.toThrow(/may or may not be stored/)
+    const readAgain = await store.getWrappedDek()
+    expect(readAgain).toEqual(first)
+    expect(held.release()).toEqual([200, 412])
+    // Its own new DEK would have replaced the one that landed, under which keys may be sealed by now.
+    await expect(store.putWrappedDek({ keyId: 'kms', ciphertext: new Uint8Array([2]), retiring: first }, readAgain)).rejects.toThrow(WrappedDekChangedError)
+    expect(await (await reopen(store)).getWrappedDek()).toEqual(rotating)
   })
 
   it('reads an object from S3 each time while a write of it it gave up on may still land', async () => {
@@ -430,7 +448,7 @@ describe('S3 errors', () => {
     await client.send(new DeleteBucketCommand({ Bucket: bucket }))
 
     await expect(store.put(sealedRecord(1))).rejects.toThrow(/bucket "short-lived" does not exist/)
-    await expect(store.putWrappedDek({ keyId: 'kms', ciphertext: new Uint8Array([1]) })).rejects.toThrow(
+    await expect(store.putWrappedDek({ keyId: 'kms', ciphertext: new Uint8Array([1]) }, undefined)).rejects.toThrow(
       /s3:\/\/short-lived\/.*dek.json failed: bucket "short-lived" does not exist \(NoSuchBucket\)/,
     )
     await expect(store.get('key-1')).rejects.toThrow(/bucket "short-lived" does not exist/)
