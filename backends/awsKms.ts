@@ -1,7 +1,8 @@
 import { GetPublicKeyCommand, KMSClient, SignCommand } from '@aws-sdk/client-kms'
 import { hexToBytes, type Address, type Hex } from 'viem'
 import { addressFromSpki, parseDerSignature, toEthereumSignature } from './ecdsa.js'
-import { cachedUntilFailure, deadlineSignal, healthOf, SignerError, type SignedDigest, type Signer, type SignerDescription, type SignOptions } from './signer.js'
+import { SharedLoad } from './sharedLoad.js'
+import { deadlineSignal, healthOf, SignerError, type SignedDigest, type Signer, type SignerDescription, type SignOptions } from './signer.js'
 
 export type AwsKmsSignerOptions = {
   name: string
@@ -27,9 +28,11 @@ export type AwsKmsSignerOptions = {
 export class AwsKmsSigner implements Signer {
   private readonly client: KMSClient | undefined
   private readonly setupError: SignerError | undefined
-  private readonly cachedAddress = cachedUntilFailure(() => this.lookUpAddress())
+  private readonly cachedAddress: SharedLoad<Address>
 
   constructor(private readonly options: AwsKmsSignerOptions) {
+    // Its GetPublicKey ends within deadlineMs, unless workerd dropped it with the request that started it.
+    this.cachedAddress = new SharedLoad({ load: () => this.lookUpAddress(), abandonAfterMs: options.deadlineMs + 1_000, keep: true, what: `${options.name}: GetPublicKey` })
     const { accessKeyId, secretAccessKey, sessionToken } = options.credentials
     if (!accessKeyId || !secretAccessKey) {
       this.setupError = new SignerError(`AWS KMS signer ${options.name}: AWS credentials are not set (access key id and secret access key secrets)`)
@@ -44,7 +47,7 @@ export class AwsKmsSigner implements Signer {
   }
 
   async address(): Promise<Address> {
-    return this.cachedAddress()
+    return this.cachedAddress.get()
   }
 
   private async lookUpAddress(): Promise<Address> {

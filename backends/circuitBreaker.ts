@@ -7,15 +7,21 @@ export type BreakerAdmission = { kind: 'call' } | { kind: 'probe'; probe: number
  * Opens after `failureThreshold` consecutive failures (timeouts count). While
  * open, calls are skipped; after `coolDownMs` one probe is let through
  * (half-open): its success closes the breaker, its failure reopens it.
+ *
+ * A probe holds its slot for `probeLeaseMs` at most. In workerd a request's
+ * fetches and timers are dropped once it has answered, so a probe whose
+ * request a hedge or a backup answered first may never report back; after
+ * its lease the slot goes to the next probe.
  */
 export class CircuitBreaker {
   private failures = 0
   private openedAt: number | undefined
   /** The probe in flight (its number), or 0. */
   private probing = 0
+  private probeStartedAt = 0
   private probes = 0
 
-  constructor(private readonly options: { failureThreshold: number; coolDownMs: number; now: () => number }) {}
+  constructor(private readonly options: { failureThreshold: number; coolDownMs: number; probeLeaseMs: number; now: () => number }) {}
 
   get state(): BreakerState {
     if (this.openedAt === undefined) return 'closed'
@@ -26,8 +32,11 @@ export class CircuitBreaker {
   tryAcquire(): BreakerAdmission | undefined {
     const state = this.state
     if (state === 'closed') return { kind: 'call' }
-    if (state === 'open' || this.probing) return undefined
+    if (state === 'open') return undefined
+    const now = this.options.now()
+    if (this.probing && now - this.probeStartedAt < this.options.probeLeaseMs) return undefined
     this.probing = ++this.probes
+    this.probeStartedAt = now
     return { kind: 'probe', probe: this.probing }
   }
 

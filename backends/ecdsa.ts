@@ -82,7 +82,9 @@ export async function toEthereumSignature(options: {
   const first = 27 + (((options.recoveryIdHint ?? 0) & 1) ^ (folded ? 1 : 0))
   for (const v of [first, first === 27 ? 28 : 27]) {
     const signature = concat([rs, numberToHex(v, { size: 1 })])
-    if ((await recoverAddress({ hash: options.digest, signature })) === options.address) return signature
+    // An r that is no point's x recovers nothing: noble throws, and that is a signature from no key at all.
+    const recovered = await recoverAddress({ hash: options.digest, signature }).catch(() => undefined)
+    if (recovered === options.address) return signature
   }
   throw new SignerError(`the signature does not recover to the key's address ${options.address}`)
 }

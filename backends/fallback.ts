@@ -24,6 +24,9 @@ export type FallbackSignerOptions = {
   now?: () => number
 }
 
+/** A probe's attempt ends (answered, failed or timed out) within `timeoutMs`; one not heard of a second later never will be (see CircuitBreaker). */
+const probeLeaseMarginMs = 1_000
+
 /** A member that did not answer in time. */
 class AttemptTimeoutError extends SignerError {}
 
@@ -42,7 +45,7 @@ export class FallbackSigner implements Signer {
 
   constructor(private readonly options: FallbackSignerOptions) {
     const now = options.now ?? Date.now
-    this.breakers = options.members.map(() => new CircuitBreaker({ failureThreshold: options.failureThreshold, coolDownMs: options.coolDownMs, now }))
+    this.breakers = options.members.map(() => new CircuitBreaker({ failureThreshold: options.failureThreshold, coolDownMs: options.coolDownMs, probeLeaseMs: options.timeoutMs + probeLeaseMarginMs, now }))
     this.lastErrors = options.members.map(() => undefined)
     this.agreedAddress = options.declaredAddress && getAddress(options.declaredAddress)
   }
@@ -101,6 +104,8 @@ export class FallbackSigner implements Signer {
       let running = 0
       let settled = false
       const failures: string[] = []
+      // Whether asking again may go otherwise: not if every member failed for good (denied, misconfigured).
+      let anyRetryable = false
       // Our caller's signal, if any: when it gives up, members still at work stop. A member a hedge beat to the
       // answer runs on to its own timeout (which stops it too): a hung one must still count against its breaker.
       const signal = options?.signal ?? new AbortController().signal
@@ -129,10 +134,11 @@ export class FallbackSigner implements Signer {
               clearTimeout(hedge)
               running--
               failures.push(signerErrorMessage(error))
+              anyRetryable ||= error instanceof SignerError && error.options.retryable
               // A caller that gave up gets no further member started for it.
               if (!settled && !launch() && running === 0) {
                 settled = true
-                reject(new SignerError(`${this.options.name}: every signer backend failed: ${failures.join('; ')}`, { retryable: true }))
+                reject(new SignerError(`${this.options.name}: every signer backend failed: ${failures.join('; ')}`, { retryable: anyRetryable }))
               }
             },
           )

@@ -1,5 +1,6 @@
 import { parsePrivateKey } from './privateKey.js'
 import { KeyHoldingSigner, PrivateKeySigning } from './privateKeySigner.js'
+import { SharedLoad } from './sharedLoad.js'
 import { SignerError, type SignerDescription } from './signer.js'
 
 /** The shape of a Cloudflare Secrets Store binding (`[[secrets_store_secrets]]`). */
@@ -21,25 +22,25 @@ export type SecretsStoreSignerOptions = {
  * who fixes the secret does not have to redeploy.
  */
 export class SecretsStoreSigner extends KeyHoldingSigner {
-  private loaded: Promise<PrivateKeySigning> | undefined
-  /** When the cached read failed; undefined while it has not. */
-  private failedAt: number | undefined
+  /** The key, read once; a read is shared by the calls made while it runs (and abandoned if it never settles). */
+  private readonly loaded: SharedLoad<PrivateKeySigning>
+  /** The last read's failure and when it came, answered until `retryAfterMs` has passed. */
+  private failed: { error: unknown; at: number } | undefined
 
   constructor(private readonly options: SecretsStoreSignerOptions) {
     super()
+    this.loaded = new SharedLoad({ load: () => this.read(), abandonAfterMs: 5_000, keep: true, what: `Secrets Store binding ${options.bindingName}`, now: options.now })
   }
 
   protected signing(): Promise<PrivateKeySigning> {
     const now = (this.options.now ?? Date.now)()
-    if (this.failedAt !== undefined && now - this.failedAt >= (this.options.retryAfterMs ?? 30_000)) {
-      this.loaded = undefined
-      this.failedAt = undefined
-    }
-    this.loaded ??= this.read().catch((error: unknown) => {
-      this.failedAt = now
+    if (this.failed && now - this.failed.at < (this.options.retryAfterMs ?? 30_000)) return Promise.reject(this.failed.error)
+    this.failed = undefined
+    return this.loaded.get().catch((error: unknown) => {
+      // A read's own failure; not a wait given up on a read that never settled, which the next call starts again.
+      if (!(error instanceof SignerError && error.options.retryable)) this.failed = { error, at: now }
       throw error
     })
-    return this.loaded
   }
 
   private async read(): Promise<PrivateKeySigning> {

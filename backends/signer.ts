@@ -77,15 +77,4 @@ export async function healthOf(signer: Pick<Signer, 'address'>): Promise<SignerH
   }
 }
 
-/**
- * `load` run once and its promise shared, so concurrent callers make one request; a failure is
- * forgotten, so the next caller tries again rather than getting the same error for ever.
- */
-export function cachedUntilFailure<T>(load: () => Promise<T>): () => Promise<T> {
-  let cached: Promise<T> | undefined
-  return () =>
-    (cached ??= load().catch((error: unknown) => {
-      cached = undefined
-      throw error
-    }))
-}
+

@@ -1,5 +1,6 @@
 import { parsePrivateKey } from './privateKey.js'
 import { KeyHoldingSigner, PrivateKeySigning } from './privateKeySigner.js'
+import { SharedLoad } from './sharedLoad.js'
 import { SignerError, type SignerDescription } from './signer.js'
 
 export type VaultAuth =
@@ -47,7 +48,8 @@ const renewAtFraction = 2 / 3
  */
 export class VaultSigner extends KeyHoldingSigner {
   private cached: { signing: PrivateKeySigning; readAt: number } | undefined
-  private reading: Promise<PrivateKeySigning> | undefined
+  /** The read under way, shared; it may take a login and a read, each up to requestTimeoutMs, before it is abandoned. */
+  private readonly reading: SharedLoad<PrivateKeySigning>
   private session: Session | undefined
   private readonly baseUrl: string
   private readonly kvMount: string
@@ -55,6 +57,13 @@ export class VaultSigner extends KeyHoldingSigner {
 
   constructor(private readonly options: VaultSignerOptions) {
     super()
+    this.reading = new SharedLoad({
+      load: () => this.readAndCache(),
+      abandonAfterMs: 2 * (options.requestTimeoutMs ?? 5_000) + 1_000,
+      keep: false,
+      what: `Vault signer ${options.name}: reading the key`,
+      now: options.now,
+    })
     this.baseUrl = options.address.replace(/\/+$/, '')
     this.kvMount = trimSlashes(options.kvMount)
     this.path = trimSlashes(options.path)
@@ -69,15 +78,15 @@ export class VaultSigner extends KeyHoldingSigner {
     if (this.cached && startedAt - this.cached.readAt < (this.options.cacheTtlMs ?? 300_000)) {
       return Promise.resolve(this.cached.signing)
     }
-    this.reading ??= this.readKey()
-      .then((signing) => {
-        this.cached = { signing, readAt: startedAt }
-        return signing
-      })
-      .finally(() => {
-        this.reading = undefined
-      })
-    return this.reading
+    return this.reading.get()
+  }
+
+  /** The key read from Vault, cached from when the read started. */
+  private async readAndCache(): Promise<PrivateKeySigning> {
+    const startedAt = this.now()
+    const signing = await this.readKey()
+    this.cached = { signing, readAt: startedAt }
+    return signing
   }
 
   private async readKey(): Promise<PrivateKeySigning> {

@@ -3,10 +3,10 @@ import { CircuitBreaker } from '../../backends/circuitBreaker.js'
 
 const call = { kind: 'call' } as const
 
-/** A breaker on a hand-moved clock (threshold 2, cool-down 1 s), opened at 0 by two of three calls let through failing. */
+/** A breaker on a hand-moved clock (threshold 2, cool-down 1 s, probe lease 3 s), opened at 0 by two of three calls let through failing. */
 function openedBreaker() {
   const clock = { now: 0 }
-  const breaker = new CircuitBreaker({ failureThreshold: 2, coolDownMs: 1_000, now: () => clock.now })
+  const breaker = new CircuitBreaker({ failureThreshold: 2, coolDownMs: 1_000, probeLeaseMs: 3_000, now: () => clock.now })
   const admissions = [breaker.tryAcquire(), breaker.tryAcquire(), breaker.tryAcquire()]
   breaker.failure(call)
   breaker.failure(call)
@@ -38,6 +38,23 @@ describe('circuit breaker', () => {
     // An ordinary call released changes nothing.
     breaker.release(call)
     expect(breaker.tryAcquire()).toBeUndefined()
+  })
+
+  it('gives a probe that never reports back (workerd dropped it with its request) its slot for the lease only', () => {
+    const { clock, breaker } = openedBreaker()
+    clock.now = 1_000
+    const lost = breaker.tryAcquire()!
+    expect(lost).toEqual(probe)
+    clock.now = 3_999
+    expect(breaker.tryAcquire()).toBeUndefined()
+    clock.now = 4_000
+    const next = breaker.tryAcquire()!
+    expect(next).toEqual(probe)
+    // The lost one, should it report after all, is not the probe in flight.
+    breaker.failure(lost)
+    expect(breaker.state).toBe('half-open')
+    breaker.success()
+    expect(breaker.state).toBe('closed')
   })
 
   it('a failed probe restarts the cool-down; a late failure of another call does not count as the probe', () => {

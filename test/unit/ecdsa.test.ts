@@ -89,6 +89,13 @@ describe('DER signatures from KMS become canonical Ethereum signatures', () => {
     )
   })
 
+  it('refuses, as a SignerError, an r that is no point on the curve (from a key server gone wrong)', async () => {
+    const digest = keccak256(toHex('no point'))
+    // x = 5 is on no point of secp256k1 (5^3 + 7 = 132 has no square root mod p); noble throws on it.
+    await expect(toEthereumSignature({ r: 5n, s: 1n, digest, address })).rejects.toThrow(SignerError)
+    await expect(toEthereumSignature({ r: 5n, s: 1n, digest, address })).rejects.toThrow('does not recover')
+  })
+
   it('rejects malformed DER with a SignerError', () => {
     const { der } = kmsStyle(keccak256(toHex('malformed')))
     for (const bad of [der.subarray(0, der.length - 1), concat([der, '0x00']), new Uint8Array([0x31, ...der.subarray(1)]), new Uint8Array([0x30, 0x00])]) {

@@ -8,7 +8,7 @@ import { SignerError, type SignedDigest, type Signer, type SignOptions } from '.
 
 /** A real local signer whose availability the test scripts: the member, not the fallback under test. */
 class ScriptedMember implements Signer {
-  mode: 'up' | 'down' | 'hang' = 'up'
+  mode: 'up' | 'down' | 'hang' | 'denied' = 'up'
   calls = 0
   /** The signal of each call: a hanging member stops when it aborts, as a backend calling a service does. */
   readonly signals: Array<AbortSignal | undefined> = []
@@ -26,6 +26,7 @@ class ScriptedMember implements Signer {
     this.calls++
     this.signals.push(options?.signal)
     if (this.mode === 'down') throw new SignerError(`${this.name} is down`, { retryable: true })
+    if (this.mode === 'denied') throw new SignerError(`${this.name} denied access`)
     if (this.mode === 'hang') {
       await new Promise((resolve) => options?.signal?.addEventListener('abort', resolve))
       throw new SignerError(`${this.name} stopped`, { retryable: true })
@@ -180,6 +181,19 @@ describe('fallback signer', () => {
     expect(primary.signals[0]?.aborted).toBe(true)
     // No verdict on a member stopped for the caller: its breaker stays closed.
     expect([metrics.count('kms', 'cancelled'), metrics.count('kms', 'failure'), metrics.count('kms', 'timeout')]).toEqual([1, 0, 0])
+  })
+
+  it('says a failure of every backend is worth retrying only if one of theirs was', async () => {
+    const retryable = async (modes: [ScriptedMember['mode'], ScriptedMember['mode']]) => {
+      const { signer, primary, backup } = chain()
+      ;[primary.mode, backup.mode] = modes
+      const error = await signer.signDigest(digest).catch((thrown: unknown) => thrown)
+      expect(error).toBeInstanceOf(SignerError)
+      return (error as SignerError).options.retryable
+    }
+    expect(await retryable(['denied', 'denied'])).toBe(false)
+    expect(await retryable(['denied', 'down'])).toBe(true)
+    expect(await retryable(['hang', 'denied'])).toBe(true)
   })
 
   it('when every backend fails the caller gets a clear error promptly, not a hang', async () => {

@@ -1,0 +1,63 @@
+import { SignerError } from './signer.js'
+
+export type SharedLoadOptions<T> = {
+  load: () => Promise<T>
+  /** No caller waits on a load longer than this from its start, and a load still unsettled then is abandoned. */
+  abandonAfterMs: number
+  /** Keep what a load answered for every later call (a key's address); otherwise each call after it loads again. */
+  keep: boolean
+  /** Names the load in the error of a caller that stopped waiting, e.g. `Vault signer primary: reading the key`. */
+  what: string
+  now?: () => number
+}
+
+/**
+ * One load at a time, shared by the calls made while it runs; a failure is
+ * forgotten at once, so the next call tries again.
+ *
+ * In workerd a request's fetches and timers are dropped once it has answered,
+ * so a load that another request started (one whose attempt a fallback's
+ * backup or a hedge beat, or whose client went away) may never settle, and
+ * everyone waiting on it would wait for good. So a caller waits at most until
+ * `abandonAfterMs` after the load started, and then gets a retryable error;
+ * the first call after that starts a new load. A load abandoned but still
+ * alive keeps running, and what it answers is still used (`load` may cache).
+ */
+export class SharedLoad<T> {
+  private current: { promise: Promise<T>; startedAt: number; settled: boolean } | undefined
+
+  constructor(private readonly options: SharedLoadOptions<T>) {}
+
+  get(): Promise<T> {
+    const now = (this.options.now ?? Date.now)()
+    let current = this.current
+    if (!current || (!current.settled && now - current.startedAt >= this.options.abandonAfterMs)) current = this.start(now)
+    if (current.settled) return current.promise
+    const { abandonAfterMs, what } = this.options
+    return waitAtMost(current.promise, current.startedAt + abandonAfterMs - now, `${what}: no answer within ${abandonAfterMs} ms; retry shortly`)
+  }
+
+  private start(now: number): NonNullable<SharedLoad<T>['current']> {
+    const entry = { promise: this.options.load(), startedAt: now, settled: false }
+    this.current = entry
+    entry.promise.then(
+      () => {
+        entry.settled = true
+        if (!this.options.keep && this.current === entry) this.current = undefined
+      },
+      () => {
+        if (this.current === entry) this.current = undefined
+      },
+    )
+    return entry
+  }
+}
+
+/** `promise`, or a retryable SignerError saying `why` once `ms` have passed (a timer of the waiting caller's own request). */
+function waitAtMost<T>(promise: Promise<T>, ms: number, why: string): Promise<T> {
+  let timer: ReturnType<typeof setTimeout> | undefined
+  const gaveUp = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => reject(new SignerError(why, { retryable: true })), Math.max(ms, 0))
+  })
+  return Promise.race([promise, gaveUp]).finally(() => clearTimeout(timer))
+}
