@@ -2,7 +2,7 @@ import { GetObjectCommand, ListObjectsV2Command, PutObjectCommand, S3Client, typ
 import { randomBytes } from 'node:crypto'
 import { setTimeout as sleep } from 'node:timers/promises'
 import { boundedAwsRequests } from '../awsRequests.js'
-import { messageOf } from '../errors.js'
+import { messageOf, parseJsonQuietly } from '../errors.js'
 import type { KeyState, SealedKeyRecord, WrappedDek } from '../types.js'
 import { assertNotOlder, assertWrappedDekIs, copyDek, copyRecord, isValidVersion, KeyNotStoredError, keyStates, validateDek, validateKeyId, validateRecord, validateState, type BlobStore } from './blobStore.js'
 
@@ -570,9 +570,10 @@ function decodeRecord(body: string, where: string): SealedKeyRecord {
 function parseObject(body: string, where: string): Record<string, unknown> {
   let value: unknown
   try {
-    value = JSON.parse(body)
+    // Quietly: JSON.parse's own message quotes the text at the fault, base64 of sealed keys or a wrapped DEK here.
+    value = parseJsonQuietly(body, 'the object')
   } catch (error) {
-    throw unreadable(where, `not JSON: ${messageOf(error)}`)
+    throw unreadable(where, messageOf(error))
   }
   if (typeof value !== 'object' || value === null || Array.isArray(value)) throw unreadable(where, 'not a JSON object')
   return value as Record<string, unknown>

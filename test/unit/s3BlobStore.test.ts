@@ -244,7 +244,12 @@ describe('openS3BlobStore', () => {
   it('refuses a stored object it cannot read, with a message naming it', async () => {
     const store = await openStore()
     await newClient().send(new PutObjectCommand({ Bucket: BUCKET, Key: `${prefix}keys/key-9.json`, Body: '{"format":"sealed-blob-store/v1","keyId":"key-9"' }))
-    await expect(store.get('key-9')).rejects.toThrow(new RegExp(`s3://${BUCKET}/${prefix}keys/key-9.json cannot be read \\(not JSON`))
+    await expect(store.get('key-9')).rejects.toThrow(new RegExp(`s3://${BUCKET}/${prefix}keys/key-9.json cannot be read \\(the object is not valid JSON`))
+    // Nothing of the object's text in the message: a damaged record's base64 is its sealed key.
+    await newClient().send(new PutObjectCommand({ Bucket: BUCKET, Key: `${prefix}keys/key-9.json`, Body: '{"sealed":QUJDREVGR0hJSktMTU5PUA}' }))
+    const refusal = await store.get('key-9').catch((error: unknown) => String(error))
+    expect(refusal).toContain('the object is not valid JSON')
+    expect(refusal).not.toContain('QUJD')
     await expect(listAll(store)).rejects.toThrow(/key-9.json cannot be read/)
   })
 
