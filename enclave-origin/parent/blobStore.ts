@@ -15,13 +15,13 @@ export interface BlobStore {
    * never loses it. A put of a stored key must carry the state it has
    * (states change with `setState`): a put with another serves while the
    * store runs, but the disk store, reopened before its next compaction,
-   * keeps the more restrictive of it and the last `setState`.
+   * keeps the more restrictive of it and the last `setState`. A put over an archived key stores it archived.
    */
   put(record: SealedKeyRecord): Promise<void>
   get(keyId: string): Promise<SealedKeyRecord | undefined>
   /** Every stored record (latest version per key), for loading enclaves at start. */
   list(): AsyncIterable<SealedKeyRecord>
-  /** Durable like `put`; rejects for a key that was never put. */
+  /** Durable like `put`; rejects for a key that was never put, and (KeyArchivedError) for an archived one's other states. */
   setState(keyId: string, state: KeyState): Promise<void>
   /**
    * Durable like `put`: replaces the stored DEK (and its `retiring` one, if any), but only if the store holds
@@ -55,6 +55,25 @@ export function assertWrappedDekIs(stored: WrappedDek | undefined, expected: Wra
   const same = (a: WrappedDek | undefined, b: WrappedDek | undefined): boolean =>
     a === undefined || b === undefined ? a === b : a.keyId === b.keyId && Buffer.from(a.ciphertext).equals(b.ciphertext) && same(a.retiring, b.retiring)
   if (!same(stored, expected)) throw new WrappedDekChangedError()
+}
+
+/** Archiving is final: a state change of an archived key to any other state. */
+export class KeyArchivedError extends Error {
+  constructor(keyId: string) {
+    super(`key ${keyId} is archived, which is final: its state cannot change`)
+  }
+}
+
+/**
+ * The state a put stores over a key stored in `stored`: an archived key stays archived. A put made from a read taken
+ * before the archiving landed (a re-seal during a rotation, say) would otherwise bring it back to signing.
+ */
+export function stateToStore(incoming: KeyState, stored: KeyState | undefined): KeyState {
+  return stored === 'archived' ? 'archived' : incoming
+}
+
+export function assertStateMayChange(keyId: string, stored: KeyState, next: KeyState): void {
+  if (stored === 'archived' && next !== 'archived') throw new KeyArchivedError(keyId)
 }
 
 /** A state change or lookup for a key that was never put. */

@@ -5,7 +5,7 @@ import { crc32 } from 'node:zlib'
 import { messageOf } from '../errors.js'
 import type { KeyState, SealedKeyRecord, WrappedDek } from '../types.js'
 import { lockDirectory, type DirectoryLock } from './directoryLock.js'
-import { assertNotOlder, assertWrappedDekIs, copyDek, copyRecord, KeyNotStoredError, keyStates, validateDek, validateRecord, validateState, type BlobStore } from './blobStore.js'
+import { assertNotOlder, assertStateMayChange, assertWrappedDekIs, copyDek, copyRecord, KeyNotStoredError, keyStates, stateToStore, validateDek, validateRecord, validateState, type BlobStore } from './blobStore.js'
 
 /** zlib's CRC-32 (`crc32(b, crc32(a))` equals `crc32(a ‖ b)`), so other tools can check the log. */
 export { crc32 }
@@ -253,6 +253,8 @@ class GroupCommitStore implements DiskBlobStore {
   private readonly maxGroup: number
   /** Versions of every key accepted so far, queued or durable: what `put` and `setState` validate against. */
   private readonly acceptedVersions: Map<string, number>
+  /** The keys archived once the writes queued so far land: archiving is final. */
+  private readonly acceptedArchived = new Set<string>()
   /** The wrapped DEK once the writes queued so far land: what a `putWrappedDek` must be based on. */
   private acceptedDek: WrappedDek | undefined
   private readonly queue: QueuedWrite[] = []
@@ -289,13 +291,16 @@ class GroupCommitStore implements DiskBlobStore {
     this.maxGroup = parts.maxGroup
     this.acceptedVersions = this.index.versions()
     this.acceptedDek = this.index.wrappedDek()
+    for (const record of this.index.all()) if (record.state === 'archived') this.acceptedArchived.add(record.keyId)
   }
 
   async put(record: SealedKeyRecord): Promise<void> {
     validateRecord(record)
     assertNotOlder(record, this.acceptedVersions.get(record.keyId))
-    const durable = this.enqueue({ kind: 'put', record: copyRecord(record) })
+    const state = stateToStore(record.state, this.acceptedArchived.has(record.keyId) ? 'archived' : undefined)
+    const durable = this.enqueue({ kind: 'put', record: { ...copyRecord(record), state } })
     this.acceptedVersions.set(record.keyId, record.version)
+    if (state === 'archived') this.acceptedArchived.add(record.keyId)
     return durable
   }
 
@@ -313,7 +318,10 @@ class GroupCommitStore implements DiskBlobStore {
   async setState(keyId: string, state: KeyState): Promise<void> {
     validateState(state)
     if (!this.acceptedVersions.has(keyId)) throw new KeyNotStoredError(keyId)
-    return this.enqueue({ kind: 'state', keyId, state })
+    if (this.acceptedArchived.has(keyId)) assertStateMayChange(keyId, 'archived', state)
+    const durable = this.enqueue({ kind: 'state', keyId, state })
+    if (state === 'archived') this.acceptedArchived.add(keyId)
+    return durable
   }
 
   async putWrappedDek(dek: WrappedDek, replacing: WrappedDek | undefined): Promise<void> {

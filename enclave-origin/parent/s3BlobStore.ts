@@ -4,7 +4,7 @@ import { setTimeout as sleep } from 'node:timers/promises'
 import { boundedAwsRequests } from '../awsRequests.js'
 import { messageOf, parseJsonQuietly } from '../errors.js'
 import type { KeyState, SealedKeyRecord, WrappedDek } from '../types.js'
-import { assertNotOlder, assertWrappedDekIs, copyDek, copyRecord, isValidVersion, KeyNotStoredError, keyStates, validateDek, validateKeyId, validateRecord, validateState, type BlobStore } from './blobStore.js'
+import { assertNotOlder, assertStateMayChange, assertWrappedDekIs, copyDek, copyRecord, isValidVersion, KeyNotStoredError, keyStates, stateToStore, validateDek, validateKeyId, validateRecord, validateState, type BlobStore } from './blobStore.js'
 
 /**
  * A BlobStore in an S3 bucket, for parents that should not keep the only copy
@@ -164,7 +164,7 @@ class S3Store implements S3BlobStore {
     return this.write(`key:${record.keyId}`, async () => {
       const stored = await this.loadRecord(copy.keyId)
       assertNotOlder(copy, stored?.value.version)
-      await this.writeRecord(objectName, copy, stored?.etag)
+      await this.writeRecord(objectName, { ...copy, state: stateToStore(copy.state, stored?.value.state) }, stored?.etag)
     })
   }
 
@@ -206,6 +206,7 @@ class S3Store implements S3BlobStore {
     return this.write(`key:${keyId}`, async () => {
       const stored = await this.loadRecord(keyId)
       if (stored === undefined) throw new KeyNotStoredError(keyId)
+      assertStateMayChange(keyId, stored.value.state, state)
       // Written even if S3 shows this state already, to fence a write that may still land (see the top).
       await this.writeRecord(objectName, { ...copyRecord(stored.value), state }, stored.etag)
     })

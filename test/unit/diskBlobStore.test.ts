@@ -17,7 +17,7 @@ import {
   type LogFile,
 } from '../../enclave-origin/parent/diskBlobStore.js'
 import { LOCK_FILE_NAME } from '../../enclave-origin/parent/directoryLock.js'
-import { WrappedDekChangedError } from '../../enclave-origin/parent/blobStore.js'
+import { KeyArchivedError, WrappedDekChangedError } from '../../enclave-origin/parent/blobStore.js'
 import { listAll, sealedRecord } from '../support/sealedRecords.js'
 
 const projectRoot = resolve(import.meta.dirname, '../..')
@@ -196,6 +196,25 @@ describe('round trips across close and reopen', () => {
     store = await reopen(store)
     expect(await store.getWrappedDek()).toEqual({ keyId: 'alias/dek', ciphertext: Uint8Array.of(2, 2) })
     await expect(store.putWrappedDek({ ...rotating, retiring: { keyId: '', ciphertext: Uint8Array.of(1) } }, await store.getWrappedDek())).rejects.toThrow('keyId must be a non-empty string')
+  })
+
+  it('keeps an archived key archived: a put from an earlier read stays archived, and no state change brings it back', async () => {
+    let store = await openStore()
+    await store.put(sealedRecord(1))
+    await store.setState('key-1', 'archived')
+    // A re-seal made from a read taken before the archiving.
+    await store.put(sealedRecord(1, 2))
+    expect(await store.get('key-1')).toEqual({ ...sealedRecord(1, 2), state: 'archived' })
+    for (const state of ['active', 'frozen'] as const) await expect(store.setState('key-1', state)).rejects.toThrow(KeyArchivedError)
+    // Queued together, not yet durable: the put lands after the archiving, and keeps it.
+    await store.put(sealedRecord(2))
+    await Promise.all([store.setState('key-2', 'archived'), store.put(sealedRecord(2, 2))])
+    store = await reopen(store)
+    expect((await listAll(store)).map((record) => [record.keyId, record.version, record.state])).toEqual([
+      ['key-1', 2, 'archived'],
+      ['key-2', 2, 'archived'],
+    ])
+    await expect(store.setState('key-1', 'active')).rejects.toThrow('key key-1 is archived, which is final: its state cannot change')
   })
 
   it('writes a wrapped DEK only over the one its caller read, counting the DEK writes queued before it', async () => {

@@ -3,7 +3,7 @@ import { createServer } from 'node:http'
 import type { AddressInfo } from 'node:net'
 import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, it } from 'vitest'
 import { openS3BlobStore, parentS3Client, type S3BlobStore, type S3BlobStoreOptions } from '../../enclave-origin/parent/s3BlobStore.js'
-import { WrappedDekChangedError } from '../../enclave-origin/parent/blobStore.js'
+import { KeyArchivedError, WrappedDekChangedError } from '../../enclave-origin/parent/blobStore.js'
 import type { SealedKeyRecord } from '../../enclave-origin/types.js'
 import { startLocalS3, type LocalS3 } from '../support/s3Server.js'
 import { listAll, sealedRecord } from '../support/sealedRecords.js'
@@ -338,6 +338,16 @@ describe('conditional writes', () => {
     await dekStore.putWrappedDek({ keyId: 'kms/three', ciphertext: new Uint8Array([3]) }, await dekStore.getWrappedDek())
     expect(heldDek.release()).toEqual([412, 412])
     expect(await (await reopen(dekStore)).getWrappedDek()).toEqual({ keyId: 'kms/three', ciphertext: new Uint8Array([3]) })
+  })
+
+  it('keeps an archived key archived: a put from an earlier read stays archived, and no state change brings it back', async () => {
+    const store = await openStore()
+    await store.put(sealedRecord(1))
+    await store.setState('key-1', 'archived')
+    // A re-seal made from a read taken before the archiving, as a rotation's may be when that archiving landed late.
+    await store.put(sealedRecord(1, 2))
+    for (const state of ['active', 'frozen'] as const) await expect(store.setState('key-1', state)).rejects.toThrow(KeyArchivedError)
+    expect(await (await reopen(store)).get('key-1')).toEqual({ ...sealedRecord(1, 2), state: 'archived' })
   })
 
   it('writes a wrapped DEK only over the one its caller read: one given up on that landed after all is not written over', async () => {
