@@ -20,7 +20,7 @@ export default defineConfig({
             return {
               wrangler: { configPath: './wrangler.toml', environment: 'testing' },
               miniflare: {
-                bindings: { API_KEYS: 'test-key-1, test-key-2' },
+                bindings: { API_KEYS: 'test-key-1, test-key-2', OPERATOR_KEYS: 'test-operator-key' },
                 // A binding whose secret is never created: the missing-secret path.
                 secretsStoreSecrets: { NEVER_CREATED_KEY: { store_id: 'local-test-store', secret_name: 'never-created' } },
                 // The keyless backend's client certificate for the origin globalSetup starts, as an mtls_certificates

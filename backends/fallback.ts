@@ -104,7 +104,7 @@ export class FallbackSigner implements Signer {
       let running = 0
       let settled = false
       const failures: string[] = []
-      // Whether asking again may go otherwise: not if every member failed for good (denied, misconfigured).
+      // Whether asking again may go otherwise: not if every member failed for good (denied, misconfigured) and none was skipped.
       let anyRetryable = false
       // Our caller's signal, if any: when it gives up, members still at work stop. A member a hedge beat to the
       // answer runs on to its own timeout (which stops it too): a hung one must still count against its breaker.
@@ -117,6 +117,8 @@ export class FallbackSigner implements Signer {
           const admission = this.breakers[index]!.tryAcquire()
           if (!admission) {
             metrics.record(members[index]!.describe().name, 'skipped', 0)
+            // Its breaker will let it try again: a failure of the others is then worth retrying.
+            anyRetryable = true
             continue
           }
           running++

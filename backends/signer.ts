@@ -51,8 +51,9 @@ export type SignerHealth = ({ ok: true; address: Address } | { ok: false; error:
 export type MemberHealth = { name: string; kind: string; state: BreakerState; ok: boolean; address?: Address; error?: string; lastError?: string }
 
 /**
- * A backend could not sign. The message is safe to show a caller: it names the
- * backend and what is wrong, never the key or the secret's value.
+ * A backend could not sign. The message is for the operator (the Worker's log,
+ * `/health`): it names the backend and what is wrong, its URL or key id
+ * perhaps, never the key or the secret's value. Callers get less (see sponsor).
  */
 export class SignerError extends Error {
   constructor(
@@ -76,5 +77,3 @@ export async function healthOf(signer: Pick<Signer, 'address'>): Promise<SignerH
     return { ok: false, error: signerErrorMessage(error) }
   }
 }
-
-

@@ -208,6 +208,11 @@ const policySchema = z.object({
       required: z.boolean().default(true),
       /** Worker secret with the accepted keys, comma separated. */
       secret: secretNameSchema.default('API_KEYS'),
+      /**
+       * Worker secret with the operators' keys (comma separated), which alone read /health's details: they name
+       * backends' URLs, key ids and why they fail, which the API keys (shipped in front ends) must not. Unset: no one.
+       */
+      operatorSecret: secretNameSchema.default('OPERATOR_KEYS'),
     })
     .prefault({}),
   senders: z

@@ -53,9 +53,9 @@ app.onError((error, c) => {
 app.notFound((c) => errorJson(c, new MethodNotFoundError(`no route ${c.req.method} ${c.req.path}`)))
 
 app.get('/health', async (c) => {
-  // The details name backends, their URLs and key ids: for the operator's callers (an API key, or a profile that needs
-  // none). Anyone else, a load balancer say, gets the status of a report at most a few seconds old, so probing it
-  // often costs the backends nothing.
+  // The details name backends, their URLs and key ids, and why they fail: for operators (an operator key, or a profile
+  // that needs no keys). Anyone else, a load balancer or an API key holder, gets the status of a report at most a few
+  // seconds old, so probing it often costs the backends little.
   const detailed = await mayReadHealthDetails(c)
   const report = detailed ? await healthReport(c.env) : await recentHealthReport(c.env)
   return c.json(detailed ? report : { status: report.status }, report.status === 'ok' || report.status === 'degraded' ? 200 : 503)
@@ -71,7 +71,8 @@ async function mayReadHealthDetails(c: Context<AppEnv>): Promise<boolean> {
     throw error
   }
   if (!services.apiKeys) return true
-  return services.apiKeys.verify(apiKeyOf(c)).then(
+  if (!services.operatorKeys) return false
+  return services.operatorKeys.verify(apiKeyOf(c)).then(
     () => true,
     () => false,
   )

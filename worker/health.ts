@@ -52,13 +52,17 @@ export async function healthReport(env: Env) {
 
 /** How long a report stays good enough for a caller who sees only its status. */
 const recentReportMs = 5_000
-const recentReports = new WeakMap<object, { madeAt: number; report: ReturnType<typeof healthReport> }>()
+type HealthReport = Awaited<ReturnType<typeof healthReport>>
+const recentReports = new WeakMap<object, { madeAt: number; report: HealthReport }>()
 
-/** `healthReport`, made at most once every few seconds per env (the status-only answer of `/health`). */
-export function recentHealthReport(env: Env): ReturnType<typeof healthReport> {
+/**
+ * `healthReport`, or one made for this env in the last few seconds (the status-only answer of `/health`). Only a
+ * finished report is shared: in workerd one still under way may belong to a request that has gone, and never finish.
+ */
+export async function recentHealthReport(env: Env): Promise<HealthReport> {
   const recent = recentReports.get(env)
   if (recent && Date.now() - recent.madeAt < recentReportMs) return recent.report
-  const report = healthReport(env)
+  const report = await healthReport(env)
   recentReports.set(env, { madeAt: Date.now(), report })
   return report
 }

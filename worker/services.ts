@@ -17,6 +17,8 @@ export type Services = {
   metrics: SignerMetrics
   /** Undefined when the profile's policy does not require API keys. */
   apiKeys: ApiKeys | undefined
+  /** The keys that read /health's details; undefined when none are set. */
+  operatorKeys: ApiKeys | undefined
   sponsor: SponsorDeps
 }
 
@@ -59,11 +61,14 @@ function buildServices(env: Env): Services {
     }
     apiKeys = new ApiKeys(keys)
   }
+  const operatorSecret = env[config.policy.apiKeys.operatorSecret]
+  const operatorKeys = ApiKeys.parse(typeof operatorSecret === 'string' ? operatorSecret : undefined)
   return {
     config,
     signers,
     metrics,
     apiKeys,
+    operatorKeys: operatorKeys.length > 0 ? new ApiKeys(operatorKeys) : undefined,
     sponsor: {
       config,
       signerFor: (chain: ChainConfig) => signers.get(chain.signer)!,

@@ -50,11 +50,14 @@ export class WrappedDekChangedError extends Error {
   }
 }
 
-/** Whether `stored` is the DEK `expected` names (both undefined: none). */
+/** Whether two wrapped DEKs are the same (both undefined: none). */
+export function sameWrappedDek(a: WrappedDek | undefined, b: WrappedDek | undefined): boolean {
+  return a === undefined || b === undefined ? a === b : a.keyId === b.keyId && Buffer.from(a.ciphertext).equals(b.ciphertext) && sameWrappedDek(a.retiring, b.retiring)
+}
+
+/** Throws WrappedDekChangedError unless `stored` is the DEK `expected` names (undefined: none). */
 export function assertWrappedDekIs(stored: WrappedDek | undefined, expected: WrappedDek | undefined): void {
-  const same = (a: WrappedDek | undefined, b: WrappedDek | undefined): boolean =>
-    a === undefined || b === undefined ? a === b : a.keyId === b.keyId && Buffer.from(a.ciphertext).equals(b.ciphertext) && same(a.retiring, b.retiring)
-  if (!same(stored, expected)) throw new WrappedDekChangedError()
+  if (!sameWrappedDek(stored, expected)) throw new WrappedDekChangedError()
 }
 
 /** Archiving is final: a state change of an archived key to any other state. */

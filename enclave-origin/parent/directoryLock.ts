@@ -122,10 +122,11 @@ async function isAlive(holder: Holder): Promise<boolean> {
     if ((error as NodeJS.ErrnoException).code !== 'EPERM') return false
   }
   const now = await describeProcess(holder.pid)
+  // Another boot: its holder is gone, whatever has its pid now.
+  if (now.bootId !== '' && holder.bootId !== '' && now.bootId !== holder.bootId) return false
   // Empty where /proc did not say (not Linux, a read that failed, now or when the holder wrote its lock): the pid
   // alone decides, and it exists. Taking a live holder's lock would put two parents on one log.
-  const comparable = [now.bootId, now.startTime, holder.bootId, holder.startTime].every((field) => field !== '')
-  return !comparable || (now.bootId === holder.bootId && now.startTime === holder.startTime)
+  return now.startTime === '' || holder.startTime === '' || now.startTime === holder.startTime
 }
 
 /** The boot id and the process's start time (clock ticks since boot, field 22 of /proc/PID/stat); empty where unreadable. */

@@ -4,7 +4,7 @@ import { setTimeout as sleep } from 'node:timers/promises'
 import { boundedAwsRequests } from '../awsRequests.js'
 import { messageOf, parseJsonQuietly } from '../errors.js'
 import type { KeyState, SealedKeyRecord, WrappedDek } from '../types.js'
-import { assertNotOlder, assertStateMayChange, assertWrappedDekIs, copyDek, copyRecord, isValidVersion, KeyNotStoredError, keyStates, stateToStore, validateDek, validateKeyId, validateRecord, validateState, type BlobStore } from './blobStore.js'
+import { assertNotOlder, assertStateMayChange, assertWrappedDekIs, copyDek, copyRecord, isValidVersion, KeyNotStoredError, keyStates, sameWrappedDek, stateToStore, validateDek, validateKeyId, validateRecord, validateState, type BlobStore } from './blobStore.js'
 
 /**
  * A BlobStore in an S3 bucket, for parents that should not keep the only copy
@@ -218,6 +218,11 @@ class S3Store implements S3BlobStore {
     const copy = copyDek(dek)
     return this.write('dek', async () => {
       const stored = await this.loadDek()
+      // A conflict's retry that finds this very DEK: an attempt whose answer was lost landed (the SDK's retry of it met a 412).
+      if (stored && sameWrappedDek(stored.value, copy)) {
+        this.dek = stored
+        return
+      }
       // Checked at each try: a conflict's retry reads anew, and what landed meanwhile must not simply be written over.
       assertWrappedDekIs(stored?.value, replacing)
       this.dek = undefined

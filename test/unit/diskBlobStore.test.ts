@@ -1168,11 +1168,14 @@ process.stdout.write('ready\\n')
     await store.close()
   })
 
-  it('leaves the lock of a live pid whose start it cannot compare (its holder could not read /proc), for an operator to decide', async () => {
-    for (const unread of [{ bootId: '', startTime: '' }, { bootId: 'b', startTime: '' }]) {
+  it('leaves the lock of a live pid whose start it cannot compare (its holder could not read /proc), for an operator to decide, unless it is of another boot', async () => {
+    const bootId = (await readFile('/proc/sys/kernel/random/boot_id', 'utf8')).trim()
+    for (const unread of [{ bootId: '', startTime: '' }, { bootId, startTime: '' }]) {
       await writeFile(join(directory, LOCK_FILE_NAME), JSON.stringify({ pid: process.pid, ...unread }))
       await expect(openDiskBlobStore({ directory })).rejects.toThrow(`the store directory ${directory} is in use by process ${process.pid}`)
     }
+    await writeFile(join(directory, LOCK_FILE_NAME), JSON.stringify({ pid: process.pid, bootId: 'another boot', startTime: '' }))
+    await (await openStore()).close()
   })
 
   it('takes over the lock of a pid that now belongs to another process: from before a reboot, or from a process that had the pid first', async () => {

@@ -367,6 +367,25 @@ describe('conditional writes', () => {
     expect(await (await reopen(store)).getWrappedDek()).toEqual(rotating)
   })
 
+  it('takes a DEK write whose answer was lost, and whose SDK retry met a 412, as done when S3 holds that DEK', async () => {
+    const real = newClient()
+    let lostAnswers = 1
+    // The first DEK PutObject lands, but its answer is lost and the SDK's retry of it is refused: a 412 after two attempts.
+    const client = {
+      send: async (command: unknown, options?: unknown) => {
+        const answer = await real.send(command as never, options as never)
+        if (command instanceof PutObjectCommand && command.input.Key === `${prefix}dek.json` && lostAnswers-- > 0) {
+          throw Object.assign(new Error('At least one of the pre-conditions you specified did not hold'), { name: 'PreconditionFailed', $metadata: { httpStatusCode: 412, attempts: 2 } })
+        }
+        return answer
+      },
+    } as unknown as S3Client
+    const store = await openStore({ client })
+    const dek = { keyId: 'kms', ciphertext: new Uint8Array([7]) }
+    await store.putWrappedDek(dek, undefined)
+    expect(await (await reopen(store)).getWrappedDek()).toEqual(dek)
+  })
+
   it('reads an object from S3 each time while a write of it it gave up on may still land', async () => {
     const store = await openTimingOutStore()
     await store.put(sealedRecord(1, 1))

@@ -3,6 +3,8 @@ import { generatePrivateKey, privateKeyToAddress } from 'viem/accounts'
 import type { Address, Hex } from 'viem'
 
 export const apiKey = 'test-key-1'
+/** The key in OPERATOR_KEYS, which alone reads /health's details. */
+export const operatorKey = 'test-operator-key'
 export const chainId = 31337
 export const entryPoints = {
   '0.6': '0x5FF137D4b0FDCD49DcA30c7CF57E578a026d2789',

@@ -3,7 +3,7 @@ import { beforeAll, describe, expect, it, vi } from 'vitest'
 import { recoverMessageAddress, slice, type Address } from 'viem'
 import { app } from '../../worker/app.js'
 import { rpcUserOperationV06, rpcUserOperationV07 } from '../support/userOperations.js'
-import { apiKey, call, entryPoints, paymasters, seedSignerKey } from './helpers.js'
+import { apiKey, call, entryPoints, operatorKey, paymasters, seedSignerKey } from './helpers.js'
 
 let signer: Address
 beforeAll(async () => {
@@ -75,15 +75,15 @@ describe('REST API', () => {
     expect(unknown.status).toBe(400)
   })
 
-  it('GET /health reports the profile and signers to an API key holder, and only the status to anyone else', async () => {
-    const response = await call('/health', { headers: { 'x-api-key': apiKey } })
+  it('GET /health reports the profile and signers to an operator key, and only the status to anyone else, API key holders included', async () => {
+    const response = await call('/health', { headers: { 'x-api-key': operatorKey } })
     expect(response.status).toBe(200)
     expect(await response.json()).toMatchObject({
       status: 'ok',
       profile: 'testing',
       signers: [{ kind: 'secrets-store', ok: true, address: signer }],
     })
-    for (const headers of [{}, { 'x-api-key': 'not-a-key' }] as Array<Record<string, string>>) {
+    for (const headers of [{}, { 'x-api-key': 'not-a-key' }, { 'x-api-key': apiKey }] as Array<Record<string, string>>) {
       const anonymous = await call('/health', { headers })
       expect(anonymous.status).toBe(200)
       expect(await anonymous.json()).toEqual({ status: 'ok' })
@@ -132,7 +132,7 @@ describe('configuration and secrets failures', () => {
 
   it('a missing Secrets Store secret is a clear error on /health and on requests, never a crash', async () => {
     const overrides = { PAYMASTER_KEY: (env as unknown as Record<string, unknown>).NEVER_CREATED_KEY }
-    const health = await fetchWith(overrides, '/health', { headers: { 'x-api-key': apiKey } })
+    const health = await fetchWith(overrides, '/health', { headers: { 'x-api-key': operatorKey } })
     expect(health.status).toBe(503)
     expect(await health.json()).toMatchObject({
       status: 'unavailable',
@@ -145,6 +145,9 @@ describe('configuration and secrets failures', () => {
     })
     expect(sponsorResponse.status).toBe(200)
     expect(await sponsorResponse.json()).toMatchObject({ error: { code: -32003, data: { reason: 'signer_unavailable' } } })
+    // The signer route tells an API key holder the signer cannot sign, not why.
+    const signerResponse = await fetchWith(overrides, '/api/v1/paymaster/signer', { headers: { 'x-api-key': apiKey } })
+    expect(await signerResponse.json()).toEqual({ signers: [{ chainId: 31337, kind: 'secrets-store', name: 'primary', securityLevel: 'edge-secret', address: null }] })
     // REST: the caller learns which signer failed; the binding's name and why are in the Worker's log only.
     const log = vi.spyOn(console, 'log')
     const restResponse = await fetchWith(overrides, '/api/v1/paymaster/sponsor', {
@@ -161,8 +164,15 @@ describe('configuration and secrets failures', () => {
     log.mockRestore()
   })
 
+  it('with no OPERATOR_KEYS set, no one reads /health\u2019s details over HTTP', async () => {
+    for (const key of [operatorKey, apiKey]) {
+      const health = await fetchWith({ OPERATOR_KEYS: undefined }, '/health', { headers: { 'x-api-key': key } })
+      expect(await health.json()).toEqual({ status: 'ok' })
+    }
+  })
+
   it('a malformed secret is reported without echoing its value', async () => {
-    const health = await fetchWith({ PAYMASTER_KEY: { get: async () => 'hunter2-not-a-key' } }, '/health', { headers: { 'x-api-key': apiKey } })
+    const health = await fetchWith({ PAYMASTER_KEY: { get: async () => 'hunter2-not-a-key' } }, '/health', { headers: { 'x-api-key': operatorKey } })
     const text = await health.text()
     expect(text).toContain('is not a 32-byte hex private key')
     expect(text).not.toContain('hunter2')

@@ -114,7 +114,7 @@ describe('EIP-7702 UserOperations', () => {
     yParity: '0x1',
   }
 
-  it('v0.8: signs one with its authorization, and refuses the marker without one (its userOpHash needs the delegate)', async () => {
+  it('v0.8: signs one with its authorization, and refuses to sign the marker without one (its userOpHash needs the delegate)', async () => {
     for (const factory of ['0x7702', '0x7702000000000000000000000000000000000000']) {
       const op = rpcUserOperationV07({ factory, factoryData: '0x', eip7702Auth: authorization })
       const signed = await rpc(request('pm_getPaymasterData', [op, entryPoints['0.8'], chainHex]))
@@ -125,6 +125,9 @@ describe('EIP-7702 UserOperations', () => {
       expect(body.error.message).toBe(
         'invalid userOperation for EntryPoint v0.8: userOperation.eip7702Auth: an EIP-7702 UserOperation (factory 0x7702) needs eip7702Auth, which names the delegate the EntryPoint hashes in the marker\u2019s place',
       )
+      // Stub data has no userOpHash: a wallet may ask for it before it has signed its authorization.
+      const stub = await rpc(request('pm_getPaymasterStubData', [withoutAuthorization, entryPoints['0.8'], chainHex, {}]))
+      expect(stub.body.result.paymaster).toBe(paymasters['0.8'])
     }
   })
 

@@ -67,8 +67,8 @@ export const restRoutes = new Hono<{ Variables: RestVariables }>()
         return {
           chainId: chain.chainId,
           ...signer.describe(),
+          // Null while it cannot sign; why is for operators (/health, the log), not API key holders.
           address: health.ok ? health.address : null,
-          ...(health.ok ? {} : { error: health.error }),
         }
       }),
     )

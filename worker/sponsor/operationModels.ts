@@ -4,13 +4,13 @@ import type { z } from 'zod'
 import type { EntryPointVersion } from '../../config/schema.js'
 import type { SponsoredGas } from './policy.js'
 import {
+  eip7702SigningRefusal,
   missingSignedField,
   toUserOperationV06,
   toUserOperationV07,
   userOperationV06Schema,
   userOperationV07OnlySchema,
   userOperationV07Schema,
-  userOperationV08Schema,
   type SignedGasField,
   type UserOperationV06,
   type UserOperationV07,
@@ -35,6 +35,8 @@ export type OperationModel<Op> = {
   fromInput(input: never): Op
   /** The first signed field the raw input leaves out (checked before signing). */
   missingField(input: never): SignedGasField | undefined
+  /** Why this version will not sign the input although it is well formed, naming the field; checked before signing. */
+  signingRefusal?(input: never): string | undefined
   /** Paymaster gas limits the caller already chose (v0.7+), taken over unchanged when present. */
   requestedPaymasterGas(op: Op): { verificationGasLimit?: bigint; postOpGasLimit?: bigint }
   withPaymaster(op: Op, fields: PaymasterFields): Op
@@ -60,9 +62,10 @@ const v06: OperationModel<UserOperationV06> = {
 
 function v07Model(version: '0.7' | '0.8'): OperationModel<UserOperationV07> {
   return {
-    schema: version === '0.7' ? userOperationV07OnlySchema : userOperationV08Schema,
+    schema: version === '0.7' ? userOperationV07OnlySchema : userOperationV07Schema,
     fromInput: (input: z.infer<typeof userOperationV07Schema>) => toUserOperationV07(input),
     missingField: (input: z.infer<typeof userOperationV07Schema>) => missingSignedField(input),
+    ...(version === '0.8' ? { signingRefusal: eip7702SigningRefusal } : {}),
     requestedPaymasterGas: (op) => ({
       verificationGasLimit: op.paymasterVerificationGasLimit,
       postOpGasLimit: op.paymasterPostOpGasLimit,

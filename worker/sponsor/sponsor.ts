@@ -99,6 +99,8 @@ function prepare(deps: SponsorDeps, request: SponsorRequest, forSigning: boolean
     if (missing) {
       throw new InvalidParamsError(`userOperation.${missing} is required: the paymaster signature covers it`)
     }
+    const refusal = model.signingRefusal?.(parsed.data as never)
+    if (refusal) throw new InvalidParamsError(`invalid userOperation for EntryPoint v${entryPoint.version}: ${refusal}`)
   }
   const op = model.fromInput(parsed.data as never)
   checkSender(deps.config.policy, op.sender)

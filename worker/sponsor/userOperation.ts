@@ -77,13 +77,14 @@ export const userOperationV07OnlySchema = userOperationV07Schema.refine((op) => 
 })
 
 /**
- * v0.8 puts the sender's delegate in the marker's place when it hashes; without the authorization that names it, the
- * delegate is on chain only, which is not read here, so the userOpHash answered would be wrong.
+ * Why v0.8 will not sign this operation, if it will not: v0.8 puts the sender's delegate in the marker's place when it
+ * hashes; without the authorization that names it, the delegate is on chain only, which is not read here, so the
+ * userOpHash answered would be wrong. (Stub data carries no userOpHash, and is given.)
  */
-export const userOperationV08Schema = userOperationV07Schema.refine((op) => !isEip7702Marker(op.factory) || op.eip7702Auth, {
-  message: 'an EIP-7702 UserOperation (factory 0x7702) needs eip7702Auth, which names the delegate the EntryPoint hashes in the marker\u2019s place',
-  path: ['eip7702Auth'],
-})
+export function eip7702SigningRefusal(op: UserOperationV07Input): string | undefined {
+  if (!isEip7702Marker(op.factory) || op.eip7702Auth) return undefined
+  return 'userOperation.eip7702Auth: an EIP-7702 UserOperation (factory 0x7702) needs eip7702Auth, which names the delegate the EntryPoint hashes in the marker\u2019s place'
+}
 
 export type UserOperationV06Input = z.infer<typeof userOperationV06Schema>
 export type UserOperationV07Input = z.infer<typeof userOperationV07Schema>
