@@ -32,7 +32,7 @@ export class AwsKmsSigner implements Signer {
 
   constructor(private readonly options: AwsKmsSignerOptions) {
     // Its GetPublicKey ends within deadlineMs, unless workerd dropped it with the request that started it.
-    this.cachedAddress = new SharedLoad({ load: () => this.lookUpAddress(), abandonAfterMs: options.deadlineMs + 1_000, keep: true, what: `${options.name}: GetPublicKey` })
+    this.cachedAddress = new SharedLoad({ load: () => this.lookUpAddress(), abandonAfterMs: options.deadlineMs + 1_000, keepMs: Infinity, what: `${options.name}: GetPublicKey` })
     const { accessKeyId, secretAccessKey, sessionToken } = options.credentials
     if (!accessKeyId || !secretAccessKey) {
       this.setupError = new SignerError(`AWS KMS signer ${options.name}: AWS credentials are not set (access key id and secret access key secrets)`)

@@ -40,6 +40,8 @@ class AttemptTimeoutError extends SignerError {}
 export class FallbackSigner implements Signer {
   private readonly breakers: CircuitBreaker[]
   private readonly lastErrors: Array<string | undefined>
+  /** Whether each member's last failure may go otherwise if asked again (a timeout, an outage); true until one fails. */
+  private readonly lastFailureRetryable: boolean[]
   /** With requireSameAddress: the one address every member must sign as, once known. */
   private agreedAddress: Address | undefined
 
@@ -47,6 +49,7 @@ export class FallbackSigner implements Signer {
     const now = options.now ?? Date.now
     this.breakers = options.members.map(() => new CircuitBreaker({ failureThreshold: options.failureThreshold, coolDownMs: options.coolDownMs, probeLeaseMs: options.timeoutMs + probeLeaseMarginMs, now }))
     this.lastErrors = options.members.map(() => undefined)
+    this.lastFailureRetryable = options.members.map(() => true)
     this.agreedAddress = options.declaredAddress && getAddress(options.declaredAddress)
   }
 
@@ -117,8 +120,8 @@ export class FallbackSigner implements Signer {
           const admission = this.breakers[index]!.tryAcquire()
           if (!admission) {
             metrics.record(members[index]!.describe().name, 'skipped', 0)
-            // Its breaker will let it try again: a failure of the others is then worth retrying.
-            anyRetryable = true
+            // Its breaker will let it try again, which is worth waiting for unless its last failure was for good.
+            anyRetryable ||= this.lastFailureRetryable[index]!
             continue
           }
           running++
@@ -194,6 +197,7 @@ export class FallbackSigner implements Signer {
       }
       this.breakers[index]!.failure(admission)
       this.lastErrors[index] = signerErrorMessage(error)
+      this.lastFailureRetryable[index] = error instanceof SignerError && error.options.retryable
       this.options.metrics.record(name, timedOut ? 'timeout' : 'failure', Date.now() - started)
       throw error
     } finally {

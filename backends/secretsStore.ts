@@ -29,7 +29,7 @@ export class SecretsStoreSigner extends KeyHoldingSigner {
 
   constructor(private readonly options: SecretsStoreSignerOptions) {
     super()
-    this.loaded = new SharedLoad({ load: () => this.read(), abandonAfterMs: 5_000, keep: true, what: `Secrets Store binding ${options.bindingName}`, now: options.now })
+    this.loaded = new SharedLoad({ load: () => this.read(), abandonAfterMs: 5_000, keepMs: Infinity, what: `Secrets Store binding ${options.bindingName}`, now: options.now })
   }
 
   protected signing(): Promise<PrivateKeySigning> {

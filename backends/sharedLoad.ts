@@ -4,8 +4,8 @@ export type SharedLoadOptions<T> = {
   load: () => Promise<T>
   /** No caller waits on a load longer than this from its start, and a load still unsettled then is abandoned. */
   abandonAfterMs: number
-  /** Keep what a load answered for every later call (a key's address); otherwise each call after it loads again. */
-  keep: boolean
+  /** How long what a load answered serves later calls: Infinity for a key's address, 0 to load again each time. */
+  keepMs: number
   /** Names the load in the error of a caller that stopped waiting, e.g. `Vault signer primary: reading the key`. */
   what: string
   now?: () => number
@@ -24,26 +24,30 @@ export type SharedLoadOptions<T> = {
  * alive keeps running, and what it answers is still used (`load` may cache).
  */
 export class SharedLoad<T> {
-  private current: { promise: Promise<T>; startedAt: number; settled: boolean } | undefined
+  private current: { promise: Promise<T>; startedAt: number; answeredAt: number | undefined } | undefined
 
   constructor(private readonly options: SharedLoadOptions<T>) {}
 
   get(): Promise<T> {
-    const now = (this.options.now ?? Date.now)()
+    const { abandonAfterMs, keepMs, what } = this.options
+    const now = this.now()
     let current = this.current
-    if (!current || (!current.settled && now - current.startedAt >= this.options.abandonAfterMs)) current = this.start(now)
-    if (current.settled) return current.promise
-    const { abandonAfterMs, what } = this.options
+    const stale = current && (current.answeredAt === undefined ? now - current.startedAt >= abandonAfterMs : now - current.answeredAt >= keepMs)
+    if (!current || stale) current = this.start(now)
+    if (current.answeredAt !== undefined) return current.promise
     return waitAtMost(current.promise, current.startedAt + abandonAfterMs - now, `${what}: no answer within ${abandonAfterMs} ms; retry shortly`)
   }
 
+  private now(): number {
+    return (this.options.now ?? Date.now)()
+  }
+
   private start(now: number): NonNullable<SharedLoad<T>['current']> {
-    const entry = { promise: this.options.load(), startedAt: now, settled: false }
+    const entry: NonNullable<SharedLoad<T>['current']> = { promise: this.options.load(), startedAt: now, answeredAt: undefined }
     this.current = entry
     entry.promise.then(
       () => {
-        entry.settled = true
-        if (!this.options.keep && this.current === entry) this.current = undefined
+        entry.answeredAt = this.now()
       },
       () => {
         if (this.current === entry) this.current = undefined

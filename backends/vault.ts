@@ -48,7 +48,7 @@ const renewAtFraction = 2 / 3
  */
 export class VaultSigner extends KeyHoldingSigner {
   private cached: { signing: PrivateKeySigning; readAt: number } | undefined
-  /** The read under way, shared; it may take three requests (a renewal or a login, and a read or two), each up to requestTimeoutMs, before it is abandoned. */
+  /** The read under way, shared; it may take three requests (a renewal, a login and a read; or a read, a login and a read), each up to requestTimeoutMs, before it is abandoned. */
   private readonly reading: SharedLoad<PrivateKeySigning>
   private session: Session | undefined
   private readonly baseUrl: string
@@ -60,7 +60,7 @@ export class VaultSigner extends KeyHoldingSigner {
     this.reading = new SharedLoad({
       load: () => this.readAndCache(),
       abandonAfterMs: 3 * (options.requestTimeoutMs ?? 5_000) + 1_000,
-      keep: false,
+      keepMs: 0,
       what: `Vault signer ${options.name}: reading the key`,
       now: options.now,
     })

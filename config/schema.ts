@@ -289,6 +289,9 @@ export const configSchema = z
         message: 'required outside the development profile: the most one sponsored operation may cost, in wei (its gas limits × maxFeePerGas)',
       })
     }
+    if (config.policy.apiKeys.operatorSecret === config.policy.apiKeys.secret) {
+      ctx.addIssue({ code: 'custom', path: ['policy', 'apiKeys', 'operatorSecret'], message: 'must name another secret than policy.apiKeys.secret: every API key would read /health\u2019s details' })
+    }
     if (config.defaultChainId !== undefined && !seen.has(config.defaultChainId)) {
       ctx.addIssue({ code: 'custom', path: ['defaultChainId'], message: `chain ${config.defaultChainId} is not configured` })
     }

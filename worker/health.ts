@@ -1,7 +1,8 @@
 import { createPublicClient, http, type Address } from 'viem'
 import { ConfigError } from '../config/load.js'
 import type { ChainConfig } from '../config/schema.js'
-import type { SignerHealth } from '../backends/signer.js'
+import { SharedLoad } from '../backends/sharedLoad.js'
+import { SignerError, type SignerHealth } from '../backends/signer.js'
 import { supportedEntryPoints } from './sponsor/entryPoints.js'
 import { servicesFor, type Env } from './services.js'
 
@@ -50,21 +51,27 @@ export async function healthReport(env: Env) {
   }
 }
 
-/** How long a report stays good enough for a caller who sees only its status. */
-const recentReportMs = 5_000
 type HealthReport = Awaited<ReturnType<typeof healthReport>>
-const recentReports = new WeakMap<object, { madeAt: number; report: HealthReport }>()
+const recentReports = new WeakMap<object, SharedLoad<HealthReport>>()
 
 /**
- * `healthReport`, or one made for this env in the last few seconds (the status-only answer of `/health`). Only a
- * finished report is shared: in workerd one still under way may belong to a request that has gone, and never finish.
+ * The status of one report per env at most every 5 s (the answer of `/health` to all but operators), shared while
+ * it is made. A report still under way after 20 s (longer than any backend's own deadlines; in workerd it may belong
+ * to a request that has gone) is not waited for: the status is then `unavailable`, and the next call makes another.
  */
-export async function recentHealthReport(env: Env): Promise<HealthReport> {
-  const recent = recentReports.get(env)
-  if (recent && Date.now() - recent.madeAt < recentReportMs) return recent.report
-  const report = await healthReport(env)
-  recentReports.set(env, { madeAt: Date.now(), report })
-  return report
+export async function recentHealthStatus(env: Env): Promise<HealthReport['status'] | 'unavailable'> {
+  let reports = recentReports.get(env)
+  if (!reports) {
+    reports = new SharedLoad({ load: () => healthReport(env), abandonAfterMs: 20_000, keepMs: 5_000, what: 'health report' })
+    recentReports.set(env, reports)
+  }
+  return reports.get().then(
+    (report) => report.status,
+    (error: unknown) => {
+      if (error instanceof SignerError) return 'unavailable' as const
+      throw error
+    },
+  )
 }
 
 const signersAbi = [

@@ -218,13 +218,10 @@ class S3Store implements S3BlobStore {
     const copy = copyDek(dek)
     return this.write('dek', async () => {
       const stored = await this.loadDek()
-      // A conflict's retry that finds this very DEK: an attempt whose answer was lost landed (the SDK's retry of it met a 412).
-      if (stored && sameWrappedDek(stored.value, copy)) {
-        this.dek = stored
-        return
-      }
       // Checked at each try: a conflict's retry reads anew, and what landed meanwhile must not simply be written over.
-      assertWrappedDekIs(stored?.value, replacing)
+      // Unless it is this very DEK (an attempt whose answer was lost landed, and the SDK's retry of it met a 412):
+      // then it is written once more, over that, which fences any earlier write still under way.
+      if (!sameWrappedDek(stored?.value, copy)) assertWrappedDekIs(stored?.value, replacing)
       this.dek = undefined
       const etag = await this.putObject('dek', this.prefix + S3_DEK_OBJECT, encodeDek(copy), stored?.etag)
       this.dek = { value: copy, etag }

@@ -162,6 +162,12 @@ describe('configuration', () => {
     expect(loadConfig({ PAYMASTER_CONFIG: { chains: [chain] } }).policy.gas.maxTotalCostWei).toBeUndefined()
   })
 
+  it('refuses an operator key secret that is the API keys\u2019 own', () => {
+    expect(configError({ PAYMASTER_CONFIG: { chains: [chain], policy: { apiKeys: { operatorSecret: 'API_KEYS' } } } })).toContain(
+      'policy.apiKeys.operatorSecret: must name another secret than policy.apiKeys.secret',
+    )
+  })
+
   it('every profile in wrangler.toml that names its chains loads', () => {
     const configs = wranglerProfileConfigs()
     expect(configs.map(({ profile }) => profile)).toEqual(['development', 'testing'])

@@ -194,14 +194,17 @@ describe('fallback signer', () => {
     expect(await retryable(['denied', 'denied'])).toBe(false)
     expect(await retryable(['denied', 'down'])).toBe(true)
     expect(await retryable(['hang', 'denied'])).toBe(true)
-    // A member its open breaker skipped will be tried again: worth retrying, though the one asked refused.
-    const { signer, primary, backup } = chain()
-    primary.mode = 'down'
-    for (let i = 0; i < 2; i++) await signer.signDigest(digest)
-    backup.mode = 'denied'
-    const error = (await signer.signDigest(digest).catch((thrown: unknown) => thrown)) as SignerError
-    expect(error.message).toBe('primary: every signer backend failed: edge denied access')
-    expect(error.options.retryable).toBe(true)
+    // A member its open breaker skipped will be tried again: worth retrying, though the one asked refused, unless the
+    // skipped one's own last failure was for good.
+    for (const [primaryFailure, expected] of [['down', true], ['denied', false]] as const) {
+      const { signer, primary, backup } = chain()
+      primary.mode = primaryFailure
+      for (let i = 0; i < 2; i++) await signer.signDigest(digest)
+      backup.mode = 'denied'
+      const error = (await signer.signDigest(digest).catch((thrown: unknown) => thrown)) as SignerError
+      expect(error.message).toBe('primary: every signer backend failed: edge denied access')
+      expect(error.options.retryable).toBe(expected)
+    }
   })
 
   it('when every backend fails the caller gets a clear error promptly, not a hang', async () => {

@@ -3,13 +3,13 @@ import { SharedLoad } from '../../backends/sharedLoad.js'
 import { SignerError } from '../../backends/signer.js'
 
 /** Loads the test settles by hand, counted; a clock the test moves. */
-function harness(options: { keep: boolean; abandonAfterMs?: number }) {
+function harness(options: { keepMs: number; abandonAfterMs?: number }) {
   const clock = { now: 0 }
   const loads: Array<{ resolve: (value: string) => void; reject: (error: Error) => void }> = []
   const shared = new SharedLoad<string>({
     load: () => new Promise<string>((resolve, reject) => loads.push({ resolve, reject })),
     abandonAfterMs: options.abandonAfterMs ?? 60_000,
-    keep: options.keep,
+    keepMs: options.keepMs,
     what: 'test signer: reading the key',
     now: () => clock.now,
   })
@@ -18,7 +18,7 @@ function harness(options: { keep: boolean; abandonAfterMs?: number }) {
 
 describe('SharedLoad', () => {
   it('shares one load among the calls made while it runs, keeps its answer if told to, and forgets a failure', async () => {
-    const { loads, shared } = harness({ keep: true })
+    const { loads, shared } = harness({ keepMs: Infinity })
     const first = [shared.get(), shared.get()]
     expect(loads).toHaveLength(1)
     loads[0]!.reject(new SignerError('no key'))
@@ -31,19 +31,24 @@ describe('SharedLoad', () => {
     expect(loads).toHaveLength(2)
   })
 
-  it('without keep, loads again once the last load settled', async () => {
-    const { loads, shared } = harness({ keep: false })
-    const first = shared.get()
-    loads[0]!.resolve('one')
-    expect(await first).toBe('one')
-    const second = shared.get()
-    expect(loads).toHaveLength(2)
-    loads[1]!.resolve('two')
-    expect(await second).toBe('two')
+  it('keeps an answer for keepMs, then loads again (0: at every call after it)', async () => {
+    for (const keepMs of [0, 5_000]) {
+      const { clock, loads, shared } = harness({ keepMs })
+      const first = shared.get()
+      loads[0]!.resolve('one')
+      expect(await first).toBe('one')
+      clock.now = keepMs - 1
+      if (keepMs > 0) expect(await shared.get()).toBe('one')
+      clock.now = keepMs
+      const second = shared.get()
+      expect(loads).toHaveLength(2)
+      loads[1]!.resolve('two')
+      expect(await second).toBe('two')
+    }
   })
 
   it('gives up on a load that never settles (workerd dropped it with the request that started it), and starts another', async () => {
-    const { clock, loads, shared } = harness({ keep: true, abandonAfterMs: 1_000 })
+    const { clock, loads, shared } = harness({ keepMs: Infinity, abandonAfterMs: 1_000 })
     const started = Date.now()
     const stuck = shared.get()
     // A caller joining later waits only until the same deadline, counted from the load's start.

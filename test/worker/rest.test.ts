@@ -164,11 +164,16 @@ describe('configuration and secrets failures', () => {
     log.mockRestore()
   })
 
-  it('with no OPERATOR_KEYS set, no one reads /health\u2019s details over HTTP', async () => {
+  it('with no OPERATOR_KEYS set, no one reads /health\u2019s details over HTTP; nor with an operator key in the query, nor without API keys outside development', async () => {
     for (const key of [operatorKey, apiKey]) {
       const health = await fetchWith({ OPERATOR_KEYS: undefined }, '/health', { headers: { 'x-api-key': key } })
       expect(await health.json()).toEqual({ status: 'ok' })
     }
+    expect(await (await fetchWith({}, `/health?apiKey=${operatorKey}`)).json()).toEqual({ status: 'ok' })
+    const config = JSON.parse((env as unknown as { PAYMASTER_CONFIG: string }).PAYMASTER_CONFIG) as { policy: Record<string, unknown> }
+    const keyless = JSON.stringify({ ...config, policy: { ...config.policy, apiKeys: { required: false } } })
+    expect(await (await fetchWith({ PAYMASTER_CONFIG: keyless })).json()).toEqual({ status: 'ok' })
+    expect(await (await fetchWith({ PAYMASTER_CONFIG: keyless }, '/health', { headers: { 'x-api-key': operatorKey } })).json()).toMatchObject({ status: 'ok', signers: [{ ok: true }] })
   })
 
   it('a malformed secret is reported without echoing its value', async () => {

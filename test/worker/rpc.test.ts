@@ -125,6 +125,8 @@ describe('EIP-7702 UserOperations', () => {
       expect(body.error.message).toBe(
         'invalid userOperation for EntryPoint v0.8: userOperation.eip7702Auth: an EIP-7702 UserOperation (factory 0x7702) needs eip7702Auth, which names the delegate the EntryPoint hashes in the marker\u2019s place',
       )
+      const sponsored = await rpc(request('pm_sponsorUserOperation', [withoutAuthorization, entryPoints['0.8']]))
+      expect(sponsored.body.error).toMatchObject({ code: -32602, message: body.error.message })
       // Stub data has no userOpHash: a wallet may ask for it before it has signed its authorization.
       const stub = await rpc(request('pm_getPaymasterStubData', [withoutAuthorization, entryPoints['0.8'], chainHex, {}]))
       expect(stub.body.result.paymaster).toBe(paymasters['0.8'])

@@ -67,6 +67,8 @@ export function openApiDocument(): Record<string, unknown> {
       '/health': {
         get: {
           summary: 'Liveness and signer health',
+          description:
+            'Anyone gets the status (of a report at most 5 s old). The profile, signers and chains need an operator key (OPERATOR_KEYS) in the x-api-key header, but in the development profile.',
           security: [],
           responses: {
             '200': { description: 'Healthy', content: json(healthResponseSchema) },

@@ -63,8 +63,7 @@ export const signerResponseSchema = z.object({
       name: z.string(),
       kind: z.string(),
       securityLevel: z.string(),
-      address: hex.nullable(),
-      error: z.string().optional(),
+      address: hex.nullable().describe('null while the signer cannot sign'),
     }),
   ),
 })

@@ -80,8 +80,9 @@ export function findChain(config: Config, chainId: number): ChainConfig {
 
 /**
  * Everything that does not need the signer. `forSigning` insists on the gas
- * fields the signature covers and applies the gas caps; stub requests come
- * before gas estimation, so for them only the sender is checked.
+ * fields the signature covers, applies the gas caps and the version's signing
+ * refusals (v0.8's 7702 rule); stub requests come before gas estimation, so
+ * for them only the sender is checked.
  */
 function prepare(deps: SponsorDeps, request: SponsorRequest, forSigning: boolean): Prepared {
   const chain = findChain(deps.config, request.chainId)
