@@ -53,8 +53,8 @@ app.onError((error, c) => {
 app.notFound((c) => errorJson(c, new MethodNotFoundError(`no route ${c.req.method} ${c.req.path}`)))
 
 app.get('/health', async (c) => {
-  // The details name backends, their URLs and key ids, and why they fail: for operators (an operator key, or a profile
-  // that needs no keys). Anyone else, a load balancer or an API key holder, gets the status of a report at most a few
+  // The details name backends, their URLs and key ids, and why they fail: for operators (an operator key, or the
+  // development profile). Anyone else, a load balancer or an API key holder, gets the status of a report at most a few
   // seconds old, so probing it often costs the backends little.
   const body = (await mayReadHealthDetails(c)) ? await healthReport(c.env) : { status: await recentHealthStatus(c.env) }
   return c.json(body, body.status === 'ok' || body.status === 'degraded' ? 200 : 503)
