@@ -153,8 +153,10 @@ export class FallbackSigner implements Signer {
       }
       if (!launch()) {
         settled = true
-        const why = signal.aborted ? 'its caller no longer waits for the signature' : 'every signer backend is unavailable (circuits open); retry shortly'
-        reject(new SignerError(`${this.options.name}: ${why}`, { retryable: true }))
+        // Open breakers let their members try again: worth it unless each one's last failure was for good.
+        const retryable = signal.aborted || this.lastFailureRetryable.some((each) => each)
+        const why = signal.aborted ? 'its caller no longer waits for the signature' : `every signer backend is unavailable (circuits open)${retryable ? '; retry shortly' : ''}`
+        reject(new SignerError(`${this.options.name}: ${why}`, { retryable }))
       }
     })
   }

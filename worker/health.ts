@@ -56,13 +56,14 @@ const recentReports = new WeakMap<object, SharedLoad<HealthReport>>()
 
 /**
  * The status of one report per env at most every 5 s (the answer of `/health` to all but operators), shared while
- * it is made. A report still under way after 20 s (longer than any backend's own deadlines; in workerd it may belong
- * to a request that has gone) is not waited for: the status is then `unavailable`, and the next call makes another.
+ * it is made. A report still under way after 2 minutes (past the slowest backend the config allows, a Vault read of
+ * three 30 s requests, and the chain check; in workerd it may belong to a request that has gone) is not waited
+ * for: the status is then `unavailable`, and the next call makes another.
  */
 export async function recentHealthStatus(env: Env): Promise<HealthReport['status'] | 'unavailable'> {
   let reports = recentReports.get(env)
   if (!reports) {
-    reports = new SharedLoad({ load: () => healthReport(env), abandonAfterMs: 20_000, keepMs: 5_000, what: 'health report' })
+    reports = new SharedLoad({ load: () => healthReport(env), abandonAfterMs: 120_000, keepMs: 5_000, what: 'health report' })
     recentReports.set(env, reports)
   }
   return reports.get().then(

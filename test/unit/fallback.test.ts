@@ -205,6 +205,16 @@ describe('fallback signer', () => {
       expect(error.message).toBe('primary: every signer backend failed: edge denied access')
       expect(error.options.retryable).toBe(expected)
     }
+    // Both skipped: worth retrying only if one's last failure was.
+    for (const [secondFailure, expected] of [['down', true], ['denied', false]] as const) {
+      const { signer, primary, backup } = chain()
+      primary.mode = 'denied'
+      backup.mode = secondFailure
+      for (let i = 0; i < 2; i++) await signer.signDigest(digest).catch(() => {})
+      const error = (await signer.signDigest(digest).catch((thrown: unknown) => thrown)) as SignerError
+      expect(error.message).toMatch(/circuits open/)
+      expect(error.options.retryable).toBe(expected)
+    }
   })
 
   it('when every backend fails the caller gets a clear error promptly, not a hang', async () => {

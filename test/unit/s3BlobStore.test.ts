@@ -370,10 +370,12 @@ describe('conditional writes', () => {
   it('takes a DEK write whose answer was lost, and whose SDK retry met a 412, as done when S3 holds that DEK', async () => {
     const real = newClient()
     let lostAnswers = 1
+    let dekPuts = 0
     // The first DEK PutObject lands, but its answer is lost and the SDK's retry of it is refused: a 412 after two attempts.
     const client = {
       send: async (command: unknown, options?: unknown) => {
         const answer = await real.send(command as never, options as never)
+        if (command instanceof PutObjectCommand && command.input.Key === `${prefix}dek.json`) dekPuts++
         if (command instanceof PutObjectCommand && command.input.Key === `${prefix}dek.json` && lostAnswers-- > 0) {
           throw Object.assign(new Error('At least one of the pre-conditions you specified did not hold'), { name: 'PreconditionFailed', $metadata: { httpStatusCode: 412, attempts: 2 } })
         }
@@ -383,6 +385,8 @@ describe('conditional writes', () => {
     const store = await openStore({ client })
     const dek = { keyId: 'kms', ciphertext: new Uint8Array([7]) }
     await store.putWrappedDek(dek, undefined)
+    // Written once more over itself, which fences any earlier attempt still under way.
+    expect(dekPuts).toBe(2)
     expect(await (await reopen(store)).getWrappedDek()).toEqual(dek)
   })
 

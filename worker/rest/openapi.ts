@@ -72,7 +72,7 @@ export function openApiDocument(): Record<string, unknown> {
           security: [],
           responses: {
             '200': { description: 'Healthy', content: json(healthResponseSchema) },
-            '503': { description: 'A signer is unhealthy or the configuration is invalid', content: json(healthResponseSchema) },
+            '503': { description: 'A signer is unhealthy, the report could not be made within 2 minutes, or the configuration is invalid', content: json(healthResponseSchema) },
           },
         },
       },

@@ -73,8 +73,19 @@ export const healthResponseSchema = z.object({
   profile: z.string().optional(),
   error: z.string().optional(),
   signers: z
-    .array(z.object({ name: z.string(), kind: z.string(), securityLevel: z.string(), ok: z.boolean(), address: hex.optional(), error: z.string().optional() }))
+    .array(
+      z.object({
+        name: z.string(),
+        kind: z.string(),
+        securityLevel: z.string(),
+        ok: z.boolean(),
+        address: hex.optional(),
+        error: z.string().optional(),
+        members: z.array(z.record(z.string(), z.unknown())).optional().describe('a fallback: each member, its breaker state, address and last error'),
+      }),
+    )
     .optional(),
+  chains: z.array(z.record(z.string(), z.unknown())).optional(),
 })
 
 export const errorResponseSchema = z.object({
