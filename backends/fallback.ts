@@ -107,8 +107,9 @@ export class FallbackSigner implements Signer {
       let running = 0
       let settled = false
       const failures: string[] = []
-      // Whether asking again may go otherwise: not if every member failed for good (denied, misconfigured) and none was skipped.
-      let anyRetryable = false
+      // Whether asking again may go otherwise: it may if a member reached so far (asked, or skipped by a breaker that will
+      // let it try again) last failed for something passing (a timeout, an outage), not for good (denied, misconfigured).
+      const worthRetrying = () => this.lastFailureRetryable.slice(0, next).some((each) => each)
       // Our caller's signal, if any: when it gives up, members still at work stop. A member a hedge beat to the
       // answer runs on to its own timeout (which stops it too): a hung one must still count against its breaker.
       const signal = options?.signal ?? new AbortController().signal
@@ -120,8 +121,6 @@ export class FallbackSigner implements Signer {
           const admission = this.breakers[index]!.tryAcquire()
           if (!admission) {
             metrics.record(members[index]!.describe().name, 'skipped', 0)
-            // Its breaker will let it try again, which is worth waiting for unless its last failure was for good.
-            anyRetryable ||= this.lastFailureRetryable[index]!
             continue
           }
           running++
@@ -139,11 +138,10 @@ export class FallbackSigner implements Signer {
               clearTimeout(hedge)
               running--
               failures.push(signerErrorMessage(error))
-              anyRetryable ||= error instanceof SignerError && error.options.retryable
               // A caller that gave up gets no further member started for it.
               if (!settled && !launch() && running === 0) {
                 settled = true
-                reject(new SignerError(`${this.options.name}: every signer backend failed: ${failures.join('; ')}`, { retryable: anyRetryable }))
+                reject(new SignerError(`${this.options.name}: every signer backend failed: ${failures.join('; ')}`, { retryable: worthRetrying() }))
               }
             },
           )
@@ -153,8 +151,7 @@ export class FallbackSigner implements Signer {
       }
       if (!launch()) {
         settled = true
-        // Open breakers let their members try again: worth it unless each one's last failure was for good.
-        const retryable = signal.aborted || this.lastFailureRetryable.some((each) => each)
+        const retryable = signal.aborted || worthRetrying()
         const why = signal.aborted ? 'its caller no longer waits for the signature' : `every signer backend is unavailable (circuits open)${retryable ? '; retry shortly' : ''}`
         reject(new SignerError(`${this.options.name}: ${why}`, { retryable }))
       }
