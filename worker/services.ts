@@ -50,19 +50,22 @@ function buildServices(env: Env): Services {
   const analytics = config.analyticsEngineBinding ? (env[config.analyticsEngineBinding] as AnalyticsEngineDataset | undefined) : undefined
   const metrics = new SignerMetrics(analytics)
   const signers = createSigners({ config, env, metrics })
-  let apiKeys: ApiKeys | undefined
-  if (config.policy.apiKeys.required) {
-    const secretName = config.policy.apiKeys.secret
-    const keys = ApiKeys.parse(typeof env[secretName] === 'string' ? (env[secretName] as string) : undefined)
-    if (keys.length === 0) {
-      throw new ConfigError(
-        `configuration invalid: policy.apiKeys.required is true but secret ${secretName} holds no keys (set it, or set policy.apiKeys.required to false)`,
-      )
-    }
-    apiKeys = new ApiKeys(keys)
+  const { secret: secretName, operatorSecret: operatorSecretName, required } = config.policy.apiKeys
+  const keys = required ? ApiKeys.parse(typeof env[secretName] === 'string' ? (env[secretName] as string) : undefined) : []
+  if (required && keys.length === 0) {
+    throw new ConfigError(
+      `configuration invalid: policy.apiKeys.required is true but secret ${secretName} holds no keys (set it, or set policy.apiKeys.required to false)`,
+    )
   }
-  const operatorSecret = env[config.policy.apiKeys.operatorSecret]
+  const apiKeys = required ? new ApiKeys(keys) : undefined
+  const operatorSecret = env[operatorSecretName]
   const operatorKeys = ApiKeys.parse(typeof operatorSecret === 'string' ? operatorSecret : undefined)
+  if (operatorKeys.some((key) => keys.includes(key))) {
+    // The config check compares the secrets' names; this one, their values: an API key ships in dapps' front ends.
+    throw new ConfigError(
+      `configuration invalid: secret ${operatorSecretName} holds a key that secret ${secretName} holds too: every holder of that API key would read /health's details`,
+    )
+  }
   return {
     config,
     signers,

@@ -130,6 +130,14 @@ describe('configuration and secrets failures', () => {
     expect(((await noKeys.json()) as { error: string }).error).toContain('secret API_KEYS holds no keys')
   })
 
+  it('an operator key that is also an API key is a configuration error, not a key to /health\u2019s details for every dapp', async () => {
+    const shared = await fetchWith({ OPERATOR_KEYS: `another-operator-key, ${apiKey}` }, '/health', { headers: { 'x-api-key': apiKey } })
+    expect(shared.status).toBe(503)
+    const { error } = (await shared.json()) as { error: string }
+    expect(error).toContain('secret OPERATOR_KEYS holds a key that secret API_KEYS holds too')
+    expect(error).not.toContain(apiKey)
+  })
+
   it('a missing Secrets Store secret is a clear error on /health and on requests, never a crash', async () => {
     const overrides = { PAYMASTER_KEY: (env as unknown as Record<string, unknown>).NEVER_CREATED_KEY }
     const health = await fetchWith(overrides, '/health', { headers: { 'x-api-key': operatorKey } })
