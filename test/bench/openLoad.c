@@ -39,8 +39,9 @@
  * a 503 whose body says "needs_unlock" is NEEDS_UNLOCK (another 503, an
  * overloaded parent's say, is only a failure). Phases: client, rpc, parent (total - rpc) and
  * enclave, from the answer's Server-Timing. Connections are taken oldest
- * first; one the server closes or resets is dropped (a request out on it
- * counts as failed) and the run goes on with the others.
+ * first; one the server closes or resets, or whose answer says
+ * `connection: close`, is dropped (a request out on it counts as failed) and
+ * the run goes on with the others.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -347,7 +348,12 @@ static double serverTiming(const char *headers, size_t length, const char *name)
   return found ? strtod(found + needleLength, NULL) : NAN;
 }
 
-/* Completes the connection's answer once it is all there (only one request is out at a time); 1 if it did. */
+/*
+ * Completes the connection's answer once it is all there (only one request is
+ * out at a time): 0 if it is not yet, 1 if it is, 2 if it is and says
+ * `connection: close` (the connection must not carry another request: the
+ * server's FIN may come a turn later, and a request sent meanwhile is reset).
+ */
 static int readHttpAnswer(Connection *c, Slot *slot, double arrived, Results *results, long *inFlight) {
   const unsigned char *end = memmem(c->in, c->inLength, "\r\n\r\n", 4);
   if (!end) return 0;
@@ -382,7 +388,7 @@ static int readHttpAnswer(Connection *c, Slot *slot, double arrived, Results *re
   }
   memmove(c->in, c->in + headLength + bodyLength, c->inLength - headLength - bodyLength);
   c->inLength -= headLength + bodyLength;
-  return 1;
+  return strstr(head, "\r\nconnection: close\r\n") ? 2 : 1;
 }
 
 /* Completes every whole SIGN answer frame in the connection's buffer. */
@@ -612,9 +618,10 @@ int main(int argc, char **argv) {
     double now = nowMs();
     if (cpuAtRecordMs < 0 && now >= recordFrom) cpuAtRecordMs = cpuMs();
     if (cpuAtEndMs < 0 && now >= sendUntil) cpuAtEndMs = cpuMs();
-    if (now >= sendUntil && (inFlight == 0 || now >= drainUntil)) break;
-    if (now < sendUntil) {
-      long due = (long)((now - started) / 1e3 * rate);
+    /* Every request due before sendUntil is sent, also when a stall kept this loop from waking until after it. */
+    long due = (long)(((now < sendUntil ? now : sendUntil) - started) / 1e3 * rate);
+    if (now >= sendUntil && (((long)sent >= due && inFlight == 0) || now >= drainUntil)) break;
+    if ((long)sent < due) {
       Connection *frames = &connections[nextConnection];
       nextConnection = (nextConnection + 1) % connectionCount;
       for (; (long)sent < due; sent++) {
@@ -688,7 +695,12 @@ int main(int argc, char **argv) {
         }
         c->inLength += (size_t)n;
         if (requests.http) {
-          if (readHttpAnswer(c, &slots[at], arrived, &results, &inFlight)) ringPush(&idle, at);
+          int answered = readHttpAnswer(c, &slots[at], arrived, &results, &inFlight);
+          if (answered == 1) ringPush(&idle, at);
+          if (answered == 2) {
+            dropConnection(c, at, epoll, &slots[at], &idle, &results, &inFlight);
+            break;
+          }
         } else {
           readFrameAnswers(c, slots, arrived, &results, &inFlight);
         }
