@@ -374,10 +374,13 @@ describe('HttpServer', () => {
 
   it('closes gracefully without cutting an answer still going out to a slow reader', async () => {
     const big = 'x'.repeat(4 * 1024 * 1024)
-    const { server, port } = await start({ handle: async () => ({ status: 200, headers: {}, body: big }) })
+    let handled: () => void = () => undefined
+    const atHandler = new Promise<void>((resolve) => (handled = resolve))
+    const { server, port } = await start({ handle: async () => (handled(), { status: 200, headers: {}, body: big }) })
     const socket = connect(port, '127.0.0.1')
     socket.pause()
     socket.write(get('/'))
+    await atHandler
     await new Promise((resolve) => setTimeout(resolve, 200))
     const closed = server.close({ drainMs: 5_000 })
     await new Promise((resolve) => setTimeout(resolve, 200))

@@ -129,7 +129,8 @@ describe('the parent API', () => {
 
   it('closes gracefully: a request in flight is answered, not cut off', async () => {
     // An enclave that takes connections and never answers: the request waits out the parent's 300 ms timeout.
-    const silentEnclave = createNetServer(() => {})
+    let bytesAtEnclave = 0
+    const silentEnclave = createNetServer((socket) => socket.on('data', (chunk) => (bytesAtEnclave += chunk.length)))
     await new Promise<void>((listening) => silentEnclave.listen(0, '127.0.0.1', listening))
     const slowParent = new OriginParent({ enclaves: [{ id: 'silent', address: { host: '127.0.0.1', port: (silentEnclave.address() as AddressInfo).port } }], poolSize: 1, store: {} as BlobStore, requestTimeoutMs: 300, credentials: () => Promise.reject(new Error('not needed here')) })
     const closing = createParentApi({ parent: slowParent, verifier: new RequestVerifier({ secrets: { [hmac.keyId]: hmac.secret }, maxFutureSkewMs: 0 }), log: () => {} })
@@ -138,7 +139,8 @@ describe('the parent API', () => {
       const path = '/v1/keys/k'
       const headers = await signRequest({ ...hmac, method: 'GET', path, body: new Uint8Array() })
       const answer = fetch(`http://127.0.0.1:${(closing.address() as AddressInfo).port}${path}`, { headers })
-      await new Promise((resolve) => setTimeout(resolve, 100))
+      // In flight: the parent has sent it on to the enclave.
+      await expect.poll(() => bytesAtEnclave, { interval: 5 }).toBeGreaterThan(0)
       const closeStarted = Date.now()
       const closed = closing.close({ drainMs: 3_000 })
       expect((await answer).status).toBe(503)

@@ -11,6 +11,9 @@ import { apiKey, entryPoints, operatorKey } from './helpers.js'
  * services' wire protocols with real cryptography (test/support/*Server.ts).
  */
 
+/** n, the order of secp256k1's group. */
+const secp256k1Order = 0xfffffffffffffffffffffffffffffffebaaedce6af48a03bbfd25e8cd0364141n
+
 const servers = inject('backendServers')
 const { secrets, backends: configured } = backendConfig(servers)
 // No retries and a short deadline: each injected KMS fault is one quick failure.
@@ -81,15 +84,14 @@ describe('each backend signs sponsorships with the same key', () => {
 
   it('the HTTP signer accepts r‖s and base64 DER with a high s, and normalises both', async () => {
     const workerEnv = envWith({ primary: backends.http })
-    const signatures = new Set<string>()
     for (const format of ['hex65', 'hex64', 'der']) {
       await control('/http/format', { format })
       const answer = await sponsorThrough(workerEnv)
       expect(answer.error).toBeUndefined()
-      signatures.add(answer.result!.paymasterData.slice(-130, -2))
+      const signature = answer.result!.paymasterData.slice(-130, -2)
+      // Low s, as the DER answer's high s must be folded to (the EntryPoint's ECDSA.recover refuses a high one).
+      expect(BigInt(`0x${signature.slice(64)}`) <= secp256k1Order / 2n).toBe(true)
     }
-    // Same digest within one second, same deterministic signature whatever the wire form.
-    expect(signatures.size).toBeLessThanOrEqual(2)
   })
 
   it('the HTTP signer takes its url with a trailing slash', async () => {
@@ -169,7 +171,8 @@ describe('fallback: the client never notices a failing primary', () => {
   })
 
   it('a hanging primary costs its timeout only until its breaker opens', async () => {
-    const workerEnv = chainOf()
+    // A timeout far above any pause of a busy machine, so "waited for it" and "did not" cannot be confused.
+    const workerEnv = chainOf({ timeoutMs: 1_500 })
     await sponsorThrough(workerEnv)
     await control('/kms/fault', { fault: 'hang' })
     const durations: number[] = []
@@ -178,17 +181,18 @@ describe('fallback: the client never notices a failing primary', () => {
       expect((await sponsorThrough(workerEnv)).error).toBeUndefined()
       durations.push(Date.now() - started)
     }
-    expect(durations[0]).toBeGreaterThanOrEqual(400)
-    expect(durations[3]).toBeLessThan(400)
+    expect(durations[0]).toBeGreaterThanOrEqual(1_500)
+    expect(durations[3]).toBeLessThan(1_500)
   })
 
   it('with hedging, a slow primary does not make the client wait for its timeout', async () => {
-    const workerEnv = chainOf({ hedgeAfterMs: 50, failureThreshold: 100 })
+    const workerEnv = chainOf({ timeoutMs: 5_000, hedgeAfterMs: 50, failureThreshold: 100 })
     await sponsorThrough(workerEnv)
     await control('/kms/fault', { fault: 'hang' })
     const started = Date.now()
     expect((await sponsorThrough(workerEnv)).error).toBeUndefined()
-    expect(Date.now() - started).toBeLessThan(400)
+    // Without hedging the backup would be asked only once the KMS attempt's own 2 s deadline had passed.
+    expect(Date.now() - started).toBeLessThan(1_500)
   })
 
   it('when every backend fails, a clear error, not a hang', async () => {
