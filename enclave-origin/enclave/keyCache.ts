@@ -55,7 +55,7 @@ export type KeyCacheOptions = {
   monotonicNow?: () => number
   /** Fetches the plaintext DEK, and a rotation's retiring one (in production, KMS Decrypt bound to attestation). */
   unlock: () => Promise<DataKeys>
-  /** Called synchronously; if it throws for a grace signature, the signature is not given. */
+  /** Called synchronously; if it throws for a grace signature, the signature is not given (NEEDS_UNLOCK instead). */
   audit?: (event: KeyCacheAuditEvent) => void
   keySoftTtlMs?: number
   keyHardTtlMs?: number
@@ -522,7 +522,7 @@ export class KeyCache {
     }
     // Capped: a DEK installed meanwhile gave a full allowance back already.
     this.graceLeft = Math.min(this.graceLeft + 1, this.config.graceSignatures)
-    this.audit({ type: 'grace-signature-withdrawn', keyId, graceLeft: this.graceLeft, at: this.now() })
+    this.record({ type: 'grace-signature-withdrawn', keyId, graceLeft: this.graceLeft, at: this.now() })
   }
 
   /** Resolves once no refresh or unlock is in flight (tests, and draining before shutdown). */
@@ -561,14 +561,25 @@ export class KeyCache {
     this.keysAwaitingUnlock.add(keyId)
     // A key idle for a soft TTL gets none, as the sweep keeps no lapsed plaintext for it (see keepsLapsedPlaintextForGrace).
     if (entry.plaintext && this.keepsLapsedPlaintextForGrace(entry, now)) {
-      // Audited before it is made: a grace signature nobody can account for is not given. Counted once given (settleGrace).
-      this.audit({ type: 'grace-signature', keyId, version, graceLeft: this.graceLeft - 1, at: now })
+      // Audited before it is made: a grace signature nobody can account for is not given (the plaintext stays for one
+      // that can be, once the audit sink has room). Counted once given (settleGrace).
+      if (!this.record({ type: 'grace-signature', keyId, version, graceLeft: this.graceLeft - 1, at: now })) return this.needsUnlock()
       this.graceLeft -= 1
       entry.lastUsedAt = now
       return { kind: 'ok', privateKey: entry.plaintext, grace: true }
     }
     this.dropPlaintext(entry)
     return this.needsUnlock()
+  }
+
+  /** Whether `event` was audited: an audit sink that throws (full, say) fails no caller but a grace signature's. */
+  private record(event: KeyCacheAuditEvent): boolean {
+    try {
+      this.audit(event)
+      return true
+    } catch {
+      return false
+    }
   }
 
   /** Opens the sealed record with the DEK and makes it the key's plaintext, with fresh TTLs and budget. */
@@ -579,7 +590,7 @@ export class KeyCache {
       privateKey = unsealWith(entry.record, dek)
     } catch (error) {
       this.counters.refreshFailures += 1
-      this.audit({ type: 'refresh-failed', keyId, version, reason: messageOf(error), at: now })
+      this.record({ type: 'refresh-failed', keyId, version, reason: messageOf(error), at: now })
       throw error
     }
     let held: Uint8Array

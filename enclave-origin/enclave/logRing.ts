@@ -13,6 +13,11 @@ const maxLineLength = 4_096
  * its predecessor had not acknowledged. Bounded by `maxBytes` of UTF-8: past
  * it the oldest lines go uncollected, and the next LOGS answer counts them
  * (and the one after, if none acknowledged that answer).
+ * A line written `mustDeliver` (an audit) is never dropped for room: it
+ * moves behind the newest line instead, with a new number (so a parent may
+ * log it twice, never not at all). Such lines take at most a quarter of
+ * `maxBytes`; past that, writing one throws, and its writer must not do
+ * what the line would have recorded.
  * A queue with a moving head, not `Array.shift()`, which copies a large
  * array on every call: dropping a line must cost the event loop nothing.
  */
@@ -20,6 +25,9 @@ export class LogRing {
   /** Tells this process's lines from a restarted enclave's, whose numbering starts again. */
   readonly instance = randomInt(1, 2 ** 32)
   private lines: string[] = []
+  /** Whether `lines[i]` must reach the parent (see `write`). */
+  private mustDeliver: boolean[] = []
+  private mustDeliverBytes = 0
   /** Index in `lines` of the oldest line kept; those before it are dropped, and go at the next compaction. */
   private head = 0
   /** The number of `lines[head]` (or of the next line, with none kept); lines are numbered from 1. */
@@ -35,15 +43,23 @@ export class LogRing {
 
   constructor(private readonly options: { maxBytes: number }) {}
 
-  write(line: string): void {
+  /** Keeps `line` for the parent. Throws, keeping nothing, if it must be delivered and no room is left for such lines. */
+  write(line: string, { mustDeliver = false }: { mustDeliver?: boolean } = {}): void {
     const kept = line.length > maxLineLength ? `${cutAt(line, maxLineLength - 1)}…` : line
-    this.lines.push(kept)
-    this.bytes += Buffer.byteLength(kept)
-    while (this.bytes > this.options.maxBytes && this.kept > 1) {
+    if (mustDeliver && this.mustDeliverBytes + Buffer.byteLength(kept) > this.options.maxBytes / 4) {
+      throw new Error('the enclave log holds as many undelivered audit lines as it may: the parent has not collected them')
+    }
+    this.append(kept, mustDeliver)
+    // Lines that must be delivered hold at most a quarter of maxBytes, so over it some other line is kept; still, each
+    // line is visited at most once.
+    for (let visits = this.kept; visits > 0 && this.bytes > this.options.maxBytes && this.kept > 1; visits--) {
+      const moving = this.mustDeliver[this.head]!
+      const oldest = this.lines[this.head]!
       // A line an answer carried is not lost, acknowledged or not (answers are seldom lost; counting it would cry
       // wolf each time a full ring drops what the parent has but has not yet acknowledged).
-      if (this.first > this.unacknowledged.lastLine) this.lost += 1
+      if (!moving && this.first > this.unacknowledged.lastLine) this.lost += 1
       this.dropOldest()
+      if (moving) this.append(oldest, true)
     }
   }
 
@@ -75,13 +91,24 @@ export class LogRing {
     return this.lines.length - this.head
   }
 
+  private append(line: string, mustDeliver: boolean): void {
+    const bytes = Buffer.byteLength(line)
+    this.lines.push(line)
+    this.mustDeliver.push(mustDeliver)
+    this.bytes += bytes
+    if (mustDeliver) this.mustDeliverBytes += bytes
+  }
+
   private dropOldest(): void {
-    this.bytes -= Buffer.byteLength(this.lines[this.head]!)
+    const bytes = Buffer.byteLength(this.lines[this.head]!)
+    this.bytes -= bytes
+    if (this.mustDeliver[this.head]) this.mustDeliverBytes -= bytes
     this.head += 1
     this.first += 1
     // Compacted once the dropped part is as long as the rest: each line is copied about once in all.
     if (this.head >= 1_024 && this.head * 2 >= this.lines.length) {
       this.lines = this.lines.slice(this.head)
+      this.mustDeliver = this.mustDeliver.slice(this.head)
       this.head = 0
     }
   }

@@ -29,10 +29,11 @@ export async function runEnclave(): Promise<() => Promise<void>> {
   keepRequestObjectsYoung()
   // Every line goes to stdout (a console, where there is one) and to the lines the parent collects and logs.
   const logs = new LogRing({ maxBytes: integerSetting('ENCLAVE_LOG_BUFFER_BYTES', { min: 65_536, max: 1_073_741_824, fallback: 4 * 1_048_576 }) })
-  const logLine = (fields: Record<string, unknown>) => {
+  const logLine = (fields: Record<string, unknown>, options?: { mustDeliver?: boolean }) => {
     const line = formatLogLine(fields)
+    // Kept first: an audit line the ring refuses throws before stdout shows what was then not done.
+    logs.write(line, options)
     console.log(line)
-    logs.write(line)
   }
   const profile = choiceSetting('ORIGIN_PROFILE', { choices: ['development', 'production'], fallback: 'development' })
   const nitro = choiceSetting('ENCLAVE_ATTESTATION', { choices: ['nitro', 'none'], fallback: profile === 'production' ? 'nitro' : 'none' }) === 'nitro' ? openNitroAttestation() : undefined
@@ -69,7 +70,8 @@ export async function runEnclave(): Promise<() => Promise<void>> {
     now: steadyWallClock,
     unlock: () => service!.unwrapLastDataKeys(),
     graceSignatures: integerSetting('GRACE_SIGNATURES', { min: 0, max: 1_000_000, fallback: 0 }),
-    audit: (event) => logLine({ level: 'warn', event: 'key_cache_audit', ...event }),
+    // Audits reach the parent or throw: a grace signature whose audit would be lost is not given.
+    audit: (event) => logLine({ level: 'warn', event: 'key_cache_audit', ...event }, { mustDeliver: true }),
   })
   service = new EnclaveService({ cache, engine, dataKeys, kmsKeyId, credentials, attestation, preloadFile: optionalSetting('PRELOAD_FILE'), log: logLine, logs })
   const memory = memoryWatch({ log: logLine })

@@ -56,6 +56,29 @@ describe('LogRing', () => {
     expect(ring.read({ instance: ring.instance, after: 7, maxBytes: 60_000 })).toMatchObject({ first: 9, skipped: 1, lines: [line(9), line(10)] })
   })
 
+  it('never drops a line that must be delivered: it moves behind the newest, and past a quarter of maxBytes of them a write throws', () => {
+    const audit = (n: number) => JSON.stringify({ event: `audit-${n}`, n })
+    const ring = new LogRing({ maxBytes: line(1).length * 10 })
+    ring.write(audit(1), { mustDeliver: true })
+    for (let n = 1; n <= 20; n++) ring.write(line(n))
+    // The oldest ordinary lines went for room, the audit did not (nor is it counted lost).
+    const answer = ring.read({ instance: 0, after: 0, maxBytes: 60_000 })
+    expect(answer.lines).toContain(audit(1))
+    const ordinary = answer.lines.filter((kept) => kept !== audit(1))
+    expect(ordinary.length).toBeLessThan(10)
+    expect(ordinary).toEqual(Array.from({ length: ordinary.length }, (_, i) => line(21 - ordinary.length + i)))
+    expect(answer.skipped).toBe(20 - ordinary.length)
+    // A quarter of 10 lines' bytes holds one audit more, not two.
+    ring.write(audit(2), { mustDeliver: true })
+    expect(() => ring.write(audit(3), { mustDeliver: true })).toThrow('the enclave log holds as many undelivered audit lines as it may')
+    expect(ring.read({ instance: 0, after: 0, maxBytes: 60_000 }).lines).not.toContain(audit(3))
+    // Collected and acknowledged, they make room again.
+    const all = ring.read({ instance: 0, after: 0, maxBytes: 60_000 })
+    ring.read({ instance: ring.instance, after: all.first + all.lines.length - 1, maxBytes: 60_000 })
+    ring.write(audit(3), { mustDeliver: true })
+    expect(ring.read({ instance: 0, after: 0, maxBytes: 60_000 }).lines).toEqual([audit(3)])
+  })
+
   it('keeps order and count through many drops (its queue compacts), and cuts a long line between characters, not within one', () => {
     const ring = new LogRing({ maxBytes: line(10_000).length * 100 })
     for (let n = 1; n <= 10_000; n++) ring.write(line(n))

@@ -1,6 +1,7 @@
 import { randomBytes } from 'node:crypto'
 import { describe, expect, it, vi } from 'vitest'
 import { KeyCache, steadyWallClock, type AcquireResult, type DataKeys, type KeyCacheAuditEvent, type KeyCacheOptions } from '../../enclave-origin/enclave/keyCache.js'
+import { LogRing } from '../../enclave-origin/enclave/logRing.js'
 import { secp256k1 } from '../../enclave-origin/enclave/nativeSecp256k1.js'
 import { SealingError, sealPrivateKey, unsealPrivateKey } from '../../enclave-origin/enclave/sealing.js'
 import type { KeyState, SealedKeyRecord } from '../../enclave-origin/types.js'
@@ -597,6 +598,47 @@ describe('KeyCache grace signatures', () => {
     cache.setDek(dekCopy())
     cache.settleGrace('key-1', false)
     expect(audits.at(-1)).toMatchObject({ type: 'grace-signature-withdrawn', graceLeft: 2 })
+  })
+
+  it('gives no grace signature whose audit cannot be kept for the parent: needs-unlock, its place kept, until the log has room', () => {
+    // The enclave's sink: audits go into its log ring as lines that must reach the parent (enclave/main.ts).
+    const ring = new LogRing({ maxBytes: 65_536 })
+    const auditLine = (event: KeyCacheAuditEvent) => JSON.stringify({ event: 'key_cache_audit', ...event })
+    const { cache, key, dekCopy, advance } = harness({
+      graceSignatures: 2,
+      dekSoftTtlMs: 16 * minute,
+      dekHardTtlMs: 16 * minute,
+      unlockGate: 'closed',
+      audit: (event) => ring.write(auditLine(event), { mustDeliver: true }),
+    })
+    const { record, privateKey } = key()
+    cache.setDek(dekCopy())
+    addWarmHeld(cache, record, privateKey)
+    advance(14 * minute)
+    cache.acquire('key-1')
+    advance(3 * minute)
+    // Audit lines the parent has not collected fill the quarter of the ring they may hold.
+    for (const length of [500, 1]) {
+      for (let written = 0; written < 20_000; written++) {
+        try {
+          ring.write('x'.repeat(length), { mustDeliver: true })
+        } catch {
+          break
+        }
+      }
+    }
+    expect(() => ring.write('x', { mustDeliver: true })).toThrow()
+
+    expect(cache.acquire('key-1').kind).toBe('needs-unlock')
+    expect(cache.stats()).toMatchObject({ graceSignatures: 0, needsUnlock: 1 })
+
+    // The parent collects and acknowledges them: the next grace signature is audited, and given, with the plaintext kept.
+    const collected = ring.read({ instance: 0, after: 0, maxBytes: 1_000_000 })
+    ring.read({ instance: ring.instance, after: collected.first + collected.lines.length - 1, maxBytes: 1_000_000 })
+    expect(withKeyCopied(cache.acquire('key-1'))).toEqual({ kind: 'ok', privateKey, grace: true })
+    cache.settleGrace('key-1', true)
+    const lines = ring.read({ instance: 0, after: 0, maxBytes: 1_000_000 }).lines
+    expect(lines.map((line) => JSON.parse(line) as Record<string, unknown>)).toMatchObject([{ type: 'grace-signature', keyId: 'key-1', graceLeft: 1 }])
   })
 
   it('counts grace signatures across all keys, not per key', () => {
