@@ -642,6 +642,15 @@ async function main() {
         `${r.scenario.padEnd(72)} ${String(r.throughput).padStart(6)} ${((r.errorRate as number) * 100).toFixed(2).padStart(6)} ${((r.needsUnlockRate as number) * 100).toFixed(2).padStart(6)}  ${`${latency.client!.p50}/${latency.client!.p99}/${latency.client!.p999}`.padEnd(26)} ${String(latency.rpc!.p99).padStart(8)} ${String(latency.enclave!.p99).padStart(12)} ${String(latency.parent!.p99).padStart(10)}  ${`${cpu.enclave}/${cpu.parent}/${cpu.generator}/${cpu.host}/${cpu.steal}/${cpu.kernel}/${cpu.other}`.padEnd(44)}  ${(kernel ? `${kernel.name} ${kernel.cores}` : '–').padEnd(21)}  ${(slow ? `${slow.requests}/${slow.bursts}/${slow.medianBurstGapMs}` : '–').padEnd(32)} ${(wake ? `${wake.p99Ms}/${wake.maxMs}` : '–').padEnd(16)} ${`${generator.pausedMsPerSecond} (${generator.maxPauseMs} ms)`.padEnd(24)} ${gc ? `${gc.pausedMsPerSecond} (${gc.meanPauseMs} ms)` : ''}`,
       )
     }
+    console.log(`\n${'latency per phase, p50/p90/p99/p99.9 ms'.padEnd(72)} ${phases.map((phase) => phase.padEnd(30)).join(' ')}`)
+    for (const r of results) {
+      const latency = r.latencyMs as Record<string, Record<'p50' | 'p90' | 'p99' | 'p999', number>>
+      const cells = phases.map((phase) => {
+        const q = latency[phase]
+        return (q ? `${q.p50}/${q.p90}/${q.p99}/${q.p999}` : '–').padEnd(30)
+      })
+      console.log(`${r.scenario.padEnd(72)} ${cells.join(' ')}`)
+    }
     const memory = results.find((r) => r.enclaveMemoryMbWithKeysWarm)?.enclaveMemoryMbWithKeysWarm as { heap: number; resident: number }
     console.log(`\nenclave memory with all ${keyIds.length} keys WARM: V8 heap ${memory.heap} MB in use, resident ${memory.resident} MB`)
     console.log(
