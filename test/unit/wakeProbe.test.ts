@@ -10,11 +10,13 @@ describe('the benchmark wake-up probe', () => {
 
   it('counts one wake-up per 2 ms sleep, with ordered quantiles, and forgets them on reset', async () => {
     probe = startWakeProbe()
+    const started = performance.now()
     await new Promise((resolve) => setTimeout(resolve, 400))
     const seen = probe.read()
-    // At most one per 2 ms; far fewer only if the thread never ran.
+    // At most one per 2 ms of the time that really passed (a busy machine may wake this test late, not the probe);
+    // far fewer only if the thread never ran.
     expect(seen.samples).toBeGreaterThan(20)
-    expect(seen.samples).toBeLessThanOrEqual(201)
+    expect(seen.samples).toBeLessThanOrEqual((performance.now() - started) / 2 + 1)
     expect(seen.p50Ms).toBeGreaterThan(0)
     expect(seen.p50Ms).toBeLessThanOrEqual(seen.p99Ms)
     // The quantiles are bucket upper edges (50 µs), the maximum is exact: p99 can overshoot it by under a bucket.
