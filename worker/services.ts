@@ -51,7 +51,7 @@ function buildServices(env: Env): Services {
   const metrics = new SignerMetrics(analytics)
   const signers = createSigners({ config, env, metrics })
   const { secret: secretName, operatorSecret: operatorSecretName, required } = config.policy.apiKeys
-  const keys = required ? ApiKeys.parse(typeof env[secretName] === 'string' ? (env[secretName] as string) : undefined) : []
+  const keys = ApiKeys.parse(typeof env[secretName] === 'string' ? (env[secretName] as string) : undefined)
   if (required && keys.length === 0) {
     throw new ConfigError(
       `configuration invalid: policy.apiKeys.required is true but secret ${secretName} holds no keys (set it, or set policy.apiKeys.required to false)`,
@@ -61,7 +61,8 @@ function buildServices(env: Env): Services {
   const operatorSecret = env[operatorSecretName]
   const operatorKeys = ApiKeys.parse(typeof operatorSecret === 'string' ? operatorSecret : undefined)
   if (operatorKeys.some((key) => keys.includes(key))) {
-    // The config check compares the secrets' names; this one, their values: an API key ships in dapps' front ends.
+    // The config check compares the secrets' names; this one, their values: an API key ships in dapps' front ends
+    // (also one set while the profile needs none: it may have been handed out, or be needed again).
     throw new ConfigError(
       `configuration invalid: secret ${operatorSecretName} holds a key that secret ${secretName} holds too: every holder of that API key would read /health's details`,
     )

@@ -111,6 +111,8 @@ export type KeyCacheStats = {
   unlockFailures: number
   needsUnlock: number
   graceSignatures: number
+  /** Grace signatures refused because their audit could not be kept (the enclave's log held as many as it may). */
+  graceRefusedUnaudited: number
   inlineRefreshOverBudget: number
   /** Inline refresh (rehydrate) latency: totals, and counts per bucket of `rehydrateBucketsMs` (the last counts everything above). */
   inlineRefreshMs: { count: number; sum: number; max: number; buckets: number[] }
@@ -199,6 +201,7 @@ export class KeyCache {
     unlockFailures: 0,
     needsUnlock: 0,
     graceSignatures: 0,
+    graceRefusedUnaudited: 0,
     inlineRefreshOverBudget: 0,
   }
   private readonly inlineRefreshMs = { count: 0, sum: 0, max: 0, buckets: emptyCounts(rehydrateBucketsMs) }
@@ -563,7 +566,10 @@ export class KeyCache {
     if (entry.plaintext && this.keepsLapsedPlaintextForGrace(entry, now)) {
       // Audited before it is made: a grace signature nobody can account for is not given (the plaintext stays for one
       // that can be, once the audit sink has room). Counted once given (settleGrace).
-      if (!this.record({ type: 'grace-signature', keyId, version, graceLeft: this.graceLeft - 1, at: now })) return this.needsUnlock()
+      if (!this.record({ type: 'grace-signature', keyId, version, graceLeft: this.graceLeft - 1, at: now })) {
+        this.counters.graceRefusedUnaudited += 1
+        return this.needsUnlock()
+      }
       this.graceLeft -= 1
       entry.lastUsedAt = now
       return { kind: 'ok', privateKey: entry.plaintext, grace: true }

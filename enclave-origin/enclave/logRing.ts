@@ -1,5 +1,6 @@
 import { randomInt } from 'node:crypto'
 import type { LogsRequest, LogsResponse } from '../protocol/messages.js'
+import type { KeyCacheAuditEvent } from './keyCache.js'
 
 /** Longest line kept, in UTF-16 code units (so at most 3× that in UTF-8, which a LOGS answer's u16 length holds). */
 const maxLineLength = 4_096
@@ -17,7 +18,9 @@ const maxLineLength = 4_096
  * moves behind the newest line instead, with a new number (so a parent may
  * log it twice, never not at all). Such lines take at most a quarter of
  * `maxBytes`; past that, writing one throws, and its writer must not do
- * what the line would have recorded.
+ * what the line would have recorded. With that room full, one ordinary
+ * write in many moves them all (about 0.5 ms for 5,000): bounded, and
+ * only while the parent is not collecting.
  * A queue with a moving head, not `Array.shift()`, which copies a large
  * array on every call: dropping a line must cost the event loop nothing.
  */
@@ -111,6 +114,29 @@ export class LogRing {
       this.mustDeliver = this.mustDeliver.slice(this.head)
       this.head = 0
     }
+  }
+}
+
+/**
+ * The key cache's audits as log lines. A grace signature's audit reaches the
+ * parent or throws, and the signature is not given. A withdrawal is kept so
+ * when there is room, else it is an ordinary line (the log may then show a
+ * grace signature that was not given: more, never fewer). Other audits (a
+ * record that will not open, once per request for its key) are ordinary
+ * lines, lest they use up the room grace audits need.
+ */
+export function auditLogger(logLine: (fields: Record<string, unknown>, options?: { mustDeliver?: boolean }) => void): (event: KeyCacheAuditEvent) => void {
+  return (event) => {
+    const fields = { level: 'warn', event: 'key_cache_audit', ...event }
+    if (event.type === 'grace-signature') return logLine(fields, { mustDeliver: true })
+    if (event.type === 'grace-signature-withdrawn') {
+      try {
+        return logLine(fields, { mustDeliver: true })
+      } catch {
+        // no room for it as an audit: an ordinary line, below
+      }
+    }
+    logLine(fields)
   }
 }
 

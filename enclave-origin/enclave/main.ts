@@ -4,7 +4,7 @@ import { developmentAttestation, KmsDataKeys } from './dataKey.js'
 import { DeliveredCredentials } from './deliveredCredentials.js'
 import { SignEngine } from './engine.js'
 import { KeyCache, steadyWallClock } from './keyCache.js'
-import { LogRing } from './logRing.js'
+import { auditLogger, LogRing } from './logRing.js'
 import { enclaveKmsClient, kmsTlsFor } from './kmsClient.js'
 import { memoryWatch } from './memory.js'
 import { openNitroAttestation } from './nitroAttestation.js'
@@ -70,8 +70,7 @@ export async function runEnclave(): Promise<() => Promise<void>> {
     now: steadyWallClock,
     unlock: () => service!.unwrapLastDataKeys(),
     graceSignatures: integerSetting('GRACE_SIGNATURES', { min: 0, max: 1_000_000, fallback: 0 }),
-    // Audits reach the parent or throw: a grace signature whose audit would be lost is not given.
-    audit: (event) => logLine({ level: 'warn', event: 'key_cache_audit', ...event }, { mustDeliver: true }),
+    audit: auditLogger(logLine),
   })
   service = new EnclaveService({ cache, engine, dataKeys, kmsKeyId, credentials, attestation, preloadFile: optionalSetting('PRELOAD_FILE'), log: logLine, logs })
   const memory = memoryWatch({ log: logLine })

@@ -125,6 +125,7 @@ const scalarFamilies: Array<{ name: string; type: 'counter' | 'gauge'; help: str
   { name: 'origin_enclave_unlock_failures_total', type: 'counter', help: 'The enclave\u2019s own unlocks (with the wrapped data key it holds) that failed. A failed UNLOCK of the parent\u2019s fails whoever asked for it (those it starts on NEEDS_UNLOCK are logged as unlock_failed).', value: (s) => s.cache.unlockFailures },
   { name: 'origin_enclave_needs_unlock_total', type: 'counter', help: 'Requests the enclave answered NEEDS_UNLOCK.', value: (s) => s.cache.needsUnlock },
   { name: 'origin_enclave_grace_signatures_total', type: 'counter', help: 'Signatures given on grace while the data key was gone (each one audited).', value: (s) => s.cache.graceSignatures },
+  { name: 'origin_enclave_grace_signatures_unaudited_total', type: 'counter', help: 'Grace signatures refused (NEEDS_UNLOCK) because the enclave\u2019s log held as many uncollected audits as it may.', value: (s) => s.cache.graceRefusedUnaudited },
   { name: 'origin_enclave_rehydrate_over_budget_total', type: 'counter', help: 'Inline re-derivations that took longer than their budget.', value: (s) => s.cache.inlineRefreshOverBudget },
   { name: 'origin_enclave_engine_threads', type: 'gauge', help: 'Signing threads.', value: (s) => s.engine.threads },
   { name: 'origin_enclave_engine_inflight', type: 'gauge', help: 'Signs held by the signing threads.', value: (s) => s.engine.inflight },

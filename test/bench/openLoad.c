@@ -708,6 +708,13 @@ int main(int argc, char **argv) {
     }
   }
 
+  /* Recorded requests never sent (a server that stopped reading kept the buffer full until the drain ended). */
+  long due = (long)((sendUntil - started) / 1e3 * rate);
+  for (; (long)sent < due; sent++) {
+    if (started + sent / rate * 1e3 < recordFrom) continue;
+    sentRecorded++;
+    skipped++;
+  }
   /* Recorded requests whose answers never came within the drain. */
   size_t slotCount = requests.http ? (size_t)connectionCount : SLOTS;
   for (size_t i = 0; i < slotCount; i++) if (slots[i].live && slots[i].recorded) results.failed++;

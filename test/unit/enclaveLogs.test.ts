@@ -1,5 +1,5 @@
 import { describe, expect, it } from 'vitest'
-import { LogRing } from '../../enclave-origin/enclave/logRing.js'
+import { auditLogger, LogRing } from '../../enclave-origin/enclave/logRing.js'
 import { EnclaveLogCollector } from '../../enclave-origin/parent/enclaveLogs.js'
 import { EnclaveUnavailableError } from '../../enclave-origin/parent/enclavePool.js'
 import { decodeLogsRequest, encodeLogsRequest, encodeLogsResponse } from '../../enclave-origin/protocol/messages.js'
@@ -77,6 +77,35 @@ describe('LogRing', () => {
     ring.read({ instance: ring.instance, after: all.first + all.lines.length - 1, maxBytes: 60_000 })
     ring.write(audit(3), { mustDeliver: true })
     expect(ring.read({ instance: 0, after: 0, maxBytes: 60_000 }).lines).toEqual([audit(3)])
+  })
+
+  it('keeps the key cache\u2019s grace audits as lines that must be delivered, a withdrawal so if it can, the rest as ordinary lines', () => {
+    const ring = new LogRing({ maxBytes: 65_536 })
+    const audit = auditLogger((fields, options) => ring.write(JSON.stringify(fields), options))
+    const kept = () => ring.read({ instance: 0, after: 0, maxBytes: 1_000_000 }).lines.map((text) => JSON.parse(text) as { type?: string })
+    // The room for lines that must be delivered, full.
+    for (const length of [500, 1]) {
+      for (let written = 0; written < 20_000; written++) {
+        try {
+          ring.write('"x"'.padEnd(length, ' '), { mustDeliver: true })
+        } catch {
+          break
+        }
+      }
+    }
+    const fullBefore = kept().length
+
+    expect(() => audit({ type: 'grace-signature', keyId: 'k', version: 1, graceLeft: 0, at: 1 })).toThrow()
+    audit({ type: 'grace-signature-withdrawn', keyId: 'k', graceLeft: 1, at: 2 })
+    expect(kept().filter((line) => line.type === 'grace-signature-withdrawn')).toHaveLength(1)
+    for (let n = 0; n < 1_000; n++) audit({ type: 'refresh-failed', keyId: 'k', version: 1, reason: 'the record will not open', at: 3 })
+
+    const lines = kept()
+    expect(lines.filter((line) => line.type === 'grace-signature')).toEqual([])
+    // Ordinary lines: the oldest of the thousand went for room; none of the room for audits was taken.
+    expect(lines.filter((line) => line.type === 'refresh-failed').length).toBeLessThan(1_000)
+    expect(lines.length - fullBefore).toBeGreaterThan(10)
+    expect(() => ring.write('"x"', { mustDeliver: true })).toThrow()
   })
 
   it('keeps order and count through many drops (its queue compacts), and cuts a long line between characters, not within one', () => {

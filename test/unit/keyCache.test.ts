@@ -1,7 +1,7 @@
 import { randomBytes } from 'node:crypto'
 import { describe, expect, it, vi } from 'vitest'
 import { KeyCache, steadyWallClock, type AcquireResult, type DataKeys, type KeyCacheAuditEvent, type KeyCacheOptions } from '../../enclave-origin/enclave/keyCache.js'
-import { LogRing } from '../../enclave-origin/enclave/logRing.js'
+import { auditLogger, LogRing } from '../../enclave-origin/enclave/logRing.js'
 import { secp256k1 } from '../../enclave-origin/enclave/nativeSecp256k1.js'
 import { SealingError, sealPrivateKey, unsealPrivateKey } from '../../enclave-origin/enclave/sealing.js'
 import type { KeyState, SealedKeyRecord } from '../../enclave-origin/types.js'
@@ -601,15 +601,14 @@ describe('KeyCache grace signatures', () => {
   })
 
   it('gives no grace signature whose audit cannot be kept for the parent: needs-unlock, its place kept, until the log has room', () => {
-    // The enclave's sink: audits go into its log ring as lines that must reach the parent (enclave/main.ts).
+    // The enclave's sink (enclave/main.ts): audits go into its log ring, a grace signature's as a line that must reach the parent.
     const ring = new LogRing({ maxBytes: 65_536 })
-    const auditLine = (event: KeyCacheAuditEvent) => JSON.stringify({ event: 'key_cache_audit', ...event })
     const { cache, key, dekCopy, advance } = harness({
       graceSignatures: 2,
       dekSoftTtlMs: 16 * minute,
       dekHardTtlMs: 16 * minute,
       unlockGate: 'closed',
-      audit: (event) => ring.write(auditLine(event), { mustDeliver: true }),
+      audit: auditLogger((fields, options) => ring.write(JSON.stringify(fields), options)),
     })
     const { record, privateKey } = key()
     cache.setDek(dekCopy())
@@ -630,7 +629,7 @@ describe('KeyCache grace signatures', () => {
     expect(() => ring.write('x', { mustDeliver: true })).toThrow()
 
     expect(cache.acquire('key-1').kind).toBe('needs-unlock')
-    expect(cache.stats()).toMatchObject({ graceSignatures: 0, needsUnlock: 1 })
+    expect(cache.stats()).toMatchObject({ graceSignatures: 0, graceRefusedUnaudited: 1, needsUnlock: 1 })
 
     // The parent collects and acknowledges them: the next grace signature is audited, and given, with the plaintext kept.
     const collected = ring.read({ instance: 0, after: 0, maxBytes: 1_000_000 })

@@ -1,4 +1,4 @@
-import { spawn, spawnSync } from 'node:child_process'
+import { spawn, spawnSync, type ChildProcess } from 'node:child_process'
 import { mkdtempSync, rmSync } from 'node:fs'
 import { createServer as createHttpServer, type IncomingMessage, type ServerResponse } from 'node:http'
 import { createServer as createTcpServer, type AddressInfo, type Server } from 'node:net'
@@ -63,23 +63,18 @@ function runOpenLoad({
   env = {},
   connections = 8,
   warmupSeconds = 0.5,
-  stopped,
+  started,
 }: {
   mode: 'frames' | 'http'
   port: number
   env?: Record<string, string>
   connections?: number
   warmupSeconds?: number
-  /** Stops the generator (SIGSTOP) `atMs` after it starts, for `forMs`, as a machine that stalls it would. */
-  stopped?: { atMs: number; forMs: number }
+  /** Called with the generator's process once it is spawned. */
+  started?: (generator: ChildProcess) => void
 }): Promise<Run & { stderr: string }> {
   const child = spawn(binary, [mode, port, 400, 1, warmupSeconds, connections, 500].map(String), { env: { ...process.env, ...env }, stdio: ['pipe', 'pipe', 'pipe'] })
-  if (stopped) {
-    setTimeout(() => {
-      child.kill('SIGSTOP')
-      setTimeout(() => child.kill('SIGCONT'), stopped.forMs)
-    }, stopped.atMs)
-  }
+  started?.(child)
   let output = ''
   let errors = ''
   child.stdout.on('data', (chunk) => (output += chunk))
@@ -269,10 +264,16 @@ describe.skipIf(!haveCc)('openLoad, the native load generator', () => {
   })
 
   it('sends every request due in the recorded second, also when it was stopped across the second\u2019s end', async () => {
-    const { port } = await framesServer()
+    // Of the 600 requests (200 in the warm-up), the 540th reaching the server stops the generator (SIGSTOP) for 1 s,
+    // as a machine that stalls it would: the last 60 or so, due before the end at 1.5 s, can go out only after it.
+    let generator: ChildProcess | undefined
+    const { port } = await framesServer((received) => {
+      if (received !== 540) return
+      generator!.kill('SIGSTOP')
+      setTimeout(() => generator!.kill('SIGCONT'), 1_000)
+    })
 
-    // Stopped from 1.3 s to 1.7 s: the 80 requests due from 1.3 s to the end at 1.5 s go out at 1.7 s, late.
-    const run = await runOpenLoad({ mode: 'frames', port, stopped: { atMs: 1_300, forMs: 400 } })
+    const run = await runOpenLoad({ mode: 'frames', port, started: (child) => (generator = child) })
 
     expect(run.offered).toBeGreaterThanOrEqual(399)
     expect(run).toMatchObject({ failed: 0, skipped: 0 })
@@ -282,12 +283,14 @@ describe.skipIf(!haveCc)('openLoad, the native load generator', () => {
 })
 
 /** An enclave-shaped server: answers each SIGN frame with a signature that took 1.5 ms, and records the keys. */
-async function framesServer() {
+async function framesServer(onFrame?: (received: number) => void) {
   const keysSeen = new Set<string>()
+  let received = 0
   const server = createTcpServer((socket) => {
     const decoder = new FrameDecoder()
     socket.on('data', (chunk: Uint8Array) => {
       for (const frame of decoder.push(chunk)) {
+        onFrame?.(++received)
         expect(frame.opcode).toBe(opcodes.SIGN)
         keysSeen.add(decodeSignRequest(frame.payload).keyId)
         const payload = encodeSignResponse({ signature: new Uint8Array(64), recoveryId: 1, enclaveMicros: 1_500 })

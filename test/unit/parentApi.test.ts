@@ -140,7 +140,7 @@ describe('the parent API', () => {
       const headers = await signRequest({ ...hmac, method: 'GET', path, body: new Uint8Array() })
       const answer = fetch(`http://127.0.0.1:${(closing.address() as AddressInfo).port}${path}`, { headers })
       // In flight: the parent has sent it on to the enclave.
-      await expect.poll(() => bytesAtEnclave, { interval: 5 }).toBeGreaterThan(0)
+      await expect.poll(() => bytesAtEnclave, { timeout: 10_000, interval: 5 }).toBeGreaterThan(0)
       const closeStarted = Date.now()
       const closed = closing.close({ drainMs: 3_000 })
       expect((await answer).status).toBe(503)

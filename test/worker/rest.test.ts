@@ -131,11 +131,16 @@ describe('configuration and secrets failures', () => {
   })
 
   it('an operator key that is also an API key is a configuration error, not a key to /health\u2019s details for every dapp', async () => {
-    const shared = await fetchWith({ OPERATOR_KEYS: `another-operator-key, ${apiKey}` }, '/health', { headers: { 'x-api-key': apiKey } })
-    expect(shared.status).toBe(503)
-    const { error } = (await shared.json()) as { error: string }
-    expect(error).toContain('secret OPERATOR_KEYS holds a key that secret API_KEYS holds too')
-    expect(error).not.toContain(apiKey)
+    const config = JSON.parse((env as unknown as { PAYMASTER_CONFIG: string }).PAYMASTER_CONFIG) as { policy: Record<string, unknown> }
+    const keyless = JSON.stringify({ ...config, policy: { ...config.policy, apiKeys: { required: false } } })
+    // Also while no API key is required: the keys in API_KEYS may have been handed out.
+    for (const overrides of [{}, { PAYMASTER_CONFIG: keyless }]) {
+      const shared = await fetchWith({ ...overrides, OPERATOR_KEYS: `another-operator-key, ${apiKey}` }, '/health', { headers: { 'x-api-key': apiKey } })
+      expect(shared.status).toBe(503)
+      const { error } = (await shared.json()) as { error: string }
+      expect(error).toContain('secret OPERATOR_KEYS holds a key that secret API_KEYS holds too')
+      expect(error).not.toContain(apiKey)
+    }
   })
 
   it('a missing Secrets Store secret is a clear error on /health and on requests, never a crash', async () => {
