@@ -16,7 +16,8 @@
  * Key ids come one per line on stdin; each request takes one at random and a
  * pseudo-random 32-byte digest. Latency runs from each request's scheduled
  * time (no coordinated omission). A request that would exceed MAX_IN_FLIGHT
- * (in http mode: that finds every connection busy) is skipped and counted.
+ * (in http mode: that finds every connection busy) is skipped and counted,
+ * as is a recorded one still unsent when the drain ends.
  * After WARMUP_SECONDS unrecorded, SECONDS are recorded; then it waits up to
  * 10 s for the answers still out, and prints one JSON line: counts, latency
  * quantiles per phase (-1 when no request succeeded), its CPU time over
