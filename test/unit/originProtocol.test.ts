@@ -43,18 +43,7 @@ import {
   encodeUnlockResponse,
   maxErrorMessageBytes,
 } from '../../enclave-origin/protocol/messages.js'
-
-/** Deterministic pseudo-random numbers (mulberry32), so a failing chunking can be replayed. */
-function seededRandom(seed: number): () => number {
-  let state = seed >>> 0
-  return () => {
-    state = (state + 0x6d2b79f5) >>> 0
-    let t = state
-    t = Math.imul(t ^ (t >>> 15), t | 1)
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61)
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296
-  }
-}
+import { seededRandom } from '../support/seededRandom.js'
 
 function filled(length: number, byte: number): Uint8Array {
   return new Uint8Array(length).fill(byte)

@@ -1,0 +1,185 @@
+import { afterEach, beforeAll, describe, expect, it, vi } from 'vitest'
+import { seededRandom } from '../support/seededRandom.js'
+import { rpcUserOperationV06, rpcUserOperationV07 } from '../support/userOperations.js'
+import { apiKey, call, entryPoints, request, rpc, seedSignerKey } from './helpers.js'
+
+/**
+ * Bad input gets a clear error and harms nothing, over many shapes at once:
+ * valid requests with a few fields replaced by values of the wrong type,
+ * size or form, or removed. Seeded, so a failing case can be replayed; each
+ * failure names its seed and the request.
+ */
+
+beforeAll(async () => {
+  await seedSignerKey()
+})
+afterEach(() => {
+  vi.restoreAllMocks()
+})
+
+type Json = null | boolean | number | string | Json[] | { [key: string]: Json }
+
+const strangeValues: Json[] = [
+  null,
+  true,
+  0,
+  -1,
+  1.5,
+  2 ** 53,
+  -(2 ** 63),
+  1e308,
+  '',
+  '0x',
+  '0x0',
+  '0xzz',
+  '0X12',
+  ' 0x12',
+  '0x' + 'f'.repeat(63),
+  '0x' + 'f'.repeat(64),
+  '0x' + 'f'.repeat(65),
+  '0x' + 'ff'.repeat(20_000),
+  'x'.repeat(70_000),
+  '\u0000',
+  '\ud800',
+  '😀',
+  [],
+  [null],
+  {},
+  JSON.parse('{"__proto__": {"polluted": true}}') as Json,
+  { constructor: { prototype: { polluted: true } } },
+  { toString: 'not a function' },
+  JSON.parse('['.repeat(100) + ']'.repeat(100)) as Json,
+]
+
+/** Every path to a value in `value`, the root's included. */
+function pathsOf(value: Json, prefix: Array<string | number> = []): Array<Array<string | number>> {
+  const below = Array.isArray(value)
+    ? value.flatMap((item, index) => pathsOf(item, [...prefix, index]))
+    : value !== null && typeof value === 'object'
+      ? Object.entries(value).flatMap(([key, item]) => pathsOf(item, [...prefix, key]))
+      : []
+  return [prefix, ...below]
+}
+
+/** `value` with the thing at `path` replaced by `replacement`, or removed when `replacement` is undefined. */
+function withAt(value: Json, path: Array<string | number>, replacement: Json | undefined): Json {
+  if (path.length === 0) return replacement === undefined ? null : replacement
+  const [head, ...rest] = path
+  if (Array.isArray(value)) {
+    const copy = [...value]
+    if (rest.length === 0 && replacement === undefined) copy.splice(head as number, 1)
+    else copy[head as number] = withAt(copy[head as number]!, rest, replacement)
+    return copy
+  }
+  const copy = { ...(value as Record<string, Json>) }
+  if (rest.length === 0 && replacement === undefined) delete copy[head as string]
+  // Defined, not assigned: a key named __proto__ stays a key.
+  else Object.defineProperty(copy, head as string, { value: withAt(copy[head as string]!, rest, replacement), enumerable: true, writable: true, configurable: true })
+  return copy
+}
+
+function mutated(base: Json, random: () => number): Json {
+  let value = base
+  const changes = 1 + Math.floor(random() * 3)
+  for (let i = 0; i < changes; i++) {
+    const paths = pathsOf(value)
+    const path = paths[Math.floor(random() * paths.length)]!
+    const replacement = random() < 0.15 ? undefined : strangeValues[Math.floor(random() * strangeValues.length)]
+    value = withAt(value, path, replacement)
+  }
+  return value
+}
+
+const chain = '0x7a69'
+const rpcBases: Json[] = [
+  request('pm_getPaymasterData', [rpcUserOperationV07(), entryPoints['0.7'], chain, {}]),
+  request('pm_getPaymasterStubData', [rpcUserOperationV06(), entryPoints['0.6'], chain]),
+  request('pm_sponsorUserOperation', [rpcUserOperationV07(), entryPoints['0.8']]),
+  request('pm_getPaymasterData', [rpcUserOperationV06(), entryPoints['0.6'], chain, null]),
+  request('eth_chainId', []),
+  request('pm_supportedEntryPoints', []),
+] as Json[]
+const restBase = { userOperation: rpcUserOperationV07(), entryPoint: entryPoints['0.7'], chainId: 31337, context: {} } as unknown as Json
+
+/** What every answer must be: no internal error, no signer failure, a message that says what was wrong, no stack. */
+function expectClearAnswer(answer: unknown, where: string) {
+  const answers = Array.isArray(answer) ? answer : [answer]
+  for (const one of answers as Array<{ jsonrpc?: string; result?: unknown; error?: { code: number; message: string } }>) {
+    expect(one.jsonrpc, where).toBe('2.0')
+    if (one.error === undefined) {
+      expect(one.result, where).toBeDefined()
+      continue
+    }
+    expect([-32700, -32600, -32601, -32602, -32002], where).toContain(one.error.code)
+    expect(one.error.message.length, where).toBeGreaterThan(5)
+    expect(one.error.message, where).not.toMatch(/\n\s+at /)
+  }
+}
+
+/** Log lines so far, none with a stack trace or an internal error. */
+function expectCleanLogs(spies: Array<{ mock: { calls: unknown[][] } }>) {
+  for (const spy of spies) {
+    for (const args of spy.mock.calls) {
+      const line = args.map(String).join(' ')
+      expect(line).not.toMatch(/\n\s+at /)
+      expect(line).not.toContain('"errorKind":"internal"')
+    }
+  }
+}
+
+describe('malformed input, many shapes (seeded)', () => {
+  it('JSON-RPC: every mutated request, single or in a batch, gets a clear error or a result, never an internal one', async () => {
+    const spies = [vi.spyOn(console, 'log'), vi.spyOn(console, 'warn'), vi.spyOn(console, 'error')]
+    const seed = 0x7e57
+    const random = seededRandom(seed)
+    for (let n = 0; n < 300; n++) {
+      const base = rpcBases[n % rpcBases.length]!
+      const body = n % 10 === 9 ? [mutated(base, random), base, mutated(base, random)] : mutated(base, random)
+      const where = `seed ${seed}, case ${n}: ${JSON.stringify(body).slice(0, 400)}`
+      const { status, body: answer } = await rpc(body)
+      // 204: notifications alone (a removed id), which get no answer.
+      expect([200, 204, 400, 404, 413], where).toContain(status)
+      if (status === 204) expect(answer, where).toBeUndefined()
+      else expectClearAnswer(answer, where)
+    }
+    expectCleanLogs(spies)
+    // And nothing was harmed: a valid request still signs.
+    const { body } = await rpc(request('pm_getPaymasterData', [rpcUserOperationV07(), entryPoints['0.7'], chain, {}]))
+    expect(body.result.paymasterData).toMatch(/^0x01[0-9a-f]{154}$/)
+  })
+
+  it('JSON-RPC: truncated and garbled bodies get -32700', async () => {
+    const random = seededRandom(0xb0d1)
+    const text = JSON.stringify(rpcBases[0])
+    for (let n = 0; n < 60; n++) {
+      const cut = 1 + Math.floor(random() * (text.length - 2))
+      const garbled = n % 2 === 0 ? text.slice(0, cut) : `${text.slice(0, cut)}\u0001${text.slice(cut + 1)}`
+      const { status, body } = await rpc(garbled)
+      const where = `case ${n}: ${garbled.slice(Math.max(0, cut - 40), cut + 40)}`
+      // A cut that still parses (inside no value) is a request of the wrong shape instead.
+      expect([400, 200], where).toContain(status)
+      expectClearAnswer(body, where)
+    }
+  })
+
+  it('REST: every mutated sponsorship gets a clear 4xx error or a sponsorship, never a 5xx', async () => {
+    const spies = [vi.spyOn(console, 'log'), vi.spyOn(console, 'warn'), vi.spyOn(console, 'error')]
+    const seed = 0x5e57
+    const random = seededRandom(seed)
+    for (let n = 0; n < 150; n++) {
+      const body = mutated(restBase, random)
+      const where = `seed ${seed}, case ${n}: ${JSON.stringify(body).slice(0, 400)}`
+      const response = await call('/api/v1/paymaster/sponsor', {
+        method: 'POST',
+        headers: { 'content-type': 'application/json', 'x-api-key': apiKey },
+        body: JSON.stringify(body),
+      })
+      expect([200, 400, 403, 413], where).toContain(response.status)
+      const answer = (await response.json()) as { error?: { code: string; message: string } }
+      if (response.status === 200) continue
+      expect(answer.error?.message.length, where).toBeGreaterThan(5)
+      expect(answer.error?.message, where).not.toMatch(/\n\s+at /)
+    }
+    expectCleanLogs(spies)
+  })
+})
