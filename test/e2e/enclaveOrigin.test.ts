@@ -11,7 +11,9 @@ import { startAnvil, type Anvil } from '../support/anvil.js'
 import { deployDevnet, devnetChainConfig, type Devnet } from '../support/devnet.js'
 import { prepareSponsored, signAndSubmit } from '../support/e2eFlow.js'
 import { startLocalKms, type LocalKms } from '../support/kmsServer.js'
+import { mutated, strangeValue } from '../support/mutations.js'
 import { originHmac, startOrigin, symmetricKmsKey, workerHmac, type Origin } from '../support/origin.js'
+import { seededRandom } from '../support/seededRandom.js'
 import { startWorker } from '../support/wranglerDev.js'
 
 /**
@@ -158,6 +160,44 @@ describe('the enclave origin API', () => {
     expect(text).toMatch(/origin_enclave_key_refreshes_total\{enclave="enclave-1"\} \d+/)
     expect(text).toMatch(/origin_enclave_engine_batch_size_count\{enclave="enclave-1"\} \d+/)
     expect(text).toContain('origin_enclave_up{enclave="enclave-1"} 1')
+  })
+})
+
+describe('malformed input, many shapes (seeded)', () => {
+  it('every mutated request to the parent gets a clear 4xx, harms no key, and leaves no stack trace in a log', async () => {
+    const { body: created } = await origin.request('POST', '/v1/keys')
+    const keyId = created.keyId as string
+    const digest = keccak256(toHex('before the sweep'))
+    const seed = 0x0a11
+    const random = seededRandom(seed)
+    const keyIdOf = () => {
+      const value = strangeValue(random)
+      const text = typeof value === 'string' ? value : JSON.stringify(value)
+      // A lone surrogate has no UTF-8: sent as the bytes such a one would take, which are not UTF-8 either.
+      return text === '\ud800' ? '%ED%A0%80' : encodeURIComponent(text)
+    }
+    const cases: Array<() => [method: 'GET' | 'POST', path: string, body?: unknown]> = [
+      () => ['POST', `/v1/keys/${keyId}/sign`, mutated({ digest }, random)],
+      () => ['POST', `/v1/keys/${keyIdOf()}/sign`, { digest }],
+      () => ['GET', `/v1/keys/${keyIdOf()}`],
+      () => ['POST', `/v1/keys/${keyIdOf()}/freeze`],
+      () => ['POST', '/v1/unlock', mutated({ sealedPreloadIdentities: { 'enclave-1': 'AAAA' } }, random)],
+    ]
+    for (let n = 0; n < 150; n++) {
+      const [method, requestPath, body] = cases[n % cases.length]!()
+      const where = `seed ${seed}, case ${n}: ${method} ${requestPath.slice(0, 200)} ${JSON.stringify(body)?.slice(0, 200)}`
+      const answer = await origin.request(method, requestPath, body)
+      expect([400, 401, 404, 413, 414, 431], where).toContain(answer.status)
+      expect(typeof answer.body.error, where).toBe('string')
+      expect(answer.body.error, where).not.toMatch(/\n\s+at /)
+    }
+    // Harmed nothing: the key still signs as its address, and both processes are up, their logs free of stack traces.
+    const signed = await signWithOrigin(keyId, digest)
+    expect(signed.status).toBe(200)
+    expect(await recovered(digest, signed.body as never)).toBe(created.address)
+    expect((await origin.request('GET', `/v1/keys/${keyId}`)).body).toMatchObject({ state: 'active' })
+    for (const pid of Object.values(origin.pids())) expect(() => process.kill(pid!, 0)).not.toThrow()
+    for (const which of ['enclave', 'parent'] as const) expect(origin.output(which)).not.toMatch(/\n\s+at /)
   })
 })
 

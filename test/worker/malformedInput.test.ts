@@ -1,4 +1,5 @@
 import { afterEach, beforeAll, describe, expect, it, vi } from 'vitest'
+import { mutated, type Json } from '../support/mutations.js'
 import { seededRandom } from '../support/seededRandom.js'
 import { rpcUserOperationV06, rpcUserOperationV07 } from '../support/userOperations.js'
 import { apiKey, call, entryPoints, request, rpc, seedSignerKey } from './helpers.js'
@@ -16,79 +17,6 @@ beforeAll(async () => {
 afterEach(() => {
   vi.restoreAllMocks()
 })
-
-type Json = null | boolean | number | string | Json[] | { [key: string]: Json }
-
-const strangeValues: Json[] = [
-  null,
-  true,
-  0,
-  -1,
-  1.5,
-  2 ** 53,
-  -(2 ** 63),
-  1e308,
-  '',
-  '0x',
-  '0x0',
-  '0xzz',
-  '0X12',
-  ' 0x12',
-  '0x' + 'f'.repeat(63),
-  '0x' + 'f'.repeat(64),
-  '0x' + 'f'.repeat(65),
-  '0x' + 'ff'.repeat(20_000),
-  'x'.repeat(70_000),
-  '\u0000',
-  '\ud800',
-  '😀',
-  [],
-  [null],
-  {},
-  JSON.parse('{"__proto__": {"polluted": true}}') as Json,
-  { constructor: { prototype: { polluted: true } } },
-  { toString: 'not a function' },
-  JSON.parse('['.repeat(100) + ']'.repeat(100)) as Json,
-]
-
-/** Every path to a value in `value`, the root's included. */
-function pathsOf(value: Json, prefix: Array<string | number> = []): Array<Array<string | number>> {
-  const below = Array.isArray(value)
-    ? value.flatMap((item, index) => pathsOf(item, [...prefix, index]))
-    : value !== null && typeof value === 'object'
-      ? Object.entries(value).flatMap(([key, item]) => pathsOf(item, [...prefix, key]))
-      : []
-  return [prefix, ...below]
-}
-
-/** `value` with the thing at `path` replaced by `replacement`, or removed when `replacement` is undefined. */
-function withAt(value: Json, path: Array<string | number>, replacement: Json | undefined): Json {
-  if (path.length === 0) return replacement === undefined ? null : replacement
-  const [head, ...rest] = path
-  if (Array.isArray(value)) {
-    const copy = [...value]
-    if (rest.length === 0 && replacement === undefined) copy.splice(head as number, 1)
-    else copy[head as number] = withAt(copy[head as number]!, rest, replacement)
-    return copy
-  }
-  const copy = { ...(value as Record<string, Json>) }
-  if (rest.length === 0 && replacement === undefined) delete copy[head as string]
-  // Defined, not assigned: a key named __proto__ stays a key.
-  else Object.defineProperty(copy, head as string, { value: withAt(copy[head as string]!, rest, replacement), enumerable: true, writable: true, configurable: true })
-  return copy
-}
-
-function mutated(base: Json, random: () => number): Json {
-  let value = base
-  const changes = 1 + Math.floor(random() * 3)
-  for (let i = 0; i < changes; i++) {
-    const paths = pathsOf(value)
-    const path = paths[Math.floor(random() * paths.length)]!
-    const replacement = random() < 0.15 ? undefined : strangeValues[Math.floor(random() * strangeValues.length)]
-    value = withAt(value, path, replacement)
-  }
-  return value
-}
 
 const chain = '0x7a69'
 const rpcBases: Json[] = [
