@@ -36,6 +36,7 @@ import {
 } from '../../enclave-origin/protocol/messages.js'
 import { generatePreloadIdentity } from '../../enclave-origin/preloadFiles.js'
 import { freePort } from '../support/localHttp.js'
+import { seededRandom } from '../support/seededRandom.js'
 import type { SealedKeyRecord } from '../../enclave-origin/types.js'
 
 /** The enclave's server over TCP: one bad connection is closed and harms no other. */
@@ -752,3 +753,66 @@ it('stops reading a connection whose peer sends SIGNs and never reads the answer
     good.socket.destroy()
   }
 }, 60_000)
+
+it('answers every mutated request frame (seeded) with a status other than INTERNAL, on a connection that stays open, and harms no key', { timeout: 60_000 }, async () => {
+  const { cache, service } = enclaveWith(noKms)
+  cache.setDek(new Uint8Array(dek))
+  const floor = cache.openSequenceEpoch()
+  const at = await freePort()
+  await serving({
+    service,
+    at,
+    use: async () => {
+      const canary = client(at)
+      const created = await canary.request({ requestId: 1, opcode: opcodes.CREATE, payload: encodeCreateRequest({ keyId: 'canary' }) })
+      const { publicKey } = decodeCreateResponse(created!.payload)
+      const fuzzRecord = decodeCreateResponse((await canary.request({ requestId: 2, opcode: opcodes.CREATE, payload: encodeCreateRequest({ keyId: 'fuzz-target-key' }) }))!.payload)
+      // A valid payload for each opcode, on keys other than the canary, and some opcodes no enclave knows.
+      const bases: Array<[number, Uint8Array]> = [
+        [opcodes.SIGN, encodeSignRequest({ keyId: 'fuzz-target-key', digest: new Uint8Array(32).fill(7) })],
+        [opcodes.CREATE, encodeCreateRequest({ keyId: 'fuzz-new-key' })],
+        [opcodes.GET, encodeGetRequest({ keyId: 'fuzz-target-key' })],
+        [opcodes.SET_STATE, encodeSetStateRequest({ keyId: 'fuzz-target-key', state: 'frozen', sequence: floor + 1 })],
+        [opcodes.LOAD, encodeLoadRequest({ keyId: 'fuzz-loaded-key', sequence: floor + 1, state: 'active', ...fuzzRecord })],
+        [opcodes.UNLOCK, encodeUnlockRequest({ wrappedDek: Uint8Array.of(1, 2, 3) })],
+        [opcodes.RESEAL, encodeResealRequest({ keyId: 'fuzz-target-key', wrappedDekSha256: new Uint8Array(32) })],
+        [opcodes.LOGS, encodeLogsRequest({ instance: 0, after: 0 })],
+        [opcodes.HEALTH, new Uint8Array()],
+        [opcodes.ATTEST, new Uint8Array()],
+        [0, new Uint8Array(4)],
+        [13, new Uint8Array(4)],
+        [255, new Uint8Array()],
+      ]
+      const random = seededRandom(0xf4a3)
+      const byte = () => Math.floor(random() * 256)
+      const mutate = (payload: Uint8Array): Uint8Array => {
+        const kind = Math.floor(random() * 4)
+        if (kind === 0) return payload.map((b) => (random() < 0.1 ? byte() : b)) // flip some bytes
+        if (kind === 1) return payload.slice(0, Math.floor(random() * payload.length)) // cut short
+        if (kind === 2) return Uint8Array.from([...payload, ...Array.from({ length: 1 + Math.floor(random() * 40) }, byte)]) // trailing bytes
+        return Uint8Array.from({ length: Math.floor(random() * 120) }, byte) // noise
+      }
+      const fuzz = client(at)
+      for (let n = 0; n < 300; n++) {
+        const [opcode, base] = bases[n % bases.length]!
+        const payload = mutate(base)
+        const where = `case ${n}: opcode ${opcode}, payload ${Buffer.from(payload).toString('hex').slice(0, 200)}`
+        const answer = await fuzz.request({ requestId: 1_000 + n, opcode, payload })
+        expect(answer, where).toBeDefined()
+        // INTERNAL only for what KMS said: an UNLOCK whose wrapped data key (any bytes are one) this enclave's KMS refused.
+        if (answer!.status === statuses.INTERNAL) expect([opcode, decodeErrorMessage(answer!.payload)], where).toEqual([opcodes.UNLOCK, 'no KMS here'])
+        if (answer!.status === statuses.NEEDS_UNLOCK) expect(decodeNeedsUnlock(answer!.payload).retryAfterMs, where).toBeGreaterThan(0)
+        else if (answer!.status !== statuses.OK) expect(decodeErrorMessage(answer!.payload).length, where).toBeGreaterThan(0)
+      }
+      expect(fuzz.socket.destroyed).toBe(false)
+      // The canary key still signs as itself.
+      const digest = keccak256(toHex('after the frame sweep'))
+      const signed = await canary.request({ requestId: 3, opcode: opcodes.SIGN, payload: encodeSignRequest({ keyId: 'canary', digest: Buffer.from(digest.slice(2), 'hex') }) })
+      expect(signed?.status).toBe(statuses.OK)
+      const { signature, recoveryId } = decodeSignResponse(signed!.payload)
+      expect(Buffer.from(secp256k1.ecdsaRecover(signature, recoveryId, Buffer.from(digest.slice(2), 'hex'), false))).toEqual(Buffer.from(publicKey))
+      fuzz.socket.destroy()
+      canary.socket.destroy()
+    },
+  })
+})
