@@ -178,6 +178,7 @@ describe('malformed input, many shapes (seeded)', () => {
     }
     const cases: Array<() => [method: 'GET' | 'POST', path: string, body?: unknown]> = [
       () => ['POST', `/v1/keys/${keyId}/sign`, mutated({ digest }, random)],
+      () => ['POST', `/v1/keys/${keyId}/sign`, strangeValue(random)],
       () => ['POST', `/v1/keys/${keyIdOf()}/sign`, { digest }],
       () => ['GET', `/v1/keys/${keyIdOf()}`],
       () => ['POST', `/v1/keys/${keyIdOf()}/freeze`],
@@ -187,9 +188,17 @@ describe('malformed input, many shapes (seeded)', () => {
       const [method, requestPath, body] = cases[n % cases.length]!()
       const where = `seed ${seed}, case ${n}: ${method} ${requestPath.slice(0, 200)} ${JSON.stringify(body)?.slice(0, 200)}`
       const answer = await origin.request(method, requestPath, body)
-      expect([400, 401, 404, 413, 414, 431], where).toContain(answer.status)
+      const digestSent = (body as { digest?: unknown } | null)?.digest
+      const stillValid = requestPath === `/v1/keys/${keyId}/sign` && typeof digestSent === 'string' && /^0x[0-9a-fA-F]{64}$/.test(digestSent)
+      if (stillValid) {
+        // A strange value that is a digest after all: signed, as it should be.
+        expect(answer.status, where).toBe(200)
+        continue
+      }
+      // Never 401: every request here is signed, so each reaches the check it is about.
+      expect([400, 404, 413, 414, 431], where).toContain(answer.status)
       expect(typeof answer.body.error, where).toBe('string')
-      expect(answer.body.error, where).not.toMatch(/\n\s+at /)
+      expect(answer.body.error, where).not.toMatch(/(\n|\\n)\s+at /)
     }
     // Harmed nothing: the key still signs as its address, and both processes are up, their logs free of stack traces.
     const signed = await signWithOrigin(keyId, digest)
@@ -197,7 +206,8 @@ describe('malformed input, many shapes (seeded)', () => {
     expect(await recovered(digest, signed.body as never)).toBe(created.address)
     expect((await origin.request('GET', `/v1/keys/${keyId}`)).body).toMatchObject({ state: 'active' })
     for (const pid of Object.values(origin.pids())) expect(() => process.kill(pid!, 0)).not.toThrow()
-    for (const which of ['enclave', 'parent'] as const) expect(origin.output(which)).not.toMatch(/\n\s+at /)
+    // Its lines are JSON: a stack in one would show as an escaped newline.
+    for (const which of ['enclave', 'parent'] as const) expect(origin.output(which)).not.toMatch(/(\n|\\n)\s+at /)
   })
 })
 

@@ -52,7 +52,7 @@ function pathsOf(value: Json, prefix: Array<string | number> = []): Array<Array<
   return [prefix, ...below]
 }
 
-/** `value` with the thing at `path` replaced by `replacement`, or removed when `replacement` is undefined. */
+/** `value` with the thing at `path` replaced by `replacement`, or removed when `replacement` is undefined (the root: null). */
 function withAt(value: Json, path: Array<string | number>, replacement: Json | undefined): Json {
   if (path.length === 0) return replacement === undefined ? null : replacement
   const [head, ...rest] = path
@@ -69,14 +69,30 @@ function withAt(value: Json, path: Array<string | number>, replacement: Json | u
   return copy
 }
 
-/** `base` with one to three things in it replaced by a strange value, or removed. */
+/**
+ * `base` with one to three of its own values (mostly leaves, the whole of it only now and then) replaced by a
+ * strange value, or removed. Each is a path of `base`, none inside one already changed, so the changes land in the request's fields,
+ * not inside a strange value put in by an earlier one.
+ */
 export function mutated(base: Json, random: () => number): Json {
+  const [root, ...fields] = pathsOf(base)
+  // Mostly leaves (a quantity, an address, hex bytes), where a value of the wrong form goes furthest before it is caught.
+  const leaves = fields.filter((path) => {
+    const value = path.reduce<Json>((at, step) => (at as Record<string, Json>)[step]!, base)
+    return value === null || typeof value !== 'object'
+  })
+  const pick = random()
+  const candidates = pick < 0.05 || fields.length === 0 ? [root!] : pick < 0.8 && leaves.length > 0 ? leaves : fields
+  const changed: Array<Array<string | number>> = []
   let value = base
   const changes = 1 + Math.floor(random() * 3)
   for (let i = 0; i < changes; i++) {
-    const paths = pathsOf(value)
-    const path = paths[Math.floor(random() * paths.length)]!
+    const path = candidates[Math.floor(random() * candidates.length)]!
     const replacement = random() < 0.15 ? undefined : strangeValue(random)
+    if (changed.some((done) => done.length <= path.length && done.every((step, at) => path[at] === step))) continue
+    // A removal shifts the array's later elements: paths into them no longer name what they did.
+    if (replacement === undefined && typeof path.at(-1) === 'number') changed.push(path.slice(0, -1))
+    changed.push(path)
     value = withAt(value, path, replacement)
   }
   return value

@@ -269,7 +269,7 @@ describe.skipIf(!haveCc)('openLoad, the native load generator', () => {
     let generator: ChildProcess | undefined
     onTestFinished(() => {
       // Never a stopped generator left behind by a test that ended (timed out) within that second.
-      if (generator?.exitCode === null) generator.kill('SIGKILL')
+      if (generator?.exitCode === null && generator.signalCode === null) generator.kill('SIGKILL')
     })
     const { port } = await framesServer((received) => {
       if (received !== 500) return
