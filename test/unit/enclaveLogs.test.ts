@@ -3,6 +3,7 @@ import { auditLogger, LogRing } from '../../enclave-origin/enclave/logRing.js'
 import { EnclaveLogCollector } from '../../enclave-origin/parent/enclaveLogs.js'
 import { EnclaveUnavailableError } from '../../enclave-origin/parent/enclavePool.js'
 import { decodeLogsRequest, encodeLogsRequest, encodeLogsResponse } from '../../enclave-origin/protocol/messages.js'
+import { fillMustDeliverRoom } from '../support/logRingRoom.js'
 
 /**
  * The enclave's log lines on their way to the parent's log: the ring the
@@ -84,15 +85,7 @@ describe('LogRing', () => {
     const audit = auditLogger((fields, options) => ring.write(JSON.stringify(fields), options))
     const kept = () => ring.read({ instance: 0, after: 0, maxBytes: 1_000_000 }).lines.map((text) => JSON.parse(text) as { type?: string })
     // The room for lines that must be delivered, full.
-    for (const length of [500, 1]) {
-      for (let written = 0; written < 20_000; written++) {
-        try {
-          ring.write('"x"'.padEnd(length, ' '), { mustDeliver: true })
-        } catch {
-          break
-        }
-      }
-    }
+    fillMustDeliverRoom(ring)
     const fullBefore = kept().length
 
     expect(() => audit({ type: 'grace-signature', keyId: 'k', version: 1, graceLeft: 0, at: 1 })).toThrow()

@@ -5,6 +5,7 @@ import { auditLogger, LogRing } from '../../enclave-origin/enclave/logRing.js'
 import { secp256k1 } from '../../enclave-origin/enclave/nativeSecp256k1.js'
 import { SealingError, sealPrivateKey, unsealPrivateKey } from '../../enclave-origin/enclave/sealing.js'
 import type { KeyState, SealedKeyRecord } from '../../enclave-origin/types.js'
+import { fillMustDeliverRoom } from '../support/logRingRoom.js'
 
 const minute = 60_000
 /** The first sequence of a cache's first epoch, which `harness` opens as the first UNLOCK would. */
@@ -548,15 +549,23 @@ describe('KeyCache single-flight', () => {
 })
 
 describe('KeyCache grace signatures', () => {
+  /**
+   * key-1 used within the last soft TTL (hot), then its hard TTL and the DEK's both passed: grace signatures are all
+   * that can sign with it. `held` is the cache's buffer of its plaintext.
+   */
+  function lapsedWithTheDek(options: Partial<KeyCacheOptions>) {
+    const built = harness({ dekSoftTtlMs: 16 * minute, dekHardTtlMs: 16 * minute, unlockGate: 'closed', ...options })
+    const { record, privateKey } = built.key()
+    built.cache.setDek(built.dekCopy())
+    const held = addWarmHeld(built.cache, record, privateKey)
+    built.advance(14 * minute)
+    built.cache.acquire('key-1')
+    built.advance(3 * minute)
+    return { ...built, privateKey, held }
+  }
+
   it('gives exactly the configured number of grace signatures while INVALID, each audited, then needs-unlock', async () => {
-    // The DEK lapses with the key.
-    const { cache, key, dekCopy, advance, audits, unlock } = harness({ graceSignatures: 3, dekSoftTtlMs: 16 * minute, dekHardTtlMs: 16 * minute, unlockGate: 'closed' })
-    const { record, privateKey } = key()
-    cache.setDek(dekCopy())
-    const held = addWarmHeld(cache, record, privateKey)
-    advance(14 * minute)
-    cache.acquire('key-1') // hot: used within the last soft TTL
-    advance(3 * minute) // the key's hard TTL and the DEK's have both passed
+    const { cache, audits, unlock, privateKey, held } = lapsedWithTheDek({ graceSignatures: 3 })
 
     // Copied as they come: the last acquire wipes the lapsed buffer they share.
     const graced = [0, 1, 2].map(() => withKeyCopied(cache.acquire('key-1')))
@@ -578,13 +587,7 @@ describe('KeyCache grace signatures', () => {
   })
 
   it('gives back the place of a grace signature not given after all, audited, and counts only those given', () => {
-    const { cache, key, dekCopy, advance, audits } = harness({ graceSignatures: 2, dekSoftTtlMs: 16 * minute, dekHardTtlMs: 16 * minute, unlockGate: 'closed' })
-    const { record, privateKey } = key()
-    cache.setDek(dekCopy())
-    addWarmHeld(cache, record, privateKey)
-    advance(14 * minute)
-    cache.acquire('key-1')
-    advance(3 * minute)
+    const { cache, dekCopy, audits } = lapsedWithTheDek({ graceSignatures: 2 })
     expect(cache.acquire('key-1')).toMatchObject({ kind: 'ok', grace: true })
     cache.settleGrace('key-1', false)
     expect(audits.at(-1)).toMatchObject({ type: 'grace-signature-withdrawn', keyId: 'key-1', graceLeft: 2 })
@@ -603,30 +606,9 @@ describe('KeyCache grace signatures', () => {
   it('gives no grace signature whose audit cannot be kept for the parent: needs-unlock, its place kept, until the log has room', () => {
     // The enclave's sink (enclave/main.ts): audits go into its log ring, a grace signature's as a line that must reach the parent.
     const ring = new LogRing({ maxBytes: 65_536 })
-    const { cache, key, dekCopy, advance } = harness({
-      graceSignatures: 2,
-      dekSoftTtlMs: 16 * minute,
-      dekHardTtlMs: 16 * minute,
-      unlockGate: 'closed',
-      audit: auditLogger((fields, options) => ring.write(JSON.stringify(fields), options)),
-    })
-    const { record, privateKey } = key()
-    cache.setDek(dekCopy())
-    addWarmHeld(cache, record, privateKey)
-    advance(14 * minute)
-    cache.acquire('key-1')
-    advance(3 * minute)
+    const { cache, privateKey } = lapsedWithTheDek({ graceSignatures: 2, audit: auditLogger((fields, options) => ring.write(JSON.stringify(fields), options)) })
     // Audit lines the parent has not collected fill the quarter of the ring they may hold.
-    for (const length of [500, 1]) {
-      for (let written = 0; written < 20_000; written++) {
-        try {
-          ring.write('x'.repeat(length), { mustDeliver: true })
-        } catch {
-          break
-        }
-      }
-    }
-    expect(() => ring.write('x', { mustDeliver: true })).toThrow()
+    fillMustDeliverRoom(ring)
 
     expect(cache.acquire('key-1').kind).toBe('needs-unlock')
     expect(cache.stats()).toMatchObject({ graceSignatures: 0, graceRefusedUnaudited: 1, needsUnlock: 1 })
