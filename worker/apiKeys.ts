@@ -12,8 +12,9 @@ export class ApiKeys {
     this.digests = Promise.all(keys.map(sha256))
   }
 
-  static parse(secretValue: string | undefined): string[] {
-    return (secretValue ?? '')
+  /** The keys in a secret's value; none when the secret is unset (or a binding, not a string). */
+  static parse(secretValue: unknown): string[] {
+    return (typeof secretValue === 'string' ? secretValue : '')
       .split(',')
       .map((key) => key.trim())
       .filter((key) => key.length > 0)

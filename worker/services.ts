@@ -51,15 +51,14 @@ function buildServices(env: Env): Services {
   const metrics = new SignerMetrics(analytics)
   const signers = createSigners({ config, env, metrics })
   const { secret: secretName, operatorSecret: operatorSecretName, required } = config.policy.apiKeys
-  const keys = ApiKeys.parse(typeof env[secretName] === 'string' ? (env[secretName] as string) : undefined)
+  const keys = ApiKeys.parse(env[secretName])
   if (required && keys.length === 0) {
     throw new ConfigError(
       `configuration invalid: policy.apiKeys.required is true but secret ${secretName} holds no keys (set it, or set policy.apiKeys.required to false)`,
     )
   }
   const apiKeys = required ? new ApiKeys(keys) : undefined
-  const operatorSecret = env[operatorSecretName]
-  const operatorKeys = ApiKeys.parse(typeof operatorSecret === 'string' ? operatorSecret : undefined)
+  const operatorKeys = ApiKeys.parse(env[operatorSecretName])
   if (operatorKeys.some((key) => keys.includes(key))) {
     // The config check compares the secrets' names; this one, their values: an API key ships in dapps' front ends
     // (also one set while the profile needs none: it may have been handed out, or be needed again).
