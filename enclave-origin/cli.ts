@@ -479,9 +479,14 @@ const commands: Record<string, Command> = {
     },
   },
   status: {
-    usage: "origin status   (the parent's /healthz; exits 1 unless its status is ok)",
+    usage: "origin status   (the parent's /healthz, signed when ORIGIN_HMAC_SECRET is set; exits 1 unless its status is ok)",
     run: async () => {
-      const { status, text } = await exchange({ method: 'GET', path: '/healthz', timeoutMs: answerTimeoutMs('status') })
+      // Signed when the HMAC secret is set: only then does the parent say what is wrong with each part. Without it, a
+      // monitor that holds no secret still gets the verdict.
+      const headers = process.env.ORIGIN_HMAC_SECRET
+        ? await signRequest({ keyId: hmacKeyId(), secret: setting('ORIGIN_HMAC_SECRET'), method: 'GET', path: '/healthz', body: new Uint8Array() })
+        : {}
+      const { status, text } = await exchange({ method: 'GET', path: '/healthz', headers, timeoutMs: answerTimeoutMs('status') })
       const health = jsonObjectOf(text)
       if (health === undefined) throw new Error(`GET /healthz: ${status} (not JSON)`)
       console.log(JSON.stringify(health, null, 2))

@@ -1,6 +1,6 @@
 import { messageOf } from '../errors.js'
 import { maxKeyIdBytes } from '../protocol/messages.js'
-import type { RequestVerifier } from '../protocol/requestSigning.js'
+import { signatureHeaders, type RequestVerifier } from '../protocol/requestSigning.js'
 import type { KeyState } from '../types.js'
 import { HttpServer, type HttpAnswer, type HttpRequest, type HttpServerOptions } from './httpServer.js'
 import { originMetrics } from './metrics.js'
@@ -65,6 +65,19 @@ export function createParentServers(options: ParentApiOptions): { clients: HttpS
     body: JSON.stringify(body),
   })
 
+  /** Undefined once the request's signature holds (the route then counts as authenticated), else the 401 to answer. */
+  const authenticate = async (request: HttpRequest, method: string, path: string, route: { authenticated: boolean }): Promise<HttpAnswer | undefined> => {
+    const failure = await options.verifier.verify({ method, path, headers: (header) => request.headers[header], body: request.body })
+    if (failure) {
+      // Why goes to the operator, not the caller: which check failed is a hint to whoever forges requests.
+      metrics.authFailures.inc({ reason: failure })
+      throttledLog.write(`refused ${failure}`, { level: 'warn', event: 'request_refused', reason: failure, hmacKeyId: printable(request.headers[signatureHeaders.keyId]) })
+      return { ...json(401, { error: 'request authentication failed' }), close: true }
+    }
+    route.authenticated = true
+    return undefined
+  }
+
   const handle = async (request: HttpRequest, route: { name: string; authenticated: boolean }): Promise<HttpAnswer> => {
     // The path is all a route needs; no query string means anything here (and none is signed: see below).
     const { target, method, body } = request
@@ -83,26 +96,31 @@ export function createParentServers(options: ParentApiOptions): { clients: HttpS
     // Named once it is served: a refused request counts under `unknown`.
     if (name === 'healthz' || name === 'metrics') route.name = name
     if (name === 'healthz') {
+      // The parts' error texts (hosts, ports, a store's paths, a preload's refusal) and the enclaves' figures go to
+      // signed requests alone (the CLI's status); an anonymous probe (a load balancer's) gets the verdict and which
+      // part is not well. A request that claims a signature and fails it is refused, as on any route.
+      const signed = request.headers[signatureHeaders.keyId] !== undefined
+      if (signed) {
+        const refused = await authenticate(request, method, path, route)
+        if (refused) return refused
+      }
       const enclaves = await options.parent.health()
       const store = options.parent.storeHealth()
       const status = healthStatus({ enclaves, storeOk: store.ok })
-      return json(status === 'down' ? 503 : 200, { ok: status === 'ok', status, enclaves, store })
+      const body = signed
+        ? { ok: status === 'ok', status, enclaves, store }
+        : { ok: status === 'ok', status, enclaves: enclaves.map(({ id, answered, ok, held }) => ({ id, answered, ok, ...(held === undefined ? {} : { held }) })), store: { ok: store.ok } }
+      return json(status === 'down' ? 503 : 200, body)
     }
     if (name === 'metrics') return { status: 200, headers: { 'content-type': metrics.contentType }, body: await metrics.text() }
     // The signature covers the path alone: a query on a signed request could be changed in flight without breaking it,
     // harmless while no route reads one, a bypass the day one does.
     if (query !== -1) return json(400, { error: `${path} takes no query string` })
 
-    const failure = await options.verifier.verify({ method, path, headers: (header) => request.headers[header], body })
-    if (failure) {
-      // Why goes to the operator, not the caller: which check failed is a hint to whoever forges requests.
-      metrics.authFailures.inc({ reason: failure })
-      throttledLog.write(`refused ${failure}`, { level: 'warn', event: 'request_refused', reason: failure, hmacKeyId: printable(request.headers['x-origin-key-id']) })
-      return { ...json(401, { error: 'request authentication failed' }), close: true }
-    }
-    route.authenticated = true
+    const refused = await authenticate(request, method, path, route)
+    if (refused) return refused
 
-    const hmacKeyId = request.headers['x-origin-key-id'] ?? ''
+    const hmacKeyId = request.headers[signatureHeaders.keyId] ?? ''
     if (name !== 'sign' && name !== 'get' && options.signOnlyKeyIds?.has(hmacKeyId)) {
       // Authenticated, but not an operator: a leaked Worker secret must not undo a freeze.
       metrics.authFailures.inc({ reason: 'not-permitted' })

@@ -229,9 +229,11 @@ describe('the operators\u2019 CLI', () => {
     for (const key of keys) expect(await recovered(digest, (await signWithOrigin(key.keyId, digest)).body as never)).toBe(key.address)
   })
 
-  it('unlocks every enclave and shows the status', async () => {
+  it('unlocks every enclave and shows the status: signed with the HMAC secret, the enclaves\u2019 figures too', async () => {
     expect(JSON.parse((await cli('unlock')).stdout)).toEqual({ ok: true })
-    expect(JSON.parse((await cli('status')).stdout)).toMatchObject({ ok: true, enclaves: [{ id: 'enclave-1', ok: true }] })
+    expect(JSON.parse((await cli('status')).stdout)).toMatchObject({ ok: true, enclaves: [{ id: 'enclave-1', ok: true, stats: { cacheStates: expect.any(Object) } }] })
+    const { stdout } = await promisify(execFile)(process.execPath, ['--import', 'tsx', 'enclave-origin/cli.ts', 'status'], { env: { PATH: process.env.PATH, ORIGIN_URL: origin.url }, timeout: 30_000 })
+    expect(JSON.parse(stdout)).toEqual({ ok: true, status: 'ok', enclaves: [{ id: 'enclave-1', answered: true, ok: true, held: false }], store: { ok: true } })
   })
 
   it('rotates the data key: every key the origin holds is sealed again and still signs as its address', async () => {

@@ -61,9 +61,10 @@ function cli(...args: string[]) {
 const digest = keccak256(toHex('custodial'))
 const sign = (accountId: string) => origin.request('POST', `/v1/keys/${accountId}/sign`, { digest })
 
+// Signed: the enclaves' refusals are for authenticated callers.
 const health = async () => {
-  const response = await fetch(`${origin.url}/healthz`)
-  return { status: response.status, body: (await response.json()) as { enclaves: Array<{ ok: boolean; error?: string }> } }
+  const { status, body } = await origin.request('GET', '/healthz')
+  return { status, body: body as { enclaves: Array<{ ok: boolean; error?: string }> } }
 }
 
 it('refuses preloaded accounts until unlocked, then signs each with its own key', async () => {

@@ -80,7 +80,7 @@ describe('the parent API', () => {
     const enclave = (id: string, ok: boolean) => ({ id, answered: ok, ok, inflight: 0, admitted: 0, ...(ok ? {} : { error: 'connection refused' }) })
     try {
       parent.health = async () => [enclave('a', true), enclave('b', false)]
-      const degraded = await fetch(`${base}/healthz`)
+      const degraded = await signed('GET', '/healthz')
       expect(degraded.status).toBe(200)
       expect(await degraded.json()).toMatchObject({ ok: false, status: 'degraded', enclaves: [{ id: 'a', ok: true }, { id: 'b', ok: false, error: 'connection refused' }] })
       parent.health = async () => [enclave('a', true), enclave('b', true)]
@@ -94,14 +94,61 @@ describe('the parent API', () => {
     }
   })
 
+  it('tells an anonymous /healthz each part\u2019s verdict, and a signed one also what is wrong; a forged signature is refused', async () => {
+    const health = parent.health
+    const storeHealth = parent.storeHealth
+    try {
+      parent.health = async () => [
+        { id: 'a', answered: true, ok: false, held: true, inflight: 2, admitted: 3, stats: { cacheStates: { WARM: 1 } }, error: 'held back after failing requests' },
+        { id: 'b', answered: false, ok: false, inflight: 0, admitted: 0, error: 'connect ECONNREFUSED 10.1.2.3:5000' },
+      ]
+      parent.storeHealth = () => ({ ok: false, error: 'fsync /var/lib/origin/blobs.log: EIO' })
+      const anonymous = await fetch(`${base}/healthz`)
+      expect(anonymous.status).toBe(503)
+      expect(await anonymous.json()).toEqual({
+        ok: false,
+        status: 'down',
+        enclaves: [
+          { id: 'a', answered: true, ok: false, held: true },
+          { id: 'b', answered: false, ok: false },
+        ],
+        store: { ok: false },
+      })
+      const detailed = await signed('GET', '/healthz')
+      expect(detailed.status).toBe(503)
+      expect(await detailed.json()).toMatchObject({
+        enclaves: [
+          { id: 'a', stats: { cacheStates: { WARM: 1 } }, error: 'held back after failing requests' },
+          { id: 'b', error: 'connect ECONNREFUSED 10.1.2.3:5000' },
+        ],
+        store: { ok: false, error: 'fsync /var/lib/origin/blobs.log: EIO' },
+      })
+      // On an API of its own: the shared one's refusal counts are another test's.
+      const own = createParentApi({ parent, verifier: new RequestVerifier({ secrets: { [hmac.keyId]: hmac.secret }, maxFutureSkewMs: 0 }), log: () => {} })
+      await own.listen({ port: 0, host: '127.0.0.1' })
+      try {
+        const forged = await signRequest({ keyId: hmac.keyId, secret: 'not-the-secret-but-long-enough', method: 'GET', path: '/healthz', body: new Uint8Array() })
+        const refused = await fetch(`http://127.0.0.1:${(own.address() as AddressInfo).port}/healthz`, { headers: forged })
+        expect(refused.status).toBe(401)
+        expect(await refused.json()).toEqual({ error: 'request authentication failed' })
+      } finally {
+        await own.close({ drainMs: 100 })
+      }
+    } finally {
+      parent.health = health
+      parent.storeHealth = storeHealth
+    }
+  })
+
   it('reports on /healthz a store that takes no more writes', async () => {
     const failed = new OriginParent({ enclaves: [{ id: 'none', address: { host: '127.0.0.1', port: 1 } }], poolSize: 1, store: { writeFailure: () => 'blob store write failed, reopen it to recover: EIO' } as BlobStore, requestTimeoutMs: 200, credentials: () => Promise.reject(new Error('not needed here')) })
     // Its enclave serves: the store alone is what is down.
     failed.health = async () => [{ id: 'a', answered: true, ok: true, inflight: 0, admitted: 0 }]
-    const api = createParentApi({ parent: failed, verifier: new RequestVerifier({ secrets: {} }), log: () => {} })
+    const api = createParentApi({ parent: failed, verifier: new RequestVerifier({ secrets: { [hmac.keyId]: hmac.secret }, maxFutureSkewMs: 0 }), log: () => {} })
     await api.listen({ port: 0, host: '127.0.0.1' })
     try {
-      const response = await fetch(`http://127.0.0.1:${(api.address() as AddressInfo).port}/healthz`)
+      const headers = await signRequest({ ...hmac, method: 'GET', path: '/healthz', body: new Uint8Array() })
+      const response = await fetch(`http://127.0.0.1:${(api.address() as AddressInfo).port}/healthz`, { headers })
       expect(response.status).toBe(503)
       expect(await response.json()).toMatchObject({ ok: false, status: 'down', store: { ok: false, error: 'blob store write failed, reopen it to recover: EIO' } })
       expect(((await (await fetch(`${base}/healthz`)).json()) as { store: unknown }).store).toEqual({ ok: true })
