@@ -2,7 +2,7 @@ import { GetPublicKeyCommand, KMSClient, SignCommand } from '@aws-sdk/client-kms
 import { hexToBytes, type Address, type Hex } from 'viem'
 import { addressFromSpki, parseDerSignature, toEthereumSignature } from './ecdsa.js'
 import { SharedLoad } from './sharedLoad.js'
-import { deadlineSignal, healthOf, SignerError, type SignedDigest, type Signer, type SignerDescription, type SignOptions } from './signer.js'
+import { deadlineSignal, healthOf, SignerError, stoppedForCaller, type SignedDigest, type Signer, type SignerDescription, type SignOptions } from './signer.js'
 
 export type AwsKmsSignerOptions = {
   name: string
@@ -51,7 +51,8 @@ export class AwsKmsSigner implements Signer {
   }
 
   private async lookUpAddress(): Promise<Address> {
-    const answer = await this.call((client, abortSignal) => client.send(new GetPublicKeyCommand({ KeyId: this.options.keyId }), { abortSignal }))
+    // Its own deadline, not a caller's: the callers that share it each stop waiting on theirs.
+    const answer = await this.call((client, abortSignal) => client.send(new GetPublicKeyCommand({ KeyId: this.options.keyId }), { abortSignal }), deadlineSignal(this.options.deadlineMs, undefined))
     if (answer.KeySpec !== 'ECC_SECG_P256K1') {
       throw new SignerError(`KMS key ${this.options.keyId} has key spec ${answer.KeySpec}; Ethereum needs ECC_SECG_P256K1`)
     }
@@ -60,13 +61,21 @@ export class AwsKmsSigner implements Signer {
   }
 
   async signDigest(digest: Hex, options?: SignOptions): Promise<SignedDigest> {
-    const address = await this.address()
+    // One deadline for the whole signature: a cold signer's wait for its address and its Sign share it.
+    const deadline = deadlineSignal(this.options.deadlineMs, options?.signal)
+    let address: Address
+    try {
+      address = await this.cachedAddress.get(deadline)
+    } catch (error) {
+      throw this.explain(error, deadline, options?.signal)
+    }
     const answer = await this.call(
       (client, abortSignal) =>
         client.send(
           new SignCommand({ KeyId: this.options.keyId, Message: hexToBytes(digest), MessageType: 'DIGEST', SigningAlgorithm: 'ECDSA_SHA_256' }),
           { abortSignal },
         ),
+      deadline,
       options?.signal,
     )
     if (!answer.Signature) throw new SignerError(`KMS returned no signature for ${this.options.keyId}`, { retryable: true })
@@ -74,17 +83,20 @@ export class AwsKmsSigner implements Signer {
     return { signature: await toEthereumSignature({ r, s, digest, address }), signedBy: this.options.name, address }
   }
 
-  /** One KMS call within the deadline, its failures translated into errors an operator can act on. */
-  private async call<T>(send: (client: KMSClient, abortSignal: AbortSignal) => Promise<T>, signal?: AbortSignal): Promise<T> {
+  /** One KMS call, aborted by `deadline`; its failures translated into errors an operator can act on. */
+  private async call<T>(send: (client: KMSClient, abortSignal: AbortSignal) => Promise<T>, deadline: AbortSignal, callerSignal?: AbortSignal): Promise<T> {
     if (!this.client) throw this.setupError!
     try {
-      return await send(this.client, deadlineSignal(this.options.deadlineMs, signal))
+      return await send(this.client, deadline)
     } catch (error) {
-      throw this.explain(error)
+      throw this.explain(error, deadline, callerSignal)
     }
   }
 
-  private explain(error: unknown): SignerError {
+  /** `deadline` aborted: the time ran out, or (`callerSignal` aborted) the caller stopped waiting. */
+  private explain(error: unknown, deadline: AbortSignal, callerSignal: AbortSignal | undefined): SignerError {
+    if (callerSignal?.aborted) return stoppedForCaller(`AWS KMS signer ${this.options.name}`)
+    if (deadline.aborted) return new SignerError(`${this.options.name}: AWS KMS did not answer within ${this.options.deadlineMs} ms`, { retryable: true })
     if (error instanceof SignerError) return error
     const name = (error as { name?: string }).name ?? ''
     const status = (error as { $metadata?: { httpStatusCode?: number } }).$metadata?.httpStatusCode ?? 0

@@ -1,6 +1,6 @@
 import type { Address, Hex } from 'viem'
 import { privateKeyToAddress, sign } from 'viem/accounts'
-import { healthOf, type SignedDigest, type Signer, type SignerDescription } from './signer.js'
+import { healthOf, type SignedDigest, type Signer, type SignerDescription, type SignOptions } from './signer.js'
 
 /** Signs with a private key held in this isolate's memory (noble secp256k1, RFC 6979, low-s). */
 export class PrivateKeySigning {
@@ -20,16 +20,19 @@ export class PrivateKeySigning {
  * and health follow from that.
  */
 export abstract class KeyHoldingSigner implements Signer {
-  /** The key, loaded or cached; rejects with a SignerError that says why it is unavailable. */
-  protected abstract signing(): Promise<PrivateKeySigning>
+  /**
+   * The key, loaded or cached; rejects with a SignerError that says why it is unavailable. `signal`: the caller stops
+   * waiting for a load when it aborts (the load itself goes on, shared).
+   */
+  protected abstract signing(signal?: AbortSignal): Promise<PrivateKeySigning>
   abstract describe(): SignerDescription
 
   async address(): Promise<Address> {
     return (await this.signing()).address
   }
 
-  async signDigest(digest: Hex): Promise<SignedDigest> {
-    const signing = await this.signing()
+  async signDigest(digest: Hex, options?: SignOptions): Promise<SignedDigest> {
+    const signing = await this.signing(options?.signal)
     return { signature: await signing.signDigest(digest), signedBy: this.describe().name, address: signing.address }
   }
 

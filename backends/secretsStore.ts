@@ -32,12 +32,12 @@ export class SecretsStoreSigner extends KeyHoldingSigner {
     this.loaded = new SharedLoad({ load: () => this.read(), abandonAfterMs: 5_000, keepMs: Infinity, what: `Secrets Store binding ${options.bindingName}`, now: options.now })
   }
 
-  protected signing(): Promise<PrivateKeySigning> {
+  protected signing(signal?: AbortSignal): Promise<PrivateKeySigning> {
     const now = (this.options.now ?? Date.now)()
     if (this.failed && now - this.failed.at < (this.options.retryAfterMs ?? 30_000)) return Promise.reject(this.failed.error)
     this.failed = undefined
-    return this.loaded.get().catch((error: unknown) => {
-      // A read's own failure; not a wait given up on a read that never settled, which the next call starts again.
+    return this.loaded.get(signal).catch((error: unknown) => {
+      // A read's own failure; not a wait given up (on a read that never settled, or by a caller out of time).
       if (!(error instanceof SignerError && error.options.retryable)) this.failed = { error, at: now }
       throw error
     })
@@ -56,9 +56,6 @@ export class SecretsStoreSigner extends KeyHoldingSigner {
     }
     return new PrivateKeySigning(parsePrivateKey(value, `Secrets Store secret behind binding ${bindingName}`))
   }
-
-
-
 
   describe(): SignerDescription {
     return { kind: 'secrets-store', name: this.options.name, securityLevel: 'edge-secret' }

@@ -28,14 +28,21 @@ export class SharedLoad<T> {
 
   constructor(private readonly options: SharedLoadOptions<T>) {}
 
-  get(): Promise<T> {
+  /**
+   * The load's answer. `signal`: this caller stops waiting when it aborts (its deadline, or its own caller gave up),
+   * with a retryable SignerError; the load goes on for the others, and for the next call.
+   */
+  get(signal?: AbortSignal): Promise<T> {
     const { abandonAfterMs, keepMs, what } = this.options
     const now = this.now()
     let current = this.current
     const stale = current && (current.answeredAt === undefined ? now - current.startedAt >= abandonAfterMs : now - current.answeredAt >= keepMs)
     if (!current || stale) current = this.start(now)
     if (current.answeredAt !== undefined) return current.promise
-    return waitAtMost(current.promise, current.startedAt + abandonAfterMs - now, `${what}: no answer within ${abandonAfterMs} ms; retry shortly`)
+    return waitAtMost(current.promise, current.startedAt + abandonAfterMs - now, `${what}: no answer within ${abandonAfterMs} ms; retry shortly`, {
+      signal,
+      why: `${what}: stopped waiting, as its caller no longer waits`,
+    })
   }
 
   private now(): number {
@@ -57,11 +64,22 @@ export class SharedLoad<T> {
   }
 }
 
-/** `promise`, or a retryable SignerError saying `why` once `ms` have passed (a timer of the waiting caller's own request). */
-function waitAtMost<T>(promise: Promise<T>, ms: number, why: string): Promise<T> {
+/**
+ * `promise`, or a retryable SignerError saying `why` once `ms` have passed (a timer of the waiting caller's own
+ * request), or saying `stopped.why` once `stopped.signal` aborts.
+ */
+function waitAtMost<T>(promise: Promise<T>, ms: number, why: string, stopped: { signal: AbortSignal | undefined; why: string }): Promise<T> {
+  const { signal } = stopped
+  if (signal?.aborted) return Promise.reject(new SignerError(stopped.why, { retryable: true }))
   let timer: ReturnType<typeof setTimeout> | undefined
+  let onAbort: (() => void) | undefined
   const gaveUp = new Promise<never>((_, reject) => {
     timer = setTimeout(() => reject(new SignerError(why, { retryable: true })), Math.max(ms, 0))
+    onAbort = () => reject(new SignerError(stopped.why, { retryable: true }))
+    signal?.addEventListener('abort', onAbort, { once: true })
   })
-  return Promise.race([promise, gaveUp]).finally(() => clearTimeout(timer))
+  return Promise.race([promise, gaveUp]).finally(() => {
+    clearTimeout(timer)
+    signal?.removeEventListener('abort', onAbort!)
+  })
 }

@@ -73,12 +73,12 @@ export class VaultSigner extends KeyHoldingSigner {
     return (this.options.now ?? Date.now)()
   }
 
-  protected signing(): Promise<PrivateKeySigning> {
+  protected signing(signal?: AbortSignal): Promise<PrivateKeySigning> {
     const startedAt = this.now()
     if (this.cached && startedAt - this.cached.readAt < (this.options.cacheTtlMs ?? 300_000)) {
       return Promise.resolve(this.cached.signing)
     }
-    return this.reading.get()
+    return this.reading.get(signal)
   }
 
   /** The key read from Vault, cached from when the read started. */
@@ -197,9 +197,6 @@ export class VaultSigner extends KeyHoldingSigner {
     if (status === 503) return new SignerError(`Vault at ${this.baseUrl} is sealed`, { retryable: true })
     return new SignerError(`Vault at ${this.baseUrl} answered HTTP ${status}`, { retryable: status >= 500 || status === 429 })
   }
-
-
-
 
   describe(): SignerDescription {
     // Vault guards the key at rest, but signing happens with the key in this

@@ -40,6 +40,8 @@ export type LocalKms = {
   createSymmetricKey(options?: { recipientPcr0?: Uint8Array }): string
   /** Sets a fault for every key (or one keyId): subsequent Sign (and GetPublicKey, GenerateDataKey and Decrypt for access-denied/throttle/internal-error/hang) calls misbehave accordingly. */
   setFault(fault: KmsFault, keyId?: string): void
+  /** Holds every answer back this long (0: none), as a slow or distant KMS would. */
+  setLatency(ms: number): void
   /** Counts of requests per operation, for assertions. */
   calls: Record<string, number>
   stop(): Promise<void>
@@ -130,6 +132,7 @@ export async function startLocalKms(options: { port: number; accessKeyId?: strin
   const keys = new Map<string, KeyRecord>()
   const faults = new Map<string, KmsFault>()
   let globalFault: KmsFault = 'none'
+  let latencyMs = 0
   const calls: Record<string, number> = {}
 
   const arn = (id: string) => `arn:aws:kms:${credentials.region}:${ACCOUNT}:key/${id}`
@@ -270,6 +273,7 @@ export async function startLocalKms(options: { port: number; accessKeyId?: strin
     const target = headerOf(req, 'x-amz-target') ?? ''
     const op = target.startsWith('TrentService.') ? target.slice('TrentService.'.length) : target || '(none)'
     calls[op] = (calls[op] ?? 0) + 1
+    if (latencyMs > 0) await new Promise((resolve) => setTimeout(resolve, latencyMs))
     try {
       verifyKmsSignature(req, body, credentials)
       const operation = Object.hasOwn(operations, op) && target.startsWith('TrentService.') ? operations[op] : undefined
@@ -306,6 +310,9 @@ export async function startLocalKms(options: { port: number; accessKeyId?: strin
       return newEcKey(spec, new Uint8Array(material)).id
     },
     createSymmetricKey: (opts) => newSymmetricKey(opts?.recipientPcr0).id,
+    setLatency(ms) {
+      latencyMs = ms
+    },
     setFault(f, keyId) {
       if (keyId === undefined) {
         globalFault = f

@@ -244,6 +244,20 @@ describe('Vault signer', () => {
       }
     })
 
+    it("stop a caller's wait for a read when its signal aborts; the read goes on for the others", async () => {
+      const hangingUrl = `http://127.0.0.1:${hangingPort}`
+      const waiting = signer({ auth: { method: 'token', token: vault.rootToken }, path: storeKey().path, address: hangingUrl, requestTimeoutMs: 1_000 })
+      const caller = new AbortController()
+      const stopped = waiting.signDigest(digest, { signal: caller.signal })
+      const patient = failureOf(waiting.signDigest(digest))
+      setTimeout(() => caller.abort(), 50)
+      const failure = await failureOf(stopped)
+      expect(failure.message).toBe('Vault signer vault-primary: reading the key: stopped waiting, as its caller no longer waits')
+      expect(failure.options.retryable).toBe(true)
+      // The shared read was not cut short by that caller: the other waits for its own timeout.
+      expect((await patient).message).toBe(`Vault at ${hangingUrl} did not answer within 1000 ms`)
+    })
+
     it('are not cached: a fixed Vault is read on the next call', async () => {
       const { key, path } = storeKey()
       const token = signer({ auth: { method: 'token', token: vault.rootToken }, path })
