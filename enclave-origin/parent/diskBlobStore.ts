@@ -27,7 +27,8 @@ export { crc32 }
  *
  * Writes are group-committed: one write and one fsync for every record queued
  * within `groupCommitMs` (or `maxGroup` records, whichever comes first), and
- * one more of each for a group that holds state changes (see below).
+ * one more of each for a group that holds state changes, and for one that
+ * holds a DEK (see below).
  *
  * The log is compacted when most of its frames have been superseded (replaced
  * records, state changes, old DEKs): when it is opened, and while it runs,
@@ -43,6 +44,13 @@ export { crc32 }
  * holds; an unfreeze lost from either leaves the key frozen, to be unfrozen
  * again. The journal is emptied after each compaction, whose records carry
  * every key's state.
+ *
+ * Every wrapped DEK is also written, in the same group, to a third file
+ * (`data-keys.log`, same framing, never emptied: a few entries per rotation).
+ * Keys sealed under a DEK open with no other: damage that takes the newest
+ * DEK's frame out of the log must not leave the store on an older one. On an
+ * open that found the log damaged, a newest copy the log lacks (while the
+ * log's own last DEK is among the copies) is the DEK; otherwise the log's.
  */
 
 export type DiskBlobStoreOptions = {
@@ -58,13 +66,13 @@ export type DiskBlobStoreOptions = {
   compactAfterFrames?: number
   /** Told of each compaction, done or failed (for the operator's log). */
   onCompaction?: (event: CompactionEvent) => void
-  /** Told when open found damaged frames in the middle of the log or the state journal (for the operator's log, at error level). */
+  /** Told when open found damaged frames in the middle of the log, the state journal or the DEK copies (for the operator's log, at error level). */
   onDamage?: (event: DamageEvent) => void
   /** Bytes of a log read at a time when open replays it (4 MiB): only from damage or a torn tail on is the rest read whole. */
   replayChunkBytes?: number
 }
 
-/** Byte ranges of the log (or the state journal) that held no good frame, each followed by good ones; and where the file as found was copied, under its own name. */
+/** Byte ranges of the log (or the state journal, or the DEK copies) that held no good frame, each followed by good ones; and where the file as found was copied, under its own name. */
 export type DamageEvent = { ranges: Array<{ offset: number; bytes: number }>; keptAside: string }
 
 export type CompactionEvent = { outcome: 'compacted'; droppedFrames: number; liveEntries: number; ms: number } | { outcome: 'failed'; error: string; /** True when the old log still serves; false when the store refuses writes until reopened. */ serving: boolean }
@@ -92,6 +100,8 @@ export const LOG_FILE_NAME = 'records.log'
 export const COMPACTING_FILE_NAME = 'records.log.compacting'
 /** Every state change since the last compaction, again: see above. */
 export const STATE_JOURNAL_FILE_NAME = 'states.log'
+/** Every wrapped DEK written, again: see above. */
+export const DATA_KEY_COPIES_FILE_NAME = 'data-keys.log'
 
 const nodeFileSystem: BlobStoreFileSystem = { open: (path, flags) => open(path, flags) }
 
@@ -155,9 +165,14 @@ async function openLocked(options: Required<DiskBlobStoreOptions> & { lock: Dire
   }
   let log: Awaited<ReturnType<typeof recover>>
   let journal: Awaited<ReturnType<typeof recover>>
+  let dataKeys: Awaited<ReturnType<typeof recover>>
   const index = new RecordIndex()
   try {
-    log = await recover(RECORD_LOG, (entry) => index.apply(entry))
+    const dataKeysInLog: WrappedDek[] = []
+    log = await recover(RECORD_LOG, (entry) => {
+      index.apply(entry)
+      if (entry.kind === 'dek') dataKeysInLog.push(entry.dek)
+    })
     // A new (or torn-at-birth) log's header and directory entry durable before the journal's: a journal without a
     // log then always means a lost log (see refuseLostLog).
     if (log.headerWritten) await syncDirectory(fileSystem, directory)
@@ -167,15 +182,30 @@ async function openLocked(options: Required<DiskBlobStoreOptions> & { lock: Dire
       if (entry.kind !== 'state') throw new Error(`${join(directory, STATE_JOURNAL.name)} holds a ${entry.kind} entry; a key state journal holds state changes only`)
       lastStates.set(entry.keyId, entry.state)
     })
+    const copies: WrappedDek[] = []
+    dataKeys = await recover(DATA_KEY_COPIES, (entry) => {
+      if (entry.kind !== 'dek') throw new Error(`${join(directory, DATA_KEY_COPIES.name)} holds a ${entry.kind} entry; it holds wrapped data keys only`)
+      copies.push(entry.dek)
+    })
     // A new file's directory entry is not durable until the directory is fsynced, however often the file is: at every
     // open, since the process that made the files may have died before it did.
     await syncDirectory(fileSystem, directory)
     index.restrictStates(lastStates)
+    const current = currentDataKey({ inLog: dataKeysInLog, copies, logDamaged: log.damaged })
+    if (current && current !== index.wrappedDek()) index.apply({ kind: 'dek', dek: current })
+    // The copies end with the DEK the store opens with: after damage to them (started again), a store from before
+    // them, a log restored from a backup, or one written meanwhile by a build without them.
+    const lastCopy = copies.at(-1)
+    if (current && (dataKeys.damaged || !lastCopy || !sameDek(lastCopy, current))) {
+      if (dataKeys.damaged) await startOver(dataKeys.file, DATA_KEY_COPIES.magic)
+      await writeFully(dataKeys.file, encodeFrame({ kind: 'dek', dek: current }))
+      await dataKeys.file.sync()
+    }
   } catch (error) {
     await Promise.all(opened.map((file) => file.close().catch(() => {})))
     throw error
   }
-  const store = new GroupCommitStore({ file: log.file, journal: journal.file, index, frames: log.frames, counters, groupCommitMs, maxGroup, compaction: { fileSystem, directory, afterFrames: compactAfterFrames, onCompaction }, lock })
+  const store = new GroupCommitStore({ file: log.file, journal: journal.file, dataKeys: dataKeys.file, index, frames: log.frames, counters, groupCommitMs, maxGroup, compaction: { fileSystem, directory, afterFrames: compactAfterFrames, onCompaction }, lock })
   // After damage, a rewrite at once: the live log holds only good frames again (the journal is emptied), and the next open does not report (and copy) the same damage.
   const failure = await store.compactIfWasteful({ force: log.damaged || journal.damaged })
   if (failure) {
@@ -242,6 +272,8 @@ class GroupCommitStore implements DiskBlobStore {
   private file: LogFile
   /** The state journal (`states.log`). */
   private readonly journal: LogFile
+  /** The copies of the wrapped DEKs (`data-keys.log`). */
+  private readonly dataKeys: LogFile
   /** Frames in the log now, live or superseded. */
   private frames: number
   private readonly compaction: { fileSystem: BlobStoreFileSystem; directory: string; afterFrames: number; onCompaction: (event: CompactionEvent) => void }
@@ -270,6 +302,7 @@ class GroupCommitStore implements DiskBlobStore {
   constructor(parts: {
     file: LogFile
     journal: LogFile
+    dataKeys: LogFile
     index: RecordIndex
     frames: number
     counters: DiskBlobStoreStats
@@ -282,6 +315,7 @@ class GroupCommitStore implements DiskBlobStore {
     this.lock = parts.lock
     this.file = parts.file
     this.journal = parts.journal
+    this.dataKeys = parts.dataKeys
     this.frames = parts.frames
     this.compaction = parts.compaction
     this.compactAt = parts.compaction.afterFrames
@@ -360,7 +394,7 @@ class GroupCommitStore implements DiskBlobStore {
     }
     clearTimeout(this.timer)
     try {
-      await Promise.all([this.file.close(), this.journal.close()])
+      await Promise.all([this.file.close(), this.journal.close(), this.dataKeys.close()])
     } finally {
       await this.lock.release()
     }
@@ -412,10 +446,12 @@ class GroupCommitStore implements DiskBlobStore {
     try {
       await writeFully(this.file, Buffer.concat(group.map((write) => write.frame)))
       await this.file.sync()
-      const stateChanges = group.filter((write) => write.entry.kind === 'state')
-      if (stateChanges.length > 0) {
-        await writeFully(this.journal, Buffer.concat(stateChanges.map((write) => write.frame)))
-        await this.journal.sync()
+      // The copies after the log: a copy is never of a DEK the log lacks but for damage (see currentDataKey).
+      for (const [file, kind] of [[this.journal, 'state'], [this.dataKeys, 'dek']] as const) {
+        const copied = group.filter((write) => write.entry.kind === kind)
+        if (copied.length === 0) continue
+        await writeFully(file, Buffer.concat(copied.map((write) => write.frame)))
+        await file.sync()
       }
     } catch (error) {
       this.failure = new Error(`blob store write failed, reopen it to recover: ${messageOf(error)}`, { cause: error })
@@ -534,10 +570,33 @@ class RecordIndex {
 /** Readable in a hex dump; the trailing version byte lets a later format refuse to misread this one. */
 const LOG_MAGIC = Buffer.from('sealed-blobs\x00v1\n', 'latin1')
 const JOURNAL_MAGIC = Buffer.from('key-states\x00\x00\x00v1\n', 'latin1')
+const DATA_KEYS_MAGIC = Buffer.from('data-keys\x00\x00\x00\x00v1\n', 'latin1')
 /** The store's two files, each known by its header; `what` names one in the refusal of a file that is not it. */
 type LogKind = { name: string; magic: Buffer; what: string }
 const RECORD_LOG: LogKind = { name: LOG_FILE_NAME, magic: LOG_MAGIC, what: 'sealed-blob log' }
 const STATE_JOURNAL: LogKind = { name: STATE_JOURNAL_FILE_NAME, magic: JOURNAL_MAGIC, what: 'key state journal' }
+const DATA_KEY_COPIES: LogKind = { name: DATA_KEY_COPIES_FILE_NAME, magic: DATA_KEYS_MAGIC, what: 'data key copy log' }
+
+/**
+ * The wrapped DEK a store opens with, from the DEKs its log holds and the copies (each in the order written). A DEK
+ * write lands in the log (fsynced) before its copy is written, and is acknowledged only once both are: so only damage
+ * can take from the log a DEK the copies hold. On an open that found the log damaged, when the log's own last DEK is
+ * among the copies (or it has none left), the newest copy is that one or newer, and keys may be sealed under it.
+ * Otherwise the log's: a log restored from a backup, whose keys are sealed under the DEK it holds; or one that a
+ * build without copies wrote to meanwhile. (Each DEK entry is new: KMS makes a new DEK for each rotation, and its two
+ * entries differ in the retiring DEK.)
+ */
+function currentDataKey({ inLog, copies, logDamaged }: { inLog: WrappedDek[]; copies: WrappedDek[]; logDamaged: boolean }): WrappedDek | undefined {
+  const last = inLog.at(-1)
+  const newestCopy = copies.at(-1)
+  if (!logDamaged || !newestCopy) return last
+  return !last || copies.some((dek) => sameDek(dek, last)) ? newestCopy : last
+}
+
+/** The same DEK entry: key id, ciphertext and retiring DEK alike (a rotation's two entries differ in the last). */
+function sameDek(a: WrappedDek, b: WrappedDek): boolean {
+  return encodeEntry({ kind: 'dek', dek: a }).equals(encodeEntry({ kind: 'dek', dek: b }))
+}
 const FRAME_HEADER_BYTES = 8
 /**
  * The largest payload written, and so the largest read or looked for past damage: a length beyond it is a torn or
@@ -550,8 +609,8 @@ const RESYNC_BUDGET_BYTES = 32 * 1024 * 1024
 
 /**
  * Refuses a directory whose record log is missing, or holds no more than an unfinished header, while the directory
- * shows the store had one: the state journal (made only once the log and its directory entry are durable, at the
- * first open), a damaged copy kept aside, or a compaction's new log. Opened, it would be an empty store, and the
+ * shows the store had one: the state journal or the DEK copies (made only once the log and its directory entry are
+ * durable, at the first open), a damaged copy kept aside, or a compaction's new log. Opened, it would be an empty store, and the
  * parent would make a new data key and serve no keys without a word. Checked before anything is created or removed,
  * so a refused open changes nothing and the next one refuses too.
  */
@@ -573,7 +632,7 @@ async function refuseLostLog(directory: string): Promise<void> {
   )
   if (head !== undefined && !isUnfinishedHeader(head, LOG_MAGIC)) return
   const names = await readdir(directory)
-  const found = names.filter((name) => name === STATE_JOURNAL_FILE_NAME || name === COMPACTING_FILE_NAME || name.startsWith(`${LOG_FILE_NAME}.damaged-`))
+  const found = names.filter((name) => name === STATE_JOURNAL_FILE_NAME || name === DATA_KEY_COPIES_FILE_NAME || name === COMPACTING_FILE_NAME || name.startsWith(`${LOG_FILE_NAME}.damaged-`)).sort()
   if (found.length === 0) return
   const compacting = found.includes(COMPACTING_FILE_NAME) ? ` (${COMPACTING_FILE_NAME} may be a whole copy)` : ''
   throw new Error(

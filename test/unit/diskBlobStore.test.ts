@@ -7,6 +7,7 @@ import { afterEach, beforeEach, describe, expect, it } from 'vitest'
 import {
   COMPACTING_FILE_NAME,
   crc32,
+  DATA_KEY_COPIES_FILE_NAME,
   LOG_FILE_NAME,
   openDiskBlobStore,
   STATE_JOURNAL_FILE_NAME,
@@ -50,8 +51,15 @@ async function reopen(store: DiskBlobStore): Promise<DiskBlobStore> {
 
 const logPath = () => join(directory, LOG_FILE_NAME)
 const journalPath = () => join(directory, STATE_JOURNAL_FILE_NAME)
+const dataKeysPath = () => join(directory, DATA_KEY_COPIES_FILE_NAME)
 /** Both files start with a 16-byte header. */
 const HEADER_BYTES = 16
+
+async function flipByte(path: string, offset: number): Promise<void> {
+  const bytes = await readFile(path)
+  bytes[offset]! ^= 0xff
+  await writeFile(path, bytes)
+}
 
 /** Node's file system, with some of a file's operations replaced: `tap` gives the replacements for each file as it is opened. */
 function tappedFileSystem(tap: (path: string, handle: FileHandle) => Partial<LogFile>): BlobStoreFileSystem {
@@ -345,12 +353,6 @@ describe('the state journal', () => {
     return { log, journal }
   }
 
-  async function flipByte(path: string, offset: number): Promise<void> {
-    const bytes = await readFile(path)
-    bytes[offset]! ^= 0xff
-    await writeFile(path, bytes)
-  }
-
   it('holds a freeze that damage took out of the middle of the log: the journal has it', async () => {
     const { log } = await stateChangesBetweenPuts([['key-1', 'frozen']])
     await flipByte(logPath(), log[1]! - 1)
@@ -459,6 +461,156 @@ describe('the state journal', () => {
   })
 })
 
+describe('the copies of the wrapped DEK', () => {
+  const first = { keyId: 'alias/dek', ciphertext: Uint8Array.of(1, 1, 1) }
+  const rotating = { keyId: 'alias/dek', ciphertext: Uint8Array.of(2, 2), retiring: first }
+  const rotated = { keyId: 'alias/dek', ciphertext: Uint8Array.of(2, 2) }
+
+  /** `first` and key-1 stored, then a rotation's new DEK (`rotating`), then key-2: the log's size before and after the new DEK's frame, and the copies' size. */
+  async function rotationBetweenPuts() {
+    const store = await openStore()
+    await store.putWrappedDek(first, undefined)
+    await store.put(sealedRecord(1))
+    const before = (await stat(logPath())).size
+    await store.putWrappedDek(rotating, first)
+    const after = (await stat(logPath())).size
+    await store.put(sealedRecord(2))
+    await store.close()
+    return { before, after, copies: (await stat(dataKeysPath())).size }
+  }
+
+  it('opens with the newest DEK when damage took its frame out of the log: its copy has it', async () => {
+    const { before, after } = await rotationBetweenPuts()
+    await flipByte(logPath(), after - 1)
+    const damage: DamageEvent[] = []
+    let store = await openStore({ onDamage: (event) => damage.push(event) })
+    expect(damage).toEqual([{ ranges: [{ offset: before, bytes: after - before }], keptAside: expect.stringContaining(`${LOG_FILE_NAME}.damaged-`) }])
+    expect(await store.getWrappedDek()).toEqual(rotating)
+    expect(await store.get('key-2')).toEqual(sealedRecord(2))
+    // The rewrite after damage holds it in the log again; the rotation carries on from it.
+    store = await reopen(store)
+    expect(await store.getWrappedDek()).toEqual(rotating)
+    await store.putWrappedDek(rotated, rotating)
+    expect(await (await reopen(store)).getWrappedDek()).toEqual(rotated)
+    expect(damage).toHaveLength(1)
+  })
+
+  it('keeps the log\u2019s DEK when the copies lost their newest (a torn tail), and copies it again', async () => {
+    const { copies } = await rotationBetweenPuts()
+    const torn = copies - 3
+    await truncate(dataKeysPath(), torn)
+    const store = await openStore()
+    expect(await store.getWrappedDek()).toEqual(rotating)
+    // The torn frame cut away, and the DEK written there again: the same bytes as before.
+    expect((await stat(dataKeysPath())).size).toBe(copies)
+  })
+
+  it('reports damage to the copies, and starts them again from the DEK the store opens with', async () => {
+    const { copies } = await rotationBetweenPuts()
+    await flipByte(dataKeysPath(), HEADER_BYTES + 9)
+    const damage: DamageEvent[] = []
+    const store = await openStore({ onDamage: (event) => damage.push(event) })
+    expect(damage).toEqual([{ ranges: [expect.objectContaining({ offset: HEADER_BYTES })], keptAside: expect.stringContaining(`${DATA_KEY_COPIES_FILE_NAME}.damaged-`) }])
+    expect(await store.getWrappedDek()).toEqual(rotating)
+    const rotatingFrameBytes = copies - (await dataKeyCopiesOf([first]))
+    expect((await stat(dataKeysPath())).size).toBe(HEADER_BYTES + rotatingFrameBytes)
+  })
+
+  it('keeps the DEK of a log restored from a backup, undamaged, though the copies hold a newer one', async () => {
+    let store = await openStore()
+    await store.putWrappedDek(first, undefined)
+    await store.put(sealedRecord(1))
+    await store.close()
+    const backup = await readFile(logPath())
+    store = await openStore()
+    await store.putWrappedDek(rotating, first)
+    await store.putWrappedDek(rotated, rotating)
+    await store.close()
+    await writeFile(logPath(), backup)
+    store = await openStore()
+    // The backup's keys are sealed under the DEK it holds.
+    expect(await store.getWrappedDek()).toEqual(first)
+    // The copies end with it now, so damage to the log's copy of it later finds it there.
+    await store.putWrappedDek(rotating, first)
+    await store.close()
+    const log = await readFile(logPath())
+    await flipByte(logPath(), log.length - 1)
+    expect(await (await openStore({ onDamage: () => {} })).getWrappedDek()).toEqual(rotating)
+  })
+
+  it('keeps the log\u2019s DEK, found damaged, when the copies do not hold it: a build without them wrote it', async () => {
+    let store = await openStore()
+    await store.putWrappedDek(first, undefined)
+    await store.close()
+    const copiesBefore = await readFile(dataKeysPath())
+    store = await openDiskBlobStore({ directory, compactAfterFrames: 10 })
+    opened.push(store)
+    await store.putWrappedDek(rotating, first)
+    await store.putWrappedDek(rotated, rotating)
+    // Compacted since: `first` is no longer in the log.
+    for (let round = 0; round < 30; round++) await store.put(sealedRecord(2, round + 1))
+    expect(store.stats().compactedFrames).toBeGreaterThan(0)
+    // Two more records, with no compaction to move them: the first is damaged below.
+    store = await reopen(store)
+    const before = (await stat(logPath())).size
+    await store.put(sealedRecord(3))
+    await store.put(sealedRecord(4))
+    await store.close()
+    await writeFile(dataKeysPath(), copiesBefore)
+    await flipByte(logPath(), before + 9)
+    const damage: DamageEvent[] = []
+    store = await openStore({ onDamage: (event) => damage.push(event) })
+    expect(damage).toHaveLength(1)
+    expect(await store.getWrappedDek()).toEqual(rotated)
+  })
+
+  it('gives a store from before the copies its copy at the next open', async () => {
+    let store = await openStore()
+    await store.putWrappedDek(first, undefined)
+    await store.close()
+    await rm(dataKeysPath())
+    store = await openStore()
+    expect((await stat(dataKeysPath())).size).toBe(await dataKeyCopiesOf([first]))
+    expect(await store.getWrappedDek()).toEqual(first)
+  })
+
+  it('refuses a DEK write whose copy cannot be made durable, and every write after it until the store is reopened', async () => {
+    let failing = false
+    const fileSystem = tappedFileSystem((path, handle) => ({
+      sync: async () => {
+        if (failing && path.endsWith(DATA_KEY_COPIES_FILE_NAME)) throw Object.assign(new Error('EIO: i/o error, fsync'), { code: 'EIO' })
+        return handle.sync()
+      },
+    }))
+    let store = await openStore({ fileSystem })
+    await store.put(sealedRecord(1))
+    failing = true
+    await store.put(sealedRecord(2))
+    await expect(store.putWrappedDek(first, undefined)).rejects.toThrow(/reopen it to recover: EIO/)
+    await expect(store.put(sealedRecord(3))).rejects.toThrow(/reopen/)
+    await store.close()
+    store = await openStore()
+    expect((await listAll(store)).map((record) => record.keyId)).toEqual(['key-1', 'key-2'])
+  })
+
+  /** The size of a copies file holding `deks`, as a fresh store writes it. */
+  async function dataKeyCopiesOf(deks: Array<typeof first>): Promise<number> {
+    const elsewhere = await mkdtemp(join(tmpdir(), 'disk-blob-store-copies-'))
+    try {
+      const store = await openDiskBlobStore({ directory: elsewhere })
+      let previous: typeof first | undefined
+      for (const dek of deks) {
+        await store.putWrappedDek(dek, previous)
+        previous = dek
+      }
+      await store.close()
+      return (await stat(join(elsewhere, DATA_KEY_COPIES_FILE_NAME))).size
+    } finally {
+      await rm(elsewhere, { recursive: true, force: true })
+    }
+  }
+})
+
 describe('compaction', () => {
   it('rewrites a log that is mostly superseded frames to its live entries, keeping every record, state and the DEK', async () => {
     let store = await openStore()
@@ -522,19 +674,24 @@ describe('compaction', () => {
       `${LOG_FILE_NAME} is ${how} ${directory}, though ${found} ${found.includes(',') ? 'are' : 'is'} there: its sealed keys and wrapped data key are gone from here. Restore it from a backup${extra}; if this store never held a key, remove ${found} to start it empty`
     await rm(logPath())
     const before = (await readdir(directory)).sort()
-    await expect(openDiskBlobStore({ directory })).rejects.toThrow(refusal('missing from', STATE_JOURNAL_FILE_NAME))
+    const evidence = `${DATA_KEY_COPIES_FILE_NAME}, ${STATE_JOURNAL_FILE_NAME}`
+    await expect(openDiskBlobStore({ directory })).rejects.toThrow(refusal('missing from', evidence))
     expect((await readdir(directory)).sort()).toEqual(before)
-    await expect(openDiskBlobStore({ directory })).rejects.toThrow(refusal('missing from', STATE_JOURNAL_FILE_NAME))
+    await expect(openDiskBlobStore({ directory })).rejects.toThrow(refusal('missing from', evidence))
     // Found empty, or with a header of zeros (a restore that wrote nothing), it is as lost.
     for (const empty of [Buffer.alloc(0), Buffer.alloc(16)]) {
       await writeFile(logPath(), empty)
-      await expect(openDiskBlobStore({ directory })).rejects.toThrow(refusal('empty in', STATE_JOURNAL_FILE_NAME))
+      await expect(openDiskBlobStore({ directory })).rejects.toThrow(refusal('empty in', evidence))
     }
+    // Either copy alone shows it too.
+    await rm(logPath())
+    await rm(journalPath())
+    await expect(openDiskBlobStore({ directory })).rejects.toThrow(refusal('missing from', DATA_KEY_COPIES_FILE_NAME))
     // A header of zeros with more after it is a damaged log, not an empty one: the recovery refuses it as such.
     await writeFile(logPath(), Buffer.concat([Buffer.alloc(16), Buffer.from('records after it')]))
     await expect(openDiskBlobStore({ directory })).rejects.toThrow(/not a sealed-blob log/)
     await rm(logPath())
-    await rm(join(directory, STATE_JOURNAL_FILE_NAME))
+    await rm(dataKeysPath())
     // A compaction's new log is evidence, and is not removed by the refused open: it may be a whole copy.
     await writeFile(join(directory, COMPACTING_FILE_NAME), 'a compaction under way')
     await writeFile(join(directory, `${LOG_FILE_NAME}.damaged-0123456789abcdef`), 'kept aside')
@@ -912,9 +1069,10 @@ describe('torn and corrupt tails', () => {
       await store.put(sealedRecord(1))
       expect(await (await reopen(store)).get('key-1')).toEqual(sealedRecord(1))
       await Promise.all(opened.splice(0).map((each) => each.close()))
-      // Both files: a journal beside a log torn at birth cannot happen (the log's header and entry are durable first), and is refused.
+      // Every file: a journal or copies beside a log torn at birth cannot happen (the log's header and entry are durable first), and is refused.
       await rm(logPath())
-      await rm(join(directory, STATE_JOURNAL_FILE_NAME))
+      await rm(journalPath())
+      await rm(dataKeysPath())
     }
 
     await writeFile(logPath(), 'someone else’s file, long enough to have a header')
