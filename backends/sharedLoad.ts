@@ -34,15 +34,15 @@ export class SharedLoad<T> {
    */
   get(signal?: AbortSignal): Promise<T> {
     const { abandonAfterMs, keepMs, what } = this.options
+    const stoppedWhy = `${what}: stopped waiting, as its caller no longer waits`
+    // Before a load starts: one started for a caller already gone might never be waited for.
+    if (signal?.aborted) return Promise.reject(new SignerError(stoppedWhy, { retryable: true }))
     const now = this.now()
     let current = this.current
     const stale = current && (current.answeredAt === undefined ? now - current.startedAt >= abandonAfterMs : now - current.answeredAt >= keepMs)
     if (!current || stale) current = this.start(now)
     if (current.answeredAt !== undefined) return current.promise
-    return waitAtMost(current.promise, current.startedAt + abandonAfterMs - now, `${what}: no answer within ${abandonAfterMs} ms; retry shortly`, {
-      signal,
-      why: `${what}: stopped waiting, as its caller no longer waits`,
-    })
+    return waitAtMost(current.promise, current.startedAt + abandonAfterMs - now, `${what}: no answer within ${abandonAfterMs} ms; retry shortly`, { signal, why: stoppedWhy })
   }
 
   private now(): number {
@@ -70,7 +70,6 @@ export class SharedLoad<T> {
  */
 function waitAtMost<T>(promise: Promise<T>, ms: number, why: string, stopped: { signal: AbortSignal | undefined; why: string }): Promise<T> {
   const { signal } = stopped
-  if (signal?.aborted) return Promise.reject(new SignerError(stopped.why, { retryable: true }))
   let timer: ReturnType<typeof setTimeout> | undefined
   let onAbort: (() => void) | undefined
   const gaveUp = new Promise<never>((_, reject) => {

@@ -49,8 +49,9 @@ export { crc32 }
  * (`data-keys.log`, same framing, never emptied: a few entries per rotation).
  * Keys sealed under a DEK open with no other: damage that takes the newest
  * DEK's frame out of the log must not leave the store on an older one. On an
- * open that found the log damaged, a newest copy the log lacks (while the
- * log's own last DEK is among the copies) is the DEK; otherwise the log's.
+ * open that found the log damaged or cut its tail, a newer copy (the log's
+ * own last DEK is among the copies) is the DEK; otherwise the log's (see
+ * currentDataKey).
  */
 
 export type DiskBlobStoreOptions = {
@@ -166,9 +167,11 @@ async function openLocked(options: Required<DiskBlobStoreOptions> & { lock: Dire
   let log: Awaited<ReturnType<typeof recover>>
   let journal: Awaited<ReturnType<typeof recover>>
   let dataKeys: Awaited<ReturnType<typeof recover>>
+  let current: WrappedDek | undefined
   const index = new RecordIndex()
+  const dataKeysInLog: WrappedDek[] = []
+  const copies: WrappedDek[] = []
   try {
-    const dataKeysInLog: WrappedDek[] = []
     log = await recover(RECORD_LOG, (entry) => {
       index.apply(entry)
       if (entry.kind === 'dek') dataKeysInLog.push(entry.dek)
@@ -182,7 +185,6 @@ async function openLocked(options: Required<DiskBlobStoreOptions> & { lock: Dire
       if (entry.kind !== 'state') throw new Error(`${join(directory, STATE_JOURNAL.name)} holds a ${entry.kind} entry; a key state journal holds state changes only`)
       lastStates.set(entry.keyId, entry.state)
     })
-    const copies: WrappedDek[] = []
     dataKeys = await recover(DATA_KEY_COPIES, (entry) => {
       if (entry.kind !== 'dek') throw new Error(`${join(directory, DATA_KEY_COPIES.name)} holds a ${entry.kind} entry; it holds wrapped data keys only`)
       copies.push(entry.dek)
@@ -191,26 +193,33 @@ async function openLocked(options: Required<DiskBlobStoreOptions> & { lock: Dire
     // open, since the process that made the files may have died before it did.
     await syncDirectory(fileSystem, directory)
     index.restrictStates(lastStates)
-    const current = currentDataKey({ inLog: dataKeysInLog, copies, logDamaged: log.damaged })
-    if (current && current !== index.wrappedDek()) index.apply({ kind: 'dek', dek: current })
-    // The copies end with the DEK the store opens with: after damage to them (started again), a store from before
-    // them, a log restored from a backup, or one written meanwhile by a build without them.
-    const lastCopy = copies.at(-1)
-    if (current && (dataKeys.damaged || !lastCopy || !sameDek(lastCopy, current))) {
-      if (dataKeys.damaged) await startOver(dataKeys.file, DATA_KEY_COPIES.magic)
-      await writeFully(dataKeys.file, encodeFrame({ kind: 'dek', dek: current }))
-      await dataKeys.file.sync()
-    }
+    current = currentDataKey({ inLog: dataKeysInLog, copies, logLostFrames: log.damaged || log.tailCut })
+    if (current && current !== dataKeysInLog.at(-1)) index.apply({ kind: 'dek', dek: current })
   } catch (error) {
     await Promise.all(opened.map((file) => file.close().catch(() => {})))
     throw error
   }
   const store = new GroupCommitStore({ file: log.file, journal: journal.file, dataKeys: dataKeys.file, index, frames: log.frames, counters, groupCommitMs, maxGroup, compaction: { fileSystem, directory, afterFrames: compactAfterFrames, onCompaction }, lock })
-  // After damage, a rewrite at once: the live log holds only good frames again (the journal is emptied), and the next open does not report (and copy) the same damage.
-  const failure = await store.compactIfWasteful({ force: log.damaged || journal.damaged })
+  // After damage, a rewrite at once: the live log holds only good frames again (the journal is emptied), and the next
+  // open does not report (and copy) the same damage. So too when the DEK is a copy the log lacks: the log gets it back.
+  const failure = await store.compactIfWasteful({ force: log.damaged || journal.damaged || current !== dataKeysInLog.at(-1) })
   if (failure) {
     await store.close().catch(() => {})
     throw failure
+  }
+  // The copies end with the DEK the store opens with: after damage to them (started again), a store from before them,
+  // a log restored from a backup, or one a build without them wrote to. Only now, the log holding that DEK durably:
+  // copies started again before could leave it in neither file after a crash.
+  const lastCopy = copies.at(-1)
+  if (dataKeys.damaged || (current && !(lastCopy && sameDek(lastCopy, current)))) {
+    try {
+      if (dataKeys.damaged) await startOver(dataKeys.file, DATA_KEY_COPIES.magic)
+      if (current) await writeFully(dataKeys.file, encodeFrame({ kind: 'dek', dek: current }))
+      await dataKeys.file.sync()
+    } catch (error) {
+      await store.close().catch(() => {})
+      throw error
+    }
   }
   return store
 }
@@ -446,7 +455,7 @@ class GroupCommitStore implements DiskBlobStore {
     try {
       await writeFully(this.file, Buffer.concat(group.map((write) => write.frame)))
       await this.file.sync()
-      // The copies after the log: a copy is never of a DEK the log lacks but for damage (see currentDataKey).
+      // The copies after the log: a DEK the log lacks is then never among them, but for damage (see currentDataKey).
       for (const [file, kind] of [[this.journal, 'state'], [this.dataKeys, 'dek']] as const) {
         const copied = group.filter((write) => write.entry.kind === kind)
         if (copied.length === 0) continue
@@ -556,8 +565,9 @@ class RecordIndex {
    * are written; the index does not change meanwhile (a compaction runs between groups).
    */
   *liveEntries(): Generator<LogEntry> {
-    for (const record of this.records.values()) yield { kind: 'put', record }
+    // The DEK first: as the last frame, damage to it could pass for a torn tail.
     if (this.dek) yield { kind: 'dek', dek: this.dek }
+    for (const record of this.records.values()) yield { kind: 'put', record }
   }
 
   versions(): Map<string, number> {
@@ -571,25 +581,32 @@ class RecordIndex {
 const LOG_MAGIC = Buffer.from('sealed-blobs\x00v1\n', 'latin1')
 const JOURNAL_MAGIC = Buffer.from('key-states\x00\x00\x00v1\n', 'latin1')
 const DATA_KEYS_MAGIC = Buffer.from('data-keys\x00\x00\x00\x00v1\n', 'latin1')
-/** The store's two files, each known by its header; `what` names one in the refusal of a file that is not it. */
-type LogKind = { name: string; magic: Buffer; what: string }
+/**
+ * The store's three files, each known by its header; `what` names one in the refusal of a file that is not it.
+ * `rebuildable`: a file made again from the others, so one whose header is not its own, or whose damage is too large
+ * to skip, is reported and kept aside, not refused.
+ */
+type LogKind = { name: string; magic: Buffer; what: string; rebuildable?: boolean }
 const RECORD_LOG: LogKind = { name: LOG_FILE_NAME, magic: LOG_MAGIC, what: 'sealed-blob log' }
 const STATE_JOURNAL: LogKind = { name: STATE_JOURNAL_FILE_NAME, magic: JOURNAL_MAGIC, what: 'key state journal' }
-const DATA_KEY_COPIES: LogKind = { name: DATA_KEY_COPIES_FILE_NAME, magic: DATA_KEYS_MAGIC, what: 'data key copy log' }
+const DATA_KEY_COPIES: LogKind = { name: DATA_KEY_COPIES_FILE_NAME, magic: DATA_KEYS_MAGIC, what: 'data key copy log', rebuildable: true }
 
 /**
  * The wrapped DEK a store opens with, from the DEKs its log holds and the copies (each in the order written). A DEK
  * write lands in the log (fsynced) before its copy is written, and is acknowledged only once both are: so only damage
- * can take from the log a DEK the copies hold. On an open that found the log damaged, when the log's own last DEK is
- * among the copies (or it has none left), the newest copy is that one or newer, and keys may be sealed under it.
+ * can take from the log a DEK the copies hold: as frames it skips or as a tail it cuts (damage to a last frame can look
+ * torn). On an open that lost such frames, when the log's own last DEK is among the copies (or it has none left), the
+ * newest copy is that one or newer, and keys may be sealed under it. (A torn tail that was a DEK's frame is of a DEK
+ * never acknowledged, and so not yet copied: the newest copy is then the log's last.)
  * Otherwise the log's: a log restored from a backup, whose keys are sealed under the DEK it holds; or one that a
  * build without copies wrote to meanwhile. (Each DEK entry is new: KMS makes a new DEK for each rotation, and its two
  * entries differ in the retiring DEK.)
  */
-function currentDataKey({ inLog, copies, logDamaged }: { inLog: WrappedDek[]; copies: WrappedDek[]; logDamaged: boolean }): WrappedDek | undefined {
+function currentDataKey({ inLog, copies, logLostFrames }: { inLog: WrappedDek[]; copies: WrappedDek[]; logLostFrames: boolean }): WrappedDek | undefined {
   const last = inLog.at(-1)
   const newestCopy = copies.at(-1)
-  if (!logDamaged || !newestCopy) return last
+  // The log's own object when the two agree: the caller tells a DEK taken from the copies by identity.
+  if (!logLostFrames || !newestCopy || (last && sameDek(last, newestCopy))) return last
   return !last || copies.some((dek) => sameDek(dek, last)) ? newestCopy : last
 }
 
@@ -597,6 +614,7 @@ function currentDataKey({ inLog, copies, logDamaged }: { inLog: WrappedDek[]; co
 function sameDek(a: WrappedDek, b: WrappedDek): boolean {
   return encodeEntry({ kind: 'dek', dek: a }).equals(encodeEntry({ kind: 'dek', dek: b }))
 }
+
 const FRAME_HEADER_BYTES = 8
 /**
  * The largest payload written, and so the largest read or looked for past damage: a length beyond it is a torn or
@@ -650,7 +668,7 @@ async function openOrCreateLog(fileSystem: BlobStoreFileSystem, path: string): P
 }
 
 /**
- * Replays a log's frames (the record log or the state journal) into `onEntry`, in order, truncating a torn tail and
+ * Replays a log's frames (the record log, the state journal or the DEK copies) into `onEntry`, in order, truncating a torn tail and
  * writing the header of a new (or torn-at-birth) one.
  */
 async function recoverLog(options: {
@@ -663,21 +681,28 @@ async function recoverLog(options: {
   onDamage: (event: DamageEvent) => void
   /** Copies the log as found somewhere safe before anything changes it; resolves to the copy's path. */
   keepAside: () => Promise<string>
-}): Promise<{ frames: number; headerWritten: boolean; damaged: boolean }> {
+}): Promise<{ frames: number; headerWritten: boolean; damaged: boolean; tailCut: boolean }> {
   const { file, path, created } = options
-  const { magic } = options.kind
+  const { magic, rebuildable } = options.kind
   const { size } = await file.stat()
   const head = await readRange(file, 0, Math.min(size, magic.length))
   // A crash while creating the log can leave it empty, with part of the header, or with the header's size in zeros: nothing was ever stored.
   if (created || (size <= magic.length && isUnfinishedHeader(head, magic))) {
     await startOver(file, magic)
-    return { frames: 0, headerWritten: true, damaged: false }
+    return { frames: 0, headerWritten: true, damaged: false, tailCut: false }
+  }
+  // Reported as damage and left as it is: the caller starts it again once what it copies is safe elsewhere.
+  const rebuild = async (range: { offset: number; bytes: number }) => {
+    options.onDamage({ ranges: [range], keptAside: await options.keepAside() })
+    return { frames: 0, headerWritten: false, damaged: true, tailCut: false }
   }
   if (!head.equals(magic)) {
+    if (rebuildable) return rebuild({ offset: 0, bytes: size })
     // Truncating a file we do not recognise would destroy it; refuse instead.
     throw new Error(`${path} is not a ${options.kind.what} (bad header)`)
   }
   const { frames, validLength, damaged, unscannedFrom, end } = await replayFrames(file, size, magic.length, options.onEntry, options.chunkBytes)
+  if (unscannedFrom !== undefined && rebuildable) return rebuild({ offset: unscannedFrom, bytes: end - unscannedFrom })
   if (damaged.length > 0 || unscannedFrom !== undefined) {
     const keptAside = await options.keepAside()
     if (unscannedFrom !== undefined) {
@@ -685,12 +710,13 @@ async function recoverLog(options: {
     }
     options.onDamage({ ranges: damaged, keptAside })
   }
-  if (validLength < end) {
+  const tailCut = validLength < end
+  if (tailCut) {
     await file.truncate(validLength)
     // Made durable before anything is appended, so new frames never sit behind old garbage after a crash.
     await file.sync()
   }
-  return { frames, headerWritten: false, damaged: damaged.length > 0 }
+  return { frames, headerWritten: false, damaged: damaged.length > 0, tailCut }
 }
 
 /** Empties a log down to its header, durably. */

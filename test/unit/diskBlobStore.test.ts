@@ -495,6 +495,75 @@ describe('the copies of the wrapped DEK', () => {
     expect(damage).toHaveLength(1)
   })
 
+  it('opens with the newest DEK when its frame, the log\u2019s last, lost its length or its payload and so passed for a torn tail', async () => {
+    for (const harm of ['length', 'payload'] as const) {
+      let store = await openStore()
+      await store.putWrappedDek(first, undefined)
+      await store.put(sealedRecord(1))
+      const before = (await stat(logPath())).size
+      await store.putWrappedDek(rotating, first)
+      await store.close()
+      const log = await readFile(logPath())
+      if (harm === 'length') log.writeUInt32LE(0x00ffffff, before)
+      else log.fill(0, before + 8)
+      await writeFile(logPath(), log)
+      store = await openStore()
+      expect(await store.getWrappedDek(), harm).toEqual(rotating)
+      // Written back to the log at once: the next open finds it there.
+      expect(await (await reopen(store)).getWrappedDek(), harm).toEqual(rotating)
+      await Promise.all(opened.splice(0).map((each) => each.close()))
+      await rm(directory, { recursive: true })
+    }
+  })
+
+  it('writes the DEK first when it compacts the log, so that damage to its frame is reported rather than cut as a torn tail', async () => {
+    let store = await openStore()
+    await store.putWrappedDek(first, undefined)
+    await store.put(sealedRecord(1))
+    for (let round = 0; round < 30; round++) await store.put(sealedRecord(2, round + 1))
+    await store.close()
+    // Compacted as it opens, and nothing written after: the log is the compaction's alone.
+    store = await openDiskBlobStore({ directory, compactAfterFrames: 10 })
+    opened.push(store)
+    expect(store.stats().compactedFrames).toBe(29)
+    await store.close()
+    const log = await readFile(logPath())
+    // The first frame's payload zeroed, good frames after it.
+    log.fill(0, HEADER_BYTES + 8, HEADER_BYTES + 8 + log.readUInt32LE(HEADER_BYTES))
+    await writeFile(logPath(), log)
+    const damage: DamageEvent[] = []
+    store = await openStore({ onDamage: (event) => damage.push(event) })
+    expect(damage).toHaveLength(1)
+    expect(await store.getWrappedDek()).toEqual(first)
+    expect(await listAll(store)).toEqual([sealedRecord(1), sealedRecord(2, 30)])
+  })
+
+  it('reports, keeps aside and starts again copies whose header is not theirs; the store opens', async () => {
+    await rotationBetweenPuts()
+    await writeFile(dataKeysPath(), 'not a copy of anything, and long enough for a header')
+    const damage: DamageEvent[] = []
+    const store = await openStore({ onDamage: (event) => damage.push(event) })
+    expect(damage).toEqual([{ ranges: [{ offset: 0, bytes: 52 }], keptAside: expect.stringContaining(`${DATA_KEY_COPIES_FILE_NAME}.damaged-`) }])
+    expect(await readFile(damage[0]!.keptAside, 'utf8')).toBe('not a copy of anything, and long enough for a header')
+    expect(await store.getWrappedDek()).toEqual(rotating)
+    expect((await stat(dataKeysPath())).size).toBe(await dataKeyCopiesOf([rotating]))
+  })
+
+  it('takes a torn DEK frame, a crash\u2019s, for what it is: the DEK before it stands, and nothing is rewritten', async () => {
+    const { before, after } = await rotationBetweenPuts()
+    // The crash came before the rotation's DEK was fsynced (so before its copy): only the frame's first bytes landed.
+    const copiesBefore = await dataKeyCopiesOf([first])
+    await truncate(dataKeysPath(), copiesBefore)
+    await truncate(logPath(), after - 5)
+    const compactions: CompactionEvent[] = []
+    const store = await openDiskBlobStore({ directory, onCompaction: (event) => compactions.push(event) })
+    opened.push(store)
+    expect(await store.getWrappedDek()).toEqual(first)
+    expect((await stat(logPath())).size).toBe(before)
+    expect((await stat(dataKeysPath())).size).toBe(copiesBefore)
+    expect(compactions).toEqual([])
+  })
+
   it('keeps the log\u2019s DEK when the copies lost their newest (a torn tail), and copies it again', async () => {
     const { copies } = await rotationBetweenPuts()
     const torn = copies - 3

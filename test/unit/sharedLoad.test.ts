@@ -31,6 +31,22 @@ describe('SharedLoad', () => {
     expect(loads).toHaveLength(2)
   })
 
+  it("stops a caller's wait when its signal aborts, the load going on for the others; and starts none for a caller already gone", async () => {
+    const { loads, shared } = harness({ keepMs: Infinity })
+    const gone = new AbortController()
+    gone.abort()
+    await expect(shared.get(gone.signal)).rejects.toMatchObject({ message: 'test signer: reading the key: stopped waiting, as its caller no longer waits', options: { retryable: true } })
+    expect(loads).toHaveLength(0)
+    const leaving = new AbortController()
+    const stopped = shared.get(leaving.signal)
+    const patient = shared.get()
+    leaving.abort()
+    await expect(stopped).rejects.toThrow('stopped waiting, as its caller no longer waits')
+    loads[0]!.resolve('key')
+    expect(await patient).toBe('key')
+    expect(loads).toHaveLength(1)
+  })
+
   it('keeps an answer for keepMs, then loads again (0: at every call after it)', async () => {
     for (const keepMs of [0, 5_000]) {
       const { clock, loads, shared } = harness({ keepMs })
