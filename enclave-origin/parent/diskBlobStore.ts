@@ -69,12 +69,17 @@ export type DiskBlobStoreOptions = {
   onCompaction?: (event: CompactionEvent) => void
   /** Told when open found damaged frames in the middle of the log, the state journal or the DEK copies (for the operator's log, at error level). */
   onDamage?: (event: DamageEvent) => void
+  /** Told when open took the DEK from `data-keys.log`, the log having lost it (for the operator's log, at error level). */
+  onDataKeyFromCopies?: (event: DataKeyFromCopiesEvent) => void
   /** Bytes of a log read at a time when open replays it (4 MiB): only from damage or a torn tail on is the rest read whole. */
   replayChunkBytes?: number
 }
 
 /** Byte ranges of the log (or the state journal, or the DEK copies) that held no good frame, each followed by good ones; and where the file as found was copied, under its own name. */
 export type DamageEvent = { ranges: Array<{ offset: number; bytes: number }>; keptAside: string }
+
+/** The log lost its newest DEK's frame, to damage or as a cut tail: the DEK came from the copies, and the log as found was copied to `keptAside`. */
+export type DataKeyFromCopiesEvent = { keptAside: string; logDamaged: boolean }
 
 export type CompactionEvent = { outcome: 'compacted'; droppedFrames: number; liveEntries: number; ms: number } | { outcome: 'failed'; error: string; /** True when the old log still serves; false when the store refuses writes until reopened. */ serving: boolean }
 
@@ -111,6 +116,7 @@ export async function openDiskBlobStore(options: DiskBlobStoreOptions): Promise<
   // They report to the operator; one that throws must not take an open or a group of writes down with it.
   const onCompaction = unthrowing(options.onCompaction)
   const onDamage = unthrowing(options.onDamage)
+  const onDataKeyFromCopies = unthrowing(options.onDataKeyFromCopies)
   if (!Number.isFinite(groupCommitMs) || groupCommitMs < 0) throw new RangeError('groupCommitMs must be a finite number ≥ 0')
   if (!Number.isInteger(maxGroup) || maxGroup < 1) throw new RangeError('maxGroup must be an integer ≥ 1')
   if (!Number.isInteger(replayChunkBytes) || replayChunkBytes < 1) throw new RangeError('replayChunkBytes must be an integer ≥ 1')
@@ -132,7 +138,7 @@ export async function openDiskBlobStore(options: DiskBlobStoreOptions): Promise<
   }
   const lock = await lockDirectory(directory)
   try {
-    return await openLocked({ ...options, directory, groupCommitMs, maxGroup, fileSystem, compactAfterFrames, onCompaction, onDamage, replayChunkBytes, lock })
+    return await openLocked({ ...options, directory, groupCommitMs, maxGroup, fileSystem, compactAfterFrames, onCompaction, onDamage, onDataKeyFromCopies, replayChunkBytes, lock })
   } catch (error) {
     await lock.release()
     throw error
@@ -150,7 +156,7 @@ function unthrowing<Event>(report: ((event: Event) => void) | undefined): (event
 }
 
 async function openLocked(options: Required<DiskBlobStoreOptions> & { lock: DirectoryLock }): Promise<DiskBlobStore> {
-  const { directory, groupCommitMs, maxGroup, fileSystem, compactAfterFrames, onCompaction, onDamage, replayChunkBytes: chunkBytes, lock } = options
+  const { directory, groupCommitMs, maxGroup, fileSystem, compactAfterFrames, onCompaction, onDamage, onDataKeyFromCopies, replayChunkBytes: chunkBytes, lock } = options
   const counters: DiskBlobStoreStats = { writes: 0, fsyncs: 0, groups: 0, records: 0, compactedFrames: 0 }
   await refuseLostLog(directory)
   // What a compaction interrupted by a crash left behind; the log itself is intact.
@@ -162,12 +168,14 @@ async function openLocked(options: Required<DiskBlobStoreOptions> & { lock: Dire
     const file = countingFile(rawFile, counters)
     opened.push(file)
     const keepAside = () => keepDamagedLogAside({ fileSystem, directory, name: kind.name, source: file, chunkBytes })
-    return { file, ...(await recoverLog({ file, path, kind, created, onEntry, chunkBytes, onDamage, keepAside })) }
+    return { file, keepAside, ...(await recoverLog({ file, path, kind, created, onEntry, chunkBytes, onDamage, keepAside })) }
   }
   let log: Awaited<ReturnType<typeof recover>>
   let journal: Awaited<ReturnType<typeof recover>>
   let dataKeys: Awaited<ReturnType<typeof recover>>
   let current: WrappedDek | undefined
+  /** The DEK, when it came from the copies rather than the log. */
+  let restored: WrappedDek | undefined
   const index = new RecordIndex()
   const dataKeysInLog: WrappedDek[] = []
   const copies: WrappedDek[] = []
@@ -194,32 +202,36 @@ async function openLocked(options: Required<DiskBlobStoreOptions> & { lock: Dire
     await syncDirectory(fileSystem, directory)
     index.restrictStates(lastStates)
     current = currentDataKey({ inLog: dataKeysInLog, copies, logLostFrames: log.damaged || log.tailCut })
-    if (current && current !== dataKeysInLog.at(-1)) index.apply({ kind: 'dek', dek: current })
+    restored = current !== dataKeysInLog.at(-1) ? current : undefined
+    if (restored) {
+      // The log as it is now (its cut tail is gone): it may hold what an operator wants back, a restored backup's DEK.
+      onDataKeyFromCopies({ keptAside: await log.keepAside(), logDamaged: log.damaged })
+      index.apply({ kind: 'dek', dek: restored })
+    }
   } catch (error) {
     await Promise.all(opened.map((file) => file.close().catch(() => {})))
     throw error
   }
   const store = new GroupCommitStore({ file: log.file, journal: journal.file, dataKeys: dataKeys.file, index, frames: log.frames, counters, groupCommitMs, maxGroup, compaction: { fileSystem, directory, afterFrames: compactAfterFrames, onCompaction }, lock })
-  // After damage, a rewrite at once: the live log holds only good frames again (the journal is emptied), and the next
-  // open does not report (and copy) the same damage. So too when the DEK is a copy the log lacks: the log gets it back.
-  const failure = await store.compactIfWasteful({ force: log.damaged || journal.damaged || current !== dataKeysInLog.at(-1) })
-  if (failure) {
-    await store.close().catch(() => {})
-    throw failure
-  }
-  // The copies end with the DEK the store opens with: after damage to them (started again), a store from before them,
-  // a log restored from a backup, or one a build without them wrote to. Only now, the log holding that DEK durably:
-  // copies started again before could leave it in neither file after a crash.
-  const lastCopy = copies.at(-1)
-  if (dataKeys.damaged || (current && !(lastCopy && sameDek(lastCopy, current)))) {
-    try {
+  try {
+    // A DEK taken from the copies goes back into the log first, durably, as any DEK write: until it does, the log
+    // alone would name an older one at the next open, whether or not the compaction below succeeds.
+    if (restored) await store.putWrappedDek(restored, restored)
+    // After damage, a rewrite at once: the live log holds only good frames again (the journal is emptied), and the
+    // next open does not report (and copy) the same damage.
+    const failure = await store.compactIfWasteful({ force: log.damaged || journal.damaged })
+    if (failure) throw failure
+    // The copies end with the DEK the store opens with, which the log now holds: after damage to them (started
+    // again), a store from before them, a log restored from a backup, or one a build without them wrote to.
+    const lastCopy = restored ?? copies.at(-1)
+    if (dataKeys.damaged || (current && !(lastCopy && sameDek(lastCopy, current)))) {
       if (dataKeys.damaged) await startOver(dataKeys.file, DATA_KEY_COPIES.magic)
       if (current) await writeFully(dataKeys.file, encodeFrame({ kind: 'dek', dek: current }))
       await dataKeys.file.sync()
-    } catch (error) {
-      await store.close().catch(() => {})
-      throw error
     }
+  } catch (error) {
+    await store.close().catch(() => {})
+    throw error
   }
   return store
 }
@@ -654,7 +666,7 @@ async function refuseLostLog(directory: string): Promise<void> {
   if (found.length === 0) return
   const compacting = found.includes(COMPACTING_FILE_NAME) ? ` (${COMPACTING_FILE_NAME} may be a whole copy)` : ''
   throw new Error(
-    `${LOG_FILE_NAME} is ${head === undefined ? 'missing from' : 'empty in'} ${directory}, though ${found.join(', ')} ${found.length === 1 ? 'is' : 'are'} there: its sealed keys and wrapped data key are gone from here. Restore it from a backup${compacting}; if this store never held a key, remove ${found.join(', ')} to start it empty`,
+    `${LOG_FILE_NAME} is ${head === undefined ? 'missing from' : 'empty in'} ${directory}, though ${found.join(', ')} ${found.length === 1 ? 'is' : 'are'} there: its sealed keys and wrapped data key are gone from here. Restore it from a backup${compacting}, with ${DATA_KEY_COPIES_FILE_NAME} from the same backup (or none); if this store never held a key, remove ${found.join(', ')} to start it empty`,
   )
 }
 

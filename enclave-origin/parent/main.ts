@@ -72,6 +72,7 @@ export async function runParent(): Promise<() => Promise<void>> {
           onCompaction: ({ outcome, ...details }) =>
             logLine(outcome === 'compacted' ? { event: 'blob_store_compacted', ...details } : { level: 'error', event: 'blob_store_compaction_failed', ...details }),
           onDamage: (damage) => logLine({ level: 'error', event: 'blob_store_damaged', ...damage }),
+          onDataKeyFromCopies: (restored) => logLine({ level: 'error', event: 'blob_store_data_key_from_copies', ...restored }),
         })
   const parent = new OriginParent({
     enclaves,

@@ -368,7 +368,7 @@ export class OriginParent {
     if (!(await this.storedWrappedDek())) {
       // A new DEK would seal nothing that exists: every stored key stays under the lost one, and new keys would join them unopenable by it.
       if (await this.storeHoldsAnyRecord()) {
-        throw new Error('the store holds sealed keys but no wrapped data key: refusing to make a new data key, under which none of them would open. Restore the wrapped data key (dek.json, or the disk log from a backup) before starting')
+        throw new Error('the store holds sealed keys but no wrapped data key: refusing to make a new data key, under which none of them would open. Restore the wrapped data key (dek.json, or the disk log with its data-keys.log from one backup) before starting')
       }
       await this.options.store.putWrappedDek({ keyId: 'enclave-data-key', ciphertext: await this.generateFirstDataKey() }, undefined)
     }

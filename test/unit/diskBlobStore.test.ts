@@ -14,6 +14,7 @@ import {
   type BlobStoreFileSystem,
   type CompactionEvent,
   type DamageEvent,
+  type DataKeyFromCopiesEvent,
   type DiskBlobStore,
   type LogFile,
 } from '../../enclave-origin/parent/diskBlobStore.js'
@@ -507,13 +508,41 @@ describe('the copies of the wrapped DEK', () => {
       if (harm === 'length') log.writeUInt32LE(0x00ffffff, before)
       else log.fill(0, before + 8)
       await writeFile(logPath(), log)
-      store = await openStore()
+      const restored: DataKeyFromCopiesEvent[] = []
+      store = await openDiskBlobStore({ directory, onDataKeyFromCopies: (event) => restored.push(event) })
+      opened.push(store)
       expect(await store.getWrappedDek(), harm).toEqual(rotating)
+      // Said at error level, with the log as it was left (its cut tail gone) kept aside.
+      expect(restored, harm).toEqual([{ logDamaged: false, keptAside: expect.stringContaining(`${LOG_FILE_NAME}.damaged-`) }])
+      expect((await readFile(restored[0]!.keptAside)).equals(log.subarray(0, before)), harm).toBe(true)
       // Written back to the log at once: the next open finds it there.
       expect(await (await reopen(store)).getWrappedDek(), harm).toEqual(rotating)
       await Promise.all(opened.splice(0).map((each) => each.close()))
       await rm(directory, { recursive: true })
     }
+  })
+
+  it('writes a DEK taken from the copies back to the log before anything else: a compaction failing at open cannot lose it', async () => {
+    const next = { keyId: 'alias/dek', ciphertext: Uint8Array.of(3, 3), retiring: rotated }
+    let store = await openStore()
+    await store.putWrappedDek(first, undefined)
+    await store.putWrappedDek(rotating, first)
+    await store.putWrappedDek(rotated, rotating)
+    await store.put(sealedRecord(1))
+    const before = (await stat(logPath())).size
+    await store.putWrappedDek(next, rotated)
+    await store.put(sealedRecord(2))
+    await store.close()
+    // The newest DEK's frame damaged in the log, and the oldest copy's in the copies.
+    await flipByte(logPath(), before + 9)
+    await flipByte(dataKeysPath(), HEADER_BYTES + 9)
+    const restored: DataKeyFromCopiesEvent[] = []
+    store = await openDiskBlobStore({ directory, fileSystem: faultyFileSystem({ sync: false, write: true, only: COMPACTING_FILE_NAME }), onDataKeyFromCopies: (event) => restored.push(event), onCompaction: () => {} })
+    opened.push(store)
+    expect(restored).toEqual([{ logDamaged: true, keptAside: expect.stringContaining(`${LOG_FILE_NAME}.damaged-`) }])
+    expect(await store.getWrappedDek()).toEqual(next)
+    store = await reopen(store)
+    expect(await store.getWrappedDek()).toEqual(next)
   })
 
   it('writes the DEK first when it compacts the log, so that damage to its frame is reported rather than cut as a torn tail', async () => {
@@ -599,12 +628,13 @@ describe('the copies of the wrapped DEK', () => {
     store = await openStore()
     // The backup's keys are sealed under the DEK it holds.
     expect(await store.getWrappedDek()).toEqual(first)
-    // The copies end with it now, so damage to the log's copy of it later finds it there.
-    await store.putWrappedDek(rotating, first)
+    // The copies end with it now: damage to the log later (no rotation since) leaves it the DEK, not the newer copies.
+    const before = (await stat(logPath())).size
+    await store.put(sealedRecord(2))
+    await store.put(sealedRecord(3))
     await store.close()
-    const log = await readFile(logPath())
-    await flipByte(logPath(), log.length - 1)
-    expect(await (await openStore({ onDamage: () => {} })).getWrappedDek()).toEqual(rotating)
+    await flipByte(logPath(), before + 9)
+    expect(await (await openStore({ onDamage: () => {} })).getWrappedDek()).toEqual(first)
   })
 
   it('keeps the log\u2019s DEK, found damaged, when the copies do not hold it: a build without them wrote it', async () => {
@@ -740,7 +770,7 @@ describe('compaction', () => {
     expect(store.stats().compactedFrames).toBeGreaterThan(0)
     await store.close()
     const refusal = (how: string, found: string, extra = '') =>
-      `${LOG_FILE_NAME} is ${how} ${directory}, though ${found} ${found.includes(',') ? 'are' : 'is'} there: its sealed keys and wrapped data key are gone from here. Restore it from a backup${extra}; if this store never held a key, remove ${found} to start it empty`
+      `${LOG_FILE_NAME} is ${how} ${directory}, though ${found} ${found.includes(',') ? 'are' : 'is'} there: its sealed keys and wrapped data key are gone from here. Restore it from a backup${extra}, with ${DATA_KEY_COPIES_FILE_NAME} from the same backup (or none); if this store never held a key, remove ${found} to start it empty`
     await rm(logPath())
     const before = (await readdir(directory)).sort()
     const evidence = `${DATA_KEY_COPIES_FILE_NAME}, ${STATE_JOURNAL_FILE_NAME}`

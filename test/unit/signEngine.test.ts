@@ -148,11 +148,16 @@ describe('SignEngine', () => {
 
   it('signs nothing inline in the turn after one that brought more requests than its allowance, until a light turn', async () => {
     const engine = await started({ threads: 1, inlinePerTurn: 2, maxWaitMs: 1 })
+    // Each step in a turn of its own: a turn ends at its setImmediate, and the answers may come back before that one
+    // runs (when the turn began in the loop's check phase), which would make the next step part of the same turn.
+    const nextTurn = () => new Promise((resolve) => setImmediate(resolve))
     await Promise.all(Array.from({ length: 5 }, () => engine.sign(randomRequest())))
     expect(engine.stats().inline).toBe(2)
+    await nextTurn()
     // The engine is idle again and this is a new turn, but the last turn was load: the thread signs it.
     await engine.sign(randomRequest())
     expect(engine.stats()).toMatchObject({ inline: 2, batches: 3 })
+    await nextTurn()
     // That turn brought one request, within the allowance: inline signing is back.
     await engine.sign(randomRequest())
     expect(engine.stats().inline).toBe(3)
