@@ -86,8 +86,12 @@ async function ownLock({ directory, path, text }: { directory: string; path: str
     // A live process's draft is its way in: only the dead's go.
     if (holder && !(await isAlive(holder))) await rm(join(directory, name), { force: true })
   }
+  let released = false
   return {
     release: async () => {
+      // Once: a second call could find the same text in a lock another open in this process took since.
+      if (released) return
+      released = true
       // Only our own: a lock someone took over meanwhile is theirs.
       if ((await readFile(path, 'utf8').catch(() => '')) === text) await rm(path, { force: true })
     },

@@ -78,8 +78,12 @@ export type DiskBlobStoreOptions = {
 /** Byte ranges of the log (or the state journal, or the DEK copies) that held no good frame, each followed by good ones; and where the file as found was copied, under its own name. */
 export type DamageEvent = { ranges: Array<{ offset: number; bytes: number }>; keptAside: string }
 
-/** The log lost its newest DEK's frame, to damage or as a cut tail: the DEK came from the copies, and the log as found was copied to `keptAside`. */
-export type DataKeyFromCopiesEvent = { keptAside: string; logDamaged: boolean }
+/**
+ * The log lost its newest DEK's frame, to damage or as a cut tail: the DEK came from the copies. `keptAside`: a copy
+ * of the log, as found if it was damaged (the damage report's), else as its tail's cut left it; undefined if none
+ * could be made (a full disk must not stop the store opening with its DEK).
+ */
+export type DataKeyFromCopiesEvent = { keptAside: string | undefined; logDamaged: boolean }
 
 export type CompactionEvent = { outcome: 'compacted'; droppedFrames: number; liveEntries: number; ms: number } | { outcome: 'failed'; error: string; /** True when the old log still serves; false when the store refuses writes until reopened. */ serving: boolean }
 
@@ -204,8 +208,9 @@ async function openLocked(options: Required<DiskBlobStoreOptions> & { lock: Dire
     current = currentDataKey({ inLog: dataKeysInLog, copies, logLostFrames: log.damaged || log.tailCut })
     restored = current !== dataKeysInLog.at(-1) ? current : undefined
     if (restored) {
-      // The log as it is now (its cut tail is gone): it may hold what an operator wants back, a restored backup's DEK.
-      onDataKeyFromCopies({ keptAside: await log.keepAside(), logDamaged: log.damaged })
+      // It may hold what an operator wants back: a restored backup's DEK.
+      const keptAside = log.keptAside ?? (await log.keepAside().catch(() => undefined))
+      onDataKeyFromCopies({ keptAside, logDamaged: log.damaged })
       index.apply({ kind: 'dek', dek: restored })
     }
   } catch (error) {
@@ -693,7 +698,7 @@ async function recoverLog(options: {
   onDamage: (event: DamageEvent) => void
   /** Copies the log as found somewhere safe before anything changes it; resolves to the copy's path. */
   keepAside: () => Promise<string>
-}): Promise<{ frames: number; headerWritten: boolean; damaged: boolean; tailCut: boolean }> {
+}): Promise<{ frames: number; headerWritten: boolean; damaged: boolean; tailCut: boolean; keptAside?: string }> {
   const { file, path, created } = options
   const { magic, rebuildable } = options.kind
   const { size } = await file.stat()
@@ -715,8 +720,9 @@ async function recoverLog(options: {
   }
   const { frames, validLength, damaged, unscannedFrom, end } = await replayFrames(file, size, magic.length, options.onEntry, options.chunkBytes)
   if (unscannedFrom !== undefined && rebuildable) return rebuild({ offset: unscannedFrom, bytes: end - unscannedFrom })
+  let keptAside: string | undefined
   if (damaged.length > 0 || unscannedFrom !== undefined) {
-    const keptAside = await options.keepAside()
+    keptAside = await options.keepAside()
     if (unscannedFrom !== undefined) {
       throw new Error(`${path} is damaged from byte ${unscannedFrom} over more than can be skipped quickly; refusing to drop what may follow. The log as found is at ${keptAside}`)
     }
@@ -728,7 +734,7 @@ async function recoverLog(options: {
     // Made durable before anything is appended, so new frames never sit behind old garbage after a crash.
     await file.sync()
   }
-  return { frames, headerWritten: false, damaged: damaged.length > 0, tailCut }
+  return { frames, headerWritten: false, damaged: damaged.length > 0, tailCut, keptAside }
 }
 
 /** Empties a log down to its header, durably. */

@@ -18,7 +18,7 @@ import {
   type DiskBlobStore,
   type LogFile,
 } from '../../enclave-origin/parent/diskBlobStore.js'
-import { LOCK_FILE_NAME } from '../../enclave-origin/parent/directoryLock.js'
+import { lockDirectory, LOCK_FILE_NAME } from '../../enclave-origin/parent/directoryLock.js'
 import { KeyArchivedError, WrappedDekChangedError } from '../../enclave-origin/parent/blobStore.js'
 import { listAll, sealedRecord } from '../support/sealedRecords.js'
 
@@ -514,12 +514,27 @@ describe('the copies of the wrapped DEK', () => {
       expect(await store.getWrappedDek(), harm).toEqual(rotating)
       // Said at error level, with the log as it was left (its cut tail gone) kept aside.
       expect(restored, harm).toEqual([{ logDamaged: false, keptAside: expect.stringContaining(`${LOG_FILE_NAME}.damaged-`) }])
-      expect((await readFile(restored[0]!.keptAside)).equals(log.subarray(0, before)), harm).toBe(true)
+      expect((await readFile(restored[0]!.keptAside!)).equals(log.subarray(0, before)), harm).toBe(true)
       // Written back to the log at once: the next open finds it there.
       expect(await (await reopen(store)).getWrappedDek(), harm).toEqual(rotating)
       await Promise.all(opened.splice(0).map((each) => each.close()))
       await rm(directory, { recursive: true })
     }
+  })
+
+  it('opens with the DEK from the copies when the disk has no room for a copy of the log, and says none was made', async () => {
+    const { before, after } = await rotationBetweenPuts()
+    // The new DEK's frame, the log's last, lost its length: it passes for a torn tail.
+    await truncate(logPath(), after)
+    const log = await readFile(logPath())
+    log.writeUInt32LE(0x00ffffff, before)
+    await writeFile(logPath(), log)
+    const restored: DataKeyFromCopiesEvent[] = []
+    const noRoom = faultyFileSystem({ sync: false, write: true, only: '.damaged-partial' })
+    const store = await openDiskBlobStore({ directory, fileSystem: noRoom, onDataKeyFromCopies: (event) => restored.push(event) })
+    opened.push(store)
+    expect(restored).toEqual([{ logDamaged: false, keptAside: undefined }])
+    expect(await store.getWrappedDek()).toEqual(rotating)
   })
 
   it('writes a DEK taken from the copies back to the log before anything else: a compaction failing at open cannot lose it', async () => {
@@ -537,9 +552,18 @@ describe('the copies of the wrapped DEK', () => {
     await flipByte(logPath(), before + 9)
     await flipByte(dataKeysPath(), HEADER_BYTES + 9)
     const restored: DataKeyFromCopiesEvent[] = []
-    store = await openDiskBlobStore({ directory, fileSystem: faultyFileSystem({ sync: false, write: true, only: COMPACTING_FILE_NAME }), onDataKeyFromCopies: (event) => restored.push(event), onCompaction: () => {} })
+    const damage: DamageEvent[] = []
+    store = await openDiskBlobStore({
+      directory,
+      fileSystem: faultyFileSystem({ sync: false, write: true, only: COMPACTING_FILE_NAME }),
+      onDataKeyFromCopies: (event) => restored.push(event),
+      onDamage: (event) => damage.push(event),
+      onCompaction: () => {},
+    })
     opened.push(store)
-    expect(restored).toEqual([{ logDamaged: true, keptAside: expect.stringContaining(`${LOG_FILE_NAME}.damaged-`) }])
+    // The damage report's copy of the log as found: no second one.
+    const logDamage = damage.find((event) => event.keptAside.includes(`${LOG_FILE_NAME}.damaged-`))
+    expect(restored).toEqual([{ logDamaged: true, keptAside: logDamage?.keptAside }])
     expect(await store.getWrappedDek()).toEqual(next)
     store = await reopen(store)
     expect(await store.getWrappedDek()).toEqual(next)
@@ -1345,6 +1369,15 @@ describe('one process per store', () => {
     await first.close()
     const second = await openStore()
     expect(await second.get('key-1')).toBeDefined()
+  })
+
+  it('releases a lock once: a second release leaves alone the lock a later open in the same process took', async () => {
+    const lock = await lockDirectory(directory)
+    await lock.release()
+    const store = await openStore()
+    await lock.release()
+    await expect(openDiskBlobStore({ directory })).rejects.toThrow(`the store directory ${directory} is in use by process ${process.pid}`)
+    await store.close()
   })
 
   it('takes over a lock its holder left behind: a process that is gone, or a lock file cut short', async () => {
