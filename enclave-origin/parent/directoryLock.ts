@@ -92,8 +92,14 @@ async function ownLock({ directory, path, text }: { directory: string; path: str
       // Once: a second call could find the same text in a lock another open in this process took since.
       if (released) return
       released = true
-      // Only our own: a lock someone took over meanwhile is theirs.
-      if ((await readFile(path, 'utf8').catch(() => '')) === text) await rm(path, { force: true })
+      try {
+        // Only our own: a lock someone took over meanwhile is theirs.
+        if ((await readFile(path, 'utf8').catch(() => '')) === text) await rm(path, { force: true })
+      } catch (error) {
+        // Not released: a later call may try again.
+        released = false
+        throw error
+      }
     },
   }
 }

@@ -80,10 +80,10 @@ export type DamageEvent = { ranges: Array<{ offset: number; bytes: number }>; ke
 
 /**
  * The log lost its newest DEK's frame, to damage or as a cut tail: the DEK came from the copies. `keptAside`: a copy
- * of the log, as found if it was damaged (the damage report's), else as its tail's cut left it; undefined if none
- * could be made (a full disk must not stop the store opening with its DEK).
+ * of the log, as found if it was damaged (the damage report's), else as its tail's cut left it; when none could be
+ * made, `keepAsideError` says why instead (a full disk must not stop the store opening with its DEK).
  */
-export type DataKeyFromCopiesEvent = { keptAside: string | undefined; logDamaged: boolean }
+export type DataKeyFromCopiesEvent = { logDamaged: boolean } & ({ keptAside: string } | { keptAside?: undefined; keepAsideError: string })
 
 export type CompactionEvent = { outcome: 'compacted'; droppedFrames: number; liveEntries: number; ms: number } | { outcome: 'failed'; error: string; /** True when the old log still serves; false when the store refuses writes until reopened. */ serving: boolean }
 
@@ -209,8 +209,8 @@ async function openLocked(options: Required<DiskBlobStoreOptions> & { lock: Dire
     restored = current !== dataKeysInLog.at(-1) ? current : undefined
     if (restored) {
       // It may hold what an operator wants back: a restored backup's DEK.
-      const keptAside = log.keptAside ?? (await log.keepAside().catch(() => undefined))
-      onDataKeyFromCopies({ keptAside, logDamaged: log.damaged })
+      const keptAside = log.keptAside ?? (await log.keepAside().catch((error: unknown) => ({ keepAsideError: messageOf(error) })))
+      onDataKeyFromCopies({ logDamaged: log.damaged, ...(typeof keptAside === 'string' ? { keptAside } : keptAside) })
       index.apply({ kind: 'dek', dek: restored })
     }
   } catch (error) {
@@ -881,7 +881,7 @@ function nextFrameAfter(bytes: Buffer, badOffset: number, budget: { bytesLeft: n
  * and durable, before recovery changes it. It is written whole under another name and renamed into place: a copy cut
  * short by a crash must not pass for the copy at the next open, which compacts the damage away. The same damage found
  * again (a restart before the rewrite succeeded) replaces that copy, so there is one; a copy that fails half-way is
- * removed, and the open fails.
+ * removed, and the open fails (but for a copy of a log whose DEK came from the copies: see DataKeyFromCopiesEvent).
  */
 async function keepDamagedLogAside(options: { fileSystem: BlobStoreFileSystem; directory: string; name: string; source: LogFile; chunkBytes: number }): Promise<string> {
   const { fileSystem, directory, name, source, chunkBytes } = options
@@ -908,7 +908,8 @@ async function keepDamagedLogAside(options: { fileSystem: BlobStoreFileSystem; d
     await syncDirectory(fileSystem, directory)
   } catch (error) {
     await copy?.close().catch(() => {})
-    await rm(partial, { force: true })
+    // Its own failure must not take the place of the one that says why the copy failed.
+    await rm(partial, { force: true }).catch(() => {})
     throw new Error(`could not keep the damaged log aside${path ? ` at ${path}` : ` (copying it to ${partial})`}: ${messageOf(error)}`, { cause: error })
   }
   return path

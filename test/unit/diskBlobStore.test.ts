@@ -533,8 +533,10 @@ describe('the copies of the wrapped DEK', () => {
     const noRoom = faultyFileSystem({ sync: false, write: true, only: '.damaged-partial' })
     const store = await openDiskBlobStore({ directory, fileSystem: noRoom, onDataKeyFromCopies: (event) => restored.push(event) })
     opened.push(store)
-    expect(restored).toEqual([{ logDamaged: false, keptAside: undefined }])
+    expect(restored).toEqual([{ logDamaged: false, keepAsideError: expect.stringContaining('ENOSPC') }])
     expect(await store.getWrappedDek()).toEqual(rotating)
+    // The half-made copy is gone.
+    expect((await readdir(directory)).filter((name) => name.includes('.damaged'))).toEqual([])
   })
 
   it('writes a DEK taken from the copies back to the log before anything else: a compaction failing at open cannot lose it', async () => {
@@ -548,9 +550,11 @@ describe('the copies of the wrapped DEK', () => {
     await store.putWrappedDek(next, rotated)
     await store.put(sealedRecord(2))
     await store.close()
-    // The newest DEK's frame damaged in the log, and the oldest copy's in the copies.
+    // The newest DEK's frame damaged in the log, and the oldest copy's in the copies; and a torn tail on the log, so
+    // that the log as found and as its cut left it differ.
     await flipByte(logPath(), before + 9)
     await flipByte(dataKeysPath(), HEADER_BYTES + 9)
+    await appendFile(logPath(), Buffer.from([7, 0, 0]))
     const restored: DataKeyFromCopiesEvent[] = []
     const damage: DamageEvent[] = []
     store = await openDiskBlobStore({
@@ -564,6 +568,7 @@ describe('the copies of the wrapped DEK', () => {
     // The damage report's copy of the log as found: no second one.
     const logDamage = damage.find((event) => event.keptAside.includes(`${LOG_FILE_NAME}.damaged-`))
     expect(restored).toEqual([{ logDamaged: true, keptAside: logDamage?.keptAside }])
+    expect((await readdir(directory)).filter((name) => name.startsWith(`${LOG_FILE_NAME}.damaged-`))).toHaveLength(1)
     expect(await store.getWrappedDek()).toEqual(next)
     store = await reopen(store)
     expect(await store.getWrappedDek()).toEqual(next)
@@ -1376,7 +1381,8 @@ describe('one process per store', () => {
     await lock.release()
     const store = await openStore()
     await lock.release()
-    await expect(openDiskBlobStore({ directory })).rejects.toThrow(`the store directory ${directory} is in use by process ${process.pid}`)
+    const second = openDiskBlobStore({ directory }).then((opens) => opened.push(opens))
+    await expect(second).rejects.toThrow(`the store directory ${directory} is in use by process ${process.pid}`)
     await store.close()
   })
 
