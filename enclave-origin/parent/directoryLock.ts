@@ -86,20 +86,24 @@ async function ownLock({ directory, path, text }: { directory: string; path: str
     // A live process's draft is its way in: only the dead's go.
     if (holder && !(await isAlive(holder))) await rm(join(directory, name), { force: true })
   }
-  let released = false
+  // Once, every caller sharing its outcome: a second removal could find the same text in a lock that another open in
+  // this process took since. One that failed may be tried again.
+  let releasing: Promise<void> | undefined
+  const removeOwn = async () => {
+    const found = await readFile(path, 'utf8').catch((error: NodeJS.ErrnoException) => {
+      if (error.code === 'ENOENT') return ''
+      throw error
+    })
+    // Only our own: a lock someone took over meanwhile is theirs.
+    if (found === text) await rm(path, { force: true })
+  }
   return {
-    release: async () => {
-      // Once: a second call could find the same text in a lock another open in this process took since.
-      if (released) return
-      released = true
-      try {
-        // Only our own: a lock someone took over meanwhile is theirs.
-        if ((await readFile(path, 'utf8').catch(() => '')) === text) await rm(path, { force: true })
-      } catch (error) {
-        // Not released: a later call may try again.
-        released = false
+    release: () => {
+      releasing ??= removeOwn().catch((error: unknown) => {
+        releasing = undefined
         throw error
-      }
+      })
+      return releasing
     },
   }
 }

@@ -80,8 +80,9 @@ export type DamageEvent = { ranges: Array<{ offset: number; bytes: number }>; ke
 
 /**
  * The log lost its newest DEK's frame, to damage or as a cut tail: the DEK came from the copies. `keptAside`: a copy
- * of the log, as found if it was damaged (the damage report's), else as its tail's cut left it; when none could be
- * made, `keepAsideError` says why instead (a full disk must not stop the store opening with its DEK).
+ * of the log, as found if it was damaged (the damage report's: one that could not be made failed the open before),
+ * else as its tail's cut left it; when that one could not be made, `keepAsideError` says why instead (a full disk
+ * must not stop the store opening with its DEK).
  */
 export type DataKeyFromCopiesEvent = { logDamaged: boolean } & ({ keptAside: string } | { keptAside?: undefined; keepAsideError: string })
 
@@ -881,7 +882,8 @@ function nextFrameAfter(bytes: Buffer, badOffset: number, budget: { bytesLeft: n
  * and durable, before recovery changes it. It is written whole under another name and renamed into place: a copy cut
  * short by a crash must not pass for the copy at the next open, which compacts the damage away. The same damage found
  * again (a restart before the rewrite succeeded) replaces that copy, so there is one; a copy that fails half-way is
- * removed, and the open fails (but for a copy of a log whose DEK came from the copies: see DataKeyFromCopiesEvent).
+ * removed, and the open fails (but for a copy of a log that was only cut, whose DEK came from the copies: see
+ * DataKeyFromCopiesEvent).
  */
 async function keepDamagedLogAside(options: { fileSystem: BlobStoreFileSystem; directory: string; name: string; source: LogFile; chunkBytes: number }): Promise<string> {
   const { fileSystem, directory, name, source, chunkBytes } = options
@@ -910,7 +912,7 @@ async function keepDamagedLogAside(options: { fileSystem: BlobStoreFileSystem; d
     await copy?.close().catch(() => {})
     // Its own failure must not take the place of the one that says why the copy failed.
     await rm(partial, { force: true }).catch(() => {})
-    throw new Error(`could not keep the damaged log aside${path ? ` at ${path}` : ` (copying it to ${partial})`}: ${messageOf(error)}`, { cause: error })
+    throw new Error(`could not keep a copy of ${name} aside${path ? ` at ${path}` : ` (copying it to ${partial})`}: ${messageOf(error)}`, { cause: error })
   }
   return path
 }
