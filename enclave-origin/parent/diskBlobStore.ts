@@ -46,7 +46,8 @@ export { crc32 }
  * every key's state.
  *
  * Every wrapped DEK is also written, in the same group, to a third file
- * (`data-keys.log`, same framing, never emptied: a few entries per rotation).
+ * (`data-keys.log`, same framing; a few entries per rotation, emptied only to
+ * start again after damage to it).
  * Keys sealed under a DEK open with no other: damage that takes the newest
  * DEK's frame out of the log must not leave the store on an older one. On an
  * open that found the log damaged or cut its tail, a newer copy (the log's
