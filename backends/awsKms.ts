@@ -110,8 +110,6 @@ export class AwsKmsSigner implements Signer {
       KMSInvalidStateException: [`KMS key ${key} is not usable in its current state (disabled or pending deletion)`, false],
       InvalidKeyUsageException: [`KMS key ${key} is not a SIGN_VERIFY key for ECDSA_SHA_256`, false],
       ThrottlingException: ['AWS KMS is throttling requests', true],
-      TimeoutError: [`AWS KMS did not answer within ${this.options.deadlineMs} ms`, true],
-      AbortError: [`AWS KMS did not answer within ${this.options.deadlineMs} ms`, true],
     }
     const [message, retryable] = known[name] ?? [status >= 500 || status === 0 ? `AWS KMS is unavailable (${name || 'network error'})` : `AWS KMS refused the request (${name})`, status >= 500 || status === 0]
     return new SignerError(`${this.options.name}: ${message}`, { retryable })

@@ -52,7 +52,7 @@ export { crc32 }
  * DEK's frame out of the log must not leave the store on an older one. On an
  * open that found the log damaged or cut its tail, a newer copy (the log's
  * own last DEK is among the copies) is the DEK; otherwise the log's (see
- * currentDataKey).
+ * dataKeyToRestore).
  */
 
 export type DiskBlobStoreOptions = {
@@ -179,7 +179,6 @@ async function openLocked(options: Required<DiskBlobStoreOptions> & { lock: Dire
   let log: Awaited<ReturnType<typeof recover>>
   let journal: Awaited<ReturnType<typeof recover>>
   let dataKeys: Awaited<ReturnType<typeof recover>>
-  let current: WrappedDek | undefined
   /** The DEK, when it came from the copies rather than the log. */
   let restored: WrappedDek | undefined
   const index = new RecordIndex()
@@ -207,8 +206,7 @@ async function openLocked(options: Required<DiskBlobStoreOptions> & { lock: Dire
     // open, since the process that made the files may have died before it did.
     await syncDirectory(fileSystem, directory)
     index.restrictStates(lastStates)
-    current = currentDataKey({ inLog: dataKeysInLog, copies, logLostFrames: log.damaged || log.tailCut })
-    restored = current !== dataKeysInLog.at(-1) ? current : undefined
+    restored = dataKeyToRestore({ inLog: dataKeysInLog, copies, logLostFrames: log.damaged || log.tailCut })
     if (restored) {
       // It may hold what an operator wants back: a restored backup's DEK.
       const keptAside = log.keptAside ?? (await log.keepAside().catch((error: unknown) => ({ keepAsideError: messageOf(error) })))
@@ -230,6 +228,7 @@ async function openLocked(options: Required<DiskBlobStoreOptions> & { lock: Dire
     if (failure) throw failure
     // The copies end with the DEK the store opens with, which the log now holds: after damage to them (started
     // again), a store from before them, a log restored from a backup, or one a build without them wrote to.
+    const current = index.wrappedDek()
     const lastCopy = restored ?? copies.at(-1)
     if (dataKeys.damaged || (current && !(lastCopy && sameDek(lastCopy, current)))) {
       if (dataKeys.damaged) await startOver(dataKeys.file, DATA_KEY_COPIES.magic)
@@ -474,7 +473,7 @@ class GroupCommitStore implements DiskBlobStore {
     try {
       await writeFully(this.file, Buffer.concat(group.map((write) => write.frame)))
       await this.file.sync()
-      // The copies after the log: a DEK the log lacks is then never among them, but for damage (see currentDataKey).
+      // The copies after the log: a DEK the log lacks is then never among them, but for damage (see dataKeyToRestore).
       for (const [file, kind] of [[this.journal, 'state'], [this.dataKeys, 'dek']] as const) {
         const copied = group.filter((write) => write.entry.kind === kind)
         if (copied.length === 0) continue
@@ -611,22 +610,22 @@ const STATE_JOURNAL: LogKind = { name: STATE_JOURNAL_FILE_NAME, magic: JOURNAL_M
 const DATA_KEY_COPIES: LogKind = { name: DATA_KEY_COPIES_FILE_NAME, magic: DATA_KEYS_MAGIC, what: 'data key copy log', rebuildable: true }
 
 /**
- * The wrapped DEK a store opens with, from the DEKs its log holds and the copies (each in the order written). A DEK
+ * The copy a store opens with in place of its log's last DEK, if any, from the DEKs its log holds and the copies (each
+ * in the order written). A DEK
  * write lands in the log (fsynced) before its copy is written, and is acknowledged only once both are: so only damage
  * can take from the log a DEK the copies hold: as frames it skips or as a tail it cuts (damage to a last frame can look
  * torn). On an open that lost such frames, when the log's own last DEK is among the copies (or it has none left), the
  * newest copy is that one or newer, and keys may be sealed under it. (A torn tail that was a DEK's frame is of a DEK
  * never acknowledged, and so not yet copied: the newest copy is then the log's last.)
- * Otherwise the log's: a log restored from a backup, whose keys are sealed under the DEK it holds; or one that a
- * build without copies wrote to meanwhile. (Each DEK entry is new: KMS makes a new DEK for each rotation, and its two
- * entries differ in the retiring DEK.)
+ * Otherwise none, and the log's stands: a log restored from a backup, whose keys are sealed under the DEK it holds; or
+ * one that a build without copies wrote to meanwhile. (Each DEK entry is new: KMS makes a new DEK for each rotation,
+ * and its two entries differ in the retiring DEK.)
  */
-function currentDataKey({ inLog, copies, logLostFrames }: { inLog: WrappedDek[]; copies: WrappedDek[]; logLostFrames: boolean }): WrappedDek | undefined {
+function dataKeyToRestore({ inLog, copies, logLostFrames }: { inLog: WrappedDek[]; copies: WrappedDek[]; logLostFrames: boolean }): WrappedDek | undefined {
   const last = inLog.at(-1)
   const newestCopy = copies.at(-1)
-  // The log's own object when the two agree: the caller tells a DEK taken from the copies by identity.
-  if (!logLostFrames || !newestCopy || (last && sameDek(last, newestCopy))) return last
-  return !last || copies.some((dek) => sameDek(dek, last)) ? newestCopy : last
+  if (!logLostFrames || !newestCopy || (last && sameDek(last, newestCopy))) return undefined
+  return !last || copies.some((dek) => sameDek(dek, last)) ? newestCopy : undefined
 }
 
 /** The same DEK entry: key id, ciphertext and retiring DEK alike (a rotation's two entries differ in the last). */

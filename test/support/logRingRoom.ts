@@ -1,4 +1,10 @@
-import type { LogRing } from '../../enclave-origin/enclave/logRing.js'
+import type { KeyCacheAuditEvent } from '../../enclave-origin/enclave/keyCache.js'
+import { auditLogger, type LogRing } from '../../enclave-origin/enclave/logRing.js'
+
+/** The key cache's audit sink as the enclave wires it (enclave/main.ts), its lines kept in `ring`. */
+export function auditsInto(ring: LogRing): (event: KeyCacheAuditEvent) => void {
+  return auditLogger((fields, options) => ring.write(JSON.stringify(fields), options))
+}
 
 /** Fills the room `ring` keeps for lines that must be delivered, to the last byte, as uncollected audits would. */
 export function fillMustDeliverRoom(ring: LogRing): void {

@@ -16,6 +16,7 @@ import {
   type DamageEvent,
   type DataKeyFromCopiesEvent,
   type DiskBlobStore,
+  type DiskBlobStoreOptions,
   type LogFile,
 } from '../../enclave-origin/parent/diskBlobStore.js'
 import { lockDirectory, LOCK_FILE_NAME } from '../../enclave-origin/parent/directoryLock.js'
@@ -39,7 +40,7 @@ afterEach(async () => {
   await rm(directory, { recursive: true, force: true })
 })
 
-async function openStore(options: { fileSystem?: BlobStoreFileSystem; groupCommitMs?: number; onDamage?: (event: DamageEvent) => void; replayChunkBytes?: number } = {}): Promise<DiskBlobStore> {
+async function openStore(options: Omit<DiskBlobStoreOptions, 'directory'> = {}): Promise<DiskBlobStore> {
   const store = await openDiskBlobStore({ directory, ...options })
   opened.push(store)
   return store
@@ -509,8 +510,7 @@ describe('the copies of the wrapped DEK', () => {
       else log.fill(0, before + 8)
       await writeFile(logPath(), log)
       const restored: DataKeyFromCopiesEvent[] = []
-      store = await openDiskBlobStore({ directory, onDataKeyFromCopies: (event) => restored.push(event) })
-      opened.push(store)
+      store = await openStore({ onDataKeyFromCopies: (event) => restored.push(event) })
       expect(await store.getWrappedDek(), harm).toEqual(rotating)
       // Said at error level, with the log as it was left (its cut tail gone) kept aside.
       expect(restored, harm).toEqual([{ logDamaged: false, keptAside: expect.stringContaining(`${LOG_FILE_NAME}.damaged-`) }])
@@ -531,8 +531,7 @@ describe('the copies of the wrapped DEK', () => {
     await writeFile(logPath(), log)
     const restored: DataKeyFromCopiesEvent[] = []
     const noRoom = faultyFileSystem({ sync: false, write: true, only: '.damaged-partial' })
-    const store = await openDiskBlobStore({ directory, fileSystem: noRoom, onDataKeyFromCopies: (event) => restored.push(event) })
-    opened.push(store)
+    const store = await openStore({ fileSystem: noRoom, onDataKeyFromCopies: (event) => restored.push(event) })
     expect(restored).toEqual([{ logDamaged: false, keepAsideError: expect.stringContaining('ENOSPC') }])
     expect(await store.getWrappedDek()).toEqual(rotating)
     // The half-made copy is gone.
@@ -557,14 +556,12 @@ describe('the copies of the wrapped DEK', () => {
     await appendFile(logPath(), Buffer.from([7, 0, 0]))
     const restored: DataKeyFromCopiesEvent[] = []
     const damage: DamageEvent[] = []
-    store = await openDiskBlobStore({
-      directory,
+    store = await openStore({
       fileSystem: faultyFileSystem({ sync: false, write: true, only: COMPACTING_FILE_NAME }),
       onDataKeyFromCopies: (event) => restored.push(event),
       onDamage: (event) => damage.push(event),
       onCompaction: () => {},
     })
-    opened.push(store)
     // The damage report's copy of the log as found: no second one.
     const logDamage = damage.find((event) => event.keptAside.includes(`${LOG_FILE_NAME}.damaged-`))
     expect(restored).toEqual([{ logDamaged: true, keptAside: logDamage?.keptAside }])
@@ -581,8 +578,7 @@ describe('the copies of the wrapped DEK', () => {
     for (let round = 0; round < 30; round++) await store.put(sealedRecord(2, round + 1))
     await store.close()
     // Compacted as it opens, and nothing written after: the log is the compaction's alone.
-    store = await openDiskBlobStore({ directory, compactAfterFrames: 10 })
-    opened.push(store)
+    store = await openStore({ compactAfterFrames: 10 })
     expect(store.stats().compactedFrames).toBe(29)
     await store.close()
     const log = await readFile(logPath())
@@ -614,8 +610,7 @@ describe('the copies of the wrapped DEK', () => {
     await truncate(dataKeysPath(), copiesBefore)
     await truncate(logPath(), after - 5)
     const compactions: CompactionEvent[] = []
-    const store = await openDiskBlobStore({ directory, onCompaction: (event) => compactions.push(event) })
-    opened.push(store)
+    const store = await openStore({ onCompaction: (event) => compactions.push(event) })
     expect(await store.getWrappedDek()).toEqual(first)
     expect((await stat(logPath())).size).toBe(before)
     expect((await stat(dataKeysPath())).size).toBe(copiesBefore)
@@ -671,8 +666,7 @@ describe('the copies of the wrapped DEK', () => {
     await store.putWrappedDek(first, undefined)
     await store.close()
     const copiesBefore = await readFile(dataKeysPath())
-    store = await openDiskBlobStore({ directory, compactAfterFrames: 10 })
-    opened.push(store)
+    store = await openStore({ compactAfterFrames: 10 })
     await store.putWrappedDek(rotating, first)
     await store.putWrappedDek(rotated, rotating)
     // Compacted since: `first` is no longer in the log.
@@ -783,15 +777,13 @@ describe('compaction', () => {
     expect(store.stats().compactedFrames).toBe(0)
     await store.close()
     // 40 frames for 20 live entries is not more than twice as many.
-    store = await openDiskBlobStore({ directory, compactAfterFrames: 10 })
-    opened.push(store)
+    store = await openStore({ compactAfterFrames: 10 })
     expect(store.stats().compactedFrames).toBe(0)
     expect((await stat(logPath())).size).toBe(size)
   })
 
   it('refuses to open without its record log while the directory shows it had one, changing nothing, and keeps refusing', async () => {
-    let store = await openDiskBlobStore({ directory, compactAfterFrames: 10 })
-    opened.push(store)
+    let store = await openStore({ compactAfterFrames: 10 })
     await store.put(sealedRecord(1))
     await store.setState('key-1', 'frozen')
     // Compacted since: the journal is empty, and still shows that the store had a log.
@@ -1381,8 +1373,7 @@ describe('one process per store', () => {
     await lock.release()
     const store = await openStore()
     await lock.release()
-    const second = openDiskBlobStore({ directory }).then((opens) => opened.push(opens))
-    await expect(second).rejects.toThrow(`the store directory ${directory} is in use by process ${process.pid}`)
+    await expect(openStore()).rejects.toThrow(`the store directory ${directory} is in use by process ${process.pid}`)
     await store.close()
   })
 

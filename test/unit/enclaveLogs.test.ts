@@ -1,9 +1,9 @@
 import { describe, expect, it } from 'vitest'
-import { auditLogger, LogRing } from '../../enclave-origin/enclave/logRing.js'
+import { LogRing } from '../../enclave-origin/enclave/logRing.js'
 import { EnclaveLogCollector } from '../../enclave-origin/parent/enclaveLogs.js'
 import { EnclaveUnavailableError } from '../../enclave-origin/parent/enclavePool.js'
 import { decodeLogsRequest, encodeLogsRequest, encodeLogsResponse } from '../../enclave-origin/protocol/messages.js'
-import { fillMustDeliverRoom } from '../support/logRingRoom.js'
+import { auditsInto, fillMustDeliverRoom } from '../support/logRingRoom.js'
 
 /**
  * The enclave's log lines on their way to the parent's log: the ring the
@@ -82,7 +82,7 @@ describe('LogRing', () => {
 
   it('keeps the key cache\u2019s grace audits as lines that must be delivered, a withdrawal so if it can, the rest as ordinary lines', () => {
     const ring = new LogRing({ maxBytes: 65_536 })
-    const audit = auditLogger((fields, options) => ring.write(JSON.stringify(fields), options))
+    const audit = auditsInto(ring)
     const kept = () => ring.read({ instance: 0, after: 0, maxBytes: 1_000_000 }).lines.map((text) => JSON.parse(text) as { type?: string })
     // The room for lines that must be delivered, full.
     fillMustDeliverRoom(ring)

@@ -1,11 +1,11 @@
 import { randomBytes } from 'node:crypto'
 import { describe, expect, it, vi } from 'vitest'
 import { KeyCache, steadyWallClock, type AcquireResult, type DataKeys, type KeyCacheAuditEvent, type KeyCacheOptions } from '../../enclave-origin/enclave/keyCache.js'
-import { auditLogger, LogRing } from '../../enclave-origin/enclave/logRing.js'
+import { LogRing } from '../../enclave-origin/enclave/logRing.js'
 import { secp256k1 } from '../../enclave-origin/enclave/nativeSecp256k1.js'
 import { SealingError, sealPrivateKey, unsealPrivateKey } from '../../enclave-origin/enclave/sealing.js'
 import type { KeyState, SealedKeyRecord } from '../../enclave-origin/types.js'
-import { fillMustDeliverRoom } from '../support/logRingRoom.js'
+import { auditsInto, fillMustDeliverRoom } from '../support/logRingRoom.js'
 
 const minute = 60_000
 /** The first sequence of a cache's first epoch, which `harness` opens as the first UNLOCK would. */
@@ -606,7 +606,7 @@ describe('KeyCache grace signatures', () => {
   it('gives no grace signature whose audit cannot be kept for the parent: needs-unlock, its place kept, until the log has room', () => {
     // The enclave's sink (enclave/main.ts): audits go into its log ring, a grace signature's as a line that must reach the parent.
     const ring = new LogRing({ maxBytes: 65_536 })
-    const { cache, privateKey } = lapsedWithTheDek({ graceSignatures: 2, audit: auditLogger((fields, options) => ring.write(JSON.stringify(fields), options)) })
+    const { cache, privateKey } = lapsedWithTheDek({ graceSignatures: 2, audit: auditsInto(ring) })
     // Audit lines the parent has not collected fill the quarter of the ring they may hold.
     fillMustDeliverRoom(ring)
 
