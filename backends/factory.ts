@@ -63,7 +63,7 @@ export function createSigners(options: { config: Config; env: Record<string, unk
           field: signer.field,
           namespace: signer.namespace,
           cacheTtlMs: signer.cacheTtlSeconds * 1_000,
-          requestTimeoutMs: signer.timeoutMs,
+          readTimeoutMs: signer.timeoutMs,
         })
       case 'http':
         return new HttpSigner({ name, url: signer.url, keyId: signer.keyId, token: secret(signer.tokenSecret), address: signer.address, timeoutMs: signer.timeoutMs })

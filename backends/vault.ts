@@ -22,7 +22,8 @@ export type VaultSignerOptions = {
   namespace?: string
   /** How long the key stays in isolate memory before it is read again. */
   cacheTtlMs?: number
-  requestTimeoutMs?: number
+  /** Everything one read of the key may take: its renewal or login and the read itself, together. */
+  readTimeoutMs?: number
   fetch?: typeof fetch
   now?: () => number
 }
@@ -48,7 +49,7 @@ const renewAtFraction = 2 / 3
  */
 export class VaultSigner extends KeyHoldingSigner {
   private cached: { signing: PrivateKeySigning; readAt: number } | undefined
-  /** The read under way, shared; it may take three requests (a renewal, a login and a read; or a read, a login and a read), each up to requestTimeoutMs, before it is abandoned. */
+  /** The read under way, shared. Its requests (a renewal, a login and a read; or a read, a login and a read) share one deadline. */
   private readonly reading: SharedLoad<PrivateKeySigning>
   private session: Session | undefined
   private readonly baseUrl: string
@@ -59,7 +60,7 @@ export class VaultSigner extends KeyHoldingSigner {
     super()
     this.reading = new SharedLoad({
       load: () => this.readAndCache(),
-      abandonAfterMs: 3 * (options.requestTimeoutMs ?? 5_000) + 1_000,
+      abandonAfterMs: this.readTimeoutMs() + 1_000,
       keepMs: 0,
       what: `Vault signer ${options.name}: reading the key`,
       now: options.now,
@@ -71,6 +72,10 @@ export class VaultSigner extends KeyHoldingSigner {
 
   private now(): number {
     return (this.options.now ?? Date.now)()
+  }
+
+  private readTimeoutMs(): number {
+    return this.options.readTimeoutMs ?? 5_000
   }
 
   protected signing(signal?: AbortSignal): Promise<PrivateKeySigning> {
@@ -90,15 +95,17 @@ export class VaultSigner extends KeyHoldingSigner {
   }
 
   private async readKey(): Promise<PrivateKeySigning> {
+    // The read's own deadline, not a caller's: the callers that share it each stop waiting on theirs.
+    const deadline = AbortSignal.timeout(this.readTimeoutMs())
     const secretPath = `${this.kvMount}/data/${this.path.split('/').map(encodeURIComponent).join('/')}`
-    const first = await this.clientToken()
-    let answer = await this.send('GET', secretPath, { token: first.token })
+    const first = await this.clientToken(deadline)
+    let answer = await this.send('GET', secretPath, deadline, { token: first.token })
     // A token we held on to may have expired or been revoked inside Vault
     // before its lease said so; one fresh login tells that apart from a policy
     // that really denies the path.
     if (answer.status === 403 && first.reused) {
       this.session = undefined
-      answer = await this.send('GET', secretPath, { token: (await this.clientToken()).token })
+      answer = await this.send('GET', secretPath, deadline, { token: (await this.clientToken(deadline)).token })
     }
     if (answer.status === 403) {
       throw new SignerError(`Vault denied access to ${this.kvMount}/${this.path} (check the policy of the token/role)`)
@@ -113,7 +120,7 @@ export class VaultSigner extends KeyHoldingSigner {
   }
 
   /** The token to read with, and whether it was held from an earlier call (and so may have gone stale inside Vault). */
-  private async clientToken(): Promise<{ token: string; reused: boolean }> {
+  private async clientToken(deadline: AbortSignal): Promise<{ token: string; reused: boolean }> {
     const { auth, name } = this.options
     if (auth.method === 'token') {
       if (!auth.token) throw new SignerError(`Vault token for signer ${name} is not set`)
@@ -123,23 +130,23 @@ export class VaultSigner extends KeyHoldingSigner {
     const session = this.session
     if (session && now < session.renewAt) return { token: session.token, reused: true }
     if (session && session.renewable && now < session.expiresAt) {
-      const renewed = await this.renewSelf(session)
+      const renewed = await this.renewSelf(session, deadline)
       if (renewed) {
         this.session = renewed
         return { token: renewed.token, reused: false }
       }
     }
-    this.session = await this.login(auth)
+    this.session = await this.login(auth, deadline)
     return { token: this.session.token, reused: false }
   }
 
-  private async login(auth: Extract<VaultAuth, { method: 'approle' }>): Promise<Session> {
+  private async login(auth: Extract<VaultAuth, { method: 'approle' }>, deadline: AbortSignal): Promise<Session> {
     const mount = trimSlashes(auth.mount ?? 'approle')
     if (!auth.roleId || !auth.secretId) {
       throw new SignerError(`Vault AppRole role_id and secret_id for signer ${this.options.name} are not both set`)
     }
     const startedAt = this.now()
-    const answer = await this.send('POST', `auth/${mount}/login`, { body: { role_id: auth.roleId, secret_id: auth.secretId } })
+    const answer = await this.send('POST', `auth/${mount}/login`, deadline, { body: { role_id: auth.roleId, secret_id: auth.secretId } })
     if (answer.status === 400 || answer.status === 403) {
       throw new SignerError(`Vault at ${this.baseUrl} refused the AppRole login at auth/${mount}/login (HTTP ${answer.status}; check the role_id and secret_id)`)
     }
@@ -157,21 +164,21 @@ export class VaultSigner extends KeyHoldingSigner {
    * gone or at its maximum TTL), so the caller logs in afresh; a sealed or
    * unreachable Vault is thrown instead, as a login would fail the same way.
    */
-  private async renewSelf(session: Session): Promise<Session | undefined> {
+  private async renewSelf(session: Session, deadline: AbortSignal): Promise<Session | undefined> {
     const startedAt = this.now()
-    const answer = await this.send('POST', 'auth/token/renew-self', { token: session.token, body: {} })
+    const answer = await this.send('POST', 'auth/token/renew-self', deadline, { token: session.token, body: {} })
     if (answer.status >= 500) throw this.unexpected(answer.status)
     if (answer.status !== 200) return undefined
     // renew-self may leave client_token out: the token is the one we sent.
     return sessionFrom({ client_token: session.token, ...asRecord(field(answer.body, 'auth')) }, startedAt)
   }
 
-  private async send(method: 'GET' | 'POST', apiPath: string, request: { token?: string; body?: unknown }): Promise<VaultAnswer> {
+  /** One request to Vault, aborted by `deadline`, the read's. */
+  private async send(method: 'GET' | 'POST', apiPath: string, deadline: AbortSignal, request: { token?: string; body?: unknown }): Promise<VaultAnswer> {
     const headers: Record<string, string> = {}
     if (request.token) headers['x-vault-token'] = request.token
     if (this.options.namespace) headers['x-vault-namespace'] = this.options.namespace
     if (request.body !== undefined) headers['content-type'] = 'application/json'
-    const timeoutMs = this.options.requestTimeoutMs ?? 5_000
     // A bare reference, not this.options.fetch(...): workerd refuses a fetch called with another `this`.
     const send = this.options.fetch ?? fetch
     try {
@@ -179,14 +186,14 @@ export class VaultSigner extends KeyHoldingSigner {
         method,
         headers,
         body: request.body === undefined ? undefined : JSON.stringify(request.body),
-        signal: AbortSignal.timeout(timeoutMs),
+        signal: deadline,
       })
       const text = await response.text()
       return { status: response.status, body: parseJson(text) }
     } catch (error) {
       const name = typeof error === 'object' && error !== null && 'name' in error ? error.name : undefined
       if (name === 'TimeoutError' || name === 'AbortError') {
-        throw new SignerError(`Vault at ${this.baseUrl} did not answer within ${timeoutMs} ms`, { retryable: true })
+        throw new SignerError(`Vault at ${this.baseUrl}: reading the key took longer than ${this.readTimeoutMs()} ms`, { retryable: true })
       }
       throw new SignerError(`Vault at ${this.baseUrl} could not be reached`, { retryable: true })
     }

@@ -23,6 +23,8 @@ export type LocalVault = {
   putSecret(mountAndPath: string, data: Record<string, string>): void
   seal(): void
   unseal(): void
+  /** Holds every answer back this long (0: none), as a slow or distant Vault would. */
+  setLatency(ms: number): void
   /** Requests received, by route: 'login' | 'read' | 'renew' | 'lookup'. */
   calls: Record<string, number>
   stop(): Promise<void>
@@ -46,6 +48,7 @@ export async function startLocalVault(options: { port: number; now?: () => numbe
   const secrets = new Map<string, StoredSecret>()
   const calls: Record<string, number> = { login: 0, read: 0, renew: 0, lookup: 0 }
   let sealed = false
+  let latencyMs = 0
 
   /** The token named by X-Vault-Token (or Authorization: Bearer), if Vault would still honour it. */
   function callerToken(request: IncomingMessage): { token: string; issued: IssuedToken } | undefined {
@@ -174,6 +177,10 @@ export async function startLocalVault(options: { port: number; now?: () => numbe
   const server = createServer((request: IncomingMessage, response: ServerResponse) => {
     reply(request)
       .catch((): Reply => ({ status: 400, body: { errors: ['failed to parse JSON input'] } }))
+      .then(async (answer) => {
+        if (latencyMs > 0) await new Promise((resolve) => setTimeout(resolve, latencyMs))
+        return answer
+      })
       .then(({ status, body }) => {
         response.writeHead(status, { 'content-type': 'application/json' })
         response.end(JSON.stringify(body))
@@ -199,6 +206,9 @@ export async function startLocalVault(options: { port: number; now?: () => numbe
     },
     seal: () => void (sealed = true),
     unseal: () => void (sealed = false),
+    setLatency(ms) {
+      latencyMs = ms
+    },
     stop,
   }
 }

@@ -234,7 +234,7 @@ describe('Vault signer', () => {
       )
 
       const hangingUrl = `http://127.0.0.1:${hangingPort}`
-      await expectFailure(withToken({ address: hangingUrl, requestTimeoutMs: 200 }), `Vault at ${hangingUrl} did not answer within 200 ms`, true)
+      await expectFailure(withToken({ address: hangingUrl, readTimeoutMs: 200 }), `Vault at ${hangingUrl}: reading the key took longer than 200 ms`, true)
       const closedUrl = `http://127.0.0.1:${closedPort}`
       await expectFailure(withToken({ address: closedUrl }), `Vault at ${closedUrl} could not be reached`, true)
 
@@ -246,7 +246,7 @@ describe('Vault signer', () => {
 
     it("stop a caller's wait for a read when its signal aborts; the read goes on for the others", async () => {
       const hangingUrl = `http://127.0.0.1:${hangingPort}`
-      const waiting = signer({ auth: { method: 'token', token: vault.rootToken }, path: storeKey().path, address: hangingUrl, requestTimeoutMs: 1_000 })
+      const waiting = signer({ auth: { method: 'token', token: vault.rootToken }, path: storeKey().path, address: hangingUrl, readTimeoutMs: 1_000 })
       const caller = new AbortController()
       const stopped = waiting.signDigest(digest, { signal: caller.signal })
       const patient = failureOf(waiting.signDigest(digest))
@@ -255,7 +255,28 @@ describe('Vault signer', () => {
       expect(failure.message).toBe('Vault signer vault-primary: reading the key: stopped waiting, as its caller no longer waits')
       expect(failure.options.retryable).toBe(true)
       // The shared read was not cut short by that caller: the other waits for its own timeout.
-      expect((await patient).message).toBe(`Vault at ${hangingUrl} did not answer within 1000 ms`)
+      expect((await patient).message).toBe(`Vault at ${hangingUrl}: reading the key took longer than 1000 ms`)
+    })
+
+    it("bound a whole read of the key by one deadline: a login and a read each within it, but not together, fail it", async () => {
+      const { key, path } = storeKey()
+      const { roleId, secretId } = vault.createAppRole({ readablePaths: [`secret/data/${path}`] })
+      const appRole = signer({ auth: { method: 'approle', roleId, secretId }, path, readTimeoutMs: 600 })
+      vault.setLatency(400)
+      const startedAt = performance.now()
+      let failure: SignerError
+      try {
+        failure = await failureOf(appRole.signDigest(digest))
+      } finally {
+        vault.setLatency(0)
+      }
+      expect(failure.message).toBe(`Vault at ${vault.url}: reading the key took longer than 600 ms`)
+      expect(failure.options.retryable).toBe(true)
+      // Ended at the read's deadline, not at the second request's own.
+      expect(performance.now() - startedAt).toBeLessThan(1_000)
+      // The login it made is kept: the next read within the lease only reads.
+      expect(await callsDuring(() => appRole.signDigest(digest))).toEqual({ login: 0, read: 1, renew: 0, lookup: 0 })
+      expect(await appRole.address()).toBe(privateKeyToAddress(key))
     })
 
     it('are not cached: a fixed Vault is read on the next call', async () => {
