@@ -1,5 +1,5 @@
 import { spawn } from 'node:child_process'
-import { appendFile, cp, mkdir, mkdtemp, open, readdir, readFile, rm, stat, symlink, truncate, writeFile, type FileHandle } from 'node:fs/promises'
+import { appendFile, cp, mkdir, mkdtemp, open, readdir, readFile, rename, rm, rmdir, stat, symlink, truncate, writeFile, type FileHandle } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join, resolve } from 'node:path'
 import { pathToFileURL } from 'node:url'
@@ -1375,6 +1375,19 @@ describe('one process per store', () => {
     await lock.release()
     await expect(openStore()).rejects.toThrow(`the store directory ${directory} is in use by process ${process.pid}`)
     await store.close()
+  })
+
+  it('reports a release that failed (a lock it cannot read), and releases on the next call once it can', async () => {
+    const lock = await lockDirectory(directory)
+    const path = join(directory, LOCK_FILE_NAME)
+    // A directory in the lock's place: reading it fails with EISDIR, which must not pass for a lock already gone.
+    await rename(path, `${path}.aside`)
+    await mkdir(path)
+    await expect(lock.release()).rejects.toThrow('EISDIR')
+    await rmdir(path)
+    await rename(`${path}.aside`, path)
+    await lock.release()
+    await expect(readdir(directory)).resolves.not.toContain(LOCK_FILE_NAME)
   })
 
   it('takes over a lock its holder left behind: a process that is gone, or a lock file cut short', async () => {
