@@ -146,9 +146,18 @@ export async function openDiskBlobStore(options: DiskBlobStoreOptions): Promise<
   try {
     return await openLocked({ ...options, directory, groupCommitMs, maxGroup, fileSystem, compactAfterFrames, onCompaction, onDamage, onDataKeyFromCopies, replayChunkBytes, lock })
   } catch (error) {
-    await lock.release()
-    throw error
+    return await releaseAfterFailure(lock, error)
   }
+}
+
+/** Throws `error` once `lock` is released; should the release fail too, one error saying both, so neither hides the other. */
+async function releaseAfterFailure(lock: DirectoryLock, error: unknown): Promise<never> {
+  try {
+    await lock.release()
+  } catch (releaseError) {
+    throw new AggregateError([error, releaseError], `${messageOf(error)}; and the store's lock could not be released: ${messageOf(releaseError)}`)
+  }
+  throw error
 }
 
 function unthrowing<Event>(report: ((event: Event) => void) | undefined): (event: Event) => void {
@@ -323,6 +332,7 @@ class GroupCommitStore implements DiskBlobStore {
   private flushAgain = false
   /** Set by the first failed write or fsync; after it the file's contents are unknown, so nothing more is written. */
   private failure: Error | undefined
+  /** Set by the first close: its flush and the closing of the files. */
   private closing: Promise<void> | undefined
   private readonly lock: DirectoryLock
 
@@ -409,22 +419,23 @@ class GroupCommitStore implements DiskBlobStore {
   }
 
   close(): Promise<void> {
-    this.closing ??= this.shutdown()
-    return this.closing
+    this.closing ??= this.closeFiles()
+    // The lock goes once the files are closed, whatever became of that. A release that failed is tried again by the
+    // next close, so that the process can open the store again without a restart.
+    return this.closing.then(
+      () => this.lock.release(),
+      (error: unknown) => releaseAfterFailure(this.lock, error),
+    )
   }
 
-  private async shutdown(): Promise<void> {
+  private async closeFiles(): Promise<void> {
     // Writes queued before close still become durable; new ones are refused (closing is set).
     while (this.queue.length > 0 || this.flushing) {
       if (!this.flushing) this.requestFlush()
       await this.flushing
     }
     clearTimeout(this.timer)
-    try {
-      await Promise.all([this.file.close(), this.journal.close(), this.dataKeys.close()])
-    } finally {
-      await this.lock.release()
-    }
+    await Promise.all([this.file.close(), this.journal.close(), this.dataKeys.close()])
   }
 
   private assertOpen(): void {

@@ -1,7 +1,7 @@
 import type { KeyCacheAuditEvent } from '../../enclave-origin/enclave/keyCache.js'
 import { auditLogger, type LogRing } from '../../enclave-origin/enclave/logRing.js'
 
-/** The key cache's audit sink as the enclave wires it (enclave/main.ts), its lines kept in `ring`. */
+/** The key cache's audit sink through `auditLogger`, as the enclave's is, its lines kept in `ring` as bare JSON (no time, no redaction, no stdout). */
 export function auditsInto(ring: LogRing): (event: KeyCacheAuditEvent) => void {
   return auditLogger((fields, options) => ring.write(JSON.stringify(fields), options))
 }

@@ -1377,17 +1377,51 @@ describe('one process per store', () => {
     await store.close()
   })
 
-  it('reports a release that failed (a lock it cannot read), and releases on the next call once it can', async () => {
-    const lock = await lockDirectory(directory)
+  /** Puts a directory in the lock file's place, so that reading it fails with EISDIR; the function returned puts the lock back. */
+  async function makeLockUnreadable(): Promise<() => Promise<void>> {
     const path = join(directory, LOCK_FILE_NAME)
-    // A directory in the lock's place: reading it fails with EISDIR, which must not pass for a lock already gone.
     await rename(path, `${path}.aside`)
     await mkdir(path)
-    await expect(lock.release()).rejects.toThrow('EISDIR')
-    await rmdir(path)
-    await rename(`${path}.aside`, path)
+    return async () => {
+      await rmdir(path)
+      await rename(`${path}.aside`, path)
+    }
+  }
+
+  it('reports a close whose lock release failed, and releases on the next close, so the store opens again', async () => {
+    const store = await openStore()
+    await store.put(sealedRecord(1))
+    const putBack = await makeLockUnreadable()
+    // A lock it cannot read is not taken for one already gone.
+    await expect(store.close()).rejects.toThrow('EISDIR')
+    await putBack()
+    await store.close()
+    await expect(readdir(directory)).resolves.not.toContain(LOCK_FILE_NAME)
+    expect(await (await openStore()).get('key-1')).toEqual(sealedRecord(1))
+  })
+
+  it('says why an open failed even when releasing its lock fails too', async () => {
+    let putBack: (() => Promise<void>) | undefined
+    const failing: BlobStoreFileSystem = {
+      open: async (path, flags) => {
+        if (path !== logPath()) return (await open(path, flags)) as unknown as LogFile
+        putBack = await makeLockUnreadable()
+        throw Object.assign(new Error(`EIO: i/o error, open '${path}'`), { code: 'EIO' })
+      },
+    }
+    const failure = openDiskBlobStore({ directory, fileSystem: failing })
+    await expect(failure).rejects.toThrow(`EIO: i/o error, open '${logPath()}'; and the store's lock could not be released: EISDIR`)
+    await putBack!()
+    // That lock is this process's, with nothing left to release it: an operator removes it once the process is gone.
+    await rm(join(directory, LOCK_FILE_NAME))
+  })
+
+  it('shares one release among callers: a second call made while the first runs resolves only once the lock is gone', async () => {
+    const lock = await lockDirectory(directory)
+    const first = lock.release()
     await lock.release()
     await expect(readdir(directory)).resolves.not.toContain(LOCK_FILE_NAME)
+    await first
   })
 
   it('takes over a lock its holder left behind: a process that is gone, or a lock file cut short', async () => {
