@@ -12,6 +12,7 @@
  */
 import { X509Certificate } from 'node:crypto'
 import { readFileSync, writeFileSync, writeSync } from 'node:fs'
+import { resolve } from 'node:path'
 import { request as httpRequest, type IncomingHttpHeaders } from 'node:http'
 import { request as httpsRequest } from 'node:https'
 import { integerSetting, logLine, setting, wholeNumberIn } from './config.js'
@@ -70,7 +71,15 @@ function connectionToParent(): ParentConnection {
   const https = protocol === 'https:'
   if (!https && protocol !== 'http:') throw new Error(`ORIGIN_URL must be an http:// or https:// URL, got ${base}`)
   if (!https && tlsSettings.some((name) => process.env[name])) throw new Error(`${tlsSettings.join(', ')} are for an https:// ORIGIN_URL, and ${base} is not one`)
-  const file = (name: string) => (process.env[name] ? readFileSync(process.env[name]!) : undefined)
+  const file = (name: string) => {
+    const path = process.env[name]
+    if (!path) return undefined
+    try {
+      return readFileSync(path)
+    } catch (error) {
+      throw new Error(`${name}: cannot read ${path}: ${(error as NodeJS.ErrnoException).code ?? messageOf(error)}`)
+    }
+  }
   const [cert, key] = [file('ORIGIN_TLS_CERT_FILE'), file('ORIGIN_TLS_KEY_FILE')]
   if (Boolean(cert) !== Boolean(key)) throw new Error('ORIGIN_TLS_CERT_FILE and ORIGIN_TLS_KEY_FILE go together: a client certificate and its key')
   return (parentConnection = { base, https, tls: https ? { ca: file('ORIGIN_TLS_CA_FILE'), cert, key } : {} })
@@ -147,9 +156,15 @@ async function call(method: 'GET' | 'POST', path: string, json?: unknown, waitin
   // Anything but a JSON object (a proxy's error page, say): the status says more.
   const answer = jsonObjectOf(response.text)
   if (response.status < 200 || response.status > 299 || answer === undefined) {
-    throw new ParentAnswerError(`${method} ${path}: ${response.status} ${answer === undefined ? '(not a JSON object)' : JSON.stringify(answer)}`, response.status, answer)
+    throw new ParentAnswerError(`${method} ${path}: ${response.status} ${answer === undefined ? '(not a JSON object)' : JSON.stringify(answer)}${hintFor(response.status)}`, response.status, answer)
   }
   return answer
+}
+
+/** What an operator checks first for a status (the parent says why only in its log: a caller learns nothing from a 401). */
+function hintFor(status: number): string {
+  if (status !== 401) return ''
+  return ` (check ORIGIN_HMAC_KEY_ID and ORIGIN_HMAC_SECRET against the parent's ORIGIN_HMAC_KEYS, and this host's clock: the parent's log says which failed)`
 }
 
 /**
@@ -310,12 +325,16 @@ async function createKeys(count: number, concurrency: number): Promise<void> {
   if (done === count && failure === undefined) return
   if (done > 0) progress.end()
   if (unprinted.length > 0) process.stderr.write(`these keys were made, but stdout would not take them:\n${unprinted.join('\n')}\n`)
-  const printed = unprinted.length > 0 ? `each printed above (${unprinted.length} on stderr)` : 'each printed above'
+  const printed = done === 0 ? '' : unprinted.length > 0 ? `, each printed above (${unprinted.length} on stderr)` : ', each printed above'
   const unsure = mayHaveMade === 0 ? '' : mayHaveMade === 1 ? '. A failed create may still have made a key, whose id was not printed' : `. ${mayHaveMade} failed creates may still have made keys, whose ids were not printed`
-  throw new Error(`created ${done} of ${count} keys, ${printed}; stopped ${failure === undefined ? 'at an interrupt' : `after a failure: ${messageOf(failure)}`}${unsure}`)
+  throw new Error(`created ${done} of ${count} keys${printed}; stopped ${failure === undefined ? 'at an interrupt' : `after a failure: ${messageOf(failure)}`}${unsure}`)
 }
 
 async function serve(start: () => Promise<() => Promise<void>>): Promise<void> {
+  // Node's own warnings (a library's, say the AWS SDK's about Node versions) as log lines too: its default writes
+  // several plain lines to stderr, which a log pipeline that reads JSON lines would choke on.
+  process.removeAllListeners('warning')
+  process.on('warning', (warning) => logLine({ level: 'warn', event: 'node_warning', warning: warning.name, message: warning.message }))
   const stop = await start()
   const shutdown = () =>
     void stop().then(
@@ -377,9 +396,37 @@ function wholeNumberOption(given: Given, name: string, fallback?: number, max = 
   return value
 }
 
+/**
+ * A file option's path. Relative to the directory the command was run from: `npm run origin` runs it in the
+ * project's root, and npm names the caller's directory in INIT_CWD.
+ */
+function pathOption(given: Given, name: string): string | undefined {
+  const value = given.value(name)
+  return value === undefined ? undefined : resolve(process.env.INIT_CWD ?? process.cwd(), value)
+}
+
+/** The file an option names, read; a failure says which option and why (ENOENT, EACCES, …). */
+function readOptionFile(name: string, path: string): Buffer {
+  try {
+    return readFileSync(path)
+  } catch (error) {
+    throw new Error(`--${name}: cannot read ${path}: ${(error as NodeJS.ErrnoException).code ?? messageOf(error)}`)
+  }
+}
+
+/** Writes a new file an option names; an existing one is refused, not overwritten (`mode` 0o600 for secrets). */
+function writeNewOptionFile(name: string, path: string, data: string | Uint8Array, mode = 0o644): void {
+  try {
+    writeFileSync(path, data, { mode, flag: 'wx' })
+  } catch (error) {
+    const code = (error as NodeJS.ErrnoException).code
+    throw new Error(code === 'EEXIST' ? `--${name}: ${path} exists; it is not overwritten: name a new file` : `--${name}: cannot write ${path}: ${code ?? messageOf(error)}`)
+  }
+}
+
 /** `--nitro-root-file R --pcr0 HEX`, or `--allow-unattested`: how `unlock` trusts the enclaves' recipients. */
 function recipientTrust(given: Given): RecipientTrust {
-  const rootFile = given.value('nitro-root-file')
+  const rootFile = pathOption(given, 'nitro-root-file')
   const pcr0 = given.value('pcr0')
   if (given.has('allow-unattested')) {
     if (rootFile || pcr0) throw new Error('--allow-unattested takes neither --nitro-root-file nor --pcr0')
@@ -389,7 +436,20 @@ function recipientTrust(given: Given): RecipientTrust {
     throw new Error('--preload-identity-file needs --nitro-root-file (the AWS Nitro root certificate, PEM) and --pcr0 (the enclave image), or, for development enclaves, --allow-unattested')
   }
   if (!/^([0-9a-fA-F]{2}){32,64}$/.test(pcr0)) throw new Error('--pcr0 must be the image measurement in hex')
-  return { roots: [new X509Certificate(readFileSync(rootFile))], pcr0: Buffer.from(pcr0, 'hex') }
+  let root: X509Certificate
+  try {
+    root = new X509Certificate(readOptionFile('nitro-root-file', rootFile))
+  } catch (error) {
+    throw error instanceof Error && error.message.startsWith('--') ? error : new Error(`--nitro-root-file: ${rootFile} is not a certificate (PEM or DER)`)
+  }
+  return { roots: [root], pcr0: Buffer.from(pcr0, 'hex') }
+}
+
+/** `/v1/keys/{--key}`, the id percent-encoded as the path takes it. */
+function keyPath(given: Given): string {
+  const keyId = given.value('key')
+  if (keyId === undefined) throw new Error('--key is required (a key id, as create-keys printed it)')
+  return `/v1/keys/${encodeURIComponent(keyId)}`
 }
 
 const ageIdentity = /^AGE-SECRET-KEY-(?:PQ-)?1[0-9A-Z]+$/
@@ -400,16 +460,18 @@ const ageIdentity = /^AGE-SECRET-KEY-(?:PQ-)?1[0-9A-Z]+$/
  * anything is sent: the enclave would refuse it only after a round trip.
  */
 function readIdentityFile(file: string): string {
-  const text = readFileSync(file, 'utf8').trim()
+  const text = readOptionFile('preload-identity-file', file).toString('utf8').trim()
   const printed = text.startsWith('{') ? jsonObjectOf(text)?.identity : undefined
   const lines = typeof printed === 'string' ? [printed] : text.split('\n').map((line) => line.trim()).filter((line) => line !== '' && !line.startsWith('#'))
-  if (lines.length !== 1 || !ageIdentity.test(lines[0]!)) throw new Error(`${file} holds no age identity (one AGE-SECRET-KEY-1… line): write one with \`origin preload-identity --out ${file}\``)
+  if (lines.length !== 1 || !ageIdentity.test(lines[0]!)) {
+    throw new Error(`--preload-identity-file: ${file} holds no age identity (one AGE-SECRET-KEY-1… line): give the file \`origin preload-identity --out\` wrote, the identity the share file was sealed to`)
+  }
   return lines[0]!
 }
 
 const commands: Record<string, Command> = {
-  enclave: { usage: 'origin enclave   (start the enclave process; its settings: enclave/main.ts)', run: () => serve(runEnclave) },
-  parent: { usage: 'origin parent   (start the parent process; its settings: parent/main.ts)', run: () => serve(runParent) },
+  enclave: { usage: 'origin enclave   (start the enclave process; its settings, from the environment: the README, "Enclave origin")', run: () => serve(runEnclave) },
+  parent: { usage: 'origin parent   (start the parent process; its settings, from the environment: the README, "Enclave origin")', run: () => serve(runParent) },
   'create-keys': {
     usage: 'origin create-keys --count N [--concurrency C]   (create N keys, C at a time (16, at most 256), with a progress bar; one JSON line {keyId, address} per key)',
     takes: ['count', 'concurrency'],
@@ -422,12 +484,20 @@ const commands: Record<string, Command> = {
     takes: ['preload-identity-file', 'nitro-root-file', 'pcr0'],
     switches: ['allow-unattested'],
     run: async (given) => {
-      const identityFile = given.value('preload-identity-file')
+      const identityFile = pathOption(given, 'preload-identity-file')
       if (!identityFile) {
         if (given.value('nitro-root-file') || given.value('pcr0') || given.has('allow-unattested')) {
           throw new Error('--nitro-root-file, --pcr0 and --allow-unattested go with --preload-identity-file')
         }
-        return console.log(JSON.stringify(await call('POST', '/v1/unlock')))
+        const unlocked = await call('POST', '/v1/unlock')
+        console.log(JSON.stringify(unlocked))
+        const waiting = unlocked.preloadIdentityNeeded
+        if (Array.isArray(waiting) && waiting.length > 0) {
+          throw new Error(
+            `the data key is unwrapped, but ${waiting.join(', ')} still serve${waiting.length === 1 ? 's' : ''} no preloaded account: a preload enclave needs the identity its share file was sealed to (origin unlock --preload-identity-file F …)`,
+          )
+        }
+        return
       }
       // Both checked before anything is sent.
       const identity = readIdentityFile(identityFile)
@@ -443,6 +513,34 @@ const commands: Record<string, Command> = {
       console.log(JSON.stringify(await call('POST', '/v1/unlock', { sealedPreloadIdentities })))
     },
   },
+  'get-key': {
+    usage: 'origin get-key --key ID   (the key\u2019s address, public key and state: active, frozen or archived)',
+    takes: ['key'],
+    run: async (given) => console.log(JSON.stringify(await call('GET', keyPath(given)))),
+  },
+  sign: {
+    usage: 'origin sign --key ID --digest 0x…   (sign a 32-byte digest: {signature (r ‖ s, 64 bytes), recoveryId}; for checking a key, as the Worker signs through the API)',
+    takes: ['key', 'digest'],
+    run: async (given) => {
+      const path = `${keyPath(given)}/sign`
+      const digest = given.value('digest')
+      if (digest === undefined) throw new Error('--digest is required')
+      if (!/^0x[0-9a-fA-F]{64}$/.test(digest)) throw new Error(`--digest must be 0x and 32 bytes in hex, got ${digest.length > 80 ? `${digest.slice(0, 80)}…` : digest}`)
+      console.log(JSON.stringify(await call('POST', path, { digest })))
+    },
+  },
+  ...Object.fromEntries(
+    (
+      [
+        ['freeze', 'a frozen key signs nothing until it is unfrozen'],
+        ['unfreeze', 'the key signs again'],
+        ['archive', 'for good: an archived key never signs again, and its state cannot change'],
+      ] as const
+    ).map(([action, effect]): [string, Command] => [
+      action,
+      { usage: `origin ${action} --key ID   (${effect})`, takes: ['key'], run: async (given) => console.log(JSON.stringify(await call('POST', `${keyPath(given)}/${action}`))) },
+    ]),
+  ),
   'rotate-data-key': {
     usage: 'origin rotate-data-key   (re-seal every key under a new data key from KMS, then forget the old one; run it again to finish one that was interrupted)',
     run: async () => {
@@ -455,12 +553,12 @@ const commands: Record<string, Command> = {
     takes: ['out'],
     switches: ['print'],
     run: async (given) => {
-      const out = given.value('out')
+      const out = pathOption(given, 'out')
       // The identity opens every share sealed to it: printed only when asked, not into a terminal's scrollback or a CI log by default.
       if ((out === undefined) === !given.has('print')) throw new Error('preload-identity needs --out F (the identity written to F, owner-only) or --print (the identity printed), one of them')
       const { identity, recipient } = await generatePreloadIdentity()
       if (out === undefined) return console.log(JSON.stringify({ identity, recipient }))
-      writeFileSync(out, `${identity}\n`, { mode: 0o600, flag: 'wx' })
+      writeNewOptionFile('out', out, `${identity}\n`, 0o600)
       console.log(JSON.stringify({ recipient }))
     },
   },
@@ -469,12 +567,12 @@ const commands: Record<string, Command> = {
     takes: ['in', 'out', 'recipient'],
     run: async (given) => {
       const [input, output, recipient] = ['in', 'out', 'recipient'].map((name) => {
-        const value = given.value(name)
+        const value = name === 'recipient' ? given.value(name) : pathOption(given, name)
         if (!value) throw new Error('seal-shares needs --in (the share file, JSON), --out and --recipient (age1…)')
         return value
       }) as [string, string, string]
-      const entries = parseJsonQuietly(readFileSync(input, 'utf8'), `the share file ${input}`) as ShareFileEntry[]
-      writeFileSync(output, await sealShareFile({ entries, recipient }))
+      const entries = parseJsonQuietly(readOptionFile('in', input).toString('utf8'), `the share file ${input}`) as ShareFileEntry[]
+      writeNewOptionFile('out', output, await sealShareFile({ entries, recipient }))
       console.error(`sealed ${entries.length} entries`)
     },
   },
@@ -489,21 +587,25 @@ const commands: Record<string, Command> = {
       const { status, text } = await exchange({ method: 'GET', path: '/healthz', headers, timeoutMs: answerTimeoutMs('status') })
       const health = jsonObjectOf(text)
       if (health === undefined) throw new Error(`GET /healthz: ${status} (not JSON)`)
+      // A signature the parent refused is no verdict on the origin's health.
+      if (status === 401) throw new Error(`GET /healthz: 401 ${JSON.stringify(health)}${hintFor(status)}`)
       console.log(JSON.stringify(health, null, 2))
       if (health.status !== 'ok') process.exitCode = 1
     },
   },
 }
 
-const usage = () => Object.values(commands).map((command) => `  ${command.usage}`).join('\n')
+const clientSettings =
+  'The commands but enclave, parent, preload-identity and seal-shares call the parent at ORIGIN_URL (http://127.0.0.1:8443), signed with ORIGIN_HMAC_KEY_ID (operator) and ORIGIN_HMAC_SECRET; over https, ORIGIN_TLS_CA_FILE, ORIGIN_TLS_CERT_FILE and ORIGIN_TLS_KEY_FILE. ORIGIN_TIMEOUT_MS: how long one waits for an answer.'
+const usage = () => `usage:\n${Object.values(commands).map((command) => `  ${command.usage}`).join('\n')}\n${clientSettings}`
 const [name, ...args] = process.argv.slice(2)
 if (name === 'help' || name === '--help' || name === '-h') {
-  console.log(`usage:\n${usage()}`)
+  console.log(usage())
   process.exit(0)
 }
 const command = name === undefined ? undefined : commands[name]
 if (!command) {
-  console.error(`usage:\n${usage()}`)
+  console.error(`${name === undefined ? 'origin: no command given' : `origin: unknown command ${JSON.stringify(name)}`}\n${usage()}`)
   process.exit(2)
 }
 if (args.includes('--help') || args.includes('-h')) {

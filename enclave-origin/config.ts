@@ -1,3 +1,4 @@
+import { messageOf } from './errors.js'
 import { minimumHmacSecretBytes } from './protocol/requestSigning.js'
 import { parseVsockAddress } from './protocol/vsock.js'
 
@@ -65,6 +66,15 @@ export function listenAddress(value: string): StreamAddress {
   return { path: value }
 }
 
+/** The address a setting gives (see `listenAddress`); one that is not an address is refused with the setting's name. */
+export function addressSetting(name: string, value: string): StreamAddress {
+  try {
+    return listenAddress(value)
+  } catch (error) {
+    throw new Error(`${name}: ${messageOf(error)}`)
+  }
+}
+
 /** ENCLAVES: `id=address` entries, comma-separated; ids must be distinct (they name metrics series and ring points). */
 export function enclavesSetting(): Array<{ id: string; address: StreamAddress }> {
   const seen = new Set<string>()
@@ -75,7 +85,7 @@ export function enclavesSetting(): Array<{ id: string; address: StreamAddress }>
       if (!id || !address || rest.length > 0) throw new Error(`ENCLAVES entry "${entry}" is not id=address`)
       if (seen.has(id)) throw new Error(`ENCLAVES names enclave ${id} twice`)
       seen.add(id)
-      return { id, address: listenAddress(address) }
+      return { id, address: addressSetting(`ENCLAVES entry ${id}`, address) }
     })
 }
 

@@ -1,4 +1,7 @@
-import { choiceSetting, formatLogLine, integerSetting, listenAddress, optionalSetting, setting } from '../config.js'
+import { constants } from 'node:fs'
+import { access } from 'node:fs/promises'
+import { addressSetting, choiceSetting, formatLogLine, integerSetting, optionalSetting, setting } from '../config.js'
+import { messageOf } from '../errors.js'
 import { keepRequestObjectsYoung } from '../heapTuning.js'
 import { developmentAttestation, KmsDataKeys } from './dataKey.js'
 import { DeliveredCredentials } from './deliveredCredentials.js'
@@ -42,6 +45,16 @@ export async function runEnclave(): Promise<() => Promise<void>> {
   const kmsEndpoint = optionalSetting('KMS_ENDPOINT')
   await checkStartup({ profile, attestation, kmsKeyId, kmsEndpoint, warn: (message) => logLine({ level: 'warn', event: 'startup', message }) })
   if (nitro) logLine({ event: 'nitro_attestation', module: nitro.module })
+  // Checked before anything starts: a bad one must not wait for the signing threads.
+  const address = addressSetting('ENCLAVE_LISTEN', setting('ENCLAVE_LISTEN', '127.0.0.1:7000'))
+  const maxConnections = integerSetting('ENCLAVE_MAX_CONNECTIONS', { min: 1, max: 65_536, fallback: 256 })
+  const preloadFile = optionalSetting('PRELOAD_FILE')
+  // Read only once an unlock brings its identity; a path that names no readable file is said now, not then.
+  if (preloadFile !== undefined) {
+    await access(preloadFile, constants.R_OK).catch((error: NodeJS.ErrnoException) => {
+      throw new Error(`PRELOAD_FILE: cannot read ${preloadFile}: ${error.code ?? messageOf(error)}`)
+    })
+  }
   const kmsTunnel = optionalSetting('KMS_TUNNEL')
   const credentials = new DeliveredCredentials()
   const kmsTimeoutMs = integerSetting('KMS_TIMEOUT_MS', { min: 100, max: 60_000, fallback: 3_000 })
@@ -50,7 +63,7 @@ export async function runEnclave(): Promise<() => Promise<void>> {
     endpoint: kmsEndpoint,
     credentials,
     timeoutMs: kmsTimeoutMs,
-    tunnel: kmsTunnel === undefined ? undefined : listenAddress(kmsTunnel),
+    tunnel: kmsTunnel === undefined ? undefined : addressSetting('KMS_TUNNEL', kmsTunnel),
     tls: kmsTlsFor(profile),
   })
   // Two attempts, each connecting and waiting for the answer's head within KMS_TIMEOUT_MS: four of them in all.
@@ -72,7 +85,7 @@ export async function runEnclave(): Promise<() => Promise<void>> {
     graceSignatures: integerSetting('GRACE_SIGNATURES', { min: 0, max: 1_000_000, fallback: 0 }),
     audit: auditLogger(logLine),
   })
-  service = new EnclaveService({ cache, engine, dataKeys, kmsKeyId, credentials, attestation, preloadFile: optionalSetting('PRELOAD_FILE'), log: logLine, logs })
+  service = new EnclaveService({ cache, engine, dataKeys, kmsKeyId, credentials, attestation, preloadFile, log: logLine, logs })
   const memory = memoryWatch({ log: logLine })
   // A sweep step over at most 5,000 keys (about half a millisecond) and 128 refreshes: 50,000 keys every 2.5 s.
   const sweep = setInterval(() => cache.sweepKeys({ maxKeys: 5_000, maxRefreshes: 128 }), 250)
@@ -83,10 +96,8 @@ export async function runEnclave(): Promise<() => Promise<void>> {
   }, 5_000)
   sweep.unref()
   renew.unref()
-  const address = listenAddress(setting('ENCLAVE_LISTEN', '127.0.0.1:7000'))
-  const maxConnections = integerSetting('ENCLAVE_MAX_CONNECTIONS', { min: 1, max: 65_536, fallback: 256 })
   const { close } = await serveEnclave({ service, address, log: logLine, maxConnections })
-  logLine({ event: 'enclave_listening', address, profile, engine: engine.stats() })
+  logLine({ event: 'enclave_listening', address, profile, engine: engine.stats(), ...(preloadFile !== undefined && { preloadFile, preload: 'waiting for an unlock with its age identity' }) })
   return async () => {
     clearInterval(sweep)
     clearInterval(renew)

@@ -367,7 +367,13 @@ export class EnclaveService {
       case opcodes.GET: {
         const { keyId } = decodeRequest(decodeGetRequest, frame.payload)
         const key = cache.get(keyId)
-        if (!key) return fail(statuses.NOT_FOUND, `no key ${keyId}`)
+        if (!key) {
+          // A preloaded account has no record and no states: it is active, its key always in memory.
+          const account = this.preloaded?.get(keyId)
+          if (account) return { status: statuses.OK, payload: encodeGetResponse({ state: 'active', cacheState: 'WARM', publicKey: secp256k1.publicKeyCreate(account, false) }) }
+          if (this.preloadRefusal) return fail(statuses.UNAVAILABLE, this.preloadRefusal)
+          return fail(statuses.NOT_FOUND, `no key ${keyId}`)
+        }
         return { status: statuses.OK, payload: encodeGetResponse({ state: key.record.state, cacheState: key.cacheState, publicKey: key.record.publicKey }) }
       }
       case opcodes.SET_STATE: {

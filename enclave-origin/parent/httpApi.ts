@@ -5,7 +5,7 @@ import type { KeyState } from '../types.js'
 import { HttpServer, type HttpAnswer, type HttpRequest, type HttpServerOptions } from './httpServer.js'
 import { originMetrics } from './metrics.js'
 import { ThrottledLog } from '../throttledLog.js'
-import { KeyTurnTimeoutError, NeedsUnlockError, OriginRequestError, OverloadedError, type EnclaveHealth, type OriginParent } from './origin.js'
+import { KeyTurnTimeoutError, NeedsUnlockError, OriginRequestError, OverloadedError, preloadRefusalOf, type EnclaveHealth, type OriginParent } from './origin.js'
 
 export type ParentApiOptions = {
   parent: OriginParent
@@ -128,14 +128,23 @@ export function createParentServers(options: ParentApiOptions): { clients: HttpS
       return json(403, { error: 'this HMAC key may only sign and read keys' })
     }
     route.name = name
+    // A body where a route reads none is a mistake of the caller's (`{"count": 2}` to a create makes one key): said, not ignored.
+    if (body.length > 0 && name !== 'unlock' && name !== 'sign') return json(400, { error: `${method} ${path} takes no body` })
     switch (name) {
       case 'create':
         return json(201, await options.parent.createKey())
       case 'unlock': {
         const unlock = unlockRequestOf(body)
         if (typeof unlock === 'string') return json(400, { error: unlock })
-        await (unlock ? options.parent.unlockWithSealedPreloadIdentities(unlock) : options.parent.unlock())
-        return json(200, { ok: true })
+        if (unlock) {
+          await options.parent.unlockWithSealedPreloadIdentities(unlock)
+          return json(200, { ok: true })
+        }
+        await options.parent.unlock()
+        // A preload enclave serves its accounts only once an unlock brings the identity its file was sealed to: say
+        // which still wait, or a restarted one would look unlocked and serve none of them.
+        const waiting = (await options.parent.health()).filter((enclave) => preloadRefusalOf(enclave) !== undefined).map((enclave) => enclave.id)
+        return json(200, waiting.length > 0 ? { ok: true, preloadIdentityNeeded: waiting } : { ok: true })
       }
       case 'rotate-data-key':
         return json(200, await options.parent.rotateDataKey())

@@ -1,5 +1,5 @@
 import { readFileSync } from 'node:fs'
-import { choiceSetting, enclavesSetting, hmacKeysSetting, integerSetting, listenAddress, logLine, optionalSetting, parentTlsSetting, setting, signOnlyKeyIdsSetting } from '../config.js'
+import { addressSetting, choiceSetting, enclavesSetting, hmacKeysSetting, integerSetting, logLine, optionalSetting, parentTlsSetting, setting, signOnlyKeyIdsSetting } from '../config.js'
 import { messageOf } from '../errors.js'
 import { keepRequestObjectsYoung } from '../heapTuning.js'
 import { nodeHashing } from '../protocol/nodeHashing.js'
@@ -107,7 +107,7 @@ export async function runParent(): Promise<() => Promise<void>> {
 
 /** The address setting `name` gives, which must be one the parent can listen on. */
 function parentListenAddress(name: string, value: string) {
-  const address = listenAddress(value)
+  const address = addressSetting(name, value)
   if ('vsock' in address) throw new Error(`${name} must be host:port or a Unix socket path: the parent does not listen on vsock`)
   return address
 }

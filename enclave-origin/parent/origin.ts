@@ -161,6 +161,12 @@ type Standby = { enclave: Enclave; stored: boolean }
 /** An enclave's part of `/healthz`; `held`: it answered, but is held back after failing requests. */
 export type EnclaveHealth = { id: string; answered: boolean; ok: boolean; held?: boolean; inflight: number; admitted: number; stats?: Record<string, unknown>; error?: string }
 
+/** Why a preload enclave serves none of its accounts (its file not loaded yet, or refused), from its HEALTH stats; undefined when it serves them or is no preload enclave. */
+export function preloadRefusalOf({ stats }: Pick<EnclaveHealth, 'stats'>): string | undefined {
+  const refusal = (stats?.preload as { refusal?: unknown } | undefined)?.refusal
+  return typeof refusal === 'string' ? refusal : undefined
+}
+
 export type KeyInfo = { keyId: string; publicKey: Hex; address: Address; state: KeyState; cacheState?: CacheState }
 
 /**
@@ -1236,7 +1242,7 @@ export class OriginParent {
           // must not read as held back for ever. It never cuts a hold short.
           if (!enclave.outage.holding) outageOver(enclave)
           const stats = decodeHealthResponse(frame.payload)
-          const refusal = (stats.preload as { refusal?: string | null } | undefined)?.refusal
+          const refusal = preloadRefusalOf({ stats })
           const held = enclave.outage.failing && !enclave.unsynced && !refusal
           const notServing = enclave.unsynced
             ? 'out of service until it has unlocked and loaded its keys (its keys fail over meanwhile)'

@@ -1,5 +1,5 @@
 import { execFile, spawn } from 'node:child_process'
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs'
+import { existsSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs'
 import { createServer } from 'node:http'
 import type { AddressInfo } from 'node:net'
 import { promisify } from 'node:util'
@@ -117,6 +117,10 @@ describe('the enclave origin API', () => {
     expect((await origin.request('POST', '/v1/keys/no-such-key/sign', { digest: keccak256(toHex('x')) })).status).toBe(404)
     expect((await origin.request('GET', '/v1/nothing')).status).toBe(404)
     expect(await origin.request('GET', '/v1/keys/%E0%A4%A')).toMatchObject({ status: 400, body: { error: 'the key id in the path is not valid percent-encoding' } })
+    // A body to a route that reads none is refused, not ignored: `{"count": 2}` made one key.
+    expect(await origin.request('POST', '/v1/keys', { count: 2 })).toEqual(expect.objectContaining({ status: 400, body: { error: 'POST /v1/keys takes no body' } }))
+    expect(await origin.request('POST', `/v1/keys/${body.keyId}/freeze`, { now: true })).toEqual(expect.objectContaining({ status: 400, body: { error: `POST /v1/keys/${body.keyId}/freeze takes no body` } }))
+    expect((await origin.request('GET', `/v1/keys/${body.keyId}`)).body).toMatchObject({ state: 'active' })
     // Over the 16 KiB limit (by little, so the whole body is sent before the parent closes the connection):
     // refused before authentication or parsing, and the parent keeps serving.
     const large = await fetch(`${origin.url}/v1/keys`, { method: 'POST', body: 'x'.repeat(20 * 1024) })
@@ -206,8 +210,11 @@ describe('malformed input, many shapes (seeded)', () => {
     expect(await recovered(digest, signed.body as never)).toBe(created.address)
     expect((await origin.request('GET', `/v1/keys/${keyId}`)).body).toMatchObject({ state: 'active' })
     for (const pid of Object.values(origin.pids())) expect(() => process.kill(pid!, 0)).not.toThrow()
-    // Its lines are JSON: a stack in one would show as an escaped newline.
-    for (const which of ['enclave', 'parent'] as const) expect(origin.output(which)).not.toMatch(/(\n|\\n)\s+at /)
+    // Its lines are JSON (Node's own warnings too, such as the AWS SDK's about Node versions): a stack in one would show as an escaped newline.
+    for (const which of ['enclave', 'parent'] as const) {
+      expect(origin.output(which)).not.toMatch(/(\n|\\n)\s+at /)
+      for (const line of origin.output(which).split('\n').filter(Boolean)) expect(() => JSON.parse(line), `${which}: ${line}`).not.toThrow()
+    }
   })
 })
 
@@ -234,6 +241,36 @@ describe('the operators\u2019 CLI', () => {
     expect(JSON.parse((await cli('status')).stdout)).toMatchObject({ ok: true, enclaves: [{ id: 'enclave-1', ok: true, stats: { cacheStates: expect.any(Object) } }] })
     const { stdout } = await promisify(execFile)(process.execPath, ['--import', 'tsx', 'enclave-origin/cli.ts', 'status'], { env: { PATH: process.env.PATH, ORIGIN_URL: origin.url }, timeout: 30_000 })
     expect(JSON.parse(stdout)).toEqual({ ok: true, status: 'ok', enclaves: [{ id: 'enclave-1', answered: true, ok: true, held: false }], store: { ok: true } })
+  })
+
+  it('reads, signs with, freezes, unfreezes and archives a key by its id', async () => {
+    const [key] = (await cli('create-keys', '--count', '1')).stdout.trim().split('\n').map((line) => JSON.parse(line) as { keyId: string; address: Address })
+    const run = async (...args: string[]) => JSON.parse((await cli(...args, '--key', key!.keyId)).stdout) as Record<string, unknown>
+    expect(await run('get-key')).toMatchObject({ keyId: key!.keyId, address: key!.address, state: 'active' })
+    const digest = keccak256(toHex('signed by the CLI'))
+    expect(await recovered(digest, (await run('sign', '--digest', digest)) as never)).toBe(key!.address)
+    expect(await run('freeze')).toEqual({ keyId: key!.keyId, state: 'frozen' })
+    const refused = await cli('sign', '--key', key!.keyId, '--digest', digest).catch((error: { code: number; stderr: string }) => error)
+    expect(refused).toMatchObject({ code: 1, stderr: expect.stringContaining(`POST /v1/keys/${key!.keyId}/sign: 409`) })
+    expect(await run('unfreeze')).toEqual({ keyId: key!.keyId, state: 'active' })
+    expect(await recovered(digest, (await run('sign', '--digest', digest)) as never)).toBe(key!.address)
+    expect(await run('archive')).toEqual({ keyId: key!.keyId, state: 'archived' })
+    expect(await run('get-key')).toMatchObject({ state: 'archived' })
+  })
+
+  it('says what to check when the parent refuses its signature', async () => {
+    const withWrongSecret = (...args: string[]) =>
+      promisify(execFile)(process.execPath, ['--import', 'tsx', 'enclave-origin/cli.ts', ...args], {
+        env: { ...process.env, ORIGIN_URL: origin.url, ORIGIN_HMAC_KEY_ID: originHmac.keyId, ORIGIN_HMAC_SECRET: 'not-the-secret-the-parent-has' },
+        timeout: 30_000,
+      }).catch((error: { code: number; stdout: string; stderr: string }) => error)
+    const hint = " (check ORIGIN_HMAC_KEY_ID and ORIGIN_HMAC_SECRET against the parent's ORIGIN_HMAC_KEYS, and this host's clock: the parent's log says which failed)\n"
+    expect(await withWrongSecret('create-keys', '--count', '1')).toMatchObject({
+      code: 1,
+      stderr: `created 0 of 1 keys; stopped after a failure: POST /v1/keys: 401 {"error":"request authentication failed"}${hint}`,
+    })
+    // status too: a refused signature is no verdict on the origin's health.
+    expect(await withWrongSecret('status')).toMatchObject({ code: 1, stdout: '', stderr: `GET /healthz: 401 {"error":"request authentication failed"}${hint}` })
   })
 
   it('rotates the data key: every key the origin holds is sealed again and still signs as its address', async () => {
@@ -374,7 +411,7 @@ describe('the operators\u2019 CLI', () => {
     try {
       const { code, stderr } = await cliProcess(origin.url, ['create-keys', '--count', '1'], { ORIGIN_TIMEOUT_MS: '300' }).ended
       expect(code).toBe(1)
-      expect(stderr).toMatch(/created 0 of 1 keys, each printed above; stopped after a failure: the parent at \S+ sent nothing for 0\.3 s: POST \/v1\/keys given up\. A failed create may still have made a key, whose id was not printed\n/)
+      expect(stderr).toMatch(/created 0 of 1 keys; stopped after a failure: the parent at \S+ sent nothing for 0\.3 s: POST \/v1\/keys given up\. A failed create may still have made a key, whose id was not printed\n/)
     } finally {
       origin.close()
     }
@@ -429,7 +466,7 @@ describe('the operators\u2019 CLI', () => {
     // No one listens there now: every create fails before a byte of it leaves.
     const { code, stderr } = await cliProcess(url, ['create-keys', '--count', '100', '--concurrency', '4']).ended
     expect(code).toBe(1)
-    expect(stderr).toMatch(/^created 0 of 100 keys, each printed above; stopped after a failure: cannot reach the parent at http:\/\/127\.0\.0\.1:\d+: ECONNREFUSED\n$/)
+    expect(stderr).toMatch(/^created 0 of 100 keys; stopped after a failure: cannot reach the parent at http:\/\/127\.0\.0\.1:\d+: ECONNREFUSED\n$/)
   })
 
   it.each([20, 0])('asks again, after its Retry-After-Ms (%i, and never sooner than 10 ms), for a create the origin shed for load', async (retryAfterMs) => {
@@ -475,6 +512,26 @@ describe('the operators\u2019 CLI', () => {
     }
   })
 
+  it('reads a relative file option from where npm was run (INIT_CWD), and writes no file over another', async () => {
+    const directory = mkdtempSync(path.join(tmpdir(), 'cli-paths-'))
+    try {
+      const fromThere = (...args: string[]) =>
+        promisify(execFile)(process.execPath, ['--import', 'tsx', 'enclave-origin/cli.ts', ...args], { env: { ...process.env, INIT_CWD: directory }, timeout: 30_000 })
+      const { recipient } = JSON.parse((await fromThere('preload-identity', '--out', 'identity.txt')).stdout) as { recipient: string }
+      expect(recipient).toMatch(/^age1/)
+      expect(existsSync(path.join(directory, 'identity.txt'))).toBe(true)
+      const again = await fromThere('preload-identity', '--out', 'identity.txt').catch((error: { code: number; stderr: string }) => error)
+      expect(again).toMatchObject({ code: 1, stderr: `--out: ${path.join(directory, 'identity.txt')} exists; it is not overwritten: name a new file\n` })
+      writeFileSync(path.join(directory, 'shares.json'), JSON.stringify([{ account_id: 'a', share: `0x${'5e'.repeat(32)}` }]))
+      await fromThere('seal-shares', '--in', 'shares.json', '--recipient', recipient, '--out', 'shares.age')
+      expect(existsSync(path.join(directory, 'shares.age'))).toBe(true)
+      const over = await fromThere('seal-shares', '--in', 'shares.json', '--recipient', recipient, '--out', 'shares.age').catch((error: { code: number; stderr: string }) => error)
+      expect(over).toMatchObject({ code: 1, stderr: `--out: ${path.join(directory, 'shares.age')} exists; it is not overwritten: name a new file\n` })
+    } finally {
+      rmSync(directory, { recursive: true, force: true })
+    }
+  })
+
   it('refuses a count that is not a whole number, saying so, without a stack trace', async () => {
     const failed = await cli('create-keys', '--count', 'many').catch((error: { code: number; stderr: string }) => error)
     expect(failed).toMatchObject({ code: 1, stderr: '--count must be a whole number from 1 to 999999999, got many\n' })
@@ -500,7 +557,13 @@ describe('the operators\u2019 CLI', () => {
       expect(await failed('create-keys', '--count', '5', '--concurrency', '257')).toEqual({ code: 1, stderr: '--concurrency must be a whole number from 1 to 256, got 257\n' })
       expect(await failed('rotate-data-key', '--now')).toEqual({ code: 1, stderr: 'rotate-data-key: unknown option --now (it takes none)\n' })
       expect(await failed('unlock', '--allow-unattested')).toEqual({ code: 1, stderr: '--nitro-root-file, --pcr0 and --allow-unattested go with --preload-identity-file\n' })
-      expect(await failed('unlock', '--preload-identity-file', '/nonexistent/identity.txt', '--allow-unattested')).toMatchObject({ code: 1, stderr: expect.stringContaining('ENOENT') })
+      expect(await failed('unlock', '--preload-identity-file', '/nonexistent/identity.txt', '--allow-unattested')).toEqual({ code: 1, stderr: '--preload-identity-file: cannot read /nonexistent/identity.txt: ENOENT\n' })
+      for (const command of ['get-key', 'freeze', 'unfreeze', 'archive', 'sign']) expect(await failed(command)).toEqual({ code: 1, stderr: '--key is required (a key id, as create-keys printed it)\n' })
+      expect(await failed('sign', '--key', 'k')).toEqual({ code: 1, stderr: '--digest is required\n' })
+      expect(await failed('sign', '--key', 'k', '--digest', '0x12')).toEqual({ code: 1, stderr: '--digest must be 0x and 32 bytes in hex, got 0x12\n' })
+      const unknown = await failed('frezee', '--key', 'k')
+      expect(unknown).toMatchObject({ code: 2, stderr: expect.stringMatching(/^origin: unknown command "frezee"\nusage:\n/) })
+      expect((unknown as { stderr: string }).stderr).toContain('ORIGIN_URL (http://127.0.0.1:8443)')
       // A new identity is printed only when asked: it opens every share sealed to it.
       for (const args of [[], ['--print', '--out', '/nonexistent/identity.txt']]) {
         expect(await failed('preload-identity', ...args)).toEqual({ code: 1, stderr: 'preload-identity needs --out F (the identity written to F, owner-only) or --print (the identity printed), one of them\n' })

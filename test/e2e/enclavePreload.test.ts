@@ -75,6 +75,15 @@ it('refuses preloaded accounts until unlocked, then signs each with its own key'
   expect(unhealthy.status).toBe(503)
   expect(unhealthy.body.enclaves[0]).toMatchObject({ ok: false, error: expect.stringContaining('preload file is not loaded yet') })
 
+  // A plain unlock unwraps the data key but brings no identity: the CLI says the accounts still wait, and fails.
+  const plain = await cli('unlock').catch((error: { code: number; stdout: string; stderr: string }) => error)
+  expect(plain).toMatchObject({ code: 1 })
+  expect(JSON.parse((plain as { stdout: string }).stdout)).toEqual({ ok: true, preloadIdentityNeeded: ['enclave-1'] })
+  expect((plain as { stderr: string }).stderr).toBe(
+    'the data key is unwrapped, but enclave-1 still serves no preloaded account: a preload enclave needs the identity its share file was sealed to (origin unlock --preload-identity-file F …)\n',
+  )
+  expect((await origin.request('GET', '/v1/keys/account-3')).body.error).toContain('preload file is not loaded yet')
+
   // The parent never takes an identity it could read.
   const clear = await origin.request('POST', '/v1/unlock', { preloadIdentity: (await generatePreloadIdentity()).identity })
   expect(clear.status).toBe(400)
@@ -98,7 +107,9 @@ it('refuses preloaded accounts until unlocked, then signs each with its own key'
 
   // A file with no identity in it is refused before anything is sent (the enclave would refuse it only after a round trip).
   writeFileSync(path.join(dir, 'recipient.txt'), '# a recipient, not an identity\nage1zvkyg2lqzraa2lnjvqej32nkuu0ues2s82hzrye869xeexvn73equnujwj\n')
-  await expect(cli('unlock', '--preload-identity-file', path.join(dir, 'recipient.txt'), '--allow-unattested')).rejects.toThrow(/recipient\.txt holds no age identity/)
+  await expect(cli('unlock', '--preload-identity-file', path.join(dir, 'recipient.txt'), '--allow-unattested')).rejects.toThrow(
+    /--preload-identity-file: .*recipient\.txt holds no age identity \(one AGE-SECRET-KEY-1… line\): give the file `origin preload-identity --out` wrote/,
+  )
   // Without a Nitro root to check a document against, the CLI seals only when told the enclave is unattested.
   await expect(cli('unlock', '--preload-identity-file', path.join(dir, 'identity.txt'))).rejects.toThrow(/needs --nitro-root-file .* and --pcr0 .*, or, for development enclaves, --allow-unattested/)
   const unlocked = await cli('unlock', '--preload-identity-file', path.join(dir, 'identity.txt'), '--allow-unattested')
@@ -111,4 +122,15 @@ it('refuses preloaded accounts until unlocked, then signs each with its own key'
     expect(await recoverAddress({ hash: digest, signature })).toBe(privateKeyToAddress(account.share))
   }
   expect((await sign('account-50')).status).toBe(404)
+  // Each account reads as its address, active; the CLI's plain unlock now has nothing to wait for.
+  expect((await origin.request('GET', '/v1/keys/account-3')).body).toEqual({
+    keyId: 'account-3',
+    publicKey: expect.stringMatching(/^0x04[0-9a-f]{128}$/),
+    address: privateKeyToAddress(accounts[3]!.share),
+    state: 'active',
+    cacheState: 'WARM',
+  })
+  expect(JSON.parse((await cli('get-key', '--key', 'account-49')).stdout)).toMatchObject({ address: privateKeyToAddress(accounts[49]!.share) })
+  expect((await origin.request('GET', '/v1/keys/account-50')).status).toBe(404)
+  expect(JSON.parse((await cli('unlock')).stdout)).toEqual({ ok: true })
 })

@@ -71,6 +71,8 @@ export async function startOrigin(options: {
   storeDir: string
   extraEnv?: Record<string, string>
   builtCli?: string
+  /** Each piece of either process's output (stdout and stderr) as it comes. */
+  onOutput?: (which: 'enclave' | 'parent', text: string) => void
 }): Promise<Origin> {
   const env = {
     ORIGIN_PROFILE: 'development',
@@ -95,8 +97,13 @@ export async function startOrigin(options: {
     const { AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, ...enclaveEnv } = env
     const child = cli(which, which === 'enclave' ? { ...enclaveEnv, ...once } : { ...env, ...once }, options.builtCli)
     outputs[which] = ''
-    child.stdout!.on('data', (chunk) => (outputs[which] += chunk))
-    child.stderr!.on('data', (chunk) => (outputs[which] += chunk))
+    const take = (chunk: Buffer) => {
+      const text = chunk.toString('utf8')
+      outputs[which] = outputs[which]! + text
+      options.onOutput?.(which, text)
+    }
+    child.stdout!.on('data', take)
+    child.stderr!.on('data', take)
     children[which] = child
     return child
   }

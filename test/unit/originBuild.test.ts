@@ -28,7 +28,7 @@ describe('the enclave origin build', () => {
     expect(printed.recipient).toMatch(/^age1[0-9a-z]+$/)
   })
 
-  it('refuses to start a production enclave without a Nitro Secure Module, and a profile it does not know', () => {
+  it('refuses to start a production enclave without a Nitro Secure Module, a profile it does not know, and settings it cannot use', () => {
     const enclave = (env: Record<string, string>) => {
       const run = spawnSync(process.execPath, [path.join(outdir, 'cli.js'), 'enclave'], { env: { PATH: process.env.PATH, ...env }, encoding: 'utf8', timeout: 30_000 })
       return { status: run.status, stderr: run.stderr.trim() }
@@ -37,6 +37,9 @@ describe('the enclave origin build', () => {
     expect(enclave({ ORIGIN_PROFILE: 'production' })).toEqual({ status: 1, stderr: 'no Nitro Secure Module: /dev/nsm cannot be opened (this is not a Nitro Enclave, or its nsm driver is not loaded)' })
     expect(enclave({ ORIGIN_PROFILE: 'prod' })).toEqual({ status: 1, stderr: 'ORIGIN_PROFILE must be one of development, production, got prod' })
     expect(enclave({ ENCLAVE_ATTESTATION: 'tpm' })).toEqual({ status: 1, stderr: 'ENCLAVE_ATTESTATION must be one of nitro, none, got tpm' })
+    // Settings named in their refusals, before the signing threads start: a listen address, and a preload file that cannot be read.
+    expect(enclave({ KMS_KEY_ID: 'alias/any', ENCLAVE_LISTEN: '19412' })).toEqual({ status: 1, stderr: 'ENCLAVE_LISTEN: 19412 is neither host:port nor a Unix socket path (one with a /)' })
+    expect(enclave({ KMS_KEY_ID: 'alias/any', PRELOAD_FILE: '/nonexistent/shares.age' })).toEqual({ status: 1, stderr: 'PRELOAD_FILE: cannot read /nonexistent/shares.age: ENOENT' })
   })
 
   it('signs on the engine\u2019s worker thread, whose script it carries next to the engine', async () => {

@@ -1,0 +1,86 @@
+/**
+ * `npm run origin:local`: the enclave origin on this machine, to try it out. It starts the local KMS server (AWS KMS's
+ * wire protocol with real cryptography, from the tests: no AWS account), one enclave and a parent in the development
+ * profile on 127.0.0.1, with a store in a new temporary directory and new HMAC secrets, and prints the settings the
+ * CLI's client commands need, then both processes' log lines. Ctrl-C stops them all and removes the store: its data
+ * key is wrapped under a KMS key that lives only in this run's local KMS.
+ *
+ * Ports: ORIGIN_LOCAL_PARENT_PORT (8443, the CLI's default ORIGIN_URL), ORIGIN_LOCAL_ENCLAVE_PORT (7000) and
+ * ORIGIN_LOCAL_KMS_PORT (8444). It runs the build `npm run build:origin` made, as production does.
+ */
+import { randomBytes } from 'node:crypto'
+import { mkdtempSync, rmSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import path from 'node:path'
+import { fileURLToPath } from 'node:url'
+import { startLocalKms } from '../test/support/kmsServer.js'
+import { startOrigin, symmetricKmsKey } from '../test/support/origin.js'
+
+function portSetting(name: string, fallback: number): number {
+  const raw = process.env[name] ?? String(fallback)
+  const port = Number(raw)
+  if (!/^\d+$/.test(raw) || port < 1 || port > 65_535) throw new Error(`${name} must be a port from 1 to 65535, got ${raw}`)
+  return port
+}
+
+const ports = { parent: portSetting('ORIGIN_LOCAL_PARENT_PORT', 8443), enclave: portSetting('ORIGIN_LOCAL_ENCLAVE_PORT', 7000), kms: portSetting('ORIGIN_LOCAL_KMS_PORT', 8444) }
+const builtCli = fileURLToPath(new URL('../dist/enclave-origin/cli.js', import.meta.url))
+// Made for this run, printed for the CLI and the Worker, and gone with it.
+const operator = { keyId: 'operator', secret: randomBytes(32).toString('hex') }
+const worker = { keyId: 'worker', secret: randomBytes(32).toString('hex') }
+const storeDir = mkdtempSync(path.join(tmpdir(), 'origin-local-'))
+
+/** Each process's lines, prefixed with its name; a piece that ends mid-line waits for the rest. */
+const pending = { enclave: '', parent: '' }
+const printLines = (which: 'enclave' | 'parent', text: string) => {
+  const lines = (pending[which] + text).split('\n')
+  pending[which] = lines.pop()!
+  for (const line of lines) if (line !== '') console.log(`[${which}] ${line}`)
+}
+
+const kms = await startLocalKms({ port: ports.kms })
+let origin: Awaited<ReturnType<typeof startOrigin>> | undefined
+const stop = async () => {
+  await origin?.stop()
+  await kms.stop()
+  rmSync(storeDir, { recursive: true, force: true })
+}
+try {
+  origin = await startOrigin({
+    kms,
+    kmsKeyId: await symmetricKmsKey(kms),
+    enclavePort: ports.enclave,
+    parentPort: ports.parent,
+    storeDir,
+    builtCli,
+    extraEnv: { ORIGIN_HMAC_KEYS: `${operator.keyId}:${operator.secret},${worker.keyId}:${worker.secret}`, ORIGIN_SIGN_ONLY_KEY_IDS: worker.keyId },
+    onOutput: printLines,
+  })
+} catch (error) {
+  await stop()
+  console.error(error instanceof Error ? error.message : error)
+  process.exit(1)
+}
+console.log(
+  [
+    '',
+    `The enclave origin runs on 127.0.0.1 (development profile): the parent at ${origin.url}, the enclave at 127.0.0.1:${ports.enclave}, the local KMS at ${kms.url}.`,
+    `Its store is ${storeDir}, removed when this stops (Ctrl-C).`,
+    'For the CLI, in another shell:',
+    `  export ORIGIN_URL=${origin.url} ORIGIN_HMAC_KEY_ID=${operator.keyId} ORIGIN_HMAC_SECRET=${operator.secret}`,
+    '  npm run -s origin create-keys -- --count 3',
+    '  npm run -s origin sign -- --key <keyId> --digest 0x<64 hex digits>',
+    `For the Worker's keyless backend (sign and read only): url ${origin.url}, HMAC key id ${worker.keyId}, secret ${worker.secret}.`,
+    '',
+  ].join('\n'),
+)
+const shutdown = () =>
+  void stop().then(
+    () => process.exit(0),
+    (error: unknown) => {
+      console.error(`stopping failed: ${error instanceof Error ? error.message : String(error)}`)
+      process.exit(1)
+    },
+  )
+process.once('SIGINT', shutdown)
+process.once('SIGTERM', shutdown)

@@ -1,0 +1,48 @@
+import { execFile, execFileSync, spawn } from 'node:child_process'
+import { existsSync } from 'node:fs'
+import { promisify } from 'node:util'
+import { expect, it } from 'vitest'
+import { keccak256, recoverAddress, toHex, type Address, type Hex } from 'viem'
+
+/**
+ * `npm run origin:local` (README, "Enclave origin"): the local KMS, an enclave and a parent from the build, whose
+ * printed settings the CLI works with as they stand, and which Ctrl-C stops, its store removed.
+ */
+it('runs the origin on 127.0.0.1 with the settings it prints, and stops everything at Ctrl-C', { timeout: 120_000 }, async () => {
+  execFileSync(process.execPath, ['scripts/build-origin.mjs'], { stdio: 'pipe' })
+  const ports = { ORIGIN_LOCAL_PARENT_PORT: '18681', ORIGIN_LOCAL_ENCLAVE_PORT: '18682', ORIGIN_LOCAL_KMS_PORT: '18683' }
+  const child = spawn(process.execPath, ['--import', 'tsx', 'scripts/origin-local.ts'], { env: { ...process.env, ...ports }, stdio: ['ignore', 'pipe', 'pipe'] })
+  let output = ''
+  child.stdout.on('data', (chunk: Buffer) => (output += chunk))
+  child.stderr.on('data', (chunk: Buffer) => (output += chunk))
+  const exited = new Promise<number | null>((resolve) => child.on('exit', (code) => resolve(code)))
+  try {
+    const deadline = Date.now() + 60_000
+    while (!/export (ORIGIN_URL=\S+ ORIGIN_HMAC_KEY_ID=\S+ ORIGIN_HMAC_SECRET=\S+)\n/.test(output) && child.exitCode === null && Date.now() < deadline) await new Promise((resolve) => setTimeout(resolve, 100))
+    const exported = /export (ORIGIN_URL=\S+ ORIGIN_HMAC_KEY_ID=\S+ ORIGIN_HMAC_SECRET=\S+)\n/.exec(output)
+    expect(exported, output).not.toBeNull()
+    const settings = Object.fromEntries(exported![1]!.split(' ').map((pair) => pair.split('=') as [string, string]))
+    expect(settings.ORIGIN_URL).toBe('http://127.0.0.1:18681')
+    // Each process's lines come prefixed with its name.
+    expect(output).toMatch(/^\[parent\] \{.*"event":"parent_listening"/m)
+    const store = /Its store is (\S+), removed/.exec(output)![1]!
+    expect(existsSync(store)).toBe(true)
+
+    const cli = (...args: string[]) => promisify(execFile)(process.execPath, ['--import', 'tsx', 'enclave-origin/cli.ts', ...args], { env: { ...process.env, ...settings }, timeout: 30_000 })
+    const key = JSON.parse((await cli('create-keys', '--count', '1')).stdout) as { keyId: string; address: Address }
+    const digest = keccak256(toHex('origin:local'))
+    const signed = JSON.parse((await cli('sign', '--key', key.keyId, '--digest', digest)).stdout) as { signature: Hex; recoveryId: number }
+    expect(await recoverAddress({ hash: digest, signature: `${signed.signature}${(27 + signed.recoveryId).toString(16)}` as Hex })).toBe(key.address)
+
+    child.kill('SIGINT')
+    expect(await exited).toBe(0)
+    expect(existsSync(store)).toBe(false)
+    // Its processes are gone with it: nothing answers on the parent's port.
+    await expect(cli('status')).rejects.toThrow('cannot reach the parent at http://127.0.0.1:18681: ECONNREFUSED')
+  } finally {
+    if (child.exitCode === null) {
+      child.kill('SIGINT')
+      await exited
+    }
+  }
+})
