@@ -12,10 +12,9 @@
  */
 import { X509Certificate } from 'node:crypto'
 import { readFileSync, writeFileSync, writeSync } from 'node:fs'
-import { resolve } from 'node:path'
 import { request as httpRequest, type IncomingHttpHeaders } from 'node:http'
 import { request as httpsRequest } from 'node:https'
-import { integerSetting, logLine, setting, wholeNumberIn } from './config.js'
+import { integerSetting, logLine, pathFromCaller, setting, wholeNumberIn } from './config.js'
 import { jsonObjectOf, messageOf, parseJsonQuietly } from './errors.js'
 import { generatePreloadIdentity, sealPreloadIdentity, sealShareFile, type RecipientTrust, type ShareFileEntry } from './preloadFiles.js'
 import { runEnclave } from './enclave/main.js'
@@ -72,8 +71,8 @@ function connectionToParent(): ParentConnection {
   if (!https && protocol !== 'http:') throw new Error(`ORIGIN_URL must be an http:// or https:// URL, got ${base}`)
   if (!https && tlsSettings.some((name) => process.env[name])) throw new Error(`${tlsSettings.join(', ')} are for an https:// ORIGIN_URL, and ${base} is not one`)
   const file = (name: string) => {
-    const path = process.env[name]
-    if (!path) return undefined
+    if (!process.env[name]) return undefined
+    const path = pathFromCaller(process.env[name])
     try {
       return readFileSync(path)
     } catch (error) {
@@ -396,13 +395,10 @@ function wholeNumberOption(given: Given, name: string, fallback?: number, max = 
   return value
 }
 
-/**
- * A file option's path. Relative to the directory the command was run from: `npm run origin` runs it in the
- * project's root, and npm names the caller's directory in INIT_CWD.
- */
+/** A file option's path, a relative one from the directory the command was run from (see `pathFromCaller`). */
 function pathOption(given: Given, name: string): string | undefined {
   const value = given.value(name)
-  return value === undefined ? undefined : resolve(process.env.INIT_CWD ?? process.cwd(), value)
+  return value === undefined ? undefined : pathFromCaller(value)
 }
 
 /** The file an option names, read; a failure says which option and why (ENOENT, EACCES, …). */
@@ -491,11 +487,10 @@ const commands: Record<string, Command> = {
         }
         const unlocked = await call('POST', '/v1/unlock')
         console.log(JSON.stringify(unlocked))
-        const waiting = unlocked.preloadIdentityNeeded
-        if (Array.isArray(waiting) && waiting.length > 0) {
-          throw new Error(
-            `the data key is unwrapped, but ${waiting.join(', ')} still serve${waiting.length === 1 ? 's' : ''} no preloaded account: a preload enclave needs the identity its share file was sealed to (origin unlock --preload-identity-file F …)`,
-          )
+        const notServed = unlocked.preloadNotServed as Array<{ enclave: string; reason: string }> | undefined
+        if (Array.isArray(notServed) && notServed.length > 0) {
+          const which = notServed.map(({ enclave, reason }) => `${enclave} (${reason})`).join('; ')
+          throw new Error(`the data key is unwrapped, but these enclaves serve no preloaded account: ${which}. Deliver the identity the share file was sealed to: origin unlock --preload-identity-file F …`)
         }
         return
       }

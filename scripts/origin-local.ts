@@ -13,8 +13,8 @@ import { mkdtempSync, rmSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import path from 'node:path'
 import { fileURLToPath } from 'node:url'
-import { startLocalKms } from '../test/support/kmsServer.js'
-import { startOrigin, symmetricKmsKey } from '../test/support/origin.js'
+import { startLocalKms, type LocalKms } from '../test/support/kmsServer.js'
+import { startOrigin, symmetricKmsKey, type Origin } from '../test/support/origin.js'
 
 function portSetting(name: string, fallback: number): number {
   const raw = process.env[name] ?? String(fallback)
@@ -28,7 +28,6 @@ const builtCli = fileURLToPath(new URL('../dist/enclave-origin/cli.js', import.m
 // Made for this run, printed for the CLI and the Worker, and gone with it.
 const operator = { keyId: 'operator', secret: randomBytes(32).toString('hex') }
 const worker = { keyId: 'worker', secret: randomBytes(32).toString('hex') }
-const storeDir = mkdtempSync(path.join(tmpdir(), 'origin-local-'))
 
 /** Each process's lines, prefixed with its name; a piece that ends mid-line waits for the rest. */
 const pending = { enclave: '', parent: '' }
@@ -38,14 +37,17 @@ const printLines = (which: 'enclave' | 'parent', text: string) => {
   for (const line of lines) if (line !== '') console.log(`[${which}] ${line}`)
 }
 
-const kms = await startLocalKms({ port: ports.kms })
-let origin: Awaited<ReturnType<typeof startOrigin>> | undefined
+let kms: LocalKms | undefined
+let storeDir: string | undefined
+let origin: Origin | undefined
 const stop = async () => {
   await origin?.stop()
-  await kms.stop()
-  rmSync(storeDir, { recursive: true, force: true })
+  await kms?.stop()
+  if (storeDir) rmSync(storeDir, { recursive: true, force: true })
 }
 try {
+  kms = await startLocalKms({ port: ports.kms })
+  storeDir = mkdtempSync(path.join(tmpdir(), 'origin-local-'))
   origin = await startOrigin({
     kms,
     kmsKeyId: await symmetricKmsKey(kms),
@@ -58,7 +60,8 @@ try {
   })
 } catch (error) {
   await stop()
-  console.error(error instanceof Error ? error.message : error)
+  // A port in use, say: the ORIGIN_LOCAL_*_PORT settings move them.
+  console.error(`origin:local could not start: ${error instanceof Error ? error.message : String(error)}`)
   process.exit(1)
 }
 console.log(

@@ -160,6 +160,11 @@ export class EnclaveService {
     if (options.preloadFile) this.preloadRefusal = 'the preload file is not loaded yet: UNLOCK with its age identity'
   }
 
+  /** A key id neither held nor preloaded: not found, unless the preloaded accounts are not served, when it may be one of them. */
+  private notHeld(keyId: string): Answer {
+    return this.preloadRefusal ? fail(statuses.NOT_FOUND_PRELOAD_PENDING, this.preloadRefusal) : fail(statuses.NOT_FOUND, `no key ${keyId}`)
+  }
+
   /** Loads the preload file; on any failure nothing preloaded is served, and `preloadRefusal` says why. */
   private async preload(identity: string): Promise<void> {
     try {
@@ -329,8 +334,7 @@ export class EnclaveService {
         if (key.kind === 'not-found') {
           const account = this.preloaded?.get(keyId)
           if (account) return signed(await engine.sign({ privateKey: account, digest }))
-          if (this.preloadRefusal) return fail(statuses.UNAVAILABLE, this.preloadRefusal)
-          return fail(statuses.NOT_FOUND, `no key ${keyId}`)
+          return this.notHeld(keyId)
         }
         if (key.kind === 'not-active') return fail(statuses.NOT_ACTIVE, `key ${keyId} is ${key.state}`)
         const mark = cache.deactivations
@@ -371,8 +375,7 @@ export class EnclaveService {
           // A preloaded account has no record and no states: it is active, its key always in memory.
           const account = this.preloaded?.get(keyId)
           if (account) return { status: statuses.OK, payload: encodeGetResponse({ state: 'active', cacheState: 'WARM', publicKey: secp256k1.publicKeyCreate(account, false) }) }
-          if (this.preloadRefusal) return fail(statuses.UNAVAILABLE, this.preloadRefusal)
-          return fail(statuses.NOT_FOUND, `no key ${keyId}`)
+          return this.notHeld(keyId)
         }
         return { status: statuses.OK, payload: encodeGetResponse({ state: key.record.state, cacheState: key.cacheState, publicKey: key.record.publicKey }) }
       }

@@ -142,9 +142,12 @@ export function createParentServers(options: ParentApiOptions): { clients: HttpS
         }
         await options.parent.unlock()
         // A preload enclave serves its accounts only once an unlock brings the identity its file was sealed to: say
-        // which still wait, or a restarted one would look unlocked and serve none of them.
-        const waiting = (await options.parent.health()).filter((enclave) => preloadRefusalOf(enclave) !== undefined).map((enclave) => enclave.id)
-        return json(200, waiting.length > 0 ? { ok: true, preloadIdentityNeeded: waiting } : { ok: true })
+        // which serve none and why, or a restarted one would look unlocked.
+        const notServed = (await options.parent.health()).flatMap((enclave) => {
+          const reason = preloadRefusalOf(enclave)
+          return reason === undefined ? [] : [{ enclave: enclave.id, reason }]
+        })
+        return json(200, notServed.length > 0 ? { ok: true, preloadNotServed: notServed } : { ok: true })
       }
       case 'rotate-data-key':
         return json(200, await options.parent.rotateDataKey())

@@ -318,6 +318,8 @@ export class OriginParent {
       case statuses.BAD_REQUEST:
         throw new OriginRequestError('bad-request', decodeErrorMessage(frame.payload))
       case statuses.UNAVAILABLE:
+      // Not a stored key (`callReloading` found no record): perhaps a preloaded account, not served yet.
+      case statuses.NOT_FOUND_PRELOAD_PENDING:
         throw new OriginRequestError('unavailable', decodeErrorMessage(frame.payload))
       case statuses.STALE:
         throw new StaleRequestError(`the enclave refused a stale request: ${decodeErrorMessage(frame.payload)}`)
@@ -987,7 +989,8 @@ export class OriginParent {
    */
   private async callReloading({ enclave, keyId, opcode, payload }: { enclave: Enclave; keyId: string; opcode: Opcode; payload: Uint8Array }): Promise<Frame> {
     const frame = await this.call(enclave, opcode, payload)
-    return frame.status === statuses.NOT_FOUND && (await this.reloadForUse(keyId, enclave, { placeHeld: true })) ? this.call(enclave, opcode, payload) : frame
+    const notHeld = frame.status === statuses.NOT_FOUND || frame.status === statuses.NOT_FOUND_PRELOAD_PENDING
+    return notHeld && (await this.reloadForUse(keyId, enclave, { placeHeld: true })) ? this.call(enclave, opcode, payload) : frame
   }
 
   /**

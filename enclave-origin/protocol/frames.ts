@@ -39,6 +39,11 @@ export const statuses = {
   UNAVAILABLE: 6,
   /** A LOAD or SET_STATE not above the last one applied to its key: not applied (see messages.ts, LoadRequest). */
   STALE: 7,
+  /**
+   * A SIGN or GET for a key id the enclave does not hold while its preloaded accounts are not served (their file not
+   * loaded yet, or refused): it may be a stored key the enclave lost (a restart), or one of those accounts.
+   */
+  NOT_FOUND_PRELOAD_PENDING: 8,
 } as const
 export type Status = (typeof statuses)[keyof typeof statuses]
 

@@ -5,6 +5,7 @@ import type { AddressInfo } from 'node:net'
 import { promisify } from 'node:util'
 import { tmpdir } from 'node:os'
 import path from 'node:path'
+import { pathToFileURL } from 'node:url'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import { getAddress, keccak256, recoverAddress, toHex, type Address, type Hex } from 'viem'
 import { startAnvil, type Anvil } from '../support/anvil.js'
@@ -512,11 +513,11 @@ describe('the operators\u2019 CLI', () => {
     }
   })
 
-  it('reads a relative file option from where npm was run (INIT_CWD), and writes no file over another', async () => {
+  it('reads a relative file option from where `npm run origin` was run (INIT_CWD), and writes no file over another', async () => {
     const directory = mkdtempSync(path.join(tmpdir(), 'cli-paths-'))
     try {
       const fromThere = (...args: string[]) =>
-        promisify(execFile)(process.execPath, ['--import', 'tsx', 'enclave-origin/cli.ts', ...args], { env: { ...process.env, INIT_CWD: directory }, timeout: 30_000 })
+        promisify(execFile)(process.execPath, ['--import', 'tsx', 'enclave-origin/cli.ts', ...args], { env: { ...process.env, npm_lifecycle_event: 'origin', INIT_CWD: directory }, timeout: 30_000 })
       const { recipient } = JSON.parse((await fromThere('preload-identity', '--out', 'identity.txt')).stdout) as { recipient: string }
       expect(recipient).toMatch(/^age1/)
       expect(existsSync(path.join(directory, 'identity.txt'))).toBe(true)
@@ -527,6 +528,18 @@ describe('the operators\u2019 CLI', () => {
       expect(existsSync(path.join(directory, 'shares.age'))).toBe(true)
       const over = await fromThere('seal-shares', '--in', 'shares.json', '--recipient', recipient, '--out', 'shares.age').catch((error: { code: number; stderr: string }) => error)
       expect(over).toMatchObject({ code: 1, stderr: `--out: ${path.join(directory, 'shares.age')} exists; it is not overwritten: name a new file\n` })
+      // An INIT_CWD inherited from another npm script names some other directory: the working directory counts then.
+      const elsewhere = mkdtempSync(path.join(tmpdir(), 'cli-cwd-'))
+      try {
+        await promisify(execFile)(process.execPath, ['--import', pathToFileURL(path.resolve('node_modules/tsx/dist/loader.mjs')).href, path.resolve('enclave-origin/cli.ts'), 'preload-identity', '--out', 'other.txt'], {
+          cwd: elsewhere,
+          env: { ...process.env, npm_lifecycle_event: 'deploy', INIT_CWD: directory },
+          timeout: 30_000,
+        })
+        expect([existsSync(path.join(elsewhere, 'other.txt')), existsSync(path.join(directory, 'other.txt'))]).toEqual([true, false])
+      } finally {
+        rmSync(elsewhere, { recursive: true, force: true })
+      }
     } finally {
       rmSync(directory, { recursive: true, force: true })
     }

@@ -78,9 +78,9 @@ it('refuses preloaded accounts until unlocked, then signs each with its own key'
   // A plain unlock unwraps the data key but brings no identity: the CLI says the accounts still wait, and fails.
   const plain = await cli('unlock').catch((error: { code: number; stdout: string; stderr: string }) => error)
   expect(plain).toMatchObject({ code: 1 })
-  expect(JSON.parse((plain as { stdout: string }).stdout)).toEqual({ ok: true, preloadIdentityNeeded: ['enclave-1'] })
+  expect(JSON.parse((plain as { stdout: string }).stdout)).toEqual({ ok: true, preloadNotServed: [{ enclave: 'enclave-1', reason: 'the preload file is not loaded yet: UNLOCK with its age identity' }] })
   expect((plain as { stderr: string }).stderr).toBe(
-    'the data key is unwrapped, but enclave-1 still serves no preloaded account: a preload enclave needs the identity its share file was sealed to (origin unlock --preload-identity-file F …)\n',
+    'the data key is unwrapped, but these enclaves serve no preloaded account: enclave-1 (the preload file is not loaded yet: UNLOCK with its age identity). Deliver the identity the share file was sealed to: origin unlock --preload-identity-file F …\n',
   )
   expect((await origin.request('GET', '/v1/keys/account-3')).body.error).toContain('preload file is not loaded yet')
 
@@ -133,4 +133,30 @@ it('refuses preloaded accounts until unlocked, then signs each with its own key'
   expect(JSON.parse((await cli('get-key', '--key', 'account-49')).stdout)).toMatchObject({ address: privateKeyToAddress(accounts[49]!.share) })
   expect((await origin.request('GET', '/v1/keys/account-50')).status).toBe(404)
   expect(JSON.parse((await cli('unlock')).stdout)).toEqual({ ok: true })
+})
+
+it('serves a stored key on a preload enclave that restarted and waits for its identity, and gives an unknown id 503 until its accounts are served', async () => {
+  const created = await origin.request('POST', '/v1/keys')
+  expect(created.status).toBe(201)
+  const keyId = created.body.keyId as string
+  await origin.kill('enclave')
+  await origin.startEnclave()
+  /** The answer once the parent has unlocked the restarted enclave (503s with a Retry-After-Ms meanwhile). */
+  const settled = async (request: () => ReturnType<Origin['request']>) => {
+    let answer = await request()
+    for (let attempt = 0; attempt < 20 && answer.status === 503; attempt++) {
+      await new Promise((resolve) => setTimeout(resolve, Number(answer.headers.get('retry-after-ms') ?? 100)))
+      answer = await request()
+    }
+    return answer
+  }
+  // Its record is loaded from the store: the enclave does not hold it, and it cannot be a preloaded account.
+  expect((await settled(() => origin.request('GET', `/v1/keys/${keyId}`))).body).toMatchObject({ keyId, address: created.body.address, state: 'active' })
+  const signed = await settled(() => sign(keyId))
+  expect(signed.status).toBe(200)
+  expect(await recoverAddress({ hash: digest, signature: `${signed.body.signature as Hex}${(27 + Number(signed.body.recoveryId)).toString(16)}` as Hex })).toBe(created.body.address)
+  // An id the store does not hold may be an account of the file not loaded yet: 503, not 404.
+  for (const answer of [await origin.request('GET', '/v1/keys/account-3'), await sign('account-3')]) {
+    expect(answer).toMatchObject({ status: 503, body: { error: expect.stringContaining('preload file is not loaded yet') } })
+  }
 })

@@ -1,5 +1,7 @@
 import { execFile, execFileSync, spawn } from 'node:child_process'
-import { existsSync } from 'node:fs'
+import { existsSync, readdirSync } from 'node:fs'
+import { createServer } from 'node:net'
+import { tmpdir } from 'node:os'
 import { promisify } from 'node:util'
 import { expect, it } from 'vitest'
 import { keccak256, recoverAddress, toHex, type Address, type Hex } from 'viem'
@@ -44,5 +46,21 @@ it('runs the origin on 127.0.0.1 with the settings it prints, and stops everythi
       child.kill('SIGINT')
       await exited
     }
+  }
+})
+
+it('says why it could not start (a port in use), and leaves nothing behind', { timeout: 60_000 }, async () => {
+  const taken = createServer()
+  await new Promise<void>((resolve) => taken.listen(18684, '127.0.0.1', resolve))
+  const storesBefore = readdirSync(tmpdir()).filter((name) => name.startsWith('origin-local-')).length
+  try {
+    const failed = await promisify(execFile)(process.execPath, ['--import', 'tsx', 'scripts/origin-local.ts'], {
+      env: { ...process.env, ORIGIN_LOCAL_PARENT_PORT: '18685', ORIGIN_LOCAL_ENCLAVE_PORT: '18686', ORIGIN_LOCAL_KMS_PORT: '18684' },
+      timeout: 30_000,
+    }).catch((error: { code: number; stdout: string; stderr: string }) => error)
+    expect(failed).toMatchObject({ code: 1, stderr: expect.stringMatching(/^origin:local could not start: .*EADDRINUSE.*18684\n$/) })
+    expect(readdirSync(tmpdir()).filter((name) => name.startsWith('origin-local-')).length).toBe(storesBefore)
+  } finally {
+    await new Promise((resolve) => taken.close(resolve))
   }
 })

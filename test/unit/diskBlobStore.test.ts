@@ -1416,7 +1416,7 @@ describe('one process per store', () => {
     await rm(join(directory, LOCK_FILE_NAME))
   })
 
-  it('shares one release among callers: a second call made while the first runs resolves only once the lock is gone', async () => {
+  it('resolves a second release, called while the first runs, only once the lock is gone', async () => {
     const lock = await lockDirectory(directory)
     const first = lock.release()
     await lock.release()

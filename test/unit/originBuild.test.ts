@@ -40,6 +40,7 @@ describe('the enclave origin build', () => {
     // Settings named in their refusals, before the signing threads start: a listen address, and a preload file that cannot be read.
     expect(enclave({ KMS_KEY_ID: 'alias/any', ENCLAVE_LISTEN: '19412' })).toEqual({ status: 1, stderr: 'ENCLAVE_LISTEN: 19412 is neither host:port nor a Unix socket path (one with a /)' })
     expect(enclave({ KMS_KEY_ID: 'alias/any', PRELOAD_FILE: '/nonexistent/shares.age' })).toEqual({ status: 1, stderr: 'PRELOAD_FILE: cannot read /nonexistent/shares.age: ENOENT' })
+    expect(enclave({ KMS_KEY_ID: 'alias/any', PRELOAD_FILE: path.dirname(outdir) })).toEqual({ status: 1, stderr: `PRELOAD_FILE: ${path.dirname(outdir)} is not a file` })
   })
 
   it('signs on the engine\u2019s worker thread, whose script it carries next to the engine', async () => {
