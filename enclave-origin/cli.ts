@@ -12,9 +12,10 @@
  */
 import { X509Certificate } from 'node:crypto'
 import { readFileSync, writeFileSync, writeSync } from 'node:fs'
+import { resolve } from 'node:path'
 import { request as httpRequest, type IncomingHttpHeaders } from 'node:http'
 import { request as httpsRequest } from 'node:https'
-import { integerSetting, logLine, pathFromCaller, setting, wholeNumberIn } from './config.js'
+import { integerSetting, logLine, setting, wholeNumberIn } from './config.js'
 import { jsonObjectOf, messageOf, parseJsonQuietly } from './errors.js'
 import { generatePreloadIdentity, sealPreloadIdentity, sealShareFile, type RecipientTrust, type ShareFileEntry } from './preloadFiles.js'
 import { runEnclave } from './enclave/main.js'
@@ -71,8 +72,8 @@ function connectionToParent(): ParentConnection {
   if (!https && protocol !== 'http:') throw new Error(`ORIGIN_URL must be an http:// or https:// URL, got ${base}`)
   if (!https && tlsSettings.some((name) => process.env[name])) throw new Error(`${tlsSettings.join(', ')} are for an https:// ORIGIN_URL, and ${base} is not one`)
   const file = (name: string) => {
-    if (!process.env[name]) return undefined
-    const path = pathFromCaller(process.env[name])
+    const path = process.env[name]
+    if (!path) return undefined
     try {
       return readFileSync(path)
     } catch (error) {
@@ -395,10 +396,17 @@ function wholeNumberOption(given: Given, name: string, fallback?: number, max = 
   return value
 }
 
-/** A file option's path, a relative one from the directory the command was run from (see `pathFromCaller`). */
+/**
+ * A file option's path, a relative one taken from the directory the command was run from: `npm run origin …` runs
+ * it in the project's root, and npm names the directory it was run from in INIT_CWD. Only under that script: an
+ * INIT_CWD inherited from another npm script names some other directory. (Settings, which a unit file or an image
+ * gives, are paths as the process sees them.)
+ */
 function pathOption(given: Given, name: string): string | undefined {
   const value = given.value(name)
-  return value === undefined ? undefined : pathFromCaller(value)
+  if (value === undefined) return undefined
+  const base = process.env.npm_lifecycle_event === 'origin' ? process.env.INIT_CWD : undefined
+  return resolve(base ?? process.cwd(), value)
 }
 
 /** The file an option names, read; a failure says which option and why (ENOENT, EACCES, …). */

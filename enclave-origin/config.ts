@@ -1,4 +1,3 @@
-import { resolve } from 'node:path'
 import { messageOf } from './errors.js'
 import { minimumHmacSecretBytes } from './protocol/requestSigning.js'
 import { parseVsockAddress } from './protocol/vsock.js'
@@ -65,16 +64,6 @@ export function listenAddress(value: string): StreamAddress {
     throw new Error(value.includes(':') ? `${value}: an IPv6 address goes in brackets, with its port: [::1]:7000` : `${value} is neither host:port nor a Unix socket path (one with a /)`)
   }
   return { path: value }
-}
-
-/**
- * A path an operator gave (a file option or setting), a relative one taken from the directory the command was run
- * from: `npm run origin …` runs it in the project's root and names the caller's directory in INIT_CWD. Only under
- * that script: an INIT_CWD inherited from another npm script names some other directory.
- */
-export function pathFromCaller(path: string): string {
-  const base = process.env.npm_lifecycle_event === 'origin' ? process.env.INIT_CWD : undefined
-  return resolve(base ?? process.cwd(), path)
 }
 
 /** The address a setting gives (see `listenAddress`); one that is not an address is refused with the setting's name. */

@@ -59,9 +59,9 @@ try {
     onOutput: printLines,
   })
 } catch (error) {
-  await stop()
-  // A port in use, say: the ORIGIN_LOCAL_*_PORT settings move them.
+  // A port in use, say: the ORIGIN_LOCAL_*_PORT settings move them. Said before the cleanup, which could fail too.
   console.error(`origin:local could not start: ${error instanceof Error ? error.message : String(error)}`)
+  await stop().catch((stopping: unknown) => console.error(`and stopping what had started failed: ${stopping instanceof Error ? stopping.message : String(stopping)}`))
   process.exit(1)
 }
 console.log(

@@ -1,5 +1,6 @@
-import { open } from 'node:fs/promises'
-import { addressSetting, choiceSetting, formatLogLine, integerSetting, optionalSetting, pathFromCaller, setting } from '../config.js'
+import { constants } from 'node:fs'
+import { access, stat } from 'node:fs/promises'
+import { addressSetting, choiceSetting, formatLogLine, integerSetting, optionalSetting, setting } from '../config.js'
 import { messageOf } from '../errors.js'
 import { keepRequestObjectsYoung } from '../heapTuning.js'
 import { developmentAttestation, KmsDataKeys } from './dataKey.js'
@@ -47,18 +48,15 @@ export async function runEnclave(): Promise<() => Promise<void>> {
   // Checked before anything starts: a bad one must not wait for the signing threads.
   const address = addressSetting('ENCLAVE_LISTEN', setting('ENCLAVE_LISTEN', '127.0.0.1:7000'))
   const maxConnections = integerSetting('ENCLAVE_MAX_CONNECTIONS', { min: 1, max: 65_536, fallback: 256 })
-  const preloadSetting = optionalSetting('PRELOAD_FILE')
-  const preloadFile = preloadSetting === undefined ? undefined : pathFromCaller(preloadSetting)
+  const preloadFile = optionalSetting('PRELOAD_FILE')
   // Read only once an unlock brings its identity; a path that names no readable file is said now, not then.
   if (preloadFile !== undefined) {
-    const file = await open(preloadFile, 'r').catch((error: NodeJS.ErrnoException) => {
+    // Looked at, not opened: opening a FIFO would wait for a writer.
+    const cannotRead = (error: NodeJS.ErrnoException) => {
       throw new Error(`PRELOAD_FILE: cannot read ${preloadFile}: ${error.code ?? messageOf(error)}`)
-    })
-    try {
-      if (!(await file.stat()).isFile()) throw new Error(`PRELOAD_FILE: ${preloadFile} is not a file`)
-    } finally {
-      await file.close()
     }
+    if (!(await stat(preloadFile).catch(cannotRead)).isFile()) throw new Error(`PRELOAD_FILE: ${preloadFile} is not a file`)
+    await access(preloadFile, constants.R_OK).catch(cannotRead)
   }
   const kmsTunnel = optionalSetting('KMS_TUNNEL')
   const credentials = new DeliveredCredentials()

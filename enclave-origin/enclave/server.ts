@@ -162,7 +162,7 @@ export class EnclaveService {
 
   /** A key id neither held nor preloaded: not found, unless the preloaded accounts are not served, when it may be one of them. */
   private notHeld(keyId: string): Answer {
-    return this.preloadRefusal ? fail(statuses.NOT_FOUND_PRELOAD_PENDING, this.preloadRefusal) : fail(statuses.NOT_FOUND, `no key ${keyId}`)
+    return this.preloadRefusal ? fail(statuses.NOT_FOUND_PRELOAD_NOT_SERVED, this.preloadRefusal) : fail(statuses.NOT_FOUND, `no key ${keyId}`)
   }
 
   /** Loads the preload file; on any failure nothing preloaded is served, and `preloadRefusal` says why. */

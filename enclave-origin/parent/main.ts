@@ -1,5 +1,6 @@
 import { readFileSync } from 'node:fs'
-import { addressSetting, choiceSetting, enclavesSetting, hmacKeysSetting, integerSetting, logLine, optionalSetting, pathFromCaller, parentTlsSetting, setting, signOnlyKeyIdsSetting } from '../config.js'
+import { resolve } from 'node:path'
+import { addressSetting, choiceSetting, enclavesSetting, hmacKeysSetting, integerSetting, logLine, optionalSetting, parentTlsSetting, setting, signOnlyKeyIdsSetting } from '../config.js'
 import { messageOf } from '../errors.js'
 import { keepRequestObjectsYoung } from '../heapTuning.js'
 import { nodeHashing } from '../protocol/nodeHashing.js'
@@ -35,7 +36,7 @@ export async function runParent(): Promise<() => Promise<void>> {
   // this one refuses; it listens once that time has passed (starting the enclaves mostly takes it anyway).
   const verifier = new RequestVerifier({ secrets, hashing: nodeHashing })
   const verifierMadeAt = performance.now()
-  const tls = parentTlsSetting((file) => readFileSync(pathFromCaller(file), 'utf8'))
+  const tls = parentTlsSetting((file) => readFileSync(file, 'utf8'))
   const maxInflightPerEnclave = integerSetting('MAX_INFLIGHT_PER_ENCLAVE', { min: 1, max: 1_000_000, fallback: 1_024 })
   const maxConnections = integerSetting('MAX_CONNECTIONS', { min: 1, max: 1_000_000, fallback: 10_000 })
   const address = parentListenAddress('PARENT_LISTEN', setting('PARENT_LISTEN', '127.0.0.1:8443'))
@@ -62,7 +63,7 @@ export async function runParent(): Promise<() => Promise<void>> {
           bucket: setting('S3_BUCKET'),
           prefix: process.env.S3_PREFIX ?? '',
         }
-      : { kind: 'disk' as const, directory: pathFromCaller(setting('STORE_DIR')) }
+      : { kind: 'disk' as const, directory: setting('STORE_DIR') }
   // Only now, every setting read: the store is opened (a disk store replayed and locked) once they all check out.
   const store =
     storeSettings.kind === 's3'
@@ -96,7 +97,9 @@ export async function runParent(): Promise<() => Promise<void>> {
     })
   }
   await servers.clients.listen(address)
-  logLine({ event: 'parent_listening', address, ...(operatorAddress && { operatorAddress }), enclaves: enclaves.map((e) => e.id), tls: Boolean(tls) })
+  // Where the keys are, in full: a relative STORE_DIR read from another directory would be a new, empty store.
+  const storeAt = storeSettings.kind === 's3' ? { bucket: storeSettings.bucket, prefix: storeSettings.prefix } : { directory: resolve(storeSettings.directory) }
+  logLine({ event: 'parent_listening', address, ...(operatorAddress && { operatorAddress }), enclaves: enclaves.map((e) => e.id), tls: Boolean(tls), store: { kind: storeSettings.kind, ...storeAt } })
   return async () => {
     // Requests in flight (a create whose record is durable, a signature) are answered, not cut off.
     await Promise.all([servers.clients, servers.operators].filter((server) => server.listening).map((server) => server.close({ drainMs: 5_000 })))

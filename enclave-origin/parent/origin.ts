@@ -319,7 +319,7 @@ export class OriginParent {
         throw new OriginRequestError('bad-request', decodeErrorMessage(frame.payload))
       case statuses.UNAVAILABLE:
       // Not a stored key (`callReloading` found no record): perhaps a preloaded account, not served yet.
-      case statuses.NOT_FOUND_PRELOAD_PENDING:
+      case statuses.NOT_FOUND_PRELOAD_NOT_SERVED:
         throw new OriginRequestError('unavailable', decodeErrorMessage(frame.payload))
       case statuses.STALE:
         throw new StaleRequestError(`the enclave refused a stale request: ${decodeErrorMessage(frame.payload)}`)
@@ -989,7 +989,7 @@ export class OriginParent {
    */
   private async callReloading({ enclave, keyId, opcode, payload }: { enclave: Enclave; keyId: string; opcode: Opcode; payload: Uint8Array }): Promise<Frame> {
     const frame = await this.call(enclave, opcode, payload)
-    const notHeld = frame.status === statuses.NOT_FOUND || frame.status === statuses.NOT_FOUND_PRELOAD_PENDING
+    const notHeld = frame.status === statuses.NOT_FOUND || frame.status === statuses.NOT_FOUND_PRELOAD_NOT_SERVED
     return notHeld && (await this.reloadForUse(keyId, enclave, { placeHeld: true })) ? this.call(enclave, opcode, payload) : frame
   }
 

@@ -43,7 +43,7 @@ export const statuses = {
    * A SIGN or GET for a key id the enclave does not hold while its preloaded accounts are not served (their file not
    * loaded yet, or refused): it may be a stored key the enclave lost (a restart), or one of those accounts.
    */
-  NOT_FOUND_PRELOAD_PENDING: 8,
+  NOT_FOUND_PRELOAD_NOT_SERVED: 8,
 } as const
 export type Status = (typeof statuses)[keyof typeof statuses]
 

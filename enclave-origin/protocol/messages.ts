@@ -409,8 +409,8 @@ export function decodeNeedsUnlock(payload: Uint8Array): NeedsUnlockResponse {
 }
 
 /**
- * Payload of NOT_FOUND, NOT_ACTIVE, BAD_REQUEST, INTERNAL, UNAVAILABLE and STALE
- * answers. Truncated (at a character boundary) rather than refused: an error
+ * Payload of NOT_FOUND, NOT_ACTIVE, BAD_REQUEST, INTERNAL, UNAVAILABLE, STALE and
+ * NOT_FOUND_PRELOAD_NOT_SERVED answers. Truncated (at a character boundary) rather than refused: an error
  * path must always be able to answer.
  */
 export function encodeErrorMessage(message: string): Uint8Array {

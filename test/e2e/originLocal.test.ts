@@ -49,17 +49,22 @@ it('runs the origin on 127.0.0.1 with the settings it prints, and stops everythi
   }
 })
 
-it('says why it could not start (a port in use), and leaves nothing behind', { timeout: 60_000 }, async () => {
+it('says why it could not start (a port in use), and leaves nothing behind: no store, no local KMS', { timeout: 60_000 }, async () => {
+  // The enclave's port: the local KMS and the store are made by then, and must go.
   const taken = createServer()
-  await new Promise<void>((resolve) => taken.listen(18684, '127.0.0.1', resolve))
+  await new Promise<void>((resolve) => taken.listen(18686, '127.0.0.1', resolve))
   const storesBefore = readdirSync(tmpdir()).filter((name) => name.startsWith('origin-local-')).length
   try {
     const failed = await promisify(execFile)(process.execPath, ['--import', 'tsx', 'scripts/origin-local.ts'], {
       env: { ...process.env, ORIGIN_LOCAL_PARENT_PORT: '18685', ORIGIN_LOCAL_ENCLAVE_PORT: '18686', ORIGIN_LOCAL_KMS_PORT: '18684' },
-      timeout: 30_000,
+      timeout: 60_000,
     }).catch((error: { code: number; stdout: string; stderr: string }) => error)
-    expect(failed).toMatchObject({ code: 1, stderr: expect.stringMatching(/^origin:local could not start: .*EADDRINUSE.*18684\n$/) })
+    expect(failed).toMatchObject({ code: 1, stderr: expect.stringMatching(/^origin:local could not start: the enclave did not start:[\s\S]*EADDRINUSE/) })
     expect(readdirSync(tmpdir()).filter((name) => name.startsWith('origin-local-')).length).toBe(storesBefore)
+    // The local KMS's port is free again.
+    const kmsPort = createServer()
+    await new Promise<void>((resolve, reject) => kmsPort.once('error', reject).listen(18684, '127.0.0.1', resolve))
+    await new Promise((resolve) => kmsPort.close(resolve))
   } finally {
     await new Promise((resolve) => taken.close(resolve))
   }
