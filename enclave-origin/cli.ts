@@ -77,7 +77,7 @@ function connectionToParent(): ParentConnection {
     try {
       return readFileSync(path)
     } catch (error) {
-      throw new Error(`${name}: cannot read ${path}: ${(error as NodeJS.ErrnoException).code ?? messageOf(error)}`)
+      throw new Error(`${name}: cannot read ${resolve(path)}: ${(error as NodeJS.ErrnoException).code ?? messageOf(error)}`)
     }
   }
   const [cert, key] = [file('ORIGIN_TLS_CERT_FILE'), file('ORIGIN_TLS_KEY_FILE')]
@@ -399,8 +399,8 @@ function wholeNumberOption(given: Given, name: string, fallback?: number, max = 
 /**
  * A file option's path, a relative one taken from the directory the command was run from: `npm run origin …` runs
  * it in the project's root, and npm names the directory it was run from in INIT_CWD. Only under that script: an
- * INIT_CWD inherited from another npm script names some other directory. (Settings, which a unit file or an image
- * gives, are paths as the process sees them.)
+ * INIT_CWD inherited from another npm script names some other directory. (Settings, environment variables exported
+ * in a shell or given by a unit file, are paths as the process sees them.)
  */
 function pathOption(given: Given, name: string): string | undefined {
   const value = given.value(name)

@@ -1,5 +1,6 @@
 import { constants } from 'node:fs'
 import { access, stat } from 'node:fs/promises'
+import { resolve } from 'node:path'
 import { addressSetting, choiceSetting, formatLogLine, integerSetting, optionalSetting, setting } from '../config.js'
 import { messageOf } from '../errors.js'
 import { keepRequestObjectsYoung } from '../heapTuning.js'
@@ -51,11 +52,11 @@ export async function runEnclave(): Promise<() => Promise<void>> {
   const preloadFile = optionalSetting('PRELOAD_FILE')
   // Read only once an unlock brings its identity; a path that names no readable file is said now, not then.
   if (preloadFile !== undefined) {
-    // Looked at, not opened: opening a FIFO would wait for a writer.
+    // Looked at, not opened: opening a FIFO would wait for a writer. Named in full: a relative one is the cwd's.
     const cannotRead = (error: NodeJS.ErrnoException) => {
-      throw new Error(`PRELOAD_FILE: cannot read ${preloadFile}: ${error.code ?? messageOf(error)}`)
+      throw new Error(`PRELOAD_FILE: cannot read ${resolve(preloadFile)}: ${error.code ?? messageOf(error)}`)
     }
-    if (!(await stat(preloadFile).catch(cannotRead)).isFile()) throw new Error(`PRELOAD_FILE: ${preloadFile} is not a file`)
+    if (!(await stat(preloadFile).catch(cannotRead)).isFile()) throw new Error(`PRELOAD_FILE: ${resolve(preloadFile)} is not a file`)
     await access(preloadFile, constants.R_OK).catch(cannotRead)
   }
   const kmsTunnel = optionalSetting('KMS_TUNNEL')

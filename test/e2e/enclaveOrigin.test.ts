@@ -50,6 +50,16 @@ async function signWithOrigin(keyId: string, digest: Hex) {
   return origin.request('POST', `/v1/keys/${keyId}/sign`, { digest })
 }
 
+/** A log line's fields; undefined for a line that is not a JSON object. */
+function jsonLine(line: string): Record<string, unknown> | undefined {
+  try {
+    const parsed: unknown = JSON.parse(line)
+    return typeof parsed === 'object' && parsed !== null ? (parsed as Record<string, unknown>) : undefined
+  } catch {
+    return undefined
+  }
+}
+
 async function recovered(digest: Hex, answer: { signature: unknown; recoveryId: unknown }): Promise<Address> {
   return recoverAddress({ hash: digest, signature: `${answer.signature as Hex}${(27 + Number(answer.recoveryId)).toString(16)}` as Hex })
 }
@@ -128,6 +138,21 @@ describe('the enclave origin API', () => {
     expect(large.status).toBe(413)
     expect(await large.json()).toEqual({ error: 'body too large (limit 16384 bytes)' })
     expect((await origin.request('GET', `/v1/keys/${body.keyId}`)).status).toBe(200)
+  })
+
+  it('takes a relative STORE_DIR from its working directory, not from INIT_CWD, and names its store in full when it listens', async () => {
+    const { body } = await origin.request('POST', '/v1/keys')
+    await origin.kill('parent')
+    // As under `npm run origin parent` run from another directory: a setting is still the process's own path.
+    await origin.startParent({ STORE_DIR: path.relative(process.cwd(), storeDir), npm_lifecycle_event: 'origin', INIT_CWD: tmpdir() })
+    const listening = origin
+      .output('parent')
+      .split('\n')
+      .map((line) => jsonLine(line))
+      .find((line) => line?.event === 'parent_listening')
+    expect(listening?.store).toEqual({ kind: 'disk', directory: storeDir })
+    const digest = keccak256(toHex('the same store'))
+    expect(await recovered(digest, (await signWithOrigin(body.keyId as string, digest)).body as never)).toBe(body.address)
   })
 
   it('an enclave restarted alone has lost keys and data key: the parent reloads the key, answers 503 with a Retry-After while it unlocks, then signs', async () => {

@@ -28,7 +28,7 @@ describe('the enclave origin build', () => {
     expect(printed.recipient).toMatch(/^age1[0-9a-z]+$/)
   })
 
-  it('refuses to start a production enclave without a Nitro Secure Module, a profile it does not know, and settings it cannot use', () => {
+  it('refuses to start a production enclave without a Nitro Secure Module, a profile it does not know, and settings it cannot use', { timeout: 60_000 }, () => {
     const enclave = (env: Record<string, string>) => {
       const run = spawnSync(process.execPath, [path.join(outdir, 'cli.js'), 'enclave'], { env: { PATH: process.env.PATH, ...env }, encoding: 'utf8', timeout: 30_000 })
       return { status: run.status, stderr: run.stderr.trim() }
@@ -41,6 +41,11 @@ describe('the enclave origin build', () => {
     expect(enclave({ KMS_KEY_ID: 'alias/any', ENCLAVE_LISTEN: '19412' })).toEqual({ status: 1, stderr: 'ENCLAVE_LISTEN: 19412 is neither host:port nor a Unix socket path (one with a /)' })
     expect(enclave({ KMS_KEY_ID: 'alias/any', PRELOAD_FILE: '/nonexistent/shares.age' })).toEqual({ status: 1, stderr: 'PRELOAD_FILE: cannot read /nonexistent/shares.age: ENOENT' })
     expect(enclave({ KMS_KEY_ID: 'alias/any', PRELOAD_FILE: path.dirname(outdir) })).toEqual({ status: 1, stderr: `PRELOAD_FILE: ${path.dirname(outdir)} is not a file` })
+    // A FIFO with no writer: opened, it would hold the start for good.
+    const fifo = path.join(path.dirname(outdir), 'shares.fifo')
+    execFileSync('mkfifo', [fifo])
+    expect(enclave({ KMS_KEY_ID: 'alias/any', PRELOAD_FILE: fifo })).toEqual({ status: 1, stderr: `PRELOAD_FILE: ${fifo} is not a file` })
+    rmSync(fifo)
   })
 
   it('signs on the engine\u2019s worker thread, whose script it carries next to the engine', async () => {
