@@ -16,10 +16,14 @@ import { fileURLToPath } from 'node:url'
 import { startLocalKms, type LocalKms } from '../test/support/kmsServer.js'
 import { startOrigin, symmetricKmsKey, type Origin } from '../test/support/origin.js'
 
+/** A port setting; a bad one ends the run before anything starts, saying which. */
 function portSetting(name: string, fallback: number): number {
   const raw = process.env[name] ?? String(fallback)
   const port = Number(raw)
-  if (!/^\d+$/.test(raw) || port < 1 || port > 65_535) throw new Error(`${name} must be a port from 1 to 65535, got ${raw}`)
+  if (!/^\d+$/.test(raw) || port < 1 || port > 65_535) {
+    console.error(`${name} must be a port from 1 to 65535, got ${raw}`)
+    process.exit(2)
+  }
   return port
 }
 

@@ -71,3 +71,10 @@ it('says why it could not start (a port in use), and leaves no store behind', { 
     await new Promise((resolve) => taken.close(resolve))
   }
 })
+
+it('refuses a port setting that is not a port, before it starts anything', async () => {
+  const refused = await promisify(execFile)(process.execPath, ['--import', 'tsx', 'scripts/origin-local.ts'], { env: { ...process.env, ORIGIN_LOCAL_KMS_PORT: '99999' }, timeout: 30_000 }).catch(
+    (error: { code: number; stdout: string; stderr: string }) => error,
+  )
+  expect(refused).toMatchObject({ code: 2, stdout: '', stderr: 'ORIGIN_LOCAL_KMS_PORT must be a port from 1 to 65535, got 99999\n' })
+})
