@@ -10,7 +10,7 @@ import { keccak256, recoverAddress, toHex, type Address, type Hex } from 'viem'
  * `npm run origin:local` (README, "Enclave origin"): the local KMS, an enclave and a parent from the build, whose
  * printed settings the CLI works with as they stand, and which Ctrl-C stops, its store removed.
  */
-// Both tests run the build, as `npm run origin:local` does after building.
+// The build that `npm run origin:local` makes first, which the script runs.
 beforeAll(() => {
   execFileSync(process.execPath, ['scripts/build-origin.mjs'], { stdio: 'pipe' })
 }, 120_000)
