@@ -141,10 +141,15 @@ describe('the enclave origin API', () => {
   })
 
   it('takes a relative STORE_DIR from its working directory, not from INIT_CWD, and names its store in full when it listens', async () => {
+    // As under `npm run origin parent` run from a directory below the project's: a setting is still the process's own
+    // path. Taken from INIT_CWD, it would name another directory (one level deeper, wherever the checkout is): a new,
+    // empty store.
+    const relative = path.relative(process.cwd(), storeDir)
+    const initCwd = path.join(process.cwd(), 'elsewhere')
+    expect(path.resolve(initCwd, relative)).not.toBe(storeDir)
     const { body } = await origin.request('POST', '/v1/keys')
     await origin.kill('parent')
-    // As under `npm run origin parent` run from another directory: a setting is still the process's own path.
-    await origin.startParent({ STORE_DIR: path.relative(process.cwd(), storeDir), npm_lifecycle_event: 'origin', INIT_CWD: tmpdir() })
+    await origin.startParent({ STORE_DIR: relative, npm_lifecycle_event: 'origin', INIT_CWD: initCwd })
     const listening = origin
       .output('parent')
       .split('\n')

@@ -44,8 +44,11 @@ describe('the enclave origin build', () => {
     // A FIFO with no writer: opened, it would hold the start for good.
     const fifo = path.join(path.dirname(outdir), 'shares.fifo')
     execFileSync('mkfifo', [fifo])
-    expect(enclave({ KMS_KEY_ID: 'alias/any', PRELOAD_FILE: fifo })).toEqual({ status: 1, stderr: `PRELOAD_FILE: ${fifo} is not a file` })
-    rmSync(fifo)
+    try {
+      expect(enclave({ KMS_KEY_ID: 'alias/any', PRELOAD_FILE: fifo })).toEqual({ status: 1, stderr: `PRELOAD_FILE: ${fifo} is not a file` })
+    } finally {
+      rmSync(fifo)
+    }
   })
 
   it('signs on the engine\u2019s worker thread, whose script it carries next to the engine', async () => {
