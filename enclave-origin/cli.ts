@@ -16,7 +16,7 @@ import { resolve } from 'node:path'
 import { request as httpRequest, type IncomingHttpHeaders } from 'node:http'
 import { request as httpsRequest } from 'node:https'
 import { integerSetting, logLine, setting, wholeNumberIn } from './config.js'
-import { jsonObjectOf, messageOf, parseJsonQuietly } from './errors.js'
+import { codeOf, jsonObjectOf, messageOf, parseJsonQuietly } from './errors.js'
 import { generatePreloadIdentity, sealPreloadIdentity, sealShareFile, type RecipientTrust, type ShareFileEntry } from './preloadFiles.js'
 import { runEnclave } from './enclave/main.js'
 import { runParent } from './parent/main.js'
@@ -71,15 +71,7 @@ function connectionToParent(): ParentConnection {
   const https = protocol === 'https:'
   if (!https && protocol !== 'http:') throw new Error(`ORIGIN_URL must be an http:// or https:// URL, got ${base}`)
   if (!https && tlsSettings.some((name) => process.env[name])) throw new Error(`${tlsSettings.join(', ')} are for an https:// ORIGIN_URL, and ${base} is not one`)
-  const file = (name: string) => {
-    const path = process.env[name]
-    if (!path) return undefined
-    try {
-      return readFileSync(path)
-    } catch (error) {
-      throw new Error(`${name}: cannot read ${resolve(path)}: ${(error as NodeJS.ErrnoException).code ?? messageOf(error)}`)
-    }
-  }
+  const file = (name: string) => (process.env[name] ? readNamedFile(name, process.env[name]) : undefined)
   const [cert, key] = [file('ORIGIN_TLS_CERT_FILE'), file('ORIGIN_TLS_KEY_FILE')]
   if (Boolean(cert) !== Boolean(key)) throw new Error('ORIGIN_TLS_CERT_FILE and ORIGIN_TLS_KEY_FILE go together: a client certificate and its key')
   return (parentConnection = { base, https, tls: https ? { ca: file('ORIGIN_TLS_CA_FILE'), cert, key } : {} })
@@ -292,7 +284,7 @@ async function createKeys(count: number, concurrency: number): Promise<void> {
         writing.delete(line)
         if (error) {
           unprinted.push(line)
-          failure ??= new Error(`stdout would not take a key's line (${(error as NodeJS.ErrnoException).code ?? error.message})`)
+          failure ??= new Error(`stdout would not take a key's line (${codeOf(error)})`)
         }
         resolve()
       })
@@ -409,12 +401,12 @@ function pathOption(given: Given, name: string): string | undefined {
   return resolve(base ?? process.cwd(), value)
 }
 
-/** The file an option names, read; a failure says which option and why (ENOENT, EACCES, …). */
-function readOptionFile(name: string, path: string): Buffer {
+/** A file an operator named (`what`: the option or setting), read; a failure says which, the path in full, and why. */
+function readNamedFile(what: string, path: string): Buffer {
   try {
     return readFileSync(path)
   } catch (error) {
-    throw new Error(`--${name}: cannot read ${path}: ${(error as NodeJS.ErrnoException).code ?? messageOf(error)}`)
+    throw new Error(`${what}: cannot read ${resolve(path)}: ${codeOf(error)}`)
   }
 }
 
@@ -423,8 +415,8 @@ function writeNewOptionFile(name: string, path: string, data: string | Uint8Arra
   try {
     writeFileSync(path, data, { mode, flag: 'wx' })
   } catch (error) {
-    const code = (error as NodeJS.ErrnoException).code
-    throw new Error(code === 'EEXIST' ? `--${name}: ${path} exists; it is not overwritten: name a new file` : `--${name}: cannot write ${path}: ${code ?? messageOf(error)}`)
+    const code = codeOf(error)
+    throw new Error(code === 'EEXIST' ? `--${name}: ${path} exists; it is not overwritten: name a new file` : `--${name}: cannot write ${path}: ${code}`)
   }
 }
 
@@ -440,11 +432,12 @@ function recipientTrust(given: Given): RecipientTrust {
     throw new Error('--preload-identity-file needs --nitro-root-file (the AWS Nitro root certificate, PEM) and --pcr0 (the enclave image), or, for development enclaves, --allow-unattested')
   }
   if (!/^([0-9a-fA-F]{2}){32,64}$/.test(pcr0)) throw new Error('--pcr0 must be the image measurement in hex')
+  const certificate = readNamedFile('--nitro-root-file', rootFile)
   let root: X509Certificate
   try {
-    root = new X509Certificate(readOptionFile('nitro-root-file', rootFile))
-  } catch (error) {
-    throw error instanceof Error && error.message.startsWith('--') ? error : new Error(`--nitro-root-file: ${rootFile} is not a certificate (PEM or DER)`)
+    root = new X509Certificate(certificate)
+  } catch {
+    throw new Error(`--nitro-root-file: ${rootFile} is not a certificate (PEM or DER)`)
   }
   return { roots: [root], pcr0: Buffer.from(pcr0, 'hex') }
 }
@@ -464,7 +457,7 @@ const ageIdentity = /^AGE-SECRET-KEY-(?:PQ-)?1[0-9A-Z]+$/
  * anything is sent: the enclave would refuse it only after a round trip.
  */
 function readIdentityFile(file: string): string {
-  const text = readOptionFile('preload-identity-file', file).toString('utf8').trim()
+  const text = readNamedFile('--preload-identity-file', file).toString('utf8').trim()
   const printed = text.startsWith('{') ? jsonObjectOf(text)?.identity : undefined
   const lines = typeof printed === 'string' ? [printed] : text.split('\n').map((line) => line.trim()).filter((line) => line !== '' && !line.startsWith('#'))
   if (lines.length !== 1 || !ageIdentity.test(lines[0]!)) {
@@ -574,7 +567,7 @@ const commands: Record<string, Command> = {
         if (!value) throw new Error('seal-shares needs --in (the share file, JSON), --out and --recipient (age1…)')
         return value
       }) as [string, string, string]
-      const entries = parseJsonQuietly(readOptionFile('in', input).toString('utf8'), `the share file ${input}`) as ShareFileEntry[]
+      const entries = parseJsonQuietly(readNamedFile('--in', input).toString('utf8'), `the share file ${input}`) as ShareFileEntry[]
       writeNewOptionFile('out', output, await sealShareFile({ entries, recipient }))
       console.error(`sealed ${entries.length} entries`)
     },

@@ -3,6 +3,12 @@ export function messageOf(error: unknown): string {
   return error instanceof Error ? error.message : String(error)
 }
 
+/** A file operation's failure as an operator reads it: its code (ENOENT, EACCES, …), else its message. */
+export function codeOf(error: unknown): string {
+  const code = (error as { code?: unknown } | undefined)?.code
+  return typeof code === 'string' ? code : messageOf(error)
+}
+
 /** The JSON object `text` holds, or undefined for anything else (not JSON, or an array or a value). */
 export function jsonObjectOf(text: string): Record<string, unknown> | undefined {
   try {

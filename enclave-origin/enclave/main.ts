@@ -2,7 +2,7 @@ import { constants } from 'node:fs'
 import { access, stat } from 'node:fs/promises'
 import { resolve } from 'node:path'
 import { addressSetting, choiceSetting, formatLogLine, integerSetting, optionalSetting, setting } from '../config.js'
-import { messageOf } from '../errors.js'
+import { codeOf } from '../errors.js'
 import { keepRequestObjectsYoung } from '../heapTuning.js'
 import { developmentAttestation, KmsDataKeys } from './dataKey.js'
 import { DeliveredCredentials } from './deliveredCredentials.js'
@@ -53,8 +53,8 @@ export async function runEnclave(): Promise<() => Promise<void>> {
   // Read only once an unlock brings its identity; a path that names no readable file is said now, not then.
   if (preloadFile !== undefined) {
     // Looked at, not opened: opening a FIFO would wait for a writer. Named in full: a relative one is the cwd's.
-    const cannotRead = (error: NodeJS.ErrnoException) => {
-      throw new Error(`PRELOAD_FILE: cannot read ${resolve(preloadFile)}: ${error.code ?? messageOf(error)}`)
+    const cannotRead = (error: unknown) => {
+      throw new Error(`PRELOAD_FILE: cannot read ${resolve(preloadFile)}: ${codeOf(error)}`)
     }
     if (!(await stat(preloadFile).catch(cannotRead)).isFile()) throw new Error(`PRELOAD_FILE: ${resolve(preloadFile)} is not a file`)
     await access(preloadFile, constants.R_OK).catch(cannotRead)

@@ -7,13 +7,14 @@ import { tmpdir } from 'node:os'
 import path from 'node:path'
 import { pathToFileURL } from 'node:url'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
-import { getAddress, keccak256, recoverAddress, toHex, type Address, type Hex } from 'viem'
+import { getAddress, keccak256, toHex, type Address, type Hex } from 'viem'
+import { jsonObjectOf } from '../../enclave-origin/errors.js'
 import { startAnvil, type Anvil } from '../support/anvil.js'
 import { deployDevnet, devnetChainConfig, type Devnet } from '../support/devnet.js'
 import { prepareSponsored, signAndSubmit } from '../support/e2eFlow.js'
 import { startLocalKms, type LocalKms } from '../support/kmsServer.js'
 import { mutated, strangeValue } from '../support/mutations.js'
-import { originHmac, startOrigin, symmetricKmsKey, workerHmac, type Origin } from '../support/origin.js'
+import { originHmac, recoveredFromAnswer, startOrigin, symmetricKmsKey, workerHmac, type Origin } from '../support/origin.js'
 import { seededRandom } from '../support/seededRandom.js'
 import { startWorker } from '../support/wranglerDev.js'
 
@@ -50,20 +51,6 @@ async function signWithOrigin(keyId: string, digest: Hex) {
   return origin.request('POST', `/v1/keys/${keyId}/sign`, { digest })
 }
 
-/** A log line's fields; undefined for a line that is not a JSON object. */
-function jsonLine(line: string): Record<string, unknown> | undefined {
-  try {
-    const parsed: unknown = JSON.parse(line)
-    return typeof parsed === 'object' && parsed !== null ? (parsed as Record<string, unknown>) : undefined
-  } catch {
-    return undefined
-  }
-}
-
-async function recovered(digest: Hex, answer: { signature: unknown; recoveryId: unknown }): Promise<Address> {
-  return recoverAddress({ hash: digest, signature: `${answer.signature as Hex}${(27 + Number(answer.recoveryId)).toString(16)}` as Hex })
-}
-
 describe('the enclave origin API', () => {
   it('creates a key inside the enclave and signs with it; the signature recovers to the returned address', async () => {
     const created = await origin.request('POST', '/v1/keys')
@@ -71,7 +58,7 @@ describe('the enclave origin API', () => {
     const digest = keccak256(toHex('origin'))
     const signed = await signWithOrigin(created.body.keyId as string, digest)
     expect(signed.status).toBe(200)
-    expect(await recovered(digest, signed.body as never)).toBe(created.body.address)
+    expect(await recoveredFromAnswer(digest, signed.body as never)).toBe(created.body.address)
     expect((await origin.request('GET', `/v1/keys/${created.body.keyId}`)).body).toMatchObject({ state: 'active', cacheState: 'WARM', address: created.body.address })
   })
 
@@ -153,11 +140,11 @@ describe('the enclave origin API', () => {
     const listening = origin
       .output('parent')
       .split('\n')
-      .map((line) => jsonLine(line))
+      .map((line) => jsonObjectOf(line))
       .find((line) => line?.event === 'parent_listening')
     expect(listening?.store).toEqual({ kind: 'disk', directory: storeDir })
     const digest = keccak256(toHex('the same store'))
-    expect(await recovered(digest, (await signWithOrigin(body.keyId as string, digest)).body as never)).toBe(body.address)
+    expect(await recoveredFromAnswer(digest, (await signWithOrigin(body.keyId as string, digest)).body as never)).toBe(body.address)
   })
 
   it('an enclave restarted alone has lost keys and data key: the parent reloads the key, answers 503 with a Retry-After while it unlocks, then signs', async () => {
@@ -177,7 +164,7 @@ describe('the enclave origin API', () => {
       answer = await signWithOrigin(body.keyId as string, digest)
     }
     expect(answer.status).toBe(200)
-    expect(await recovered(digest, answer.body as never)).toBe(body.address)
+    expect(await recoveredFromAnswer(digest, answer.body as never)).toBe(body.address)
     expect(await (await fetch(`${origin.url}/metrics`)).text()).toMatch(/origin_needs_unlock_total [1-9]/)
   })
 
@@ -238,7 +225,7 @@ describe('malformed input, many shapes (seeded)', () => {
     // Harmed nothing: the key still signs as its address, and both processes are up, their logs free of stack traces.
     const signed = await signWithOrigin(keyId, digest)
     expect(signed.status).toBe(200)
-    expect(await recovered(digest, signed.body as never)).toBe(created.address)
+    expect(await recoveredFromAnswer(digest, signed.body as never)).toBe(created.address)
     expect((await origin.request('GET', `/v1/keys/${keyId}`)).body).toMatchObject({ state: 'active' })
     for (const pid of Object.values(origin.pids())) expect(() => process.kill(pid!, 0)).not.toThrow()
     // Its lines are JSON (Node's own warnings too, such as the AWS SDK's about Node versions): a stack in one would show as an escaped newline.
@@ -264,7 +251,7 @@ describe('the operators\u2019 CLI', () => {
     // A line at each tenth done: no bar redrawn with \r into a CI log, or into the keys' lines when both streams are merged.
     expect(stderr).toMatch(/^(created [1-5]\/5 keys, \d+\/s\n){5}$/)
     const digest = keccak256(toHex('made by the CLI'))
-    for (const key of keys) expect(await recovered(digest, (await signWithOrigin(key.keyId, digest)).body as never)).toBe(key.address)
+    for (const key of keys) expect(await recoveredFromAnswer(digest, (await signWithOrigin(key.keyId, digest)).body as never)).toBe(key.address)
   })
 
   it('unlocks every enclave and shows the status: signed with the HMAC secret, the enclaves\u2019 figures too', async () => {
@@ -279,12 +266,12 @@ describe('the operators\u2019 CLI', () => {
     const run = async (...args: string[]) => JSON.parse((await cli(...args, '--key', key!.keyId)).stdout) as Record<string, unknown>
     expect(await run('get-key')).toMatchObject({ keyId: key!.keyId, address: key!.address, state: 'active' })
     const digest = keccak256(toHex('signed by the CLI'))
-    expect(await recovered(digest, (await run('sign', '--digest', digest)) as never)).toBe(key!.address)
+    expect(await recoveredFromAnswer(digest, (await run('sign', '--digest', digest)) as never)).toBe(key!.address)
     expect(await run('freeze')).toEqual({ keyId: key!.keyId, state: 'frozen' })
     const refused = await cli('sign', '--key', key!.keyId, '--digest', digest).catch((error: { code: number; stderr: string }) => error)
     expect(refused).toMatchObject({ code: 1, stderr: expect.stringContaining(`POST /v1/keys/${key!.keyId}/sign: 409`) })
     expect(await run('unfreeze')).toEqual({ keyId: key!.keyId, state: 'active' })
-    expect(await recovered(digest, (await run('sign', '--digest', digest)) as never)).toBe(key!.address)
+    expect(await recoveredFromAnswer(digest, (await run('sign', '--digest', digest)) as never)).toBe(key!.address)
     expect(await run('archive')).toEqual({ keyId: key!.keyId, state: 'archived' })
     expect(await run('get-key')).toMatchObject({ state: 'archived' })
   })
@@ -311,7 +298,7 @@ describe('the operators\u2019 CLI', () => {
     expect(resealed).toBeGreaterThanOrEqual(keys.length)
     const digest = keccak256(toHex('after the rotation'))
     for (const key of keys) {
-      expect(await recovered(digest, (await signWithOrigin(key.keyId, digest)).body as never)).toBe(key.address)
+      expect(await recoveredFromAnswer(digest, (await signWithOrigin(key.keyId, digest)).body as never)).toBe(key.address)
       expect((await origin.request('GET', `/v1/keys/${key.keyId}`)).status).toBe(200)
     }
   })
@@ -601,6 +588,17 @@ describe('the operators\u2019 CLI', () => {
       expect(await failed('rotate-data-key', '--now')).toEqual({ code: 1, stderr: 'rotate-data-key: unknown option --now (it takes none)\n' })
       expect(await failed('unlock', '--allow-unattested')).toEqual({ code: 1, stderr: '--nitro-root-file, --pcr0 and --allow-unattested go with --preload-identity-file\n' })
       expect(await failed('unlock', '--preload-identity-file', '/nonexistent/identity.txt', '--allow-unattested')).toEqual({ code: 1, stderr: '--preload-identity-file: cannot read /nonexistent/identity.txt: ENOENT\n' })
+      // The Nitro root certificate: one that cannot be read, and a file that is no certificate.
+      const identityDirectory = mkdtempSync(path.join(tmpdir(), 'cli-identity-'))
+      try {
+        const identity = path.join(identityDirectory, 'identity.txt')
+        await cliAt(at, 'preload-identity', '--out', identity)
+        const withRoot = (root: string) => failed('unlock', '--preload-identity-file', identity, '--nitro-root-file', root, '--pcr0', 'ab'.repeat(48))
+        expect(await withRoot('/nonexistent/root.pem')).toEqual({ code: 1, stderr: '--nitro-root-file: cannot read /nonexistent/root.pem: ENOENT\n' })
+        expect(await withRoot(identity)).toEqual({ code: 1, stderr: `--nitro-root-file: ${identity} is not a certificate (PEM or DER)\n` })
+      } finally {
+        rmSync(identityDirectory, { recursive: true, force: true })
+      }
       for (const command of ['get-key', 'freeze', 'unfreeze', 'archive', 'sign']) expect(await failed(command)).toEqual({ code: 1, stderr: '--key is required (a key id, as create-keys printed it)\n' })
       expect(await failed('sign', '--key', 'k')).toEqual({ code: 1, stderr: '--digest is required\n' })
       expect(await failed('sign', '--key', 'k', '--digest', '0x12')).toEqual({ code: 1, stderr: '--digest must be 0x and 32 bytes in hex, got 0x12\n' })
@@ -738,7 +736,7 @@ describe('crash safety', () => {
     for (const key of acknowledged) {
       const signed = await signWithOrigin(key.keyId, digest)
       expect(signed.status).toBe(200)
-      expect(await recovered(digest, signed.body as never)).toBe(key.address)
+      expect(await recoveredFromAnswer(digest, signed.body as never)).toBe(key.address)
     }
   })
 })

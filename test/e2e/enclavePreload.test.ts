@@ -4,11 +4,11 @@ import { tmpdir } from 'node:os'
 import path from 'node:path'
 import { promisify } from 'node:util'
 import { afterAll, beforeAll, expect, it } from 'vitest'
-import { keccak256, recoverAddress, toHex, type Hex } from 'viem'
+import { keccak256, toHex } from 'viem'
 import { generatePrivateKey, privateKeyToAddress } from 'viem/accounts'
 import { generatePreloadIdentity, sealPreloadIdentity } from '../../enclave-origin/preloadFiles.js'
 import { startLocalKms, type LocalKms } from '../support/kmsServer.js'
-import { originHmac, startOrigin, symmetricKmsKey, type Origin } from '../support/origin.js'
+import { originHmac, recoveredFromAnswer, startOrigin, symmetricKmsKey, type Origin } from '../support/origin.js'
 
 /**
  * Preload mode: the enclave serves custodial account keys from an
@@ -118,8 +118,7 @@ it('refuses preloaded accounts until unlocked, then signs each with its own key'
   for (const account of [accounts[0]!, accounts[3]!, accounts[49]!]) {
     const signed = await sign(account.account_id)
     expect(signed.status).toBe(200)
-    const signature = `${signed.body.signature as Hex}${(27 + Number(signed.body.recoveryId)).toString(16)}` as Hex
-    expect(await recoverAddress({ hash: digest, signature })).toBe(privateKeyToAddress(account.share))
+    expect(await recoveredFromAnswer(digest, signed.body as never)).toBe(privateKeyToAddress(account.share))
   }
   expect((await sign('account-50')).status).toBe(404)
   // Each account reads as its address, active; the CLI's plain unlock now has nothing to wait for.
@@ -154,7 +153,7 @@ it('serves a stored key on a preload enclave that restarted and waits for its id
   // no preloaded account.
   const signed = await settled(() => sign(signedFirst.body.keyId as string))
   expect(signed.status).toBe(200)
-  expect(await recoverAddress({ hash: digest, signature: `${signed.body.signature as Hex}${(27 + Number(signed.body.recoveryId)).toString(16)}` as Hex })).toBe(signedFirst.body.address)
+  expect(await recoveredFromAnswer(digest, signed.body as never)).toBe(signedFirst.body.address)
   expect((await settled(() => origin.request('GET', `/v1/keys/${keyId}`))).body).toMatchObject({ keyId, address: created.body.address, state: 'active' })
   // An id the store does not hold may be an account of the file not loaded yet: 503, not 404.
   for (const answer of [await origin.request('GET', '/v1/keys/account-3'), await sign('account-3')]) {

@@ -4,7 +4,8 @@ import { createServer } from 'node:net'
 import { tmpdir } from 'node:os'
 import { promisify } from 'node:util'
 import { beforeAll, expect, it } from 'vitest'
-import { keccak256, recoverAddress, toHex, type Address, type Hex } from 'viem'
+import { keccak256, toHex, type Address, type Hex } from 'viem'
+import { recoveredFromAnswer } from '../support/origin.js'
 
 /**
  * `npm run origin:local` (README, "Enclave origin"): the local KMS, an enclave and a parent from the build, whose
@@ -23,9 +24,10 @@ it('runs the origin on 127.0.0.1 with the settings it prints, and stops everythi
   child.stderr.on('data', (chunk: Buffer) => (output += chunk))
   const exited = new Promise<number | null>((resolve) => child.on('exit', (code) => resolve(code)))
   try {
+    const exportLine = /export (ORIGIN_URL=\S+ ORIGIN_HMAC_KEY_ID=\S+ ORIGIN_HMAC_SECRET=\S+)\n/
     const deadline = Date.now() + 60_000
-    while (!/export (ORIGIN_URL=\S+ ORIGIN_HMAC_KEY_ID=\S+ ORIGIN_HMAC_SECRET=\S+)\n/.test(output) && child.exitCode === null && Date.now() < deadline) await new Promise((resolve) => setTimeout(resolve, 100))
-    const exported = /export (ORIGIN_URL=\S+ ORIGIN_HMAC_KEY_ID=\S+ ORIGIN_HMAC_SECRET=\S+)\n/.exec(output)
+    while (!exportLine.test(output) && child.exitCode === null && Date.now() < deadline) await new Promise((resolve) => setTimeout(resolve, 100))
+    const exported = exportLine.exec(output)
     expect(exported, output).not.toBeNull()
     const settings = Object.fromEntries(exported![1]!.split(' ').map((pair) => pair.split('=') as [string, string]))
     expect(settings.ORIGIN_URL).toBe('http://127.0.0.1:18681')
@@ -38,7 +40,7 @@ it('runs the origin on 127.0.0.1 with the settings it prints, and stops everythi
     const key = JSON.parse((await cli('create-keys', '--count', '1')).stdout) as { keyId: string; address: Address }
     const digest = keccak256(toHex('origin:local'))
     const signed = JSON.parse((await cli('sign', '--key', key.keyId, '--digest', digest)).stdout) as { signature: Hex; recoveryId: number }
-    expect(await recoverAddress({ hash: digest, signature: `${signed.signature}${(27 + signed.recoveryId).toString(16)}` as Hex })).toBe(key.address)
+    expect(await recoveredFromAnswer(digest, signed)).toBe(key.address)
 
     child.kill('SIGINT')
     expect(await exited).toBe(0)

@@ -1,4 +1,5 @@
 import { spawn, type ChildProcess } from 'node:child_process'
+import { recoverAddress, type Address, type Hex } from 'viem'
 import { signRequest } from '../../enclave-origin/protocol/requestSigning.js'
 import { stopProcess } from './anvil.js'
 import type { LocalKms } from './kmsServer.js'
@@ -14,6 +15,11 @@ import type { LocalKms } from './kmsServer.js'
 export const originHmac = { keyId: 'operator', secret: 'hmac-secret-made-for-tests' }
 /** The Worker's key, as a deployment gives it: sign and read keys only (ORIGIN_SIGN_ONLY_KEY_IDS). */
 export const workerHmac = { keyId: 'worker', secret: 'worker-hmac-secret-made-for-tests' }
+
+/** The address a sign answer of the parent's API (`{signature: r ‖ s, recoveryId}`) recovers to for `digest`. */
+export function recoveredFromAnswer(digest: Hex, answer: { signature: unknown; recoveryId: unknown }): Promise<Address> {
+  return recoverAddress({ hash: digest, signature: `${answer.signature as Hex}${(27 + Number(answer.recoveryId)).toString(16)}` as Hex })
+}
 
 /** The KMS key that wraps the enclave's data key. */
 export async function symmetricKmsKey(kms: LocalKms): Promise<string> {
