@@ -111,7 +111,7 @@ function exchange(options: { method: 'GET' | 'POST'; path: string; headers?: Rec
       else socket.once(https ? 'secureConnect' : 'connect', () => (connected = true))
     })
     sent.on('error', (error: NodeJS.ErrnoException) => {
-      const reason = `${error.code ?? error.message}`
+      const reason = codeOf(error)
       // On a new connection, a TLS alert (a client certificate refused: TLS 1.3 sends it after the client's side of the
       // handshake is done) ends the session before the parent reads a request.
       const reached = connected && (reused || !/^ERR_(SSL|TLS)_/.test(error.code ?? ''))

@@ -3,7 +3,7 @@ export function messageOf(error: unknown): string {
   return error instanceof Error ? error.message : String(error)
 }
 
-/** A file operation's failure as an operator reads it: its code (ENOENT, EACCES, …), else its message. */
+/** An I/O failure (a file's, a stream's, a connection's) as an operator reads it: its code (ENOENT, EACCES, …), else its message. */
 export function codeOf(error: unknown): string {
   const code = (error as { code?: unknown } | undefined)?.code
   return typeof code === 'string' ? code : messageOf(error)

@@ -3,7 +3,8 @@
  * wire protocol with real cryptography, from the tests: no AWS account), one enclave and a parent in the development
  * profile on 127.0.0.1, with a store in a new temporary directory and new HMAC secrets, and prints the settings the
  * CLI's client commands need, then both processes' log lines. Ctrl-C stops them all and removes the store: its data
- * key is wrapped under a KMS key that lives only in this run's local KMS.
+ * key is wrapped under a KMS key that lives only in this run's local KMS. So does the end of the enclave or the parent
+ * (a crash, a kill), which it reports and exits 1: half an origin left running would only answer 503s.
  *
  * Ports: ORIGIN_LOCAL_PARENT_PORT (8443, the CLI's default ORIGIN_URL), ORIGIN_LOCAL_ENCLAVE_PORT (7000) and
  * ORIGIN_LOCAL_KMS_PORT (8444). It runs the build `npm run build:origin` made, as production does.
@@ -44,11 +45,23 @@ const printLines = (which: 'enclave' | 'parent', text: string) => {
 let kms: LocalKms | undefined
 let storeDir: string | undefined
 let origin: Origin | undefined
-const stop = async () => {
-  await origin?.stop()
-  await kms?.stop()
-  if (storeDir) rmSync(storeDir, { recursive: true, force: true })
-}
+/** One stop, whatever asks for it (Ctrl-C, a process that ended); a process it ends is not reported as ending on its own. */
+let stopped: Promise<void> | undefined
+const stop = () =>
+  (stopped ??= (async () => {
+    await origin?.stop()
+    await kms?.stop()
+    if (storeDir) rmSync(storeDir, { recursive: true, force: true })
+  })())
+/** Stops everything, then exits with `code` (1 if stopping failed). */
+const stopAndExit = (code: number) =>
+  void stop().then(
+    () => process.exit(code),
+    (error: unknown) => {
+      console.error(`stopping failed: ${error instanceof Error ? error.message : String(error)}`)
+      process.exit(1)
+    },
+  )
 try {
   kms = await startLocalKms({ port: ports.kms })
   storeDir = mkdtempSync(path.join(tmpdir(), 'origin-local-'))
@@ -61,6 +74,12 @@ try {
     builtCli,
     extraEnv: { ORIGIN_HMAC_KEYS: `${operator.keyId}:${operator.secret},${worker.keyId}:${worker.secret}`, ORIGIN_SIGN_ONLY_KEY_IDS: worker.keyId },
     onOutput: printLines,
+    onExit: (which, how) => {
+      // While it starts, startOrigin reports a process that ends.
+      if (origin === undefined || stopped) return
+      console.error(`origin:local: the ${which} ended (${how}); its last lines are above. Stopping the rest.`)
+      stopAndExit(1)
+    },
   })
 } catch (error) {
   // A port in use, say: the ORIGIN_LOCAL_*_PORT settings move them. Said before the cleanup, which could fail too.
@@ -71,7 +90,7 @@ try {
 console.log(
   [
     '',
-    `The enclave origin runs on 127.0.0.1 (development profile): the parent at ${origin.url}, the enclave at 127.0.0.1:${ports.enclave}, the local KMS at ${kms.url}.`,
+    `The enclave origin runs on 127.0.0.1 (development profile): the parent (pid ${origin.pids().parent}) at ${origin.url}, the enclave (pid ${origin.pids().enclave}) at 127.0.0.1:${ports.enclave}, the local KMS at ${kms.url}.`,
     `Its store is ${storeDir}, removed when this stops (Ctrl-C).`,
     'For the CLI, in another shell:',
     `  export ORIGIN_URL=${origin.url} ORIGIN_HMAC_KEY_ID=${operator.keyId} ORIGIN_HMAC_SECRET=${operator.secret}`,
@@ -81,13 +100,5 @@ console.log(
     '',
   ].join('\n'),
 )
-const shutdown = () =>
-  void stop().then(
-    () => process.exit(0),
-    (error: unknown) => {
-      console.error(`stopping failed: ${error instanceof Error ? error.message : String(error)}`)
-      process.exit(1)
-    },
-  )
-process.once('SIGINT', shutdown)
-process.once('SIGTERM', shutdown)
+process.once('SIGINT', () => stopAndExit(0))
+process.once('SIGTERM', () => stopAndExit(0))

@@ -1,4 +1,5 @@
 import { readFileSync } from 'node:fs'
+import { createServer, type ListenOptions } from 'node:net'
 import { resolve } from 'node:path'
 import { addressSetting, choiceSetting, enclavesSetting, hmacKeysSetting, integerSetting, logLine, optionalSetting, parentTlsSetting, setting, signOnlyKeyIdsSetting } from '../config.js'
 import { messageOf } from '../errors.js'
@@ -64,6 +65,10 @@ export async function runParent(): Promise<() => Promise<void>> {
           prefix: process.env.S3_PREFIX ?? '',
         }
       : { kind: 'disk' as const, directory: setting('STORE_DIR') }
+  // Before the store is opened (a first start makes it, and asks KMS for its data key): a port in use stops the start here.
+  // Only a try: the listeners are made once the parent has started, and say so again should the port be taken meanwhile.
+  await listenable('PARENT_LISTEN', address)
+  if (operatorAddress) await listenable('OPERATOR_LISTEN', operatorAddress)
   // Only now, every setting read: the store is opened (a disk store replayed and locked) once they all check out.
   const store =
     storeSettings.kind === 's3'
@@ -91,12 +96,8 @@ export async function runParent(): Promise<() => Promise<void>> {
   const acceptingIn = verifier.maxFutureSkewMs - (performance.now() - verifierMadeAt)
   if (acceptingIn > 0) await new Promise((resolve) => setTimeout(resolve, acceptingIn))
   // Operators' first: one that cannot listen stops the process before clients could reach it, and says which.
-  if (operatorAddress) {
-    await servers.operators.listen(operatorAddress).catch((error: unknown) => {
-      throw new Error(`OPERATOR_LISTEN: cannot listen there: ${messageOf(error)}`)
-    })
-  }
-  await servers.clients.listen(address)
+  if (operatorAddress) await servers.operators.listen(operatorAddress).catch(cannotListen('OPERATOR_LISTEN'))
+  await servers.clients.listen(address).catch(cannotListen('PARENT_LISTEN'))
   // Where the keys are, in full: a relative STORE_DIR read from another directory would be a new, empty store.
   const storeAt = storeSettings.kind === 's3' ? { bucket: storeSettings.bucket, prefix: storeSettings.prefix } : { directory: resolve(storeSettings.directory) }
   logLine({ event: 'parent_listening', address, ...(operatorAddress && { operatorAddress }), enclaves: enclaves.map((e) => e.id), tls: Boolean(tls), store: { kind: storeSettings.kind, ...storeAt } })
@@ -106,6 +107,23 @@ export async function runParent(): Promise<() => Promise<void>> {
     parent.close()
     await store.close()
   }
+}
+
+/** Why the address of setting `name` cannot be listened on (in use, say), as the error a listen's failure becomes. */
+function cannotListen(name: string): (error: unknown) => never {
+  return (error) => {
+    throw new Error(`${name}: cannot listen there: ${messageOf(error)}`)
+  }
+}
+
+/** Listens on the address of setting `name` and stops at once: it fails as the parent's own listen would. */
+async function listenable(name: string, address: ListenOptions): Promise<void> {
+  const server = createServer()
+  await new Promise<void>((listening, failed) => {
+    server.once('error', failed)
+    server.listen(address, listening)
+  }).catch(cannotListen(name))
+  await new Promise((closed) => server.close(closed))
 }
 
 /** The address setting `name` gives, which must be one the parent can listen on. */

@@ -694,16 +694,24 @@ describe('the parent process', () => {
     expect(new Set(fromEnclave()).size).toBe(fromEnclave().length)
   })
 
-  it('stops, naming OPERATOR_LISTEN, and never says it listens, when the operators\u2019 listener cannot listen (a busy port)', async () => {
+  it('stops, naming the setting, and never says it listens, when a listener cannot listen (a busy port): before it makes a store', async () => {
     const busy = createServer()
     await new Promise<void>((listening) => busy.listen(0, '127.0.0.1', listening))
+    const busyAt = `127.0.0.1:${(busy.address() as AddressInfo).port}`
+    const stores = mkdtempSync(path.join(tmpdir(), 'origin-busy-port-'))
     try {
       await origin.kill('parent')
-      const started = origin.startParent({ OPERATOR_LISTEN: `127.0.0.1:${(busy.address() as AddressInfo).port}` })
-      await expect(started).rejects.toThrow('OPERATOR_LISTEN: cannot listen there')
-      await expect(started).rejects.not.toThrow('"parent_listening"')
+      for (const setting of ['OPERATOR_LISTEN', 'PARENT_LISTEN']) {
+        // A first start: its store would be made, and a data key asked of KMS, were the port not tried first.
+        const storeDir = path.join(stores, setting)
+        const started = origin.startParent({ [setting]: busyAt, STORE_DIR: storeDir })
+        await expect(started).rejects.toThrow(`${setting}: cannot listen there: listen EADDRINUSE`)
+        await expect(started).rejects.not.toThrow('"parent_listening"')
+        expect(existsSync(storeDir)).toBe(false)
+      }
     } finally {
       busy.close()
+      rmSync(stores, { recursive: true, force: true })
       await origin.startParent()
     }
     const created = await origin.request('POST', '/v1/keys')

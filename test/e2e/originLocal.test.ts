@@ -16,13 +16,22 @@ beforeAll(() => {
   execFileSync(process.execPath, ['scripts/build-origin.mjs'], { stdio: 'pipe' })
 }, 120_000)
 
-it('runs the origin on 127.0.0.1 with the settings it prints, and stops everything at Ctrl-C', { timeout: 120_000 }, async () => {
-  const ports = { ORIGIN_LOCAL_PARENT_PORT: '18681', ORIGIN_LOCAL_ENCLAVE_PORT: '18682', ORIGIN_LOCAL_KMS_PORT: '18683' }
-  const child = spawn(process.execPath, ['--import', 'tsx', 'scripts/origin-local.ts'], { env: { ...process.env, ...ports }, stdio: ['ignore', 'pipe', 'pipe'] })
+/**
+ * `npm run origin:local` on these ports, once it has printed its settings: what it printed and what it prints next
+ * (stdout and stderr), the settings its export line gives, its store, and the CLI with those settings.
+ */
+async function startOriginLocal(ports: { parent: number; enclave: number; kms: number }) {
+  const env = { ...process.env, ORIGIN_LOCAL_PARENT_PORT: String(ports.parent), ORIGIN_LOCAL_ENCLAVE_PORT: String(ports.enclave), ORIGIN_LOCAL_KMS_PORT: String(ports.kms) }
+  const child = spawn(process.execPath, ['--import', 'tsx', 'scripts/origin-local.ts'], { env, stdio: ['ignore', 'pipe', 'pipe'] })
   let output = ''
   child.stdout.on('data', (chunk: Buffer) => (output += chunk))
   child.stderr.on('data', (chunk: Buffer) => (output += chunk))
   const exited = new Promise<number | null>((resolve) => child.on('exit', (code) => resolve(code)))
+  const stop = async () => {
+    if (child.exitCode !== null) return
+    child.kill('SIGINT')
+    await exited
+  }
   try {
     const exportLine = /export (ORIGIN_URL=\S+ ORIGIN_HMAC_KEY_ID=\S+ ORIGIN_HMAC_SECRET=\S+)\n/
     const deadline = Date.now() + 60_000
@@ -30,13 +39,22 @@ it('runs the origin on 127.0.0.1 with the settings it prints, and stops everythi
     const exported = exportLine.exec(output)
     expect(exported, output).not.toBeNull()
     const settings = Object.fromEntries(exported![1]!.split(' ').map((pair) => pair.split('=') as [string, string]))
+    const store = /Its store is (\S+), removed/.exec(output)![1]!
+    const cli = (...args: string[]) => promisify(execFile)(process.execPath, ['--import', 'tsx', 'enclave-origin/cli.ts', ...args], { env: { ...process.env, ...settings }, timeout: 30_000 })
+    return { child, output: () => output, exited, stop, settings, store, cli }
+  } catch (error) {
+    await stop()
+    throw error
+  }
+}
+
+it('runs the origin on 127.0.0.1 with the settings it prints, and stops everything at Ctrl-C', { timeout: 120_000 }, async () => {
+  const { child, output, exited, stop, settings, store, cli } = await startOriginLocal({ parent: 18681, enclave: 18682, kms: 18683 })
+  try {
     expect(settings.ORIGIN_URL).toBe('http://127.0.0.1:18681')
     // Each process's lines come prefixed with its name.
-    expect(output).toMatch(/^\[parent\] \{.*"event":"parent_listening"/m)
-    const store = /Its store is (\S+), removed/.exec(output)![1]!
+    expect(output()).toMatch(/^\[parent\] \{.*"event":"parent_listening"/m)
     expect(existsSync(store)).toBe(true)
-
-    const cli = (...args: string[]) => promisify(execFile)(process.execPath, ['--import', 'tsx', 'enclave-origin/cli.ts', ...args], { env: { ...process.env, ...settings }, timeout: 30_000 })
     const key = JSON.parse((await cli('create-keys', '--count', '1')).stdout) as { keyId: string; address: Address }
     const digest = keccak256(toHex('origin:local'))
     const signed = JSON.parse((await cli('sign', '--key', key.keyId, '--digest', digest)).stdout) as { signature: Hex; recoveryId: number }
@@ -48,10 +66,26 @@ it('runs the origin on 127.0.0.1 with the settings it prints, and stops everythi
     // Its processes are gone with it: nothing answers on the parent's port.
     await expect(cli('status')).rejects.toThrow('cannot reach the parent at http://127.0.0.1:18681: ECONNREFUSED')
   } finally {
-    if (child.exitCode === null) {
-      child.kill('SIGINT')
-      await exited
-    }
+    await stop()
+  }
+})
+
+it('stops everything, saying which, when the enclave or the parent ends on its own', { timeout: 120_000 }, async () => {
+  const { output, exited, stop, store, cli } = await startOriginLocal({ parent: 18687, enclave: 18688, kms: 18689 })
+  try {
+    const pid = (which: string) => Number(new RegExp(`the ${which} \\(pid (\\d+)\\)`).exec(output())![1])
+    const parentPid = pid('parent')
+    // The process that origin:local started, by the id it printed.
+    process.kill(pid('enclave'), 'SIGKILL')
+    expect(await exited).toBe(1)
+    expect(output()).toContain('origin:local: the enclave ended (signal SIGKILL); its last lines are above. Stopping the rest.')
+    expect(output()).not.toContain('stopping failed')
+    expect(existsSync(store)).toBe(false)
+    // The parent went with it.
+    expect(() => process.kill(parentPid, 0)).toThrow(expect.objectContaining({ code: 'ESRCH' }))
+    await expect(cli('status')).rejects.toThrow('cannot reach the parent at http://127.0.0.1:18687: ECONNREFUSED')
+  } finally {
+    await stop()
   }
 })
 

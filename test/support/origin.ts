@@ -16,9 +16,15 @@ export const originHmac = { keyId: 'operator', secret: 'hmac-secret-made-for-tes
 /** The Worker's key, as a deployment gives it: sign and read keys only (ORIGIN_SIGN_ONLY_KEY_IDS). */
 export const workerHmac = { keyId: 'worker', secret: 'worker-hmac-secret-made-for-tests' }
 
-/** The address a sign answer of the parent's API (`{signature: r ‖ s, recoveryId}`) recovers to for `digest`. */
+/**
+ * The address a sign answer of the parent's API (`{signature: r ‖ s, recoveryId}`) recovers to for `digest`; an answer
+ * of another shape (a recovery id as a string, say) fails the test.
+ */
 export function recoveredFromAnswer(digest: Hex, answer: { signature: unknown; recoveryId: unknown }): Promise<Address> {
-  return recoverAddress({ hash: digest, signature: `${answer.signature as Hex}${(27 + Number(answer.recoveryId)).toString(16)}` as Hex })
+  // Thrown, not expect()ed: origin-local.ts imports this file outside vitest.
+  if (typeof answer.signature !== 'string' || !/^0x[0-9a-f]{128}$/.test(answer.signature) || (answer.recoveryId !== 0 && answer.recoveryId !== 1))
+    throw new Error(`not a sign answer: ${JSON.stringify(answer)}`)
+  return recoverAddress({ hash: digest, signature: `${answer.signature as Hex}${(27 + (answer.recoveryId as number)).toString(16)}` as Hex })
 }
 
 /** The KMS key that wraps the enclave's data key. */
@@ -79,6 +85,8 @@ export async function startOrigin(options: {
   builtCli?: string
   /** Each piece of either process's output (stdout and stderr) as it comes. */
   onOutput?: (which: 'enclave' | 'parent', text: string) => void
+  /** A process ended that neither `kill` nor `stop` ended: `how` is its exit code or signal. */
+  onExit?: (which: 'enclave' | 'parent', how: string) => void
 }): Promise<Origin> {
   const env = {
     ORIGIN_PROFILE: 'development',
@@ -98,6 +106,8 @@ export async function startOrigin(options: {
   const url = `http://127.0.0.1:${options.parentPort}`
   const children: Partial<Record<'enclave' | 'parent', ChildProcess>> = {}
   const outputs: Record<string, string> = { enclave: '', parent: '' }
+  /** Processes `kill` or `stop` is ending: their exit was asked for. */
+  const ending = new WeakSet<ChildProcess>()
   const start = (which: 'enclave' | 'parent', once: Record<string, string> = {}) => {
     // The enclave has no credentials of its own, as in a Nitro Enclave: its KMS calls sign with those the parent delivers.
     const { AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, ...enclaveEnv } = env
@@ -110,6 +120,9 @@ export async function startOrigin(options: {
     }
     child.stdout!.on('data', take)
     child.stderr!.on('data', take)
+    child.once('exit', (code, signal) => {
+      if (!ending.has(child)) options.onExit?.(which, signal === null ? `exit code ${code}` : `signal ${signal}`)
+    })
     children[which] = child
     return child
   }
@@ -129,13 +142,20 @@ export async function startOrigin(options: {
       new Promise<void>((resolve) => {
         const child = children[which]
         if (!child || child.exitCode !== null || child.signalCode !== null) return resolve()
+        ending.add(child)
         child.once('exit', () => resolve())
         child.kill('SIGKILL')
       }),
     pids: () => ({ enclave: children.enclave?.pid, parent: children.parent?.pid }),
     output: (which) => outputs[which]!,
     stop: async () => {
-      await Promise.all(Object.values(children).map((child) => child && stopProcess(child)))
+      await Promise.all(
+        Object.values(children).map((child) => {
+          if (!child) return
+          ending.add(child)
+          return stopProcess(child)
+        }),
+      )
     },
     request: async (method, path, body) => {
       const payload = new TextEncoder().encode(body === undefined ? '' : JSON.stringify(body))

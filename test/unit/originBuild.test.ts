@@ -43,6 +43,8 @@ describe('the enclave origin build', () => {
     expect(enclave({ KMS_KEY_ID: 'alias/any', PRELOAD_FILE: path.dirname(outdir) })).toEqual({ status: 1, stderr: `PRELOAD_FILE: ${path.dirname(outdir)} is not a file` })
     // A FIFO with no writer: opened, it would hold the start for good.
     const fifo = path.join(path.dirname(outdir), 'shares.fifo')
+    // One a killed run left would make mkfifo fail.
+    rmSync(fifo, { force: true })
     execFileSync('mkfifo', [fifo])
     try {
       expect(enclave({ KMS_KEY_ID: 'alias/any', PRELOAD_FILE: fifo })).toEqual({ status: 1, stderr: `PRELOAD_FILE: ${fifo} is not a file` })

@@ -87,6 +87,8 @@ it('the operators\u2019 CLI presents the client certificate of ORIGIN_TLS_CERT_F
     // Without the certificate it is cut at the handshake, and says where it could not get.
     expect(await status({ ORIGIN_TLS_CA_FILE: files.ca })).toMatchObject({ code: 1, stderr: expect.stringMatching(new RegExp(`^cannot reach the parent at https://127\\.0\\.0\\.1:${port}: `)) })
     expect(await status({ ORIGIN_TLS_CA_FILE: files.ca, ORIGIN_TLS_CERT_FILE: files.cert })).toMatchObject({ code: 1, stderr: 'ORIGIN_TLS_CERT_FILE and ORIGIN_TLS_KEY_FILE go together: a client certificate and its key\n' })
+    // A relative one is read from the working directory, and one that cannot be read is named, its path in full.
+    expect(await status({ ORIGIN_TLS_CA_FILE: 'no-such-ca.pem' })).toMatchObject({ code: 1, stderr: `ORIGIN_TLS_CA_FILE: cannot read ${path.resolve('no-such-ca.pem')}: ENOENT\n` })
   } finally {
     rmSync(directory, { recursive: true, force: true })
   }
