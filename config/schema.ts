@@ -28,6 +28,9 @@ const amountSchema = z
   .union([z.number().int().nonnegative().max(Number.MAX_SAFE_INTEGER), z.string().regex(/^\d{1,78}$/, 'expected a decimal integer string')])
   .transform((value) => BigInt(value))
 
+/** A paymaster gas limit: v0.7+ packs each into 16 bytes of paymasterAndData. */
+const paymasterGasLimitSchema = amountSchema.refine((value) => value < 2n ** 128n, 'expected at most 2^128 − 1 (a uint128, as paymasterAndData packs it)')
+
 const secretNameSchema = z.string().regex(/^[A-Za-z_][A-Za-z0-9_]*$/, 'expected a Worker secret or binding name')
 
 /**
@@ -169,8 +172,8 @@ const paymasterSchema = z
     contract: z.enum(paymasterContracts),
     address: addressSchema,
     /** Gas the paymaster's validation may use; signed into v0.7+ paymasterAndData. */
-    verificationGasLimit: amountSchema.optional(),
-    postOpGasLimit: amountSchema.optional(),
+    verificationGasLimit: paymasterGasLimitSchema.optional(),
+    postOpGasLimit: paymasterGasLimitSchema.optional(),
   })
   .refine((p) => p.contract !== 'eth-infinitism-verifying' || p.entryPointVersion === '0.7', {
     message: 'eth-infinitism-verifying is supported for EntryPoint 0.7 only',
@@ -199,8 +202,8 @@ const policySchema = z.object({
     .object({
       /** How long a signature stays valid on chain (validUntil = now + this). */
       validForSeconds: z.number().int().min(30).max(86_400).default(600),
-      /** validAfter = now − this, so a chain whose clock lags ours still accepts. */
-      validAfterSkewSeconds: z.number().int().min(0).max(3_600).default(60),
+      /** validAfter = now − this, so a chain whose clock lags ours still accepts; at least 1, as v0.8 wants block.timestamp > validAfter. */
+      validAfterSkewSeconds: z.number().int().min(1).max(3_600).default(60),
     })
     .prefault({}),
   apiKeys: z
@@ -246,7 +249,16 @@ export const configSchema = z
     signers: z.record(z.string(), signerConfigSchema),
     policy: policySchema.prefault({}),
     /** Shown to wallets as ERC-7677 `sponsor`. */
-    sponsor: z.object({ name: z.string().min(1), icon: z.string().optional() }).default({ name: 'Edge Paymaster' }),
+    sponsor: z
+      .object({
+        name: z.string().min(1),
+        /** ERC-7677: a data URI (RFC 2397) of an image, which wallets show beside the name. */
+        icon: z
+          .string()
+          .regex(/^data:image\/[a-z0-9.+-]+(;[^,]*)?,\S+$/i, 'expected an image as a data URI (RFC 2397), e.g. data:image/png;base64,…, as ERC-7677 asks')
+          .optional(),
+      })
+      .default({ name: 'Edge Paymaster' }),
     /** Workers Analytics Engine dataset binding for signer outcomes, when bound. */
     analyticsEngineBinding: secretNameSchema.optional(),
     limits: z

@@ -124,6 +124,25 @@ describe('configuration', () => {
     )
   })
 
+  it('refuses at load what could not be signed: a paymaster gas limit past uint128, a validAfter of now (v0.8 wants it past)', () => {
+    const withGasLimit = (limit: string) => ({ ...chain, paymasters: [{ ...chain.paymasters[0], postOpGasLimit: limit }] })
+    expect(configError({ PAYMASTER_CONFIG: { chains: [withGasLimit((2n ** 128n).toString())] } })).toContain(
+      'chains.0.paymasters.0.postOpGasLimit: expected at most 2^128 − 1',
+    )
+    expect(loadConfig({ PAYMASTER_CONFIG: { chains: [withGasLimit((2n ** 128n - 1n).toString())] } }).chains[0]!.paymasters[0]!.postOpGasLimit).toBe(2n ** 128n - 1n)
+    expect(configError({ PAYMASTER_CONFIG: { chains: [chain], policy: { validity: { validAfterSkewSeconds: 0 } } } })).toContain('policy.validity.validAfterSkewSeconds: Too small')
+    expect(loadConfig({ PAYMASTER_CONFIG: { chains: [chain], policy: { validity: { validAfterSkewSeconds: 1 } } } }).policy.validity.validAfterSkewSeconds).toBe(1)
+  })
+
+  it('takes a sponsor icon only as an image data URI, as ERC-7677 asks', () => {
+    const sponsorOf = (icon: string) => ({ PAYMASTER_CONFIG: { chains: [chain], sponsor: { name: 'Dapp', icon } } })
+    const icon = 'data:image/png;base64,iVBORw0KGgo='
+    expect(loadConfig(sponsorOf(icon)).sponsor.icon).toBe(icon)
+    expect(loadConfig(sponsorOf('data:image/svg+xml,%3Csvg%2F%3E')).sponsor.icon).toBe('data:image/svg+xml,%3Csvg%2F%3E')
+    for (const refused of ['https://dapp.example/icon.png', 'data:text/html,<script>', 'data:image/png;base64,'])
+      expect(configError(sponsorOf(refused))).toContain('sponsor.icon: expected an image as a data URI (RFC 2397)')
+  })
+
   it('keeps the VerifyingPaymaster to the EntryPoint version we prove it on', () => {
     const verifyingOnV08 = { ...chain, paymasters: [{ ...chain.paymasters[0], entryPointVersion: '0.8', contract: 'eth-infinitism-verifying' }] }
     expect(configError({ PAYMASTER_CONFIG: { chains: [verifyingOnV08] } })).toContain('supported for EntryPoint 0.7 only')

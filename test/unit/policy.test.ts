@@ -1,7 +1,10 @@
 import { describe, expect, it } from 'vitest'
 import { loadConfig } from '../../config/load.js'
 import { SponsorshipDeclinedError } from '../../worker/errors.js'
+import { canonicalEntryPoints } from '../../worker/sponsor/entryPoints.js'
 import { checkGas, checkSender, maxCostWei, validityWindow, type SponsoredGas } from '../../worker/sponsor/policy.js'
+import { evaluate } from '../../worker/sponsor/sponsor.js'
+import { rpcUserOperationV07 } from '../support/userOperations.js'
 
 const policyOf = (policy: Record<string, unknown>) =>
   loadConfig({
@@ -64,5 +67,25 @@ describe('policy', () => {
     expect(declineOf(() => checkGas(policyOf({ gas: { maxFeePerGas: '7' } }), '0.7', gas))).toBeUndefined()
     expect(declineOf(() => checkGas(policyOf({ gas: { maxTotalCostWei: '2414' } }), '0.7', gas))?.reason).toBe('max_cost_exceeded')
     expect(declineOf(() => checkGas(policyOf({ gas: { maxTotalCostWei: '2415' } }), '0.7', gas))).toBeUndefined()
+  })
+
+  it('caps the postOp gas limit at the paymaster\u2019s own unless maxPaymasterPostOpGasLimit says otherwise', () => {
+    const evaluated = (paymaster: Record<string, unknown>, policy: Record<string, unknown>) => {
+      const config = loadConfig({
+        PAYMASTER_CONFIG: {
+          chains: [{ chainId: 1, paymasters: [{ entryPointVersion: '0.7', contract: 'pimlico-singleton', address: '0xd8A5406E24dcDc93656c1eF20E491a1FcF43b558', ...paymaster }] }],
+          policy,
+        },
+      })
+      const deps = { config, signerFor: () => expect.unreachable('a dry run signs nothing'), now: () => 1_000_000, log: () => undefined }
+      const request = { chainId: 1, entryPoint: canonicalEntryPoints['0.7'], userOperation: rpcUserOperationV07({ paymasterPostOpGasLimit: '0x64' }) }
+      return declineOf(() => evaluate(deps, request)) ?? evaluate(deps, request).fields.paymasterPostOpGasLimit
+    }
+    // The adapter's own (1), the config's, or the policy's cap when it sets one, above the paymaster's or below.
+    expect(evaluated({}, {})).toEqual({ reason: 'gas_limit_exceeded', field: 'paymasterPostOpGasLimit', limit: '1', value: '100' })
+    expect(evaluated({ postOpGasLimit: '99' }, {})).toMatchObject({ limit: '99' })
+    expect(evaluated({ postOpGasLimit: '100' }, {})).toBe(100n)
+    expect(evaluated({}, { gas: { maxPaymasterPostOpGasLimit: '100' } })).toBe(100n)
+    expect(evaluated({ postOpGasLimit: '500' }, { gas: { maxPaymasterPostOpGasLimit: '99' } })).toMatchObject({ limit: '99' })
   })
 })

@@ -1,4 +1,4 @@
-import { beforeAll, describe, expect, it } from 'vitest'
+import { beforeAll, describe, expect, it, vi } from 'vitest'
 import { rpcUserOperationV07 } from '../support/userOperations.js'
 import { call, entryPoints, request, rpc, seedSignerKey } from './helpers.js'
 
@@ -20,6 +20,23 @@ describe('JSON-RPC 2.0 transport', () => {
       { jsonrpc: '2.0', id: 'b', error: { code: -32601, message: 'method no_such_method is not supported' } },
       { jsonrpc: '2.0', id: 'c', error: expect.objectContaining({ code: -32600 }) },
     ])
+  })
+
+  it('signs nothing for a notification, which no one would receive', async () => {
+    const log = vi.spyOn(console, 'log')
+    try {
+      const sponsorships = () => log.mock.calls.filter(([line]) => typeof line === 'string' && line.includes('"event":"sponsorship"')).length
+      const notification = { jsonrpc: '2.0', method: 'pm_getPaymasterData', params: [rpcUserOperationV07(), entryPoints['0.7'], '0x7a69'] }
+      const { status, body } = await rpc([notification, request('pm_getPaymasterData', notification.params, 'signed')])
+      expect(status).toBe(200)
+      expect(body).toEqual([expect.objectContaining({ id: 'signed', result: expect.objectContaining({ paymaster: expect.any(String) }) })])
+      // The request with an id was signed, and logged as such; the notification was not.
+      expect(sponsorships()).toBe(1)
+      expect((await rpc(notification)).status).toBe(204)
+      expect(sponsorships()).toBe(1)
+    } finally {
+      log.mockRestore()
+    }
   })
 
   it('answers a batch of notifications with no content', async () => {

@@ -133,6 +133,18 @@ describe('EIP-7702 UserOperations', () => {
     }
   })
 
+  it('v0.8: refuses factoryData after the short marker (0x7702 ‖ factoryData is no marker to the EntryPoint), and signs it after the full one', async () => {
+    const short = rpcUserOperationV07({ factory: '0x7702', factoryData: '0xabcdef', eip7702Auth: authorization })
+    for (const method of ['pm_getPaymasterStubData', 'pm_getPaymasterData']) {
+      const { body } = await rpc(request(method, [short, entryPoints['0.8'], chainHex, {}]))
+      expect(body.error, method).toMatchObject({ code: -32602 })
+      expect(body.error.message).toContain('userOperation.factory: with factoryData, the EIP-7702 marker must be written in full (0x7702 and 36 zeros)')
+    }
+    const full = { ...short, factory: '0x7702000000000000000000000000000000000000' }
+    const { body } = await rpc(request('pm_getPaymasterData', [full, entryPoints['0.8'], chainHex]))
+    expect(body.result.paymaster).toBe(paymasters['0.8'])
+  })
+
   it('v0.7: refuses the marker, which that EntryPoint would call as a factory, and leaves an authorization alone to the bundler', async () => {
     const { body } = await rpc(request('pm_getPaymasterStubData', [rpcUserOperationV07({ factory: '0x7702', factoryData: '0x' }), entryPoints['0.7'], chainHex, {}]))
     expect(body.error).toMatchObject({ code: -32602 })
@@ -206,6 +218,22 @@ describe('policy declines', () => {
   it('declines a call gas limit above the cap, naming field and limit', async () => {
     const { body } = await rpc(request('pm_getPaymasterData', [rpcUserOperationV07({ callGasLimit: '0x4c4b41' }), entryPoints['0.7'], chainHex]))
     expect(body.error).toMatchObject({ code: -32002, data: { reason: 'gas_limit_exceeded', field: 'callGasLimit', limit: '5000000' } })
+  })
+
+  it('declines a postOp gas limit above the paymaster\u2019s own (v0.7 charges the paymaster for what goes unused), on every method', async () => {
+    // The testing config sets no maxPaymasterPostOpGasLimit: the cap is the adapter's postOp limit, 1.
+    const op = rpcUserOperationV07({ paymasterPostOpGasLimit: '0x4c4b40' })
+    for (const [method, params] of [
+      ['pm_getPaymasterData', [op, entryPoints['0.7'], chainHex]],
+      ['pm_sponsorUserOperation', [op, entryPoints['0.7']]],
+      ['pm_getPaymasterData', [op, entryPoints['0.8'], chainHex]],
+    ] as const) {
+      const { body } = await rpc(request(method, [...params]))
+      expect(body.error, method).toMatchObject({ code: -32002, data: { reason: 'gas_limit_exceeded', field: 'paymasterPostOpGasLimit', limit: '1', value: '5000000' } })
+    }
+    // The stub's own value, or less, is signed.
+    const { body } = await rpc(request('pm_getPaymasterData', [rpcUserOperationV07({ paymasterPostOpGasLimit: '0x1' }), entryPoints['0.7'], chainHex]))
+    expect(body.result.paymasterPostOpGasLimit).toBe('0x1')
   })
 
   it('declines when gas limits times maxFeePerGas exceed the total cost cap', async () => {

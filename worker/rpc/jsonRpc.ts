@@ -4,7 +4,7 @@ import { describeZodError } from '../validation.js'
 
 /**
  * JSON-RPC 2.0 over one parsed payload: single requests, batches and
- * notifications. Methods are plain objects (a zod schema for the positional
+ * notifications (which are not run: they get no answer). Methods are plain objects (a zod schema for the positional
  * params, names for those params in error messages, and a handler); the
  * transport validates, dispatches and shapes every answer, so no method ever
  * formats an error itself.
@@ -71,8 +71,10 @@ async function handleOne<Context>(
     return errorResponse(idOf(raw), new InvalidRequestError(`invalid JSON-RPC request: ${describeZodError(parsed.error)}`))
   }
   const request = parsed.data
-  const isNotification = request.id === undefined
-  const id = request.id ?? null
+  // A notification asks for no answer, so none is worked out: a sponsorship no one receives would still cost a
+  // signature (a KMS call, a use of the enclave key's budget).
+  if (request.id === undefined) return undefined
+  const id = request.id
   try {
     const method = options.methods.get(request.method)
     if (!method) throw new MethodNotFoundError(`method ${request.method} is not supported`)
@@ -87,10 +89,10 @@ async function handleOne<Context>(
       throw new InvalidParamsError(`invalid params: ${describeZodError(params.error, { rootNames: method.paramNames })}${expected}`)
     }
     const result = await method.handler(params.data as never, options.context)
-    return isNotification ? undefined : { jsonrpc: '2.0', id, result }
+    return { jsonrpc: '2.0', id, result }
   } catch (error) {
     options.onError?.(error, request.method)
-    return isNotification ? undefined : errorResponse(id, toServiceError(error))
+    return errorResponse(id, toServiceError(error))
   }
 }
 

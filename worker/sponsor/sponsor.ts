@@ -107,12 +107,20 @@ function prepare(deps: SponsorDeps, request: SponsorRequest, forSigning: boolean
   checkSender(deps.config.policy, op.sender)
 
   const requested = model.requestedPaymasterGas(op)
+  const ownPostOpGasLimit = paymasterConfig.postOpGasLimit ?? adapter.defaultGas.postOpGasLimit
   const gasLimits = {
     paymasterVerificationGasLimit:
       requested.verificationGasLimit ?? paymasterConfig.verificationGasLimit ?? adapter.defaultGas.verificationGasLimit,
-    paymasterPostOpGasLimit: requested.postOpGasLimit ?? paymasterConfig.postOpGasLimit ?? adapter.defaultGas.postOpGasLimit,
+    paymasterPostOpGasLimit: requested.postOpGasLimit ?? ownPostOpGasLimit,
   }
-  if (forSigning) checkGas(deps.config.policy, entryPoint.version, model.gas(op, gasLimits))
+  if (forSigning) {
+    // The postOp limit is the paymaster's to set, not the wallet's: v0.7 charges the paymaster 10% of what goes
+    // unused of it, and verifying mode never calls postOp. A wallet sends the stub's value or less; more only up to
+    // an explicit maxPaymasterPostOpGasLimit.
+    const { policy } = deps.config
+    const gas = { ...policy.gas, maxPaymasterPostOpGasLimit: policy.gas.maxPaymasterPostOpGasLimit ?? ownPostOpGasLimit }
+    checkGas({ ...policy, gas }, entryPoint.version, model.gas(op, gasLimits))
+  }
 
   return {
     chain,

@@ -61,6 +61,11 @@ export const userOperationV07Schema = z
     message: 'factoryData is set but factory is missing',
     path: ['factoryData'],
   })
+  // initCode is factory ‖ factoryData, and the EntryPoint sees the 7702 marker only in its first 20 bytes, zero-padded.
+  .refine((op) => !op.factoryData || op.factoryData === '0x' || op.factory?.toLowerCase() !== '0x7702', {
+    message: 'with factoryData, the EIP-7702 marker must be written in full (0x7702 and 36 zeros): 0x7702 ‖ factoryData is no marker to the EntryPoint',
+    path: ['factory'],
+  })
 
 /**
  * The EIP-7702 initCode marker: initCode whose first 20 bytes, zero-padded, are 0x7702. The v0.8 EntryPoint hashes
