@@ -1,16 +1,21 @@
-import { createPublicClient, http, type Address } from 'viem'
+import { createPublicClient, http, type Address, type PublicClient } from 'viem'
 import { ConfigError } from '../config/load.js'
 import type { ChainConfig } from '../config/schema.js'
 import { SharedLoad } from '../backends/sharedLoad.js'
 import { SignerError, type SignerHealth } from '../backends/signer.js'
+import { stubSignature } from './sponsor/adapters/paymasterAdapter.js'
+import { adapterFor } from './sponsor/adapters/registry.js'
 import { supportedEntryPoints } from './sponsor/entryPoints.js'
+import { operationModels } from './sponsor/operationModels.js'
+import type { UserOperationV06, UserOperationV07 } from './sponsor/userOperation.js'
 import { servicesFor, type Env } from './services.js'
 
 /**
  * What `/health` reports, never a secret:
  * - `ok`: every chain's signer can sign and every backend is healthy;
- * - `degraded`: every chain can still be served, but a backend (say a fallback's backup) is down, or a
- *   Pimlico paymaster does not list one of our addresses as a signer;
+ * - `degraded`: every chain can still be served, but a backend (say a fallback's backup) is down, a
+ *   Pimlico paymaster does not list one of our addresses as a signer, or a paymaster's on-chain `getHash` is not the
+ *   hash we sign (or could not be read);
  * - `unavailable`: some chain's signer cannot sign; `misconfigured`: the configuration is invalid.
  */
 export async function healthReport(env: Env) {
@@ -36,13 +41,13 @@ export async function healthReport(env: Env) {
       signer: chain.signer,
       entryPoints: supportedEntryPoints(chain),
       paymasters: chain.paymasters.map((p) => ({ entryPointVersion: p.entryPointVersion, contract: p.contract, address: p.address })),
-      ...(chain.rpcUrl ? { signerAuthorisation: await signerAuthorisation(chain, healthOf(chain.signer)) } : {}),
+      ...(chain.rpcUrl ? await chainChecks(chain, healthOf(chain.signer)) : {}),
     })),
   )
   const chainSignersOk = services.config.chains.every((chain) => healthOf(chain.signer).ok)
   const everythingOk =
     signers.every((s) => s.ok && (s.members ?? []).every((m) => m.ok && m.state === 'closed')) &&
-    chains.every((c) => (c.signerAuthorisation ?? []).every((a) => a.authorised === true))
+    chains.every((c) => (c.signerAuthorisation ?? []).every((a) => a.authorised === true) && (c.paymasterHashes ?? []).every((h) => h.agrees === true))
   return {
     status: !chainSignersOk ? ('unavailable' as const) : everythingOk ? ('ok' as const) : ('degraded' as const),
     profile: services.config.profile,
@@ -79,14 +84,19 @@ const signersAbi = [
   { type: 'function', name: 'signers', stateMutability: 'view', inputs: [{ name: 'account', type: 'address' }], outputs: [{ type: 'bool' }] },
 ] as const
 
+/** What /health reads over a chain's RPC (only /health pays for it, never a sponsorship). */
+async function chainChecks(chain: ChainConfig, health: SignerHealth) {
+  const client = createPublicClient({ transport: http(chain.rpcUrl, { timeout: 3_000, retryCount: 0 }) })
+  const [signerAuthorisation, paymasterHashes] = await Promise.all([signersAuthorised(chain, health, client), hashAgreement(chain, client)])
+  return { signerAuthorisation, paymasterHashes }
+}
+
 /**
  * A Pimlico SingletonPaymaster keeps a set of signers: each backend's address
- * must be in it, or the backend's signatures fail on chain (AA34). Read over
- * the chain's RPC; only /health pays for it, never a sponsorship.
+ * must be in it, or the backend's signatures fail on chain (AA34).
  */
-async function signerAuthorisation(chain: ChainConfig, health: SignerHealth) {
+async function signersAuthorised(chain: ChainConfig, health: SignerHealth, client: PublicClient) {
   const members: Array<{ name: string; address?: Address }> = health.members ?? [{ name: chain.signer, address: health.ok ? health.address : undefined }]
-  const client = createPublicClient({ transport: http(chain.rpcUrl, { timeout: 3_000, retryCount: 0 }) })
   const singletons = chain.paymasters.filter((p) => p.contract === 'pimlico-singleton')
   return Promise.all(
     singletons.flatMap((paymaster) =>
@@ -101,5 +111,51 @@ async function signerAuthorisation(chain: ChainConfig, health: SignerHealth) {
         }
       }),
     ),
+  )
+}
+
+/** The window and operation /health asks each paymaster to hash: any will do, as long as both sides hash the same. */
+const probe = {
+  window: { validUntil: 1_900_000_000, validAfter: 1_700_000_000 },
+  operation: {
+    sender: '0x8ba1f109551bD432803012645Ac136ddd64DBA72',
+    nonce: 7n,
+    callData: '0xb61d27f6',
+    callGasLimit: 250_000n,
+    verificationGasLimit: 1_000_000n,
+    preVerificationGas: 90_000n,
+    maxFeePerGas: 30_000_000_000n,
+    maxPriorityFeePerGas: 2_000_000_000n,
+    signature: '0x',
+  },
+} as const
+
+/**
+ * Each paymaster's own `getHash`, on chain, against the hash we would sign for the same operation: they differ when
+ * the deployed contract is not the one the config names (a Pimlico V8 built from newer sources, which hashes
+ * differently), or the chain is not the config's (its id is in the hash). Every signature would then fail (AA34).
+ */
+async function hashAgreement(chain: ChainConfig, client: PublicClient) {
+  return Promise.all(
+    chain.paymasters.map(async ({ entryPointVersion, contract, address: paymaster }) => {
+      const adapter = adapterFor(contract, entryPointVersion)
+      const model = operationModels[entryPointVersion]
+      const fields = {
+        paymaster,
+        paymasterData: adapter.paymasterData({ window: probe.window, signature: stubSignature }),
+        paymasterVerificationGasLimit: adapter.defaultGas.verificationGasLimit,
+        paymasterPostOpGasLimit: adapter.defaultGas.postOpGasLimit,
+      }
+      const bare = entryPointVersion === '0.6' ? ({ ...probe.operation, initCode: '0x', paymasterAndData: '0x' } satisfies UserOperationV06) : (probe.operation satisfies UserOperationV07)
+      const op = model.withPaymaster(bare as never, fields) as never
+      const ours = adapter.hash({ op, chainId: chain.chainId, paymaster, window: probe.window })
+      const base = { paymaster, entryPointVersion, contract }
+      try {
+        const theirs = await client.readContract({ address: paymaster, ...adapter.getHashCall({ op, window: probe.window }) })
+        return { ...base, agrees: theirs === ours, ...(theirs !== ours && { error: `its getHash is not the hash signed for ${contract} on chain ${chain.chainId}: signatures would fail (AA34)` }) }
+      } catch {
+        return { ...base, agrees: null, error: 'could not call getHash over the chain RPC' }
+      }
+    }),
   )
 }

@@ -101,3 +101,24 @@ it('/health reads each backend address from the Singleton paymaster signers() ov
     await rogue.stop()
   }
 })
+
+it('/health compares each paymaster\u2019s on-chain getHash with the hash it signs, and is degraded when they differ', async () => {
+  type Health = { status: string; chains: Array<{ paymasterHashes: unknown[] }> }
+  const paymasters = [...devnetChainConfig(devnet, 'pimlico-singleton').paymasters, ...devnetChainConfig(devnet, 'eth-infinitism-verifying').paymasters].filter(
+    (p) => p.contract === 'eth-infinitism-verifying' || p.entryPointVersion !== '0.7',
+  )
+  const agreeing = paymasters.map(({ entryPointVersion, contract, address }) => ({ paymaster: address, entryPointVersion, contract, agrees: true }))
+  // The chain's own id, then another: the id is in every hash, so each deployed getHash now differs from ours.
+  const chains = [devnet.chainId, 1].map((chainId) => ({ chainId, name: 'anvil', paymasters, rpcUrl: anvil.rpcUrl, signer: 'primary' }))
+  await withWorker(18861, { chains, signers: { primary: backends.kms } }, async (workerUrl) => {
+    const health = (await (await fetch(`${workerUrl}/health`)).json()) as Health
+    expect(health.chains[0]!.paymasterHashes).toEqual(agreeing)
+    expect(health.chains[1]!.paymasterHashes).toEqual(
+      agreeing.map(({ contract, ...rest }) => ({ ...rest, contract, agrees: false, error: `its getHash is not the hash signed for ${contract} on chain 1: signatures would fail (AA34)` })),
+    )
+    expect(health.status).toBe('degraded')
+  })
+  await withWorker(18862, { chains: chains.slice(0, 1), signers: { primary: backends.kms } }, async (workerUrl) => {
+    expect(((await (await fetch(`${workerUrl}/health`)).json()) as Health).status).toBe('ok')
+  })
+})

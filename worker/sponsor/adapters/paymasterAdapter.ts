@@ -1,4 +1,4 @@
-import type { Address, Hex } from 'viem'
+import type { Abi, Address, Hex } from 'viem'
 import type { EntryPointVersion, PaymasterContract } from '../../../config/schema.js'
 import type { ValidityWindow } from '../policy.js'
 import type { UserOperationV06, UserOperationV07 } from '../userOperation.js'
@@ -23,7 +23,25 @@ export type PaymasterAdapter<Op = UserOperationV06 | UserOperationV07> = {
    * limits) are already those that will be sent.
    */
   hash(args: { op: Op; chainId: number; paymaster: Address; window: ValidityWindow }): Hex
+  /** The deployed contract's own `getHash` for the same arguments, as a call to make over the chain's RPC (see `/health`). */
+  getHashCall(args: { op: Op; window: ValidityWindow }): { abi: Abi; functionName: 'getHash'; args: readonly unknown[] }
 }
+
+/** EntryPoint v0.7/v0.8's PackedUserOperation, as contracts take it. */
+export const packedUserOperationAbi = {
+  type: 'tuple',
+  components: [
+    { name: 'sender', type: 'address' },
+    { name: 'nonce', type: 'uint256' },
+    { name: 'initCode', type: 'bytes' },
+    { name: 'callData', type: 'bytes' },
+    { name: 'accountGasLimits', type: 'bytes32' },
+    { name: 'preVerificationGas', type: 'uint256' },
+    { name: 'gasFees', type: 'bytes32' },
+    { name: 'paymasterAndData', type: 'bytes' },
+    { name: 'signature', type: 'bytes' },
+  ],
+} as const
 
 /**
  * A stand-in signature for stub data: a real secp256k1 signature (from a

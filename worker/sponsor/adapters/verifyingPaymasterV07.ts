@@ -2,7 +2,18 @@ import { concat, encodeAbiParameters, keccak256, slice, type Hex } from 'viem'
 import { toPackedUserOperation, type UserOperation } from 'viem/account-abstraction'
 import type { ValidityWindow } from '../policy.js'
 import type { UserOperationV07 } from '../userOperation.js'
-import type { PaymasterAdapter } from './paymasterAdapter.js'
+import { packedUserOperationAbi, type PaymasterAdapter } from './paymasterAdapter.js'
+
+/** `getHash(PackedUserOperation userOp, uint48 validUntil, uint48 validAfter)`. */
+const getHashAbi = [
+  {
+    type: 'function',
+    name: 'getHash',
+    stateMutability: 'view',
+    inputs: [{ name: 'userOp', ...packedUserOperationAbi }, { name: 'validUntil', type: 'uint48' }, { name: 'validAfter', type: 'uint48' }],
+    outputs: [{ type: 'bytes32' }],
+  },
+] as const
 
 /**
  * eth-infinitism VerifyingPaymaster from @account-abstraction/contracts@0.7.0
@@ -66,4 +77,9 @@ export const verifyingPaymasterV07: PaymasterAdapter<UserOperationV07> = {
       ),
     )
   },
+  getHashCall: ({ op, window }) => ({
+    abi: getHashAbi,
+    functionName: 'getHash',
+    args: [toPackedUserOperation(op as UserOperation<'0.7'>), window.validUntil, window.validAfter],
+  }),
 }
