@@ -31,6 +31,14 @@ const amountSchema = z
 /** A paymaster gas limit: v0.7+ packs each into 16 bytes of paymasterAndData. */
 const paymasterGasLimitSchema = amountSchema.refine((value) => value < 2n ** 128n, 'expected at most 2^128 − 1 (a uint128, as paymasterAndData packs it)')
 
+/** `data:image/<type>[;params],<data>`, with data that decodes when the params say base64. */
+function isImageDataUri(uri: string): boolean {
+  const parts = /^data:image\/[a-z0-9.+-]+((?:;[^,;]*)*),(.+)$/is.exec(uri)
+  if (!parts) return false
+  const base64 = parts[1]!.split(';').some((param) => param.toLowerCase() === 'base64')
+  return !base64 || /^[A-Za-z0-9+/]+={0,2}$/.test(parts[2]!.replace(/\s/g, ''))
+}
+
 const secretNameSchema = z.string().regex(/^[A-Za-z_][A-Za-z0-9_]*$/, 'expected a Worker secret or binding name')
 
 /**
@@ -252,10 +260,11 @@ export const configSchema = z
     sponsor: z
       .object({
         name: z.string().min(1),
-        /** ERC-7677: a data URI (RFC 2397) of an image, which wallets show beside the name. */
+        /** ERC-7677: a data URI (RFC 2397) of an image, which wallets show beside the name; in every stub's answer. */
         icon: z
           .string()
-          .regex(/^data:image\/[a-z0-9.+-]+(;[^,]*)?,\S+$/i, 'expected an image as a data URI (RFC 2397), e.g. data:image/png;base64,…, as ERC-7677 asks')
+          .max(32_768, 'at most 32 KiB: it goes out with every stub data answer')
+          .refine(isImageDataUri, 'expected an image as a data URI (RFC 2397), e.g. data:image/png;base64,…, as ERC-7677 asks; base64 data must be base64')
           .optional(),
       })
       .default({ name: 'Edge Paymaster' }),

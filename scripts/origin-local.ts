@@ -34,7 +34,7 @@ const builtCli = fileURLToPath(new URL('../dist/enclave-origin/cli.js', import.m
 const operator = { keyId: 'operator', secret: randomBytes(32).toString('hex') }
 const worker = { keyId: 'worker', secret: randomBytes(32).toString('hex') }
 
-/** Each process's lines, prefixed with its name; a piece that ends mid-line waits for the rest. */
+/** Each process's lines, prefixed with its name; a piece that ends mid-line waits for the rest, or for the process's end. */
 const pending = { enclave: '', parent: '' }
 const printLines = (which: 'enclave' | 'parent', text: string) => {
   const lines = (pending[which] + text).split('\n')
@@ -62,6 +62,31 @@ const stopAndExit = (code: number) =>
       process.exit(1)
     },
   )
+/** Ctrl-C (or SIGTERM) while it starts: acted on once the start has succeeded or failed, as only then are the processes known. */
+let interrupted = false
+const onSignal = () => {
+  interrupted = true
+  if (origin) stopAndExit(0)
+}
+process.once('SIGINT', onSignal)
+process.once('SIGTERM', onSignal)
+/** A process that ended on its own while the other started, said once the start is over. */
+let endedWhileStarting: string | undefined
+/**
+ * A process that ended on its own stops the rest. Said a moment later, and only if nothing stopped them meanwhile:
+ * Ctrl-C in a terminal reaches every process of the group, and a child may end on it before this process reads it.
+ */
+const ended = (which: 'enclave' | 'parent', how: string) => {
+  printLines(which, '\n')
+  const report = `the ${which} ended (${how}); its last lines are above. Stopping the rest.`
+  if (origin === undefined) endedWhileStarting ??= report
+  else
+    setTimeout(() => {
+      if (stopped) return
+      console.error(`origin:local: ${report}`)
+      stopAndExit(1)
+    }, 200)
+}
 try {
   kms = await startLocalKms({ port: ports.kms })
   storeDir = mkdtempSync(path.join(tmpdir(), 'origin-local-'))
@@ -74,31 +99,30 @@ try {
     builtCli,
     extraEnv: { ORIGIN_HMAC_KEYS: `${operator.keyId}:${operator.secret},${worker.keyId}:${worker.secret}`, ORIGIN_SIGN_ONLY_KEY_IDS: worker.keyId },
     onOutput: printLines,
-    onExit: (which, how) => {
-      // While it starts, startOrigin reports a process that ends.
-      if (origin === undefined || stopped) return
-      console.error(`origin:local: the ${which} ended (${how}); its last lines are above. Stopping the rest.`)
-      stopAndExit(1)
-    },
+    onExit: ended,
   })
 } catch (error) {
   // A port in use, say: the ORIGIN_LOCAL_*_PORT settings move them. Said before the cleanup, which could fail too.
-  console.error(`origin:local could not start: ${error instanceof Error ? error.message : String(error)}`)
+  if (!interrupted) console.error(`origin:local could not start: ${error instanceof Error ? error.message : String(error)}`)
   await stop().catch((stopping: unknown) => console.error(`and stopping what had started failed: ${stopping instanceof Error ? stopping.message : String(stopping)}`))
-  process.exit(1)
+  process.exit(interrupted ? 0 : 1)
 }
-console.log(
-  [
-    '',
-    `The enclave origin runs on 127.0.0.1 (development profile): the parent (pid ${origin.pids().parent}) at ${origin.url}, the enclave (pid ${origin.pids().enclave}) at 127.0.0.1:${ports.enclave}, the local KMS at ${kms.url}.`,
-    `Its store is ${storeDir}, removed when this stops (Ctrl-C).`,
-    'For the CLI, in another shell:',
-    `  export ORIGIN_URL=${origin.url} ORIGIN_HMAC_KEY_ID=${operator.keyId} ORIGIN_HMAC_SECRET=${operator.secret}`,
-    '  npm run -s origin create-keys -- --count 3',
-    '  npm run -s origin sign -- --key <keyId> --digest 0x<64 hex digits>',
-    `For the Worker's keyless backend (sign and read only): url ${origin.url}, HMAC key id ${worker.keyId}, secret ${worker.secret}.`,
-    '',
-  ].join('\n'),
-)
-process.once('SIGINT', () => stopAndExit(0))
-process.once('SIGTERM', () => stopAndExit(0))
+if (interrupted) stopAndExit(0)
+else if (endedWhileStarting) {
+  console.error(`origin:local: ${endedWhileStarting}`)
+  stopAndExit(1)
+} else {
+  console.log(
+    [
+      '',
+      `The enclave origin runs on 127.0.0.1 (development profile): the parent (pid ${origin.pids().parent}) at ${origin.url}, the enclave (pid ${origin.pids().enclave}) at 127.0.0.1:${ports.enclave}, the local KMS at ${kms.url}.`,
+      `Its store is ${storeDir}, removed when this stops (Ctrl-C).`,
+      'For the CLI, in another shell:',
+      `  export ORIGIN_URL=${origin.url} ORIGIN_HMAC_KEY_ID=${operator.keyId} ORIGIN_HMAC_SECRET=${operator.secret}`,
+      '  npm run -s origin create-keys -- --count 3',
+      '  npm run -s origin sign -- --key <keyId> --digest 0x<64 hex digits>',
+      `For the Worker's keyless backend (sign and read only): url ${origin.url}, HMAC key id ${worker.keyId}, secret ${worker.secret}.`,
+      '',
+    ].join('\n'),
+  )
+}

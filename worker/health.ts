@@ -1,4 +1,13 @@
-import { createPublicClient, http, type Address, type PublicClient } from 'viem'
+import {
+  BaseError,
+  ContractFunctionRevertedError,
+  ContractFunctionZeroDataError,
+  createPublicClient,
+  ExecutionRevertedError,
+  http,
+  type Address,
+  type PublicClient,
+} from 'viem'
 import { ConfigError } from '../config/load.js'
 import type { ChainConfig } from '../config/schema.js'
 import { SharedLoad } from '../backends/sharedLoad.js'
@@ -86,7 +95,8 @@ const signersAbi = [
 
 /** What /health reads over a chain's RPC (only /health pays for it, never a sponsorship). */
 async function chainChecks(chain: ChainConfig, health: SignerHealth) {
-  const client = createPublicClient({ transport: http(chain.rpcUrl, { timeout: 3_000, retryCount: 0 }) })
+  // Batched: the reads of one report go in one HTTP request (a Worker has a budget of subrequests per request).
+  const client = createPublicClient({ transport: http(chain.rpcUrl, { timeout: 3_000, retryCount: 0, batch: true }) })
   const [signerAuthorisation, paymasterHashes] = await Promise.all([signersAuthorised(chain, health, client), hashAgreement(chain, client)])
   return { signerAuthorisation, paymasterHashes }
 }
@@ -134,27 +144,35 @@ const probe = {
  * Each paymaster's own `getHash`, on chain, against the hash we would sign for the same operation: they differ when
  * the deployed contract is not the one the config names (a Pimlico V8 built from newer sources, which hashes
  * differently), or the chain is not the config's (its id is in the hash). Every signature would then fail (AA34).
+ * A call that reverts or finds no code says the contract there is not of the config's kind, or not there at all.
  */
 async function hashAgreement(chain: ChainConfig, client: PublicClient) {
   return Promise.all(
     chain.paymasters.map(async ({ entryPointVersion, contract, address: paymaster }) => {
-      const adapter = adapterFor(contract, entryPointVersion)
-      const model = operationModels[entryPointVersion]
-      const fields = {
-        paymaster,
-        paymasterData: adapter.paymasterData({ window: probe.window, signature: stubSignature }),
-        paymasterVerificationGasLimit: adapter.defaultGas.verificationGasLimit,
-        paymasterPostOpGasLimit: adapter.defaultGas.postOpGasLimit,
-      }
-      const bare = entryPointVersion === '0.6' ? ({ ...probe.operation, initCode: '0x', paymasterAndData: '0x' } satisfies UserOperationV06) : (probe.operation satisfies UserOperationV07)
-      const op = model.withPaymaster(bare as never, fields) as never
-      const ours = adapter.hash({ op, chainId: chain.chainId, paymaster, window: probe.window })
       const base = { paymaster, entryPointVersion, contract }
       try {
+        const adapter = adapterFor(contract, entryPointVersion)
+        const fields = {
+          paymaster,
+          paymasterData: adapter.paymasterData({ window: probe.window, signature: stubSignature }),
+          paymasterVerificationGasLimit: adapter.defaultGas.verificationGasLimit,
+          paymasterPostOpGasLimit: adapter.defaultGas.postOpGasLimit,
+        }
+        const bare = entryPointVersion === '0.6' ? ({ ...probe.operation, initCode: '0x', paymasterAndData: '0x' } satisfies UserOperationV06) : (probe.operation satisfies UserOperationV07)
+        const op = operationModels[entryPointVersion].withPaymaster(bare as never, fields) as never
+        const ours = adapter.hash({ op, chainId: chain.chainId, paymaster, window: probe.window })
         const theirs = await client.readContract({ address: paymaster, ...adapter.getHashCall({ op, window: probe.window }) })
-        return { ...base, agrees: theirs === ours, ...(theirs !== ours && { error: `its getHash is not the hash signed for ${contract} on chain ${chain.chainId}: signatures would fail (AA34)` }) }
-      } catch {
-        return { ...base, agrees: null, error: 'could not call getHash over the chain RPC' }
+        if (theirs === ours) return { ...base, agrees: true }
+        return { ...base, agrees: false, error: `its getHash is not the hash signed for ${contract} on chain ${chain.chainId}: signatures would fail (AA34)` }
+      } catch (error) {
+        const refused = error instanceof BaseError && error.walk((cause) => cause instanceof ContractFunctionZeroDataError || cause instanceof ContractFunctionRevertedError || cause instanceof ExecutionRevertedError)
+        return {
+          ...base,
+          agrees: null,
+          error: refused
+            ? `getHash reverted or returned nothing: no ${contract} paymaster for v${entryPointVersion} at this address on the RPC's chain`
+            : 'could not call getHash over the chain RPC',
+        }
       }
     }),
   )

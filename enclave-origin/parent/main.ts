@@ -1,5 +1,5 @@
 import { readFileSync } from 'node:fs'
-import { createServer, type ListenOptions } from 'node:net'
+import { createServer, type ListenOptions, type Server } from 'node:net'
 import { resolve } from 'node:path'
 import { addressSetting, choiceSetting, enclavesSetting, hmacKeysSetting, integerSetting, logLine, optionalSetting, parentTlsSetting, setting, signOnlyKeyIdsSetting } from '../config.js'
 import { messageOf } from '../errors.js'
@@ -67,8 +67,7 @@ export async function runParent(): Promise<() => Promise<void>> {
       : { kind: 'disk' as const, directory: setting('STORE_DIR') }
   // Before the store is opened (a first start makes it, and asks KMS for its data key): a port in use stops the start here.
   // Only a try: the listeners are made once the parent has started, and say so again should the port be taken meanwhile.
-  await listenable('PARENT_LISTEN', address)
-  if (operatorAddress) await listenable('OPERATOR_LISTEN', operatorAddress)
+  await tryListening([['OPERATOR_LISTEN', operatorAddress], ['PARENT_LISTEN', address]])
   // Only now, every setting read: the store is opened (a disk store replayed and locked) once they all check out.
   const store =
     storeSettings.kind === 's3'
@@ -116,14 +115,25 @@ function cannotListen(name: string): (error: unknown) => never {
   }
 }
 
-/** Listens on the address of setting `name` and stops at once: it fails as the parent's own listen would. */
-async function listenable(name: string, address: ListenOptions): Promise<void> {
-  const server = createServer()
-  await new Promise<void>((listening, failed) => {
-    server.once('error', failed)
-    server.listen(address, listening)
-  }).catch(cannotListen(name))
-  await new Promise((closed) => server.close(closed))
+/**
+ * Listens on each setting's address (those set), all at once as the parent will, and stops: it fails as the parent's
+ * own listeners would, two settings on one address included.
+ */
+async function tryListening(settings: Array<[name: string, address: ListenOptions | undefined]>): Promise<void> {
+  const servers: Server[] = []
+  try {
+    for (const [name, address] of settings) {
+      if (address === undefined) continue
+      const server = createServer()
+      await new Promise<void>((listening, failed) => {
+        server.once('error', failed)
+        server.listen(address, listening)
+      }).catch(cannotListen(name))
+      servers.push(server)
+    }
+  } finally {
+    await Promise.all(servers.map((server) => new Promise((closed) => server.close(closed))))
+  }
 }
 
 /** The address setting `name` gives, which must be one the parent can listen on. */

@@ -701,11 +701,17 @@ describe('the parent process', () => {
     const stores = mkdtempSync(path.join(tmpdir(), 'origin-busy-port-'))
     try {
       await origin.kill('parent')
-      for (const setting of ['OPERATOR_LISTEN', 'PARENT_LISTEN']) {
-        // A first start: its store would be made, and a data key asked of KMS, were the port not tried first.
-        const storeDir = path.join(stores, setting)
-        const started = origin.startParent({ [setting]: busyAt, STORE_DIR: storeDir })
-        await expect(started).rejects.toThrow(`${setting}: cannot listen there: listen EADDRINUSE`)
+      // Another process's port for either, or the operators' listener on the clients' address (operators listen first).
+      const cases: Array<[Record<string, string>, string]> = [
+        [{ OPERATOR_LISTEN: busyAt }, 'OPERATOR_LISTEN'],
+        [{ PARENT_LISTEN: busyAt }, 'PARENT_LISTEN'],
+        [{ OPERATOR_LISTEN: new URL(origin.url).host }, 'PARENT_LISTEN'],
+      ]
+      for (const [index, [settings, refused]] of cases.entries()) {
+        // A first start: its store would be made, and a data key asked of KMS, were the ports not tried first.
+        const storeDir = path.join(stores, String(index))
+        const started = origin.startParent({ ...settings, STORE_DIR: storeDir })
+        await expect(started).rejects.toThrow(`${refused}: cannot listen there: listen EADDRINUSE`)
         await expect(started).rejects.not.toThrow('"parent_listening"')
         expect(existsSync(storeDir)).toBe(false)
       }

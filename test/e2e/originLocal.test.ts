@@ -70,7 +70,7 @@ it('runs the origin on 127.0.0.1 with the settings it prints, and stops everythi
   }
 })
 
-it('stops everything, saying which, when the enclave or the parent ends on its own', { timeout: 120_000 }, async () => {
+it('stops everything, saying which, when a process it started ends on its own (the enclave, killed)', { timeout: 120_000 }, async () => {
   const { output, exited, stop, store, cli } = await startOriginLocal({ parent: 18687, enclave: 18688, kms: 18689 })
   try {
     const pid = (which: string) => Number(new RegExp(`the ${which} \\(pid (\\d+)\\)`).exec(output())![1])
@@ -86,6 +86,35 @@ it('stops everything, saying which, when the enclave or the parent ends on its o
     await expect(cli('status')).rejects.toThrow('cannot reach the parent at http://127.0.0.1:18687: ECONNREFUSED')
   } finally {
     await stop()
+  }
+})
+
+it('stops at Ctrl-C while it starts, once the start is over, leaving nothing behind', { timeout: 90_000 }, async () => {
+  const storesBefore = readdirSync(tmpdir()).filter((name) => name.startsWith('origin-local-')).length
+  const env = { ...process.env, ORIGIN_LOCAL_PARENT_PORT: '18690', ORIGIN_LOCAL_ENCLAVE_PORT: '18691', ORIGIN_LOCAL_KMS_PORT: '18692' }
+  const child = spawn(process.execPath, ['--import', 'tsx', 'scripts/origin-local.ts'], { env, stdio: ['ignore', 'pipe', 'pipe'] })
+  let output = ''
+  child.stdout.on('data', (chunk: Buffer) => (output += chunk))
+  child.stderr.on('data', (chunk: Buffer) => (output += chunk))
+  const exited = new Promise<[number | null, string | null]>((resolve) => child.on('exit', (code, signal) => resolve([code, signal])))
+  try {
+    // The enclave has started, the parent not yet.
+    const deadline = Date.now() + 60_000
+    while (!output.includes('[enclave] ') && child.exitCode === null && Date.now() < deadline) await new Promise((resolve) => setTimeout(resolve, 20))
+    expect(output).not.toContain('export ORIGIN_URL')
+    child.kill('SIGINT')
+    expect(await exited, output).toEqual([0, null])
+    expect(output).not.toContain('could not start')
+    expect(readdirSync(tmpdir()).filter((name) => name.startsWith('origin-local-')).length).toBe(storesBefore)
+    // Its processes went with it: the parent's port is free to take.
+    const free = createServer()
+    await new Promise<void>((listening, failed) => free.once('error', failed).listen(18690, '127.0.0.1', listening))
+    await new Promise((closed) => free.close(closed))
+  } finally {
+    if (child.exitCode === null && child.signalCode === null) {
+      child.kill('SIGKILL')
+      await exited
+    }
   }
 })
 

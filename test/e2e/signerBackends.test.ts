@@ -110,12 +110,18 @@ it('/health compares each paymaster\u2019s on-chain getHash with the hash it sig
   const agreeing = paymasters.map(({ entryPointVersion, contract, address }) => ({ paymaster: address, entryPointVersion, contract, agrees: true }))
   // The chain's own id, then another: the id is in every hash, so each deployed getHash now differs from ours.
   const chains = [devnet.chainId, 1].map((chainId) => ({ chainId, name: 'anvil', paymasters, rpcUrl: anvil.rpcUrl, signer: 'primary' }))
-  await withWorker(18861, { chains, signers: { primary: backends.kms } }, async (workerUrl) => {
+  // And one whose paymaster address has no code on the RPC's chain.
+  const nowhere = '0x000000000000000000000000000000000000dEaD'
+  const missing = { chainId: 5, name: 'anvil', paymasters: [{ entryPointVersion: '0.7', contract: 'pimlico-singleton', address: nowhere }], rpcUrl: anvil.rpcUrl, signer: 'primary' }
+  await withWorker(18861, { chains: [...chains, missing], signers: { primary: backends.kms } }, async (workerUrl) => {
     const health = (await (await fetch(`${workerUrl}/health`)).json()) as Health
     expect(health.chains[0]!.paymasterHashes).toEqual(agreeing)
     expect(health.chains[1]!.paymasterHashes).toEqual(
       agreeing.map(({ contract, ...rest }) => ({ ...rest, contract, agrees: false, error: `its getHash is not the hash signed for ${contract} on chain 1: signatures would fail (AA34)` })),
     )
+    expect(health.chains[2]!.paymasterHashes).toEqual([
+      { paymaster: nowhere, entryPointVersion: '0.7', contract: 'pimlico-singleton', agrees: null, error: "getHash reverted or returned nothing: no pimlico-singleton paymaster for v0.7 at this address on the RPC's chain" },
+    ])
     expect(health.status).toBe('degraded')
   })
   await withWorker(18862, { chains: chains.slice(0, 1), signers: { primary: backends.kms } }, async (workerUrl) => {

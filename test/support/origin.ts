@@ -54,7 +54,7 @@ async function until(check: () => Promise<boolean>, what: string, child: ChildPr
   const deadline = Date.now() + 30_000
   while (Date.now() < deadline) {
     // Once it has exited, and its last words are read: its output may still be draining.
-    if (child.exitCode !== null && child.stdout!.readableEnded && child.stderr!.readableEnded) break
+    if ((child.exitCode !== null || child.signalCode !== null) && child.stdout!.readableEnded && child.stderr!.readableEnded) break
     if (await check().catch(() => false)) return
     await new Promise((resolve) => setTimeout(resolve, 100))
   }
@@ -85,7 +85,7 @@ export async function startOrigin(options: {
   builtCli?: string
   /** Each piece of either process's output (stdout and stderr) as it comes. */
   onOutput?: (which: 'enclave' | 'parent', text: string) => void
-  /** A process ended that neither `kill` nor `stop` ended: `how` is its exit code or signal. */
+  /** A process ended that neither `kill` nor `stop` ended, its output all read: `how` is its exit code or signal. */
   onExit?: (which: 'enclave' | 'parent', how: string) => void
 }): Promise<Origin> {
   const env = {
@@ -120,7 +120,8 @@ export async function startOrigin(options: {
     }
     child.stdout!.on('data', take)
     child.stderr!.on('data', take)
-    child.once('exit', (code, signal) => {
+    // 'close', not 'exit': its last words are read by then.
+    child.once('close', (code, signal) => {
       if (!ending.has(child)) options.onExit?.(which, signal === null ? `exit code ${code}` : `signal ${signal}`)
     })
     children[which] = child

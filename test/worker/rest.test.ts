@@ -54,6 +54,10 @@ describe('REST API', () => {
     })
     expect(declined.status).toBe(403)
     expect(await declined.json()).toMatchObject({ error: { code: 'declined', data: { reason: 'gas_limit_exceeded' } } })
+    // A postOp limit above the paymaster's own, as over JSON-RPC.
+    const postOp = await post('/api/v1/paymaster/sponsor', { userOperation: rpcUserOperationV07({ paymasterPostOpGasLimit: '0x2' }), entryPoint: entryPoints['0.7'], chainId: 31337 })
+    expect(postOp.status).toBe(403)
+    expect(await postOp.json()).toMatchObject({ error: { code: 'declined', data: { reason: 'gas_limit_exceeded', field: 'paymasterPostOpGasLimit', limit: '1' } } })
 
     const unauthorised = await post('/api/v1/paymaster/sponsor', {}, {})
     expect(unauthorised.status).toBe(401)

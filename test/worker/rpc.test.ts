@@ -140,6 +140,10 @@ describe('EIP-7702 UserOperations', () => {
       expect(body.error, method).toMatchObject({ code: -32602 })
       expect(body.error.message).toContain('userOperation.factory: with factoryData, the EIP-7702 marker must be written in full (0x7702 and 36 zeros)')
     }
+    // v0.7 refuses the marker whatever its form, and says only that.
+    const onV07 = await rpc(request('pm_getPaymasterStubData', [short, entryPoints['0.7'], chainHex, {}]))
+    expect(onV07.body.error.message).toContain('needs EntryPoint v0.8')
+    expect(onV07.body.error.message).not.toContain('written in full')
     const full = { ...short, factory: '0x7702000000000000000000000000000000000000' }
     const { body } = await rpc(request('pm_getPaymasterData', [full, entryPoints['0.8'], chainHex]))
     expect(body.result.paymaster).toBe(paymasters['0.8'])
@@ -231,9 +235,14 @@ describe('policy declines', () => {
       const { body } = await rpc(request(method, [...params]))
       expect(body.error, method).toMatchObject({ code: -32002, data: { reason: 'gas_limit_exceeded', field: 'paymasterPostOpGasLimit', limit: '1', value: '5000000' } })
     }
-    // The stub's own value, or less, is signed.
-    const { body } = await rpc(request('pm_getPaymasterData', [rpcUserOperationV07({ paymasterPostOpGasLimit: '0x1' }), entryPoints['0.7'], chainHex]))
+    // The stub answers what will be signed: the paymaster's own value in place of a higher one.
+    const stub = await rpc(request('pm_getPaymasterStubData', [op, entryPoints['0.7'], chainHex, {}]))
+    expect(stub.body.result.paymasterPostOpGasLimit).toBe('0x1')
+    const { body } = await rpc(request('pm_getPaymasterData', [{ ...op, paymasterPostOpGasLimit: stub.body.result.paymasterPostOpGasLimit }, entryPoints['0.7'], chainHex]))
     expect(body.result.paymasterPostOpGasLimit).toBe('0x1')
+    // A lower one is the wallet's to keep.
+    const lower = await rpc(request('pm_getPaymasterStubData', [{ ...op, paymasterPostOpGasLimit: '0x0' }, entryPoints['0.7'], chainHex, {}]))
+    expect(lower.body.result.paymasterPostOpGasLimit).toBe('0x0')
   })
 
   it('declines when gas limits times maxFeePerGas exceed the total cost cap', async () => {

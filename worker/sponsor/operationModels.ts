@@ -11,6 +11,7 @@ import {
   userOperationV06Schema,
   userOperationV07OnlySchema,
   userOperationV07Schema,
+  userOperationV08Schema,
   type SignedGasField,
   type UserOperationV06,
   type UserOperationV07,
@@ -62,7 +63,7 @@ const v06: OperationModel<UserOperationV06> = {
 
 function v07Model(version: '0.7' | '0.8'): OperationModel<UserOperationV07> {
   return {
-    schema: version === '0.7' ? userOperationV07OnlySchema : userOperationV07Schema,
+    schema: version === '0.7' ? userOperationV07OnlySchema : userOperationV08Schema,
     fromInput: (input: z.infer<typeof userOperationV07Schema>) => toUserOperationV07(input),
     missingField: (input: z.infer<typeof userOperationV07Schema>) => missingSignedField(input),
     ...(version === '0.8' ? { signingRefusal: eip7702SigningRefusal } : {}),

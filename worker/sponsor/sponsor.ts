@@ -107,20 +107,19 @@ function prepare(deps: SponsorDeps, request: SponsorRequest, forSigning: boolean
   checkSender(deps.config.policy, op.sender)
 
   const requested = model.requestedPaymasterGas(op)
+  // The postOp limit is the paymaster's to set, not the wallet's: v0.7 charges the paymaster 10% of what goes unused
+  // of it, and verifying mode never calls postOp. A wallet sends the stub's value or less; more only up to an explicit
+  // maxPaymasterPostOpGasLimit. The stub answers at most that, so that what it answers is signed.
+  const { policy } = deps.config
   const ownPostOpGasLimit = paymasterConfig.postOpGasLimit ?? adapter.defaultGas.postOpGasLimit
+  const maxPaymasterPostOpGasLimit = policy.gas.maxPaymasterPostOpGasLimit ?? ownPostOpGasLimit
+  const postOpGasLimit = requested.postOpGasLimit ?? ownPostOpGasLimit
   const gasLimits = {
     paymasterVerificationGasLimit:
       requested.verificationGasLimit ?? paymasterConfig.verificationGasLimit ?? adapter.defaultGas.verificationGasLimit,
-    paymasterPostOpGasLimit: requested.postOpGasLimit ?? ownPostOpGasLimit,
+    paymasterPostOpGasLimit: forSigning || postOpGasLimit <= maxPaymasterPostOpGasLimit ? postOpGasLimit : maxPaymasterPostOpGasLimit,
   }
-  if (forSigning) {
-    // The postOp limit is the paymaster's to set, not the wallet's: v0.7 charges the paymaster 10% of what goes
-    // unused of it, and verifying mode never calls postOp. A wallet sends the stub's value or less; more only up to
-    // an explicit maxPaymasterPostOpGasLimit.
-    const { policy } = deps.config
-    const gas = { ...policy.gas, maxPaymasterPostOpGasLimit: policy.gas.maxPaymasterPostOpGasLimit ?? ownPostOpGasLimit }
-    checkGas({ ...policy, gas }, entryPoint.version, model.gas(op, gasLimits))
-  }
+  if (forSigning) checkGas({ ...policy, gas: { ...policy.gas, maxPaymasterPostOpGasLimit } }, entryPoint.version, model.gas(op, gasLimits))
 
   return {
     chain,

@@ -61,11 +61,6 @@ export const userOperationV07Schema = z
     message: 'factoryData is set but factory is missing',
     path: ['factoryData'],
   })
-  // initCode is factory ‖ factoryData, and the EntryPoint sees the 7702 marker only in its first 20 bytes, zero-padded.
-  .refine((op) => !op.factoryData || op.factoryData === '0x' || op.factory?.toLowerCase() !== '0x7702', {
-    message: 'with factoryData, the EIP-7702 marker must be written in full (0x7702 and 36 zeros): 0x7702 ‖ factoryData is no marker to the EntryPoint',
-    path: ['factory'],
-  })
 
 /**
  * The EIP-7702 initCode marker: initCode whose first 20 bytes, zero-padded, are 0x7702. The v0.8 EntryPoint hashes
@@ -74,6 +69,15 @@ export const userOperationV07Schema = z
 export function isEip7702Marker(factory: string | null | undefined): boolean {
   return factory != null && /^0x7702(0{36})?$/i.test(factory)
 }
+
+/**
+ * v0.8: initCode is factory ‖ factoryData, and the EntryPoint sees the 7702 marker only in its first 20 bytes,
+ * zero-padded, so the short marker takes no factoryData.
+ */
+export const userOperationV08Schema = userOperationV07Schema.refine((op) => !op.factoryData || op.factoryData === '0x' || op.factory?.toLowerCase() !== '0x7702', {
+  message: 'with factoryData, the EIP-7702 marker must be written in full (0x7702 and 36 zeros): 0x7702 ‖ factoryData is no marker to the EntryPoint',
+  path: ['factory'],
+})
 
 /** v0.7 knows no 7702 marker (an eip7702Auth alone is the bundler's business: it delegates the sender before handleOps). */
 export const userOperationV07OnlySchema = userOperationV07Schema.refine((op) => !isEip7702Marker(op.factory), {
