@@ -5,7 +5,6 @@ import type { AddressInfo } from 'node:net'
 import { promisify } from 'node:util'
 import { tmpdir } from 'node:os'
 import path from 'node:path'
-import { pathToFileURL } from 'node:url'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import { getAddress, keccak256, toHex, type Address, type Hex } from 'viem'
 import { jsonObjectOf } from '../../enclave-origin/errors.js'
@@ -14,7 +13,7 @@ import { deployDevnet, devnetChainConfig, type Devnet } from '../support/devnet.
 import { prepareSponsored, signAndSubmit } from '../support/e2eFlow.js'
 import { startLocalKms, type LocalKms } from '../support/kmsServer.js'
 import { mutated, strangeValue } from '../support/mutations.js'
-import { originHmac, recoveredFromAnswer, startOrigin, symmetricKmsKey, workerHmac, type Origin } from '../support/origin.js'
+import { buildOrigin, originHmac, recoveredFromAnswer, startOrigin, symmetricKmsKey, workerHmac, type Origin } from '../support/origin.js'
 import { seededRandom } from '../support/seededRandom.js'
 import { startWorker } from '../support/wranglerDev.js'
 
@@ -29,14 +28,17 @@ let kmsKeyId: string
 let origin: Origin
 let storeDir: string
 let anvil: Anvil
+let builtCli: string
 const operatorPort = 18654
 
 beforeAll(async () => {
+  // The CLI and both processes run from the build, as in production.
+  builtCli = buildOrigin('enclaveOrigin')
   kms = await startLocalKms({ port: 18651 })
   kmsKeyId = await symmetricKmsKey(kms)
   storeDir = mkdtempSync(path.join(tmpdir(), 'origin-store-'))
   // Operators have a listener of their own (OPERATOR_LISTEN), which a flood of client connections cannot fill.
-  origin = await startOrigin({ kms, kmsKeyId, enclavePort: 18652, parentPort: 18653, storeDir, extraEnv: { OPERATOR_LISTEN: `127.0.0.1:${operatorPort}` } })
+  origin = await startOrigin({ kms, kmsKeyId, enclavePort: 18652, parentPort: 18653, storeDir, builtCli, extraEnv: { OPERATOR_LISTEN: `127.0.0.1:${operatorPort}` } })
   anvil = await startAnvil({ port: 18549 })
 })
 
@@ -238,7 +240,7 @@ describe('malformed input, many shapes (seeded)', () => {
 
 describe('the operators\u2019 CLI', () => {
   const cliAt = (url: string, ...args: string[]) =>
-    promisify(execFile)(process.execPath, ['--import', 'tsx', 'enclave-origin/cli.ts', ...args], {
+    promisify(execFile)(process.execPath, [builtCli, ...args], {
       env: { ...process.env, ORIGIN_URL: url, ORIGIN_HMAC_KEY_ID: originHmac.keyId, ORIGIN_HMAC_SECRET: originHmac.secret },
       timeout: 30_000,
     })
@@ -257,7 +259,7 @@ describe('the operators\u2019 CLI', () => {
   it('unlocks every enclave and shows the status: signed with the HMAC secret, the enclaves\u2019 figures too', async () => {
     expect(JSON.parse((await cli('unlock')).stdout)).toEqual({ ok: true })
     expect(JSON.parse((await cli('status')).stdout)).toMatchObject({ ok: true, enclaves: [{ id: 'enclave-1', ok: true, stats: { cacheStates: expect.any(Object) } }] })
-    const { stdout } = await promisify(execFile)(process.execPath, ['--import', 'tsx', 'enclave-origin/cli.ts', 'status'], { env: { PATH: process.env.PATH, ORIGIN_URL: origin.url }, timeout: 30_000 })
+    const { stdout } = await promisify(execFile)(process.execPath, [builtCli, 'status'], { env: { PATH: process.env.PATH, ORIGIN_URL: origin.url }, timeout: 30_000 })
     expect(JSON.parse(stdout)).toEqual({ ok: true, status: 'ok', enclaves: [{ id: 'enclave-1', answered: true, ok: true, held: false }], store: { ok: true } })
   })
 
@@ -278,7 +280,7 @@ describe('the operators\u2019 CLI', () => {
 
   it('says what to check when the parent refuses its signature', async () => {
     const withWrongSecret = (...args: string[]) =>
-      promisify(execFile)(process.execPath, ['--import', 'tsx', 'enclave-origin/cli.ts', ...args], {
+      promisify(execFile)(process.execPath, [builtCli, ...args], {
         env: { ...process.env, ORIGIN_URL: origin.url, ORIGIN_HMAC_KEY_ID: originHmac.keyId, ORIGIN_HMAC_SECRET: 'not-the-secret-the-parent-has' },
         timeout: 30_000,
       }).catch((error: { code: number; stdout: string; stderr: string }) => error)
@@ -333,7 +335,7 @@ describe('the operators\u2019 CLI', () => {
 
   /** The CLI as its own process against `url`, with what it writes and how it ends. */
   const cliProcess = (url: string, args: string[], env: Record<string, string> = {}) => {
-    const child = spawn(process.execPath, ['--import', 'tsx', 'enclave-origin/cli.ts', ...args], {
+    const child = spawn(process.execPath, [builtCli, ...args], {
       env: { ...process.env, ORIGIN_URL: url, ORIGIN_HMAC_KEY_ID: originHmac.keyId, ORIGIN_HMAC_SECRET: originHmac.secret, ...env },
       stdio: ['ignore', 'pipe', 'pipe'],
     })
@@ -534,7 +536,7 @@ describe('the operators\u2019 CLI', () => {
     const directory = mkdtempSync(path.join(tmpdir(), 'cli-paths-'))
     try {
       const fromThere = (...args: string[]) =>
-        promisify(execFile)(process.execPath, ['--import', 'tsx', 'enclave-origin/cli.ts', ...args], { env: { ...process.env, npm_lifecycle_event: 'origin', INIT_CWD: directory }, timeout: 30_000 })
+        promisify(execFile)(process.execPath, [builtCli, ...args], { env: { ...process.env, npm_lifecycle_event: 'origin', INIT_CWD: directory }, timeout: 30_000 })
       const { recipient } = JSON.parse((await fromThere('preload-identity', '--out', 'identity.txt')).stdout) as { recipient: string }
       expect(recipient).toMatch(/^age1/)
       expect(existsSync(path.join(directory, 'identity.txt'))).toBe(true)
@@ -548,7 +550,7 @@ describe('the operators\u2019 CLI', () => {
       // An INIT_CWD inherited from another npm script names some other directory: the working directory counts then.
       const elsewhere = mkdtempSync(path.join(tmpdir(), 'cli-cwd-'))
       try {
-        await promisify(execFile)(process.execPath, ['--import', pathToFileURL(path.resolve('node_modules/tsx/dist/loader.mjs')).href, path.resolve('enclave-origin/cli.ts'), 'preload-identity', '--out', 'other.txt'], {
+        await promisify(execFile)(process.execPath, [builtCli, 'preload-identity', '--out', 'other.txt'], {
           cwd: elsewhere,
           env: { ...process.env, npm_lifecycle_event: 'deploy', INIT_CWD: directory },
           timeout: 30_000,
@@ -634,16 +636,16 @@ describe('the operators\u2019 CLI', () => {
       expect(status).toMatchObject({ code: 1 })
       expect(JSON.parse((status as { stdout: string }).stdout)).toEqual({ ok: false, status: 'down' })
       const silentAt = `http://127.0.0.1:${(silent.address() as AddressInfo).port}`
-      const givenUp = await promisify(execFile)(process.execPath, ['--import', 'tsx', 'enclave-origin/cli.ts', 'status'], { env: { ...process.env, ORIGIN_URL: silentAt, ORIGIN_TIMEOUT_MS: '1500' } }).catch((error: { code: number; stderr: string }) => error)
+      const givenUp = await promisify(execFile)(process.execPath, [builtCli, 'status'], { env: { ...process.env, ORIGIN_URL: silentAt, ORIGIN_TIMEOUT_MS: '1500' } }).catch((error: { code: number; stderr: string }) => error)
       expect(givenUp).toMatchObject({ code: 1, stderr: `the parent at ${silentAt} sent nothing for 1.5 s: GET /healthz given up\n` })
       // A rotation answers when it is done, however long that is: it waits, ORIGIN_TIMEOUT_MS or not, until the test stops it.
-      const rotating = await promisify(execFile)(process.execPath, ['--import', 'tsx', 'enclave-origin/cli.ts', 'rotate-data-key'], {
+      const rotating = await promisify(execFile)(process.execPath, [builtCli, 'rotate-data-key'], {
         env: { ...process.env, ORIGIN_URL: silentAt, ORIGIN_HMAC_KEY_ID: originHmac.keyId, ORIGIN_HMAC_SECRET: originHmac.secret, ORIGIN_TIMEOUT_MS: '300' },
         timeout: 4_000,
       }).catch((error: { killed: boolean; stderr: string }) => error)
       expect(rotating).toMatchObject({ killed: true, stderr: '' })
       // TLS settings with a plain http:// ORIGIN_URL would be ignored: refused instead.
-      const plainWithTls = await promisify(execFile)(process.execPath, ['--import', 'tsx', 'enclave-origin/cli.ts', 'status'], { env: { ...process.env, ORIGIN_URL: silentAt, ORIGIN_TLS_CA_FILE: '/etc/ssl/ca.pem' } }).catch((error: { code: number; stderr: string }) => error)
+      const plainWithTls = await promisify(execFile)(process.execPath, [builtCli, 'status'], { env: { ...process.env, ORIGIN_URL: silentAt, ORIGIN_TLS_CA_FILE: '/etc/ssl/ca.pem' } }).catch((error: { code: number; stderr: string }) => error)
       expect(plainWithTls).toMatchObject({ code: 1, stderr: `ORIGIN_TLS_CA_FILE, ORIGIN_TLS_CERT_FILE, ORIGIN_TLS_KEY_FILE are for an https:// ORIGIN_URL, and ${silentAt} is not one\n` })
     } finally {
       down.close()

@@ -8,7 +8,7 @@ import { keccak256, toHex } from 'viem'
 import { generatePrivateKey, privateKeyToAddress } from 'viem/accounts'
 import { generatePreloadIdentity, sealPreloadIdentity } from '../../enclave-origin/preloadFiles.js'
 import { startLocalKms, type LocalKms } from '../support/kmsServer.js'
-import { originHmac, recoveredFromAnswer, startOrigin, symmetricKmsKey, type Origin } from '../support/origin.js'
+import { buildOrigin, originHmac, recoveredFromAnswer, startOrigin, symmetricKmsKey, type Origin } from '../support/origin.js'
 
 /**
  * Preload mode: the enclave serves custodial account keys from an
@@ -24,7 +24,11 @@ let origin: Origin
 let dir: string
 const accounts = Array.from({ length: 50 }, (_, i) => ({ account_id: `account-${i}`, share: generatePrivateKey() }))
 
+/** The CLI and both processes run from the build, as in production. */
+let builtCli: string
+
 beforeAll(async () => {
+  builtCli = buildOrigin('enclavePreload')
   kms = await startLocalKms({ port: 18656 })
   dir = mkdtempSync(path.join(tmpdir(), 'origin-preload-'))
   // The identity goes to an owner-only file, never to the screen.
@@ -36,6 +40,7 @@ beforeAll(async () => {
   expect(sealed.stderr).toBe('sealed 50 entries\n')
   rmSync(path.join(dir, 'shares.json'))
   origin = await startOrigin({
+    builtCli,
     kms,
     kmsKeyId: await symmetricKmsKey(kms),
     enclavePort: 18657,
@@ -52,7 +57,7 @@ afterAll(async () => {
 })
 
 function cli(...args: string[]) {
-  return promisify(execFile)(process.execPath, ['--import', 'tsx', 'enclave-origin/cli.ts', ...args], {
+  return promisify(execFile)(process.execPath, [builtCli, ...args], {
     env: { ...process.env, ORIGIN_URL: origin?.url ?? '', ORIGIN_HMAC_KEY_ID: originHmac.keyId, ORIGIN_HMAC_SECRET: originHmac.secret },
     timeout: 30_000,
   })

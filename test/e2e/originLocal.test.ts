@@ -40,7 +40,8 @@ async function startOriginLocal(ports: { parent: number; enclave: number; kms: n
     expect(exported, output).not.toBeNull()
     const settings = Object.fromEntries(exported![1]!.split(' ').map((pair) => pair.split('=') as [string, string]))
     const store = /Its store is (\S+), removed/.exec(output)![1]!
-    const cli = (...args: string[]) => promisify(execFile)(process.execPath, ['--import', 'tsx', 'enclave-origin/cli.ts', ...args], { env: { ...process.env, ...settings }, timeout: 30_000 })
+    // The build beforeAll made, as `npm run origin` runs it.
+    const cli = (...args: string[]) => promisify(execFile)(process.execPath, ['dist/enclave-origin/cli.js', ...args], { env: { ...process.env, ...settings }, timeout: 30_000 })
     return { child, output: () => output, exited, stop, settings, store, cli }
   } catch (error) {
     await stop()

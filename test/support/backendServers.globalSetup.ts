@@ -11,7 +11,7 @@ import { certificateFetcher } from './certificateFetcher.js'
 import { startKeyServers } from './keyServers.js'
 import type { KmsFault } from './kmsServer.js'
 import { listenLocal, readBody } from './localHttp.js'
-import { originHmac, startOrigin, symmetricKmsKey, workerHmac } from './origin.js'
+import { buildOrigin, originHmac, startOrigin, symmetricKmsKey, workerHmac } from './origin.js'
 import { startTestCa } from './testCertificates.js'
 
 /**
@@ -106,6 +106,7 @@ export default async function setup(project: TestProject) {
       enclavePort: 18615,
       parentPort: 18616,
       storeDir: path.join(tlsDir, 'store'),
+      builtCli: buildOrigin('workerTests'),
       extraEnv: { TLS_CERT_FILE: file('parent.crt', server.cert), TLS_KEY_FILE: file('parent.key', server.key), TLS_CA_FILE: file('ca.crt', ca.caPem), TLS_REQUIRE_CLIENT_CERT: '1' },
     })
     started.push(() => origin.stop())

@@ -1,4 +1,5 @@
-import { spawn, type ChildProcess } from 'node:child_process'
+import { execFileSync, spawn, type ChildProcess } from 'node:child_process'
+import path from 'node:path'
 import { recoverAddress, type Address, type Hex } from 'viem'
 import { signRequest } from '../../enclave-origin/protocol/requestSigning.js'
 import { stopProcess } from './anvil.js'
@@ -25,6 +26,17 @@ export function recoveredFromAnswer(digest: Hex, answer: { signature: unknown; r
   if (typeof answer.signature !== 'string' || !/^0x[0-9a-f]{128}$/.test(answer.signature) || (answer.recoveryId !== 0 && answer.recoveryId !== 1))
     throw new Error(`not a sign answer: ${JSON.stringify(answer)}`)
   return recoverAddress({ hash: digest, signature: `${answer.signature as Hex}${(27 + (answer.recoveryId as number)).toString(16)}` as Hex })
+}
+
+/**
+ * The origin built as production runs it (`scripts/build-origin.mjs`: plain JavaScript) into
+ * node_modules/.cache/origin-for-tests/`name`, once per test file: the path of its cli.js. Run through tsx instead,
+ * each start of the CLI or of a process pays about 2 s of CPU for the TypeScript loader; the build takes under one.
+ */
+export function buildOrigin(name: string): string {
+  const outdir = path.resolve('node_modules/.cache/origin-for-tests', name)
+  execFileSync(process.execPath, ['scripts/build-origin.mjs', outdir], { stdio: 'pipe' })
+  return path.join(outdir, 'cli.js')
 }
 
 /** The KMS key that wraps the enclave's data key. */

@@ -12,6 +12,7 @@ import { createParentApi, createParentServers, healthStatus } from '../../enclav
 import { ThrottledLog } from '../../enclave-origin/throttledLog.js'
 import { KeyTurnTimeoutError, OriginParent, OverloadedError } from '../../enclave-origin/parent/origin.js'
 import { RequestVerifier, signRequest } from '../../enclave-origin/protocol/requestSigning.js'
+import { buildOrigin } from '../support/origin.js'
 import { exchange } from '../support/rawHttp.js'
 
 /**
@@ -25,8 +26,11 @@ let server: HttpServer
 let parent: OriginParent
 let base: string
 const logged: Array<Record<string, unknown>> = []
+/** The parent process, as production runs it (for its refusals of settings). */
+let builtCli: string
 
 beforeAll(async () => {
+  builtCli = buildOrigin('parentApi')
   parent = new OriginParent({ enclaves: [{ id: 'none', address: { host: '127.0.0.1', port: 1 } }], poolSize: 1, store: {} as BlobStore, requestTimeoutMs: 200, credentials: () => Promise.reject(new Error('not needed here')) })
   server = createParentApi({ parent, verifier: new RequestVerifier({ secrets: { [hmac.keyId]: hmac.secret }, maxFutureSkewMs: 0 }), log: (fields) => logged.push(fields), requestReadTimeoutMs: 400 })
   await server.listen({ port: 0, host: '127.0.0.1' })
@@ -571,7 +575,7 @@ it.each([
   const storeDir = mkdtempSync(path.join(tmpdir(), 'parent-settings-'))
   try {
     const env: Record<string, string | undefined> = { ...process.env, PARENT_LISTEN: '127.0.0.1:8443', [setting]: value, STORE_DIR: storeDir, ORIGIN_HMAC_KEYS: `${hmac.keyId}:${hmac.secret}` }
-    const run = promisify(execFile)(process.execPath, ['--import', 'tsx', 'enclave-origin/cli.ts', 'parent'], { env, timeout: 30_000 })
+    const run = promisify(execFile)(process.execPath, [builtCli, 'parent'], { env, timeout: 30_000 })
     await expect(run).rejects.toMatchObject({ code: 1, stderr: expect.stringContaining(refusal) })
     // Not even its lock: a wrong setting stops the process before it touches the store.
     expect(readdirSync(storeDir)).toEqual([])

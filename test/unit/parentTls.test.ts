@@ -11,6 +11,7 @@ import type { BlobStore } from '../../enclave-origin/parent/blobStore.js'
 import { createParentApi } from '../../enclave-origin/parent/httpApi.js'
 import { OriginParent } from '../../enclave-origin/parent/origin.js'
 import { RequestVerifier } from '../../enclave-origin/protocol/requestSigning.js'
+import { buildOrigin } from '../support/origin.js'
 import { startTestCa, type TestCa } from '../support/testCertificates.js'
 
 /** The parent's API over TLS with client certificates required: a CA, server and client certificate made with openssl at test time. */
@@ -19,8 +20,11 @@ let ca: TestCa
 let server: HttpServer
 let client: { cert: string; key: string }
 const port = 18676
+/** The operators' CLI, as production runs it. */
+let builtCli: string
 
 beforeAll(async () => {
+  builtCli = buildOrigin('parentTls')
   ca = startTestCa()
   const serverCertificate = ca.issue('server', 'IP:127.0.0.1')
   client = ca.issue('client')
@@ -77,7 +81,7 @@ it('the operators\u2019 CLI presents the client certificate of ORIGIN_TLS_CERT_F
     writeFileSync(files.cert, client.cert)
     writeFileSync(files.key, client.key, { mode: 0o600 })
     const status = (env: Record<string, string>) =>
-      promisify(execFile)(process.execPath, ['--import', 'tsx', 'enclave-origin/cli.ts', 'status'], { env: { PATH: process.env.PATH, ORIGIN_URL: `https://127.0.0.1:${port}`, ...env }, timeout: 20_000 }).catch(
+      promisify(execFile)(process.execPath, [builtCli, 'status'], { env: { PATH: process.env.PATH, ORIGIN_URL: `https://127.0.0.1:${port}`, ...env }, timeout: 20_000 }).catch(
         (error: { code: number; stdout: string; stderr: string }) => error,
       )
     // Through TLS to /healthz, which answers down (no enclave here): printed, and exit 1.
