@@ -31,12 +31,19 @@ const amountSchema = z
 /** A paymaster gas limit: v0.7+ packs each into 16 bytes of paymasterAndData. */
 const paymasterGasLimitSchema = amountSchema.refine((value) => value < 2n ** 128n, 'expected at most 2^128 − 1 (a uint128, as paymasterAndData packs it)')
 
-/** `data:image/<type>[;params],<data>`, with data that decodes when the params say base64. */
+/**
+ * `data:image/<type>[;params],<data>` as browsers read it: base64 when the last parameter says so, its data
+ * percent-decoded first; and no raw `#`, where a browser would cut the data off as a fragment.
+ */
 function isImageDataUri(uri: string): boolean {
-  const parts = /^data:image\/[a-z0-9.+-]+((?:;[^,;]*)*),(.+)$/is.exec(uri)
+  const parts = /^data:image\/[a-z0-9.+-]+((?:;[^,;]*)*),([^#]+)$/is.exec(uri)
   if (!parts) return false
-  const base64 = parts[1]!.split(';').some((param) => param.toLowerCase() === 'base64')
-  return !base64 || /^[A-Za-z0-9+/]+={0,2}$/.test(parts[2]!.replace(/\s/g, ''))
+  if (parts[1]!.split(';').at(-1)!.trim().toLowerCase() !== 'base64') return true
+  try {
+    return atob(decodeURIComponent(parts[2]!).replace(/\s/g, '')).length > 0
+  } catch {
+    return false
+  }
 }
 
 const secretNameSchema = z.string().regex(/^[A-Za-z_][A-Za-z0-9_]*$/, 'expected a Worker secret or binding name')

@@ -10,7 +10,7 @@
  */
 import { spawnSync } from 'node:child_process'
 import { build } from 'esbuild'
-import { copyFileSync, existsSync, mkdirSync, mkdtempSync, readdirSync, renameSync, rmSync, statSync } from 'node:fs'
+import { chmodSync, copyFileSync, existsSync, mkdirSync, mkdtempSync, readdirSync, renameSync, rmSync, statSync } from 'node:fs'
 import path from 'node:path'
 
 const source = 'enclave-origin'
@@ -36,6 +36,8 @@ for (const name of readdirSync(path.dirname(outdir))) {
 const building = mkdtempSync(`${outdir}.building-`)
 const previous = `${building}.previous`
 try {
+  // mkdtemp makes it owner-only: an image built as root would not let the user it runs as read its own code.
+  chmodSync(building, 0o755)
   await build({ ...node, entryPoints: files.filter((file) => file.endsWith('.ts')).map((file) => path.join(source, file)), outdir: building })
   // The sign worker is JavaScript already; the engine loads it next to itself.
   for (const file of files.filter((name) => name.endsWith('.mjs'))) copyFileSync(path.join(source, file), path.join(building, file))

@@ -62,14 +62,18 @@ const stopAndExit = (code: number) =>
       process.exit(1)
     },
   )
-/** Ctrl-C (or SIGTERM) while it starts: acted on once the start has succeeded or failed, as only then are the processes known. */
+/**
+ * Ctrl-C (or SIGTERM) while it starts is acted on once the start has succeeded or failed, as only then are the
+ * processes known; another meanwhile changes nothing (Node's default, to end at once, would leave them running).
+ */
 let interrupted = false
 const onSignal = () => {
+  if (origin) return stopAndExit(0)
+  if (!interrupted) console.error('origin:local: stopping once the start is over')
   interrupted = true
-  if (origin) stopAndExit(0)
 }
-process.once('SIGINT', onSignal)
-process.once('SIGTERM', onSignal)
+process.on('SIGINT', onSignal)
+process.on('SIGTERM', onSignal)
 /** A process that ended on its own while the other started, said once the start is over. */
 let endedWhileStarting: string | undefined
 /**

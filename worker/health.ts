@@ -1,18 +1,9 @@
-import {
-  BaseError,
-  ContractFunctionRevertedError,
-  ContractFunctionZeroDataError,
-  createPublicClient,
-  ExecutionRevertedError,
-  http,
-  type Address,
-  type PublicClient,
-} from 'viem'
+import { BaseError, createPublicClient, decodeFunctionResult, encodeFunctionData, ExecutionRevertedError, http, type Address, type Hex, type PublicClient } from 'viem'
 import { ConfigError } from '../config/load.js'
 import type { ChainConfig } from '../config/schema.js'
 import { SharedLoad } from '../backends/sharedLoad.js'
 import { SignerError, type SignerHealth } from '../backends/signer.js'
-import { stubSignature } from './sponsor/adapters/paymasterAdapter.js'
+import { stubSignature, type PaymasterAdapter } from './sponsor/adapters/paymasterAdapter.js'
 import { adapterFor } from './sponsor/adapters/registry.js'
 import { supportedEntryPoints } from './sponsor/entryPoints.js'
 import { operationModels } from './sponsor/operationModels.js'
@@ -95,8 +86,7 @@ const signersAbi = [
 
 /** What /health reads over a chain's RPC (only /health pays for it, never a sponsorship). */
 async function chainChecks(chain: ChainConfig, health: SignerHealth) {
-  // Batched: the reads of one report go in one HTTP request (a Worker has a budget of subrequests per request).
-  const client = createPublicClient({ transport: http(chain.rpcUrl, { timeout: 3_000, retryCount: 0, batch: true }) })
+  const client = createPublicClient({ transport: http(chain.rpcUrl, { timeout: 3_000, retryCount: 0 }) })
   const [signerAuthorisation, paymasterHashes] = await Promise.all([signersAuthorised(chain, health, client), hashAgreement(chain, client)])
   return { signerAuthorisation, paymasterHashes }
 }
@@ -144,7 +134,7 @@ const probe = {
  * Each paymaster's own `getHash`, on chain, against the hash we would sign for the same operation: they differ when
  * the deployed contract is not the one the config names (a Pimlico V8 built from newer sources, which hashes
  * differently), or the chain is not the config's (its id is in the hash). Every signature would then fail (AA34).
- * A call that reverts or finds no code says the contract there is not of the config's kind, or not there at all.
+ * A call that reverts, or finds no code, says the contract there is not of the config's kind, or not there at all.
  */
 async function hashAgreement(chain: ChainConfig, client: PublicClient) {
   return Promise.all(
@@ -161,19 +151,43 @@ async function hashAgreement(chain: ChainConfig, client: PublicClient) {
         const bare = entryPointVersion === '0.6' ? ({ ...probe.operation, initCode: '0x', paymasterAndData: '0x' } satisfies UserOperationV06) : (probe.operation satisfies UserOperationV07)
         const op = operationModels[entryPointVersion].withPaymaster(bare as never, fields) as never
         const ours = adapter.hash({ op, chainId: chain.chainId, paymaster, window: probe.window })
-        const theirs = await client.readContract({ address: paymaster, ...adapter.getHashCall({ op, window: probe.window }) })
-        if (theirs === ours) return { ...base, agrees: true }
-        return { ...base, agrees: false, error: `its getHash is not the hash signed for ${contract} on chain ${chain.chainId}: signatures would fail (AA34)` }
-      } catch (error) {
-        const refused = error instanceof BaseError && error.walk((cause) => cause instanceof ContractFunctionZeroDataError || cause instanceof ContractFunctionRevertedError || cause instanceof ExecutionRevertedError)
-        return {
-          ...base,
-          agrees: null,
-          error: refused
-            ? `getHash reverted or returned nothing: no ${contract} paymaster for v${entryPointVersion} at this address on the RPC's chain`
-            : 'could not call getHash over the chain RPC',
+        const theirs = await onChainHash(client, paymaster, adapter.getHashCall({ op, window: probe.window }))
+        if ('failure' in theirs) {
+          const notHere = `no ${contract} paymaster for v${entryPointVersion} at this address on the RPC's chain`
+          const error = {
+            unreachable: 'could not call getHash over the chain RPC',
+            reverted: `getHash reverted: ${notHere}`,
+            nothing: `getHash returned nothing (no code there, or a contract without it): ${notHere}`,
+            'not a hash': `getHash answered something that is not a hash: ${notHere}`,
+          }[theirs.failure]
+          return { ...base, agrees: null, error }
         }
+        if (theirs.hash === ours) return { ...base, agrees: true }
+        return { ...base, agrees: false, error: `its getHash is not the hash signed for ${contract} on chain ${chain.chainId}: signatures would fail (AA34)` }
+      } catch {
+        return { ...base, agrees: null, error: 'could not work out the hash to compare' }
       }
     }),
   )
+}
+
+/** The contract's answer to `call`, or why there is none: the RPC failed, the call reverted, returned nothing, or no hash. */
+async function onChainHash(
+  client: PublicClient,
+  to: Address,
+  call: ReturnType<PaymasterAdapter<never>['getHashCall']>,
+): Promise<{ hash: Hex } | { failure: 'unreachable' | 'reverted' | 'nothing' | 'not a hash' }> {
+  let data: Hex | undefined
+  try {
+    ;({ data } = await client.call({ to, data: encodeFunctionData(call as never) }))
+  } catch (error) {
+    // A revert as nodes report it (code 3, or "execution reverted"); anything else is the RPC's own failure.
+    return { failure: error instanceof BaseError && error.walk((cause) => cause instanceof ExecutionRevertedError) ? 'reverted' : 'unreachable' }
+  }
+  if (data === undefined || data === '0x') return { failure: 'nothing' }
+  try {
+    return { hash: decodeFunctionResult({ ...call, data } as never) as Hex }
+  } catch {
+    return { failure: 'not a hash' }
+  }
 }

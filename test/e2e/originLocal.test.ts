@@ -105,7 +105,9 @@ it('stops at Ctrl-C while it starts, once the start is over, leaving nothing beh
     expect(output).not.toContain('export ORIGIN_URL')
     child.kill('SIGINT')
     expect(await exited, output).toEqual([0, null])
+    expect(output).toContain('origin:local: stopping once the start is over')
     expect(output).not.toContain('could not start')
+    expect(output).not.toContain('export ORIGIN_URL')
     expect(readdirSync(tmpdir()).filter((name) => name.startsWith('origin-local-')).length).toBe(storesBefore)
     // Its processes went with it: the parent's port is free to take.
     const free = createServer()

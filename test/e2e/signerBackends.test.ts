@@ -110,9 +110,19 @@ it('/health compares each paymaster\u2019s on-chain getHash with the hash it sig
   const agreeing = paymasters.map(({ entryPointVersion, contract, address }) => ({ paymaster: address, entryPointVersion, contract, agrees: true }))
   // The chain's own id, then another: the id is in every hash, so each deployed getHash now differs from ours.
   const chains = [devnet.chainId, 1].map((chainId) => ({ chainId, name: 'anvil', paymasters, rpcUrl: anvil.rpcUrl, signer: 'primary' }))
-  // And one whose paymaster address has no code on the RPC's chain.
+  // And paymasters that are not there: an address with no code, and a contract without getHash (the EntryPoint).
   const nowhere = '0x000000000000000000000000000000000000dEaD'
-  const missing = { chainId: 5, name: 'anvil', paymasters: [{ entryPointVersion: '0.7', contract: 'pimlico-singleton', address: nowhere }], rpcUrl: anvil.rpcUrl, signer: 'primary' }
+  const entryPoint = '0x0000000071727De22E5E9d8BAf0edAc6f37da032'
+  const missing = {
+    chainId: 5,
+    name: 'anvil',
+    paymasters: [
+      { entryPointVersion: '0.7', contract: 'pimlico-singleton', address: nowhere },
+      { entryPointVersion: '0.8', contract: 'pimlico-singleton', address: entryPoint },
+    ],
+    rpcUrl: anvil.rpcUrl,
+    signer: 'primary',
+  }
   await withWorker(18861, { chains: [...chains, missing], signers: { primary: backends.kms } }, async (workerUrl) => {
     const health = (await (await fetch(`${workerUrl}/health`)).json()) as Health
     expect(health.chains[0]!.paymasterHashes).toEqual(agreeing)
@@ -120,7 +130,14 @@ it('/health compares each paymaster\u2019s on-chain getHash with the hash it sig
       agreeing.map(({ contract, ...rest }) => ({ ...rest, contract, agrees: false, error: `its getHash is not the hash signed for ${contract} on chain 1: signatures would fail (AA34)` })),
     )
     expect(health.chains[2]!.paymasterHashes).toEqual([
-      { paymaster: nowhere, entryPointVersion: '0.7', contract: 'pimlico-singleton', agrees: null, error: "getHash reverted or returned nothing: no pimlico-singleton paymaster for v0.7 at this address on the RPC's chain" },
+      {
+        paymaster: nowhere,
+        entryPointVersion: '0.7',
+        contract: 'pimlico-singleton',
+        agrees: null,
+        error: "getHash returned nothing (no code there, or a contract without it): no pimlico-singleton paymaster for v0.7 at this address on the RPC's chain",
+      },
+      { paymaster: entryPoint, entryPointVersion: '0.8', contract: 'pimlico-singleton', agrees: null, error: "getHash reverted: no pimlico-singleton paymaster for v0.8 at this address on the RPC's chain" },
     ])
     expect(health.status).toBe('degraded')
   })

@@ -29,12 +29,13 @@ export function recoveredFromAnswer(digest: Hex, answer: { signature: unknown; r
 }
 
 /**
- * The origin built as production runs it (`scripts/build-origin.mjs`: plain JavaScript) into
- * node_modules/.cache/origin-for-tests/`name`, once per test file: the path of its cli.js. Run through tsx instead,
- * each start of the CLI or of a process pays about 2 s of CPU for the TypeScript loader; the build takes under one.
+ * The origin built as production runs it (`scripts/build-origin.mjs`: plain JavaScript) into dist/test-builds/`name`,
+ * once per test file: the path of its cli.js. Under the project, as dist/enclave-origin is, so that its files are ES
+ * modules by the project's package.json and import from its node_modules. Run through tsx instead, each start of the
+ * CLI or of a process pays about 2 s of CPU for the TypeScript loader; the build takes under one.
  */
 export function buildOrigin(name: string): string {
-  const outdir = path.resolve('node_modules/.cache/origin-for-tests', name)
+  const outdir = path.resolve('dist/test-builds', name)
   execFileSync(process.execPath, ['scripts/build-origin.mjs', outdir], { stdio: 'pipe' })
   return path.join(outdir, 'cli.js')
 }
@@ -156,7 +157,8 @@ export async function startOrigin(options: {
         const child = children[which]
         if (!child || child.exitCode !== null || child.signalCode !== null) return resolve()
         ending.add(child)
-        child.once('exit', () => resolve())
+        // Once its output is all read: what it wrote last must not count as its successor's.
+        child.once('close', () => resolve())
         child.kill('SIGKILL')
       }),
     pids: () => ({ enclave: children.enclave?.pid, parent: children.parent?.pid }),

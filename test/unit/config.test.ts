@@ -138,10 +138,23 @@ describe('configuration', () => {
     const sponsorOf = (icon: string) => ({ PAYMASTER_CONFIG: { chains: [chain], sponsor: { name: 'Dapp', icon } } })
     const icon = 'data:image/png;base64,iVBORw0KGgo='
     expect(loadConfig(sponsorOf(icon)).sponsor.icon).toBe(icon)
-    for (const accepted of ['data:image/svg+xml,%3Csvg%2F%3E', "data:image/svg+xml;utf8,<svg xmlns='http://www.w3.org/2000/svg' width='96'/>", 'data:image/png;BASE64,iVBO Rw0K\nGgo='])
-      expect(loadConfig(sponsorOf(accepted)).sponsor.icon).toBe(accepted)
-    for (const refused of ['https://dapp.example/icon.png', 'data:text/html,<script>', 'data:image/png;base64,', 'data:image/png;base64,!!!'])
-      expect(configError(sponsorOf(refused))).toContain('sponsor.icon: expected an image as a data URI (RFC 2397)')
+    const accepted = [
+      'data:image/svg+xml,%3Csvg%2F%3E',
+      "data:image/svg+xml;utf8,<svg xmlns='http://www.w3.org/2000/svg' width='96'/>",
+      'data:image/png;BASE64,iVBO Rw0K\nGgo=',
+      'data:image/png; base64,iVBORw0KGgo=',
+      'data:image/png;base64,iVBORw0KGgo%3D',
+    ]
+    for (const icon of accepted) expect(loadConfig(sponsorOf(icon)).sponsor.icon).toBe(icon)
+    const refused = [
+      'https://dapp.example/icon.png',
+      'data:text/html,<script>',
+      'data:image/png;base64,',
+      'data:image/png;base64,!!!',
+      'data:image/png;base64,A',
+      "data:image/svg+xml,<svg fill='#fff'/>",
+    ]
+    for (const icon of refused) expect(configError(sponsorOf(icon)), icon).toContain('sponsor.icon: expected an image as a data URI (RFC 2397)')
     expect(configError(sponsorOf(`data:image/png;base64,${'A'.repeat(32_768)}`))).toContain('sponsor.icon: at most 32 KiB')
   })
 

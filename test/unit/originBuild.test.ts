@@ -1,6 +1,6 @@
 import { execFile, execFileSync, spawnSync } from 'node:child_process'
 import { randomBytes } from 'node:crypto'
-import { existsSync, mkdirSync, readdirSync, rmSync, utimesSync } from 'node:fs'
+import { existsSync, mkdirSync, readdirSync, rmSync, statSync, utimesSync } from 'node:fs'
 import path from 'node:path'
 import { pathToFileURL } from 'node:url'
 import { promisify } from 'node:util'
@@ -11,10 +11,11 @@ import type { SignEngine } from '../../enclave-origin/enclave/engine.js'
 
 /**
  * `npm run build:origin`, what the origin's processes run in production: the
- * build must run on its own. Built under node_modules/.cache so that its
- * imports resolve to the project's node_modules, as in dist/.
+ * build must run on its own. Built under dist/, as the real one, so that its
+ * files are ES modules by the project's package.json and its imports resolve
+ * to the project's node_modules.
  */
-const outdir = path.resolve('node_modules/.cache/origin-build-test/enclave-origin')
+const outdir = path.resolve('dist/test-builds/origin-build-test/enclave-origin')
 
 beforeAll(() => {
   execFileSync(process.execPath, ['scripts/build-origin.mjs', outdir], { stdio: 'pipe' })
@@ -22,7 +23,8 @@ beforeAll(() => {
 afterAll(() => rmSync(path.dirname(outdir), { recursive: true, force: true }))
 
 describe('the enclave origin build', () => {
-  it('runs the operators\u2019 CLI', () => {
+  it('runs the operators\u2019 CLI, which any user may read (an image built as root runs as another)', () => {
+    expect(statSync(outdir).mode & 0o777).toBe(0o755)
     const printed = JSON.parse(execFileSync(process.execPath, [path.join(outdir, 'cli.js'), 'preload-identity', '--print'], { encoding: 'utf8' })) as { identity: string; recipient: string }
     expect(printed.identity).toMatch(/^AGE-SECRET-KEY-1[0-9A-Z]+$/)
     expect(printed.recipient).toMatch(/^age1[0-9a-z]+$/)
