@@ -271,6 +271,7 @@ export const configSchema = z
         icon: z
           .string()
           .max(32_768, 'at most 32 KiB: it goes out with every stub data answer')
+          .refine((icon) => !icon.includes('#'), 'a raw # cuts a data URI off in browsers (an SVG colour, say): write it as %23')
           .refine(isImageDataUri, 'expected an image as a data URI (RFC 2397), e.g. data:image/png;base64,…, as ERC-7677 asks; base64 data must be base64')
           .optional(),
       })

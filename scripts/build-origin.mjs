@@ -36,11 +36,15 @@ for (const name of readdirSync(path.dirname(outdir))) {
 const building = mkdtempSync(`${outdir}.building-`)
 const previous = `${building}.previous`
 try {
-  // mkdtemp makes it owner-only: an image built as root would not let the user it runs as read its own code.
-  chmodSync(building, 0o755)
   await build({ ...node, entryPoints: files.filter((file) => file.endsWith('.ts')).map((file) => path.join(source, file)), outdir: building })
   // The sign worker is JavaScript already; the engine loads it next to itself.
   for (const file of files.filter((name) => name.endsWith('.mjs'))) copyFileSync(path.join(source, file), path.join(building, file))
+  // Readable by all, whatever the umask (mkdtemp makes the directory owner-only): an image built as root must let
+  // the user it runs as read its code.
+  chmodSync(building, 0o755)
+  for (const entry of readdirSync(building, { recursive: true, withFileTypes: true })) {
+    chmodSync(path.join(entry.parentPath ?? entry.path, entry.name), entry.isDirectory() ? 0o755 : 0o644)
+  }
   for (;;) {
     try {
       if (existsSync(outdir)) renameSync(outdir, previous)

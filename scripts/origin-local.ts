@@ -106,10 +106,12 @@ try {
     onExit: ended,
   })
 } catch (error) {
+  // As it stood when the start failed: a Ctrl-C during the cleanup does not make a failure a success.
+  const asked = interrupted
   // A port in use, say: the ORIGIN_LOCAL_*_PORT settings move them. Said before the cleanup, which could fail too.
-  if (!interrupted) console.error(`origin:local could not start: ${error instanceof Error ? error.message : String(error)}`)
+  if (!asked) console.error(`origin:local could not start: ${error instanceof Error ? error.message : String(error)}`)
   await stop().catch((stopping: unknown) => console.error(`and stopping what had started failed: ${stopping instanceof Error ? stopping.message : String(stopping)}`))
-  process.exit(interrupted ? 0 : 1)
+  process.exit(asked ? 0 : 1)
 }
 if (interrupted) stopAndExit(0)
 else if (endedWhileStarting) {

@@ -1,4 +1,16 @@
-import { BaseError, createPublicClient, decodeFunctionResult, encodeFunctionData, ExecutionRevertedError, http, type Address, type Hex, type PublicClient } from 'viem'
+import {
+  BaseError,
+  createPublicClient,
+  decodeFunctionResult,
+  encodeFunctionData,
+  ExecutionRevertedError,
+  http,
+  RpcRequestError,
+  type Address,
+  type Hex,
+  type PublicClient,
+  type Transport,
+} from 'viem'
 import { ConfigError } from '../config/load.js'
 import type { ChainConfig } from '../config/schema.js'
 import { SharedLoad } from '../backends/sharedLoad.js'
@@ -86,9 +98,33 @@ const signersAbi = [
 
 /** What /health reads over a chain's RPC (only /health pays for it, never a sponsorship). */
 async function chainChecks(chain: ChainConfig, health: SignerHealth) {
-  const client = createPublicClient({ transport: http(chain.rpcUrl, { timeout: 3_000, retryCount: 0 }) })
+  // No CCIP-Read: a contract at a configured address must not send /health to URLs of its choosing.
+  const client = createPublicClient({ transport: fewAtOnce(http(chain.rpcUrl, { timeout: 3_000, retryCount: 0 }), 4), ccipRead: false })
   const [signerAuthorisation, paymasterHashes] = await Promise.all([signersAuthorised(chain, health, client), hashAgreement(chain, client)])
   return { signerAuthorisation, paymasterHashes }
+}
+
+/**
+ * `transport`, with at most `limit` of its requests out at once: a Worker holds six connections open at a time, and
+ * a request queued behind them would spend its timeout waiting (no batching: some RPCs refuse batches).
+ */
+function fewAtOnce(transport: Transport, limit: number): Transport {
+  return (options) => {
+    const inner = transport(options)
+    let active = 0
+    const waiting: Array<() => void> = []
+    const request: typeof inner.request = async (args, requestOptions) => {
+      while (active >= limit) await new Promise<void>((turn) => waiting.push(turn))
+      active += 1
+      try {
+        return await inner.request(args, requestOptions)
+      } finally {
+        active -= 1
+        waiting.shift()?.()
+      }
+    }
+    return { ...inner, request }
+  }
 }
 
 /**
@@ -151,7 +187,8 @@ async function hashAgreement(chain: ChainConfig, client: PublicClient) {
         const bare = entryPointVersion === '0.6' ? ({ ...probe.operation, initCode: '0x', paymasterAndData: '0x' } satisfies UserOperationV06) : (probe.operation satisfies UserOperationV07)
         const op = operationModels[entryPointVersion].withPaymaster(bare as never, fields) as never
         const ours = adapter.hash({ op, chainId: chain.chainId, paymaster, window: probe.window })
-        const theirs = await onChainHash(client, paymaster, adapter.getHashCall({ op, window: probe.window }))
+        const call = adapter.getHashCall({ op, window: probe.window })
+        const theirs = await onChainHash(client, paymaster, call, encodeFunctionData(call as never))
         if ('failure' in theirs) {
           const notHere = `no ${contract} paymaster for v${entryPointVersion} at this address on the RPC's chain`
           const error = {
@@ -176,15 +213,18 @@ async function onChainHash(
   client: PublicClient,
   to: Address,
   call: ReturnType<PaymasterAdapter<never>['getHashCall']>,
+  calldata: Hex,
 ): Promise<{ hash: Hex } | { failure: 'unreachable' | 'reverted' | 'nothing' | 'not a hash' }> {
   let data: Hex | undefined
   try {
-    ;({ data } = await client.call({ to, data: encodeFunctionData(call as never) }))
+    ;({ data } = await client.call({ to, data: calldata }))
   } catch (error) {
-    // A revert as nodes report it (code 3, or "execution reverted"); anything else is the RPC's own failure.
-    return { failure: error instanceof BaseError && error.walk((cause) => cause instanceof ExecutionRevertedError) ? 'reverted' : 'unreachable' }
+    // A revert as a node answers it (code 3, or "execution reverted" in a JSON-RPC error); anything else, an HTTP
+    // error page that says the same words included, is the RPC's own failure.
+    const reverted = error instanceof BaseError && error.walk((cause) => cause instanceof ExecutionRevertedError) && error.walk((cause) => cause instanceof RpcRequestError)
+    return { failure: reverted ? 'reverted' : 'unreachable' }
   }
-  if (data === undefined || data === '0x') return { failure: 'nothing' }
+  if (!data || data === '0x') return { failure: 'nothing' }
   try {
     return { hash: decodeFunctionResult({ ...call, data } as never) as Hex }
   } catch {

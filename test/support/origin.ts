@@ -127,6 +127,8 @@ export async function startOrigin(options: {
     const child = cli(which, which === 'enclave' ? { ...enclaveEnv, ...once } : { ...env, ...once }, options.builtCli)
     outputs[which] = ''
     const take = (chunk: Buffer) => {
+      // A killed predecessor's last words are not this process's.
+      if (children[which] !== child) return
       const text = chunk.toString('utf8')
       outputs[which] = outputs[which]! + text
       options.onOutput?.(which, text)

@@ -25,6 +25,7 @@ afterAll(() => rmSync(path.dirname(outdir), { recursive: true, force: true }))
 describe('the enclave origin build', () => {
   it('runs the operators\u2019 CLI, which any user may read (an image built as root runs as another)', () => {
     expect(statSync(outdir).mode & 0o777).toBe(0o755)
+    for (const file of ['cli.js', 'enclave/signWorker.mjs']) expect(statSync(path.join(outdir, file)).mode & 0o777).toBe(0o644)
     const printed = JSON.parse(execFileSync(process.execPath, [path.join(outdir, 'cli.js'), 'preload-identity', '--print'], { encoding: 'utf8' })) as { identity: string; recipient: string }
     expect(printed.identity).toMatch(/^AGE-SECRET-KEY-1[0-9A-Z]+$/)
     expect(printed.recipient).toMatch(/^age1[0-9a-z]+$/)
