@@ -271,7 +271,8 @@ export const configSchema = z
         icon: z
           .string()
           .max(32_768, 'at most 32 KiB: it goes out with every stub data answer')
-          .refine((icon) => !icon.includes('#'), 'a raw # cuts a data URI off in browsers (an SVG colour, say): write it as %23')
+          // Aborts: the data URI's own message would only mislead.
+          .refine((icon) => !icon.includes('#'), { message: 'a raw # cuts a data URI off in browsers (an SVG colour, say): write it as %23', abort: true })
           .refine(isImageDataUri, 'expected an image as a data URI (RFC 2397), e.g. data:image/png;base64,…, as ERC-7677 asks; base64 data must be base64')
           .optional(),
       })

@@ -47,13 +47,16 @@ export async function healthReport(env: Env) {
       .map(async ([, signer]) => ({ ...signer.describe(), ...(await signer.health()) })),
   )
   const healthOf = (name: string) => signers.find((s) => s.name === name)!
+  // One report's RPC requests, every chain's, take turns: a Worker holds six connections open at a time, and a
+  // request queued behind them would spend its timeout waiting (no batching: some RPCs refuse batches).
+  const rpcTurns = turns(4)
   const chains = await Promise.all(
     services.config.chains.map(async (chain) => ({
       chainId: chain.chainId,
       signer: chain.signer,
       entryPoints: supportedEntryPoints(chain),
       paymasters: chain.paymasters.map((p) => ({ entryPointVersion: p.entryPointVersion, contract: p.contract, address: p.address })),
-      ...(chain.rpcUrl ? await chainChecks(chain, healthOf(chain.signer)) : {}),
+      ...(chain.rpcUrl ? await chainChecks(chain, healthOf(chain.signer), rpcTurns) : {}),
     })),
   )
   const chainSignersOk = services.config.chains.every((chain) => healthOf(chain.signer).ok)
@@ -97,32 +100,36 @@ const signersAbi = [
 ] as const
 
 /** What /health reads over a chain's RPC (only /health pays for it, never a sponsorship). */
-async function chainChecks(chain: ChainConfig, health: SignerHealth) {
+async function chainChecks(chain: ChainConfig, health: SignerHealth, rpcTurns: Turns) {
   // No CCIP-Read: a contract at a configured address must not send /health to URLs of its choosing.
-  const client = createPublicClient({ transport: fewAtOnce(http(chain.rpcUrl, { timeout: 3_000, retryCount: 0 }), 4), ccipRead: false })
+  const client = createPublicClient({ transport: takingTurns(http(chain.rpcUrl, { timeout: 3_000, retryCount: 0 }), rpcTurns), ccipRead: false })
   const [signerAuthorisation, paymasterHashes] = await Promise.all([signersAuthorised(chain, health, client), hashAgreement(chain, client)])
   return { signerAuthorisation, paymasterHashes }
 }
 
-/**
- * `transport`, with at most `limit` of its requests out at once: a Worker holds six connections open at a time, and
- * a request queued behind them would spend its timeout waiting (no batching: some RPCs refuse batches).
- */
-function fewAtOnce(transport: Transport, limit: number): Transport {
+/** Runs tasks at most `limit` at once, for whoever shares it. */
+type Turns = <T>(task: () => Promise<T>) => Promise<T>
+
+function turns(limit: number): Turns {
+  let active = 0
+  const waiting: Array<() => void> = []
+  return async (task) => {
+    while (active >= limit) await new Promise<void>((turn) => waiting.push(turn))
+    active += 1
+    try {
+      return await task()
+    } finally {
+      active -= 1
+      waiting.shift()?.()
+    }
+  }
+}
+
+/** `transport`, each request in its turn (its own timeout starts only then). */
+function takingTurns(transport: Transport, inTurn: Turns): Transport {
   return (options) => {
     const inner = transport(options)
-    let active = 0
-    const waiting: Array<() => void> = []
-    const request: typeof inner.request = async (args, requestOptions) => {
-      while (active >= limit) await new Promise<void>((turn) => waiting.push(turn))
-      active += 1
-      try {
-        return await inner.request(args, requestOptions)
-      } finally {
-        active -= 1
-        waiting.shift()?.()
-      }
-    }
+    const request: typeof inner.request = (args, requestOptions) => inTurn(() => inner.request(args, requestOptions))
     return { ...inner, request }
   }
 }

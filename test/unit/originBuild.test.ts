@@ -18,13 +18,14 @@ import type { SignEngine } from '../../enclave-origin/enclave/engine.js'
 const outdir = path.resolve('dist/test-builds/origin-build-test/enclave-origin')
 
 beforeAll(() => {
-  execFileSync(process.execPath, ['scripts/build-origin.mjs', outdir], { stdio: 'pipe' })
+  // Under an owner-only umask, which the build must not pass on: another user runs what root built.
+  execFileSync('sh', ['-c', 'umask 077 && exec "$0" "$@"', process.execPath, 'scripts/build-origin.mjs', outdir], { stdio: 'pipe' })
 })
 afterAll(() => rmSync(path.dirname(outdir), { recursive: true, force: true }))
 
 describe('the enclave origin build', () => {
   it('runs the operators\u2019 CLI, which any user may read (an image built as root runs as another)', () => {
-    expect(statSync(outdir).mode & 0o777).toBe(0o755)
+    for (const directory of [outdir, path.join(outdir, 'enclave')]) expect(statSync(directory).mode & 0o777).toBe(0o755)
     for (const file of ['cli.js', 'enclave/signWorker.mjs']) expect(statSync(path.join(outdir, file)).mode & 0o777).toBe(0o644)
     const printed = JSON.parse(execFileSync(process.execPath, [path.join(outdir, 'cli.js'), 'preload-identity', '--print'], { encoding: 'utf8' })) as { identity: string; recipient: string }
     expect(printed.identity).toMatch(/^AGE-SECRET-KEY-1[0-9A-Z]+$/)
