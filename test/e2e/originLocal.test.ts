@@ -16,17 +16,27 @@ beforeAll(() => {
   execFileSync(process.execPath, ['scripts/build-origin.mjs'], { stdio: 'pipe' })
 }, 120_000)
 
-/**
- * `npm run origin:local` on these ports, once it has printed its settings: what it printed and what it prints next
- * (stdout and stderr), the settings its export line gives, its store, and the CLI with those settings.
- */
-async function startOriginLocal(ports: { parent: number; enclave: number; kms: number }) {
+/** How many stores origin:local runs have left in the temporary directory. */
+const originLocalStores = () => readdirSync(tmpdir()).filter((name) => name.startsWith('origin-local-')).length
+
+/** `npm run origin:local` on these ports: what it prints (stdout and stderr), and its exit code and signal. */
+function spawnOriginLocal(ports: { parent: number; enclave: number; kms: number }) {
   const env = { ...process.env, ORIGIN_LOCAL_PARENT_PORT: String(ports.parent), ORIGIN_LOCAL_ENCLAVE_PORT: String(ports.enclave), ORIGIN_LOCAL_KMS_PORT: String(ports.kms) }
   const child = spawn(process.execPath, ['--import', 'tsx', 'scripts/origin-local.ts'], { env, stdio: ['ignore', 'pipe', 'pipe'] })
   let output = ''
   child.stdout.on('data', (chunk: Buffer) => (output += chunk))
   child.stderr.on('data', (chunk: Buffer) => (output += chunk))
-  const exited = new Promise<number | null>((resolve) => child.on('exit', (code) => resolve(code)))
+  const ended = new Promise<[number | null, NodeJS.Signals | null]>((resolve) => child.on('exit', (code, signal) => resolve([code, signal])))
+  return { child, output: () => output, ended }
+}
+
+/**
+ * `npm run origin:local` on these ports, once it has printed its settings: what it printed and what it prints next
+ * (stdout and stderr), the settings its export line gives, its store, and the CLI with those settings.
+ */
+async function startOriginLocal(ports: { parent: number; enclave: number; kms: number }) {
+  const { child, output: printed, ended } = spawnOriginLocal(ports)
+  const exited = ended.then(([code]) => code)
   const stop = async () => {
     if (child.exitCode !== null) return
     child.kill('SIGINT')
@@ -35,14 +45,14 @@ async function startOriginLocal(ports: { parent: number; enclave: number; kms: n
   try {
     const exportLine = /export (ORIGIN_URL=\S+ ORIGIN_HMAC_KEY_ID=\S+ ORIGIN_HMAC_SECRET=\S+)\n/
     const deadline = Date.now() + 60_000
-    while (!exportLine.test(output) && child.exitCode === null && Date.now() < deadline) await new Promise((resolve) => setTimeout(resolve, 100))
-    const exported = exportLine.exec(output)
-    expect(exported, output).not.toBeNull()
+    while (!exportLine.test(printed()) && child.exitCode === null && Date.now() < deadline) await new Promise((resolve) => setTimeout(resolve, 100))
+    const exported = exportLine.exec(printed())
+    expect(exported, printed()).not.toBeNull()
     const settings = Object.fromEntries(exported![1]!.split(' ').map((pair) => pair.split('=') as [string, string]))
-    const store = /Its store is (\S+), removed/.exec(output)![1]!
+    const store = /Its store is (\S+), removed/.exec(printed())![1]!
     // The build beforeAll made, as `npm run origin` runs it.
     const cli = (...args: string[]) => promisify(execFile)(process.execPath, ['dist/enclave-origin/cli.js', ...args], { env: { ...process.env, ...settings }, timeout: 30_000 })
-    return { child, output: () => output, exited, stop, settings, store, cli }
+    return { child, output: printed, exited, stop, settings, store, cli }
   } catch (error) {
     await stop()
     throw error
@@ -91,24 +101,19 @@ it('stops everything, saying which, when a process it started ends on its own (t
 })
 
 it('stops at Ctrl-C while it starts, once the start is over, leaving nothing behind', { timeout: 90_000 }, async () => {
-  const storesBefore = readdirSync(tmpdir()).filter((name) => name.startsWith('origin-local-')).length
-  const env = { ...process.env, ORIGIN_LOCAL_PARENT_PORT: '18690', ORIGIN_LOCAL_ENCLAVE_PORT: '18691', ORIGIN_LOCAL_KMS_PORT: '18692' }
-  const child = spawn(process.execPath, ['--import', 'tsx', 'scripts/origin-local.ts'], { env, stdio: ['ignore', 'pipe', 'pipe'] })
-  let output = ''
-  child.stdout.on('data', (chunk: Buffer) => (output += chunk))
-  child.stderr.on('data', (chunk: Buffer) => (output += chunk))
-  const exited = new Promise<[number | null, string | null]>((resolve) => child.on('exit', (code, signal) => resolve([code, signal])))
+  const storesBefore = originLocalStores()
+  const { child, output, ended: exited } = spawnOriginLocal({ parent: 18690, enclave: 18691, kms: 18692 })
   try {
     // The enclave has started, the parent not yet.
     const deadline = Date.now() + 60_000
-    while (!output.includes('[enclave] ') && child.exitCode === null && Date.now() < deadline) await new Promise((resolve) => setTimeout(resolve, 20))
-    expect(output).not.toContain('export ORIGIN_URL')
+    while (!output().includes('[enclave] ') && child.exitCode === null && Date.now() < deadline) await new Promise((resolve) => setTimeout(resolve, 20))
+    expect(output()).not.toContain('export ORIGIN_URL')
     child.kill('SIGINT')
-    expect(await exited, output).toEqual([0, null])
-    expect(output).toContain('origin:local: stopping once the start is over')
-    expect(output).not.toContain('could not start')
-    expect(output).not.toContain('export ORIGIN_URL')
-    expect(readdirSync(tmpdir()).filter((name) => name.startsWith('origin-local-')).length).toBe(storesBefore)
+    expect(await exited, output()).toEqual([0, null])
+    expect(output()).toContain('origin:local: stopping once the start is over')
+    expect(output()).not.toContain('could not start')
+    expect(output()).not.toContain('export ORIGIN_URL')
+    expect(originLocalStores()).toBe(storesBefore)
     // Its processes went with it: the parent's port is free to take.
     const free = createServer()
     await new Promise<void>((listening, failed) => free.once('error', failed).listen(18690, '127.0.0.1', listening))
@@ -125,7 +130,7 @@ it('says why it could not start (a port in use), and leaves no store behind', { 
   // The enclave's port: the local KMS and the store are made by then, and must go.
   const taken = createServer()
   await new Promise<void>((resolve) => taken.listen(18686, '127.0.0.1', resolve))
-  const storesBefore = readdirSync(tmpdir()).filter((name) => name.startsWith('origin-local-')).length
+  const storesBefore = originLocalStores()
   try {
     const failed = await promisify(execFile)(process.execPath, ['--import', 'tsx', 'scripts/origin-local.ts'], {
       env: { ...process.env, ORIGIN_LOCAL_PARENT_PORT: '18685', ORIGIN_LOCAL_ENCLAVE_PORT: '18686', ORIGIN_LOCAL_KMS_PORT: '18684' },
@@ -134,7 +139,7 @@ it('says why it could not start (a port in use), and leaves no store behind', { 
     expect(failed).toMatchObject({ code: 1, stderr: expect.stringMatching(/^origin:local could not start: the enclave did not start:[\s\S]*EADDRINUSE/) })
     // Its cleanup went through: nothing said of it.
     expect((failed as { stderr: string }).stderr).not.toContain('and stopping what had started failed')
-    expect(readdirSync(tmpdir()).filter((name) => name.startsWith('origin-local-')).length).toBe(storesBefore)
+    expect(originLocalStores()).toBe(storesBefore)
   } finally {
     await new Promise((resolve) => taken.close(resolve))
   }

@@ -1,4 +1,5 @@
-import type { Abi, Address, Hex } from 'viem'
+import type { Abi, AbiFunction, AbiParameter, Address, Hex } from 'viem'
+import { entryPoint06Abi, entryPoint07Abi } from 'viem/account-abstraction'
 import type { EntryPointVersion, PaymasterContract } from '../../../config/schema.js'
 import type { ValidityWindow } from '../policy.js'
 import type { UserOperationV06, UserOperationV07 } from '../userOperation.js'
@@ -27,21 +28,15 @@ export type PaymasterAdapter<Op = UserOperationV06 | UserOperationV07> = {
   getHashCall(args: { op: Op; window: ValidityWindow }): { abi: Abi; functionName: 'getHash'; args: readonly unknown[] }
 }
 
-/** EntryPoint v0.7/v0.8's PackedUserOperation, as contracts take it. */
-export const packedUserOperationAbi = {
-  type: 'tuple',
-  components: [
-    { name: 'sender', type: 'address' },
-    { name: 'nonce', type: 'uint256' },
-    { name: 'initCode', type: 'bytes' },
-    { name: 'callData', type: 'bytes' },
-    { name: 'accountGasLimits', type: 'bytes32' },
-    { name: 'preVerificationGas', type: 'uint256' },
-    { name: 'gasFees', type: 'bytes32' },
-    { name: 'paymasterAndData', type: 'bytes' },
-    { name: 'signature', type: 'bytes' },
-  ],
-} as const
+/** The UserOperation parameter of an EntryPoint's `getUserOpHash`, as viem's ABI has it: paymasters' getHash takes the same. */
+function userOperationParameter(abi: Abi): AbiParameter {
+  return (abi.find((item) => item.type === 'function' && item.name === 'getUserOpHash') as AbiFunction).inputs[0]!
+}
+
+/** EntryPoint v0.6's UserOperation. */
+export const userOperationV06Parameter = userOperationParameter(entryPoint06Abi)
+/** EntryPoint v0.7/v0.8's PackedUserOperation. */
+export const packedUserOperationParameter = userOperationParameter(entryPoint07Abi)
 
 /**
  * A stand-in signature for stub data: a real secp256k1 signature (from a

@@ -1,8 +1,8 @@
-import { concat, encodeAbiParameters, encodePacked, keccak256, slice, type Hex } from 'viem'
+import { concat, encodeAbiParameters, encodePacked, keccak256, slice, type Abi, type AbiParameter, type Hex } from 'viem'
 import { toPackedUserOperation, type UserOperation } from 'viem/account-abstraction'
 import type { ValidityWindow } from '../policy.js'
 import type { UserOperationV06, UserOperationV07 } from '../userOperation.js'
-import { packedUserOperationAbi, type PaymasterAdapter } from './paymasterAdapter.js'
+import { packedUserOperationParameter, userOperationV06Parameter, type PaymasterAdapter } from './paymasterAdapter.js'
 
 /**
  * Pimlico SingletonPaymaster V6, V7 and V8 (pimlicolabs/singleton-paymaster)
@@ -29,26 +29,9 @@ const verifyingModeAnyBundler = 0x01
 const verifyingMode = 0
 
 /** `getHash(uint8 _mode, op)`, with the op as the version's EntryPoint takes it. */
-function singletonGetHashAbi(op: { type: 'tuple'; components: ReadonlyArray<{ name: string; type: string }> }) {
-  return [{ type: 'function', name: 'getHash', stateMutability: 'view', inputs: [{ name: '_mode', type: 'uint8' }, { name: '_userOp', ...op }], outputs: [{ type: 'bytes32' }] }] as const
+function singletonGetHashAbi(op: AbiParameter): Abi {
+  return [{ type: 'function', name: 'getHash', stateMutability: 'view', inputs: [{ name: '_mode', type: 'uint8' }, { ...op, name: '_userOp' }], outputs: [{ type: 'bytes32' }] }]
 }
-
-const userOperationV06Abi = {
-  type: 'tuple',
-  components: [
-    { name: 'sender', type: 'address' },
-    { name: 'nonce', type: 'uint256' },
-    { name: 'initCode', type: 'bytes' },
-    { name: 'callData', type: 'bytes' },
-    { name: 'callGasLimit', type: 'uint256' },
-    { name: 'verificationGasLimit', type: 'uint256' },
-    { name: 'preVerificationGas', type: 'uint256' },
-    { name: 'maxFeePerGas', type: 'uint256' },
-    { name: 'maxPriorityFeePerGas', type: 'uint256' },
-    { name: 'paymasterAndData', type: 'bytes' },
-    { name: 'signature', type: 'bytes' },
-  ],
-} as const
 /** Mode byte + validUntil + validAfter. */
 const signedConfigLength = 13
 
@@ -100,7 +83,7 @@ export const pimlicoSingletonV6: PaymasterAdapter<UserOperationV06> = {
     )
     return keccak256(encodeAbiParameters([{ type: 'bytes32' }, { type: 'uint256' }], [inner, BigInt(chainId)]))
   },
-  getHashCall: ({ op }) => ({ abi: singletonGetHashAbi(userOperationV06Abi), functionName: 'getHash', args: [verifyingMode, op] }),
+  getHashCall: ({ op }) => ({ abi: singletonGetHashAbi(userOperationV06Parameter), functionName: 'getHash', args: [verifyingMode, op] }),
 }
 
 function singletonV07Hash({ op, chainId }: { op: UserOperationV07; chainId: number }): Hex {
@@ -140,7 +123,7 @@ export const pimlicoSingletonV7: PaymasterAdapter<UserOperationV07> = {
   paymasterData: singletonPaymasterData,
   hash: singletonV07Hash,
   getHashCall: ({ op }) => ({
-    abi: singletonGetHashAbi(packedUserOperationAbi),
+    abi: singletonGetHashAbi(packedUserOperationParameter),
     functionName: 'getHash',
     args: [verifyingMode, toPackedUserOperation(op as UserOperation<'0.7'>)],
   }),

@@ -1,19 +1,19 @@
-import { concat, encodeAbiParameters, keccak256, slice, type Hex } from 'viem'
+import { concat, encodeAbiParameters, keccak256, slice, type Abi, type Hex } from 'viem'
 import { toPackedUserOperation, type UserOperation } from 'viem/account-abstraction'
 import type { ValidityWindow } from '../policy.js'
 import type { UserOperationV07 } from '../userOperation.js'
-import { packedUserOperationAbi, type PaymasterAdapter } from './paymasterAdapter.js'
+import { packedUserOperationParameter, type PaymasterAdapter } from './paymasterAdapter.js'
 
 /** `getHash(PackedUserOperation userOp, uint48 validUntil, uint48 validAfter)`. */
-const getHashAbi = [
+const getHashAbi: Abi = [
   {
     type: 'function',
     name: 'getHash',
     stateMutability: 'view',
-    inputs: [{ name: 'userOp', ...packedUserOperationAbi }, { name: 'validUntil', type: 'uint48' }, { name: 'validAfter', type: 'uint48' }],
+    inputs: [{ ...packedUserOperationParameter, name: 'userOp' }, { name: 'validUntil', type: 'uint48' }, { name: 'validAfter', type: 'uint48' }],
     outputs: [{ type: 'bytes32' }],
   },
-] as const
+]
 
 /**
  * eth-infinitism VerifyingPaymaster from @account-abstraction/contracts@0.7.0
