@@ -212,6 +212,19 @@ const chainSchema = z
     path: ['paymasters'],
   })
 
+const quotaLimitSchema = z
+  .object({
+    /** Whose sponsorships are counted: each sender's, or each API key's; on each chain apart. */
+    per: z.enum(['sender', 'apiKey']),
+    /** The sliding window, in seconds (exact to the second; at most 31 days). */
+    windowSeconds: z.number().int().min(1).max(2_678_400),
+    /** Signed sponsorships in any window. */
+    maxOperations: z.number().int().min(1).max(1_000_000_000).optional(),
+    /** The summed maximum cost (each as `maxTotalCostWei` counts it) of the sponsorships signed in any window, in wei. */
+    maxCostWei: amountSchema.optional(),
+  })
+  .refine((limit) => limit.maxOperations !== undefined || limit.maxCostWei !== undefined, 'set maxOperations, maxCostWei or both')
+
 const policySchema = z.object({
   validity: z
     .object({
@@ -251,6 +264,14 @@ const policySchema = z.object({
       maxPriorityFeePerGas: amountSchema.optional(),
       /** Cap on the EntryPoint's required prefund (gas limits × maxFeePerGas), in wei. */
       maxTotalCostWei: amountSchema.optional(),
+    })
+    .prefault({}),
+  /** Spend over time, counted in a Durable Object per sender or API key and chain. */
+  quotas: z
+    .object({
+      /** The Durable Object namespace binding of class SponsorshipQuota. */
+      binding: secretNameSchema.default('QUOTAS'),
+      limits: z.array(quotaLimitSchema).max(16).default([]),
     })
     .prefault({}),
 })
@@ -322,6 +343,11 @@ export const configSchema = z
     if (config.policy.apiKeys.operatorSecret === config.policy.apiKeys.secret) {
       ctx.addIssue({ code: 'custom', path: ['policy', 'apiKeys', 'operatorSecret'], message: 'must name another secret than policy.apiKeys.secret: every API key would read /health\u2019s details' })
     }
+    config.policy.quotas.limits.forEach((limit, index) => {
+      if (limit.per === 'apiKey' && !config.policy.apiKeys.required) {
+        ctx.addIssue({ code: 'custom', path: ['policy', 'quotas', 'limits', index, 'per'], message: 'counting per API key needs policy.apiKeys.required: without keys there is nothing to count by' })
+      }
+    })
     if (config.defaultChainId !== undefined && !seen.has(config.defaultChainId)) {
       ctx.addIssue({ code: 'custom', path: ['defaultChainId'], message: `chain ${config.defaultChainId} is not configured` })
     }
@@ -352,3 +378,4 @@ export type Config = z.infer<typeof configSchema>
 export type ChainConfig = Config['chains'][number]
 export type PaymasterConfig = ChainConfig['paymasters'][number]
 export type PolicyConfig = Config['policy']
+export type QuotaConfig = PolicyConfig['quotas']

@@ -20,7 +20,11 @@ export class ApiKeys {
       .filter((key) => key.length > 0)
   }
 
-  async verify(presented: string | undefined): Promise<void> {
+  /**
+   * Answers the key's id: the first 8 bytes of its SHA-256, in hex, which names it in quotas and logs without
+   * saying anything of the key.
+   */
+  async verify(presented: string | undefined): Promise<string> {
     if (!presented) {
       throw new UnauthorizedError('an API key is required: send it in the x-api-key header or the apiKey query parameter', {
         reason: 'missing_api_key',
@@ -30,6 +34,7 @@ export class ApiKeys {
     let matched = 0
     for (const digest of await this.digests) matched |= equalDigests(candidate, digest)
     if (!matched) throw new UnauthorizedError('the API key is not valid', { reason: 'invalid_api_key' })
+    return [...candidate.subarray(0, 8)].map((byte) => byte.toString(16).padStart(2, '0')).join('')
   }
 }
 

@@ -33,6 +33,8 @@ function apiKeyOf(c: Context): string | undefined {
 function errorJson(c: Context<AppEnv>, error: ServiceError) {
   const status = errorCodes[error.kind].http
   if (c.get('transport') === 'rpc') return c.json(errorResponse(null, error), status)
+  const retryAfter = error.data?.retryAfterSeconds
+  if (typeof retryAfter === 'number') c.header('retry-after', String(retryAfter))
   return c.json({ error: { code: error.kind, message: error.message, ...(error.data ? { data: error.data } : {}) } }, status)
 }
 
@@ -93,7 +95,7 @@ function authenticate(transport: 'rpc' | 'rest') {
     }
     const services = requestServices(c.env)
     c.set('services', services)
-    await services.apiKeys?.verify(apiKeyOf(c))
+    c.set('apiKeyId', await services.apiKeys?.verify(apiKeyOf(c)))
     await next()
   }
 }
@@ -105,7 +107,7 @@ async function handleRpc(c: Context<AppEnv>, routeChainId: number | undefined) {
   const answer = await dispatchJsonRpc({
     payload,
     methods: rpcMethods,
-    context: { services, routeChainId },
+    context: { services, routeChainId, apiKeyId: c.get('apiKeyId') },
     maxBatchSize: services.config.limits.maxBatchSize,
     onError: (error, method) =>
       logEvent({ event: 'rpc', method, ms: Date.now() - started, ...failureFields(toServiceError(error)) }),

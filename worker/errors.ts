@@ -13,8 +13,11 @@ export const errorCodes = {
   unsupported: { rpc: -32602, http: 400 },
   unauthorized: { rpc: -32001, http: 401 },
   declined: { rpc: -32002, http: 403 },
+  // A decline too (JSON-RPC clients see the same code), that time undoes: HTTP's status for it, with Retry-After.
+  quota_exceeded: { rpc: -32002, http: 429 },
   payload_too_large: { rpc: -32600, http: 413 },
   signer_unavailable: { rpc: -32003, http: 503 },
+  quota_unavailable: { rpc: -32603, http: 503 },
   internal: { rpc: -32603, http: 500 },
 } as const
 
@@ -54,10 +57,14 @@ export class UnauthorizedError extends ServiceError {
 }
 /** Policy declined to sponsor; `data.reason` is machine-readable. Nothing was signed. */
 export class SponsorshipDeclinedError extends ServiceError {
-  readonly kind = 'declined'
+  readonly kind: 'declined' | 'quota_exceeded' = 'declined'
   constructor(message: string, data: ErrorData) {
     super(message, data)
   }
+}
+/** A sender or API key has used its quota; `data.retryAfterSeconds` says when one more fits (null: never, it alone is too costly). */
+export class QuotaExceededError extends SponsorshipDeclinedError {
+  override readonly kind = 'quota_exceeded'
 }
 export class PayloadTooLargeError extends ServiceError {
   readonly kind = 'payload_too_large'
@@ -76,6 +83,10 @@ export class SignerUnavailableError extends ServiceError {
   ) {
     super(message, data)
   }
+}
+/** The quota counts could not be read or written: nothing is signed uncounted. */
+export class QuotaUnavailableError extends ServiceError {
+  readonly kind = 'quota_unavailable'
 }
 export class InternalError extends ServiceError {
   readonly kind = 'internal'

@@ -5,6 +5,8 @@ import { SignerMetrics, type AnalyticsEngineDataset } from '../backends/signerMe
 import type { Signer } from '../backends/signer.js'
 import { ApiKeys } from './apiKeys.js'
 import { logEvent } from './log.js'
+import { DurableObjectQuotas } from './quotas/durableObjectQuotas.js'
+import type { SponsorshipQuota } from './quotas/sponsorshipQuota.js'
 import type { SponsorDeps } from './sponsor/sponsor.js'
 
 /** The Worker's bindings as this code sees them: vars, secrets and bindings by name. */
@@ -77,6 +79,19 @@ function buildServices(env: Env): Services {
       signerFor: (chain: ChainConfig) => signers.get(chain.signer)!,
       now: () => Math.floor(Date.now() / 1000),
       log: logEvent,
+      quotas: quotasFor(config, env),
     },
   }
+}
+
+function quotasFor(config: Config, env: Env): DurableObjectQuotas | undefined {
+  const { binding, limits } = config.policy.quotas
+  if (limits.length === 0) return undefined
+  const namespace = env[binding] as Partial<DurableObjectNamespace<SponsorshipQuota>> | undefined
+  if (typeof namespace?.idFromName !== 'function' || typeof namespace.get !== 'function') {
+    throw new ConfigError(
+      `configuration invalid: policy.quotas.binding: ${binding} is not a Durable Object namespace (bind class SponsorshipQuota under that name in wrangler.toml)`,
+    )
+  }
+  return new DurableObjectQuotas(namespace as DurableObjectNamespace<SponsorshipQuota>, limits, logEvent)
 }

@@ -69,8 +69,8 @@ describe('policy', () => {
     expect(declineOf(() => checkGas(policyOf({ gas: { maxTotalCostWei: '2415' } }), '0.7', gas))).toBeUndefined()
   })
 
-  it('caps the postOp gas limit at the paymaster\u2019s own unless maxPaymasterPostOpGasLimit says otherwise', () => {
-    const evaluated = (paymaster: Record<string, unknown>, policy: Record<string, unknown>) => {
+  it('caps the postOp gas limit at the paymaster\u2019s own unless maxPaymasterPostOpGasLimit says otherwise', async () => {
+    const evaluated = async (paymaster: Record<string, unknown>, policy: Record<string, unknown>) => {
       const config = loadConfig({
         PAYMASTER_CONFIG: {
           chains: [{ chainId: 1, paymasters: [{ entryPointVersion: '0.7', contract: 'pimlico-singleton', address: '0xd8A5406E24dcDc93656c1eF20E491a1FcF43b558', ...paymaster }] }],
@@ -79,13 +79,16 @@ describe('policy', () => {
       })
       const deps = { config, signerFor: () => expect.unreachable('a dry run signs nothing'), now: () => 1_000_000, log: () => undefined }
       const request = { chainId: 1, entryPoint: canonicalEntryPoints['0.7'], userOperation: rpcUserOperationV07({ paymasterPostOpGasLimit: '0x64' }) }
-      return declineOf(() => evaluate(deps, request)) ?? evaluate(deps, request).fields.paymasterPostOpGasLimit
+      return evaluate(deps, request).then(
+        (evaluation) => evaluation.fields.paymasterPostOpGasLimit,
+        (error: unknown) => declineOf(() => { throw error }),
+      )
     }
     // The adapter's own (1), the config's, or the policy's cap when it sets one, above the paymaster's or below.
-    expect(evaluated({}, {})).toEqual({ reason: 'gas_limit_exceeded', field: 'paymasterPostOpGasLimit', limit: '1', value: '100' })
-    expect(evaluated({ postOpGasLimit: '99' }, {})).toMatchObject({ limit: '99' })
-    expect(evaluated({ postOpGasLimit: '100' }, {})).toBe(100n)
-    expect(evaluated({}, { gas: { maxPaymasterPostOpGasLimit: '100' } })).toBe(100n)
-    expect(evaluated({ postOpGasLimit: '500' }, { gas: { maxPaymasterPostOpGasLimit: '99' } })).toMatchObject({ limit: '99' })
+    expect(await evaluated({}, {})).toEqual({ reason: 'gas_limit_exceeded', field: 'paymasterPostOpGasLimit', limit: '1', value: '100' })
+    expect(await evaluated({ postOpGasLimit: '99' }, {})).toMatchObject({ limit: '99' })
+    expect(await evaluated({ postOpGasLimit: '100' }, {})).toBe(100n)
+    expect(await evaluated({}, { gas: { maxPaymasterPostOpGasLimit: '100' } })).toBe(100n)
+    expect(await evaluated({ postOpGasLimit: '500' }, { gas: { maxPaymasterPostOpGasLimit: '99' } })).toMatchObject({ limit: '99' })
   })
 })

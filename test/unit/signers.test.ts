@@ -1,7 +1,7 @@
 import { createServer } from 'node:http'
 import type { AddressInfo } from 'node:net'
 import { describe, expect, it } from 'vitest'
-import { hexToBigInt, keccak256, recoverAddress, slice, toHex } from 'viem'
+import { hexToBigInt, keccak256, recoverAddress, sha256, slice, toBytes, toHex } from 'viem'
 import { generatePrivateKey, privateKeyToAddress } from 'viem/accounts'
 import { HttpSigner } from '../../backends/httpSigner.js'
 import { LocalSigner } from '../../backends/local.js'
@@ -114,8 +114,9 @@ describe('HTTP signer', () => {
 describe('API keys', () => {
   it('accepts any configured key and rejects others, missing and prefixes alike', async () => {
     const keys = new ApiKeys(ApiKeys.parse(' alpha , beta,,'))
-    await expect(keys.verify('alpha')).resolves.toBeUndefined()
-    await expect(keys.verify('beta')).resolves.toBeUndefined()
+    // Each answers its id: the first 8 bytes of its SHA-256.
+    await expect(keys.verify('alpha')).resolves.toBe(sha256(toBytes('alpha')).slice(2, 18))
+    await expect(keys.verify('beta')).resolves.toBe(sha256(toBytes('beta')).slice(2, 18))
     for (const wrong of ['alph', 'alphaa', 'gamma', ''] as const) {
       await expect(keys.verify(wrong)).rejects.toBeInstanceOf(UnauthorizedError)
     }

@@ -19,7 +19,12 @@ const errors = {
   '401': { description: 'Missing or invalid API key', content: json(errorResponseSchema) },
   '403': { description: 'Sponsorship declined by policy; data.reason says why', content: json(errorResponseSchema) },
   '413': { description: 'Body too large', content: json(errorResponseSchema) },
-  '503': { description: 'Signer unavailable', content: json(errorResponseSchema) },
+  '429': {
+    description: 'A quota (policy.quotas) is used up; data.retryAfterSeconds, and the Retry-After header, say when one more fits (null: never, the operation alone costs more)',
+    headers: { 'Retry-After': { schema: { type: 'integer' } } },
+    content: json(errorResponseSchema),
+  },
+  '503': { description: 'Signer unavailable, or the quota counts cannot be reached (nothing was signed)', content: json(errorResponseSchema) },
 }
 
 const sponsorBody = { required: true, content: json(sponsorRequestDocSchema, 'input') }

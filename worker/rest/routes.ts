@@ -8,19 +8,19 @@ import { paymasterFieldsJson } from '../paymasterFieldsJson.js'
 import { openApiDocument } from './openapi.js'
 import { sponsorRequestSchema } from './schemas.js'
 
-export type RestVariables = { services: Services }
+export type RestVariables = { services: Services; /** The caller's verified API key, by id. */ apiKeyId: string | undefined }
 
-async function sponsorRequest(request: Request, services: Services): Promise<SponsorRequest> {
+async function sponsorRequest(request: Request, services: Services, apiKeyId: string | undefined): Promise<SponsorRequest> {
   const body = sponsorRequestSchema.safeParse(await readJsonBody(request, services.config.limits.maxBodyBytes))
   if (!body.success) throw new InvalidParamsError(`invalid request body: ${describeZodError(body.error)}`)
-  return body.data
+  return { ...body.data, apiKeyId }
 }
 
 export const restRoutes = new Hono<{ Variables: RestVariables }>()
   .get('/openapi.json', (c) => c.json(openApiDocument()))
   .post('/api/v1/paymaster/sponsor', async (c) => {
     const services = c.get('services')
-    const request = await sponsorRequest(c.req.raw, services)
+    const request = await sponsorRequest(c.req.raw, services, c.get('apiKeyId'))
     const result = await sponsor(services.sponsor, request)
     return c.json({
       chainId: request.chainId,
@@ -35,9 +35,9 @@ export const restRoutes = new Hono<{ Variables: RestVariables }>()
   })
   .post('/api/v1/paymaster/process', async (c) => {
     const services = c.get('services')
-    const request = await sponsorRequest(c.req.raw, services)
+    const request = await sponsorRequest(c.req.raw, services, c.get('apiKeyId'))
     try {
-      const result = evaluate(services.sponsor, request)
+      const result = await evaluate(services.sponsor, request)
       return c.json({
         decision: 'sponsor',
         chainId: request.chainId,

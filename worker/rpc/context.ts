@@ -7,6 +7,8 @@ export type RpcContext = {
   services: Services
   /** The chain named in the URL (`/rpc/:chainId`), if any. */
   routeChainId: number | undefined
+  /** The caller's verified API key, by id; undefined where none is required. */
+  apiKeyId: string | undefined
 }
 
 /** A UserOperation is checked field by field once its EntryPoint version is known. */

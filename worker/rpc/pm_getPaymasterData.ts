@@ -10,7 +10,12 @@ export const pm_getPaymasterData: RpcMethod<RpcContext> = {
   paramNames: erc7677ParamNames,
   params: erc7677Params,
   handler: async ([userOperation, entryPoint, chainId]: z.infer<typeof erc7677Params>, context: RpcContext) => {
-    const sponsorship = await sponsor(context.services.sponsor, { chainId: chainOf(context, chainId), entryPoint, userOperation })
+    const sponsorship = await sponsor(context.services.sponsor, {
+      chainId: chainOf(context, chainId),
+      entryPoint,
+      userOperation,
+      apiKeyId: context.apiKeyId,
+    })
     return { ...paymasterFieldsJson(sponsorship), userOpHash: sponsorship.userOpHash }
   },
 }

@@ -22,7 +22,12 @@ export const pm_sponsorUserOperation: RpcMethod<RpcContext> = {
   paramNames: ['userOperation', 'entryPoint', 'sponsorshipPolicyData'],
   params,
   handler: async ([userOperation, entryPoint]: z.infer<typeof params>, context: RpcContext) => {
-    const sponsorship = await sponsor(context.services.sponsor, { chainId: chainOf(context), entryPoint, userOperation })
+    const sponsorship = await sponsor(context.services.sponsor, {
+      chainId: chainOf(context),
+      entryPoint,
+      userOperation,
+      apiKeyId: context.apiKeyId,
+    })
     const op = sponsorship.userOperation
     return {
       ...paymasterFieldsJson(sponsorship),

@@ -25,6 +25,18 @@ export type SponsorDeps = {
   now(): number
   /** One structured line per signed sponsorship. */
   log(fields: Record<string, unknown>): void
+  /** Spend over time; none when no quota is configured. */
+  quotas?: Quotas
+}
+
+/** One sponsorship as quotas count it. */
+export type QuotaUse = { chainId: number; sender: Address; apiKeyId: string | undefined; costWei: bigint }
+
+export type Quotas = {
+  /** Counts it against every quota, or throws QuotaExceededError having counted nothing; the answer takes it back. */
+  take(use: QuotaUse): Promise<() => Promise<void>>
+  /** Throws as `take` would, counting nothing (the dry run). */
+  check(use: QuotaUse): Promise<void>
 }
 
 export type SponsorRequest = {
@@ -32,6 +44,8 @@ export type SponsorRequest = {
   entryPoint: Address
   /** Raw, as the caller sent it: it is parsed here, once the version is known. */
   userOperation: unknown
+  /** The caller's API key, as `ApiKeys.verify` names it; undefined where none is required. */
+  apiKeyId?: string
 }
 
 export type Stub = {
@@ -161,13 +175,20 @@ export function stubFor(deps: SponsorDeps, request: SponsorRequest): Stub {
   return { entryPoint: prepared.entryPoint, fields: fieldsOf(prepared, stubSignature), window: prepared.window }
 }
 
-/** Policy, hashes and the would-be paymaster data, without signing (the REST `process` dry run). */
-export function evaluate(deps: SponsorDeps, request: SponsorRequest): Evaluation {
+function quotaUseOf(prepared: Prepared, request: SponsorRequest): QuotaUse {
+  const costWei = maxCostWei(prepared.entryPoint.version, prepared.model.gas(prepared.op, prepared.gasLimits))
+  return { chainId: prepared.chain.chainId, sender: prepared.op.sender, apiKeyId: request.apiKeyId, costWei }
+}
+
+/** Policy, quotas, hashes and the would-be paymaster data, without signing or counting (the REST `process` dry run). */
+export async function evaluate(deps: SponsorDeps, request: SponsorRequest): Promise<Evaluation> {
   const prepared = prepare(deps, request, true)
+  const use = quotaUseOf(prepared, request)
+  await deps.quotas?.check(use)
   return {
     ...finalize(prepared, fieldsOf(prepared, stubSignature)),
     paymasterHash: paymasterHash(prepared),
-    maxCostWei: maxCostWei(prepared.entryPoint.version, prepared.model.gas(prepared.op, prepared.gasLimits)),
+    maxCostWei: use.costWei,
   }
 }
 
@@ -176,11 +197,13 @@ export async function sponsor(deps: SponsorDeps, request: SponsorRequest): Promi
   const prepared = prepare(deps, request, true)
   const digest = hashMessage({ raw: paymasterHash(prepared) })
   const signer = deps.signerFor(prepared.chain)
+  const release = await deps.quotas?.take(quotaUseOf(prepared, request))
   const started = Date.now()
   let signed: SignedDigest
   try {
     signed = await signer.signDigest(digest)
   } catch (error) {
+    await release?.()
     const retryable = error instanceof SignerError && error.options.retryable
     throw new SignerUnavailableError(
       `signer unavailable: signer ${signer.describe().name} could not sign${retryable ? '; try again shortly' : ''}`,
@@ -197,6 +220,7 @@ export async function sponsor(deps: SponsorDeps, request: SponsorRequest): Promi
     userOpHash: sponsorship.userOpHash,
     signedBy: signed.signedBy,
     signMs: Date.now() - started,
+    ...(request.apiKeyId ? { apiKeyId: request.apiKeyId } : {}),
   })
   return sponsorship
 }

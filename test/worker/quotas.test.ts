@@ -1,0 +1,257 @@
+import { env } from 'cloudflare:workers'
+import { runDurableObjectAlarm, runInDurableObject } from 'cloudflare:test'
+import { beforeAll, describe, expect, it, vi } from 'vitest'
+import type { Address } from 'viem'
+import { generatePrivateKey, privateKeyToAddress } from 'viem/accounts'
+import { app } from '../../worker/app.js'
+import { SponsorshipQuota } from '../../worker/quotas/sponsorshipQuota.js'
+import { rpcUserOperationV06, rpcUserOperationV07 } from '../support/userOperations.js'
+import { apiKey, entryPoints, request, seedSignerKey } from './helpers.js'
+
+/**
+ * Quotas against the real SponsorshipQuota Durable Object in workerd (SQLite storage). Each test sponsors for senders
+ * of its own, so the counts of one test never meet another's.
+ */
+
+const bindings = env as unknown as Record<string, unknown> & { PAYMASTER_CONFIG: string; QUOTAS: DurableObjectNamespace<SponsorshipQuota> }
+const baseConfig = JSON.parse(bindings.PAYMASTER_CONFIG) as { policy: Record<string, unknown> }
+
+function withQuotas(limits: unknown[], extra: Record<string, unknown> = {}) {
+  return { ...bindings, ...extra, PAYMASTER_CONFIG: JSON.stringify({ ...baseConfig, policy: { ...baseConfig.policy, quotas: { limits } } }) }
+}
+
+function send(bindingsWithConfig: Record<string, unknown>, path: string, body: unknown, key = apiKey) {
+  return app.fetch(
+    new Request(`http://paymaster.test${path}`, { method: 'POST', headers: { 'content-type': 'application/json', 'x-api-key': key }, body: JSON.stringify(body) }),
+    bindingsWithConfig,
+  )
+}
+
+async function getPaymasterData(bindingsWithConfig: Record<string, unknown>, sender: Address, key = apiKey) {
+  const response = await send(bindingsWithConfig, '/rpc', request('pm_getPaymasterData', [rpcUserOperationV07({ sender }), entryPoints['0.7'], '0x7a69']), key)
+  return (await response.json()) as { result?: { paymasterData: string }; error?: { code: number; message: string; data: Record<string, unknown> } }
+}
+
+const newSender = () => privateKeyToAddress(generatePrivateKey())
+
+function senderQuota(sender: Address) {
+  return bindings.QUOTAS.get(bindings.QUOTAS.idFromName(`sender:31337:${sender.toLowerCase()}`))
+}
+
+/** The tables in a quota object's storage: none until it has counted something. */
+function tablesOf(stub: DurableObjectStub<SponsorshipQuota>) {
+  return runInDurableObject(stub, (_instance, state) =>
+    state.storage.sql.exec<{ name: string }>("SELECT name FROM sqlite_master WHERE type = 'table' AND name IN ('buckets', 'retention')").toArray().map((row) => row.name).sort(),
+  )
+}
+
+beforeAll(async () => {
+  await seedSignerKey()
+})
+
+describe('quotas', () => {
+  it('counts each sender\u2019s signed sponsorships and declines past the limit, saying when one more fits', async () => {
+    const config = withQuotas([{ per: 'sender', windowSeconds: 3_600, maxOperations: 2 }])
+    const [sender, other] = [newSender(), newSender()]
+    expect((await getPaymasterData(config, sender)).result).toBeDefined()
+    expect((await getPaymasterData(config, sender)).result).toBeDefined()
+    const third = await getPaymasterData(config, sender)
+    expect(third.error).toMatchObject({
+      code: -32002,
+      message: expect.stringContaining(`sender ${sender} has had its 2 sponsored operations per 3600 s on chain 31337; one more fits in `),
+      data: { reason: 'quota_exceeded', per: 'sender', windowSeconds: 3_600, limit: 'maxOperations', max: '2', used: '2' },
+    })
+    const retryAfter = third.error!.data.retryAfterSeconds as number
+    // Counted to the second: a sponsorship leaves the window when the whole second it was signed in has.
+    expect(retryAfter).toBeGreaterThan(3_590)
+    expect(retryAfter).toBeLessThanOrEqual(3_601)
+    // Another sender has a quota of its own; stub data is not a sponsorship and is never counted.
+    expect((await getPaymasterData(config, other)).result).toBeDefined()
+    for (let i = 0; i < 3; i++) {
+      const stub = await send(config, '/rpc', request('pm_getPaymasterStubData', [rpcUserOperationV07({ sender: other }), entryPoints['0.7'], '0x7a69', null]))
+      expect(await stub.json()).toMatchObject({ result: { paymaster: expect.any(String) } })
+    }
+    expect((await getPaymasterData(config, other)).result).toBeDefined()
+    expect((await getPaymasterData(config, other)).error).toMatchObject({ data: { reason: 'quota_exceeded' } })
+  })
+
+  it('counts pm_sponsorUserOperation and REST alike; REST answers 429 with Retry-After, and the dry run counts nothing', async () => {
+    const config = withQuotas([{ per: 'sender', windowSeconds: 600, maxOperations: 2 }])
+    const sender = newSender()
+    const body = { userOperation: rpcUserOperationV06({ sender }), entryPoint: entryPoints['0.6'], chainId: 31337 }
+    for (let i = 0; i < 3; i++) {
+      const dryRun = await send(config, '/api/v1/paymaster/process', body)
+      expect(await dryRun.json()).toMatchObject({ decision: 'sponsor' })
+    }
+    // Asking stores nothing: made-up senders cost no storage.
+    expect(await tablesOf(senderQuota(sender))).toEqual([])
+    const sponsored = await send(config, '/rpc', request('pm_sponsorUserOperation', [rpcUserOperationV06({ sender }), entryPoints['0.6']]))
+    expect(await sponsored.json()).toMatchObject({ result: { paymasterAndData: expect.any(String) } })
+    expect((await send(config, '/api/v1/paymaster/sponsor', body)).status).toBe(200)
+
+    const declined = await send(config, '/api/v1/paymaster/sponsor', body)
+    expect(declined.status).toBe(429)
+    const { error } = (await declined.json()) as { error: { code: string; data: { retryAfterSeconds: number } } }
+    expect(error).toMatchObject({ code: 'quota_exceeded', data: { reason: 'quota_exceeded', per: 'sender', max: '2', used: '2' } })
+    expect(declined.headers.get('retry-after')).toBe(String(error.data.retryAfterSeconds))
+    // The dry run now says what signing would.
+    expect(await (await send(config, '/api/v1/paymaster/process', body)).json()).toMatchObject({ decision: 'decline', reason: 'quota_exceeded' })
+  })
+
+  it('counts each API key\u2019s summed maximum cost, one key apart from another', async () => {
+    const sender = newSender()
+    const dryRun = await send(withQuotas([]), '/api/v1/paymaster/process', { userOperation: rpcUserOperationV07({ sender }), entryPoint: entryPoints['0.7'], chainId: 31337 })
+    const cost = BigInt(((await dryRun.json()) as { maxCostWei: string }).maxCostWei)
+    // Room for two operations and a half: the third is declined by cost.
+    const config = withQuotas([{ per: 'apiKey', windowSeconds: 86_400, maxCostWei: String(cost * 2n + cost / 2n) }])
+    // Keys of their own, so that no other test's sponsorships count against them.
+    const keys = { ...config, API_KEYS: `${apiKey}, quota-key-a-${crypto.randomUUID()}, quota-key-b-${crypto.randomUUID()}` }
+    const [, keyA, keyB] = keys.API_KEYS.split(', ') as [string, string, string]
+    expect((await getPaymasterData(keys, newSender(), keyA)).result).toBeDefined()
+    expect((await getPaymasterData(keys, newSender(), keyA)).result).toBeDefined()
+    const third = await getPaymasterData(keys, newSender(), keyA)
+    expect(third.error).toMatchObject({
+      code: -32002,
+      message: `this API key has had ${cost * 2n} wei of its ${cost * 2n + cost / 2n} wei of sponsorship per 86400 s on chain 31337, and this operation may cost ${cost} wei; one more fits in ${third.error?.data.retryAfterSeconds} s`,
+      data: { reason: 'quota_exceeded', per: 'apiKey', limit: 'maxCostWei', used: String(cost * 2n), value: String(cost) },
+    })
+    expect((await getPaymasterData(keys, newSender(), keyB)).result).toBeDefined()
+    // An operation that alone costs more than the quota never fits.
+    const tight = { ...keys, PAYMASTER_CONFIG: withQuotas([{ per: 'apiKey', windowSeconds: 60, maxCostWei: String(cost - 1n) }]).PAYMASTER_CONFIG }
+    expect((await getPaymasterData(tight, newSender(), keyB)).error).toMatchObject({
+      message: `this operation alone may cost ${cost} wei, more than the quota of ${cost - 1n} wei per 60 s on chain 31337 for this API key`,
+      data: { retryAfterSeconds: null },
+    })
+  })
+
+  it('takes back what was counted for a sponsorship that was not signed', async () => {
+    const sender = newSender()
+    const failingSigner = withQuotas([{ per: 'sender', windowSeconds: 3_600, maxOperations: 1 }], { PAYMASTER_KEY: bindings.NEVER_CREATED_KEY })
+    for (let i = 0; i < 2; i++) expect((await getPaymasterData(failingSigner, sender)).error).toMatchObject({ data: { reason: 'signer_unavailable' } })
+    const config = withQuotas([{ per: 'sender', windowSeconds: 3_600, maxOperations: 1 }])
+    expect((await getPaymasterData(config, sender)).result).toBeDefined()
+    expect((await getPaymasterData(config, sender)).error).toMatchObject({ data: { reason: 'quota_exceeded' } })
+  })
+
+  it('lets a sponsorship through again once the oldest has left the window, and keeps what a longer window still counts', async () => {
+    const hour = withQuotas([{ per: 'sender', windowSeconds: 3_600, maxOperations: 2 }])
+    const second = withQuotas([{ per: 'sender', windowSeconds: 1, maxOperations: 1 }])
+    const [sender, alone] = [newSender(), newSender()]
+    expect((await getPaymasterData(hour, sender)).result).toBeDefined()
+    expect((await getPaymasterData(second, alone)).result).toBeDefined()
+    const declined = await getPaymasterData(second, sender)
+    expect(declined.error).toMatchObject({ data: { reason: 'quota_exceeded' } })
+    const retryAfterSeconds = declined.error!.data.retryAfterSeconds as number
+    expect(retryAfterSeconds).toBeGreaterThanOrEqual(1)
+    expect(retryAfterSeconds).toBeLessThanOrEqual(2)
+    await new Promise((resolve) => setTimeout(resolve, retryAfterSeconds * 1000))
+    expect((await getPaymasterData(second, sender)).result).toBeDefined()
+    // The one-second window let it through, but kept the first count for the hour's (a deployment with the longer
+    // window may still be serving): the hour has had its two.
+    expect((await getPaymasterData(hour, sender)).error).toMatchObject({ data: { reason: 'quota_exceeded', used: '2' } })
+
+    // Storage is emptied once nothing kept is needed: not before its time for the sender the hour counts (its alarm
+    // is set for then), and soon for the one only ever counted by the second.
+    const counted = senderQuota(sender)
+    expect(await runDurableObjectAlarm(counted)).toBe(true)
+    expect(await tablesOf(counted)).toEqual(['buckets', 'retention'])
+    expect(await runInDurableObject(counted, (_instance, state) => state.storage.getAlarm())).toBeGreaterThan(Date.now() + 3_590_000)
+    // Its alarm, due a second after its count, has most likely fired on its own by now; if not, it runs here.
+    await runDurableObjectAlarm(senderQuota(alone))
+    expect(await tablesOf(senderQuota(alone))).toEqual([])
+    expect((await getPaymasterData(second, alone)).result).toBeDefined()
+  })
+
+  it('takes the last of a quota once, however many requests arrive together', async () => {
+    const config = withQuotas([{ per: 'sender', windowSeconds: 3_600, maxOperations: 2 }])
+    const sender = newSender()
+    const batch = Array.from({ length: 6 }, (_, id) => request('pm_getPaymasterData', [rpcUserOperationV07({ sender, nonce: `0x${id}` }), entryPoints['0.7'], '0x7a69'], id))
+    const [first, second] = await Promise.all([send(config, '/rpc', batch.slice(0, 3)), send(config, '/rpc', batch.slice(3))])
+    const answers = [...((await first.json()) as Array<{ result?: unknown; error?: { data: { reason: string } } }>), ...((await second.json()) as [])]
+    expect(answers.filter((answer) => answer.result !== undefined)).toHaveLength(2)
+    expect(answers.filter((answer) => answer.error?.data.reason === 'quota_exceeded')).toHaveLength(4)
+  })
+
+  it('takes back one subject’s count when the other says no, or cannot be reached', async () => {
+    const sender = newSender()
+    const keys = { API_KEYS: `${apiKey}, quota-key-c-${crypto.randomUUID()}, quota-key-d-${crypto.randomUUID()}` }
+    const [, keyC, keyD] = keys.API_KEYS.split(', ') as [string, string, string]
+    const config = withQuotas(
+      [
+        { per: 'sender', windowSeconds: 3_600, maxOperations: 2 },
+        { per: 'apiKey', windowSeconds: 3_600, maxOperations: 1 },
+      ],
+      keys,
+    )
+    expect((await getPaymasterData(config, sender, keyC)).result).toBeDefined()
+    // The key says no; the sender had counted it, and takes it back.
+    expect((await getPaymasterData(config, sender, keyC)).error).toMatchObject({ data: { reason: 'quota_exceeded', per: 'apiKey' } })
+    // The key's object cannot be reached; the sender takes its count back too.
+    const keysUnreachable = {
+      idFromName: (name: string) => (name.startsWith('apiKey:') ? undefined : bindings.QUOTAS.idFromName(name)),
+      get: (id: DurableObjectId | undefined) => {
+        if (id === undefined) throw new Error('no such Durable Object')
+        return bindings.QUOTAS.get(id)
+      },
+    }
+    expect((await getPaymasterData({ ...config, QUOTAS: keysUnreachable }, sender, keyD)).error).toMatchObject({ data: { reason: 'quota_unavailable' } })
+    // So the sender has had one of its two.
+    expect((await getPaymasterData(config, sender, keyD)).result).toBeDefined()
+    expect((await getPaymasterData(config, sender, apiKey)).error).toMatchObject({ data: { reason: 'quota_exceeded', per: 'sender' } })
+  })
+
+  it('keeps its counts in the Durable Object\u2019s storage, where a new instance reads them', async () => {
+    const config = withQuotas([{ per: 'sender', windowSeconds: 3_600, maxOperations: 2 }])
+    const sender = newSender()
+    expect((await getPaymasterData(config, sender)).result).toBeDefined()
+    expect((await getPaymasterData(config, sender)).result).toBeDefined()
+    await runInDurableObject(senderQuota(sender), async (_instance, state) => {
+      const rows = state.storage.sql.exec<{ operations: number }>('SELECT operations FROM buckets').toArray()
+      expect(rows.reduce((sum, row) => sum + row.operations, 0)).toBe(2)
+      // What a restarted instance would do: build its ledger from storage.
+      const restarted = new SponsorshipQuota(state, env)
+      expect(await restarted.ask({ limits: [{ windowSeconds: 3_600, maxOperations: 2 }], costWei: '1', count: false })).toMatchObject({ granted: false, usedOperations: 2 })
+      expect(await restarted.ask({ limits: [{ windowSeconds: 3_600, maxOperations: 3 }], costWei: '1', count: false })).toEqual({ granted: true })
+    })
+  })
+
+  it('signs nothing when the counts cannot be reached, and says so', async () => {
+    const unreachable = {
+      idFromName: (name: string) => name,
+      get: () => ({ ask: () => Promise.reject(new Error('Durable Object is overloaded')) }),
+    }
+    const log = vi.spyOn(console, 'log')
+    const config = withQuotas([{ per: 'sender', windowSeconds: 60, maxOperations: 5 }], { QUOTAS: unreachable })
+    const answer = await getPaymasterData(config, newSender())
+    expect(answer.error).toEqual({
+      code: -32603,
+      message: 'the sponsorship quotas cannot be checked right now, so nothing was signed; try again shortly',
+      data: { reason: 'quota_unavailable' },
+    })
+    const rest = await send(config, '/api/v1/paymaster/sponsor', { userOperation: rpcUserOperationV07(), entryPoint: entryPoints['0.7'], chainId: 31337 })
+    expect(rest.status).toBe(503)
+    const lines = log.mock.calls.map(([line]) => JSON.parse(String(line)) as Record<string, unknown>)
+    expect(lines.filter((line) => line.event === 'sponsorship')).toEqual([])
+    expect(lines.filter((line) => line.event === 'quota_unavailable')).toEqual(
+      Array(2).fill(expect.objectContaining({ level: 'error', message: 'Durable Object is overloaded' })),
+    )
+    log.mockRestore()
+  })
+
+  it('refuses a configuration whose quota binding is not a Durable Object namespace, or that counts per API key without keys', async () => {
+    const unbound = await send(withQuotas([{ per: 'sender', windowSeconds: 60, maxOperations: 5 }], { QUOTAS: undefined }), '/rpc', request('eth_chainId', []))
+    expect(unbound.status).toBe(500)
+    expect(JSON.stringify(await unbound.json())).toContain(
+      'policy.quotas.binding: QUOTAS is not a Durable Object namespace (bind class SponsorshipQuota under that name in wrangler.toml)',
+    )
+    const keyless = {
+      ...bindings,
+      PAYMASTER_CONFIG: JSON.stringify({
+        ...baseConfig,
+        policy: { ...baseConfig.policy, apiKeys: { required: false }, quotas: { limits: [{ per: 'apiKey', windowSeconds: 60, maxOperations: 5 }] } },
+      }),
+    }
+    const refused = await send(keyless, '/rpc', request('eth_chainId', []))
+    expect(JSON.stringify(await refused.json())).toContain('policy.quotas.limits.0.per: counting per API key needs policy.apiKeys.required')
+  })
+})

@@ -1,0 +1,124 @@
+import type { QuotaConfig } from '../../config/schema.js'
+import { InternalError, QuotaExceededError, QuotaUnavailableError } from '../errors.js'
+import type { QuotaUse, Quotas } from '../sponsor/sponsor.js'
+import type { QuotaAnswer, SponsorshipQuota } from './sponsorshipQuota.js'
+
+type QuotaLimit = QuotaConfig['limits'][number]
+type Per = QuotaLimit['per']
+type Subject = { per: Per; name: string; limits: QuotaLimit[] }
+
+/**
+ * The configured quotas, counted in one SponsorshipQuota Durable Object per subject: a sender, or an API key, on one
+ * chain. A sponsorship is counted when it is about to be signed (a signature can be used on chain until it expires,
+ * whatever the operation then costs), and taken back if it is not signed after all. When the counts cannot be
+ * reached nothing is signed: a quota that fails open is no quota.
+ */
+export class DurableObjectQuotas implements Quotas {
+  private readonly limitsByPer: ReadonlyArray<[Per, QuotaLimit[]]>
+
+  constructor(
+    private readonly namespace: DurableObjectNamespace<SponsorshipQuota>,
+    limits: readonly QuotaLimit[],
+    private readonly log: (fields: Record<string, unknown>) => void,
+  ) {
+    const pers: Per[] = ['sender', 'apiKey']
+    this.limitsByPer = pers.map((per): [Per, QuotaLimit[]] => [per, limits.filter((limit) => limit.per === per)]).filter(([, own]) => own.length > 0)
+  }
+
+  take(use: QuotaUse): Promise<() => Promise<void>> {
+    return this.ask(use, true)
+  }
+
+  async check(use: QuotaUse): Promise<void> {
+    await this.ask(use, false)
+  }
+
+  private async ask(use: QuotaUse, count: boolean): Promise<() => Promise<void>> {
+    const subjects = this.subjectsOf(use)
+    const costWei = use.costWei.toString()
+    const limits = (subject: Subject) => subject.limits.map(({ windowSeconds, maxOperations, maxCostWei }) => ({ windowSeconds, maxOperations, maxCostWei: maxCostWei?.toString() }))
+    // Async, so that a throw on the way to one object is a rejection like any other, after which the others are released.
+    const settled = await Promise.allSettled(subjects.map(async (subject) => this.stubOf(subject).ask({ limits: limits(subject), costWei, count })))
+
+    const counted = settled.flatMap((result, index) =>
+      result.status === 'fulfilled' && result.value.granted && result.value.second !== undefined ? [{ subject: subjects[index]!, second: result.value.second }] : [],
+    )
+    const release = async () => {
+      await Promise.all(
+        counted.map(({ subject, second }) =>
+          // Left counted: the quota then errs on the safe side, by one sponsorship.
+          this.stubOf(subject)
+            .release({ second, costWei })
+            .catch((error: unknown) => this.log({ level: 'warn', event: 'quota_release_failed', per: subject.per, message: messageOf(error) })),
+        ),
+      )
+    }
+
+    const failure = settled.find((result): result is PromiseRejectedResult => result.status === 'rejected')
+    if (failure) {
+      await release()
+      this.log({ level: 'error', event: 'quota_unavailable', message: messageOf(failure.reason) })
+      throw new QuotaUnavailableError('the sponsorship quotas cannot be checked right now, so nothing was signed; try again shortly', {
+        reason: 'quota_unavailable',
+      })
+    }
+    const answers = settled.map((result) => (result as PromiseFulfilledResult<QuotaAnswer>).value)
+    const denials = answers.flatMap((answer, index) => (answer.granted ? [] : [{ subject: subjects[index]!, answer }]))
+    if (denials.length > 0) {
+      await release()
+      // Named by the first; one more fits once every subject that said no lets it.
+      const waits = denials.map(({ answer }) => answer.retryAfterSeconds)
+      const retryAfterSeconds = waits.includes(null) ? null : Math.max(...(waits as number[]))
+      throw exceeded(denials[0]!.subject, { ...denials[0]!.answer, retryAfterSeconds }, use)
+    }
+    return release
+  }
+
+  private subjectsOf(use: QuotaUse): Subject[] {
+    return this.limitsByPer.map(([per, limits]) => {
+      const id = per === 'sender' ? use.sender.toLowerCase() : use.apiKeyId
+      // The configuration allows per-API-key limits only where every request carries a verified key.
+      if (id === undefined) throw new InternalError('a quota per API key, for a request without one')
+      return { per, name: `${per}:${use.chainId}:${id}`, limits }
+    })
+  }
+
+  private stubOf(subject: Subject) {
+    return this.namespace.get(this.namespace.idFromName(subject.name))
+  }
+}
+
+function exceeded(subject: Subject, answer: Extract<QuotaAnswer, { granted: false }>, use: QuotaUse): QuotaExceededError {
+  const limit = subject.limits[answer.limit]!
+  const who = subject.per === 'sender' ? `sender ${use.sender}` : 'this API key'
+  const per = `per ${limit.windowSeconds} s on chain ${use.chainId}`
+  const data = {
+    reason: 'quota_exceeded',
+    per: subject.per,
+    windowSeconds: limit.windowSeconds,
+    limit: answer.exceeded,
+    retryAfterSeconds: answer.retryAfterSeconds,
+  }
+  if (answer.exceeded === 'maxOperations') {
+    const max = limit.maxOperations!
+    return new QuotaExceededError(`${who} has had its ${max} sponsored operations ${per}; ${retryText(answer.retryAfterSeconds)}`, {
+      ...data,
+      max: String(max),
+      used: String(answer.usedOperations),
+    })
+  }
+  const max = limit.maxCostWei!
+  const message =
+    use.costWei > max
+      ? `this operation alone may cost ${use.costWei} wei, more than the quota of ${max} wei ${per} for ${who}`
+      : `${who} has had ${answer.usedCostWei} wei of its ${max} wei of sponsorship ${per}, and this operation may cost ${use.costWei} wei; ${retryText(answer.retryAfterSeconds)}`
+  return new QuotaExceededError(message, { ...data, max: max.toString(), used: answer.usedCostWei, value: use.costWei.toString() })
+}
+
+function retryText(retryAfterSeconds: number | null): string {
+  return retryAfterSeconds === null ? 'it never fits: it alone may cost more than a quota allows' : `one more fits in ${retryAfterSeconds} s`
+}
+
+function messageOf(error: unknown): string {
+  return (error instanceof Error ? error.message : String(error)).slice(0, 200)
+}
