@@ -1,4 +1,6 @@
-import { messageOf } from './errors.js'
+import { createPrivateKey, X509Certificate } from 'node:crypto'
+import { resolve } from 'node:path'
+import { codeOf, messageOf } from './errors.js'
 import { minimumHmacSecretBytes } from './protocol/requestSigning.js'
 import { parseVsockAddress } from './protocol/vsock.js'
 
@@ -164,6 +166,8 @@ export type ParentTls = { cert: string; key: string; ca?: string; requireClientC
  * TLS_CA_FILE and TLS_REQUIRE_CLIENT_CERT=1; undefined (plain HTTP) without a
  * certificate. Client certificates are checked against TLS_CA_FILE alone:
  * without it Node would accept any certificate from a public authority.
+ * Each file is read and checked here, so that a bad one is named by its
+ * setting, not left to Node's TLS error at the first connection or listen.
  */
 export function parentTlsSetting(readFile: (path: string) => string): ParentTls | undefined {
   const requireClientCertificate = choiceSetting('TLS_REQUIRE_CLIENT_CERT', { choices: ['0', '1'], fallback: '0' }) === '1'
@@ -177,5 +181,27 @@ export function parentTlsSetting(readFile: (path: string) => string): ParentTls 
     return undefined
   }
   if (requireClientCertificate && !caFile) throw new Error('TLS_REQUIRE_CLIENT_CERT=1 needs TLS_CA_FILE, the authority client certificates must come from')
-  return { cert: readFile(certFile), key: readFile(keyFile), ca: caFile ? readFile(caFile) : undefined, requireClientCertificate }
+  const read = (name: string, file: string) => {
+    try {
+      return readFile(file)
+    } catch (error) {
+      throw new Error(`${name}: cannot read ${resolve(file)}: ${codeOf(error)}`)
+    }
+  }
+  const cert = read('TLS_CERT_FILE', certFile)
+  const key = read('TLS_KEY_FILE', keyFile)
+  const ca = caFile ? read('TLS_CA_FILE', caFile) : undefined
+  const certificate = parsed(`TLS_CERT_FILE: ${resolve(certFile)} holds no PEM certificate`, () => new X509Certificate(cert))
+  const privateKey = parsed(`TLS_KEY_FILE: ${resolve(keyFile)} holds no unencrypted PEM private key`, () => createPrivateKey(key))
+  if (!certificate.checkPrivateKey(privateKey)) throw new Error('TLS_KEY_FILE is not the key of the certificate in TLS_CERT_FILE')
+  if (ca !== undefined) parsed(`TLS_CA_FILE: ${resolve(caFile!)} holds no PEM certificate`, () => new X509Certificate(ca))
+  return { cert, key, ca, requireClientCertificate }
+}
+
+function parsed<T>(failure: string, parse: () => T): T {
+  try {
+    return parse()
+  } catch {
+    throw new Error(failure)
+  }
 }

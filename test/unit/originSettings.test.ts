@@ -1,7 +1,9 @@
 import { afterEach, describe, expect, it } from 'vitest'
+import path from 'node:path'
 import { choiceSetting, enclavesSetting, hmacKeysSetting, integerSetting, listenAddress, optionalSetting, parentTlsSetting, redactSecrets, signOnlyKeyIdsSetting } from '../../enclave-origin/config.js'
 import { developmentAttestation, type AttestationProvider } from '../../enclave-origin/enclave/dataKey.js'
 import { checkStartup } from '../../enclave-origin/enclave/startupChecks.js'
+import { startTestCa } from '../support/testCertificates.js'
 
 /** What the origin's processes refuse or accept before they serve: start-up checks, settings, and what their logs may say. */
 
@@ -205,22 +207,57 @@ describe('origin settings', () => {
   })
 
   it('takes TLS from its files, and refuses client certificates without a CA of their own or without TLS at all', () => {
-    const files: Record<string, string> = { '/tls/cert.pem': 'CERT', '/tls/key.pem': 'KEY', '/tls/ca.pem': 'CA' }
-    const read = (file: string) => files[file]!
-    for (const name of ['TLS_CERT_FILE', 'TLS_KEY_FILE', 'TLS_CA_FILE', 'TLS_REQUIRE_CLIENT_CERT']) delete process.env[name]
-    expect(parentTlsSetting(read)).toBeUndefined()
-    process.env.TLS_REQUIRE_CLIENT_CERT = '1'
-    expect(() => parentTlsSetting(read)).toThrow('TLS_REQUIRE_CLIENT_CERT=1 needs TLS_CERT_FILE and TLS_KEY_FILE')
-    process.env.TLS_CERT_FILE = '/tls/cert.pem'
-    process.env.TLS_KEY_FILE = '/tls/key.pem'
-    expect(() => parentTlsSetting(read)).toThrow('TLS_REQUIRE_CLIENT_CERT=1 needs TLS_CA_FILE')
-    process.env.TLS_CA_FILE = '/tls/ca.pem'
-    expect(parentTlsSetting(read)).toEqual({ cert: 'CERT', key: 'KEY', ca: 'CA', requireClientCertificate: true })
-    process.env.TLS_REQUIRE_CLIENT_CERT = 'yes'
-    expect(() => parentTlsSetting(read)).toThrow('TLS_REQUIRE_CLIENT_CERT must be one of 0, 1, got yes')
-    delete process.env.TLS_REQUIRE_CLIENT_CERT
-    delete process.env.TLS_CA_FILE
-    expect(parentTlsSetting(read)).toEqual({ cert: 'CERT', key: 'KEY', ca: undefined, requireClientCertificate: false })
+    const ca = startTestCa()
+    try {
+      const parent = ca.issue('parent')
+      const files: Record<string, string> = { '/tls/cert.pem': parent.cert, '/tls/key.pem': parent.key, '/tls/ca.pem': ca.caPem }
+      const read = (file: string) => files[file]!
+      for (const name of ['TLS_CERT_FILE', 'TLS_KEY_FILE', 'TLS_CA_FILE', 'TLS_REQUIRE_CLIENT_CERT']) delete process.env[name]
+      expect(parentTlsSetting(read)).toBeUndefined()
+      process.env.TLS_REQUIRE_CLIENT_CERT = '1'
+      expect(() => parentTlsSetting(read)).toThrow('TLS_REQUIRE_CLIENT_CERT=1 needs TLS_CERT_FILE and TLS_KEY_FILE')
+      process.env.TLS_CERT_FILE = '/tls/cert.pem'
+      process.env.TLS_KEY_FILE = '/tls/key.pem'
+      expect(() => parentTlsSetting(read)).toThrow('TLS_REQUIRE_CLIENT_CERT=1 needs TLS_CA_FILE')
+      process.env.TLS_CA_FILE = '/tls/ca.pem'
+      expect(parentTlsSetting(read)).toEqual({ cert: parent.cert, key: parent.key, ca: ca.caPem, requireClientCertificate: true })
+      process.env.TLS_REQUIRE_CLIENT_CERT = 'yes'
+      expect(() => parentTlsSetting(read)).toThrow('TLS_REQUIRE_CLIENT_CERT must be one of 0, 1, got yes')
+      delete process.env.TLS_REQUIRE_CLIENT_CERT
+      delete process.env.TLS_CA_FILE
+      expect(parentTlsSetting(read)).toEqual({ cert: parent.cert, key: parent.key, ca: undefined, requireClientCertificate: false })
+    } finally {
+      ca.close()
+    }
+  })
+
+  it('names the TLS setting whose file cannot be read, holds no certificate or key, or does not match', () => {
+    const ca = startTestCa()
+    try {
+      const [parent, other] = [ca.issue('parent'), ca.issue('other')]
+      const files: Record<string, string> = { '/tls/cert.pem': parent.cert, '/tls/key.pem': parent.key, '/tls/other.key': other.key, '/tls/ca.pem': ca.caPem, '/tls/junk': 'not PEM' }
+      const read = (file: string) => {
+        if (!(file in files)) throw Object.assign(new Error(`ENOENT: no such file or directory, open '${file}'`), { code: 'ENOENT' })
+        return files[file]!
+      }
+      const tlsWith = (settings: Record<string, string>) => {
+        Object.assign(process.env, { TLS_CERT_FILE: '/tls/cert.pem', TLS_KEY_FILE: '/tls/key.pem', TLS_CA_FILE: '/tls/ca.pem', ...settings })
+        return () => parentTlsSetting(read)
+      }
+      delete process.env.TLS_REQUIRE_CLIENT_CERT
+      expect(tlsWith({ TLS_CERT_FILE: '/tls/gone.pem' })).toThrow('TLS_CERT_FILE: cannot read /tls/gone.pem: ENOENT')
+      expect(tlsWith({ TLS_KEY_FILE: '/tls/gone.key' })).toThrow('TLS_KEY_FILE: cannot read /tls/gone.key: ENOENT')
+      expect(tlsWith({ TLS_CA_FILE: 'gone-ca.pem' })).toThrow(`TLS_CA_FILE: cannot read ${path.resolve('gone-ca.pem')}: ENOENT`)
+      expect(tlsWith({ TLS_CERT_FILE: '/tls/junk' })).toThrow('TLS_CERT_FILE: /tls/junk holds no PEM certificate')
+      expect(tlsWith({ TLS_CERT_FILE: '/tls/key.pem' })).toThrow('TLS_CERT_FILE: /tls/key.pem holds no PEM certificate')
+      expect(tlsWith({ TLS_KEY_FILE: '/tls/junk' })).toThrow('TLS_KEY_FILE: /tls/junk holds no unencrypted PEM private key')
+      expect(tlsWith({ TLS_KEY_FILE: '/tls/other.key' })).toThrow('TLS_KEY_FILE is not the key of the certificate in TLS_CERT_FILE')
+      expect(tlsWith({ TLS_CA_FILE: '/tls/junk' })).toThrow('TLS_CA_FILE: /tls/junk holds no PEM certificate')
+      expect(tlsWith({})()).toMatchObject({ cert: parent.cert, ca: ca.caPem })
+    } finally {
+      for (const name of ['TLS_CERT_FILE', 'TLS_KEY_FILE', 'TLS_CA_FILE']) delete process.env[name]
+      ca.close()
+    }
   })
 
   it('takes an optional setting unset or set, and refuses one set but empty, naming it', () => {
