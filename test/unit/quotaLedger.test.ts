@@ -45,7 +45,7 @@ describe('QuotaLedger', () => {
     expect(ledger.decide(3_000, 101n, [limit])).toMatchObject({ granted: false, exceeded: 'maxCostWei', retryAfterMs: null })
   })
 
-  it('names the first limit passed, and waits for every limit passed', () => {
+  it('names the first limit passed, or the first it never fits, and waits for every limit passed', () => {
     const ledger = new QuotaLedger([])
     for (let second = 0; second < 5; second++) ledger.record(second * 1_000, 10n)
     const limits: WindowLimit[] = [
@@ -63,7 +63,7 @@ describe('QuotaLedger', () => {
       retryAfterMs: 62_999 - 5_000,
     })
     const withNever = [...limits, { windowMs: 60_000, maxCostWei: 5n }]
-    expect(ledger.decide(5_000, 10n, withNever)).toMatchObject({ limit: 1, retryAfterMs: null })
+    expect(ledger.decide(5_000, 10n, withNever)).toMatchObject({ limit: 3, exceeded: 'maxCostWei', usedCostWei: 50n, retryAfterMs: null })
   })
 
   it('takes back a released sponsorship from every window it is in', () => {
@@ -72,7 +72,7 @@ describe('QuotaLedger', () => {
     ledger.record(0, 5n)
     const counted = ledger.record(10_000, 7n)
     expect(ledger.decide(10_000, 1n, limits)).toMatchObject({ granted: false, limit: 0 })
-    expect(ledger.release(counted.second, 7n)).toEqual({ second: 10, operations: 0, costWei: 0n })
+    expect(ledger.release(counted.second, 7n)).toEqual({ second: 10, seconds: 1, operations: 0, costWei: 0n })
     expect(ledger.decide(10_000, 1n, limits)).toEqual({ granted: true })
     // Nothing left to release there, and nothing at a second never counted.
     expect(ledger.release(counted.second, 7n)).toBeUndefined()
@@ -120,7 +120,7 @@ describe('QuotaLedger', () => {
   it('keeps its buckets in order should the clock step back, and reads them back in any order', () => {
     const ledger = new QuotaLedger([])
     ledger.record(5_500, 1n)
-    expect(ledger.record(4_000, 2n)).toEqual({ second: 5, operations: 2, costWei: 3n })
+    expect(ledger.record(4_000, 2n)).toEqual({ second: 5, seconds: 1, operations: 2, costWei: 3n })
     // A bucket reused after a step back that a short window has already passed does not count in that window.
     const second: WindowLimit[] = [{ windowMs: 1_000, maxOperations: 1 }]
     expect(ledger.decide(8_000, 1n, second)).toEqual({ granted: true })
@@ -128,12 +128,49 @@ describe('QuotaLedger', () => {
     expect(ledger.decide(8_000, 1n, second)).toEqual({ granted: true })
     expect(ledger.decide(8_000, 1n, [{ windowMs: 60_000, maxOperations: 3 }])).toMatchObject({ granted: false, usedOperations: 3 })
     const restored = new QuotaLedger([
-      { second: 50, operations: 1, costWei: 4n },
-      { second: 10, operations: 3, costWei: 6n },
+      { second: 50, seconds: 1, operations: 1, costWei: 4n },
+      { second: 10, seconds: 1, operations: 3, costWei: 6n },
     ])
     expect(restored.decide(55_000, 0n, [{ windowMs: 60_000, maxOperations: 4 }])).toMatchObject({ granted: false, usedOperations: 4, usedCostWei: 10n })
     // Second 10 leaves first: at 10,999 + 50,000.
     expect(restored.decide(55_000, 0n, [{ windowMs: 50_000, maxOperations: 4 }])).toMatchObject({ granted: false, usedOperations: 4, retryAfterMs: 5_999 })
     expect(restored.decide(61_000, 0n, [{ windowMs: 50_000, maxOperations: 4 }])).toEqual({ granted: true })
+  })
+
+  it('merges many buckets where only a longer window sees them, keeping every window\u2019s counts', () => {
+    const ledger = new QuotaLedger([])
+    const limits: WindowLimit[] = [
+      { windowMs: 60_000, maxOperations: 60 },
+      { windowMs: 86_400_000, maxOperations: 10_000 },
+    ]
+    const lengths = limits.map((limit) => limit.windowMs)
+    const mergedTo: number[] = []
+    let most = 0
+    for (let second = 0; second < 10_000; second++) {
+      ledger.record(second * 1_000, 1n)
+      if (ledger.mergeIfMany(second * 1_000, lengths)) mergedTo.push(ledger.all().length)
+      most = Math.max(most, ledger.all().length)
+    }
+    // Past 4,096 buckets (twice what a merge left, when more): those older than the minute go into buckets of 24 s.
+    expect(most).toBe(4_096)
+    expect(mergedTo).toHaveLength(2)
+    expect(mergedTo[1]).toBeLessThan(60 + 8_000 / 24 + 2)
+    const buckets = ledger.all()
+    expect(buckets.reduce((sum, bucket) => sum + bucket.operations, 0)).toBe(10_000)
+    expect(Math.max(...buckets.map((bucket) => bucket.seconds))).toBe(24)
+    const now = 9_999_999
+    // The minute still counts to the second; the day counts everything.
+    expect(ledger.decide(now, 1n, [limits[0]!])).toMatchObject({ granted: false, usedOperations: 60, retryAfterMs: 1_000 })
+    expect(ledger.decide(now, 1n, [limits[1]!])).toMatchObject({ granted: false, usedOperations: 10_000, usedCostWei: 10_000n })
+    // A merged bucket leaves the day late by at most 24 s: the first sponsorship's second, 0, leaves at 86,400 s at
+    // the earliest, and by 86,424 s.
+    const firstLeaves = ledger.decide(now, 1n, [limits[1]!]) as { retryAfterMs: number }
+    expect(firstLeaves.retryAfterMs + now).toBeGreaterThanOrEqual(86_400_000)
+    expect(firstLeaves.retryAfterMs + now).toBeLessThanOrEqual(86_424_000)
+    // A release finds the merged bucket that holds its second.
+    const holding = buckets.find((bucket) => bucket.second <= 100 && 100 < bucket.second + bucket.seconds)!
+    expect(ledger.release(100, 1n)).toBe(holding)
+    expect(ledger.decide(now, 1n, [limits[1]!])).toEqual({ granted: true })
+    expect(ledger.decide(now, 1n, [{ windowMs: 86_400_000, maxOperations: 9_999 }])).toMatchObject({ granted: false, usedOperations: 9_999 })
   })
 })

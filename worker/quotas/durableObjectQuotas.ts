@@ -1,6 +1,7 @@
 import type { QuotaConfig } from '../../config/schema.js'
 import { InternalError, QuotaExceededError, QuotaUnavailableError } from '../errors.js'
 import type { QuotaUse, Quotas } from '../sponsor/sponsor.js'
+import { longestWait, worstOf } from './quotaLedger.js'
 import type { QuotaAnswer, SponsorshipQuota } from './sponsorshipQuota.js'
 
 type QuotaLimit = QuotaConfig['limits'][number]
@@ -45,12 +46,14 @@ export class DurableObjectQuotas implements Quotas {
     )
     const release = async () => {
       await Promise.all(
-        counted.map(({ subject, second }) =>
-          // Left counted: the quota then errs on the safe side, by one sponsorship.
-          this.stubOf(subject)
-            .release({ second, costWei })
-            .catch((error: unknown) => this.log({ level: 'warn', event: 'quota_release_failed', per: subject.per, message: messageOf(error) })),
-        ),
+        counted.map(async ({ subject, second }) => {
+          try {
+            await this.stubOf(subject).release({ second, costWei })
+          } catch (error) {
+            // Left counted: the quota then errs on the safe side, by one sponsorship.
+            this.log({ level: 'warn', event: 'quota_release_failed', per: subject.per, message: messageOf(error) })
+          }
+        }),
       )
     }
 
@@ -66,10 +69,10 @@ export class DurableObjectQuotas implements Quotas {
     const denials = answers.flatMap((answer, index) => (answer.granted ? [] : [{ subject: subjects[index]!, answer }]))
     if (denials.length > 0) {
       await release()
-      // Named by the first; one more fits once every subject that said no lets it.
-      const waits = denials.map(({ answer }) => answer.retryAfterSeconds)
-      const retryAfterSeconds = waits.includes(null) ? null : Math.max(...(waits as number[]))
-      throw exceeded(denials[0]!.subject, { ...denials[0]!.answer, retryAfterSeconds }, use)
+      // One more fits once every subject that said no lets it.
+      const named = worstOf(denials, ({ answer }) => answer.retryAfterSeconds)
+      const retryAfterSeconds = longestWait(denials.map(({ answer }) => answer.retryAfterSeconds))
+      throw exceeded(named.subject, { ...named.answer, retryAfterSeconds }, use)
     }
     return release
   }

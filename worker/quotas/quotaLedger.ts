@@ -1,20 +1,22 @@
 /**
  * The counts behind one quota subject (one sender, or one API key, on one chain): signed sponsorships and their
- * maximum cost, per second, and sliding-window totals over them. Counting per second bounds the memory and storage
- * of a busy subject (at most one bucket per second of the longest window) at the price of windows that are exact to
- * the second, and a bucket leaves a window only once its whole second has.
+ * maximum cost, in buckets of a second, and sliding-window totals over them. Windows are exact to the second: a
+ * bucket leaves a window only once the whole of it has. Once there are many, buckets are merged where the windows
+ * hardly notice: those older than a window but inside the next longer one, up to a 3,600th of that longer window
+ * (24 s for a day), which bounds a busy subject's memory by its windows, not by its traffic.
  */
 
 /** At most `maxOperations` sponsorships, and at most `maxCostWei` of their summed maximum cost, in any `windowMs`. */
 export type WindowLimit = { windowMs: number; maxOperations?: number; maxCostWei?: bigint }
 
-export type Bucket = { second: number; operations: number; costWei: bigint }
+/** The counts of the `seconds` seconds from `second` (unix seconds). */
+export type Bucket = { second: number; seconds: number; operations: number; costWei: bigint }
 
 export type QuotaDecision =
   | { granted: true }
   | {
       granted: false
-      /** The index of the first limit the operation would pass. */
+      /** The index of the limit it would pass: the first it never fits, else the first. */
       limit: number
       exceeded: 'maxOperations' | 'maxCostWei'
       usedOperations: number
@@ -26,51 +28,69 @@ export type QuotaDecision =
 type WindowTotals = { start: number; operations: number; costWei: bigint }
 
 /** The last instant a sponsorship counted in this bucket may have been signed. */
-const lastInstantOf = (bucket: Bucket) => bucket.second * 1000 + 999
+const lastInstantOf = (bucket: Bucket) => (bucket.second + bucket.seconds) * 1000 - 1
+
+/** Buckets merge at most to a 3,600th of the shortest window still counting them. */
+const bucketsPerWindow = 3_600
+/** Merging starts past this many buckets, and again each time their number doubles. */
+const fewBuckets = 4_096
+
+/** The denial to name among several: the first whose wait is null (it never fits), else the first. */
+export function worstOf<T>(denials: readonly T[], waitOf: (denial: T) => number | null): T {
+  return denials.find((denial) => waitOf(denial) === null) ?? denials[0]!
+}
+
+/** When every one of several waits is over; null (never) if any is. */
+export function longestWait(waits: ReadonlyArray<number | null>): number | null {
+  return waits.includes(null) ? null : Math.max(...(waits as number[]))
+}
 
 export class QuotaLedger {
   /** Oldest first; seconds strictly increasing. */
   private buckets: Bucket[]
   /** The totals of each window in use, by length in ms; `start` is the first bucket inside it. */
   private readonly windows = new Map<number, WindowTotals>()
+  /** Buckets merge past this many: a few, then twice what the last merge left. */
+  private mergeAbove = fewBuckets
 
   constructor(buckets: readonly Bucket[]) {
     this.buckets = [...buckets].sort((a, b) => a.second - b.second)
   }
 
+  /** The buckets, oldest first (for storage). */
+  all(): readonly Bucket[] {
+    return this.buckets
+  }
+
   /** Whether one more sponsorship costing `costWei` fits every limit at `nowMs`. */
   decide(nowMs: number, costWei: bigint, limits: readonly WindowLimit[]): QuotaDecision {
-    let denied: Extract<QuotaDecision, { granted: false }> | undefined
-    limits.forEach((limit, index) => {
+    const denials = limits.flatMap((limit, index): Array<Extract<QuotaDecision, { granted: false }>> => {
       const totals = this.totalsOf(limit.windowMs, nowMs)
       const overOperations = limit.maxOperations !== undefined && totals.operations + 1 > limit.maxOperations
       const overCost = limit.maxCostWei !== undefined && totals.costWei + costWei > limit.maxCostWei
-      if (!overOperations && !overCost) return
-      const retryAfterMs = this.retryAfterMs({ limit, totals, nowMs, costWei })
-      if (!denied) {
-        denied = {
+      if (!overOperations && !overCost) return []
+      return [
+        {
           granted: false,
           limit: index,
           exceeded: overOperations ? 'maxOperations' : 'maxCostWei',
           usedOperations: totals.operations,
           usedCostWei: totals.costWei,
-          retryAfterMs,
-        }
-      } else if (denied.retryAfterMs !== null) {
-        denied.retryAfterMs = retryAfterMs === null ? null : Math.max(denied.retryAfterMs, retryAfterMs)
-      }
+          retryAfterMs: this.retryAfterMs({ limit, totals, nowMs, costWei }),
+        },
+      ]
     })
-    return denied ?? { granted: true }
+    if (denials.length === 0) return { granted: true }
+    return { ...worstOf(denials, (denial) => denial.retryAfterMs), retryAfterMs: longestWait(denials.map((denial) => denial.retryAfterMs)) }
   }
 
-  /** Counts one sponsorship at `nowMs`; answers the second it was counted in (what `release` takes). */
+  /** Counts one sponsorship at `nowMs`; answers the bucket it was counted in (its `second` is what `release` takes). */
   record(nowMs: number, costWei: bigint): Bucket {
-    const last = this.buckets.at(-1)
-    // Never behind the last bucket, should the clock step back: the buckets stay in order.
-    const second = Math.max(Math.floor(nowMs / 1000), last?.second ?? 0)
-    let bucket = last
-    if (!bucket || bucket.second !== second) {
-      bucket = { second, operations: 0, costWei: 0n }
+    const second = Math.floor(nowMs / 1000)
+    let bucket = this.buckets.at(-1)
+    // Into the last bucket while it lasts, or should the clock step back: the buckets stay in order.
+    if (!bucket || second >= bucket.second + bucket.seconds) {
+      bucket = { second, seconds: 1, operations: 0, costWei: 0n }
       this.buckets.push(bucket)
     }
     bucket.operations += 1
@@ -93,7 +113,7 @@ export class QuotaLedger {
     return newest && lastInstantOf(newest)
   }
 
-  /** Takes back a sponsorship counted in `second` that was never signed; the bucket as it is now, if it is still kept. */
+  /** Takes back a sponsorship counted at `second` that was never signed; the bucket as it is now, if it is still kept. */
   release(second: number, costWei: bigint): Bucket | undefined {
     const index = this.indexOf(second)
     const bucket = this.buckets[index]
@@ -168,15 +188,44 @@ export class QuotaLedger {
     return limit.windowMs
   }
 
+  /**
+   * Merges buckets once there are many (see the top), for the windows of `lengthsMs` (the limits' and any longer
+   * retention). Answers whether it did: the buckets are then all new, for storage.
+   */
+  mergeIfMany(nowMs: number, lengthsMs: readonly number[]): boolean {
+    if (this.buckets.length <= this.mergeAbove) return false
+    const lengths = [...new Set(lengthsMs)].sort((a, b) => a - b)
+    const merged: Array<Bucket & { tier: number }> = []
+    for (const bucket of this.buckets) {
+      // The shortest window still counting it: every bucket merged into one shares it, so no shorter window sees a
+      // merged bucket, and the one that does sees counts leave it late by at most its 3,600th.
+      const tier = lengths.findIndex((length) => nowMs - lastInstantOf(bucket) < length)
+      const widest = tier < 0 ? 1 : Math.floor(lengths[tier]! / 1000 / bucketsPerWindow)
+      const group = merged.at(-1)
+      if (group && group.tier === tier && bucket.second + bucket.seconds - group.second <= widest) {
+        group.seconds = bucket.second + bucket.seconds - group.second
+        group.operations += bucket.operations
+        group.costWei += bucket.costWei
+      } else {
+        merged.push({ ...bucket, tier })
+      }
+    }
+    this.buckets = merged.map(({ tier: _tier, ...bucket }) => bucket)
+    this.windows.clear()
+    this.mergeAbove = Math.max(fewBuckets, 2 * this.buckets.length)
+    return true
+  }
+
+  /** The bucket that holds `second`, or -1. */
   private indexOf(second: number): number {
     let low = 0
     let high = this.buckets.length - 1
     while (low <= high) {
       const middle = (low + high) >> 1
-      const found = this.buckets[middle]!.second
-      if (found === second) return middle
-      if (found < second) low = middle + 1
-      else high = middle - 1
+      const found = this.buckets[middle]!
+      if (second < found.second) high = middle - 1
+      else if (second >= found.second + found.seconds) low = middle + 1
+      else return middle
     }
     return -1
   }

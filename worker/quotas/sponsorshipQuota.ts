@@ -28,7 +28,7 @@ export type QuotaAnswer =
       retryAfterSeconds: number | null
     }
 
-type BucketRow = { second: number; operations: number; cost_wei: string }
+type BucketRow = { second: number; seconds: number; operations: number; cost_wei: string }
 
 export class SponsorshipQuota extends DurableObject {
   private ledger: QuotaLedger
@@ -46,8 +46,8 @@ export class SponsorshipQuota extends DurableObject {
     super(ctx, env)
     const { sql } = ctx.storage
     this.stored = sql.exec("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'buckets'").toArray().length > 0
-    const rows = this.stored ? sql.exec<BucketRow>('SELECT second, operations, cost_wei FROM buckets').toArray() : []
-    this.ledger = new QuotaLedger(rows.map((row) => ({ second: row.second, operations: row.operations, costWei: BigInt(row.cost_wei) })))
+    const rows = this.stored ? sql.exec<BucketRow>('SELECT second, seconds, operations, cost_wei FROM buckets').toArray() : []
+    this.ledger = new QuotaLedger(rows.map((row) => ({ second: row.second, seconds: row.seconds, operations: row.operations, costWei: BigInt(row.cost_wei) })))
     this.retainMs = this.stored ? (sql.exec<{ retain_ms: number }>('SELECT retain_ms FROM retention').toArray()[0]?.retain_ms ?? 0) : 0
   }
 
@@ -61,9 +61,15 @@ export class SponsorshipQuota extends DurableObject {
     const costWei = BigInt(ask.costWei)
     // Decided and counted with no await between: nothing else runs in this object meanwhile.
     const decision = this.ledger.decide(nowMs, costWei, limits)
-    this.retainMs = Math.max(this.retainMs, ...limits.map((limit) => limit.windowMs))
+    const longest = Math.max(...limits.map((limit) => limit.windowMs))
+    if (longest > this.retainMs) {
+      this.retainMs = longest
+      // Stored at once, asked or counted: a restart must not forget a longer window that was only ever asked with.
+      if (this.stored) this.ctx.storage.sql.exec('UPDATE retention SET retain_ms = ?', this.retainMs)
+    }
     const forgotten = this.ledger.prune(nowMs, limits, this.retainMs)
     if (forgotten !== undefined && this.stored) this.ctx.storage.sql.exec('DELETE FROM buckets WHERE second <= ?', forgotten)
+    if (this.ledger.mergeIfMany(nowMs, [...limits.map((limit) => limit.windowMs), this.retainMs]) && this.stored) this.storeAll()
     if (!decision.granted) {
       const { retryAfterMs, usedCostWei, ...rest } = decision
       return { ...rest, usedCostWei: usedCostWei.toString(), retryAfterSeconds: retryAfterMs === null ? null : Math.ceil(retryAfterMs / 1000) }
@@ -94,19 +100,30 @@ export class SponsorshipQuota extends DurableObject {
   private async store(bucket: Bucket): Promise<void> {
     const { sql } = this.ctx.storage
     if (!this.stored) {
-      sql.exec('CREATE TABLE buckets (second INTEGER PRIMARY KEY, operations INTEGER NOT NULL, cost_wei TEXT NOT NULL)')
+      sql.exec('CREATE TABLE buckets (second INTEGER PRIMARY KEY, seconds INTEGER NOT NULL, operations INTEGER NOT NULL, cost_wei TEXT NOT NULL)')
       sql.exec('CREATE TABLE retention (retain_ms INTEGER NOT NULL)')
       sql.exec('INSERT INTO retention (retain_ms) VALUES (0)')
       this.stored = true
     }
     sql.exec('UPDATE retention SET retain_ms = ?', this.retainMs)
-    sql.exec(
-      'INSERT INTO buckets (second, operations, cost_wei) VALUES (?, ?, ?) ON CONFLICT (second) DO UPDATE SET operations = excluded.operations, cost_wei = excluded.cost_wei',
+    this.storeBucket(bucket)
+    if (!this.alarmSet) await this.scheduleAlarm()
+  }
+
+  private storeBucket(bucket: Bucket): void {
+    this.ctx.storage.sql.exec(
+      'INSERT INTO buckets (second, seconds, operations, cost_wei) VALUES (?, ?, ?, ?) ON CONFLICT (second) DO UPDATE SET seconds = excluded.seconds, operations = excluded.operations, cost_wei = excluded.cost_wei',
       bucket.second,
+      bucket.seconds,
       bucket.operations,
       bucket.costWei.toString(),
     )
-    if (!this.alarmSet) await this.scheduleAlarm()
+  }
+
+  /** After buckets were merged: the table holds them as they are now. */
+  private storeAll(): void {
+    this.ctx.storage.sql.exec('DELETE FROM buckets')
+    for (const bucket of this.ledger.all()) this.storeBucket(bucket)
   }
 
   private dueMs(): number | undefined {
