@@ -64,6 +64,9 @@ describe('QuotaLedger', () => {
     })
     const withNever = [...limits, { windowMs: 60_000, maxCostWei: 5n }]
     expect(ledger.decide(5_000, 10n, withNever)).toMatchObject({ limit: 3, exceeded: 'maxCostWei', usedCostWei: 50n, retryAfterMs: null })
+    // Within one limit too: past both its counts, the cost it never fits is the one named.
+    expect(ledger.decide(5_000, 10n, [{ windowMs: 60_000, maxOperations: 3, maxCostWei: 5n }])).toMatchObject({ limit: 0, exceeded: 'maxCostWei', retryAfterMs: null })
+    expect(ledger.decide(5_000, 1n, [{ windowMs: 60_000, maxOperations: 3, maxCostWei: 5n }])).toMatchObject({ exceeded: 'maxOperations' })
   })
 
   it('takes back a released sponsorship from every window it is in', () => {
@@ -167,6 +170,10 @@ describe('QuotaLedger', () => {
     const firstLeaves = ledger.decide(now, 1n, [limits[1]!]) as { retryAfterMs: number }
     expect(firstLeaves.retryAfterMs + now).toBeGreaterThanOrEqual(86_400_000)
     expect(firstLeaves.retryAfterMs + now).toBeLessThanOrEqual(86_424_000)
+    // Windows under two hours merge nothing, and say so (nothing to store again).
+    const exact = new QuotaLedger(Array.from({ length: 5_000 }, (_, second) => ({ second, seconds: 1, operations: 1, costWei: 1n })))
+    expect(exact.mergeIfMany(5_000_000, [7_000_000])).toBe(false)
+    expect(exact.all()).toHaveLength(5_000)
     // A release finds the merged bucket that holds its second.
     const holding = buckets.find((bucket) => bucket.second <= 100 && 100 < bucket.second + bucket.seconds)!
     expect(ledger.release(100, 1n)).toBe(holding)

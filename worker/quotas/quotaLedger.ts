@@ -1,9 +1,10 @@
 /**
  * The counts behind one quota subject (one sender, or one API key, on one chain): signed sponsorships and their
- * maximum cost, in buckets of a second, and sliding-window totals over them. Windows are exact to the second: a
- * bucket leaves a window only once the whole of it has. Once there are many, buckets are merged where the windows
- * hardly notice: those older than a window but inside the next longer one, up to a 3,600th of that longer window
- * (24 s for a day), which bounds a busy subject's memory by its windows, not by its traffic.
+ * maximum cost, in buckets of a second, and sliding-window totals over them. A bucket leaves a window only once the
+ * whole of it has. Once there are many, buckets are merged where the windows hardly notice: each into buckets of up
+ * to a 3,600th of the shortest window still counting it (24 s for a day; windows under two hours stay exact to the
+ * second), which bounds a busy subject's memory by its windows, not by its traffic. A merged bucket only ever counts
+ * longer, never shorter.
  */
 
 /** At most `maxOperations` sponsorships, and at most `maxCostWei` of their summed maximum cost, in any `windowMs`. */
@@ -73,7 +74,8 @@ export class QuotaLedger {
         {
           granted: false,
           limit: index,
-          exceeded: overOperations ? 'maxOperations' : 'maxCostWei',
+          // The cost, when it alone is too much: no wait for operations to leave can help.
+          exceeded: overOperations && !(limit.maxCostWei !== undefined && costWei > limit.maxCostWei) ? 'maxOperations' : 'maxCostWei',
           usedOperations: totals.operations,
           usedCostWei: totals.costWei,
           retryAfterMs: this.retryAfterMs({ limit, totals, nowMs, costWei }),
@@ -190,7 +192,7 @@ export class QuotaLedger {
 
   /**
    * Merges buckets once there are many (see the top), for the windows of `lengthsMs` (the limits' and any longer
-   * retention). Answers whether it did: the buckets are then all new, for storage.
+   * retention). Answers whether any merged: the buckets are then new, for storage.
    */
   mergeIfMany(nowMs: number, lengthsMs: readonly number[]): boolean {
     if (this.buckets.length <= this.mergeAbove) return false
@@ -210,9 +212,10 @@ export class QuotaLedger {
         merged.push({ ...bucket, tier })
       }
     }
+    this.mergeAbove = Math.max(fewBuckets, 2 * merged.length)
+    if (merged.length === this.buckets.length) return false
     this.buckets = merged.map(({ tier: _tier, ...bucket }) => bucket)
     this.windows.clear()
-    this.mergeAbove = Math.max(fewBuckets, 2 * this.buckets.length)
     return true
   }
 
