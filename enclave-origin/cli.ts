@@ -15,7 +15,7 @@ import { readFileSync, writeFileSync, writeSync } from 'node:fs'
 import { resolve } from 'node:path'
 import { request as httpRequest, type IncomingHttpHeaders } from 'node:http'
 import { request as httpsRequest } from 'node:https'
-import { integerSetting, logLine, setting, wholeNumberIn } from './config.js'
+import { cannotReadError, integerSetting, logLine, setting, wholeNumberIn } from './config.js'
 import { codeOf, jsonObjectOf, messageOf, parseJsonQuietly } from './errors.js'
 import { generatePreloadIdentity, sealPreloadIdentity, sealShareFile, type RecipientTrust, type ShareFileEntry } from './preloadFiles.js'
 import { runEnclave } from './enclave/main.js'
@@ -406,7 +406,7 @@ function readNamedFile(what: string, path: string): Buffer {
   try {
     return readFileSync(path)
   } catch (error) {
-    throw new Error(`${what}: cannot read ${resolve(path)}: ${codeOf(error)}`)
+    throw cannotReadError(what, path, error)
   }
 }
 

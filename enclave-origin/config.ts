@@ -159,6 +159,11 @@ export function signOnlyKeyIdsSetting(secrets: Record<string, string>): Set<stri
   return signOnly
 }
 
+/** A file an operator named (`what`: the option or setting) that cannot be read: which, the path in full, and why. */
+export function cannotReadError(what: string, path: string, error: unknown): Error {
+  return new Error(`${what}: cannot read ${resolve(path)}: ${codeOf(error)}`)
+}
+
 export type ParentTls = { cert: string; key: string; ca?: string; requireClientCertificate: boolean }
 
 /**
@@ -185,7 +190,7 @@ export function parentTlsSetting(readFile: (path: string) => string): ParentTls 
     try {
       return readFile(file)
     } catch (error) {
-      throw new Error(`${name}: cannot read ${resolve(file)}: ${codeOf(error)}`)
+      throw cannotReadError(name, file, error)
     }
   }
   const cert = read('TLS_CERT_FILE', certFile)

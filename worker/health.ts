@@ -195,7 +195,7 @@ async function hashAgreement(chain: ChainConfig, client: PublicClient) {
         const op = operationModels[entryPointVersion].withPaymaster(bare as never, fields) as never
         const ours = adapter.hash({ op, chainId: chain.chainId, paymaster, window: probe.window })
         const call = adapter.getHashCall({ op, window: probe.window })
-        const theirs = await onChainHash(client, paymaster, call, encodeFunctionData(call as never))
+        const theirs = await onChainHash(client, paymaster, call)
         if ('failure' in theirs) {
           const notHere = `no ${contract} paymaster for v${entryPointVersion} at this address on the RPC's chain`
           const error = {
@@ -220,11 +220,10 @@ async function onChainHash(
   client: PublicClient,
   to: Address,
   call: ReturnType<PaymasterAdapter<never>['getHashCall']>,
-  calldata: Hex,
 ): Promise<{ hash: Hex } | { failure: 'unreachable' | 'reverted' | 'nothing' | 'not a hash' }> {
   let data: Hex | undefined
   try {
-    ;({ data } = await client.call({ to, data: calldata }))
+    ;({ data } = await client.call({ to, data: encodeFunctionData(call as never) }))
   } catch (error) {
     // A revert as a node answers it (code 3, or "execution reverted" in a JSON-RPC error); anything else, an HTTP
     // error page that says the same words included, is the RPC's own failure.

@@ -1,8 +1,7 @@
 import { constants } from 'node:fs'
 import { access, stat } from 'node:fs/promises'
 import { resolve } from 'node:path'
-import { addressSetting, choiceSetting, formatLogLine, integerSetting, optionalSetting, setting } from '../config.js'
-import { codeOf } from '../errors.js'
+import { addressSetting, cannotReadError, choiceSetting, formatLogLine, integerSetting, optionalSetting, setting } from '../config.js'
 import { keepRequestObjectsYoung } from '../heapTuning.js'
 import { developmentAttestation, KmsDataKeys } from './dataKey.js'
 import { DeliveredCredentials } from './deliveredCredentials.js'
@@ -54,7 +53,7 @@ export async function runEnclave(): Promise<() => Promise<void>> {
   if (preloadFile !== undefined) {
     // Looked at, not opened: opening a FIFO would wait for a writer. Named in full: a relative one is the cwd's.
     const cannotRead = (error: unknown) => {
-      throw new Error(`PRELOAD_FILE: cannot read ${resolve(preloadFile)}: ${codeOf(error)}`)
+      throw cannotReadError('PRELOAD_FILE', preloadFile, error)
     }
     if (!(await stat(preloadFile).catch(cannotRead)).isFile()) throw new Error(`PRELOAD_FILE: ${resolve(preloadFile)} is not a file`)
     await access(preloadFile, constants.R_OK).catch(cannotRead)

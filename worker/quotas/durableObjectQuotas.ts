@@ -2,11 +2,13 @@ import type { QuotaConfig } from '../../config/schema.js'
 import { InternalError, QuotaExceededError, QuotaUnavailableError } from '../errors.js'
 import type { QuotaUse, Quotas } from '../sponsor/sponsor.js'
 import { longestWait, worstOf } from './quotaLedger.js'
-import type { QuotaAnswer, SponsorshipQuota } from './sponsorshipQuota.js'
+import type { QuotaAnswer, QuotaLimitWire, SponsorshipQuota } from './sponsorshipQuota.js'
 
 type QuotaLimit = QuotaConfig['limits'][number]
 type Per = QuotaLimit['per']
-type Subject = { per: Per; name: string; limits: QuotaLimit[] }
+/** One kind of subject's limits, as configured and as sent to its objects. */
+type Kind = { per: Per; limits: QuotaLimit[]; wire: QuotaLimitWire[] }
+type Subject = Kind & { name: string }
 
 /**
  * The configured quotas, counted in one SponsorshipQuota Durable Object per subject: a sender, or an API key, on one
@@ -15,7 +17,7 @@ type Subject = { per: Per; name: string; limits: QuotaLimit[] }
  * reached nothing is signed: a quota that fails open is no quota.
  */
 export class DurableObjectQuotas implements Quotas {
-  private readonly limitsByPer: ReadonlyArray<[Per, QuotaLimit[]]>
+  private readonly kinds: readonly Kind[]
 
   constructor(
     private readonly namespace: DurableObjectNamespace<SponsorshipQuota>,
@@ -23,7 +25,13 @@ export class DurableObjectQuotas implements Quotas {
     private readonly log: (fields: Record<string, unknown>) => void,
   ) {
     const pers: Per[] = ['sender', 'apiKey']
-    this.limitsByPer = pers.map((per): [Per, QuotaLimit[]] => [per, limits.filter((limit) => limit.per === per)]).filter(([, own]) => own.length > 0)
+    this.kinds = pers
+      .map((per) => {
+        const own = limits.filter((limit) => limit.per === per)
+        const wire = own.map(({ windowSeconds, maxOperations, maxCostWei }) => ({ windowSeconds, maxOperations, maxCostWei: maxCostWei?.toString() }))
+        return { per, limits: own, wire }
+      })
+      .filter((kind) => kind.limits.length > 0)
   }
 
   take(use: QuotaUse): Promise<() => Promise<void>> {
@@ -37,9 +45,8 @@ export class DurableObjectQuotas implements Quotas {
   private async ask(use: QuotaUse, count: boolean): Promise<() => Promise<void>> {
     const subjects = this.subjectsOf(use)
     const costWei = use.costWei.toString()
-    const limits = (subject: Subject) => subject.limits.map(({ windowSeconds, maxOperations, maxCostWei }) => ({ windowSeconds, maxOperations, maxCostWei: maxCostWei?.toString() }))
     // Async, so that a throw on the way to one object is a rejection like any other, after which the others are released.
-    const settled = await Promise.allSettled(subjects.map(async (subject) => this.stubOf(subject).ask({ limits: limits(subject), costWei, count })))
+    const settled = await Promise.allSettled(subjects.map(async (subject) => this.stubOf(subject).ask({ limits: subject.wire, costWei, count })))
 
     const counted = settled.flatMap((result, index) =>
       result.status === 'fulfilled' && result.value.granted && result.value.second !== undefined ? [{ subject: subjects[index]!, second: result.value.second }] : [],
@@ -78,11 +85,11 @@ export class DurableObjectQuotas implements Quotas {
   }
 
   private subjectsOf(use: QuotaUse): Subject[] {
-    return this.limitsByPer.map(([per, limits]) => {
-      const id = per === 'sender' ? use.sender.toLowerCase() : use.apiKeyId
+    return this.kinds.map((kind) => {
+      const id = kind.per === 'sender' ? use.sender.toLowerCase() : use.apiKeyId
       // The configuration allows per-API-key limits only where every request carries a verified key.
       if (id === undefined) throw new InternalError('a quota per API key, for a request without one')
-      return { per, name: `${per}:${use.chainId}:${id}`, limits }
+      return { ...kind, name: `${kind.per}:${use.chainId}:${id}` }
     })
   }
 

@@ -61,7 +61,8 @@ export class SponsorshipQuota extends DurableObject {
     const costWei = BigInt(ask.costWei)
     // Decided and counted with no await between: nothing else runs in this object meanwhile.
     const decision = this.ledger.decide(nowMs, costWei, limits)
-    const longest = Math.max(...limits.map((limit) => limit.windowMs))
+    const lengths = limits.map((limit) => limit.windowMs)
+    const longest = Math.max(...lengths)
     if (longest > this.retainMs) {
       this.retainMs = longest
       // Stored at once, asked or counted: a restart must not forget a longer window that was only ever asked with.
@@ -69,7 +70,7 @@ export class SponsorshipQuota extends DurableObject {
     }
     const forgotten = this.ledger.prune(nowMs, limits, this.retainMs)
     if (forgotten !== undefined && this.stored) this.ctx.storage.sql.exec('DELETE FROM buckets WHERE second <= ?', forgotten)
-    if (this.ledger.mergeIfMany(nowMs, [...limits.map((limit) => limit.windowMs), this.retainMs]) && this.stored) this.storeAll()
+    if (this.ledger.mergeIfMany(nowMs, [...lengths, this.retainMs]) && this.stored) this.storeAll()
     if (!decision.granted) {
       const { retryAfterMs, usedCostWei, ...rest } = decision
       return { ...rest, usedCostWei: usedCostWei.toString(), retryAfterSeconds: retryAfterMs === null ? null : Math.ceil(retryAfterMs / 1000) }
