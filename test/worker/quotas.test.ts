@@ -65,6 +65,9 @@ describe('quotas', () => {
     // Counted to the second: a sponsorship leaves the window when the whole second it was signed in has.
     expect(retryAfter).toBeGreaterThan(3_590)
     expect(retryAfter).toBeLessThanOrEqual(3_601)
+    // Stub data says so already, before the wallet estimates gas for an operation that would not be sponsored.
+    const stubbed = await send(config, '/rpc', request('pm_getPaymasterStubData', [rpcUserOperationV07({ sender }), entryPoints['0.7'], '0x7a69', null]))
+    expect(await stubbed.json()).toMatchObject({ error: { code: -32002, data: { reason: 'quota_exceeded', per: 'sender', used: '2' } } })
     // Another sender has a quota of its own; stub data is not a sponsorship and is never counted.
     expect((await getPaymasterData(config, other)).result).toBeDefined()
     for (let i = 0; i < 3; i++) {
@@ -122,6 +125,33 @@ describe('quotas', () => {
       message: `this operation alone may cost ${cost} wei, more than the quota of ${cost - 1n} wei per 60 s on chain 31337 for this API key`,
       data: { retryAfterSeconds: null },
     })
+  })
+
+  it('declines stub data for an API key with nothing left, whatever the operation will cost', async () => {
+    const sender = newSender()
+    const stubOf = async (bindingsWithConfig: Record<string, unknown>, key: string) => {
+      const response = await send(bindingsWithConfig, '/rpc', request('pm_getPaymasterStubData', [rpcUserOperationV07({ sender }), entryPoints['0.7'], '0x7a69', null]), key)
+      return (await response.json()) as { result?: unknown; error?: { message: string; data: Record<string, unknown> } }
+    }
+    const dryRun = await send(withQuotas([]), '/api/v1/paymaster/process', { userOperation: rpcUserOperationV07({ sender }), entryPoint: entryPoints['0.7'], chainId: 31337 })
+    const cost = BigInt(((await dryRun.json()) as { maxCostWei: string }).maxCostWei)
+    const byCost = withQuotas([{ per: 'apiKey', windowSeconds: 60, maxCostWei: String(cost + 1n) }])
+    const keys = { ...byCost, API_KEYS: `${apiKey}, quota-key-c-${crypto.randomUUID()}` }
+    const [, key] = keys.API_KEYS.split(', ') as [string, string]
+    expect((await getPaymasterData(keys, sender, key)).result).toBeDefined()
+    // One wei is left: the stub cannot know the cost yet, so it is given, and signing declines.
+    expect((await stubOf(keys, key)).result).toBeDefined()
+    expect((await getPaymasterData(keys, sender, key)).error).toMatchObject({ data: { reason: 'quota_exceeded', limit: 'maxCostWei' } })
+    // Nothing left: the stub is declined too.
+    const exact = { ...keys, PAYMASTER_CONFIG: withQuotas([{ per: 'apiKey', windowSeconds: 60, maxCostWei: String(cost) }]).PAYMASTER_CONFIG }
+    const declined = await stubOf(exact, key)
+    expect(declined.error).toMatchObject({
+      message: `this API key has had ${cost} wei of its ${cost} wei of sponsorship per 60 s on chain 31337; one more fits in ${declined.error?.data.retryAfterSeconds} s`,
+      data: { reason: 'quota_exceeded', per: 'apiKey', limit: 'maxCostWei', used: String(cost) },
+    })
+    expect(declined.error?.data).not.toHaveProperty('value')
+    // Another key's stub is its own.
+    expect((await stubOf(exact, apiKey)).result).toBeDefined()
   })
 
   it('takes back what was counted for a sponsorship that was not signed', async () => {

@@ -44,7 +44,8 @@ export class DurableObjectQuotas implements Quotas {
 
   private async ask(use: QuotaUse, count: boolean): Promise<() => Promise<void>> {
     const subjects = this.subjectsOf(use)
-    const costWei = use.costWei.toString()
+    // A cost not known yet must still fit: one wei, so that only a quota with nothing left says no.
+    const costWei = (use.costWei ?? 1n).toString()
     // Async, so that a throw on the way to one object is a rejection like any other, after which the others are released.
     const settled = await Promise.allSettled(subjects.map(async (subject) => this.stubOf(subject).ask({ limits: subject.wire, costWei, count })))
 
@@ -118,11 +119,16 @@ function exceeded(subject: Subject, answer: Extract<QuotaAnswer, { granted: fals
     })
   }
   const max = limit.maxCostWei!
+  const used = `${who} has had ${answer.usedCostWei} wei of its ${max} wei of sponsorship ${per}`
+  const { costWei } = use
+  if (costWei === undefined) {
+    return new QuotaExceededError(`${used}; ${retryText(answer.retryAfterSeconds)}`, { ...data, max: max.toString(), used: answer.usedCostWei })
+  }
   const message =
-    use.costWei > max
-      ? `this operation alone may cost ${use.costWei} wei, more than the quota of ${max} wei ${per} for ${who}`
-      : `${who} has had ${answer.usedCostWei} wei of its ${max} wei of sponsorship ${per}, and this operation may cost ${use.costWei} wei; ${retryText(answer.retryAfterSeconds)}`
-  return new QuotaExceededError(message, { ...data, max: max.toString(), used: answer.usedCostWei, value: use.costWei.toString() })
+    costWei > max
+      ? `this operation alone may cost ${costWei} wei, more than the quota of ${max} wei ${per} for ${who}`
+      : `${used}, and this operation may cost ${costWei} wei; ${retryText(answer.retryAfterSeconds)}`
+  return new QuotaExceededError(message, { ...data, max: max.toString(), used: answer.usedCostWei, value: costWei.toString() })
 }
 
 function retryText(retryAfterSeconds: number | null): string {

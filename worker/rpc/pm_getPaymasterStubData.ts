@@ -7,14 +7,20 @@ import type { RpcMethod } from './jsonRpc.js'
 /**
  * ERC-7677 stub data for gas estimation: the final layout with a stand-in
  * signature. Not final: the real signature covers gas fields the wallet has
- * yet to estimate.
+ * yet to estimate. Declined as signing would be for the sender and a used-up
+ * quota; nothing is counted.
  */
 export const pm_getPaymasterStubData: RpcMethod<RpcContext> = {
   name: 'pm_getPaymasterStubData',
   paramNames: erc7677ParamNames,
   params: erc7677Params,
   handler: async ([userOperation, entryPoint, chainId]: z.infer<typeof erc7677Params>, context: RpcContext) => {
-    const stub = stubFor(context.services.sponsor, { chainId: chainOf(context, chainId), entryPoint, userOperation })
+    const stub = await stubFor(context.services.sponsor, {
+      chainId: chainOf(context, chainId),
+      entryPoint,
+      userOperation,
+      apiKeyId: context.apiKeyId,
+    })
     return { ...paymasterFieldsJson(stub), sponsor: context.services.config.sponsor, isFinal: false }
   },
 }

@@ -29,13 +29,13 @@ export type SponsorDeps = {
   quotas?: Quotas
 }
 
-/** One sponsorship as quotas count it. */
-export type QuotaUse = { chainId: number; sender: Address; apiKeyId: string | undefined; costWei: bigint }
+/** One sponsorship as quotas count it. `costWei` is undefined before gas estimation (stub data): any cost at all must fit. */
+export type QuotaUse = { chainId: number; sender: Address; apiKeyId: string | undefined; costWei: bigint | undefined }
 
 export type Quotas = {
   /** Counts it against every quota, or throws QuotaExceededError having counted nothing; the answer takes it back. */
   take(use: QuotaUse): Promise<() => Promise<void>>
-  /** Throws as `take` would, counting nothing (the dry run). */
+  /** Throws as `take` would, counting nothing (the dry run, stub data). */
   check(use: QuotaUse): Promise<void>
 }
 
@@ -169,26 +169,34 @@ function finalize(prepared: Prepared, fields: PaymasterFields) {
   return { entryPoint: prepared.entryPoint, window: prepared.window, fields, userOperation, userOpHash }
 }
 
-/** ERC-7677 stub data: the final layout with a stand-in signature, for gas estimation. */
-export function stubFor(deps: SponsorDeps, request: SponsorRequest): Stub {
+/**
+ * ERC-7677 stub data: the final layout with a stand-in signature, for gas estimation. A sender or API key whose quota
+ * is used up is declined here already, so that a wallet does not estimate gas for an operation that will not be
+ * sponsored; nothing is counted.
+ */
+export async function stubFor(deps: SponsorDeps, request: SponsorRequest): Promise<Stub> {
   const prepared = prepare(deps, request, false)
+  await deps.quotas?.check(quotaUseOf(prepared, request, undefined))
   return { entryPoint: prepared.entryPoint, fields: fieldsOf(prepared, stubSignature), window: prepared.window }
 }
 
-function quotaUseOf(prepared: Prepared, request: SponsorRequest): QuotaUse {
-  const costWei = maxCostWei(prepared.entryPoint.version, prepared.model.gas(prepared.op, prepared.gasLimits))
+function quotaUseOf(prepared: Prepared, request: SponsorRequest, costWei: bigint | undefined): QuotaUse {
   return { chainId: prepared.chain.chainId, sender: prepared.op.sender, apiKeyId: request.apiKeyId, costWei }
+}
+
+function costOf(prepared: Prepared): bigint {
+  return maxCostWei(prepared.entryPoint.version, prepared.model.gas(prepared.op, prepared.gasLimits))
 }
 
 /** Policy, quotas, hashes and the would-be paymaster data, without signing or counting (the REST `process` dry run). */
 export async function evaluate(deps: SponsorDeps, request: SponsorRequest): Promise<Evaluation> {
   const prepared = prepare(deps, request, true)
-  const use = quotaUseOf(prepared, request)
-  await deps.quotas?.check(use)
+  const costWei = costOf(prepared)
+  await deps.quotas?.check(quotaUseOf(prepared, request, costWei))
   return {
     ...finalize(prepared, fieldsOf(prepared, stubSignature)),
     paymasterHash: paymasterHash(prepared),
-    maxCostWei: use.costWei,
+    maxCostWei: costWei,
   }
 }
 
@@ -197,7 +205,7 @@ export async function sponsor(deps: SponsorDeps, request: SponsorRequest): Promi
   const prepared = prepare(deps, request, true)
   const digest = hashMessage({ raw: paymasterHash(prepared) })
   const signer = deps.signerFor(prepared.chain)
-  const release = await deps.quotas?.take(quotaUseOf(prepared, request))
+  const release = await deps.quotas?.take(quotaUseOf(prepared, request, costOf(prepared)))
   const started = Date.now()
   let signed: SignedDigest
   try {
