@@ -77,9 +77,10 @@ async function mayReadHealthDetails(c: Context<AppEnv>): Promise<boolean> {
   return services.config.profile === 'development'
 }
 
-app.get('/metrics', authenticate('rest'), (c) =>
-  c.text(c.get('services').metrics.toPrometheus(), 200, { 'content-type': 'text/plain; version=0.0.4' }),
-)
+app.get('/metrics', authenticate('rest'), (c) => {
+  const services = c.get('services')
+  return c.text(services.metrics.toPrometheus() + services.sponsorshipMetrics.toPrometheus(), 200, { 'content-type': 'text/plain; version=0.0.4' })
+})
 
 // Authenticated routes: JSON-RPC and the paymaster REST API.
 app.use('/', authenticate('rpc'))

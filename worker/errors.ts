@@ -92,6 +92,11 @@ export class InternalError extends ServiceError {
   readonly kind = 'internal'
 }
 
+/** How a failed request ended, for logs and metrics: policy said no, or something went wrong. */
+export function outcomeOf(error: ServiceError): 'declined' | 'error' {
+  return error instanceof SponsorshipDeclinedError ? 'declined' : 'error'
+}
+
 /** Whatever was thrown, the form we may show a caller: unknown errors become a bare internal error. */
 export function toServiceError(error: unknown): ServiceError {
   if (error instanceof ServiceError) return error

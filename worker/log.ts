@@ -1,4 +1,4 @@
-import { SignerUnavailableError, SponsorshipDeclinedError, type ServiceError } from './errors.js'
+import { outcomeOf, SignerUnavailableError, type ServiceError } from './errors.js'
 
 /** One JSON line per event; callers pass only fields that are safe to log (no keys, no secrets). */
 export function logEvent(fields: Record<string, unknown>): void {
@@ -8,7 +8,7 @@ export function logEvent(fields: Record<string, unknown>): void {
 /** The outcome of a failed request as log fields: its kind, the decline reason when policy said no, and why a signer failed. */
 export function failureFields(error: ServiceError): Record<string, unknown> {
   return {
-    outcome: error instanceof SponsorshipDeclinedError ? 'declined' : 'error',
+    outcome: outcomeOf(error),
     errorKind: error.kind,
     ...(error.data?.reason ? { reason: error.data.reason } : {}),
     ...(error instanceof SignerUnavailableError && error.detail ? { detail: error.detail } : {}),

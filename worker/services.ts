@@ -6,6 +6,7 @@ import type { Signer } from '../backends/signer.js'
 import { ApiKeys } from './apiKeys.js'
 import { logEvent } from './log.js'
 import { DurableObjectQuotas } from './quotas/durableObjectQuotas.js'
+import { SponsorshipMetrics } from './sponsorshipMetrics.js'
 import type { SponsorshipQuota } from './quotas/sponsorshipQuota.js'
 import type { SponsorDeps } from './sponsor/sponsor.js'
 
@@ -17,6 +18,7 @@ export type Services = {
   config: Config
   signers: ReadonlyMap<string, Signer>
   metrics: SignerMetrics
+  sponsorshipMetrics: SponsorshipMetrics
   /** Undefined when the profile's policy does not require API keys. */
   apiKeys: ApiKeys | undefined
   /** The keys that read /health's details; undefined when none are set. */
@@ -52,6 +54,7 @@ function buildServices(env: Env): Services {
   const analytics = config.analyticsEngineBinding ? (env[config.analyticsEngineBinding] as AnalyticsEngineDataset | undefined) : undefined
   const metrics = new SignerMetrics(analytics)
   const signers = createSigners({ config, env, metrics })
+  const sponsorshipMetrics = new SponsorshipMetrics(config.chains.map((chain) => chain.chainId))
   const { secret: secretName, operatorSecret: operatorSecretName, required } = config.policy.apiKeys
   const keys = ApiKeys.parse(env[secretName])
   if (required && keys.length === 0) {
@@ -72,6 +75,7 @@ function buildServices(env: Env): Services {
     config,
     signers,
     metrics,
+    sponsorshipMetrics,
     apiKeys,
     operatorKeys: operatorKeys.length > 0 ? new ApiKeys(operatorKeys) : undefined,
     sponsor: {
@@ -80,6 +84,7 @@ function buildServices(env: Env): Services {
       now: () => Math.floor(Date.now() / 1000),
       log: logEvent,
       quotas: quotasFor(config, env),
+      observe: (observation) => sponsorshipMetrics.record(observation),
     },
   }
 }

@@ -1,6 +1,7 @@
 import { env, exports } from 'cloudflare:workers'
 import { generatePrivateKey, privateKeyToAddress } from 'viem/accounts'
 import type { Address, Hex } from 'viem'
+import { app } from '../../worker/app.js'
 
 export const apiKey = 'test-key-1'
 /** The key in OPERATOR_KEYS, which alone reads /health's details. */
@@ -48,6 +49,16 @@ export async function rpc(body: unknown, options: { path?: string; headers?: Rec
   })
   const text = await response.text()
   return { status: response.status, body: text ? JSON.parse(text) : undefined }
+}
+
+/** A JSON POST to the app with bindings of the test's own (a config of its own gets services, and metrics, of its own). */
+export function postWith(bindings: Record<string, unknown>, path: string, body: unknown, key = apiKey): Promise<Response> {
+  return Promise.resolve(
+    app.fetch(
+      new Request(`http://paymaster.test${path}`, { method: 'POST', headers: { 'content-type': 'application/json', 'x-api-key': key }, body: JSON.stringify(body) }),
+      bindings,
+    ),
+  )
 }
 
 export function request(method: string, params: unknown[], id: number | string = 1) {

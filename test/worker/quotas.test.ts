@@ -3,10 +3,9 @@ import { runDurableObjectAlarm, runInDurableObject } from 'cloudflare:test'
 import { beforeAll, describe, expect, it, vi } from 'vitest'
 import type { Address } from 'viem'
 import { generatePrivateKey, privateKeyToAddress } from 'viem/accounts'
-import { app } from '../../worker/app.js'
 import { SponsorshipQuota } from '../../worker/quotas/sponsorshipQuota.js'
 import { rpcUserOperationV06, rpcUserOperationV07 } from '../support/userOperations.js'
-import { apiKey, entryPoints, request, seedSignerKey } from './helpers.js'
+import { apiKey, entryPoints, postWith, request, seedSignerKey } from './helpers.js'
 
 /**
  * Quotas against the real SponsorshipQuota Durable Object in workerd (SQLite storage). Each test sponsors for senders
@@ -20,15 +19,9 @@ function withQuotas(limits: unknown[], extra: Record<string, unknown> = {}) {
   return { ...bindings, ...extra, PAYMASTER_CONFIG: JSON.stringify({ ...baseConfig, policy: { ...baseConfig.policy, quotas: { limits } } }) }
 }
 
-function send(bindingsWithConfig: Record<string, unknown>, path: string, body: unknown, key = apiKey) {
-  return app.fetch(
-    new Request(`http://paymaster.test${path}`, { method: 'POST', headers: { 'content-type': 'application/json', 'x-api-key': key }, body: JSON.stringify(body) }),
-    bindingsWithConfig,
-  )
-}
 
 async function getPaymasterData(bindingsWithConfig: Record<string, unknown>, sender: Address, key = apiKey) {
-  const response = await send(bindingsWithConfig, '/rpc', request('pm_getPaymasterData', [rpcUserOperationV07({ sender }), entryPoints['0.7'], '0x7a69']), key)
+  const response = await postWith(bindingsWithConfig, '/rpc', request('pm_getPaymasterData', [rpcUserOperationV07({ sender }), entryPoints['0.7'], '0x7a69']), key)
   return (await response.json()) as { result?: { paymasterData: string }; error?: { code: number; message: string; data: Record<string, unknown> } }
 }
 
@@ -66,12 +59,12 @@ describe('quotas', () => {
     expect(retryAfter).toBeGreaterThan(3_590)
     expect(retryAfter).toBeLessThanOrEqual(3_601)
     // Stub data says so already, before the wallet estimates gas for an operation that would not be sponsored.
-    const stubbed = await send(config, '/rpc', request('pm_getPaymasterStubData', [rpcUserOperationV07({ sender }), entryPoints['0.7'], '0x7a69', null]))
+    const stubbed = await postWith(config, '/rpc', request('pm_getPaymasterStubData', [rpcUserOperationV07({ sender }), entryPoints['0.7'], '0x7a69', null]))
     expect(await stubbed.json()).toMatchObject({ error: { code: -32002, data: { reason: 'quota_exceeded', per: 'sender', used: '2' } } })
     // Another sender has a quota of its own; stub data is not a sponsorship and is never counted.
     expect((await getPaymasterData(config, other)).result).toBeDefined()
     for (let i = 0; i < 3; i++) {
-      const stub = await send(config, '/rpc', request('pm_getPaymasterStubData', [rpcUserOperationV07({ sender: other }), entryPoints['0.7'], '0x7a69', null]))
+      const stub = await postWith(config, '/rpc', request('pm_getPaymasterStubData', [rpcUserOperationV07({ sender: other }), entryPoints['0.7'], '0x7a69', null]))
       expect(await stub.json()).toMatchObject({ result: { paymaster: expect.any(String) } })
     }
     expect((await getPaymasterData(config, other)).result).toBeDefined()
@@ -83,27 +76,27 @@ describe('quotas', () => {
     const sender = newSender()
     const body = { userOperation: rpcUserOperationV06({ sender }), entryPoint: entryPoints['0.6'], chainId: 31337 }
     for (let i = 0; i < 3; i++) {
-      const dryRun = await send(config, '/api/v1/paymaster/process', body)
+      const dryRun = await postWith(config, '/api/v1/paymaster/process', body)
       expect(await dryRun.json()).toMatchObject({ decision: 'sponsor' })
     }
     // Asking stores nothing: made-up senders cost no storage.
     expect(await tablesOf(senderQuota(sender))).toEqual([])
-    const sponsored = await send(config, '/rpc', request('pm_sponsorUserOperation', [rpcUserOperationV06({ sender }), entryPoints['0.6']]))
+    const sponsored = await postWith(config, '/rpc', request('pm_sponsorUserOperation', [rpcUserOperationV06({ sender }), entryPoints['0.6']]))
     expect(await sponsored.json()).toMatchObject({ result: { paymasterAndData: expect.any(String) } })
-    expect((await send(config, '/api/v1/paymaster/sponsor', body)).status).toBe(200)
+    expect((await postWith(config, '/api/v1/paymaster/sponsor', body)).status).toBe(200)
 
-    const declined = await send(config, '/api/v1/paymaster/sponsor', body)
+    const declined = await postWith(config, '/api/v1/paymaster/sponsor', body)
     expect(declined.status).toBe(429)
     const { error } = (await declined.json()) as { error: { code: string; data: { retryAfterSeconds: number } } }
     expect(error).toMatchObject({ code: 'quota_exceeded', data: { reason: 'quota_exceeded', per: 'sender', max: '2', used: '2' } })
     expect(declined.headers.get('retry-after')).toBe(String(error.data.retryAfterSeconds))
     // The dry run now says what signing would.
-    expect(await (await send(config, '/api/v1/paymaster/process', body)).json()).toMatchObject({ decision: 'decline', reason: 'quota_exceeded' })
+    expect(await (await postWith(config, '/api/v1/paymaster/process', body)).json()).toMatchObject({ decision: 'decline', reason: 'quota_exceeded' })
   })
 
   it('counts each API key\u2019s summed maximum cost, one key apart from another', async () => {
     const sender = newSender()
-    const dryRun = await send(withQuotas([]), '/api/v1/paymaster/process', { userOperation: rpcUserOperationV07({ sender }), entryPoint: entryPoints['0.7'], chainId: 31337 })
+    const dryRun = await postWith(withQuotas([]), '/api/v1/paymaster/process', { userOperation: rpcUserOperationV07({ sender }), entryPoint: entryPoints['0.7'], chainId: 31337 })
     const cost = BigInt(((await dryRun.json()) as { maxCostWei: string }).maxCostWei)
     // Room for two operations and a half: the third is declined by cost.
     const config = withQuotas([{ per: 'apiKey', windowSeconds: 86_400, maxCostWei: String(cost * 2n + cost / 2n) }])
@@ -130,10 +123,10 @@ describe('quotas', () => {
   it('declines stub data for an API key with nothing left, whatever the operation will cost', async () => {
     const sender = newSender()
     const stubOf = async (bindingsWithConfig: Record<string, unknown>, key: string) => {
-      const response = await send(bindingsWithConfig, '/rpc', request('pm_getPaymasterStubData', [rpcUserOperationV07({ sender }), entryPoints['0.7'], '0x7a69', null]), key)
+      const response = await postWith(bindingsWithConfig, '/rpc', request('pm_getPaymasterStubData', [rpcUserOperationV07({ sender }), entryPoints['0.7'], '0x7a69', null]), key)
       return (await response.json()) as { result?: unknown; error?: { message: string; data: Record<string, unknown> } }
     }
-    const dryRun = await send(withQuotas([]), '/api/v1/paymaster/process', { userOperation: rpcUserOperationV07({ sender }), entryPoint: entryPoints['0.7'], chainId: 31337 })
+    const dryRun = await postWith(withQuotas([]), '/api/v1/paymaster/process', { userOperation: rpcUserOperationV07({ sender }), entryPoint: entryPoints['0.7'], chainId: 31337 })
     const cost = BigInt(((await dryRun.json()) as { maxCostWei: string }).maxCostWei)
     const byCost = withQuotas([{ per: 'apiKey', windowSeconds: 60, maxCostWei: String(cost + 1n) }])
     const keys = { ...byCost, API_KEYS: `${apiKey}, quota-key-c-${crypto.randomUUID()}` }
@@ -201,7 +194,7 @@ describe('quotas', () => {
     const config = withQuotas([{ per: 'sender', windowSeconds: 3_600, maxOperations: 2 }])
     const sender = newSender()
     const batch = Array.from({ length: 6 }, (_, id) => request('pm_getPaymasterData', [rpcUserOperationV07({ sender, nonce: `0x${id}` }), entryPoints['0.7'], '0x7a69'], id))
-    const [first, second] = await Promise.all([send(config, '/rpc', batch.slice(0, 3)), send(config, '/rpc', batch.slice(3))])
+    const [first, second] = await Promise.all([postWith(config, '/rpc', batch.slice(0, 3)), postWith(config, '/rpc', batch.slice(3))])
     const answers = [...((await first.json()) as Array<{ result?: unknown; error?: { data: { reason: string } } }>), ...((await second.json()) as [])]
     expect(answers.filter((answer) => answer.result !== undefined)).toHaveLength(2)
     expect(answers.filter((answer) => answer.error?.data.reason === 'quota_exceeded')).toHaveLength(4)
@@ -243,7 +236,7 @@ describe('quotas', () => {
     // A longer window only asked with (a dry run) is stored at once: a restart must not prune for the shorter one.
     const longer = withQuotas([{ per: 'sender', windowSeconds: 7_200, maxOperations: 5 }])
     const body = { userOperation: rpcUserOperationV07({ sender }), entryPoint: entryPoints['0.7'], chainId: 31337 }
-    expect(await (await send(longer, '/api/v1/paymaster/process', body)).json()).toMatchObject({ decision: 'sponsor' })
+    expect(await (await postWith(longer, '/api/v1/paymaster/process', body)).json()).toMatchObject({ decision: 'sponsor' })
     await runInDurableObject(senderQuota(sender), async (_instance, state) => {
       const rows = state.storage.sql.exec<{ operations: number }>('SELECT operations FROM buckets').toArray()
       expect(rows.reduce((sum, row) => sum + row.operations, 0)).toBe(2)
@@ -257,7 +250,7 @@ describe('quotas', () => {
 
   it('names the limit that never fits when two subjects say no', async () => {
     const sender = newSender()
-    const dryRun = await send(withQuotas([]), '/api/v1/paymaster/process', { userOperation: rpcUserOperationV07({ sender }), entryPoint: entryPoints['0.7'], chainId: 31337 })
+    const dryRun = await postWith(withQuotas([]), '/api/v1/paymaster/process', { userOperation: rpcUserOperationV07({ sender }), entryPoint: entryPoints['0.7'], chainId: 31337 })
     const cost = BigInt(((await dryRun.json()) as { maxCostWei: string }).maxCostWei)
     const senderLimit = { per: 'sender', windowSeconds: 3_600, maxOperations: 1 }
     const key = `quota-key-e-${crypto.randomUUID()}`
@@ -306,7 +299,7 @@ describe('quotas', () => {
       message: 'the sponsorship quotas cannot be checked right now, so nothing was signed; try again shortly',
       data: { reason: 'quota_unavailable' },
     })
-    const rest = await send(config, '/api/v1/paymaster/sponsor', { userOperation: rpcUserOperationV07(), entryPoint: entryPoints['0.7'], chainId: 31337 })
+    const rest = await postWith(config, '/api/v1/paymaster/sponsor', { userOperation: rpcUserOperationV07(), entryPoint: entryPoints['0.7'], chainId: 31337 })
     expect(rest.status).toBe(503)
     const lines = log.mock.calls.map(([line]) => JSON.parse(String(line)) as Record<string, unknown>)
     expect(lines.filter((line) => line.event === 'sponsorship')).toEqual([])
@@ -317,7 +310,7 @@ describe('quotas', () => {
   })
 
   it('refuses a configuration whose quota binding is not a Durable Object namespace, or that counts per API key without keys', async () => {
-    const unbound = await send(withQuotas([{ per: 'sender', windowSeconds: 60, maxOperations: 5 }], { QUOTAS: undefined }), '/rpc', request('eth_chainId', []))
+    const unbound = await postWith(withQuotas([{ per: 'sender', windowSeconds: 60, maxOperations: 5 }], { QUOTAS: undefined }), '/rpc', request('eth_chainId', []))
     expect(unbound.status).toBe(500)
     expect(JSON.stringify(await unbound.json())).toContain(
       'policy.quotas.binding: QUOTAS is not a Durable Object namespace (bind class SponsorshipQuota under that name in wrangler.toml)',
@@ -329,7 +322,7 @@ describe('quotas', () => {
         policy: { ...baseConfig.policy, apiKeys: { required: false }, quotas: { limits: [{ per: 'apiKey', windowSeconds: 60, maxOperations: 5 }] } },
       }),
     }
-    const refused = await send(keyless, '/rpc', request('eth_chainId', []))
+    const refused = await postWith(keyless, '/rpc', request('eth_chainId', []))
     expect(JSON.stringify(await refused.json())).toContain('policy.quotas.limits.0.per: counting per API key needs policy.apiKeys.required')
   })
 })

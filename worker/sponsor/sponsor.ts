@@ -1,7 +1,7 @@
 import { hashMessage, type Address, type Hex } from 'viem'
 import type { ChainConfig, Config } from '../../config/schema.js'
 import { SignerError, signerErrorMessage, type SignedDigest, type Signer } from '../../backends/signer.js'
-import { InvalidParamsError, SignerUnavailableError, UnsupportedError } from '../errors.js'
+import { InvalidParamsError, outcomeOf, SignerUnavailableError, toServiceError, UnsupportedError } from '../errors.js'
 import { describeZodError } from '../validation.js'
 import { adapterFor } from './adapters/registry.js'
 import { stubSignature, type PaymasterAdapter } from './adapters/paymasterAdapter.js'
@@ -27,7 +27,15 @@ export type SponsorDeps = {
   log(fields: Record<string, unknown>): void
   /** Spend over time; none when no quota is configured. */
   quotas?: Quotas
+  /** Told how each stub, dry run and signing request ended (metrics). */
+  observe?(observation: SponsorshipObservation): void
 }
+
+export type SponsorshipObservation = {
+  request: 'stub' | 'dry_run' | 'sign'
+  /** As the caller named it: possibly a chain not served. */
+  chainId: number
+} & ({ outcome: 'sponsored'; /** Undefined for stub data, whose gas is not estimated yet. */ maxCostWei: bigint | undefined } | { outcome: 'declined' | 'error'; reason: string })
 
 /** One sponsorship as quotas count it. `costWei` is undefined before gas estimation (stub data): any cost at all must fit. */
 export type QuotaUse = { chainId: number; sender: Address; apiKeyId: string | undefined; costWei: bigint | undefined }
@@ -60,6 +68,7 @@ export type Sponsorship = Stub & {
   userOpHash: Hex
   /** The address the paymaster signature recovers to. */
   signer: Address
+  maxCostWei: bigint
 }
 
 export type Evaluation = Stub & {
@@ -174,10 +183,32 @@ function finalize(prepared: Prepared, fields: PaymasterFields) {
  * is used up is declined here already, so that a wallet does not estimate gas for an operation that will not be
  * sponsored; nothing is counted.
  */
-export async function stubFor(deps: SponsorDeps, request: SponsorRequest): Promise<Stub> {
-  const prepared = prepare(deps, request, false)
-  await deps.quotas?.check(quotaUseOf(prepared, request, undefined))
-  return { entryPoint: prepared.entryPoint, fields: fieldsOf(prepared, stubSignature), window: prepared.window }
+export function stubFor(deps: SponsorDeps, request: SponsorRequest): Promise<Stub> {
+  return observed(deps, request, 'stub', async () => {
+    const prepared = prepare(deps, request, false)
+    await deps.quotas?.check(quotaUseOf(prepared, request, undefined))
+    return { entryPoint: prepared.entryPoint, fields: fieldsOf(prepared, stubSignature), window: prepared.window }
+  })
+}
+
+/** Runs one request and tells `deps.observe` how it ended. */
+async function observed<T>(
+  deps: SponsorDeps,
+  request: SponsorRequest,
+  kind: SponsorshipObservation['request'],
+  run: () => Promise<T>,
+  costWeiOf?: (result: T) => bigint,
+): Promise<T> {
+  let result: T
+  try {
+    result = await run()
+  } catch (error) {
+    const failure = toServiceError(error)
+    deps.observe?.({ request: kind, chainId: request.chainId, outcome: outcomeOf(failure), reason: failure.data?.reason ?? failure.kind })
+    throw error
+  }
+  deps.observe?.({ request: kind, chainId: request.chainId, outcome: 'sponsored', maxCostWei: costWeiOf?.(result) })
+  return result
 }
 
 function quotaUseOf(prepared: Prepared, request: SponsorRequest, costWei: bigint | undefined): QuotaUse {
@@ -189,23 +220,30 @@ function costOf(prepared: Prepared): bigint {
 }
 
 /** Policy, quotas, hashes and the would-be paymaster data, without signing or counting (the REST `process` dry run). */
-export async function evaluate(deps: SponsorDeps, request: SponsorRequest): Promise<Evaluation> {
-  const prepared = prepare(deps, request, true)
-  const costWei = costOf(prepared)
-  await deps.quotas?.check(quotaUseOf(prepared, request, costWei))
-  return {
-    ...finalize(prepared, fieldsOf(prepared, stubSignature)),
-    paymasterHash: paymasterHash(prepared),
-    maxCostWei: costWei,
-  }
+export function evaluate(deps: SponsorDeps, request: SponsorRequest): Promise<Evaluation> {
+  return observed(deps, request, 'dry_run', async () => {
+    const prepared = prepare(deps, request, true)
+    const costWei = costOf(prepared)
+    await deps.quotas?.check(quotaUseOf(prepared, request, costWei))
+    return {
+      ...finalize(prepared, fieldsOf(prepared, stubSignature)),
+      paymasterHash: paymasterHash(prepared),
+      maxCostWei: costWei,
+    }
+  }, (evaluation) => evaluation.maxCostWei)
 }
 
 /** Signs a sponsorship the paymaster contract accepts. A declined request never reaches the signer. */
-export async function sponsor(deps: SponsorDeps, request: SponsorRequest): Promise<Sponsorship> {
+export function sponsor(deps: SponsorDeps, request: SponsorRequest): Promise<Sponsorship> {
+  return observed(deps, request, 'sign', () => sign(deps, request), (sponsorship) => sponsorship.maxCostWei)
+}
+
+async function sign(deps: SponsorDeps, request: SponsorRequest): Promise<Sponsorship> {
   const prepared = prepare(deps, request, true)
   const digest = hashMessage({ raw: paymasterHash(prepared) })
   const signer = deps.signerFor(prepared.chain)
-  const release = await deps.quotas?.take(quotaUseOf(prepared, request, costOf(prepared)))
+  const maxCostWei = costOf(prepared)
+  const release = await deps.quotas?.take(quotaUseOf(prepared, request, maxCostWei))
   const started = Date.now()
   let signed: SignedDigest
   try {
@@ -219,7 +257,7 @@ export async function sponsor(deps: SponsorDeps, request: SponsorRequest): Promi
       signerErrorMessage(error),
     )
   }
-  const sponsorship = { ...finalize(prepared, fieldsOf(prepared, signed.signature)), signer: signed.address }
+  const sponsorship = { ...finalize(prepared, fieldsOf(prepared, signed.signature)), signer: signed.address, maxCostWei }
   deps.log({
     event: 'sponsorship',
     chainId: prepared.chain.chainId,
@@ -228,6 +266,7 @@ export async function sponsor(deps: SponsorDeps, request: SponsorRequest): Promi
     userOpHash: sponsorship.userOpHash,
     signedBy: signed.signedBy,
     signMs: Date.now() - started,
+    maxCostWei: maxCostWei.toString(),
     ...(request.apiKeyId ? { apiKeyId: request.apiKeyId } : {}),
   })
   return sponsorship

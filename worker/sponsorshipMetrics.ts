@@ -1,0 +1,40 @@
+import type { SponsorshipObservation } from './sponsor/sponsor.js'
+
+/**
+ * Sponsorship outcomes as Prometheus counters (this isolate): what was asked (stub data, a dry run, a signature),
+ * on which chain, and how it ended; and the summed maximum cost of what was signed. Labels come from a closed set:
+ * a chain id the configuration does not serve counts as `other`, so callers cannot grow the label space.
+ */
+export class SponsorshipMetrics {
+  private readonly requests = new Map<string, { labels: string; count: number }>()
+  private readonly signedCostWei = new Map<string, bigint>()
+  private readonly chainIds: ReadonlySet<number>
+
+  constructor(chainIds: readonly number[]) {
+    this.chainIds = new Set(chainIds)
+  }
+
+  record(observation: SponsorshipObservation): void {
+    const chain = this.chainIds.has(observation.chainId) ? String(observation.chainId) : 'other'
+    const reason = observation.outcome === 'sponsored' ? '' : `,reason="${observation.reason}"`
+    const labels = `request="${observation.request}",chain_id="${chain}",outcome="${observation.outcome}"${reason}`
+    const entry = this.requests.get(labels) ?? { labels, count: 0 }
+    entry.count++
+    this.requests.set(labels, entry)
+    if (observation.request === 'sign' && observation.outcome === 'sponsored') {
+      this.signedCostWei.set(chain, (this.signedCostWei.get(chain) ?? 0n) + (observation.maxCostWei ?? 0n))
+    }
+  }
+
+  toPrometheus(): string {
+    const lines = [
+      '# HELP paymaster_sponsorship_requests_total Sponsorship requests by request (stub, dry_run, sign), chain, outcome (sponsored, declined, error) and reason (this isolate).',
+      '# TYPE paymaster_sponsorship_requests_total counter',
+      ...[...this.requests.values()].map((entry) => `paymaster_sponsorship_requests_total{${entry.labels}} ${entry.count}`),
+      '# HELP paymaster_sponsored_max_cost_wei_total Summed maximum cost of the sponsorships signed, in wei, by chain (this isolate).',
+      '# TYPE paymaster_sponsored_max_cost_wei_total counter',
+      ...[...this.signedCostWei].map(([chain, wei]) => `paymaster_sponsored_max_cost_wei_total{chain_id="${chain}"} ${wei}`),
+    ]
+    return `${lines.join('\n')}\n`
+  }
+}
