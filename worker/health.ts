@@ -28,7 +28,8 @@ import { servicesFor, type Env } from './services.js'
  * - `degraded`: every chain can still be served, but a backend (say a fallback's backup) is down, a
  *   Pimlico paymaster does not list one of our addresses as a signer, or a paymaster's on-chain `getHash` is not the
  *   hash we sign (or could not be read);
- * - `unavailable`: some chain's signer cannot sign; `misconfigured`: the configuration is invalid.
+ * - `unavailable`: some chain's signer cannot sign, or the quota counts cannot be reached (then nothing is signed);
+ *   `misconfigured`: the configuration is invalid.
  */
 export async function healthReport(env: Env) {
   let services
@@ -41,11 +42,14 @@ export async function healthReport(env: Env) {
   // Fallback members are reported inside their fallback, which probes them once, unless a chain uses one directly.
   const chainSigners = new Set(services.config.chains.map((chain) => chain.signer))
   const members = new Set(Object.values(services.config.signers).flatMap((signer) => (signer.kind === 'fallback' ? signer.members : [])))
-  const signers = await Promise.all(
-    [...services.signers]
-      .filter(([name]) => chainSigners.has(name) || !members.has(name))
-      .map(async ([, signer]) => ({ ...signer.describe(), ...(await signer.health()) })),
-  )
+  const [signers, quotas] = await Promise.all([
+    Promise.all(
+      [...services.signers]
+        .filter(([name]) => chainSigners.has(name) || !members.has(name))
+        .map(async ([, signer]) => ({ ...signer.describe(), ...(await signer.health()) })),
+    ),
+    services.sponsor.quotas?.health(),
+  ])
   const healthOf = (name: string) => signers.find((s) => s.name === name)!
   // One report's RPC requests, every chain's, take turns: a Worker holds six connections open at a time, and a
   // request queued behind them would spend its timeout waiting (no batching: some RPCs refuse batches).
@@ -59,7 +63,7 @@ export async function healthReport(env: Env) {
       ...(chain.rpcUrl ? await chainChecks(chain, healthOf(chain.signer), rpcTurns) : {}),
     })),
   )
-  const chainSignersOk = services.config.chains.every((chain) => healthOf(chain.signer).ok)
+  const chainSignersOk = services.config.chains.every((chain) => healthOf(chain.signer).ok) && quotas?.ok !== false
   const everythingOk =
     signers.every((s) => s.ok && (s.members ?? []).every((m) => m.ok && m.state === 'closed')) &&
     chains.every((c) => (c.signerAuthorisation ?? []).every((a) => a.authorised === true) && (c.paymasterHashes ?? []).every((h) => h.agrees === true))
@@ -67,6 +71,8 @@ export async function healthReport(env: Env) {
     status: !chainSignersOk ? ('unavailable' as const) : everythingOk ? ('ok' as const) : ('degraded' as const),
     profile: services.config.profile,
     signers,
+    // Absent (undefined, so left out of the JSON) where no quota is configured.
+    quotas,
     chains,
   }
 }

@@ -5,7 +5,8 @@ import type { Address } from 'viem'
 import { generatePrivateKey, privateKeyToAddress } from 'viem/accounts'
 import { SponsorshipQuota } from '../../worker/quotas/sponsorshipQuota.js'
 import { rpcUserOperationV06, rpcUserOperationV07 } from '../support/userOperations.js'
-import { apiKey, entryPoints, postWith, request, seedSignerKey } from './helpers.js'
+import { apiKey, entryPoints, operatorKey, postWith, request, seedSignerKey } from './helpers.js'
+import { app } from '../../worker/app.js'
 
 /**
  * Quotas against the real SponsorshipQuota Durable Object in workerd (SQLite storage). Each test sponsors for senders
@@ -284,6 +285,26 @@ describe('quotas', () => {
     expect(merged.length).toBeLessThan(60 + 5_000 / 24 + 2)
     expect(merged.reduce((sum, row) => sum + row.operations, 0)).toBe(5_000)
     expect(Math.max(...merged.map((row) => row.seconds))).toBe(24)
+  })
+
+  it('reports on /health whether the counts can be reached, storing nothing to find out', async () => {
+    const healthOf = async (workerBindings: Record<string, unknown>) => {
+      const response = await app.fetch(new Request('http://paymaster.test/health', { headers: { 'x-api-key': operatorKey } }), workerBindings)
+      return { status: response.status, body: (await response.json()) as { status: string; quotas?: Record<string, unknown> } }
+    }
+    const limits = [{ per: 'sender', windowSeconds: 60, maxOperations: 5 }]
+    const reachable = await healthOf(withQuotas(limits))
+    expect(reachable.body.quotas).toEqual({ ok: true, ms: expect.any(Number) })
+    expect(reachable.body.status).not.toBe('unavailable')
+    expect(await tablesOf(bindings.QUOTAS.get(bindings.QUOTAS.idFromName('health')))).toEqual([])
+
+    const unreachable = { idFromName: (name: string) => name, get: () => ({ ask: () => Promise.reject(new Error('Durable Object is overloaded')) }) }
+    // Nothing can be signed meanwhile, so the service is unavailable.
+    expect(await healthOf(withQuotas(limits, { QUOTAS: unreachable }))).toMatchObject({
+      status: 503,
+      body: { status: 'unavailable', quotas: { ok: false, error: 'the quota counts cannot be reached: Durable Object is overloaded' } },
+    })
+    expect((await healthOf(withQuotas([]))).body).not.toHaveProperty('quotas')
   })
 
   it('signs nothing when the counts cannot be reached, and says so', async () => {

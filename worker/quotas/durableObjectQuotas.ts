@@ -10,6 +10,8 @@ type Per = QuotaLimit['per']
 type Kind = { per: Per; limits: QuotaLimit[]; wire: QuotaLimitWire[] }
 type Subject = Kind & { name: string }
 
+const HEALTH_TIMEOUT_MS = 5_000
+
 /**
  * The configured quotas, counted in one SponsorshipQuota Durable Object per subject: a sender, or an API key, on one
  * chain. A sponsorship is counted when it is about to be signed (a signature can be used on chain until it expires,
@@ -40,6 +42,24 @@ export class DurableObjectQuotas implements Quotas {
 
   async check(use: QuotaUse): Promise<void> {
     await this.ask(use, false)
+  }
+
+  /** One round trip to an object no subject is counted in, asking about no limit: it stores nothing. */
+  async health(): Promise<{ ok: true; ms: number } | { ok: false; error: string }> {
+    const started = Date.now()
+    let timer: ReturnType<typeof setTimeout> | undefined
+    const timeout = new Promise<never>((_, reject) => {
+      timer = setTimeout(() => reject(new Error(`no answer within ${HEALTH_TIMEOUT_MS} ms`)), HEALTH_TIMEOUT_MS)
+    })
+    try {
+      const probe = this.namespace.get(this.namespace.idFromName('health'))
+      await Promise.race([probe.ask({ limits: [], costWei: '0', count: false }), timeout])
+      return { ok: true, ms: Date.now() - started }
+    } catch (error) {
+      return { ok: false, error: `the quota counts cannot be reached: ${messageOf(error)}` }
+    } finally {
+      clearTimeout(timer)
+    }
   }
 
   private async ask(use: QuotaUse, count: boolean): Promise<() => Promise<void>> {

@@ -45,6 +45,8 @@ export type Quotas = {
   take(use: QuotaUse): Promise<() => Promise<void>>
   /** Throws as `take` would, counting nothing (the dry run, stub data). */
   check(use: QuotaUse): Promise<void>
+  /** Whether the counts can be reached now (for /health): while they cannot, nothing is signed. */
+  health(): Promise<{ ok: true; ms: number } | { ok: false; error: string }>
 }
 
 export type SponsorRequest = {
