@@ -21,8 +21,8 @@ export class SponsorshipMetrics {
     const entry = this.requests.get(labels) ?? { labels, count: 0 }
     entry.count++
     this.requests.set(labels, entry)
-    if (observation.request === 'sign' && observation.outcome === 'sponsored') {
-      this.signedCostWei.set(chain, (this.signedCostWei.get(chain) ?? 0n) + (observation.maxCostWei ?? 0n))
+    if (observation.outcome === 'sponsored' && observation.maxCostWei !== undefined) {
+      this.signedCostWei.set(chain, (this.signedCostWei.get(chain) ?? 0n) + observation.maxCostWei)
     }
   }
 

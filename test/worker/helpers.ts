@@ -51,6 +51,17 @@ export async function rpc(body: unknown, options: { path?: string; headers?: Rec
   return { status: response.status, body: text ? JSON.parse(text) : undefined }
 }
 
+/** The test bindings with `policy` entries set and `extra` bindings over them: a config, and so services, of their own. */
+export function withPolicy(policy: Record<string, unknown>, extra: Record<string, unknown> = {}): Record<string, unknown> {
+  const bindings = env as unknown as Record<string, unknown> & { PAYMASTER_CONFIG: string }
+  const config = JSON.parse(bindings.PAYMASTER_CONFIG) as { policy: Record<string, unknown> }
+  return { ...bindings, ...extra, PAYMASTER_CONFIG: JSON.stringify({ ...config, policy: { ...config.policy, ...policy } }) }
+}
+
+export function withQuotas(limits: unknown[], extra: Record<string, unknown> = {}): Record<string, unknown> {
+  return withPolicy({ quotas: { limits } }, extra)
+}
+
 /** A JSON POST to the app with bindings of the test's own (a config of its own gets services, and metrics, of its own). */
 export function postWith(bindings: Record<string, unknown>, path: string, body: unknown, key = apiKey): Promise<Response> {
   return Promise.resolve(

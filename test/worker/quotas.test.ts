@@ -5,7 +5,7 @@ import type { Address } from 'viem'
 import { generatePrivateKey, privateKeyToAddress } from 'viem/accounts'
 import { SponsorshipQuota } from '../../worker/quotas/sponsorshipQuota.js'
 import { rpcUserOperationV06, rpcUserOperationV07 } from '../support/userOperations.js'
-import { apiKey, entryPoints, operatorKey, postWith, request, seedSignerKey } from './helpers.js'
+import { apiKey, entryPoints, operatorKey, postWith, request, seedSignerKey, withPolicy, withQuotas } from './helpers.js'
 import { app } from '../../worker/app.js'
 
 /**
@@ -14,11 +14,6 @@ import { app } from '../../worker/app.js'
  */
 
 const bindings = env as unknown as Record<string, unknown> & { PAYMASTER_CONFIG: string; QUOTAS: DurableObjectNamespace<SponsorshipQuota> }
-const baseConfig = JSON.parse(bindings.PAYMASTER_CONFIG) as { policy: Record<string, unknown> }
-
-function withQuotas(limits: unknown[], extra: Record<string, unknown> = {}) {
-  return { ...bindings, ...extra, PAYMASTER_CONFIG: JSON.stringify({ ...baseConfig, policy: { ...baseConfig.policy, quotas: { limits } } }) }
-}
 
 
 async function getPaymasterData(bindingsWithConfig: Record<string, unknown>, sender: Address, key = apiKey) {
@@ -140,12 +135,18 @@ describe('quotas', () => {
     const exact = { ...keys, PAYMASTER_CONFIG: withQuotas([{ per: 'apiKey', windowSeconds: 60, maxCostWei: String(cost) }]).PAYMASTER_CONFIG }
     const declined = await stubOf(exact, key)
     expect(declined.error).toMatchObject({
-      message: `this API key has had ${cost} wei of its ${cost} wei of sponsorship per 60 s on chain 31337; one more fits in ${declined.error?.data.retryAfterSeconds} s`,
+      message: `this API key has had ${cost} wei of its ${cost} wei of sponsorship per 60 s on chain 31337, and nothing is left; some is freed in ${declined.error?.data.retryAfterSeconds} s`,
       data: { reason: 'quota_exceeded', per: 'apiKey', limit: 'maxCostWei', used: String(cost) },
     })
     expect(declined.error?.data).not.toHaveProperty('value')
     // Another key's stub is its own.
     expect((await stubOf(exact, apiKey)).result).toBeDefined()
+    // A quota of nothing sponsors nothing.
+    const none = { ...keys, PAYMASTER_CONFIG: withQuotas([{ per: 'apiKey', windowSeconds: 60, maxCostWei: '0' }]).PAYMASTER_CONFIG }
+    expect((await stubOf(none, apiKey)).error).toMatchObject({
+      message: 'the quota of 0 wei per 60 s on chain 31337 for this API key sponsors nothing',
+      data: { retryAfterSeconds: null },
+    })
   })
 
   it('takes back what was counted for a sponsorship that was not signed', async () => {
@@ -314,6 +315,9 @@ describe('quotas', () => {
     }
     const log = vi.spyOn(console, 'log')
     const config = withQuotas([{ per: 'sender', windowSeconds: 60, maxOperations: 5 }], { QUOTAS: unreachable })
+    // Stub data's check is advice only: signing checks again, so the stub is given.
+    const stub = await postWith(config, '/rpc', request('pm_getPaymasterStubData', [rpcUserOperationV07({ sender: newSender() }), entryPoints['0.7'], '0x7a69', null]))
+    expect(await stub.json()).toMatchObject({ result: { paymaster: expect.any(String) } })
     const answer = await getPaymasterData(config, newSender())
     expect(answer.error).toEqual({
       code: -32603,
@@ -324,8 +328,9 @@ describe('quotas', () => {
     expect(rest.status).toBe(503)
     const lines = log.mock.calls.map(([line]) => JSON.parse(String(line)) as Record<string, unknown>)
     expect(lines.filter((line) => line.event === 'sponsorship')).toEqual([])
+    // The stub's, and the two signing requests'.
     expect(lines.filter((line) => line.event === 'quota_unavailable')).toEqual(
-      Array(2).fill(expect.objectContaining({ level: 'error', message: 'Durable Object is overloaded' })),
+      Array(3).fill(expect.objectContaining({ level: 'error', message: 'Durable Object is overloaded' })),
     )
     log.mockRestore()
   })
@@ -336,13 +341,7 @@ describe('quotas', () => {
     expect(JSON.stringify(await unbound.json())).toContain(
       'policy.quotas.binding: QUOTAS is not a Durable Object namespace (bind class SponsorshipQuota under that name in wrangler.toml)',
     )
-    const keyless = {
-      ...bindings,
-      PAYMASTER_CONFIG: JSON.stringify({
-        ...baseConfig,
-        policy: { ...baseConfig.policy, apiKeys: { required: false }, quotas: { limits: [{ per: 'apiKey', windowSeconds: 60, maxOperations: 5 }] } },
-      }),
-    }
+    const keyless = withPolicy({ apiKeys: { required: false }, quotas: { limits: [{ per: 'apiKey', windowSeconds: 60, maxOperations: 5 }] } })
     const refused = await postWith(keyless, '/rpc', request('eth_chainId', []))
     expect(JSON.stringify(await refused.json())).toContain('policy.quotas.limits.0.per: counting per API key needs policy.apiKeys.required')
   })

@@ -142,7 +142,12 @@ function exceeded(subject: Subject, answer: Extract<QuotaAnswer, { granted: fals
   const used = `${who} has had ${answer.usedCostWei} wei of its ${max} wei of sponsorship ${per}`
   const { costWei } = use
   if (costWei === undefined) {
-    return new QuotaExceededError(`${used}; ${retryText(answer.retryAfterSeconds)}`, { ...data, max: max.toString(), used: answer.usedCostWei })
+    // Stub data: the operation's cost is not known, only that nothing is left.
+    const message =
+      answer.retryAfterSeconds === null
+        ? `the quota of ${max} wei ${per} for ${who} sponsors nothing`
+        : `${used}, and nothing is left; some is freed in ${answer.retryAfterSeconds} s`
+    return new QuotaExceededError(message, { ...data, max: max.toString(), used: answer.usedCostWei })
   }
   const message =
     costWei > max

@@ -1,7 +1,7 @@
 import { hashMessage, type Address, type Hex } from 'viem'
 import type { ChainConfig, Config } from '../../config/schema.js'
 import { SignerError, signerErrorMessage, type SignedDigest, type Signer } from '../../backends/signer.js'
-import { InvalidParamsError, outcomeOf, SignerUnavailableError, toServiceError, UnsupportedError } from '../errors.js'
+import { InvalidParamsError, outcomeOf, QuotaUnavailableError, SignerUnavailableError, toServiceError, UnsupportedError } from '../errors.js'
 import { describeZodError } from '../validation.js'
 import { adapterFor } from './adapters/registry.js'
 import { stubSignature, type PaymasterAdapter } from './adapters/paymasterAdapter.js'
@@ -27,7 +27,7 @@ export type SponsorDeps = {
   log(fields: Record<string, unknown>): void
   /** Spend over time; none when no quota is configured. */
   quotas?: Quotas
-  /** Told how each stub, dry run and signing request ended (metrics). */
+  /** Told how each stub, dry run and signing request ended (metrics), with the cost of each signed sponsorship. */
   observe?(observation: SponsorshipObservation): void
 }
 
@@ -35,7 +35,7 @@ export type SponsorshipObservation = {
   request: 'stub' | 'dry_run' | 'sign'
   /** As the caller named it: possibly a chain not served. */
   chainId: number
-} & ({ outcome: 'sponsored'; /** Undefined for stub data, whose gas is not estimated yet. */ maxCostWei: bigint | undefined } | { outcome: 'declined' | 'error'; reason: string })
+} & ({ outcome: 'sponsored'; /** For a signature: what it puts at stake. */ maxCostWei: bigint | undefined } | { outcome: 'declined' | 'error'; reason: string })
 
 /** One sponsorship as quotas count it. `costWei` is undefined before gas estimation (stub data): any cost at all must fit. */
 export type QuotaUse = { chainId: number; sender: Address; apiKeyId: string | undefined; costWei: bigint | undefined }
@@ -183,12 +183,15 @@ function finalize(prepared: Prepared, fields: PaymasterFields) {
 /**
  * ERC-7677 stub data: the final layout with a stand-in signature, for gas estimation. A sender or API key whose quota
  * is used up is declined here already, so that a wallet does not estimate gas for an operation that will not be
- * sponsored; nothing is counted.
+ * sponsored; nothing is counted. That check is advice only (signing checks again, and signs nothing uncounted), so
+ * counts that cannot be reached do not hold up stub data.
  */
 export function stubFor(deps: SponsorDeps, request: SponsorRequest): Promise<Stub> {
   return observed(deps, request, 'stub', async () => {
     const prepared = prepare(deps, request, false)
-    await deps.quotas?.check(quotaUseOf(prepared, request, undefined))
+    await deps.quotas?.check(quotaUseOf(prepared, request, undefined)).catch((error: unknown) => {
+      if (!(error instanceof QuotaUnavailableError)) throw error
+    })
     return { entryPoint: prepared.entryPoint, fields: fieldsOf(prepared, stubSignature), window: prepared.window }
   })
 }
@@ -232,7 +235,7 @@ export function evaluate(deps: SponsorDeps, request: SponsorRequest): Promise<Ev
       paymasterHash: paymasterHash(prepared),
       maxCostWei: costWei,
     }
-  }, (evaluation) => evaluation.maxCostWei)
+  })
 }
 
 /** Signs a sponsorship the paymaster contract accepts. A declined request never reaches the signer. */
