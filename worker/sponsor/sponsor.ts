@@ -187,23 +187,27 @@ function finalize(prepared: Prepared, fields: PaymasterFields) {
  * counts that cannot be reached do not hold up stub data.
  */
 export function stubFor(deps: SponsorDeps, request: SponsorRequest): Promise<Stub> {
-  return observed(deps, request, 'stub', async () => {
-    const prepared = prepare(deps, request, false)
-    await deps.quotas?.check(quotaUseOf(prepared, request, undefined)).catch((error: unknown) => {
-      if (!(error instanceof QuotaUnavailableError)) throw error
-    })
-    return { entryPoint: prepared.entryPoint, fields: fieldsOf(prepared, stubSignature), window: prepared.window }
+  return observed({ deps, request, kind: 'stub', run: () => stub(deps, request) })
+}
+
+async function stub(deps: SponsorDeps, request: SponsorRequest): Promise<Stub> {
+  const prepared = prepare(deps, request, false)
+  await deps.quotas?.check(quotaUseOf(prepared, request, undefined)).catch((error: unknown) => {
+    if (!(error instanceof QuotaUnavailableError)) throw error
   })
+  return { entryPoint: prepared.entryPoint, fields: fieldsOf(prepared, stubSignature), window: prepared.window }
 }
 
 /** Runs one request and tells `deps.observe` how it ended. */
-async function observed<T>(
-  deps: SponsorDeps,
-  request: SponsorRequest,
-  kind: SponsorshipObservation['request'],
-  run: () => Promise<T>,
-  costWeiOf?: (result: T) => bigint,
-): Promise<T> {
+async function observed<T>(options: {
+  deps: SponsorDeps
+  request: SponsorRequest
+  kind: SponsorshipObservation['request']
+  run: () => Promise<T>
+  /** What a signed sponsorship put at stake. */
+  costWeiOf?: (result: T) => bigint
+}): Promise<T> {
+  const { deps, request, kind, run, costWeiOf } = options
   let result: T
   try {
     result = await run()
@@ -226,21 +230,23 @@ function costOf(prepared: Prepared): bigint {
 
 /** Policy, quotas, hashes and the would-be paymaster data, without signing or counting (the REST `process` dry run). */
 export function evaluate(deps: SponsorDeps, request: SponsorRequest): Promise<Evaluation> {
-  return observed(deps, request, 'dry_run', async () => {
-    const prepared = prepare(deps, request, true)
-    const costWei = costOf(prepared)
-    await deps.quotas?.check(quotaUseOf(prepared, request, costWei))
-    return {
-      ...finalize(prepared, fieldsOf(prepared, stubSignature)),
-      paymasterHash: paymasterHash(prepared),
-      maxCostWei: costWei,
-    }
-  })
+  return observed({ deps, request, kind: 'dry_run', run: () => dryRun(deps, request) })
+}
+
+async function dryRun(deps: SponsorDeps, request: SponsorRequest): Promise<Evaluation> {
+  const prepared = prepare(deps, request, true)
+  const costWei = costOf(prepared)
+  await deps.quotas?.check(quotaUseOf(prepared, request, costWei))
+  return {
+    ...finalize(prepared, fieldsOf(prepared, stubSignature)),
+    paymasterHash: paymasterHash(prepared),
+    maxCostWei: costWei,
+  }
 }
 
 /** Signs a sponsorship the paymaster contract accepts. A declined request never reaches the signer. */
 export function sponsor(deps: SponsorDeps, request: SponsorRequest): Promise<Sponsorship> {
-  return observed(deps, request, 'sign', () => sign(deps, request), (sponsorship) => sponsorship.maxCostWei)
+  return observed({ deps, request, kind: 'sign', run: () => sign(deps, request), costWeiOf: (sponsorship) => sponsorship.maxCostWei })
 }
 
 async function sign(deps: SponsorDeps, request: SponsorRequest): Promise<Sponsorship> {
