@@ -16,6 +16,7 @@
  * Optional: BENCH_PORT (18900-18998; the next port is wrangler's inspector).
  * Linux only (/proc). Output: an aligned table, then one JSON line.
  */
+import { randomBytes } from 'node:crypto'
 import { createServer } from 'node:net'
 import os from 'node:os'
 import { performance } from 'node:perf_hooks'
@@ -33,9 +34,12 @@ const chainIdHex = '0x7a69' // 31337
  * - the local signer alone, at concurrency 16 and 64;
  * - a fallback whose primary (AWS KMS, against the local KMS server) hangs: once its
  *   breaker has opened (during warm-up) the local backup signs, so the difference
- *   from the first scenario is what a dead primary costs per request.
+ *   from the first scenario is what a dead primary costs per request;
+ * - the local signer with a per-sender quota (the Durable Object, in workerd's local
+ *   SQLite storage): every request from one sender, which one object serves one at a
+ *   time, and every request from a sender of its own, a new object each.
  */
-type Scenario = { name: string; concurrencies: number[]; vars: Record<string, string> }
+type Scenario = { name: string; concurrencies: number[]; vars: Record<string, string>; senders: 'one' | 'a new one each request' }
 const kmsPort = 18960
 const warmUpRequests = 200
 const warmUpConcurrency = 8
@@ -52,12 +56,13 @@ let nonce = 0
 
 type Outcome = { ok: true; ms: number } | { ok: false; error: string }
 
-async function sendOne(url: string): Promise<Outcome> {
+async function sendOne(url: string, senders: Scenario['senders']): Promise<Outcome> {
+  const sender = senders === 'one' ? undefined : `0x${randomBytes(20).toString('hex')}`
   const body = JSON.stringify({
     jsonrpc: '2.0',
     id: ++nonce,
     method: 'pm_getPaymasterData',
-    params: [rpcUserOperationV07({ nonce: `0x${nonce.toString(16)}` }), canonicalEntryPoints['0.7'], chainIdHex, {}],
+    params: [rpcUserOperationV07({ nonce: `0x${nonce.toString(16)}`, ...(sender && { sender }) }), canonicalEntryPoints['0.7'], chainIdHex, {}],
   })
   const start = performance.now()
   try {
@@ -87,11 +92,12 @@ async function sendOne(url: string): Promise<Outcome> {
 type Tally = { latencies: number[]; errors: number; firstError?: string }
 
 /** `concurrency` loops, each sending one request at a time while `more()` holds. */
-async function closedLoop(url: string, concurrency: number, more: () => boolean): Promise<Tally> {
+async function closedLoop(options: { url: string; senders: Scenario['senders']; concurrency: number; more: () => boolean }): Promise<Tally> {
+  const { url, senders, concurrency, more } = options
   const tally: Tally = { latencies: [], errors: 0 }
   const loop = async () => {
     while (more()) {
-      const outcome = await sendOne(url)
+      const outcome = await sendOne(url, senders)
       if (outcome.ok) tally.latencies.push(outcome.ms)
       else {
         tally.errors++
@@ -125,13 +131,13 @@ type RunResult = {
   firstError?: string
 }
 
-async function run(worker: RunningWorker, scenario: string, concurrency: number): Promise<RunResult> {
+async function run(worker: RunningWorker, scenario: Scenario, concurrency: number): Promise<RunResult> {
   const treeBefore = processTree(worker.pid)
   const hostBefore = hostTicks()
   const generatorBefore = process.cpuUsage()
   const start = performance.now()
   const deadline = start + seconds * 1_000
-  const tally = await closedLoop(worker.url, concurrency, () => performance.now() < deadline)
+  const tally = await closedLoop({ url: worker.url, senders: scenario.senders, concurrency, more: () => performance.now() < deadline })
   const elapsedMs = performance.now() - start // includes the responses still in flight at the deadline
   const generator = process.cpuUsage(generatorBefore)
   const hostAfter = hostTicks()
@@ -145,7 +151,7 @@ async function run(worker: RunningWorker, scenario: string, concurrency: number)
   const generatorMs = (generator.user + generator.system) / 1_000
   const round = (n: number, digits = 2) => Number(n.toFixed(digits))
   return {
-    scenario,
+    scenario: scenario.name,
     concurrency,
     seconds: round(elapsedMs / 1_000, 3),
     requests: tally.latencies.length,
@@ -217,17 +223,28 @@ function scenarios(kms: LocalKms, kmsKeyId: string): Scenario[] {
       edge: { kind: 'local' },
     },
   }
+  // A limit no run reaches: what is measured is the counting, not a decline.
+  const withQuota = { chains, policy: { quotas: { limits: [{ per: 'sender', windowSeconds: 3_600, maxOperations: 1_000_000_000 }] } } }
+  const localSigner = { PAYMASTER_PRIVATE_KEY: anvilWellKnownKeys.paymasterSigner }
   return [
-    { name: 'local signer', concurrencies: [16, 64], vars: { PAYMASTER_PRIVATE_KEY: anvilWellKnownKeys.paymasterSigner } },
+    { name: 'local signer', concurrencies: [16, 64], vars: localSigner, senders: 'one' },
     {
       name: 'fallback, KMS primary dead',
       concurrencies: [16],
       vars: {
-        PAYMASTER_PRIVATE_KEY: anvilWellKnownKeys.paymasterSigner,
+        ...localSigner,
         AWS_ACCESS_KEY_ID: kms.credentials.accessKeyId,
         AWS_SECRET_ACCESS_KEY: kms.credentials.secretAccessKey,
         PAYMASTER_CONFIG: JSON.stringify(deadPrimary),
       },
+      senders: 'one',
+    },
+    { name: 'quota, one sender', concurrencies: [16], vars: { ...localSigner, PAYMASTER_CONFIG: JSON.stringify(withQuota) }, senders: 'one' },
+    {
+      name: 'quota, a sender per request',
+      concurrencies: [16],
+      vars: { ...localSigner, PAYMASTER_CONFIG: JSON.stringify(withQuota) },
+      senders: 'a new one each request',
     },
   ]
 }
@@ -265,10 +282,10 @@ async function main(): Promise<void> {
       const workerTree = processTree(worker.pid)
       console.log(`worker:  ${scenario.name}: ${worker.url} (wrangler pid ${worker.pid}; tree: ${workerTree.map((s) => `${s.comm}:${s.pid}`).join(' ')})`)
       let sent = 0
-      const warmUp = await closedLoop(worker.url, warmUpConcurrency, () => sent++ < warmUpRequests)
+      const warmUp = await closedLoop({ url: worker.url, senders: scenario.senders, concurrency: warmUpConcurrency, more: () => sent++ < warmUpRequests })
       if (warmUp.latencies.length === 0) throw new Error(`every warm-up request failed; first error: ${warmUp.firstError}`)
       if (warmUp.errors > 0) console.log(`warm-up: ${warmUp.errors} errors; first: ${warmUp.firstError}`)
-      for (const concurrency of scenario.concurrencies) results.push(await run(worker, scenario.name, concurrency))
+      for (const concurrency of scenario.concurrencies) results.push(await run(worker, scenario, concurrency))
       await worker.stop()
       worker = undefined
     }
@@ -281,12 +298,19 @@ async function main(): Promise<void> {
       if (r.otherBusyCores > 0.2) console.log(`${r.scenario}, c=${r.concurrency}: warning: other processes kept ${r.otherBusyCores} cores busy; figures are disturbed`)
       if (r.firstError) console.log(`${r.scenario}, c=${r.concurrency}: first error: ${r.firstError}`)
     }
-    const [baseline, deadPrimary] = [results.find((r) => r.scenario === plan[0]!.name && r.concurrency === 16), results.find((r) => r.scenario === plan[1]!.name)]
-    if (baseline && deadPrimary) {
-      console.log(
-        `\nadded by a dead primary with its breaker open (c=16): p50 ${(deadPrimary.latencyMs.p50 - baseline.latencyMs.p50).toFixed(2)} ms, p99 ${(deadPrimary.latencyMs.p99 - baseline.latencyMs.p99).toFixed(2)} ms, KMS Sign calls ${kms.calls.Sign ?? 0}`,
-      )
+    const baseline = results.find((r) => r.scenario === plan[0]!.name && r.concurrency === 16)
+    const added = (what: string, scenario: Scenario, extra = '') => {
+      const other = results.find((r) => r.scenario === scenario.name)
+      if (!baseline || !other) return
+      const p50 = (other.latencyMs.p50 - baseline.latencyMs.p50).toFixed(2)
+      const p99 = (other.latencyMs.p99 - baseline.latencyMs.p99).toFixed(2)
+      const cpu = (other.workerdCpuMsPerRequest - baseline.workerdCpuMsPerRequest).toFixed(3)
+      console.log(`added by ${what} (c=16): p50 ${p50} ms, p99 ${p99} ms, workerd CPU ${cpu} ms/req${extra}`)
     }
+    console.log()
+    added('a dead primary with its breaker open', plan[1]!, `, KMS Sign calls ${kms.calls.Sign ?? 0}`)
+    added('a per-sender quota, one sender', plan[2]!)
+    added('a per-sender quota, a new sender each request', plan[3]!)
     console.log()
     console.log(JSON.stringify({ bench: 'worker pm_getPaymasterData', machine, seconds, warmUpRequests, results }))
   } finally {
