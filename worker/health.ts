@@ -63,12 +63,12 @@ export async function healthReport(env: Env) {
       ...(chain.rpcUrl ? await chainChecks(chain, healthOf(chain.signer), rpcTurns) : {}),
     })),
   )
-  const chainSignersOk = services.config.chains.every((chain) => healthOf(chain.signer).ok) && quotas?.ok !== false
+  const canSign = services.config.chains.every((chain) => healthOf(chain.signer).ok) && quotas?.ok !== false
   const everythingOk =
     signers.every((s) => s.ok && (s.members ?? []).every((m) => m.ok && m.state === 'closed')) &&
     chains.every((c) => (c.signerAuthorisation ?? []).every((a) => a.authorised === true) && (c.paymasterHashes ?? []).every((h) => h.agrees === true))
   return {
-    status: !chainSignersOk ? ('unavailable' as const) : everythingOk ? ('ok' as const) : ('degraded' as const),
+    status: !canSign ? ('unavailable' as const) : everythingOk ? ('ok' as const) : ('degraded' as const),
     profile: services.config.profile,
     signers,
     // Absent (undefined, so left out of the JSON) where no quota is configured.

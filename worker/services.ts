@@ -98,5 +98,5 @@ function quotasFor(config: Config, env: Env): DurableObjectQuotas | undefined {
       `configuration invalid: policy.quotas.binding: ${binding} is not a Durable Object namespace (bind class SponsorshipQuota under that name in wrangler.toml)`,
     )
   }
-  return new DurableObjectQuotas(namespace as DurableObjectNamespace<SponsorshipQuota>, limits, logEvent)
+  return new DurableObjectQuotas({ namespace: namespace as DurableObjectNamespace<SponsorshipQuota>, limits, log: logEvent })
 }

@@ -21,7 +21,8 @@ export class SponsorshipMetrics {
     const entry = this.requests.get(labels) ?? { labels, count: 0 }
     entry.count++
     this.requests.set(labels, entry)
-    if (observation.outcome === 'sponsored' && observation.maxCostWei !== undefined) {
+    // What a signature put at stake: a stub or a dry run puts nothing there, whatever it was told.
+    if (observation.request === 'sign' && observation.outcome === 'sponsored' && observation.maxCostWei !== undefined) {
       this.signedCostWei.set(chain, (this.signedCostWei.get(chain) ?? 0n) + observation.maxCostWei)
     }
   }

@@ -58,6 +58,7 @@ export function withPolicy(policy: Record<string, unknown>, extra: Record<string
   return { ...bindings, ...extra, PAYMASTER_CONFIG: JSON.stringify({ ...config, policy: { ...config.policy, ...policy } }) }
 }
 
+/** `withPolicy` with these quota limits. */
 export function withQuotas(limits: unknown[], extra: Record<string, unknown> = {}): Record<string, unknown> {
   return withPolicy({ quotas: { limits } }, extra)
 }

@@ -3,10 +3,11 @@ import { runDurableObjectAlarm, runInDurableObject } from 'cloudflare:test'
 import { beforeAll, describe, expect, it, vi } from 'vitest'
 import type { Address } from 'viem'
 import { generatePrivateKey, privateKeyToAddress } from 'viem/accounts'
+import { app } from '../../worker/app.js'
+import { DurableObjectQuotas } from '../../worker/quotas/durableObjectQuotas.js'
 import { SponsorshipQuota } from '../../worker/quotas/sponsorshipQuota.js'
 import { rpcUserOperationV06, rpcUserOperationV07 } from '../support/userOperations.js'
 import { apiKey, entryPoints, operatorKey, postWith, request, seedSignerKey, withPolicy, withQuotas } from './helpers.js'
-import { app } from '../../worker/app.js'
 
 /**
  * Quotas against the real SponsorshipQuota Durable Object in workerd (SQLite storage). Each test sponsors for senders
@@ -14,7 +15,6 @@ import { app } from '../../worker/app.js'
  */
 
 const bindings = env as unknown as Record<string, unknown> & { PAYMASTER_CONFIG: string; QUOTAS: DurableObjectNamespace<SponsorshipQuota> }
-
 
 async function getPaymasterData(bindingsWithConfig: Record<string, unknown>, sender: Address, key = apiKey) {
   const response = await postWith(bindingsWithConfig, '/rpc', request('pm_getPaymasterData', [rpcUserOperationV07({ sender }), entryPoints['0.7'], '0x7a69']), key)
@@ -288,24 +288,53 @@ describe('quotas', () => {
     expect(Math.max(...merged.map((row) => row.seconds))).toBe(24)
   })
 
-  it('reports on /health whether the counts can be reached, storing nothing to find out', async () => {
-    const healthOf = async (workerBindings: Record<string, unknown>) => {
-      const response = await app.fetch(new Request('http://paymaster.test/health', { headers: { 'x-api-key': operatorKey } }), workerBindings)
+  it('reports on /health whether a quota object can be reached, storing nothing to find out', async () => {
+    const healthOf = async (workerBindings: Record<string, unknown>, key: string | undefined = operatorKey) => {
+      const response = await app.fetch(new Request('http://paymaster.test/health', { headers: key ? { 'x-api-key': key } : {} }), workerBindings)
       return { status: response.status, body: (await response.json()) as { status: string; quotas?: Record<string, unknown> } }
     }
     const limits = [{ per: 'sender', windowSeconds: 60, maxOperations: 5 }]
     const reachable = await healthOf(withQuotas(limits))
+    expect(reachable.status).toBe(200)
     expect(reachable.body.quotas).toEqual({ ok: true, ms: expect.any(Number) })
-    expect(reachable.body.status).not.toBe('unavailable')
-    expect(await tablesOf(bindings.QUOTAS.get(bindings.QUOTAS.idFromName('health')))).toEqual([])
+    const probed = bindings.QUOTAS.get(bindings.QUOTAS.idFromName('health'))
+    expect(await tablesOf(probed)).toEqual([])
+    expect(await runInDurableObject(probed, (_instance, state) => state.storage.getAlarm())).toBeNull()
 
     const unreachable = { idFromName: (name: string) => name, get: () => ({ ask: () => Promise.reject(new Error('Durable Object is overloaded')) }) }
-    // Nothing can be signed meanwhile, so the service is unavailable.
-    expect(await healthOf(withQuotas(limits, { QUOTAS: unreachable }))).toMatchObject({
+    // Nothing can be signed meanwhile, so the service is unavailable: to operators, and to anyone else.
+    const down = withQuotas(limits, { QUOTAS: unreachable })
+    expect(await healthOf(down)).toMatchObject({
       status: 503,
-      body: { status: 'unavailable', quotas: { ok: false, error: 'the quota counts cannot be reached: Durable Object is overloaded' } },
+      body: { status: 'unavailable', quotas: { ok: false, error: 'a quota object cannot be reached: Durable Object is overloaded' } },
     })
+    expect(await healthOf(down, apiKey)).toEqual({ status: 503, body: { status: 'unavailable' } })
     expect((await healthOf(withQuotas([]))).body).not.toHaveProperty('quotas')
+  })
+
+  it('waits for a quota object no longer than its timeouts where it only advises: /health and stub data', async () => {
+    const asked: string[] = []
+    const hanging = {
+      idFromName: (name: string) => name,
+      get: (name: string) => ({
+        ask: () => {
+          asked.push(name)
+          return new Promise(() => {})
+        },
+      }),
+    } as unknown as DurableObjectNamespace<SponsorshipQuota>
+    const lines: Array<Record<string, unknown>> = []
+    const quotas = new DurableObjectQuotas({
+      namespace: hanging,
+      limits: [{ per: 'sender', windowSeconds: 60, maxOperations: 5 }],
+      log: (fields) => lines.push(fields),
+      timeouts: { healthMs: 30, adviceMs: 20 },
+    })
+    expect(await quotas.health()).toEqual({ ok: false, error: 'a quota object cannot be reached: no answer within 30 ms' })
+    const sender = newSender()
+    await expect(quotas.advise({ chainId: 31337, sender, apiKeyId: undefined, costWei: undefined })).resolves.toBeUndefined()
+    expect(asked).toEqual(['health', `sender:31337:${sender.toLowerCase()}`])
+    expect(lines).toEqual([{ level: 'warn', event: 'quota_unavailable', advisory: true, message: 'no answer within 20 ms' }])
   })
 
   it('signs nothing when the counts cannot be reached, and says so', async () => {
@@ -328,10 +357,11 @@ describe('quotas', () => {
     expect(rest.status).toBe(503)
     const lines = log.mock.calls.map(([line]) => JSON.parse(String(line)) as Record<string, unknown>)
     expect(lines.filter((line) => line.event === 'sponsorship')).toEqual([])
-    // The stub's, and the two signing requests'.
-    expect(lines.filter((line) => line.event === 'quota_unavailable')).toEqual(
-      Array(3).fill(expect.objectContaining({ level: 'error', message: 'Durable Object is overloaded' })),
-    )
+    // The stub's, a warning only, and the two signing requests'.
+    expect(lines.filter((line) => line.event === 'quota_unavailable')).toEqual([
+      expect.objectContaining({ level: 'warn', advisory: true, message: 'Durable Object is overloaded' }),
+      ...Array(2).fill(expect.objectContaining({ level: 'error', message: 'Durable Object is overloaded' })),
+    ])
     log.mockRestore()
   })
 

@@ -10,7 +10,9 @@ type Per = QuotaLimit['per']
 type Kind = { per: Per; limits: QuotaLimit[]; wire: QuotaLimitWire[] }
 type Subject = Kind & { name: string }
 
-const HEALTH_TIMEOUT_MS = 5_000
+/** How long /health's probe, and stub data's advice, wait for a quota object (a slow one must not hold them up). */
+export type QuotaTimeouts = { healthMs: number; adviceMs: number }
+const defaultTimeouts: QuotaTimeouts = { healthMs: 5_000, adviceMs: 1_000 }
 
 /**
  * The configured quotas, counted in one SponsorshipQuota Durable Object per subject: a sender, or an API key, on one
@@ -19,17 +21,24 @@ const HEALTH_TIMEOUT_MS = 5_000
  * reached nothing is signed: a quota that fails open is no quota.
  */
 export class DurableObjectQuotas implements Quotas {
+  private readonly namespace: DurableObjectNamespace<SponsorshipQuota>
+  private readonly log: (fields: Record<string, unknown>) => void
+  private readonly timeouts: QuotaTimeouts
   private readonly kinds: readonly Kind[]
 
-  constructor(
-    private readonly namespace: DurableObjectNamespace<SponsorshipQuota>,
-    limits: readonly QuotaLimit[],
-    private readonly log: (fields: Record<string, unknown>) => void,
-  ) {
+  constructor(options: {
+    namespace: DurableObjectNamespace<SponsorshipQuota>
+    limits: readonly QuotaLimit[]
+    log: (fields: Record<string, unknown>) => void
+    timeouts?: QuotaTimeouts
+  }) {
+    this.namespace = options.namespace
+    this.log = options.log
+    this.timeouts = options.timeouts ?? defaultTimeouts
     const pers: Per[] = ['sender', 'apiKey']
     this.kinds = pers
       .map((per) => {
-        const own = limits.filter((limit) => limit.per === per)
+        const own = options.limits.filter((limit) => limit.per === per)
         const wire = own.map(({ windowSeconds, maxOperations, maxCostWei }) => ({ windowSeconds, maxOperations, maxCostWei: maxCostWei?.toString() }))
         return { per, limits: own, wire }
       })
@@ -37,32 +46,34 @@ export class DurableObjectQuotas implements Quotas {
   }
 
   take(use: QuotaUse): Promise<() => Promise<void>> {
-    return this.ask(use, true)
+    return this.ask({ use, count: true })
   }
 
   async check(use: QuotaUse): Promise<void> {
-    await this.ask(use, false)
+    await this.ask({ use, count: false })
+  }
+
+  async advise(use: QuotaUse): Promise<void> {
+    const answered = await within(this.ask({ use, count: false, advisory: true }), this.timeouts.adviceMs)
+    if (!answered) this.log({ level: 'warn', event: 'quota_unavailable', advisory: true, message: `no answer within ${this.timeouts.adviceMs} ms` })
   }
 
   /** One round trip to an object no subject is counted in, asking about no limit: it stores nothing. */
   async health(): Promise<{ ok: true; ms: number } | { ok: false; error: string }> {
     const started = Date.now()
-    let timer: ReturnType<typeof setTimeout> | undefined
-    const timeout = new Promise<never>((_, reject) => {
-      timer = setTimeout(() => reject(new Error(`no answer within ${HEALTH_TIMEOUT_MS} ms`)), HEALTH_TIMEOUT_MS)
-    })
+    const why = (message: string) => ({ ok: false as const, error: `a quota object cannot be reached: ${message}` })
     try {
       const probe = this.namespace.get(this.namespace.idFromName('health'))
-      await Promise.race([probe.ask({ limits: [], costWei: '0', count: false }), timeout])
-      return { ok: true, ms: Date.now() - started }
+      const answered = await within<unknown>(probe.ask({ limits: [], costWei: '0', count: false }), this.timeouts.healthMs)
+      return answered ? { ok: true, ms: Date.now() - started } : why(`no answer within ${this.timeouts.healthMs} ms`)
     } catch (error) {
-      return { ok: false, error: `the quota counts cannot be reached: ${messageOf(error)}` }
-    } finally {
-      clearTimeout(timer)
+      return why(messageOf(error))
     }
   }
 
-  private async ask(use: QuotaUse, count: boolean): Promise<() => Promise<void>> {
+  /** Asks every subject's object; `advisory` (stub data) logs, rather than throws, when they cannot be reached. */
+  private async ask(options: { use: QuotaUse; count: boolean; advisory?: boolean }): Promise<() => Promise<void>> {
+    const { use, count, advisory = false } = options
     const subjects = this.subjectsOf(use)
     // A cost not known yet must still fit: one wei, so that only a quota with nothing left says no.
     const costWei = (use.costWei ?? 1n).toString()
@@ -86,15 +97,19 @@ export class DurableObjectQuotas implements Quotas {
     }
 
     const failure = settled.find((result): result is PromiseRejectedResult => result.status === 'rejected')
-    if (failure) {
+    if (failure && advisory) {
+      // Nothing refused for it: signing asks again, and signs nothing uncounted. A subject that did answer may still say no.
+      this.log({ level: 'warn', event: 'quota_unavailable', advisory: true, message: messageOf(failure.reason) })
+    } else if (failure) {
       await release()
       this.log({ level: 'error', event: 'quota_unavailable', message: messageOf(failure.reason) })
       throw new QuotaUnavailableError('the sponsorship quotas cannot be checked right now, so nothing was signed; try again shortly', {
         reason: 'quota_unavailable',
       })
     }
-    const answers = settled.map((result) => (result as PromiseFulfilledResult<QuotaAnswer>).value)
-    const denials = answers.flatMap((answer, index) => (answer.granted ? [] : [{ subject: subjects[index]!, answer }]))
+    const denials = settled.flatMap((result, index) =>
+      result.status === 'fulfilled' && !result.value.granted ? [{ subject: subjects[index]!, answer: result.value }] : [],
+    )
     if (denials.length > 0) {
       await release()
       // One more fits once every subject that said no lets it.
@@ -158,6 +173,19 @@ function exceeded(subject: Subject, answer: Extract<QuotaAnswer, { granted: fals
 
 function retryText(retryAfterSeconds: number | null): string {
   return retryAfterSeconds === null ? 'it never fits: it alone may cost more than a quota allows' : `one more fits in ${retryAfterSeconds} s`
+}
+
+/** `promise`'s value, or undefined once `ms` have passed first (it then goes on, unwatched: its failure too). */
+async function within<T>(promise: Promise<T>, ms: number): Promise<{ value: T } | undefined> {
+  let timer: ReturnType<typeof setTimeout> | undefined
+  const late = new Promise<undefined>((resolve) => {
+    timer = setTimeout(() => resolve(undefined), ms)
+  })
+  try {
+    return await Promise.race([promise.then((value) => ({ value })), late])
+  } finally {
+    clearTimeout(timer)
+  }
 }
 
 function messageOf(error: unknown): string {

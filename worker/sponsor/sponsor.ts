@@ -1,7 +1,7 @@
 import { hashMessage, type Address, type Hex } from 'viem'
 import type { ChainConfig, Config } from '../../config/schema.js'
 import { SignerError, signerErrorMessage, type SignedDigest, type Signer } from '../../backends/signer.js'
-import { InvalidParamsError, outcomeOf, QuotaUnavailableError, SignerUnavailableError, toServiceError, UnsupportedError } from '../errors.js'
+import { InvalidParamsError, outcomeOf, SignerUnavailableError, toServiceError, UnsupportedError } from '../errors.js'
 import { describeZodError } from '../validation.js'
 import { adapterFor } from './adapters/registry.js'
 import { stubSignature, type PaymasterAdapter } from './adapters/paymasterAdapter.js'
@@ -43,8 +43,13 @@ export type QuotaUse = { chainId: number; sender: Address; apiKeyId: string | un
 export type Quotas = {
   /** Counts it against every quota, or throws QuotaExceededError having counted nothing; the answer takes it back. */
   take(use: QuotaUse): Promise<() => Promise<void>>
-  /** Throws as `take` would, counting nothing (the dry run, stub data). */
+  /** Throws as `take` would, counting nothing (the dry run). */
   check(use: QuotaUse): Promise<void>
+  /**
+   * Throws QuotaExceededError as `check` would (stub data), but only logs when the counts are slow or cannot be
+   * reached: the advice is not worth an outage, as signing asks again.
+   */
+  advise(use: QuotaUse): Promise<void>
   /** Whether the counts can be reached now (for /health): while they cannot, nothing is signed. */
   health(): Promise<{ ok: true; ms: number } | { ok: false; error: string }>
 }
@@ -187,14 +192,12 @@ function finalize(prepared: Prepared, fields: PaymasterFields) {
  * counts that cannot be reached do not hold up stub data.
  */
 export function stubFor(deps: SponsorDeps, request: SponsorRequest): Promise<Stub> {
-  return observed({ deps, request, kind: 'stub', run: () => stub(deps, request) })
+  return observed({ deps, request, kind: 'stub', run: stub })
 }
 
 async function stub(deps: SponsorDeps, request: SponsorRequest): Promise<Stub> {
   const prepared = prepare(deps, request, false)
-  await deps.quotas?.check(quotaUseOf(prepared, request, undefined)).catch((error: unknown) => {
-    if (!(error instanceof QuotaUnavailableError)) throw error
-  })
+  await deps.quotas?.advise(quotaUseOf(prepared, request, undefined))
   return { entryPoint: prepared.entryPoint, fields: fieldsOf(prepared, stubSignature), window: prepared.window }
 }
 
@@ -203,14 +206,14 @@ async function observed<T>(options: {
   deps: SponsorDeps
   request: SponsorRequest
   kind: SponsorshipObservation['request']
-  run: () => Promise<T>
+  run: (deps: SponsorDeps, request: SponsorRequest) => Promise<T>
   /** What a signed sponsorship put at stake. */
   costWeiOf?: (result: T) => bigint
 }): Promise<T> {
   const { deps, request, kind, run, costWeiOf } = options
   let result: T
   try {
-    result = await run()
+    result = await run(deps, request)
   } catch (error) {
     const failure = toServiceError(error)
     deps.observe?.({ request: kind, chainId: request.chainId, outcome: outcomeOf(failure), reason: failure.data?.reason ?? failure.kind })
@@ -230,7 +233,7 @@ function costOf(prepared: Prepared): bigint {
 
 /** Policy, quotas, hashes and the would-be paymaster data, without signing or counting (the REST `process` dry run). */
 export function evaluate(deps: SponsorDeps, request: SponsorRequest): Promise<Evaluation> {
-  return observed({ deps, request, kind: 'dry_run', run: () => dryRun(deps, request) })
+  return observed({ deps, request, kind: 'dry_run', run: dryRun })
 }
 
 async function dryRun(deps: SponsorDeps, request: SponsorRequest): Promise<Evaluation> {
@@ -246,7 +249,7 @@ async function dryRun(deps: SponsorDeps, request: SponsorRequest): Promise<Evalu
 
 /** Signs a sponsorship the paymaster contract accepts. A declined request never reaches the signer. */
 export function sponsor(deps: SponsorDeps, request: SponsorRequest): Promise<Sponsorship> {
-  return observed({ deps, request, kind: 'sign', run: () => sign(deps, request), costWeiOf: (sponsorship) => sponsorship.maxCostWei })
+  return observed({ deps, request, kind: 'sign', run: sign, costWeiOf: (sponsorship) => sponsorship.maxCostWei })
 }
 
 async function sign(deps: SponsorDeps, request: SponsorRequest): Promise<Sponsorship> {
