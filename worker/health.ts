@@ -28,7 +28,7 @@ import { servicesFor, type Env } from './services.js'
  * - `degraded`: every chain can still be served, but a backend (say a fallback's backup) is down, a
  *   Pimlico paymaster does not list one of our addresses as a signer, or a paymaster's on-chain `getHash` is not the
  *   hash we sign (or could not be read);
- * - `unavailable`: some chain's signer cannot sign, or the quota counts cannot be reached (then nothing is signed);
+ * - `unavailable`: some chain's signer cannot sign, or a quota object cannot be reached (then nothing is signed);
  *   `misconfigured`: the configuration is invalid.
  */
 export async function healthReport(env: Env) {

@@ -50,7 +50,7 @@ export type Quotas = {
    * reached: the advice is not worth an outage, as signing asks again.
    */
   advise(use: QuotaUse): Promise<void>
-  /** Whether the counts can be reached now (for /health): while they cannot, nothing is signed. */
+  /** Whether a quota object can be reached now (for /health): while none can, nothing is signed. */
   health(): Promise<{ ok: true; ms: number } | { ok: false; error: string }>
 }
 
