@@ -128,8 +128,9 @@ export function createParentServers(options: ParentApiOptions): { clients: HttpS
       return json(403, { error: 'this HMAC key may only sign and read keys' })
     }
     route.name = name
-    // A body where a route reads none is a mistake of the caller's (`{"count": 2}` to a create makes one key): said, not ignored.
-    if (body.length > 0 && name !== 'unlock' && name !== 'sign') return json(400, { error: `${method} ${path} takes no body` })
+    // A body where a route reads none is a mistake of the caller's (`{"count": 2}` to a create makes one key): said, not
+    // ignored. `{}` says nothing, and is what many HTTP clients send for a POST without data.
+    if (!isEmptyBody(body) && name !== 'unlock' && name !== 'sign') return json(400, { error: `${method} ${path} takes no body` })
     switch (name) {
       case 'create':
         return json(201, await options.parent.createKey())
@@ -290,7 +291,7 @@ function decodedPathSegment(segment: string): string | undefined {
  * for preload mode. A string says what is wrong with it.
  */
 function unlockRequestOf(body: Uint8Array): Map<string, Uint8Array> | undefined | string {
-  if (body.length === 0) return undefined
+  if (isEmptyBody(body)) return undefined
   const expected = 'the unlock body must be empty or {"sealedPreloadIdentities": {"<enclave id>": "<base64>", …}}'
   let parsed: unknown
   try {
@@ -305,6 +306,11 @@ function unlockRequestOf(body: Uint8Array): Map<string, Uint8Array> | undefined 
   const entries = Object.entries(sealed)
   if (entries.length === 0 || !entries.every(([, value]) => typeof value === 'string' && /^[A-Za-z0-9+/]+={0,2}$/.test(value))) return expected
   return new Map(entries.map(([id, value]) => [id, new Uint8Array(Buffer.from(value as string, 'base64'))]))
+}
+
+/** No bytes, or a JSON object with nothing in it (`{}`, whitespace allowed). */
+function isEmptyBody(body: Uint8Array): boolean {
+  return body.length === 0 || (body.length <= 64 && /^[ \t\r\n]*\{[ \t\r\n]*\}[ \t\r\n]*$/.test(Buffer.from(body).toString('latin1')))
 }
 
 function parseDigest(body: Uint8Array): Uint8Array | undefined {

@@ -407,7 +407,7 @@ describe('the parent API under load', () => {
     }
   })
 
-  it('lets a sign-only HMAC key sign and read keys and nothing else (403, counted and logged, the parent not asked); an operator key does the rest', async () => {
+  it('lets a sign-only HMAC key sign and read keys and nothing else (403, counted and logged, the parent not asked); an operator key does the rest, with no body or `{}`', async () => {
     const operator = { keyId: 'operator', secret: 'an-operator-secret-of-enough-bytes' }
     const asked: string[] = []
     const scripted = new OriginParent({ enclaves: [{ id: 'none', address: { host: '127.0.0.1', port: 1 } }], poolSize: 1, store: {} as BlobStore, requestTimeoutMs: 200, credentials: () => Promise.reject(new Error('not needed here')) })
@@ -437,6 +437,13 @@ describe('the parent API under load', () => {
       expect(asked).toEqual(['sign', 'get'])
       for (const [method, path] of operatorsOnly) expect((await as(operator, method, path)).status).toBeLessThan(300)
       expect(asked).toEqual(['sign', 'get', 'frozen', 'active', 'archived', 'create', 'unlock', 'rotate', 'attestation'])
+      // An empty JSON object, as many HTTP clients send for a POST without data, is no body; anything in it is refused.
+      asked.length = 0
+      for (const [method, path] of operatorsOnly.filter(([method]) => method === 'POST')) expect((await as(operator, method, path, ' {\r\n} ')).status).toBeLessThan(300)
+      expect(asked).toEqual(['frozen', 'active', 'archived', 'create', 'unlock', 'rotate'])
+      expect(await as(operator, 'POST', '/v1/keys', '{"count": 2}')).toMatchObject({ status: 400, body: { error: 'POST /v1/keys takes no body' } })
+      expect(await as(operator, 'POST', '/v1/keys/k1/freeze', '{}{}')).toMatchObject({ status: 400 })
+      expect(asked).toHaveLength(6)
       expect((await (await fetch(`http://127.0.0.1:${port}/metrics`)).text())).toContain('origin_request_auth_failures_total{reason="not-permitted"} 7')
       expect(apiLogged).toContainEqual(expect.objectContaining({ event: 'request_refused', reason: 'not-permitted', hmacKeyId: hmac.keyId }))
     } finally {
