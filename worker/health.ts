@@ -221,6 +221,20 @@ async function hashAgreement(chain: ChainConfig, client: PublicClient) {
   )
 }
 
+/**
+ * Whether a failed call is the node saying the EVM reverted, in any client's words: code 3 or "execution reverted"
+ * (geth, anvil, newer Nethermind; viem's ExecutionRevertedError), -32015 "VM execution error." (older Nethermind), or
+ * "revert" in the message or data (Hardhat's "VM Exception while processing transaction: reverted with …"). Only in a
+ * JSON-RPC error: an HTTP error page that says the same words is the RPC's own failure.
+ */
+function isRevertAnswer(error: unknown): boolean {
+  if (!(error instanceof BaseError)) return false
+  const answer = error.walk((cause) => cause instanceof RpcRequestError) as RpcRequestError | null
+  if (!answer) return false
+  if (error.walk((cause) => cause instanceof ExecutionRevertedError)) return true
+  return answer.code === 3 || answer.code === -32015 || /revert/i.test(`${answer.details} ${typeof answer.data === 'string' ? answer.data : ''}`)
+}
+
 /** The contract's answer to `call`, or why there is none: the RPC failed, the call reverted, returned nothing, or no hash. */
 async function onChainHash(
   client: PublicClient,
@@ -231,10 +245,7 @@ async function onChainHash(
   try {
     ;({ data } = await client.call({ to, data: encodeFunctionData(call as never) }))
   } catch (error) {
-    // A revert as a node answers it (code 3, or "execution reverted" in a JSON-RPC error); anything else, an HTTP
-    // error page that says the same words included, is the RPC's own failure.
-    const reverted = error instanceof BaseError && error.walk((cause) => cause instanceof ExecutionRevertedError) && error.walk((cause) => cause instanceof RpcRequestError)
-    return { failure: reverted ? 'reverted' : 'unreachable' }
+    return { failure: isRevertAnswer(error) ? 'reverted' : 'unreachable' }
   }
   if (!data || data === '0x') return { failure: 'nothing' }
   try {
