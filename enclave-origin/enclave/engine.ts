@@ -16,6 +16,8 @@
  * with inline signing off and 16–65 ms with it on.) Light turns bring it back.
  */
 import { availableParallelism } from 'node:os'
+import { createInterface } from 'node:readline'
+import type { Readable } from 'node:stream'
 import { Worker } from 'node:worker_threads'
 import { FailureBackoff } from '../failureBackoff.js'
 import { batchSizeBuckets, countInto, emptyCounts } from '../protocol/histograms.js'
@@ -37,6 +39,11 @@ export type SignEngineOptions = {
    * this; 0 never; default 4.
    */
   inlinePerTurn?: number
+  /**
+   * Where the threads' own output goes, a line at a time (Node's warnings, a native library's complaints): plain
+   * text on stderr would break a log pipeline that reads JSON lines. Unset, it goes to this process's as it is.
+   */
+  log?: (fields: Record<string, unknown>) => void
 }
 
 export type SignRequest = {
@@ -106,6 +113,7 @@ export class SignEngine {
   private readonly maxWaitMs: number
   private readonly batching: boolean
   private readonly inlinePerTurn: number
+  private readonly log: SignEngineOptions['log']
   /** Inline signs left in this event-loop turn; set for the next one when the turn ends. */
   private inlineLeft: number
   /** sign() calls in this event-loop turn so far; a setImmediate ends the turn. */
@@ -137,6 +145,7 @@ export class SignEngine {
     this.inlinePerTurn = options.inlinePerTurn ?? 4
     if (!Number.isInteger(this.inlinePerTurn) || this.inlinePerTurn < 0) throw new RangeError(`inlinePerTurn must be a non-negative integer, got ${this.inlinePerTurn}`)
     this.inlineLeft = this.inlinePerTurn
+    this.log = options.log
   }
 
   /** Spawns the threads and resolves once each has loaded the native binding (so a missing build fails here). */
@@ -296,7 +305,11 @@ export class SignEngine {
 
   /** Starts one thread; resolves when it has loaded the binding, rejects if it exits first. */
   private spawn(): Promise<void> {
-    const worker = new Worker(this.workerScript, { workerData: slotLayout })
+    const log = this.log
+    const worker = new Worker(this.workerScript, { workerData: slotLayout, stdout: log !== undefined, stderr: log !== undefined })
+    if (log) {
+      for (const [stream, from] of [[worker.stdout, 'stdout'], [worker.stderr, 'stderr']] as const) logLinesOf({ stream, from, log })
+    }
     const exited = new Promise<number>((resolve) => worker.once('exit', resolve))
     const slot: WorkerSlot = { worker, inflight: new Map(), inflightRequests: 0, ready: false, retiring: false, exited }
     this.slots.push(slot)
@@ -432,4 +445,12 @@ async function retire(slot: WorkerSlot): Promise<void> {
 function positiveInteger(name: string, value: number): number {
   if (!Number.isInteger(value) || value < 1) throw new RangeError(`${name} must be a positive integer, got ${value}`)
   return value
+}
+
+/** Each line a thread writes to `from`, as a log line (at most 500 characters of it). */
+function logLinesOf(options: { stream: Readable; from: 'stdout' | 'stderr'; log: NonNullable<SignEngineOptions['log']> }): void {
+  const { stream, from, log } = options
+  createInterface({ input: stream, crlfDelay: Infinity }).on('line', (line) => {
+    if (line.trim() !== '') log({ level: 'warn', event: 'signing_thread_output', stream: from, text: line.slice(0, 500) })
+  })
 }

@@ -79,6 +79,7 @@ export async function runEnclave(): Promise<() => Promise<void>> {
     // Whole milliseconds: a Node timer waits at least 1 ms, whatever it is asked.
     maxWaitMs: integerSetting('ENGINE_MAX_WAIT_MS', { min: 1, max: 100, fallback: 1 }),
     inlinePerTurn: optionalSetting('ENGINE_INLINE_PER_TURN') === undefined ? undefined : integerSetting('ENGINE_INLINE_PER_TURN', { min: 0, max: 64 }),
+    log: logLine,
   })
   await engine.start()
   let service: EnclaveService | undefined

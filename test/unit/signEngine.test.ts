@@ -216,6 +216,30 @@ describe('SignEngine', () => {
     await expectValid(request, await engine.sign(request))
   })
 
+  it('gives each line its threads write (a Node warning too) to its log, as a log line, and signs on', async () => {
+    const lines: Array<Record<string, unknown>> = []
+    const engine = new SignEngine({ threads: 1, inlinePerTurn: 0, log: (fields) => lines.push(fields) })
+    engines.push(engine)
+    const signWorker = internalsOf(engine).workerScript
+    // The real signing thread, after a warning and a line of its own on each stream.
+    const script = `process.emitWarning('a test warning', 'TestWarning')
+console.error('plain text on stderr')
+console.log('plain text on stdout')
+await import(${JSON.stringify(signWorker.href)})`
+    internalsOf(engine).workerScript = new URL(`data:text/javascript,${encodeURIComponent(script)}`)
+    await engine.start()
+    const request = randomRequest()
+    await expectValid(request, await engine.sign(request))
+    await new Promise((resolve) => setTimeout(resolve, 50))
+    expect(lines).toEqual(
+      expect.arrayContaining([
+        { level: 'warn', event: 'signing_thread_output', stream: 'stderr', text: expect.stringContaining('TestWarning: a test warning') },
+        { level: 'warn', event: 'signing_thread_output', stream: 'stderr', text: 'plain text on stderr' },
+        { level: 'warn', event: 'signing_thread_output', stream: 'stdout', text: 'plain text on stdout' },
+      ]),
+    )
+  })
+
   it('zeroes the keys of the batches a thread held when it died: they are not left in its freed memory', async () => {
     const engine = new SignEngine({ threads: 1, inlinePerTurn: 0 })
     engines.push(engine)
