@@ -223,7 +223,8 @@ async function hashAgreement(chain: ChainConfig, client: PublicClient) {
 
 /**
  * Whether a failed call is the node saying the EVM reverted, in any client's words: code 3 or "execution reverted"
- * (geth, anvil, newer Nethermind; viem's ExecutionRevertedError), -32015 "VM execution error." (older Nethermind), or
+ * (geth, anvil, newer Nethermind; viem makes these an ExecutionRevertedError), -32015 "VM execution error." (older
+ * Nethermind, for any failure in the EVM), or
  * "revert" in the message or data (Hardhat's "VM Exception while processing transaction: reverted with …"). Only in a
  * JSON-RPC error: an HTTP error page that says the same words is the RPC's own failure.
  */
@@ -232,7 +233,7 @@ function isRevertAnswer(error: unknown): boolean {
   const answer = error.walk((cause) => cause instanceof RpcRequestError) as RpcRequestError | null
   if (!answer) return false
   if (error.walk((cause) => cause instanceof ExecutionRevertedError)) return true
-  return answer.code === 3 || answer.code === -32015 || /revert/i.test(`${answer.details} ${typeof answer.data === 'string' ? answer.data : ''}`)
+  return answer.code === -32015 || /revert/i.test(`${answer.details} ${typeof answer.data === 'string' ? answer.data : ''}`)
 }
 
 /** The contract's answer to `call`, or why there is none: the RPC failed, the call reverted, returned nothing, or no hash. */

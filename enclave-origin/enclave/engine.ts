@@ -16,7 +16,6 @@
  * with inline signing off and 16–65 ms with it on.) Light turns bring it back.
  */
 import { availableParallelism } from 'node:os'
-import { createInterface } from 'node:readline'
 import type { Readable } from 'node:stream'
 import { Worker } from 'node:worker_threads'
 import { FailureBackoff } from '../failureBackoff.js'
@@ -40,8 +39,9 @@ export type SignEngineOptions = {
    */
   inlinePerTurn?: number
   /**
-   * Where the threads' own output goes, a line at a time (Node's warnings, a native library's complaints): plain
-   * text on stderr would break a log pipeline that reads JSON lines. Unset, it goes to this process's as it is.
+   * Where the threads' output through `process.stdout` and `process.stderr` goes (console, Node's warnings), a line
+   * at a time: plain text on stderr would break a log pipeline that reads JSON lines. Unset, it goes to this
+   * process's as it is. Writes to the file descriptors themselves (a native library's) still go out as they are.
    */
   log?: (fields: Record<string, unknown>) => void
 }
@@ -102,6 +102,8 @@ type WorkerSlot = {
   /** Set when the engine asks it to close, so its exit is not taken for a crash. */
   retiring: boolean
   exited: Promise<number>
+  /** Once all it wrote has been logged (the last of it arrives after its exit). */
+  outputLogged: Promise<void>
   lastError?: Error
 }
 
@@ -307,11 +309,11 @@ export class SignEngine {
   private spawn(): Promise<void> {
     const log = this.log
     const worker = new Worker(this.workerScript, { workerData: slotLayout, stdout: log !== undefined, stderr: log !== undefined })
-    if (log) {
-      for (const [stream, from] of [[worker.stdout, 'stdout'], [worker.stderr, 'stderr']] as const) logLinesOf({ stream, from, log })
-    }
+    const outputLogged = log
+      ? Promise.all(([[worker.stdout, 'stdout'], [worker.stderr, 'stderr']] as const).map(([stream, from]) => logLinesOf({ stream, from, log }))).then(() => {})
+      : Promise.resolve()
     const exited = new Promise<number>((resolve) => worker.once('exit', resolve))
-    const slot: WorkerSlot = { worker, inflight: new Map(), inflightRequests: 0, ready: false, retiring: false, exited }
+    const slot: WorkerSlot = { worker, inflight: new Map(), inflightRequests: 0, ready: false, retiring: false, exited, outputLogged }
     this.slots.push(slot)
     return new Promise((resolve, reject) => {
       worker.on('message', (message: { ready: true } | { batchId: number }) => {
@@ -440,6 +442,10 @@ async function retire(slot: WorkerSlot): Promise<void> {
   slot.retiring = true
   slot.worker.postMessage({ close: true })
   await slot.exited
+  // Its last lines, but not for ever: a stream that never ends must not hold a stop up.
+  let timer: ReturnType<typeof setTimeout> | undefined
+  await Promise.race([slot.outputLogged, new Promise<void>((resolve) => (timer = setTimeout(resolve, 1_000)))])
+  clearTimeout(timer)
 }
 
 function positiveInteger(name: string, value: number): number {
@@ -447,10 +453,32 @@ function positiveInteger(name: string, value: number): number {
   return value
 }
 
-/** Each line a thread writes to `from`, as a log line (at most 500 characters of it). */
-function logLinesOf(options: { stream: Readable; from: 'stdout' | 'stderr'; log: NonNullable<SignEngineOptions['log']> }): void {
+/**
+ * Each line a thread writes to `from` as a log line, cut to its first 500 characters: a thread that never ends a line
+ * costs no more memory than that. Resolves once the stream has ended, its last line (ended or not) logged.
+ */
+function logLinesOf(options: { stream: Readable; from: 'stdout' | 'stderr'; log: NonNullable<SignEngineOptions['log']> }): Promise<void> {
   const { stream, from, log } = options
-  createInterface({ input: stream, crlfDelay: Infinity }).on('line', (line) => {
-    if (line.trim() !== '') log({ level: 'warn', event: 'signing_thread_output', stream: from, text: line.slice(0, 500) })
+  const maxChars = 500
+  let pending = ''
+  const write = (line: string) => {
+    const text = line.endsWith('\r') ? line.slice(0, -1) : line
+    if (text.trim() !== '') log({ level: 'warn', event: 'signing_thread_output', stream: from, text })
+  }
+  stream.setEncoding('utf8')
+  stream.on('data', (chunk: string) => {
+    const lines = chunk.split('\n')
+    const last = lines.pop()!
+    for (const line of lines) {
+      write((pending + line).slice(0, maxChars))
+      pending = ''
+    }
+    pending = (pending + last).slice(0, maxChars)
+  })
+  return new Promise((resolve) => {
+    stream.once('close', () => {
+      write(pending)
+      resolve()
+    })
   })
 }

@@ -221,21 +221,25 @@ describe('SignEngine', () => {
     const engine = new SignEngine({ threads: 1, inlinePerTurn: 0, log: (fields) => lines.push(fields) })
     engines.push(engine)
     const signWorker = internalsOf(engine).workerScript
-    // The real signing thread, after a warning and a line of its own on each stream.
+    // The real signing thread, after a warning and lines of its own: a long one, and a last one it never ends.
     const script = `process.emitWarning('a test warning', 'TestWarning')
 console.error('plain text on stderr')
-console.log('plain text on stdout')
+console.log('x'.repeat(2000))
+process.on('exit', () => process.stdout.write('a last line, never ended, written as it exits'))
 await import(${JSON.stringify(signWorker.href)})`
     internalsOf(engine).workerScript = new URL(`data:text/javascript,${encodeURIComponent(script)}`)
     await engine.start()
     const request = randomRequest()
     await expectValid(request, await engine.sign(request))
-    await new Promise((resolve) => setTimeout(resolve, 50))
+    // Once stopped, what its threads wrote last has been logged too.
+    await engine.stop()
+    const output = (stream: string, text: unknown) => ({ level: 'warn', event: 'signing_thread_output', stream, text })
     expect(lines).toEqual(
       expect.arrayContaining([
-        { level: 'warn', event: 'signing_thread_output', stream: 'stderr', text: expect.stringContaining('TestWarning: a test warning') },
-        { level: 'warn', event: 'signing_thread_output', stream: 'stderr', text: 'plain text on stderr' },
-        { level: 'warn', event: 'signing_thread_output', stream: 'stdout', text: 'plain text on stdout' },
+        output('stderr', expect.stringContaining('TestWarning: a test warning')),
+        output('stderr', 'plain text on stderr'),
+        output('stdout', 'x'.repeat(500)),
+        output('stdout', 'a last line, never ended, written as it exits'),
       ]),
     )
   })
