@@ -214,8 +214,10 @@ describe('malformed input, many shapes (seeded)', () => {
       const answer = await origin.request(method, requestPath, body)
       const digestSent = (body as { digest?: unknown } | null)?.digest
       const stillValid = requestPath === `/v1/keys/${keyId}/sign` && typeof digestSent === 'string' && /^0x[0-9a-fA-F]{64}$/.test(digestSent)
-      if (stillValid) {
-        // A strange value that is a digest after all: signed, as it should be.
+      // An unlock whose mutation left `{}` (its one field removed) is a plain unlock: `{}` is no body.
+      const plainUnlock = requestPath === '/v1/unlock' && typeof body === 'object' && body !== null && !Array.isArray(body) && Object.keys(body).length === 0
+      if (stillValid || plainUnlock) {
+        // A strange value that is a valid request after all: served, as it should be.
         expect(answer.status, where).toBe(200)
         continue
       }
