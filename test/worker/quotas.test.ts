@@ -21,6 +21,14 @@ async function getPaymasterData(bindingsWithConfig: Record<string, unknown>, sen
   return (await response.json()) as { result?: { paymasterData: string }; error?: { code: number; message: string; data: Record<string, unknown> } }
 }
 
+async function stubData(bindingsWithConfig: Record<string, unknown>, sender: Address, key = apiKey) {
+  const response = await postWith(bindingsWithConfig, '/rpc', request('pm_getPaymasterStubData', [rpcUserOperationV07({ sender }), entryPoints['0.7'], '0x7a69', null]), key)
+  return (await response.json()) as { result?: { paymaster: string }; error?: { code: number; message: string; data: Record<string, unknown> } }
+}
+
+/** A namespace whose every object fails, as an overloaded Durable Object does. */
+const overloaded = { idFromName: (name: string) => name, get: () => ({ ask: () => Promise.reject(new Error('Durable Object is overloaded')) }) }
+
 const newSender = () => privateKeyToAddress(generatePrivateKey())
 
 function senderQuota(sender: Address) {
@@ -55,14 +63,10 @@ describe('quotas', () => {
     expect(retryAfter).toBeGreaterThan(3_590)
     expect(retryAfter).toBeLessThanOrEqual(3_601)
     // Stub data says so already, before the wallet estimates gas for an operation that would not be sponsored.
-    const stubbed = await postWith(config, '/rpc', request('pm_getPaymasterStubData', [rpcUserOperationV07({ sender }), entryPoints['0.7'], '0x7a69', null]))
-    expect(await stubbed.json()).toMatchObject({ error: { code: -32002, data: { reason: 'quota_exceeded', per: 'sender', used: '2' } } })
+    expect(await stubData(config, sender)).toMatchObject({ error: { code: -32002, data: { reason: 'quota_exceeded', per: 'sender', used: '2' } } })
     // Another sender has a quota of its own; stub data is not a sponsorship and is never counted.
     expect((await getPaymasterData(config, other)).result).toBeDefined()
-    for (let i = 0; i < 3; i++) {
-      const stub = await postWith(config, '/rpc', request('pm_getPaymasterStubData', [rpcUserOperationV07({ sender: other }), entryPoints['0.7'], '0x7a69', null]))
-      expect(await stub.json()).toMatchObject({ result: { paymaster: expect.any(String) } })
-    }
+    for (let i = 0; i < 3; i++) expect(await stubData(config, other)).toMatchObject({ result: { paymaster: expect.any(String) } })
     expect((await getPaymasterData(config, other)).result).toBeDefined()
     expect((await getPaymasterData(config, other)).error).toMatchObject({ data: { reason: 'quota_exceeded' } })
   })
@@ -118,10 +122,7 @@ describe('quotas', () => {
 
   it('declines stub data for an API key with nothing left, whatever the operation will cost', async () => {
     const sender = newSender()
-    const stubOf = async (bindingsWithConfig: Record<string, unknown>, key: string) => {
-      const response = await postWith(bindingsWithConfig, '/rpc', request('pm_getPaymasterStubData', [rpcUserOperationV07({ sender }), entryPoints['0.7'], '0x7a69', null]), key)
-      return (await response.json()) as { result?: unknown; error?: { message: string; data: Record<string, unknown> } }
-    }
+    const stubOf = (bindingsWithConfig: Record<string, unknown>, key: string) => stubData(bindingsWithConfig, sender, key)
     const dryRun = await postWith(withQuotas([]), '/api/v1/paymaster/process', { userOperation: rpcUserOperationV07({ sender }), entryPoint: entryPoints['0.7'], chainId: 31337 })
     const cost = BigInt(((await dryRun.json()) as { maxCostWei: string }).maxCostWei)
     const byCost = withQuotas([{ per: 'apiKey', windowSeconds: 60, maxCostWei: String(cost + 1n) }])
@@ -301,9 +302,8 @@ describe('quotas', () => {
     expect(await tablesOf(probed)).toEqual([])
     expect(await runInDurableObject(probed, (_instance, state) => state.storage.getAlarm())).toBeNull()
 
-    const unreachable = { idFromName: (name: string) => name, get: () => ({ ask: () => Promise.reject(new Error('Durable Object is overloaded')) }) }
     // Nothing can be signed meanwhile, so the service is unavailable: to operators, and to anyone else.
-    const down = withQuotas(limits, { QUOTAS: unreachable })
+    const down = withQuotas(limits, { QUOTAS: overloaded })
     expect(await healthOf(down)).toMatchObject({
       status: 503,
       body: { status: 'unavailable', quotas: { ok: false, error: 'a quota object cannot be reached: Durable Object is overloaded' } },
@@ -338,15 +338,10 @@ describe('quotas', () => {
   })
 
   it('signs nothing when the counts cannot be reached, and says so', async () => {
-    const unreachable = {
-      idFromName: (name: string) => name,
-      get: () => ({ ask: () => Promise.reject(new Error('Durable Object is overloaded')) }),
-    }
     const log = vi.spyOn(console, 'log')
-    const config = withQuotas([{ per: 'sender', windowSeconds: 60, maxOperations: 5 }], { QUOTAS: unreachable })
+    const config = withQuotas([{ per: 'sender', windowSeconds: 60, maxOperations: 5 }], { QUOTAS: overloaded })
     // Stub data's check is advice only: signing checks again, so the stub is given.
-    const stub = await postWith(config, '/rpc', request('pm_getPaymasterStubData', [rpcUserOperationV07({ sender: newSender() }), entryPoints['0.7'], '0x7a69', null]))
-    expect(await stub.json()).toMatchObject({ result: { paymaster: expect.any(String) } })
+    expect(await stubData(config, newSender())).toMatchObject({ result: { paymaster: expect.any(String) } })
     const answer = await getPaymasterData(config, newSender())
     expect(answer.error).toEqual({
       code: -32603,

@@ -55,7 +55,12 @@ export class DurableObjectQuotas implements Quotas {
 
   async advise(use: QuotaUse): Promise<void> {
     const answered = await within(this.ask({ use, count: false, advisory: true }), this.timeouts.adviceMs)
-    if (!answered) this.log({ level: 'warn', event: 'quota_unavailable', advisory: true, message: `no answer within ${this.timeouts.adviceMs} ms` })
+    if (!answered) this.adviceSkipped(`no answer within ${this.timeouts.adviceMs} ms`)
+  }
+
+  /** Stub data given without the counts' advice: nothing refused for it, as signing asks again and signs nothing uncounted. */
+  private adviceSkipped(why: string): void {
+    this.log({ level: 'warn', event: 'quota_unavailable', advisory: true, message: why })
   }
 
   /** One round trip to an object no subject is counted in, asking about no limit: it stores nothing. */
@@ -98,8 +103,8 @@ export class DurableObjectQuotas implements Quotas {
 
     const failure = settled.find((result): result is PromiseRejectedResult => result.status === 'rejected')
     if (failure && advisory) {
-      // Nothing refused for it: signing asks again, and signs nothing uncounted. A subject that did answer may still say no.
-      this.log({ level: 'warn', event: 'quota_unavailable', advisory: true, message: messageOf(failure.reason) })
+      // A subject that did answer may still say no, below.
+      this.adviceSkipped(messageOf(failure.reason))
     } else if (failure) {
       await release()
       this.log({ level: 'error', event: 'quota_unavailable', message: messageOf(failure.reason) })

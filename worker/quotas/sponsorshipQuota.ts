@@ -103,10 +103,10 @@ export class SponsorshipQuota extends DurableObject {
     if (!this.stored) {
       sql.exec('CREATE TABLE buckets (second INTEGER PRIMARY KEY, seconds INTEGER NOT NULL, operations INTEGER NOT NULL, cost_wei TEXT NOT NULL)')
       sql.exec('CREATE TABLE retention (retain_ms INTEGER NOT NULL)')
-      sql.exec('INSERT INTO retention (retain_ms) VALUES (0)')
+      // From here on, ask() stores the retention whenever it grows.
+      sql.exec('INSERT INTO retention (retain_ms) VALUES (?)', this.retainMs)
       this.stored = true
     }
-    sql.exec('UPDATE retention SET retain_ms = ?', this.retainMs)
     this.storeBucket(bucket)
     if (!this.alarmSet) await this.scheduleAlarm()
   }
