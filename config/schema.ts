@@ -13,10 +13,25 @@ export type ProfileName = (typeof profileNames)[number]
 export const entryPointVersions = ['0.6', '0.7', '0.8'] as const
 export type EntryPointVersion = (typeof entryPointVersions)[number]
 
-export const paymasterContracts = ['pimlico-singleton', 'eth-infinitism-verifying'] as const
+/**
+ * `pimlico-singleton-7702`: Pimlico's SingletonPaymasterV8 as its current sources build it, whose getHash wraps the
+ * V7 hash with the EIP-7702 initCode override; `pimlico-singleton` at v0.8 is the V8 @pimlico/mock-paymaster ships.
+ */
+export const paymasterContracts = ['pimlico-singleton', 'pimlico-singleton-7702', 'eth-infinitism-verifying'] as const
 export type PaymasterContract = (typeof paymasterContracts)[number]
+/** The EntryPoint versions each contract family is built for. */
+const contractVersions: Record<PaymasterContract, readonly EntryPointVersion[]> = {
+  'pimlico-singleton': entryPointVersions,
+  'pimlico-singleton-7702': ['0.8'],
+  'eth-infinitism-verifying': ['0.7'],
+}
 /** Contracts that accept one signer address (the others keep a set of signers). */
 const singleSignerContracts: readonly PaymasterContract[] = ['eth-infinitism-verifying']
+
+/** Whether the contract keeps a set of signers (Pimlico's `signers(address)`), rather than one. */
+export function keepsSignerSet(contract: PaymasterContract): boolean {
+  return !singleSignerContracts.includes(contract)
+}
 
 /** Whether one of the chain's paymasters accepts a single signer, so every backend of its signer must share one address. */
 export function acceptsSingleSigner(chain: { paymasters: ReadonlyArray<{ contract: PaymasterContract }> }): boolean {
@@ -190,9 +205,10 @@ const paymasterSchema = z
     verificationGasLimit: paymasterGasLimitSchema.optional(),
     postOpGasLimit: paymasterGasLimitSchema.optional(),
   })
-  .refine((p) => p.contract !== 'eth-infinitism-verifying' || p.entryPointVersion === '0.7', {
-    message: 'eth-infinitism-verifying is supported for EntryPoint 0.7 only',
-    path: ['entryPointVersion'],
+  .superRefine((p, ctx) => {
+    const versions = contractVersions[p.contract]
+    if (versions.includes(p.entryPointVersion)) return
+    ctx.addIssue({ code: 'custom', message: `${p.contract} is supported for EntryPoint ${versions.join(', ')} only`, path: ['entryPointVersion'] })
   })
 
 const chainSchema = z

@@ -12,11 +12,11 @@ import {
   type Transport,
 } from 'viem'
 import { ConfigError } from '../config/load.js'
-import type { ChainConfig } from '../config/schema.js'
+import { keepsSignerSet, type ChainConfig } from '../config/schema.js'
 import { SharedLoad } from '../backends/sharedLoad.js'
 import { SignerError, type SignerHealth } from '../backends/signer.js'
 import { stubSignature, type PaymasterAdapter } from './sponsor/adapters/paymasterAdapter.js'
-import { adapterFor } from './sponsor/adapters/registry.js'
+import { adapterFor, otherAdapters } from './sponsor/adapters/registry.js'
 import { supportedEntryPoints } from './sponsor/entryPoints.js'
 import { operationModels } from './sponsor/operationModels.js'
 import type { UserOperationV06, UserOperationV07 } from './sponsor/userOperation.js'
@@ -146,7 +146,7 @@ function takingTurns(transport: Transport, inTurn: Turns): Transport {
  */
 async function signersAuthorised(chain: ChainConfig, health: SignerHealth, client: PublicClient) {
   const members: Array<{ name: string; address?: Address }> = health.members ?? [{ name: chain.signer, address: health.ok ? health.address : undefined }]
-  const singletons = chain.paymasters.filter((p) => p.contract === 'pimlico-singleton')
+  const singletons = chain.paymasters.filter((p) => keepsSignerSet(p.contract))
   return Promise.all(
     singletons.flatMap((paymaster) =>
       members.map(async (member) => {
@@ -181,8 +181,9 @@ const probe = {
 
 /**
  * Each paymaster's own `getHash`, on chain, against the hash we would sign for the same operation: they differ when
- * the deployed contract is not the one the config names (a Pimlico V8 built from newer sources, which hashes
- * differently), or the chain is not the config's (its id is in the hash). Every signature would then fail (AA34).
+ * the deployed contract is not the one the config names (the other build of Pimlico's V8, say: the error then names
+ * the family that hashes as it does), or the chain is not the config's (its id is in the hash). Every signature would
+ * then fail (AA34).
  * A call that reverts, or finds no code, says the contract there is not of the config's kind, or not there at all.
  */
 async function hashAgreement(chain: ChainConfig, client: PublicClient) {
@@ -190,17 +191,8 @@ async function hashAgreement(chain: ChainConfig, client: PublicClient) {
     chain.paymasters.map(async ({ entryPointVersion, contract, address: paymaster }) => {
       const base = { paymaster, entryPointVersion, contract }
       try {
-        const adapter = adapterFor(contract, entryPointVersion)
-        const fields = {
-          paymaster,
-          paymasterData: adapter.paymasterData({ window: probe.window, signature: stubSignature }),
-          paymasterVerificationGasLimit: adapter.defaultGas.verificationGasLimit,
-          paymasterPostOpGasLimit: adapter.defaultGas.postOpGasLimit,
-        }
-        const bare = entryPointVersion === '0.6' ? ({ ...probe.operation, initCode: '0x', paymasterAndData: '0x' } satisfies UserOperationV06) : (probe.operation satisfies UserOperationV07)
-        const op = operationModels[entryPointVersion].withPaymaster(bare as never, fields) as never
-        const ours = adapter.hash({ op, chainId: chain.chainId, paymaster, window: probe.window })
-        const call = adapter.getHashCall({ op, window: probe.window })
+        const probed = (adapter: PaymasterAdapter<never>) => probeFor({ adapter, chainId: chain.chainId, paymaster })
+        const { ours, call } = probed(adapterFor(contract, entryPointVersion))
         const theirs = await onChainHash(client, paymaster, call)
         if ('failure' in theirs) {
           const notHere = `no ${contract} paymaster for v${entryPointVersion} at this address on the RPC's chain`
@@ -213,12 +205,33 @@ async function hashAgreement(chain: ChainConfig, client: PublicClient) {
           return { ...base, agrees: null, error }
         }
         if (theirs.hash === ours) return { ...base, agrees: true }
-        return { ...base, agrees: false, error: `its getHash is not the hash signed for ${contract} on chain ${chain.chainId}: signatures would fail (AA34)` }
+        // Another family's hash over the very same call, if one matches, says what the contract there is.
+        const calldata = encodeFunctionData(call as never)
+        const lookalike = otherAdapters(contract, entryPointVersion).find((other) => {
+          const candidate = probed(other)
+          return encodeFunctionData(candidate.call as never) === calldata && candidate.ours === theirs.hash
+        })
+        const instead = lookalike ? `; it hashes as ${lookalike.contract} does: set the paymaster's contract to that` : ''
+        return { ...base, agrees: false, error: `its getHash is not the hash signed for ${contract} on chain ${chain.chainId}: signatures would fail (AA34)${instead}` }
       } catch {
         return { ...base, agrees: null, error: 'could not work out the hash to compare' }
       }
     }),
   )
+}
+
+/** The probe operation as `adapter` would sign it for `paymaster`: the hash we would sign, and the call of the contract's own getHash. */
+function probeFor({ adapter, chainId, paymaster }: { adapter: PaymasterAdapter<never>; chainId: number; paymaster: Address }) {
+  const { entryPointVersion } = adapter
+  const fields = {
+    paymaster,
+    paymasterData: adapter.paymasterData({ window: probe.window, signature: stubSignature }),
+    paymasterVerificationGasLimit: adapter.defaultGas.verificationGasLimit,
+    paymasterPostOpGasLimit: adapter.defaultGas.postOpGasLimit,
+  }
+  const bare = entryPointVersion === '0.6' ? ({ ...probe.operation, initCode: '0x', paymasterAndData: '0x' } satisfies UserOperationV06) : (probe.operation satisfies UserOperationV07)
+  const op = operationModels[entryPointVersion].withPaymaster(bare as never, fields) as never
+  return { ours: adapter.hash({ op, chainId, paymaster, window: probe.window }), call: adapter.getHashCall({ op, window: probe.window }) }
 }
 
 /**

@@ -9,6 +9,7 @@ import { prepareSponsored, signAndSubmit } from '../support/e2eFlow.js'
 import { startHttpSignerServer } from '../support/httpSignerServer.js'
 import { startKeyServers, type KeyServers } from '../support/keyServers.js'
 import { startWorker } from '../support/wranglerDev.js'
+import { healthReport } from '../../worker/health.js'
 
 /**
  * Signatures from the KMS, Vault and HTTP backends, made by the Worker under
@@ -144,4 +145,22 @@ it('/health compares each paymaster\u2019s on-chain getHash with the hash it sig
   await withWorker(18862, { chains: chains.slice(0, 1), signers: { primary: backends.kms } }, async (workerUrl) => {
     expect(((await (await fetch(`${workerUrl}/health`)).json()) as Health).status).toBe('ok')
   })
+})
+
+it('/health names the paymaster family whose hash a deployed getHash matches, when it is not the configured one', async () => {
+  // The devnet's V8 is the one @pimlico/mock-paymaster ships (pimlico-singleton), configured here as the other build.
+  const paymaster = devnet.singletonPaymasters['0.8']
+  const chain = { chainId: devnet.chainId, rpcUrl: anvil.rpcUrl, paymasters: [{ entryPointVersion: '0.8', contract: 'pimlico-singleton-7702', address: paymaster }] }
+  const report = await healthReport({ PROFILE: 'development', PAYMASTER_CONFIG: { chains: [chain], signers: { primary: backends.kms } }, ...secrets })
+  expect(report.chains![0]!.paymasterHashes).toEqual([
+    {
+      paymaster,
+      entryPointVersion: '0.8',
+      contract: 'pimlico-singleton-7702',
+      agrees: false,
+      error: `its getHash is not the hash signed for pimlico-singleton-7702 on chain ${devnet.chainId}: signatures would fail (AA34); it hashes as pimlico-singleton does: set the paymaster's contract to that`,
+    },
+  ])
+  // It keeps a set of signers, as every Pimlico build does: the signer's place in it is checked too.
+  expect(report.chains![0]!.signerAuthorisation).toEqual([{ paymaster, backend: 'primary', address: devnet.paymasterSigner, authorised: true }])
 })

@@ -1,17 +1,17 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
-import { getAddress, hashMessage, recoverAddress } from 'viem'
+import { concat, encodeFunctionData, getAddress, hashMessage, recoverAddress, toHex, type Address, type Hex } from 'viem'
 import { getUserOperationHash, toPackedUserOperation, type UserOperation } from 'viem/account-abstraction'
 import type { EntryPointVersion } from '../../config/schema.js'
 import { pimlicoSingletonV6, pimlicoSingletonV7, pimlicoSingletonV8 } from '../../worker/sponsor/adapters/pimlicoSingleton.js'
 import { canonicalEntryPoints } from '../../worker/sponsor/entryPoints.js'
 import { anvilWellKnownKeys } from '../support/anvilKeys.js'
 import { clientsFor, devnetChainConfig, entryPointVersions, type Devnet } from '../support/devnet.js'
-import { entryPointAbis, singletonGetHashAbi } from '../support/artifacts.js'
-import { observedNonce, prepareSponsored, rejectionOf, signAndSubmit, startDevnetAndWorker, toRpcUserOperation } from '../support/e2eFlow.js'
+import { artifact, entryPointAbis, singletonGetHashAbi } from '../support/artifacts.js'
+import { gasForTests, incrementNonceCall, observedNonce, prepareSponsored, rejectionOf, signAndSubmit, startDevnetAndWorker, submit, toRpcUserOperation } from '../support/e2eFlow.js'
 import { loadConfig } from '../../config/load.js'
 import { LocalSigner } from '../../backends/local.js'
 import { sponsor, type SponsorDeps } from '../../worker/sponsor/sponsor.js'
-import { generatePrivateKey } from 'viem/accounts'
+import { generatePrivateKey, privateKeyToAccount } from 'viem/accounts'
 import type { RunningWorker } from '../support/wranglerDev.js'
 
 /**
@@ -120,3 +120,45 @@ describe.each(entryPointVersions)('Pimlico SingletonPaymaster on EntryPoint v%s'
   })
 })
 
+describe('EIP-7702 on EntryPoint v0.8', () => {
+  it('sponsors an EOA with 0 ETH that delegates to Simple7702Account, its authorization applied in the handleOps transaction', async () => {
+    const { publicClient, deployer } = clientsFor(devnet.rpcUrl)
+    const simple7702 = artifact('0.8', 'Simple7702Account')
+    const deployed = await publicClient.waitForTransactionReceipt({ hash: await deployer.deployContract({ abi: simple7702.abi, bytecode: simple7702.bytecode }) })
+    const delegate = deployed.contractAddress!
+    // A fresh EOA: it has sent no transaction, so its authorization takes nonce 0; the bundler's transaction carries it.
+    const eoa = privateKeyToAccount(generatePrivateKey())
+    const authorization = await eoa.signAuthorization({ contractAddress: delegate, chainId: devnet.chainId, nonce: 0 })
+    const unsponsored = {
+      sender: eoa.address,
+      nonce: 0n,
+      factory: '0x7702',
+      factoryData: '0x',
+      callData: encodeFunctionData({ abi: simple7702.abi, functionName: 'execute', args: [canonicalEntryPoints['0.8'], 0n, incrementNonceCall('0.8').data] }),
+      ...gasForTests,
+      signature: '0x',
+      authorization,
+    } as unknown as UserOperation<'0.8'>
+    const response = await fetch(`${worker.url}/rpc`, {
+      method: 'POST',
+      headers: { 'content-type': 'application/json' },
+      body: JSON.stringify({ jsonrpc: '2.0', id: 1, method: 'pm_getPaymasterData', params: [toRpcUserOperation(unsponsored as UserOperation), canonicalEntryPoints['0.8'], toHex(devnet.chainId), {}] }),
+    })
+    const { result } = (await response.json()) as { result: { paymaster: Address; paymasterData: Hex; paymasterVerificationGasLimit: Hex; paymasterPostOpGasLimit: Hex; userOpHash: Hex } }
+    const sponsored = {
+      ...unsponsored,
+      paymaster: result.paymaster,
+      paymasterData: result.paymasterData,
+      paymasterVerificationGasLimit: BigInt(result.paymasterVerificationGasLimit),
+      paymasterPostOpGasLimit: BigInt(result.paymasterPostOpGasLimit),
+    }
+    // Simple7702Account takes a plain ECDSA signature of the userOpHash by the EOA itself.
+    const userOperation = { ...sponsored, signature: await eoa.sign({ hash: result.userOpHash }) } as UserOperation
+    const { receipt, event } = await submit({ devnet, version: '0.8', userOperation, authorizationList: [authorization] })
+    expect(receipt.status).toBe('success')
+    expect(event.args).toMatchObject({ sender: eoa.address, paymaster: getAddress(devnet.singletonPaymasters['0.8']), success: true, userOpHash: result.userOpHash })
+    expect(await publicClient.getCode({ address: eoa.address })).toBe(concat(['0xef0100', delegate.toLowerCase() as Hex]))
+    expect(await observedNonce(publicClient, '0.8', eoa.address)).toBe(1n)
+    expect(await publicClient.getBalance({ address: eoa.address })).toBe(0n)
+  })
+})

@@ -7,6 +7,7 @@ import {
   type Address,
   type Hex,
   type PublicClient,
+  type SignedAuthorizationList,
 } from 'viem'
 import {
   createBundlerClient,
@@ -80,8 +81,9 @@ export async function signAndSubmit(options: {
   return submit({ devnet, version, userOperation })
 }
 
-export async function submit(options: { devnet: Devnet; version: EntryPointVersion; userOperation: UserOperation }) {
-  const { devnet, version, userOperation } = options
+/** handleOps from the bundler account; with `authorizationList` (EIP-7702), in a transaction that applies it first. */
+export async function submit(options: { devnet: Devnet; version: EntryPointVersion; userOperation: UserOperation; authorizationList?: SignedAuthorizationList }) {
+  const { devnet, version, userOperation, authorizationList } = options
   const { publicClient, bundler } = clientsFor(devnet.rpcUrl)
   const packed = version === '0.6' ? userOperation : toPackedUserOperation(userOperation)
   const { request } = await publicClient.simulateContract({
@@ -91,6 +93,7 @@ export async function submit(options: { devnet: Devnet; version: EntryPointVersi
     functionName: 'handleOps',
     args: [[packed as never], bundler.account.address],
     gas: 5_000_000n,
+    ...(authorizationList ? { authorizationList } : {}),
   })
   const receipt = await publicClient.waitForTransactionReceipt({ hash: await bundler.writeContract(request) })
   const [event] = parseEventLogs({ abi: entryPointAbis[version], logs: receipt.logs, eventName: 'UserOperationEvent' })

@@ -159,9 +159,12 @@ describe('configuration', () => {
     expect(loadConfig(sponsorOf("data:image/svg+xml,<svg fill='%23fff'/>")).sponsor.icon).toBe("data:image/svg+xml,<svg fill='%23fff'/>")
   })
 
-  it('keeps the VerifyingPaymaster to the EntryPoint version we prove it on', () => {
-    const verifyingOnV08 = { ...chain, paymasters: [{ ...chain.paymasters[0], entryPointVersion: '0.8', contract: 'eth-infinitism-verifying' }] }
-    expect(configError({ PAYMASTER_CONFIG: { chains: [verifyingOnV08] } })).toContain('supported for EntryPoint 0.7 only')
+  it('keeps each paymaster family to the EntryPoint versions it is built for', () => {
+    const on = (contract: string, entryPointVersion: string) => ({ PAYMASTER_CONFIG: { chains: [{ ...chain, paymasters: [{ ...chain.paymasters[0], entryPointVersion, contract }] }] } })
+    expect(configError(on('eth-infinitism-verifying', '0.8'))).toBe('configuration invalid: chains.0.paymasters.0.entryPointVersion: eth-infinitism-verifying is supported for EntryPoint 0.7 only')
+    expect(configError(on('pimlico-singleton-7702', '0.7'))).toBe('configuration invalid: chains.0.paymasters.0.entryPointVersion: pimlico-singleton-7702 is supported for EntryPoint 0.8 only')
+    expect(loadConfig(on('pimlico-singleton-7702', '0.8')).chains[0]!.paymasters[0]!.contract).toBe('pimlico-singleton-7702')
+    for (const version of ['0.6', '0.7', '0.8']) expect(loadConfig(on('pimlico-singleton', version)).chains[0]!.paymasters[0]!.entryPointVersion).toBe(version)
   })
 
   it('allows ephemeral keys in development only, and no key in the Worker at all in high-security', () => {

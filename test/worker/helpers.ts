@@ -51,11 +51,17 @@ export async function rpc(body: unknown, options: { path?: string; headers?: Rec
   return { status: response.status, body: text ? JSON.parse(text) : undefined }
 }
 
-/** The test bindings with `policy` entries set and `extra` bindings over them: a config, and so services, of their own. */
-export function withPolicy(policy: Record<string, unknown>, extra: Record<string, unknown> = {}): Record<string, unknown> {
+type TestConfig = { policy: Record<string, unknown>; chains: Array<{ paymasters: Array<Record<string, unknown>> }> }
+
+/** The test bindings with the config as `change` makes it and `extra` bindings over them: a config, and so services, of their own. */
+export function withConfig(change: (config: TestConfig) => TestConfig, extra: Record<string, unknown> = {}): Record<string, unknown> {
   const bindings = env as unknown as Record<string, unknown> & { PAYMASTER_CONFIG: string }
-  const config = JSON.parse(bindings.PAYMASTER_CONFIG) as { policy: Record<string, unknown> }
-  return { ...bindings, ...extra, PAYMASTER_CONFIG: JSON.stringify({ ...config, policy: { ...config.policy, ...policy } }) }
+  return { ...bindings, ...extra, PAYMASTER_CONFIG: JSON.stringify(change(JSON.parse(bindings.PAYMASTER_CONFIG) as TestConfig)) }
+}
+
+/** `withConfig` with `policy` entries set. */
+export function withPolicy(policy: Record<string, unknown>, extra: Record<string, unknown> = {}): Record<string, unknown> {
+  return withConfig((config) => ({ ...config, policy: { ...config.policy, ...policy } }), extra)
 }
 
 /** `withPolicy` with these quota limits. */

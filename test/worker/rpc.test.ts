@@ -1,10 +1,10 @@
 import { beforeAll, describe, expect, it } from 'vitest'
 import { hexToBigInt, hexToBytes, recoverMessageAddress, size, slice, type Address, type Hex } from 'viem'
 import { getUserOperationHash, type UserOperation } from 'viem/account-abstraction'
-import { pimlicoSingletonV6, pimlicoSingletonV7 } from '../../worker/sponsor/adapters/pimlicoSingleton.js'
+import { pimlicoSingletonV6, pimlicoSingletonV7, pimlicoSingletonV8, pimlicoSingletonV8Eip7702 } from '../../worker/sponsor/adapters/pimlicoSingleton.js'
 import { toUserOperationV06, toUserOperationV07, userOperationV06Schema, userOperationV07Schema } from '../../worker/sponsor/userOperation.js'
 import { rpcUserOperationV06, rpcUserOperationV07, withoutGas } from '../support/userOperations.js'
-import { chainId, entryPoints, paymasters, request, rpc, seedSignerKey } from './helpers.js'
+import { chainId, entryPoints, paymasters, postWith, request, rpc, seedSignerKey, withConfig } from './helpers.js'
 
 let signer: Address
 beforeAll(async () => {
@@ -48,29 +48,31 @@ describe('ERC-7677 pm_getPaymasterStubData', () => {
   })
 })
 
+type SignedFields = { paymaster: Address; paymasterData: Hex; paymasterVerificationGasLimit: Hex; paymasterPostOpGasLimit: Hex; userOpHash: Hex }
+
+/** A v0.7+ RPC operation with the Pimlico paymaster fields the Worker signed, and the validity window they carry. */
+function signedOperation(op: unknown, result: SignedFields) {
+  const final = {
+    ...toUserOperationV07(userOperationV07Schema.parse(op)),
+    paymaster: result.paymaster,
+    paymasterVerificationGasLimit: BigInt(result.paymasterVerificationGasLimit),
+    paymasterPostOpGasLimit: BigInt(result.paymasterPostOpGasLimit),
+    paymasterData: result.paymasterData,
+  }
+  const window = { validUntil: Number(hexToBigInt(slice(result.paymasterData, 1, 7))), validAfter: Number(hexToBigInt(slice(result.paymasterData, 7, 13))) }
+  return { final, window }
+}
+
 describe('ERC-7677 pm_getPaymasterData', () => {
   it('signs the Pimlico V7 hash with the Secrets Store key and returns the userOpHash', async () => {
     const op = rpcUserOperationV07()
     const { body } = await rpc(request('pm_getPaymasterData', [op, entryPoints['0.7'], chainHex, {}]))
-    const result = body.result as {
-      paymaster: Address
-      paymasterData: Hex
-      paymasterVerificationGasLimit: Hex
-      paymasterPostOpGasLimit: Hex
-      userOpHash: Hex
-    }
+    const result = body.result as SignedFields
     expect(Object.keys(result).sort()).toEqual(
       ['paymaster', 'paymasterData', 'paymasterPostOpGasLimit', 'paymasterVerificationGasLimit', 'userOpHash'].sort(),
     )
     const signature = slice(result.paymasterData, 13)
-    const final = {
-      ...toUserOperationV07(userOperationV07Schema.parse(op)),
-      paymaster: result.paymaster,
-      paymasterVerificationGasLimit: BigInt(result.paymasterVerificationGasLimit),
-      paymasterPostOpGasLimit: BigInt(result.paymasterPostOpGasLimit),
-      paymasterData: result.paymasterData,
-    }
-    const window = { validUntil: Number(hexToBigInt(slice(result.paymasterData, 1, 7))), validAfter: Number(hexToBigInt(slice(result.paymasterData, 7, 13))) }
+    const { final, window } = signedOperation(op, result)
     const hash = pimlicoSingletonV7.hash({ op: final, chainId, paymaster: result.paymaster, window })
     expect(await recoverMessageAddress({ message: { raw: hash }, signature })).toBe(signer)
     expect(result.userOpHash).toBe(
@@ -147,6 +149,22 @@ describe('EIP-7702 UserOperations', () => {
     const full = { ...short, factory: '0x7702000000000000000000000000000000000000' }
     const { body } = await rpc(request('pm_getPaymasterData', [full, entryPoints['0.8'], chainHex]))
     expect(body.result.paymaster).toBe(paymasters['0.8'])
+  })
+
+  it('v0.8 with pimlico-singleton-7702: signs the V7 hash wrapped with the delegate’s override, not the V7 hash', async () => {
+    const bindings = withConfig((config) => ({
+      ...config,
+      chains: config.chains.map((chain) => ({ ...chain, paymasters: chain.paymasters.map((p) => (p.entryPointVersion === '0.8' ? { ...p, contract: 'pimlico-singleton-7702' } : p)) })),
+    }))
+    for (const initCode of [{ factory: null, factoryData: null }, { factory: '0x7702000000000000000000000000000000000000', factoryData: '0xabcdef' }]) {
+      const op = rpcUserOperationV07({ ...initCode, eip7702Auth: authorization })
+      const response = await postWith(bindings, '/rpc', request('pm_getPaymasterData', [op, entryPoints['0.8'], chainHex]))
+      const { result } = (await response.json()) as { result: SignedFields }
+      const { final, window } = signedOperation(op, result)
+      const hashes = [pimlicoSingletonV8Eip7702, pimlicoSingletonV8].map((adapter) => adapter.hash({ op: final, chainId, paymaster: result.paymaster, window }))
+      const signature = slice(result.paymasterData, 13)
+      expect(await Promise.all(hashes.map((hash) => recoverMessageAddress({ message: { raw: hash }, signature }))), initCode.factory ?? 'no initCode').toEqual([signer, expect.not.stringMatching(signer)])
+    }
   })
 
   it('v0.7: refuses the marker, which that EntryPoint would call as a factory, and leaves an authorization alone to the bundler', async () => {

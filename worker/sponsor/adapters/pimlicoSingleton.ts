@@ -1,7 +1,7 @@
-import { concat, encodeAbiParameters, encodePacked, keccak256, slice, type Abi, type AbiParameter, type Hex } from 'viem'
+import { concat, encodeAbiParameters, encodePacked, keccak256, slice, zeroHash, type Abi, type AbiParameter, type Hex } from 'viem'
 import { toPackedUserOperation, type UserOperation } from 'viem/account-abstraction'
 import type { ValidityWindow } from '../policy.js'
-import type { UserOperationV06, UserOperationV07 } from '../userOperation.js'
+import { isEip7702Marker, type UserOperationV06, type UserOperationV07 } from '../userOperation.js'
 import { packedUserOperationParameter, userOperationV06Parameter, type PaymasterAdapter } from './paymasterAdapter.js'
 
 /**
@@ -16,9 +16,12 @@ import { packedUserOperationParameter, userOperationV06Parameter, type Paymaster
  *
  * getHash covers paymasterAndData up to the signature (so the mode byte, the
  * window and, on V7/V8, both paymaster gas limits) plus block.chainid, but not
- * the paymaster's address beyond those bytes. V8 (as deployed by
- * @pimlico/mock-paymaster) hashes exactly as V7, with the raw initCode even
- * for an EIP-7702 marker.
+ * the paymaster's address beyond those bytes. V8 as @pimlico/mock-paymaster
+ * deploys it (`pimlico-singleton`) hashes exactly as V7, with the raw initCode
+ * even for an EIP-7702 marker. V8 as its current sources build it
+ * (`pimlico-singleton-7702`) hashes `abi.encode(v7Hash, override)`, the
+ * override being what the v0.8 EntryPoint hashes in place of the initCode of
+ * an EIP-7702 operation, and zero for any other.
  *
  * Any bundler is allowed (bit 1): with it clear the contract reads tx.origin,
  * which ERC-7562 forbids during validation, so public bundlers would drop it.
@@ -132,4 +135,23 @@ export const pimlicoSingletonV7: PaymasterAdapter<UserOperationV07> = {
 export const pimlicoSingletonV8: PaymasterAdapter<UserOperationV07> = {
   ...pimlicoSingletonV7,
   entryPointVersion: '0.8',
+}
+
+/**
+ * The v0.8 EntryPoint's `_getEip7702InitCodeHashOverride`: for initCode starting with the 7702 marker,
+ * keccak256(delegate ‖ initCode[20:]), where initCode[20:] is the factoryData after the full marker (the short one
+ * takes none); zero for any other initCode. The EntryPoint reads the delegate from the sender's code; we take it from
+ * the operation's authorization, as its userOpHash does.
+ */
+export function eip7702InitCodeHashOverride(op: UserOperationV07): Hex {
+  if (!isEip7702Marker(op.factory)) return zeroHash
+  if (!op.authorization) throw new Error('an EIP-7702 UserOperation without eip7702Auth names no delegate to hash')
+  return keccak256(concat([op.authorization.address, op.factoryData ?? '0x']))
+}
+
+export const pimlicoSingletonV8Eip7702: PaymasterAdapter<UserOperationV07> = {
+  ...pimlicoSingletonV8,
+  contract: 'pimlico-singleton-7702',
+  hash: ({ op, chainId }) =>
+    keccak256(encodeAbiParameters([{ type: 'bytes32' }, { type: 'bytes32' }], [singletonV07Hash({ op, chainId }), eip7702InitCodeHashOverride(op)])),
 }
