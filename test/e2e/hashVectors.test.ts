@@ -50,12 +50,12 @@ it('v0.8 EIP-7702 UserOperations hash as the EntryPoint does: the initCode marke
     })
     expect(model.userOpHash({ op: op as never, chainId: devnet.chainId, entryPoint: canonicalEntryPoints['0.8'] })).toBe(onChain)
     // The override that pimlico-singleton-7702 wraps into its hash is the one the EntryPoint hashes in initCode's place.
-    expect(entryPointV08HashWith(eip7702InitCodeHashOverride(op as UserOperationV07), op as UserOperationV07, domainSeparator)).toBe(onChain)
+    expect(entryPointV08HashWith({ initCodeHash: eip7702InitCodeHashOverride(op as UserOperationV07), op: op as UserOperationV07, domainSeparator })).toBe(onChain)
   }
 })
 
 /** EntryPoint v0.8's getUserOpHash (EIP-712 over UserOperationLib.encode) with `initCodeHash` in place of keccak256(initCode). */
-function entryPointV08HashWith(initCodeHash: Hex, op: UserOperationV07, domainSeparator: Hex): Hex {
+function entryPointV08HashWith({ initCodeHash, op, domainSeparator }: { initCodeHash: Hex; op: UserOperationV07; domainSeparator: Hex }): Hex {
   const packed = toPackedUserOperation(op as UserOperation<'0.8'>)
   const typeHash = keccak256(
     toHex('PackedUserOperation(address sender,uint256 nonce,bytes initCode,bytes callData,bytes32 accountGasLimits,uint256 preVerificationGas,bytes32 gasFees,bytes paymasterAndData)'),

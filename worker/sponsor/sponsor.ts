@@ -95,6 +95,8 @@ type Prepared = {
   paymaster: Address
   gasLimits: Pick<PaymasterFields, 'paymasterVerificationGasLimit' | 'paymasterPostOpGasLimit'>
   window: ValidityWindow
+  /** Whose API key asked (quotas per API key count by it). */
+  apiKeyId: string | undefined
 }
 
 export function findChain(config: Config, chainId: number): ChainConfig {
@@ -114,7 +116,7 @@ export function findChain(config: Config, chainId: number): ChainConfig {
  * refusals (v0.8's 7702 rule); stub requests come before gas estimation, so
  * for them only the sender is checked.
  */
-function prepare(deps: SponsorDeps, request: SponsorRequest, forSigning: boolean): Prepared {
+function prepare({ deps, request, forSigning }: { deps: SponsorDeps; request: SponsorRequest; forSigning: boolean }): Prepared {
   const chain = findChain(deps.config, request.chainId)
   const entryPoint = resolveEntryPoint(chain, request.entryPoint)
   const paymasterConfig = chain.paymasters.find((p) => p.entryPointVersion === entryPoint.version)!
@@ -160,6 +162,7 @@ function prepare(deps: SponsorDeps, request: SponsorRequest, forSigning: boolean
     paymaster: paymasterConfig.address,
     gasLimits,
     window: validityWindow(deps.config.policy, deps.now()),
+    apiKeyId: request.apiKeyId,
   }
 }
 
@@ -196,8 +199,8 @@ export function stubFor(deps: SponsorDeps, request: SponsorRequest): Promise<Stu
 }
 
 async function stub(deps: SponsorDeps, request: SponsorRequest): Promise<Stub> {
-  const prepared = prepare(deps, request, false)
-  await deps.quotas?.advise(quotaUseOf(prepared, request, undefined))
+  const prepared = prepare({ deps, request, forSigning: false })
+  await deps.quotas?.advise(quotaUseOf(prepared, undefined))
   return { entryPoint: prepared.entryPoint, fields: fieldsOf(prepared, stubSignature), window: prepared.window }
 }
 
@@ -223,8 +226,8 @@ async function observed<T>(options: {
   return result
 }
 
-function quotaUseOf(prepared: Prepared, request: SponsorRequest, costWei: bigint | undefined): QuotaUse {
-  return { chainId: prepared.chain.chainId, sender: prepared.op.sender, apiKeyId: request.apiKeyId, costWei }
+function quotaUseOf(prepared: Prepared, costWei: bigint | undefined): QuotaUse {
+  return { chainId: prepared.chain.chainId, sender: prepared.op.sender, apiKeyId: prepared.apiKeyId, costWei }
 }
 
 function costOf(prepared: Prepared): bigint {
@@ -237,9 +240,9 @@ export function evaluate(deps: SponsorDeps, request: SponsorRequest): Promise<Ev
 }
 
 async function dryRun(deps: SponsorDeps, request: SponsorRequest): Promise<Evaluation> {
-  const prepared = prepare(deps, request, true)
+  const prepared = prepare({ deps, request, forSigning: true })
   const costWei = costOf(prepared)
-  await deps.quotas?.check(quotaUseOf(prepared, request, costWei))
+  await deps.quotas?.check(quotaUseOf(prepared, costWei))
   return {
     ...finalize(prepared, fieldsOf(prepared, stubSignature)),
     paymasterHash: paymasterHash(prepared),
@@ -253,11 +256,11 @@ export function sponsor(deps: SponsorDeps, request: SponsorRequest): Promise<Spo
 }
 
 async function sign(deps: SponsorDeps, request: SponsorRequest): Promise<Sponsorship> {
-  const prepared = prepare(deps, request, true)
+  const prepared = prepare({ deps, request, forSigning: true })
   const digest = hashMessage({ raw: paymasterHash(prepared) })
   const signer = deps.signerFor(prepared.chain)
   const maxCostWei = costOf(prepared)
-  const release = await deps.quotas?.take(quotaUseOf(prepared, request, maxCostWei))
+  const release = await deps.quotas?.take(quotaUseOf(prepared, maxCostWei))
   const started = Date.now()
   let signed: SignedDigest
   try {
