@@ -12,7 +12,7 @@ import {
   type Transport,
 } from 'viem'
 import { ConfigError } from '../config/load.js'
-import { keepsSignerSet, type ChainConfig } from '../config/schema.js'
+import { keepsSignerSet, type ChainConfig, type EntryPointVersion, type PaymasterContract } from '../config/schema.js'
 import { SharedLoad } from '../backends/sharedLoad.js'
 import { SignerError, type SignerHealth } from '../backends/signer.js'
 import { stubSignature, type PaymasterAdapter } from './sponsor/adapters/paymasterAdapter.js'
@@ -191,8 +191,7 @@ async function hashAgreement(chain: ChainConfig, client: PublicClient) {
     chain.paymasters.map(async ({ entryPointVersion, contract, address: paymaster }) => {
       const base = { paymaster, entryPointVersion, contract }
       try {
-        const probed = (adapter: PaymasterAdapter<never>) => probeFor({ adapter, chainId: chain.chainId, paymaster })
-        const { ours, call } = probed(adapterFor(contract, entryPointVersion))
+        const { ours, call } = probeFor({ adapter: adapterFor(contract, entryPointVersion), chainId: chain.chainId, paymaster })
         const theirs = await onChainHash(client, paymaster, call)
         if ('failure' in theirs) {
           const notHere = `no ${contract} paymaster for v${entryPointVersion} at this address on the RPC's chain`
@@ -204,15 +203,11 @@ async function hashAgreement(chain: ChainConfig, client: PublicClient) {
           }[theirs.failure]
           return { ...base, agrees: null, error }
         }
-        if (theirs.hash === ours) return { ...base, agrees: true }
-        // Another family's hash over the very same call, if one matches, says what the contract there is.
-        const calldata = encodeFunctionData(call as never)
-        const lookalike = otherAdapters(contract, entryPointVersion).find((other) => {
-          const candidate = probed(other)
-          return encodeFunctionData(candidate.call as never) === calldata && candidate.ours === theirs.hash
-        })
-        const instead = lookalike ? `; it hashes as ${lookalike.contract} does: set the paymaster's contract to that` : ''
-        return { ...base, agrees: false, error: `its getHash is not the hash signed for ${contract} on chain ${chain.chainId}: signatures would fail (AA34)${instead}` }
+        if (theirs.hash === ours()) return { ...base, agrees: true }
+        const lookalike = familyHashingAs({ theirs: theirs.hash, call, contract, entryPointVersion, chainId: chain.chainId, paymaster })
+        // A hint, not a verdict: a contract for another EntryPoint version may hash alike (the mock V8 hashes as V7).
+        const hint = lookalike ? `; it hashes as ${lookalike} does at v${entryPointVersion}: if that is the contract there, configure it so` : ''
+        return { ...base, agrees: false, error: `its getHash is not the hash signed for ${contract} on chain ${chain.chainId}: signatures would fail (AA34)${hint}` }
       } catch {
         return { ...base, agrees: null, error: 'could not work out the hash to compare' }
       }
@@ -220,7 +215,10 @@ async function hashAgreement(chain: ChainConfig, client: PublicClient) {
   )
 }
 
-/** The probe operation as `adapter` would sign it for `paymaster`: the hash we would sign, and the call of the contract's own getHash. */
+/**
+ * The probe operation as `adapter` would sign it for `paymaster`: the call of the contract's own getHash, and the hash
+ * we would sign (worked out when asked).
+ */
 function probeFor({ adapter, chainId, paymaster }: { adapter: PaymasterAdapter<never>; chainId: number; paymaster: Address }) {
   const { entryPointVersion } = adapter
   const fields = {
@@ -231,7 +229,24 @@ function probeFor({ adapter, chainId, paymaster }: { adapter: PaymasterAdapter<n
   }
   const bare = entryPointVersion === '0.6' ? ({ ...probe.operation, initCode: '0x', paymasterAndData: '0x' } satisfies UserOperationV06) : (probe.operation satisfies UserOperationV07)
   const op = operationModels[entryPointVersion].withPaymaster(bare as never, fields) as never
-  return { ours: adapter.hash({ op, chainId, paymaster, window: probe.window }), call: adapter.getHashCall({ op, window: probe.window }) }
+  return { call: adapter.getHashCall({ op, window: probe.window }), ours: () => adapter.hash({ op, chainId, paymaster, window: probe.window }) }
+}
+
+/**
+ * Another family at the version whose hash, for the very call the contract answered, is the contract's: what the
+ * contract there may be instead. Only families that make the same call are compared, so no RPC is made; none when
+ * any of this fails.
+ */
+function familyHashingAs(args: { theirs: Hex; call: ReturnType<PaymasterAdapter<never>['getHashCall']>; contract: PaymasterContract; entryPointVersion: EntryPointVersion; chainId: number; paymaster: Address }): PaymasterContract | undefined {
+  try {
+    const calldata = encodeFunctionData(args.call as never)
+    return otherAdapters(args.contract, args.entryPointVersion).find((other) => {
+      const candidate = probeFor({ adapter: other, chainId: args.chainId, paymaster: args.paymaster })
+      return encodeFunctionData(candidate.call as never) === calldata && candidate.ours() === args.theirs
+    })?.contract
+  } catch {
+    return undefined
+  }
 }
 
 /**

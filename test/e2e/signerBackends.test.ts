@@ -158,7 +158,7 @@ it('/health names the paymaster family whose hash a deployed getHash matches, wh
       entryPointVersion: '0.8',
       contract: 'pimlico-singleton-7702',
       agrees: false,
-      error: `its getHash is not the hash signed for pimlico-singleton-7702 on chain ${devnet.chainId}: signatures would fail (AA34); it hashes as pimlico-singleton does: set the paymaster's contract to that`,
+      error: `its getHash is not the hash signed for pimlico-singleton-7702 on chain ${devnet.chainId}: signatures would fail (AA34); it hashes as pimlico-singleton does at v0.8: if that is the contract there, configure it so`,
     },
   ])
   // It keeps a set of signers, as every Pimlico build does: the signer's place in it is checked too.

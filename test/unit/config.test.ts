@@ -1,6 +1,8 @@
 import { wranglerProfileConfigs } from '../support/wranglerProfiles.js'
 import { describe, expect, it } from 'vitest'
 import { ConfigError, loadConfig } from '../../config/load.js'
+import { entryPointVersions, paymasterContracts } from '../../config/schema.js'
+import { adapterFor } from '../../worker/sponsor/adapters/registry.js'
 
 const chain = {
   chainId: 8453,
@@ -165,6 +167,28 @@ describe('configuration', () => {
     expect(configError(on('pimlico-singleton-7702', '0.7'))).toBe('configuration invalid: chains.0.paymasters.0.entryPointVersion: pimlico-singleton-7702 is supported for EntryPoint 0.8 only')
     expect(loadConfig(on('pimlico-singleton-7702', '0.8')).chains[0]!.paymasters[0]!.contract).toBe('pimlico-singleton-7702')
     for (const version of ['0.6', '0.7', '0.8']) expect(loadConfig(on('pimlico-singleton', version)).chains[0]!.paymasters[0]!.entryPointVersion).toBe(version)
+  })
+
+  it('takes exactly the family and version pairs that have an adapter', () => {
+    for (const contract of paymasterContracts) {
+      for (const version of entryPointVersions) {
+        const hasAdapter = (() => {
+          try {
+            return adapterFor(contract, version).contract === contract
+          } catch {
+            return false
+          }
+        })()
+        const loads = (() => {
+          try {
+            return loadConfig({ PAYMASTER_CONFIG: { chains: [{ ...chain, paymasters: [{ ...chain.paymasters[0], entryPointVersion: version, contract }] }] } }) !== undefined
+          } catch {
+            return false
+          }
+        })()
+        expect(loads, `${contract} at v${version}`).toBe(hasAdapter)
+      }
+    }
   })
 
   it('allows ephemeral keys in development only, and no key in the Worker at all in high-security', () => {

@@ -4,6 +4,8 @@ import vectors from '../vectors/paymasterHashes.json' with { type: 'json' }
 import type { EntryPointVersion, PaymasterContract } from '../../config/schema.js'
 import { pimlicoSingletonV8 } from '../../worker/sponsor/adapters/pimlicoSingleton.js'
 import { adapterFor } from '../../worker/sponsor/adapters/registry.js'
+import { InvalidParamsError } from '../../worker/errors.js'
+import { eip7702AuthMissing } from '../../worker/sponsor/userOperation.js'
 import { canonicalEntryPoints } from '../../worker/sponsor/entryPoints.js'
 import { operationModels } from '../../worker/sponsor/operationModels.js'
 
@@ -57,12 +59,18 @@ describe('pimlico-singleton-7702', () => {
   const adapter = adapterFor('pimlico-singleton-7702', '0.8')
   const v08Vectors = vectors.filter((v) => v.contract === 'pimlico-singleton' && v.entryPointVersion === '0.8')
 
+  it('has the deployed V8 vectors to build on', () => {
+    expect(v08Vectors.map((v) => v.name)).toEqual(['pimlico-singleton v0.8 plain', 'pimlico-singleton v0.8 with factory', 'pimlico-singleton v0.8 large values'])
+  })
+
   it.each(v08Vectors)('wraps the deployed V8 getHash of "$name" with a zero override', (vector) => {
     const op = operationOf(vector.userOperation)
     const hash = adapter.hash({ op: op as never, chainId: vector.chainId, paymaster: vector.paymaster as Hex, window: vector.window })
     expect(hash).toBe(wrapped(vector.paymasterHash as Hex, zeroHash))
   })
 
+  // The override restated: this pins its wiring (which delegate, which bytes). That it is the EntryPoint's own is
+  // checked against getUserOpHash on anvil.
   it('wraps it with keccak256(delegate ‖ factoryData) for an EIP-7702 initCode, the delegate named by eip7702Auth', () => {
     const vector = v08Vectors[0]!
     const delegate = '0xe6Cae83BdE06E4c305530e199D7217f42808555B'
@@ -75,9 +83,9 @@ describe('pimlico-singleton-7702', () => {
     for (const initCode of cases) {
       expect(hashOf(initCode), initCode.factory).toBe(wrapped(v7Hash(initCode), keccak256(concat([delegate, initCode.factoryData ?? '0x']))))
     }
-    // Without its delegate there is nothing to hash: signing refuses such an operation before it comes here.
+    // Without its delegate there is nothing to hash: signing refuses such an operation before it comes here, in the same words.
     expect(() => adapter.hash({ op: { ...operationOf(vector.userOperation), factory: '0x7702' } as never, chainId: 1, paymaster: vector.paymaster as Hex, window: vector.window })).toThrow(
-      'an EIP-7702 UserOperation without eip7702Auth names no delegate to hash',
+      new InvalidParamsError(eip7702AuthMissing),
     )
   })
 })

@@ -85,6 +85,10 @@ export const userOperationV07OnlySchema = userOperationV07Schema.refine((op) => 
   path: ['factory'],
 })
 
+/** Why an EIP-7702 operation without its authorization is not signed for v0.8 (see `eip7702SigningRefusal`). */
+export const eip7702AuthMissing =
+  'userOperation.eip7702Auth: an EIP-7702 UserOperation (factory 0x7702) needs eip7702Auth, which names the delegate the EntryPoint hashes in the marker\u2019s place'
+
 /**
  * Why v0.8 will not sign this operation, if it will not: v0.8 puts the sender's delegate in the marker's place when it
  * hashes; without the authorization that names it, the delegate is on chain only, which is not read here, so the
@@ -92,7 +96,7 @@ export const userOperationV07OnlySchema = userOperationV07Schema.refine((op) => 
  */
 export function eip7702SigningRefusal(op: UserOperationV07Input): string | undefined {
   if (!isEip7702Marker(op.factory) || op.eip7702Auth) return undefined
-  return 'userOperation.eip7702Auth: an EIP-7702 UserOperation (factory 0x7702) needs eip7702Auth, which names the delegate the EntryPoint hashes in the marker\u2019s place'
+  return eip7702AuthMissing
 }
 
 export type UserOperationV06Input = z.infer<typeof userOperationV06Schema>

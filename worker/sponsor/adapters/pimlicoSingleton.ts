@@ -1,7 +1,8 @@
 import { concat, encodeAbiParameters, encodePacked, keccak256, slice, zeroHash, type Abi, type AbiParameter, type Hex } from 'viem'
 import { toPackedUserOperation, type UserOperation } from 'viem/account-abstraction'
 import type { ValidityWindow } from '../policy.js'
-import { isEip7702Marker, type UserOperationV06, type UserOperationV07 } from '../userOperation.js'
+import { InvalidParamsError } from '../../errors.js'
+import { eip7702AuthMissing, isEip7702Marker, type UserOperationV06, type UserOperationV07 } from '../userOperation.js'
 import { packedUserOperationParameter, userOperationV06Parameter, type PaymasterAdapter } from './paymasterAdapter.js'
 
 /**
@@ -145,7 +146,8 @@ export const pimlicoSingletonV8: PaymasterAdapter<UserOperationV07> = {
  */
 export function eip7702InitCodeHashOverride(op: UserOperationV07): Hex {
   if (!isEip7702Marker(op.factory)) return zeroHash
-  if (!op.authorization) throw new Error('an EIP-7702 UserOperation without eip7702Auth names no delegate to hash')
+  // Signing refuses such an operation first (eip7702SigningRefusal); this keeps any other caller to the same answer.
+  if (!op.authorization) throw new InvalidParamsError(eip7702AuthMissing)
   return keccak256(concat([op.authorization.address, op.factoryData ?? '0x']))
 }
 
