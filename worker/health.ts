@@ -181,8 +181,8 @@ const probe = {
 
 /**
  * Each paymaster's own `getHash`, on chain, against the hash we would sign for the same operation: they differ when
- * the deployed contract is not the one the config names (the other build of Pimlico's V8, say: the error then names
- * the family that hashes as it does), or the chain is not the config's (its id is in the hash). Every signature would
+ * the deployed contract is not the one the config names (the other build of Pimlico's V8, say: the error then hints
+ * at the family that hashes as it does), or the chain is not the config's (its id is in the hash). Every signature would
  * then fail (AA34).
  * A call that reverts, or finds no code, says the contract there is not of the config's kind, or not there at all.
  */
@@ -234,19 +234,19 @@ function probeFor({ adapter, chainId, paymaster }: { adapter: PaymasterAdapter<n
 
 /**
  * Another family at the version whose hash, for the very call the contract answered, is the contract's: what the
- * contract there may be instead. Only families that make the same call are compared, so no RPC is made; none when
- * any of this fails.
+ * contract there may be instead. Only families that make the same call are compared, so no RPC is made; one that
+ * cannot be worked out is passed over.
  */
 function familyHashingAs(args: { theirs: Hex; call: ReturnType<PaymasterAdapter<never>['getHashCall']>; contract: PaymasterContract; entryPointVersion: EntryPointVersion; chainId: number; paymaster: Address }): PaymasterContract | undefined {
-  try {
-    const calldata = encodeFunctionData(args.call as never)
-    return otherAdapters(args.contract, args.entryPointVersion).find((other) => {
+  const calldata = encodeFunctionData(args.call as never)
+  return otherAdapters(args.contract, args.entryPointVersion).find((other) => {
+    try {
       const candidate = probeFor({ adapter: other, chainId: args.chainId, paymaster: args.paymaster })
       return encodeFunctionData(candidate.call as never) === calldata && candidate.ours() === args.theirs
-    })?.contract
-  } catch {
-    return undefined
-  }
+    } catch {
+      return false
+    }
+  })?.contract
 }
 
 /**

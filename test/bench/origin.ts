@@ -586,8 +586,10 @@ async function main() {
       record(`enclave direct (binary), ${scenario.name}`, await directly((send) => closedLoop(pidsOfOrigin, send)))
     }
 
-    const best = Math.max(...results.filter((r) => r.scenario.startsWith('closed loop')).map((r) => r.throughput as number))
-    const bestDirect = Math.max(...results.filter((r) => r.scenario.startsWith('enclave direct')).map((r) => r.throughput as number))
+    /** The closed loops of each path: the most any served is the capacity that path's open loops are judged against. */
+    const capacityRows = { parent: results.filter((r) => r.scenario.startsWith('closed loop')), direct: results.filter((r) => r.scenario.startsWith('enclave direct')) }
+    const best = Math.max(...capacityRows.parent.map((r) => r.throughput as number))
+    const bestDirect = Math.max(...capacityRows.direct.map((r) => r.throughput as number))
     // Open loop at each offered fraction with the defaults; at the highest, also without batching and without inline signing (the A/B).
     const highest = Math.max(...offeredFractions)
     const openRuns = [
@@ -664,12 +666,19 @@ async function main() {
         const p99 = clientP99(row)
         const errorRate = row.errorRate as number
         const skippedRate = ((row.skipped as number | undefined) ?? 0) / Math.max(((row.skipped as number | undefined) ?? 0) + (row.requests as number), 1)
-        const other = (row.cpu as { cores: { other: number } }).cores.other
+        const other = otherCores(row)
+        // A shared machine during any closed loop of the path lowers the capacity (the best one's, or leaves a worse
+        // configuration's the best), and so the rate offered here: the target looks easier than it is.
+        const capacityOther = Math.max(...(judgedPath.startsWith('via the parent') ? capacityRows.parent : capacityRows.direct).map(otherCores))
         const met = p99 >= 0 && p99 < target.p99Ms && errorRate < target.errorRate
         // Only the runs through the parent hold 500 connections open, as the target says; direct runs use the
         // parent's pool of 16, with at most 500 in flight: a figure for the enclave alone.
         const verdict = judgedPath.startsWith('via the parent') ? (met ? 'met' : 'not met') : `${met ? 'met' : 'not met'} (16 connections: the enclave alone, not the target's scenario)`
-        const contaminated = other > 0.15 ? `; ${other} cores went to processes outside the origin and the generator: the machine was shared, repeat this run` : ''
+        const shared = [
+          ...(other > 0.15 ? [`${other} cores went to processes outside the origin and the generator`] : []),
+          ...(capacityOther > 0.15 ? [`up to ${capacityOther} cores went elsewhere in the closed loops that set the capacity, so the rate offered may be too low`] : []),
+        ]
+        const contaminated = shared.length > 0 ? `; ${shared.join('; ')}: the machine was shared, repeat this run` : ''
         console.log(`  ${judgedPath.padEnd(36)} p99 ${p99} ms, errors ${(errorRate * 100).toFixed(2)}% (${(skippedRate * 100).toFixed(2)}% not sent in time): ${verdict}${contaminated}`)
       }
     }
@@ -683,3 +692,8 @@ main().catch((error: unknown) => {
   console.error(error)
   process.exitCode = 1
 })
+
+/** The host's busy cores that none of the measured processes took during a row. */
+function otherCores(row: Record<string, unknown>): number {
+  return (row.cpu as { cores: { other: number } }).cores.other
+}

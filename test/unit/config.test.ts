@@ -1,7 +1,7 @@
 import { wranglerProfileConfigs } from '../support/wranglerProfiles.js'
 import { describe, expect, it } from 'vitest'
 import { ConfigError, loadConfig } from '../../config/load.js'
-import { entryPointVersions, paymasterContracts } from '../../config/schema.js'
+import { entryPointVersions, paymasterContracts, type EntryPointVersion, type PaymasterContract } from '../../config/schema.js'
 import { adapterFor } from '../../worker/sponsor/adapters/registry.js'
 
 const chain = {
@@ -161,34 +161,29 @@ describe('configuration', () => {
     expect(loadConfig(sponsorOf("data:image/svg+xml,<svg fill='%23fff'/>")).sponsor.icon).toBe("data:image/svg+xml,<svg fill='%23fff'/>")
   })
 
-  it('keeps each paymaster family to the EntryPoint versions it is built for', () => {
+  it('takes exactly the family and version pairs that have an adapter, and names the versions of a family refused', () => {
     const on = (contract: string, entryPointVersion: string) => ({ PAYMASTER_CONFIG: { chains: [{ ...chain, paymasters: [{ ...chain.paymasters[0], entryPointVersion, contract }] }] } })
-    expect(configError(on('eth-infinitism-verifying', '0.8'))).toBe('configuration invalid: chains.0.paymasters.0.entryPointVersion: eth-infinitism-verifying is supported for EntryPoint 0.7 only')
-    expect(configError(on('pimlico-singleton-7702', '0.7'))).toBe('configuration invalid: chains.0.paymasters.0.entryPointVersion: pimlico-singleton-7702 is supported for EntryPoint 0.8 only')
-    expect(loadConfig(on('pimlico-singleton-7702', '0.8')).chains[0]!.paymasters[0]!.contract).toBe('pimlico-singleton-7702')
-    for (const version of ['0.6', '0.7', '0.8']) expect(loadConfig(on('pimlico-singleton', version)).chains[0]!.paymasters[0]!.entryPointVersion).toBe(version)
-  })
-
-  it('takes exactly the family and version pairs that have an adapter', () => {
-    for (const contract of paymasterContracts) {
-      for (const version of entryPointVersions) {
-        const hasAdapter = (() => {
-          try {
-            return adapterFor(contract, version).contract === contract
-          } catch {
-            return false
-          }
-        })()
-        const loads = (() => {
-          try {
-            return loadConfig({ PAYMASTER_CONFIG: { chains: [{ ...chain, paymasters: [{ ...chain.paymasters[0], entryPointVersion: version, contract }] }] } }) !== undefined
-          } catch {
-            return false
-          }
-        })()
-        expect(loads, `${contract} at v${version}`).toBe(hasAdapter)
+    const adapterOf = (contract: PaymasterContract, version: EntryPointVersion) => {
+      try {
+        return adapterFor(contract, version)
+      } catch {
+        return undefined
       }
     }
+    const taken: string[] = []
+    for (const contract of paymasterContracts) {
+      for (const version of entryPointVersions) {
+        const pair = `${contract} at v${version}`
+        if (adapterOf(contract, version)) {
+          expect(loadConfig(on(contract, version)).chains[0]!.paymasters[0], pair).toMatchObject({ contract, entryPointVersion: version })
+          taken.push(pair)
+        } else {
+          expect(configError(on(contract, version)), pair).toMatch(new RegExp(`^configuration invalid: chains\\.0\\.paymasters\\.0\\.entryPointVersion: ${contract} is supported for EntryPoint [0-9., ]+ only$`))
+        }
+      }
+    }
+    expect(taken).toEqual(['pimlico-singleton at v0.6', 'pimlico-singleton at v0.7', 'pimlico-singleton at v0.8', 'pimlico-singleton-7702 at v0.8', 'eth-infinitism-verifying at v0.7'])
+    expect(configError(on('pimlico-singleton-7702', '0.7'))).toBe('configuration invalid: chains.0.paymasters.0.entryPointVersion: pimlico-singleton-7702 is supported for EntryPoint 0.8 only')
   })
 
   it('allows ephemeral keys in development only, and no key in the Worker at all in high-security', () => {

@@ -135,7 +135,7 @@ describe('EIP-7702 UserOperations', () => {
     }
   })
 
-  it('v0.8: refuses factoryData after the short marker (0x7702 ‖ factoryData is no marker to the EntryPoint), and signs it after the full one', async () => {
+  it('v0.8: refuses factoryData after the short marker (the EntryPoint reads the first 20 bytes of 0x7702 ‖ factoryData), and signs it after the full one', async () => {
     const short = rpcUserOperationV07({ factory: '0x7702', factoryData: '0xabcdef', eip7702Auth: authorization })
     for (const method of ['pm_getPaymasterStubData', 'pm_getPaymasterData']) {
       const { body } = await rpc(request(method, [short, entryPoints['0.8'], chainHex, {}]))

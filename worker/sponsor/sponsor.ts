@@ -284,7 +284,7 @@ async function sign(deps: SponsorDeps, request: SponsorRequest): Promise<Sponsor
     signedBy: signed.signedBy,
     signMs: Date.now() - started,
     maxCostWei: maxCostWei.toString(),
-    ...(request.apiKeyId ? { apiKeyId: request.apiKeyId } : {}),
+    ...(prepared.apiKeyId ? { apiKeyId: prepared.apiKeyId } : {}),
   })
   return sponsorship
 }

@@ -75,7 +75,7 @@ export function isEip7702Marker(factory: string | null | undefined): boolean {
  * zero-padded, so the short marker takes no factoryData.
  */
 export const userOperationV08Schema = userOperationV07Schema.refine((op) => !op.factoryData || op.factoryData === '0x' || op.factory?.toLowerCase() !== '0x7702', {
-  message: 'with factoryData, the EIP-7702 marker must be written in full (0x7702 and 36 zeros): 0x7702 ‖ factoryData is no marker to the EntryPoint',
+  message: 'with factoryData, the EIP-7702 marker must be written in full (0x7702 and 36 zeros): the EntryPoint looks for it in the first 20 bytes of 0x7702 ‖ factoryData',
   path: ['factory'],
 })
 
