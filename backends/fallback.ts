@@ -2,6 +2,7 @@ import { getAddress, type Address, type Hex } from 'viem'
 import { CircuitBreaker, type BreakerAdmission } from './circuitBreaker.js'
 import type { SignerMetrics } from './signerMetrics.js'
 import { SignerError, signerErrorMessage, type MemberHealth, type SignedDigest, type Signer, type SignerDescription, type SignerHealth, type SignOptions } from './signer.js'
+import { waitAtMost } from './waitAtMost.js'
 
 export type FallbackSignerOptions = {
   name: string
@@ -164,19 +165,17 @@ export class FallbackSigner implements Signer {
     const name = member.describe().name
     const started = Date.now()
     const expired = new AbortController()
-    let timer: ReturnType<typeof setTimeout> | undefined
-    const timeout = new Promise<never>((_, reject) => {
-      timer = setTimeout(() => {
-        // The timeout first: a member that fails at once on the abort must not win the race as a mere failure.
-        reject(new AttemptTimeoutError(`${name}: no signature within ${this.options.timeoutMs} ms`, { retryable: true }))
-        expired.abort()
-      }, this.options.timeoutMs)
-    })
     try {
       const signing = member.signDigest(digest, { signal: AbortSignal.any([signal, expired.signal]) })
       // If the timeout wins, this attempt may still fail later: nobody is waiting for it then.
       signing.catch(() => {})
-      const signed = await Promise.race([signing, timeout])
+      const waited = await waitAtMost(signing, { ms: this.options.timeoutMs })
+      if (!('value' in waited)) {
+        // The timeout decided first: a member that fails at once on the abort must not count as a mere failure.
+        expired.abort()
+        throw new AttemptTimeoutError(`${name}: no signature within ${this.options.timeoutMs} ms`, { retryable: true })
+      }
+      const signed = waited.value
       if (this.options.requireSameAddress) {
         this.agreedAddress ??= signed.address
         if (signed.address !== this.agreedAddress) {
@@ -199,8 +198,6 @@ export class FallbackSigner implements Signer {
       this.lastFailureRetryable[index] = error instanceof SignerError && error.options.retryable
       this.options.metrics.record(name, timedOut ? 'timeout' : 'failure', Date.now() - started)
       throw error
-    } finally {
-      clearTimeout(timer)
     }
   }
 

@@ -1,4 +1,5 @@
 import { SignerError } from './signer.js'
+import { waitAtMost } from './waitAtMost.js'
 
 export type SharedLoadOptions<T> = {
   load: () => Promise<T>
@@ -42,7 +43,10 @@ export class SharedLoad<T> {
     const stale = current && (current.answeredAt === undefined ? now - current.startedAt >= abandonAfterMs : now - current.answeredAt >= keepMs)
     if (!current || stale) current = this.start(now)
     if (current.answeredAt !== undefined) return current.promise
-    return waitAtMost(current.promise, current.startedAt + abandonAfterMs - now, `${what}: no answer within ${abandonAfterMs} ms; retry shortly`, { signal, why: stoppedWhy })
+    return waitAtMost(current.promise, { ms: current.startedAt + abandonAfterMs - now, signal }).then((waited) => {
+      if ('value' in waited) return waited.value
+      throw new SignerError(waited.gaveUp === 'timeout' ? `${what}: no answer within ${abandonAfterMs} ms; retry shortly` : stoppedWhy, { retryable: true })
+    })
   }
 
   private now(): number {
@@ -62,23 +66,4 @@ export class SharedLoad<T> {
     )
     return entry
   }
-}
-
-/**
- * `promise`, or a retryable SignerError saying `why` once `ms` have passed (a timer of the waiting caller's own
- * request), or saying `stopped.why` once `stopped.signal` aborts.
- */
-function waitAtMost<T>(promise: Promise<T>, ms: number, why: string, stopped: { signal: AbortSignal | undefined; why: string }): Promise<T> {
-  const { signal } = stopped
-  let timer: ReturnType<typeof setTimeout> | undefined
-  let onAbort: (() => void) | undefined
-  const gaveUp = new Promise<never>((_, reject) => {
-    timer = setTimeout(() => reject(new SignerError(why, { retryable: true })), Math.max(ms, 0))
-    onAbort = () => reject(new SignerError(stopped.why, { retryable: true }))
-    signal?.addEventListener('abort', onAbort, { once: true })
-  })
-  return Promise.race([promise, gaveUp]).finally(() => {
-    clearTimeout(timer)
-    signal?.removeEventListener('abort', onAbort!)
-  })
 }

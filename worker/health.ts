@@ -237,7 +237,14 @@ function probeFor({ adapter, chainId, paymaster }: { adapter: PaymasterAdapter<n
  * contract there may be instead. Only families that make the same call are compared, so no RPC is made; one that
  * cannot be worked out is passed over.
  */
-function familyHashingAs(args: { theirs: Hex; call: ReturnType<PaymasterAdapter<never>['getHashCall']>; contract: PaymasterContract; entryPointVersion: EntryPointVersion; chainId: number; paymaster: Address }): PaymasterContract | undefined {
+function familyHashingAs(args: {
+  theirs: Hex
+  call: ReturnType<PaymasterAdapter<never>['getHashCall']>
+  contract: PaymasterContract
+  entryPointVersion: EntryPointVersion
+  chainId: number
+  paymaster: Address
+}): PaymasterContract | undefined {
   const calldata = encodeFunctionData(args.call as never)
   return otherAdapters(args.contract, args.entryPointVersion).find((other) => {
     try {

@@ -3,6 +3,7 @@ import { InternalError, QuotaExceededError, QuotaUnavailableError } from '../err
 import type { QuotaUse, Quotas } from '../sponsor/sponsor.js'
 import { longestWait, worstOf } from './quotaLedger.js'
 import type { QuotaAnswer, QuotaLimitWire, SponsorshipQuota } from './sponsorshipQuota.js'
+import { waitAtMost } from '../../backends/waitAtMost.js'
 
 type QuotaLimit = QuotaConfig['limits'][number]
 type Per = QuotaLimit['per']
@@ -54,8 +55,8 @@ export class DurableObjectQuotas implements Quotas {
   }
 
   async advise(use: QuotaUse): Promise<void> {
-    const answered = await within(this.ask({ use, count: false, advisory: true }), this.timeouts.adviceMs)
-    if (!answered) this.adviceSkipped(`no answer within ${this.timeouts.adviceMs} ms`)
+    const answered = await waitAtMost(this.ask({ use, count: false, advisory: true }), { ms: this.timeouts.adviceMs })
+    if (!('value' in answered)) this.adviceSkipped(`no answer within ${this.timeouts.adviceMs} ms`)
   }
 
   /** Stub data given without the counts' advice: nothing refused for it, as signing asks again and signs nothing uncounted. */
@@ -69,8 +70,8 @@ export class DurableObjectQuotas implements Quotas {
     const why = (message: string) => ({ ok: false as const, error: `a quota object cannot be reached: ${message}` })
     try {
       const probe = this.namespace.get(this.namespace.idFromName('health'))
-      const answered = await within<unknown>(probe.ask({ limits: [], costWei: '0', count: false }), this.timeouts.healthMs)
-      return answered ? { ok: true, ms: Date.now() - started } : why(`no answer within ${this.timeouts.healthMs} ms`)
+      const answered = await waitAtMost<unknown>(probe.ask({ limits: [], costWei: '0', count: false }), { ms: this.timeouts.healthMs })
+      return 'value' in answered ? { ok: true, ms: Date.now() - started } : why(`no answer within ${this.timeouts.healthMs} ms`)
     } catch (error) {
       return why(messageOf(error))
     }
@@ -178,19 +179,6 @@ function exceeded(subject: Subject, answer: Extract<QuotaAnswer, { granted: fals
 
 function retryText(retryAfterSeconds: number | null): string {
   return retryAfterSeconds === null ? 'it never fits: it alone may cost more than a quota allows' : `one more fits in ${retryAfterSeconds} s`
-}
-
-/** `promise`'s value, or undefined once `ms` have passed first (it then goes on, unwatched: its failure too). */
-async function within<T>(promise: Promise<T>, ms: number): Promise<{ value: T } | undefined> {
-  let timer: ReturnType<typeof setTimeout> | undefined
-  const late = new Promise<undefined>((resolve) => {
-    timer = setTimeout(() => resolve(undefined), ms)
-  })
-  try {
-    return await Promise.race([promise.then((value) => ({ value })), late])
-  } finally {
-    clearTimeout(timer)
-  }
 }
 
 function messageOf(error: unknown): string {
