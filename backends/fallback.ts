@@ -166,9 +166,8 @@ export class FallbackSigner implements Signer {
     const started = Date.now()
     const expired = new AbortController()
     try {
+      // If the timeout wins, this attempt may still fail later, unwatched (see waitAtMost).
       const signing = member.signDigest(digest, { signal: AbortSignal.any([signal, expired.signal]) })
-      // If the timeout wins, this attempt may still fail later: nobody is waiting for it then.
-      signing.catch(() => {})
       const waited = await waitAtMost(signing, { ms: this.options.timeoutMs })
       if (!('value' in waited)) {
         // The timeout decided first: a member that fails at once on the abort must not count as a mere failure.

@@ -7,7 +7,10 @@ export type Waited<T> = { value: T } | { gaveUp: 'timeout' | 'aborted' }
  * workerd a request's timers outlive nothing, but in a long-lived isolate a forgotten listener would.
  */
 export async function waitAtMost<T>(promise: Promise<T>, { ms, signal }: { ms: number; signal?: AbortSignal }): Promise<Waited<T>> {
-  if (signal?.aborted) return { gaveUp: 'aborted' }
+  if (signal?.aborted) {
+    promise.catch(() => {})
+    return { gaveUp: 'aborted' }
+  }
   let timer: ReturnType<typeof setTimeout> | undefined
   let onAbort: (() => void) | undefined
   const gaveUp = new Promise<Waited<T>>((resolve) => {
