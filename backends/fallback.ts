@@ -2,7 +2,7 @@ import { getAddress, type Address, type Hex } from 'viem'
 import { CircuitBreaker, type BreakerAdmission } from './circuitBreaker.js'
 import type { SignerMetrics } from './signerMetrics.js'
 import { SignerError, signerErrorMessage, type MemberHealth, type SignedDigest, type Signer, type SignerDescription, type SignerHealth, type SignOptions } from './signer.js'
-import { waitAtMost } from './waitAtMost.js'
+import { waitAtMost } from '../enclave-origin/waitAtMost.js'
 
 export type FallbackSignerOptions = {
   name: string

@@ -1,5 +1,5 @@
 import { SignerError } from './signer.js'
-import { waitAtMost } from './waitAtMost.js'
+import { waitAtMost } from '../enclave-origin/waitAtMost.js'
 
 export type SharedLoadOptions<T> = {
   load: () => Promise<T>

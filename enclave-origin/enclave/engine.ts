@@ -19,6 +19,7 @@ import { availableParallelism } from 'node:os'
 import type { Readable } from 'node:stream'
 import { Worker } from 'node:worker_threads'
 import { FailureBackoff } from '../failureBackoff.js'
+import { waitAtMost } from '../waitAtMost.js'
 import { batchSizeBuckets, countInto, emptyCounts } from '../protocol/histograms.js'
 import type { RawSignature } from '../types.js'
 import { secp256k1 } from './nativeSecp256k1.js'
@@ -443,9 +444,7 @@ async function retire(slot: WorkerSlot): Promise<void> {
   slot.worker.postMessage({ close: true })
   await slot.exited
   // Its last lines, but not for ever: a stream that never ends must not hold a stop up.
-  let timer: ReturnType<typeof setTimeout> | undefined
-  await Promise.race([slot.outputLogged, new Promise<void>((resolve) => (timer = setTimeout(resolve, 1_000)))])
-  clearTimeout(timer)
+  await waitAtMost(slot.outputLogged, { ms: 1_000 })
 }
 
 function positiveInteger(name: string, value: number): number {

@@ -35,6 +35,7 @@ import { EnclaveLogCollector } from './enclaveLogs.js'
 import { HashRing } from './hashRing.js'
 import { ThrottledLog } from '../throttledLog.js'
 import { DeactivationMarks } from '../deactivationMarks.js'
+import { waitAtMost } from '../waitAtMost.js'
 
 /** The key must be unlocked first; ask again after `retryAfterMs`. */
 export class NeedsUnlockError extends Error {
@@ -690,12 +691,10 @@ export class OriginParent {
    * `work`, or a rejection naming `what` once `timeoutMs` (the request timeout unless given) has passed: an
    * Error, or what `timedOut` makes of the message.
    */
-  private withinTimeout<T>(work: Promise<T>, what: string, { timeoutMs = this.options.requestTimeoutMs, timedOut = (message: string): Error => new Error(message) } = {}): Promise<T> {
-    let timer: ReturnType<typeof setTimeout> | undefined
-    const timeout = new Promise<never>((_, reject) => {
-      timer = setTimeout(() => reject(timedOut(`${what} took longer than ${timeoutMs} ms`)), timeoutMs)
-    })
-    return Promise.race([work, timeout]).finally(() => clearTimeout(timer))
+  private async withinTimeout<T>(work: Promise<T>, what: string, { timeoutMs = this.options.requestTimeoutMs, timedOut = (message: string): Error => new Error(message) } = {}): Promise<T> {
+    const waited = await waitAtMost(work, { ms: timeoutMs })
+    if ('value' in waited) return waited.value
+    throw timedOut(`${what} took longer than ${timeoutMs} ms`)
   }
 
   private async deliverCredentials(enclave: Enclave): Promise<void> {

@@ -1,6 +1,6 @@
 import { getEventListeners } from 'node:events'
 import { afterEach, describe, expect, it, vi } from 'vitest'
-import { waitAtMost } from '../../backends/waitAtMost.js'
+import { waitAtMost } from '../../enclave-origin/waitAtMost.js'
 
 /** A promise that never settles on its own: what a wait gives up on. */
 const never = () => new Promise<never>(() => {})

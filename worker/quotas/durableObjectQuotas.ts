@@ -3,7 +3,7 @@ import { InternalError, QuotaExceededError, QuotaUnavailableError } from '../err
 import type { QuotaUse, Quotas } from '../sponsor/sponsor.js'
 import { longestWait, worstOf } from './quotaLedger.js'
 import type { QuotaAnswer, QuotaLimitWire, SponsorshipQuota } from './sponsorshipQuota.js'
-import { waitAtMost } from '../../backends/waitAtMost.js'
+import { waitAtMost } from '../../enclave-origin/waitAtMost.js'
 
 type QuotaLimit = QuotaConfig['limits'][number]
 type Per = QuotaLimit['per']
