@@ -11,7 +11,11 @@ import { SignerError } from './signer.js'
 export const secp256k1Order = 0xfffffffffffffffffffffffffffffffebaaedce6af48a03bbfd25e8cd0364141n
 const halfOrder = secp256k1Order >> 1n
 
-/** DER ECDSA-Sig-Value: SEQUENCE { r INTEGER, s INTEGER }. Integers may carry a leading 0x00 and be shorter than 32 bytes. */
+/**
+ * DER ECDSA-Sig-Value: SEQUENCE { r INTEGER, s INTEGER }. Integers are minimal, so shorter than 32 bytes when their
+ * top bytes are zero and 33 bytes with a 0x00 sign byte when their top bit is set. Anything BER allows but DER does
+ * not (a longer length form, a padded integer) is refused: KMS speaks DER, so such bytes are not from it.
+ */
 export function parseDerSignature(der: Uint8Array): { r: bigint; s: bigint } {
   const reader = new DerReader(der)
   const sequence = reader.element(0x30)
@@ -105,9 +109,12 @@ class DerReader {
     if (length & 0x80) {
       const lengthBytes = length & 0x7f
       if (lengthBytes === 0 || lengthBytes > 2) throw new SignerError('malformed DER: bad length')
+      if (start + lengthBytes > this.bytes.length) throw new SignerError('malformed DER: truncated')
       length = 0
-      for (let i = 0; i < lengthBytes; i++) length = (length << 8) | (this.bytes[start + i] ?? 0)
+      for (let i = 0; i < lengthBytes; i++) length = (length << 8) | this.bytes[start + i]!
       start += lengthBytes
+      // DER's one encoding: the long form only past 127, in as few bytes as the length needs.
+      if (length < 0x80 || length < 1 << (8 * (lengthBytes - 1))) throw new SignerError('malformed DER: length not in its shortest form')
     }
     const end = start + length
     if (end > this.bytes.length) throw new SignerError('malformed DER: truncated')
@@ -118,6 +125,8 @@ class DerReader {
   integer(): bigint {
     const content = this.element(0x02)
     if (content.length === 0 || content.length > 33 || (content[0]! & 0x80) !== 0) throw new SignerError('malformed DER integer')
+    // A leading 0x00 is there only to keep a set top bit from reading as a sign.
+    if (content[0] === 0 && content.length > 1 && (content[1]! & 0x80) === 0) throw new SignerError('malformed DER integer: not in its shortest form')
     return BigInt(bytesToHex(content))
   }
 }

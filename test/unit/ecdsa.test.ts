@@ -1,6 +1,6 @@
 import { describe, expect, it } from 'vitest'
 import { secp256k1 } from '@noble/curves/secp256k1'
-import { bytesToHex, concat, hexToBytes, keccak256, numberToHex, toHex, type Hex } from 'viem'
+import { bytesToHex, concat, hexToBytes, keccak256, numberToHex, size, toHex, type Hex } from 'viem'
 import { generatePrivateKey, privateKeyToAddress, sign } from 'viem/accounts'
 import { addressFromSpki, parseDerSignature, secp256k1Order, toEthereumSignature } from '../../backends/ecdsa.js'
 import { SignerError } from '../../backends/signer.js'
@@ -100,6 +100,25 @@ describe('DER signatures from KMS become canonical Ethereum signatures', () => {
     const { der } = kmsStyle(keccak256(toHex('malformed')))
     for (const bad of [der.subarray(0, der.length - 1), concat([der, '0x00']), new Uint8Array([0x31, ...der.subarray(1)]), new Uint8Array([0x30, 0x00])]) {
       expect(() => parseDerSignature(typeof bad === 'string' ? hexToBytes(bad) : bad)).toThrow(SignerError)
+    }
+  })
+
+  it('refuses encodings BER allows and DER does not, naming which', () => {
+    const { der, r, s } = kmsStyle(digestWhere((signature) => signature.r < 1n << 255n && signature.s < 1n << 255n))
+    const integer = (value: bigint, pad = 0) => {
+      const digits = value.toString(16)
+      const bytes = concat([...Array<Hex>(pad).fill('0x00'), `0x${digits.length % 2 ? '0' : ''}${digits}`])
+      return concat(['0x02', numberToHex(size(bytes), { size: 1 }), bytes])
+    }
+    const body = (rPad = 0) => concat([integer(r, rPad), integer(s)])
+    // The unpadded hand encoding is the library's own, so each variant below differs from valid DER in one way only.
+    expect(concat(['0x30', numberToHex(size(body()), { size: 1 }), body()])).toBe(bytesToHex(der))
+    const padded = body(1)
+    expect(() => parseDerSignature(hexToBytes(concat(['0x30', numberToHex(size(padded), { size: 1 }), padded])))).toThrow(
+      'malformed DER integer: not in its shortest form',
+    )
+    for (const longLength of [concat(['0x3081', numberToHex(size(body()), { size: 1 })]), concat(['0x3082', numberToHex(size(body()), { size: 2 })])]) {
+      expect(() => parseDerSignature(hexToBytes(concat([longLength, body()])))).toThrow('malformed DER: length not in its shortest form')
     }
   })
 })
