@@ -36,7 +36,6 @@ export async function runParent(): Promise<() => Promise<void>> {
   // Made first: the process before this one may have accepted requests timestamped up to 5 s past its end, which
   // this one refuses; it listens once that time has passed (starting the enclaves mostly takes it anyway).
   const verifier = new RequestVerifier({ secrets, hashing: nodeHashing })
-  const verifierMadeAt = performance.now()
   const tls = parentTlsSetting((file) => readFileSync(file, 'utf8'))
   const maxInflightPerEnclave = integerSetting('MAX_INFLIGHT_PER_ENCLAVE', { min: 1, max: 1_000_000, fallback: 1_024 })
   const maxConnections = integerSetting('MAX_CONNECTIONS', { min: 1, max: 1_000_000, fallback: 10_000 })
@@ -90,10 +89,8 @@ export async function runParent(): Promise<() => Promise<void>> {
   })
   await parent.start()
   const servers = createParentServers({ parent, verifier, log: logLine, tls, maxConnections, signOnlyKeyIds, operatorMaxConnections })
-  // On the monotonic clock: a wall clock stepped back meanwhile must not hold the listeners back by the step (requests
-  // are refused before-start until it catches up, which is as safe).
-  const acceptingIn = verifier.maxFutureSkewMs - (performance.now() - verifierMadeAt)
-  if (acceptingIn > 0) await new Promise((resolve) => setTimeout(resolve, acceptingIn))
+  const servingIn = verifier.msUntilServing()
+  if (servingIn > 0) await new Promise((resolve) => setTimeout(resolve, servingIn))
   // Operators' first: one that cannot listen stops the process before clients could reach it, and says which.
   if (operatorAddress) await servers.operators.listen(operatorAddress).catch(cannotListen('OPERATOR_LISTEN'))
   await servers.clients.listen(address).catch(cannotListen('PARENT_LISTEN'))

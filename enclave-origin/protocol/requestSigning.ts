@@ -99,7 +99,7 @@ export type VerificationFailure = (typeof verificationFailures)[number]
 export class RequestVerifier {
   private readonly secrets: Map<string, Uint8Array>
   private readonly maxSkewMs: number
-  readonly maxFutureSkewMs: number
+  private readonly maxFutureSkewMs: number
   private readonly now: () => number
   private readonly hashing: RequestHashing
   /**
@@ -127,9 +127,21 @@ export class RequestVerifier {
    * requests up to `maxFutureSkewMs` ahead of its last reading of the clock, which was before this one began.
    */
   readonly acceptsFrom: number
+  private readonly monotonicNow: () => number
+  private readonly madeAtMonotonic: number
 
-  /** `maxSkewMs`: how far behind (default 30 s); `maxFutureSkewMs`: how far ahead (default 5 s). */
-  constructor(options: { secrets: Record<string, string>; maxSkewMs?: number; maxFutureSkewMs?: number; now?: () => number; hashing?: RequestHashing }) {
+  /**
+   * `maxSkewMs`: how far behind (default 30 s); `maxFutureSkewMs`: how far ahead (default 5 s); `now`: the wall
+   * clock the timestamps are read against; `monotonicNow`: the clock `msUntilServing` waits on.
+   */
+  constructor(options: {
+    secrets: Record<string, string>
+    maxSkewMs?: number
+    maxFutureSkewMs?: number
+    now?: () => number
+    monotonicNow?: () => number
+    hashing?: RequestHashing
+  }) {
     this.secrets = new Map(Object.entries(options.secrets).map(([keyId, secret]) => [keyId, encoder.encode(secret)]))
     this.maxSkewMs = options.maxSkewMs ?? 30_000
     this.maxFutureSkewMs = options.maxFutureSkewMs ?? 5_000
@@ -138,6 +150,17 @@ export class RequestVerifier {
     this.now = options.now ?? Date.now
     this.hashing = options.hashing ?? nobleHashing
     this.acceptsFrom = this.now() + this.maxFutureSkewMs
+    this.monotonicNow = options.monotonicNow ?? (() => performance.now())
+    this.madeAtMonotonic = this.monotonicNow()
+  }
+
+  /**
+   * How long a process should wait before serving: until `maxFutureSkewMs` has passed since this verifier was made,
+   * timed on the monotonic clock, so that a wall clock stepped back meanwhile does not hold serving back by the step
+   * (requests are refused `before-start` until the wall clock catches up, which is as safe).
+   */
+  msUntilServing(): number {
+    return Math.max(0, this.maxFutureSkewMs - (this.monotonicNow() - this.madeAtMonotonic))
   }
 
   verify(options: { method: string; path: string; headers: (name: string) => string | undefined; body: Uint8Array }): VerificationFailure | undefined {

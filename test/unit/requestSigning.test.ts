@@ -59,6 +59,23 @@ describe('HMAC request signing between the Worker and the parent', () => {
     expect(await check(after, await signed({ now: clock.now }))).toBeUndefined()
   })
 
+  it('says how long to wait before serving on the monotonic clock, whatever the wall clock does meanwhile', () => {
+    const wall = { now: 1_000_000 }
+    const monotonic = { now: 50 }
+    const verifier = new RequestVerifier({ secrets: { worker: 'shared-secret-for-tests' }, now: () => wall.now, monotonicNow: () => monotonic.now })
+    expect(verifier.msUntilServing()).toBe(5_000)
+    monotonic.now += 2_000
+    // An NTP step back by an hour, and then one forward by a day: neither moves the wait.
+    wall.now -= 3_600_000
+    expect(verifier.msUntilServing()).toBe(3_000)
+    wall.now += 86_400_000
+    expect(verifier.msUntilServing()).toBe(3_000)
+    monotonic.now += 3_000
+    expect(verifier.msUntilServing()).toBe(0)
+    monotonic.now += 1
+    expect(verifier.msUntilServing()).toBe(0)
+  })
+
   it('refuses a window ahead longer than the one behind, which its nonce memory would not cover', () => {
     expect(() => new RequestVerifier({ secrets: {}, maxSkewMs: 1_000, maxFutureSkewMs: 1_001 })).toThrow('maxFutureSkewMs may not exceed maxSkewMs')
   })
