@@ -634,7 +634,11 @@ export class KeyCache {
     // Yield first: the acquire that asked for this refresh returns (and its caller signs) before anything changes.
     await nextTurn()
     if (generation !== this.generation) return
-    const dek = this.validDek(this.now())
+    const entry = this.entries.get(keyId)
+    const now = this.now()
+    // Frozen, archived or re-derived inline since it was asked for: nothing to refresh, and no unlock to start for it.
+    if (!entry || entry.record.state !== 'active' || (isWarm(entry, now) && !isDueForRefresh({ entry, now, lowWaterMark: this.config.keyLowWaterMark }))) return
+    const dek = this.validDek(now)
     if (!dek) {
       // Re-derived with every other key waiting on the unlock, in slices (see `warmInSlices`): thousands of refreshes
       // released by one unlock must not each re-derive in the turn it lands, holding the loop as traffic returns.
@@ -642,9 +646,7 @@ export class KeyCache {
       if (!(await this.startUnlock())) this.counters.refreshFailures += 1
       return
     }
-    const entry = this.entries.get(keyId)
-    if (!entry || entry.record.state !== 'active') return
-    this.rederive({ entry, dek, now: this.now() })
+    this.rederive({ entry, dek, now })
   }
 
   /** Single-flight: every caller while an unlock is running shares it. Resolves to whether a DEK was installed. */

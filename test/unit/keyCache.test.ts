@@ -223,6 +223,34 @@ describe('KeyCache transitions', () => {
     expect(cache.stats().refreshes).toBe(1)
   })
 
+  it('drops a background refresh whose key was re-derived inline meanwhile, rather than unseal it twice', async () => {
+    const { cache, key, dekCopy } = harness({ keyUseBudget: 10, keyLowWaterMark: 3 })
+    const { record, privateKey } = key()
+    cache.setDek(dekCopy())
+    cache.addWarm({ record, privateKey: new Uint8Array(privateKey) })
+
+    // In one turn: the eighth use leaves 2 (below the mark) and asks for a refresh; the tenth spends the budget, and
+    // the eleventh re-derives inline, leaving 9.
+    for (let use = 0; use < 11; use++) expect(signingKey(cache.acquire('key-1'))).toEqual(privateKey)
+    expect(cache.stats().refreshes).toBe(1)
+    await cache.idle()
+    expect(cache.stats().refreshes).toBe(1)
+  })
+
+  it('starts no unlock for a key frozen before its background refresh ran, the DEK lapsed meanwhile', async () => {
+    const { cache, key, dekCopy, unlock, advance } = harness()
+    const { record, privateKey } = key()
+    cache.setDek(dekCopy())
+    cache.addWarm({ record, privateKey: new Uint8Array(privateKey) })
+    advance(15 * 60_000) // the key's soft TTL: this use asks for a refresh
+    expect(signingKey(cache.acquire('key-1'))).toEqual(privateKey)
+    cache.setState({ keyId: 'key-1', state: 'frozen', sequence: nextSequence() })
+    advance(45 * 60_000) // the DEK's hard TTL
+    await cache.idle()
+    expect(unlock.calls()).toBe(0)
+    expect(cache.stats()).toMatchObject({ refreshes: 0, refreshFailures: 0 })
+  })
+
   it('by default, gives a key 1,000,000 uses and refreshes it in the background once fewer than 50,000 are left', async () => {
     const { cache, key, dekCopy } = harness()
     const { record, privateKey } = key()
