@@ -14,7 +14,8 @@ const halfOrder = secp256k1Order >> 1n
 /**
  * DER ECDSA-Sig-Value: SEQUENCE { r INTEGER, s INTEGER }. Integers are minimal, so shorter than 32 bytes when their
  * top bytes are zero and 33 bytes with a 0x00 sign byte when their top bit is set. Anything BER allows but DER does
- * not (a longer length form, a padded integer) is refused: KMS speaks DER, so such bytes are not from it.
+ * not (a longer length form, a padded integer) is refused, as it is in SPKI keys: KMS and OpenSSL write DER, and a
+ * signer sending other bytes is one to fix, not to guess at.
  */
 export function parseDerSignature(der: Uint8Array): { r: bigint; s: bigint } {
   const reader = new DerReader(der)

@@ -103,7 +103,7 @@ function parseSignature(value: string, name: string): { r: bigint; s: bigint; re
   }
   try {
     return parseDerSignature(base64ToBytes(value))
-  } catch {
-    throw new SignerError(`HTTP signer ${name}: signature is neither 64/65-byte hex nor base64 DER`)
+  } catch (error) {
+    throw new SignerError(`HTTP signer ${name}: signature is neither 64/65-byte hex nor base64 DER (${signerErrorMessage(error)})`)
   }
 }

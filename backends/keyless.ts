@@ -1,6 +1,7 @@
 import { getAddress, isHex, size, type Address, type Hex } from 'viem'
 import { jsonObjectOf } from '../enclave-origin/errors.js'
 import { minimumHmacSecretBytes, signRequest } from '../enclave-origin/protocol/requestSigning.js'
+import { waitAtMost } from '../enclave-origin/waitAtMost.js'
 import { parseCompactSignature, toEthereumSignature } from './ecdsa.js'
 import { deadlineSignal, healthOf, SignerError, signerErrorMessage, stoppedForCaller, type SignedDigest, type Signer, type SignerDescription, type SignerHealth, type SignOptions } from './signer.js'
 
@@ -92,7 +93,8 @@ export class KeylessSigner implements Signer {
       if (response.status === 503 && Number.isFinite(retryAfterMs) && Date.now() + retryAfterMs + minimumRetryTimeMs <= deadline) {
         // A body that already broke off has nothing left to cancel.
         await response.body?.cancel().catch(() => {})
-        await sleep(retryAfterMs, signal)
+        // A wait for nothing, bounded: `retryAfterMs`, or less if the caller stops first (the loop then says so).
+        await waitAtMost(new Promise<never>(() => {}), { ms: retryAfterMs, signal })
         continue
       }
       let text: string
@@ -192,20 +194,6 @@ function retryAfterMsOf(headers: Headers): number {
 }
 
 const minimumRetryAfterMs = 10
-
-/** Waits `ms`, or less if `signal` aborts first. */
-function sleep(ms: number, signal: AbortSignal | undefined): Promise<void> {
-  return new Promise((resolve) => {
-    if (signal?.aborted) return resolve()
-    const done = () => {
-      clearTimeout(timer)
-      signal?.removeEventListener('abort', done)
-      resolve()
-    }
-    const timer = setTimeout(done, ms)
-    signal?.addEventListener('abort', done, { once: true })
-  })
-}
 
 /** What the parent's statuses mean for this backend's one key. */
 const originStatusMeanings: Record<number, string> = {

@@ -93,8 +93,9 @@ export type VerificationFailure = (typeof verificationFailures)[number]
  * `maxFutureSkewMs`) is refused (`before-start`): an earlier process (a parent
  * restarted meanwhile) may have accepted it, ahead of its own clock as it may
  * have been, and a replay of, say, an unfreeze must not undo the freeze that
- * followed it. A process should not serve before `acceptsFrom`, or it refuses
- * every request until then.
+ * followed it. A process should wait `msUntilServing()` before it serves, or
+ * it refuses every request until then (and after, while a wall clock stepped
+ * back meanwhile has not reached `acceptsFrom`).
  */
 export class RequestVerifier {
   private readonly secrets: Map<string, Uint8Array>

@@ -110,16 +110,19 @@ describe('DER signatures from KMS become canonical Ethereum signatures', () => {
       const bytes = concat([...Array<Hex>(pad).fill('0x00'), `0x${digits.length % 2 ? '0' : ''}${digits}`])
       return concat(['0x02', numberToHex(size(bytes), { size: 1 }), bytes])
     }
-    const body = (rPad = 0) => concat([integer(r, rPad), integer(s)])
+    const body = (rPad = 0, sPad = 0) => concat([integer(r, rPad), integer(s, sPad)])
     // The unpadded hand encoding is the library's own, so each variant below differs from valid DER in one way only.
     expect(concat(['0x30', numberToHex(size(body()), { size: 1 }), body()])).toBe(bytesToHex(der))
-    const padded = body(1)
-    expect(() => parseDerSignature(hexToBytes(concat(['0x30', numberToHex(size(padded), { size: 1 }), padded])))).toThrow(
-      'malformed DER integer: not in its shortest form',
-    )
+    for (const padded of [body(1), body(0, 1)]) {
+      expect(() => parseDerSignature(hexToBytes(concat(['0x30', numberToHex(size(padded), { size: 1 }), padded])))).toThrow(
+        'malformed DER integer: not in its shortest form',
+      )
+    }
     for (const longLength of [concat(['0x3081', numberToHex(size(body()), { size: 1 })]), concat(['0x3082', numberToHex(size(body()), { size: 2 })])]) {
       expect(() => parseDerSignature(hexToBytes(concat([longLength, body()])))).toThrow('malformed DER: length not in its shortest form')
     }
+    // A long-form length whose own bytes are cut off.
+    expect(() => parseDerSignature(hexToBytes('0x308201'))).toThrow('malformed DER: truncated')
   })
 })
 

@@ -827,24 +827,34 @@ it('hands nothing more to the service for a connection found reset, however many
   const held: Array<() => void> = []
   class HeldService extends EnclaveService {
     override handle(frame: Frame) {
+      if (frame.opcode !== opcodes.SIGN) return super.handle(frame)
       handled += 1
       return new Promise<void>((release) => held.push(release)).then(() => super.handle(frame))
     }
   }
   const service = new HeldService({ cache: new KeyCache({ now: Date.now, unlock: () => Promise.reject(new Error('no unlock here')) }), engine, dataKeys: noKms, kmsKeyId: 'test', credentials: new DeliveredCredentials(), attestation: developmentAttestation })
   const at = await freePort()
-  await serving({ service, at, use: async () => {
+  // One connection at a time: a second one served means the server has let the first go.
+  const served = await serveEnclave({ service, address: { host: '127.0.0.1', port: at }, log: () => {}, maxConnections: 1 })
+  try {
     const peer = connect(at, '127.0.0.1')
     peer.on('error', () => {})
     await once(peer, 'connect')
-    // More than the 1,024 a connection may have in flight: the rest wait in the server, read but not handed on.
-    // Signs: their answers are small, so the in-flight count, not the unsent-bytes bound, is what holds them back.
+    // More than the 1,024 a connection may have in flight (and the unsent-bytes bound, at 1,024 signs' answers, meets
+    // it there): the rest wait in the server, read but not handed on.
     const sign = encodeSignRequest({ keyId: 'k', digest: new Uint8Array(32) })
     peer.write(Buffer.concat(Array.from({ length: 1_500 }, (_, i) => encodeFrame({ requestId: i + 1, opcode: opcodes.SIGN, status: 0, payload: sign }))))
     await expect.poll(() => handled).toBe(1_024)
     peer.resetAndDestroy()
     await once(peer, 'close')
-    await new Promise((resolve) => setTimeout(resolve, 100))
+    await expect
+      .poll(async () => {
+        const next = client(at)
+        const health = await next.request({ requestId: 1, opcode: opcodes.HEALTH, payload: new Uint8Array() }, 200)
+        next.socket.destroy()
+        return health?.status
+      }, { timeout: 10_000 })
+      .toBe(statuses.OK)
     // Every answer frees a place, on a connection now gone: none is filled (without the check, each would take a waiting request).
     for (let round = 0; round < 3; round++) {
       for (const release of held.splice(0)) release()
@@ -852,5 +862,7 @@ it('hands nothing more to the service for a connection found reset, however many
     }
     expect(held).toHaveLength(0)
     expect(handled).toBe(1_024)
-  } })
+  } finally {
+    await served.close()
+  }
 })

@@ -94,17 +94,24 @@ describe('Secrets Store signer', () => {
 })
 
 describe('HTTP signer', () => {
-  it('refuses a compact signature with values out of range as malformed, naming itself', async () => {
-    // A key server on 127.0.0.1 that answers every sign with r = 0.
+  // Key servers on 127.0.0.1 that answer every sign with one bad signature, and the reason each is refused.
+  it.each([
+    ['a compact signature with r = 0', `0x${'00'.repeat(32)}${'11'.repeat(32)}`, 'malformed signature (compact signature values are out of range)'],
+    [
+      'base64 DER whose r is padded with a 0x00 DER does not allow',
+      Buffer.from(`3027020300${'11'.repeat(2)}0220${'22'.repeat(32)}`, 'hex').toString('base64'),
+      'signature is neither 64/65-byte hex nor base64 DER (malformed DER integer: not in its shortest form)',
+    ],
+  ])('refuses %s, naming itself and why', async (_, signature, why) => {
     const server = createServer((request, response) => {
       request.resume()
-      response.writeHead(200, { 'content-type': 'application/json' }).end(JSON.stringify({ signature: `0x${'00'.repeat(32)}${'11'.repeat(32)}` }))
+      response.writeHead(200, { 'content-type': 'application/json' }).end(JSON.stringify({ signature }))
     })
     await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve))
     try {
       const url = `http://127.0.0.1:${(server.address() as AddressInfo).port}`
       const signer = new HttpSigner({ name: 'team', url, keyId: 'k', token: 'test-token', address: privateKeyToAddress(generatePrivateKey()), timeoutMs: 2_000 })
-      await expect(signer.signDigest(digest)).rejects.toThrow(/^HTTP signer team: malformed signature \(compact signature values are out of range\)$/)
+      await expect(signer.signDigest(digest)).rejects.toThrow(`HTTP signer team: ${why}`)
     } finally {
       server.close()
     }
