@@ -736,7 +736,8 @@ export class OriginParent {
    * The caller's answer to `work`, which calls `storing(what)` when it turns to the store (naming what it stores,
    * as the answer and the log will) and `confirmed()` once the store has its writes. If that has not happened `storeTimeoutMs` after `storing()`, the caller is
    * answered 503 without waiting longer. The work goes on (holding its key's turn, so nothing overtakes its
-   * writes) and may still take effect, which the answer says.
+   * writes) and may still take effect, which the answer says. Its own timer, not `waitAtMost`: the wait starts at
+   * `storing()`, partway through the work, and `confirmed()` ends it before the work does.
    */
   private storeConfirmed<T>(work: (store: { storing: (what: string) => void; confirmed: () => void }) => Promise<T>, detailsOf: (result: T) => Record<string, unknown> = () => ({})): Promise<T> {
     const timeoutMs = this.storeTimeoutMs
