@@ -114,6 +114,7 @@ export class FallbackSigner implements Signer {
       // Our caller's signal, if any: when it gives up, members still at work stop. A member a hedge beat to the
       // answer runs on to its own timeout (which stops it too): a hung one must still count against its breaker.
       const signal = options?.signal ?? new AbortController().signal
+      const deadline = options?.deadline
       // Starts the next member whose breaker lets a call through. Breakers are asked only when a member
       // is needed: a half-open probe slot taken for a member that never runs would never be given back.
       const launch = (): boolean => {
@@ -126,7 +127,7 @@ export class FallbackSigner implements Signer {
           }
           running++
           const hedge = this.options.hedgeAfterMs === undefined ? undefined : setTimeout(launch, this.options.hedgeAfterMs)
-          void this.attempt({ index, digest, admission, signal }).then(
+          void this.attempt({ index, digest, admission, signal, deadline }).then(
             (signed) => {
               clearTimeout(hedge)
               running--
@@ -159,15 +160,21 @@ export class FallbackSigner implements Signer {
     })
   }
 
-  /** One member, bounded by the timeout (which aborts its signal), with its breaker and counters updated. */
-  private async attempt({ index, digest, admission, signal }: { index: number; digest: Hex; admission: BreakerAdmission; signal: AbortSignal }): Promise<SignedDigest> {
+  /**
+   * One member, bounded by the timeout (which aborts its signal), with its breaker and counters updated. The member
+   * is told when that is (or the chain's own caller's deadline, if earlier), so it does not start a wait past it.
+   */
+  private async attempt({ index, digest, admission, signal, deadline }: { index: number; digest: Hex; admission: BreakerAdmission; signal: AbortSignal; deadline: number | undefined }): Promise<SignedDigest> {
     const member = this.options.members[index]!
     const name = member.describe().name
     const started = Date.now()
     const expired = new AbortController()
     try {
       // If the timeout wins, this attempt may still fail later, unwatched (see waitAtMost).
-      const signing = member.signDigest(digest, { signal: AbortSignal.any([signal, expired.signal]) })
+      const signing = member.signDigest(digest, {
+        signal: AbortSignal.any([signal, expired.signal]),
+        deadline: Math.min(started + this.options.timeoutMs, deadline ?? Number.POSITIVE_INFINITY),
+      })
       const waited = await waitAtMost(signing, { ms: this.options.timeoutMs })
       if (!('value' in waited)) {
         // The timeout decided first: a member that fails at once on the abort must not count as a mere failure.

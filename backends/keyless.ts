@@ -69,10 +69,12 @@ export class KeylessSigner implements Signer {
     if (this.secretFault !== undefined || !hmacSecret) throw new SignerError(`keyless signer ${name}: its HMAC secret ${this.secretFault}`)
     const payload = new TextEncoder().encode(body === undefined ? '' : JSON.stringify(body))
     const send = this.fetcher()
+    // Its own deadline, or its caller's if earlier (see SignOptions).
+    const allowedMs = Math.max(0, Math.round(deadline - Date.now()))
     for (;;) {
       if (signal?.aborted) throw stoppedForCaller(`keyless signer ${name}`)
       const remaining = deadline - Date.now()
-      if (remaining <= 0) throw new SignerError(`keyless signer ${name}: no signature within ${this.options.deadlineMs} ms`, { retryable: true })
+      if (remaining <= 0) throw new SignerError(`keyless signer ${name}: no signature within ${allowedMs} ms`, { retryable: true })
       const headers = await signRequest({ keyId: hmacKeyId, secret: hmacSecret, method, path, body: payload })
       let response: Response
       try {
@@ -101,6 +103,7 @@ export class KeylessSigner implements Signer {
       try {
         text = await response.text()
       } catch {
+        if (signal?.aborted) throw stoppedForCaller(`keyless signer ${name}`)
         // The deadline, or the connection, ended the answer after its status: a 200 cut short is no malformed signature.
         throw new SignerError(`keyless signer ${name}: the origin's answer broke off or did not arrive in time`, { retryable: true })
       }
@@ -142,7 +145,8 @@ export class KeylessSigner implements Signer {
 
   async signDigest(digest: Hex, options?: SignOptions): Promise<SignedDigest> {
     const address = this.checksummed
-    const answer = await this.request('POST', this.path('/sign'), { digest }, Date.now() + this.options.deadlineMs, options?.signal)
+    const deadline = Math.min(Date.now() + this.options.deadlineMs, options?.deadline ?? Number.POSITIVE_INFINITY)
+    const answer = await this.request('POST', this.path('/sign'), { digest }, deadline, options?.signal)
     const signature = answer.signature
     if (typeof signature !== 'string' || !isHex(signature) || size(signature) !== 64) {
       throw new SignerError(`keyless signer ${this.options.name}: the origin returned a malformed signature`)
@@ -166,7 +170,9 @@ export class KeylessSigner implements Signer {
       address: async () => {
         const { address: current, state } = await this.lookUpKey()
         if (state !== undefined && state !== 'active') {
-          throw new SignerError(`keyless signer ${this.options.name}: key ${this.options.keyId} is ${String(state)}, and signs nothing`)
+          // Only the states the parent has: its other words stay out of /health, as they stay out of errors.
+          const named = state === 'frozen' || state === 'archived' ? state : 'in a state this signer does not know'
+          throw new SignerError(`keyless signer ${this.options.name}: key ${this.options.keyId} is ${named}, and signs nothing`)
         }
         if (current !== this.checksummed) {
           throw new SignerError(`keyless signer ${this.options.name}: key ${this.options.keyId} has address ${current}, but this signer signs as ${this.checksummed}`)

@@ -23,7 +23,15 @@ export interface Signer {
  * stops there, rather than keep calling, and waiting, for a signature nobody
  * will use.
  */
-export type SignOptions = { signal?: AbortSignal }
+export type SignOptions = {
+  /** Aborts when the caller no longer waits for the signature. */
+  signal?: AbortSignal
+  /**
+   * When (`Date.now()` ms) the caller will stop waiting, if it knows (a fallback chain's attempt timeout): a backend
+   * that could wait (a Retry-After) starts no wait it cannot finish by then, and fails at once instead.
+   */
+  deadline?: number
+}
 
 /** The error of a backend (`who`, named as its messages name it) that stopped because its caller's signal aborted. */
 export function stoppedForCaller(who: string): SignerError {

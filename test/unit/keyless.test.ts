@@ -148,6 +148,25 @@ describe('keyless backend', () => {
     expect((await chain.signDigest(digest)).signedBy).toBe('kms-stand-in')
   })
 
+  it("judges a Retry-After against its caller's deadline when that is earlier: in a chain, the attempt's timeout", async () => {
+    const signer = keyless(5_000)
+    await signer.address()
+    unlockingFor = 1
+    retryAfterMs = 1_500
+    await expect(signer.signDigest(digest, { deadline: Date.now() + 1_000 })).rejects.toThrow('answered 503 (the key is still being unlocked)')
+    expect(unlockingFor).toBe(0)
+
+    // A chain whose attempts time out at 1 s, before the origin's own 5 s deadline: the origin fails as soon as its
+    // 503 comes (a failure, not a timeout), and the backup signs at once rather than after the chain's timeout.
+    unlockingFor = 1
+    const metrics = new SignerMetrics()
+    const backup = new LocalSigner({ name: 'kms-stand-in', privateKey: originKey, secretName: 'KEY', allowEphemeral: false })
+    const chain = new FallbackSigner({ name: 'primary', members: [keyless(5_000), backup], timeoutMs: 1_000, failureThreshold: 3, coolDownMs: 30_000, requireSameAddress: true, metrics })
+    expect((await chain.signDigest(digest)).signedBy).toBe('kms-stand-in')
+    expect([metrics.count('origin', 'failure'), metrics.count('origin', 'timeout')]).toEqual([1, 0])
+    expect(unlockingFor).toBe(0)
+  })
+
   it('does not wait out a Retry-After that would leave too little of its deadline for the retry', async () => {
     const signer = keyless(300)
     await signer.address()
@@ -263,6 +282,9 @@ describe('keyless backend', () => {
         reportedState = state
         expect(await signer.health()).toEqual({ ok: false, error: `keyless signer origin: key k1 is ${state}, and signs nothing` })
       }
+      // A state the parent does not have is named as unknown, not quoted: the origin's words stay out of /health.
+      reportedState = 'melted <b>by an upgrade</b>'
+      expect(await signer.health()).toEqual({ ok: false, error: 'keyless signer origin: key k1 is in a state this signer does not know, and signs nothing' })
     } finally {
       reportedState = 'active'
     }
@@ -301,10 +323,15 @@ describe('keyless backend', () => {
     })
     await new Promise<void>((resolve) => stalling.listen(0, '127.0.0.1', resolve))
     try {
-      const failure = await keyless(300, `http://127.0.0.1:${(stalling.address() as AddressInfo).port}`).signDigest(digest).catch((error: unknown) => error)
+      const stalled = keyless(300, `http://127.0.0.1:${(stalling.address() as AddressInfo).port}`)
+      const failure = await stalled.signDigest(digest).catch((error: unknown) => error)
       expect(failure).toBeInstanceOf(SignerError)
       expect((failure as SignerError).message).toBe("keyless signer origin: the origin's answer broke off or did not arrive in time")
       expect((failure as SignerError).options.retryable).toBe(true)
+      // Its caller giving up while the body comes is said as that, not as a broken answer.
+      const caller = new AbortController()
+      setTimeout(() => caller.abort(), 100)
+      await expect(stalled.signDigest(digest, { signal: caller.signal })).rejects.toThrow('keyless signer origin: stopped, as its caller no longer waits for the signature')
     } finally {
       stalling.closeAllConnections()
       stalling.close()
