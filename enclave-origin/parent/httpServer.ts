@@ -49,9 +49,10 @@ export type HttpServerOptions = {
   /** How long an idle keep-alive connection stays open; default 60 s. */
   keepAliveTimeoutMs?: number
   /**
-   * How long an idle keep-alive connection stays open while none of its answers said `authenticated`; default
-   * `keepAliveTimeoutMs`. Short, a client that never authenticates cannot hold its connections (and their places
-   * under `maxConnections`) with a cheap request a minute.
+   * How long an idle keep-alive connection stays open while none of its answers said `authenticated`, and how long
+   * such a connection is kept alive at all: its first answer after that closes it; default `keepAliveTimeoutMs`.
+   * Short, a client that never authenticates cannot hold its connections (and their places under `maxConnections`)
+   * with a cheap request now and then, nor with answers it does not read.
    */
   unauthenticatedKeepAliveMs?: number
   maxHeaderBytes?: number
@@ -101,6 +102,8 @@ type Connection = {
   answered: boolean
   /** One of its requests was authenticated (see `unauthenticatedKeepAliveMs`). */
   authenticated: boolean
+  /** When it was accepted. */
+  openedAt: number
   /** The request in progress is a HEAD, from its request line until it is answered: any answer to it, a refusal too, is the head alone (RFC 9110 §9.3.2). */
   headRequest: boolean
 }
@@ -265,6 +268,7 @@ export class HttpServer {
       lastActiveAt: now,
       answered: false,
       authenticated: false,
+      openedAt: now,
       headRequest: false,
     }
     this.connections.add(connection)
@@ -426,7 +430,8 @@ export class HttpServer {
     const { socket } = connection
     if (socket.destroyed) return
     if (answer.authenticated) connection.authenticated = true
-    const open = keepAlive && !this.shuttingDown && !answer.close
+    const now = Date.now()
+    const open = keepAlive && !this.shuttingDown && !answer.close && (connection.authenticated || now - connection.openedAt < this.unauthenticatedKeepAliveMs)
     let text = `HTTP/1.1 ${answer.status} ${reasons[answer.status] ?? 'Unknown'}\r\ndate: ${this.date()}\r\n`
     for (const name in answer.headers) {
       const value = answer.headers[name]!
@@ -438,7 +443,7 @@ export class HttpServer {
     text += `content-length: ${Buffer.byteLength(answer.body)}\r\n${open ? `connection: keep-alive\r\nkeep-alive: timeout=${Math.floor(this.idleTimeoutOf(connection) / 1_000)}` : 'connection: close'}\r\n\r\n`
     if (!connection.headRequest) text += answer.body
     connection.headRequest = false
-    connection.lastActiveAt = Date.now()
+    connection.lastActiveAt = now
     connection.answered = true
     // The next request's clock starts now: it could not be read while this one was with the handler.
     connection.requestStartedAt = connection.partsBytes > 0 ? connection.lastActiveAt : 0
@@ -459,14 +464,14 @@ export class HttpServer {
    * Takes no more requests and ends the connection once what was written is
    * out, reading (and dropping, in `received`) until the client closes: for a
    * second after the answer has gone out, and for no longer than a slow
-   * reader is given at all.
+   * reader is given at all (the shorter time, if it never authenticated).
    */
   private finish(connection: Connection): void {
     if (connection.closing) return
     connection.closing = true
     connection.parts = []
     connection.partsBytes = 0
-    endLingering(connection.socket, { lingerMs: 1_000, capMs: this.keepAliveTimeoutMs })
+    endLingering(connection.socket, { lingerMs: 1_000, capMs: this.idleTimeoutOf(connection) })
   }
 
   private idleTimeoutOf(connection: Connection): number {

@@ -335,6 +335,49 @@ describe('HttpServer', () => {
     expect(received).toBeLessThan(handled * (big.length + 200))
   })
 
+  it('lets a connection that never authenticated live only its shorter idle time, however often it asks', async () => {
+    const handle = async (request: HttpRequest): Promise<HttpAnswer> => ({ status: 404, headers: {}, body: '{}', authenticated: request.target === '/auth' })
+    const { port } = await start({ handle, keepAliveTimeoutMs: 10_000, unauthenticatedKeepAliveMs: 500 })
+    const ask = async (first: string) => {
+      const socket = connect(port, '127.0.0.1')
+      let answer = ''
+      socket.on('data', (chunk: Buffer) => (answer += chunk.toString()))
+      const closed = new Promise<number>((resolve) => socket.once('close', () => resolve(performance.now())))
+      const opened = performance.now()
+      // A cheap request every 100 ms: the connection is never idle for long.
+      socket.write(get(first))
+      const asking = setInterval(() => socket.writable && socket.write(get('/')), 100)
+      const ended = await Promise.race([closed, new Promise<undefined>((resolve) => setTimeout(resolve, 3_000))])
+      clearInterval(asking)
+      socket.destroy()
+      return { livedMs: ended === undefined ? undefined : ended - opened, closes: answer.match(/\r\nconnection: close\r\n/g)?.length ?? 0 }
+    }
+    const [anonymous, trusted] = await Promise.all([ask('/'), ask('/auth')])
+    // Its first answer past 500 ms says close: one at most 100 ms later, then the end.
+    expect(anonymous.closes).toBe(1)
+    expect(anonymous.livedMs).toBeGreaterThanOrEqual(500)
+    expect(anonymous.livedMs).toBeLessThan(2_000)
+    // One whose first request authenticated stays open.
+    expect(trusted).toEqual({ livedMs: undefined, closes: 0 })
+  })
+
+  it('holds a closing connection whose answer is not read to the shorter idle time, if it never authenticated', async () => {
+    const big = 'x'.repeat(8 * 1024 * 1024)
+    const { port } = await start({ handle: async () => ({ status: 401, headers: {}, body: big, close: true }), keepAliveTimeoutMs: 10_000, unauthenticatedKeepAliveMs: 300 })
+    const socket = connect(port, '127.0.0.1')
+    socket.pause()
+    socket.write(get('/'))
+    await new Promise((resolve) => setTimeout(resolve, 1_500))
+    // Cut by now (the closing answer's linger is capped at 300 ms, not 10 s): reading gets what the buffers held, then the end.
+    let received = 0
+    socket.on('data', (chunk: Buffer) => (received += chunk.length))
+    socket.on('error', () => {})
+    const closed = new Promise((resolve) => socket.once('close', resolve))
+    socket.resume()
+    await closed
+    expect(received).toBeLessThan(big.length)
+  })
+
   it('refuses a head whose lines end in bare LF at once (400), not after the read timeout', async () => {
     const { port, refused } = await start({ requestReadTimeoutMs: 8_000 })
     const started = Date.now()
