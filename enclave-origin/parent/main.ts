@@ -96,7 +96,16 @@ export async function runParent(): Promise<() => Promise<void>> {
   await servers.clients.listen(address).catch(cannotListen('PARENT_LISTEN'))
   // Where the keys are, in full: a relative STORE_DIR read from another directory would be a new, empty store.
   const storeAt = storeSettings.kind === 's3' ? { bucket: storeSettings.bucket, prefix: storeSettings.prefix } : { directory: resolve(storeSettings.directory) }
-  logLine({ event: 'parent_listening', address, ...(operatorAddress && { operatorAddress }), enclaves: enclaves.map((e) => e.id), tls: Boolean(tls), store: { kind: storeSettings.kind, ...storeAt } })
+  // The sign-only key ids too: left unset, every key may freeze, unlock and rotate, which an operator should see.
+  logLine({
+    event: 'parent_listening',
+    address,
+    ...(operatorAddress && { operatorAddress }),
+    enclaves: enclaves.map((e) => e.id),
+    tls: Boolean(tls),
+    store: { kind: storeSettings.kind, ...storeAt },
+    signOnlyKeyIds: [...signOnlyKeyIds],
+  })
   return async () => {
     // Requests in flight (a create whose record is durable, a signature) are answered, not cut off.
     await Promise.all([servers.clients, servers.operators].filter((server) => server.listening).map((server) => server.close({ drainMs: 5_000 })))

@@ -145,6 +145,7 @@ describe('the enclave origin API', () => {
       .map((line) => jsonObjectOf(line))
       .find((line) => line?.event === 'parent_listening')
     expect(listening?.store).toEqual({ kind: 'disk', directory: storeDir })
+    expect(listening?.signOnlyKeyIds).toEqual([workerHmac.keyId])
     const digest = keccak256(toHex('the same store'))
     expect(await recoveredFromAnswer(digest, (await signWithOrigin(body.keyId as string, digest)).body as never)).toBe(body.address)
   })
