@@ -315,6 +315,8 @@ class GroupCommitStore implements DiskBlobStore {
   private readonly compaction: { fileSystem: BlobStoreFileSystem; directory: string; afterFrames: number; onCompaction: (event: CompactionEvent) => void }
   /** The frame count at which compaction is next considered; pushed on after a compaction that failed harmlessly. */
   private compactAt: number
+  /** The compaction under way, if any (see `compactIfWasteful`). */
+  private compacting: Promise<Error | undefined> | undefined
   private readonly index: RecordIndex
   private readonly counters: DiskBlobStoreStats
   private readonly groupCommitMs: number
@@ -506,12 +508,26 @@ class GroupCommitStore implements DiskBlobStore {
   /**
    * Rewrites the log to its live entries once it holds `afterFrames` frames
    * and more than twice as many as are live. Called at open and between
-   * groups only, never during a write. A failure before the rename leaves
+   * groups only, never during a write, and one call at a time, in order: at
+   * open, the call after a DEK restored from the copies meets the one its
+   * write's flush makes, and two at once would each take the other's
+   * `records.log.compacting` for a stale one. A failure before the rename leaves
    * the old log serving (and waits for another `afterFrames` frames before
    * trying again); after the rename the store must be reopened, and that
    * failure is returned (and refuses every later write).
    */
-  async compactIfWasteful({ force = false }: { force?: boolean } = {}): Promise<Error | undefined> {
+  compactIfWasteful(options: { force?: boolean } = {}): Promise<Error | undefined> {
+    const run = () => this.compactOnceIfWasteful(options)
+    const next = (this.compacting ?? Promise.resolve(undefined)).then(run, run)
+    this.compacting = next
+    const done = () => {
+      if (this.compacting === next) this.compacting = undefined
+    }
+    next.then(done, done)
+    return next
+  }
+
+  private async compactOnceIfWasteful({ force = false }: { force?: boolean }): Promise<Error | undefined> {
     const live = this.index.liveCount()
     if (this.failure || (!force && (this.frames < this.compactAt || this.frames <= 2 * live))) return this.failure
     const started = performance.now()

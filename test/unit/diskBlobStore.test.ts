@@ -497,6 +497,31 @@ describe('the copies of the wrapped DEK', () => {
     expect(damage).toHaveLength(1)
   })
 
+  it('compacts one at a time at open when the DEK came from its copies and the log is wasteful: each rewrite succeeds', async () => {
+    let store = await openStore()
+    await store.putWrappedDek(first, undefined)
+    // Ten versions of one key: ten frames, one live.
+    for (let version = 1; version <= 10; version++) await store.put(sealedRecord(1, version))
+    const before = (await stat(logPath())).size
+    await store.putWrappedDek(rotating, first)
+    const after = (await stat(logPath())).size
+    await store.put(sealedRecord(2))
+    await store.close()
+    await flipByte(logPath(), after - 1)
+    // The restored DEK's write flushes a group, which compacts the wasteful log; the open's own (forced, after the
+    // damage) comes after it, not beside it.
+    const compactions: CompactionEvent[] = []
+    store = await openStore({ compactAfterFrames: 2, onCompaction: (event) => compactions.push(event) })
+    expect(compactions.length).toBeGreaterThanOrEqual(2)
+    expect(compactions.filter((event) => event.outcome !== 'compacted')).toEqual([])
+    expect(before).toBeLessThan(after)
+    expect(await store.getWrappedDek()).toEqual(rotating)
+    store = await reopen(store)
+    expect(await store.getWrappedDek()).toEqual(rotating)
+    expect(await store.get('key-1')).toEqual(sealedRecord(1, 10))
+    expect(await store.get('key-2')).toEqual(sealedRecord(2))
+  })
+
   it('opens with the newest DEK when its frame, the log\u2019s last, lost its length or its payload and so passed for a torn tail', async () => {
     for (const harm of ['length', 'payload'] as const) {
       let store = await openStore()
