@@ -322,6 +322,8 @@ export class EnclaveService {
 
   async handle(frame: Frame): Promise<Answer> {
     const { cache, engine } = this.options
+    // A status is an answer's: a request carrying one is from a peer that reads the protocol otherwise (its framing holds, so only it fails).
+    if (frame.status !== 0) return fail(statuses.BAD_REQUEST, `a request's status byte must be 0, got ${frame.status}`)
     switch (frame.opcode) {
       case opcodes.SIGN: {
         const started = performance.now()

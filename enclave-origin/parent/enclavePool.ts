@@ -35,6 +35,8 @@ class EnclaveConnection {
   private reads = 0
   /** Why the enclave closed this connection, when it said: a frame of ours it could not read, or its connection limit. */
   private closedBecause: string | undefined
+  /** Why this parent dropped it: an answer it cannot have been sent. */
+  private droppedBecause: string | undefined
 
   /** An answer to one of its requests has come. */
   private answered = false
@@ -75,6 +77,13 @@ class EnclaveConnection {
         }
         const waiting = this.pending.get(frame.requestId)
         if (!waiting) continue
+        // An answer to another opcode under this id: the two sides no longer agree on what is in flight here, so
+        // nothing more on this connection is trusted (its requests fail, as for lost framing).
+        if (frame.opcode !== waiting.options.opcode) {
+          this.droppedBecause = `it answered request ${frame.requestId} with opcode ${frame.opcode}, not ${waiting.options.opcode}`
+          socket.destroy()
+          return
+        }
         if (!this.answered) {
           this.answered = true
           onFirstAnswer()
@@ -87,7 +96,12 @@ class EnclaveConnection {
     })
     socket.on('error', () => {})
     socket.on('close', () => {
-      const message = this.closedBecause === undefined ? 'connection to the enclave closed' : `the enclave closed the connection: ${this.closedBecause}`
+      const message =
+        this.droppedBecause !== undefined
+          ? `connection to the enclave dropped: ${this.droppedBecause}`
+          : this.closedBecause === undefined
+            ? 'connection to the enclave closed'
+            : `the enclave closed the connection: ${this.closedBecause}`
       // First, so that a request sent again below finds the refill held back: else each refusal would open one more.
       // Idle ones count too, unless a newer connection has answered since they opened (see the pool's `adopt`).
       onClose(!this.answered)
@@ -123,8 +137,10 @@ class EnclaveConnection {
   }
 
   request(options: RequestOptions): Promise<Frame> {
-    const requestId = this.nextId
-    this.nextId = this.nextId === 0xffffffff ? 1 : this.nextId + 1
+    // Ids wrap after 2^32 − 1 (0 is the connection's own); one still waiting is skipped, never replaced.
+    let requestId = this.nextId
+    while (this.pending.has(requestId)) requestId = requestId === 0xffffffff ? 1 : requestId + 1
+    this.nextId = requestId === 0xffffffff ? 1 : requestId + 1
     // Encoded first: a frame that cannot be encoded leaves nothing pending.
     const frame = encodeFrame({ requestId, opcode: options.opcode, status: 0, payload: options.payload })
     const readsAtSend = this.reads

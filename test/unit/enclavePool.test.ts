@@ -335,6 +335,36 @@ describe('EnclavePool', () => {
     await expect(unanswered).rejects.toThrow(new EnclaveUnavailableError('connection to the enclave closed'))
   })
 
+  it('drops a connection that answers a request with another opcode than it was sent, failing its requests with why', async () => {
+    pool = new EnclavePool({ address: { host: '127.0.0.1', port }, size: 1 })
+    await pool.connect()
+    const first = health()
+    const second = health()
+    await until(() => received.length === 2)
+    const { frame, socket } = received.splice(0)[0]!
+    socket.write(encodeFrame({ requestId: frame.requestId, opcode: opcodes.SIGN, status: 0, payload: emptyPayload }))
+    const why = new EnclaveUnavailableError(`connection to the enclave dropped: it answered request ${frame.requestId} with opcode ${opcodes.SIGN}, not ${opcodes.HEALTH}`)
+    await expect(first).rejects.toThrow(why)
+    await expect(second).rejects.toThrow(why)
+  })
+
+  it('numbers a request past one still waiting when its ids come round again, never replacing it', async () => {
+    pool = new EnclavePool({ address: { host: '127.0.0.1', port }, size: 1 })
+    await pool.connect()
+    const waiting = health()
+    await until(() => received.length === 1)
+    const waitingId = received[0]!.frame.requestId
+    // As after 2^32 − 1 requests on this connection: the next id is the one still waiting.
+    const [connection] = (pool as unknown as { connections: Array<{ nextId: number }> }).connections
+    connection!.nextId = waitingId
+    const next = health()
+    await until(() => received.length === 2)
+    expect(received.map(({ frame }) => frame.requestId)).toEqual([waitingId, waitingId + 1])
+    answerAll()
+    expect((await waiting).status).toBe(0)
+    expect((await next).status).toBe(0)
+  })
+
   it('sends what went out on a connection the enclave refused unread on another, once; a refusal for a bad frame fails its requests', async () => {
     // Every connection but the first is refused as the enclave reads its first bytes: as if its refusal had crossed the requests.
     let refusal: number = statuses.UNAVAILABLE

@@ -97,8 +97,8 @@ function client(at = port) {
   const frames: Frame[] = []
   socket.on('data', (chunk: Uint8Array) => frames.push(...decoder.push(chunk)))
   const closed = new Promise<void>((resolve) => socket.once('close', () => resolve()))
-  const request = async (frame: Omit<Frame, 'status'>, waitMs = 1_000) => {
-    socket.write(encodeFrame({ ...frame, status: 0 }))
+  const request = async (frame: Omit<Frame, 'status'> & { status?: number }, waitMs = 1_000) => {
+    socket.write(encodeFrame({ status: 0, ...frame }))
     const until = performance.now() + waitMs
     while (performance.now() < until && !frames.some((f) => f.requestId === frame.requestId)) await new Promise((r) => setTimeout(r, 5))
     return frames.find((f) => f.requestId === frame.requestId)
@@ -574,6 +574,15 @@ it('HEALTH with a payload is answered BAD_REQUEST, as every request that carries
   expect((await request({ requestId: 400, opcode: opcodes.HEALTH, payload: new Uint8Array() }))?.status).toBe(statuses.OK)
   expect((await request({ requestId: 401, opcode: opcodes.HEALTH, payload: Uint8Array.of(1) }))?.status).toBe(statuses.BAD_REQUEST)
   socket.destroy()
+})
+
+it('answers a request that carries a status BAD_REQUEST, that request only: the connection serves on', async () => {
+  const peer = client()
+  const refused = await peer.request({ requestId: 1, opcode: opcodes.HEALTH, status: 7, payload: new Uint8Array() })
+  expect(refused?.status).toBe(statuses.BAD_REQUEST)
+  expect(decodeErrorMessage(refused!.payload)).toBe("a request's status byte must be 0, got 7")
+  expect((await peer.request({ requestId: 2, opcode: opcodes.HEALTH, payload: new Uint8Array() }))?.status).toBe(statuses.OK)
+  peer.socket.destroy()
 })
 
 /** Serves `service` on `at` for the length of `use`. */
