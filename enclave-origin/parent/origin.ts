@@ -1008,12 +1008,14 @@ export class OriginParent {
    * standby once). Full ones (see `maxInflightPerEnclave`) are passed
    * over before the load, which counts as one of the standby's requests
    * while it is out (see `reload`). Undefined for any other error, or when no enclave
-   * takes it; OverloadedError when the ones that would were full.
+   * takes it; OverloadedError when the ones that would were full, else NeedsUnlockError (with its retry-after)
+   * when one would take it once its unlock (started) is done: the caller retries shortly, as for its own enclave.
    */
   private async standbyFor({ keyId, error, heldLast, tried }: { keyId: string; error: unknown; heldLast: boolean; tried: Set<Enclave> }): Promise<Standby | undefined> {
     if (!(error instanceof EnclaveUnavailableError)) return undefined
     const others = this.ring.nodesFor(keyId).slice(1).filter((enclave) => !enclave.unsynced && !tried.has(enclave))
     let overloaded: OverloadedError | undefined
+    let needsUnlock: NeedsUnlockError | undefined
     for (const enclave of [...others.filter((other) => !heldBack(other)), ...(heldLast ? others.filter(heldBack) : [])]) {
       tried.add(enclave)
       // Full: passed over before waiting for the key's turn (see `reload`, which counts the load itself).
@@ -1033,16 +1035,19 @@ export class OriginParent {
         if (failure instanceof OverloadedError) overloaded = failure
         else if (failure instanceof EnclaveUnavailableError) outageFailed(enclave, failuresAtSend)
         // It answered, but takes the key only after an unlock (which has started), or holds a later one of another parent's.
-        else if (failure instanceof NeedsUnlockError || failure instanceof StaleRequestError) outageOver(enclave)
-        else {
+        else if (failure instanceof NeedsUnlockError || failure instanceof StaleRequestError) {
+          outageOver(enclave)
+          if (failure instanceof NeedsUnlockError) needsUnlock ??= failure
+        } else {
           // Its load failed there: a failover that failed, as a failed sign after it would be.
           this.countFailedFailover({ keyId, standby: enclave, failure: error, error: failure })
           throw failure
         }
       }
     }
-    // Standbys there were, but full: the caller may come back shortly.
+    // Standbys there were, but full or unlocking: the caller may come back shortly.
     if (overloaded) throw overloaded
+    if (needsUnlock) throw needsUnlock
     return undefined
   }
 
