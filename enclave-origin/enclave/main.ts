@@ -43,7 +43,7 @@ export async function runEnclave(): Promise<() => Promise<void>> {
   const attestation = nitro ?? developmentAttestation
   const kmsKeyId = setting('KMS_KEY_ID')
   const kmsEndpoint = optionalSetting('KMS_ENDPOINT')
-  await checkStartup({ profile, attestation, kmsKeyId, kmsEndpoint, warn: (message) => logLine({ level: 'warn', event: 'startup', message }) })
+  await checkStartup({ profile, profileByDefault: process.env.ORIGIN_PROFILE === undefined, attestation, kmsKeyId, kmsEndpoint, warn: (message) => logLine({ level: 'warn', event: 'startup', message }) })
   if (nitro) logLine({ event: 'nitro_attestation', module: nitro.module })
   // Checked before anything starts: a bad one must not wait for the signing threads.
   const address = addressSetting('ENCLAVE_LISTEN', setting('ENCLAVE_LISTEN', '127.0.0.1:7000'))

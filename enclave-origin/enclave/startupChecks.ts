@@ -10,10 +10,14 @@ export type EnclaveProfile = 'production' | 'development'
  * Refuses to start a production enclave that could not keep its promises:
  * keys must come from the Nitro RNG, data keys must be bound to an
  * attestation, the KMS key must be named by its ARN, and KMS must be reached
- * over verified TLS. Development skips these, loudly.
+ * over verified TLS. Development skips these, loudly; but development by
+ * default (ORIGIN_PROFILE unset) is refused inside a Nitro Enclave, where an
+ * image that lost its setting would otherwise start unprotected.
  */
 export async function checkStartup(options: {
   profile: EnclaveProfile
+  /** The profile is the default one, ORIGIN_PROFILE being unset. */
+  profileByDefault?: boolean
   attestation: AttestationProvider
   kmsKeyId: string
   /** KMS_ENDPOINT, when set. */
@@ -25,6 +29,9 @@ export async function checkStartup(options: {
 }): Promise<void> {
   const readRng = options.readRng ?? (() => readFile(rngCurrentPath, 'utf8'))
   if (options.profile === 'development') {
+    if (options.profileByDefault && (await readRng().catch(() => '')).trim() === 'nsm-hwrng') {
+      throw new Error('refusing to start: this is a Nitro Enclave (its hardware RNG is nsm-hwrng) and ORIGIN_PROFILE is unset, so development by default: set ORIGIN_PROFILE=production (or development, to mean it)')
+    }
     const attested = options.attestation.kind === 'nitro' ? 'data keys bound to Nitro attestation' : 'no attestation'
     options.warn(`development enclave: RNG self-check skipped and ${attested}; keys are NOT protected as in a production Nitro Enclave`)
     return

@@ -76,6 +76,17 @@ describe('enclave start-up checks', () => {
     await expect(checkStartup({ ...production, profile: 'development', kmsEndpoint: 'http://127.0.0.1:4599', env: { NODE_TLS_REJECT_UNAUTHORIZED: '0' } })).resolves.toBeUndefined()
   })
 
+  it('development by default (ORIGIN_PROFILE unset) refuses to start inside a Nitro Enclave; development set so, or elsewhere, starts', async () => {
+    const development = { profile: 'development' as const, kmsKeyId: 'alias/dev', attestation: developmentAttestation, warn: () => {} }
+    await expect(checkStartup({ ...development, profileByDefault: true, readRng: async () => 'nsm-hwrng\n' })).rejects.toThrow(
+      'refusing to start: this is a Nitro Enclave (its hardware RNG is nsm-hwrng) and ORIGIN_PROFILE is unset, so development by default: set ORIGIN_PROFILE=production (or development, to mean it)',
+    )
+    await expect(checkStartup({ ...development, profileByDefault: false, readRng: async () => 'nsm-hwrng\n' })).resolves.toBeUndefined()
+    for (const readRng of [async () => 'virtio_rng.0\n', () => Promise.reject(new Error('ENOENT'))]) {
+      await expect(checkStartup({ ...development, profileByDefault: true, readRng })).resolves.toBeUndefined()
+    }
+  })
+
   it('development skips both checks, and says so', async () => {
     const warnings: string[] = []
     let rngRead = false
