@@ -66,7 +66,13 @@ export async function loadPreloadFile(options: LoadPreloadOptions): Promise<Prel
   const fingerprint = createHash('sha256').update(file).digest('hex')
   const allocate = options.allocate ?? newArrayBuffer
   const memory = options.memory ?? processMemory
-  const plaintext = await decryptAgeFile({ file, identity: options.identity, allocate, checkRoom: (bytes) => checkRoomToLoad({ plaintextBytes: bytes, gauges: memory() }) })
+  const plaintext = await decryptAgeFile({
+    file,
+    identity: options.identity,
+    allocate,
+    checkRoom: (bytes) => checkRoomToLoad({ plaintextBytes: bytes, gauges: memory() }),
+    checkRoomToDearmor: (bytes) => checkRoomToLoad({ plaintextBytes: bytes, gauges: memory(), armored: true }),
+  })
   let entries: unknown
   try {
     entries = parseDecryptedJson(plaintext)
@@ -153,8 +159,14 @@ async function readSource(source: PreloadSource): Promise<Uint8Array> {
 }
 
 /** Opens a binary or ASCII-armored age file into one plaintext buffer, zeroing the decrypted chunks it copies. */
-async function decryptAgeFile(options: { file: Uint8Array; identity: string; allocate: (bytes: number) => ArrayBuffer; checkRoom: (plaintextBytes: number) => void }): Promise<Uint8Array> {
-  const ciphertext = ageBinary(options.file)
+async function decryptAgeFile(options: {
+  file: Uint8Array
+  identity: string
+  allocate: (bytes: number) => ArrayBuffer
+  checkRoom: (plaintextBytes: number) => void
+  checkRoomToDearmor: (armoredBytes: number) => void
+}): Promise<Uint8Array> {
+  const ciphertext = ageBinary(options.file, options.checkRoomToDearmor)
   const decrypter = identityDecrypter(options.identity)
   let plaintextStream: ReadableStreamWithSize
   let size: number
@@ -184,13 +196,16 @@ async function decryptAgeFile(options: { file: Uint8Array; identity: string; all
   return plaintext
 }
 
-function ageBinary(file: Uint8Array): Uint8Array {
+function ageBinary(file: Uint8Array, checkRoomToDearmor: (armoredBytes: number) => void): Uint8Array {
   // Armor may start after blank space; 256 bytes is ample for that and either header.
   const start = new TextDecoder().decode(file.subarray(0, 256)).trimStart()
   if (start.startsWith(ageBinaryHeader)) return file
   if (!start.startsWith(ageArmorHeader)) {
     throw new PreloadError('the preload file is not an age file (no age-encryption.org header and no age ASCII armor)')
   }
+  // Decoding armor holds the file as a string and a few copies of it on the V8 heap, before the header gives the
+  // decrypted size: room for about as much as a decrypted file of the armor's size is asked first.
+  checkRoomToDearmor(file.length)
   try {
     return armor.decode(new TextDecoder().decode(file))
   } catch (error) {
@@ -293,13 +308,12 @@ const parseHeapPerByte = 3
  * V8 (or the kernel, with no swap in an enclave) would kill the process, every key it serves with it, rather than
  * let the load fail. Each gauge must have room for the decrypted file and its parse.
  */
-function checkRoomToLoad({ plaintextBytes, gauges }: { plaintextBytes: number; gauges: MemoryGauge[] }): void {
+function checkRoomToLoad({ plaintextBytes, gauges, armored = false }: { plaintextBytes: number; gauges: MemoryGauge[]; armored?: boolean }): void {
   const needs = plaintextBytes * (1 + parseHeapPerByte)
   for (const { what, inUseBytes, limitBytes } of gauges) {
     if (inUseBytes + needs <= limitBytes) continue
-    throw new PreloadError(
-      `not enough memory: the decrypted preload file is ${megabytes(plaintextBytes)} MB, and loading it needs about ${megabytes(needs)} MB more of ${what}, of which ${megabytes(Math.max(0, limitBytes - inUseBytes))} MB are free`,
-    )
+    const file = armored ? `the ASCII-armored preload file is ${megabytes(plaintextBytes)} MB, and decoding and loading` : `the decrypted preload file is ${megabytes(plaintextBytes)} MB, and loading`
+    throw new PreloadError(`not enough memory: ${file} it needs about ${megabytes(needs)} MB more of ${what}, of which ${megabytes(Math.max(0, limitBytes - inUseBytes))} MB are free`)
   }
 }
 

@@ -261,6 +261,16 @@ describe('loadPreloadFile against its memory limit', () => {
     ).toThrow(TypeError)
   })
 
+  it('refuses an ASCII-armored file without room to decode it before decoding it, naming the armor', async () => {
+    const armored = new TextEncoder().encode(armor.encode(file))
+    // Room for the binary file's load, but not for four times the armor's size.
+    const load = (bytes: Uint8Array) => loadPreloadFile({ bytes, identity, log: () => {}, memory: () => [{ what: 'V8 heap', inUseBytes: 0, limitBytes: 4 * armored.length - 1 }] })
+    expect((await load(file)).count).toBeGreaterThan(0)
+    const error = await load(armored).catch((caught: unknown) => caught)
+    expect(error).toBeInstanceOf(PreloadError)
+    expect((error as Error).message).toMatch(/^not enough memory: the ASCII-armored preload file is [\d.]+ MB, and decoding and loading it needs about [\d.]+ MB more of V8 heap, of which [\d.]+ MB are free$/)
+  })
+
   it('refuses, saying why, when the buffer for the decrypted file cannot be allocated', async () => {
     const sizes: number[] = []
     const allocate = (bytes: number) => {
