@@ -158,6 +158,8 @@ type Enclave = {
 
 /** An enclave serving another's key, and whether the key's stored record was loaded into it. */
 type Standby = { enclave: Enclave; stored: boolean }
+/** The first NEEDS_UNLOCK a request's standbys answered its key's load with (see `onStandbys`). */
+type Unlocking = { first?: NeedsUnlockError }
 
 /** An enclave's part of `/healthz`; `held`: it answered, but is held back after failing requests. */
 export type EnclaveHealth = { id: string; answered: boolean; ok: boolean; held?: boolean; inflight: number; admitted: number; stats?: Record<string, unknown>; error?: string }
@@ -927,8 +929,10 @@ export class OriginParent {
    */
   private async onStandbys<T>(options: { keyId: string; work: (enclave: Enclave) => Promise<T>; failure: unknown; tried: Set<Enclave>; heldLast: boolean }): Promise<{ served: true; result: T } | { served: false; tried: boolean }> {
     const { keyId, work, failure, tried, heldLast } = options
+    const unlocking: Unlocking = {}
+    const next = () => this.standbyFor({ keyId, error: failure, heldLast, tried, unlocking })
     let triedOne = false
-    for (let standby = await this.standbyFor({ keyId, error: failure, heldLast, tried }); standby; standby = await this.standbyFor({ keyId, error: failure, heldLast, tried })) {
+    for (let standby = await next(); standby; standby = await next()) {
       try {
         return { served: true, result: await this.served({ keyId, work, standby, failure }) }
       } catch (error) {
@@ -936,6 +940,8 @@ export class OriginParent {
         triedOne = true
       }
     }
+    // None served it, but one would once its unlock (started) is done: the caller retries shortly, as for its own enclave.
+    if (unlocking.first) throw unlocking.first
     return { served: false, tried: triedOne }
   }
 
@@ -1007,15 +1013,14 @@ export class OriginParent {
    * never, nor any in `tried` (which this fills: a request tries each
    * standby once). Full ones (see `maxInflightPerEnclave`) are passed
    * over before the load, which counts as one of the standby's requests
-   * while it is out (see `reload`). Undefined for any other error, or when no enclave
-   * takes it; OverloadedError when the ones that would were full, else NeedsUnlockError (with its retry-after)
-   * when one would take it once its unlock (started) is done: the caller retries shortly, as for its own enclave.
+   * while it is out (see `reload`). One that answers the load NEEDS_UNLOCK (its unlock started) is passed over,
+   * its answer kept in `unlocking` for the caller. Undefined for any other error, or when no enclave
+   * takes it; OverloadedError when the ones that would were full.
    */
-  private async standbyFor({ keyId, error, heldLast, tried }: { keyId: string; error: unknown; heldLast: boolean; tried: Set<Enclave> }): Promise<Standby | undefined> {
+  private async standbyFor({ keyId, error, heldLast, tried, unlocking }: { keyId: string; error: unknown; heldLast: boolean; tried: Set<Enclave>; unlocking: Unlocking }): Promise<Standby | undefined> {
     if (!(error instanceof EnclaveUnavailableError)) return undefined
     const others = this.ring.nodesFor(keyId).slice(1).filter((enclave) => !enclave.unsynced && !tried.has(enclave))
     let overloaded: OverloadedError | undefined
-    let needsUnlock: NeedsUnlockError | undefined
     for (const enclave of [...others.filter((other) => !heldBack(other)), ...(heldLast ? others.filter(heldBack) : [])]) {
       tried.add(enclave)
       // Full: passed over before waiting for the key's turn (see `reload`, which counts the load itself).
@@ -1037,7 +1042,7 @@ export class OriginParent {
         // It answered, but takes the key only after an unlock (which has started), or holds a later one of another parent's.
         else if (failure instanceof NeedsUnlockError || failure instanceof StaleRequestError) {
           outageOver(enclave)
-          if (failure instanceof NeedsUnlockError) needsUnlock ??= failure
+          if (failure instanceof NeedsUnlockError) unlocking.first ??= failure
         } else {
           // Its load failed there: a failover that failed, as a failed sign after it would be.
           this.countFailedFailover({ keyId, standby: enclave, failure: error, error: failure })
@@ -1045,9 +1050,8 @@ export class OriginParent {
         }
       }
     }
-    // Standbys there were, but full or unlocking: the caller may come back shortly.
+    // Standbys there were, but full: the caller may come back shortly.
     if (overloaded) throw overloaded
-    if (needsUnlock) throw needsUnlock
     return undefined
   }
 

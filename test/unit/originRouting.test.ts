@@ -1591,42 +1591,47 @@ describe('a parent whose enclaves are not all up', () => {
     }
   })
 
-  it('a sign whose owner is out of reach and whose only standby needs an unlock is answered NEEDS_UNLOCK with its retry-after, not unavailable', async () => {
-    const up = await startEnclave(spares[0]!)
-    const ownStore = await openDiskBlobStore({ directory: path.join(directory, 'standby-only-unlock-store') })
-    const scripted = await enclaveWantingUnlock()
-    const credentials = async () => kms.credentials
-    const creator = new OriginParent({ enclaves: [spares[0]!], poolSize: 1, store: ownStore, requestTimeoutMs: 1_000, credentials })
-    let two: OriginParent | undefined
-    try {
-      await creator.start()
-      const key = await creator.createKey()
-      creator.close()
-      // Enclave ids that put the key's owner (nothing listens there) first on the ring, the scripted one second.
-      let ids: [string, string] | undefined
-      for (let n = 0; !ids && n < 1_000; n++) {
-        const candidate: [string, string] = [`gone-${n}`, `restarting-${n}`]
-        if (new HashRing(candidate.map((id) => ({ id, node: id }))).nodeFor(key.keyId) === candidate[0]) ids = candidate
-      }
-      two = new OriginParent({
-        enclaves: [{ id: ids![0], address: { host: '127.0.0.1', port: await freePort() } }, { id: ids![1], address: scripted.address }],
-        poolSize: 1,
-        store: ownStore,
-        requestTimeoutMs: 1_000,
-        credentials,
+  it.each(['alone', 'before a standby that loads the key but never answers its sign'] as const)(
+    'a sign whose owner is out of reach and whose standby needs an unlock (%s) is answered NEEDS_UNLOCK with its retry-after, not unavailable',
+    async (company) => {
+      const up = await startEnclave(spares[0]!)
+      const ownStore = await openDiskBlobStore({ directory: path.join(directory, `standby-unlock-${company === 'alone' ? 'alone' : 'then-silent'}`) })
+      const scripted = await enclaveWantingUnlock()
+      // Unlocks and loads, but never answers a SIGN: the request times out there.
+      const silent = await scriptedEnclave((frame, answer) => {
+        if (frame.opcode === opcodes.UNLOCK) answer(statuses.OK, encodeUnlockResponse({ wrappedDek: new Uint8Array(), sequenceFloor: 2 ** 32 }))
+        else if (frame.opcode !== opcodes.SIGN) answer(statuses.OK, new Uint8Array())
       })
-      await two.start()
-      const refused = await two.sign(key.keyId, Buffer.from(digest.slice(2), 'hex')).catch((error: unknown) => error)
-      expect(refused).toBeInstanceOf(NeedsUnlockError)
-      expect((refused as NeedsUnlockError).retryAfterMs).toBe(100)
-    } finally {
-      creator.close()
-      two?.close()
-      scripted.close()
-      await ownStore.close()
-      await up.stop()
-    }
-  })
+      const credentials = async () => kms.credentials
+      const creator = new OriginParent({ enclaves: [spares[0]!], poolSize: 1, store: ownStore, requestTimeoutMs: 1_000, credentials })
+      let parentOfThem: OriginParent | undefined
+      try {
+        await creator.start()
+        const key = await creator.createKey()
+        creator.close()
+        // Enclave ids that put the key's owner (nothing listens there) first on the ring, the one wanting an unlock next.
+        const names = (n: number) => (company === 'alone' ? [`gone-${n}`, `restarting-${n}`] : [`gone-${n}`, `restarting-${n}`, `silent-${n}`])
+        let ids: string[] | undefined
+        for (let n = 0; !ids && n < 1_000; n++) {
+          const candidate = names(n)
+          if (new HashRing(candidate.map((id) => ({ id, node: id }))).nodesFor(key.keyId).join() === candidate.join()) ids = candidate
+        }
+        const addresses = [{ host: '127.0.0.1', port: await freePort() }, scripted.address, silent.address]
+        parentOfThem = new OriginParent({ enclaves: ids!.map((id, i) => ({ id, address: addresses[i]! })), poolSize: 1, store: ownStore, requestTimeoutMs: 1_000, credentials })
+        await parentOfThem.start()
+        const refused = await parentOfThem.sign(key.keyId, Buffer.from(digest.slice(2), 'hex')).catch((error: unknown) => error)
+        expect(refused).toBeInstanceOf(NeedsUnlockError)
+        expect((refused as NeedsUnlockError).retryAfterMs).toBe(100)
+      } finally {
+        creator.close()
+        parentOfThem?.close()
+        scripted.close()
+        silent.close()
+        await ownStore.close()
+        await up.stop()
+      }
+    },
+  )
 
   it('a state change for a key whose enclave is out of service is deferred at once, sent nowhere, and there after its sync', async () => {
     const { lateCable, late, ownStore, enclaves: cabled, stop } = await cabledSpares('unsynced-store')
