@@ -64,17 +64,33 @@ export class KeylessSigner implements Signer {
     return (input, init) => binding.fetch(input, init)
   }
 
-  private async request(method: 'GET' | 'POST', path: string, body: unknown, deadline: number, signal?: AbortSignal): Promise<Record<string, unknown>> {
+  /**
+   * One call to the parent, within `deadline` (its own), waiting out a Retry-After only if the call could still end
+   * by then and by `callerDeadline` (see SignOptions); a call its caller gives up on is stopped by `signal`.
+   */
+  private async request({
+    method,
+    path,
+    body,
+    deadline,
+    callerDeadline = Number.POSITIVE_INFINITY,
+    signal,
+  }: {
+    method: 'GET' | 'POST'
+    path: string
+    body?: unknown
+    deadline: number
+    callerDeadline?: number
+    signal?: AbortSignal
+  }): Promise<Record<string, unknown>> {
     const { name, hmacKeyId, hmacSecret } = this.options
     if (this.secretFault !== undefined || !hmacSecret) throw new SignerError(`keyless signer ${name}: its HMAC secret ${this.secretFault}`)
     const payload = new TextEncoder().encode(body === undefined ? '' : JSON.stringify(body))
     const send = this.fetcher()
-    // Its own deadline, or its caller's if earlier (see SignOptions).
-    const allowedMs = Math.max(0, Math.round(deadline - Date.now()))
     for (;;) {
       if (signal?.aborted) throw stoppedForCaller(`keyless signer ${name}`)
       const remaining = deadline - Date.now()
-      if (remaining <= 0) throw new SignerError(`keyless signer ${name}: no signature within ${allowedMs} ms`, { retryable: true })
+      if (remaining <= 0) throw new SignerError(`keyless signer ${name}: no signature within ${this.options.deadlineMs} ms`, { retryable: true })
       const headers = await signRequest({ keyId: hmacKeyId, secret: hmacSecret, method, path, body: payload })
       let response: Response
       try {
@@ -92,7 +108,7 @@ export class KeylessSigner implements Signer {
         throw new SignerError(`keyless signer ${name}: the origin is unreachable or did not answer in time`, { retryable: true })
       }
       const retryAfterMs = retryAfterMsOf(response.headers)
-      if (response.status === 503 && Number.isFinite(retryAfterMs) && Date.now() + retryAfterMs + minimumRetryTimeMs <= deadline) {
+      if (response.status === 503 && Number.isFinite(retryAfterMs) && Date.now() + retryAfterMs + minimumRetryTimeMs <= Math.min(deadline, callerDeadline)) {
         // A body that already broke off has nothing left to cancel.
         await response.body?.cancel().catch(() => {})
         // A wait for nothing, bounded: `retryAfterMs`, or less if the caller stops first (the loop then says so).
@@ -138,15 +154,23 @@ export class KeylessSigner implements Signer {
 
   /** The key as the origin reports it: its address, and its state where the origin gives one. */
   private async lookUpKey(): Promise<{ address: Address; state: unknown }> {
-    const key = await this.request('GET', this.path(), undefined, Date.now() + this.options.deadlineMs)
+    const key = await this.request({ method: 'GET', path: this.path(), deadline: Date.now() + this.options.deadlineMs })
     if (typeof key.address !== 'string') throw new SignerError(`keyless signer ${this.options.name}: the origin returned no address`)
     return { address: getAddress(key.address), state: key.state }
   }
 
   async signDigest(digest: Hex, options?: SignOptions): Promise<SignedDigest> {
     const address = this.checksummed
-    const deadline = Math.min(Date.now() + this.options.deadlineMs, options?.deadline ?? Number.POSITIVE_INFINITY)
-    const answer = await this.request('POST', this.path('/sign'), { digest }, deadline, options?.signal)
+    // The caller's deadline only decides whether a Retry-After is worth waiting out: its own timer (a chain's) stops
+    // the call through `signal`, so a call that simply hangs is the caller's timeout, as before.
+    const answer = await this.request({
+      method: 'POST',
+      path: this.path('/sign'),
+      body: { digest },
+      deadline: Date.now() + this.options.deadlineMs,
+      callerDeadline: options?.deadline,
+      signal: options?.signal,
+    })
     const signature = answer.signature
     if (typeof signature !== 'string' || !isHex(signature) || size(signature) !== 64) {
       throw new SignerError(`keyless signer ${this.options.name}: the origin returned a malformed signature`)

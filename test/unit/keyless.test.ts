@@ -167,6 +167,22 @@ describe('keyless backend', () => {
     expect(unlockingFor).toBe(0)
   })
 
+  it("in a chain whose timeout comes before its own deadline, an origin that never answers is the chain's timeout, not a failure of its own", async () => {
+    const silent = createServer((request) => request.resume())
+    await new Promise<void>((resolve) => silent.listen(0, '127.0.0.1', resolve))
+    try {
+      const metrics = new SignerMetrics()
+      const backup = new LocalSigner({ name: 'kms-stand-in', privateKey: originKey, secretName: 'KEY', allowEphemeral: false })
+      const hung = keyless(5_000, `http://127.0.0.1:${(silent.address() as AddressInfo).port}`)
+      const chain = new FallbackSigner({ name: 'primary', members: [hung, backup], timeoutMs: 300, failureThreshold: 3, coolDownMs: 30_000, requireSameAddress: true, metrics })
+      expect((await chain.signDigest(digest)).signedBy).toBe('kms-stand-in')
+      expect([metrics.count('origin', 'timeout'), metrics.count('origin', 'failure')]).toEqual([1, 0])
+    } finally {
+      silent.closeAllConnections()
+      silent.close()
+    }
+  })
+
   it('does not wait out a Retry-After that would leave too little of its deadline for the retry', async () => {
     const signer = keyless(300)
     await signer.address()
