@@ -101,8 +101,14 @@ function parseSignature(value: string, name: string): { r: bigint; s: bigint; re
       throw new SignerError(`HTTP signer ${name}: malformed signature (${signerErrorMessage(error)})`)
     }
   }
+  let der: Uint8Array
   try {
-    return parseDerSignature(base64ToBytes(value))
+    der = base64ToBytes(value)
+  } catch {
+    throw new SignerError(`HTTP signer ${name}: signature is neither 64/65-byte hex nor base64 DER (not base64)`)
+  }
+  try {
+    return parseDerSignature(der)
   } catch (error) {
     throw new SignerError(`HTTP signer ${name}: signature is neither 64/65-byte hex nor base64 DER (${signerErrorMessage(error)})`)
   }

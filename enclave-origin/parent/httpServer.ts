@@ -49,10 +49,10 @@ export type HttpServerOptions = {
   /** How long an idle keep-alive connection stays open; default 60 s. */
   keepAliveTimeoutMs?: number
   /**
-   * How long an idle keep-alive connection stays open while none of its answers said `authenticated`, and how long
-   * such a connection is kept alive at all: its first answer after that closes it; default `keepAliveTimeoutMs`.
-   * Short, a client that never authenticates cannot hold its connections (and their places under `maxConnections`)
-   * with a cheap request now and then, nor with answers it does not read.
+   * How long an idle keep-alive connection stays open while none of its answers said `authenticated`; default
+   * `keepAliveTimeoutMs`. Set shorter, it also bounds such a connection's life: its first answer after that long
+   * says close. Short, a client that never authenticates cannot hold its connections (and their places under
+   * `maxConnections`) with a cheap request now and then, nor with answers it does not read.
    */
   unauthenticatedKeepAliveMs?: number
   maxHeaderBytes?: number
@@ -163,6 +163,8 @@ export class HttpServer {
   private readonly requestReadTimeoutMs: number
   private readonly keepAliveTimeoutMs: number
   private readonly unauthenticatedKeepAliveMs: number
+  /** How long a connection none of whose requests authenticated is kept alive at all: only when set shorter than the keep-alive. */
+  private readonly unauthenticatedLifetimeMs: number
   private readonly maxHeaderBytes: number
   private readonly maxBodyBytes: number
   private sweeper: NodeJS.Timeout | undefined
@@ -174,6 +176,8 @@ export class HttpServer {
     this.requestReadTimeoutMs = options.requestReadTimeoutMs ?? 10_000
     this.keepAliveTimeoutMs = options.keepAliveTimeoutMs ?? 60_000
     this.unauthenticatedKeepAliveMs = Math.min(options.unauthenticatedKeepAliveMs ?? this.keepAliveTimeoutMs, this.keepAliveTimeoutMs)
+    // A server whose answers never authenticate (the benchmark's floor) keeps its connections as long as they are used.
+    this.unauthenticatedLifetimeMs = this.unauthenticatedKeepAliveMs < this.keepAliveTimeoutMs ? this.unauthenticatedKeepAliveMs : Number.POSITIVE_INFINITY
     this.maxHeaderBytes = options.maxHeaderBytes ?? 16 * 1024
     this.maxBodyBytes = options.maxBodyBytes ?? 16 * 1024
     const accept = (socket: Socket) => this.accept(socket)
@@ -431,7 +435,7 @@ export class HttpServer {
     if (socket.destroyed) return
     if (answer.authenticated) connection.authenticated = true
     const now = Date.now()
-    const open = keepAlive && !this.shuttingDown && !answer.close && (connection.authenticated || now - connection.openedAt < this.unauthenticatedKeepAliveMs)
+    const open = keepAlive && !this.shuttingDown && !answer.close && (connection.authenticated || now - connection.openedAt < this.unauthenticatedLifetimeMs)
     let text = `HTTP/1.1 ${answer.status} ${reasons[answer.status] ?? 'Unknown'}\r\ndate: ${this.date()}\r\n`
     for (const name in answer.headers) {
       const value = answer.headers[name]!

@@ -104,7 +104,9 @@ describe('DER signatures from KMS become canonical Ethereum signatures', () => {
   })
 
   it('refuses encodings BER allows and DER does not, naming which', () => {
-    const { der, r, s } = kmsStyle(digestWhere((signature) => signature.r < 1n << 255n && signature.s < 1n << 255n))
+    // r and s of 32 bytes with the top bit clear: DER has them as they are, with neither sign byte nor shortening.
+    const full = (value: bigint) => value >= 1n << 248n && value < 1n << 255n
+    const { der, r, s } = kmsStyle(digestWhere((signature) => full(signature.r) && full(signature.s)))
     const integer = (value: bigint, pad = 0) => {
       const digits = value.toString(16)
       const bytes = concat([...Array<Hex>(pad).fill('0x00'), `0x${digits.length % 2 ? '0' : ''}${digits}`])

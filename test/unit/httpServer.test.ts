@@ -338,8 +338,10 @@ describe('HttpServer', () => {
   it('lets a connection that never authenticated live only its shorter idle time, however often it asks', async () => {
     const handle = async (request: HttpRequest): Promise<HttpAnswer> => ({ status: 404, headers: {}, body: '{}', authenticated: request.target === '/auth' })
     const { port } = await start({ handle, keepAliveTimeoutMs: 10_000, unauthenticatedKeepAliveMs: 500 })
-    const ask = async (first: string) => {
-      const socket = connect(port, '127.0.0.1')
+    // One whose connections all go unauthenticated, with no shorter time set (the benchmark's floor): no limit of life.
+    const { port: floorPort } = await start({ handle, keepAliveTimeoutMs: 500 })
+    const ask = async (first: string, at = port) => {
+      const socket = connect(at, '127.0.0.1')
       let answer = ''
       socket.on('data', (chunk: Buffer) => (answer += chunk.toString()))
       const closed = new Promise<number>((resolve) => socket.once('close', () => resolve(performance.now())))
@@ -352,13 +354,14 @@ describe('HttpServer', () => {
       socket.destroy()
       return { livedMs: ended === undefined ? undefined : ended - opened, closes: answer.match(/\r\nconnection: close\r\n/g)?.length ?? 0 }
     }
-    const [anonymous, trusted] = await Promise.all([ask('/'), ask('/auth')])
+    const [anonymous, trusted, floor] = await Promise.all([ask('/'), ask('/auth'), ask('/', floorPort)])
     // Its first answer past 500 ms says close: one at most 100 ms later, then the end.
     expect(anonymous.closes).toBe(1)
     expect(anonymous.livedMs).toBeGreaterThanOrEqual(500)
     expect(anonymous.livedMs).toBeLessThan(2_000)
-    // One whose first request authenticated stays open.
+    // One whose first request authenticated stays open, and so does one on the server with no shorter time.
     expect(trusted).toEqual({ livedMs: undefined, closes: 0 })
+    expect(floor).toEqual({ livedMs: undefined, closes: 0 })
   })
 
   it('holds a closing connection whose answer is not read to the shorter idle time, if it never authenticated', async () => {

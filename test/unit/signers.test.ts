@@ -102,6 +102,7 @@ describe('HTTP signer', () => {
       Buffer.from(`3027020300${'11'.repeat(2)}0220${'22'.repeat(32)}`, 'hex').toString('base64'),
       'signature is neither 64/65-byte hex nor base64 DER (malformed DER integer: not in its shortest form)',
     ],
+    ['a signature that is neither hex nor base64', 'not*base64!', 'signature is neither 64/65-byte hex nor base64 DER (not base64)'],
   ])('refuses %s, naming itself and why', async (_, signature, why) => {
     const server = createServer((request, response) => {
       request.resume()

@@ -23,12 +23,11 @@ describe('the benchmark wake-up probe', () => {
     expect(seen.p99Ms).toBeLessThanOrEqual(seen.maxMs + 0.05)
 
     // Its thread runs on meanwhile: the wake-ups after the reset are at most one per 2 ms since it (a busy machine
-    // can hold this thread between the two calls), far fewer than before it.
+    // can hold this thread between the two calls).
     const resetAt = performance.now()
     probe.reset()
     const empty = probe.read()
     expect(empty.samples).toBeLessThanOrEqual((performance.now() - resetAt) / 2 + 1)
-    expect(empty.samples).toBeLessThan(seen.samples)
     if (empty.samples === 0) expect(empty.p99Ms).toBeNaN()
   })
 
