@@ -252,8 +252,8 @@ async function createKeys(count: number, concurrency: number): Promise<void> {
   let done = 0
   let underWay = 0
   let failure: unknown
-  /** Failed creates that may have made a key all the same (see `madeNoKey`). */
-  let mayHaveMade = 0
+  /** What each failed create that may have made a key all the same (see `madeNoKey`) was told: a store too slow to confirm names the key. */
+  const mayHaveMade: string[] = []
   let interrupted = false
   /** Key lines stdout would not take, and those handed to it whose write has not called back yet. */
   const unprinted: string[] = []
@@ -302,7 +302,7 @@ async function createKeys(count: number, concurrency: number): Promise<void> {
         progress.show(++done)
       } catch (error) {
         failure ??= error
-        if (!madeNoKey(error)) mayHaveMade += 1
+        if (!madeNoKey(error)) mayHaveMade.push(messageOf(error))
       } finally {
         underWay--
       }
@@ -318,7 +318,15 @@ async function createKeys(count: number, concurrency: number): Promise<void> {
   if (done > 0) progress.end()
   if (unprinted.length > 0) process.stderr.write(`these keys were made, but stdout would not take them:\n${unprinted.join('\n')}\n`)
   const printed = done === 0 ? '' : unprinted.length > 0 ? `, each printed above (${unprinted.length} on stderr)` : ', each printed above'
-  const unsure = mayHaveMade === 0 ? '' : mayHaveMade === 1 ? '. A failed create may still have made a key, whose id was not printed' : `. ${mayHaveMade} failed creates may still have made keys, whose ids were not printed`
+  // Every such answer, not only the first: a parent whose store was slow names each key it may yet make, and no
+  // route lists keys, so an id not shown here would be lost.
+  if (mayHaveMade.length > 1) process.stderr.write(`the failed creates that may still have made keys, as each was answered:\n${mayHaveMade.join('\n')}\n`)
+  const unsure =
+    mayHaveMade.length === 0
+      ? ''
+      : mayHaveMade.length === 1
+        ? '. A failed create may still have made a key, whose id was not printed'
+        : `. ${mayHaveMade.length} failed creates may still have made keys, whose ids were not printed (their answers are listed above)`
   throw new Error(`created ${done} of ${count} keys${printed}; stopped ${failure === undefined ? 'at an interrupt' : `after a failure: ${messageOf(failure)}`}${unsure}`)
 }
 

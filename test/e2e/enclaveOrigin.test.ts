@@ -461,6 +461,27 @@ describe('the operators\u2019 CLI', () => {
     }
   })
 
+  it('lists what every failed create that may still have made a key was told, so no key id the parent named is lost', async () => {
+    let answered = 0
+    // A parent whose store does not confirm in time: each create's 503 names its key.
+    const answering = createServer((request, response) => {
+      request.resume()
+      answered += 1
+      const error = `the record of new key key-${answered} was not confirmed durable within 10000 ms; it may still take effect`
+      setTimeout(() => response.writeHead(503, { 'content-type': 'application/json' }).end(JSON.stringify({ error })), 50)
+    })
+    await new Promise<void>((resolve) => answering.listen(0, '127.0.0.1', resolve))
+    try {
+      const { code, stderr } = await cliProcess(`http://127.0.0.1:${(answering.address() as AddressInfo).port}`, ['create-keys', '--count', '8', '--concurrency', '4']).ended
+      expect(code).toBe(1)
+      expect(answered).toBe(4)
+      for (let key = 1; key <= 4; key++) expect(stderr).toContain(`new key key-${key} was not confirmed`)
+      expect(stderr).toContain('4 failed creates may still have made keys, whose ids were not printed (their answers are listed above)')
+    } finally {
+      answering.close()
+    }
+  })
+
   it('says no key was made when nothing was sent: a client setting refused before any request, or a parent not reached', async () => {
     let requests = 0
     const answering = createServer((request, response) => {
