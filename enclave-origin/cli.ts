@@ -106,10 +106,24 @@ function exchange(options: { method: 'GET' | 'POST'; path: string; headers?: Rec
     // Connected once a kept-alive socket is handed over open, or once a new one connects (over https: its TLS session is up).
     let connected = false
     let reused = false
+    // The answer's timeout below starts only once the connection is up: connecting, and a TLS handshake, get their own.
+    let connecting: ReturnType<typeof setTimeout> | undefined
     sent.on('socket', (socket) => {
       if (!socket.connecting) connected = reused = true
-      else socket.once(https ? 'secureConnect' : 'connect', () => (connected = true))
+      else {
+        if (timeoutMs !== undefined) {
+          connecting = setTimeout(() => {
+            reject(new ParentUnreachableError(`cannot reach the parent at ${base}: no ${https ? 'TLS session' : 'connection'} within ${timeoutMs / 1_000} s`))
+            sent.destroy()
+          }, timeoutMs)
+        }
+        socket.once(https ? 'secureConnect' : 'connect', () => {
+          connected = true
+          clearTimeout(connecting)
+        })
+      }
     })
+    sent.on('close', () => clearTimeout(connecting))
     sent.on('error', (error: NodeJS.ErrnoException) => {
       const reason = codeOf(error)
       // On a new connection, a TLS alert (a client certificate refused: TLS 1.3 sends it after the client's side of the

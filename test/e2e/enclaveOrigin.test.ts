@@ -1,7 +1,7 @@
 import { execFile, spawn } from 'node:child_process'
 import { existsSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs'
 import { createServer } from 'node:http'
-import type { AddressInfo } from 'node:net'
+import { createServer as createNetServer, type AddressInfo } from 'node:net'
 import { promisify } from 'node:util'
 import { tmpdir } from 'node:os'
 import path from 'node:path'
@@ -662,6 +662,17 @@ describe('the operators\u2019 CLI', () => {
       const silentAt = `http://127.0.0.1:${(silent.address() as AddressInfo).port}`
       const givenUp = await promisify(execFile)(process.execPath, [builtCli, 'status'], { env: { ...process.env, ORIGIN_URL: silentAt, ORIGIN_TIMEOUT_MS: '1500' } }).catch((error: { code: number; stderr: string }) => error)
       expect(givenUp).toMatchObject({ code: 1, stderr: `the parent at ${silentAt} sent nothing for 1.5 s: GET /healthz given up\n` })
+      // A host that takes the connection but never begins TLS: given up within ORIGIN_TIMEOUT_MS too, as a parent not
+      // reached (nothing was sent, so a create there made no key), not as one that went quiet after a request.
+      const mute = createNetServer((socket) => socket.on('error', () => {}))
+      await new Promise<void>((resolve) => mute.listen(0, '127.0.0.1', resolve))
+      try {
+        const muteAt = `https://127.0.0.1:${(mute.address() as AddressInfo).port}`
+        const { code, stderr } = await cliProcess(muteAt, ['create-keys', '--count', '1'], { ORIGIN_TIMEOUT_MS: '300' }).ended
+        expect({ code, stderr }).toEqual({ code: 1, stderr: `created 0 of 1 keys; stopped after a failure: cannot reach the parent at ${muteAt}: no TLS session within 0.3 s\n` })
+      } finally {
+        mute.close()
+      }
       // A rotation answers when it is done, however long that is: it waits, ORIGIN_TIMEOUT_MS or not, until the test stops it.
       const rotating = await promisify(execFile)(process.execPath, [builtCli, 'rotate-data-key'], {
         env: { ...process.env, ORIGIN_URL: silentAt, ORIGIN_HMAC_KEY_ID: originHmac.keyId, ORIGIN_HMAC_SECRET: originHmac.secret, ORIGIN_TIMEOUT_MS: '300' },
