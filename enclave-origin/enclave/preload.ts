@@ -70,8 +70,7 @@ export async function loadPreloadFile(options: LoadPreloadOptions): Promise<Prel
     file,
     identity: options.identity,
     allocate,
-    checkRoom: (bytes) => checkRoomToLoad({ plaintextBytes: bytes, gauges: memory() }),
-    checkRoomToDearmor: (bytes) => checkRoomToLoad({ plaintextBytes: bytes, gauges: memory(), armored: true }),
+    checkRoom: (bytes, armored) => checkRoomToLoad({ plaintextBytes: bytes, gauges: memory(), armored }),
   })
   let entries: unknown
   try {
@@ -163,10 +162,10 @@ async function decryptAgeFile(options: {
   file: Uint8Array
   identity: string
   allocate: (bytes: number) => ArrayBuffer
-  checkRoom: (plaintextBytes: number) => void
-  checkRoomToDearmor: (armoredBytes: number) => void
+  /** Room for a decrypted file of `bytes`, or, `armored`, for decoding and loading an armored file of `bytes`. */
+  checkRoom: (bytes: number, armored?: boolean) => void
 }): Promise<Uint8Array> {
-  const ciphertext = ageBinary(options.file, options.checkRoomToDearmor)
+  const ciphertext = ageBinary(options.file, options.checkRoom)
   const decrypter = identityDecrypter(options.identity)
   let plaintextStream: ReadableStreamWithSize
   let size: number
@@ -196,7 +195,7 @@ async function decryptAgeFile(options: {
   return plaintext
 }
 
-function ageBinary(file: Uint8Array, checkRoomToDearmor: (armoredBytes: number) => void): Uint8Array {
+function ageBinary(file: Uint8Array, checkRoom: (bytes: number, armored: boolean) => void): Uint8Array {
   // Armor may start after blank space; 256 bytes is ample for that and either header.
   const start = new TextDecoder().decode(file.subarray(0, 256)).trimStart()
   if (start.startsWith(ageBinaryHeader)) return file
@@ -205,7 +204,7 @@ function ageBinary(file: Uint8Array, checkRoomToDearmor: (armoredBytes: number) 
   }
   // Decoding armor holds the file as a string and a few copies of it on the V8 heap, before the header gives the
   // decrypted size: room for about as much as a decrypted file of the armor's size is asked first.
-  checkRoomToDearmor(file.length)
+  checkRoom(file.length, true)
   try {
     return armor.decode(new TextDecoder().decode(file))
   } catch (error) {

@@ -33,10 +33,12 @@ class EnclaveConnection {
   private nextId = 1
   /** Reads so far: a connection that read nothing since a request that timed out is stuck, not busy. A count, not a clock: no time read per read. */
   private reads = 0
-  /** Why the enclave closed this connection, when it said: a frame of ours it could not read, or its connection limit. */
-  private closedBecause: string | undefined
-  /** Why this parent dropped it: an answer it cannot have been sent. */
-  private droppedBecause: string | undefined
+  /**
+   * What its requests fail with when it closes, when more is known than that it closed: the enclave's reason (a
+   * frame of ours it could not read, its connection limit), or this parent's for dropping it (an answer it cannot
+   * have been sent).
+   */
+  private closeMessage: string | undefined
 
   /** An answer to one of its requests has come. */
   private answered = false
@@ -70,7 +72,7 @@ class EnclaveConnection {
         if (isConnectionClosing(frame)) {
           // The enclave's last word here: nothing more will be answered, so its requests fail now with the reason (or,
           // when it read nothing here, go on another connection).
-          this.closedBecause = readableReason(frame.payload)
+          this.closeMessage = `the enclave closed the connection: ${readableReason(frame.payload)}`
           this.unread = frame.status === statuses.UNAVAILABLE
           socket.destroy()
           return
@@ -80,7 +82,7 @@ class EnclaveConnection {
         // An answer to another opcode under this id: the two sides no longer agree on what is in flight here, so
         // nothing more on this connection is trusted (its requests fail, as for lost framing).
         if (frame.opcode !== waiting.options.opcode) {
-          this.droppedBecause = `it answered request ${frame.requestId} with opcode ${frame.opcode}, not ${waiting.options.opcode}`
+          this.closeMessage = `connection to the enclave dropped: it answered request ${frame.requestId} with opcode ${frame.opcode}, not ${waiting.options.opcode}`
           socket.destroy()
           return
         }
@@ -96,12 +98,7 @@ class EnclaveConnection {
     })
     socket.on('error', () => {})
     socket.on('close', () => {
-      const message =
-        this.droppedBecause !== undefined
-          ? `connection to the enclave dropped: ${this.droppedBecause}`
-          : this.closedBecause === undefined
-            ? 'connection to the enclave closed'
-            : `the enclave closed the connection: ${this.closedBecause}`
+      const message = this.closeMessage ?? 'connection to the enclave closed'
       // First, so that a request sent again below finds the refill held back: else each refusal would open one more.
       // Idle ones count too, unless a newer connection has answered since they opened (see the pool's `adopt`).
       onClose(!this.answered)

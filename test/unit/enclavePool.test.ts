@@ -51,6 +51,14 @@ const until = async (check: () => boolean) => {
   expect(check()).toBe(true)
 }
 const health = (timeoutMs = 5_000) => pool!.request({ opcode: opcodes.HEALTH, payload: emptyPayload, timeoutMs })
+/** A pool of one connection with two HEALTH requests out on it, and the first as the server read it. */
+const twoOutOnOneConnection = async () => {
+  pool = new EnclavePool({ address: { host: '127.0.0.1', port }, size: 1 })
+  await pool.connect()
+  const requests = [health(), health()] as const
+  await until(() => received.length === 2)
+  return { requests, first: received.splice(0)[0]! }
+}
 /** A pool of two at `at` whose refill backoff runs on a clock the test sets, counting its connects. */
 const countingPool = (at: number) => {
   let now = 0
@@ -323,12 +331,10 @@ describe('EnclavePool', () => {
   })
 
   it('resolves the answers read before bytes that break the framing, and fails only the requests still out', async () => {
-    pool = new EnclavePool({ address: { host: '127.0.0.1', port }, size: 1 })
-    await pool.connect()
-    const answered = health()
-    const unanswered = health()
-    await until(() => received.length === 2)
-    const { frame, socket } = received.splice(0)[0]!
+    const {
+      requests: [answered, unanswered],
+      first: { frame, socket },
+    } = await twoOutOnOneConnection()
     // One write: the first answer, then a length below the header's.
     socket.write(Buffer.concat([encodeFrame({ requestId: frame.requestId, opcode: frame.opcode, status: 0, payload: emptyPayload }), Buffer.from([0, 0, 0, 2, 0, 0])]))
     expect((await answered).status).toBe(0)
@@ -336,12 +342,10 @@ describe('EnclavePool', () => {
   })
 
   it('drops a connection that answers a request with another opcode than it was sent, failing its requests with why', async () => {
-    pool = new EnclavePool({ address: { host: '127.0.0.1', port }, size: 1 })
-    await pool.connect()
-    const first = health()
-    const second = health()
-    await until(() => received.length === 2)
-    const { frame, socket } = received.splice(0)[0]!
+    const {
+      requests: [first, second],
+      first: { frame, socket },
+    } = await twoOutOnOneConnection()
     socket.write(encodeFrame({ requestId: frame.requestId, opcode: opcodes.SIGN, status: 0, payload: emptyPayload }))
     const why = new EnclaveUnavailableError(`connection to the enclave dropped: it answered request ${frame.requestId} with opcode ${opcodes.SIGN}, not ${opcodes.HEALTH}`)
     await expect(first).rejects.toThrow(why)
